@@ -1,0 +1,164 @@
+//! CachePolicy: exact, semantic and template caching, and in-flight deduplication.
+
+use crate::common::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How answers are cached and identical requests deduplicated.
+#[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "floodgate.dev",
+    version = "v1alpha1",
+    kind = "CachePolicy",
+    plural = "cachepolicies",
+    shortname = "cp",
+    category = "floodgate",
+    namespaced,
+    status = "CachePolicyStatus",
+    doc = "Exact, semantic and template caching and in-flight deduplication of AI requests.",
+    printcolumn(name = "Exact TTL", type_ = "integer", json_path = ".spec.exact.ttlSeconds"),
+    printcolumn(name = "Semantic", type_ = "number", json_path = ".spec.semantic.threshold"),
+    printcolumn(name = "Backend", type_ = "string", json_path = ".spec.backend"),
+    printcolumn(name = "Hit Ratio", type_ = "string", json_path = ".status.hitRatio"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CachePolicySpec {
+    /// Answers to byte-identical normalised requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<ExactCache>,
+    /// Answers to requests with the same meaning (embedding similarity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub semantic: Option<SemanticCache>,
+    /// Fixed answers to prompts matching a template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub templates: Option<TemplateCache>,
+    /// Joining identical requests already in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<Dedup>,
+    /// Who may share an entry.
+    #[serde(default)]
+    pub scope: CacheScope,
+    /// Where entries live.
+    #[serde(default)]
+    pub backend: CacheBackend,
+    /// Most entries kept; the least recently used go first.
+    #[serde(default = "default_max_entries")]
+    #[schemars(range(min = 1, max = 100000000))]
+    pub max_entries: u32,
+}
+
+fn default_max_entries() -> u32 {
+    100_000
+}
+
+/// Exact-match cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExactCache {
+    /// Seconds an entry lives.
+    #[schemars(range(min = 1, max = 31536000))]
+    pub ttl_seconds: u32,
+}
+
+/// Semantic cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SemanticCache {
+    /// Seconds an entry lives.
+    #[schemars(range(min = 1, max = 31536000))]
+    pub ttl_seconds: u32,
+    /// Cosine similarity at or above which a cached answer is reused, in (0, 1].
+    #[schemars(range(max = 1.0), extend("minimum" = 0.0, "exclusiveMinimum" = true))]
+    pub threshold: f64,
+    /// Embedding model, computed locally on CPU.
+    #[serde(default = "default_embedding_model")]
+    #[schemars(length(min = 1, max = 256))]
+    pub embedding_model: String,
+}
+
+fn default_embedding_model() -> String {
+    "all-MiniLM-L6-v2".to_owned()
+}
+
+/// Template cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.items.all(i, self.items.exists_one(j, j.name == i.name))").message("template names must be unique").field_path(".items")
+)]
+pub struct TemplateCache {
+    /// Seconds an answer lives.
+    #[schemars(range(min = 1, max = 31536000))]
+    pub ttl_seconds: u32,
+    /// The templates.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub items: Vec<Template>,
+}
+
+/// A prompt template with a fixed answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Template {
+    /// Template name.
+    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Regular expression the whole last user message must match.
+    #[schemars(length(min = 1, max = 1024))]
+    pub pattern: String,
+    /// Answer returned.
+    #[schemars(length(min = 1, max = 65536))]
+    pub response: String,
+}
+
+/// In-flight deduplication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Dedup {
+    /// Seconds after an identical request started during which a new one joins it.
+    #[schemars(range(min = 1, max = 300))]
+    pub window_seconds: u32,
+}
+
+/// Who may share a cache entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// Entries are never shared across tenants (default).
+    #[default]
+    Tenant,
+    /// Entries are shared by every tenant.
+    Global,
+}
+
+/// Where cache entries live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    /// In the proxy's memory (default).
+    #[default]
+    Memory,
+    /// In Redis, shared by all replicas.
+    Redis,
+}
+
+/// Observed state of the cache.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CachePolicyStatus {
+    /// The `metadata.generation` last reconciled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready and kind-specific conditions.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Entries stored.
+    #[serde(default)]
+    pub entries: u64,
+    /// Hits / lookups over the last hour, e.g. `0.31`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hit_ratio: Option<String>,
+}

@@ -1,0 +1,294 @@
+//! TierQueue: customer tiers, the queue class of each, and how waiting work is delivered.
+
+use crate::common::{Condition, SecretKeyRef};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Customer tiers and their queues: who goes first, how long each may wait, and how batch
+/// work is delivered.
+#[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "floodgate.dev",
+    version = "v1alpha1",
+    kind = "TierQueue",
+    plural = "tierqueues",
+    shortname = "tq",
+    category = "floodgate",
+    namespaced,
+    status = "TierQueueStatus",
+    doc = "Customer tiers mapped to priority, standard and batch queues with weights, waits and async delivery.",
+    printcolumn(name = "Tiers", type_ = "integer", json_path = ".status.tierCount"),
+    printcolumn(name = "Queued", type_ = "integer", json_path = ".status.queued"),
+    printcolumn(name = "Dead Letters", type_ = "integer", json_path = ".status.deadLetters"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.tiers.all(t, self.tiers.exists_one(u, u.name == t.name))").message("tier names must be unique").field_path(".tiers"),
+    validation = Rule::new("!has(self.defaultTier) || self.tiers.exists(t, t.name == self.defaultTier)").message("defaultTier must name one of the tiers").field_path(".defaultTier")
+)]
+pub struct TierQueueSpec {
+    /// The tiers, e.g. enterprise, pro, basic, free.
+    #[schemars(length(min = 1, max = 16))]
+    pub tiers: Vec<Tier>,
+    /// Tier of callers whose identity names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_tier: Option<String>,
+    /// Retries of queued and async work.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Where work goes once its retries are spent.
+    #[serde(default)]
+    pub dead_letter: DeadLetter,
+}
+
+/// Queue class of a tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueClass {
+    /// Served first, interactive.
+    Priority,
+    /// Interactive, after priority.
+    Standard,
+    /// Collected and sent in batches; answered asynchronously.
+    Batch,
+}
+
+impl QueueClass {
+    /// Name used in manifests and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueClass::Priority => "priority",
+            QueueClass::Standard => "standard",
+            QueueClass::Batch => "batch",
+        }
+    }
+}
+
+/// One customer tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.class == 'batch' ? has(self.batch) : !has(self.batch)").message("batch settings are required for class batch and allowed only there").field_path(".batch")
+)]
+pub struct Tier {
+    /// Tier name, as carried by virtual keys.
+    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Queue class.
+    pub class: QueueClass,
+    /// Share of dispatch slots relative to other tiers of the same class.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: u32,
+    /// Longest a request may wait in the queue before it is answered (429 or async).
+    #[schemars(range(min = 1, max = 86400))]
+    pub max_wait_seconds: u32,
+    /// Most requests this tier may have waiting; more are refused with 429.
+    #[serde(default = "default_max_queue_depth")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_queue_depth: u32,
+    /// Batching, for class batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<Batch>,
+    /// Asynchronous delivery of results.
+    #[serde(default, rename = "async", skip_serializing_if = "Option::is_none")]
+    pub async_: Option<AsyncDelivery>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_max_queue_depth() -> u32 {
+    1000
+}
+
+/// Batching of a batch-class tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Batch {
+    /// Requests per batch.
+    #[schemars(range(min = 1, max = 1000))]
+    pub size: u32,
+    /// Seconds between batches.
+    #[schemars(range(min = 1, max = 86400))]
+    pub interval_seconds: u32,
+}
+
+/// How a result is delivered when the caller does not wait.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!self.notify.exists(n, n == 'webhook') || has(self.webhook)").message("webhook settings are required when notify includes webhook").field_path(".webhook"),
+    validation = Rule::new("!self.notify.exists(n, n == 'email') || has(self.email)").message("email settings are required when notify includes email").field_path(".email")
+)]
+pub struct AsyncDelivery {
+    /// Channels notified when a job completes or fails.
+    #[serde(default)]
+    #[schemars(length(max = 2))]
+    pub notify: Vec<NotifyChannel>,
+    /// Webhook settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<Webhook>,
+    /// Email settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<Email>,
+    /// Seconds a finished result is kept for retrieval.
+    #[serde(default = "default_result_ttl")]
+    #[schemars(range(min = 60, max = 2592000))]
+    pub result_ttl_seconds: u32,
+}
+
+fn default_result_ttl() -> u32 {
+    86400
+}
+
+/// A notification channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyChannel {
+    /// HTTP POST to a URL.
+    Webhook,
+    /// Email through SMTP.
+    Email,
+}
+
+/// Webhook notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    /// URL the job result is POSTed to. A job may override it.
+    #[schemars(length(max = 2048), regex(pattern = "^https?://[^\\s]+$"))]
+    pub url: String,
+    /// HMAC-SHA256 signing secret, sent as a signature header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Email notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Email {
+    /// Sender address.
+    #[schemars(length(min = 3, max = 254), regex(pattern = "^[^@\\s]+@[^@\\s]+$"))]
+    pub from: String,
+    /// SMTP server `host:port`.
+    #[schemars(length(min = 1, max = 253))]
+    pub smtp_server: String,
+    /// SMTP credentials (`user:password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Retries of queued and async work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.maxBackoffSeconds >= self.initialBackoffSeconds").message("maxBackoffSeconds must be at least initialBackoffSeconds").field_path(".maxBackoffSeconds")
+)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 20))]
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles each time.
+    #[serde(default = "default_initial_backoff")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub initial_backoff_seconds: u32,
+    /// Longest delay between retries.
+    #[serde(default = "default_max_backoff")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub max_backoff_seconds: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            initial_backoff_seconds: default_initial_backoff(),
+            max_backoff_seconds: default_max_backoff(),
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+fn default_initial_backoff() -> u32 {
+    1
+}
+
+fn default_max_backoff() -> u32 {
+    60
+}
+
+/// Dead-letter settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// Keep work whose retries are spent, for inspection and replay.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds dead letters are kept.
+    #[serde(default = "default_dead_letter_retention")]
+    #[schemars(range(min = 60, max = 2592000))]
+    pub retention_seconds: u32,
+}
+
+impl Default for DeadLetter {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retention_seconds: default_dead_letter_retention(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_dead_letter_retention() -> u32 {
+    604800
+}
+
+/// Observed state of the queues.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TierQueueStatus {
+    /// The `metadata.generation` last reconciled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready and kind-specific conditions.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Number of tiers.
+    #[serde(default)]
+    pub tier_count: u32,
+    /// Requests waiting over all tiers.
+    #[serde(default)]
+    pub queued: u64,
+    /// Jobs in the dead-letter queue.
+    #[serde(default)]
+    pub dead_letters: u64,
+    /// Per-tier state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<TierStatus>,
+}
+
+/// Observed state of one tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TierStatus {
+    /// Tier name.
+    pub name: String,
+    /// Requests waiting.
+    pub queued: u64,
+    /// p95 of queue wait over the last minutes, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_wait_ms: Option<u64>,
+}
