@@ -15,14 +15,31 @@ use serde::{Deserialize, Serialize};
     shortname = "cp",
     category = "floodgate",
     namespaced,
+    derive = "PartialEq",
     status = "CachePolicyStatus",
     doc = "Exact, semantic and template caching and in-flight deduplication of AI requests.",
-    printcolumn(name = "Exact TTL", type_ = "integer", json_path = ".spec.exact.ttlSeconds"),
-    printcolumn(name = "Semantic", type_ = "number", json_path = ".spec.semantic.threshold"),
+    printcolumn(
+        name = "Exact TTL",
+        type_ = "integer",
+        json_path = ".spec.exact.ttlSeconds"
+    ),
+    printcolumn(
+        name = "Semantic",
+        type_ = "number",
+        json_path = ".spec.semantic.threshold"
+    ),
     printcolumn(name = "Backend", type_ = "string", json_path = ".spec.backend"),
     printcolumn(name = "Hit Ratio", type_ = "string", json_path = ".status.hitRatio"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CachePolicySpec {
@@ -104,7 +121,10 @@ pub struct TemplateCache {
 #[serde(rename_all = "camelCase")]
 pub struct Template {
     /// Template name.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Regular expression the whole last user message must match.
     #[schemars(length(min = 1, max = 1024))]

@@ -4,6 +4,10 @@
 //! This crate does no I/O. The proxy (standalone config files) and the operator (admission,
 //! status) both validate through [`validate`], which evaluates the very schema and CEL rules that
 //! the generated CRDs give the Kubernetes API server.
+#![expect(
+    clippy::duplicated_attributes,
+    reason = "kube-derive's printcolumn(...) repeats `type_ = ...` in each column by design"
+)]
 
 pub mod cache;
 pub mod common;
@@ -18,8 +22,8 @@ pub use local_model::{LocalModelDeployment, LocalModelDeploymentSpec, LocalModel
 pub use pool::{AIProviderPool, AIProviderPoolSpec, AIProviderPoolStatus, ProviderType, Strategy};
 pub use tier::{QueueClass, TierQueue, TierQueueSpec, TierQueueStatus};
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 /// API group of every Floodgate resource.
 pub const GROUP: &str = "floodgate.dev";

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
     shortname = "lmd",
     category = "floodgate",
     namespaced,
+    derive = "PartialEq",
     status = "LocalModelDeploymentStatus",
     doc = "A self-hosted model served by Ollama, with GPU resources and autoscaling on queue depth and latency.",
     scale(
@@ -25,10 +26,22 @@ use std::collections::BTreeMap;
     ),
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
-    printcolumn(name = "Ready Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(
+        name = "Ready Replicas",
+        type_ = "integer",
+        json_path = ".status.readyReplicas"
+    ),
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -36,7 +49,10 @@ use std::collections::BTreeMap;
 )]
 pub struct LocalModelDeploymentSpec {
     /// Ollama model tag, e.g. `llama3.1:8b`.
-    #[schemars(length(min = 1, max = 256), regex(pattern = "^[A-Za-z0-9][A-Za-z0-9._:/-]*$"))]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = "^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    )]
     pub model: String,
     /// Serving runtime.
     #[serde(default)]

@@ -17,19 +17,41 @@ use serde::{Deserialize, Serialize};
     shortname = "aipp",
     category = "floodgate",
     namespaced,
+    derive = "PartialEq",
     status = "AIProviderPoolStatus",
     doc = "A pool of AI providers (Claude, Gemini, OpenAI, Ollama, OpenAI-compatible) and their rate-limited API keys.",
-    printcolumn(name = "Providers", type_ = "integer", json_path = ".status.providerCount"),
-    printcolumn(name = "Keys", type_ = "string", json_path = ".status.keys", description = "ready keys / total keys"),
-    printcolumn(name = "Capacity RPM", type_ = "integer", json_path = ".status.capacityRpm"),
+    printcolumn(
+        name = "Providers",
+        type_ = "integer",
+        json_path = ".status.providerCount"
+    ),
+    printcolumn(
+        name = "Keys",
+        type_ = "string",
+        json_path = ".status.keys",
+        description = "ready keys / total keys"
+    ),
+    printcolumn(
+        name = "Capacity RPM",
+        type_ = "integer",
+        json_path = ".status.capacityRpm"
+    ),
     printcolumn(name = "Used RPM", type_ = "integer", json_path = ".status.usedRpm"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.providers.all(p, self.providers.exists_one(q, q.name == p.name))").message("provider names must be unique within a pool").field_path(".providers"),
-    validation = Rule::new("self.fallback.all(f, self.providers.exists(p, p.name == f))").message("every fallback entry must name a provider of this pool").field_path(".fallback")
+    validation = Rule::new("!has(self.fallback) || self.fallback.all(f, self.providers.exists(p, p.name == f))").message("every fallback entry must name a provider of this pool").field_path(".fallback")
 )]
 pub struct AIProviderPoolSpec {
     /// How a key is chosen among those with free budget.
@@ -132,7 +154,10 @@ impl ProviderType {
 )]
 pub struct Provider {
     /// Name of the provider within the pool (used in fallback, metrics and headers).
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Wire format.
     #[serde(rename = "type")]
@@ -141,12 +166,14 @@ pub struct Provider {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), regex(pattern = "^https?://[^\\s]+$"))]
     pub base_url: Option<String>,
-    /// Models offered by this provider.
-    #[schemars(length(min = 1, max = 64))]
+    /// Models offered by this provider. At most 32: the API server bounds the estimated cost
+    /// of the CEL uniqueness rule (O(n^2) per provider, times 32 providers); 64 exceeded it.
+    #[schemars(length(min = 1, max = 32))]
     pub models: Vec<Model>,
-    /// API keys and their limits. Optional for ollama and openai-compatible.
+    /// API keys and their limits. Optional for ollama and openai-compatible. At most 32, for
+    /// the same CEL cost budget as `models`.
     #[serde(default)]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 32))]
     pub keys: Vec<ApiKey>,
     /// Relative share of traffic under the `weighted` strategy.
     #[serde(default = "default_weight")]
@@ -190,7 +217,10 @@ pub struct Model {
 pub struct ApiKey {
     /// A display name (headers, metrics, status); defaults to `<provider>-<index>`. Never the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: Option<String>,
     /// Where the key is stored.
     pub secret_ref: SecretKeyRef,

@@ -16,13 +16,26 @@ use serde::{Deserialize, Serialize};
     shortname = "tq",
     category = "floodgate",
     namespaced,
+    derive = "PartialEq",
     status = "TierQueueStatus",
     doc = "Customer tiers mapped to priority, standard and batch queues with weights, waits and async delivery.",
     printcolumn(name = "Tiers", type_ = "integer", json_path = ".status.tierCount"),
     printcolumn(name = "Queued", type_ = "integer", json_path = ".status.queued"),
-    printcolumn(name = "Dead Letters", type_ = "integer", json_path = ".status.deadLetters"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Dead Letters",
+        type_ = "integer",
+        json_path = ".status.deadLetters"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -75,7 +88,10 @@ impl QueueClass {
 )]
 pub struct Tier {
     /// Tier name, as carried by virtual keys.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Queue class.
     pub class: QueueClass,

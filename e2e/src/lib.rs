@@ -1,0 +1,1 @@
+//! Floodgate end-to-end test support: mock providers and the cluster harness.

@@ -1,1 +1,3 @@
+//! Floodgate operator (not yet: see README).
+
 fn main() {}

@@ -71,7 +71,10 @@ pub fn schema_of(kind: Kind) -> &'static Value {
 
 /// Validates a whole manifest (`apiVersion`, `kind`, `metadata`, `spec`) of `kind` and returns
 /// the typed resource with schema defaults applied, or every problem found.
-pub fn validate_object<T: DeserializeOwned>(kind: Kind, object: &Value) -> Result<T, Vec<FieldError>> {
+pub fn validate_object<T: DeserializeOwned>(
+    kind: Kind,
+    object: &Value,
+) -> Result<T, Vec<FieldError>> {
     let schema = schema_of(kind);
     let defaulted = kube::core::cel::apply_defaults(schema, object);
     let mut errors = validate_metadata(&defaulted);

@@ -21,7 +21,11 @@ fn walk(schema: &Value, value: &Value, path: &mut String, errors: &mut Vec<Field
         return;
     };
     if value.is_null() {
-        if !schema.get("nullable").and_then(Value::as_bool).unwrap_or(false) {
+        if !schema
+            .get("nullable")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+        {
             errors.push(FieldError::new(path.clone(), "must not be null"));
         }
         return;
@@ -70,14 +74,22 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
-fn check_enum(schema: &Map<String, Value>, value: &Value, path: &str, errors: &mut Vec<FieldError>) {
+fn check_enum(
+    schema: &Map<String, Value>,
+    value: &Value,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) {
     let Some(allowed) = schema.get("enum").and_then(Value::as_array) else {
         return;
     };
     if !allowed.contains(value) {
         let list: Vec<String> = allowed
             .iter()
-            .map(|v| v.as_str().map_or_else(|| v.to_string(), |s| format!("\"{s}\"")))
+            .map(|v| {
+                v.as_str()
+                    .map_or_else(|| v.to_string(), |s| format!("\"{s}\""))
+            })
             .collect();
         errors.push(FieldError::new(
             path,
@@ -116,7 +128,10 @@ fn check_object(
             (Some(sub), _) => walk(sub, field, path, errors),
             (None, Some(sub)) if sub.is_object() => walk(sub, field, path, errors),
             (None, _) if preserve || properties.is_none() => {}
-            (None, _) => errors.push(FieldError::new(path.clone(), unknown_field_message(name, path))),
+            (None, _) => errors.push(FieldError::new(
+                path.clone(),
+                unknown_field_message(name, path),
+            )),
         }
         path.truncate(len);
     }
@@ -126,9 +141,11 @@ fn check_object(
 /// an inline credential gets a message saying how keys are given instead.
 fn unknown_field_message(name: &str, path: &str) -> String {
     let lower = name.to_ascii_lowercase();
-    let credential = ["key", "apikey", "api_key", "token", "secret", "value", "password"]
-        .iter()
-        .any(|c| lower == *c || lower.ends_with("key") || lower.ends_with("token"));
+    let credential = [
+        "key", "apikey", "api_key", "token", "secret", "value", "password",
+    ]
+    .iter()
+    .any(|c| lower == *c || lower.ends_with("key") || lower.ends_with("token"));
     if credential || path.contains(".keys[") {
         "unknown field: API keys are never written inline; reference a Secret with \
          secretRef: {name, key}"
@@ -138,17 +155,28 @@ fn unknown_field_message(name: &str, path: &str) -> String {
     }
 }
 
-fn check_array(schema: &Map<String, Value>, items: &[Value], path: &mut String, errors: &mut Vec<FieldError>) {
+fn check_array(
+    schema: &Map<String, Value>,
+    items: &[Value],
+    path: &mut String,
+    errors: &mut Vec<FieldError>,
+) {
     let len = items.len() as u64;
     if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
         && len < min
     {
-        errors.push(FieldError::new(path.clone(), format!("must have at least {min} items")));
+        errors.push(FieldError::new(
+            path.clone(),
+            format!("must have at least {min} items"),
+        ));
     }
     if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
         && len > max
     {
-        errors.push(FieldError::new(path.clone(), format!("must have at most {max} items, has {len}")));
+        errors.push(FieldError::new(
+            path.clone(),
+            format!("must have at most {max} items, has {len}"),
+        ));
     }
     if let Some(item_schema) = schema.get("items") {
         for (i, item) in items.iter().enumerate() {
@@ -165,20 +193,32 @@ fn check_string(schema: &Map<String, Value>, s: &str, path: &str, errors: &mut V
     if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
         && chars < min
     {
-        errors.push(FieldError::new(path, format!("must be at least {min} characters long")));
+        errors.push(FieldError::new(
+            path,
+            format!("must be at least {min} characters long"),
+        ));
     }
     if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
         && chars > max
     {
-        errors.push(FieldError::new(path, format!("must be at most {max} characters long")));
+        errors.push(FieldError::new(
+            path,
+            format!("must be at most {max} characters long"),
+        ));
     }
     if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
         match compiled(pattern) {
             Some(re) if !re.is_match(s) => {
-                errors.push(FieldError::new(path, format!("must match the pattern {pattern}")));
+                errors.push(FieldError::new(
+                    path,
+                    format!("must match the pattern {pattern}"),
+                ));
             }
             Some(_) => {}
-            None => errors.push(FieldError::new(path, format!("schema pattern {pattern} does not compile"))),
+            None => errors.push(FieldError::new(
+                path,
+                format!("schema pattern {pattern} does not compile"),
+            )),
         }
     }
 }
@@ -187,16 +227,28 @@ fn check_number(schema: &Map<String, Value>, n: f64, path: &str, errors: &mut Ve
     let flag = |k: &str| schema.get(k).and_then(Value::as_bool).unwrap_or(false);
     if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
         if flag("exclusiveMinimum") && n <= min {
-            errors.push(FieldError::new(path, format!("must be greater than {min}, got {n}")));
+            errors.push(FieldError::new(
+                path,
+                format!("must be greater than {min}, got {n}"),
+            ));
         } else if n < min {
-            errors.push(FieldError::new(path, format!("must be greater than or equal to {min}, got {n}")));
+            errors.push(FieldError::new(
+                path,
+                format!("must be greater than or equal to {min}, got {n}"),
+            ));
         }
     }
     if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
         if flag("exclusiveMaximum") && n >= max {
-            errors.push(FieldError::new(path, format!("must be less than {max}, got {n}")));
+            errors.push(FieldError::new(
+                path,
+                format!("must be less than {max}, got {n}"),
+            ));
         } else if n > max {
-            errors.push(FieldError::new(path, format!("must be less than or equal to {max}, got {n}")));
+            errors.push(FieldError::new(
+                path,
+                format!("must be less than or equal to {max}, got {n}"),
+            ));
         }
     }
 }
@@ -205,7 +257,9 @@ fn check_number(schema: &Map<String, Value>, n: f64, path: &str, errors: &mut Ve
 fn compiled(pattern: &str) -> Option<Regex> {
     static CACHE: OnceLock<Mutex<HashMap<String, Option<Regex>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let mut cache = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut cache = cache
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     cache
         .entry(pattern.to_owned())
         .or_insert_with(|| Regex::new(pattern).ok())

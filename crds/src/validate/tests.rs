@@ -69,7 +69,12 @@ fn with(mut value: Value, pointer: &str, new: Value) -> Value {
 
 fn without(mut value: Value, pointer: &str) -> Value {
     let (parent, key) = pointer.rsplit_once('/').unwrap();
-    value.pointer_mut(parent).unwrap().as_object_mut().unwrap().remove(key);
+    value
+        .pointer_mut(parent)
+        .unwrap()
+        .as_object_mut()
+        .unwrap()
+        .remove(key);
     value
 }
 
@@ -78,7 +83,9 @@ fn errors(kind: Kind, value: &Value) -> Vec<FieldError> {
         Kind::AIProviderPool => validate_object::<AIProviderPool>(kind, value).map(drop),
         Kind::TierQueue => validate_object::<TierQueue>(kind, value).map(drop),
         Kind::CachePolicy => validate_object::<CachePolicy>(kind, value).map(drop),
-        Kind::LocalModelDeployment => validate_object::<LocalModelDeployment>(kind, value).map(drop),
+        Kind::LocalModelDeployment => {
+            validate_object::<LocalModelDeployment>(kind, value).map(drop)
+        }
     };
     result.err().unwrap_or_default()
 }
@@ -87,7 +94,10 @@ fn errors(kind: Kind, value: &Value) -> Vec<FieldError> {
 #[track_caller]
 fn refused_at(kind: Kind, value: Value, field: &str) -> FieldError {
     let errs = errors(kind, &value);
-    assert!(!errs.is_empty(), "expected {field} to be refused, but the manifest was accepted");
+    assert!(
+        !errs.is_empty(),
+        "expected {field} to be refused, but the manifest was accepted"
+    );
     errs.iter()
         .find(|e| e.field == field)
         .cloned()
@@ -149,8 +159,16 @@ fn threshold_zero_is_outside_the_open_interval() {
 #[test]
 fn min_replicas_above_max() {
     let bad = with(local_model(), "/spec/autoscaling/minReplicas", json!(30));
-    let e = refused_at(Kind::LocalModelDeployment, bad, "spec.autoscaling.minReplicas");
-    assert!(e.message.contains("minReplicas must not exceed maxReplicas"), "{e}");
+    let e = refused_at(
+        Kind::LocalModelDeployment,
+        bad,
+        "spec.autoscaling.minReplicas",
+    );
+    assert!(
+        e.message
+            .contains("minReplicas must not exceed maxReplicas"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -163,17 +181,42 @@ fn unknown_provider_type() {
 #[test]
 fn missing_secret_ref() {
     let bad = without(pool(), "/spec/providers/0/keys/0/secretRef");
-    let e = refused_at(Kind::AIProviderPool, bad, "spec.providers[0].keys[0].secretRef");
+    let e = refused_at(
+        Kind::AIProviderPool,
+        bad,
+        "spec.providers[0].keys[0].secretRef",
+    );
     assert_eq!(e.message, "Required value");
 }
 
 #[test]
 fn inline_key_is_refused_without_echoing_it() {
-    let bad = with(pool(), "/spec/providers/0/keys/0/apiKey", json!("sk-ant-SECRET123"));
-    let e = refused_at(Kind::AIProviderPool, bad, "spec.providers[0].keys[0].apiKey");
+    let bad = with(
+        pool(),
+        "/spec/providers/0/keys/0/apiKey",
+        json!("sk-ant-SECRET123"),
+    );
+    let e = refused_at(
+        Kind::AIProviderPool,
+        bad,
+        "spec.providers[0].keys[0].apiKey",
+    );
     assert!(e.message.contains("secretRef"), "{e}");
-    let all = format!("{:?}", errors(Kind::AIProviderPool, &with(pool(), "/spec/providers/0/keys/0/apiKey", json!("sk-ant-SECRET123"))));
-    assert!(!all.contains("SECRET123"), "the key leaked into the error: {all}");
+    let all = format!(
+        "{:?}",
+        errors(
+            Kind::AIProviderPool,
+            &with(
+                pool(),
+                "/spec/providers/0/keys/0/apiKey",
+                json!("sk-ant-SECRET123")
+            )
+        )
+    );
+    assert!(
+        !all.contains("SECRET123"),
+        "the key leaked into the error: {all}"
+    );
 }
 
 #[test]
@@ -196,6 +239,15 @@ fn fallback_names_an_unknown_provider() {
 }
 
 #[test]
+fn optional_lists_may_be_left_out() {
+    let ok = without(pool(), "/spec/fallback");
+    assert_eq!(errors(Kind::AIProviderPool, &ok), vec![]);
+    let ok = without(tiers(), "/spec/tiers/1/batch");
+    let ok = with(ok, "/spec/tiers/1/class", json!("standard"));
+    assert_eq!(errors(Kind::TierQueue, &ok), vec![]);
+}
+
+#[test]
 fn zero_weight() {
     let bad = with(tiers(), "/spec/tiers/0/weight", json!(0));
     refused_at(Kind::TierQueue, bad, "spec.tiers[0].weight");
@@ -209,7 +261,11 @@ fn batch_class_without_batch_settings() {
 
 #[test]
 fn batch_settings_on_a_priority_tier() {
-    let bad = with(tiers(), "/spec/tiers/0/batch", json!({"size": 10, "intervalSeconds": 60}));
+    let bad = with(
+        tiers(),
+        "/spec/tiers/0/batch",
+        json!({"size": 10, "intervalSeconds": 60}),
+    );
     refused_at(Kind::TierQueue, bad, "spec.tiers[0].batch");
 }
 
@@ -230,7 +286,11 @@ fn the_same_secret_key_twice() {
 
 #[test]
 fn webhook_notification_without_webhook() {
-    let bad = with(tiers(), "/spec/tiers/1/async", json!({"notify": ["webhook"]}));
+    let bad = with(
+        tiers(),
+        "/spec/tiers/1/async",
+        json!({"notify": ["webhook"]}),
+    );
     refused_at(Kind::TierQueue, bad, "spec.tiers[1].async.webhook");
 }
 

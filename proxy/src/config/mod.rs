@@ -1,0 +1,294 @@
+//! The proxy's configuration: Floodgate resources (from manifest files in standalone mode, from
+//! the API server in cluster mode), validated with the CRD rules and resolved into types that
+//! cannot hold bad values.
+//!
+//! Two steps, as at every edge: [`load`] parses and validates raw documents into
+//! [`Resources`]; [`Config::resolve`] turns them, with their secrets, into a [`Config`].
+
+pub mod cluster;
+pub mod load;
+pub mod secrets;
+pub mod watch;
+
+use crate::secret::SecretString;
+use floodgate_crds::pool::{Model, Provider};
+use floodgate_crds::{AIProviderPool, CachePolicy, LocalModelDeployment, ProviderType, TierQueue};
+use secrets::SecretLookup;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+
+/// Where a resource came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// File the document was read from (or `cluster` for the API server).
+    pub file: PathBuf,
+    /// 1-based index of the document in the file.
+    pub document: usize,
+}
+
+/// A problem with the configuration, naming the file, document, resource and field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where the offending document is.
+    pub origin: Option<Origin>,
+    /// `Kind/name` of the resource, when known.
+    pub resource: Option<String>,
+    /// Field path inside the resource; empty for the whole document.
+    pub field: String,
+    /// What is wrong. Never contains secret values.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(origin) = &self.origin {
+            write!(f, "{}", origin.file.display())?;
+            if origin.document > 0 {
+                write!(f, ": document {}", origin.document)?;
+            }
+            if let Some(resource) = &self.resource {
+                write!(f, " ({resource})")?;
+            }
+            f.write_str(": ")?;
+        } else if let Some(resource) = &self.resource {
+            write!(f, "{resource}: ")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration ({} problem(s)):\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// A validated resource and where it came from.
+#[derive(Debug, Clone)]
+pub struct Sourced<T> {
+    /// The resource, with schema defaults applied.
+    pub resource: T,
+    /// Where it was read.
+    pub origin: Option<Origin>,
+}
+
+/// The Floodgate resources of one configuration, each already valid on its own.
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    /// Provider pools.
+    pub pools: Vec<Sourced<AIProviderPool>>,
+    /// Tier queues.
+    pub tier_queues: Vec<Sourced<TierQueue>>,
+    /// Cache policies.
+    pub cache_policies: Vec<Sourced<CachePolicy>>,
+    /// Local models.
+    pub local_models: Vec<Sourced<LocalModelDeployment>>,
+}
+
+/// The resolved configuration every request reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Provider pools with their keys resolved.
+    pub pools: Vec<PoolConfig>,
+    /// Tiers, when configured.
+    pub tier_queue: Option<TierQueue>,
+    /// Caching, when configured.
+    pub cache_policy: Option<CachePolicy>,
+    /// Self-hosted models.
+    pub local_models: Vec<LocalModelDeployment>,
+}
+
+/// One pool, ready to serve.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// `metadata.name`.
+    pub name: String,
+    /// The pool's spec (strategy, fallback, breaker, timeouts).
+    pub spec: floodgate_crds::AIProviderPoolSpec,
+    /// Providers in spec order, keys resolved.
+    pub providers: Vec<ProviderConfig>,
+}
+
+/// One provider, ready to serve.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// Name within the pool.
+    pub name: String,
+    /// Wire format.
+    pub provider_type: ProviderType,
+    /// Endpoint (the provider's public one unless overridden).
+    pub base_url: String,
+    /// Models offered.
+    pub models: Vec<Model>,
+    /// Keys with their secrets.
+    pub keys: Vec<KeyConfig>,
+    /// Share under the weighted strategy.
+    pub weight: NonZeroU32,
+    /// Provider-wide RPM (keyless providers).
+    pub rpm: Option<NonZeroU32>,
+}
+
+/// One API key, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyConfig {
+    /// Display name (`<provider>-<index>` unless named); never the key.
+    pub name: String,
+    /// The key.
+    pub secret: SecretString,
+    /// Requests per minute.
+    pub rpm: NonZeroU32,
+    /// Tokens per minute.
+    pub tpm: Option<NonZeroU32>,
+}
+
+/// A model as listed by `/v1/models`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ModelInfo {
+    /// Model id or alias a caller may send.
+    pub id: String,
+    /// Provider type (or `floodgate` for aliases spanning providers).
+    pub owned_by: String,
+}
+
+impl Config {
+    /// Resolves validated resources and their secrets into a configuration, or names every
+    /// reference that cannot be resolved.
+    pub fn resolve(
+        resources: Resources,
+        secrets: &dyn SecretLookup,
+    ) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        check_singletons(&resources.tier_queues, "TierQueue", &mut errors);
+        check_singletons(&resources.cache_policies, "CachePolicy", &mut errors);
+        let mut pools = Vec::new();
+        for pool in &resources.pools {
+            match resolve_pool(pool, secrets) {
+                Ok(p) => pools.push(p),
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(Config {
+            pools,
+            tier_queue: resources.tier_queues.into_iter().next().map(|s| s.resource),
+            cache_policy: resources
+                .cache_policies
+                .into_iter()
+                .next()
+                .map(|s| s.resource),
+            local_models: resources
+                .local_models
+                .into_iter()
+                .map(|s| s.resource)
+                .collect(),
+        })
+    }
+
+    /// Every model id and alias callers may use, sorted, without duplicates.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        let mut out: Vec<ModelInfo> = Vec::new();
+        for provider in self.pools.iter().flat_map(|p| &p.providers) {
+            for model in &provider.models {
+                out.push(ModelInfo {
+                    id: model.name.clone(),
+                    owned_by: provider.provider_type.as_str().to_owned(),
+                });
+                if let Some(alias) = &model.alias {
+                    out.push(ModelInfo {
+                        id: alias.clone(),
+                        owned_by: "floodgate".to_owned(),
+                    });
+                }
+            }
+        }
+        out.sort();
+        out.dedup_by(|a, b| a.id == b.id);
+        out
+    }
+}
+
+fn check_singletons<T: kube::ResourceExt>(
+    items: &[Sourced<T>],
+    kind: &str,
+    errors: &mut Vec<ConfigError>,
+) {
+    for extra in items.iter().skip(1) {
+        errors.push(ConfigError {
+            origin: extra.origin.clone(),
+            resource: Some(format!("{kind}/{}", extra.resource.name_any())),
+            field: String::new(),
+            message: format!(
+                "only one {kind} is allowed per gateway; another one is already configured"
+            ),
+        });
+    }
+}
+
+fn resolve_pool(
+    pool: &Sourced<AIProviderPool>,
+    secrets: &dyn SecretLookup,
+) -> Result<PoolConfig, Vec<ConfigError>> {
+    let name = kube::ResourceExt::name_any(&pool.resource);
+    let spec = &pool.resource.spec;
+    let mut errors = Vec::new();
+    let mut providers = Vec::new();
+    for (pi, provider) in spec.providers.iter().enumerate() {
+        let mut keys = Vec::new();
+        for (ki, key) in provider.keys.iter().enumerate() {
+            match secrets.lookup(&key.secret_ref.name, &key.secret_ref.key) {
+                Some(secret) => keys.push(KeyConfig {
+                    name: key.name.clone().unwrap_or_else(|| format!("{}-{ki}", provider.name)),
+                    secret,
+                    // The schema requires rpm >= 1 and tpm >= 1; fall back to the smallest legal
+                    // value rather than panic if a caller skipped validation.
+                    rpm: NonZeroU32::new(key.rpm).unwrap_or(NonZeroU32::MIN),
+                    tpm: key.tpm.and_then(NonZeroU32::new),
+                }),
+                None => errors.push(ConfigError {
+                    origin: pool.origin.clone(),
+                    resource: Some(format!("AIProviderPool/{name}")),
+                    field: format!("spec.providers[{pi}].keys[{ki}].secretRef"),
+                    message: format!(
+                        "Secret {:?} has no key {:?} (looked in Secret manifests, {}, and the secrets directory)",
+                        key.secret_ref.name,
+                        key.secret_ref.key,
+                        secrets::env_var_name(&key.secret_ref.name, &key.secret_ref.key),
+                    ),
+                }),
+            }
+        }
+        providers.push(provider_config(provider, keys));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(PoolConfig {
+        name,
+        spec: spec.clone(),
+        providers,
+    })
+}
+
+fn provider_config(provider: &Provider, keys: Vec<KeyConfig>) -> ProviderConfig {
+    ProviderConfig {
+        name: provider.name.clone(),
+        provider_type: provider.type_,
+        base_url: provider
+            .base_url
+            .clone()
+            .unwrap_or_else(|| provider.type_.default_base_url().to_owned())
+            .trim_end_matches('/')
+            .to_owned(),
+        models: provider.models.clone(),
+        keys,
+        weight: NonZeroU32::new(provider.weight).unwrap_or(NonZeroU32::MIN),
+        rpm: provider.rpm.and_then(NonZeroU32::new),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,241 @@
+//! Loading standalone manifests: good files load, bad ones are refused naming the file, the
+//! document, the resource and the field, and secret values never appear in errors.
+
+use super::load::{load_config, load_paths};
+use super::secrets::{SecretSources, env_var_name};
+use super::*;
+use std::collections::HashMap;
+use std::io::Write;
+
+const POOL: &str = r#"
+apiVersion: floodgate.dev/v1alpha1
+kind: AIProviderPool
+metadata: {name: main}
+spec:
+  providers:
+  - name: openai
+    type: openai
+    models: [{name: gpt-4o, alias: smart}]
+    keys:
+    - {secretRef: {name: keys, key: openai}, rpm: 100, tpm: 1000}
+    - {name: backup, secretRef: {name: keys, key: openai2}, rpm: 50}
+  - name: local
+    type: ollama
+    models: [{name: "llama3.1:8b", alias: smart}]
+"#;
+
+const SECRET: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: keys}
+data:
+  openai: c2stZnJvbS1kYXRh
+stringData:
+  openai2: sk-from-string-data
+"#;
+
+fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::File::create(path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    dir
+}
+
+fn load(dir: &tempfile::TempDir) -> Result<Config, ConfigErrors> {
+    load_config(&[dir.path().to_owned()], SecretSources::default()).map(|(c, _)| c)
+}
+
+#[test]
+fn loads_a_pool_with_secrets_from_manifests() {
+    let dir = dir_with(&[("pool.yaml", POOL), ("secrets/keys.yml", SECRET)]);
+    let config = load(&dir).unwrap();
+    let openai = &config.pools[0].providers[0];
+    assert_eq!(openai.base_url, "https://api.openai.com");
+    assert_eq!(openai.keys[0].name, "openai-0");
+    assert_eq!(openai.keys[0].secret.expose(), "sk-from-data");
+    assert_eq!(openai.keys[0].tpm.map(|t| t.get()), Some(1000));
+    assert_eq!(openai.keys[1].name, "backup");
+    assert_eq!(openai.keys[1].secret.expose(), "sk-from-string-data");
+    let ids: Vec<_> = config.models().into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, ["gpt-4o", "llama3.1:8b", "smart"]);
+}
+
+#[test]
+fn environment_overrides_manifest_secrets() {
+    let dir = dir_with(&[("pool.yaml", POOL), ("keys.yaml", SECRET)]);
+    let env = HashMap::from([(env_var_name("keys", "openai"), "sk-from-env".to_owned())]);
+    let secrets = SecretSources {
+        env,
+        ..Default::default()
+    };
+    let (config, _) = load_config(&[dir.path().to_owned()], secrets).unwrap();
+    assert_eq!(
+        config.pools[0].providers[0].keys[0].secret.expose(),
+        "sk-from-env"
+    );
+    assert_eq!(
+        env_var_name("claude-keys", "key1"),
+        "FLOODGATE_SECRET_CLAUDE_KEYS_KEY1"
+    );
+}
+
+#[test]
+fn secrets_directory_is_read_like_a_mounted_secret() {
+    let dir = dir_with(&[("pool.yaml", POOL)]);
+    let secrets_dir = dir_with(&[("keys/openai", "sk-from-file\n"), ("keys/openai2", "sk-2")]);
+    let secrets = SecretSources {
+        dir: Some(secrets_dir.path().to_owned()),
+        ..Default::default()
+    };
+    let (config, _) = load_config(&[dir.path().to_owned()], secrets).unwrap();
+    assert_eq!(
+        config.pools[0].providers[0].keys[0].secret.expose(),
+        "sk-from-file"
+    );
+}
+
+#[test]
+fn a_missing_secret_names_the_secret_ref_and_not_any_value() {
+    let dir = dir_with(&[("pool.yaml", POOL)]);
+    let errors = load(&dir).unwrap_err().0;
+    assert_eq!(errors.len(), 2);
+    assert_eq!(errors[0].field, "spec.providers[0].keys[0].secretRef");
+    assert_eq!(errors[0].resource.as_deref(), Some("AIProviderPool/main"));
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("FLOODGATE_SECRET_KEYS_OPENAI"),
+        "{}",
+        errors[0]
+    );
+}
+
+#[test]
+fn a_bad_document_names_file_document_resource_and_field() {
+    let bad = POOL.replace("rpm: 100", "rpm: -1");
+    let dir = dir_with(&[
+        ("a.yaml", SECRET),
+        ("b.yaml", &format!("{SECRET}\n---\n{bad}")),
+    ]);
+    let errors = load(&dir).unwrap_err();
+    let e = errors.0.iter().find(|e| e.field.ends_with("rpm")).unwrap();
+    assert_eq!(e.origin.as_ref().unwrap().file, dir.path().join("b.yaml"));
+    assert_eq!(e.origin.as_ref().unwrap().document, 2);
+    assert_eq!(e.field, "spec.providers[0].keys[0].rpm");
+    let text = e.to_string();
+    assert!(
+        text.contains("b.yaml: document 2 (AIProviderPool/main): spec.providers[0].keys[0].rpm:"),
+        "{text}"
+    );
+}
+
+#[test]
+fn inline_keys_are_refused_and_never_echoed() {
+    let bad = POOL.replace(
+        "{secretRef: {name: keys, key: openai}, rpm: 100, tpm: 1000}",
+        "{apiKey: sk-live-VERYSECRET, rpm: 100}",
+    );
+    let dir = dir_with(&[("pool.yaml", &bad), ("keys.yaml", SECRET)]);
+    let errors = load(&dir).unwrap_err();
+    let text = errors.to_string();
+    assert!(text.contains("spec.providers[0].keys[0].apiKey"), "{text}");
+    assert!(
+        text.contains("spec.providers[0].keys[0].secretRef: Required value"),
+        "{text}"
+    );
+    assert!(!text.contains("VERYSECRET"), "{text}");
+}
+
+#[test]
+fn yaml_syntax_errors_name_the_file_without_quoting_it() {
+    let dir = dir_with(&[(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Secret\nstringData: {a: sk-TOPSECRET\n",
+    )]);
+    let text = load(&dir).unwrap_err().to_string();
+    assert!(text.contains("broken.yaml"), "{text}");
+    assert!(text.contains("not valid YAML"), "{text}");
+    assert!(!text.contains("TOPSECRET"), "{text}");
+}
+
+#[test]
+fn every_problem_is_reported_together() {
+    let bad_pool = POOL.replace("type: openai", "type: cohere");
+    let bad_cache = "apiVersion: floodgate.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: c}\nspec: {semantic: {ttlSeconds: 1, threshold: 1.5}}\n";
+    let dir = dir_with(&[
+        ("pool.yaml", &bad_pool),
+        ("cache.yaml", bad_cache),
+        ("keys.yaml", SECRET),
+    ]);
+    let fields: Vec<String> = load(&dir)
+        .unwrap_err()
+        .0
+        .into_iter()
+        .map(|e| e.field)
+        .collect();
+    assert!(
+        fields.contains(&"spec.providers[0].type".to_owned()),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&"spec.semantic.threshold".to_owned()),
+        "{fields:?}"
+    );
+}
+
+#[test]
+fn duplicate_resources_are_refused() {
+    let dir = dir_with(&[("a.yaml", POOL), ("b.yaml", POOL), ("keys.yaml", SECRET)]);
+    let errors = load(&dir).unwrap_err().0;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].field, "metadata.name");
+    assert_eq!(
+        errors[0].origin.as_ref().unwrap().file,
+        dir.path().join("b.yaml")
+    );
+}
+
+#[test]
+fn unknown_floodgate_kinds_and_versions_are_refused_but_other_kinds_are_skipped() {
+    let docs = "apiVersion: floodgate.dev/v1alpha1\nkind: Gateway\nmetadata: {name: g}\n---\n\
+                apiVersion: floodgate.dev/v2\nkind: CachePolicy\nmetadata: {name: c}\nspec: {}\n---\n\
+                apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n";
+    let dir = dir_with(&[("x.yaml", docs)]);
+    let errors = load_paths(&[dir.path().to_owned()]).unwrap_err().0;
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["kind", "apiVersion"]);
+    let ok = dir_with(&[
+        (
+            "d.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+        ),
+        ("p.yaml", POOL),
+        ("k.yaml", SECRET),
+    ]);
+    let (_, warnings) = load_config(&[ok.path().to_owned()], SecretSources::default()).unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+}
+
+#[test]
+fn an_empty_directory_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(load_paths(&[dir.path().to_owned()]).is_err());
+    assert!(load_paths(&[dir.path().join("missing")]).is_err());
+}
+
+#[test]
+fn a_second_tier_queue_is_refused() {
+    let tq = "apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {name: NAME}\nspec:\n  tiers: [{name: a, class: standard, maxWaitSeconds: 1}]\n";
+    let dir = dir_with(&[
+        ("a.yaml", &tq.replace("NAME", "one")),
+        ("b.yaml", &tq.replace("NAME", "two")),
+    ]);
+    let errors = load(&dir).unwrap_err().0;
+    assert_eq!(errors[0].resource.as_deref(), Some("TierQueue/two"));
+}

@@ -1,0 +1,117 @@
+//! Applying configuration changes without a restart: the config files (and the secrets
+//! directory) are polled; a valid change replaces the configuration for new requests, an
+//! invalid one is logged and the running configuration keeps serving.
+
+use super::Config;
+use super::load::{config_files, load_config};
+use super::secrets::SecretSources;
+use arc_swap::ArcSwap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The configuration shared by every request; swapped atomically on reload.
+pub type SharedConfig = Arc<ArcSwap<Config>>;
+
+/// Counts of reload outcomes, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Changes applied.
+    pub applied: AtomicU64,
+    /// Changes refused because they were invalid.
+    pub rejected: AtomicU64,
+}
+
+/// Polls the configuration files and applies valid changes.
+#[derive(Debug)]
+pub struct Watcher {
+    paths: Vec<PathBuf>,
+    secrets: SecretSources,
+    interval: Duration,
+    stats: Arc<ReloadStats>,
+    last: u64,
+}
+
+impl Watcher {
+    /// A watcher of `paths`, resolving secrets from `secrets`, polling every `interval`.
+    ///
+    /// The files are fingerprinted now: create the watcher before loading the configuration it
+    /// guards, so that a change made in between is not missed.
+    pub fn new(paths: Vec<PathBuf>, secrets: SecretSources, interval: Duration) -> Self {
+        let last = fingerprint(&paths, secrets.dir.as_deref());
+        Self {
+            paths,
+            secrets,
+            interval,
+            stats: Arc::default(),
+            last,
+        }
+    }
+
+    /// Reload outcome counters.
+    pub fn stats(&self) -> Arc<ReloadStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `cancel` fires, swapping `shared` on each valid change.
+    pub async fn run(self, shared: SharedConfig, cancel: CancellationToken) {
+        let mut last = self.last;
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let now = fingerprint(&self.paths, self.secrets.dir.as_deref());
+            if now == last {
+                continue;
+            }
+            last = now;
+            match load_config(&self.paths, self.secrets.clone()) {
+                Ok((config, _warnings)) => {
+                    shared.store(Arc::new(config));
+                    self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("configuration change applied");
+                }
+                Err(errors) => {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%errors, "configuration change rejected; the previous configuration keeps serving");
+                }
+            }
+        }
+    }
+}
+
+/// A hash of the names and contents of every config file and secret file: cheap for the few
+/// small files a gateway has, and immune to coarse or unchanged modification times.
+fn fingerprint(paths: &[PathBuf], secrets_dir: Option<&Path>) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    let mut files = config_files(paths).unwrap_or_default();
+    if let Some(dir) = secrets_dir {
+        collect_files(dir, &mut files);
+    }
+    for file in files {
+        file.hash(&mut hasher);
+        std::fs::read(&file).ok().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    for path in paths {
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Floodgate's data plane: an OpenAI-compatible gateway that spreads AI requests over pools
+//! of provider keys without exceeding their rate limits.
+//!
+//! A request flows `server -> identity -> cache -> queue -> route -> providers`; `config`
+//! turns manifests into the validated configuration every stage reads.
+
+pub mod config;
+pub mod providers;
+pub mod secret;
+pub mod server;

@@ -1,0 +1,220 @@
+//! Anthropic specifics; the shared behaviour is in the conformance suite.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use http::{HeaderMap, HeaderValue};
+use serde_json::json;
+
+use crate::providers::tests::{body_json, request};
+use crate::providers::{Adapter, FinishReason, ProviderError};
+
+fn build(value: serde_json::Value, stream: bool) -> serde_json::Value {
+    let req = request(value);
+    let built = Adapter::Anthropic
+        .build_request(
+            "https://api.anthropic.com",
+            Some("k"),
+            "claude-sonnet-4",
+            &req,
+            stream,
+        )
+        .unwrap();
+    assert_eq!(built.headers["anthropic-version"], "2023-06-01");
+    body_json(&built)
+}
+
+#[test]
+fn lifts_system_merges_turns_and_maps_tools() {
+    let body = build(
+        json!({
+            "model": "smart",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "developer", "content": [{"type": "text", "text": "Use metric units."}]},
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "And this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}}
+                ]},
+                {"role": "assistant", "content": null, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}
+                }]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+                {"role": "user", "content": "Thanks"}
+            ],
+            "tools": [{"type": "function", "function": {
+                "name": "get_weather", "description": "Current weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}
+            }}],
+            "tool_choice": "required",
+            "parallel_tool_calls": false,
+            "stop": "END",
+            "temperature": 1.5,
+            "user": "u-42",
+            "stream": true
+        }),
+        true,
+    );
+    assert_eq!(
+        body,
+        json!({
+            "model": "claude-sonnet-4",
+            "max_tokens": 4096,
+            "system": "Be brief.\n\nUse metric units.",
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Weather in Paris?"},
+                    {"type": "text", "text": "And this?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQ"}}
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "call_1", "content": "18C"},
+                    {"type": "text", "text": "Thanks"}
+                ]}
+            ],
+            "stop_sequences": ["END"],
+            "temperature": 1.0,
+            "tools": [{
+                "name": "get_weather", "description": "Current weather",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}
+            }],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+            "stream": true,
+            "metadata": {"user_id": "u-42"}
+        })
+    );
+}
+
+#[test]
+fn max_tokens_from_the_caller_or_the_default() {
+    let messages = json!([{"role": "user", "content": "Hi"}]);
+    let body = build(
+        json!({"model": "m", "messages": messages, "max_completion_tokens": 50, "max_tokens": 99}),
+        false,
+    );
+    assert_eq!(body["max_tokens"], 50);
+    assert!(body.get("stream").is_none());
+    let body = build(json!({"model": "m", "messages": messages}), false);
+    assert_eq!(body["max_tokens"], 4096);
+    assert!(body.get("system").is_none());
+}
+
+#[test]
+fn tool_choice_modes() {
+    let with = |choice: serde_json::Value| {
+        let body = build(
+            json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+                   "tools": [{"type": "function", "function": {"name": "f"}}],
+                   "tool_choice": choice}),
+            false,
+        );
+        assert_eq!(
+            body["tools"][0]["input_schema"],
+            json!({"type": "object", "properties": {}})
+        );
+        body["tool_choice"].clone()
+    };
+    assert_eq!(with(json!("auto")), json!({"type": "auto"}));
+    assert_eq!(with(json!("none")), json!({"type": "none"}));
+    assert_eq!(
+        with(json!({"type": "function", "function": {"name": "f"}})),
+        json!({"type": "tool", "name": "f"})
+    );
+}
+
+#[test]
+fn refuses_what_anthropic_cannot_do() {
+    let only_system =
+        request(json!({"model": "m", "messages": [{"role": "system", "content": "x"}]}));
+    let many =
+        request(json!({"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]}));
+    let bad_args = request(
+        json!({"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1,2]"}}]}]}),
+    );
+    for req in [only_system, many, bad_args] {
+        let err = Adapter::Anthropic
+            .build_request("https://a", None, "m", &req, false)
+            .unwrap_err();
+        assert!(
+            matches!(err, ProviderError::BadRequest { status: 400, .. }),
+            "{err:?}"
+        );
+    }
+}
+
+#[test]
+fn stream_keeps_ids_and_counts_cached_prompt_tokens() {
+    let stream = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":1000,\"output_tokens\":1}}}\n\n",
+        "event: message_delta\n",
+        "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"max_tokens\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":7}}\n\n",
+        "event: message_stop\n",
+        "data: {\"type\":\"message_stop\"}\n\n",
+    );
+    let mut decoder = Adapter::Anthropic.stream_decoder("smart", false);
+    let mut chunks = decoder.feed(stream.as_bytes()).unwrap();
+    chunks.extend(decoder.finish().unwrap());
+    assert!(chunks.iter().all(|c| c.id == "msg_1"));
+    assert_eq!(
+        chunks.last().unwrap().choices[0].finish_reason,
+        Some(FinishReason::Length)
+    );
+    let usage = decoder.usage().unwrap();
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (1110, 7));
+
+    let tool_stream = include_bytes!("../testdata/anthropic_tool_stream.sse");
+    let mut decoder = Adapter::Anthropic.stream_decoder("smart", false);
+    let chunks = decoder.feed(tool_stream).unwrap();
+    let ids: Vec<_> = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .flat_map(|c| c.delta.tool_calls.iter().flatten())
+        .filter_map(|t| t.id.as_deref())
+        .collect();
+    assert_eq!(ids, ["toolu_01T1x1fJ34qAmk2tNTrN7Up6"]);
+    assert_eq!(chunks[0].id, "msg_014p7gG3wDgGV9EUtLvnow3U");
+}
+
+#[test]
+fn error_event_midstream_is_classified() {
+    // The documented example of an error event.
+    let stream = b"event: error\ndata: {\"type\": \"error\", \"error\": {\"type\": \"overloaded_error\", \"message\": \"Overloaded\"}}\n\n";
+    let mut decoder = Adapter::Anthropic.stream_decoder("smart", false);
+    let err = decoder.feed(stream).unwrap_err();
+    assert!(
+        matches!(err, ProviderError::Overloaded { status: 529, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn recorded_overload_and_rate_limit_headers() {
+    let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let body = include_bytes!("../testdata/anthropic_error_529.json");
+    let err = Adapter::Anthropic.classify_at(529, &HeaderMap::new(), body, now);
+    assert!(matches!(err, ProviderError::Overloaded { .. }), "{err:?}");
+    assert_eq!(err.http_status(), 503);
+
+    // Without retry-after, the reset of the exhausted budget is the wait.
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "anthropic-ratelimit-requests-remaining",
+        HeaderValue::from_static("0"),
+    );
+    headers.insert(
+        "anthropic-ratelimit-requests-reset",
+        HeaderValue::from_static("2023-11-14T22:13:40Z"), // now + 20 s
+    );
+    let body = include_bytes!("../testdata/anthropic_error_429.json");
+    let err = Adapter::Anthropic.classify_at(429, &headers, body, now);
+    assert_eq!(err.cools_key(), Some(Duration::from_secs(20)));
+    let info = Adapter::Anthropic.rate_limit_info(&headers, now);
+    assert_eq!(info.requests_remaining, Some(0));
+    assert_eq!(info.requests_reset, Some(Duration::from_secs(20)));
+}

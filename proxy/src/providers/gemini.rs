@@ -1,0 +1,595 @@
+//! Google Gemini API (`POST /v1beta/models/{model}:generateContent`, and
+//! `:streamGenerateContent?alt=sse` for streams).
+//!
+//! Roles are `user` and `model`; system text goes to `systemInstruction`; tool calls are
+//! `functionCall` parts and tool results `functionResponse` parts, matched by function name
+//! (Gemini has no call ids, so the name is looked up from the assistant's earlier call).
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::error::{ProviderError, Result, UpstreamError, body_excerpt};
+use super::ratelimit;
+use super::sse::{SseEvent, SseParser};
+use super::stream::ChunkBuilder;
+use super::types::{
+    ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, FinishReason, FunctionCall,
+    Role, ToolCall, ToolChoice, ToolChoiceMode, Usage, new_id,
+};
+use super::{
+    UpstreamRequest, completion, endpoint, json_headers, parse_arguments, parse_data_url,
+    reject_multiple_choices, secret_header, tool_call_names,
+};
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerateContentRequest<'a> {
+    contents: Vec<Content>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_instruction: Option<Content>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<Vec<GeminiTool<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_config: Option<ToolConfig<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation_config: Option<GenerationConfig>,
+}
+
+#[derive(Debug, Serialize)]
+struct Content {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+enum Part {
+    Text(String),
+    InlineData(Blob),
+    FunctionCall(FunctionCallPart),
+    FunctionResponse(FunctionResponsePart),
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Blob {
+    mime_type: String,
+    data: String,
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionCallPart {
+    name: String,
+    args: Value,
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionResponsePart {
+    name: String,
+    response: Value,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiTool<'a> {
+    function_declarations: Vec<FunctionDeclaration<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FunctionDeclaration<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    /// Full JSON Schema (unlike `parameters`, which takes an OpenAPI subset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters_json_schema: Option<&'a Value>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolConfig<'a> {
+    function_calling_config: FunctionCallingConfig<'a>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FunctionCallingConfig<'a> {
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allowed_function_names: Option<Vec<&'a str>>,
+}
+
+#[derive(Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_output_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_sequences: Option<Vec<String>>,
+}
+
+/// `GenerateContentResponse`: the whole answer, or one piece of a stream.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerateContentResponse {
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+    #[serde(default)]
+    prompt_feedback: Option<PromptFeedback>,
+    #[serde(default)]
+    usage_metadata: Option<UsageMetadata>,
+    #[serde(default)]
+    response_id: Option<String>,
+    /// Set when a stream fails midway.
+    #[serde(default)]
+    error: Option<ApiError>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Candidate {
+    #[serde(default)]
+    content: Option<CandidateContent>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    index: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct CandidateContent {
+    #[serde(default)]
+    parts: Vec<ResponsePart>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponsePart {
+    #[serde(default)]
+    text: Option<String>,
+    /// Thought summaries are not part of the answer.
+    #[serde(default)]
+    thought: bool,
+    #[serde(default)]
+    function_call: Option<FunctionCallData>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FunctionCallData {
+    #[serde(default)]
+    id: Option<String>,
+    name: String,
+    #[serde(default)]
+    args: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback {
+    #[serde(default)]
+    block_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UsageMetadata {
+    #[serde(default)]
+    prompt_token_count: u32,
+    #[serde(default)]
+    candidates_token_count: u32,
+    #[serde(default)]
+    thoughts_token_count: u32,
+    #[serde(default)]
+    total_token_count: Option<u32>,
+}
+
+impl UsageMetadata {
+    /// Thinking tokens are billed as output, so they count as completion tokens.
+    fn to_usage(&self) -> Usage {
+        let completion = self
+            .candidates_token_count
+            .saturating_add(self.thoughts_token_count);
+        let mut usage = Usage::new(self.prompt_token_count, completion);
+        if let Some(total) = self.total_token_count {
+            usage.total_tokens = total.max(usage.total_tokens);
+        }
+        usage
+    }
+}
+
+/// `{"error": {"code", "message", "status", "details"}}`.
+#[derive(Debug, Deserialize)]
+struct ErrorResponse {
+    error: ApiError,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    details: Vec<Map<String, Value>>,
+}
+
+impl ApiError {
+    fn into_upstream(self, status: u16) -> UpstreamError {
+        let reason = |wanted: &str| {
+            self.details
+                .iter()
+                .any(|d| d.get("reason").and_then(Value::as_str) == Some(wanted))
+        };
+        // Gemini answers an invalid key with 400 INVALID_ARGUMENT; the reason tells.
+        let kind = if reason("API_KEY_INVALID") || reason("API_KEY_EXPIRED") {
+            Some("invalid_api_key".to_owned())
+        } else {
+            self.status.clone()
+        };
+        let retry_after = self
+            .details
+            .iter()
+            .filter_map(|d| d.get("retryDelay").and_then(Value::as_str))
+            .find_map(ratelimit::parse_go_duration);
+        UpstreamError {
+            status,
+            kind,
+            message: self.message,
+            retry_after,
+        }
+    }
+}
+
+/// `POST {base}/v1beta/models/{model}:generateContent` (or `:streamGenerateContent?alt=sse`).
+pub(crate) fn build_request(
+    base_url: &str,
+    api_key: Option<&str>,
+    upstream_model: &str,
+    req: &ChatRequest,
+    stream: bool,
+) -> Result<UpstreamRequest> {
+    reject_multiple_choices(req, "Gemini")?;
+    let (system_instruction, contents) = convert_messages(&req.messages)?;
+    let generation_config = GenerationConfig {
+        max_output_tokens: req.max_output_tokens(),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        stop_sequences: req.stop.as_ref().map(|s| s.to_vec()),
+    };
+    let body = GenerateContentRequest {
+        contents,
+        system_instruction,
+        tools: req.tools.as_ref().map(|tools| {
+            vec![GeminiTool {
+                function_declarations: tools
+                    .iter()
+                    .map(|t| FunctionDeclaration {
+                        name: &t.function.name,
+                        description: t.function.description.as_deref(),
+                        parameters_json_schema: t.function.parameters.as_ref(),
+                    })
+                    .collect(),
+            }]
+        }),
+        tool_config: req.tool_choice.as_ref().map(tool_config),
+        generation_config: (generation_config != GenerationConfig::default())
+            .then_some(generation_config),
+    };
+    let body = serde_json::to_vec(&body)
+        .map_err(|e| ProviderError::unsupported(format!("request not serialisable: {e}")))?;
+    let mut headers = json_headers();
+    if let Some(key) = api_key {
+        headers.insert("x-goog-api-key", secret_header(key)?);
+    }
+    let model = upstream_model.trim_start_matches("models/");
+    let method = if stream {
+        "streamGenerateContent?alt=sse"
+    } else {
+        "generateContent"
+    };
+    Ok(UpstreamRequest {
+        method: Method::POST,
+        url: endpoint(base_url, "v1beta", &format!("models/{model}:{method}")),
+        headers,
+        body: Bytes::from(body),
+    })
+}
+
+fn convert_messages(messages: &[ChatMessage]) -> Result<(Option<Content>, Vec<Content>)> {
+    let names = tool_call_names(messages);
+    let mut system = Vec::new();
+    let mut out: Vec<Content> = Vec::with_capacity(messages.len());
+    for message in messages {
+        let (role, parts) = match message.role {
+            Role::System | Role::Developer => {
+                let text = message.text();
+                if !text.is_empty() {
+                    system.push(Part::Text(text));
+                }
+                continue;
+            }
+            Role::User => ("user", user_parts(message)?),
+            Role::Assistant => ("model", model_parts(message)?),
+            Role::Tool => ("user", vec![function_response(message, &names)?]),
+        };
+        if parts.is_empty() {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.role == Some(role) => last.parts.extend(parts),
+            _ => out.push(Content {
+                role: Some(role),
+                parts,
+            }),
+        }
+    }
+    if out.is_empty() {
+        return Err(ProviderError::unsupported(
+            "at least one user or assistant message is required",
+        ));
+    }
+    let system = (!system.is_empty()).then_some(Content {
+        role: None,
+        parts: system,
+    });
+    Ok((system, out))
+}
+
+fn user_parts(message: &ChatMessage) -> Result<Vec<Part>> {
+    let Some(content) = &message.content else {
+        return Ok(Vec::new());
+    };
+    let mut parts = Vec::new();
+    for part in content.parts() {
+        match part {
+            ContentPart::Text { text } if text.is_empty() => {}
+            ContentPart::Text { text } => parts.push(Part::Text(text)),
+            ContentPart::ImageUrl { image_url } => {
+                let (mime_type, data) = parse_data_url(&image_url.url).ok_or_else(|| {
+                    ProviderError::unsupported("Gemini takes images only as data: URLs")
+                })?;
+                parts.push(Part::InlineData(Blob {
+                    mime_type: mime_type.to_owned(),
+                    data: data.to_owned(),
+                }));
+            }
+        }
+    }
+    Ok(parts)
+}
+
+fn model_parts(message: &ChatMessage) -> Result<Vec<Part>> {
+    let mut parts = Vec::new();
+    let text = message.text();
+    if !text.is_empty() {
+        parts.push(Part::Text(text));
+    }
+    for call in message.tool_calls.iter().flatten() {
+        parts.push(Part::FunctionCall(FunctionCallPart {
+            name: call.function.name.clone(),
+            args: parse_arguments(&call.function.arguments)?,
+        }));
+    }
+    Ok(parts)
+}
+
+fn function_response(message: &ChatMessage, names: &HashMap<&str, &str>) -> Result<Part> {
+    let name = message
+        .tool_call_id
+        .as_deref()
+        .and_then(|id| names.get(id))
+        .ok_or_else(|| {
+            ProviderError::unsupported("tool message does not answer an earlier tool call")
+        })?;
+    // `response` must be an object: a JSON object result goes as is, anything else wrapped.
+    let text = message.text();
+    let response = match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(object)) => Value::Object(object),
+        _ => serde_json::json!({ "result": text }),
+    };
+    Ok(Part::FunctionResponse(FunctionResponsePart {
+        name: (*name).to_owned(),
+        response,
+    }))
+}
+
+fn tool_config(choice: &ToolChoice) -> ToolConfig<'_> {
+    let (mode, allowed_function_names) = match choice {
+        ToolChoice::Mode(ToolChoiceMode::None) => ("NONE", None),
+        ToolChoice::Mode(ToolChoiceMode::Auto) => ("AUTO", None),
+        ToolChoice::Mode(ToolChoiceMode::Required) => ("ANY", None),
+        ToolChoice::Named(named) => ("ANY", Some(vec![named.function.name.as_str()])),
+    };
+    ToolConfig {
+        function_calling_config: FunctionCallingConfig {
+            mode,
+            allowed_function_names,
+        },
+    }
+}
+
+/// Maps `finishReason` to an OpenAI finish reason.
+fn finish_reason(reason: &str) -> FinishReason {
+    match reason {
+        "MAX_TOKENS" => FinishReason::Length,
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
+            FinishReason::ContentFilter
+        }
+        _ => FinishReason::Stop, // STOP, OTHER, MALFORMED_FUNCTION_CALL, ...
+    }
+}
+
+/// Parses a `GenerateContentResponse` into a `chat.completion`.
+pub(crate) fn parse_response(body: &[u8], model_for_caller: &str) -> Result<ChatResponse> {
+    let response: GenerateContentResponse = serde_json::from_slice(body)
+        .map_err(|e| ProviderError::malformed("Gemini GenerateContentResponse", &e))?;
+    if let Some(error) = response.error {
+        let status = error.code;
+        return Err(error.into_upstream(status).classify());
+    }
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    let mut finish = None;
+    if let Some(candidate) = response.candidates.into_iter().find(|c| c.index == 0) {
+        for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
+            match (part.text, part.function_call) {
+                (_, Some(call)) => calls.push(ToolCall {
+                    id: call.id.unwrap_or_else(|| new_id("call_")),
+                    kind: "function".to_owned(),
+                    function: FunctionCall {
+                        name: call.name,
+                        arguments: call
+                            .args
+                            .unwrap_or_else(|| Value::Object(Map::new()))
+                            .to_string(),
+                    },
+                }),
+                (Some(t), None) if !part.thought => text.push_str(&t),
+                _ => {}
+            }
+        }
+        finish = candidate.finish_reason.as_deref().map(finish_reason);
+    } else if response
+        .prompt_feedback
+        .and_then(|f| f.block_reason)
+        .is_some()
+    {
+        finish = Some(FinishReason::ContentFilter);
+    }
+    let finish = match finish.unwrap_or(FinishReason::Stop) {
+        FinishReason::Stop if !calls.is_empty() => FinishReason::ToolCalls,
+        other => other,
+    };
+    let usage = response
+        .usage_metadata
+        .map(|u| u.to_usage())
+        .unwrap_or_default();
+    let id = response.response_id.unwrap_or_else(|| new_id("chatcmpl-"));
+    Ok(completion(id, model_for_caller, text, calls, finish, usage))
+}
+
+/// Classifies an error response.
+pub(crate) fn classify(
+    status: u16,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: SystemTime,
+) -> ProviderError {
+    let mut error = match serde_json::from_slice::<ErrorResponse>(body) {
+        Ok(parsed) => parsed.error.into_upstream(status),
+        Err(_) => UpstreamError {
+            status,
+            message: body_excerpt(body),
+            ..UpstreamError::default()
+        },
+    };
+    if let Some(retry_after) = ratelimit::retry_after(headers, now) {
+        error.retry_after = Some(retry_after);
+    }
+    error.classify()
+}
+
+/// Decodes a Gemini SSE stream. Gemini has no end-of-stream event: the stream is complete
+/// when its last piece carried a `finishReason`, so the closing chunks are emitted by
+/// `finish`, once the body has ended.
+#[derive(Debug)]
+pub(crate) struct Decoder {
+    sse: SseParser,
+    pub(super) builder: ChunkBuilder,
+    finish: Option<FinishReason>,
+    id_set: bool,
+}
+
+impl Decoder {
+    pub fn new(model_for_caller: &str, include_usage: bool) -> Self {
+        Decoder {
+            sse: SseParser::new(),
+            builder: ChunkBuilder::new(model_for_caller, include_usage),
+            finish: None,
+            id_set: false,
+        }
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<ChatChunk>> {
+        let events = self.sse.feed(bytes)?;
+        self.events(events)
+    }
+
+    pub fn finish(&mut self) -> Result<Vec<ChatChunk>> {
+        let events = self.sse.finish();
+        let mut out = self.events(events)?;
+        match self.finish {
+            Some(reason) if !self.builder.done => {
+                out.extend(self.builder.close(reason));
+                Ok(out)
+            }
+            Some(_) => Ok(out),
+            None => Err(ProviderError::Truncated),
+        }
+    }
+
+    fn events(&mut self, events: Vec<SseEvent>) -> Result<Vec<ChatChunk>> {
+        let mut out = Vec::new();
+        for event in events {
+            let piece: GenerateContentResponse = serde_json::from_str(&event.data)
+                .map_err(|e| ProviderError::malformed("Gemini stream piece", &e))?;
+            self.piece(piece, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn piece(&mut self, piece: GenerateContentResponse, out: &mut Vec<ChatChunk>) -> Result<()> {
+        if let Some(error) = piece.error {
+            let status = if error.code == 0 { 500 } else { error.code };
+            return Err(error.into_upstream(status).classify());
+        }
+        let b = &mut self.builder;
+        if !self.id_set {
+            self.id_set = true;
+            if let Some(id) = piece.response_id {
+                b.id = id;
+            }
+        }
+        if let Some(usage) = &piece.usage_metadata {
+            b.usage = Some(usage.to_usage());
+        }
+        for candidate in piece.candidates.into_iter().filter(|c| c.index == 0) {
+            for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
+                match (part.text, part.function_call) {
+                    (_, Some(call)) => {
+                        let id = call.id.unwrap_or_else(|| new_id("call_"));
+                        let args = call.args.unwrap_or_else(|| Value::Object(Map::new()));
+                        out.push(b.tool_call_start(id, call.name, args.to_string()));
+                    }
+                    (Some(text), None) if !part.thought && !text.is_empty() => {
+                        out.push(b.text(&text));
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(reason) = candidate.finish_reason.as_deref() {
+                self.finish = Some(finish_reason(reason));
+            }
+        }
+        if piece.prompt_feedback.and_then(|f| f.block_reason).is_some() {
+            self.finish = Some(FinishReason::ContentFilter);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

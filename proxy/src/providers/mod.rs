@@ -1,0 +1,348 @@
+//! Provider adapters: each provider's wire format, translated to and from one internal chat
+//! type (the OpenAI chat-completions shape, [`types`]). Pure translation, no I/O: `route`
+//! makes the calls.
+//!
+//! The route module drives one upstream call like this:
+//!
+//! 1. [`Adapter::for_type`] picks the adapter of the provider's `type`;
+//! 2. [`Adapter::build_request`] gives method, URL, headers (the key marked sensitive) and body;
+//! 3. on a 2xx, [`Adapter::parse_response`] — or, streaming, [`Adapter::stream_decoder`] fed
+//!    with the body's bytes — gives OpenAI-shaped output and the usage that settles budgets;
+//! 4. otherwise [`Adapter::classify`] turns status, headers and body into a
+//!    [`ProviderError`] that says whether to retry, cool or fail the key, or open the circuit;
+//! 5. on every response, [`Adapter::rate_limit_info`] reads the provider's budget headers.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use floodgate_crds::ProviderType;
+use http::{HeaderMap, HeaderValue, Method, header};
+use serde_json::Value;
+
+pub mod anthropic;
+pub mod error;
+pub mod gemini;
+pub mod ollama;
+pub mod openai;
+pub mod ratelimit;
+pub mod sse;
+pub mod stream;
+pub mod types;
+
+pub use error::{Fault, ProviderError, Result};
+pub use ratelimit::RateLimitInfo;
+pub use stream::StreamDecoder;
+pub use types::{ChatChunk, ChatRequest, ChatResponse, FinishReason, Usage};
+
+use types::{ChatMessage, Choice, ResponseMessage, Role, ToolCall};
+
+/// A provider's wire format. Dispatch is a `match`, not a trait object: one adapter runs per
+/// upstream call on the hot path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Adapter {
+    /// OpenAI chat completions, and OpenAI-compatible servers (vLLM, llama.cpp).
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+    /// Google Gemini `generateContent`.
+    Gemini,
+    /// Ollama `/api/chat`.
+    Ollama,
+}
+
+/// An HTTP request for the route module to send.
+#[derive(Debug, Clone)]
+pub struct UpstreamRequest {
+    /// Always `POST` today.
+    pub method: Method,
+    /// Full URL.
+    pub url: String,
+    /// Headers; the one holding the API key is marked sensitive
+    /// ([`HeaderValue::is_sensitive`]), so it is redacted from `Debug` and HPACK-indexed never.
+    pub headers: HeaderMap,
+    /// JSON body.
+    pub body: Bytes,
+}
+
+impl Adapter {
+    /// The adapter for a provider type; OpenAI-compatible servers speak OpenAI (without an
+    /// auth header when no key is configured).
+    pub fn for_type(provider_type: ProviderType) -> Self {
+        match provider_type {
+            ProviderType::Openai | ProviderType::OpenaiCompatible => Adapter::OpenAi,
+            ProviderType::Anthropic => Adapter::Anthropic,
+            ProviderType::Gemini => Adapter::Gemini,
+            ProviderType::Ollama => Adapter::Ollama,
+        }
+    }
+
+    /// Name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Adapter::OpenAi => "openai",
+            Adapter::Anthropic => "anthropic",
+            Adapter::Gemini => "gemini",
+            Adapter::Ollama => "ollama",
+        }
+    }
+
+    /// Translates `req` into the provider's request for `upstream_model`. `stream` decides
+    /// the upstream mode (the caller's `req.stream` is not consulted, so `route` may stream
+    /// upstream for a non-streaming caller or the other way round).
+    ///
+    /// Fails with `BadRequest` when the request uses something this provider cannot do, and
+    /// with `Unauthorized` when the key is not a valid header value.
+    pub fn build_request(
+        &self,
+        base_url: &str,
+        api_key: Option<&str>,
+        upstream_model: &str,
+        req: &ChatRequest,
+        stream: bool,
+    ) -> Result<UpstreamRequest> {
+        match self {
+            Adapter::OpenAi => {
+                openai::build_request(base_url, api_key, upstream_model, req, stream)
+            }
+            Adapter::Anthropic => {
+                anthropic::build_request(base_url, api_key, upstream_model, req, stream)
+            }
+            Adapter::Gemini => {
+                gemini::build_request(base_url, api_key, upstream_model, req, stream)
+            }
+            Adapter::Ollama => {
+                ollama::build_request(base_url, api_key, upstream_model, req, stream)
+            }
+        }
+    }
+
+    /// Parses a 2xx non-streamed body into a `chat.completion` whose `model` is
+    /// `model_for_caller`. A body that is not the provider's format is `Malformed`.
+    pub fn parse_response(&self, body: &[u8], model_for_caller: &str) -> Result<ChatResponse> {
+        match self {
+            Adapter::OpenAi => openai::parse_response(body, model_for_caller),
+            Adapter::Anthropic => anthropic::parse_response(body, model_for_caller),
+            Adapter::Gemini => gemini::parse_response(body, model_for_caller),
+            Adapter::Ollama => ollama::parse_response(body, model_for_caller),
+        }
+    }
+
+    /// A decoder for a 2xx streamed body. `include_usage` is the caller's
+    /// `stream_options.include_usage` ([`ChatRequest::include_usage`]): whether to end with a
+    /// usage chunk. Usage is tracked for budgets either way ([`StreamDecoder::usage`]).
+    pub fn stream_decoder(&self, model_for_caller: &str, include_usage: bool) -> StreamDecoder {
+        match self {
+            Adapter::OpenAi => {
+                StreamDecoder::openai(openai::Decoder::new(model_for_caller, include_usage))
+            }
+            Adapter::Anthropic => {
+                StreamDecoder::anthropic(anthropic::Decoder::new(model_for_caller, include_usage))
+            }
+            Adapter::Gemini => {
+                StreamDecoder::gemini(gemini::Decoder::new(model_for_caller, include_usage))
+            }
+            Adapter::Ollama => {
+                StreamDecoder::ollama(ollama::Decoder::new(model_for_caller, include_usage))
+            }
+        }
+    }
+
+    /// Classifies a non-2xx response, reading `retry-after` and the provider's error JSON.
+    pub fn classify(&self, status: u16, headers: &HeaderMap, body: &[u8]) -> ProviderError {
+        self.classify_at(status, headers, body, SystemTime::now())
+    }
+
+    /// [`classify`](Self::classify) with an explicit clock (for `retry-after` dates).
+    pub fn classify_at(
+        &self,
+        status: u16,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: SystemTime,
+    ) -> ProviderError {
+        match self {
+            Adapter::OpenAi => openai::classify(status, headers, body, now),
+            Adapter::Anthropic => anthropic::classify(status, headers, body, now),
+            Adapter::Gemini => gemini::classify(status, headers, body, now),
+            Adapter::Ollama => ollama::classify(status, headers, body, now),
+        }
+    }
+
+    /// Reads the provider's rate-limit headers; `now` turns reset instants into waits.
+    pub fn rate_limit_info(&self, headers: &HeaderMap, now: SystemTime) -> RateLimitInfo {
+        match self {
+            Adapter::OpenAi => ratelimit::openai_headers(headers, now),
+            Adapter::Anthropic => ratelimit::anthropic_headers(headers, now),
+            Adapter::Gemini | Adapter::Ollama => ratelimit::retry_after_only(headers, now),
+        }
+    }
+}
+
+/// Per-message overhead of chat formatting (role markers), in tokens.
+const TOKENS_PER_MESSAGE: u32 = 4;
+/// Tokens priming the assistant's reply.
+const TOKENS_PER_REPLY: u32 = 3;
+/// Rough cost of one image (OpenAI's low-detail price; high detail costs more).
+const TOKENS_PER_IMAGE: u32 = 85;
+
+/// A cheap estimate of the prompt's tokens, **for reserving budget only**: settle with the
+/// provider's reported [`Usage`]. About one token per four bytes of text (bytes rather than
+/// characters so that non-Latin scripts, which tokenise denser, are not underestimated),
+/// plus per-message overhead, tool definitions and a flat cost per image.
+pub fn estimate_prompt_tokens(req: &ChatRequest) -> u32 {
+    let mut bytes: usize = 0;
+    let mut tokens = TOKENS_PER_REPLY;
+    for message in &req.messages {
+        tokens = tokens.saturating_add(TOKENS_PER_MESSAGE);
+        match &message.content {
+            Some(types::MessageContent::Text(text)) => bytes += text.len(),
+            Some(types::MessageContent::Parts(parts)) => {
+                for part in parts {
+                    match part {
+                        types::ContentPart::Text { text } => bytes += text.len(),
+                        types::ContentPart::ImageUrl { .. } => {
+                            tokens = tokens.saturating_add(TOKENS_PER_IMAGE);
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        for call in message.tool_calls.iter().flatten() {
+            bytes += call.function.name.len() + call.function.arguments.len();
+        }
+    }
+    for tool in req.tools.iter().flatten() {
+        bytes += tool.function.name.len();
+        bytes += tool.function.description.as_ref().map_or(0, String::len);
+        bytes += tool.function.parameters.as_ref().map_or(0, json_len);
+    }
+    let text_tokens = u32::try_from(bytes.div_ceil(4)).unwrap_or(u32::MAX);
+    tokens.saturating_add(text_tokens)
+}
+
+/// Approximate serialised length of a JSON value, without serialising it.
+fn json_len(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 5,
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => items.iter().map(json_len).sum::<usize>() + items.len() + 2,
+        Value::Object(map) => {
+            map.iter()
+                .map(|(k, v)| k.len() + 4 + json_len(v))
+                .sum::<usize>()
+                + 2
+        }
+    }
+}
+
+/// `{base}/{version}/{path}`; a base URL that already ends in `/{version}` (a common way to
+/// configure vLLM: `http://host:8000/v1`) is not given it twice.
+pub(crate) fn endpoint(base_url: &str, version: &str, path: &str) -> String {
+    let base = base_url.trim_end_matches('/');
+    let versioned = base
+        .rsplit_once('/')
+        .is_some_and(|(_, last)| last == version);
+    if versioned {
+        format!("{base}/{path}")
+    } else {
+        format!("{base}/{version}/{path}")
+    }
+}
+
+/// `content-type: application/json`.
+pub(crate) fn json_headers() -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(4);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers
+}
+
+/// A header value holding a secret, marked sensitive. The value is never echoed in errors.
+pub(crate) fn secret_header(value: &str) -> Result<HeaderValue> {
+    let mut value = HeaderValue::from_str(value).map_err(|_| ProviderError::Unauthorized {
+        status: 0,
+        message: "API key contains characters not allowed in an HTTP header".into(),
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Splits `data:<mime>;base64,<data>` into mime type and base64 data.
+pub(crate) fn parse_data_url(url: &str) -> Option<(&str, &str)> {
+    let rest = url.strip_prefix("data:")?;
+    let (meta, data) = rest.split_once(',')?;
+    let mime = meta.strip_suffix(";base64")?;
+    Some((if mime.is_empty() { "image/png" } else { mime }, data))
+}
+
+/// Parses a tool call's JSON-encoded arguments into the object other providers want.
+pub(crate) fn parse_arguments(arguments: &str) -> Result<Value> {
+    if arguments.trim().is_empty() {
+        return Ok(Value::Object(serde_json::Map::new()));
+    }
+    match serde_json::from_str(arguments) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        _ => Err(ProviderError::unsupported(
+            "tool call arguments must be a JSON object",
+        )),
+    }
+}
+
+/// Tool-call id -> function name, for providers whose tool results name the function.
+pub(crate) fn tool_call_names(messages: &[ChatMessage]) -> HashMap<&str, &str> {
+    messages
+        .iter()
+        .filter(|m| m.role == Role::Assistant)
+        .flat_map(|m| m.tool_calls.iter().flatten())
+        .map(|call| (call.id.as_str(), call.function.name.as_str()))
+        .collect()
+}
+
+/// Refuses `n > 1` for providers that return one choice: fewer choices than asked for would
+/// be a silent wrong answer.
+pub(crate) fn reject_multiple_choices(req: &ChatRequest, provider: &str) -> Result<()> {
+    match req.n {
+        Some(n) if n > 1 => Err(ProviderError::unsupported(format!(
+            "n > 1 is not supported by {provider} targets"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A one-choice `chat.completion`. Content is `null` when the model only called tools,
+/// as OpenAI sends it.
+pub(crate) fn completion(
+    id: String,
+    model: &str,
+    text: String,
+    tool_calls: Vec<ToolCall>,
+    finish_reason: FinishReason,
+    usage: Usage,
+) -> ChatResponse {
+    let content = (!text.is_empty() || tool_calls.is_empty()).then_some(text);
+    ChatResponse {
+        id,
+        object: "chat.completion".to_owned(),
+        created: types::unix_now(),
+        model: model.to_owned(),
+        choices: vec![Choice {
+            index: 0,
+            message: ResponseMessage {
+                role: Role::Assistant,
+                content,
+                tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+                refusal: None,
+            },
+            finish_reason: Some(finish_reason),
+        }],
+        usage: Some(usage),
+        system_fingerprint: None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,552 @@
+//! The internal chat type: the OpenAI chat-completions shape, because that is Floodgate's
+//! front door. Requests arrive in this shape, every adapter translates from it, and every
+//! adapter's answer is translated back into it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+/// A chat-completions request (`POST /v1/chat/completions`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    /// Model (or alias) the caller asked for.
+    pub model: String,
+    /// The conversation so far.
+    pub messages: Vec<ChatMessage>,
+    /// Legacy cap on generated tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Cap on generated tokens (newer name, preferred over `max_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    /// Sampling temperature (OpenAI range 0..=2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Stop sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Tools the model may call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Tool>>,
+    /// Whether and which tool the model must call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// Stream the answer as server-sent events (`null` reads as `false`).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_false"
+    )]
+    pub stream: bool,
+    /// Streaming options (`include_usage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// End-user identifier supplied by the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Number of choices to generate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    /// Fields Floodgate does not model; passed through untouched to OpenAI-compatible upstreams.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatRequest {
+    /// The caller's cap on generated tokens, from `max_completion_tokens` or `max_tokens`.
+    pub fn max_output_tokens(&self) -> Option<u32> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// Whether the caller asked for a final usage chunk (`stream_options.include_usage`).
+    pub fn include_usage(&self) -> bool {
+        self.stream_options.is_some_and(|o| o.include_usage)
+    }
+}
+
+/// One message of the conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Who wrote it.
+    pub role: Role,
+    /// Text, or an array of parts; absent on assistant messages that only call tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<MessageContent>,
+    /// Optional participant name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Tool calls made by an assistant message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// The message's text parts, concatenated (images are skipped).
+    pub fn text(&self) -> String {
+        self.content
+            .as_ref()
+            .map(MessageContent::text)
+            .unwrap_or_default()
+    }
+}
+
+/// Author of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions from the application.
+    System,
+    /// Instructions from the developer (newer name for `system`).
+    Developer,
+    /// The end user.
+    User,
+    /// The model.
+    Assistant,
+    /// The result of a tool call.
+    Tool,
+}
+
+/// Message content: a plain string or an array of typed parts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    /// Plain text.
+    Text(String),
+    /// Typed parts (text and images).
+    Parts(Vec<ContentPart>),
+}
+
+impl MessageContent {
+    /// The text parts, concatenated in order.
+    pub fn text(&self) -> String {
+        match self {
+            MessageContent::Text(text) => text.clone(),
+            MessageContent::Parts(parts) => parts
+                .iter()
+                .filter_map(|p| match p {
+                    ContentPart::Text { text } => Some(text.as_str()),
+                    ContentPart::ImageUrl { .. } => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// The content as parts (a plain string becomes one text part).
+    pub fn parts(&self) -> Vec<ContentPart> {
+        match self {
+            MessageContent::Text(text) => vec![ContentPart::Text { text: text.clone() }],
+            MessageContent::Parts(parts) => parts.clone(),
+        }
+    }
+}
+
+/// One typed part of a message's content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    /// A piece of text.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// An image, by URL or `data:` URL.
+    ImageUrl {
+        /// Where the image is.
+        image_url: ImageUrl,
+    },
+}
+
+/// An image reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageUrl {
+    /// `https://...` or `data:<mime>;base64,<data>`.
+    pub url: String,
+    /// Requested detail level (`low`, `high`, `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A tool call made by the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// Identifier the tool result refers back to.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    /// The function and its JSON-encoded arguments.
+    pub function: FunctionCall,
+}
+
+/// A function invocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// Function name.
+    pub name: String,
+    /// Arguments as a JSON-encoded string.
+    #[serde(default)]
+    pub arguments: String,
+}
+
+/// A tool the model may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tool {
+    /// Always `function`.
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    /// The function's declaration.
+    pub function: FunctionDef,
+}
+
+/// A function declaration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionDef {
+    /// Function name.
+    pub name: String,
+    /// What the function does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// JSON Schema of the arguments object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+    /// Strict schema adherence (OpenAI only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: a mode, or one named function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    /// `"none"`, `"auto"` or `"required"`.
+    Mode(ToolChoiceMode),
+    /// `{"type": "function", "function": {"name": ...}}`.
+    Named(NamedToolChoice),
+}
+
+/// The modes of `tool_choice`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChoiceMode {
+    /// Never call a tool.
+    None,
+    /// The model decides.
+    Auto,
+    /// Call at least one tool.
+    Required,
+}
+
+/// A `tool_choice` that forces one function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NamedToolChoice {
+    /// Always `function`.
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    /// The function to call.
+    pub function: FunctionName,
+}
+
+/// A function named by a `tool_choice`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionName {
+    /// Function name.
+    pub name: String,
+}
+
+/// `stop`: one sequence or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// A single stop sequence.
+    One(String),
+    /// Several stop sequences.
+    Many(Vec<String>),
+}
+
+impl Stop {
+    /// The stop sequences as a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOptions {
+    /// Send a final chunk with empty `choices` and the request's `usage`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Token counts of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the prompt (cached prompt tokens included).
+    #[serde(default)]
+    pub prompt_tokens: u32,
+    /// Tokens generated (reasoning tokens included).
+    #[serde(default)]
+    pub completion_tokens: u32,
+    /// Their sum.
+    #[serde(default)]
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    /// Usage from prompt and completion counts, with the total computed.
+    pub const fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        }
+    }
+}
+
+/// Why the model stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// Natural end or a stop sequence.
+    Stop,
+    /// The token cap was reached.
+    Length,
+    /// The model called tools.
+    ToolCalls,
+    /// Content was withheld by a safety filter.
+    ContentFilter,
+    /// Deprecated `function_call` (OpenAI legacy).
+    FunctionCall,
+}
+
+impl FinishReason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::FunctionCall => "function_call",
+        }
+    }
+
+    /// Parses a wire name; names OpenAI-compatible servers invent map to `Stop`.
+    pub fn from_wire(name: &str) -> Self {
+        match name {
+            "length" => FinishReason::Length,
+            "tool_calls" => FinishReason::ToolCalls,
+            "content_filter" => FinishReason::ContentFilter,
+            "function_call" => FinishReason::FunctionCall,
+            _ => FinishReason::Stop,
+        }
+    }
+}
+
+impl Serialize for FinishReason {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for FinishReason {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Ok(FinishReason::from_wire(&name))
+    }
+}
+
+/// A complete answer (`object: "chat.completion"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatResponse {
+    /// Completion identifier.
+    #[serde(default)]
+    pub id: String,
+    /// Always `chat.completion`.
+    #[serde(default = "completion_object")]
+    pub object: String,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created: u64,
+    /// Model name shown to the caller.
+    #[serde(default)]
+    pub model: String,
+    /// The generated choices.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub choices: Vec<Choice>,
+    /// Token counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// Backend fingerprint (OpenAI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+}
+
+/// One choice of a complete answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    /// Position among the choices.
+    #[serde(default)]
+    pub index: u32,
+    /// The generated message.
+    pub message: ResponseMessage,
+    /// Why generation stopped.
+    #[serde(default)]
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// The assistant message of a complete answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseMessage {
+    /// Always `assistant`.
+    pub role: Role,
+    /// Generated text (`null` when the model only called tools).
+    #[serde(default)]
+    pub content: Option<String>,
+    /// Tool calls made by the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// Refusal text (OpenAI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+}
+
+/// One streamed chunk (`object: "chat.completion.chunk"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatChunk {
+    /// Completion identifier, the same on every chunk.
+    #[serde(default)]
+    pub id: String,
+    /// Always `chat.completion.chunk`.
+    #[serde(default = "chunk_object")]
+    pub object: String,
+    /// Unix seconds, the same on every chunk.
+    #[serde(default)]
+    pub created: u64,
+    /// Model name shown to the caller.
+    #[serde(default)]
+    pub model: String,
+    /// Deltas; empty on the final usage chunk.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub choices: Vec<ChunkChoice>,
+    /// Token counts; only on the final usage chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// Backend fingerprint (OpenAI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+}
+
+/// One choice's delta within a chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkChoice {
+    /// Position among the choices.
+    #[serde(default)]
+    pub index: u32,
+    /// What this chunk adds.
+    #[serde(default)]
+    pub delta: Delta,
+    /// Set on the last chunk of the choice.
+    #[serde(default)]
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// What a chunk adds to the message.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    /// `assistant` on the first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// More text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Tool-call fragments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+    /// Refusal text (OpenAI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+}
+
+/// A fragment of a tool call: the first carries id and name, later ones more arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    /// Which tool call of the message this fragment belongs to.
+    pub index: u32,
+    /// Call identifier (first fragment only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function` (first fragment only).
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Name and/or argument text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionCallDelta>,
+}
+
+/// Name and argument fragments of a streamed function call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCallDelta {
+    /// Function name (first fragment only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// More JSON argument text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+/// Seconds since the Unix epoch, for `created`.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A fresh identifier with `prefix`, for providers that do not name their completions or
+/// tool calls. Unique within the process (a counter) and unlikely to collide across
+/// replicas (the clock); not a secret.
+pub(crate) fn new_id(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // Low 48 bits of the clock are plenty to tell replicas apart.
+    format!("{prefix}{:012x}{n:06x}", nanos & 0xffff_ffff_ffff)
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn function_type() -> String {
+    "function".to_owned()
+}
+
+fn completion_object() -> String {
+    "chat.completion".to_owned()
+}
+
+pub(crate) fn chunk_object() -> String {
+    "chat.completion.chunk".to_owned()
+}
+
+/// Reads `null` as the type's default: some OpenAI-compatible servers send
+/// `"choices": null` on the final usage chunk.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}

@@ -1,0 +1,78 @@
+//! The HTTP front door: OpenAI-compatible API, health and readiness.
+//!
+//! Layers, outermost first: catch-panic (a panic becomes a 500 with an OpenAI error body),
+//! trace (one span per request), sensitive headers (Authorization and API-key headers are
+//! redacted from traces). Handlers read the shared [`Config`](crate::config::Config) from
+//! [`AppState`].
+
+pub mod error;
+mod models;
+
+use crate::config::watch::SharedConfig;
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use error::ApiError;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+/// State shared by all handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The current configuration.
+    pub config: SharedConfig,
+    /// Whether the gateway accepts traffic (config loaded; false while draining).
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The gateway's router with its layers.
+pub fn router(state: AppState) -> Router {
+    let sensitive = [
+        header::AUTHORIZATION,
+        header::HeaderName::from_static("x-api-key"),
+        header::HeaderName::from_static("x-goog-api-key"),
+    ];
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/models", get(models::list))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(
+            ServiceBuilder::new()
+                .layer(CatchPanicLayer::custom(|_| {
+                    ApiError::internal("internal error").into_response()
+                }))
+                .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
+                .layer(TraceLayer::new_for_http()),
+        )
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "unknown_url",
+        format!("Unknown request URL: {}", uri.path()),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,78 @@
+//! The front door's health, readiness, model list and error format.
+
+use super::*;
+use crate::config::load::load_config;
+use crate::config::secrets::SecretSources;
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use axum::http::Request;
+use tower::ServiceExt;
+
+fn state() -> AppState {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/standalone");
+    let (config, _) = load_config(&[dir], SecretSources::default()).unwrap();
+    AppState {
+        config: Arc::new(ArcSwap::from_pointee(config)),
+        ready: Arc::new(AtomicBool::new(true)),
+    }
+}
+
+async fn get(state: AppState, path: &str) -> (StatusCode, serde_json::Value) {
+    let response = router(state)
+        .oneshot(Request::get(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(
+        String::from_utf8_lossy(&bytes).into(),
+    ));
+    (status, json)
+}
+
+#[tokio::test]
+async fn models_lists_every_model_and_alias() {
+    let (status, body) = get(state(), "/v1/models").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["object"], "list");
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "gpt-4o-mini",
+        "claude-sonnet-4",
+        "gemini-2.5-flash",
+        "llama3.1:8b",
+        "smart",
+        "fast",
+        "local",
+    ] {
+        assert!(ids.contains(&id), "{id} missing from {ids:?}");
+    }
+    assert_eq!(body["data"][0]["object"], "model");
+}
+
+#[tokio::test]
+async fn readiness_follows_the_flag() {
+    let s = state();
+    assert_eq!(get(s.clone(), "/readyz").await.0, StatusCode::OK);
+    s.ready.store(false, Ordering::Release);
+    assert_eq!(
+        get(s.clone(), "/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(get(s, "/healthz").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn unknown_paths_get_an_openai_error_body() {
+    let (status, body) = get(state(), "/v1/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["code"], "unknown_url");
+}
