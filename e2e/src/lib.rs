@@ -1,1 +1,6 @@
-//! Floodgate end-to-end test support: mock providers and the cluster harness.
+//! Floodgate end-to-end test support.
+
+pub mod cluster;
+pub mod gateway;
+pub mod mock;
+pub mod proxy;

@@ -4,7 +4,9 @@
 //! A request flows `server -> identity -> cache -> queue -> route -> providers`; `config`
 //! turns manifests into the validated configuration every stage reads.
 
+pub mod budget;
 pub mod config;
 pub mod providers;
+pub mod route;
 pub mod secret;
 pub mod server;

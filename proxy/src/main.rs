@@ -3,10 +3,12 @@
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use clap::Parser;
+use floodgate_proxy::budget::MINUTE;
 use floodgate_proxy::config::cluster;
 use floodgate_proxy::config::load::load_config;
 use floodgate_proxy::config::secrets::SecretSources;
 use floodgate_proxy::config::watch::Watcher;
+use floodgate_proxy::route::Dispatcher;
 use floodgate_proxy::server::{AppState, router};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +47,12 @@ struct Args {
     /// How often the config files are checked for changes, in milliseconds (0 disables).
     #[arg(long, env = "FLOODGATE_WATCH_INTERVAL_MS", default_value_t = 1000)]
     watch_interval_ms: u64,
+    /// Longest a request waits for a key with free rate budget before it is answered 429.
+    #[arg(long, env = "FLOODGATE_MAX_QUEUE_WAIT_MS", default_value_t = 30_000)]
+    max_queue_wait_ms: u64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "FLOODGATE_BODY_LIMIT_BYTES", default_value_t = floodgate_proxy::server::DEFAULT_BODY_LIMIT)]
+    body_limit_bytes: usize,
     /// Validate the configuration, print the result and exit.
     #[arg(long)]
     check_config: bool,
@@ -139,10 +147,11 @@ async fn serve(
     } else if let Some(watcher) = watcher {
         tasks.spawn(watcher.run(shared.clone(), cancel.clone()));
     }
-    let app = router(AppState {
-        config: shared.clone(),
-        ready: ready.clone(),
-    });
+    let dispatcher = Dispatcher::new(MINUTE, Duration::from_millis(args.max_queue_wait_ms))
+        .context("cannot build the upstream HTTP client")?;
+    let mut state = AppState::new(shared.clone(), ready.clone(), Arc::new(dispatcher));
+    state.body_limit = args.body_limit_bytes;
+    let app = router(state);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -29,7 +29,8 @@ pub fn env_var_name(name: &str, key: &str) -> String {
 }
 
 /// Secret sources in order of precedence: environment, secrets directory, Secret manifests.
-#[derive(Debug, Clone, Default)]
+/// `Debug` shows which variables are set, never their values.
+#[derive(Clone, Default)]
 pub struct SecretSources {
     /// A snapshot of the environment (tests pass their own; the binary passes `std::env::vars`).
     pub env: HashMap<String, String>,
@@ -37,6 +38,18 @@ pub struct SecretSources {
     pub dir: Option<PathBuf>,
     /// Values from `kind: Secret` manifests, keyed by (secret, key).
     pub manifests: HashMap<(String, String), SecretString>,
+}
+
+impl std::fmt::Debug for SecretSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut env: Vec<&String> = self.env.keys().collect();
+        env.sort();
+        f.debug_struct("SecretSources")
+            .field("env", &env)
+            .field("dir", &self.dir)
+            .field("manifests", &self.manifests.len())
+            .finish()
+    }
 }
 
 impl SecretLookup for SecretSources {

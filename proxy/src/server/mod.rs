@@ -5,14 +5,16 @@
 //! redacted from traces). Handlers read the shared [`Config`](crate::config::Config) from
 //! [`AppState`].
 
+mod chat;
 pub mod error;
 mod models;
 
 use crate::config::watch::SharedConfig;
+use crate::route::Dispatcher;
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use error::ApiError;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +30,25 @@ pub struct AppState {
     pub config: SharedConfig,
     /// Whether the gateway accepts traffic (config loaded; false while draining).
     pub ready: Arc<AtomicBool>,
+    /// Routes requests to providers.
+    pub dispatcher: Arc<Dispatcher>,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+}
+
+/// Default largest request body: 4 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 4 << 20;
+
+impl AppState {
+    /// State with the default body limit.
+    pub fn new(config: SharedConfig, ready: Arc<AtomicBool>, dispatcher: Arc<Dispatcher>) -> Self {
+        Self {
+            config,
+            ready,
+            dispatcher,
+            body_limit: DEFAULT_BODY_LIMIT,
+        }
+    }
 }
 
 /// The gateway's router with its layers.
@@ -41,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/models", get(models::list))
+        .route("/v1/chat/completions", post(chat::completions))
         .fallback(not_found)
         .with_state(state)
         .layer(

@@ -11,10 +11,14 @@ use tower::ServiceExt;
 fn state() -> AppState {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/standalone");
     let (config, _) = load_config(&[dir], SecretSources::default()).unwrap();
-    AppState {
-        config: Arc::new(ArcSwap::from_pointee(config)),
-        ready: Arc::new(AtomicBool::new(true)),
-    }
+    let dispatcher =
+        crate::route::Dispatcher::new(crate::budget::MINUTE, std::time::Duration::from_secs(1))
+            .unwrap();
+    AppState::new(
+        Arc::new(ArcSwap::from_pointee(config)),
+        Arc::new(AtomicBool::new(true)),
+        Arc::new(dispatcher),
+    )
 }
 
 async fn get(state: AppState, path: &str) -> (StatusCode, serde_json::Value) {

@@ -1,0 +1,72 @@
+//! The proxy in-process for tests: a configuration written to a temporary directory, a
+//! dispatcher with a short rate window, served on an ephemeral loopback port.
+
+use arc_swap::ArcSwap;
+use floodgate_proxy::config::Config;
+use floodgate_proxy::config::load::load_config;
+use floodgate_proxy::config::secrets::SecretSources;
+use floodgate_proxy::route::Dispatcher;
+use floodgate_proxy::server::{AppState, router};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+/// A running in-process gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its configuration; store a new one to reconfigure it live.
+    pub config: Arc<ArcSwap<Config>>,
+    server: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts a gateway on the manifests `yaml`, with rate windows of `window` and at most
+    /// `max_wait` of waiting for budget.
+    pub async fn start(
+        yaml: &str,
+        window: Duration,
+        max_wait: Duration,
+    ) -> anyhow::Result<Gateway> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("gateway.yaml"), yaml)?;
+        let (config, _) = load_config(&[dir.path().to_owned()], SecretSources::default())?;
+        let config = Arc::new(ArcSwap::from_pointee(config));
+        let dispatcher = Arc::new(Dispatcher::new(window, max_wait)?);
+        let state = AppState::new(config.clone(), Arc::new(AtomicBool::new(true)), dispatcher);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router(state)).await;
+        });
+        Ok(Gateway {
+            addr,
+            config,
+            server,
+            _dir: dir,
+        })
+    }
+
+    /// Replaces the configuration with the manifests `yaml` (validated like a file reload).
+    pub fn reconfigure(&self, yaml: &str) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("gateway.yaml"), yaml)?;
+        let (config, _) = load_config(&[dir.path().to_owned()], SecretSources::default())?;
+        self.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}

@@ -1,0 +1,211 @@
+//! The `floodgate-proxy` binary as a child process of a test: started on an ephemeral port
+//! (read back from its JSON log), its log kept for assertions, killed when dropped.
+
+use crate::cluster::{Error, Result, wait_for};
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// How long the proxy may take to log its listen address.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct ProxyProcess {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ProxyProcess {
+    /// Starts the proxy binary ([`binary`]) with `args` (plus `--listen 127.0.0.1:0
+    /// --log-json`) and the extra environment `env`; returns once it listens.
+    pub async fn start<I, S>(args: I, env: &[(&str, &OsStr)]) -> Result<ProxyProcess>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let bin = binary().await?;
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--log-json"])
+            .args(args)
+            .env_remove("FLOODGATE_LISTEN")
+            .env_remove("FLOODGATE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            command: bin.display().to_string(),
+            source,
+        })?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(collect_log(stderr, log.clone(), addr_tx));
+        }
+        let addr = match tokio::time::timeout(START_TIMEOUT, addr_rx).await {
+            Ok(Ok(addr)) => addr,
+            _ => {
+                let _ = child.start_kill();
+                return Err(Error::Setup(format!(
+                    "floodgate-proxy did not log its listen address within {START_TIMEOUT:?}; its log:\n{}",
+                    lines(&log).join("\n")
+                )));
+            }
+        };
+        Ok(ProxyProcess { child, addr, log })
+    }
+
+    /// `http://ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every log line so far (JSON, one object per line).
+    pub fn log(&self) -> Vec<String> {
+        lines(&self.log)
+    }
+
+    /// Waits until a log line contains `needle`; returns that line.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<String> {
+        wait_for(
+            &format!("a proxy log line containing {needle:?}"),
+            timeout,
+            || async { Ok(lines(&self.log).into_iter().find(|l| l.contains(needle))) },
+        )
+        .await
+    }
+
+    /// Stops the process and waits for it to exit.
+    pub async fn stop(mut self) -> Result<()> {
+        let _ = self.child.start_kill();
+        self.child
+            .wait()
+            .await
+            .map(drop)
+            .map_err(|source| Error::Spawn {
+                command: "wait for floodgate-proxy".into(),
+                source,
+            })
+    }
+}
+
+fn lines(log: &Mutex<Vec<String>>) -> Vec<String> {
+    log.lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
+async fn collect_log(
+    stderr: tokio::process::ChildStderr,
+    log: Arc<Mutex<Vec<String>>>,
+    addr_tx: tokio::sync::oneshot::Sender<SocketAddr>,
+) {
+    let mut addr_tx = Some(addr_tx);
+    let mut reader = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = reader.next_line().await {
+        if addr_tx.is_some()
+            && let Some(addr) = listen_addr(&line)
+            && let Some(tx) = addr_tx.take()
+        {
+            let _ = tx.send(addr);
+        }
+        log.lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(line);
+    }
+}
+
+/// The `listen` field of the proxy's "serving" JSON log line.
+fn listen_addr(line: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    value.pointer("/fields/listen")?.as_str()?.parse().ok()
+}
+
+/// The proxy binary: `FLOODGATE_PROXY_BIN` when set (`make e2e` builds it first), else built
+/// once per test process with `cargo build -p floodgate-proxy --bin floodgate-proxy`, so a test
+/// run by hand never uses a stale binary.
+pub async fn binary() -> Result<PathBuf> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let found = tokio::task::spawn_blocking(|| {
+        BINARY.get_or_init(|| find_or_build().map_err(|e| e.to_string()))
+    })
+    .await
+    .map_err(|e| Error::Setup(format!("building floodgate-proxy panicked: {e}")))?;
+    found.clone().map_err(Error::Setup)
+}
+
+fn find_or_build() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("FLOODGATE_PROXY_BIN") {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(Error::Setup(format!(
+                "FLOODGATE_PROXY_BIN={} does not exist",
+                bin.display()
+            )))
+        };
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = std::process::Command::new(&cargo)
+        .args([
+            "build",
+            "-p",
+            "floodgate-proxy",
+            "--bin",
+            "floodgate-proxy",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|source| Error::Spawn {
+            command: "cargo build -p floodgate-proxy".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(Error::Setup(format!(
+            "cargo build -p floodgate-proxy failed ({})",
+            out.status
+        )));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.pointer("/target/name").and_then(|n| n.as_str()) == Some("floodgate-proxy"))
+        .find_map(|v| {
+            v.get("executable")
+                .and_then(|e| e.as_str())
+                .map(PathBuf::from)
+        })
+        .ok_or_else(|| {
+            Error::Setup("cargo build did not report the floodgate-proxy executable".into())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listen_address_is_read_from_the_json_log() {
+        let line = r#"{"timestamp":"t","level":"INFO","fields":{"message":"floodgate-proxy serving","listen":"127.0.0.1:41234","models":0},"target":"floodgate_proxy"}"#;
+        assert_eq!(listen_addr(line), Some("127.0.0.1:41234".parse().unwrap()));
+        assert_eq!(listen_addr("not json"), None);
+    }
+}

@@ -1,0 +1,301 @@
+//! Exact sliding windows: never more than `limit` requests, or tokens, in any window.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How often a request waiting only for in-flight requests to be answered looks again.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(10);
+
+/// A sliding-window log of requests, exact from the provider's point of view.
+///
+/// The provider counts a request when it arrives, which is some time between our dispatch and
+/// its answer. So a request holds a slot from dispatch until it is answered ([`complete`]) and
+/// then for one more `window`: wherever the arrival fell, no window of the provider's, of
+/// that length, can hold more than `limit` requests, however slow the network. The price is
+/// the latency of each request, a percent or two of a 60 s window. Memory is `limit` entries.
+///
+/// [`complete`]: RequestWindow::complete
+#[derive(Debug, Clone)]
+pub struct RequestWindow {
+    window: Duration,
+    limit: u32,
+    in_flight: u32,
+    log: VecDeque<Instant>,
+}
+
+impl RequestWindow {
+    /// A window admitting `limit` requests per `window`.
+    pub fn new(limit: u32, window: Duration) -> Self {
+        Self {
+            window,
+            limit,
+            in_flight: 0,
+            log: VecDeque::with_capacity(limit.min(4096) as usize),
+        }
+    }
+
+    /// Changes the limit; the requests already made keep counting.
+    pub fn set_limit(&mut self, limit: u32, window: Duration) {
+        self.limit = limit;
+        self.window = window;
+    }
+
+    /// The limit per window.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    fn evict(&mut self, now: Instant) {
+        while let Some(&front) = self.log.front() {
+            if front + self.window <= now {
+                self.log.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Requests in flight or answered within the window ending at `now`.
+    pub fn used(&mut self, now: Instant) -> u32 {
+        self.evict(now);
+        u32::try_from(self.log.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.in_flight)
+    }
+
+    /// When a request could next be admitted: `now` if there is room. When only answers to
+    /// requests in flight can make room, a short poll interval from now.
+    pub fn next_free(&mut self, now: Instant) -> Instant {
+        let used = self.used(now) as usize;
+        let limit = self.limit as usize;
+        if used < limit {
+            return now;
+        }
+        // How many answered requests must leave the window before one more fits.
+        let leave = used + 1 - limit;
+        match self.log.get(leave - 1) {
+            Some(&t) => t + self.window,
+            None => now + IN_FLIGHT_POLL,
+        }
+    }
+
+    /// Admits a request at `now` (it is in flight until [`RequestWindow::complete`]), or says
+    /// when one could be admitted.
+    pub fn try_acquire(&mut self, now: Instant) -> Result<(), Instant> {
+        let free = self.next_free(now);
+        if free > now {
+            return Err(free);
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// A request admitted earlier was answered (or failed) at `now`: from now on it counts
+    /// for one window.
+    pub fn complete(&mut self, now: Instant) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.evict(now);
+        self.log.push_back(now);
+    }
+
+    /// Marks the window full until `until` (the provider said the budget is spent), by
+    /// recording phantom requests that expire then.
+    pub fn exhaust_until(&mut self, now: Instant, until: Instant) {
+        self.evict(now);
+        // A phantom answered at `until - window` leaves the window exactly at `until`.
+        let stamp = until.checked_sub(self.window).unwrap_or(now);
+        let used = self.log.len() + self.in_flight as usize;
+        if used >= self.limit as usize {
+            return;
+        }
+        for _ in used..self.limit as usize {
+            self.log.push_back(stamp);
+        }
+        // Phantoms may predate real entries; keep the log in time order.
+        self.log.make_contiguous().sort_unstable();
+    }
+}
+
+/// A sliding window of token reservations. A request reserves its estimated tokens before
+/// dispatch and settles the real count afterwards; the window never holds more than `limit`.
+#[derive(Debug, Clone)]
+pub struct TokenWindow {
+    window: Duration,
+    limit: u64,
+    entries: VecDeque<(Instant, u64, u64)>,
+    sum: u64,
+    next_id: u64,
+}
+
+impl TokenWindow {
+    /// A window admitting `limit` tokens per `window`.
+    pub fn new(limit: u64, window: Duration) -> Self {
+        Self {
+            window,
+            limit,
+            entries: VecDeque::new(),
+            sum: 0,
+            next_id: 0,
+        }
+    }
+
+    /// Changes the limit; reservations already made keep counting.
+    pub fn set_limit(&mut self, limit: u64, window: Duration) {
+        self.limit = limit;
+        self.window = window;
+    }
+
+    fn evict(&mut self, now: Instant) {
+        while let Some(&(t, _, tokens)) = self.entries.front() {
+            if t + self.window <= now {
+                self.sum -= tokens;
+                self.entries.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Tokens reserved or used in the window ending at `now`.
+    pub fn used(&mut self, now: Instant) -> u64 {
+        self.evict(now);
+        self.sum
+    }
+
+    /// When `tokens` could next be reserved: `now` if they fit. A request larger than the
+    /// whole limit is admitted into an empty window, since it could never fit otherwise.
+    pub fn next_free(&mut self, now: Instant, tokens: u64) -> Instant {
+        self.evict(now);
+        let need = tokens.min(self.limit);
+        if self.sum + need <= self.limit {
+            return now;
+        }
+        let mut freed = 0;
+        for &(t, _, reserved) in &self.entries {
+            freed += reserved;
+            if self.sum - freed + need <= self.limit {
+                return t + self.window;
+            }
+        }
+        now + self.window
+    }
+
+    /// Reserves `tokens` at `now`, returning a reservation id, or says when they would fit.
+    pub fn try_reserve(&mut self, now: Instant, tokens: u64) -> Result<u64, Instant> {
+        let free = self.next_free(now, tokens);
+        if free > now {
+            return Err(free);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.entries.push_back((now, id, tokens));
+        self.sum += tokens;
+        Ok(id)
+    }
+
+    /// Replaces a reservation's estimate with the real count (if it is still in the window).
+    pub fn settle(&mut self, id: u64, actual: u64) {
+        if let Some(entry) = self.entries.iter_mut().find(|(_, i, _)| *i == id) {
+            self.sum = self.sum - entry.2 + actual;
+            entry.2 = actual;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn never_more_than_the_limit_in_any_window() {
+        let mut w = RequestWindow::new(3, MIN);
+        let start = Instant::now();
+        let mut admitted = Vec::new();
+        // Try every 7 s for 10 minutes.
+        for i in 0..86 {
+            let now = start + Duration::from_secs(7 * i);
+            if w.try_acquire(now).is_ok() {
+                // Answered 2 s later: the provider saw it somewhere in between.
+                w.complete(now + Duration::from_secs(2));
+                admitted.push(now);
+            }
+        }
+        for (i, &t) in admitted.iter().enumerate() {
+            let in_window = admitted[i..].iter().take_while(|&&u| u < t + MIN).count();
+            assert!(
+                in_window <= 3,
+                "{in_window} requests in the minute from {t:?}"
+            );
+        }
+        // And it is not overly strict: 3 per minute over 10 minutes is about 30.
+        assert!(admitted.len() >= 29, "{}", admitted.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn next_free_is_when_the_oldest_leaves() {
+        let mut w = RequestWindow::new(2, MIN);
+        let t0 = Instant::now();
+        w.try_acquire(t0).unwrap();
+        w.complete(t0 + Duration::from_secs(1));
+        w.try_acquire(t0 + Duration::from_secs(10)).unwrap();
+        let at = t0 + Duration::from_secs(20);
+        // One answered (holds its slot until 1 s + 60 s), one still in flight.
+        assert_eq!(w.try_acquire(at), Err(t0 + Duration::from_secs(1) + MIN));
+        assert!(w.try_acquire(t0 + Duration::from_secs(1) + MIN).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_in_flight_hold_their_slot_until_answered() {
+        let mut w = RequestWindow::new(1, MIN);
+        let t0 = Instant::now();
+        w.try_acquire(t0).unwrap();
+        // Two minutes later the first request is still unanswered: the provider may not have
+        // counted it yet, so there is no room.
+        let later = t0 + 2 * MIN;
+        assert_eq!(w.try_acquire(later), Err(later + IN_FLIGHT_POLL));
+        w.complete(later);
+        assert_eq!(w.try_acquire(later), Err(later + MIN));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lower_limit_counts_past_requests() {
+        let mut w = RequestWindow::new(5, MIN);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            w.try_acquire(t0).unwrap();
+            w.complete(t0);
+        }
+        w.set_limit(2, MIN);
+        assert!(w.try_acquire(t0 + Duration::from_secs(1)).is_err());
+        assert_eq!(w.next_free(t0 + Duration::from_secs(1)), t0 + MIN);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exhaust_blocks_until_the_reset() {
+        let mut w = RequestWindow::new(10, MIN);
+        let t0 = Instant::now();
+        w.exhaust_until(t0, t0 + Duration::from_secs(5));
+        assert_eq!(w.try_acquire(t0), Err(t0 + Duration::from_secs(5)));
+        assert!(w.try_acquire(t0 + Duration::from_secs(5)).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_reserve_and_settle() {
+        let mut w = TokenWindow::new(1000, MIN);
+        let t0 = Instant::now();
+        let a = w.try_reserve(t0, 600).unwrap();
+        assert!(w.try_reserve(t0, 600).is_err(), "1200 > 1000");
+        w.settle(a, 100);
+        assert_eq!(w.used(t0), 100);
+        let b = w.try_reserve(t0, 600).unwrap();
+        w.settle(b, 900);
+        assert_eq!(w.used(t0), 1000);
+        assert_eq!(w.next_free(t0, 1), t0 + MIN);
+        assert_eq!(w.used(t0 + MIN), 0);
+        // Larger than the whole limit: admitted into an empty window only.
+        assert!(w.try_reserve(t0 + MIN, 5000).is_ok());
+    }
+}

@@ -1,0 +1,197 @@
+//! The routing view of one configuration: providers with their adapters, key budgets and
+//! breakers, and an index from every model name and alias to its targets in fallback order.
+//! Built once per configuration (not per request); budgets and breakers live in the
+//! dispatcher and survive reloads.
+
+use super::breaker::Breaker;
+use crate::budget::{Budgets, KeyBudget, KeyId, Limits};
+use crate::config::{Config, ProviderConfig};
+use crate::providers::Adapter;
+use crate::secret::SecretString;
+use floodgate_crds::Strategy;
+use floodgate_crds::pool::Timeouts;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One key of a provider.
+#[derive(Debug)]
+pub struct KeyRt {
+    /// Display name (headers, metrics); never the secret.
+    pub name: String,
+    /// The secret; `None` for keyless self-hosted providers.
+    pub secret: Option<SecretString>,
+    /// Its budget.
+    pub budget: Arc<KeyBudget>,
+}
+
+/// One provider of one pool.
+#[derive(Debug)]
+pub struct ProviderRt {
+    /// Pool name.
+    pub pool: String,
+    /// Provider name.
+    pub name: String,
+    /// Wire format.
+    pub adapter: Adapter,
+    /// Endpoint.
+    pub base_url: String,
+    /// Keys (one pseudo-key for keyless providers).
+    pub keys: Vec<KeyRt>,
+    /// The provider's breaker.
+    pub breaker: Arc<Breaker>,
+    /// Weighted-strategy share.
+    pub weight: u32,
+    /// The pool's key strategy.
+    pub strategy: Strategy,
+    /// The pool's timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// A model a request may be sent to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Index into [`Runtime::providers`].
+    pub provider: usize,
+    /// The provider's model id.
+    pub upstream_model: String,
+    /// USD per million input + output tokens, for the cheapest strategy.
+    pub price: f64,
+}
+
+/// Targets of one requested model name, and the attempts the pool allows.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// In order of preference.
+    pub targets: Vec<Target>,
+    /// Attempts over keys and providers.
+    pub max_attempts: u32,
+}
+
+/// The routing view of one configuration.
+#[derive(Debug)]
+pub struct Runtime {
+    /// Every provider of every pool.
+    pub providers: Vec<ProviderRt>,
+    /// Model name or alias to its route.
+    pub routes: HashMap<String, Route>,
+}
+
+/// Breakers by (pool, provider), kept across reloads.
+pub type Breakers = Mutex<HashMap<(String, String), Arc<Breaker>>>;
+
+impl Runtime {
+    /// Builds the routing view of `config`, reusing budgets and breakers of unchanged keys.
+    pub fn build(config: &Config, budgets: &Budgets, breakers: &Breakers) -> Runtime {
+        let mut providers = Vec::new();
+        let mut routes: HashMap<String, Route> = HashMap::new();
+        let mut live_keys = Vec::new();
+        let mut breakers = breakers.lock().unwrap_or_else(|p| p.into_inner());
+        for pool in &config.pools {
+            let cb = &pool.spec.circuit_breaker;
+            let open_for = Duration::from_secs(u64::from(cb.open_seconds));
+            // Fallback order first, then the providers it does not name, in spec order.
+            let mut order: Vec<usize> = pool
+                .spec
+                .fallback
+                .iter()
+                .filter_map(|f| pool.providers.iter().position(|p| &p.name == f))
+                .collect();
+            let rest: Vec<usize> = (0..pool.providers.len())
+                .filter(|i| !order.contains(i))
+                .collect();
+            order.extend(rest);
+            for &pi in &order {
+                let p = &pool.providers[pi];
+                let breaker = breakers
+                    .entry((pool.name.clone(), p.name.clone()))
+                    .or_insert_with(|| Arc::new(Breaker::new(cb.failure_threshold, open_for)));
+                breaker.configure(cb.failure_threshold, open_for);
+                let keys = provider_keys(&pool.name, p, budgets, &mut live_keys);
+                let index = providers.len();
+                providers.push(ProviderRt {
+                    pool: pool.name.clone(),
+                    name: p.name.clone(),
+                    adapter: Adapter::for_type(p.provider_type),
+                    base_url: p.base_url.clone(),
+                    keys,
+                    breaker: breaker.clone(),
+                    weight: p.weight.get(),
+                    strategy: pool.spec.strategy,
+                    timeouts: pool.spec.timeouts.clone(),
+                });
+                for model in &p.models {
+                    let target = Target {
+                        provider: index,
+                        upstream_model: model.name.clone(),
+                        price: model.input_per_1m + model.output_per_1m,
+                    };
+                    let names = std::iter::once(&model.name).chain(model.alias.as_ref());
+                    for name in names {
+                        let route = routes.entry(name.clone()).or_insert_with(|| Route {
+                            targets: Vec::new(),
+                            max_attempts: pool.spec.max_attempts,
+                        });
+                        route.max_attempts = route.max_attempts.max(pool.spec.max_attempts);
+                        route.targets.push(target.clone());
+                    }
+                }
+            }
+        }
+        drop(breakers);
+        budgets.reconfigured(&live_keys);
+        for route in routes.values_mut() {
+            if let Some(first) = route.targets.first()
+                && providers[first.provider].strategy == Strategy::Cheapest
+            {
+                route.targets.sort_by(|a, b| a.price.total_cmp(&b.price));
+            }
+        }
+        Runtime { providers, routes }
+    }
+}
+
+fn provider_keys(
+    pool: &str,
+    p: &ProviderConfig,
+    budgets: &Budgets,
+    live: &mut Vec<KeyId>,
+) -> Vec<KeyRt> {
+    let id = |key: &str| KeyId {
+        pool: pool.to_owned(),
+        provider: p.name.clone(),
+        key: key.to_owned(),
+    };
+    if p.keys.is_empty() {
+        // A keyless self-hosted server: one budget for the provider, limited by its rpm if set.
+        let kid = id(&p.name);
+        let limits = Limits {
+            rpm: p.rpm.map(|r| r.get()),
+            tpm: None,
+        };
+        let budget = budgets.key(&kid, limits);
+        live.push(kid);
+        return vec![KeyRt {
+            name: p.name.clone(),
+            secret: None,
+            budget,
+        }];
+    }
+    p.keys
+        .iter()
+        .map(|k| {
+            let kid = id(&k.name);
+            let limits = Limits {
+                rpm: Some(k.rpm.get()),
+                tpm: k.tpm.map(|t| t.get()),
+            };
+            let budget = budgets.key(&kid, limits);
+            live.push(kid);
+            KeyRt {
+                name: k.name.clone(),
+                secret: Some(k.secret.clone()),
+                budget,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,252 @@
+//! One upstream call: build the provider's request, send it, and turn the answer into a
+//! chat.completion or a stream of SSE events. The outcome updates the key (cool-down after a
+//! 429, out after a 401/403, learned budget headers) and the provider's breaker.
+//!
+//! A stream is committed to the caller only once the first chunk has been decoded, so an
+//! upstream that fails before that can still fall over to the next target. After that a stall
+//! longer than the pool's `streamIdleSeconds`, or a broken upstream, ends the stream with an
+//! explicit error event — never a silently truncated 200.
+
+use super::ReplyBody;
+use super::runtime::{KeyRt, ProviderRt};
+use crate::budget::{KeyBudget, Permit};
+use crate::providers::types::ChatRequest;
+use crate::providers::{ChatChunk, ProviderError, StreamDecoder};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+
+/// Calls `provider` with `key` and records the outcome on the key and the breaker.
+pub(super) async fn call(
+    http: &reqwest::Client,
+    provider: &ProviderRt,
+    key: &KeyRt,
+    upstream_model: &str,
+    req: &ChatRequest,
+    permit: Permit,
+) -> Result<ReplyBody, ProviderError> {
+    let result = send(http, provider, key, upstream_model, req, permit).await;
+    let now = Instant::now();
+    match &result {
+        Ok(_) => provider.breaker.success(),
+        Err(e) => {
+            if let Some(rest) = e.cools_key() {
+                key.budget.cool_until(now + rest);
+            }
+            if e.fails_key() {
+                tracing::error!(provider = %provider.name, key = %key.name, "the provider refused this key; it is out until the configuration changes");
+                key.budget.fail();
+            }
+            if e.opens_circuit() {
+                provider.breaker.failure(now);
+            } else {
+                provider.breaker.neutral();
+            }
+        }
+    }
+    result
+}
+
+async fn send(
+    http: &reqwest::Client,
+    provider: &ProviderRt,
+    key: &KeyRt,
+    upstream_model: &str,
+    req: &ChatRequest,
+    mut permit: Permit,
+) -> Result<ReplyBody, ProviderError> {
+    let secret = key.secret.as_ref().map(|s| s.expose());
+    let up = provider.adapter.build_request(
+        &provider.base_url,
+        secret,
+        upstream_model,
+        req,
+        req.stream,
+    )?;
+    let timeouts = &provider.timeouts;
+    let connect = Duration::from_millis(u64::from(timeouts.connect_ms));
+    let whole = Duration::from_secs(u64::from(timeouts.request_seconds));
+    let builder = http
+        .request(up.method, &up.url)
+        .headers(up.headers)
+        .body(up.body);
+    let builder = if req.stream {
+        builder
+    } else {
+        builder.timeout(whole)
+    };
+    // The connect timeout bounds the wait for response headers of a stream too.
+    let first_byte = if req.stream {
+        connect.max(whole)
+    } else {
+        whole
+    };
+    let sent = tokio::time::timeout(first_byte, builder.send()).await;
+    permit.answered();
+    let response = match sent {
+        Err(_) => return Err(ProviderError::Timeout),
+        Ok(Err(e)) => return Err(transport_error(&e)),
+        Ok(Ok(r)) => r,
+    };
+    let status = response.status();
+    let headers = response.headers().clone();
+    let info = provider
+        .adapter
+        .rate_limit_info(&headers, SystemTime::now());
+    key.budget.learn(&info, Instant::now());
+    if !status.is_success() {
+        let body = response.bytes().await.unwrap_or_default();
+        return Err(provider.adapter.classify(status.as_u16(), &headers, &body));
+    }
+    if !req.stream {
+        let body = response.bytes().await.map_err(|e| transport_error(&e))?;
+        let parsed = provider.adapter.parse_response(&body, &req.model)?;
+        let total = parsed.usage.map_or(0, |u| u64::from(u.total_tokens));
+        permit.settle(total);
+        return Ok(ReplyBody::Complete(parsed));
+    }
+    let idle = Duration::from_secs(u64::from(timeouts.stream_idle_seconds));
+    let decoder = provider
+        .adapter
+        .stream_decoder(&req.model, req.include_usage());
+    let mut pump = Pump {
+        upstream: Box::pin(response.bytes_stream()),
+        decoder,
+        pending: VecDeque::new(),
+        permit: Some(permit),
+        key: key.budget.clone(),
+        idle,
+        state: PumpState::Streaming,
+    };
+    // Before anything reaches the caller, a failure is still an ordinary (retryable) error.
+    pump.prime().await?;
+    Ok(ReplyBody::Stream(pump.into_sse().boxed()))
+}
+
+fn transport_error(e: &reqwest::Error) -> ProviderError {
+    if e.is_timeout() {
+        ProviderError::Timeout
+    } else if e.is_connect() {
+        ProviderError::Connect("connection refused or unreachable".to_owned())
+    } else {
+        ProviderError::Connect("connection broken".to_owned())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PumpState {
+    Streaming,
+    Finished,
+    Done,
+}
+
+/// Pulls upstream bytes through the decoder and hands out chunks.
+struct Pump {
+    upstream: ByteStream,
+    decoder: StreamDecoder,
+    pending: VecDeque<ChatChunk>,
+    permit: Option<Permit>,
+    key: Arc<KeyBudget>,
+    idle: Duration,
+    state: PumpState,
+}
+
+impl Pump {
+    /// Reads until the first chunk is decoded, or fails.
+    async fn prime(&mut self) -> Result<(), ProviderError> {
+        while self.pending.is_empty() {
+            if !self.fill().await? {
+                return Err(ProviderError::Truncated);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one upstream piece; `Ok(false)` once the stream is over.
+    async fn fill(&mut self) -> Result<bool, ProviderError> {
+        if self.state != PumpState::Streaming {
+            return Ok(false);
+        }
+        match tokio::time::timeout(self.idle, self.upstream.next()).await {
+            Err(_) => Err(ProviderError::Timeout),
+            Ok(Some(Ok(bytes))) => {
+                self.pending.extend(self.decoder.feed(&bytes)?);
+                Ok(true)
+            }
+            Ok(Some(Err(e))) => Err(transport_error(&e)),
+            Ok(None) => {
+                self.pending.extend(self.decoder.finish()?);
+                self.state = PumpState::Finished;
+                self.settle();
+                Ok(true)
+            }
+        }
+    }
+
+    fn settle(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            let total = self
+                .decoder
+                .usage()
+                .map_or(0, |u| u64::from(u.total_tokens));
+            permit.settle(total);
+        }
+    }
+
+    /// The caller's SSE stream: chunks, then `[DONE]`; or an error event if upstream broke.
+    fn into_sse(self) -> impl Stream<Item = Bytes> + Send {
+        futures::stream::unfold(self, |mut pump| async move {
+            loop {
+                if let Some(chunk) = pump.pending.pop_front() {
+                    return Some((sse_data(&chunk), pump));
+                }
+                match pump.state {
+                    PumpState::Done => return None,
+                    PumpState::Finished => {
+                        pump.state = PumpState::Done;
+                        return Some((Bytes::from_static(b"data: [DONE]\n\n"), pump));
+                    }
+                    PumpState::Streaming => {}
+                }
+                if let Err(error) = pump.fill().await {
+                    tracing::warn!(
+                        reason = error.metric_label(),
+                        "upstream stream broke after the first byte"
+                    );
+                    if error.cools_key().is_some() || error.fails_key() {
+                        pump.key.cool_until(Instant::now() + Duration::from_secs(1));
+                    }
+                    pump.state = PumpState::Done;
+                    return Some((sse_error(&error), pump));
+                }
+            }
+        })
+    }
+}
+
+fn sse_data(chunk: &ChatChunk) -> Bytes {
+    let mut out = b"data: ".to_vec();
+    // A chunk always serializes; an empty object keeps the stream well-formed if not.
+    if serde_json::to_writer(&mut out, chunk).is_err() {
+        out.extend_from_slice(b"{}");
+    }
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+fn sse_error(error: &ProviderError) -> Bytes {
+    let body = serde_json::json!({
+        "error": {
+            "message": format!("the upstream stream was interrupted: {error}"),
+            "type": "upstream_error",
+            "code": error.metric_label(),
+        }
+    });
+    Bytes::from(format!("data: {body}\n\n"))
+}

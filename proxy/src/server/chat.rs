@@ -1,0 +1,138 @@
+//! `POST /v1/chat/completions`: OpenAI-compatible, non-streaming and streaming.
+
+use super::AppState;
+use super::error::ApiError;
+use crate::providers::ProviderError;
+use crate::providers::types::ChatRequest;
+use crate::route::{Reply, ReplyBody, RouteError};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// Response headers that tell the caller what happened.
+const PROVIDER: &str = "x-floodgate-provider";
+const KEY: &str = "x-floodgate-key";
+const ATTEMPTS: &str = "x-floodgate-attempts";
+
+pub(super) async fn completions(State(state): State<AppState>, body: Body) -> Response {
+    match handle(state, body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
+    let bytes = axum::body::to_bytes(body, state.body_limit)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                format!(
+                    "the request body is larger than the gateway's limit of {} bytes",
+                    state.body_limit
+                ),
+            )
+        })?;
+    let req: ChatRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            format!("the request body is not a valid chat completion request: {e}"),
+        )
+    })?;
+    if req.messages.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+            "`messages` must contain at least one message",
+        ));
+    }
+    let config = state.config.load_full();
+    let reply = state
+        .dispatcher
+        .chat(&config, req)
+        .await
+        .map_err(route_error)?;
+    Ok(respond(reply))
+}
+
+fn respond(reply: Reply) -> Response {
+    let mut response = match reply.body {
+        ReplyBody::Complete(answer) => axum::Json(answer).into_response(),
+        ReplyBody::Stream(events) => {
+            let mut r = Response::new(Body::from_stream(
+                events.map(Ok::<_, std::convert::Infallible>),
+            ));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
+    };
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&reply.provider) {
+        h.insert(PROVIDER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&reply.key) {
+        h.insert(KEY, v);
+    }
+    h.insert(ATTEMPTS, HeaderValue::from(reply.attempts));
+    response
+}
+
+use futures::StreamExt as _;
+
+fn route_error(e: RouteError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        RouteError::UnknownModel(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            message,
+        ),
+        RouteError::Saturated { retry_after } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            message,
+        )
+        .with_retry_after(retry_after),
+        RouteError::Unavailable { retry_after } => {
+            let e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_error",
+                "no_upstream_available",
+                message,
+            );
+            match retry_after {
+                Some(d) => e.with_retry_after(d),
+                None => e,
+            }
+        }
+        RouteError::Upstream { error, attempts } => upstream_error(&error, attempts),
+    }
+}
+
+fn upstream_error(error: &ProviderError, attempts: u32) -> ApiError {
+    let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let kind = match error {
+        ProviderError::BadRequest { .. } => "invalid_request_error",
+        ProviderError::RateLimited { .. } => "rate_limit_error",
+        _ => "upstream_error",
+    };
+    let message = format!("{error} (after {attempts} attempt(s))");
+    let e = ApiError::new(status, kind, error.metric_label(), message);
+    match error.retry_after() {
+        Some(d) => e.with_retry_after(d),
+        None => e,
+    }
+}
