@@ -307,3 +307,103 @@ async fn bad_input_gets_openai_style_errors() {
     assert_eq!(r.status(), 404, "unknown to the gateway");
     assert_eq!(mock.counts().total(), 0, "nothing bad went upstream");
 }
+
+/// The value of the first sample of `name` whose labels contain every `(key, value)`.
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .next()
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_cost_and_upstream_latency() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let providers = format!(
+        "  - {{name: priced, type: anthropic, baseUrl: \"{}\", models: [{{name: claude-metrics-test, inputPer1M: 3.0, outputPer1M: 15.0}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n",
+        mock.base_url()
+    );
+    let gw = Gateway::start(&manifests(&providers, ""), MIN, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let scrape = || async {
+        let r = client()
+            .get(format!("{}/metrics", gw.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    };
+    let before = scrape().await;
+    let ok = [
+        ("provider", "priced"),
+        ("model", "claude-metrics-test"),
+        ("outcome", "ok"),
+    ];
+    for stream in [false, true] {
+        let r = chat(&gw, ask("claude-metrics-test", "price this please", stream)).await;
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+    }
+    let after = scrape().await;
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        sample(&after, name, labels) - sample(&before, name, labels)
+    };
+    assert_eq!(delta("floodgate_requests_total", &ok), 2.0, "{after}");
+    let tokens = [
+        ("gen_ai_request_model", "claude-metrics-test"),
+        ("gen_ai_token_type", "output"),
+    ];
+    let output = delta("floodgate_tokens_total", &tokens);
+    assert!(output > 0.0, "{after}");
+    let input = delta(
+        "floodgate_tokens_total",
+        &[
+            ("gen_ai_request_model", "claude-metrics-test"),
+            ("gen_ai_token_type", "input"),
+        ],
+    );
+    let cost = delta(
+        "floodgate_cost_usd_total",
+        &[("gen_ai_request_model", "claude-metrics-test")],
+    );
+    let expected = (input * 3.0 + output * 15.0) / 1e6;
+    assert!((cost - expected).abs() < 1e-12, "cost {cost} != {expected}");
+    assert_eq!(
+        delta(
+            "floodgate_upstream_duration_seconds_count",
+            &[("provider", "priced"), ("outcome", "ok")]
+        ),
+        2.0
+    );
+    assert!(
+        sample(
+            &after,
+            "floodgate_proxy_stage_seconds_count",
+            &[("stage", "total_overhead")]
+        ) >= 2.0
+    );
+    assert!(after.contains("gen_ai_server_time_to_first_token_seconds"));
+    let _ = chat(&gw, ask("not-configured", "hi", false)).await;
+    let last = scrape().await;
+    assert!(
+        sample(
+            &last,
+            "floodgate_requests_total",
+            &[("model", "unknown"), ("outcome", "model_not_found")]
+        ) >= 1.0
+    );
+    assert!(
+        !last.contains("not-configured"),
+        "unconfigured model names never become labels"
+    );
+    assert!(!last.contains("key-a"), "secrets never appear in metrics");
+}

@@ -6,6 +6,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod metrics;
 pub mod providers;
 pub mod route;
 pub mod secret;

@@ -46,6 +46,10 @@ pub struct ProviderRt {
     pub strategy: Strategy,
     /// The pool's timeouts.
     pub timeouts: Timeouts,
+    /// Provider type, for metric labels (`gen_ai.provider.name`).
+    pub provider_type: &'static str,
+    /// USD per million (input, output) tokens, by upstream model id.
+    pub prices: HashMap<String, (f64, f64)>,
 }
 
 /// A model a request may be sent to.
@@ -119,6 +123,12 @@ impl Runtime {
                     weight: p.weight.get(),
                     strategy: pool.spec.strategy,
                     timeouts: pool.spec.timeouts.clone(),
+                    provider_type: p.provider_type.as_str(),
+                    prices: p
+                        .models
+                        .iter()
+                        .map(|m| (m.name.clone(), (m.input_per_1m, m.output_per_1m)))
+                        .collect(),
                 });
                 for model in &p.models {
                     let target = Target {

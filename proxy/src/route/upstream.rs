@@ -10,8 +10,9 @@
 use super::ReplyBody;
 use super::runtime::{KeyRt, ProviderRt};
 use crate::budget::{KeyBudget, Permit};
+use crate::metrics::{self, GenAiLabels, UpstreamLabels};
 use crate::providers::types::ChatRequest;
-use crate::providers::{ChatChunk, ProviderError, StreamDecoder};
+use crate::providers::{ChatChunk, ProviderError, StreamDecoder, Usage};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
@@ -31,8 +32,27 @@ pub(super) async fn call(
     req: &ChatRequest,
     permit: Permit,
 ) -> Result<ReplyBody, ProviderError> {
+    let started = Instant::now();
     let result = send(http, provider, key, upstream_model, req, permit).await;
     let now = Instant::now();
+    let elapsed = now - started;
+    metrics::add_upstream_time(elapsed);
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.metric_label(),
+    };
+    let m = metrics::global();
+    m.upstream_seconds
+        .get_or_create(&UpstreamLabels {
+            provider: provider.name.clone(),
+            outcome: outcome.to_owned(),
+        })
+        .observe(elapsed.as_secs_f64());
+    if req.stream && result.is_ok() {
+        m.ttft_seconds
+            .get_or_create(&gen_ai(provider, upstream_model))
+            .observe(elapsed.as_secs_f64());
+    }
     match &result {
         Ok(_) => provider.breaker.success(),
         Err(e) => {
@@ -72,6 +92,7 @@ async fn send(
     let timeouts = &provider.timeouts;
     let connect = Duration::from_millis(u64::from(timeouts.connect_ms));
     let whole = Duration::from_secs(u64::from(timeouts.request_seconds));
+    let started = Instant::now();
     let builder = http
         .request(up.method, &up.url)
         .headers(up.headers)
@@ -107,8 +128,9 @@ async fn send(
     if !req.stream {
         let body = response.bytes().await.map_err(|e| transport_error(&e))?;
         let parsed = provider.adapter.parse_response(&body, &req.model)?;
-        let total = parsed.usage.map_or(0, |u| u64::from(u.total_tokens));
-        permit.settle(total);
+        let usage = parsed.usage.unwrap_or_default();
+        permit.settle(u64::from(usage.total_tokens));
+        UsageRecord::new(provider, upstream_model, started).record(usage);
         return Ok(ReplyBody::Complete(parsed));
     }
     let idle = Duration::from_secs(u64::from(timeouts.stream_idle_seconds));
@@ -123,6 +145,7 @@ async fn send(
         key: key.budget.clone(),
         idle,
         state: PumpState::Streaming,
+        usage: UsageRecord::new(provider, upstream_model, started),
     };
     // Before anything reaches the caller, a failure is still an ordinary (retryable) error.
     pump.prime().await?;
@@ -155,6 +178,50 @@ struct Pump {
     key: Arc<KeyBudget>,
     idle: Duration,
     state: PumpState,
+    usage: UsageRecord,
+}
+
+/// What is needed to record a request's usage once it is known.
+struct UsageRecord {
+    provider_type: &'static str,
+    model: String,
+    price: (f64, f64),
+    started: Instant,
+}
+
+impl UsageRecord {
+    fn new(provider: &ProviderRt, model: &str, started: Instant) -> Self {
+        Self {
+            provider_type: provider.provider_type,
+            model: model.to_owned(),
+            price: provider.prices.get(model).copied().unwrap_or((0.0, 0.0)),
+            started,
+        }
+    }
+
+    fn record(&self, usage: Usage) {
+        metrics::record_usage(
+            self.provider_type,
+            &self.model,
+            self.price,
+            u64::from(usage.prompt_tokens),
+            u64::from(usage.completion_tokens),
+        );
+        metrics::global()
+            .operation_seconds
+            .get_or_create(&GenAiLabels {
+                gen_ai_provider_name: self.provider_type.to_owned(),
+                gen_ai_request_model: self.model.clone(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+fn gen_ai(provider: &ProviderRt, model: &str) -> GenAiLabels {
+    GenAiLabels {
+        gen_ai_provider_name: provider.provider_type.to_owned(),
+        gen_ai_request_model: model.to_owned(),
+    }
 }
 
 impl Pump {
@@ -191,11 +258,9 @@ impl Pump {
 
     fn settle(&mut self) {
         if let Some(permit) = self.permit.take() {
-            let total = self
-                .decoder
-                .usage()
-                .map_or(0, |u| u64::from(u.total_tokens));
-            permit.settle(total);
+            let usage = self.decoder.usage().unwrap_or_default();
+            permit.settle(u64::from(usage.total_tokens));
+            self.usage.record(usage);
         }
     }
 

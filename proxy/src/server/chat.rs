@@ -2,6 +2,7 @@
 
 use super::AppState;
 use super::error::ApiError;
+use crate::metrics::{self, RequestLabels};
 use crate::providers::ProviderError;
 use crate::providers::types::ChatRequest;
 use crate::route::{Reply, ReplyBody, RouteError};
@@ -9,6 +10,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
 
 /// Response headers that tell the caller what happened.
 const PROVIDER: &str = "x-floodgate-provider";
@@ -16,13 +19,50 @@ const KEY: &str = "x-floodgate-key";
 const ATTEMPTS: &str = "x-floodgate-attempts";
 
 pub(super) async fn completions(State(state): State<AppState>, body: Body) -> Response {
-    match handle(state, body).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    }
+    let started = Instant::now();
+    let upstream = Cell::new(Duration::ZERO);
+    metrics::UPSTREAM_TIME
+        .scope(upstream, async move {
+            let mut model = None;
+            let result = handle(state, body, &mut model).await;
+            let upstream = metrics::UPSTREAM_TIME
+                .try_with(Cell::get)
+                .unwrap_or_default();
+            let m = metrics::global();
+            m.stage("total_overhead", started.elapsed().saturating_sub(upstream));
+            let (response, outcome) = match result {
+                Ok(response) => (response, "ok"),
+                Err(error) => {
+                    let code = error.code;
+                    (error.into_response(), code)
+                }
+            };
+            let provider = response
+                .headers()
+                .get(PROVIDER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none");
+            let labels = RequestLabels {
+                tier: "default".to_owned(),
+                provider: provider.to_owned(),
+                model: match model {
+                    Some(m) if outcome != "model_not_found" => m,
+                    _ => "unknown".to_owned(),
+                },
+                outcome: outcome.to_owned(),
+            };
+            m.requests.get_or_create(&labels).inc();
+            response
+        })
+        .await
 }
 
-async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
+async fn handle(
+    state: AppState,
+    body: Body,
+    model: &mut Option<String>,
+) -> Result<Response, ApiError> {
+    let parse_started = Instant::now();
     let bytes = axum::body::to_bytes(body, state.body_limit)
         .await
         .map_err(|_| {
@@ -52,7 +92,10 @@ async fn handle(state: AppState, body: Body) -> Result<Response, ApiError> {
             "`messages` must contain at least one message",
         ));
     }
+    metrics::global().stage("parse", parse_started.elapsed());
     let config = state.config.load_full();
+    // Kept for the metric label only if the model turns out to be configured.
+    *model = Some(req.model.clone());
     let reply = state
         .dispatcher
         .chat(&config, req)

@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/models", get(models::list))
         .route("/v1/chat/completions", post(chat::completions))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
         .layer(
@@ -73,6 +74,16 @@ pub fn router(state: AppState) -> Router {
                 .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
                 .layer(TraceLayer::new_for_http()),
         )
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::global().encode(),
+    )
 }
 
 async fn healthz() -> &'static str {
