@@ -407,3 +407,53 @@ async fn metrics_count_requests_tokens_cost_and_upstream_latency() {
     );
     assert!(!last.contains("key-a"), "secrets never appear in metrics");
 }
+
+#[tokio::test]
+async fn metrics_show_key_utilisation_failed_keys_and_open_circuits() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let base = mock.base_url();
+    let providers = format!(
+        "  - {{name: gauged, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-gauge-error-500, alias: gauge}}], keys: [{{name: gauge-key, secretRef: {{name: keys, key: a}}, rpm: 4}}, {{name: gauge-revoked, secretRef: {{name: keys, key: bad}}, rpm: 4}}]}}\n\
+         \x20 - {{name: gauge-backup, type: anthropic, baseUrl: \"{base}\", models: [{{name: claude-sonnet-4, alias: gauge}}], keys: [{{name: backup-key, secretRef: {{name: keys, key: b}}, rpm: 4}}]}}\n"
+    );
+    let spec = "  circuitBreaker: {failureThreshold: 1, openSeconds: 600}\n  maxAttempts: 3\n";
+    let gw = Gateway::start(&manifests(&providers, spec), MIN, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // First attempt: the revoked key (401, taken out) or the good key (500, circuit opens);
+    // either way the request ends on the backup provider.
+    for _ in 0..2 {
+        let r = chat(&gw, ask("gauge", "hi", false)).await;
+        assert_eq!(r.status(), 200);
+    }
+    let text = client()
+        .get(format!("{}/metrics", gw.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(&text, "floodgate_circuit_state", &[("provider", "gauged")]),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "floodgate_circuit_state",
+            &[("provider", "gauge-backup")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "floodgate_key_budget_utilization",
+            &[("key", "backup-key")]
+        ),
+        0.5,
+        "{text}"
+    );
+}

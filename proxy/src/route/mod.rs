@@ -7,6 +7,7 @@
 
 pub mod breaker;
 pub mod runtime;
+mod status;
 mod upstream;
 
 use crate::budget::{Budgets, Permit, Unavailable};

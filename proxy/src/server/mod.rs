@@ -76,7 +76,8 @@ pub fn router(state: AppState) -> Router {
         )
 }
 
-async fn metrics() -> impl IntoResponse {
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
+    state.dispatcher.refresh_metrics();
     (
         [(
             header::CONTENT_TYPE,
