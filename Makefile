@@ -11,7 +11,7 @@ CARGO ?= cargo
 FLOODGATE_LISTEN ?= 127.0.0.1:8080
 export FLOODGATE_LISTEN
 
-.PHONY: help run build test unit lint fmt crds crds-check e2e tools cluster-up cluster-down bench check-tools
+.PHONY: help run build test unit lint fmt crds crds-check e2e tools cluster-up cluster-down bench check-tools python-venv redis
 
 help:
 	@echo "make run     - the proxy, standalone, on examples/standalone ($(FLOODGATE_LISTEN))"
@@ -20,6 +20,7 @@ help:
 	@echo "make crds    - regenerate crds/manifests and charts/floodgate/crds from the types"
 	@echo "make e2e     - the end-to-end suite against a real kube-apiserver and etcd"
 	@echo "make bench   - proxy overhead and throughput against the mock upstream"
+	@echo "make python-venv - the OpenAI Python SDK for e2e/tests/openai_sdk.rs (unit does it)"
 
 check-tools:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs), then rerun"; exit 1; }
@@ -27,12 +28,13 @@ check-tools:
 build: check-tools
 	$(CARGO) build --workspace --bins
 
+# The mock providers stand in for every provider without a key in the environment (see the script).
 run: check-tools
-	$(CARGO) run -p floodgate-proxy --bin floodgate-proxy -- --config examples/standalone --listen $(FLOODGATE_LISTEN)
+	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/run-standalone.sh
 
 test: lint unit e2e
 
-unit: check-tools
+unit: check-tools redis python-venv
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 
@@ -43,8 +45,20 @@ lint: check-tools
 fmt:
 	$(CARGO) fmt --all
 
+# A virtualenv with the OpenAI Python SDK (e2e/python/requirements.txt); installs only on change.
+export FLOODGATE_VENV ?= $(CACHE)/venv
+python-venv:
+	bash e2e/python/venv.sh
+
 crds: check-tools
 	$(CARGO) run -q -p floodgate-crds --bin crdgen -- crds/manifests charts/floodgate/crds
+
+# A redis-server for the shared-budget tests (e2e/tests/proxy_redis.rs), unpacked from the
+# Debian packages into $(CACHE)/redis without a global install; about 3 s cold, instant after.
+# The tests start their own servers on free loopback ports with this binary.
+export FLOODGATE_REDIS_SERVER ?= $(CACHE)/redis/bin/redis-server
+redis:
+	FLOODGATE_CACHE="$(CACHE)" bash e2e/redis.sh >/dev/null
 
 # Kubernetes tools (kube-apiserver, etcd, kubectl, helm, kwok) built from source into
 # $(CACHE)/bin; reuses what is built (about 1 s then).
@@ -73,5 +87,6 @@ e2e: check-tools tools
 	FLOODGATE_PROXY_BIN="$(CARGO_TARGET_DIR)/debug/floodgate-proxy" \
 	$(CARGO) test -p floodgate-e2e --no-fail-fast --test 'cluster_*' -- --include-ignored
 
-bench:
-	@echo "bench: not yet — the request path and its benchmark land with issue 4"
+# Release builds, mock + proxy on loopback ports, ~70 s; the table goes to $(CACHE)/bench/latest.txt.
+bench: check-tools
+	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/bench.sh

@@ -13,6 +13,7 @@ pub mod cache;
 pub mod common;
 pub mod local_model;
 pub mod pool;
+pub mod redis_keys;
 pub mod tier;
 pub mod validate;
 

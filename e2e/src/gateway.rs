@@ -19,6 +19,8 @@ pub struct Gateway {
     pub addr: SocketAddr,
     /// Its configuration; store a new one to reconfigure it live.
     pub config: Arc<ArcSwap<Config>>,
+    /// Its dispatcher (budgets, breakers).
+    pub dispatcher: Arc<Dispatcher>,
     server: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
 }
@@ -31,20 +33,35 @@ impl Gateway {
         window: Duration,
         max_wait: Duration,
     ) -> anyhow::Result<Gateway> {
+        Self::start_with(yaml, Dispatcher::new(window, max_wait)?).await
+    }
+
+    /// Starts a gateway on the manifests `yaml` with `dispatcher` (e.g. one built with
+    /// shared budgets by `Dispatcher::with_options`).
+    pub async fn start_with(yaml: &str, dispatcher: Dispatcher) -> anyhow::Result<Gateway> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("gateway.yaml"), yaml)?;
         let (config, _) = load_config(&[dir.path().to_owned()], SecretSources::default())?;
         let config = Arc::new(ArcSwap::from_pointee(config));
-        let dispatcher = Arc::new(Dispatcher::new(window, max_wait)?);
-        let state = AppState::new(config.clone(), Arc::new(AtomicBool::new(true)), dispatcher);
+        let dispatcher = Arc::new(dispatcher);
+        let state = AppState::new(
+            config.clone(),
+            Arc::new(AtomicBool::new(true)),
+            dispatcher.clone(),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
+            // As the binary does: no Nagle delay on streamed events.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, router(state)).await;
         });
         Ok(Gateway {
             addr,
             config,
+            dispatcher,
             server,
             _dir: dir,
         })

@@ -4,3 +4,4 @@ pub mod cluster;
 pub mod gateway;
 pub mod mock;
 pub mod proxy;
+pub mod redis;

@@ -89,6 +89,34 @@ impl ProxyProcess {
         .await
     }
 
+    /// Asks the proxy to shut down as Kubernetes does (SIGTERM), and waits up to `timeout` for
+    /// it to drain and exit; returns its exit status.
+    pub async fn terminate(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let spawn_error = |source| Error::Spawn {
+            command: "kill -TERM floodgate-proxy".into(),
+            source,
+        };
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| Error::Setup("floodgate-proxy has already exited".into()))?;
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .map_err(spawn_error)?;
+        if !sent.success() {
+            return Err(Error::Setup(format!("kill -TERM {pid} failed ({sent})")));
+        }
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.map_err(spawn_error),
+            Err(_) => Err(Error::Timeout {
+                what: "floodgate-proxy to exit after SIGTERM".into(),
+                timeout,
+            }),
+        }
+    }
+
     /// Stops the process and waits for it to exit.
     pub async fn stop(mut self) -> Result<()> {
         let _ = self.child.start_kill();

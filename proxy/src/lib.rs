@@ -11,3 +11,4 @@ pub mod providers;
 pub mod route;
 pub mod secret;
 pub mod server;
+pub mod telemetry;

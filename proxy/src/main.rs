@@ -2,15 +2,19 @@
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use axum::serve::ListenerExt as _;
 use clap::Parser;
-use floodgate_proxy::budget::MINUTE;
+use floodgate_proxy::budget::{MINUTE, SharedOptions};
 use floodgate_proxy::config::cluster;
 use floodgate_proxy::config::load::load_config;
 use floodgate_proxy::config::secrets::SecretSources;
 use floodgate_proxy::config::watch::Watcher;
-use floodgate_proxy::route::Dispatcher;
+use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
+use floodgate_proxy::secret::SecretString;
 use floodgate_proxy::server::{AppState, router};
+use floodgate_proxy::telemetry;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,17 +57,44 @@ struct Args {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "FLOODGATE_BODY_LIMIT_BYTES", default_value_t = floodgate_proxy::server::DEFAULT_BODY_LIMIT)]
     body_limit_bytes: usize,
+    /// Share the keys' rate budgets with the other replicas through this Redis
+    /// (`redis://[user:password@]host:port[/db]`), so that together they stay within every
+    /// limit. Without it budgets are per process.
+    #[arg(long = "redis", env = "FLOODGATE_REDIS_URL", value_name = "URL", hide_env_values = true,
+          value_parser = |s: &str| Ok::<_, std::convert::Infallible>(SecretString::new(s)))]
+    redis: Option<SecretString>,
+    /// With --redis: the most replicas that may share the keys. While Redis is unreachable each
+    /// replica serves at most limit / N of every key (at least one request per window).
+    #[arg(
+        long,
+        env = "FLOODGATE_REPLICAS_HINT",
+        default_value = "2",
+        requires = "redis"
+    )]
+    replicas_hint: NonZeroU32,
     /// Validate the configuration, print the result and exit.
     #[arg(long)]
     check_config: bool,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "FLOODGATE_LOG_JSON")]
     log_json: bool,
+    /// Export traces with OTLP over HTTP/protobuf to this collector (base URL such as
+    /// `http://otel-collector:4318`; `/v1/traces` is appended). Unset: no traces exported.
+    /// The service name comes from `OTEL_SERVICE_NAME` (default `floodgate-proxy`).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_tracing(args.log_json);
+    // Dropped when main returns, after serve(): flushes the spans not yet exported.
+    let _telemetry = match init_tracing(&args) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("floodgate-proxy: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let secrets = SecretSources {
         env: std::env::vars()
             .filter(|(k, _)| k.starts_with("FLOODGATE_SECRET_"))
@@ -147,9 +178,15 @@ async fn serve(
     } else if let Some(watcher) = watcher {
         tasks.spawn(watcher.run(shared.clone(), cancel.clone()));
     }
-    let dispatcher = Dispatcher::new(MINUTE, Duration::from_millis(args.max_queue_wait_ms))
-        .context("cannot build the upstream HTTP client")?;
-    let mut state = AppState::new(shared.clone(), ready.clone(), Arc::new(dispatcher));
+    let mut options = DispatcherOptions::new(MINUTE, Duration::from_millis(args.max_queue_wait_ms));
+    if let Some(url) = args.redis.clone() {
+        let mut redis = SharedOptions::new(url);
+        redis.replicas_hint = args.replicas_hint;
+        tracing::info!(replicas_hint = %args.replicas_hint, "rate budgets shared through Redis");
+        options = options.with_redis(redis);
+    }
+    let dispatcher = Arc::new(Dispatcher::with_options(options)?);
+    let mut state = AppState::new(shared.clone(), ready.clone(), dispatcher.clone());
     state.body_limit = args.body_limit_bytes;
     let app = router(state);
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -169,11 +206,16 @@ async fn serve(
             cancel.cancel();
         }
     };
+    // Without TCP_NODELAY, streamed events (small writes) wait on the client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
     tasks.close();
     tasks.wait().await;
+    dispatcher.drain().await;
     Ok(())
 }
 
@@ -198,17 +240,13 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
-    use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+fn init_tracing(args: &Args) -> Result<telemetry::Telemetry, telemetry::Error> {
+    telemetry::init(telemetry::Options {
+        json: args.log_json,
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        service_name: std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .filter(|name| !name.trim().is_empty())
+            .unwrap_or_else(|| telemetry::DEFAULT_SERVICE_NAME.to_owned()),
+    })
 }

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub key_failed: Family<KeyLabels, Gauge>,
     /// Circuit state per provider: 0 closed, 1 half-open, 2 open; refreshed at scrape.
     pub circuit_state: Family<ProviderLabels, Gauge>,
+    /// 1 while shared budgets in Redis are unreachable and local shares apply.
+    pub budget_degraded: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -147,6 +149,7 @@ impl Metrics {
             key_utilization: Family::default(),
             key_failed: Family::default(),
             circuit_state: Family::default(),
+            budget_degraded: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -199,6 +202,11 @@ impl Metrics {
             "floodgate_circuit_state",
             "0 closed, 1 half-open, 2 open",
             m.circuit_state.clone(),
+        );
+        registry.register(
+            "floodgate_budget_backend_degraded",
+            "1 while Redis budgets are unreachable and each replica serves a local share",
+            m.budget_degraded.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -2,17 +2,26 @@
 //! window of requests per key (never more than `rpm` in any window), token reservations that
 //! are settled with the real usage, cool-downs after a 429, and keys failed by a 401/403.
 //!
+//! With `--redis` the request and token windows are shared by every replica through Redis
+//! ([`shared`]), so that N replicas together stay within each key's limits; cool-downs,
+//! failed keys and learned rate-limit headers stay per replica.
+//!
 //! Budgets outlive configuration reloads: a key keeps its window when its limit changes, so a
 //! lowered limit counts the requests already made.
 
+mod key;
+pub mod shared;
 pub mod window;
 
-use crate::providers::RateLimitInfo;
+pub use key::{KeyBudget, Permit};
+pub use shared::{RedisBudgets, SharedError, SharedOptions};
+
+use floodgate_crds::redis_keys::KeyBudgetKeys;
+use key::SharedKey;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
-use window::{RequestWindow, TokenWindow};
 
 /// The production window of provider rate limits.
 pub const MINUTE: Duration = Duration::from_secs(60);
@@ -46,228 +55,47 @@ pub enum Unavailable {
     Failed,
 }
 
-#[derive(Debug)]
-struct KeyState {
-    requests: Option<RequestWindow>,
-    tokens: Option<TokenWindow>,
-    cooled_until: Option<Instant>,
-    failed: bool,
-    in_flight: u32,
-}
-
-/// The budget of one key.
-#[derive(Debug)]
-pub struct KeyBudget {
-    state: Mutex<KeyState>,
-}
-
-/// A request admitted on a key: its token reservation is settled, and its in-flight slot
-/// released, when the permit is settled or dropped.
-#[derive(Debug)]
-pub struct Permit {
-    key: Arc<KeyBudget>,
-    reservation: Option<(u64, u64)>,
-    answered: bool,
-    done: bool,
-}
-
-impl Permit {
-    /// The provider has answered (response headers, or a failure): the request surely arrived
-    /// by now, so its slot starts its one-window countdown.
-    pub fn answered(&mut self) {
-        if self.answered {
-            return;
-        }
-        self.answered = true;
-        let now = Instant::now();
-        if let Some(w) = self.key.lock().requests.as_mut() {
-            w.complete(now);
-        }
-    }
-
-    /// Settles the token reservation with the real usage.
-    pub fn settle(mut self, total_tokens: u64) {
-        self.finish(Some(total_tokens));
-    }
-
-    fn finish(&mut self, actual: Option<u64>) {
-        if self.done {
-            return;
-        }
-        self.answered();
-        self.done = true;
-        let mut state = self.key.lock();
-        state.in_flight = state.in_flight.saturating_sub(1);
-        if let (Some((id, _)), Some(actual), Some(tokens)) =
-            (self.reservation, actual, state.tokens.as_mut())
-        {
-            tokens.settle(id, actual);
-        }
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        // Unsettled (failed or abandoned): the estimate stands, which errs on the safe side.
-        self.finish(None);
-    }
-}
-
-impl KeyBudget {
-    fn new(limits: Limits, window: Duration) -> Self {
-        Self {
-            state: Mutex::new(KeyState {
-                requests: limits.rpm.map(|rpm| RequestWindow::new(rpm, window)),
-                tokens: limits
-                    .tpm
-                    .map(|tpm| TokenWindow::new(u64::from(tpm), window)),
-                cooled_until: None,
-                failed: false,
-                in_flight: 0,
-            }),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, KeyState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn update(&self, limits: Limits, window: Duration) {
-        let mut s = self.lock();
-        match (limits.rpm, s.requests.as_mut()) {
-            (Some(rpm), Some(w)) => w.set_limit(rpm, window),
-            (Some(rpm), None) => s.requests = Some(RequestWindow::new(rpm, window)),
-            (None, _) => s.requests = None,
-        }
-        match (limits.tpm, s.tokens.as_mut()) {
-            (Some(tpm), Some(w)) => w.set_limit(u64::from(tpm), window),
-            (Some(tpm), None) => s.tokens = Some(TokenWindow::new(u64::from(tpm), window)),
-            (None, _) => s.tokens = None,
-        }
-    }
-
-    /// When this key could take a request of `tokens`: `Ok(())` if now.
-    pub fn availability(&self, now: Instant, tokens: u64) -> Result<(), Unavailable> {
-        let mut s = self.lock();
-        s.availability(now, tokens)
-    }
-
-    /// Admits a request of `tokens` estimated tokens at `now`.
-    pub fn try_acquire(self: &Arc<Self>, now: Instant, tokens: u64) -> Result<Permit, Unavailable> {
-        let mut s = self.lock();
-        s.availability(now, tokens)?;
-        if let Some(w) = s.requests.as_mut() {
-            w.try_acquire(now).map_err(Unavailable::Until)?;
-        }
-        let reservation = match s.tokens.as_mut() {
-            Some(w) => Some((
-                w.try_reserve(now, tokens).map_err(Unavailable::Until)?,
-                tokens,
-            )),
-            None => None,
-        };
-        s.in_flight += 1;
-        Ok(Permit {
-            key: self.clone(),
-            reservation,
-            answered: false,
-            done: false,
-        })
-    }
-
-    /// Share of the request budget left, in `[0, 1]` (1 for unlimited keys).
-    pub fn remaining_fraction(&self, now: Instant) -> f64 {
-        let mut s = self.lock();
-        let in_flight = s.in_flight;
-        match s.requests.as_mut() {
-            Some(w) => {
-                let limit = f64::from(w.limit().max(1));
-                (1.0 - f64::from(w.used(now)) / limit).max(0.0)
-            }
-            // Unlimited: prefer the key with the fewest requests in flight.
-            None => 1.0 / (1.0 + f64::from(in_flight)),
-        }
-    }
-
-    /// Requests made in the current window.
-    pub fn used(&self, now: Instant) -> u32 {
-        self.lock().requests.as_mut().map_or(0, |w| w.used(now))
-    }
-
-    /// Rests the key until `until` (a 429 from the provider).
-    pub fn cool_until(&self, until: Instant) {
-        let mut s = self.lock();
-        s.cooled_until = Some(s.cooled_until.map_or(until, |c| c.max(until)));
-    }
-
-    /// Takes the key out until the configuration changes (a 401/403).
-    pub fn fail(&self) {
-        self.lock().failed = true;
-    }
-
-    /// Whether the key is failed.
-    pub fn is_failed(&self) -> bool {
-        self.lock().failed
-    }
-
-    /// Learns the provider's view of the budget from its rate-limit headers: when it says no
-    /// requests are left, the key waits for the reset even if our own count disagrees.
-    pub fn learn(&self, info: &RateLimitInfo, now: Instant) {
-        if info.requests_remaining == Some(0)
-            && let Some(reset) = info.requests_reset
-        {
-            let mut s = self.lock();
-            if let Some(w) = s.requests.as_mut() {
-                w.exhaust_until(now, now + reset);
-            }
-        }
-    }
-}
-
-impl KeyState {
-    fn availability(&mut self, now: Instant, tokens: u64) -> Result<(), Unavailable> {
-        if self.failed {
-            return Err(Unavailable::Failed);
-        }
-        let mut free = now;
-        if let Some(c) = self.cooled_until {
-            free = free.max(c);
-        }
-        if let Some(w) = self.requests.as_mut() {
-            free = free.max(w.next_free(now));
-        }
-        if let Some(w) = self.tokens.as_mut() {
-            free = free.max(w.next_free(now, tokens));
-        }
-        if free > now {
-            Err(Unavailable::Until(free))
-        } else {
-            Ok(())
-        }
-    }
-}
-
 /// Every key budget of this replica.
 #[derive(Debug)]
 pub struct Budgets {
     window: Duration,
     keys: Mutex<HashMap<KeyId, Arc<KeyBudget>>>,
+    shared: Option<Arc<RedisBudgets>>,
 }
 
 impl Budgets {
-    /// Budgets over `window` (60 s in production; tests may shorten it).
+    /// Budgets over `window` (60 s in production; tests may shorten it), in this process.
     pub fn new(window: Duration) -> Self {
         Self {
             window,
             keys: Mutex::default(),
+            shared: None,
         }
+    }
+
+    /// Budgets over `window` shared through Redis with every replica built the same way.
+    /// Connects on first use; an unreachable Redis degrades to local shares, not an error.
+    pub fn shared(window: Duration, opts: SharedOptions) -> Result<Self, SharedError> {
+        Ok(Self {
+            shared: Some(Arc::new(RedisBudgets::new(opts, window)?)),
+            ..Self::new(window)
+        })
     }
 
     /// The window length.
     pub fn window(&self) -> Duration {
         self.window
+    }
+
+    /// The Redis backend, with shared budgets.
+    pub fn backend(&self) -> Option<&Arc<RedisBudgets>> {
+        self.shared.as_ref()
+    }
+
+    /// Whether budgets are meant to be shared but Redis is unreachable, so each key runs on
+    /// this replica's local share. Cheap: one atomic load.
+    pub fn redis_degraded(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.degraded())
     }
 
     /// The budget of `id`, created or updated to `limits`.
@@ -277,7 +105,11 @@ impl Budgets {
             k.update(limits, self.window);
             return k.clone();
         }
-        let k = Arc::new(KeyBudget::new(limits, self.window));
+        let shared = self.shared.as_ref().map(|backend| SharedKey {
+            backend: backend.clone(),
+            keys: Arc::new(KeyBudgetKeys::new(&id.pool, &id.provider, &id.key)),
+        });
+        let k = Arc::new(KeyBudget::new(limits, self.window, shared));
         keys.insert(id.clone(), k.clone());
         k
     }
@@ -288,7 +120,17 @@ impl Budgets {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         keys.retain(|id, _| live.contains(id));
         for k in keys.values() {
-            k.lock().failed = false;
+            k.clear_failed();
+        }
+    }
+
+    /// Waits for pending writes to Redis (answers, settlements); call once serving stopped.
+    pub async fn drain(&self) {
+        if let Some(shared) = &self.shared {
+            shared.drain().await;
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -46,6 +46,11 @@ impl RequestWindow {
         self.limit
     }
 
+    /// The window length.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
     fn evict(&mut self, now: Instant) {
         while let Some(&front) = self.log.front() {
             if front + self.window <= now {
@@ -67,8 +72,14 @@ impl RequestWindow {
     /// When a request could next be admitted: `now` if there is room. When only answers to
     /// requests in flight can make room, a short poll interval from now.
     pub fn next_free(&mut self, now: Instant) -> Instant {
+        self.next_free_within(now, self.limit)
+    }
+
+    /// [`RequestWindow::next_free`] under `limit` instead of the window's own limit (a
+    /// replica's local share of a shared budget).
+    pub fn next_free_within(&mut self, now: Instant, limit: u32) -> Instant {
         let used = self.used(now) as usize;
-        let limit = self.limit as usize;
+        let limit = limit as usize;
         if used < limit {
             return now;
         }
@@ -87,8 +98,14 @@ impl RequestWindow {
         if free > now {
             return Err(free);
         }
-        self.in_flight += 1;
+        self.admit();
         Ok(())
+    }
+
+    /// Records a request admitted elsewhere (by the shared budget), without a check: it is in
+    /// flight until [`RequestWindow::complete`].
+    pub fn admit(&mut self) {
+        self.in_flight += 1;
     }
 
     /// A request admitted earlier was answered (or failed) at `now`: from now on it counts
@@ -166,15 +183,20 @@ impl TokenWindow {
     /// When `tokens` could next be reserved: `now` if they fit. A request larger than the
     /// whole limit is admitted into an empty window, since it could never fit otherwise.
     pub fn next_free(&mut self, now: Instant, tokens: u64) -> Instant {
+        self.next_free_within(now, tokens, self.limit)
+    }
+
+    /// [`TokenWindow::next_free`] under `limit` instead of the window's own limit.
+    pub fn next_free_within(&mut self, now: Instant, tokens: u64, limit: u64) -> Instant {
         self.evict(now);
-        let need = tokens.min(self.limit);
-        if self.sum + need <= self.limit {
+        let need = tokens.min(limit);
+        if self.sum + need <= limit {
             return now;
         }
         let mut freed = 0;
         for &(t, _, reserved) in &self.entries {
             freed += reserved;
-            if self.sum - freed + need <= self.limit {
+            if self.sum - freed + need <= limit {
                 return t + self.window;
             }
         }
@@ -187,11 +209,17 @@ impl TokenWindow {
         if free > now {
             return Err(free);
         }
+        Ok(self.reserve(now, tokens))
+    }
+
+    /// Records a reservation of `tokens` at `now` without a check (admitted by the shared
+    /// budget), returning its id.
+    pub fn reserve(&mut self, now: Instant, tokens: u64) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.entries.push_back((now, id, tokens));
         self.sum += tokens;
-        Ok(id)
+        id
     }
 
     /// Replaces a reservation's estimate with the real count (if it is still in the window).

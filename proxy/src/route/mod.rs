@@ -10,7 +10,7 @@ pub mod runtime;
 mod status;
 mod upstream;
 
-use crate::budget::{Budgets, Permit, Unavailable};
+use crate::budget::{Budgets, Permit, SharedError, SharedOptions, Unavailable};
 use crate::config::Config;
 use crate::providers::types::ChatRequest;
 use crate::providers::{ChatResponse, ProviderError, estimate_prompt_tokens};
@@ -95,6 +95,46 @@ pub enum RouteError {
     },
 }
 
+/// How a [`Dispatcher`] is built.
+#[derive(Debug, Clone)]
+pub struct DispatcherOptions {
+    /// Length of the rate windows (60 s in production; tests shorten it).
+    pub window: Duration,
+    /// Longest a request waits for budget.
+    pub max_wait: Duration,
+    /// Share the key budgets with other replicas through Redis; `None` keeps them in process.
+    pub redis: Option<SharedOptions>,
+}
+
+impl DispatcherOptions {
+    /// In-process budgets over `window`, waiting at most `max_wait`.
+    pub fn new(window: Duration, max_wait: Duration) -> Self {
+        Self {
+            window,
+            max_wait,
+            redis: None,
+        }
+    }
+
+    /// Shares the key budgets through Redis.
+    #[must_use]
+    pub fn with_redis(mut self, redis: SharedOptions) -> Self {
+        self.redis = Some(redis);
+        self
+    }
+}
+
+/// Why a [`Dispatcher`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The upstream HTTP client.
+    #[error("cannot build the upstream HTTP client")]
+    Http(#[from] reqwest::Error),
+    /// The shared budgets' settings.
+    #[error("shared rate budgets")]
+    Redis(#[from] SharedError),
+}
+
 /// Routes requests over the configured pools. One per process; budgets and breakers survive
 /// configuration reloads.
 #[derive(Debug)]
@@ -110,21 +150,48 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// A dispatcher whose rate windows last `window` (60 s in production) and whose requests
     /// wait at most `max_wait` for budget.
-    pub fn new(window: Duration, max_wait: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(window: Duration, max_wait: Duration) -> Result<Self, BuildError> {
+        Self::with_options(DispatcherOptions::new(window, max_wait))
+    }
+
+    /// A dispatcher built from `opts`. With Redis it connects on first use: an unreachable
+    /// Redis is not an error here, budgets then start on local shares.
+    pub fn with_options(opts: DispatcherOptions) -> Result<Self, BuildError> {
         // One crypto provider for the process (ring); a second install is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()?;
+        let budgets = match opts.redis {
+            Some(redis) => Budgets::shared(opts.window, redis)?,
+            None => Budgets::new(opts.window),
+        };
         Ok(Self {
-            budgets: Budgets::new(window),
+            budgets,
             breakers: Breakers::default(),
             http,
-            max_wait,
+            max_wait: opts.max_wait,
             runtime: ArcSwapOption::empty(),
             rr: AtomicUsize::new(0),
         })
+    }
+
+    /// Whether budgets are meant to be shared through Redis but Redis is unreachable, so
+    /// every key runs on this replica's local share (`floodgate_budget_backend_degraded`).
+    /// Cheap: one atomic load.
+    pub fn redis_degraded(&self) -> bool {
+        self.budgets.redis_degraded()
+    }
+
+    /// The key budgets.
+    pub fn budgets(&self) -> &Budgets {
+        &self.budgets
+    }
+
+    /// Waits for pending writes to shared budgets; call once serving has stopped.
+    pub async fn drain(&self) {
+        self.budgets.drain().await;
     }
 
     /// The routing view of `config`, built once per configuration.
@@ -158,7 +225,7 @@ impl Dispatcher {
         let mut last_error = None;
         while attempts < route.max_attempts {
             let now = Instant::now();
-            let Some((ti, ki, permit)) = self.pick(&rt, &route, &skipped, now, tokens) else {
+            let Some((ti, ki, permit)) = self.pick(&rt, &route, &skipped, now, tokens).await else {
                 let wait = self.earliest(&rt, &route, &skipped, now, tokens);
                 match wait {
                     Some(at) if at <= deadline => {
@@ -218,8 +285,9 @@ impl Dispatcher {
     }
 
     /// The first target (in route order, or weighted) with a key that has budget now, and a
-    /// permit on that key.
-    fn pick(
+    /// permit on that key. Never waits with local budgets; with shared budgets each key tried
+    /// costs one Redis round trip (bounded by its timeout).
+    async fn pick(
         &self,
         rt: &Runtime,
         route: &Route,
@@ -239,7 +307,7 @@ impl Dispatcher {
                 if !provider.breaker.allow(now) {
                     break;
                 }
-                match provider.keys[ki].budget.try_acquire(now, tokens) {
+                match provider.keys[ki].budget.acquire(now, tokens).await {
                     Ok(permit) => return Some((ti, ki, permit)),
                     Err(_) => provider.breaker.neutral(),
                 }

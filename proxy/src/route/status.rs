@@ -14,6 +14,7 @@ impl Dispatcher {
         m.key_utilization.clear();
         m.key_failed.clear();
         m.circuit_state.clear();
+        m.budget_degraded.set(i64::from(self.redis_degraded()));
         let Some(current) = self.runtime.load_full() else {
             return;
         };

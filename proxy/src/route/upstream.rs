@@ -13,6 +13,7 @@ use crate::budget::{KeyBudget, Permit};
 use crate::metrics::{self, GenAiLabels, UpstreamLabels};
 use crate::providers::types::ChatRequest;
 use crate::providers::{ChatChunk, ProviderError, StreamDecoder, Usage};
+use crate::telemetry;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
@@ -20,6 +21,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::{Instrument as _, Span};
 
 type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
 
@@ -33,7 +36,13 @@ pub(super) async fn call(
     permit: Permit,
 ) -> Result<ReplyBody, ProviderError> {
     let started = Instant::now();
-    let result = send(http, provider, key, upstream_model, req, permit).await;
+    let span = attempt_span(provider, key, upstream_model);
+    let result = send(http, provider, key, upstream_model, req, permit)
+        .instrument(span.clone())
+        .await;
+    if let Err(e) = &result {
+        record_error(&span, e);
+    }
     let now = Instant::now();
     let elapsed = now - started;
     metrics::add_upstream_time(elapsed);
@@ -71,6 +80,37 @@ pub(super) async fn call(
         }
     }
     result
+}
+
+/// The span of one upstream attempt (OpenTelemetry GenAI client span); see `telemetry`.
+fn attempt_span(provider: &ProviderRt, key: &KeyRt, upstream_model: &str) -> Span {
+    let span = tracing::info_span!(
+        target: telemetry::TARGET,
+        "upstream",
+        otel.name = Empty,
+        otel.kind = "client",
+        otel.status_code = Empty,
+        gen_ai.operation.name = "chat",
+        gen_ai.provider.name = provider.provider_type,
+        gen_ai.request.model = upstream_model,
+        server.address = Empty,
+        floodgate.provider = provider.name.as_str(),
+        floodgate.key = key.name.as_str(),
+        error.type = Empty,
+        gen_ai.usage.input_tokens = Empty,
+        gen_ai.usage.output_tokens = Empty,
+    );
+    if !span.is_disabled() {
+        // GenAI span name `{operation} {model}`; set before any child span starts it.
+        span.record("otel.name", format!("chat {upstream_model}").as_str());
+        span.record("server.address", telemetry::host_of(&provider.base_url));
+    }
+    span
+}
+
+fn record_error(span: &Span, error: &ProviderError) {
+    span.record("error.type", error.metric_label());
+    span.record("otel.status_code", "ERROR");
 }
 
 async fn send(
@@ -187,6 +227,9 @@ struct UsageRecord {
     model: String,
     price: (f64, f64),
     started: Instant,
+    /// The attempt's span (created in `send`'s caller), kept so a stream's usage and end are
+    /// recorded on it.
+    span: Span,
 }
 
 impl UsageRecord {
@@ -196,10 +239,24 @@ impl UsageRecord {
             model: model.to_owned(),
             price: provider.prices.get(model).copied().unwrap_or((0.0, 0.0)),
             started,
+            span: Span::current(),
         }
     }
 
     fn record(&self, usage: Usage) {
+        if !self.span.is_disabled() {
+            // Entered so that the exported span of a stream ends now, with its last chunk.
+            let _entered = self.span.enter();
+            // All zero: the provider reported no usage.
+            if usage.total_tokens > 0 {
+                // As i64: the OpenTelemetry layer exports u64 fields as strings.
+                let (input, output) = (usage.prompt_tokens, usage.completion_tokens);
+                self.span
+                    .record("gen_ai.usage.input_tokens", i64::from(input));
+                self.span
+                    .record("gen_ai.usage.output_tokens", i64::from(output));
+            }
+        }
         metrics::record_usage(
             self.provider_type,
             &self.model,
@@ -280,10 +337,14 @@ impl Pump {
                     PumpState::Streaming => {}
                 }
                 if let Err(error) = pump.fill().await {
-                    tracing::warn!(
-                        reason = error.metric_label(),
-                        "upstream stream broke after the first byte"
-                    );
+                    // In the attempt's span: the warning joins it, and it ends now.
+                    pump.usage.span.in_scope(|| {
+                        record_error(&pump.usage.span, &error);
+                        tracing::warn!(
+                            reason = error.metric_label(),
+                            "upstream stream broke after the first byte"
+                        );
+                    });
                     if error.cools_key().is_some() || error.fails_key() {
                         pump.key.cool_until(Instant::now() + Duration::from_secs(1));
                     }

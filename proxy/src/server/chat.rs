@@ -6,12 +6,15 @@ use crate::metrics::{self, RequestLabels};
 use crate::providers::ProviderError;
 use crate::providers::types::ChatRequest;
 use crate::route::{Reply, ReplyBody, RouteError};
+use crate::telemetry;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
+use tracing::field::Empty;
+use tracing::{Instrument as _, Span};
 
 /// Response headers that tell the caller what happened.
 const PROVIDER: &str = "x-floodgate-provider";
@@ -21,6 +24,23 @@ const ATTEMPTS: &str = "x-floodgate-attempts";
 pub(super) async fn completions(State(state): State<AppState>, body: Body) -> Response {
     let started = Instant::now();
     let upstream = Cell::new(Duration::ZERO);
+    // OpenTelemetry GenAI and HTTP server attributes; see `telemetry` for the cost when off.
+    let span = tracing::info_span!(
+        target: telemetry::TARGET,
+        "chat",
+        otel.kind = "server",
+        otel.status_code = Empty,
+        gen_ai.operation.name = "chat",
+        gen_ai.request.model = Empty,
+        http.request.method = "POST",
+        http.route = "/v1/chat/completions",
+        http.response.status_code = Empty,
+        error.type = Empty,
+        floodgate.provider = Empty,
+        floodgate.key = Empty,
+        floodgate.attempts = Empty,
+    );
+    let request_span = span.clone();
     metrics::UPSTREAM_TIME
         .scope(upstream, async move {
             let mut model = None;
@@ -42,6 +62,9 @@ pub(super) async fn completions(State(state): State<AppState>, body: Body) -> Re
                 .get(PROVIDER)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("none");
+            if !request_span.is_disabled() {
+                record_request(&request_span, &response, model.as_deref(), outcome);
+            }
             let labels = RequestLabels {
                 tier: "default".to_owned(),
                 provider: provider.to_owned(),
@@ -54,7 +77,34 @@ pub(super) async fn completions(State(state): State<AppState>, body: Body) -> Re
             m.requests.get_or_create(&labels).inc();
             response
         })
+        .instrument(span)
         .await
+}
+
+/// The request span's outcome attributes, read from the response the caller gets.
+fn record_request(span: &Span, response: &Response, model: Option<&str>, outcome: &str) {
+    let status = response.status();
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    if outcome != "ok" {
+        span.record("error.type", outcome);
+    }
+    if let Some(model) = model {
+        span.record("gen_ai.request.model", model);
+    }
+    let headers = response.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(provider) = header(PROVIDER) {
+        span.record("floodgate.provider", provider);
+    }
+    if let Some(key) = header(KEY) {
+        span.record("floodgate.key", key);
+    }
+    if let Some(attempts) = header(ATTEMPTS).and_then(|a| a.parse::<u32>().ok()) {
+        span.record("floodgate.attempts", i64::from(attempts));
+    }
 }
 
 async fn handle(
@@ -161,7 +211,11 @@ fn route_error(e: RouteError) -> ApiError {
                 None => e,
             }
         }
-        RouteError::Upstream { error, attempts } => upstream_error(&error, attempts),
+        RouteError::Upstream { error, attempts } => {
+            // The error body carries no attempts header; the request span still wants them.
+            Span::current().record("floodgate.attempts", i64::from(attempts));
+            upstream_error(&error, attempts)
+        }
     }
 }
 

@@ -1,0 +1,74 @@
+//! The Redis key layout shared by the proxies (which write it) and the operator (which reads it
+//! for status). This module is the only place that spells these keys; it does no I/O.
+//!
+//! Every key starts with [`PREFIX`] and names a key of a pool by its *display* names (pool,
+//! provider, key name), never by the secret. Names are Kubernetes names (`[a-z0-9.-]`), so
+//! the `:` separators are unambiguous. The part in braces is a Redis Cluster hash tag: the
+//! keys of one provider key share a slot, so one script may touch them all.
+//!
+//! Per provider key (`{ID}` = `{pool:provider:key}`, braces included):
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `floodgate:budget:{ID}:req` | sorted set | the request log: one member per request (`<replica>-<seq>`), scored in Unix milliseconds of Redis `TIME`. An admitted request is scored `admitted + in-flight TTL` until it is answered, then re-scored with the answer time (never later). A member counts against the limit while its score is greater than `now - window`: in flight, or answered within the last window. |
+//! | `floodgate:budget:{ID}:tok` | sorted set | token reservations: member as above, scored with the reservation time. |
+//! | `floodgate:budget:{ID}:tok:n` | hash | token amounts: member -> tokens (the estimate, then the real count once settled), and the field `sum` holding their total. |
+//!
+//! Expiry: the request log lives `in-flight TTL + window` after its last admission and two
+//! windows after its last answer once nothing is in flight; the token keys two windows after
+//! the last reservation. Idle keys therefore disappear on their own.
+//!
+//! So the number of requests a key has used in the current window, as the proxies count it,
+//! is `ZCOUNT floodgate:budget:{ID}:req (<now_ms - window_ms> +inf`.
+
+/// Prefix of every shared-budget key.
+pub const PREFIX: &str = "floodgate:budget:";
+
+/// The Redis keys of one provider key's shared budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBudgetKeys {
+    /// Sorted set of requests (in flight or answered within the window).
+    pub requests: String,
+    /// Sorted set of token reservations by time.
+    pub tokens: String,
+    /// Hash of token amounts per reservation, plus their `sum`.
+    pub token_amounts: String,
+}
+
+impl KeyBudgetKeys {
+    /// The keys of the budget of key `key` of provider `provider` in pool `pool` (display
+    /// names, never the secret).
+    pub fn new(pool: &str, provider: &str, key: &str) -> Self {
+        let id = format!("{PREFIX}{{{pool}:{provider}:{key}}}");
+        Self {
+            requests: format!("{id}:req"),
+            tokens: format!("{id}:tok"),
+            token_amounts: format!("{id}:tok:n"),
+        }
+    }
+
+    /// `SCAN` pattern matching the request logs of every key of `pool`.
+    pub fn requests_pattern(pool: &str) -> String {
+        format!("{PREFIX}{{{pool}:*}}:req")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_stable() {
+        let k = KeyBudgetKeys::new("premium", "claude", "key1");
+        assert_eq!(k.requests, "floodgate:budget:{premium:claude:key1}:req");
+        assert_eq!(k.tokens, "floodgate:budget:{premium:claude:key1}:tok");
+        assert_eq!(
+            k.token_amounts,
+            "floodgate:budget:{premium:claude:key1}:tok:n"
+        );
+        assert_eq!(
+            KeyBudgetKeys::requests_pattern("premium"),
+            "floodgate:budget:{premium:*}:req"
+        );
+    }
+}

@@ -1,0 +1,103 @@
+"""Renders `make bench` results (loadgen --json lines) as a table, with the issue's targets.
+
+Usage: report.py RESULTS.jsonl RATE
+"""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+ADDED_P99_TARGET_MS = 1.0
+THROUGHPUT_TARGET = 5_000
+STRETCH_THROUGHPUT = 20_000
+STRETCH_CPU_MS = 0.05
+
+
+def proc(run, name):
+    return next((p for p in run["processes"] if p["name"] == name), None)
+
+
+def row(run):
+    lat = run["latency_ms"]
+    proxy = proc(run, "proxy")
+    mock = proc(run, "mock")
+    through_proxy = run["label"].startswith("proxy")
+    return (
+        f"{run['label']:<14}{run['req_per_s']:>8.0f}{run['ok']:>8}{run['errors']:>5}"
+        f"{lat['p50']:>8.3f}{lat['p90']:>8.3f}{lat['p99']:>8.3f}{lat['p999']:>8.3f}{lat['max']:>8.2f}"
+        + (f"{proxy['cpu_ms_per_request']:>9.4f}{proxy['peak_rss_mib']:>7.1f}" if through_proxy else f"{'-':>9}{'-':>7}")
+        + f"{mock['cpu_ms_per_request']:>9.4f}"
+        + f"{run['machine_busy_cores'] or 0:>6.2f}/{run['cores']}"
+    )
+
+
+def verdict(ok):
+    return "PASS" if ok else "FAIL"
+
+
+def main():
+    path, rate = sys.argv[1], float(sys.argv[2])
+    with open(path, encoding="utf-8") as f:
+        runs = {r["label"]: r for r in map(json.loads, f)}
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
+        rev += "+changes" if dirty.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        rev = "unknown"
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cores = os.cpu_count()
+    seconds = runs["proxy rate"]["seconds"]
+    out = [
+        f"Floodgate bench, {now}, git {rev}, release build, {cores} cores",
+        f"loadgen, mock and proxy all run on these {cores} cores; 'busy' is the whole machine during the run.",
+        f"Non-streaming OpenAI chat unless 'stream'; ~{seconds:.0f} s per run; latency in ms "
+        "(open-loop runs measure from the scheduled send time: no coordinated omission).",
+        "",
+        f"{'run':<14}{'req/s':>8}{'ok':>8}{'err':>5}{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>8}"
+        f"{'pxCPU/rq':>9}{'pxRSS':>7}{'mkCPU/rq':>9}{'busy':>8}",
+    ]
+    for label in ["direct rate", "proxy rate", "direct max", "proxy max", "direct stream", "proxy stream"]:
+        if label in runs:
+            out.append(row(runs[label]))
+    out.append("(pxCPU/rq, mkCPU/rq: CPU ms per request of the proxy and of the mock; pxRSS: proxy peak RSS, MiB)")
+    out.append("")
+
+    d, p = runs["direct rate"]["latency_ms"], runs["proxy rate"]["latency_ms"]
+    added_p50, added_p99 = p["p50"] - d["p50"], p["p99"] - d["p99"]
+    out.append(
+        f"added latency at {rate:.0f} req/s: p50 {added_p50:+.3f} ms, p99 {added_p99:+.3f} ms "
+        f"(target p99 < {ADDED_P99_TARGET_MS:.0f} ms): {verdict(added_p99 < ADDED_P99_TARGET_MS)}"
+    )
+    mx = runs["proxy max"]
+    px = proc(mx, "proxy")
+    out.append(
+        f"throughput through the proxy: {mx['req_per_s']:.0f} req/s on 32 connections "
+        f"(direct: {runs['direct max']['req_per_s']:.0f}) (target >= {THROUGHPUT_TARGET}): "
+        f"{verdict(mx['req_per_s'] >= THROUGHPUT_TARGET and mx['errors'] == 0)}"
+    )
+    out.append(
+        f"proxy CPU {px['cpu_ms_per_request']:.4f} ms/request, peak RSS {px['peak_rss_mib']:.1f} MiB "
+        f"(stretch: {STRETCH_THROUGHPUT} req/s at <= {STRETCH_CPU_MS} ms CPU/request): "
+        f"{verdict(mx['req_per_s'] >= STRETCH_THROUGHPUT and px['cpu_ms_per_request'] <= STRETCH_CPU_MS)}"
+    )
+    if "proxy stream" in runs and "direct stream" in runs:
+        ds, ps = runs["direct stream"], runs["proxy stream"]
+        out.append(
+            f"streamed at {rate:.0f} req/s: first chunk p50/p99 direct "
+            f"{ds['first_chunk_ms']['p50']:.3f}/{ds['first_chunk_ms']['p99']:.3f} ms, through the proxy "
+            f"{ps['first_chunk_ms']['p50']:.3f}/{ps['first_chunk_ms']['p99']:.3f} ms; "
+            f"whole stream added p99 {ps['latency_ms']['p99'] - ds['latency_ms']['p99']:+.3f} ms"
+        )
+    errors = [(r["label"], r["first_error"], r["statuses"]) for r in runs.values() if r["errors"]]
+    for label, first, statuses in errors:
+        out.append(f"errors in {label}: first: {first}; statuses: {statuses}")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

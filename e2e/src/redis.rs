@@ -1,0 +1,135 @@
+//! A real redis-server for tests, on a free loopback port, stopped on drop.
+//!
+//! The binary is `$FLOODGATE_REDIS_SERVER` (set by `make unit`), else the one `make redis`
+//! unpacks into `$HOME/.cache/floodgate/redis`, else `redis-server` on the `PATH`.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a redis-server may take to say it is ready.
+const READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// A running redis-server, without persistence.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a redis-server on a free port of 127.0.0.1.
+    pub async fn start() -> anyhow::Result<RedisServer> {
+        // The port may be taken between choosing and binding it: try a few.
+        let mut last = None;
+        for _ in 0..5 {
+            let port = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?
+                .local_addr()?
+                .port();
+            match spawn(port).await {
+                Ok(child) => {
+                    return Ok(RedisServer {
+                        port,
+                        child: Some(child),
+                    });
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("redis-server did not start")))
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The port it listens on (kept across [`RedisServer::restart`]).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL: as if its machine died) and waits for it to exit.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a fresh (empty) server on the same port, killing the running one if any.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await?;
+        self.child = Some(spawn(self.port).await?);
+        Ok(())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// The redis-server binary to run.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FLOODGATE_REDIS_SERVER") {
+        return PathBuf::from(path);
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let cached = PathBuf::from(home).join(".cache/floodgate/redis/bin/redis-server");
+        if cached.exists() {
+            return cached;
+        }
+    }
+    PathBuf::from("redis-server")
+}
+
+async fn spawn(port: u16) -> anyhow::Result<Child> {
+    let bin = binary();
+    let mut child = Command::new(&bin)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .args(["--loglevel", "notice", "--logfile", ""])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run {}: {e}; run `make redis` or set FLOODGATE_REDIS_SERVER",
+                bin.display()
+            )
+        })?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("redis-server: no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(READY_WITHIN, async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("Ready to accept connections") {
+                return Ok(true);
+            }
+        }
+        Ok::<_, std::io::Error>(false)
+    })
+    .await;
+    match ready {
+        Ok(Ok(true)) => {
+            // Keep reading its log so that a full pipe never blocks it.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            Ok(child)
+        }
+        _ => {
+            let _ = child.kill().await;
+            anyhow::bail!("redis-server on port {port} did not become ready")
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! Shared rate budgets against a real redis-server (`make redis` provides the binary; each
+//! test starts its own on a free port): the Lua scripts' logic, two in-process replicas that
+//! together stay within every key's limit, and a Redis that dies and comes back.
+
+// Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
+#![cfg(test)]
+
+use floodgate_crds::redis_keys::KeyBudgetKeys;
+use floodgate_e2e::gateway::Gateway;
+use floodgate_e2e::mock::{MockConfig, MockProviders};
+use floodgate_e2e::redis::RedisServer;
+use floodgate_proxy::budget::shared::Admission;
+use floodgate_proxy::budget::{Limits, RedisBudgets, SharedOptions};
+use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
+use floodgate_proxy::secret::SecretString;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+const POLL: Duration = Duration::from_millis(20);
+
+fn options(redis: &RedisServer) -> SharedOptions {
+    let mut o = SharedOptions::new(SecretString::new(redis.url()));
+    o.poll = POLL;
+    o
+}
+
+/// A backend for the script tests: answers within a second even on a loaded machine.
+fn backend(redis: &RedisServer, window: Duration, in_flight_ttl: Duration) -> RedisBudgets {
+    let mut o = options(redis);
+    o.timeout = Duration::from_secs(1);
+    o.in_flight_ttl = in_flight_ttl;
+    RedisBudgets::new(o, window).unwrap()
+}
+
+fn rpm(n: u32) -> Limits {
+    Limits {
+        rpm: Some(n),
+        tpm: None,
+    }
+}
+
+fn keys() -> KeyBudgetKeys {
+    KeyBudgetKeys::new("pool", "openai", "k0")
+}
+
+fn refused_wait(a: Admission) -> Duration {
+    match a {
+        Admission::Refused { wait, .. } => wait,
+        Admission::Admitted { .. } => panic!("admitted, expected a refusal"),
+    }
+}
+
+mod script {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_millis(1000);
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn admits_up_to_the_limit_then_says_when() {
+        let redis = RedisServer::start().await.unwrap();
+        let b = backend(&redis, WINDOW, TTL);
+        let (k, l) = (keys(), rpm(2));
+        assert_eq!(
+            b.acquire(&k, l, 1, "a").await.unwrap(),
+            Admission::Admitted {
+                used: 1,
+                next_free: Duration::ZERO
+            }
+        );
+        // Full, and only answers to requests in flight can make room: ask again soon.
+        assert_eq!(
+            b.acquire(&k, l, 1, "b").await.unwrap(),
+            Admission::Admitted {
+                used: 2,
+                next_free: POLL
+            }
+        );
+        assert_eq!(
+            b.acquire(&k, l, 1, "c").await.unwrap(),
+            Admission::Refused {
+                used: 2,
+                wait: POLL
+            }
+        );
+        // Answered now: its slot frees one window later, not before.
+        assert!(b.complete(&k, "a").await.unwrap());
+        let wait = refused_wait(b.acquire(&k, l, 1, "c").await.unwrap());
+        assert!(
+            wait > WINDOW - Duration::from_millis(200) && wait <= WINDOW,
+            "{wait:?}"
+        );
+        tokio::time::sleep(wait).await;
+        assert!(matches!(
+            b.acquire(&k, l, 1, "c").await.unwrap(),
+            Admission::Admitted { used: 2, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_past_its_ttl_counts_as_answered_then() {
+        let redis = RedisServer::start().await.unwrap();
+        let ttl = Duration::from_millis(300);
+        let b = backend(&redis, WINDOW, ttl);
+        let (k, l) = (keys(), rpm(1));
+        let started = tokio::time::Instant::now();
+        assert!(matches!(
+            b.acquire(&k, l, 1, "crashed").await.unwrap(),
+            Admission::Admitted { .. }
+        ));
+        assert_eq!(refused_wait(b.acquire(&k, l, 1, "b").await.unwrap()), POLL);
+        // Its replica never answers: after the TTL it counts as answered at admission + TTL.
+        tokio::time::sleep_until(started + ttl + Duration::from_millis(50)).await;
+        let wait = refused_wait(b.acquire(&k, l, 1, "b").await.unwrap());
+        assert!(wait <= WINDOW && wait > WINDOW / 2, "{wait:?}");
+        // A late answer never moves it later.
+        assert!(!b.complete(&k, "crashed").await.unwrap());
+        tokio::time::sleep(wait).await;
+        assert!(matches!(
+            b.acquire(&k, l, 1, "b").await.unwrap(),
+            Admission::Admitted { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_limit_is_an_argument_so_reloads_apply_at_once() {
+        let redis = RedisServer::start().await.unwrap();
+        let b = backend(&redis, WINDOW, TTL);
+        let k = keys();
+        assert!(matches!(
+            b.acquire(&k, rpm(1), 1, "a").await.unwrap(),
+            Admission::Admitted { .. }
+        ));
+        assert!(b.complete(&k, "a").await.unwrap());
+        assert!(refused_wait(b.acquire(&k, rpm(1), 1, "b").await.unwrap()) > POLL);
+        assert!(matches!(
+            b.acquire(&k, rpm(2), 1, "b").await.unwrap(),
+            Admission::Admitted { used: 2, .. }
+        ));
+        refused_wait(b.acquire(&k, rpm(1), 1, "c").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn tokens_are_reserved_and_settled() {
+        let redis = RedisServer::start().await.unwrap();
+        let b = backend(&redis, WINDOW, TTL);
+        let k = keys();
+        let l = Limits {
+            rpm: None,
+            tpm: Some(1000),
+        };
+        assert!(matches!(
+            b.acquire(&k, l, 600, "a").await.unwrap(),
+            Admission::Admitted { .. }
+        ));
+        let wait = refused_wait(b.acquire(&k, l, 600, "b").await.unwrap());
+        assert!(wait > WINDOW / 2 && wait <= WINDOW, "{wait:?}");
+        // It used 100 tokens in the end: room for 600 more, not for 600 + 400.
+        assert!(b.settle(&k, "a", 100).await.unwrap());
+        assert!(matches!(
+            b.acquire(&k, l, 600, "b").await.unwrap(),
+            Admission::Admitted { .. }
+        ));
+        refused_wait(b.acquire(&k, l, 400, "c").await.unwrap());
+        // Larger than the whole limit: only into an empty window.
+        refused_wait(b.acquire(&k, l, 5000, "d").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn keys_follow_the_documented_layout_and_expire() {
+        let redis = RedisServer::start().await.unwrap();
+        let b = backend(&redis, WINDOW, TTL);
+        let k = keys();
+        let l = Limits {
+            rpm: Some(5),
+            tpm: Some(1000),
+        };
+        b.acquire(&k, l, 10, "a").await.unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let mut found: Vec<String> = redis::cmd("KEYS")
+            .arg("floodgate:*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        found.sort();
+        let mut expected = vec![
+            k.requests.clone(),
+            k.tokens.clone(),
+            k.token_amounts.clone(),
+        ];
+        expected.sort();
+        assert_eq!(found, expected);
+        let pttl = |key: String| {
+            let mut c = c.clone();
+            async move {
+                let ms: i64 = redis::cmd("PTTL")
+                    .arg(key)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                Duration::from_millis(u64::try_from(ms).unwrap())
+            }
+        };
+        // In flight: kept until the in-flight TTL plus a window.
+        assert!(pttl(k.requests.clone()).await > TTL);
+        assert!(pttl(k.tokens.clone()).await <= 2 * WINDOW);
+        // Nothing in flight any more: two windows.
+        assert!(b.complete(&k, "a").await.unwrap());
+        assert!(pttl(k.requests.clone()).await <= 2 * WINDOW);
+    }
+}
+
+fn manifests(keys: usize, rpm: u32, base: &str) -> String {
+    let secrets: String = (0..keys).map(|i| format!("  k{i}: key-{i}\n")).collect();
+    let refs: String = (0..keys)
+        .map(|i| format!("{{name: k{i}, secretRef: {{name: keys, key: k{i}}}, rpm: {rpm}}}, "))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData:\n{secrets}---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n  providers:\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o}}], keys: [{refs}]}}\n"
+    )
+}
+
+/// A replica: a gateway whose budgets live in `redis`. The proxy's window carries a small
+/// margin over the mock's for scheduling jitter (see proxy_limits.rs).
+async fn replica(yaml: &str, window: Duration, redis: SharedOptions) -> Gateway {
+    let opts = DispatcherOptions::new(window + Duration::from_millis(100), Duration::from_secs(60))
+        .with_redis(redis);
+    Gateway::start_with(yaml, Dispatcher::with_options(opts).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Sends `n` requests at once, alternating between `gateways`; returns per request the
+/// gateway's index, the status and the key used.
+async fn burst(gateways: &[&Gateway], n: usize) -> Vec<(usize, u16, String)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    futures::future::join_all((0..n).map(|i| {
+        let g = i % gateways.len();
+        let url = format!("{}/v1/chat/completions", gateways[g].url());
+        let client = client.clone();
+        async move {
+            let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": format!("q{i}")}]});
+            let r = client.post(&url).json(&body).send().await.unwrap();
+            let key = r
+                .headers()
+                .get("x-floodgate-key")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            (g, r.status().as_u16(), key)
+        }
+    }))
+    .await
+}
+
+/// Every request answered 200, and the mock saw no 429 and no key over its limit.
+fn assert_within_limits(mock: &MockProviders, results: &[(usize, u16, String)]) {
+    let failed: Vec<_> = results.iter().filter(|r| r.1 != 200).collect();
+    assert!(failed.is_empty(), "not 200: {failed:?}");
+    let counts = mock.counts();
+    let limited: u64 = counts.keys.iter().map(|k| k.rate_limited).sum();
+    assert_eq!(limited, 0, "upstream 429s");
+    let over: Vec<_> = counts
+        .over_limit()
+        .map(|k| (k.key.clone(), k.max_in_window))
+        .collect();
+    assert!(
+        over.is_empty(),
+        "keys over their limit in some window: {over:?}"
+    );
+}
+
+/// Two replicas send concurrently over 4 keys of 10 requests per 2 s: each key is used by
+/// both, and the provider never sees more than 10 in a window. With per-replica budgets the
+/// same traffic puts up to 20 into a window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_every_key_budget() {
+    let window = Duration::from_secs(2);
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(
+        MockConfig::default()
+            .with_default_rpm(10)
+            .with_window(window),
+    )
+    .await
+    .unwrap();
+    let yaml = manifests(4, 10, &mock.base_url());
+    let mut o = options(&redis);
+    // This test is about sharing: a slow answer on a loaded machine must not fall back.
+    o.timeout = Duration::from_secs(1);
+    let a = replica(&yaml, window, o.clone()).await;
+    let b = replica(&yaml, window, o).await;
+    let results = burst(&[&a, &b], 120).await;
+    assert_within_limits(&mock, &results);
+    assert_eq!(mock.counts().total(), 120);
+    let mut replicas_per_key: BTreeMap<&str, BTreeSet<usize>> = BTreeMap::new();
+    for (g, _, key) in &results {
+        replicas_per_key.entry(key).or_default().insert(*g);
+    }
+    assert_eq!(replicas_per_key.len(), 4, "{replicas_per_key:?}");
+    assert!(
+        replicas_per_key.values().all(|r| r.len() == 2),
+        "every key used by both replicas: {replicas_per_key:?}"
+    );
+    assert!(!a.dispatcher.redis_degraded() && !b.dispatcher.redis_degraded());
+}
+
+/// Redis dies mid-run: both replicas keep serving on half of each key (no upstream 429) and
+/// say they are degraded; Redis comes back on the same port and both return to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_survive_a_redis_outage_on_local_shares() {
+    let window = Duration::from_secs(2);
+    let mut redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(
+        MockConfig::default()
+            .with_default_rpm(10)
+            .with_window(window),
+    )
+    .await
+    .unwrap();
+    let yaml = manifests(2, 10, &mock.base_url());
+    let mut o = options(&redis);
+    o.replicas_hint = NonZeroU32::new(2).unwrap();
+    let a = replica(&yaml, window, o.clone()).await;
+    let b = replica(&yaml, window, o).await;
+    let watch = |g: &Gateway| g.dispatcher.budgets().backend().unwrap().watch_degraded();
+    let (mut wa, mut wb) = (watch(&a), watch(&b));
+
+    let before = burst(&[&a, &b], 16).await;
+    assert_within_limits(&mock, &before);
+    assert!(!a.dispatcher.redis_degraded());
+
+    redis.kill().await.unwrap();
+    let during = burst(&[&a, &b], 40).await;
+    assert_within_limits(&mock, &during);
+    assert!(a.dispatcher.redis_degraded() && b.dispatcher.redis_degraded());
+    assert_eq!(
+        degraded_metric(&a).await,
+        1,
+        "the degraded state is visible in /metrics"
+    );
+    for g in 0..2 {
+        assert_eq!(during.iter().filter(|r| r.0 == g).count(), 20);
+    }
+
+    redis.restart().await.unwrap();
+    for w in [&mut wa, &mut wb] {
+        tokio::time::timeout(Duration::from_secs(10), w.wait_for(|degraded| !degraded))
+            .await
+            .expect("back on Redis within 10 s")
+            .unwrap();
+    }
+    let after = burst(&[&a, &b], 30).await;
+    assert_within_limits(&mock, &after);
+    assert!(!a.dispatcher.redis_degraded() && !b.dispatcher.redis_degraded());
+    assert_eq!(mock.counts().total(), 86);
+}
+
+/// The other replica's use counts too when Redis dies: replica A used 8 of a key's 10, B 1
+/// (so Redis did not tell B the key is full); after the outage B may not take the rest of its
+/// half (4 of 5) until A's requests have left the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_counts_what_the_other_replicas_used() {
+    let window = Duration::from_secs(2);
+    let mut redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(
+        MockConfig::default()
+            .with_default_rpm(10)
+            .with_window(window),
+    )
+    .await
+    .unwrap();
+    let yaml = manifests(1, 10, &mock.base_url());
+    let a = replica(&yaml, window, options(&redis)).await;
+    let b = replica(&yaml, window, options(&redis)).await;
+    assert_within_limits(&mock, &burst(&[&a], 8).await);
+    assert_within_limits(&mock, &burst(&[&b], 1).await);
+    redis.kill().await.unwrap();
+    let during = burst(&[&b], 4).await;
+    assert_within_limits(&mock, &during);
+    assert!(b.dispatcher.redis_degraded());
+    assert_eq!(mock.counts().total(), 13);
+}
+
+/// `floodgate_budget_backend_degraded` as scraped from the gateway's `/metrics`.
+async fn degraded_metric(g: &Gateway) -> i64 {
+    let text = reqwest::get(format!("{}/metrics", g.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("floodgate_budget_backend_degraded "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1)
+}

@@ -1,0 +1,462 @@
+//! The budget of one key and the permit of one request on it.
+//!
+//! Locally (no Redis) a key is its own windows behind a mutex, as exact as the provider. With
+//! shared budgets the windows still record this replica's own requests (the fallback counts
+//! them when Redis fails), but admission is Redis's: a small hint of Redis's last answer
+//! (requests used, blocked until when, admissions being asked) keeps the replica from asking
+//! when the answer is known to be no, and from asking all at once when a slot frees up.
+
+use super::shared::{Admission, RedisBudgets};
+use super::window::{RequestWindow, TokenWindow};
+use super::{Limits, Unavailable};
+use crate::providers::RateLimitInfo;
+use floodgate_crds::redis_keys::KeyBudgetKeys;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How soon to look again when other requests of this replica are asking Redis for the same
+/// key and the hint says there is no room for one more.
+const ASKING_POLL: Duration = Duration::from_millis(5);
+
+#[derive(Debug)]
+pub(super) struct SharedKey {
+    pub(super) backend: Arc<RedisBudgets>,
+    pub(super) keys: Arc<KeyBudgetKeys>,
+}
+
+/// The replica's view of a key's shared budget, from Redis's last answer.
+#[derive(Debug, Default)]
+struct Hint {
+    /// Requests in the window, every replica's.
+    used: u32,
+    /// Redis said no further request fits before this.
+    blocked_until: Option<Instant>,
+    /// This replica's requests asking Redis now.
+    asking: u32,
+    /// Of `used`, the other replicas' requests; should Redis fail, they count against this
+    /// replica's local share until `others_until` (one window after the answer), since they
+    /// may still be in the provider's window.
+    others: u32,
+    others_until: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct KeyState {
+    limits: Limits,
+    requests: Option<RequestWindow>,
+    tokens: Option<TokenWindow>,
+    cooled_until: Option<Instant>,
+    failed: bool,
+    in_flight: u32,
+    hint: Hint,
+}
+
+/// The budget of one key.
+#[derive(Debug)]
+pub struct KeyBudget {
+    state: Mutex<KeyState>,
+    shared: Option<SharedKey>,
+}
+
+/// A request admitted on a key: its token reservation is settled, and its in-flight slot
+/// released, when the permit is settled or dropped.
+#[derive(Debug)]
+pub struct Permit {
+    key: Arc<KeyBudget>,
+    reservation: Option<(u64, u64)>,
+    /// Its id in the shared budget, when Redis admitted it.
+    member: Option<String>,
+    answered: bool,
+    done: bool,
+}
+
+impl Permit {
+    /// The provider has answered (response headers, or a failure): the request surely arrived
+    /// by now, so its slot starts its one-window countdown.
+    pub fn answered(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.answered = true;
+        let now = Instant::now();
+        if let Some(w) = self.key.lock().requests.as_mut() {
+            w.complete(now);
+        }
+        if let Some(shared) = &self.key.shared {
+            // The member is needed once more only to settle tokens.
+            let member = match self.reservation {
+                Some(_) => self.member.clone(),
+                None => self.member.take(),
+            };
+            if let Some(member) = member {
+                shared.backend.complete_later(&shared.keys, member);
+            }
+        }
+    }
+
+    /// Settles the token reservation with the real usage.
+    pub fn settle(mut self, total_tokens: u64) {
+        self.finish(Some(total_tokens));
+    }
+
+    fn finish(&mut self, actual: Option<u64>) {
+        if self.done {
+            return;
+        }
+        self.answered();
+        self.done = true;
+        let mut state = self.key.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        let (Some((id, _)), Some(actual)) = (self.reservation, actual) else {
+            return;
+        };
+        if let Some(tokens) = state.tokens.as_mut() {
+            tokens.settle(id, actual);
+        }
+        drop(state);
+        if let (Some(shared), Some(member)) = (&self.key.shared, self.member.take()) {
+            shared.backend.settle_later(&shared.keys, member, actual);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        // Unsettled (failed or abandoned): the estimate stands, which errs on the safe side.
+        self.finish(None);
+    }
+}
+
+/// A request asking Redis. However the asking ends it gives back its place among the
+/// requests asking; if it ends without an answer (the caller went away meanwhile), the
+/// admission may have happened, so the member is marked answered.
+struct Asking<'a> {
+    key: &'a KeyBudget,
+    shared: &'a SharedKey,
+    member: Option<String>,
+}
+
+impl Asking<'_> {
+    /// The answer came: the member is the caller's now.
+    fn answered(mut self) -> String {
+        self.member.take().unwrap_or_default()
+    }
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        let mut s = self.key.lock();
+        s.hint.asking = s.hint.asking.saturating_sub(1);
+        drop(s);
+        if let Some(member) = self.member.take() {
+            self.shared
+                .backend
+                .complete_later(&self.shared.keys, member);
+        }
+    }
+}
+
+impl KeyBudget {
+    pub(super) fn new(limits: Limits, window: Duration, shared: Option<SharedKey>) -> Self {
+        Self {
+            state: Mutex::new(KeyState {
+                limits,
+                requests: limits.rpm.map(|rpm| RequestWindow::new(rpm, window)),
+                tokens: limits
+                    .tpm
+                    .map(|tpm| TokenWindow::new(u64::from(tpm), window)),
+                cooled_until: None,
+                failed: false,
+                in_flight: 0,
+                hint: Hint::default(),
+            }),
+            shared,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, KeyState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(super) fn update(&self, limits: Limits, window: Duration) {
+        let mut s = self.lock();
+        if limits.rpm > s.limits.rpm || limits.tpm > s.limits.tpm {
+            // More room than Redis said when it had less: ask again.
+            s.hint.blocked_until = None;
+        }
+        s.limits = limits;
+        match (limits.rpm, s.requests.as_mut()) {
+            (Some(rpm), Some(w)) => w.set_limit(rpm, window),
+            (Some(rpm), None) => s.requests = Some(RequestWindow::new(rpm, window)),
+            (None, _) => s.requests = None,
+        }
+        match (limits.tpm, s.tokens.as_mut()) {
+            (Some(tpm), Some(w)) => w.set_limit(u64::from(tpm), window),
+            (Some(tpm), None) => s.tokens = Some(TokenWindow::new(u64::from(tpm), window)),
+            (None, _) => s.tokens = None,
+        }
+    }
+
+    pub(super) fn clear_failed(&self) {
+        self.lock().failed = false;
+    }
+
+    /// The shared budget, unless Redis is down or the key has no limit to share.
+    fn sharing(&self, s: &KeyState) -> Option<&SharedKey> {
+        self.shared.as_ref().filter(|shared| {
+            !shared.backend.degraded() && (s.limits.rpm.is_some() || s.limits.tpm.is_some())
+        })
+    }
+
+    /// When this key could take a request of `tokens`: `Ok(())` if now.
+    pub fn availability(&self, now: Instant, tokens: u64) -> Result<(), Unavailable> {
+        let mut s = self.lock();
+        let backend = self.shared.as_ref().map(|sh| &*sh.backend);
+        s.local_availability(now, tokens, backend)?;
+        if self.sharing(&s).is_some() {
+            s.hint_availability(now)?;
+        }
+        Ok(())
+    }
+
+    /// Admits a request of `tokens` estimated tokens at `now`: at once from the local windows,
+    /// or, with shared budgets, by asking Redis (at most [`SharedOptions::timeout`]; on
+    /// failure the local share decides).
+    ///
+    /// [`SharedOptions::timeout`]: super::SharedOptions::timeout
+    pub async fn acquire(
+        self: &Arc<Self>,
+        now: Instant,
+        tokens: u64,
+    ) -> Result<Permit, Unavailable> {
+        let Some(shared) = &self.shared else {
+            // The local path: one lock, no allocation.
+            let mut s = self.lock();
+            s.local_availability(now, tokens, None)?;
+            return Ok(self.admit(&mut s, now, tokens, None));
+        };
+        let limits = {
+            let mut s = self.lock();
+            s.local_availability(now, tokens, Some(&shared.backend))?;
+            if self.sharing(&s).is_none() {
+                return Ok(self.admit(&mut s, now, tokens, None));
+            }
+            s.hint_availability(now)?;
+            s.hint.asking += 1;
+            s.limits
+        };
+        let asking = Asking {
+            key: self,
+            shared,
+            member: Some(shared.backend.next_member()),
+        };
+        let member = asking.member.as_deref().unwrap_or_default();
+        let answer = shared
+            .backend
+            .acquire(&shared.keys, limits, tokens, member)
+            .await;
+        let member = asking.answered();
+        let now = Instant::now();
+        match answer {
+            Ok(Admission::Admitted { used, next_free }) => {
+                let mut s = self.lock();
+                let permit = self.admit(&mut s, now, tokens, Some(member));
+                s.heard(now, used, (!next_free.is_zero()).then(|| now + next_free));
+                Ok(permit)
+            }
+            Ok(Admission::Refused { used, wait }) => {
+                let mut s = self.lock();
+                s.heard(now, used, Some(now + wait));
+                Err(Unavailable::Until(now + wait))
+            }
+            Err(error) => {
+                shared.backend.failed(&error);
+                shared.backend.forget_later(&shared.keys, member);
+                let mut s = self.lock();
+                s.local_availability(now, tokens, Some(&shared.backend))?;
+                Ok(self.admit(&mut s, now, tokens, None))
+            }
+        }
+    }
+
+    /// Records an admitted request in the local windows.
+    fn admit(
+        self: &Arc<Self>,
+        s: &mut KeyState,
+        now: Instant,
+        tokens: u64,
+        member: Option<String>,
+    ) -> Permit {
+        if let Some(w) = s.requests.as_mut() {
+            w.admit();
+        }
+        let reservation = s.tokens.as_mut().map(|w| (w.reserve(now, tokens), tokens));
+        s.in_flight += 1;
+        Permit {
+            key: self.clone(),
+            reservation,
+            member,
+            answered: false,
+            done: false,
+        }
+    }
+
+    /// Share of the request budget left, in `[0, 1]` (1 for unlimited keys). With shared
+    /// budgets, of every replica's use as Redis last reported it.
+    pub fn remaining_fraction(&self, now: Instant) -> f64 {
+        let mut s = self.lock();
+        if let (Some(_), Some(rpm)) = (self.sharing(&s), s.limits.rpm) {
+            let used = s.shared_used(now).saturating_add(s.hint.asking);
+            return (1.0 - f64::from(used) / f64::from(rpm.max(1))).max(0.0);
+        }
+        let in_flight = s.in_flight;
+        let share = self.shared.as_ref().map(|sh| &*sh.backend);
+        match s.requests.as_mut() {
+            Some(w) => {
+                let limit = local_limit(share, now, w.limit());
+                (1.0 - f64::from(w.used(now)) / f64::from(limit.max(1))).max(0.0)
+            }
+            // Unlimited: prefer the key with the fewest requests in flight.
+            None => 1.0 / (1.0 + f64::from(in_flight)),
+        }
+    }
+
+    /// Requests made in the current window: every replica's as Redis last reported them
+    /// with shared budgets, else this replica's.
+    pub fn used(&self, now: Instant) -> u32 {
+        let mut s = self.lock();
+        if self.sharing(&s).is_some() {
+            return s.shared_used(now);
+        }
+        s.requests.as_mut().map_or(0, |w| w.used(now))
+    }
+
+    /// Rests the key until `until` (a 429 from the provider).
+    pub fn cool_until(&self, until: Instant) {
+        let mut s = self.lock();
+        s.cooled_until = Some(s.cooled_until.map_or(until, |c| c.max(until)));
+    }
+
+    /// Takes the key out until the configuration changes (a 401/403).
+    pub fn fail(&self) {
+        self.lock().failed = true;
+    }
+
+    /// Whether the key is failed.
+    pub fn is_failed(&self) -> bool {
+        self.lock().failed
+    }
+
+    /// Learns the provider's view of the budget from its rate-limit headers: when it says no
+    /// requests are left, the key waits for the reset even if our own count disagrees.
+    pub fn learn(&self, info: &RateLimitInfo, now: Instant) {
+        if info.requests_remaining == Some(0)
+            && let Some(reset) = info.requests_reset
+        {
+            let mut s = self.lock();
+            if let Some(w) = s.requests.as_mut() {
+                w.exhaust_until(now, now + reset);
+            }
+        }
+    }
+}
+
+/// The limit the local window enforces: the whole of it, or the replica's share while shared
+/// budgets are degraded (and for a window after).
+fn local_limit(shared: Option<&RedisBudgets>, now: Instant, limit: u32) -> u32 {
+    shared
+        .and_then(|b| b.local_share(now, u64::from(limit)))
+        .map_or(limit, |share| u32::try_from(share).unwrap_or(limit))
+}
+
+impl KeyState {
+    /// Records Redis's answer at `now`: `used` requests in the window, room again at
+    /// `blocked_until` (`None`: now).
+    fn heard(&mut self, now: Instant, used: u32, blocked_until: Option<Instant>) {
+        let own = self.requests.as_mut().map_or(0, |w| w.used(now));
+        let window = self
+            .requests
+            .as_ref()
+            .map_or(Duration::ZERO, |w| w.window());
+        self.hint.used = used;
+        self.hint.blocked_until = blocked_until;
+        self.hint.others = used.saturating_sub(own);
+        self.hint.others_until = Some(now + window);
+    }
+
+    /// Every replica's requests in the window as Redis last said, while that answer is less
+    /// than a window old; this replica's own after that.
+    fn shared_used(&mut self, now: Instant) -> u32 {
+        match self.hint.others_until {
+            Some(until) if until > now => self.hint.used,
+            _ => self.requests.as_mut().map_or(0, |w| w.used(now)),
+        }
+    }
+
+    /// Failed, cooled, and the local windows (whole, or the replica's share of them).
+    fn local_availability(
+        &mut self,
+        now: Instant,
+        tokens: u64,
+        shared: Option<&RedisBudgets>,
+    ) -> Result<(), Unavailable> {
+        if self.failed {
+            return Err(Unavailable::Failed);
+        }
+        let mut free = now;
+        if let Some(c) = self.cooled_until {
+            free = free.max(c);
+        }
+        if let Some(w) = self.requests.as_mut() {
+            let limit = w.limit();
+            match shared.and_then(|b| b.local_share(now, u64::from(limit))) {
+                None => free = free.max(w.next_free(now)),
+                Some(share) => {
+                    // Redis is (or was just) out: this replica's share, less what the other
+                    // replicas used as Redis last said, until those requests leave the window.
+                    let others = match self.hint.others_until {
+                        Some(until) if until > now => self.hint.others,
+                        _ => 0,
+                    };
+                    let share = u32::try_from(share).unwrap_or(limit);
+                    match share.checked_sub(others).filter(|&own| own > 0) {
+                        Some(own) => free = free.max(w.next_free_within(now, own)),
+                        None => free = free.max(self.hint.others_until.unwrap_or(now)),
+                    }
+                }
+            }
+        }
+        if let (Some(w), Some(tpm)) = (self.tokens.as_mut(), self.limits.tpm) {
+            let limit = shared
+                .and_then(|b| b.local_share(now, u64::from(tpm)))
+                .unwrap_or(u64::from(tpm));
+            free = free.max(w.next_free_within(now, tokens, limit));
+        }
+        if free > now {
+            Err(Unavailable::Until(free))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// What Redis last said, and how many of this replica's requests are asking it now.
+    fn hint_availability(&mut self, now: Instant) -> Result<(), Unavailable> {
+        if let Some(until) = self.hint.blocked_until
+            && until > now
+        {
+            return Err(Unavailable::Until(until));
+        }
+        let used = self.shared_used(now);
+        let room = self
+            .limits
+            .rpm
+            .map_or(u32::MAX, |rpm| rpm.saturating_sub(used).max(1));
+        if self.hint.asking >= room {
+            return Err(Unavailable::Until(now + ASKING_POLL));
+        }
+        Ok(())
+    }
+}

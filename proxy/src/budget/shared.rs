@@ -1,0 +1,449 @@
+//! Budgets shared by every replica through Redis (`--redis URL`), so that N proxies together
+//! never exceed a key's limits.
+//!
+//! Each admission is one atomic Lua script (`shared/acquire.lua`, sent by EVALSHA and loaded
+//! once per server) on Redis's own clock: a request is a member of the key's request log,
+//! counted while in flight and for one window after its answer, exactly like the local
+//! [`RequestWindow`](super::window::RequestWindow). The answer (`complete.lua`) and the token
+//! settlement (`settle.lua`) are written after the fact, off the request's path. The key
+//! layout lives in [`floodgate_crds::redis_keys`], for the operator to read.
+//!
+//! When Redis fails (an error, or no answer within [`SharedOptions::timeout`]) the replica
+//! says so once in the log and in [`RedisBudgets::degraded`], and serves on a local share of
+//! each budget, `limit / replicas_hint` (see [`SharedOptions::replicas_hint`]), counting the
+//! requests it made itself before the failure. A background probe, backing off from 50 ms to
+//! 2 s, looks for Redis again; when it answers, answers that could not be written meanwhile are
+//! written (late, which errs on the safe side) and shared budgets resume. For one more window
+//! the local share still applies as well: requests made during the outage are not in Redis.
+
+use super::Limits;
+use crate::secret::SecretString;
+use floodgate_crds::redis_keys::KeyBudgetKeys;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const ACQUIRE: &str = include_str!("shared/acquire.lua");
+const COMPLETE: &str = include_str!("shared/complete.lua");
+const SETTLE: &str = include_str!("shared/settle.lua");
+
+/// First and longest pause between two probes of an unreachable Redis.
+const PROBE_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+/// Answers kept for writing once Redis is back; beyond this the oldest are dropped (their
+/// requests then count until the in-flight TTL).
+const MAX_PENDING: usize = 10_000;
+
+/// How to reach Redis and how to behave without it.
+#[derive(Clone)]
+pub struct SharedOptions {
+    /// `redis://[user:password@]host:port[/db]`; secret, since it may hold a password.
+    pub url: SecretString,
+    /// How many replicas share the keys. While Redis is unreachable each replica serves at
+    /// most `limit / replicas_hint` (at least 1) of every key, so that together they stay
+    /// within the limit. Set it to the most replicas that may run (the autoscaler's maximum):
+    /// too low risks upstream 429s during an outage, too high only slows the outage down.
+    pub replicas_hint: NonZeroU32,
+    /// Longest wait for Redis, per call (connect, or a script's answer). A request never waits
+    /// longer than this for Redis; after it the replica serves on its local share.
+    pub timeout: Duration,
+    /// A request not answered this long after admission counts as answered then, so that the
+    /// slots of a crashed replica free up.
+    pub in_flight_ttl: Duration,
+    /// How soon to ask again when only requests in flight (on any replica) fill the window.
+    pub poll: Duration,
+}
+
+impl std::fmt::Debug for SharedOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedOptions")
+            .field("url", &self.url)
+            .field("replicas_hint", &self.replicas_hint)
+            .field("timeout", &self.timeout)
+            .field("in_flight_ttl", &self.in_flight_ttl)
+            .field("poll", &self.poll)
+            .finish()
+    }
+}
+
+impl SharedOptions {
+    /// Defaults for `url`: 2 replicas, 100 ms timeout, 10 min in-flight TTL, 20 ms poll.
+    pub fn new(url: SecretString) -> Self {
+        Self {
+            url,
+            replicas_hint: NonZeroU32::MIN.saturating_add(1),
+            timeout: Duration::from_millis(100),
+            in_flight_ttl: Duration::from_secs(600),
+            poll: Duration::from_millis(20),
+        }
+    }
+}
+
+/// Why a call to Redis failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    /// The URL does not parse (never echoed: it may hold a password).
+    #[error("the Redis URL is not valid (expected redis://[user:password@]host:port[/db])")]
+    Url,
+    /// No answer in time.
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis answered with an error, or the connection failed.
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The script answered something it never answers.
+    #[error("unexpected answer from the budget script")]
+    Reply,
+}
+
+impl SharedError {
+    /// A low-cardinality label for logs and metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SharedError::Url => "url",
+            SharedError::Timeout(_) => "timeout",
+            SharedError::Redis(e) if e.is_io_error() => "connection",
+            SharedError::Redis(_) => "redis_error",
+            SharedError::Reply => "reply",
+        }
+    }
+}
+
+/// The shared budget's decision on one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Admitted: `used` requests are now in the window (this one included), and a further
+    /// request fits in `next_free` (zero: now).
+    Admitted {
+        /// Requests in the window, every replica's.
+        used: u32,
+        /// Until a further request could be admitted.
+        next_free: Duration,
+    },
+    /// Refused: `used` requests fill the window; one more fits in `wait`.
+    Refused {
+        /// Requests in the window, every replica's.
+        used: u32,
+        /// Until one could be admitted.
+        wait: Duration,
+    },
+}
+
+/// The connection to Redis, the scripts and the replica's view of Redis's health. One per
+/// dispatcher; every shared key budget holds it.
+pub struct RedisBudgets {
+    client: redis::Client,
+    conn: OnceLock<ConnectionManager>,
+    acquire: redis::Script,
+    complete: redis::Script,
+    settle: redis::Script,
+    opts: SharedOptions,
+    window: Duration,
+    epoch: Instant,
+    degraded: AtomicBool,
+    /// Every change of `degraded`, for whoever waits on one.
+    changes: tokio::sync::watch::Sender<bool>,
+    /// Milliseconds since `epoch` until which the local share applies (`u64::MAX` while
+    /// degraded; one window past the recovery after it).
+    local_until_ms: AtomicU64,
+    replica: u64,
+    seq: AtomicU64,
+    pending: Mutex<Vec<(Arc<KeyBudgetKeys>, String)>>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for RedisBudgets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBudgets")
+            .field("opts", &self.opts)
+            .field("window", &self.window)
+            .field("degraded", &self.degraded())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RedisBudgets {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl RedisBudgets {
+    /// A backend for budgets of `window`; connects lazily, on first use.
+    pub fn new(opts: SharedOptions, window: Duration) -> Result<Self, SharedError> {
+        let client = redis::Client::open(opts.url.expose()).map_err(|_| SharedError::Url)?;
+        Ok(Self {
+            client,
+            conn: OnceLock::new(),
+            acquire: redis::Script::new(ACQUIRE),
+            complete: redis::Script::new(COMPLETE),
+            settle: redis::Script::new(SETTLE),
+            window,
+            epoch: Instant::now(),
+            degraded: AtomicBool::new(false),
+            changes: tokio::sync::watch::Sender::new(false),
+            local_until_ms: AtomicU64::new(0),
+            replica: replica_id(),
+            seq: AtomicU64::new(0),
+            pending: Mutex::default(),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            opts,
+        })
+    }
+
+    /// The options it was built with.
+    pub fn options(&self) -> &SharedOptions {
+        &self.opts
+    }
+
+    /// Whether Redis is unreachable and budgets are local shares. Cheap (one atomic load).
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    /// Follows [`RedisBudgets::degraded`]: a receiver that sees every change.
+    pub fn watch_degraded(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.changes.subscribe()
+    }
+
+    /// The local share of `limit` when it applies at `now` (while degraded, and for one
+    /// window after Redis is back), else `None`.
+    pub(crate) fn local_share(&self, now: Instant, limit: u64) -> Option<u64> {
+        let until = self.local_until_ms.load(Ordering::Acquire);
+        (self.millis_since_epoch(now) < until)
+            .then(|| (limit / u64::from(self.opts.replicas_hint.get())).max(1))
+    }
+
+    fn millis_since_epoch(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A request id unique across replicas.
+    pub fn next_member(&self) -> String {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}-{seq:x}", self.replica)
+    }
+
+    fn conn(&self) -> Result<ConnectionManager, SharedError> {
+        if let Some(conn) = self.conn.get() {
+            return Ok(conn.clone());
+        }
+        // One attempt per call: a dead Redis fails fast, and the next call tries again.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.opts.timeout))
+            .set_response_timeout(Some(self.opts.timeout))
+            .set_number_of_retries(0);
+        let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
+        Ok(self.conn.get_or_init(|| conn).clone())
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, SharedError> {
+        match tokio::time::timeout(self.opts.timeout, call).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(SharedError::Timeout(self.opts.timeout)),
+        }
+    }
+
+    /// Runs the admission script for `member` on the key `keys` under `limits`.
+    pub async fn acquire(
+        &self,
+        keys: &KeyBudgetKeys,
+        limits: Limits,
+        tokens: u64,
+        member: &str,
+    ) -> Result<Admission, SharedError> {
+        let mut conn = self.conn()?;
+        let mut call = self.acquire.prepare_invoke();
+        call.key(&keys.requests)
+            .key(&keys.tokens)
+            .key(&keys.token_amounts)
+            .arg(limits.rpm.map_or(-1, i64::from))
+            .arg(limits.tpm.map_or(-1, i64::from))
+            .arg(millis(self.window))
+            .arg(millis(self.opts.in_flight_ttl))
+            .arg(member)
+            .arg(tokens)
+            .arg(millis(self.opts.poll));
+        let (admitted, used, wait): (i64, i64, i64) =
+            self.bounded(call.invoke_async(&mut conn)).await?;
+        let used = u32::try_from(used).map_err(|_| SharedError::Reply)?;
+        let wait = Duration::from_millis(u64::try_from(wait).map_err(|_| SharedError::Reply)?);
+        match admitted {
+            1 => Ok(Admission::Admitted {
+                used,
+                next_free: wait,
+            }),
+            0 => Ok(Admission::Refused { used, wait }),
+            _ => Err(SharedError::Reply),
+        }
+    }
+
+    /// Records that `member` was answered now; `false` if it was not in flight.
+    pub async fn complete(&self, keys: &KeyBudgetKeys, member: &str) -> Result<bool, SharedError> {
+        let mut conn = self.conn()?;
+        let mut call = self.complete.prepare_invoke();
+        call.key(&keys.requests)
+            .arg(member)
+            .arg(millis(self.window));
+        let changed: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+        Ok(changed == 1)
+    }
+
+    /// Settles `member`'s token reservation at `tokens`; `false` if it left the window.
+    pub async fn settle(
+        &self,
+        keys: &KeyBudgetKeys,
+        member: &str,
+        tokens: u64,
+    ) -> Result<bool, SharedError> {
+        let mut conn = self.conn()?;
+        let mut call = self.settle.prepare_invoke();
+        call.key(&keys.token_amounts).arg(member).arg(tokens);
+        let changed: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+        Ok(changed == 1)
+    }
+
+    /// Writes `member`'s answer in the background; kept for later if Redis is unreachable.
+    pub(crate) fn complete_later(self: &Arc<Self>, keys: &Arc<KeyBudgetKeys>, member: String) {
+        if self.degraded() || tokio::runtime::Handle::try_current().is_err() {
+            self.remember(keys.clone(), member);
+            return;
+        }
+        let (this, keys) = (self.clone(), keys.clone());
+        self.tasks.spawn(async move {
+            if let Err(e) = this.complete(&keys, &member).await {
+                this.failed(&e);
+                this.remember(keys, member);
+            }
+        });
+    }
+
+    /// Settles `member`'s tokens in the background (dropped if Redis is unreachable: the
+    /// estimate stands, which errs on the safe side).
+    pub(crate) fn settle_later(
+        self: &Arc<Self>,
+        keys: &Arc<KeyBudgetKeys>,
+        member: String,
+        tokens: u64,
+    ) {
+        if self.degraded() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let (this, keys) = (self.clone(), keys.clone());
+        self.tasks.spawn(async move {
+            if let Err(e) = this.settle(&keys, &member, tokens).await {
+                this.failed(&e);
+            }
+        });
+    }
+
+    /// A request's admission may or may not have reached Redis: mark it answered once Redis
+    /// is back, so that it does not hold a slot until the in-flight TTL.
+    pub(crate) fn forget_later(&self, keys: &Arc<KeyBudgetKeys>, member: String) {
+        self.remember(keys.clone(), member);
+    }
+
+    fn remember(&self, keys: Arc<KeyBudgetKeys>, member: String) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.len() >= MAX_PENDING {
+            pending.remove(0);
+        }
+        pending.push((keys, member));
+    }
+
+    /// A call failed: budgets turn local until the probe finds Redis again.
+    pub(crate) fn failed(self: &Arc<Self>, error: &SharedError) {
+        self.local_until_ms.store(u64::MAX, Ordering::Release);
+        if self.degraded.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.changes.send_replace(true);
+        tracing::error!(
+            reason = error.metric_label(),
+            %error,
+            replicas_hint = self.opts.replicas_hint.get(),
+            "shared rate budgets unavailable: serving on this replica's local share of each key until Redis is back"
+        );
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.tasks
+                .spawn(probe(Arc::downgrade(self), self.cancel.clone()));
+        }
+    }
+
+    /// One probe: Redis answers, and the answers kept meanwhile are written.
+    async fn recover(&self) -> Result<(), SharedError> {
+        let mut conn = self.conn()?;
+        let _: String = self
+            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        loop {
+            let next = {
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                pending.pop()
+            };
+            let Some((keys, member)) = next else { break };
+            if let Err(e) = self.complete(&keys, &member).await {
+                self.remember(keys, member);
+                return Err(e);
+            }
+        }
+        let until = self
+            .millis_since_epoch(Instant::now())
+            .saturating_add(millis(self.window));
+        self.local_until_ms.store(until, Ordering::Release);
+        self.degraded.store(false, Ordering::Release);
+        self.changes.send_replace(false);
+        tracing::info!("shared rate budgets: Redis is back");
+        Ok(())
+    }
+
+    /// Waits for the background writes (answers, settlements) to finish, for shutdown.
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.cancel.cancel();
+        self.tasks.wait().await;
+    }
+}
+
+async fn probe(this: Weak<RedisBudgets>, cancel: CancellationToken) {
+    let mut pause = PROBE_BACKOFF.0;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        let Some(this) = this.upgrade() else { return };
+        match this.recover().await {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(reason = e.metric_label(), "Redis still unreachable"),
+        }
+        pause = (pause * 2).min(PROBE_BACKOFF.1);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A random id for this replica's request ids (no RNG dependency: the std hasher is seeded
+/// randomly per process).
+fn replica_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}

@@ -1,0 +1,94 @@
+-- Admits one request on a provider key whose budget every replica shares (see
+-- floodgate_crds::redis_keys for the layout). Atomic: the whole check-and-record runs as one
+-- script, on Redis's clock (TIME), so replicas with skewed clocks still agree.
+--
+-- KEYS[1] request log (sorted set)      KEYS[2] token reservations (sorted set)
+-- KEYS[3] token amounts (hash, + `sum`)
+-- ARGV[1] requests per window, -1 for no limit     ARGV[2] tokens per window, -1 for no limit
+-- ARGV[3] window (ms)
+-- ARGV[4] in-flight TTL (ms): a request not answered by then counts as answered then
+-- ARGV[5] member: the request's id, unique across replicas
+-- ARGV[6] estimated tokens of the request
+-- ARGV[7] poll (ms): when only requests in flight block, how soon to ask again
+--
+-- Returns {admitted (1 or 0), requests in the window (this one included if admitted),
+--          ms until a further request could be admitted (0: now)}.
+if redis.replicate_commands then pcall(redis.replicate_commands) end -- Redis < 5
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm = tonumber(ARGV[1])
+local tpm = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local member = ARGV[5]
+local tokens = tonumber(ARGV[6])
+local poll = tonumber(ARGV[7])
+local horizon = now - window
+
+-- Members are scored with their answer time, or (in flight) with admission + TTL, which is
+-- later than any answer time so far. In score order, then, answered requests come first, in
+-- the order they leave the window; a member scored after `now` is still in flight.
+local function request_wait(used)
+  local leave = used + 1 - rpm
+  local e = redis.call('ZRANGE', KEYS[1], leave - 1, leave - 1, 'WITHSCORES')
+  if #e == 0 then return poll end
+  local score = tonumber(e[2])
+  if score > now then return poll end
+  return score + window - now
+end
+
+local function token_wait(sum, need)
+  if sum + need <= tpm then return 0 end
+  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  local freed = 0
+  for i = 1, #entries, 2 do
+    freed = freed + (tonumber(redis.call('HGET', KEYS[3], entries[i])) or 0)
+    if sum - freed + need <= tpm then return tonumber(entries[i + 1]) + window - now end
+  end
+  return window
+end
+
+local used = 0
+local wait = 0
+if rpm >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', horizon)
+  used = redis.call('ZCARD', KEYS[1])
+  if used >= rpm then wait = request_wait(used) end
+end
+
+local sum = 0
+if tpm >= 0 then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', horizon)
+  if #old > 0 then
+    local freed = 0
+    for i = 1, #old do
+      freed = freed + (tonumber(redis.call('HGET', KEYS[3], old[i])) or 0)
+      redis.call('HDEL', KEYS[3], old[i])
+    end
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', horizon)
+    redis.call('HINCRBY', KEYS[3], 'sum', -freed)
+  end
+  sum = tonumber(redis.call('HGET', KEYS[3], 'sum') or '0')
+  -- A request larger than the whole limit fits an empty window only.
+  wait = math.max(wait, token_wait(sum, math.min(tokens, tpm)))
+end
+
+if wait > 0 then return {0, used, wait} end
+
+if rpm >= 0 then
+  redis.call('ZADD', KEYS[1], now + ttl, member)
+  redis.call('PEXPIRE', KEYS[1], ttl + window)
+  used = used + 1
+end
+if tpm >= 0 then
+  redis.call('ZADD', KEYS[2], now, member)
+  redis.call('HSET', KEYS[3], member, tokens)
+  redis.call('HINCRBY', KEYS[3], 'sum', tokens)
+  redis.call('PEXPIRE', KEYS[2], 2 * window)
+  redis.call('PEXPIRE', KEYS[3], 2 * window)
+end
+
+local next_free = 0
+if rpm >= 0 and used >= rpm then next_free = request_wait(used) end
+return {1, used, next_free}

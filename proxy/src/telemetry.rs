@@ -1,0 +1,247 @@
+//! Logs and traces: the `tracing` subscriber, and OTLP export of the request path's spans.
+//!
+//! Two spans follow a request, both on the [`TARGET`] target so that one directive turns them
+//! on or off as a whole:
+//! - `chat` (`server/chat.rs`), kind server: the inbound request, from the body read to the
+//!   response headers. `gen_ai.operation.name`, `gen_ai.request.model` (as requested),
+//!   `http.response.status_code`, `error.type`, `floodgate.{provider,key,attempts}`. Its name
+//!   stays `chat`: an OpenTelemetry span is named once its first child starts, before the
+//!   model is known to be configured, and a caller's arbitrary model must not name spans.
+//! - `upstream` (`route/upstream.rs`), one per attempt, a child of `chat`: OpenTelemetry name
+//!   `chat {upstream model}`, kind client, `gen_ai.provider.name`, `gen_ai.request.model`,
+//!   `server.address` (host only), `error.type`, and `gen_ai.usage.{input,output}_tokens`
+//!   once known. A stream's span ends with the stream, when its usage is recorded.
+//!
+//! Spans carry configured names (provider, key display name, model ids), never a secret, a
+//! prompt or a completion.
+//!
+//! Cost: without `--otlp-endpoint` the subscriber is exactly the fmt layer, and its default
+//! filter turns [`TARGET`] off, so the span callsites are disabled once and for all: a request
+//! pays a cached interest check per span, and its fields are never evaluated (`RUST_LOG` may
+//! turn them on for the log lines). With an endpoint, the fmt layer still ignores the spans
+//! (per-layer filters), and the OpenTelemetry layer hands finished spans to the SDK's batch
+//! processor, which exports them from its own thread.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::time::Duration;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{Layer as _, Registry};
+
+/// The `tracing` target of the request path's spans.
+pub const TARGET: &str = "floodgate::trace";
+
+/// Service name exported when `OTEL_SERVICE_NAME` is unset.
+pub const DEFAULT_SERVICE_NAME: &str = "floodgate-proxy";
+
+/// The log filter used when `RUST_LOG` is unset: the spans are for OTLP, not for log lines.
+const DEFAULT_LOG_FILTER: &str = "info,tower_http=warn,floodgate::trace=off";
+
+/// The OTLP/HTTP path of traces, appended to the collector's base URL.
+const TRACES_PATH: &str = "/v1/traces";
+
+/// How long shutdown waits for the last spans to be exported.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors setting up logs and traces.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The OTLP endpoint is not an `http(s)://` URL.
+    #[error("--otlp-endpoint {0:?} is not an http:// or https:// URL")]
+    Endpoint(String),
+    /// The OTLP exporter could not be built.
+    #[error("cannot build the OTLP exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// A global subscriber was already installed.
+    #[error("cannot install the tracing subscriber: {0}")]
+    Subscriber(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// Logging options.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Log as JSON lines instead of text.
+    pub json: bool,
+    /// OTLP/HTTP collector base URL (`http://collector:4318`), or the full `.../v1/traces`
+    /// URL; `None` exports nothing.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+/// Keeps the trace exporter; dropping it flushes the spans not yet exported.
+#[derive(Debug)]
+#[must_use = "dropping the guard shuts the trace exporter down"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports the spans still buffered and stops the exporter (also done on drop).
+    pub fn shutdown(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT)
+        {
+            tracing::warn!(error = %e, "the trace exporter did not shut down cleanly");
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Installs the global subscriber: the fmt layer on stderr (filtered by `RUST_LOG`), and,
+/// with an OTLP endpoint, the OpenTelemetry layer exporting the [`TARGET`] spans.
+pub fn init(options: Options) -> Result<Telemetry, Error> {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    use std::io::IsTerminal as _;
+    let ansi = std::io::stderr().is_terminal();
+    let endpoint = options.otlp_endpoint.filter(|e| !e.trim().is_empty());
+    let Some(endpoint) = endpoint else {
+        // Exactly the subscriber the proxy had before traces: a global filter, so the
+        // disabled span callsites cost nothing per request.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr);
+        if options.json {
+            builder.json().finish().try_init()?;
+        } else {
+            builder.finish().try_init()?;
+        }
+        return Ok(Telemetry { provider: None });
+    };
+    let provider = tracer_provider(&traces_url(&endpoint)?, options.service_name)?;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let fmt = if options.json {
+        fmt.json().with_filter(filter).boxed()
+    } else {
+        fmt.with_filter(filter).boxed()
+    };
+    // Attributes beyond the span's own fields cost per span; none of them is needed here.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("floodgate-proxy"))
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
+        .with_filter(otel_filter());
+    Registry::default().with(fmt).with(otel).try_init()?;
+    Ok(Telemetry {
+        provider: Some(provider),
+    })
+}
+
+/// What the OpenTelemetry layer sees: the request path's spans, and the proxy's warnings and
+/// errors (as events of the span they happen in).
+fn otel_filter() -> Targets {
+    Targets::new()
+        .with_target(TARGET, LevelFilter::INFO)
+        .with_target("floodgate_proxy", LevelFilter::WARN)
+}
+
+/// The OTLP/HTTP traces URL for a collector's base URL (`OTEL_EXPORTER_OTLP_ENDPOINT`
+/// semantics: `/v1/traces` is appended unless the URL already names it).
+fn traces_url(endpoint: &str) -> Result<String, Error> {
+    let endpoint = endpoint.trim();
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|_| Error::Endpoint(endpoint.to_owned()))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(Error::Endpoint(endpoint.to_owned()));
+    }
+    let base = endpoint.trim_end_matches('/');
+    Ok(if base.ends_with(TRACES_PATH) {
+        base.to_owned()
+    } else {
+        format!("{base}{TRACES_PATH}")
+    })
+}
+
+/// The SDK's batch span processor (its own export thread, so it does not depend on which
+/// runtime is current; `OTEL_BSP_*` tune it) over an OTLP HTTP/protobuf exporter.
+///
+/// The exporter's HTTP client is reqwest's blocking one: the stable batch processor calls the
+/// exporter from its thread, where an async client would find no tokio reactor; the processor
+/// that runs on a tokio runtime is still `experimental_*` in the SDK and must be built inside
+/// the runtime, which `main` starts only after the configuration is loaded.
+fn tracer_provider(url: &str, service_name: String) -> Result<SdkTracerProvider, Error> {
+    // reqwest is built with `rustls-no-provider`: an https collector needs ring installed, as
+    // for the upstream client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(url)
+        .build()?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(Resource::builder().with_service_name(service_name).build())
+        .build())
+}
+
+/// The host of a URL (`server.address`): no scheme, credentials, port or path.
+pub fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if let Some(v6) = host_port.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    host_port.split(':').next().unwrap_or(host_port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_address_is_the_bare_host() {
+        assert_eq!(host_of("https://api.openai.com/v1"), "api.openai.com");
+        assert_eq!(host_of("http://127.0.0.1:4000"), "127.0.0.1");
+        assert_eq!(
+            host_of("http://user:secret@llm.internal:8080/x"),
+            "llm.internal"
+        );
+        assert_eq!(host_of("http://[::1]:11434/api"), "::1");
+        assert_eq!(host_of("ollama:11434"), "ollama");
+    }
+
+    #[test]
+    fn the_traces_path_is_appended_to_a_base_url_once() {
+        let url = |e: &str| traces_url(e).ok();
+        assert_eq!(
+            url("http://collector:4318").as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(
+            url("http://collector:4318/").as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(
+            url("https://c.example/otlp/v1/traces").as_deref(),
+            Some("https://c.example/otlp/v1/traces")
+        );
+        assert!(matches!(
+            traces_url("collector:4318"),
+            Err(Error::Endpoint(_))
+        ));
+        assert!(matches!(traces_url("not a url"), Err(Error::Endpoint(_))));
+    }
+}
