@@ -15,31 +15,40 @@
 //! Spans carry configured names (provider, key display name, model ids), never a secret, a
 //! prompt or a completion.
 //!
-//! Cost: without `--otlp-endpoint` the subscriber is exactly the fmt layer, and its default
-//! filter turns [`TARGET`] off, so the span callsites are disabled once and for all: a request
-//! pays a cached interest check per span, and its fields are never evaluated (`RUST_LOG` may
-//! turn them on for the log lines). With an endpoint, the fmt layer still ignores the spans
-//! (per-layer filters), and the OpenTelemetry layer hands finished spans to the SDK's batch
-//! processor, which exports them from its own thread.
+//! Cost: without `--otlp-endpoint` the subscriber is exactly the fmt layer, and its filter
+//! turns [`TARGET`] off (unless `RUST_LOG` names it), so the span callsites are disabled once
+//! and for all: a request pays a cached interest check per span, and the fields are never
+//! evaluated. With an endpoint, the fmt layer still ignores the spans (per-layer filters), and
+//! the OpenTelemetry layer hands finished spans to the SDK's batch processor, which exports
+//! them from its own thread. Most of that cost is building the spans in the layer, so
+//! sampling (`OTEL_TRACES_SAMPLER`) happens before the layer, in `RequestSampler`.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig as _};
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::Sampler;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tracing::subscriber::Interest;
+use tracing::{Metadata, Subscriber};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
-use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::layer::{Context, Filter, SubscriberExt as _};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{Layer as _, Registry};
 
 /// The `tracing` target of the request path's spans.
 pub const TARGET: &str = "floodgate::trace";
 
+/// The name of the root span of a request, the one sampling decides on.
+pub const REQUEST_SPAN: &str = "chat";
+
 /// Service name exported when `OTEL_SERVICE_NAME` is unset.
 pub const DEFAULT_SERVICE_NAME: &str = "floodgate-proxy";
 
-/// The log filter used when `RUST_LOG` is unset: the spans are for OTLP, not for log lines.
-const DEFAULT_LOG_FILTER: &str = "info,tower_http=warn,floodgate::trace=off";
+/// The log filter used when `RUST_LOG` is unset or invalid.
+const DEFAULT_LOG_FILTER: &str = "info,tower_http=warn";
 
 /// The OTLP/HTTP path of traces, appended to the collector's base URL.
 const TRACES_PATH: &str = "/v1/traces";
@@ -105,8 +114,7 @@ impl Drop for Telemetry {
 /// Installs the global subscriber: the fmt layer on stderr (filtered by `RUST_LOG`), and,
 /// with an OTLP endpoint, the OpenTelemetry layer exporting the [`TARGET`] spans.
 pub fn init(options: Options) -> Result<Telemetry, Error> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let filter = log_filter();
     use std::io::IsTerminal as _;
     let ansi = std::io::stderr().is_terminal();
     let endpoint = options.otlp_endpoint.filter(|e| !e.trim().is_empty());
@@ -141,19 +149,120 @@ pub fn init(options: Options) -> Result<Telemetry, Error> {
         .with_target(false)
         .with_tracked_inactivity(false)
         .with_context_activation(false)
-        .with_filter(otel_filter());
+        .with_filter(RequestSampler::from_env());
     Registry::default().with(fmt).with(otel).try_init()?;
     Ok(Telemetry {
         provider: Some(provider),
     })
 }
 
-/// What the OpenTelemetry layer sees: the request path's spans, and the proxy's warnings and
-/// errors (as events of the span they happen in).
-fn otel_filter() -> Targets {
-    Targets::new()
-        .with_target(TARGET, LevelFilter::INFO)
-        .with_target("floodgate_proxy", LevelFilter::WARN)
+/// `RUST_LOG` (else [`DEFAULT_LOG_FILTER`]), with the [`TARGET`] spans off unless it names
+/// them: formatting their fields for log lines costs far more than exporting them, so a plain
+/// `RUST_LOG=info` must not turn that on.
+fn log_filter() -> EnvFilter {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let names_spans = std::env::var(EnvFilter::DEFAULT_ENV).is_ok_and(|spec| spec.contains(TARGET));
+    match format!("{TARGET}=off").parse() {
+        Ok(off) if !names_spans => filter.add_directive(off),
+        _ => filter,
+    }
+}
+
+/// What the OpenTelemetry layer sees: the spans of one request in `every` (head sampling), and
+/// the proxy's warnings and errors within them (as span events).
+///
+/// Sampling here rather than in the SDK: most of the cost of a traced request is building its
+/// spans in the layer, which an SDK sampler only decides on afterwards; a request left out
+/// here creates no span at all. `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` choose the
+/// share (`always_on`, `always_off`, `traceidratio` and their `parentbased_` forms; without
+/// trace context propagation they are the same), applied as one request in N; the SDK then
+/// keeps every span it is given.
+#[derive(Debug)]
+struct RequestSampler {
+    targets: Targets,
+    /// Trace one request in `every`; `0`: none.
+    every: u64,
+    requests: AtomicU64,
+}
+
+impl RequestSampler {
+    fn new(every: u64) -> Self {
+        Self {
+            targets: Targets::new()
+                .with_target(TARGET, LevelFilter::INFO)
+                .with_target("floodgate_proxy", LevelFilter::WARN),
+            every,
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    fn from_env() -> Self {
+        let sampler = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default();
+        let ratio = std::env::var("OTEL_TRACES_SAMPLER_ARG")
+            .ok()
+            .and_then(|arg| arg.trim().parse::<f64>().ok());
+        Self::new(every(&sampler, ratio))
+    }
+
+    fn sample(&self) -> bool {
+        match self.every {
+            0 => false,
+            1 => true,
+            n => self
+                .requests
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(n),
+        }
+    }
+}
+
+/// One request in how many is traced, from the `OTEL_TRACES_SAMPLER` variables.
+fn every(sampler: &str, ratio: Option<f64>) -> u64 {
+    match sampler.trim() {
+        "always_off" | "parentbased_always_off" => 0,
+        "traceidratio" | "parentbased_traceidratio" => match ratio {
+            Some(r) if (0.0..=1.0).contains(&r) => {
+                if r == 0.0 {
+                    0
+                } else {
+                    // In 1..=u64::MAX for r in (0, 1]; `as` saturates.
+                    (1.0 / r).round() as u64
+                }
+            }
+            _ => 1,
+        },
+        _ => 1,
+    }
+}
+
+impl<S> Filter<S> for RequestSampler
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(&self, meta: &Metadata<'_>, cx: &Context<'_, S>) -> bool {
+        if !self.targets.would_enable(meta.target(), meta.level()) {
+            return false;
+        }
+        if meta.is_span() && meta.target() == TARGET && meta.name() == REQUEST_SPAN {
+            return self.sample();
+        }
+        // Anything else only within a sampled request.
+        cx.lookup_current().is_some()
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        if self.every != 0 && self.targets.would_enable(meta.target(), meta.level()) {
+            // Decided per span: sampling and the enclosing request.
+            Interest::sometimes()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::INFO)
+    }
 }
 
 /// The OTLP/HTTP traces URL for a collector's base URL (`OTEL_EXPORTER_OTLP_ENDPOINT`
@@ -192,6 +301,8 @@ fn tracer_provider(url: &str, service_name: String) -> Result<SdkTracerProvider,
         .build()?;
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
+        // `RequestSampler` has sampled already.
+        .with_sampler(Sampler::AlwaysOn)
         .with_resource(Resource::builder().with_service_name(service_name).build())
         .build())
 }
@@ -210,6 +321,70 @@ pub fn host_of(url: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sampler_variables_give_one_request_in_n() {
+        assert_eq!(every("", None), 1);
+        assert_eq!(every("always_on", None), 1);
+        assert_eq!(every("parentbased_always_off", None), 0);
+        assert_eq!(every("traceidratio", Some(0.1)), 10);
+        assert_eq!(every("parentbased_traceidratio", Some(0.3)), 3);
+        assert_eq!(every("traceidratio", Some(0.0)), 0);
+        assert_eq!(every("traceidratio", Some(1e-30)), u64::MAX);
+        assert_eq!(every("traceidratio", Some(2.0)), 1);
+        assert_eq!(every("traceidratio", None), 1);
+    }
+
+    /// Counts the spans and events a layer behind `sampler` sees.
+    #[derive(Debug, Default, Clone)]
+    struct Seen(std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>);
+
+    impl<S: Subscriber> tracing_subscriber::Layer<S> for Seen {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: Context<'_, S>,
+        ) {
+            self.0.lock().unwrap().push(attrs.metadata().name());
+        }
+
+        fn on_event(&self, _: &tracing::Event<'_>, _: Context<'_, S>) {
+            self.0.lock().unwrap().push("event");
+        }
+    }
+
+    fn requests(sampler: RequestSampler, n: usize) -> Vec<&'static str> {
+        let seen = Seen::default();
+        let subscriber = Registry::default().with(seen.clone().with_filter(sampler));
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..n {
+                let request = tracing::info_span!(target: TARGET, "chat");
+                let _in = request.enter();
+                let attempt = tracing::info_span!(target: TARGET, "upstream");
+                let _in = attempt.enter();
+                tracing::warn!(target: "floodgate_proxy::route", "upstream broke");
+                tracing::info!(target: "floodgate_proxy::route", "not a warning");
+            }
+            tracing::warn!(target: "floodgate_proxy::route", "outside any request");
+            tracing::info_span!(target: TARGET, "upstream").in_scope(|| {});
+        });
+        seen.0.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn one_request_in_n_is_traced_whole() {
+        let all = requests(RequestSampler::new(1), 2);
+        assert_eq!(
+            all,
+            ["chat", "upstream", "event", "chat", "upstream", "event"]
+        );
+        assert_eq!(
+            requests(RequestSampler::new(3), 7),
+            ["chat", "upstream", "event"].repeat(3)
+        );
+        assert!(requests(RequestSampler::new(0), 5).is_empty());
+    }
 
     #[test]
     fn server_address_is_the_bare_host() {
