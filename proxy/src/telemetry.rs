@@ -4,13 +4,14 @@
 //! on or off as a whole:
 //! - `chat` (`server/chat.rs`), kind server: the inbound request, from the body read to the
 //!   response headers. `gen_ai.operation.name`, `gen_ai.request.model` (as requested),
-//!   `http.response.status_code`, `error.type`, `floodgate.{provider,key,attempts}`. Its name
+//!   `http.response.status_code`, `error.type`, `floodgate.{provider,attempts}`. Its name
 //!   stays `chat`: an OpenTelemetry span is named once its first child starts, before the
 //!   model is known to be configured, and a caller's arbitrary model must not name spans.
 //! - `upstream` (`route/upstream.rs`), one per attempt, a child of `chat`: OpenTelemetry name
 //!   `chat {upstream model}`, kind client, `gen_ai.provider.name`, `gen_ai.request.model`,
-//!   `server.address` (host only), `error.type`, and `gen_ai.usage.{input,output}_tokens`
-//!   once known. A stream's span ends with the stream, when its usage is recorded.
+//!   `server.address` (host only), `floodgate.{provider,key}` (the key's display name),
+//!   `error.type`, and `gen_ai.usage.{input,output}_tokens` once known. A stream's span ends
+//!   with the stream, when its usage is recorded.
 //!
 //! Spans carry configured names (provider, key display name, model ids), never a secret, a
 //! prompt or a completion.

@@ -37,7 +37,6 @@ pub(super) async fn completions(State(state): State<AppState>, body: Body) -> Re
         http.response.status_code = Empty,
         error.type = Empty,
         floodgate.provider = Empty,
-        floodgate.key = Empty,
         floodgate.attempts = Empty,
     );
     let request_span = span.clone();
@@ -98,9 +97,6 @@ fn record_request(span: &Span, response: &Response, model: Option<&str>, outcome
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(provider) = header(PROVIDER) {
         span.record("floodgate.provider", provider);
-    }
-    if let Some(key) = header(KEY) {
-        span.record("floodgate.key", key);
     }
     if let Some(attempts) = header(ATTEMPTS).and_then(|a| a.parse::<u32>().ok()) {
         span.record("floodgate.attempts", i64::from(attempts));
