@@ -13,6 +13,8 @@ ADDED_P99_TARGET_MS = 1.0
 THROUGHPUT_TARGET = 5_000
 STRETCH_THROUGHPUT = 20_000
 STRETCH_CPU_MS = 0.05
+# Host steal (cores' worth) above which a run's latency says more about the host than us.
+NOISY_STEAL_CORES = 0.1
 
 
 def proc(run, name):
@@ -30,7 +32,18 @@ def row(run):
         + (f"{proxy['cpu_ms_per_request']:>9.4f}{proxy['peak_rss_mib']:>7.1f}" if through_proxy else f"{'-':>9}{'-':>7}")
         + f"{mock['cpu_ms_per_request']:>9.4f}"
         + f"{run['machine_busy_cores'] or 0:>6.2f}/{run['cores']}"
+        + f"{steal(run):>7.2f}"
     )
+
+
+def steal(run):
+    return run.get("machine_steal_cores") or 0.0
+
+
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def verdict(ok):
@@ -40,7 +53,14 @@ def verdict(ok):
 def main():
     path, rate = sys.argv[1], float(sys.argv[2])
     with open(path, encoding="utf-8") as f:
-        runs = {r["label"]: r for r in map(json.loads, f)}
+        ordered = [json.loads(line) for line in f]
+    runs = {r["label"]: r for r in ordered}
+    pairs = []
+    for r in ordered:
+        if r["label"].startswith("proxy rate"):
+            direct = runs.get(r["label"].replace("proxy", "direct", 1))
+            if direct:
+                pairs.append((direct, r))
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
@@ -51,7 +71,7 @@ def main():
         rev = "unknown"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cores = os.cpu_count()
-    seconds = runs["proxy rate"]["seconds"]
+    seconds = pairs[0][1]["seconds"]
     out = [
         f"Floodgate bench, {now}, git {rev}, release build, {cores} cores",
         f"loadgen, mock and proxy all run on these {cores} cores; 'busy' is the whole machine during the run.",
@@ -59,20 +79,37 @@ def main():
         "(open-loop runs measure from the scheduled send time: no coordinated omission).",
         "",
         f"{'run':<14}{'req/s':>8}{'ok':>8}{'err':>5}{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>8}"
-        f"{'pxCPU/rq':>9}{'pxRSS':>7}{'mkCPU/rq':>9}{'busy':>8}",
+        f"{'pxCPU/rq':>9}{'pxRSS':>7}{'mkCPU/rq':>9}{'busy':>8}{'steal':>7}",
     ]
-    for label in ["direct rate", "proxy rate", "direct max", "proxy max", "direct stream", "proxy stream"]:
+    for direct, proxy in pairs:
+        out.append(row(direct))
+        out.append(row(proxy))
+    for label in ["direct max", "proxy max", "direct stream", "proxy stream"]:
         if label in runs:
             out.append(row(runs[label]))
-    out.append("(pxCPU/rq, mkCPU/rq: CPU ms per request of the proxy and of the mock; pxRSS: proxy peak RSS, MiB)")
+    out.append("(pxCPU/rq, mkCPU/rq: CPU ms per request of the proxy and of the mock; pxRSS: proxy peak RSS, MiB;")
+    out.append(" busy: whole machine, from the kernel's tick sampling, which misses short bursts at low load;")
+    out.append(" steal: cores' worth of time the host gave to other guests during the run)")
     out.append("")
 
-    d, p = runs["direct rate"]["latency_ms"], runs["proxy rate"]["latency_ms"]
-    added_p50, added_p99 = p["p50"] - d["p50"], p["p99"] - d["p99"]
+    added = []
+    for direct, proxy in pairs:
+        d, p = direct["latency_ms"], proxy["latency_ms"]
+        added.append((p["p50"] - d["p50"], p["p99"] - d["p99"]))
+    added_p50 = median([a[0] for a in added])
+    added_p99 = median([a[1] for a in added])
+    each = ", ".join(f"{a[1]:+.3f}" for a in added)
     out.append(
-        f"added latency at {rate:.0f} req/s: p50 {added_p50:+.3f} ms, p99 {added_p99:+.3f} ms "
+        f"added latency at {rate:.0f} req/s, median of {len(added)} pairs: p50 {added_p50:+.3f} ms, "
+        f"p99 {added_p99:+.3f} ms (each pair's p99: {each}) "
         f"(target p99 < {ADDED_P99_TARGET_MS:.0f} ms): {verdict(added_p99 < ADDED_P99_TARGET_MS)}"
     )
+    noisy = [r["label"] for r in ordered if steal(r) > NOISY_STEAL_CORES]
+    if noisy:
+        out.append(
+            f"warning: the host took over {NOISY_STEAL_CORES} cores (steal) during: {', '.join(noisy)}; "
+            "their latencies are the host's as much as ours"
+        )
     mx = runs["proxy max"]
     px = proc(mx, "proxy")
     out.append(

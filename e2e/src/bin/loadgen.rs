@@ -249,6 +249,9 @@ struct Report {
     first_chunk_ms: Option<Percentiles>,
     processes: Vec<ProcessReport>,
     machine_busy_cores: Option<f64>,
+    /// Cores' worth of time the hypervisor gave to other guests while this one wanted it:
+    /// latency measured under high steal says more about the host than about the proxy.
+    machine_steal_cores: Option<f64>,
     cores: usize,
 }
 
@@ -463,9 +466,11 @@ async fn run(
         bail!("the pacer thread failed");
     }
     let elapsed = total.last_done.unwrap_or(start).duration_since(start);
-    let machine_busy_cores = machine_before
+    let machine = machine_before
         .zip(machine_ticks().ok())
-        .and_then(|(before, after)| busy_cores(before, after));
+        .and_then(|(before, after)| machine_cores(before, after));
+    let machine_busy_cores = machine.map(|(busy, _)| busy);
+    let machine_steal_cores = machine.map(|(_, steal)| steal);
     let mut processes = Vec::new();
     for ((name, pid), before) in pids.iter().zip(cpu_before) {
         let cpu = cpu_ms(*pid)? - before;
@@ -501,6 +506,7 @@ async fn run(
         first_chunk_ms: args.stream.then(|| Percentiles::of(&total.first_chunk)),
         processes,
         machine_busy_cores,
+        machine_steal_cores,
         cores: std::thread::available_parallelism().map_or(1, usize::from),
     })
 }
@@ -666,8 +672,15 @@ fn rss_mib(pid: u32) -> Result<(f64, f64)> {
     Ok((field("VmRSS:"), field("VmHWM:")))
 }
 
-/// (busy, total) clock ticks of all CPUs, from the first line of `/proc/stat`.
-fn machine_ticks() -> Result<(u64, u64)> {
+/// Clock ticks of all CPUs, from the first line of `/proc/stat`.
+#[derive(Debug, Clone, Copy)]
+struct Ticks {
+    busy: u64,
+    steal: u64,
+    total: u64,
+}
+
+fn machine_ticks() -> Result<Ticks> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().context("empty /proc/stat")?;
     let values: Vec<u64> = line
@@ -676,17 +689,28 @@ fn machine_ticks() -> Result<(u64, u64)> {
         .filter_map(|v| v.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let at = |i: usize| values.get(i).copied().unwrap_or(0);
     let total: u64 = values.iter().take(8).sum();
-    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
-    Ok((total - idle, total))
+    Ok(Ticks {
+        busy: total - at(3) - at(4),
+        steal: at(7),
+        total,
+    })
 }
 
-/// Average number of busy cores between two samples.
-fn busy_cores(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
-    let total = after.1.checked_sub(before.1)?;
-    let busy = after.0.checked_sub(before.0)?;
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    (total > 0).then(|| busy as f64 / total as f64 * cores as f64)
+/// Average number of cores busy, and of cores taken by the hypervisor (steal: this virtual
+/// machine wanted to run but the host ran something else), between two samples.
+fn machine_cores(before: Ticks, after: Ticks) -> Option<(f64, f64)> {
+    let total = after.total.checked_sub(before.total)?;
+    let busy = after.busy.checked_sub(before.busy)?;
+    let steal = after.steal.checked_sub(before.steal)?;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    (total > 0).then(|| {
+        (
+            busy as f64 / total as f64 * cores,
+            steal as f64 / total as f64 * cores,
+        )
+    })
 }
 
 /// The human-readable report.
@@ -742,7 +766,12 @@ fn render(r: &Report) -> String {
         );
     }
     if let Some(busy) = r.machine_busy_cores {
-        let _ = writeln!(s, "  machine: {busy:.2} of {} cores busy", r.cores);
+        let steal = r.machine_steal_cores.unwrap_or(0.0);
+        let _ = writeln!(
+            s,
+            "  machine: {busy:.2} of {} cores busy, {steal:.2} stolen by the host",
+            r.cores
+        );
     }
     s
 }

@@ -135,6 +135,15 @@ pub enum BuildError {
     Redis(#[from] SharedError),
 }
 
+/// The client for provider calls: pooled keep-alive connections, Nagle off (a request is one
+/// write, and small SSE frames should not wait).
+fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .build()
+}
+
 /// Routes requests over the configured pools. One per process; budgets and breakers survive
 /// configuration reloads.
 #[derive(Debug)]
@@ -159,10 +168,7 @@ impl Dispatcher {
     pub fn with_options(opts: DispatcherOptions) -> Result<Self, BuildError> {
         // One crypto provider for the process (ring); a second install is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()?;
+        let http = upstream_client()?;
         let budgets = match opts.redis {
             Some(redis) => Budgets::shared(opts.window, redis)?,
             None => Budgets::new(opts.window),
@@ -175,6 +181,22 @@ impl Dispatcher {
             runtime: ArcSwapOption::empty(),
             rr: AtomicUsize::new(0),
         })
+    }
+
+    /// The upstream HTTP client of the calling thread.
+    ///
+    /// One per thread: a pooled connection is driven by a task on the runtime that opened it,
+    /// so a client shared by the gateway's single-threaded workers would hand each request to
+    /// another thread and back. Built on first use; `self.http` if that fails (it was built
+    /// the same way when the dispatcher was).
+    fn http(&self) -> reqwest::Client {
+        thread_local! {
+            static CLIENT: std::cell::OnceCell<Option<reqwest::Client>> =
+                const { std::cell::OnceCell::new() };
+        }
+        CLIENT
+            .with(|client| client.get_or_init(|| upstream_client().ok()).clone())
+            .unwrap_or_else(|| self.http.clone())
     }
 
     /// Whether budgets are meant to be shared through Redis but Redis is unreachable, so
@@ -249,7 +271,7 @@ impl Dispatcher {
             let provider = &rt.providers[target.provider];
             let key = &provider.keys[ki];
             let result = upstream::call(
-                &self.http,
+                &self.http(),
                 provider,
                 key,
                 &target.upstream_model,

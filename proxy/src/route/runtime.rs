@@ -50,6 +50,32 @@ pub struct ProviderRt {
     pub provider_type: &'static str,
     /// USD per million (input, output) tokens, by upstream model id.
     pub prices: HashMap<String, (f64, f64)>,
+    /// The provider's request URLs, parsed.
+    pub urls: UrlCache,
+}
+
+/// Parsed upstream URLs by their text. Parsing a URL (IDNA host mapping included) costs more
+/// than the rest of building a request, and a provider has a handful of distinct ones (one
+/// per model and mode at most).
+#[derive(Debug, Default)]
+pub struct UrlCache(Mutex<HashMap<String, reqwest::Url>>);
+
+impl UrlCache {
+    /// Distinct URLs kept; past this, URLs are parsed but not added.
+    const CAPACITY: usize = 256;
+
+    /// `url` parsed; `None` if it is not a valid URL.
+    pub fn get(&self, url: &str) -> Option<reqwest::Url> {
+        let mut urls = self.0.lock().ok()?;
+        if let Some(parsed) = urls.get(url) {
+            return Some(parsed.clone());
+        }
+        let parsed = reqwest::Url::parse(url).ok()?;
+        if urls.len() < Self::CAPACITY {
+            urls.insert(url.to_owned(), parsed.clone());
+        }
+        Some(parsed)
+    }
 }
 
 /// A model a request may be sent to.
@@ -129,6 +155,7 @@ impl Runtime {
                         .iter()
                         .map(|m| (m.name.clone(), (m.input_per_1m, m.output_per_1m)))
                         .collect(),
+                    urls: UrlCache::default(),
                 });
                 for model in &p.models {
                     let target = Target {
@@ -204,4 +231,31 @@ fn provider_keys(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod url_cache_tests {
+    use super::UrlCache;
+
+    #[test]
+    fn parses_once_and_refuses_what_is_not_a_url() {
+        let cache = UrlCache::default();
+        let url = "http://127.0.0.1:9/v1/chat/completions";
+        let first = cache.get(url).unwrap();
+        assert_eq!(first.as_str(), url);
+        assert_eq!(cache.get(url).unwrap(), first);
+        assert_eq!(cache.0.lock().unwrap().len(), 1);
+        assert!(cache.get("not a url").is_none());
+        assert_eq!(cache.0.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn stops_growing_at_capacity() {
+        let cache = UrlCache::default();
+        for i in 0..UrlCache::CAPACITY + 10 {
+            let url = format!("http://127.0.0.1:9/v1beta/models/m{i}:generateContent");
+            assert_eq!(cache.get(&url).unwrap().as_str(), url);
+        }
+        assert_eq!(cache.0.lock().unwrap().len(), UrlCache::CAPACITY);
+    }
 }

@@ -131,10 +131,12 @@ async fn send(
     let connect = Duration::from_millis(u64::from(timeouts.connect_ms));
     let whole = Duration::from_secs(u64::from(timeouts.request_seconds));
     let started = Instant::now();
-    let builder = http
-        .request(up.method, &up.url)
-        .headers(up.headers)
-        .body(up.body);
+    let builder = match provider.urls.get(&up.url) {
+        Some(url) => http.request(up.method, url),
+        // Not a URL: reqwest reports it as a request error.
+        None => http.request(up.method, &up.url),
+    };
+    let builder = builder.headers(up.headers).body(up.body);
     let builder = if req.stream {
         builder
     } else {
@@ -154,12 +156,12 @@ async fn send(
         Ok(Ok(r)) => r,
     };
     let status = response.status();
-    let headers = response.headers().clone();
     let info = provider
         .adapter
-        .rate_limit_info(&headers, SystemTime::now());
+        .rate_limit_info(response.headers(), SystemTime::now());
     key.budget.learn(&info, Instant::now());
     if !status.is_success() {
+        let headers = response.headers().clone();
         let body = response.bytes().await.unwrap_or_default();
         return Err(provider.adapter.classify(status.as_u16(), &headers, &body));
     }

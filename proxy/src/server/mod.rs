@@ -8,6 +8,7 @@
 mod chat;
 pub mod error;
 mod models;
+pub mod workers;
 
 use crate::config::watch::SharedConfig;
 use crate::route::Dispatcher;

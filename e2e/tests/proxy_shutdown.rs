@@ -1,0 +1,93 @@
+//! Shutdown of the `floodgate-proxy` binary: on SIGTERM every worker thread stops accepting,
+//! the requests already in flight (on any worker) still get their whole answers, and the
+//! process exits cleanly.
+#![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
+
+use floodgate_e2e::cluster::wait_for;
+use floodgate_e2e::mock::{MockConfig, MockProviders};
+use floodgate_e2e::proxy::ProxyProcess;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+/// The mock's `slow-<ms>` fault: each answer takes this long.
+const SLOW_MODEL: &str = "slow-1500";
+const IN_FLIGHT: usize = 8;
+
+/// A config directory with one OpenAI pool on the mock serving [`SLOW_MODEL`].
+fn config_dir(mock: &MockProviders) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData:\n  a: sk-shutdown-test\n\
+         ---\napiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n  providers:\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"{}\", models: [{{name: {SLOW_MODEL}}}], keys: [{{name: primary, secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n",
+        mock.base_url()
+    );
+    std::fs::write(dir.path().join("pool.yaml"), manifests).unwrap();
+    dir
+}
+
+async fn slow_chat(url: String) -> (u16, String) {
+    // A connection per request: they spread over the workers.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let response = client
+        .post(url)
+        .json(&serde_json::json!({
+            "model": SLOW_MODEL,
+            "messages": [{"role": "user", "content": "still there?"}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_requests_in_flight_on_every_worker() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let dir = config_dir(&mock);
+    let args = [
+        "--config",
+        dir.path().to_str().unwrap(),
+        "--watch-interval-ms",
+        "0",
+        "--workers",
+        "3",
+    ];
+    let proxy = ProxyProcess::start(args, &[]).await.unwrap();
+    assert!(
+        proxy
+            .log()
+            .iter()
+            .any(|line| line.contains("\"workers\":3")),
+        "{:?}",
+        proxy.log()
+    );
+    let url = proxy.url("/v1/chat/completions");
+    let addr = proxy.addr();
+
+    let calls: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| tokio::spawn(slow_chat(url.clone())))
+        .collect();
+    // Every request has reached the provider: all are in flight.
+    wait_for("every request at the mock", WAIT, || async {
+        let seen: u64 = mock.counts().keys.iter().map(|k| k.requests).sum();
+        Ok((seen == IN_FLIGHT as u64).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    let status = proxy.terminate(WAIT).await.unwrap();
+    assert!(status.success(), "{status}");
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("chat.completion"), "{body}");
+    }
+    // Stopped: nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

@@ -1,0 +1,205 @@
+//! Thread-per-core serving: `n` OS threads, each running its own single-threaded tokio
+//! runtime over the same listening socket.
+//!
+//! A request is read, routed, sent upstream and answered on one thread: no task hops between
+//! threads, so no cross-thread wake-ups (a futex call and a context switch each) and warm
+//! caches. On a small machine that is most of the proxy's added latency; a multi-threaded
+//! runtime also wakes an idle worker to steal every newly woken task.
+//!
+//! Every worker accepts from the same socket (each holds a duplicate of its descriptor), so a
+//! busy worker simply accepts less; no `SO_REUSEPORT`, so a second gateway on the same port
+//! still fails with "address in use". State is shared: the configuration, budgets and
+//! breakers are behind `Arc`s; only the upstream connection pools are per thread
+//! ([`Dispatcher`](crate::route::Dispatcher) keeps one client per thread).
+
+use axum::Router;
+use axum::serve::ListenerExt as _;
+use std::future::Future;
+use std::net::TcpListener;
+use std::num::NonZeroUsize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The default number of workers: the CPUs this process may use (cgroup quota included).
+pub fn default_count() -> NonZeroUsize {
+    std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+}
+
+/// Running workers; see [`Workers::spawn`].
+#[derive(Debug)]
+pub struct Workers {
+    exited: mpsc::UnboundedReceiver<(usize, std::io::Result<()>)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Starts `count` workers serving `app` on `listener` until `shutdown` is cancelled; then
+    /// each stops accepting, finishes its in-flight requests, and runs `after` (such as
+    /// waiting for pending budget writes) before its runtime stops.
+    pub fn spawn<F, Fut>(
+        listener: TcpListener,
+        app: Router,
+        count: NonZeroUsize,
+        shutdown: CancellationToken,
+        after: F,
+    ) -> std::io::Result<Self>
+    where
+        F: Fn() -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        listener.set_nonblocking(true)?;
+        let (tx, exited) = mpsc::unbounded_channel();
+        let mut threads = Vec::with_capacity(count.get());
+        for index in 0..count.get() {
+            let listener = listener.try_clone()?;
+            let app = app.clone();
+            let shutdown = shutdown.clone();
+            let after = after.clone();
+            let tx = tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("floodgate-worker-{index}"))
+                .spawn(move || {
+                    let result = run(listener, app, shutdown, after);
+                    let _ = tx.send((index, result));
+                })?;
+            threads.push(thread);
+        }
+        Ok(Self { exited, threads })
+    }
+
+    /// Waits for the next worker to stop: its index and why. `None` once all have.
+    pub async fn next_exit(&mut self) -> Option<(usize, std::io::Result<()>)> {
+        self.exited.recv().await
+    }
+
+    /// Waits for every worker thread to end (call after cancelling `shutdown`).
+    pub async fn join(mut self) -> std::io::Result<()> {
+        let mut first_error = None;
+        while let Some((_, result)) = self.exited.recv().await {
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        let threads = std::mem::take(&mut self.threads);
+        // The threads have sent their results; joining them is immediate.
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn run<F, Fut>(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    after: F,
+) -> std::io::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        // Without TCP_NODELAY, streamed events (small writes) wait on the client's delayed ACK.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        after().await;
+        served
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use std::io::{Read as _, Write as _};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Notify;
+
+    /// A blocking HTTP/1.1 GET; returns the response text.
+    fn get_once(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn workers_share_the_socket_and_drain_in_flight_requests_on_shutdown() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let started = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        let app = Router::new()
+            .route(
+                "/who",
+                get(|| async { std::thread::current().name().unwrap_or("?").to_owned() }),
+            )
+            .route(
+                "/slow",
+                get({
+                    let (started, release) = (started.clone(), release.clone());
+                    move || async move {
+                        started.notify_one();
+                        release.notified().await;
+                        "slow done"
+                    }
+                }),
+            );
+        let shutdown = CancellationToken::new();
+        let drained = Arc::new(AtomicUsize::new(0));
+        let after = {
+            let drained = drained.clone();
+            move || {
+                let drained = drained.clone();
+                async move {
+                    drained.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        };
+        let count = NonZeroUsize::new(2).unwrap();
+        let workers = Workers::spawn(listener, app, count, shutdown.clone(), after).unwrap();
+
+        // Served by the worker threads, never by the caller's.
+        let answers = tokio::task::spawn_blocking(move || {
+            (0..20).map(|_| get_once(addr, "/who")).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        for answer in &answers {
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert!(answer.contains("floodgate-worker-"), "{answer}");
+        }
+
+        // A request in flight when shutdown starts still gets its whole answer.
+        let slow = tokio::task::spawn_blocking(move || get_once(addr, "/slow"));
+        started.notified().await;
+        shutdown.cancel();
+        let joined = tokio::spawn(workers.join());
+        release.notify_one();
+        joined.await.unwrap().unwrap();
+        let slow = slow.await.unwrap();
+        assert!(slow.starts_with("HTTP/1.1 200"), "{slow}");
+        assert!(slow.contains("slow done"), "{slow}");
+        // Every worker ran its after-hook, and the socket is closed.
+        assert_eq!(drained.load(Ordering::SeqCst), 2);
+        assert!(std::net::TcpStream::connect(addr).is_err());
+    }
+}
