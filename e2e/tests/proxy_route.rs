@@ -457,3 +457,57 @@ async fn metrics_show_key_utilisation_failed_keys_and_open_circuits() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn metrics_time_the_limiter_and_the_queue() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let providers = format!(
+        "  - {{name: queued, type: openai, baseUrl: \"{}\", models: [{{name: gpt-queue-test}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 1}}]}}\n",
+        mock.base_url()
+    );
+    // One request per 400 ms window: the second request waits for the first one's slot.
+    let window = Duration::from_millis(400);
+    let gw = Gateway::start(&manifests(&providers, ""), window, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let scrape = || async {
+        let r = client()
+            .get(format!("{}/metrics", gw.url()))
+            .send()
+            .await
+            .unwrap();
+        r.text().await.unwrap()
+    };
+    let count = |text: &str, stage: &str| {
+        sample(
+            text,
+            "floodgate_proxy_stage_seconds_count",
+            &[("stage", stage)],
+        )
+    };
+    let sum = |text: &str, stage: &str| {
+        sample(
+            text,
+            "floodgate_proxy_stage_seconds_sum",
+            &[("stage", stage)],
+        )
+    };
+    let before = scrape().await;
+    for _ in 0..2 {
+        let r = chat(&gw, ask("gpt-queue-test", "wait your turn", false)).await;
+        assert_eq!(r.status(), 200);
+    }
+    let after = scrape().await;
+    // At least one pick per request (a wake-up may pick again).
+    assert!(
+        count(&after, "limiter") - count(&before, "limiter") >= 2.0,
+        "{after}"
+    );
+    // The second request waited, for most of a window.
+    assert!(
+        count(&after, "queue") - count(&before, "queue") >= 1.0,
+        "{after}"
+    );
+    let waited = sum(&after, "queue") - sum(&before, "queue");
+    assert!(waited >= 0.2, "queued {waited} s: {after}");
+}

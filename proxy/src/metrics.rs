@@ -82,7 +82,9 @@ pub struct ProviderLabels {
 /// Labels of a proxy stage.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
-    /// `parse`, `limiter`, `queue`, `upstream_connect` or `total_overhead`.
+    /// `parse` (reading and decoding the body), `limiter` (choosing a key and taking its
+    /// budget, once per attempt; a Redis round trip with shared budgets), `queue` (each wait
+    /// for budget) or `total_overhead` (the request's whole time less its upstream calls).
     pub stage: &'static str,
 }
 

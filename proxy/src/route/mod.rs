@@ -12,6 +12,7 @@ mod upstream;
 
 use crate::budget::{Budgets, Permit, SharedError, SharedOptions, Unavailable};
 use crate::config::Config;
+use crate::metrics;
 use crate::providers::types::ChatRequest;
 use crate::providers::{ChatResponse, ProviderError, estimate_prompt_tokens};
 use arc_swap::ArcSwapOption;
@@ -245,13 +246,19 @@ impl Dispatcher {
         let mut skipped = vec![false; route.targets.len()];
         let mut attempts = 0;
         let mut last_error = None;
+        let m = metrics::global();
         while attempts < route.max_attempts {
             let now = Instant::now();
-            let Some((ti, ki, permit)) = self.pick(&rt, &route, &skipped, now, tokens).await else {
+            let picked = self.pick(&rt, &route, &skipped, now, tokens).await;
+            m.stage("limiter", now.elapsed());
+            let Some((ti, ki, permit)) = picked else {
                 let wait = self.earliest(&rt, &route, &skipped, now, tokens);
                 match wait {
                     Some(at) if at <= deadline => {
+                        // Waiting for budget: each wait is one `queue` observation.
+                        let queued = Instant::now();
                         tokio::time::sleep_until(at).await;
+                        m.stage("queue", queued.elapsed());
                         continue;
                     }
                     Some(at) if last_error.is_none() => {
