@@ -59,7 +59,13 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("floodgate-worker-{index}"))
                 .spawn(move || {
-                    let result = run(listener, app, shutdown, after);
+                    // A panic that escapes the per-request catch (in the runtime or the
+                    // connection code) is reported like any other failure, so that the process
+                    // stops rather than serving on with fewer workers.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run(listener, app, shutdown, after)
+                    }))
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the worker panicked")));
                     let _ = tx.send((index, result));
                 })?;
             threads.push(thread);
