@@ -13,8 +13,10 @@ ADDED_P99_TARGET_MS = 1.0
 THROUGHPUT_TARGET = 5_000
 STRETCH_THROUGHPUT = 20_000
 STRETCH_CPU_MS = 0.05
-# Host steal (cores' worth) above which a run's latency says more about the host than us.
-NOISY_STEAL_CORES = 0.1
+# Host steal (cores' worth) above which a run's latency says more about the host than us:
+# on this virtual machine a run with more steal than this shows a p99 several times higher,
+# direct runs included.
+NOISY_STEAL_CORES = 0.05
 
 
 def proc(run, name):
@@ -95,20 +97,32 @@ def main():
     added = []
     for direct, proxy in pairs:
         d, p = direct["latency_ms"], proxy["latency_ms"]
-        added.append((p["p50"] - d["p50"], p["p99"] - d["p99"]))
-    added_p50 = median([a[0] for a in added])
-    added_p99 = median([a[1] for a in added])
-    each = ", ".join(f"{a[1]:+.3f}" for a in added)
+        clean = steal(direct) <= NOISY_STEAL_CORES and steal(proxy) <= NOISY_STEAL_CORES
+        added.append((p["p50"] - d["p50"], p["p99"] - d["p99"], clean))
+    each = ", ".join(f"{a[1]:+.3f}{'' if a[2] else ' (steal)'}" for a in added)
+    clean = [a for a in added if a[2]]
+    if clean:
+        added_p50 = median([a[0] for a in clean])
+        added_p99 = median([a[1] for a in clean])
+        out.append(
+            f"added latency at {rate:.0f} req/s, median of the {len(clean)} of {len(added)} pairs "
+            f"without host steal: p50 {added_p50:+.3f} ms, p99 {added_p99:+.3f} ms "
+            f"(target p99 < {ADDED_P99_TARGET_MS:.0f} ms): {verdict(added_p99 < ADDED_P99_TARGET_MS)}"
+        )
+    else:
+        out.append(
+            f"added latency at {rate:.0f} req/s: every pair ran under host steal: INCONCLUSIVE; "
+            "run again when the host is quieter"
+        )
     out.append(
-        f"added latency at {rate:.0f} req/s, median of {len(added)} pairs: p50 {added_p50:+.3f} ms, "
-        f"p99 {added_p99:+.3f} ms (each pair's p99: {each}) "
-        f"(target p99 < {ADDED_P99_TARGET_MS:.0f} ms): {verdict(added_p99 < ADDED_P99_TARGET_MS)}"
+        f"  each pair's added p99: {each}; median of all pairs: "
+        f"p99 {median([a[1] for a in added]):+.3f} ms"
     )
     noisy = [r["label"] for r in ordered if steal(r) > NOISY_STEAL_CORES]
     if noisy:
         out.append(
-            f"warning: the host took over {NOISY_STEAL_CORES} cores (steal) during: {', '.join(noisy)}; "
-            "their latencies are the host's as much as ours"
+            f"  steal over {NOISY_STEAL_CORES} cores during: {', '.join(noisy)} "
+            "(latency pairs among them are left out of the verdict)"
         )
     mx = runs["proxy max"]
     px = proc(mx, "proxy")
