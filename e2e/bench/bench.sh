@@ -105,9 +105,14 @@ loadgen --duration 2 --connections 8 --url "$proxy_url/v1/chat/completions" >/de
 # Latency at a fixed rate, direct and through the proxy in alternation: one pair is at the
 # mercy of whatever else the host runs (steal), so the report takes the median of the pairs
 # that ran without steal, and shows every pair.
+# The order alternates too, so that neither side always runs first.
 for trial in $(seq "$TRIALS"); do
-  measure "direct rate #$trial" --rate "$RATE" --connections 16 --url "$mock_url/v1/chat/completions"
-  measure "proxy rate #$trial" --rate "$RATE" --connections 16 --url "$proxy_url/v1/chat/completions"
+  sides=(direct proxy)
+  if ((trial % 2 == 0)); then sides=(proxy direct); fi
+  for side in "${sides[@]}"; do
+    if [[ $side == direct ]]; then url=$mock_url; else url=$proxy_url; fi
+    measure "$side rate #$trial" --rate "$RATE" --connections 16 --url "$url/v1/chat/completions"
+  done
 done
 measure "direct max" --connections 32 --url "$mock_url/v1/chat/completions"
 measure "proxy max" --connections 32 --url "$proxy_url/v1/chat/completions"

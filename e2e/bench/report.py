@@ -17,6 +17,8 @@ STRETCH_CPU_MS = 0.05
 # on this virtual machine a run with more steal than this shows a p99 several times higher,
 # direct runs included.
 NOISY_STEAL_CORES = 0.05
+# Fewer steal-free latency pairs than this: no verdict.
+MIN_CLEAN_PAIRS = 3
 
 
 def proc(run, name):
@@ -60,6 +62,7 @@ def main():
     pairs = []
     for r in ordered:
         if r["label"].startswith("proxy rate"):
+            # Pairs run in either order (see bench.sh); they are matched by trial number.
             direct = runs.get(r["label"].replace("proxy", "direct", 1))
             if direct:
                 pairs.append((direct, r))
@@ -101,18 +104,25 @@ def main():
         added.append((p["p50"] - d["p50"], p["p99"] - d["p99"], clean))
     each = ", ".join(f"{a[1]:+.3f}{'' if a[2] else ' (steal)'}" for a in added)
     clean = [a for a in added if a[2]]
-    if clean:
+    failed = [r["label"] for pair in pairs for r in pair if r["errors"]]
+    if failed:
+        # A fast error is no answer: errors void the latency verdict.
+        out.append(
+            f"added latency at {rate:.0f} req/s: errors in {', '.join(failed)}: FAIL"
+        )
+    elif len(clean) < MIN_CLEAN_PAIRS:
+        out.append(
+            f"added latency at {rate:.0f} req/s: only {len(clean)} of {len(added)} pairs ran "
+            f"without host steal (at least {MIN_CLEAN_PAIRS} needed): INCONCLUSIVE; "
+            "run again when the host is quieter"
+        )
+    else:
         added_p50 = median([a[0] for a in clean])
         added_p99 = median([a[1] for a in clean])
         out.append(
             f"added latency at {rate:.0f} req/s, median of the {len(clean)} of {len(added)} pairs "
             f"without host steal: p50 {added_p50:+.3f} ms, p99 {added_p99:+.3f} ms "
             f"(target p99 < {ADDED_P99_TARGET_MS:.0f} ms): {verdict(added_p99 < ADDED_P99_TARGET_MS)}"
-        )
-    else:
-        out.append(
-            f"added latency at {rate:.0f} req/s: every pair ran under host steal: INCONCLUSIVE; "
-            "run again when the host is quieter"
         )
     out.append(
         f"  each pair's added p99: {each}; median of all pairs: "

@@ -241,8 +241,8 @@ async fn the_chart_lints_renders_its_values_and_the_api_server_accepts_it() {
         "{stderr}"
     );
 
-    // Defaults: the gateway in cluster mode on the release namespace, locked down, nothing
-    // optional in its environment.
+    // Defaults: the gateway in cluster mode on the release namespace, locked down, a fixed
+    // worker count and nothing else in its environment.
     let defaults = template(cluster, home.path(), ns.name(), &[]).await;
     let kinds: BTreeSet<&str> = defaults
         .iter()
@@ -289,7 +289,12 @@ async fn the_chart_lints_renders_its_values_and_the_api_server_accepts_it() {
             "--log-json"
         ]
     );
-    assert!(env(deployment).is_empty(), "{c:#?}");
+    // A fixed worker count: without a CPU limit the default would be every CPU of the node.
+    assert_eq!(
+        Value::Object(env(deployment)),
+        serde_json::json!({"FLOODGATE_WORKERS": "2"}),
+        "{c:#?}"
+    );
     assert_eq!(c["ports"][0]["name"], "http");
     assert_eq!(c["ports"][0]["containerPort"], 8080);
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");

@@ -1,11 +1,13 @@
 //! Shutdown of the `floodgate-proxy` binary: on SIGTERM every worker thread stops accepting,
-//! the requests already in flight (on any worker) still get their whole answers, and the
-//! process exits cleanly.
+//! the requests already in flight (on any worker) still get their whole answers, the shared
+//! budgets in Redis learn that each was answered, and the process exits cleanly.
 #![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
+use floodgate_crds::redis_keys::KeyBudgetKeys;
 use floodgate_e2e::cluster::wait_for;
 use floodgate_e2e::mock::{MockConfig, MockProviders};
 use floodgate_e2e::proxy::ProxyProcess;
+use floodgate_e2e::redis::RedisServer;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -90,4 +92,64 @@ async fn sigterm_drains_the_requests_in_flight_on_every_worker() {
     }
     // Stopped: nothing listens any more.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn with_redis_every_answer_in_flight_at_sigterm_reaches_the_shared_budget() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let dir = config_dir(&mock);
+    let url = redis.url();
+    let args = [
+        "--config",
+        dir.path().to_str().unwrap(),
+        "--watch-interval-ms",
+        "0",
+        "--workers",
+        "3",
+        "--redis",
+        url.as_str(),
+    ];
+    let proxy = ProxyProcess::start(args, &[]).await.unwrap();
+    let chat_url = proxy.url("/v1/chat/completions");
+    let calls: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| tokio::spawn(slow_chat(chat_url.clone())))
+        .collect();
+    wait_for("every request at the mock", WAIT, || async {
+        let seen: u64 = mock.counts().keys.iter().map(|k| k.requests).sum();
+        Ok((seen == IN_FLIGHT as u64).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    let status = proxy.terminate(WAIT).await.unwrap();
+    assert!(status.success(), "{status}");
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    // Each admitted request is in the key's request log. In flight it is scored ten minutes
+    // ahead (the in-flight TTL); answered, with its answer time. A write lost at shutdown
+    // leaves it ahead, holding a slot of every replica for ten minutes.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = KeyBudgetKeys::new("pool", "openai", "primary");
+    let log: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(&keys.requests)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+    let now_ms = (secs * 1000 + micros / 1000) as f64;
+    assert_eq!(log.len(), IN_FLIGHT, "{log:?}");
+    for (member, score) in &log {
+        assert!(
+            *score <= now_ms,
+            "{member} still in flight: {score} > {now_ms}"
+        );
+    }
 }

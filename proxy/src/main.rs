@@ -193,6 +193,9 @@ async fn serve(
     if let Some(url) = args.redis.clone() {
         let mut redis = SharedOptions::new(url);
         redis.replicas_hint = args.replicas_hint;
+        // Redis calls and background writes run here, on the main runtime, which outlives
+        // the workers: none takes the connection or a pending write with it when it stops.
+        redis.runtime = Some(tokio::runtime::Handle::current());
         tracing::info!(replicas_hint = %args.replicas_hint, "rate budgets shared through Redis");
         options = options.with_redis(redis);
     }
@@ -204,14 +207,7 @@ async fn serve(
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let count = args.workers.unwrap_or_else(workers::default_count);
     let local = listener.local_addr()?;
-    let drain = {
-        let dispatcher = dispatcher.clone();
-        move || {
-            let dispatcher = dispatcher.clone();
-            async move { dispatcher.drain().await }
-        }
-    };
-    let mut workers = Workers::spawn(listener, app, count, cancel.clone(), drain)
+    let mut workers = Workers::spawn(listener, app, count, cancel.clone())
         .context("cannot start the worker threads")?;
     tracing::info!(
         listen = %local,

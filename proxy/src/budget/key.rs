@@ -256,7 +256,7 @@ impl KeyBudget {
         let member = asking.member.as_deref().unwrap_or_default();
         let answer = shared
             .backend
-            .acquire(&shared.keys, limits, tokens, member)
+            .acquire_on_runtime(&shared.keys, limits, tokens, member)
             .await;
         let member = asking.answered();
         let now = Instant::now();

@@ -56,6 +56,11 @@ pub struct SharedOptions {
     pub in_flight_ttl: Duration,
     /// How soon to ask again when only requests in flight (on any replica) fill the window.
     pub poll: Duration,
+    /// The runtime that runs every Redis call and background write (and so holds the
+    /// connection's tasks). It must outlive whatever serves requests: the binary passes its
+    /// main runtime, so that a worker thread that stops first takes no connection and no
+    /// pending write with it. `None`: the caller's runtime.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for SharedOptions {
@@ -66,6 +71,7 @@ impl std::fmt::Debug for SharedOptions {
             .field("timeout", &self.timeout)
             .field("in_flight_ttl", &self.in_flight_ttl)
             .field("poll", &self.poll)
+            .field("runtime", &self.runtime.as_ref().map(|_| "dedicated"))
             .finish()
     }
 }
@@ -79,6 +85,7 @@ impl SharedOptions {
             timeout: Duration::from_millis(100),
             in_flight_ttl: Duration::from_secs(600),
             poll: Duration::from_millis(20),
+            runtime: None,
         }
     }
 }
@@ -98,6 +105,9 @@ pub enum SharedError {
     /// The script answered something it never answers.
     #[error("unexpected answer from the budget script")]
     Reply,
+    /// The runtime given for Redis calls has stopped (the process is shutting down).
+    #[error("the runtime for Redis calls has stopped")]
+    Stopped,
 }
 
 impl SharedError {
@@ -109,6 +119,7 @@ impl SharedError {
             SharedError::Redis(e) if e.is_io_error() => "connection",
             SharedError::Redis(_) => "redis_error",
             SharedError::Reply => "reply",
+            SharedError::Stopped => "stopped",
         }
     }
 }
@@ -287,6 +298,41 @@ impl RedisBudgets {
         }
     }
 
+    /// [`RedisBudgets::acquire`] on the runtime for Redis calls, if one was given.
+    pub async fn acquire_on_runtime(
+        self: &Arc<Self>,
+        keys: &Arc<KeyBudgetKeys>,
+        limits: Limits,
+        tokens: u64,
+        member: &str,
+    ) -> Result<Admission, SharedError> {
+        let Some(runtime) = &self.opts.runtime else {
+            return self.acquire(keys, limits, tokens, member).await;
+        };
+        let (this, keys, member) = (self.clone(), keys.clone(), member.to_owned());
+        runtime
+            .spawn(async move { this.acquire(&keys, limits, tokens, &member).await })
+            .await
+            .unwrap_or(Err(SharedError::Stopped))
+    }
+
+    /// Whether background writes can run: a runtime was given, or the caller is on one.
+    fn can_spawn(&self) -> bool {
+        self.opts.runtime.is_some() || tokio::runtime::Handle::try_current().is_ok()
+    }
+
+    /// Runs `task` in the background on the runtime for Redis calls, tracked for `drain`.
+    /// Call only when [`RedisBudgets::can_spawn`].
+    fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match &self.opts.runtime {
+            Some(runtime) => drop(self.tasks.spawn_on(task, runtime)),
+            None => drop(self.tasks.spawn(task)),
+        }
+    }
+
     /// Records that `member` was answered now; `false` if it was not in flight.
     pub async fn complete(&self, keys: &KeyBudgetKeys, member: &str) -> Result<bool, SharedError> {
         let mut conn = self.conn()?;
@@ -314,12 +360,12 @@ impl RedisBudgets {
 
     /// Writes `member`'s answer in the background; kept for later if Redis is unreachable.
     pub(crate) fn complete_later(self: &Arc<Self>, keys: &Arc<KeyBudgetKeys>, member: String) {
-        if self.degraded() || tokio::runtime::Handle::try_current().is_err() {
+        if self.degraded() || !self.can_spawn() {
             self.remember(keys.clone(), member);
             return;
         }
         let (this, keys) = (self.clone(), keys.clone());
-        self.tasks.spawn(async move {
+        self.spawn(async move {
             if let Err(e) = this.complete(&keys, &member).await {
                 this.failed(&e);
                 this.remember(keys, member);
@@ -335,11 +381,11 @@ impl RedisBudgets {
         member: String,
         tokens: u64,
     ) {
-        if self.degraded() || tokio::runtime::Handle::try_current().is_err() {
+        if self.degraded() || !self.can_spawn() {
             return;
         }
         let (this, keys) = (self.clone(), keys.clone());
-        self.tasks.spawn(async move {
+        self.spawn(async move {
             if let Err(e) = this.settle(&keys, &member, tokens).await {
                 this.failed(&e);
             }
@@ -373,9 +419,8 @@ impl RedisBudgets {
             replicas_hint = self.opts.replicas_hint.get(),
             "shared rate budgets unavailable: serving on this replica's local share of each key until Redis is back"
         );
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.tasks
-                .spawn(probe(Arc::downgrade(self), self.cancel.clone()));
+        if self.can_spawn() {
+            self.spawn(probe(Arc::downgrade(self), self.cancel.clone()));
         }
     }
 

@@ -14,7 +14,6 @@
 
 use axum::Router;
 use axum::serve::ListenerExt as _;
-use std::future::Future;
 use std::net::TcpListener;
 use std::num::NonZeroUsize;
 use tokio::sync::mpsc;
@@ -34,19 +33,30 @@ pub struct Workers {
 
 impl Workers {
     /// Starts `count` workers serving `app` on `listener` until `shutdown` is cancelled; then
-    /// each stops accepting, finishes its in-flight requests, and runs `after` (such as
-    /// waiting for pending budget writes) before its runtime stops.
-    pub fn spawn<F, Fut>(
+    /// each stops accepting and finishes its in-flight requests before its runtime stops.
+    ///
+    /// A worker's runtime ends with it, and so does every task spawned there: work that must
+    /// outlive the serving (such as pending budget writes) belongs on the caller's runtime.
+    /// If not every worker can start, the ones started are stopped (`shutdown` is cancelled).
+    pub fn spawn(
         listener: TcpListener,
         app: Router,
         count: NonZeroUsize,
         shutdown: CancellationToken,
-        after: F,
-    ) -> std::io::Result<Self>
-    where
-        F: Fn() -> Fut + Clone + Send + 'static,
-        Fut: Future<Output = ()>,
-    {
+    ) -> std::io::Result<Self> {
+        let started = Self::start(listener, app, count, shutdown.clone());
+        if started.is_err() {
+            shutdown.cancel();
+        }
+        started
+    }
+
+    fn start(
+        listener: TcpListener,
+        app: Router,
+        count: NonZeroUsize,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         let (tx, exited) = mpsc::unbounded_channel();
         let mut threads = Vec::with_capacity(count.get());
@@ -54,7 +64,6 @@ impl Workers {
             let listener = listener.try_clone()?;
             let app = app.clone();
             let shutdown = shutdown.clone();
-            let after = after.clone();
             let tx = tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("floodgate-worker-{index}"))
@@ -63,7 +72,7 @@ impl Workers {
                     // connection code) is reported like any other failure, so that the process
                     // stops rather than serving on with fewer workers.
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run(listener, app, shutdown, after)
+                        run(listener, app, shutdown)
                     }))
                     .unwrap_or_else(|_| Err(std::io::Error::other("the worker panicked")));
                     let _ = tx.send((index, result));
@@ -98,16 +107,7 @@ impl Workers {
     }
 }
 
-fn run<F, Fut>(
-    listener: TcpListener,
-    app: Router,
-    shutdown: CancellationToken,
-    after: F,
-) -> std::io::Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()>,
-{
+fn run(listener: TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -117,11 +117,9 @@ where
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let served = axum::serve(listener, app)
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        after().await;
-        served
+            .await
     })
 }
 
@@ -131,7 +129,6 @@ mod tests {
     use axum::routing::get;
     use std::io::{Read as _, Write as _};
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::sync::Notify;
 
     /// A blocking HTTP/1.1 GET; returns the response text.
@@ -170,18 +167,8 @@ mod tests {
                 }),
             );
         let shutdown = CancellationToken::new();
-        let drained = Arc::new(AtomicUsize::new(0));
-        let after = {
-            let drained = drained.clone();
-            move || {
-                let drained = drained.clone();
-                async move {
-                    drained.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        };
         let count = NonZeroUsize::new(2).unwrap();
-        let workers = Workers::spawn(listener, app, count, shutdown.clone(), after).unwrap();
+        let workers = Workers::spawn(listener, app, count, shutdown.clone()).unwrap();
 
         // Served by the worker threads, never by the caller's.
         let answers = tokio::task::spawn_blocking(move || {
@@ -204,8 +191,7 @@ mod tests {
         let slow = slow.await.unwrap();
         assert!(slow.starts_with("HTTP/1.1 200"), "{slow}");
         assert!(slow.contains("slow done"), "{slow}");
-        // Every worker ran its after-hook, and the socket is closed.
-        assert_eq!(drained.load(Ordering::SeqCst), 2);
+        // The socket is closed.
         assert!(std::net::TcpStream::connect(addr).is_err());
     }
 }
