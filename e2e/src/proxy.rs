@@ -91,11 +91,13 @@ impl ProxyProcess {
 
     /// Asks the proxy to shut down as Kubernetes does (SIGTERM), and waits up to `timeout` for
     /// it to drain and exit; returns its exit status.
-    pub async fn terminate(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let spawn_error = |source| Error::Spawn {
-            command: "kill -TERM floodgate-proxy".into(),
-            source,
-        };
+    pub async fn terminate(self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        self.send_sigterm().await?;
+        self.wait_exit(timeout).await
+    }
+
+    /// Sends SIGTERM (again, if need be) without waiting.
+    pub async fn send_sigterm(&self) -> Result<()> {
         let pid = self
             .child
             .id()
@@ -104,12 +106,23 @@ impl ProxyProcess {
             .args(["-TERM", &pid.to_string()])
             .status()
             .await
-            .map_err(spawn_error)?;
+            .map_err(|source| Error::Spawn {
+                command: "kill -TERM floodgate-proxy".into(),
+                source,
+            })?;
         if !sent.success() {
             return Err(Error::Setup(format!("kill -TERM {pid} failed ({sent})")));
         }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its exit status.
+    pub async fn wait_exit(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(status) => status.map_err(spawn_error),
+            Ok(status) => status.map_err(|source| Error::Spawn {
+                command: "wait for floodgate-proxy".into(),
+                source,
+            }),
             Err(_) => Err(Error::Timeout {
                 what: "floodgate-proxy to exit after SIGTERM".into(),
                 timeout,

@@ -15,20 +15,20 @@ const WAIT: Duration = Duration::from_secs(20);
 const SLOW_MODEL: &str = "slow-1500";
 const IN_FLIGHT: usize = 8;
 
-/// A config directory with one OpenAI pool on the mock serving [`SLOW_MODEL`].
-fn config_dir(mock: &MockProviders) -> tempfile::TempDir {
+/// A config directory with one OpenAI pool on the mock serving `model`.
+fn config_dir(mock: &MockProviders, model: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let manifests = format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData:\n  a: sk-shutdown-test\n\
          ---\napiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n  providers:\n\
-         \x20 - {{name: openai, type: openai, baseUrl: \"{}\", models: [{{name: {SLOW_MODEL}}}], keys: [{{name: primary, secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n",
+         \x20 - {{name: openai, type: openai, baseUrl: \"{}\", models: [{{name: {model}}}], keys: [{{name: primary, secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n",
         mock.base_url()
     );
     std::fs::write(dir.path().join("pool.yaml"), manifests).unwrap();
     dir
 }
 
-async fn slow_chat(url: String) -> (u16, String) {
+async fn slow_chat(url: String, model: &'static str) -> (u16, String) {
     // A connection per request: they spread over the workers.
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
@@ -37,7 +37,7 @@ async fn slow_chat(url: String) -> (u16, String) {
     let response = client
         .post(url)
         .json(&serde_json::json!({
-            "model": SLOW_MODEL,
+            "model": model,
             "messages": [{"role": "user", "content": "still there?"}],
         }))
         .send()
@@ -51,7 +51,7 @@ async fn slow_chat(url: String) -> (u16, String) {
 async fn sigterm_drains_the_requests_in_flight_on_every_worker() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let dir = config_dir(&mock);
+    let dir = config_dir(&mock, SLOW_MODEL);
     let args = [
         "--config",
         dir.path().to_str().unwrap(),
@@ -73,7 +73,7 @@ async fn sigterm_drains_the_requests_in_flight_on_every_worker() {
     let addr = proxy.addr();
 
     let calls: Vec<_> = (0..IN_FLIGHT)
-        .map(|_| tokio::spawn(slow_chat(url.clone())))
+        .map(|_| tokio::spawn(slow_chat(url.clone(), SLOW_MODEL)))
         .collect();
     // Every request has reached the provider: all are in flight.
     wait_for("every request at the mock", WAIT, || async {
@@ -99,7 +99,7 @@ async fn with_redis_every_answer_in_flight_at_sigterm_reaches_the_shared_budget(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let redis = RedisServer::start().await.unwrap();
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let dir = config_dir(&mock);
+    let dir = config_dir(&mock, SLOW_MODEL);
     let url = redis.url();
     let args = [
         "--config",
@@ -114,7 +114,7 @@ async fn with_redis_every_answer_in_flight_at_sigterm_reaches_the_shared_budget(
     let proxy = ProxyProcess::start(args, &[]).await.unwrap();
     let chat_url = proxy.url("/v1/chat/completions");
     let calls: Vec<_> = (0..IN_FLIGHT)
-        .map(|_| tokio::spawn(slow_chat(chat_url.clone())))
+        .map(|_| tokio::spawn(slow_chat(chat_url.clone(), SLOW_MODEL)))
         .collect();
     wait_for("every request at the mock", WAIT, || async {
         let seen: u64 = mock.counts().keys.iter().map(|k| k.requests).sum();
@@ -152,4 +152,38 @@ async fn with_redis_every_answer_in_flight_at_sigterm_reaches_the_shared_budget(
             "{member} still in flight: {score} > {now_ms}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_second_sigterm_exits_without_waiting_for_the_drain() {
+    // Far longer than the test waits: only the second signal can end it in time.
+    const SLOWER: &str = "slow-30000";
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let dir = config_dir(&mock, SLOWER);
+    let args = [
+        "--config",
+        dir.path().to_str().unwrap(),
+        "--watch-interval-ms",
+        "0",
+    ];
+    let proxy = ProxyProcess::start(args, &[]).await.unwrap();
+    let url = proxy.url("/v1/chat/completions");
+    let call = tokio::spawn(slow_chat(url, SLOWER));
+    wait_for("the request at the mock", WAIT, || async {
+        let seen: u64 = mock.counts().keys.iter().map(|k| k.requests).sum();
+        Ok((seen == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+    proxy.send_sigterm().await.unwrap();
+    proxy
+        .wait_for_log("a second signal stops at once", WAIT)
+        .await
+        .unwrap();
+    proxy.send_sigterm().await.unwrap();
+    let status = proxy.wait_exit(WAIT).await.unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    // Stopped before the upstream answered: the request in flight got no answer.
+    assert!(call.await.is_err(), "the request was answered");
 }

@@ -217,7 +217,14 @@ async fn serve(
     );
     let failed = tokio::select! {
         () = shutdown_signal() => {
-            tracing::info!("shutting down: draining in-flight requests");
+            // A second SIGTERM or Ctrl-C does not wait for the drain.
+            let second = shutdown_signal();
+            tokio::spawn(async {
+                second.await;
+                tracing::warn!("second signal: exiting without draining");
+                std::process::exit(130);
+            });
+            tracing::info!("shutting down: draining in-flight requests (a second signal stops at once)");
             None
         }
         exit = workers.next_exit() => exit,
@@ -236,25 +243,34 @@ async fn serve(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// The next SIGTERM or Ctrl-C. The handlers are registered when this is called, not when the
+/// future is first polled, so a signal that arrives in between is not missed.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+                (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                    let _ = one.recv().await;
+                }
+                // No signal handling: only a kill stops the process.
+                (Err(_), Err(_)) => std::future::pending().await,
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn init_tracing(args: &Args) -> Result<telemetry::Telemetry, telemetry::Error> {
