@@ -10,6 +10,8 @@
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
 
+mod support;
+
 use floodgate_e2e::cluster::{Cluster, Output, TestNamespace, wait_for};
 use floodgate_e2e::proxy::ProxyProcess;
 use floodgate_proxy::config::load::load_config;
@@ -20,6 +22,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
+use support::{get, model_ids};
 
 /// Generous bound for waits.
 const SLOW: Duration = Duration::from_secs(30);
@@ -163,28 +166,6 @@ async fn gateway_can(
         "no" if out.status.code() == Some(1) => false,
         _ => panic!("{}: {}\n{}", out.command, out.stdout, out.stderr),
     }
-}
-
-async fn get(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            (status, response.text().await.unwrap_or_default())
-        }
-        Err(e) => (0, e.to_string()),
-    }
-}
-
-async fn model_ids(proxy: &ProxyProcess) -> BTreeSet<String> {
-    let (status, body) = get(&proxy.url("/v1/models")).await;
-    assert_eq!(status, 200, "{body}");
-    let list: Value = serde_json::from_str(&body).unwrap();
-    list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 #[tokio::test]
@@ -582,7 +563,7 @@ async fn the_proxy_runs_as_the_charts_service_account_and_serves_the_namespace()
     .await
     .unwrap();
     let ready = wait_for("the proxy to be ready", SLOW, || async {
-        Ok((get(&proxy.url("/readyz")).await.0 == 200).then_some(()))
+        Ok((get(&proxy, "/readyz").await.0 == 200).then_some(()))
     })
     .await;
     let log = proxy.log();

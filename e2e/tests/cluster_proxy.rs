@@ -7,6 +7,8 @@
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
 
+mod support;
+
 use arc_swap::ArcSwap;
 use floodgate_e2e::cluster::{Cluster, TestNamespace, wait_for};
 use floodgate_e2e::proxy::ProxyProcess;
@@ -19,6 +21,7 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use support::{get, model_ids};
 use tokio_util::sync::CancellationToken;
 
 /// How soon a change must reach the proxy ("within a few seconds").
@@ -63,28 +66,6 @@ async fn start_proxy(cluster: &Cluster, ns: &TestNamespace) -> ProxyProcess {
     .unwrap()
 }
 
-async fn get(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            (status, response.text().await.unwrap_or_default())
-        }
-        Err(e) => (0, e.to_string()),
-    }
-}
-
-async fn model_ids(proxy: &ProxyProcess) -> BTreeSet<String> {
-    let (status, body) = get(&proxy.url("/v1/models")).await;
-    assert_eq!(status, 200, "{body}");
-    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
-    list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// Waits until `/v1/models` satisfies `done`; returns how long that took.
 async fn until_models(
     proxy: &ProxyProcess,
@@ -126,7 +107,7 @@ async fn the_proxy_in_cluster_mode_serves_the_applied_pools_and_follows_changes(
     apply_example(cluster, &ns).await;
     let proxy = start_proxy(cluster, &ns).await;
     wait_for("the proxy to be ready", SLOW, || async {
-        Ok((get(&proxy.url("/readyz")).await.0 == 200).then_some(()))
+        Ok((get(&proxy, "/readyz").await.0 == 200).then_some(()))
     })
     .await
     .unwrap();
@@ -200,7 +181,7 @@ async fn the_proxy_is_ready_only_once_its_configuration_resolves() {
     let proxy = start_proxy(cluster, &ns).await;
     proxy.wait_for_log("does not resolve", SLOW).await.unwrap();
     assert_eq!(
-        get(&proxy.url("/readyz")).await.0,
+        get(&proxy, "/readyz").await.0,
         503,
         "ready without a configuration"
     );
@@ -222,7 +203,7 @@ async fn the_proxy_is_ready_only_once_its_configuration_resolves() {
     )
     .await;
     wait_for("the proxy to be ready", SLOW, || async {
-        Ok((get(&proxy.url("/readyz")).await.0 == 200).then_some(()))
+        Ok((get(&proxy, "/readyz").await.0 == 200).then_some(()))
     })
     .await
     .unwrap();

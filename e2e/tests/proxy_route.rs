@@ -308,6 +308,17 @@ async fn bad_input_gets_openai_style_errors() {
     assert_eq!(mock.counts().total(), 0, "nothing bad went upstream");
 }
 
+/// The gateway's `/metrics` text.
+async fn scrape(gw: &Gateway) -> String {
+    let r = client()
+        .get(format!("{}/metrics", gw.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap()
+}
+
 /// The value of the first sample of `name` whose labels contain every `(key, value)`.
 fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metrics
@@ -333,16 +344,7 @@ async fn metrics_count_requests_tokens_cost_and_upstream_latency() {
     let gw = Gateway::start(&manifests(&providers, ""), MIN, Duration::from_secs(5))
         .await
         .unwrap();
-    let scrape = || async {
-        let r = client()
-            .get(format!("{}/metrics", gw.url()))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.text().await.unwrap()
-    };
-    let before = scrape().await;
+    let before = scrape(&gw).await;
     let ok = [
         ("provider", "priced"),
         ("model", "claude-metrics-test"),
@@ -353,7 +355,7 @@ async fn metrics_count_requests_tokens_cost_and_upstream_latency() {
         assert_eq!(r.status(), 200);
         let _ = r.bytes().await;
     }
-    let after = scrape().await;
+    let after = scrape(&gw).await;
     let delta = |name: &str, labels: &[(&str, &str)]| {
         sample(&after, name, labels) - sample(&before, name, labels)
     };
@@ -393,7 +395,7 @@ async fn metrics_count_requests_tokens_cost_and_upstream_latency() {
     );
     assert!(after.contains("gen_ai_server_time_to_first_token_seconds"));
     let _ = chat(&gw, ask("not-configured", "hi", false)).await;
-    let last = scrape().await;
+    let last = scrape(&gw).await;
     assert!(
         sample(
             &last,
@@ -426,14 +428,7 @@ async fn metrics_show_key_utilisation_failed_keys_and_open_circuits() {
         let r = chat(&gw, ask("gauge", "hi", false)).await;
         assert_eq!(r.status(), 200);
     }
-    let text = client()
-        .get(format!("{}/metrics", gw.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&gw).await;
     assert_eq!(
         sample(&text, "floodgate_circuit_state", &[("provider", "gauged")]),
         2.0,
@@ -470,14 +465,6 @@ async fn metrics_time_the_limiter_and_the_queue() {
     let gw = Gateway::start(&manifests(&providers, ""), window, Duration::from_secs(5))
         .await
         .unwrap();
-    let scrape = || async {
-        let r = client()
-            .get(format!("{}/metrics", gw.url()))
-            .send()
-            .await
-            .unwrap();
-        r.text().await.unwrap()
-    };
     let count = |text: &str, stage: &str| {
         sample(
             text,
@@ -492,12 +479,12 @@ async fn metrics_time_the_limiter_and_the_queue() {
             &[("stage", stage)],
         )
     };
-    let before = scrape().await;
+    let before = scrape(&gw).await;
     for _ in 0..2 {
         let r = chat(&gw, ask("gpt-queue-test", "wait your turn", false)).await;
         assert_eq!(r.status(), 200);
     }
-    let after = scrape().await;
+    let after = scrape(&gw).await;
     // At least one pick per request (a wake-up may pick again).
     assert!(
         count(&after, "limiter") - count(&before, "limiter") >= 2.0,

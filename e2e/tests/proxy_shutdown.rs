@@ -9,6 +9,7 @@ use floodgate_e2e::mock::{MockConfig, MockProviders};
 use floodgate_e2e::proxy::ProxyProcess;
 use floodgate_e2e::redis::RedisServer;
 use std::time::Duration;
+use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(20);
 /// The mock's `slow-<ms>` fault: each answer takes this long.
@@ -47,20 +48,42 @@ async fn slow_chat(url: String, model: &'static str) -> (u16, String) {
     (status, response.text().await.unwrap())
 }
 
-#[tokio::test]
-async fn sigterm_drains_the_requests_in_flight_on_every_worker() {
+/// Starts the proxy on `dir` (plus `extra` arguments) and sends `count` chats for `model`;
+/// returns once all have reached the mock, so they are in flight at the proxy.
+async fn in_flight(
+    mock: &MockProviders,
+    dir: &tempfile::TempDir,
+    extra: &[&str],
+    model: &'static str,
+    count: usize,
+) -> (ProxyProcess, Vec<JoinHandle<(u16, String)>>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let dir = config_dir(&mock, SLOW_MODEL);
-    let args = [
+    let mut args = vec![
         "--config",
         dir.path().to_str().unwrap(),
         "--watch-interval-ms",
         "0",
-        "--workers",
-        "3",
     ];
+    args.extend_from_slice(extra);
     let proxy = ProxyProcess::start(args, &[]).await.unwrap();
+    let url = proxy.url("/v1/chat/completions");
+    let calls = (0..count)
+        .map(|_| tokio::spawn(slow_chat(url.clone(), model)))
+        .collect();
+    wait_for("every request at the mock", WAIT, || async {
+        let seen: u64 = mock.counts().keys.iter().map(|k| k.requests).sum();
+        Ok((seen == count as u64).then_some(()))
+    })
+    .await
+    .unwrap();
+    (proxy, calls)
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_requests_in_flight_on_every_worker() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let dir = config_dir(&mock, SLOW_MODEL);
+    let (proxy, calls) = in_flight(&mock, &dir, &["--workers", "3"], SLOW_MODEL, IN_FLIGHT).await;
     assert!(
         proxy
             .log()
@@ -69,19 +92,7 @@ async fn sigterm_drains_the_requests_in_flight_on_every_worker() {
         "{:?}",
         proxy.log()
     );
-    let url = proxy.url("/v1/chat/completions");
     let addr = proxy.addr();
-
-    let calls: Vec<_> = (0..IN_FLIGHT)
-        .map(|_| tokio::spawn(slow_chat(url.clone(), SLOW_MODEL)))
-        .collect();
-    // Every request has reached the provider: all are in flight.
-    wait_for("every request at the mock", WAIT, || async {
-        let seen: u64 = mock.counts().keys.iter().map(|k| k.requests).sum();
-        Ok((seen == IN_FLIGHT as u64).then_some(()))
-    })
-    .await
-    .unwrap();
 
     let status = proxy.terminate(WAIT).await.unwrap();
     assert!(status.success(), "{status}");
@@ -96,32 +107,12 @@ async fn sigterm_drains_the_requests_in_flight_on_every_worker() {
 
 #[tokio::test]
 async fn with_redis_every_answer_in_flight_at_sigterm_reaches_the_shared_budget() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let redis = RedisServer::start().await.unwrap();
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let dir = config_dir(&mock, SLOW_MODEL);
     let url = redis.url();
-    let args = [
-        "--config",
-        dir.path().to_str().unwrap(),
-        "--watch-interval-ms",
-        "0",
-        "--workers",
-        "3",
-        "--redis",
-        url.as_str(),
-    ];
-    let proxy = ProxyProcess::start(args, &[]).await.unwrap();
-    let chat_url = proxy.url("/v1/chat/completions");
-    let calls: Vec<_> = (0..IN_FLIGHT)
-        .map(|_| tokio::spawn(slow_chat(chat_url.clone(), SLOW_MODEL)))
-        .collect();
-    wait_for("every request at the mock", WAIT, || async {
-        let seen: u64 = mock.counts().keys.iter().map(|k| k.requests).sum();
-        Ok((seen == IN_FLIGHT as u64).then_some(()))
-    })
-    .await
-    .unwrap();
+    let extra = ["--workers", "3", "--redis", url.as_str()];
+    let (proxy, calls) = in_flight(&mock, &dir, &extra, SLOW_MODEL, IN_FLIGHT).await;
 
     let status = proxy.terminate(WAIT).await.unwrap();
     assert!(status.success(), "{status}");
@@ -158,24 +149,10 @@ async fn with_redis_every_answer_in_flight_at_sigterm_reaches_the_shared_budget(
 async fn a_second_sigterm_exits_without_waiting_for_the_drain() {
     // Far longer than the test waits: only the second signal can end it in time.
     const SLOWER: &str = "slow-30000";
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let dir = config_dir(&mock, SLOWER);
-    let args = [
-        "--config",
-        dir.path().to_str().unwrap(),
-        "--watch-interval-ms",
-        "0",
-    ];
-    let proxy = ProxyProcess::start(args, &[]).await.unwrap();
-    let url = proxy.url("/v1/chat/completions");
-    let call = tokio::spawn(slow_chat(url, SLOWER));
-    wait_for("the request at the mock", WAIT, || async {
-        let seen: u64 = mock.counts().keys.iter().map(|k| k.requests).sum();
-        Ok((seen == 1).then_some(()))
-    })
-    .await
-    .unwrap();
+    let (proxy, mut calls) = in_flight(&mock, &dir, &[], SLOWER, 1).await;
+    let call = calls.remove(0);
     proxy.send_sigterm().await.unwrap();
     proxy
         .wait_for_log("a second signal stops at once", WAIT)
