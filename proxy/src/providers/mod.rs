@@ -66,6 +66,37 @@ pub struct UpstreamRequest {
 }
 
 impl Adapter {
+    /// Every wire format, in [`Adapter::index`] order.
+    pub const ALL: [Adapter; 4] = [
+        Adapter::OpenAi,
+        Adapter::Anthropic,
+        Adapter::Gemini,
+        Adapter::Ollama,
+    ];
+
+    /// Position in [`Adapter::ALL`], for tables indexed by wire format.
+    pub const fn index(self) -> usize {
+        match self {
+            Adapter::OpenAi => 0,
+            Adapter::Anthropic => 1,
+            Adapter::Gemini => 2,
+            Adapter::Ollama => 3,
+        }
+    }
+
+    /// The cap on generated tokens this adapter sends upstream for `req`: the caller's cap,
+    /// or for Anthropic, which requires one, [`anthropic::DEFAULT_MAX_TOKENS`]. Token budgets
+    /// reserve exactly this.
+    pub fn max_output_tokens_sent(&self, req: &ChatRequest) -> Option<u32> {
+        match self {
+            Adapter::Anthropic => Some(
+                req.max_output_tokens()
+                    .unwrap_or(anthropic::DEFAULT_MAX_TOKENS),
+            ),
+            Adapter::OpenAi | Adapter::Gemini | Adapter::Ollama => req.max_output_tokens(),
+        }
+    }
+
     /// The adapter for a provider type; OpenAI-compatible servers speak OpenAI (without an
     /// auth header when no key is configured).
     pub fn for_type(provider_type: ProviderType) -> Self {
