@@ -18,7 +18,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use floodgate_crds::ProviderType;
 use http::{HeaderMap, HeaderValue, Method, header};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 pub mod anthropic;
 pub mod error;
@@ -336,11 +336,16 @@ pub(crate) fn completion(
                 content,
                 tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
                 refusal: None,
+                extra: Map::new(),
             },
             finish_reason: Some(finish_reason),
+            logprobs: None,
+            extra: Map::new(),
         }],
         usage: Some(usage),
+        usage_details: Map::new(),
         system_fingerprint: None,
+        extra: Map::new(),
     }
 }
 
