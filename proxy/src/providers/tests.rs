@@ -36,6 +36,9 @@ struct Fixtures {
     rate_limited: &'static [u8],
     unauthorized: (u16, &'static [u8]),
     overloaded_status: u16,
+    /// Whether fields Floodgate does not model reach the upstream as sent (OpenAI) rather
+    /// than being refused.
+    passes_extra: bool,
 }
 
 macro_rules! fixture {
@@ -62,6 +65,7 @@ const OPENAI: Fixtures = Fixtures {
     rate_limited: fixture!("openai_error_429.json"),
     unauthorized: (401, fixture!("openai_error_401.json")),
     overloaded_status: 503,
+    passes_extra: true,
 };
 
 const ANTHROPIC: Fixtures = Fixtures {
@@ -88,6 +92,7 @@ const ANTHROPIC: Fixtures = Fixtures {
     rate_limited: fixture!("anthropic_error_429.json"),
     unauthorized: (401, fixture!("anthropic_error_401.json")),
     overloaded_status: 529,
+    passes_extra: false,
 };
 
 const GEMINI: Fixtures = Fixtures {
@@ -111,6 +116,7 @@ const GEMINI: Fixtures = Fixtures {
     rate_limited: fixture!("gemini_error_429.json"),
     unauthorized: (400, fixture!("gemini_error_400_key.json")),
     overloaded_status: 503,
+    passes_extra: false,
 };
 
 const OLLAMA: Fixtures = Fixtures {
@@ -135,6 +141,7 @@ const OLLAMA: Fixtures = Fixtures {
         br#"{"error":"server busy, please try again. maximum pending requests exceeded"}"#,
     unauthorized: (401, br#"{"error":"unauthorized"}"#),
     overloaded_status: 503,
+    passes_extra: false,
 };
 
 macro_rules! conformance {
@@ -183,6 +190,11 @@ macro_rules! conformance {
             }
 
             #[test]
+            fn unmodelled_fields_pass_through_or_are_refused() {
+                check_unmodelled($adapter, &$fixtures);
+            }
+
+            #[test]
             fn classifies_errors() {
                 check_errors($adapter, &$fixtures);
             }
@@ -200,6 +212,35 @@ conformance! {
 /// A request from its JSON form (what the server module parses).
 pub(super) fn request(value: Value) -> ChatRequest {
     serde_json::from_value(value).unwrap()
+}
+
+/// The body `adapter` builds for a one-message request with `fields` added.
+pub(super) fn build_with(adapter: Adapter, fields: Value) -> Result<Value> {
+    let mut value = json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]});
+    if let (Some(req), Value::Object(fields)) = (value.as_object_mut(), fields) {
+        req.extend(fields);
+    }
+    adapter
+        .build_request(BASE, None, "m", &request(value), false)
+        .map(|built| body_json(&built))
+}
+
+/// Asserts that `adapter` refuses each `(field, value)` with a 400 whose message names the
+/// field (`` `field` ``, or a part of it: `` `field.part` ``).
+pub(super) fn assert_refused(adapter: Adapter, cases: &[(&str, Value)]) {
+    for (field, value) in cases {
+        let fields = json!({ *field: value });
+        match build_with(adapter, fields) {
+            Err(ProviderError::BadRequest {
+                status: 400,
+                message,
+            }) => assert!(
+                message.contains(&format!("`{field}`")) || message.contains(&format!("`{field}.")),
+                "{field}: message does not name the field: {message}"
+            ),
+            other => panic!("{field} = {value}: expected a 400, got {other:?}"),
+        }
+    }
 }
 
 /// The body of a built request, as JSON.
@@ -477,6 +518,27 @@ fn check_request(adapter: Adapter, f: &Fixtures) {
         .unwrap_err();
     assert!(matches!(err, ProviderError::Unauthorized { .. }), "{err:?}");
     assert!(!err.to_string().contains("bad\nkey"));
+}
+
+/// A field nobody models either reaches the upstream untouched or is refused by name: it is
+/// never dropped silently.
+fn check_unmodelled(adapter: Adapter, f: &Fixtures) {
+    let custom = json!({"x_floodgate_probe": {"a": [1, 2]}});
+    if f.passes_extra {
+        let body = build_with(adapter, custom).unwrap();
+        assert_eq!(body["x_floodgate_probe"], json!({"a": [1, 2]}));
+    } else {
+        assert_refused(adapter, &[("x_floodgate_probe", json!({"a": [1, 2]}))]);
+        // Nor is a field the target cannot honour, when sent with a neutral one.
+        let err = build_with(
+            adapter,
+            json!({"store": false, "audio": {"voice": "alloy"}}),
+        );
+        assert!(
+            matches!(err, Err(ProviderError::BadRequest { .. })),
+            "{err:?}"
+        );
+    }
 }
 
 fn check_errors(adapter: Adapter, f: &Fixtures) {
