@@ -118,6 +118,21 @@ impl Adapter {
         }
     }
 
+    /// The cap on generated tokens that [`build_request`](Self::build_request) sends
+    /// upstream for `req`, which is what a token budget must reserve for the answer.
+    /// `None` when no cap is sent and the provider's own limit applies.
+    ///
+    /// Anthropic requires a cap, so it is the caller's or
+    /// [`anthropic::DEFAULT_MAX_TOKENS`]; the others send the caller's cap if there is one
+    /// (`max_completion_tokens`, else `max_tokens`: OpenAI-compatible servers get both as
+    /// sent and honour the newer one, as vLLM does).
+    pub fn max_output_tokens_sent(&self, req: &ChatRequest) -> Option<u32> {
+        match self {
+            Adapter::Anthropic => Some(anthropic::max_tokens(req)),
+            Adapter::OpenAi | Adapter::Gemini | Adapter::Ollama => req.max_output_tokens(),
+        }
+    }
+
     /// Parses a 2xx non-streamed body into a `chat.completion` whose `model` is
     /// `model_for_caller`. A body that is not the provider's format is `Malformed`.
     pub fn parse_response(&self, body: &[u8], model_for_caller: &str) -> Result<ChatResponse> {

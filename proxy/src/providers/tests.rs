@@ -39,6 +39,8 @@ struct Fixtures {
     /// Whether fields Floodgate does not model reach the upstream as sent (OpenAI) rather
     /// than being refused.
     passes_extra: bool,
+    /// JSON pointers to the output cap in a built body, the one the provider honours first.
+    cap_at: &'static [&'static str],
 }
 
 macro_rules! fixture {
@@ -66,6 +68,7 @@ const OPENAI: Fixtures = Fixtures {
     unauthorized: (401, fixture!("openai_error_401.json")),
     overloaded_status: 503,
     passes_extra: true,
+    cap_at: &["/max_completion_tokens", "/max_tokens"],
 };
 
 const ANTHROPIC: Fixtures = Fixtures {
@@ -93,6 +96,7 @@ const ANTHROPIC: Fixtures = Fixtures {
     unauthorized: (401, fixture!("anthropic_error_401.json")),
     overloaded_status: 529,
     passes_extra: false,
+    cap_at: &["/max_tokens"],
 };
 
 const GEMINI: Fixtures = Fixtures {
@@ -117,6 +121,7 @@ const GEMINI: Fixtures = Fixtures {
     unauthorized: (400, fixture!("gemini_error_400_key.json")),
     overloaded_status: 503,
     passes_extra: false,
+    cap_at: &["/generationConfig/maxOutputTokens"],
 };
 
 const OLLAMA: Fixtures = Fixtures {
@@ -142,6 +147,7 @@ const OLLAMA: Fixtures = Fixtures {
     unauthorized: (401, br#"{"error":"unauthorized"}"#),
     overloaded_status: 503,
     passes_extra: false,
+    cap_at: &["/options/num_predict"],
 };
 
 macro_rules! conformance {
@@ -187,6 +193,11 @@ macro_rules! conformance {
             #[test]
             fn builds_requests() {
                 check_request($adapter, &$fixtures);
+            }
+
+            #[test]
+            fn reserves_the_output_cap_it_sends() {
+                check_cap_sent($adapter, &$fixtures);
             }
 
             #[test]
@@ -538,6 +549,42 @@ fn check_unmodelled(adapter: Adapter, f: &Fixtures) {
             matches!(err, Err(ProviderError::BadRequest { .. })),
             "{err:?}"
         );
+    }
+}
+
+/// `max_output_tokens_sent` is what the built body holds, for every way of setting a cap.
+fn check_cap_sent(adapter: Adapter, f: &Fixtures) {
+    let messages = json!([{"role": "user", "content": "Hi"}]);
+    let caps = [
+        json!({}),
+        json!({"max_tokens": 100}),
+        json!({"max_completion_tokens": 50}),
+        json!({"max_completion_tokens": 50, "max_tokens": 99}),
+    ];
+    for cap in caps {
+        let mut value = json!({"model": "m", "messages": messages});
+        value
+            .as_object_mut()
+            .unwrap()
+            .extend(cap.as_object().unwrap().clone());
+        let req = request(value);
+        for stream in [false, true] {
+            let body = body_json(
+                &adapter
+                    .build_request(BASE, None, "m", &req, stream)
+                    .unwrap(),
+            );
+            let in_body = f
+                .cap_at
+                .iter()
+                .find_map(|pointer| body.pointer(pointer))
+                .map(|v| u32::try_from(v.as_u64().unwrap()).unwrap());
+            assert_eq!(
+                adapter.max_output_tokens_sent(&req),
+                in_body,
+                "{cap} {body}"
+            );
+        }
     }
 }
 
