@@ -29,6 +29,11 @@
 //!
 //! (*) `user` is an end-user id for the provider's abuse monitoring; it does not change the
 //! answer, and Gemini and Ollama have no field for it.
+//!
+//! Not yet held to this rule (parts of modelled fields, still not sent to these targets):
+//! `tools[].function.strict`, `image_url.detail` and a message's `name`. Refusing them
+//! would turn away common agent SDK requests (which set `strict: true` by default), so the
+//! choice is left open rather than made here.
 
 use std::ops::RangeInclusive;
 
