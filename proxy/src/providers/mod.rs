@@ -25,7 +25,7 @@ pub mod error;
 pub mod gemini;
 pub mod ollama;
 pub mod openai;
-pub(crate) mod params;
+pub mod params;
 pub mod ratelimit;
 pub mod sse;
 pub mod stream;
