@@ -85,19 +85,6 @@ impl Adapter {
         }
     }
 
-    /// The cap on generated tokens this adapter sends upstream for `req`: the caller's cap,
-    /// or for Anthropic, which requires one, [`anthropic::DEFAULT_MAX_TOKENS`]. Token budgets
-    /// reserve exactly this.
-    pub fn max_output_tokens_sent(&self, req: &ChatRequest) -> Option<u32> {
-        match self {
-            Adapter::Anthropic => Some(
-                req.max_output_tokens()
-                    .unwrap_or(anthropic::DEFAULT_MAX_TOKENS),
-            ),
-            Adapter::OpenAi | Adapter::Gemini | Adapter::Ollama => req.max_output_tokens(),
-        }
-    }
-
     /// The adapter for a provider type; OpenAI-compatible servers speak OpenAI (without an
     /// auth header when no key is configured).
     pub fn for_type(provider_type: ProviderType) -> Self {
