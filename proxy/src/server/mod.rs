@@ -1,4 +1,4 @@
-//! The HTTP front door: OpenAI-compatible API, health and readiness.
+//! The HTTP front doors: OpenAI-compatible API, Anthropic Messages API, health and readiness.
 //!
 //! Layers, outermost first: catch-panic (a panic becomes a 500 with an OpenAI error body),
 //! trace (one span per request), sensitive headers (Authorization and API-key headers are
@@ -7,6 +7,7 @@
 
 mod chat;
 pub mod error;
+pub mod messages;
 mod models;
 pub mod workers;
 
@@ -64,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/models", get(models::list))
         .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
