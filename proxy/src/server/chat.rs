@@ -179,7 +179,8 @@ fn respond(reply: Reply) -> Response {
 
 use futures::StreamExt as _;
 
-fn route_error(e: RouteError) -> ApiError {
+/// The error the caller gets when routing failed (rendered by each door in its format).
+pub(super) fn route_error(e: RouteError) -> ApiError {
     let message = e.to_string();
     match e {
         RouteError::UnknownModel(_) => ApiError::new(
