@@ -9,6 +9,8 @@
 //! into [`ChatRequest::extra`] under their own name (`top_k`), for the provider adapters to
 //! pass, map or refuse.
 
+use std::fmt::{self, Display};
+
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -295,7 +297,7 @@ impl MessagesRequest {
             messages.extend(system_message(system)?);
         }
         for (i, message) in self.messages.into_iter().enumerate() {
-            translate_message(message, &format!("messages[{i}]"), &mut messages)?;
+            translate_message(message, Path::Message(i), &mut messages)?;
         }
         let mut extra = Map::new();
         if let Some(top_k) = self.top_k {
@@ -327,6 +329,44 @@ impl MessagesRequest {
     }
 }
 
+/// Where a value sits in the request, for refusals; formatted only when one is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// `system[i]`.
+    System(usize),
+    /// `messages[i]`.
+    Message(usize),
+    /// `messages[i].content[j]`.
+    Block(usize, usize),
+    /// `messages[i].content[j].content[k]` (inside a `tool_result`).
+    Nested(usize, usize, usize),
+    /// `tools[i]`.
+    Tool(usize),
+}
+
+impl Path {
+    /// The `j`th element of this value's `content`.
+    fn content(self, j: usize) -> Path {
+        match self {
+            Path::Message(i) => Path::Block(i, j),
+            Path::Block(i, k) => Path::Nested(i, k, j),
+            other => other,
+        }
+    }
+}
+
+impl Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Path::System(i) => write!(f, "system[{i}]"),
+            Path::Message(i) => write!(f, "messages[{i}]"),
+            Path::Block(i, j) => write!(f, "messages[{i}].content[{j}]"),
+            Path::Nested(i, j, k) => write!(f, "messages[{i}].content[{j}].content[{k}]"),
+            Path::Tool(i) => write!(f, "tools[{i}]"),
+        }
+    }
+}
+
 /// Top-level fields this door does not model. `thinking: {"type": "disabled"}` asks for
 /// what every answer here is, so it is accepted; `null` says nothing and is ignored.
 fn refuse_top_level(unmodelled: &Unmodelled) -> Result<(), ApiError> {
@@ -352,7 +392,7 @@ fn refuse_top_level(unmodelled: &Unmodelled) -> Result<(), ApiError> {
 }
 
 /// Refuses the first non-null field of `unmodelled`, named by `path.field`.
-fn refuse_unmodelled(path: &str, unmodelled: &Unmodelled) -> Result<(), ApiError> {
+fn refuse_unmodelled(path: impl Display, unmodelled: &Unmodelled) -> Result<(), ApiError> {
     match unmodelled.iter().find(|(_, value)| !value.is_null()) {
         Some((name, _)) => Err(invalid_request(format!(
             "`{path}.{name}` is not supported by this gateway"
@@ -363,7 +403,7 @@ fn refuse_unmodelled(path: &str, unmodelled: &Unmodelled) -> Result<(), ApiError
 
 /// A block that is not one of the four this door translates, or a known one that failed to
 /// parse (then the parse error is reported).
-fn refuse_block(path: &str, block: Unmodelled) -> ApiError {
+fn refuse_block(path: Path, block: Unmodelled) -> ApiError {
     let kind = block
         .get("type")
         .and_then(Value::as_str)
@@ -393,9 +433,8 @@ fn system_message(system: SystemPrompt) -> Result<Option<ChatMessage>, ApiError>
         SystemPrompt::Blocks(blocks) => {
             let mut parts = Vec::with_capacity(blocks.len());
             for (i, block) in blocks.into_iter().enumerate() {
-                let path = format!("system[{i}]");
                 parts.push(ContentPart::Text {
-                    text: text_only(&path, block)?,
+                    text: text_only(Path::System(i), block)?,
                 });
             }
             if parts.is_empty() {
@@ -408,7 +447,7 @@ fn system_message(system: SystemPrompt) -> Result<Option<ChatMessage>, ApiError>
 }
 
 /// The text of a block that may only be text (system prompts, tool results).
-fn text_only(path: &str, block: InputBlock) -> Result<String, ApiError> {
+fn text_only(path: Path, block: InputBlock) -> Result<String, ApiError> {
     match block {
         InputBlock::Text(text) => {
             refuse_unmodelled(path, &text.unmodelled)?;
@@ -423,7 +462,7 @@ fn text_only(path: &str, block: InputBlock) -> Result<String, ApiError> {
 
 fn translate_message(
     message: InputMessage,
-    path: &str,
+    path: Path,
     out: &mut Vec<ChatMessage>,
 ) -> Result<(), ApiError> {
     refuse_unmodelled(path, &message.unmodelled)?;
@@ -451,31 +490,31 @@ fn translate_message(
 /// `tool_result` a `tool` message between them.
 fn user_blocks(
     blocks: Vec<InputBlock>,
-    path: &str,
+    path: Path,
     out: &mut Vec<ChatMessage>,
 ) -> Result<(), ApiError> {
     let mut parts = Vec::new();
     for (j, block) in blocks.into_iter().enumerate() {
-        let path = format!("{path}.content[{j}]");
+        let path = path.content(j);
         match block {
             InputBlock::Text(text) => {
-                refuse_unmodelled(&path, &text.unmodelled)?;
+                refuse_unmodelled(path, &text.unmodelled)?;
                 parts.push(ContentPart::Text { text: text.text });
             }
-            InputBlock::Image(image) => parts.push(image_part(image, &path)?),
+            InputBlock::Image(image) => parts.push(image_part(image, path)?),
             InputBlock::ToolResult(result) => {
                 if !parts.is_empty() {
                     let content = MessageContent::Parts(std::mem::take(&mut parts));
                     out.push(message(Role::User, Some(content)));
                 }
-                out.push(tool_message(result, &path)?);
+                out.push(tool_message(result, path)?);
             }
             InputBlock::ToolUse(_) => {
                 return Err(invalid_request(format!(
                     "`{path}`: `tool_use` blocks belong in assistant turns"
                 )));
             }
-            InputBlock::Other(other) => return Err(refuse_block(&path, other)),
+            InputBlock::Other(other) => return Err(refuse_block(path, other)),
         }
     }
     if !parts.is_empty() {
@@ -485,18 +524,18 @@ fn user_blocks(
 }
 
 /// An assistant turn: its text blocks concatenated, its `tool_use` blocks as tool calls.
-fn assistant_blocks(blocks: Vec<InputBlock>, path: &str) -> Result<ChatMessage, ApiError> {
+fn assistant_blocks(blocks: Vec<InputBlock>, path: Path) -> Result<ChatMessage, ApiError> {
     let mut text = String::new();
     let mut calls = Vec::new();
     for (j, block) in blocks.into_iter().enumerate() {
-        let path = format!("{path}.content[{j}]");
+        let path = path.content(j);
         match block {
             InputBlock::Text(block) => {
-                refuse_unmodelled(&path, &block.unmodelled)?;
+                refuse_unmodelled(path, &block.unmodelled)?;
                 text.push_str(&block.text);
             }
             InputBlock::ToolUse(call) => {
-                refuse_unmodelled(&path, &call.unmodelled)?;
+                refuse_unmodelled(path, &call.unmodelled)?;
                 let arguments = match call.input {
                     Value::Null => "{}".to_owned(),
                     input @ Value::Object(_) => input.to_string(),
@@ -518,7 +557,7 @@ fn assistant_blocks(blocks: Vec<InputBlock>, path: &str) -> Result<ChatMessage, 
                     "`{path}`: assistant turns may hold only `text` and `tool_use` blocks"
                 )));
             }
-            InputBlock::Other(other) => return Err(refuse_block(&path, other)),
+            InputBlock::Other(other) => return Err(refuse_block(path, other)),
         }
     }
     let content = (!text.is_empty() || calls.is_empty()).then_some(MessageContent::Text(text));
@@ -528,7 +567,7 @@ fn assistant_blocks(blocks: Vec<InputBlock>, path: &str) -> Result<ChatMessage, 
     })
 }
 
-fn image_part(image: ImageBlock, path: &str) -> Result<ContentPart, ApiError> {
+fn image_part(image: ImageBlock, path: Path) -> Result<ContentPart, ApiError> {
     refuse_unmodelled(path, &image.unmodelled)?;
     let url = match image.source {
         ImageSource::Base64 { media_type, data } => format!("data:{media_type};base64,{data}"),
@@ -551,7 +590,7 @@ fn image_part(image: ImageBlock, path: &str) -> Result<ContentPart, ApiError> {
 
 /// A `tool` message. The internal shape has no error flag, so a failed call's result is
 /// prefixed with `Error: `: the model is told the call failed, as `is_error` asks.
-fn tool_message(result: ToolResultBlock, path: &str) -> Result<ChatMessage, ApiError> {
+fn tool_message(result: ToolResultBlock, path: Path) -> Result<ChatMessage, ApiError> {
     refuse_unmodelled(path, &result.unmodelled)?;
     let mut text = match result.content {
         None => String::new(),
@@ -559,7 +598,7 @@ fn tool_message(result: ToolResultBlock, path: &str) -> Result<ChatMessage, ApiE
         Some(InputContent::Blocks(blocks)) => {
             let mut text = String::new();
             for (k, block) in blocks.into_iter().enumerate() {
-                text.push_str(&text_only(&format!("{path}.content[{k}]"), block)?);
+                text.push_str(&text_only(path.content(k), block)?);
             }
             text
         }
@@ -578,13 +617,13 @@ fn translate_tools(tools: Vec<ToolDef>) -> Result<Vec<Tool>, ApiError> {
         .into_iter()
         .enumerate()
         .map(|(i, tool)| {
-            let path = format!("tools[{i}]");
+            let path = Path::Tool(i);
             if let Some(kind) = tool.kind.as_deref().filter(|k| *k != "custom") {
                 return Err(invalid_request(format!(
                     "`{path}`: `{kind}` tools (server tools) are not supported by this gateway"
                 )));
             }
-            refuse_unmodelled(&path, &tool.unmodelled)?;
+            refuse_unmodelled(path, &tool.unmodelled)?;
             let Some(schema) = tool.input_schema else {
                 return Err(invalid_request(format!(
                     "`{path}.input_schema` is required"

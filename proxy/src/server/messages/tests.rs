@@ -229,6 +229,9 @@ fn untranslatable_blocks_are_refused_by_path() {
         {"role": "assistant", "content": thinking}
     ]);
     refused(body(json!({"messages": history})), "`thinking`");
+    let image = json!({"type": "image", "source": {"type": "url", "url": "https://x/y.png"}});
+    let result = json!([{"type": "tool_result", "tool_use_id": "t", "content": [image]}]);
+    refused(user(result), "messages[0].content[0].content[0]");
     let system = json!([{"type": "text", "text": "s", "citations": [{"type": "x"}]}]);
     refused(body(json!({"system": system})), "system[0].citations");
 }
