@@ -83,6 +83,19 @@ async fn a_stream_the_upstream_breaks_ends_in_an_error_event() {
     assert_eq!(names.last().map(String::as_str), Some("error"), "{names:?}");
     assert!(!names.iter().any(|n| n == "message_stop"), "{names:?}");
     assert_eq!(last["error"]["type"], "api_error");
+    // The request is counted when its stream ends, with the reason it broke.
+    let metrics = reqwest::get(format!("{}/metrics", gw.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = metrics.lines().any(|l| {
+        l.starts_with("floodgate_requests_total")
+            && l.contains("model=\"gpt-truncate\"")
+            && l.contains("outcome=\"truncated\"")
+    });
+    assert!(counted, "{metrics}");
 }
 
 #[tokio::test]

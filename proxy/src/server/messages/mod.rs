@@ -15,86 +15,99 @@ pub mod stream;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use futures::stream::BoxStream;
-use futures::{Stream, StreamExt as _, future};
+use futures::{Stream, StreamExt as _};
 use serde::Serialize;
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+use tracing::{Instrument as _, Span};
 
 use super::AppState;
+use super::door::{self, Outcome, Tracked};
 use super::error::ApiError;
+use crate::metrics;
+use crate::pipeline::{self, Door, RequestCtx};
 use crate::providers::types::{ChatChunk, ChatRequest};
-use crate::providers::{Adapter, ProviderError, estimate_prompt_tokens};
-use crate::route::{Reply, ReplyBody};
+use crate::providers::{ProviderError, estimate_prompt_tokens};
+use crate::route::ReplyBody;
 use error::{error_response, invalid_request};
 use request::{MessagesRequest, Purpose};
 
 /// `POST /v1/messages`: a `message`, or Anthropic's event stream when `stream` is true.
-pub async fn create(State(state): State<AppState>, body: Body) -> Response {
-    let result = async {
-        let req = read_request(&state, body, Purpose::Create).await?;
-        let model = req.model.clone();
-        let input_tokens = estimate_prompt_tokens(&req);
-        let config = state.config.load_full();
-        let reply = state
-            .dispatcher
-            .chat(&config, req)
-            .await
-            .map_err(super::chat::route_error)?;
-        respond(reply, model, input_tokens)
-    }
-    .await;
-    result.unwrap_or_else(|e| error_response(&e))
-}
-
-fn respond(reply: Reply, model: String, input_tokens: u32) -> Result<Response, ApiError> {
-    let mut response = match reply.body {
-        ReplyBody::Complete(answer) => Json(response::to_message(answer, model)?).into_response(),
-        ReplyBody::Stream(events) => {
-            let chunks = typed_chunks(events, &model);
-            let mut r = Response::new(Body::from_stream(
-                stream::encode(chunks, model, input_tokens).map(Ok::<_, std::convert::Infallible>),
-            ));
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            r
-        }
-    };
-    let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&reply.provider) {
-        h.insert("x-floodgate-provider", v);
-    }
-    h.insert("x-floodgate-attempts", HeaderValue::from(reply.attempts));
-    Ok(response)
-}
-
-/// Interim, until `route` returns typed chunks: the dispatcher's OpenAI SSE bytes decoded
-/// back into chunks (its error event becomes the `Err` item, a missing `[DONE]` `Truncated`).
-fn typed_chunks(
-    events: BoxStream<'static, Bytes>,
-    model: &str,
-) -> impl Stream<Item = Result<ChatChunk, ProviderError>> + Send + 'static {
-    let decoder = Adapter::OpenAi.stream_decoder(model, true);
-    events
-        .map(Some)
-        .chain(futures::stream::once(future::ready(None)))
-        .scan(decoder, |decoder, bytes| {
-            let decoded = match bytes {
-                Some(bytes) => decoder.feed(&bytes),
-                None => decoder.finish(),
-            };
-            let items: Vec<_> = match decoded {
-                Ok(chunks) => chunks.into_iter().map(Ok).collect(),
-                Err(e) => vec![Err(e)],
-            };
-            future::ready(Some(futures::stream::iter(items)))
+/// The same stages as the OpenAI door; only parsing and rendering differ.
+pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    // Stage 1 (identity) will read `headers` here, before the body.
+    let mut ctx = RequestCtx::new(
+        Door::AnthropicMessages,
+        &headers,
+        state.dispatcher.max_wait(),
+    );
+    let span = door::request_span(&ctx, "chat");
+    let request_span = span.clone();
+    metrics::UPSTREAM_TIME
+        .scope(Cell::new(Duration::ZERO), async move {
+            let mut response = handle(&state, &mut ctx, body, request_span).await;
+            let upstream = metrics::UPSTREAM_TIME
+                .try_with(Cell::get)
+                .unwrap_or_default();
+            metrics::global().stage("total_overhead", started.elapsed().saturating_sub(upstream));
+            door::decision_headers(response.headers_mut(), &ctx, state.expose_key);
+            response
         })
-        .flatten()
+        .instrument(span)
+        .await
+}
+
+async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) -> Response {
+    let parse_started = Instant::now();
+    let req = match read_request(state, body, Purpose::Create).await {
+        Ok(req) => req,
+        Err(e) => return failed(&e, Outcome::new(span, ctx, None)),
+    };
+    metrics::global().stage("parse", parse_started.elapsed());
+    // Before the request moves on: `message_start` reports it until the upstream's count.
+    let input_tokens = estimate_prompt_tokens(&req);
+    let view = state.dispatcher.view();
+    let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
+    let model = req.model;
+    let outcome = Outcome::new(span, ctx, Some(model.clone()));
+    match result {
+        Ok(reply) => match reply.body {
+            ReplyBody::Complete(answer) => match response::to_message(answer, model) {
+                Ok(message) => {
+                    outcome.record("ok");
+                    Json(message).into_response()
+                }
+                Err(e) => failed(&e, outcome),
+            },
+            ReplyBody::Stream(chunks) => sse(Tracked::new(chunks, outcome), model, input_tokens),
+        },
+        Err(e) => failed(&door::route_error(e), outcome),
+    }
+}
+
+fn failed(error: &ApiError, outcome: Outcome) -> Response {
+    outcome.with_status(error.status).record(error.code);
+    error_response(error)
+}
+
+/// The typed stream as Anthropic's events ([`stream::encode`]).
+fn sse<S>(chunks: Tracked<S>, model: String, input_tokens: u32) -> Response
+where
+    S: Stream<Item = Result<ChatChunk, ProviderError>> + Unpin + Send + 'static,
+{
+    let events = stream::encode(chunks, model, input_tokens).map(Ok::<_, Infallible>);
+    let mut response = Response::new(Body::from_stream(events));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 /// The answer of `count_tokens`.
@@ -111,8 +124,13 @@ struct TokenCount {
 pub async fn count_tokens(State(state): State<AppState>, body: Body) -> Response {
     let result = async {
         let req = read_request(&state, body, Purpose::CountTokens).await?;
-        let config = state.config.load();
-        if !config.models().iter().any(|m| m.id == req.model) {
+        if !state
+            .dispatcher
+            .view()
+            .runtime
+            .routes
+            .contains_key(&req.model)
+        {
             return Err(unknown_model(&req.model));
         }
         let input_tokens = estimate_prompt_tokens(&req);
@@ -128,19 +146,7 @@ async fn read_request(
     body: Body,
     purpose: Purpose,
 ) -> Result<ChatRequest, ApiError> {
-    let bytes = axum::body::to_bytes(body, state.body_limit)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "request_too_large",
-                format!(
-                    "the request body is larger than the gateway's limit of {} bytes",
-                    state.body_limit
-                ),
-            )
-        })?;
+    let bytes = door::read_body(body, state.body_limit).await?;
     let req: MessagesRequest = serde_json::from_slice(&bytes).map_err(|e| {
         invalid_request(format!(
             "the request body is not a valid Messages request: {e}"

@@ -321,6 +321,7 @@ impl MessagesRequest {
             // The final usage chunk carries the counts `message_delta` reports.
             stream_options: stream.then_some(StreamOptions {
                 include_usage: true,
+                ..StreamOptions::default()
             }),
             user: self.metadata.map(translate_metadata).transpose()?.flatten(),
             n: None,
