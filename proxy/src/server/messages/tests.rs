@@ -138,6 +138,52 @@ fn a_full_request_translates_to_the_internal_shape() {
     );
 }
 
+/// What the door translates, the Anthropic adapter sends upstream: a request that only
+/// passes through the internal shape comes out as it came in.
+#[test]
+fn a_request_survives_the_round_trip_to_an_anthropic_upstream() {
+    let sent = json!({
+        "model": "claude-sonnet-4",
+        "max_tokens": 64,
+        "system": "Be brief.",
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}}
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"}
+            ]}
+        ],
+        "top_k": 5,
+        "stop_sequences": ["END"],
+        "tools": [{"name": "weather", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": true}
+    });
+    let req = translate(sent.clone()).unwrap();
+    let upstream = crate::providers::Adapter::Anthropic
+        .build_request("http://upstream", Some("k"), "claude-sonnet-4", &req, false)
+        .unwrap();
+    let body: Value = serde_json::from_slice(&upstream.body).unwrap();
+    for field in [
+        "model",
+        "max_tokens",
+        "system",
+        "top_k",
+        "stop_sequences",
+        "tool_choice",
+    ] {
+        assert_eq!(body[field], sent[field], "{field}: {body}");
+    }
+    assert_eq!(
+        body["messages"][1]["content"],
+        sent["messages"][1]["content"]
+    );
+    assert_eq!(body["messages"][2]["content"][0]["tool_use_id"], "toolu_1");
+    assert_eq!(body["messages"][2]["content"][0]["content"], "18C");
+    assert_eq!(body["tools"][0]["input_schema"], json!({"type": "object"}));
+}
+
 #[test]
 fn tool_choices_map_to_their_openai_equivalents() {
     let choice = |c: Value| translate(body(json!({"tool_choice": c}))).unwrap();
