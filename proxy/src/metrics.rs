@@ -247,6 +247,114 @@ pub fn add_upstream_time(d: Duration) {
 }
 
 /// Records a finished request's token usage and cost.
+/// The metric handles of one target (provider and upstream model), resolved once when a
+/// configuration is applied, so that a request records its upstream time, usage and cost
+/// without building label strings or looking up label sets.
+#[derive(Debug, Clone)]
+pub struct TargetMetrics {
+    /// `floodgate_upstream_duration_seconds{provider, outcome="ok"}`.
+    pub upstream_ok: Histogram,
+    /// `gen_ai_server_time_to_first_token_seconds`.
+    pub ttft: Histogram,
+    /// `gen_ai_client_operation_duration_seconds`.
+    pub operation: Histogram,
+    input_usage: Histogram,
+    output_usage: Histogram,
+    input_tokens: Counter,
+    output_tokens: Counter,
+    cost: FloatCounter,
+    /// USD per million (input, output) tokens.
+    price: (f64, f64),
+}
+
+impl TargetMetrics {
+    /// The handles of provider `provider` (of type `provider_type`) serving `model` at
+    /// `price` USD per million (input, output) tokens.
+    pub fn new(provider: &str, provider_type: &str, model: &str, price: (f64, f64)) -> Self {
+        let m = global();
+        let gen_ai = GenAiLabels {
+            gen_ai_provider_name: provider_type.to_owned(),
+            gen_ai_request_model: model.to_owned(),
+        };
+        let tokens = |kind: &str| TokenLabels {
+            gen_ai_provider_name: provider_type.to_owned(),
+            gen_ai_request_model: model.to_owned(),
+            gen_ai_token_type: kind.to_owned(),
+        };
+        // One statement per handle: a `get_or_create` guard lives to the end of its
+        // statement, and a second lookup in the same family while it lives would deadlock
+        // when it has to insert.
+        let upstream_ok = m
+            .upstream_seconds
+            .get_or_create(&UpstreamLabels {
+                provider: provider.to_owned(),
+                outcome: "ok".to_owned(),
+            })
+            .clone();
+        let ttft = m.ttft_seconds.get_or_create(&gen_ai).clone();
+        let operation = m.operation_seconds.get_or_create(&gen_ai).clone();
+        let input_usage = m.token_usage.get_or_create(&tokens("input")).clone();
+        let output_usage = m.token_usage.get_or_create(&tokens("output")).clone();
+        let input_tokens = m.tokens.get_or_create(&tokens("input")).clone();
+        let output_tokens = m.tokens.get_or_create(&tokens("output")).clone();
+        let cost = m.cost_usd.get_or_create(&gen_ai).clone();
+        Self {
+            upstream_ok,
+            ttft,
+            operation,
+            input_usage,
+            output_usage,
+            input_tokens,
+            output_tokens,
+            cost,
+            price,
+        }
+    }
+
+    /// Records a request's token usage and its cost.
+    pub fn record_usage(&self, input: u64, output: u64) {
+        self.input_usage.observe(input as f64);
+        self.output_usage.observe(output as f64);
+        self.input_tokens.inc_by(input);
+        self.output_tokens.inc_by(output);
+        let cost = (input as f64 * self.price.0 + output as f64 * self.price.1) / 1_000_000.0;
+        self.cost.inc_by(cost);
+    }
+}
+
+/// The proxy's own time per stage, by stage, resolved once.
+#[derive(Debug)]
+pub struct Stages {
+    /// Reading and parsing the request.
+    pub parse: Histogram,
+    /// Choosing a key.
+    pub limiter: Histogram,
+    /// Waiting for budget.
+    pub queue: Histogram,
+    /// Everything but the upstream's time.
+    pub total_overhead: Histogram,
+}
+
+/// The stage histograms.
+pub fn stages() -> &'static Stages {
+    static STAGES: OnceLock<Stages> = OnceLock::new();
+    STAGES.get_or_init(|| {
+        let m = global();
+        let h = |stage| {
+            m.stage_seconds
+                .get_or_create(&StageLabels { stage })
+                .clone()
+        };
+        Stages {
+            parse: h("parse"),
+            limiter: h("limiter"),
+            queue: h("queue"),
+            total_overhead: h("total_overhead"),
+        }
+    })
+}
+
+/// Records usage by label lookup; for targets, [`TargetMetrics::record_usage`] is cheaper.
 pub fn record_usage(provider_type: &str, model: &str, price: (f64, f64), input: u64, output: u64) {
     let m = global();
     for (kind, n) in [("input", input), ("output", output)] {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method};
+use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -23,10 +23,7 @@ use super::types::{
     ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, FinishReason, FunctionCall,
     Role, ToolCall, ToolChoice, ToolChoiceMode, Usage,
 };
-use super::{
-    UpstreamRequest, completion, endpoint, json_headers, parse_arguments, parse_data_url,
-    reject_multiple_choices, secret_header,
-};
+use super::{completion, parse_arguments, parse_data_url, reject_multiple_choices};
 
 /// The API version this module speaks.
 pub const API_VERSION: &str = "2023-06-01";
@@ -298,13 +295,7 @@ impl ApiError {
 }
 
 /// `POST {base}/v1/messages`.
-pub(crate) fn build_request(
-    base_url: &str,
-    api_key: Option<&str>,
-    upstream_model: &str,
-    req: &ChatRequest,
-    stream: bool,
-) -> Result<UpstreamRequest> {
+pub(crate) fn build_body(upstream_model: &str, req: &ChatRequest, stream: bool) -> Result<Bytes> {
     reject_multiple_choices(req, PROVIDER)?;
     // OpenAI allows 0..=2, Anthropic 0..=1: a higher value is refused, not clamped.
     check_range("temperature", req.temperature, 0.0..=1.0, PROVIDER)?;
@@ -328,17 +319,7 @@ pub(crate) fn build_request(
     };
     let body = serde_json::to_vec(&body)
         .map_err(|e| ProviderError::unsupported(format!("request not serialisable: {e}")))?;
-    let mut headers = json_headers();
-    headers.insert("anthropic-version", HeaderValue::from_static(API_VERSION));
-    if let Some(key) = api_key {
-        headers.insert("x-api-key", secret_header(key)?);
-    }
-    Ok(UpstreamRequest {
-        method: Method::POST,
-        url: endpoint(base_url, "v1", "messages"),
-        headers,
-        body: Bytes::from(body),
-    })
+    Ok(Bytes::from(body))
 }
 
 /// The `max_tokens` sent for `req`: the caller's cap, or [`DEFAULT_MAX_TOKENS`] since the

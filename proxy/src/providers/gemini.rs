@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method};
+use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -30,8 +30,7 @@ use super::types::{
     FunctionCall, Role, ToolCall, ToolChoice, ToolChoiceMode, Usage, new_id,
 };
 use super::{
-    UpstreamRequest, completion, endpoint, json_headers, parse_arguments, parse_data_url,
-    reject_multiple_choices, secret_header, tool_call_names,
+    completion, endpoint, parse_arguments, parse_data_url, reject_multiple_choices, tool_call_names,
 };
 
 mod logprobs;
@@ -287,13 +286,7 @@ impl ApiError {
 }
 
 /// `POST {base}/v1beta/models/{model}:generateContent` (or `:streamGenerateContent?alt=sse`).
-pub(crate) fn build_request(
-    base_url: &str,
-    api_key: Option<&str>,
-    upstream_model: &str,
-    req: &ChatRequest,
-    stream: bool,
-) -> Result<UpstreamRequest> {
+pub(crate) fn build_body(_upstream_model: &str, req: &ChatRequest, _stream: bool) -> Result<Bytes> {
     reject_multiple_choices(req, PROVIDER)?;
     check_range("temperature", req.temperature, 0.0..=2.0, PROVIDER)?;
     check_range("top_p", req.top_p, 0.0..=1.0, PROVIDER)?;
@@ -327,22 +320,18 @@ pub(crate) fn build_request(
     };
     let body = serde_json::to_vec(&body)
         .map_err(|e| ProviderError::unsupported(format!("request not serialisable: {e}")))?;
-    let mut headers = json_headers();
-    if let Some(key) = api_key {
-        headers.insert("x-goog-api-key", secret_header(key)?);
-    }
+    Ok(Bytes::from(body))
+}
+
+/// `{base}/v1beta/models/{model}:generateContent`, or `:streamGenerateContent?alt=sse`.
+pub(crate) fn url(base_url: &str, upstream_model: &str, stream: bool) -> String {
     let model = upstream_model.trim_start_matches("models/");
     let method = if stream {
         "streamGenerateContent?alt=sse"
     } else {
         "generateContent"
     };
-    Ok(UpstreamRequest {
-        method: Method::POST,
-        url: endpoint(base_url, "v1beta", &format!("models/{model}:{method}")),
-        headers,
-        body: Bytes::from(body),
-    })
+    endpoint(base_url, "v1beta", &format!("models/{model}:{method}"))
 }
 
 /// Maps each of `req.extra` into `config`, or refuses it (see [`super::params`]).

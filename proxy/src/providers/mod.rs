@@ -111,7 +111,9 @@ impl Adapter {
     /// upstream for a non-streaming caller or the other way round).
     ///
     /// Fails with `BadRequest` when the request uses something this provider cannot do, and
-    /// with `Unauthorized` when the key is not a valid header value.
+    /// with `Unauthorized` when the key is not a valid header value. The same as
+    /// [`Adapter::url`], [`Adapter::headers`] and [`Adapter::build_body`] together; `route`
+    /// builds the first two once per configuration and only the body per request.
     pub fn build_request(
         &self,
         base_url: &str,
@@ -120,19 +122,67 @@ impl Adapter {
         req: &ChatRequest,
         stream: bool,
     ) -> Result<UpstreamRequest> {
+        Ok(UpstreamRequest {
+            method: Method::POST,
+            url: self.url(base_url, upstream_model, stream),
+            headers: self.headers(api_key)?,
+            body: self.build_body(upstream_model, req, stream)?,
+        })
+    }
+
+    /// The chat endpoint for `upstream_model`, streamed or not.
+    pub fn url(&self, base_url: &str, upstream_model: &str, stream: bool) -> String {
         match self {
-            Adapter::OpenAi => {
-                openai::build_request(base_url, api_key, upstream_model, req, stream)
+            Adapter::OpenAi => endpoint(base_url, "v1", "chat/completions"),
+            Adapter::Anthropic => endpoint(base_url, "v1", "messages"),
+            Adapter::Gemini => gemini::url(base_url, upstream_model, stream),
+            Adapter::Ollama => endpoint(base_url, "api", "chat"),
+        }
+    }
+
+    /// The request headers of a call with `api_key`: content type, the API version where the
+    /// provider wants one, and the key (marked sensitive) in the provider's header. Ollama
+    /// itself has no auth; a key there is for a proxy in front of it.
+    pub fn headers(&self, api_key: Option<&str>) -> Result<HeaderMap> {
+        let mut headers = json_headers();
+        if *self == Adapter::Anthropic {
+            headers.insert(
+                "anthropic-version",
+                HeaderValue::from_static(anthropic::API_VERSION),
+            );
+        }
+        let Some(key) = api_key else {
+            return Ok(headers);
+        };
+        match self {
+            Adapter::OpenAi | Adapter::Ollama => {
+                headers.insert(
+                    header::AUTHORIZATION,
+                    secret_header(&format!("Bearer {key}"))?,
+                );
             }
             Adapter::Anthropic => {
-                anthropic::build_request(base_url, api_key, upstream_model, req, stream)
+                headers.insert("x-api-key", secret_header(key)?);
             }
             Adapter::Gemini => {
-                gemini::build_request(base_url, api_key, upstream_model, req, stream)
+                headers.insert("x-goog-api-key", secret_header(key)?);
             }
-            Adapter::Ollama => {
-                ollama::build_request(base_url, api_key, upstream_model, req, stream)
-            }
+        }
+        Ok(headers)
+    }
+
+    /// The JSON body of a chat call to `upstream_model` (see [`Adapter::build_request`]).
+    pub fn build_body(
+        &self,
+        upstream_model: &str,
+        req: &ChatRequest,
+        stream: bool,
+    ) -> Result<Bytes> {
+        match self {
+            Adapter::OpenAi => openai::build_body(upstream_model, req, stream),
+            Adapter::Anthropic => anthropic::build_body(upstream_model, req, stream),
+            Adapter::Gemini => gemini::build_body(upstream_model, req, stream),
+            Adapter::Ollama => ollama::build_body(upstream_model, req, stream),
         }
     }
 

@@ -6,7 +6,7 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, header};
+use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -23,8 +23,7 @@ use super::types::{
     Role, Tool, ToolCall, ToolChoice, ToolChoiceMode, Usage, new_id,
 };
 use super::{
-    UpstreamRequest, completion, endpoint, json_headers, parse_arguments, parse_data_url,
-    reject_multiple_choices, secret_header, tool_call_names,
+    completion, parse_arguments, parse_data_url, reject_multiple_choices, tool_call_names,
 };
 
 #[derive(Debug, Serialize)]
@@ -178,13 +177,7 @@ struct ErrorResponse {
 }
 
 /// `POST {base}/api/chat`.
-pub(crate) fn build_request(
-    base_url: &str,
-    api_key: Option<&str>,
-    upstream_model: &str,
-    req: &ChatRequest,
-    stream: bool,
-) -> Result<UpstreamRequest> {
+pub(crate) fn build_body(upstream_model: &str, req: &ChatRequest, stream: bool) -> Result<Bytes> {
     reject_multiple_choices(req, PROVIDER)?;
     // Ollama documents no upper bound for temperature; a negative one is meaningless.
     if req.temperature.is_some_and(|t| t < 0.0) {
@@ -214,20 +207,7 @@ pub(crate) fn build_request(
     };
     let body = serde_json::to_vec(&body)
         .map_err(|e| ProviderError::unsupported(format!("request not serialisable: {e}")))?;
-    let mut headers = json_headers();
-    // Ollama itself has no auth; a key is for a proxy in front of it.
-    if let Some(key) = api_key {
-        headers.insert(
-            header::AUTHORIZATION,
-            secret_header(&format!("Bearer {key}"))?,
-        );
-    }
-    Ok(UpstreamRequest {
-        method: Method::POST,
-        url: endpoint(base_url, "api", "chat"),
-        headers,
-        body: Bytes::from(body),
-    })
+    Ok(Bytes::from(body))
 }
 
 /// Maps each of `req.extra` into `options` or the returned `format`, or refuses it (see

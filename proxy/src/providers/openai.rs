@@ -5,7 +5,7 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, header};
+use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -15,7 +15,6 @@ use super::sse::{SseEvent, SseParser};
 use super::types::{
     ChatChunk, ChatMessage, ChatRequest, ChatResponse, Stop, StreamOptions, Tool, ToolChoice, Usage,
 };
-use super::{UpstreamRequest, endpoint, json_headers, secret_header};
 
 /// Request body of `POST /v1/chat/completions`, borrowing the caller's request.
 #[derive(Debug, Serialize)]
@@ -79,13 +78,7 @@ impl ApiError {
 }
 
 /// `POST {base}/v1/chat/completions` with the model renamed; streams always ask for usage.
-pub(crate) fn build_request(
-    base_url: &str,
-    api_key: Option<&str>,
-    upstream_model: &str,
-    req: &ChatRequest,
-    stream: bool,
-) -> Result<UpstreamRequest> {
+pub(crate) fn build_body(upstream_model: &str, req: &ChatRequest, stream: bool) -> Result<Bytes> {
     let body = Request {
         model: upstream_model,
         messages: &req.messages,
@@ -109,19 +102,7 @@ pub(crate) fn build_request(
     };
     let body = serde_json::to_vec(&body)
         .map_err(|e| ProviderError::unsupported(format!("request not serialisable: {e}")))?;
-    let mut headers = json_headers();
-    if let Some(key) = api_key {
-        headers.insert(
-            header::AUTHORIZATION,
-            secret_header(&format!("Bearer {key}"))?,
-        );
-    }
-    Ok(UpstreamRequest {
-        method: Method::POST,
-        url: endpoint(base_url, "v1", "chat/completions"),
-        headers,
-        body: Bytes::from(body),
-    })
+    Ok(Bytes::from(body))
 }
 
 /// Parses a `chat.completion`, renaming the model to the one the caller asked for.

@@ -162,12 +162,12 @@ impl<'a> Attempts<'a> {
     /// waiting in the route's queue. Gives up at the deadline, when the queue is full, or when
     /// no key ever will have budget.
     pub async fn next(&mut self) -> Result<Lease<'a>, RouteError> {
-        let m = metrics::global();
+        let m = metrics::stages();
         // A retry after a failed attempt has waited its turn already.
         if self.made > 0 || self.route.queue.is_empty() {
             let now = Instant::now();
             let picked = self.pick(now).await;
-            m.stage("limiter", now.elapsed());
+            m.limiter.observe(now.elapsed().as_secs_f64());
             if let Some(lease) = picked {
                 return Ok(lease);
             }
@@ -179,7 +179,7 @@ impl<'a> Attempts<'a> {
         let queued = Instant::now();
         let lease = self.wait_in_line(&ticket).await;
         drop(ticket);
-        m.stage("queue", queued.elapsed());
+        m.queue.observe(queued.elapsed().as_secs_f64());
         lease
     }
 

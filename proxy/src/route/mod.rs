@@ -290,7 +290,7 @@ impl Dispatcher {
                 &http,
                 lease.provider,
                 lease.key,
-                &lease.target.upstream_model,
+                lease.target,
                 req,
                 lease.permit,
             )

@@ -7,7 +7,8 @@ use super::breaker::Breaker;
 use super::wait::WaitQueue;
 use crate::budget::{Budgets, KeyBudget, KeyId, Limits, Signal};
 use crate::config::{Config, ProviderConfig};
-use crate::providers::Adapter;
+use crate::metrics::TargetMetrics;
+use crate::providers::{Adapter, ProviderError};
 use crate::secret::SecretString;
 use floodgate_crds::Strategy;
 use floodgate_crds::pool::Timeouts;
@@ -22,6 +23,9 @@ pub struct KeyRt {
     pub name: Arc<str>,
     /// The secret; `None` for keyless self-hosted providers.
     pub secret: Option<SecretString>,
+    /// The request headers of a call with this key (content type, API version, the key
+    /// marked sensitive), built once; an error if the key cannot be a header value.
+    pub headers: Result<http::HeaderMap, ProviderError>,
     /// Its budget.
     pub budget: Arc<KeyBudget>,
 }
@@ -49,37 +53,10 @@ pub struct ProviderRt {
     pub timeouts: Timeouts,
     /// Provider type, for metric labels (`gen_ai.provider.name`).
     pub provider_type: &'static str,
-    /// USD per million (input, output) tokens, by upstream model id.
-    pub prices: HashMap<String, (f64, f64)>,
-    /// The provider's request URLs, parsed.
-    pub urls: UrlCache,
 }
 
-/// Parsed upstream URLs by their text. Parsing a URL (IDNA host mapping included) costs more
-/// than the rest of building a request, and a provider has a handful of distinct ones (one
-/// per model and mode at most).
-#[derive(Debug, Default)]
-pub struct UrlCache(Mutex<HashMap<String, reqwest::Url>>);
-
-impl UrlCache {
-    /// Distinct URLs kept; past this, URLs are parsed but not added.
-    const CAPACITY: usize = 256;
-
-    /// `url` parsed; `None` if it is not a valid URL.
-    pub fn get(&self, url: &str) -> Option<reqwest::Url> {
-        let mut urls = self.0.lock().ok()?;
-        if let Some(parsed) = urls.get(url) {
-            return Some(parsed.clone());
-        }
-        let parsed = reqwest::Url::parse(url).ok()?;
-        if urls.len() < Self::CAPACITY {
-            urls.insert(url.to_owned(), parsed.clone());
-        }
-        Some(parsed)
-    }
-}
-
-/// A model a request may be sent to.
+/// A model a request may be sent to, with what a call to it needs, built once per
+/// configuration: its parsed URLs and its metric handles.
 #[derive(Debug, Clone)]
 pub struct Target {
     /// Index into [`Runtime::providers`].
@@ -88,6 +65,18 @@ pub struct Target {
     pub upstream_model: String,
     /// USD per million input + output tokens, for the cheapest strategy.
     pub price: f64,
+    /// The chat endpoint, non-streamed and streamed; an error if the base URL and model do
+    /// not make a valid URL.
+    pub urls: [Result<reqwest::Url, String>; 2],
+    /// Metric handles of this provider and model.
+    pub metrics: Arc<TargetMetrics>,
+}
+
+impl Target {
+    /// The endpoint for a streamed or a whole answer.
+    pub fn url(&self, stream: bool) -> &Result<reqwest::Url, String> {
+        &self.urls[usize::from(stream)]
+    }
 }
 
 /// Targets of one requested model name, the attempts the pool allows, and the requests
@@ -195,18 +184,24 @@ impl Runtime {
                     strategy: pool.spec.strategy,
                     timeouts: pool.spec.timeouts.clone(),
                     provider_type: p.provider_type.as_str(),
-                    prices: p
-                        .models
-                        .iter()
-                        .map(|m| (m.name.clone(), (m.input_per_1m, m.output_per_1m)))
-                        .collect(),
-                    urls: UrlCache::default(),
                 });
+                let adapter = Adapter::for_type(p.provider_type);
                 for model in &p.models {
+                    let url = |stream| {
+                        let text = adapter.url(&p.base_url, &model.name, stream);
+                        reqwest::Url::parse(&text).map_err(|e| format!("{e}"))
+                    };
                     let target = Target {
                         provider: index,
                         upstream_model: model.name.clone(),
                         price: model.input_per_1m + model.output_per_1m,
+                        urls: [url(false), url(true)],
+                        metrics: Arc::new(TargetMetrics::new(
+                            &p.name,
+                            p.provider_type.as_str(),
+                            &model.name,
+                            (model.input_per_1m, model.output_per_1m),
+                        )),
                     };
                     let names = std::iter::once(&model.name).chain(model.alias.as_ref());
                     for name in names {
@@ -284,6 +279,7 @@ fn provider_keys(
         return vec![KeyRt {
             name: Arc::from(p.name.as_str()),
             secret: None,
+            headers: Adapter::for_type(p.provider_type).headers(None),
             budget,
         }];
     }
@@ -299,36 +295,10 @@ fn provider_keys(
             live.push(kid);
             KeyRt {
                 name: Arc::from(k.name.as_str()),
+                headers: Adapter::for_type(p.provider_type).headers(Some(k.secret.expose())),
                 secret: Some(k.secret.clone()),
                 budget,
             }
         })
         .collect()
-}
-
-#[cfg(test)]
-mod url_cache_tests {
-    use super::UrlCache;
-
-    #[test]
-    fn parses_once_and_refuses_what_is_not_a_url() {
-        let cache = UrlCache::default();
-        let url = "http://127.0.0.1:9/v1/chat/completions";
-        let first = cache.get(url).unwrap();
-        assert_eq!(first.as_str(), url);
-        assert_eq!(cache.get(url).unwrap(), first);
-        assert_eq!(cache.0.lock().unwrap().len(), 1);
-        assert!(cache.get("not a url").is_none());
-        assert_eq!(cache.0.lock().unwrap().len(), 1);
-    }
-
-    #[test]
-    fn stops_growing_at_capacity() {
-        let cache = UrlCache::default();
-        for i in 0..UrlCache::CAPACITY + 10 {
-            let url = format!("http://127.0.0.1:9/v1beta/models/m{i}:generateContent");
-            assert_eq!(cache.get(&url).unwrap().as_str(), url);
-        }
-        assert_eq!(cache.0.lock().unwrap().len(), UrlCache::CAPACITY);
-    }
 }

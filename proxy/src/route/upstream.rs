@@ -8,9 +8,9 @@
 //! explicit error event — never a silently truncated 200.
 
 use super::ReplyBody;
-use super::runtime::{KeyRt, ProviderRt};
+use super::runtime::{KeyRt, ProviderRt, Target};
 use crate::budget::{KeyBudget, Permit};
-use crate::metrics::{self, GenAiLabels, UpstreamLabels};
+use crate::metrics::{self, TargetMetrics, UpstreamLabels};
 use crate::providers::types::ChatRequest;
 use crate::providers::{ChatChunk, ProviderError, StreamDecoder, Usage};
 use crate::telemetry;
@@ -61,18 +61,19 @@ pub(super) fn thread_client(connect_ms: u32) -> reqwest::Client {
     })
 }
 
-/// Calls `provider` with `key` and records the outcome on the key and the breaker.
+/// Calls `target` at `provider` with `key` and records the outcome on the key, the breaker
+/// and the target's metrics.
 pub(super) async fn call(
     http: &reqwest::Client,
     provider: &ProviderRt,
     key: &KeyRt,
-    upstream_model: &str,
+    target: &Target,
     req: &ChatRequest,
     permit: Permit,
 ) -> Result<ReplyBody, ProviderError> {
     let started = Instant::now();
-    let span = attempt_span(provider, key, upstream_model);
-    let result = send(http, provider, key, upstream_model, req, permit)
+    let span = attempt_span(provider, key, &target.upstream_model);
+    let result = send(http, provider, key, target, req, permit)
         .instrument(span.clone())
         .await;
     if let Err(e) = &result {
@@ -81,23 +82,35 @@ pub(super) async fn call(
     let now = Instant::now();
     let elapsed = now - started;
     metrics::add_upstream_time(elapsed);
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.metric_label(),
-    };
-    let m = metrics::global();
-    m.upstream_seconds
-        .get_or_create(&UpstreamLabels {
-            provider: provider.name.to_string(),
-            outcome: outcome.to_owned(),
-        })
-        .observe(elapsed.as_secs_f64());
-    if req.stream && result.is_ok() {
-        m.ttft_seconds
-            .get_or_create(&gen_ai(provider, upstream_model))
-            .observe(elapsed.as_secs_f64());
-    }
     match &result {
+        Ok(_) => {
+            target.metrics.upstream_ok.observe(elapsed.as_secs_f64());
+            if req.stream {
+                target.metrics.ttft.observe(elapsed.as_secs_f64());
+            }
+        }
+        Err(e) => {
+            metrics::global()
+                .upstream_seconds
+                .get_or_create(&UpstreamLabels {
+                    provider: provider.name.to_string(),
+                    outcome: e.metric_label().to_owned(),
+                })
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+    outcome(provider, key, &result, now);
+    result
+}
+
+/// What an attempt's result says about the key and the provider.
+fn outcome(
+    provider: &ProviderRt,
+    key: &KeyRt,
+    result: &Result<ReplyBody, ProviderError>,
+    now: Instant,
+) {
+    match result {
         Ok(_) => provider.breaker.success(),
         Err(e) => {
             if let Some(rest) = e.cools_key() {
@@ -114,7 +127,6 @@ pub(super) async fn call(
             }
         }
     }
-    result
 }
 
 /// The span of one upstream attempt (OpenTelemetry GenAI client span); see `telemetry`.
@@ -150,64 +162,59 @@ async fn send(
     http: &reqwest::Client,
     provider: &ProviderRt,
     key: &KeyRt,
-    upstream_model: &str,
+    target: &Target,
     req: &ChatRequest,
     mut permit: Permit,
 ) -> Result<ReplyBody, ProviderError> {
-    let secret = key.secret.as_ref().map(|s| s.expose());
-    let up = provider.adapter.build_request(
-        &provider.base_url,
-        secret,
-        upstream_model,
-        req,
-        req.stream,
-    )?;
+    let adapter = provider.adapter;
+    let body = adapter.build_body(&target.upstream_model, req, req.stream)?;
+    let url = target
+        .url(req.stream)
+        .as_ref()
+        .map_err(|e| ProviderError::Connect(format!("the provider's URL is not valid: {e}")))?;
+    let headers = key.headers.as_ref().map_err(Clone::clone)?;
     let timeouts = &provider.timeouts;
-    let whole = Duration::from_secs(u64::from(timeouts.request_seconds));
     let started = Instant::now();
-    let builder = match provider.urls.get(&up.url) {
-        Some(url) => http.request(up.method, url),
-        // Not a URL: reqwest reports it as a request error.
-        None => http.request(up.method, &up.url),
+    // One timer for the whole exchange: response headers, and a whole answer's body. A
+    // stream's length is unbounded (its idle time is bounded instead).
+    let deadline = started + Duration::from_secs(u64::from(timeouts.request_seconds));
+    let expired = tokio::time::sleep_until(deadline);
+    tokio::pin!(expired);
+    let request = http
+        .post(url.clone())
+        .headers(headers.clone())
+        .body(body)
+        .send();
+    let sent = tokio::select! {
+        sent = request => sent,
+        () = &mut expired => {
+            permit.answered();
+            return Err(ProviderError::Timeout);
+        }
     };
-    let builder = builder.headers(up.headers).body(up.body);
-    let builder = if req.stream {
-        builder
-    } else {
-        builder.timeout(whole)
-    };
-    // A stream's whole length is unbounded (its idle time is bounded instead), but its
-    // response headers must come within the request's time.
-    let first_byte = whole;
-    let sent = tokio::time::timeout(first_byte, builder.send()).await;
     permit.answered();
-    let response = match sent {
-        Err(_) => return Err(ProviderError::Timeout),
-        Ok(Err(e)) => return Err(transport_error(&e)),
-        Ok(Ok(r)) => r,
-    };
+    let response = sent.map_err(|e| transport_error(&e))?;
     let status = response.status();
-    let info = provider
-        .adapter
-        .rate_limit_info(response.headers(), SystemTime::now());
+    let info = adapter.rate_limit_info(response.headers(), SystemTime::now());
     key.budget.learn(&info, Instant::now());
     if !status.is_success() {
         let headers = response.headers().clone();
         let body = response.bytes().await.unwrap_or_default();
-        return Err(provider.adapter.classify(status.as_u16(), &headers, &body));
+        return Err(adapter.classify(status.as_u16(), &headers, &body));
     }
     if !req.stream {
-        let body = response.bytes().await.map_err(|e| transport_error(&e))?;
-        let parsed = provider.adapter.parse_response(&body, &req.model)?;
+        let body = tokio::select! {
+            body = response.bytes() => body.map_err(|e| transport_error(&e))?,
+            () = &mut expired => return Err(ProviderError::Timeout),
+        };
+        let parsed = adapter.parse_response(&body, &req.model)?;
         let usage = parsed.usage.unwrap_or_default();
         permit.settle(u64::from(usage.total_tokens));
-        UsageRecord::new(provider, upstream_model, started).record(usage);
+        UsageRecord::new(target, started).record(usage);
         return Ok(ReplyBody::Complete(parsed));
     }
     let idle = Duration::from_secs(u64::from(timeouts.stream_idle_seconds));
-    let decoder = provider
-        .adapter
-        .stream_decoder(&req.model, req.include_usage());
+    let decoder = adapter.stream_decoder(&req.model, req.include_usage());
     let mut pump = Pump {
         upstream: Box::pin(response.bytes_stream()),
         decoder,
@@ -216,7 +223,7 @@ async fn send(
         key: key.budget.clone(),
         idle,
         state: PumpState::Streaming,
-        usage: UsageRecord::new(provider, upstream_model, started),
+        usage: UsageRecord::new(target, started),
     };
     // Before anything reaches the caller, a failure is still an ordinary (retryable) error.
     pump.prime().await?;
@@ -254,9 +261,7 @@ struct Pump {
 
 /// What is needed to record a request's usage once it is known.
 struct UsageRecord {
-    provider_type: &'static str,
-    model: String,
-    price: (f64, f64),
+    metrics: Arc<TargetMetrics>,
     started: Instant,
     /// The attempt's span (created in `send`'s caller), kept so a stream's usage and end are
     /// recorded on it.
@@ -264,11 +269,9 @@ struct UsageRecord {
 }
 
 impl UsageRecord {
-    fn new(provider: &ProviderRt, model: &str, started: Instant) -> Self {
+    fn new(target: &Target, started: Instant) -> Self {
         Self {
-            provider_type: provider.provider_type,
-            model: model.to_owned(),
-            price: provider.prices.get(model).copied().unwrap_or((0.0, 0.0)),
+            metrics: target.metrics.clone(),
             started,
             span: Span::current(),
         }
@@ -288,27 +291,13 @@ impl UsageRecord {
                     .record("gen_ai.usage.output_tokens", i64::from(output));
             }
         }
-        metrics::record_usage(
-            self.provider_type,
-            &self.model,
-            self.price,
+        self.metrics.record_usage(
             u64::from(usage.prompt_tokens),
             u64::from(usage.completion_tokens),
         );
-        metrics::global()
-            .operation_seconds
-            .get_or_create(&GenAiLabels {
-                gen_ai_provider_name: self.provider_type.to_owned(),
-                gen_ai_request_model: self.model.clone(),
-            })
+        self.metrics
+            .operation
             .observe(self.started.elapsed().as_secs_f64());
-    }
-}
-
-fn gen_ai(provider: &ProviderRt, model: &str) -> GenAiLabels {
-    GenAiLabels {
-        gen_ai_provider_name: provider.provider_type.to_owned(),
-        gen_ai_request_model: model.to_owned(),
     }
 }
 

@@ -53,7 +53,9 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bod
             let upstream = metrics::UPSTREAM_TIME
                 .try_with(Cell::get)
                 .unwrap_or_default();
-            metrics::global().stage("total_overhead", started.elapsed().saturating_sub(upstream));
+            metrics::stages()
+                .total_overhead
+                .observe(started.elapsed().saturating_sub(upstream).as_secs_f64());
             door::decision_headers(response.headers_mut(), &ctx, state.expose_key);
             response
         })
@@ -67,7 +69,9 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
         Ok(req) => req,
         Err(e) => return failed(&e, Outcome::new(span, ctx, None)),
     };
-    metrics::global().stage("parse", parse_started.elapsed());
+    metrics::stages()
+        .parse
+        .observe(parse_started.elapsed().as_secs_f64());
     // Before the request moves on: `message_start` reports it until the upstream's count.
     let input_tokens = estimate_prompt_tokens(&req);
     let view = state.dispatcher.view();
