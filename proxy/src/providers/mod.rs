@@ -11,6 +11,9 @@
 //! 4. otherwise [`Adapter::classify`] turns status, headers and body into a
 //!    [`ProviderError`] that says whether to retry, cool or fail the key, or open the circuit;
 //! 5. on every response, [`Adapter::rate_limit_info`] reads the provider's budget headers.
+//!
+//! Embeddings ([`embed`]) take the same steps with [`Adapter::build_embeddings_request`] and
+//! [`Adapter::parse_embeddings_response`]; errors are classified by the same `classify`.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -21,6 +24,7 @@ use http::{HeaderMap, HeaderValue, Method, header};
 use serde_json::Value;
 
 pub mod anthropic;
+pub mod embed;
 pub mod error;
 pub mod gemini;
 pub mod ollama;
@@ -30,6 +34,7 @@ pub mod sse;
 pub mod stream;
 pub mod types;
 
+pub use embed::{EmbeddingsRequest, EmbeddingsResponse};
 pub use error::{Fault, ProviderError, Result};
 pub use ratelimit::RateLimitInfo;
 pub use stream::StreamDecoder;
@@ -145,6 +150,54 @@ impl Adapter {
             Adapter::Ollama => {
                 StreamDecoder::ollama(ollama::Decoder::new(model_for_caller, include_usage))
             }
+        }
+    }
+
+    /// Whether the provider has an embeddings API (Anthropic has none).
+    pub fn offers_embeddings(self) -> bool {
+        !matches!(self, Adapter::Anthropic)
+    }
+
+    /// Translates an embeddings request into the provider's request for `upstream_model`.
+    ///
+    /// Fails with `BadRequest` when the provider has no embeddings API or cannot take what
+    /// the request holds (the message names the field), and with `Unauthorized` when the key
+    /// is not a valid header value.
+    pub fn build_embeddings_request(
+        &self,
+        base_url: &str,
+        api_key: Option<&str>,
+        upstream_model: &str,
+        req: &EmbeddingsRequest,
+    ) -> Result<UpstreamRequest> {
+        match self {
+            Adapter::OpenAi => embed::openai::build_request(base_url, api_key, upstream_model, req),
+            Adapter::Gemini => embed::gemini::build_request(base_url, api_key, upstream_model, req),
+            Adapter::Ollama => embed::ollama::build_request(base_url, api_key, upstream_model, req),
+            Adapter::Anthropic => Err(ProviderError::unsupported(format!(
+                "the model `{upstream_model}` is served by an Anthropic target, and Anthropic \
+                 has no embeddings API"
+            ))),
+        }
+    }
+
+    /// Parses a 2xx embeddings body into OpenAI's `list` shape whose `model` is
+    /// `model_for_caller`, with vectors in the caller's `encoding_format`. A body that is not
+    /// the provider's format, or that holds a vector count other than the inputs', is
+    /// `Malformed`.
+    pub fn parse_embeddings_response(
+        &self,
+        body: &[u8],
+        model_for_caller: &str,
+        req: &EmbeddingsRequest,
+    ) -> Result<EmbeddingsResponse> {
+        match self {
+            Adapter::OpenAi => embed::openai::parse_response(body, model_for_caller, req),
+            Adapter::Gemini => embed::gemini::parse_response(body, model_for_caller, req),
+            Adapter::Ollama => embed::ollama::parse_response(body, model_for_caller, req),
+            Adapter::Anthropic => Err(ProviderError::Malformed(
+                "Anthropic has no embeddings API".into(),
+            )),
         }
     }
 
