@@ -1,8 +1,11 @@
 //! The Redis key layout shared by the proxies (which write it) and the operator (which reads it
 //! for status). This module is the only place that spells these keys; it does no I/O.
 //!
-//! Every key starts with [`PREFIX`] and names a key of a pool by its *display* names (pool,
-//! provider, key name), never by the secret. Names are Kubernetes names (`[a-z0-9.-]`), so
+//! Every key starts with [`PREFIX`] and names a key of a pool by pool name, provider name and
+//! the key's *secret reference* `<secret>/<key>` (a keyless provider: its own name again),
+//! never by the secret itself and not by its display name, which defaults to a position in
+//! the list (reordering keys must not hand one secret's window to another). Pool, provider
+//! and Secret names are Kubernetes names (`[a-z0-9.-]`) and Secret keys `[-._a-zA-Z0-9]`, so
 //! the `:` separators are unambiguous. The part in braces is a Redis Cluster hash tag: the
 //! keys of one provider key share a slot, so one script may touch them all.
 //!
@@ -36,8 +39,8 @@ pub struct KeyBudgetKeys {
 }
 
 impl KeyBudgetKeys {
-    /// The keys of the budget of key `key` of provider `provider` in pool `pool` (display
-    /// names, never the secret).
+    /// The keys of the budget of key `key` (its secret reference `<secret>/<key>`) of
+    /// provider `provider` in pool `pool`; never the secret.
     pub fn new(pool: &str, provider: &str, key: &str) -> Self {
         let id = format!("{PREFIX}{{{pool}:{provider}:{key}}}");
         Self {

@@ -1,8 +1,6 @@
 //! The proxy in-process for tests: a configuration written to a temporary directory, a
 //! dispatcher with a short rate window, served on an ephemeral loopback port.
 
-use arc_swap::ArcSwap;
-use floodgate_proxy::config::Config;
 use floodgate_proxy::config::load::load_config;
 use floodgate_proxy::config::secrets::SecretSources;
 use floodgate_proxy::route::Dispatcher;
@@ -17,9 +15,7 @@ use std::time::Duration;
 pub struct Gateway {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// Its configuration; store a new one to reconfigure it live.
-    pub config: Arc<ArcSwap<Config>>,
-    /// Its dispatcher (budgets, breakers).
+    /// Its dispatcher (budgets, breakers, the configuration serving now).
     pub dispatcher: Arc<Dispatcher>,
     server: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -39,16 +35,28 @@ impl Gateway {
     /// Starts a gateway on the manifests `yaml` with `dispatcher` (e.g. one built with
     /// shared budgets by `Dispatcher::with_options`).
     pub async fn start_with(yaml: &str, dispatcher: Dispatcher) -> anyhow::Result<Gateway> {
+        Self::start_configured(yaml, dispatcher, |_| {}).await
+    }
+
+    /// Starts a gateway that names the key used in each answer (`x-floodgate-key`, off by
+    /// default), for tests that check which key served.
+    pub async fn start_naming_keys(yaml: &str, dispatcher: Dispatcher) -> anyhow::Result<Gateway> {
+        Self::start_configured(yaml, dispatcher, |state| state.expose_key = true).await
+    }
+
+    /// Starts a gateway on `yaml` with `dispatcher`, its state adjusted by `configure`.
+    pub async fn start_configured(
+        yaml: &str,
+        dispatcher: Dispatcher,
+        configure: impl FnOnce(&mut AppState),
+    ) -> anyhow::Result<Gateway> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("gateway.yaml"), yaml)?;
         let (config, _) = load_config(&[dir.path().to_owned()], SecretSources::default())?;
-        let config = Arc::new(ArcSwap::from_pointee(config));
         let dispatcher = Arc::new(dispatcher);
-        let state = AppState::new(
-            config.clone(),
-            Arc::new(AtomicBool::new(true)),
-            dispatcher.clone(),
-        );
+        dispatcher.apply(Arc::new(config));
+        let mut state = AppState::new(Arc::new(AtomicBool::new(true)), dispatcher.clone());
+        configure(&mut state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
@@ -60,7 +68,6 @@ impl Gateway {
         });
         Ok(Gateway {
             addr,
-            config,
             dispatcher,
             server,
             _dir: dir,
@@ -72,7 +79,7 @@ impl Gateway {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("gateway.yaml"), yaml)?;
         let (config, _) = load_config(&[dir.path().to_owned()], SecretSources::default())?;
-        self.config.store(Arc::new(config));
+        self.dispatcher.apply(Arc::new(config));
         Ok(())
     }
 

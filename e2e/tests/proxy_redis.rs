@@ -230,7 +230,7 @@ fn manifests(keys: usize, rpm: u32, base: &str) -> String {
 async fn replica(yaml: &str, window: Duration, redis: SharedOptions) -> Gateway {
     let opts = DispatcherOptions::new(window + Duration::from_millis(100), Duration::from_secs(60))
         .with_redis(redis);
-    Gateway::start_with(yaml, Dispatcher::with_options(opts).unwrap())
+    Gateway::start_naming_keys(yaml, Dispatcher::with_options(opts).unwrap())
         .await
         .unwrap()
 }

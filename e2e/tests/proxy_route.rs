@@ -5,6 +5,7 @@
 
 use floodgate_e2e::gateway::Gateway;
 use floodgate_e2e::mock::{MockConfig, MockProviders, Provider};
+use floodgate_proxy::route::Dispatcher;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -155,6 +156,10 @@ async fn a_failing_provider_is_cut_off_and_traffic_moves_on() {
         let r = chat(&gw, ask("smart", &format!("q{i}"), i % 2 == 1)).await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-floodgate-provider"], "healthy");
+        assert!(
+            r.headers().get("x-floodgate-key").is_none(),
+            "the key inventory stays private unless the gateway is told to name keys"
+        );
         let _ = r.bytes().await;
     }
     let counts = mock.counts();
@@ -174,9 +179,12 @@ async fn a_key_refused_with_401_is_taken_out() {
         mock.base_url()
     );
     // The revoked key has more budget, so least-loaded tries it first.
-    let gw = Gateway::start(&manifests(&providers, ""), MIN, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let gw = Gateway::start_naming_keys(
+        &manifests(&providers, ""),
+        Dispatcher::new(MIN, Duration::from_secs(5)).unwrap(),
+    )
+    .await
+    .unwrap();
     for i in 0..5 {
         let r = chat(&gw, ask("gpt-4o", &format!("q{i}"), false)).await;
         assert_eq!(r.status(), 200);

@@ -125,7 +125,7 @@ async fn with_redis_every_answer_in_flight_at_sigterm_reaches_the_shared_budget(
     // leaves it ahead, holding a slot of every replica for ten minutes.
     let client = redis::Client::open(redis.url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let keys = KeyBudgetKeys::new("pool", "openai", "primary");
+    let keys = KeyBudgetKeys::new("pool", "openai", "keys/a");
     let log: Vec<(String, f64)> = redis::cmd("ZRANGE")
         .arg(&keys.requests)
         .arg(0)

@@ -1,12 +1,14 @@
 //! Floodgate's data plane: an OpenAI-compatible gateway that spreads AI requests over pools
 //! of provider keys without exceeding their rate limits.
 //!
-//! A request flows `server -> identity -> cache -> queue -> route -> providers`; `config`
-//! turns manifests into the validated configuration every stage reads.
+//! A request flows `server -> identity -> cache -> queue -> route -> providers`, in the order
+//! [`pipeline`] writes down once; `config` turns manifests into the validated configuration
+//! every stage reads.
 
 pub mod budget;
 pub mod config;
 pub mod metrics;
+pub mod pipeline;
 pub mod providers;
 pub mod route;
 pub mod secret;

@@ -1,13 +1,12 @@
 //! `floodgate-proxy`: the Floodgate gateway binary.
 
 use anyhow::Context as _;
-use arc_swap::ArcSwap;
 use clap::Parser;
 use floodgate_proxy::budget::{MINUTE, SharedOptions};
 use floodgate_proxy::config::cluster;
 use floodgate_proxy::config::load::load_config;
 use floodgate_proxy::config::secrets::SecretSources;
-use floodgate_proxy::config::watch::Watcher;
+use floodgate_proxy::config::watch::{SharedConfig, Watcher};
 use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
 use floodgate_proxy::secret::SecretString;
 use floodgate_proxy::server::workers::{self, Workers};
@@ -59,6 +58,15 @@ struct Args {
     /// Longest a request waits for a key with free rate budget before it is answered 429.
     #[arg(long, env = "FLOODGATE_MAX_QUEUE_WAIT_MS", default_value_t = 30_000)]
     max_queue_wait_ms: u64,
+    /// Most requests waiting for rate budget per model; beyond it a request is answered 429
+    /// at once, with the time its turn could come in `retry-after`. Default: what the model's
+    /// keys could serve within --max-queue-wait-ms (their rpm x wait / 60 s, at least 1).
+    #[arg(long, env = "FLOODGATE_MAX_QUEUED")]
+    max_queued: Option<usize>,
+    /// Name the provider key used in each answer's `x-floodgate-key` header. Off by default:
+    /// it tells any caller the key inventory; for debugging only.
+    #[arg(long, env = "FLOODGATE_EXPOSE_KEY_HEADER")]
+    expose_key_header: bool,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "FLOODGATE_BODY_LIMIT_BYTES", default_value_t = floodgate_proxy::server::DEFAULT_BODY_LIMIT)]
     body_limit_bytes: usize,
@@ -171,11 +179,25 @@ async fn serve(
     secrets: SecretSources,
     watcher: Option<Watcher>,
 ) -> anyhow::Result<()> {
-    let shared = Arc::new(ArcSwap::from_pointee(config));
+    let mut options = DispatcherOptions::new(MINUTE, Duration::from_millis(args.max_queue_wait_ms));
+    options.max_queued = args.max_queued;
+    if let Some(url) = args.redis.clone() {
+        let mut redis = SharedOptions::new(url);
+        redis.replicas_hint = args.replicas_hint;
+        // Redis calls and background writes run here, on the main runtime, which outlives
+        // the workers: none takes the connection or a pending write with it when it stops.
+        // Configuration work never runs on it (the watchers hand it to the blocking pool).
+        redis.runtime = Some(tokio::runtime::Handle::current());
+        tracing::info!(replicas_hint = %args.replicas_hint, "rate budgets shared through Redis");
+        options = options.with_redis(redis);
+    }
+    let dispatcher = Arc::new(Dispatcher::with_options(options)?);
+    dispatcher.apply(Arc::new(config));
     // Cluster mode is ready after the first configuration from the API server is applied.
     let ready = Arc::new(AtomicBool::new(!args.cluster));
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let sink: SharedConfig = dispatcher.clone();
     if args.cluster {
         let client = cluster::client()
             .await
@@ -185,23 +207,16 @@ async fn serve(
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_owned());
         let watcher = cluster::ClusterWatcher::new(client, namespace, secrets);
-        tasks.spawn(watcher.run(shared.clone(), ready.clone(), cancel.clone()));
+        tasks.spawn(watcher.run(sink, ready.clone(), cancel.clone()));
     } else if let Some(watcher) = watcher {
-        tasks.spawn(watcher.run(shared.clone(), cancel.clone()));
+        tasks.spawn(watcher.run(sink, cancel.clone()));
     }
-    let mut options = DispatcherOptions::new(MINUTE, Duration::from_millis(args.max_queue_wait_ms));
-    if let Some(url) = args.redis.clone() {
-        let mut redis = SharedOptions::new(url);
-        redis.replicas_hint = args.replicas_hint;
-        // Redis calls and background writes run here, on the main runtime, which outlives
-        // the workers: none takes the connection or a pending write with it when it stops.
-        redis.runtime = Some(tokio::runtime::Handle::current());
-        tracing::info!(replicas_hint = %args.replicas_hint, "rate budgets shared through Redis");
-        options = options.with_redis(redis);
+    if args.expose_key_header {
+        tracing::warn!("answers name the provider key used (x-floodgate-key): for debugging only");
     }
-    let dispatcher = Arc::new(Dispatcher::with_options(options)?);
-    let mut state = AppState::new(shared.clone(), ready.clone(), dispatcher.clone());
+    let mut state = AppState::new(ready.clone(), dispatcher.clone());
     state.body_limit = args.body_limit_bytes;
+    state.expose_key = args.expose_key_header;
     let app = router(state);
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -212,7 +227,7 @@ async fn serve(
     tracing::info!(
         listen = %local,
         workers = count.get(),
-        models = shared.load().models().len(),
+        models = dispatcher.config().models().len(),
         "floodgate-proxy serving"
     );
     let failed = tokio::select! {

@@ -8,16 +8,12 @@
 
 use super::shared::{Admission, RedisBudgets};
 use super::window::{RequestWindow, TokenWindow};
-use super::{Limits, Unavailable};
+use super::{Limits, Signal, Unavailable};
 use crate::providers::RateLimitInfo;
 use floodgate_crds::redis_keys::KeyBudgetKeys;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// How soon to look again when other requests of this replica are asking Redis for the same
-/// key and the hint says there is no room for one more.
-const ASKING_POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug)]
 pub(super) struct SharedKey {
@@ -57,6 +53,8 @@ struct KeyState {
 pub struct KeyBudget {
     state: Mutex<KeyState>,
     shared: Option<SharedKey>,
+    /// Pulsed when an answer, a settlement or an answer from Redis may have made room.
+    signal: Arc<Signal>,
 }
 
 /// A request admitted on a key: its token reservation is settled, and its in-flight slot
@@ -83,6 +81,8 @@ impl Permit {
         if let Some(w) = self.key.lock().requests.as_mut() {
             w.complete(now);
         }
+        // The slot's release instant is known now: waiters recompute it.
+        self.key.signal.pulse();
         if let Some(shared) = &self.key.shared {
             // The member is needed once more only to settle tokens.
             let member = match self.reservation {
@@ -115,6 +115,8 @@ impl Permit {
             tokens.settle(id, actual);
         }
         drop(state);
+        // Fewer tokens than reserved may make room at once.
+        self.key.signal.pulse();
         if let (Some(shared), Some(member)) = (&self.key.shared, self.member.take()) {
             shared.backend.settle_later(&shared.keys, member, actual);
         }
@@ -149,6 +151,7 @@ impl Drop for Asking<'_> {
         let mut s = self.key.lock();
         s.hint.asking = s.hint.asking.saturating_sub(1);
         drop(s);
+        self.key.signal.pulse();
         if let Some(member) = self.member.take() {
             self.shared
                 .backend
@@ -158,7 +161,12 @@ impl Drop for Asking<'_> {
 }
 
 impl KeyBudget {
-    pub(super) fn new(limits: Limits, window: Duration, shared: Option<SharedKey>) -> Self {
+    pub(super) fn new(
+        limits: Limits,
+        window: Duration,
+        shared: Option<SharedKey>,
+        signal: Arc<Signal>,
+    ) -> Self {
         Self {
             state: Mutex::new(KeyState {
                 limits,
@@ -172,7 +180,25 @@ impl KeyBudget {
                 hint: Hint::default(),
             }),
             shared,
+            signal,
         }
+    }
+
+    /// The request limit per window; `None` for unlimited.
+    pub fn rpm(&self) -> Option<u32> {
+        self.lock().limits.rpm
+    }
+
+    /// With one lock: whether the key could take `tokens` now and, if so, the share of its
+    /// request budget left ([`KeyBudget::remaining_fraction`]), to rank keys.
+    pub fn score(&self, now: Instant, tokens: u64) -> Option<f64> {
+        let mut s = self.lock();
+        let backend = self.shared.as_ref().map(|sh| &*sh.backend);
+        s.local_availability(now, tokens, backend).ok()?;
+        if self.sharing(&s).is_some() {
+            s.hint_availability(now).ok()?;
+        }
+        Some(self.fraction_locked(&mut s, now))
     }
 
     fn lock(&self) -> MutexGuard<'_, KeyState> {
@@ -183,7 +209,8 @@ impl KeyBudget {
 
     pub(super) fn update(&self, limits: Limits, window: Duration) {
         let mut s = self.lock();
-        if limits.rpm > s.limits.rpm || limits.tpm > s.limits.tpm {
+        let raised = limits.rpm > s.limits.rpm || limits.tpm > s.limits.tpm;
+        if raised {
             // More room than Redis said when it had less: ask again.
             s.hint.blocked_until = None;
         }
@@ -308,7 +335,11 @@ impl KeyBudget {
     /// budgets, of every replica's use as Redis last reported it.
     pub fn remaining_fraction(&self, now: Instant) -> f64 {
         let mut s = self.lock();
-        if let (Some(_), Some(rpm)) = (self.sharing(&s), s.limits.rpm) {
+        self.fraction_locked(&mut s, now)
+    }
+
+    fn fraction_locked(&self, s: &mut KeyState, now: Instant) -> f64 {
+        if let (Some(_), Some(rpm)) = (self.sharing(s), s.limits.rpm) {
             let used = s.shared_used(now).saturating_add(s.hint.asking);
             return (1.0 - f64::from(used) / f64::from(rpm.max(1))).max(0.0);
         }
@@ -455,7 +486,8 @@ impl KeyState {
             .rpm
             .map_or(u32::MAX, |rpm| rpm.saturating_sub(used).max(1));
         if self.hint.asking >= room {
-            return Err(Unavailable::Until(now + ASKING_POLL));
+            // Their answers pulse the signal when they come.
+            return Err(Unavailable::Pending);
         }
         Ok(())
     }

@@ -11,10 +11,12 @@
 
 mod key;
 pub mod shared;
+pub mod signal;
 pub mod window;
 
 pub use key::{KeyBudget, Permit};
 pub use shared::{RedisBudgets, SharedError, SharedOptions};
+pub use signal::Signal;
 
 use floodgate_crds::redis_keys::KeyBudgetKeys;
 use key::SharedKey;
@@ -26,14 +28,16 @@ use tokio::time::Instant;
 /// The production window of provider rate limits.
 pub const MINUTE: Duration = Duration::from_secs(60);
 
-/// Identity of a key's budget: pool, provider and key name (never the secret).
+/// Identity of a key's budget: pool, provider and the key's secret reference
+/// (`<secret>/<key>`; the provider's name for a keyless provider). Never the secret itself,
+/// and not the display name, which defaults to a position in the list.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KeyId {
     /// Pool name.
     pub pool: String,
     /// Provider name.
     pub provider: String,
-    /// Key display name.
+    /// The key's secret reference.
     pub key: String,
 }
 
@@ -49,8 +53,11 @@ pub struct Limits {
 /// Why a key cannot take a request now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unavailable {
-    /// Budget (or a cool-down) frees up at this instant.
+    /// Budget (or a cool-down) frees up at this instant at the latest.
     Until(Instant),
+    /// Other requests of this replica are asking the shared budget for the last room: known
+    /// when they have their answers (the key pulses its signal then).
+    Pending,
     /// The key was refused by the provider and stays out until the configuration changes.
     Failed,
 }
@@ -61,25 +68,37 @@ pub struct Budgets {
     window: Duration,
     keys: Mutex<HashMap<KeyId, Arc<KeyBudget>>>,
     shared: Option<Arc<RedisBudgets>>,
+    signal: Arc<Signal>,
 }
 
 impl Budgets {
-    /// Budgets over `window` (60 s in production; tests may shorten it), in this process.
-    pub fn new(window: Duration) -> Self {
+    /// Budgets over `window` (60 s in production; tests may shorten it), in this process;
+    /// whatever may free budget pulses `signal`.
+    pub fn new(window: Duration, signal: Arc<Signal>) -> Self {
         Self {
             window,
             keys: Mutex::default(),
             shared: None,
+            signal,
         }
     }
 
     /// Budgets over `window` shared through Redis with every replica built the same way.
     /// Connects on first use; an unreachable Redis degrades to local shares, not an error.
-    pub fn shared(window: Duration, opts: SharedOptions) -> Result<Self, SharedError> {
+    pub fn shared(
+        window: Duration,
+        opts: SharedOptions,
+        signal: Arc<Signal>,
+    ) -> Result<Self, SharedError> {
         Ok(Self {
             shared: Some(Arc::new(RedisBudgets::new(opts, window)?)),
-            ..Self::new(window)
+            ..Self::new(window, signal)
         })
+    }
+
+    /// The signal pulsed when budget may have freed up.
+    pub fn signal(&self) -> &Arc<Signal> {
+        &self.signal
     }
 
     /// The window length.
@@ -109,7 +128,12 @@ impl Budgets {
             backend: backend.clone(),
             keys: Arc::new(KeyBudgetKeys::new(&id.pool, &id.provider, &id.key)),
         });
-        let k = Arc::new(KeyBudget::new(limits, self.window, shared));
+        let k = Arc::new(KeyBudget::new(
+            limits,
+            self.window,
+            shared,
+            self.signal.clone(),
+        ));
         keys.insert(id.clone(), k.clone());
         k
     }
@@ -122,6 +146,8 @@ impl Budgets {
         for k in keys.values() {
             k.clear_failed();
         }
+        drop(keys);
+        self.signal.pulse();
     }
 
     /// Waits for pending writes to Redis (answers, settlements); call once serving stopped.

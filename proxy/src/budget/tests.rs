@@ -24,7 +24,7 @@ fn rpm(n: u32) -> Limits {
 fn unreachable(replicas: u32) -> Budgets {
     let mut opts = SharedOptions::new(SecretString::new("redis://127.0.0.1:1"));
     opts.replicas_hint = NonZeroU32::new(replicas).unwrap();
-    Budgets::shared(MINUTE, opts).unwrap()
+    Budgets::shared(MINUTE, opts, Arc::default()).unwrap()
 }
 
 async fn admitted(key: &Arc<KeyBudget>, tries: usize) -> Vec<Permit> {
@@ -39,7 +39,7 @@ async fn admitted(key: &Arc<KeyBudget>, tries: usize) -> Vec<Permit> {
 
 #[tokio::test(start_paused = true)]
 async fn local_budgets_admit_up_to_the_limit() {
-    let budgets = Budgets::new(MINUTE);
+    let budgets = Budgets::new(MINUTE, Arc::default());
     let key = budgets.key(&id("k0"), rpm(3));
     let permits = admitted(&key, 5).await;
     assert_eq!(permits.len(), 3);
@@ -121,7 +121,7 @@ fn the_redis_url_is_never_printed() {
     let opts = SharedOptions::new(SecretString::new("redis://:hunter2@10.0.0.1:6379"));
     assert!(!format!("{opts:?}").contains("hunter2"));
     let bad = SharedOptions::new(SecretString::new("nope://:hunter2@x"));
-    let err = Budgets::shared(MINUTE, bad).unwrap_err();
+    let err = Budgets::shared(MINUTE, bad, Arc::default()).unwrap_err();
     assert!(matches!(err, SharedError::Url));
     assert!(!err.to_string().contains("hunter2"));
 }

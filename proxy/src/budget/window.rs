@@ -4,9 +4,6 @@ use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How often a request waiting only for in-flight requests to be answered looks again.
-const IN_FLIGHT_POLL: Duration = Duration::from_millis(10);
-
 /// A sliding-window log of requests, exact from the provider's point of view.
 ///
 /// The provider counts a request when it arrives, which is some time between our dispatch and
@@ -70,7 +67,9 @@ impl RequestWindow {
     }
 
     /// When a request could next be admitted: `now` if there is room. When only answers to
-    /// requests in flight can make room, a short poll interval from now.
+    /// requests in flight can make room, one window from now: a request answered at `t`
+    /// frees its slot at `t + window`, so no room comes earlier (and the exact instant is
+    /// known at the answer, which pulses the key's signal).
     pub fn next_free(&mut self, now: Instant) -> Instant {
         self.next_free_within(now, self.limit)
     }
@@ -87,7 +86,7 @@ impl RequestWindow {
         let leave = used + 1 - limit;
         match self.log.get(leave - 1) {
             Some(&t) => t + self.window,
-            None => now + IN_FLIGHT_POLL,
+            None => now + self.window,
         }
     }
 
@@ -283,7 +282,7 @@ mod tests {
         // Two minutes later the first request is still unanswered: the provider may not have
         // counted it yet, so there is no room.
         let later = t0 + 2 * MIN;
-        assert_eq!(w.try_acquire(later), Err(later + IN_FLIGHT_POLL));
+        assert_eq!(w.try_acquire(later), Err(later + MIN));
         w.complete(later);
         assert_eq!(w.try_acquire(later), Err(later + MIN));
     }

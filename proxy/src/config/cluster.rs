@@ -143,8 +143,12 @@ impl ClusterWatcher {
         self.stats.clone()
     }
 
-    /// Runs until `cancel` fires: swaps `shared` on every change once all watches have listed,
-    /// and sets `ready` after the first configuration was applied.
+    /// Runs until `cancel` fires: applies every change to `shared` once all watches have
+    /// listed, and sets `ready` after the first configuration was applied.
+    ///
+    /// Validation (CEL rules included), resolution and the routing view's build run on the
+    /// blocking pool, not on this task's runtime, which in the binary also carries every
+    /// Redis admission.
     pub async fn run(
         self,
         shared: SharedConfig,
@@ -152,25 +156,42 @@ impl ClusterWatcher {
         cancel: CancellationToken,
     ) {
         let (stores, mut signals) = self.watch_all();
+        let this = Arc::new(self);
         let mut synced = [false; Source::ALL.len()];
         let mut dirty = false;
         let mut warned = HashSet::new();
-        tracing::info!(namespace = %self.namespace, "watching the API server for configuration");
+        tracing::info!(namespace = %this.namespace, "watching the API server for configuration");
         loop {
             let next = tokio::select! {
                 () = cancel.cancelled() => return,
                 next = signals.next() => next,
             };
             let Some((source, change)) = next else { return };
-            self.note(source, change, &mut synced, &mut dirty);
+            this.note(source, change, &mut synced, &mut dirty);
             // Take whatever else is already queued, so that a burst (the initial lists, a
             // `kubectl apply -f dir/`) becomes one rebuild.
             while let Some(Some((source, change))) = signals.next().now_or_never() {
-                self.note(source, change, &mut synced, &mut dirty);
+                this.note(source, change, &mut synced, &mut dirty);
             }
             if dirty && synced.iter().all(|s| *s) {
                 dirty = false;
-                self.apply(&stores, &shared, &ready, &cancel, &mut warned);
+                let (watcher, stores, shared, ready, cancel) = (
+                    this.clone(),
+                    stores.clone(),
+                    shared.clone(),
+                    ready.clone(),
+                    cancel.clone(),
+                );
+                let mut seen = std::mem::take(&mut warned);
+                let applied = tokio::task::spawn_blocking(move || {
+                    watcher.apply(&stores, &shared, &ready, &cancel, &mut seen);
+                    seen
+                })
+                .await;
+                match applied {
+                    Ok(seen) => warned = seen,
+                    Err(e) => tracing::error!(error = %e, "applying the configuration failed"),
+                }
             }
         }
     }
@@ -213,7 +234,7 @@ impl ClusterWatcher {
         match Config::resolve(resources, &secrets) {
             Ok(config) => {
                 let (pools, models) = (config.pools.len(), config.models().len());
-                shared.store(Arc::new(config));
+                shared.apply(config);
                 self.stats.applied.fetch_add(1, Ordering::Relaxed);
                 if !cancel.is_cancelled() && !ready.swap(true, Ordering::AcqRel) {
                     tracing::info!(namespace = %self.namespace, pools, models, "first configuration applied: ready");

@@ -88,7 +88,7 @@ pub struct Resources {
 }
 
 /// The resolved configuration every request reads.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// Provider pools with their keys resolved.
     pub pools: Vec<PoolConfig>,
@@ -135,6 +135,9 @@ pub struct ProviderConfig {
 pub struct KeyConfig {
     /// Display name (`<provider>-<index>` unless named); never the key.
     pub name: String,
+    /// Where the key comes from, `<secret>/<key>`: the identity of its rate budget (a
+    /// reference, not the secret itself).
+    pub secret_ref: String,
     /// The key.
     pub secret: SecretString,
     /// Requests per minute.
@@ -242,6 +245,7 @@ fn resolve_pool(
             match secrets.lookup(&key.secret_ref.name, &key.secret_ref.key) {
                 Some(secret) => keys.push(KeyConfig {
                     name: key.name.clone().unwrap_or_else(|| format!("{}-{ki}", provider.name)),
+                    secret_ref: format!("{}/{}", key.secret_ref.name, key.secret_ref.key),
                     secret,
                     // The schema requires rpm >= 1 and tpm >= 1; fall back to the smallest legal
                     // value rather than panic if a caller skipped validation.

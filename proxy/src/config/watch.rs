@@ -13,8 +13,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// The configuration shared by every request; swapped atomically on reload.
-pub type SharedConfig = Arc<ArcSwap<Config>>;
+/// Where a new configuration goes. The dispatcher builds its routing view from it and swaps
+/// both at once (`route::Dispatcher`); a plain `ArcSwap<Config>` just stores it.
+pub trait ConfigSink: Send + Sync + 'static {
+    /// Serves `config` from now on.
+    fn apply(&self, config: Config);
+}
+
+impl ConfigSink for ArcSwap<Config> {
+    fn apply(&self, config: Config) {
+        self.store(Arc::new(config));
+    }
+}
+
+/// The receiver of every configuration change.
+pub type SharedConfig = Arc<dyn ConfigSink>;
 
 /// Counts of reload outcomes, for metrics and tests.
 #[derive(Debug, Default)]
@@ -56,33 +69,50 @@ impl Watcher {
         self.stats.clone()
     }
 
-    /// Runs until `cancel` fires, swapping `shared` on each valid change.
+    /// Runs until `cancel` fires, applying each valid change to `shared`.
+    ///
+    /// Reading and hashing the files, validating (CEL rules included) and building the
+    /// routing view run on the blocking pool, never on the runtime that runs this task: in
+    /// the binary that runtime also carries every Redis admission, which must not wait
+    /// behind configuration work.
     pub async fn run(self, shared: SharedConfig, cancel: CancellationToken) {
-        let mut last = self.last;
-        let mut ticker = tokio::time::interval(self.interval);
+        let this = Arc::new(self);
+        let mut last = this.last;
+        let mut ticker = tokio::time::interval(this.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            let now = fingerprint(&self.paths, self.secrets.dir.as_deref());
-            if now == last {
-                continue;
-            }
-            last = now;
-            match load_config(&self.paths, self.secrets.clone()) {
-                Ok((config, _warnings)) => {
-                    shared.store(Arc::new(config));
-                    self.stats.applied.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!("configuration change applied");
-                }
-                Err(errors) => {
-                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(%errors, "configuration change rejected; the previous configuration keeps serving");
-                }
+            let (watcher, sink) = (this.clone(), shared.clone());
+            let checked = tokio::task::spawn_blocking(move || watcher.check(last, &*sink)).await;
+            match checked {
+                Ok(now) => last = now,
+                Err(e) => tracing::error!(error = %e, "configuration check failed"),
             }
         }
+    }
+
+    /// One look at the files: if they changed since `last`, loads and applies them. Returns
+    /// the new fingerprint. Blocking.
+    fn check(&self, last: u64, sink: &dyn ConfigSink) -> u64 {
+        let now = fingerprint(&self.paths, self.secrets.dir.as_deref());
+        if now == last {
+            return now;
+        }
+        match load_config(&self.paths, self.secrets.clone()) {
+            Ok((config, _warnings)) => {
+                sink.apply(config);
+                self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("configuration change applied");
+            }
+            Err(errors) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%errors, "configuration change rejected; the previous configuration keeps serving");
+            }
+        }
+        now
     }
 }
 

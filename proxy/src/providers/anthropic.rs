@@ -2,7 +2,9 @@
 //!
 //! System and developer messages become the top-level `system`; tool results become user
 //! `tool_result` blocks; consecutive messages of one role are merged, as the API expects
-//! alternating turns.
+//! alternating turns. Parameters are mapped or refused as the table in [`super::params`]
+//! says: `top_k`, `service_tier` and `parallel_tool_calls` have equivalents; a
+//! `temperature` above Anthropic's 1 is refused rather than clamped.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -13,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::{ProviderError, Result, UpstreamError, body_excerpt};
+use super::params::{as_bool, as_u32, check_range, invalid_field, is_neutral, unsupported_field};
 use super::ratelimit;
 use super::sse::{SseEvent, SseParser};
 use super::stream::ChunkBuilder;
@@ -45,6 +48,8 @@ struct MessagesRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tools: Option<Vec<ToolDef<'a>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_choice: Option<AnthropicToolChoice<'a>>,
@@ -52,7 +57,20 @@ struct MessagesRequest<'a> {
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<Metadata<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_tier: Option<&'static str>,
 }
+
+/// What the request's unmodelled fields (`req.extra`) become at Anthropic.
+#[derive(Debug, Default)]
+struct Extras {
+    top_k: Option<u32>,
+    service_tier: Option<&'static str>,
+    disable_parallel_tool_use: bool,
+}
+
+/// Name for error messages.
+const PROVIDER: &str = "Anthropic";
 
 #[derive(Debug, Serialize)]
 struct Message {
@@ -287,21 +305,26 @@ pub(crate) fn build_request(
     req: &ChatRequest,
     stream: bool,
 ) -> Result<UpstreamRequest> {
-    reject_multiple_choices(req, "Anthropic")?;
+    reject_multiple_choices(req, PROVIDER)?;
+    // OpenAI allows 0..=2, Anthropic 0..=1: a higher value is refused, not clamped.
+    check_range("temperature", req.temperature, 0.0..=1.0, PROVIDER)?;
+    check_range("top_p", req.top_p, 0.0..=1.0, PROVIDER)?;
+    let extras = read_extras(req)?;
     let (system, messages) = convert_messages(&req.messages)?;
     let body = MessagesRequest {
         model: upstream_model,
-        max_tokens: req.max_output_tokens().unwrap_or(DEFAULT_MAX_TOKENS),
+        max_tokens: max_tokens(req),
         messages,
         system,
         stop_sequences: req.stop.as_ref().map(|s| s.to_vec()),
-        // OpenAI allows 0..=2, Anthropic 0..=1.
-        temperature: req.temperature.map(|t| t.clamp(0.0, 1.0)),
+        temperature: req.temperature,
         top_p: req.top_p,
+        top_k: extras.top_k,
         tools: convert_tools(req),
-        tool_choice: convert_tool_choice(req),
+        tool_choice: convert_tool_choice(req, extras.disable_parallel_tool_use),
         stream,
         metadata: req.user.as_deref().map(|user_id| Metadata { user_id }),
+        service_tier: extras.service_tier,
     };
     let body = serde_json::to_vec(&body)
         .map_err(|e| ProviderError::unsupported(format!("request not serialisable: {e}")))?;
@@ -316,6 +339,42 @@ pub(crate) fn build_request(
         headers,
         body: Bytes::from(body),
     })
+}
+
+/// The `max_tokens` sent for `req`: the caller's cap, or [`DEFAULT_MAX_TOKENS`] since the
+/// Messages API requires one.
+pub(crate) fn max_tokens(req: &ChatRequest) -> u32 {
+    req.max_output_tokens().unwrap_or(DEFAULT_MAX_TOKENS)
+}
+
+/// Maps or refuses each of `req.extra` (see [`super::params`]).
+fn read_extras(req: &ChatRequest) -> Result<Extras> {
+    let mut out = Extras::default();
+    for (field, value) in &req.extra {
+        match field.as_str() {
+            _ if value.is_null() => {}
+            "top_k" => out.top_k = Some(as_u32(field, value, PROVIDER)?),
+            "parallel_tool_calls" => {
+                out.disable_parallel_tool_use = !as_bool(field, value, PROVIDER)?;
+            }
+            "service_tier" => {
+                out.service_tier = Some(match value.as_str() {
+                    Some("auto") => "auto",
+                    Some("default" | "standard_only") => "standard_only",
+                    _ => {
+                        return Err(invalid_field(
+                            field,
+                            PROVIDER,
+                            "`auto`, `default` or `standard_only`",
+                        ));
+                    }
+                });
+            }
+            _ if is_neutral(field, value) => {}
+            _ => return Err(unsupported_field(field, PROVIDER)),
+        }
+    }
+    Ok(out)
 }
 
 fn convert_messages(messages: &[ChatMessage]) -> Result<(Option<String>, Vec<Message>)> {
@@ -424,9 +483,10 @@ fn convert_tools(req: &ChatRequest) -> Option<Vec<ToolDef<'_>>> {
     )
 }
 
-fn convert_tool_choice(req: &ChatRequest) -> Option<AnthropicToolChoice<'_>> {
-    let disable_parallel_tool_use =
-        req.extra.get("parallel_tool_calls") == Some(&Value::Bool(false));
+fn convert_tool_choice(
+    req: &ChatRequest,
+    disable_parallel_tool_use: bool,
+) -> Option<AnthropicToolChoice<'_>> {
     match &req.tool_choice {
         Some(ToolChoice::Mode(ToolChoiceMode::None)) => Some(AnthropicToolChoice::None),
         Some(ToolChoice::Mode(ToolChoiceMode::Required)) => Some(AnthropicToolChoice::Any {

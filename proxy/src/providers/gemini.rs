@@ -4,6 +4,9 @@
 //! Roles are `user` and `model`; system text goes to `systemInstruction`; tool calls are
 //! `functionCall` parts and tool results `functionResponse` parts, matched by function name
 //! (Gemini has no call ids, so the name is looked up from the assistant's earlier call).
+//! Parameters are mapped or refused as the table in [`super::params`] says: `top_k`, `seed`,
+//! the penalties, `response_format` and `logprobs` go into `generationConfig` (and an
+//! answer's `logprobsResult` comes back as OpenAI `logprobs`).
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -13,18 +16,25 @@ use http::{HeaderMap, Method};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use self::logprobs::LogprobsResult;
 use super::error::{ProviderError, Result, UpstreamError, body_excerpt};
+use super::params::{
+    ResponseFormat, as_bool, as_f64, as_i64, as_u32, check_range, invalid_field, is_neutral,
+    response_format, unsupported_field,
+};
 use super::ratelimit;
 use super::sse::{SseEvent, SseParser};
 use super::stream::ChunkBuilder;
 use super::types::{
-    ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, FinishReason, FunctionCall,
-    Role, ToolCall, ToolChoice, ToolChoiceMode, Usage, new_id,
+    ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, Delta, FinishReason,
+    FunctionCall, Role, ToolCall, ToolChoice, ToolChoiceMode, Usage, new_id,
 };
 use super::{
     UpstreamRequest, completion, endpoint, json_headers, parse_arguments, parse_data_url,
     reject_multiple_choices, secret_header, tool_call_names,
 };
+
+mod logprobs;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -37,7 +47,7 @@ struct GenerateContentRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_config: Option<ToolConfig<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    generation_config: Option<GenerationConfig>,
+    generation_config: Option<GenerationConfig<'a>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,7 +118,7 @@ struct FunctionCallingConfig<'a> {
 
 #[derive(Debug, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct GenerationConfig {
+struct GenerationConfig<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_output_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -116,8 +126,28 @@ struct GenerationConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     stop_sequences: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_mime_type: Option<&'static str>,
+    /// Full JSON Schema (unlike `responseSchema`, which takes an OpenAPI subset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_json_schema: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_logprobs: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<u32>,
 }
+
+/// Name for error messages.
+const PROVIDER: &str = "Gemini";
 
 /// `GenerateContentResponse`: the whole answer, or one piece of a stream.
 #[derive(Debug, Deserialize)]
@@ -145,6 +175,9 @@ struct Candidate {
     finish_reason: Option<String>,
     #[serde(default)]
     index: u32,
+    /// Present when `responseLogprobs` was asked for.
+    #[serde(default)]
+    logprobs_result: Option<LogprobsResult>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,14 +294,18 @@ pub(crate) fn build_request(
     req: &ChatRequest,
     stream: bool,
 ) -> Result<UpstreamRequest> {
-    reject_multiple_choices(req, "Gemini")?;
-    let (system_instruction, contents) = convert_messages(&req.messages)?;
-    let generation_config = GenerationConfig {
+    reject_multiple_choices(req, PROVIDER)?;
+    check_range("temperature", req.temperature, 0.0..=2.0, PROVIDER)?;
+    check_range("top_p", req.top_p, 0.0..=1.0, PROVIDER)?;
+    let mut generation_config = GenerationConfig {
         max_output_tokens: req.max_output_tokens(),
         temperature: req.temperature,
         top_p: req.top_p,
         stop_sequences: req.stop.as_ref().map(|s| s.to_vec()),
+        ..GenerationConfig::default()
     };
+    read_extras(req, &mut generation_config)?;
+    let (system_instruction, contents) = convert_messages(&req.messages)?;
     let body = GenerateContentRequest {
         contents,
         system_instruction,
@@ -307,6 +344,58 @@ pub(crate) fn build_request(
         body: Bytes::from(body),
     })
 }
+
+/// Maps each of `req.extra` into `config`, or refuses it (see [`super::params`]).
+fn read_extras<'a>(req: &'a ChatRequest, config: &mut GenerationConfig<'a>) -> Result<()> {
+    let mut top_logprobs = None;
+    for (field, value) in &req.extra {
+        match field.as_str() {
+            _ if value.is_null() => {}
+            "top_k" => config.top_k = Some(as_u32(field, value, PROVIDER)?),
+            "seed" => {
+                let seed = as_i64(field, value, PROVIDER)?;
+                let seed = i32::try_from(seed)
+                    .map_err(|_| invalid_field(field, PROVIDER, "a 32-bit integer"))?;
+                config.seed = Some(seed);
+            }
+            "frequency_penalty" => {
+                config.frequency_penalty = Some(as_f64(field, value, PROVIDER)?);
+            }
+            "presence_penalty" => config.presence_penalty = Some(as_f64(field, value, PROVIDER)?),
+            "response_format" => match response_format(value, PROVIDER)? {
+                ResponseFormat::Text => {}
+                ResponseFormat::JsonObject => config.response_mime_type = Some(JSON_MIME),
+                ResponseFormat::JsonSchema { schema } => {
+                    config.response_mime_type = Some(JSON_MIME);
+                    config.response_json_schema = Some(schema);
+                }
+            },
+            "logprobs" => {
+                if as_bool(field, value, PROVIDER)? {
+                    config.response_logprobs = Some(true);
+                }
+            }
+            "top_logprobs" => top_logprobs = Some(as_u32(field, value, PROVIDER)?),
+            "service_tier" if matches!(value.as_str(), Some("auto" | "default")) => {}
+            "service_tier" => return Err(invalid_field(field, PROVIDER, "`auto` or `default`")),
+            _ if is_neutral(field, value) => {}
+            _ => return Err(unsupported_field(field, PROVIDER)),
+        }
+    }
+    if let Some(n) = top_logprobs {
+        if config.response_logprobs != Some(true) {
+            return Err(invalid_field(
+                "top_logprobs",
+                PROVIDER,
+                "used with `logprobs: true`",
+            ));
+        }
+        config.logprobs = Some(n);
+    }
+    Ok(())
+}
+
+const JSON_MIME: &str = "application/json";
 
 fn convert_messages(messages: &[ChatMessage]) -> Result<(Option<Content>, Vec<Content>)> {
     let names = tool_call_names(messages);
@@ -443,7 +532,12 @@ pub(crate) fn parse_response(body: &[u8], model_for_caller: &str) -> Result<Chat
     let mut text = String::new();
     let mut calls = Vec::new();
     let mut finish = None;
+    let mut logprobs = None;
     if let Some(candidate) = response.candidates.into_iter().find(|c| c.index == 0) {
+        logprobs = candidate
+            .logprobs_result
+            .as_ref()
+            .and_then(LogprobsResult::to_openai);
         for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
             match (part.text, part.function_call) {
                 (_, Some(call)) => calls.push(ToolCall {
@@ -478,7 +572,11 @@ pub(crate) fn parse_response(body: &[u8], model_for_caller: &str) -> Result<Chat
         .map(|u| u.to_usage())
         .unwrap_or_default();
     let id = response.response_id.unwrap_or_else(|| new_id("chatcmpl-"));
-    Ok(completion(id, model_for_caller, text, calls, finish, usage))
+    let mut completion = completion(id, model_for_caller, text, calls, finish, usage);
+    if let Some(choice) = completion.choices.first_mut() {
+        choice.logprobs = logprobs;
+    }
+    Ok(completion)
 }
 
 /// Classifies an error response.
@@ -567,6 +665,11 @@ impl Decoder {
             b.usage = Some(usage.to_usage());
         }
         for candidate in piece.candidates.into_iter().filter(|c| c.index == 0) {
+            let first = out.len();
+            let logprobs = candidate
+                .logprobs_result
+                .as_ref()
+                .and_then(LogprobsResult::to_openai);
             for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
                 match (part.text, part.function_call) {
                     (_, Some(call)) => {
@@ -578,6 +681,15 @@ impl Decoder {
                         out.push(b.text(&text));
                     }
                     _ => {}
+                }
+            }
+            if let Some(logprobs) = logprobs {
+                // The piece's tokens go with its first chunk (an empty one if it had none).
+                if out.len() == first {
+                    out.push(b.chunk(Delta::default(), None));
+                }
+                if let Some(choice) = out[first].choices.first_mut() {
+                    choice.logprobs = Some(logprobs);
                 }
             }
             if let Some(reason) = candidate.finish_reason.as_deref() {

@@ -21,7 +21,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use floodgate_crds::ProviderType;
 use http::{HeaderMap, HeaderValue, Method, header};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 pub mod anthropic;
 pub mod embed;
@@ -29,6 +29,7 @@ pub mod error;
 pub mod gemini;
 pub mod ollama;
 pub mod openai;
+pub mod params;
 pub mod ratelimit;
 pub mod sse;
 pub mod stream;
@@ -71,6 +72,24 @@ pub struct UpstreamRequest {
 }
 
 impl Adapter {
+    /// Every wire format, in [`Adapter::index`] order.
+    pub const ALL: [Adapter; 4] = [
+        Adapter::OpenAi,
+        Adapter::Anthropic,
+        Adapter::Gemini,
+        Adapter::Ollama,
+    ];
+
+    /// Position in [`Adapter::ALL`], for tables indexed by wire format.
+    pub const fn index(self) -> usize {
+        match self {
+            Adapter::OpenAi => 0,
+            Adapter::Anthropic => 1,
+            Adapter::Gemini => 2,
+            Adapter::Ollama => 3,
+        }
+    }
+
     /// The adapter for a provider type; OpenAI-compatible servers speak OpenAI (without an
     /// auth header when no key is configured).
     pub fn for_type(provider_type: ProviderType) -> Self {
@@ -119,6 +138,21 @@ impl Adapter {
             Adapter::Ollama => {
                 ollama::build_request(base_url, api_key, upstream_model, req, stream)
             }
+        }
+    }
+
+    /// The cap on generated tokens that [`build_request`](Self::build_request) sends
+    /// upstream for `req`, which is what a token budget must reserve for the answer.
+    /// `None` when no cap is sent and the provider's own limit applies.
+    ///
+    /// Anthropic requires a cap, so it is the caller's or
+    /// [`anthropic::DEFAULT_MAX_TOKENS`]; the others send the caller's cap if there is one
+    /// (`max_completion_tokens`, else `max_tokens`: OpenAI-compatible servers get both as
+    /// sent and honour the newer one, as vLLM does).
+    pub fn max_output_tokens_sent(&self, req: &ChatRequest) -> Option<u32> {
+        match self {
+            Adapter::Anthropic => Some(anthropic::max_tokens(req)),
+            Adapter::OpenAi | Adapter::Gemini | Adapter::Ollama => req.max_output_tokens(),
         }
     }
 
@@ -389,11 +423,16 @@ pub(crate) fn completion(
                 content,
                 tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
                 refusal: None,
+                extra: Map::new(),
             },
             finish_reason: Some(finish_reason),
+            logprobs: None,
+            extra: Map::new(),
         }],
         usage: Some(usage),
+        usage_details: Map::new(),
         system_fingerprint: None,
+        extra: Map::new(),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Ollama native chat API (`POST /api/chat`), for self-hosted models. Streams are
 //! newline-delimited JSON; the last object has `"done": true` and the token counts.
+//! Parameters are mapped or refused as the table in [`super::params`] says: `top_k`, `seed`
+//! and the penalties go into `options`, `response_format` becomes `format`.
 
 use std::time::SystemTime;
 
@@ -9,6 +11,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{ProviderError, Result, UpstreamError, body_excerpt};
+use super::params::{
+    ResponseFormat, as_f64, as_i64, as_u32, check_range, invalid_field, is_neutral,
+    response_format, unsupported_field,
+};
 use super::ratelimit;
 use super::sse::NdjsonSplitter;
 use super::stream::ChunkBuilder;
@@ -30,8 +36,21 @@ struct OllamaChatRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     options: Option<Options>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<Format<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tools: Option<&'a [Tool]>,
 }
+
+/// `format`: `"json"`, or a JSON Schema the answer must follow.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Format<'a> {
+    Json(&'static str),
+    Schema(&'a Value),
+}
+
+/// Name for error messages.
+const PROVIDER: &str = "Ollama";
 
 #[derive(Debug, Serialize)]
 struct OllamaMessage {
@@ -66,7 +85,15 @@ struct Options {
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     stop: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
 }
 
 /// A whole answer, or one line of a stream.
@@ -158,13 +185,20 @@ pub(crate) fn build_request(
     req: &ChatRequest,
     stream: bool,
 ) -> Result<UpstreamRequest> {
-    reject_multiple_choices(req, "Ollama")?;
-    let options = Options {
+    reject_multiple_choices(req, PROVIDER)?;
+    // Ollama documents no upper bound for temperature; a negative one is meaningless.
+    if req.temperature.is_some_and(|t| t < 0.0) {
+        return Err(invalid_field("temperature", PROVIDER, "at least 0"));
+    }
+    check_range("top_p", req.top_p, 0.0..=1.0, PROVIDER)?;
+    let mut options = Options {
         num_predict: req.max_output_tokens(),
         temperature: req.temperature,
         top_p: req.top_p,
         stop: req.stop.as_ref().map(|s| s.to_vec()),
+        ..Options::default()
     };
+    let format = read_extras(req, &mut options)?;
     // Ollama has no tool_choice; "none" is honoured by not offering the tools.
     let tools_off = matches!(
         req.tool_choice,
@@ -175,6 +209,7 @@ pub(crate) fn build_request(
         messages: convert_messages(&req.messages)?,
         stream,
         options: (options != Options::default()).then_some(options),
+        format,
         tools: req.tools.as_deref().filter(|_| !tools_off),
     };
     let body = serde_json::to_vec(&body)
@@ -193,6 +228,35 @@ pub(crate) fn build_request(
         headers,
         body: Bytes::from(body),
     })
+}
+
+/// Maps each of `req.extra` into `options` or the returned `format`, or refuses it (see
+/// [`super::params`]).
+fn read_extras<'a>(req: &'a ChatRequest, options: &mut Options) -> Result<Option<Format<'a>>> {
+    let mut format = None;
+    for (field, value) in &req.extra {
+        match field.as_str() {
+            _ if value.is_null() => {}
+            "top_k" => options.top_k = Some(as_u32(field, value, PROVIDER)?),
+            "seed" => options.seed = Some(as_i64(field, value, PROVIDER)?),
+            "frequency_penalty" => {
+                options.frequency_penalty = Some(as_f64(field, value, PROVIDER)?);
+            }
+            "presence_penalty" => options.presence_penalty = Some(as_f64(field, value, PROVIDER)?),
+            "response_format" => {
+                format = match response_format(value, PROVIDER)? {
+                    ResponseFormat::Text => None,
+                    ResponseFormat::JsonObject => Some(Format::Json("json")),
+                    ResponseFormat::JsonSchema { schema } => Some(Format::Schema(schema)),
+                };
+            }
+            "service_tier" if matches!(value.as_str(), Some("auto" | "default")) => {}
+            "service_tier" => return Err(invalid_field(field, PROVIDER, "`auto` or `default`")),
+            _ if is_neutral(field, value) => {}
+            _ => return Err(unsupported_field(field, PROVIDER)),
+        }
+    }
+    Ok(format)
 }
 
 fn convert_messages(messages: &[ChatMessage]) -> Result<Vec<OllamaMessage>> {

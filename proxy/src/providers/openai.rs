@@ -101,6 +101,7 @@ pub(crate) fn build_request(
         // the decoder drops the usage chunk again for callers that did not ask.
         stream_options: stream.then_some(StreamOptions {
             include_usage: true,
+            include_obfuscation: req.stream_options.and_then(|o| o.include_obfuscation),
         }),
         user: req.user.as_deref(),
         n: req.n,
@@ -250,6 +251,7 @@ impl Decoder {
             }
             if !self.include_usage {
                 chunk.usage = None;
+                chunk.usage_details.clear();
                 if chunk.choices.is_empty() {
                     continue; // the usage-only chunk the caller did not ask for
                 }

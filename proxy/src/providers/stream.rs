@@ -1,6 +1,8 @@
 //! Streaming answers: one decoder per provider behind [`StreamDecoder`], and the
 //! `ChunkBuilder` they share to emit OpenAI `chat.completion.chunk`s.
 
+use serde_json::Map;
+
 use super::error::ProviderError;
 use super::types::{
     ChatChunk, ChunkChoice, Delta, FinishReason, FunctionCallDelta, Role, ToolCallDelta, Usage,
@@ -142,9 +144,13 @@ impl ChunkBuilder {
                 index: 0,
                 delta,
                 finish_reason,
+                logprobs: None,
+                extra: Map::new(),
             }],
             usage: None,
+            usage_details: Map::new(),
             system_fingerprint: None,
+            extra: Map::new(),
         }
     }
 
@@ -226,7 +232,9 @@ impl ChunkBuilder {
                 model: self.model.clone(),
                 choices: Vec::new(),
                 usage: Some(self.usage.unwrap_or_default()),
+                usage_details: Map::new(),
                 system_fingerprint: None,
+                extra: Map::new(),
             });
         }
         out

@@ -36,6 +36,11 @@ struct Fixtures {
     rate_limited: &'static [u8],
     unauthorized: (u16, &'static [u8]),
     overloaded_status: u16,
+    /// Whether fields Floodgate does not model reach the upstream as sent (OpenAI) rather
+    /// than being refused.
+    passes_extra: bool,
+    /// JSON pointers to the output cap in a built body, the one the provider honours first.
+    cap_at: &'static [&'static str],
 }
 
 macro_rules! fixture {
@@ -62,6 +67,8 @@ const OPENAI: Fixtures = Fixtures {
     rate_limited: fixture!("openai_error_429.json"),
     unauthorized: (401, fixture!("openai_error_401.json")),
     overloaded_status: 503,
+    passes_extra: true,
+    cap_at: &["/max_completion_tokens", "/max_tokens"],
 };
 
 const ANTHROPIC: Fixtures = Fixtures {
@@ -88,6 +95,8 @@ const ANTHROPIC: Fixtures = Fixtures {
     rate_limited: fixture!("anthropic_error_429.json"),
     unauthorized: (401, fixture!("anthropic_error_401.json")),
     overloaded_status: 529,
+    passes_extra: false,
+    cap_at: &["/max_tokens"],
 };
 
 const GEMINI: Fixtures = Fixtures {
@@ -111,6 +120,8 @@ const GEMINI: Fixtures = Fixtures {
     rate_limited: fixture!("gemini_error_429.json"),
     unauthorized: (400, fixture!("gemini_error_400_key.json")),
     overloaded_status: 503,
+    passes_extra: false,
+    cap_at: &["/generationConfig/maxOutputTokens"],
 };
 
 const OLLAMA: Fixtures = Fixtures {
@@ -135,6 +146,8 @@ const OLLAMA: Fixtures = Fixtures {
         br#"{"error":"server busy, please try again. maximum pending requests exceeded"}"#,
     unauthorized: (401, br#"{"error":"unauthorized"}"#),
     overloaded_status: 503,
+    passes_extra: false,
+    cap_at: &["/options/num_predict"],
 };
 
 macro_rules! conformance {
@@ -183,6 +196,16 @@ macro_rules! conformance {
             }
 
             #[test]
+            fn reserves_the_output_cap_it_sends() {
+                check_cap_sent($adapter, &$fixtures);
+            }
+
+            #[test]
+            fn unmodelled_fields_pass_through_or_are_refused() {
+                check_unmodelled($adapter, &$fixtures);
+            }
+
+            #[test]
             fn classifies_errors() {
                 check_errors($adapter, &$fixtures);
             }
@@ -200,6 +223,35 @@ conformance! {
 /// A request from its JSON form (what the server module parses).
 pub(super) fn request(value: Value) -> ChatRequest {
     serde_json::from_value(value).unwrap()
+}
+
+/// The body `adapter` builds for a one-message request with `fields` added.
+pub(super) fn build_with(adapter: Adapter, fields: Value) -> Result<Value> {
+    let mut value = json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]});
+    if let (Some(req), Value::Object(fields)) = (value.as_object_mut(), fields) {
+        req.extend(fields);
+    }
+    adapter
+        .build_request(BASE, None, "m", &request(value), false)
+        .map(|built| body_json(&built))
+}
+
+/// Asserts that `adapter` refuses each `(field, value)` with a 400 whose message names the
+/// field (`` `field` ``, or a part of it: `` `field.part` ``).
+pub(super) fn assert_refused(adapter: Adapter, cases: &[(&str, Value)]) {
+    for (field, value) in cases {
+        let fields = json!({ *field: value });
+        match build_with(adapter, fields) {
+            Err(ProviderError::BadRequest {
+                status: 400,
+                message,
+            }) => assert!(
+                message.contains(&format!("`{field}`")) || message.contains(&format!("`{field}.")),
+                "{field}: message does not name the field: {message}"
+            ),
+            other => panic!("{field} = {value}: expected a 400, got {other:?}"),
+        }
+    }
 }
 
 /// The body of a built request, as JSON.
@@ -477,6 +529,63 @@ fn check_request(adapter: Adapter, f: &Fixtures) {
         .unwrap_err();
     assert!(matches!(err, ProviderError::Unauthorized { .. }), "{err:?}");
     assert!(!err.to_string().contains("bad\nkey"));
+}
+
+/// A field nobody models either reaches the upstream untouched or is refused by name: it is
+/// never dropped silently.
+fn check_unmodelled(adapter: Adapter, f: &Fixtures) {
+    let custom = json!({"x_floodgate_probe": {"a": [1, 2]}});
+    if f.passes_extra {
+        let body = build_with(adapter, custom).unwrap();
+        assert_eq!(body["x_floodgate_probe"], json!({"a": [1, 2]}));
+    } else {
+        assert_refused(adapter, &[("x_floodgate_probe", json!({"a": [1, 2]}))]);
+        // Nor is a field the target cannot honour, when sent with a neutral one.
+        let err = build_with(
+            adapter,
+            json!({"store": false, "audio": {"voice": "alloy"}}),
+        );
+        assert!(
+            matches!(err, Err(ProviderError::BadRequest { .. })),
+            "{err:?}"
+        );
+    }
+}
+
+/// `max_output_tokens_sent` is what the built body holds, for every way of setting a cap.
+fn check_cap_sent(adapter: Adapter, f: &Fixtures) {
+    let messages = json!([{"role": "user", "content": "Hi"}]);
+    let caps = [
+        json!({}),
+        json!({"max_tokens": 100}),
+        json!({"max_completion_tokens": 50}),
+        json!({"max_completion_tokens": 50, "max_tokens": 99}),
+    ];
+    for cap in caps {
+        let mut value = json!({"model": "m", "messages": messages});
+        value
+            .as_object_mut()
+            .unwrap()
+            .extend(cap.as_object().unwrap().clone());
+        let req = request(value);
+        for stream in [false, true] {
+            let body = body_json(
+                &adapter
+                    .build_request(BASE, None, "m", &req, stream)
+                    .unwrap(),
+            );
+            let in_body = f
+                .cap_at
+                .iter()
+                .find_map(|pointer| body.pointer(pointer))
+                .map(|v| u32::try_from(v.as_u64().unwrap()).unwrap());
+            assert_eq!(
+                adapter.max_output_tokens_sent(&req),
+                in_body,
+                "{cap} {body}"
+            );
+        }
+    }
 }
 
 fn check_errors(adapter: Adapter, f: &Fixtures) {

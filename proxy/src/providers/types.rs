@@ -8,6 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+mod wire;
+
 /// A chat-completions request (`POST /v1/chat/completions`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatRequest {
@@ -287,6 +289,10 @@ pub struct StreamOptions {
     /// Send a final chunk with empty `choices` and the request's `usage`.
     #[serde(default)]
     pub include_usage: bool,
+    /// OpenAI pads stream chunks with an `obfuscation` field unless this is `false`; passed
+    /// to OpenAI-compatible upstreams as the caller set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_obfuscation: Option<bool>,
 }
 
 /// Token counts of one request.
@@ -367,29 +373,33 @@ impl<'de> Deserialize<'de> for FinishReason {
 }
 
 /// A complete answer (`object: "chat.completion"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Fields the gateway does not model (`service_tier`, ...) are kept in `extra`, and keys of
+/// `usage` beyond the three counts (`prompt_tokens_details`, ...) in `usage_details`, so an
+/// OpenAI-compatible upstream's answer reaches the caller whole. `usage_details` is written
+/// back inside `usage` (see `wire`), which keeps [`Usage`] `Copy`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(from = "wire::ChatResponseWire")]
 pub struct ChatResponse {
     /// Completion identifier.
-    #[serde(default)]
     pub id: String,
     /// Always `chat.completion`.
-    #[serde(default = "completion_object")]
     pub object: String,
     /// Unix seconds.
-    #[serde(default)]
     pub created: u64,
     /// Model name shown to the caller.
-    #[serde(default)]
     pub model: String,
     /// The generated choices.
-    #[serde(default, deserialize_with = "null_as_default")]
     pub choices: Vec<Choice>,
     /// Token counts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Keys of the upstream's `usage` object beyond the counts (`prompt_tokens_details`,
+    /// `completion_tokens_details`, ...); serialised inside `usage`.
+    pub usage_details: Map<String, Value>,
     /// Backend fingerprint (OpenAI).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_fingerprint: Option<String>,
+    /// Top-level fields the gateway does not model (`service_tier`, ...).
+    pub extra: Map<String, Value>,
 }
 
 /// One choice of a complete answer.
@@ -403,6 +413,12 @@ pub struct Choice {
     /// Why generation stopped.
     #[serde(default)]
     pub finish_reason: Option<FinishReason>,
+    /// Token log probabilities (`logprobs: true`); `null` reads as absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Value>,
+    /// Fields the gateway does not model.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// The assistant message of a complete answer.
@@ -419,32 +435,34 @@ pub struct ResponseMessage {
     /// Refusal text (OpenAI).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
+    /// Fields the gateway does not model (`annotations`, `audio`, ...).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
-/// One streamed chunk (`object: "chat.completion.chunk"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One streamed chunk (`object: "chat.completion.chunk"`). Unmodelled fields are kept as in
+/// [`ChatResponse`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(from = "wire::ChatChunkWire")]
 pub struct ChatChunk {
     /// Completion identifier, the same on every chunk.
-    #[serde(default)]
     pub id: String,
     /// Always `chat.completion.chunk`.
-    #[serde(default = "chunk_object")]
     pub object: String,
     /// Unix seconds, the same on every chunk.
-    #[serde(default)]
     pub created: u64,
     /// Model name shown to the caller.
-    #[serde(default)]
     pub model: String,
     /// Deltas; empty on the final usage chunk.
-    #[serde(default, deserialize_with = "null_as_default")]
     pub choices: Vec<ChunkChoice>,
     /// Token counts; only on the final usage chunk.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Keys of `usage` beyond the counts; serialised inside `usage`.
+    pub usage_details: Map<String, Value>,
     /// Backend fingerprint (OpenAI).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_fingerprint: Option<String>,
+    /// Top-level fields the gateway does not model (`service_tier`, ...).
+    pub extra: Map<String, Value>,
 }
 
 /// One choice's delta within a chunk.
@@ -459,6 +477,12 @@ pub struct ChunkChoice {
     /// Set on the last chunk of the choice.
     #[serde(default)]
     pub finish_reason: Option<FinishReason>,
+    /// Token log probabilities of this chunk's tokens; `null` reads as absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Value>,
+    /// Fields the gateway does not model.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// What a chunk adds to the message.
@@ -476,6 +500,9 @@ pub struct Delta {
     /// Refusal text (OpenAI).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
+    /// Fields the gateway does not model (`reasoning_content` of some compatible servers, ...).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// A fragment of a tool call: the first carries id and name, later ones more arguments.
@@ -533,7 +560,7 @@ fn function_type() -> String {
     "function".to_owned()
 }
 
-fn completion_object() -> String {
+pub(crate) fn completion_object() -> String {
     "chat.completion".to_owned()
 }
 
@@ -543,7 +570,7 @@ pub(crate) fn chunk_object() -> String {
 
 /// Reads `null` as the type's default: some OpenAI-compatible servers send
 /// `"choices": null` on the final usage chunk.
-fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+pub(crate) fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Default + Deserialize<'de>,

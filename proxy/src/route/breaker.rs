@@ -2,8 +2,9 @@
 //! timeouts, broken connections) the provider is skipped for `open` seconds, then one
 //! half-open probe decides whether it is closed again.
 
-use std::sync::Mutex;
+use crate::budget::Signal;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -36,21 +37,44 @@ impl Circuit {
     }
 }
 
+/// When a request waiting on this provider could go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Now, as far as the circuit is concerned.
+    Now,
+    /// The circuit is open until then.
+    At(Instant),
+    /// Half-open with the probe out: when the probe ends (the breaker pulses its signal).
+    ProbeOut,
+}
+
 /// A provider's circuit breaker.
 #[derive(Debug)]
 pub struct Breaker {
     threshold: AtomicU32,
     open_ms: AtomicU64,
     state: Mutex<State>,
+    /// Pulsed when a half-open probe ends, for requests waiting on it.
+    signal: Arc<Signal>,
 }
 
 impl Breaker {
-    /// A closed breaker.
-    pub fn new(threshold: u32, open_for: Duration) -> Self {
+    /// A closed breaker that pulses `signal` when a probe ends.
+    pub fn new(threshold: u32, open_for: Duration, signal: Arc<Signal>) -> Self {
         Self {
             threshold: AtomicU32::new(threshold.max(1)),
             open_ms: AtomicU64::new(millis(open_for)),
             state: Mutex::new(State::Closed { failures: 0 }),
+            signal,
+        }
+    }
+
+    /// When a request could go to the provider, as far as the circuit is concerned.
+    pub fn wake(&self, now: Instant) -> Wake {
+        match *self.lock() {
+            State::Open { until } if until > now => Wake::At(until),
+            State::HalfOpen { probing: true } => Wake::ProbeOut,
+            _ => Wake::Now,
         }
     }
 
@@ -97,7 +121,10 @@ impl Breaker {
 
     /// A call succeeded.
     pub fn success(&self) {
-        *self.lock() = State::Closed { failures: 0 };
+        let previous = std::mem::replace(&mut *self.lock(), State::Closed { failures: 0 });
+        if previous == (State::HalfOpen { probing: true }) {
+            self.signal.pulse();
+        }
     }
 
     /// A call failed in a way that counts against the provider.
@@ -105,6 +132,7 @@ impl Breaker {
         let threshold = self.threshold.load(Ordering::Relaxed);
         let until = now + self.open_for();
         let mut s = self.lock();
+        let probe = *s == State::HalfOpen { probing: true };
         *s = match *s {
             State::Closed { failures } if failures + 1 >= threshold => State::Open { until },
             State::Closed { failures } => State::Closed {
@@ -112,6 +140,11 @@ impl Breaker {
             },
             State::HalfOpen { .. } | State::Open { .. } => State::Open { until },
         };
+        drop(s);
+        if probe {
+            // Waiters on the probe now wait for the new open period instead.
+            self.signal.pulse();
+        }
     }
 
     /// A call ended in a way that says nothing about the provider's health (a 429, a bad
@@ -120,6 +153,8 @@ impl Breaker {
         let mut s = self.lock();
         if let State::HalfOpen { probing: true } = *s {
             *s = State::HalfOpen { probing: false };
+            drop(s);
+            self.signal.pulse();
         }
     }
 
@@ -144,7 +179,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_the_threshold_and_probes_after_the_open_period() {
-        let b = Breaker::new(3, Duration::from_secs(60));
+        let b = Breaker::new(3, Duration::from_secs(60), Arc::default());
         let t0 = Instant::now();
         for _ in 0..2 {
             b.failure(t0);
@@ -170,7 +205,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_success_resets_the_count() {
-        let b = Breaker::new(2, Duration::from_secs(1));
+        let b = Breaker::new(2, Duration::from_secs(1), Arc::default());
         let t0 = Instant::now();
         b.failure(t0);
         b.success();

@@ -4,7 +4,8 @@
 //! dispatcher and survive reloads.
 
 use super::breaker::Breaker;
-use crate::budget::{Budgets, KeyBudget, KeyId, Limits};
+use super::wait::WaitQueue;
+use crate::budget::{Budgets, KeyBudget, KeyId, Limits, Signal};
 use crate::config::{Config, ProviderConfig};
 use crate::providers::Adapter;
 use crate::secret::SecretString;
@@ -18,7 +19,7 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct KeyRt {
     /// Display name (headers, metrics); never the secret.
-    pub name: String,
+    pub name: Arc<str>,
     /// The secret; `None` for keyless self-hosted providers.
     pub secret: Option<SecretString>,
     /// Its budget.
@@ -31,7 +32,7 @@ pub struct ProviderRt {
     /// Pool name.
     pub pool: String,
     /// Provider name.
-    pub name: String,
+    pub name: Arc<str>,
     /// Wire format.
     pub adapter: Adapter,
     /// Endpoint.
@@ -89,13 +90,16 @@ pub struct Target {
     pub price: f64,
 }
 
-/// Targets of one requested model name, and the attempts the pool allows.
-#[derive(Debug, Clone)]
+/// Targets of one requested model name, the attempts the pool allows, and the requests
+/// waiting for budget on it.
+#[derive(Debug)]
 pub struct Route {
     /// In order of preference.
     pub targets: Vec<Target>,
     /// Attempts over keys and providers.
     pub max_attempts: u32,
+    /// Requests waiting for budget, in arrival order.
+    pub queue: WaitQueue,
 }
 
 /// The routing view of one configuration.
@@ -110,11 +114,50 @@ pub struct Runtime {
 /// Breakers by (pool, provider), kept across reloads.
 pub type Breakers = Mutex<HashMap<(String, String), Arc<Breaker>>>;
 
+/// How many requests may wait for budget on a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueBound {
+    /// This many on every route.
+    Fixed(usize),
+    /// What the route's keys could serve within the wait limit: the sum of their limits per
+    /// window, times `max_wait / window`, at least 1. Routes with an unlimited key get
+    /// [`QueueBound::UNLIMITED_KEYS`].
+    Capacity {
+        /// The rate window.
+        window: Duration,
+        /// The longest a request waits.
+        max_wait: Duration,
+    },
+}
+
+impl QueueBound {
+    /// The bound of a route with an unlimited (keyless, no rpm) target: those wait only for
+    /// circuits, and this caps the memory a burst can hold.
+    pub const UNLIMITED_KEYS: usize = 10_000;
+
+    fn of(self, route_rpm: Option<u64>) -> usize {
+        match (self, route_rpm) {
+            (QueueBound::Fixed(n), _) => n,
+            (QueueBound::Capacity { .. }, None) => Self::UNLIMITED_KEYS,
+            (QueueBound::Capacity { window, max_wait }, Some(rpm)) => {
+                let per_wait = rpm as f64 * max_wait.as_secs_f64() / window.as_secs_f64().max(1e-3);
+                (per_wait.ceil() as usize).clamp(1, Self::UNLIMITED_KEYS)
+            }
+        }
+    }
+}
+
 impl Runtime {
     /// Builds the routing view of `config`, reusing budgets and breakers of unchanged keys.
-    pub fn build(config: &Config, budgets: &Budgets, breakers: &Breakers) -> Runtime {
+    pub fn build(
+        config: &Config,
+        budgets: &Budgets,
+        breakers: &Breakers,
+        signal: &Arc<Signal>,
+        bound: QueueBound,
+    ) -> Runtime {
         let mut providers = Vec::new();
-        let mut routes: HashMap<String, Route> = HashMap::new();
+        let mut routes: HashMap<String, (Vec<Target>, u32)> = HashMap::new();
         let mut live_keys = Vec::new();
         let mut breakers = breakers.lock().unwrap_or_else(|p| p.into_inner());
         for pool in &config.pools {
@@ -135,13 +178,15 @@ impl Runtime {
                 let p = &pool.providers[pi];
                 let breaker = breakers
                     .entry((pool.name.clone(), p.name.clone()))
-                    .or_insert_with(|| Arc::new(Breaker::new(cb.failure_threshold, open_for)));
+                    .or_insert_with(|| {
+                        Arc::new(Breaker::new(cb.failure_threshold, open_for, signal.clone()))
+                    });
                 breaker.configure(cb.failure_threshold, open_for);
                 let keys = provider_keys(&pool.name, p, budgets, &mut live_keys);
                 let index = providers.len();
                 providers.push(ProviderRt {
                     pool: pool.name.clone(),
-                    name: p.name.clone(),
+                    name: Arc::from(p.name.as_str()),
                     adapter: Adapter::for_type(p.provider_type),
                     base_url: p.base_url.clone(),
                     keys,
@@ -165,27 +210,53 @@ impl Runtime {
                     };
                     let names = std::iter::once(&model.name).chain(model.alias.as_ref());
                     for name in names {
-                        let route = routes.entry(name.clone()).or_insert_with(|| Route {
-                            targets: Vec::new(),
-                            max_attempts: pool.spec.max_attempts,
-                        });
-                        route.max_attempts = route.max_attempts.max(pool.spec.max_attempts);
-                        route.targets.push(target.clone());
+                        let route = routes
+                            .entry(name.clone())
+                            .or_insert_with(|| (Vec::new(), pool.spec.max_attempts));
+                        route.1 = route.1.max(pool.spec.max_attempts);
+                        route.0.push(target.clone());
                     }
                 }
             }
         }
         drop(breakers);
         budgets.reconfigured(&live_keys);
-        for route in routes.values_mut() {
-            if let Some(first) = route.targets.first()
-                && providers[first.provider].strategy == Strategy::Cheapest
-            {
-                route.targets.sort_by(|a, b| a.price.total_cmp(&b.price));
-            }
-        }
+        let routes = routes
+            .into_iter()
+            .map(|(name, (mut targets, max_attempts))| {
+                if let Some(first) = targets.first()
+                    && providers[first.provider].strategy == Strategy::Cheapest
+                {
+                    targets.sort_by(|a, b| a.price.total_cmp(&b.price));
+                }
+                let rpm = route_rpm(&providers, &targets);
+                let route = Route {
+                    targets,
+                    max_attempts,
+                    queue: WaitQueue::new(bound.of(rpm)),
+                };
+                (name, route)
+            })
+            .collect();
         Runtime { providers, routes }
     }
+}
+
+/// The requests per window a route's distinct providers allow together; `None` if one of
+/// them has a key without a request limit.
+fn route_rpm(providers: &[ProviderRt], targets: &[Target]) -> Option<u64> {
+    let mut seen: Vec<usize> = Vec::with_capacity(targets.len());
+    let mut total = 0u64;
+    for t in targets {
+        if seen.contains(&t.provider) {
+            continue;
+        }
+        seen.push(t.provider);
+        for key in &providers[t.provider].keys {
+            total += u64::from(key.budget.rpm()?);
+        }
+    }
+    Some(total)
 }
 
 fn provider_keys(
@@ -194,6 +265,8 @@ fn provider_keys(
     budgets: &Budgets,
     live: &mut Vec<KeyId>,
 ) -> Vec<KeyRt> {
+    // A key's budget is named by its secret reference, not its display name: reordering or
+    // removing keys must not hand one secret's window to another.
     let id = |key: &str| KeyId {
         pool: pool.to_owned(),
         provider: p.name.clone(),
@@ -209,7 +282,7 @@ fn provider_keys(
         let budget = budgets.key(&kid, limits);
         live.push(kid);
         return vec![KeyRt {
-            name: p.name.clone(),
+            name: Arc::from(p.name.as_str()),
             secret: None,
             budget,
         }];
@@ -217,7 +290,7 @@ fn provider_keys(
     p.keys
         .iter()
         .map(|k| {
-            let kid = id(&k.name);
+            let kid = id(&k.secret_ref);
             let limits = Limits {
                 rpm: Some(k.rpm.get()),
                 tpm: k.tpm.map(|t| t.get()),
@@ -225,7 +298,7 @@ fn provider_keys(
             let budget = budgets.key(&kid, limits);
             live.push(kid);
             KeyRt {
-                name: k.name.clone(),
+                name: Arc::from(k.name.as_str()),
                 secret: Some(k.secret.clone()),
                 budget,
             }

@@ -15,14 +15,12 @@ impl Dispatcher {
         m.key_failed.clear();
         m.circuit_state.clear();
         m.budget_degraded.set(i64::from(self.redis_degraded()));
-        let Some(current) = self.runtime.load_full() else {
-            return;
-        };
+        let view = self.view();
         let now = Instant::now();
-        for p in &current.1.providers {
+        for p in &view.runtime.providers {
             let provider = ProviderLabels {
                 pool: p.pool.clone(),
-                provider: p.name.clone(),
+                provider: p.name.to_string(),
             };
             let circuit = match p.breaker.circuit(now) {
                 Circuit::Closed => 0,
@@ -33,8 +31,8 @@ impl Dispatcher {
             for k in &p.keys {
                 let labels = KeyLabels {
                     pool: p.pool.clone(),
-                    provider: p.name.clone(),
-                    key: k.name.clone(),
+                    provider: p.name.to_string(),
+                    key: k.name.to_string(),
                 };
                 m.key_utilization
                     .get_or_create(&labels)

@@ -26,6 +26,41 @@ use tracing::{Instrument as _, Span};
 
 type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
 
+/// A client for provider calls: pooled keep-alive connections, Nagle off (a request is one
+/// write, and small SSE frames should not wait), and `connect` as the bound on opening a
+/// connection, so an unreachable provider fails over after `timeouts.connectMs`, not after
+/// the whole request's time.
+pub(super) fn client(connect: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .connect_timeout(connect)
+        .build()
+}
+
+/// The upstream client of the calling thread for a connect timeout of `connect_ms`.
+///
+/// One per thread: a pooled connection is driven by a task on the runtime that opened it,
+/// so a client shared by the gateway's single-threaded workers would hand each request to
+/// another thread and back. One per distinct connect timeout (pools rarely differ), since
+/// reqwest sets it per client. Built on first use; a client that cannot be built (it was
+/// built the same way when the dispatcher started) falls back to reqwest's defaults.
+pub(super) fn thread_client(connect_ms: u32) -> reqwest::Client {
+    thread_local! {
+        static CLIENTS: std::cell::RefCell<Vec<(u32, reqwest::Client)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    CLIENTS.with(|clients| {
+        let mut clients = clients.borrow_mut();
+        if let Some((_, c)) = clients.iter().find(|(ms, _)| *ms == connect_ms) {
+            return c.clone();
+        }
+        let c = client(Duration::from_millis(u64::from(connect_ms))).unwrap_or_default();
+        clients.push((connect_ms, c.clone()));
+        c
+    })
+}
+
 /// Calls `provider` with `key` and records the outcome on the key and the breaker.
 pub(super) async fn call(
     http: &reqwest::Client,
@@ -53,7 +88,7 @@ pub(super) async fn call(
     let m = metrics::global();
     m.upstream_seconds
         .get_or_create(&UpstreamLabels {
-            provider: provider.name.clone(),
+            provider: provider.name.to_string(),
             outcome: outcome.to_owned(),
         })
         .observe(elapsed.as_secs_f64());
@@ -98,8 +133,8 @@ fn attempt_span(provider: &ProviderRt, key: &KeyRt, upstream_model: &str) -> Spa
         gen_ai.provider.name = provider.provider_type,
         gen_ai.request.model = upstream_model,
         server.address = telemetry::host_of(&provider.base_url),
-        floodgate.provider = provider.name.as_str(),
-        floodgate.key = key.name.as_str(),
+        floodgate.provider = &*provider.name,
+        floodgate.key = &*key.name,
         error.type = Empty,
         gen_ai.usage.input_tokens = Empty,
         gen_ai.usage.output_tokens = Empty,
@@ -128,7 +163,6 @@ async fn send(
         req.stream,
     )?;
     let timeouts = &provider.timeouts;
-    let connect = Duration::from_millis(u64::from(timeouts.connect_ms));
     let whole = Duration::from_secs(u64::from(timeouts.request_seconds));
     let started = Instant::now();
     let builder = match provider.urls.get(&up.url) {
@@ -142,12 +176,9 @@ async fn send(
     } else {
         builder.timeout(whole)
     };
-    // The connect timeout bounds the wait for response headers of a stream too.
-    let first_byte = if req.stream {
-        connect.max(whole)
-    } else {
-        whole
-    };
+    // A stream's whole length is unbounded (its idle time is bounded instead), but its
+    // response headers must come within the request's time.
+    let first_byte = whole;
     let sent = tokio::time::timeout(first_byte, builder.send()).await;
     permit.answered();
     let response = match sent {
@@ -189,7 +220,7 @@ async fn send(
     };
     // Before anything reaches the caller, a failure is still an ordinary (retryable) error.
     pump.prime().await?;
-    Ok(ReplyBody::Stream(pump.into_sse().boxed()))
+    Ok(ReplyBody::Stream(Box::pin(pump.into_chunks())))
 }
 
 fn transport_error(e: &reqwest::Error) -> ProviderError {
@@ -321,20 +352,16 @@ impl Pump {
         }
     }
 
-    /// The caller's SSE stream: chunks, then `[DONE]`; or an error event if upstream broke.
-    fn into_sse(self) -> impl Stream<Item = Bytes> + Send {
+    /// The typed stream: chunks in order, ending after the provider's terminal event, or
+    /// with one `Err` if the upstream broke (then nothing follows).
+    fn into_chunks(self) -> impl Stream<Item = Result<ChatChunk, ProviderError>> + Send {
         futures::stream::unfold(self, |mut pump| async move {
             loop {
                 if let Some(chunk) = pump.pending.pop_front() {
-                    return Some((sse_data(&chunk), pump));
+                    return Some((Ok(chunk), pump));
                 }
-                match pump.state {
-                    PumpState::Done => return None,
-                    PumpState::Finished => {
-                        pump.state = PumpState::Done;
-                        return Some((Bytes::from_static(b"data: [DONE]\n\n"), pump));
-                    }
-                    PumpState::Streaming => {}
+                if pump.state != PumpState::Streaming {
+                    return None;
                 }
                 if let Err(error) = pump.fill().await {
                     // In the attempt's span: the warning joins it, and it ends now.
@@ -349,30 +376,9 @@ impl Pump {
                         pump.key.cool_until(Instant::now() + Duration::from_secs(1));
                     }
                     pump.state = PumpState::Done;
-                    return Some((sse_error(&error), pump));
+                    return Some((Err(error), pump));
                 }
             }
         })
     }
-}
-
-fn sse_data(chunk: &ChatChunk) -> Bytes {
-    let mut out = b"data: ".to_vec();
-    // A chunk always serializes; an empty object keeps the stream well-formed if not.
-    if serde_json::to_writer(&mut out, chunk).is_err() {
-        out.extend_from_slice(b"{}");
-    }
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
-}
-
-fn sse_error(error: &ProviderError) -> Bytes {
-    let body = serde_json::json!({
-        "error": {
-            "message": format!("the upstream stream was interrupted: {error}"),
-            "type": "upstream_error",
-            "code": error.metric_label(),
-        }
-    });
-    Bytes::from(format!("data: {body}\n\n"))
 }

@@ -1,127 +1,74 @@
-//! `POST /v1/chat/completions`: OpenAI-compatible, non-streaming and streaming.
+//! `POST /v1/chat/completions`: the OpenAI door, non-streaming and streaming.
 
 use super::AppState;
+use super::door::{self, Outcome, Tracked};
 use super::error::ApiError;
-use crate::metrics::{self, RequestLabels};
-use crate::providers::ProviderError;
+use crate::metrics;
+use crate::pipeline::{self, Door, RequestCtx};
 use crate::providers::types::ChatRequest;
-use crate::route::{Reply, ReplyBody, RouteError};
-use crate::telemetry;
+use crate::providers::{ChatChunk, ProviderError};
+use crate::route::ReplyBody;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::Stream;
 use std::cell::Cell;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tracing::field::Empty;
 use tracing::{Instrument as _, Span};
 
-/// Response headers that tell the caller what happened.
-const PROVIDER: &str = "x-floodgate-provider";
-const KEY: &str = "x-floodgate-key";
-const ATTEMPTS: &str = "x-floodgate-attempts";
-
-pub(super) async fn completions(State(state): State<AppState>, body: Body) -> Response {
+pub(super) async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
-    let upstream = Cell::new(Duration::ZERO);
-    // OpenTelemetry GenAI and HTTP server attributes; see `telemetry` for the cost when off.
-    let span = tracing::info_span!(
-        target: telemetry::TARGET,
-        "chat",
-        otel.kind = "server",
-        otel.status_code = Empty,
-        gen_ai.operation.name = "chat",
-        gen_ai.request.model = Empty,
-        http.request.method = "POST",
-        http.route = "/v1/chat/completions",
-        http.response.status_code = Empty,
-        error.type = Empty,
-        floodgate.provider = Empty,
-        floodgate.attempts = Empty,
-    );
+    // Stage 1 (identity) will read `headers` here, before the body.
+    let mut ctx = RequestCtx::new(Door::OpenAiChat, &headers, state.dispatcher.max_wait());
+    let span = door::request_span(&ctx, "chat");
     let request_span = span.clone();
     metrics::UPSTREAM_TIME
-        .scope(upstream, async move {
-            let mut model = None;
-            let result = handle(state, body, &mut model).await;
+        .scope(Cell::new(Duration::ZERO), async move {
+            let mut response = handle(&state, &mut ctx, body, request_span).await;
             let upstream = metrics::UPSTREAM_TIME
                 .try_with(Cell::get)
                 .unwrap_or_default();
-            let m = metrics::global();
-            m.stage("total_overhead", started.elapsed().saturating_sub(upstream));
-            let (response, outcome) = match result {
-                Ok(response) => (response, "ok"),
-                Err(error) => {
-                    let code = error.code;
-                    (error.into_response(), code)
-                }
-            };
-            let provider = response
-                .headers()
-                .get(PROVIDER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("none");
-            if !request_span.is_disabled() {
-                record_request(&request_span, &response, model.as_deref(), outcome);
-            }
-            let labels = RequestLabels {
-                tier: "default".to_owned(),
-                provider: provider.to_owned(),
-                model: match model {
-                    Some(m) if outcome != "model_not_found" => m,
-                    _ => "unknown".to_owned(),
-                },
-                outcome: outcome.to_owned(),
-            };
-            m.requests.get_or_create(&labels).inc();
+            metrics::global().stage("total_overhead", started.elapsed().saturating_sub(upstream));
+            door::decision_headers(response.headers_mut(), &ctx, state.expose_key);
             response
         })
         .instrument(span)
         .await
 }
 
-/// The request span's outcome attributes, read from the response the caller gets.
-fn record_request(span: &Span, response: &Response, model: Option<&str>, outcome: &str) {
-    let status = response.status();
-    span.record("http.response.status_code", i64::from(status.as_u16()));
-    if status.is_server_error() {
-        span.record("otel.status_code", "ERROR");
-    }
-    if outcome != "ok" {
-        span.record("error.type", outcome);
-    }
-    if let Some(model) = model {
-        span.record("gen_ai.request.model", model);
-    }
-    let headers = response.headers();
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(provider) = header(PROVIDER) {
-        span.record("floodgate.provider", provider);
-    }
-    if let Some(attempts) = header(ATTEMPTS).and_then(|a| a.parse::<u32>().ok()) {
-        span.record("floodgate.attempts", i64::from(attempts));
+async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) -> Response {
+    let parse_started = Instant::now();
+    let req = match parse(state, body).await {
+        Ok(req) => req,
+        Err(e) => return failed(e, Outcome::new(span, ctx, None)),
+    };
+    metrics::global().stage("parse", parse_started.elapsed());
+    let view = state.dispatcher.view();
+    let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
+    let outcome = Outcome::new(span, ctx, Some(req.model));
+    match result {
+        Ok(reply) => match reply.body {
+            ReplyBody::Complete(answer) => {
+                outcome.record("ok");
+                axum::Json(answer).into_response()
+            }
+            ReplyBody::Stream(chunks) => sse(Tracked::new(chunks, outcome)),
+        },
+        Err(e) => failed(door::route_error(e), outcome),
     }
 }
 
-async fn handle(
-    state: AppState,
-    body: Body,
-    model: &mut Option<String>,
-) -> Result<Response, ApiError> {
-    let parse_started = Instant::now();
-    let bytes = axum::body::to_bytes(body, state.body_limit)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "request_too_large",
-                format!(
-                    "the request body is larger than the gateway's limit of {} bytes",
-                    state.body_limit
-                ),
-            )
-        })?;
+async fn parse(state: &AppState, body: Body) -> Result<ChatRequest, ApiError> {
+    let bytes = door::read_body(body, state.body_limit).await?;
     let req: ChatRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -138,94 +85,87 @@ async fn handle(
             "`messages` must contain at least one message",
         ));
     }
-    metrics::global().stage("parse", parse_started.elapsed());
-    let config = state.config.load_full();
-    // Kept for the metric label only if the model turns out to be configured.
-    *model = Some(req.model.clone());
-    let reply = state
-        .dispatcher
-        .chat(&config, req)
-        .await
-        .map_err(route_error)?;
-    Ok(respond(reply))
+    Ok(req)
 }
 
-fn respond(reply: Reply) -> Response {
-    let mut response = match reply.body {
-        ReplyBody::Complete(answer) => axum::Json(answer).into_response(),
-        ReplyBody::Stream(events) => {
-            let mut r = Response::new(Body::from_stream(
-                events.map(Ok::<_, std::convert::Infallible>),
-            ));
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            r
-        }
+fn failed(error: ApiError, outcome: Outcome) -> Response {
+    outcome.with_status(error.status).record(error.code);
+    error.into_response()
+}
+
+/// The typed stream as OpenAI server-sent events: `data: <chunk>` per chunk, then
+/// `data: [DONE]`; an upstream break becomes one `data: {"error": ...}` event and no
+/// `[DONE]`, so no client mistakes a cut-off answer for a whole one.
+fn sse<S>(chunks: Tracked<S>) -> Response
+where
+    S: Stream<Item = Result<ChatChunk, ProviderError>> + Unpin + Send + 'static,
+{
+    let events = OpenAiEvents {
+        chunks,
+        done: false,
     };
+    let mut response = Response::new(Body::from_stream(events));
     let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&reply.provider) {
-        h.insert(PROVIDER, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&reply.key) {
-        h.insert(KEY, v);
-    }
-    h.insert(ATTEMPTS, HeaderValue::from(reply.attempts));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 
-use futures::StreamExt as _;
+struct OpenAiEvents<S> {
+    chunks: Tracked<S>,
+    done: bool,
+}
 
-fn route_error(e: RouteError) -> ApiError {
-    let message = e.to_string();
-    match e {
-        RouteError::UnknownModel(_) => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            message,
-        ),
-        RouteError::Saturated { retry_after } => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "rate_limit_exceeded",
-            message,
-        )
-        .with_retry_after(retry_after),
-        RouteError::Unavailable { retry_after } => {
-            let e = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_error",
-                "no_upstream_available",
-                message,
-            );
-            match retry_after {
-                Some(d) => e.with_retry_after(d),
-                None => e,
+impl<S> Stream for OpenAiEvents<S>
+where
+    S: Stream<Item = Result<ChatChunk, ProviderError>> + Unpin,
+{
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let item = match Pin::new(&mut self.chunks).poll_next(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(item) => item,
+        };
+        let bytes = match item {
+            Some(Ok(chunk)) => sse_data(&chunk),
+            Some(Err(error)) => {
+                self.done = true;
+                sse_error(&error)
             }
-        }
-        RouteError::Upstream { error, attempts } => {
-            // The error body carries no attempts header; the request span still wants them.
-            Span::current().record("floodgate.attempts", i64::from(attempts));
-            upstream_error(&error, attempts)
-        }
+            None => {
+                self.done = true;
+                Bytes::from_static(b"data: [DONE]\n\n")
+            }
+        };
+        Poll::Ready(Some(Ok(bytes)))
     }
 }
 
-fn upstream_error(error: &ProviderError, attempts: u32) -> ApiError {
-    let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let kind = match error {
-        ProviderError::BadRequest { .. } => "invalid_request_error",
-        ProviderError::RateLimited { .. } => "rate_limit_error",
-        _ => "upstream_error",
-    };
-    let message = format!("{error} (after {attempts} attempt(s))");
-    let e = ApiError::new(status, kind, error.metric_label(), message);
-    match error.retry_after() {
-        Some(d) => e.with_retry_after(d),
-        None => e,
+fn sse_data(chunk: &ChatChunk) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"data: ");
+    // A chunk always serializes; an empty object keeps the stream well-formed if not.
+    if serde_json::to_writer(&mut out, chunk).is_err() {
+        out.extend_from_slice(b"{}");
     }
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+fn sse_error(error: &ProviderError) -> Bytes {
+    let body = serde_json::json!({
+        "error": {
+            "message": format!("the upstream stream was interrupted: {error}"),
+            "type": "upstream_error",
+            "code": error.metric_label(),
+        }
+    });
+    Bytes::from(format!("data: {body}\n\n"))
 }

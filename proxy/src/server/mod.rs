@@ -1,16 +1,25 @@
-//! The HTTP front door: OpenAI-compatible API, health and readiness.
+//! The HTTP front doors (OpenAI-compatible API), health, readiness and metrics.
 //!
-//! Layers, outermost first: catch-panic (a panic becomes a 500 with an OpenAI error body),
-//! trace (one span per request), sensitive headers (Authorization and API-key headers are
-//! redacted from traces). Handlers read the shared [`Config`](crate::config::Config) from
-//! [`AppState`].
+//! Layers, outermost first:
+//! 1. catch-panic: a panic becomes a 500 with an OpenAI error body;
+//! 2. set request id: a request without `x-request-id` gets a generated one (in its headers);
+//! 3. propagate request id: the response echoes the request's `x-request-id`, unless the
+//!    handler set its own (a door that replaced an unusable id);
+//! 4. sensitive headers: `Authorization` and the API-key headers are redacted from traces;
+//! 5. trace: one span per request.
+//!
+//! Each door (`chat` for OpenAI) builds the request's [`RequestCtx`](crate::pipeline::RequestCtx)
+//! from the headers, reads and parses the body (its size bounded by [`AppState::body_limit`],
+//! answered in the door's error format, which a generic body-limit layer could not do), runs
+//! the [`pipeline`](crate::pipeline) and renders its typed answer.
 
 mod chat;
+pub mod door;
 pub mod error;
 mod models;
 pub mod workers;
 
-use crate::config::watch::SharedConfig;
+use crate::pipeline::ctx::{REQUEST_ID_HEADER, RequestId};
 use crate::route::Dispatcher;
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -21,34 +30,52 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
 /// State shared by all handlers.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// The current configuration.
-    pub config: SharedConfig,
     /// Whether the gateway accepts traffic (config loaded; false while draining).
     pub ready: Arc<AtomicBool>,
-    /// Routes requests to providers.
+    /// Routes requests to providers; holds the configuration serving now.
     pub dispatcher: Arc<Dispatcher>,
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
+    /// Whether answers name the key used (`x-floodgate-key`). Off by default: the header
+    /// tells any caller the key inventory; turn it on for debugging only.
+    pub expose_key: bool,
 }
 
 /// Default largest request body: 4 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 4 << 20;
 
 impl AppState {
-    /// State with the default body limit.
-    pub fn new(config: SharedConfig, ready: Arc<AtomicBool>, dispatcher: Arc<Dispatcher>) -> Self {
+    /// State with the default body limit and no key header.
+    pub fn new(ready: Arc<AtomicBool>, dispatcher: Arc<Dispatcher>) -> Self {
         Self {
-            config,
             ready,
             dispatcher,
             body_limit: DEFAULT_BODY_LIMIT,
+            expose_key: false,
         }
+    }
+}
+
+/// Request ids for requests that come without one.
+#[derive(Debug, Clone, Copy, Default)]
+struct MakeId;
+
+impl tower_http::request_id::MakeRequestId for MakeId {
+    fn make_request_id<B>(
+        &mut self,
+        _: &axum::http::Request<B>,
+    ) -> Option<tower_http::request_id::RequestId> {
+        let id = RequestId::generate();
+        Some(tower_http::request_id::RequestId::new(
+            id.header_value().clone(),
+        ))
     }
 }
 
@@ -59,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         header::HeaderName::from_static("x-api-key"),
         header::HeaderName::from_static("x-goog-api-key"),
     ];
+    let request_id = header::HeaderName::from_static(REQUEST_ID_HEADER);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -72,6 +100,8 @@ pub fn router(state: AppState) -> Router {
                 .layer(CatchPanicLayer::custom(|_| {
                     ApiError::internal("internal error").into_response()
                 }))
+                .layer(SetRequestIdLayer::new(request_id.clone(), MakeId))
+                .layer(PropagateRequestIdLayer::new(request_id))
                 .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
                 .layer(TraceLayer::new_for_http()),
         )

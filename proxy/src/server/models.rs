@@ -20,7 +20,7 @@ struct ModelObject {
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> Json<ModelList> {
-    let config = state.config.load();
+    let config = state.dispatcher.config();
     let data = config
         .models()
         .into_iter()

@@ -3,7 +3,6 @@
 use super::*;
 use crate::config::load::load_config;
 use crate::config::secrets::SecretSources;
-use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::http::Request;
 use tower::ServiceExt;
@@ -14,11 +13,8 @@ fn state() -> AppState {
     let dispatcher =
         crate::route::Dispatcher::new(crate::budget::MINUTE, std::time::Duration::from_secs(1))
             .unwrap();
-    AppState::new(
-        Arc::new(ArcSwap::from_pointee(config)),
-        Arc::new(AtomicBool::new(true)),
-        Arc::new(dispatcher),
-    )
+    dispatcher.apply(Arc::new(config));
+    AppState::new(Arc::new(AtomicBool::new(true)), Arc::new(dispatcher))
 }
 
 async fn get(state: AppState, path: &str) -> (StatusCode, serde_json::Value) {
@@ -82,4 +78,24 @@ async fn unknown_paths_get_an_openai_error_body() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"]["type"], "invalid_request_error");
     assert_eq!(body["error"]["code"], "unknown_url");
+}
+
+#[tokio::test]
+async fn the_request_id_is_echoed_or_generated() {
+    let response = router(state())
+        .oneshot(
+            Request::get("/v1/models")
+                .header("x-request-id", "caller-id-42")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "caller-id-42");
+    let response = router(state())
+        .oneshot(Request::get("/v1/nope").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let id = response.headers()["x-request-id"].to_str().unwrap();
+    assert!(id.starts_with("req_"), "{id}");
 }

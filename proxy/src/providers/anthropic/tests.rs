@@ -5,7 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use http::{HeaderMap, HeaderValue};
 use serde_json::json;
 
-use crate::providers::tests::{body_json, request};
+use crate::providers::tests::{assert_refused, body_json, build_with, request};
 use crate::providers::{Adapter, FinishReason, ProviderError};
 
 fn build(value: serde_json::Value, stream: bool) -> serde_json::Value {
@@ -50,7 +50,9 @@ fn lifts_system_merges_turns_and_maps_tools() {
             "tool_choice": "required",
             "parallel_tool_calls": false,
             "stop": "END",
-            "temperature": 1.5,
+            "temperature": 0.7,
+            "top_k": 5,
+            "service_tier": "default",
             "user": "u-42",
             "stream": true
         }),
@@ -77,14 +79,16 @@ fn lifts_system_merges_turns_and_maps_tools() {
                 ]}
             ],
             "stop_sequences": ["END"],
-            "temperature": 1.0,
+            "temperature": 0.7,
+            "top_k": 5,
             "tools": [{
                 "name": "get_weather", "description": "Current weather",
                 "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}
             }],
             "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
             "stream": true,
-            "metadata": {"user_id": "u-42"}
+            "metadata": {"user_id": "u-42"},
+            "service_tier": "standard_only"
         })
     );
 }
@@ -217,4 +221,70 @@ fn recorded_overload_and_rate_limit_headers() {
     let info = Adapter::Anthropic.rate_limit_info(&headers, now);
     assert_eq!(info.requests_remaining, Some(0));
     assert_eq!(info.requests_reset, Some(Duration::from_secs(20)));
+}
+
+#[test]
+fn temperature_above_one_is_refused_not_clamped() {
+    let err = build_with(Adapter::Anthropic, json!({"temperature": 1.5})).unwrap_err();
+    match err {
+        ProviderError::BadRequest {
+            status: 400,
+            message,
+        } => {
+            assert!(message.contains("`temperature`"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let body = build_with(Adapter::Anthropic, json!({"temperature": 1.0})).unwrap();
+    assert_eq!(body["temperature"], 1.0);
+    assert_refused(
+        Adapter::Anthropic,
+        &[("temperature", json!(-0.1)), ("top_p", json!(1.5))],
+    );
+}
+
+#[test]
+fn maps_service_tiers_and_top_k() {
+    let tier = |t: &str| build_with(Adapter::Anthropic, json!({"service_tier": t})).unwrap();
+    assert_eq!(tier("auto")["service_tier"], "auto");
+    assert_eq!(tier("default")["service_tier"], "standard_only");
+    assert_eq!(tier("standard_only")["service_tier"], "standard_only");
+    let body = build_with(Adapter::Anthropic, json!({"top_k": 40})).unwrap();
+    assert_eq!(body["top_k"], 40);
+}
+
+#[test]
+fn refuses_each_field_it_cannot_map_by_name() {
+    assert_refused(
+        Adapter::Anthropic,
+        &[
+            ("seed", json!(7)),
+            ("response_format", json!({"type": "json_object"})),
+            ("logprobs", json!(true)),
+            ("top_logprobs", json!(2)),
+            ("frequency_penalty", json!(0.5)),
+            ("presence_penalty", json!(-0.5)),
+            ("logit_bias", json!({"50256": -100})),
+            ("metadata", json!({"team": "a"})),
+            ("store", json!(true)),
+            ("reasoning_effort", json!("low")),
+            ("service_tier", json!("flex")),
+            ("top_k", json!(-1)),
+            ("modalities", json!(["text", "audio"])),
+            ("prediction", json!({"type": "content", "content": "x"})),
+        ],
+    );
+}
+
+#[test]
+fn neutral_values_change_nothing() {
+    let plain = build_with(Adapter::Anthropic, json!({})).unwrap();
+    let neutral = build_with(
+        Adapter::Anthropic,
+        json!({"logprobs": false, "store": false, "parallel_tool_calls": true,
+               "frequency_penalty": 0, "presence_penalty": 0.0, "seed": null,
+               "response_format": {"type": "text"}, "metadata": {}, "logit_bias": {}}),
+    )
+    .unwrap();
+    assert_eq!(neutral, plain);
 }

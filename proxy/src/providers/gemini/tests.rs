@@ -5,7 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use http::HeaderMap;
 use serde_json::json;
 
-use crate::providers::tests::{body_json, request};
+use crate::providers::tests::{assert_refused, body_json, build_with, request};
 use crate::providers::{Adapter, FinishReason, ProviderError};
 
 const BASE: &str = "https://generativelanguage.googleapis.com";
@@ -172,4 +172,92 @@ fn retry_delay_in_the_body_is_the_cooldown() {
     let body = include_bytes!("../testdata/gemini_error_401.json");
     let err = Adapter::Gemini.classify_at(401, &HeaderMap::new(), body, now);
     assert!(matches!(err, ProviderError::Unauthorized { .. }), "{err:?}");
+}
+
+#[test]
+fn maps_sampling_format_and_logprobs_into_generation_config() {
+    let schema =
+        json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]});
+    let body = build_with(
+        Adapter::Gemini,
+        json!({"top_k": 40, "seed": -7, "frequency_penalty": 0.5, "presence_penalty": -0.25,
+               "logprobs": true, "top_logprobs": 2, "service_tier": "auto",
+               "response_format": {"type": "json_schema",
+                   "json_schema": {"name": "city", "strict": true, "schema": schema}}}),
+    )
+    .unwrap();
+    assert_eq!(
+        body["generationConfig"],
+        json!({"topK": 40, "seed": -7, "frequencyPenalty": 0.5, "presencePenalty": -0.25,
+               "responseLogprobs": true, "logprobs": 2,
+               "responseMimeType": "application/json", "responseJsonSchema": schema})
+    );
+    let body = build_with(
+        Adapter::Gemini,
+        json!({"response_format": {"type": "json_object"}}),
+    )
+    .unwrap();
+    assert_eq!(
+        body["generationConfig"],
+        json!({"responseMimeType": "application/json"})
+    );
+}
+
+#[test]
+fn temperature_range_is_gemini_s() {
+    let body = build_with(Adapter::Gemini, json!({"temperature": 2.0})).unwrap();
+    assert_eq!(body["generationConfig"]["temperature"], 2.0);
+    assert_refused(
+        Adapter::Gemini,
+        &[("temperature", json!(2.5)), ("top_p", json!(1.01))],
+    );
+}
+
+#[test]
+fn refuses_each_field_it_cannot_map_by_name() {
+    assert_refused(
+        Adapter::Gemini,
+        &[
+            ("seed", json!(1_u64 << 40)),
+            ("top_logprobs", json!(2)),
+            ("parallel_tool_calls", json!(false)),
+            ("logit_bias", json!({"50256": -100})),
+            ("metadata", json!({"team": "a"})),
+            ("store", json!(true)),
+            ("reasoning_effort", json!("high")),
+            ("service_tier", json!("priority")),
+            ("web_search_options", json!({})),
+        ],
+    );
+    let described = json!({"type": "json_schema",
+        "json_schema": {"name": "x", "description": "A city", "schema": {"type": "object"}}});
+    assert_refused(Adapter::Gemini, &[("response_format", described)]);
+}
+
+#[test]
+fn logprobs_come_back_in_openai_shape() {
+    let openai: serde_json::Value =
+        serde_json::from_slice(include_bytes!("../testdata/openai_logprobs_response.json"))
+            .unwrap();
+    let expected = &openai["choices"][0]["logprobs"];
+
+    let body = include_bytes!("../testdata/gemini_logprobs_response.json");
+    let response = Adapter::Gemini.parse_response(body, "smart").unwrap();
+    assert_eq!(response.choices[0].logprobs.as_ref(), Some(expected));
+
+    let stream = include_bytes!("../testdata/gemini_logprobs_stream.sse");
+    let mut decoder = Adapter::Gemini.stream_decoder("smart", false);
+    let mut chunks = decoder.feed(stream).unwrap();
+    chunks.extend(decoder.finish().unwrap());
+    let tokens: Vec<serde_json::Value> = chunks
+        .iter()
+        .filter_map(|c| c.choices[0].logprobs.as_ref())
+        .flat_map(|l| l["content"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(&tokens, expected["content"].as_array().unwrap());
+    // Each piece's steps ride on the chunk with its text.
+    let with_text = chunks
+        .iter()
+        .filter(|c| c.choices[0].delta.content.is_some() && c.choices[0].logprobs.is_some());
+    assert_eq!(with_text.count(), 2);
 }

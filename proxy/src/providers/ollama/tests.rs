@@ -5,7 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use http::HeaderMap;
 use serde_json::json;
 
-use crate::providers::tests::{body_json, request};
+use crate::providers::tests::{assert_refused, body_json, build_with, request};
 use crate::providers::{Adapter, FinishReason, ProviderError};
 
 const BASE: &str = "http://ollama:11434";
@@ -111,4 +111,50 @@ fn missing_model_is_a_bad_request() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn maps_sampling_into_options_and_response_format_into_format() {
+    let body = build_with(
+        Adapter::Ollama,
+        json!({"top_k": 40, "seed": 42, "frequency_penalty": 0.5, "presence_penalty": 1.5,
+               "temperature": 1.2, "response_format": {"type": "json_object"}}),
+    )
+    .unwrap();
+    assert_eq!(
+        body["options"],
+        json!({"top_k": 40, "seed": 42, "frequency_penalty": 0.5, "presence_penalty": 1.5,
+               "temperature": 1.2})
+    );
+    assert_eq!(body["format"], "json");
+
+    let schema = json!({"type": "object", "properties": {"age": {"type": "integer"}}});
+    let body = build_with(
+        Adapter::Ollama,
+        json!({"response_format": {"type": "json_schema",
+               "json_schema": {"name": "person", "schema": schema}}}),
+    )
+    .unwrap();
+    assert_eq!(body["format"], schema);
+    assert!(body.get("options").is_none());
+}
+
+#[test]
+fn refuses_each_field_it_cannot_map_by_name() {
+    assert_refused(
+        Adapter::Ollama,
+        &[
+            ("temperature", json!(-1.0)),
+            ("top_p", json!(2)),
+            ("logprobs", json!(true)),
+            ("top_logprobs", json!(3)),
+            ("parallel_tool_calls", json!(false)),
+            ("logit_bias", json!({"1": 1})),
+            ("metadata", json!({"team": "a"})),
+            ("store", json!(true)),
+            ("reasoning_effort", json!("medium")),
+            ("service_tier", json!("flex")),
+            ("seed", json!("forty-two")),
+        ],
+    );
 }

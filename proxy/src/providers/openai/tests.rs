@@ -138,3 +138,103 @@ fn response_with_an_error_instead_of_choices() {
     let err = Adapter::OpenAi.parse_response(body, "smart").unwrap_err();
     assert!(matches!(err, ProviderError::ServerError { .. }), "{err:?}");
 }
+
+/// `value` without the object keys whose value is `null`: `"logprobs": null` and an absent
+/// `logprobs` mean the same to an OpenAI client.
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k, without_nulls(v)))
+            .collect(),
+        serde_json::Value::Array(items) => items.into_iter().map(without_nulls).collect(),
+        other => other,
+    }
+}
+
+#[test]
+fn response_fields_pass_through() {
+    let body = include_bytes!("../testdata/openai_logprobs_response.json");
+    let response = Adapter::OpenAi.parse_response(body, "smart").unwrap();
+    assert_eq!(response.extra["service_tier"], "default");
+    assert_eq!(
+        response.system_fingerprint.as_deref(),
+        Some("fp_44709d6fcb")
+    );
+    assert!(
+        response
+            .usage_details
+            .contains_key("completion_tokens_details")
+    );
+    assert_eq!(response.usage.unwrap().total_tokens, 11);
+    assert!(response.choices[0].logprobs.is_some());
+    assert!(
+        response.choices[0]
+            .message
+            .extra
+            .contains_key("annotations")
+    );
+
+    let mut expected: serde_json::Value = serde_json::from_slice(body).unwrap();
+    expected["model"] = json!("smart");
+    let rendered = serde_json::to_value(&response).unwrap();
+    assert_eq!(without_nulls(rendered), without_nulls(expected));
+}
+
+#[test]
+fn stream_fields_pass_through() {
+    let body = include_bytes!("../testdata/openai_logprobs_stream.sse");
+    let expected: Vec<serde_json::Value> = std::str::from_utf8(body)
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: {"))
+        .map(|rest| {
+            let mut chunk: serde_json::Value = serde_json::from_str(&format!("{{{rest}")).unwrap();
+            chunk["model"] = json!("smart");
+            without_nulls(chunk)
+        })
+        .collect();
+    for split in [0, 7] {
+        let mut decoder = Adapter::OpenAi.stream_decoder("smart", true);
+        let mut chunks = Vec::new();
+        for piece in body.chunks(if split == 0 { body.len() } else { split }) {
+            chunks.extend(decoder.feed(piece).unwrap());
+        }
+        chunks.extend(decoder.finish().unwrap());
+        let rendered: Vec<_> = chunks
+            .iter()
+            .map(|c| without_nulls(serde_json::to_value(c).unwrap()))
+            .collect();
+        assert_eq!(rendered, expected);
+        assert_eq!(decoder.usage().unwrap().total_tokens, 11);
+    }
+
+    // Without include_usage the usage chunk, details and all, is not sent.
+    let mut decoder = Adapter::OpenAi.stream_decoder("smart", false);
+    let mut chunks = decoder.feed(body).unwrap();
+    chunks.extend(decoder.finish().unwrap());
+    assert_eq!(chunks.len(), expected.len() - 1);
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c.usage.is_none() && c.usage_details.is_empty())
+    );
+    let content_chunk = serde_json::to_value(&chunks[1]).unwrap();
+    assert_eq!(without_nulls(content_chunk), expected[1], "logprobs kept");
+}
+
+#[test]
+fn stream_options_keep_include_obfuscation() {
+    let mut value = caller_request();
+    value["stream"] = json!(true);
+    value["stream_options"] = json!({"include_usage": false, "include_obfuscation": false});
+    let req = request(value);
+    let built = Adapter::OpenAi
+        .build_request("https://api.openai.com", None, "m", &req, true)
+        .unwrap();
+    assert_eq!(
+        body_json(&built)["stream_options"],
+        json!({"include_usage": true, "include_obfuscation": false})
+    );
+}

@@ -1,0 +1,146 @@
+//! The context a request carries through the stages.
+
+use axum::http::{HeaderMap, HeaderValue};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::time::Instant;
+
+/// The header a request id is read from and echoed in.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The front door a request came in by, which decides the answer's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// OpenAI `POST /v1/chat/completions`.
+    OpenAiChat,
+    /// Anthropic `POST /v1/messages`.
+    AnthropicMessages,
+    /// OpenAI `POST /v1/embeddings`.
+    OpenAiEmbeddings,
+}
+
+impl Door {
+    /// The route, for spans and logs.
+    pub fn route(self) -> &'static str {
+        match self {
+            Door::OpenAiChat => "/v1/chat/completions",
+            Door::AnthropicMessages => "/v1/messages",
+            Door::OpenAiEmbeddings => "/v1/embeddings",
+        }
+    }
+}
+
+/// A request's id: the caller's `x-request-id` when it sent a usable one, else generated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// The caller's id from `headers` (set by the request-id layer when missing), or a fresh
+    /// one.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        match headers.get(REQUEST_ID_HEADER) {
+            Some(v) if !v.is_empty() && v.len() <= 128 && v.to_str().is_ok() => {
+                RequestId(v.clone())
+            }
+            _ => RequestId::generate(),
+        }
+    }
+
+    /// A fresh id, unique in the process and unlikely to collide across replicas:
+    /// `req_` + the process's start time + a counter, in hex.
+    pub fn generate() -> Self {
+        static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let prefix = *PREFIX.get_or_init(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                & 0xffff_ffff_ffff
+        });
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("req_{prefix:012x}{n:08x}");
+        // Hex and an underscore: always a valid header value.
+        RequestId(HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("req_unknown")))
+    }
+
+    /// The id as a header value.
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+/// What the route stage decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteDecision {
+    /// The provider that answered.
+    pub provider: Arc<str>,
+    /// The key's display name.
+    pub key: Arc<str>,
+    /// Upstream attempts made.
+    pub attempts: u32,
+}
+
+/// A request's context: who asks, by which door, by when the answer is due, and what the
+/// stages decided. Created by the door from the request's headers, before the body is read.
+#[derive(Debug, Clone)]
+pub struct RequestCtx {
+    /// The request id (echoed in `x-request-id`, on the span and in logs).
+    pub id: RequestId,
+    /// The door it came in by.
+    pub door: Door,
+    /// When the gateway received it.
+    pub received: Instant,
+    /// The latest instant it may still be waiting for budget; past it, 429.
+    pub deadline: Instant,
+    /// Its tier: `default` until identity and tiers exist.
+    pub tier: &'static str,
+    /// The route stage's decision, once made.
+    pub route: Option<RouteDecision>,
+}
+
+impl RequestCtx {
+    /// The context of a request that arrived now with `headers` by `door`, waiting at most
+    /// `max_wait` for budget.
+    pub fn new(door: Door, headers: &HeaderMap, max_wait: std::time::Duration) -> Self {
+        let received = Instant::now();
+        Self {
+            id: RequestId::from_headers(headers),
+            door,
+            received,
+            deadline: received + max_wait,
+            tier: "default",
+            route: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callers_id_is_kept_and_a_bad_one_replaced() {
+        let mut headers = HeaderMap::new();
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("abc-123"));
+        assert_eq!(RequestId::from_headers(&headers).as_str(), "abc-123");
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static(""));
+        assert!(
+            RequestId::from_headers(&headers)
+                .as_str()
+                .starts_with("req_")
+        );
+        let long = "x".repeat(200);
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_str(&long).unwrap());
+        assert!(
+            RequestId::from_headers(&headers)
+                .as_str()
+                .starts_with("req_")
+        );
+        assert_ne!(RequestId::generate(), RequestId::generate());
+    }
+}

@@ -1,0 +1,47 @@
+//! The request path: one ordered chain of stages over a [`RequestCtx`], the same for every
+//! front door. This is the one place the order is written down.
+//!
+//! | # | stage            | where                          | status                         |
+//! |---|------------------|--------------------------------|--------------------------------|
+//! | 1 | identity         | the door, from headers, before the body is read | not built yet (tiers issue) |
+//! | 2 | parse            | the door: its wire format -> [`ChatRequest`] | built            |
+//! | 3 | classify         | here, prompt class             | not built yet (routing issue)  |
+//! | 4 | cache lookup     | here                           | not built yet (cache issue)    |
+//! | 5 | dedup            | here, join an identical request in flight | not built yet (cache issue) |
+//! | 6 | queue (admission)| [`route::attempt`], per route, arrival order, bounded | built |
+//! | 7 | route / attempt  | [`route`]: key, provider, fallback | built                      |
+//! | 8 | cache store      | here, tees the typed answer    | not built yet (cache issue)    |
+//!
+//! A stage that is not built is absent, not a stub: it costs nothing. Each later stage adds
+//! its step to [`chat`] (and its field to the context) without touching the others. The
+//! answer leaves the chain typed ([`ReplyBody`]: a whole response or a stream of chunks) and
+//! the door renders it in its own format, so a stage can tee or replay it without parsing.
+//!
+//! [`ReplyBody`]: crate::route::ReplyBody
+
+pub mod ctx;
+
+pub use ctx::{Door, RequestCtx, RequestId, RouteDecision};
+
+use crate::providers::types::ChatRequest;
+use crate::route::{Dispatcher, Reply, RouteError, View};
+
+/// Runs stages 3-8 for a parsed chat request (stages 1-2 ran in the door) and records the
+/// route decision on `ctx`.
+pub async fn chat(
+    dispatcher: &Dispatcher,
+    view: &View,
+    ctx: &mut RequestCtx,
+    req: &ChatRequest,
+) -> Result<Reply, RouteError> {
+    // 6 + 7: admission in the route's queue, then attempts over keys and providers.
+    let reply = dispatcher.chat(view, req, ctx.deadline).await;
+    if let Ok(reply) = &reply {
+        ctx.route = Some(RouteDecision {
+            provider: reply.provider.clone(),
+            key: reply.key.clone(),
+            attempts: reply.attempts,
+        });
+    }
+    reply
+}

@@ -1,0 +1,437 @@
+//! The attempt loop of one request: pick a key with budget behind a closed circuit, or wait
+//! in the route's queue until one frees up; after a failed attempt, move on to the next key
+//! or provider. Shared by every operation that spends key budget (chat, embeddings): the
+//! caller makes the upstream call with the [`Lease`] it is given and reports failures back.
+//!
+//! ```text
+//! let mut attempts = Attempts::new(dispatcher, runtime, route, demand, deadline);
+//! loop {
+//!     let lease = attempts.next().await?;          // waits, or gives up with a RouteError
+//!     match call(lease.provider, lease.key, lease.permit).await {
+//!         Ok(answer) => return Ok(answer),
+//!         Err(error) => attempts.failed(lease.target_index, error)?,   // next, or give up
+//!     }
+//! }
+//! ```
+
+use super::runtime::{KeyRt, ProviderRt, Route, Runtime, Target};
+use super::wait::Ticket;
+use super::{Dispatcher, RouteError};
+use crate::budget::{Permit, Unavailable};
+use crate::metrics;
+use crate::providers::types::ChatRequest;
+use crate::providers::{Adapter, ProviderError, estimate_prompt_tokens};
+use floodgate_crds::Strategy;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Output tokens reserved when the caller sets no cap and the adapter sends none either:
+/// an estimate, settled with the real usage afterwards.
+pub const DEFAULT_OUTPUT_RESERVATION: u64 = 1024;
+
+/// The tokens a request reserves on a key: its prompt, and the output cap each wire format
+/// actually sends upstream (Anthropic requires one, so it sends its default when the caller
+/// set none).
+#[derive(Debug, Clone, Copy)]
+pub struct Demand {
+    prompt: u64,
+    output: [u64; 4],
+}
+
+impl Demand {
+    /// The demand of a chat request.
+    pub fn chat(req: &ChatRequest) -> Self {
+        let output = Adapter::ALL.map(|a| {
+            a.max_output_tokens_sent(req)
+                .map_or(DEFAULT_OUTPUT_RESERVATION, u64::from)
+        });
+        Self {
+            prompt: u64::from(estimate_prompt_tokens(req)),
+            output,
+        }
+    }
+
+    /// A demand of `prompt` tokens and no output (embeddings).
+    pub fn input_only(prompt: u64) -> Self {
+        Self {
+            prompt,
+            output: [0; 4],
+        }
+    }
+
+    /// Tokens to reserve on a key of a provider speaking `adapter`.
+    pub fn tokens(&self, adapter: Adapter) -> u64 {
+        self.prompt + self.output[adapter.index()]
+    }
+}
+
+/// A key granted to one attempt.
+#[derive(Debug)]
+pub struct Lease<'a> {
+    /// The provider to call.
+    pub provider: &'a ProviderRt,
+    /// The key to call it with.
+    pub key: &'a KeyRt,
+    /// The model at that provider.
+    pub target: &'a Target,
+    /// Which target of the route (for [`Attempts::failed`]).
+    pub target_index: usize,
+    /// The admission on the key: settle it with the real usage, or drop it.
+    pub permit: Permit,
+}
+
+/// When the route could serve again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// At this instant, at the latest (something may free up earlier and pulse).
+    At(Instant),
+    /// When something happens (a probe ends, an answer comes); no known instant.
+    Event,
+    /// Never: every key failed or every target was skipped.
+    Never,
+}
+
+/// The attempts of one request on one route.
+#[derive(Debug)]
+pub struct Attempts<'a> {
+    dispatcher: &'a Dispatcher,
+    runtime: &'a Runtime,
+    route: &'a Route,
+    demand: Demand,
+    deadline: Instant,
+    /// Targets not to try again (their provider failed in a way that opens circuits).
+    skipped: u64,
+    made: u32,
+    /// Times this request looked for a key (for tests: a waiter must not poll).
+    looks: u32,
+    last_error: Option<ProviderError>,
+}
+
+impl<'a> Attempts<'a> {
+    /// The attempts of a request of `demand` on `route`, waiting until `deadline` at most.
+    pub fn new(
+        dispatcher: &'a Dispatcher,
+        runtime: &'a Runtime,
+        route: &'a Route,
+        demand: Demand,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            dispatcher,
+            runtime,
+            route,
+            demand,
+            deadline,
+            skipped: 0,
+            made: 0,
+            looks: 0,
+            last_error: None,
+        }
+    }
+
+    /// Times this request has looked for a key with budget.
+    pub fn looks(&self) -> u32 {
+        self.looks
+    }
+
+    /// Upstream attempts made so far.
+    pub fn made(&self) -> u32 {
+        self.made
+    }
+
+    /// An attempt failed with `error`: `Ok` to try again, or the error to answer with.
+    pub fn failed(&mut self, target_index: usize, error: ProviderError) -> Result<(), RouteError> {
+        let lease = &self.route.targets[target_index];
+        let provider = &self.runtime.providers[lease.provider];
+        tracing::warn!(provider = %provider.name, reason = error.metric_label(), "upstream attempt failed");
+        if !error.retryable() || self.made >= self.route.max_attempts {
+            return Err(RouteError::Upstream {
+                error,
+                attempts: self.made,
+            });
+        }
+        if error.opens_circuit() && target_index < 64 {
+            self.skipped |= 1 << target_index;
+        }
+        self.last_error = Some(error);
+        Ok(())
+    }
+
+    /// The next key to try: at once when one has budget and nobody waits ahead, else after
+    /// waiting in the route's queue. Gives up at the deadline, when the queue is full, or when
+    /// no key ever will have budget.
+    pub async fn next(&mut self) -> Result<Lease<'a>, RouteError> {
+        let m = metrics::global();
+        // A retry after a failed attempt has waited its turn already.
+        if self.made > 0 || self.route.queue.is_empty() {
+            let now = Instant::now();
+            let picked = self.pick(now).await;
+            m.stage("limiter", now.elapsed());
+            if let Some(lease) = picked {
+                return Ok(lease);
+            }
+            self.give_up_unless_worth_waiting(now)?;
+        }
+        let Some(ticket) = self.route.queue.join() else {
+            return Err(self.queue_full());
+        };
+        let queued = Instant::now();
+        let lease = self.wait_in_line(&ticket).await;
+        drop(ticket);
+        m.stage("queue", queued.elapsed());
+        lease
+    }
+
+    /// Waits for this request's turn, then for budget, until the deadline.
+    async fn wait_in_line(&mut self, ticket: &Ticket<'_>) -> Result<Lease<'a>, RouteError> {
+        let deadline = self.deadline;
+        tokio::select! {
+            () = ticket.turn() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(self.saturated(Instant::now()));
+            }
+        }
+        // At the head: only this request looks for budget on this route now.
+        let signal = self.dispatcher.budgets().signal().clone();
+        loop {
+            let mut registration = signal.register();
+            let now = Instant::now();
+            if let Some(lease) = self.pick(now).await {
+                return Ok(lease);
+            }
+            let wake = self.give_up_unless_worth_waiting(now)?;
+            let until = match wake {
+                Wake::At(at) => at.min(deadline),
+                Wake::Event | Wake::Never => deadline,
+            };
+            tokio::select! {
+                () = registration.pulsed() => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    /// When budget could free up, or the error to answer with now if not before the
+    /// deadline.
+    fn give_up_unless_worth_waiting(&self, now: Instant) -> Result<Wake, RouteError> {
+        let wake = self.earliest(now);
+        match wake {
+            Wake::At(at) if at <= self.deadline => Ok(wake),
+            Wake::Event if now < self.deadline => Ok(wake),
+            Wake::At(at) if self.last_error.is_none() => Err(RouteError::Saturated {
+                retry_after: at - now,
+            }),
+            Wake::Event if self.last_error.is_none() => Err(self.saturated(now)),
+            Wake::Never if self.last_error.is_none() => Err(RouteError::Unavailable {
+                retry_after: self.circuit_wait(now),
+            }),
+            _ => Err(self.upstream_error()),
+        }
+    }
+
+    fn upstream_error(&self) -> RouteError {
+        match &self.last_error {
+            Some(error) => RouteError::Upstream {
+                error: error.clone(),
+                attempts: self.made,
+            },
+            None => RouteError::Unavailable { retry_after: None },
+        }
+    }
+
+    /// 429 at the deadline: retry when the earliest key frees up (at least a second).
+    fn saturated(&self, now: Instant) -> RouteError {
+        if self.last_error.is_some() {
+            return self.upstream_error();
+        }
+        let retry_after = match self.earliest(now) {
+            Wake::At(at) => at.saturating_duration_since(now),
+            _ => Duration::from_secs(1),
+        };
+        RouteError::Saturated { retry_after }
+    }
+
+    /// 429 for a full queue: the requests ahead take the route's next slots, so retry when
+    /// they could be through, `queued / (rpm per window)` windows from the earliest slot.
+    fn queue_full(&self) -> RouteError {
+        let now = Instant::now();
+        let earliest = match self.earliest(now) {
+            Wake::At(at) => at.saturating_duration_since(now),
+            _ => Duration::ZERO,
+        };
+        let window = self.dispatcher.budgets().window();
+        let rpm = self.route_rpm().max(1);
+        let queued = self.route.queue.len() as u64;
+        let drain = window.mul_f64(queued as f64 / rpm as f64);
+        RouteError::Saturated {
+            retry_after: earliest.max(drain).max(Duration::from_secs(1)),
+        }
+    }
+
+    fn route_rpm(&self) -> u64 {
+        self.live_targets()
+            .flat_map(|(_, t)| &self.runtime.providers[t.provider].keys)
+            .map(|k| u64::from(k.budget.rpm().unwrap_or(u32::MAX)))
+            .sum()
+    }
+
+    fn live_targets(&self) -> impl Iterator<Item = (usize, &'a Target)> + '_ {
+        let skipped = self.skipped;
+        self.route
+            .targets
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| *i >= 64 || skipped & (1 << i) == 0)
+    }
+
+    /// The first target (in route order, or weighted) with a key that has budget now, and a
+    /// permit on that key. Never waits with local budgets; with shared budgets each key tried
+    /// costs one Redis round trip (bounded by its timeout).
+    async fn pick(&mut self, now: Instant) -> Option<Lease<'a>> {
+        self.looks += 1;
+        let targets = &self.route.targets;
+        let n = targets.len();
+        let start = self.start_offset();
+        for step in 0..n {
+            let ti = (start + step) % n;
+            if ti < 64 && self.skipped & (1 << ti) != 0 {
+                continue;
+            }
+            let target = &targets[ti];
+            let provider = &self.runtime.providers[target.provider];
+            let tokens = self.demand.tokens(provider.adapter);
+            if let Some((key, permit)) = self.pick_key(provider, now, tokens).await {
+                self.made += 1;
+                return Some(Lease {
+                    provider,
+                    key,
+                    target,
+                    target_index: ti,
+                    permit,
+                });
+            }
+        }
+        None
+    }
+
+    /// A key of `provider` with budget for `tokens`, by the pool's strategy, and its permit.
+    /// Each key's lock is taken once to score it and once more to admit the chosen one.
+    async fn pick_key(
+        &self,
+        provider: &'a ProviderRt,
+        now: Instant,
+        tokens: u64,
+    ) -> Option<(&'a KeyRt, Permit)> {
+        let keys = &provider.keys;
+        let n = keys.len();
+        // Keys tried and refused in this pick (Redis may refuse what the local view allowed).
+        let mut tried = 0u64;
+        let rotate = match provider.strategy {
+            Strategy::RoundRobin => self.dispatcher.rr.fetch_add(1, Ordering::Relaxed) % n.max(1),
+            _ => 0,
+        };
+        loop {
+            let best = match provider.strategy {
+                Strategy::RoundRobin => (0..n)
+                    .map(|i| (rotate + i) % n)
+                    .filter(|&i| i >= 64 || tried & (1 << i) == 0)
+                    .find(|&i| keys[i].budget.availability(now, tokens).is_ok()),
+                Strategy::LeastLoaded | Strategy::Weighted | Strategy::Cheapest => (0..n)
+                    .filter(|&i| i >= 64 || tried & (1 << i) == 0)
+                    .filter_map(|i| keys[i].budget.score(now, tokens).map(|s| (i, s)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+                    .map(|(i, _)| i),
+            }?;
+            if !provider.breaker.allow(now) {
+                return None;
+            }
+            match keys[best].budget.acquire(now, tokens).await {
+                Ok(permit) => return Some((&keys[best], permit)),
+                Err(_) => {
+                    provider.breaker.neutral();
+                    if best >= 64 {
+                        return None;
+                    }
+                    tried |= 1 << best;
+                }
+            }
+        }
+    }
+
+    /// Where to start in the route: the first target, except under the weighted strategy,
+    /// which rotates through targets in proportion to their providers' weights.
+    fn start_offset(&self) -> usize {
+        let targets = &self.route.targets;
+        let providers = &self.runtime.providers;
+        let weighted = targets
+            .first()
+            .is_some_and(|t| providers[t.provider].strategy == Strategy::Weighted);
+        if !weighted || targets.len() < 2 {
+            return 0;
+        }
+        let weight = |t: &Target| providers[t.provider].weight;
+        let total: u32 = targets.iter().map(weight).sum();
+        let rr = self.dispatcher.rr.fetch_add(1, Ordering::Relaxed);
+        let mut tick = (rr % total.max(1) as usize) as u32;
+        for (i, t) in targets.iter().enumerate() {
+            let w = weight(t);
+            if tick < w {
+                return i;
+            }
+            tick -= w;
+        }
+        0
+    }
+
+    /// When a key of a usable provider could take the request.
+    fn earliest(&self, now: Instant) -> Wake {
+        let mut at: Option<Instant> = None;
+        let mut event = false;
+        for (_, target) in self.live_targets() {
+            let p = &self.runtime.providers[target.provider];
+            let tokens = self.demand.tokens(p.adapter);
+            // The circuit: open until an instant, or half-open with its probe out.
+            let circuit = match p.breaker.wake(now) {
+                CircuitWake::Now => None,
+                CircuitWake::At(t) => Some(t),
+                CircuitWake::ProbeOut => {
+                    event = true;
+                    continue;
+                }
+            };
+            for k in &p.keys {
+                let free = match k.budget.availability(now, tokens) {
+                    Ok(()) => now,
+                    Err(Unavailable::Until(t)) => t,
+                    Err(Unavailable::Pending) => {
+                        event = true;
+                        continue;
+                    }
+                    Err(Unavailable::Failed) => continue,
+                };
+                let free = circuit.map_or(free, |c| c.max(free));
+                at = Some(at.map_or(free, |a| a.min(free)));
+            }
+        }
+        match at {
+            // A key looked free but was refused in the same instant (a race with another
+            // request, or Redis disagreeing): look again on the next pulse, or in a moment.
+            Some(t) if t <= now => Wake::At(now + Duration::from_millis(1)),
+            Some(t) => Wake::At(t),
+            None if event => Wake::Event,
+            None => Wake::Never,
+        }
+    }
+
+    fn circuit_wait(&self, now: Instant) -> Option<Duration> {
+        self.route
+            .targets
+            .iter()
+            .filter_map(|t| self.runtime.providers[t.provider].breaker.open_until(now))
+            .min()
+            .map(|at| at - now)
+    }
+}
+
+pub(super) use super::breaker::Wake as CircuitWake;

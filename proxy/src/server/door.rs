@@ -1,0 +1,260 @@
+//! What every front door shares: the request span, reading the body, the response headers
+//! that say what happened, route errors as [`ApiError`]s, and recording a request's outcome
+//! when it truly ends — for a stream, when the stream ends, so a stream broken half-way is
+//! not counted `ok`.
+
+use super::error::ApiError;
+use crate::metrics::{self, RequestLabels};
+use crate::pipeline::{RequestCtx, ctx::REQUEST_ID_HEADER};
+use crate::providers::{ChatChunk, ProviderError};
+use crate::route::RouteError;
+use crate::telemetry;
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use bytes::Bytes;
+use futures::Stream;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tracing::Span;
+use tracing::field::Empty;
+
+/// Response header: the provider that answered.
+pub const PROVIDER: &str = "x-floodgate-provider";
+/// Response header: the key used (only when the gateway is told to expose it).
+pub const KEY: &str = "x-floodgate-key";
+/// Response header: upstream attempts made.
+pub const ATTEMPTS: &str = "x-floodgate-attempts";
+
+/// The request span (OpenTelemetry GenAI and HTTP server attributes; see `telemetry` for
+/// the cost when off).
+pub fn request_span(ctx: &RequestCtx, operation: &'static str) -> Span {
+    tracing::info_span!(
+        target: telemetry::TARGET,
+        "chat",
+        otel.kind = "server",
+        otel.status_code = Empty,
+        gen_ai.operation.name = operation,
+        gen_ai.request.model = Empty,
+        http.request.method = "POST",
+        http.route = ctx.door.route(),
+        http.response.status_code = Empty,
+        error.type = Empty,
+        floodgate.provider = Empty,
+        floodgate.attempts = Empty,
+        floodgate.request_id = ctx.id.as_str(),
+    )
+}
+
+/// Reads the whole body, up to `limit` bytes.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is larger than the gateway's limit of {limit} bytes"),
+        )
+    })
+}
+
+/// Sets the headers that tell the caller what happened: request id, provider, attempts,
+/// and the key's name if `expose_key`.
+pub fn decision_headers(headers: &mut HeaderMap, ctx: &RequestCtx, expose_key: bool) {
+    headers.insert(
+        HeaderName::from_static(REQUEST_ID_HEADER),
+        ctx.id.header_value().clone(),
+    );
+    let Some(route) = &ctx.route else { return };
+    if let Ok(v) = HeaderValue::from_str(&route.provider) {
+        headers.insert(HeaderName::from_static(PROVIDER), v);
+    }
+    if expose_key && let Ok(v) = HeaderValue::from_str(&route.key) {
+        headers.insert(HeaderName::from_static(KEY), v);
+    }
+    headers.insert(
+        HeaderName::from_static(ATTEMPTS),
+        HeaderValue::from(route.attempts),
+    );
+}
+
+/// A route error as the OpenAI-shaped [`ApiError`] every door starts from.
+pub fn route_error(e: RouteError) -> ApiError {
+    let message = e.to_string();
+    let code = e.metric_label();
+    match e {
+        RouteError::UnknownModel(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            code,
+            message,
+        ),
+        RouteError::Saturated { retry_after } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            code,
+            message,
+        )
+        .with_retry_after(retry_after),
+        RouteError::Unavailable { retry_after } => {
+            let e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_error",
+                code,
+                message,
+            );
+            match retry_after {
+                Some(d) => e.with_retry_after(d),
+                None => e,
+            }
+        }
+        RouteError::Upstream { error, attempts } => {
+            // The error body carries no attempts header; the request span still wants them.
+            Span::current().record("floodgate.attempts", i64::from(attempts));
+            upstream_error(&error, attempts)
+        }
+    }
+}
+
+fn upstream_error(error: &ProviderError, attempts: u32) -> ApiError {
+    let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let kind = match error {
+        ProviderError::BadRequest { .. } => "invalid_request_error",
+        ProviderError::RateLimited { .. } => "rate_limit_error",
+        _ => "upstream_error",
+    };
+    let message = format!("{error} (after {attempts} attempt(s))");
+    let e = ApiError::new(status, kind, error.metric_label(), message);
+    match error.retry_after() {
+        Some(d) => e.with_retry_after(d),
+        None => e,
+    }
+}
+
+/// A request's outcome, recorded once: on the request counter and on its span.
+#[derive(Debug)]
+pub struct Outcome {
+    span: Span,
+    tier: &'static str,
+    model: Option<String>,
+    provider: Option<std::sync::Arc<str>>,
+    attempts: Option<u32>,
+    status: StatusCode,
+}
+
+impl Outcome {
+    /// The outcome of the request of `ctx` asking for `model`, traced on `span`.
+    pub fn new(span: Span, ctx: &RequestCtx, model: Option<String>) -> Self {
+        Self {
+            span,
+            tier: ctx.tier,
+            model,
+            provider: ctx.route.as_ref().map(|r| r.provider.clone()),
+            attempts: ctx.route.as_ref().map(|r| r.attempts),
+            status: StatusCode::OK,
+        }
+    }
+
+    /// With the status of the response the caller got.
+    #[must_use]
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// Records `outcome` (`ok`, or an error's metric label).
+    pub fn record(self, outcome: &'static str) {
+        if !self.span.is_disabled() {
+            self.trace(outcome);
+        }
+        let provider = self.provider.as_deref().unwrap_or("none");
+        let labels = RequestLabels {
+            tier: self.tier.to_owned(),
+            provider: provider.to_owned(),
+            model: match self.model {
+                Some(m) if outcome != "model_not_found" => m,
+                _ => "unknown".to_owned(),
+            },
+            outcome: outcome.to_owned(),
+        };
+        metrics::global().requests.get_or_create(&labels).inc();
+    }
+
+    fn trace(&self, outcome: &'static str) {
+        let span = &self.span;
+        span.record("http.response.status_code", i64::from(self.status.as_u16()));
+        if self.status.is_server_error() || (outcome != "ok" && self.status.is_success()) {
+            span.record("otel.status_code", "ERROR");
+        }
+        if outcome != "ok" {
+            span.record("error.type", outcome);
+        }
+        if let Some(model) = &self.model {
+            span.record("gen_ai.request.model", model.as_str());
+        }
+        if let Some(provider) = &self.provider {
+            span.record("floodgate.provider", &**provider);
+        }
+        if let Some(attempts) = self.attempts {
+            span.record("floodgate.attempts", i64::from(attempts));
+        }
+    }
+}
+
+/// The outcome label of a stream the caller stopped reading before its end.
+pub const CLIENT_CLOSED: &str = "client_closed";
+
+/// A typed stream that records its request's [`Outcome`] when it ends: `ok` after a clean
+/// end, the error's label after an error item, [`CLIENT_CLOSED`] if dropped before its end.
+pub struct Tracked<S> {
+    inner: S,
+    outcome: Option<Outcome>,
+}
+
+impl<S> Tracked<S> {
+    /// Tracks `inner`.
+    pub fn new(inner: S, outcome: Outcome) -> Self {
+        Self {
+            inner,
+            outcome: Some(outcome),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Tracked<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracked").finish_non_exhaustive()
+    }
+}
+
+impl<S> Stream for Tracked<S>
+where
+    S: Stream<Item = Result<ChatChunk, ProviderError>> + Unpin,
+{
+    type Item = Result<ChatChunk, ProviderError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = Pin::new(&mut self.inner).poll_next(cx);
+        match &item {
+            Poll::Ready(None) => {
+                if let Some(o) = self.outcome.take() {
+                    o.record("ok");
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(o) = self.outcome.take() {
+                    o.record(e.metric_label());
+                }
+            }
+            _ => {}
+        }
+        item
+    }
+}
+
+impl<S> Drop for Tracked<S> {
+    fn drop(&mut self) {
+        if let Some(o) = self.outcome.take() {
+            o.record(CLIENT_CLOSED);
+        }
+    }
+}
