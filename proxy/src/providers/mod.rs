@@ -192,6 +192,19 @@ impl Adapter {
         !matches!(self, Adapter::Anthropic)
     }
 
+    /// Whether this provider can take `req` for `upstream_model`, without building anything:
+    /// the refusals of [`build_embeddings_request`](Self::build_embeddings_request) (no
+    /// embeddings API, token ids, too many inputs, unmodelled fields), each a `BadRequest`
+    /// naming the field. Lets `route` leave such a target out before spending budget on it.
+    pub fn check_embeddings(self, upstream_model: &str, req: &EmbeddingsRequest) -> Result<()> {
+        match self {
+            Adapter::OpenAi => Ok(()),
+            Adapter::Gemini => embed::gemini::check(req),
+            Adapter::Ollama => embed::ollama::check(req),
+            Adapter::Anthropic => Err(no_embeddings(upstream_model)),
+        }
+    }
+
     /// Translates an embeddings request into the provider's request for `upstream_model`.
     ///
     /// Fails with `BadRequest` when the provider has no embeddings API or cannot take what
@@ -208,10 +221,7 @@ impl Adapter {
             Adapter::OpenAi => embed::openai::build_request(base_url, api_key, upstream_model, req),
             Adapter::Gemini => embed::gemini::build_request(base_url, api_key, upstream_model, req),
             Adapter::Ollama => embed::ollama::build_request(base_url, api_key, upstream_model, req),
-            Adapter::Anthropic => Err(ProviderError::unsupported(format!(
-                "the model `{upstream_model}` is served by an Anthropic target, and Anthropic \
-                 has no embeddings API"
-            ))),
+            Adapter::Anthropic => Err(no_embeddings(upstream_model)),
         }
     }
 
@@ -264,6 +274,14 @@ impl Adapter {
             Adapter::Gemini | Adapter::Ollama => ratelimit::retry_after_only(headers, now),
         }
     }
+}
+
+/// The refusal of an embeddings request routed to a provider without an embeddings API.
+fn no_embeddings(upstream_model: &str) -> ProviderError {
+    ProviderError::unsupported(format!(
+        "the model `{upstream_model}` is served by an Anthropic target, and Anthropic has no \
+         embeddings API"
+    ))
 }
 
 /// Per-message overhead of chat formatting (role markers), in tokens.

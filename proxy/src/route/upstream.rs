@@ -1,6 +1,7 @@
 //! One upstream call: build the provider's request, send it, and turn the answer into a
-//! chat.completion or a stream of SSE events. The outcome updates the key (cool-down after a
-//! 429, out after a 401/403, learned budget headers) and the provider's breaker.
+//! chat.completion, a stream of chunks ([`call`]) or an embeddings list ([`embed`]). The
+//! outcome updates the key (cool-down after a 429, out after a 401/403, learned budget headers)
+//! and the provider's breaker, whatever the operation.
 //!
 //! A stream is committed to the caller only once the first chunk has been decoded, so an
 //! upstream that fails before that can still fall over to the next target. After that a stall
@@ -12,11 +13,15 @@ use super::runtime::{KeyRt, ProviderRt};
 use crate::budget::{KeyBudget, Permit};
 use crate::metrics::{self, GenAiLabels, UpstreamLabels};
 use crate::providers::types::ChatRequest;
-use crate::providers::{ChatChunk, ProviderError, StreamDecoder, Usage};
+use crate::providers::{
+    ChatChunk, EmbeddingsRequest, EmbeddingsResponse, ProviderError, StreamDecoder,
+    UpstreamRequest, Usage,
+};
 use crate::telemetry;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -61,7 +66,7 @@ pub(super) fn thread_client(connect_ms: u32) -> reqwest::Client {
     })
 }
 
-/// Calls `provider` with `key` and records the outcome on the key and the breaker.
+/// Calls `provider` with `key` for a chat and records the outcome on the key and the breaker.
 pub(super) async fn call(
     http: &reqwest::Client,
     provider: &ProviderRt,
@@ -71,10 +76,43 @@ pub(super) async fn call(
     permit: Permit,
 ) -> Result<ReplyBody, ProviderError> {
     let started = Instant::now();
-    let span = attempt_span(provider, key, upstream_model);
-    let result = send(http, provider, key, upstream_model, req, permit)
-        .instrument(span.clone())
-        .await;
+    let send = send(http, provider, key, upstream_model, req, permit);
+    let result = observed(provider, key, upstream_model, "chat", send).await;
+    if req.stream && result.is_ok() {
+        metrics::global()
+            .ttft_seconds
+            .get_or_create(&gen_ai(provider, upstream_model))
+            .observe(started.elapsed().as_secs_f64());
+    }
+    result
+}
+
+/// Calls `provider` with `key` for embeddings and records the outcome on the key and the
+/// breaker, as for chat.
+pub(super) async fn embed(
+    http: &reqwest::Client,
+    provider: &ProviderRt,
+    key: &KeyRt,
+    upstream_model: &str,
+    req: &EmbeddingsRequest,
+    permit: Permit,
+) -> Result<EmbeddingsResponse, ProviderError> {
+    let send = send_embeddings(http, provider, key, upstream_model, req, permit);
+    observed(provider, key, upstream_model, "embeddings", send).await
+}
+
+/// Runs one attempt's `send` in its span, then records the outcome: upstream time and
+/// metrics, and on the key (cool-down, failure) and the provider's breaker.
+async fn observed<T>(
+    provider: &ProviderRt,
+    key: &KeyRt,
+    upstream_model: &str,
+    operation: &'static str,
+    send: impl Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    let started = Instant::now();
+    let span = attempt_span(provider, key, upstream_model, operation);
+    let result = send.instrument(span.clone()).await;
     if let Err(e) = &result {
         record_error(&span, e);
     }
@@ -85,18 +123,13 @@ pub(super) async fn call(
         Ok(_) => "ok",
         Err(e) => e.metric_label(),
     };
-    let m = metrics::global();
-    m.upstream_seconds
+    metrics::global()
+        .upstream_seconds
         .get_or_create(&UpstreamLabels {
             provider: provider.name.to_string(),
             outcome: outcome.to_owned(),
         })
         .observe(elapsed.as_secs_f64());
-    if req.stream && result.is_ok() {
-        m.ttft_seconds
-            .get_or_create(&gen_ai(provider, upstream_model))
-            .observe(elapsed.as_secs_f64());
-    }
     match &result {
         Ok(_) => provider.breaker.success(),
         Err(e) => {
@@ -121,15 +154,20 @@ pub(super) async fn call(
 ///
 /// Field values are evaluated only when the span is enabled; setting them here rather than
 /// recording them later saves a dispatch each.
-fn attempt_span(provider: &ProviderRt, key: &KeyRt, upstream_model: &str) -> Span {
+fn attempt_span(
+    provider: &ProviderRt,
+    key: &KeyRt,
+    upstream_model: &str,
+    operation: &'static str,
+) -> Span {
     tracing::info_span!(
         target: telemetry::TARGET,
         "upstream",
         // GenAI span name `{operation} {model}`.
-        otel.name = %format_args!("chat {upstream_model}"),
+        otel.name = %format_args!("{operation} {upstream_model}"),
         otel.kind = "client",
         otel.status_code = Empty,
-        gen_ai.operation.name = "chat",
+        gen_ai.operation.name = operation,
         gen_ai.provider.name = provider.provider_type,
         gen_ai.request.model = upstream_model,
         server.address = telemetry::host_of(&provider.base_url),
@@ -162,40 +200,8 @@ async fn send(
         req,
         req.stream,
     )?;
-    let timeouts = &provider.timeouts;
-    let whole = Duration::from_secs(u64::from(timeouts.request_seconds));
     let started = Instant::now();
-    let builder = match provider.urls.get(&up.url) {
-        Some(url) => http.request(up.method, url),
-        // Not a URL: reqwest reports it as a request error.
-        None => http.request(up.method, &up.url),
-    };
-    let builder = builder.headers(up.headers).body(up.body);
-    let builder = if req.stream {
-        builder
-    } else {
-        builder.timeout(whole)
-    };
-    // A stream's whole length is unbounded (its idle time is bounded instead), but its
-    // response headers must come within the request's time.
-    let first_byte = whole;
-    let sent = tokio::time::timeout(first_byte, builder.send()).await;
-    permit.answered();
-    let response = match sent {
-        Err(_) => return Err(ProviderError::Timeout),
-        Ok(Err(e)) => return Err(transport_error(&e)),
-        Ok(Ok(r)) => r,
-    };
-    let status = response.status();
-    let info = provider
-        .adapter
-        .rate_limit_info(response.headers(), SystemTime::now());
-    key.budget.learn(&info, Instant::now());
-    if !status.is_success() {
-        let headers = response.headers().clone();
-        let body = response.bytes().await.unwrap_or_default();
-        return Err(provider.adapter.classify(status.as_u16(), &headers, &body));
-    }
+    let response = exchange(http, provider, key, up, req.stream, &mut permit).await?;
     if !req.stream {
         let body = response.bytes().await.map_err(|e| transport_error(&e))?;
         let parsed = provider.adapter.parse_response(&body, &req.model)?;
@@ -204,7 +210,7 @@ async fn send(
         UsageRecord::new(provider, upstream_model, started).record(usage);
         return Ok(ReplyBody::Complete(parsed));
     }
-    let idle = Duration::from_secs(u64::from(timeouts.stream_idle_seconds));
+    let idle = Duration::from_secs(u64::from(provider.timeouts.stream_idle_seconds));
     let decoder = provider
         .adapter
         .stream_decoder(&req.model, req.include_usage());
@@ -221,6 +227,77 @@ async fn send(
     // Before anything reaches the caller, a failure is still an ordinary (retryable) error.
     pump.prime().await?;
     Ok(ReplyBody::Stream(Box::pin(pump.into_chunks())))
+}
+
+/// Sends `up` and waits for the response headers (within the request's time), marks the
+/// permit answered, learns the provider's budget headers, and classifies a non-2xx answer.
+/// A stream's whole length is unbounded (its idle time is bounded instead); anything else
+/// must be read whole within the request's time.
+async fn exchange(
+    http: &reqwest::Client,
+    provider: &ProviderRt,
+    key: &KeyRt,
+    up: UpstreamRequest,
+    stream: bool,
+    permit: &mut Permit,
+) -> Result<reqwest::Response, ProviderError> {
+    let whole = Duration::from_secs(u64::from(provider.timeouts.request_seconds));
+    let builder = match provider.urls.get(&up.url) {
+        Some(url) => http.request(up.method, url),
+        // Not a URL: reqwest reports it as a request error.
+        None => http.request(up.method, &up.url),
+    };
+    let builder = builder.headers(up.headers).body(up.body);
+    let builder = if stream {
+        builder
+    } else {
+        builder.timeout(whole)
+    };
+    let sent = tokio::time::timeout(whole, builder.send()).await;
+    permit.answered();
+    let response = match sent {
+        Err(_) => return Err(ProviderError::Timeout),
+        Ok(Err(e)) => return Err(transport_error(&e)),
+        Ok(Ok(r)) => r,
+    };
+    let status = response.status();
+    let info = provider
+        .adapter
+        .rate_limit_info(response.headers(), SystemTime::now());
+    key.budget.learn(&info, Instant::now());
+    if !status.is_success() {
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap_or_default();
+        return Err(provider.adapter.classify(status.as_u16(), &headers, &body));
+    }
+    Ok(response)
+}
+
+async fn send_embeddings(
+    http: &reqwest::Client,
+    provider: &ProviderRt,
+    key: &KeyRt,
+    upstream_model: &str,
+    req: &EmbeddingsRequest,
+    mut permit: Permit,
+) -> Result<EmbeddingsResponse, ProviderError> {
+    let secret = key.secret.as_ref().map(|s| s.expose());
+    let up = provider.adapter.build_embeddings_request(
+        &provider.base_url,
+        secret,
+        upstream_model,
+        req,
+    )?;
+    let started = Instant::now();
+    let response = exchange(http, provider, key, up, false, &mut permit).await?;
+    let body = response.bytes().await.map_err(|e| transport_error(&e))?;
+    let parsed = provider
+        .adapter
+        .parse_embeddings_response(&body, &req.model, req)?;
+    let tokens = parsed.usage.total_tokens;
+    permit.settle(u64::from(tokens));
+    UsageRecord::new(provider, upstream_model, started).record(Usage::new(tokens, 0));
+    Ok(parsed)
 }
 
 fn transport_error(e: &reqwest::Error) -> ProviderError {

@@ -8,13 +8,14 @@
 //! 4. sensitive headers: `Authorization` and the API-key headers are redacted from traces;
 //! 5. trace: one span per request.
 //!
-//! Each door (`chat` for OpenAI) builds the request's [`RequestCtx`](crate::pipeline::RequestCtx)
+//! Each door (`chat` for OpenAI chat, `embeddings` for OpenAI embeddings) builds the request's [`RequestCtx`](crate::pipeline::RequestCtx)
 //! from the headers, reads and parses the body (its size bounded by [`AppState::body_limit`],
 //! answered in the door's error format, which a generic body-limit layer could not do), runs
 //! the [`pipeline`](crate::pipeline) and renders its typed answer.
 
 mod chat;
 pub mod door;
+mod embeddings;
 pub mod error;
 mod models;
 pub mod workers;
@@ -92,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/models", get(models::list))
         .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/embeddings", post(embeddings::create))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)

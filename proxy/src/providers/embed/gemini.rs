@@ -49,17 +49,10 @@ struct ContentEmbedding {
     values: Vec<f32>,
 }
 
-/// `POST {base}/v1beta/models/{model}:batchEmbedContents`.
-///
 /// Refuses token ids, more than [`MAX_BATCH`] inputs and unmodelled fields, each with a 400
 /// naming the field. `user` has no Gemini counterpart and does not change the vectors, so it
 /// is not sent (as for chat).
-pub(crate) fn build_request(
-    base_url: &str,
-    api_key: Option<&str>,
-    upstream_model: &str,
-    req: &EmbeddingsRequest,
-) -> Result<UpstreamRequest> {
+pub(crate) fn check(req: &EmbeddingsRequest) -> Result<()> {
     req.refuse_extra("Gemini")?;
     let texts = req.input.texts("Gemini")?;
     if texts.len() > MAX_BATCH {
@@ -68,6 +61,18 @@ pub(crate) fn build_request(
             texts.len()
         )));
     }
+    Ok(())
+}
+
+/// `POST {base}/v1beta/models/{model}:batchEmbedContents`, after [`check`].
+pub(crate) fn build_request(
+    base_url: &str,
+    api_key: Option<&str>,
+    upstream_model: &str,
+    req: &EmbeddingsRequest,
+) -> Result<UpstreamRequest> {
+    check(req)?;
+    let texts = req.input.texts("Gemini")?;
     let model = upstream_model.trim_start_matches("models/");
     let qualified = format!("models/{model}");
     let body = BatchEmbedContentsRequest {

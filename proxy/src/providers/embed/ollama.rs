@@ -29,17 +29,21 @@ struct EmbedResponse {
     prompt_eval_count: Option<u32>,
 }
 
-/// `POST {base}/api/embed`.
-///
 /// Refuses token ids and unmodelled fields with a 400 naming the field. `user` has no Ollama
 /// counterpart and does not change the vectors, so it is not sent (as for chat).
+pub(crate) fn check(req: &EmbeddingsRequest) -> Result<()> {
+    req.refuse_extra("Ollama")?;
+    req.input.texts("Ollama").map(drop)
+}
+
+/// `POST {base}/api/embed`, after [`check`].
 pub(crate) fn build_request(
     base_url: &str,
     api_key: Option<&str>,
     upstream_model: &str,
     req: &EmbeddingsRequest,
 ) -> Result<UpstreamRequest> {
-    req.refuse_extra("Ollama")?;
+    check(req)?;
     let body = EmbedRequest {
         model: upstream_model,
         input: req.input.texts("Ollama")?,

@@ -289,6 +289,13 @@ fn gemini_refuses_token_ids_big_batches_and_unknown_fields() {
     Adapter::Gemini
         .build_embeddings_request("http://mock", Some(KEY), "m", &texts(gemini::MAX_BATCH))
         .unwrap();
+    // The same refusals before any request is built (and any budget spent).
+    for req in [&tokens, &extra] {
+        bad_request(Adapter::Gemini.check_embeddings("m", req).unwrap_err());
+        bad_request(Adapter::Ollama.check_embeddings("m", req).unwrap_err());
+        Adapter::OpenAi.check_embeddings("m", req).unwrap();
+    }
+    Adapter::Gemini.check_embeddings("m", &texts(3)).unwrap();
 }
 
 #[test]
