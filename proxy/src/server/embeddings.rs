@@ -15,6 +15,7 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 use tracing::{Instrument as _, Span};
 
+/// `POST /v1/embeddings`: runs the chain for one embeddings request and renders its answer.
 pub(super) async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
