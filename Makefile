@@ -20,7 +20,7 @@ help:
 	@echo "make crds    - regenerate crds/manifests and charts/floodgate/crds from the types"
 	@echo "make e2e     - the end-to-end suite against a real kube-apiserver and etcd"
 	@echo "make bench   - proxy overhead and throughput against the mock upstream"
-	@echo "make python-venv - the OpenAI Python SDK for e2e/tests/openai_sdk.rs (unit does it)"
+	@echo "make python-venv - the OpenAI and Anthropic Python SDKs for e2e/tests/*_sdk.rs (unit does it)"
 
 check-tools:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs), then rerun"; exit 1; }
@@ -45,7 +45,7 @@ lint: check-tools
 fmt:
 	$(CARGO) fmt --all
 
-# A virtualenv with the OpenAI Python SDK (e2e/python/requirements.txt); installs only on change.
+# A virtualenv with the OpenAI and Anthropic Python SDKs (e2e/python/requirements.txt); installs only on change.
 export FLOODGATE_VENV ?= $(CACHE)/venv
 python-venv:
 	bash e2e/python/venv.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make python-venv`: the Python virtual environment with the OpenAI SDK used by
-# e2e/tests/openai_sdk.rs, at $FLOODGATE_VENV (default ~/.cache/floodgate/venv). Idempotent: it
+# `make python-venv`: the Python virtual environment with the OpenAI and Anthropic SDKs used by
+# e2e/tests/openai_sdk.rs and e2e/tests/anthropic_sdk.rs, at $FLOODGATE_VENV (default ~/.cache/floodgate/venv). Idempotent: it
 # installs only when requirements.txt differs from what the environment was built from.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

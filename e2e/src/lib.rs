@@ -4,4 +4,5 @@ pub mod cluster;
 pub mod gateway;
 pub mod mock;
 pub mod proxy;
+pub mod python;
 pub mod redis;

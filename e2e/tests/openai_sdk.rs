@@ -5,26 +5,12 @@
 //! The SDK lives in a virtual environment made by `make python-venv` (a prerequisite of
 //! `make unit` and `make test`); without it this test fails and says so.
 
-#![expect(
-    clippy::expect_used,
-    clippy::panic,
-    reason = "test helpers outside #[test] functions"
-)]
+#![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
 use floodgate_e2e::gateway::Gateway;
 use floodgate_e2e::mock::{MockConfig, MockProviders, Provider, default_dimensions};
-use std::path::{Path, PathBuf};
+use floodgate_e2e::python::run_script;
 use std::time::Duration;
-
-/// Where `make python-venv` puts the environment: `$FLOODGATE_VENV`, else
-/// `~/.cache/floodgate/venv`.
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("FLOODGATE_VENV").map_or_else(
-        || Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/floodgate/venv"),
-        PathBuf::from,
-    );
-    venv.join("bin/python")
-}
 
 fn manifests(base: &str) -> String {
     format!(
@@ -50,41 +36,16 @@ fn embedding_manifests(base: &str) -> String {
 
 /// Runs `openai_sdk_check.py` with `args` against `gateway_url`; returns its stdout.
 async fn run_sdk_check(gateway_url: &str, args: &[&str]) -> String {
-    let python = venv_python();
-    assert!(
-        python.is_file(),
-        "no Python environment with the OpenAI SDK at {}: run `make python-venv` \
-         (`make unit` and `make test` run it first), or set FLOODGATE_VENV",
-        python.display()
-    );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_sdk_check.py");
-    let mut command = tokio::process::Command::new(&python);
-    command
-        .arg(&script)
-        .args(["--base-url", &format!("{gateway_url}/v1")])
-        .args(args)
-        .kill_on_drop(true);
-    // The SDK's HTTP client honours proxy variables; 127.0.0.1 must be reached directly.
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        command.env_remove(var);
-    }
-    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+    let mut all = vec!["--base-url".to_owned(), format!("{gateway_url}/v1")];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let output = run_script("openai_sdk_check.py", &all, Duration::from_secs(120))
         .await
-        .expect("the SDK check finished within 120 s")
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !stderr.contains("ModuleNotFoundError"),
-        "the OpenAI SDK is missing from {}: run `make python-venv`\n{stderr}",
-        python.display()
+        "the OpenAI SDK is missing from the venv: run `make python-venv`\n{stderr}"
     );
     assert!(
         output.status.success(),

@@ -225,11 +225,10 @@ fn manifests(keys: usize, rpm: u32, base: &str) -> String {
     )
 }
 
-/// A replica: a gateway whose budgets live in `redis`. The proxy's window carries a small
-/// margin over the mock's for scheduling jitter (see proxy_limits.rs).
+/// A replica: a gateway whose budgets live in `redis`. Its rate
+/// window is exactly the mock's (see proxy_limits.rs for why no margin is needed).
 async fn replica(yaml: &str, window: Duration, redis: SharedOptions) -> Gateway {
-    let opts = DispatcherOptions::new(window + Duration::from_millis(100), Duration::from_secs(60))
-        .with_redis(redis);
+    let opts = DispatcherOptions::new(window, Duration::from_secs(60)).with_redis(redis);
     Gateway::start_naming_keys(yaml, Dispatcher::with_options(opts).unwrap())
         .await
         .unwrap()

@@ -10,7 +10,11 @@ use tokio::time::Instant;
 /// its answer. So a request holds a slot from dispatch until it is answered ([`complete`]) and
 /// then for one more `window`: wherever the arrival fell, no window of the provider's, of
 /// that length, can hold more than `limit` requests, however slow the network. The price is
-/// the latency of each request, a percent or two of a 60 s window. Memory is `limit` entries.
+/// the latency of each request, a percent or two of a 60 s window.
+///
+/// Answers are logged by the millisecond, rounded up (a slot is held at most 1 ms longer than
+/// needed, which errs on the safe side), with a count per millisecond: memory and the cost of
+/// each call stay bounded by the window's milliseconds, whatever the rate and the limit.
 ///
 /// [`complete`]: RequestWindow::complete
 #[derive(Debug, Clone)]
@@ -18,17 +22,26 @@ pub struct RequestWindow {
     window: Duration,
     limit: u32,
     in_flight: u32,
-    log: VecDeque<Instant>,
+    /// Origin of the millisecond stamps, one window before creation so that phantoms
+    /// ([`RequestWindow::exhaust_until`]) stamped up to a window back are representable.
+    epoch: Instant,
+    /// (stamp, answers at that stamp), oldest first.
+    log: VecDeque<(Instant, u32)>,
+    /// Answers in `log`.
+    logged: u32,
 }
 
 impl RequestWindow {
     /// A window admitting `limit` requests per `window`.
     pub fn new(limit: u32, window: Duration) -> Self {
+        let now = Instant::now();
         Self {
             window,
             limit,
             in_flight: 0,
-            log: VecDeque::with_capacity(limit.min(4096) as usize),
+            epoch: now.checked_sub(window).unwrap_or(now),
+            log: VecDeque::new(),
+            logged: 0,
         }
     }
 
@@ -48,10 +61,27 @@ impl RequestWindow {
         self.window
     }
 
+    /// `at` rounded up to the next whole millisecond since the epoch.
+    fn stamp(&self, at: Instant) -> Instant {
+        let since = at.saturating_duration_since(self.epoch);
+        let ms = since.as_nanos().div_ceil(1_000_000);
+        self.epoch + Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    fn push(&mut self, at: Instant, count: u32) {
+        let stamp = self.stamp(at);
+        self.logged = self.logged.saturating_add(count);
+        match self.log.back_mut() {
+            Some((last, n)) if *last == stamp => *n = n.saturating_add(count),
+            _ => self.log.push_back((stamp, count)),
+        }
+    }
+
     fn evict(&mut self, now: Instant) {
-        while let Some(&front) = self.log.front() {
+        while let Some(&(front, n)) = self.log.front() {
             if front + self.window <= now {
                 self.log.pop_front();
+                self.logged = self.logged.saturating_sub(n);
             } else {
                 break;
             }
@@ -61,9 +91,7 @@ impl RequestWindow {
     /// Requests in flight or answered within the window ending at `now`.
     pub fn used(&mut self, now: Instant) -> u32 {
         self.evict(now);
-        u32::try_from(self.log.len())
-            .unwrap_or(u32::MAX)
-            .saturating_add(self.in_flight)
+        self.logged.saturating_add(self.in_flight)
     }
 
     /// When a request could next be admitted: `now` if there is room. When only answers to
@@ -77,17 +105,19 @@ impl RequestWindow {
     /// [`RequestWindow::next_free`] under `limit` instead of the window's own limit (a
     /// replica's local share of a shared budget).
     pub fn next_free_within(&mut self, now: Instant, limit: u32) -> Instant {
-        let used = self.used(now) as usize;
-        let limit = limit as usize;
+        let used = self.used(now);
         if used < limit {
             return now;
         }
         // How many answered requests must leave the window before one more fits.
-        let leave = used + 1 - limit;
-        match self.log.get(leave - 1) {
-            Some(&t) => t + self.window,
-            None => now + self.window,
+        let mut leave = used + 1 - limit;
+        for &(stamp, n) in &self.log {
+            if n >= leave {
+                return stamp + self.window;
+            }
+            leave -= n;
         }
+        now + self.window
     }
 
     /// Admits a request at `now` (it is in flight until [`RequestWindow::complete`]), or says
@@ -112,24 +142,27 @@ impl RequestWindow {
     pub fn complete(&mut self, now: Instant) {
         self.in_flight = self.in_flight.saturating_sub(1);
         self.evict(now);
-        self.log.push_back(now);
+        self.push(now, 1);
     }
 
     /// Marks the window full until `until` (the provider said the budget is spent), by
     /// recording phantom requests that expire then.
     pub fn exhaust_until(&mut self, now: Instant, until: Instant) {
         self.evict(now);
-        // A phantom answered at `until - window` leaves the window exactly at `until`.
-        let stamp = until.checked_sub(self.window).unwrap_or(now);
-        let used = self.log.len() + self.in_flight as usize;
-        if used >= self.limit as usize {
+        let used = self.logged.saturating_add(self.in_flight);
+        if used >= self.limit {
             return;
         }
-        for _ in used..self.limit as usize {
-            self.log.push_back(stamp);
+        // Phantoms stamped `until - window` leave the window exactly at `until`; they may
+        // predate real entries, so they go in at their place in time.
+        let stamp = self.stamp(until.checked_sub(self.window).unwrap_or(now));
+        let count = self.limit - used;
+        self.logged = self.logged.saturating_add(count);
+        let at = self.log.partition_point(|(t, _)| *t < stamp);
+        match self.log.get_mut(at) {
+            Some((t, n)) if *t == stamp => *n = n.saturating_add(count),
+            _ => self.log.insert(at, (stamp, count)),
         }
-        // Phantoms may predate real entries; keep the log in time order.
-        self.log.make_contiguous().sort_unstable();
     }
 }
 
@@ -222,8 +255,18 @@ impl TokenWindow {
     }
 
     /// Replaces a reservation's estimate with the real count (if it is still in the window).
+    /// Constant time: ids are handed out in order and entries leave only from the front, so a
+    /// reservation's place is its id less the oldest entry's.
     pub fn settle(&mut self, id: u64, actual: u64) {
-        if let Some(entry) = self.entries.iter_mut().find(|(_, i, _)| *i == id) {
+        let Some(&(_, first, _)) = self.entries.front() else {
+            return;
+        };
+        let Some(at) = id.checked_sub(first).and_then(|i| usize::try_from(i).ok()) else {
+            return;
+        };
+        if let Some(entry) = self.entries.get_mut(at)
+            && entry.1 == id
+        {
             self.sum = self.sum - entry.2 + actual;
             entry.2 = actual;
         }
@@ -307,6 +350,42 @@ mod tests {
         w.exhaust_until(t0, t0 + Duration::from_secs(5));
         assert_eq!(w.try_acquire(t0), Err(t0 + Duration::from_secs(5)));
         assert!(w.try_acquire(t0 + Duration::from_secs(5)).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_log_is_bounded_by_the_windows_milliseconds_not_the_rate() {
+        let mut w = RequestWindow::new(1_000_000, Duration::from_secs(1));
+        let t0 = Instant::now();
+        for i in 0..50_000u64 {
+            // 500 answers per millisecond for 100 ms.
+            let at = t0 + Duration::from_micros(i * 2);
+            w.try_acquire(at).unwrap();
+            w.complete(at);
+        }
+        assert_eq!(w.used(t0 + Duration::from_millis(100)), 50_000);
+        assert!(w.log.len() <= 101, "{} entries", w.log.len());
+        // Rounded up: the last answers leave at most 1 ms late, never early.
+        let last = t0 + Duration::from_micros(99_998);
+        assert!(w.used(last + Duration::from_secs(1)) > 0);
+        assert_eq!(
+            w.used(last + Duration::from_secs(1) + Duration::from_millis(1)),
+            0
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settling_finds_its_reservation_after_older_ones_left() {
+        let mut w = TokenWindow::new(10_000, MIN);
+        let t0 = Instant::now();
+        let old = w.try_reserve(t0, 100).unwrap();
+        let a = w.try_reserve(t0 + Duration::from_secs(30), 100).unwrap();
+        let b = w.try_reserve(t0 + Duration::from_secs(30), 100).unwrap();
+        assert_eq!(w.used(t0 + MIN), 200, "the oldest left");
+        w.settle(b, 7);
+        w.settle(old, 1);
+        assert_eq!(w.used(t0 + MIN), 107, "a reservation gone changes nothing");
+        w.settle(a, 3);
+        assert_eq!(w.used(t0 + MIN), 10);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,4 +1,5 @@
-//! The HTTP front doors (OpenAI-compatible API), health, readiness and metrics.
+//! The HTTP front doors (OpenAI-compatible API, Anthropic Messages API), health, readiness
+//! and metrics.
 //!
 //! Layers, outermost first:
 //! 1. catch-panic: a panic becomes a 500 with an OpenAI error body;
@@ -8,7 +9,7 @@
 //! 4. sensitive headers: `Authorization` and the API-key headers are redacted from traces;
 //! 5. trace: one span per request.
 //!
-//! Each door (`chat` for OpenAI chat, `embeddings` for OpenAI embeddings) builds the request's [`RequestCtx`](crate::pipeline::RequestCtx)
+//! Each door (`chat` and `embeddings` for OpenAI, `messages` for Anthropic) builds the request's [`RequestCtx`](crate::pipeline::RequestCtx)
 //! from the headers, reads and parses the body (its size bounded by [`AppState::body_limit`],
 //! answered in the door's error format, which a generic body-limit layer could not do), runs
 //! the [`pipeline`](crate::pipeline) and renders its typed answer.
@@ -17,6 +18,7 @@ mod chat;
 pub mod door;
 mod embeddings;
 pub mod error;
+pub mod messages;
 mod models;
 pub mod workers;
 
@@ -94,6 +96,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list))
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/messages", post(messages::create))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)

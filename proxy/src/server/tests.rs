@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::Request;
 use tower::ServiceExt;
 
-fn state() -> AppState {
+pub(super) fn state() -> AppState {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/standalone");
     let (config, _) = load_config(&[dir], SecretSources::default()).unwrap();
     let dispatcher =

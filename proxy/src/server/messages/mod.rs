@@ -1,0 +1,168 @@
+//! The Anthropic Messages front door: `POST /v1/messages` and
+//! `POST /v1/messages/count_tokens`, so the official `anthropic` SDKs work with a base-URL
+//! change.
+//!
+//! A request is read in Anthropic's shape ([`request`]), translated into the internal chat
+//! request and routed over the same pools as the OpenAI door, to any provider. The answer is
+//! rendered back in Anthropic's shape: a `message` ([`response`]) or Anthropic's event
+//! stream ([`stream`]); errors in Anthropic's format ([`error`]).
+
+pub mod error;
+pub mod request;
+pub mod response;
+pub mod stream;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt as _};
+use serde::Serialize;
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+use tracing::{Instrument as _, Span};
+
+use super::AppState;
+use super::door::{self, Outcome, Tracked};
+use super::error::ApiError;
+use crate::metrics;
+use crate::pipeline::{self, Door, RequestCtx};
+use crate::providers::types::{ChatChunk, ChatRequest};
+use crate::providers::{ProviderError, estimate_prompt_tokens};
+use crate::route::ReplyBody;
+use error::{error_response, invalid_request};
+use request::{MessagesRequest, Purpose};
+
+/// `POST /v1/messages`: a `message`, or Anthropic's event stream when `stream` is true.
+/// The same stages as the OpenAI door; only parsing and rendering differ.
+pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    // Stage 1 (identity) will read `headers` here, before the body.
+    let mut ctx = RequestCtx::new(
+        Door::AnthropicMessages,
+        &headers,
+        state.dispatcher.max_wait(),
+    );
+    let span = door::request_span(&ctx, "chat");
+    let request_span = span.clone();
+    metrics::UPSTREAM_TIME
+        .scope(Cell::new(Duration::ZERO), async move {
+            let mut response = handle(&state, &mut ctx, body, request_span).await;
+            let upstream = metrics::UPSTREAM_TIME
+                .try_with(Cell::get)
+                .unwrap_or_default();
+            metrics::global().stage("total_overhead", started.elapsed().saturating_sub(upstream));
+            door::decision_headers(response.headers_mut(), &ctx, state.expose_key);
+            response
+        })
+        .instrument(span)
+        .await
+}
+
+async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) -> Response {
+    let parse_started = Instant::now();
+    let req = match read_request(state, body, Purpose::Create).await {
+        Ok(req) => req,
+        Err(e) => return failed(&e, Outcome::new(span, ctx, None)),
+    };
+    metrics::global().stage("parse", parse_started.elapsed());
+    // Before the request moves on: `message_start` reports it until the upstream's count.
+    let input_tokens = estimate_prompt_tokens(&req);
+    let view = state.dispatcher.view();
+    let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
+    let model = req.model;
+    let outcome = Outcome::new(span, ctx, Some(model.clone()));
+    match result {
+        Ok(reply) => match reply.body {
+            ReplyBody::Complete(answer) => match response::to_message(answer, model) {
+                Ok(message) => {
+                    outcome.record("ok");
+                    Json(message).into_response()
+                }
+                Err(e) => failed(&e, outcome),
+            },
+            ReplyBody::Stream(chunks) => sse(Tracked::new(chunks, outcome), model, input_tokens),
+        },
+        Err(e) => failed(&door::route_error(e), outcome),
+    }
+}
+
+fn failed(error: &ApiError, outcome: Outcome) -> Response {
+    outcome.with_status(error.status).record(error.code);
+    error_response(error)
+}
+
+/// The typed stream as Anthropic's events ([`stream::encode`]).
+fn sse<S>(chunks: Tracked<S>, model: String, input_tokens: u32) -> Response
+where
+    S: Stream<Item = Result<ChatChunk, ProviderError>> + Unpin + Send + 'static,
+{
+    let events = stream::encode(chunks, model, input_tokens).map(Ok::<_, Infallible>);
+    let mut response = Response::new(Body::from_stream(events));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// The answer of `count_tokens`.
+#[derive(Debug, Serialize)]
+struct TokenCount {
+    input_tokens: u32,
+}
+
+/// `POST /v1/messages/count_tokens`: `{"input_tokens": N}`.
+///
+/// N is the gateway's **estimate** ([`estimate_prompt_tokens`], about four bytes a token),
+/// not a provider's tokenizer count: the model may be answered by any provider of its pool,
+/// each counting differently. The model must be one this gateway serves (404 otherwise).
+pub async fn count_tokens(State(state): State<AppState>, body: Body) -> Response {
+    let result = async {
+        let req = read_request(&state, body, Purpose::CountTokens).await?;
+        if !state
+            .dispatcher
+            .view()
+            .runtime
+            .routes
+            .contains_key(&req.model)
+        {
+            return Err(unknown_model(&req.model));
+        }
+        let input_tokens = estimate_prompt_tokens(&req);
+        Ok(Json(TokenCount { input_tokens }).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|e| error_response(&e))
+}
+
+/// Reads and translates the body, refusing what cannot be translated.
+async fn read_request(
+    state: &AppState,
+    body: Body,
+    purpose: Purpose,
+) -> Result<ChatRequest, ApiError> {
+    let bytes = door::read_body(body, state.body_limit).await?;
+    let req: MessagesRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        invalid_request(format!(
+            "the request body is not a valid Messages request: {e}"
+        ))
+    })?;
+    req.into_chat(purpose)
+}
+
+fn unknown_model(model: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "model_not_found",
+        format!("the model `{model}` does not exist or is not served by this gateway"),
+    )
+}
+
+#[cfg(test)]
+mod tests;
