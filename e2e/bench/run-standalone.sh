@@ -92,6 +92,8 @@ if [[ -n ${FLOODGATE_OLLAMA_URL:-} ]]; then
 fi
 echo "  try: curl -s $LISTEN/v1/chat/completions -H 'content-type: application/json' \\"
 echo "         -d '{\"model\":\"smart\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
+echo "       curl -s $LISTEN/v1/embeddings -H 'content-type: application/json' \\"
+echo "         -d '{\"model\":\"text-embedding-3-small\",\"input\":[\"hi\"]}'"
 
 # Not exec: the trap must outlive the proxy to stop the mock.
 "$CARGO_TARGET_DIR/debug/floodgate-proxy" --config "$CONFIG_DIR" --listen "$LISTEN" &

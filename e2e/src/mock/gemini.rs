@@ -1,6 +1,7 @@
 //! Gemini: `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent`
 //! (`?alt=sse` for SSE framed with `\r\n\r\n` like Google's servers; a streamed JSON array
-//! otherwise). Keys come from `x-goog-api-key` or `?key=`; errors use Google's
+//! otherwise), and `:embedContent` / `:batchEmbedContents` (at most 100 requests, each naming
+//! the model of the URL; no token usage in the answer, as Gemini sends none). Keys come from `x-goog-api-key` or `?key=`; errors use Google's
 //! `{"error":{"code","message","status","details"}}` shape.
 
 use std::sync::Arc;
@@ -16,8 +17,12 @@ use serde_json::json;
 use super::common::{
     self, Answer, Call, Dialect, Event, Framing, KeyCheck, Part, Prompt, json_response, to_json,
 };
-use super::limits::Outcome;
+use super::embed::{self, GEMINI_DIMENSIONS};
+use super::limits::{KeyState, Outcome};
 use super::{Provider, Shared};
+
+/// Most requests one `batchEmbedContents` call may hold.
+const MAX_EMBED_BATCH: usize = 100;
 
 const API_KEY_INVALID: &str = "API key not valid. Please pass a valid API key.";
 const UNREGISTERED: &str = "Method doesn't allow unregistered callers (callers without \
@@ -95,6 +100,39 @@ struct UsageMetadata {
     #[serde(skip_serializing_if = "Option::is_none")]
     candidates_token_count: Option<u32>,
     total_token_count: u32,
+}
+
+/// `EmbedContentRequest`: the body of `:embedContent`, and each of a batch's `requests`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EmbedContentRequest {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    content: Option<Contents>,
+    #[serde(default)]
+    output_dimensionality: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchEmbedContentsRequest {
+    #[serde(default)]
+    requests: Vec<EmbedContentRequest>,
+}
+
+#[derive(Debug, Serialize)]
+struct ContentEmbedding {
+    values: Vec<f32>,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbedContentResponse {
+    embedding: ContentEmbedding,
+}
+
+#[derive(Debug, Serialize)]
+struct BatchEmbedContentsResponse {
+    embeddings: Vec<ContentEmbedding>,
 }
 
 /// Gemini's error wording.
@@ -217,6 +255,10 @@ pub(super) async fn generate(
         );
     };
     let framing = match (action, query.alt.as_deref()) {
+        ("embedContent" | "batchEmbedContents", _) => {
+            let batch = action == "batchEmbedContents";
+            return embed(&shared, &state, key, model, batch, &body).await;
+        }
         ("generateContent", _) => None,
         ("streamGenerateContent", Some("sse")) => Some(Framing::SseCrlf),
         ("streamGenerateContent", _) => Some(Framing::JsonArray),
@@ -327,4 +369,122 @@ async fn respond(
         })
         .collect();
     common::stream_response(call, framing, events, 0)
+}
+
+/// `:embedContent` or `:batchEmbedContents`, after the key was accepted.
+async fn embed(
+    shared: &Arc<Shared>,
+    state: &KeyState,
+    key: &str,
+    model: &str,
+    batch: bool,
+    body: &[u8],
+) -> Response {
+    let parsed = if batch {
+        parse_batch(body, model)
+    } else {
+        parse_embed(body, model).map(|item| vec![item])
+    };
+    let items = match parsed {
+        Ok(items) => items,
+        Err(message) => {
+            let response = error(400, &message, "INVALID_ARGUMENT", None);
+            return shared.refused(Gemini::PROVIDER, state, key, Outcome::ClientError, response);
+        }
+    };
+    let call = shared.admit(Gemini::PROVIDER, state, model);
+    let response = embed_respond(&call, &items, model, batch).await;
+    shared.finish(Gemini::PROVIDER, state, key, model, response.status());
+    response
+}
+
+/// One input to embed: its text and the vector length asked for.
+type EmbedItem = (String, usize);
+
+fn parse_embed(body: &[u8], model: &str) -> Result<EmbedItem, String> {
+    let request: EmbedContentRequest = serde_json::from_slice(body)
+        .map_err(|err| format!("Invalid JSON payload received. {err}"))?;
+    embed_item(request, model, "EmbedContentRequest", false)
+}
+
+fn parse_batch(body: &[u8], model: &str) -> Result<Vec<EmbedItem>, String> {
+    let batch: BatchEmbedContentsRequest = serde_json::from_slice(body)
+        .map_err(|err| format!("Invalid JSON payload received. {err}"))?;
+    if batch.requests.is_empty() {
+        return Err("* BatchEmbedContentsRequest.requests: requests is not specified\n".to_owned());
+    }
+    if batch.requests.len() > MAX_EMBED_BATCH {
+        return Err(format!(
+            "* BatchEmbedContentsRequest.requests: at most {MAX_EMBED_BATCH} requests can be in \
+             one batch\n"
+        ));
+    }
+    batch
+        .requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, request)| {
+            let name = format!("BatchEmbedContentsRequest.requests[{i}]");
+            embed_item(request, model, &name, true)
+        })
+        .collect()
+}
+
+/// Checks one `EmbedContentRequest`: a batch's requests must each name the URL's model.
+fn embed_item(
+    request: EmbedContentRequest,
+    model: &str,
+    name: &str,
+    model_required: bool,
+) -> Result<EmbedItem, String> {
+    match request.model.as_deref() {
+        None if model_required => {
+            return Err(format!("* {name}.model: model is not specified\n"));
+        }
+        Some(named) if named.trim_start_matches("models/") != model => {
+            return Err(format!(
+                "* {name}.model: model `{named}` does not match the model of the request URL, \
+                 models/{model}\n"
+            ));
+        }
+        _ => {}
+    }
+    let text = request
+        .content
+        .map(|c| common::join_parts(&c.parts).into_owned())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| format!("* {name}.content: content is not specified\n"))?;
+    let dimensions = match request.output_dimensionality {
+        None => GEMINI_DIMENSIONS,
+        Some(d) => usize::try_from(d)
+            .ok()
+            .filter(|d| (1..=GEMINI_DIMENSIONS).contains(d))
+            .ok_or_else(|| {
+                format!(
+                    "* {name}.output_dimensionality: must be between 1 and \
+                     {GEMINI_DIMENSIONS}, got {d}\n"
+                )
+            })?,
+    };
+    Ok((text, dimensions))
+}
+
+async fn embed_respond(call: &Call<'_>, items: &[EmbedItem], model: &str, batch: bool) -> Response {
+    if let Some(response) = common::preflight::<Gemini>(call, model, false).await {
+        return response;
+    }
+    let mut embeddings: Vec<ContentEmbedding> = items
+        .iter()
+        .map(|(text, dimensions)| ContentEmbedding {
+            values: embed::embedding_for(text, *dimensions),
+        })
+        .collect();
+    let body = match (batch, embeddings.pop()) {
+        (false, Some(embedding)) => to_json(&EmbedContentResponse { embedding }),
+        (_, last) => {
+            embeddings.extend(last);
+            to_json(&BatchEmbedContentsResponse { embeddings })
+        }
+    };
+    common::body_response(call, body)
 }

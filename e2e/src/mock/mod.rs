@@ -3,14 +3,14 @@
 //!
 //! | Provider  | Paths                                                                  | Key          |
 //! |-----------|------------------------------------------------------------------------|--------------|
-//! | OpenAI    | `POST /v1/chat/completions`, `GET /v1/models`                          | `Authorization: Bearer` |
+//! | OpenAI    | `POST /v1/chat/completions`, `POST /v1/embeddings`, `GET /v1/models`   | `Authorization: Bearer` |
 //! | Anthropic | `POST /v1/messages`                                                    | `x-api-key`  |
-//! | Gemini    | `POST /v1beta/models/{model}:generateContent` / `:streamGenerateContent` | `x-goog-api-key` or `?key=` |
-//! | Ollama    | `POST /api/chat`, `GET /api/tags`                                      | none         |
+//! | Gemini    | `POST /v1beta/models/{model}:generateContent` / `:streamGenerateContent` / `:embedContent` / `:batchEmbedContents` | `x-goog-api-key` or `?key=` |
+//! | Ollama    | `POST /api/chat`, `POST /api/embed`, `GET /api/tags`                   | none         |
 //! | admin     | `GET /_mock/counts`, `POST /_mock/reset`, `GET`/`POST /_mock/faults`    | none         |
 //!
-//! Answers are deterministic ([`answer_for`]) and token counts derive from text length
-//! ([`token_count`]). Per-key rate limits use a sliding window, as the real services do, and
+//! Answers are deterministic ([`answer_for`], and [`embedding_for`] for vectors) and token
+//! counts derive from text length ([`token_count`]). Per-key rate limits use a sliding window, as the real services do, and
 //! the mock records how many requests each key received in its busiest window, so a test can
 //! assert that a gateway never pushed a key over its limit.
 //!
@@ -33,6 +33,7 @@
 mod admin;
 mod anthropic;
 mod common;
+mod embed;
 mod faults;
 mod gemini;
 mod limits;
@@ -57,6 +58,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use common::{answer_for, fingerprint, token_count};
+pub use embed::{
+    GEMINI_DIMENSIONS, OLLAMA_CONTEXT_TOKENS, OLLAMA_DIMENSIONS, OPENAI_DIMENSIONS,
+    default_dimensions, embedding_for,
+};
 pub use faults::{Behavior, Fault, ParseError};
 pub use limits::{Counts, KeyCounts};
 
@@ -350,10 +355,12 @@ impl Drop for MockProviders {
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::models))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1beta/models/{target}", post(gemini::generate))
         .route("/api/chat", post(ollama::chat))
+        .route("/api/embed", post(ollama::embed))
         .route("/api/tags", get(ollama::tags))
         .route("/_mock/counts", get(admin::counts))
         .route("/_mock/reset", post(admin::reset))

@@ -1,5 +1,6 @@
-//! Ollama: `POST /api/chat` (streams NDJSON unless `"stream": false`, as Ollama does) and
-//! `GET /api/tags`. No keys and no rate limits; errors are `{"error": "..."}`.
+//! Ollama: `POST /api/chat` (streams NDJSON unless `"stream": false`, as Ollama does),
+//! `POST /api/embed` and `GET /api/tags`. No keys and no rate limits; errors are
+//! `{"error": "..."}`.
 
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::common::{
     self, Answer, Call, Dialect, Event, Framing, Prompt, bytes_response, json_response, to_json,
 };
+use super::embed::{self, OLLAMA_CONTEXT_TOKENS, OLLAMA_DIMENSIONS};
 use super::limits::Outcome;
 use super::{Provider, Shared};
 
@@ -39,6 +41,7 @@ static TAGS: LazyLock<Bytes> = LazyLock::new(|| {
         model("llama3.1:8b", "llama", 4_920_753_328, "8.0B"),
         model("mistral:7b", "llama", 4_113_301_824, "7.2B"),
         model("codellama:7b", "llama", 3_825_910_662, "7B"),
+        model("nomic-embed-text:latest", "nomic-bert", 274_302_450, "137M"),
     ];
     Bytes::from(to_json(&serde_json::json!({ "models": models })))
 });
@@ -111,6 +114,27 @@ impl Stats {
             eval_duration,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbedRequest {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    input: Option<serde_json::Value>,
+    #[serde(default)]
+    truncate: Option<bool>,
+    #[serde(default)]
+    dimensions: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbedResponse<'a> {
+    model: &'a str,
+    embeddings: Vec<Vec<f32>>,
+    total_duration: u64,
+    load_duration: u64,
+    prompt_eval_count: u32,
 }
 
 /// Ollama's error wording: `{"error": "..."}`.
@@ -222,4 +246,91 @@ async fn respond(call: &Call<'_>, request: &ChatRequest, model: &str) -> Respons
         Some(stats),
     ))));
     common::stream_response(call, Framing::Ndjson, events, 0)
+}
+
+/// `POST /api/embed`.
+pub(super) async fn embed(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let state = shared.keys.entry(Ollama::PROVIDER, "");
+    let refuse = |message: &str| {
+        let response = error(StatusCode::BAD_REQUEST, message);
+        shared.refused(Ollama::PROVIDER, &state, "", Outcome::ClientError, response)
+    };
+    let request: EmbedRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => return refuse(&format!("invalid character: {err}")),
+    };
+    let Some(model) = request.model.as_deref().filter(|m| !m.is_empty()) else {
+        return refuse("model is required");
+    };
+    let texts = match embed_inputs(&request) {
+        Ok(texts) => texts,
+        Err(message) => return refuse(message),
+    };
+    // `0` is Ollama's "not set" (the field is `omitempty`).
+    let dimensions = match request.dimensions {
+        None | Some(0) => OLLAMA_DIMENSIONS,
+        Some(d) => match usize::try_from(d) {
+            Ok(d) if d <= OLLAMA_DIMENSIONS => d,
+            _ => return refuse("invalid dimensions"),
+        },
+    };
+    let call = shared.admit(Ollama::PROVIDER, &state, model);
+    let response = embed_respond(&call, model, &texts, dimensions).await;
+    shared.finish(Ollama::PROVIDER, &state, "", model, response.status());
+    response
+}
+
+/// The texts of `input` (a string or a list of strings), each cut to the context unless
+/// `truncate` is false, in which case a longer one is refused as Ollama refuses it.
+fn embed_inputs(request: &EmbedRequest) -> Result<Vec<String>, &'static str> {
+    use serde_json::Value;
+    let texts: Vec<&str> = match &request.input {
+        // Ollama answers an empty input with no embeddings.
+        None => Vec::new(),
+        Some(Value::String(text)) if text.is_empty() => Vec::new(),
+        Some(Value::String(text)) => vec![text.as_str()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(Value::as_str)
+            .collect::<Option<_>>()
+            .ok_or("invalid input type")?,
+        Some(_) => return Err("invalid input type"),
+    };
+    let context_chars = usize::try_from(OLLAMA_CONTEXT_TOKENS).unwrap_or(usize::MAX) * 4;
+    texts
+        .into_iter()
+        .map(|text| {
+            if embed::text_tokens(text) <= OLLAMA_CONTEXT_TOKENS {
+                Ok(text.to_owned())
+            } else if request.truncate == Some(false) {
+                Err("input exceeds maximum context length")
+            } else {
+                Ok(text.chars().take(context_chars).collect())
+            }
+        })
+        .collect()
+}
+
+async fn embed_respond(
+    call: &Call<'_>,
+    model: &str,
+    texts: &[String],
+    dimensions: usize,
+) -> Response {
+    if let Some(response) = common::preflight::<Ollama>(call, model, false).await {
+        return response;
+    }
+    let tokens: u32 = texts.iter().map(|t| embed::text_tokens(t)).sum();
+    let stats = Stats::new(tokens, 0);
+    let body = EmbedResponse {
+        model,
+        embeddings: texts
+            .iter()
+            .map(|text| embed::embedding_for(text, dimensions))
+            .collect(),
+        total_duration: stats.total_duration,
+        load_duration: stats.load_duration,
+        prompt_eval_count: tokens,
+    };
+    common::body_response(call, to_json(&body))
 }

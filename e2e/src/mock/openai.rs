@@ -1,5 +1,5 @@
-//! OpenAI: `POST /v1/chat/completions` (JSON or SSE ending in `data: [DONE]`) and
-//! `GET /v1/models`, with `x-ratelimit-*-requests` headers and OpenAI's error bodies.
+//! OpenAI: `POST /v1/chat/completions` (JSON or SSE ending in `data: [DONE]`),
+//! `POST /v1/embeddings` and `GET /v1/models`, with `x-ratelimit-*-requests` headers and OpenAI's error bodies.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -17,6 +17,10 @@ use super::common::{
 use super::limits::{Admission, Outcome};
 use super::{Provider, Shared};
 
+mod embeddings;
+
+pub(super) use embeddings::embeddings;
+
 const MISSING_KEY: &str = "You didn't provide an API key. You need to provide your API key in an \
     Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the \
     password field (with blank username) if you're accessing the API from your browser and are \
@@ -29,6 +33,9 @@ const MODELS: &[&str] = &[
     "gpt-4.1",
     "gpt-4.1-mini",
     "o3-mini",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+    "text-embedding-ada-002",
 ];
 
 /// `GET /v1/models`, serialized once.
@@ -293,52 +300,17 @@ pub(super) async fn chat(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let key = common::header_str(&headers, "authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .trim();
+    let key = bearer_key(&headers);
     let state = shared.keys.entry(OpenAi::PROVIDER, key);
     let refuse =
         |outcome, response| shared.refused(OpenAi::PROVIDER, &state, key, outcome, response);
-    match shared.check_key(Some(key)) {
-        KeyCheck::Missing => {
-            let response = error(
-                StatusCode::UNAUTHORIZED,
-                MISSING_KEY,
-                "invalid_request_error",
-                None,
-            );
-            return refuse(Outcome::Unauthorized, response);
-        }
-        KeyCheck::Invalid => {
-            let message = format!(
-                "Incorrect API key provided: {}. You can find your API key at \
-                 https://platform.openai.com/account/api-keys.",
-                mask(key)
-            );
-            let response = error(
-                StatusCode::UNAUTHORIZED,
-                &message,
-                "invalid_request_error",
-                Some("invalid_api_key"),
-            );
-            return refuse(Outcome::Unauthorized, response);
-        }
-        KeyCheck::Valid => {}
+    if let Some(response) = key_error(&shared, key) {
+        return refuse(Outcome::Unauthorized, response);
     }
     let request = match parse(&body) {
         Ok(request) => request,
         Err((message, param)) => {
-            let body = ErrorBody {
-                error: ErrorDetail {
-                    message: &message,
-                    kind: "invalid_request_error",
-                    param,
-                    code: None,
-                },
-            };
-            let response = json_response(StatusCode::BAD_REQUEST, &body);
-            return refuse(Outcome::ClientError, response);
+            return refuse(Outcome::ClientError, invalid_request(&message, param));
         }
     };
     let model = request.model.as_deref().unwrap_or_default();
@@ -346,6 +318,53 @@ pub(super) async fn chat(
     let response = respond(&call, &request, model).await;
     shared.finish(OpenAi::PROVIDER, &state, key, model, response.status());
     response
+}
+
+/// The key of `Authorization: Bearer <key>` (`""` when absent).
+pub(super) fn bearer_key(headers: &HeaderMap) -> &str {
+    common::header_str(headers, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .trim()
+}
+
+/// OpenAI's 401 for a missing or refused key; `None` for a valid one.
+fn key_error(shared: &Shared, key: &str) -> Option<Response> {
+    match shared.check_key(Some(key)) {
+        KeyCheck::Missing => Some(error(
+            StatusCode::UNAUTHORIZED,
+            MISSING_KEY,
+            "invalid_request_error",
+            None,
+        )),
+        KeyCheck::Invalid => {
+            let message = format!(
+                "Incorrect API key provided: {}. You can find your API key at \
+                 https://platform.openai.com/account/api-keys.",
+                mask(key)
+            );
+            Some(error(
+                StatusCode::UNAUTHORIZED,
+                &message,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ))
+        }
+        KeyCheck::Valid => None,
+    }
+}
+
+/// A 400 `invalid_request_error` naming `param`.
+fn invalid_request(message: &str, param: Option<&str>) -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            message,
+            kind: "invalid_request_error",
+            param,
+            code: None,
+        },
+    };
+    json_response(StatusCode::BAD_REQUEST, &body)
 }
 
 /// Parses the body; a refusal is `(message, param)` for a 400 `invalid_request_error`.

@@ -4,7 +4,7 @@
 //! | # | stage            | where                          | status                         |
 //! |---|------------------|--------------------------------|--------------------------------|
 //! | 1 | identity         | the door, from headers, before the body is read | not built yet (tiers issue) |
-//! | 2 | parse            | the door: its wire format -> [`ChatRequest`] | built            |
+//! | 2 | parse            | the door: its wire format -> [`ChatRequest`] (or [`EmbeddingsRequest`]) | built |
 //! | 3 | classify         | here, prompt class             | not built yet (routing issue)  |
 //! | 4 | cache lookup     | here                           | not built yet (cache issue)    |
 //! | 5 | dedup            | here, join an identical request in flight | not built yet (cache issue) |
@@ -13,7 +13,9 @@
 //! | 8 | cache store      | here, tees the typed answer    | not built yet (cache issue)    |
 //!
 //! A stage that is not built is absent, not a stub: it costs nothing. Each later stage adds
-//! its step to [`chat`] (and its field to the context) without touching the others. The
+//! its step to [`chat`] (and its field to the context) without touching the others.
+//! Embeddings ([`embeddings`]) run the same chain; of the stages built so far they have the
+//! queue and route stages, over the same key budgets. The
 //! answer leaves the chain typed ([`ReplyBody`]: a whole response or a stream of chunks) and
 //! the door renders it in its own format, so a stage can tee or replay it without parsing.
 //!
@@ -24,6 +26,7 @@ pub mod ctx;
 pub use ctx::{Door, RequestCtx, RequestId, RouteDecision};
 
 use crate::providers::types::ChatRequest;
+use crate::providers::{EmbeddingsRequest, EmbeddingsResponse};
 use crate::route::{Dispatcher, Reply, RouteError, View};
 
 /// Runs stages 3-8 for a parsed chat request (stages 1-2 ran in the door) and records the
@@ -36,12 +39,31 @@ pub async fn chat(
 ) -> Result<Reply, RouteError> {
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
     let reply = dispatcher.chat(view, req, ctx.deadline).await;
-    if let Ok(reply) = &reply {
+    decided(ctx, &reply);
+    reply
+}
+
+/// Runs stages 3-8 for a parsed embeddings request (stages 1-2 ran in the door) and records
+/// the route decision on `ctx`.
+pub async fn embeddings(
+    dispatcher: &Dispatcher,
+    view: &View,
+    ctx: &mut RequestCtx,
+    req: &EmbeddingsRequest,
+) -> Result<Reply<EmbeddingsResponse>, RouteError> {
+    // 6 + 7: admission in the route's queue, then attempts over keys and providers.
+    let reply = dispatcher.embeddings(view, req, ctx.deadline).await;
+    decided(ctx, &reply);
+    reply
+}
+
+/// Records the route stage's decision on `ctx`.
+fn decided<B>(ctx: &mut RequestCtx, reply: &Result<Reply<B>, RouteError>) {
+    if let Ok(reply) = reply {
         ctx.route = Some(RouteDecision {
             provider: reply.provider.clone(),
             key: reply.key.clone(),
             attempts: reply.attempts,
         });
     }
-    reply
 }

@@ -11,6 +11,9 @@
 //! 4. otherwise [`Adapter::classify`] turns status, headers and body into a
 //!    [`ProviderError`] that says whether to retry, cool or fail the key, or open the circuit;
 //! 5. on every response, [`Adapter::rate_limit_info`] reads the provider's budget headers.
+//!
+//! Embeddings ([`embed`]) take the same steps with [`Adapter::build_embeddings_request`] and
+//! [`Adapter::parse_embeddings_response`]; errors are classified by the same `classify`.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -21,6 +24,7 @@ use http::{HeaderMap, HeaderValue, Method, header};
 use serde_json::{Map, Value};
 
 pub mod anthropic;
+pub mod embed;
 pub mod error;
 pub mod gemini;
 pub mod ollama;
@@ -31,6 +35,7 @@ pub mod sse;
 pub mod stream;
 pub mod types;
 
+pub use embed::{EmbeddingsRequest, EmbeddingsResponse};
 pub use error::{Fault, ProviderError, Result};
 pub use ratelimit::RateLimitInfo;
 pub use stream::StreamDecoder;
@@ -232,6 +237,64 @@ impl Adapter {
         }
     }
 
+    /// Whether the provider has an embeddings API (Anthropic has none).
+    pub fn offers_embeddings(self) -> bool {
+        !matches!(self, Adapter::Anthropic)
+    }
+
+    /// Whether this provider can take `req` for `upstream_model`, without building anything:
+    /// the refusals of [`build_embeddings_request`](Self::build_embeddings_request) (no
+    /// embeddings API, token ids, too many inputs, unmodelled fields), each a `BadRequest`
+    /// naming the field. Lets `route` leave such a target out before spending budget on it.
+    pub fn check_embeddings(self, upstream_model: &str, req: &EmbeddingsRequest) -> Result<()> {
+        match self {
+            Adapter::OpenAi => Ok(()),
+            Adapter::Gemini => embed::gemini::check(req),
+            Adapter::Ollama => embed::ollama::check(req),
+            Adapter::Anthropic => Err(no_embeddings(upstream_model)),
+        }
+    }
+
+    /// Translates an embeddings request into the provider's request for `upstream_model`.
+    ///
+    /// Fails with `BadRequest` when the provider has no embeddings API or cannot take what
+    /// the request holds (the message names the field), and with `Unauthorized` when the key
+    /// is not a valid header value.
+    pub fn build_embeddings_request(
+        &self,
+        base_url: &str,
+        api_key: Option<&str>,
+        upstream_model: &str,
+        req: &EmbeddingsRequest,
+    ) -> Result<UpstreamRequest> {
+        match self {
+            Adapter::OpenAi => embed::openai::build_request(base_url, api_key, upstream_model, req),
+            Adapter::Gemini => embed::gemini::build_request(base_url, api_key, upstream_model, req),
+            Adapter::Ollama => embed::ollama::build_request(base_url, api_key, upstream_model, req),
+            Adapter::Anthropic => Err(no_embeddings(upstream_model)),
+        }
+    }
+
+    /// Parses a 2xx embeddings body into OpenAI's `list` shape whose `model` is
+    /// `model_for_caller`, with vectors in the caller's `encoding_format`. A body that is not
+    /// the provider's format, or that holds a vector count other than the inputs', is
+    /// `Malformed`.
+    pub fn parse_embeddings_response(
+        &self,
+        body: &[u8],
+        model_for_caller: &str,
+        req: &EmbeddingsRequest,
+    ) -> Result<EmbeddingsResponse> {
+        match self {
+            Adapter::OpenAi => embed::openai::parse_response(body, model_for_caller, req),
+            Adapter::Gemini => embed::gemini::parse_response(body, model_for_caller, req),
+            Adapter::Ollama => embed::ollama::parse_response(body, model_for_caller, req),
+            Adapter::Anthropic => Err(ProviderError::Malformed(
+                "Anthropic has no embeddings API".into(),
+            )),
+        }
+    }
+
     /// Classifies a non-2xx response, reading `retry-after` and the provider's error JSON.
     pub fn classify(&self, status: u16, headers: &HeaderMap, body: &[u8]) -> ProviderError {
         self.classify_at(status, headers, body, SystemTime::now())
@@ -261,6 +324,14 @@ impl Adapter {
             Adapter::Gemini | Adapter::Ollama => ratelimit::retry_after_only(headers, now),
         }
     }
+}
+
+/// The refusal of an embeddings request routed to a provider without an embeddings API.
+fn no_embeddings(upstream_model: &str) -> ProviderError {
+    ProviderError::unsupported(format!(
+        "the model `{upstream_model}` is served by an Anthropic target, and Anthropic has no \
+         embeddings API"
+    ))
 }
 
 /// Per-message overhead of chat formatting (role markers), in tokens.

@@ -140,6 +140,16 @@ impl<'a> Attempts<'a> {
         self.made
     }
 
+    /// Leaves target `target_index` out of this request's attempts: its provider cannot serve
+    /// this request at all (no embeddings API, an input it cannot take), so no budget is spent
+    /// on it and no wait counts on it. A target past the 64th cannot be left out; a call to it
+    /// fails like any refused request instead.
+    pub fn skip(&mut self, target_index: usize) {
+        if target_index < 64 {
+            self.skipped |= 1 << target_index;
+        }
+    }
+
     /// An attempt failed with `error`: `Ok` to try again, or the error to answer with.
     pub fn failed(&mut self, target_index: usize, error: ProviderError) -> Result<(), RouteError> {
         let lease = &self.route.targets[target_index];

@@ -7,6 +7,8 @@
 //!
 //! The answer is typed: a whole [`ChatResponse`] or a stream of [`ChatChunk`]s
 //! ([`ChunkStream`]); the front door that took the request renders it in its own format.
+//! Embeddings ([`Dispatcher::embeddings`]) spend the same key budgets through the same
+//! attempt loop ([`attempt`]) and answer an [`EmbeddingsResponse`].
 
 pub mod attempt;
 pub mod breaker;
@@ -19,7 +21,9 @@ use crate::budget::{Budgets, SharedError, SharedOptions, Signal};
 use crate::config::Config;
 use crate::config::watch::ConfigSink;
 use crate::providers::types::ChatRequest;
-use crate::providers::{ChatChunk, ChatResponse, ProviderError};
+use crate::providers::{
+    ChatChunk, ChatResponse, EmbeddingsRequest, EmbeddingsResponse, ProviderError,
+};
 use arc_swap::ArcSwap;
 use attempt::{Attempts, Demand};
 use futures::Stream;
@@ -34,8 +38,8 @@ use tokio::time::Instant;
 /// or with one `Err` when the upstream broke mid-stream (nothing follows it).
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, ProviderError>> + Send>>;
 
-/// What the caller gets back.
-pub struct Reply {
+/// What the caller gets back: a chat answer ([`ReplyBody`]), or an [`EmbeddingsResponse`].
+pub struct Reply<B = ReplyBody> {
     /// Provider that answered.
     pub provider: Arc<str>,
     /// Key that was used (its display name).
@@ -43,10 +47,10 @@ pub struct Reply {
     /// Upstream attempts made.
     pub attempts: u32,
     /// The answer.
-    pub body: ReplyBody,
+    pub body: B,
 }
 
-impl std::fmt::Debug for Reply {
+impl<B> std::fmt::Debug for Reply<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reply")
             .field("provider", &self.provider)
@@ -296,6 +300,66 @@ impl Dispatcher {
             )
             .await;
             match result {
+                Ok(body) => {
+                    return Ok(Reply {
+                        provider: lease.provider.name.clone(),
+                        key: lease.key.name.clone(),
+                        attempts: attempts.made(),
+                        body,
+                    });
+                }
+                Err(error) => attempts.failed(lease.target_index, error)?,
+            }
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Serves one embeddings request on `view`, waiting for budget until `deadline` at the
+    /// latest. It spends the same key budgets as chat: one request, and the input's estimated
+    /// tokens (settled with the provider's count). Targets whose provider cannot take the
+    /// request (Anthropic, or token ids for Gemini and Ollama) are left out before any budget
+    /// is spent; when none can, the first refusal is the answer (a 400 naming the field).
+    pub async fn embeddings(
+        &self,
+        view: &View,
+        req: &EmbeddingsRequest,
+        deadline: Instant,
+    ) -> Result<Reply<EmbeddingsResponse>, RouteError> {
+        let runtime = &view.runtime;
+        let route = runtime
+            .routes
+            .get(&req.model)
+            .ok_or_else(|| RouteError::UnknownModel(req.model.clone()))?;
+        let demand = Demand::input_only(u64::from(req.estimate_tokens()));
+        let mut attempts = Attempts::new(self, runtime, route, demand, deadline);
+        let mut refusal = None;
+        let mut servable = false;
+        for (i, target) in route.targets.iter().enumerate() {
+            let adapter = runtime.providers[target.provider].adapter;
+            match adapter.check_embeddings(&target.upstream_model, req) {
+                Ok(()) => servable = true,
+                Err(error) => {
+                    attempts.skip(i);
+                    refusal.get_or_insert(error);
+                }
+            }
+        }
+        if let (false, Some(error)) = (servable, refusal) {
+            return Err(RouteError::Upstream { error, attempts: 0 });
+        }
+        loop {
+            let lease = attempts.next().await?;
+            let http = upstream::thread_client(lease.provider.timeouts.connect_ms);
+            let call = upstream::embed(
+                &http,
+                lease.provider,
+                lease.key,
+                lease.target,
+                req,
+                lease.permit,
+            );
+            match call.await {
                 Ok(body) => {
                     return Ok(Reply {
                         provider: lease.provider.name.clone(),

@@ -1,6 +1,7 @@
 //! One upstream call: build the provider's request, send it, and turn the answer into a
-//! chat.completion or a stream of SSE events. The outcome updates the key (cool-down after a
-//! 429, out after a 401/403, learned budget headers) and the provider's breaker.
+//! chat.completion, a stream of chunks ([`call`]) or an embeddings list ([`embed`]). The
+//! outcome updates the key (cool-down after a 429, out after a 401/403, learned budget headers)
+//! and the provider's breaker, whatever the operation.
 //!
 //! A stream is committed to the caller only once the first chunk has been decoded, so an
 //! upstream that fails before that can still fall over to the next target. After that a stall
@@ -12,11 +13,14 @@ use super::runtime::{KeyRt, ProviderRt, Target};
 use crate::budget::{KeyBudget, Permit};
 use crate::metrics::{self, TargetMetrics, UpstreamLabels};
 use crate::providers::types::ChatRequest;
-use crate::providers::{ChatChunk, ProviderError, StreamDecoder, Usage};
+use crate::providers::{
+    ChatChunk, EmbeddingsRequest, EmbeddingsResponse, ProviderError, StreamDecoder, Usage,
+};
 use crate::telemetry;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -61,8 +65,8 @@ pub(super) fn thread_client(connect_ms: u32) -> reqwest::Client {
     })
 }
 
-/// Calls `target` at `provider` with `key` and records the outcome on the key, the breaker
-/// and the target's metrics.
+/// Calls `target` at `provider` with `key` for a chat and records the outcome on the key,
+/// the breaker and the target's metrics.
 pub(super) async fn call(
     http: &reqwest::Client,
     provider: &ProviderRt,
@@ -72,10 +76,40 @@ pub(super) async fn call(
     permit: Permit,
 ) -> Result<ReplyBody, ProviderError> {
     let started = Instant::now();
-    let span = attempt_span(provider, key, &target.upstream_model);
-    let result = send(http, provider, key, target, req, permit)
-        .instrument(span.clone())
-        .await;
+    let send = send(http, provider, key, target, req, permit);
+    let result = observed(provider, key, target, "chat", send).await;
+    if req.stream && result.is_ok() {
+        target.metrics.ttft.observe(started.elapsed().as_secs_f64());
+    }
+    result
+}
+
+/// Calls `target` at `provider` with `key` for embeddings and records the outcome as for
+/// chat.
+pub(super) async fn embed(
+    http: &reqwest::Client,
+    provider: &ProviderRt,
+    key: &KeyRt,
+    target: &Target,
+    req: &EmbeddingsRequest,
+    permit: Permit,
+) -> Result<EmbeddingsResponse, ProviderError> {
+    let send = send_embeddings(http, provider, key, target, req, permit);
+    observed(provider, key, target, "embeddings", send).await
+}
+
+/// Runs one attempt's `send` in its span, then records the outcome: upstream time and
+/// metrics, and on the key (cool-down, failure) and the provider's breaker.
+async fn observed<T>(
+    provider: &ProviderRt,
+    key: &KeyRt,
+    target: &Target,
+    operation: &'static str,
+    send: impl Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    let started = Instant::now();
+    let span = attempt_span(provider, key, &target.upstream_model, operation);
+    let result = send.instrument(span.clone()).await;
     if let Err(e) = &result {
         record_error(&span, e);
     }
@@ -83,12 +117,7 @@ pub(super) async fn call(
     let elapsed = now - started;
     metrics::add_upstream_time(elapsed);
     match &result {
-        Ok(_) => {
-            target.metrics.upstream_ok.observe(elapsed.as_secs_f64());
-            if req.stream {
-                target.metrics.ttft.observe(elapsed.as_secs_f64());
-            }
-        }
+        Ok(_) => target.metrics.upstream_ok.observe(elapsed.as_secs_f64()),
         Err(e) => {
             metrics::global()
                 .upstream_seconds
@@ -99,17 +128,12 @@ pub(super) async fn call(
                 .observe(elapsed.as_secs_f64());
         }
     }
-    outcome(provider, key, &result, now);
+    outcome(provider, key, result.as_ref().map(|_| ()), now);
     result
 }
 
 /// What an attempt's result says about the key and the provider.
-fn outcome(
-    provider: &ProviderRt,
-    key: &KeyRt,
-    result: &Result<ReplyBody, ProviderError>,
-    now: Instant,
-) {
+fn outcome(provider: &ProviderRt, key: &KeyRt, result: Result<(), &ProviderError>, now: Instant) {
     match result {
         Ok(_) => provider.breaker.success(),
         Err(e) => {
@@ -133,15 +157,20 @@ fn outcome(
 ///
 /// Field values are evaluated only when the span is enabled; setting them here rather than
 /// recording them later saves a dispatch each.
-fn attempt_span(provider: &ProviderRt, key: &KeyRt, upstream_model: &str) -> Span {
+fn attempt_span(
+    provider: &ProviderRt,
+    key: &KeyRt,
+    upstream_model: &str,
+    operation: &'static str,
+) -> Span {
     tracing::info_span!(
         target: telemetry::TARGET,
         "upstream",
         // GenAI span name `{operation} {model}`.
-        otel.name = %format_args!("chat {upstream_model}"),
+        otel.name = %format_args!("{operation} {upstream_model}"),
         otel.kind = "client",
         otel.status_code = Empty,
-        gen_ai.operation.name = "chat",
+        gen_ai.operation.name = operation,
         gen_ai.provider.name = provider.provider_type,
         gen_ai.request.model = upstream_model,
         server.address = telemetry::host_of(&provider.base_url),
@@ -173,47 +202,23 @@ async fn send(
         .as_ref()
         .map_err(|e| ProviderError::Connect(format!("the provider's URL is not valid: {e}")))?;
     let headers = key.headers.as_ref().map_err(Clone::clone)?;
-    let timeouts = &provider.timeouts;
     let started = Instant::now();
     // One timer for the whole exchange: response headers, and a whole answer's body. A
     // stream's length is unbounded (its idle time is bounded instead).
-    let deadline = started + Duration::from_secs(u64::from(timeouts.request_seconds));
+    let deadline = started + Duration::from_secs(u64::from(provider.timeouts.request_seconds));
     let expired = tokio::time::sleep_until(deadline);
     tokio::pin!(expired);
-    let request = http
-        .post(url.clone())
-        .headers(headers.clone())
-        .body(body)
-        .send();
-    let sent = tokio::select! {
-        sent = request => sent,
-        () = &mut expired => {
-            permit.answered();
-            return Err(ProviderError::Timeout);
-        }
-    };
-    permit.answered();
-    let response = sent.map_err(|e| transport_error(&e))?;
-    let status = response.status();
-    let info = adapter.rate_limit_info(response.headers(), SystemTime::now());
-    key.budget.learn(&info, Instant::now());
-    if !status.is_success() {
-        let headers = response.headers().clone();
-        let body = response.bytes().await.unwrap_or_default();
-        return Err(adapter.classify(status.as_u16(), &headers, &body));
-    }
+    let request = http.post(url.clone()).headers(headers.clone()).body(body);
+    let response = exchange(provider, key, request, &mut permit, expired.as_mut()).await?;
     if !req.stream {
-        let body = tokio::select! {
-            body = response.bytes() => body.map_err(|e| transport_error(&e))?,
-            () = &mut expired => return Err(ProviderError::Timeout),
-        };
+        let body = read_whole(response, expired.as_mut()).await?;
         let parsed = adapter.parse_response(&body, &req.model)?;
         let usage = parsed.usage.unwrap_or_default();
         permit.settle(u64::from(usage.total_tokens));
         UsageRecord::new(target, started).record(usage);
         return Ok(ReplyBody::Complete(parsed));
     }
-    let idle = Duration::from_secs(u64::from(timeouts.stream_idle_seconds));
+    let idle = Duration::from_secs(u64::from(provider.timeouts.stream_idle_seconds));
     let decoder = adapter.stream_decoder(&req.model, req.include_usage());
     let mut pump = Pump {
         upstream: Box::pin(response.bytes_stream()),
@@ -228,6 +233,82 @@ async fn send(
     // Before anything reaches the caller, a failure is still an ordinary (retryable) error.
     pump.prime().await?;
     Ok(ReplyBody::Stream(Box::pin(pump.into_chunks())))
+}
+
+/// Sends `request` and waits for the response headers (until `expired`), marks the permit
+/// answered, learns the provider's budget headers, and classifies a non-2xx answer.
+async fn exchange(
+    provider: &ProviderRt,
+    key: &KeyRt,
+    request: reqwest::RequestBuilder,
+    permit: &mut Permit,
+    expired: Pin<&mut tokio::time::Sleep>,
+) -> Result<reqwest::Response, ProviderError> {
+    let sent = tokio::select! {
+        sent = request.send() => sent,
+        () = expired => {
+            permit.answered();
+            return Err(ProviderError::Timeout);
+        }
+    };
+    permit.answered();
+    let response = sent.map_err(|e| transport_error(&e))?;
+    let status = response.status();
+    let info = provider
+        .adapter
+        .rate_limit_info(response.headers(), SystemTime::now());
+    key.budget.learn(&info, Instant::now());
+    if !status.is_success() {
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap_or_default();
+        return Err(provider.adapter.classify(status.as_u16(), &headers, &body));
+    }
+    Ok(response)
+}
+
+/// A whole answer's body, read until `expired`.
+async fn read_whole(
+    response: reqwest::Response,
+    expired: Pin<&mut tokio::time::Sleep>,
+) -> Result<Bytes, ProviderError> {
+    tokio::select! {
+        body = response.bytes() => body.map_err(|e| transport_error(&e)),
+        () = expired => Err(ProviderError::Timeout),
+    }
+}
+
+async fn send_embeddings(
+    http: &reqwest::Client,
+    provider: &ProviderRt,
+    key: &KeyRt,
+    target: &Target,
+    req: &EmbeddingsRequest,
+    mut permit: Permit,
+) -> Result<EmbeddingsResponse, ProviderError> {
+    let secret = key.secret.as_ref().map(|s| s.expose());
+    let up = provider.adapter.build_embeddings_request(
+        &provider.base_url,
+        secret,
+        &target.upstream_model,
+        req,
+    )?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(u64::from(provider.timeouts.request_seconds));
+    let expired = tokio::time::sleep_until(deadline);
+    tokio::pin!(expired);
+    let request = http
+        .request(up.method, &up.url)
+        .headers(up.headers)
+        .body(up.body);
+    let response = exchange(provider, key, request, &mut permit, expired.as_mut()).await?;
+    let body = read_whole(response, expired.as_mut()).await?;
+    let parsed = provider
+        .adapter
+        .parse_embeddings_response(&body, &req.model, req)?;
+    let tokens = parsed.usage.total_tokens;
+    permit.settle(u64::from(tokens));
+    UsageRecord::new(target, started).record(Usage::new(tokens, 0));
+    Ok(parsed)
 }
 
 fn transport_error(e: &reqwest::Error) -> ProviderError {

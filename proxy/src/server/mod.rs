@@ -9,13 +9,14 @@
 //! 4. sensitive headers: `Authorization` and the API-key headers are redacted from traces;
 //! 5. trace: one span per request.
 //!
-//! Each door (`chat` for OpenAI, `messages` for Anthropic) builds the request's [`RequestCtx`](crate::pipeline::RequestCtx)
+//! Each door (`chat` and `embeddings` for OpenAI, `messages` for Anthropic) builds the request's [`RequestCtx`](crate::pipeline::RequestCtx)
 //! from the headers, reads and parses the body (its size bounded by [`AppState::body_limit`],
 //! answered in the door's error format, which a generic body-limit layer could not do), runs
 //! the [`pipeline`](crate::pipeline) and renders its typed answer.
 
 mod chat;
 pub mod door;
+mod embeddings;
 pub mod error;
 pub mod messages;
 mod models;
@@ -94,6 +95,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/models", get(models::list))
         .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/messages", post(messages::create))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/metrics", get(metrics))
