@@ -19,8 +19,8 @@ use serde_json::{Map, Value};
 use self::logprobs::LogprobsResult;
 use super::error::{ProviderError, Result, UpstreamError, body_excerpt};
 use super::params::{
-    ResponseFormat, as_bool, as_f64, as_i64, as_u32, check_range, invalid_field, is_neutral,
-    response_format, unsupported_field,
+    ResponseFormat, as_bool, as_f64, as_i64, as_u32, check_betas, check_range, invalid_field,
+    is_neutral, response_format, unsupported_field,
 };
 use super::ratelimit;
 use super::sse::{SseEvent, SseParser};
@@ -295,6 +295,7 @@ pub(crate) fn build_request(
     stream: bool,
 ) -> Result<UpstreamRequest> {
     reject_multiple_choices(req, PROVIDER)?;
+    check_betas(req, PROVIDER)?;
     check_range("temperature", req.temperature, 0.0..=2.0, PROVIDER)?;
     check_range("top_p", req.top_p, 0.0..=1.0, PROVIDER)?;
     let mut generation_config = GenerationConfig {
@@ -444,9 +445,9 @@ fn user_parts(message: &ChatMessage) -> Result<Vec<Part>> {
     let mut parts = Vec::new();
     for part in content.parts() {
         match part {
-            ContentPart::Text { text } if text.is_empty() => {}
-            ContentPart::Text { text } => parts.push(Part::Text(text)),
-            ContentPart::ImageUrl { image_url } => {
+            ContentPart::Text { text, .. } if text.is_empty() => {}
+            ContentPart::Text { text, .. } => parts.push(Part::Text(text)),
+            ContentPart::ImageUrl { image_url, .. } => {
                 let (mime_type, data) = parse_data_url(&image_url.url).ok_or_else(|| {
                     ProviderError::unsupported("Gemini takes images only as data: URLs")
                 })?;
@@ -484,8 +485,10 @@ fn function_response(message: &ChatMessage, names: &HashMap<&str, &str>) -> Resu
             ProviderError::unsupported("tool message does not answer an earlier tool call")
         })?;
     // `response` must be an object: a JSON object result goes as is, anything else wrapped.
+    // A failed call's result goes under `error`, the key Gemini reads as error details.
     let text = message.text();
     let response = match serde_json::from_str::<Value>(&text) {
+        _ if message.tool_error => serde_json::json!({ "error": text }),
         Ok(Value::Object(object)) => Value::Object(object),
         _ => serde_json::json!({ "result": text }),
     };
@@ -550,6 +553,7 @@ pub(crate) fn parse_response(body: &[u8], model_for_caller: &str) -> Result<Chat
                             .unwrap_or_else(|| Value::Object(Map::new()))
                             .to_string(),
                     },
+                    cache_control: None,
                 }),
                 (Some(t), None) if !part.thought => text.push_str(&t),
                 _ => {}

@@ -234,7 +234,7 @@ pub fn estimate_prompt_tokens(req: &ChatRequest) -> u32 {
             Some(types::MessageContent::Parts(parts)) => {
                 for part in parts {
                     match part {
-                        types::ContentPart::Text { text } => bytes += text.len(),
+                        types::ContentPart::Text { text, .. } => bytes += text.len(),
                         types::ContentPart::ImageUrl { .. } => {
                             tokens = tokens.saturating_add(TOKENS_PER_IMAGE);
                         }
@@ -375,6 +375,7 @@ pub(crate) fn completion(
             finish_reason: Some(finish_reason),
             logprobs: None,
             extra: Map::new(),
+            stop_sequence: None,
         }],
         usage: Some(usage),
         usage_details: Map::new(),

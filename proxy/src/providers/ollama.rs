@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use super::error::{ProviderError, Result, UpstreamError, body_excerpt};
 use super::params::{
-    ResponseFormat, as_f64, as_i64, as_u32, check_range, invalid_field, is_neutral,
+    ResponseFormat, as_f64, as_i64, as_u32, check_betas, check_range, invalid_field, is_neutral,
     response_format, unsupported_field,
 };
 use super::ratelimit;
@@ -167,6 +167,7 @@ impl ResponseToolCall {
                     .unwrap_or_else(|| Value::Object(Map::new()))
                     .to_string(),
             },
+            cache_control: None,
         }
     }
 }
@@ -186,6 +187,7 @@ pub(crate) fn build_request(
     stream: bool,
 ) -> Result<UpstreamRequest> {
     reject_multiple_choices(req, PROVIDER)?;
+    check_betas(req, PROVIDER)?;
     // Ollama documents no upper bound for temperature; a negative one is meaningless.
     if req.temperature.is_some_and(|t| t < 0.0) {
         return Err(invalid_field("temperature", PROVIDER, "at least 0"));
@@ -294,7 +296,8 @@ fn convert_messages(messages: &[ChatMessage]) -> Result<Vec<OllamaMessage>> {
                 .map(|name| (*name).to_owned());
             Ok(OllamaMessage {
                 role,
-                content: message.text(),
+                // Ollama has no error flag for a tool result: the text says so.
+                content: message.tool_result_text(),
                 images: images(message)?,
                 tool_calls,
                 tool_name,
@@ -310,7 +313,7 @@ fn images(message: &ChatMessage) -> Result<Option<Vec<String>>> {
     };
     let mut images = Vec::new();
     for part in content.parts() {
-        if let ContentPart::ImageUrl { image_url } = part {
+        if let ContentPart::ImageUrl { image_url, .. } = part {
             let (_, data) = parse_data_url(&image_url.url).ok_or_else(|| {
                 ProviderError::unsupported("Ollama takes images only as data: URLs")
             })?;
