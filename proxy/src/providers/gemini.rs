@@ -7,6 +7,12 @@
 //! Parameters are mapped or refused as the table in [`super::params`] says: `top_k`, `seed`,
 //! the penalties, `response_format` and `logprobs` go into `generationConfig` (and an
 //! answer's `logprobsResult` comes back as OpenAI `logprobs`).
+//!
+//! From the Anthropic door: cache breakpoints are accepted and not sent (a cost hint; Gemini
+//! caches prefixes on its own and has no per-part marker), a failed tool call's result goes
+//! as `functionResponse.response: {"error": ...}` (Gemini's key for error details), and
+//! `anthropic-beta` is held to [`PORTABLE_BETAS`](super::params::PORTABLE_BETAS). Gemini's
+//! `STOP` does not say whether a stop sequence matched, so none is reported.
 
 use std::collections::HashMap;
 use std::time::SystemTime;

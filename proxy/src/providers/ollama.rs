@@ -2,6 +2,12 @@
 //! newline-delimited JSON; the last object has `"done": true` and the token counts.
 //! Parameters are mapped or refused as the table in [`super::params`] says: `top_k`, `seed`
 //! and the penalties go into `options`, `response_format` becomes `format`.
+//!
+//! From the Anthropic door: cache breakpoints are accepted and not sent (a cost hint; Ollama
+//! keeps its own context cache), a failed tool call's result is prefixed with `Error: `
+//! (Ollama has no error flag), and `anthropic-beta` is held to
+//! [`PORTABLE_BETAS`](super::params::PORTABLE_BETAS). `done_reason: "stop"` does not say
+//! whether a stop sequence matched, so none is reported.
 
 use std::time::SystemTime;
 
