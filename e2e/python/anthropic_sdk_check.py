@@ -1,12 +1,18 @@
 """Drives a Floodgate gateway with the official Anthropic Python SDK, as an application would.
 
 Usage: anthropic_sdk_check.py --base-url http://127.0.0.1:PORT --model claude-sonnet-4 [--model gpt-4o-mini]
+       [--reports-stop-sequence claude-sonnet-4]
 
 For every model: counts the prompt's tokens, sends a message, streams a message (checking the
-final usage), and at the end checks that an unknown model raises the SDK's NotFoundError. The
-gateway must sit in front of the mock providers, which answer "mock answer to: " + the first 40
-characters of the last user message. Prints one line per check and exits non-zero on the first
-failure.
+final usage), sends a message and streams one with a cached system prompt (`cache_control`)
+and a stop sequence the answer contains (the answer must end before it; `stop_reason` must be
+`stop_sequence` with the sequence for the models named by --reports-stop-sequence, whose
+upstream says which sequence matched, and `end_turn` for the others, whose upstream cannot
+tell), and sends `anthropic-beta` headers (a portable beta works everywhere; an unknown one is
+refused with a 400 naming it unless the model's upstream is Anthropic's). At the end checks
+that an unknown model raises the SDK's NotFoundError. The gateway must sit in front of the mock
+providers, which answer "mock answer to: " + the first 40 characters of the last user message
+and honour stop sequences. Prints one line per check and exits non-zero on the first failure.
 """
 
 import argparse
@@ -18,6 +24,11 @@ PROMPT = "Please greet the Anthropic Python SDK, which is talking through Floodg
 EXPECTED = "mock answer to: " + PROMPT[:40]
 SYSTEM = "Answer in one line."
 MAX_TOKENS = 200
+# A word of the mock's answer: the answer must end just before it.
+STOP = "Python"
+STOPPED = EXPECTED[: EXPECTED.index(STOP)]
+CACHED_SYSTEM = [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]
+UNKNOWN_BETA = "no-such-beta-2099-01-01"
 
 
 class CheckFailed(Exception):
@@ -77,6 +88,57 @@ def streamed(client, model):
     print(f"ok   {model}: streamed message in {len(parts)} deltas, {usage.output_tokens} output tokens")
 
 
+def expected_stop(model, reported):
+    """stop_reason and stop_sequence the gateway must report for a stopped answer."""
+    return ("stop_sequence", STOP) if model in reported else ("end_turn", None)
+
+
+def stopped(client, model, reported):
+    reason, sequence = expected_stop(model, reported)
+    reply = client.messages.create(
+        model=model, max_tokens=MAX_TOKENS, system=CACHED_SYSTEM, messages=messages(),
+        stop_sequences=[STOP],
+    )
+    text = reply.content[0].text if reply.content else ""
+    check(text == STOPPED, f"stopped text {text!r}, expected {STOPPED!r}")
+    check(reply.stop_reason == reason, f"stop_reason {reply.stop_reason!r}, expected {reason!r}")
+    check(reply.stop_sequence == sequence, f"stop_sequence {reply.stop_sequence!r}, expected {sequence!r}")
+    with client.messages.stream(
+        model=model, max_tokens=MAX_TOKENS, system=CACHED_SYSTEM, messages=messages(),
+        stop_sequences=[STOP],
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    check(text == STOPPED, f"streamed stopped text {text!r}, expected {STOPPED!r}")
+    check(final.stop_reason == reason, f"streamed stop_reason {final.stop_reason!r}, expected {reason!r}")
+    check(final.stop_sequence == sequence, f"streamed stop_sequence {final.stop_sequence!r}")
+    print(f"ok   {model}: cached system prompt, stop sequence: {reason} {sequence!r}, streamed too")
+
+
+def betas(client, model, anthropic_upstream):
+    reply = client.beta.messages.create(
+        model=model, max_tokens=MAX_TOKENS, messages=messages(), betas=["prompt-caching-2024-07-31"]
+    )
+    check(reply.content[0].text == EXPECTED, f"beta reply {reply.content!r}")
+    if anthropic_upstream:
+        client.beta.messages.create(
+            model=model, max_tokens=MAX_TOKENS, messages=messages(), betas=[UNKNOWN_BETA]
+        )
+        print(f"ok   {model}: betas forwarded to Anthropic")
+        return
+    try:
+        client.beta.messages.create(
+            model=model, max_tokens=MAX_TOKENS, messages=messages(), betas=[UNKNOWN_BETA]
+        )
+    except anthropic.BadRequestError as e:
+        error = e.body.get("error", {}) if isinstance(e.body, dict) else {}
+        check(error.get("type") == "invalid_request_error", f"error body {e.body!r}")
+        check(UNKNOWN_BETA in error.get("message", ""), f"refusal does not name the beta: {e.body!r}")
+        print(f"ok   {model}: portable beta accepted, unknown beta refused by name")
+        return
+    raise CheckFailed(f"{model}: an unknown beta was not refused")
+
+
 def unknown_model(client):
     try:
         client.messages.create(model="no-such-model", max_tokens=MAX_TOKENS, messages=messages())
@@ -94,6 +156,10 @@ def main():
     parser.add_argument("--base-url", required=True, help="the gateway's URL, without /v1")
     parser.add_argument("--model", action="append", required=True, help="model or alias (repeatable)")
     parser.add_argument("--api-key", default="floodgate-sdk-check", help="sent as x-api-key")
+    parser.add_argument(
+        "--reports-stop-sequence", action="append", default=[],
+        help="a model whose upstream says which stop sequence matched (repeatable)",
+    )
     args = parser.parse_args()
 
     print(f"anthropic {anthropic.__version__} against {args.base_url}")
@@ -104,6 +170,8 @@ def main():
             count(client, model)
             whole(client, model)
             streamed(client, model)
+            stopped(client, model, args.reports_stop_sequence)
+            betas(client, model, model in args.reports_stop_sequence)
         unknown_model(client)
     except (CheckFailed, anthropic.AnthropicError) as e:
         print(f"FAIL {type(e).__name__}: {e}", file=sys.stderr)

@@ -1,7 +1,9 @@
 //! The official Anthropic Python SDK against the proxy's Messages door: token counting, a
-//! message, a streamed message with usage, and an unknown model, for one model of each wire
-//! format (OpenAI, Anthropic, Gemini, Ollama), so every provider adapter's answers are
-//! rendered in Anthropic's shape. The SDK lives in the virtual environment `make python-venv`
+//! message, a streamed message with usage, a cached system prompt with a stop sequence
+//! (reported as `stop_sequence` only where the upstream says which matched: Anthropic's),
+//! `anthropic-beta` headers, and an unknown model, for one model of each wire format (OpenAI,
+//! Anthropic, Gemini, Ollama), so every provider adapter's answers are rendered in
+//! Anthropic's shape. The SDK lives in the virtual environment `make python-venv`
 //! makes; without it this test fails and says so.
 
 use floodgate_e2e::gateway::Gateway;
@@ -37,7 +39,12 @@ async fn the_anthropic_python_sdk_talks_to_every_wire_format_through_the_proxy()
         "gemini-2.5-flash",
         "llama3.1:8b",
     ];
-    let mut args = vec!["--base-url".to_owned(), gw.url()];
+    let mut args = vec![
+        "--base-url".to_owned(),
+        gw.url(),
+        "--reports-stop-sequence".to_owned(),
+        "claude-sonnet-4".to_owned(),
+    ];
     for model in models {
         args.extend(["--model".to_owned(), model.to_owned()]);
     }
@@ -56,15 +63,21 @@ async fn the_anthropic_python_sdk_talks_to_every_wire_format_through_the_proxy()
         output.status
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
-    // Each model: one message and one streamed message reached its provider; token counting
-    // and the unknown model reached none.
+    // Each model: a message, a streamed one, a stopped one and its stream, one with a
+    // portable beta reached its provider; the unknown beta reached Anthropic's only (the
+    // others refused it before calling out); token counting and the unknown model reached
+    // none.
     let counts = mock.counts();
-    for provider in [
-        Provider::OpenAi,
-        Provider::Anthropic,
-        Provider::Gemini,
-        Provider::Ollama,
+    for (provider, calls) in [
+        (Provider::OpenAi, 5),
+        (Provider::Anthropic, 6),
+        (Provider::Gemini, 5),
+        (Provider::Ollama, 5),
     ] {
-        assert_eq!(counts.provider_total(provider), 2, "{provider:?}\n{stdout}");
+        assert_eq!(
+            counts.provider_total(provider),
+            calls,
+            "{provider:?}\n{stdout}"
+        );
     }
 }

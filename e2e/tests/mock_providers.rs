@@ -584,6 +584,43 @@ async fn anthropic_requires_version_header_and_max_tokens() {
 }
 
 #[tokio::test]
+async fn anthropic_honours_stop_sequences_as_the_api_does() {
+    let h = Harness::default().await;
+    let body = |stream: bool| {
+        json!({"model": "claude-sonnet-4", "max_tokens": 1024, "stream": stream,
+               "stop_sequences": ["nowhere", "capital"],
+               "messages": [{"role": "user", "content": PROMPT}]})
+    };
+    let request = |stream| {
+        h.client
+            .post(h.url("/v1/messages"))
+            .header("x-api-key", KEY)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body(stream))
+    };
+    let whole = send(request(false)).await.json();
+    assert_eq!(whole["content"][0]["text"], "mock answer to: What is the ");
+    assert_eq!(whole["stop_reason"], "stop_sequence");
+    assert_eq!(whole["stop_sequence"], "capital");
+
+    let raw = send(request(true)).await.text();
+    let data: Vec<Value> = events(Provider::Anthropic, &raw)
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = data
+        .iter()
+        .filter_map(|e| e["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(text, "mock answer to: What is the ");
+    let message_delta = &data[data.len() - 2];
+    assert_eq!(
+        message_delta["delta"],
+        json!({"stop_reason": "stop_sequence", "stop_sequence": "capital"})
+    );
+}
+
+#[tokio::test]
 async fn anthropic_overloaded_model_answers_529() {
     let h = Harness::default().await;
     let reply = h

@@ -1,4 +1,6 @@
 //! Anthropic: `POST /v1/messages` with `x-api-key` and a required `anthropic-version`;
+//! `stop_sequences` honoured as the API does (the answer ends before the first one it
+//! contains, with `stop_reason: "stop_sequence"` and the sequence in `stop_sequence`);
 //! message objects or the documented SSE sequence (`message_start`, `content_block_start`,
 //! `ping`, `content_block_delta`…, `content_block_stop`, `message_delta`, `message_stop`),
 //! `anthropic-ratelimit-requests-*` headers and Anthropic's error bodies.
@@ -31,6 +33,8 @@ struct MessagesRequest {
     system: Option<Content>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    stop_sequences: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,7 +106,7 @@ enum StreamEvent<'a> {
         index: u32,
     },
     MessageDelta {
-        delta: StopDelta,
+        delta: StopDelta<'a>,
         usage: OutputUsage,
     },
     MessageStop,
@@ -116,9 +120,9 @@ struct TextDelta<'a> {
 }
 
 #[derive(Debug, Serialize)]
-struct StopDelta {
+struct StopDelta<'a> {
     stop_reason: &'static str,
-    stop_sequence: Option<()>,
+    stop_sequence: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -302,13 +306,20 @@ async fn respond(call: &Call<'_>, request: &MessagesRequest, model: &str) -> Res
     for message in &request.messages {
         prompt.add(&message.content.text(), message.role == "user");
     }
-    let answer = Answer::new(&prompt.last_user, request.max_tokens);
+    let answer = Answer::new(
+        &prompt.last_user,
+        request.max_tokens,
+        &request.stop_sequences,
+    );
     let id = format!("msg_mock{:016x}", call.shared.next_id());
     let stop_reason = if answer.truncated {
         "max_tokens"
+    } else if answer.stop_sequence.is_some() {
+        "stop_sequence"
     } else {
         "end_turn"
     };
+    let stop_sequence = answer.stop_sequence.as_deref();
     let usage = Usage {
         input_tokens: prompt.tokens(),
         cache_creation_input_tokens: 0,
@@ -316,20 +327,21 @@ async fn respond(call: &Call<'_>, request: &MessagesRequest, model: &str) -> Res
         output_tokens: answer.tokens,
         service_tier: "standard",
     };
-    let message = |content, stop_reason, usage| MessageObject {
+    let message = |content, stop_reason, stop_sequence, usage| MessageObject {
         id: &id,
         kind: "message",
         role: "assistant",
         model,
         content,
         stop_reason,
-        stop_sequence: None,
+        stop_sequence,
         usage,
     };
     let mut response = if stream {
         // message_start reports the input tokens and one output token, like the real API.
         let start = message(
             Vec::new(),
+            None,
             None,
             Usage {
                 output_tokens: 1,
@@ -344,7 +356,8 @@ async fn respond(call: &Call<'_>, request: &MessagesRequest, model: &str) -> Res
             kind: "text",
             text: &answer.text,
         }];
-        common::body_response(call, to_json(&message(text, Some(stop_reason), usage)))
+        let message = message(text, Some(stop_reason), stop_sequence, usage);
+        common::body_response(call, to_json(&message))
     };
     let headers = response.headers_mut();
     set_header(
@@ -400,7 +413,7 @@ fn stream_events(
         &StreamEvent::MessageDelta {
             delta: StopDelta {
                 stop_reason,
-                stop_sequence: None,
+                stop_sequence: answer.stop_sequence.as_deref(),
             },
             usage: OutputUsage {
                 output_tokens: answer.tokens,

@@ -56,18 +56,32 @@ pub fn fingerprint(key: &str) -> String {
     format!("key:{hash:08x}")
 }
 
-/// The answer to one request, cut to the caller's token budget.
+/// The answer to one request, cut at the first of the caller's stop sequences it contains
+/// (which, as the real APIs do, is not part of the answer) and to the caller's token budget.
 #[derive(Debug)]
 pub(super) struct Answer {
     pub text: String,
     pub tokens: u32,
     /// Cut short by `max_tokens` (finish reason `length` / `max_tokens` / `MAX_TOKENS`).
     pub truncated: bool,
+    /// The stop sequence that ended the answer (Anthropic: `stop_reason: "stop_sequence"`).
+    pub stop_sequence: Option<String>,
 }
 
 impl Answer {
-    pub(super) fn new(prompt: &str, max_tokens: Option<u32>) -> Self {
+    pub(super) fn new(prompt: &str, max_tokens: Option<u32>, stop: &[String]) -> Self {
         let mut text = answer_for(prompt);
+        // The earliest match ends the answer; an empty sequence matches nothing.
+        let stopped = stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()).map(|at| (at, s)))
+            .min_by_key(|(at, _)| *at);
+        let mut stop_sequence = None;
+        if let Some((at, sequence)) = stopped {
+            text.truncate(at);
+            stop_sequence = Some(sequence.clone());
+        }
         let mut tokens = token_count(&text);
         let mut truncated = false;
         if let Some(max) = max_tokens.filter(|&max| max < tokens) {
@@ -79,11 +93,14 @@ impl Answer {
             text.truncate(end);
             tokens = max;
             truncated = true;
+            // The budget ran out before the stop sequence was reached.
+            stop_sequence = None;
         }
         Self {
             text,
             tokens,
             truncated,
+            stop_sequence,
         }
     }
 
@@ -113,6 +130,23 @@ impl Content {
         match self {
             Self::Text(text) => Cow::Borrowed(text),
             Self::Parts(parts) => join_parts(parts),
+        }
+    }
+}
+
+/// OpenAI's `stop`: one sequence or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopField {
+    pub(super) fn to_vec(&self) -> Vec<String> {
+        match self {
+            Self::One(one) => vec![one.clone()],
+            Self::Many(many) => many.clone(),
         }
     }
 }
@@ -586,12 +620,29 @@ mod tests {
 
     #[test]
     fn max_tokens_cuts_the_answer() {
-        let answer = Answer::new("hello there", Some(2));
+        let answer = Answer::new("hello there", Some(2), &[]);
         assert_eq!(answer.text, "mock ans");
         assert!(answer.truncated);
         assert_eq!(answer.tokens, 2);
         let pieces: String = answer.pieces().collect();
         assert_eq!(pieces, answer.text);
+    }
+
+    #[test]
+    fn the_first_stop_sequence_ends_the_answer_and_is_left_out() {
+        let stop = ["there".to_owned(), "to:".to_owned(), "absent".to_owned()];
+        let answer = Answer::new("hello there", None, &stop);
+        assert_eq!(answer.text, "mock answer ");
+        assert_eq!(answer.stop_sequence.as_deref(), Some("to:"));
+        assert_eq!(answer.tokens, token_count("mock answer "));
+        assert!(!answer.truncated);
+        // A budget that runs out first wins, and no sequence is reported.
+        let answer = Answer::new("hello there", Some(1), &stop);
+        assert_eq!((answer.text.as_str(), answer.truncated), ("mock", true));
+        assert_eq!(answer.stop_sequence, None);
+        let answer = Answer::new("hello there", None, &["absent".to_owned()]);
+        assert_eq!(answer.text, "mock answer to: hello there");
+        assert_eq!(answer.stop_sequence, None);
     }
 
     #[test]

@@ -62,6 +62,8 @@ struct Contents {
 struct GenerationConfig {
     #[serde(default)]
     max_output_tokens: Option<u32>,
+    #[serde(default)]
+    stop_sequences: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -311,11 +313,11 @@ async fn respond(
         let is_user = contents.role.as_deref().is_none_or(|role| role == "user");
         prompt.add(&common::join_parts(&contents.parts), is_user);
     }
-    let max = request
-        .generation_config
-        .as_ref()
-        .and_then(|c| c.max_output_tokens);
-    let answer = Answer::new(&prompt.last_user, max);
+    let config = request.generation_config.as_ref();
+    let max = config.and_then(|c| c.max_output_tokens);
+    // A stop sequence ends the answer with `finishReason: "STOP"`, which does not say so.
+    let stop = config.map_or(&[][..], |c| &c.stop_sequences);
+    let answer = Answer::new(&prompt.last_user, max, stop);
     let finish_reason = if answer.truncated {
         "MAX_TOKENS"
     } else {

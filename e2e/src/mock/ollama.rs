@@ -69,6 +69,8 @@ struct Message {
 struct Options {
     #[serde(default)]
     num_predict: Option<i64>,
+    #[serde(default)]
+    stop: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -217,7 +219,9 @@ async fn respond(call: &Call<'_>, request: &ChatRequest, model: &str) -> Respons
         .as_ref()
         .and_then(|o| o.num_predict)
         .and_then(|n| u32::try_from(n).ok());
-    let answer = Answer::new(&prompt.last_user, max);
+    // A stop sequence ends the answer with `done_reason: "stop"`, which does not say so.
+    let stop = request.options.as_ref().map_or(&[][..], |o| &o.stop);
+    let answer = Answer::new(&prompt.last_user, max, stop);
     let done_reason = if answer.truncated { "length" } else { "stop" };
     let stats = Stats::new(prompt.tokens(), answer.tokens);
     let created_at = common::rfc3339(SystemTime::now(), true);

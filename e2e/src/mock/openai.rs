@@ -65,6 +65,8 @@ struct ChatRequest {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    stop: Option<common::StopField>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,9 +399,12 @@ async fn respond(call: &Call<'_>, request: &ChatRequest, model: &str) -> Respons
             prompt.add(&content.text(), message.role == "user");
         }
     }
+    // A stop sequence ends the answer with `finish_reason: "stop"`, which does not say so.
+    let stop = request.stop.as_ref().map(common::StopField::to_vec);
     let answer = Answer::new(
         &prompt.last_user,
         request.max_completion_tokens.or(request.max_tokens),
+        stop.as_deref().unwrap_or_default(),
     );
     let usage = Usage {
         prompt_tokens: prompt.tokens(),

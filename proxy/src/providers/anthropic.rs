@@ -4,26 +4,30 @@
 //! `tool_result` blocks; consecutive messages of one role are merged, as the API expects
 //! alternating turns. Parameters are mapped or refused as the table in [`super::params`]
 //! says: `top_k`, `service_tier` and `parallel_tool_calls` have equivalents; a
-//! `temperature` above Anthropic's 1 is refused rather than clamped.
+//! `temperature` above Anthropic's 1 is refused rather than clamped. What the Anthropic
+//! door received and OpenAI's shape cannot say (cache breakpoints, `is_error`, the
+//! `anthropic-beta` header) goes back out as it came in (see `anthropic/request.rs`).
+//!
+//! Answers: `stop_reason: "stop_sequence"` becomes finish reason `stop` with the matched
+//! sequence in `stop_sequence`, so the Anthropic door can report it.
+
+mod request;
 
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use http::HeaderMap;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
+use super::completion;
 use super::error::{ProviderError, Result, UpstreamError, body_excerpt};
-use super::params::{as_bool, as_u32, check_range, invalid_field, is_neutral, unsupported_field};
 use super::ratelimit;
 use super::sse::{SseEvent, SseParser};
 use super::stream::ChunkBuilder;
-use super::types::{
-    ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, FinishReason, FunctionCall,
-    Role, ToolCall, ToolChoice, ToolChoiceMode, Usage,
-};
-use super::{completion, parse_arguments, parse_data_url, reject_multiple_choices};
+use super::types::{ChatChunk, ChatResponse, FinishReason, FunctionCall, ToolCall, Usage};
+
+pub(crate) use request::{beta_header, build_body, max_tokens};
 
 /// The API version this module speaks.
 pub const API_VERSION: &str = "2023-06-01";
@@ -31,115 +35,8 @@ pub const API_VERSION: &str = "2023-06-01";
 /// `max_tokens` is required by the Messages API; used when the caller set no cap.
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 
-#[derive(Debug, Serialize)]
-struct MessagesRequest<'a> {
-    model: &'a str,
-    max_tokens: u32,
-    messages: Vec<Message>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    system: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stop_sequences: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_p: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_k: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tools: Option<Vec<ToolDef<'a>>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_choice: Option<AnthropicToolChoice<'a>>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    stream: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    metadata: Option<Metadata<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    service_tier: Option<&'static str>,
-}
-
-/// What the request's unmodelled fields (`req.extra`) become at Anthropic.
-#[derive(Debug, Default)]
-struct Extras {
-    top_k: Option<u32>,
-    service_tier: Option<&'static str>,
-    disable_parallel_tool_use: bool,
-}
-
 /// Name for error messages.
 const PROVIDER: &str = "Anthropic";
-
-#[derive(Debug, Serialize)]
-struct Message {
-    role: MessageRole,
-    content: Vec<Block>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum MessageRole {
-    User,
-    Assistant,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Block {
-    Text {
-        text: String,
-    },
-    Image {
-        source: ImageSource,
-    },
-    ToolUse {
-        id: String,
-        name: String,
-        input: Value,
-    },
-    ToolResult {
-        tool_use_id: String,
-        content: String,
-    },
-}
-
-#[derive(Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ImageSource {
-    Base64 { media_type: String, data: String },
-    Url { url: String },
-}
-
-#[derive(Debug, Serialize)]
-struct ToolDef<'a> {
-    name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a str>,
-    input_schema: Value,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum AnthropicToolChoice<'a> {
-    Auto {
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        disable_parallel_tool_use: bool,
-    },
-    Any {
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        disable_parallel_tool_use: bool,
-    },
-    Tool {
-        name: &'a str,
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        disable_parallel_tool_use: bool,
-    },
-    None,
-}
-
-#[derive(Debug, Serialize)]
-struct Metadata<'a> {
-    user_id: &'a str,
-}
 
 /// A `message` object (non-streaming answer, and the skeleton in `message_start`).
 #[derive(Debug, Deserialize)]
@@ -149,6 +46,9 @@ struct MessagesResponse {
     content: Vec<ResponseBlock>,
     #[serde(default)]
     stop_reason: Option<String>,
+    /// Which of the request's stop sequences matched (with `stop_reason: "stop_sequence"`).
+    #[serde(default)]
+    stop_sequence: Option<String>,
     #[serde(default)]
     usage: AnthropicUsage,
 }
@@ -246,6 +146,8 @@ enum BlockDelta {
 struct MessageDeltaBody {
     #[serde(default)]
     stop_reason: Option<String>,
+    #[serde(default)]
+    stop_sequence: Option<String>,
 }
 
 /// `{"type": "error", "error": {"type", "message"}}`.
@@ -294,201 +196,6 @@ impl ApiError {
     }
 }
 
-/// `POST {base}/v1/messages`.
-pub(crate) fn build_body(upstream_model: &str, req: &ChatRequest, stream: bool) -> Result<Bytes> {
-    reject_multiple_choices(req, PROVIDER)?;
-    // OpenAI allows 0..=2, Anthropic 0..=1: a higher value is refused, not clamped.
-    check_range("temperature", req.temperature, 0.0..=1.0, PROVIDER)?;
-    check_range("top_p", req.top_p, 0.0..=1.0, PROVIDER)?;
-    let extras = read_extras(req)?;
-    let (system, messages) = convert_messages(&req.messages)?;
-    let body = MessagesRequest {
-        model: upstream_model,
-        max_tokens: max_tokens(req),
-        messages,
-        system,
-        stop_sequences: req.stop.as_ref().map(|s| s.to_vec()),
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: extras.top_k,
-        tools: convert_tools(req),
-        tool_choice: convert_tool_choice(req, extras.disable_parallel_tool_use),
-        stream,
-        metadata: req.user.as_deref().map(|user_id| Metadata { user_id }),
-        service_tier: extras.service_tier,
-    };
-    let body = serde_json::to_vec(&body)
-        .map_err(|e| ProviderError::unsupported(format!("request not serialisable: {e}")))?;
-    Ok(Bytes::from(body))
-}
-
-/// The `max_tokens` sent for `req`: the caller's cap, or [`DEFAULT_MAX_TOKENS`] since the
-/// Messages API requires one.
-pub(crate) fn max_tokens(req: &ChatRequest) -> u32 {
-    req.max_output_tokens().unwrap_or(DEFAULT_MAX_TOKENS)
-}
-
-/// Maps or refuses each of `req.extra` (see [`super::params`]).
-fn read_extras(req: &ChatRequest) -> Result<Extras> {
-    let mut out = Extras::default();
-    for (field, value) in &req.extra {
-        match field.as_str() {
-            _ if value.is_null() => {}
-            "top_k" => out.top_k = Some(as_u32(field, value, PROVIDER)?),
-            "parallel_tool_calls" => {
-                out.disable_parallel_tool_use = !as_bool(field, value, PROVIDER)?;
-            }
-            "service_tier" => {
-                out.service_tier = Some(match value.as_str() {
-                    Some("auto") => "auto",
-                    Some("default" | "standard_only") => "standard_only",
-                    _ => {
-                        return Err(invalid_field(
-                            field,
-                            PROVIDER,
-                            "`auto`, `default` or `standard_only`",
-                        ));
-                    }
-                });
-            }
-            _ if is_neutral(field, value) => {}
-            _ => return Err(unsupported_field(field, PROVIDER)),
-        }
-    }
-    Ok(out)
-}
-
-fn convert_messages(messages: &[ChatMessage]) -> Result<(Option<String>, Vec<Message>)> {
-    let mut system = Vec::new();
-    let mut out: Vec<Message> = Vec::with_capacity(messages.len());
-    for message in messages {
-        let (role, blocks) = match message.role {
-            Role::System | Role::Developer => {
-                let text = message.text();
-                if !text.is_empty() {
-                    system.push(text);
-                }
-                continue;
-            }
-            Role::User => (MessageRole::User, user_blocks(message)?),
-            Role::Assistant => (MessageRole::Assistant, assistant_blocks(message)?),
-            Role::Tool => {
-                let tool_use_id = message.tool_call_id.clone().ok_or_else(|| {
-                    ProviderError::unsupported("tool message without tool_call_id")
-                })?;
-                let content = message.text();
-                (
-                    MessageRole::User,
-                    vec![Block::ToolResult {
-                        tool_use_id,
-                        content,
-                    }],
-                )
-            }
-        };
-        if blocks.is_empty() {
-            continue;
-        }
-        match out.last_mut() {
-            Some(last) if last.role == role => last.content.extend(blocks),
-            _ => out.push(Message {
-                role,
-                content: blocks,
-            }),
-        }
-    }
-    if out.is_empty() {
-        return Err(ProviderError::unsupported(
-            "at least one user or assistant message is required",
-        ));
-    }
-    let system = (!system.is_empty()).then(|| system.join("\n\n"));
-    Ok((system, out))
-}
-
-fn user_blocks(message: &ChatMessage) -> Result<Vec<Block>> {
-    let Some(content) = &message.content else {
-        return Ok(Vec::new());
-    };
-    let mut blocks = Vec::new();
-    for part in content.parts() {
-        match part {
-            ContentPart::Text { text } if text.is_empty() => {}
-            ContentPart::Text { text } => blocks.push(Block::Text { text }),
-            ContentPart::ImageUrl { image_url } => {
-                let source = match parse_data_url(&image_url.url) {
-                    Some((media_type, data)) => ImageSource::Base64 {
-                        media_type: media_type.to_owned(),
-                        data: data.to_owned(),
-                    },
-                    None => ImageSource::Url { url: image_url.url },
-                };
-                blocks.push(Block::Image { source });
-            }
-        }
-    }
-    Ok(blocks)
-}
-
-fn assistant_blocks(message: &ChatMessage) -> Result<Vec<Block>> {
-    let mut blocks = Vec::new();
-    let text = message.text();
-    if !text.is_empty() {
-        blocks.push(Block::Text { text });
-    }
-    for call in message.tool_calls.iter().flatten() {
-        blocks.push(Block::ToolUse {
-            id: call.id.clone(),
-            name: call.function.name.clone(),
-            input: parse_arguments(&call.function.arguments)?,
-        });
-    }
-    Ok(blocks)
-}
-
-fn convert_tools(req: &ChatRequest) -> Option<Vec<ToolDef<'_>>> {
-    let tools = req.tools.as_ref()?;
-    Some(
-        tools
-            .iter()
-            .map(|tool| ToolDef {
-                name: &tool.function.name,
-                description: tool.function.description.as_deref(),
-                input_schema: tool
-                    .function
-                    .parameters
-                    .clone()
-                    .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}})),
-            })
-            .collect(),
-    )
-}
-
-fn convert_tool_choice(
-    req: &ChatRequest,
-    disable_parallel_tool_use: bool,
-) -> Option<AnthropicToolChoice<'_>> {
-    match &req.tool_choice {
-        Some(ToolChoice::Mode(ToolChoiceMode::None)) => Some(AnthropicToolChoice::None),
-        Some(ToolChoice::Mode(ToolChoiceMode::Required)) => Some(AnthropicToolChoice::Any {
-            disable_parallel_tool_use,
-        }),
-        Some(ToolChoice::Named(named)) => Some(AnthropicToolChoice::Tool {
-            name: &named.function.name,
-            disable_parallel_tool_use,
-        }),
-        Some(ToolChoice::Mode(ToolChoiceMode::Auto)) => Some(AnthropicToolChoice::Auto {
-            disable_parallel_tool_use,
-        }),
-        None if disable_parallel_tool_use && req.tools.is_some() => {
-            Some(AnthropicToolChoice::Auto {
-                disable_parallel_tool_use,
-            })
-        }
-        None => None,
-    }
-}
-
 /// Parses a `message` into a `chat.completion`.
 pub(crate) fn parse_response(body: &[u8], model_for_caller: &str) -> Result<ChatResponse> {
     let response: MessagesResponse = serde_json::from_slice(body)
@@ -505,18 +212,29 @@ pub(crate) fn parse_response(body: &[u8], model_for_caller: &str) -> Result<Chat
                     name,
                     arguments: input.to_string(),
                 },
+                cache_control: None,
             }),
             ResponseBlock::Other => {}
         }
     }
-    Ok(completion(
+    let stop_reason = response.stop_reason.as_deref();
+    let mut answer = completion(
         response.id,
         model_for_caller,
         text,
         calls,
-        finish_reason(response.stop_reason.as_deref()),
+        finish_reason(stop_reason),
         response.usage.to_usage(),
-    ))
+    );
+    if let Some(choice) = answer.choices.first_mut() {
+        choice.stop_sequence = matched_sequence(stop_reason, response.stop_sequence);
+    }
+    Ok(answer)
+}
+
+/// The stop sequence that ended the answer, when `stop_reason` says one did.
+fn matched_sequence(stop_reason: Option<&str>, sequence: Option<String>) -> Option<String> {
+    sequence.filter(|_| stop_reason == Some("stop_sequence"))
 }
 
 /// Maps `stop_reason` to an OpenAI finish reason.
@@ -556,6 +274,7 @@ pub(crate) struct Decoder {
     /// Anthropic content-block index -> OpenAI tool-call index.
     tool_blocks: HashMap<u32, u32>,
     stop_reason: Option<String>,
+    stop_sequence: Option<String>,
 }
 
 impl Decoder {
@@ -565,6 +284,7 @@ impl Decoder {
             builder: ChunkBuilder::new(model_for_caller, include_usage),
             tool_blocks: HashMap::new(),
             stop_reason: None,
+            stop_sequence: None,
         }
     }
 
@@ -628,6 +348,7 @@ impl Decoder {
             StreamEvent::MessageDelta { delta, usage } => {
                 if delta.stop_reason.is_some() {
                     self.stop_reason = delta.stop_reason;
+                    self.stop_sequence = delta.stop_sequence;
                 }
                 if let Some(usage) = usage {
                     // Counts in message_delta are cumulative.
@@ -638,7 +359,9 @@ impl Decoder {
                 }
             }
             StreamEvent::MessageStop => {
-                let reason = finish_reason(self.stop_reason.as_deref());
+                let stop_reason = self.stop_reason.as_deref();
+                let reason = finish_reason(stop_reason);
+                b.stop_sequence = matched_sequence(stop_reason, self.stop_sequence.take());
                 out.extend(b.close(reason));
             }
             StreamEvent::Error { error } => {

@@ -7,6 +7,12 @@
 //! Parameters are mapped or refused as the table in [`super::params`] says: `top_k`, `seed`,
 //! the penalties, `response_format` and `logprobs` go into `generationConfig` (and an
 //! answer's `logprobsResult` comes back as OpenAI `logprobs`).
+//!
+//! From the Anthropic door: cache breakpoints are accepted and not sent (a cost hint; Gemini
+//! caches prefixes on its own and has no per-part marker), a failed tool call's result goes
+//! as `functionResponse.response: {"error": ...}` (Gemini's key for error details), and
+//! `anthropic-beta` is held to [`PORTABLE_BETAS`](super::params::PORTABLE_BETAS). Gemini's
+//! `STOP` does not say whether a stop sequence matched, so none is reported.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -19,8 +25,8 @@ use serde_json::{Map, Value};
 use self::logprobs::LogprobsResult;
 use super::error::{ProviderError, Result, UpstreamError, body_excerpt};
 use super::params::{
-    ResponseFormat, as_bool, as_f64, as_i64, as_u32, check_range, invalid_field, is_neutral,
-    response_format, unsupported_field,
+    ResponseFormat, as_bool, as_f64, as_i64, as_u32, check_betas, check_range, invalid_field,
+    is_neutral, response_format, unsupported_field,
 };
 use super::ratelimit;
 use super::sse::{SseEvent, SseParser};
@@ -288,6 +294,7 @@ impl ApiError {
 /// `POST {base}/v1beta/models/{model}:generateContent` (or `:streamGenerateContent?alt=sse`).
 pub(crate) fn build_body(_upstream_model: &str, req: &ChatRequest, _stream: bool) -> Result<Bytes> {
     reject_multiple_choices(req, PROVIDER)?;
+    check_betas(req, PROVIDER)?;
     check_range("temperature", req.temperature, 0.0..=2.0, PROVIDER)?;
     check_range("top_p", req.top_p, 0.0..=1.0, PROVIDER)?;
     let mut generation_config = GenerationConfig {
@@ -433,9 +440,9 @@ fn user_parts(message: &ChatMessage) -> Result<Vec<Part>> {
     let mut parts = Vec::new();
     for part in content.parts() {
         match part {
-            ContentPart::Text { text } if text.is_empty() => {}
-            ContentPart::Text { text } => parts.push(Part::Text(text)),
-            ContentPart::ImageUrl { image_url } => {
+            ContentPart::Text { text, .. } if text.is_empty() => {}
+            ContentPart::Text { text, .. } => parts.push(Part::Text(text)),
+            ContentPart::ImageUrl { image_url, .. } => {
                 let (mime_type, data) = parse_data_url(&image_url.url).ok_or_else(|| {
                     ProviderError::unsupported("Gemini takes images only as data: URLs")
                 })?;
@@ -473,8 +480,10 @@ fn function_response(message: &ChatMessage, names: &HashMap<&str, &str>) -> Resu
             ProviderError::unsupported("tool message does not answer an earlier tool call")
         })?;
     // `response` must be an object: a JSON object result goes as is, anything else wrapped.
+    // A failed call's result goes under `error`, the key Gemini reads as error details.
     let text = message.text();
     let response = match serde_json::from_str::<Value>(&text) {
+        _ if message.tool_error => serde_json::json!({ "error": text }),
         Ok(Value::Object(object)) => Value::Object(object),
         _ => serde_json::json!({ "result": text }),
     };
@@ -539,6 +548,7 @@ pub(crate) fn parse_response(body: &[u8], model_for_caller: &str) -> Result<Chat
                             .unwrap_or_else(|| Value::Object(Map::new()))
                             .to_string(),
                     },
+                    cache_control: None,
                 }),
                 (Some(t), None) if !part.thought => text.push_str(&t),
                 _ => {}

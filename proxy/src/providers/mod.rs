@@ -127,12 +127,25 @@ impl Adapter {
         req: &ChatRequest,
         stream: bool,
     ) -> Result<UpstreamRequest> {
+        let mut headers = self.headers(api_key)?;
+        self.add_request_headers(req, &mut headers)?;
         Ok(UpstreamRequest {
             method: Method::POST,
             url: self.url(base_url, upstream_model, stream),
-            headers: self.headers(api_key)?,
+            headers,
             body: self.build_body(upstream_model, req, stream)?,
         })
+    }
+
+    /// Adds the headers that depend on the request rather than the key: Anthropic's
+    /// `anthropic-beta` when the caller asked for betas.
+    pub fn add_request_headers(&self, req: &ChatRequest, headers: &mut HeaderMap) -> Result<()> {
+        if *self == Adapter::Anthropic
+            && let Some(betas) = anthropic::beta_header(req)?
+        {
+            headers.insert("anthropic-beta", betas);
+        }
+        Ok(())
     }
 
     /// The chat endpoint for `upstream_model`, streamed or not.
@@ -355,7 +368,7 @@ pub fn estimate_prompt_tokens(req: &ChatRequest) -> u32 {
             Some(types::MessageContent::Parts(parts)) => {
                 for part in parts {
                     match part {
-                        types::ContentPart::Text { text } => bytes += text.len(),
+                        types::ContentPart::Text { text, .. } => bytes += text.len(),
                         types::ContentPart::ImageUrl { .. } => {
                             tokens = tokens.saturating_add(TOKENS_PER_IMAGE);
                         }
@@ -496,6 +509,7 @@ pub(crate) fn completion(
             finish_reason: Some(finish_reason),
             logprobs: None,
             extra: Map::new(),
+            stop_sequence: None,
         }],
         usage: Some(usage),
         usage_details: Map::new(),

@@ -2,6 +2,12 @@
 //! newline-delimited JSON; the last object has `"done": true` and the token counts.
 //! Parameters are mapped or refused as the table in [`super::params`] says: `top_k`, `seed`
 //! and the penalties go into `options`, `response_format` becomes `format`.
+//!
+//! From the Anthropic door: cache breakpoints are accepted and not sent (a cost hint; Ollama
+//! keeps its own context cache), a failed tool call's result is prefixed with `Error: `
+//! (Ollama has no error flag), and `anthropic-beta` is held to
+//! [`PORTABLE_BETAS`](super::params::PORTABLE_BETAS). `done_reason: "stop"` does not say
+//! whether a stop sequence matched, so none is reported.
 
 use std::time::SystemTime;
 
@@ -12,7 +18,7 @@ use serde_json::{Map, Value};
 
 use super::error::{ProviderError, Result, UpstreamError, body_excerpt};
 use super::params::{
-    ResponseFormat, as_f64, as_i64, as_u32, check_range, invalid_field, is_neutral,
+    ResponseFormat, as_f64, as_i64, as_u32, check_betas, check_range, invalid_field, is_neutral,
     response_format, unsupported_field,
 };
 use super::ratelimit;
@@ -166,6 +172,7 @@ impl ResponseToolCall {
                     .unwrap_or_else(|| Value::Object(Map::new()))
                     .to_string(),
             },
+            cache_control: None,
         }
     }
 }
@@ -179,6 +186,7 @@ struct ErrorResponse {
 /// `POST {base}/api/chat`.
 pub(crate) fn build_body(upstream_model: &str, req: &ChatRequest, stream: bool) -> Result<Bytes> {
     reject_multiple_choices(req, PROVIDER)?;
+    check_betas(req, PROVIDER)?;
     // Ollama documents no upper bound for temperature; a negative one is meaningless.
     if req.temperature.is_some_and(|t| t < 0.0) {
         return Err(invalid_field("temperature", PROVIDER, "at least 0"));
@@ -274,7 +282,8 @@ fn convert_messages(messages: &[ChatMessage]) -> Result<Vec<OllamaMessage>> {
                 .map(|name| (*name).to_owned());
             Ok(OllamaMessage {
                 role,
-                content: message.text(),
+                // Ollama has no error flag for a tool result: the text says so.
+                content: message.tool_result_text(),
                 images: images(message)?,
                 tool_calls,
                 tool_name,
@@ -290,7 +299,7 @@ fn images(message: &ChatMessage) -> Result<Option<Vec<String>>> {
     };
     let mut images = Vec::new();
     for part in content.parts() {
-        if let ContentPart::ImageUrl { image_url } = part {
+        if let ContentPart::ImageUrl { image_url, .. } = part {
             let (_, data) = parse_data_url(&image_url.url).ok_or_else(|| {
                 ProviderError::unsupported("Ollama takes images only as data: URLs")
             })?;

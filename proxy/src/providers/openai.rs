@@ -1,7 +1,13 @@
 //! OpenAI chat completions, also spoken by OpenAI-compatible servers (vLLM, llama.cpp).
 //! Our internal type *is* this format, so translation is mostly renaming the model and
 //! insisting on usage in streams.
+//!
+//! What only the Anthropic door carries is never serialised (see [`super::types`]): cache
+//! breakpoints are not sent (a cost hint), a failed tool call's result is prefixed with
+//! `Error: ` (OpenAI has no error flag), and `anthropic-beta` is held to
+//! [`PORTABLE_BETAS`](super::params::PORTABLE_BETAS).
 
+use std::borrow::Cow;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -10,17 +16,35 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{ProviderError, Result, UpstreamError, body_excerpt};
+use super::params::check_betas;
 use super::ratelimit;
 use super::sse::{SseEvent, SseParser};
 use super::types::{
     ChatChunk, ChatMessage, ChatRequest, ChatResponse, Stop, StreamOptions, Tool, ToolChoice, Usage,
 };
 
+/// Name for error messages.
+const PROVIDER: &str = "OpenAI-compatible";
+
+/// The messages as sent: borrowed, unless a failed tool call's result must be prefixed.
+fn messages(messages: &[ChatMessage]) -> Cow<'_, [ChatMessage]> {
+    if messages.iter().any(|m| m.tool_error) {
+        Cow::Owned(
+            messages
+                .iter()
+                .map(ChatMessage::with_error_prefix)
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(messages)
+    }
+}
+
 /// Request body of `POST /v1/chat/completions`, borrowing the caller's request.
 #[derive(Debug, Serialize)]
 struct Request<'a> {
     model: &'a str,
-    messages: &'a [ChatMessage],
+    messages: Cow<'a, [ChatMessage]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -79,9 +103,10 @@ impl ApiError {
 
 /// `POST {base}/v1/chat/completions` with the model renamed; streams always ask for usage.
 pub(crate) fn build_body(upstream_model: &str, req: &ChatRequest, stream: bool) -> Result<Bytes> {
+    check_betas(req, PROVIDER)?;
     let body = Request {
         model: upstream_model,
-        messages: &req.messages,
+        messages: messages(&req.messages),
         max_tokens: req.max_tokens,
         max_completion_tokens: req.max_completion_tokens,
         temperature: req.temperature,

@@ -30,6 +30,21 @@
 //! (*) `user` is an end-user id for the provider's abuse monitoring; it does not change the
 //! answer, and Gemini and Ollama have no field for it.
 //!
+//! What the Anthropic door carries beyond OpenAI's shape (all targets, OpenAI-compatible
+//! ones included, since OpenAI's shape has no place for it):
+//!
+//! | Anthropic input | Anthropic | Gemini | Ollama | OpenAI-compatible |
+//! |---|---|---|---|---|
+//! | `cache_control` (system, content blocks, tools, top level) | sent where the caller put it | accepted, not sent (**) | accepted, not sent (**) | accepted, not sent (**) |
+//! | `tool_result.is_error: true` | `is_error: true` | `functionResponse.response: {"error": ...}` | content prefixed `Error: ` | content prefixed `Error: ` |
+//! | `anthropic-beta` header | sent as received | [`PORTABLE_BETAS`] accepted, others refused by name | as Gemini | as Gemini |
+//! | `stop_reason: "stop_sequence"` (answer) | reported with the matched `stop_sequence` | `end_turn` (Gemini does not say) | `end_turn` | `end_turn` (`finish_reason: "stop"` does not say) |
+//!
+//! (**) A cache breakpoint marks a prefix Anthropic may cache and bill at a lower price; it
+//! never changes the answer. OpenAI and Gemini cache prompt prefixes on their own, Ollama
+//! keeps its own context cache, and none has a per-block marker, so not sending it changes
+//! nothing but cost. An OpenAI-compatible upstream would reject the unknown key.
+//!
 //! Not yet held to this rule (parts of modelled fields, still not sent to these targets):
 //! `tools[].function.strict`, `image_url.detail` and a message's `name`. Refusing them
 //! would turn away common agent SDK requests (which set `strict: true` by default), so the
@@ -40,6 +55,48 @@ use std::ops::RangeInclusive;
 use serde_json::Value;
 
 use super::error::{ProviderError, Result};
+use super::types::ChatRequest;
+
+/// The betas of Anthropic's `anthropic-beta` header that targets other than Anthropic
+/// accept (and do not send, having no such header): each changes only cost, latency or
+/// how finely a stream is cut, or acts only with a field this gateway refuses anyway, so an
+/// answer without it is the answer the caller asked for. Any other beta (`context-1m-*`,
+/// `output-128k-*`, `computer-use-*`, `code-execution-*`, `files-api-*`, `mcp-client-*`,
+/// `context-management-*`, ..., and every beta this list does not know) changes what the
+/// request may hold or what the answer is, which only Anthropic can honour: it is refused
+/// with a 400 naming it.
+///
+/// | beta | why another target may ignore it |
+/// |---|---|
+/// | `prompt-caching-2024-07-31` | cache breakpoints: a cost hint (GA now) |
+/// | `extended-cache-ttl-2025-04-11` | 1-hour cache entries: a cost hint |
+/// | `token-counting-2024-11-01` | `count_tokens`, which the gateway answers itself |
+/// | `token-efficient-tools-2025-02-19` | fewer output tokens for tool calls, same answer shape |
+/// | `fine-grained-tool-streaming-2025-05-14` | tool input streamed unbuffered; without it, whole and valid |
+/// | `interleaved-thinking-2025-05-14` | acts only with `thinking`, which the Messages door refuses |
+pub const PORTABLE_BETAS: &[&str] = &[
+    "prompt-caching-2024-07-31",
+    "extended-cache-ttl-2025-04-11",
+    "token-counting-2024-11-01",
+    "token-efficient-tools-2025-02-19",
+    "fine-grained-tool-streaming-2025-05-14",
+    "interleaved-thinking-2025-05-14",
+];
+
+/// Refuses, naming it, the first beta of `req.anthropic_beta` that a target other than
+/// Anthropic cannot honour (see [`PORTABLE_BETAS`]).
+pub(crate) fn check_betas(req: &ChatRequest, provider: &str) -> Result<()> {
+    match req
+        .anthropic_beta
+        .iter()
+        .find(|beta| !PORTABLE_BETAS.contains(&beta.as_str()))
+    {
+        Some(beta) => Err(ProviderError::unsupported(format!(
+            "`anthropic-beta: {beta}` is not supported by {provider} targets"
+        ))),
+        None => Ok(()),
+    }
+}
 
 /// A 400 naming a field the target cannot honour.
 pub(crate) fn unsupported_field(field: &str, provider: &str) -> ProviderError {
@@ -190,6 +247,40 @@ mod tests {
         assert!(!is_neutral("modalities", &json!(["text", "audio"])));
         assert!(!is_neutral("metadata", &json!({"k": "v"})));
         assert!(!is_neutral("seed", &json!(0)));
+    }
+
+    #[test]
+    fn only_portable_betas_reach_targets_other_than_anthropic() {
+        use crate::providers::Adapter;
+        let mut req: ChatRequest = serde_json::from_value(
+            json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .unwrap();
+        req.anthropic_beta = PORTABLE_BETAS.iter().map(|b| (*b).to_owned()).collect();
+        for adapter in [Adapter::OpenAi, Adapter::Gemini, Adapter::Ollama] {
+            let built = adapter.build_request("http://u", None, "m", &req, false);
+            let built = built.unwrap_or_else(|e| panic!("{adapter:?}: {e}"));
+            assert!(built.headers.get("anthropic-beta").is_none(), "{adapter:?}");
+        }
+        for beta in [
+            "context-1m-2025-08-07",
+            "computer-use-2025-01-24",
+            "no-such-beta",
+        ] {
+            req.anthropic_beta = vec![PORTABLE_BETAS[0].to_owned(), beta.to_owned()];
+            for adapter in [Adapter::OpenAi, Adapter::Gemini, Adapter::Ollama] {
+                match adapter.build_request("http://u", None, "m", &req, false) {
+                    Err(ProviderError::BadRequest {
+                        status: 400,
+                        message,
+                    }) => assert!(
+                        message.contains(&format!("`anthropic-beta: {beta}`")),
+                        "{message}"
+                    ),
+                    other => panic!("{adapter:?} with {beta}: {other:?}"),
+                }
+            }
+        }
     }
 
     #[test]

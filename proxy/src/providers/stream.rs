@@ -113,6 +113,9 @@ pub(crate) struct ChunkBuilder {
     role_sent: bool,
     /// Tool calls started so far (their OpenAI `index` is the count before them).
     pub tool_calls: u32,
+    /// The stop sequence that ended the answer, when the provider said which; put on the
+    /// finish chunk by [`close`](Self::close).
+    pub stop_sequence: Option<String>,
 }
 
 impl ChunkBuilder {
@@ -126,6 +129,7 @@ impl ChunkBuilder {
             done: false,
             role_sent: false,
             tool_calls: 0,
+            stop_sequence: None,
         }
     }
 
@@ -146,6 +150,7 @@ impl ChunkBuilder {
                 finish_reason,
                 logprobs: None,
                 extra: Map::new(),
+                stop_sequence: None,
             }],
             usage: None,
             usage_details: Map::new(),
@@ -223,7 +228,13 @@ impl ChunkBuilder {
         } else {
             reason
         };
-        let mut out = vec![self.chunk(Delta::default(), Some(reason))];
+        let mut finish = self.chunk(Delta::default(), Some(reason));
+        if reason == FinishReason::Stop
+            && let Some(choice) = finish.choices.first_mut()
+        {
+            choice.stop_sequence = self.stop_sequence.take();
+        }
+        let mut out = vec![finish];
         if self.include_usage {
             out.push(ChatChunk {
                 id: self.id.clone(),

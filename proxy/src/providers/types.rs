@@ -1,6 +1,16 @@
 //! The internal chat type: the OpenAI chat-completions shape, because that is Floodgate's
 //! front door. Requests arrive in this shape, every adapter translates from it, and every
 //! adapter's answer is translated back into it.
+//!
+//! A few fields carry what the Anthropic Messages door receives and OpenAI's shape cannot
+//! say: prompt-cache breakpoints ([`CacheControl`] on content parts, tool calls, tool
+//! results, tools and the request), the `anthropic-beta` header
+//! ([`ChatRequest::anthropic_beta`]), a failed tool call ([`ChatMessage::tool_error`]) and
+//! the stop sequence that ended an answer ([`Choice::stop_sequence`]). They are
+//! `#[serde(skip)]`: never read from an OpenAI caller's JSON (whose unknown keys are
+//! ignored, as before) and never written to an OpenAI-compatible upstream, which would
+//! reject keys it does not know. Each adapter maps or refuses them (see
+//! [`params`](super::params)).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -57,6 +67,15 @@ pub struct ChatRequest {
     /// Fields Floodgate does not model; passed through untouched to OpenAI-compatible upstreams.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// Anthropic's top-level `cache_control` (automatic prompt caching): a cost hint that
+    /// Anthropic upstreams get and others do not need (see [`CacheControl`]).
+    #[serde(skip)]
+    pub cache_control: Option<CacheControl>,
+    /// The betas of the caller's `anthropic-beta` header, in order. Anthropic upstreams get
+    /// them as sent; the other adapters accept only the betas that change nothing they
+    /// could not honour ([`params::PORTABLE_BETAS`](super::params::PORTABLE_BETAS)).
+    #[serde(skip)]
+    pub anthropic_beta: Vec<String>,
 }
 
 impl ChatRequest {
@@ -88,15 +107,77 @@ pub struct ChatMessage {
     /// The call a `tool` message answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// On a `tool` message: a prompt-cache breakpoint on the tool result as a whole
+    /// (Anthropic's `cache_control` on a `tool_result` block).
+    #[serde(skip)]
+    pub cache_control: Option<CacheControl>,
+    /// On a `tool` message: the tool call failed (Anthropic's `is_error`). Anthropic
+    /// upstreams get `is_error: true`, Gemini an `error` response; OpenAI's shape has no
+    /// such flag, so OpenAI-compatible and Ollama upstreams get the text prefixed with
+    /// `Error: ` ([`ChatMessage::tool_result_text`]).
+    #[serde(skip)]
+    pub tool_error: bool,
 }
 
+/// What a failed tool call's result is prefixed with for targets that have no error flag.
+pub const TOOL_ERROR_PREFIX: &str = "Error: ";
+
 impl ChatMessage {
+    /// A message with `content` and nothing else.
+    pub fn new(role: Role, content: Option<MessageContent>) -> Self {
+        ChatMessage {
+            role,
+            content,
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            cache_control: None,
+            tool_error: false,
+        }
+    }
+
     /// The message's text parts, concatenated (images are skipped).
     pub fn text(&self) -> String {
         self.content
             .as_ref()
             .map(MessageContent::text)
             .unwrap_or_default()
+    }
+
+    /// A tool result's text for targets without an error flag: [`text`](Self::text),
+    /// prefixed with [`TOOL_ERROR_PREFIX`] when the call failed.
+    pub fn tool_result_text(&self) -> String {
+        let text = self.text();
+        if self.tool_error {
+            format!("{TOOL_ERROR_PREFIX}{text}")
+        } else {
+            text
+        }
+    }
+
+    /// This message as targets without an error flag must see it: a failed tool call's
+    /// content prefixed with [`TOOL_ERROR_PREFIX`] (in its first text part, or as a new
+    /// first part), the flag cleared.
+    pub fn with_error_prefix(&self) -> ChatMessage {
+        let mut message = self.clone();
+        if !message.tool_error {
+            return message;
+        }
+        message.tool_error = false;
+        message.content = Some(match message.content.take() {
+            None => MessageContent::Text(TOOL_ERROR_PREFIX.to_owned()),
+            Some(MessageContent::Text(text)) => {
+                MessageContent::Text(format!("{TOOL_ERROR_PREFIX}{text}"))
+            }
+            Some(MessageContent::Parts(mut parts)) => {
+                match parts.first_mut() {
+                    Some(ContentPart::Text { text, .. }) => text.insert_str(0, TOOL_ERROR_PREFIX),
+                    _ => parts.insert(0, ContentPart::text(TOOL_ERROR_PREFIX)),
+                }
+                MessageContent::Parts(parts)
+            }
+        });
+        message
     }
 }
 
@@ -134,7 +215,7 @@ impl MessageContent {
             MessageContent::Parts(parts) => parts
                 .iter()
                 .filter_map(|p| match p {
-                    ContentPart::Text { text } => Some(text.as_str()),
+                    ContentPart::Text { text, .. } => Some(text.as_str()),
                     ContentPart::ImageUrl { .. } => None,
                 })
                 .collect(),
@@ -144,7 +225,7 @@ impl MessageContent {
     /// The content as parts (a plain string becomes one text part).
     pub fn parts(&self) -> Vec<ContentPart> {
         match self {
-            MessageContent::Text(text) => vec![ContentPart::Text { text: text.clone() }],
+            MessageContent::Text(text) => vec![ContentPart::text(text.clone())],
             MessageContent::Parts(parts) => parts.clone(),
         }
     }
@@ -158,12 +239,61 @@ pub enum ContentPart {
     Text {
         /// The text.
         text: String,
+        /// A prompt-cache breakpoint after this part (Anthropic door only).
+        #[serde(skip)]
+        cache_control: Option<CacheControl>,
     },
     /// An image, by URL or `data:` URL.
     ImageUrl {
         /// Where the image is.
         image_url: ImageUrl,
+        /// A prompt-cache breakpoint after this part (Anthropic door only).
+        #[serde(skip)]
+        cache_control: Option<CacheControl>,
     },
+}
+
+impl ContentPart {
+    /// A text part without a cache breakpoint.
+    pub fn text(text: impl Into<String>) -> Self {
+        ContentPart::Text {
+            text: text.into(),
+            cache_control: None,
+        }
+    }
+
+    /// The part's cache breakpoint, if any.
+    pub fn cache_control(&self) -> Option<&CacheControl> {
+        match self {
+            ContentPart::Text { cache_control, .. }
+            | ContentPart::ImageUrl { cache_control, .. } => cache_control.as_ref(),
+        }
+    }
+}
+
+/// A prompt-cache breakpoint: Anthropic's `cache_control`, `{"type": "ephemeral", "ttl":
+/// "5m" | "1h"}`. It marks the end of a prefix Anthropic may cache and read back at a lower
+/// price; it does not change the answer. Anthropic upstreams get it exactly where the
+/// caller put it; other targets cache (or not) on their own terms, so for them it is
+/// accepted and not sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheControl {
+    /// Always `ephemeral`, the one kind Anthropic documents.
+    #[serde(rename = "type")]
+    pub kind: CacheKind,
+    /// How long the entry lives (`5m`, the default, or `1h`); passed as sent, for Anthropic
+    /// to validate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// The kinds of [`CacheControl`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheKind {
+    /// A cache entry that expires after its TTL.
+    Ephemeral,
 }
 
 /// An image reference.
@@ -186,6 +316,10 @@ pub struct ToolCall {
     pub kind: String,
     /// The function and its JSON-encoded arguments.
     pub function: FunctionCall,
+    /// A prompt-cache breakpoint after this call (Anthropic's `cache_control` on a
+    /// `tool_use` block; Anthropic door only).
+    #[serde(skip)]
+    pub cache_control: Option<CacheControl>,
 }
 
 /// A function invocation.
@@ -206,6 +340,9 @@ pub struct Tool {
     pub kind: String,
     /// The function's declaration.
     pub function: FunctionDef,
+    /// A prompt-cache breakpoint after this tool's definition (Anthropic door only).
+    #[serde(skip)]
+    pub cache_control: Option<CacheControl>,
 }
 
 /// A function declaration.
@@ -321,6 +458,10 @@ impl Usage {
 }
 
 /// Why the model stopped.
+///
+/// A stop sequence reads as `Stop`, as OpenAI reports it; which sequence matched, when the
+/// upstream says so (Anthropic does, OpenAI-format upstreams do not), travels beside it in
+/// [`Choice::stop_sequence`] / [`ChunkChoice::stop_sequence`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// Natural end or a stop sequence.
@@ -419,6 +560,10 @@ pub struct Choice {
     /// Fields the gateway does not model.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// With `finish_reason: stop`: the stop sequence that ended the answer, when the
+    /// upstream said which (not part of OpenAI's shape, so never serialised).
+    #[serde(skip)]
+    pub stop_sequence: Option<String>,
 }
 
 /// The assistant message of a complete answer.
@@ -483,6 +628,10 @@ pub struct ChunkChoice {
     /// Fields the gateway does not model.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// With `finish_reason: stop`: the stop sequence that ended the answer, as in
+    /// [`Choice::stop_sequence`].
+    #[serde(skip)]
+    pub stop_sequence: Option<String>,
 }
 
 /// What a chunk adds to the message.

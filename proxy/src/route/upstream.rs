@@ -208,7 +208,9 @@ async fn send(
     let deadline = started + Duration::from_secs(u64::from(provider.timeouts.request_seconds));
     let expired = tokio::time::sleep_until(deadline);
     tokio::pin!(expired);
-    let request = http.post(url.clone()).headers(headers.clone()).body(body);
+    let mut headers = headers.clone();
+    adapter.add_request_headers(req, &mut headers)?;
+    let request = http.post(url.clone()).headers(headers).body(body);
     let response = exchange(provider, key, request, &mut permit, expired.as_mut()).await?;
     if !req.stream {
         let body = read_whole(response, expired.as_mut()).await?;

@@ -2,7 +2,9 @@
 //! and metrics.
 //!
 //! Layers, outermost first:
-//! 1. catch-panic: a panic becomes a 500 with an OpenAI error body;
+//! 1. catch-panic: a panic becomes a 500 with an OpenAI error body (the Anthropic door's
+//!    routes catch their own first and answer in Anthropic's format,
+//!    [`messages::guarded`]);
 //! 2. set request id: a request without `x-request-id` gets a generated one (in its headers);
 //! 3. propagate request id: the response echoes the request's `x-request-id`, unless the
 //!    handler set its own (a door that replaced an unusable id);
@@ -96,8 +98,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list))
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/embeddings", post(embeddings::create))
-        .route("/v1/messages", post(messages::create))
-        .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/messages", messages::guarded(post(messages::create)))
+        .route(
+            "/v1/messages/count_tokens",
+            messages::guarded(post(messages::count_tokens)),
+        )
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
@@ -136,13 +141,20 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> 
     }
 }
 
-async fn not_found(uri: axum::http::Uri) -> ApiError {
+/// 404 in the format of the door whose path was asked for: Anthropic's below
+/// `/v1/messages`, OpenAI's everywhere else.
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    let path = uri.path();
+    if messages::owns(path) {
+        return messages::not_found(path);
+    }
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
         "unknown_url",
-        format!("Unknown request URL: {}", uri.path()),
+        format!("Unknown request URL: {path}"),
     )
+    .into_response()
 }
 
 #[cfg(test)]

@@ -288,3 +288,71 @@ fn neutral_values_change_nothing() {
     .unwrap();
     assert_eq!(neutral, plain);
 }
+
+#[test]
+fn a_stop_sequence_is_reported_with_the_sequence_that_matched() {
+    let whole = |stop_reason: &str, sequence: &str| {
+        let body = format!(
+            r#"{{"id":"msg_1","type":"message","role":"assistant","model":"claude",
+            "content":[{{"type":"text","text":"one two"}}],"stop_reason":"{stop_reason}",
+            "stop_sequence":{sequence},"usage":{{"input_tokens":3,"output_tokens":2}}}}"#
+        );
+        let answer = Adapter::Anthropic
+            .parse_response(body.as_bytes(), "smart")
+            .unwrap();
+        let choice = answer.choices.into_iter().next().unwrap();
+        (choice.finish_reason, choice.stop_sequence)
+    };
+    assert_eq!(
+        whole("stop_sequence", r#""three""#),
+        (Some(FinishReason::Stop), Some("three".to_owned()))
+    );
+    assert_eq!(whole("end_turn", "null"), (Some(FinishReason::Stop), None));
+
+    let stream = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\n",
+        "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"one two\"}}\n\n",
+        "event: message_delta\n",
+        "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"stop_sequence\",\"stop_sequence\":\"three\"},\"usage\":{\"output_tokens\":2}}\n\n",
+        "event: message_stop\n",
+        "data: {\"type\":\"message_stop\"}\n\n",
+    );
+    let mut decoder = Adapter::Anthropic.stream_decoder("smart", true);
+    let mut chunks = decoder.feed(stream.as_bytes()).unwrap();
+    chunks.extend(decoder.finish().unwrap());
+    let finish = chunks
+        .iter()
+        .flat_map(|c| &c.choices)
+        .find(|c| c.finish_reason.is_some())
+        .unwrap();
+    assert_eq!(finish.finish_reason, Some(FinishReason::Stop));
+    assert_eq!(finish.stop_sequence.as_deref(), Some("three"));
+    // The OpenAI door renders it as OpenAI does: `stop`, and no stop_sequence key.
+    let json = serde_json::to_value(finish).unwrap();
+    assert_eq!(json["finish_reason"], "stop");
+    assert!(json.get("stop_sequence").is_none(), "{json}");
+}
+
+#[test]
+fn betas_are_forwarded_in_one_header_and_absent_without_any() {
+    let mut req =
+        request(json!({"model": "smart", "messages": [{"role": "user", "content": "Hi"}]}));
+    let build = |req: &crate::providers::ChatRequest| {
+        Adapter::Anthropic
+            .build_request("https://api.anthropic.com", Some("k"), "c", req, false)
+            .unwrap()
+    };
+    assert!(build(&req).headers.get("anthropic-beta").is_none());
+    req.anthropic_beta = vec![
+        "context-1m-2025-08-07".to_owned(),
+        "no-such-beta-2099-01-01".to_owned(),
+    ];
+    assert_eq!(
+        build(&req).headers["anthropic-beta"],
+        "context-1m-2025-08-07,no-such-beta-2099-01-01"
+    );
+}

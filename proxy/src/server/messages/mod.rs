@@ -5,7 +5,13 @@
 //! A request is read in Anthropic's shape ([`request`]), translated into the internal chat
 //! request and routed over the same pools as the OpenAI door, to any provider. The answer is
 //! rendered back in Anthropic's shape: a `message` ([`response`]) or Anthropic's event
-//! stream ([`stream`]); errors in Anthropic's format ([`error`]).
+//! stream ([`stream`]); errors in Anthropic's format ([`error`]), also for a wrong method,
+//! an unknown path below `/v1/messages` (the router's fallback) and a panic ([`guarded`]).
+//!
+//! The `anthropic-beta` header's betas ride on the internal request
+//! ([`ChatRequest::anthropic_beta`]): Anthropic upstreams get them as sent, other targets
+//! accept only the betas that change nothing they could not honour and refuse the rest by
+//! name ([`PORTABLE_BETAS`](crate::providers::params::PORTABLE_BETAS)).
 
 pub mod error;
 pub mod request;
@@ -15,13 +21,16 @@ pub mod stream;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
 use futures::{Stream, StreamExt as _};
 use serde::Serialize;
+use std::any::Any;
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
+use tower_http::catch_panic::CatchPanicLayer;
 use tracing::{Instrument as _, Span};
 
 use super::AppState;
@@ -49,7 +58,7 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bod
     let request_span = span.clone();
     metrics::UPSTREAM_TIME
         .scope(Cell::new(Duration::ZERO), async move {
-            let mut response = handle(&state, &mut ctx, body, request_span).await;
+            let mut response = handle(&state, &mut ctx, &headers, body, request_span).await;
             let upstream = metrics::UPSTREAM_TIME
                 .try_with(Cell::get)
                 .unwrap_or_default();
@@ -63,9 +72,21 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bod
         .await
 }
 
-async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) -> Response {
+async fn handle(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    headers: &HeaderMap,
+    body: Body,
+    span: Span,
+) -> Response {
     let parse_started = Instant::now();
-    let req = match read_request(state, body, Purpose::Create).await {
+    let parsed = async {
+        let betas = anthropic_betas(headers)?;
+        let mut req = read_request(state, body, Purpose::Create).await?;
+        req.anthropic_beta = betas;
+        Ok::<_, ApiError>(req)
+    };
+    let req = match parsed.await {
         Ok(req) => req,
         Err(e) => return failed(&e, Outcome::new(span, ctx, None)),
     };
@@ -157,6 +178,71 @@ async fn read_request(
         ))
     })?;
     req.into_chat(purpose)
+}
+
+/// The betas of the `anthropic-beta` header(s): comma-separated names, in order, empty
+/// ones skipped. A value that is not visible ASCII is refused, naming the header.
+pub fn anthropic_betas(headers: &HeaderMap) -> Result<Vec<String>, ApiError> {
+    let mut betas = Vec::new();
+    for value in headers.get_all("anthropic-beta") {
+        let value = value.to_str().map_err(|_| {
+            invalid_request("the `anthropic-beta` header must be comma-separated ASCII names")
+        })?;
+        betas.extend(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|b| !b.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    Ok(betas)
+}
+
+/// A route of this door, answering in Anthropic's error format when the method is not
+/// `POST` (405, with `allow: POST`) and when its handler panics (500).
+pub fn guarded<S>(route: MethodRouter<S>) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    route
+        .fallback(method_not_allowed)
+        .layer(CatchPanicLayer::custom(panicked))
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    let error = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!("`{method}` is not allowed here; use `POST`"),
+    );
+    let mut response = error_response(&error);
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    response
+}
+
+/// A panic in this door's handler: a 500 `api_error` that says nothing of the panic.
+fn panicked(_: Box<dyn Any + Send + 'static>) -> Response {
+    error_response(&ApiError::internal("internal error"))
+}
+
+/// Whether `path` belongs to this door (so that its errors are in Anthropic's format).
+pub fn owns(path: &str) -> bool {
+    path.strip_prefix("/v1/messages")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The 404 for an unknown path below `/v1/messages` (`/v1/messages/batches`, not built).
+pub fn not_found(path: &str) -> Response {
+    error_response(&ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "unknown_url",
+        format!("Unknown request URL: {path}"),
+    ))
 }
 
 fn unknown_model(model: &str) -> ApiError {

@@ -3,24 +3,32 @@
 //!
 //! Nothing is dropped silently: every object keeps the fields it does not model in a
 //! flattened map, and [`MessagesRequest::into_chat`] refuses any that is not empty with a 400
-//! naming the field by its path (`messages[1].content[0].cache_control`). Block and tool
+//! naming the field by its path (`messages[1].content[0].citations`). Block and tool
 //! types this door cannot translate (`document`, `thinking`, server tools, ...) are refused
 //! the same way. Fields with no internal equivalent that a provider may still honour go
 //! into [`ChatRequest::extra`] under their own name (`top_k`), for the provider adapters to
 //! pass, map or refuse.
+//!
+//! Prompt-cache breakpoints (`cache_control` on system blocks, text and image blocks,
+//! `tool_use` and `tool_result` blocks, tool definitions and the request) are carried on the
+//! internal request where the caller put them
+//! ([`CacheControl`](crate::providers::types::CacheControl)); a malformed one is refused by
+//! its path. `is_error` on a tool result becomes
+//! [`ChatMessage::tool_error`](crate::providers::types::ChatMessage::tool_error). The
+//! translation itself is in `translate`.
 
-use std::fmt::{self, Display};
+mod translate;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::error::invalid_request;
-use crate::providers::types::{
-    ChatMessage, ChatRequest, ContentPart, FunctionCall, FunctionDef, FunctionName, ImageUrl,
-    MessageContent, NamedToolChoice, Role, Stop, StreamOptions, Tool, ToolCall, ToolChoice,
-    ToolChoiceMode,
-};
+use crate::providers::types::{ChatRequest, Stop, StreamOptions};
 use crate::server::error::ApiError;
+use translate::{
+    Path, cache_control, refuse_top_level, system_message, translate_message, translate_metadata,
+    translate_tool_choice, translate_tools,
+};
 
 /// Fields not modelled by this door, by name (empty when the caller sent only known ones).
 type Unmodelled = Map<String, Value>;
@@ -62,6 +70,9 @@ pub struct MessagesRequest {
     /// Whether and which tool the model must call.
     #[serde(default)]
     pub tool_choice: Option<AnthropicToolChoice>,
+    /// Automatic prompt caching: a breakpoint on the last cacheable block.
+    #[serde(default)]
+    pub cache_control: Option<Value>,
     /// Everything else (`thinking`, `mcp_servers`, `container`, ...): refused when present.
     #[serde(flatten)]
     pub unmodelled: Unmodelled,
@@ -143,7 +154,10 @@ pub enum InputBlock {
 pub struct TextBlock {
     /// The text.
     pub text: String,
-    /// `cache_control`, `citations`, ...: refused.
+    /// A prompt-cache breakpoint after this block.
+    #[serde(default)]
+    pub cache_control: Option<Value>,
+    /// `citations`, ...: refused.
     #[serde(flatten)]
     pub unmodelled: Unmodelled,
 }
@@ -153,6 +167,9 @@ pub struct TextBlock {
 pub struct ImageBlock {
     /// Where the image is.
     pub source: ImageSource,
+    /// A prompt-cache breakpoint after this block.
+    #[serde(default)]
+    pub cache_control: Option<Value>,
     /// Anything else: refused.
     #[serde(flatten)]
     pub unmodelled: Unmodelled,
@@ -189,6 +206,9 @@ pub struct ToolUseBlock {
     /// Arguments object.
     #[serde(default)]
     pub input: Value,
+    /// A prompt-cache breakpoint after this block.
+    #[serde(default)]
+    pub cache_control: Option<Value>,
     /// Anything else: refused.
     #[serde(flatten)]
     pub unmodelled: Unmodelled,
@@ -205,6 +225,9 @@ pub struct ToolResultBlock {
     /// Whether the tool failed.
     #[serde(default)]
     pub is_error: Option<bool>,
+    /// A prompt-cache breakpoint after this block.
+    #[serde(default)]
+    pub cache_control: Option<Value>,
     /// Anything else: refused.
     #[serde(flatten)]
     pub unmodelled: Unmodelled,
@@ -225,6 +248,9 @@ pub struct ToolDef {
     /// JSON Schema of its input; required for client tools.
     #[serde(default)]
     pub input_schema: Option<Value>,
+    /// A prompt-cache breakpoint after this tool's definition.
+    #[serde(default)]
+    pub cache_control: Option<Value>,
     /// Anything else: refused.
     #[serde(flatten)]
     pub unmodelled: Unmodelled,
@@ -317,6 +343,9 @@ impl MessagesRequest {
                 .map(Stop::Many),
             tools: self.tools.map(translate_tools).transpose()?,
             tool_choice: translate_tool_choice(self.tool_choice, &mut extra)?,
+            cache_control: cache_control(Path::Top, self.cache_control)?,
+            // The door adds the `anthropic-beta` header's betas.
+            anthropic_beta: Vec::new(),
             stream,
             // The final usage chunk carries the counts `message_delta` reports.
             stream_options: stream.then_some(StreamOptions {
@@ -328,367 +357,4 @@ impl MessagesRequest {
             extra,
         })
     }
-}
-
-/// Where a value sits in the request, for refusals; formatted only when one is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Path {
-    /// `system[i]`.
-    System(usize),
-    /// `messages[i]`.
-    Message(usize),
-    /// `messages[i].content[j]`.
-    Block(usize, usize),
-    /// `messages[i].content[j].content[k]` (inside a `tool_result`).
-    Nested(usize, usize, usize),
-    /// `tools[i]`.
-    Tool(usize),
-}
-
-impl Path {
-    /// The `j`th element of this value's `content`.
-    fn content(self, j: usize) -> Path {
-        match self {
-            Path::Message(i) => Path::Block(i, j),
-            Path::Block(i, k) => Path::Nested(i, k, j),
-            other => other,
-        }
-    }
-}
-
-impl Display for Path {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Path::System(i) => write!(f, "system[{i}]"),
-            Path::Message(i) => write!(f, "messages[{i}]"),
-            Path::Block(i, j) => write!(f, "messages[{i}].content[{j}]"),
-            Path::Nested(i, j, k) => write!(f, "messages[{i}].content[{j}].content[{k}]"),
-            Path::Tool(i) => write!(f, "tools[{i}]"),
-        }
-    }
-}
-
-/// Top-level fields this door does not model. `thinking: {"type": "disabled"}` asks for
-/// what every answer here is, so it is accepted; `null` says nothing and is ignored.
-fn refuse_top_level(unmodelled: &Unmodelled) -> Result<(), ApiError> {
-    let refused: Vec<&str> = unmodelled
-        .iter()
-        .filter(|(name, value)| {
-            let disabled_thinking = name.as_str() == "thinking"
-                && value.get("type").and_then(Value::as_str) == Some("disabled");
-            !value.is_null() && !disabled_thinking
-        })
-        .map(|(name, _)| name.as_str())
-        .collect();
-    match refused.as_slice() {
-        [] => Ok(()),
-        [one] => Err(invalid_request(format!(
-            "`{one}` is not supported by this gateway"
-        ))),
-        many => Err(invalid_request(format!(
-            "`{}` are not supported by this gateway",
-            many.join("`, `")
-        ))),
-    }
-}
-
-/// Refuses the first non-null field of `unmodelled`, named by `path.field`.
-fn refuse_unmodelled(path: impl Display, unmodelled: &Unmodelled) -> Result<(), ApiError> {
-    match unmodelled.iter().find(|(_, value)| !value.is_null()) {
-        Some((name, _)) => Err(invalid_request(format!(
-            "`{path}.{name}` is not supported by this gateway"
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// A block that is not one of the four this door translates, or a known one that failed to
-/// parse (then the parse error is reported).
-fn refuse_block(path: Path, block: Unmodelled) -> ApiError {
-    let kind = block
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let parse = |result: Result<(), serde_json::Error>| match result {
-        Err(e) => invalid_request(format!("`{path}` is not a valid `{kind}` block: {e}")),
-        Ok(()) => invalid_request(format!("`{path}` could not be read")),
-    };
-    let value = Value::Object(block);
-    match kind.as_str() {
-        "text" => parse(serde_json::from_value::<TextBlock>(value).map(drop)),
-        "image" => parse(serde_json::from_value::<ImageBlock>(value).map(drop)),
-        "tool_use" => parse(serde_json::from_value::<ToolUseBlock>(value).map(drop)),
-        "tool_result" => parse(serde_json::from_value::<ToolResultBlock>(value).map(drop)),
-        "" => invalid_request(format!("`{path}.type` is required")),
-        other => invalid_request(format!(
-            "`{path}`: `{other}` content blocks are not supported by this gateway"
-        )),
-    }
-}
-
-fn system_message(system: SystemPrompt) -> Result<Option<ChatMessage>, ApiError> {
-    let content = match system {
-        SystemPrompt::Text(text) if text.is_empty() => return Ok(None),
-        SystemPrompt::Text(text) => MessageContent::Text(text),
-        SystemPrompt::Blocks(blocks) => {
-            let mut parts = Vec::with_capacity(blocks.len());
-            for (i, block) in blocks.into_iter().enumerate() {
-                parts.push(ContentPart::Text {
-                    text: text_only(Path::System(i), block)?,
-                });
-            }
-            if parts.is_empty() {
-                return Ok(None);
-            }
-            MessageContent::Parts(parts)
-        }
-    };
-    Ok(Some(message(Role::System, Some(content))))
-}
-
-/// The text of a block that may only be text (system prompts, tool results).
-fn text_only(path: Path, block: InputBlock) -> Result<String, ApiError> {
-    match block {
-        InputBlock::Text(text) => {
-            refuse_unmodelled(path, &text.unmodelled)?;
-            Ok(text.text)
-        }
-        InputBlock::Other(other) => Err(refuse_block(path, other)),
-        InputBlock::Image(_) | InputBlock::ToolUse(_) | InputBlock::ToolResult(_) => Err(
-            invalid_request(format!("`{path}` must be a text block here")),
-        ),
-    }
-}
-
-fn translate_message(
-    message: InputMessage,
-    path: Path,
-    out: &mut Vec<ChatMessage>,
-) -> Result<(), ApiError> {
-    refuse_unmodelled(path, &message.unmodelled)?;
-    let blocks = match message.content {
-        InputContent::Text(text) => {
-            let role = match message.role {
-                InputRole::User => Role::User,
-                InputRole::Assistant => Role::Assistant,
-            };
-            out.push(message_text(role, text));
-            return Ok(());
-        }
-        InputContent::Blocks(blocks) => blocks,
-    };
-    match message.role {
-        InputRole::User => user_blocks(blocks, path, out),
-        InputRole::Assistant => {
-            out.push(assistant_blocks(blocks, path)?);
-            Ok(())
-        }
-    }
-}
-
-/// A user turn's blocks, in order: text and images become user messages, each
-/// `tool_result` a `tool` message between them.
-fn user_blocks(
-    blocks: Vec<InputBlock>,
-    path: Path,
-    out: &mut Vec<ChatMessage>,
-) -> Result<(), ApiError> {
-    let mut parts = Vec::new();
-    for (j, block) in blocks.into_iter().enumerate() {
-        let path = path.content(j);
-        match block {
-            InputBlock::Text(text) => {
-                refuse_unmodelled(path, &text.unmodelled)?;
-                parts.push(ContentPart::Text { text: text.text });
-            }
-            InputBlock::Image(image) => parts.push(image_part(image, path)?),
-            InputBlock::ToolResult(result) => {
-                if !parts.is_empty() {
-                    let content = MessageContent::Parts(std::mem::take(&mut parts));
-                    out.push(message(Role::User, Some(content)));
-                }
-                out.push(tool_message(result, path)?);
-            }
-            InputBlock::ToolUse(_) => {
-                return Err(invalid_request(format!(
-                    "`{path}`: `tool_use` blocks belong in assistant turns"
-                )));
-            }
-            InputBlock::Other(other) => return Err(refuse_block(path, other)),
-        }
-    }
-    if !parts.is_empty() {
-        out.push(message(Role::User, Some(MessageContent::Parts(parts))));
-    }
-    Ok(())
-}
-
-/// An assistant turn: its text blocks concatenated, its `tool_use` blocks as tool calls.
-fn assistant_blocks(blocks: Vec<InputBlock>, path: Path) -> Result<ChatMessage, ApiError> {
-    let mut text = String::new();
-    let mut calls = Vec::new();
-    for (j, block) in blocks.into_iter().enumerate() {
-        let path = path.content(j);
-        match block {
-            InputBlock::Text(block) => {
-                refuse_unmodelled(path, &block.unmodelled)?;
-                text.push_str(&block.text);
-            }
-            InputBlock::ToolUse(call) => {
-                refuse_unmodelled(path, &call.unmodelled)?;
-                let arguments = match call.input {
-                    Value::Null => "{}".to_owned(),
-                    input @ Value::Object(_) => input.to_string(),
-                    _ => {
-                        return Err(invalid_request(format!("`{path}.input` must be an object")));
-                    }
-                };
-                calls.push(ToolCall {
-                    id: call.id,
-                    kind: "function".to_owned(),
-                    function: FunctionCall {
-                        name: call.name,
-                        arguments,
-                    },
-                });
-            }
-            InputBlock::Image(_) | InputBlock::ToolResult(_) => {
-                return Err(invalid_request(format!(
-                    "`{path}`: assistant turns may hold only `text` and `tool_use` blocks"
-                )));
-            }
-            InputBlock::Other(other) => return Err(refuse_block(path, other)),
-        }
-    }
-    let content = (!text.is_empty() || calls.is_empty()).then_some(MessageContent::Text(text));
-    Ok(ChatMessage {
-        tool_calls: (!calls.is_empty()).then_some(calls),
-        ..message(Role::Assistant, content)
-    })
-}
-
-fn image_part(image: ImageBlock, path: Path) -> Result<ContentPart, ApiError> {
-    refuse_unmodelled(path, &image.unmodelled)?;
-    let url = match image.source {
-        ImageSource::Base64 { media_type, data } => format!("data:{media_type};base64,{data}"),
-        ImageSource::Url { url } => url,
-        ImageSource::Other(source) => {
-            let kind = source
-                .get("type")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            return Err(invalid_request(format!(
-                "`{path}.source`: `{kind}` image sources are not supported by this gateway \
-                 (use `base64` or `url`)"
-            )));
-        }
-    };
-    Ok(ContentPart::ImageUrl {
-        image_url: ImageUrl { url, detail: None },
-    })
-}
-
-/// A `tool` message. The internal shape has no error flag, so a failed call's result is
-/// prefixed with `Error: `: the model is told the call failed, as `is_error` asks.
-fn tool_message(result: ToolResultBlock, path: Path) -> Result<ChatMessage, ApiError> {
-    refuse_unmodelled(path, &result.unmodelled)?;
-    let mut text = match result.content {
-        None => String::new(),
-        Some(InputContent::Text(text)) => text,
-        Some(InputContent::Blocks(blocks)) => {
-            let mut text = String::new();
-            for (k, block) in blocks.into_iter().enumerate() {
-                text.push_str(&text_only(path.content(k), block)?);
-            }
-            text
-        }
-    };
-    if result.is_error == Some(true) {
-        text.insert_str(0, "Error: ");
-    }
-    Ok(ChatMessage {
-        tool_call_id: Some(result.tool_use_id),
-        ..message(Role::Tool, Some(MessageContent::Text(text)))
-    })
-}
-
-fn translate_tools(tools: Vec<ToolDef>) -> Result<Vec<Tool>, ApiError> {
-    tools
-        .into_iter()
-        .enumerate()
-        .map(|(i, tool)| {
-            let path = Path::Tool(i);
-            if let Some(kind) = tool.kind.as_deref().filter(|k| *k != "custom") {
-                return Err(invalid_request(format!(
-                    "`{path}`: `{kind}` tools (server tools) are not supported by this gateway"
-                )));
-            }
-            refuse_unmodelled(path, &tool.unmodelled)?;
-            let Some(schema) = tool.input_schema else {
-                return Err(invalid_request(format!(
-                    "`{path}.input_schema` is required"
-                )));
-            };
-            Ok(Tool {
-                kind: "function".to_owned(),
-                function: FunctionDef {
-                    name: tool.name,
-                    description: tool.description,
-                    parameters: Some(schema),
-                    strict: None,
-                },
-            })
-        })
-        .collect()
-}
-
-fn translate_tool_choice(
-    choice: Option<AnthropicToolChoice>,
-    extra: &mut Map<String, Value>,
-) -> Result<Option<ToolChoice>, ApiError> {
-    let Some(choice) = choice else {
-        return Ok(None);
-    };
-    refuse_unmodelled("tool_choice", &choice.unmodelled)?;
-    if choice.disable_parallel_tool_use == Some(true) {
-        extra.insert("parallel_tool_calls".to_owned(), Value::Bool(false));
-    }
-    let translated = match (choice.kind, choice.name) {
-        (ToolChoiceKind::Auto, None) => ToolChoice::Mode(ToolChoiceMode::Auto),
-        (ToolChoiceKind::Any, None) => ToolChoice::Mode(ToolChoiceMode::Required),
-        (ToolChoiceKind::None, None) => ToolChoice::Mode(ToolChoiceMode::None),
-        (ToolChoiceKind::Tool, Some(name)) => ToolChoice::Named(NamedToolChoice {
-            kind: "function".to_owned(),
-            function: FunctionName { name },
-        }),
-        (ToolChoiceKind::Tool, None) => {
-            return Err(invalid_request("`tool_choice.name` is required for `tool`"));
-        }
-        (_, Some(_)) => {
-            return Err(invalid_request(
-                "`tool_choice.name` is allowed only with `\"type\": \"tool\"`",
-            ));
-        }
-    };
-    Ok(Some(translated))
-}
-
-fn translate_metadata(metadata: Metadata) -> Result<Option<String>, ApiError> {
-    refuse_unmodelled("metadata", &metadata.unmodelled)?;
-    Ok(metadata.user_id)
-}
-
-fn message(role: Role, content: Option<MessageContent>) -> ChatMessage {
-    ChatMessage {
-        role,
-        content,
-        name: None,
-        tool_calls: None,
-        tool_call_id: None,
-    }
-}
-
-fn message_text(role: Role, text: String) -> ChatMessage {
-    message(role, Some(MessageContent::Text(text)))
 }

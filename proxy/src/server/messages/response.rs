@@ -20,9 +20,12 @@ pub struct Message {
     pub model: String,
     /// Text and `tool_use` blocks.
     pub content: Vec<OutputBlock>,
-    /// `end_turn`, `max_tokens`, `tool_use` or `refusal` (`null` in `message_start`).
+    /// `end_turn`, `stop_sequence`, `max_tokens`, `tool_use` or `refusal` (`null` in
+    /// `message_start`).
     pub stop_reason: Option<&'static str>,
-    /// Which stop sequence ended the answer; the internal shape does not say, so `null`.
+    /// Which stop sequence ended the answer, when the upstream said so (Anthropic does;
+    /// OpenAI-format, Gemini and Ollama upstreams do not, and their answers read
+    /// `end_turn`).
     pub stop_sequence: Option<String>,
     /// Token counts.
     pub usage: MessageUsage,
@@ -57,10 +60,13 @@ pub struct MessageUsage {
     pub output_tokens: u32,
 }
 
-/// Anthropic's `stop_reason` for an internal finish reason. Anthropic tells `end_turn` from
-/// `stop_sequence`; the internal shape does not, so both read as `end_turn`.
-pub fn stop_reason(reason: FinishReason) -> &'static str {
+/// Anthropic's `stop_reason` for an internal finish reason and the stop sequence that
+/// matched, if the upstream said which: `stop_sequence` then, else `end_turn` for `stop`
+/// (an OpenAI-format `finish_reason: "stop"` does not tell a stop sequence from the end of
+/// the turn, so none is inferred).
+pub fn stop_reason(reason: FinishReason, stop_sequence: Option<&str>) -> &'static str {
     match reason {
+        FinishReason::Stop if stop_sequence.is_some() => "stop_sequence",
         FinishReason::Stop => "end_turn",
         FinishReason::Length => "max_tokens",
         FinishReason::ToolCalls | FinishReason::FunctionCall => "tool_use",
@@ -99,9 +105,12 @@ pub fn to_message(response: ChatResponse, model: String) -> Result<Message, ApiE
     for call in answer.tool_calls.into_iter().flatten() {
         content.push(tool_use(call)?);
     }
+    let stop_sequence = choice
+        .stop_sequence
+        .filter(|_| choice.finish_reason == Some(FinishReason::Stop) && !refused);
     let reason = match choice.finish_reason {
         _ if refused => "refusal",
-        Some(reason) => stop_reason(reason),
+        Some(reason) => stop_reason(reason, stop_sequence.as_deref()),
         None => "end_turn",
     };
     Ok(Message {
@@ -111,7 +120,7 @@ pub fn to_message(response: ChatResponse, model: String) -> Result<Message, ApiE
         model,
         content,
         stop_reason: Some(reason),
-        stop_sequence: None,
+        stop_sequence,
         usage: MessageUsage {
             input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,

@@ -6,7 +6,8 @@
 //! content_block_delta  ...           text_delta, or input_json_delta for a tool call
 //! content_block_stop                 before the next block opens
 //! ... one block per text run and per tool call ...
-//! message_delta                      stop_reason, usage from the final usage chunk
+//! message_delta                      stop_reason (and stop_sequence), usage from the final
+//!                                    usage chunk
 //! message_stop
 //! ```
 //!
@@ -144,6 +145,8 @@ struct Encoder {
     /// Internal indices of the tool calls whose blocks are closed.
     closed_calls: Vec<u32>,
     finish: Option<FinishReason>,
+    /// The stop sequence that ended the answer, when the upstream said which.
+    stop_sequence: Option<String>,
     refused: bool,
     usage: Option<Usage>,
     /// `message_stop` or `error` was written; nothing more is.
@@ -161,6 +164,7 @@ impl Encoder {
             open: None,
             closed_calls: Vec::new(),
             finish: None,
+            stop_sequence: None,
             refused: false,
             usage: None,
             done: false,
@@ -223,6 +227,7 @@ impl Encoder {
         }
         if let Some(reason) = choice.finish_reason {
             self.finish = Some(reason);
+            self.stop_sequence = choice.stop_sequence;
             self.close(out);
         }
         Ok(())
@@ -333,9 +338,13 @@ impl Encoder {
     /// `message_delta` and `message_stop`.
     fn stop(&mut self, out: &mut Vec<u8>) {
         self.close(out);
+        let stop_sequence = self
+            .stop_sequence
+            .take()
+            .filter(|_| self.finish == Some(FinishReason::Stop) && !self.refused);
         let reason = match self.finish {
             _ if self.refused => "refusal",
-            Some(reason) => stop_reason(reason),
+            Some(reason) => stop_reason(reason, stop_sequence.as_deref()),
             None => "end_turn",
         };
         let usage = match self.usage {
@@ -350,7 +359,7 @@ impl Encoder {
         };
         let delta = MessageDeltaBody {
             stop_reason: reason,
-            stop_sequence: None,
+            stop_sequence,
         };
         write_event(out, &Event::MessageDelta { delta, usage });
         write_event(out, &Event::MessageStop);

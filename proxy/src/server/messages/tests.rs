@@ -97,7 +97,7 @@ fn a_full_request_translates_to_the_internal_shape() {
     let urls: Vec<&str> = parts
         .iter()
         .filter_map(|p| match p {
-            ContentPart::ImageUrl { image_url } => Some(image_url.url.as_str()),
+            ContentPart::ImageUrl { image_url, .. } => Some(image_url.url.as_str()),
             ContentPart::Text { .. } => None,
         })
         .collect();
@@ -116,7 +116,9 @@ fn a_full_request_translates_to_the_internal_shape() {
     assert_eq!(arguments, json!({"q": "cats"}));
     let tool = &req.messages[3];
     assert_eq!(tool.tool_call_id.as_deref(), Some("toolu_1"));
-    assert!(tool.text().starts_with("Error: ") && tool.text().ends_with("timeout"));
+    // `is_error` is a flag on the tool message, not a prefix of its text.
+    assert!(tool.tool_error);
+    assert_eq!(tool.text(), "timeout");
     assert_eq!(req.messages[4].text(), "Try again?");
 
     assert_eq!(req.max_tokens, Some(256));
@@ -247,8 +249,10 @@ fn untranslatable_fields_are_refused_by_name() {
     refused(body(json!({"tool_choice": choice})), "tool_choice.strict");
     let search = json!([{"type": "web_search_20250305", "name": "web_search"}]);
     refused(body(json!({"tools": search})), "web_search_20250305");
-    let cached = json!([{"name": "t", "input_schema": {}, "cache_control": {"type": "ephemeral"}}]);
-    refused(body(json!({"tools": cached})), "tools[0].cache_control");
+    let cached = json!([{"name": "t", "input_schema": {}, "cache_control": {"type": "forever"}}]);
+    refused(body(json!({"tools": cached})), "`tools[0].cache_control`");
+    let ttl = json!({"type": "ephemeral", "ttl": "5m", "scope": "org"});
+    refused(body(json!({"cache_control": ttl})), "`cache_control`");
     refused(
         body(json!({"tools": [{"name": "t"}]})),
         "tools[0].input_schema",
@@ -258,8 +262,11 @@ fn untranslatable_fields_are_refused_by_name() {
 #[test]
 fn untranslatable_blocks_are_refused_by_path() {
     let user = |content: Value| body(json!({"messages": [{"role": "user", "content": content}]}));
-    let cached = json!([{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]);
-    refused(user(cached), "messages[0].content[0].cache_control");
+    let cached = json!([{"type": "text", "text": "x", "cache_control": "ephemeral"}]);
+    refused(user(cached), "`messages[0].content[0].cache_control`");
+    let result = json!([{"type": "tool_result", "tool_use_id": "t", "content": "x",
+        "cache_control": {"type": "persistent"}}]);
+    refused(user(result), "`messages[0].content[0].cache_control`");
     let document = json!([{"type": "document", "source": {"type": "text", "data": "x"}}]);
     let message = refused(user(document), "`document`");
     assert!(message.contains("messages[0].content[0]"), "{message}");
@@ -315,6 +322,7 @@ fn call(id: &str, arguments: &str) -> ToolCall {
             name: "lookup".to_owned(),
             arguments: arguments.to_owned(),
         },
+        cache_control: None,
     }
 }
 
@@ -685,3 +693,6 @@ mod routes {
         );
     }
 }
+
+mod errors;
+mod fidelity;
