@@ -19,7 +19,7 @@ help:
 	@echo "make lint    - cargo fmt --check and clippy -D warnings"
 	@echo "make crds    - regenerate crds/manifests and charts/floodgate/crds from the types"
 	@echo "make e2e     - the end-to-end suite against a real kube-apiserver and etcd"
-	@echo "make bench   - proxy overhead and throughput against the mock upstream"
+	@echo "make bench   - added latency, throughput and CPU: direct, pass-through, 4-key pool, pool + Redis"
 	@echo "make python-venv - the OpenAI and Anthropic Python SDKs for e2e/tests/*_sdk.rs (unit does it)"
 
 check-tools:
@@ -87,6 +87,8 @@ e2e: check-tools tools
 	FLOODGATE_PROXY_BIN="$(CARGO_TARGET_DIR)/debug/floodgate-proxy" \
 	$(CARGO) test -p floodgate-e2e --no-fail-fast --test 'cluster_*' -- --include-ignored
 
-# Release builds, mock + proxy on loopback ports, ~70 s; the table goes to $(CACHE)/bench/latest.txt.
-bench: check-tools
+# Release builds; mock, proxy (pass-through and a 4-key pool), a second proxy on a local
+# redis-server, all on loopback ports; about 5 min with the defaults (BENCH_SECONDS=10,
+# BENCH_TRIALS=5, see e2e/bench/bench.sh); the table goes to $(CACHE)/bench/latest.txt.
+bench: check-tools redis
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/bench.sh

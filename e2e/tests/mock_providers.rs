@@ -750,6 +750,29 @@ async fn invalid_and_unknown_keys_get_each_providers_auth_error() {
 }
 
 #[tokio::test]
+async fn with_missing_key_allowed_keyless_calls_are_answered_and_given_keys_still_checked() {
+    let h = Harness::start(MockConfig::default().with_missing_key_allowed(true)).await;
+    for provider in [Provider::OpenAi, Provider::Anthropic, Provider::Gemini] {
+        assert_eq!(
+            h.call_with(provider, "", "m", false).await.status,
+            200,
+            "{provider}"
+        );
+        // A key that is given is still checked.
+        assert_eq!(
+            h.call_with(provider, "sk-invalid", "m", false).await.status,
+            if provider == Provider::Gemini {
+                400
+            } else {
+                401
+            },
+            "{provider}"
+        );
+    }
+    assert_eq!(h.mock.counts().get(Provider::OpenAi, "").unwrap().ok, 1);
+}
+
+#[tokio::test]
 async fn keys_over_their_rpm_get_429_with_retry_after_and_provider_body() {
     let h = Harness::start(MockConfig::default().with_rpm(KEY, 2)).await;
     let cases = [

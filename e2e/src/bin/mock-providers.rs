@@ -34,6 +34,10 @@ struct Args {
     /// Accept only these keys (repeatable; default: any key without "invalid" in it).
     #[arg(long = "valid-key", value_name = "KEY")]
     valid_keys: Vec<String>,
+    /// Answer requests that carry no key, like a self-hosted OpenAI-compatible server (a key
+    /// that is given is still checked). The bench's keyless pass-through needs it.
+    #[arg(long)]
+    allow_missing_key: bool,
     /// Pause between streamed chunks, in milliseconds.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     chunk_interval_ms: u64,
@@ -69,7 +73,8 @@ fn config(args: &Args) -> Result<MockConfig> {
     let mut config = MockConfig::default()
         .with_window(Duration::from_millis(args.window_ms))
         .with_chunk_interval(Duration::from_millis(args.chunk_interval_ms))
-        .with_request_logging(!args.quiet);
+        .with_request_logging(!args.quiet)
+        .with_missing_key_allowed(args.allow_missing_key);
     if args.window_ms == 0 {
         errors.push("--window-ms must be greater than 0".to_owned());
     }

@@ -352,6 +352,7 @@ pub(super) struct Call<'a> {
 impl Shared {
     pub(super) fn check_key(&self, key: Option<&str>) -> KeyCheck {
         match key {
+            None | Some("") if self.config.allow_missing_key => KeyCheck::Valid,
             None | Some("") => KeyCheck::Missing,
             Some(key) if key.contains("invalid") => KeyCheck::Invalid,
             Some(key) => match &self.config.valid_keys {

@@ -9,8 +9,12 @@
 //! | Ollama    | `POST /api/chat`, `POST /api/embed`, `GET /api/tags`                   | none         |
 //! | admin     | `GET /_mock/counts`, `POST /_mock/reset`, `GET`/`POST /_mock/faults`    | none         |
 //!
+//! A request without a key is refused as the real service refuses it, unless
+//! [`MockConfig::with_missing_key_allowed`] makes the mock a keyless self-hosted server too.
+//!
 //! Answers are deterministic ([`answer_for`], and [`embedding_for`] for vectors) and token
-//! counts derive from text length ([`token_count`]). Per-key rate limits use a sliding window, as the real services do, and
+//! counts derive from text length ([`token_count`]). Per-key rate limits use a sliding
+//! window, as the real services do, and
 //! the mock records how many requests each key received in its busiest window, so a test can
 //! assert that a gateway never pushed a key over its limit.
 //!
@@ -139,6 +143,10 @@ pub struct MockConfig {
     /// Keys accepted by OpenAI, Anthropic and Gemini; `None` accepts any key. A key containing
     /// `invalid` is refused either way.
     pub valid_keys: Option<HashSet<String>>,
+    /// Answer requests that carry no key, as a self-hosted OpenAI-compatible server (vLLM,
+    /// llama.cpp) does; a key that is given is still checked. Off by default: the real
+    /// services answer 401 (403 for Gemini).
+    pub allow_missing_key: bool,
     /// How many recent request timestamps to keep per key in [`Counts`].
     pub history_per_key: usize,
     /// Pause between streamed events. Zero (the default, for benchmarks) writes each stream
@@ -155,6 +163,7 @@ impl Default for MockConfig {
             default_rpm: None,
             window: Duration::from_secs(60),
             valid_keys: None,
+            allow_missing_key: false,
             history_per_key: 1024,
             chunk_interval: Duration::ZERO,
             log_requests: false,
@@ -192,6 +201,13 @@ impl MockConfig {
         K: Into<String>,
     {
         self.valid_keys = Some(keys.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Answers requests without a key (see [`MockConfig::allow_missing_key`]).
+    #[must_use]
+    pub fn with_missing_key_allowed(mut self, allowed: bool) -> Self {
+        self.allow_missing_key = allowed;
         self
     }
 
