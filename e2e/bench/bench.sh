@@ -8,6 +8,9 @@
 #   BENCH_TRIALS      rounds of open-loop latency runs (default 5)
 #   BENCH_MAX_TRIALS  rounds of closed-loop runs (default: BENCH_TRIALS, at most 3)
 #   FLOODGATE_REDIS_SERVER  the redis-server to run (default: the one `make redis` unpacks)
+#   BENCH_PROXY_BIN   the proxy binary to measure (default: the release build of this tree),
+#                     e.g. an earlier commit's build, for before/after figures on one machine
+#   BENCH_OUT         where results go (default $CACHE/bench)
 #
 # Four targets, all answered by one mock upstream (non-streaming OpenAI chat unless said):
 #   direct   the mock itself;
@@ -37,8 +40,9 @@ RATE=${BENCH_RATE:-1000}
 TRIALS=${BENCH_TRIALS:-5}
 MAX_TRIALS=${BENCH_MAX_TRIALS:-$((TRIALS < 3 ? TRIALS : 3))}
 REDIS_SERVER=${FLOODGATE_REDIS_SERVER:-$CACHE/redis/bin/redis-server}
-OUT=$CACHE/bench
+OUT=${BENCH_OUT:-$CACHE/bench}
 BIN=$CARGO_TARGET_DIR/release
+PROXY_BIN=${BENCH_PROXY_BIN:-$BIN/floodgate-proxy}
 # A run that has not ended this long after its duration is killed (loadgen's own per-request
 # timeout is 10 s): the bench never hangs. (`timeout --foreground` keeps loadgen in our process
 # group, so that Ctrl-C reaches it at once.)
@@ -160,7 +164,7 @@ mkdir -p "$work/config"
 start_proxy() {
   local name=$1 addr
   shift
-  env -u RUST_LOG "$BIN/floodgate-proxy" --config "$work/config" --listen 127.0.0.1:0 \
+  env -u RUST_LOG "$PROXY_BIN" --config "$work/config" --listen 127.0.0.1:0 \
     --watch-interval-ms 0 "$@" >"$work/$name.log" 2>&1 &
   started_pid=$!
   pids+=("$started_pid")
