@@ -506,3 +506,52 @@ async fn metrics_time_the_limiter_and_the_queue() {
     let waited = sum(&after, "queue") - sum(&before, "queue");
     assert!(waited >= 0.2, "queued {waited} s: {after}");
 }
+
+#[tokio::test]
+async fn a_target_that_refuses_a_field_costs_no_budget_and_the_next_one_serves() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let base = mock.base_url();
+    let providers = format!(
+        "  - {{name: claude, type: anthropic, baseUrl: \"{base}\", models: [{{name: claude-sonnet-4, alias: smart}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 2}}]}}\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o, alias: smart}}], keys: [{{secretRef: {{name: keys, key: b}}, rpm: 1000}}]}}\n"
+    );
+    let gw = Gateway::start(
+        &manifests(&providers, "  fallback: [claude, openai]\n"),
+        MIN,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    for i in 0..3 {
+        // Anthropic takes temperatures up to 1: refused there before anything is sent.
+        let mut body = ask("smart", &format!("q{i}"), false);
+        body["temperature"] = json!(1.5);
+        let r = chat(&gw, body).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-floodgate-provider"], "openai");
+        assert_eq!(r.headers()["x-floodgate-attempts"], "1");
+    }
+    let view = gw.dispatcher.view();
+    let claude = view
+        .runtime
+        .providers
+        .iter()
+        .find(|p| &*p.name == "claude")
+        .unwrap();
+    let used = claude.keys[0].budget.used(tokio::time::Instant::now());
+    assert_eq!(used, 0, "no slot spent on requests never sent");
+    assert_eq!(mock.counts().provider_total(Provider::Anthropic), 0);
+    // Only Claude: the refusal is the answer, a 400 naming the field.
+    let mut body = ask("claude-sonnet-4", "q", false);
+    body["temperature"] = json!(1.5);
+    let r = chat(&gw, body).await;
+    assert_eq!(r.status(), 400);
+    let error: Value = r.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("temperature"),
+        "{error}"
+    );
+}

@@ -46,6 +46,10 @@ struct KeyState {
     failed: bool,
     in_flight: u32,
     hint: Hint,
+    /// A request was told "not now" since the last pulse: the next change that may make
+    /// room pulses the signal (and clears this). Nobody waits on a key never found full, so
+    /// its answers wake nobody.
+    blocked: bool,
 }
 
 /// The budget of one key.
@@ -78,11 +82,17 @@ impl Permit {
         }
         self.answered = true;
         let now = Instant::now();
-        if let Some(w) = self.key.lock().requests.as_mut() {
-            w.complete(now);
+        let blocked = {
+            let mut s = self.key.lock();
+            if let Some(w) = s.requests.as_mut() {
+                w.complete(now);
+            }
+            std::mem::take(&mut s.blocked)
+        };
+        if blocked {
+            // The slot's release instant is known now: waiters recompute it.
+            self.key.signal.pulse();
         }
-        // The slot's release instant is known now: waiters recompute it.
-        self.key.signal.pulse();
         if let Some(shared) = &self.key.shared {
             // The member is needed once more only to settle tokens.
             let member = match self.reservation {
@@ -100,6 +110,34 @@ impl Permit {
         self.finish(Some(total_tokens));
     }
 
+    /// The request was never sent (refused before its first byte, e.g. a field the target
+    /// cannot take): its in-flight slot and its token reservation are released without
+    /// counting against the window. With shared budgets Redis already admitted it, so there
+    /// it counts as answered now (one window, the safe side).
+    pub fn cancel(mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.answered = true;
+        let mut state = self.key.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if let Some(w) = state.requests.as_mut() {
+            w.cancel();
+        }
+        if let (Some((id, _)), Some(tokens)) = (self.reservation, state.tokens.as_mut()) {
+            tokens.settle(id, 0);
+        }
+        let blocked = std::mem::take(&mut state.blocked);
+        drop(state);
+        if let (Some(shared), Some(member)) = (&self.key.shared, self.member.take()) {
+            shared.backend.complete_later(&shared.keys, member);
+        }
+        if blocked {
+            self.key.signal.pulse();
+        }
+    }
+
     fn finish(&mut self, actual: Option<u64>) {
         if self.done {
             return;
@@ -114,9 +152,12 @@ impl Permit {
         if let Some(tokens) = state.tokens.as_mut() {
             tokens.settle(id, actual);
         }
+        let blocked = std::mem::take(&mut state.blocked);
         drop(state);
-        // Fewer tokens than reserved may make room at once.
-        self.key.signal.pulse();
+        if blocked {
+            // Fewer tokens than reserved may make room at once.
+            self.key.signal.pulse();
+        }
         if let (Some(shared), Some(member)) = (&self.key.shared, self.member.take()) {
             shared.backend.settle_later(&shared.keys, member, actual);
         }
@@ -150,8 +191,11 @@ impl Drop for Asking<'_> {
     fn drop(&mut self) {
         let mut s = self.key.lock();
         s.hint.asking = s.hint.asking.saturating_sub(1);
+        let blocked = std::mem::take(&mut s.blocked);
         drop(s);
-        self.key.signal.pulse();
+        if blocked {
+            self.key.signal.pulse();
+        }
         if let Some(member) = self.member.take() {
             self.shared
                 .backend
@@ -178,6 +222,7 @@ impl KeyBudget {
                 failed: false,
                 in_flight: 0,
                 hint: Hint::default(),
+                blocked: false,
             }),
             shared,
             signal,
@@ -467,6 +512,7 @@ impl KeyState {
             free = free.max(w.next_free_within(now, tokens, limit));
         }
         if free > now {
+            self.blocked = true;
             Err(Unavailable::Until(free))
         } else {
             Ok(())
@@ -478,6 +524,7 @@ impl KeyState {
         if let Some(until) = self.hint.blocked_until
             && until > now
         {
+            self.blocked = true;
             return Err(Unavailable::Until(until));
         }
         let used = self.shared_used(now);
@@ -487,6 +534,7 @@ impl KeyState {
             .map_or(u32::MAX, |rpm| rpm.saturating_sub(used).max(1));
         if self.hint.asking >= room {
             // Their answers pulse the signal when they come.
+            self.blocked = true;
             return Err(Unavailable::Pending);
         }
         Ok(())

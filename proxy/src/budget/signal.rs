@@ -1,7 +1,8 @@
-//! The wake-up for requests waiting for budget: whatever may free a slot (an answer, a
-//! settled reservation, a breaker's probe ending, a reconfigured key) pulses it, and every
-//! request at the head of a wait queue looks again. Pulsing costs one atomic load when
-//! nobody waits, so the paths that pulse (every answer) pay nothing measurable.
+//! The wake-up for requests waiting for budget: whatever may free a slot on a key some request
+//! was refused on (an answer, a settled reservation, an answer from Redis), a breaker's probe
+//! ending, or a reconfiguration pulses it, and every request at the head of a wait queue looks
+//! again. A key pulses only after it told a request "not now", so answers on keys with room
+//! wake nobody; a pulse with nobody waiting costs one atomic load.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;

@@ -29,6 +29,8 @@ pub struct RequestWindow {
     log: VecDeque<(Instant, u32)>,
     /// Answers in `log`.
     logged: u32,
+    /// The provider said the budget is spent until then ([`RequestWindow::exhaust_until`]).
+    blocked_until: Option<Instant>,
 }
 
 impl RequestWindow {
@@ -42,6 +44,7 @@ impl RequestWindow {
             epoch: now.checked_sub(window).unwrap_or(now),
             log: VecDeque::new(),
             logged: 0,
+            blocked_until: None,
         }
     }
 
@@ -88,10 +91,15 @@ impl RequestWindow {
         }
     }
 
-    /// Requests in flight or answered within the window ending at `now`.
+    /// Requests in flight or answered within the window ending at `now` (the whole limit
+    /// while the provider says the budget is spent).
     pub fn used(&mut self, now: Instant) -> u32 {
         self.evict(now);
-        self.logged.saturating_add(self.in_flight)
+        let used = self.logged.saturating_add(self.in_flight);
+        match self.blocked_until {
+            Some(until) if until > now => used.max(self.limit),
+            _ => used,
+        }
     }
 
     /// When a request could next be admitted: `now` if there is room. When only answers to
@@ -105,7 +113,14 @@ impl RequestWindow {
     /// [`RequestWindow::next_free`] under `limit` instead of the window's own limit (a
     /// replica's local share of a shared budget).
     pub fn next_free_within(&mut self, now: Instant, limit: u32) -> Instant {
-        let used = self.used(now);
+        let blocked = self.blocked_until.filter(|&until| until > now);
+        let free = self.free_by_log(now, limit);
+        blocked.map_or(free, |until| until.max(free))
+    }
+
+    fn free_by_log(&mut self, now: Instant, limit: u32) -> Instant {
+        self.evict(now);
+        let used = self.logged.saturating_add(self.in_flight);
         if used < limit {
             return now;
         }
@@ -137,6 +152,11 @@ impl RequestWindow {
         self.in_flight += 1;
     }
 
+    /// A request admitted earlier was never sent: it leaves without counting.
+    pub fn cancel(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
     /// A request admitted earlier was answered (or failed) at `now`: from now on it counts
     /// for one window.
     pub fn complete(&mut self, now: Instant) {
@@ -145,24 +165,14 @@ impl RequestWindow {
         self.push(now, 1);
     }
 
-    /// Marks the window full until `until` (the provider said the budget is spent), by
-    /// recording phantom requests that expire then.
+    /// Marks the window full until `until` (the provider said the budget is spent): nothing
+    /// is admitted before then, whatever the log holds, and a reset longer than a window is
+    /// honoured whole.
     pub fn exhaust_until(&mut self, now: Instant, until: Instant) {
-        self.evict(now);
-        let used = self.logged.saturating_add(self.in_flight);
-        if used >= self.limit {
+        if until <= now {
             return;
         }
-        // Phantoms stamped `until - window` leave the window exactly at `until`; they may
-        // predate real entries, so they go in at their place in time.
-        let stamp = self.stamp(until.checked_sub(self.window).unwrap_or(now));
-        let count = self.limit - used;
-        self.logged = self.logged.saturating_add(count);
-        let at = self.log.partition_point(|(t, _)| *t < stamp);
-        match self.log.get_mut(at) {
-            Some((t, n)) if *t == stamp => *n = n.saturating_add(count),
-            _ => self.log.insert(at, (stamp, count)),
-        }
+        self.blocked_until = Some(self.blocked_until.map_or(until, |b| b.max(until)));
     }
 }
 
@@ -350,6 +360,25 @@ mod tests {
         w.exhaust_until(t0, t0 + Duration::from_secs(5));
         assert_eq!(w.try_acquire(t0), Err(t0 + Duration::from_secs(5)));
         assert!(w.try_acquire(t0 + Duration::from_secs(5)).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_longer_than_a_window_never_lets_more_in() {
+        let mut w = RequestWindow::new(10, MIN);
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            w.try_acquire(t0).unwrap();
+        }
+        w.exhaust_until(t0, t0 + Duration::from_secs(130));
+        for _ in 0..5 {
+            w.complete(t0 + Duration::from_secs(1));
+        }
+        w.set_limit(2, MIN);
+        for s in [2, 62, 129] {
+            let at = t0 + Duration::from_secs(s);
+            assert!(w.try_acquire(at).is_err(), "admitted at {s} s");
+        }
+        assert!(w.try_acquire(t0 + Duration::from_secs(130)).is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,6 +14,7 @@
 //! }
 //! ```
 
+use super::breaker::{Admit, Probe};
 use super::runtime::{KeyRt, ProviderRt, Route, Runtime, Target};
 use super::wait::Ticket;
 use super::{Dispatcher, RouteError};
@@ -79,6 +80,9 @@ pub struct Lease<'a> {
     pub target_index: usize,
     /// The admission on the key: settle it with the real usage, or drop it.
     pub permit: Permit,
+    /// The half-open probe this attempt is, if it is one: hold it until the attempt's
+    /// verdict is recorded; dropped earlier (the caller hung up), it gives the probe back.
+    pub probe: Option<Probe>,
 }
 
 /// When the route could serve again.
@@ -103,6 +107,8 @@ pub struct Attempts<'a> {
     /// Targets not to try again (their provider failed in a way that opens circuits).
     skipped: u64,
     made: u32,
+    /// Whether a key was ever granted (a retry does not queue again).
+    admitted: bool,
     /// Times this request looked for a key (for tests: a waiter must not poll).
     looks: u32,
     last_error: Option<ProviderError>,
@@ -125,6 +131,7 @@ impl<'a> Attempts<'a> {
             deadline,
             skipped: 0,
             made: 0,
+            admitted: false,
             looks: 0,
             last_error: None,
         }
@@ -168,13 +175,38 @@ impl<'a> Attempts<'a> {
         Ok(())
     }
 
+    /// The target of an attempt refused the request before anything was sent (a field it
+    /// cannot take): the attempt does not count, the target is not tried again, and if no
+    /// other target is left the refusal is the answer. Cancel the lease's permit first, so
+    /// that no budget is spent.
+    pub fn refused(&mut self, target_index: usize, error: ProviderError) -> Result<(), RouteError> {
+        self.made = self.made.saturating_sub(1);
+        if target_index < 64 {
+            self.skipped |= 1 << target_index;
+        }
+        let left = self
+            .route
+            .targets
+            .iter()
+            .enumerate()
+            .any(|(i, _)| i >= 64 || self.skipped & (1 << i) == 0);
+        if !left {
+            return Err(RouteError::Upstream {
+                error,
+                attempts: self.made,
+            });
+        }
+        self.last_error.get_or_insert(error);
+        Ok(())
+    }
+
     /// The next key to try: at once when one has budget and nobody waits ahead, else after
     /// waiting in the route's queue. Gives up at the deadline, when the queue is full, or when
     /// no key ever will have budget.
     pub async fn next(&mut self) -> Result<Lease<'a>, RouteError> {
         let m = metrics::stages();
         // A retry after a failed attempt has waited its turn already.
-        if self.made > 0 || self.route.queue.is_empty() {
+        if self.admitted || self.route.queue.is_empty() {
             let now = Instant::now();
             let picked = self.pick(now).await;
             m.limiter.observe(now.elapsed().as_secs_f64());
@@ -182,6 +214,15 @@ impl<'a> Attempts<'a> {
                 return Ok(lease);
             }
             self.give_up_unless_worth_waiting(now)?;
+        } else {
+            // Others wait ahead: if this request's turn cannot come before its deadline, it
+            // is told so now rather than at the deadline.
+            let now = Instant::now();
+            if let Some(turn) = self.turn(now)
+                && now + turn > self.deadline
+            {
+                return Err(RouteError::Saturated { retry_after: turn });
+            }
         }
         let Some(ticket) = self.route.queue.join() else {
             return Err(self.queue_full());
@@ -262,21 +303,26 @@ impl<'a> Attempts<'a> {
         RouteError::Saturated { retry_after }
     }
 
-    /// 429 for a full queue: the requests ahead take the route's next slots, so retry when
-    /// they could be through, `queued / (rpm per window)` windows from the earliest slot.
-    fn queue_full(&self) -> RouteError {
-        let now = Instant::now();
-        let earliest = match self.earliest(now) {
-            Wake::At(at) => at.saturating_duration_since(now),
-            _ => Duration::ZERO,
+    /// When a request joining the queue now could be served: the earliest slot, then one
+    /// slot per request ahead at the route's rate. `None` when no instant is known.
+    fn turn(&self, now: Instant) -> Option<Duration> {
+        let Wake::At(at) = self.earliest(now) else {
+            return None;
         };
         let window = self.dispatcher.budgets().window();
         let rpm = self.route_rpm().max(1);
-        let queued = self.route.queue.len() as u64;
-        let drain = window.mul_f64(queued as f64 / rpm as f64);
-        RouteError::Saturated {
-            retry_after: earliest.max(drain).max(Duration::from_secs(1)),
-        }
+        let ahead = self.route.queue.len() as u64;
+        Some(at.saturating_duration_since(now) + window.mul_f64(ahead as f64 / rpm as f64))
+    }
+
+    /// 429 for a full queue: the requests ahead take the route's next slots, so retry when
+    /// they could be through.
+    fn queue_full(&self) -> RouteError {
+        let retry_after = self
+            .turn(Instant::now())
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_secs(1));
+        RouteError::Saturated { retry_after }
     }
 
     fn route_rpm(&self) -> u64 {
@@ -311,14 +357,16 @@ impl<'a> Attempts<'a> {
             let target = &targets[ti];
             let provider = &self.runtime.providers[target.provider];
             let tokens = self.demand.tokens(provider.adapter);
-            if let Some((key, permit)) = self.pick_key(provider, now, tokens).await {
+            if let Some((key, permit, probe)) = self.pick_key(provider, now, tokens).await {
                 self.made += 1;
+                self.admitted = true;
                 return Some(Lease {
                     provider,
                     key,
                     target,
                     target_index: ti,
                     permit,
+                    probe,
                 });
             }
         }
@@ -332,7 +380,7 @@ impl<'a> Attempts<'a> {
         provider: &'a ProviderRt,
         now: Instant,
         tokens: u64,
-    ) -> Option<(&'a KeyRt, Permit)> {
+    ) -> Option<(&'a KeyRt, Permit, Option<Probe>)> {
         let keys = &provider.keys;
         let n = keys.len();
         // Keys tried and refused in this pick (Redis may refuse what the local view allowed).
@@ -353,13 +401,16 @@ impl<'a> Attempts<'a> {
                     .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
                     .map(|(i, _)| i),
             }?;
-            if !provider.breaker.allow(now) {
-                return None;
-            }
+            let probe = match provider.breaker.admit(now) {
+                Admit::Denied => return None,
+                Admit::Closed => None,
+                Admit::Probe(probe) => Some(probe),
+            };
+            // If the caller goes away while Redis answers, the probe guard gives it back.
             match keys[best].budget.acquire(now, tokens).await {
-                Ok(permit) => return Some((&keys[best], permit)),
+                Ok(permit) => return Some((&keys[best], permit, probe)),
                 Err(_) => {
-                    provider.breaker.neutral();
+                    drop(probe);
                     if best >= 64 {
                         return None;
                     }

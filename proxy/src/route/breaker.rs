@@ -10,9 +10,16 @@ use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { probing: bool },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// `probe`: the id of the probe out, if one is.
+    HalfOpen {
+        probe: Option<u64>,
+    },
 }
 
 /// The circuit state, for metrics and status.
@@ -48,11 +55,38 @@ pub enum Wake {
     ProbeOut,
 }
 
+/// A half-open probe granted by [`Breaker::admit`]. If the attempt ends without a verdict
+/// (its caller hung up, or no key had budget after all), dropping it gives the probe back,
+/// so the circuit is never stuck half-open with a probe nobody will finish.
+#[derive(Debug)]
+pub struct Probe {
+    breaker: Arc<Breaker>,
+    id: u64,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.breaker.give_back(self.id);
+    }
+}
+
+/// What [`Breaker::admit`] decided.
+#[derive(Debug)]
+pub enum Admit {
+    /// The circuit is closed.
+    Closed,
+    /// Half-open: this request is the probe.
+    Probe(Probe),
+    /// Open, or half-open with a probe out.
+    Denied,
+}
+
 /// A provider's circuit breaker.
 #[derive(Debug)]
 pub struct Breaker {
     threshold: AtomicU32,
     open_ms: AtomicU64,
+    next_probe: AtomicU64,
     state: Mutex<State>,
     /// Pulsed when a half-open probe ends, for requests waiting on it.
     signal: Arc<Signal>,
@@ -64,6 +98,7 @@ impl Breaker {
         Self {
             threshold: AtomicU32::new(threshold.max(1)),
             open_ms: AtomicU64::new(millis(open_for)),
+            next_probe: AtomicU64::new(0),
             state: Mutex::new(State::Closed { failures: 0 }),
             signal,
         }
@@ -73,7 +108,7 @@ impl Breaker {
     pub fn wake(&self, now: Instant) -> Wake {
         match *self.lock() {
             State::Open { until } if until > now => Wake::At(until),
-            State::HalfOpen { probing: true } => Wake::ProbeOut,
+            State::HalfOpen { probe: Some(_) } => Wake::ProbeOut,
             _ => Wake::Now,
         }
     }
@@ -93,21 +128,52 @@ impl Breaker {
     }
 
     /// Whether a request may go to the provider now; in half-open, only the first caller
-    /// gets through (the probe).
+    /// gets through (the probe). Tests use it; requests use [`Breaker::admit`], whose probe
+    /// is given back if the attempt is abandoned.
     pub fn allow(&self, now: Instant) -> bool {
+        match self.take(now) {
+            Some(None) => true,
+            // A probe taken without a guard stays out until a verdict.
+            Some(Some(_)) => true,
+            None => false,
+        }
+    }
+
+    /// Admits a request now: through a closed circuit, as the half-open probe (with a guard
+    /// that gives the probe back if dropped before a verdict), or not at all.
+    pub fn admit(self: &Arc<Self>, now: Instant) -> Admit {
+        match self.take(now) {
+            Some(None) => Admit::Closed,
+            Some(Some(id)) => Admit::Probe(Probe {
+                breaker: self.clone(),
+                id,
+            }),
+            None => Admit::Denied,
+        }
+    }
+
+    /// `Some(None)`: closed; `Some(Some(id))`: probe `id` taken; `None`: denied.
+    fn take(&self, now: Instant) -> Option<Option<u64>> {
         let mut s = self.lock();
         match *s {
-            State::Closed { .. } => true,
-            State::Open { until } if now >= until => {
-                *s = State::HalfOpen { probing: true };
-                true
+            State::Closed { .. } => Some(None),
+            State::Open { until } if now < until => None,
+            State::HalfOpen { probe: Some(_) } => None,
+            State::Open { .. } | State::HalfOpen { probe: None } => {
+                let id = self.next_probe.fetch_add(1, Ordering::Relaxed);
+                *s = State::HalfOpen { probe: Some(id) };
+                Some(Some(id))
             }
-            State::Open { .. } => false,
-            State::HalfOpen { probing: false } => {
-                *s = State::HalfOpen { probing: true };
-                true
-            }
-            State::HalfOpen { probing: true } => false,
+        }
+    }
+
+    /// Probe `id` ends without a verdict: if it is still the probe out, another may go.
+    fn give_back(&self, id: u64) {
+        let mut s = self.lock();
+        if *s == (State::HalfOpen { probe: Some(id) }) {
+            *s = State::HalfOpen { probe: None };
+            drop(s);
+            self.signal.pulse();
         }
     }
 
@@ -122,7 +188,7 @@ impl Breaker {
     /// A call succeeded.
     pub fn success(&self) {
         let previous = std::mem::replace(&mut *self.lock(), State::Closed { failures: 0 });
-        if previous == (State::HalfOpen { probing: true }) {
+        if matches!(previous, State::HalfOpen { probe: Some(_) }) {
             self.signal.pulse();
         }
     }
@@ -132,7 +198,7 @@ impl Breaker {
         let threshold = self.threshold.load(Ordering::Relaxed);
         let until = now + self.open_for();
         let mut s = self.lock();
-        let probe = *s == State::HalfOpen { probing: true };
+        let probe = matches!(*s, State::HalfOpen { probe: Some(_) });
         *s = match *s {
             State::Closed { failures } if failures + 1 >= threshold => State::Open { until },
             State::Closed { failures } => State::Closed {
@@ -151,8 +217,8 @@ impl Breaker {
     /// key, the caller's fault): a half-open probe slot is given back.
     pub fn neutral(&self) {
         let mut s = self.lock();
-        if let State::HalfOpen { probing: true } = *s {
-            *s = State::HalfOpen { probing: false };
+        if let State::HalfOpen { probe: Some(_) } = *s {
+            *s = State::HalfOpen { probe: None };
             drop(s);
             self.signal.pulse();
         }
@@ -201,6 +267,26 @@ mod tests {
         b.success();
         assert_eq!(b.circuit(t2), Circuit::Closed);
         assert!(b.allow(t2) && b.allow(t2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_is_given_back() {
+        let b = Arc::new(Breaker::new(1, Duration::from_secs(10), Arc::default()));
+        let t0 = Instant::now();
+        b.failure(t0);
+        let t1 = t0 + Duration::from_secs(10);
+        let probe = b.admit(t1);
+        assert!(matches!(probe, Admit::Probe(_)));
+        assert!(matches!(b.admit(t1), Admit::Denied), "one probe at a time");
+        // Its caller hung up: no verdict, and the next request may probe.
+        drop(probe);
+        let second = b.admit(t1);
+        assert!(matches!(second, Admit::Probe(_)));
+        // A stale guard never frees someone else's probe.
+        b.success();
+        assert_eq!(b.circuit(t1), Circuit::Closed);
+        drop(second);
+        assert!(matches!(b.admit(t1), Admit::Closed));
     }
 
     #[tokio::test(start_paused = true)]

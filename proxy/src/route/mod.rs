@@ -289,6 +289,17 @@ impl Dispatcher {
         let mut attempts = Attempts::new(self, &view.runtime, route, demand, deadline);
         loop {
             let lease = attempts.next().await?;
+            let adapter = lease.provider.adapter;
+            // Translated before anything is sent: a target that cannot take the request is
+            // skipped without spending budget, and another may still serve it.
+            let body = match adapter.build_body(&lease.target.upstream_model, req, req.stream) {
+                Ok(body) => body,
+                Err(error) => {
+                    lease.permit.cancel();
+                    attempts.refused(lease.target_index, error)?;
+                    continue;
+                }
+            };
             let http = upstream::thread_client(lease.provider.timeouts.connect_ms);
             let result = upstream::call(
                 &http,
@@ -296,6 +307,7 @@ impl Dispatcher {
                 lease.key,
                 lease.target,
                 req,
+                body,
                 lease.permit,
             )
             .await;

@@ -173,8 +173,9 @@ async fn a_full_queue_is_refused_at_once_with_an_honest_retry_after() {
     let mut attempts = Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
     match attempts.next().await {
         Err(RouteError::Saturated { retry_after }) => {
-            // Two ahead at 1 rpm: its turn comes two windows from now at the earliest.
-            assert_eq!(retry_after, 2 * MIN);
+            // The slot frees in a window, the two ahead take it and the next: its turn comes
+            // three windows from now.
+            assert_eq!(retry_after, 3 * MIN);
         }
         other => panic!("expected 429, got {other:?}"),
     }
@@ -182,6 +183,119 @@ async fn a_full_queue_is_refused_at_once_with_an_honest_retry_after() {
     for w in waiters {
         w.abort();
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_turn_comes_after_its_deadline_is_refused_at_once() {
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(90)),
+        config(&[("a", 1)]),
+    );
+    let t0 = Instant::now();
+    take_and_answer(&d, t0 + Duration::from_secs(90)).await;
+    // One waiter ahead takes the slot that frees at 60 s.
+    let ahead = {
+        let dd = d.clone();
+        tokio::spawn(async move {
+            let d = dd;
+            let view = d.view();
+            let route = &view.runtime.routes["m"];
+            let deadline = t0 + Duration::from_secs(90);
+            let mut attempts =
+                Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+            attempts.next().await.map(|_| ())
+        })
+    };
+    let view = d.view();
+    until(|| view.runtime.routes["m"].queue.len() == 1).await;
+    let route = &view.runtime.routes["m"];
+    let deadline = t0 + Duration::from_secs(90);
+    let mut attempts = Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+    match attempts.next().await {
+        // Its turn is at 120 s, past its 90 s deadline: told now, with when it would come.
+        Err(RouteError::Saturated { retry_after }) => assert_eq!(retry_after, 2 * MIN),
+        other => panic!("expected 429, got {other:?}"),
+    }
+    assert_eq!(t0.elapsed(), Duration::ZERO, "refused without waiting");
+    assert!(
+        ahead.await.unwrap().is_ok(),
+        "the one ahead is served at 60 s"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_probe_does_not_strand_the_next_request() {
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(&[("a", 1000)]),
+    );
+    let view = d.view();
+    let route = &view.runtime.routes["m"];
+    view.runtime.providers[0].breaker.failure(Instant::now());
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut probe = Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+    let lease = probe.next().await.unwrap();
+    assert!(
+        lease.probe.is_some(),
+        "the first request after the open period probes"
+    );
+    // Its caller hangs up before the provider answers.
+    drop(lease);
+    let t1 = Instant::now();
+    let mut next = Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+    let lease = next.next().await.unwrap();
+    assert!(
+        lease.probe.is_some(),
+        "the next request probes in its place"
+    );
+    assert_eq!(t1.elapsed(), Duration::ZERO, "at once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_on_keys_with_room_wake_no_waiter() {
+    let yaml = "apiVersion: v1\nkind: Secret\nmetadata: {name: keys}\nstringData: {a: sk-a, b: sk-b}\n---\n\
+        apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {name: pool}\nspec:\n  providers:\n\
+        \x20 - {name: one, type: openai, baseUrl: \"http://127.0.0.1:9\", models: [{name: m}], keys: [{secretRef: {name: keys, key: a}, rpm: 1}]}\n\
+        \x20 - {name: two, type: openai, baseUrl: \"http://127.0.0.1:9\", models: [{name: m2}], keys: [{secretRef: {name: keys, key: b}, rpm: 100000}]}\n";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.yaml"), yaml).unwrap();
+    let (config, _) = load_config(&[dir.path().to_owned()], SecretSources::default()).unwrap();
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(120)),
+        Arc::new(config),
+    );
+    let t0 = Instant::now();
+    take_and_answer(&d, t0 + MIN).await;
+    let waiter = {
+        let dd = d.clone();
+        tokio::spawn(async move {
+            let d = dd;
+            let view = d.view();
+            let route = &view.runtime.routes["m"];
+            let deadline = t0 + Duration::from_secs(120);
+            let mut attempts =
+                Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+            let ok = attempts.next().await.is_ok();
+            (ok, attempts.looks())
+        })
+    };
+    let view = d.view();
+    until(|| view.runtime.routes["m"].queue.len() == 1).await;
+    let other = &view.runtime.routes["m2"];
+    for _ in 0..1000 {
+        let mut attempts =
+            Attempts::new(&d, &view.runtime, other, Demand::chat(&request()), t0 + MIN);
+        let mut lease = attempts.next().await.unwrap();
+        lease.permit.answered();
+        tokio::task::yield_now().await;
+    }
+    let (ok, looks) = waiter.await.unwrap();
+    assert!(ok);
+    assert!(
+        looks <= 4,
+        "the waiter on m looked {looks} times while m2 served 1000"
+    );
 }
 
 #[tokio::test(start_paused = true)]

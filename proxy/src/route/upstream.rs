@@ -73,10 +73,11 @@ pub(super) async fn call(
     key: &KeyRt,
     target: &Target,
     req: &ChatRequest,
+    body: Bytes,
     permit: Permit,
 ) -> Result<ReplyBody, ProviderError> {
     let started = Instant::now();
-    let send = send(http, provider, key, target, req, permit);
+    let send = send(http, provider, key, target, req, body, permit);
     let result = observed(provider, key, target, "chat", send).await;
     if req.stream && result.is_ok() {
         target.metrics.ttft.observe(started.elapsed().as_secs_f64());
@@ -193,10 +194,10 @@ async fn send(
     key: &KeyRt,
     target: &Target,
     req: &ChatRequest,
+    body: Bytes,
     mut permit: Permit,
 ) -> Result<ReplyBody, ProviderError> {
     let adapter = provider.adapter;
-    let body = adapter.build_body(&target.upstream_model, req, req.stream)?;
     let url = target
         .url(req.stream)
         .as_ref()
