@@ -181,13 +181,17 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let mut options = DispatcherOptions::new(MINUTE, Duration::from_millis(args.max_queue_wait_ms));
     options.max_queued = args.max_queued;
+    let mut redis_thread = None;
     if let Some(url) = args.redis.clone() {
         let mut redis = SharedOptions::new(url);
         redis.replicas_hint = args.replicas_hint;
-        // Redis calls and background writes run here, on the main runtime, which outlives
-        // the workers: none takes the connection or a pending write with it when it stops.
-        // Configuration work never runs on it (the watchers hand it to the blocking pool).
-        redis.runtime = Some(tokio::runtime::Handle::current());
+        // Redis calls and background writes run on a runtime of their own, on its own thread:
+        // it outlives the workers (none takes the connection or a pending write with it when
+        // it stops), and nothing else runs there, so no configuration work (file polling,
+        // API-server watches, validation) can delay an admission.
+        let thread = RedisThread::start().context("cannot start the Redis runtime")?;
+        redis.runtime = Some(thread.handle.clone());
+        redis_thread = Some(thread);
         tracing::info!(replicas_hint = %args.replicas_hint, "rate budgets shared through Redis");
         options = options.with_redis(redis);
     }
@@ -250,12 +254,53 @@ async fn serve(
     tasks.close();
     tasks.wait().await;
     dispatcher.drain().await;
+    if let Some(thread) = redis_thread {
+        thread.stop();
+    }
     if let Some((index, result)) = failed {
         result.with_context(|| format!("worker {index} stopped"))?;
         anyhow::bail!("worker {index} stopped");
     }
     joined.context("a worker failed")?;
     Ok(())
+}
+
+/// The runtime that runs every Redis call and background budget write, on a thread of its
+/// own.
+struct RedisThread {
+    handle: tokio::runtime::Handle,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RedisThread {
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("floodgate-redis".to_owned())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(Self {
+            handle,
+            stop,
+            thread,
+        })
+    }
+
+    /// Stops the runtime once the pending writes are drained (call after `drain`).
+    fn stop(self) {
+        let _ = self.stop.send(());
+        if self.thread.join().is_err() {
+            tracing::error!("the Redis runtime's thread panicked");
+        }
+    }
 }
 
 /// The next SIGTERM or Ctrl-C. The handlers are registered when this is called, not when the

@@ -322,6 +322,19 @@ impl TargetMetrics {
     }
 }
 
+/// The counter of requests for `model` served by `provider` (tier `default`, outcome `ok`).
+pub fn ok_requests(model: &str, provider: &str) -> Counter {
+    global()
+        .requests
+        .get_or_create(&RequestLabels {
+            tier: "default".to_owned(),
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            outcome: "ok".to_owned(),
+        })
+        .clone()
+}
+
 /// The proxy's own time per stage, by stage, resolved once.
 #[derive(Debug)]
 pub struct Stages {

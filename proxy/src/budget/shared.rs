@@ -57,9 +57,10 @@ pub struct SharedOptions {
     /// How soon to ask again when only requests in flight (on any replica) fill the window.
     pub poll: Duration,
     /// The runtime that runs every Redis call and background write (and so holds the
-    /// connection's tasks). It must outlive whatever serves requests: the binary passes its
-    /// main runtime, so that a worker thread that stops first takes no connection and no
-    /// pending write with it. `None`: the caller's runtime.
+    /// connection's tasks). It must outlive whatever serves requests: the binary passes a
+    /// runtime on a thread of its own, so that a worker thread that stops first takes no
+    /// connection and no pending write with it, and no other work (configuration watches)
+    /// delays an admission. `None`: the caller's runtime.
     pub runtime: Option<tokio::runtime::Handle>,
 }
 

@@ -75,7 +75,7 @@ impl RequestId {
 }
 
 /// What the route stage decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RouteDecision {
     /// The provider that answered.
     pub provider: Arc<str>,
@@ -83,6 +83,8 @@ pub struct RouteDecision {
     pub key: Arc<str>,
     /// Upstream attempts made.
     pub attempts: u32,
+    /// The counter a served request of this route and provider counts on.
+    pub ok: prometheus_client::metrics::counter::Counter,
 }
 
 /// A request's context: who asks, by which door, by when the answer is due, and what the

@@ -64,6 +64,7 @@ fn decided<B>(ctx: &mut RequestCtx, reply: &Result<Reply<B>, RouteError>) {
             provider: reply.provider.clone(),
             key: reply.key.clone(),
             attempts: reply.attempts,
+            ok: reply.ok.clone(),
         });
     }
 }

@@ -27,6 +27,7 @@ use crate::providers::{
 use arc_swap::ArcSwap;
 use attempt::{Attempts, Demand};
 use futures::Stream;
+use prometheus_client::metrics::counter::Counter;
 use runtime::{Breakers, QueueBound, Runtime};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct Reply<B = ReplyBody> {
     pub key: Arc<str>,
     /// Upstream attempts made.
     pub attempts: u32,
+    /// The counter of requests served on this route by this provider.
+    pub ok: Counter,
     /// The answer.
     pub body: B,
 }
@@ -85,7 +88,7 @@ pub enum RouteError {
     UnknownModel(String),
     /// Every key is out of budget for longer than the request may wait, or too many requests
     /// already wait for it.
-    #[error("all provider keys for this model are at their rate limit; retry after {} s", retry_after.as_secs().max(1))]
+    #[error("all provider keys for this model are at their rate limit; retry after {} s", whole_seconds(*retry_after))]
     Saturated {
         /// When budget frees up.
         retry_after: Duration,
@@ -104,6 +107,11 @@ pub enum RouteError {
         /// Attempts made.
         attempts: u32,
     },
+}
+
+/// Whole seconds, rounded up, at least 1: what `retry-after` says.
+pub fn whole_seconds(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 impl RouteError {
@@ -317,6 +325,7 @@ impl Dispatcher {
                         provider: lease.provider.name.clone(),
                         key: lease.key.name.clone(),
                         attempts: attempts.made(),
+                        ok: route.ok[lease.target_index].clone(),
                         body,
                     });
                 }
@@ -377,6 +386,7 @@ impl Dispatcher {
                         provider: lease.provider.name.clone(),
                         key: lease.key.name.clone(),
                         attempts: attempts.made(),
+                        ok: route.ok[lease.target_index].clone(),
                         body,
                     });
                 }

@@ -7,11 +7,12 @@ use super::breaker::Breaker;
 use super::wait::WaitQueue;
 use crate::budget::{Budgets, KeyBudget, KeyId, Limits, Signal};
 use crate::config::{Config, ProviderConfig};
-use crate::metrics::TargetMetrics;
+use crate::metrics::{self, TargetMetrics};
 use crate::providers::{Adapter, ProviderError};
 use crate::secret::SecretString;
 use floodgate_crds::Strategy;
 use floodgate_crds::pool::Timeouts;
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -89,6 +90,9 @@ pub struct Route {
     pub max_attempts: u32,
     /// Requests waiting for budget, in arrival order.
     pub queue: WaitQueue,
+    /// `floodgate_requests_total{model=<this name>, provider, outcome="ok"}` per target,
+    /// resolved once so that a served request counts without building labels.
+    pub ok: Vec<Counter>,
 }
 
 /// The routing view of one configuration.
@@ -225,10 +229,15 @@ impl Runtime {
                     targets.sort_by(|a, b| a.price.total_cmp(&b.price));
                 }
                 let rpm = route_rpm(&providers, &targets);
+                let ok = targets
+                    .iter()
+                    .map(|t| metrics::ok_requests(&name, &providers[t.provider].name))
+                    .collect();
                 let route = Route {
                     targets,
                     max_attempts,
                     queue: WaitQueue::new(bound.of(rpm)),
+                    ok,
                 };
                 (name, route)
             })

@@ -142,7 +142,7 @@ fn outcome(provider: &ProviderRt, key: &KeyRt, result: Result<(), &ProviderError
                 key.budget.cool_until(now + rest);
             }
             if e.fails_key() {
-                tracing::error!(provider = %provider.name, key = %key.name, "the provider refused this key; it is out until the configuration changes");
+                tracing::error!(provider = %provider.name, key = %key.name, reason = %e, "the provider refused this key; it is out until the configuration changes");
                 key.budget.fail();
             }
             if e.opens_circuit() {

@@ -122,7 +122,15 @@ fn upstream_error(error: &ProviderError, attempts: u32) -> ApiError {
         ProviderError::RateLimited { .. } => "rate_limit_error",
         _ => "upstream_error",
     };
-    let message = format!("{error} (after {attempts} attempt(s))");
+    let message = match error {
+        // The upstream's text about the gateway's own key (some providers quote its tail) is
+        // the operator's business, not the caller's: it is logged, not relayed.
+        ProviderError::Unauthorized { status, .. } => format!(
+            "the provider refused the gateway's API key (status {status}); \
+             the operator has been told (after {attempts} attempt(s))"
+        ),
+        _ => format!("{error} (after {attempts} attempt(s))"),
+    };
     let e = ApiError::new(status, kind, error.metric_label(), message);
     match error.retry_after() {
         Some(d) => e.with_retry_after(d),
@@ -138,6 +146,7 @@ pub struct Outcome {
     model: Option<String>,
     provider: Option<std::sync::Arc<str>>,
     attempts: Option<u32>,
+    ok: Option<prometheus_client::metrics::counter::Counter>,
     status: StatusCode,
 }
 
@@ -150,6 +159,7 @@ impl Outcome {
             model,
             provider: ctx.route.as_ref().map(|r| r.provider.clone()),
             attempts: ctx.route.as_ref().map(|r| r.attempts),
+            ok: ctx.route.as_ref().map(|r| r.ok.clone()),
             status: StatusCode::OK,
         }
     }
@@ -165,6 +175,13 @@ impl Outcome {
     pub fn record(self, outcome: &'static str) {
         if !self.span.is_disabled() {
             self.trace(outcome);
+        }
+        if outcome == "ok"
+            && let Some(ok) = &self.ok
+        {
+            // Resolved when the configuration was applied: no labels built per request.
+            ok.inc();
+            return;
         }
         let provider = self.provider.as_deref().unwrap_or("none");
         let labels = RequestLabels {

@@ -36,7 +36,9 @@ pub(super) async fn create(
             let upstream = metrics::UPSTREAM_TIME
                 .try_with(Cell::get)
                 .unwrap_or_default();
-            metrics::global().stage("total_overhead", started.elapsed().saturating_sub(upstream));
+            metrics::stages()
+                .total_overhead
+                .observe(started.elapsed().saturating_sub(upstream).as_secs_f64());
             door::decision_headers(response.headers_mut(), &ctx, state.expose_key);
             response
         })
@@ -50,7 +52,9 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
         Ok(req) => req,
         Err(e) => return failed(e, Outcome::new(span, ctx, None)),
     };
-    metrics::global().stage("parse", parse_started.elapsed());
+    metrics::stages()
+        .parse
+        .observe(parse_started.elapsed().as_secs_f64());
     let view = state.dispatcher.view();
     let result = pipeline::embeddings(&state.dispatcher, &view, ctx, &req).await;
     let outcome = Outcome::new(span, ctx, Some(req.model));
