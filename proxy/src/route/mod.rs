@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 use attempt::{Attempts, Demand};
 use futures::Stream;
 use prometheus_client::metrics::counter::Counter;
-use runtime::{Breakers, QueueBound, Runtime};
+use runtime::{Breakers, QueueBound, Queues, Runtime};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -186,6 +186,7 @@ pub struct View {
 pub struct Dispatcher {
     budgets: Budgets,
     breakers: Breakers,
+    queues: Queues,
     signal: Arc<Signal>,
     max_wait: Duration,
     bound: QueueBound,
@@ -221,11 +222,13 @@ impl Dispatcher {
             },
         };
         let breakers = Breakers::default();
+        let queues = Queues::default();
         let config = Arc::new(Config::default());
-        let runtime = Runtime::build(&config, &budgets, &breakers, &signal, bound);
+        let runtime = Runtime::build(&config, &budgets, &breakers, &queues, &signal, bound);
         Ok(Self {
             budgets,
             breakers,
+            queues,
             signal,
             max_wait: opts.max_wait,
             bound,
@@ -241,6 +244,7 @@ impl Dispatcher {
             &config,
             &self.budgets,
             &self.breakers,
+            &self.queues,
             &self.signal,
             self.bound,
         );

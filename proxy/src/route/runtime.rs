@@ -88,8 +88,9 @@ pub struct Route {
     pub targets: Vec<Target>,
     /// Attempts over keys and providers.
     pub max_attempts: u32,
-    /// Requests waiting for budget, in arrival order.
-    pub queue: WaitQueue,
+    /// Requests waiting for budget, in arrival order; the same queue across configuration
+    /// swaps, so that a reload neither reorders the waiters nor lets new arrivals pass them.
+    pub queue: Arc<WaitQueue>,
     /// `floodgate_requests_total{model=<this name>, provider, outcome="ok"}` per target,
     /// resolved once so that a served request counts without building labels.
     pub ok: Vec<Counter>,
@@ -106,6 +107,9 @@ pub struct Runtime {
 
 /// Breakers by (pool, provider), kept across reloads.
 pub type Breakers = Mutex<HashMap<(String, String), Arc<Breaker>>>;
+
+/// Wait queues by model name, kept across reloads.
+pub type Queues = Mutex<HashMap<String, Arc<WaitQueue>>>;
 
 /// How many requests may wait for budget on a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +150,7 @@ impl Runtime {
         config: &Config,
         budgets: &Budgets,
         breakers: &Breakers,
+        queues: &Queues,
         signal: &Arc<Signal>,
         bound: QueueBound,
     ) -> Runtime {
@@ -220,6 +225,8 @@ impl Runtime {
         }
         drop(breakers);
         budgets.reconfigured(&live_keys);
+        let mut queues = queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues.retain(|name, _| routes.contains_key(name));
         let routes = routes
             .into_iter()
             .map(|(name, (mut targets, max_attempts))| {
@@ -233,10 +240,15 @@ impl Runtime {
                     .iter()
                     .map(|t| metrics::ok_requests(&name, &providers[t.provider].name))
                     .collect();
+                let queue = queues
+                    .entry(name.clone())
+                    .or_insert_with(|| Arc::new(WaitQueue::new(bound.of(rpm))))
+                    .clone();
+                queue.set_bound(bound.of(rpm));
                 let route = Route {
                     targets,
                     max_attempts,
-                    queue: WaitQueue::new(bound.of(rpm)),
+                    queue,
                     ok,
                 };
                 (name, route)

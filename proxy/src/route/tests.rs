@@ -299,12 +299,63 @@ async fn answers_on_keys_with_room_wake_no_waiter() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_reload_keeps_the_waiters_and_their_order() {
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(300)),
+        config(&[("a", 1)]),
+    );
+    let t0 = Instant::now();
+    take_and_answer(&d, t0 + Duration::from_secs(300)).await;
+    let first = {
+        let dd = d.clone();
+        tokio::spawn(async move {
+            let d = dd;
+            let view = d.view();
+            let route = &view.runtime.routes["m"];
+            let deadline = t0 + Duration::from_secs(300);
+            let mut attempts =
+                Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+            attempts.next().await.map(|mut l| {
+                l.permit.answered();
+                t0.elapsed()
+            })
+        })
+    };
+    let view = d.view();
+    until(|| view.runtime.routes["m"].queue.len() == 1).await;
+    // The same model in a new configuration (say, a Secret changed elsewhere).
+    d.apply(config(&[("a", 1)]));
+    let view = d.view();
+    assert_eq!(
+        view.runtime.routes["m"].queue.len(),
+        1,
+        "the waiter is still in line"
+    );
+    let route = &view.runtime.routes["m"];
+    let deadline = t0 + Duration::from_secs(300);
+    let mut later = Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+    let lease = later.next().await.unwrap();
+    let second = t0.elapsed();
+    drop(lease);
+    assert_eq!(
+        first.await.unwrap().unwrap(),
+        MIN,
+        "the first in line is served first"
+    );
+    assert_eq!(
+        second,
+        2 * MIN,
+        "the later arrival waits its turn behind it"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_default_bound_is_what_the_keys_serve_within_the_wait() {
     let d = dispatcher(
         DispatcherOptions::new(MIN, Duration::from_secs(30)),
         config(&[("a", 20), ("b", 40)]),
     );
-    assert_eq!(d.view().runtime.routes["m"].queue.bound, 30);
+    assert_eq!(d.view().runtime.routes["m"].queue.bound(), 30);
 }
 
 #[tokio::test(start_paused = true)]

@@ -17,8 +17,8 @@ pub struct WaitQueue {
     waiters: Mutex<VecDeque<(u64, Arc<Notify>)>>,
     len: AtomicUsize,
     next_id: AtomicU64,
-    /// Most requests that may wait at once.
-    pub bound: usize,
+    /// Most requests that may wait at once (updated when a configuration is applied).
+    bound: AtomicUsize,
 }
 
 impl WaitQueue {
@@ -28,8 +28,18 @@ impl WaitQueue {
             waiters: Mutex::default(),
             len: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
-            bound,
+            bound: AtomicUsize::new(bound),
         }
+    }
+
+    /// Most requests that may wait at once.
+    pub fn bound(&self) -> usize {
+        self.bound.load(Ordering::Relaxed)
+    }
+
+    /// Changes the bound; requests already waiting keep their places.
+    pub fn set_bound(&self, bound: usize) {
+        self.bound.store(bound, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, VecDeque<(u64, Arc<Notify>)>> {
@@ -49,7 +59,7 @@ impl WaitQueue {
     /// Joins at the back, or `None` if the queue is full.
     pub fn join(&self) -> Option<Ticket<'_>> {
         let mut waiters = self.lock();
-        if waiters.len() >= self.bound {
+        if waiters.len() >= self.bound() {
             return None;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
