@@ -18,10 +18,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+mod de;
 mod wire;
 
-/// A chat-completions request (`POST /v1/chat/completions`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A chat-completions request (`POST /v1/chat/completions`). Deserialized by hand (`de.rs`),
+/// without the buffering `flatten` would cost; the field attributes below are for
+/// serialization.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatRequest {
     /// Model (or alias) the caller asked for.
     pub model: String,
@@ -197,8 +200,9 @@ pub enum Role {
     Tool,
 }
 
-/// Message content: a plain string or an array of typed parts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Message content: a plain string or an array of typed parts (deserialized by hand, in
+/// `de.rs`, without trying each variant in turn).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum MessageContent {
     /// Plain text.
