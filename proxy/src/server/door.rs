@@ -275,3 +275,83 @@ impl<S> Drop for Tracked<S> {
         }
     }
 }
+
+/// A typed stream that may end cleanly only after a choice finished: an upstream stream that
+/// ends without any `finish_reason` ends here with [`ProviderError::Truncated`] instead, so
+/// that the door renders an error and [`Tracked`] counts it as one. For doors whose format
+/// has no way to end without a reason (Anthropic's `message_delta` carries `stop_reason`).
+#[derive(Debug)]
+pub struct RequireFinish<S> {
+    inner: S,
+    finished: bool,
+    done: bool,
+}
+
+impl<S> RequireFinish<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            finished: false,
+            done: false,
+        }
+    }
+}
+
+impl<S> Stream for RequireFinish<S>
+where
+    S: Stream<Item = Result<ChatChunk, ProviderError>> + Unpin,
+{
+    type Item = Result<ChatChunk, ProviderError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let item = match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(item) => item,
+        };
+        match &item {
+            Some(Ok(chunk)) => {
+                if chunk.choices.iter().any(|c| c.finish_reason.is_some()) {
+                    self.finished = true;
+                }
+            }
+            Some(Err(_)) => self.done = true,
+            None => {
+                self.done = true;
+                if !self.finished {
+                    return Poll::Ready(Some(Err(ProviderError::Truncated)));
+                }
+            }
+        }
+        Poll::Ready(item)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt as _;
+
+    fn chunk(finish: Option<&str>) -> Result<ChatChunk, ProviderError> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": finish}]
+        }))
+        .unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_a_finish_reason_ends_in_an_error() {
+        let cut = futures::stream::iter(vec![chunk(None), chunk(None)]);
+        let items: Vec<_> = RequireFinish::new(cut).collect().await;
+        assert_eq!(items.len(), 3);
+        assert!(matches!(items[2], Err(ProviderError::Truncated)));
+        let whole = futures::stream::iter(vec![chunk(None), chunk(Some("stop"))]);
+        let items: Vec<_> = RequireFinish::new(whole).collect().await;
+        assert_eq!(items.len(), 2);
+        assert!(items.iter().all(Result::is_ok));
+    }
+}

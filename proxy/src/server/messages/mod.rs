@@ -108,7 +108,12 @@ async fn handle(
                 }
                 Err(e) => failed(&e, outcome),
             },
-            ReplyBody::Stream(chunks) => sse(Tracked::new(chunks, outcome), model, input_tokens),
+            // Anthropic's stream must end with a stop reason: one that never came is an
+            // error, rendered as such and counted as such.
+            ReplyBody::Stream(chunks) => {
+                let chunks = door::RequireFinish::new(chunks);
+                sse(Tracked::new(chunks, outcome), model, input_tokens)
+            }
         },
         Err(e) => failed(&door::route_error(e), outcome),
     }
