@@ -14,37 +14,29 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::Stream;
-use std::cell::Cell;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
-use tracing::{Instrument as _, Span};
+use std::time::Instant;
+use tracing::Span;
 
 pub(super) async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let started = Instant::now();
-    // Stage 1 (identity) will read `headers` here, before the body.
-    let mut ctx = RequestCtx::new(Door::OpenAiChat, &headers, state.dispatcher.max_wait());
-    let span = door::request_span(&ctx, "chat");
-    let request_span = span.clone();
-    metrics::UPSTREAM_TIME
-        .scope(Cell::new(Duration::ZERO), async move {
-            let mut response = handle(&state, &mut ctx, body, request_span).await;
-            let upstream = metrics::UPSTREAM_TIME
-                .try_with(Cell::get)
-                .unwrap_or_default();
-            metrics::stages()
-                .total_overhead
-                .observe(started.elapsed().saturating_sub(upstream).as_secs_f64());
-            door::decision_headers(response.headers_mut(), &ctx, state.expose_key);
-            response
-        })
-        .instrument(span)
-        .await
+    let (state, headers) = (&state, &headers);
+    door::serve(
+        state,
+        Door::OpenAiChat,
+        "chat",
+        headers,
+        |mut ctx, span| async move {
+            let response = handle(state, &mut ctx, body, span).await;
+            (response, ctx)
+        },
+    )
+    .await
 }
 
 async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) -> Response {

@@ -3,20 +3,25 @@
 //! when it truly ends — for a stream, when the stream ends, so a stream broken half-way is
 //! not counted `ok`.
 
+use super::AppState;
 use super::error::ApiError;
 use crate::metrics::{self, RequestLabels};
-use crate::pipeline::{RequestCtx, ctx::REQUEST_ID_HEADER};
+use crate::pipeline::{Door, RequestCtx, ctx::REQUEST_ID_HEADER};
 use crate::providers::{ChatChunk, ProviderError};
 use crate::route::RouteError;
 use crate::telemetry;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::Response;
 use bytes::Bytes;
 use futures::Stream;
+use std::cell::Cell;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tracing::Span;
+use std::time::Duration;
 use tracing::field::Empty;
+use tracing::{Instrument as _, Span};
 
 /// Response header: the provider that answered.
 pub const PROVIDER: &str = "x-floodgate-provider";
@@ -43,6 +48,41 @@ pub fn request_span(ctx: &RequestCtx, operation: &'static str) -> Span {
         floodgate.attempts = Empty,
         floodgate.request_id = ctx.id.as_str(),
     )
+}
+
+/// Runs one request of a door: builds its context from `headers` (stage 1, identity, will
+/// read them here, before the body), runs `handle` in the request span with the upstream
+/// time counted apart, then records the proxy's own time and sets the decision headers.
+/// `handle` parses, runs the pipeline and renders; it gives the context back.
+pub async fn serve<F, Fut>(
+    state: &AppState,
+    door: Door,
+    operation: &'static str,
+    headers: &HeaderMap,
+    handle: F,
+) -> Response
+where
+    F: FnOnce(RequestCtx, Span) -> Fut,
+    Fut: Future<Output = (Response, RequestCtx)>,
+{
+    let started = std::time::Instant::now();
+    let ctx = RequestCtx::new(door, headers, state.dispatcher.max_wait());
+    let span = request_span(&ctx, operation);
+    let request_span = span.clone();
+    metrics::UPSTREAM_TIME
+        .scope(Cell::new(Duration::ZERO), async move {
+            let (mut response, ctx) = handle(ctx, request_span).await;
+            let upstream = metrics::UPSTREAM_TIME
+                .try_with(Cell::get)
+                .unwrap_or_default();
+            metrics::stages()
+                .total_overhead
+                .observe(started.elapsed().saturating_sub(upstream).as_secs_f64());
+            decision_headers(response.headers_mut(), &ctx, state.expose_key);
+            response
+        })
+        .instrument(span)
+        .await
 }
 
 /// Reads the whole body, up to `limit` bytes.

@@ -11,9 +11,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use std::cell::Cell;
-use std::time::{Duration, Instant};
-use tracing::{Instrument as _, Span};
+use std::time::Instant;
+use tracing::Span;
 
 /// `POST /v1/embeddings`: runs the chain for one embeddings request and renders its answer.
 pub(super) async fn create(
@@ -21,29 +20,18 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let started = Instant::now();
-    // Stage 1 (identity) will read `headers` here, before the body.
-    let mut ctx = RequestCtx::new(
+    let (state, headers) = (&state, &headers);
+    door::serve(
+        state,
         Door::OpenAiEmbeddings,
-        &headers,
-        state.dispatcher.max_wait(),
-    );
-    let span = door::request_span(&ctx, "embeddings");
-    let request_span = span.clone();
-    metrics::UPSTREAM_TIME
-        .scope(Cell::new(Duration::ZERO), async move {
-            let mut response = handle(&state, &mut ctx, body, request_span).await;
-            let upstream = metrics::UPSTREAM_TIME
-                .try_with(Cell::get)
-                .unwrap_or_default();
-            metrics::stages()
-                .total_overhead
-                .observe(started.elapsed().saturating_sub(upstream).as_secs_f64());
-            door::decision_headers(response.headers_mut(), &ctx, state.expose_key);
-            response
-        })
-        .instrument(span)
-        .await
+        "embeddings",
+        headers,
+        |mut ctx, span| async move {
+            let response = handle(state, &mut ctx, body, span).await;
+            (response, ctx)
+        },
+    )
+    .await
 }
 
 async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) -> Response {

@@ -27,11 +27,10 @@ use axum::routing::MethodRouter;
 use futures::{Stream, StreamExt as _};
 use serde::Serialize;
 use std::any::Any;
-use std::cell::Cell;
 use std::convert::Infallible;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tower_http::catch_panic::CatchPanicLayer;
-use tracing::{Instrument as _, Span};
+use tracing::Span;
 
 use super::AppState;
 use super::door::{self, Outcome, Tracked};
@@ -47,29 +46,18 @@ use request::{MessagesRequest, Purpose};
 /// `POST /v1/messages`: a `message`, or Anthropic's event stream when `stream` is true.
 /// The same stages as the OpenAI door; only parsing and rendering differ.
 pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let started = Instant::now();
-    // Stage 1 (identity) will read `headers` here, before the body.
-    let mut ctx = RequestCtx::new(
+    let (state, headers) = (&state, &headers);
+    door::serve(
+        state,
         Door::AnthropicMessages,
-        &headers,
-        state.dispatcher.max_wait(),
-    );
-    let span = door::request_span(&ctx, "chat");
-    let request_span = span.clone();
-    metrics::UPSTREAM_TIME
-        .scope(Cell::new(Duration::ZERO), async move {
-            let mut response = handle(&state, &mut ctx, &headers, body, request_span).await;
-            let upstream = metrics::UPSTREAM_TIME
-                .try_with(Cell::get)
-                .unwrap_or_default();
-            metrics::stages()
-                .total_overhead
-                .observe(started.elapsed().saturating_sub(upstream).as_secs_f64());
-            door::decision_headers(response.headers_mut(), &ctx, state.expose_key);
-            response
-        })
-        .instrument(span)
-        .await
+        "chat",
+        headers,
+        |mut ctx, span| async move {
+            let response = handle(state, &mut ctx, headers, body, span).await;
+            (response, ctx)
+        },
+    )
+    .await
 }
 
 async fn handle(
