@@ -375,7 +375,7 @@ impl<'a> Attempts<'a> {
     /// headroom, or off-peak deferral of batch work while the route is busy.
     fn class_blocked(&self, now: Instant) -> bool {
         let tier = &self.asker.tier;
-        if tier.headroom <= 0.0 && tier.batch.is_none() {
+        if (tier.headroom <= 0.0 && tier.batch.is_none()) || self.held_long_enough(now) {
             return false;
         }
         self.live_targets().any(|(_, t)| {
@@ -403,7 +403,16 @@ impl<'a> Attempts<'a> {
     /// the last 20% to the classes above it).
     fn class_allows(&self, key: &KeyRt, now: Instant) -> bool {
         let headroom = self.asker.tier.headroom;
-        headroom <= 0.0 || key.budget.remaining_fraction(now) > headroom + 1e-9
+        headroom <= 0.0
+            || self.held_long_enough(now)
+            || key.budget.remaining_fraction(now) > headroom + 1e-9
+    }
+
+    /// Whether the request has spent half its wait limit: from then on neither its class's
+    /// headroom nor off-peak deferral hold it back, and it takes its weighted share however
+    /// busy the keys are, so that no class starves and it is answered before its limit.
+    fn held_long_enough(&self, now: Instant) -> bool {
+        now + self.asker.tier.max_wait / 2 >= self.deadline
     }
 
     /// Whether batch work may start now: the route's keys are at most the off-peak share
@@ -413,9 +422,7 @@ impl<'a> Attempts<'a> {
         let Some(batch) = tier.batch else {
             return true;
         };
-        // Deferral holds a request for at most half its wait limit; after that it takes its
-        // weighted share however busy the route is, so that it is answered before its limit.
-        if now + tier.max_wait / 2 >= self.deadline {
+        if self.held_long_enough(now) {
             return true;
         }
         let (mut free, mut n) = (0.0, 0u32);

@@ -220,3 +220,30 @@ async fn past_its_wait_limit_a_request_is_refused_with_a_retry_after_that_holds(
         .await
         .expect("a retry at retry-after is admitted");
 }
+
+#[tokio::test(start_paused = true)]
+async fn headroom_holds_a_request_back_for_at_most_half_its_wait() {
+    let tiers = [
+        "{name: pro, class: priority, maxWaitMs: 1000}",
+        "{name: basic, class: standard, maxWaitMs: 10000}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(10, &tiers, (0, 20, 50)),
+    );
+    let t0 = Instant::now();
+    for _ in 0..9 {
+        take(&d, "pro", t0 + MIN).await.unwrap();
+    }
+    // 10% free is pro's headroom, but basic would otherwise wait out its limit: after 5 s
+    // it takes the slot (within one recheck, 6 s at 10 rpm).
+    let at = spawn(&d, "basic", t0 + Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap()
+        - t0;
+    assert!(
+        at >= Duration::from_secs(5) && at <= Duration::from_secs(6),
+        "{at:?}"
+    );
+}
