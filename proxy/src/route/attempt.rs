@@ -131,6 +131,8 @@ pub struct Attempts<'a> {
     made: u32,
     /// Whether a key was ever granted (a retry does not queue again).
     admitted: bool,
+    /// Whether it waited in the queue: its admission is paced ([`crate::budget::pace`]).
+    paced: bool,
     /// Whether the first admission (or refusal) was counted on the tier's metrics.
     admitted_once_recorded: bool,
     /// Why the queue refused, for the metric.
@@ -162,6 +164,7 @@ impl<'a> Attempts<'a> {
             skipped: 0,
             made: 0,
             admitted: false,
+            paced: false,
             admitted_once_recorded: false,
             refusal: "wait_limit",
             looks: 0,
@@ -304,7 +307,10 @@ impl<'a> Attempts<'a> {
             tokens: self.demand.most_tokens(),
         };
         let ticket = match self.route.queue.join(&entry, queued) {
-            Ok(ticket) => ticket,
+            Ok(ticket) => {
+                self.paced = true;
+                ticket
+            }
             Err(_) => {
                 self.refusal = "queue_full";
                 return Err(self.queue_full());
@@ -396,6 +402,27 @@ impl<'a> Attempts<'a> {
         window
             .div_f64(rpm as f64)
             .clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// One paced admission per this interval on `key`: its window over its request limit
+    /// (`None` for a key without one).
+    fn pace_interval(&self, key: &KeyRt) -> Option<Duration> {
+        let rpm = key.budget.rpm()?;
+        Some(self.dispatcher.budgets().window() / rpm.max(1))
+    }
+
+    /// When a paced request may take from `key`: `Ok` now, or the instant. Requests that
+    /// did not wait are not paced, nor is the priority class; a burst of a sixtieth of the
+    /// window (1 s of a minute) of paced admissions may go at once.
+    fn pace_ready(&self, key: &KeyRt, now: Instant) -> Result<(), Instant> {
+        // The priority class is never held back by pacing (its admissions still count on
+        // the pace, so the classes below get what is left of the sustainable rate).
+        let priority = self.asker.tier.class == floodgate_crds::QueueClass::Priority;
+        if !self.paced || priority || self.pace_interval(key).is_none() {
+            return Ok(());
+        }
+        let tolerance = self.dispatcher.budgets().window() / 60;
+        key.budget.pace.ready(now, tolerance)
     }
 
     /// Whether this request's class may take from `key` now: more than its headroom is
@@ -574,10 +601,12 @@ impl<'a> Attempts<'a> {
                     .find(|&i| {
                         keys[i].budget.availability(now, tokens).is_ok()
                             && self.class_allows(&keys[i], now)
+                            && self.pace_ready(&keys[i], now).is_ok()
                     }),
                 Strategy::LeastLoaded | Strategy::Weighted | Strategy::Cheapest => (0..n)
                     .filter(|&i| i >= 64 || tried & (1 << i) == 0)
                     .filter(|&i| self.class_allows(&keys[i], now))
+                    .filter(|&i| self.pace_ready(&keys[i], now).is_ok())
                     .filter_map(|i| keys[i].budget.score(now, tokens).map(|s| (i, s)))
                     .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
                     .map(|(i, _)| i),
@@ -589,7 +618,14 @@ impl<'a> Attempts<'a> {
             };
             // If the caller goes away while Redis answers, the probe guard gives it back.
             match keys[best].budget.acquire(now, tokens).await {
-                Ok(permit) => return Some((&keys[best], permit, probe)),
+                Ok(permit) => {
+                    if self.paced
+                        && let Some(interval) = self.pace_interval(&keys[best])
+                    {
+                        keys[best].budget.pace.admitted(now, interval);
+                    }
+                    return Some((&keys[best], permit, probe));
+                }
                 Err(_) => {
                     drop(probe);
                     if best >= 64 {
@@ -651,6 +687,10 @@ impl<'a> Attempts<'a> {
                         continue;
                     }
                     Err(Unavailable::Failed) => continue,
+                };
+                let free = match self.pace_ready(k, now) {
+                    Ok(()) => free,
+                    Err(at) => free.max(at),
                 };
                 let free = circuit.map_or(free, |c| c.max(free));
                 at = Some(at.map_or(free, |a| a.min(free)));

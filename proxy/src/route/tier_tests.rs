@@ -94,10 +94,12 @@ async fn under_saturation_tiers_are_served_by_weight() {
             until(|| view.runtime.routes["m"].queue.len() == joined).await;
         }
     }
-    // 16 slots free over the next 16 s.
-    tokio::time::sleep_until(t0 + MIN + Duration::from_secs(16) - Duration::from_millis(500)).await;
-    let order = order.lock().unwrap().clone();
-    assert_eq!(order.len(), 16, "{order:?}");
+    // Slots free one a second from 60 s on (paced for the classes below priority): the
+    // first 16 dispatches.
+    while order.lock().unwrap().len() < 16 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let order: Vec<&str> = order.lock().unwrap()[..16].to_vec();
     let n = |t| order.iter().filter(|&&o| o == t).count();
     assert!(n("enterprise").abs_diff(10) <= 1, "{order:?}");
     assert!(n("basic").abs_diff(5) <= 1, "{order:?}");
@@ -246,4 +248,99 @@ async fn headroom_holds_a_request_back_for_at_most_half_its_wait() {
         at >= Duration::from_secs(5) && at <= Duration::from_secs(6),
         "{at:?}"
     );
+}
+
+/// The bench's tier scenario on a paused clock: 10% enterprise, 20% pro, 30% basic and 40%
+/// free at twice the key's capacity for three minutes (`--nocapture` prints the figures).
+/// The interactive priority tiers keep their wait targets with no refusal; the others are
+/// answered within their limits or refused, and every request ends one way or the other.
+/// Without pacing, the window's slots come back in the burst they were taken in, and
+/// enterprise sees half-minute stretches with nothing free (a third of it refused).
+#[tokio::test(start_paused = true)]
+async fn under_twice_the_capacity_the_priority_tiers_keep_their_targets() {
+    let tiers = [
+        "{name: enterprise, class: priority, weight: 10, maxWaitMs: 1000}",
+        "{name: pro, class: priority, weight: 10, maxWaitMs: 2000}",
+        "{name: basic, class: standard, weight: 5, maxWaitMs: 5000}",
+        "{name: free, class: batch, weight: 1, maxWaitMs: 60000, batch: {size: 10, intervalSeconds: 5}}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(600, &tiers, (0, 20, 50)),
+    );
+    let t0 = Instant::now();
+    // Per request: its tier, and its wait if it was admitted.
+    type Ended = Vec<(&'static str, Option<Duration>)>;
+    let results: Arc<Mutex<Ended>> = Arc::default();
+    let mut tasks = Vec::new();
+    // 20 requests a second, in a repeating pattern of 10: 1 enterprise, 2 pro, 3 basic, 4 free.
+    let pattern = [
+        "free",
+        "basic",
+        "pro",
+        "free",
+        "enterprise",
+        "basic",
+        "free",
+        "pro",
+        "basic",
+        "free",
+    ];
+    for i in 0..(180 * 20) {
+        let tier = pattern[i % 10];
+        tokio::time::sleep_until(t0 + Duration::from_millis(50 * i as u64)).await;
+        let (dd, results) = (d.clone(), results.clone());
+        tasks.push(tokio::spawn(async move {
+            let view = dd.view();
+            let max_wait = view.runtime.tiers.get(Some(tier)).max_wait;
+            let start = Instant::now();
+            let waited = take(&dd, tier, start + max_wait)
+                .await
+                .ok()
+                .map(|_| start.elapsed());
+            results.lock().unwrap().push((tier, waited));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let results = results.lock().unwrap();
+    for tier in ["enterprise", "pro", "basic", "free"] {
+        let mut waits: Vec<Duration> = results
+            .iter()
+            .filter(|(t, _)| *t == tier)
+            .filter_map(|(_, w)| *w)
+            .collect();
+        waits.sort();
+        let refused = results
+            .iter()
+            .filter(|(t, w)| *t == tier && w.is_none())
+            .count();
+        let p = |q: f64| {
+            waits
+                .get(((waits.len() as f64 * q) as usize).min(waits.len().saturating_sub(1)))
+                .copied()
+        };
+        eprintln!(
+            "{tier:<10} answered {:>5} refused {:>5} p50 {:?} p99 {:?}",
+            waits.len(),
+            refused,
+            p(0.5),
+            p(0.99)
+        );
+        let (limit, may_refuse) = match tier {
+            "enterprise" => (Duration::from_secs(1), false),
+            "pro" => (Duration::from_secs(2), false),
+            "basic" => (Duration::from_secs(5), true),
+            _ => (MIN, true),
+        };
+        let p99 = p(0.99).unwrap();
+        assert!(
+            p99 < limit || (may_refuse && p99 <= limit),
+            "{tier}: p99 {p99:?}"
+        );
+        assert!(may_refuse || refused == 0, "{tier}: {refused} refused");
+        assert!(waits.len() > 100, "{tier}: answered {}", waits.len());
+    }
+    assert_eq!(results.len(), 180 * 20, "every request ended");
 }
