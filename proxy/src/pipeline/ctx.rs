@@ -110,6 +110,8 @@ pub struct RequestCtx {
     pub tier: Arc<str>,
     /// How long it waited in the queue for budget, once admitted.
     pub queued: Option<std::time::Duration>,
+    /// Where it stands while it waits, when the door reports progress (streaming callers).
+    pub progress: Option<Arc<crate::route::wait::Progress>>,
     /// The route stage's decision, once made.
     pub route: Option<RouteDecision>,
 }
@@ -132,6 +134,7 @@ impl RequestCtx {
             max_wait_asked,
             tier: Arc::from(crate::route::tiers::DEFAULT_TIER),
             queued: None,
+            progress: None,
             route: None,
         }
     }

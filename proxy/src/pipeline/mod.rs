@@ -40,7 +40,7 @@ pub async fn chat(
     req: &ChatRequest,
 ) -> Result<Reply, RouteError> {
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
-    let asker = asker(view, ctx);
+    let asker = queue_place(view, ctx);
     let reply = dispatcher.chat(view, req, ctx.deadline, asker).await;
     decided(ctx, &reply);
     reply
@@ -55,20 +55,22 @@ pub async fn embeddings(
     req: &EmbeddingsRequest,
 ) -> Result<Reply<EmbeddingsResponse>, RouteError> {
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
-    let asker = asker(view, ctx);
+    let asker = queue_place(view, ctx);
     let reply = dispatcher.embeddings(view, req, ctx.deadline, asker).await;
     decided(ctx, &reply);
     reply
 }
 
 /// The queue stage's view of the caller: its tier (the TierQueue's default until identity
-/// names one) with the deadline that tier sets, and its tenant.
-fn asker(view: &View, ctx: &mut RequestCtx) -> Asker {
+/// names one) with the deadline that tier sets, and its tenant. Sets the tier and deadline
+/// on `ctx` (the same each time it is called).
+pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
     let tier = view.runtime.tiers.get(None);
     ctx.set_tier(tier);
     Asker {
         tier: tier.clone(),
         tenant: Arc::from(ANONYMOUS),
+        progress: ctx.progress.clone(),
     }
 }
 

@@ -81,6 +81,8 @@ pub struct Asker {
     pub tier: Arc<TierRt>,
     /// The tenant; one shared name for callers without one.
     pub tenant: Arc<str>,
+    /// Where it stands while it waits, for a streaming caller's progress comments.
+    pub progress: Option<Arc<super::wait::Progress>>,
 }
 
 /// The tenant name of callers the gateway does not identify.
@@ -316,7 +318,18 @@ impl<'a> Attempts<'a> {
                 return Err(self.queue_full());
             }
         };
+        if let Some(progress) = &self.asker.progress {
+            let slot = self
+                .dispatcher
+                .budgets()
+                .window()
+                .div_f64(self.route_rpm().max(1) as f64);
+            progress.joined(self.route.queue.clone(), &ticket, slot);
+        }
         let lease = self.wait_in_line(&ticket).await;
+        if let Some(progress) = &self.asker.progress {
+            progress.left();
+        }
         self.waited = queued.elapsed();
         m.queue.observe(self.waited.as_secs_f64());
         if lease.is_ok() {

@@ -65,6 +65,7 @@ pub(super) fn anon(view: &View) -> Asker {
     Asker {
         tier: view.runtime.tiers.get(None).clone(),
         tenant: Arc::from(ANONYMOUS),
+        progress: None,
     }
 }
 

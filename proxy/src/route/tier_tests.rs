@@ -40,6 +40,7 @@ fn asker(view: &View, tier: &str) -> Asker {
     Asker {
         tier: view.runtime.tiers.get(Some(tier)).clone(),
         tenant: Arc::from("t"),
+        progress: None,
     }
 }
 

@@ -47,6 +47,57 @@ pub struct Entry {
     pub tokens: u64,
 }
 
+/// Where a waiting request stands, for the progress a streaming caller sees while it waits:
+/// set when it joins a queue, cleared when it leaves.
+#[derive(Debug, Default)]
+pub struct Progress {
+    place: Mutex<Option<Place>>,
+}
+
+#[derive(Debug)]
+struct Place {
+    queue: Arc<WaitQueue>,
+    id: u64,
+    tier: Arc<TierRt>,
+    tenant: Arc<str>,
+    /// One slot of the route's rate (window / rpm).
+    slot: std::time::Duration,
+}
+
+impl Progress {
+    pub(crate) fn joined(
+        &self,
+        queue: Arc<WaitQueue>,
+        ticket: &Ticket<'_>,
+        slot: std::time::Duration,
+    ) {
+        *self.place.lock().unwrap_or_else(|p| p.into_inner()) = Some(Place {
+            queue,
+            id: ticket.id,
+            tier: ticket.tier.clone(),
+            tenant: ticket.tenant.clone(),
+            slot,
+        });
+    }
+
+    pub(crate) fn left(&self) {
+        *self.place.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Requests ahead and the estimated wait, while the request waits in a queue: each
+    /// request ahead takes one slot of the route's rate at its tier's weighted share.
+    pub fn now(&self) -> Option<(usize, std::time::Duration)> {
+        let place = self.place.lock().unwrap_or_else(|p| p.into_inner());
+        let place = place.as_ref()?;
+        let ahead = place
+            .queue
+            .position_of(place.id, &place.tier, &place.tenant)?;
+        let (_, share) = place.queue.outlook(&place.tier);
+        let eta = place.slot.mul_f64((ahead + 1) as f64 / share.max(1e-6));
+        Some((ahead, eta))
+    }
+}
+
 /// Why a request could not join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Full {
@@ -279,6 +330,31 @@ impl WaitQueue {
         (ahead, mine / total)
     }
 
+    /// Requests that would be chosen before request `id` of `tier` and `tenant` if nothing
+    /// else arrived: those of other tiers with a lower tag, those of other tenants of its
+    /// tier, and those ahead of it in its tenant. An estimate for progress reports, not a
+    /// promise; `None` if it does not wait here.
+    pub fn position_of(&self, id: u64, tier: &TierRt, tenant: &str) -> Option<usize> {
+        let s = self.lock();
+        let ti = s.tier(&tier.name)?;
+        let mine = s.tiers[ti].tag;
+        let mut ahead = 0;
+        for (i, t) in s.tiers.iter().enumerate() {
+            if i == ti {
+                for (name, q) in &t.tenants {
+                    if **name == *tenant {
+                        ahead += q.waiters.iter().take_while(|w| w.id != id).count();
+                    } else {
+                        ahead += q.waiters.len();
+                    }
+                }
+            } else if t.tag <= mine {
+                ahead += t.waiting;
+            }
+        }
+        Some(ahead)
+    }
+
     /// Joins the queue, or says which bound is full.
     pub fn join(&self, entry: &Entry, now: Instant) -> Result<Ticket<'_>, Full> {
         let mut s = self.lock();
@@ -423,30 +499,12 @@ impl Ticket<'_> {
         s.reassign(now);
     }
 
-    /// Requests that would be chosen before this one if nothing else arrived: every
-    /// request waiting, minus those of other tiers with a higher tag and those behind this
-    /// one in its tenant. An estimate for progress reports, not a promise.
+    /// Requests that would be chosen before this one if nothing else arrived (see
+    /// [`WaitQueue::position_of`]).
     pub fn position(&self) -> usize {
-        let s = self.queue.lock();
-        let Some(ti) = s.tier(&self.tier.name) else {
-            return 0;
-        };
-        let mine = s.tiers[ti].tag;
-        let mut ahead = 0;
-        for (i, t) in s.tiers.iter().enumerate() {
-            if i == ti {
-                for (name, q) in &t.tenants {
-                    if **name == *self.tenant {
-                        ahead += q.waiters.iter().take_while(|w| w.id != self.id).count();
-                    } else {
-                        ahead += q.waiters.len();
-                    }
-                }
-            } else if t.tag <= mine {
-                ahead += t.waiting;
-            }
-        }
-        ahead
+        self.queue
+            .position_of(self.id, &self.tier, &self.tenant)
+            .unwrap_or(0)
     }
 
     /// The request leaves with budget: its tier and tenant are charged for it.
