@@ -389,7 +389,10 @@ fn tenant_the_same_secret_key_twice() {
 fn tenant_inline_key_is_refused_without_echoing_it() {
     let bad = with(tenant(), "/spec/keys/0/key", json!("sk-live-SECRET456"));
     let errs = errors(Kind::Tenant, &bad);
-    assert!(errs.iter().any(|e| e.field == "spec.keys[0].key"), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.field == "spec.keys[0].key"),
+        "{errs:?}"
+    );
     assert!(!format!("{errs:?}").contains("SECRET456"), "{errs:?}");
 }
 

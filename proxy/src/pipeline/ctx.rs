@@ -1,5 +1,6 @@
 //! The context a request carries through the stages.
 
+use crate::identity::Caller;
 use axum::http::{HeaderMap, HeaderValue};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,6 +102,9 @@ pub struct RequestCtx {
     pub deadline: Instant,
     /// Its tier: `default` until identity and tiers exist.
     pub tier: &'static str,
+    /// Who calls (stage 1, identity): its tenant, with the tenant's name and tier. `None`
+    /// when the gateway is open (no Tenant configured).
+    pub caller: Option<Arc<Caller>>,
     /// The route stage's decision, once made.
     pub route: Option<RouteDecision>,
 }
@@ -116,6 +120,7 @@ impl RequestCtx {
             received,
             deadline: received + max_wait,
             tier: "default",
+            caller: None,
             route: None,
         }
     }

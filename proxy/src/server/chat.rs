@@ -59,7 +59,7 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
             }
             ReplyBody::Stream(chunks) => sse(Tracked::new(chunks, outcome)),
         },
-        Err(e) => failed(door::route_error(e), outcome),
+        Err(e) => failed(door::stage_error(e), outcome),
     }
 }
 

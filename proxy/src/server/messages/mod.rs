@@ -103,7 +103,7 @@ async fn handle(
                 sse(Tracked::new(chunks, outcome), model, input_tokens)
             }
         },
-        Err(e) => failed(&door::route_error(e), outcome),
+        Err(e) => failed(&door::stage_error(e), outcome),
     }
 }
 
@@ -139,8 +139,18 @@ struct TokenCount {
 /// N is the gateway's **estimate** ([`estimate_prompt_tokens`], about four bytes a token),
 /// not a provider's tokenizer count: the model may be answered by any provider of its pool,
 /// each counting differently. The model must be one this gateway serves (404 otherwise).
-pub async fn count_tokens(State(state): State<AppState>, body: Body) -> Response {
+pub async fn count_tokens(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let result = async {
+        // Identity as on every door: no estimate for a caller without a valid key.
+        let config = state.dispatcher.config();
+        let caller = state
+            .identity
+            .identify(&config, state.dispatcher.budgets(), &headers)
+            .map_err(door::unauthenticated)?;
         let req = read_request(&state, body, Purpose::CountTokens).await?;
         if !state
             .dispatcher
@@ -150,6 +160,12 @@ pub async fn count_tokens(State(state): State<AppState>, body: Body) -> Response
             .contains_key(&req.model)
         {
             return Err(unknown_model(&req.model));
+        }
+        if let Some(caller) = &caller
+            && !caller.may_use(&req.model)
+        {
+            let refused = crate::identity::Refusal::ModelNotAllowed(req.model.clone());
+            return Err(door::refusal(&refused));
         }
         let input_tokens = estimate_prompt_tokens(&req);
         Ok(Json(TokenCount { input_tokens }).into_response())
