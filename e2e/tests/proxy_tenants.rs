@@ -3,14 +3,19 @@
 //! format, a tenant's key works as `Authorization: Bearer` and as `x-api-key`, a Secret
 //! change rotates a key live, a stream holds its tenant's concurrency slot until it ends,
 //! the sidecar header counts only with its flag, and no key ever reaches the log. The rpm
-//! window (a minute in the binary) is tested in-process on a 2 s window (`Gateway`).
+//! window (a minute in the binary) is tested in-process on a 2 s window (`Gateway`), and
+//! shared by two in-process replicas through a real redis-server.
 #![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
+use floodgate_crds::redis_keys::KeyBudgetKeys;
 use floodgate_e2e::cluster::wait_for;
 use floodgate_e2e::gateway::Gateway;
 use floodgate_e2e::mock::{MockConfig, MockProviders};
 use floodgate_e2e::proxy::ProxyProcess;
-use floodgate_proxy::route::Dispatcher;
+use floodgate_e2e::redis::RedisServer;
+use floodgate_proxy::budget::SharedOptions;
+use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
+use floodgate_proxy::secret::SecretString;
 use serde_json::{Value, json};
 use std::ffi::OsStr;
 use std::time::{Duration, Instant};
@@ -385,4 +390,50 @@ spec:
         3,
         "the refused request reached the provider"
     );
+}
+
+/// With `--redis` a tenant's rpm is shared by the replicas: two in-process gateways on one
+/// redis-server admit 3 of its requests in a window between them, not 3 each, and the
+/// window lives under the tenant's keys in Redis.
+#[tokio::test]
+async fn replicas_share_a_tenants_rpm_through_redis() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let tenant = r#"
+apiVersion: floodgate.dev/v1alpha1
+kind: Tenant
+metadata: {name: acme}
+spec:
+  keys: [{name: main, secretRef: {name: clients, key: acme}}]
+  limits: {rpm: 3}
+"#;
+    let yaml = format!("{}---\n{}---\n{tenant}", pool(&mock), clients(ACME_KEY));
+    // A window long enough that none of the requests below leaves it.
+    let window = Duration::from_secs(30);
+    let mut shared = SharedOptions::new(SecretString::new(redis.url()));
+    shared.timeout = Duration::from_secs(1);
+    let replica = || {
+        let opts =
+            DispatcherOptions::new(window, Duration::from_secs(5)).with_redis(shared.clone());
+        Gateway::start_with(&yaml, Dispatcher::with_options(opts).unwrap())
+    };
+    let (a, b) = (replica().await.unwrap(), replica().await.unwrap());
+    let key = [("x-api-key", ACME_KEY)];
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let url = format!("{}/v1/chat/completions", gw.url());
+        statuses.push(post(&url, &chat("gpt-4o", false), &key).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 429]);
+    let keys = KeyBudgetKeys::tenant("acme");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let logged: u64 = redis::cmd("ZCARD")
+        .arg(&keys.requests)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(logged, 3, "{}", keys.requests);
+    assert_eq!(mock.counts().total(), 3);
 }

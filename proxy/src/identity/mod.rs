@@ -208,7 +208,15 @@ impl Identity {
         budgets: &Budgets,
         headers: &HeaderMap,
     ) -> Result<Option<Arc<Caller>>, Unidentified> {
-        let table = self.table_for(config, budgets);
+        // The common case takes no reference count: the table of this configuration exists.
+        let current = self.table.load();
+        let rebuilt;
+        let table: &Table = if built_from(&current, config) {
+            &current
+        } else {
+            rebuilt = self.table_for(config, budgets);
+            &rebuilt
+        };
         if table.is_open() {
             return Ok(None);
         }
@@ -230,22 +238,10 @@ impl Identity {
 
     /// The table of `config`, built on first use after a change.
     fn table_for(&self, config: &Arc<Config>, budgets: &Budgets) -> Arc<Table> {
-        let table = self.table.load_full();
-        if table
-            .config
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, config))
-        {
-            return table;
-        }
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         // Another request may have built it meanwhile.
         let table = self.table.load_full();
-        if table
-            .config
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, config))
-        {
+        if built_from(&table, config) {
             return table;
         }
         let built = Arc::new(self.build(config, budgets, &mut states));
@@ -313,6 +309,15 @@ impl Identity {
         states.insert(tenant.name.clone(), state.clone());
         state
     }
+}
+
+/// Whether `table` was built from `config` (the same `Arc`; the table keeps it alive, so its
+/// address cannot be reused by another configuration).
+fn built_from(table: &Table, config: &Arc<Config>) -> bool {
+    table
+        .config
+        .as_ref()
+        .is_some_and(|c| Arc::ptr_eq(c, config))
 }
 
 #[cfg(test)]

@@ -272,3 +272,23 @@ async fn only_allowed_models_are_admitted() {
     );
     assert_eq!(caller.state.in_flight.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_counts_from_its_admission_not_its_answer() {
+    let identity = Identity::new(false);
+    let budgets = budgets();
+    let config = config(vec![tenant("acme", "sk-acme", rpm(1))]);
+    let caller = identity
+        .identify(&config, &budgets, &headers(&[("x-api-key", "sk-acme")]))
+        .unwrap()
+        .unwrap();
+    let far = Instant::now() + Duration::from_secs(3600);
+    let slow = limits::admit(&caller, "m", 0, far).await.unwrap();
+    // A long answer: 10 s.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    drop(slow);
+    let refused = limits::admit(&caller, "m", 0, far).await.unwrap_err();
+    assert_eq!(refused.retry_after(), Some(Duration::from_secs(50)));
+    tokio::time::advance(Duration::from_secs(50)).await;
+    assert!(limits::admit(&caller, "m", 0, far).await.is_ok());
+}
