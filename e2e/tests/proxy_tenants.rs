@@ -197,6 +197,23 @@ async fn strangers_get_401_in_each_doors_format_and_tenants_are_served() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(mock.counts().total(), 4);
+    // Refusals are counted by reason; keys never become labels.
+    let metrics = reqwest::get(proxy.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"outcome="invalid_api_key""#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"outcome="model_not_allowed""#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"stage="auth""#), "{metrics}");
+    assert_no_key_in(&[metrics]);
     assert!(
         proxy
             .log()

@@ -338,6 +338,8 @@ pub fn ok_requests(model: &str, provider: &str) -> Counter {
 /// The proxy's own time per stage, by stage, resolved once.
 #[derive(Debug)]
 pub struct Stages {
+    /// Identifying the caller (hashing its client key, finding its tenant).
+    pub auth: Histogram,
     /// Reading and parsing the request.
     pub parse: Histogram,
     /// Choosing a key.
@@ -359,6 +361,7 @@ pub fn stages() -> &'static Stages {
                 .clone()
         };
         Stages {
+            auth: h("auth"),
             parse: h("parse"),
             limiter: h("limiter"),
             queue: h("queue"),

@@ -73,11 +73,15 @@ where
     let request_span = span.clone();
     metrics::UPSTREAM_TIME
         .scope(Cell::new(Duration::ZERO), async move {
+            let auth_started = std::time::Instant::now();
             let config = state.dispatcher.config();
             let identified = state
                 .identity
                 .identify(&config, state.dispatcher.budgets(), headers);
             drop(config);
+            metrics::stages()
+                .auth
+                .observe(auth_started.elapsed().as_secs_f64());
             let (mut response, ctx) = match identified {
                 Ok(caller) => {
                     ctx.caller = caller;
