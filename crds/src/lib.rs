@@ -14,6 +14,7 @@ pub mod common;
 pub mod local_model;
 pub mod pool;
 pub mod redis_keys;
+pub mod tenant;
 pub mod tier;
 pub mod validate;
 
@@ -21,6 +22,7 @@ pub use cache::{CachePolicy, CachePolicySpec, CachePolicyStatus};
 pub use common::{Condition, ConditionStatus, SecretKeyRef};
 pub use local_model::{LocalModelDeployment, LocalModelDeploymentSpec, LocalModelDeploymentStatus};
 pub use pool::{AIProviderPool, AIProviderPoolSpec, AIProviderPoolStatus, ProviderType, Strategy};
+pub use tenant::{Tenant, TenantSpec, TenantStatus};
 pub use tier::{QueueClass, TierQueue, TierQueueSpec, TierQueueStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -44,15 +46,18 @@ pub enum Kind {
     CachePolicy,
     /// [`LocalModelDeployment`]
     LocalModelDeployment,
+    /// [`Tenant`]
+    Tenant,
 }
 
 impl Kind {
     /// Every kind, in the order the CRDs are generated.
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::AIProviderPool,
         Kind::TierQueue,
         Kind::CachePolicy,
         Kind::LocalModelDeployment,
+        Kind::Tenant,
     ];
 
     /// The `kind:` string of manifests.
@@ -62,6 +67,7 @@ impl Kind {
             Kind::TierQueue => "TierQueue",
             Kind::CachePolicy => "CachePolicy",
             Kind::LocalModelDeployment => "LocalModelDeployment",
+            Kind::Tenant => "Tenant",
         }
     }
 
@@ -77,6 +83,7 @@ impl Kind {
             Kind::TierQueue => TierQueue::crd(),
             Kind::CachePolicy => CachePolicy::crd(),
             Kind::LocalModelDeployment => LocalModelDeployment::crd(),
+            Kind::Tenant => Tenant::crd(),
         }
     }
 

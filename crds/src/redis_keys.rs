@@ -23,9 +23,18 @@
 //!
 //! So the number of requests a key has used in the current window, as the proxies count it,
 //! is `ZCOUNT floodgate:budget:{ID}:req (<now_ms - window_ms> +inf`.
+//!
+//! A tenant's own limits (rpm, tpm) use the same three keys and scripts under
+//! [`TENANT_PREFIX`], named by the tenant (`<namespace>/<name>` in cluster mode, `<name>`
+//! standalone): `floodgate:tenant:{<tenant>}:req`, `:tok` and `:tok:n`. A tenant's request
+//! counts from its admission (it is marked answered at once), so `ZCOUNT` of its `:req` is the
+//! requests it started in the current window.
 
 /// Prefix of every shared-budget key.
 pub const PREFIX: &str = "floodgate:budget:";
+
+/// Prefix of every tenant's shared-budget key.
+pub const TENANT_PREFIX: &str = "floodgate:tenant:";
 
 /// The Redis keys of one provider key's shared budget.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +52,16 @@ impl KeyBudgetKeys {
     /// provider `provider` in pool `pool`; never the secret.
     pub fn new(pool: &str, provider: &str, key: &str) -> Self {
         let id = format!("{PREFIX}{{{pool}:{provider}:{key}}}");
+        Self {
+            requests: format!("{id}:req"),
+            tokens: format!("{id}:tok"),
+            token_amounts: format!("{id}:tok:n"),
+        }
+    }
+
+    /// The keys of the budget of tenant `tenant` (`<namespace>/<name>`, or `<name>`).
+    pub fn tenant(tenant: &str) -> Self {
+        let id = format!("{TENANT_PREFIX}{{{tenant}}}");
         Self {
             requests: format!("{id}:req"),
             tokens: format!("{id}:tok"),
@@ -73,5 +92,8 @@ mod tests {
             KeyBudgetKeys::requests_pattern("premium"),
             "floodgate:budget:{premium:*}:req"
         );
+        let t = KeyBudgetKeys::tenant("team-a/acme");
+        assert_eq!(t.requests, "floodgate:tenant:{team-a/acme}:req");
+        assert_eq!(t.token_amounts, "floodgate:tenant:{team-a/acme}:tok:n");
     }
 }

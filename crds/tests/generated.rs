@@ -8,7 +8,7 @@
 
 use floodgate_crds::validate::validate_object;
 use floodgate_crds::{
-    AIProviderPool, CachePolicy, Kind, LocalModelDeployment, TierQueue, crd_yaml,
+    AIProviderPool, CachePolicy, Kind, LocalModelDeployment, Tenant, TierQueue, crd_yaml,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -55,7 +55,7 @@ fn rules(value: &Value, out: &mut Vec<String>) {
 
 #[test]
 fn printer_columns_and_cel_rules_are_in_the_yaml() {
-    let expected: [(Kind, &[&str], &[&str]); 4] = [
+    let expected: [(Kind, &[&str], &[&str]); 5] = [
         (
             Kind::AIProviderPool,
             &[
@@ -100,6 +100,11 @@ fn printer_columns_and_cel_rules_are_in_the_yaml() {
                 "Age",
             ],
             &["self.minReplicas <= self.maxReplicas"],
+        ),
+        (
+            Kind::Tenant,
+            &["Tier", "RPM Limit", "Used RPM", "Age"],
+            &["self.keys.exists_one", "self.models.exists_one"],
         ),
     ];
     for (kind, columns, rule_parts) in expected {
@@ -169,7 +174,7 @@ where
 
 #[test]
 fn every_example_resource_round_trips() {
-    let mut seen = [0usize; 4];
+    let mut seen = [0usize; Kind::ALL.len()];
     for (file, doc) in example_documents() {
         let Some(kind) = doc["kind"].as_str().and_then(Kind::parse) else {
             assert_eq!(doc["kind"], "Secret", "{}: unexpected kind", file.display());
@@ -180,6 +185,7 @@ fn every_example_resource_round_trips() {
             Kind::TierQueue => round_trip::<TierQueue>(kind, &doc),
             Kind::CachePolicy => round_trip::<CachePolicy>(kind, &doc),
             Kind::LocalModelDeployment => round_trip::<LocalModelDeployment>(kind, &doc),
+            Kind::Tenant => round_trip::<Tenant>(kind, &doc),
         };
     }
     assert!(

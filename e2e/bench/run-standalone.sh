@@ -90,9 +90,15 @@ if [[ -n ${FLOODGATE_OLLAMA_URL:-} ]]; then
   set_base_url ollama "$FLOODGATE_OLLAMA_URL"
   echo "  ollama: using $FLOODGATE_OLLAMA_URL (FLOODGATE_OLLAMA_URL)"
 fi
-echo "  try: curl -s $LISTEN/v1/chat/completions -H 'content-type: application/json' \\"
+# The demo tenants' client keys (tenants.yaml, keys in secrets.yaml): one per tier.
+echo "  client keys (tenants.yaml; send one as 'Authorization: Bearer <key>' or 'x-api-key: <key>'):"
+{ grep -E '^  (enterprise|pro|basic|free): sk-demo-' "$CONFIG_DIR/secrets.yaml" || true; } |
+  while read -r tier key; do echo "    tenant demo-${tier%:} (tier ${tier%:}): $key"; done
+echo "  try: curl -s $LISTEN/v1/chat/completions -H 'authorization: Bearer sk-demo-pro' \\"
+echo "         -H 'content-type: application/json' \\"
 echo "         -d '{\"model\":\"smart\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
-echo "       curl -s $LISTEN/v1/embeddings -H 'content-type: application/json' \\"
+echo "       curl -s $LISTEN/v1/embeddings -H 'authorization: Bearer sk-demo-pro' \\"
+echo "         -H 'content-type: application/json' \\"
 echo "         -d '{\"model\":\"text-embedding-3-small\",\"input\":[\"hi\"]}'"
 
 # Not exec: the trap must outlive the proxy to stop the mock.

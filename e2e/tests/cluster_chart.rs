@@ -31,11 +31,12 @@ const RELEASE: &str = "floodgate";
 /// The name of the gateway's ServiceAccount, Role, RoleBinding, Deployment and Service.
 const GATEWAY: &str = "floodgate-gateway";
 /// The Floodgate kinds the gateway watches, as `kubectl auth can-i` names them.
-const KINDS: [&str; 4] = [
+const KINDS: [&str; 5] = [
     "aiproviderpools.floodgate.dev",
     "tierqueues.floodgate.dev",
     "cachepolicies.floodgate.dev",
     "localmodeldeployments.floodgate.dev",
+    "tenants.floodgate.dev",
 ];
 
 async fn setup(test: &str) -> (&'static Cluster, TestNamespace) {

@@ -10,7 +10,7 @@
 use floodgate_crds::validate::validate_object;
 use floodgate_crds::{
     AIProviderPool, AIProviderPoolStatus, CachePolicy, Condition, ConditionStatus, Kind,
-    LocalModelDeployment, TierQueue,
+    LocalModelDeployment, Tenant, TierQueue,
 };
 use floodgate_e2e::cluster::{Cluster, TestNamespace};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -219,6 +219,7 @@ async fn the_500rpm_example_applies_and_reads_back_with_defaults() {
             Kind::LocalModelDeployment => {
                 served_and_ours::<LocalModelDeployment>(&client, &ns, kind, &name, &doc).await
             }
+            Kind::Tenant => served_and_ours::<Tenant>(&client, &ns, kind, &name, &doc).await,
         };
         assert_eq!(
             served["spec"], ours["spec"],

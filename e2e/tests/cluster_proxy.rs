@@ -347,3 +347,118 @@ async fn the_cluster_watcher_applies_a_patched_key_rpm_and_a_rotated_secret() {
     cancel.cancel();
     tokio::time::timeout(SLOW, task).await.unwrap().unwrap();
 }
+
+/// POSTs a chat for `gpt-4o` with the client key `key`; the status.
+async fn chat_with_key(proxy: &ProxyProcess, key: &str) -> u16 {
+    reqwest::Client::new()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-api-key", key)
+        .json(&serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn the_proxy_in_cluster_mode_identifies_tenants_and_rotates_a_patched_client_key() {
+    let (cluster, ns) = setup("proxy-tenants").await;
+    let mock =
+        floodgate_e2e::mock::MockProviders::start(floodgate_e2e::mock::MockConfig::default())
+            .await
+            .unwrap();
+    let (first, second) = ("sk-cluster-client-first", "sk-cluster-client-second");
+    let manifests = format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: provider-keys}}
+stringData: {{openai: sk-cluster-provider}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: client-keys}}
+stringData: {{acme: {first}}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: AIProviderPool
+metadata: {{name: pool}}
+spec:
+  providers:
+  - {{name: openai, type: openai, baseUrl: "{}", models: [{{name: gpt-4o}}],
+     keys: [{{secretRef: {{name: provider-keys, key: openai}}, rpm: 100}}]}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: TierQueue
+metadata: {{name: tiers}}
+spec:
+  tiers: [{{name: pro, class: priority, maxWaitMs: 2000}}]
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: Tenant
+metadata: {{name: acme}}
+spec:
+  tier: pro
+  keys: [{{name: main, secretRef: {{name: client-keys, key: acme}}}}]
+  limits: {{rpm: 50}}
+"#,
+        mock.base_url()
+    );
+    cluster
+        .kubectl_stdin(["apply", "-n", ns.name(), "-f", "-"], &manifests)
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let proxy = start_proxy(cluster, &ns).await;
+    wait_for("the proxy to be ready", SLOW, || async {
+        Ok((get(&proxy, "/readyz").await.0 == 200).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(chat_with_key(&proxy, first).await, 200);
+    assert_eq!(chat_with_key(&proxy, second).await, 401);
+
+    let start = Instant::now();
+    kubectl_ok(
+        cluster,
+        &[
+            "patch",
+            "secret",
+            "client-keys",
+            "-n",
+            ns.name(),
+            "-p",
+            &format!(r#"{{"stringData":{{"acme":"{second}"}}}}"#),
+        ],
+    )
+    .await;
+    wait_for("the old client key refused", SLOW, || async {
+        Ok((chat_with_key(&proxy, first).await == 401).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_picked_up("a rotated client key, at the door", start);
+    assert_eq!(chat_with_key(&proxy, second).await, 200);
+
+    // kubectl get shows the tier and the rpm limit.
+    let out = cluster
+        .kubectl(["get", "tenants", "-n", ns.name()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let header = out.stdout.lines().next().unwrap_or_default().to_owned();
+    for column in ["NAME", "TIER", "RPM LIMIT", "USED RPM", "AGE"] {
+        assert!(header.contains(column), "{}", out.stdout);
+    }
+    let row = out.stdout.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.starts_with("acme") && row.contains("pro") && row.contains("50"),
+        "{}",
+        out.stdout
+    );
+    assert_no_secret_in(&proxy.log(), &[first, second, "sk-cluster-provider"]);
+    proxy.stop().await.unwrap();
+}

@@ -7,7 +7,7 @@
 #![cfg(test)]
 
 use floodgate_crds::validate::{FieldError, validate_object};
-use floodgate_crds::{AIProviderPool, CachePolicy, Kind, LocalModelDeployment, TierQueue};
+use floodgate_crds::{AIProviderPool, CachePolicy, Kind, LocalModelDeployment, Tenant, TierQueue};
 use floodgate_e2e::cluster::Cluster;
 use serde_json::{Value, json};
 
@@ -58,6 +58,19 @@ fn local_model() -> Value {
         "metadata": {"name": "llama"},
         "spec": {"model": "llama3.1:8b", "classes": ["simple"],
                  "autoscaling": {"minReplicas": 2, "maxReplicas": 20}}
+    })
+}
+
+fn tenant() -> Value {
+    json!({
+        "apiVersion": "floodgate.dev/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": "acme"},
+        "spec": {"tier": "enterprise",
+                 "keys": [{"name": "main", "secretRef": {"name": "acme-keys", "key": "main"}},
+                          {"name": "next", "secretRef": {"name": "acme-keys", "key": "next"}}],
+                 "limits": {"rpm": 600, "concurrent": 20},
+                 "models": ["smart"]}
     })
 }
 
@@ -213,6 +226,26 @@ fn cases() -> Vec<Case> {
             with(local_model(), "/spec/autoscaling/maxReplicas", json!(-1)),
             "spec.autoscaling.maxReplicas",
         ),
+        case(
+            "tenant without keys",
+            with(tenant(), "/spec/keys", json!([])),
+            "spec.keys",
+        ),
+        cel(
+            "tenant key names repeated",
+            with(tenant(), "/spec/keys/1/name", json!("main")),
+            "spec.keys",
+        ),
+        case(
+            "tenant rpm limit 0",
+            with(tenant(), "/spec/limits/rpm", json!(0)),
+            "spec.limits.rpm",
+        ),
+        case(
+            "tenant inline client key",
+            with(tenant(), "/spec/keys/0/key", json!("sk-live-do-not-echo")),
+            "spec.keys[0].key",
+        ),
     ]
 }
 
@@ -225,6 +258,7 @@ fn ours(manifest: &Value) -> Result<(), Vec<FieldError>> {
         Kind::LocalModelDeployment => {
             validate_object::<LocalModelDeployment>(kind, manifest).map(drop)
         }
+        Kind::Tenant => validate_object::<Tenant>(kind, manifest).map(drop),
     }
 }
 
@@ -237,7 +271,7 @@ async fn bad_manifests_are_refused_by_the_api_server_and_by_our_validation_namin
 
     // Control: the good manifests the cases start from are accepted by both, so each refusal
     // below is the mutation's doing.
-    for good in [pool(), tiers(), cache(), local_model()] {
+    for good in [pool(), tiers(), cache(), local_model(), tenant()] {
         assert_eq!(ours(&good), Ok(()), "{good}");
         let out = cluster
             .kubectl_stdin(["apply", "-n", ns.name(), "-f", "-"], &good.to_string())
@@ -313,7 +347,7 @@ async fn bad_manifests_are_refused_by_the_api_server_and_by_our_validation_namin
     let out = cluster
         .kubectl([
             "get",
-            "aiproviderpools,tierqueues,cachepolicies,localmodeldeployments",
+            "aiproviderpools,tierqueues,cachepolicies,localmodeldeployments,tenants",
             "-n",
             ns.name(),
             "-o",

@@ -12,6 +12,11 @@ use floodgate_e2e::mock::{MockConfig, MockProviders, Provider, default_dimension
 use floodgate_e2e::python::run_script;
 use std::time::Duration;
 
+/// A tenant whose client key is the one the SDK check sends by default (`--api-key`): the
+/// SDK's own way of sending its key must identify it, or every call is a 401.
+const SDK_TENANT: &str = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: clients}\nstringData: {sdk: floodgate-sdk-check}\n---\n\
+    apiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: sdk}\nspec:\n  keys: [{name: main, secretRef: {name: clients, key: sdk}}]\n";
+
 fn manifests(base: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a, b: key-b}}\n---\n\
@@ -60,7 +65,7 @@ async fn run_sdk_check(gateway_url: &str, args: &[&str]) -> String {
 async fn the_openai_python_sdk_chats_and_streams_through_the_proxy() {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let gw = Gateway::start(
-        &manifests(&mock.base_url()),
+        &(manifests(&mock.base_url()) + SDK_TENANT),
         Duration::from_secs(60),
         Duration::from_secs(5),
     )
@@ -77,7 +82,7 @@ async fn the_openai_python_sdk_chats_and_streams_through_the_proxy() {
 async fn the_openai_python_sdk_embeds_through_the_proxy() {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let gw = Gateway::start(
-        &embedding_manifests(&mock.base_url()),
+        &(embedding_manifests(&mock.base_url()) + SDK_TENANT),
         Duration::from_secs(60),
         Duration::from_secs(5),
     )

@@ -7,6 +7,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod pipeline;
 pub mod providers;

@@ -7,6 +7,7 @@ use floodgate_proxy::config::cluster;
 use floodgate_proxy::config::load::load_config;
 use floodgate_proxy::config::secrets::SecretSources;
 use floodgate_proxy::config::watch::{SharedConfig, Watcher};
+use floodgate_proxy::identity::Identity;
 use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
 use floodgate_proxy::secret::SecretString;
 use floodgate_proxy::server::workers::{self, Workers};
@@ -67,6 +68,11 @@ struct Args {
     /// it tells any caller the key inventory; for debugging only.
     #[arg(long, env = "FLOODGATE_EXPOSE_KEY_HEADER")]
     expose_key_header: bool,
+    /// Sidecar mode: accept `x-floodgate-tenant: <tenant>` from the local application instead
+    /// of a client key. Off by default: anyone who can reach the port could then name any
+    /// tenant; turn it on only where only the application in the same pod can.
+    #[arg(long, env = "FLOODGATE_TRUST_TENANT_HEADER")]
+    trust_tenant_header: bool,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "FLOODGATE_BODY_LIMIT_BYTES", default_value_t = floodgate_proxy::server::DEFAULT_BODY_LIMIT)]
     body_limit_bytes: usize,
@@ -218,9 +224,15 @@ async fn serve(
     if args.expose_key_header {
         tracing::warn!("answers name the provider key used (x-floodgate-key): for debugging only");
     }
+    if args.trust_tenant_header {
+        tracing::warn!(
+            "x-floodgate-tenant is trusted (--trust-tenant-header): callers may name their tenant without a key"
+        );
+    }
     let mut state = AppState::new(ready.clone(), dispatcher.clone());
     state.body_limit = args.body_limit_bytes;
     state.expose_key = args.expose_key_header;
+    state.identity = Arc::new(Identity::new(args.trust_tenant_header));
     let app = router(state);
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -228,12 +240,24 @@ async fn serve(
     let local = listener.local_addr()?;
     let mut workers = Workers::spawn(listener, app, count, cancel.clone())
         .context("cannot start the worker threads")?;
+    let tenants = dispatcher.config().tenants.len();
     tracing::info!(
         listen = %local,
         workers = count.get(),
         models = dispatcher.config().models().len(),
+        tenants,
         "floodgate-proxy serving"
     );
+    if !args.cluster {
+        if tenants == 0 {
+            tracing::info!("{}", floodgate_proxy::identity::OPEN_MODE);
+        } else {
+            tracing::info!(
+                tenants,
+                "callers must send a tenant's client key (Authorization: Bearer or x-api-key)"
+            );
+        }
+    }
     let failed = tokio::select! {
         () = shutdown_signal() => {
             // A second SIGTERM or Ctrl-C does not wait for the drain.

@@ -400,6 +400,8 @@ pub fn ok_requests(tier: &str, model: &str, provider: &str) -> Counter {
 /// The proxy's own time per stage, by stage, resolved once.
 #[derive(Debug)]
 pub struct Stages {
+    /// Identifying the caller (hashing its client key, finding its tenant).
+    pub auth: Histogram,
     /// Reading and parsing the request.
     pub parse: Histogram,
     /// Choosing a key.
@@ -421,6 +423,7 @@ pub fn stages() -> &'static Stages {
                 .clone()
         };
         Stages {
+            auth: h("auth"),
             parse: h("parse"),
             limiter: h("limiter"),
             queue: h("queue"),

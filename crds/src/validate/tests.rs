@@ -1,7 +1,7 @@
 //! Each bad manifest is refused with an error that names the offending field.
 
 use super::*;
-use crate::{AIProviderPool, CachePolicy, LocalModelDeployment, TierQueue};
+use crate::{AIProviderPool, CachePolicy, LocalModelDeployment, Tenant, TierQueue};
 use serde_json::json;
 
 fn pool() -> Value {
@@ -53,6 +53,19 @@ fn local_model() -> Value {
     })
 }
 
+fn tenant() -> Value {
+    json!({
+        "apiVersion": "floodgate.dev/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": "acme"},
+        "spec": {"tier": "enterprise",
+                 "keys": [{"name": "main", "secretRef": {"name": "acme-keys", "key": "main"}},
+                          {"name": "next", "secretRef": {"name": "acme-keys", "key": "next"}}],
+                 "limits": {"rpm": 600, "tpm": 100000, "concurrent": 20},
+                 "models": ["smart", "gpt-4o-mini"]}
+    })
+}
+
 /// Sets `pointer` in `value` (creating nothing: the parent must exist).
 fn with(mut value: Value, pointer: &str, new: Value) -> Value {
     let (parent, key) = pointer.rsplit_once('/').unwrap();
@@ -86,6 +99,7 @@ fn errors(kind: Kind, value: &Value) -> Vec<FieldError> {
         Kind::LocalModelDeployment => {
             validate_object::<LocalModelDeployment>(kind, value).map(drop)
         }
+        Kind::Tenant => validate_object::<Tenant>(kind, value).map(drop),
     };
     result.err().unwrap_or_default()
 }
@@ -111,6 +125,7 @@ fn good_fixtures_are_accepted() {
         (Kind::TierQueue, tiers()),
         (Kind::CachePolicy, cache()),
         (Kind::LocalModelDeployment, local_model()),
+        (Kind::Tenant, tenant()),
     ] {
         assert_eq!(errors(kind, &value), vec![], "{kind}");
     }
@@ -360,4 +375,69 @@ fn class_headroom_defaults_and_bounds() {
     );
     let bad = with(tiers(), "/spec/classHeadroom", json!({"batch": 100}));
     refused_at(Kind::TierQueue, bad, "spec.classHeadroom.batch");
+}
+
+#[test]
+fn tenant_optional_fields_may_be_left_out() {
+    let ok = without(tenant(), "/spec/tier");
+    let ok = without(ok, "/spec/limits");
+    let ok = without(ok, "/spec/models");
+    assert_eq!(errors(Kind::Tenant, &ok), vec![]);
+}
+
+#[test]
+fn tenant_without_keys() {
+    let bad = with(tenant(), "/spec/keys", json!([]));
+    refused_at(Kind::Tenant, bad, "spec.keys");
+}
+
+#[test]
+fn tenant_key_names_must_be_unique() {
+    let bad = with(tenant(), "/spec/keys/1/name", json!("main"));
+    let e = refused_at(Kind::Tenant, bad, "spec.keys");
+    assert!(e.message.contains("unique"), "{e}");
+}
+
+#[test]
+fn tenant_the_same_secret_key_twice() {
+    let bad = with(
+        tenant(),
+        "/spec/keys/1/secretRef",
+        json!({"name": "acme-keys", "key": "main"}),
+    );
+    let e = refused_at(Kind::Tenant, bad, "spec.keys");
+    assert!(e.message.contains("different secret key"), "{e}");
+}
+
+#[test]
+fn tenant_inline_key_is_refused_without_echoing_it() {
+    let bad = with(tenant(), "/spec/keys/0/key", json!("sk-live-SECRET456"));
+    let errs = errors(Kind::Tenant, &bad);
+    assert!(
+        errs.iter().any(|e| e.field == "spec.keys[0].key"),
+        "{errs:?}"
+    );
+    assert!(!format!("{errs:?}").contains("SECRET456"), "{errs:?}");
+}
+
+#[test]
+fn tenant_zero_limits() {
+    for field in ["rpm", "tpm", "concurrent"] {
+        let bad = with(tenant(), &format!("/spec/limits/{field}"), json!(0));
+        refused_at(Kind::Tenant, bad, &format!("spec.limits.{field}"));
+    }
+}
+
+#[test]
+fn tenant_tier_not_a_dns_label() {
+    let bad = with(tenant(), "/spec/tier", json!("Gold Tier"));
+    refused_at(Kind::Tenant, bad, "spec.tier");
+}
+
+#[test]
+fn tenant_empty_or_duplicate_model() {
+    let bad = with(tenant(), "/spec/models/1", json!(""));
+    refused_at(Kind::Tenant, bad, "spec.models[1]");
+    let bad = with(tenant(), "/spec/models/1", json!("smart"));
+    refused_at(Kind::Tenant, bad, "spec.models");
 }

@@ -255,7 +255,8 @@ impl KeyBudget {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(super) fn update(&self, limits: Limits, window: Duration) {
+    /// New limits over `window`; the requests and tokens already counted keep counting.
+    pub fn update(&self, limits: Limits, window: Duration) {
         let mut s = self.lock();
         let raised = limits.rpm > s.limits.rpm || limits.tpm > s.limits.tpm;
         if raised {

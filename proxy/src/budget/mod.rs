@@ -139,6 +139,18 @@ impl Budgets {
         k
     }
 
+    /// A budget for a tenant's own limits (`tenant`: `<namespace>/<name>` or `<name>`),
+    /// over the same window as the keys and shared through Redis like them when budgets are
+    /// (keys [`KeyBudgetKeys::tenant`]). Not kept here: the identity stage keeps it across
+    /// reloads, and `signal` is its own (tenants never wait on the keys' signal).
+    pub fn tenant(&self, tenant: &str, limits: Limits, signal: Arc<Signal>) -> Arc<KeyBudget> {
+        let shared = self.shared.as_ref().map(|backend| SharedKey {
+            backend: backend.clone(),
+            keys: Arc::new(KeyBudgetKeys::tenant(tenant)),
+        });
+        Arc::new(KeyBudget::new(limits, self.window, shared, signal))
+    }
+
     /// A new configuration: keys it no longer has are forgotten, and keys failed by the
     /// provider get another chance (the operator may have fixed them).
     pub fn reconfigured(&self, live: &[KeyId]) {

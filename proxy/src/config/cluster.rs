@@ -1,7 +1,8 @@
 //! Cluster mode: the configuration comes from the Kubernetes API server instead of files.
 //!
 //! [`ClusterWatcher`] keeps a reflector (a watch plus a local cache) of every AIProviderPool,
-//! TierQueue, CachePolicy, LocalModelDeployment and Secret in one namespace. Once all five have
+//! TierQueue, CachePolicy, LocalModelDeployment, Tenant and Secret in one namespace. Once all
+//! six have
 //! listed, and after every later change, it rebuilds [`Resources`] from the caches, validating
 //! each object with [`floodgate_crds::validate::validate_object`] (the rules the API server ran
 //! when the object was written; an object that fails them now, say after a rule was tightened,
@@ -13,7 +14,10 @@
 //! Floodgate resources are watched untyped ([`DynamicObject`]): a typed watch fails its whole
 //! list when one object does not deserialize, which would stall every update behind it.
 //!
-//! The service account needs `get`, `list` and `watch` on the four Floodgate resources and on
+//! A Secret holding a tenant's client key is watched like the provider keys' Secrets: a
+//! changed value rotates the key at the next rebuild (the old one is refused from then on).
+//!
+//! The service account needs `get`, `list` and `watch` on the five Floodgate resources and on
 //! Secrets in the namespace. Secret values are never logged: not the objects, and not the
 //! decoding errors of a Secret watch, which could quote them.
 
@@ -22,7 +26,7 @@ use super::watch::{ReloadStats, SharedConfig};
 use super::{Config, ConfigErrors, Origin, Resources, Sourced};
 use crate::secret::SecretString;
 use floodgate_crds::validate::validate_object;
-use floodgate_crds::{AIProviderPool, CachePolicy, Kind, LocalModelDeployment, TierQueue};
+use floodgate_crds::{AIProviderPool, CachePolicy, Kind, LocalModelDeployment, Tenant, TierQueue};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
@@ -55,6 +59,7 @@ pub fn initial_config() -> Config {
         tier_queue: None,
         cache_policy: None,
         local_models: Vec::new(),
+        tenants: Vec::new(),
     }
 }
 
@@ -66,11 +71,12 @@ enum Source {
 }
 
 impl Source {
-    const ALL: [Source; 5] = [
+    const ALL: [Source; 6] = [
         Source::Kind(Kind::AIProviderPool),
         Source::Kind(Kind::TierQueue),
         Source::Kind(Kind::CachePolicy),
         Source::Kind(Kind::LocalModelDeployment),
+        Source::Kind(Kind::Tenant),
         Source::Secrets,
     ];
 
@@ -228,18 +234,23 @@ impl ClusterWatcher {
         cancel: &CancellationToken,
         warned: &mut HashSet<(Kind, String, String)>,
     ) {
-        let resources = collect_resources(stores, warned);
+        let mut resources = collect_resources(stores, warned);
+        resources.namespace = Some(self.namespace.clone());
         let mut secrets = self.secrets.clone();
         secrets.manifests = secret_values(&stores.secrets.state());
         match Config::resolve(resources, &secrets) {
             Ok(config) => {
                 let (pools, models) = (config.pools.len(), config.models().len());
+                let tenants = config.tenants.len();
                 shared.apply(config);
                 self.stats.applied.fetch_add(1, Ordering::Relaxed);
                 if !cancel.is_cancelled() && !ready.swap(true, Ordering::AcqRel) {
-                    tracing::info!(namespace = %self.namespace, pools, models, "first configuration applied: ready");
+                    tracing::info!(namespace = %self.namespace, pools, models, tenants, "first configuration applied: ready");
+                    if tenants == 0 {
+                        tracing::info!(namespace = %self.namespace, "{}", crate::identity::OPEN_MODE);
+                    }
                 } else {
-                    tracing::info!(namespace = %self.namespace, pools, models, "configuration change applied");
+                    tracing::info!(namespace = %self.namespace, pools, models, tenants, "configuration change applied");
                 }
             }
             Err(errors) => self.rejected(&errors),
@@ -290,6 +301,7 @@ fn api_resource(kind: Kind) -> ApiResource {
         Kind::TierQueue => ApiResource::erase::<TierQueue>(&()),
         Kind::CachePolicy => ApiResource::erase::<CachePolicy>(&()),
         Kind::LocalModelDeployment => ApiResource::erase::<LocalModelDeployment>(&()),
+        Kind::Tenant => ApiResource::erase::<Tenant>(&()),
     }
 }
 
@@ -341,6 +353,7 @@ fn collect_resources(stores: &Stores, warned: &mut HashSet<(Kind, String, String
             Kind::LocalModelDeployment => {
                 resources.local_models = validated(kind, &objects, warned)
             }
+            Kind::Tenant => resources.tenants = validated(kind, &objects, warned),
         }
     }
     resources

@@ -220,6 +220,10 @@ fn parse_document(doc: Value, origin: Origin, loaded: &mut Loaded, errors: &mut 
             Ok(resource) => r.local_models.push(Sourced { resource, origin }),
             Err(e) => errors.extend(to_errors(e)),
         },
+        Kind::Tenant => match validate_object(k, &doc) {
+            Ok(resource) => r.tenants.push(Sourced { resource, origin }),
+            Err(e) => errors.extend(to_errors(e)),
+        },
     }
 }
 
@@ -290,6 +294,7 @@ fn check_duplicates(resources: &Resources, errors: &mut Vec<ConfigError>) {
     check(&resources.tier_queues, "TierQueue", errors);
     check(&resources.cache_policies, "CachePolicy", errors);
     check(&resources.local_models, "LocalModelDeployment", errors);
+    check(&resources.tenants, "Tenant", errors);
 }
 
 fn file_error(path: &Path, message: &str) -> ConfigError {

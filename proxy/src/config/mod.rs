@@ -10,12 +10,16 @@ pub mod load;
 pub mod secrets;
 pub mod watch;
 
-use crate::secret::SecretString;
+use crate::secret::{KeyDigest, SecretString};
 use floodgate_crds::pool::{Model, Provider};
-use floodgate_crds::{AIProviderPool, CachePolicy, LocalModelDeployment, ProviderType, TierQueue};
+use floodgate_crds::{
+    AIProviderPool, CachePolicy, LocalModelDeployment, ProviderType, Tenant, TierQueue,
+};
 use secrets::SecretLookup;
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Where a resource came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +89,11 @@ pub struct Resources {
     pub cache_policies: Vec<Sourced<CachePolicy>>,
     /// Local models.
     pub local_models: Vec<Sourced<LocalModelDeployment>>,
+    /// Tenants.
+    pub tenants: Vec<Sourced<Tenant>>,
+    /// The namespace the resources come from, in cluster mode: tenants are then named
+    /// `<namespace>/<name>`; standalone, by their name alone.
+    pub namespace: Option<String>,
 }
 
 /// The resolved configuration every request reads.
@@ -98,6 +107,51 @@ pub struct Config {
     pub cache_policy: Option<CachePolicy>,
     /// Self-hosted models.
     pub local_models: Vec<LocalModelDeployment>,
+    /// Tenants with their client keys hashed, in name order. Empty: the gateway is open
+    /// (every caller is served without a client key).
+    pub tenants: Vec<Arc<TenantConfig>>,
+}
+
+/// One tenant, ready to identify callers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantConfig {
+    /// `<namespace>/<name>` in cluster mode, `<name>` standalone.
+    pub name: Arc<str>,
+    /// Its tier (a tier of the TierQueue), or the TierQueue's default tier; `None` when
+    /// neither names one.
+    pub tier: Option<Arc<str>>,
+    /// Its client keys: names and digests, never the keys.
+    pub keys: Vec<ClientKeyConfig>,
+    /// Its own limits per window.
+    pub limits: TenantLimits,
+    /// Models it may call; `None`: every model.
+    pub models: Option<HashSet<String>>,
+}
+
+/// One client key of a tenant, as the gateway keeps it.
+#[derive(Debug, Clone)]
+pub struct ClientKeyConfig {
+    /// The key's name (logs); never the key.
+    pub name: Arc<str>,
+    /// SHA-256 of the key.
+    pub digest: KeyDigest,
+}
+
+impl PartialEq for ClientKeyConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.digest.matches(&other.digest)
+    }
+}
+
+/// A tenant's own limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Requests per window.
+    pub rpm: Option<NonZeroU32>,
+    /// Tokens per window.
+    pub tpm: Option<NonZeroU32>,
+    /// Requests being answered at once.
+    pub concurrent: Option<NonZeroU32>,
 }
 
 /// One pool, ready to serve.
@@ -172,10 +226,22 @@ impl Config {
                 Err(mut e) => errors.append(&mut e),
             }
         }
+        let tier_queue = resources.tier_queues.first().map(|s| &s.resource);
+        let namespace = resources.namespace.as_deref();
+        let mut tenants = Vec::new();
+        for tenant in &resources.tenants {
+            match resolve_tenant(tenant, namespace, tier_queue, secrets) {
+                Ok(t) => tenants.push(Arc::new(t)),
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        tenants.sort_by(|a, b| a.name.cmp(&b.name));
+        check_client_keys(&resources.tenants, &tenants, &mut errors);
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         Ok(Config {
+            tenants,
             pools,
             tier_queue: resources.tier_queues.into_iter().next().map(|s| s.resource),
             cache_policy: resources
@@ -308,6 +374,129 @@ fn resolve_pool(
         spec: spec.clone(),
         providers,
     })
+}
+
+fn resolve_tenant(
+    tenant: &Sourced<Tenant>,
+    namespace: Option<&str>,
+    tier_queue: Option<&TierQueue>,
+    secrets: &dyn SecretLookup,
+) -> Result<TenantConfig, Vec<ConfigError>> {
+    let name = kube::ResourceExt::name_any(&tenant.resource);
+    let spec = &tenant.resource.spec;
+    let error = |field: String, message: String| ConfigError {
+        origin: tenant.origin.clone(),
+        resource: Some(format!("Tenant/{name}")),
+        field,
+        message,
+    };
+    let mut errors = Vec::new();
+    let tier = match (&spec.tier, tier_queue) {
+        (Some(tier), Some(tq)) if tq.spec.tiers.iter().any(|t| &t.name == tier) => {
+            Some(Arc::from(tier.as_str()))
+        }
+        (Some(_), Some(tq)) => {
+            let names: Vec<&str> = tq.spec.tiers.iter().map(|t| t.name.as_str()).collect();
+            errors.push(error(
+                "spec.tier".into(),
+                format!(
+                    "names no tier of TierQueue/{}; its tiers are {}",
+                    kube::ResourceExt::name_any(tq),
+                    names.join(", ")
+                ),
+            ));
+            None
+        }
+        (Some(_), None) => {
+            errors.push(error(
+                "spec.tier".into(),
+                "names a tier, but no TierQueue is configured; add one, or leave the tier out"
+                    .into(),
+            ));
+            None
+        }
+        (None, tq) => tq
+            .and_then(|tq| tq.spec.default_tier.as_deref())
+            .map(Arc::from),
+    };
+    let mut keys = Vec::new();
+    for (i, key) in spec.keys.iter().enumerate() {
+        match secrets.lookup(&key.secret_ref.name, &key.secret_ref.key) {
+            Some(secret) if !secret.expose().is_empty() => keys.push(ClientKeyConfig {
+                name: Arc::from(key.name.as_str()),
+                digest: KeyDigest::of(secret.expose()),
+            }),
+            Some(_) => errors.push(error(
+                format!("spec.keys[{i}].secretRef"),
+                format!(
+                    "Secret {:?} key {:?} is empty; a client key must not be",
+                    key.secret_ref.name, key.secret_ref.key
+                ),
+            )),
+            None => errors.push(error(
+                format!("spec.keys[{i}].secretRef"),
+                format!(
+                    "Secret {:?} has no key {:?} (looked in Secret manifests, {}, and the secrets directory)",
+                    key.secret_ref.name,
+                    key.secret_ref.key,
+                    secrets::env_var_name(&key.secret_ref.name, &key.secret_ref.key),
+                ),
+            )),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let limits = spec.limits.clone().unwrap_or_default();
+    Ok(TenantConfig {
+        name: match namespace {
+            Some(ns) => Arc::from(format!("{ns}/{name}")),
+            None => Arc::from(name),
+        },
+        tier,
+        keys,
+        limits: TenantLimits {
+            rpm: limits.rpm.and_then(NonZeroU32::new),
+            tpm: limits.tpm.and_then(NonZeroU32::new),
+            concurrent: limits.concurrent.and_then(NonZeroU32::new),
+        },
+        models: (!spec.models.is_empty()).then(|| spec.models.iter().cloned().collect()),
+    })
+}
+
+/// The same client key (by value) in two tenants, or twice in one, would make a caller's
+/// identity depend on lookup order: refused, naming the second place (never the key).
+fn check_client_keys(
+    sources: &[Sourced<Tenant>],
+    tenants: &[Arc<TenantConfig>],
+    errors: &mut Vec<ConfigError>,
+) {
+    let mut seen: Vec<(&KeyDigest, &str, &str)> = Vec::new();
+    for tenant in tenants {
+        for key in &tenant.keys {
+            if let Some((_, owner, other)) = seen.iter().find(|(d, _, _)| d.matches(&key.digest)) {
+                let source = sources.iter().find(|s| {
+                    tenant
+                        .name
+                        .rsplit('/')
+                        .next()
+                        .is_some_and(|n| n == kube::ResourceExt::name_any(&s.resource))
+                });
+                errors.push(ConfigError {
+                    origin: source.and_then(|s| s.origin.clone()),
+                    resource: Some(format!("Tenant/{}", tenant.name)),
+                    field: "spec.keys".into(),
+                    message: format!(
+                        "client key {:?} has the same value as key {other:?} of Tenant/{owner}; \
+                         every client key must identify one tenant",
+                        key.name
+                    ),
+                });
+            } else {
+                seen.push((&key.digest, &tenant.name, &key.name));
+            }
+        }
+    }
 }
 
 fn provider_config(provider: &Provider, keys: Vec<KeyConfig>) -> ProviderConfig {

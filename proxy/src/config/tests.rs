@@ -239,3 +239,126 @@ fn a_second_tier_queue_is_refused() {
     let errors = load(&dir).unwrap_err().0;
     assert_eq!(errors[0].resource.as_deref(), Some("TierQueue/two"));
 }
+
+const TIERS: &str = r#"
+apiVersion: floodgate.dev/v1alpha1
+kind: TierQueue
+metadata: {name: tiers}
+spec:
+  defaultTier: basic
+  tiers:
+  - {name: pro, class: priority, maxWaitMs: 2000}
+  - {name: basic, class: standard, maxWaitMs: 5000}
+"#;
+
+fn tenant_doc(name: &str, tier: Option<&str>, key: &str) -> String {
+    let tier = tier.map_or(String::new(), |t| format!("  tier: {t}\n"));
+    format!(
+        "apiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: {name}}}\nspec:\n{tier}  keys:\n  - {{name: main, secretRef: {{name: clients, key: {key}}}}}\n  limits: {{rpm: 60, concurrent: 2}}\n  models: [smart]\n"
+    )
+}
+
+const CLIENTS: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: clients}
+stringData: {a: sk-client-a, b: sk-client-b, empty: ""}
+"#;
+
+#[test]
+fn tenants_resolve_with_hashed_keys_and_their_tier() {
+    let acme = tenant_doc("acme", Some("pro"), "a");
+    let globex = tenant_doc("globex", None, "b");
+    let dir = dir_with(&[
+        ("pool.yaml", POOL),
+        ("s.yaml", SECRET),
+        ("tiers.yaml", TIERS),
+        ("clients.yaml", CLIENTS),
+        ("acme.yaml", &acme),
+        ("globex.yaml", &globex),
+    ]);
+    let config = load(&dir).unwrap();
+    let names: Vec<&str> = config.tenants.iter().map(|t| &*t.name).collect();
+    assert_eq!(names, ["acme", "globex"]);
+    let acme = &config.tenants[0];
+    assert_eq!(acme.tier.as_deref(), Some("pro"));
+    assert!(acme.keys[0].digest.matches(&KeyDigest::of("sk-client-a")));
+    assert_eq!(acme.limits.rpm.map(NonZeroU32::get), Some(60));
+    assert_eq!(acme.limits.concurrent.map(NonZeroU32::get), Some(2));
+    assert!(acme.models.as_ref().unwrap().contains("smart"));
+    // No tier of its own: the TierQueue's default.
+    assert_eq!(config.tenants[1].tier.as_deref(), Some("basic"));
+    // The key is nowhere in what the gateway keeps.
+    assert!(!format!("{config:?}").contains("sk-client-a"));
+}
+
+#[test]
+fn a_tenant_tier_must_name_a_tier_of_the_tier_queue() {
+    let bad = tenant_doc("acme", Some("gold"), "a");
+    let dir = dir_with(&[("tiers.yaml", TIERS), ("c.yaml", CLIENTS), ("t.yaml", &bad)]);
+    let errors = load(&dir).unwrap_err().to_string();
+    assert!(
+        errors.contains("t.yaml: document 1 (Tenant/acme): spec.tier: names no tier of TierQueue/tiers; its tiers are pro, basic"),
+        "{errors}"
+    );
+    // Without a TierQueue a tier cannot be honoured: refused too.
+    let named = tenant_doc("acme", Some("pro"), "a");
+    let dir = dir_with(&[("c.yaml", CLIENTS), ("t.yaml", &named)]);
+    let errors = load(&dir).unwrap_err().to_string();
+    assert!(
+        errors.contains("(Tenant/acme): spec.tier: names a tier, but no TierQueue is configured"),
+        "{errors}"
+    );
+    // Without either, the tenant has no tier.
+    let plain = tenant_doc("acme", None, "a");
+    let dir = dir_with(&[("c.yaml", CLIENTS), ("t.yaml", &plain)]);
+    assert_eq!(load(&dir).unwrap().tenants[0].tier, None);
+}
+
+#[test]
+fn client_keys_must_resolve_be_non_empty_and_identify_one_tenant() {
+    let missing = tenant_doc("acme", None, "nope");
+    let dir = dir_with(&[("c.yaml", CLIENTS), ("t.yaml", &missing)]);
+    let errors = load(&dir).unwrap_err().to_string();
+    assert!(
+        errors.contains(
+            "(Tenant/acme): spec.keys[0].secretRef: Secret \"clients\" has no key \"nope\""
+        ),
+        "{errors}"
+    );
+    let empty = tenant_doc("acme", None, "empty");
+    let dir = dir_with(&[("c.yaml", CLIENTS), ("t.yaml", &empty)]);
+    let errors = load(&dir).unwrap_err().to_string();
+    assert!(
+        errors.contains("spec.keys[0].secretRef: Secret \"clients\" key \"empty\" is empty"),
+        "{errors}"
+    );
+    let (a, b) = (
+        tenant_doc("acme", None, "a"),
+        tenant_doc("globex", None, "a"),
+    );
+    let dir = dir_with(&[("c.yaml", CLIENTS), ("a.yaml", &a), ("b.yaml", &b)]);
+    let errors = load(&dir).unwrap_err().to_string();
+    assert!(
+        errors.contains("(Tenant/globex): spec.keys: client key \"main\" has the same value as key \"main\" of Tenant/acme"),
+        "{errors}"
+    );
+    assert!(!errors.contains("sk-client-a"), "{errors}");
+}
+
+#[test]
+fn tenants_in_cluster_mode_are_named_with_their_namespace() {
+    let mut resources = load_paths(&[dir_with(&[("t.yaml", &tenant_doc("acme", None, "a"))])
+        .path()
+        .to_owned()])
+    .unwrap()
+    .resources;
+    resources.namespace = Some("team-a".into());
+    let mut secrets = SecretSources::default();
+    secrets.manifests.insert(
+        ("clients".into(), "a".into()),
+        SecretString::new("sk-client-a"),
+    );
+    let config = Config::resolve(resources, &secrets).unwrap();
+    assert_eq!(&*config.tenants[0].name, "team-a/acme");
+}

@@ -1,5 +1,6 @@
 //! The context a request carries through the stages.
 
+use crate::identity::Caller;
 use axum::http::{HeaderMap, HeaderValue};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,6 +113,9 @@ pub struct RequestCtx {
     pub queued: Option<std::time::Duration>,
     /// Where it stands while it waits, when the door reports progress (streaming callers).
     pub progress: Option<Arc<crate::route::wait::Progress>>,
+    /// Who calls (stage 1, identity): its tenant, with the tenant's name and tier. `None`
+    /// when the gateway is open (no Tenant configured).
+    pub caller: Option<Arc<Caller>>,
     /// The route stage's decision, once made.
     pub route: Option<RouteDecision>,
 }
@@ -135,6 +139,7 @@ impl RequestCtx {
             tier: Arc::from(crate::route::tiers::DEFAULT_TIER),
             queued: None,
             progress: None,
+            caller: None,
             route: None,
         }
     }

@@ -9,7 +9,7 @@ use crate::pipeline::{self, Door, RequestCtx};
 use crate::providers::types::ChatRequest;
 use crate::providers::{ChatChunk, ProviderError};
 use crate::route::wait::Progress;
-use crate::route::{Reply, ReplyBody, RouteError};
+use crate::route::{Reply, ReplyBody};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -85,9 +85,9 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
     }
 }
 
-type Finished = (Result<Reply, RouteError>, RequestCtx, String);
+type Finished = (Result<Reply, pipeline::Error>, RequestCtx, String);
 
-fn render(result: Result<Reply, RouteError>, outcome: Outcome) -> Response {
+fn render(result: Result<Reply, pipeline::Error>, outcome: Outcome) -> Response {
     match result {
         Ok(reply) => match reply.body {
             ReplyBody::Complete(answer) => {
@@ -96,13 +96,16 @@ fn render(result: Result<Reply, RouteError>, outcome: Outcome) -> Response {
             }
             ReplyBody::Stream(chunks) => sse(Tracked::new(chunks, outcome)),
         },
-        Err(e) => failed(door::route_error(e), outcome),
+        Err(e) => failed(door::stage_error(e), outcome),
     }
 }
 
 /// The events of a stream that started while the request waited: the answer's events, or
 /// the refusal as one error event (the status, 200, is already sent).
-fn late_events(result: Result<Reply, RouteError>, outcome: Outcome) -> BoxStream<'static, Bytes> {
+fn late_events(
+    result: Result<Reply, pipeline::Error>,
+    outcome: Outcome,
+) -> BoxStream<'static, Bytes> {
     match result.map(|reply| reply.body) {
         Ok(ReplyBody::Stream(chunks)) => OpenAiEvents {
             chunks: Tracked::new(chunks, outcome),
@@ -119,7 +122,7 @@ fn late_events(result: Result<Reply, RouteError>, outcome: Outcome) -> BoxStream
             futures::stream::once(async move { e.sse_event() }).boxed()
         }
         Err(e) => {
-            let e = door::route_error(e);
+            let e = door::stage_error(e);
             outcome.with_status(e.status).record(e.code);
             futures::stream::once(async move { e.sse_event() }).boxed()
         }

@@ -5,14 +5,15 @@
 
 use super::AppState;
 use super::error::ApiError;
+use crate::identity::{Refusal, Unidentified};
 use crate::metrics::{self, RequestLabels};
-use crate::pipeline::{Door, RequestCtx, ctx::REQUEST_ID_HEADER};
+use crate::pipeline::{self, Door, RequestCtx, ctx::REQUEST_ID_HEADER};
 use crate::providers::{ChatChunk, ProviderError};
 use crate::route::RouteError;
 use crate::telemetry;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
 use futures::Stream;
 use std::cell::Cell;
@@ -54,9 +55,10 @@ pub fn request_span(ctx: &RequestCtx, operation: &'static str) -> Span {
     )
 }
 
-/// Runs one request of a door: builds its context from `headers` (stage 1, identity, will
-/// read them here, before the body), runs `handle` in the request span with the upstream
-/// time counted apart, then records the proxy's own time and sets the decision headers.
+/// Runs one request of a door: builds its context from `headers` and identifies its caller
+/// (stage 1, before the body is read: a request without a valid client key is answered 401
+/// in the door's format here), runs `handle` in the request span with the upstream time
+/// counted apart, then records the proxy's own time and sets the decision headers.
 /// `handle` parses, runs the pipeline and renders; it gives the context back.
 pub async fn serve<F, Fut>(
     state: &AppState,
@@ -70,12 +72,33 @@ where
     Fut: Future<Output = (Response, RequestCtx)>,
 {
     let started = std::time::Instant::now();
-    let ctx = RequestCtx::new(door, headers, state.dispatcher.max_wait());
+    let mut ctx = RequestCtx::new(door, headers, state.dispatcher.max_wait());
     let span = request_span(&ctx, operation);
     let request_span = span.clone();
     metrics::UPSTREAM_TIME
         .scope(Cell::new(Duration::ZERO), async move {
-            let (mut response, ctx) = handle(ctx, request_span).await;
+            let auth_started = std::time::Instant::now();
+            let config = state.dispatcher.config();
+            let identified = state
+                .identity
+                .identify(&config, state.dispatcher.budgets(), headers);
+            drop(config);
+            metrics::stages()
+                .auth
+                .observe(auth_started.elapsed().as_secs_f64());
+            let (mut response, ctx) = match identified {
+                Ok(caller) => {
+                    ctx.caller = caller;
+                    handle(ctx, request_span).await
+                }
+                Err(e) => {
+                    let error = unauthenticated(e);
+                    Outcome::new(request_span, &ctx, None)
+                        .with_status(error.status)
+                        .record(error.code);
+                    (render(door, &error), ctx)
+                }
+            };
             let upstream = metrics::UPSTREAM_TIME
                 .try_with(Cell::get)
                 .unwrap_or_default();
@@ -87,6 +110,25 @@ where
         })
         .instrument(span)
         .await
+}
+
+/// A caller that is not identified: 401 `invalid_api_key`, saying why without echoing what
+/// it sent.
+pub fn unauthenticated(e: Unidentified) -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "invalid_api_key",
+        e.to_string(),
+    )
+}
+
+/// `error` in the format of `door`.
+pub fn render(door: Door, error: &ApiError) -> Response {
+    match door {
+        Door::AnthropicMessages => super::messages::error::error_response(error),
+        Door::OpenAiChat | Door::OpenAiEmbeddings => error.clone().into_response(),
+    }
 }
 
 /// Reads the whole body, up to `limit` bytes.
@@ -128,6 +170,37 @@ pub fn decision_headers(headers: &mut HeaderMap, ctx: &RequestCtx, expose_key: b
         HeaderName::from_static(ATTEMPTS),
         HeaderValue::from(route.attempts),
     );
+}
+
+/// A pipeline error as the OpenAI-shaped [`ApiError`] every door starts from.
+pub fn stage_error(e: pipeline::Error) -> ApiError {
+    match e {
+        pipeline::Error::Route(e) => route_error(e),
+        pipeline::Error::Refused(e) => refusal(&e),
+    }
+}
+
+/// A tenant's refusal: 403 for a model it may not use (as OpenAI answers a project without
+/// access to a model), 429 with `retry-after` past its limits.
+pub fn refusal(e: &Refusal) -> ApiError {
+    let error = match e {
+        Refusal::ModelNotAllowed(_) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            e.metric_label(),
+            e.to_string(),
+        ),
+        Refusal::RateLimited { .. } | Refusal::Concurrency { .. } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            e.metric_label(),
+            e.to_string(),
+        ),
+    };
+    match e.retry_after() {
+        Some(after) => error.with_retry_after(after),
+        None => error,
+    }
 }
 
 /// A route error as the OpenAI-shaped [`ApiError`] every door starts from.

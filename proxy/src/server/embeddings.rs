@@ -51,7 +51,7 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
             outcome.record("ok");
             axum::Json(reply.body).into_response()
         }
-        Err(e) => failed(door::route_error(e), outcome),
+        Err(e) => failed(door::stage_error(e), outcome),
     }
 }
 

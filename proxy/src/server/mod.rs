@@ -25,6 +25,7 @@ mod models;
 pub mod waiting;
 pub mod workers;
 
+use crate::identity::Identity;
 use crate::pipeline::ctx::{REQUEST_ID_HEADER, RequestId};
 use crate::route::Dispatcher;
 use axum::Router;
@@ -52,19 +53,22 @@ pub struct AppState {
     /// Whether answers name the key used (`x-floodgate-key`). Off by default: the header
     /// tells any caller the key inventory; turn it on for debugging only.
     pub expose_key: bool,
+    /// Stage 1: who calls (client keys of the configured tenants).
+    pub identity: Arc<Identity>,
 }
 
 /// Default largest request body: 4 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 4 << 20;
 
 impl AppState {
-    /// State with the default body limit and no key header.
+    /// State with the default body limit, no key header, and no trusted tenant header.
     pub fn new(ready: Arc<AtomicBool>, dispatcher: Arc<Dispatcher>) -> Self {
         Self {
             ready,
             dispatcher,
             body_limit: DEFAULT_BODY_LIMIT,
             expose_key: false,
+            identity: Arc::new(Identity::new(false)),
         }
     }
 }

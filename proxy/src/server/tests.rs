@@ -99,3 +99,69 @@ async fn the_request_id_is_echoed_or_generated() {
     let id = response.headers()["x-request-id"].to_str().unwrap();
     assert!(id.starts_with("req_"), "{id}");
 }
+
+async fn post(
+    state: AppState,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, serde_json::Value) {
+    let mut request = Request::post(path).header("content-type", "application/json");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let body = r#"{"model":"smart","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
+    let response = router(state)
+        .oneshot(request.body(Body::from(body)).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test]
+async fn without_a_valid_client_key_each_door_answers_401_in_its_format() {
+    for headers in [
+        &[][..],
+        &[("authorization", "Bearer sk-demo-nope")][..],
+        &[("x-api-key", "sk-demo-nope")][..],
+    ] {
+        for path in ["/v1/chat/completions", "/v1/embeddings"] {
+            let (status, body) = post(state(), path, headers).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path} {headers:?}");
+            assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+            assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+            assert!(!body.to_string().contains("sk-demo-nope"), "{body}");
+        }
+        let (status, body) = post(state(), "/v1/messages", headers).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{headers:?}");
+        assert_eq!(body["type"], "error", "{body}");
+        assert_eq!(body["error"]["type"], "authentication_error", "{body}");
+        assert!(!body.to_string().contains("sk-demo-nope"), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn a_model_the_tenant_may_not_use_is_a_403_naming_it() {
+    // demo-free may use fast, local, gpt-4o-mini and text-embedding-3-small only.
+    let (status, body) = post(
+        state(),
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sk-demo-free")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_allowed", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`smart`"),
+        "{body}"
+    );
+    let (status, body) = post(state(), "/v1/messages", &[("x-api-key", "sk-demo-free")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"]["type"], "permission_error", "{body}");
+}

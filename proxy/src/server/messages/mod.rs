@@ -41,7 +41,7 @@ use crate::pipeline::{self, Door, RequestCtx};
 use crate::providers::types::{ChatChunk, ChatRequest};
 use crate::providers::{ProviderError, estimate_prompt_tokens};
 use crate::route::wait::Progress;
-use crate::route::{Reply, ReplyBody, RouteError};
+use crate::route::{Reply, ReplyBody};
 use bytes::Bytes;
 use error::{error_response, invalid_request};
 use futures::stream::BoxStream;
@@ -120,10 +120,10 @@ async fn handle(
     }
 }
 
-type Finished = (Result<Reply, RouteError>, RequestCtx, String);
+type Finished = (Result<Reply, pipeline::Error>, RequestCtx, String);
 
 fn render(
-    result: Result<Reply, RouteError>,
+    result: Result<Reply, pipeline::Error>,
     outcome: Outcome,
     model: String,
     input_tokens: u32,
@@ -144,14 +144,14 @@ fn render(
                 sse(Tracked::new(chunks, outcome), model, input_tokens)
             }
         },
-        Err(e) => failed(&door::route_error(e), outcome),
+        Err(e) => failed(&door::stage_error(e), outcome),
     }
 }
 
 /// The events of a stream that started while the request waited: the answer's events, or
 /// the refusal as one `error` event (the status, 200, is already sent).
 fn late_events(
-    result: Result<Reply, RouteError>,
+    result: Result<Reply, pipeline::Error>,
     outcome: Outcome,
     model: String,
     input_tokens: u32,
@@ -164,7 +164,7 @@ fn late_events(
         Ok(ReplyBody::Complete(_)) => {
             ApiError::internal("a whole answer came for a streamed request")
         }
-        Err(e) => door::route_error(e),
+        Err(e) => door::stage_error(e),
     };
     outcome.with_status(refusal.status).record(refusal.code);
     let event = error::sse_event(&refusal);
@@ -203,8 +203,18 @@ struct TokenCount {
 /// N is the gateway's **estimate** ([`estimate_prompt_tokens`], about four bytes a token),
 /// not a provider's tokenizer count: the model may be answered by any provider of its pool,
 /// each counting differently. The model must be one this gateway serves (404 otherwise).
-pub async fn count_tokens(State(state): State<AppState>, body: Body) -> Response {
+pub async fn count_tokens(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let result = async {
+        // Identity as on every door: no estimate for a caller without a valid key.
+        let config = state.dispatcher.config();
+        let caller = state
+            .identity
+            .identify(&config, state.dispatcher.budgets(), &headers)
+            .map_err(door::unauthenticated)?;
         let req = read_request(&state, body, Purpose::CountTokens).await?;
         if !state
             .dispatcher
@@ -214,6 +224,12 @@ pub async fn count_tokens(State(state): State<AppState>, body: Body) -> Response
             .contains_key(&req.model)
         {
             return Err(unknown_model(&req.model));
+        }
+        if let Some(caller) = &caller
+            && !caller.may_use(&req.model)
+        {
+            let refused = crate::identity::Refusal::ModelNotAllowed(req.model.clone());
+            return Err(door::refusal(&refused));
         }
         let input_tokens = estimate_prompt_tokens(&req);
         Ok(Json(TokenCount { input_tokens }).into_response())

@@ -622,8 +622,10 @@ mod routes {
     use tower::ServiceExt as _;
 
     async fn post(path: &str, body: Value) -> (StatusCode, Value) {
+        // The example's demo tenant: with Tenants configured every door wants a key.
         let request = Request::post(path)
             .header("content-type", "application/json")
+            .header("x-api-key", "sk-demo-pro")
             .body(Body::from(body.to_string()))
             .unwrap();
         let response = crate::server::router(state())
