@@ -1,3 +1,76 @@
-//! Floodgate operator (not yet: see README).
+//! `floodgate-operator`: runs the controllers of every Floodgate resource against the cluster
+//! of the in-cluster service account or of `KUBECONFIG`, until SIGTERM or Ctrl-C.
 
-fn main() {}
+use anyhow::Context as _;
+use clap::Parser;
+use floodgate_operator::Config;
+use tokio_util::sync::CancellationToken;
+
+/// Floodgate operator.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "FLOODGATE_OPERATOR_NAMESPACE")]
+    namespace: Option<String>,
+    /// Name reported in Events, usually the pod name.
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "FLOODGATE_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing the reconciles in flight");
+        signal.cancel();
+    });
+    let config = Config {
+        namespace: args.namespace,
+        instance: args.instance,
+    };
+    floodgate_operator::run(client, config, shutdown).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
