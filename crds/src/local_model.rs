@@ -150,7 +150,9 @@ pub struct ModelResources {
     #[serde(default = "default_gpu_resource_name")]
     #[schemars(
         length(min = 1, max = 253),
-        regex(pattern = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+        regex(
+            pattern = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+        )
     )]
     pub gpu_resource_name: String,
     /// Memory, as a Kubernetes quantity.
