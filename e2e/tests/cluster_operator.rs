@@ -48,6 +48,7 @@ async fn setup(test: &str) -> (&'static Cluster, TestNamespace, Client, Operator
     let config = floodgate_operator::Config {
         namespace: Some(ns.name().to_owned()),
         instance: Some(format!("e2e-{test}")),
+        redis_url: None,
     };
     tokio::spawn(floodgate_operator::run(
         client.clone(),

@@ -4,6 +4,7 @@
 
 use crate::conditions::{self, DEGRADED, PROGRESSING, READY};
 use crate::error::{Error, Result};
+use crate::usage::UsageReader;
 use floodgate_crds::{Condition, ConditionStatus};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -24,12 +25,25 @@ pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// Settings of one operator process.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Config {
     /// Watch only this namespace; every namespace when `None`.
     pub namespace: Option<String>,
     /// The instance reported in Events (`reportingInstance`), usually the pod name.
     pub instance: Option<String>,
+    /// The Redis the gateway shares budgets in, for pools' live usage; none: usage not read.
+    /// May carry a password, so [`Debug`] does not print it.
+    pub redis_url: Option<String>,
+}
+
+impl Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("namespace", &self.namespace)
+            .field("instance", &self.instance)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 /// Shared by every reconcile of every controller.
@@ -38,6 +52,8 @@ pub struct Context {
     pub client: Client,
     /// The operator's settings.
     pub config: Config,
+    /// Live usage from the gateway's Redis, when configured.
+    pub usage: Option<UsageReader>,
     recorder: Recorder,
     /// Consecutive failures per object (`kind/namespace/name`), reset by a success.
     failures: Mutex<HashMap<String, u32>>,
@@ -52,18 +68,24 @@ impl Debug for Context {
 }
 
 impl Context {
-    /// A context for `client` with `config`.
-    pub fn new(client: Client, config: Config) -> Arc<Self> {
+    /// A context for `client` with `config`; fails on a Redis URL that does not parse.
+    pub fn new(client: Client, config: Config) -> Result<Arc<Self>> {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
             instance: config.instance.clone(),
         };
-        Arc::new(Self {
+        let usage = config
+            .redis_url
+            .as_deref()
+            .map(UsageReader::new)
+            .transpose()?;
+        Ok(Arc::new(Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             config,
+            usage,
             failures: Mutex::default(),
-        })
+        }))
     }
 
     /// An `Api` for `K` in the namespace the operator watches, or in all.

@@ -9,6 +9,9 @@ pub enum Error {
     /// A resource came without a namespace (all Floodgate resources are namespaced).
     #[error("{0} has no namespace")]
     NoNamespace(String),
+    /// Redis (live usage) failed; never fatal to a reconcile.
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
     /// An object could not be turned into JSON for an apply patch.
     #[error("cannot encode an apply patch: {0}")]
     Encode(#[from] serde_json::Error),
@@ -21,6 +24,7 @@ impl Error {
             Error::Kube(_) => "kube_api",
             Error::NoNamespace(_) => "no_namespace",
             Error::Encode(_) => "encode",
+            Error::Redis(_) => "redis",
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod local_model;
 pub mod pool;
 pub mod secrets;
 pub mod tier_queue;
+pub mod usage;
 
 pub use context::{Config, Context};
 pub use error::{Error, Result};
@@ -38,10 +39,17 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Runs every controller until `shutdown` is cancelled, then lets the reconciles in flight
-/// finish and returns.
-pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
-    let ctx = Context::new(client, config);
+/// finish and returns. Fails at once on bad settings (a Redis URL that does not parse).
+pub async fn run(client: Client, config: Config, shutdown: CancellationToken) -> Result<()> {
+    let ctx = Context::new(client, config)?;
     tracing::info!(namespace = ?ctx.config.namespace, "floodgate-operator starting its controllers");
+    if ctx.usage.is_none() {
+        tracing::info!("no Redis configured (--redis-url): pools' usedRpm is not read");
+    }
+    tracing::info!(
+        "not acted on yet: LocalModelDeployment autoscaling (replicas follow spec.replicas, else minReplicas), \
+         TierQueue queue figures, CachePolicy hit ratio, pool circuit states"
+    );
     futures::join!(
         run_pools(ctx.clone(), shutdown.clone()),
         run_tier_queues(ctx.clone(), shutdown.clone()),
@@ -49,6 +57,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) {
         run_local_models(ctx.clone(), shutdown.clone()),
     );
     tracing::info!("floodgate-operator stopped");
+    Ok(())
 }
 
 async fn run_pools(ctx: Arc<Context>, shutdown: CancellationToken) {

@@ -16,6 +16,10 @@ struct Args {
     /// Name reported in Events, usually the pod name.
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// The Redis the gateway shares rate budgets in (`redis://host:port`), for pools' live
+    /// usage (`usedRpm`); without it usage is not read.
+    #[arg(long, env = "FLOODGATE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "FLOODGATE_LOG_JSON")]
     log_json: bool,
@@ -48,8 +52,9 @@ async fn main() -> anyhow::Result<()> {
     let config = Config {
         namespace: args.namespace,
         instance: args.instance,
+        redis_url: args.redis_url,
     };
-    floodgate_operator::run(client, config, shutdown).await;
+    floodgate_operator::run(client, config, shutdown).await?;
     Ok(())
 }
 

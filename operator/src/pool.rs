@@ -10,6 +10,7 @@ use crate::conditions::{self, DEGRADED, KEYS_READY, READY, SECRETS_FOUND, condit
 use crate::context::{Context, object_key};
 use crate::error::{Error, Result};
 use crate::secrets::{Resolution, SecretIndex, describe_unresolved};
+use crate::usage::ProviderUsage;
 use floodgate_crds::SecretKeyRef;
 use floodgate_crds::pool::{
     AIProviderPool, AIProviderPoolSpec, AIProviderPoolStatus, ProviderStatus,
@@ -22,6 +23,8 @@ use std::time::Duration;
 
 /// How often a pool is looked at again when nothing it watches changes.
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// How often a pool's live usage is refreshed when Redis is configured.
+pub const USAGE_REFRESH: Duration = Duration::from_secs(15);
 
 /// Reconciles one pool: reads the Secrets it names and writes its status.
 pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<Action> {
@@ -29,12 +32,24 @@ pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<A
         .namespace()
         .ok_or_else(|| Error::NoNamespace(object_key(pool.as_ref())))?;
     let secrets = SecretIndex::load(&ctx.client, &ns, secret_names(&pool.spec)).await?;
+    let usage = match &ctx.usage {
+        Some(reader) => match reader.pool_usage(&pool.name_any(), &pool.spec).await {
+            Ok(usage) => Some(usage),
+            Err(e) => {
+                // Usage is a figure, not health: keep the last one and say why in the log.
+                tracing::warn!(object = %object_key(pool.as_ref()), error = %e, "cannot read live usage");
+                None
+            }
+        },
+        None => None,
+    };
     let old = pool.status.as_ref();
     let status = compute_status(
         &pool.spec,
         pool.metadata.generation,
         old,
         &secrets,
+        usage.as_ref(),
         &conditions::now(),
     );
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
@@ -47,7 +62,11 @@ pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<A
     )
     .await?;
     ctx.succeeded(pool.as_ref());
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(if ctx.usage.is_some() {
+        USAGE_REFRESH
+    } else {
+        RESYNC
+    }))
 }
 
 /// The names of the Secrets `spec` references.
@@ -81,13 +100,14 @@ pub fn pools_using_secret(
         .collect()
 }
 
-/// The status of a pool of `spec` at `generation`, given the Secrets that exist. Live usage
-/// (`usedRpm`, circuits) is not read yet: it keeps what `old` had.
+/// The status of a pool of `spec` at `generation`, given the Secrets that exist and the live
+/// usage per provider; without usage (no Redis, or it failed) the figures of `old` stay.
 pub fn compute_status(
     spec: &AIProviderPoolSpec,
     generation: Option<i64>,
     old: Option<&AIProviderPoolStatus>,
     secrets: &SecretIndex,
+    usage: Option<&ProviderUsage>,
     now: &str,
 ) -> AIProviderPoolStatus {
     let mut providers = Vec::new();
@@ -113,7 +133,10 @@ pub fn compute_status(
             circuit: previous.map_or_else(|| "unknown".to_owned(), |s| s.circuit.clone()),
             ready_keys: provider_ready,
             total_keys: provider_total,
-            used_rpm: previous.map_or(0, |s| s.used_rpm),
+            used_rpm: match usage {
+                Some(u) => u.get(&p.name).copied().unwrap_or(0),
+                None => previous.map_or(0, |s| s.used_rpm),
+            },
         });
     }
 
@@ -172,7 +195,10 @@ pub fn compute_status(
         total_keys,
         keys: Some(format!("{ready_keys}/{total_keys}")),
         capacity_rpm,
-        used_rpm: old.map_or(0, |o| o.used_rpm),
+        used_rpm: match usage {
+            Some(u) => u.values().sum(),
+            None => old.map_or(0, |o| o.used_rpm),
+        },
         providers,
     }
 }

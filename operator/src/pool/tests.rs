@@ -35,6 +35,7 @@ fn all_keys_present_is_ready_with_full_capacity() {
         Some(4),
         None,
         &secrets(&["key1", "key2", "key3"]),
+        None,
         "t1",
     );
     assert_eq!((s.ready_keys, s.total_keys, s.capacity_rpm), (3, 3, 160));
@@ -54,7 +55,14 @@ fn all_keys_present_is_ready_with_full_capacity() {
 
 #[test]
 fn a_missing_key_is_named_and_the_pool_is_degraded_not_ready() {
-    let s = compute_status(&spec(), Some(1), None, &secrets(&["key1", "key3"]), "t1");
+    let s = compute_status(
+        &spec(),
+        Some(1),
+        None,
+        &secrets(&["key1", "key3"]),
+        None,
+        "t1",
+    );
     assert_eq!((s.ready_keys, s.total_keys, s.capacity_rpm), (2, 3, 140));
     let ready = get(&s, READY);
     assert_eq!(ready.status, ConditionStatus::False);
@@ -74,7 +82,7 @@ fn a_missing_key_is_named_and_the_pool_is_degraded_not_ready() {
 
 #[test]
 fn a_missing_secret_is_named_and_default_key_names_count_from_zero() {
-    let s = compute_status(&spec(), Some(1), None, &SecretIndex::default(), "t1");
+    let s = compute_status(&spec(), Some(1), None, &SecretIndex::default(), None, "t1");
     let found = get(&s, SECRETS_FOUND);
     assert_eq!(found.status, ConditionStatus::False);
     assert!(
@@ -92,12 +100,13 @@ fn a_missing_secret_is_named_and_default_key_names_count_from_zero() {
 
 #[test]
 fn fixing_the_secret_turns_ready_and_a_rerun_changes_nothing() {
-    let broken = compute_status(&spec(), Some(1), None, &secrets(&["key1"]), "t1");
+    let broken = compute_status(&spec(), Some(1), None, &secrets(&["key1"]), None, "t1");
     let fixed = compute_status(
         &spec(),
         Some(1),
         Some(&broken),
         &secrets(&["key1", "key2", "key3"]),
+        None,
         "t2",
     );
     assert!(is_true(&fixed.conditions, READY));
@@ -109,6 +118,7 @@ fn fixing_the_secret_turns_ready_and_a_rerun_changes_nothing() {
         Some(1),
         Some(&fixed),
         &secrets(&["key1", "key2", "key3"]),
+        None,
         "t3",
     );
     assert_eq!(again, fixed);
@@ -116,10 +126,17 @@ fn fixing_the_secret_turns_ready_and_a_rerun_changes_nothing() {
 
 #[test]
 fn per_provider_counts_keep_live_usage_already_recorded() {
-    let mut old = compute_status(&spec(), Some(1), None, &secrets(&["key1"]), "t1");
+    let mut old = compute_status(&spec(), Some(1), None, &secrets(&["key1"]), None, "t1");
     old.providers[0].used_rpm = 17;
     old.providers[0].circuit = "open".into();
-    let s = compute_status(&spec(), Some(1), Some(&old), &secrets(&["key1"]), "t2");
+    let s = compute_status(
+        &spec(),
+        Some(1),
+        Some(&old),
+        &secrets(&["key1"]),
+        None,
+        "t2",
+    );
     let claude = &s.providers[0];
     assert_eq!(
         (claude.ready_keys, claude.total_keys, claude.used_rpm),
@@ -127,4 +144,23 @@ fn per_provider_counts_keep_live_usage_already_recorded() {
     );
     assert_eq!(claude.circuit, "open");
     assert_eq!(s.providers[1].circuit, "unknown");
+}
+
+#[test]
+fn live_usage_fills_providers_and_total_and_its_absence_keeps_the_last() {
+    let usage = ProviderUsage::from([("claude".to_owned(), 12), ("local".to_owned(), 5)]);
+    let s = compute_status(
+        &spec(),
+        Some(1),
+        None,
+        &secrets(&["key1"]),
+        Some(&usage),
+        "t1",
+    );
+    assert_eq!(s.used_rpm, 17);
+    assert_eq!((s.providers[0].used_rpm, s.providers[1].used_rpm), (12, 5));
+    // Redis unreachable on the next pass: the last figures stay rather than drop to zero.
+    let again = compute_status(&spec(), Some(1), Some(&s), &secrets(&["key1"]), None, "t2");
+    assert_eq!(again.used_rpm, 17);
+    assert_eq!(again.providers[0].used_rpm, 12);
 }
