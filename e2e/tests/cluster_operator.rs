@@ -485,3 +485,99 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
         deleted_at.elapsed()
     );
 }
+
+/// The `reportingInstance` of the Events in `ns` about object `name`, once there is one.
+async fn event_reporters(client: &Client, ns: &str, name: &str) -> Vec<String> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    wait_for(&format!("an Event about {name}"), WAIT, || async {
+        let reporters: Vec<String> = events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(name))
+            .map(|e| e.reporting_instance.unwrap_or_default())
+            .collect();
+        Ok((!reporters.is_empty()).then_some(reporters))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_second_replica_waits_for_the_lease_and_takes_over_when_the_first_stops() {
+    use floodgate_operator::leader::{LeaseLock, RETRY_EVERY};
+    use k8s_openapi::api::coordination::v1::Lease;
+
+    let cluster = Cluster::get().await.unwrap();
+    cluster.install_crds().await.unwrap();
+    let ns = cluster.namespace("operator-lease").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let replica = |id: &str| {
+        let stop = CancellationToken::new();
+        let config = floodgate_operator::Config {
+            namespace: Some(ns.name().to_owned()),
+            instance: Some(id.to_owned()),
+            redis_url: None,
+        };
+        let lock = LeaseLock::new(client.clone(), ns.name(), "floodgate-operator", id);
+        let task = tokio::spawn(floodgate_operator::run_leader_elected(
+            client.clone(),
+            config,
+            lock,
+            stop.clone(),
+        ));
+        (stop, task)
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns.name());
+    let held_by = |id: &'static str| {
+        move |l: &Lease| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(id)
+    };
+    let pools: Api<AIProviderPool> = Api::namespaced(client.clone(), ns.name());
+    let has_status = |p: &AIProviderPool| p.status.is_some();
+
+    let (stop_a, a) = replica("replica-a");
+    wait_until(
+        &leases,
+        "floodgate-operator",
+        "replica-a to lead",
+        held_by("replica-a"),
+    )
+    .await;
+    let (stop_b, b) = replica("replica-b");
+    let mut pool = pool_manifest();
+    pool["metadata"]["name"] = json!("first");
+    apply(&pools, "first", pool.clone()).await;
+    wait_until(&pools, "first", "status of pool first", has_status).await;
+    // Nothing to wait for: the follower must do nothing over several of its retries.
+    tokio::time::sleep(RETRY_EVERY * 3).await;
+    let lease = leases.get("floodgate-operator").await.unwrap();
+    assert!(held_by("replica-a")(&lease), "{lease:?}");
+    assert!(!b.is_finished());
+    let reporters = event_reporters(&client, ns.name(), "first").await;
+    assert!(reporters.iter().all(|r| r == "replica-a"), "{reporters:?}");
+
+    // A graceful stop releases the Lease: the follower takes over within a retry or two.
+    let stopped_at = Instant::now();
+    stop_a.cancel();
+    a.await.unwrap().unwrap();
+    wait_until(
+        &leases,
+        "floodgate-operator",
+        "replica-b to lead",
+        held_by("replica-b"),
+    )
+    .await;
+    eprintln!(
+        "replica-b leads {:?} after replica-a stopped",
+        stopped_at.elapsed()
+    );
+    pool["metadata"]["name"] = json!("second");
+    apply(&pools, "second", pool).await;
+    wait_until(&pools, "second", "status of pool second", has_status).await;
+    let reporters = event_reporters(&client, ns.name(), "second").await;
+    assert!(reporters.iter().all(|r| r == "replica-b"), "{reporters:?}");
+    stop_b.cancel();
+    b.await.unwrap().unwrap();
+}

@@ -12,6 +12,9 @@ pub enum Error {
     /// Redis (live usage) failed; never fatal to a reconcile.
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Another replica took the leader Lease, or it could not be renewed.
+    #[error("lost the leader Lease")]
+    LeaseLost,
     /// An object could not be turned into JSON for an apply patch.
     #[error("cannot encode an apply patch: {0}")]
     Encode(#[from] serde_json::Error),
@@ -25,6 +28,7 @@ impl Error {
             Error::NoNamespace(_) => "no_namespace",
             Error::Encode(_) => "encode",
             Error::Redis(_) => "redis",
+            Error::LeaseLost => "lease_lost",
         }
     }
 }

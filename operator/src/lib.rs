@@ -16,6 +16,7 @@ pub mod cache_policy;
 pub mod conditions;
 pub mod context;
 pub mod error;
+pub mod leader;
 pub mod local_model;
 pub mod pool;
 pub mod secrets;
@@ -57,6 +58,47 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
         run_local_models(ctx.clone(), shutdown.clone()),
     );
     tracing::info!("floodgate-operator stopped");
+    Ok(())
+}
+
+/// Runs the controllers only while this replica holds the Lease of `lock`: waits for it, runs
+/// until `shutdown` (then releases the Lease) or until the Lease is lost (then returns
+/// [`Error::LeaseLost`], and the process should exit so that it restarts as a follower).
+pub async fn run_leader_elected(
+    client: Client,
+    config: Config,
+    lock: leader::LeaseLock,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    if !lock.acquire(&shutdown).await {
+        return Ok(());
+    }
+    let lost = CancellationToken::new();
+    let stop_renewing = CancellationToken::new();
+    let stop_controllers = CancellationToken::new();
+    let stopper = async {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = lost.cancelled() => {}
+            // The controllers ended on their own (a bad setting).
+            () = stop_controllers.cancelled() => {}
+        }
+        stop_controllers.cancel();
+    };
+    let controllers = async {
+        let result = run(client, config, stop_controllers.clone()).await;
+        stop_renewing.cancel();
+        stop_controllers.cancel();
+        result
+    };
+    let (result, (), ()) = futures::join!(controllers, lock.hold(&stop_renewing, &lost), stopper);
+    result?;
+    if lost.is_cancelled() {
+        return Err(Error::LeaseLost);
+    }
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "cannot release the Lease; another replica takes it when it expires");
+    }
     Ok(())
 }
 

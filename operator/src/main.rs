@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use floodgate_operator::Config;
+use floodgate_operator::leader::LeaseLock;
 use tokio_util::sync::CancellationToken;
 
 /// Floodgate operator.
@@ -20,6 +21,16 @@ struct Args {
     /// usage (`usedRpm`); without it usage is not read.
     #[arg(long, env = "FLOODGATE_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
+    /// Run the controllers only while holding the Lease `--lease-name` in `--lease-namespace`,
+    /// so that several replicas are safe.
+    #[arg(long, env = "FLOODGATE_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "floodgate-operator")]
+    lease_name: String,
     /// Log as JSON lines.
     #[arg(long, env = "FLOODGATE_LOG_JSON")]
     log_json: bool,
@@ -49,12 +60,27 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down: finishing the reconciles in flight");
         signal.cancel();
     });
+    let identity = args
+        .instance
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("floodgate-operator-{}", std::process::id()));
     let config = Config {
         namespace: args.namespace,
         instance: args.instance,
         redis_url: args.redis_url,
     };
-    floodgate_operator::run(client, config, shutdown).await?;
+    if args.leader_elect {
+        let lock = LeaseLock::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+        );
+        floodgate_operator::run_leader_elected(client, config, lock, shutdown).await?;
+    } else {
+        floodgate_operator::run(client, config, shutdown).await?;
+    }
     Ok(())
 }
 
