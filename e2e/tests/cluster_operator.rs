@@ -581,3 +581,144 @@ async fn a_second_replica_waits_for_the_lease_and_takes_over_when_the_first_stop
     stop_b.cancel();
     b.await.unwrap().unwrap();
 }
+
+/// A client authenticated as ServiceAccount `sa` of `ns` (a token from the TokenRequest API).
+async fn client_as(cluster: &Cluster, ns: &str, sa: &str) -> Client {
+    let out = cluster
+        .kubectl(["create", "token", sa, "-n", ns, "--duration=10m"])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(cluster.kubeconfig()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(out.stdout.trim().to_owned().into()),
+        ..Default::default()
+    };
+    Client::try_from(config).unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
+    let cluster = Cluster::get().await.unwrap();
+    cluster.install_crds().await.unwrap();
+    let ns = cluster.namespace("operator-rbac").await.unwrap();
+    // The operator's ServiceAccount, Role and RoleBinding as the chart renders them.
+    let home = tempfile::tempdir().unwrap();
+    let mut helm = tokio::process::Command::new(cluster.bin_dir().join("helm"));
+    for var in ["HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"] {
+        helm.env(var, home.path());
+    }
+    let chart = cluster.repo_root().join("charts/floodgate");
+    let rendered = helm
+        .args(["template", "fg", &chart.to_string_lossy(), "-n", ns.name()])
+        .args(["--show-only", "templates/operator-serviceaccount.yaml"])
+        .args(["--show-only", "templates/operator-role.yaml"])
+        .args(["--show-only", "templates/operator-rolebinding.yaml"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    cluster
+        .kubectl_stdin(
+            ["apply", "-n", ns.name(), "-f", "-"],
+            &String::from_utf8_lossy(&rendered.stdout),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+
+    let admin = cluster.client().await.unwrap();
+    let operator = client_as(cluster, ns.name(), "fg-floodgate-operator").await;
+    let stop = CancellationToken::new();
+    let _stop_on_drop = Operator {
+        shutdown: stop.clone(),
+    };
+    let config = floodgate_operator::Config {
+        namespace: Some(ns.name().to_owned()),
+        instance: Some("rbac".to_owned()),
+        redis_url: None,
+    };
+    let lock = floodgate_operator::leader::LeaseLock::new(
+        operator.clone(),
+        ns.name(),
+        "floodgate-operator",
+        "rbac",
+    );
+    let task = tokio::spawn(floodgate_operator::run_leader_elected(
+        operator,
+        config,
+        lock,
+        stop.clone(),
+    ));
+
+    // As that ServiceAccount: the Lease, a pool's status and Event, a model's children.
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns.name());
+    let pools: Api<AIProviderPool> = Api::namespaced(admin.clone(), ns.name());
+    let lmds: Api<LocalModelDeployment> = Api::namespaced(admin.clone(), ns.name());
+    apply(&secrets, "claude-keys", secret_manifest(&["key1", "key2"])).await;
+    apply(&pools, "premium", pool_manifest()).await;
+    apply(&lmds, "llama", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
+        "spec": {"model": "llama3.1:8b", "classes": ["simple"], "resources": {"gpu": 1}}
+    }))
+    .await;
+    wait_until(&pools, "premium", "pool Ready", |p| {
+        p.status.as_ref().is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+        })
+    })
+    .await;
+    wait_until(&lmds, "llama", "model with an endpoint", |l| {
+        l.status
+            .as_ref()
+            .is_some_and(|s| s.endpoint.is_some() && s.observed_generation == l.metadata.generation)
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), ns.name());
+    assert!(deployments.get_opt("llama").await.unwrap().is_some());
+    assert!(
+        !event_reporters(&admin, ns.name(), "premium")
+            .await
+            .is_empty()
+    );
+    assert!(!task.is_finished(), "the operator stopped: {task:?}");
+
+    // And no more than that: nothing outside the namespace, no writes to Secrets or pods.
+    let sa = format!(
+        "--as=system:serviceaccount:{}:fg-floodgate-operator",
+        ns.name()
+    );
+    for (verb, resource, namespace, allowed) in [
+        ("watch", "secrets", ns.name(), true),
+        ("patch", "deployments.apps", ns.name(), true),
+        ("list", "secrets", "default", false),
+        ("create", "secrets", ns.name(), false),
+        ("delete", "deployments.apps", ns.name(), false),
+        ("create", "pods", ns.name(), false),
+        ("patch", "aiproviderpools.floodgate.dev", ns.name(), false),
+    ] {
+        let out = cluster
+            .kubectl(["auth", "can-i", verb, resource, "-n", namespace, &sa])
+            .await
+            .unwrap();
+        let answer = out.stdout.trim();
+        assert_eq!(
+            answer == "yes",
+            allowed,
+            "{verb} {resource} in {namespace}: {answer} {}",
+            out.stderr
+        );
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
