@@ -281,7 +281,14 @@ async fn the_chart_lints_renders_its_values_and_the_api_server_accepts_it() {
         .collect();
     assert_eq!(
         args,
-        ["--namespace", ns.name(), "--leader-elect", "--log-json"]
+        [
+            "--namespace",
+            ns.name(),
+            "--leader-elect",
+            "--metrics-listen",
+            "0.0.0.0:9090",
+            "--log-json"
+        ]
     );
     let deployment = object(&defaults, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 1);

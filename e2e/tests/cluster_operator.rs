@@ -19,6 +19,7 @@ use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::fmt::Debug;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +32,7 @@ const GC_WAIT: Duration = Duration::from_secs(120);
 /// The operator of one test; stopped when dropped.
 struct Operator {
     shutdown: CancellationToken,
+    metrics: Arc<floodgate_operator::Metrics>,
 }
 
 impl Drop for Operator {
@@ -50,12 +52,14 @@ async fn setup(test: &str) -> (&'static Cluster, TestNamespace, Client, Operator
         instance: Some(format!("e2e-{test}")),
         redis_url: None,
     };
+    let metrics = Arc::new(floodgate_operator::Metrics::default());
     tokio::spawn(floodgate_operator::run(
         client.clone(),
         config,
+        metrics.clone(),
         shutdown.clone(),
     ));
-    (cluster, ns, client, Operator { shutdown })
+    (cluster, ns, client, Operator { shutdown, metrics })
 }
 
 async fn apply<K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug>(
@@ -120,7 +124,7 @@ fn secret_manifest(keys: &[&str]) -> serde_json::Value {
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn a_pool_names_its_missing_key_and_turns_ready_when_the_secret_is_fixed() {
-    let (cluster, ns, client, _operator) = setup("operator-pool").await;
+    let (cluster, ns, client, operator) = setup("operator-pool").await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     let pools: Api<AIProviderPool> = Api::namespaced(client.clone(), ns.name());
     apply(&secrets, "claude-keys", secret_manifest(&["key1"])).await;
@@ -197,6 +201,9 @@ async fn a_pool_names_its_missing_key_and_turns_ready_when_the_secret_is_fixed()
         (2, 2, 50)
     );
     assert_eq!(status.keys.as_deref(), Some("2/2"));
+    // Every pass was counted, none failed.
+    assert!(operator.metrics.reconciles("AIProviderPool", "ok") >= 2);
+    assert_eq!(operator.metrics.reconciles("AIProviderPool", "error"), 0);
 
     let out = cluster
         .kubectl(["get", "aiproviderpools", "-n", ns.name()])
@@ -526,6 +533,7 @@ async fn a_second_replica_waits_for_the_lease_and_takes_over_when_the_first_stop
             client.clone(),
             config,
             lock,
+            Arc::new(floodgate_operator::Metrics::default()),
             stop.clone(),
         ));
         (stop, task)
@@ -642,6 +650,7 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
     let stop = CancellationToken::new();
     let _stop_on_drop = Operator {
         shutdown: stop.clone(),
+        metrics: Arc::default(),
     };
     let config = floodgate_operator::Config {
         namespace: Some(ns.name().to_owned()),
@@ -658,6 +667,7 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
         operator,
         config,
         lock,
+        Arc::new(floodgate_operator::Metrics::default()),
         stop.clone(),
     ));
 

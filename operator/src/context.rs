@@ -4,6 +4,7 @@
 
 use crate::conditions::{self, DEGRADED, PROGRESSING, READY};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::usage::UsageReader;
 use floodgate_crds::{Condition, ConditionStatus};
 use kube::api::{Patch, PatchParams};
@@ -54,6 +55,8 @@ pub struct Context {
     pub config: Config,
     /// Live usage from the gateway's Redis, when configured.
     pub usage: Option<UsageReader>,
+    /// The operator's metrics.
+    pub metrics: Arc<Metrics>,
     recorder: Recorder,
     /// Consecutive failures per object (`kind/namespace/name`), reset by a success.
     failures: Mutex<HashMap<String, u32>>,
@@ -69,7 +72,7 @@ impl Debug for Context {
 
 impl Context {
     /// A context for `client` with `config`; fails on a Redis URL that does not parse.
-    pub fn new(client: Client, config: Config) -> Result<Arc<Self>> {
+    pub fn new(client: Client, config: Config, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
             instance: config.instance.clone(),
@@ -84,6 +87,7 @@ impl Context {
             client,
             config,
             usage,
+            metrics,
             failures: Mutex::default(),
         }))
     }

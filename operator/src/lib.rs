@@ -18,6 +18,7 @@ pub mod context;
 pub mod error;
 pub mod leader;
 pub mod local_model;
+pub mod metrics;
 pub mod pool;
 pub mod secrets;
 pub mod tier_queue;
@@ -25,6 +26,7 @@ pub mod usage;
 
 pub use context::{Config, Context};
 pub use error::{Error, Result};
+pub use metrics::Metrics;
 
 use floodgate_crds::{AIProviderPool, CachePolicy, LocalModelDeployment, TierQueue};
 use futures::StreamExt;
@@ -41,9 +43,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs every controller until `shutdown` is cancelled, then lets the reconciles in flight
 /// finish and returns. Fails at once on bad settings (a Redis URL that does not parse).
-pub async fn run(client: Client, config: Config, shutdown: CancellationToken) -> Result<()> {
-    let ctx = Context::new(client, config)?;
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let ctx = Context::new(client, config, metrics)?;
     tracing::info!(namespace = ?ctx.config.namespace, "floodgate-operator starting its controllers");
+    ctx.metrics.set_leader(true);
     if ctx.usage.is_none() {
         tracing::info!("no Redis configured (--redis-url): pools' usedRpm is not read");
     }
@@ -68,8 +76,10 @@ pub async fn run_leader_elected(
     client: Client,
     config: Config,
     lock: leader::LeaseLock,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    metrics.set_leader(false);
     if !lock.acquire(&shutdown).await {
         return Ok(());
     }
@@ -86,7 +96,8 @@ pub async fn run_leader_elected(
         stop_controllers.cancel();
     };
     let controllers = async {
-        let result = run(client, config, stop_controllers.clone()).await;
+        let result = run(client, config, metrics.clone(), stop_controllers.clone()).await;
+        metrics.set_leader(false);
         stop_renewing.cancel();
         stop_controllers.cancel();
         result
@@ -170,9 +181,20 @@ async fn drive<K, F, Fut>(
     Fut: Future<Output = Result<Action>> + Send + 'static,
 {
     let kind = K::kind(&());
+    let mut reconcile = reconcile;
+    let measured = move |obj: Arc<K>, ctx: Arc<Context>| {
+        let started = std::time::Instant::now();
+        let pending = reconcile(obj, ctx.clone());
+        async move {
+            let result = pending.await;
+            let error = result.as_ref().err().map(Error::metric_label);
+            ctx.metrics.observe(&K::kind(&()), error, started.elapsed());
+            result
+        }
+    };
     controller
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(reconcile, context::error_policy, ctx)
+        .run(measured, context::error_policy, ctx)
         .for_each(|result| {
             let kind = kind.clone();
             async move {

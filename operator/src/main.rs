@@ -3,8 +3,9 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use floodgate_operator::Config;
 use floodgate_operator::leader::LeaseLock;
+use floodgate_operator::{Config, Metrics};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Floodgate operator.
@@ -31,6 +32,10 @@ struct Args {
     /// Name of the leader Lease.
     #[arg(long, default_value = "floodgate-operator")]
     lease_name: String,
+    /// Serve Prometheus metrics at `/metrics` (and `/healthz`) on this address, e.g.
+    /// `0.0.0.0:9090`; not served when unset.
+    #[arg(long, env = "FLOODGATE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log as JSON lines.
     #[arg(long, env = "FLOODGATE_LOG_JSON")]
     log_json: bool,
@@ -70,18 +75,66 @@ async fn main() -> anyhow::Result<()> {
         instance: args.instance,
         redis_url: args.redis_url,
     };
-    if args.leader_elect {
+    let metrics = Arc::new(Metrics::default());
+    let server = match args.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, metrics.clone(), shutdown.clone()).await?),
+        None => None,
+    };
+    let result = if args.leader_elect {
         let lock = LeaseLock::new(
             client.clone(),
             &args.lease_namespace,
             &args.lease_name,
             &identity,
         );
-        floodgate_operator::run_leader_elected(client, config, lock, shutdown).await?;
+        floodgate_operator::run_leader_elected(client, config, lock, metrics, shutdown.clone())
+            .await
     } else {
-        floodgate_operator::run(client, config, shutdown).await?;
+        floodgate_operator::run(client, config, metrics, shutdown.clone()).await
+    };
+    shutdown.cancel();
+    if let Some(server) = server {
+        let _ = server.await;
     }
-    Ok(())
+    Ok(result?)
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until `shutdown`.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    tracing::info!(%addr, "serving metrics");
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    }))
 }
 
 async fn shutdown_signal() {

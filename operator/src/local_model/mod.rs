@@ -46,8 +46,8 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
         return Ok(Action::await_change());
     }
     match apply_children(&lmd, &ctx, &ns).await {
-        Ok(deployment) => {
-            let status = compute_status(&lmd, old, &deployment, &now);
+        Ok((deployment, claim)) => {
+            let status = compute_status(&lmd, old, &deployment, claim.as_ref(), &now);
             ctx.write_status(
                 lmd.as_ref(),
                 old,
@@ -78,15 +78,24 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
     }
 }
 
-/// Applies the claim (if any), the Service and the Deployment; returns the Deployment as the
-/// API server holds it after the apply.
-async fn apply_children(lmd: &LocalModelDeployment, ctx: &Context, ns: &str) -> Result<Deployment> {
+/// Applies the claim (if any), the Service and the Deployment; returns the Deployment and the
+/// claim as the API server holds them after the apply.
+async fn apply_children(
+    lmd: &LocalModelDeployment,
+    ctx: &Context,
+    ns: &str,
+) -> Result<(Deployment, Option<PersistentVolumeClaim>)> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    if let Some(pvc) = build::pvc(lmd) {
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-        api.patch(&build::pvc_name(lmd), &params, &Patch::Apply(&pvc))
-            .await?;
-    }
+    let claim = match build::pvc(lmd) {
+        Some(pvc) => {
+            let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+            Some(
+                api.patch(&build::pvc_name(lmd), &params, &Patch::Apply(&pvc))
+                    .await?,
+            )
+        }
+        None => None,
+    };
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
     services
         .patch(
@@ -96,20 +105,22 @@ async fn apply_children(lmd: &LocalModelDeployment, ctx: &Context, ns: &str) -> 
         )
         .await?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    Ok(deployments
+    let deployment = deployments
         .patch(
             &lmd.name_any(),
             &params,
             &Patch::Apply(&build::deployment(lmd)),
         )
-        .await?)
+        .await?;
+    Ok((deployment, claim))
 }
 
-/// The status of `lmd` given its Deployment as last seen.
+/// The status of `lmd` given its Deployment and weights claim as last seen.
 pub fn compute_status(
     lmd: &LocalModelDeployment,
     old: Option<&LocalModelDeploymentStatus>,
     deployment: &Deployment,
+    claim: Option<&PersistentVolumeClaim>,
     now: &str,
 ) -> LocalModelDeploymentStatus {
     let desired = deployment
@@ -179,6 +190,17 @@ pub fn compute_status(
             "ReplicasReady",
             format!("{ready}/{desired} replicas ready at {endpoint}"),
         )
+    } else if let Some(name) = pending_claim(claim) {
+        // Pods wait for their volume: say so rather than leave "not ready" unexplained.
+        condition(
+            READY,
+            false,
+            "ClaimPending",
+            format!(
+                "0/{desired} replicas ready: PersistentVolumeClaim {name:?} is Pending (no volume bound yet: \
+                 check its storageClassName and the cluster's provisioner)"
+            ),
+        )
     } else {
         condition(
             READY,
@@ -200,6 +222,13 @@ pub fn compute_status(
             ..LocalModelDeploymentStatus::default()
         },
     )
+}
+
+/// The name of `claim` when it is still Pending.
+fn pending_claim(claim: Option<&PersistentVolumeClaim>) -> Option<String> {
+    let claim = claim?;
+    let phase = claim.status.as_ref().and_then(|s| s.phase.as_deref());
+    (phase == Some("Pending")).then(|| claim.metadata.name.clone().unwrap_or_default())
 }
 
 /// The status when the owned objects could not be applied (`reason`, `message`): not ready,

@@ -38,7 +38,7 @@ fn deployment(desired: i32, observed: i64, counts: (i32, i32, i32, i32)) -> Depl
 
 #[test]
 fn a_new_deployment_is_progressing_and_not_ready_until_a_pod_is() {
-    let s = compute_status(&lmd(), None, &deployment(2, 5, (2, 2, 0, 0)), "t1");
+    let s = compute_status(&lmd(), None, &deployment(2, 5, (2, 2, 0, 0)), None, "t1");
     assert!(!is_true(&s.conditions, READY));
     assert!(is_true(&s.conditions, PROGRESSING));
     assert!(!is_true(&s.conditions, DEGRADED));
@@ -49,16 +49,28 @@ fn a_new_deployment_is_progressing_and_not_ready_until_a_pod_is() {
         Some("floodgate.dev/local-model=llama")
     );
 
-    let s = compute_status(&lmd(), Some(&s), &deployment(2, 5, (2, 2, 1, 1)), "t2");
+    let s = compute_status(
+        &lmd(),
+        Some(&s),
+        &deployment(2, 5, (2, 2, 1, 1)),
+        None,
+        "t2",
+    );
     assert!(is_true(&s.conditions, READY) && is_true(&s.conditions, PROGRESSING));
-    let s = compute_status(&lmd(), Some(&s), &deployment(2, 5, (2, 2, 2, 2)), "t3");
+    let s = compute_status(
+        &lmd(),
+        Some(&s),
+        &deployment(2, 5, (2, 2, 2, 2)),
+        None,
+        "t3",
+    );
     assert!(is_true(&s.conditions, READY) && !is_true(&s.conditions, PROGRESSING));
     assert_eq!((s.replicas, s.ready_replicas), (2, 2));
 }
 
 #[test]
 fn a_deployment_not_yet_observed_is_still_progressing() {
-    let s = compute_status(&lmd(), None, &deployment(2, 4, (2, 2, 2, 2)), "t1");
+    let s = compute_status(&lmd(), None, &deployment(2, 4, (2, 2, 2, 2)), None, "t1");
     assert!(is_true(&s.conditions, PROGRESSING));
 }
 
@@ -72,7 +84,7 @@ fn a_stuck_rollout_or_a_replica_failure_is_degraded() {
         message: Some("ReplicaSet \"llama-1\" has timed out progressing.".into()),
         ..DeploymentCondition::default()
     }]);
-    let s = compute_status(&lmd(), None, &d, "t1");
+    let s = compute_status(&lmd(), None, &d, None, "t1");
     let degraded = s.conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
     assert_eq!(degraded.reason, "ProgressDeadlineExceeded");
     assert!(is_true(&s.conditions, DEGRADED));
@@ -83,7 +95,7 @@ fn a_stuck_rollout_or_a_replica_failure_is_degraded() {
         message: Some("exceeded quota".into()),
         ..DeploymentCondition::default()
     }]);
-    let s = compute_status(&lmd(), None, &d, "t1");
+    let s = compute_status(&lmd(), None, &d, None, "t1");
     assert_eq!(
         s.conditions
             .iter()
@@ -96,7 +108,7 @@ fn a_stuck_rollout_or_a_replica_failure_is_degraded() {
 
 #[test]
 fn scaled_to_zero_is_not_ready() {
-    let s = compute_status(&lmd(), None, &deployment(0, 5, (0, 0, 0, 0)), "t1");
+    let s = compute_status(&lmd(), None, &deployment(0, 5, (0, 0, 0, 0)), None, "t1");
     let ready = s.conditions.iter().find(|c| c.type_ == READY).unwrap();
     assert_eq!(ready.reason, "ScaledToZero");
     assert!(!is_true(&s.conditions, PROGRESSING));
@@ -104,7 +116,7 @@ fn scaled_to_zero_is_not_ready() {
 
 #[test]
 fn a_refused_apply_is_degraded_and_keeps_the_last_counts() {
-    let ok = compute_status(&lmd(), None, &deployment(2, 5, (2, 2, 2, 2)), "t1");
+    let ok = compute_status(&lmd(), None, &deployment(2, 5, (2, 2, 2, 2)), None, "t1");
     let s = refused_status(
         &lmd(),
         Some(&ok),
@@ -126,4 +138,33 @@ fn a_refused_apply_is_degraded_and_keeps_the_last_counts() {
         ),
         s
     );
+}
+
+#[test]
+fn a_pending_claim_is_named_as_the_reason_pods_are_not_ready() {
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimStatus};
+    let mut claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("llama-models".into()),
+            ..ObjectMeta::default()
+        },
+        status: Some(PersistentVolumeClaimStatus {
+            phase: Some("Pending".into()),
+            ..PersistentVolumeClaimStatus::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+    let d = deployment(2, 5, (2, 2, 0, 0));
+    let s = compute_status(&lmd(), None, &d, Some(&claim), "t1");
+    let ready = s.conditions.iter().find(|c| c.type_ == READY).unwrap();
+    assert_eq!(ready.reason, "ClaimPending");
+    assert!(
+        ready.message.contains(r#""llama-models" is Pending"#),
+        "{}",
+        ready.message
+    );
+
+    claim.status.as_mut().unwrap().phase = Some("Bound".into());
+    let s = compute_status(&lmd(), None, &d, Some(&claim), "t1");
+    assert_eq!(s.conditions[0].reason, "ReplicasNotReady");
 }
