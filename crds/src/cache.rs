@@ -113,6 +113,7 @@ pub struct TemplateCache {
     /// The templates.
     #[serde(default)]
     #[schemars(length(max = 256))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub items: Vec<Template>,
 }
 
@@ -174,6 +175,7 @@ pub struct CachePolicyStatus {
     pub observed_generation: Option<i64>,
     /// Ready and kind-specific conditions.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Entries stored.
     #[serde(default)]

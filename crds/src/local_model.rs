@@ -1,6 +1,7 @@
 //! LocalModelDeployment: a self-hosted model served by Ollama, scaled on gateway demand.
 
 use crate::common::Condition;
+use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -80,6 +81,33 @@ pub struct LocalModelDeploymentSpec {
     /// Node labels the pods must match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate. GPU nodes are usually tainted: with `resources.gpu > 0` the
+    /// operator adds a toleration of `<gpuResourceName>:NoSchedule` (`Exists`) unless one for
+    /// that key is listed here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity of the pods, as in a pod spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Settings of the Ollama server.
+    #[serde(default)]
+    pub ollama: OllamaSettings,
+}
+
+/// Settings of the Ollama server, passed as its environment variables.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OllamaSettings {
+    /// Requests one replica serves at once (`OLLAMA_NUM_PARALLEL`); Ollama's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub num_parallel: Option<u32>,
+    /// How long the model stays loaded after the last request (`OLLAMA_KEEP_ALIVE`), a
+    /// duration such as `5m` or `24h`, or `-1` for ever; Ollama's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^(-1|[0-9]+(\\.[0-9]+)?(ms|s|m|h))$"))]
+    pub keep_alive: Option<String>,
 }
 
 fn default_image() -> String {
@@ -113,10 +141,20 @@ pub enum PromptClass {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelResources {
-    /// GPUs (`nvidia.com/gpu`).
+    /// GPUs per replica, requested as the extended resource `gpuResourceName`.
     #[serde(default)]
     #[schemars(range(min = 0, max = 16))]
     pub gpu: u32,
+    /// Extended resource name of a GPU, e.g. `amd.com/gpu` or a MIG profile
+    /// `nvidia.com/mig-1g.10gb`.
+    #[serde(default = "default_gpu_resource_name")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(
+            pattern = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+        )
+    )]
+    pub gpu_resource_name: String,
     /// Memory, as a Kubernetes quantity.
     #[serde(default = "default_memory")]
     #[schemars(regex(pattern = "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"))]
@@ -131,10 +169,15 @@ impl Default for ModelResources {
     fn default() -> Self {
         Self {
             gpu: 0,
+            gpu_resource_name: default_gpu_resource_name(),
             memory: default_memory(),
             cpu: None,
         }
     }
+}
+
+fn default_gpu_resource_name() -> String {
+    "nvidia.com/gpu".to_owned()
 }
 
 fn default_memory() -> String {
@@ -151,6 +194,31 @@ pub struct Storage {
     /// StorageClass; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
+    /// Access mode of the volume. All replicas share the one claim: more than one replica on
+    /// different nodes needs `ReadWriteMany`; with `ReadWriteOnce` the Deployment is rolled
+    /// out by `Recreate`, since a new pod could not mount the volume next to the old one.
+    #[serde(default)]
+    pub access_mode: AccessMode,
+}
+
+/// Access mode of the weights volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AccessMode {
+    /// Mounted read-write by one node.
+    #[default]
+    ReadWriteOnce,
+    /// Mounted read-write by many nodes.
+    ReadWriteMany,
+}
+
+impl AccessMode {
+    /// The name Kubernetes uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessMode::ReadWriteOnce => "ReadWriteOnce",
+            AccessMode::ReadWriteMany => "ReadWriteMany",
+        }
+    }
 }
 
 /// Autoscaling on gateway demand.
@@ -200,8 +268,9 @@ pub struct LocalModelDeploymentStatus {
     /// The `metadata.generation` last reconciled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, Scaling, ModelPulled.
+    /// Ready, Progressing and Degraded (see the operator's `local_model` controller).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Replicas running.
     #[serde(default)]
@@ -218,4 +287,8 @@ pub struct LocalModelDeploymentStatus {
     /// When the replica count last changed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<String>,
+    /// The Ollama API of this model inside the cluster, e.g.
+    /// `http://llama.models.svc:11434`: the `baseUrl` a pool's ollama provider references.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }

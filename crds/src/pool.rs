@@ -59,6 +59,7 @@ pub struct AIProviderPoolSpec {
     pub strategy: Strategy,
     /// The providers of this pool.
     #[schemars(length(min = 1, max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub providers: Vec<Provider>,
     /// Provider names in the order traffic falls over to when a provider fails. Providers not
     /// listed come after, in the order of `providers`.
@@ -169,6 +170,7 @@ pub struct Provider {
     /// Models offered by this provider. At most 32: the API server bounds the estimated cost
     /// of the CEL uniqueness rule (O(n^2) per provider, times 32 providers); 64 exceeded it.
     #[schemars(length(min = 1, max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub models: Vec<Model>,
     /// API keys and their limits. Optional for ollama and openai-compatible. At most 32, for
     /// the same CEL cost budget as `models`.
@@ -325,8 +327,9 @@ pub struct AIProviderPoolStatus {
     /// The `metadata.generation` last reconciled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, KeysResolved, CircuitsClosed.
+    /// Ready, SecretsFound and KeysReady (see the operator's `pool` controller).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Number of providers.
     #[serde(default)]
@@ -348,6 +351,7 @@ pub struct AIProviderPoolStatus {
     pub used_rpm: u64,
     /// Per-provider state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub providers: Vec<ProviderStatus>,
 }
 
@@ -361,6 +365,9 @@ pub struct ProviderStatus {
     pub circuit: String,
     /// Keys usable now.
     pub ready_keys: u32,
+    /// Keys configured.
+    #[serde(default)]
+    pub total_keys: u32,
     /// Requests in the last minute.
     pub used_rpm: u64,
 }

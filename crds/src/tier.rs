@@ -45,6 +45,7 @@ use serde::{Deserialize, Serialize};
 pub struct TierQueueSpec {
     /// The tiers, e.g. enterprise, pro, basic, free.
     #[schemars(length(min = 1, max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub tiers: Vec<Tier>,
     /// Tier of callers whose identity names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -350,8 +351,9 @@ pub struct TierQueueStatus {
     /// The `metadata.generation` last reconciled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready and kind-specific conditions.
+    /// Ready and SecretsFound (webhook signing and SMTP credentials).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Number of tiers.
     #[serde(default)]
@@ -364,6 +366,7 @@ pub struct TierQueueStatus {
     pub dead_letters: u64,
     /// Per-tier state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub tiers: Vec<TierStatus>,
 }
 

@@ -30,6 +30,8 @@ const SLOW: Duration = Duration::from_secs(30);
 const RELEASE: &str = "floodgate";
 /// The name of the gateway's ServiceAccount, Role, RoleBinding, Deployment and Service.
 const GATEWAY: &str = "floodgate-gateway";
+/// The name of the operator's ServiceAccount, Role, RoleBinding and Deployment.
+const OPERATOR: &str = "floodgate-operator";
 /// The Floodgate kinds the gateway watches, as `kubectl auth can-i` names them.
 const KINDS: [&str; 5] = [
     "aiproviderpools.floodgate.dev",
@@ -97,10 +99,19 @@ async fn template(cluster: &Cluster, home: &Path, ns: &str, args: &[&OsStr]) -> 
         .collect()
 }
 
+/// The one gateway object of `kind` (the operator's objects, rendered next to them, are
+/// checked apart).
 fn object<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
-    let found: Vec<&Value> = objects.iter().filter(|o| o["kind"] == kind).collect();
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == kind && !is_operator(o))
+        .collect();
     assert_eq!(found.len(), 1, "one {kind} expected: {objects:#?}");
     found[0]
+}
+
+fn is_operator(o: &Value) -> bool {
+    o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
 }
 
 fn container(deployment: &Value) -> &Value {
@@ -242,9 +253,44 @@ async fn the_chart_lints_renders_its_values_and_the_api_server_accepts_it() {
         ])
     );
     for o in &defaults {
-        assert_eq!(o["metadata"]["name"], GATEWAY, "{o:#?}");
+        let name = if is_operator(o) { OPERATOR } else { GATEWAY };
+        assert_eq!(o["metadata"]["name"], name, "{o:#?}");
         assert_eq!(o["metadata"]["namespace"], ns.name(), "{o:#?}");
     }
+    // The operator: its own image, leader election, the release namespace only.
+    let operator: Vec<&Value> = defaults.iter().filter(|o| is_operator(o)).collect();
+    let mut operator_kinds: Vec<&str> = operator
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    operator_kinds.sort_unstable();
+    assert_eq!(
+        operator_kinds,
+        ["Deployment", "Role", "RoleBinding", "ServiceAccount"]
+    );
+    let operator_deployment = operator.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let c = container(operator_deployment);
+    assert_eq!(
+        c["image"], "ghcr.io/floodgate-dev/floodgate-operator:0.1.0",
+        "{c:#?}"
+    );
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "--namespace",
+            ns.name(),
+            "--leader-elect",
+            "--metrics-listen",
+            "0.0.0.0:9090",
+            "--log-json"
+        ]
+    );
     let deployment = object(&defaults, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 1);
     let pod = &deployment["spec"]["template"]["spec"];

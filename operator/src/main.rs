@@ -1,3 +1,160 @@
-//! Floodgate operator (not yet: see README).
+//! `floodgate-operator`: runs the controllers of every Floodgate resource against the cluster
+//! of the in-cluster service account or of `KUBECONFIG`, until SIGTERM or Ctrl-C.
 
-fn main() {}
+use anyhow::Context as _;
+use clap::Parser;
+use floodgate_operator::leader::LeaseLock;
+use floodgate_operator::{Config, Metrics};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Floodgate operator.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "FLOODGATE_OPERATOR_NAMESPACE")]
+    namespace: Option<String>,
+    /// Name reported in Events, usually the pod name.
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
+    /// The Redis the gateway shares rate budgets in (`redis://host:port`), for pools' live
+    /// usage (`usedRpm`); without it usage is not read.
+    #[arg(long, env = "FLOODGATE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Run the controllers only while holding the Lease `--lease-name` in `--lease-namespace`,
+    /// so that several replicas are safe.
+    #[arg(long, env = "FLOODGATE_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "floodgate-operator")]
+    lease_name: String,
+    /// Serve Prometheus metrics at `/metrics` (and `/healthz`) on this address, e.g.
+    /// `0.0.0.0:9090`; not served when unset.
+    #[arg(long, env = "FLOODGATE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Log as JSON lines.
+    #[arg(long, env = "FLOODGATE_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing the reconciles in flight");
+        signal.cancel();
+    });
+    let identity = args
+        .instance
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("floodgate-operator-{}", std::process::id()));
+    let config = Config {
+        namespace: args.namespace,
+        instance: args.instance,
+        redis_url: args.redis_url,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let server = match args.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, metrics.clone(), shutdown.clone()).await?),
+        None => None,
+    };
+    let result = if args.leader_elect {
+        let lock = LeaseLock::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+        );
+        floodgate_operator::run_leader_elected(client, config, lock, metrics, shutdown.clone())
+            .await
+    } else {
+        floodgate_operator::run(client, config, metrics, shutdown.clone()).await
+    };
+    shutdown.cancel();
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    Ok(result?)
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until `shutdown`.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    tracing::info!(%addr, "serving metrics");
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    }))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

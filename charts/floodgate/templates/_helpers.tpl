@@ -68,3 +68,34 @@ The gateway image.
 {{- define "floodgate.gateway.image" -}}
 {{- printf "%s:%s" .Values.gateway.image.repository (.Values.gateway.image.tag | default .Chart.AppVersion) }}
 {{- end }}
+
+{{/*
+The name of the operator's Deployment, ServiceAccount, Role and RoleBinding.
+*/}}
+{{- define "floodgate.operator.fullname" -}}
+{{- printf "%s-operator" (include "floodgate.fullname" .) }}
+{{- end }}
+
+{{/*
+Labels of the operator's resources.
+*/}}
+{{- define "floodgate.operator.labels" -}}
+{{ include "floodgate.labels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+The operator pods' selector (immutable on a Deployment: keep it stable).
+*/}}
+{{- define "floodgate.operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "floodgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+The operator image.
+*/}}
+{{- define "floodgate.operator.image" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (.Values.operator.image.tag | default .Chart.AppVersion) }}
+{{- end }}

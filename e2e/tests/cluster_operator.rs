@@ -1,0 +1,734 @@
+//! The operator in-process against a real kube-apiserver, kube-controller-manager (garbage
+//! collector, PV binder, ReplicaSets), kube-scheduler and kwok: a pool whose Secret lacks a key
+//! says which and is not Ready, then turns Ready when the Secret is fixed; a
+//! LocalModelDeployment gets a Deployment with its GPU request, a Service and a claim, its kwok
+//! pod turns Ready, a spec change rolls out, and deleting it deletes what it owns; TierQueue
+//! and CachePolicy get status. Each test runs its own operator, watching only its namespace.
+
+// Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
+#![cfg(test)]
+
+use floodgate_crds::{
+    AIProviderPool, CachePolicy, ConditionStatus, LocalModelDeployment, TierQueue,
+};
+use floodgate_e2e::cluster::{Cluster, TestNamespace, wait_for};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Secret, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+/// The garbage collector learns of a new custom resource kind on its 30 s discovery resync:
+/// on a cluster whose CRDs were just installed, owned objects go up to about 40 s after
+/// their owner (measured 40 s on a fresh cluster).
+const GC_WAIT: Duration = Duration::from_secs(120);
+
+/// The operator of one test; stopped when dropped.
+struct Operator {
+    shutdown: CancellationToken,
+    metrics: Arc<floodgate_operator::Metrics>,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn setup(test: &str) -> (&'static Cluster, TestNamespace, Client, Operator) {
+    let cluster = Cluster::get().await.unwrap();
+    cluster.install_crds().await.unwrap();
+    let ns = cluster.namespace(test).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let config = floodgate_operator::Config {
+        namespace: Some(ns.name().to_owned()),
+        instance: Some(format!("e2e-{test}")),
+        redis_url: None,
+    };
+    let metrics = Arc::new(floodgate_operator::Metrics::default());
+    tokio::spawn(floodgate_operator::run(
+        client.clone(),
+        config,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    (cluster, ns, client, Operator { shutdown, metrics })
+}
+
+async fn apply<K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug>(
+    api: &Api<K>,
+    name: &str,
+    manifest: serde_json::Value,
+) -> K {
+    api.patch(
+        name,
+        &PatchParams::apply("floodgate-e2e").force(),
+        &Patch::Apply(&manifest),
+    )
+    .await
+    .unwrap()
+}
+
+/// Waits until `check` holds for object `name`, returning it; on timeout fails showing the
+/// object as last seen.
+async fn wait_until<K, F>(api: &Api<K>, name: &str, what: &str, check: F) -> K
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug,
+    F: Fn(&K) -> bool,
+{
+    let last = std::sync::Mutex::new(None);
+    let found = wait_for(what, WAIT, || async {
+        let obj = api.get_opt(name).await?;
+        let done = obj.as_ref().is_some_and(&check);
+        *last.lock().unwrap() = obj.clone();
+        Ok(if done { obj } else { None })
+    })
+    .await;
+    found.unwrap_or_else(|e| panic!("{e}; last seen: {:#?}", last.lock().unwrap()))
+}
+
+fn condition<'a>(
+    conditions: &'a [floodgate_crds::Condition],
+    type_: &str,
+) -> Option<&'a floodgate_crds::Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+fn pool_manifest() -> serde_json::Value {
+    json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "AIProviderPool",
+        "metadata": {"name": "premium"},
+        "spec": {"providers": [{"name": "claude", "type": "anthropic",
+            "models": [{"name": "claude-sonnet-4"}],
+            "keys": [
+                {"name": "claude-1", "secretRef": {"name": "claude-keys", "key": "key1"}, "rpm": 20},
+                {"name": "claude-2", "secretRef": {"name": "claude-keys", "key": "key2"}, "rpm": 30}]}]}
+    })
+}
+
+fn secret_manifest(keys: &[&str]) -> serde_json::Value {
+    let data: serde_json::Map<String, serde_json::Value> = keys
+        .iter()
+        .map(|k| ((*k).to_owned(), json!(format!("sk-test-{k}"))))
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "claude-keys"}, "stringData": data})
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_pool_names_its_missing_key_and_turns_ready_when_the_secret_is_fixed() {
+    let (cluster, ns, client, operator) = setup("operator-pool").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
+    let pools: Api<AIProviderPool> = Api::namespaced(client.clone(), ns.name());
+    apply(&secrets, "claude-keys", secret_manifest(&["key1"])).await;
+    let created = apply(&pools, "premium", pool_manifest()).await;
+
+    let pool = wait_until(&pools, "premium", "pool status naming key2", |p| {
+        p.status.as_ref().is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::False)
+        })
+    })
+    .await;
+    let status = pool.status.unwrap();
+    assert_eq!(status.observed_generation, created.metadata.generation);
+    assert_eq!(
+        (status.ready_keys, status.total_keys, status.capacity_rpm),
+        (1, 2, 20)
+    );
+    let ready = condition(&status.conditions, "Ready").unwrap();
+    assert_eq!(ready.reason, "KeyNotFound");
+    assert!(
+        ready
+            .message
+            .contains(r#"Secret "claude-keys" has no key "key2""#)
+            && ready.message.contains("claude/claude-2"),
+        "{}",
+        ready.message
+    );
+    assert!(
+        !ready.message.contains("sk-test"),
+        "a secret value leaked into status"
+    );
+    let keys_ready = condition(&status.conditions, "KeysReady").unwrap();
+    assert_eq!(keys_ready.status, ConditionStatus::False);
+    assert_eq!(
+        condition(&status.conditions, "SecretsFound")
+            .unwrap()
+            .status,
+        ConditionStatus::True
+    );
+
+    // The transition to not-Ready was announced as a Warning Event on the pool.
+    let events: Api<Event> = Api::namespaced(client.clone(), ns.name());
+    wait_for("a KeyNotFound Event", WAIT, || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("KeyNotFound")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.involved_object.name.as_deref() == Some("premium")
+            })
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Fixing the Secret is enough: the operator watches Secrets.
+    let fixed_at = Instant::now();
+    apply(&secrets, "claude-keys", secret_manifest(&["key1", "key2"])).await;
+    let pool = wait_until(&pools, "premium", "pool Ready after the fix", |p| {
+        p.status.as_ref().is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+        })
+    })
+    .await;
+    eprintln!(
+        "pool Ready {:?} after the Secret was fixed",
+        fixed_at.elapsed()
+    );
+    let status = pool.status.unwrap();
+    assert_eq!(
+        (status.ready_keys, status.total_keys, status.capacity_rpm),
+        (2, 2, 50)
+    );
+    assert_eq!(status.keys.as_deref(), Some("2/2"));
+    // Every pass was counted, none failed.
+    assert!(operator.metrics.reconciles("AIProviderPool", "ok") >= 2);
+    assert_eq!(operator.metrics.reconciles("AIProviderPool", "error"), 0);
+
+    let out = cluster
+        .kubectl(["get", "aiproviderpools", "-n", ns.name()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("premium"))
+        .unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // NAME PROVIDERS KEYS CAPACITY-RPM USED-RPM READY AGE
+    assert_eq!(
+        &cells[1..6],
+        ["1", "2/2", "50", "0", "True"],
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn tier_queues_and_cache_policies_get_status() {
+    let (cluster, ns, client, _operator) = setup("operator-status").await;
+    let tiers: Api<TierQueue> = Api::namespaced(client.clone(), ns.name());
+    let caches: Api<CachePolicy> = Api::namespaced(client.clone(), ns.name());
+    apply(&tiers, "tiers", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "TierQueue", "metadata": {"name": "tiers"},
+        "spec": {"tiers": [
+            {"name": "pro", "class": "standard", "maxWaitSeconds": 30},
+            {"name": "free", "class": "standard", "maxWaitSeconds": 60,
+             "async": {"notify": ["webhook"], "webhook": {"url": "https://example.com/hook",
+                "signingSecretRef": {"name": "hooks", "key": "signing"}}}}]}
+    }))
+    .await;
+    apply(&caches, "cache", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "CachePolicy", "metadata": {"name": "cache"},
+        "spec": {"exact": {"ttlSeconds": 60}}
+    }))
+    .await;
+    let tq = wait_until(
+        &tiers,
+        "tiers",
+        "TierQueue naming its missing Secret",
+        |t| {
+            t.status.as_ref().is_some_and(|s| {
+                condition(&s.conditions, "SecretsFound")
+                    .is_some_and(|c| c.status == ConditionStatus::False)
+            })
+        },
+    )
+    .await;
+    let status = tq.status.unwrap();
+    assert_eq!(status.tier_count, 2);
+    let message = &condition(&status.conditions, "Ready").unwrap().message;
+    assert!(message.contains(r#"Secret "hooks" not found"#), "{message}");
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
+    apply(
+        &secrets,
+        "hooks",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hooks"},
+        "stringData": {"signing": "s3cret"}}),
+    )
+    .await;
+    wait_until(&tiers, "tiers", "TierQueue Ready", |t| {
+        t.status.as_ref().is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+        })
+    })
+    .await;
+    let cp = wait_until(&caches, "cache", "CachePolicy Ready", |c| {
+        c.status.as_ref().is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+        })
+    })
+    .await;
+    assert_eq!(
+        cp.status.unwrap().observed_generation,
+        cp.metadata.generation
+    );
+
+    let out = cluster
+        .kubectl(["get", "tierqueues", "-n", ns.name()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let row = out.stdout.lines().find(|l| l.starts_with("tiers")).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // NAME TIERS QUEUED DEAD-LETTERS READY AGE
+    assert_eq!((cells[1], cells[4]), ("2", "True"), "{}", out.stdout);
+}
+
+/// A cluster-scoped PersistentVolume for one test, deleted when dropped (also on failure).
+struct TestVolume {
+    cluster: &'static Cluster,
+    name: String,
+}
+
+impl Drop for TestVolume {
+    fn drop(&mut self) {
+        // Synchronous, as TestNamespace's: Drop cannot await, and the test's client belongs to
+        // the runtime this drop blocks.
+        let _ = std::process::Command::new(self.cluster.bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.cluster.kubeconfig())
+            .args([
+                "delete",
+                "persistentvolume",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
+    let (cluster, ns, client, _operator) = setup("operator-lmd").await;
+    let started = Instant::now();
+    // No provisioner runs here: a PersistentVolume of a class of this test's own, which the
+    // controller manager's binder binds to the claim.
+    let class = format!("{}-manual", ns.name());
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let _volume = TestVolume {
+        cluster,
+        name: class.clone(),
+    };
+    apply(
+        &volumes,
+        &class,
+        json!({
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": class},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                     "storageClassName": class, "hostPath": {"path": "/tmp/floodgate-e2e"}}
+        }),
+    )
+    .await;
+
+    let lmds: Api<LocalModelDeployment> = Api::namespaced(client.clone(), ns.name());
+    apply(&lmds, "llama", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
+        "spec": {"model": "llama3.1:8b", "classes": ["simple"], "replicas": 1,
+                 "resources": {"gpu": 1, "memory": "1Gi"},
+                 "storage": {"size": "1Gi", "storageClassName": class},
+                 "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                 "ollama": {"numParallel": 4}}
+    }))
+    .await;
+
+    let lmd = wait_until(&lmds, "llama", "LocalModelDeployment Ready", |l| {
+        l.status.as_ref().is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+        })
+    })
+    .await;
+    eprintln!(
+        "LocalModelDeployment Ready {:?} after it was applied",
+        started.elapsed()
+    );
+    let status = lmd.status.unwrap();
+    assert_eq!((status.replicas, status.ready_replicas), (1, 1));
+    assert_eq!(
+        status.endpoint,
+        Some(format!("http://llama.{}.svc:11434", ns.name()))
+    );
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("floodgate.dev/local-model=llama")
+    );
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
+    let deployment = deployments.get("llama").await.unwrap();
+    let pod = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    let limits = pod.containers[0].resources.clone().unwrap().limits.unwrap();
+    assert_eq!(limits["nvidia.com/gpu"].0, "1");
+    assert_eq!(pod.init_containers.unwrap()[0].name, "pull-model");
+    let owner = &deployment.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("LocalModelDeployment", lmd.metadata.uid.as_deref().unwrap())
+    );
+    // The pod was scheduled onto the only node with GPUs.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns.name());
+    let listed = pods
+        .list(&ListParams::default().labels("floodgate.dev/local-model=llama"))
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+    assert_eq!(
+        listed.items[0].spec.as_ref().unwrap().node_name.as_deref(),
+        Some("kwok-gpu-node-0")
+    );
+    let services: Api<Service> = Api::namespaced(client.clone(), ns.name());
+    assert_eq!(
+        services
+            .get("llama")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()[0]
+            .port,
+        11434
+    );
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns.name());
+    let claim = claims.get("llama-models").await.unwrap();
+    assert_eq!(claim.status.unwrap().phase.as_deref(), Some("Bound"));
+
+    // A spec change rolls out: the pod template follows it.
+    apply(&lmds, "llama", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
+        "spec": {"model": "llama3.1:8b", "classes": ["simple"], "replicas": 1,
+                 "resources": {"gpu": 1, "memory": "1Gi"},
+                 "storage": {"size": "1Gi", "storageClassName": class},
+                 "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                 "ollama": {"numParallel": 8}}
+    }))
+    .await;
+    wait_until(
+        &deployments,
+        "llama",
+        "OLLAMA_NUM_PARALLEL=8 in the pod template",
+        |d| {
+            d.spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .is_some_and(|p| {
+                    p.containers[0]
+                        .env
+                        .iter()
+                        .flatten()
+                        .any(|e| e.name == "OLLAMA_NUM_PARALLEL" && e.value.as_deref() == Some("8"))
+                })
+        },
+    )
+    .await;
+    wait_until(&lmds, "llama", "status of generation 2", |l| {
+        l.status.as_ref().is_some_and(|s| {
+            s.observed_generation == l.metadata.generation && s.observed_generation == Some(2)
+        })
+    })
+    .await;
+
+    // Deleting the resource deletes what it owns (the controller manager's garbage collector).
+    // The claim may stay Terminating until its pod is gone (pvc-protection; kwok honours the
+    // pod's 30 s grace period): marked for deletion is enough here.
+    let deleted_at = Instant::now();
+    lmds.delete("llama", &DeleteParams::background())
+        .await
+        .unwrap();
+    wait_for(
+        "the owned Deployment, Service and claim to go",
+        GC_WAIT,
+        || async {
+            let claim_going = claims
+                .get_opt("llama-models")
+                .await?
+                .is_none_or(|c| c.metadata.deletion_timestamp.is_some());
+            let gone = claim_going
+                && deployments.get_opt("llama").await?.is_none()
+                && services.get_opt("llama").await?.is_none();
+            Ok(gone.then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "owned objects gone {:?} after the delete",
+        deleted_at.elapsed()
+    );
+}
+
+/// The `reportingInstance` of the Events in `ns` about object `name`, once there is one.
+async fn event_reporters(client: &Client, ns: &str, name: &str) -> Vec<String> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    wait_for(&format!("an Event about {name}"), WAIT, || async {
+        let reporters: Vec<String> = events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(name))
+            .map(|e| e.reporting_instance.unwrap_or_default())
+            .collect();
+        Ok((!reporters.is_empty()).then_some(reporters))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_second_replica_waits_for_the_lease_and_takes_over_when_the_first_stops() {
+    use floodgate_operator::leader::{LeaseLock, RETRY_EVERY};
+    use k8s_openapi::api::coordination::v1::Lease;
+
+    let cluster = Cluster::get().await.unwrap();
+    cluster.install_crds().await.unwrap();
+    let ns = cluster.namespace("operator-lease").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let replica = |id: &str| {
+        let stop = CancellationToken::new();
+        let config = floodgate_operator::Config {
+            namespace: Some(ns.name().to_owned()),
+            instance: Some(id.to_owned()),
+            redis_url: None,
+        };
+        let lock = LeaseLock::new(client.clone(), ns.name(), "floodgate-operator", id);
+        let task = tokio::spawn(floodgate_operator::run_leader_elected(
+            client.clone(),
+            config,
+            lock,
+            Arc::new(floodgate_operator::Metrics::default()),
+            stop.clone(),
+        ));
+        (stop, task)
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns.name());
+    let held_by = |id: &'static str| {
+        move |l: &Lease| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(id)
+    };
+    let pools: Api<AIProviderPool> = Api::namespaced(client.clone(), ns.name());
+    let has_status = |p: &AIProviderPool| p.status.is_some();
+
+    let (stop_a, a) = replica("replica-a");
+    wait_until(
+        &leases,
+        "floodgate-operator",
+        "replica-a to lead",
+        held_by("replica-a"),
+    )
+    .await;
+    let (stop_b, b) = replica("replica-b");
+    let mut pool = pool_manifest();
+    pool["metadata"]["name"] = json!("first");
+    apply(&pools, "first", pool.clone()).await;
+    wait_until(&pools, "first", "status of pool first", has_status).await;
+    // Nothing to wait for: the follower must do nothing over several of its retries.
+    tokio::time::sleep(RETRY_EVERY * 3).await;
+    let lease = leases.get("floodgate-operator").await.unwrap();
+    assert!(held_by("replica-a")(&lease), "{lease:?}");
+    assert!(!b.is_finished());
+    let reporters = event_reporters(&client, ns.name(), "first").await;
+    assert!(reporters.iter().all(|r| r == "replica-a"), "{reporters:?}");
+
+    // A graceful stop releases the Lease: the follower takes over within a retry or two.
+    let stopped_at = Instant::now();
+    stop_a.cancel();
+    a.await.unwrap().unwrap();
+    wait_until(
+        &leases,
+        "floodgate-operator",
+        "replica-b to lead",
+        held_by("replica-b"),
+    )
+    .await;
+    eprintln!(
+        "replica-b leads {:?} after replica-a stopped",
+        stopped_at.elapsed()
+    );
+    pool["metadata"]["name"] = json!("second");
+    apply(&pools, "second", pool).await;
+    wait_until(&pools, "second", "status of pool second", has_status).await;
+    let reporters = event_reporters(&client, ns.name(), "second").await;
+    assert!(reporters.iter().all(|r| r == "replica-b"), "{reporters:?}");
+    stop_b.cancel();
+    b.await.unwrap().unwrap();
+}
+
+/// A client authenticated as ServiceAccount `sa` of `ns` (a token from the TokenRequest API).
+async fn client_as(cluster: &Cluster, ns: &str, sa: &str) -> Client {
+    let out = cluster
+        .kubectl(["create", "token", sa, "-n", ns, "--duration=10m"])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(cluster.kubeconfig()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(out.stdout.trim().to_owned().into()),
+        ..Default::default()
+    };
+    Client::try_from(config).unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
+    let cluster = Cluster::get().await.unwrap();
+    cluster.install_crds().await.unwrap();
+    let ns = cluster.namespace("operator-rbac").await.unwrap();
+    // The operator's ServiceAccount, Role and RoleBinding as the chart renders them.
+    let home = tempfile::tempdir().unwrap();
+    let mut helm = tokio::process::Command::new(cluster.bin_dir().join("helm"));
+    for var in ["HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"] {
+        helm.env(var, home.path());
+    }
+    let chart = cluster.repo_root().join("charts/floodgate");
+    let rendered = helm
+        .args(["template", "fg", &chart.to_string_lossy(), "-n", ns.name()])
+        .args(["--show-only", "templates/operator-serviceaccount.yaml"])
+        .args(["--show-only", "templates/operator-role.yaml"])
+        .args(["--show-only", "templates/operator-rolebinding.yaml"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    cluster
+        .kubectl_stdin(
+            ["apply", "-n", ns.name(), "-f", "-"],
+            &String::from_utf8_lossy(&rendered.stdout),
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+
+    let admin = cluster.client().await.unwrap();
+    let operator = client_as(cluster, ns.name(), "fg-floodgate-operator").await;
+    let stop = CancellationToken::new();
+    let _stop_on_drop = Operator {
+        shutdown: stop.clone(),
+        metrics: Arc::default(),
+    };
+    let config = floodgate_operator::Config {
+        namespace: Some(ns.name().to_owned()),
+        instance: Some("rbac".to_owned()),
+        redis_url: None,
+    };
+    let lock = floodgate_operator::leader::LeaseLock::new(
+        operator.clone(),
+        ns.name(),
+        "floodgate-operator",
+        "rbac",
+    );
+    let task = tokio::spawn(floodgate_operator::run_leader_elected(
+        operator,
+        config,
+        lock,
+        Arc::new(floodgate_operator::Metrics::default()),
+        stop.clone(),
+    ));
+
+    // As that ServiceAccount: the Lease, a pool's status and Event, a model's children.
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns.name());
+    let pools: Api<AIProviderPool> = Api::namespaced(admin.clone(), ns.name());
+    let lmds: Api<LocalModelDeployment> = Api::namespaced(admin.clone(), ns.name());
+    apply(&secrets, "claude-keys", secret_manifest(&["key1", "key2"])).await;
+    apply(&pools, "premium", pool_manifest()).await;
+    apply(&lmds, "llama", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
+        "spec": {"model": "llama3.1:8b", "classes": ["simple"], "resources": {"gpu": 1}}
+    }))
+    .await;
+    wait_until(&pools, "premium", "pool Ready", |p| {
+        p.status.as_ref().is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+        })
+    })
+    .await;
+    wait_until(&lmds, "llama", "model with an endpoint", |l| {
+        l.status
+            .as_ref()
+            .is_some_and(|s| s.endpoint.is_some() && s.observed_generation == l.metadata.generation)
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), ns.name());
+    assert!(deployments.get_opt("llama").await.unwrap().is_some());
+    assert!(
+        !event_reporters(&admin, ns.name(), "premium")
+            .await
+            .is_empty()
+    );
+    assert!(!task.is_finished(), "the operator stopped: {task:?}");
+
+    // And no more than that: nothing outside the namespace, no writes to Secrets or pods.
+    let sa = format!(
+        "--as=system:serviceaccount:{}:fg-floodgate-operator",
+        ns.name()
+    );
+    for (verb, resource, namespace, allowed) in [
+        ("watch", "secrets", ns.name(), true),
+        ("patch", "deployments.apps", ns.name(), true),
+        ("list", "secrets", "default", false),
+        ("create", "secrets", ns.name(), false),
+        ("delete", "deployments.apps", ns.name(), false),
+        ("create", "pods", ns.name(), false),
+        ("patch", "aiproviderpools.floodgate.dev", ns.name(), false),
+    ] {
+        let out = cluster
+            .kubectl(["auth", "can-i", verb, resource, "-n", namespace, &sa])
+            .await
+            .unwrap();
+        let answer = out.stdout.trim();
+        assert_eq!(
+            answer == "yes",
+            allowed,
+            "{verb} {resource} in {namespace}: {answer} {}",
+            out.stderr
+        );
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -1,0 +1,37 @@
+//! The operator's errors, classified for the error policy's backoff and for metric labels.
+
+/// What a reconcile can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the Kubernetes API failed (network, conflict, refused object).
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// A resource came without a namespace (all Floodgate resources are namespaced).
+    #[error("{0} has no namespace")]
+    NoNamespace(String),
+    /// Redis (live usage) failed; never fatal to a reconcile.
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Another replica took the leader Lease, or it could not be renewed.
+    #[error("lost the leader Lease")]
+    LeaseLost,
+    /// An object could not be turned into JSON for an apply patch.
+    #[error("cannot encode an apply patch: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A low-cardinality label for logs and metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube_api",
+            Error::NoNamespace(_) => "no_namespace",
+            Error::Encode(_) => "encode",
+            Error::Redis(_) => "redis",
+            Error::LeaseLost => "lease_lost",
+        }
+    }
+}
+
+/// Result with the operator's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,270 @@
+//! LocalModelDeployment controller: applies the Deployment, Service and weights claim that
+//! [`build`] makes from the spec (all owned by the resource, so that deleting it deletes them;
+//! spec changes change the pod template, which the Deployment rolls out) and writes status from
+//! the Deployment's: replicas, ready replicas, the pods' selector, the Service endpoint, and
+//! the conditions `Ready` (a replica serves), `Progressing` (a rollout or scale-up is under
+//! way, pods pulling the model included) and `Degraded` (the Deployment reports a replica
+//! failure or a rollout past its deadline, or an owned object was refused).
+
+pub mod build;
+
+use crate::conditions::{self, DEGRADED, PROGRESSING, READY, condition};
+use crate::context::{Context, FIELD_MANAGER, object_key};
+use crate::error::{Error, Result};
+use floodgate_crds::Condition;
+use floodgate_crds::local_model::{LocalModelDeployment, LocalModelDeploymentStatus};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often a LocalModelDeployment is looked at again when nothing it watches changes.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Reconciles one LocalModelDeployment.
+pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = lmd
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(object_key(lmd.as_ref())))?;
+    let old = lmd.status.as_ref();
+    let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let now = conditions::now();
+    if let Some(why) = build::invalid_name(&lmd) {
+        let status = refused_status(&lmd, old, "InvalidName", why, &now);
+        ctx.write_status(
+            lmd.as_ref(),
+            old,
+            &status,
+            old_conditions,
+            &status.conditions,
+        )
+        .await?;
+        // Names cannot change: nothing to retry until the resource is replaced.
+        return Ok(Action::await_change());
+    }
+    match apply_children(&lmd, &ctx, &ns).await {
+        Ok((deployment, claim)) => {
+            let status = compute_status(&lmd, old, &deployment, claim.as_ref(), &now);
+            ctx.write_status(
+                lmd.as_ref(),
+                old,
+                &status,
+                old_conditions,
+                &status.conditions,
+            )
+            .await?;
+            ctx.succeeded(lmd.as_ref());
+            Ok(Action::requeue(RESYNC))
+        }
+        Err(e) => {
+            let status = refused_status(&lmd, old, "ApplyFailed", e.to_string(), &now);
+            if let Err(write) = ctx
+                .write_status(
+                    lmd.as_ref(),
+                    old,
+                    &status,
+                    old_conditions,
+                    &status.conditions,
+                )
+                .await
+            {
+                tracing::warn!(object = %object_key(lmd.as_ref()), error = %write, "cannot write status");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Applies the claim (if any), the Service and the Deployment; returns the Deployment and the
+/// claim as the API server holds them after the apply.
+async fn apply_children(
+    lmd: &LocalModelDeployment,
+    ctx: &Context,
+    ns: &str,
+) -> Result<(Deployment, Option<PersistentVolumeClaim>)> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let claim = match build::pvc(lmd) {
+        Some(pvc) => {
+            let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+            Some(
+                api.patch(&build::pvc_name(lmd), &params, &Patch::Apply(&pvc))
+                    .await?,
+            )
+        }
+        None => None,
+    };
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    services
+        .patch(
+            &lmd.name_any(),
+            &params,
+            &Patch::Apply(&build::service(lmd)),
+        )
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let deployment = deployments
+        .patch(
+            &lmd.name_any(),
+            &params,
+            &Patch::Apply(&build::deployment(lmd)),
+        )
+        .await?;
+    Ok((deployment, claim))
+}
+
+/// The status of `lmd` given its Deployment and weights claim as last seen.
+pub fn compute_status(
+    lmd: &LocalModelDeployment,
+    old: Option<&LocalModelDeploymentStatus>,
+    deployment: &Deployment,
+    claim: Option<&PersistentVolumeClaim>,
+    now: &str,
+) -> LocalModelDeploymentStatus {
+    let desired = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let st = deployment.status.clone().unwrap_or_default();
+    let replicas = st.replicas.unwrap_or(0);
+    let ready = st.ready_replicas.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let available = st.available_replicas.unwrap_or(0);
+    let observed = st.observed_generation.is_some()
+        && st.observed_generation >= deployment.metadata.generation;
+    let deployment_condition = |type_: &str| {
+        st.conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == type_)
+            .cloned()
+    };
+    let endpoint = build::endpoint(lmd);
+
+    let complete = observed && updated == desired && replicas == desired && available == desired;
+    let progressing = if complete {
+        condition(
+            PROGRESSING,
+            false,
+            "RolloutComplete",
+            format!("{desired} replicas up to date and available"),
+        )
+    } else {
+        condition(
+            PROGRESSING,
+            true,
+            "RollingOut",
+            format!(
+                "{updated}/{desired} replicas updated, {ready} ready; new pods pull {} before they turn ready",
+                lmd.spec.model
+            ),
+        )
+    };
+    let failure = deployment_condition("ReplicaFailure").filter(|c| c.status == "True");
+    let stuck = deployment_condition("Progressing")
+        .filter(|c| c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let degraded = match (failure, stuck) {
+        (Some(c), _) => condition(
+            DEGRADED,
+            true,
+            "ReplicaFailure",
+            c.message.unwrap_or_default(),
+        ),
+        (None, Some(c)) => condition(
+            DEGRADED,
+            true,
+            "ProgressDeadlineExceeded",
+            c.message.unwrap_or_default(),
+        ),
+        (None, None) => condition(DEGRADED, false, "AsExpected", ""),
+    };
+    let ready_condition = if desired == 0 {
+        condition(READY, false, "ScaledToZero", "0 replicas requested")
+    } else if ready > 0 {
+        condition(
+            READY,
+            true,
+            "ReplicasReady",
+            format!("{ready}/{desired} replicas ready at {endpoint}"),
+        )
+    } else if let Some(name) = pending_claim(claim) {
+        // Pods wait for their volume: say so rather than leave "not ready" unexplained.
+        condition(
+            READY,
+            false,
+            "ClaimPending",
+            format!(
+                "0/{desired} replicas ready: PersistentVolumeClaim {name:?} is Pending (no volume bound yet: \
+                 check its storageClassName and the cluster's provisioner)"
+            ),
+        )
+    } else {
+        condition(
+            READY,
+            false,
+            "ReplicasNotReady",
+            format!("0/{desired} replicas ready"),
+        )
+    };
+    status_with(
+        lmd,
+        old,
+        vec![ready_condition, progressing, degraded],
+        now,
+        LocalModelDeploymentStatus {
+            replicas,
+            ready_replicas: ready,
+            selector: Some(build::selector_string(lmd)),
+            endpoint: Some(endpoint),
+            ..LocalModelDeploymentStatus::default()
+        },
+    )
+}
+
+/// The name of `claim` when it is still Pending.
+fn pending_claim(claim: Option<&PersistentVolumeClaim>) -> Option<String> {
+    let claim = claim?;
+    let phase = claim.status.as_ref().and_then(|s| s.phase.as_deref());
+    (phase == Some("Pending")).then(|| claim.metadata.name.clone().unwrap_or_default())
+}
+
+/// The status when the owned objects could not be applied (`reason`, `message`): not ready,
+/// degraded, the replica counts of the last status kept.
+pub fn refused_status(
+    lmd: &LocalModelDeployment,
+    old: Option<&LocalModelDeploymentStatus>,
+    reason: &str,
+    message: String,
+    now: &str,
+) -> LocalModelDeploymentStatus {
+    let fresh = vec![
+        condition(READY, false, reason, message.clone()),
+        condition(PROGRESSING, false, reason, ""),
+        condition(DEGRADED, true, reason, message),
+    ];
+    status_with(lmd, old, fresh, now, old.cloned().unwrap_or_default())
+}
+
+fn status_with(
+    lmd: &LocalModelDeployment,
+    old: Option<&LocalModelDeploymentStatus>,
+    fresh: Vec<Condition>,
+    now: &str,
+    base: LocalModelDeploymentStatus,
+) -> LocalModelDeploymentStatus {
+    let generation = lmd.metadata.generation;
+    let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    LocalModelDeploymentStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(old_conditions, fresh, generation, now),
+        queue_depth: old.map_or(0, |o| o.queue_depth),
+        last_scale_time: old.and_then(|o| o.last_scale_time.clone()),
+        ..base
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,177 @@
+//! The operator's Prometheus metrics: reconciles by kind and result, their durations, errors by
+//! class, and whether this replica leads. Labels are kinds and `&'static str` classes only,
+//! never an object's name.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+/// Labels of a finished reconcile.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    /// The resource kind, e.g. `AIProviderPool`.
+    pub kind: String,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// Labels of a failed reconcile.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// The resource kind.
+    pub kind: String,
+    /// [`crate::Error::metric_label`].
+    pub error: &'static str,
+}
+
+/// Labels naming a kind.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The resource kind.
+    pub kind: String,
+}
+
+/// Every metric of one operator process.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ReconcileLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    durations: Family<KindLabels, Histogram, fn() -> Histogram>,
+    leader: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms .. 30 s: a reconcile is a few API calls.
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let durations = Family::<KindLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "floodgate_operator_reconciles",
+            "Reconciles by kind and result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "floodgate_operator_reconcile_errors",
+            "Failed reconciles by kind and error class",
+            errors.clone(),
+        );
+        registry.register(
+            "floodgate_operator_reconcile_seconds",
+            "Time per reconcile by kind",
+            durations.clone(),
+        );
+        registry.register(
+            "floodgate_operator_leader",
+            "1 while this replica runs the controllers (holds the Lease, or runs without election)",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            errors,
+            durations,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one reconcile of `kind` that took `elapsed`, failed with `error` if any.
+    pub fn observe(&self, kind: &str, error: Option<&'static str>, elapsed: Duration) {
+        let result = if error.is_some() { "error" } else { "ok" };
+        self.reconciles
+            .get_or_create(&ReconcileLabels {
+                kind: kind.to_owned(),
+                result,
+            })
+            .inc();
+        if let Some(error) = error {
+            self.errors
+                .get_or_create(&ErrorLabels {
+                    kind: kind.to_owned(),
+                    error,
+                })
+                .inc();
+        }
+        self.durations
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets whether this replica leads.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// Reconciles of `kind` with `result` so far.
+    pub fn reconciles(&self, kind: &str, result: &'static str) -> u64 {
+        self.reconciles
+            .get_or_create(&ReconcileLabels {
+                kind: kind.to_owned(),
+                result,
+            })
+            .get()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconciles_errors_and_durations_are_exposed_by_kind() {
+        let m = Metrics::default();
+        m.observe("AIProviderPool", None, Duration::from_millis(3));
+        m.observe(
+            "AIProviderPool",
+            Some("kube_api"),
+            Duration::from_millis(40),
+        );
+        m.set_leader(true);
+        assert_eq!(m.reconciles("AIProviderPool", "ok"), 1);
+        assert_eq!(m.reconciles("AIProviderPool", "error"), 1);
+        let text = m.encode();
+        for line in [
+            r#"floodgate_operator_reconciles_total{kind="AIProviderPool",result="ok"} 1"#,
+            r#"floodgate_operator_reconcile_errors_total{kind="AIProviderPool",error="kube_api"} 1"#,
+            r#"floodgate_operator_reconcile_seconds_count{kind="AIProviderPool"} 2"#,
+            r#"floodgate_operator_reconcile_seconds_bucket{le="0.005",kind="AIProviderPool"} 1"#,
+            "floodgate_operator_leader 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+    }
+}

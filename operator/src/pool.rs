@@ -1,0 +1,207 @@
+//! AIProviderPool controller: resolves every key's Secret reference and writes capacity, key
+//! counts and conditions. Secrets are watched, so a pool turns Ready as soon as the Secret it
+//! was missing is created or fixed.
+//!
+//! Conditions: `SecretsFound` (every referenced Secret exists), `KeysReady` (every key resolves
+//! to a non-empty value), `Degraded` (some keys do not, but some capacity remains) and `Ready`
+//! (all keys resolve). Messages name the Secret and key at fault, never a value.
+
+use crate::conditions::{self, DEGRADED, KEYS_READY, READY, SECRETS_FOUND, condition};
+use crate::context::{Context, object_key};
+use crate::error::{Error, Result};
+use crate::secrets::{Resolution, SecretIndex, describe_unresolved};
+use crate::usage::ProviderUsage;
+use floodgate_crds::SecretKeyRef;
+use floodgate_crds::pool::{
+    AIProviderPool, AIProviderPoolSpec, AIProviderPoolStatus, ProviderStatus,
+};
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often a pool is looked at again when nothing it watches changes.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// How often a pool's live usage is refreshed when Redis is configured.
+pub const USAGE_REFRESH: Duration = Duration::from_secs(15);
+
+/// Reconciles one pool: reads the Secrets it names and writes its status.
+pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = pool
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(object_key(pool.as_ref())))?;
+    let secrets = SecretIndex::load(&ctx.client, &ns, secret_names(&pool.spec)).await?;
+    let usage = match &ctx.usage {
+        Some(reader) => match reader.pool_usage(&pool.name_any(), &pool.spec).await {
+            Ok(usage) => Some(usage),
+            Err(e) => {
+                // Usage is a figure, not health: keep the last one and say why in the log.
+                tracing::warn!(object = %object_key(pool.as_ref()), error = %e, "cannot read live usage");
+                None
+            }
+        },
+        None => None,
+    };
+    let old = pool.status.as_ref();
+    let status = compute_status(
+        &pool.spec,
+        pool.metadata.generation,
+        old,
+        &secrets,
+        usage.as_ref(),
+        &conditions::now(),
+    );
+    let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    ctx.write_status(
+        pool.as_ref(),
+        old,
+        &status,
+        old_conditions,
+        &status.conditions,
+    )
+    .await?;
+    ctx.succeeded(pool.as_ref());
+    Ok(Action::requeue(if ctx.usage.is_some() {
+        USAGE_REFRESH
+    } else {
+        RESYNC
+    }))
+}
+
+/// The names of the Secrets `spec` references.
+pub fn secret_names(spec: &AIProviderPoolSpec) -> impl Iterator<Item = String> + '_ {
+    key_refs(spec).map(|(_, r)| r.name.clone())
+}
+
+/// Every key reference of `spec` with `provider/key-name`, the key's display name defaulting
+/// to `<provider>-<index>` as the gateway names it.
+fn key_refs(spec: &AIProviderPoolSpec) -> impl Iterator<Item = (String, &SecretKeyRef)> {
+    spec.providers.iter().flat_map(|p| {
+        p.keys.iter().enumerate().map(move |(i, k)| {
+            let name = k.name.clone().unwrap_or_else(|| format!("{}-{i}", p.name));
+            (format!("{}/{name}", p.name), &k.secret_ref)
+        })
+    })
+}
+
+/// The pools in `store` that the Secret `namespace/name` may change.
+pub fn pools_using_secret(
+    store: &Store<AIProviderPool>,
+    namespace: Option<&str>,
+    name: &str,
+) -> Vec<ObjectRef<AIProviderPool>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == namespace)
+        .filter(|p| secret_names(&p.spec).any(|s| s == name))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// The status of a pool of `spec` at `generation`, given the Secrets that exist and the live
+/// usage per provider; without usage (no Redis, or it failed) the figures of `old` stay.
+pub fn compute_status(
+    spec: &AIProviderPoolSpec,
+    generation: Option<i64>,
+    old: Option<&AIProviderPoolStatus>,
+    secrets: &SecretIndex,
+    usage: Option<&ProviderUsage>,
+    now: &str,
+) -> AIProviderPoolStatus {
+    let mut providers = Vec::new();
+    let (mut ready_keys, mut total_keys, mut capacity_rpm) = (0u32, 0u32, 0u64);
+    for p in &spec.providers {
+        let ready: Vec<_> = p
+            .keys
+            .iter()
+            .filter(|k| secrets.resolve(&k.secret_ref) == Resolution::Found)
+            .collect();
+        let provider_ready = u32::try_from(ready.len()).unwrap_or(u32::MAX);
+        let provider_total = u32::try_from(p.keys.len()).unwrap_or(u32::MAX);
+        capacity_rpm += ready.iter().map(|k| u64::from(k.rpm)).sum::<u64>();
+        if p.keys.is_empty() {
+            // A keyless self-hosted server: its own limit, if it has one, is its capacity.
+            capacity_rpm += p.rpm.map_or(0, u64::from);
+        }
+        ready_keys += provider_ready;
+        total_keys += provider_total;
+        let previous = old.and_then(|o| o.providers.iter().find(|s| s.name == p.name));
+        providers.push(ProviderStatus {
+            name: p.name.clone(),
+            circuit: previous.map_or_else(|| "unknown".to_owned(), |s| s.circuit.clone()),
+            ready_keys: provider_ready,
+            total_keys: provider_total,
+            used_rpm: match usage {
+                Some(u) => u.get(&p.name).copied().unwrap_or(0),
+                None => previous.map_or(0, |s| s.used_rpm),
+            },
+        });
+    }
+
+    let missing_secrets: Vec<_> = key_refs(spec)
+        .filter(|(_, r)| secrets.resolve(r) == Resolution::SecretNotFound)
+        .collect();
+    let secrets_found = if missing_secrets.is_empty() {
+        condition(
+            SECRETS_FOUND,
+            true,
+            "AllSecretsFound",
+            "every referenced Secret exists",
+        )
+    } else {
+        let text =
+            describe_unresolved(secrets, missing_secrets.iter().cloned()).unwrap_or_default();
+        condition(SECRETS_FOUND, false, "SecretNotFound", text)
+    };
+    let unresolved = describe_unresolved(secrets, key_refs(spec));
+    let summary = format!("{ready_keys}/{total_keys} keys ready, {capacity_rpm} RPM");
+    let (keys_ready, ready, degraded) = match &unresolved {
+        None => (
+            condition(KEYS_READY, true, "AllKeysReady", summary.clone()),
+            condition(READY, true, "AllKeysReady", summary),
+            condition(DEGRADED, false, "AllKeysReady", ""),
+        ),
+        Some(text) => {
+            let reason = if missing_secrets.is_empty() {
+                "KeyNotFound"
+            } else {
+                "SecretNotFound"
+            };
+            let message = format!("{summary}: {text}");
+            (
+                condition(KEYS_READY, false, reason, message.clone()),
+                condition(READY, false, reason, message.clone()),
+                if capacity_rpm > 0 {
+                    condition(DEGRADED, true, reason, message)
+                } else {
+                    condition(DEGRADED, false, "NoCapacity", "no key is usable")
+                },
+            )
+        }
+    };
+    let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    AIProviderPoolStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(
+            old_conditions,
+            vec![ready, secrets_found, keys_ready, degraded],
+            generation,
+            now,
+        ),
+        provider_count: u32::try_from(spec.providers.len()).unwrap_or(u32::MAX),
+        ready_keys,
+        total_keys,
+        keys: Some(format!("{ready_keys}/{total_keys}")),
+        capacity_rpm,
+        used_rpm: match usage {
+            Some(u) => u.values().sum(),
+            None => old.map_or(0, |o| o.used_rpm),
+        },
+        providers,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,103 @@
+//! Live usage of pools, read from the Redis in which the gateway's replicas share their rate
+//! budgets (layout: [`floodgate_crds::redis_keys`]). A key's use is the number of requests in
+//! its request log scored within the last minute by Redis' own clock: in flight, or answered
+//! within the minute, over every replica, exactly as the proxies count against the limit.
+//!
+//! Circuit states are not shared in Redis, so the operator cannot report them yet.
+
+use crate::error::Result;
+use floodgate_crds::pool::{AIProviderPoolSpec, Provider};
+use floodgate_crds::redis_keys::KeyBudgetKeys;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The window `usedRpm` counts over.
+pub const WINDOW_MS: u64 = 60_000;
+
+/// How long a connection or a reply may take: a dead Redis must not hold up a reconcile.
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Requests in the last minute per provider name.
+pub type ProviderUsage = BTreeMap<String, u64>;
+
+/// Reads usage from one Redis; connects on first use and reconnects after failures.
+pub struct UsageReader {
+    client: redis::Client,
+    conn: OnceLock<ConnectionManager>,
+}
+
+impl std::fmt::Debug for UsageReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: never printed.
+        f.debug_struct("UsageReader").finish_non_exhaustive()
+    }
+}
+
+impl UsageReader {
+    /// A reader for the Redis at `url` (`redis://host:port[/db]`); does not connect yet.
+    pub fn new(url: &str) -> Result<Self> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            conn: OnceLock::new(),
+        })
+    }
+
+    fn connection(&self) -> Result<ConnectionManager> {
+        if let Some(conn) = self.conn.get() {
+            return Ok(conn.clone());
+        }
+        // One attempt per call, bounded: the next reconcile tries again.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(0);
+        let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
+        Ok(self.conn.get_or_init(|| conn).clone())
+    }
+
+    /// Requests of the last minute per provider of pool `pool`, over all its keys.
+    pub async fn pool_usage(&self, pool: &str, spec: &AIProviderPoolSpec) -> Result<ProviderUsage> {
+        let mut conn = self.connection()?;
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
+        let since = format!("({}", now_ms.saturating_sub(WINDOW_MS));
+        let mut pipe = redis::pipe();
+        let mut owners = Vec::new();
+        for provider in &spec.providers {
+            for id in budget_ids(provider) {
+                let keys = KeyBudgetKeys::new(pool, &provider.name, &id);
+                pipe.cmd("ZCOUNT")
+                    .arg(keys.requests)
+                    .arg(&since)
+                    .arg("+inf");
+                owners.push(provider.name.as_str());
+            }
+        }
+        let counts: Vec<u64> = if owners.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await?
+        };
+        let mut usage: ProviderUsage = spec.providers.iter().map(|p| (p.name.clone(), 0)).collect();
+        for (owner, count) in owners.into_iter().zip(counts) {
+            *usage.entry(owner.to_owned()).or_default() += count;
+        }
+        Ok(usage)
+    }
+}
+
+/// The budget ids of a provider's keys: each key's secret reference `<secret>/<key>`, or the
+/// provider's own name for a keyless provider (as the proxies name them).
+pub fn budget_ids(provider: &Provider) -> Vec<String> {
+    if provider.keys.is_empty() {
+        vec![provider.name.clone()]
+    } else {
+        provider
+            .keys
+            .iter()
+            .map(|k| format!("{}/{}", k.secret_ref.name, k.secret_ref.key))
+            .collect()
+    }
+}
