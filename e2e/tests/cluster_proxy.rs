@@ -393,7 +393,7 @@ apiVersion: floodgate.dev/v1alpha1
 kind: TierQueue
 metadata: {{name: tiers}}
 spec:
-  tiers: [{{name: pro, class: priority, maxWaitSeconds: 2}}]
+  tiers: [{{name: pro, class: priority, maxWaitMs: 2000}}]
 ---
 apiVersion: floodgate.dev/v1alpha1
 kind: Tenant

@@ -231,7 +231,7 @@ fn an_empty_directory_is_an_error() {
 
 #[test]
 fn a_second_tier_queue_is_refused() {
-    let tq = "apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {name: NAME}\nspec:\n  tiers: [{name: a, class: standard, maxWaitSeconds: 1}]\n";
+    let tq = "apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {name: NAME}\nspec:\n  tiers: [{name: a, class: standard, maxWaitMs: 1000}]\n";
     let dir = dir_with(&[
         ("a.yaml", &tq.replace("NAME", "one")),
         ("b.yaml", &tq.replace("NAME", "two")),
@@ -247,8 +247,8 @@ metadata: {name: tiers}
 spec:
   defaultTier: basic
   tiers:
-  - {name: pro, class: priority, maxWaitSeconds: 2}
-  - {name: basic, class: standard, maxWaitSeconds: 5}
+  - {name: pro, class: priority, maxWaitMs: 2000}
+  - {name: basic, class: standard, maxWaitMs: 5000}
 "#;
 
 fn tenant_doc(name: &str, tier: Option<&str>, key: &str) -> String {

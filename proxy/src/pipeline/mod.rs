@@ -35,9 +35,11 @@ use crate::providers::types::ChatRequest;
 use crate::providers::{
     ChatChunk, EmbeddingsRequest, EmbeddingsResponse, ProviderError, estimate_prompt_tokens,
 };
+use crate::route::attempt::{ANONYMOUS, Asker};
 use crate::route::{ChunkStream, Dispatcher, Reply, ReplyBody, RouteError, View};
 use futures::Stream;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// Why the chain did not answer: refused by the tenant's limits, or by the route stage.
@@ -59,12 +61,14 @@ pub async fn chat(
     ctx: &mut RequestCtx,
     req: &ChatRequest,
 ) -> Result<Reply, Error> {
+    // The caller's tier sets the deadline every later stage keeps.
+    let asker = queue_place(view, ctx);
     // 2b: the tenant's own limits, before its request queues.
     let output = req.max_completion_tokens.or(req.max_tokens).unwrap_or(0);
     let tokens = u64::from(estimate_prompt_tokens(req)) + u64::from(output);
     let slot = tenant_slot(ctx, &req.model, tokens).await?;
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
-    let reply = dispatcher.chat(view, req, ctx.deadline).await;
+    let reply = dispatcher.chat(view, req, ctx.deadline, asker).await;
     decided(ctx, &reply);
     let mut reply = reply?;
     if let Some(slot) = slot {
@@ -92,10 +96,12 @@ pub async fn embeddings(
     ctx: &mut RequestCtx,
     req: &EmbeddingsRequest,
 ) -> Result<Reply<EmbeddingsResponse>, Error> {
+    // The caller's tier sets the deadline every later stage keeps.
+    let asker = queue_place(view, ctx);
     // 2b: the tenant's own limits, before its request queues.
     let slot = tenant_slot(ctx, &req.model, u64::from(req.estimate_tokens())).await?;
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
-    let reply = dispatcher.embeddings(view, req, ctx.deadline).await;
+    let reply = dispatcher.embeddings(view, req, ctx.deadline, asker).await;
     decided(ctx, &reply);
     let reply = reply?;
     if let Some(slot) = slot
@@ -138,9 +144,29 @@ impl Stream for Held {
     }
 }
 
+/// The queue stage's view of the caller: its tier (its tenant's, else the TierQueue's
+/// default) with the deadline that tier sets, and its tenant (`<namespace>/<name>` or
+/// `<name>`; [`ANONYMOUS`] in open mode). Sets the tier and deadline on `ctx` (the same each
+/// time it is called).
+pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
+    let caller = ctx.caller.as_ref();
+    let tier = view
+        .runtime
+        .tiers
+        .get(caller.and_then(|c| c.tier()).map(|t| &**t));
+    let tenant = caller.map_or_else(|| Arc::from(ANONYMOUS), |c| c.name().clone());
+    ctx.set_tier(tier);
+    Asker {
+        tier: tier.clone(),
+        tenant,
+        progress: ctx.progress.clone(),
+    }
+}
+
 /// Records the route stage's decision on `ctx`.
 fn decided<B>(ctx: &mut RequestCtx, reply: &Result<Reply<B>, RouteError>) {
     if let Ok(reply) = reply {
+        ctx.queued = Some(reply.waited);
         ctx.route = Some(RouteDecision {
             provider: reply.provider.clone(),
             key: reply.key.clone(),

@@ -22,6 +22,7 @@ mod embeddings;
 pub mod error;
 pub mod messages;
 mod models;
+pub mod waiting;
 pub mod workers;
 
 use crate::identity::Identity;
