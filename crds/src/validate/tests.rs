@@ -354,6 +354,30 @@ fn every_error_is_reported_at_once() {
 }
 
 #[test]
+fn a_wait_target_past_the_wait_limit() {
+    let bad = with(tiers(), "/spec/tiers/0/waitTargetMs", json!(1500));
+    let e = refused_at(Kind::TierQueue, bad, "spec.tiers[0].waitTargetMs");
+    assert!(e.message.contains("must not exceed maxWaitMs"), "{e}");
+}
+
+#[test]
+fn class_headroom_defaults_and_bounds() {
+    let tq: TierQueue = validate_object(Kind::TierQueue, &tiers()).unwrap();
+    let h = &tq.spec.class_headroom;
+    assert_eq!((h.priority, h.standard, h.batch), (0, 20, 50));
+    assert_eq!(
+        tq.spec.tiers[1]
+            .batch
+            .as_ref()
+            .unwrap()
+            .off_peak_utilization_percent,
+        80
+    );
+    let bad = with(tiers(), "/spec/classHeadroom", json!({"batch": 100}));
+    refused_at(Kind::TierQueue, bad, "spec.classHeadroom.batch");
+}
+
+#[test]
 fn tenant_optional_fields_may_be_left_out() {
     let ok = without(tenant(), "/spec/tier");
     let ok = without(ok, "/spec/limits");
@@ -416,28 +440,4 @@ fn tenant_empty_or_duplicate_model() {
     refused_at(Kind::Tenant, bad, "spec.models[1]");
     let bad = with(tenant(), "/spec/models/1", json!("smart"));
     refused_at(Kind::Tenant, bad, "spec.models");
-}
-
-#[test]
-fn a_wait_target_past_the_wait_limit() {
-    let bad = with(tiers(), "/spec/tiers/0/waitTargetMs", json!(1500));
-    let e = refused_at(Kind::TierQueue, bad, "spec.tiers[0].waitTargetMs");
-    assert!(e.message.contains("must not exceed maxWaitMs"), "{e}");
-}
-
-#[test]
-fn class_headroom_defaults_and_bounds() {
-    let tq: TierQueue = validate_object(Kind::TierQueue, &tiers()).unwrap();
-    let h = &tq.spec.class_headroom;
-    assert_eq!((h.priority, h.standard, h.batch), (0, 20, 50));
-    assert_eq!(
-        tq.spec.tiers[1]
-            .batch
-            .as_ref()
-            .unwrap()
-            .off_peak_utilization_percent,
-        80
-    );
-    let bad = with(tiers(), "/spec/classHeadroom", json!({"batch": 100}));
-    refused_at(Kind::TierQueue, bad, "spec.classHeadroom.batch");
 }

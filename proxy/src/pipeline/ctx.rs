@@ -109,13 +109,13 @@ pub struct RequestCtx {
     pub max_wait_asked: Option<std::time::Duration>,
     /// Its tier: `default` without a TierQueue.
     pub tier: Arc<str>,
-    /// Who calls (stage 1, identity): its tenant, with the tenant's name and tier. `None`
-    /// when the gateway is open (no Tenant configured).
-    pub caller: Option<Arc<Caller>>,
     /// How long it waited in the queue for budget, once admitted.
     pub queued: Option<std::time::Duration>,
     /// Where it stands while it waits, when the door reports progress (streaming callers).
     pub progress: Option<Arc<crate::route::wait::Progress>>,
+    /// Who calls (stage 1, identity): its tenant, with the tenant's name and tier. `None`
+    /// when the gateway is open (no Tenant configured).
+    pub caller: Option<Arc<Caller>>,
     /// The route stage's decision, once made.
     pub route: Option<RouteDecision>,
 }
@@ -137,9 +137,9 @@ impl RequestCtx {
             deadline: received + max_wait_asked.map_or(max_wait, |m| m.min(max_wait)),
             max_wait_asked,
             tier: Arc::from(crate::route::tiers::DEFAULT_TIER),
-            caller: None,
             queued: None,
             progress: None,
+            caller: None,
             route: None,
         }
     }

@@ -9,7 +9,7 @@
 //! | 3 | classify         | here, prompt class             | not built yet (routing issue)  |
 //! | 4 | cache lookup     | here                           | not built yet (cache issue)    |
 //! | 5 | dedup            | here, join an identical request in flight | not built yet (cache issue) |
-//! | 6 | queue (admission)| [`route::attempt`], per route, arrival order, bounded | built |
+//! | 6 | queue (admission)| [`route::attempt`] + [`route::wait`]: per route, by tier (weighted fair queueing), bounded | built |
 //! | 7 | route / attempt  | [`route`]: key, provider, fallback | built                      |
 //! | 8 | cache store      | here, tees the typed answer    | not built yet (cache issue)    |
 //!
@@ -61,11 +61,10 @@ pub async fn chat(
     ctx: &mut RequestCtx,
     req: &ChatRequest,
 ) -> Result<Reply, Error> {
-    // The caller's tier sets the deadline every later stage keeps.
-    let asker = queue_place(view, ctx);
     // 2b: the tenant's own limits, before its request queues.
     let output = req.max_completion_tokens.or(req.max_tokens).unwrap_or(0);
     let tokens = u64::from(estimate_prompt_tokens(req)) + u64::from(output);
+    let asker = queue_place(view, ctx);
     let slot = tenant_slot(ctx, &req.model, tokens).await?;
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
     let reply = dispatcher.chat(view, req, ctx.deadline, asker).await;
@@ -96,9 +95,8 @@ pub async fn embeddings(
     ctx: &mut RequestCtx,
     req: &EmbeddingsRequest,
 ) -> Result<Reply<EmbeddingsResponse>, Error> {
-    // The caller's tier sets the deadline every later stage keeps.
-    let asker = queue_place(view, ctx);
     // 2b: the tenant's own limits, before its request queues.
+    let asker = queue_place(view, ctx);
     let slot = tenant_slot(ctx, &req.model, u64::from(req.estimate_tokens())).await?;
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
     let reply = dispatcher.embeddings(view, req, ctx.deadline, asker).await;
@@ -144,21 +142,19 @@ impl Stream for Held {
     }
 }
 
-/// The queue stage's view of the caller: its tier (its tenant's, else the TierQueue's
-/// default) with the deadline that tier sets, and its tenant (`<namespace>/<name>` or
-/// `<name>`; [`ANONYMOUS`] in open mode). Sets the tier and deadline on `ctx` (the same each
-/// time it is called).
+/// The queue stage's view of the caller: its tier (the TierQueue's default until identity
+/// names one) with the deadline that tier sets, and its tenant. Sets the tier and deadline
+/// on `ctx` (the same each time it is called).
 pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
-    let caller = ctx.caller.as_ref();
+    let caller = ctx.caller.clone();
     let tier = view
         .runtime
         .tiers
-        .get(caller.and_then(|c| c.tier()).map(|t| &**t));
-    let tenant = caller.map_or_else(|| Arc::from(ANONYMOUS), |c| c.name().clone());
+        .get(caller.as_ref().and_then(|c| c.tier()).map(|t| &**t));
     ctx.set_tier(tier);
     Asker {
         tier: tier.clone(),
-        tenant,
+        tenant: caller.map_or_else(|| Arc::from(ANONYMOUS), |c| c.name().clone()),
         progress: ctx.progress.clone(),
     }
 }
