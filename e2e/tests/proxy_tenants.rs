@@ -454,3 +454,49 @@ spec:
     assert_eq!(logged, 3, "{}", keys.requests);
     assert_eq!(mock.counts().total(), 3);
 }
+
+/// A tenant's tier is the request's tier (`x-floodgate-tier`); a tenant without one gets
+/// the TierQueue's default.
+#[tokio::test]
+async fn the_tenants_tier_is_the_requests_tier() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let tiers = r#"
+apiVersion: floodgate.dev/v1alpha1
+kind: TierQueue
+metadata: {name: tiers}
+spec:
+  defaultTier: basic
+  tiers:
+  - {name: pro, class: priority, weight: 10, maxWaitMs: 2000}
+  - {name: basic, class: standard, weight: 5, maxWaitMs: 5000}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: Tenant
+metadata: {name: acme}
+spec:
+  tier: pro
+  keys: [{name: main, secretRef: {name: clients, key: acme}}]
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: Tenant
+metadata: {name: globex}
+spec:
+  keys: [{name: main, secretRef: {name: clients, key: globex}}]
+"#;
+    let yaml = format!("{}---\n{}---\n{tiers}", pool(&mock), clients(ACME_KEY));
+    let gw = Gateway::start(&yaml, Duration::from_secs(60), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", gw.url());
+    for (key, tier) in [(ACME_KEY, "pro"), (GLOBEX_KEY, "basic")] {
+        let response = reqwest::Client::new()
+            .post(&url)
+            .header("x-api-key", key)
+            .json(&chat("gpt-4o", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-floodgate-tier"], tier);
+    }
+}
