@@ -14,7 +14,8 @@ use crate::budget::{KeyBudget, Permit};
 use crate::metrics::{self, TargetMetrics, UpstreamLabels};
 use crate::providers::types::ChatRequest;
 use crate::providers::{
-    ChatChunk, EmbeddingsRequest, EmbeddingsResponse, ProviderError, StreamDecoder, Usage,
+    ChatChunk, ClosedWhen, EmbeddingsRequest, EmbeddingsResponse, ProviderError, StreamDecoder,
+    Usage,
 };
 use crate::telemetry;
 use bytes::Bytes;
@@ -255,7 +256,7 @@ async fn exchange(
         }
     };
     permit.answered();
-    let response = sent.map_err(|e| transport_error(&e))?;
+    let response = sent.map_err(|e| transport_error(&e, ClosedWhen::BeforeResponse))?;
     let status = response.status();
     let info = provider
         .adapter
@@ -275,7 +276,7 @@ async fn read_whole(
     expired: Pin<&mut tokio::time::Sleep>,
 ) -> Result<Bytes, ProviderError> {
     tokio::select! {
-        body = response.bytes() => body.map_err(|e| transport_error(&e)),
+        body = response.bytes() => body.map_err(|e| transport_error(&e, ClosedWhen::MidResponse)),
         () = expired => Err(ProviderError::Timeout),
     }
 }
@@ -314,13 +315,55 @@ async fn send_embeddings(
     Ok(parsed)
 }
 
-fn transport_error(e: &reqwest::Error) -> ProviderError {
+/// A transport failure of `reqwest`, classified by what failed: the TCP connection, the TLS
+/// handshake, a timer, or a connection the upstream closed `when`.
+fn transport_error(e: &reqwest::Error, when: ClosedWhen) -> ProviderError {
+    if e.is_connect() {
+        return connect_error(e);
+    }
     if e.is_timeout() {
-        ProviderError::Timeout
-    } else if e.is_connect() {
-        ProviderError::Connect("connection refused or unreachable".to_owned())
-    } else {
-        ProviderError::Connect("connection broken".to_owned())
+        return ProviderError::Timeout;
+    }
+    ProviderError::Closed(when)
+}
+
+/// A failure to open a connection: the TLS handshake's (rustls named the problem, or the
+/// server closed the connection during the handshake) or the TCP connection's.
+fn connect_error(e: &reqwest::Error) -> ProviderError {
+    // The innermost I/O error says what happened to the socket.
+    let mut io_kind = None;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return ProviderError::Tls(tls.to_string());
+        }
+        source = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => {
+                io_kind = Some(io.kind());
+                // `io::Error::source` skips the error it wraps: descend into that one.
+                io.get_ref()
+                    .map(|inner| inner as &(dyn std::error::Error + 'static))
+            }
+            None => err.source(),
+        };
+    }
+    match io_kind {
+        // Only a TLS handshake reads during connect: an end of stream there is the server
+        // hanging up on the client hello.
+        Some(std::io::ErrorKind::UnexpectedEof) => {
+            ProviderError::Tls("the server closed the connection during the handshake".to_owned())
+        }
+        Some(std::io::ErrorKind::ConnectionRefused) => {
+            ProviderError::Connect("connection refused".to_owned())
+        }
+        Some(std::io::ErrorKind::TimedOut) => {
+            ProviderError::Connect("no connection within the connect timeout".to_owned())
+        }
+        _ if e.is_timeout() => {
+            ProviderError::Connect("no connection within the connect timeout".to_owned())
+        }
+        Some(kind) => ProviderError::Connect(kind.to_string()),
+        None => ProviderError::Connect("unreachable".to_owned()),
     }
 }
 
@@ -402,12 +445,12 @@ impl Pump {
             return Ok(false);
         }
         match tokio::time::timeout(self.idle, self.upstream.next()).await {
-            Err(_) => Err(ProviderError::Timeout),
+            Err(_) => Err(ProviderError::Stalled { idle: self.idle }),
             Ok(Some(Ok(bytes))) => {
                 self.pending.extend(self.decoder.feed(&bytes)?);
                 Ok(true)
             }
-            Ok(Some(Err(e))) => Err(transport_error(&e)),
+            Ok(Some(Err(e))) => Err(transport_error(&e, ClosedWhen::MidResponse)),
             Ok(None) => {
                 self.pending.extend(self.decoder.finish()?);
                 self.state = PumpState::Finished;
