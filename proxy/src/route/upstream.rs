@@ -15,7 +15,7 @@ use crate::metrics::{self, TargetMetrics, UpstreamLabels};
 use crate::providers::types::ChatRequest;
 use crate::providers::{
     ChatChunk, ClosedWhen, EmbeddingsRequest, EmbeddingsResponse, ProviderError, StreamDecoder,
-    Usage,
+    Usage, estimate_prompt_tokens,
 };
 use crate::telemetry;
 use bytes::Bytes;
@@ -229,6 +229,8 @@ async fn send(
         decoder,
         pending: VecDeque::new(),
         permit: Some(permit),
+        prompt_estimate: u64::from(estimate_prompt_tokens(req)),
+        output_estimate: 0,
         key: key.budget.clone(),
         idle,
         state: PumpState::Streaming,
@@ -380,10 +382,50 @@ struct Pump {
     decoder: StreamDecoder,
     pending: VecDeque<ChatChunk>,
     permit: Option<Permit>,
+    /// The gateway's estimate of the prompt, and of the output decoded so far: what the
+    /// request used if the caller leaves before the provider said.
+    prompt_estimate: u64,
+    output_estimate: u64,
     key: Arc<KeyBudget>,
     idle: Duration,
     state: PumpState,
     usage: UsageRecord,
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        // Dropped while streaming: the caller left. After an upstream error the permit's own
+        // drop keeps the whole estimate (the safe side: the provider's count is unknown).
+        if self.state == PumpState::Streaming {
+            self.abandoned();
+        }
+    }
+}
+
+/// Tokens of output a chunk carries, estimated as prompts are (a token per four bytes,
+/// at least one per chunk with text): for settling a stream the caller left.
+fn estimate_output_tokens(chunk: &ChatChunk) -> u64 {
+    let bytes: usize = chunk
+        .choices
+        .iter()
+        .map(|c| {
+            let d = &c.delta;
+            let text =
+                d.content.as_deref().map_or(0, str::len) + d.refusal.as_deref().map_or(0, str::len);
+            let tools: usize = d
+                .tool_calls
+                .iter()
+                .flatten()
+                .filter_map(|t| t.function.as_ref())
+                .map(|f| {
+                    f.name.as_deref().map_or(0, str::len)
+                        + f.arguments.as_deref().map_or(0, str::len)
+                })
+                .sum();
+            text + tools
+        })
+        .sum();
+    bytes.div_ceil(4) as u64
 }
 
 /// What is needed to record a request's usage once it is known.
@@ -447,7 +489,14 @@ impl Pump {
         match tokio::time::timeout(self.idle, self.upstream.next()).await {
             Err(_) => Err(ProviderError::Stalled { idle: self.idle }),
             Ok(Some(Ok(bytes))) => {
-                self.pending.extend(self.decoder.feed(&bytes)?);
+                let mut output = 0;
+                self.pending.extend(
+                    self.decoder
+                        .feed(&bytes)?
+                        .into_iter()
+                        .inspect(|chunk| output += estimate_output_tokens(chunk)),
+                );
+                self.output_estimate += output;
                 Ok(true)
             }
             Ok(Some(Err(e))) => Err(transport_error(&e, ClosedWhen::MidResponse)),
@@ -466,6 +515,30 @@ impl Pump {
             permit.settle(u64::from(usage.total_tokens));
             self.usage.record(usage);
         }
+    }
+
+    /// The caller went away mid-stream (the pump is dropped with the upstream response, which
+    /// closes the upstream connection and so cancels the request): the reservation is
+    /// settled at what was used, the provider's counts where it gave them, else the
+    /// gateway's estimates of the prompt and of the output received. The request's slot
+    /// stays counted for its window, as the provider counts it.
+    fn abandoned(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let reported = self.decoder.usage().unwrap_or_default();
+        let prompt = match reported.prompt_tokens {
+            0 => self.prompt_estimate,
+            n => u64::from(n),
+        };
+        let output = u64::from(reported.completion_tokens).max(self.output_estimate);
+        permit.settle(prompt + output);
+        self.usage.span.in_scope(|| {
+            tracing::debug!(
+                tokens = prompt + output,
+                "the caller left mid-stream: upstream request cancelled, budget settled"
+            );
+        });
     }
 
     /// The typed stream: chunks in order, ending after the provider's terminal event, or
