@@ -9,6 +9,7 @@ use floodgate_proxy::config::secrets::SecretSources;
 use floodgate_proxy::config::watch::{SharedConfig, Watcher};
 use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
 use floodgate_proxy::secret::SecretString;
+use floodgate_proxy::server::conn;
 use floodgate_proxy::server::workers::{self, Workers};
 use floodgate_proxy::server::{AppState, router};
 use floodgate_proxy::telemetry;
@@ -67,6 +68,24 @@ struct Args {
     /// it tells any caller the key inventory; for debugging only.
     #[arg(long, env = "FLOODGATE_EXPOSE_KEY_HEADER")]
     expose_key_header: bool,
+    /// Longest a request's head may take to arrive whole, in milliseconds: from the accept
+    /// for a connection's first request, from its first byte for later ones.
+    #[arg(long, env = "FLOODGATE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_ms: u64,
+    /// Longest a keep-alive connection may wait, idle, for its next request, in milliseconds.
+    /// Keep it above the idle timeout of a load balancer in front (often 60 s).
+    #[arg(long, env = "FLOODGATE_IDLE_TIMEOUT_MS", default_value_t = 75_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_ms: u64,
+    /// Longest a door waits for a whole request body, in milliseconds; then it answers 408.
+    #[arg(long, env = "FLOODGATE_BODY_READ_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    body_read_timeout_ms: u64,
+    /// Most client connections open at once, all workers together; beyond it new connections
+    /// are closed at once. Default: 10000, or half the open-file limit if that is lower.
+    #[arg(long, env = "FLOODGATE_MAX_CONNECTIONS")]
+    max_connections: Option<NonZeroUsize>,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "FLOODGATE_BODY_LIMIT_BYTES", default_value_t = floodgate_proxy::server::DEFAULT_BODY_LIMIT)]
     body_limit_bytes: usize,
@@ -220,17 +239,30 @@ async fn serve(
     }
     let mut state = AppState::new(ready.clone(), dispatcher.clone());
     state.body_limit = args.body_limit_bytes;
+    state.body_timeout = Duration::from_millis(args.body_read_timeout_ms);
     state.expose_key = args.expose_key_header;
     let app = router(state);
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let count = args.workers.unwrap_or_else(workers::default_count);
     let local = listener.local_addr()?;
-    let mut workers = Workers::spawn(listener, app, count, cancel.clone())
+    let limits = conn::Limits {
+        header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+    };
+    let max_connections = args
+        .max_connections
+        .map_or_else(conn::default_max_connections, NonZeroUsize::get);
+    let connections = Arc::new(conn::Connections::new(limits, max_connections));
+    let mut workers = Workers::spawn(listener, app, count, connections, cancel.clone())
         .context("cannot start the worker threads")?;
     tracing::info!(
         listen = %local,
         workers = count.get(),
+        max_connections,
+        header_read_timeout_ms = args.header_read_timeout_ms,
+        idle_timeout_ms = args.idle_timeout_ms,
+        body_read_timeout_ms = args.body_read_timeout_ms,
         models = dispatcher.config().models().len(),
         "floodgate-proxy serving"
     );

@@ -17,6 +17,7 @@
 //! the [`pipeline`](crate::pipeline) and renders its typed answer.
 
 mod chat;
+pub mod conn;
 pub mod door;
 mod embeddings;
 pub mod error;
@@ -48,6 +49,9 @@ pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
+    /// Longest a door waits for the whole request body, from when it starts reading; then it
+    /// answers 408.
+    pub body_timeout: std::time::Duration,
     /// Whether answers name the key used (`x-floodgate-key`). Off by default: the header
     /// tells any caller the key inventory; turn it on for debugging only.
     pub expose_key: bool,
@@ -56,13 +60,17 @@ pub struct AppState {
 /// Default largest request body: 4 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 4 << 20;
 
+/// Default longest wait for a whole request body: 30 s (4 MiB at about 1.1 Mbit/s).
+pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl AppState {
-    /// State with the default body limit and no key header.
+    /// State with the default body limit and timeout, and no key header.
     pub fn new(ready: Arc<AtomicBool>, dispatcher: Arc<Dispatcher>) -> Self {
         Self {
             ready,
             dispatcher,
             body_limit: DEFAULT_BODY_LIMIT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             expose_key: false,
         }
     }
