@@ -5,7 +5,7 @@ use floodgate_proxy::config::load::load_config;
 use floodgate_proxy::config::secrets::SecretSources;
 use floodgate_proxy::route::Dispatcher;
 use floodgate_proxy::server::conn::{self, Connections, Limits};
-use floodgate_proxy::server::{AppState, router};
+use floodgate_proxy::server::{AppState, admin_router, router};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Gateway {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its admin router (`/metrics`) listens.
+    pub admin_addr: SocketAddr,
     /// Its dispatcher (budgets, breakers, the configuration serving now).
     pub dispatcher: Arc<Dispatcher>,
     server: tokio::task::JoinHandle<()>,
@@ -80,19 +82,26 @@ impl Gateway {
         configure(&mut state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let admin_addr = admin.local_addr()?;
         let connections = Arc::new(Connections::new(limits, max_connections));
+        let admin_connections = Arc::new(Connections::new(Limits::default(), 64));
         let server = tokio::spawn(async move {
-            // As the binary serves: the same connection handling and bounds.
-            let _ = conn::serve(
-                listener,
-                router(state),
-                connections,
-                CancellationToken::new(),
-            )
-            .await;
+            // As the binary serves: the same connection handling and bounds, and the admin
+            // router on a listener of its own.
+            let stop = CancellationToken::new();
+            let admin = conn::serve(
+                admin,
+                admin_router(state.clone()),
+                admin_connections,
+                stop.clone(),
+            );
+            let public = conn::serve(listener, router(state), connections, stop);
+            let _ = tokio::join!(admin, public);
         });
         Ok(Gateway {
             addr,
+            admin_addr,
             dispatcher,
             server,
             _dir: dir,
@@ -111,6 +120,11 @@ impl Gateway {
     /// `http://addr`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `http://admin_addr`: `/metrics`.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
     }
 }
 

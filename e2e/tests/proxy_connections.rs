@@ -110,7 +110,7 @@ async fn slow_heads_and_idle_connections_are_closed() {
         slow_took >= Duration::from_millis(HEADER_MS),
         "{slow_took:?}"
     );
-    let metrics = reqwest::get(proxy.url("/metrics"))
+    let metrics = reqwest::get(proxy.admin_url("/metrics"))
         .await
         .unwrap()
         .text()
@@ -180,7 +180,7 @@ async fn connections_beyond_the_cap_are_refused_logged_and_counted() {
     drop(held.pop());
     let deadline = Instant::now() + PATIENCE;
     let metrics = loop {
-        if let Ok(response) = reqwest::get(proxy.url("/metrics")).await {
+        if let Ok(response) = reqwest::get(proxy.admin_url("/metrics")).await {
             break response.text().await.unwrap();
         }
         assert!(Instant::now() < deadline, "no connection slot freed up");

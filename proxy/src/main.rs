@@ -11,7 +11,7 @@ use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
 use floodgate_proxy::secret::SecretString;
 use floodgate_proxy::server::conn;
 use floodgate_proxy::server::workers::{self, Workers};
-use floodgate_proxy::server::{AppState, router};
+use floodgate_proxy::server::{AppState, admin_router, router};
 use floodgate_proxy::telemetry;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -50,6 +50,10 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "FLOODGATE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Address of the admin listener: `/metrics` (and the probes). Admin endpoints are never
+    /// served on `--listen`; unset, there are none.
+    #[arg(long, env = "FLOODGATE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Directory of `<secret>/<key>` files, as a mounted Secret volume.
     #[arg(long, env = "FLOODGATE_SECRETS_DIR")]
     secrets_dir: Option<PathBuf>,
@@ -241,9 +245,27 @@ async fn serve(
     state.body_limit = args.body_limit_bytes;
     state.body_timeout = Duration::from_millis(args.body_read_timeout_ms);
     state.expose_key = args.expose_key_header;
-    let app = router(state);
+    let app = router(state.clone());
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin = match args.admin_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?;
+            let local = listener.local_addr()?;
+            // A few scrapers and probes: a small cap of its own, never the public one's.
+            let connections = Arc::new(conn::Connections::new(conn::Limits::default(), 64));
+            tasks.spawn(conn::serve(
+                listener,
+                admin_router(state),
+                connections,
+                cancel.clone(),
+            ));
+            Some(local)
+        }
+        None => None,
+    };
     let count = args.workers.unwrap_or_else(workers::default_count);
     let local = listener.local_addr()?;
     let limits = conn::Limits {
@@ -258,6 +280,7 @@ async fn serve(
         .context("cannot start the worker threads")?;
     tracing::info!(
         listen = %local,
+        admin_listen = admin.map(|a| a.to_string()),
         workers = count.get(),
         max_connections,
         header_read_timeout_ms = args.header_read_timeout_ms,

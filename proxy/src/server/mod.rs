@@ -1,6 +1,12 @@
 //! The HTTP front doors (OpenAI-compatible API, Anthropic Messages API), health, readiness
 //! and metrics.
 //!
+//! Two routers: the public one ([`router`]: the doors, `/healthz` and `/readyz`) and the
+//! admin one ([`admin_router`]: `/metrics`, and the probes again), served on a listener of
+//! its own (`--admin-listen`) that is never the public one. Every admin or debug endpoint
+//! belongs to the admin router: the public listener answers 404 for anything not an API path
+//! or a probe.
+//!
 //! Layers, outermost first:
 //! 1. catch-panic: a panic becomes a 500 with an OpenAI error body (the Anthropic door's
 //!    routes catch their own first and answer in Anthropic's format,
@@ -111,7 +117,6 @@ pub fn router(state: AppState) -> Router {
             "/v1/messages/count_tokens",
             messages::guarded(post(messages::count_tokens)),
         )
-        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
         .layer(
@@ -124,6 +129,16 @@ pub fn router(state: AppState) -> Router {
                 .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
                 .layer(TraceLayer::new_for_http()),
         )
+}
+
+/// The admin router: `/metrics` and the probes, for a listener that only the operator's
+/// network reaches (`--admin-listen`). Everything else is 404.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {

@@ -99,3 +99,20 @@ async fn the_request_id_is_echoed_or_generated() {
     let id = response.headers()["x-request-id"].to_str().unwrap();
     assert!(id.starts_with("req_"), "{id}");
 }
+
+#[tokio::test]
+async fn metrics_are_served_on_the_admin_router_only() {
+    for path in ["/metrics", "/debug", "/admin"] {
+        let (status, body) = get(state(), path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
+    let response = admin_router(state())
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bytes).contains("# EOF"));
+}
