@@ -68,7 +68,7 @@ async fn chat(proxy: &ProxyProcess, model: &str, stream: bool) -> u16 {
     status
 }
 
-fn leaks<'a>(what: &str, text: &'a [u8]) -> Vec<String> {
+fn leaks(what: &str, text: &[u8]) -> Vec<String> {
     SECRETS
         .iter()
         .filter(|s| text.windows(s.len()).any(|w| w == s.as_bytes()))
