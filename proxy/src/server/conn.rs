@@ -6,7 +6,7 @@
 //! - **header read timeout**: a request's head must arrive whole within it, counted from the
 //!   connection's accept for its first request and from the first byte for later ones;
 //! - **idle timeout**: a connection with no request in flight and no byte of a new one is
-//!   closed after it (keep-alive);
+//!   closed after it (keep-alive); for HTTP/2, the time between streams;
 //! - **body read timeout** ([`AppState::body_timeout`](super::AppState::body_timeout)): a door
 //!   reads the whole body within it, else answers 408 in its own format;
 //! - **connection cap** ([`Connections`]), shared by every worker: beyond it a new connection
@@ -30,7 +30,7 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -257,12 +257,17 @@ async fn connection(
                 conn.as_mut().graceful_shutdown();
             }
             reason = &mut expired, if !closing => {
-                closing = true;
                 metrics::global()
                     .server_connections_closed
                     .get_or_create(&metrics::CloseLabels { reason })
                     .inc();
                 tracing::debug!(reason, "closing a client connection");
+                if reason == HEADER_TIMEOUT {
+                    // A head in progress is not idle to hyper: a graceful shutdown would wait
+                    // for it. Nothing was asked yet, so nothing is lost by closing now.
+                    return;
+                }
+                closing = true;
                 conn.as_mut().graceful_shutdown();
                 hard_stop
                     .as_mut()
@@ -285,6 +290,12 @@ struct Activity {
     /// has. The accept counts as one: a new connection's first request is bounded by the
     /// header timeout from the start.
     head_since: AtomicU64,
+    /// Whether the client opened with the HTTP/2 preface: then bytes between requests are
+    /// control frames (pings, window updates), not the start of a head, and only the idle
+    /// timeout applies between streams.
+    http2: AtomicBool,
+    /// Whether anything was read yet (the preface is looked for in the first read).
+    started: AtomicBool,
     changed: Notify,
 }
 
@@ -299,6 +310,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(1),
+            http2: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             changed: Notify::new(),
         }
     }
@@ -311,10 +324,14 @@ impl Activity {
         self.epoch + Duration::from_nanos(nanos)
     }
 
-    /// Bytes arrived.
-    fn read(&self) {
+    /// `bytes` arrived.
+    fn read(&self, bytes: &[u8]) {
+        if !self.started.swap(true, Ordering::AcqRel) && bytes.starts_with(b"PRI ") {
+            self.http2.store(true, Ordering::Release);
+        }
         if self.in_flight.load(Ordering::Acquire) == 0
             && self.head_since.load(Ordering::Acquire) == 0
+            && !self.http2.load(Ordering::Acquire)
         {
             self.head_since.store(self.now() + 1, Ordering::Release);
             self.changed.notify_one();
@@ -431,7 +448,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.read();
+            self.activity.read(&buf.filled()[before..]);
         }
         polled
     }

@@ -85,7 +85,7 @@ async fn a_half_sent_head_is_closed_after_the_header_timeout() {
     let sent = until_closed(&mut tcp).await;
     let took = started.elapsed();
     assert!(sent.is_empty(), "{sent}");
-    assert!(took >= HEADER && took < IDLE, "closed after {took:?}");
+    assert!(took >= HEADER && took < HEADER * 2, "closed after {took:?}");
     assert!(closed_total(HEADER_TIMEOUT) > before);
 }
 
@@ -96,7 +96,7 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     until_closed(&mut tcp).await;
     let took = started.elapsed();
-    assert!(took >= HEADER && took < IDLE, "closed after {took:?}");
+    assert!(took >= HEADER && took < HEADER * 2, "closed after {took:?}");
 }
 
 #[tokio::test]
@@ -126,7 +126,7 @@ async fn a_head_started_on_an_idle_connection_gets_the_header_timeout() {
     let started = Instant::now();
     until_closed(&mut tcp).await;
     let took = started.elapsed();
-    assert!(took >= HEADER && took < IDLE, "closed after {took:?}");
+    assert!(took >= HEADER && took < HEADER * 2, "closed after {took:?}");
 }
 
 #[tokio::test]
