@@ -11,7 +11,7 @@ CARGO ?= cargo
 FLOODGATE_LISTEN ?= 127.0.0.1:8080
 export FLOODGATE_LISTEN
 
-.PHONY: help run build test unit lint fmt crds crds-check e2e tools cluster-up cluster-down bench check-tools python-venv redis
+.PHONY: help run build test unit lint fmt crds crds-check e2e tools cluster-up cluster-down bench bench-tiers check-tools python-venv redis
 
 help:
 	@echo "make run     - the proxy, standalone, on examples/standalone ($(FLOODGATE_LISTEN))"
@@ -19,7 +19,9 @@ help:
 	@echo "make lint    - cargo fmt --check and clippy -D warnings"
 	@echo "make crds    - regenerate crds/manifests and charts/floodgate/crds from the types"
 	@echo "make e2e     - the end-to-end suite against a real kube-apiserver and etcd"
-	@echo "make bench   - added latency, throughput and CPU: direct, pass-through, 4-key pool, pool + Redis"
+	@echo "make bench   - added latency, throughput and CPU: direct, pass-through, 4-key pool, pool + Redis;"
+	@echo "               then the tier scenario (make bench-tiers, about 3 minutes)"
+	@echo "make bench-tiers - mixed tiers at twice the pool's capacity, real 60 s windows: waits, refusals, losses"
 	@echo "make python-venv - the OpenAI and Anthropic Python SDKs for e2e/tests/*_sdk.rs (unit does it)"
 
 check-tools:
@@ -92,3 +94,8 @@ e2e: check-tools tools
 # BENCH_TRIALS=5, see e2e/bench/bench.sh); the table goes to $(CACHE)/bench/latest.txt.
 bench: check-tools redis
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/bench.sh
+	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/tiers.sh
+
+# The tier scenario alone (BENCH_TIER_SECONDS=180, BENCH_TIER_RPM=150; see the script).
+bench-tiers: check-tools
+	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/tiers.sh

@@ -55,6 +55,60 @@ pub struct TierQueueSpec {
     /// Where work goes once its retries are spent.
     #[serde(default)]
     pub dead_letter: DeadLetter,
+    /// The share of a key's rate window each queue class needs free to take from it, so that
+    /// lower classes leave room for higher ones, also across replicas sharing budgets.
+    #[serde(default)]
+    pub class_headroom: ClassHeadroom,
+}
+
+/// Percent of a key's request window that must still be free for a class to take a request
+/// from it: with 50 for batch, batch work stops when a key is half used and leaves the rest to
+/// the interactive classes. Decided inside the same admission as the limit itself (in Redis
+/// when budgets are shared).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassHeadroom {
+    /// Class priority.
+    #[serde(default)]
+    #[schemars(range(max = 99))]
+    pub priority: u32,
+    /// Class standard.
+    #[serde(default = "default_standard_headroom")]
+    #[schemars(range(max = 99))]
+    pub standard: u32,
+    /// Class batch.
+    #[serde(default = "default_batch_headroom")]
+    #[schemars(range(max = 99))]
+    pub batch: u32,
+}
+
+impl ClassHeadroom {
+    /// The headroom of `class`, in percent.
+    pub fn of(&self, class: QueueClass) -> u32 {
+        match class {
+            QueueClass::Priority => self.priority,
+            QueueClass::Standard => self.standard,
+            QueueClass::Batch => self.batch,
+        }
+    }
+}
+
+impl Default for ClassHeadroom {
+    fn default() -> Self {
+        Self {
+            priority: 0,
+            standard: default_standard_headroom(),
+            batch: default_batch_headroom(),
+        }
+    }
+}
+
+fn default_standard_headroom() -> u32 {
+    20
+}
+
+fn default_batch_headroom() -> u32 {
+    50
 }
 
 /// Queue class of a tier.
@@ -84,7 +138,8 @@ impl QueueClass {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.class == 'batch' ? has(self.batch) : !has(self.batch)").message("batch settings are required for class batch and allowed only there").field_path(".batch")
+    validation = Rule::new("self.class == 'batch' ? has(self.batch) : !has(self.batch)").message("batch settings are required for class batch and allowed only there").field_path(".batch"),
+    validation = Rule::new("!has(self.waitTargetMs) || self.waitTargetMs <= self.maxWaitMs").message("waitTargetMs must not exceed maxWaitMs").field_path(".waitTargetMs")
 )]
 pub struct Tier {
     /// Tier name, as carried by virtual keys.
@@ -95,13 +150,20 @@ pub struct Tier {
     pub name: String,
     /// Queue class.
     pub class: QueueClass,
-    /// Share of dispatch slots relative to other tiers of the same class.
+    /// Share of dispatch slots when requests wait: each tier with requests waiting gets its
+    /// weight over the sum of their weights (weighted fair queueing), so none starves.
     #[serde(default = "default_weight")]
     #[schemars(range(min = 1, max = 1000))]
     pub weight: u32,
-    /// Longest a request may wait in the queue before it is answered (429 or async).
-    #[schemars(range(min = 1, max = 86400))]
-    pub max_wait_seconds: u32,
+    /// Longest a request may wait in the queue, in milliseconds, before it is answered
+    /// (429 with `retry-after`, or async).
+    #[schemars(range(min = 1, max = 86400000))]
+    pub max_wait_ms: u64,
+    /// The wait the tier is promised, in milliseconds (its SLO: attainment is the share of
+    /// requests that waited at most this long); `maxWaitMs` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400000))]
+    pub wait_target_ms: Option<u64>,
     /// Most requests this tier may have waiting; more are refused with 429.
     #[serde(default = "default_max_queue_depth")]
     #[schemars(range(min = 1, max = 1000000))]
@@ -132,6 +194,15 @@ pub struct Batch {
     /// Seconds between batches.
     #[schemars(range(min = 1, max = 86400))]
     pub interval_seconds: u32,
+    /// A released batch waits while the pool's keys are more than this percent used (off-peak
+    /// deferral), but never past the tier's `maxWaitMs`.
+    #[serde(default = "default_off_peak")]
+    #[schemars(range(min = 1, max = 100))]
+    pub off_peak_utilization_percent: u32,
+}
+
+fn default_off_peak() -> u32 {
+    80
 }
 
 /// How a result is delivered when the caller does not wait.

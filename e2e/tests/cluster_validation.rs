@@ -35,8 +35,8 @@ fn tiers() -> Value {
         "kind": "TierQueue",
         "metadata": {"name": "tiers"},
         "spec": {"defaultTier": "free", "tiers": [
-            {"name": "enterprise", "class": "priority", "weight": 10, "maxWaitSeconds": 1},
-            {"name": "free", "class": "batch", "weight": 1, "maxWaitSeconds": 300,
+            {"name": "enterprise", "class": "priority", "weight": 10, "maxWaitMs": 1000},
+            {"name": "free", "class": "batch", "weight": 1, "maxWaitMs": 300000,
              "batch": {"size": 10, "intervalSeconds": 60}}
         ]}
     })

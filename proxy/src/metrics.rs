@@ -20,7 +20,7 @@ use std::time::Duration;
 /// Labels of a finished request.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// Customer tier (`default` until identity assigns tiers).
+    /// Customer tier (`default` without a TierQueue).
     pub tier: String,
     /// Provider that answered, or `none`.
     pub provider: String,
@@ -96,6 +96,36 @@ pub struct CloseLabels {
     pub reason: &'static str,
 }
 
+/// Labels of a tier's queue.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    /// Tier name.
+    pub tier: String,
+    /// Its queue class: `priority`, `standard` or `batch`.
+    pub class: &'static str,
+}
+
+/// Labels of a tier's wait-target attainment.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SloLabels {
+    /// Tier name.
+    pub tier: String,
+    /// `true` if the request waited at most the tier's target.
+    pub within: &'static str,
+}
+
+/// Labels of a request refused by the queue.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// Tier name.
+    pub tier: String,
+    /// Its queue class.
+    pub class: &'static str,
+    /// `wait_limit` (its wait limit passed, or would pass before its turn), `queue_full`
+    /// (the tier's or the route's queue is full), `unavailable` (no key can ever serve).
+    pub reason: &'static str,
+}
+
 type FloatCounter = Counter<f64, AtomicU64>;
 
 /// Every metric of the proxy.
@@ -132,6 +162,14 @@ pub struct Metrics {
     pub server_connections_refused: Counter,
     /// Client connections the gateway closed for a time bound, by reason.
     pub server_connections_closed: Family<CloseLabels, Counter>,
+    /// Requests waiting for budget, by tier and class.
+    pub queue_depth: Family<TierLabels, Gauge>,
+    /// Wait for budget of admitted requests, by tier and class.
+    pub queue_wait: Family<TierLabels, Histogram>,
+    /// Requests refused by the queue, by tier, class and reason.
+    pub queue_refusals: Family<RefusalLabels, Counter>,
+    /// Admitted requests within (or past) their tier's wait target.
+    pub queue_slo: Family<SloLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -169,6 +207,10 @@ impl Metrics {
             server_connections: Gauge::default(),
             server_connections_refused: Counter::default(),
             server_connections_closed: Family::default(),
+            queue_depth: Family::default(),
+            queue_wait: Family::new_with_constructor(latency_histogram),
+            queue_refusals: Family::default(),
+            queue_slo: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -206,6 +248,26 @@ impl Metrics {
             "floodgate_proxy_stage_seconds",
             "The proxy's own time per stage",
             m.stage_seconds.clone(),
+        );
+        registry.register(
+            "floodgate_queue_depth",
+            "Requests waiting for budget, by tier and class",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "floodgate_queue_wait_seconds",
+            "Wait for budget of admitted requests (0 when none was needed), by tier and class",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "floodgate_queue_refusals",
+            "Requests refused by the queue, by tier, class and reason",
+            m.queue_refusals.clone(),
+        );
+        registry.register(
+            "floodgate_queue_slo",
+            "Admitted requests within (within=true) or past their tier's wait target",
+            m.queue_slo.clone(),
         );
         registry.register(
             "floodgate_key_budget_utilization",
@@ -354,12 +416,12 @@ impl TargetMetrics {
     }
 }
 
-/// The counter of requests for `model` served by `provider` (tier `default`, outcome `ok`).
-pub fn ok_requests(model: &str, provider: &str) -> Counter {
+/// The counter of requests of `tier` for `model` served by `provider` (outcome `ok`).
+pub fn ok_requests(tier: &str, model: &str, provider: &str) -> Counter {
     global()
         .requests
         .get_or_create(&RequestLabels {
-            tier: "default".to_owned(),
+            tier: tier.to_owned(),
             provider: provider.to_owned(),
             model: model.to_owned(),
             outcome: "ok".to_owned(),

@@ -27,8 +27,8 @@ fn tiers() -> Value {
         "kind": "TierQueue",
         "metadata": {"name": "tiers"},
         "spec": {"tiers": [
-            {"name": "enterprise", "class": "priority", "weight": 10, "maxWaitSeconds": 1},
-            {"name": "free", "class": "batch", "weight": 1, "maxWaitSeconds": 300,
+            {"name": "enterprise", "class": "priority", "weight": 10, "maxWaitMs": 1000},
+            {"name": "free", "class": "batch", "weight": 1, "maxWaitMs": 300000,
              "batch": {"size": 10, "intervalSeconds": 60}}
         ]}
     })
@@ -336,4 +336,28 @@ fn every_error_is_reported_at_once() {
     let bad = with(pool(), "/spec/providers/0/keys/0/rpm", json!(0));
     let bad = with(bad, "/spec/providers/0/type", json!("cohere"));
     assert_eq!(errors(Kind::AIProviderPool, &bad).len(), 2);
+}
+
+#[test]
+fn a_wait_target_past_the_wait_limit() {
+    let bad = with(tiers(), "/spec/tiers/0/waitTargetMs", json!(1500));
+    let e = refused_at(Kind::TierQueue, bad, "spec.tiers[0].waitTargetMs");
+    assert!(e.message.contains("must not exceed maxWaitMs"), "{e}");
+}
+
+#[test]
+fn class_headroom_defaults_and_bounds() {
+    let tq: TierQueue = validate_object(Kind::TierQueue, &tiers()).unwrap();
+    let h = &tq.spec.class_headroom;
+    assert_eq!((h.priority, h.standard, h.batch), (0, 20, 50));
+    assert_eq!(
+        tq.spec.tiers[1]
+            .batch
+            .as_ref()
+            .unwrap()
+            .off_peak_utilization_percent,
+        80
+    );
+    let bad = with(tiers(), "/spec/classHeadroom", json!({"batch": 100}));
+    refused_at(Kind::TierQueue, bad, "spec.classHeadroom.batch");
 }

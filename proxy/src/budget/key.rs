@@ -59,6 +59,8 @@ pub struct KeyBudget {
     shared: Option<SharedKey>,
     /// Pulsed when an answer, a settlement or an answer from Redis may have made room.
     signal: Arc<Signal>,
+    /// Paces the admissions of requests that waited ([`super::pace`]).
+    pub pace: super::pace::Pacer,
 }
 
 /// A request admitted on a key: its token reservation is settled, and its in-flight slot
@@ -226,6 +228,7 @@ impl KeyBudget {
             }),
             shared,
             signal,
+            pace: super::pace::Pacer::default(),
         }
     }
 

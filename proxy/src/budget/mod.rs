@@ -10,6 +10,7 @@
 //! lowered limit counts the requests already made.
 
 mod key;
+pub mod pace;
 pub mod shared;
 pub mod signal;
 pub mod window;

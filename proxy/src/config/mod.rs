@@ -191,6 +191,39 @@ impl Config {
         })
     }
 
+    /// What this configuration asks for that the gateway accepts but does not act on yet,
+    /// one line each, to be logged whenever the configuration is applied: silent acceptance
+    /// would look done when it is not.
+    pub fn not_acted_on(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(tq) = &self.tier_queue {
+            let name = kube::ResourceExt::name_any(tq);
+            out.push(format!(
+                "TierQueue/{name}: spec.retry and spec.deadLetter are accepted but not acted on yet (async jobs are not built)"
+            ));
+            for (i, t) in tq.spec.tiers.iter().enumerate() {
+                if t.async_.is_some() {
+                    out.push(format!(
+                        "TierQueue/{name}: spec.tiers[{i}].async is accepted but not acted on yet (async jobs are not built)"
+                    ));
+                }
+            }
+        }
+        if let Some(cp) = &self.cache_policy {
+            out.push(format!(
+                "CachePolicy/{}: accepted but not acted on yet (the cache is not built)",
+                kube::ResourceExt::name_any(cp)
+            ));
+        }
+        for lm in &self.local_models {
+            out.push(format!(
+                "LocalModelDeployment/{}: accepted but not acted on by the proxy (the operator runs local models)",
+                kube::ResourceExt::name_any(lm)
+            ));
+        }
+        out
+    }
+
     /// Every model id and alias callers may use, sorted, without duplicates.
     pub fn models(&self) -> Vec<ModelInfo> {
         let mut out: Vec<ModelInfo> = Vec::new();

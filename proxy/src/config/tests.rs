@@ -231,7 +231,7 @@ fn an_empty_directory_is_an_error() {
 
 #[test]
 fn a_second_tier_queue_is_refused() {
-    let tq = "apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {name: NAME}\nspec:\n  tiers: [{name: a, class: standard, maxWaitSeconds: 1}]\n";
+    let tq = "apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {name: NAME}\nspec:\n  tiers: [{name: a, class: standard, maxWaitMs: 1000}]\n";
     let dir = dir_with(&[
         ("a.yaml", &tq.replace("NAME", "one")),
         ("b.yaml", &tq.replace("NAME", "two")),

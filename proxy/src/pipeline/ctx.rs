@@ -8,6 +8,10 @@ use tokio::time::Instant;
 /// The header a request id is read from and echoed in.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// Request header: the longest the caller wants to wait for budget, in milliseconds. It can
+/// shorten its tier's wait limit, never lengthen it.
+pub const MAX_WAIT_HEADER: &str = "x-floodgate-max-wait-ms";
+
 /// The front door a request came in by, which decides the answer's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Door {
@@ -97,10 +101,17 @@ pub struct RequestCtx {
     pub door: Door,
     /// When the gateway received it.
     pub received: Instant,
-    /// The latest instant it may still be waiting for budget; past it, 429.
+    /// The latest instant it may still be waiting for budget; past it, 429. Set from the
+    /// tier's wait limit once the tier is known.
     pub deadline: Instant,
-    /// Its tier: `default` until identity and tiers exist.
-    pub tier: &'static str,
+    /// The wait the caller asked for (`x-floodgate-max-wait-ms`), if any.
+    pub max_wait_asked: Option<std::time::Duration>,
+    /// Its tier: `default` without a TierQueue.
+    pub tier: Arc<str>,
+    /// How long it waited in the queue for budget, once admitted.
+    pub queued: Option<std::time::Duration>,
+    /// Where it stands while it waits, when the door reports progress (streaming callers).
+    pub progress: Option<Arc<crate::route::wait::Progress>>,
     /// The route stage's decision, once made.
     pub route: Option<RouteDecision>,
 }
@@ -110,14 +121,32 @@ impl RequestCtx {
     /// `max_wait` for budget.
     pub fn new(door: Door, headers: &HeaderMap, max_wait: std::time::Duration) -> Self {
         let received = Instant::now();
+        let max_wait_asked = headers
+            .get(MAX_WAIT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(std::time::Duration::from_millis);
         Self {
             id: RequestId::from_headers(headers),
             door,
             received,
-            deadline: received + max_wait,
-            tier: "default",
+            deadline: received + max_wait_asked.map_or(max_wait, |m| m.min(max_wait)),
+            max_wait_asked,
+            tier: Arc::from(crate::route::tiers::DEFAULT_TIER),
+            queued: None,
+            progress: None,
             route: None,
         }
+    }
+
+    /// Places the request in `tier`: its deadline is its tier's wait limit, or the shorter
+    /// wait the caller asked for.
+    pub fn set_tier(&mut self, tier: &crate::route::tiers::TierRt) {
+        let wait = self
+            .max_wait_asked
+            .map_or(tier.max_wait, |m| m.min(tier.max_wait));
+        self.deadline = self.received + wait;
+        self.tier = tier.name.clone();
     }
 }
 

@@ -27,7 +27,9 @@ pub use ctx::{Door, RequestCtx, RequestId, RouteDecision};
 
 use crate::providers::types::ChatRequest;
 use crate::providers::{EmbeddingsRequest, EmbeddingsResponse};
+use crate::route::attempt::{ANONYMOUS, Asker};
 use crate::route::{Dispatcher, Reply, RouteError, View};
+use std::sync::Arc;
 
 /// Runs stages 3-8 for a parsed chat request (stages 1-2 ran in the door) and records the
 /// route decision on `ctx`.
@@ -38,7 +40,8 @@ pub async fn chat(
     req: &ChatRequest,
 ) -> Result<Reply, RouteError> {
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
-    let reply = dispatcher.chat(view, req, ctx.deadline).await;
+    let asker = queue_place(view, ctx);
+    let reply = dispatcher.chat(view, req, ctx.deadline, asker).await;
     decided(ctx, &reply);
     reply
 }
@@ -52,14 +55,29 @@ pub async fn embeddings(
     req: &EmbeddingsRequest,
 ) -> Result<Reply<EmbeddingsResponse>, RouteError> {
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
-    let reply = dispatcher.embeddings(view, req, ctx.deadline).await;
+    let asker = queue_place(view, ctx);
+    let reply = dispatcher.embeddings(view, req, ctx.deadline, asker).await;
     decided(ctx, &reply);
     reply
+}
+
+/// The queue stage's view of the caller: its tier (the TierQueue's default until identity
+/// names one) with the deadline that tier sets, and its tenant. Sets the tier and deadline
+/// on `ctx` (the same each time it is called).
+pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
+    let tier = view.runtime.tiers.get(None);
+    ctx.set_tier(tier);
+    Asker {
+        tier: tier.clone(),
+        tenant: Arc::from(ANONYMOUS),
+        progress: ctx.progress.clone(),
+    }
 }
 
 /// Records the route stage's decision on `ctx`.
 fn decided<B>(ctx: &mut RequestCtx, reply: &Result<Reply<B>, RouteError>) {
     if let Ok(reply) = reply {
+        ctx.queued = Some(reply.waited);
         ctx.route = Some(RouteDecision {
             provider: reply.provider.clone(),
             key: reply.key.clone(),

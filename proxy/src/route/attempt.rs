@@ -16,13 +16,15 @@
 
 use super::breaker::{Admit, Probe};
 use super::runtime::{KeyRt, ProviderRt, Route, Runtime, Target};
-use super::wait::Ticket;
+use super::tiers::TierRt;
+use super::wait::{Entry, Ticket};
 use super::{Dispatcher, RouteError};
 use crate::budget::{Permit, Unavailable};
 use crate::metrics;
 use crate::providers::types::ChatRequest;
 use crate::providers::{Adapter, ProviderError, estimate_prompt_tokens};
 use floodgate_crds::Strategy;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -65,7 +67,26 @@ impl Demand {
     pub fn tokens(&self, adapter: Adapter) -> u64 {
         self.prompt + self.output[adapter.index()]
     }
+
+    /// The most tokens it may reserve on any key: its cost in the fairness between tenants.
+    pub fn most_tokens(&self) -> u64 {
+        self.prompt + self.output.iter().copied().max().unwrap_or(0)
+    }
 }
+
+/// Who asks: the request's tier and tenant, which decide its place in the queue.
+#[derive(Debug, Clone)]
+pub struct Asker {
+    /// The tier.
+    pub tier: Arc<TierRt>,
+    /// The tenant; one shared name for callers without one.
+    pub tenant: Arc<str>,
+    /// Where it stands while it waits, for a streaming caller's progress comments.
+    pub progress: Option<Arc<super::wait::Progress>>,
+}
+
+/// The tenant name of callers the gateway does not identify.
+pub const ANONYMOUS: &str = "";
 
 /// A key granted to one attempt.
 #[derive(Debug)]
@@ -104,24 +125,35 @@ pub struct Attempts<'a> {
     route: &'a Route,
     demand: Demand,
     deadline: Instant,
+    asker: Asker,
+    /// How long the request waited in the queue (zero on the fast path).
+    waited: Duration,
     /// Targets not to try again (their provider failed in a way that opens circuits).
     skipped: u64,
     made: u32,
     /// Whether a key was ever granted (a retry does not queue again).
     admitted: bool,
+    /// Whether it waited in the queue: its admission is paced ([`crate::budget::pace`]).
+    paced: bool,
+    /// Whether the first admission (or refusal) was counted on the tier's metrics.
+    admitted_once_recorded: bool,
+    /// Why the queue refused, for the metric.
+    refusal: &'static str,
     /// Times this request looked for a key (for tests: a waiter must not poll).
     looks: u32,
     last_error: Option<ProviderError>,
 }
 
 impl<'a> Attempts<'a> {
-    /// The attempts of a request of `demand` on `route`, waiting until `deadline` at most.
+    /// The attempts of a request of `demand` by `asker` on `route`, waiting until `deadline`
+    /// at most.
     pub fn new(
         dispatcher: &'a Dispatcher,
         runtime: &'a Runtime,
         route: &'a Route,
         demand: Demand,
         deadline: Instant,
+        asker: Asker,
     ) -> Self {
         Self {
             dispatcher,
@@ -129,9 +161,14 @@ impl<'a> Attempts<'a> {
             route,
             demand,
             deadline,
+            asker,
+            waited: Duration::ZERO,
             skipped: 0,
             made: 0,
             admitted: false,
+            paced: false,
+            admitted_once_recorded: false,
+            refusal: "wait_limit",
             looks: 0,
             last_error: None,
         }
@@ -145,6 +182,16 @@ impl<'a> Attempts<'a> {
     /// Upstream attempts made so far.
     pub fn made(&self) -> u32 {
         self.made
+    }
+
+    /// How long the request waited in the queue for its first key.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
+    /// The request's tier.
+    pub fn tier(&self) -> &Arc<TierRt> {
+        &self.asker.tier
     }
 
     /// Leaves target `target_index` out of this request's attempts: its provider cannot serve
@@ -204,17 +251,47 @@ impl<'a> Attempts<'a> {
     /// waiting in the route's queue. Gives up at the deadline, when the queue is full, or when
     /// no key ever will have budget.
     pub async fn next(&mut self) -> Result<Lease<'a>, RouteError> {
+        let result = self.next_inner().await;
+        if !self.admitted_once_recorded {
+            match &result {
+                Ok(_) => {
+                    self.admitted_once_recorded = true;
+                    self.asker.tier.admitted(self.waited);
+                }
+                Err(RouteError::Saturated { .. }) => {
+                    self.asker.tier.state.metrics.refused(self.refusal);
+                }
+                Err(RouteError::Unavailable { .. }) => {
+                    self.asker.tier.state.metrics.refused("unavailable");
+                }
+                Err(_) => {}
+            }
+        }
+        result
+    }
+
+    async fn next_inner(&mut self) -> Result<Lease<'a>, RouteError> {
         let m = metrics::stages();
-        // A retry after a failed attempt has waited its turn already.
-        if self.admitted || self.route.queue.is_empty() {
+        // A retry after a failed attempt has waited its turn already. Batch work always
+        // queues: it is gathered into batches.
+        let batch = self.asker.tier.batch.is_some();
+        if self.admitted || (self.route.queue.is_empty() && !batch) {
             let now = Instant::now();
             let picked = self.pick(now).await;
             m.limiter.observe(now.elapsed().as_secs_f64());
             if let Some(lease) = picked {
                 return Ok(lease);
             }
-            self.give_up_unless_worth_waiting(now)?;
-        } else {
+            if self.admitted {
+                self.give_up_unless_worth_waiting(now)?;
+            } else if let Err(e) = self.give_up_unless_worth_waiting(now) {
+                // The class may only be held back by its headroom: then it waits in line
+                // like anyone else, in case budget frees up before its deadline.
+                if !self.class_blocked(now) {
+                    return Err(e);
+                }
+            }
+        } else if !batch {
             // Others wait ahead: if this request's turn cannot come before its deadline, it
             // is told so now rather than at the deadline.
             let now = Instant::now();
@@ -224,43 +301,178 @@ impl<'a> Attempts<'a> {
                 return Err(RouteError::Saturated { retry_after: turn });
             }
         }
-        let Some(ticket) = self.route.queue.join() else {
-            return Err(self.queue_full());
-        };
         let queued = Instant::now();
+        let entry = Entry {
+            tier: self.asker.tier.clone(),
+            tenant: self.asker.tenant.clone(),
+            deadline: self.deadline,
+            tokens: self.demand.most_tokens(),
+        };
+        let ticket = match self.route.queue.join(&entry, queued) {
+            Ok(ticket) => {
+                self.paced = true;
+                ticket
+            }
+            Err(_) => {
+                self.refusal = "queue_full";
+                return Err(self.queue_full());
+            }
+        };
+        if let Some(progress) = &self.asker.progress {
+            let slot = self
+                .dispatcher
+                .budgets()
+                .window()
+                .div_f64(self.route_rpm().max(1) as f64);
+            progress.joined(self.route.queue.clone(), &ticket, slot);
+        }
         let lease = self.wait_in_line(&ticket).await;
-        drop(ticket);
-        m.queue.observe(queued.elapsed().as_secs_f64());
+        if let Some(progress) = &self.asker.progress {
+            progress.left();
+        }
+        self.waited = queued.elapsed();
+        m.queue.observe(self.waited.as_secs_f64());
+        if lease.is_ok() {
+            ticket.admitted();
+        }
         lease
     }
 
-    /// Waits for this request's turn, then for budget, until the deadline.
+    /// Waits for this request's turn, then for budget, until the deadline. Stands back
+    /// when another request should go first, or when its class may not take the budget
+    /// that is free.
     async fn wait_in_line(&mut self, ticket: &Ticket<'_>) -> Result<Lease<'a>, RouteError> {
         let deadline = self.deadline;
-        tokio::select! {
-            () = ticket.turn() => {}
-            () = tokio::time::sleep_until(deadline) => {
-                return Err(self.saturated(Instant::now()));
-            }
-        }
-        // At the head: only this request looks for budget on this route now.
         let signal = self.dispatcher.budgets().signal().clone();
         loop {
-            let mut registration = signal.register();
-            let now = Instant::now();
-            if let Some(lease) = self.pick(now).await {
-                return Ok(lease);
+            // Not the head: wait to become it, acting on this request's own timers.
+            while !ticket.is_head() {
+                let wake = ticket.wake_at().map_or(deadline, |at| at.min(deadline));
+                tokio::select! {
+                    () = ticket.changed() => {}
+                    () = tokio::time::sleep_until(wake) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            return Err(self.saturated(now));
+                        }
+                        ticket.tick(now);
+                    }
+                }
             }
-            let wake = self.give_up_unless_worth_waiting(now)?;
-            let until = match wake {
-                Wake::At(at) => at.min(deadline),
-                Wake::Event | Wake::Never => deadline,
-            };
-            tokio::select! {
-                () = registration.pulsed() => {}
-                () = tokio::time::sleep_until(until) => {}
+            // The head: only this request looks for budget on this route now.
+            loop {
+                let mut registration = signal.register();
+                let now = Instant::now();
+                if let Some(lease) = self.pick(now).await {
+                    return Ok(lease);
+                }
+                if self.class_blocked(now) {
+                    // Budget is free, but not for this class: let the others go, and look
+                    // again when a slot could have expired.
+                    ticket.hold_tier(now, now + self.recheck());
+                    break;
+                }
+                let wake = self.give_up_unless_worth_waiting(now)?;
+                let until = match wake {
+                    Wake::At(at) => at.min(deadline),
+                    Wake::Event | Wake::Never => deadline,
+                };
+                tokio::select! {
+                    () = registration.pulsed() => {}
+                    () = tokio::time::sleep_until(until) => {}
+                    () = ticket.changed() => {
+                        if !ticket.is_head() {
+                            break;
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// Whether a key could take this request now but its class may not: the class's
+    /// headroom, or off-peak deferral of batch work while the route is busy.
+    fn class_blocked(&self, now: Instant) -> bool {
+        let tier = &self.asker.tier;
+        if (tier.headroom <= 0.0 && tier.batch.is_none()) || self.held_long_enough(now) {
+            return false;
+        }
+        self.live_targets().any(|(_, t)| {
+            let p = &self.runtime.providers[t.provider];
+            let tokens = self.demand.tokens(p.adapter);
+            p.keys
+                .iter()
+                .any(|k| k.budget.availability(now, tokens).is_ok())
+        })
+    }
+
+    /// How long a class held back waits before it looks again: about one slot of the
+    /// route's rate (when the oldest request of a full window may expire), within
+    /// [50 ms, 1 s].
+    fn recheck(&self) -> Duration {
+        let window = self.dispatcher.budgets().window();
+        let rpm = self.route_rpm().max(1);
+        window
+            .div_f64(rpm as f64)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// One paced admission per this interval on `key`: its window over its request limit
+    /// (`None` for a key without one).
+    fn pace_interval(&self, key: &KeyRt) -> Option<Duration> {
+        let rpm = key.budget.rpm()?;
+        Some(self.dispatcher.budgets().window() / rpm.max(1))
+    }
+
+    /// When a paced request may take from `key`: `Ok` now, or the instant. Requests that
+    /// did not wait are not paced, nor is the priority class; a burst of a sixtieth of the
+    /// window (1 s of a minute) of paced admissions may go at once.
+    fn pace_ready(&self, key: &KeyRt, now: Instant) -> Result<(), Instant> {
+        // The priority class is never held back by pacing (its admissions still count on
+        // the pace, so the classes below get what is left of the sustainable rate).
+        let priority = self.asker.tier.class == floodgate_crds::QueueClass::Priority;
+        if !self.paced || priority || self.pace_interval(key).is_none() {
+            return Ok(());
+        }
+        let tolerance = self.dispatcher.budgets().window() / 60;
+        key.budget.pace.ready(now, tolerance)
+    }
+
+    /// Whether this request's class may take from `key` now: more than its headroom is
+    /// free (with 20%, the class stops while 80% of the window is used or more, and leaves
+    /// the last 20% to the classes above it).
+    fn class_allows(&self, key: &KeyRt, now: Instant) -> bool {
+        let headroom = self.asker.tier.headroom;
+        headroom <= 0.0
+            || self.held_long_enough(now)
+            || key.budget.remaining_fraction(now) > headroom + 1e-9
+    }
+
+    /// Whether the request has spent half its wait limit: from then on neither its class's
+    /// headroom nor off-peak deferral hold it back, and it takes its weighted share however
+    /// busy the keys are, so that no class starves and it is answered before its limit.
+    fn held_long_enough(&self, now: Instant) -> bool {
+        now + self.asker.tier.max_wait / 2 >= self.deadline
+    }
+
+    /// Whether batch work may start now: the route's keys are at most the off-peak share
+    /// used, or the request has been deferred for half its wait limit already.
+    fn off_peak(&self, now: Instant) -> bool {
+        let tier = &self.asker.tier;
+        let Some(batch) = tier.batch else {
+            return true;
+        };
+        if self.held_long_enough(now) {
+            return true;
+        }
+        let (mut free, mut n) = (0.0, 0u32);
+        for (_, t) in self.live_targets() {
+            for k in &self.runtime.providers[t.provider].keys {
+                free += k.budget.remaining_fraction(now);
+                n += 1;
+            }
+        }
+        n == 0 || 1.0 - free / f64::from(n) <= batch.off_peak
     }
 
     /// When budget could free up, or the error to answer with now if not before the
@@ -304,15 +516,17 @@ impl<'a> Attempts<'a> {
     }
 
     /// When a request joining the queue now could be served: the earliest slot, then one
-    /// slot per request ahead at the route's rate. `None` when no instant is known.
+    /// slot per request of its tier ahead, at its tier's share of the route's rate (the
+    /// weighted fair share among the tiers waiting). `None` when no instant is known.
     fn turn(&self, now: Instant) -> Option<Duration> {
         let Wake::At(at) = self.earliest(now) else {
             return None;
         };
         let window = self.dispatcher.budgets().window();
-        let rpm = self.route_rpm().max(1);
-        let ahead = self.route.queue.len() as u64;
-        Some(at.saturating_duration_since(now) + window.mul_f64(ahead as f64 / rpm as f64))
+        let rpm = self.route_rpm().max(1) as f64;
+        let (ahead, share) = self.route.queue.outlook(&self.asker.tier);
+        let slots = ahead as f64 / (rpm * share.max(1e-6));
+        Some(at.saturating_duration_since(now) + window.mul_f64(slots))
     }
 
     /// 429 for a full queue: the requests ahead take the route's next slots, so retry when
@@ -346,6 +560,9 @@ impl<'a> Attempts<'a> {
     /// costs one Redis round trip (bounded by its timeout).
     async fn pick(&mut self, now: Instant) -> Option<Lease<'a>> {
         self.looks += 1;
+        if !self.admitted && !self.off_peak(now) {
+            return None;
+        }
         let targets = &self.route.targets;
         let n = targets.len();
         let start = self.start_offset();
@@ -394,9 +611,15 @@ impl<'a> Attempts<'a> {
                 Strategy::RoundRobin => (0..n)
                     .map(|i| (rotate + i) % n)
                     .filter(|&i| i >= 64 || tried & (1 << i) == 0)
-                    .find(|&i| keys[i].budget.availability(now, tokens).is_ok()),
+                    .find(|&i| {
+                        keys[i].budget.availability(now, tokens).is_ok()
+                            && self.class_allows(&keys[i], now)
+                            && self.pace_ready(&keys[i], now).is_ok()
+                    }),
                 Strategy::LeastLoaded | Strategy::Weighted | Strategy::Cheapest => (0..n)
                     .filter(|&i| i >= 64 || tried & (1 << i) == 0)
+                    .filter(|&i| self.class_allows(&keys[i], now))
+                    .filter(|&i| self.pace_ready(&keys[i], now).is_ok())
                     .filter_map(|i| keys[i].budget.score(now, tokens).map(|s| (i, s)))
                     .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
                     .map(|(i, _)| i),
@@ -408,7 +631,14 @@ impl<'a> Attempts<'a> {
             };
             // If the caller goes away while Redis answers, the probe guard gives it back.
             match keys[best].budget.acquire(now, tokens).await {
-                Ok(permit) => return Some((&keys[best], permit, probe)),
+                Ok(permit) => {
+                    if self.paced
+                        && let Some(interval) = self.pace_interval(&keys[best])
+                    {
+                        keys[best].budget.pace.admitted(now, interval);
+                    }
+                    return Some((&keys[best], permit, probe));
+                }
                 Err(_) => {
                     drop(probe);
                     if best >= 64 {
@@ -470,6 +700,10 @@ impl<'a> Attempts<'a> {
                         continue;
                     }
                     Err(Unavailable::Failed) => continue,
+                };
+                let free = match self.pace_ready(k, now) {
+                    Ok(()) => free,
+                    Err(at) => free.max(at),
                 };
                 let free = circuit.map_or(free, |c| c.max(free));
                 at = Some(at.map_or(free, |a| a.min(free)));

@@ -14,6 +14,7 @@ pub mod attempt;
 pub mod breaker;
 pub mod runtime;
 mod status;
+pub mod tiers;
 mod upstream;
 pub mod wait;
 
@@ -25,7 +26,7 @@ use crate::providers::{
     ChatChunk, ChatResponse, EmbeddingsRequest, EmbeddingsResponse, ProviderError,
 };
 use arc_swap::ArcSwap;
-use attempt::{Attempts, Demand};
+use attempt::{Asker, Attempts, Demand};
 use futures::Stream;
 use prometheus_client::metrics::counter::Counter;
 use runtime::{Breakers, QueueBound, Queues, Runtime};
@@ -33,6 +34,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
+use tiers::{TierPlan, TierStates};
 use tokio::time::Instant;
 
 /// A streamed answer: chunks in order, ending cleanly after the provider's terminal event,
@@ -47,8 +49,10 @@ pub struct Reply<B = ReplyBody> {
     pub key: Arc<str>,
     /// Upstream attempts made.
     pub attempts: u32,
-    /// The counter of requests served on this route by this provider.
+    /// The counter of requests of this tier served on this route by this provider.
     pub ok: Counter,
+    /// How long the request waited in the queue for budget.
+    pub waited: Duration,
     /// The answer.
     pub body: B,
 }
@@ -187,6 +191,7 @@ pub struct Dispatcher {
     budgets: Budgets,
     breakers: Breakers,
     queues: Queues,
+    tier_states: TierStates,
     signal: Arc<Signal>,
     max_wait: Duration,
     bound: QueueBound,
@@ -223,12 +228,15 @@ impl Dispatcher {
         };
         let breakers = Breakers::default();
         let queues = Queues::default();
+        let tier_states = TierStates::default();
         let config = Arc::new(Config::default());
-        let runtime = Runtime::build(&config, &budgets, &breakers, &queues, &signal, bound);
+        let tiers = TierPlan::build(&config, opts.max_wait, &tier_states);
+        let runtime = Runtime::build(&config, &budgets, &breakers, &queues, &signal, bound, tiers);
         Ok(Self {
             budgets,
             breakers,
             queues,
+            tier_states,
             signal,
             max_wait: opts.max_wait,
             bound,
@@ -240,6 +248,10 @@ impl Dispatcher {
     /// Serves `config` from now on: builds its routing view (reusing the budgets and breakers
     /// of keys and providers it keeps) and swaps both in at once.
     pub fn apply(&self, config: Arc<Config>) {
+        for note in config.not_acted_on() {
+            tracing::warn!("{note}");
+        }
+        let tiers = TierPlan::build(&config, self.max_wait, &self.tier_states);
         let runtime = Runtime::build(
             &config,
             &self.budgets,
@@ -247,6 +259,7 @@ impl Dispatcher {
             &self.queues,
             &self.signal,
             self.bound,
+            tiers,
         );
         self.view.store(Arc::new(View { config, runtime }));
         // Keys may have been added or raised: waiters look again.
@@ -263,7 +276,7 @@ impl Dispatcher {
         self.view.load().config.clone()
     }
 
-    /// Longest a request waits for budget.
+    /// Longest a request waits for budget without a TierQueue.
     pub fn max_wait(&self) -> Duration {
         self.max_wait
     }
@@ -285,12 +298,14 @@ impl Dispatcher {
         self.budgets.drain().await;
     }
 
-    /// Serves one chat request on `view`, waiting for budget until `deadline` at the latest.
+    /// Serves one chat request of `asker` on `view`, waiting for budget until `deadline` at
+    /// the latest.
     pub async fn chat(
         &self,
         view: &View,
         req: &ChatRequest,
         deadline: Instant,
+        asker: Asker,
     ) -> Result<Reply, RouteError> {
         let route = view
             .runtime
@@ -298,7 +313,7 @@ impl Dispatcher {
             .get(&req.model)
             .ok_or_else(|| RouteError::UnknownModel(req.model.clone()))?;
         let demand = Demand::chat(req);
-        let mut attempts = Attempts::new(self, &view.runtime, route, demand, deadline);
+        let mut attempts = Attempts::new(self, &view.runtime, route, demand, deadline, asker);
         loop {
             let lease = attempts.next().await?;
             let adapter = lease.provider.adapter;
@@ -329,7 +344,11 @@ impl Dispatcher {
                         provider: lease.provider.name.clone(),
                         key: lease.key.name.clone(),
                         attempts: attempts.made(),
-                        ok: route.ok[lease.target_index].clone(),
+                        ok: route.ok[lease.target_index]
+                            .get(attempts.tier().index)
+                            .cloned()
+                            .unwrap_or_default(),
+                        waited: attempts.waited(),
                         body,
                     });
                 }
@@ -350,6 +369,7 @@ impl Dispatcher {
         view: &View,
         req: &EmbeddingsRequest,
         deadline: Instant,
+        asker: Asker,
     ) -> Result<Reply<EmbeddingsResponse>, RouteError> {
         let runtime = &view.runtime;
         let route = runtime
@@ -357,7 +377,7 @@ impl Dispatcher {
             .get(&req.model)
             .ok_or_else(|| RouteError::UnknownModel(req.model.clone()))?;
         let demand = Demand::input_only(u64::from(req.estimate_tokens()));
-        let mut attempts = Attempts::new(self, runtime, route, demand, deadline);
+        let mut attempts = Attempts::new(self, runtime, route, demand, deadline, asker);
         let mut refusal = None;
         let mut servable = false;
         for (i, target) in route.targets.iter().enumerate() {
@@ -390,7 +410,11 @@ impl Dispatcher {
                         provider: lease.provider.name.clone(),
                         key: lease.key.name.clone(),
                         attempts: attempts.made(),
-                        ok: route.ok[lease.target_index].clone(),
+                        ok: route.ok[lease.target_index]
+                            .get(attempts.tier().index)
+                            .cloned()
+                            .unwrap_or_default(),
+                        waited: attempts.waited(),
                         body,
                     });
                 }
@@ -408,3 +432,5 @@ impl ConfigSink for Dispatcher {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tier_tests;

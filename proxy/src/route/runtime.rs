@@ -4,6 +4,7 @@
 //! dispatcher and survive reloads.
 
 use super::breaker::Breaker;
+use super::tiers::TierPlan;
 use super::wait::WaitQueue;
 use crate::budget::{Budgets, KeyBudget, KeyId, Limits, Signal};
 use crate::config::{Config, ProviderConfig};
@@ -91,9 +92,10 @@ pub struct Route {
     /// Requests waiting for budget, in arrival order; the same queue across configuration
     /// swaps, so that a reload neither reorders the waiters nor lets new arrivals pass them.
     pub queue: Arc<WaitQueue>,
-    /// `floodgate_requests_total{model=<this name>, provider, outcome="ok"}` per target,
-    /// resolved once so that a served request counts without building labels.
-    pub ok: Vec<Counter>,
+    /// `floodgate_requests_total{tier, model=<this name>, provider, outcome="ok"}` per
+    /// target and tier (`ok[target][tier.index]`), resolved once so that a served request
+    /// counts without building labels.
+    pub ok: Vec<Vec<Counter>>,
 }
 
 /// The routing view of one configuration.
@@ -103,6 +105,8 @@ pub struct Runtime {
     pub providers: Vec<ProviderRt>,
     /// Model name or alias to its route.
     pub routes: HashMap<String, Route>,
+    /// The customer tiers.
+    pub tiers: TierPlan,
 }
 
 /// Breakers by (pool, provider), kept across reloads.
@@ -132,6 +136,18 @@ impl QueueBound {
     /// circuits, and this caps the memory a burst can hold.
     pub const UNLIMITED_KEYS: usize = 10_000;
 
+    /// The same bound for requests that may wait `longest` (the longest wait of any tier),
+    /// if that is longer than what it was made for.
+    fn waiting(self, longest: Duration) -> Self {
+        match self {
+            QueueBound::Capacity { window, max_wait } => QueueBound::Capacity {
+                window,
+                max_wait: max_wait.max(longest),
+            },
+            fixed => fixed,
+        }
+    }
+
     fn of(self, route_rpm: Option<u64>) -> usize {
         match (self, route_rpm) {
             (QueueBound::Fixed(n), _) => n,
@@ -153,7 +169,9 @@ impl Runtime {
         queues: &Queues,
         signal: &Arc<Signal>,
         bound: QueueBound,
+        tiers: TierPlan,
     ) -> Runtime {
+        let bound = bound.waiting(tiers.longest_wait());
         let mut providers = Vec::new();
         let mut routes: HashMap<String, (Vec<Target>, u32)> = HashMap::new();
         let mut live_keys = Vec::new();
@@ -238,7 +256,14 @@ impl Runtime {
                 let rpm = route_rpm(&providers, &targets);
                 let ok = targets
                     .iter()
-                    .map(|t| metrics::ok_requests(&name, &providers[t.provider].name))
+                    .map(|t| {
+                        tiers
+                            .iter()
+                            .map(|tier| {
+                                metrics::ok_requests(&tier.name, &name, &providers[t.provider].name)
+                            })
+                            .collect()
+                    })
                     .collect();
                 let queue = queues
                     .entry(name.clone())
@@ -254,7 +279,11 @@ impl Runtime {
                 (name, route)
             })
             .collect();
-        Runtime { providers, routes }
+        Runtime {
+            providers,
+            routes,
+            tiers,
+        }
     }
 }
 

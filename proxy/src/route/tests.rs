@@ -2,7 +2,7 @@
 //! probes, configuration swaps and budget identity. Upstreams are never called: the tests
 //! drive [`Attempts`] and settle the permits themselves.
 
-use super::attempt::{Attempts, Demand};
+use super::attempt::{ANONYMOUS, Asker, Attempts, Demand};
 use super::*;
 use crate::config::load::load_config;
 use crate::config::secrets::SecretSources;
@@ -17,7 +17,7 @@ fn config(keys: &[(&str, u32)]) -> Arc<Config> {
     config_with(keys, "m")
 }
 
-fn config_with(keys: &[(&str, u32)], model: &str) -> Arc<Config> {
+pub(super) fn config_with(keys: &[(&str, u32)], model: &str) -> Arc<Config> {
     let secrets: Vec<String> = keys.iter().map(|(k, _)| format!("{k}: sk-{k}")).collect();
     let keys: Vec<String> = keys
         .iter()
@@ -37,13 +37,13 @@ fn config_with(keys: &[(&str, u32)], model: &str) -> Arc<Config> {
     Arc::new(config)
 }
 
-fn dispatcher(opts: DispatcherOptions, config: Arc<Config>) -> Arc<Dispatcher> {
+pub(super) fn dispatcher(opts: DispatcherOptions, config: Arc<Config>) -> Arc<Dispatcher> {
     let d = Arc::new(Dispatcher::with_options(opts).unwrap());
     d.apply(config);
     d
 }
 
-fn request() -> ChatRequest {
+pub(super) fn request() -> ChatRequest {
     serde_json::from_value(serde_json::json!({
         "model": "m", "messages": [{"role": "user", "content": "hi"}]
     }))
@@ -55,12 +55,21 @@ async fn take_and_answer(d: &Dispatcher, deadline: Instant) {
     let view = d.view();
     let route = &view.runtime.routes["m"];
     let demand = Demand::chat(&request());
-    let mut attempts = Attempts::new(d, &view.runtime, route, demand, deadline);
+    let mut attempts = Attempts::new(d, &view.runtime, route, demand, deadline, anon(&view));
     let mut lease = attempts.next().await.unwrap();
     lease.permit.answered();
 }
 
-async fn until(mut condition: impl FnMut() -> bool) {
+/// The asker of a request without identity: the configuration's default tier.
+pub(super) fn anon(view: &View) -> Asker {
+    Asker {
+        tier: view.runtime.tiers.get(None).clone(),
+        tenant: Arc::from(ANONYMOUS),
+        progress: None,
+    }
+}
+
+pub(super) async fn until(mut condition: impl FnMut() -> bool) {
     for _ in 0..1000 {
         if condition() {
             return;
@@ -87,8 +96,14 @@ async fn waiters_are_served_in_arrival_order_and_none_polls() {
             let view = d.view();
             let route = &view.runtime.routes["m"];
             let deadline = t0 + Duration::from_secs(300);
-            let mut attempts =
-                Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+            let mut attempts = Attempts::new(
+                &d,
+                &view.runtime,
+                route,
+                Demand::chat(&request()),
+                deadline,
+                anon(&view),
+            );
             let mut lease = attempts.next().await.unwrap();
             served
                 .lock()
@@ -132,8 +147,14 @@ async fn a_half_open_probe_is_waited_for_without_spinning() {
             let view = d.view();
             let route = &view.runtime.routes["m"];
             let deadline = Instant::now() + Duration::from_secs(30);
-            let mut attempts =
-                Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+            let mut attempts = Attempts::new(
+                &d,
+                &view.runtime,
+                route,
+                Demand::chat(&request()),
+                deadline,
+                anon(&view),
+            );
             let lease = attempts.next().await.map(|_| ());
             (lease, attempts.looks())
         })
@@ -161,8 +182,14 @@ async fn a_full_queue_is_refused_at_once_with_an_honest_retry_after() {
             let d = dd;
             let view = d.view();
             let route = &view.runtime.routes["m"];
-            let mut attempts =
-                Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+            let mut attempts = Attempts::new(
+                &d,
+                &view.runtime,
+                route,
+                Demand::chat(&request()),
+                deadline,
+                anon(&view),
+            );
             attempts.next().await.map(|_| ())
         }));
         let view = d.view();
@@ -170,7 +197,14 @@ async fn a_full_queue_is_refused_at_once_with_an_honest_retry_after() {
     }
     let view = d.view();
     let route = &view.runtime.routes["m"];
-    let mut attempts = Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+    let mut attempts = Attempts::new(
+        &d,
+        &view.runtime,
+        route,
+        Demand::chat(&request()),
+        deadline,
+        anon(&view),
+    );
     match attempts.next().await {
         Err(RouteError::Saturated { retry_after }) => {
             // The slot frees in a window, the two ahead take it and the next: its turn comes
@@ -201,8 +235,14 @@ async fn a_request_whose_turn_comes_after_its_deadline_is_refused_at_once() {
             let view = d.view();
             let route = &view.runtime.routes["m"];
             let deadline = t0 + Duration::from_secs(90);
-            let mut attempts =
-                Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+            let mut attempts = Attempts::new(
+                &d,
+                &view.runtime,
+                route,
+                Demand::chat(&request()),
+                deadline,
+                anon(&view),
+            );
             attempts.next().await.map(|_| ())
         })
     };
@@ -210,7 +250,14 @@ async fn a_request_whose_turn_comes_after_its_deadline_is_refused_at_once() {
     until(|| view.runtime.routes["m"].queue.len() == 1).await;
     let route = &view.runtime.routes["m"];
     let deadline = t0 + Duration::from_secs(90);
-    let mut attempts = Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+    let mut attempts = Attempts::new(
+        &d,
+        &view.runtime,
+        route,
+        Demand::chat(&request()),
+        deadline,
+        anon(&view),
+    );
     match attempts.next().await {
         // Its turn is at 120 s, past its 90 s deadline: told now, with when it would come.
         Err(RouteError::Saturated { retry_after }) => assert_eq!(retry_after, 2 * MIN),
@@ -234,7 +281,14 @@ async fn an_abandoned_probe_does_not_strand_the_next_request() {
     view.runtime.providers[0].breaker.failure(Instant::now());
     tokio::time::advance(Duration::from_secs(10)).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut probe = Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+    let mut probe = Attempts::new(
+        &d,
+        &view.runtime,
+        route,
+        Demand::chat(&request()),
+        deadline,
+        anon(&view),
+    );
     let lease = probe.next().await.unwrap();
     assert!(
         lease.probe.is_some(),
@@ -243,7 +297,14 @@ async fn an_abandoned_probe_does_not_strand_the_next_request() {
     // Its caller hangs up before the provider answers.
     drop(lease);
     let t1 = Instant::now();
-    let mut next = Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+    let mut next = Attempts::new(
+        &d,
+        &view.runtime,
+        route,
+        Demand::chat(&request()),
+        deadline,
+        anon(&view),
+    );
     let lease = next.next().await.unwrap();
     assert!(
         lease.probe.is_some(),
@@ -274,8 +335,14 @@ async fn answers_on_keys_with_room_wake_no_waiter() {
             let view = d.view();
             let route = &view.runtime.routes["m"];
             let deadline = t0 + Duration::from_secs(120);
-            let mut attempts =
-                Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+            let mut attempts = Attempts::new(
+                &d,
+                &view.runtime,
+                route,
+                Demand::chat(&request()),
+                deadline,
+                anon(&view),
+            );
             let ok = attempts.next().await.is_ok();
             (ok, attempts.looks())
         })
@@ -284,8 +351,14 @@ async fn answers_on_keys_with_room_wake_no_waiter() {
     until(|| view.runtime.routes["m"].queue.len() == 1).await;
     let other = &view.runtime.routes["m2"];
     for _ in 0..1000 {
-        let mut attempts =
-            Attempts::new(&d, &view.runtime, other, Demand::chat(&request()), t0 + MIN);
+        let mut attempts = Attempts::new(
+            &d,
+            &view.runtime,
+            other,
+            Demand::chat(&request()),
+            t0 + MIN,
+            anon(&view),
+        );
         let mut lease = attempts.next().await.unwrap();
         lease.permit.answered();
         tokio::task::yield_now().await;
@@ -313,8 +386,14 @@ async fn a_reload_keeps_the_waiters_and_their_order() {
             let view = d.view();
             let route = &view.runtime.routes["m"];
             let deadline = t0 + Duration::from_secs(300);
-            let mut attempts =
-                Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+            let mut attempts = Attempts::new(
+                &d,
+                &view.runtime,
+                route,
+                Demand::chat(&request()),
+                deadline,
+                anon(&view),
+            );
             attempts.next().await.map(|mut l| {
                 l.permit.answered();
                 t0.elapsed()
@@ -333,7 +412,14 @@ async fn a_reload_keeps_the_waiters_and_their_order() {
     );
     let route = &view.runtime.routes["m"];
     let deadline = t0 + Duration::from_secs(300);
-    let mut later = Attempts::new(&d, &view.runtime, route, Demand::chat(&request()), deadline);
+    let mut later = Attempts::new(
+        &d,
+        &view.runtime,
+        route,
+        Demand::chat(&request()),
+        deadline,
+        anon(&view),
+    );
     let lease = later.next().await.unwrap();
     let second = t0.elapsed();
     drop(lease);
@@ -374,6 +460,7 @@ async fn a_request_that_cannot_be_served_in_time_is_refused_at_once() {
         route,
         Demand::chat(&request()),
         t0 + Duration::from_secs(30),
+        anon(&view),
     );
     match attempts.next().await {
         Err(RouteError::Saturated { retry_after }) => assert_eq!(retry_after, MIN),

@@ -1,31 +1,285 @@
-//! The queue of requests waiting for budget on one route, in arrival order.
+//! The queue of requests waiting for budget on one route, and who goes next.
 //!
-//! Only the request at the head looks for budget; it waits for the instant its earliest key
-//! frees up or for a [`Signal`](crate::budget::Signal) pulse, whichever comes first. The
-//! others wait for their turn: when the head is admitted (or gives up, or its caller hangs
-//! up) it leaves the queue and wakes the next. Nobody polls. The queue is bounded: a request
-//! that finds it full is answered at once with 429 and an honest `retry-after`.
+//! Only one request, the *head*, looks for budget; it waits for the instant its earliest key
+//! frees up or for a [`Signal`](crate::budget::Signal) pulse, whichever comes first. The others
+//! wait for their turn. Nobody polls. When the head is admitted (or gives up, or its caller
+//! hangs up) it leaves and the next head is chosen; an arrival that should go first takes the
+//! head's place at once, and the old head stands back without taking budget.
+//!
+//! **Who goes next**, in three levels:
+//! 1. *Between tiers*: weighted fair queueing over requests. Each tier with a request waiting
+//!    has a virtual finish tag; the tier with the lowest tag goes next, and each request it
+//!    dispatches adds `1 / weight` to its tag. Under overload each waiting tier gets its weight
+//!    over the sum of the waiting tiers' weights of the dispatch slots, so a tier whose demand
+//!    fits its share waits only for the next slot, and no tier starves (batch work still gets
+//!    its weighted trickle). A tier that starts waiting again starts at the current virtual
+//!    time: it cannot spend a credit saved while idle.
+//! 2. *Inside a tier*: tenants share by tokens, the same way with equal weights and each
+//!    request's tokens as its cost, so one tenant sending large or many requests cannot starve
+//!    the others of its tier.
+//! 3. *Inside a tenant*: earliest deadline first (ties by arrival).
+//!
+//! A request can be *held* out of the choice: a batch-class request until its batch is
+//! released (the batch is full, or its oldest request waited the batch interval), and every
+//! request of a tier for a short while after its class could not take budget that another class
+//! could (its headroom, or off-peak deferral), so that it does not block those behind it.
+//!
+//! The queue is bounded per route and per tier: a request that finds either full is answered
+//! at once with 429 and an honest `retry-after`.
 
-use std::collections::VecDeque;
+use super::tiers::TierRt;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Who is asking, as the queue orders them.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The request's tier.
+    pub tier: Arc<TierRt>,
+    /// The caller's tenant (any stable name; one name for every anonymous caller).
+    pub tenant: Arc<str>,
+    /// The latest instant the request waits.
+    pub deadline: Instant,
+    /// The tokens it asks for (its cost in the fairness between tenants).
+    pub tokens: u64,
+}
+
+/// Where a waiting request stands, for the progress a streaming caller sees while it waits:
+/// set when it joins a queue, cleared when it leaves.
+#[derive(Debug, Default)]
+pub struct Progress {
+    place: Mutex<Option<Place>>,
+}
+
+#[derive(Debug)]
+struct Place {
+    queue: Arc<WaitQueue>,
+    id: u64,
+    tier: Arc<TierRt>,
+    tenant: Arc<str>,
+    /// One slot of the route's rate (window / rpm).
+    slot: std::time::Duration,
+}
+
+impl Progress {
+    pub(crate) fn joined(
+        &self,
+        queue: Arc<WaitQueue>,
+        ticket: &Ticket<'_>,
+        slot: std::time::Duration,
+    ) {
+        *self.place.lock().unwrap_or_else(|p| p.into_inner()) = Some(Place {
+            queue,
+            id: ticket.id,
+            tier: ticket.tier.clone(),
+            tenant: ticket.tenant.clone(),
+            slot,
+        });
+    }
+
+    pub(crate) fn left(&self) {
+        *self.place.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Requests ahead and the estimated wait, while the request waits in a queue: each
+    /// request ahead takes one slot of the route's rate at its tier's weighted share.
+    pub fn now(&self) -> Option<(usize, std::time::Duration)> {
+        let place = self.place.lock().unwrap_or_else(|p| p.into_inner());
+        let place = place.as_ref()?;
+        let ahead = place
+            .queue
+            .position_of(place.id, &place.tier, &place.tenant)?;
+        let (_, share) = place.queue.outlook(&place.tier);
+        let eta = place.slot.mul_f64((ahead + 1) as f64 / share.max(1e-6));
+        Some((ahead, eta))
+    }
+}
+
+/// Why a request could not join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// The route's queue holds its bound.
+    Route,
+    /// The tier has `maxQueueDepth` requests waiting.
+    Tier,
+}
 
 /// Requests waiting on one route.
 #[derive(Debug)]
 pub struct WaitQueue {
-    waiters: Mutex<VecDeque<(u64, Arc<Notify>)>>,
+    state: Mutex<State>,
     len: AtomicUsize,
     next_id: AtomicU64,
     /// Most requests that may wait at once (updated when a configuration is applied).
     bound: AtomicUsize,
 }
 
+#[derive(Debug, Default)]
+struct State {
+    tiers: Vec<TierQ>,
+    /// The tag of the last tier dispatched: where a tier that starts waiting starts.
+    vtime: f64,
+    head: Option<u64>,
+}
+
+#[derive(Debug)]
+struct TierQ {
+    name: Arc<str>,
+    weight: f64,
+    tag: f64,
+    /// Ineligible until then (its class could not take budget others could).
+    held_until: Option<Instant>,
+    tenants: HashMap<Arc<str>, TenantQ>,
+    /// The tenant tag of the last dispatch in this tier.
+    vtime: f64,
+    waiting: usize,
+    /// Batch requests not yet released, oldest first: (id, joined).
+    gated: Vec<(u64, Instant)>,
+}
+
+#[derive(Debug)]
+struct TenantQ {
+    tag: f64,
+    /// By (deadline, id).
+    waiters: Vec<Waiter>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    deadline: Instant,
+    turn: Arc<Notify>,
+    gated: bool,
+}
+
+impl State {
+    fn tier(&self, name: &str) -> Option<usize> {
+        self.tiers.iter().position(|t| &*t.name == name)
+    }
+
+    /// The request that should look for budget now: see the module's ordering.
+    fn first(&self, now: Instant) -> Option<(usize, Arc<str>, u64)> {
+        let mut best: Option<(f64, f64, usize)> = None;
+        for (ti, t) in self.tiers.iter().enumerate() {
+            if t.waiting == t.gated.len() || t.held_until.is_some_and(|h| h > now) {
+                continue;
+            }
+            // Lowest tag; on a tie, the heavier tier.
+            let better = best.is_none_or(|(tag, weight, _)| {
+                t.tag.total_cmp(&tag).then(weight.total_cmp(&t.weight)) == std::cmp::Ordering::Less
+            });
+            if better {
+                best = Some((t.tag, t.weight, ti));
+            }
+        }
+        let (_, _, ti) = best?;
+        let tier = &self.tiers[ti];
+        let mut pick: Option<(f64, Instant, u64, &Arc<str>)> = None;
+        for (name, q) in &tier.tenants {
+            let Some(w) = q.waiters.iter().find(|w| !w.gated) else {
+                continue;
+            };
+            let better = pick.is_none_or(|(tag, deadline, id, _)| {
+                q.tag
+                    .total_cmp(&tag)
+                    .then(w.deadline.cmp(&deadline))
+                    .then(w.id.cmp(&id))
+                    == std::cmp::Ordering::Less
+            });
+            if better {
+                pick = Some((q.tag, w.deadline, w.id, name));
+            }
+        }
+        pick.map(|(_, _, id, name)| (ti, name.clone(), id))
+    }
+
+    fn waiter(&self, ti: usize, tenant: &str, id: u64) -> Option<&Waiter> {
+        self.tiers
+            .get(ti)?
+            .tenants
+            .get(tenant)?
+            .waiters
+            .iter()
+            .find(|w| w.id == id)
+    }
+
+    /// Chooses the head again; tells the new head and the old one (which stands back).
+    fn reassign(&mut self, now: Instant) {
+        self.reassign_but(now, None);
+    }
+
+    /// [`State::reassign`], telling nobody if the new head is `joining` (it is about to look
+    /// by itself; a stored wake-up would only make it look twice).
+    fn reassign_but(&mut self, now: Instant, joining: Option<u64>) {
+        let first = self.first(now);
+        let new = first.as_ref().map(|f| f.2);
+        if new == self.head {
+            return;
+        }
+        if let Some(old) = self.head
+            && let Some(turn) = self.find_turn(old)
+        {
+            turn.notify_one();
+        }
+        self.head = new;
+        if let Some((ti, tenant, id)) = first
+            && Some(id) != joining
+            && let Some(w) = self.waiter(ti, &tenant, id)
+        {
+            w.turn.notify_one();
+        }
+    }
+
+    fn find_turn(&self, id: u64) -> Option<Arc<Notify>> {
+        self.tiers
+            .iter()
+            .flat_map(|t| t.tenants.values())
+            .flat_map(|q| &q.waiters)
+            .find(|w| w.id == id)
+            .map(|w| w.turn.clone())
+    }
+
+    /// Releases the tier's gated requests that are due at `now`: a full batch, or every
+    /// request of a batch whose oldest waited `interval`. Returns whether any was released.
+    fn release(
+        &mut self,
+        ti: usize,
+        size: usize,
+        interval: std::time::Duration,
+        now: Instant,
+    ) -> bool {
+        let tier = &mut self.tiers[ti];
+        let mut released = false;
+        while let Some(&(_, oldest)) = tier.gated.first()
+            && (tier.gated.len() >= size || oldest + interval <= now)
+        {
+            let batch: Vec<u64> = tier
+                .gated
+                .drain(..size.min(tier.gated.len()))
+                .map(|g| g.0)
+                .collect();
+            for q in tier.tenants.values_mut() {
+                for w in &mut q.waiters {
+                    if batch.contains(&w.id) {
+                        w.gated = false;
+                        w.turn.notify_one();
+                    }
+                }
+            }
+            released = true;
+        }
+        released
+    }
+}
+
 impl WaitQueue {
     /// An empty queue of at most `bound` waiters.
     pub fn new(bound: usize) -> Self {
         Self {
-            waiters: Mutex::default(),
+            state: Mutex::default(),
             len: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             bound: AtomicUsize::new(bound),
@@ -42,8 +296,8 @@ impl WaitQueue {
         self.bound.store(bound, Ordering::Relaxed);
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<(u64, Arc<Notify>)>> {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Requests waiting now; lock-free, for the fast path's "is anyone ahead of me".
@@ -56,99 +310,255 @@ impl WaitQueue {
         self.len() == 0
     }
 
-    /// Joins at the back, or `None` if the queue is full.
-    pub fn join(&self) -> Option<Ticket<'_>> {
-        let mut waiters = self.lock();
-        if waiters.len() >= self.bound() {
-            return None;
+    /// What a request of `tier` joining now would find: the requests of its tier waiting,
+    /// and the tier's share of dispatch slots among the tiers waiting (1 when alone).
+    pub fn outlook(&self, tier: &TierRt) -> (usize, f64) {
+        let s = self.lock();
+        let mine = f64::from(tier.weight.max(1));
+        let mut ahead = 0;
+        let mut total = mine;
+        for t in &s.tiers {
+            if t.waiting == 0 {
+                continue;
+            }
+            if *t.name == *tier.name {
+                ahead = t.waiting;
+            } else {
+                total += t.weight;
+            }
+        }
+        (ahead, mine / total)
+    }
+
+    /// Requests that would be chosen before request `id` of `tier` and `tenant` if nothing
+    /// else arrived: those of other tiers with a lower tag, those of other tenants of its
+    /// tier, and those ahead of it in its tenant. An estimate for progress reports, not a
+    /// promise; `None` if it does not wait here.
+    pub fn position_of(&self, id: u64, tier: &TierRt, tenant: &str) -> Option<usize> {
+        let s = self.lock();
+        let ti = s.tier(&tier.name)?;
+        let mine = s.tiers[ti].tag;
+        let mut ahead = 0;
+        for (i, t) in s.tiers.iter().enumerate() {
+            if i == ti {
+                for (name, q) in &t.tenants {
+                    if **name == *tenant {
+                        ahead += q.waiters.iter().take_while(|w| w.id != id).count();
+                    } else {
+                        ahead += q.waiters.len();
+                    }
+                }
+            } else if t.tag <= mine {
+                ahead += t.waiting;
+            }
+        }
+        Some(ahead)
+    }
+
+    /// Joins the queue, or says which bound is full.
+    pub fn join(&self, entry: &Entry, now: Instant) -> Result<Ticket<'_>, Full> {
+        let mut s = self.lock();
+        if self.len() >= self.bound() {
+            return Err(Full::Route);
+        }
+        if !entry.tier.state.enter(entry.tier.max_depth) {
+            return Err(Full::Tier);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let turn = Arc::new(Notify::new());
-        waiters.push_back((id, turn.clone()));
-        self.len.store(waiters.len(), Ordering::Release);
-        Some(Ticket {
+        let vtime = s.vtime;
+        let ti = match s.tier(&entry.tier.name) {
+            Some(ti) => ti,
+            None => {
+                s.tiers.push(TierQ {
+                    name: entry.tier.name.clone(),
+                    weight: f64::from(entry.tier.weight.max(1)),
+                    tag: vtime,
+                    held_until: None,
+                    tenants: HashMap::new(),
+                    vtime: 0.0,
+                    waiting: 0,
+                    gated: Vec::new(),
+                });
+                s.tiers.len() - 1
+            }
+        };
+        let tier = &mut s.tiers[ti];
+        // The weight may have changed with the configuration.
+        tier.weight = f64::from(entry.tier.weight.max(1));
+        if tier.waiting == 0 {
+            // Starts at the current virtual time: no credit saved while idle.
+            tier.tag = tier.tag.max(vtime);
+        }
+        let tier_vtime = tier.vtime;
+        let tenant = tier
+            .tenants
+            .entry(entry.tenant.clone())
+            .or_insert_with(|| TenantQ {
+                tag: tier_vtime,
+                waiters: Vec::new(),
+            });
+        let gated = entry.tier.batch.is_some();
+        let at = tenant
+            .waiters
+            .partition_point(|w| (w.deadline, w.id) <= (entry.deadline, id));
+        tenant.waiters.insert(
+            at,
+            Waiter {
+                id,
+                deadline: entry.deadline,
+                turn: turn.clone(),
+                gated,
+            },
+        );
+        tier.waiting += 1;
+        if gated {
+            tier.gated.push((id, now));
+        }
+        if let Some(batch) = entry.tier.batch {
+            s.release(ti, batch.size, batch.interval, now);
+        }
+        self.len.fetch_add(1, Ordering::AcqRel);
+        s.reassign_but(now, Some(id));
+        Ok(Ticket {
             queue: self,
             id,
+            tier: entry.tier.clone(),
+            tenant: entry.tenant.clone(),
+            tokens: entry.tokens,
             turn,
+            admitted: false,
         })
     }
 }
 
-/// A place in a [`WaitQueue`]; leaving it (drop) wakes the next request if this one was
-/// at the head.
+/// A place in a [`WaitQueue`]; leaving it (drop) chooses the next head if this one was it.
 #[derive(Debug)]
 pub struct Ticket<'a> {
     queue: &'a WaitQueue,
     id: u64,
+    tier: Arc<TierRt>,
+    tenant: Arc<str>,
+    tokens: u64,
     turn: Arc<Notify>,
+    admitted: bool,
 }
 
 impl Ticket<'_> {
-    /// Whether this request is at the head of the queue.
+    /// Whether this request is the one that looks for budget now.
     pub fn is_head(&self) -> bool {
-        self.queue
-            .lock()
-            .front()
-            .is_some_and(|(id, _)| *id == self.id)
+        self.queue.lock().head == Some(self.id)
     }
 
-    /// Resolves when this request becomes the head (at once if it is).
-    pub async fn turn(&self) {
-        if self.is_head() {
-            return;
-        }
-        // `notify_one` stores a permit, so a wake-up before this await is not lost.
+    /// Resolves when something about this request's place changed: it became the head or
+    /// stopped being it, its batch was released, or it should look at its timers again.
+    /// Spurious wake-ups are possible; check [`Ticket::is_head`].
+    pub async fn changed(&self) {
+        // `notify_one` stores a permit, so a change before this await is not lost.
         self.turn.notified().await;
     }
 
-    /// Requests ahead of this one.
+    /// The instant this waiting (non-head) request must act by itself, if before its
+    /// deadline: when its tier's hold ends, or when its batch is due for release.
+    pub fn wake_at(&self) -> Option<Instant> {
+        let s = self.queue.lock();
+        let ti = s.tier(&self.tier.name)?;
+        let tier = &s.tiers[ti];
+        let mut at = tier.held_until;
+        if let (Some(batch), Some(&(id, joined))) = (self.tier.batch, tier.gated.first())
+            && id == self.id
+        {
+            let due = joined + batch.interval;
+            at = Some(at.map_or(due, |a| a.min(due)));
+        }
+        at
+    }
+
+    /// Acts on timers that are due at `now`: releases a due batch, ends a hold, and
+    /// chooses the head again.
+    pub fn tick(&self, now: Instant) {
+        let mut s = self.queue.lock();
+        if let Some(ti) = s.tier(&self.tier.name) {
+            if s.tiers[ti].held_until.is_some_and(|h| h <= now) {
+                s.tiers[ti].held_until = None;
+            }
+            if let Some(batch) = self.tier.batch {
+                s.release(ti, batch.size, batch.interval, now);
+            }
+        }
+        s.reassign(now);
+    }
+
+    /// This request's tier could not take budget that another class could: its whole tier
+    /// stands back until `until`, and the next head is chosen among the others.
+    pub fn hold_tier(&self, now: Instant, until: Instant) {
+        let mut s = self.queue.lock();
+        if let Some(ti) = s.tier(&self.tier.name) {
+            s.tiers[ti].held_until = Some(until);
+        }
+        s.reassign(now);
+    }
+
+    /// Requests that would be chosen before this one if nothing else arrived (see
+    /// [`WaitQueue::position_of`]).
     pub fn position(&self) -> usize {
         self.queue
-            .lock()
-            .iter()
-            .position(|(id, _)| *id == self.id)
+            .position_of(self.id, &self.tier, &self.tenant)
             .unwrap_or(0)
+    }
+
+    /// The request leaves with budget: its tier and tenant are charged for it.
+    pub fn admitted(mut self) {
+        self.admitted = true;
     }
 }
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let mut waiters = self.queue.lock();
-        let Some(at) = waiters.iter().position(|(id, _)| *id == self.id) else {
+        let now = Instant::now();
+        let mut s = self.queue.lock();
+        let vtime = s.vtime;
+        let Some(ti) = s.tier(&self.tier.name) else {
             return;
         };
-        waiters.remove(at);
-        self.queue.len.store(waiters.len(), Ordering::Release);
-        if at == 0
-            && let Some((_, next)) = waiters.front()
+        let tier = &mut s.tiers[ti];
+        let Some(q) = tier.tenants.get_mut(&self.tenant) else {
+            return;
+        };
+        let Some(at) = q.waiters.iter().position(|w| w.id == self.id) else {
+            return;
+        };
+        q.waiters.remove(at);
+        let mut dispatched = None;
+        if self.admitted {
+            tier.vtime = q.tag;
+            q.tag += self.tokens.max(1) as f64;
+            dispatched = Some(tier.tag);
+            tier.tag += 1.0 / tier.weight;
+        }
+        if q.waiters.is_empty() {
+            tier.tenants.remove(&self.tenant);
+        }
+        tier.waiting -= 1;
+        tier.gated.retain(|g| g.0 != self.id);
+        if let Some(tag) = dispatched {
+            s.vtime = vtime.max(tag);
+        }
+        if s.head == Some(self.id) {
+            s.head = None;
+        }
+        self.queue.len.fetch_sub(1, Ordering::AcqRel);
+        self.tier.state.leave();
+        s.reassign(now);
+        // A gated request that leaves may make its successor the oldest of the batch, whose
+        // timer then counts: it learns so from a wake-up.
+        if let Some(&(next, _)) = s.tiers[ti].gated.first()
+            && let Some(turn) = s.find_turn(next)
         {
-            next.notify_one();
+            turn.notify_one();
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_next_in_line_is_woken_when_the_head_leaves() {
-        let queue = WaitQueue::new(3);
-        let first = queue.join().unwrap();
-        let second = queue.join().unwrap();
-        let third = queue.join().unwrap();
-        assert!(queue.join().is_none(), "bounded at 3");
-        assert!(first.is_head() && !second.is_head());
-        assert_eq!(third.position(), 2);
-        // The third leaving (its caller hung up) wakes nobody and frees a place.
-        drop(third);
-        assert_eq!(queue.len(), 2);
-        drop(first);
-        tokio::time::timeout(std::time::Duration::from_secs(5), second.turn())
-            .await
-            .expect("the second is woken when the first leaves");
-        assert!(second.is_head());
-        drop(second);
-        assert!(queue.is_empty());
-    }
-}
+mod tests;

@@ -3,19 +3,24 @@
 use super::AppState;
 use super::door::{self, Outcome, Tracked};
 use super::error::ApiError;
+use super::waiting;
 use crate::metrics;
 use crate::pipeline::{self, Door, RequestCtx};
 use crate::providers::types::ChatRequest;
 use crate::providers::{ChatChunk, ProviderError};
-use crate::route::ReplyBody;
+use crate::route::wait::Progress;
+use crate::route::{Reply, ReplyBody, RouteError};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::Stream;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tracing::Span;
@@ -49,8 +54,40 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
         .parse
         .observe(parse_started.elapsed().as_secs_f64());
     let view = state.dispatcher.view();
-    let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
-    let outcome = Outcome::new(span, ctx, Some(req.model));
+    if !req.stream {
+        let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
+        let outcome = Outcome::new(span, ctx, Some(req.model));
+        return render(result, outcome);
+    }
+    // A streaming caller that waits for budget is told where it stands (server::waiting).
+    let progress = Arc::new(Progress::default());
+    ctx.progress = Some(progress.clone());
+    // The tier goes into the headers, which are sent before the answer if it waits.
+    pipeline::queue_place(&view, ctx);
+    let dispatcher = state.dispatcher.clone();
+    let mut run = ctx.clone();
+    let pending = async move {
+        let result = pipeline::chat(&dispatcher, &view, &mut run, &req).await;
+        (result, run, req.model)
+    };
+    let late_span = span.clone();
+    let finish = move |(result, run, model): Finished| {
+        let outcome = Outcome::new(late_span, &run, Some(model));
+        late_events(result, outcome)
+    };
+    match waiting::stream_while_waiting(pending, progress, finish).await {
+        Ok((result, run, model)) => {
+            *ctx = run;
+            let outcome = Outcome::new(span, ctx, Some(model));
+            render(result, outcome)
+        }
+        Err(started) => started,
+    }
+}
+
+type Finished = (Result<Reply, RouteError>, RequestCtx, String);
+
+fn render(result: Result<Reply, RouteError>, outcome: Outcome) -> Response {
     match result {
         Ok(reply) => match reply.body {
             ReplyBody::Complete(answer) => {
@@ -60,6 +97,32 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
             ReplyBody::Stream(chunks) => sse(Tracked::new(chunks, outcome)),
         },
         Err(e) => failed(door::route_error(e), outcome),
+    }
+}
+
+/// The events of a stream that started while the request waited: the answer's events, or
+/// the refusal as one error event (the status, 200, is already sent).
+fn late_events(result: Result<Reply, RouteError>, outcome: Outcome) -> BoxStream<'static, Bytes> {
+    match result.map(|reply| reply.body) {
+        Ok(ReplyBody::Stream(chunks)) => OpenAiEvents {
+            chunks: Tracked::new(chunks, outcome),
+            done: false,
+        }
+        .map(|event| match event {
+            Ok(bytes) => bytes,
+            Err(never) => match never {},
+        })
+        .boxed(),
+        Ok(ReplyBody::Complete(_)) => {
+            let e = ApiError::internal("a whole answer came for a streamed request");
+            outcome.with_status(e.status).record(e.code);
+            futures::stream::once(async move { e.sse_event() }).boxed()
+        }
+        Err(e) => {
+            let e = door::route_error(e);
+            outcome.with_status(e.status).record(e.code);
+            futures::stream::once(async move { e.sse_event() }).boxed()
+        }
     }
 }
 

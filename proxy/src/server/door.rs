@@ -29,6 +29,10 @@ pub const PROVIDER: &str = "x-floodgate-provider";
 pub const KEY: &str = "x-floodgate-key";
 /// Response header: upstream attempts made.
 pub const ATTEMPTS: &str = "x-floodgate-attempts";
+/// Response header: the caller's tier.
+pub const TIER: &str = "x-floodgate-tier";
+/// Response header: milliseconds the request waited in the queue for budget.
+pub const QUEUE_MS: &str = "x-floodgate-queue-ms";
 
 /// The request span (OpenTelemetry GenAI and HTTP server attributes; see `telemetry` for
 /// the cost when off).
@@ -115,6 +119,15 @@ pub fn decision_headers(headers: &mut HeaderMap, ctx: &RequestCtx, expose_key: b
         HeaderName::from_static(REQUEST_ID_HEADER),
         ctx.id.header_value().clone(),
     );
+    if let Ok(v) = HeaderValue::from_str(&ctx.tier) {
+        headers.insert(HeaderName::from_static(TIER), v);
+    }
+    if let Some(queued) = ctx.queued {
+        headers.insert(
+            HeaderName::from_static(QUEUE_MS),
+            HeaderValue::from(queued.as_millis() as u64),
+        );
+    }
     let Some(route) = &ctx.route else { return };
     if let Ok(v) = HeaderValue::from_str(&route.provider) {
         headers.insert(HeaderName::from_static(PROVIDER), v);
@@ -193,7 +206,7 @@ fn upstream_error(error: &ProviderError, attempts: u32) -> ApiError {
 #[derive(Debug)]
 pub struct Outcome {
     span: Span,
-    tier: &'static str,
+    tier: std::sync::Arc<str>,
     model: Option<String>,
     provider: Option<std::sync::Arc<str>>,
     attempts: Option<u32>,
@@ -206,7 +219,7 @@ impl Outcome {
     pub fn new(span: Span, ctx: &RequestCtx, model: Option<String>) -> Self {
         Self {
             span,
-            tier: ctx.tier,
+            tier: ctx.tier.clone(),
             model,
             provider: ctx.route.as_ref().map(|r| r.provider.clone()),
             attempts: ctx.route.as_ref().map(|r| r.attempts),
@@ -236,7 +249,7 @@ impl Outcome {
         }
         let provider = self.provider.as_deref().unwrap_or("none");
         let labels = RequestLabels {
-            tier: self.tier.to_owned(),
+            tier: self.tier.to_string(),
             provider: provider.to_owned(),
             model: match self.model {
                 Some(m) if outcome != "model_not_found" => m,

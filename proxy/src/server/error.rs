@@ -68,6 +68,23 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The error as one OpenAI server-sent event, `data: {"error": ...}`, for a stream whose
+    /// status is already sent.
+    pub fn sse_event(&self) -> bytes::Bytes {
+        let body = Body {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: None,
+                code: self.code,
+            },
+        };
+        let json = serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_owned());
+        bytes::Bytes::from(format!("data: {json}\n\n"))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Body {

@@ -29,6 +29,7 @@ mod embeddings;
 pub mod error;
 pub mod messages;
 mod models;
+pub mod waiting;
 pub mod workers;
 
 use crate::pipeline::ctx::{REQUEST_ID_HEADER, RequestId};

@@ -78,6 +78,14 @@ pub fn error_response(e: &ApiError) -> Response {
     response
 }
 
+/// An error the gateway built as one Anthropic `error` event, for a stream whose status is
+/// already sent.
+pub fn sse_event(e: &ApiError) -> bytes::Bytes {
+    let body = ErrorBody::new(error_type(e), &e.message);
+    let json = serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_owned());
+    bytes::Bytes::from(format!("event: error\ndata: {json}\n\n"))
+}
+
 /// Anthropic's error type for a failure in the middle of a stream (the status is already
 /// sent): `overloaded_error` when the provider is shedding load, `api_error` otherwise.
 pub(super) fn stream_error_type(e: &ProviderError) -> &'static str {

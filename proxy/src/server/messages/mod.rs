@@ -35,13 +35,18 @@ use tracing::Span;
 use super::AppState;
 use super::door::{self, Outcome, Tracked};
 use super::error::ApiError;
+use super::waiting;
 use crate::metrics;
 use crate::pipeline::{self, Door, RequestCtx};
 use crate::providers::types::{ChatChunk, ChatRequest};
 use crate::providers::{ProviderError, estimate_prompt_tokens};
-use crate::route::ReplyBody;
+use crate::route::wait::Progress;
+use crate::route::{Reply, ReplyBody, RouteError};
+use bytes::Bytes;
 use error::{error_response, invalid_request};
+use futures::stream::BoxStream;
 use request::{MessagesRequest, Purpose};
+use std::sync::Arc;
 
 /// `POST /v1/messages`: a `message`, or Anthropic's event stream when `stream` is true.
 /// The same stages as the OpenAI door; only parsing and rendering differ.
@@ -84,9 +89,45 @@ async fn handle(
     // Before the request moves on: `message_start` reports it until the upstream's count.
     let input_tokens = estimate_prompt_tokens(&req);
     let view = state.dispatcher.view();
-    let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
-    let model = req.model;
-    let outcome = Outcome::new(span, ctx, Some(model.clone()));
+    if !req.stream {
+        let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
+        let outcome = Outcome::new(span, ctx, Some(req.model.clone()));
+        return render(result, outcome, req.model, input_tokens);
+    }
+    // A streaming caller that waits for budget is told where it stands (server::waiting).
+    let progress = Arc::new(Progress::default());
+    ctx.progress = Some(progress.clone());
+    // The tier goes into the headers, which are sent before the answer if it waits.
+    pipeline::queue_place(&view, ctx);
+    let dispatcher = state.dispatcher.clone();
+    let mut run = ctx.clone();
+    let pending = async move {
+        let result = pipeline::chat(&dispatcher, &view, &mut run, &req).await;
+        (result, run, req.model)
+    };
+    let late_span = span.clone();
+    let finish = move |(result, run, model): Finished| {
+        let outcome = Outcome::new(late_span, &run, Some(model.clone()));
+        late_events(result, outcome, model, input_tokens)
+    };
+    match waiting::stream_while_waiting(pending, progress, finish).await {
+        Ok((result, run, model)) => {
+            *ctx = run;
+            let outcome = Outcome::new(span, ctx, Some(model.clone()));
+            render(result, outcome, model, input_tokens)
+        }
+        Err(started) => started,
+    }
+}
+
+type Finished = (Result<Reply, RouteError>, RequestCtx, String);
+
+fn render(
+    result: Result<Reply, RouteError>,
+    outcome: Outcome,
+    model: String,
+    input_tokens: u32,
+) -> Response {
     match result {
         Ok(reply) => match reply.body {
             ReplyBody::Complete(answer) => match response::to_message(answer, model) {
@@ -105,6 +146,29 @@ async fn handle(
         },
         Err(e) => failed(&door::route_error(e), outcome),
     }
+}
+
+/// The events of a stream that started while the request waited: the answer's events, or
+/// the refusal as one `error` event (the status, 200, is already sent).
+fn late_events(
+    result: Result<Reply, RouteError>,
+    outcome: Outcome,
+    model: String,
+    input_tokens: u32,
+) -> BoxStream<'static, Bytes> {
+    let refusal = match result.map(|reply| reply.body) {
+        Ok(ReplyBody::Stream(chunks)) => {
+            let chunks = Tracked::new(door::RequireFinish::new(chunks), outcome);
+            return stream::encode(chunks, model, input_tokens).boxed();
+        }
+        Ok(ReplyBody::Complete(_)) => {
+            ApiError::internal("a whole answer came for a streamed request")
+        }
+        Err(e) => door::route_error(e),
+    };
+    outcome.with_status(refusal.status).record(refusal.code);
+    let event = error::sse_event(&refusal);
+    futures::stream::once(async move { event }).boxed()
 }
 
 fn failed(error: &ApiError, outcome: Outcome) -> Response {

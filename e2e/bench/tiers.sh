@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# `make bench` (last part) or `make bench-tiers`: the tier scenario. Mixed load, 10% enterprise,
+# 20% pro, 30% basic and 40% free, open loop at twice the pool's capacity, against the mock
+# provider with real 60 s windows, for BENCH_TIER_SECONDS (default 180). Prints per tier the
+# p50/p99 queue wait of the answered requests, refusals and requests lost (no answer at all;
+# must be 0), and what the provider saw: upstream 429s (must be 0) and each key's busiest
+# window against its limit. Everything on 127.0.0.1; everything started is stopped at the end.
+#
+#   BENCH_TIER_SECONDS  seconds of load (default 180)
+#   BENCH_TIER_RPM      each of the pool's 4 keys' requests per minute (default 150: 600 RPM)
+#   BENCH_PROXY_BIN     the proxy binary (default: the release build of this tree)
+#   BENCH_OUT           where results go (default $CACHE/bench): tiers.txt
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+CACHE=${CACHE:-$HOME/.cache/floodgate}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
+CARGO=${CARGO:-cargo}
+SECONDS_OF_LOAD=${BENCH_TIER_SECONDS:-180}
+KEY_RPM=${BENCH_TIER_RPM:-150}
+OUT=${BENCH_OUT:-$CACHE/bench}
+BIN=$CARGO_TARGET_DIR/release
+PROXY_BIN=${BENCH_PROXY_BIN:-$BIN/floodgate-proxy}
+
+echo "bench-tiers: building release binaries"
+"$CARGO" build -q --release -p floodgate-proxy --bin floodgate-proxy \
+  -p floodgate-e2e --bin mock-providers --bin tierload
+
+mkdir -p "$OUT"
+work=$(mktemp -d "$OUT/tiers.XXXXXX")
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for _ in $(seq 50); do
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+address_from_log() {
+  local pid=$1 log=$2 pattern=$3 found
+  for _ in $(seq 100); do
+    found=$(grep -m1 -oE "$pattern" "$log" || true)
+    if [[ -n $found ]]; then echo "$found"; return; fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$log" >&2
+  echo "bench-tiers: $log: the process did not report its address" >&2
+  exit 1
+}
+
+# The mock enforces each key's limit over the same 60 s window the proxy keeps.
+rpm_args=()
+for i in 1 2 3 4; do rpm_args+=(--rpm "bench-key-$i=$KEY_RPM"); done
+RUST_LOG=warn,mock_providers=info NO_COLOR=1 \
+  "$BIN/mock-providers" --listen 127.0.0.1:0 --quiet --window-ms 60000 "${rpm_args[@]}" \
+  >"$work/mock.log" 2>&1 &
+mock_pid=$!
+pids+=("$mock_pid")
+mock_url=$(address_from_log "$mock_pid" "$work/mock.log" 'http://127\.0\.0\.1:[0-9]+')
+
+# The pool (4 keys), the tiers of examples/scaling-500rpm (free's wait limit at 60 s: it must
+# be answered or refused within a minute), and one tenant per tier.
+mkdir -p "$work/config"
+{
+  printf 'apiVersion: v1\nkind: Secret\nmetadata: {name: bench-keys}\nstringData:\n'
+  for i in 1 2 3 4; do printf '  k%s: bench-key-%s\n' "$i" "$i"; done
+  for t in enterprise pro basic free; do printf '  %s: sk-bench-%s\n' "$t" "$t"; done
+  printf -- '---\napiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {name: bench}\n'
+  printf 'spec:\n  providers:\n  - name: openai\n    type: openai\n    baseUrl: "%s"\n' "$mock_url"
+  printf '    models: [{name: gpt-4o-mini}]\n    keys:\n'
+  for i in 1 2 3 4; do
+    printf '    - {secretRef: {name: bench-keys, key: k%s}, rpm: %s}\n' "$i" "$KEY_RPM"
+  done
+  cat <<'YAML'
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: TierQueue
+metadata: {name: tiers}
+spec:
+  defaultTier: free
+  tiers:
+  - {name: enterprise, class: priority, weight: 10, maxWaitMs: 1000}
+  - {name: pro, class: priority, weight: 10, maxWaitMs: 2000}
+  - {name: basic, class: standard, weight: 5, maxWaitMs: 5000}
+  - {name: free, class: batch, weight: 1, maxWaitMs: 60000, batch: {size: 10, intervalSeconds: 5}}
+YAML
+  for t in enterprise pro basic free; do
+    printf -- '---\napiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: bench-%s}\n' "$t"
+    printf 'spec:\n  tier: %s\n  keys: [{name: bench, secretRef: {name: bench-keys, key: %s}}]\n' "$t" "$t"
+  done
+} >"$work/config/gateway.yaml"
+
+env -u RUST_LOG "$PROXY_BIN" --config "$work/config" --listen 127.0.0.1:0 --watch-interval-ms 0 \
+  >"$work/proxy.log" 2>&1 &
+proxy_pid=$!
+pids+=("$proxy_pid")
+addr=$(address_from_log "$proxy_pid" "$work/proxy.log" 'listen=127\.0\.0\.1:[0-9]+')
+proxy_url=http://${addr#listen=}
+curl -sf --max-time 2 --retry 20 --retry-connrefused --retry-delay 0 "$proxy_url/readyz" >/dev/null
+
+# Twice the pool's capacity, in requests per second, split 10/20/30/40.
+capacity_rps=$(python3 -c "print(4 * $KEY_RPM / 60)")
+rate() { python3 -c "print(round(2 * $capacity_rps * $1, 3))"; }
+echo "bench-tiers: pool $((4 * KEY_RPM)) RPM; load $(rate 1) req/s for $SECONDS_OF_LOAD s" \
+  "(mock $mock_url, proxy $proxy_url)"
+"$BIN/tierload" --url "$proxy_url" --duration "$SECONDS_OF_LOAD" --json --timeout 120 \
+  --tier "enterprise=sk-bench-enterprise:$(rate 0.1)" \
+  --tier "pro=sk-bench-pro:$(rate 0.2)" \
+  --tier "basic=sk-bench-basic:$(rate 0.3)" \
+  --tier "free=sk-bench-free:$(rate 0.4)" 2>&1 | tee "$work/tierload.txt"
+
+# What the provider saw.
+curl -sf --max-time 5 "$mock_url/_mock/counts" >"$work/counts.json"
+python3 - "$work/counts.json" "$work/tierload.txt" <<'PY' | tee "$OUT/tiers.txt"
+import json, sys
+counts = json.load(open(sys.argv[1]))
+keys = counts if isinstance(counts, list) else counts.get("keys", counts)
+print(open(sys.argv[2]).read().split("JSON ")[0].rstrip())
+limited = sum(k.get("rate_limited", 0) for k in keys)
+print(f"upstream: {sum(k.get('requests', 0) for k in keys)} requests, {limited} answered 429")
+for k in keys:
+    print(f"  key {k['key']}: busiest 60 s window {k['max_in_window']} of limit {k['limit']}")
+PY
+echo "bench-tiers: written to $OUT/tiers.txt"

@@ -1,0 +1,276 @@
+//! `tierload`: open-loop mixed-tier load for the tier scenario of `make bench`, loopback only.
+//!
+//! ```text
+//! tierload --url http://127.0.0.1:8080 --duration 180 \
+//!          --tier enterprise=sk-demo-enterprise:2 --tier free=sk-demo-free:8
+//! ```
+//!
+//! Each `--tier NAME=KEY:RATE` sends RATE requests per second with `Authorization: Bearer KEY`,
+//! evenly spaced, each on its own connection from a shared pool, never waiting for an earlier
+//! answer (open loop: a slow answer does not slow the arrivals). After `--duration` it stops
+//! sending and waits for every request still out (at most `--timeout` each). Every request ends
+//! as an answer (2xx), a refusal (429 with `retry-after`), another error status, or *lost*
+//! (no HTTP answer at all: a reset, a timeout). It prints, per tier, p50 and p99 of the queue
+//! wait the gateway reports (`x-floodgate-queue-ms`) over the answered requests, refusals and
+//! losses, as a table and as one JSON line (`--json`).
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Longest run accepted.
+const MAX_DURATION_S: f64 = 900.0;
+
+/// Mixed-tier open-loop load generator (127.0.0.1 only).
+#[derive(Debug, Parser)]
+#[command(name = "tierload", version)]
+struct Args {
+    /// The gateway's base URL; its host must be a loopback address.
+    #[arg(long)]
+    url: String,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 180.0)]
+    duration: f64,
+    /// A tier's load: `NAME=CLIENT_KEY:REQ_PER_S` (repeatable).
+    #[arg(long = "tier", value_name = "NAME=KEY:RATE", required = true)]
+    tiers: Vec<String>,
+    /// Model of the chat completions sent.
+    #[arg(long, default_value = "gpt-4o-mini")]
+    model: String,
+    /// Longest a single request may take before it counts as lost, in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
+    /// Also print the summary as one JSON line, prefixed with `JSON `.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone)]
+struct TierLoad {
+    name: String,
+    key: String,
+    rate: f64,
+}
+
+/// How one request ended.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Answered { queue_ms: u64 },
+    Refused,
+    Status(u16),
+    Lost,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct TierSummary {
+    sent: u64,
+    answered: u64,
+    refused: u64,
+    other_status: u64,
+    /// The other statuses, by code.
+    other_codes: BTreeMap<u16, u64>,
+    lost: u64,
+    queue_ms_p50: Option<u64>,
+    queue_ms_p99: Option<u64>,
+    queue_ms_max: Option<u64>,
+}
+
+fn parse_tier(text: &str) -> Result<TierLoad> {
+    let (name, rest) = text
+        .split_once('=')
+        .with_context(|| format!("--tier {text:?}: expected NAME=KEY:RATE"))?;
+    let (key, rate) = rest
+        .rsplit_once(':')
+        .with_context(|| format!("--tier {text:?}: expected NAME=KEY:RATE"))?;
+    let rate: f64 = rate
+        .parse()
+        .with_context(|| format!("--tier {text:?}: RATE is not a number"))?;
+    ensure!(
+        rate > 0.0 && rate <= 10_000.0,
+        "--tier {text:?}: RATE must be in (0, 10000]"
+    );
+    Ok(TierLoad {
+        name: name.to_owned(),
+        key: key.to_owned(),
+        rate,
+    })
+}
+
+fn check_loopback(url: &str) -> Result<()> {
+    let parsed = reqwest::Url::parse(url).with_context(|| format!("--url {url:?}"))?;
+    let host = parsed.host_str().unwrap_or_default();
+    let ip: IpAddr = host
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .with_context(|| format!("--url host {host:?} must be a loopback IP address"))?;
+    ensure!(
+        ip.is_loopback(),
+        "--url host {host} is not a loopback address"
+    );
+    Ok(())
+}
+
+fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str) -> End {
+    let sent = client
+        .post(url)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await;
+    let Ok(response) = sent else {
+        return End::Lost;
+    };
+    let status = response.status().as_u16();
+    let queue_ms = response
+        .headers()
+        .get("x-floodgate-queue-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    // The whole body must arrive for the answer to count.
+    if response.bytes().await.is_err() {
+        return End::Lost;
+    }
+    match status {
+        200..=299 => End::Answered {
+            queue_ms: queue_ms.unwrap_or(0),
+        },
+        429 => End::Refused,
+        other => End::Status(other),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    check_loopback(&args.url)?;
+    ensure!(
+        args.duration > 0.0 && args.duration <= MAX_DURATION_S,
+        "--duration must be in (0, {MAX_DURATION_S}]"
+    );
+    let tiers: Vec<TierLoad> = args
+        .tiers
+        .iter()
+        .map(|t| parse_tier(t))
+        .collect::<Result<_>>()?;
+    let url = format!("{}/v1/chat/completions", args.url.trim_end_matches('/'));
+    let body = serde_json::json!({
+        "model": args.model,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 16,
+    })
+    .to_string();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs_f64(args.timeout))
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()?;
+    let ends: Arc<Mutex<Vec<(usize, End)>>> = Arc::default();
+    let start = Instant::now();
+    let stop = start + Duration::from_secs_f64(args.duration);
+    let mut pacers = Vec::new();
+    for (ti, tier) in tiers.iter().enumerate() {
+        let (client, url, body, ends, key) = (
+            client.clone(),
+            url.clone(),
+            body.clone(),
+            ends.clone(),
+            tier.key.clone(),
+        );
+        let every = Duration::from_secs_f64(1.0 / tier.rate);
+        pacers.push(tokio::spawn(async move {
+            let mut requests = tokio::task::JoinSet::new();
+            // Tiers start out of phase, so that their arrivals interleave.
+            let mut next = tokio::time::Instant::from_std(start) + every.mul_f64(ti as f64 / 7.0);
+            while next.into_std() < stop {
+                tokio::time::sleep_until(next).await;
+                let (client, url, body, ends, key) = (
+                    client.clone(),
+                    url.clone(),
+                    body.clone(),
+                    ends.clone(),
+                    key.clone(),
+                );
+                requests.spawn(async move {
+                    let end = one(&client, &url, &key, &body).await;
+                    ends.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((ti, end));
+                });
+                next += every;
+            }
+            while requests.join_next().await.is_some() {}
+        }));
+    }
+    for pacer in pacers {
+        pacer.await.context("a pacer panicked")?;
+    }
+    let ends = std::mem::take(&mut *ends.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut summaries: BTreeMap<String, TierSummary> = BTreeMap::new();
+    for (ti, tier) in tiers.iter().enumerate() {
+        let mut waits: Vec<u64> = Vec::new();
+        let mut s = TierSummary::default();
+        for (_, end) in ends.iter().filter(|(i, _)| *i == ti) {
+            s.sent += 1;
+            match *end {
+                End::Answered { queue_ms } => {
+                    s.answered += 1;
+                    waits.push(queue_ms);
+                }
+                End::Refused => s.refused += 1,
+                End::Status(code) => {
+                    s.other_status += 1;
+                    *s.other_codes.entry(code).or_default() += 1;
+                }
+                End::Lost => s.lost += 1,
+            }
+        }
+        waits.sort_unstable();
+        s.queue_ms_p50 = percentile(&waits, 50.0);
+        s.queue_ms_p99 = percentile(&waits, 99.0);
+        s.queue_ms_max = waits.last().copied();
+        summaries.insert(tier.name.clone(), s);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut table = String::new();
+    table.push_str("tier          sent  answered  refused  other  lost  wait p50 ms  wait p99 ms  wait max ms\n");
+    let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    for (name, s) in &summaries {
+        table.push_str(&format!(
+            "{name:<12} {:>5} {:>9} {:>8} {:>6} {:>5} {:>12} {:>12} {:>12}\n",
+            s.sent,
+            s.answered,
+            s.refused,
+            s.other_status,
+            s.lost,
+            ms(s.queue_ms_p50),
+            ms(s.queue_ms_p99),
+            ms(s.queue_ms_max)
+        ));
+    }
+    let lost: u64 = summaries.values().map(|s| s.lost).sum();
+    eprint!("{table}");
+    eprintln!(
+        "run: {elapsed:.1} s in all ({:.0} s of sending); lost: {lost}",
+        args.duration
+    );
+    if args.json {
+        let line = serde_json::json!({"elapsed_s": elapsed, "tiers": summaries});
+        eprintln!("JSON {line}");
+    }
+    if summaries.values().all(|s| s.sent == 0) {
+        bail!("no request was sent");
+    }
+    Ok(())
+}

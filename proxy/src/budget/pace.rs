@@ -1,0 +1,69 @@
+//! Pacing of a key's admissions under contention.
+//!
+//! An exact sliding window alone, under sustained overload, hands out its slots in the
+//! pattern they were taken one window earlier: a window filled in a burst frees up in a burst
+//! and then frees nothing for the rest of the window, so waiting requests see long stretches
+//! of no capacity, again every window. Requests that had to wait for budget are therefore
+//! paced: a key admits them at most at its sustainable rate (one per `window / rpm`, a
+//! generic cell rate algorithm with a tolerance), which turns the slots of the next windows
+//! into a steady supply. Requests that find budget at once (nobody waiting) are not paced: an
+//! idle gateway still serves a burst up to the key's limit at once.
+
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A key's pacer: the theoretical arrival time of its next paced admission.
+#[derive(Debug, Default)]
+pub struct Pacer {
+    tat: Mutex<Option<Instant>>,
+}
+
+impl Pacer {
+    /// When a paced admission may happen, at one per `interval` with `tolerance` of early
+    /// admissions (a burst of about `tolerance / interval`): `Ok` if now.
+    pub fn ready(&self, now: Instant, tolerance: Duration) -> Result<(), Instant> {
+        match *self.tat.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(tat) if tat > now + tolerance => Err(tat - tolerance),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a paced admission at `now`.
+    pub fn admitted(&self, now: Instant, interval: Duration) {
+        let mut tat = self.tat.lock().unwrap_or_else(|p| p.into_inner());
+        *tat = Some(tat.map_or(now, |t| t.max(now)) + interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn paced_admissions_keep_the_rate_after_a_burst_of_the_tolerance() {
+        let p = Pacer::default();
+        let t0 = Instant::now();
+        let interval = Duration::from_millis(100);
+        let tolerance = Duration::from_secs(1);
+        // A second's worth (10) and one more go at once...
+        for _ in 0..11 {
+            assert_eq!(p.ready(t0, tolerance), Ok(()));
+            p.admitted(t0, interval);
+        }
+        // ... then one per interval, exactly.
+        assert_eq!(p.ready(t0, tolerance), Err(t0 + interval));
+        let t1 = t0 + interval;
+        assert_eq!(p.ready(t1 - Duration::from_nanos(1), tolerance), Err(t1));
+        assert_eq!(p.ready(t1, tolerance), Ok(()));
+        p.admitted(t1, interval);
+        assert_eq!(p.ready(t1, tolerance), Err(t1 + interval));
+        // Idle time builds no credit beyond the tolerance.
+        let later = t1 + Duration::from_secs(60);
+        for _ in 0..11 {
+            assert_eq!(p.ready(later, tolerance), Ok(()));
+            p.admitted(later, interval);
+        }
+        assert!(p.ready(later, tolerance).is_err());
+    }
+}

@@ -1,0 +1,347 @@
+//! Tiers over real key budgets on a paused clock: dispatch order under saturation, the
+//! class headroom, off-peak deferral of batch work, and a refusal past the wait limit whose
+//! `retry-after` is honest.
+
+use super::attempt::{Asker, Attempts, Demand};
+use super::tests::{dispatcher, request, until};
+use super::*;
+use crate::config::load::load_config;
+use crate::config::secrets::SecretSources;
+use std::sync::Mutex;
+
+const MIN: Duration = Duration::from_secs(60);
+
+/// One OpenAI key of `rpm` serving model `m`, and a TierQueue with `tiers` (YAML flow
+/// sequence items) and `headroom` (priority, standard, batch percent).
+fn config(rpm: u32, tiers: &[&str], headroom: (u32, u32, u32)) -> Arc<Config> {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: sk-a}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n\
+         \x20 providers:\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"http://127.0.0.1:9\", models: [{{name: m}}], \
+         keys: [{{secretRef: {{name: keys, key: a}}, rpm: {rpm}}}]}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {{name: tiers}}\nspec:\n\
+         \x20 classHeadroom: {{priority: {}, standard: {}, batch: {}}}\n  tiers:\n{}",
+        headroom.0,
+        headroom.1,
+        headroom.2,
+        tiers
+            .iter()
+            .map(|t| format!("  - {t}\n"))
+            .collect::<String>()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.yaml"), yaml).unwrap();
+    let (config, _) = load_config(&[dir.path().to_owned()], SecretSources::default()).unwrap();
+    Arc::new(config)
+}
+
+fn asker(view: &View, tier: &str) -> Asker {
+    Asker {
+        tier: view.runtime.tiers.get(Some(tier)).clone(),
+        tenant: Arc::from("t"),
+        progress: None,
+    }
+}
+
+/// Waits for a key for a request of `tier` until `deadline`; the lease is answered at once.
+async fn take(d: &Dispatcher, tier: &str, deadline: Instant) -> Result<u32, RouteError> {
+    let view = d.view();
+    let route = &view.runtime.routes["m"];
+    let mut attempts = Attempts::new(
+        d,
+        &view.runtime,
+        route,
+        Demand::chat(&request()),
+        deadline,
+        asker(&view, tier),
+    );
+    let mut lease = attempts.next().await?;
+    lease.permit.answered();
+    Ok(attempts.looks())
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_saturation_tiers_are_served_by_weight() {
+    let tiers = [
+        "{name: enterprise, class: priority, weight: 10, maxWaitMs: 900000}",
+        "{name: basic, class: standard, weight: 5, maxWaitMs: 900000}",
+        // No off-peak deferral here: the trickle of a batch tier under sustained load.
+        "{name: free, class: batch, weight: 1, maxWaitMs: 900000, \
+         batch: {size: 1, intervalSeconds: 1, offPeakUtilizationPercent: 100}}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(32, &tiers, (0, 0, 0)),
+    );
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(900);
+    // The key's 32 slots are taken one a second, so they free one a second from 60 s on.
+    for _ in 0..32 {
+        take(&d, "enterprise", deadline).await.unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        for tier in ["free", "basic", "enterprise"] {
+            let (dd, order) = (d.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                take(&dd, tier, deadline).await.unwrap();
+                order.lock().unwrap().push(tier);
+            }));
+            let view = d.view();
+            let joined = tasks.len();
+            until(|| view.runtime.routes["m"].queue.len() == joined).await;
+        }
+    }
+    // Slots free one a second from 60 s on (paced for the classes below priority): the
+    // first 16 dispatches.
+    while order.lock().unwrap().len() < 16 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let order: Vec<&str> = order.lock().unwrap()[..16].to_vec();
+    let n = |t| order.iter().filter(|&&o| o == t).count();
+    assert!(n("enterprise").abs_diff(10) <= 1, "{order:?}");
+    assert!(n("basic").abs_diff(5) <= 1, "{order:?}");
+    assert!(n("free") >= 1, "batch gets its trickle: {order:?}");
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// Spawns a request of `tier` and returns when it was admitted.
+fn spawn(
+    d: &Arc<Dispatcher>,
+    tier: &'static str,
+    deadline: Instant,
+) -> tokio::task::JoinHandle<Result<Instant, RouteError>> {
+    let d = d.clone();
+    tokio::spawn(async move {
+        take(&d, tier, deadline).await?;
+        Ok(Instant::now())
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn batch_work_waits_off_peak_but_not_past_half_its_limit() {
+    for (max_wait_s, admitted_at) in [(200u64, 60u64), (100, 50)] {
+        let tiers = [
+            "{name: basic, class: standard, maxWaitMs: 30000}".to_owned(),
+            format!(
+                "{{name: free, class: batch, maxWaitMs: {}, batch: {{size: 1, intervalSeconds: 1}}}}",
+                max_wait_s * 1000
+            ),
+        ];
+        let tiers: Vec<&str> = tiers.iter().map(String::as_str).collect();
+        let d = dispatcher(
+            DispatcherOptions::new(MIN, Duration::from_secs(30)),
+            config(10, &tiers, (0, 0, 0)),
+        );
+        let t0 = Instant::now();
+        for _ in 0..9 {
+            take(&d, "basic", t0 + MIN).await.unwrap();
+        }
+        // 90% used, over the 80% off-peak threshold: the batch request waits though a slot
+        // is free...
+        let free = spawn(&d, "free", t0 + Duration::from_secs(max_wait_s));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!free.is_finished());
+        if admitted_at == 60 {
+            // ... and interactive work takes that slot at once.
+            let t1 = Instant::now();
+            take(&d, "basic", t1 + Duration::from_secs(1))
+                .await
+                .unwrap();
+            assert_eq!(Instant::now(), t1);
+        }
+        let at = free.await.unwrap().unwrap();
+        // Admitted when the window frees (60 s), or when half its limit is spent (50 s):
+        // within one recheck (6 s at 10 rpm) of it, never before.
+        let at = at - t0;
+        assert!(
+            at >= Duration::from_secs(admitted_at) && at <= Duration::from_secs(admitted_at + 6),
+            "limit {max_wait_s} s: admitted at {at:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_class_takes_only_what_leaves_its_headroom() {
+    let tiers = [
+        "{name: pro, class: priority, maxWaitMs: 1000}",
+        "{name: basic, class: standard, maxWaitMs: 120000}",
+    ];
+    // Standard needs 20% of the key's window free.
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(10, &tiers, (0, 20, 50)),
+    );
+    let t0 = Instant::now();
+    for _ in 0..7 {
+        take(&d, "basic", t0 + MIN).await.unwrap();
+    }
+    // 30% free: basic may take one more, then not.
+    let basic = spawn(&d, "basic", t0 + Duration::from_secs(120));
+    assert_eq!(basic.await.unwrap().unwrap(), t0);
+    let basic = spawn(&d, "basic", t0 + Duration::from_secs(120));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!basic.is_finished(), "10% free is pro's headroom");
+    // pro takes the last two slots at once, past the waiting basic request.
+    let t1 = Instant::now();
+    for _ in 0..2 {
+        take(&d, "pro", t1 + Duration::from_secs(1)).await.unwrap();
+    }
+    assert_eq!(Instant::now(), t1);
+    // basic gets its slot when the window frees, and looked a bounded number of times.
+    let at = basic.await.unwrap().unwrap() - t0;
+    assert!(at >= MIN && at <= MIN + Duration::from_secs(6), "{at:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_its_wait_limit_a_request_is_refused_with_a_retry_after_that_holds() {
+    let tiers = ["{name: pro, class: priority, maxWaitMs: 2000}"];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(1, &tiers, (0, 0, 0)),
+    );
+    let t0 = Instant::now();
+    take(&d, "pro", t0 + Duration::from_secs(2)).await.unwrap();
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    let retry_after = match take(&d, "pro", Instant::now() + Duration::from_secs(2)).await {
+        Err(RouteError::Saturated { retry_after }) => retry_after,
+        other => panic!("expected 429, got {other:?}"),
+    };
+    assert_eq!(retry_after, MIN - Duration::from_millis(1500));
+    tokio::time::advance(retry_after - Duration::from_millis(1)).await;
+    assert!(
+        take(&d, "pro", Instant::now()).await.is_err(),
+        "a moment earlier is too early"
+    );
+    tokio::time::advance(Duration::from_millis(1)).await;
+    take(&d, "pro", Instant::now() + Duration::from_secs(2))
+        .await
+        .expect("a retry at retry-after is admitted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn headroom_holds_a_request_back_for_at_most_half_its_wait() {
+    let tiers = [
+        "{name: pro, class: priority, maxWaitMs: 1000}",
+        "{name: basic, class: standard, maxWaitMs: 10000}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(10, &tiers, (0, 20, 50)),
+    );
+    let t0 = Instant::now();
+    for _ in 0..9 {
+        take(&d, "pro", t0 + MIN).await.unwrap();
+    }
+    // 10% free is pro's headroom, but basic would otherwise wait out its limit: after 5 s
+    // it takes the slot (within one recheck, 6 s at 10 rpm).
+    let at = spawn(&d, "basic", t0 + Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap()
+        - t0;
+    assert!(
+        at >= Duration::from_secs(5) && at <= Duration::from_secs(6),
+        "{at:?}"
+    );
+}
+
+/// The bench's tier scenario on a paused clock: 10% enterprise, 20% pro, 30% basic and 40%
+/// free at twice the key's capacity for three minutes (`--nocapture` prints the figures).
+/// The interactive priority tiers keep their wait targets with no refusal; the others are
+/// answered within their limits or refused, and every request ends one way or the other.
+/// Without pacing, the window's slots come back in the burst they were taken in, and
+/// enterprise sees half-minute stretches with nothing free (a third of it refused).
+#[tokio::test(start_paused = true)]
+async fn under_twice_the_capacity_the_priority_tiers_keep_their_targets() {
+    let tiers = [
+        "{name: enterprise, class: priority, weight: 10, maxWaitMs: 1000}",
+        "{name: pro, class: priority, weight: 10, maxWaitMs: 2000}",
+        "{name: basic, class: standard, weight: 5, maxWaitMs: 5000}",
+        "{name: free, class: batch, weight: 1, maxWaitMs: 60000, batch: {size: 10, intervalSeconds: 5}}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(600, &tiers, (0, 20, 50)),
+    );
+    let t0 = Instant::now();
+    // Per request: its tier, and its wait if it was admitted.
+    type Ended = Vec<(&'static str, Option<Duration>)>;
+    let results: Arc<Mutex<Ended>> = Arc::default();
+    let mut tasks = Vec::new();
+    // 20 requests a second, in a repeating pattern of 10: 1 enterprise, 2 pro, 3 basic, 4 free.
+    let pattern = [
+        "free",
+        "basic",
+        "pro",
+        "free",
+        "enterprise",
+        "basic",
+        "free",
+        "pro",
+        "basic",
+        "free",
+    ];
+    for i in 0..(180 * 20) {
+        let tier = pattern[i % 10];
+        tokio::time::sleep_until(t0 + Duration::from_millis(50 * i as u64)).await;
+        let (dd, results) = (d.clone(), results.clone());
+        tasks.push(tokio::spawn(async move {
+            let view = dd.view();
+            let max_wait = view.runtime.tiers.get(Some(tier)).max_wait;
+            let start = Instant::now();
+            let waited = take(&dd, tier, start + max_wait)
+                .await
+                .ok()
+                .map(|_| start.elapsed());
+            results.lock().unwrap().push((tier, waited));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let results = results.lock().unwrap();
+    for tier in ["enterprise", "pro", "basic", "free"] {
+        let mut waits: Vec<Duration> = results
+            .iter()
+            .filter(|(t, _)| *t == tier)
+            .filter_map(|(_, w)| *w)
+            .collect();
+        waits.sort();
+        let refused = results
+            .iter()
+            .filter(|(t, w)| *t == tier && w.is_none())
+            .count();
+        let p = |q: f64| {
+            waits
+                .get(((waits.len() as f64 * q) as usize).min(waits.len().saturating_sub(1)))
+                .copied()
+        };
+        eprintln!(
+            "{tier:<10} answered {:>5} refused {:>5} p50 {:?} p99 {:?}",
+            waits.len(),
+            refused,
+            p(0.5),
+            p(0.99)
+        );
+        let (limit, may_refuse) = match tier {
+            "enterprise" => (Duration::from_secs(1), false),
+            "pro" => (Duration::from_secs(2), false),
+            "basic" => (Duration::from_secs(5), true),
+            _ => (MIN, true),
+        };
+        let p99 = p(0.99).unwrap();
+        assert!(
+            p99 < limit || (may_refuse && p99 <= limit),
+            "{tier}: p99 {p99:?}"
+        );
+        assert!(may_refuse || refused == 0, "{tier}: {refused} refused");
+        assert!(waits.len() > 100, "{tier}: answered {}", waits.len());
+    }
+    assert_eq!(results.len(), 180 * 20, "every request ended");
+}

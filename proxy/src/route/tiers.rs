@@ -1,0 +1,282 @@
+//! Customer tiers as the wait queues see them: each tier's queue class, weight, wait limit and
+//! target, depth bound, class headroom and batching, resolved from the TierQueue once per
+//! configuration. Without a TierQueue every request is tier `default`: class standard, no
+//! headroom, the `--max-wait` limit, as before tiers existed.
+//!
+//! A tier's running state (how many of its requests wait, its metric handles) lives in
+//! [`TierState`], kept across configuration swaps by tier name so that a reload neither
+//! forgets who waits nor resets the depth bound.
+
+use crate::config::Config;
+use floodgate_crds::QueueClass;
+use floodgate_crds::tier::ClassHeadroom;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The tier of callers when no TierQueue is configured.
+pub const DEFAULT_TIER: &str = "default";
+
+/// One tier, resolved.
+#[derive(Debug)]
+pub struct TierRt {
+    /// Position in the plan (indexes per-tier handles such as a route's `ok` counters).
+    pub index: usize,
+    /// Tier name.
+    pub name: Arc<str>,
+    /// Queue class.
+    pub class: QueueClass,
+    /// Weight in the weighted fair queueing between tiers.
+    pub weight: u32,
+    /// Longest a request of this tier waits for budget.
+    pub max_wait: Duration,
+    /// The wait this tier is promised (its SLO).
+    pub target: Duration,
+    /// Most requests of this tier that may wait at once, over every route.
+    pub max_depth: usize,
+    /// Share of a key's request window that must be free for this tier to take from it.
+    pub headroom: f64,
+    /// Batching, for a batch-class tier.
+    pub batch: Option<BatchRt>,
+    /// Running state, kept across configuration swaps.
+    pub state: Arc<TierState>,
+}
+
+/// Batching of a batch-class tier.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchRt {
+    /// Requests released together.
+    pub size: usize,
+    /// Longest the oldest request of a batch waits for the batch to fill.
+    pub interval: Duration,
+    /// Released requests wait while the route's keys are more used than this share.
+    pub off_peak: f64,
+}
+
+/// A tier's running state.
+#[derive(Debug)]
+pub struct TierState {
+    depth: AtomicUsize,
+    /// Metric handles of this tier.
+    pub metrics: TierMetrics,
+}
+
+impl TierState {
+    /// A fresh state for tier `name` of `class`.
+    pub fn new(name: &str, class: QueueClass) -> Self {
+        Self {
+            depth: AtomicUsize::new(0),
+            metrics: TierMetrics::new(name, class),
+        }
+    }
+
+    /// Requests of this tier waiting now, over every route.
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::Acquire)
+    }
+
+    /// Takes a place for one more waiting request, unless `max` already wait.
+    pub(crate) fn enter(&self, max: usize) -> bool {
+        let entered = self
+            .depth
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                (d < max).then_some(d + 1)
+            })
+            .is_ok();
+        if entered {
+            self.metrics.waiting.inc();
+        }
+        entered
+    }
+
+    /// Gives a place back.
+    pub(crate) fn leave(&self) {
+        self.depth.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.waiting.dec();
+    }
+}
+
+/// The metric handles of one tier, resolved once.
+#[derive(Debug)]
+pub struct TierMetrics {
+    /// `floodgate_queue_depth{tier, class}`.
+    pub waiting: Gauge,
+    /// `floodgate_queue_wait_seconds{tier, class}`: every admitted request's wait, 0 on the
+    /// fast path.
+    pub wait: Histogram,
+    /// `floodgate_queue_slo_total{tier, within="true"}`.
+    pub within_target: Counter,
+    /// `floodgate_queue_slo_total{tier, within="false"}`.
+    pub missed_target: Counter,
+    class: &'static str,
+    name: String,
+}
+
+impl TierMetrics {
+    fn new(name: &str, class: QueueClass) -> Self {
+        let m = crate::metrics::global();
+        let labels = crate::metrics::TierLabels {
+            tier: name.to_owned(),
+            class: class.as_str(),
+        };
+        let slo = |within| {
+            m.queue_slo
+                .get_or_create(&crate::metrics::SloLabels {
+                    tier: name.to_owned(),
+                    within,
+                })
+                .clone()
+        };
+        Self {
+            waiting: m.queue_depth.get_or_create(&labels).clone(),
+            wait: m.queue_wait.get_or_create(&labels).clone(),
+            within_target: slo("true"),
+            missed_target: slo("false"),
+            class: class.as_str(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// Counts a request refused for `reason` (`wait_limit`, `queue_full`, ...).
+    pub fn refused(&self, reason: &'static str) {
+        crate::metrics::global()
+            .queue_refusals
+            .get_or_create(&crate::metrics::RefusalLabels {
+                tier: self.name.clone(),
+                class: self.class,
+                reason,
+            })
+            .inc();
+    }
+}
+
+impl TierRt {
+    /// Records an admitted request that waited `waited` (zero on the fast path).
+    pub fn admitted(&self, waited: Duration) {
+        let m = &self.state.metrics;
+        m.wait.observe(waited.as_secs_f64());
+        if waited <= self.target {
+            m.within_target.inc();
+        } else {
+            m.missed_target.inc();
+        }
+    }
+}
+
+/// Tier states by name, kept across configuration swaps.
+pub type TierStates = Mutex<HashMap<String, Arc<TierState>>>;
+
+/// The tiers of one configuration.
+#[derive(Debug)]
+pub struct TierPlan {
+    tiers: Vec<Arc<TierRt>>,
+    fallback: usize,
+}
+
+impl TierPlan {
+    /// The tiers of `config`'s TierQueue, or the one `default` tier waiting `max_wait`.
+    pub fn build(config: &Config, max_wait: Duration, states: &TierStates) -> Self {
+        let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = |name: &str, class| {
+            states
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(TierState::new(name, class)))
+                .clone()
+        };
+        let Some(tq) = config
+            .tier_queue
+            .as_ref()
+            .filter(|tq| !tq.spec.tiers.is_empty())
+        else {
+            let tier = TierRt {
+                index: 0,
+                name: Arc::from(DEFAULT_TIER),
+                class: QueueClass::Standard,
+                weight: 1,
+                max_wait,
+                target: max_wait,
+                max_depth: usize::MAX,
+                headroom: 0.0,
+                batch: None,
+                state: state(DEFAULT_TIER, QueueClass::Standard),
+            };
+            return Self {
+                tiers: vec![Arc::new(tier)],
+                fallback: 0,
+            };
+        };
+        let spec = &tq.spec;
+        let headroom = |c: QueueClass, h: &ClassHeadroom| f64::from(h.of(c).min(99)) / 100.0;
+        let tiers: Vec<Arc<TierRt>> = spec
+            .tiers
+            .iter()
+            .enumerate()
+            .map(|(index, t)| {
+                let max_wait = Duration::from_millis(t.max_wait_ms.max(1));
+                Arc::new(TierRt {
+                    index,
+                    name: Arc::from(t.name.as_str()),
+                    class: t.class,
+                    weight: t.weight.max(1),
+                    max_wait,
+                    target: t
+                        .wait_target_ms
+                        .map_or(max_wait, Duration::from_millis)
+                        .min(max_wait),
+                    max_depth: t.max_queue_depth.max(1) as usize,
+                    headroom: headroom(t.class, &spec.class_headroom),
+                    batch: t.batch.as_ref().map(|b| BatchRt {
+                        size: b.size.max(1) as usize,
+                        interval: Duration::from_secs(u64::from(b.interval_seconds.max(1))),
+                        off_peak: f64::from(b.off_peak_utilization_percent.clamp(1, 100)) / 100.0,
+                    }),
+                    state: state(&t.name, t.class),
+                })
+            })
+            .collect();
+        // Callers without a tier: the TierQueue's defaultTier, else a tier named `default`,
+        // else the last one listed (lists usually go from best to cheapest).
+        let fallback = spec
+            .default_tier
+            .as_deref()
+            .or(Some(DEFAULT_TIER))
+            .and_then(|d| tiers.iter().position(|t| &*t.name == d))
+            .unwrap_or(tiers.len().saturating_sub(1));
+        Self { tiers, fallback }
+    }
+
+    /// The tier named `name`, or the tier of callers without one (also for a name the
+    /// TierQueue does not list).
+    pub fn get(&self, name: Option<&str>) -> &Arc<TierRt> {
+        let found = name.and_then(|n| self.tiers.iter().find(|t| &*t.name == n));
+        found.unwrap_or(&self.tiers[self.fallback])
+    }
+
+    /// Every tier, in the order of the TierQueue.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<TierRt>> {
+        self.tiers.iter()
+    }
+
+    /// Number of tiers (at least 1).
+    pub fn len(&self) -> usize {
+        self.tiers.len()
+    }
+
+    /// Never empty: there is always at least the `default` tier.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The longest any tier waits.
+    pub fn longest_wait(&self) -> Duration {
+        self.tiers
+            .iter()
+            .map(|t| t.max_wait)
+            .max()
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,270 @@
+//! Who goes next: weighted fair queueing between tiers, token fairness between tenants,
+//! earliest deadline first inside a tenant, batch release, bounds, and the head's hand-over.
+
+use super::*;
+use crate::route::tiers::{BatchRt, TierRt, TierState};
+use floodgate_crds::QueueClass;
+use std::time::Duration;
+
+fn tier(name: &str, class: QueueClass, weight: u32) -> Arc<TierRt> {
+    tier_with(name, class, weight, usize::MAX, None)
+}
+
+fn tier_with(
+    name: &str,
+    class: QueueClass,
+    weight: u32,
+    max_depth: usize,
+    batch: Option<BatchRt>,
+) -> Arc<TierRt> {
+    Arc::new(TierRt {
+        index: 0,
+        name: Arc::from(name),
+        class,
+        weight,
+        max_wait: Duration::from_secs(60),
+        target: Duration::from_secs(1),
+        max_depth,
+        headroom: 0.0,
+        batch,
+        state: Arc::new(TierState::new(name, class)),
+    })
+}
+
+fn entry(tier: &Arc<TierRt>, tenant: &str, deadline: Instant, tokens: u64) -> Entry {
+    Entry {
+        tier: tier.clone(),
+        tenant: Arc::from(tenant),
+        deadline,
+        tokens,
+    }
+}
+
+/// Admits the head `n` times (each admission is a dispatch) and returns the tier and
+/// tenant of each, in order. Tickets not admitted stay in `tickets`.
+fn dispatch(tickets: &mut Vec<Ticket<'_>>, n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let Some(at) = tickets.iter().position(Ticket::is_head) else {
+            break;
+        };
+        let t = tickets.remove(at);
+        out.push((t.tier.name.to_string(), t.tenant.to_string()));
+        t.admitted();
+    }
+    out
+}
+
+fn count(order: &[(String, String)], tier: &str) -> usize {
+    order.iter().filter(|(t, _)| t == tier).count()
+}
+
+#[tokio::test(start_paused = true)]
+async fn tiers_share_dispatch_by_weight_and_none_starves() {
+    let q = WaitQueue::new(10_000);
+    let now = Instant::now();
+    let far = now + Duration::from_secs(600);
+    let (ent, basic, free) = (
+        tier("enterprise", QueueClass::Priority, 10),
+        tier("basic", QueueClass::Standard, 5),
+        tier("free", QueueClass::Standard, 1),
+    );
+    let mut tickets = Vec::new();
+    for _ in 0..300 {
+        for t in [&free, &basic, &ent] {
+            tickets.push(q.join(&entry(t, "x", far, 10), now).unwrap());
+        }
+    }
+    let order = dispatch(&mut tickets, 160);
+    // 10 : 5 : 1 of 160 slots, within one slot of each.
+    assert!(count(&order, "enterprise").abs_diff(100) <= 1, "{order:?}");
+    assert!(count(&order, "basic").abs_diff(50) <= 1, "{order:?}");
+    assert!(count(&order, "free").abs_diff(10) <= 1, "{order:?}");
+    // The lightest tier is not starved until the end: it gets a slot in every 16 or so.
+    assert!(count(&order[..20], "free") >= 1, "{order:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_that_was_idle_does_not_spend_saved_credit() {
+    let q = WaitQueue::new(10_000);
+    let now = Instant::now();
+    let far = now + Duration::from_secs(600);
+    let (a, b) = (
+        tier("a", QueueClass::Standard, 1),
+        tier("b", QueueClass::Standard, 1),
+    );
+    let mut tickets = Vec::new();
+    for _ in 0..50 {
+        tickets.push(q.join(&entry(&a, "x", far, 1), now).unwrap());
+    }
+    // a alone for 40 dispatches, then b arrives with the same weight.
+    assert_eq!(count(&dispatch(&mut tickets, 40), "a"), 40);
+    for _ in 0..10 {
+        tickets.push(q.join(&entry(&b, "x", far, 1), now).unwrap());
+    }
+    let order = dispatch(&mut tickets, 10);
+    assert!(
+        count(&order, "a").abs_diff(5) <= 1,
+        "equal weights alternate from b's arrival on, not b ten times in a row: {order:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn inside_a_tenant_the_earliest_deadline_goes_first() {
+    let q = WaitQueue::new(100);
+    let now = Instant::now();
+    let t = tier("pro", QueueClass::Priority, 1);
+    let s = Duration::from_secs(1);
+    let mut tickets = Vec::new();
+    for (i, d) in [30u64, 10, 20, 10].into_iter().enumerate() {
+        tickets.push(q.join(&entry(&t, "x", now + s * d as u32, 1), now).unwrap());
+        assert_eq!(tickets[i].id, i as u64);
+    }
+    let mut ids = Vec::new();
+    while let Some(at) = tickets.iter().position(Ticket::is_head) {
+        let ticket = tickets.remove(at);
+        ids.push(ticket.id);
+        ticket.admitted();
+    }
+    // Deadlines 10 (id 1), 10 (id 3, arrived later), 20, 30.
+    assert_eq!(ids, vec![1, 3, 2, 0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tenants_of_a_tier_share_by_tokens() {
+    let q = WaitQueue::new(10_000);
+    let now = Instant::now();
+    let far = now + Duration::from_secs(600);
+    let t = tier("basic", QueueClass::Standard, 5);
+    let mut tickets = Vec::new();
+    // A noisy tenant queues 100 requests of 1,000 tokens first; a quiet one 100 of 100.
+    for _ in 0..100 {
+        tickets.push(q.join(&entry(&t, "noisy", far, 1000), now).unwrap());
+    }
+    for _ in 0..100 {
+        tickets.push(q.join(&entry(&t, "quiet", far, 100), now).unwrap());
+    }
+    let order = dispatch(&mut tickets, 55);
+    let noisy = order.iter().filter(|(_, n)| n == "noisy").count();
+    let quiet = order.iter().filter(|(_, n)| n == "quiet").count();
+    // Equal tokens: 5 noisy (5,000 tokens) to 50 quiet (5,000 tokens), within one request.
+    assert!(
+        noisy.abs_diff(5) <= 1 && quiet.abs_diff(50) <= 1,
+        "noisy {noisy}, quiet {quiet}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_arrival_that_goes_first_takes_the_head_and_the_old_head_is_told() {
+    let q = WaitQueue::new(100);
+    let now = Instant::now();
+    let far = now + Duration::from_secs(600);
+    let (ent, basic) = (
+        tier("enterprise", QueueClass::Priority, 10),
+        tier("basic", QueueClass::Standard, 5),
+    );
+    // basic has dispatched before: its tag is ahead of the current virtual time.
+    let first = q.join(&entry(&basic, "x", far, 1), now).unwrap();
+    let second = q.join(&entry(&basic, "x", far, 1), now).unwrap();
+    assert!(first.is_head());
+    first.admitted();
+    assert!(second.is_head());
+    // Consume the wake-up that made it head.
+    tokio::time::timeout(Duration::from_secs(1), second.changed())
+        .await
+        .unwrap();
+    let urgent = q.join(&entry(&ent, "y", far, 1), now).unwrap();
+    assert!(urgent.is_head() && !second.is_head());
+    tokio::time::timeout(Duration::from_secs(1), second.changed())
+        .await
+        .expect("the old head is told it stands back");
+    drop(urgent);
+    assert!(
+        second.is_head(),
+        "the head passes back when the arrival leaves"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn batch_requests_wait_for_a_full_batch_or_the_interval() {
+    let q = WaitQueue::new(100);
+    let t0 = Instant::now();
+    let far = t0 + Duration::from_secs(600);
+    let batch = BatchRt {
+        size: 3,
+        interval: Duration::from_secs(60),
+        off_peak: 0.8,
+    };
+    let free = tier_with("free", QueueClass::Batch, 1, usize::MAX, Some(batch));
+    let a = q.join(&entry(&free, "x", far, 1), t0).unwrap();
+    let b = q.join(&entry(&free, "x", far, 1), t0).unwrap();
+    assert!(!a.is_head() && !b.is_head(), "gathered, not released");
+    assert_eq!(
+        a.wake_at(),
+        Some(t0 + Duration::from_secs(60)),
+        "the oldest times the batch"
+    );
+    assert_eq!(b.wake_at(), None);
+    let c = q.join(&entry(&free, "x", far, 1), t0).unwrap();
+    assert!(a.is_head(), "a full batch is released at once");
+    a.admitted();
+    b.admitted();
+    c.admitted();
+
+    // One request alone: released when it has waited the interval, not a moment before.
+    let t1 = Instant::now();
+    let d = q.join(&entry(&free, "x", far, 1), t1).unwrap();
+    d.tick(t1 + Duration::from_secs(60) - Duration::from_millis(1));
+    assert!(!d.is_head());
+    d.tick(t1 + Duration::from_secs(60));
+    assert!(d.is_head());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_tier_and_the_route_bound_what_waits() {
+    let q = WaitQueue::new(3);
+    let now = Instant::now();
+    let far = now + Duration::from_secs(600);
+    let small = tier_with("small", QueueClass::Standard, 1, 1, None);
+    let other = tier("other", QueueClass::Standard, 1);
+    let a = q.join(&entry(&small, "x", far, 1), now).unwrap();
+    assert_eq!(
+        q.join(&entry(&small, "x", far, 1), now).err(),
+        Some(Full::Tier)
+    );
+    assert_eq!(small.state.depth(), 1);
+    let _b = q.join(&entry(&other, "x", far, 1), now).unwrap();
+    let _c = q.join(&entry(&other, "x", far, 1), now).unwrap();
+    assert_eq!(
+        q.join(&entry(&other, "x", far, 1), now).err(),
+        Some(Full::Route)
+    );
+    drop(a);
+    assert_eq!(
+        small.state.depth(),
+        0,
+        "leaving gives the tier's place back"
+    );
+    assert!(q.join(&entry(&small, "x", far, 1), now).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_tier_lets_the_others_go_until_its_hold_ends() {
+    let q = WaitQueue::new(100);
+    let now = Instant::now();
+    let far = now + Duration::from_secs(600);
+    let (hi, lo) = (
+        tier("hi", QueueClass::Priority, 1),
+        tier("lo", QueueClass::Standard, 100),
+    );
+    let l = q.join(&entry(&lo, "x", far, 1), now).unwrap();
+    let h = q.join(&entry(&hi, "x", far, 1), now).unwrap();
+    assert!(l.is_head(), "lo weighs more and was first");
+    l.hold_tier(now, now + Duration::from_millis(200));
+    assert!(h.is_head() && !l.is_head());
+    assert_eq!(l.wake_at(), Some(now + Duration::from_millis(200)));
+    drop(h);
+    assert!(!l.is_head(), "still held");
+    l.tick(now + Duration::from_millis(200));
+    assert!(l.is_head());
+}
