@@ -5,6 +5,7 @@
 #   FLOODGATE_SECRET_PROVIDER_KEYS_{OPENAI,ANTHROPIC,GEMINI}  a real key: use the real service
 #   FLOODGATE_OLLAMA_URL                                       a real Ollama (else the mock)
 #   FLOODGATE_LISTEN                                           where the proxy listens (127.0.0.1:8080)
+#   FLOODGATE_ADMIN_LISTEN                                     where /metrics is served (127.0.0.1:9090)
 #
 # The examples are copied to $CACHE/run/config with `baseUrl` pointing mocked providers at the
 # mock; the proxy watches that copy (edit it there to see live reload). The proxy runs in the
@@ -16,6 +17,7 @@ CACHE=${CACHE:-$HOME/.cache/floodgate}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 CARGO=${CARGO:-cargo}
 LISTEN=${FLOODGATE_LISTEN:-127.0.0.1:8080}
+ADMIN_LISTEN=${FLOODGATE_ADMIN_LISTEN:-127.0.0.1:9090}
 RUN_DIR=$CACHE/run
 CONFIG_DIR=$RUN_DIR/config
 
@@ -102,7 +104,8 @@ echo "         -H 'content-type: application/json' \\"
 echo "         -d '{\"model\":\"text-embedding-3-small\",\"input\":[\"hi\"]}'"
 
 # Not exec: the trap must outlive the proxy to stop the mock.
-"$CARGO_TARGET_DIR/debug/floodgate-proxy" --config "$CONFIG_DIR" --listen "$LISTEN" &
+"$CARGO_TARGET_DIR/debug/floodgate-proxy" --config "$CONFIG_DIR" --listen "$LISTEN" \
+  --admin-listen "$ADMIN_LISTEN" &
 proxy_pid=$!
 trap 'kill -TERM "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" || true; exit 130' INT TERM
 wait "$proxy_pid"

@@ -4,17 +4,21 @@
 use floodgate_proxy::config::load::load_config;
 use floodgate_proxy::config::secrets::SecretSources;
 use floodgate_proxy::route::Dispatcher;
-use floodgate_proxy::server::{AppState, router};
+use floodgate_proxy::server::conn::{self, Connections, Limits};
+use floodgate_proxy::server::{AppState, admin_router, router};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// A running in-process gateway.
 #[derive(Debug)]
 pub struct Gateway {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its admin router (`/metrics`) listens.
+    pub admin_addr: SocketAddr,
     /// Its dispatcher (budgets, breakers, the configuration serving now).
     pub dispatcher: Arc<Dispatcher>,
     server: tokio::task::JoinHandle<()>,
@@ -50,6 +54,25 @@ impl Gateway {
         dispatcher: Dispatcher,
         configure: impl FnOnce(&mut AppState),
     ) -> anyhow::Result<Gateway> {
+        Self::start_bounded(
+            yaml,
+            dispatcher,
+            configure,
+            Limits::default(),
+            conn::DEFAULT_MAX_CONNECTIONS,
+        )
+        .await
+    }
+
+    /// Starts a gateway on `yaml` with `dispatcher`, its state adjusted by `configure`, its
+    /// connections bounded by `limits` and at most `max_connections` open at once.
+    pub async fn start_bounded(
+        yaml: &str,
+        dispatcher: Dispatcher,
+        configure: impl FnOnce(&mut AppState),
+        limits: Limits,
+        max_connections: usize,
+    ) -> anyhow::Result<Gateway> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("gateway.yaml"), yaml)?;
         let (config, _) = load_config(&[dir.path().to_owned()], SecretSources::default())?;
@@ -59,15 +82,26 @@ impl Gateway {
         configure(&mut state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let admin_addr = admin.local_addr()?;
+        let connections = Arc::new(Connections::new(limits, max_connections));
+        let admin_connections = Arc::new(Connections::new(Limits::default(), 64));
         let server = tokio::spawn(async move {
-            // As the binary does: no Nagle delay on streamed events.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let _ = axum::serve(listener, router(state)).await;
+            // As the binary serves: the same connection handling and bounds, and the admin
+            // router on a listener of its own.
+            let stop = CancellationToken::new();
+            let admin = conn::serve(
+                admin,
+                admin_router(state.clone()),
+                admin_connections,
+                stop.clone(),
+            );
+            let public = conn::serve(listener, router(state), connections, stop);
+            let _ = tokio::join!(admin, public);
         });
         Ok(Gateway {
             addr,
+            admin_addr,
             dispatcher,
             server,
             _dir: dir,
@@ -86,6 +120,11 @@ impl Gateway {
     /// `http://addr`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `http://admin_addr`: `/metrics`.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
     }
 }
 

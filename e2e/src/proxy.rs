@@ -18,12 +18,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ProxyProcess {
     child: tokio::process::Child,
     addr: SocketAddr,
+    admin: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl ProxyProcess {
     /// Starts the proxy binary ([`binary`]) with `args` (plus `--listen 127.0.0.1:0
-    /// --log-json`) and the extra environment `env`; returns once it listens.
+    /// --admin-listen 127.0.0.1:0 --log-json`) and the extra environment `env`; returns once it listens.
     pub async fn start<I, S>(args: I, env: &[(&str, &OsStr)]) -> Result<ProxyProcess>
     where
         I: IntoIterator<Item = S>,
@@ -31,14 +32,21 @@ impl ProxyProcess {
     {
         let bin = binary().await?;
         let mut cmd = tokio::process::Command::new(&bin);
-        cmd.args(["--listen", "127.0.0.1:0", "--log-json"])
-            .args(args)
-            .env_remove("FLOODGATE_LISTEN")
-            .env_remove("FLOODGATE_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-json",
+        ])
+        .args(args)
+        .env_remove("FLOODGATE_LISTEN")
+        .env_remove("FLOODGATE_ADMIN_LISTEN")
+        .env_remove("FLOODGATE_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -51,8 +59,8 @@ impl ProxyProcess {
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(collect_log(stderr, log.clone(), addr_tx));
         }
-        let addr = match tokio::time::timeout(START_TIMEOUT, addr_rx).await {
-            Ok(Ok(addr)) => addr,
+        let (addr, admin) = match tokio::time::timeout(START_TIMEOUT, addr_rx).await {
+            Ok(Ok(addrs)) => addrs,
             _ => {
                 let _ = child.start_kill();
                 return Err(Error::Setup(format!(
@@ -61,7 +69,12 @@ impl ProxyProcess {
                 )));
             }
         };
-        Ok(ProxyProcess { child, addr, log })
+        Ok(ProxyProcess {
+            child,
+            addr,
+            admin,
+            log,
+        })
     }
 
     /// `http://ADDR{path}`.
@@ -72,6 +85,11 @@ impl ProxyProcess {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `http://ADMIN{path}`: the admin listener (`/metrics`).
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
     }
 
     /// Every log line so far (JSON, one object per line).
@@ -153,13 +171,13 @@ fn lines(log: &Mutex<Vec<String>>) -> Vec<String> {
 async fn collect_log(
     stderr: tokio::process::ChildStderr,
     log: Arc<Mutex<Vec<String>>>,
-    addr_tx: tokio::sync::oneshot::Sender<SocketAddr>,
+    addr_tx: tokio::sync::oneshot::Sender<(SocketAddr, SocketAddr)>,
 ) {
     let mut addr_tx = Some(addr_tx);
     let mut reader = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = reader.next_line().await {
         if addr_tx.is_some()
-            && let Some(addr) = listen_addr(&line)
+            && let Some(addr) = listen_addrs(&line)
             && let Some(tx) = addr_tx.take()
         {
             let _ = tx.send(addr);
@@ -170,10 +188,17 @@ async fn collect_log(
     }
 }
 
-/// The `listen` field of the proxy's "serving" JSON log line.
-fn listen_addr(line: &str) -> Option<SocketAddr> {
+/// The `listen` and `admin_listen` fields of the proxy's "serving" JSON log line.
+fn listen_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    value.pointer("/fields/listen")?.as_str()?.parse().ok()
+    let field = |name: &str| -> Option<SocketAddr> {
+        value
+            .pointer(&format!("/fields/{name}"))?
+            .as_str()?
+            .parse()
+            .ok()
+    };
+    Some((field("listen")?, field("admin_listen")?))
 }
 
 /// The proxy binary: `FLOODGATE_PROXY_BIN` when set (`make e2e` builds it first), else built
@@ -245,8 +270,14 @@ mod tests {
 
     #[test]
     fn the_listen_address_is_read_from_the_json_log() {
-        let line = r#"{"timestamp":"t","level":"INFO","fields":{"message":"floodgate-proxy serving","listen":"127.0.0.1:41234","models":0},"target":"floodgate_proxy"}"#;
-        assert_eq!(listen_addr(line), Some("127.0.0.1:41234".parse().unwrap()));
-        assert_eq!(listen_addr("not json"), None);
+        let line = r#"{"timestamp":"t","level":"INFO","fields":{"message":"floodgate-proxy serving","listen":"127.0.0.1:41234","admin_listen":"127.0.0.1:41235","models":0},"target":"floodgate_proxy"}"#;
+        assert_eq!(
+            listen_addrs(line),
+            Some((
+                "127.0.0.1:41234".parse().unwrap(),
+                "127.0.0.1:41235".parse().unwrap()
+            ))
+        );
+        assert_eq!(listen_addrs("not json"), None);
     }
 }

@@ -314,6 +314,8 @@ async fn the_chart_lints_renders_its_values_and_the_api_server_accepts_it() {
             ns.name(),
             "--listen",
             "0.0.0.0:8080",
+            "--admin-listen",
+            "0.0.0.0:9090",
             "--log-json"
         ]
     );
@@ -325,6 +327,8 @@ async fn the_chart_lints_renders_its_values_and_the_api_server_accepts_it() {
     );
     assert_eq!(c["ports"][0]["name"], "http");
     assert_eq!(c["ports"][0]["containerPort"], 8080);
+    assert_eq!(c["ports"][1]["name"], "admin");
+    assert_eq!(c["ports"][1]["containerPort"], 9090);
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     let sc = &c["securityContext"];

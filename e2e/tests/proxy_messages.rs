@@ -84,7 +84,7 @@ async fn a_stream_the_upstream_breaks_ends_in_an_error_event() {
     assert!(!names.iter().any(|n| n == "message_stop"), "{names:?}");
     assert_eq!(last["error"]["type"], "api_error");
     // The request is counted when its stream ends, with the reason it broke.
-    let metrics = reqwest::get(format!("{}/metrics", gw.url()))
+    let metrics = reqwest::get(format!("{}/metrics", gw.admin_url()))
         .await
         .unwrap()
         .text()

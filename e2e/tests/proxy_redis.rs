@@ -389,7 +389,7 @@ async fn an_outage_counts_what_the_other_replicas_used() {
 
 /// `floodgate_budget_backend_degraded` as scraped from the gateway's `/metrics`.
 async fn degraded_metric(g: &Gateway) -> i64 {
-    let text = reqwest::get(format!("{}/metrics", g.url()))
+    let text = reqwest::get(format!("{}/metrics", g.admin_url()))
         .await
         .unwrap()
         .text()

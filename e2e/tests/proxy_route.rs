@@ -319,7 +319,7 @@ async fn bad_input_gets_openai_style_errors() {
 /// The gateway's `/metrics` text.
 async fn scrape(gw: &Gateway) -> String {
     let r = client()
-        .get(format!("{}/metrics", gw.url()))
+        .get(format!("{}/metrics", gw.admin_url()))
         .send()
         .await
         .unwrap();

@@ -81,7 +81,7 @@ async fn an_unreachable_provider_costs_the_connect_timeout_not_the_request_time(
 
 async fn requests_total(gw: &Gateway, model: &str, outcome: &str) -> u64 {
     let metrics = client()
-        .get(format!("{}/metrics", gw.url()))
+        .get(format!("{}/metrics", gw.admin_url()))
         .send()
         .await
         .unwrap()

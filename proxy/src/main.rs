@@ -10,8 +10,9 @@ use floodgate_proxy::config::watch::{SharedConfig, Watcher};
 use floodgate_proxy::identity::Identity;
 use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
 use floodgate_proxy::secret::SecretString;
+use floodgate_proxy::server::conn;
 use floodgate_proxy::server::workers::{self, Workers};
-use floodgate_proxy::server::{AppState, router};
+use floodgate_proxy::server::{AppState, admin_router, router};
 use floodgate_proxy::telemetry;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -50,6 +51,10 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "FLOODGATE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Address of the admin listener: `/metrics` (and the probes). Admin endpoints are never
+    /// served on `--listen`; unset, there are none.
+    #[arg(long, env = "FLOODGATE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Directory of `<secret>/<key>` files, as a mounted Secret volume.
     #[arg(long, env = "FLOODGATE_SECRETS_DIR")]
     secrets_dir: Option<PathBuf>,
@@ -73,6 +78,24 @@ struct Args {
     /// tenant; turn it on only where only the application in the same pod can.
     #[arg(long, env = "FLOODGATE_TRUST_TENANT_HEADER")]
     trust_tenant_header: bool,
+    /// Longest a request's head may take to arrive whole, in milliseconds: from the accept
+    /// for a connection's first request, from its first byte for later ones.
+    #[arg(long, env = "FLOODGATE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_ms: u64,
+    /// Longest a keep-alive connection may wait, idle, for its next request, in milliseconds.
+    /// Keep it above the idle timeout of a load balancer in front (often 60 s).
+    #[arg(long, env = "FLOODGATE_IDLE_TIMEOUT_MS", default_value_t = 75_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_ms: u64,
+    /// Longest a door waits for a whole request body, in milliseconds; then it answers 408.
+    #[arg(long, env = "FLOODGATE_BODY_READ_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    body_read_timeout_ms: u64,
+    /// Most client connections open at once, all workers together; beyond it new connections
+    /// are closed at once. Default: 10000, or half the open-file limit if that is lower.
+    #[arg(long, env = "FLOODGATE_MAX_CONNECTIONS")]
+    max_connections: Option<NonZeroUsize>,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "FLOODGATE_BODY_LIMIT_BYTES", default_value_t = floodgate_proxy::server::DEFAULT_BODY_LIMIT)]
     body_limit_bytes: usize,
@@ -231,19 +254,51 @@ async fn serve(
     }
     let mut state = AppState::new(ready.clone(), dispatcher.clone());
     state.body_limit = args.body_limit_bytes;
+    state.body_timeout = Duration::from_millis(args.body_read_timeout_ms);
     state.expose_key = args.expose_key_header;
     state.identity = Arc::new(Identity::new(args.trust_tenant_header));
-    let app = router(state);
+    let app = router(state.clone());
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin = match args.admin_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?;
+            let local = listener.local_addr()?;
+            // A few scrapers and probes: a small cap of its own, never the public one's.
+            let connections = Arc::new(conn::Connections::new(conn::Limits::default(), 64));
+            tasks.spawn(conn::serve(
+                listener,
+                admin_router(state),
+                connections,
+                cancel.clone(),
+            ));
+            Some(local)
+        }
+        None => None,
+    };
     let count = args.workers.unwrap_or_else(workers::default_count);
     let local = listener.local_addr()?;
-    let mut workers = Workers::spawn(listener, app, count, cancel.clone())
+    let limits = conn::Limits {
+        header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+    };
+    let max_connections = args
+        .max_connections
+        .map_or_else(conn::default_max_connections, NonZeroUsize::get);
+    let connections = Arc::new(conn::Connections::new(limits, max_connections));
+    let mut workers = Workers::spawn(listener, app, count, connections, cancel.clone())
         .context("cannot start the worker threads")?;
     let tenants = dispatcher.config().tenants.len();
     tracing::info!(
         listen = %local,
+        admin_listen = admin.map(|a| a.to_string()),
         workers = count.get(),
+        max_connections,
+        header_read_timeout_ms = args.header_read_timeout_ms,
+        idle_timeout_ms = args.idle_timeout_ms,
+        body_read_timeout_ms = args.body_read_timeout_ms,
         models = dispatcher.config().models().len(),
         tenants,
         "floodgate-proxy serving"

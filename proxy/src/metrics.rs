@@ -88,6 +88,14 @@ pub struct StageLabels {
     pub stage: &'static str,
 }
 
+/// Labels of a client connection the gateway closed.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// `header_timeout` (a request head did not arrive whole in time) or `idle_timeout`
+    /// (a keep-alive connection waited too long for its next request).
+    pub reason: &'static str,
+}
+
 /// Labels of a tier's queue.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
@@ -148,6 +156,12 @@ pub struct Metrics {
     pub circuit_state: Family<ProviderLabels, Gauge>,
     /// 1 while shared budgets in Redis are unreachable and local shares apply.
     pub budget_degraded: Gauge,
+    /// Client connections open now.
+    pub server_connections: Gauge,
+    /// Client connections closed at accept because the connection cap was reached.
+    pub server_connections_refused: Counter,
+    /// Client connections the gateway closed for a time bound, by reason.
+    pub server_connections_closed: Family<CloseLabels, Counter>,
     /// Requests waiting for budget, by tier and class.
     pub queue_depth: Family<TierLabels, Gauge>,
     /// Wait for budget of admitted requests, by tier and class.
@@ -190,6 +204,9 @@ impl Metrics {
             key_failed: Family::default(),
             circuit_state: Family::default(),
             budget_degraded: Gauge::default(),
+            server_connections: Gauge::default(),
+            server_connections_refused: Counter::default(),
+            server_connections_closed: Family::default(),
             queue_depth: Family::default(),
             queue_wait: Family::new_with_constructor(latency_histogram),
             queue_refusals: Family::default(),
@@ -271,6 +288,21 @@ impl Metrics {
             "floodgate_budget_backend_degraded",
             "1 while Redis budgets are unreachable and each replica serves a local share",
             m.budget_degraded.clone(),
+        );
+        registry.register(
+            "floodgate_server_connections",
+            "Client connections open",
+            m.server_connections.clone(),
+        );
+        registry.register(
+            "floodgate_server_connections_refused",
+            "Client connections closed at accept because the connection cap was reached",
+            m.server_connections_refused.clone(),
+        );
+        registry.register(
+            "floodgate_server_connections_closed",
+            "Client connections closed by the gateway for a time bound, by reason",
+            m.server_connections_closed.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -559,8 +559,15 @@ pub(super) fn stream_response(
     if call.behavior.fault == Some(Fault::Stall) {
         // Hold the connection open, silent, until the client leaves or the mock stops.
         let stop = call.shared.shutdown.clone().cancelled_owned();
+        let left = ClientLeft(Arc::clone(call.shared));
         body = body
-            .chain(stream::once(stop).filter_map(|()| async { None }))
+            .chain(
+                stream::once(async move {
+                    stop.await;
+                    drop(left);
+                })
+                .filter_map(|()| async { None }),
+            )
             .boxed();
     }
     bytes_response(
@@ -568,6 +575,20 @@ pub(super) fn stream_response(
         framing.content_type(),
         Body::from_stream(body),
     )
+}
+
+/// Dropped with a stalled stream's body: counts the stream abandoned unless the mock is
+/// stopping (then the mock ended it).
+struct ClientLeft(Arc<Shared>);
+
+impl Drop for ClientLeft {
+    fn drop(&mut self) {
+        if !self.0.shutdown.is_cancelled() {
+            self.0
+                .abandoned
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
 }
 
 /// A 200 non-streaming response, with the call's body fault (`truncate`, `malformed`)

@@ -243,6 +243,8 @@ struct Shared {
     keys: KeyTable,
     faults: FaultTable,
     next_id: AtomicU64,
+    /// Stalled streams whose client went away before the mock stopped.
+    abandoned: AtomicU64,
     shutdown: CancellationToken,
 }
 
@@ -277,6 +279,7 @@ impl MockProviders {
             keys: KeyTable::new(&config),
             faults: FaultTable::default(),
             next_id: AtomicU64::new(1),
+            abandoned: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             config,
         });
@@ -309,6 +312,12 @@ impl MockProviders {
     /// A snapshot of the per-(provider, key) counters.
     pub fn counts(&self) -> Counts {
         self.shared.keys.snapshot()
+    }
+
+    /// How many `stall` streams the client closed (the gateway cancelled the upstream
+    /// request) before the mock stopped.
+    pub fn streams_abandoned(&self) -> u64 {
+        self.shared.abandoned.load(Ordering::Acquire)
     }
 
     /// Forgets every counter and rate-limit window and clears every injected fault.

@@ -25,6 +25,24 @@ pub enum Fault {
     Downstream,
 }
 
+/// When the upstream closed the connection (see [`ProviderError::Closed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedWhen {
+    /// After the request was sent, before any response headers.
+    BeforeResponse,
+    /// After the response headers, before the end of its body.
+    MidResponse,
+}
+
+impl std::fmt::Display for ClosedWhen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClosedWhen::BeforeResponse => "before answering",
+            ClosedWhen::MidResponse => "mid-response",
+        })
+    }
+}
+
 /// A classified upstream failure. Messages are sanitised: they never hold API keys.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
@@ -76,12 +94,27 @@ pub enum ProviderError {
         /// Upstream message.
         message: String,
     },
-    /// No answer in time (set by the HTTP layer, or a 408/504 from upstream).
-    #[error("upstream timed out")]
+    /// No answer within the pool's `requestSeconds` (no response headers, or a whole
+    /// answer's body not complete), or a 408/504 from upstream.
+    #[error("upstream did not answer in time")]
     Timeout,
-    /// No connection (set by the HTTP layer).
+    /// A stream that sent nothing for longer than the pool's `streamIdleSeconds`.
+    #[error("upstream stream stalled: nothing received for {}s", .idle.as_secs())]
+    Stalled {
+        /// The idle time allowed.
+        idle: Duration,
+    },
+    /// No TCP connection (refused, unreachable, DNS, or no connection within `connectMs`).
     #[error("could not connect to upstream: {0}")]
     Connect(String),
+    /// A TCP connection, but the TLS handshake failed (certificate, protocol, or a server that
+    /// does not speak TLS).
+    #[error("TLS handshake with upstream failed: {0}")]
+    Tls(String),
+    /// The upstream closed or reset the connection after the request was sent: before the
+    /// response headers, or in the middle of the response body.
+    #[error("upstream closed the connection {0}")]
+    Closed(ClosedWhen),
     /// A body that is not the provider's documented format.
     #[error("upstream response could not be parsed: {0}")]
     Malformed(String),
@@ -111,10 +144,12 @@ impl ProviderError {
             ProviderError::BadRequest { status, .. } if (400..500).contains(status) => *status,
             ProviderError::BadRequest { .. } => 400,
             ProviderError::Overloaded { .. } | ProviderError::QuotaExhausted { .. } => 503,
-            ProviderError::Timeout => 504,
+            ProviderError::Timeout | ProviderError::Stalled { .. } => 504,
             ProviderError::Unauthorized { .. }
             | ProviderError::ServerError { .. }
             | ProviderError::Connect(_)
+            | ProviderError::Tls(_)
+            | ProviderError::Closed(_)
             | ProviderError::Malformed(_)
             | ProviderError::Truncated => 502,
         }
@@ -130,7 +165,10 @@ impl ProviderError {
             ProviderError::Overloaded { .. } => "overloaded",
             ProviderError::ServerError { .. } => "server_error",
             ProviderError::Timeout => "timeout",
+            ProviderError::Stalled { .. } => "stalled",
             ProviderError::Connect(_) => "connect",
+            ProviderError::Tls(_) => "tls",
+            ProviderError::Closed(_) => "upstream_closed",
             ProviderError::Malformed(_) => "malformed",
             ProviderError::Truncated => "truncated",
         }
@@ -144,7 +182,10 @@ impl ProviderError {
             ProviderError::Overloaded { .. }
                 | ProviderError::ServerError { .. }
                 | ProviderError::Timeout
+                | ProviderError::Stalled { .. }
                 | ProviderError::Connect(_)
+                | ProviderError::Tls(_)
+                | ProviderError::Closed(_)
                 | ProviderError::Malformed(_)
                 | ProviderError::Truncated
         )
@@ -361,6 +402,21 @@ mod tests {
 
         assert!(err(500, None).opens_circuit());
         assert!(ProviderError::Truncated.opens_circuit());
+        let transport = [
+            ProviderError::Connect("refused".into()),
+            ProviderError::Tls("bad certificate".into()),
+            ProviderError::Timeout,
+            ProviderError::Stalled {
+                idle: Duration::from_secs(5),
+            },
+            ProviderError::Closed(ClosedWhen::MidResponse),
+        ];
+        let labels: Vec<_> = transport.iter().map(ProviderError::metric_label).collect();
+        assert_eq!(
+            labels,
+            ["connect", "tls", "timeout", "stalled", "upstream_closed"]
+        );
+        assert!(transport.iter().all(ProviderError::opens_circuit));
         assert_eq!(ProviderError::Truncated.metric_label(), "truncated");
     }
 

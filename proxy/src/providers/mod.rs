@@ -36,7 +36,7 @@ pub mod stream;
 pub mod types;
 
 pub use embed::{EmbeddingsRequest, EmbeddingsResponse};
-pub use error::{Fault, ProviderError, Result};
+pub use error::{ClosedWhen, Fault, ProviderError, Result};
 pub use ratelimit::RateLimitInfo;
 pub use stream::StreamDecoder;
 pub use types::{ChatChunk, ChatRequest, ChatResponse, FinishReason, Usage};

@@ -14,7 +14,8 @@ use crate::budget::{KeyBudget, Permit};
 use crate::metrics::{self, TargetMetrics, UpstreamLabels};
 use crate::providers::types::ChatRequest;
 use crate::providers::{
-    ChatChunk, EmbeddingsRequest, EmbeddingsResponse, ProviderError, StreamDecoder, Usage,
+    ChatChunk, ClosedWhen, EmbeddingsRequest, EmbeddingsResponse, ProviderError, StreamDecoder,
+    Usage, estimate_prompt_tokens,
 };
 use crate::telemetry;
 use bytes::Bytes;
@@ -228,6 +229,8 @@ async fn send(
         decoder,
         pending: VecDeque::new(),
         permit: Some(permit),
+        prompt_estimate: u64::from(estimate_prompt_tokens(req)),
+        output_estimate: 0,
         key: key.budget.clone(),
         idle,
         state: PumpState::Streaming,
@@ -255,7 +258,7 @@ async fn exchange(
         }
     };
     permit.answered();
-    let response = sent.map_err(|e| transport_error(&e))?;
+    let response = sent.map_err(|e| transport_error(&e, ClosedWhen::BeforeResponse))?;
     let status = response.status();
     let info = provider
         .adapter
@@ -275,7 +278,7 @@ async fn read_whole(
     expired: Pin<&mut tokio::time::Sleep>,
 ) -> Result<Bytes, ProviderError> {
     tokio::select! {
-        body = response.bytes() => body.map_err(|e| transport_error(&e)),
+        body = response.bytes() => body.map_err(|e| transport_error(&e, ClosedWhen::MidResponse)),
         () = expired => Err(ProviderError::Timeout),
     }
 }
@@ -314,13 +317,55 @@ async fn send_embeddings(
     Ok(parsed)
 }
 
-fn transport_error(e: &reqwest::Error) -> ProviderError {
+/// A transport failure of `reqwest`, classified by what failed: the TCP connection, the TLS
+/// handshake, a timer, or a connection the upstream closed `when`.
+fn transport_error(e: &reqwest::Error, when: ClosedWhen) -> ProviderError {
+    if e.is_connect() {
+        return connect_error(e);
+    }
     if e.is_timeout() {
-        ProviderError::Timeout
-    } else if e.is_connect() {
-        ProviderError::Connect("connection refused or unreachable".to_owned())
-    } else {
-        ProviderError::Connect("connection broken".to_owned())
+        return ProviderError::Timeout;
+    }
+    ProviderError::Closed(when)
+}
+
+/// A failure to open a connection: the TLS handshake's (rustls named the problem, or the
+/// server closed the connection during the handshake) or the TCP connection's.
+fn connect_error(e: &reqwest::Error) -> ProviderError {
+    // The innermost I/O error says what happened to the socket.
+    let mut io_kind = None;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return ProviderError::Tls(tls.to_string());
+        }
+        source = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => {
+                io_kind = Some(io.kind());
+                // `io::Error::source` skips the error it wraps: descend into that one.
+                io.get_ref()
+                    .map(|inner| inner as &(dyn std::error::Error + 'static))
+            }
+            None => err.source(),
+        };
+    }
+    match io_kind {
+        // Only a TLS handshake reads during connect: an end of stream there is the server
+        // hanging up on the client hello.
+        Some(std::io::ErrorKind::UnexpectedEof) => {
+            ProviderError::Tls("the server closed the connection during the handshake".to_owned())
+        }
+        Some(std::io::ErrorKind::ConnectionRefused) => {
+            ProviderError::Connect("connection refused".to_owned())
+        }
+        Some(std::io::ErrorKind::TimedOut) => {
+            ProviderError::Connect("no connection within the connect timeout".to_owned())
+        }
+        _ if e.is_timeout() => {
+            ProviderError::Connect("no connection within the connect timeout".to_owned())
+        }
+        Some(kind) => ProviderError::Connect(kind.to_string()),
+        None => ProviderError::Connect("unreachable".to_owned()),
     }
 }
 
@@ -337,10 +382,50 @@ struct Pump {
     decoder: StreamDecoder,
     pending: VecDeque<ChatChunk>,
     permit: Option<Permit>,
+    /// The gateway's estimate of the prompt, and of the output decoded so far: what the
+    /// request used if the caller leaves before the provider said.
+    prompt_estimate: u64,
+    output_estimate: u64,
     key: Arc<KeyBudget>,
     idle: Duration,
     state: PumpState,
     usage: UsageRecord,
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        // Dropped while streaming: the caller left. After an upstream error the permit's own
+        // drop keeps the whole estimate (the safe side: the provider's count is unknown).
+        if self.state == PumpState::Streaming {
+            self.abandoned();
+        }
+    }
+}
+
+/// Tokens of output a chunk carries, estimated as prompts are (a token per four bytes,
+/// at least one per chunk with text): for settling a stream the caller left.
+fn estimate_output_tokens(chunk: &ChatChunk) -> u64 {
+    let bytes: usize = chunk
+        .choices
+        .iter()
+        .map(|c| {
+            let d = &c.delta;
+            let text =
+                d.content.as_deref().map_or(0, str::len) + d.refusal.as_deref().map_or(0, str::len);
+            let tools: usize = d
+                .tool_calls
+                .iter()
+                .flatten()
+                .filter_map(|t| t.function.as_ref())
+                .map(|f| {
+                    f.name.as_deref().map_or(0, str::len)
+                        + f.arguments.as_deref().map_or(0, str::len)
+                })
+                .sum();
+            text + tools
+        })
+        .sum();
+    bytes.div_ceil(4) as u64
 }
 
 /// What is needed to record a request's usage once it is known.
@@ -402,12 +487,19 @@ impl Pump {
             return Ok(false);
         }
         match tokio::time::timeout(self.idle, self.upstream.next()).await {
-            Err(_) => Err(ProviderError::Timeout),
+            Err(_) => Err(ProviderError::Stalled { idle: self.idle }),
             Ok(Some(Ok(bytes))) => {
-                self.pending.extend(self.decoder.feed(&bytes)?);
+                let mut output = 0;
+                self.pending.extend(
+                    self.decoder
+                        .feed(&bytes)?
+                        .into_iter()
+                        .inspect(|chunk| output += estimate_output_tokens(chunk)),
+                );
+                self.output_estimate += output;
                 Ok(true)
             }
-            Ok(Some(Err(e))) => Err(transport_error(&e)),
+            Ok(Some(Err(e))) => Err(transport_error(&e, ClosedWhen::MidResponse)),
             Ok(None) => {
                 self.pending.extend(self.decoder.finish()?);
                 self.state = PumpState::Finished;
@@ -423,6 +515,30 @@ impl Pump {
             permit.settle(u64::from(usage.total_tokens));
             self.usage.record(usage);
         }
+    }
+
+    /// The caller went away mid-stream (the pump is dropped with the upstream response, which
+    /// closes the upstream connection and so cancels the request): the reservation is
+    /// settled at what was used, the provider's counts where it gave them, else the
+    /// gateway's estimates of the prompt and of the output received. The request's slot
+    /// stays counted for its window, as the provider counts it.
+    fn abandoned(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let reported = self.decoder.usage().unwrap_or_default();
+        let prompt = match reported.prompt_tokens {
+            0 => self.prompt_estimate,
+            n => u64::from(n),
+        };
+        let output = u64::from(reported.completion_tokens).max(self.output_estimate);
+        permit.settle(prompt + output);
+        self.usage.span.in_scope(|| {
+            tracing::debug!(
+                tokens = prompt + output,
+                "the caller left mid-stream: upstream request cancelled, budget settled"
+            );
+        });
     }
 
     /// The typed stream: chunks in order, ending after the provider's terminal event, or

@@ -130,7 +130,7 @@ fn late_events(
 }
 
 async fn parse(state: &AppState, body: Body) -> Result<ChatRequest, ApiError> {
-    let bytes = door::read_body(body, state.body_limit).await?;
+    let bytes = door::read_body(body, state.body_limit, state.body_timeout).await?;
     let req: ChatRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -131,16 +131,27 @@ pub fn render(door: Door, error: &ApiError) -> Response {
     }
 }
 
-/// Reads the whole body, up to `limit` bytes.
-pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
+/// Reads the whole body, up to `limit` bytes, within `timeout` (a client that sends it too
+/// slowly is answered 408 and its connection closed).
+pub async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             "request_too_large",
             format!("the request body is larger than the gateway's limit of {limit} bytes"),
-        )
-    })
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            format!(
+                "the request body did not arrive within the gateway's limit of {} ms",
+                timeout.as_millis()
+            ),
+        )),
+    }
 }
 
 /// Sets the headers that tell the caller what happened: request id, provider, attempts,

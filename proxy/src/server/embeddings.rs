@@ -58,7 +58,7 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
 /// Reads and checks the body: a body that is not an embeddings request, or one no provider
 /// would take (no input, an empty one, too many), is a 400 naming the field.
 async fn parse(state: &AppState, body: Body) -> Result<EmbeddingsRequest, ApiError> {
-    let bytes = door::read_body(body, state.body_limit).await?;
+    let bytes = door::read_body(body, state.body_limit, state.body_timeout).await?;
     let req: EmbeddingsRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -1,6 +1,12 @@
 //! The HTTP front doors (OpenAI-compatible API, Anthropic Messages API), health, readiness
 //! and metrics.
 //!
+//! Two routers: the public one ([`router`]: the doors, `/healthz` and `/readyz`) and the
+//! admin one ([`admin_router`]: `/metrics`, and the probes again), served on a listener of
+//! its own (`--admin-listen`) that is never the public one. Every admin or debug endpoint
+//! belongs to the admin router: the public listener answers 404 for anything not an API path
+//! or a probe.
+//!
 //! Layers, outermost first:
 //! 1. catch-panic: a panic becomes a 500 with an OpenAI error body (the Anthropic door's
 //!    routes catch their own first and answer in Anthropic's format,
@@ -17,6 +23,7 @@
 //! the [`pipeline`](crate::pipeline) and renders its typed answer.
 
 mod chat;
+pub mod conn;
 pub mod door;
 mod embeddings;
 pub mod error;
@@ -50,6 +57,9 @@ pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
+    /// Longest a door waits for the whole request body, from when it starts reading; then it
+    /// answers 408.
+    pub body_timeout: std::time::Duration,
     /// Whether answers name the key used (`x-floodgate-key`). Off by default: the header
     /// tells any caller the key inventory; turn it on for debugging only.
     pub expose_key: bool,
@@ -60,13 +70,18 @@ pub struct AppState {
 /// Default largest request body: 4 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 4 << 20;
 
+/// Default longest wait for a whole request body: 30 s (4 MiB at about 1.1 Mbit/s).
+pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl AppState {
-    /// State with the default body limit, no key header, and no trusted tenant header.
+    /// State with the default body limit and timeout, no key header, and no trusted tenant
+    /// header.
     pub fn new(ready: Arc<AtomicBool>, dispatcher: Arc<Dispatcher>) -> Self {
         Self {
             ready,
             dispatcher,
             body_limit: DEFAULT_BODY_LIMIT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             expose_key: false,
             identity: Arc::new(Identity::new(false)),
         }
@@ -108,7 +123,6 @@ pub fn router(state: AppState) -> Router {
             "/v1/messages/count_tokens",
             messages::guarded(post(messages::count_tokens)),
         )
-        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
         .layer(
@@ -121,6 +135,16 @@ pub fn router(state: AppState) -> Router {
                 .layer(SetSensitiveRequestHeadersLayer::new(sensitive))
                 .layer(TraceLayer::new_for_http()),
         )
+}
+
+/// The admin router: `/metrics` and the probes, for a listener that only the operator's
+/// network reaches (`--admin-listen`). Everything else is 404.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {

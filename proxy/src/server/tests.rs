@@ -165,3 +165,20 @@ async fn a_model_the_tenant_may_not_use_is_a_403_naming_it() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(body["error"]["type"], "permission_error", "{body}");
 }
+
+#[tokio::test]
+async fn metrics_are_served_on_the_admin_router_only() {
+    for path in ["/metrics", "/debug", "/admin"] {
+        let (status, body) = get(state(), path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
+    let response = admin_router(state())
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bytes).contains("# EOF"));
+}

@@ -12,10 +12,11 @@
 //! breakers are behind `Arc`s; only the upstream connection pools are per thread
 //! ([`Dispatcher`](crate::route::Dispatcher) keeps one client per thread).
 
+use super::conn::{self, Connections};
 use axum::Router;
-use axum::serve::ListenerExt as _;
 use std::net::TcpListener;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +33,9 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `count` workers serving `app` on `listener` until `shutdown` is cancelled; then
-    /// each stops accepting and finishes its in-flight requests before its runtime stops.
+    /// Starts `count` workers serving `app` on `listener`, within `connections`' bounds (the
+    /// cap is shared by all), until `shutdown` is cancelled; then each stops accepting and
+    /// finishes its in-flight requests before its runtime stops.
     ///
     /// A worker's runtime ends with it, and so does every task spawned there: work that must
     /// outlive the serving (such as pending budget writes) belongs on the caller's runtime.
@@ -42,9 +44,10 @@ impl Workers {
         listener: TcpListener,
         app: Router,
         count: NonZeroUsize,
+        connections: Arc<Connections>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
-        let started = Self::start(listener, app, count, shutdown.clone());
+        let started = Self::start(listener, app, count, connections, shutdown.clone());
         if started.is_err() {
             shutdown.cancel();
         }
@@ -55,6 +58,7 @@ impl Workers {
         listener: TcpListener,
         app: Router,
         count: NonZeroUsize,
+        connections: Arc<Connections>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
@@ -63,6 +67,7 @@ impl Workers {
         for index in 0..count.get() {
             let listener = listener.try_clone()?;
             let app = app.clone();
+            let connections = connections.clone();
             let shutdown = shutdown.clone();
             let tx = tx.clone();
             let thread = std::thread::Builder::new()
@@ -72,7 +77,7 @@ impl Workers {
                     // connection code) is reported like any other failure, so that the process
                     // stops rather than serving on with fewer workers.
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run(listener, app, shutdown)
+                        run(listener, app, connections, shutdown)
                     }))
                     .unwrap_or_else(|_| Err(std::io::Error::other("the worker panicked")));
                     let _ = tx.send((index, result));
@@ -107,19 +112,18 @@ impl Workers {
     }
 }
 
-fn run(listener: TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+fn run(
+    listener: TcpListener,
+    app: Router,
+    connections: Arc<Connections>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        // Without TCP_NODELAY, streamed events (small writes) wait on the client's delayed ACK.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+        conn::serve(listener, app, connections, shutdown).await
     })
 }
 
@@ -128,7 +132,6 @@ mod tests {
     use super::*;
     use axum::routing::get;
     use std::io::{Read as _, Write as _};
-    use std::sync::Arc;
     use tokio::sync::Notify;
 
     /// A blocking HTTP/1.1 GET; returns the response text.
@@ -168,7 +171,8 @@ mod tests {
             );
         let shutdown = CancellationToken::new();
         let count = NonZeroUsize::new(2).unwrap();
-        let workers = Workers::spawn(listener, app, count, shutdown.clone()).unwrap();
+        let connections = Arc::new(Connections::new(conn::Limits::default(), 100));
+        let workers = Workers::spawn(listener, app, count, connections, shutdown.clone()).unwrap();
 
         // Served by the worker threads, never by the caller's.
         let answers = tokio::task::spawn_blocking(move || {

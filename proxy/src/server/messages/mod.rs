@@ -244,7 +244,7 @@ async fn read_request(
     body: Body,
     purpose: Purpose,
 ) -> Result<ChatRequest, ApiError> {
-    let bytes = door::read_body(body, state.body_limit).await?;
+    let bytes = door::read_body(body, state.body_limit, state.body_timeout).await?;
     let req: MessagesRequest = serde_json::from_slice(&bytes).map_err(|e| {
         invalid_request(format!(
             "the request body is not a valid Messages request: {e}"

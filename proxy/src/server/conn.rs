@@ -1,0 +1,488 @@
+//! Client connections: accepting them under a cap, serving HTTP/1.1 and HTTP/2 (prior
+//! knowledge) on each, and closing the ones that hold the gateway without using it.
+//!
+//! Bounds, so that a slow or idle client holds at most one connection slot for a bounded
+//! time:
+//! - **header read timeout**: a request's head must arrive whole within it, counted from the
+//!   connection's accept for its first request and from the first byte for later ones;
+//! - **idle timeout**: a connection with no request in flight and no byte of a new one is
+//!   closed after it (keep-alive); for HTTP/2, the time between streams;
+//! - **body read timeout** ([`AppState::body_timeout`](super::AppState::body_timeout)): a door
+//!   reads the whole body within it, else answers 408 in its own format;
+//! - **connection cap** ([`Connections`]), shared by every worker: beyond it a new connection
+//!   is closed at once (its client sees a reset and can try another replica), counted in
+//!   `floodgate_server_connections_refused_total` and logged (at most every 10 s).
+//!
+//! hyper's own HTTP/1 header timer is not used: it also runs while a keep-alive connection
+//! waits for its next request, so it cannot tell a slow head from an idle connection. Instead
+//! each connection's [`Activity`] notes requests in flight (a request is in flight until its
+//! response body has been sent) and the first byte read while idle, and one timer per
+//! connection closes it (gracefully: HTTP/2 gets a GOAWAY) when the bound that applies passes.
+
+use crate::metrics;
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use http_body::Frame;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
+
+/// Default time for a request's head to arrive whole.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a keep-alive connection may wait for its next request.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Default most connections open at once, before the file-descriptor bound
+/// ([`default_max_connections`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// How often, at most, reaching the connection cap is logged.
+const CAP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Per-connection time bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Time for a request's head to arrive whole.
+    pub header_read_timeout: Duration,
+    /// Time a connection may wait, idle, for its next request.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// The default connection cap: [`DEFAULT_MAX_CONNECTIONS`], or half the process's open-file
+/// limit if that is lower (the other half is for upstream connections, Redis and files), so
+/// that the cap is reached before `accept` fails for want of descriptors.
+pub fn default_max_connections() -> usize {
+    match open_files_limit() {
+        Some(limit) => DEFAULT_MAX_CONNECTIONS.min((limit / 2).max(1)),
+        None => DEFAULT_MAX_CONNECTIONS,
+    }
+}
+
+/// The soft limit on open files, where the system says (Linux: `/proc/self/limits`).
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The connections of the whole process: the time bounds and the cap every worker shares.
+#[derive(Debug)]
+pub struct Connections {
+    limits: Limits,
+    max: usize,
+    slots: Arc<Semaphore>,
+    last_warned: Mutex<Option<Instant>>,
+}
+
+impl Connections {
+    /// At most `max` connections at once (at least one), each bounded by `limits`.
+    pub fn new(limits: Limits, max: usize) -> Self {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            limits,
+            max,
+            slots: Arc::new(Semaphore::new(max)),
+            last_warned: Mutex::new(None),
+        }
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A slot for a new connection, or `None` at the cap (counted, and logged now and then).
+    fn admit(&self) -> Option<Slot> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            metrics::global().server_connections.inc();
+            return Some(Slot { _permit: permit });
+        }
+        metrics::global().server_connections_refused.inc();
+        let now = Instant::now();
+        let mut last = self.last_warned.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|at| now.duration_since(at) >= CAP_LOG_INTERVAL) {
+            *last = Some(now);
+            tracing::warn!(
+                max_connections = self.max,
+                "connection limit reached: refusing new connections (see floodgate_server_connections_refused_total)"
+            );
+        }
+        None
+    }
+}
+
+/// A connection's place under the cap, given back when it closes.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::global().server_connections.dec();
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` is cancelled; then stops accepting, lets each
+/// connection finish its requests in flight (idle ones close at once) and returns when all
+/// have closed.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    connections: Arc<Connections>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let tasks = TaskTracker::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The header timer is ours (see the module doc).
+    builder.http1().header_read_timeout(None);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                accept_error(e).await;
+                continue;
+            }
+        };
+        let Some(slot) = connections.admit() else {
+            drop(tcp);
+            continue;
+        };
+        // Without TCP_NODELAY, streamed events (small writes) wait on the client's delayed ACK.
+        let _ = tcp.set_nodelay(true);
+        let conn = connection(
+            tcp,
+            app.clone(),
+            builder.clone(),
+            connections.limits,
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// An `accept` error: a connection that failed before it was accepted is skipped; anything
+/// else (out of file descriptors) is logged and accepting pauses a second, rather than
+/// spinning.
+async fn accept_error(e: io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!("accept error: {e}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// Serves one connection until it closes, `shutdown` drains it, or a time bound closes it.
+async fn connection(
+    tcp: TcpStream,
+    app: Router,
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Watched {
+        inner: tcp,
+        activity: activity.clone(),
+    });
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let guard = activity.begin();
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(req.map(Body::new)).await?;
+                Ok::<_, Infallible>(response.map(|body| Body::new(InFlight::new(body, guard))))
+            }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let expired = activity.expired(limits);
+    tokio::pin!(expired);
+    // Set once the connection is asked to close: then only its end is awaited, and after a
+    // time bound, not for longer than another header timeout (a client that ignores a GOAWAY).
+    let mut closing = false;
+    let hard_stop = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(hard_stop);
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::trace!("connection ended: {e}");
+                }
+                return;
+            }
+            () = shutdown.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            reason = &mut expired, if !closing => {
+                metrics::global()
+                    .server_connections_closed
+                    .get_or_create(&metrics::CloseLabels { reason })
+                    .inc();
+                tracing::debug!(reason, "closing a client connection");
+                if reason == HEADER_TIMEOUT {
+                    // A head in progress is not idle to hyper: a graceful shutdown would wait
+                    // for it. Nothing was asked yet, so nothing is lost by closing now.
+                    return;
+                }
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+                hard_stop
+                    .as_mut()
+                    .reset(Instant::now() + limits.header_read_timeout);
+            }
+            () = &mut hard_stop => return,
+        }
+    }
+}
+
+/// What a connection is doing, for its time bounds. Times are nanoseconds since `epoch`.
+#[derive(Debug)]
+struct Activity {
+    epoch: Instant,
+    /// Requests whose response is not yet wholly sent.
+    in_flight: AtomicUsize,
+    /// When the connection last became idle (no request in flight).
+    idle_since: AtomicU64,
+    /// One more than when the first byte of a request head arrived while idle; 0 if none
+    /// has. The accept counts as one: a new connection's first request is bounded by the
+    /// header timeout from the start.
+    head_since: AtomicU64,
+    /// Whether the client opened with the HTTP/2 preface: then bytes between requests are
+    /// control frames (pings, window updates), not the start of a head, and only the idle
+    /// timeout applies between streams.
+    http2: AtomicBool,
+    /// Whether anything was read yet (the preface is looked for in the first read).
+    started: AtomicBool,
+    changed: Notify,
+}
+
+/// Why a connection was closed (the `reason` label).
+const HEADER_TIMEOUT: &str = "header_timeout";
+const IDLE_TIMEOUT: &str = "idle_timeout";
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(1),
+            http2: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn at(&self, nanos: u64) -> Instant {
+        self.epoch + Duration::from_nanos(nanos)
+    }
+
+    /// `bytes` arrived.
+    fn read(&self, bytes: &[u8]) {
+        if !self.started.swap(true, Ordering::AcqRel) && bytes.starts_with(b"PRI ") {
+            self.http2.store(true, Ordering::Release);
+        }
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_since.load(Ordering::Acquire) == 0
+            && !self.http2.load(Ordering::Acquire)
+        {
+            self.head_since.store(self.now() + 1, Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// A request's head was read: it is in flight until the guard is dropped.
+    fn begin(self: &Arc<Self>) -> Guard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(0, Ordering::Release);
+        Guard(self.clone())
+    }
+
+    /// Resolves with the reason once the bound that applies now has passed.
+    async fn expired(&self, limits: Limits) -> &'static str {
+        loop {
+            let changed = self.changed.notified();
+            let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
+                None
+            } else {
+                match self.head_since.load(Ordering::Acquire) {
+                    0 => Some((
+                        self.at(self.idle_since.load(Ordering::Acquire)) + limits.idle_timeout,
+                        IDLE_TIMEOUT,
+                    )),
+                    head => Some((
+                        self.at(head - 1) + limits.header_read_timeout,
+                        HEADER_TIMEOUT,
+                    )),
+                }
+            };
+            match deadline {
+                None => changed.await,
+                Some((at, reason)) => {
+                    if Instant::now() >= at {
+                        return reason;
+                    }
+                    tokio::select! {
+                        () = changed => {}
+                        () = tokio::time::sleep_until(at) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A request in flight on a connection.
+#[derive(Debug)]
+struct Guard(Arc<Activity>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.idle_since.store(activity.now(), Ordering::Release);
+            activity.head_since.store(0, Ordering::Release);
+            activity.changed.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its request in flight until its last frame is sent.
+struct InFlight {
+    inner: Body,
+    guard: Option<Guard>,
+}
+
+impl InFlight {
+    fn new(inner: Body, guard: Guard) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl http_body::Body for InFlight {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.inner.is_end_stream() {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client socket that tells its [`Activity`] when bytes arrive.
+struct Watched {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests;

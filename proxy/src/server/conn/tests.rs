@@ -1,0 +1,218 @@
+//! The connection bounds against real loopback sockets, with short bounds (hundreds of
+//! milliseconds): each test waits for the server to close the connection (a read that ends)
+//! and checks when it did.
+
+use super::*;
+use axum::routing::get;
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const HEADER: Duration = Duration::from_millis(300);
+const IDLE: Duration = Duration::from_millis(900);
+/// Longest any wait here may take before the test fails.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Serves a `/hello` route with `limits` and `max` connections; the token stops it.
+async fn server(limits: Limits, max: usize) -> (SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/hello", get(|| async { "hello" }));
+    let stop = CancellationToken::new();
+    let connections = Arc::new(Connections::new(limits, max));
+    tokio::spawn(serve(listener, app, connections, stop.clone()));
+    (addr, stop)
+}
+
+fn limits() -> Limits {
+    Limits {
+        header_read_timeout: HEADER,
+        idle_timeout: IDLE,
+    }
+}
+
+/// Reads until the server closes the connection; returns what it sent. Fails the test if
+/// it stays open for [`PATIENCE`].
+async fn until_closed(tcp: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the server kept the connection open");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends one keep-alive GET and reads its whole answer (a fixed-length body).
+async fn hello(tcp: &mut TcpStream) {
+    tcp.write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).ends_with("hello") {
+        let n = tokio::time::timeout(PATIENCE, tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+}
+
+fn closed_total(reason: &'static str) -> u64 {
+    metrics::global()
+        .server_connections_closed
+        .get_or_create(&metrics::CloseLabels { reason })
+        .get()
+}
+
+#[tokio::test]
+async fn a_half_sent_head_is_closed_after_the_header_timeout() {
+    let (addr, _stop) = server(limits(), 100).await;
+    let before = closed_total(HEADER_TIMEOUT);
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    tcp.write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let sent = until_closed(&mut tcp).await;
+    let took = started.elapsed();
+    assert!(sent.is_empty(), "{sent}");
+    assert!(took >= HEADER && took < HEADER * 2, "closed after {took:?}");
+    assert!(closed_total(HEADER_TIMEOUT) > before);
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
+    let (addr, _stop) = server(limits(), 100).await;
+    let started = Instant::now();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    until_closed(&mut tcp).await;
+    let took = started.elapsed();
+    assert!(took >= HEADER && took < HEADER * 2, "closed after {took:?}");
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout_not_before() {
+    let (addr, _stop) = server(limits(), 100).await;
+    let before = closed_total(IDLE_TIMEOUT);
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    hello(&mut tcp).await;
+    let idle = Instant::now();
+    // Still open after the header timeout: idle is not a slow head.
+    tokio::time::sleep(HEADER + Duration::from_millis(100)).await;
+    hello(&mut tcp).await;
+    let idle_again = Instant::now();
+    assert!(idle_again - idle < IDLE);
+    until_closed(&mut tcp).await;
+    let took = idle_again.elapsed();
+    assert!(took >= IDLE, "closed after {took:?}");
+    assert!(closed_total(IDLE_TIMEOUT) > before);
+}
+
+#[tokio::test]
+async fn a_head_started_on_an_idle_connection_gets_the_header_timeout() {
+    let (addr, _stop) = server(limits(), 100).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    hello(&mut tcp).await;
+    tcp.write_all(b"GET /hello HTTP/1.1\r\n").await.unwrap();
+    let started = Instant::now();
+    until_closed(&mut tcp).await;
+    let took = started.elapsed();
+    assert!(took >= HEADER && took < HEADER * 2, "closed after {took:?}");
+}
+
+#[tokio::test]
+async fn a_slow_response_is_not_cut_by_the_idle_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route(
+        "/slow",
+        get(|| async {
+            tokio::time::sleep(IDLE * 2).await;
+            "done"
+        }),
+    );
+    let connections = Arc::new(Connections::new(limits(), 100));
+    tokio::spawn(serve(listener, app, connections, CancellationToken::new()));
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("done"), "{answer}");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_refused_and_counted() {
+    let (addr, _stop) = server(Limits::default(), 2).await;
+    let refused = || metrics::global().server_connections_refused.get();
+    let before = refused();
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    hello(&mut first).await;
+    hello(&mut second).await;
+    // The third is accepted by the kernel and closed by the gateway at once.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let _ = third
+        .write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    let answer = until_closed(&mut third).await;
+    assert!(answer.is_empty(), "{answer}");
+    assert!(refused() > before);
+    // A slot frees when a connection closes.
+    drop(first);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        let _ = next
+            .write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await;
+        let mut buf = [0u8; 64];
+        if matches!(next.read(&mut buf).await, Ok(n) if n > 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot freed up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hello(&mut second).await;
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (addr, _stop) = server(limits(), 100).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client
+        .get(format!("http://{addr}/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.text().await.unwrap(), "hello");
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_stops_accepting() {
+    let (addr, stop) = server(Limits::default(), 100).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    hello(&mut tcp).await;
+    stop.cancel();
+    until_closed(&mut tcp).await;
+    let deadline = Instant::now() + PATIENCE;
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
