@@ -198,7 +198,7 @@ async fn strangers_get_401_in_each_doors_format_and_tenants_are_served() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(mock.counts().total(), 4);
     // Refusals are counted by reason; keys never become labels.
-    let metrics = reqwest::get(proxy.url("/metrics"))
+    let metrics = reqwest::get(proxy.admin_url("/metrics"))
         .await
         .unwrap()
         .text()
