@@ -135,6 +135,11 @@ impl Budgets {
             shared,
             self.signal.clone(),
         ));
+        if let Some(backend) = &self.shared {
+            let keys = Arc::new(KeyBudgetKeys::new(&id.pool, &id.provider, &id.key));
+            let record: Arc<dyn shared::record::Recorded> = k.clone();
+            backend.register(&keys, Arc::downgrade(&record));
+        }
         keys.insert(id.clone(), k.clone());
         k
     }
