@@ -17,6 +17,8 @@ pub struct Tally {
     pub statuses: BTreeMap<u16, u64>,
     /// The first few answers that were not 200: status and body.
     pub failures: Vec<(u16, String)>,
+    /// The longest a request took to be answered.
+    pub slowest: Duration,
 }
 
 impl Tally {
@@ -69,6 +71,7 @@ impl Load {
                 for i in 0u64.. {
                     let body = json!({"model": model, "messages": [{"role": "user", "content": format!("c{c} q{i}")}]});
                     let sent = http.post(&url).json(&body).send();
+                    let start = tokio::time::Instant::now();
                     let answer = tokio::select! {
                         () = stop.cancelled() => return,
                         answer = sent => answer,
@@ -80,10 +83,11 @@ impl Load {
                         }
                         Err(e) => (0, e.to_string()),
                     };
-                    tally
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .record(status, || text);
+                    {
+                        let mut tally = tally.lock().unwrap_or_else(PoisonError::into_inner);
+                        tally.slowest = tally.slowest.max(start.elapsed());
+                        tally.record(status, || text);
+                    }
                     if status == 0 {
                         // A replica that is gone: do not spin on it.
                         tokio::time::sleep(Duration::from_millis(20)).await;
