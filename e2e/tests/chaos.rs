@@ -236,10 +236,8 @@ async fn a_provider_that_accepts_and_never_answers() {
             }
         })
     };
-    let extra = format!(
-        "  fallback: [silent, openai]\n  timeouts: {{requestSeconds: 1}}\n  circuitBreaker: {{failureThreshold: 2, openSeconds: 600}}\n"
-    );
-    let yaml = pool(&mock, &extra)
+    let extra = "  fallback: [silent, openai]\n  timeouts: {requestSeconds: 1}\n  circuitBreaker: {failureThreshold: 2, openSeconds: 600}\n";
+    let yaml = pool(&mock, extra)
         .replace("stringData:\n", "stringData:\n  silent: key-silent\n")
         .replace(
         "  providers:\n",

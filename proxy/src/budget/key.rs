@@ -104,7 +104,7 @@ impl Permit {
         if let Some(shared) = &self.key.shared {
             // The member is needed once more only to settle tokens.
             let member = match self.reservation {
-                Some(_) => self.member.clone(),
+                Some(_) => self.member,
                 None => self.member.take(),
             };
             if let Some(member) = member {
