@@ -121,8 +121,8 @@ fn assert_exact(test: &str, mock: &MockProviders, tally: &Tally, started: Instan
     assert!(tally.ok() > 0, "nothing served");
 }
 
-/// `floodgate_budget_backend_degraded` of a replica, from its `/metrics`.
-async fn degraded(proxy: &ProxyProcess) -> Option<i64> {
+/// A metric without labels of a replica, from its `/metrics`.
+async fn metric(proxy: &ProxyProcess, name: &str) -> Option<f64> {
     let text = reqwest::get(proxy.url("/metrics"))
         .await
         .ok()?
@@ -130,8 +130,14 @@ async fn degraded(proxy: &ProxyProcess) -> Option<i64> {
         .await
         .ok()?;
     text.lines()
-        .find_map(|l| l.strip_prefix("floodgate_budget_backend_degraded "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// `floodgate_budget_backend_degraded` of a replica.
+async fn degraded(proxy: &ProxyProcess) -> Option<i64> {
+    let value = metric(proxy, "floodgate_budget_backend_degraded").await?;
+    Some(value as i64)
 }
 
 async fn wait_degraded(proxy: &ProxyProcess, want: i64, within: Duration) {
@@ -175,6 +181,10 @@ async fn redis_killed_and_restarted_empty_at_random_points() {
     sleep(WINDOW + Duration::from_secs(1)).await;
     let tally = load.stop().await;
     assert_exact(test, &mock, &tally, started);
+    for proxy in [&a, &b] {
+        let losses = metric(proxy, "floodgate_budget_backend_losses_total").await;
+        assert!(losses >= Some(1.0), "losses found: {losses:?}");
+    }
 }
 
 async fn flush(redis: &RedisServer) {

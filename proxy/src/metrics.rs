@@ -156,6 +156,9 @@ pub struct Metrics {
     pub queue_refusals: Family<RefusalLabels, Counter>,
     /// Admitted requests within (or past) their tier's wait target.
     pub queue_slo: Family<SloLabels, Counter>,
+    /// Shared budgets this replica found lost in Redis (an epoch gone or changed, or the
+    /// server's `run_id` changed) and re-wrote its requests into.
+    pub budget_losses: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -194,6 +197,7 @@ impl Metrics {
             queue_wait: Family::new_with_constructor(latency_histogram),
             queue_refusals: Family::default(),
             queue_slo: Family::default(),
+            budget_losses: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -271,6 +275,11 @@ impl Metrics {
             "floodgate_budget_backend_degraded",
             "1 while Redis budgets are unreachable and each replica serves a local share",
             m.budget_degraded.clone(),
+        );
+        registry.register(
+            "floodgate_budget_backend_losses",
+            "Shared budgets found lost in Redis (restart, failover, flush) and re-written",
+            m.budget_losses.clone(),
         );
         Metrics { registry, ..m }
     }

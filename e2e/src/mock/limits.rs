@@ -20,11 +20,6 @@ use super::{MockConfig, Provider};
 pub struct Counts {
     /// The rate-limit window length, in milliseconds.
     pub window_ms: u64,
-    /// The mock's clock when the snapshot was taken, in microseconds since it started (the
-    /// origin of [`KeyCounts::timestamps_us`]), so that a test can place its own events
-    /// (a Redis restart, say) on the same time line.
-    #[serde(default)]
-    pub now_us: u64,
     /// One entry per (provider, key) seen, sorted by provider then key.
     pub keys: Vec<KeyCounts>,
 }
@@ -210,7 +205,6 @@ impl KeyTable {
         keys.sort_by(|a, b| (a.provider, &a.key).cmp(&(b.provider, &b.key)));
         Counts {
             window_ms: u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX),
-            now_us: self.now_ns() / 1_000,
             keys,
         }
     }

@@ -40,8 +40,9 @@ local horizon = now - window
 
 -- (1) The epoch: the budget is the one this replica has been admitting on, and no replica
 -- is still re-writing its requests into it.
-if redis.call('HGET', KEYS[4], 'id') ~= epoch then return {-1, 0, 0} end
-local ready = tonumber(redis.call('HGET', KEYS[4], 'ready') or '0')
+local known = redis.call('HMGET', KEYS[4], 'id', 'ready')
+if known[1] ~= epoch then return {-1, 0, 0} end
+local ready = tonumber(known[2] or '0')
 
 -- Members are scored with their answer time, or (in flight) with admission + TTL, which is
 -- later than any answer time so far. In score order, then, answered requests come first, in

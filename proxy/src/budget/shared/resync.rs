@@ -124,6 +124,7 @@ impl RedisBudgets {
             .await?;
         if known.is_some() || extend {
             self.losses.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::global().budget_losses.inc();
             tracing::warn!(
                 created = epoch == candidate,
                 barrier_ms = millis(wait),
