@@ -45,8 +45,11 @@ impl Tally {
 }
 
 /// Clients sending chat requests back to back, each to one replica (client `i` to replica
-/// `i % replicas`), until [`Load::stop`]. With more clients than the keys' limits admit at
-/// once, requests wait in the gateway's queue and every key stays saturated.
+/// `i % replicas`) and for one model (client `i` for model `i % models`), until
+/// [`Load::stop`]. With more clients than the keys' limits admit at once, requests wait in
+/// the gateway's queue and every key stays saturated. Models the mock answers at different
+/// speeds (`slow-<ms>`) spread the requests over the window, as real traffic is, instead of
+/// keeping them in phase.
 #[derive(Debug)]
 pub struct Load {
     stop: CancellationToken,
@@ -56,8 +59,8 @@ pub struct Load {
 
 impl Load {
     /// Starts `clients` clients on the gateways at `bases` (`http://host:port`), asking for
-    /// `model`.
-    pub fn start(bases: &[String], clients: usize, model: &str) -> Load {
+    /// `models`.
+    pub fn start(bases: &[String], clients: usize, models: &[&str]) -> Load {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::new();
         let stop = CancellationToken::new();
@@ -65,8 +68,8 @@ impl Load {
         let mut tasks = JoinSet::new();
         for c in 0..clients {
             let url = format!("{}/v1/chat/completions", bases[c % bases.len()]);
-            let (http, stop, tally, model) =
-                (http.clone(), stop.clone(), tally.clone(), model.to_owned());
+            let model = models[c % models.len()].to_owned();
+            let (http, stop, tally) = (http.clone(), stop.clone(), tally.clone());
             tasks.spawn(async move {
                 for i in 0u64.. {
                     let body = json!({"model": model, "messages": [{"role": "user", "content": format!("c{c} q{i}")}]});

@@ -607,7 +607,7 @@ async fn redis_loses_its_data_mid_run(loss: Loss) {
     }
     assert_within_limits(&mock, &paced);
     // Now more callers than the keys admit: every key stays saturated.
-    let load = floodgate_e2e::chaos::Load::start(&[a.url(), b.url()], 12, "gpt-4o");
+    let load = floodgate_e2e::chaos::Load::start(&[a.url(), b.url()], 12, &["gpt-4o"]);
     tokio::time::sleep_until(started + Duration::from_millis(1500)).await;
     match loss {
         Loss::Restart => {

@@ -342,9 +342,10 @@ impl KeyBudget {
             let mut s = self.lock();
             s.local_availability(now, tokens, Some(&shared.backend))?;
             if self.sharing(&s).is_none() {
-                // Redis is unreachable (or the key has no limit): the local share decides,
-                // and the record keeps the request for Redis's return.
-                return Ok(self.admit(&mut s, now, tokens, Some(seq)));
+                // Redis is unreachable: the local share decides, and the record keeps the
+                // request for Redis's return. A key without limits has nothing to share.
+                let limited = s.limits.rpm.is_some() || s.limits.tpm.is_some();
+                return Ok(self.admit(&mut s, now, tokens, limited.then_some(seq)));
             }
             s.hint_availability(now)?;
             s.hint.asking += 1;

@@ -91,8 +91,10 @@ impl Budgets {
         opts: SharedOptions,
         signal: Arc<Signal>,
     ) -> Result<Self, SharedError> {
+        let backend = Arc::new(RedisBudgets::new(opts, window)?);
+        backend.set_signal(signal.clone());
         Ok(Self {
-            shared: Some(Arc::new(RedisBudgets::new(opts, window)?)),
+            shared: Some(backend),
             ..Self::new(window, signal)
         })
     }

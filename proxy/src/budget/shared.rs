@@ -229,6 +229,9 @@ pub struct RedisBudgets {
     monitoring: AtomicBool,
     /// Wakes the monitor at once (a call failed).
     wake: Arc<tokio::sync::Notify>,
+    /// Pulsed when Redis is back or a lost budget was re-written, so that requests waiting
+    /// on a local share's (or a stale answer's) instant look again.
+    signal: OnceLock<Arc<super::Signal>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
@@ -283,10 +286,22 @@ impl RedisBudgets {
             losses: AtomicU64::new(0),
             monitoring: AtomicBool::new(false),
             wake: Arc::default(),
+            signal: OnceLock::new(),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             opts,
         })
+    }
+
+    /// Pulses `signal` whenever Redis is back or a lost budget was re-written.
+    pub(crate) fn set_signal(&self, signal: Arc<super::Signal>) {
+        let _ = self.signal.set(signal);
+    }
+
+    fn pulse(&self) {
+        if let Some(signal) = self.signal.get() {
+            signal.pulse();
+        }
     }
 
     /// The options it was built with.

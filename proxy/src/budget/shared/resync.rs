@@ -145,6 +145,8 @@ impl RedisBudgets {
                 });
             entry.epoch = Some(epoch);
         }
+        // Waiters were told the barrier's end, or an instant from before the loss.
+        self.pulse();
         // Requests answered while they were being written as in flight: write the answer.
         if let Some(record) = record {
             let in_flight: Vec<u64> = seeds
@@ -306,6 +308,8 @@ impl RedisBudgets {
         self.local_until_ms.store(until, Ordering::Release);
         self.degraded.store(false, Ordering::Release);
         self.changes.send_replace(false);
+        // Waiters slept until the local share's instant: Redis may have room sooner.
+        self.pulse();
         tracing::info!("shared rate budgets: Redis is back");
         Ok(())
     }
