@@ -27,11 +27,11 @@
 //! So the number of requests a key has used in the current window, as the proxies count it,
 //! is `ZCOUNT floodgate:budget:{ID}:req (<now_ms - window_ms> +inf`.
 //!
-//! A tenant's own limits (rpm, tpm) use the same three keys and scripts under
+//! A tenant's own limits (rpm, tpm) use the same keys and scripts under
 //! [`TENANT_PREFIX`], named by the tenant (`<namespace>/<name>` in cluster mode, `<name>`
-//! standalone): `floodgate:tenant:{<tenant>}:req`, `:tok` and `:tok:n`. A tenant's request
-//! counts from its admission (it is marked answered at once), so `ZCOUNT` of its `:req` is the
-//! requests it started in the current window.
+//! standalone): `floodgate:tenant:{<tenant>}:req`, `:tok`, `:tok:n` and `:epoch`. A tenant's
+//! request counts from its admission (it is marked answered at once), so `ZCOUNT` of its `:req`
+//! is the requests it started in the current window.
 
 /// Prefix of every shared-budget key.
 pub const PREFIX: &str = "floodgate:budget:";
@@ -72,6 +72,7 @@ impl KeyBudgetKeys {
             requests: format!("{id}:req"),
             tokens: format!("{id}:tok"),
             token_amounts: format!("{id}:tok:n"),
+            epoch: format!("{id}:epoch"),
         }
     }
 
@@ -102,5 +103,6 @@ mod tests {
         let t = KeyBudgetKeys::tenant("team-a/acme");
         assert_eq!(t.requests, "floodgate:tenant:{team-a/acme}:req");
         assert_eq!(t.token_amounts, "floodgate:tenant:{team-a/acme}:tok:n");
+        assert_eq!(t.epoch, "floodgate:tenant:{team-a/acme}:epoch");
     }
 }

@@ -155,7 +155,14 @@ impl Budgets {
             backend: backend.clone(),
             keys: Arc::new(KeyBudgetKeys::tenant(tenant)),
         });
-        Arc::new(KeyBudget::new(limits, self.window, shared, signal))
+        let registration = shared.as_ref().map(|s| (s.backend.clone(), s.keys.clone()));
+        let budget = Arc::new(KeyBudget::new(limits, self.window, shared, signal));
+        if let Some((backend, keys)) = registration {
+            // Re-written into Redis like a provider key's when Redis loses it.
+            let record: Arc<dyn shared::record::Recorded> = budget.clone();
+            backend.register(&keys, Arc::downgrade(&record));
+        }
+        budget
     }
 
     /// A new configuration: keys it no longer has are forgotten, and keys failed by the
