@@ -16,19 +16,22 @@
 //! | `floodgate:budget:{ID}:req` | sorted set | the request log: one member per request (`<replica>-<seq>`), scored in Unix milliseconds of Redis `TIME`. An admitted request is scored `admitted + in-flight TTL` until it is answered, then re-scored with the answer time (never later). A member counts against the limit while its score is greater than `now - window`: in flight, or answered within the last window. |
 //! | `floodgate:budget:{ID}:tok` | sorted set | token reservations: member as above, scored with the reservation time. |
 //! | `floodgate:budget:{ID}:tok:n` | hash | token amounts: member -> tokens (the estimate, then the real count once settled), and the field `sum` holding their total. |
+//! | `floodgate:budget:{ID}:epoch` | hash | the budget's epoch: `id`, a random id written by the first proxy to find the hash missing, and `ready`, Unix milliseconds of Redis `TIME` before which nothing is admitted (the proxies are re-writing what they admitted). A proxy admits only on the epoch it knows: a missing or different `id` means Redis lost the budget (a restart without persistence, a failover, a flush). |
 //!
 //! Expiry: the request log lives `in-flight TTL + window` after its last admission and two
 //! windows after its last answer once nothing is in flight; the token keys two windows after
-//! the last reservation. Idle keys therefore disappear on their own.
+//! the last reservation. Idle keys therefore disappear on their own. The epoch lives a day
+//! after the last admission (at least the request log's life), so that an idle key is not
+//! mistaken for a lost one.
 //!
 //! So the number of requests a key has used in the current window, as the proxies count it,
 //! is `ZCOUNT floodgate:budget:{ID}:req (<now_ms - window_ms> +inf`.
 //!
-//! A tenant's own limits (rpm, tpm) use the same three keys and scripts under
+//! A tenant's own limits (rpm, tpm) use the same keys and scripts under
 //! [`TENANT_PREFIX`], named by the tenant (`<namespace>/<name>` in cluster mode, `<name>`
-//! standalone): `floodgate:tenant:{<tenant>}:req`, `:tok` and `:tok:n`. A tenant's request
-//! counts from its admission (it is marked answered at once), so `ZCOUNT` of its `:req` is the
-//! requests it started in the current window.
+//! standalone): `floodgate:tenant:{<tenant>}:req`, `:tok`, `:tok:n` and `:epoch`. A tenant's
+//! request counts from its admission (it is marked answered at once), so `ZCOUNT` of its `:req`
+//! is the requests it started in the current window.
 
 /// Prefix of every shared-budget key.
 pub const PREFIX: &str = "floodgate:budget:";
@@ -45,6 +48,8 @@ pub struct KeyBudgetKeys {
     pub tokens: String,
     /// Hash of token amounts per reservation, plus their `sum`.
     pub token_amounts: String,
+    /// Hash of the budget's epoch (`id`, `ready`).
+    pub epoch: String,
 }
 
 impl KeyBudgetKeys {
@@ -56,6 +61,7 @@ impl KeyBudgetKeys {
             requests: format!("{id}:req"),
             tokens: format!("{id}:tok"),
             token_amounts: format!("{id}:tok:n"),
+            epoch: format!("{id}:epoch"),
         }
     }
 
@@ -66,6 +72,7 @@ impl KeyBudgetKeys {
             requests: format!("{id}:req"),
             tokens: format!("{id}:tok"),
             token_amounts: format!("{id}:tok:n"),
+            epoch: format!("{id}:epoch"),
         }
     }
 
@@ -88,6 +95,7 @@ mod tests {
             k.token_amounts,
             "floodgate:budget:{premium:claude:key1}:tok:n"
         );
+        assert_eq!(k.epoch, "floodgate:budget:{premium:claude:key1}:epoch");
         assert_eq!(
             KeyBudgetKeys::requests_pattern("premium"),
             "floodgate:budget:{premium:*}:req"
@@ -95,5 +103,6 @@ mod tests {
         let t = KeyBudgetKeys::tenant("team-a/acme");
         assert_eq!(t.requests, "floodgate:tenant:{team-a/acme}:req");
         assert_eq!(t.token_amounts, "floodgate:tenant:{team-a/acme}:tok:n");
+        assert_eq!(t.epoch, "floodgate:tenant:{team-a/acme}:epoch");
     }
 }

@@ -1,5 +1,6 @@
 //! Floodgate end-to-end test support.
 
+pub mod chaos;
 pub mod cluster;
 pub mod gateway;
 pub mod mock;

@@ -60,6 +60,31 @@ impl RedisServer {
         Ok(())
     }
 
+    /// Stops the server with SIGSTOP: connections stay open and nothing is answered, as
+    /// when its machine stalls. [`RedisServer::resume`] continues it.
+    pub async fn pause(&self) -> anyhow::Result<()> {
+        self.signal("-STOP").await
+    }
+
+    /// Continues a paused server (SIGCONT).
+    pub async fn resume(&self) -> anyhow::Result<()> {
+        self.signal("-CONT").await
+    }
+
+    async fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .ok_or_else(|| anyhow::anyhow!("redis-server is not running"))?;
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed ({status})");
+        Ok(())
+    }
+
     /// Starts a fresh (empty) server on the same port, killing the running one if any.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await?;

@@ -30,14 +30,14 @@ async fn used_rpm_is_what_the_proxies_count_per_provider() {
     let redis = RedisServer::start().await.unwrap();
     let mut options = SharedOptions::new(SecretString::new(redis.url()));
     options.timeout = Duration::from_secs(2);
-    let budgets = RedisBudgets::new(options, Duration::from_secs(60)).unwrap();
+    let budgets = std::sync::Arc::new(RedisBudgets::new(options, Duration::from_secs(60)).unwrap());
     let limits = Limits {
         rpm: Some(100),
         tpm: None,
     };
     let admit = async |pool: &str, provider: &str, id: &str, n: usize| {
         for i in 0..n {
-            let keys = KeyBudgetKeys::new(pool, provider, id);
+            let keys = std::sync::Arc::new(KeyBudgetKeys::new(pool, provider, id));
             budgets
                 .acquire(&keys, limits, 0, &format!("{provider}-{id}-{i}"))
                 .await

@@ -16,6 +16,7 @@ use floodgate_proxy::secret::SecretString;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 const POLL: Duration = Duration::from_millis(20);
@@ -27,11 +28,11 @@ fn options(redis: &RedisServer) -> SharedOptions {
 }
 
 /// A backend for the script tests: answers within a second even on a loaded machine.
-fn backend(redis: &RedisServer, window: Duration, in_flight_ttl: Duration) -> RedisBudgets {
+fn backend(redis: &RedisServer, window: Duration, in_flight_ttl: Duration) -> Arc<RedisBudgets> {
     let mut o = options(redis);
     o.timeout = Duration::from_secs(1);
     o.in_flight_ttl = in_flight_ttl;
-    RedisBudgets::new(o, window).unwrap()
+    Arc::new(RedisBudgets::new(o, window).unwrap())
 }
 
 fn rpm(n: u32) -> Limits {
@@ -41,8 +42,8 @@ fn rpm(n: u32) -> Limits {
     }
 }
 
-fn keys() -> KeyBudgetKeys {
-    KeyBudgetKeys::new("pool", "openai", "k0")
+fn keys() -> Arc<KeyBudgetKeys> {
+    Arc::new(KeyBudgetKeys::new("pool", "openai", "k0"))
 }
 
 fn refused_wait(a: Admission) -> Duration {
@@ -190,6 +191,7 @@ mod script {
             k.requests.clone(),
             k.tokens.clone(),
             k.token_amounts.clone(),
+            k.epoch.clone(),
         ];
         expected.sort();
         assert_eq!(found, expected);
@@ -210,6 +212,170 @@ mod script {
         // Nothing in flight any more: two windows.
         assert!(b.complete(&k, "a").await.unwrap());
         assert!(pttl(k.requests.clone()).await <= 2 * WINDOW);
+        // The epoch outlives them by far: an idle key is not taken for a lost one.
+        assert!(pttl(k.epoch.clone()).await > Duration::from_secs(3600));
+    }
+}
+
+/// Detecting that Redis lost the budgets, and re-writing every replica's record into it.
+mod loss {
+    use super::*;
+    use floodgate_proxy::budget::{Budgets, KeyBudget, KeyId, Permit, Unavailable};
+    use tokio::time::Instant;
+
+    const WINDOW: Duration = Duration::from_secs(5);
+    const GRACE: Duration = Duration::from_millis(600);
+
+    fn shared(redis: &RedisServer) -> Budgets {
+        let mut o = options(redis);
+        o.timeout = Duration::from_millis(500);
+        o.check_interval = Duration::from_millis(100);
+        o.reseed_grace = GRACE;
+        Budgets::shared(WINDOW, o, Arc::default()).unwrap()
+    }
+
+    fn id() -> KeyId {
+        KeyId {
+            pool: "pool".into(),
+            provider: "openai".into(),
+            key: "k0".into(),
+        }
+    }
+
+    async fn take(key: &Arc<KeyBudget>, n: usize) -> Vec<Permit> {
+        let mut permits = Vec::new();
+        for _ in 0..n {
+            permits.push(key.acquire(Instant::now(), 1).await.unwrap());
+        }
+        permits
+    }
+
+    async fn requests_in_redis(redis: &RedisServer) -> usize {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let key = KeyBudgetKeys::new("pool", "openai", "k0").requests;
+        redis::cmd("ZCARD")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+
+    async fn flush(redis: &RedisServer) {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+    }
+
+    /// Waits (up to 5 s) until Redis holds `n` requests of the key again.
+    async fn rewritten(redis: &RedisServer, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let found = requests_in_redis(redis).await;
+            if found == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{found} requests in Redis, expected {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Two replicas used 6 and 4 of a key's 10 (one still in flight), then Redis loses
+    /// everything: both re-write their requests (the idle one through its monitor), and
+    /// the key stays full until they leave the window.
+    async fn both_replicas_rewrite_after(lose: impl AsyncFnOnce(&mut RedisServer)) {
+        let mut redis = RedisServer::start().await.unwrap();
+        let (a, b) = (shared(&redis), shared(&redis));
+        let (ka, kb) = (a.key(&id(), rpm(10)), b.key(&id(), rpm(10)));
+        let mut in_flight = take(&ka, 6).await;
+        let still = in_flight.pop().unwrap();
+        drop(in_flight);
+        drop(take(&kb, 4).await);
+        assert_eq!(requests_in_redis(&redis).await, 10);
+        lose(&mut redis).await;
+        rewritten(&redis, 10).await;
+        let (ra, rb) = (a.backend().unwrap(), b.backend().unwrap());
+        assert!(
+            ra.losses() >= 1 && rb.losses() >= 1,
+            "{} {}",
+            ra.losses(),
+            rb.losses()
+        );
+        // The key is full as before the loss: nothing is admitted, by either replica.
+        for key in [&ka, &kb] {
+            assert!(matches!(
+                key.acquire(Instant::now(), 1).await,
+                Err(Unavailable::Until(_) | Unavailable::Pending)
+            ));
+        }
+        assert_eq!(requests_in_redis(&redis).await, 10);
+        drop(still);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_is_found_and_every_replica_rewrites_its_requests() {
+        both_replicas_rewrite_after(async |redis: &mut RedisServer| flush(redis).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_without_data_is_found_and_every_replica_rewrites_its_requests() {
+        both_replicas_rewrite_after(async |redis: &mut RedisServer| {
+            redis.restart().await.unwrap();
+        })
+        .await;
+    }
+
+    /// After a loss, admissions wait for the barrier (the other replicas' re-writes), and
+    /// no longer: a key with room admits again as soon as it ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_loss_admissions_resume_when_the_barrier_ends() {
+        let redis = RedisServer::start().await.unwrap();
+        let a = shared(&redis);
+        let ka = a.key(&id(), rpm(10));
+        drop(take(&ka, 2).await);
+        flush(&redis).await;
+        let flushed = Instant::now();
+        let refused = ka.acquire(Instant::now(), 1).await;
+        let Err(Unavailable::Until(until)) = refused else {
+            panic!("admitted inside the barrier: {refused:?}");
+        };
+        assert!(
+            until <= flushed + GRACE + Duration::from_millis(500),
+            "{:?}",
+            until - flushed
+        );
+        tokio::time::sleep_until(until).await;
+        let mut admitted = None;
+        while admitted.is_none() && Instant::now() < until + Duration::from_millis(300) {
+            admitted = ka.acquire(Instant::now(), 1).await.ok();
+        }
+        assert!(admitted.is_some(), "not admitted once the barrier ended");
+        assert_eq!(requests_in_redis(&redis).await, 3);
+    }
+
+    /// The monitor finds an outage and the return of Redis without any request asking.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_is_seen_without_requests() {
+        let mut redis = RedisServer::start().await.unwrap();
+        let a = shared(&redis);
+        let ka = a.key(&id(), rpm(10));
+        drop(take(&ka, 1).await);
+        let mut watch = a.backend().unwrap().watch_degraded();
+        redis.kill().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), watch.wait_for(|d| *d))
+            .await
+            .expect("degraded within 2 s, no request asking")
+            .unwrap();
+        redis.restart().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), watch.wait_for(|d| !*d))
+            .await
+            .expect("back within 2 s, no request asking")
+            .unwrap();
+        // Its request of before the outage is back in Redis.
+        assert_eq!(requests_in_redis(&redis).await, 1);
     }
 }
 
@@ -399,4 +565,94 @@ async fn degraded_metric(g: &Gateway) -> i64 {
         .find_map(|l| l.strip_prefix("floodgate_budget_backend_degraded "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(-1)
+}
+
+/// How Redis loses the budgets in [`redis_loses_its_data_mid_run`].
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    /// Killed, and restarted on the same port with no data half a second later.
+    Restart,
+    /// `FLUSHALL`: the connection stays up, the data is gone.
+    Flush,
+}
+
+/// Redis loses every budget while every key is full, before the requests of that window have
+/// left it (as after a restart without persistence, a failover to a replica that had not
+/// caught up, or a flush). The replicas must neither admit a fresh window on the empty Redis
+/// (upstream 429s, keys over their limit) nor sit idle once Redis is back.
+async fn redis_loses_its_data_mid_run(loss: Loss) {
+    let window = Duration::from_secs(3);
+    let (keys, limit) = (3, 10);
+    let mut redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(
+        MockConfig::default()
+            .with_default_rpm(limit)
+            .with_window(window),
+    )
+    .await
+    .unwrap();
+    let yaml = manifests(keys, limit, &mock.base_url());
+    let mut o = options(&redis);
+    o.timeout = Duration::from_millis(250);
+    let a = replica(&yaml, window, o.clone()).await;
+    let b = replica(&yaml, window, o).await;
+    let started = tokio::time::Instant::now();
+    // Fill every key over 1.2 s, so that their requests leave the window one by one.
+    let gateways = [&a, &b];
+    let per = Duration::from_millis(1200) / (keys as u32 * limit);
+    let mut paced = Vec::new();
+    for i in 0..(keys * limit as usize) {
+        tokio::time::sleep_until(started + per * i as u32).await;
+        paced.extend(burst(&gateways[i % 2..i % 2 + 1], 1).await);
+    }
+    assert_within_limits(&mock, &paced);
+    // Now more callers than the keys admit: every key stays saturated.
+    let load = floodgate_e2e::chaos::Load::start(&[a.url(), b.url()], 12, &["gpt-4o"]);
+    tokio::time::sleep_until(started + Duration::from_millis(1500)).await;
+    match loss {
+        Loss::Restart => {
+            redis.kill().await.unwrap();
+            tokio::time::sleep_until(started + Duration::from_millis(2000)).await;
+            redis.restart().await.unwrap();
+        }
+        Loss::Flush => {
+            let client = redis::Client::open(redis.url()).unwrap();
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+        }
+    }
+    let back_us = mock.now_us();
+    tokio::time::sleep_until(started + 3 * window).await;
+    let tally = load.stop().await;
+    let counts = mock.counts();
+    let report = floodgate_e2e::chaos::Report::of(&counts);
+    let lost: Vec<_> = counts
+        .keys
+        .iter()
+        .map(|k| floodgate_e2e::chaos::idle_with_room(k, limit, window, back_us))
+        .collect();
+    eprintln!(
+        "{loss:?}: {report:?}; idle with room after Redis was back: {lost:?}; clients: {:?}",
+        tally.statuses
+    );
+    assert_eq!(report.upstream_429s, 0, "{report:?}");
+    assert!(report.over_limit().is_empty(), "{report:?}");
+    assert_eq!(tally.not_ok(), 0, "{:?}", tally.failures);
+    for gap in lost {
+        let gap = gap.expect("the key served again after Redis was back");
+        assert!(
+            gap < Duration::from_millis(1500),
+            "capacity unused for {gap:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_keeps_every_limit_and_recovers_capacity() {
+    redis_loses_its_data_mid_run(Loss::Restart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flushed_keeps_every_limit_and_recovers_capacity() {
+    redis_loses_its_data_mid_run(Loss::Flush).await;
 }

@@ -114,6 +114,12 @@ struct Args {
         requires = "redis"
     )]
     replicas_hint: NonZeroU32,
+    /// Length of the providers' rate-limit window, in milliseconds: a key's `rpm` is counted
+    /// per this window. The providers count per minute (the default); change it only for a
+    /// provider that counts over another window, or for tests that need short windows.
+    #[arg(long, env = "FLOODGATE_RATE_WINDOW_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    rate_window_ms: u64,
     /// Threads serving requests, each with its own single-threaded runtime (default: the
     /// CPUs this process may use). Configuration watching runs on the main thread.
     #[arg(long, env = "FLOODGATE_WORKERS")]
@@ -208,7 +214,14 @@ async fn serve(
     secrets: SecretSources,
     watcher: Option<Watcher>,
 ) -> anyhow::Result<()> {
-    let mut options = DispatcherOptions::new(MINUTE, Duration::from_millis(args.max_queue_wait_ms));
+    let window = Duration::from_millis(args.rate_window_ms);
+    if window != MINUTE {
+        tracing::warn!(
+            window_ms = args.rate_window_ms,
+            "rate limits counted per a window other than the providers' minute"
+        );
+    }
+    let mut options = DispatcherOptions::new(window, Duration::from_millis(args.max_queue_wait_ms));
     options.max_queued = args.max_queued;
     let mut redis_thread = None;
     if let Some(url) = args.redis.clone() {

@@ -170,6 +170,9 @@ pub struct Metrics {
     pub queue_refusals: Family<RefusalLabels, Counter>,
     /// Admitted requests within (or past) their tier's wait target.
     pub queue_slo: Family<SloLabels, Counter>,
+    /// Shared budgets this replica found lost in Redis (an epoch gone or changed, or the
+    /// server's `run_id` changed) and re-wrote its requests into.
+    pub budget_losses: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -211,6 +214,7 @@ impl Metrics {
             queue_wait: Family::new_with_constructor(latency_histogram),
             queue_refusals: Family::default(),
             queue_slo: Family::default(),
+            budget_losses: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -303,6 +307,11 @@ impl Metrics {
             "floodgate_server_connections_closed",
             "Client connections closed by the gateway for a time bound, by reason",
             m.server_connections_closed.clone(),
+        );
+        registry.register(
+            "floodgate_budget_backend_losses",
+            "Shared budgets found lost in Redis (restart, failover, flush) and re-written",
+            m.budget_losses.clone(),
         );
         Metrics { registry, ..m }
     }

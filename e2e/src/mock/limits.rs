@@ -212,6 +212,11 @@ impl KeyTable {
     fn now_ns(&self) -> u64 {
         duration_ns(self.epoch.elapsed())
     }
+
+    /// Microseconds since the mock started.
+    pub(super) fn now_us(&self) -> u64 {
+        self.now_ns() / 1_000
+    }
 }
 
 /// Counters and windows of one key.

@@ -320,6 +320,12 @@ impl MockProviders {
         self.shared.abandoned.load(Ordering::Acquire)
     }
 
+    /// The mock's clock: microseconds since it started, the origin of
+    /// [`KeyCounts::timestamps_us`].
+    pub fn now_us(&self) -> u64 {
+        self.shared.keys.now_us()
+    }
+
     /// Forgets every counter and rate-limit window and clears every injected fault.
     pub fn reset(&self) {
         self.shared.keys.reset();

@@ -6,6 +6,7 @@
 //! (requests used, blocked until when, admissions being asked) keeps the replica from asking
 //! when the answer is known to be no, and from asking all at once when a slot frees up.
 
+use super::shared::record::{Record, Recorded, Seeds};
 use super::shared::{Admission, RedisBudgets};
 use super::window::{RequestWindow, TokenWindow};
 use super::{Limits, Signal, Unavailable};
@@ -50,6 +51,8 @@ struct KeyState {
     /// room pulses the signal (and clears this). Nobody waits on a key never found full, so
     /// its answers wake nobody.
     blocked: bool,
+    /// With shared budgets: this replica's own requests, for re-writing into Redis.
+    record: Option<Record>,
 }
 
 /// The budget of one key.
@@ -69,8 +72,8 @@ pub struct KeyBudget {
 pub struct Permit {
     key: Arc<KeyBudget>,
     reservation: Option<(u64, u64)>,
-    /// Its id in the shared budget, when Redis admitted it.
-    member: Option<String>,
+    /// Its sequence in the shared budget (its member name there), with shared budgets.
+    member: Option<u64>,
     answered: bool,
     done: bool,
 }
@@ -89,6 +92,9 @@ impl Permit {
             if let Some(w) = s.requests.as_mut() {
                 w.complete(now);
             }
+            if let (Some(r), Some(m)) = (s.record.as_mut(), self.member) {
+                r.answered(m, now);
+            }
             std::mem::take(&mut s.blocked)
         };
         if blocked {
@@ -98,11 +104,13 @@ impl Permit {
         if let Some(shared) = &self.key.shared {
             // The member is needed once more only to settle tokens.
             let member = match self.reservation {
-                Some(_) => self.member.clone(),
+                Some(_) => self.member,
                 None => self.member.take(),
             };
             if let Some(member) = member {
-                shared.backend.complete_later(&shared.keys, member);
+                shared
+                    .backend
+                    .complete_later(&shared.keys, shared.backend.member(member));
             }
         }
     }
@@ -130,10 +138,15 @@ impl Permit {
         if let (Some((id, _)), Some(tokens)) = (self.reservation, state.tokens.as_mut()) {
             tokens.settle(id, 0);
         }
+        if let (Some(r), Some(m)) = (state.record.as_mut(), self.member) {
+            r.cancel(m);
+        }
         let blocked = std::mem::take(&mut state.blocked);
         drop(state);
         if let (Some(shared), Some(member)) = (&self.key.shared, self.member.take()) {
-            shared.backend.complete_later(&shared.keys, member);
+            shared
+                .backend
+                .complete_later(&shared.keys, shared.backend.member(member));
         }
         if blocked {
             self.key.signal.pulse();
@@ -154,6 +167,9 @@ impl Permit {
         if let Some(tokens) = state.tokens.as_mut() {
             tokens.settle(id, actual);
         }
+        if let (Some(r), Some(m)) = (state.record.as_mut(), self.member) {
+            r.settle(m, actual);
+        }
         let blocked = std::mem::take(&mut state.blocked);
         drop(state);
         if blocked {
@@ -161,7 +177,9 @@ impl Permit {
             self.key.signal.pulse();
         }
         if let (Some(shared), Some(member)) = (&self.key.shared, self.member.take()) {
-            shared.backend.settle_later(&shared.keys, member, actual);
+            shared
+                .backend
+                .settle_later(&shared.keys, shared.backend.member(member), actual);
         }
     }
 }
@@ -179,12 +197,12 @@ impl Drop for Permit {
 struct Asking<'a> {
     key: &'a KeyBudget,
     shared: &'a SharedKey,
-    member: Option<String>,
+    member: Option<u64>,
 }
 
 impl Asking<'_> {
     /// The answer came: the member is the caller's now.
-    fn answered(mut self) -> String {
+    fn answered(mut self) -> u64 {
         self.member.take().unwrap_or_default()
     }
 }
@@ -199,6 +217,7 @@ impl Drop for Asking<'_> {
             self.key.signal.pulse();
         }
         if let Some(member) = self.member.take() {
+            let member = self.shared.backend.member(member);
             self.shared
                 .backend
                 .complete_later(&self.shared.keys, member);
@@ -225,6 +244,7 @@ impl KeyBudget {
                 in_flight: 0,
                 hint: Hint::default(),
                 blocked: false,
+                record: shared.as_ref().map(|_| Record::new(window)),
             }),
             shared,
             signal,
@@ -264,6 +284,9 @@ impl KeyBudget {
             s.hint.blocked_until = None;
         }
         s.limits = limits;
+        if let Some(r) = s.record.as_mut() {
+            r.set_window(window);
+        }
         match (limits.rpm, s.requests.as_mut()) {
             (Some(rpm), Some(w)) => w.set_limit(rpm, window),
             (Some(rpm), None) => s.requests = Some(RequestWindow::new(rpm, window)),
@@ -314,11 +337,15 @@ impl KeyBudget {
             s.local_availability(now, tokens, None)?;
             return Ok(self.admit(&mut s, now, tokens, None));
         };
+        let seq = shared.backend.next_seq();
         let limits = {
             let mut s = self.lock();
             s.local_availability(now, tokens, Some(&shared.backend))?;
             if self.sharing(&s).is_none() {
-                return Ok(self.admit(&mut s, now, tokens, None));
+                // Redis is unreachable: the local share decides, and the record keeps the
+                // request for Redis's return. A key without limits has nothing to share.
+                let limited = s.limits.rpm.is_some() || s.limits.tpm.is_some();
+                return Ok(self.admit(&mut s, now, tokens, limited.then_some(seq)));
             }
             s.hint_availability(now)?;
             s.hint.asking += 1;
@@ -327,12 +354,12 @@ impl KeyBudget {
         let asking = Asking {
             key: self,
             shared,
-            member: Some(shared.backend.next_member()),
+            member: Some(seq),
         };
-        let member = asking.member.as_deref().unwrap_or_default();
+        let member = shared.backend.member(seq);
         let answer = shared
             .backend
-            .acquire_on_runtime(&shared.keys, limits, tokens, member)
+            .acquire_on_runtime(&shared.keys, limits, tokens, &member)
             .await;
         let member = asking.answered();
         let now = Instant::now();
@@ -350,10 +377,13 @@ impl KeyBudget {
             }
             Err(error) => {
                 shared.backend.failed(&error);
-                shared.backend.forget_later(&shared.keys, member);
+                shared
+                    .backend
+                    .forget_later(&shared.keys, shared.backend.member(member));
                 let mut s = self.lock();
                 s.local_availability(now, tokens, Some(&shared.backend))?;
-                Ok(self.admit(&mut s, now, tokens, None))
+                // Under the same member: if Redis did admit it, re-writing it counts it once.
+                Ok(self.admit(&mut s, now, tokens, Some(member)))
             }
         }
     }
@@ -364,12 +394,15 @@ impl KeyBudget {
         s: &mut KeyState,
         now: Instant,
         tokens: u64,
-        member: Option<String>,
+        member: Option<u64>,
     ) -> Permit {
         if let Some(w) = s.requests.as_mut() {
             w.admit();
         }
         let reservation = s.tokens.as_mut().map(|w| (w.reserve(now, tokens), tokens));
+        if let (Some(r), Some(m)) = (s.record.as_mut(), member) {
+            r.admit(m, now, reservation.map(|(_, t)| t));
+        }
         s.in_flight += 1;
         Permit {
             key: self.clone(),
@@ -441,6 +474,29 @@ impl KeyBudget {
                 w.exhaust_until(now, now + reset);
             }
         }
+    }
+}
+
+impl Recorded for KeyBudget {
+    fn seeds(&self, now: Instant) -> Seeds {
+        let mut s = self.lock();
+        let (requests, tokens) = (s.limits.rpm.is_some(), s.limits.tpm.is_some());
+        s.record
+            .as_mut()
+            .map(|r| r.seeds(now, requests, tokens))
+            .unwrap_or_default()
+    }
+
+    fn answered_among(&self, members: &[u64]) -> Vec<u64> {
+        let s = self.lock();
+        let Some(r) = s.record.as_ref() else {
+            return Vec::new();
+        };
+        members
+            .iter()
+            .copied()
+            .filter(|&m| !r.in_flight(m))
+            .collect()
     }
 }
 

@@ -91,8 +91,10 @@ impl Budgets {
         opts: SharedOptions,
         signal: Arc<Signal>,
     ) -> Result<Self, SharedError> {
+        let backend = Arc::new(RedisBudgets::new(opts, window)?);
+        backend.set_signal(signal.clone());
         Ok(Self {
-            shared: Some(Arc::new(RedisBudgets::new(opts, window)?)),
+            shared: Some(backend),
             ..Self::new(window, signal)
         })
     }
@@ -135,6 +137,11 @@ impl Budgets {
             shared,
             self.signal.clone(),
         ));
+        if let Some(backend) = &self.shared {
+            let keys = Arc::new(KeyBudgetKeys::new(&id.pool, &id.provider, &id.key));
+            let record: Arc<dyn shared::record::Recorded> = k.clone();
+            backend.register(&keys, Arc::downgrade(&record));
+        }
         keys.insert(id.clone(), k.clone());
         k
     }
@@ -148,7 +155,14 @@ impl Budgets {
             backend: backend.clone(),
             keys: Arc::new(KeyBudgetKeys::tenant(tenant)),
         });
-        Arc::new(KeyBudget::new(limits, self.window, shared, signal))
+        let registration = shared.as_ref().map(|s| (s.backend.clone(), s.keys.clone()));
+        let budget = Arc::new(KeyBudget::new(limits, self.window, shared, signal));
+        if let Some((backend, keys)) = registration {
+            // Re-written into Redis like a provider key's when Redis loses it.
+            let record: Arc<dyn shared::record::Recorded> = budget.clone();
+            backend.register(&keys, Arc::downgrade(&record));
+        }
+        budget
     }
 
     /// A new configuration: keys it no longer has are forgotten, and keys failed by the

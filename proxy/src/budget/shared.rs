@@ -8,18 +8,37 @@
 //! settlement (`settle.lua`) are written after the fact, off the request's path. The key
 //! layout lives in [`floodgate_crds::redis_keys`], for the operator to read.
 //!
-//! When Redis fails (an error, or no answer within [`SharedOptions::timeout`]) the replica
-//! says so once in the log and in [`RedisBudgets::degraded`], and serves on a local share of
-//! each budget, `limit / replicas_hint` (see [`SharedOptions::replicas_hint`]), counting the
-//! requests it made itself before the failure. A background probe, backing off from 50 ms to
-//! 2 s, looks for Redis again; when it answers, answers that could not be written meanwhile are
-//! written (late, which errs on the safe side) and shared budgets resume. For one more window
-//! the local share still applies as well: requests made during the outage are not in Redis.
+//! Every replica keeps its own record of what it admitted on each shared key
+//! ([`record::Record`]), and a monitor on the Redis runtime checks Redis every
+//! [`SharedOptions::check_interval`], whether or not requests ask:
+//!
+//! - **Redis unreachable** (an error, or no answer within [`SharedOptions::timeout`]): the
+//!   replica says so once in the log and in [`RedisBudgets::degraded`], and serves on a local
+//!   share of each budget, `limit / replicas_hint` (see [`SharedOptions::replicas_hint`]),
+//!   counting the requests it made itself before the failure. The monitor probes again, backing
+//!   off from 50 ms to 250 ms; when Redis answers, the replica re-writes its record into it
+//!   (requests admitted during the outage included) and shared budgets resume. If the budgets
+//!   survived, the local share still applies as well for one more window: other replicas may
+//!   not have re-written theirs yet.
+//! - **Redis lost the budgets** (a restart without persistence, a failover to a replica that
+//!   had not caught up, a flush): every key's budget carries an epoch (`epoch.lua`), and the
+//!   admission script admits only on the epoch the replica knows. A missing or different epoch
+//!   is found atomically by the first admission that meets it, or by the monitor within one
+//!   check interval. The first replica to find it creates a new epoch whose admissions wait
+//!   [`SharedOptions::reseed_grace`] (the barrier); every replica re-writes its record into
+//!   the new epoch (`seed.lua`) when it finds the change, within the barrier, and from then on
+//!   Redis counts every live replica's requests of the window again. A change of the server's
+//!   `run_id` (a restart that restored an older snapshot, a failover) is treated the same way,
+//!   except that the epoch survived: the replicas extend its barrier and re-write their records.
+//!
+//! Re-writing is idempotent (members keep the names they were admitted with), so a false
+//! alarm costs one barrier, never a double count.
 
 use super::Limits;
 use crate::secret::SecretString;
 use floodgate_crds::redis_keys::KeyBudgetKeys;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -28,12 +47,27 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub(crate) mod record;
+mod resync;
+
+use record::Recorded;
+
 const ACQUIRE: &str = include_str!("shared/acquire.lua");
 const COMPLETE: &str = include_str!("shared/complete.lua");
 const SETTLE: &str = include_str!("shared/settle.lua");
+const EPOCH: &str = include_str!("shared/epoch.lua");
+const SEED: &str = include_str!("shared/seed.lua");
 
-/// First and longest pause between two probes of an unreachable Redis.
-const PROBE_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+/// First and longest pause between two probes of an unreachable Redis. The longest is well
+/// under the default [`SharedOptions::reseed_grace`], so that every replica finds a Redis that
+/// came back empty, and re-writes its record, before admissions resume.
+pub const PROBE_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(50), Duration::from_millis(250));
+/// How long a budget's epoch lives after its last admission: an idle key is not taken for a
+/// lost one (which would cost it a barrier) unless idle this long.
+const EPOCH_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Requests re-written per script call, so that no call holds Redis long.
+const SEEDS_PER_CALL: usize = 300;
 /// Answers kept for writing once Redis is back; beyond this the oldest are dropped (their
 /// requests then count until the in-flight TTL).
 const MAX_PENDING: usize = 10_000;
@@ -56,6 +90,16 @@ pub struct SharedOptions {
     pub in_flight_ttl: Duration,
     /// How soon to ask again when only requests in flight (on any replica) fill the window.
     pub poll: Duration,
+    /// How often the monitor checks Redis while it answers: that it is reachable (so that
+    /// [`RedisBudgets::degraded`] is true within this long of an outage, requests or not),
+    /// and that it still holds the budgets (each key's epoch, and the server's `run_id`).
+    pub check_interval: Duration,
+    /// How long a budget that Redis lost admits nothing after the first replica found it
+    /// lost: the time every other replica has to find the loss too (its monitor checks every
+    /// `check_interval`, or probes every 250 ms at most while Redis is unreachable) and
+    /// re-write its record. Longer than `check_interval + timeout`; a replica that misses it
+    /// (stopped, or cut off from Redis longer) is not counted until it re-writes.
+    pub reseed_grace: Duration,
     /// The runtime that runs every Redis call and background write (and so holds the
     /// connection's tasks). It must outlive whatever serves requests: the binary passes a
     /// runtime on a thread of its own, so that a worker thread that stops first takes no
@@ -72,13 +116,16 @@ impl std::fmt::Debug for SharedOptions {
             .field("timeout", &self.timeout)
             .field("in_flight_ttl", &self.in_flight_ttl)
             .field("poll", &self.poll)
+            .field("check_interval", &self.check_interval)
+            .field("reseed_grace", &self.reseed_grace)
             .field("runtime", &self.runtime.as_ref().map(|_| "dedicated"))
             .finish()
     }
 }
 
 impl SharedOptions {
-    /// Defaults for `url`: 2 replicas, 100 ms timeout, 10 min in-flight TTL, 20 ms poll.
+    /// Defaults for `url`: 2 replicas, 100 ms timeout, 10 min in-flight TTL, 20 ms poll,
+    /// a check every 250 ms, a barrier of 1 s after a loss.
     pub fn new(url: SecretString) -> Self {
         Self {
             url,
@@ -86,6 +133,8 @@ impl SharedOptions {
             timeout: Duration::from_millis(100),
             in_flight_ttl: Duration::from_secs(600),
             poll: Duration::from_millis(20),
+            check_interval: Duration::from_millis(250),
+            reseed_grace: Duration::from_secs(1),
             runtime: None,
         }
     }
@@ -153,20 +202,46 @@ pub struct RedisBudgets {
     acquire: redis::Script,
     complete: redis::Script,
     settle: redis::Script,
+    epoch_script: redis::Script,
+    seed: redis::Script,
     opts: SharedOptions,
     window: Duration,
-    epoch: Instant,
+    /// Origin of `local_until_ms`.
+    started: Instant,
     degraded: AtomicBool,
     /// Every change of `degraded`, for whoever waits on one.
     changes: tokio::sync::watch::Sender<bool>,
-    /// Milliseconds since `epoch` until which the local share applies (`u64::MAX` while
+    /// Milliseconds since `started` until which the local share applies (`u64::MAX` while
     /// degraded; one window past the recovery after it).
     local_until_ms: AtomicU64,
     replica: u64,
     seq: AtomicU64,
     pending: Mutex<Vec<(Arc<KeyBudgetKeys>, String)>>,
+    /// Every shared key this replica uses (by its epoch key): the epoch it admits on, and its
+    /// record of its own requests.
+    registry: Mutex<HashMap<String, Registered>>,
+    /// Re-writes run one at a time.
+    resyncing: tokio::sync::Mutex<()>,
+    /// The server's `run_id` when last checked.
+    run_id: Mutex<Option<String>>,
+    /// Budgets found lost (epochs that vanished or changed, and `run_id` changes).
+    losses: AtomicU64,
+    monitoring: AtomicBool,
+    /// Wakes the monitor at once (a call failed).
+    wake: Arc<tokio::sync::Notify>,
+    /// Pulsed when Redis is back or a lost budget was re-written, so that requests waiting
+    /// on a local share's (or a stale answer's) instant look again.
+    signal: OnceLock<Arc<super::Signal>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+}
+
+/// A shared key as the backend knows it.
+struct Registered {
+    keys: Arc<KeyBudgetKeys>,
+    /// The epoch this replica admits on; `None` before the first admission.
+    epoch: Option<String>,
+    record: Option<Weak<dyn Recorded>>,
 }
 
 impl std::fmt::Debug for RedisBudgets {
@@ -195,18 +270,38 @@ impl RedisBudgets {
             acquire: redis::Script::new(ACQUIRE),
             complete: redis::Script::new(COMPLETE),
             settle: redis::Script::new(SETTLE),
+            epoch_script: redis::Script::new(EPOCH),
+            seed: redis::Script::new(SEED),
             window,
-            epoch: Instant::now(),
+            started: Instant::now(),
             degraded: AtomicBool::new(false),
             changes: tokio::sync::watch::Sender::new(false),
             local_until_ms: AtomicU64::new(0),
             replica: replica_id(),
             seq: AtomicU64::new(0),
             pending: Mutex::default(),
+            registry: Mutex::default(),
+            resyncing: tokio::sync::Mutex::new(()),
+            run_id: Mutex::default(),
+            losses: AtomicU64::new(0),
+            monitoring: AtomicBool::new(false),
+            wake: Arc::default(),
+            signal: OnceLock::new(),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             opts,
         })
+    }
+
+    /// Pulses `signal` whenever Redis is back or a lost budget was re-written.
+    pub(crate) fn set_signal(&self, signal: Arc<super::Signal>) {
+        let _ = self.signal.set(signal);
+    }
+
+    fn pulse(&self) {
+        if let Some(signal) = self.signal.get() {
+            signal.pulse();
+        }
     }
 
     /// The options it was built with.
@@ -224,21 +319,36 @@ impl RedisBudgets {
         self.changes.subscribe()
     }
 
+    /// How many times this replica found that Redis had lost a budget (an epoch gone or
+    /// changed) or restarted (`run_id` changed), and re-wrote its record.
+    pub fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Relaxed)
+    }
+
     /// The local share of `limit` when it applies at `now` (while degraded, and for one
     /// window after Redis is back), else `None`.
     pub(crate) fn local_share(&self, now: Instant, limit: u64) -> Option<u64> {
         let until = self.local_until_ms.load(Ordering::Acquire);
-        (self.millis_since_epoch(now) < until)
+        (self.millis_since_start(now) < until)
             .then(|| (limit / u64::from(self.opts.replicas_hint.get())).max(1))
     }
 
-    fn millis_since_epoch(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    fn millis_since_start(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// A request id unique across replicas.
     pub fn next_member(&self) -> String {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.member(self.next_seq())
+    }
+
+    /// The next request sequence of this replica; [`RedisBudgets::member`] names it.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The member name of this replica's request `seq`, unique across replicas.
+    pub(crate) fn member(&self, seq: u64) -> String {
         format!("{:016x}-{seq:x}", self.replica)
     }
 
@@ -265,38 +375,81 @@ impl RedisBudgets {
         }
     }
 
-    /// Runs the admission script for `member` on the key `keys` under `limits`.
+    /// Runs the admission script for `member` on the key `keys` under `limits`, on the epoch
+    /// this replica knows (joined first if it knows none). When Redis lost the budget, the
+    /// replica re-writes its record (see the module doc) and asks once more, which answers
+    /// with the barrier's wait.
     pub async fn acquire(
+        self: &Arc<Self>,
+        keys: &Arc<KeyBudgetKeys>,
+        limits: Limits,
+        tokens: u64,
+        member: &str,
+    ) -> Result<Admission, SharedError> {
+        self.start_monitor();
+        for _ in 0..2 {
+            let epoch = match self.known_epoch(keys) {
+                Some(epoch) => epoch,
+                None => {
+                    self.resync(keys, None, false).await?;
+                    self.known_epoch(keys).ok_or(SharedError::Reply)?
+                }
+            };
+            match self.admit(keys, limits, tokens, member, &epoch).await? {
+                Some(admission) => return Ok(admission),
+                None => self.resync(keys, Some(epoch), false).await?,
+            }
+        }
+        // Lost again at once (flushed twice in a row): ask again soon.
+        Ok(Admission::Refused {
+            used: 0,
+            wait: self.opts.poll,
+        })
+    }
+
+    /// One admission script on `epoch`; `None` if Redis does not hold that epoch.
+    async fn admit(
         &self,
         keys: &KeyBudgetKeys,
         limits: Limits,
         tokens: u64,
         member: &str,
-    ) -> Result<Admission, SharedError> {
+        epoch: &str,
+    ) -> Result<Option<Admission>, SharedError> {
         let mut conn = self.conn()?;
         let mut call = self.acquire.prepare_invoke();
         call.key(&keys.requests)
             .key(&keys.tokens)
             .key(&keys.token_amounts)
+            .key(&keys.epoch)
             .arg(limits.rpm.map_or(-1, i64::from))
             .arg(limits.tpm.map_or(-1, i64::from))
             .arg(millis(self.window))
             .arg(millis(self.opts.in_flight_ttl))
             .arg(member)
             .arg(tokens)
-            .arg(millis(self.opts.poll));
+            .arg(millis(self.opts.poll))
+            .arg(epoch)
+            .arg(millis(self.epoch_ttl()));
         let (admitted, used, wait): (i64, i64, i64) =
             self.bounded(call.invoke_async(&mut conn)).await?;
         let used = u32::try_from(used).map_err(|_| SharedError::Reply)?;
         let wait = Duration::from_millis(u64::try_from(wait).map_err(|_| SharedError::Reply)?);
         match admitted {
-            1 => Ok(Admission::Admitted {
+            1 => Ok(Some(Admission::Admitted {
                 used,
                 next_free: wait,
-            }),
-            0 => Ok(Admission::Refused { used, wait }),
+            })),
+            0 => Ok(Some(Admission::Refused { used, wait })),
+            -1 => Ok(None),
             _ => Err(SharedError::Reply),
         }
+    }
+
+    /// How long an epoch lives after an admission: a day, and at least as long as the
+    /// request log.
+    fn epoch_ttl(&self) -> Duration {
+        EPOCH_TTL.max(self.opts.in_flight_ttl + 2 * self.window)
     }
 
     /// [`RedisBudgets::acquire`] on the runtime for Redis calls, if one was given.
@@ -407,7 +560,7 @@ impl RedisBudgets {
         pending.push((keys, member));
     }
 
-    /// A call failed: budgets turn local until the probe finds Redis again.
+    /// A call failed: budgets turn local until the monitor finds Redis again.
     pub(crate) fn failed(self: &Arc<Self>, error: &SharedError) {
         self.local_until_ms.store(u64::MAX, Ordering::Release);
         if self.degraded.swap(true, Ordering::AcqRel) {
@@ -420,36 +573,8 @@ impl RedisBudgets {
             replicas_hint = self.opts.replicas_hint.get(),
             "shared rate budgets unavailable: serving on this replica's local share of each key until Redis is back"
         );
-        if self.can_spawn() {
-            self.spawn(probe(Arc::downgrade(self), self.cancel.clone()));
-        }
-    }
-
-    /// One probe: Redis answers, and the answers kept meanwhile are written.
-    async fn recover(&self) -> Result<(), SharedError> {
-        let mut conn = self.conn()?;
-        let _: String = self
-            .bounded(redis::cmd("PING").query_async(&mut conn))
-            .await?;
-        loop {
-            let next = {
-                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                pending.pop()
-            };
-            let Some((keys, member)) = next else { break };
-            if let Err(e) = self.complete(&keys, &member).await {
-                self.remember(keys, member);
-                return Err(e);
-            }
-        }
-        let until = self
-            .millis_since_epoch(Instant::now())
-            .saturating_add(millis(self.window));
-        self.local_until_ms.store(until, Ordering::Release);
-        self.degraded.store(false, Ordering::Release);
-        self.changes.send_replace(false);
-        tracing::info!("shared rate budgets: Redis is back");
-        Ok(())
+        self.start_monitor();
+        self.wake.notify_one();
     }
 
     /// Waits for the background writes (answers, settlements) to finish, for shutdown.
@@ -457,22 +582,6 @@ impl RedisBudgets {
         self.tasks.close();
         self.cancel.cancel();
         self.tasks.wait().await;
-    }
-}
-
-async fn probe(this: Weak<RedisBudgets>, cancel: CancellationToken) {
-    let mut pause = PROBE_BACKOFF.0;
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
-        }
-        let Some(this) = this.upgrade() else { return };
-        match this.recover().await {
-            Ok(()) => return,
-            Err(e) => tracing::debug!(reason = e.metric_label(), "Redis still unreachable"),
-        }
-        pause = (pause * 2).min(PROBE_BACKOFF.1);
     }
 }
 

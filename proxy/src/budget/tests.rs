@@ -125,3 +125,16 @@ fn the_redis_url_is_never_printed() {
     assert!(matches!(err, SharedError::Url));
     assert!(!err.to_string().contains("hunter2"));
 }
+
+/// The monitor checks Redis every `check_interval` whether or not requests ask: an
+/// unreachable Redis shows as degraded one check (and one call timeout) after start-up.
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_redis_is_found_without_any_request() {
+    let budgets = unreachable(2);
+    let opts = budgets.backend().unwrap().options().clone();
+    let _key = budgets.key(&id("k0"), rpm(10));
+    tokio::time::sleep(opts.check_interval - Duration::from_millis(1)).await;
+    assert!(!budgets.redis_degraded(), "not before the first check");
+    tokio::time::sleep(opts.timeout + Duration::from_millis(2)).await;
+    assert!(budgets.redis_degraded(), "found by the first check");
+}

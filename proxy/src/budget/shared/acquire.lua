@@ -3,16 +3,26 @@
 -- script, on Redis's clock (TIME), so replicas with skewed clocks still agree.
 --
 -- KEYS[1] request log (sorted set)      KEYS[2] token reservations (sorted set)
--- KEYS[3] token amounts (hash, + `sum`)
+-- KEYS[3] token amounts (hash, + `sum`) KEYS[4] epoch (hash: `id`, `ready`)
+--
 -- ARGV[1] requests per window, -1 for no limit     ARGV[2] tokens per window, -1 for no limit
 -- ARGV[3] window (ms)
 -- ARGV[4] in-flight TTL (ms): a request not answered by then counts as answered then
 -- ARGV[5] member: the request's id, unique across replicas
 -- ARGV[6] estimated tokens of the request
 -- ARGV[7] poll (ms): when only requests in flight block, how soon to ask again
+-- ARGV[8] the epoch id the replica knows (epoch.lua answered it)
+-- ARGV[9] how long the epoch lives after an admission (ms)
 --
--- Returns {admitted (1 or 0), requests in the window (this one included if admitted),
---          ms until a further request could be admitted (0: now)}.
+-- Returns {admitted, requests in the window (this one included if admitted),
+--          ms until a further request could be admitted (0: now)}, where admitted is 1 (yes),
+--          0 (no), or -1: the epoch is not the one the replica knows, so Redis lost this
+--          budget; nothing was changed, and the replica re-writes its own requests
+--          (epoch.lua, seed.lua) before asking again.
+--
+-- The script runs in three steps: (1) the epoch, (2) what each limit allows (each limit
+-- computes its own wait; the request waits for the longest), (3) the record of an admitted
+-- request. A further limit adds its check to step 2 and its record to step 3.
 if redis.replicate_commands then pcall(redis.replicate_commands) end -- Redis < 5
 
 local t = redis.call('TIME')
@@ -24,7 +34,15 @@ local ttl = tonumber(ARGV[4])
 local member = ARGV[5]
 local tokens = tonumber(ARGV[6])
 local poll = tonumber(ARGV[7])
+local epoch = ARGV[8]
+local epoch_ttl = tonumber(ARGV[9])
 local horizon = now - window
+
+-- (1) The epoch: the budget is the one this replica has been admitting on, and no replica
+-- is still re-writing its requests into it.
+local known = redis.call('HMGET', KEYS[4], 'id', 'ready')
+if known[1] ~= epoch then return {-1, 0, 0} end
+local ready = tonumber(known[2] or '0')
 
 -- Members are scored with their answer time, or (in flight) with admission + TTL, which is
 -- later than any answer time so far. In score order, then, answered requests come first, in
@@ -49,12 +67,14 @@ local function token_wait(sum, need)
   return window
 end
 
+-- (2) What each limit allows: `wait` is the longest wait any of them asks for.
+local wait = math.max(0, ready - now)
+
 local used = 0
-local wait = 0
 if rpm >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', horizon)
   used = redis.call('ZCARD', KEYS[1])
-  if used >= rpm then wait = request_wait(used) end
+  if used >= rpm then wait = math.max(wait, request_wait(used)) end
 end
 
 local sum = 0
@@ -76,6 +96,7 @@ end
 
 if wait > 0 then return {0, used, wait} end
 
+-- (3) The record of the admitted request.
 if rpm >= 0 then
   redis.call('ZADD', KEYS[1], now + ttl, member)
   redis.call('PEXPIRE', KEYS[1], ttl + window)
@@ -88,6 +109,7 @@ if tpm >= 0 then
   redis.call('PEXPIRE', KEYS[2], 2 * window)
   redis.call('PEXPIRE', KEYS[3], 2 * window)
 end
+redis.call('PEXPIRE', KEYS[4], epoch_ttl)
 
 local next_free = 0
 if rpm >= 0 and used >= rpm then next_free = request_wait(used) end
