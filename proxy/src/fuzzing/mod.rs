@@ -26,16 +26,15 @@ pub use config::config_load;
 pub use requests::{chat_request, embeddings_request, messages_request};
 pub use upstream::{provider_response, provider_stream, ratelimit_headers, stream_framing};
 
-/// A fuzz target: its name (the cargo-fuzz target's), its body, and where its seeds are,
-/// relative to the repository root.
+/// A fuzz target: its name and its body. Its seeds are the files under `fuzz/seeds/<name>/`:
+/// hand-written, or a link to the providers' documented examples
+/// (`proxy/src/providers/testdata`) or to the example manifests (`examples/`).
 #[derive(Debug, Clone, Copy)]
 pub struct Target {
     /// The name of the cargo-fuzz target and of its corpus and regression folders.
     pub name: &'static str,
     /// The body: panics only when a property fails.
     pub run: fn(&[u8]),
-    /// Folders of seed inputs (hand-written or the providers' documented examples).
-    pub seeds: &'static [&'static str],
 }
 
 /// Every target, in the order `make fuzz` runs them.
@@ -43,42 +42,34 @@ pub const TARGETS: [Target; 8] = [
     Target {
         name: "chat_request",
         run: chat_request,
-        seeds: &["fuzz/seeds/chat_request"],
     },
     Target {
         name: "messages_request",
         run: messages_request,
-        seeds: &["fuzz/seeds/messages_request"],
     },
     Target {
         name: "embeddings_request",
         run: embeddings_request,
-        seeds: &["fuzz/seeds/embeddings_request"],
     },
     Target {
         name: "provider_response",
         run: provider_response,
-        seeds: &["proxy/src/providers/testdata"],
     },
     Target {
         name: "provider_stream",
         run: provider_stream,
-        seeds: &["proxy/src/providers/testdata"],
     },
     Target {
         name: "stream_framing",
         run: stream_framing,
-        seeds: &["proxy/src/providers/testdata"],
     },
     Target {
         name: "ratelimit_headers",
         run: ratelimit_headers,
-        seeds: &["fuzz/seeds/ratelimit_headers"],
     },
     Target {
         name: "config_load",
         run: config_load,
-        seeds: &["examples/standalone", "examples/scaling-500rpm"],
     },
 ];
 

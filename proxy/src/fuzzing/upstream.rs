@@ -6,7 +6,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{Rng, random_pieces};
-use crate::providers::embed::{EmbeddingInput, EncodingFormat, Vector, decode_base64, encode_base64};
+use crate::providers::embed::{
+    EmbeddingInput, EncodingFormat, Vector, decode_base64, encode_base64,
+};
 use crate::providers::ratelimit::{
     anthropic_headers, openai_headers, parse_go_duration, parse_http_date, parse_rfc3339,
     retry_after_only,
@@ -63,8 +65,11 @@ fn embeddings_request(rng: &mut Rng) -> EmbeddingsRequest {
         } else {
             EmbeddingInput::Texts(vec!["a".to_owned(); inputs])
         },
-        encoding_format: [None, Some(EncodingFormat::Float), Some(EncodingFormat::Base64)]
-            [rng.below(3)],
+        encoding_format: [
+            None,
+            Some(EncodingFormat::Float),
+            Some(EncodingFormat::Base64),
+        ][rng.below(3)],
         dimensions: None,
         user: None,
         extra: serde_json::Map::new(),
@@ -98,7 +103,10 @@ fn assert_no_key(message: &str) {
             .iter()
             .any(|p| word.starts_with(p))
             && word.len() > 8;
-        assert!(!keyish, "a key-like word reached an error message: {message:?}");
+        assert!(
+            !keyish,
+            "a key-like word reached an error message: {message:?}"
+        );
     }
 }
 
@@ -168,7 +176,11 @@ impl Decoded {
             assert_eq!(self.complete, other.complete, "{name}: different end");
         } else {
             let n = self.chunks.len().min(other.chunks.len());
-            assert_eq!(self.chunks[..n], other.chunks[..n], "{name}: different chunks");
+            assert_eq!(
+                self.chunks[..n],
+                other.chunks[..n],
+                "{name}: different chunks"
+            );
         }
     }
 }
@@ -213,7 +225,11 @@ pub fn stream_framing(data: &[u8]) {
         assert!(!line.contains(&b'\n'), "a line feed in a line");
         assert!(!line.iter().all(u8::is_ascii_whitespace), "a blank line");
     }
-    assert_eq!(whole, ndjson_lines(&pieces), "NDJSON lines depend on splits");
+    assert_eq!(
+        whole,
+        ndjson_lines(&pieces),
+        "NDJSON lines depend on splits"
+    );
     assert_eq!(whole, ndjson_lines(&bytes), "NDJSON lines depend on splits");
 }
 
@@ -268,7 +284,10 @@ pub fn ratelimit_headers(data: &[u8]) {
     ];
     let retry_after = retry_after_only(&headers, now()).retry_after;
     for info in infos {
-        assert_eq!(info.retry_after, retry_after, "retry-after read differently");
+        assert_eq!(
+            info.retry_after, retry_after,
+            "retry-after read differently"
+        );
         assert_hint_is_read(&info);
     }
     for adapter in Adapter::ALL {
@@ -279,7 +298,8 @@ pub fn ratelimit_headers(data: &[u8]) {
 fn assert_hint_is_read(info: &RateLimitInfo) {
     let hint = info.wait_hint();
     assert!(
-        hint.is_none() || [info.retry_after, info.requests_reset, info.tokens_reset].contains(&hint),
+        hint.is_none()
+            || [info.retry_after, info.requests_reset, info.tokens_reset].contains(&hint),
         "a wait hint that was not read: {info:?}"
     );
 }
