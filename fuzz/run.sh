@@ -34,6 +34,10 @@ if ! cargo-fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
         --root "$CACHE/cargo"
 fi
 
+# The workspace's lock file, so that the fuzzed code is built with the dependency versions
+# the gateway ships with; cargo adds libfuzzer-sys to it.
+cp Cargo.lock fuzz/Cargo.lock
+
 targets=${FUZZ_TARGETS:-$(sed -n 's/^path = "fuzz_targets\/\(.*\)\.rs"$/\1/p' fuzz/Cargo.toml)}
 
 # No sanitizer: the proxy forbids unsafe code, so AddressSanitizer would find nothing the
