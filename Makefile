@@ -11,7 +11,7 @@ CARGO ?= cargo
 FLOODGATE_LISTEN ?= 127.0.0.1:8080
 export FLOODGATE_LISTEN
 
-.PHONY: help run build test unit lint fmt crds crds-check e2e tools cluster-up cluster-down bench bench-tiers check-tools python-venv redis
+.PHONY: help run build test unit lint fmt crds crds-check e2e tools cluster-up cluster-down bench bench-tiers fuzz check-tools python-venv redis
 
 help:
 	@echo "make run     - the proxy, standalone, on examples/standalone ($(FLOODGATE_LISTEN))"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench   - added latency, throughput and CPU: direct, pass-through, 4-key pool, pool + Redis;"
 	@echo "               then the tier scenario (make bench-tiers, about 3 minutes)"
 	@echo "make bench-tiers - mixed tiers at twice the pool's capacity, real 60 s windows: waits, refusals, losses"
+	@echo "make fuzz    - every fuzz target for FUZZ_SECONDS (60) each, cargo-fuzz on nightly; corpus in $(CACHE)/fuzz"
 	@echo "make python-venv - the OpenAI and Anthropic Python SDKs for e2e/tests/*_sdk.rs (unit does it)"
 
 check-tools:
@@ -99,3 +100,12 @@ bench: check-tools redis
 # The tier scenario alone (BENCH_TIER_SECONDS=180, BENCH_TIER_RPM=150; see the script).
 bench-tiers: check-tools
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/tiers.sh
+
+# The parsers of requests, provider answers and streams, rate-limit headers and manifests
+# under libFuzzer (fuzz/run.sh): nightly toolchain, cargo-fuzz installed into $(CACHE)/cargo
+# when missing, each target for FUZZ_SECONDS one after another on one core; corpus,
+# crashing inputs and logs in $(CACHE)/fuzz. `make unit` runs a stable smoke of the same
+# targets (proxy/src/fuzzing).
+FUZZ_SECONDS ?= 60
+fuzz: check-tools
+	CACHE="$(CACHE)" FUZZ_SECONDS="$(FUZZ_SECONDS)" bash fuzz/run.sh

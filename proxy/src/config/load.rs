@@ -271,7 +271,8 @@ fn parse_secret(
     }
 }
 
-fn check_duplicates(resources: &Resources, errors: &mut Vec<ConfigError>) {
+/// Adds an error for every resource whose kind and name an earlier one already has.
+pub(crate) fn check_duplicates(resources: &Resources, errors: &mut Vec<ConfigError>) {
     fn check<T: kube::ResourceExt>(
         items: &[Sourced<T>],
         kind: &str,

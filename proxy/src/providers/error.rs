@@ -297,18 +297,18 @@ impl UpstreamError {
 }
 
 /// Makes an upstream message safe to log and return: strips anything that looks like an API
-/// key (OpenAI echoes part of a rejected key) and caps the length.
+/// key (OpenAI echoes part of a rejected key) and caps the length. Words are split at any
+/// whitespace, so a key at the start of a line is found too.
 pub(crate) fn sanitize(message: &str) -> String {
     let mut out = String::with_capacity(message.len().min(MAX_MESSAGE_CHARS));
-    for (i, word) in message.split(' ').enumerate() {
-        if i > 0 {
-            out.push(' ');
-        }
+    for piece in message.split_inclusive(char::is_whitespace) {
+        let word = piece.trim_end_matches(char::is_whitespace);
         if looks_like_key(word) {
             out.push_str("[redacted]");
         } else {
             out.push_str(word);
         }
+        out.push_str(&piece[word.len()..]);
     }
     if out.chars().count() > MAX_MESSAGE_CHARS {
         out = out.chars().take(MAX_MESSAGE_CHARS).collect();
@@ -427,6 +427,14 @@ mod tests {
         assert!(!clean.contains("abc123"), "{clean}");
         assert!(clean.contains("[redacted]"));
         assert!(!sanitize("key AIzaSyA1234567890abcdefghijklmnop").contains("AIza"));
+        // Found by `make fuzz` (fuzz/regressions/provider_response): a key after a line
+        // break, with no space before it, was kept.
+        let clean = sanitize("{\"object\": \"x\",\nsk-proj-abc123def456\tAIzaSyA12345678\r\nok");
+        assert!(
+            !clean.contains("sk-proj") && !clean.contains("AIza"),
+            "{clean}"
+        );
+        assert_eq!(clean, "{\"object\": \"x\",\n[redacted]\t[redacted]\r\nok");
         assert!(sanitize(&"x".repeat(1000)).chars().count() <= MAX_MESSAGE_CHARS + 1);
     }
 }

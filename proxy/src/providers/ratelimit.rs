@@ -162,8 +162,12 @@ pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
         let (clock, offset) = time.split_at(split);
         let sign = if offset.starts_with('-') { -1 } else { 1 };
         let (oh, om) = offset[1..].split_once(':')?;
-        let offset = oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60;
-        (clock, sign * offset)
+        let (oh, om) = (oh.parse::<i64>().ok()?, om.parse::<i64>().ok()?);
+        // RFC 3339 offsets are `hh:mm`; anything larger is not one (and would overflow).
+        if !(0..24).contains(&oh) || !(0..60).contains(&om) {
+            return None;
+        }
+        (clock, sign * (oh * 3600 + om * 60))
     };
     let (whole, fraction) = match clock.split_once('.') {
         Some((whole, digits)) => (whole, format!("0.{digits}").parse::<f64>().ok()?),
@@ -201,7 +205,9 @@ fn instant(
     fraction: f64,
     offset_secs: i64,
 ) -> Option<SystemTime> {
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+    // Both formats write the year in four digits; a larger one is not a date (and would
+    // overflow the day count).
+    if !(0..=9999).contains(&year) || !(1..=12).contains(&month) || !(1..=31).contains(&day) {
         return None;
     }
     let days = days_from_civil(year, month, day);

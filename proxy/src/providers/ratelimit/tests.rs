@@ -47,6 +47,30 @@ fn dates() {
     assert_eq!(parse_rfc3339("yesterday"), None);
 }
 
+/// Found by `make fuzz` (fuzz/regressions/ratelimit_headers): years and offsets beyond what
+/// the formats allow overflowed the arithmetic (a panic with overflow checks, a wrong
+/// instant without). They are not dates.
+#[test]
+fn out_of_range_years_and_offsets_are_not_dates() {
+    assert_eq!(parse_rfc3339("20888888888824-11-14T22:13:50Z"), None);
+    assert_eq!(parse_rfc3339("-9999999999999999-11-14T22:13:50Z"), None);
+    assert_eq!(
+        parse_http_date("Sun, 06 Nov 99999999999999999 08:49:37 GMT"),
+        None
+    );
+    assert_eq!(
+        parse_rfc3339("1994-11-06T08:49:37+9999999999999999:00"),
+        None
+    );
+    assert_eq!(parse_rfc3339("1994-11-06T08:49:37+24:00"), None);
+    assert_eq!(parse_rfc3339("1994-11-06T08:49:37-00:60"), None);
+    assert_eq!(
+        parse_rfc3339("9999-12-31T23:59:59Z"),
+        Some(at(253_402_300_799))
+    );
+    assert_eq!(parse_rfc3339("0000-01-01T00:00:00+00:00"), None); // before 1970
+}
+
 #[test]
 fn retry_after_forms() {
     let now = at(784_111_700);
