@@ -128,7 +128,7 @@ fn assert_exact(test: &str, mock: &MockProviders, tally: &Tally, started: Instan
 
 /// A metric without labels of a replica, from its `/metrics`.
 async fn metric(proxy: &ProxyProcess, name: &str) -> Option<f64> {
-    let text = reqwest::get(proxy.url("/metrics"))
+    let text = reqwest::get(proxy.admin_url("/metrics"))
         .await
         .ok()?
         .text()
