@@ -59,6 +59,55 @@ mod script {
     const WINDOW: Duration = Duration::from_millis(1000);
     const TTL: Duration = Duration::from_secs(60);
 
+    /// A lower class's cap is decided in the same admission, with every replica's requests
+    /// counted: a replica that never saw the other's requests still stops at the cap, and
+    /// says that only the cap refused (the key has room for the classes above).
+    #[tokio::test]
+    async fn a_class_cap_holds_across_replicas_and_leaves_the_rest_to_the_classes_above() {
+        let redis = RedisServer::start().await.unwrap();
+        let (a, b) = (backend(&redis, WINDOW, TTL), backend(&redis, WINDOW, TTL));
+        let (k, l) = (keys(), rpm(10));
+        // Replica b takes 3 for the priority class (no cap).
+        for i in 0..3 {
+            let admitted = b.acquire(&k, l, 1, &format!("b{i}")).await.unwrap();
+            assert!(
+                matches!(admitted, Admission::Admitted { .. }),
+                "{admitted:?}"
+            );
+        }
+        // Replica a's standard class may only take while fewer than 5 are in the window.
+        for i in 0..2 {
+            let admitted = a
+                .acquire_capped(&k, l, 1, &format!("a{i}"), Some(5))
+                .await
+                .unwrap();
+            assert!(
+                matches!(admitted, Admission::Admitted { used, .. } if used == 4 + i),
+                "{admitted:?}"
+            );
+        }
+        match a.acquire_capped(&k, l, 1, "a2", Some(5)).await.unwrap() {
+            Admission::Refused {
+                used, class_only, ..
+            } => assert_eq!((used, class_only), (5, true)),
+            other => panic!("expected the cap to refuse, got {other:?}"),
+        }
+        // The classes above still find the other 5.
+        for i in 3..8 {
+            let admitted = b.acquire(&k, l, 1, &format!("b{i}")).await.unwrap();
+            assert!(
+                matches!(admitted, Admission::Admitted { .. }),
+                "{admitted:?}"
+            );
+        }
+        match b.acquire(&k, l, 1, "b8").await.unwrap() {
+            Admission::Refused {
+                used, class_only, ..
+            } => assert_eq!((used, class_only), (10, false)),
+            other => panic!("expected the limit to refuse, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn admits_up_to_the_limit_then_says_when() {
         let redis = RedisServer::start().await.unwrap();
@@ -83,7 +132,8 @@ mod script {
             b.acquire(&k, l, 1, "c").await.unwrap(),
             Admission::Refused {
                 used: 2,
-                wait: POLL
+                wait: POLL,
+                class_only: false
             }
         );
         // Answered now: its slot frees one window later, not before.
@@ -655,4 +705,98 @@ async fn redis_restarted_empty_keeps_every_limit_and_recovers_capacity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_flushed_keeps_every_limit_and_recovers_capacity() {
     redis_loses_its_data_mid_run(Loss::Flush).await;
+}
+
+/// One key of 10 requests per 2 s shared by two replicas through Redis, a TierQueue where
+/// the standard class leaves half of every window to priority, and one tenant per tier.
+fn tier_manifests(base: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{k0: key-0, pro: sk-pro, basic: sk-basic}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n  providers:\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o}}], \
+         keys: [{{name: k0, secretRef: {{name: keys, key: k0}}, rpm: 10}}]}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {{name: tiers}}\nspec:\n\
+         \x20 classHeadroom: {{priority: 0, standard: 50, batch: 50}}\n  tiers:\n\
+         \x20 - {{name: pro, class: priority, weight: 10, maxWaitMs: 10000}}\n\
+         \x20 - {{name: basic, class: standard, weight: 5, maxWaitMs: 60000}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: pro}}\nspec:\n\
+         \x20 tier: pro\n  keys: [{{name: main, secretRef: {{name: keys, key: pro}}}}]\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: basic}}\nspec:\n\
+         \x20 tier: basic\n  keys: [{{name: main, secretRef: {{name: keys, key: basic}}}}]\n"
+    )
+}
+
+/// Sends `n` requests at once to `gateway` with client key `key`; returns each status and
+/// queue time in milliseconds.
+async fn tier_burst(gateway: &Gateway, key: &str, n: usize) -> Vec<(u16, u64)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", gateway.url());
+    futures::future::join_all((0..n).map(|i| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": format!("q{i}")}]});
+            let r = client.post(&url).bearer_auth(key).json(&body).send().await.unwrap();
+            let queued = r
+                .headers()
+                .get("x-floodgate-queue-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u64::MAX);
+            (r.status().as_u16(), queued)
+        }
+    }))
+    .await
+}
+
+/// Two replicas under saturation: replica b serves the priority tier, replica a a burst of
+/// standard work that would take the whole window. The standard class stops at half the
+/// window, counted in Redis over both replicas, so the priority tier's next requests are
+/// served at once; each replica alone could not know (a never saw b's requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_priority_class_keeps_its_share_across_replicas() {
+    let window = Duration::from_secs(2);
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(
+        MockConfig::default()
+            .with_default_rpm(10)
+            .with_window(window),
+    )
+    .await
+    .unwrap();
+    let yaml = tier_manifests(&mock.base_url());
+    let mut o = options(&redis);
+    o.timeout = Duration::from_secs(1);
+    let a = replica(&yaml, window, o.clone()).await;
+    let b = replica(&yaml, window, o).await;
+    // b: 3 priority requests take 3 of the key's 10.
+    let first = tier_burst(&b, "sk-pro", 3).await;
+    assert!(first.iter().all(|r| r.0 == 200), "{first:?}");
+    // a: 10 standard requests at once. Only 2 fit under the class cap (5, with b's 3).
+    let (standard, more_priority) = tokio::join!(tier_burst(&a, "sk-basic", 10), async {
+        // ... and b's next priority requests, a moment later, find the 5 the class cap left.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tier_burst(&b, "sk-pro", 5).await
+    });
+    assert!(
+        more_priority
+            .iter()
+            .all(|&(status, queued)| status == 200 && queued < 500),
+        "priority requests waited: {more_priority:?}"
+    );
+    assert!(standard.iter().all(|r| r.0 == 200), "{standard:?}");
+    let waited = standard.iter().filter(|r| r.1 >= 1000).count();
+    assert!(
+        waited >= 8,
+        "standard work beyond the cap waited for the window: {standard:?}"
+    );
+    assert_within_limits_statuses(&mock);
+}
+
+/// The mock saw no 429 and no key over its limit.
+fn assert_within_limits_statuses(mock: &MockProviders) {
+    let counts = mock.counts();
+    let limited: u64 = counts.keys.iter().map(|k| k.rate_limited).sum();
+    assert_eq!(limited, 0, "upstream 429s");
+    assert_eq!(counts.over_limit().count(), 0, "a key over its limit");
 }

@@ -331,10 +331,32 @@ impl KeyBudget {
         now: Instant,
         tokens: u64,
     ) -> Result<Permit, Unavailable> {
+        self.acquire_capped(now, tokens, None).await
+    }
+
+    /// [`KeyBudget::acquire`] for a queue class that may only take a request while fewer
+    /// than `cap` requests are in the window (`None`: up to the limit): from the local window,
+    /// or inside Redis's atomic admission with shared budgets. A refusal by the cap alone
+    /// does not mark the key full for the classes above. While Redis is unreachable the cap
+    /// is not applied (the local share already holds every class back).
+    pub async fn acquire_capped(
+        self: &Arc<Self>,
+        now: Instant,
+        tokens: u64,
+        cap: Option<u32>,
+    ) -> Result<Permit, Unavailable> {
         let Some(shared) = &self.shared else {
             // The local path: one lock, no allocation.
             let mut s = self.lock();
             s.local_availability(now, tokens, None)?;
+            if let (Some(cap), Some(w)) = (cap, s.requests.as_mut())
+                && cap < w.limit()
+            {
+                let free = w.next_free_within(now, cap);
+                if free > now {
+                    return Err(Unavailable::Until(free));
+                }
+            }
             return Ok(self.admit(&mut s, now, tokens, None));
         };
         let seq = shared.backend.next_seq();
@@ -359,7 +381,7 @@ impl KeyBudget {
         let member = shared.backend.member(seq);
         let answer = shared
             .backend
-            .acquire_on_runtime(&shared.keys, limits, tokens, &member)
+            .acquire_on_runtime(&shared.keys, limits, tokens, &member, cap)
             .await;
         let member = asking.answered();
         let now = Instant::now();
@@ -370,9 +392,16 @@ impl KeyBudget {
                 s.heard(now, used, (!next_free.is_zero()).then(|| now + next_free));
                 Ok(permit)
             }
-            Ok(Admission::Refused { used, wait }) => {
+            Ok(Admission::Refused {
+                used,
+                wait,
+                class_only,
+            }) => {
                 let mut s = self.lock();
-                s.heard(now, used, Some(now + wait));
+                // Refused by the class cap alone: the classes above may still find room, so
+                // the key is not marked full for them.
+                let blocked = (!class_only).then_some(now + wait);
+                s.heard(now, used, blocked);
                 Err(Unavailable::Until(now + wait))
             }
             Err(error) => {

@@ -185,12 +185,14 @@ pub enum Admission {
         /// Until a further request could be admitted.
         next_free: Duration,
     },
-    /// Refused: `used` requests fill the window; one more fits in `wait`.
+    /// Refused: `used` requests fill the window (or the class cap); one more fits in `wait`.
     Refused {
         /// Requests in the window, every replica's.
         used: u32,
         /// Until one could be admitted.
         wait: Duration,
+        /// Whether the class cap alone refused: the key has room for the classes above.
+        class_only: bool,
     },
 }
 
@@ -386,6 +388,21 @@ impl RedisBudgets {
         tokens: u64,
         member: &str,
     ) -> Result<Admission, SharedError> {
+        self.acquire_capped(keys, limits, tokens, member, None)
+            .await
+    }
+
+    /// [`RedisBudgets::acquire`] for a queue class that may only take a request while fewer
+    /// than `cap` requests are in the key's window (`None`: up to the limit), decided in the
+    /// same atomic admission.
+    pub async fn acquire_capped(
+        self: &Arc<Self>,
+        keys: &Arc<KeyBudgetKeys>,
+        limits: Limits,
+        tokens: u64,
+        member: &str,
+        cap: Option<u32>,
+    ) -> Result<Admission, SharedError> {
         self.start_monitor();
         for _ in 0..2 {
             let epoch = match self.known_epoch(keys) {
@@ -395,7 +412,10 @@ impl RedisBudgets {
                     self.known_epoch(keys).ok_or(SharedError::Reply)?
                 }
             };
-            match self.admit(keys, limits, tokens, member, &epoch).await? {
+            match self
+                .admit(keys, limits, tokens, member, &epoch, cap)
+                .await?
+            {
                 Some(admission) => return Ok(admission),
                 None => self.resync(keys, Some(epoch), false).await?,
             }
@@ -404,6 +424,7 @@ impl RedisBudgets {
         Ok(Admission::Refused {
             used: 0,
             wait: self.opts.poll,
+            class_only: false,
         })
     }
 
@@ -415,6 +436,7 @@ impl RedisBudgets {
         tokens: u64,
         member: &str,
         epoch: &str,
+        cap: Option<u32>,
     ) -> Result<Option<Admission>, SharedError> {
         let mut conn = self.conn()?;
         let mut call = self.acquire.prepare_invoke();
@@ -430,8 +452,9 @@ impl RedisBudgets {
             .arg(tokens)
             .arg(millis(self.opts.poll))
             .arg(epoch)
-            .arg(millis(self.epoch_ttl()));
-        let (admitted, used, wait): (i64, i64, i64) =
+            .arg(millis(self.epoch_ttl()))
+            .arg(cap.map_or(-1, i64::from));
+        let (admitted, used, wait, class_only): (i64, i64, i64, i64) =
             self.bounded(call.invoke_async(&mut conn)).await?;
         let used = u32::try_from(used).map_err(|_| SharedError::Reply)?;
         let wait = Duration::from_millis(u64::try_from(wait).map_err(|_| SharedError::Reply)?);
@@ -440,7 +463,11 @@ impl RedisBudgets {
                 used,
                 next_free: wait,
             })),
-            0 => Ok(Some(Admission::Refused { used, wait })),
+            0 => Ok(Some(Admission::Refused {
+                used,
+                wait,
+                class_only: class_only == 1,
+            })),
             -1 => Ok(None),
             _ => Err(SharedError::Reply),
         }
@@ -459,13 +486,17 @@ impl RedisBudgets {
         limits: Limits,
         tokens: u64,
         member: &str,
+        cap: Option<u32>,
     ) -> Result<Admission, SharedError> {
         let Some(runtime) = &self.opts.runtime else {
-            return self.acquire(keys, limits, tokens, member).await;
+            return self.acquire_capped(keys, limits, tokens, member, cap).await;
         };
         let (this, keys, member) = (self.clone(), keys.clone(), member.to_owned());
         runtime
-            .spawn(async move { this.acquire(&keys, limits, tokens, &member).await })
+            .spawn(async move {
+                this.acquire_capped(&keys, limits, tokens, &member, cap)
+                    .await
+            })
             .await
             .unwrap_or(Err(SharedError::Stopped))
     }

@@ -126,6 +126,8 @@ pub struct Attempts<'a> {
     demand: Demand,
     deadline: Instant,
     asker: Asker,
+    /// When the attempts began (about when the request arrived).
+    started: Instant,
     /// How long the request waited in the queue (zero on the fast path).
     waited: Duration,
     /// Targets not to try again (their provider failed in a way that opens circuits).
@@ -162,6 +164,7 @@ impl<'a> Attempts<'a> {
             demand,
             deadline,
             asker,
+            started: Instant::now(),
             waited: Duration::ZERO,
             skipped: 0,
             made: 0,
@@ -444,15 +447,32 @@ impl<'a> Attempts<'a> {
     fn class_allows(&self, key: &KeyRt, now: Instant) -> bool {
         let headroom = self.asker.tier.headroom;
         headroom <= 0.0
+            || key.budget.rpm().is_none()
             || self.held_long_enough(now)
             || key.budget.remaining_fraction(now) > headroom + 1e-9
+    }
+
+    /// The most requests `key`'s window may hold for this request's class to take one more
+    /// (`None`: up to the limit): the class leaves its headroom to the classes above, decided
+    /// inside the key's admission (in Redis with shared budgets), so that it holds across
+    /// replicas. The same rule as [`Attempts::class_allows`].
+    fn class_cap(&self, key: &KeyRt, now: Instant) -> Option<u32> {
+        let headroom = self.asker.tier.headroom;
+        if headroom <= 0.0 || self.held_long_enough(now) {
+            return None;
+        }
+        let rpm = key.budget.rpm()?;
+        let cap = (f64::from(rpm) * (1.0 - headroom) - 1e-9).ceil().max(0.0);
+        Some(cap as u32)
     }
 
     /// Whether the request has spent half its wait limit: from then on neither its class's
     /// headroom nor off-peak deferral hold it back, and it takes its weighted share however
     /// busy the keys are, so that no class starves and it is answered before its limit.
     fn held_long_enough(&self, now: Instant) -> bool {
-        now + self.asker.tier.max_wait / 2 >= self.deadline
+        // From when the request started waiting, by its tier's limit: a caller that asks
+        // for a shorter wait (`x-floodgate-max-wait-ms`) does not skip its class's hold.
+        now >= self.started + self.asker.tier.max_wait / 2
     }
 
     /// Whether batch work may start now: the route's keys are at most the off-peak share
@@ -467,7 +487,12 @@ impl<'a> Attempts<'a> {
         }
         let (mut free, mut n) = (0.0, 0u32);
         for (_, t) in self.live_targets() {
-            for k in &self.runtime.providers[t.provider].keys {
+            // A key without a request limit has no window to be busy in.
+            for k in self.runtime.providers[t.provider]
+                .keys
+                .iter()
+                .filter(|k| k.budget.rpm().is_some())
+            {
                 free += k.budget.remaining_fraction(now);
                 n += 1;
             }
@@ -630,7 +655,8 @@ impl<'a> Attempts<'a> {
                 Admit::Probe(probe) => Some(probe),
             };
             // If the caller goes away while Redis answers, the probe guard gives it back.
-            match keys[best].budget.acquire(now, tokens).await {
+            let cap = self.class_cap(&keys[best], now);
+            match keys[best].budget.acquire_capped(now, tokens, cap).await {
                 Ok(permit) => {
                     if self.paced
                         && let Some(interval) = self.pace_interval(&keys[best])

@@ -345,3 +345,26 @@ async fn under_twice_the_capacity_the_priority_tiers_keep_their_targets() {
     }
     assert_eq!(results.len(), 180 * 20, "every request ended");
 }
+
+#[tokio::test(start_paused = true)]
+async fn asking_for_a_shorter_wait_does_not_skip_the_class_headroom() {
+    let tiers = [
+        "{name: pro, class: priority, maxWaitMs: 1000}",
+        "{name: basic, class: standard, maxWaitMs: 5000}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(10, &tiers, (0, 20, 50)),
+    );
+    let t0 = Instant::now();
+    for _ in 0..9 {
+        take(&d, "pro", t0 + MIN).await.unwrap();
+    }
+    // Half of basic's 5 s limit is 2.5 s: a caller asking for 2.5 s is held all of it and
+    // refused, never let into pro's headroom at once.
+    let result = take(&d, "basic", t0 + Duration::from_millis(2500)).await;
+    assert!(
+        matches!(result, Err(RouteError::Saturated { .. })),
+        "{result:?}"
+    );
+}

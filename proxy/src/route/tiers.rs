@@ -141,8 +141,12 @@ impl TierMetrics {
         }
     }
 
-    /// Counts a request refused for `reason` (`wait_limit`, `queue_full`, ...).
+    /// Counts a request refused for `reason` (`wait_limit`, `queue_full`, ...); a refusal
+    /// for time or room also misses the tier's wait target.
     pub fn refused(&self, reason: &'static str) {
+        if reason != "unavailable" {
+            self.missed_target.inc();
+        }
         crate::metrics::global()
             .queue_refusals
             .get_or_create(&crate::metrics::RefusalLabels {

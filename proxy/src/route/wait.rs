@@ -478,12 +478,20 @@ impl Ticket<'_> {
     /// chooses the head again.
     pub fn tick(&self, now: Instant) {
         let mut s = self.queue.lock();
+        let vtime = s.vtime;
         if let Some(ti) = s.tier(&self.tier.name) {
+            let mut eligible = false;
             if s.tiers[ti].held_until.is_some_and(|h| h <= now) {
                 s.tiers[ti].held_until = None;
+                eligible = true;
             }
             if let Some(batch) = self.tier.batch {
-                s.release(ti, batch.size, batch.interval, now);
+                eligible |= s.release(ti, batch.size, batch.interval, now);
+            }
+            if eligible {
+                // Eligible again: no credit saved while it could not be chosen.
+                let tier = &mut s.tiers[ti];
+                tier.tag = tier.tag.max(vtime);
             }
         }
         s.reassign(now);
@@ -556,6 +564,14 @@ impl Drop for Ticket<'_> {
             && let Some(turn) = s.find_turn(next)
         {
             turn.notify_one();
+        }
+        // A held tier needs someone to lift the hold when it ends: the request that held it
+        // may be the one leaving, so another of the tier re-reads its timers.
+        let tier = &s.tiers[ti];
+        if tier.held_until.is_some_and(|h| h > now)
+            && let Some(w) = tier.tenants.values().flat_map(|q| &q.waiters).next()
+        {
+            w.turn.notify_one();
         }
     }
 }

@@ -13,9 +13,13 @@
 -- ARGV[7] poll (ms): when only requests in flight block, how soon to ask again
 -- ARGV[8] the epoch id the replica knows (epoch.lua answered it)
 -- ARGV[9] how long the epoch lives after an admission (ms)
+-- ARGV[10] the class cap: admit only while fewer than this many requests are in the window
+--          (a lower queue class leaves the rest of the key's window to the classes above
+--          it), -1 for none
 --
 -- Returns {admitted, requests in the window (this one included if admitted),
---          ms until a further request could be admitted (0: now)}, where admitted is 1 (yes),
+--          ms until a further request could be admitted (0: now), class only (1 when the
+--          class cap alone refused: the key has room for the classes above)}, where admitted is 1 (yes),
 --          0 (no), or -1: the epoch is not the one the replica knows, so Redis lost this
 --          budget; nothing was changed, and the replica re-writes its own requests
 --          (epoch.lua, seed.lua) before asking again.
@@ -36,19 +40,21 @@ local tokens = tonumber(ARGV[6])
 local poll = tonumber(ARGV[7])
 local epoch = ARGV[8]
 local epoch_ttl = tonumber(ARGV[9])
+local cap = tonumber(ARGV[10] or '-1')
 local horizon = now - window
 
 -- (1) The epoch: the budget is the one this replica has been admitting on, and no replica
 -- is still re-writing its requests into it.
 local known = redis.call('HMGET', KEYS[4], 'id', 'ready')
-if known[1] ~= epoch then return {-1, 0, 0} end
+if known[1] ~= epoch then return {-1, 0, 0, 0} end
 local ready = tonumber(known[2] or '0')
 
 -- Members are scored with their answer time, or (in flight) with admission + TTL, which is
 -- later than any answer time so far. In score order, then, answered requests come first, in
 -- the order they leave the window; a member scored after `now` is still in flight.
-local function request_wait(used)
-  local leave = used + 1 - rpm
+-- Until fewer than `limit` requests are in the window.
+local function request_wait(used, limit)
+  local leave = used + 1 - limit
   local e = redis.call('ZRANGE', KEYS[1], leave - 1, leave - 1, 'WITHSCORES')
   if #e == 0 then return poll end
   local score = tonumber(e[2])
@@ -74,7 +80,7 @@ local used = 0
 if rpm >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', horizon)
   used = redis.call('ZCARD', KEYS[1])
-  if used >= rpm then wait = math.max(wait, request_wait(used)) end
+  if used >= rpm then wait = math.max(wait, request_wait(used, rpm)) end
 end
 
 local sum = 0
@@ -94,7 +100,16 @@ if tpm >= 0 then
   wait = math.max(wait, token_wait(sum, math.min(tokens, tpm)))
 end
 
-if wait > 0 then return {0, used, wait} end
+-- The class cap, after every limit: whether it alone refuses tells the replica that the
+-- classes above may still find room.
+local class_wait = 0
+if rpm >= 0 and cap >= 0 and cap < rpm and used >= cap then class_wait = request_wait(used, cap) end
+
+if wait > 0 or class_wait > 0 then
+  local class_only = 0
+  if wait == 0 then class_only = 1 end
+  return {0, used, math.max(wait, class_wait), class_only}
+end
 
 -- (3) The record of the admitted request.
 if rpm >= 0 then
@@ -112,5 +127,5 @@ end
 redis.call('PEXPIRE', KEYS[4], epoch_ttl)
 
 local next_free = 0
-if rpm >= 0 and used >= rpm then next_free = request_wait(used) end
-return {1, used, next_free}
+if rpm >= 0 and used >= rpm then next_free = request_wait(used, rpm) end
+return {1, used, next_free, 0}

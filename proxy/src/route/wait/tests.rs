@@ -268,3 +268,25 @@ async fn a_held_tier_lets_the_others_go_until_its_hold_ends() {
     l.tick(now + Duration::from_millis(200));
     assert!(l.is_head());
 }
+
+#[tokio::test(start_paused = true)]
+async fn when_the_request_that_held_its_tier_leaves_another_lifts_the_hold_on_time() {
+    let q = WaitQueue::new(100);
+    let now = Instant::now();
+    let far = now + Duration::from_secs(600);
+    let lo = tier("lo", QueueClass::Standard, 1);
+    let holder = q.join(&entry(&lo, "x", far, 1), now).unwrap();
+    let other = q.join(&entry(&lo, "y", far, 1), now).unwrap();
+    assert!(holder.is_head());
+    holder.hold_tier(now, now + Duration::from_millis(200));
+    drop(holder);
+    // The other is told, and its timer is the hold's end: exactly then it is head.
+    tokio::time::timeout(Duration::from_secs(1), other.changed())
+        .await
+        .expect("the remaining request of the held tier is woken");
+    assert_eq!(other.wake_at(), Some(now + Duration::from_millis(200)));
+    other.tick(now + Duration::from_millis(199));
+    assert!(!other.is_head());
+    other.tick(now + Duration::from_millis(200));
+    assert!(other.is_head());
+}
