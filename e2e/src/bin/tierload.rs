@@ -156,6 +156,8 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str) -> End 
 async fn main() -> Result<()> {
     let args = Args::parse();
     check_loopback(&args.url)?;
+    // One crypto provider for the process (ring, the workspace's), as reqwest needs one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     ensure!(
         args.duration > 0.0 && args.duration <= MAX_DURATION_S,
         "--duration must be in (0, {MAX_DURATION_S}]"
