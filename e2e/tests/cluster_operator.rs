@@ -235,8 +235,8 @@ async fn tier_queues_and_cache_policies_get_status() {
     apply(&tiers, "tiers", json!({
         "apiVersion": "floodgate.dev/v1alpha1", "kind": "TierQueue", "metadata": {"name": "tiers"},
         "spec": {"tiers": [
-            {"name": "pro", "class": "standard", "maxWaitSeconds": 30},
-            {"name": "free", "class": "standard", "maxWaitSeconds": 60,
+            {"name": "pro", "class": "standard", "maxWaitMs": 30000},
+            {"name": "free", "class": "standard", "maxWaitMs": 60000,
              "async": {"notify": ["webhook"], "webhook": {"url": "https://example.com/hook",
                 "signingSecretRef": {"name": "hooks", "key": "signing"}}}}]}
     }))

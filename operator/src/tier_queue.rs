@@ -117,8 +117,8 @@ mod tests {
     fn spec() -> TierQueueSpec {
         serde_json::from_value(serde_json::json!({
             "tiers": [
-                {"name": "pro", "class": "standard", "maxWaitSeconds": 30},
-                {"name": "free", "class": "batch", "maxWaitSeconds": 600,
+                {"name": "pro", "class": "standard", "maxWaitMs": 30000},
+                {"name": "free", "class": "batch", "maxWaitMs": 600000,
                  "batch": {"size": 10, "intervalSeconds": 60},
                  "async": {"notify": ["webhook"], "webhook": {"url": "https://example.com/hook",
                     "signingSecretRef": {"name": "hooks", "key": "signing"}}}}
