@@ -17,7 +17,7 @@ fn pool(base: &str, limits: &str) -> String {
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a}}\n---\n\
          apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n\
          \x20 providers:\n\
-         \x20 - {{name: up, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o}}, {{name: gpt-stall}}], keys: [{{secretRef: {{name: keys, key: a}}, {limits}}}]}}\n"
+         \x20 - {{name: up, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o}}, {{name: gpt-stall}}, {{name: gpt-malformed}}], keys: [{{secretRef: {{name: keys, key: a}}, {limits}}}]}}\n"
     )
 }
 
@@ -106,4 +106,46 @@ async fn a_caller_who_hangs_up_while_waiting_for_budget_takes_none() {
     );
     // The provider saw two requests: the one who hung up was never sent.
     assert_eq!(mock.counts().total(), 2);
+}
+
+/// A stream that breaks before its first chunk is an upstream error, not a caller who left:
+/// its reservation stands whole (the provider may have counted it), so the next ~4,000-token
+/// request on the 5,000-TPM key is refused. Settled as abandoned (at the prompt), it would be
+/// admitted at once.
+#[tokio::test]
+async fn a_stream_that_breaks_before_its_first_chunk_keeps_its_whole_reservation() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = Gateway::start(
+        &pool(&mock.base_url(), "rpm: 1000, tpm: 5000"),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    let chat = |model: &str, stream: bool, max_tokens: u32| {
+        client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .timeout(Duration::from_secs(20))
+            .json(
+                &json!({"model": model, "stream": stream, "max_tokens": max_tokens,
+                          "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+    };
+    // Its first text event is cut in half: the attempt fails before anything is streamed.
+    let broken = chat("gpt-malformed", true, 3990).await.unwrap();
+    let status = broken.status();
+    let body = broken.text().await.unwrap();
+    assert!(status.is_server_error(), "{status} {body}");
+    assert_eq!(
+        mock.counts().total(),
+        1,
+        "one attempt fitted the key's tokens"
+    );
+    let next = chat("gpt-4o", false, 3990).await.unwrap();
+    assert_eq!(
+        next.status(),
+        429,
+        "the broken attempt's tokens still count"
+    );
 }

@@ -237,7 +237,12 @@ async fn send(
         usage: UsageRecord::new(target, started),
     };
     // Before anything reaches the caller, a failure is still an ordinary (retryable) error.
-    pump.prime().await?;
+    if let Err(error) = pump.prime().await {
+        // An upstream error, not a caller who left: the whole estimate stands (the permit's
+        // own drop), as after an error later in the stream.
+        pump.state = PumpState::Done;
+        return Err(error);
+    }
     Ok(ReplyBody::Stream(Box::pin(pump.into_chunks())))
 }
 
