@@ -21,6 +21,23 @@ fn pool(base: &str, limits: &str) -> String {
     )
 }
 
+/// A chat completion of `max_tokens` to `gw` for `model`.
+fn ask(
+    gw: &Gateway,
+    model: &str,
+    stream: bool,
+    max_tokens: u32,
+) -> impl std::future::Future<Output = reqwest::Result<reqwest::Response>> + use<> {
+    client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .timeout(Duration::from_secs(20))
+        .json(
+            &json!({"model": model, "stream": stream, "max_tokens": max_tokens,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+}
+
 /// Polls `done` every 20 ms for up to 10 s.
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -41,16 +58,7 @@ async fn a_stream_the_caller_hangs_up_on_settles_at_what_was_used() {
     )
     .await
     .unwrap();
-    let chat = |model: &str, stream: bool, max_tokens: u32| {
-        client()
-            .post(format!("{}/v1/chat/completions", gw.url()))
-            .timeout(Duration::from_secs(20))
-            .json(
-                &json!({"model": model, "stream": stream, "max_tokens": max_tokens,
-                          "messages": [{"role": "user", "content": "hi"}]}),
-            )
-            .send()
-    };
+    let chat = |model: &str, stream: bool, max_tokens: u32| ask(&gw, model, stream, max_tokens);
     // Reserves ~1,000 tokens; the caller reads the first chunk and hangs up.
     let mut stream = chat("gpt-stall", true, 1000).await.unwrap();
     assert_eq!(stream.status(), 200);
@@ -122,16 +130,7 @@ async fn a_stream_that_breaks_before_its_first_chunk_keeps_its_whole_reservation
     )
     .await
     .unwrap();
-    let chat = |model: &str, stream: bool, max_tokens: u32| {
-        client()
-            .post(format!("{}/v1/chat/completions", gw.url()))
-            .timeout(Duration::from_secs(20))
-            .json(
-                &json!({"model": model, "stream": stream, "max_tokens": max_tokens,
-                          "messages": [{"role": "user", "content": "hi"}]}),
-            )
-            .send()
-    };
+    let chat = |model: &str, stream: bool, max_tokens: u32| ask(&gw, model, stream, max_tokens);
     // Its first text event is cut in half: the attempt fails before anything is streamed.
     let broken = chat("gpt-malformed", true, 3990).await.unwrap();
     let status = broken.status();
