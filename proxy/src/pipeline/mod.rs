@@ -69,7 +69,7 @@ pub async fn chat(
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
     let reply = dispatcher.chat(view, req, ctx.deadline, asker).await;
     decided(ctx, &reply);
-    let mut reply = reply?;
+    let mut reply = refund_unless_sent(reply, slot.as_ref())?;
     if let Some(slot) = slot {
         reply.body = match reply.body {
             ReplyBody::Complete(answer) => {
@@ -101,13 +101,28 @@ pub async fn embeddings(
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
     let reply = dispatcher.embeddings(view, req, ctx.deadline, asker).await;
     decided(ctx, &reply);
-    let reply = reply?;
+    let reply = refund_unless_sent(reply, slot.as_ref())?;
     if let Some(slot) = slot
         && reply.body.usage.total_tokens > 0
     {
         slot.settle(u64::from(reply.body.usage.total_tokens));
     }
     Ok(reply)
+}
+
+/// The route stage's reply; when the gateway refused the request itself (no key in time, none
+/// able to serve, no such model) rather than pass on a provider's error, the tenant's slot is
+/// refunded: a refusal the tenant did not cause does not spend its own limits.
+fn refund_unless_sent<B>(
+    reply: Result<Reply<B>, RouteError>,
+    slot: Option<&Slot>,
+) -> Result<Reply<B>, RouteError> {
+    if let (Err(e), Some(slot)) = (&reply, slot)
+        && e.is_gateway_refusal()
+    {
+        slot.refund();
+    }
+    reply
 }
 
 /// Stage 2b: the caller's tenant admits the request of `tokens` estimated tokens for
