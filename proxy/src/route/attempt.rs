@@ -394,18 +394,23 @@ impl<'a> Attempts<'a> {
     }
 
     /// Whether a key could take this request now but its class may not: the class's
-    /// headroom, or off-peak deferral of batch work while the route is busy.
+    /// headroom, or off-peak deferral of batch work while the route is busy. A key that is
+    /// full, or that pacing holds back (which holds every paced class alike), does not count:
+    /// standing back would only hand the turn to a tier that cannot take it either.
     fn class_blocked(&self, now: Instant) -> bool {
         let tier = &self.asker.tier;
         if (tier.headroom <= 0.0 && tier.batch.is_none()) || self.held_long_enough(now) {
             return false;
         }
+        let deferred = !self.off_peak(now);
         self.live_targets().any(|(_, t)| {
             let p = &self.runtime.providers[t.provider];
             let tokens = self.demand.tokens(p.adapter);
-            p.keys
-                .iter()
-                .any(|k| k.budget.availability(now, tokens).is_ok())
+            p.keys.iter().any(|k| {
+                k.budget.availability(now, tokens).is_ok()
+                    && self.pace_ready(k, now).is_ok()
+                    && (deferred || !self.class_allows(k, now))
+            })
         })
     }
 

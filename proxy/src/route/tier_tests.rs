@@ -447,3 +447,43 @@ async fn refused_at_its_deadline_a_waiting_request_retries_after_those_ahead_of_
         t.abort();
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_held_by_pacing_waits_for_its_pace_without_standing_back() {
+    // basic: the standard class, 20% headroom; one key of 10 rpm, paced at one per 6 s with
+    // a second's tolerance.
+    let tiers = [
+        "{name: pro, class: priority, maxWaitMs: 1000}",
+        "{name: basic, class: standard, maxWaitMs: 900000}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(10, &tiers, (0, 20, 50)),
+    );
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        take(&d, "pro", t0 + MIN).await.unwrap();
+    }
+    let view = d.view();
+    let queue = &view.runtime.routes["m"].queue;
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let d = d.clone();
+        waiting.push(tokio::spawn(async move {
+            let looks = take(&d, "basic", t0 + Duration::from_secs(900))
+                .await
+                .unwrap();
+            (Instant::now() - t0, looks)
+        }));
+        let joined = waiting.len();
+        until(|| queue.len() == joined).await;
+    }
+    // At 60 s the ten slots free at once: the first is admitted; the second finds 90% of the
+    // key free (above its headroom) but is paced until 65 s. It waits for that instant as
+    // the head, rather than holding its tier back and looking again every second.
+    let (first, second) = (waiting.remove(0), waiting.remove(0));
+    assert_eq!(first.await.unwrap().0, MIN);
+    let (at, looks) = second.await.unwrap();
+    assert_eq!(at, MIN + Duration::from_secs(5));
+    assert!(looks <= 3, "looked {looks} times");
+}

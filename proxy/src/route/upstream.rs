@@ -15,7 +15,7 @@ use crate::metrics::{self, TargetMetrics, UpstreamLabels};
 use crate::providers::types::ChatRequest;
 use crate::providers::{
     ChatChunk, ClosedWhen, EmbeddingsRequest, EmbeddingsResponse, ProviderError, StreamDecoder,
-    Usage, estimate_prompt_tokens,
+    Usage, estimate_output_tokens, estimate_prompt_tokens,
 };
 use crate::telemetry;
 use bytes::Bytes;
@@ -405,32 +405,6 @@ impl Drop for Pump {
             self.abandoned();
         }
     }
-}
-
-/// Tokens of output a chunk carries, estimated as prompts are (a token per four bytes,
-/// at least one per chunk with text): for settling a stream the caller left.
-fn estimate_output_tokens(chunk: &ChatChunk) -> u64 {
-    let bytes: usize = chunk
-        .choices
-        .iter()
-        .map(|c| {
-            let d = &c.delta;
-            let text =
-                d.content.as_deref().map_or(0, str::len) + d.refusal.as_deref().map_or(0, str::len);
-            let tools: usize = d
-                .tool_calls
-                .iter()
-                .flatten()
-                .filter_map(|t| t.function.as_ref())
-                .map(|f| {
-                    f.name.as_deref().map_or(0, str::len)
-                        + f.arguments.as_deref().map_or(0, str::len)
-                })
-                .sum();
-            text + tools
-        })
-        .sum();
-    bytes.div_ceil(4) as u64
 }
 
 /// What is needed to record a request's usage once it is known.
