@@ -137,7 +137,11 @@ async fn observed<T>(
 /// What an attempt's result says about the key and the provider.
 fn outcome(provider: &ProviderRt, key: &KeyRt, result: Result<(), &ProviderError>, now: Instant) {
     match result {
-        Ok(_) => provider.breaker.success(),
+        Ok(_) => {
+            if provider.breaker.success() {
+                tracing::info!(provider = %provider.name, "circuit closed: the provider answered its probe");
+            }
+        }
         Err(e) => {
             if let Some(rest) = e.cools_key() {
                 key.budget.cool_until(now + rest);
@@ -147,7 +151,13 @@ fn outcome(provider: &ProviderRt, key: &KeyRt, result: Result<(), &ProviderError
                 key.budget.fail();
             }
             if e.opens_circuit() {
-                provider.breaker.failure(now);
+                if provider.breaker.failure(now) {
+                    tracing::warn!(
+                        provider = %provider.name,
+                        reason = e.metric_label(),
+                        "circuit opened: the provider failed too many calls in a row; its keys are not used until a probe succeeds"
+                    );
+                }
             } else {
                 provider.breaker.neutral();
             }
