@@ -228,6 +228,9 @@ pub struct RedisBudgets {
     resyncing: tokio::sync::Mutex<()>,
     /// The server's `run_id` when last checked.
     run_id: Mutex<Option<String>>,
+    /// Redis refused `INFO` (an ACL user without it, a renamed command): restarts are then
+    /// found by the epochs alone. Said once in the log.
+    info_refused: AtomicBool,
     /// Budgets found lost (epochs that vanished or changed, and `run_id` changes).
     losses: AtomicU64,
     monitoring: AtomicBool,
@@ -288,6 +291,7 @@ impl RedisBudgets {
             registry: Mutex::default(),
             resyncing: tokio::sync::Mutex::new(()),
             run_id: Mutex::default(),
+            info_refused: AtomicBool::new(false),
             losses: AtomicU64::new(0),
             monitoring: AtomicBool::new(false),
             wake: Arc::default(),
