@@ -513,7 +513,7 @@ kind: Tenant
 metadata: {name: acme}
 spec:
   keys: [{name: main, secretRef: {name: clients, key: acme}}]
-  limits: {rpm: 2}
+  limits: {rpm: 2, tpm: 1000}
 "#;
     let yaml = format!("{}---\n{}---\n{tenant}", pool(&mock), clients(ACME_KEY));
     let window = Duration::from_secs(30);
@@ -550,13 +550,22 @@ spec:
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(logged, 0, "refused requests still in {}", keys.requests);
-    let mut statuses = Vec::new();
-    for i in 0..3 {
-        statuses.push(post(&url(i), &chat("gpt-4o", false), &key).await.0);
-    }
+    // On one replica: a request, a refusal that would fill the window (2 of 2 requests, 600
+    // tokens of 1,000) and is refunded, then one more that needs both the request and the
+    // tokens back; the other replica then finds the window full.
+    let ask = |model: &str| {
+        json!({"model": model, "max_tokens": 600,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let statuses = [
+        post(&url(0), &chat("gpt-4o", false), &key).await.0,
+        post(&url(0), &ask("no-such-model"), &key).await.0,
+        post(&url(0), &ask("gpt-4o"), &key).await.0,
+        post(&url(1), &chat("gpt-4o", false), &key).await.0,
+    ];
     assert_eq!(
         statuses,
-        [200, 200, 429],
-        "the tenant's 2 requests were spent"
+        [200, 404, 200, 429],
+        "the refusal spent the tenant's request or tokens"
     );
 }

@@ -177,6 +177,13 @@ impl Permit {
         if let (Some(r), Some(m)) = (state.record.as_mut(), self.member) {
             r.refund(m);
         }
+        if self.key.shared.is_some() {
+            // What Redis last said counted this request (and may have named the instant the
+            // window frees because of it): this replica knows better now. Other replicas
+            // learn of the room at their next answer from Redis.
+            state.hint.used = state.hint.used.saturating_sub(1);
+            state.hint.blocked_until = None;
+        }
         state.blocked = false;
         drop(state);
         if let (Some(shared), Some(member)) = (&self.key.shared, self.member.take()) {

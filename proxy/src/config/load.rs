@@ -120,12 +120,12 @@ pub fn parse_file(file: &Path, text: &str, loaded: &mut Loaded, errors: &mut Vec
             ));
         }
     };
-    if documents.iter().all(Value::is_null) {
+    if text.trim().is_empty() {
         // An empty file is most often one being written (or truncated): applying it would
-        // drop every resource it held.
+        // drop every resource it held. (A file of comments only is taken as meant.)
         return errors.push(file_error(
             file,
-            "holds no manifest (the file is empty): remove it, or write its resources",
+            "is empty (being written, or truncated?): remove it, or write its resources",
         ));
     }
     for (i, doc) in documents.into_iter().enumerate() {

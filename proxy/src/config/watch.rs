@@ -79,7 +79,8 @@ impl Watcher {
         let this = Arc::new(self);
         let mut last = this.last;
         // What the previous look saw: a change is applied once the files have stayed the same
-        // for a whole interval, so that a file still being written is never applied half-way.
+        // across two looks an interval apart, so that a file being written is not applied
+        // half-way (a writer that pauses longer than an interval still can be: rename into place).
         let mut seen = last;
         let mut ticker = tokio::time::interval(this.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -569,6 +569,10 @@ impl<'a> Attempts<'a> {
     /// 429 for a full queue: the requests ahead take the route's next slots, so retry when
     /// they could be through.
     fn queue_full(&self) -> RouteError {
+        if self.last_error.is_some() {
+            // A retry after a provider's error: that error is the answer.
+            return self.upstream_error();
+        }
         let retry_after = self
             .turn(Instant::now())
             .unwrap_or(Duration::ZERO)

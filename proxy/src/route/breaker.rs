@@ -185,11 +185,13 @@ impl Breaker {
         }
     }
 
-    /// A call succeeded. Returns whether that closed the circuit (its half-open probe).
+    /// A call succeeded. Returns whether that closed an open or half-open circuit (its
+    /// probe, or a call sent before it opened that was answered after).
     pub fn success(&self) -> bool {
         let previous = std::mem::replace(&mut *self.lock(), State::Closed { failures: 0 });
-        let closed = matches!(previous, State::HalfOpen { probe: Some(_) });
+        let closed = !matches!(previous, State::Closed { .. });
         if closed {
+            // Requests waiting for the probe or the open period may go now.
             self.signal.pulse();
         }
         closed
@@ -304,8 +306,18 @@ mod tests {
         let b = Breaker::new(2, Duration::from_secs(1), Arc::default());
         let t0 = Instant::now();
         b.failure(t0);
-        b.success();
+        assert!(!b.success(), "it was closed");
         b.failure(t0);
+        assert_eq!(b.circuit(t0), Circuit::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_success_closes_an_open_circuit_and_says_so() {
+        let b = Breaker::new(1, Duration::from_secs(60), Arc::default());
+        let t0 = Instant::now();
+        assert!(b.failure(t0));
+        // A call sent before the circuit opened is answered now.
+        assert!(b.success(), "closing an open circuit is reported");
         assert_eq!(b.circuit(t0), Circuit::Closed);
     }
 }

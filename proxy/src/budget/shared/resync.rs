@@ -384,10 +384,15 @@ async fn monitor(this: Weak<RedisBudgets>, wake: Arc<Notify>, cancel: Cancellati
     }
 }
 
-/// An error Redis itself answered (a refused or unknown command), as opposed to a broken or
-/// refused connection.
+/// Redis refused the command itself: the user may not run it (an ACL without it), or the
+/// server does not know it (renamed or disabled). Other errors (busy, loading, a broken
+/// connection) are outages as before.
 fn is_server_error(e: &redis::RedisError) -> bool {
-    !(e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout())
+    let refused = e.code() == Some("NOPERM")
+        || e.to_string()
+            .to_ascii_lowercase()
+            .contains("unknown command");
+    refused && !(e.is_io_error() || e.is_connection_dropped() || e.is_timeout())
 }
 
 #[cfg(test)]
