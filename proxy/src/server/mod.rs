@@ -27,6 +27,7 @@ pub mod conn;
 pub mod door;
 mod embeddings;
 pub mod error;
+mod jobs;
 pub mod messages;
 mod models;
 pub mod waiting;
@@ -65,6 +66,8 @@ pub struct AppState {
     pub expose_key: bool,
     /// Stage 1: who calls (client keys of the configured tenants).
     pub identity: Arc<Identity>,
+    /// Async jobs (`/v1/jobs`, the dead letters); `None`: not enabled (404).
+    pub jobs: Option<Arc<crate::jobs::Jobs>>,
 }
 
 /// Default largest request body: 4 MiB.
@@ -84,6 +87,7 @@ impl AppState {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             expose_key: false,
             identity: Arc::new(Identity::new(false)),
+            jobs: None,
         }
     }
 }
@@ -118,6 +122,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list))
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/jobs", post(jobs::create))
+        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/messages", messages::guarded(post(messages::create)))
         .route(
             "/v1/messages/count_tokens",
@@ -137,11 +144,22 @@ pub fn router(state: AppState) -> Router {
         )
 }
 
-/// The admin router: `/metrics` and the probes, for a listener that only the operator's
+/// The admin router: `/metrics`, the jobs' dead letters (`/admin/jobs/dead-letters`) and
+/// the probes, for a listener that only the operator's
 /// network reaches (`--admin-listen`). Everything else is 404.
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route(
+            "/admin/jobs/dead-letters",
+            get(jobs::dead_letters).delete(jobs::purge),
+        )
+        .route("/admin/jobs/dead-letters/redrive", post(jobs::redrive_all))
+        .route("/admin/jobs/dead-letters/{id}", get(jobs::dead_letter))
+        .route(
+            "/admin/jobs/dead-letters/{id}/redrive",
+            post(jobs::redrive_one),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
