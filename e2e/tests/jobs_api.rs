@@ -471,3 +471,36 @@ async fn bench_job_acceptance_and_drain() {
     accept.stop().await.unwrap();
     drain.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_synchronous_request_preferring_async_becomes_a_job_past_its_wait_limit() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    // One request per 2 s window on the only key.
+    let dir = config_rpm(&mock, &hook, 1);
+    let proxy = start(&dir, &["--rate-window-ms", "2000"]).await;
+    let http = reqwest::Client::new();
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "now"}]});
+    let send = |prefer: bool| {
+        let mut r = http
+            .post(proxy.url("/v1/chat/completions"))
+            .bearer_auth(ACME)
+            .header("x-floodgate-max-wait-ms", "100")
+            .json(&chat);
+        if prefer {
+            r = r.header("prefer", "respond-async");
+        }
+        r.send()
+    };
+    assert_eq!(send(false).await.unwrap().status(), 200);
+    // The window is spent: without the preference, 429; with it, 202 and a job.
+    assert_eq!(send(false).await.unwrap().status(), 429);
+    let deferred = send(true).await.unwrap();
+    assert_eq!(deferred.status(), 202);
+    let location = deferred.headers()["location"].to_str().unwrap().to_owned();
+    let id = location.strip_prefix("/v1/jobs/").unwrap().to_owned();
+    let done = finished(&http, &proxy, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request"]["messages"][0]["content"], "now");
+    proxy.stop().await.unwrap();
+}
