@@ -174,14 +174,14 @@ fn verified_deliveries(got: &Received) -> Vec<(String, Value)> {
         .iter()
         .map(|(headers, body)| {
             let h = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_owned();
-            webhook::verify(
+            let verified = webhook::verify(
                 SIGNING.as_bytes(),
                 &h(webhook::TIMESTAMP_HEADER),
                 body,
                 &h(webhook::SIGNATURE_HEADER),
                 now,
-            )
-            .expect("the webhook's signature verifies");
+            );
+            assert_eq!(verified, Ok(()), "the webhook's signature verifies");
             let body: Value = serde_json::from_slice(body).unwrap();
             assert_eq!(body["job"]["id"].as_str().unwrap(), h(webhook::ID_HEADER));
             (h(webhook::ID_HEADER), body)
@@ -191,10 +191,20 @@ fn verified_deliveries(got: &Received) -> Vec<(String, Value)> {
 
 #[tokio::test]
 async fn a_job_runs_with_events_a_signed_webhook_and_is_its_tenants_alone() {
+    lifecycle(&[]).await;
+}
+
+#[tokio::test]
+async fn a_job_in_redis_runs_with_events_a_signed_webhook_and_is_its_tenants_alone() {
+    let redis = RedisServer::start().await.unwrap();
+    lifecycle(&["--redis", &redis.url()]).await;
+}
+
+async fn lifecycle(extra: &[&str]) {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let (hook, got) = receiver().await;
     let dir = config(&mock, &hook);
-    let proxy = start(&dir, &[]).await;
+    let proxy = start(&dir, extra).await;
     let http = reqwest::Client::new();
 
     let accepted = submit(&http, &proxy, ACME, &job("slow-2000", "hello")).await;
@@ -273,10 +283,20 @@ async fn a_job_runs_with_events_a_signed_webhook_and_is_its_tenants_alone() {
 
 #[tokio::test]
 async fn a_job_failing_three_times_is_dead_lettered_and_redriven_to_success() {
+    dead_letter_and_redrive(&[]).await;
+}
+
+#[tokio::test]
+async fn a_job_in_redis_failing_three_times_is_dead_lettered_and_redriven_to_success() {
+    let redis = RedisServer::start().await.unwrap();
+    dead_letter_and_redrive(&["--redis", &redis.url()]).await;
+}
+
+async fn dead_letter_and_redrive(extra: &[&str]) {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let (hook, got) = receiver().await;
     let dir = config(&mock, &hook);
-    let proxy = start(&dir, &[]).await;
+    let proxy = start(&dir, extra).await;
     let http = reqwest::Client::new();
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
 
@@ -353,6 +373,40 @@ async fn a_job_failing_three_times_is_dead_lettered_and_redriven_to_success() {
     })
     .await;
     assert_eq!(kinds, vec![json!("job.failed"), json!("job.completed")]);
+
+    // Purged, the dead letters are gone; the job itself stays readable, failed.
+    mock.set_fault(Provider::OpenAi, Fault::Status(500));
+    let id = submit(&http, &proxy, ACME, &job("gpt-4o", "purged")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(finished(&http, &proxy, &id).await["status"], "failed");
+    let admin = |path: &str| proxy.admin_url(path);
+    let purged: Value = http
+        .delete(admin("/admin/jobs/dead-letters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(purged["purged"], 1);
+    let dead: Value = http
+        .get(admin("/admin/jobs/dead-letters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(dead["data"].as_array().unwrap().is_empty());
+    let r = http
+        .post(admin(&format!("/admin/jobs/dead-letters/{id}/redrive")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(get(&http, &proxy, ACME, &id).await.1["status"], "failed");
     proxy.stop().await.unwrap();
 }
 
@@ -502,5 +556,78 @@ async fn a_synchronous_request_preferring_async_becomes_a_job_past_its_wait_limi
     let done = finished(&http, &proxy, &id).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["request"]["messages"][0]["content"], "now");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config(&mock, &hook);
+    // `smart` is served by OpenAI and by Anthropic, in turn (equal weights).
+    let pool = format!(
+        "apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n  strategy: weighted\n  providers:\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o, alias: smart}}, {{name: slow-2000}}], keys: [{{name: k, secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n\
+         \x20 - {{name: claude, type: anthropic, baseUrl: \"{base}\", models: [{{name: claude-sonnet-4, alias: smart}}], keys: [{{name: c, secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n",
+        base = mock.base_url()
+    );
+    let all = std::fs::read_to_string(dir.path().join("all.yaml")).unwrap();
+    let start_pool = all
+        .find("apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool")
+        .unwrap();
+    let end_pool = start_pool + all[start_pool..].find("---").unwrap();
+    let all = format!("{}{}{}", &all[..start_pool], pool, &all[end_pool..]);
+    std::fs::write(dir.path().join("all.yaml"), all).unwrap();
+    let proxy = start(&dir, &[]).await;
+
+    let args = vec![
+        "--base-url".to_owned(),
+        proxy.url("/v1"),
+        "--api-key".to_owned(),
+        ACME.to_owned(),
+        "--model".to_owned(),
+        "smart".to_owned(),
+    ];
+    let output =
+        floodgate_e2e::python::run_script("openai_batch_check.py", &args, Duration::from_secs(120))
+            .await
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the OpenAI SDK batch check failed:\n{stdout}\n{stderr}"
+    );
+    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(summary["completed"], 6);
+    // Each line was a job of its own, run in the batch tier, answered by both providers.
+    let http = reqwest::Client::new();
+    let mut providers = std::collections::BTreeSet::new();
+    for id in summary["request_ids"].as_array().unwrap() {
+        let (status, job) = get(&http, &proxy, ACME, id.as_str().unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!(job["tier"], "free");
+        providers.insert(job["history"][0]["provider"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        providers.into_iter().collect::<Vec<_>>(),
+        vec!["claude".to_owned(), "openai".to_owned()]
+    );
+    // Another tenant reads neither the batch nor its output.
+    let batch = summary["batch_id"].as_str().unwrap();
+    let file = summary["output_file_id"].as_str().unwrap();
+    for path in [
+        format!("/v1/batches/{batch}"),
+        format!("/v1/files/{file}/content"),
+    ] {
+        let r = http
+            .get(proxy.url(&path))
+            .bearer_auth(GLOBEX)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
     proxy.stop().await.unwrap();
 }

@@ -31,6 +31,8 @@ struct Inner {
     reported: HashMap<String, Option<Instant>>,
     /// Jobs held by a worker.
     claimed: HashSet<String>,
+    /// Batch API files and batches: value and when it is forgotten.
+    kv: HashMap<String, (String, Instant)>,
     next_seq: u64,
     /// Seq of the last job handed to a worker.
     delivered: u64,
@@ -269,5 +271,23 @@ impl JobStore for MemoryStore {
         let n = inner.dead.len() as u64;
         inner.dead.clear();
         Ok(n)
+    }
+
+    async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.kv.retain(|_, (_, until)| *until > now);
+        inner.kv.insert(key.to_owned(), (value, now + ttl));
+        Ok(())
+    }
+
+    async fn fetch(&self, key: &str) -> Result<Option<String>> {
+        let now = Instant::now();
+        Ok(self
+            .lock()
+            .kv
+            .get(key)
+            .filter(|(_, until)| *until > now)
+            .map(|(v, _)| v.clone()))
     }
 }

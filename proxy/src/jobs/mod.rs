@@ -15,6 +15,7 @@
 //! queue entry is acknowledged, and its notification is sent by whoever first takes the
 //! job's "reported" mark (`SET NX` in Redis), which is made permanent only after delivery.
 
+pub mod batch;
 pub mod memory;
 pub mod metrics;
 pub mod redis;

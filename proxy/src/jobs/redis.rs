@@ -9,6 +9,7 @@
 //! | `floodgate:{jobs}:job:<id>` | hash | `job` (JSON), `status`, `seq`, `cancelled` (Unix ms) |
 //! | `floodgate:{jobs}:reported:<id>` | string | who notifies (a lease), then `done` |
 //! | `floodgate:{jobs}:seq`, `:delivered` | counters | the queue's order, for positions |
+//! | `floodgate:{jobs}:kv:<file or batch id>` | string | Batch API files and batches (JSON), with a TTL |
 //!
 //! A worker first takes an entry whose claim has been idle for the visibility timeout
 //! (`XAUTOCLAIM`: the job of a replica that died), else reads a new one (`XREADGROUP`).
@@ -37,6 +38,7 @@ const DELIVERED: &str = "floodgate:{jobs}:delivered";
 const JOB: &str = "floodgate:{jobs}:job:";
 const REPORTED: &str = "floodgate:{jobs}:reported:";
 const GROUP: &str = "workers";
+const KV: &str = "floodgate:{jobs}:kv:";
 
 /// Queues a job: the next seq, the job's fields, a stream entry.
 const ENQUEUE: &str = r"
@@ -541,5 +543,25 @@ impl JobStore for RedisStore {
             .query_async(&mut conn)
             .await?;
         Ok(n)
+    }
+
+    async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: Value = redis::cmd("SET")
+            .arg(format!("{KV}{key}"))
+            .arg(value)
+            .arg("EX")
+            .arg(ttl.as_secs().max(1))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn fetch(&self, key: &str) -> Result<Option<String>> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("GET")
+            .arg(format!("{KV}{key}"))
+            .query_async(&mut conn)
+            .await?)
     }
 }

@@ -113,6 +113,17 @@ pub trait JobStore: Send + Sync {
 
     /// Drops every dead letter (the jobs stay readable, failed, until their TTL); how many.
     fn purge(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Stores `value` under `key` for `ttl` (Batch API files and batches).
+    fn put(
+        &self,
+        key: &str,
+        value: String,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The value under `key`, if kept.
+    fn fetch(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;
 }
 
 /// The configured backend.
@@ -172,5 +183,11 @@ impl JobStore for Store {
     }
     async fn purge(&self) -> Result<u64> {
         each!(self, s => s.purge().await)
+    }
+    async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
+        each!(self, s => s.put(key, value, ttl).await)
+    }
+    async fn fetch(&self, key: &str) -> Result<Option<String>> {
+        each!(self, s => s.fetch(key).await)
     }
 }

@@ -234,6 +234,7 @@ impl Workers {
             &HeaderMap::new(),
             self.dispatcher.max_wait(),
         );
+        ctx.job_tier = Some(Arc::from(job.tier.as_str()));
         if let Some(tenant) = &job.tenant {
             let caller = self
                 .identity

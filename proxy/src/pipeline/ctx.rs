@@ -109,6 +109,9 @@ pub struct RequestCtx {
     pub max_wait_asked: Option<std::time::Duration>,
     /// Its tier: `default` without a TierQueue.
     pub tier: Arc<str>,
+    /// The tier a job runs in when not its tenant's (Batch API lines run in a batch-class
+    /// tier); `None`: the caller's tier.
+    pub job_tier: Option<Arc<str>>,
     /// How long it waited in the queue for budget, once admitted.
     pub queued: Option<std::time::Duration>,
     /// Where it stands while it waits, when the door reports progress (streaming callers).
@@ -137,6 +140,7 @@ impl RequestCtx {
             deadline: received + max_wait_asked.map_or(max_wait, |m| m.min(max_wait)),
             max_wait_asked,
             tier: Arc::from(crate::route::tiers::DEFAULT_TIER),
+            job_tier: None,
             queued: None,
             progress: None,
             caller: None,

@@ -22,6 +22,7 @@
 //! answered in the door's error format, which a generic body-limit layer could not do), runs
 //! the [`pipeline`](crate::pipeline) and renders its typed answer.
 
+mod batches;
 mod chat;
 pub mod conn;
 pub mod door;
@@ -125,6 +126,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", post(jobs::create))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/files", post(batches::upload))
+        .route("/v1/files/{id}", get(batches::file))
+        .route("/v1/files/{id}/content", get(batches::content))
+        .route("/v1/batches", post(batches::create))
+        .route("/v1/batches/{id}", get(batches::get))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/messages", messages::guarded(post(messages::create)))
         .route(
             "/v1/messages/count_tokens",
