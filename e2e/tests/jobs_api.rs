@@ -631,3 +631,87 @@ async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
     }
     proxy.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_past_its_completion_window_expires_with_its_unfinished_lines_in_errors() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config(&mock, &hook);
+    let proxy = start(&dir, &[]).await;
+    let http = reqwest::Client::new();
+    let lines: String = (0..2)
+        .map(|i| {
+            json!({"custom_id": format!("slow-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "slow-2000", "messages": [{"role": "user", "content": "wait"}]}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let boundary = "floodgate-e2e-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{lines}\r\n--{boundary}--\r\n"
+    );
+    let file: Value = http
+        .post(proxy.url("/v1/files"))
+        .bearer_auth(ACME)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(file["purpose"], "batch", "{file}");
+    let batch: Value = http
+        .post(proxy.url("/v1/batches"))
+        .bearer_auth(ACME)
+        .json(&json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "1s"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = batch["id"].as_str().unwrap().to_owned();
+    assert_eq!(batch["status"], "in_progress", "{batch}");
+    let ended = until("the batch to expire", || async {
+        let b: Value = http
+            .get(proxy.url(&format!("/v1/batches/{id}")))
+            .bearer_auth(ACME)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (b["status"] != "in_progress").then_some(b)
+    })
+    .await;
+    assert_eq!(ended["status"], "expired", "{ended}");
+    assert_eq!(ended["request_counts"]["failed"], 2);
+    assert!(ended["output_file_id"].is_null());
+    let errors = http
+        .get(proxy.url(&format!(
+            "/v1/files/{}/content",
+            ended["error_file_id"].as_str().unwrap()
+        )))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let codes: Vec<Value> = errors
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["error"]["code"].clone())
+        .collect();
+    assert_eq!(codes, vec![json!("batch_expired"), json!("batch_expired")]);
+    proxy.stop().await.unwrap();
+}
