@@ -384,6 +384,12 @@ async fn monitor(this: Weak<RedisBudgets>, wake: Arc<Notify>, cancel: Cancellati
     }
 }
 
+/// An error Redis itself answered (a refused or unknown command), as opposed to a broken or
+/// refused connection.
+fn is_server_error(e: &redis::RedisError) -> bool {
+    !(e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,10 +407,4 @@ mod tests {
         assert_eq!(pauses, [50, 100, 200, 250, 250, 250]);
         assert_eq!(next.after(true, CHECK), Next::Check(CHECK));
     }
-}
-
-/// An error Redis itself answered (a refused or unknown command), as opposed to a broken or
-/// refused connection.
-fn is_server_error(e: &redis::RedisError) -> bool {
-    !(e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout())
 }
