@@ -30,15 +30,25 @@ type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
 
 /// A webhook receiver on a free port: records every POST, answers 200.
 async fn receiver() -> (String, Received) {
+    failing_receiver(0).await
+}
+
+/// A webhook receiver that answers its first `fail` POSTs 503 (not recorded), then 200.
+async fn failing_receiver(fail: usize) -> (String, Received) {
     let got: Received = Arc::default();
     let store = got.clone();
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = axum::Router::new().route(
         "/hook",
         axum::routing::post(move |headers: HeaderMap, body: Bytes| {
             let store = store.clone();
+            let refused = refused.clone();
             async move {
+                if refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
                 store.lock().unwrap().push((headers, body));
-                "ok"
+                axum::http::StatusCode::OK
             }
         }),
     );
@@ -469,6 +479,7 @@ async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_on
 #[ignore = "a bench: run by hand, figures in README"]
 async fn bench_job_acceptance_and_drain() {
     const JOBS: usize = 2000;
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let redis = RedisServer::start().await.unwrap();
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let (hook, _got) = receiver().await;
@@ -718,5 +729,50 @@ async fn a_batch_past_its_completion_window_expires_with_its_unfinished_lines_in
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["error"]["code"].clone())
         .collect();
     assert_eq!(codes, vec![json!("batch_expired"), json!("batch_expired")]);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_webhook_refused_once_is_retried_with_backoff_and_every_try_is_recorded() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, got) = failing_receiver(1).await;
+    let dir = config(&mock, &hook);
+    let proxy = start(&dir, &[]).await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &proxy, ACME, &job("gpt-4o", "retry the hook")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job = until("two delivery tries on the job", || async {
+        let (_, job) = get(&http, &proxy, ACME, &id).await;
+        (job["deliveries"].as_array().map(Vec::len) == Some(2)).then_some(job)
+    })
+    .await;
+    let outcomes: Vec<&str> = job["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["http_503", "delivered"]);
+    // The retry waited the TierQueue's first backoff (1 s).
+    let at = |i: usize| job["deliveries"][i]["at_ms"].as_u64().unwrap();
+    assert!(at(1) - at(0) >= 1000, "{job}");
+    assert_eq!(verified_deliveries(&got).len(), 1);
+    let metrics = http
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "floodgate_jobs_webhook_deliveries_total{outcome=\"retried\"} 1",
+        "floodgate_jobs_webhook_deliveries_total{outcome=\"delivered\"} 1",
+        "floodgate_jobs_total{state=\"completed\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     proxy.stop().await.unwrap();
 }
