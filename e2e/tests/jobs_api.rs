@@ -776,3 +776,43 @@ async fn a_webhook_refused_once_is_retried_with_backoff_and_every_try_is_recorde
     }
     proxy.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_replica_starts_with_redis_unreachable_and_answers_jobs_503_meanwhile() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config(&mock, &hook);
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let proxy = start(&dir, &["--redis", &url]).await;
+    let t = Instant::now();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(proxy.url("/v1/jobs"))
+        .bearer_auth(ACME)
+        .json(&job("gpt-4o", "later"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "answered at once, not after retries"
+    );
+    // Synchronous requests are served meanwhile.
+    let chat = http
+        .post(proxy.url("/v1/chat/completions"))
+        .bearer_auth(ACME)
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "now"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    proxy.stop().await.unwrap();
+}

@@ -380,9 +380,8 @@ async fn start_jobs(
     let visibility = Duration::from_millis(args.job_visibility_ms);
     let store = match &args.redis {
         Some(url) => jobs::Store::Redis(
-            jobs::redis::RedisStore::connect(url, visibility)
-                .await
-                .context("cannot reach Redis for the job store")?,
+            jobs::redis::RedisStore::new(url, visibility)
+                .context("the --redis URL cannot be used for the job store")?,
         ),
         None => {
             tracing::info!(

@@ -105,7 +105,9 @@ const BLOCK: Duration = Duration::from_millis(500);
 /// Jobs in Redis Streams.
 pub struct RedisStore {
     client: redis::Client,
-    conn: ConnectionManager,
+    /// Made on first use (and the consumer group with it), so a replica starts while Redis
+    /// is unreachable: until it is reached, the jobs API answers 503 and workers wait.
+    conn: tokio::sync::OnceCell<ConnectionManager>,
     /// Connections for blocking reads, which would hold up a shared one.
     blocking: Mutex<Vec<MultiplexedConnection>>,
     visibility: Duration,
@@ -125,30 +127,12 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url` and creates the consumer group if missing. A claim idle for
+    /// The store on the Redis at `url` (connected on first use). A claim idle for
     /// `visibility` is taken over by another worker.
-    pub async fn connect(url: &SecretString, visibility: Duration) -> Result<Self> {
-        let client = redis::Client::open(url.expose())?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_connection_timeout(Some(Duration::from_secs(2)));
-        let mut conn = ConnectionManager::new_with_config(client.clone(), config).await?;
-        let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(QUEUE)
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        match created {
-            Ok(_) => {}
-            Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => return Err(e.into()),
-        }
+    pub fn new(url: &SecretString, visibility: Duration) -> Result<Self> {
         Ok(RedisStore {
-            client,
-            conn,
+            client: redis::Client::open(url.expose())?,
+            conn: tokio::sync::OnceCell::new(),
             blocking: Mutex::new(Vec::new()),
             visibility,
             enqueue: redis::Script::new(ENQUEUE),
@@ -157,6 +141,37 @@ impl RedisStore {
             cancel: redis::Script::new(CANCEL),
             delivered: redis::Script::new(DELIVERED_UP_TO),
         })
+    }
+
+    /// The shared connection, made (with the consumer group) on first use.
+    async fn conn(&self) -> Result<ConnectionManager> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(Duration::from_secs(2)))
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    // Fail at once while Redis is unreachable (the caller answers 503);
+                    // once made, the manager reconnects by itself.
+                    .set_number_of_retries(0);
+                let mut conn =
+                    ConnectionManager::new_with_config(self.client.clone(), config).await?;
+                let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(QUEUE)
+                    .arg(GROUP)
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut conn)
+                    .await;
+                match created {
+                    Ok(_) => Ok(conn),
+                    Err(e) if e.code() == Some("BUSYGROUP") => Ok(conn),
+                    Err(e) => Err(super::StoreError::from(e)),
+                }
+            })
+            .await?;
+        Ok(conn.clone())
     }
 
     async fn blocking_conn(&self) -> Result<MultiplexedConnection> {
@@ -185,7 +200,7 @@ impl RedisStore {
     }
 
     async fn load(&self, id: &str) -> Result<Option<Job>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (json, status, seq, cancelled): (
             Option<String>,
             Option<String>,
@@ -214,7 +229,7 @@ impl RedisStore {
     }
 
     async fn enqueue(&self, job: &Job) -> Result<u64> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let json = serde_json::to_string(job)?;
         let seq: u64 = self
             .enqueue
@@ -231,7 +246,7 @@ impl RedisStore {
 
     /// The entry `XAUTOCLAIM` or `XREADGROUP` handed over: (entry id, job id).
     async fn next_entry(&self, consumer: &str, wait: Duration) -> Result<Option<(String, String)>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: u64 = self
             .promote
             .key(DELAYED)
@@ -285,7 +300,7 @@ impl RedisStore {
     }
 
     async fn ack_entry(&self, entry: &str) -> Result<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: Value = redis::pipe()
             .cmd("XACK")
             .arg(QUEUE)
@@ -301,7 +316,7 @@ impl RedisStore {
 
     /// Every dead-letter entry: (entry id, job id), oldest first.
     async fn dead_entries(&self) -> Result<Vec<(String, String)>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let all: Value = redis::cmd("XRANGE")
             .arg(DEAD)
             .arg("-")
@@ -364,7 +379,7 @@ impl JobStore for RedisStore {
     }
 
     async fn position(&self, job: &Job) -> Result<u64> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let delivered: Option<u64> = redis::cmd("GET")
             .arg(DELIVERED)
             .query_async(&mut conn)
@@ -387,7 +402,7 @@ impl JobStore for RedisStore {
                 self.ack_entry(&entry).await?;
                 continue;
             };
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn().await?;
             let _: u64 = self
                 .delivered
                 .key(DELIVERED)
@@ -399,7 +414,7 @@ impl JobStore for RedisStore {
     }
 
     async fn keep(&self, claim: &Claim, consumer: &str) -> Result<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: Value = redis::cmd("XCLAIM")
             .arg(QUEUE)
             .arg(GROUP)
@@ -413,7 +428,7 @@ impl JobStore for RedisStore {
     }
 
     async fn save(&self, claim: &Claim, job: &Job, step: Step, policy: &Policy) -> Result<bool> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (name, due) = match step {
             Step::Start => ("start", 0),
             Step::Retry { delay } => ("retry", super::now_ms() + delay.as_millis() as u64),
@@ -443,7 +458,7 @@ impl JobStore for RedisStore {
     }
 
     async fn cancel(&self, id: &str) -> Result<Option<Job>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: u64 = self
             .cancel
             .key(format!("{JOB}{id}"))
@@ -456,7 +471,7 @@ impl JobStore for RedisStore {
     }
 
     async fn begin_report(&self, id: &str, lease: Duration) -> Result<bool> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let set: Option<String> = redis::cmd("SET")
             .arg(format!("{REPORTED}{id}"))
             .arg("notifying")
@@ -469,7 +484,7 @@ impl JobStore for RedisStore {
     }
 
     async fn end_report(&self, job: &Job, policy: &Policy) -> Result<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         // Only the deliveries change: the status field stays as it is.
         let _: Value = redis::pipe()
             .cmd("HSET")
@@ -487,7 +502,7 @@ impl JobStore for RedisStore {
     }
 
     async fn dead_letters(&self, retention: Duration) -> Result<Vec<Job>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let oldest = super::now_ms().saturating_sub(retention.as_millis() as u64);
         let _: Value = redis::cmd("XTRIM")
             .arg(DEAD)
@@ -510,7 +525,7 @@ impl JobStore for RedisStore {
             if id.is_some_and(|id| id != dead_id) {
                 continue;
             }
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn().await?;
             let removed: u64 = redis::cmd("XDEL")
                 .arg(DEAD)
                 .arg(&entry)
@@ -534,7 +549,7 @@ impl JobStore for RedisStore {
     }
 
     async fn purge(&self) -> Result<u64> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (n, _): (u64, Value) = redis::pipe()
             .cmd("XLEN")
             .arg(DEAD)
@@ -546,7 +561,7 @@ impl JobStore for RedisStore {
     }
 
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: Value = redis::cmd("SET")
             .arg(format!("{KV}{key}"))
             .arg(value)
@@ -558,7 +573,7 @@ impl JobStore for RedisStore {
     }
 
     async fn fetch(&self, key: &str) -> Result<Option<String>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         Ok(redis::cmd("GET")
             .arg(format!("{KV}{key}"))
             .query_async(&mut conn)
