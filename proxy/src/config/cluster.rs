@@ -60,6 +60,7 @@ pub fn initial_config() -> Config {
         cache_policy: None,
         local_models: Vec::new(),
         tenants: Vec::new(),
+        webhook_secrets: Default::default(),
     }
 }
 

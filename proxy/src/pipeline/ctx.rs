@@ -112,6 +112,9 @@ pub struct RequestCtx {
     pub max_wait_invalid: bool,
     /// Its tier: `default` without a TierQueue.
     pub tier: Arc<str>,
+    /// The tier a job runs in when not its tenant's (Batch API lines run in a batch-class
+    /// tier); `None`: the caller's tier.
+    pub job_tier: Option<Arc<str>>,
     /// How long it waited in the queue for budget, once admitted.
     pub queued: Option<std::time::Duration>,
     /// Where it stands while it waits, when the door reports progress (streaming callers).
@@ -144,6 +147,7 @@ impl RequestCtx {
             max_wait_asked,
             max_wait_invalid,
             tier: Arc::from(crate::route::tiers::DEFAULT_TIER),
+            job_tier: None,
             queued: None,
             progress: None,
             caller: None,

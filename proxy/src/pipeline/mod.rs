@@ -183,10 +183,11 @@ impl Drop for Held {
 /// on `ctx` (the same each time it is called).
 pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
     let caller = ctx.caller.clone();
+    let name = ctx.job_tier.as_deref();
     let tier = view
         .runtime
         .tiers
-        .get(caller.as_ref().and_then(|c| c.tier()).map(|t| &**t));
+        .get(name.or(caller.as_ref().and_then(|c| c.tier()).map(|t| &**t)));
     ctx.set_tier(tier);
     Asker {
         tier: tier.clone(),

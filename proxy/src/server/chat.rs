@@ -37,14 +37,20 @@ pub(super) async fn completions(
         "chat",
         headers,
         |mut ctx, span| async move {
-            let response = handle(state, &mut ctx, body, span).await;
+            let response = handle(state, &mut ctx, body, headers, span).await;
             (response, ctx)
         },
     )
     .await
 }
 
-async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) -> Response {
+async fn handle(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    body: Body,
+    headers: &HeaderMap,
+    span: Span,
+) -> Response {
     let parse_started = Instant::now();
     let req = match parse(state, body).await {
         Ok(req) => req,
@@ -56,6 +62,20 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
     let view = state.dispatcher.view();
     if !req.stream {
         let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
+        // Past its wait limit, a caller that prefers it gets a job instead (server::jobs).
+        if matches!(
+            result,
+            Err(pipeline::Error::Route(
+                crate::route::RouteError::Saturated { .. }
+            ))
+        ) && super::jobs::prefers_async(headers)
+            && let Some(response) = super::jobs::defer(state, ctx, &req).await
+        {
+            Outcome::new(span, ctx, Some(req.model))
+                .with_status(response.status())
+                .record("deferred");
+            return response;
+        }
         let outcome = Outcome::new(span, ctx, Some(req.model));
         return render(result, outcome);
     }
