@@ -23,6 +23,7 @@ pub mod key;
 pub mod memory;
 pub mod metrics;
 pub mod redis;
+pub mod shared;
 pub mod template;
 
 use crate::budget::SharedOptions;
@@ -204,7 +205,7 @@ pub struct Served {
 /// configuration reloads.
 pub struct Cache {
     memory: MemoryStore,
-    redis: Option<redis::RedisStore>,
+    redis: Option<Arc<redis::RedisStore>>,
     flights: Arc<Flights>,
     tasks: TaskTracker,
     policy: Mutex<Option<PolicyOf>>,
@@ -227,7 +228,7 @@ impl Cache {
     /// shared budgets' connection settings).
     pub fn new(redis: Option<&SharedOptions>) -> Self {
         let redis = redis.and_then(|opts| match redis::RedisStore::new(opts) {
-            Ok(store) => Some(store),
+            Ok(store) => Some(Arc::new(store)),
             Err(e) => {
                 tracing::warn!(error = %e, "the cache cannot use Redis; answers stay in memory");
                 None
@@ -360,9 +361,55 @@ impl Cache {
         asker: Asker,
         (policy, key, window): (&Arc<Policy>, Key, Duration),
     ) -> Result<Served, RouteError> {
-        let leader = loop {
+        let mut remote_tries = 0;
+        let (leader, mirror) = loop {
             match self.flights.join(key, window) {
-                Role::Lead(leader) => break leader,
+                Role::Lead(leader) => {
+                    let Some(redis) = self.shared_flights(policy, remote_tries) else {
+                        break (leader, None);
+                    };
+                    match redis.lease(&key, shared::LEASE).await {
+                        Ok(true) => {
+                            let mirror = shared::Mirror::start(redis, key, window, &self.tasks);
+                            break (leader, Some(mirror));
+                        }
+                        Ok(false) => {
+                            remote_tries += 1;
+                            // Another replica leads: this one follows it, and its own
+                            // waiters follow this request.
+                            let Some((meta, upstream)) = shared::follow(redis, key).await else {
+                                continue;
+                            };
+                            self.count(ctx, Outcome::Dedup);
+                            let flight = leader.flight().clone();
+                            let reader = (req.model.as_str(), req.include_usage());
+                            let own = leader.stream(
+                                meta.clone(),
+                                upstream,
+                                reader,
+                                window,
+                                &self.tasks,
+                                drop,
+                            );
+                            let body = if req.stream {
+                                ReplyBody::Stream(own)
+                            } else {
+                                let answer = flight
+                                    .whole()
+                                    .await
+                                    .map_err(|error| RouteError::Upstream { error, attempts: 0 })?;
+                                drop(own);
+                                ReplyBody::Complete(answer.for_caller(&req.model))
+                            };
+                            return Ok(Served {
+                                reply: reply_of(meta.provider, meta.key, body),
+                                routed: false,
+                            });
+                        }
+                        // Redis unreachable: lead on this replica alone.
+                        Err(_) => break (leader, None),
+                    }
+                }
                 Role::Follow(flight) => {
                     // The leader got no answer: ask again (one of the waiters leads).
                     let Some(meta) = flight.started().await else {
@@ -397,11 +444,22 @@ impl Cache {
             options.include_usage = true;
         }
         // Dropped on an error: the followers ask again.
-        let mut reply = dispatcher.chat(view, &lead, ctx.deadline, asker).await?;
+        let mut reply = match dispatcher.chat(view, &lead, ctx.deadline, asker).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                if let Some(mirror) = &mirror {
+                    mirror.none();
+                }
+                return Err(e);
+            }
+        };
         let meta = Meta {
             provider: reply.provider.clone(),
             key: reply.key.clone(),
         };
+        if let Some(mirror) = &mirror {
+            mirror.meta(&meta);
+        }
         let store = policy.exact_ttl.is_some() && !ctx.cache.no_store;
         // A finished answer stays joinable for the window: a kind of storing, so not for
         // `no-store` (requests that join while it is in flight still share it).
@@ -418,11 +476,18 @@ impl Cache {
                 if store {
                     self.store(policy, key, &answer);
                 }
+                if let Some(mirror) = &mirror {
+                    mirror.whole(&answer.chunks(&req.model, true));
+                }
                 leader.complete(meta, Arc::new(answer), window, &self.tasks);
                 ReplyBody::Complete(response)
             }
             ReplyBody::Stream(upstream) => {
                 let (cache, policy) = (self.clone(), policy.clone());
+                let upstream = match mirror {
+                    Some(mirror) => mirror.tee(upstream),
+                    None => upstream,
+                };
                 ReplyBody::Stream(leader.stream(
                     meta,
                     upstream,
@@ -441,6 +506,16 @@ impl Cache {
             reply,
             routed: true,
         })
+    }
+
+    /// Redis, when flights are shared through it: the policy's backend is Redis, the
+    /// gateway has one, and this request has not already followed other replicas' flights
+    /// that ended without an answer three times.
+    fn shared_flights(&self, policy: &Policy, tries: u32) -> Option<Arc<redis::RedisStore>> {
+        match (&self.redis, policy.backend) {
+            (Some(redis), CacheBackend::Redis) if tries < 3 => Some(redis.clone()),
+            _ => None,
+        }
     }
 
     fn count(&self, ctx: &mut RequestCtx, outcome: Outcome) {

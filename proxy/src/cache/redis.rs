@@ -120,3 +120,112 @@ impl RedisStore {
         .await
     }
 }
+
+/// Where a flight shared across replicas lives: its lease, its log of entries, and the
+/// channel that says the log grew.
+fn flight_keys(key: &Key) -> (String, String, String) {
+    let hex = key.hex();
+    (
+        format!("floodgate:cache:flight:{hex}:lease"),
+        format!("floodgate:cache:flight:{hex}:log"),
+        format!("floodgate:cache:flight:{hex}"),
+    )
+}
+
+impl RedisStore {
+    /// Takes the lease on the flight of `key` for `ttl` if nobody holds it, and clears the
+    /// log of an earlier flight. True: this replica leads.
+    pub async fn lease(&self, key: &Key, ttl: Duration) -> Result<bool, RedisError> {
+        let mut conn = self.conn()?;
+        let (lease, log, _) = flight_keys(key);
+        let ms = ttl.as_millis().max(1) as u64;
+        self.run(async move {
+            let taken: Option<String> = redis::cmd("SET")
+                .arg(&lease)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(ms)
+                .query_async(&mut conn)
+                .await?;
+            if taken.is_some() {
+                redis::cmd("DEL")
+                    .arg(&log)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            Ok(taken.is_some())
+        })
+        .await
+    }
+
+    /// Appends `entry` to the flight's log (kept `keep` after its last entry), renews the
+    /// lease for `lease`, says so on the channel; `last` releases the lease.
+    pub async fn publish(
+        &self,
+        key: &Key,
+        entry: Vec<u8>,
+        keep: Duration,
+        lease: Duration,
+        last: bool,
+    ) -> Result<(), RedisError> {
+        let mut conn = self.conn()?;
+        let (lease_key, log, channel) = flight_keys(key);
+        let (keep, lease) = (keep.as_millis().max(1) as u64, lease.as_millis() as u64);
+        self.run(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("RPUSH").arg(&log).arg(entry).ignore();
+            pipe.cmd("PEXPIRE").arg(&log).arg(keep).ignore();
+            if last {
+                pipe.cmd("DEL").arg(&lease_key).ignore();
+            } else {
+                pipe.cmd("PEXPIRE").arg(&lease_key).arg(lease).ignore();
+            }
+            pipe.cmd("PUBLISH").arg(&channel).arg(1).ignore();
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
+
+    /// The flight's log from entry `from` on.
+    pub async fn log(&self, key: &Key, from: usize) -> Result<Vec<Vec<u8>>, RedisError> {
+        let mut conn = self.conn()?;
+        let (_, log, _) = flight_keys(key);
+        self.run(async move {
+            redis::cmd("LRANGE")
+                .arg(&log)
+                .arg(from)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    /// Whether someone holds the flight's lease.
+    pub async fn leased(&self, key: &Key) -> Result<bool, RedisError> {
+        let mut conn = self.conn()?;
+        let (lease, _, _) = flight_keys(key);
+        self.run(async move {
+            redis::cmd("EXISTS")
+                .arg(&lease)
+                .query_async::<bool>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    /// A subscription to the flight's channel (a message each time its log grows).
+    pub async fn subscribe(&self, key: &Key) -> Result<redis::aio::PubSubStream, RedisError> {
+        let (_, _, channel) = flight_keys(key);
+        let connect = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub.into_on_message())
+        };
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RedisError::Timeout),
+        }
+    }
+}
