@@ -120,6 +120,14 @@ pub fn parse_file(file: &Path, text: &str, loaded: &mut Loaded, errors: &mut Vec
             ));
         }
     };
+    if documents.iter().all(Value::is_null) {
+        // An empty file is most often one being written (or truncated): applying it would
+        // drop every resource it held.
+        return errors.push(file_error(
+            file,
+            "holds no manifest (the file is empty): remove it, or write its resources",
+        ));
+    }
     for (i, doc) in documents.into_iter().enumerate() {
         let origin = Origin {
             file: file.to_owned(),

@@ -88,6 +88,19 @@ impl Slot {
     }
 }
 
+impl Slot {
+    /// The gateway refused the request after the tenant admitted it, without a provider
+    /// call (no key had budget in time, none could serve, no such model): the tenant's
+    /// request and tokens are given back, so a refusal the tenant did not cause does not
+    /// spend its own limits.
+    pub fn refund(&self) {
+        let permit = self.permit.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(permit) = permit {
+            permit.refund();
+        }
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.counted {

@@ -119,6 +119,12 @@ pub fn whole_seconds(d: Duration) -> u64 {
 }
 
 impl RouteError {
+    /// Whether the gateway refused the request itself (no such model, no key in time, no
+    /// provider able to serve), rather than pass on a provider's error.
+    pub fn is_gateway_refusal(&self) -> bool {
+        !matches!(self, RouteError::Upstream { .. })
+    }
+
     /// A low-cardinality label for metrics and logs.
     pub fn metric_label(&self) -> &'static str {
         match self {
