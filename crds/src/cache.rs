@@ -65,10 +65,44 @@ pub struct CachePolicySpec {
     #[serde(default = "default_max_entries")]
     #[schemars(range(min = 1, max = 100000000))]
     pub max_entries: u32,
+    /// Most bytes of answers kept in memory (memory backend); the least recently used go
+    /// first.
+    #[serde(default = "default_max_bytes")]
+    #[schemars(range(min = 1024, max = 68719476736_u64))]
+    pub max_bytes: u64,
+    /// Largest answer stored, in bytes; a larger one is served and not stored.
+    #[serde(default = "default_max_entry_bytes")]
+    #[schemars(range(min = 64, max = 67108864))]
+    pub max_entry_bytes: u32,
+    /// Whether requests that sample (a temperature above 0, or none: providers then use
+    /// their default of 1) are answered from and stored in the caches. `cache` (default)
+    /// serves a repeated prompt the answer already given; `bypass` caches only requests
+    /// with `temperature: 0`.
+    #[serde(default)]
+    pub sampled: SampledRequests,
 }
 
 fn default_max_entries() -> u32 {
     100_000
+}
+
+fn default_max_bytes() -> u64 {
+    256 << 20
+}
+
+fn default_max_entry_bytes() -> u32 {
+    1 << 20
+}
+
+/// What the cache does with requests that sample (temperature above 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SampledRequests {
+    /// Cached like deterministic ones (default).
+    #[default]
+    Cache,
+    /// Neither answered from the cache nor stored.
+    Bypass,
 }
 
 /// Exact-match cache.
@@ -127,10 +161,11 @@ pub struct Template {
         regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub name: String,
-    /// Regular expression the whole last user message must match.
+    /// Regular expression the whole last user message must match; named captures
+    /// (`(?P<city>\\w+)`) fill the response's placeholders.
     #[schemars(length(min = 1, max = 1024))]
     pub pattern: String,
-    /// Answer returned.
+    /// Answer returned; `{{name}}` is replaced by the capture `name`.
     #[schemars(length(min = 1, max = 65536))]
     pub response: String,
 }

@@ -6,6 +6,7 @@
 //! every stage reads.
 
 pub mod budget;
+pub mod cache;
 pub mod config;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]

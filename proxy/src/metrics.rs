@@ -314,6 +314,7 @@ impl Metrics {
             m.budget_losses.clone(),
         );
         crate::jobs::metrics::register(&mut registry);
+        crate::cache::metrics::register(&mut registry);
         Metrics { registry, ..m }
     }
 

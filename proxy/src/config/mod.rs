@@ -282,10 +282,10 @@ impl Config {
             }
         }
         if let Some(cp) = &self.cache_policy {
-            out.push(format!(
-                "CachePolicy/{}: accepted but not acted on yet (the cache is not built)",
-                kube::ResourceExt::name_any(cp)
-            ));
+            let name = kube::ResourceExt::name_any(cp);
+            for note in crate::cache::Policy::new(&cp.spec).1 {
+                out.push(format!("CachePolicy/{name}: {note}"));
+            }
         }
         for lm in &self.local_models {
             out.push(format!(

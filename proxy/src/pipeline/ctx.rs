@@ -124,6 +124,9 @@ pub struct RequestCtx {
     pub caller: Option<Arc<Caller>>,
     /// The route stage's decision, once made.
     pub route: Option<RouteDecision>,
+    /// Stages 4, 5 and 8: the cache, what the caller asked of it (`cache-control`), and
+    /// what it did.
+    pub cache: crate::cache::CacheCtx,
 }
 
 impl RequestCtx {
@@ -152,6 +155,7 @@ impl RequestCtx {
             progress: None,
             caller: None,
             route: None,
+            cache: crate::cache::CacheCtx::new(None, headers),
         }
     }
 

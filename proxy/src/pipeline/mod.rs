@@ -7,11 +7,11 @@
 //! | 2 | parse            | the door: its wire format -> [`ChatRequest`] (or [`EmbeddingsRequest`]) | built |
 //! | 2b | tenant limits   | here: allowed models, the tenant's rpm / tpm / concurrency ([`identity::limits`]) | built |
 //! | 3 | classify         | here, prompt class             | not built yet (routing issue)  |
-//! | 4 | cache lookup     | here                           | not built yet (cache issue)    |
-//! | 5 | dedup            | here, join an identical request in flight | not built yet (cache issue) |
+//! | 4 | cache lookup     | [`cache`](crate::cache): templates, then exact answers | built        |
+//! | 5 | dedup            | [`cache::flight`](crate::cache::flight): join an identical request in flight, fanned out | built |
 //! | 6 | queue (admission)| [`route::attempt`] + [`route::wait`]: per route, by tier (weighted fair queueing), bounded | built |
 //! | 7 | route / attempt  | [`route`]: key, provider, fallback | built                      |
-//! | 8 | cache store      | here, tees the typed answer    | not built yet (cache issue)    |
+//! | 8 | cache store      | [`cache`](crate::cache): tees the typed answer, stores it when complete | built |
 //!
 //! A stage that is not built is absent, not a stub: it costs nothing. Each later stage adds
 //! its step to [`chat`] (and its field to the context) without touching the others.
@@ -68,9 +68,27 @@ pub async fn chat(
     let tokens = prompt + u64::from(output);
     let asker = queue_place(view, ctx);
     let slot = tenant_slot(ctx, &req.model, tokens).await?;
-    // 6 + 7: admission in the route's queue, then attempts over keys and providers.
-    let reply = dispatcher.chat(view, req, ctx.deadline, asker).await;
-    decided(ctx, &reply);
+    // 4 + 5 + 8: cache lookup, dedup and store around 6 + 7: admission in the route's
+    // queue, then attempts over keys and providers.
+    let reply = match ctx.cache.cache.clone() {
+        Some(cache) => cache
+            .chat(dispatcher, view, ctx, req, asker)
+            .await
+            .map(|served| (served.reply, served.routed)),
+        None => dispatcher
+            .chat(view, req, ctx.deadline, asker)
+            .await
+            .map(|reply| (reply, true)),
+    };
+    let reply = match reply {
+        // A hit, or a follower's answer: no route decision of its own.
+        Ok((reply, false)) => Ok(reply),
+        routed => {
+            let routed = routed.map(|(reply, _)| reply);
+            decided(ctx, &routed);
+            routed
+        }
+    };
     let mut reply = refund_unless_sent(reply, slot.as_ref())?;
     if let Some(slot) = slot {
         reply.body = match reply.body {

@@ -107,6 +107,7 @@ where
                 }
                 Ok(caller) => {
                     ctx.caller = caller;
+                    ctx.cache.cache = Some(state.cache.clone());
                     handle(ctx, request_span).await
                 }
                 Err(e) => {
@@ -181,6 +182,12 @@ pub fn decision_headers(headers: &mut HeaderMap, ctx: &RequestCtx, expose_key: b
     );
     if let Ok(v) = HeaderValue::from_str(&ctx.tier) {
         headers.insert(HeaderName::from_static(TIER), v);
+    }
+    if let Some(outcome) = ctx.cache.outcome {
+        headers.insert(
+            HeaderName::from_static(crate::cache::CACHE_HEADER),
+            HeaderValue::from_static(outcome.as_str()),
+        );
     }
     if let Some(queued) = ctx.queued {
         headers.insert(

@@ -69,6 +69,8 @@ pub struct AppState {
     pub identity: Arc<Identity>,
     /// Async jobs (`/v1/jobs`, the dead letters); `None`: not enabled (404).
     pub jobs: Option<Arc<crate::jobs::Jobs>>,
+    /// Stages 4, 5 and 8: cached answers and requests in flight.
+    pub cache: Arc<crate::cache::Cache>,
 }
 
 /// Default largest request body: 4 MiB.
@@ -80,8 +82,12 @@ pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_
 impl AppState {
     /// State with the default body limit and timeout, no key header, and no trusted tenant
     /// header.
+    /// The cache shares answers through the dispatcher's Redis when its budgets are
+    /// shared.
     pub fn new(ready: Arc<AtomicBool>, dispatcher: Arc<Dispatcher>) -> Self {
+        let redis = dispatcher.budgets().backend().map(|b| b.options().clone());
         Self {
+            cache: Arc::new(crate::cache::Cache::new(redis.as_ref())),
             ready,
             dispatcher,
             body_limit: DEFAULT_BODY_LIMIT,

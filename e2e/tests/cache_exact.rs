@@ -1,0 +1,393 @@
+//! The exact cache, templates and in-flight deduplication through the gateway, against the
+//! mock providers: hits in every door and mode, what is never stored, tenant isolation,
+//! Redis shared by two replicas and read by a new one, and 100 concurrent requests.
+
+// Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
+#![cfg(test)]
+
+use floodgate_e2e::gateway::Gateway;
+use floodgate_e2e::mock::{MockConfig, MockProviders, answer_for};
+use floodgate_e2e::redis::RedisServer;
+use floodgate_proxy::budget::SharedOptions;
+use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
+use floodgate_proxy::secret::SecretString;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const WINDOW: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(10);
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+fn pool(mock: &MockProviders) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n\
+         \x20 providers:\n\
+         \x20 - {{name: up, type: openai, baseUrl: \"{}\", models: [{{name: gpt-4o, alias: smart, inputPer1M: 2.5, outputPer1M: 10}}, {{name: gpt-truncate}}, {{name: gpt-slow-600}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 100000}}]}}\n",
+        mock.base_url()
+    )
+}
+
+fn policy(backend: &str) -> String {
+    format!(
+        "---\napiVersion: floodgate.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: cache}}\nspec:\n\
+         \x20 backend: {backend}\n\
+         \x20 exact: {{ttlSeconds: 3600}}\n\
+         \x20 dedup: {{windowSeconds: 5}}\n\
+         \x20 templates:\n\
+         \x20   ttlSeconds: 60\n\
+         \x20   items:\n\
+         \x20   - {{name: hours, pattern: 'what are your opening hours in (?P<city>\\w+)\\??', response: 'Our {{{{city}}}} office is open 9-17.'}}\n"
+    )
+}
+
+const TENANTS: &str = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: clients}\nstringData: {acme: sk-acme, globex: sk-globex}\n\
+---\napiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: acme}\nspec:\n  keys: [{name: main, secretRef: {name: clients, key: acme}}]\n\
+---\napiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: globex}\nspec:\n  keys: [{name: main, secretRef: {name: clients, key: globex}}]\n";
+
+async fn gateway(yaml: &str) -> Gateway {
+    Gateway::start(yaml, WINDOW, WAIT).await.unwrap()
+}
+
+fn chat(model: &str, prompt: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "max_tokens": 50,
+           "messages": [{"role": "user", "content": prompt}]})
+}
+
+/// What a caller got: the cache header and the answer's text (from a whole answer, or the
+/// stream's deltas; a stream must end cleanly).
+#[derive(Debug)]
+struct Got {
+    cache: String,
+    text: String,
+}
+
+async fn post(url: &str, path: &str, body: &Value, headers: &[(&str, &str)]) -> Got {
+    let mut request = client().post(format!("{url}{path}")).json(body);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let cache = response
+        .headers()
+        .get("x-floodgate-cache")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let raw = response.text().await.unwrap();
+    assert!(status.is_success(), "{status}: {raw}");
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let text = match (path, stream) {
+        (_, false) => {
+            let v: Value = serde_json::from_str(&raw).unwrap();
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .or_else(|| v["content"][0]["text"].as_str())
+                .unwrap()
+                .to_owned()
+        }
+        ("/v1/chat/completions", true) => openai_text(&raw),
+        (_, true) => anthropic_text(&raw),
+    };
+    Got { cache, text }
+}
+
+fn events(raw: &str) -> impl Iterator<Item = &str> {
+    raw.lines().filter_map(|l| l.strip_prefix("data: "))
+}
+
+fn openai_text(raw: &str) -> String {
+    assert!(
+        raw.contains("data: [DONE]"),
+        "the stream did not end cleanly: {raw}"
+    );
+    events(raw)
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+fn anthropic_text(raw: &str) -> String {
+    assert!(
+        raw.contains("message_stop"),
+        "the stream did not end cleanly: {raw}"
+    );
+    events(raw)
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|v| v["delta"]["text"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_answer_is_served_again_in_any_door_and_mode() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = gateway(&(pool(&mock) + &policy("memory"))).await;
+    let url = gw.url();
+    let prompt = "what is the capital of France";
+    // Streamed first: stored at its clean end.
+    let first = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("gpt-4o", prompt, true),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (first.cache.as_str(), first.text.as_str()),
+        ("miss", &*answer_for(prompt))
+    );
+    let whole = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("gpt-4o", prompt, false),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (whole.cache.as_str(), whole.text.as_str()),
+        ("exact", &*answer_for(prompt))
+    );
+    // The alias routes to the same model: the same entry.
+    let alias = post(
+        &url,
+        "/v1/chat/completions",
+        &chat("smart", prompt, false),
+        &[],
+    )
+    .await;
+    assert_eq!(alias.cache, "exact");
+    // Anthropic's door, streamed and whole.
+    let anthropic = [("anthropic-version", "2023-06-01")];
+    let streamed = post(
+        &url,
+        "/v1/messages",
+        &chat("gpt-4o", prompt, true),
+        &anthropic,
+    )
+    .await;
+    assert_eq!(
+        (streamed.cache.as_str(), streamed.text.as_str()),
+        ("exact", &*answer_for(prompt))
+    );
+    let whole = post(
+        &url,
+        "/v1/messages",
+        &chat("gpt-4o", prompt, false),
+        &anthropic,
+    )
+    .await;
+    assert_eq!(
+        (whole.cache.as_str(), whole.text.as_str()),
+        ("exact", &*answer_for(prompt))
+    );
+    assert_eq!(mock.counts().total(), 1);
+    // A different parameter is a different answer.
+    let mut other = chat("gpt-4o", prompt, false);
+    other["temperature"] = json!(0.3);
+    assert_eq!(
+        post(&url, "/v1/chat/completions", &other, &[]).await.cache,
+        "miss"
+    );
+    assert_eq!(mock.counts().total(), 2);
+    let metrics = client()
+        .get(format!("{}/metrics", gw.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("floodgate_cache_requests_total{result=\"exact\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("floodgate_cache_saved_usd_total"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn no_cache_skips_the_lookup_and_no_store_the_store() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = gateway(&(pool(&mock) + &policy("memory"))).await;
+    let url = gw.url();
+    let path = "/v1/chat/completions";
+    let body = chat("gpt-4o", "tell me a joke", false);
+    let got = post(&url, path, &body, &[("cache-control", "no-store")]).await;
+    assert_eq!(got.cache, "miss");
+    assert_eq!(post(&url, path, &body, &[]).await.cache, "miss");
+    assert_eq!(
+        post(&url, path, &body, &[("cache-control", "no-cache")])
+            .await
+            .cache,
+        "bypass"
+    );
+    assert_eq!(post(&url, path, &body, &[]).await.cache, "exact");
+    assert_eq!(mock.counts().total(), 3);
+}
+
+#[tokio::test]
+async fn a_broken_stream_is_never_stored() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = gateway(&(pool(&mock) + &policy("memory"))).await;
+    let body = chat("gpt-truncate", "hello", true);
+    for _ in 0..2 {
+        let response = client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let raw = response.text().await.unwrap();
+        assert!(!raw.contains("[DONE]"), "{raw}");
+    }
+    assert_eq!(mock.counts().total(), 2);
+}
+
+#[tokio::test]
+async fn one_tenant_never_receives_anothers_answer() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = gateway(&(pool(&mock) + &policy("memory") + TENANTS)).await;
+    let (url, path) = (gw.url(), "/v1/chat/completions");
+    let body = chat("gpt-4o", "our secret plan", false);
+    let acme = [("authorization", "Bearer sk-acme")];
+    let globex = [("authorization", "Bearer sk-globex")];
+    assert_eq!(post(&url, path, &body, &acme).await.cache, "miss");
+    assert_eq!(post(&url, path, &body, &globex).await.cache, "miss");
+    assert_eq!(post(&url, path, &body, &acme).await.cache, "exact");
+    assert_eq!(post(&url, path, &body, &globex).await.cache, "exact");
+    assert_eq!(mock.counts().total(), 2);
+}
+
+#[tokio::test]
+async fn a_template_answers_without_a_provider_call() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = gateway(&(pool(&mock) + &policy("memory"))).await;
+    let body = chat("gpt-4o", "What are your opening hours in Lyon?", false);
+    let got = post(&gw.url(), "/v1/chat/completions", &body, &[]).await;
+    // The pattern is case-sensitive: "What" does not match "what".
+    assert_eq!(got.cache, "miss");
+    let body = chat("gpt-4o", "what are your opening hours in Lyon?", true);
+    let got = post(&gw.url(), "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(got.cache, "template");
+    assert_eq!(got.text, "Our Lyon office is open 9-17.");
+    assert_eq!(mock.counts().total(), 1);
+}
+
+/// 100 identical requests at once, half streaming: one provider call, and every caller
+/// gets the whole answer (streams end cleanly).
+#[tokio::test]
+async fn a_hundred_identical_requests_make_one_provider_call() {
+    let mock =
+        MockProviders::start(MockConfig::default().with_chunk_interval(Duration::from_millis(20)))
+            .await
+            .unwrap();
+    let gw = gateway(&(pool(&mock) + &policy("memory"))).await;
+    let url = gw.url();
+    let prompt = "summarise the history of the Roman empire";
+    let calls = (0..100).map(|i| {
+        let url = url.clone();
+        async move {
+            let body = chat("gpt-slow-600", prompt, i % 2 == 0);
+            post(&url, "/v1/chat/completions", &body, &[]).await
+        }
+    });
+    let got = futures::future::join_all(calls).await;
+    assert_eq!(mock.counts().total(), 1);
+    let expected = answer_for(prompt);
+    for g in &got {
+        assert_eq!(g.text, expected);
+        assert!(
+            ["miss", "dedup", "exact", ""].contains(&g.cache.as_str()),
+            "{g:?}"
+        );
+    }
+    assert!(got.iter().filter(|g| g.cache == "miss").count() <= 1);
+    assert!(got.iter().any(|g| g.cache == "dedup"));
+}
+
+/// 100 requests at once that differ in one word or in one parameter: each is its own.
+#[tokio::test]
+async fn a_hundred_different_requests_each_get_their_own_answer() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = gateway(&(pool(&mock) + &policy("memory"))).await;
+    let url = gw.url();
+    let calls = (0..100).map(|i| {
+        let url = url.clone();
+        async move {
+            let (prompt, mut body) = if i < 50 {
+                let prompt = format!("how many legs has animal {i}");
+                (prompt.clone(), chat("gpt-slow-600", &prompt, i % 2 == 0))
+            } else {
+                let prompt = "how many legs has a spider".to_owned();
+                (prompt.clone(), chat("gpt-slow-600", &prompt, i % 2 == 0))
+            };
+            if i >= 50 {
+                body["max_tokens"] = json!(i);
+            }
+            (prompt, post(&url, "/v1/chat/completions", &body, &[]).await)
+        }
+    });
+    let got = futures::future::join_all(calls).await;
+    for (prompt, g) in &got {
+        assert_eq!(g.text, answer_for(prompt));
+        // A stream that waited over a second sent its headers before the cache decided.
+        assert!(g.cache == "miss" || g.cache.is_empty(), "{g:?}");
+    }
+    assert_eq!(mock.counts().total(), 100);
+}
+
+fn redis_dispatcher(redis: &RedisServer) -> Dispatcher {
+    let opts = DispatcherOptions::new(WINDOW, WAIT)
+        .with_redis(SharedOptions::new(SecretString::new(redis.url())));
+    Dispatcher::with_options(opts).unwrap()
+}
+
+/// Two replicas share answers through Redis, and a replica started later finds them.
+#[tokio::test]
+async fn replicas_share_answers_through_redis() {
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let yaml = pool(&mock) + &policy("redis");
+    let a = Gateway::start_with(&yaml, redis_dispatcher(&redis))
+        .await
+        .unwrap();
+    let b = Gateway::start_with(&yaml, redis_dispatcher(&redis))
+        .await
+        .unwrap();
+    let (path, body) = (
+        "/v1/chat/completions",
+        chat("gpt-4o", "shared answer", false),
+    );
+    assert_eq!(post(&a.url(), path, &body, &[]).await.cache, "miss");
+    // The store is written in the background: B finds it once it is there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = post(&b.url(), path, &body, &[("cache-control", "no-store")]).await;
+        if got.cache == "exact" {
+            assert_eq!(got.text, answer_for("shared answer"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never saw A's answer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls = mock.counts().total();
+    let c = Gateway::start_with(&yaml, redis_dispatcher(&redis))
+        .await
+        .unwrap();
+    assert_eq!(post(&c.url(), path, &body, &[]).await.cache, "exact");
+    assert_eq!(mock.counts().total(), calls);
+}

@@ -1,0 +1,407 @@
+//! In-flight deduplication on one replica: the first request of an exact key leads (calls
+//! the provider); identical requests that arrive while it is in flight follow it.
+//!
+//! A streamed answer is driven by a task of its own, not by the leader's caller, and fanned
+//! out: every subscriber (the leader's caller included) reads the chunks received so far,
+//! then the live ones, so a follower that joins late misses nothing and none waits for the
+//! end. The task stops, dropping the upstream (which cancels it at the provider), when every
+//! subscriber has gone.
+//!
+//! When the leader fails:
+//! - before any answer (refused, no budget, every attempt failed): followers are not given
+//!   its error; each asks again, so one of them leads the next try and the rest follow it.
+//!   A leader's refusal can be its own (its tenant's deadline, its tier), not theirs.
+//! - after its stream began: every subscriber gets the same error after the chunks it has
+//!   (what the leader's caller gets); nothing is stored.
+//!
+//! A finished answer stays joinable for the policy's dedup window after it ended, then the
+//! flight is forgotten (the exact cache, when on, keeps the answer longer).
+
+use super::answer::{Answer, Assembler};
+use super::key::Key;
+use crate::providers::ProviderError;
+use crate::providers::types::ChatChunk;
+use crate::route::ChunkStream;
+use futures::StreamExt as _;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+/// The flights of this replica, by exact key.
+#[derive(Debug, Default)]
+pub struct Flights {
+    map: Mutex<HashMap<Key, Arc<Flight>>>,
+}
+
+/// One answer in flight (or just finished).
+#[derive(Debug)]
+pub struct Flight {
+    data: Mutex<Data>,
+    tx: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Data {
+    meta: Option<Meta>,
+    body: Body,
+    end: Option<End>,
+    ended_at: Option<Instant>,
+}
+
+/// Who answered the leader.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    /// The provider.
+    pub provider: Arc<str>,
+    /// The key's display name.
+    pub key: Arc<str>,
+}
+
+#[derive(Debug, Default)]
+enum Body {
+    #[default]
+    Pending,
+    Chunks(Vec<ChatChunk>),
+    Whole(Arc<Answer>),
+}
+
+#[derive(Debug, Clone)]
+enum End {
+    Done,
+    Failed(ProviderError),
+    /// The leader got no answer: followers ask again.
+    NotStarted,
+}
+
+/// What a request is in its flight.
+#[derive(Debug)]
+pub enum Role {
+    /// It calls the provider; the others wait for it.
+    Lead(Leader),
+    /// It waits for the leader of this flight.
+    Follow(Arc<Flight>),
+}
+
+/// The leader's handle. Dropped without an answer, it tells its followers to ask again.
+#[derive(Debug)]
+pub struct Leader {
+    flights: Arc<Flights>,
+    key: Key,
+    flight: Arc<Flight>,
+    /// Cleared once the flight has an answer (the drop then does nothing).
+    armed: bool,
+}
+
+impl Flights {
+    /// Joins the flight of `key` if one is in flight, or ended well less than `window` ago;
+    /// else starts one and leads it.
+    pub fn join(self: &Arc<Self>, key: Key, window: Duration) -> Role {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(flight) = map.get(&key)
+            && flight.joinable(window)
+        {
+            return Role::Follow(flight.clone());
+        }
+        let flight = Arc::new(Flight {
+            data: Mutex::default(),
+            tx: watch::Sender::new(0),
+        });
+        map.insert(key, flight.clone());
+        Role::Lead(Leader {
+            flights: self.clone(),
+            key,
+            flight,
+            armed: true,
+        })
+    }
+
+    /// Flights held now (in flight, or finished within their window and not yet forgotten).
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no flight is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn forget(&self, key: &Key, flight: &Arc<Flight>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            map.remove(key);
+        }
+    }
+}
+
+impl Flight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Data> {
+        self.data.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn joinable(&self, window: Duration) -> bool {
+        let data = self.lock();
+        match (&data.end, data.ended_at) {
+            (None, _) => true,
+            (Some(End::Done), Some(at)) => at.elapsed() < window,
+            _ => false,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Data)) {
+        f(&mut self.lock());
+        self.tx.send_modify(|v| *v += 1);
+    }
+
+    fn end(&self, end: End) {
+        self.update(|d| {
+            if d.end.is_none() {
+                d.end = Some(end);
+                d.ended_at = Some(Instant::now());
+            }
+        });
+    }
+
+    /// Waits until the leader has an answer under way: who answers it, or `None` when the
+    /// leader got none (ask again).
+    pub async fn started(&self) -> Option<Meta> {
+        let mut rx = self.tx.subscribe();
+        loop {
+            rx.borrow_and_update();
+            {
+                let data = self.lock();
+                if let Some(meta) = &data.meta {
+                    return Some(meta.clone());
+                }
+                if data.end.is_some() {
+                    return None;
+                }
+            }
+            rx.changed().await.ok()?;
+        }
+    }
+
+    /// Waits for the whole answer: assembled from the chunks when it streamed.
+    pub async fn whole(&self) -> Result<Arc<Answer>, ProviderError> {
+        let mut rx = self.tx.subscribe();
+        loop {
+            rx.borrow_and_update();
+            {
+                let data = self.lock();
+                match (&data.end, &data.body) {
+                    (Some(End::Done), Body::Whole(answer)) => return Ok(answer.clone()),
+                    (Some(End::Done), Body::Chunks(chunks)) => {
+                        let mut asm = Assembler::default();
+                        chunks.iter().for_each(|c| asm.push(c));
+                        return asm.finish().map(Arc::new).ok_or(ProviderError::Truncated);
+                    }
+                    (Some(End::Failed(e)), _) => return Err(e.clone()),
+                    (Some(_), _) => return Err(ProviderError::Truncated),
+                    (None, _) => {}
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(ProviderError::Truncated);
+            }
+        }
+    }
+
+    /// The answer as a stream for a caller who asked for `model`: the chunks so far, then
+    /// the live ones (a whole answer is replayed as chunks). Without `include_usage`, usage
+    /// is left out.
+    pub fn subscribe(self: &Arc<Self>, model: &str, include_usage: bool) -> ChunkStream {
+        let state = Reader {
+            flight: self.clone(),
+            rx: self.tx.subscribe(),
+            next: 0,
+            replay: None,
+            model: model.to_owned(),
+            include_usage,
+            over: false,
+        };
+        Box::pin(futures::stream::unfold(state, Reader::next))
+    }
+}
+
+struct Reader {
+    flight: Arc<Flight>,
+    rx: watch::Receiver<u64>,
+    next: usize,
+    replay: Option<VecDeque<ChatChunk>>,
+    model: String,
+    include_usage: bool,
+    over: bool,
+}
+
+type Item = Result<ChatChunk, ProviderError>;
+
+impl Reader {
+    async fn next(mut self) -> Option<(Item, Self)> {
+        loop {
+            if self.over {
+                return None;
+            }
+            if let Some(chunk) = self.replay.as_mut().and_then(VecDeque::pop_front) {
+                return Some((Ok(chunk), self));
+            }
+            if self.replay.is_some() {
+                return None;
+            }
+            self.rx.borrow_and_update();
+            let step = self.step();
+            match step {
+                Step::Chunk(mut chunk) => {
+                    chunk.model.clone_from(&self.model);
+                    if !self.include_usage {
+                        chunk.usage = None;
+                        if chunk.choices.is_empty() {
+                            continue;
+                        }
+                    }
+                    return Some((Ok(chunk), self));
+                }
+                Step::Replay(chunks) => self.replay = Some(chunks.into()),
+                Step::End => return None,
+                Step::Failed(e) => {
+                    self.over = true;
+                    return Some((Err(e), self));
+                }
+                Step::Wait => {
+                    if self.rx.changed().await.is_err() {
+                        self.over = true;
+                        return Some((Err(ProviderError::Truncated), self));
+                    }
+                }
+            }
+        }
+    }
+
+    fn step(&mut self) -> Step {
+        let data = self.flight.lock();
+        match &data.body {
+            Body::Chunks(chunks) => {
+                if let Some(chunk) = chunks.get(self.next) {
+                    self.next += 1;
+                    return Step::Chunk(chunk.clone());
+                }
+            }
+            Body::Whole(answer) => {
+                return Step::Replay(answer.chunks(&self.model, self.include_usage));
+            }
+            Body::Pending => {}
+        }
+        match &data.end {
+            Some(End::Done) => Step::End,
+            Some(End::Failed(e)) => Step::Failed(e.clone()),
+            Some(End::NotStarted) => Step::Failed(ProviderError::Truncated),
+            None => Step::Wait,
+        }
+    }
+}
+
+enum Step {
+    Chunk(ChatChunk),
+    Replay(Vec<ChatChunk>),
+    End,
+    Failed(ProviderError),
+    Wait,
+}
+
+impl Leader {
+    /// The flight this leader leads.
+    pub fn flight(&self) -> &Arc<Flight> {
+        &self.flight
+    }
+
+    /// The leader's whole answer: followers get it; the flight stays joinable for `window`.
+    pub fn complete(self, meta: Meta, answer: Arc<Answer>, window: Duration, tasks: &TaskTracker) {
+        self.flight.update(|d| {
+            d.meta = Some(meta);
+            d.body = Body::Whole(answer);
+        });
+        self.flight.end(End::Done);
+        self.forget_after(window, tasks);
+    }
+
+    /// The leader's stream: driven by a task of `tasks` and fanned out. Returns the leader's
+    /// own subscription (for a caller who asked for `model`, with usage if `include_usage`).
+    /// `stored` gets the whole answer after a clean end, never after a break.
+    pub fn stream(
+        self,
+        meta: Meta,
+        upstream: ChunkStream,
+        reader: (&str, bool),
+        window: Duration,
+        tasks: &TaskTracker,
+        stored: impl FnOnce(Answer) + Send + 'static,
+    ) -> ChunkStream {
+        self.flight.update(|d| {
+            d.meta = Some(meta);
+            d.body = Body::Chunks(Vec::new());
+        });
+        // Subscribed before the task starts, so that it never sees nobody listening.
+        let own = self.flight.subscribe(reader.0, reader.1);
+        let tracker = tasks.clone();
+        tasks.spawn(async move {
+            if let Some(answer) = drive(&self.flight, upstream).await {
+                stored(answer);
+            }
+            self.forget_after(window, &tracker);
+        });
+        own
+    }
+
+    fn forget_after(mut self, window: Duration, tasks: &TaskTracker) {
+        self.armed = false;
+        let (flights, key, flight) = (self.flights.clone(), self.key, self.flight.clone());
+        tasks.spawn(async move {
+            tokio::time::sleep(window).await;
+            flights.forget(&key, &flight);
+        });
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.flight.end(End::NotStarted);
+        self.flights.forget(&self.key, &self.flight);
+    }
+}
+
+/// Reads `upstream` into `flight` until it ends, breaks, or nobody listens any more.
+/// Returns the whole answer after a clean, complete end.
+async fn drive(flight: &Flight, mut upstream: ChunkStream) -> Option<Answer> {
+    let mut asm = Assembler::default();
+    loop {
+        tokio::select! {
+            item = upstream.next() => match item {
+                Some(Ok(chunk)) => {
+                    asm.push(&chunk);
+                    flight.update(|d| {
+                        if let Body::Chunks(chunks) = &mut d.body {
+                            chunks.push(chunk);
+                        }
+                    });
+                }
+                Some(Err(e)) => {
+                    flight.end(End::Failed(e));
+                    return None;
+                }
+                None => {
+                    flight.end(End::Done);
+                    return asm.finish().filter(Answer::is_complete);
+                }
+            },
+            () = flight.tx.closed() => {
+                // Every caller hung up: dropping the upstream cancels it at the provider.
+                flight.end(End::Failed(ProviderError::Truncated));
+                return None;
+            }
+        }
+    }
+}

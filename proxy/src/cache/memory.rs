@@ -1,0 +1,132 @@
+//! The memory backend: answers by exact key, each with its expiry, within a byte budget and
+//! an entry count, the least recently used evicted first.
+
+use super::answer::Answer;
+use super::key::Key;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
+
+/// What an entry costs beyond its answer's bytes (map, order index, expiry).
+const ENTRY_OVERHEAD: usize = 128;
+
+/// Answers in memory, bounded in bytes and entries.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Lru>,
+}
+
+#[derive(Debug, Default)]
+struct Lru {
+    map: HashMap<Key, Slot>,
+    /// Use tick -> key, oldest first.
+    order: BTreeMap<u64, Key>,
+    tick: u64,
+    bytes: usize,
+    max_bytes: usize,
+    max_entries: usize,
+}
+
+#[derive(Debug)]
+struct Slot {
+    answer: Arc<Answer>,
+    bytes: usize,
+    expires: Instant,
+    tick: u64,
+}
+
+/// What a store did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Whether the answer was kept (not when larger than the whole budget).
+    pub kept: bool,
+    /// Entries evicted to make room.
+    pub evicted: u64,
+}
+
+impl MemoryStore {
+    /// A store of at most `max_bytes` and `max_entries`.
+    pub fn new(max_bytes: usize, max_entries: usize) -> Self {
+        let store = Self::default();
+        store.set_limits(max_bytes, max_entries);
+        store
+    }
+
+    /// Changes the bounds (a new policy); evicts down to them at the next store.
+    pub fn set_limits(&self, max_bytes: usize, max_entries: usize) {
+        let mut lru = self.lock();
+        lru.max_bytes = max_bytes;
+        lru.max_entries = max_entries.max(1);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The answer stored under `key` if it has not expired at `now`; marks it used.
+    pub fn get(&self, key: &Key, now: Instant) -> Option<Arc<Answer>> {
+        let mut lru = self.lock();
+        let lru = &mut *lru;
+        let slot = lru.map.get_mut(key)?;
+        if slot.expires <= now {
+            let (tick, bytes) = (slot.tick, slot.bytes);
+            lru.map.remove(key);
+            lru.order.remove(&tick);
+            lru.bytes -= bytes;
+            return None;
+        }
+        lru.tick += 1;
+        lru.order.remove(&slot.tick);
+        slot.tick = lru.tick;
+        lru.order.insert(lru.tick, *key);
+        Some(slot.answer.clone())
+    }
+
+    /// Stores `answer` (of `bytes` serialised) under `key` until `expires`, evicting the
+    /// least recently used (expired ones first) to stay within the bounds.
+    pub fn put(&self, key: Key, answer: Arc<Answer>, bytes: usize, expires: Instant) -> Stored {
+        let mut lru = self.lock();
+        let lru = &mut *lru;
+        let bytes = bytes + ENTRY_OVERHEAD;
+        if bytes > lru.max_bytes {
+            return Stored::default();
+        }
+        if let Some(old) = lru.map.remove(&key) {
+            lru.order.remove(&old.tick);
+            lru.bytes -= old.bytes;
+        }
+        let mut evicted = 0;
+        while lru.bytes + bytes > lru.max_bytes || lru.map.len() >= lru.max_entries {
+            let Some((_, oldest)) = lru.order.pop_first() else {
+                break;
+            };
+            if let Some(old) = lru.map.remove(&oldest) {
+                lru.bytes -= old.bytes;
+                evicted += 1;
+            }
+        }
+        lru.tick += 1;
+        let tick = lru.tick;
+        lru.order.insert(tick, key);
+        lru.map.insert(
+            key,
+            Slot {
+                answer,
+                bytes,
+                expires,
+                tick,
+            },
+        );
+        lru.bytes += bytes;
+        Stored {
+            kept: true,
+            evicted,
+        }
+    }
+
+    /// Entries and bytes held now (expired ones count until looked up or evicted).
+    pub fn usage(&self) -> (usize, usize) {
+        let lru = self.lock();
+        (lru.map.len(), lru.bytes)
+    }
+}

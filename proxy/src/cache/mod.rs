@@ -1,0 +1,762 @@
+//! Stages 4, 5 and 8 of the chain: cache lookup (templates, then exact answers), in-flight
+//! deduplication, and cache store. All three follow the CachePolicy of the configuration
+//! serving now; without one, a request passes through untouched.
+//!
+//! In order, for a chat request:
+//! 1. a template matching the last user message answers at once ([`template`]);
+//! 2. a request the policy does not cache (sampling with `sampled: bypass`, `n > 1`) or
+//!    that said `cache-control: no-cache` skips the lookup and dedup (`bypass`);
+//! 3. the exact key ([`key`]) finds a stored answer ([`memory`] or [`redis`] backend);
+//! 4. with dedup on, the request joins an identical one in flight or leads ([`flight`]);
+//! 5. the answer is stored when complete: a whole answer at once, a stream at its clean end
+//!    (a stream that broke, or that the caller left, is never stored); `cache-control:
+//!    no-store` skips this.
+//!
+//! Answers are kept typed ([`answer::Answer`]), so a hit replays in the caller's door and
+//! mode: a whole answer stored from `/v1/chat/completions` streams on `/v1/messages`. What
+//! the cache did is on the context ([`CacheCtx::outcome`]) and in the response header
+//! `x-floodgate-cache`.
+
+pub mod answer;
+pub mod flight;
+pub mod key;
+pub mod memory;
+pub mod metrics;
+pub mod redis;
+pub mod shared;
+pub mod template;
+
+use crate::budget::SharedOptions;
+use crate::config::Config;
+use crate::pipeline::RequestCtx;
+use crate::providers::types::{ChatRequest, StreamOptions};
+use crate::providers::{ChatChunk, ChatResponse, ProviderError};
+use crate::route::attempt::Asker;
+use crate::route::{ChunkStream, Dispatcher, Reply, ReplyBody, RouteError, View};
+use answer::{Answer, Assembler};
+use axum::http::HeaderMap;
+use flight::{Flights, Meta, Role};
+use floodgate_crds::cache::{CacheBackend, CachePolicySpec, CacheScope, SampledRequests};
+use futures::Stream;
+use key::Key;
+use memory::MemoryStore;
+use prometheus_client::metrics::counter::Counter;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio_util::task::TaskTracker;
+
+/// Response header: what the cache did (`exact`, `template`, `dedup`, `miss`, `bypass`).
+pub const CACHE_HEADER: &str = "x-floodgate-cache";
+
+/// What the cache did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered from the exact cache.
+    Exact,
+    /// Answered by a template.
+    Template,
+    /// Answered by joining an identical request in flight.
+    Dedup,
+    /// Looked up, not found: the provider answered (and the answer may be stored).
+    Miss,
+    /// Not looked up (`cache-control: no-cache`, or a request the policy does not cache).
+    Bypass,
+}
+
+impl Outcome {
+    /// The header value and metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Exact => "exact",
+            Outcome::Template => "template",
+            Outcome::Dedup => "dedup",
+            Outcome::Miss => "miss",
+            Outcome::Bypass => "bypass",
+        }
+    }
+
+    fn is_hit(self) -> bool {
+        matches!(self, Outcome::Exact | Outcome::Template | Outcome::Dedup)
+    }
+}
+
+/// A request's dealings with the cache: the cache to use, what the caller asked
+/// (`cache-control`), and what the cache did.
+#[derive(Debug, Clone, Default)]
+pub struct CacheCtx {
+    /// The gateway's cache; `None` runs no cache stage (e.g. a caller outside the doors).
+    pub cache: Option<Arc<Cache>>,
+    /// `cache-control: no-cache`: do not answer from the cache (nor join a flight).
+    pub no_cache: bool,
+    /// `cache-control: no-store`: do not store the answer.
+    pub no_store: bool,
+    /// What the cache did, once it did.
+    pub outcome: Option<Outcome>,
+}
+
+impl CacheCtx {
+    /// The directives of the request's `cache-control` headers, for `cache`.
+    pub fn new(cache: Option<Arc<Cache>>, headers: &HeaderMap) -> Self {
+        let mut ctx = CacheCtx {
+            cache,
+            ..CacheCtx::default()
+        };
+        for value in headers.get_all(axum::http::header::CACHE_CONTROL) {
+            let Ok(value) = value.to_str() else { continue };
+            for directive in value.split(',') {
+                match directive.trim().to_ascii_lowercase().as_str() {
+                    "no-cache" => ctx.no_cache = true,
+                    "no-store" => ctx.no_store = true,
+                    _ => {}
+                }
+            }
+        }
+        ctx
+    }
+}
+
+/// A CachePolicy, checked and ready.
+#[derive(Debug)]
+pub struct Policy {
+    exact_ttl: Option<Duration>,
+    dedup_window: Option<Duration>,
+    templates: Vec<template::Template>,
+    scope: CacheScope,
+    backend: CacheBackend,
+    max_entry_bytes: usize,
+    sampled: SampledRequests,
+}
+
+impl Policy {
+    /// The policy of `spec`, with what it accepts and does not act on (each a sentence).
+    pub fn new(spec: &CachePolicySpec) -> (Self, Vec<String>) {
+        let mut notes = Vec::new();
+        let templates = spec
+            .templates
+            .iter()
+            .flat_map(|t| &t.items)
+            .filter_map(
+                |t| match template::Template::new(&t.name, &t.pattern, &t.response) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        notes.push(format!("{e}; the template is not used"));
+                        None
+                    }
+                },
+            )
+            .collect();
+        if spec.semantic.is_some() {
+            notes.push("spec.semantic is accepted but not acted on yet (no semantic cache)".into());
+        }
+        if spec.templates.is_some() {
+            notes.push(
+                "spec.templates.ttlSeconds is accepted but not acted on (a template's answer \
+                 is computed for each request, never stored)"
+                    .into(),
+            );
+        }
+        let policy = Policy {
+            exact_ttl: spec
+                .exact
+                .as_ref()
+                .map(|e| Duration::from_secs(u64::from(e.ttl_seconds))),
+            dedup_window: spec
+                .dedup
+                .as_ref()
+                .map(|d| Duration::from_secs(u64::from(d.window_seconds))),
+            templates,
+            scope: spec.scope,
+            backend: spec.backend,
+            max_entry_bytes: spec.max_entry_bytes as usize,
+            sampled: spec.sampled,
+        };
+        (policy, notes)
+    }
+
+    /// Whether the policy caches `req`: one choice, and sampling only when allowed.
+    pub fn caches(&self, req: &ChatRequest) -> bool {
+        let sampled = req.temperature.is_none_or(|t| t > 0.0);
+        req.n.unwrap_or(1) <= 1 && (self.sampled == SampledRequests::Cache || !sampled)
+    }
+
+    /// The scope of a request of `ctx`: its tenant's name, or everyone's when the policy
+    /// shares (and when the gateway is open: there is one caller).
+    fn scope(&self, ctx: &RequestCtx) -> String {
+        match (self.scope, &ctx.caller) {
+            (CacheScope::Tenant, Some(caller)) => format!("tenant:{}", caller.name()),
+            _ => "global".to_owned(),
+        }
+    }
+}
+
+/// What the cache stage gives back: the reply, and whether the route stage made it (a hit
+/// or a follower's reply was not routed).
+#[derive(Debug)]
+pub struct Served {
+    /// The answer.
+    pub reply: Reply,
+    /// Whether a provider was called for this request.
+    pub routed: bool,
+}
+
+/// The gateway's cache: its backends and its flights, shared by every request across
+/// configuration reloads.
+pub struct Cache {
+    memory: MemoryStore,
+    redis: Option<Arc<redis::RedisStore>>,
+    flights: Arc<Flights>,
+    tasks: TaskTracker,
+    policy: Mutex<Option<PolicyOf>>,
+}
+
+/// The policy built for a configuration (held weakly: a reload frees the old one).
+type PolicyOf = (Weak<Config>, Option<Arc<Policy>>);
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("redis", &self.redis.is_some())
+            .field("flights", &self.flights.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cache {
+    /// A cache in memory, with Redis as its shared backend when `redis` is given (the
+    /// shared budgets' connection settings).
+    pub fn new(redis: Option<&SharedOptions>) -> Self {
+        let redis = redis.and_then(|opts| match redis::RedisStore::new(opts) {
+            Ok(store) => Some(Arc::new(store)),
+            Err(e) => {
+                tracing::warn!(error = %e, "the cache cannot use Redis; answers stay in memory");
+                None
+            }
+        });
+        Self {
+            memory: MemoryStore::new(256 << 20, 100_000),
+            redis,
+            flights: Arc::default(),
+            tasks: TaskTracker::new(),
+            policy: Mutex::default(),
+        }
+    }
+
+    /// The flights held now (for tests and debugging).
+    pub fn flights(&self) -> &Flights {
+        &self.flights
+    }
+
+    /// Waits for the cache's background work (stores, streams being fanned out).
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// The policy of `config`, built once per configuration.
+    fn policy(&self, config: &Arc<Config>) -> Option<Arc<Policy>> {
+        let mut held = self.policy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((weak, policy)) = &*held
+            && std::ptr::eq(weak.as_ptr(), Arc::as_ptr(config))
+        {
+            return policy.clone();
+        }
+        let policy = config.cache_policy.as_ref().map(|cp| {
+            let name = kube::ResourceExt::name_any(cp);
+            // Its notes (what it accepts and does not act on) are logged with the
+            // configuration's.
+            let (policy, _) = Policy::new(&cp.spec);
+            if policy.backend == CacheBackend::Redis && self.redis.is_none() {
+                tracing::warn!(
+                    policy = %name,
+                    "CachePolicy/{name}: backend redis without --redis; answers stay in memory"
+                );
+            }
+            self.memory.set_limits(
+                usize::try_from(cp.spec.max_bytes).unwrap_or(usize::MAX),
+                cp.spec.max_entries as usize,
+            );
+            Arc::new(policy)
+        });
+        *held = Some((Arc::downgrade(config), policy.clone()));
+        policy
+    }
+
+    /// Stages 4, 5 and 8 for `req`, around the route stage (6 + 7).
+    pub async fn chat(
+        self: &Arc<Self>,
+        dispatcher: &Dispatcher,
+        view: &View,
+        ctx: &mut RequestCtx,
+        req: &ChatRequest,
+        asker: Asker,
+    ) -> Result<Served, RouteError> {
+        let Some(policy) = self.policy(&view.config) else {
+            return routed(dispatcher.chat(view, req, ctx.deadline, asker).await);
+        };
+        let (no_cache, no_store) = (ctx.cache.no_cache, ctx.cache.no_store);
+        if !no_cache && let Some((_, text)) = template::answer(&policy.templates, req) {
+            self.count(ctx, Outcome::Template);
+            return Ok(hit(whole_reply(Answer::text(&req.model, text), req)));
+        }
+        if !policy.caches(req) {
+            self.count(ctx, Outcome::Bypass);
+            return routed(dispatcher.chat(view, req, ctx.deadline, asker).await);
+        }
+        let key = key::exact(&policy.scope(ctx), &resolved_model(view, &req.model), req);
+        if no_cache {
+            self.count(ctx, Outcome::Bypass);
+        } else {
+            if policy.exact_ttl.is_some()
+                && let Some(answer) = self.lookup(&policy, &key).await
+            {
+                self.count(ctx, Outcome::Exact);
+                saved(view, &req.model, &answer);
+                return Ok(hit(whole_reply((*answer).clone(), req)));
+            }
+            if let Some(window) = policy.dedup_window {
+                return self
+                    .flight(dispatcher, view, ctx, req, asker, (&policy, key, window))
+                    .await;
+            }
+            self.count(ctx, Outcome::Miss);
+        }
+        let mut reply = dispatcher.chat(view, req, ctx.deadline, asker).await?;
+        if !no_store && policy.exact_ttl.is_some() {
+            reply.body = match reply.body {
+                ReplyBody::Complete(response) => {
+                    self.store(
+                        &policy,
+                        key,
+                        &Answer {
+                            response: response.clone(),
+                        },
+                    );
+                    ReplyBody::Complete(response)
+                }
+                ReplyBody::Stream(chunks) => {
+                    let (cache, policy) = (self.clone(), policy.clone());
+                    ReplyBody::Stream(Box::pin(Tee {
+                        inner: chunks,
+                        assembler: Assembler::default(),
+                        stored: Some(Box::new(move |a| cache.store(&policy, key, &a))),
+                    }))
+                }
+            };
+        }
+        Ok(Served {
+            reply,
+            routed: true,
+        })
+    }
+
+    /// Stage 5: follows the flight of `key`, or leads it.
+    async fn flight(
+        self: &Arc<Self>,
+        dispatcher: &Dispatcher,
+        view: &View,
+        ctx: &mut RequestCtx,
+        req: &ChatRequest,
+        asker: Asker,
+        (policy, key, window): (&Arc<Policy>, Key, Duration),
+    ) -> Result<Served, RouteError> {
+        let mut remote_tries = 0;
+        let (leader, mirror) = loop {
+            match self.flights.join(key, window) {
+                Role::Lead(leader) => {
+                    let Some(redis) = self.shared_flights(policy, remote_tries) else {
+                        break (leader, None);
+                    };
+                    match redis.lease(&key, shared::LEASE).await {
+                        Ok(true) => {
+                            let mirror = shared::Mirror::start(redis, key, window, &self.tasks);
+                            break (leader, Some(mirror));
+                        }
+                        Ok(false) => {
+                            remote_tries += 1;
+                            // Another replica leads: this one follows it, and its own
+                            // waiters follow this request.
+                            let Some((meta, upstream)) = shared::follow(redis, key).await else {
+                                continue;
+                            };
+                            self.count(ctx, Outcome::Dedup);
+                            let flight = leader.flight().clone();
+                            let reader = (req.model.as_str(), req.include_usage());
+                            let own = leader.stream(
+                                meta.clone(),
+                                upstream,
+                                reader,
+                                window,
+                                &self.tasks,
+                                drop,
+                            );
+                            let body = if req.stream {
+                                ReplyBody::Stream(own)
+                            } else {
+                                let answer = flight
+                                    .whole()
+                                    .await
+                                    .map_err(|error| RouteError::Upstream { error, attempts: 0 })?;
+                                drop(own);
+                                ReplyBody::Complete(answer.for_caller(&req.model))
+                            };
+                            return Ok(Served {
+                                reply: reply_of(meta.provider, meta.key, body),
+                                routed: false,
+                            });
+                        }
+                        // Redis unreachable: lead on this replica alone.
+                        Err(_) => break (leader, None),
+                    }
+                }
+                Role::Follow(flight) => {
+                    // The leader got no answer: ask again (one of the waiters leads).
+                    let Some(meta) = flight.started().await else {
+                        continue;
+                    };
+                    self.count(ctx, Outcome::Dedup);
+                    let body = if req.stream {
+                        ReplyBody::Stream(flight.subscribe(&req.model, req.include_usage()))
+                    } else {
+                        let answer = flight
+                            .whole()
+                            .await
+                            .map_err(|error| RouteError::Upstream { error, attempts: 0 })?;
+                        saved(view, &req.model, &answer);
+                        ReplyBody::Complete(answer.for_caller(&req.model))
+                    };
+                    return Ok(Served {
+                        reply: reply_of(meta.provider, meta.key, body),
+                        routed: false,
+                    });
+                }
+            }
+        };
+        self.count(ctx, Outcome::Miss);
+        // A streamed answer carries its usage, for the store and for followers who ask.
+        let mut lead = std::borrow::Cow::Borrowed(req);
+        if req.stream && !req.include_usage() {
+            let options = lead
+                .to_mut()
+                .stream_options
+                .get_or_insert_with(StreamOptions::default);
+            options.include_usage = true;
+        }
+        // Dropped on an error: the followers ask again.
+        let mut reply = match dispatcher.chat(view, &lead, ctx.deadline, asker).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                if let Some(mirror) = &mirror {
+                    mirror.none();
+                }
+                return Err(e);
+            }
+        };
+        let meta = Meta {
+            provider: reply.provider.clone(),
+            key: reply.key.clone(),
+        };
+        if let Some(mirror) = &mirror {
+            mirror.meta(&meta);
+        }
+        let store = policy.exact_ttl.is_some() && !ctx.cache.no_store;
+        // A finished answer stays joinable for the window: a kind of storing, so not for
+        // `no-store` (requests that join while it is in flight still share it).
+        let window = if ctx.cache.no_store {
+            Duration::ZERO
+        } else {
+            window
+        };
+        reply.body = match reply.body {
+            ReplyBody::Complete(response) => {
+                let answer = Answer {
+                    response: response.clone(),
+                };
+                if store {
+                    self.store(policy, key, &answer);
+                }
+                if let Some(mirror) = &mirror {
+                    mirror.whole(&answer.chunks(&req.model, true));
+                }
+                leader.complete(meta, Arc::new(answer), window, &self.tasks);
+                ReplyBody::Complete(response)
+            }
+            ReplyBody::Stream(upstream) => {
+                let (cache, policy) = (self.clone(), policy.clone());
+                let upstream = match mirror {
+                    Some(mirror) => mirror.tee(upstream),
+                    None => upstream,
+                };
+                ReplyBody::Stream(leader.stream(
+                    meta,
+                    upstream,
+                    (&req.model, req.include_usage()),
+                    window,
+                    &self.tasks,
+                    move |answer| {
+                        if store {
+                            cache.store(&policy, key, &answer);
+                        }
+                    },
+                ))
+            }
+        };
+        Ok(Served {
+            reply,
+            routed: true,
+        })
+    }
+
+    /// Redis, when flights are shared through it: the policy's backend is Redis, the
+    /// gateway has one, and this request has not already followed other replicas' flights
+    /// that ended without an answer three times.
+    fn shared_flights(&self, policy: &Policy, tries: u32) -> Option<Arc<redis::RedisStore>> {
+        match (&self.redis, policy.backend) {
+            (Some(redis), CacheBackend::Redis) if tries < 3 => Some(redis.clone()),
+            _ => None,
+        }
+    }
+
+    fn count(&self, ctx: &mut RequestCtx, outcome: Outcome) {
+        ctx.cache.outcome = Some(outcome);
+        let m = metrics::get();
+        m.requests
+            .get_or_create(&metrics::ResultLabels {
+                result: outcome.as_str(),
+            })
+            .inc();
+        if outcome == Outcome::Bypass {
+            return;
+        }
+        let hits: u64 = [Outcome::Exact, Outcome::Template, Outcome::Dedup]
+            .iter()
+            .map(|o| {
+                m.requests
+                    .get_or_create(&metrics::ResultLabels { result: o.as_str() })
+                    .get()
+            })
+            .sum();
+        let misses = m
+            .requests
+            .get_or_create(&metrics::ResultLabels { result: "miss" })
+            .get();
+        if outcome.is_hit() || misses > 0 {
+            m.hit_ratio.set(hits as f64 / (hits + misses).max(1) as f64);
+        }
+    }
+
+    /// The stored answer of `key`, if any (a backend that fails is a miss).
+    async fn lookup(&self, policy: &Policy, key: &Key) -> Option<Arc<Answer>> {
+        let started = std::time::Instant::now();
+        let m = metrics::get();
+        let (backend, answer) = match (&self.redis, policy.backend) {
+            (Some(redis), CacheBackend::Redis) => {
+                let answer = match redis.get(key).await {
+                    Ok(bytes) => bytes.and_then(|b| Answer::from_bytes(&b)).map(Arc::new),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cache lookup in Redis failed");
+                        m.backend_errors
+                            .get_or_create(&metrics::BackendLabels { backend: "redis" })
+                            .inc();
+                        None
+                    }
+                };
+                ("redis", answer)
+            }
+            _ => ("memory", self.memory.get(key, tokio::time::Instant::now())),
+        };
+        m.lookup_seconds
+            .get_or_create(&metrics::BackendLabels { backend })
+            .observe(started.elapsed().as_secs_f64());
+        answer
+    }
+
+    /// Stage 8: stores a complete answer under `key` (Redis writes in the background).
+    fn store(self: &Arc<Self>, policy: &Policy, key: Key, answer: &Answer) {
+        let m = metrics::get();
+        let result = |r| {
+            m.stores
+                .get_or_create(&metrics::StoreLabels { result: r })
+                .inc();
+        };
+        let Some(ttl) = policy.exact_ttl else { return };
+        if !answer.is_complete() {
+            result("incomplete");
+            return;
+        }
+        let bytes = answer.to_bytes();
+        if bytes.len() > policy.max_entry_bytes {
+            result("too_large");
+            return;
+        }
+        match (&self.redis, policy.backend) {
+            (Some(_), CacheBackend::Redis) => {
+                let cache = self.clone();
+                self.tasks.spawn(async move {
+                    let Some(redis) = &cache.redis else { return };
+                    match redis.put(&key, bytes, ttl).await {
+                        Ok(()) => result("stored"),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cache store in Redis failed");
+                            result("error");
+                        }
+                    }
+                });
+            }
+            _ => {
+                let expires = tokio::time::Instant::now() + ttl;
+                let stored = self
+                    .memory
+                    .put(key, Arc::new(answer.clone()), bytes.len(), expires);
+                result(if stored.kept { "stored" } else { "too_large" });
+                m.evictions.inc_by(stored.evicted);
+                let (entries, bytes) = self.memory.usage();
+                m.entries.set(entries as i64);
+                m.bytes.set(bytes as i64);
+            }
+        }
+    }
+}
+
+impl Answer {
+    /// A whole answer of `text` for `model` (a template's).
+    pub fn text(model: &str, text: String) -> Self {
+        let chunks = {
+            let mut b = crate::providers::stream::ChunkBuilder::new(model, true);
+            let mut out = vec![b.opening(), b.text(&text)];
+            out.extend(b.close(crate::providers::FinishReason::Stop));
+            out
+        };
+        let mut assembler = Assembler::default();
+        chunks.iter().for_each(|c| assembler.push(c));
+        assembler.finish().unwrap_or_else(|| Answer {
+            response: empty_response(model),
+        })
+    }
+}
+
+fn empty_response(model: &str) -> ChatResponse {
+    ChatResponse {
+        id: String::new(),
+        object: crate::providers::types::completion_object(),
+        created: 0,
+        model: model.to_owned(),
+        choices: Vec::new(),
+        usage: None,
+        usage_details: serde_json::Map::new(),
+        system_fingerprint: None,
+        extra: serde_json::Map::new(),
+    }
+}
+
+/// The model identity in the key: the upstream models the requested name routes to, so
+/// an alias and the model it names share entries; the name itself when nothing routes it.
+fn resolved_model(view: &View, model: &str) -> String {
+    match view.runtime.routes.get(model) {
+        Some(route) => route
+            .targets
+            .iter()
+            .map(|t| {
+                let provider = view.runtime.providers.get(t.provider).map(|p| &*p.name);
+                format!("{}/{}", provider.unwrap_or(""), t.upstream_model)
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        None => model.to_owned(),
+    }
+}
+
+/// Counts the tokens and dollars a hit saved, at the first price found for `model`.
+fn saved(view: &View, model: &str, answer: &Answer) {
+    let Some(usage) = answer.response.usage else {
+        return;
+    };
+    let m = metrics::get();
+    m.saved_tokens.inc_by(u64::from(usage.total_tokens));
+    let price = view
+        .config
+        .pools
+        .iter()
+        .flat_map(|p| &p.spec.providers)
+        .flat_map(|p| &p.models)
+        .find(|m| m.name == model || m.alias.as_deref() == Some(model));
+    if let Some(price) = price {
+        let usd = (f64::from(usage.prompt_tokens) * price.input_per_1m
+            + f64::from(usage.completion_tokens) * price.output_per_1m)
+            / 1e6;
+        m.saved_usd.inc_by(usd);
+    }
+}
+
+fn routed(reply: Result<Reply, RouteError>) -> Result<Served, RouteError> {
+    reply.map(|reply| Served {
+        reply,
+        routed: true,
+    })
+}
+
+fn hit(body: ReplyBody) -> Served {
+    Served {
+        reply: reply_of(Arc::from("cache"), Arc::from(""), body),
+        routed: false,
+    }
+}
+
+fn reply_of(provider: Arc<str>, key: Arc<str>, body: ReplyBody) -> Reply {
+    Reply {
+        provider,
+        key,
+        attempts: 0,
+        ok: Counter::default(),
+        waited: Duration::ZERO,
+        body,
+    }
+}
+
+/// A stored answer in the caller's mode: whole, or replayed as a stream.
+fn whole_reply(answer: Answer, req: &ChatRequest) -> ReplyBody {
+    if req.stream {
+        let chunks: Vec<Result<ChatChunk, ProviderError>> = answer
+            .chunks(&req.model, req.include_usage())
+            .into_iter()
+            .map(Ok)
+            .collect();
+        ReplyBody::Stream(Box::pin(futures::stream::iter(chunks)))
+    } else {
+        ReplyBody::Complete(answer.for_caller(&req.model))
+    }
+}
+
+/// A stream that assembles its answer as it passes and hands it to `stored` after a clean,
+/// complete end; after an error, or dropped before its end, it stores nothing.
+struct Tee {
+    inner: ChunkStream,
+    assembler: Assembler,
+    stored: Option<Box<dyn FnOnce(Answer) + Send>>,
+}
+
+impl Stream for Tee {
+    type Item = Result<ChatChunk, ProviderError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = self.inner.as_mut().poll_next(cx);
+        match &item {
+            Poll::Ready(Some(Ok(chunk))) => self.assembler.push(chunk),
+            Poll::Ready(Some(Err(_))) => self.stored = None,
+            Poll::Ready(None) => {
+                if let Some(stored) = self.stored.take() {
+                    let answer = std::mem::take(&mut self.assembler).finish();
+                    if let Some(answer) = answer.filter(Answer::is_complete) {
+                        stored(answer);
+                    }
+                }
+            }
+            Poll::Pending => {}
+        }
+        item
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,348 @@
+use super::answer::{Answer, Assembler};
+use super::flight::{Flights, Meta, Role};
+use super::key::{self, Key};
+use super::memory::MemoryStore;
+use super::*;
+use crate::providers::types::{ChatMessage, MessageContent, Role as MsgRole};
+use futures::StreamExt as _;
+use serde_json::json;
+
+fn request(body: serde_json::Value) -> ChatRequest {
+    serde_json::from_value(body).unwrap()
+}
+
+fn base() -> serde_json::Value {
+    json!({
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello there"}
+        ],
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_tokens": 100,
+        "seed": 7,
+        "response_format": {"type": "text"},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}}]
+    })
+}
+
+fn key_of(body: serde_json::Value) -> Key {
+    key::exact("global", "openai/gpt-4o", &request(body))
+}
+
+#[test]
+fn the_key_changes_with_every_field_that_changes_the_answer() {
+    let k = key_of(base());
+    let changes: Vec<(&str, serde_json::Value)> = vec![
+        ("/messages/1/content", json!("hello there!")),
+        ("/messages/0/content", json!("be long")),
+        ("/messages/1/role", json!("assistant")),
+        ("/temperature", json!(0.5)),
+        ("/top_p", json!(0.9)),
+        ("/max_tokens", json!(101)),
+        ("/seed", json!(8)),
+        ("/response_format", json!({"type": "json_object"})),
+        ("/tools/0/function/name", json!("g")),
+        (
+            "/tools/0/function/parameters/properties/a/type",
+            json!("number"),
+        ),
+    ];
+    for (path, value) in changes {
+        let mut body = base();
+        *body.pointer_mut(path).unwrap() = value;
+        assert_ne!(key_of(body), k, "{path} is not in the key");
+    }
+    let mut body = base();
+    body["stop"] = json!(["\n"]);
+    assert_ne!(key_of(body), k, "stop is not in the key");
+    // Scope and model.
+    let req = request(base());
+    assert_ne!(key::exact("tenant:a", "openai/gpt-4o", &req), k);
+    assert_ne!(key::exact("global", "openai/gpt-4o-mini", &req), k);
+}
+
+#[test]
+fn the_key_is_the_meaning_not_the_bytes() {
+    let k = key_of(base());
+    // Streaming, the user id, and the content as parts (the Anthropic door's shape).
+    let mut body = base();
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    body["user"] = json!("someone");
+    body["messages"][1]["content"] =
+        json!([{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]);
+    body["messages"][0]["role"] = json!("developer");
+    assert_eq!(key_of(body), k);
+    // max_completion_tokens is max_tokens.
+    let mut body = base();
+    body.as_object_mut().unwrap().remove("max_tokens");
+    body["max_completion_tokens"] = json!(100);
+    assert_eq!(key_of(body), k);
+    // Key order inside tool parameters does not matter.
+    let mut body = base();
+    body["tools"][0]["function"]["parameters"] =
+        json!({"properties": {"a": {"type": "string"}}, "type": "object"});
+    assert_eq!(key_of(body), k);
+}
+
+fn answer(text: &str) -> Answer {
+    Answer::text("gpt-4o", text.to_owned())
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_expire_at_their_ttl() {
+    let store = MemoryStore::new(1 << 20, 100);
+    let k = key_of(base());
+    let ttl = Duration::from_secs(60);
+    let now = tokio::time::Instant::now();
+    store.put(k, Arc::new(answer("a")), 10, now + ttl);
+    tokio::time::advance(ttl - Duration::from_millis(1)).await;
+    assert!(store.get(&k, tokio::time::Instant::now()).is_some());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(store.get(&k, tokio::time::Instant::now()).is_none());
+    assert_eq!(store.usage(), (0, 0));
+}
+
+#[test]
+fn the_least_recently_used_goes_first_within_the_byte_budget() {
+    // Room for two entries of 400 bytes (each costs 400 + 128).
+    let store = MemoryStore::new(1100, 100);
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let keys: Vec<Key> = (0..3).map(|i| Key([i; 32])).collect();
+    let now = tokio::time::Instant::now();
+    assert_eq!(
+        store.put(keys[0], Arc::new(answer("0")), 400, far).evicted,
+        0
+    );
+    assert_eq!(
+        store.put(keys[1], Arc::new(answer("1")), 400, far).evicted,
+        0
+    );
+    // Using 0 makes 1 the least recently used.
+    assert!(store.get(&keys[0], now).is_some());
+    assert_eq!(
+        store.put(keys[2], Arc::new(answer("2")), 400, far).evicted,
+        1
+    );
+    assert!(store.get(&keys[1], now).is_none());
+    assert!(store.get(&keys[0], now).is_some());
+    assert!(store.get(&keys[2], now).is_some());
+    // Larger than the whole budget: not kept, nothing evicted.
+    let big = store.put(Key([9; 32]), Arc::new(answer("9")), 2000, far);
+    assert!(!big.kept);
+    assert_eq!(store.usage().0, 2);
+}
+
+#[test]
+fn a_stored_answer_round_trips_and_replays_as_the_same_stream() {
+    let mut a = answer("hello world");
+    a.response.usage = Some(crate::providers::Usage {
+        prompt_tokens: 3,
+        completion_tokens: 2,
+        total_tokens: 5,
+    });
+    a.response.choices[0].stop_sequence = Some("END".into());
+    let back = Answer::from_bytes(&a.to_bytes()).unwrap();
+    assert_eq!(back, a);
+    let chunks = a.chunks("alias", true);
+    assert!(chunks.iter().all(|c| c.model == "alias"));
+    let mut asm = Assembler::default();
+    chunks.iter().for_each(|c| asm.push(c));
+    let replayed = asm.finish().unwrap();
+    assert_eq!(replayed.response.choices, a.response.choices);
+    assert_eq!(replayed.response.usage, a.response.usage);
+    assert!(replayed.is_complete());
+    // Without include_usage the replay carries none.
+    assert!(a.chunks("alias", false).iter().all(|c| c.usage.is_none()));
+}
+
+#[test]
+fn cache_control_directives_are_read() {
+    let mut headers = HeaderMap::new();
+    headers.append("cache-control", "max-age=0, No-Cache".parse().unwrap());
+    headers.append("cache-control", "no-store".parse().unwrap());
+    let ctx = CacheCtx::new(None, &headers);
+    assert!(ctx.no_cache && ctx.no_store);
+    let ctx = CacheCtx::new(None, &HeaderMap::new());
+    assert!(!ctx.no_cache && !ctx.no_store);
+}
+
+#[test]
+fn sampling_is_cached_only_when_the_policy_says_so() {
+    let spec: CachePolicySpec =
+        serde_json::from_value(json!({"exact": {"ttlSeconds": 60}, "sampled": "bypass"})).unwrap();
+    let (policy, _) = Policy::new(&spec);
+    let mut req = request(base());
+    assert!(policy.caches(&req));
+    req.temperature = Some(0.7);
+    assert!(!policy.caches(&req));
+    req.temperature = None;
+    assert!(!policy.caches(&req));
+    let spec: CachePolicySpec =
+        serde_json::from_value(json!({"exact": {"ttlSeconds": 60}})).unwrap();
+    let (policy, _) = Policy::new(&spec);
+    assert!(policy.caches(&req));
+    req.n = Some(2);
+    assert!(!policy.caches(&req));
+}
+
+fn meta() -> Meta {
+    Meta {
+        provider: Arc::from("p"),
+        key: Arc::from("k"),
+    }
+}
+
+fn chunks_of(text: &str) -> Vec<ChatChunk> {
+    answer(text).chunks("gpt-4o", true)
+}
+
+/// A follower that joins after some chunks gets those first, then the live ones, while
+/// the upstream is still streaming; every reader ends with the whole answer.
+#[tokio::test]
+async fn followers_get_the_chunks_so_far_then_the_live_ones() {
+    let flights = Arc::new(Flights::default());
+    let tasks = TaskTracker::new();
+    let k = Key([1; 32]);
+    let Role::Lead(leader) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("the first request leads");
+    };
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<ChatChunk, ProviderError>>();
+    let stored = Arc::new(Mutex::new(None));
+    let into = stored.clone();
+    let mut own = leader.stream(
+        meta(),
+        Box::pin(rx),
+        ("gpt-4o", true),
+        Duration::from_secs(5),
+        &tasks,
+        move |a| *into.lock().unwrap() = Some(a),
+    );
+    let all = chunks_of("one two three");
+    tx.unbounded_send(Ok(all[0].clone())).unwrap();
+    tx.unbounded_send(Ok(all[1].clone())).unwrap();
+    assert_eq!(own.next().await.unwrap().unwrap(), all[0]);
+    let Role::Follow(flight) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("an identical request follows");
+    };
+    let mut late = flight.subscribe("gpt-4o", true);
+    // The chunks so far, before the upstream sends more.
+    assert_eq!(late.next().await.unwrap().unwrap(), all[0]);
+    assert_eq!(late.next().await.unwrap().unwrap(), all[1]);
+    for c in &all[2..] {
+        tx.unbounded_send(Ok(c.clone())).unwrap();
+    }
+    drop(tx);
+    let rest: Vec<_> = late.map(Result::unwrap).collect().await;
+    assert_eq!(rest, all[2..]);
+    let own_rest: Vec<_> = own.map(Result::unwrap).collect().await;
+    assert_eq!(own_rest, all[1..]);
+    tasks.close();
+    tasks.wait().await;
+    assert!(
+        stored
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(Answer::is_complete)
+    );
+}
+
+/// A break mid-stream reaches every reader as the same error, and nothing is stored.
+#[tokio::test]
+async fn a_broken_stream_fails_every_reader_and_is_not_stored() {
+    let flights = Arc::new(Flights::default());
+    let tasks = TaskTracker::new();
+    let k = Key([2; 32]);
+    let Role::Lead(leader) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("leads");
+    };
+    let all = chunks_of("one two");
+    let upstream = futures::stream::iter(vec![Ok(all[0].clone()), Err(ProviderError::Truncated)]);
+    let stored = Arc::new(Mutex::new(false));
+    let into = stored.clone();
+    let follower = match flights.join(k, Duration::from_secs(5)) {
+        Role::Follow(f) => f.subscribe("gpt-4o", true),
+        Role::Lead(_) => panic!("follows"),
+    };
+    let own = leader.stream(
+        meta(),
+        Box::pin(upstream),
+        ("gpt-4o", true),
+        Duration::from_secs(5),
+        &tasks,
+        move |_| *into.lock().unwrap() = true,
+    );
+    for reader in [own, follower] {
+        let items: Vec<_> = reader.collect().await;
+        assert_eq!(items.len(), 2);
+        assert!(matches!(items[1], Err(ProviderError::Truncated)));
+    }
+    tasks.close();
+    tasks.wait().await;
+    assert!(!*stored.lock().unwrap());
+    // The failed flight is not joined: the next request leads.
+    assert!(matches!(
+        flights.join(k, Duration::from_secs(5)),
+        Role::Lead(_)
+    ));
+}
+
+/// A leader that gets no answer lets its followers ask again; one of them leads.
+#[tokio::test]
+async fn followers_of_a_leader_without_an_answer_ask_again() {
+    let flights = Arc::new(Flights::default());
+    let k = Key([3; 32]);
+    let Role::Lead(leader) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("leads");
+    };
+    let Role::Follow(flight) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("follows");
+    };
+    let waiting = tokio::spawn(async move { flight.started().await.is_none() });
+    drop(leader);
+    assert!(waiting.await.unwrap());
+    assert!(matches!(
+        flights.join(k, Duration::from_secs(5)),
+        Role::Lead(_)
+    ));
+}
+
+/// A whole answer stays joinable for the window after it ended, then the flight is gone.
+#[tokio::test(start_paused = true)]
+async fn a_finished_answer_is_joinable_for_the_window() {
+    let flights = Arc::new(Flights::default());
+    let tasks = TaskTracker::new();
+    let k = Key([4; 32]);
+    let window = Duration::from_secs(5);
+    let Role::Lead(leader) = flights.join(k, window) else {
+        panic!("leads");
+    };
+    leader.complete(meta(), Arc::new(answer("x")), window, &tasks);
+    tokio::time::advance(window - Duration::from_millis(1)).await;
+    let Role::Follow(flight) = flights.join(k, window) else {
+        panic!("joins within the window");
+    };
+    let whole = flight.whole().await.unwrap();
+    assert_eq!(
+        whole.response.choices[0].message.content.as_deref(),
+        Some("x")
+    );
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(matches!(flights.join(k, window), Role::Lead(_)));
+}
+
+#[test]
+fn a_template_answers_the_last_user_message() {
+    let t = vec![template::Template::new("hi", r"hi,? (?P<name>\w+)", "Hello {{name}}!").unwrap()];
+    let mut req = request(base());
+    req.tools = None;
+    req.messages.push(ChatMessage::new(
+        MsgRole::User,
+        Some(MessageContent::Text(" hi, Ada ".into())),
+    ));
+    let (_, text) = template::answer(&t, &req).unwrap();
+    assert_eq!(text, "Hello Ada!");
+}
