@@ -7,6 +7,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod demand;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
