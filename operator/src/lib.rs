@@ -26,6 +26,7 @@ pub mod secrets;
 pub mod tenant;
 pub mod tier_queue;
 pub mod usage;
+pub mod webhook;
 
 pub use context::{Config, Context};
 pub use error::{Error, Result};
