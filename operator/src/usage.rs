@@ -88,6 +88,9 @@ impl UsageReader {
     }
 }
 
+/// Members of a sorted set with their scores.
+type Scored = Vec<(String, f64)>;
+
 /// What a tenant used in the current window, over every gateway replica, as its own limits
 /// count it (see [`floodgate_crds::redis_keys`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -113,9 +116,9 @@ impl UsageReader {
         let since = format!("({}", now_ms.saturating_sub(WINDOW_MS));
         let (requests, newest_request, reservations, newest_reservation): (
             u64,
-            Vec<(String, f64)>,
+            Scored,
             Vec<String>,
-            Vec<(String, f64)>,
+            Scored,
         ) = redis::pipe()
             .cmd("ZCOUNT")
             .arg(&keys.requests)
