@@ -218,3 +218,51 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
     assert_eq!(env(&plain, "app", "FLOODGATE_URL"), None);
     let _ = pods.delete("app", &DeleteParams::default()).await;
 }
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn the_charts_webhook_objects_are_accepted_by_the_api_server() {
+    let cluster = Cluster::get().await.unwrap();
+    let ns = cluster.namespace("webhook-chart").await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let chart = cluster.repo_root().join("charts/floodgate");
+    let mut helm = tokio::process::Command::new(cluster.bin_dir().join("helm"));
+    for var in ["HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"] {
+        helm.env(var, home.path());
+    }
+    let rendered = helm
+        .args(["template", "fg", &chart.to_string_lossy(), "-n", ns.name()])
+        .args([
+            "--set",
+            "webhook.enabled=true",
+            "--set",
+            "webhook.failurePolicy=Fail",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&rendered.stdout);
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    for kind in [
+        "kind: MutatingWebhookConfiguration",
+        "kind: ClusterRole",
+        "--webhook-listen",
+        "failurePolicy: Fail",
+    ] {
+        assert!(text.contains(kind), "{kind} not rendered:\n{text}");
+    }
+    // Server-side dry run: every object valid as the API server sees it, nothing created.
+    cluster
+        .kubectl_stdin(
+            ["apply", "--dry-run=server", "-n", ns.name(), "-f", "-"],
+            &text,
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+}
