@@ -179,3 +179,33 @@ fn alerts_and_dashboard_query_metrics_the_gateway_exports() {
     }
     assert!(checked >= 8, "{checked}");
 }
+
+/// `helm template` of the chart with `sets`; its stderr when it refuses.
+fn refused(sets: &[&str]) -> String {
+    let home = tempfile::tempdir().unwrap();
+    let mut helm = Command::new(cache().join("bin/helm"));
+    for var in ["HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"] {
+        helm.env(var, home.path());
+    }
+    helm.args(["template", "fg"])
+        .arg(root().join("charts/floodgate"));
+    for s in sets {
+        helm.args(["--set", s]);
+    }
+    let out = helm.output().unwrap();
+    assert!(!out.status.success(), "rendered with {sets:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn values_schema_refuses_typos_and_bad_values_naming_them() {
+    let typo = refused(&["gateway.replicaz=2"]);
+    assert!(
+        typo.contains("/gateway") && typo.contains("replicaz"),
+        "{typo}"
+    );
+    let policy = refused(&["webhook.failurePolicy=Sometimes"]);
+    assert!(policy.contains("/webhook/failurePolicy"), "{policy}");
+    let port = refused(&["webhook.sidecar.port=70000"]);
+    assert!(port.contains("/webhook/sidecar/port"), "{port}");
+}
