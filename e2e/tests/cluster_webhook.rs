@@ -1,5 +1,6 @@
 //! The sidecar injection webhook, served by the operator's code in-process over TLS with a
-//! certificate it made itself, called by the real kube-apiserver: the operator writes its CA
+//! certificate it made itself (replacing one due for rotation), called by the real
+//! kube-apiserver: the operator writes its CA (and the replaced one, for the overlap)
 //! into the MutatingWebhookConfiguration's caBundle, and a pod annotated
 //! `floodgate.dev/inject: "true"` is admitted with the proxy sidecar and its apps pointed at it,
 //! while a pod without the annotation is admitted unchanged.
@@ -78,6 +79,34 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let configuration = ns.name().to_owned();
+    // A certificate left by an earlier operator, due for rotation (it expires in 20 days):
+    // the operator must replace it, and trust both CAs while replicas may still serve it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let old = webhook::certs::generate(
+        &["127.0.0.1".into()],
+        now - 345 * 86_400,
+        webhook::certs::VALIDITY,
+    )
+    .unwrap();
+    assert!(webhook::certs::needs_rotation(old.not_after, now));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "floodgate-webhook-tls",
+                             "annotations": {webhook::NOT_AFTER: old.not_after.to_string()}},
+                "type": "kubernetes.io/tls",
+                "stringData": {"tls.crt": old.cert_pem, "tls.key": old.key_pem, "ca.crt": old.ca_pem}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
 
     let (addr, _task) = webhook::start(
         client.clone(),
@@ -144,18 +173,18 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
             .0,
     )
     .unwrap();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     let secret = secrets.get("floodgate-webhook-tls").await.unwrap();
+    let new_ca = String::from_utf8(secret.data.as_ref().unwrap()["ca.crt"].0.clone()).unwrap();
+    assert_ne!(new_ca, old.ca_pem, "the due certificate was replaced");
     assert_eq!(
-        secret.data.as_ref().unwrap()["ca.crt"].0,
-        ca.as_bytes(),
-        "the caBundle is the Secret's CA"
+        ca,
+        format!("{new_ca}{}", old.ca_pem),
+        "the caBundle holds the new CA, then the old one"
     );
-    assert!(
-        secret.metadata.annotations.as_ref().unwrap()[webhook::NOT_AFTER]
-            .parse::<i64>()
-            .is_ok()
-    );
+    let not_after: i64 = secret.metadata.annotations.as_ref().unwrap()[webhook::NOT_AFTER]
+        .parse()
+        .unwrap();
+    assert!(!webhook::certs::needs_rotation(not_after, now));
 
     // The API server's webhook cache may lag the caBundle by a moment: with failurePolicy Fail
     // a create fails until then, so retry until one is admitted.
