@@ -116,7 +116,10 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
 async fn read_demand(lmd: &LocalModelDeployment, ctx: &Context, ns: &str) -> Option<Demand> {
     let reader = ctx.usage.as_ref()?;
     match reader.demand(ns, &lmd.name_any()).await {
-        Ok(demand) => Some(demand),
+        Ok(demand) => {
+            ctx.metrics.set_demand(ns, &lmd.name_any(), &demand);
+            Some(demand)
+        }
         Err(e) => {
             tracing::warn!(object = %object_key(lmd), error = %e, "cannot read demand; replicas unchanged");
             None
