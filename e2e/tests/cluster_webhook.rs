@@ -177,6 +177,11 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
     let new_ca = String::from_utf8(secret.data.as_ref().unwrap()["ca.crt"].0.clone()).unwrap();
     assert_ne!(new_ca, old.ca_pem, "the due certificate was replaced");
     assert_eq!(
+        secret.data.as_ref().unwrap()[webhook::PREVIOUS_CA].0,
+        old.ca_pem.as_bytes(),
+        "the replaced CA is kept"
+    );
+    assert_eq!(
         ca,
         format!("{new_ca}{}", old.ca_pem),
         "the caBundle holds the new CA, then the old one"

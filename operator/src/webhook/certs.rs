@@ -1,9 +1,9 @@
 //! The webhook's TLS material: a CA of its own and a serving certificate it signs, made by the
 //! operator ([`generate`]), kept in a Secret so that every operator replica serves the same one,
 //! and made again [`RENEW_BEFORE`] the serving certificate expires ([`needs_rotation`]). The CA
-//! goes into the MutatingWebhookConfiguration's `caBundle`; during a rotation the bundle holds
-//! the new CA and the old one, so the API server trusts the replicas that still serve the old
-//! certificate until they reload (within [`super::RELOAD_EVERY`]).
+//! goes into the MutatingWebhookConfiguration's `caBundle`; after a rotation the bundle holds
+//! the new CA and the one it replaced, so the API server trusts the replicas that still serve
+//! the old certificate until they reload (within [`super::RELOAD_EVERY`]).
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
 use std::net::IpAddr;

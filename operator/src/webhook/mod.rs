@@ -4,8 +4,9 @@
 //! **Certificates.** By default the operator makes them ([`certs`]): it reads the Secret
 //! `--webhook-secret` (`tls.crt`, `tls.key`, `ca.crt`), creates it when missing, replaces it
 //! 30 days before the serving certificate expires, and writes the CA into the `caBundle` of every
-//! webhook of the MutatingWebhookConfiguration `--webhook-configuration` (the new CA with the old
-//! one during a rotation). Every replica runs this loop every [`RELOAD_EVERY`]: the webhook is
+//! webhook of the MutatingWebhookConfiguration `--webhook-configuration`, followed by the CA the
+//! last rotation replaced (kept in the Secret as `ca-previous.crt`, so that the overlap survives
+//! a failure between the two writes). Every replica runs this loop every [`RELOAD_EVERY`]: the webhook is
 //! served by every operator replica, leader or not, and all of them converge on the Secret's
 //! certificate. With `--webhook-cert-dir` (cert-manager) the operator only reads `tls.crt` and
 //! `tls.key` from that directory, again every [`RELOAD_EVERY`], and leaves `caBundle` to
@@ -127,11 +128,16 @@ async fn ensure_operator_cert(
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
     let existing = secrets.get_opt(secret).await.map_err(|e| e.to_string())?;
     let current = existing.as_ref().and_then(bundle_of);
+    // The CA a rotation replaced, kept in the Secret: the bundle trusts it until the next
+    // rotation, so a replica still serving the old certificate is trusted even if this pass
+    // fails between writing the Secret and the caBundle.
+    let mut previous_ca = existing.as_ref().and_then(previous_ca_of);
     let bundle = match &current {
         Some(b) if !certs::needs_rotation(b.not_after, now) => b.clone(),
         _ => {
             let fresh = certs::generate(hosts, now, certs::VALIDITY).map_err(|e| e.to_string())?;
-            let mut obj = secret_of(secret, &fresh);
+            previous_ca = current.as_ref().map(|old| old.ca_pem.clone());
+            let mut obj = secret_of(secret, &fresh, previous_ca.as_deref());
             let written = match &existing {
                 Some(old) => {
                     // Replace only the version read: a replica that raced us wins, and we
@@ -153,10 +159,10 @@ async fn ensure_operator_cert(
             }
         }
     };
-    // The new CA first, and the one it replaces while replicas may still serve its certificate.
+    // The current CA first, then the one it replaced.
     let mut ca_bundle = bundle.ca_pem.clone();
-    if let Some(old) = current.filter(|old| old.ca_pem != bundle.ca_pem) {
-        ca_bundle.push_str(&old.ca_pem);
+    if let Some(old) = previous_ca.filter(|old| *old != bundle.ca_pem) {
+        ca_bundle.push_str(&old);
     }
     patch_ca_bundle(client, configuration, &ca_bundle)
         .await
@@ -206,7 +212,14 @@ fn bundle_of(secret: &Secret) -> Option<Bundle> {
 /// The annotation holding the serving certificate's expiry (Unix seconds).
 pub const NOT_AFTER: &str = "floodgate.dev/not-after";
 
-fn secret_of(name: &str, b: &Bundle) -> Secret {
+/// The key of the CA a rotation replaced, in the webhook's Secret.
+pub const PREVIOUS_CA: &str = "ca-previous.crt";
+
+fn previous_ca_of(secret: &Secret) -> Option<String> {
+    String::from_utf8(secret.data.as_ref()?.get(PREVIOUS_CA)?.0.clone()).ok()
+}
+
+fn secret_of(name: &str, b: &Bundle, previous_ca: Option<&str>) -> Secret {
     let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
     Secret {
         metadata: kube::core::ObjectMeta {
@@ -228,7 +241,9 @@ fn secret_of(name: &str, b: &Bundle) -> Secret {
                 ("tls.key".to_owned(), bytes(&b.key_pem)),
                 ("ca.crt".to_owned(), bytes(&b.ca_pem)),
             ]
-            .into(),
+            .into_iter()
+            .chain(previous_ca.map(|ca| (PREVIOUS_CA.to_owned(), bytes(ca))))
+            .collect(),
         ),
         ..Default::default()
     }
