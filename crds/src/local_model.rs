@@ -284,7 +284,17 @@ pub struct LocalModelDeploymentStatus {
     /// Requests waiting for this model at the gateway.
     #[serde(default)]
     pub queue_depth: u64,
-    /// When the replica count last changed (RFC 3339).
+    /// Requests the gateway's replicas are sending to this model now.
+    #[serde(default)]
+    pub in_flight: u64,
+    /// The largest p95 answer time (ms) a gateway replica reports for this model over its
+    /// last 30 s.
+    #[serde(default)]
+    pub latency_p95_ms: u64,
+    /// Why the autoscaler last changed the replica count (signal and threshold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
+    /// When the autoscaler last changed the replica count (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<String>,
     /// The Ollama API of this model inside the cluster, e.g.

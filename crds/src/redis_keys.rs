@@ -32,12 +32,55 @@
 //! standalone): `floodgate:tenant:{<tenant>}:req`, `:tok`, `:tok:n` and `:epoch`. A tenant's
 //! request counts from its admission (it is marked answered at once), so `ZCOUNT` of its `:req`
 //! is the requests it started in the current window.
+//!
+//! **Demand for local models** (the autoscaling signal; contract in `docs/architecture.md`).
+//! Per LocalModelDeployment (`{M}` = `{<namespace>/<name>}`, braces included), every proxy
+//! replica publishes about every second:
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `floodgate:demand:{M}:replicas` | sorted set | the replicas publishing for this model: member = replica id, score = Unix ms (Redis `TIME`) of its last publication. An index only: members whose own hash expired are ignored by readers and removed by the next publication. |
+//! | `floodgate:demand:{M}:r:<replica>` | hash | that replica's figures now: `queued` (requests waiting for the model), `inFlight` (requests it is answering), `latencyP95Ms` (p95 of the model's answer times over the last 30 s on that replica, 0 with none), `at` (Unix ms, Redis `TIME`). Expires [`DEMAND_TTL_MS`] after its last publication, so a replica that stops publishing stops counting. |
+//!
+//! A model's demand is the sum of `queued` and of `inFlight`, and the largest `latencyP95Ms`,
+//! over the hashes that exist.
 
 /// Prefix of every shared-budget key.
 pub const PREFIX: &str = "floodgate:budget:";
 
 /// Prefix of every tenant's shared-budget key.
 pub const TENANT_PREFIX: &str = "floodgate:tenant:";
+
+/// Prefix of every demand key.
+pub const DEMAND_PREFIX: &str = "floodgate:demand:";
+
+/// How long a replica's demand figures count after its last publication (ms).
+pub const DEMAND_TTL_MS: u64 = 5_000;
+
+/// The Redis keys of one local model's demand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemandKeys {
+    /// Sorted set of the replicas publishing, scored by their last publication.
+    pub replicas: String,
+    /// Prefix of each replica's hash: `<this><replica id>`.
+    pub replica_prefix: String,
+}
+
+impl DemandKeys {
+    /// The keys of LocalModelDeployment `namespace/name`.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        let id = format!("{DEMAND_PREFIX}{{{namespace}/{name}}}");
+        Self {
+            replicas: format!("{id}:replicas"),
+            replica_prefix: format!("{id}:r:"),
+        }
+    }
+
+    /// The hash of replica `replica`.
+    pub fn replica(&self, replica: &str) -> String {
+        format!("{}{replica}", self.replica_prefix)
+    }
+}
 
 /// The Redis keys of one provider key's shared budget.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,5 +147,8 @@ mod tests {
         assert_eq!(t.requests, "floodgate:tenant:{team-a/acme}:req");
         assert_eq!(t.token_amounts, "floodgate:tenant:{team-a/acme}:tok:n");
         assert_eq!(t.epoch, "floodgate:tenant:{team-a/acme}:epoch");
+        let d = DemandKeys::new("models", "llama");
+        assert_eq!(d.replicas, "floodgate:demand:{models/llama}:replicas");
+        assert_eq!(d.replica("r1"), "floodgate:demand:{models/llama}:r:r1");
     }
 }

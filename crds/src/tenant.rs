@@ -22,6 +22,14 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Tier", type_ = "string", json_path = ".spec.tier"),
     printcolumn(name = "RPM Limit", type_ = "integer", json_path = ".spec.limits.rpm"),
     printcolumn(name = "Used RPM", type_ = "integer", json_path = ".status.usedRpm"),
+    printcolumn(name = "TPM Limit", type_ = "integer", json_path = ".spec.limits.tpm"),
+    printcolumn(name = "Used TPM", type_ = "integer", json_path = ".status.usedTpm"),
+    printcolumn(name = "Last Seen", type_ = "date", json_path = ".status.lastSeen"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -97,13 +105,15 @@ pub struct TenantStatus {
     /// The `metadata.generation` last reconciled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready and kind-specific conditions.
+    /// Ready, SecretsFound, KeysReady, Degraded and UsageTracked (see the operator's `tenant`
+    /// controller).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// Requests in the current window, over all gateway replicas.
+    /// Requests in the current window, over all gateway replicas (tracked with `limits.rpm`).
     #[serde(default)]
     pub used_rpm: u64,
-    /// Tokens in the current window, over all gateway replicas.
+    /// Tokens in the current window, over all gateway replicas (tracked with `limits.tpm`).
     #[serde(default)]
     pub used_tpm: u64,
     /// When a request of this tenant was last seen (RFC 3339).

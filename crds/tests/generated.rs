@@ -103,7 +103,16 @@ fn printer_columns_and_cel_rules_are_in_the_yaml() {
         ),
         (
             Kind::Tenant,
-            &["Tier", "RPM Limit", "Used RPM", "Age"],
+            &[
+                "Tier",
+                "RPM Limit",
+                "Used RPM",
+                "TPM Limit",
+                "Used TPM",
+                "Last Seen",
+                "Ready",
+                "Age",
+            ],
             &["self.keys.exists_one", "self.models.exists_one"],
         ),
     ];

@@ -675,7 +675,13 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns.name());
     let pools: Api<AIProviderPool> = Api::namespaced(admin.clone(), ns.name());
     let lmds: Api<LocalModelDeployment> = Api::namespaced(admin.clone(), ns.name());
+    let tenants: Api<floodgate_crds::Tenant> = Api::namespaced(admin.clone(), ns.name());
     apply(&secrets, "claude-keys", secret_manifest(&["key1", "key2"])).await;
+    apply(&tenants, "acme", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": "acme"},
+        "spec": {"keys": [{"name": "main", "secretRef": {"name": "claude-keys", "key": "key1"}}]}
+    }))
+    .await;
     apply(&pools, "premium", pool_manifest()).await;
     apply(&lmds, "llama", json!({
         "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
@@ -692,6 +698,12 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
         l.status
             .as_ref()
             .is_some_and(|s| s.endpoint.is_some() && s.observed_generation == l.metadata.generation)
+    })
+    .await;
+    wait_until(&tenants, "acme", "tenant Ready", |t| {
+        t.status.as_ref().is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+        })
     })
     .await;
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), ns.name());
@@ -711,6 +723,12 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
     for (verb, resource, namespace, allowed) in [
         ("watch", "secrets", ns.name(), true),
         ("patch", "deployments.apps", ns.name(), true),
+        (
+            "patch",
+            "localmodeldeployments.floodgate.dev",
+            ns.name(),
+            false,
+        ),
         ("list", "secrets", "default", false),
         ("create", "secrets", ns.name(), false),
         ("delete", "deployments.apps", ns.name(), false),
@@ -729,6 +747,21 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
             out.stderr
         );
     }
+    // Autoscaling writes replicas through the scale subresource, and only there.
+    let out = cluster
+        .kubectl([
+            "auth",
+            "can-i",
+            "patch",
+            "localmodeldeployments.floodgate.dev",
+            "--subresource=scale",
+            "-n",
+            ns.name(),
+            &sa,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out.stdout.trim(), "yes", "{}", out.stderr);
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -77,3 +77,128 @@ async fn an_unreachable_redis_is_an_error_not_zero_usage() {
         Err(floodgate_operator::Error::Redis(_))
     ));
 }
+
+#[tokio::test]
+async fn tenant_usage_is_what_its_own_limits_count() {
+    let redis = RedisServer::start().await.unwrap();
+    let mut options = SharedOptions::new(SecretString::new(redis.url()));
+    options.timeout = Duration::from_secs(2);
+    let budgets = std::sync::Arc::new(RedisBudgets::new(options, Duration::from_secs(60)).unwrap());
+    let limits = Limits {
+        rpm: Some(100),
+        tpm: Some(100_000),
+    };
+    let keys = std::sync::Arc::new(KeyBudgetKeys::tenant("team-a/acme"));
+    for (i, tokens) in [120u64, 30, 50].into_iter().enumerate() {
+        budgets
+            .acquire(&keys, limits, tokens, &format!("acme-{i}"))
+            .await
+            .unwrap();
+    }
+    // Another tenant of the same name in another namespace is not this one.
+    let other = std::sync::Arc::new(KeyBudgetKeys::tenant("team-b/acme"));
+    budgets
+        .acquire(&other, limits, 999, "other-0")
+        .await
+        .unwrap();
+
+    let reader = UsageReader::new(&redis.url()).unwrap();
+    let before = now_ms();
+    let usage = reader.tenant_usage("team-a/acme").await.unwrap();
+    assert_eq!((usage.requests, usage.tokens), (3, 200));
+    let seen = usage.last_seen_ms.unwrap();
+    // Redis's clock and ours are the same machine's: seen at the admissions, not later.
+    assert!(
+        seen <= before + 5 && seen + 10_000 >= before,
+        "{seen} vs {before}"
+    );
+
+    let unseen = reader.tenant_usage("team-a/nobody").await.unwrap();
+    assert_eq!(unseen, floodgate_operator::usage::TenantUsage::default());
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test]
+async fn demand_is_summed_over_the_replicas_that_still_publish() {
+    use floodgate_proxy::demand::{DemandBoard, Publisher};
+    let redis = RedisServer::start().await.unwrap();
+    let url = SecretString::new(redis.url());
+    let a = std::sync::Arc::new(DemandBoard::default());
+    let b = std::sync::Arc::new(DemandBoard::default());
+    let cell_a = a.cell("models", "llama");
+    let waiting_a: Vec<_> = (0..3).map(|_| cell_a.queued()).collect();
+    let answering_a = cell_a.queued().start();
+    let cell_b = b.cell("models", "llama");
+    let waiting_b: Vec<_> = (0..4).map(|_| cell_b.queued()).collect();
+    cell_b.record_latency(Duration::from_millis(2500));
+    // Another model's demand is not this one's.
+    let _elsewhere = b.cell("models", "qwen").queued();
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let pub_a = Publisher::new(a.clone(), &url, "proxy-a").unwrap();
+    let pub_b = Publisher::new(b.clone(), &url, "proxy-b").unwrap();
+    pub_a.publish_once(&mut conn).await.unwrap();
+    pub_b.publish_once(&mut conn).await.unwrap();
+
+    let reader = UsageReader::new(&redis.url()).unwrap();
+    let demand = reader.demand("models", "llama").await.unwrap();
+    assert_eq!(
+        (
+            demand.queued,
+            demand.in_flight,
+            demand.latency_p95_ms,
+            demand.reporters
+        ),
+        (7, 1, 2500, 2)
+    );
+    assert_eq!(reader.demand("models", "qwen").await.unwrap().queued, 1);
+    assert_eq!(
+        reader.demand("models", "none").await.unwrap(),
+        floodgate_operator::autoscale::Demand::default()
+    );
+
+    // Replica b stops publishing: its figures stop counting when they expire.
+    drop(waiting_a);
+    drop(answering_a);
+    drop(waiting_b);
+    pub_a.publish_once(&mut conn).await.unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(floodgate_crds::redis_keys::DemandKeys::new("models", "llama").replica("proxy-b"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        ttl > 0 && ttl <= floodgate_crds::redis_keys::DEMAND_TTL_MS as i64,
+        "{ttl}"
+    );
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(floodgate_crds::redis_keys::DemandKeys::new("models", "llama").replica("proxy-b"))
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let expired = floodgate_e2e::cluster::wait_for(
+        "proxy-b's figures to expire",
+        Duration::from_secs(5),
+        || {
+            let reader = &reader;
+            async move {
+                let d = reader.demand("models", "llama").await.unwrap();
+                Ok((d.reporters == 1).then_some(d))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (expired.queued, expired.in_flight, expired.latency_p95_ms),
+        (0, 0, 0)
+    );
+}

@@ -57,6 +57,8 @@ pub struct Context {
     pub usage: Option<UsageReader>,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
+    /// When each LocalModelDeployment last changed scale.
+    pub autoscaler: crate::autoscale::Autoscaler,
     recorder: Recorder,
     /// Consecutive failures per object (`kind/namespace/name`), reset by a success.
     failures: Mutex<HashMap<String, u32>>,
@@ -88,6 +90,7 @@ impl Context {
             config,
             usage,
             metrics,
+            autoscaler: crate::autoscale::Autoscaler::default(),
             failures: Mutex::default(),
         }))
     }

@@ -5,13 +5,15 @@
 //! | AIProviderPool | [`pool`] | pools, Secrets | status: keys, capacity, SecretsFound/KeysReady/Degraded/Ready |
 //! | TierQueue | [`tier_queue`] | tier queues, Secrets | status: tier count, SecretsFound/Ready |
 //! | CachePolicy | [`cache_policy`] | cache policies | status: Ready |
-//! | LocalModelDeployment | [`local_model`] | models, owned Deployments/Services/PVCs | Deployment, Service, PVC; status |
+//! | LocalModelDeployment | [`local_model`] | models, owned Deployments/Services/PVCs | Deployment, Service, PVC; replicas (autoscaling, by the scale subresource); status |
+//! | Tenant | [`tenant`] | tenants, Secrets | status: use of the window, last seen, SecretsFound/KeysReady/Degraded/UsageTracked/Ready |
 //!
 //! Every reconciler has the same shape: `reconcile(obj, ctx) -> Result<Action>`, the shared
 //! [`context::error_policy`] (exponential backoff per object), status by server-side apply with
 //! the field manager [`context::FIELD_MANAGER`] and only when it changed, and Events on
 //! transitions of Ready, Degraded and Progressing.
 
+pub mod autoscale;
 pub mod cache_policy;
 pub mod conditions;
 pub mod context;
@@ -21,14 +23,16 @@ pub mod local_model;
 pub mod metrics;
 pub mod pool;
 pub mod secrets;
+pub mod tenant;
 pub mod tier_queue;
 pub mod usage;
+pub mod webhook;
 
 pub use context::{Config, Context};
 pub use error::{Error, Result};
 pub use metrics::Metrics;
 
-use floodgate_crds::{AIProviderPool, CachePolicy, LocalModelDeployment, TierQueue};
+use floodgate_crds::{AIProviderPool, CachePolicy, LocalModelDeployment, Tenant, TierQueue};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
@@ -53,17 +57,20 @@ pub async fn run(
     tracing::info!(namespace = ?ctx.config.namespace, "floodgate-operator starting its controllers");
     ctx.metrics.set_leader(true);
     if ctx.usage.is_none() {
-        tracing::info!("no Redis configured (--redis-url): pools' usedRpm is not read");
+        tracing::info!(
+            "no Redis configured (--redis-url): pools' usedRpm, tenants' use and local models' demand are not read, \
+             so LocalModelDeployment autoscaling is not acted on (replicas follow spec.replicas, else minReplicas)"
+        );
     }
     tracing::info!(
-        "not acted on yet: LocalModelDeployment autoscaling (replicas follow spec.replicas, else minReplicas), \
-         TierQueue queue figures, CachePolicy hit ratio, pool circuit states"
+        "not acted on yet: TierQueue queue figures, CachePolicy hit ratio, pool circuit states"
     );
     futures::join!(
         run_pools(ctx.clone(), shutdown.clone()),
         run_tier_queues(ctx.clone(), shutdown.clone()),
         run_cache_policies(ctx.clone(), shutdown.clone()),
         run_local_models(ctx.clone(), shutdown.clone()),
+        run_tenants(ctx.clone(), shutdown.clone()),
     );
     tracing::info!("floodgate-operator stopped");
     Ok(())
@@ -140,6 +147,19 @@ async fn run_tier_queues(ctx: Arc<Context>, shutdown: CancellationToken) {
         },
     );
     drive(controller, tier_queue::reconcile, ctx, shutdown).await;
+}
+
+async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let controller = Controller::new(ctx.watched_api::<Tenant>(), watcher::Config::default());
+    let store = controller.store();
+    let controller = controller.watches(
+        ctx.watched_api::<Secret>(),
+        watcher::Config::default(),
+        move |secret| {
+            tenant::using_secret(&store, secret.namespace().as_deref(), &secret.name_any())
+        },
+    );
+    drive(controller, tenant::reconcile, ctx, shutdown).await;
 }
 
 async fn run_cache_policies(ctx: Arc<Context>, shutdown: CancellationToken) {

@@ -36,6 +36,43 @@ struct Args {
     /// `0.0.0.0:9090`; not served when unset.
     #[arg(long, env = "FLOODGATE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the sidecar injection webhook (HTTPS, `POST /mutate`) on this address, e.g.
+    /// `0.0.0.0:9443`; not served when unset. Every replica serves it, leader or not.
+    #[arg(long, env = "FLOODGATE_WEBHOOK_LISTEN")]
+    webhook_listen: Option<std::net::SocketAddr>,
+    /// Names (or addresses) the operator-made webhook certificate is valid for: the webhook
+    /// Service's DNS names, e.g. `floodgate-webhook.floodgate.svc`.
+    #[arg(
+        long = "webhook-host",
+        env = "FLOODGATE_WEBHOOK_HOSTS",
+        value_delimiter = ','
+    )]
+    webhook_hosts: Vec<String>,
+    /// The Secret (in `--lease-namespace`, the pod's namespace) holding the operator-made
+    /// webhook certificate.
+    #[arg(long, default_value = "floodgate-webhook-tls")]
+    webhook_secret: String,
+    /// The MutatingWebhookConfiguration whose `caBundle` the operator writes.
+    #[arg(long, default_value = "floodgate-sidecar-injector")]
+    webhook_configuration: String,
+    /// Read the webhook certificate (`tls.crt`, `tls.key`) from this directory instead of
+    /// making it (cert-manager); `caBundle` is then left to cert-manager.
+    #[arg(long, env = "FLOODGATE_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<std::path::PathBuf>,
+    /// The proxy image the sidecar runs.
+    #[arg(
+        long,
+        env = "FLOODGATE_SIDECAR_IMAGE",
+        default_value = "ghcr.io/floodgate-dev/floodgate-proxy:0.1.0"
+    )]
+    sidecar_image: String,
+    /// The loopback port the sidecar listens on.
+    #[arg(long, default_value_t = 8080)]
+    sidecar_port: u16,
+    /// The ConfigMap with the sidecar's `config.yaml` when a pod names none
+    /// (`floodgate.dev/config`).
+    #[arg(long, default_value = "floodgate-sidecar")]
+    sidecar_config_map: String,
     /// Log as JSON lines.
     #[arg(long, env = "FLOODGATE_LOG_JSON")]
     log_json: bool,
@@ -80,6 +117,42 @@ async fn main() -> anyhow::Result<()> {
         Some(addr) => Some(serve_metrics(addr, metrics.clone(), shutdown.clone()).await?),
         None => None,
     };
+    let webhook = match args.webhook_listen {
+        Some(listen) => {
+            let source = match &args.webhook_cert_dir {
+                Some(dir) => floodgate_operator::webhook::CertSource::Files(dir.clone()),
+                None => {
+                    anyhow::ensure!(
+                        !args.webhook_hosts.is_empty(),
+                        "--webhook-listen needs --webhook-host (the webhook Service's DNS name) \
+                         or --webhook-cert-dir"
+                    );
+                    floodgate_operator::webhook::CertSource::Operator {
+                        namespace: args.lease_namespace.clone(),
+                        secret: args.webhook_secret.clone(),
+                        hosts: args.webhook_hosts.clone(),
+                        configuration: args.webhook_configuration.clone(),
+                    }
+                }
+            };
+            let sidecar = floodgate_operator::webhook::mutate::Sidecar {
+                image: args.sidecar_image.clone(),
+                port: args.sidecar_port,
+                default_config_map: args.sidecar_config_map.clone(),
+            };
+            let (_, task) = floodgate_operator::webhook::start(
+                client.clone(),
+                listen,
+                source,
+                sidecar,
+                shutdown.clone(),
+            )
+            .await
+            .with_context(|| format!("cannot listen on {listen} for the webhook"))?;
+            Some(task)
+        }
+        None => None,
+    };
     let result = if args.leader_elect {
         let lock = LeaseLock::new(
             client.clone(),
@@ -95,6 +168,9 @@ async fn main() -> anyhow::Result<()> {
     shutdown.cancel();
     if let Some(server) = server {
         let _ = server.await;
+    }
+    if let Some(webhook) = webhook {
+        let _ = webhook.await;
     }
     Ok(result?)
 }

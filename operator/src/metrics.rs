@@ -1,6 +1,7 @@
 //! The operator's Prometheus metrics: reconciles by kind and result, their durations, errors by
-//! class, and whether this replica leads. Labels are kinds and `&'static str` classes only,
-//! never an object's name.
+//! class, and whether this replica leads. Labels are kinds and `&'static str` classes, never
+//! an object's name, except the local models' demand (one series per LocalModelDeployment and
+//! signal, for an HPA through a metrics adapter: few objects, and the name is the point).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -35,6 +36,17 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+/// Labels of one local model's demand figure.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DemandLabels {
+    /// The LocalModelDeployment's namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// `queued`, `in_flight` or `latency_p95_ms`.
+    pub signal: &'static str,
+}
+
 /// Every metric of one operator process.
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +54,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     durations: Family<KindLabels, Histogram, fn() -> Histogram>,
     leader: Gauge,
+    demand: Family<DemandLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -86,12 +99,19 @@ impl Default for Metrics {
             "1 while this replica runs the controllers (holds the Lease, or runs without election)",
             leader.clone(),
         );
+        let demand = Family::<DemandLabels, Gauge>::default();
+        registry.register(
+            "floodgate_operator_local_model_demand",
+            "The gateway's demand for each local model, summed over its replicas (requests queued and in flight; the slowest replica's p95 answer time in ms), as read from Redis",
+            demand.clone(),
+        );
         Self {
             registry,
             reconciles,
             errors,
             durations,
             leader,
+            demand,
         }
     }
 }
@@ -126,6 +146,23 @@ impl Metrics {
         self.leader.set(i64::from(leading));
     }
 
+    /// Records the demand read for local model `namespace/name`.
+    pub fn set_demand(&self, namespace: &str, name: &str, demand: &crate::autoscale::Demand) {
+        for (signal, value) in [
+            ("queued", demand.queued),
+            ("in_flight", demand.in_flight),
+            ("latency_p95_ms", demand.latency_p95_ms),
+        ] {
+            self.demand
+                .get_or_create(&DemandLabels {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    signal,
+                })
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Reconciles of `kind` with `result` so far.
     pub fn reconciles(&self, kind: &str, result: &'static str) -> u64 {
         self.reconciles
@@ -158,6 +195,16 @@ mod tests {
             Duration::from_millis(40),
         );
         m.set_leader(true);
+        m.set_demand(
+            "models",
+            "llama",
+            &crate::autoscale::Demand {
+                queued: 12,
+                in_flight: 3,
+                latency_p95_ms: 2500,
+                reporters: 2,
+            },
+        );
         assert_eq!(m.reconciles("AIProviderPool", "ok"), 1);
         assert_eq!(m.reconciles("AIProviderPool", "error"), 1);
         let text = m.encode();
@@ -167,6 +214,8 @@ mod tests {
             r#"floodgate_operator_reconcile_seconds_count{kind="AIProviderPool"} 2"#,
             r#"floodgate_operator_reconcile_seconds_bucket{le="0.005",kind="AIProviderPool"} 1"#,
             "floodgate_operator_leader 1",
+            r#"floodgate_operator_local_model_demand{namespace="models",name="llama",signal="queued"} 12"#,
+            r#"floodgate_operator_local_model_demand{namespace="models",name="llama",signal="latency_p95_ms"} 2500"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -44,7 +44,7 @@ impl UsageReader {
         })
     }
 
-    fn connection(&self) -> Result<ConnectionManager> {
+    pub(crate) fn connection(&self) -> Result<ConnectionManager> {
         if let Some(conn) = self.conn.get() {
             return Ok(conn.clone());
         }
@@ -85,6 +85,82 @@ impl UsageReader {
             *usage.entry(owner.to_owned()).or_default() += count;
         }
         Ok(usage)
+    }
+}
+
+/// Members of a sorted set with their scores.
+type Scored = Vec<(String, f64)>;
+
+/// What a tenant used in the current window, over every gateway replica, as its own limits
+/// count it (see [`floodgate_crds::redis_keys`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantUsage {
+    /// Requests started in the window: counted only for a tenant with an rpm limit.
+    pub requests: u64,
+    /// Tokens reserved in the window (settled to the real counts when answers report them):
+    /// counted only for a tenant with a tpm limit.
+    pub tokens: u64,
+    /// Unix milliseconds of its latest request or reservation still in Redis.
+    pub last_seen_ms: Option<u64>,
+}
+
+impl UsageReader {
+    /// The current window's use of tenant `tenant` (`<namespace>/<name>`). A tenant the
+    /// proxies have not seen within two windows (or one without limits, which they do not
+    /// record) reads as zero with no last-seen time.
+    pub async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage> {
+        let mut conn = self.connection()?;
+        let keys = KeyBudgetKeys::tenant(tenant);
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
+        let since = format!("({}", now_ms.saturating_sub(WINDOW_MS));
+        let (requests, newest_request, reservations, newest_reservation): (
+            u64,
+            Scored,
+            Vec<String>,
+            Scored,
+        ) = redis::pipe()
+            .cmd("ZCOUNT")
+            .arg(&keys.requests)
+            .arg(&since)
+            .arg("+inf")
+            .cmd("ZRANGE")
+            .arg(&keys.requests)
+            .arg(-1)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .cmd("ZRANGEBYSCORE")
+            .arg(&keys.tokens)
+            .arg(&since)
+            .arg("+inf")
+            .cmd("ZRANGE")
+            .arg(&keys.tokens)
+            .arg(-1)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?;
+        let tokens = if reservations.is_empty() {
+            0
+        } else {
+            let amounts: Vec<Option<u64>> = redis::cmd("HMGET")
+                .arg(&keys.token_amounts)
+                .arg(&reservations)
+                .query_async(&mut conn)
+                .await?;
+            amounts.into_iter().flatten().sum()
+        };
+        // A request in flight is scored later than now (admission + TTL): seen now.
+        let last_seen_ms = newest_request
+            .iter()
+            .chain(&newest_reservation)
+            .map(|(_, score)| (*score as u64).min(now_ms))
+            .max();
+        Ok(TenantUsage {
+            requests,
+            tokens,
+            last_seen_ms,
+        })
     }
 }
 

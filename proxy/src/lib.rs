@@ -8,6 +8,7 @@
 pub mod budget;
 pub mod cache;
 pub mod config;
+pub mod demand;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -99,3 +99,14 @@ The operator image.
 {{- define "floodgate.operator.image" -}}
 {{- printf "%s:%s" .Values.operator.image.repository (.Values.operator.image.tag | default .Chart.AppVersion) }}
 {{- end }}
+
+{{/* The sidecar webhook's Service, configuration and operator-made TLS Secret. */}}
+{{- define "floodgate.webhook.fullname" -}}
+{{- printf "%s-webhook" (include "floodgate.operator.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "floodgate.webhook.configuration" -}}
+{{- printf "%s-sidecar-injector" (include "floodgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- define "floodgate.webhook.secret" -}}
+{{- printf "%s-tls" (include "floodgate.webhook.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}

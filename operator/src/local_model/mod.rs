@@ -8,6 +8,7 @@
 
 pub mod build;
 
+use crate::autoscale::{self, Decision, Demand};
 use crate::conditions::{self, DEGRADED, PROGRESSING, READY, condition};
 use crate::context::{Context, FIELD_MANAGER, object_key};
 use crate::error::{Error, Result};
@@ -17,6 +18,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +31,9 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
     let ns = lmd
         .namespace()
         .ok_or_else(|| Error::NoNamespace(object_key(lmd.as_ref())))?;
-    let old = lmd.status.as_ref();
+    // Owned: `lmd` is replaced below when the autoscaler changes its replicas.
+    let old_status = lmd.status.clone();
+    let old = old_status.as_ref();
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let now = conditions::now();
     if let Some(why) = build::invalid_name(&lmd) {
@@ -45,9 +49,32 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
         // Names cannot change: nothing to retry until the resource is replaced.
         return Ok(Action::await_change());
     }
+    let demand = read_demand(&lmd, &ctx, &ns).await;
+    let scaled = match demand.as_ref() {
+        Some(demand) => autoscale(&lmd, &ctx, &ns, demand).await?,
+        None => None,
+    };
+    // The Deployment follows the new count now; the scale's own change event reconciles again.
+    let lmd = match &scaled {
+        Some((to, _)) => {
+            let mut scaled_lmd = (*lmd).clone();
+            scaled_lmd.spec.replicas = Some(*to);
+            Arc::new(scaled_lmd)
+        }
+        None => lmd,
+    };
     match apply_children(&lmd, &ctx, &ns).await {
         Ok((deployment, claim)) => {
-            let status = compute_status(&lmd, old, &deployment, claim.as_ref(), &now);
+            let mut status = compute_status(&lmd, old, &deployment, claim.as_ref(), &now);
+            if let Some(d) = demand {
+                status.queue_depth = d.queued;
+                status.in_flight = d.in_flight;
+                status.latency_p95_ms = d.latency_p95_ms;
+            }
+            if let Some((_, reason)) = scaled {
+                status.last_scale_time = Some(now.clone());
+                status.last_scale_reason = Some(reason);
+            }
             ctx.write_status(
                 lmd.as_ref(),
                 old,
@@ -57,7 +84,13 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
             )
             .await?;
             ctx.succeeded(lmd.as_ref());
-            Ok(Action::requeue(RESYNC))
+            Ok(Action::requeue(
+                if ctx.usage.is_some() && lmd.spec.autoscaling.is_some() {
+                    autoscale::DEMAND_REFRESH
+                } else {
+                    RESYNC
+                },
+            ))
         }
         Err(e) => {
             let status = refused_status(&lmd, old, "ApplyFailed", e.to_string(), &now);
@@ -76,6 +109,71 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
             Err(e)
         }
     }
+}
+
+/// The gateway's demand for `lmd`, when Redis is configured and answers (a failure is logged:
+/// the replicas stay as they are).
+async fn read_demand(lmd: &LocalModelDeployment, ctx: &Context, ns: &str) -> Option<Demand> {
+    let reader = ctx.usage.as_ref()?;
+    match reader.demand(ns, &lmd.name_any()).await {
+        Ok(demand) => {
+            ctx.metrics.set_demand(ns, &lmd.name_any(), &demand);
+            Some(demand)
+        }
+        Err(e) => {
+            tracing::warn!(object = %object_key(lmd), error = %e, "cannot read demand; replicas unchanged");
+            None
+        }
+    }
+}
+
+/// Applies the autoscaling policy of `lmd` (if it has one) to `demand`: on a change, writes
+/// the new count through the scale subresource, publishes an Event and returns the count and
+/// why.
+async fn autoscale(
+    lmd: &LocalModelDeployment,
+    ctx: &Context,
+    ns: &str,
+    demand: &Demand,
+) -> Result<Option<(i32, String)>> {
+    let Some(policy) = &lmd.spec.autoscaling else {
+        return Ok(None);
+    };
+    let key = object_key(lmd);
+    let old = lmd.status.as_ref();
+    let current = build::desired_replicas(&lmd.spec);
+    let ready = old.map_or(0, |s| s.ready_replicas);
+    let since = ctx
+        .autoscaler
+        .since_change(&key, old.and_then(|s| s.last_scale_time.as_deref()));
+    let (to, reason) = match autoscale::decide(current, ready, policy, demand, since) {
+        Decision::Hold(why) => {
+            tracing::debug!(object = %key, replicas = current, why, "replicas held");
+            return Ok(None);
+        }
+        Decision::Scale { to, reason } => (to, reason),
+    };
+    let api: Api<LocalModelDeployment> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = serde_json::json!({"spec": {"replicas": to}});
+    api.patch_scale(
+        &lmd.name_any(),
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        },
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    ctx.autoscaler.changed(&key);
+    tracing::info!(object = %key, from = current, to, reason, "scaled");
+    let event = if to > current {
+        "ScaledUp"
+    } else {
+        "ScaledDown"
+    };
+    ctx.event(lmd, EventType::Normal, event, reason.clone())
+        .await;
+    Ok(Some((to, reason)))
 }
 
 /// Applies the claim (if any), the Service and the Deployment; returns the Deployment and the
@@ -261,7 +359,10 @@ fn status_with(
         observed_generation: generation,
         conditions: conditions::merge(old_conditions, fresh, generation, now),
         queue_depth: old.map_or(0, |o| o.queue_depth),
+        in_flight: old.map_or(0, |o| o.in_flight),
+        latency_p95_ms: old.map_or(0, |o| o.latency_p95_ms),
         last_scale_time: old.and_then(|o| o.last_scale_time.clone()),
+        last_scale_reason: old.and_then(|o| o.last_scale_reason.clone()),
         ..base
     }
 }

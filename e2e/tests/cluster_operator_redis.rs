@@ -1,0 +1,257 @@
+//! The operator in-process against the real control plane and a real redis-server that the
+//! proxy's own code writes: a Tenant's status and `kubectl get tenants` show the requests and
+//! tokens its limits counted; a LocalModelDeployment scales up when the demand the proxies
+//! publish for it rises over its threshold, says why in status and an Event, and scales back
+//! down after its cooldown when the demand is gone.
+
+// Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
+#![cfg(test)]
+
+use floodgate_crds::redis_keys::KeyBudgetKeys;
+use floodgate_crds::{ConditionStatus, LocalModelDeployment, Tenant};
+use floodgate_e2e::cluster::{Cluster, TestNamespace, wait_for};
+use floodgate_e2e::redis::RedisServer;
+use floodgate_proxy::budget::{Limits, RedisBudgets, SharedOptions};
+use floodgate_proxy::demand::{DemandBoard, Publisher};
+use floodgate_proxy::secret::SecretString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The operator of one test, reading `redis`; stopped when dropped.
+struct Operator {
+    shutdown: CancellationToken,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn setup(
+    test: &str,
+    redis: &RedisServer,
+) -> (&'static Cluster, TestNamespace, Client, Operator) {
+    let cluster = Cluster::get().await.unwrap();
+    cluster.install_crds().await.unwrap();
+    let ns = cluster.namespace(test).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let config = floodgate_operator::Config {
+        namespace: Some(ns.name().to_owned()),
+        instance: Some(format!("e2e-{test}")),
+        redis_url: Some(redis.url()),
+    };
+    tokio::spawn(floodgate_operator::run(
+        client.clone(),
+        config,
+        Arc::new(floodgate_operator::Metrics::default()),
+        shutdown.clone(),
+    ));
+    (cluster, ns, client, Operator { shutdown })
+}
+
+async fn apply<K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug>(
+    api: &Api<K>,
+    name: &str,
+    manifest: serde_json::Value,
+) -> K {
+    api.patch(
+        name,
+        &PatchParams::apply("floodgate-e2e").force(),
+        &Patch::Apply(&manifest),
+    )
+    .await
+    .unwrap()
+}
+
+/// Waits until `check` holds for object `name`; on timeout fails showing it as last seen.
+async fn wait_until<K, F>(api: &Api<K>, name: &str, what: &str, check: F) -> K
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug,
+    F: Fn(&K) -> bool,
+{
+    let last = std::sync::Mutex::new(None);
+    let found = wait_for(what, WAIT, || async {
+        let obj = api.get_opt(name).await?;
+        let done = obj.as_ref().is_some_and(&check);
+        *last.lock().unwrap() = obj.clone();
+        Ok(if done { obj } else { None })
+    })
+    .await;
+    found.unwrap_or_else(|e| panic!("{e}; last seen: {:#?}", last.lock().unwrap()))
+}
+
+fn is_true(conditions: &[floodgate_crds::Condition], type_: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == ConditionStatus::True)
+}
+
+/// The notes of the Events about `name` with `reason`, once there is one.
+async fn event_notes(client: &Client, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    wait_for(&format!("a {reason} Event about {name}"), WAIT, || async {
+        let notes: Vec<String> = events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(name))
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| e.message.unwrap_or_default())
+            .collect();
+        Ok((!notes.is_empty()).then_some(notes))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_tenants_status_and_columns_show_what_its_limits_counted() {
+    let redis = RedisServer::start().await.unwrap();
+    let (cluster, ns, client, _operator) = setup("operator-tenant", &redis).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
+    apply(
+        &secrets,
+        "acme-keys",
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "acme-keys"}, "stringData": {"main": "fg-test-main"}}),
+    )
+    .await;
+    // What the proxies' identity stage records for this tenant's limits: 3 requests, 40
+    // tokens each, through the proxy's own shared budgets.
+    let mut options = SharedOptions::new(SecretString::new(redis.url()));
+    options.timeout = Duration::from_secs(2);
+    let budgets = Arc::new(RedisBudgets::new(options, Duration::from_secs(60)).unwrap());
+    let keys = Arc::new(KeyBudgetKeys::tenant(&format!("{}/acme", ns.name())));
+    let limits = Limits {
+        rpm: Some(100),
+        tpm: Some(10_000),
+    };
+    for i in 0..3 {
+        budgets
+            .acquire(&keys, limits, 40, &format!("acme-{i}"))
+            .await
+            .unwrap();
+    }
+    let tenants: Api<Tenant> = Api::namespaced(client.clone(), ns.name());
+    apply(&tenants, "acme", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": "acme"},
+        "spec": {"tier": "pro", "keys": [{"name": "main", "secretRef": {"name": "acme-keys", "key": "main"}}],
+                 "limits": {"rpm": 100, "tpm": 10000}}
+    }))
+    .await;
+    let tenant = wait_until(&tenants, "acme", "Tenant usage in status", |t| {
+        t.status
+            .as_ref()
+            .is_some_and(|s| s.used_rpm == 3 && is_true(&s.conditions, "Ready"))
+    })
+    .await;
+    let status = tenant.status.unwrap();
+    assert_eq!(status.used_tpm, 120);
+    assert!(is_true(&status.conditions, "UsageTracked"));
+    assert!(status.last_seen.is_some());
+    assert_eq!(status.observed_generation, tenant.metadata.generation);
+
+    let out = cluster
+        .kubectl(["get", "tenants", "-n", ns.name()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let row = out.stdout.lines().find(|l| l.starts_with("acme")).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // NAME TIER RPM-LIMIT USED-RPM TPM-LIMIT USED-TPM LAST-SEEN READY AGE
+    assert_eq!(
+        (&cells[1..6], cells[7]),
+        (&["pro", "100", "3", "10000", "120"][..], "True"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn rising_demand_raises_a_local_models_replicas_and_says_why() {
+    let redis = RedisServer::start().await.unwrap();
+    let (_cluster, ns, client, _operator) = setup("operator-scale", &redis).await;
+    // A proxy replica's demand publisher, as the gateway runs it.
+    let board = Arc::new(DemandBoard::default());
+    let cell = board.cell(ns.name(), "llama");
+    let publishing = CancellationToken::new();
+    let _stop_publishing = publishing.clone().drop_guard();
+    let publisher = Publisher::new(board.clone(), &SecretString::new(redis.url()), "proxy-0");
+    tokio::spawn(publisher.unwrap().run(publishing));
+
+    let lmds: Api<LocalModelDeployment> = Api::namespaced(client.clone(), ns.name());
+    apply(&lmds, "llama", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
+        "spec": {"model": "llama3.1:8b", "classes": ["simple"],
+                 "resources": {"gpu": 0, "memory": "1Gi"},
+                 "autoscaling": {"minReplicas": 1, "maxReplicas": 2, "queueDepth": 5,
+                                 "cooldownSeconds": 1}}
+    }))
+    .await;
+    wait_until(&lmds, "llama", "1 replica ready", |l| {
+        l.status.as_ref().is_some_and(|s| s.ready_replicas == 1)
+    })
+    .await;
+
+    // 12 requests wait for the model: over 5 per replica.
+    let waiting: Vec<_> = (0..12).map(|_| cell.queued()).collect();
+    let raised = Instant::now();
+    let lmd = wait_until(&lmds, "llama", "2 replicas ready", |l| {
+        l.spec.replicas == Some(2) && l.status.as_ref().is_some_and(|s| s.ready_replicas == 2)
+    })
+    .await;
+    eprintln!(
+        "2 replicas ready {:?} after the demand rose",
+        raised.elapsed()
+    );
+    let status = lmd.status.unwrap();
+    assert_eq!(
+        status.last_scale_reason.as_deref(),
+        Some("scaled up 1 -> 2: 12 requests waiting, over 5 per replica x 1")
+    );
+    assert!(status.last_scale_time.is_some());
+    let notes = event_notes(&client, ns.name(), "llama", "ScaledUp").await;
+    assert!(notes[0].contains("12 requests waiting"), "{notes:?}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
+    let deployment = deployments.get("llama").await.unwrap();
+    assert_eq!(deployment.spec.unwrap().replicas, Some(2));
+    // The queue is shown while it lasts; at maxReplicas it scales no further.
+    wait_until(&lmds, "llama", "queue depth in status", |l| {
+        l.status.as_ref().is_some_and(|s| s.queue_depth == 12)
+    })
+    .await;
+
+    // The demand is gone: back to 1 after the cooldown.
+    drop(waiting);
+    let lmd = wait_until(&lmds, "llama", "scaled back down to 1", |l| {
+        l.spec.replicas == Some(1)
+            && l.status.as_ref().is_some_and(|s| {
+                s.last_scale_reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("scaled down"))
+            })
+    })
+    .await;
+    let reason = lmd.status.unwrap().last_scale_reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("scaled down 2 -> 1: 0 requests waiting"),
+        "{reason}"
+    );
+    event_notes(&client, ns.name(), "llama", "ScaledDown").await;
+}

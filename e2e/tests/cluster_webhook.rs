@@ -1,0 +1,302 @@
+//! The sidecar injection webhook, served by the operator's code in-process over TLS with a
+//! certificate it made itself (replacing one due for rotation), called by the real
+//! kube-apiserver: the operator writes its CA (and the replaced one, for the overlap)
+//! into the MutatingWebhookConfiguration's caBundle, and a pod annotated
+//! `floodgate.dev/inject: "true"` is admitted with the proxy sidecar and its apps pointed at it,
+//! while a pod without the annotation is admitted unchanged.
+
+// Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
+#![cfg(test)]
+
+use floodgate_e2e::cluster::{Cluster, wait_for};
+use floodgate_operator::webhook::{self, CertSource, mutate::Sidecar};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::json;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A cluster-scoped webhook configuration for one test, deleted when dropped.
+struct TestWebhookConfiguration {
+    cluster: &'static Cluster,
+    name: String,
+}
+
+impl Drop for TestWebhookConfiguration {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(self.cluster.bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.cluster.kubeconfig())
+            .args([
+                "delete",
+                "mutatingwebhookconfiguration",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+fn pod(name: &str, annotations: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]}
+    }))
+    .unwrap()
+}
+
+fn env(pod: &Pod, container: &str, name: &str) -> Option<String> {
+    let c = pod
+        .spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == container)?;
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)?
+        .value
+        .clone()
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = Cluster::get().await.unwrap();
+    let ns = cluster.namespace("webhook").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let configuration = ns.name().to_owned();
+    // A certificate left by an earlier operator, due for rotation (it expires in 20 days):
+    // the operator must replace it, and trust both CAs while replicas may still serve it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let old = webhook::certs::generate(
+        &["127.0.0.1".into()],
+        now - 345 * 86_400,
+        webhook::certs::VALIDITY,
+    )
+    .unwrap();
+    assert!(webhook::certs::needs_rotation(old.not_after, now));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "floodgate-webhook-tls",
+                             "annotations": {webhook::NOT_AFTER: old.not_after.to_string()}},
+                "type": "kubernetes.io/tls",
+                "stringData": {"tls.crt": old.cert_pem, "tls.key": old.key_pem, "ca.crt": old.ca_pem}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let (addr, _task) = webhook::start(
+        client.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        CertSource::Operator {
+            namespace: ns.name().to_owned(),
+            secret: "floodgate-webhook-tls".into(),
+            hosts: vec!["127.0.0.1".into()],
+            configuration: configuration.clone(),
+        },
+        Sidecar::default(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+
+    // As the chart installs it, but reaching the in-process webhook by URL, for this test's
+    // namespace only, and failing closed so that a webhook not called fails the test.
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let _guard = TestWebhookConfiguration {
+        cluster,
+        name: configuration.clone(),
+    };
+    let started = Instant::now();
+    configs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+                "metadata": {"name": configuration},
+                "webhooks": [{
+                    "name": "sidecar.floodgate.dev",
+                    "clientConfig": {"url": format!("https://{addr}/mutate")},
+                    "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                               "resources": ["pods"]}],
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name()}},
+                    "sideEffects": "None", "admissionReviewVersions": ["v1"],
+                    "failurePolicy": "Fail", "timeoutSeconds": 5,
+                    "reinvocationPolicy": "IfNeeded"
+                }]
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+
+    // The operator makes the certificate, keeps it in its Secret and writes the CA.
+    let config = wait_for("caBundle written", WAIT, || async {
+        let c = configs.get(&configuration).await?;
+        let written = c.webhooks.as_ref().unwrap()[0]
+            .client_config
+            .ca_bundle
+            .is_some();
+        Ok(written.then_some(c))
+    })
+    .await
+    .unwrap();
+    let ca = String::from_utf8(
+        config.webhooks.unwrap()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .unwrap()
+            .0,
+    )
+    .unwrap();
+    let secret = secrets.get("floodgate-webhook-tls").await.unwrap();
+    let new_ca = String::from_utf8(secret.data.as_ref().unwrap()["ca.crt"].0.clone()).unwrap();
+    assert_ne!(new_ca, old.ca_pem, "the due certificate was replaced");
+    assert_eq!(
+        secret.data.as_ref().unwrap()[webhook::PREVIOUS_CA].0,
+        old.ca_pem.as_bytes(),
+        "the replaced CA is kept"
+    );
+    assert_eq!(
+        ca,
+        format!("{new_ca}{}", old.ca_pem),
+        "the caBundle holds the new CA, then the old one"
+    );
+    let not_after: i64 = secret.metadata.annotations.as_ref().unwrap()[webhook::NOT_AFTER]
+        .parse()
+        .unwrap();
+    assert!(!webhook::certs::needs_rotation(not_after, now));
+
+    // The API server's webhook cache may lag the caBundle by a moment: with failurePolicy Fail
+    // a create fails until then, so retry until one is admitted.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let injected = wait_for("an annotated pod admitted", WAIT, || async {
+        match pods
+            .create(
+                &PostParams::default(),
+                &pod("app", json!({"floodgate.dev/inject": "true"})),
+            )
+            .await
+        {
+            Ok(p) => Ok(Some(p)),
+            Err(kube::Error::Api(e)) if e.message.contains("failed calling webhook") => {
+                eprintln!("not yet: {}", e.message);
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "annotated pod admitted with the sidecar {:?} after the webhook configuration was created",
+        started.elapsed()
+    );
+    let names: Vec<&str> = injected
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["app", "floodgate-proxy"]);
+    assert_eq!(
+        env(&injected, "app", "OPENAI_BASE_URL").as_deref(),
+        Some("http://127.0.0.1:8080/v1")
+    );
+    assert_eq!(
+        injected
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "floodgate-config")
+            .and_then(|v| v.config_map.as_ref())
+            .map(|c| c.name.as_str()),
+        Some("floodgate-sidecar")
+    );
+
+    let plain = pods
+        .create(&PostParams::default(), &pod("plain", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(plain.spec.as_ref().unwrap().containers.len(), 1);
+    assert_eq!(env(&plain, "app", "FLOODGATE_URL"), None);
+    let _ = pods.delete("app", &DeleteParams::default()).await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn the_charts_webhook_objects_are_accepted_by_the_api_server() {
+    let cluster = Cluster::get().await.unwrap();
+    let ns = cluster.namespace("webhook-chart").await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let chart = cluster.repo_root().join("charts/floodgate");
+    let mut helm = tokio::process::Command::new(cluster.bin_dir().join("helm"));
+    for var in ["HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"] {
+        helm.env(var, home.path());
+    }
+    let rendered = helm
+        .args(["template", "fg", &chart.to_string_lossy(), "-n", ns.name()])
+        .args([
+            "--set",
+            "webhook.enabled=true",
+            "--set",
+            "webhook.failurePolicy=Fail",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&rendered.stdout);
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    for kind in [
+        "kind: MutatingWebhookConfiguration",
+        "kind: ClusterRole",
+        "--webhook-listen",
+        "failurePolicy: Fail",
+    ] {
+        assert!(text.contains(kind), "{kind} not rendered:\n{text}");
+    }
+    // Server-side dry run: every object valid as the API server sees it, nothing created.
+    cluster
+        .kubectl_stdin(
+            ["apply", "--dry-run=server", "-n", ns.name(), "-f", "-"],
+            &text,
+        )
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+}

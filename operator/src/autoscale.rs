@@ -1,0 +1,232 @@
+//! Autoscaling of LocalModelDeployments on the gateway's demand for them.
+//!
+//! **Signal.** Every proxy replica publishes, per local model, the requests waiting for it,
+//! those it is answering and the p95 of its answer times (`floodgate_proxy::demand`, layout
+//! in [`floodgate_crds::redis_keys`]); [`UsageReader::demand`] sums the live replicas'.
+//!
+//! **Policy** ([`decide`]), with `spec.autoscaling` (`T` = `queueDepth`, per replica):
+//! - *up x2* (at most `maxReplicas`) when more than `T` requests per current replica wait, or
+//!   the p95 latency is over `latencyMs`; not while the last scale-up's replicas are still
+//!   turning ready (a new Ollama replica pulls its model first: doubling again on the same
+//!   queue would overshoot);
+//! - *down x0.5* (rounded up, at least `minReplicas`) when the queue would still be at most
+//!   half of `T` per replica at the smaller size, and the latency (if bounded) is within its
+//!   bound, once `cooldownSeconds` have passed since the last change;
+//! - back within `minReplicas..maxReplicas` at once if the bounds moved.
+//!
+//! The change is written through the scale subresource (`spec.replicas`), recorded in status
+//! (`lastScaleTime`, `lastScaleReason`) and announced by an Event (`ScaledUp`/`ScaledDown`).
+//! The time of the last change is kept per object on tokio's clock (so the cooldown can be
+//! tested exactly on a paused clock) and taken from `status.lastScaleTime` after a restart.
+
+use crate::error::Result;
+use crate::usage::UsageReader;
+use floodgate_crds::local_model::Autoscaling;
+use floodgate_crds::redis_keys::DemandKeys;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How often a LocalModelDeployment with autoscaling reads its demand again.
+pub const DEMAND_REFRESH: Duration = Duration::from_secs(5);
+
+/// A model's demand over every live gateway replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Demand {
+    /// Requests waiting for the model.
+    pub queued: u64,
+    /// Requests it is answering.
+    pub in_flight: u64,
+    /// The largest p95 answer time any replica reports (ms); 0 with none.
+    pub latency_p95_ms: u64,
+    /// Gateway replicas whose figures count.
+    pub reporters: u32,
+}
+
+/// What the autoscaler does about one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Keep the replicas; why (for logs).
+    Hold(String),
+    /// Change to `to` replicas, for `reason`.
+    Scale {
+        /// The new replica count.
+        to: i32,
+        /// A sentence naming the signal and threshold, for status and the Event.
+        reason: String,
+    },
+}
+
+impl UsageReader {
+    /// The demand for LocalModelDeployment `namespace/name`, summed over the replicas whose
+    /// figures have not expired.
+    pub async fn demand(&self, namespace: &str, name: &str) -> Result<Demand> {
+        let mut conn = self.connection()?;
+        let keys = DemandKeys::new(namespace, name);
+        let replicas: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&keys.replicas)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        if replicas.is_empty() {
+            return Ok(Demand::default());
+        }
+        let mut pipe = redis::pipe();
+        for r in &replicas {
+            pipe.cmd("HMGET")
+                .arg(keys.replica(r))
+                .arg("queued")
+                .arg("inFlight")
+                .arg("latencyP95Ms");
+        }
+        let figures: Vec<(Option<u64>, Option<u64>, Option<u64>)> =
+            pipe.query_async(&mut conn).await?;
+        let mut demand = Demand::default();
+        // An expired hash reads as nils: that replica stopped publishing.
+        for (queued, in_flight, latency) in figures {
+            let (Some(queued), Some(in_flight)) = (queued, in_flight) else {
+                continue;
+            };
+            demand.queued += queued;
+            demand.in_flight += in_flight;
+            demand.latency_p95_ms = demand.latency_p95_ms.max(latency.unwrap_or(0));
+            demand.reporters += 1;
+        }
+        Ok(demand)
+    }
+}
+
+/// The decision for a model running `current` replicas (of which `ready` are ready) under
+/// `policy`, given `demand` and the time since its last scale change (`None`: never).
+pub fn decide(
+    current: i32,
+    ready: i32,
+    policy: &Autoscaling,
+    demand: &Demand,
+    since_change: Option<Duration>,
+) -> Decision {
+    let (min, max) = (
+        policy.min_replicas,
+        policy.max_replicas.max(policy.min_replicas),
+    );
+    if current < min {
+        return Decision::Scale {
+            to: min,
+            reason: format!("{current} replicas is under minReplicas {min}"),
+        };
+    }
+    if current > max {
+        return Decision::Scale {
+            to: max,
+            reason: format!("{current} replicas is over maxReplicas {max}"),
+        };
+    }
+    let threshold = u64::from(policy.queue_depth);
+    let capacity = threshold.saturating_mul(u64::try_from(current).unwrap_or(0));
+    let slow = policy
+        .latency_ms
+        .filter(|bound| demand.latency_p95_ms > u64::from(*bound));
+    let why_up = if demand.queued > capacity {
+        Some(format!(
+            "{} requests waiting, over {threshold} per replica x {current}",
+            demand.queued
+        ))
+    } else {
+        slow.map(|bound| {
+            format!(
+                "p95 latency {} ms over latencyMs {bound}",
+                demand.latency_p95_ms
+            )
+        })
+    };
+    if let Some(why) = why_up {
+        if current >= max {
+            return Decision::Hold(format!("{why}, but at maxReplicas {max}"));
+        }
+        if ready < current {
+            return Decision::Hold(format!(
+                "{why}, but only {ready}/{current} replicas are ready yet"
+            ));
+        }
+        let to = current.saturating_mul(2).clamp(1, max);
+        return Decision::Scale {
+            to,
+            reason: format!("scaled up {current} -> {to}: {why}"),
+        };
+    }
+    let half = ((current + 1) / 2).max(min);
+    if half >= current {
+        return Decision::Hold(format!("demand within bounds at minReplicas {min}"));
+    }
+    let room = threshold.saturating_mul(u64::try_from(half).unwrap_or(0)) / 2;
+    if demand.queued > room {
+        return Decision::Hold(format!(
+            "{} requests waiting: more than half of {threshold} per replica at {half} replicas",
+            demand.queued
+        ));
+    }
+    let cooldown = Duration::from_secs(u64::from(policy.cooldown_seconds));
+    if let Some(since) = since_change.filter(|since| *since < cooldown) {
+        return Decision::Hold(format!(
+            "demand is low, but the cooldown has {} ms left",
+            (cooldown - since).as_millis()
+        ));
+    }
+    let latency = match policy.latency_ms {
+        Some(bound) => format!(", p95 latency {} ms within {bound}", demand.latency_p95_ms),
+        None => String::new(),
+    };
+    Decision::Scale {
+        to: half,
+        reason: format!(
+            "scaled down {current} -> {half}: {} requests waiting, at most half of {threshold} per replica{latency}, for {}s of cooldown",
+            demand.queued, policy.cooldown_seconds
+        ),
+    }
+}
+
+/// When each model's replicas last changed, on tokio's clock.
+#[derive(Debug, Default)]
+pub struct Autoscaler {
+    last_change: Mutex<HashMap<String, Instant>>,
+}
+
+impl Autoscaler {
+    /// Time since object `key` last changed scale: from this process's record, else from
+    /// `status_time` (`status.lastScaleTime`, RFC 3339) left by an earlier operator, else none.
+    pub fn since_change(&self, key: &str, status_time: Option<&str>) -> Option<Duration> {
+        let known = self
+            .last_change
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied();
+        if let Some(at) = known {
+            return Some(at.elapsed());
+        }
+        let then: k8s_openapi::jiff::Timestamp = status_time?.parse().ok()?;
+        let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(then);
+        Some(Duration::try_from(elapsed).unwrap_or(Duration::ZERO))
+    }
+
+    /// Records that object `key` changed scale now.
+    pub fn changed(&self, key: &str) {
+        self.last_change
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned(), Instant::now());
+    }
+
+    /// Forgets object `key` (deleted).
+    pub fn forget(&self, key: &str) {
+        self.last_change
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests;
