@@ -220,6 +220,10 @@ async fn the_500rpm_example_applies_and_reads_back_with_defaults() {
                 served_and_ours::<LocalModelDeployment>(&client, &ns, kind, &name, &doc).await
             }
             Kind::Tenant => served_and_ours::<Tenant>(&client, &ns, kind, &name, &doc).await,
+            Kind::RoutingPolicy => {
+                served_and_ours::<floodgate_crds::RoutingPolicy>(&client, &ns, kind, &name, &doc)
+                    .await
+            }
         };
         assert_eq!(
             served["spec"], ours["spec"],

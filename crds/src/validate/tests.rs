@@ -100,6 +100,9 @@ fn errors(kind: Kind, value: &Value) -> Vec<FieldError> {
             validate_object::<LocalModelDeployment>(kind, value).map(drop)
         }
         Kind::Tenant => validate_object::<Tenant>(kind, value).map(drop),
+        Kind::RoutingPolicy => {
+            validate_object::<floodgate_crds::RoutingPolicy>(kind, value).map(drop)
+        }
     };
     result.err().unwrap_or_default()
 }

@@ -118,6 +118,8 @@ pub struct RequestCtx {
     pub caller: Option<Arc<Caller>>,
     /// The route stage's decision, once made.
     pub route: Option<RouteDecision>,
+    /// The prompt's class (stage 3) and the routing rule and chain steps taken.
+    pub routing: Option<crate::routing::Note>,
 }
 
 impl RequestCtx {
@@ -141,6 +143,7 @@ impl RequestCtx {
             progress: None,
             caller: None,
             route: None,
+            routing: None,
         }
     }
 

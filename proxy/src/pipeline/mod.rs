@@ -6,11 +6,11 @@
 //! | 1 | identity         | the door ([`door::serve`]), from headers, before the body is read: [`identity`] | built |
 //! | 2 | parse            | the door: its wire format -> [`ChatRequest`] (or [`EmbeddingsRequest`]) | built |
 //! | 2b | tenant limits   | here: allowed models, the tenant's rpm / tpm / concurrency ([`identity::limits`]) | built |
-//! | 3 | classify         | here, prompt class             | not built yet (routing issue)  |
+//! | 3 | classify         | here, prompt class: [`routing::classify`] | built          |
 //! | 4 | cache lookup     | here                           | not built yet (cache issue)    |
 //! | 5 | dedup            | here, join an identical request in flight | not built yet (cache issue) |
 //! | 6 | queue (admission)| [`route::attempt`] + [`route::wait`]: per route, by tier (weighted fair queueing), bounded | built |
-//! | 7 | route / attempt  | [`route`]: key, provider, fallback | built                      |
+//! | 7 | route / attempt  | [`routing::chat`]: rule and chain of pools and local models; in each, [`route`]: key, provider, fallback | built |
 //! | 8 | cache store      | here, tees the typed answer    | not built yet (cache issue)    |
 //!
 //! A stage that is not built is absent, not a stub: it costs nothing. Each later stage adds
@@ -51,6 +51,9 @@ pub enum Error {
     /// The route stage failed.
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// A monthly cost budget (the tenant's, or every target pool's) is spent (429).
+    #[error(transparent)]
+    OverBudget(#[from] crate::routing::cost::OverBudget),
 }
 
 /// Runs stages 2b-8 for a parsed chat request (stages 1-2 ran in the door) and records the
@@ -65,11 +68,13 @@ pub async fn chat(
     let output = req.max_completion_tokens.or(req.max_tokens).unwrap_or(0);
     let tokens = u64::from(estimate_prompt_tokens(req)) + u64::from(output);
     let asker = queue_place(view, ctx);
+    // 3: the prompt's class.
+    crate::routing::classify(view, ctx, req);
     let slot = tenant_slot(ctx, &req.model, tokens).await?;
-    // 6 + 7: admission in the route's queue, then attempts over keys and providers.
-    let reply = dispatcher.chat(view, req, ctx.deadline, asker).await;
-    decided(ctx, &reply);
-    let mut reply = reply?;
+    // 6 + 7: the routing rule's chain of targets; in each, admission in the route's queue,
+    // then attempts over keys and providers.
+    let mut reply = crate::routing::chat(dispatcher, view, ctx, req, asker).await?;
+    record_decision(ctx, &reply);
     if let Some(slot) = slot {
         reply.body = match reply.body {
             ReplyBody::Complete(answer) => {
@@ -162,12 +167,17 @@ pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
 /// Records the route stage's decision on `ctx`.
 fn decided<B>(ctx: &mut RequestCtx, reply: &Result<Reply<B>, RouteError>) {
     if let Ok(reply) = reply {
-        ctx.queued = Some(reply.waited);
-        ctx.route = Some(RouteDecision {
-            provider: reply.provider.clone(),
-            key: reply.key.clone(),
-            attempts: reply.attempts,
-            ok: reply.ok.clone(),
-        });
+        record_decision(ctx, reply);
     }
+}
+
+/// Records a served request's route decision on `ctx`.
+fn record_decision<B>(ctx: &mut RequestCtx, reply: &Reply<B>) {
+    ctx.queued = Some(reply.waited);
+    ctx.route = Some(RouteDecision {
+        provider: reply.provider.clone(),
+        key: reply.key.clone(),
+        attempts: reply.attempts,
+        ok: reply.ok.clone(),
+    });
 }

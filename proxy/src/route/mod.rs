@@ -197,6 +197,7 @@ pub struct Dispatcher {
     bound: QueueBound,
     view: ArcSwap<View>,
     rr: AtomicUsize,
+    routing: crate::routing::State,
 }
 
 impl Dispatcher {
@@ -242,6 +243,7 @@ impl Dispatcher {
             bound,
             view: ArcSwap::from_pointee(View { config, runtime }),
             rr: AtomicUsize::new(0),
+            routing: crate::routing::State::default(),
         })
     }
 
@@ -288,6 +290,11 @@ impl Dispatcher {
         self.budgets.redis_degraded()
     }
 
+    /// What routing keeps across reloads: local models' gates and demand, monthly spending.
+    pub fn routing(&self) -> &crate::routing::State {
+        &self.routing
+    }
+
     /// The key budgets.
     pub fn budgets(&self) -> &Budgets {
         &self.budgets
@@ -307,10 +314,23 @@ impl Dispatcher {
         deadline: Instant,
         asker: Asker,
     ) -> Result<Reply, RouteError> {
+        self.chat_on(view, &req.model, req, deadline, asker).await
+    }
+
+    /// Serves one chat request on the route named `route` (a model name or alias, or
+    /// `<pool>/<model>` for that pool's targets alone), as [`Dispatcher::chat`].
+    pub async fn chat_on(
+        &self,
+        view: &View,
+        route: &str,
+        req: &ChatRequest,
+        deadline: Instant,
+        asker: Asker,
+    ) -> Result<Reply, RouteError> {
         let route = view
             .runtime
             .routes
-            .get(&req.model)
+            .get(route)
             .ok_or_else(|| RouteError::UnknownModel(req.model.clone()))?;
         let demand = Demand::chat(req);
         let mut attempts = Attempts::new(self, &view.runtime, route, demand, deadline, asker);

@@ -230,10 +230,14 @@ impl Runtime {
                             (model.input_per_1m, model.output_per_1m),
                         )),
                     };
-                    let names = std::iter::once(&model.name).chain(model.alias.as_ref());
+                    // Each name also as `<pool>/<name>`: that pool's targets alone, for
+                    // routing rules (crate::routing) that name a pool.
+                    let names = std::iter::once(model.name.clone())
+                        .chain(model.alias.clone())
+                        .flat_map(|n| [format!("{}/{n}", pool.name), n]);
                     for name in names {
                         let route = routes
-                            .entry(name.clone())
+                            .entry(name)
                             .or_insert_with(|| (Vec::new(), pool.spec.max_attempts));
                         route.1 = route.1.max(pool.spec.max_attempts);
                         route.0.push(target.clone());
