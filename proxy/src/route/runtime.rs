@@ -230,11 +230,13 @@ impl Runtime {
                             (model.input_per_1m, model.output_per_1m),
                         )),
                     };
-                    // Each name also as `<pool>/<name>`: that pool's targets alone, for
-                    // routing rules (crate::routing) that name a pool.
+                    // In a pool that routing rules name (crate::routing), each name also as
+                    // `<pool>/<name>`: that pool's targets alone.
+                    let ruled = config.routing.names_pool(&pool.name);
                     let names = std::iter::once(model.name.clone())
                         .chain(model.alias.clone())
-                        .flat_map(|n| [format!("{}/{n}", pool.name), n]);
+                        .flat_map(|n| [ruled.then(|| format!("{}/{n}", pool.name)), Some(n)])
+                        .flatten();
                     for name in names {
                         let route = routes
                             .entry(name)

@@ -109,6 +109,15 @@ impl Plan {
             .find(|r| r.matches(tier, class, model, tenant))
     }
 
+    /// Whether a rule's step targets `pool` (its routes are then also registered as
+    /// `<pool>/<name>`).
+    pub fn names_pool(&self, pool: &str) -> bool {
+        self.rules
+            .iter()
+            .flat_map(|r| &r.steps)
+            .any(|s| &*s.pool == pool)
+    }
+
     /// The price of `model` (as requested) at `provider`, in `pool` when known.
     pub fn price(&self, pool: Option<&str>, provider: &str, model: &str) -> Option<Price> {
         let found = self.prices.get(&(provider.to_owned(), model.to_owned()))?;
@@ -160,7 +169,13 @@ impl Plan {
             for (ti, target) in rule.targets.iter().enumerate() {
                 let field = format!("spec.rules[{ri}].targets[{ti}]");
                 match step(target, pools, &plan.locals) {
-                    Ok(s) => steps.push(s),
+                    Ok(Some(s)) => steps.push(s),
+                    // In a cluster a local model's endpoint appears once the operator has
+                    // created its Service: until then its step is left out of the chain.
+                    Ok(None) => tracing::warn!(
+                        rule = %rule.name,
+                        "{field}: no pool provider serves this local model yet (providers[].localModel, with an endpoint); the step is skipped"
+                    ),
                     Err((sub, message)) => errors.push(error(format!("{field}.{sub}"), message)),
                 }
             }
@@ -229,12 +244,13 @@ fn pool_names(pools: &[PoolConfig]) -> String {
     }
 }
 
-/// Resolves one target to a step, or says which of its fields is wrong.
+/// Resolves one target to a step (`None`: a local model no resolved provider serves yet), or
+/// says which of its fields is wrong.
 fn step(
     target: &Target,
     pools: &[PoolConfig],
     locals: &HashMap<String, LocalSpec>,
-) -> Result<Step, (&'static str, String)> {
+) -> Result<Option<Step>, (&'static str, String)> {
     if let Some(local) = &target.local_model {
         if !locals.contains_key(local) {
             return Err(("localModel", "names no LocalModelDeployment".into()));
@@ -247,12 +263,7 @@ fn step(
                 .map(|p| (pool, p))
         });
         let Some((pool, provider)) = found else {
-            return Err((
-                "localModel",
-                "no pool provider references this LocalModelDeployment (providers[].localModel), \
-                 or its endpoint is not known yet"
-                    .into(),
-            ));
+            return Ok(None);
         };
         let model = match &target.model {
             Some(m) => {
@@ -274,13 +285,13 @@ fn step(
                 .map(|m| m.name.clone())
                 .unwrap_or_default(),
         };
-        return Ok(Step {
+        return Ok(Some(Step {
             label: Arc::from(format!("local:{local}")),
             route: format!("{}/{model}", pool.name),
             pool: Arc::from(pool.name.as_str()),
             local: Some(Arc::from(local.as_str())),
             keeps_model: false,
-        });
+        }));
     }
     let Some(name) = &target.pool else {
         return Err(("pool", "names neither a pool nor a local model".into()));
@@ -299,7 +310,7 @@ fn step(
     {
         return Err(("model", format!("is not a model or alias of pool {name}")));
     }
-    Ok(Step {
+    Ok(Some(Step {
         label: Arc::from(format!("pool:{name}")),
         route: target
             .model
@@ -309,7 +320,7 @@ fn step(
         pool: Arc::from(name.as_str()),
         local: None,
         keeps_model: target.model.is_none(),
-    })
+    }))
 }
 
 fn serves(pool: &PoolConfig, model: &str) -> bool {
