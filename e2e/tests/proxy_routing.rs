@@ -244,6 +244,23 @@ async fn classes_route_by_rule_to_the_local_model_and_premium() {
     ));
     assert!(metrics.contains("floodgate_cost_savings_usd_total{tenant=\"acme\"}"));
     assert!(metrics.contains("floodgate_local_model_in_flight{local_model=\"default/llama\"}"));
+
+    // The capacity report: 1 of 4 answers came from the local model.
+    let report: Value = client()
+        .get(format!("{}/admin/capacity", gw.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["requests"], 4);
+    assert_eq!(report["local_share"], 0.25);
+    assert_eq!(report["raw_rpm"]["total"], 2000, "{report}");
+    assert_eq!(report["raw_rpm"]["pools"]["premium"], 1000);
+    assert!(report["cache_share"].is_null());
+    let effective = report["effective_rpm"].as_f64().unwrap();
+    assert!((effective - 2000.0 / 0.75).abs() < 1e-6, "{report}");
 }
 
 #[tokio::test]

@@ -28,6 +28,7 @@
 //!
 //! Requests no rule matches are routed by their model name over every pool, as before.
 
+pub mod capacity;
 pub mod classify;
 pub mod cost;
 pub mod local;
@@ -70,6 +71,8 @@ pub struct State {
     pub gates: local::Gates,
     /// Spending per tenant and pool this month.
     pub ledger: Arc<cost::Ledger>,
+    /// Who answered recent requests (the capacity report).
+    pub recent: capacity::Recent,
 }
 
 /// What the routing stage decided, for the response headers.
@@ -157,6 +160,7 @@ pub async fn chat(
             .await;
         count_route(BY_MODEL, reply.as_ref().ok().map(|r| &*r.provider));
         let reply = reply?;
+        state.recent.record(capacity::Served::Premium);
         return Ok(costed(
             ctx, &plan, state, &asker, None, &req.model, &req.model, reply,
         ));
@@ -212,6 +216,11 @@ pub async fn chat(
         match reply {
             Ok(mut reply) => {
                 record_step(ctx, step, "ok");
+                state.recent.record(if step.local.is_some() {
+                    capacity::Served::Local
+                } else {
+                    capacity::Served::Premium
+                });
                 count_route(&rule.name, Some(&step.label));
                 if let Some(slot) = slot {
                     slot.answered();
