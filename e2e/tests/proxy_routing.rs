@@ -399,5 +399,9 @@ async fn wait_for(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("the local model's demand never reached the condition");
+    let demand = gw.dispatcher.routing().gates.demand();
+    assert!(
+        demand.iter().any(&cond),
+        "the local model's demand never reached the condition: {demand:?}"
+    );
 }

@@ -460,7 +460,8 @@ fn capacity(admin_url: &str) -> std::process::ExitCode {
         });
     match fetched {
         Ok(report) => {
-            print!("{}", floodgate_proxy::routing::capacity::render(&report));
+            let table = floodgate_proxy::routing::capacity::render(&report);
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), table.as_bytes());
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {

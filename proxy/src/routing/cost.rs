@@ -75,10 +75,13 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Spending by (scope, name): the month it is for and the USD spent in it.
+type Spent = HashMap<(&'static str, String), (u32, f64)>;
+
 /// Spending this month per tenant and per pool.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    spent: Mutex<HashMap<(&'static str, String), (u32, f64)>>,
+    spent: Mutex<Spent>,
 }
 
 impl Ledger {

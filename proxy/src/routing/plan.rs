@@ -80,6 +80,9 @@ pub struct LocalSpec {
 /// Prices of one (pool, provider, model) in USD per million input and output tokens.
 pub type Price = (f64, f64);
 
+/// Prices by (provider, requested name), in pool order: `(pool, price)`.
+type Prices = HashMap<(String, String), Vec<(Arc<str>, Price)>>;
+
 /// The compiled routing of one configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
@@ -90,7 +93,7 @@ pub struct Plan {
     /// Local models by name.
     pub locals: HashMap<String, LocalSpec>,
     /// Prices by (provider, requested name), in pool order: `(pool, price)`.
-    prices: HashMap<(String, String), Vec<(Arc<str>, Price)>>,
+    prices: Prices,
     /// The premium pool's price for each name it serves, and its first model's.
     premium: Option<(HashMap<String, Price>, Price)>,
     /// Monthly budgets of tenants, in USD.
@@ -368,8 +371,8 @@ fn locals(
         .collect()
 }
 
-fn prices(pools: &[PoolConfig]) -> HashMap<(String, String), Vec<(Arc<str>, Price)>> {
-    let mut out: HashMap<(String, String), Vec<(Arc<str>, Price)>> = HashMap::new();
+fn prices(pools: &[PoolConfig]) -> Prices {
+    let mut out = Prices::new();
     for pool in pools {
         let pool_name: Arc<str> = Arc::from(pool.name.as_str());
         for p in &pool.providers {
