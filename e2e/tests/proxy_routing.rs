@@ -224,6 +224,22 @@ async fn classes_route_by_rule_to_the_local_model_and_premium() {
     assert_eq!(mock.counts().provider_total(Provider::OpenAi), 2);
     assert_eq!(mock.counts().provider_total(Provider::Ollama), 1);
 
+    // The Anthropic door classifies and routes the same way.
+    let r = client()
+        .post(format!("{}/v1/messages", gw.url()))
+        .header("x-api-key", "client-acme")
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "smart", "max_tokens": 64,
+                      "messages": [{"role": "user", "content": "What is 3+3?"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-class"), "simple");
+    assert_eq!(header(&r, "x-floodgate-route"), "simple-local");
+    assert_eq!(header(&r, "x-floodgate-provider"), "llama");
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), 2);
+
     // Code from a free tenant matches no rule (code-premium is for pro).
     let r = chat(&gw, "client-free", "smart", "def f(x):\n  return x").await;
     assert_eq!(header(&r, "x-floodgate-class"), "code");
@@ -245,7 +261,7 @@ async fn classes_route_by_rule_to_the_local_model_and_premium() {
     assert!(metrics.contains("floodgate_cost_savings_usd_total{tenant=\"acme\"}"));
     assert!(metrics.contains("floodgate_local_model_in_flight{local_model=\"default/llama\"}"));
 
-    // The capacity report: 1 of 4 answers came from the local model.
+    // The capacity report: 2 of 5 answers came from the local model.
     let report: Value = client()
         .get(format!("{}/admin/capacity", gw.admin_url()))
         .send()
@@ -254,13 +270,13 @@ async fn classes_route_by_rule_to_the_local_model_and_premium() {
         .json()
         .await
         .unwrap();
-    assert_eq!(report["requests"], 4);
-    assert_eq!(report["local_share"], 0.25);
+    assert_eq!(report["requests"], 5);
+    assert_eq!(report["local_share"], 0.4);
     assert_eq!(report["raw_rpm"]["total"], 2000, "{report}");
     assert_eq!(report["raw_rpm"]["pools"]["premium"], 1000);
     assert!(report["cache_share"].is_null());
     let effective = report["effective_rpm"].as_f64().unwrap();
-    assert!((effective - 2000.0 / 0.75).abs() < 1e-6, "{report}");
+    assert!((effective - 2000.0 / 0.6).abs() < 1e-6, "{report}");
 }
 
 #[tokio::test]
