@@ -263,6 +263,7 @@ impl Dispatcher {
             self.bound,
             tiers,
         );
+        self.routing.gates.configure(&config.routing.locals);
         self.view.store(Arc::new(View { config, runtime }));
         // Keys may have been added or raised: waiters look again.
         self.signal.pulse();

@@ -230,8 +230,19 @@ impl Gates {
         gate
     }
 
-    /// The demand on every local model this replica has served: the numbers the operator's
-    /// autoscaler reads (queue depth, in flight, latency).
+    /// Makes the gates those of `locals` (a configuration's local models): new ones are
+    /// created, so their demand reads zero before their first request, limits are resized,
+    /// and models no longer configured are dropped (calls in flight keep theirs to the end).
+    pub fn configure(&self, locals: &HashMap<String, LocalSpec>) {
+        for (name, spec) in locals {
+            self.get(name, spec);
+        }
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        gates.retain(|name, _| locals.contains_key(name));
+    }
+
+    /// The demand on every configured local model at this replica: the numbers the
+    /// operator's autoscaler reads (queue depth, in flight, latency).
     pub fn demand(&self) -> Vec<LocalDemand> {
         let gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<LocalDemand> = gates.values().map(|g| g.demand()).collect();
@@ -279,6 +290,19 @@ mod tests {
         drop(a);
         assert_eq!(waiter.await.unwrap(), Some(freed_at));
         assert_eq!(gates.demand()[0].queue_depth, 0);
+    }
+
+    #[test]
+    fn configured_models_report_demand_before_their_first_request() {
+        let gates = Gates::default();
+        let mut locals = HashMap::new();
+        locals.insert("a".to_owned(), spec(2, 10, None));
+        gates.configure(&locals);
+        let demand = gates.demand();
+        assert_eq!(demand.len(), 1);
+        assert_eq!((demand[0].queue_depth, demand[0].in_flight), (0, 0));
+        gates.configure(&HashMap::new());
+        assert!(gates.demand().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
