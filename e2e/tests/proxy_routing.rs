@@ -421,3 +421,55 @@ async fn wait_for(
         "the local model's demand never reached the condition: {demand:?}"
     );
 }
+
+fn health_pool(base: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: p}}\nspec:\n\
+         \x20 healthCheck: {{intervalSeconds: 5}}\n\
+         \x20 circuitBreaker: {{failureThreshold: 1, openSeconds: 3600}}\n  maxAttempts: 1\n  providers:\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o}}], \
+         keys: [{{name: a, secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n"
+    )
+}
+
+#[tokio::test]
+async fn a_health_probe_closes_an_open_circuit_and_restores_a_refused_key() {
+    use floodgate_e2e::mock::Fault;
+    use floodgate_proxy::routing::health;
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = Gateway::start(&health_pool(&mock.base_url()), MIN, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let ask = || async { chat(&gw, "", "gpt-4o", "hi").await.status() };
+    let http = client();
+    // A 503 opens the circuit for an hour; the provider is well again, but unused.
+    mock.set_fault(Provider::OpenAi, Fault::Status(503));
+    assert_eq!(ask().await, 503);
+    mock.clear_fault(Provider::OpenAi);
+    assert_ne!(ask().await, 200);
+    // While it is down the probe fails and the circuit stays open.
+    mock.set_fault(Provider::OpenAi, Fault::Status(500));
+    let round = health::probe_once(&gw.dispatcher.view(), &http).await;
+    assert_eq!((round.probed, round.circuits_closed), (1, 0));
+    assert_ne!(ask().await, 200);
+    mock.clear_fault(Provider::OpenAi);
+    let round = health::probe_once(&gw.dispatcher.view(), &http).await;
+    assert_eq!((round.probed, round.circuits_closed), (1, 1));
+    assert_eq!(ask().await, 200);
+    // A 401 takes the key out; a probe that the provider answers puts it back.
+    mock.set_fault(Provider::OpenAi, Fault::Status(401));
+    assert_eq!(ask().await, 502);
+    mock.clear_fault(Provider::OpenAi);
+    assert_ne!(ask().await, 200);
+    let round = health::probe_once(&gw.dispatcher.view(), &http).await;
+    assert_eq!(round.keys_restored, 1);
+    assert_eq!(ask().await, 200);
+    // Nothing left to probe.
+    assert_eq!(
+        health::probe_once(&gw.dispatcher.view(), &http)
+            .await
+            .probed,
+        0
+    );
+}

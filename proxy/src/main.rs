@@ -264,6 +264,11 @@ async fn serve(
     } else if let Some(watcher) = watcher {
         tasks.spawn(watcher.run(sink, cancel.clone()));
     }
+    // Active health checks of the pools that ask for them (`healthCheck`).
+    tasks.spawn(floodgate_proxy::routing::health::run(
+        dispatcher.clone(),
+        cancel.clone(),
+    ));
     if args.expose_key_header {
         tracing::warn!("answers name the provider key used (x-floodgate-key): for debugging only");
     }

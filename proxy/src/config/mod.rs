@@ -301,14 +301,6 @@ impl Config {
                 kube::ResourceExt::name_any(cp)
             ));
         }
-        for pool in &self.pools {
-            if pool.spec.health_check.is_some() {
-                out.push(format!(
-                    "AIProviderPool/{}: spec.healthCheck is accepted but not acted on yet (no active probes: an open circuit recovers by its half-open probe, a refused key when its Secret changes)",
-                    pool.name
-                ));
-            }
-        }
         for lm in &self.local_models {
             let name = kube::ResourceExt::name_any(lm);
             let referenced = self

@@ -73,6 +73,17 @@ pub struct TenantLabels {
     pub tenant: String,
 }
 
+/// Labels of a health probe.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    /// Pool name.
+    pub pool: String,
+    /// Provider name.
+    pub provider: String,
+    /// `ok` or `failed`.
+    pub outcome: &'static str,
+}
+
 /// The routing stage's metrics.
 #[derive(Debug)]
 pub struct RoutingMetrics {
@@ -103,6 +114,8 @@ pub struct RoutingMetrics {
     pub budget_alert: Family<BudgetLabels, Gauge>,
     /// `floodgate_cost_budget_refusals_total{scope, name}`.
     pub budget_refusals: Family<BudgetLabels, Counter>,
+    /// `floodgate_health_probes_total{pool, provider, outcome}`.
+    pub health_probes: Family<ProbeLabels, Counter>,
 }
 
 fn seconds() -> Histogram {
@@ -128,6 +141,7 @@ pub fn routing_metrics() -> &'static RoutingMetrics {
         budget_spent: Family::default(),
         budget_alert: Family::default(),
         budget_refusals: Family::default(),
+        health_probes: Family::default(),
     })
 }
 
@@ -193,6 +207,11 @@ pub fn register(registry: &mut Registry) {
         "floodgate_cost_budget_alert",
         "1 once a budget's spending passed its alert threshold this month",
         m.budget_alert.clone(),
+    );
+    registry.register(
+        "floodgate_health_probes",
+        "Active health probes of providers with an open circuit or a refused key, by outcome",
+        m.health_probes.clone(),
     );
     registry.register(
         "floodgate_cost_budget_refusals",

@@ -31,6 +31,7 @@
 pub mod capacity;
 pub mod classify;
 pub mod cost;
+pub mod health;
 pub mod local;
 pub mod metrics;
 pub mod plan;
