@@ -473,3 +473,93 @@ async fn a_health_probe_closes_an_open_circuit_and_restores_a_refused_key() {
         0
     );
 }
+
+fn three_keys(base: &str, rpm: u32) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a, b: key-b, c: key-c}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: p}}\nspec:\n  providers:\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o}}], keys: [\
+         {{name: a, secretRef: {{name: keys, key: a}}, rpm: {rpm}}}, \
+         {{name: b, secretRef: {{name: keys, key: b}}, rpm: {rpm}}}, \
+         {{name: c, secretRef: {{name: keys, key: c}}, rpm: {rpm}}}]}}\n"
+    )
+}
+
+async fn with_prefix(gw: &Gateway, prefix: &str, question: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .json(&json!({"model": "gpt-4o", "messages": [
+            {"role": "system", "content": prefix},
+            {"role": "user", "content": question}
+        ]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn requests_sharing_a_long_prefix_land_on_the_key_that_served_it() {
+    use floodgate_proxy::route::Dispatcher;
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = Gateway::start_naming_keys(
+        &three_keys(&mock.base_url(), 1000),
+        Dispatcher::new(MIN, Duration::from_secs(5)).unwrap(),
+    )
+    .await
+    .unwrap();
+    // Five system prompts of ~5,000 characters, each asked 10 different questions,
+    // interleaved: least-loaded alone spreads each prefix over the three keys (five is
+    // prime to three, so no prefix keeps a key by chance).
+    let prefixes: Vec<String> = (0..5)
+        .map(|i| {
+            format!(
+                "You are assistant {i}. {}",
+                "Follow the house style. ".repeat(220)
+            )
+        })
+        .collect();
+    let mut first: Vec<Option<String>> = vec![None; prefixes.len()];
+    let (mut affine, mut repeated) = (0u32, 0u32);
+    for round in 0..10 {
+        for (i, prefix) in prefixes.iter().enumerate() {
+            let r = with_prefix(&gw, prefix, &format!("question {round}")).await;
+            assert_eq!(r.status(), 200);
+            let key = header(&r, "x-floodgate-key").to_owned();
+            match &first[i] {
+                None => first[i] = Some(key),
+                Some(k) => {
+                    repeated += 1;
+                    affine += u32::from(*k == key);
+                }
+            }
+        }
+    }
+    let share = f64::from(affine) / f64::from(repeated);
+    println!("affine share: {affine}/{repeated} = {share:.2}");
+    assert_eq!(affine, repeated, "every repeat landed on its prefix's key");
+}
+
+#[tokio::test]
+async fn a_busy_affine_key_gives_way_to_another() {
+    use floodgate_proxy::route::Dispatcher;
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = Gateway::start_naming_keys(
+        &three_keys(&mock.base_url(), 2),
+        Dispatcher::new(MIN, Duration::from_secs(1)).unwrap(),
+    )
+    .await
+    .unwrap();
+    let prefix = "Follow the house style. ".repeat(220);
+    let r = with_prefix(&gw, &prefix, "one").await;
+    let affine = header(&r, "x-floodgate-key").to_owned();
+    let r = with_prefix(&gw, &prefix, "two").await;
+    assert_eq!(header(&r, "x-floodgate-key"), affine);
+    // Its 2 RPM are spent: the next request takes another key at once, and that key
+    // becomes the prefix's.
+    let r = with_prefix(&gw, &prefix, "three").await;
+    assert_eq!(r.status(), 200);
+    let other = header(&r, "x-floodgate-key").to_owned();
+    assert_ne!(other, affine);
+    let r = with_prefix(&gw, &prefix, "four").await;
+    assert_eq!(header(&r, "x-floodgate-key"), other);
+}

@@ -161,6 +161,7 @@ pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
         tier: tier.clone(),
         tenant: caller.map_or_else(|| Arc::from(ANONYMOUS), |c| c.name().clone()),
         progress: ctx.progress.clone(),
+        affinity: None,
     }
 }
 

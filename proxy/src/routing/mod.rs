@@ -28,6 +28,7 @@
 //!
 //! Requests no rule matches are routed by their model name over every pool, as before.
 
+pub mod affinity;
 pub mod capacity;
 pub mod classify;
 pub mod cost;
@@ -74,6 +75,8 @@ pub struct State {
     pub ledger: Arc<cost::Ledger>,
     /// Who answered recent requests (the capacity report).
     pub recent: capacity::Recent,
+    /// The key that served each long prompt prefix last.
+    pub affinity: affinity::Affinity,
 }
 
 /// What the routing stage decided, for the response headers.
@@ -144,9 +147,29 @@ pub async fn chat(
     view: &View,
     ctx: &mut RequestCtx,
     req: &ChatRequest,
-    asker: Asker,
+    mut asker: Asker,
 ) -> Result<Reply, pipeline::Error> {
     let plan = view.config.routing.clone();
+    asker.affinity = affinity::prefix_hash(req);
+    let reply = route(dispatcher, view, ctx, req, &asker, &plan).await;
+    if let (Ok(reply), Some(hash)) = (&reply, asker.affinity) {
+        dispatcher
+            .routing()
+            .affinity
+            .record(hash, &reply.provider, &reply.key);
+    }
+    reply
+}
+
+/// [`chat`] once the prompt's prefix is known.
+async fn route(
+    dispatcher: &Dispatcher,
+    view: &View,
+    ctx: &mut RequestCtx,
+    req: &ChatRequest,
+    asker: &Asker,
+    plan: &Arc<Plan>,
+) -> Result<Reply, pipeline::Error> {
     let state = dispatcher.routing();
     let class = ctx
         .routing
