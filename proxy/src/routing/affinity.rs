@@ -38,10 +38,13 @@ pub fn prefix_hash(req: &ChatRequest) -> Option<u64> {
     (chars >= MIN_PREFIX_CHARS).then(|| hasher.finish())
 }
 
+/// Key names by (prefix hash, provider).
+type Last = HashMap<(u64, Arc<str>), Arc<str>>;
+
 /// The key that served each prefix last, by (prefix hash, provider).
 #[derive(Debug, Default)]
 pub struct Affinity {
-    last: Mutex<HashMap<(u64, Arc<str>), Arc<str>>>,
+    last: Mutex<Last>,
 }
 
 impl Affinity {

@@ -186,7 +186,7 @@ async fn route(
         let reply = reply?;
         state.recent.record(capacity::Served::Premium);
         return Ok(costed(
-            ctx, &plan, state, &asker, None, &req.model, &req.model, reply,
+            ctx, plan, state, asker, None, &req.model, &req.model, reply,
         ));
     };
     set_rule(ctx, &rule.name);
@@ -252,7 +252,7 @@ async fn route(
                 }
                 let pool = Some(step.pool.clone());
                 return Ok(costed(
-                    ctx, &plan, state, &asker, pool, &route, &req.model, reply,
+                    ctx, plan, state, asker, pool, &route, &req.model, reply,
                 ));
             }
             Err(e) if more && falls_through(&e) => {
