@@ -201,7 +201,8 @@ fn each_step_gets_an_equal_share_of_the_time_left_and_the_last_all_of_it() {
 
 #[test]
 fn choosing_a_rule_takes_microseconds() {
-    // 64 rules, the match at the end: well under 10 µs each (measured ~0.1 µs in release).
+    // 64 rules, the match at the end: under 10 µs each even in a debug build (4.5 µs
+    // measured on the shared 2-core machine).
     let mut rules = String::from("  rules:\n");
     for i in 0..63 {
         rules.push_str(&format!(
@@ -218,5 +219,6 @@ fn choosing_a_rule_takes_microseconds() {
         assert_eq!(rule.map(|r| &*r.name), Some("last"));
     }
     let each = started.elapsed() / n;
+    println!("{each:?} per match of 64 rules");
     assert!(each < Duration::from_micros(10), "{each:?} per match");
 }
