@@ -180,7 +180,7 @@ async fn the_500rpm_example_applies_and_reads_back_with_defaults() {
             .lines()
             .filter(|l| l.ends_with(" created"))
             .count(),
-        12,
+        13,
         "{}",
         out.stdout
     );
@@ -231,7 +231,7 @@ async fn the_500rpm_example_applies_and_reads_back_with_defaults() {
         );
         compared += 1;
     }
-    assert_eq!(compared, 7);
+    assert_eq!(compared, 8);
 }
 
 async fn served_and_ours<T>(
