@@ -230,7 +230,8 @@ impl Config {
         check_singletons(&resources.routing_policies, "RoutingPolicy", &mut errors);
         let mut pools = Vec::new();
         for pool in &resources.pools {
-            match resolve_pool(pool, &resources.local_models, secrets) {
+            let cluster = resources.namespace.is_some();
+            match resolve_pool(pool, &resources.local_models, cluster, secrets) {
                 Ok(p) => pools.push(p),
                 Err(mut e) => errors.append(&mut e),
             }
@@ -360,6 +361,7 @@ fn check_singletons<T: kube::ResourceExt>(
 fn resolve_pool(
     pool: &Sourced<AIProviderPool>,
     local_models: &[Sourced<LocalModelDeployment>],
+    cluster: bool,
     secrets: &dyn SecretLookup,
 ) -> Result<PoolConfig, Vec<ConfigError>> {
     let name = kube::ResourceExt::name_any(&pool.resource);
@@ -399,6 +401,16 @@ fn resolve_pool(
                 .find(|lm| kube::ResourceExt::name_any(&lm.resource) == *local);
             match found.map(|lm| crate::routing::plan::endpoint(&lm.resource)) {
                 Some(Some(endpoint)) => config.base_url = endpoint.trim_end_matches('/').to_owned(),
+                // In a cluster the model may be deleted after the pool that names it, or not
+                // be created yet: the provider is left out until it exists with an endpoint.
+                None | Some(None) if cluster => {
+                    tracing::warn!(
+                        pool = %name,
+                        provider = %provider.name,
+                        "LocalModelDeployment/{local} does not exist or has no endpoint yet; the provider is left out until it has one"
+                    );
+                    continue;
+                }
                 Some(None) => {
                     // In a cluster the operator writes the endpoint once the Service exists:
                     // until then the provider is left out rather than failing the pool.

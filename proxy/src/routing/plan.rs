@@ -218,10 +218,18 @@ impl Plan {
         plan.tenant_budgets = budgets(&spec.budgets.tenants, namespace);
         plan.pool_budgets = budgets(&spec.budgets.pools, None);
         if errors.is_empty() {
-            Ok(plan)
-        } else {
-            Err(errors)
+            return Ok(plan);
         }
+        if namespace.is_some() {
+            // In a cluster the API server cannot check references between resources, and a
+            // pool may be deleted after the policy that names it: the policy then never
+            // blocks the configuration; what it names and does not exist is left out.
+            for e in &errors {
+                tracing::warn!("{e}; left out of routing");
+            }
+            return Ok(plan);
+        }
+        Err(errors)
     }
 }
 
