@@ -128,7 +128,20 @@ keys = counts if isinstance(counts, list) else counts.get("keys", counts)
 print(open(sys.argv[2]).read().split("JSON ")[0].rstrip())
 limited = sum(k.get("rate_limited", 0) for k in keys)
 print(f"upstream: {sum(k.get('requests', 0) for k in keys)} requests, {limited} answered 429")
+over = []
 for k in keys:
     print(f"  key {k['key']}: busiest 60 s window {k['max_in_window']} of limit {k['limit']}")
+    if k["limit"] and k["max_in_window"] > k["limit"]:
+        over.append(k["key"])
+run = json.loads(open(sys.argv[2]).read().split("JSON ")[1].splitlines()[0])
+lost = sum(t["lost"] for t in run["tiers"].values())
+# The run fails on what must never happen: a request without any answer, a provider 429, or
+# a key over its limit in some 60 s window.
+problems = [f"{lost} request(s) lost"] if lost else []
+problems += [f"{limited} upstream 429(s)"] if limited else []
+problems += [f"keys over their limit: {', '.join(over)}"] if over else []
+if problems:
+    print("bench-tiers FAILED: " + "; ".join(problems))
+    sys.exit(1)
 PY
 echo "bench-tiers: written to $OUT/tiers.txt"

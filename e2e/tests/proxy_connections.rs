@@ -97,8 +97,10 @@ async fn slow_heads_and_idle_connections_are_closed() {
         .unwrap();
     // An idle keep-alive connection, after one request.
     let mut idle = TcpStream::connect(proxy.addr()).await.unwrap();
-    healthz(&mut idle).await;
+    // Its idle time starts when the proxy has sent the answer, after the request went out
+    // (measuring from when the client had read it would count the answer's way back too).
     let idle_from = Instant::now();
+    healthz(&mut idle).await;
     let (slow_answer, ()) = tokio::join!(until_closed(&mut slow), async {
         until_closed(&mut idle).await;
     });

@@ -800,3 +800,42 @@ fn assert_within_limits_statuses(mock: &MockProviders) {
     assert_eq!(limited, 0, "upstream 429s");
     assert_eq!(counts.over_limit().count(), 0, "a key over its limit");
 }
+
+/// A Redis user without `INFO` (an ACL that grants the scripts and keys only) is not an
+/// outage: the monitor keeps checking the epochs and never calls the budgets degraded.
+#[tokio::test]
+async fn a_redis_user_without_info_is_not_taken_for_an_outage() {
+    let redis = RedisServer::start().await.unwrap();
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "gw",
+            "on",
+            ">gw-secret",
+            "~*",
+            "&*",
+            "+@all",
+            "-info",
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let url = redis.url().replacen("redis://", "redis://gw:gw-secret@", 1);
+    let mut o = SharedOptions::new(SecretString::new(url));
+    o.timeout = Duration::from_secs(1);
+    o.check_interval = Duration::from_millis(50);
+    let budgets = Arc::new(RedisBudgets::new(o, Duration::from_secs(10)).unwrap());
+    let admitted = budgets.acquire(&keys(), rpm(10), 1, "m0").await.unwrap();
+    assert!(
+        matches!(admitted, Admission::Admitted { .. }),
+        "{admitted:?}"
+    );
+    let mut degraded = budgets.watch_degraded();
+    // Twenty checks' worth of time: any check that took the refusal for an outage would
+    // flip the budgets to degraded.
+    let flipped = tokio::time::timeout(Duration::from_secs(1), degraded.changed()).await;
+    assert!(flipped.is_err(), "degraded: {}", *degraded.borrow());
+    assert!(!budgets.degraded());
+}

@@ -500,3 +500,72 @@ spec:
         assert_eq!(response.headers()["x-floodgate-tier"], tier);
     }
 }
+
+/// A request the gateway refuses itself (here: a model no pool serves) does not spend the
+/// tenant's rpm, on two replicas sharing it through Redis: the refund leaves the window.
+#[tokio::test]
+async fn refusals_by_the_gateway_do_not_spend_the_tenants_rpm() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let redis = RedisServer::start().await.unwrap();
+    let tenant = r#"
+apiVersion: floodgate.dev/v1alpha1
+kind: Tenant
+metadata: {name: acme}
+spec:
+  keys: [{name: main, secretRef: {name: clients, key: acme}}]
+  limits: {rpm: 2, tpm: 1000}
+"#;
+    let yaml = format!("{}---\n{}---\n{tenant}", pool(&mock), clients(ACME_KEY));
+    let window = Duration::from_secs(30);
+    let mut shared = SharedOptions::new(SecretString::new(redis.url()));
+    shared.timeout = Duration::from_secs(1);
+    let replica = || {
+        let opts =
+            DispatcherOptions::new(window, Duration::from_secs(5)).with_redis(shared.clone());
+        Gateway::start_with(&yaml, Dispatcher::with_options(opts).unwrap())
+    };
+    let (a, b) = (replica().await.unwrap(), replica().await.unwrap());
+    let key = [("x-api-key", ACME_KEY)];
+    let url = |i: usize| {
+        let gw = if i.is_multiple_of(2) { &a } else { &b };
+        format!("{}/v1/chat/completions", gw.url())
+    };
+    for i in 0..4 {
+        let (status, _, body) = post(&url(i), &chat("no-such-model", false), &key).await;
+        assert_eq!(status, 404, "{body}");
+    }
+    let keys = KeyBudgetKeys::tenant("acme");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut logged = u64::MAX;
+    for _ in 0..100 {
+        logged = redis::cmd("ZCARD")
+            .arg(&keys.requests)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if logged == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(logged, 0, "refused requests still in {}", keys.requests);
+    // On one replica: a request, a refusal that would fill the window (2 of 2 requests, 600
+    // tokens of 1,000) and is refunded, then one more that needs both the request and the
+    // tokens back; the other replica then finds the window full.
+    let ask = |model: &str| {
+        json!({"model": model, "max_tokens": 600,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let statuses = [
+        post(&url(0), &chat("gpt-4o", false), &key).await.0,
+        post(&url(0), &ask("no-such-model"), &key).await.0,
+        post(&url(0), &ask("gpt-4o"), &key).await.0,
+        post(&url(1), &chat("gpt-4o", false), &key).await.0,
+    ];
+    assert_eq!(
+        statuses,
+        [200, 404, 200, 429],
+        "the refusal spent the tenant's request or tokens"
+    );
+}

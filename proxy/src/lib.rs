@@ -11,6 +11,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod jobs;
 pub mod metrics;
 pub mod pipeline;
 pub mod providers;

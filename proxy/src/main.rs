@@ -8,6 +8,7 @@ use floodgate_proxy::config::load::load_config;
 use floodgate_proxy::config::secrets::SecretSources;
 use floodgate_proxy::config::watch::{SharedConfig, Watcher};
 use floodgate_proxy::identity::Identity;
+use floodgate_proxy::jobs;
 use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
 use floodgate_proxy::secret::SecretString;
 use floodgate_proxy::server::conn;
@@ -120,6 +121,16 @@ struct Args {
     #[arg(long, env = "FLOODGATE_RATE_WINDOW_MS", default_value_t = 60_000,
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     rate_window_ms: u64,
+    /// Job workers on this replica: each runs one queued job (`/v1/jobs`) at a time through
+    /// the pipeline. 0 accepts jobs but runs none here (another replica sharing --redis does).
+    #[arg(long, env = "FLOODGATE_JOB_WORKERS", default_value_t = 4)]
+    job_workers: usize,
+    /// With --redis: how long a job's claim may go without being kept alive before another
+    /// replica takes the job over (its holder died), in milliseconds. A running job's claim is
+    /// kept alive every third of it.
+    #[arg(long, env = "FLOODGATE_JOB_VISIBILITY_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(300..))]
+    job_visibility_ms: u64,
     /// Threads serving requests, each with its own single-threaded runtime (default: the
     /// CPUs this process may use). Configuration watching runs on the main thread.
     #[arg(long, env = "FLOODGATE_WORKERS")]
@@ -282,6 +293,7 @@ async fn serve(
     state.body_timeout = Duration::from_millis(args.body_read_timeout_ms);
     state.expose_key = args.expose_key_header;
     state.identity = Arc::new(Identity::new(args.trust_tenant_header));
+    state.jobs = Some(start_jobs(&args, &state, &tasks, &cancel).await?);
     let app = router(state.clone());
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -367,6 +379,48 @@ async fn serve(
     }
     joined.context("a worker failed")?;
     Ok(())
+}
+
+/// The jobs subsystem: its store (Redis Streams with --redis, else in memory) and this
+/// replica's workers.
+async fn start_jobs(
+    args: &Args,
+    state: &AppState,
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Arc<jobs::Jobs>> {
+    let visibility = Duration::from_millis(args.job_visibility_ms);
+    let store = match &args.redis {
+        Some(url) => jobs::Store::Redis(
+            jobs::redis::RedisStore::new(url, visibility)
+                .context("the --redis URL cannot be used for the job store")?,
+        ),
+        None => {
+            tracing::info!(
+                "jobs kept in memory: a restart loses queued and finished jobs (--redis keeps them)"
+            );
+            jobs::Store::Memory(jobs::memory::MemoryStore::new())
+        }
+    };
+    let jobs = jobs::Jobs::new(store, args.job_workers);
+    let workers = jobs::worker::Workers {
+        jobs: jobs.clone(),
+        dispatcher: state.dispatcher.clone(),
+        identity: state.identity.clone(),
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("cannot build the webhook client")?,
+        consumer: format!("{}-{}", hostname(), std::process::id()),
+        keep_every: visibility / 3,
+    };
+    workers.spawn(args.job_workers, tasks, cancel);
+    Ok(jobs)
+}
+
+/// This host's name, for job consumer names (`HOSTNAME`, the pod's name in Kubernetes).
+fn hostname() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "floodgate".to_owned())
 }
 
 /// The runtime that runs every Redis call and background budget write, on a thread of its

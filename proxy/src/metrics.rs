@@ -314,6 +314,7 @@ impl Metrics {
             m.budget_losses.clone(),
         );
         crate::routing::metrics::register(&mut registry);
+        crate::jobs::metrics::register(&mut registry);
         Metrics { registry, ..m }
     }
 

@@ -75,6 +75,8 @@ pub struct Permit {
     /// Its sequence in the shared budget (its member name there), with shared budgets.
     member: Option<u64>,
     answered: bool,
+    /// When it was answered ([`Permit::answered`]): where it sits in the request window.
+    answered_at: Option<Instant>,
     done: bool,
 }
 
@@ -87,6 +89,7 @@ impl Permit {
         }
         self.answered = true;
         let now = Instant::now();
+        self.answered_at = Some(now);
         let blocked = {
             let mut s = self.key.lock();
             if let Some(w) = s.requests.as_mut() {
@@ -102,12 +105,8 @@ impl Permit {
             self.key.signal.pulse();
         }
         if let Some(shared) = &self.key.shared {
-            // The member is needed once more only to settle tokens.
-            let member = match self.reservation {
-                Some(_) => self.member,
-                None => self.member.take(),
-            };
-            if let Some(member) = member {
+            // The member is kept: to settle its tokens, or to refund it.
+            if let Some(member) = self.member {
                 shared
                     .backend
                     .complete_later(&shared.keys, shared.backend.member(member));
@@ -151,6 +150,49 @@ impl Permit {
         if blocked {
             self.key.signal.pulse();
         }
+    }
+
+    /// The gateway refused the request after this admission, before anything was sent for
+    /// it (a tenant's request that no provider key could take): it leaves the window as if
+    /// never admitted, answered or not, and its token reservation is given back. With shared
+    /// budgets the refund is written to Redis in the background (if Redis cannot be reached
+    /// the request keeps counting, the safe side).
+    pub fn refund(mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.answered = true;
+        let mut state = self.key.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if let Some(w) = state.requests.as_mut() {
+            match self.answered_at {
+                Some(at) => w.refund(at),
+                None => w.cancel(),
+            }
+        }
+        if let (Some((id, _)), Some(tokens)) = (self.reservation, state.tokens.as_mut()) {
+            tokens.settle(id, 0);
+        }
+        if let (Some(r), Some(m)) = (state.record.as_mut(), self.member) {
+            r.refund(m);
+        }
+        if self.key.shared.is_some() {
+            // What Redis last said counted this request (and may have named the instant the
+            // window frees because of it): this replica knows better now. Other replicas
+            // learn of the room at their next answer from Redis.
+            state.hint.used = state.hint.used.saturating_sub(1);
+            state.hint.blocked_until = None;
+        }
+        state.blocked = false;
+        drop(state);
+        if let (Some(shared), Some(member)) = (&self.key.shared, self.member.take()) {
+            shared
+                .backend
+                .refund_later(&shared.keys, shared.backend.member(member));
+        }
+        // Room was made: whoever waits for this key looks again.
+        self.key.signal.pulse();
     }
 
     fn finish(&mut self, actual: Option<u64>) {
@@ -438,6 +480,7 @@ impl KeyBudget {
             reservation,
             member,
             answered: false,
+            answered_at: None,
             done: false,
         }
     }

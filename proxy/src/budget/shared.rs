@@ -57,6 +57,7 @@ const COMPLETE: &str = include_str!("shared/complete.lua");
 const SETTLE: &str = include_str!("shared/settle.lua");
 const EPOCH: &str = include_str!("shared/epoch.lua");
 const SEED: &str = include_str!("shared/seed.lua");
+const REFUND: &str = include_str!("shared/refund.lua");
 
 /// First and longest pause between two probes of an unreachable Redis. The longest is well
 /// under the default [`SharedOptions::reseed_grace`], so that every replica finds a Redis that
@@ -204,6 +205,7 @@ pub struct RedisBudgets {
     acquire: redis::Script,
     complete: redis::Script,
     settle: redis::Script,
+    refund: redis::Script,
     epoch_script: redis::Script,
     seed: redis::Script,
     opts: SharedOptions,
@@ -226,6 +228,9 @@ pub struct RedisBudgets {
     resyncing: tokio::sync::Mutex<()>,
     /// The server's `run_id` when last checked.
     run_id: Mutex<Option<String>>,
+    /// Redis refused `INFO` (an ACL user without it, a renamed command): restarts are then
+    /// found by the epochs alone. Said once in the log.
+    info_refused: AtomicBool,
     /// Budgets found lost (epochs that vanished or changed, and `run_id` changes).
     losses: AtomicU64,
     monitoring: AtomicBool,
@@ -272,6 +277,7 @@ impl RedisBudgets {
             acquire: redis::Script::new(ACQUIRE),
             complete: redis::Script::new(COMPLETE),
             settle: redis::Script::new(SETTLE),
+            refund: redis::Script::new(REFUND),
             epoch_script: redis::Script::new(EPOCH),
             seed: redis::Script::new(SEED),
             window,
@@ -285,6 +291,7 @@ impl RedisBudgets {
             registry: Mutex::default(),
             resyncing: tokio::sync::Mutex::new(()),
             run_id: Mutex::default(),
+            info_refused: AtomicBool::new(false),
             losses: AtomicU64::new(0),
             monitoring: AtomicBool::new(false),
             wake: Arc::default(),
@@ -541,6 +548,32 @@ impl RedisBudgets {
         call.key(&keys.token_amounts).arg(member).arg(tokens);
         let changed: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
         Ok(changed == 1)
+    }
+
+    /// Takes `member` out of the window and gives its tokens back; `false` if it had left.
+    pub async fn refund(&self, keys: &KeyBudgetKeys, member: &str) -> Result<bool, SharedError> {
+        let mut conn = self.conn()?;
+        let mut call = self.refund.prepare_invoke();
+        call.key(&keys.requests)
+            .key(&keys.tokens)
+            .key(&keys.token_amounts)
+            .arg(member);
+        let changed: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+        Ok(changed == 1)
+    }
+
+    /// Refunds `member` in the background (dropped if Redis is unreachable: it keeps
+    /// counting, which errs on the safe side).
+    pub(crate) fn refund_later(self: &Arc<Self>, keys: &Arc<KeyBudgetKeys>, member: String) {
+        if self.degraded() || !self.can_spawn() {
+            return;
+        }
+        let (this, keys) = (self.clone(), keys.clone());
+        self.spawn(async move {
+            if let Err(e) = this.refund(&keys, &member).await {
+                this.failed(&e);
+            }
+        });
     }
 
     /// Writes `member`'s answer in the background; kept for later if Redis is unreachable.

@@ -157,6 +157,20 @@ impl RequestWindow {
         self.in_flight = self.in_flight.saturating_sub(1);
     }
 
+    /// A request answered (by [`RequestWindow::complete`]) at `at` is given back: it no
+    /// longer counts. Nothing happens if it has left the window already.
+    pub fn refund(&mut self, at: Instant) {
+        let stamp = self.stamp(at);
+        if let Some(i) = self.log.iter().rposition(|&(s, _)| s == stamp) {
+            let n = &mut self.log[i].1;
+            *n -= 1;
+            self.logged = self.logged.saturating_sub(1);
+            if *n == 0 {
+                self.log.remove(i);
+            }
+        }
+    }
+
     /// A request admitted earlier was answered (or failed) at `now`: from now on it counts
     /// for one window.
     pub fn complete(&mut self, now: Instant) {

@@ -63,6 +63,7 @@ pub fn initial_config() -> Config {
         local_models: Vec::new(),
         tenants: Vec::new(),
         routing: Default::default(),
+        webhook_secrets: Default::default(),
     }
 }
 

@@ -120,6 +120,14 @@ pub fn parse_file(file: &Path, text: &str, loaded: &mut Loaded, errors: &mut Vec
             ));
         }
     };
+    if text.trim().is_empty() {
+        // An empty file is most often one being written (or truncated): applying it would
+        // drop every resource it held. (A file of comments only is taken as meant.)
+        return errors.push(file_error(
+            file,
+            "is empty (being written, or truncated?): remove it, or write its resources",
+        ));
+    }
     for (i, doc) in documents.into_iter().enumerate() {
         let origin = Origin {
             file: file.to_owned(),

@@ -116,6 +116,9 @@ pub struct Config {
     /// The RoutingPolicy compiled against the pools and local models (no rules, the default
     /// classifier, when there is none).
     pub routing: Arc<crate::routing::plan::Plan>,
+    /// Webhook signing secrets by tier name (the TierQueue's
+    /// `tiers[].async.webhook.signingSecretRef`), for the jobs' notifications.
+    pub webhook_secrets: std::collections::HashMap<String, SecretString>,
 }
 
 /// One tenant, ready to identify callers.
@@ -257,11 +260,17 @@ impl Config {
             errors.append(&mut e);
             crate::routing::plan::Plan::default()
         });
+        let webhook_secrets = resources
+            .tier_queues
+            .first()
+            .map(|tq| resolve_webhook_secrets(tq, secrets, &mut errors))
+            .unwrap_or_default();
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         Ok(Config {
             tenants,
+            webhook_secrets,
             pools,
             tier_queue: resources.tier_queues.into_iter().next().map(|s| s.resource),
             cache_policy: resources
@@ -285,13 +294,10 @@ impl Config {
         let mut out = Vec::new();
         if let Some(tq) = &self.tier_queue {
             let name = kube::ResourceExt::name_any(tq);
-            out.push(format!(
-                "TierQueue/{name}: spec.retry and spec.deadLetter are accepted but not acted on yet (async jobs are not built)"
-            ));
             for (i, t) in tq.spec.tiers.iter().enumerate() {
-                if t.async_.is_some() {
+                if t.async_.as_ref().is_some_and(|a| a.email.is_some()) {
                     out.push(format!(
-                        "TierQueue/{name}: spec.tiers[{i}].async is accepted but not acted on yet (async jobs are not built)"
+                        "TierQueue/{name}: spec.tiers[{i}].async.email is accepted but not acted on yet (job email is not built)"
                     ));
                 }
             }
@@ -356,6 +362,42 @@ fn check_singletons<T: kube::ResourceExt>(
             ),
         });
     }
+}
+
+/// The webhook signing secret of each tier of `tq` that names one.
+fn resolve_webhook_secrets(
+    tq: &Sourced<TierQueue>,
+    secrets: &dyn SecretLookup,
+    errors: &mut Vec<ConfigError>,
+) -> std::collections::HashMap<String, SecretString> {
+    let mut out = std::collections::HashMap::new();
+    for (i, tier) in tq.resource.spec.tiers.iter().enumerate() {
+        let Some(r) = tier
+            .async_
+            .as_ref()
+            .and_then(|a| a.webhook.as_ref())
+            .and_then(|w| w.signing_secret_ref.as_ref())
+        else {
+            continue;
+        };
+        match secrets.lookup(&r.name, &r.key) {
+            Some(secret) => {
+                out.insert(tier.name.clone(), secret);
+            }
+            None => errors.push(ConfigError {
+                origin: tq.origin.clone(),
+                resource: Some(format!("TierQueue/{}", kube::ResourceExt::name_any(&tq.resource))),
+                field: format!("spec.tiers[{i}].async.webhook.signingSecretRef"),
+                message: format!(
+                    "Secret {:?} has no key {:?} (looked in Secret manifests, {}, and the secrets directory)",
+                    r.name,
+                    r.key,
+                    secrets::env_var_name(&r.name, &r.key),
+                ),
+            }),
+        }
+    }
+    out
 }
 
 fn resolve_pool(

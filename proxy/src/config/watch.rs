@@ -78,6 +78,10 @@ impl Watcher {
     pub async fn run(self, shared: SharedConfig, cancel: CancellationToken) {
         let this = Arc::new(self);
         let mut last = this.last;
+        // What the previous look saw: a change is applied once the files have stayed the same
+        // across two looks an interval apart, so that a file being written is not applied
+        // half-way (a writer that pauses longer than an interval still can be: rename into place).
+        let mut seen = last;
         let mut ticker = tokio::time::interval(this.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -86,20 +90,23 @@ impl Watcher {
                 _ = ticker.tick() => {}
             }
             let (watcher, sink) = (this.clone(), shared.clone());
-            let checked = tokio::task::spawn_blocking(move || watcher.check(last, &*sink)).await;
+            let checked =
+                tokio::task::spawn_blocking(move || watcher.check(last, seen, &*sink)).await;
             match checked {
-                Ok(now) => last = now,
+                Ok((applied, now)) => (last, seen) = (applied, now),
                 Err(e) => tracing::error!(error = %e, "configuration check failed"),
             }
         }
     }
 
-    /// One look at the files: if they changed since `last`, loads and applies them. Returns
-    /// the new fingerprint. Blocking.
-    fn check(&self, last: u64, sink: &dyn ConfigSink) -> u64 {
+    /// One look at the files: if they changed since `last` (the fingerprint last applied or
+    /// rejected) and are the same as the previous look saw (`seen`), loads and applies them.
+    /// Returns the fingerprint now last applied or rejected, and the one seen now. Blocking.
+    fn check(&self, last: u64, seen: u64, sink: &dyn ConfigSink) -> (u64, u64) {
         let now = fingerprint(&self.paths, self.secrets.dir.as_deref());
-        if now == last {
-            return now;
+        if now == last || now != seen {
+            // Unchanged, or changed since the previous look: still being written, perhaps.
+            return (last, now);
         }
         match load_config(&self.paths, self.secrets.clone()) {
             Ok((config, _warnings)) => {
@@ -112,7 +119,7 @@ impl Watcher {
                 tracing::error!(%errors, "configuration change rejected; the previous configuration keeps serving");
             }
         }
-        now
+        (now, now)
     }
 }
 
@@ -143,5 +150,69 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
         } else {
             out.push(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POOL: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: keys}\nstringData: {a: sk-a}\n---\n\
+        apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {name: pool}\nspec:\n\
+        \x20 providers:\n\
+        \x20 - {name: openai, type: openai, baseUrl: \"http://127.0.0.1:9\", models: [{name: m}], \
+        keys: [{secretRef: {name: keys, key: a}, rpm: 10}]}\n";
+
+    /// The pools of each configuration applied, in order.
+    #[derive(Default)]
+    struct Applied(std::sync::Mutex<Vec<usize>>);
+
+    impl ConfigSink for Applied {
+        fn apply(&self, config: Config) {
+            self.0.lock().unwrap().push(config.pools.len());
+        }
+    }
+
+    #[test]
+    fn a_change_is_applied_once_it_holds_still_and_an_empty_file_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pool.yaml");
+        std::fs::write(&file, POOL).unwrap();
+        let watcher = Watcher::new(
+            vec![dir.path().to_owned()],
+            SecretSources::default(),
+            Duration::from_secs(1),
+        );
+        let applied = Applied::default();
+        let start = watcher.last;
+        // Unchanged: nothing to do.
+        assert_eq!(watcher.check(start, start, &applied), (start, start));
+        // A second pool appears: the first look only notes the change...
+        std::fs::write(
+            dir.path().join("other.yaml"),
+            POOL.replace("{name: pool}", "{name: other}")
+                .replace("{name: keys}", "{name: keys2}")
+                .replace("name: keys, key", "name: keys2, key"),
+        )
+        .unwrap();
+        let (last, seen) = watcher.check(start, start, &applied);
+        assert_eq!(last, start);
+        assert_ne!(seen, start);
+        assert!(applied.0.lock().unwrap().is_empty(), "applied half-way");
+        // ... the next, with the files unchanged, applies it.
+        let (last, seen) = watcher.check(last, seen, &applied);
+        assert_eq!(last, seen);
+        assert_eq!(*applied.0.lock().unwrap(), vec![2]);
+        // The file is truncated (being rewritten) and stays so: refused, never applied.
+        std::fs::write(dir.path().join("other.yaml"), "").unwrap();
+        let (last, seen) = watcher.check(last, seen, &applied);
+        let (last, seen) = watcher.check(last, seen, &applied);
+        assert_eq!(last, seen);
+        assert_eq!(
+            *applied.0.lock().unwrap(),
+            vec![2],
+            "the empty file was applied"
+        );
+        assert_eq!(watcher.stats.rejected.load(Ordering::Relaxed), 1);
     }
 }

@@ -8,8 +8,9 @@
 //! instant its oldest request in the window leaves it: a retry then is admitted. Tokens are
 //! reserved at the estimate (the prompt's, plus the caller's `max_tokens` when it set one)
 //! and settled with the real usage when the answer reports it: a whole answer always, a
-//! stream when its caller asked for usage (`stream_options.include_usage`); otherwise the
-//! estimate stands. Requests in flight are counted per replica: a [`Slot`] holds its place
+//! stream when its caller asked for usage (`stream_options.include_usage`); another stream at
+//! the prompt's estimate plus the output it streamed (`pipeline::Held`). A request the
+//! gateway refused itself is refunded ([`Slot::refund`]). Requests in flight are counted per replica: a [`Slot`] holds its place
 //! until the answer, a stream included, is finished (or the caller hangs up).
 
 use super::{Caller, TenantState};
@@ -68,9 +69,10 @@ impl Refusal {
     }
 }
 
-/// A tenant's admitted request: its place among the tenant's requests in flight, and its
-/// token reservation, both given back when the slot is dropped (settled first if
-/// [`Slot::settle`] was called).
+/// A tenant's admitted request: its place among the tenant's requests in flight, given back
+/// when the slot is dropped, and its request and token reservation in the tenant's window,
+/// which stay (settled by [`Slot::settle`], else at the estimate) unless [`Slot::refund`]
+/// gives them back.
 #[derive(Debug)]
 pub struct Slot {
     state: Arc<TenantState>,
@@ -84,6 +86,19 @@ impl Slot {
         let permit = self.permit.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(permit) = permit {
             permit.settle(total_tokens);
+        }
+    }
+}
+
+impl Slot {
+    /// The gateway refused the request after the tenant admitted it, without a provider
+    /// call (no key had budget in time, none could serve, no such model): the tenant's
+    /// request and tokens are given back, so a refusal the tenant did not cause does not
+    /// spend its own limits.
+    pub fn refund(&self) {
+        let permit = self.permit.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(permit) = permit {
+            permit.refund();
         }
     }
 }

@@ -236,6 +236,23 @@ impl Identity {
         }
     }
 
+    /// The caller of tenant `name` under `config`, if configured: a job runs as the tenant
+    /// that queued it.
+    pub fn tenant(
+        &self,
+        config: &Arc<Config>,
+        budgets: &Budgets,
+        name: &str,
+    ) -> Option<Arc<Caller>> {
+        let current = self.table.load_full();
+        let table = if built_from(&current, config) {
+            current
+        } else {
+            self.table_for(config, budgets)
+        };
+        table.by_name.get(name).cloned()
+    }
+
     /// The table of `config`, built on first use after a change.
     fn table_for(&self, config: &Arc<Config>, budgets: &Budgets) -> Arc<Table> {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());

@@ -292,3 +292,34 @@ async fn a_request_counts_from_its_admission_not_its_answer() {
     tokio::time::advance(Duration::from_secs(50)).await;
     assert!(limits::admit(&caller, "m", 0, far).await.is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refunded_request_gives_back_its_place_and_tokens() {
+    let identity = Identity::new(false);
+    let budgets = budgets();
+    let limits = TenantLimits {
+        rpm: NonZeroU32::new(2),
+        tpm: NonZeroU32::new(1000),
+        ..TenantLimits::default()
+    };
+    let config = config(vec![tenant("acme", "sk-acme", limits)]);
+    let caller = identity
+        .identify(&config, &budgets, &headers(&[("x-api-key", "sk-acme")]))
+        .unwrap()
+        .unwrap();
+    let far = Instant::now() + Duration::from_secs(3600);
+    let kept = limits::admit(&caller, "m", 100, far).await.unwrap();
+    tokio::time::advance(Duration::from_secs(5)).await;
+    // The gateway refuses the second request (no key in time): it is given back.
+    let refused = limits::admit(&caller, "m", 800, far).await.unwrap();
+    tokio::time::advance(Duration::from_secs(5)).await;
+    refused.refund();
+    drop(refused);
+    // Both its request and its 800 tokens are free again at once: 1 request and 900 tokens.
+    let again = limits::admit(&caller, "m", 900, far).await;
+    assert!(again.is_ok(), "{again:?}");
+    // And the window is full again (2 requests); the oldest, `kept`, leaves at 60 s.
+    let full = limits::admit(&caller, "m", 0, far).await.unwrap_err();
+    assert_eq!(full.retry_after(), Some(Duration::from_secs(50)));
+    drop(kept);
+}

@@ -107,8 +107,14 @@ pub struct RequestCtx {
     pub deadline: Instant,
     /// The wait the caller asked for (`x-floodgate-max-wait-ms`), if any.
     pub max_wait_asked: Option<std::time::Duration>,
+    /// The caller sent `x-floodgate-max-wait-ms` but not as a whole number of milliseconds
+    /// (the door answers 400 rather than ignore a limit the caller relies on).
+    pub max_wait_invalid: bool,
     /// Its tier: `default` without a TierQueue.
     pub tier: Arc<str>,
+    /// The tier a job runs in when not its tenant's (Batch API lines run in a batch-class
+    /// tier); `None`: the caller's tier.
+    pub job_tier: Option<Arc<str>>,
     /// How long it waited in the queue for budget, once admitted.
     pub queued: Option<std::time::Duration>,
     /// Where it stands while it waits, when the door reports progress (streaming callers).
@@ -127,18 +133,23 @@ impl RequestCtx {
     /// `max_wait` for budget.
     pub fn new(door: Door, headers: &HeaderMap, max_wait: std::time::Duration) -> Self {
         let received = Instant::now();
-        let max_wait_asked = headers
-            .get(MAX_WAIT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(std::time::Duration::from_millis);
+        let asked = headers.get(MAX_WAIT_HEADER).map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(std::time::Duration::from_millis)
+        });
+        let max_wait_asked = asked.flatten();
+        let max_wait_invalid = asked.is_some_and(|a| a.is_none());
         Self {
             id: RequestId::from_headers(headers),
             door,
             received,
             deadline: received + max_wait_asked.map_or(max_wait, |m| m.min(max_wait)),
             max_wait_asked,
+            max_wait_invalid,
             tier: Arc::from(crate::route::tiers::DEFAULT_TIER),
+            job_tier: None,
             queued: None,
             progress: None,
             caller: None,
@@ -181,5 +192,35 @@ mod tests {
                 .starts_with("req_")
         );
         assert_ne!(RequestId::generate(), RequestId::generate());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_asked_for_is_whole_milliseconds_or_refused() {
+        let max = std::time::Duration::from_secs(30);
+        let ctx = |value: Option<&'static str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(v) = value {
+                headers.insert(MAX_WAIT_HEADER, HeaderValue::from_static(v));
+            }
+            RequestCtx::new(Door::OpenAiChat, &headers, max)
+        };
+        let none = ctx(None);
+        assert_eq!((none.max_wait_asked, none.max_wait_invalid), (None, false));
+        assert_eq!(none.deadline, none.received + max);
+        let asked = ctx(Some(" 1500 "));
+        assert_eq!(
+            asked.max_wait_asked,
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(
+            asked.deadline,
+            asked.received + std::time::Duration::from_millis(1500)
+        );
+        assert!(!asked.max_wait_invalid);
+        for bad in ["1.5s", "-1", "", "soon"] {
+            let c = ctx(Some(bad));
+            assert!(c.max_wait_invalid, "{bad:?}");
+            assert_eq!(c.max_wait_asked, None);
+        }
     }
 }

@@ -33,7 +33,8 @@ pub use ctx::{Door, RequestCtx, RequestId, RouteDecision};
 use crate::identity::{self, Refusal, Slot};
 use crate::providers::types::ChatRequest;
 use crate::providers::{
-    ChatChunk, EmbeddingsRequest, EmbeddingsResponse, ProviderError, estimate_prompt_tokens,
+    ChatChunk, EmbeddingsRequest, EmbeddingsResponse, ProviderError, estimate_output_tokens,
+    estimate_prompt_tokens,
 };
 use crate::route::attempt::{ANONYMOUS, Asker};
 use crate::route::{ChunkStream, Dispatcher, Reply, ReplyBody, RouteError, View};
@@ -66,14 +67,28 @@ pub async fn chat(
 ) -> Result<Reply, Error> {
     // 2b: the tenant's own limits, before its request queues.
     let output = req.max_completion_tokens.or(req.max_tokens).unwrap_or(0);
-    let tokens = u64::from(estimate_prompt_tokens(req)) + u64::from(output);
+    let prompt = u64::from(estimate_prompt_tokens(req));
+    let tokens = prompt + u64::from(output);
     let asker = queue_place(view, ctx);
     // 3: the prompt's class.
     crate::routing::classify(view, ctx, req);
     let slot = tenant_slot(ctx, &req.model, tokens).await?;
     // 6 + 7: the routing rule's chain of targets; in each, admission in the route's queue,
     // then attempts over keys and providers.
-    let mut reply = crate::routing::chat(dispatcher, view, ctx, req, asker).await?;
+    let reply = crate::routing::chat(dispatcher, view, ctx, req, asker).await;
+    if let (Err(e), Some(slot)) = (&reply, slot.as_ref()) {
+        // A refusal by the gateway itself (no attempt reached a provider, or a spent cost
+        // budget) gives the tenant its tokens back.
+        let refused = match e {
+            Error::Route(e) => e.is_gateway_refusal(),
+            Error::OverBudget(_) => true,
+            Error::Refused(_) => false,
+        };
+        if refused {
+            slot.refund();
+        }
+    }
+    let mut reply = reply?;
     record_decision(ctx, &reply);
     if let Some(slot) = slot {
         reply.body = match reply.body {
@@ -86,6 +101,8 @@ pub async fn chat(
             ReplyBody::Stream(chunks) => ReplyBody::Stream(Box::pin(Held {
                 inner: chunks,
                 slot,
+                prompt,
+                output: 0,
             })),
         };
     }
@@ -106,13 +123,28 @@ pub async fn embeddings(
     // 6 + 7: admission in the route's queue, then attempts over keys and providers.
     let reply = dispatcher.embeddings(view, req, ctx.deadline, asker).await;
     decided(ctx, &reply);
-    let reply = reply?;
+    let reply = refund_unless_sent(reply, slot.as_ref())?;
     if let Some(slot) = slot
         && reply.body.usage.total_tokens > 0
     {
         slot.settle(u64::from(reply.body.usage.total_tokens));
     }
     Ok(reply)
+}
+
+/// The route stage's reply; when the gateway refused the request itself (no key in time, none
+/// able to serve, no such model) rather than pass on a provider's error, the tenant's slot is
+/// refunded: a refusal the tenant did not cause does not spend its own limits.
+fn refund_unless_sent<B>(
+    reply: Result<Reply<B>, RouteError>,
+    slot: Option<&Slot>,
+) -> Result<Reply<B>, RouteError> {
+    if let (Err(e), Some(slot)) = (&reply, slot)
+        && e.is_gateway_refusal()
+    {
+        slot.refund();
+    }
+    reply
 }
 
 /// Stage 2b: the caller's tenant admits the request of `tokens` estimated tokens for
@@ -127,10 +159,17 @@ async fn tenant_slot(ctx: &RequestCtx, model: &str, tokens: u64) -> Result<Optio
 }
 
 /// A stream that holds its tenant's [`Slot`] until it ends or is dropped, and settles the
-/// tenant's tokens with the usage a chunk reports.
+/// tenant's tokens: with the usage a chunk reports, or else (the caller did not ask for usage,
+/// or left early, or the stream broke) with the prompt's estimate plus the output streamed so
+/// far, estimated a token per four bytes, so that a stream without `max_tokens` is not
+/// charged its prompt alone.
 struct Held {
     inner: ChunkStream,
     slot: Slot,
+    /// The prompt's estimated tokens.
+    prompt: u64,
+    /// The output's estimated tokens so far.
+    output: u64,
 }
 
 impl Stream for Held {
@@ -138,12 +177,22 @@ impl Stream for Held {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let item = self.inner.as_mut().poll_next(cx);
-        if let Poll::Ready(Some(Ok(chunk))) = &item
-            && let Some(usage) = &chunk.usage
-        {
-            self.slot.settle(u64::from(usage.total_tokens));
+        match &item {
+            Poll::Ready(Some(Ok(chunk))) => match &chunk.usage {
+                Some(usage) => self.slot.settle(u64::from(usage.total_tokens)),
+                None => self.output += estimate_output_tokens(chunk),
+            },
+            Poll::Ready(None) => self.slot.settle(self.prompt + self.output),
+            _ => {}
         }
         item
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Settles once: a no-op if usage or the end settled it already.
+        self.slot.settle(self.prompt + self.output);
     }
 }
 
@@ -152,10 +201,11 @@ impl Stream for Held {
 /// on `ctx` (the same each time it is called).
 pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
     let caller = ctx.caller.clone();
+    let name = ctx.job_tier.as_deref();
     let tier = view
         .runtime
         .tiers
-        .get(caller.as_ref().and_then(|c| c.tier()).map(|t| &**t));
+        .get(name.or(caller.as_ref().and_then(|c| c.tier()).map(|t| &**t)));
     ctx.set_tier(tier);
     Asker {
         tier: tier.clone(),
@@ -181,4 +231,116 @@ fn record_decision<B>(ctx: &mut RequestCtx, reply: &Reply<B>) {
         attempts: reply.attempts,
         ok: reply.ok.clone(),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::{Budgets, MINUTE};
+    use crate::config::{ClientKeyConfig, Config, TenantConfig, TenantLimits};
+    use crate::identity::Identity;
+    use crate::providers::stream::ChunkBuilder;
+    use crate::secret::KeyDigest;
+    use axum::http::{HeaderMap, HeaderValue};
+    use futures::StreamExt as _;
+    use std::num::NonZeroU32;
+    use tokio::time::Instant;
+
+    /// A tenant `acme` with `tpm` tokens per minute, identified.
+    fn caller(budgets: &Budgets, tpm: u32) -> Arc<identity::Caller> {
+        let tenant = Arc::new(TenantConfig {
+            name: Arc::from("acme"),
+            tier: None,
+            keys: vec![ClientKeyConfig {
+                name: Arc::from("main"),
+                digest: KeyDigest::of("sk-acme"),
+            }],
+            limits: TenantLimits {
+                tpm: NonZeroU32::new(tpm),
+                ..TenantLimits::default()
+            },
+            models: None,
+        });
+        let config = Arc::new(Config {
+            tenants: vec![tenant],
+            ..Config::default()
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static("sk-acme"));
+        Identity::new(false)
+            .identify(&config, budgets, &headers)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_without_usage_charges_the_tenant_its_output_too() {
+        let budgets = Budgets::new(MINUTE, Arc::default());
+        let caller = caller(&budgets, 1000);
+        let far = Instant::now() + MINUTE;
+        // No max_tokens: the reservation is the prompt's estimate alone.
+        let slot = identity::limits::admit(&caller, "m", 100, far)
+            .await
+            .unwrap();
+        let mut chunks = ChunkBuilder::new("m", false);
+        let stream: Vec<Result<ChatChunk, ProviderError>> = vec![
+            Ok(chunks.opening()),
+            // 2,000 bytes: 500 tokens of output.
+            Ok(chunks.text(&"x".repeat(2000))),
+        ];
+        let held = Held {
+            inner: Box::pin(futures::stream::iter(stream)),
+            slot,
+            prompt: 100,
+            output: 0,
+        };
+        assert_eq!(held.collect::<Vec<_>>().await.len(), 2);
+        // Charged 100 + 500: 400 tokens are left in the window, not 900.
+        assert!(
+            identity::limits::admit(&caller, "m", 401, far)
+                .await
+                .is_err()
+        );
+        assert!(
+            identity::limits::admit(&caller, "m", 400, far)
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_the_caller_leaves_charges_what_was_streamed() {
+        let budgets = Budgets::new(MINUTE, Arc::default());
+        let caller = caller(&budgets, 1000);
+        let far = Instant::now() + MINUTE;
+        // max_tokens 800: 100 + 800 reserved.
+        let slot = identity::limits::admit(&caller, "m", 900, far)
+            .await
+            .unwrap();
+        let mut chunks = ChunkBuilder::new("m", false);
+        let stream: Vec<Result<ChatChunk, ProviderError>> = vec![
+            Ok(chunks.text(&"x".repeat(400))),
+            Ok(chunks.text(&"x".repeat(400))),
+        ];
+        let mut held = Held {
+            inner: Box::pin(futures::stream::iter(stream)),
+            slot,
+            prompt: 100,
+            output: 0,
+        };
+        // The caller reads one chunk (100 tokens) and hangs up.
+        assert!(held.next().await.is_some());
+        drop(held);
+        // Charged 100 + 100: 800 left.
+        assert!(
+            identity::limits::admit(&caller, "m", 801, far)
+                .await
+                .is_err()
+        );
+        assert!(
+            identity::limits::admit(&caller, "m", 800, far)
+                .await
+                .is_ok()
+        );
+    }
 }

@@ -354,6 +354,32 @@ const TOKENS_PER_REPLY: u32 = 3;
 /// Rough cost of one image (OpenAI's low-detail price; high detail costs more).
 const TOKENS_PER_IMAGE: u32 = 85;
 
+/// Tokens of output a chunk carries, estimated as prompts are (a token per four bytes,
+/// at least one per chunk with text): for settling a stream whose usage is not known.
+pub fn estimate_output_tokens(chunk: &ChatChunk) -> u64 {
+    let bytes: usize = chunk
+        .choices
+        .iter()
+        .map(|c| {
+            let d = &c.delta;
+            let text =
+                d.content.as_deref().map_or(0, str::len) + d.refusal.as_deref().map_or(0, str::len);
+            let tools: usize = d
+                .tool_calls
+                .iter()
+                .flatten()
+                .filter_map(|t| t.function.as_ref())
+                .map(|f| {
+                    f.name.as_deref().map_or(0, str::len)
+                        + f.arguments.as_deref().map_or(0, str::len)
+                })
+                .sum();
+            text + tools
+        })
+        .sum();
+    bytes.div_ceil(4) as u64
+}
+
 /// A cheap estimate of the prompt's tokens, **for reserving budget only**: settle with the
 /// provider's reported [`Usage`]. About one token per four bytes of text (bytes rather than
 /// characters so that non-Latin scripts, which tokenise denser, are not underestimated),

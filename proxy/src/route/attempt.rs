@@ -359,7 +359,7 @@ impl<'a> Attempts<'a> {
                     () = tokio::time::sleep_until(wake) => {
                         let now = Instant::now();
                         if now >= deadline {
-                            return Err(self.saturated(now));
+                            return Err(self.saturated(now, ticket.position().total()));
                         }
                         ticket.tick(now);
                     }
@@ -397,18 +397,23 @@ impl<'a> Attempts<'a> {
     }
 
     /// Whether a key could take this request now but its class may not: the class's
-    /// headroom, or off-peak deferral of batch work while the route is busy.
+    /// headroom, or off-peak deferral of batch work while the route is busy. A key that is
+    /// full, or that pacing holds back (which holds every paced class alike), does not count:
+    /// standing back would only hand the turn to a tier that cannot take it either.
     fn class_blocked(&self, now: Instant) -> bool {
         let tier = &self.asker.tier;
         if (tier.headroom <= 0.0 && tier.batch.is_none()) || self.held_long_enough(now) {
             return false;
         }
+        let deferred = !self.off_peak(now);
         self.live_targets().any(|(_, t)| {
             let p = &self.runtime.providers[t.provider];
             let tokens = self.demand.tokens(p.adapter);
-            p.keys
-                .iter()
-                .any(|k| k.budget.availability(now, tokens).is_ok())
+            p.keys.iter().any(|k| {
+                k.budget.availability(now, tokens).is_ok()
+                    && self.pace_ready(k, now).is_ok()
+                    && (deferred || !self.class_allows(k, now))
+            })
         })
     }
 
@@ -513,7 +518,7 @@ impl<'a> Attempts<'a> {
             Wake::At(at) if self.last_error.is_none() => Err(RouteError::Saturated {
                 retry_after: at - now,
             }),
-            Wake::Event if self.last_error.is_none() => Err(self.saturated(now)),
+            Wake::Event if self.last_error.is_none() => Err(self.saturated(now, 0)),
             Wake::Never if self.last_error.is_none() => Err(RouteError::Unavailable {
                 retry_after: self.circuit_wait(now),
             }),
@@ -531,15 +536,16 @@ impl<'a> Attempts<'a> {
         }
     }
 
-    /// 429 at the deadline: retry when the earliest key frees up (at least a second).
-    fn saturated(&self, now: Instant) -> RouteError {
+    /// 429 at the deadline for a request with `ahead` requests before it in the queue: retry
+    /// when they could be through, one slot of the route's rate each after the earliest key
+    /// frees (one second when no instant is known).
+    fn saturated(&self, now: Instant, ahead: usize) -> RouteError {
         if self.last_error.is_some() {
             return self.upstream_error();
         }
-        let retry_after = match self.earliest(now) {
-            Wake::At(at) => at.saturating_duration_since(now),
-            _ => Duration::from_secs(1),
-        };
+        let retry_after = self
+            .turn_after(now, ahead, 1.0)
+            .unwrap_or(Duration::from_secs(1));
         RouteError::Saturated { retry_after }
     }
 
@@ -547,12 +553,18 @@ impl<'a> Attempts<'a> {
     /// slot per request of its tier ahead, at its tier's share of the route's rate (the
     /// weighted fair share among the tiers waiting). `None` when no instant is known.
     fn turn(&self, now: Instant) -> Option<Duration> {
+        let (ahead, share) = self.route.queue.outlook(&self.asker.tier);
+        self.turn_after(now, ahead, share)
+    }
+
+    /// When a request with `ahead` requests before it could be served, its tier having
+    /// `share` of the route's rate.
+    fn turn_after(&self, now: Instant, ahead: usize, share: f64) -> Option<Duration> {
         let Wake::At(at) = self.earliest(now) else {
             return None;
         };
         let window = self.dispatcher.budgets().window();
         let rpm = self.route_rpm().max(1) as f64;
-        let (ahead, share) = self.route.queue.outlook(&self.asker.tier);
         let slots = ahead as f64 / (rpm * share.max(1e-6));
         Some(at.saturating_duration_since(now) + window.mul_f64(slots))
     }
@@ -560,6 +572,10 @@ impl<'a> Attempts<'a> {
     /// 429 for a full queue: the requests ahead take the route's next slots, so retry when
     /// they could be through.
     fn queue_full(&self) -> RouteError {
+        if self.last_error.is_some() {
+            // A retry after a provider's error: that error is the answer.
+            return self.upstream_error();
+        }
         let retry_after = self
             .turn(Instant::now())
             .unwrap_or(Duration::ZERO)

@@ -185,20 +185,26 @@ impl Breaker {
         }
     }
 
-    /// A call succeeded.
-    pub fn success(&self) {
+    /// A call succeeded. Returns whether that closed an open or half-open circuit (its
+    /// probe, or a call sent before it opened that was answered after).
+    pub fn success(&self) -> bool {
         let previous = std::mem::replace(&mut *self.lock(), State::Closed { failures: 0 });
-        if matches!(previous, State::HalfOpen { probe: Some(_) }) {
+        let closed = !matches!(previous, State::Closed { .. });
+        if closed {
+            // Requests waiting for the probe or the open period may go now.
             self.signal.pulse();
         }
+        closed
     }
 
-    /// A call failed in a way that counts against the provider.
-    pub fn failure(&self, now: Instant) {
+    /// A call failed in a way that counts against the provider. Returns whether that opened
+    /// a closed circuit (a failed probe re-opens one that was open already).
+    pub fn failure(&self, now: Instant) -> bool {
         let threshold = self.threshold.load(Ordering::Relaxed);
         let until = now + self.open_for();
         let mut s = self.lock();
         let probe = matches!(*s, State::HalfOpen { probe: Some(_) });
+        let was_closed = matches!(*s, State::Closed { .. });
         *s = match *s {
             State::Closed { failures } if failures + 1 >= threshold => State::Open { until },
             State::Closed { failures } => State::Closed {
@@ -206,11 +212,13 @@ impl Breaker {
             },
             State::HalfOpen { .. } | State::Open { .. } => State::Open { until },
         };
+        let opened = was_closed && matches!(*s, State::Open { .. });
         drop(s);
         if probe {
             // Waiters on the probe now wait for the new open period instead.
             self.signal.pulse();
         }
+        opened
     }
 
     /// A call ended in a way that says nothing about the provider's health (a 429, a bad
@@ -248,23 +256,27 @@ mod tests {
         let b = Breaker::new(3, Duration::from_secs(60), Arc::default());
         let t0 = Instant::now();
         for _ in 0..2 {
-            b.failure(t0);
+            assert!(!b.failure(t0));
         }
         assert!(b.allow(t0), "two failures of three keep it closed");
-        b.failure(t0);
+        assert!(b.failure(t0), "the third opens it (and says so, once)");
         assert_eq!(b.circuit(t0), Circuit::Open);
         assert!(!b.allow(t0 + Duration::from_secs(59)));
         let t1 = t0 + Duration::from_secs(60);
         assert!(b.allow(t1), "the probe");
         assert!(!b.allow(t1), "only one probe at a time");
-        b.failure(t1);
+        assert!(
+            !b.failure(t1),
+            "a failed probe re-opens it, not a new opening"
+        );
         assert!(
             !b.allow(t1 + Duration::from_secs(1)),
             "a failed probe reopens it"
         );
         let t2 = t1 + Duration::from_secs(60);
         assert!(b.allow(t2));
-        b.success();
+        assert!(b.success(), "the probe's success closes it");
+        assert!(!b.success(), "closed already");
         assert_eq!(b.circuit(t2), Circuit::Closed);
         assert!(b.allow(t2) && b.allow(t2));
     }
@@ -294,8 +306,18 @@ mod tests {
         let b = Breaker::new(2, Duration::from_secs(1), Arc::default());
         let t0 = Instant::now();
         b.failure(t0);
-        b.success();
+        assert!(!b.success(), "it was closed");
         b.failure(t0);
+        assert_eq!(b.circuit(t0), Circuit::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_success_closes_an_open_circuit_and_says_so() {
+        let b = Breaker::new(1, Duration::from_secs(60), Arc::default());
+        let t0 = Instant::now();
+        assert!(b.failure(t0));
+        // A call sent before the circuit opened is answered now.
+        assert!(b.success(), "closing an open circuit is reported");
         assert_eq!(b.circuit(t0), Circuit::Closed);
     }
 }

@@ -119,6 +119,16 @@ pub fn whole_seconds(d: Duration) -> u64 {
 }
 
 impl RouteError {
+    /// Whether the gateway refused the request itself (no such model, no key in time, no
+    /// provider able to serve, nothing it could be sent to), rather than pass on a
+    /// provider's error: no attempt reached a provider.
+    pub fn is_gateway_refusal(&self) -> bool {
+        match self {
+            RouteError::Upstream { attempts, .. } => *attempts == 0,
+            _ => true,
+        }
+    }
+
     /// A low-cardinality label for metrics and logs.
     pub fn metric_label(&self) -> &'static str {
         match self {

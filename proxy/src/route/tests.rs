@@ -531,3 +531,20 @@ fn the_token_reservation_is_the_output_cap_the_adapter_sends() {
         prompt + u64::from(crate::providers::anthropic::DEFAULT_MAX_TOKENS)
     );
 }
+
+#[test]
+fn a_refusal_is_the_gateways_when_no_attempt_reached_a_provider() {
+    let upstream = |attempts| RouteError::Upstream {
+        error: ProviderError::Timeout,
+        attempts,
+    };
+    assert!(upstream(0).is_gateway_refusal(), "nothing was sent");
+    assert!(!upstream(1).is_gateway_refusal(), "a provider answered");
+    assert!(RouteError::UnknownModel("m".into()).is_gateway_refusal());
+    assert!(
+        RouteError::Saturated {
+            retry_after: Duration::from_secs(1)
+        }
+        .is_gateway_refusal()
+    );
+}

@@ -369,3 +369,122 @@ async fn asking_for_a_shorter_wait_does_not_skip_the_class_headroom() {
         "{result:?}"
     );
 }
+
+/// [`take`] for `tenant`, spawned; returns when it was admitted or refused.
+fn spawn_as(
+    d: &Arc<Dispatcher>,
+    tier: &'static str,
+    tenant: &'static str,
+    deadline: Instant,
+) -> tokio::task::JoinHandle<(Instant, Result<(), RouteError>)> {
+    let d = d.clone();
+    tokio::spawn(async move {
+        let view = d.view();
+        let route = &view.runtime.routes["m"];
+        let mut asker = asker(&view, tier);
+        asker.tenant = Arc::from(tenant);
+        let mut attempts = Attempts::new(
+            &d,
+            &view.runtime,
+            route,
+            Demand::chat(&request()),
+            deadline,
+            asker,
+        );
+        let result = attempts
+            .next()
+            .await
+            .map(|mut lease| lease.permit.answered());
+        (Instant::now(), result)
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_at_its_deadline_a_waiting_request_retries_after_those_ahead_of_it() {
+    // Two tiers of the priority class (not paced), weights 10 and 1.
+    let tiers = [
+        "{name: enterprise, class: priority, weight: 10, maxWaitMs: 900000}",
+        "{name: pro, class: priority, weight: 1, maxWaitMs: 900000}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(2, &tiers, (0, 0, 0)),
+    );
+    let t0 = Instant::now();
+    let s = Duration::from_secs(1);
+    // The key's 2 slots are taken at 0 s: they free at 60 s.
+    take(&d, "enterprise", t0 + MIN).await.unwrap();
+    take(&d, "enterprise", t0 + MIN).await.unwrap();
+    let view = d.view();
+    let queue = &view.runtime.routes["m"].queue;
+    // pro: P1 and P2 of tenant x due at 95 s, P3 of tenant y at 200 s; then enterprise E1, E2.
+    let mut tasks = Vec::new();
+    for (tier, tenant, due) in [
+        ("pro", "x", 95),
+        ("pro", "x", 95),
+        ("pro", "y", 200),
+        ("enterprise", "e", 900),
+        ("enterprise", "e", 900),
+    ] {
+        tasks.push(spawn_as(&d, tier, tenant, t0 + s * due));
+        let joined = tasks.len();
+        until(|| queue.len() == joined).await;
+    }
+    let mut tasks = tasks.into_iter();
+    let (p1, p2) = (tasks.next().unwrap(), tasks.next().unwrap());
+    // At 60 s E1 (the heavier tier on a tie) and P1 (pro's earliest deadline) take the two
+    // slots; then E2 heads the queue until 120 s.
+    let (at, result) = p1.await.unwrap();
+    assert_eq!((at - t0, result.is_ok()), (MIN, true));
+    let (at, result) = p2.await.unwrap();
+    assert_eq!(at - t0, s * 95);
+    let Err(RouteError::Saturated { retry_after }) = result else {
+        panic!("expected 429 at the deadline, got {result:?}");
+    };
+    // Ahead of P2: E2 (enterprise) and P3 (pro, another tenant). The earliest slot frees at
+    // 120 s (25 s on), and each of the two ahead takes one slot of 2 rpm (30 s each).
+    assert_eq!(retry_after, s * 85);
+    for t in tasks {
+        t.abort();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_held_by_pacing_waits_for_its_pace_without_standing_back() {
+    // basic: the standard class, 20% headroom; one key of 10 rpm, paced at one per 6 s with
+    // a second's tolerance.
+    let tiers = [
+        "{name: pro, class: priority, maxWaitMs: 1000}",
+        "{name: basic, class: standard, maxWaitMs: 900000}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(10, &tiers, (0, 20, 50)),
+    );
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        take(&d, "pro", t0 + MIN).await.unwrap();
+    }
+    let view = d.view();
+    let queue = &view.runtime.routes["m"].queue;
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let d = d.clone();
+        waiting.push(tokio::spawn(async move {
+            let looks = take(&d, "basic", t0 + Duration::from_secs(900))
+                .await
+                .unwrap();
+            (Instant::now() - t0, looks)
+        }));
+        let joined = waiting.len();
+        until(|| queue.len() == joined).await;
+    }
+    // At 60 s the ten slots free at once: the first is admitted; the second finds 90% of the
+    // key free (above its headroom) but is paced until 65 s. It waits for that instant as
+    // the head, rather than holding its tier back and looking again every second.
+    let (first, second) = (waiting.remove(0), waiting.remove(0));
+    assert_eq!(first.await.unwrap().0, MIN);
+    let (at, looks) = second.await.unwrap();
+    assert_eq!(at, MIN + Duration::from_secs(5));
+    assert!(looks <= 3, "looked {looks} times");
+}

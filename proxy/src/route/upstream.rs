@@ -15,7 +15,7 @@ use crate::metrics::{self, TargetMetrics, UpstreamLabels};
 use crate::providers::types::ChatRequest;
 use crate::providers::{
     ChatChunk, ClosedWhen, EmbeddingsRequest, EmbeddingsResponse, ProviderError, StreamDecoder,
-    Usage, estimate_prompt_tokens,
+    Usage, estimate_output_tokens, estimate_prompt_tokens,
 };
 use crate::telemetry;
 use bytes::Bytes;
@@ -137,7 +137,11 @@ async fn observed<T>(
 /// What an attempt's result says about the key and the provider.
 fn outcome(provider: &ProviderRt, key: &KeyRt, result: Result<(), &ProviderError>, now: Instant) {
     match result {
-        Ok(_) => provider.breaker.success(),
+        Ok(_) => {
+            if provider.breaker.success() {
+                tracing::info!(provider = %provider.name, "circuit closed: the provider answered its probe");
+            }
+        }
         Err(e) => {
             if let Some(rest) = e.cools_key() {
                 key.budget.cool_until(now + rest);
@@ -147,7 +151,13 @@ fn outcome(provider: &ProviderRt, key: &KeyRt, result: Result<(), &ProviderError
                 key.budget.fail();
             }
             if e.opens_circuit() {
-                provider.breaker.failure(now);
+                if provider.breaker.failure(now) {
+                    tracing::warn!(
+                        provider = %provider.name,
+                        reason = e.metric_label(),
+                        "circuit opened: the provider failed too many calls in a row; its keys are not used until a probe succeeds"
+                    );
+                }
             } else {
                 provider.breaker.neutral();
             }
@@ -405,32 +415,6 @@ impl Drop for Pump {
             self.abandoned();
         }
     }
-}
-
-/// Tokens of output a chunk carries, estimated as prompts are (a token per four bytes,
-/// at least one per chunk with text): for settling a stream the caller left.
-fn estimate_output_tokens(chunk: &ChatChunk) -> u64 {
-    let bytes: usize = chunk
-        .choices
-        .iter()
-        .map(|c| {
-            let d = &c.delta;
-            let text =
-                d.content.as_deref().map_or(0, str::len) + d.refusal.as_deref().map_or(0, str::len);
-            let tools: usize = d
-                .tool_calls
-                .iter()
-                .flatten()
-                .filter_map(|t| t.function.as_ref())
-                .map(|f| {
-                    f.name.as_deref().map_or(0, str::len)
-                        + f.arguments.as_deref().map_or(0, str::len)
-                })
-                .sum();
-            text + tools
-        })
-        .sum();
-    bytes.div_ceil(4) as u64
 }
 
 /// What is needed to record a request's usage once it is known.

@@ -85,16 +85,32 @@ impl Progress {
     }
 
     /// Requests ahead and the estimated wait, while the request waits in a queue: each
-    /// request ahead takes one slot of the route's rate at its tier's weighted share.
+    /// request ahead, of any tier, takes one slot of the route's rate (requests that arrive
+    /// later and go first are not foreseen).
     pub fn now(&self) -> Option<(usize, std::time::Duration)> {
         let place = self.place.lock().unwrap_or_else(|p| p.into_inner());
         let place = place.as_ref()?;
         let ahead = place
             .queue
-            .position_of(place.id, &place.tier, &place.tenant)?;
-        let (_, share) = place.queue.outlook(&place.tier);
-        let eta = place.slot.mul_f64((ahead + 1) as f64 / share.max(1e-6));
-        Some((ahead, eta))
+            .position_of(place.id, &place.tier, &place.tenant)?
+            .total();
+        Some((ahead, place.slot * (ahead as u32 + 1)))
+    }
+}
+
+/// The requests that would be chosen before a waiting one if nothing else arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ahead {
+    /// Of its own tier (its tenant's with earlier deadlines, and the other tenants').
+    pub in_tier: usize,
+    /// Of other tiers with a lower virtual tag.
+    pub other_tiers: usize,
+}
+
+impl Ahead {
+    /// All of them.
+    pub fn total(&self) -> usize {
+        self.in_tier + self.other_tiers
     }
 }
 
@@ -133,6 +149,10 @@ struct TierQ {
     /// Ineligible until then (its class could not take budget others could).
     held_until: Option<Instant>,
     tenants: HashMap<Arc<str>, TenantQ>,
+    /// Tenants with nobody waiting whose tag is still ahead of `vtime`: what they were
+    /// charged last, which a tenant that comes back starts from (sending one request at a
+    /// time must not wipe out what its large requests cost). Pruned when `vtime` passes it.
+    charged: HashMap<Arc<str>, f64>,
     /// The tenant tag of the last dispatch in this tier.
     vtime: f64,
     waiting: usize,
@@ -334,22 +354,22 @@ impl WaitQueue {
     /// else arrived: those of other tiers with a lower tag, those of other tenants of its
     /// tier, and those ahead of it in its tenant. An estimate for progress reports, not a
     /// promise; `None` if it does not wait here.
-    pub fn position_of(&self, id: u64, tier: &TierRt, tenant: &str) -> Option<usize> {
+    pub fn position_of(&self, id: u64, tier: &TierRt, tenant: &str) -> Option<Ahead> {
         let s = self.lock();
         let ti = s.tier(&tier.name)?;
         let mine = s.tiers[ti].tag;
-        let mut ahead = 0;
+        let mut ahead = Ahead::default();
         for (i, t) in s.tiers.iter().enumerate() {
             if i == ti {
                 for (name, q) in &t.tenants {
                     if **name == *tenant {
-                        ahead += q.waiters.iter().take_while(|w| w.id != id).count();
+                        ahead.in_tier += q.waiters.iter().take_while(|w| w.id != id).count();
                     } else {
-                        ahead += q.waiters.len();
+                        ahead.in_tier += q.waiters.len();
                     }
                 }
             } else if t.tag <= mine {
-                ahead += t.waiting;
+                ahead.other_tiers += t.waiting;
             }
         }
         Some(ahead)
@@ -376,6 +396,7 @@ impl WaitQueue {
                     tag: vtime,
                     held_until: None,
                     tenants: HashMap::new(),
+                    charged: HashMap::new(),
                     vtime: 0.0,
                     waiting: 0,
                     gated: Vec::new(),
@@ -391,11 +412,15 @@ impl WaitQueue {
             tier.tag = tier.tag.max(vtime);
         }
         let tier_vtime = tier.vtime;
+        let charged = &mut tier.charged;
         let tenant = tier
             .tenants
             .entry(entry.tenant.clone())
             .or_insert_with(|| TenantQ {
-                tag: tier_vtime,
+                // No credit saved while idle, and no debt forgotten either.
+                tag: charged
+                    .remove(&entry.tenant)
+                    .map_or(tier_vtime, |tag| tag.max(tier_vtime)),
                 waiters: Vec::new(),
             });
         let gated = entry.tier.batch.is_some();
@@ -509,10 +534,10 @@ impl Ticket<'_> {
 
     /// Requests that would be chosen before this one if nothing else arrived (see
     /// [`WaitQueue::position_of`]).
-    pub fn position(&self) -> usize {
+    pub fn position(&self) -> Ahead {
         self.queue
             .position_of(self.id, &self.tier, &self.tenant)
-            .unwrap_or(0)
+            .unwrap_or_default()
     }
 
     /// The request leaves with budget: its tier and tenant are charged for it.
@@ -545,7 +570,15 @@ impl Drop for Ticket<'_> {
             tier.tag += 1.0 / tier.weight;
         }
         if q.waiters.is_empty() {
+            let tag = q.tag;
             tier.tenants.remove(&self.tenant);
+            if tag > tier.vtime {
+                tier.charged.insert(self.tenant.clone(), tag);
+            }
+        }
+        if self.admitted && !tier.charged.is_empty() {
+            let vtime = tier.vtime;
+            tier.charged.retain(|_, tag| *tag > vtime);
         }
         tier.waiting -= 1;
         tier.gated.retain(|g| g.0 != self.id);

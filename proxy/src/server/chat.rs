@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
-use tracing::Span;
+use tracing::{Instrument as _, Span};
 
 pub(super) async fn completions(
     State(state): State<AppState>,
@@ -37,14 +37,20 @@ pub(super) async fn completions(
         "chat",
         headers,
         |mut ctx, span| async move {
-            let response = handle(state, &mut ctx, body, span).await;
+            let response = handle(state, &mut ctx, body, headers, span).await;
             (response, ctx)
         },
     )
     .await
 }
 
-async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) -> Response {
+async fn handle(
+    state: &AppState,
+    ctx: &mut RequestCtx,
+    body: Body,
+    headers: &HeaderMap,
+    span: Span,
+) -> Response {
     let parse_started = Instant::now();
     let req = match parse(state, body).await {
         Ok(req) => req,
@@ -56,6 +62,20 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
     let view = state.dispatcher.view();
     if !req.stream {
         let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
+        // Past its wait limit, a caller that prefers it gets a job instead (server::jobs).
+        if matches!(
+            result,
+            Err(pipeline::Error::Route(
+                crate::route::RouteError::Saturated { .. }
+            ))
+        ) && super::jobs::prefers_async(headers)
+            && let Some(response) = super::jobs::defer(state, ctx, &req).await
+        {
+            Outcome::new(span, ctx, Some(req.model))
+                .with_status(response.status())
+                .record("deferred");
+            return response;
+        }
         let outcome = Outcome::new(span, ctx, Some(req.model));
         return render(result, outcome);
     }
@@ -66,16 +86,22 @@ async fn handle(state: &AppState, ctx: &mut RequestCtx, body: Body, span: Span) 
     pipeline::queue_place(&view, ctx);
     let dispatcher = state.dispatcher.clone();
     let mut run = ctx.clone();
+    // A caller that hangs up while it waits: its outcome, as a stream it stopped reading.
+    let waited = Outcome::new(span.clone(), ctx, Some(req.model.clone()));
+    let hung_up = move || waited.record(door::CLIENT_CLOSED);
+    // Once the stream has started the pipeline runs in the body, polled by the connection:
+    // still inside the request's span.
     let pending = async move {
         let result = pipeline::chat(&dispatcher, &view, &mut run, &req).await;
         (result, run, req.model)
-    };
+    }
+    .instrument(span.clone());
     let late_span = span.clone();
     let finish = move |(result, run, model): Finished| {
         let outcome = Outcome::new(late_span, &run, Some(model));
         late_events(result, outcome)
     };
-    match waiting::stream_while_waiting(pending, progress, finish).await {
+    match waiting::stream_while_waiting(pending, progress, finish, hung_up).await {
         Ok((result, run, model)) => {
             *ctx = run;
             let outcome = Outcome::new(span, ctx, Some(model));

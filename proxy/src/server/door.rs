@@ -7,7 +7,10 @@ use super::AppState;
 use super::error::ApiError;
 use crate::identity::{Refusal, Unidentified};
 use crate::metrics::{self, RequestLabels};
-use crate::pipeline::{self, Door, RequestCtx, ctx::REQUEST_ID_HEADER};
+use crate::pipeline::{
+    self, Door, RequestCtx,
+    ctx::{MAX_WAIT_HEADER, REQUEST_ID_HEADER},
+};
 use crate::providers::{ChatChunk, ProviderError};
 use crate::route::RouteError;
 use crate::telemetry;
@@ -87,6 +90,21 @@ where
                 .auth
                 .observe(auth_started.elapsed().as_secs_f64());
             let (mut response, ctx) = match identified {
+                Ok(caller) if ctx.max_wait_invalid => {
+                    ctx.caller = caller;
+                    let error = ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request_error",
+                        "invalid_header",
+                        format!(
+                            "the header {MAX_WAIT_HEADER} must be a whole number of milliseconds"
+                        ),
+                    );
+                    Outcome::new(request_span, &ctx, None)
+                        .with_status(error.status)
+                        .record(error.code);
+                    (render(door, &error), ctx)
+                }
                 Ok(caller) => {
                     ctx.caller = caller;
                     handle(ctx, request_span).await

@@ -22,11 +22,13 @@
 //! answered in the door's error format, which a generic body-limit layer could not do), runs
 //! the [`pipeline`](crate::pipeline) and renders its typed answer.
 
+mod batches;
 mod chat;
 pub mod conn;
 pub mod door;
 mod embeddings;
 pub mod error;
+mod jobs;
 pub mod messages;
 mod models;
 pub mod waiting;
@@ -65,6 +67,8 @@ pub struct AppState {
     pub expose_key: bool,
     /// Stage 1: who calls (client keys of the configured tenants).
     pub identity: Arc<Identity>,
+    /// Async jobs (`/v1/jobs`, the dead letters); `None`: not enabled (404).
+    pub jobs: Option<Arc<crate::jobs::Jobs>>,
 }
 
 /// Default largest request body: 4 MiB.
@@ -84,6 +88,7 @@ impl AppState {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             expose_key: false,
             identity: Arc::new(Identity::new(false)),
+            jobs: None,
         }
     }
 }
@@ -118,6 +123,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list))
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/jobs", post(jobs::create))
+        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/files", post(batches::upload))
+        .route("/v1/files/{id}", get(batches::file))
+        .route("/v1/files/{id}/content", get(batches::content))
+        .route("/v1/batches", post(batches::create))
+        .route("/v1/batches/{id}", get(batches::get))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/messages", messages::guarded(post(messages::create)))
         .route(
             "/v1/messages/count_tokens",
@@ -137,12 +151,23 @@ pub fn router(state: AppState) -> Router {
         )
 }
 
-/// The admin router: `/metrics` and the probes, for a listener that only the operator's
+/// The admin router: `/metrics`, the jobs' dead letters (`/admin/jobs/dead-letters`) and
+/// the probes, for a listener that only the operator's
 /// network reaches (`--admin-listen`). Everything else is 404.
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/admin/capacity", get(capacity))
+        .route(
+            "/admin/jobs/dead-letters",
+            get(jobs::dead_letters).delete(jobs::purge),
+        )
+        .route("/admin/jobs/dead-letters/redrive", post(jobs::redrive_all))
+        .route("/admin/jobs/dead-letters/{id}", get(jobs::dead_letter))
+        .route(
+            "/admin/jobs/dead-letters/{id}/redrive",
+            post(jobs::redrive_one),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)

@@ -182,3 +182,45 @@ async fn metrics_are_served_on_the_admin_router_only() {
         .unwrap();
     assert!(String::from_utf8_lossy(&bytes).contains("# EOF"));
 }
+
+#[tokio::test]
+async fn a_wait_limit_that_is_not_whole_milliseconds_is_refused_in_the_doors_format() {
+    let body =
+        r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    for (path, key) in [
+        ("/v1/chat/completions", "authorization"),
+        ("/v1/messages", "x-api-key"),
+    ] {
+        let key_value = if key == "authorization" {
+            "Bearer sk-demo-pro"
+        } else {
+            "sk-demo-pro"
+        };
+        let response = router(state())
+            .oneshot(
+                Request::post(path)
+                    .header("content-type", "application/json")
+                    .header(key, key_value)
+                    .header("x-floodgate-max-wait-ms", "2s")
+                    .body(Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let message = json["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("x-floodgate-max-wait-ms"),
+            "{path}: {json}"
+        );
+        if path == "/v1/messages" {
+            assert_eq!(json["type"], "error", "Anthropic's error shape: {json}");
+        } else {
+            assert_eq!(json["error"]["code"], "invalid_header", "{json}");
+        }
+    }
+}

@@ -26,16 +26,20 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs `pending` (the pipeline of a streaming request): its output if it comes within
 /// [`PROGRESS_EVERY`]; else an event stream that reports `progress` every second while
-/// `pending` runs, then carries what `finish` renders from its output.
-pub async fn stream_while_waiting<T, Fut, F>(
+/// `pending` runs, then carries what `finish` renders from its output. If the caller hangs
+/// up while `pending` still runs, `pending` is dropped (it leaves the queue) and `hung_up`
+/// is called, to record the request's outcome.
+pub async fn stream_while_waiting<T, Fut, F, H>(
     pending: Fut,
     progress: Arc<Progress>,
     finish: F,
+    hung_up: H,
 ) -> Result<T, Response>
 where
     T: Send + 'static,
     Fut: Future<Output = T> + Send + 'static,
     F: FnOnce(T) -> BoxStream<'static, Bytes> + Send + 'static,
+    H: FnOnce() + Send + 'static,
 {
     let mut pending = Box::pin(pending);
     tokio::select! {
@@ -50,6 +54,7 @@ where
         finish,
         tick,
         progress,
+        hung_up: HangUp(Some(hung_up)),
     };
     let events = futures::stream::unfold(state, |state| async move {
         match state {
@@ -58,17 +63,20 @@ where
                 finish,
                 mut tick,
                 progress,
+                mut hung_up,
             } => {
                 tokio::select! {
                     biased;
                     out = &mut pending => {
+                        // Answered: its outcome is `finish`'s to record now.
+                        hung_up.0 = None;
                         let mut rest = finish(out);
                         let first = rest.next().await?;
                         Some((first, State::Rendering(rest)))
                     }
                     _ = tick.tick() => {
                         let line = comment(&progress);
-                        Some((line, State::Waiting { pending, finish, tick, progress }))
+                        Some((line, State::Waiting { pending, finish, tick, progress, hung_up }))
                     }
                 }
             }
@@ -89,14 +97,26 @@ where
     Err(response)
 }
 
-enum State<Fut, F> {
+enum State<Fut, F, H: FnOnce()> {
     Waiting {
         pending: Pin<Box<Fut>>,
         finish: F,
         tick: tokio::time::Interval,
         progress: Arc<Progress>,
+        hung_up: HangUp<H>,
     },
     Rendering(BoxStream<'static, Bytes>),
+}
+
+/// Calls its function when dropped, unless disarmed (set to `None`) first.
+struct HangUp<H: FnOnce()>(Option<H>);
+
+impl<H: FnOnce()> Drop for HangUp<H> {
+    fn drop(&mut self) {
+        if let Some(hung_up) = self.0.take() {
+            hung_up();
+        }
+    }
 }
 
 /// The progress comment: requests ahead and the estimated wait, or just that it waits (it
@@ -108,5 +128,70 @@ fn comment(progress: &Progress) -> Bytes {
             eta.as_millis()
         )),
         None => Bytes::from_static(b": floodgate waiting\n\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn never_renders(_: ()) -> BoxStream<'static, Bytes> {
+        futures::stream::empty().boxed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_hangs_up_while_waiting_is_recorded_and_leaves() {
+        let hung_up = Arc::new(AtomicBool::new(false));
+        let flag = hung_up.clone();
+        // The pipeline never answers; dropping it is how the request leaves the queue.
+        let left = Arc::new(AtomicBool::new(false));
+        let guard = HangUp(Some({
+            let left = left.clone();
+            move || left.store(true, Ordering::SeqCst)
+        }));
+        let pending = async move {
+            let _guard = guard;
+            futures::future::pending::<()>().await;
+        };
+        let started = stream_while_waiting(
+            pending,
+            Arc::new(Progress::default()),
+            never_renders,
+            move || flag.store(true, Ordering::SeqCst),
+        )
+        .await;
+        let Err(response) = started else {
+            panic!("the stream starts after a second of waiting");
+        };
+        let mut body = response.into_body().into_data_stream();
+        let first = body.next().await.unwrap().unwrap();
+        assert_eq!(&first[..], b": floodgate waiting\n\n");
+        assert!(!hung_up.load(Ordering::SeqCst));
+        drop(body);
+        assert!(hung_up.load(Ordering::SeqCst), "the hang-up is recorded");
+        assert!(left.load(Ordering::SeqCst), "the pipeline is dropped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_after_the_stream_started_is_not_a_hang_up() {
+        let hung_up = Arc::new(AtomicBool::new(false));
+        let flag = hung_up.clone();
+        let pending = tokio::time::sleep(Duration::from_millis(1500));
+        let finish =
+            |()| futures::stream::once(async { Bytes::from_static(b"data: x\n\n") }).boxed();
+        let Err(response) =
+            stream_while_waiting(pending, Arc::new(Progress::default()), finish, move || {
+                flag.store(true, Ordering::SeqCst)
+            })
+            .await
+        else {
+            panic!("the stream starts after a second of waiting");
+        };
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], b": floodgate waiting\n\ndata: x\n\n");
+        assert!(!hung_up.load(Ordering::SeqCst));
     }
 }

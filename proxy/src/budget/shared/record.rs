@@ -87,6 +87,14 @@ impl Record {
         }
     }
 
+    /// `member` was given back after its answer: it counts no longer (nor do its tokens).
+    pub(crate) fn refund(&mut self, member: u64) {
+        self.cancel(member);
+        if let Some(i) = self.answered.iter().position(|&(_, m)| m == member) {
+            self.answered.remove(i);
+        }
+    }
+
     /// `member` used `tokens` in the end.
     pub(crate) fn settle(&mut self, member: u64, tokens: u64) {
         if let Some(amount) = self.amounts.get_mut(&member) {

@@ -212,18 +212,36 @@ impl RedisBudgets {
         Ok(())
     }
 
-    /// One check while Redis answers: the server's `run_id`, and every key's epoch. A budget
+    /// One check while Redis answers: the server's `run_id` (when `INFO` is allowed), and
+    /// every key's epoch. A budget
     /// found lost is re-synced here, so that a replica that makes no request still re-writes
     /// its record within the barrier.
     async fn check(&self) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
-        let info: String = self
+        let info: Option<String> = match self
             .bounded(redis::cmd("INFO").arg("server").query_async(&mut conn))
-            .await?;
-        let run_id = info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(|id| id.trim().to_owned());
+            .await
+        {
+            Ok(info) => Some(info),
+            // Redis answered, with an error: not an outage. Without `INFO` a restart that
+            // kept the epochs (persistence, a failover) goes unseen; a lost budget is still
+            // found by its epoch.
+            Err(SharedError::Redis(e)) if is_server_error(&e) => {
+                if !self.info_refused.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %e,
+                        "Redis refused INFO: a restart that keeps the budgets' epochs will not be detected (grant +info to the gateway's Redis user)"
+                    );
+                }
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let run_id = info.as_deref().and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .map(|id| id.trim().to_owned())
+        });
         let restarted = {
             let mut last = self.run_id.lock().unwrap_or_else(PoisonError::into_inner);
             let restarted = last.is_some() && run_id.is_some() && *last != run_id;
@@ -364,6 +382,17 @@ async fn monitor(this: Weak<RedisBudgets>, wake: Arc<Notify>, cancel: Cancellati
         };
         next = next.after(ok, interval);
     }
+}
+
+/// Redis refused the command itself: the user may not run it (an ACL without it), or the
+/// server does not know it (renamed or disabled). Other errors (busy, loading, a broken
+/// connection) are outages as before.
+fn is_server_error(e: &redis::RedisError) -> bool {
+    let refused = e.code() == Some("NOPERM")
+        || e.to_string()
+            .to_ascii_lowercase()
+            .contains("unknown command");
+    refused && !(e.is_io_error() || e.is_connection_dropped() || e.is_timeout())
 }
 
 #[cfg(test)]

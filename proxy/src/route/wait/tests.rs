@@ -155,6 +155,32 @@ async fn tenants_of_a_tier_share_by_tokens() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_tenant_that_sends_one_request_at_a_time_still_pays_for_its_tokens() {
+    let q = WaitQueue::new(10_000);
+    let now = Instant::now();
+    let far = now + Duration::from_secs(600);
+    let t = tier("basic", QueueClass::Standard, 5);
+    let mut tickets = Vec::new();
+    // A quiet tenant queues 100 requests of 100 tokens; a big one has a single request of
+    // 1,000 tokens waiting at any time, and sends the next as soon as one is dispatched, so
+    // its queue empties after every dispatch.
+    for _ in 0..100 {
+        tickets.push(q.join(&entry(&t, "quiet", far, 100), now).unwrap());
+    }
+    tickets.push(q.join(&entry(&t, "big", far, 1000), now).unwrap());
+    let mut big: usize = 0;
+    for _ in 0..44 {
+        let order = dispatch(&mut tickets, 1);
+        if order[0].1 == "big" {
+            big += 1;
+            tickets.push(q.join(&entry(&t, "big", far, 1000), now).unwrap());
+        }
+    }
+    // Equal tokens: 4 big (4,000 tokens) to 40 quiet (4,000 tokens), within one request.
+    assert!(big.abs_diff(4) <= 1, "big was dispatched {big} times of 44");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_arrival_that_goes_first_takes_the_head_and_the_old_head_is_told() {
     let q = WaitQueue::new(100);
     let now = Instant::now();
@@ -289,4 +315,64 @@ async fn when_the_request_that_held_its_tier_leaves_another_lifts_the_hold_on_ti
     assert!(!other.is_head());
     other.tick(now + Duration::from_millis(200));
     assert!(other.is_head());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_position_counts_its_tier_and_the_tiers_that_go_first() {
+    let q = WaitQueue::new(100);
+    let now = Instant::now();
+    let s = Duration::from_secs(1);
+    let (ent, basic) = (
+        tier("enterprise", QueueClass::Priority, 10),
+        tier("basic", QueueClass::Standard, 1),
+    );
+    let mut tickets = Vec::new();
+    // basic: x due at 30 s and 10 s, y at 20 s; then two enterprise requests.
+    for (t, tenant, due) in [
+        (&basic, "x", 30),
+        (&basic, "x", 10),
+        (&basic, "y", 20),
+        (&ent, "e", 60),
+        (&ent, "e", 60),
+    ] {
+        tickets.push(q.join(&entry(t, tenant, now + s * due, 1), now).unwrap());
+    }
+    let ahead = |i: usize| tickets[i].position();
+    // x's request due at 30 s: x's earlier one and y's of its tier; both enterprise requests
+    // (same tag as basic: nothing dispatched yet).
+    assert_eq!(
+        ahead(0),
+        Ahead {
+            in_tier: 2,
+            other_tiers: 2
+        }
+    );
+    assert_eq!(
+        ahead(1),
+        Ahead {
+            in_tier: 1,
+            other_tiers: 2
+        }
+    );
+    // The first enterprise request: nobody of its tier; basic's three (equal tag).
+    assert_eq!(
+        ahead(3),
+        Ahead {
+            in_tier: 0,
+            other_tiers: 3
+        }
+    );
+    assert_eq!(ahead(4).total(), 4);
+    // Once enterprise has dispatched (its tag moves past basic's), basic no longer counts
+    // enterprise as ahead.
+    let first = tickets.remove(3);
+    assert!(first.is_head());
+    first.admitted();
+    assert_eq!(
+        tickets[0].position(),
+        Ahead {
+            in_tier: 2,
+            other_tiers: 0
+        }
+    );
 }

@@ -30,7 +30,7 @@ use std::any::Any;
 use std::convert::Infallible;
 use std::time::Instant;
 use tower_http::catch_panic::CatchPanicLayer;
-use tracing::Span;
+use tracing::{Instrument as _, Span};
 
 use super::AppState;
 use super::door::{self, Outcome, Tracked};
@@ -101,16 +101,22 @@ async fn handle(
     pipeline::queue_place(&view, ctx);
     let dispatcher = state.dispatcher.clone();
     let mut run = ctx.clone();
+    // A caller that hangs up while it waits: its outcome, as a stream it stopped reading.
+    let waited = Outcome::new(span.clone(), ctx, Some(req.model.clone()));
+    let hung_up = move || waited.record(door::CLIENT_CLOSED);
+    // Once the stream has started the pipeline runs in the body, polled by the connection:
+    // still inside the request's span.
     let pending = async move {
         let result = pipeline::chat(&dispatcher, &view, &mut run, &req).await;
         (result, run, req.model)
-    };
+    }
+    .instrument(span.clone());
     let late_span = span.clone();
     let finish = move |(result, run, model): Finished| {
         let outcome = Outcome::new(late_span, &run, Some(model.clone()));
         late_events(result, outcome, model, input_tokens)
     };
-    match waiting::stream_while_waiting(pending, progress, finish).await {
+    match waiting::stream_while_waiting(pending, progress, finish, hung_up).await {
         Ok((result, run, model)) => {
             *ctx = run;
             let outcome = Outcome::new(span, ctx, Some(model.clone()));

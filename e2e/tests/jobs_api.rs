@@ -1,0 +1,818 @@
+//! Async jobs through the real proxy binary against the mock providers, a webhook receiver
+//! started here and, for durability, a real redis-server: a job's lifecycle with its event
+//! stream and a signed webhook the receiver verifies; tenant scoping; a job failing three
+//! times lands in the dead letters with its reason and is re-driven to success; a proxy
+//! SIGKILLed while holding jobs loses none (another process completes them, each caller
+//! notified once).
+#![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
+
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use floodgate_e2e::mock::{Fault, MockConfig, MockProviders, Provider};
+use floodgate_e2e::proxy::ProxyProcess;
+use floodgate_e2e::redis::RedisServer;
+use floodgate_proxy::jobs::webhook;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+const ACME: &str = "sk-e2e-jobs-acme";
+const GLOBEX: &str = "sk-e2e-jobs-globex";
+const SIGNING: &str = "whsec-e2e-jobs";
+
+/// What the webhook receiver got: headers and body of each POST.
+type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
+
+/// A webhook receiver on a free port: records every POST, answers 200.
+async fn receiver() -> (String, Received) {
+    failing_receiver(0).await
+}
+
+/// A webhook receiver that answers its first `fail` POSTs 503 (not recorded), then 200.
+async fn failing_receiver(fail: usize) -> (String, Received) {
+    let got: Received = Arc::default();
+    let store = got.clone();
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let store = store.clone();
+            let refused = refused.clone();
+            async move {
+                if refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                store.lock().unwrap().push((headers, body));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), got)
+}
+
+fn config(mock: &MockProviders, hook: &str) -> tempfile::TempDir {
+    config_rpm(mock, hook, 1000)
+}
+
+/// The config directory, the provider key allowing `rpm`.
+fn config_rpm(mock: &MockProviders, hook: &str, rpm: u32) -> tempfile::TempDir {
+    let yaml = format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: keys}}
+stringData: {{a: sk-provider-e2e, acme: {ACME}, globex: {GLOBEX}, signing: {SIGNING}}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: AIProviderPool
+metadata: {{name: pool}}
+spec:
+  providers:
+  - {{name: openai, type: openai, baseUrl: "{base}", models: [{{name: gpt-4o}}, {{name: slow-2000}}], keys: [{{name: k, secretRef: {{name: keys, key: a}}, rpm: {rpm}}}]}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: TierQueue
+metadata: {{name: tiers}}
+spec:
+  defaultTier: free
+  retry: {{maxAttempts: 3, initialBackoffSeconds: 1, maxBackoffSeconds: 2}}
+  tiers:
+  - name: free
+    class: batch
+    maxWaitMs: 20000
+    batch: {{size: 1, intervalSeconds: 1}}
+    async:
+      notify: [webhook]
+      webhook: {{url: "{hook}", signingSecretRef: {{name: keys, key: signing}}}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: Tenant
+metadata: {{name: acme}}
+spec: {{tier: free, keys: [{{name: main, secretRef: {{name: keys, key: acme}}}}]}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: Tenant
+metadata: {{name: globex}}
+spec: {{tier: free, keys: [{{name: main, secretRef: {{name: keys, key: globex}}}}]}}
+"#,
+        base = mock.base_url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("all.yaml"), yaml).unwrap();
+    dir
+}
+
+async fn start(dir: &tempfile::TempDir, extra: &[&str]) -> ProxyProcess {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut args = vec!["--config", dir.path().to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let env: [(&str, &OsStr); 1] = [("RUST_LOG", OsStr::new("info"))];
+    ProxyProcess::start(args, &env).await.unwrap()
+}
+
+fn job(model: &str, text: &str) -> Value {
+    json!({
+        "request": {"model": model, "messages": [{"role": "user", "content": text}]},
+        "metadata": {"ticket": text}
+    })
+}
+
+async fn submit(http: &reqwest::Client, proxy: &ProxyProcess, key: &str, body: &Value) -> Value {
+    let r = http
+        .post(proxy.url("/v1/jobs"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap();
+    assert!(id["id"].as_str().unwrap().starts_with("job_"));
+    id
+}
+
+async fn get(http: &reqwest::Client, proxy: &ProxyProcess, key: &str, id: &str) -> (u16, Value) {
+    let r = http
+        .get(proxy.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls `check` until it gives a value (a condition, not a sleep).
+async fn until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn finished(http: &reqwest::Client, proxy: &ProxyProcess, id: &str) -> Value {
+    until(&format!("job {id} to finish"), || async {
+        let (_, job) = get(http, proxy, ACME, id).await;
+        matches!(job["status"].as_str(), Some("completed" | "failed")).then_some(job)
+    })
+    .await
+}
+
+/// Checks every delivery's signature as a receiver must, and returns the job ids delivered.
+fn verified_deliveries(got: &Received) -> Vec<(String, Value)> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    got.lock()
+        .unwrap()
+        .iter()
+        .map(|(headers, body)| {
+            let h = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_owned();
+            let verified = webhook::verify(
+                SIGNING.as_bytes(),
+                &h(webhook::TIMESTAMP_HEADER),
+                body,
+                &h(webhook::SIGNATURE_HEADER),
+                now,
+            );
+            assert_eq!(verified, Ok(()), "the webhook's signature verifies");
+            let body: Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(body["job"]["id"].as_str().unwrap(), h(webhook::ID_HEADER));
+            (h(webhook::ID_HEADER), body)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_job_runs_with_events_a_signed_webhook_and_is_its_tenants_alone() {
+    lifecycle(&[]).await;
+}
+
+#[tokio::test]
+async fn a_job_in_redis_runs_with_events_a_signed_webhook_and_is_its_tenants_alone() {
+    let redis = RedisServer::start().await.unwrap();
+    lifecycle(&["--redis", &redis.url()]).await;
+}
+
+async fn lifecycle(extra: &[&str]) {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, got) = receiver().await;
+    let dir = config(&mock, &hook);
+    let proxy = start(&dir, extra).await;
+    let http = reqwest::Client::new();
+
+    let accepted = submit(&http, &proxy, ACME, &job("slow-2000", "hello")).await;
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    assert_eq!(accepted["status"], "queued");
+    assert!(accepted["position"].is_u64() && accepted["estimated_start"].is_u64());
+
+    // The event stream, from queued to completed.
+    let events = http
+        .get(proxy.url(&format!("/v1/jobs/{id}/events")))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    let mut body = String::new();
+    let mut stream = events.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+        body.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let names: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names.first(), Some(&"queued"), "{body}");
+    assert!(names.contains(&"started"), "{body}");
+    assert_eq!(names.last(), Some(&"completed"), "{body}");
+
+    let (status, done) = get(&http, &proxy, ACME, &id).await;
+    assert_eq!(status, 200);
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(done["metadata"]["ticket"], "hello");
+    assert_eq!(done["result"]["object"], "chat.completion");
+
+    // One delivery, signed, of this job.
+    let delivered = until("the webhook", || async {
+        let d = verified_deliveries(&got);
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].0, id);
+    assert_eq!(delivered[0].1["type"], "job.completed");
+
+    // Another tenant cannot see, follow or cancel it; a stranger is not identified.
+    assert_eq!(get(&http, &proxy, GLOBEX, &id).await.0, 404);
+    let r = http
+        .get(proxy.url(&format!("/v1/jobs/{id}/events")))
+        .bearer_auth(GLOBEX)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http
+        .delete(proxy.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(GLOBEX)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(get(&http, &proxy, "sk-stranger", &id).await.0, 401);
+    assert_eq!(get(&http, &proxy, ACME, &id).await.1["status"], "completed");
+
+    // Bad input is a 400 naming the problem.
+    let r = http
+        .post(proxy.url("/v1/jobs"))
+        .bearer_auth(ACME)
+        .json(&json!({"request": {"model": "gpt-4o"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_job_failing_three_times_is_dead_lettered_and_redriven_to_success() {
+    dead_letter_and_redrive(&[]).await;
+}
+
+#[tokio::test]
+async fn a_job_in_redis_failing_three_times_is_dead_lettered_and_redriven_to_success() {
+    let redis = RedisServer::start().await.unwrap();
+    dead_letter_and_redrive(&["--redis", &redis.url()]).await;
+}
+
+async fn dead_letter_and_redrive(extra: &[&str]) {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, got) = receiver().await;
+    let dir = config(&mock, &hook);
+    let proxy = start(&dir, extra).await;
+    let http = reqwest::Client::new();
+    mock.set_fault(Provider::OpenAi, Fault::Status(500));
+
+    let id = submit(&http, &proxy, ACME, &job("gpt-4o", "doomed")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let failed = finished(&http, &proxy, &id).await;
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["attempts"], 3);
+    assert_eq!(failed["dead_letter"], true);
+    let history = failed["history"].as_array().unwrap();
+    assert_eq!(history.len(), 3);
+    assert!(history.iter().all(|a| a["error"]["code"].is_string()));
+
+    // The admin listener lists it with its reason; the public one has no such path.
+    let dead: Value = http
+        .get(proxy.admin_url("/admin/jobs/dead-letters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let data = dead["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0]["id"], id.as_str());
+    assert!(
+        data[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("500")
+    );
+    let public = http
+        .get(proxy.url("/admin/jobs/dead-letters"))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 404);
+
+    // Re-driven with attempts reset, it succeeds once the provider is well again.
+    mock.clear_fault(Provider::OpenAi);
+    let redriven: Value = http
+        .post(proxy.admin_url(&format!("/admin/jobs/dead-letters/{id}/redrive")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(redriven["redriven"], 1);
+    let done = finished(&http, &proxy, &id).await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(done["dead_letter"], false);
+    let dead: Value = http
+        .get(proxy.admin_url("/admin/jobs/dead-letters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(dead["data"].as_array().unwrap().is_empty());
+    // Told twice: of the failure, then of the success after the re-drive.
+    let kinds = until("both webhooks", || async {
+        let d = verified_deliveries(&got);
+        (d.len() == 2).then(|| {
+            d.into_iter()
+                .map(|(_, b)| b["type"].clone())
+                .collect::<Vec<_>>()
+        })
+    })
+    .await;
+    assert_eq!(kinds, vec![json!("job.failed"), json!("job.completed")]);
+
+    // Purged, the dead letters are gone; the job itself stays readable, failed.
+    mock.set_fault(Provider::OpenAi, Fault::Status(500));
+    let id = submit(&http, &proxy, ACME, &job("gpt-4o", "purged")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(finished(&http, &proxy, &id).await["status"], "failed");
+    let admin = |path: &str| proxy.admin_url(path);
+    let purged: Value = http
+        .delete(admin("/admin/jobs/dead-letters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(purged["purged"], 1);
+    let dead: Value = http
+        .get(admin("/admin/jobs/dead-letters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(dead["data"].as_array().unwrap().is_empty());
+    let r = http
+        .post(admin(&format!("/admin/jobs/dead-letters/{id}/redrive")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(get(&http, &proxy, ACME, &id).await.1["status"], "failed");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_once() {
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, got) = receiver().await;
+    let dir = config(&mock, &hook);
+    let url = redis.url();
+    let shared = ["--redis", url.as_str(), "--job-visibility-ms", "1000"];
+    let mut args_a = shared.to_vec();
+    args_a.extend(["--job-workers", "4"]);
+    let a = start(&dir, &args_a).await;
+    let http = reqwest::Client::new();
+
+    // Eight slow jobs: A's four workers take four and hold them.
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let accepted = submit(&http, &a, ACME, &job("slow-2000", &format!("job {i}"))).await;
+        ids.push(accepted["id"].as_str().unwrap().to_owned());
+    }
+    until("A to hold four jobs", || async {
+        let mut running = 0;
+        for id in &ids {
+            if get(&http, &a, ACME, id).await.1["status"] == "running" {
+                running += 1;
+            }
+        }
+        (running == 4).then_some(())
+    })
+    .await;
+    a.stop().await.unwrap(); // SIGKILL
+
+    let b = start(&dir, &shared).await;
+    for id in &ids {
+        let done = finished(&http, &b, id).await;
+        assert_eq!(done["status"], "completed", "{done}");
+    }
+    // Every caller told exactly once.
+    let delivered = until("eight webhooks", || async {
+        let d = verified_deliveries(&got);
+        (d.len() >= 8).then_some(d)
+    })
+    .await;
+    let mut per_job: HashMap<String, usize> = HashMap::new();
+    for (id, _) in &delivered {
+        *per_job.entry(id.clone()).or_default() += 1;
+    }
+    assert_eq!(per_job.len(), 8);
+    assert!(per_job.values().all(|n| *n == 1), "{per_job:?}");
+    assert!(b.log().iter().any(|l| l.contains("reclaimed a job")));
+    b.stop().await.unwrap();
+}
+
+/// The jobs bench (`cargo test -p floodgate-e2e --test jobs_api -- --ignored --nocapture`):
+/// POST /v1/jobs latency on a proxy that accepts into Redis and runs none, then how fast one
+/// replica with 16 workers drains the queue (mock answers at once, keys unlimited for it).
+#[tokio::test]
+#[ignore = "a bench: run by hand, figures in README"]
+async fn bench_job_acceptance_and_drain() {
+    const JOBS: usize = 2000;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config_rpm(&mock, &hook, 1_000_000);
+    let url = redis.url();
+    let http = reqwest::Client::new();
+    let body = job("gpt-4o", "bench");
+    // Acceptance latency, in memory and in Redis, on proxies that run no job meanwhile.
+    let memory = start(&dir, &["--job-workers", "0"]).await;
+    let accept = start(&dir, &["--redis", url.as_str(), "--job-workers", "0"]).await;
+    for (store, proxy) in [("memory", &memory), ("Redis", &accept)] {
+        let mut took = Vec::with_capacity(JOBS);
+        for _ in 0..JOBS {
+            let t = Instant::now();
+            let r = http
+                .post(proxy.url("/v1/jobs"))
+                .bearer_auth(ACME)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            took.push(t.elapsed());
+        }
+        took.sort();
+        let p = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)];
+        eprintln!(
+            "POST /v1/jobs ({JOBS}, sequential, {store} store): p50 {:?} p99 {:?} max {:?}",
+            p(0.5),
+            p(0.99),
+            took[took.len() - 1]
+        );
+    }
+    memory.stop().await.unwrap();
+    let drain = start(&dir, &["--redis", url.as_str(), "--job-workers", "16"]).await;
+    let t = Instant::now();
+    until("the queue to drain", || async {
+        let text = http
+            .get(drain.admin_url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let done: f64 = text
+            .lines()
+            .find(|l| l.starts_with("floodgate_jobs_total{state=\"completed\"}"))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0);
+        (done as usize >= JOBS).then_some(())
+    })
+    .await;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "drained {JOBS} jobs in {secs:.2} s with one replica (16 workers): {:.0} jobs/s",
+        JOBS as f64 / secs
+    );
+    accept.stop().await.unwrap();
+    drain.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_synchronous_request_preferring_async_becomes_a_job_past_its_wait_limit() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    // One request per 2 s window on the only key.
+    let dir = config_rpm(&mock, &hook, 1);
+    let proxy = start(&dir, &["--rate-window-ms", "2000"]).await;
+    let http = reqwest::Client::new();
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "now"}]});
+    let send = |prefer: bool| {
+        let mut r = http
+            .post(proxy.url("/v1/chat/completions"))
+            .bearer_auth(ACME)
+            .header("x-floodgate-max-wait-ms", "100")
+            .json(&chat);
+        if prefer {
+            r = r.header("prefer", "respond-async");
+        }
+        r.send()
+    };
+    assert_eq!(send(false).await.unwrap().status(), 200);
+    // The window is spent: without the preference, 429; with it, 202 and a job.
+    assert_eq!(send(false).await.unwrap().status(), 429);
+    let deferred = send(true).await.unwrap();
+    assert_eq!(deferred.status(), 202);
+    let location = deferred.headers()["location"].to_str().unwrap().to_owned();
+    let id = location.strip_prefix("/v1/jobs/").unwrap().to_owned();
+    let done = finished(&http, &proxy, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request"]["messages"][0]["content"], "now");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config(&mock, &hook);
+    // `smart` is served by OpenAI and by Anthropic, in turn (equal weights).
+    let pool = format!(
+        "apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n  strategy: weighted\n  providers:\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o, alias: smart}}, {{name: slow-2000}}], keys: [{{name: k, secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n\
+         \x20 - {{name: claude, type: anthropic, baseUrl: \"{base}\", models: [{{name: claude-sonnet-4, alias: smart}}], keys: [{{name: c, secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n",
+        base = mock.base_url()
+    );
+    let all = std::fs::read_to_string(dir.path().join("all.yaml")).unwrap();
+    let start_pool = all
+        .find("apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool")
+        .unwrap();
+    let end_pool = start_pool + all[start_pool..].find("---").unwrap();
+    let all = format!("{}{}{}", &all[..start_pool], pool, &all[end_pool..]);
+    std::fs::write(dir.path().join("all.yaml"), all).unwrap();
+    let proxy = start(&dir, &[]).await;
+
+    let args = vec![
+        "--base-url".to_owned(),
+        proxy.url("/v1"),
+        "--api-key".to_owned(),
+        ACME.to_owned(),
+        "--model".to_owned(),
+        "smart".to_owned(),
+    ];
+    let output =
+        floodgate_e2e::python::run_script("openai_batch_check.py", &args, Duration::from_secs(120))
+            .await
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the OpenAI SDK batch check failed:\n{stdout}\n{stderr}"
+    );
+    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(summary["completed"], 6);
+    // Each line was a job of its own, run in the batch tier, answered by both providers.
+    let http = reqwest::Client::new();
+    let mut providers = std::collections::BTreeSet::new();
+    for id in summary["request_ids"].as_array().unwrap() {
+        let (status, job) = get(&http, &proxy, ACME, id.as_str().unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!(job["tier"], "free");
+        providers.insert(job["history"][0]["provider"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        providers.into_iter().collect::<Vec<_>>(),
+        vec!["claude".to_owned(), "openai".to_owned()]
+    );
+    // Another tenant reads neither the batch nor its output.
+    let batch = summary["batch_id"].as_str().unwrap();
+    let file = summary["output_file_id"].as_str().unwrap();
+    for path in [
+        format!("/v1/batches/{batch}"),
+        format!("/v1/files/{file}/content"),
+    ] {
+        let r = http
+            .get(proxy.url(&path))
+            .bearer_auth(GLOBEX)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_past_its_completion_window_expires_with_its_unfinished_lines_in_errors() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config(&mock, &hook);
+    let proxy = start(&dir, &[]).await;
+    let http = reqwest::Client::new();
+    let lines: String = (0..2)
+        .map(|i| {
+            json!({"custom_id": format!("slow-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "slow-2000", "messages": [{"role": "user", "content": "wait"}]}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let boundary = "floodgate-e2e-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{lines}\r\n--{boundary}--\r\n"
+    );
+    let file: Value = http
+        .post(proxy.url("/v1/files"))
+        .bearer_auth(ACME)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(file["purpose"], "batch", "{file}");
+    let batch: Value = http
+        .post(proxy.url("/v1/batches"))
+        .bearer_auth(ACME)
+        .json(&json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "1s"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = batch["id"].as_str().unwrap().to_owned();
+    assert_eq!(batch["status"], "in_progress", "{batch}");
+    let ended = until("the batch to expire", || async {
+        let b: Value = http
+            .get(proxy.url(&format!("/v1/batches/{id}")))
+            .bearer_auth(ACME)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (b["status"] != "in_progress").then_some(b)
+    })
+    .await;
+    assert_eq!(ended["status"], "expired", "{ended}");
+    assert_eq!(ended["request_counts"]["failed"], 2);
+    assert!(ended["output_file_id"].is_null());
+    let errors = http
+        .get(proxy.url(&format!(
+            "/v1/files/{}/content",
+            ended["error_file_id"].as_str().unwrap()
+        )))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let codes: Vec<Value> = errors
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["error"]["code"].clone())
+        .collect();
+    assert_eq!(codes, vec![json!("batch_expired"), json!("batch_expired")]);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_webhook_refused_once_is_retried_with_backoff_and_every_try_is_recorded() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, got) = failing_receiver(1).await;
+    let dir = config(&mock, &hook);
+    let proxy = start(&dir, &[]).await;
+    let http = reqwest::Client::new();
+    let id = submit(&http, &proxy, ACME, &job("gpt-4o", "retry the hook")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job = until("two delivery tries on the job", || async {
+        let (_, job) = get(&http, &proxy, ACME, &id).await;
+        (job["deliveries"].as_array().map(Vec::len) == Some(2)).then_some(job)
+    })
+    .await;
+    let outcomes: Vec<&str> = job["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["http_503", "delivered"]);
+    // The retry waited the TierQueue's first backoff (1 s).
+    let at = |i: usize| job["deliveries"][i]["at_ms"].as_u64().unwrap();
+    assert!(at(1) - at(0) >= 1000, "{job}");
+    assert_eq!(verified_deliveries(&got).len(), 1);
+    let metrics = http
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "floodgate_jobs_webhook_deliveries_total{outcome=\"retried\"} 1",
+        "floodgate_jobs_webhook_deliveries_total{outcome=\"delivered\"} 1",
+        "floodgate_jobs_total{state=\"completed\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_starts_with_redis_unreachable_and_answers_jobs_503_meanwhile() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config(&mock, &hook);
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let proxy = start(&dir, &["--redis", &url]).await;
+    let t = Instant::now();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(proxy.url("/v1/jobs"))
+        .bearer_auth(ACME)
+        .json(&job("gpt-4o", "later"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "answered at once, not after retries"
+    );
+    // Synchronous requests are served meanwhile.
+    let chat = http
+        .post(proxy.url("/v1/chat/completions"))
+        .bearer_auth(ACME)
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "now"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    proxy.stop().await.unwrap();
+}

@@ -1,0 +1,116 @@
+//! The jobs subsystem's metrics, registered in the process's registry
+//! ([`crate::metrics::global`]). Counted on the replica where the change happens.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::OnceLock;
+
+/// Labels: a job state.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `queued`, `running`, `retrying`, `completed`, `failed`, `cancelled`, `redriven`.
+    pub state: &'static str,
+}
+
+/// Labels: a tier.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    /// The tier's name.
+    pub tier: String,
+}
+
+/// Labels: a webhook try's outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `delivered`, `retried` (no answer, 429 or 5xx), `refused` (another status).
+    pub outcome: &'static str,
+}
+
+/// The families.
+#[derive(Debug)]
+pub struct JobMetrics {
+    /// `floodgate_jobs_total{state}`: jobs entering each state.
+    pub states: Family<StateLabels, Counter>,
+    /// `floodgate_jobs_wait_seconds{tier}`: from queued (or due) to an attempt's start.
+    pub wait: Family<TierLabels, Histogram>,
+    /// `floodgate_jobs_run_seconds{tier}`: an attempt's run time.
+    pub run: Family<TierLabels, Histogram>,
+    /// `floodgate_jobs_webhook_deliveries_total{outcome}`.
+    pub webhooks: Family<OutcomeLabels, Counter>,
+    /// `floodgate_jobs_dead_letters_total`: jobs sent to the dead letters.
+    pub dead_letters: Counter,
+}
+
+fn seconds() -> Histogram {
+    Histogram::new([
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+    ])
+}
+
+impl JobMetrics {
+    /// Counts a job entering `state`.
+    pub fn state(&self, state: &'static str) {
+        self.states.get_or_create(&StateLabels { state }).inc();
+    }
+
+    /// Counts a webhook try.
+    pub fn webhook(&self, outcome: &'static str) {
+        self.webhooks
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Records an attempt of a `tier` job that waited `wait` and ran `run` seconds.
+    pub fn attempt(&self, tier: &str, wait: f64, run: f64) {
+        let labels = TierLabels {
+            tier: tier.to_owned(),
+        };
+        self.wait.get_or_create(&labels).observe(wait);
+        self.run.get_or_create(&labels).observe(run);
+    }
+}
+
+/// The process's job metrics.
+pub fn get() -> &'static JobMetrics {
+    static METRICS: OnceLock<JobMetrics> = OnceLock::new();
+    METRICS.get_or_init(|| JobMetrics {
+        states: Family::default(),
+        wait: Family::new_with_constructor(seconds),
+        run: Family::new_with_constructor(seconds),
+        webhooks: Family::default(),
+        dead_letters: Counter::default(),
+    })
+}
+
+/// Registers the families in `registry`.
+pub fn register(registry: &mut Registry) {
+    let m = get();
+    registry.register(
+        "floodgate_jobs",
+        "Jobs entering each state",
+        m.states.clone(),
+    );
+    registry.register(
+        "floodgate_jobs_wait_seconds",
+        "Time a job waited from queued (or its retry's due time) to an attempt's start, by tier",
+        m.wait.clone(),
+    );
+    registry.register(
+        "floodgate_jobs_run_seconds",
+        "Run time of a job's attempt, by tier",
+        m.run.clone(),
+    );
+    registry.register(
+        "floodgate_jobs_webhook_deliveries",
+        "Webhook delivery tries by outcome",
+        m.webhooks.clone(),
+    );
+    registry.register(
+        "floodgate_jobs_dead_letters",
+        "Jobs sent to the dead letters",
+        m.dead_letters.clone(),
+    );
+}

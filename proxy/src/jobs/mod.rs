@@ -1,0 +1,326 @@
+//! Durable async work: a caller hands a chat request over (`POST /v1/jobs`), gets an id at
+//! once, and is told when the answer is ready (webhook, or the job's event stream).
+//!
+//! - [`store`]: where jobs live. One trait ([`JobStore`]) with two backends behind an enum
+//!   ([`Store`]): [`memory`] (standalone; a restart loses pending work) and [`redis`] (Redis
+//!   Streams with a consumer group: a job claimed by a replica that dies is reclaimed by
+//!   another after the visibility timeout).
+//! - [`worker`]: each replica's workers claim jobs and run them through
+//!   [`pipeline::chat`](crate::pipeline::chat) in the tenant's tier, retry failures with
+//!   exponential backoff ([`retry`], from the TierQueue's `retry`), and dead-letter a job
+//!   whose attempts are spent.
+//! - [`webhook`]: the signed notification sent when a job completes or finally fails.
+//!
+//! Work is done at least once and reported once: a job's outcome is written before its
+//! queue entry is acknowledged, and its notification is sent by whoever first takes the
+//! job's "reported" mark (`SET NX` in Redis), which is made permanent only after delivery.
+
+pub mod batch;
+pub mod memory;
+pub mod metrics;
+pub mod redis;
+pub mod retry;
+pub mod store;
+pub mod webhook;
+pub mod worker;
+
+pub use store::{Claim, JobStore, Step, Store, StoreError};
+
+use crate::config::Config;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Waiting for a worker.
+    Queued,
+    /// A worker runs it now.
+    Running,
+    /// An attempt failed; it waits for its next attempt.
+    Retrying,
+    /// Answered; the answer is in `result`.
+    Completed,
+    /// Finally failed (attempts spent, or a failure no retry can mend); in the dead letters.
+    Failed,
+    /// Cancelled by its caller.
+    Cancelled,
+}
+
+impl Status {
+    /// Whether the job is over.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+
+    /// The name used in the API and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Retrying => "retrying",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Whom to tell when the job is over.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    /// URL the outcome is POSTed to, signed (`webhook` module). Needs a tier with webhook
+    /// settings (their signing secret signs it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    /// Address told by email (accepted; email is not built yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+}
+
+/// Why an attempt or the job failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    /// A low-cardinality code (the door's error code, e.g. `upstream_server_error`).
+    pub code: String,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// One attempt of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// 1 for the first.
+    pub attempt: u32,
+    /// Unix milliseconds it started.
+    pub started_ms: u64,
+    /// Unix milliseconds it ended.
+    pub ended_ms: u64,
+    /// Why it failed; absent when it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    /// Provider that answered, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+}
+
+/// One webhook delivery attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Unix milliseconds it was sent.
+    pub at_ms: u64,
+    /// `delivered`, `http_<status>`, or `error` (no answer).
+    pub outcome: String,
+}
+
+/// A job: the request, who asked, where it stands and what came of it. Stored whole (as
+/// JSON) by both backends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// `job_<hex>`.
+    pub id: String,
+    /// Always `job`.
+    pub object: String,
+    /// The tenant that asked; `None` when the gateway is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The tier it runs in.
+    pub tier: String,
+    /// The chat completion request (OpenAI format), run without streaming.
+    pub request: Value,
+    /// Whom to tell.
+    #[serde(default)]
+    pub notify: Notify,
+    /// The caller's own key-value pairs, returned as given.
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, Value>,
+    /// Where it stands.
+    pub status: Status,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Attempts allowed (TierQueue `retry.maxAttempts` when it was queued).
+    pub max_attempts: u32,
+    /// Every attempt, oldest first.
+    #[serde(default)]
+    pub history: Vec<AttemptRecord>,
+    /// The chat completion, once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The last failure, once failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    /// Whether it is in the dead letters.
+    #[serde(default)]
+    pub dead_letter: bool,
+    /// Unix milliseconds it was accepted.
+    pub created_ms: u64,
+    /// Unix milliseconds its last attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// Unix milliseconds it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    /// Unix milliseconds of its next attempt, while retrying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_ms: Option<u64>,
+    /// Webhook deliveries, oldest first.
+    #[serde(default)]
+    pub deliveries: Vec<Delivery>,
+    /// Its place in the queue's order (set by the store when queued).
+    #[serde(default)]
+    pub seq: u64,
+}
+
+impl Job {
+    /// A new queued job.
+    pub fn new(tenant: Option<String>, tier: String, request: Value, max_attempts: u32) -> Self {
+        Job {
+            id: new_id(),
+            object: "job".to_owned(),
+            tenant,
+            tier,
+            request,
+            notify: Notify::default(),
+            metadata: serde_json::Map::new(),
+            status: Status::Queued,
+            attempts: 0,
+            max_attempts: max_attempts.max(1),
+            history: Vec::new(),
+            result: None,
+            error: None,
+            dead_letter: false,
+            created_ms: now_ms(),
+            started_ms: None,
+            finished_ms: None,
+            next_attempt_ms: None,
+            deliveries: Vec::new(),
+            seq: 0,
+        }
+    }
+
+    /// Whether `tenant` may see this job (the same tenant; any caller when the gateway is
+    /// open and the job has none).
+    pub fn visible_to(&self, tenant: Option<&str>) -> bool {
+        self.tenant.as_deref() == tenant
+    }
+
+    /// Back to the queue with its attempts reset (a re-drive from the dead letters).
+    pub fn reset(&mut self) {
+        self.status = Status::Queued;
+        self.attempts = 0;
+        self.dead_letter = false;
+        self.error = None;
+        self.result = None;
+        self.finished_ms = None;
+        self.next_attempt_ms = None;
+        self.started_ms = None;
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A fresh job id, unique across replicas: `job_` + 16 random bytes in hex.
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 16];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        // No system randomness: time and a counter still make ids unique in this process.
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        bytes[..8].copy_from_slice(&now_ms().to_be_bytes());
+        bytes[8..].copy_from_slice(&n.to_be_bytes());
+    }
+    format!("job_{}", hex(&bytes))
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// What the jobs subsystem reads from the TierQueue, resolved per job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Retries.
+    pub retry: retry::Backoff,
+    /// Whether a finally failed job is kept in the dead letters.
+    pub dead_letters: bool,
+    /// How long dead letters are kept.
+    pub retention: Duration,
+    /// How long a finished job is kept for retrieval.
+    pub result_ttl: Duration,
+}
+
+impl Policy {
+    /// The policy of `tier` under `config` (defaults without a TierQueue).
+    pub fn of(config: &Config, tier: &str) -> Policy {
+        let tq = config.tier_queue.as_ref().map(|tq| &tq.spec);
+        let retry = tq.map(|s| s.retry.clone()).unwrap_or_default();
+        let dead = tq.map(|s| s.dead_letter.clone()).unwrap_or_default();
+        let ttl = tq
+            .and_then(|s| s.tiers.iter().find(|t| t.name == tier))
+            .and_then(|t| t.async_.as_ref())
+            .map_or(86_400, |a| a.result_ttl_seconds);
+        Policy {
+            retry: retry::Backoff::from_policy(&retry),
+            dead_letters: dead.enabled,
+            retention: Duration::from_secs(u64::from(dead.retention_seconds)),
+            result_ttl: Duration::from_secs(u64::from(ttl)),
+        }
+    }
+}
+
+/// The jobs subsystem of one replica: the store, and what the door and the workers share.
+#[derive(Debug)]
+pub struct Jobs {
+    /// Where jobs live.
+    pub store: Store,
+    /// Workers on this replica (for the estimated start).
+    pub workers: usize,
+    /// Mean run time of this replica's attempts, in milliseconds (for the estimated start).
+    mean_run_ms: AtomicU64,
+}
+
+impl Jobs {
+    /// The subsystem over `store` with `workers` workers.
+    pub fn new(store: Store, workers: usize) -> Arc<Self> {
+        Arc::new(Jobs {
+            store,
+            workers: workers.max(1),
+            mean_run_ms: AtomicU64::new(1000),
+        })
+    }
+
+    /// Records an attempt that ran `took` (an exponentially weighted mean).
+    pub fn ran(&self, took: Duration) {
+        let ms = took.as_millis() as u64;
+        let _ = self
+            .mean_run_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                Some((m * 7 + ms) / 8)
+            });
+    }
+
+    /// When a job with `ahead` jobs before it may start, in Unix milliseconds.
+    pub fn estimated_start(&self, ahead: u64) -> u64 {
+        let per = self.mean_run_ms.load(Ordering::Relaxed);
+        now_ms() + ahead * per / self.workers as u64
+    }
+}
+
+#[cfg(test)]
+mod tests;

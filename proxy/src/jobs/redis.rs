@@ -1,0 +1,582 @@
+//! The Redis Streams job store (cluster mode, `--redis`). Every key carries the hash tag
+//! `{jobs}`, so the scripts below touch one slot.
+//!
+//! | key | type | holds |
+//! |-----|------|-------|
+//! | `floodgate:{jobs}:queue` | stream, group `workers` | one entry per queued attempt: `id`, `seq` |
+//! | `floodgate:{jobs}:delayed` | sorted set | retries, scored by when they are due (Unix ms) |
+//! | `floodgate:{jobs}:dead` | stream | dead letters: `id`; trimmed by retention (`MINID`) |
+//! | `floodgate:{jobs}:job:<id>` | hash | `job` (JSON), `status`, `seq`, `cancelled` (Unix ms) |
+//! | `floodgate:{jobs}:reported:<id>` | string | who notifies (a lease), then `done` |
+//! | `floodgate:{jobs}:seq`, `:delivered` | counters | the queue's order, for positions |
+//! | `floodgate:{jobs}:kv:<file or batch id>` | string | Batch API files and batches (JSON), with a TTL |
+//!
+//! A worker first takes an entry whose claim has been idle for the visibility timeout
+//! (`XAUTOCLAIM`: the job of a replica that died), else reads a new one (`XREADGROUP`).
+//! While it runs a job it keeps its claim alive (`XCLAIM … JUSTID` with no minimum idle
+//! time resets the idle time). A job's outcome is written (script `SAVE`) before its entry is
+//! acknowledged (`XACK`, `XDEL`); a retry is written, scheduled and acknowledged in one
+//! script. A worker that claims an entry whose job is already over (its previous holder
+//! died after writing it) only notifies, if nobody has, and acknowledges.
+//!
+//! `status` is a field of its own so that a cancel (from any replica) changes it atomically
+//! and `SAVE` refuses to write over it.
+
+use super::store::{Claim, JobStore, Result, Step};
+use super::{Job, Policy, Status};
+use crate::secret::SecretString;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Value};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const QUEUE: &str = "floodgate:{jobs}:queue";
+const DELAYED: &str = "floodgate:{jobs}:delayed";
+const DEAD: &str = "floodgate:{jobs}:dead";
+const SEQ: &str = "floodgate:{jobs}:seq";
+const DELIVERED: &str = "floodgate:{jobs}:delivered";
+const JOB: &str = "floodgate:{jobs}:job:";
+const REPORTED: &str = "floodgate:{jobs}:reported:";
+const GROUP: &str = "workers";
+const KV: &str = "floodgate:{jobs}:kv:";
+
+/// Queues a job: the next seq, the job's fields, a stream entry.
+const ENQUEUE: &str = r"
+local seq = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[3], 'job', ARGV[2], 'status', ARGV[3], 'seq', seq)
+redis.call('HDEL', KEYS[3], 'cancelled')
+redis.call('PERSIST', KEYS[3])
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'seq', seq)
+return seq
+";
+
+/// Moves retries that are due (score <= ARGV[1]) to the stream.
+const PROMOTE: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  local key = ARGV[2] .. id
+  if redis.call('HGET', key, 'status') == 'retrying' then
+    local seq = redis.call('INCR', KEYS[3])
+    redis.call('HSET', key, 'seq', seq)
+    redis.call('XADD', KEYS[2], '*', 'id', id, 'seq', seq)
+  end
+end
+return #due
+";
+
+/// Writes a claimed job unless it was cancelled, and does the step: `retry` schedules it
+/// and acknowledges its entry; `finish` sets its TTL and dead-letters it if asked.
+const SAVE: &str = r"
+if redis.call('HGET', KEYS[1], 'status') == 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], 'job', ARGV[1], 'status', ARGV[2])
+if ARGV[3] == 'retry' then
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
+  redis.call('XACK', KEYS[2], 'workers', ARGV[4])
+  redis.call('XDEL', KEYS[2], ARGV[4])
+elseif ARGV[3] == 'finish' then
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  if ARGV[8] == '1' then redis.call('XADD', KEYS[4], '*', 'id', ARGV[6]) end
+end
+return 1
+";
+
+/// Cancels a job that has not finished.
+const CANCEL: &str = r"
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return 0 end
+if s == 'queued' or s == 'retrying' or s == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled', ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return 1
+";
+
+/// Raises the delivered mark to ARGV[1].
+const DELIVERED_UP_TO: &str = r"
+local d = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > d then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+";
+
+/// How long a blocking read waits at most; the worker loops.
+const BLOCK: Duration = Duration::from_millis(500);
+
+/// Jobs in Redis Streams.
+pub struct RedisStore {
+    client: redis::Client,
+    /// Made on first use (and the consumer group with it), so a replica starts while Redis
+    /// is unreachable: until it is reached, the jobs API answers 503 and workers wait.
+    conn: tokio::sync::OnceCell<ConnectionManager>,
+    /// Connections for blocking reads, which would hold up a shared one.
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+    visibility: Duration,
+    enqueue: redis::Script,
+    promote: redis::Script,
+    save: redis::Script,
+    cancel: redis::Script,
+    delivered: redis::Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("visibility", &self.visibility)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// The store on the Redis at `url` (connected on first use). A claim idle for
+    /// `visibility` is taken over by another worker.
+    pub fn new(url: &SecretString, visibility: Duration) -> Result<Self> {
+        Ok(RedisStore {
+            client: redis::Client::open(url.expose())?,
+            conn: tokio::sync::OnceCell::new(),
+            blocking: Mutex::new(Vec::new()),
+            visibility,
+            enqueue: redis::Script::new(ENQUEUE),
+            promote: redis::Script::new(PROMOTE),
+            save: redis::Script::new(SAVE),
+            cancel: redis::Script::new(CANCEL),
+            delivered: redis::Script::new(DELIVERED_UP_TO),
+        })
+    }
+
+    /// The shared connection, made (with the consumer group) on first use.
+    async fn conn(&self) -> Result<ConnectionManager> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(Duration::from_secs(2)))
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    // Fail at once while Redis is unreachable (the caller answers 503);
+                    // once made, the manager reconnects by itself.
+                    .set_number_of_retries(0);
+                let mut conn =
+                    ConnectionManager::new_with_config(self.client.clone(), config).await?;
+                let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(QUEUE)
+                    .arg(GROUP)
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut conn)
+                    .await;
+                match created {
+                    Ok(_) => Ok(conn),
+                    Err(e) if e.code() == Some("BUSYGROUP") => Ok(conn),
+                    Err(e) => Err(super::StoreError::from(e)),
+                }
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    async fn blocking_conn(&self) -> Result<MultiplexedConnection> {
+        let pooled = self
+            .blocking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        if let Some(c) = pooled {
+            return Ok(c);
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(BLOCK + Duration::from_secs(2)))
+            .set_connection_timeout(Some(Duration::from_secs(2)));
+        Ok(self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
+    }
+
+    fn give_back(&self, conn: MultiplexedConnection) {
+        self.blocking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<Job>> {
+        let mut conn = self.conn().await?;
+        let (json, status, seq, cancelled): (
+            Option<String>,
+            Option<String>,
+            Option<u64>,
+            Option<u64>,
+        ) = redis::cmd("HMGET")
+            .arg(format!("{JOB}{id}"))
+            .arg("job")
+            .arg("status")
+            .arg("seq")
+            .arg("cancelled")
+            .query_async(&mut conn)
+            .await?;
+        let Some(json) = json else { return Ok(None) };
+        let mut job: Job = serde_json::from_str(&json)?;
+        if let Some(status) = status.and_then(|s| parse_status(&s)) {
+            job.status = status;
+        }
+        if let Some(seq) = seq {
+            job.seq = seq;
+        }
+        if job.status == Status::Cancelled && job.finished_ms.is_none() {
+            job.finished_ms = cancelled;
+        }
+        Ok(Some(job))
+    }
+
+    async fn enqueue(&self, job: &Job) -> Result<u64> {
+        let mut conn = self.conn().await?;
+        let json = serde_json::to_string(job)?;
+        let seq: u64 = self
+            .enqueue
+            .key(QUEUE)
+            .key(SEQ)
+            .key(format!("{JOB}{}", job.id))
+            .arg(&job.id)
+            .arg(json)
+            .arg(job.status.as_str())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(seq)
+    }
+
+    /// The entry `XAUTOCLAIM` or `XREADGROUP` handed over: (entry id, job id).
+    async fn next_entry(&self, consumer: &str, wait: Duration) -> Result<Option<(String, String)>> {
+        let mut conn = self.conn().await?;
+        let _: u64 = self
+            .promote
+            .key(DELAYED)
+            .key(QUEUE)
+            .key(SEQ)
+            .arg(super::now_ms())
+            .arg(JOB)
+            .invoke_async(&mut conn)
+            .await?;
+        let reclaimed: Value = redis::cmd("XAUTOCLAIM")
+            .arg(QUEUE)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(self.visibility.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        if let Value::Array(parts) = &reclaimed
+            && let Some(entry) = parts.get(1).and_then(first_entry)
+        {
+            tracing::info!(job = %entry.1, "reclaimed a job whose claim expired");
+            return Ok(Some(entry));
+        }
+        let mut blocking = self.blocking_conn().await?;
+        let read: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(wait.min(BLOCK).as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(QUEUE)
+            .arg(">")
+            .query_async(&mut blocking)
+            .await;
+        self.give_back(blocking);
+        // [[stream, [entry, ...]]] (RESP2) or {stream: [entry, ...]} (RESP3)
+        let entry = match &read? {
+            Value::Array(streams) => streams.first().and_then(|s| match s {
+                Value::Array(pair) => pair.get(1).and_then(first_entry),
+                _ => None,
+            }),
+            Value::Map(streams) => streams.first().and_then(|(_, e)| first_entry(e)),
+            _ => None,
+        };
+        Ok(entry)
+    }
+
+    async fn ack_entry(&self, entry: &str) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let _: Value = redis::pipe()
+            .cmd("XACK")
+            .arg(QUEUE)
+            .arg(GROUP)
+            .arg(entry)
+            .cmd("XDEL")
+            .arg(QUEUE)
+            .arg(entry)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Every dead-letter entry: (entry id, job id), oldest first.
+    async fn dead_entries(&self) -> Result<Vec<(String, String)>> {
+        let mut conn = self.conn().await?;
+        let all: Value = redis::cmd("XRANGE")
+            .arg(DEAD)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await?;
+        let Value::Array(entries) = all else {
+            return Ok(Vec::new());
+        };
+        Ok(entries.iter().filter_map(entry).collect())
+    }
+}
+
+/// The first entry of a list of entries.
+fn first_entry(entries: &Value) -> Option<(String, String)> {
+    let Value::Array(entries) = entries else {
+        return None;
+    };
+    entry(entries.first()?)
+}
+
+/// One `[id, [field, value, ...]]` entry: its id and its `id` field.
+fn entry(value: &Value) -> Option<(String, String)> {
+    let Value::Array(entry) = value else {
+        return None;
+    };
+    let id = text(entry.first()?)?;
+    let fields: Vec<Value> = match entry.get(1)? {
+        Value::Array(f) => f.clone(),
+        Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
+        _ => return None,
+    };
+    let job = fields.chunks(2).find_map(|pair| match pair {
+        [k, v] if text(k).as_deref() == Some("id") => text(v),
+        _ => None,
+    })?;
+    Some((id, job))
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn parse_status(s: &str) -> Option<Status> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+}
+
+impl JobStore for RedisStore {
+    async fn submit(&self, mut job: Job) -> Result<Job> {
+        job.seq = self.enqueue(&job).await?;
+        Ok(job)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>> {
+        self.load(id).await
+    }
+
+    async fn position(&self, job: &Job) -> Result<u64> {
+        let mut conn = self.conn().await?;
+        let delivered: Option<u64> = redis::cmd("GET")
+            .arg(DELIVERED)
+            .query_async(&mut conn)
+            .await?;
+        Ok(job.seq.saturating_sub(delivered.unwrap_or(0) + 1))
+    }
+
+    async fn claim(&self, consumer: &str, wait: Duration) -> Result<Option<Claim>> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            let Some((entry, id)) = self.next_entry(consumer, left).await? else {
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                continue;
+            };
+            let Some(job) = self.load(&id).await? else {
+                // Expired or never written: nothing to run.
+                self.ack_entry(&entry).await?;
+                continue;
+            };
+            let mut conn = self.conn().await?;
+            let _: u64 = self
+                .delivered
+                .key(DELIVERED)
+                .arg(job.seq)
+                .invoke_async(&mut conn)
+                .await?;
+            return Ok(Some(Claim { job, entry }));
+        }
+    }
+
+    async fn keep(&self, claim: &Claim, consumer: &str) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let _: Value = redis::cmd("XCLAIM")
+            .arg(QUEUE)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(0)
+            .arg(&claim.entry)
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn save(&self, claim: &Claim, job: &Job, step: Step, policy: &Policy) -> Result<bool> {
+        let mut conn = self.conn().await?;
+        let (name, due) = match step {
+            Step::Start => ("start", 0),
+            Step::Retry { delay } => ("retry", super::now_ms() + delay.as_millis() as u64),
+            Step::Finish => ("finish", 0),
+        };
+        let written: u64 = self
+            .save
+            .key(format!("{JOB}{}", job.id))
+            .key(QUEUE)
+            .key(DELAYED)
+            .key(DEAD)
+            .arg(serde_json::to_string(job)?)
+            .arg(job.status.as_str())
+            .arg(name)
+            .arg(&claim.entry)
+            .arg(due)
+            .arg(&job.id)
+            .arg(policy.result_ttl.as_secs().max(1))
+            .arg(if job.dead_letter { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(written == 1)
+    }
+
+    async fn ack(&self, claim: &Claim) -> Result<()> {
+        self.ack_entry(&claim.entry).await
+    }
+
+    async fn cancel(&self, id: &str) -> Result<Option<Job>> {
+        let mut conn = self.conn().await?;
+        let _: u64 = self
+            .cancel
+            .key(format!("{JOB}{id}"))
+            .key(DELAYED)
+            .arg(id)
+            .arg(super::now_ms())
+            .invoke_async(&mut conn)
+            .await?;
+        self.load(id).await
+    }
+
+    async fn begin_report(&self, id: &str, lease: Duration) -> Result<bool> {
+        let mut conn = self.conn().await?;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("{REPORTED}{id}"))
+            .arg("notifying")
+            .arg("NX")
+            .arg("PX")
+            .arg(lease.as_millis().max(1) as u64)
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    async fn end_report(&self, job: &Job, policy: &Policy) -> Result<()> {
+        let mut conn = self.conn().await?;
+        // Only the deliveries change: the status field stays as it is.
+        let _: Value = redis::pipe()
+            .cmd("HSET")
+            .arg(format!("{JOB}{}", job.id))
+            .arg("job")
+            .arg(serde_json::to_string(job)?)
+            .cmd("SET")
+            .arg(format!("{REPORTED}{}", job.id))
+            .arg("done")
+            .arg("EX")
+            .arg(policy.result_ttl.as_secs().max(1))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, retention: Duration) -> Result<Vec<Job>> {
+        let mut conn = self.conn().await?;
+        let oldest = super::now_ms().saturating_sub(retention.as_millis() as u64);
+        let _: Value = redis::cmd("XTRIM")
+            .arg(DEAD)
+            .arg("MINID")
+            .arg(oldest)
+            .query_async(&mut conn)
+            .await?;
+        let mut jobs = Vec::new();
+        for (_, id) in self.dead_entries().await? {
+            if let Some(job) = self.load(&id).await? {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    async fn redrive(&self, id: Option<&str>) -> Result<u64> {
+        let mut n = 0;
+        for (entry, dead_id) in self.dead_entries().await? {
+            if id.is_some_and(|id| id != dead_id) {
+                continue;
+            }
+            let mut conn = self.conn().await?;
+            let removed: u64 = redis::cmd("XDEL")
+                .arg(DEAD)
+                .arg(&entry)
+                .query_async(&mut conn)
+                .await?;
+            if removed == 0 {
+                continue; // another admin re-drove it meanwhile
+            }
+            let Some(mut job) = self.load(&dead_id).await? else {
+                continue;
+            };
+            job.reset();
+            let _: Value = redis::cmd("DEL")
+                .arg(format!("{REPORTED}{dead_id}"))
+                .query_async(&mut conn)
+                .await?;
+            self.enqueue(&job).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    async fn purge(&self) -> Result<u64> {
+        let mut conn = self.conn().await?;
+        let (n, _): (u64, Value) = redis::pipe()
+            .cmd("XLEN")
+            .arg(DEAD)
+            .cmd("DEL")
+            .arg(DEAD)
+            .query_async(&mut conn)
+            .await?;
+        Ok(n)
+    }
+
+    async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let _: Value = redis::cmd("SET")
+            .arg(format!("{KV}{key}"))
+            .arg(value)
+            .arg("EX")
+            .arg(ttl.as_secs().max(1))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn fetch(&self, key: &str) -> Result<Option<String>> {
+        let mut conn = self.conn().await?;
+        Ok(redis::cmd("GET")
+            .arg(format!("{KV}{key}"))
+            .query_async(&mut conn)
+            .await?)
+    }
+}

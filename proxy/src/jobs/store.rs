@@ -1,0 +1,193 @@
+//! Where jobs live: one trait, two backends (in memory, Redis Streams), dispatched over an
+//! enum.
+//!
+//! The contract both keep:
+//! - [`JobStore::submit`] records a job and queues it; a queued job is claimed by exactly one
+//!   worker at a time ([`JobStore::claim`]), in the order queued, retries when their delay is
+//!   over.
+//! - A claim is held until acknowledged ([`JobStore::ack`]). In Redis a claim not kept alive
+//!   ([`JobStore::keep`]) for the visibility timeout is taken by another replica, so a job
+//!   held by a replica that died is run again (at least once).
+//! - Every change of a claimed job is written with [`JobStore::save`] before the claim is
+//!   acknowledged. `save` refuses (returns `false`) once the job was cancelled.
+//! - The first caller of [`JobStore::begin_report`] for a job gets to notify; the mark is
+//!   a lease until [`JobStore::end_report`] makes it permanent, so a notifier that dies
+//!   mid-delivery is replaced after the lease, and no two notify at once.
+
+use super::memory::MemoryStore;
+use super::redis::RedisStore;
+use super::{Job, Policy};
+use std::future::Future;
+use std::time::Duration;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis failed or is unreachable.
+    #[error("the job store (Redis) failed: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// A stored job could not be read back.
+    #[error("a stored job is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+/// A store result.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A job claimed by a worker.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The job as stored when claimed.
+    pub job: Job,
+    /// The queue entry held (a stream entry id in Redis).
+    pub entry: String,
+}
+
+/// What [`JobStore::save`] writes besides the job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Step {
+    /// An attempt starts (the job stays claimed).
+    Start,
+    /// An attempt failed: queue it again after `delay` and release the claim.
+    Retry {
+        /// How long until the next attempt.
+        delay: Duration,
+    },
+    /// The job is over (completed, failed, or cancelled); a failed job with
+    /// `dead_letter` set goes to the dead letters. The claim is kept until the caller is
+    /// notified and [`JobStore::ack`] is called.
+    Finish,
+}
+
+/// The operations of a job store.
+pub trait JobStore: Send + Sync {
+    /// Records `job` and queues it; returns it with its place in the order (`seq`).
+    fn submit(&self, job: Job) -> impl Future<Output = Result<Job>> + Send;
+
+    /// The job `id`, if known (finished jobs are kept for their result TTL).
+    fn get(&self, id: &str) -> impl Future<Output = Result<Option<Job>>> + Send;
+
+    /// How many queued jobs are before `job` (for a queued job).
+    fn position(&self, job: &Job) -> impl Future<Output = Result<u64>> + Send;
+
+    /// The next job for `consumer`, waiting at most `wait` for one; reclaims jobs whose
+    /// claim expired (Redis).
+    fn claim(
+        &self,
+        consumer: &str,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Option<Claim>>> + Send;
+
+    /// Keeps `claim` alive (resets its visibility timeout).
+    fn keep(&self, claim: &Claim, consumer: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Writes `job` (claimed as `claim`) and does what `step` says; `false` if the job was
+    /// cancelled meanwhile (nothing written; the claim is the caller's to acknowledge).
+    fn save(
+        &self,
+        claim: &Claim,
+        job: &Job,
+        step: Step,
+        policy: &Policy,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Releases `claim` for good.
+    fn ack(&self, claim: &Claim) -> impl Future<Output = Result<()>> + Send;
+
+    /// Cancels job `id` if it has not finished; the job as it is now.
+    fn cancel(&self, id: &str) -> impl Future<Output = Result<Option<Job>>> + Send;
+
+    /// Takes the right to notify the caller of job `id` for `lease`; `false` if someone has it
+    /// or already notified.
+    fn begin_report(&self, id: &str, lease: Duration) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Records the deliveries of `job` and marks it reported for good.
+    fn end_report(&self, job: &Job, policy: &Policy) -> impl Future<Output = Result<()>> + Send;
+
+    /// Dead letters kept less than `retention`, oldest first (older ones are dropped).
+    fn dead_letters(&self, retention: Duration) -> impl Future<Output = Result<Vec<Job>>> + Send;
+
+    /// Sends dead letter `id` (every one when `None`) back to the queue with its attempts
+    /// reset; how many went.
+    fn redrive(&self, id: Option<&str>) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Drops every dead letter (the jobs stay readable, failed, until their TTL); how many.
+    fn purge(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Stores `value` under `key` for `ttl` (Batch API files and batches).
+    fn put(
+        &self,
+        key: &str,
+        value: String,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The value under `key`, if kept.
+    fn fetch(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;
+}
+
+/// The configured backend.
+#[derive(Debug)]
+pub enum Store {
+    /// In this process (standalone).
+    Memory(MemoryStore),
+    /// In Redis Streams (cluster).
+    Redis(RedisStore),
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Memory($s) => $e,
+            Store::Redis($s) => $e,
+        }
+    };
+}
+
+impl JobStore for Store {
+    async fn submit(&self, job: Job) -> Result<Job> {
+        each!(self, s => s.submit(job).await)
+    }
+    async fn get(&self, id: &str) -> Result<Option<Job>> {
+        each!(self, s => s.get(id).await)
+    }
+    async fn position(&self, job: &Job) -> Result<u64> {
+        each!(self, s => s.position(job).await)
+    }
+    async fn claim(&self, consumer: &str, wait: Duration) -> Result<Option<Claim>> {
+        each!(self, s => s.claim(consumer, wait).await)
+    }
+    async fn keep(&self, claim: &Claim, consumer: &str) -> Result<()> {
+        each!(self, s => s.keep(claim, consumer).await)
+    }
+    async fn save(&self, claim: &Claim, job: &Job, step: Step, policy: &Policy) -> Result<bool> {
+        each!(self, s => s.save(claim, job, step, policy).await)
+    }
+    async fn ack(&self, claim: &Claim) -> Result<()> {
+        each!(self, s => s.ack(claim).await)
+    }
+    async fn cancel(&self, id: &str) -> Result<Option<Job>> {
+        each!(self, s => s.cancel(id).await)
+    }
+    async fn begin_report(&self, id: &str, lease: Duration) -> Result<bool> {
+        each!(self, s => s.begin_report(id, lease).await)
+    }
+    async fn end_report(&self, job: &Job, policy: &Policy) -> Result<()> {
+        each!(self, s => s.end_report(job, policy).await)
+    }
+    async fn dead_letters(&self, retention: Duration) -> Result<Vec<Job>> {
+        each!(self, s => s.dead_letters(retention).await)
+    }
+    async fn redrive(&self, id: Option<&str>) -> Result<u64> {
+        each!(self, s => s.redrive(id).await)
+    }
+    async fn purge(&self) -> Result<u64> {
+        each!(self, s => s.purge().await)
+    }
+    async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
+        each!(self, s => s.put(key, value, ttl).await)
+    }
+    async fn fetch(&self, key: &str) -> Result<Option<String>> {
+        each!(self, s => s.fetch(key).await)
+    }
+}

@@ -1,0 +1,157 @@
+//! The in-memory store's contract, on a paused clock.
+
+use super::memory::MemoryStore;
+use super::store::{JobStore, Step};
+use super::*;
+use serde_json::json;
+
+fn job() -> Job {
+    Job::new(
+        Some("acme".to_owned()),
+        "free".to_owned(),
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+        3,
+    )
+}
+
+fn policy() -> Policy {
+    Policy {
+        retry: retry::Backoff {
+            max_attempts: 3,
+            initial: Duration::from_secs(2),
+            max: Duration::from_secs(60),
+        },
+        dead_letters: true,
+        retention: Duration::from_secs(600),
+        result_ttl: Duration::from_secs(3600),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn jobs_are_claimed_in_order_with_positions() {
+    let store = MemoryStore::new();
+    let a = store.submit(job()).await.unwrap();
+    let b = store.submit(job()).await.unwrap();
+    assert_eq!(store.position(&a).await.unwrap(), 0);
+    assert_eq!(store.position(&b).await.unwrap(), 1);
+    let first = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(first.job.id, a.id);
+    assert_eq!(store.position(&b).await.unwrap(), 0);
+    let second = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(second.job.id, b.id);
+    assert!(
+        store
+            .claim("w", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_is_claimable_exactly_when_its_delay_ends() {
+    let store = MemoryStore::new();
+    let submitted = store.submit(job()).await.unwrap();
+    let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    let mut j = claim.job.clone();
+    j.status = Status::Retrying;
+    j.attempts = 1;
+    let delay = Duration::from_secs(2);
+    assert!(
+        store
+            .save(&claim, &j, Step::Retry { delay }, &policy())
+            .await
+            .unwrap()
+    );
+    let start = tokio::time::Instant::now();
+    // Not a moment before its delay ends.
+    assert!(
+        store
+            .claim("w", delay - Duration::from_millis(1))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let again = store
+        .claim("w", Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.job.id, submitted.id);
+    assert_eq!(start.elapsed(), delay);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_job_is_never_claimed_and_a_running_one_is_not_overwritten() {
+    let store = MemoryStore::new();
+    let queued = store.submit(job()).await.unwrap();
+    let cancelled = store.cancel(&queued.id).await.unwrap().unwrap();
+    assert_eq!(cancelled.status, Status::Cancelled);
+    assert!(store.claim("w", Duration::ZERO).await.unwrap().is_none());
+
+    let running = store.submit(job()).await.unwrap();
+    let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    store.cancel(&running.id).await.unwrap();
+    let mut done = claim.job.clone();
+    done.status = Status::Completed;
+    assert!(
+        !store
+            .save(&claim, &done, Step::Finish, &policy())
+            .await
+            .unwrap()
+    );
+    let now = store.get(&running.id).await.unwrap().unwrap();
+    assert_eq!(now.status, Status::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_letters_are_kept_for_their_retention_and_redriven_with_attempts_reset() {
+    let store = MemoryStore::new();
+    let submitted = store.submit(job()).await.unwrap();
+    let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    let mut dead = claim.job.clone();
+    dead.status = Status::Failed;
+    dead.attempts = 3;
+    dead.dead_letter = true;
+    assert!(
+        store
+            .save(&claim, &dead, Step::Finish, &policy())
+            .await
+            .unwrap()
+    );
+    store.ack(&claim).await.unwrap();
+    let retention = Duration::from_secs(600);
+    assert_eq!(store.dead_letters(retention).await.unwrap().len(), 1);
+    assert_eq!(store.redrive(Some(&submitted.id)).await.unwrap(), 1);
+    assert!(store.dead_letters(retention).await.unwrap().is_empty());
+    let again = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(again.job.id, submitted.id);
+    assert_eq!((again.job.attempts, again.job.status), (0, Status::Queued));
+
+    // Dead again: gone from the dead letters exactly at the end of its retention.
+    assert!(
+        store
+            .save(&again, &dead, Step::Finish, &policy())
+            .await
+            .unwrap()
+    );
+    tokio::time::advance(retention - Duration::from_millis(1)).await;
+    assert_eq!(store.dead_letters(retention).await.unwrap().len(), 1);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(store.dead_letters(retention).await.unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_one_reports_until_the_lease_ends_and_none_after_it_is_done() {
+    let store = MemoryStore::new();
+    let j = store.submit(job()).await.unwrap();
+    let lease = Duration::from_secs(30);
+    assert!(store.begin_report(&j.id, lease).await.unwrap());
+    assert!(!store.begin_report(&j.id, lease).await.unwrap());
+    tokio::time::advance(lease).await;
+    // The first notifier died: the next one takes over.
+    assert!(store.begin_report(&j.id, lease).await.unwrap());
+    store.end_report(&j, &policy()).await.unwrap();
+    tokio::time::advance(lease * 10).await;
+    assert!(!store.begin_report(&j.id, lease).await.unwrap());
+}

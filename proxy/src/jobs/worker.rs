@@ -1,0 +1,334 @@
+//! A replica's job workers: each claims a job, runs one attempt through the pipeline in the
+//! tenant's tier, and writes the outcome: completed, a retry after the TierQueue's backoff,
+//! or, its attempts spent (or a failure no retry can mend), failed and dead-lettered. The
+//! caller is then notified, once, and only then is the claim acknowledged.
+
+use super::store::{Claim, JobStore, Step};
+use super::{JobError, Jobs, Policy, Status, now_ms, webhook};
+use crate::config::Config;
+use crate::identity::{Identity, Refusal};
+use crate::pipeline::{self, Door, RequestCtx};
+use crate::providers::types::ChatRequest;
+use crate::route::{Dispatcher, ReplyBody, RouteError};
+use axum::http::HeaderMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What the workers share.
+#[derive(Debug, Clone)]
+pub struct Workers {
+    /// The jobs subsystem.
+    pub jobs: Arc<Jobs>,
+    /// Routes the attempts.
+    pub dispatcher: Arc<Dispatcher>,
+    /// Finds a job's tenant by name.
+    pub identity: Arc<Identity>,
+    /// Sends webhooks.
+    pub http: reqwest::Client,
+    /// This replica's consumer name prefix (unique per process).
+    pub consumer: String,
+    /// How often a running job's claim is kept alive.
+    pub keep_every: Duration,
+}
+
+/// A failed attempt: what to record, and whether another attempt may mend it.
+struct Failure {
+    error: JobError,
+    retryable: bool,
+}
+
+impl Workers {
+    /// Spawns `count` workers on `tasks`, stopping when `cancel` fires (a job being run is
+    /// finished first).
+    pub fn spawn(self, count: usize, tasks: &TaskTracker, cancel: &CancellationToken) {
+        for i in 0..count {
+            let w = self.clone();
+            let cancel = cancel.clone();
+            let consumer = format!("{}-{i}", self.consumer);
+            tasks.spawn(async move { w.run(consumer, cancel).await });
+        }
+    }
+
+    async fn run(self, consumer: String, cancel: CancellationToken) {
+        loop {
+            let claimed = tokio::select! {
+                () = cancel.cancelled() => return,
+                c = self.jobs.store.claim(&consumer, Duration::from_secs(1)) => c,
+            };
+            match claimed {
+                Ok(Some(claim)) => self.handle(claim, &consumer).await,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "job store unavailable; workers retry in 1 s");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One claimed job, to its acknowledgement. Store failures leave the claim unacknowledged:
+    /// the job is reclaimed after the visibility timeout.
+    async fn handle(&self, claim: Claim, consumer: &str) {
+        if let Err(e) = self.attempt(&claim, consumer).await {
+            tracing::warn!(job = %claim.job.id, error = %e, "job store failed during a job; it will be reclaimed");
+        }
+    }
+
+    async fn attempt(&self, claim: &Claim, consumer: &str) -> Result<(), super::StoreError> {
+        let store = &self.jobs.store;
+        let config = self.dispatcher.config();
+        let policy = Policy::of(&config, &claim.job.tier);
+        let mut job = claim.job.clone();
+        if job.status == Status::Cancelled {
+            return store.ack(claim).await;
+        }
+        if job.status.is_terminal() {
+            // Its previous holder wrote the outcome and died before acknowledging.
+            self.report(&mut job, &config, &policy).await?;
+            return store.ack(claim).await;
+        }
+        if job.attempts >= job.max_attempts {
+            // Every attempt allowed was started by a replica that died during it: a job that
+            // takes its replica down must not take the next one down too.
+            job.error = Some(JobError {
+                code: "replica_lost".to_owned(),
+                message: format!(
+                    "the replica running attempt {} stopped before it ended",
+                    job.attempts
+                ),
+            });
+            job.status = Status::Failed;
+            job.dead_letter = policy.dead_letters;
+            return self.finish(claim, job, &config, &policy).await;
+        }
+        let queued_since = job.next_attempt_ms.unwrap_or(job.created_ms);
+        job.status = Status::Running;
+        job.attempts += 1;
+        job.started_ms = Some(now_ms());
+        job.next_attempt_ms = None;
+        if !store.save(claim, &job, Step::Start, &policy).await? {
+            return store.ack(claim).await;
+        }
+        let m = super::metrics::get();
+        m.state("running");
+        let started = Instant::now();
+        let outcome = self
+            .keep_alive(claim, consumer, self.run_once(&job, &config))
+            .await;
+        let took = started.elapsed();
+        self.jobs.ran(took);
+        let wait = now_ms().saturating_sub(queued_since) as f64 / 1000.0 - took.as_secs_f64();
+        m.attempt(&job.tier, wait.max(0.0), took.as_secs_f64());
+        let ended = now_ms();
+        let (error, provider) = match &outcome {
+            Ok((_, provider)) => (None, provider.clone()),
+            Err(f) => (Some(f.error.clone()), None),
+        };
+        job.history.push(super::AttemptRecord {
+            attempt: job.attempts,
+            started_ms: job.started_ms.unwrap_or(ended),
+            ended_ms: ended,
+            error,
+            provider,
+        });
+        match outcome {
+            Ok((answer, _)) => {
+                job.status = Status::Completed;
+                job.result = Some(answer);
+                job.error = None;
+            }
+            Err(f) => {
+                let delay = f
+                    .retryable
+                    .then(|| job.max_attempts_backoff(&policy))
+                    .flatten();
+                job.error = Some(f.error);
+                if let Some(delay) = delay {
+                    job.status = Status::Retrying;
+                    job.next_attempt_ms = Some(now_ms() + delay.as_millis() as u64);
+                    if store
+                        .save(claim, &job, Step::Retry { delay }, &policy)
+                        .await?
+                    {
+                        m.state("retrying");
+                    } else {
+                        store.ack(claim).await?;
+                    }
+                    return Ok(());
+                }
+                job.status = Status::Failed;
+                job.dead_letter = policy.dead_letters;
+            }
+        }
+        self.finish(claim, job, &config, &policy).await
+    }
+
+    /// Writes a job that is over, notifies its caller, and acknowledges its claim.
+    async fn finish(
+        &self,
+        claim: &Claim,
+        mut job: super::Job,
+        config: &Config,
+        policy: &Policy,
+    ) -> Result<(), super::StoreError> {
+        let store = &self.jobs.store;
+        let m = super::metrics::get();
+        job.finished_ms = Some(now_ms());
+        if !store.save(claim, &job, Step::Finish, policy).await? {
+            return store.ack(claim).await;
+        }
+        m.state(job.status.as_str());
+        if job.dead_letter {
+            m.dead_letters.inc();
+            tracing::warn!(job = %job.id, tier = %job.tier, attempts = job.attempts, "job dead-lettered");
+        }
+        self.report(&mut job, config, policy).await?;
+        store.ack(claim).await
+    }
+
+    /// Runs `work` while keeping `claim` alive.
+    async fn keep_alive<T>(
+        &self,
+        claim: &Claim,
+        consumer: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let mut work = std::pin::pin!(work);
+        let mut tick = tokio::time::interval(self.keep_every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tick.tick() => {
+                    if let Err(e) = self.jobs.store.keep(claim, consumer).await {
+                        tracing::warn!(job = %claim.job.id, error = %e, "cannot keep a job's claim alive");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attempt: the job's request through the pipeline as its tenant, in its tier.
+    async fn run_once(
+        &self,
+        job: &super::Job,
+        config: &Arc<Config>,
+    ) -> Result<(serde_json::Value, Option<String>), Failure> {
+        let fail = |code: &str, message: String, retryable| Failure {
+            error: JobError {
+                code: code.to_owned(),
+                message,
+            },
+            retryable,
+        };
+        let mut req: ChatRequest = serde_json::from_value(job.request.clone())
+            .map_err(|e| fail("invalid_request", e.to_string(), false))?;
+        req.stream = false;
+        let mut ctx = RequestCtx::new(
+            Door::OpenAiChat,
+            &HeaderMap::new(),
+            self.dispatcher.max_wait(),
+        );
+        ctx.job_tier = Some(Arc::from(job.tier.as_str()));
+        if let Some(tenant) = &job.tenant {
+            let caller = self
+                .identity
+                .tenant(config, self.dispatcher.budgets(), tenant)
+                .ok_or_else(|| {
+                    fail(
+                        "tenant_unknown",
+                        format!("tenant {tenant} is no longer configured"),
+                        false,
+                    )
+                })?;
+            ctx.caller = Some(caller);
+        }
+        let view = self.dispatcher.view();
+        match pipeline::chat(&self.dispatcher, &view, &mut ctx, &req).await {
+            Ok(reply) => {
+                let provider = ctx.route.as_ref().map(|r| r.provider.to_string());
+                match reply.body {
+                    ReplyBody::Complete(answer) => serde_json::to_value(answer)
+                        .map(|v| (v, provider))
+                        .map_err(|e| fail("internal_error", e.to_string(), true)),
+                    ReplyBody::Stream(_) => Err(fail(
+                        "internal_error",
+                        "a stream came for a job".to_owned(),
+                        true,
+                    )),
+                }
+            }
+            Err(pipeline::Error::Refused(r)) => {
+                let retryable = !matches!(r, Refusal::ModelNotAllowed(_));
+                Err(fail(r.metric_label(), r.to_string(), retryable))
+            }
+            // A spent monthly budget renews only with the month: not worth a retry.
+            Err(pipeline::Error::OverBudget(e)) => {
+                Err(fail("budget_exceeded", e.to_string(), false))
+            }
+            Err(pipeline::Error::Route(e)) => {
+                let retryable = match &e {
+                    RouteError::UnknownModel(_) => false,
+                    RouteError::Upstream { error, .. } => error.retryable(),
+                    RouteError::Saturated { .. } | RouteError::Unavailable { .. } => true,
+                };
+                Err(fail(e.metric_label(), e.to_string(), retryable))
+            }
+        }
+    }
+
+    /// Tells the caller, if it asked and nobody has yet.
+    async fn report(
+        &self,
+        job: &mut super::Job,
+        config: &Config,
+        policy: &Policy,
+    ) -> Result<(), super::StoreError> {
+        let Some((url, secret)) = webhook_target(job, config) else {
+            return Ok(());
+        };
+        let lease = policy.retry.initial * 64 + Duration::from_secs(60);
+        if !self.jobs.store.begin_report(&job.id, lease).await? {
+            return Ok(());
+        }
+        webhook::deliver(&self.http, &url, secret.as_ref(), policy.retry, job).await;
+        self.jobs.store.end_report(job, policy).await
+    }
+}
+
+impl super::Job {
+    /// The delay before this job's next attempt under `policy`, or `None` when its
+    /// attempts (its own `max_attempts`, fixed when queued) are spent.
+    fn max_attempts_backoff(&self, policy: &Policy) -> Option<Duration> {
+        let mut backoff = policy.retry;
+        backoff.max_attempts = self.max_attempts;
+        backoff.after(self.attempts)
+    }
+}
+
+/// Where `job`'s webhook goes and what signs it: the job's own URL, else its tier's when
+/// the tier notifies by webhook; the tier's signing secret.
+pub fn webhook_target(
+    job: &super::Job,
+    config: &Config,
+) -> Option<(String, Option<crate::secret::SecretString>)> {
+    let tier = config
+        .tier_queue
+        .as_ref()
+        .and_then(|tq| tq.spec.tiers.iter().find(|t| t.name == job.tier))
+        .and_then(|t| t.async_.as_ref());
+    let tier_url = tier
+        .filter(|a| {
+            a.notify
+                .contains(&floodgate_crds::tier::NotifyChannel::Webhook)
+        })
+        .and_then(|a| a.webhook.as_ref())
+        .map(|w| w.url.clone());
+    let url = job.notify.webhook.clone().or(tier_url)?;
+    Some((url, config.webhook_secrets.get(&job.tier).cloned()))
+}

@@ -1,0 +1,443 @@
+//! The OpenAI Batch API (`crate::jobs::batch`), as the official SDK's `client.files` and
+//! `client.batches` call it: `POST /v1/files` (multipart, purpose `batch`, JSONL),
+//! `GET /v1/files/{id}`, `GET /v1/files/{id}/content`, `POST /v1/batches`,
+//! `GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel`. Files and batches are their
+//! tenant's alone (another tenant's id is 404).
+
+use super::AppState;
+use super::door;
+use super::error::ApiError;
+use crate::jobs::batch::{
+    self, Batch, Counts, FileObject, Line, StoredBatch, StoredFile, batch_key, file_key,
+};
+use crate::jobs::{Job, JobStore as _, Jobs, Policy};
+use crate::providers::types::ChatRequest;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use floodgate_crds::QueueClass;
+use serde::Deserialize;
+use std::sync::Arc;
+
+fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        code,
+        message,
+    )
+}
+
+fn missing(what: &str, id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        format!("no {what} {id}"),
+    )
+}
+
+fn unavailable(e: crate::jobs::StoreError) -> ApiError {
+    tracing::warn!(error = %e, "job store failed");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "job_store_unavailable",
+        "the job store is unavailable; retry shortly",
+    )
+}
+
+/// The jobs subsystem and the caller's tenant, or the error to answer.
+fn caller(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(Arc<Jobs>, Option<Arc<crate::identity::Caller>>), ApiError> {
+    let jobs = state.jobs.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "jobs_disabled",
+            "the Batch API is not enabled on this gateway",
+        )
+    })?;
+    let config = state.dispatcher.config();
+    let caller = state
+        .identity
+        .identify(&config, state.dispatcher.budgets(), headers)
+        .map_err(door::unauthenticated)?;
+    Ok((jobs, caller))
+}
+
+fn tenant(caller: &Option<Arc<crate::identity::Caller>>) -> Option<String> {
+    caller.as_ref().map(|c| c.name().to_string())
+}
+
+fn answer(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /v1/files`.
+pub(super) async fn upload(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    answer(upload_file(&state, &headers, body).await)
+}
+
+async fn upload_file(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (jobs, caller) = caller(state, headers)?;
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split(';')
+                .find_map(|p| p.trim().strip_prefix("boundary="))
+        })
+        .map(|b| b.trim_matches('"').to_owned())
+        .ok_or_else(|| bad("invalid_content_type", "expected multipart/form-data"))?;
+    let bytes = door::read_body(body, state.body_limit, state.body_timeout).await?;
+    let parts = multipart(&bytes, &boundary)
+        .ok_or_else(|| bad("invalid_multipart", "the multipart body cannot be read"))?;
+    let purpose = parts
+        .iter()
+        .find(|p| p.name == "purpose")
+        .map(|p| String::from_utf8_lossy(p.data).into_owned());
+    if purpose.as_deref() != Some("batch") {
+        return Err(bad(
+            "invalid_purpose",
+            "only files with purpose `batch` are accepted",
+        ));
+    }
+    let file = parts
+        .iter()
+        .find(|p| p.name == "file")
+        .ok_or_else(|| bad("missing_file", "the `file` part is missing"))?;
+    let content = std::str::from_utf8(file.data)
+        .map_err(|_| bad("invalid_file", "the file is not UTF-8 JSONL"))?
+        .to_owned();
+    let stored = StoredFile {
+        tenant: tenant(&caller),
+        file: FileObject {
+            id: batch::new_id("file-"),
+            object: "file".to_owned(),
+            bytes: file.data.len() as u64,
+            created_at: crate::jobs::now_ms() / 1000,
+            filename: file
+                .filename
+                .clone()
+                .unwrap_or_else(|| "input.jsonl".to_owned()),
+            purpose: "batch".to_owned(),
+            status: "processed".to_owned(),
+        },
+        content,
+    };
+    batch::save_file(&jobs.store, &stored)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(stored.file).into_response())
+}
+
+/// One part of a multipart body.
+struct Part<'a> {
+    name: String,
+    filename: Option<String>,
+    data: &'a [u8],
+}
+
+/// The parts of a `multipart/form-data` body with `boundary` (RFC 7578).
+fn multipart<'a>(body: &'a [u8], boundary: &str) -> Option<Vec<Part<'a>>> {
+    let delimiter = format!("--{boundary}");
+    let finder = memchr::memmem::Finder::new(delimiter.as_bytes());
+    let starts: Vec<usize> = finder.find_iter(body).collect();
+    if starts.len() < 2 {
+        return None;
+    }
+    let mut parts = Vec::new();
+    for pair in starts.windows(2) {
+        let part = body.get(pair[0] + delimiter.len()..pair[1])?;
+        let part = part.strip_prefix(b"\r\n")?;
+        let part = part.strip_suffix(b"\r\n")?;
+        let split = memchr::memmem::find(part, b"\r\n\r\n")?;
+        let head = std::str::from_utf8(&part[..split]).ok()?;
+        let data = &part[split + 4..];
+        let disposition = head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("content-disposition"))?;
+        let param = |key: &str| {
+            disposition.split(';').find_map(|p| {
+                p.trim()
+                    .strip_prefix(key)
+                    .and_then(|v| v.strip_prefix('='))
+                    .map(|v| v.trim_matches('"').to_owned())
+            })
+        };
+        parts.push(Part {
+            name: param("name")?,
+            filename: param("filename"),
+            data,
+        });
+    }
+    Some(parts)
+}
+
+async fn own_file(jobs: &Jobs, tenant: &Option<String>, id: &str) -> Result<StoredFile, ApiError> {
+    let raw = jobs.store.fetch(&file_key(id)).await.map_err(unavailable)?;
+    raw.and_then(|r| serde_json::from_str::<StoredFile>(&r).ok())
+        .filter(|f| &f.tenant == tenant)
+        .ok_or_else(|| missing("file", id))
+}
+
+/// `GET /v1/files/{id}`.
+pub(super) async fn file(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    answer(
+        async {
+            let (jobs, caller) = caller(&state, &headers)?;
+            let f = own_file(&jobs, &tenant(&caller), &id).await?;
+            Ok::<_, ApiError>(Json(f.file).into_response())
+        }
+        .await,
+    )
+}
+
+/// `GET /v1/files/{id}/content`.
+pub(super) async fn content(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    answer(
+        async {
+            let (jobs, caller) = caller(&state, &headers)?;
+            let f = own_file(&jobs, &tenant(&caller), &id).await?;
+            Ok::<_, ApiError>(
+                ([(header::CONTENT_TYPE, "application/jsonl")], f.content).into_response(),
+            )
+        }
+        .await,
+    )
+}
+
+/// The body of `POST /v1/batches`.
+#[derive(Debug, Deserialize)]
+struct NewBatch {
+    input_file_id: String,
+    endpoint: String,
+    completion_window: String,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+/// `POST /v1/batches`.
+pub(super) async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    answer(create_batch(&state, &headers, body).await)
+}
+
+async fn create_batch(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (jobs, caller) = caller(state, headers)?;
+    let bytes = door::read_body(body, state.body_limit, state.body_timeout).await?;
+    let new: NewBatch = serde_json::from_slice(&bytes)
+        .map_err(|e| bad("invalid_json", format!("not a valid batch request: {e}")))?;
+    if new.endpoint != "/v1/chat/completions" {
+        return Err(bad(
+            "unsupported_endpoint",
+            "only `/v1/chat/completions` batches are supported",
+        ));
+    }
+    let window = batch::parse_window(&new.completion_window).ok_or_else(|| {
+        bad(
+            "invalid_completion_window",
+            "`completion_window` must be like `24h`",
+        )
+    })?;
+    let owner = tenant(&caller);
+    let input = own_file(&jobs, &owner, &new.input_file_id).await?;
+    let config = state.dispatcher.config();
+    // Lines run in a batch-class tier: the capacity the interactive tiers leave idle.
+    let tier = {
+        let view = state.dispatcher.view();
+        let own = view
+            .runtime
+            .tiers
+            .get(caller.as_ref().and_then(|c| c.tier()).map(|t| &**t));
+        let batch_tier = view
+            .runtime
+            .tiers
+            .iter()
+            .find(|t| t.class == QueueClass::Batch);
+        batch_tier.unwrap_or(own).name.to_string()
+    };
+    let max_attempts = Policy::of(&config, &tier).retry.max_attempts;
+    let mut parsed = Vec::new();
+    for (n, text) in input.content.lines().enumerate() {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let line: Line = serde_json::from_str(text)
+            .map_err(|e| bad("invalid_batch_line", format!("line {}: {e}", n + 1)))?;
+        let req: ChatRequest = serde_json::from_value(line.body.clone())
+            .map_err(|e| bad("invalid_batch_line", format!("line {}: body: {e}", n + 1)))?;
+        if line.method != "POST" || line.url != new.endpoint {
+            return Err(bad(
+                "invalid_batch_line",
+                format!(
+                    "line {}: method and url must be POST {}",
+                    n + 1,
+                    new.endpoint
+                ),
+            ));
+        }
+        if !config.models().iter().any(|m| m.id == req.model)
+            || caller.as_ref().is_some_and(|c| !c.may_use(&req.model))
+        {
+            return Err(bad(
+                "invalid_batch_line",
+                format!("line {}: model `{}` is not available", n + 1, req.model),
+            ));
+        }
+        parsed.push(line);
+    }
+    if parsed.is_empty() {
+        return Err(bad("empty_batch", "the input file has no lines"));
+    }
+    let now = crate::jobs::now_ms() / 1000;
+    let id = batch::new_id("batch_");
+    let mut lines = Vec::with_capacity(parsed.len());
+    for line in parsed {
+        let mut job = Job::new(owner.clone(), tier.clone(), line.body, max_attempts);
+        job.metadata
+            .insert("batch_id".to_owned(), id.clone().into());
+        job.metadata
+            .insert("custom_id".to_owned(), line.custom_id.clone().into());
+        let job = jobs.store.submit(job).await.map_err(unavailable)?;
+        lines.push((line.custom_id, job.id));
+    }
+    crate::jobs::metrics::get()
+        .states
+        .get_or_create(&crate::jobs::metrics::StateLabels { state: "queued" })
+        .inc_by(lines.len() as u64);
+    let stored = StoredBatch {
+        tenant: owner,
+        batch: Batch {
+            id,
+            object: "batch".to_owned(),
+            endpoint: new.endpoint,
+            errors: None,
+            input_file_id: new.input_file_id,
+            completion_window: new.completion_window,
+            status: "in_progress".to_owned(),
+            output_file_id: None,
+            error_file_id: None,
+            created_at: now,
+            in_progress_at: Some(now),
+            expires_at: Some(now + window.as_secs()),
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: Counts {
+                total: lines.len() as u64,
+                ..Counts::default()
+            },
+            metadata: new.metadata,
+        },
+        lines,
+    };
+    batch::save_batch(&jobs.store, &stored)
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(stored.batch).into_response())
+}
+
+async fn own_batch(
+    jobs: &Jobs,
+    tenant: &Option<String>,
+    id: &str,
+) -> Result<StoredBatch, ApiError> {
+    let raw = jobs
+        .store
+        .fetch(&batch_key(id))
+        .await
+        .map_err(unavailable)?;
+    raw.and_then(|r| serde_json::from_str::<StoredBatch>(&r).ok())
+        .filter(|b| &b.tenant == tenant)
+        .ok_or_else(|| missing("batch", id))
+}
+
+/// The batch, brought up to date and saved if it changed.
+async fn current(jobs: &Jobs, tenant: &Option<String>, id: &str) -> Result<StoredBatch, ApiError> {
+    let mut stored = own_batch(jobs, tenant, id).await?;
+    if batch::refresh(&jobs.store, &mut stored)
+        .await
+        .map_err(unavailable)?
+    {
+        batch::save_batch(&jobs.store, &stored)
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(stored)
+}
+
+/// `GET /v1/batches/{id}`.
+pub(super) async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    answer(
+        async {
+            let (jobs, caller) = caller(&state, &headers)?;
+            let stored = current(&jobs, &tenant(&caller), &id).await?;
+            Ok::<_, ApiError>(Json(stored.batch).into_response())
+        }
+        .await,
+    )
+}
+
+/// `POST /v1/batches/{id}/cancel`.
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    answer(
+        async {
+            let (jobs, caller) = caller(&state, &headers)?;
+            let owner = tenant(&caller);
+            let mut stored = own_batch(&jobs, &owner, &id).await?;
+            if stored.batch.status == "in_progress" {
+                for (_, job) in &stored.lines {
+                    jobs.store.cancel(job).await.map_err(unavailable)?;
+                }
+                stored.batch.status = "cancelling".to_owned();
+                stored.batch.cancelling_at = Some(crate::jobs::now_ms() / 1000);
+                batch::save_batch(&jobs.store, &stored)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            let stored = current(&jobs, &owner, &id).await?;
+            Ok::<_, ApiError>(Json(stored.batch).into_response())
+        }
+        .await,
+    )
+}
