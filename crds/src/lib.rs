@@ -14,6 +14,7 @@ pub mod common;
 pub mod local_model;
 pub mod pool;
 pub mod redis_keys;
+pub mod routing;
 pub mod tenant;
 pub mod tier;
 pub mod validate;
@@ -22,6 +23,7 @@ pub use cache::{CachePolicy, CachePolicySpec, CachePolicyStatus};
 pub use common::{Condition, ConditionStatus, SecretKeyRef};
 pub use local_model::{LocalModelDeployment, LocalModelDeploymentSpec, LocalModelDeploymentStatus};
 pub use pool::{AIProviderPool, AIProviderPoolSpec, AIProviderPoolStatus, ProviderType, Strategy};
+pub use routing::{RoutingPolicy, RoutingPolicySpec, RoutingPolicyStatus};
 pub use tenant::{Tenant, TenantSpec, TenantStatus};
 pub use tier::{QueueClass, TierQueue, TierQueueSpec, TierQueueStatus};
 
@@ -48,16 +50,19 @@ pub enum Kind {
     LocalModelDeployment,
     /// [`Tenant`]
     Tenant,
+    /// [`RoutingPolicy`]
+    RoutingPolicy,
 }
 
 impl Kind {
     /// Every kind, in the order the CRDs are generated.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::AIProviderPool,
         Kind::TierQueue,
         Kind::CachePolicy,
         Kind::LocalModelDeployment,
         Kind::Tenant,
+        Kind::RoutingPolicy,
     ];
 
     /// The `kind:` string of manifests.
@@ -68,6 +73,7 @@ impl Kind {
             Kind::CachePolicy => "CachePolicy",
             Kind::LocalModelDeployment => "LocalModelDeployment",
             Kind::Tenant => "Tenant",
+            Kind::RoutingPolicy => "RoutingPolicy",
         }
     }
 
@@ -84,6 +90,7 @@ impl Kind {
             Kind::CachePolicy => CachePolicy::crd(),
             Kind::LocalModelDeployment => LocalModelDeployment::crd(),
             Kind::Tenant => Tenant::crd(),
+            Kind::RoutingPolicy => RoutingPolicy::crd(),
         }
     }
 

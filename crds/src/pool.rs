@@ -151,7 +151,9 @@ impl ProviderType {
 #[x_kube(
     validation = Rule::new("self.type in ['ollama', 'openai-compatible'] || size(self.keys) > 0").message("at least one API key (keys[].secretRef) is required for this provider type").field_path(".keys"),
     validation = Rule::new("self.keys.all(k, self.keys.exists_one(j, j.secretRef.name == k.secretRef.name && j.secretRef.key == k.secretRef.key))").message("each key must reference a different secret key: the same key twice would double its rate limit").field_path(".keys"),
-    validation = Rule::new("self.models.all(m, self.models.exists_one(n, n.name == m.name))").message("model names must be unique within a provider").field_path(".models")
+    validation = Rule::new("self.models.all(m, self.models.exists_one(n, n.name == m.name))").message("model names must be unique within a provider").field_path(".models"),
+    validation = Rule::new("!has(self.localModel) || self.type in ['ollama', 'openai-compatible']").message("localModel needs type ollama or openai-compatible").field_path(".localModel"),
+    validation = Rule::new("!has(self.localModel) || !has(self.baseUrl)").message("localModel and baseUrl exclude each other: the local model's Service is the endpoint").field_path(".localModel")
 )]
 pub struct Provider {
     /// Name of the provider within the pool (used in fallback, metrics and headers).
@@ -167,6 +169,13 @@ pub struct Provider {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), regex(pattern = "^https?://[^\\s]+$"))]
     pub base_url: Option<String>,
+    /// A LocalModelDeployment (by name, same namespace) this provider speaks to: its endpoint
+    /// is the model's Service (its `status.endpoint`, written by the operator) in cluster
+    /// mode, and its `floodgate.dev/endpoint` annotation standalone. Its concurrency
+    /// (`ollama.numParallel` per ready replica) bounds the calls in flight instead of an RPM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub local_model: Option<String>,
     /// Models offered by this provider. At most 32: the API server bounds the estimated cost
     /// of the CEL uniqueness rule (O(n^2) per provider, times 32 providers); 64 exceeded it.
     #[schemars(length(min = 1, max = 32))]

@@ -195,6 +195,7 @@ fn every_example_resource_round_trips() {
             Kind::CachePolicy => round_trip::<CachePolicy>(kind, &doc),
             Kind::LocalModelDeployment => round_trip::<LocalModelDeployment>(kind, &doc),
             Kind::Tenant => round_trip::<Tenant>(kind, &doc),
+            Kind::RoutingPolicy => round_trip::<floodgate_crds::RoutingPolicy>(kind, &doc),
         };
     }
     assert!(

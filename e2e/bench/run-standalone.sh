@@ -76,8 +76,14 @@ set_base_url() {
 }
 
 echo "floodgate run: config $CONFIG_DIR (a copy of examples/standalone), listening on $LISTEN"
+# Points every LocalModelDeployment's endpoint annotation (routing.yaml) at $1.
+set_local_endpoint() {
+  sed -i -E "s|(floodgate.dev/endpoint: )\"[^\"]*\"|\1\"$1\"|" "$CONFIG_DIR/routing.yaml"
+}
+
 for type in "${mocked[@]}"; do
   set_base_url "$type" "$mock_url"
+  [[ $type != ollama ]] || set_local_endpoint "$mock_url"
   if [[ $type == ollama ]]; then
     why="no FLOODGATE_OLLAMA_URL set"
   else
@@ -90,12 +96,17 @@ for type in openai anthropic gemini; do
 done
 if [[ -n ${FLOODGATE_OLLAMA_URL:-} ]]; then
   set_base_url ollama "$FLOODGATE_OLLAMA_URL"
+  set_local_endpoint "$FLOODGATE_OLLAMA_URL"
   echo "  ollama: using $FLOODGATE_OLLAMA_URL (FLOODGATE_OLLAMA_URL)"
 fi
 # The demo tenants' client keys (tenants.yaml, keys in secrets.yaml): one per tier.
 echo "  client keys (tenants.yaml; send one as 'Authorization: Bearer <key>' or 'x-api-key: <key>'):"
 { grep -E '^  (enterprise|pro|basic|free): sk-demo-' "$CONFIG_DIR/secrets.yaml" || true; } |
   while read -r tier key; do echo "    tenant demo-${tier%:} (tier ${tier%:}): $key"; done
+echo "  routing (routing.yaml): see x-floodgate-class and x-floodgate-route with"
+echo "       curl -si $LISTEN/v1/chat/completions -H 'authorization: Bearer sk-demo-basic' \\"
+echo "         -H 'content-type: application/json' \\"
+echo "         -d '{\"model\":\"smart\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}' | grep -i x-floodgate"
 echo "  try: curl -s $LISTEN/v1/chat/completions -H 'authorization: Bearer sk-demo-pro' \\"
 echo "         -H 'content-type: application/json' \\"
 echo "         -d '{\"model\":\"smart\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"

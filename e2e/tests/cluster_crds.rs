@@ -180,7 +180,7 @@ async fn the_500rpm_example_applies_and_reads_back_with_defaults() {
             .lines()
             .filter(|l| l.ends_with(" created"))
             .count(),
-        12,
+        13,
         "{}",
         out.stdout
     );
@@ -220,6 +220,10 @@ async fn the_500rpm_example_applies_and_reads_back_with_defaults() {
                 served_and_ours::<LocalModelDeployment>(&client, &ns, kind, &name, &doc).await
             }
             Kind::Tenant => served_and_ours::<Tenant>(&client, &ns, kind, &name, &doc).await,
+            Kind::RoutingPolicy => {
+                served_and_ours::<floodgate_crds::RoutingPolicy>(&client, &ns, kind, &name, &doc)
+                    .await
+            }
         };
         assert_eq!(
             served["spec"], ours["spec"],
@@ -227,7 +231,7 @@ async fn the_500rpm_example_applies_and_reads_back_with_defaults() {
         );
         compared += 1;
     }
-    assert_eq!(compared, 7);
+    assert_eq!(compared, 8);
 }
 
 async fn served_and_ours<T>(

@@ -259,6 +259,9 @@ fn ours(manifest: &Value) -> Result<(), Vec<FieldError>> {
             validate_object::<LocalModelDeployment>(kind, manifest).map(drop)
         }
         Kind::Tenant => validate_object::<Tenant>(kind, manifest).map(drop),
+        Kind::RoutingPolicy => {
+            validate_object::<floodgate_crds::RoutingPolicy>(kind, manifest).map(drop)
+        }
     }
 }
 

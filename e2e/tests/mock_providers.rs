@@ -488,7 +488,11 @@ async fn openai_max_tokens_cuts_with_length() {
 #[tokio::test]
 async fn listing_endpoints() {
     let h = Harness::default().await;
-    let models = h.get("/v1/models").await.json();
+    // OpenAI lists models only for a key, as it serves chat.
+    assert_eq!(h.get("/v1/models").await.status, 401);
+    let models = send(h.client.get(h.url("/v1/models")).bearer_auth("sk-any"))
+        .await
+        .json();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["object"], "model");
     let tags = h.get("/api/tags").await.json();

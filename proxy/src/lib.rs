@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod providers;
 pub mod route;
+pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod telemetry;

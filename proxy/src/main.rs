@@ -37,7 +37,7 @@ struct Args {
     #[arg(
         long = "config",
         env = "FLOODGATE_CONFIG",
-        required_unless_present = "cluster",
+        required_unless_present_any = ["cluster", "capacity"],
         value_delimiter = ','
     )]
     config: Vec<PathBuf>,
@@ -138,6 +138,10 @@ struct Args {
     /// Validate the configuration, print the result and exit.
     #[arg(long)]
     check_config: bool,
+    /// Print the capacity report of the gateway whose admin listener is at this URL (e.g.
+    /// `http://127.0.0.1:9090`) and exit.
+    #[arg(long, value_name = "ADMIN_URL", conflicts_with_all = ["cluster", "check_config"])]
+    capacity: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "FLOODGATE_LOG_JSON")]
     log_json: bool,
@@ -150,6 +154,9 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(url) = &args.capacity {
+        return capacity(url);
+    }
     // Dropped when main returns, after serve(): flushes the spans not yet exported.
     let _telemetry = match init_tracing(&args) {
         Ok(telemetry) => telemetry,
@@ -268,6 +275,11 @@ async fn serve(
     } else if let Some(watcher) = watcher {
         tasks.spawn(watcher.run(sink, cancel.clone()));
     }
+    // Active health checks of the pools that ask for them (`healthCheck`).
+    tasks.spawn(floodgate_proxy::routing::health::run(
+        dispatcher.clone(),
+        cancel.clone(),
+    ));
     if args.expose_key_header {
         tracing::warn!("answers name the provider key used (x-floodgate-key): for debugging only");
     }
@@ -488,4 +500,32 @@ fn init_tracing(args: &Args) -> Result<telemetry::Telemetry, telemetry::Error> {
             .filter(|name| !name.trim().is_empty())
             .unwrap_or_else(|| telemetry::DEFAULT_SERVICE_NAME.to_owned()),
     })
+}
+
+/// `--capacity URL`: fetches `GET /admin/capacity` and prints it as a table.
+fn capacity(admin_url: &str) -> std::process::ExitCode {
+    let url = format!("{}/admin/capacity", admin_url.trim_end_matches('/'));
+    let fetched = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let report: floodgate_proxy::routing::capacity::Report =
+                    reqwest::get(&url).await?.error_for_status()?.json().await?;
+                Ok::<_, anyhow::Error>(report)
+            })
+        });
+    match fetched {
+        Ok(report) => {
+            let table = floodgate_proxy::routing::capacity::render(&report);
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), table.as_bytes());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("floodgate-proxy: {url}: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
 }

@@ -313,6 +313,7 @@ impl Metrics {
             "Shared budgets found lost in Redis (restart, failover, flush) and re-written",
             m.budget_losses.clone(),
         );
+        crate::routing::metrics::register(&mut registry);
         crate::jobs::metrics::register(&mut registry);
         crate::cache::metrics::register(&mut registry);
         Metrics { registry, ..m }

@@ -35,8 +35,15 @@ fn every_example_directory_loads() {
     assert_eq!(keys, 760);
     assert_eq!(config.local_models.len(), 3);
     assert_eq!(config.tier_queue.as_ref().unwrap().spec.tiers.len(), 4);
+    // The hybrid routing of the scenario: three rules to the local pool, then premium.
+    assert_eq!(config.routing.rules.len(), 4);
+    assert!(config.routing.rules[..3].iter().all(|r| r.steps.len() == 2));
     let (config, _) = load_config(&[example("standalone")], SecretSources::default()).unwrap();
-    assert_eq!(config.pools.len(), 1);
+    assert_eq!(config.pools.len(), 2);
+    // Simple and code prompts go to the local models first, then the quickstart pool.
+    assert_eq!(config.routing.rules.len(), 3);
+    assert_eq!(config.routing.rules[0].steps.len(), 2);
+    assert_eq!(config.routing.rules[1].steps.len(), 2);
 }
 
 /// Kills the child on drop, so a failing test leaves no process behind.

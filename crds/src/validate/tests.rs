@@ -66,6 +66,23 @@ fn tenant() -> Value {
     })
 }
 
+fn routing() -> Value {
+    json!({
+        "apiVersion": "floodgate.dev/v1alpha1",
+        "kind": "RoutingPolicy",
+        "metadata": {"name": "hybrid"},
+        "spec": {
+            "premiumPool": "premium",
+            "rules": [
+                {"name": "free-simple", "match": {"tiers": ["free"], "classes": ["simple"]},
+                 "targets": [{"localModel": "mistral"}, {"pool": "premium", "model": "smart"}]},
+                {"name": "rest", "targets": [{"pool": "premium"}]}
+            ],
+            "budgets": {"tenants": [{"name": "acme", "monthlyUSD": 100.0}]}
+        }
+    })
+}
+
 /// Sets `pointer` in `value` (creating nothing: the parent must exist).
 fn with(mut value: Value, pointer: &str, new: Value) -> Value {
     let (parent, key) = pointer.rsplit_once('/').unwrap();
@@ -100,6 +117,7 @@ fn errors(kind: Kind, value: &Value) -> Vec<FieldError> {
             validate_object::<LocalModelDeployment>(kind, value).map(drop)
         }
         Kind::Tenant => validate_object::<Tenant>(kind, value).map(drop),
+        Kind::RoutingPolicy => validate_object::<crate::RoutingPolicy>(kind, value).map(drop),
     };
     result.err().unwrap_or_default()
 }
@@ -126,6 +144,7 @@ fn good_fixtures_are_accepted() {
         (Kind::CachePolicy, cache()),
         (Kind::LocalModelDeployment, local_model()),
         (Kind::Tenant, tenant()),
+        (Kind::RoutingPolicy, routing()),
     ] {
         assert_eq!(errors(kind, &value), vec![], "{kind}");
     }
@@ -440,4 +459,50 @@ fn tenant_empty_or_duplicate_model() {
     refused_at(Kind::Tenant, bad, "spec.models[1]");
     let bad = with(tenant(), "/spec/models/1", json!("smart"));
     refused_at(Kind::Tenant, bad, "spec.models");
+}
+
+#[test]
+fn routing_rules_are_checked_naming_the_field() {
+    let ok = validate_object::<crate::RoutingPolicy>(Kind::RoutingPolicy, &routing()).unwrap();
+    // Defaults: the classifier's thresholds and the alert share.
+    assert_eq!(ok.spec.classifier.simple_max_chars, 100);
+    assert_eq!(ok.spec.budgets.alert_at, 0.8);
+    let both = with(routing(), "/spec/rules/0/targets/0/pool", json!("premium"));
+    refused_at(Kind::RoutingPolicy, both, "spec.rules[0].targets");
+    let neither = with(
+        routing(),
+        "/spec/rules/1/targets/0",
+        json!({"model": "smart"}),
+    );
+    refused_at(Kind::RoutingPolicy, neither, "spec.rules[1].targets");
+    let twice = with(routing(), "/spec/rules/1/name", json!("free-simple"));
+    refused_at(Kind::RoutingPolicy, twice, "spec.rules");
+    let class = with(routing(), "/spec/rules/0/match/classes/0", json!("trivial"));
+    refused_at(Kind::RoutingPolicy, class, "spec.rules[0].match.classes[0]");
+    let negative = with(routing(), "/spec/budgets/tenants/0/monthlyUSD", json!(-1.0));
+    refused_at(
+        Kind::RoutingPolicy,
+        negative,
+        "spec.budgets.tenants[0].monthlyUSD",
+    );
+    let empty = with(routing(), "/spec/rules/1/targets", json!([]));
+    refused_at(Kind::RoutingPolicy, empty, "spec.rules[1].targets");
+}
+
+#[test]
+fn a_local_model_reference_excludes_a_base_url_and_needs_a_self_hosted_type() {
+    let local = with(pool(), "/spec/providers/1/localModel", json!("llama"));
+    assert_eq!(errors(Kind::AIProviderPool, &local), vec![]);
+    let with_url = with(
+        local.clone(),
+        "/spec/providers/1/baseUrl",
+        json!("http://x:1"),
+    );
+    refused_at(
+        Kind::AIProviderPool,
+        with_url,
+        "spec.providers[1].localModel",
+    );
+    let hosted = with(pool(), "/spec/providers/0/localModel", json!("llama"));
+    refused_at(Kind::AIProviderPool, hosted, "spec.providers[0].localModel");
 }

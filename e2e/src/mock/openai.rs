@@ -292,7 +292,15 @@ fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> R
 }
 
 /// `GET /v1/models`.
-pub(super) async fn models() -> Response {
+pub(super) async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    // As OpenAI answers it: the key is checked, and a provider-wide injected status applies
+    // (what a health probe sees of an unwell provider).
+    if let Some(response) = key_error(&shared, bearer_key(&headers)) {
+        return response;
+    }
+    if let Some(super::Fault::Status(code)) = shared.faults.get(OpenAi::PROVIDER) {
+        return OpenAi::status_error(code);
+    }
     bytes_response(StatusCode::OK, "application/json", MODEL_LIST.clone())
 }
 

@@ -530,6 +530,11 @@ impl KeyBudget {
         self.lock().failed = true;
     }
 
+    /// Puts a failed key back: a health probe with it succeeded.
+    pub fn restore(&self) {
+        self.lock().failed = false;
+    }
+
     /// Whether the key is failed.
     pub fn is_failed(&self) -> bool {
         self.lock().failed

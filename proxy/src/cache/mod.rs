@@ -28,7 +28,7 @@ pub mod template;
 
 use crate::budget::SharedOptions;
 use crate::config::Config;
-use crate::pipeline::RequestCtx;
+use crate::pipeline::{self, RequestCtx};
 use crate::providers::types::{ChatRequest, StreamOptions};
 use crate::providers::{ChatChunk, ChatResponse, ProviderError};
 use crate::route::attempt::Asker;
@@ -291,9 +291,9 @@ impl Cache {
         ctx: &mut RequestCtx,
         req: &ChatRequest,
         asker: Asker,
-    ) -> Result<Served, RouteError> {
+    ) -> Result<Served, pipeline::Error> {
         let Some(policy) = self.policy(&view.config) else {
-            return routed(dispatcher.chat(view, req, ctx.deadline, asker).await);
+            return routed(crate::routing::chat(dispatcher, view, ctx, req, asker).await);
         };
         let (no_cache, no_store) = (ctx.cache.no_cache, ctx.cache.no_store);
         if !no_cache && let Some((_, text)) = template::answer(&policy.templates, req) {
@@ -302,7 +302,7 @@ impl Cache {
         }
         if !policy.caches(req) {
             self.count(ctx, Outcome::Bypass);
-            return routed(dispatcher.chat(view, req, ctx.deadline, asker).await);
+            return routed(crate::routing::chat(dispatcher, view, ctx, req, asker).await);
         }
         let key = key::exact(&policy.scope(ctx), &resolved_model(view, &req.model), req);
         if no_cache {
@@ -322,7 +322,7 @@ impl Cache {
             }
             self.count(ctx, Outcome::Miss);
         }
-        let mut reply = dispatcher.chat(view, req, ctx.deadline, asker).await?;
+        let mut reply = crate::routing::chat(dispatcher, view, ctx, req, asker).await?;
         if !no_store && policy.exact_ttl.is_some() {
             reply.body = match reply.body {
                 ReplyBody::Complete(response) => {
@@ -360,7 +360,7 @@ impl Cache {
         req: &ChatRequest,
         asker: Asker,
         (policy, key, window): (&Arc<Policy>, Key, Duration),
-    ) -> Result<Served, RouteError> {
+    ) -> Result<Served, pipeline::Error> {
         let mut remote_tries = 0;
         let (leader, mirror) = loop {
             match self.flights.join(key, window) {
@@ -444,7 +444,7 @@ impl Cache {
             options.include_usage = true;
         }
         // Dropped on an error: the followers ask again.
-        let mut reply = match dispatcher.chat(view, &lead, ctx.deadline, asker).await {
+        let mut reply = match crate::routing::chat(dispatcher, view, ctx, &lead, asker).await {
             Ok(reply) => reply,
             Err(e) => {
                 if let Some(mirror) = &mirror {
@@ -689,7 +689,7 @@ fn saved(view: &View, model: &str, answer: &Answer) {
     }
 }
 
-fn routed(reply: Result<Reply, RouteError>) -> Result<Served, RouteError> {
+fn routed(reply: Result<Reply, pipeline::Error>) -> Result<Served, pipeline::Error> {
     reply.map(|reply| Served {
         reply,
         routed: true,

@@ -26,7 +26,9 @@ use super::watch::{ReloadStats, SharedConfig};
 use super::{Config, ConfigErrors, Origin, Resources, Sourced};
 use crate::secret::SecretString;
 use floodgate_crds::validate::validate_object;
-use floodgate_crds::{AIProviderPool, CachePolicy, Kind, LocalModelDeployment, Tenant, TierQueue};
+use floodgate_crds::{
+    AIProviderPool, CachePolicy, Kind, LocalModelDeployment, RoutingPolicy, Tenant, TierQueue,
+};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
@@ -60,6 +62,7 @@ pub fn initial_config() -> Config {
         cache_policy: None,
         local_models: Vec::new(),
         tenants: Vec::new(),
+        routing: Default::default(),
         webhook_secrets: Default::default(),
     }
 }
@@ -72,12 +75,13 @@ enum Source {
 }
 
 impl Source {
-    const ALL: [Source; 6] = [
+    const ALL: [Source; 7] = [
         Source::Kind(Kind::AIProviderPool),
         Source::Kind(Kind::TierQueue),
         Source::Kind(Kind::CachePolicy),
         Source::Kind(Kind::LocalModelDeployment),
         Source::Kind(Kind::Tenant),
+        Source::Kind(Kind::RoutingPolicy),
         Source::Secrets,
     ];
 
@@ -303,6 +307,7 @@ fn api_resource(kind: Kind) -> ApiResource {
         Kind::CachePolicy => ApiResource::erase::<CachePolicy>(&()),
         Kind::LocalModelDeployment => ApiResource::erase::<LocalModelDeployment>(&()),
         Kind::Tenant => ApiResource::erase::<Tenant>(&()),
+        Kind::RoutingPolicy => ApiResource::erase::<RoutingPolicy>(&()),
     }
 }
 
@@ -355,6 +360,7 @@ fn collect_resources(stores: &Stores, warned: &mut HashSet<(Kind, String, String
                 resources.local_models = validated(kind, &objects, warned)
             }
             Kind::Tenant => resources.tenants = validated(kind, &objects, warned),
+            Kind::RoutingPolicy => resources.routing_policies = validated(kind, &objects, warned),
         }
     }
     resources

@@ -232,6 +232,10 @@ fn parse_document(doc: Value, origin: Origin, loaded: &mut Loaded, errors: &mut 
             Ok(resource) => r.tenants.push(Sourced { resource, origin }),
             Err(e) => errors.extend(to_errors(e)),
         },
+        Kind::RoutingPolicy => match validate_object(k, &doc) {
+            Ok(resource) => r.routing_policies.push(Sourced { resource, origin }),
+            Err(e) => errors.extend(to_errors(e)),
+        },
     }
 }
 
@@ -304,6 +308,7 @@ pub(crate) fn check_duplicates(resources: &Resources, errors: &mut Vec<ConfigErr
     check(&resources.cache_policies, "CachePolicy", errors);
     check(&resources.local_models, "LocalModelDeployment", errors);
     check(&resources.tenants, "Tenant", errors);
+    check(&resources.routing_policies, "RoutingPolicy", errors);
 }
 
 fn file_error(path: &Path, message: &str) -> ConfigError {

@@ -13,7 +13,8 @@ pub mod watch;
 use crate::secret::{KeyDigest, SecretString};
 use floodgate_crds::pool::{Model, Provider};
 use floodgate_crds::{
-    AIProviderPool, CachePolicy, LocalModelDeployment, ProviderType, Tenant, TierQueue,
+    AIProviderPool, CachePolicy, LocalModelDeployment, ProviderType, RoutingPolicy, Tenant,
+    TierQueue,
 };
 use secrets::SecretLookup;
 use std::collections::HashSet;
@@ -91,6 +92,8 @@ pub struct Resources {
     pub local_models: Vec<Sourced<LocalModelDeployment>>,
     /// Tenants.
     pub tenants: Vec<Sourced<Tenant>>,
+    /// Routing policies (at most one).
+    pub routing_policies: Vec<Sourced<RoutingPolicy>>,
     /// The namespace the resources come from, in cluster mode: tenants are then named
     /// `<namespace>/<name>`; standalone, by their name alone.
     pub namespace: Option<String>,
@@ -110,6 +113,9 @@ pub struct Config {
     /// Tenants with their client keys hashed, in name order. Empty: the gateway is open
     /// (every caller is served without a client key).
     pub tenants: Vec<Arc<TenantConfig>>,
+    /// The RoutingPolicy compiled against the pools and local models (no rules, the default
+    /// classifier, when there is none).
+    pub routing: Arc<crate::routing::plan::Plan>,
     /// Webhook signing secrets by tier name (the TierQueue's
     /// `tiers[].async.webhook.signingSecretRef`), for the jobs' notifications.
     pub webhook_secrets: std::collections::HashMap<String, SecretString>,
@@ -181,6 +187,8 @@ pub struct ProviderConfig {
     pub models: Vec<Model>,
     /// Keys with their secrets.
     pub keys: Vec<KeyConfig>,
+    /// The LocalModelDeployment it serves, if it references one.
+    pub local_model: Option<String>,
     /// Share under the weighted strategy.
     pub weight: NonZeroU32,
     /// Provider-wide RPM (keyless providers).
@@ -222,9 +230,11 @@ impl Config {
         let mut errors = Vec::new();
         check_singletons(&resources.tier_queues, "TierQueue", &mut errors);
         check_singletons(&resources.cache_policies, "CachePolicy", &mut errors);
+        check_singletons(&resources.routing_policies, "RoutingPolicy", &mut errors);
         let mut pools = Vec::new();
         for pool in &resources.pools {
-            match resolve_pool(pool, secrets) {
+            let cluster = resources.namespace.is_some();
+            match resolve_pool(pool, &resources.local_models, cluster, secrets) {
                 Ok(p) => pools.push(p),
                 Err(mut e) => errors.append(&mut e),
             }
@@ -240,6 +250,16 @@ impl Config {
         }
         tenants.sort_by(|a, b| a.name.cmp(&b.name));
         check_client_keys(&resources.tenants, &tenants, &mut errors);
+        let routing = crate::routing::plan::Plan::compile(
+            resources.routing_policies.first(),
+            &pools,
+            &resources.local_models,
+            namespace,
+        )
+        .unwrap_or_else(|mut e| {
+            errors.append(&mut e);
+            crate::routing::plan::Plan::default()
+        });
         let webhook_secrets = resources
             .tier_queues
             .first()
@@ -263,6 +283,7 @@ impl Config {
                 .into_iter()
                 .map(|s| s.resource)
                 .collect(),
+            routing: Arc::new(routing),
         })
     }
 
@@ -288,10 +309,17 @@ impl Config {
             }
         }
         for lm in &self.local_models {
-            out.push(format!(
-                "LocalModelDeployment/{}: accepted but not acted on by the proxy (the operator runs local models)",
-                kube::ResourceExt::name_any(lm)
-            ));
+            let name = kube::ResourceExt::name_any(lm);
+            let referenced = self
+                .pools
+                .iter()
+                .flat_map(|p| &p.providers)
+                .any(|p| p.local_model.as_deref() == Some(name.as_str()));
+            if !referenced {
+                out.push(format!(
+                    "LocalModelDeployment/{name}: no pool provider references it (providers[].localModel), so the gateway does not send it requests"
+                ));
+            }
         }
         out
     }
@@ -374,6 +402,8 @@ fn resolve_webhook_secrets(
 
 fn resolve_pool(
     pool: &Sourced<AIProviderPool>,
+    local_models: &[Sourced<LocalModelDeployment>],
+    cluster: bool,
     secrets: &dyn SecretLookup,
 ) -> Result<PoolConfig, Vec<ConfigError>> {
     let name = kube::ResourceExt::name_any(&pool.resource);
@@ -406,7 +436,46 @@ fn resolve_pool(
                 }),
             }
         }
-        providers.push(provider_config(provider, keys));
+        let mut config = provider_config(provider, keys);
+        if let Some(local) = &provider.local_model {
+            let found = local_models
+                .iter()
+                .find(|lm| kube::ResourceExt::name_any(&lm.resource) == *local);
+            match found.map(|lm| crate::routing::plan::endpoint(&lm.resource)) {
+                Some(Some(endpoint)) => config.base_url = endpoint.trim_end_matches('/').to_owned(),
+                // In a cluster the model may be deleted after the pool that names it, or not
+                // be created yet: the provider is left out until it exists with an endpoint.
+                None | Some(None) if cluster => {
+                    tracing::warn!(
+                        pool = %name,
+                        provider = %provider.name,
+                        "LocalModelDeployment/{local} does not exist or has no endpoint yet; the provider is left out until it has one"
+                    );
+                    continue;
+                }
+                Some(None) => {
+                    // In a cluster the operator writes the endpoint once the Service exists:
+                    // until then the provider is left out rather than failing the pool.
+                    tracing::warn!(
+                        pool = %name,
+                        provider = %provider.name,
+                        "LocalModelDeployment/{local} has no endpoint yet (status.endpoint, or the {} annotation standalone); the provider is left out until it has one",
+                        crate::routing::plan::ENDPOINT_ANNOTATION
+                    );
+                    continue;
+                }
+                None => {
+                    errors.push(ConfigError {
+                        origin: pool.origin.clone(),
+                        resource: Some(format!("AIProviderPool/{name}")),
+                        field: format!("spec.providers[{pi}].localModel"),
+                        message: format!("names no LocalModelDeployment ({local:?})"),
+                    });
+                    continue;
+                }
+            }
+        }
+        providers.push(config);
     }
     if !errors.is_empty() {
         return Err(errors);
@@ -553,6 +622,7 @@ fn provider_config(provider: &Provider, keys: Vec<KeyConfig>) -> ProviderConfig 
             .to_owned(),
         models: provider.models.clone(),
         keys,
+        local_model: provider.local_model.clone(),
         weight: NonZeroU32::new(provider.weight).unwrap_or(NonZeroU32::MIN),
         rpm: provider.rpm.and_then(NonZeroU32::new),
     }

@@ -267,6 +267,10 @@ impl Workers {
                 let retryable = !matches!(r, Refusal::ModelNotAllowed(_));
                 Err(fail(r.metric_label(), r.to_string(), retryable))
             }
+            // A spent monthly budget renews only with the month: not worth a retry.
+            Err(pipeline::Error::OverBudget(e)) => {
+                Err(fail("budget_exceeded", e.to_string(), false))
+            }
             Err(pipeline::Error::Route(e)) => {
                 let retryable = match &e {
                     RouteError::UnknownModel(_) => false,

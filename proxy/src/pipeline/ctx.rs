@@ -127,6 +127,8 @@ pub struct RequestCtx {
     /// Stages 4, 5 and 8: the cache, what the caller asked of it (`cache-control`), and
     /// what it did.
     pub cache: crate::cache::CacheCtx,
+    /// The prompt's class (stage 3) and the routing rule and chain steps taken.
+    pub routing: Option<crate::routing::Note>,
 }
 
 impl RequestCtx {
@@ -156,6 +158,7 @@ impl RequestCtx {
             caller: None,
             route: None,
             cache: crate::cache::CacheCtx::new(None, headers),
+            routing: None,
         }
     }
 

@@ -6,11 +6,11 @@
 //! | 1 | identity         | the door ([`door::serve`]), from headers, before the body is read: [`identity`] | built |
 //! | 2 | parse            | the door: its wire format -> [`ChatRequest`] (or [`EmbeddingsRequest`]) | built |
 //! | 2b | tenant limits   | here: allowed models, the tenant's rpm / tpm / concurrency ([`identity::limits`]) | built |
-//! | 3 | classify         | here, prompt class             | not built yet (routing issue)  |
+//! | 3 | classify         | here, prompt class: [`routing::classify`] | built          |
 //! | 4 | cache lookup     | [`cache`](crate::cache): templates, then exact answers | built        |
 //! | 5 | dedup            | [`cache::flight`](crate::cache::flight): join an identical request in flight, fanned out | built |
 //! | 6 | queue (admission)| [`route::attempt`] + [`route::wait`]: per route, by tier (weighted fair queueing), bounded | built |
-//! | 7 | route / attempt  | [`route`]: key, provider, fallback | built                      |
+//! | 7 | route / attempt  | [`routing::chat`]: rule and chain of pools and local models; in each, [`route`]: key, provider, fallback | built |
 //! | 8 | cache store      | [`cache`](crate::cache): tees the typed answer, stores it when complete | built |
 //!
 //! A stage that is not built is absent, not a stub: it costs nothing. Each later stage adds
@@ -52,6 +52,9 @@ pub enum Error {
     /// The route stage failed.
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// A monthly cost budget (the tenant's, or every target pool's) is spent (429).
+    #[error(transparent)]
+    OverBudget(#[from] crate::routing::cost::OverBudget),
 }
 
 /// Runs stages 2b-8 for a parsed chat request (stages 1-2 ran in the door) and records the
@@ -67,29 +70,38 @@ pub async fn chat(
     let prompt = u64::from(estimate_prompt_tokens(req));
     let tokens = prompt + u64::from(output);
     let asker = queue_place(view, ctx);
+    // 3: the prompt's class.
+    crate::routing::classify(view, ctx, req);
     let slot = tenant_slot(ctx, &req.model, tokens).await?;
-    // 4 + 5 + 8: cache lookup, dedup and store around 6 + 7: admission in the route's
-    // queue, then attempts over keys and providers.
+    // 4 + 5 + 8: cache lookup, dedup and store around 6 + 7: the routing rule's chain of
+    // targets; in each, admission in the route's queue, then attempts over keys and
+    // providers.
     let reply = match ctx.cache.cache.clone() {
         Some(cache) => cache
             .chat(dispatcher, view, ctx, req, asker)
             .await
             .map(|served| (served.reply, served.routed)),
-        None => dispatcher
-            .chat(view, req, ctx.deadline, asker)
+        None => crate::routing::chat(dispatcher, view, ctx, req, asker)
             .await
             .map(|reply| (reply, true)),
     };
-    let reply = match reply {
-        // A hit, or a follower's answer: no route decision of its own.
-        Ok((reply, false)) => Ok(reply),
-        routed => {
-            let routed = routed.map(|(reply, _)| reply);
-            decided(ctx, &routed);
-            routed
+    if let (Err(e), Some(slot)) = (&reply, slot.as_ref()) {
+        // A refusal by the gateway itself (no attempt reached a provider, or a spent cost
+        // budget) gives the tenant its request and tokens back.
+        let refused = match e {
+            Error::Route(e) => e.is_gateway_refusal(),
+            Error::OverBudget(_) => true,
+            Error::Refused(_) => false,
+        };
+        if refused {
+            slot.refund();
         }
-    };
-    let mut reply = refund_unless_sent(reply, slot.as_ref())?;
+    }
+    let (mut reply, routed) = reply?;
+    // A hit, or a follower's answer, has no route decision of its own.
+    if routed {
+        record_decision(ctx, &reply);
+    }
     if let Some(slot) = slot {
         reply.body = match reply.body {
             ReplyBody::Complete(answer) => {
@@ -211,20 +223,26 @@ pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
         tier: tier.clone(),
         tenant: caller.map_or_else(|| Arc::from(ANONYMOUS), |c| c.name().clone()),
         progress: ctx.progress.clone(),
+        affinity: None,
     }
 }
 
 /// Records the route stage's decision on `ctx`.
 fn decided<B>(ctx: &mut RequestCtx, reply: &Result<Reply<B>, RouteError>) {
     if let Ok(reply) = reply {
-        ctx.queued = Some(reply.waited);
-        ctx.route = Some(RouteDecision {
-            provider: reply.provider.clone(),
-            key: reply.key.clone(),
-            attempts: reply.attempts,
-            ok: reply.ok.clone(),
-        });
+        record_decision(ctx, reply);
     }
+}
+
+/// Records a served request's route decision on `ctx`.
+fn record_decision<B>(ctx: &mut RequestCtx, reply: &Reply<B>) {
+    ctx.queued = Some(reply.waited);
+    ctx.route = Some(RouteDecision {
+        provider: reply.provider.clone(),
+        key: reply.key.clone(),
+        attempts: reply.attempts,
+        ok: reply.ok.clone(),
+    });
 }
 
 #[cfg(test)]

@@ -83,6 +83,9 @@ pub struct Asker {
     pub tenant: Arc<str>,
     /// Where it stands while it waits, for a streaming caller's progress comments.
     pub progress: Option<Arc<super::wait::Progress>>,
+    /// The hash of its long shared prompt prefix, if it has one: the key that served the
+    /// prefix last is preferred ([`crate::routing::affinity`]).
+    pub affinity: Option<u64>,
 }
 
 /// The tenant name of callers the gateway does not identify.
@@ -647,23 +650,29 @@ impl<'a> Attempts<'a> {
             Strategy::RoundRobin => self.dispatcher.rr.fetch_add(1, Ordering::Relaxed) % n.max(1),
             _ => 0,
         };
+        // The key that served this prompt's prefix last, while it can take it: the
+        // provider's prompt cache is per key.
+        let affine = self.affine_key(provider, now, tokens);
         loop {
-            let best = match provider.strategy {
-                Strategy::RoundRobin => (0..n)
-                    .map(|i| (rotate + i) % n)
-                    .filter(|&i| i >= 64 || tried & (1 << i) == 0)
-                    .find(|&i| {
-                        keys[i].budget.availability(now, tokens).is_ok()
-                            && self.class_allows(&keys[i], now)
-                            && self.pace_ready(&keys[i], now).is_ok()
-                    }),
-                Strategy::LeastLoaded | Strategy::Weighted | Strategy::Cheapest => (0..n)
-                    .filter(|&i| i >= 64 || tried & (1 << i) == 0)
-                    .filter(|&i| self.class_allows(&keys[i], now))
-                    .filter(|&i| self.pace_ready(&keys[i], now).is_ok())
-                    .filter_map(|i| keys[i].budget.score(now, tokens).map(|s| (i, s)))
-                    .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
-                    .map(|(i, _)| i),
+            let best = match (affine.filter(|&i| tried & (1 << i) == 0), provider.strategy) {
+                (Some(i), _) => Some(i),
+                (None, strategy) => match strategy {
+                    Strategy::RoundRobin => (0..n)
+                        .map(|i| (rotate + i) % n)
+                        .filter(|&i| i >= 64 || tried & (1 << i) == 0)
+                        .find(|&i| {
+                            keys[i].budget.availability(now, tokens).is_ok()
+                                && self.class_allows(&keys[i], now)
+                                && self.pace_ready(&keys[i], now).is_ok()
+                        }),
+                    Strategy::LeastLoaded | Strategy::Weighted | Strategy::Cheapest => (0..n)
+                        .filter(|&i| i >= 64 || tried & (1 << i) == 0)
+                        .filter(|&i| self.class_allows(&keys[i], now))
+                        .filter(|&i| self.pace_ready(&keys[i], now).is_ok())
+                        .filter_map(|i| keys[i].budget.score(now, tokens).map(|s| (i, s)))
+                        .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+                        .map(|(i, _)| i),
+                },
             }?;
             let probe = match provider.breaker.admit(now) {
                 Admit::Denied => return None,
@@ -690,6 +699,24 @@ impl<'a> Attempts<'a> {
                 }
             }
         }
+    }
+
+    /// The index of the key of `provider` that served this request's prompt prefix last, if
+    /// it has budget for `tokens` now and the request's class may take it.
+    fn affine_key(&self, provider: &ProviderRt, now: Instant, tokens: u64) -> Option<usize> {
+        let hash = self.asker.affinity?;
+        let name = self
+            .dispatcher
+            .routing()
+            .affinity
+            .preferred(hash, &provider.name)?;
+        let i = provider.keys.iter().position(|k| k.name == name)?;
+        let key = &provider.keys[i];
+        (i < 64
+            && key.budget.availability(now, tokens).is_ok()
+            && self.class_allows(key, now)
+            && self.pace_ready(key, now).is_ok())
+        .then_some(i)
     }
 
     /// Where to start in the route: the first target, except under the weighted strategy,

@@ -207,6 +207,7 @@ pub struct Dispatcher {
     bound: QueueBound,
     view: ArcSwap<View>,
     rr: AtomicUsize,
+    routing: crate::routing::State,
 }
 
 impl Dispatcher {
@@ -252,6 +253,7 @@ impl Dispatcher {
             bound,
             view: ArcSwap::from_pointee(View { config, runtime }),
             rr: AtomicUsize::new(0),
+            routing: crate::routing::State::default(),
         })
     }
 
@@ -271,6 +273,7 @@ impl Dispatcher {
             self.bound,
             tiers,
         );
+        self.routing.gates.configure(&config.routing.locals);
         self.view.store(Arc::new(View { config, runtime }));
         // Keys may have been added or raised: waiters look again.
         self.signal.pulse();
@@ -298,6 +301,11 @@ impl Dispatcher {
         self.budgets.redis_degraded()
     }
 
+    /// What routing keeps across reloads: local models' gates and demand, monthly spending.
+    pub fn routing(&self) -> &crate::routing::State {
+        &self.routing
+    }
+
     /// The key budgets.
     pub fn budgets(&self) -> &Budgets {
         &self.budgets
@@ -317,10 +325,23 @@ impl Dispatcher {
         deadline: Instant,
         asker: Asker,
     ) -> Result<Reply, RouteError> {
+        self.chat_on(view, &req.model, req, deadline, asker).await
+    }
+
+    /// Serves one chat request on the route named `route` (a model name or alias, or
+    /// `<pool>/<model>` for that pool's targets alone), as [`Dispatcher::chat`].
+    pub async fn chat_on(
+        &self,
+        view: &View,
+        route: &str,
+        req: &ChatRequest,
+        deadline: Instant,
+        asker: Asker,
+    ) -> Result<Reply, RouteError> {
         let route = view
             .runtime
             .routes
-            .get(&req.model)
+            .get(route)
             .ok_or_else(|| RouteError::UnknownModel(req.model.clone()))?;
         let demand = Demand::chat(req);
         let mut attempts = Attempts::new(self, &view.runtime, route, demand, deadline, asker);

@@ -230,10 +230,16 @@ impl Runtime {
                             (model.input_per_1m, model.output_per_1m),
                         )),
                     };
-                    let names = std::iter::once(&model.name).chain(model.alias.as_ref());
+                    // In a pool that routing rules name (crate::routing), each name also as
+                    // `<pool>/<name>`: that pool's targets alone.
+                    let ruled = config.routing.names_pool(&pool.name);
+                    let names = std::iter::once(model.name.clone())
+                        .chain(model.alias.clone())
+                        .flat_map(|n| [ruled.then(|| format!("{}/{n}", pool.name)), Some(n)])
+                        .flatten();
                     for name in names {
                         let route = routes
-                            .entry(name.clone())
+                            .entry(name)
                             .or_insert_with(|| (Vec::new(), pool.spec.max_attempts));
                         route.1 = route.1.max(pool.spec.max_attempts);
                         route.0.push(target.clone());

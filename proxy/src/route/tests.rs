@@ -66,6 +66,7 @@ pub(super) fn anon(view: &View) -> Asker {
         tier: view.runtime.tiers.get(None).clone(),
         tenant: Arc::from(ANONYMOUS),
         progress: None,
+        affinity: None,
     }
 }
 

@@ -41,6 +41,7 @@ fn asker(view: &View, tier: &str) -> Asker {
         tier: view.runtime.tiers.get(Some(tier)).clone(),
         tenant: Arc::from("t"),
         progress: None,
+        affinity: None,
     }
 }
 

@@ -195,6 +195,7 @@ pub fn decision_headers(headers: &mut HeaderMap, ctx: &RequestCtx, expose_key: b
             HeaderValue::from(queued.as_millis() as u64),
         );
     }
+    crate::routing::headers(headers, ctx);
     let Some(route) = &ctx.route else { return };
     if let Ok(v) = HeaderValue::from_str(&route.provider) {
         headers.insert(HeaderName::from_static(PROVIDER), v);
@@ -213,6 +214,13 @@ pub fn stage_error(e: pipeline::Error) -> ApiError {
     match e {
         pipeline::Error::Route(e) => route_error(e),
         pipeline::Error::Refused(e) => refusal(&e),
+        pipeline::Error::OverBudget(e) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "budget_exceeded",
+            e.to_string(),
+        )
+        .with_retry_after(e.retry_after),
     }
 }
 

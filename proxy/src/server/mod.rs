@@ -163,6 +163,7 @@ pub fn router(state: AppState) -> Router {
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/admin/capacity", get(capacity))
         .route(
             "/admin/jobs/dead-letters",
             get(jobs::dead_letters).delete(jobs::purge),
@@ -187,6 +188,17 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
         )],
         crate::metrics::global().encode(),
     )
+}
+
+/// `GET /admin/capacity`: raw provider RPM, recent offload shares, effective RPM.
+async fn capacity(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::Json<crate::routing::capacity::Report> {
+    let view = state.dispatcher.view();
+    axum::Json(crate::routing::capacity::report(
+        &view,
+        &state.dispatcher.routing().recent,
+    ))
 }
 
 async fn healthz() -> &'static str {

@@ -1,0 +1,565 @@
+//! Hybrid routing against the mock providers: prompt classes and the rule that routes them
+//! (`x-floodgate-class`, `x-floodgate-route`), a local model behind the Ollama API, spill-over
+//! of paid tiers on the local queue and latency while batch tiers wait, cross-pool fallback,
+//! cost against known prices, and budget refusal.
+#![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
+
+use floodgate_e2e::gateway::Gateway;
+use floodgate_e2e::mock::{MockConfig, MockProviders, Provider};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const MIN: Duration = Duration::from_secs(60);
+
+/// Knobs of the test configuration.
+struct Setup {
+    /// The local model's tag at the Ollama mock (`slow-<ms>` makes it slow).
+    local_model: &'static str,
+    /// `ollama.numParallel` of the LocalModelDeployment (one replica).
+    parallel: u32,
+    /// `autoscaling.queueDepth`.
+    queue_depth: u32,
+    /// `autoscaling.latencyMs`.
+    latency_ms: u32,
+    /// The first pool of the `fallback` rule's chain serves this model.
+    broken_model: &'static str,
+    /// `budgets:` of the RoutingPolicy, as YAML lines under it.
+    budgets: &'static str,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            local_model: "llama3.1:8b",
+            parallel: 4,
+            queue_depth: 100,
+            latency_ms: 60_000,
+            broken_model: "error-503",
+            budgets: "",
+        }
+    }
+}
+
+fn manifests(base: &str, s: &Setup) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: keys}}
+stringData: {{a: key-a, b: key-b}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: clients}}
+stringData: {{acme: client-acme, freeco: client-free}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: LocalModelDeployment
+metadata:
+  name: llama
+  annotations: {{floodgate.dev/endpoint: "{base}"}}
+spec:
+  model: "llama3.1:8b"
+  classes: [simple]
+  replicas: 1
+  ollama: {{numParallel: {parallel}}}
+  autoscaling: {{minReplicas: 1, maxReplicas: 2, queueDepth: {queue_depth}, latencyMs: {latency_ms}}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: AIProviderPool
+metadata: {{name: local}}
+spec:
+  providers:
+  - {{name: llama, type: ollama, localModel: llama, models: [{{name: "{local_model}"}}]}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: AIProviderPool
+metadata: {{name: premium}}
+spec:
+  providers:
+  - name: openai
+    type: openai
+    baseUrl: "{base}"
+    models: [{{name: gpt-4o, alias: smart, inputPer1M: 2.5, outputPer1M: 10}}]
+    keys: [{{secretRef: {{name: keys, key: a}}, rpm: 1000}}]
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: AIProviderPool
+metadata: {{name: broken}}
+spec:
+  providers:
+  - name: claude
+    type: anthropic
+    baseUrl: "{base}"
+    models: [{{name: "{broken_model}", alias: sturdy, inputPer1M: 3, outputPer1M: 15}}]
+    keys: [{{secretRef: {{name: keys, key: b}}, rpm: 1000}}]
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: TierQueue
+metadata: {{name: tiers}}
+spec:
+  defaultTier: pro
+  tiers:
+  - {{name: pro, class: standard, maxWaitMs: 10000}}
+  - {{name: free, class: batch, maxWaitMs: 20000, batch: {{size: 1, intervalSeconds: 1}}}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: Tenant
+metadata: {{name: acme}}
+spec:
+  tier: pro
+  keys: [{{name: main, secretRef: {{name: clients, key: acme}}}}]
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: Tenant
+metadata: {{name: freeco}}
+spec:
+  tier: free
+  keys: [{{name: main, secretRef: {{name: clients, key: freeco}}}}]
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: RoutingPolicy
+metadata: {{name: routes}}
+spec:
+  premiumPool: premium
+  rules:
+  - name: fallback
+    match: {{models: [sturdy]}}
+    targets: [{{pool: broken}}, {{pool: premium, model: smart}}]
+  - name: simple-local
+    match: {{classes: [simple]}}
+    targets: [{{localModel: llama}}, {{pool: premium, model: smart}}]
+  - name: code-premium
+    match: {{classes: [code], tiers: [pro]}}
+    targets: [{{pool: premium}}]
+  budgets:
+{budgets}"#,
+        parallel = s.parallel,
+        queue_depth = s.queue_depth,
+        latency_ms = s.latency_ms,
+        local_model = s.local_model,
+        broken_model = s.broken_model,
+        budgets = if s.budgets.is_empty() {
+            "    alertAt: 0.8\n"
+        } else {
+            s.budgets
+        },
+    )
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+async fn chat(gw: &Gateway, key: &str, model: &str, text: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(key)
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": text}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .map_or("", |v| v.to_str().unwrap_or(""))
+}
+
+async fn start(s: &Setup) -> (MockProviders, Gateway) {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = Gateway::start(
+        &manifests(&mock.base_url(), s),
+        MIN,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    (mock, gw)
+}
+
+const LONG_PROSE: &str = "Tell me about the history of the city of Lyon, its food, its rivers \
+                          and the people who lived there in the middle ages, at some length.";
+
+#[tokio::test]
+async fn classes_route_by_rule_to_the_local_model_and_premium() {
+    let (mock, gw) = start(&Setup::default()).await;
+    // Simple -> the local model over the Ollama API.
+    let r = chat(&gw, "client-acme", "smart", "What is 2+2?").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-class"), "simple");
+    assert_eq!(header(&r, "x-floodgate-route"), "simple-local");
+    assert_eq!(header(&r, "x-floodgate-provider"), "llama");
+    assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
+    // The local model has no price: it costs nothing.
+    assert_eq!(header(&r, "x-floodgate-cost-usd"), "0.00000000");
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), 1);
+
+    // Code from a pro tenant -> the premium pool by rule.
+    let r = chat(
+        &gw,
+        "client-acme",
+        "smart",
+        "```\nfn main() {}\n```\nwhat does it do",
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-class"), "code");
+    assert_eq!(header(&r, "x-floodgate-route"), "code-premium");
+    assert_eq!(header(&r, "x-floodgate-provider"), "openai");
+
+    // Medium matches no rule -> by model name; cost at gpt-4o's prices (2.5 / 10 per 1M).
+    let r = chat(&gw, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-class"), "medium");
+    assert_eq!(header(&r, "x-floodgate-route"), "by-model");
+    let cost: f64 = header(&r, "x-floodgate-cost-usd").parse().unwrap();
+    let body: Value = r.json().await.unwrap();
+    let input = body["usage"]["prompt_tokens"].as_f64().unwrap();
+    let output = body["usage"]["completion_tokens"].as_f64().unwrap();
+    let expected = (input * 2.5 + output * 10.0) / 1e6;
+    assert!(expected > 0.0);
+    assert!((cost - expected).abs() < 1e-8, "{cost} vs {expected}");
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 2);
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), 1);
+
+    // The Anthropic door classifies and routes the same way.
+    let r = client()
+        .post(format!("{}/v1/messages", gw.url()))
+        .header("x-api-key", "client-acme")
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "smart", "max_tokens": 64,
+                      "messages": [{"role": "user", "content": "What is 3+3?"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-class"), "simple");
+    assert_eq!(header(&r, "x-floodgate-route"), "simple-local");
+    assert_eq!(header(&r, "x-floodgate-provider"), "llama");
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), 2);
+
+    // Code from a free tenant matches no rule (code-premium is for pro).
+    let r = chat(&gw, "client-free", "smart", "def f(x):\n  return x").await;
+    assert_eq!(header(&r, "x-floodgate-class"), "code");
+    assert_eq!(header(&r, "x-floodgate-route"), "by-model");
+
+    // The metrics name the classes, rules, steps and savings.
+    let metrics = client()
+        .get(format!("{}/metrics", gw.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("floodgate_requests_classified_total{class=\"simple\"}"));
+    assert!(metrics.contains(
+        "floodgate_routing_requests_total{rule=\"simple-local\",target=\"local:llama\"}"
+    ));
+    assert!(metrics.contains("floodgate_cost_savings_usd_total{tenant=\"acme\"}"));
+    assert!(metrics.contains("floodgate_local_model_in_flight{local_model=\"default/llama\"}"));
+
+    // The capacity report: 2 of 5 answers came from the local model.
+    let report: Value = client()
+        .get(format!("{}/admin/capacity", gw.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["requests"], 5);
+    assert_eq!(report["local_share"], 0.4);
+    assert_eq!(report["raw_rpm"]["total"], 2000, "{report}");
+    assert_eq!(report["raw_rpm"]["pools"]["premium"], 1000);
+    assert!(report["cache_share"].is_null());
+    let effective = report["effective_rpm"].as_f64().unwrap();
+    assert!((effective - 2000.0 / 0.6).abs() < 1e-6, "{report}");
+}
+
+#[tokio::test]
+async fn a_failing_pool_falls_over_to_the_next_pool_of_the_chain() {
+    let (mock, gw) = start(&Setup::default()).await;
+    let r = chat(&gw, "client-acme", "sturdy", LONG_PROSE).await;
+    assert_eq!(r.status(), 200, "{:?}", r.headers());
+    assert_eq!(header(&r, "x-floodgate-route"), "fallback");
+    let chain = header(&r, "x-floodgate-chain").to_owned();
+    assert!(chain.starts_with("pool:broken="), "{chain}");
+    assert!(chain.ends_with(",pool:premium=ok"), "{chain}");
+    assert_eq!(header(&r, "x-floodgate-provider"), "openai");
+    assert!(mock.counts().provider_total(Provider::Anthropic) >= 1);
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
+}
+
+#[tokio::test]
+async fn without_a_healthy_pool_left_the_last_error_is_the_answer() {
+    let (_mock, gw) = start(&Setup {
+        broken_model: "error-400",
+        ..Setup::default()
+    })
+    .await;
+    // A 400 is the request's fault: no other pool is tried.
+    let r = chat(&gw, "client-acme", "sturdy", LONG_PROSE).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(header(&r, "x-floodgate-chain"), "pool:broken=bad_request");
+    assert_eq!(header(&r, "x-floodgate-route"), "fallback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_tiers_spill_over_when_the_local_queue_is_full_and_batch_tiers_wait() {
+    let (mock, gw) = start(&Setup {
+        local_model: "slow-800",
+        parallel: 1,
+        queue_depth: 1,
+        ..Setup::default()
+    })
+    .await;
+    let gw = std::sync::Arc::new(gw);
+    // One call in flight, one waiting: the local queue is at its threshold.
+    let first = tokio::spawn({
+        let gw = gw.clone();
+        async move { chat(&gw, "client-acme", "smart", "hi one").await }
+    });
+    wait_for(&gw, |d| d.in_flight == 1).await;
+    let second = tokio::spawn({
+        let gw = gw.clone();
+        async move { chat(&gw, "client-acme", "smart", "hi two").await }
+    });
+    wait_for(&gw, |d| d.queue_depth == 1).await;
+    // A paid tier spills over to premium at once.
+    let r = chat(&gw, "client-acme", "smart", "hi three").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "x-floodgate-chain"),
+        "local:llama=spill_queue,pool:premium=ok"
+    );
+    assert_eq!(header(&r, "x-floodgate-provider"), "openai");
+    // A batch tier waits for the local model instead.
+    let r = chat(&gw, "client-free", "smart", "hi four").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
+    for task in [first, second] {
+        let r = task.await.unwrap();
+        assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
+    }
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), 3);
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
+}
+
+#[tokio::test]
+async fn paid_tiers_spill_over_when_local_latency_passes_the_threshold() {
+    let (mock, gw) = start(&Setup {
+        local_model: "slow-300",
+        latency_ms: 200,
+        ..Setup::default()
+    })
+    .await;
+    let r = chat(&gw, "client-acme", "smart", "hi").await;
+    assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
+    // Its 300 ms passed the 200 ms threshold: the next paid request spills over.
+    let r = chat(&gw, "client-acme", "smart", "hi again").await;
+    assert_eq!(
+        header(&r, "x-floodgate-chain"),
+        "local:llama=spill_latency,pool:premium=ok"
+    );
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), 1);
+}
+
+#[tokio::test]
+async fn a_spent_tenant_budget_is_refused_with_429_and_a_spent_pool_is_skipped() {
+    let (mock, gw) = start(&Setup {
+        budgets: "    alertAt: 0.5\n    tenants: [{name: acme, monthlyUSD: 0.000001}]\n    pools: [{name: broken, monthlyUSD: 0.000001}]\n",
+        broken_model: "claude-sonnet-4",
+        ..Setup::default()
+    })
+    .await;
+    // freeco has no budget; its first call spends the broken pool's budget.
+    let r = chat(&gw, "client-free", "sturdy", LONG_PROSE).await;
+    assert_eq!(header(&r, "x-floodgate-chain"), "pool:broken=ok");
+    let r = chat(&gw, "client-free", "sturdy", LONG_PROSE).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "x-floodgate-chain"),
+        "pool:broken=over_budget,pool:premium=ok"
+    );
+    // acme's first request spends more than its budget; the next is refused.
+    let r = chat(&gw, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 200);
+    let r = chat(&gw, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 2);
+    let metrics = client()
+        .get(format!("{}/metrics", gw.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("floodgate_cost_budget_alert{scope=\"tenant\",name=\"acme\"} 1"));
+}
+
+async fn wait_for(
+    gw: &Gateway,
+    cond: impl Fn(&floodgate_proxy::routing::local::LocalDemand) -> bool,
+) {
+    for _ in 0..500 {
+        let demand = gw.dispatcher.routing().gates.demand();
+        if demand.iter().any(&cond) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let demand = gw.dispatcher.routing().gates.demand();
+    assert!(
+        demand.iter().any(&cond),
+        "the local model's demand never reached the condition: {demand:?}"
+    );
+}
+
+fn health_pool(base: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: p}}\nspec:\n\
+         \x20 healthCheck: {{intervalSeconds: 5}}\n\
+         \x20 circuitBreaker: {{failureThreshold: 1, openSeconds: 3600}}\n  maxAttempts: 1\n  providers:\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o}}], \
+         keys: [{{name: a, secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n"
+    )
+}
+
+#[tokio::test]
+async fn a_health_probe_closes_an_open_circuit_and_restores_a_refused_key() {
+    use floodgate_e2e::mock::Fault;
+    use floodgate_proxy::routing::health;
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = Gateway::start(&health_pool(&mock.base_url()), MIN, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let ask = || async { chat(&gw, "", "gpt-4o", "hi").await.status() };
+    let http = client();
+    // A 503 opens the circuit for an hour; the provider is well again, but unused.
+    mock.set_fault(Provider::OpenAi, Fault::Status(503));
+    assert_eq!(ask().await, 503);
+    mock.clear_fault(Provider::OpenAi);
+    assert_ne!(ask().await, 200);
+    // While it is down the probe fails and the circuit stays open.
+    mock.set_fault(Provider::OpenAi, Fault::Status(500));
+    let round = health::probe_once(&gw.dispatcher.view(), &http).await;
+    assert_eq!((round.probed, round.circuits_closed), (1, 0));
+    assert_ne!(ask().await, 200);
+    mock.clear_fault(Provider::OpenAi);
+    let round = health::probe_once(&gw.dispatcher.view(), &http).await;
+    assert_eq!((round.probed, round.circuits_closed), (1, 1));
+    assert_eq!(ask().await, 200);
+    // A 401 takes the key out; a probe that the provider answers puts it back.
+    mock.set_fault(Provider::OpenAi, Fault::Status(401));
+    assert_eq!(ask().await, 502);
+    mock.clear_fault(Provider::OpenAi);
+    assert_ne!(ask().await, 200);
+    let round = health::probe_once(&gw.dispatcher.view(), &http).await;
+    assert_eq!(round.keys_restored, 1);
+    assert_eq!(ask().await, 200);
+    // Nothing left to probe.
+    assert_eq!(
+        health::probe_once(&gw.dispatcher.view(), &http)
+            .await
+            .probed,
+        0
+    );
+}
+
+fn three_keys(base: &str, rpm: u32) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a, b: key-b, c: key-c}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: p}}\nspec:\n  providers:\n\
+         \x20 - {{name: openai, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o}}], keys: [\
+         {{name: a, secretRef: {{name: keys, key: a}}, rpm: {rpm}}}, \
+         {{name: b, secretRef: {{name: keys, key: b}}, rpm: {rpm}}}, \
+         {{name: c, secretRef: {{name: keys, key: c}}, rpm: {rpm}}}]}}\n"
+    )
+}
+
+async fn with_prefix(gw: &Gateway, prefix: &str, question: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .json(&json!({"model": "gpt-4o", "messages": [
+            {"role": "system", "content": prefix},
+            {"role": "user", "content": question}
+        ]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn requests_sharing_a_long_prefix_land_on_the_key_that_served_it() {
+    use floodgate_proxy::route::Dispatcher;
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = Gateway::start_naming_keys(
+        &three_keys(&mock.base_url(), 1000),
+        Dispatcher::new(MIN, Duration::from_secs(5)).unwrap(),
+    )
+    .await
+    .unwrap();
+    // Five system prompts of ~5,000 characters, each asked 10 different questions,
+    // interleaved: least-loaded alone spreads each prefix over the three keys (five is
+    // prime to three, so no prefix keeps a key by chance).
+    let prefixes: Vec<String> = (0..5)
+        .map(|i| {
+            format!(
+                "You are assistant {i}. {}",
+                "Follow the house style. ".repeat(220)
+            )
+        })
+        .collect();
+    let mut first: Vec<Option<String>> = vec![None; prefixes.len()];
+    let (mut affine, mut repeated) = (0u32, 0u32);
+    for round in 0..10 {
+        for (i, prefix) in prefixes.iter().enumerate() {
+            let r = with_prefix(&gw, prefix, &format!("question {round}")).await;
+            assert_eq!(r.status(), 200);
+            let key = header(&r, "x-floodgate-key").to_owned();
+            match &first[i] {
+                None => first[i] = Some(key),
+                Some(k) => {
+                    repeated += 1;
+                    affine += u32::from(*k == key);
+                }
+            }
+        }
+    }
+    let share = f64::from(affine) / f64::from(repeated);
+    println!("affine share: {affine}/{repeated} = {share:.2}");
+    assert_eq!(affine, repeated, "every repeat landed on its prefix's key");
+}
+
+#[tokio::test]
+async fn a_busy_affine_key_gives_way_to_another() {
+    use floodgate_proxy::route::Dispatcher;
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = Gateway::start_naming_keys(
+        &three_keys(&mock.base_url(), 2),
+        Dispatcher::new(MIN, Duration::from_secs(1)).unwrap(),
+    )
+    .await
+    .unwrap();
+    let prefix = "Follow the house style. ".repeat(220);
+    let r = with_prefix(&gw, &prefix, "one").await;
+    let affine = header(&r, "x-floodgate-key").to_owned();
+    let r = with_prefix(&gw, &prefix, "two").await;
+    assert_eq!(header(&r, "x-floodgate-key"), affine);
+    // Its 2 RPM are spent: the next request takes another key at once, and that key
+    // becomes the prefix's.
+    let r = with_prefix(&gw, &prefix, "three").await;
+    assert_eq!(r.status(), 200);
+    let other = header(&r, "x-floodgate-key").to_owned();
+    assert_ne!(other, affine);
+    let r = with_prefix(&gw, &prefix, "four").await;
+    assert_eq!(header(&r, "x-floodgate-key"), other);
+}

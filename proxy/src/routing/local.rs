@@ -1,0 +1,339 @@
+//! Local models: a concurrency limit instead of an RPM (calls in flight at most
+//! `numParallel` per replica), the queue of requests waiting for a slot, the latency of the
+//! calls, and whether a paid tier should spill over to the next target instead of waiting.
+//!
+//! [`LocalDemand`] is what the operator's autoscaler reads: one struct per local model,
+//! snapshot by [`Gates::demand`], also exported as Prometheus gauges labelled
+//! `local_model="<namespace>/<name>"`.
+
+use super::metrics::{LocalLabels, routing_metrics};
+use super::plan::LocalSpec;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// The demand on one local model at one gateway replica, for autoscaling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalDemand {
+    /// `<namespace>/<name>` of the LocalModelDeployment.
+    pub local_model: Arc<str>,
+    /// Requests waiting for a slot.
+    pub queue_depth: u64,
+    /// Calls in flight.
+    pub in_flight: u64,
+    /// Recent latency (exponentially weighted mean of call durations), milliseconds.
+    pub latency_ms: u64,
+}
+
+/// The concurrency gate and demand counters of one local model; survives reloads.
+#[derive(Debug)]
+pub struct Gate {
+    key: Arc<str>,
+    limit: AtomicUsize,
+    in_flight: AtomicUsize,
+    waiting: AtomicUsize,
+    /// Mean latency in microseconds (EWMA, weight 1/8).
+    latency_us: AtomicU64,
+    freed: Notify,
+    gauges: (Gauge, Gauge, Gauge, Histogram),
+}
+
+/// What the gate says a request should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pressure {
+    /// Under its thresholds.
+    Normal,
+    /// Its queue passed the threshold.
+    Queue,
+    /// Its latency passed the threshold.
+    Latency,
+}
+
+impl Pressure {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Pressure::Normal => "normal",
+            Pressure::Queue => "queue",
+            Pressure::Latency => "latency",
+        }
+    }
+}
+
+impl Gate {
+    fn new(spec: &LocalSpec) -> Self {
+        let m = routing_metrics();
+        let labels = LocalLabels {
+            local_model: spec.key.to_string(),
+        };
+        let depth = m.local_queue_depth.get_or_create(&labels).clone();
+        let flight = m.local_in_flight.get_or_create(&labels).clone();
+        let latency = m.local_latency_ms.get_or_create(&labels).clone();
+        let hist = m.local_seconds.get_or_create(&labels).clone();
+        Self {
+            key: spec.key.clone(),
+            limit: AtomicUsize::new(spec.limit.max(1)),
+            in_flight: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            latency_us: AtomicU64::new(0),
+            freed: Notify::new(),
+            gauges: (depth, flight, latency, hist),
+        }
+    }
+
+    /// Whether the model is past `spec`'s thresholds.
+    pub fn pressure(&self, spec: &LocalSpec) -> Pressure {
+        if self.waiting.load(Ordering::Relaxed) >= spec.queue_threshold.max(1) {
+            return Pressure::Queue;
+        }
+        if let Some(ms) = spec.latency_ms
+            && self.latency_us.load(Ordering::Relaxed) > u64::from(ms) * 1000
+        {
+            return Pressure::Latency;
+        }
+        Pressure::Normal
+    }
+
+    /// A slot, waiting in line until `deadline` at the latest; `None` past it.
+    pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Option<Slot> {
+        if let Some(slot) = self.try_acquire() {
+            return Some(slot);
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        self.publish();
+        let _waiting = Waiting(self);
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(slot) = self.try_acquire() {
+                return Some(slot);
+            }
+            tokio::select! {
+                () = freed => {}
+                () = tokio::time::sleep_until(deadline) => return self.try_acquire(),
+            }
+        }
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let mut now = self.in_flight.load(Ordering::Relaxed);
+        loop {
+            if now >= limit {
+                return None;
+            }
+            match self.in_flight.compare_exchange_weak(
+                now,
+                now + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(seen) => now = seen,
+            }
+        }
+        self.publish();
+        Some(Slot {
+            gate: self.clone(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Records a finished call's latency.
+    fn observe(&self, d: Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let old = self.latency_us.load(Ordering::Relaxed);
+        let new = if old == 0 { us } else { old - old / 8 + us / 8 };
+        self.latency_us.store(new, Ordering::Relaxed);
+        self.gauges.3.observe(d.as_secs_f64());
+    }
+
+    fn publish(&self) {
+        self.gauges
+            .0
+            .set(self.waiting.load(Ordering::Relaxed) as i64);
+        self.gauges
+            .1
+            .set(self.in_flight.load(Ordering::Relaxed) as i64);
+        self.gauges
+            .2
+            .set((self.latency_us.load(Ordering::Relaxed) / 1000) as i64);
+    }
+
+    /// The model's demand now.
+    pub fn demand(&self) -> LocalDemand {
+        LocalDemand {
+            local_model: self.key.clone(),
+            queue_depth: self.waiting.load(Ordering::Relaxed) as u64,
+            in_flight: self.in_flight.load(Ordering::Relaxed) as u64,
+            latency_ms: self.latency_us.load(Ordering::Relaxed) / 1000,
+        }
+    }
+}
+
+struct Waiting<'a>(&'a Gate);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.0.publish();
+    }
+}
+
+/// A call's slot on a local model: held until the answer is finished (a stream carries it
+/// to its end); its release wakes the next waiter.
+#[derive(Debug)]
+pub struct Slot {
+    gate: Arc<Gate>,
+    started: Instant,
+}
+
+impl Slot {
+    /// The call's first answer came after `d` (a whole answer, or a stream's head): records
+    /// it as the model's latency.
+    pub fn answered(&self) {
+        self.gate.observe(self.started.elapsed());
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gate.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.gate.publish();
+        self.gate.freed.notify_one();
+    }
+}
+
+/// The gates of every local model, by name; kept across configuration reloads.
+#[derive(Debug, Default)]
+pub struct Gates {
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+impl Gates {
+    /// The gate of local model `name`, created or resized to `spec`.
+    pub fn get(&self, name: &str, spec: &LocalSpec) -> Arc<Gate> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let gate = gates
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(Gate::new(spec)))
+            .clone();
+        if gate.limit.swap(spec.limit.max(1), Ordering::Relaxed) < spec.limit {
+            gate.freed.notify_waiters();
+        }
+        gate
+    }
+
+    /// Makes the gates those of `locals` (a configuration's local models): new ones are
+    /// created, so their demand reads zero before their first request, limits are resized,
+    /// and models no longer configured are dropped (calls in flight keep theirs to the end).
+    pub fn configure(&self, locals: &HashMap<String, LocalSpec>) {
+        for (name, spec) in locals {
+            self.get(name, spec);
+        }
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        gates.retain(|name, _| locals.contains_key(name));
+    }
+
+    /// The demand on every configured local model at this replica: the numbers the
+    /// operator's autoscaler reads (queue depth, in flight, latency).
+    pub fn demand(&self) -> Vec<LocalDemand> {
+        let gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<LocalDemand> = gates.values().map(|g| g.demand()).collect();
+        out.sort_by(|a, b| a.local_model.cmp(&b.local_model));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(limit: usize, queue: usize, latency_ms: Option<u32>) -> LocalSpec {
+        LocalSpec {
+            key: Arc::from("ns/gate-test"),
+            limit,
+            queue_threshold: queue,
+            latency_ms,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_holds_and_a_freed_slot_goes_to_the_waiter() {
+        let s = spec(2, 10, None);
+        let gates = Gates::default();
+        let gate = gates.get("a", &s);
+        let far = Instant::now() + Duration::from_secs(10);
+        let a = gate.acquire(far).await.unwrap();
+        let _b = gate.acquire(far).await.unwrap();
+        // The third waits, and gives up at its deadline exactly.
+        let start = Instant::now();
+        assert!(
+            gate.acquire(start + Duration::from_millis(500))
+                .await
+                .is_none()
+        );
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+        let g = gate.clone();
+        let waiter = tokio::spawn(async move { g.acquire(far).await.map(|_| Instant::now()) });
+        tokio::task::yield_now().await;
+        assert_eq!(gates.demand()[0].queue_depth, 1);
+        assert_eq!(gates.demand()[0].in_flight, 2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let freed_at = Instant::now();
+        drop(a);
+        assert_eq!(waiter.await.unwrap(), Some(freed_at));
+        assert_eq!(gates.demand()[0].queue_depth, 0);
+    }
+
+    #[test]
+    fn configured_models_report_demand_before_their_first_request() {
+        let gates = Gates::default();
+        let mut locals = HashMap::new();
+        locals.insert("a".to_owned(), spec(2, 10, None));
+        gates.configure(&locals);
+        let demand = gates.demand();
+        assert_eq!(demand.len(), 1);
+        assert_eq!((demand[0].queue_depth, demand[0].in_flight), (0, 0));
+        gates.configure(&HashMap::new());
+        assert!(gates.demand().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pressure_at_the_queue_and_latency_thresholds() {
+        let s = spec(1, 2, Some(1000));
+        let gates = Gates::default();
+        let gate = gates.get("b", &s);
+        let far = Instant::now() + Duration::from_secs(60);
+        let slot = gate.acquire(far).await.unwrap();
+        assert_eq!(gate.pressure(&s), Pressure::Normal);
+        let w1 = tokio::spawn({
+            let g = gate.clone();
+            async move { g.acquire(far).await.is_some() }
+        });
+        tokio::task::yield_now().await;
+        // One waiting, threshold two: still normal; the second makes it a queue.
+        assert_eq!(gate.pressure(&s), Pressure::Normal);
+        let w2 = tokio::spawn({
+            let g = gate.clone();
+            async move { g.acquire(far).await.is_some() }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(gate.pressure(&s), Pressure::Queue);
+        // A call of exactly 1000 ms is at the threshold, not past it.
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        slot.answered();
+        drop(slot);
+        assert!(w1.await.unwrap());
+        assert_eq!(gate.pressure(&s), Pressure::Normal);
+        let s2 = spec(1, 2, Some(999));
+        assert_eq!(gate.pressure(&s2), Pressure::Latency);
+        drop(w2);
+    }
+}

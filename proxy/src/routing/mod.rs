@@ -1,0 +1,438 @@
+//! Stage 3 (classify) and the routing half of stage 7: a request's prompt class, the
+//! RoutingPolicy rule that matches it, and the rule's chain of targets walked in order until
+//! one answers — the degradation chain.
+//!
+//! ```text
+//! classify (stage 3)           -> x-floodgate-class, floodgate_requests_classified_total
+//! tenant budget                -> 429 budget_exceeded when spent this month
+//! rule = first match (tier, class, model, tenant)      -> x-floodgate-route
+//! for step in rule.targets:                            -> x-floodgate-chain
+//!     pool budget spent?            next step  (over_budget)
+//!     local model past threshold?   paid tiers: next step (spill_queue / spill_latency);
+//!                                   batch tiers wait for a slot
+//!     dispatcher on <pool>/<model>  within the keys and providers of that pool: next key,
+//!                                   next provider (route::attempt); on saturation,
+//!                                   circuits open or a retryable failure: next step
+//! cost of the answer            -> x-floodgate-cost-usd, floodgate_request_cost_usd_total
+//! ```
+//!
+//! Every step has a deadline derived from the tier's wait limit: a step that is not the last
+//! gets an equal share of the time left, the last gets all of it, so the chain never hangs.
+//!
+//! The chain's later steps are extension points, not built here: **stale cache** (expired
+//! entries within a grace period, the cache issue), **template answer** (the cache issue's
+//! templates) and **async job** (the jobs issue, for tiers that allow it) come after the
+//! last target, before the final error; they are to be added in [`chat`] where the comment
+//! `extension point` stands. Until then the last target's error is the answer: 429 or 503
+//! with `retry-after`.
+//!
+//! Requests no rule matches are routed by their model name over every pool, as before.
+
+pub mod affinity;
+pub mod capacity;
+pub mod classify;
+pub mod cost;
+pub mod health;
+pub mod local;
+pub mod metrics;
+pub mod plan;
+
+use crate::pipeline::{self, RequestCtx};
+use crate::providers::types::ChatRequest;
+use crate::providers::{ChatChunk, ProviderError};
+use crate::route::attempt::Asker;
+use crate::route::{ChunkStream, Dispatcher, Reply, ReplyBody, RouteError, View};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use floodgate_crds::QueueClass;
+use floodgate_crds::local_model::PromptClass;
+use futures::Stream;
+use metrics::{ClassLabels, RouteLabels, StepLabels, routing_metrics};
+use plan::{Plan, Step};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Response header: the prompt's class.
+pub const CLASS_HEADER: &str = "x-floodgate-class";
+/// Response header: the routing rule that matched, or `by-model`.
+pub const ROUTE_HEADER: &str = "x-floodgate-route";
+/// Response header: the steps of the chain taken, `<target>=<outcome>` joined by commas.
+pub const CHAIN_HEADER: &str = "x-floodgate-chain";
+/// Response header: the request's cost in USD at the pool's prices (whole answers).
+pub const COST_HEADER: &str = "x-floodgate-cost-usd";
+/// The route name of requests no rule matched.
+pub const BY_MODEL: &str = "by-model";
+
+/// What routing keeps across configuration reloads: local models' gates and the monthly
+/// spending. One per dispatcher.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Concurrency gates and demand of local models.
+    pub gates: local::Gates,
+    /// Spending per tenant and pool this month.
+    pub ledger: Arc<cost::Ledger>,
+    /// Who answered recent requests (the capacity report).
+    pub recent: capacity::Recent,
+    /// The key that served each long prompt prefix last.
+    pub affinity: affinity::Affinity,
+}
+
+/// What the routing stage decided, for the response headers.
+#[derive(Debug, Clone)]
+pub struct Note {
+    /// The prompt's class.
+    pub class: PromptClass,
+    /// The rule that matched.
+    pub rule: Option<Arc<str>>,
+    /// Steps taken: target and outcome.
+    pub steps: Vec<(Arc<str>, &'static str)>,
+    /// The cost, once known (whole answers).
+    pub cost: Option<cost::Costed>,
+}
+
+/// Stage 3: classifies `req`'s prompt and records the class on `ctx`.
+pub fn classify(view: &View, ctx: &mut RequestCtx, req: &ChatRequest) {
+    let class = view.config.routing.classifier.classify(req);
+    routing_metrics()
+        .classified
+        .get_or_create(&ClassLabels {
+            class: classify::name(class),
+        })
+        .inc();
+    ctx.routing = Some(Note {
+        class,
+        rule: None,
+        steps: Vec::new(),
+        cost: None,
+    });
+}
+
+/// Sets the routing headers of `ctx`'s response.
+pub fn headers(headers: &mut HeaderMap, ctx: &RequestCtx) {
+    let Some(note) = &ctx.routing else { return };
+    headers.insert(
+        HeaderName::from_static(CLASS_HEADER),
+        HeaderValue::from_static(classify::name(note.class)),
+    );
+    if ctx.route.is_none() && note.steps.is_empty() && note.rule.is_none() {
+        return;
+    }
+    let rule = note.rule.as_deref().unwrap_or(BY_MODEL);
+    if let Ok(v) = HeaderValue::from_str(rule) {
+        headers.insert(HeaderName::from_static(ROUTE_HEADER), v);
+    }
+    if !note.steps.is_empty() {
+        let chain: Vec<String> = note
+            .steps
+            .iter()
+            .map(|(target, outcome)| format!("{target}={outcome}"))
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&chain.join(",")) {
+            headers.insert(HeaderName::from_static(CHAIN_HEADER), v);
+        }
+    }
+    if let Some(cost) = note.cost
+        && let Ok(v) = HeaderValue::from_str(&format!("{:.8}", cost.usd))
+    {
+        headers.insert(HeaderName::from_static(COST_HEADER), v);
+    }
+}
+
+/// Routes `req` (classified by [`classify`]) by the first matching rule's chain, or by its
+/// model name when none matches; records the cost of the answer.
+pub async fn chat(
+    dispatcher: &Dispatcher,
+    view: &View,
+    ctx: &mut RequestCtx,
+    req: &ChatRequest,
+    mut asker: Asker,
+) -> Result<Reply, pipeline::Error> {
+    let plan = view.config.routing.clone();
+    asker.affinity = affinity::prefix_hash(req);
+    let reply = route(dispatcher, view, ctx, req, &asker, &plan).await;
+    if let (Ok(reply), Some(hash)) = (&reply, asker.affinity) {
+        dispatcher
+            .routing()
+            .affinity
+            .record(hash, &reply.provider, &reply.key);
+    }
+    reply
+}
+
+/// [`chat`] once the prompt's prefix is known.
+async fn route(
+    dispatcher: &Dispatcher,
+    view: &View,
+    ctx: &mut RequestCtx,
+    req: &ChatRequest,
+    asker: &Asker,
+    plan: &Arc<Plan>,
+) -> Result<Reply, pipeline::Error> {
+    let state = dispatcher.routing();
+    let class = ctx
+        .routing
+        .as_ref()
+        .map_or(PromptClass::Medium, |n| n.class);
+    state
+        .ledger
+        .check("tenant", &asker.tenant, &plan.tenant_budgets)?;
+    let Some(rule) = plan.rule(&ctx.tier, class, &req.model, &asker.tenant) else {
+        let reply = dispatcher
+            .chat(view, req, ctx.deadline, asker.clone())
+            .await;
+        count_route(BY_MODEL, reply.as_ref().ok().map(|r| &*r.provider));
+        let reply = reply?;
+        state.recent.record(capacity::Served::Premium);
+        return Ok(costed(
+            ctx, plan, state, asker, None, &req.model, &req.model, reply,
+        ));
+    };
+    set_rule(ctx, &rule.name);
+    let spills = asker.tier.class != QueueClass::Batch;
+    let mut last: Option<pipeline::Error> = None;
+    for (i, step) in rule.steps.iter().enumerate() {
+        let more = i + 1 < rule.steps.len();
+        let now = Instant::now();
+        let deadline = step_deadline(now, ctx.deadline, rule.steps.len() - i);
+        if let Err(e) = state.ledger.check("pool", &step.pool, &plan.pool_budgets) {
+            record_step(ctx, step, "over_budget");
+            last = Some(e.into());
+            continue;
+        }
+        // A local model: its concurrency slot, or spill over.
+        let mut slot = None;
+        if let Some(name) = &step.local
+            && let Some(spec) = plan.locals.get(&**name)
+        {
+            let gate = state.gates.get(name, spec);
+            let pressure = gate.pressure(spec);
+            if pressure != local::Pressure::Normal && spills && more {
+                record_step(
+                    ctx,
+                    step,
+                    match pressure {
+                        local::Pressure::Latency => "spill_latency",
+                        _ => "spill_queue",
+                    },
+                );
+                continue;
+            }
+            match gate.acquire(deadline).await {
+                Some(s) => slot = Some(s),
+                None => {
+                    record_step(ctx, step, "timeout");
+                    last = Some(
+                        RouteError::Saturated {
+                            retry_after: Duration::from_secs(1),
+                        }
+                        .into(),
+                    );
+                    continue;
+                }
+            }
+        }
+        let route = route_of(step, &req.model);
+        let reply = dispatcher
+            .chat_on(view, &route, req, deadline, asker.clone())
+            .await;
+        match reply {
+            Ok(mut reply) => {
+                record_step(ctx, step, "ok");
+                state.recent.record(if step.local.is_some() {
+                    capacity::Served::Local
+                } else {
+                    capacity::Served::Premium
+                });
+                count_route(&rule.name, Some(&step.label));
+                if let Some(slot) = slot {
+                    slot.answered();
+                    reply.body = hold(reply.body, slot);
+                }
+                let pool = Some(step.pool.clone());
+                return Ok(costed(
+                    ctx, plan, state, asker, pool, &route, &req.model, reply,
+                ));
+            }
+            Err(e) if more && falls_through(&e) => {
+                record_step(ctx, step, e.metric_label());
+                last = Some(e.into());
+            }
+            Err(e) => {
+                record_step(ctx, step, e.metric_label());
+                count_route(&rule.name, None);
+                return Err(e.into());
+            }
+        }
+    }
+    // extension point: stale cache, template answer, async job (see the module docs).
+    count_route(&rule.name, None);
+    Err(last.unwrap_or_else(|| RouteError::Unavailable { retry_after: None }.into()))
+}
+
+/// The dispatcher route of `step` for a request of `model`.
+fn route_of(step: &Step, model: &str) -> String {
+    if step.keeps_model {
+        format!("{}/{model}", step.pool)
+    } else {
+        step.route.clone()
+    }
+}
+
+/// The deadline of a step with `steps_left` steps (itself included) left: an equal share of
+/// the time to `deadline`, all of it for the last.
+pub fn step_deadline(now: Instant, deadline: Instant, steps_left: usize) -> Instant {
+    let left = deadline.saturating_duration_since(now);
+    now + left / u32::try_from(steps_left.max(1)).unwrap_or(u32::MAX)
+}
+
+/// Whether the next step may serve where this one could not: the target's capacity or
+/// health, not the request itself.
+fn falls_through(e: &RouteError) -> bool {
+    match e {
+        RouteError::Saturated { .. } | RouteError::Unavailable { .. } => true,
+        RouteError::UnknownModel(_) => true,
+        RouteError::Upstream { error, .. } => error.retryable(),
+    }
+}
+
+fn set_rule(ctx: &mut RequestCtx, rule: &Arc<str>) {
+    if let Some(note) = &mut ctx.routing {
+        note.rule = Some(rule.clone());
+    }
+}
+
+fn record_step(ctx: &mut RequestCtx, step: &Step, outcome: &'static str) {
+    routing_metrics()
+        .steps
+        .get_or_create(&StepLabels {
+            target: step.label.to_string(),
+            outcome: outcome.to_owned(),
+        })
+        .inc();
+    if let Some(note) = &mut ctx.routing {
+        note.steps.push((step.label.clone(), outcome));
+    }
+}
+
+fn count_route(rule: &str, target: Option<&str>) {
+    routing_metrics()
+        .routed
+        .get_or_create(&RouteLabels {
+            rule: rule.to_owned(),
+            target: target.unwrap_or("none").to_owned(),
+        })
+        .inc();
+}
+
+/// Records the cost of `reply` (now for a whole answer, at its end for a stream).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+fn costed(
+    ctx: &mut RequestCtx,
+    plan: &Arc<Plan>,
+    state: &State,
+    asker: &Asker,
+    pool: Option<Arc<str>>,
+    route: &str,
+    requested: &str,
+    mut reply: Reply,
+) -> Reply {
+    let tenant = asker.tenant.clone();
+    match reply.body {
+        ReplyBody::Complete(answer) => {
+            if let Some(usage) = &answer.usage {
+                let c = cost::record(
+                    plan,
+                    &state.ledger,
+                    &tenant,
+                    pool.as_deref(),
+                    &reply.provider,
+                    route,
+                    requested,
+                    usage,
+                );
+                if let Some(note) = &mut ctx.routing {
+                    note.cost = c;
+                }
+            }
+            reply.body = ReplyBody::Complete(answer);
+        }
+        ReplyBody::Stream(inner) => {
+            reply.body = ReplyBody::Stream(Box::pin(Costing {
+                inner,
+                plan: plan.clone(),
+                ledger: state.ledger.clone(),
+                tenant,
+                pool,
+                provider: reply.provider.clone(),
+                route: route.to_owned(),
+                requested: requested.to_owned(),
+            }));
+        }
+    }
+    reply
+}
+
+/// Keeps a local model's slot until the answer is finished.
+fn hold(body: ReplyBody, slot: local::Slot) -> ReplyBody {
+    match body {
+        ReplyBody::Complete(answer) => ReplyBody::Complete(answer),
+        ReplyBody::Stream(inner) => ReplyBody::Stream(Box::pin(Slotted { inner, _slot: slot })),
+    }
+}
+
+struct Slotted {
+    inner: ChunkStream,
+    _slot: local::Slot,
+}
+
+impl Stream for Slotted {
+    type Item = Result<ChatChunk, ProviderError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// A stream that records its cost when a chunk reports usage.
+struct Costing {
+    inner: ChunkStream,
+    plan: Arc<Plan>,
+    ledger: Arc<cost::Ledger>,
+    tenant: Arc<str>,
+    pool: Option<Arc<str>>,
+    provider: Arc<str>,
+    route: String,
+    requested: String,
+}
+
+impl Stream for Costing {
+    type Item = Result<ChatChunk, ProviderError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = self.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &item
+            && let Some(usage) = &chunk.usage
+        {
+            let this = &*self;
+            cost::record(
+                &this.plan,
+                &this.ledger,
+                &this.tenant,
+                this.pool.as_deref(),
+                &this.provider,
+                &this.route,
+                &this.requested,
+                usage,
+            );
+        }
+        item
+    }
+}
+
+#[cfg(test)]
+mod tests;
