@@ -201,8 +201,13 @@ async fn a_pool_names_its_missing_key_and_turns_ready_when_the_secret_is_fixed()
         (2, 2, 50)
     );
     assert_eq!(status.keys.as_deref(), Some("2/2"));
-    // Every pass was counted, none failed.
-    assert!(operator.metrics.reconciles("AIProviderPool", "ok") >= 2);
+    // Every pass was counted, none failed. The status is written before the pass ends and
+    // is counted, so the count may trail the Ready condition by a moment.
+    wait_for("two counted reconciles", WAIT, || async {
+        Ok((operator.metrics.reconciles("AIProviderPool", "ok") >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
     assert_eq!(operator.metrics.reconciles("AIProviderPool", "error"), 0);
 
     let out = cluster

@@ -123,6 +123,11 @@ pub fn decide(
             reason: format!("{current} replicas is over maxReplicas {max}"),
         };
     }
+    if demand.reporters == 0 {
+        // No gateway replica publishes demand for this model: no figure is not a figure of
+        // zero, and scaling down on it would halve a model that may be busy.
+        return Decision::Hold("no gateway replica publishes demand for this model".to_owned());
+    }
     let threshold = u64::from(policy.queue_depth);
     let capacity = threshold.saturating_mul(u64::try_from(current).unwrap_or(0));
     let slow = policy

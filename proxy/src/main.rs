@@ -407,8 +407,11 @@ async fn start_jobs(
         jobs: jobs.clone(),
         dispatcher: state.dispatcher.clone(),
         identity: state.identity.clone(),
+        // Webhooks are not followed through redirects: a receiver cannot send the signed
+        // delivery on to another host.
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("cannot build the webhook client")?,
         consumer: format!("{}-{}", hostname(), std::process::id()),

@@ -165,3 +165,18 @@ fn after_a_restart_the_cooldown_counts_from_the_status_time() {
     assert_eq!(scaler.since_change("k", None), None);
     assert_eq!(scaler.since_change("k", Some("not a time")), None);
 }
+
+#[test]
+fn without_any_published_demand_it_holds() {
+    let silent = Demand {
+        reporters: 0,
+        ..demand(0, 0)
+    };
+    // Well above minReplicas, no queue, no cooldown: it would halve on a figure of zero.
+    let d = decide(4, 4, &policy(), &silent, None);
+    assert!(matches!(d, Decision::Hold(_)), "{d:?}");
+    assert_eq!(
+        scaled_to(&decide(4, 4, &policy(), &demand(0, 0), None)),
+        Some(2)
+    );
+}

@@ -116,12 +116,12 @@ pub struct StoredBatch {
 
 /// The completion window `24h` (or `<n>h`, `<n>m`, `<n>s`) as a duration.
 pub fn parse_window(w: &str) -> Option<Duration> {
-    let (n, unit) = w.split_at(w.len().checked_sub(1)?);
-    let n: u64 = n.parse().ok()?;
+    let unit = w.chars().last()?;
+    let n: u64 = w[..w.len() - unit.len_utf8()].parse().ok()?;
     let secs = match unit {
-        "h" => n.checked_mul(3600)?,
-        "m" => n.checked_mul(60)?,
-        "s" => n,
+        'h' => n.checked_mul(3600)?,
+        'm' => n.checked_mul(60)?,
+        's' => n,
         _ => return None,
     };
     (secs > 0).then(|| Duration::from_secs(secs))
@@ -291,5 +291,7 @@ mod tests {
         assert_eq!(parse_window("h"), None);
         assert_eq!(parse_window("24d"), None);
         assert_eq!(parse_window(""), None);
+        // A multi-byte last character is a unit it does not know, not a panic.
+        assert_eq!(parse_window("24é"), None);
     }
 }

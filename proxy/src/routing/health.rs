@@ -119,7 +119,11 @@ pub fn interval(view: &View) -> Option<Duration> {
 /// Runs rounds of probes until `cancel`, every [`interval`] of the configuration serving at
 /// the time (looking again every 30 s while no pool has a health check).
 pub async fn run(dispatcher: Arc<Dispatcher>, cancel: CancellationToken) {
-    let http = reqwest::Client::new();
+    // No redirects: a probe carries a provider key, which must not follow to another host.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default();
     loop {
         let wait = interval(&dispatcher.view()).unwrap_or(Duration::from_secs(30));
         tokio::select! {

@@ -199,7 +199,9 @@ fn each_step_gets_an_equal_share_of_the_time_left_and_the_last_all_of_it() {
     assert_eq!(step_deadline(deadline, now, 2), deadline);
 }
 
+/// A measurement, not a gate (speed targets belong in benchmarks): run with `--ignored`.
 #[test]
+#[ignore = "a timing measurement: cargo test -p floodgate-proxy --lib -- --ignored choosing_a_rule"]
 fn choosing_a_rule_takes_microseconds() {
     // 64 rules, the match at the end: under 10 µs each even in a debug build (4.5 µs
     // measured on the shared 2-core machine).
