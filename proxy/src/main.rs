@@ -280,6 +280,19 @@ async fn serve(
         dispatcher.clone(),
         cancel.clone(),
     ));
+    // Local models' demand, for the operator's autoscaler: published to the shared Redis.
+    // Without --redis there is nowhere the operator could read it.
+    if let Some(url) = &args.redis {
+        let board = dispatcher.routing().gates.board();
+        let replica = format!("{}-{}", hostname(), std::process::id());
+        match floodgate_proxy::demand::Publisher::new(board, url, replica) {
+            Ok(publisher) => drop(tasks.spawn(publisher.run(cancel.clone()))),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "local-model demand cannot be published (autoscaling sees none from this replica)"
+            ),
+        }
+    }
     if args.expose_key_header {
         tracing::warn!("answers name the provider key used (x-floodgate-key): for debugging only");
     }

@@ -41,6 +41,9 @@ pub struct Gate {
     latency_us: AtomicU64,
     freed: Notify,
     gauges: (Gauge, Gauge, Gauge, Histogram),
+    /// The same demand, for the operator's autoscaler (published to Redis by
+    /// [`crate::demand::Publisher`] when budgets are shared).
+    cell: Arc<crate::demand::DemandCell>,
 }
 
 /// What the gate says a request should do.
@@ -66,7 +69,7 @@ impl Pressure {
 }
 
 impl Gate {
-    fn new(spec: &LocalSpec) -> Self {
+    fn new(spec: &LocalSpec, board: &crate::demand::DemandBoard) -> Self {
         let m = routing_metrics();
         let labels = LocalLabels {
             local_model: spec.key.to_string(),
@@ -83,6 +86,11 @@ impl Gate {
             latency_us: AtomicU64::new(0),
             freed: Notify::new(),
             gauges: (depth, flight, latency, hist),
+            cell: {
+                // `<namespace>/<name>`; standalone, a name alone.
+                let (ns, name) = spec.key.split_once('/').unwrap_or(("", &spec.key));
+                board.cell(ns, name)
+            },
         }
     }
 
@@ -107,6 +115,8 @@ impl Gate {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         self.publish();
         let _waiting = Waiting(self);
+        // Counted as waiting for the autoscaler until it gets a slot or gives up.
+        let _queued = self.cell.queued();
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -142,6 +152,7 @@ impl Gate {
         Some(Slot {
             gate: self.clone(),
             started: Instant::now(),
+            _demand: Some(self.cell.queued().start()),
         })
     }
 
@@ -192,13 +203,17 @@ impl Drop for Waiting<'_> {
 pub struct Slot {
     gate: Arc<Gate>,
     started: Instant,
+    /// In flight for the autoscaler until the slot is released.
+    _demand: Option<crate::demand::InFlight>,
 }
 
 impl Slot {
     /// The call's first answer came after `d` (a whole answer, or a stream's head): records
-    /// it as the model's latency.
+    /// it as the model's latency, for spill-over and for the autoscaler.
     pub fn answered(&self) {
-        self.gate.observe(self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        self.gate.observe(elapsed);
+        self.gate.cell.record_latency(elapsed);
     }
 }
 
@@ -214,6 +229,8 @@ impl Drop for Slot {
 #[derive(Debug, Default)]
 pub struct Gates {
     gates: Mutex<HashMap<String, Arc<Gate>>>,
+    /// Every local model's demand, for the operator's autoscaler.
+    board: Arc<crate::demand::DemandBoard>,
 }
 
 impl Gates {
@@ -222,7 +239,7 @@ impl Gates {
         let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
         let gate = gates
             .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(Gate::new(spec)))
+            .or_insert_with(|| Arc::new(Gate::new(spec, &self.board)))
             .clone();
         if gate.limit.swap(spec.limit.max(1), Ordering::Relaxed) < spec.limit {
             gate.freed.notify_waiters();
@@ -239,6 +256,11 @@ impl Gates {
         }
         let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
         gates.retain(|name, _| locals.contains_key(name));
+    }
+
+    /// The board the autoscaler's publisher reads ([`crate::demand::Publisher`]).
+    pub fn board(&self) -> Arc<crate::demand::DemandBoard> {
+        self.board.clone()
     }
 
     /// The demand on every configured local model at this replica: the numbers the
@@ -290,6 +312,31 @@ mod tests {
         drop(a);
         assert_eq!(waiter.await.unwrap(), Some(freed_at));
         assert_eq!(gates.demand()[0].queue_depth, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_autoscalers_board_follows_the_gate() {
+        let s = spec(1, 10, None);
+        let gates = Gates::default();
+        let gate = gates.get("a", &s);
+        let board = gates.board();
+        let figures = || board.cell("ns", "gate-test").figures();
+        let far = Instant::now() + Duration::from_secs(10);
+        let first = gate.acquire(far).await.unwrap();
+        let g = gate.clone();
+        let waiter = tokio::spawn(async move { g.acquire(far).await });
+        tokio::task::yield_now().await;
+        assert_eq!((figures().queued, figures().in_flight), (1, 1));
+        tokio::time::advance(Duration::from_millis(700)).await;
+        first.answered();
+        drop(first);
+        let second = waiter.await.unwrap().unwrap();
+        assert_eq!((figures().queued, figures().in_flight), (0, 1));
+        assert_eq!(figures().latency_p95_ms, 700);
+        drop(second);
+        assert_eq!((figures().queued, figures().in_flight), (0, 0));
+        // The publisher reads the same board (ns/name split from the key).
+        assert_eq!(board.snapshot()[0].0, "ns");
     }
 
     #[test]
