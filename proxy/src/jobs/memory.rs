@@ -162,7 +162,9 @@ impl JobStore for MemoryStore {
             let Some(stored) = inner.jobs.get_mut(&job.id) else {
                 return Ok(false);
             };
-            if stored.job.status == Status::Cancelled && job.status != Status::Cancelled {
+            // Over already (cancelled, or finished by a holder whose claim this one
+            // outlived): never reopened.
+            if stored.job.status.is_terminal() {
                 return Ok(false);
             }
             stored.job = job.clone();
@@ -200,6 +202,7 @@ impl JobStore for MemoryStore {
             stored.job.status = Status::Cancelled;
             stored.job.finished_ms = Some(super::now_ms());
             stored.job.next_attempt_ms = None;
+            stored.expires = Some(Instant::now() + super::CANCELLED_KEPT);
         }
         let job = stored.job.clone();
         inner.delayed.retain(|(_, d)| d != id);

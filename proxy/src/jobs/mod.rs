@@ -33,6 +33,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// How long a cancelled job stays readable (`GET /v1/jobs/{id}`) before it is forgotten.
+pub const CANCELLED_KEPT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Where a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

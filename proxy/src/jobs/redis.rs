@@ -65,10 +65,13 @@ end
 return #due
 ";
 
-/// Writes a claimed job unless it was cancelled, and does the step: `retry` schedules it
-/// and acknowledges its entry; `finish` sets its TTL and dead-letters it if asked.
+/// Writes a claimed job unless it is over already (cancelled, or finished by another holder
+/// whose claim this one outlived), and does the step: `retry` schedules it and acknowledges
+/// its entry; `finish` sets its TTL and dead-letters it if asked. A finished job is never
+/// reopened.
 const SAVE: &str = r"
-if redis.call('HGET', KEYS[1], 'status') == 'cancelled' then return 0 end
+local current = redis.call('HGET', KEYS[1], 'status')
+if current == 'cancelled' or current == 'completed' or current == 'failed' then return 0 end
 redis.call('HSET', KEYS[1], 'job', ARGV[1], 'status', ARGV[2])
 if ARGV[3] == 'retry' then
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
@@ -81,13 +84,14 @@ end
 return 1
 ";
 
-/// Cancels a job that has not finished.
+/// Cancels a job that has not finished; it is kept for ARGV[3] seconds, like a result.
 const CANCEL: &str = r"
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 0 end
 if s == 'queued' or s == 'retrying' or s == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled', ARGV[2])
   redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
 return 1
 ";
@@ -465,6 +469,7 @@ impl JobStore for RedisStore {
             .key(DELAYED)
             .arg(id)
             .arg(super::now_ms())
+            .arg(super::CANCELLED_KEPT.as_secs())
             .invoke_async(&mut conn)
             .await?;
         self.load(id).await

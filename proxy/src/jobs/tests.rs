@@ -155,3 +155,45 @@ async fn only_one_reports_until_the_lease_ends_and_none_after_it_is_done() {
     tokio::time::advance(lease * 10).await;
     assert!(!store.begin_report(&j.id, lease).await.unwrap());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_job_is_never_reopened_by_a_holder_whose_claim_lapsed() {
+    let store = MemoryStore::new();
+    let submitted = store.submit(job()).await.unwrap();
+    let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    // Another holder finished it while this one still ran.
+    let mut done = claim.job.clone();
+    done.status = Status::Completed;
+    assert!(
+        store
+            .save(&claim, &done, Step::Finish, &policy())
+            .await
+            .unwrap()
+    );
+    let mut retry = claim.job.clone();
+    retry.status = Status::Retrying;
+    let step = Step::Retry {
+        delay: Duration::from_secs(1),
+    };
+    assert!(!store.save(&claim, &retry, step, &policy()).await.unwrap());
+    let now = store.get(&submitted.id).await.unwrap().unwrap();
+    assert_eq!(now.status, Status::Completed);
+    assert!(
+        store
+            .claim("w", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_job_is_forgotten_after_it_was_kept_a_day() {
+    let store = MemoryStore::new();
+    let queued = store.submit(job()).await.unwrap();
+    store.cancel(&queued.id).await.unwrap();
+    tokio::time::advance(CANCELLED_KEPT - Duration::from_millis(1)).await;
+    assert!(store.get(&queued.id).await.unwrap().is_some(), "kept");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(store.get(&queued.id).await.unwrap().is_none(), "forgotten");
+}

@@ -187,7 +187,14 @@ impl Plan {
                 tiers: rule.match_.tiers.clone(),
                 classes: rule.match_.classes.iter().fold(0, |m, c| m | bit(*c)),
                 models: rule.match_.models.clone(),
-                tenants: rule.match_.tenants.clone(),
+                // Callers are named `<namespace>/<tenant>` in a cluster: so are the tenants
+                // a rule names (unless it names the namespace itself).
+                tenants: rule
+                    .match_
+                    .tenants
+                    .iter()
+                    .map(|t| qualified(t, namespace))
+                    .collect(),
                 steps,
             });
         }
@@ -236,14 +243,17 @@ impl Plan {
 fn budgets(items: &[floodgate_crds::routing::Budget], ns: Option<&str>) -> HashMap<String, f64> {
     items
         .iter()
-        .map(|b| {
-            let name = match ns {
-                Some(ns) if !b.name.contains('/') => format!("{ns}/{}", b.name),
-                _ => b.name.clone(),
-            };
-            (name, b.monthly_usd)
-        })
+        .map(|b| (qualified(&b.name, ns), b.monthly_usd))
         .collect()
+}
+
+/// A tenant's name as callers carry it: `<namespace>/<name>` in a cluster, unless it names a
+/// namespace already; the name alone standalone.
+fn qualified(name: &str, ns: Option<&str>) -> String {
+    match ns {
+        Some(ns) if !name.contains('/') => format!("{ns}/{name}"),
+        _ => name.to_owned(),
+    }
 }
 
 fn pool_names(pools: &[PoolConfig]) -> String {

@@ -224,3 +224,36 @@ fn choosing_a_rule_takes_microseconds() {
     println!("{each:?} per match of 64 rules");
     assert!(each < Duration::from_micros(10), "{each:?} per match");
 }
+
+#[test]
+fn in_a_cluster_a_rule_names_tenants_of_its_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!(
+            "{POOLS}---\napiVersion: floodgate.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: routes}}\nspec:\n\
+             \x20 rules:\n  - {{name: acme-local, match: {{tenants: [acme]}}, targets: [{{localModel: mistral}}]}}\n\
+             \x20 - {{name: rest, targets: [{{pool: premium}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let mut resources = crate::config::load::load_paths(&[dir.path().to_owned()])
+        .unwrap()
+        .resources;
+    resources.namespace = Some("team-a".into());
+    let mut secrets = SecretSources::default();
+    secrets.manifests.insert(
+        ("keys".into(), "a".into()),
+        crate::secret::SecretString::new("key-a"),
+    );
+    let config = Config::resolve(resources, &secrets).unwrap();
+    let rule = |tenant| {
+        config
+            .routing
+            .rule("pro", PromptClass::Medium, "smart", tenant)
+            .map(|r| r.name.to_string())
+    };
+    // Callers in a cluster are `<namespace>/<tenant>`.
+    assert_eq!(rule("team-a/acme").as_deref(), Some("acme-local"));
+    assert_eq!(rule("team-b/acme").as_deref(), Some("rest"));
+}
