@@ -391,3 +391,35 @@ async fn replicas_share_answers_through_redis() {
     assert_eq!(post(&c.url(), path, &body, &[]).await.cache, "exact");
     assert_eq!(mock.counts().total(), calls);
 }
+
+/// With a cache shared by every tenant (`scope: global`), an answer is still never served
+/// to a request that the RoutingPolicy sends elsewhere: here acme's requests go to another
+/// pool's model, so globex's same prompt is a miss, not acme's answer.
+#[tokio::test]
+async fn a_shared_cache_keeps_answers_apart_when_routing_rules_differ() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let cheap = format!(
+        "---\napiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: cheap}}\nspec:\n\
+         \x20 providers:\n\
+         \x20 - {{name: down, type: openai, baseUrl: \"{}\", models: [{{name: gpt-4o-mini}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 100000}}]}}\n\
+         ---\napiVersion: floodgate.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: routes}}\nspec:\n\
+         \x20 rules:\n\
+         \x20 - {{name: acme-cheap, match: {{tenants: [acme]}}, targets: [{{pool: cheap, model: gpt-4o-mini}}]}}\n",
+        mock.base_url()
+    );
+    let shared = policy("memory").replace(
+        "  backend: memory\n",
+        "  backend: memory\n  scope: global\n",
+    );
+    let gw = gateway(&(pool(&mock) + &shared + TENANTS + &cheap)).await;
+    let (url, path) = (gw.url(), "/v1/chat/completions");
+    let body = chat("gpt-4o", "the same question", false);
+    let acme = [("authorization", "Bearer sk-acme")];
+    let globex = [("authorization", "Bearer sk-globex")];
+    assert_eq!(post(&url, path, &body, &acme).await.cache, "miss");
+    assert_eq!(post(&url, path, &body, &globex).await.cache, "miss");
+    // Each is then a hit of its own answer.
+    assert_eq!(post(&url, path, &body, &acme).await.cache, "exact");
+    assert_eq!(post(&url, path, &body, &globex).await.cache, "exact");
+    assert_eq!(mock.counts().total(), 2);
+}

@@ -304,7 +304,11 @@ impl Cache {
             self.count(ctx, Outcome::Bypass);
             return routed(crate::routing::chat(dispatcher, view, ctx, req, asker).await);
         }
-        let key = key::exact(&policy.scope(ctx), &resolved_model(view, &req.model), req);
+        let key = key::exact(
+            &policy.scope(ctx),
+            &answering(view, ctx, &asker.tenant, &req.model),
+            req,
+        );
         if no_cache {
             self.count(ctx, Outcome::Bypass);
         } else {
@@ -323,7 +327,7 @@ impl Cache {
             self.count(ctx, Outcome::Miss);
         }
         let mut reply = crate::routing::chat(dispatcher, view, ctx, req, asker).await?;
-        if !no_store && policy.exact_ttl.is_some() {
+        if !no_store && policy.exact_ttl.is_some() && first_choice(ctx) {
             reply.body = match reply.body {
                 ReplyBody::Complete(response) => {
                     self.store(
@@ -460,7 +464,7 @@ impl Cache {
         if let Some(mirror) = &mirror {
             mirror.meta(&meta);
         }
-        let store = policy.exact_ttl.is_some() && !ctx.cache.no_store;
+        let store = policy.exact_ttl.is_some() && !ctx.cache.no_store && first_choice(ctx);
         // A finished answer stays joinable for the window: a kind of storing, so not for
         // `no-store` (requests that join while it is in flight still share it).
         let window = if ctx.cache.no_store {
@@ -652,6 +656,31 @@ fn empty_response(model: &str) -> ChatResponse {
 
 /// The model identity in the key: the upstream models the requested name routes to, so
 /// an alias and the model it names share entries; the name itself when nothing routes it.
+/// What answers `model` for this request, for the exact key: the model's route (its targets),
+/// and with a RoutingPolicy the rule that matches the request, whose chain may send the same
+/// prompt of two callers (another tenant or tier, another class) to different models.
+fn answering(view: &View, ctx: &RequestCtx, tenant: &str, model: &str) -> String {
+    let mut answering = resolved_model(view, model);
+    let class = ctx
+        .routing
+        .as_ref()
+        .map_or(floodgate_crds::local_model::PromptClass::Medium, |n| {
+            n.class
+        });
+    if let Some(rule) = view.config.routing.rule(&ctx.tier, class, model, tenant) {
+        answering.push_str("|rule=");
+        answering.push_str(&rule.name);
+    }
+    answering
+}
+
+/// Whether the answer came from the first target the routing stage tried: an answer from a
+/// target it spilled or fell over to (a local model under pressure, another pool) is not
+/// stored, so it is never served later to a request its first choice would answer.
+fn first_choice(ctx: &RequestCtx) -> bool {
+    ctx.routing.as_ref().is_none_or(|n| n.steps.len() <= 1)
+}
+
 fn resolved_model(view: &View, model: &str) -> String {
     match view.runtime.routes.get(model) {
         Some(route) => route
