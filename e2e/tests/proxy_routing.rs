@@ -25,6 +25,8 @@ struct Setup {
     broken_model: &'static str,
     /// `budgets:` of the RoutingPolicy, as YAML lines under it.
     budgets: &'static str,
+    /// The batch tier `free`'s `maxWaitMs`.
+    free_wait_ms: u32,
 }
 
 impl Default for Setup {
@@ -36,6 +38,7 @@ impl Default for Setup {
             latency_ms: 60_000,
             broken_model: "error-503",
             budgets: "",
+            free_wait_ms: 20_000,
         }
     }
 }
@@ -100,7 +103,7 @@ spec:
   defaultTier: pro
   tiers:
   - {{name: pro, class: standard, maxWaitMs: 10000}}
-  - {{name: free, class: batch, maxWaitMs: 20000, batch: {{size: 1, intervalSeconds: 1}}}}
+  - {{name: free, class: batch, maxWaitMs: {free_wait_ms}, batch: {{size: 1, intervalSeconds: 1}}}}
 ---
 apiVersion: floodgate.dev/v1alpha1
 kind: Tenant
@@ -138,6 +141,7 @@ spec:
         latency_ms = s.latency_ms,
         local_model = s.local_model,
         broken_model = s.broken_model,
+        free_wait_ms = s.free_wait_ms,
         budgets = if s.budgets.is_empty() {
             "    alertAt: 0.8\n"
         } else {
@@ -346,6 +350,40 @@ async fn paid_tiers_spill_over_when_the_local_queue_is_full_and_batch_tiers_wait
     }
     assert_eq!(mock.counts().provider_total(Provider::Ollama), 3);
     assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_tier_waits_for_the_local_model_past_its_steps_share_of_the_wait() {
+    // free waits up to 4 s; its chain (local, then premium) would give the local step an
+    // equal share, 2 s. The local model answers one call at a time, in 1.5 s each.
+    let (mock, gw) = start(&Setup {
+        local_model: "slow-1500",
+        parallel: 1,
+        free_wait_ms: 4000,
+        ..Setup::default()
+    })
+    .await;
+    let gw = std::sync::Arc::new(gw);
+    let mut ahead = Vec::new();
+    for i in 0..2u64 {
+        ahead.push(tokio::spawn({
+            let gw = gw.clone();
+            async move { chat(&gw, "client-free", "smart", &format!("hi {i}")).await }
+        }));
+        wait_for(&gw, move |d| d.in_flight + d.queue_depth == i + 1).await;
+    }
+    // Two calls ahead: its slot comes after about 3 s, past the 2 s share, within the 4 s.
+    let r = chat(&gw, "client-free", "smart", "hi last").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
+    for task in ahead {
+        assert_eq!(task.await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        mock.counts().provider_total(Provider::OpenAi),
+        0,
+        "a batch tier spilled"
+    );
 }
 
 #[tokio::test]

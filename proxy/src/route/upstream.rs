@@ -34,12 +34,15 @@ type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Sen
 /// A client for provider calls: pooled keep-alive connections, Nagle off (a request is one
 /// write, and small SSE frames should not wait), and `connect` as the bound on opening a
 /// connection, so an unreachable provider fails over after `timeouts.connectMs`, not after
-/// the whole request's time.
+/// the whole request's time. Redirects are not followed: a provider's key travels in
+/// headers (`x-api-key`, `x-goog-api-key`) that a redirect to another host would carry along;
+/// a 3xx is the provider's answer, classified like any other.
 pub(super) fn client(connect: Duration) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .tcp_nodelay(true)
         .connect_timeout(connect)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
 }
 

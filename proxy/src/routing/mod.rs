@@ -195,7 +195,13 @@ async fn route(
     for (i, step) in rule.steps.iter().enumerate() {
         let more = i + 1 < rule.steps.len();
         let now = Instant::now();
-        let deadline = step_deadline(now, ctx.deadline, rule.steps.len() - i);
+        // A tier that does not spill waits for a local model up to its own deadline: an
+        // equal share of it would send batch work to the next (premium) step by timeout.
+        let deadline = if step.local.is_some() && !spills {
+            ctx.deadline
+        } else {
+            step_deadline(now, ctx.deadline, rule.steps.len() - i)
+        };
         if let Err(e) = state.ledger.check("pool", &step.pool, &plan.pool_budgets) {
             record_step(ctx, step, "over_budget");
             last = Some(e.into());
@@ -229,6 +235,10 @@ async fn route(
                         }
                         .into(),
                     );
+                    if !spills {
+                        // Its whole wait is spent: refused, not sent on to premium.
+                        break;
+                    }
                     continue;
                 }
             }
