@@ -177,7 +177,15 @@ pub struct Job {
     /// Its place in the queue's order (set by the store when queued).
     #[serde(default)]
     pub seq: u64,
+    /// Times it waited for capacity (no key with budget in time, its tenant's own limits)
+    /// without spending an attempt; at most [`MAX_DEFERRALS`].
+    #[serde(default)]
+    pub deferrals: u32,
 }
+
+/// The most times a job waits for capacity without spending an attempt: at most a minute
+/// each, about a day in all; after that a refusal for capacity counts as an attempt.
+pub const MAX_DEFERRALS: u32 = 1440;
 
 impl Job {
     /// A new queued job.
@@ -202,6 +210,7 @@ impl Job {
             finished_ms: None,
             next_attempt_ms: None,
             deliveries: Vec::new(),
+            deferrals: 0,
             seq: 0,
         }
     }

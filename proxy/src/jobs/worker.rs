@@ -37,6 +37,9 @@ pub struct Workers {
 struct Failure {
     error: JobError,
     retryable: bool,
+    /// A refusal for capacity (no key with budget in time, the tenant's own limits), with
+    /// when to look again: the job waits without spending an attempt.
+    capacity: Option<Duration>,
 }
 
 impl Workers {
@@ -143,10 +146,14 @@ impl Workers {
                 job.error = None;
             }
             Err(f) => {
-                let delay = f
-                    .retryable
-                    .then(|| job.max_attempts_backoff(&policy))
-                    .flatten();
+                let delay = match deferral(&mut job, f.capacity) {
+                    // Waiting for capacity, not failing: the attempt is given back.
+                    Some(wait) => Some(wait),
+                    None => f
+                        .retryable
+                        .then(|| job.max_attempts_backoff(&policy))
+                        .flatten(),
+                };
                 job.error = Some(f.error);
                 if let Some(delay) = delay {
                     job.status = Status::Retrying;
@@ -225,6 +232,7 @@ impl Workers {
                 message,
             },
             retryable,
+            capacity: None,
         };
         let mut req: ChatRequest = serde_json::from_value(job.request.clone())
             .map_err(|e| fail("invalid_request", e.to_string(), false))?;
@@ -265,7 +273,9 @@ impl Workers {
             }
             Err(pipeline::Error::Refused(r)) => {
                 let retryable = !matches!(r, Refusal::ModelNotAllowed(_));
-                Err(fail(r.metric_label(), r.to_string(), retryable))
+                let mut f = fail(r.metric_label(), r.to_string(), retryable);
+                f.capacity = r.retry_after();
+                Err(f)
             }
             // A spent monthly budget renews only with the month: not worth a retry.
             Err(pipeline::Error::OverBudget(e)) => {
@@ -277,7 +287,11 @@ impl Workers {
                     RouteError::Upstream { error, .. } => error.retryable(),
                     RouteError::Saturated { .. } | RouteError::Unavailable { .. } => true,
                 };
-                Err(fail(e.metric_label(), e.to_string(), retryable))
+                let mut f = fail(e.metric_label(), e.to_string(), retryable);
+                if let RouteError::Saturated { retry_after } = &e {
+                    f.capacity = Some(*retry_after);
+                }
+                Err(f)
             }
         }
     }
@@ -311,6 +325,20 @@ impl super::Job {
     }
 }
 
+/// When a job refused for capacity (`wait`: when to look again) tries again without spending
+/// an attempt: its attempt is given back and counted as a deferral, up to
+/// [`super::MAX_DEFERRALS`]; the wait is within [1 s, 60 s]. `None`: not a refusal for
+/// capacity, or deferred too often (the refusal then counts as an attempt).
+fn deferral(job: &mut super::Job, wait: Option<Duration>) -> Option<Duration> {
+    let wait = wait?;
+    if job.deferrals >= super::MAX_DEFERRALS {
+        return None;
+    }
+    job.deferrals += 1;
+    job.attempts = job.attempts.saturating_sub(1);
+    Some(wait.clamp(Duration::from_secs(1), Duration::from_secs(60)))
+}
+
 /// Where `job`'s webhook goes and what signs it: the job's own URL, else its tier's when
 /// the tier notifies by webhook; the tier's signing secret.
 pub fn webhook_target(
@@ -331,4 +359,41 @@ pub fn webhook_target(
         .map(|w| w.url.clone());
     let url = job.notify.webhook.clone().or(tier_url)?;
     Some((url, config.webhook_secrets.get(&job.tier).cloned()))
+}
+
+#[cfg(test)]
+mod deferral_tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_for_capacity_gives_the_attempt_back_until_the_deferrals_run_out() {
+        let mut job = super::super::Job::new(
+            None,
+            "free".to_owned(),
+            serde_json::json!({"model": "m", "messages": []}),
+            3,
+        );
+        job.attempts = 1;
+        // Not for capacity: nothing deferred.
+        assert_eq!(deferral(&mut job, None), None);
+        assert_eq!((job.attempts, job.deferrals), (1, 0));
+        // For capacity: the attempt is given back; the wait within [1 s, 60 s].
+        assert_eq!(
+            deferral(&mut job, Some(Duration::from_millis(10))),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!((job.attempts, job.deferrals), (0, 1));
+        job.attempts = 1;
+        assert_eq!(
+            deferral(&mut job, Some(Duration::from_secs(600))),
+            Some(Duration::from_secs(60))
+        );
+        // The last deferral allowed, then refusals count as attempts.
+        job.deferrals = super::super::MAX_DEFERRALS - 1;
+        job.attempts = 1;
+        assert!(deferral(&mut job, Some(Duration::from_secs(5))).is_some());
+        job.attempts = 1;
+        assert_eq!(deferral(&mut job, Some(Duration::from_secs(5))), None);
+        assert_eq!(job.attempts, 1);
+    }
 }
