@@ -423,3 +423,45 @@ async fn a_shared_cache_keeps_answers_apart_when_routing_rules_differ() {
     assert_eq!(post(&url, path, &body, &globex).await.cache, "exact");
     assert_eq!(mock.counts().total(), 2);
 }
+
+/// Without dedup, a streamed miss is stored with its usage (asked of the provider by the
+/// gateway), so a later whole hit reports usage; the streaming caller, who did not ask for
+/// usage, never sees it.
+#[tokio::test]
+async fn a_streamed_miss_is_stored_with_its_usage_the_caller_did_not_ask_for() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let no_dedup = policy("memory").replace("  dedup: {windowSeconds: 5}\n", "");
+    assert!(!no_dedup.contains("dedup"), "{no_dedup}");
+    let gw = gateway(&(pool(&mock) + &no_dedup)).await;
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let streamed = client()
+        .post(&url)
+        .json(&chat("gpt-4o", "count the usage", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.headers()["x-floodgate-cache"], "miss");
+    let raw = streamed.text().await.unwrap();
+    for event in events(&raw).filter(|e| *e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert!(
+            chunk.get("usage").is_none_or(Value::is_null),
+            "usage the caller did not ask for: {event}"
+        );
+    }
+    let whole = client()
+        .post(&url)
+        .json(&chat("gpt-4o", "count the usage", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whole.headers()["x-floodgate-cache"], "exact");
+    let body: Value = whole.json().await.unwrap();
+    assert!(
+        body["usage"]["total_tokens"]
+            .as_u64()
+            .is_some_and(|t| t > 0),
+        "{body}"
+    );
+    assert_eq!(mock.counts().total(), 1);
+}

@@ -326,10 +326,23 @@ impl Cache {
             }
             self.count(ctx, Outcome::Miss);
         }
-        let mut reply = crate::routing::chat(dispatcher, view, ctx, req, asker).await?;
-        if !no_store && policy.exact_ttl.is_some() && first_choice(ctx) {
-            reply.body = match reply.body {
-                ReplyBody::Complete(response) => {
+        // A streamed answer to be stored carries its usage (for the tenant's charge and the
+        // tokens saved when it is served again); a caller who did not ask for it does not
+        // see it.
+        let storing = !no_store && policy.exact_ttl.is_some();
+        let strip_usage = storing && req.stream && !req.include_usage();
+        let mut lead = std::borrow::Cow::Borrowed(req);
+        if strip_usage {
+            lead.to_mut()
+                .stream_options
+                .get_or_insert_with(StreamOptions::default)
+                .include_usage = true;
+        }
+        let mut reply = crate::routing::chat(dispatcher, view, ctx, &lead, asker).await?;
+        let store = storing && first_choice(ctx);
+        reply.body = match reply.body {
+            ReplyBody::Complete(response) => {
+                if store {
                     self.store(
                         &policy,
                         key,
@@ -337,18 +350,24 @@ impl Cache {
                             response: response.clone(),
                         },
                     );
-                    ReplyBody::Complete(response)
                 }
-                ReplyBody::Stream(chunks) => {
-                    let (cache, policy) = (self.clone(), policy.clone());
-                    ReplyBody::Stream(Box::pin(Tee {
-                        inner: chunks,
-                        assembler: Assembler::default(),
-                        stored: Some(Box::new(move |a| cache.store(&policy, key, &a))),
-                    }))
-                }
-            };
-        }
+                ReplyBody::Complete(response)
+            }
+            ReplyBody::Stream(chunks) if store || strip_usage => {
+                let (cache, policy) = (self.clone(), policy.clone());
+                let stored: Option<Box<dyn FnOnce(Answer) + Send>> =
+                    store.then(|| -> Box<dyn FnOnce(Answer) + Send> {
+                        Box::new(move |a| cache.store(&policy, key, &a))
+                    });
+                ReplyBody::Stream(Box::pin(Tee {
+                    inner: chunks,
+                    assembler: Assembler::default(),
+                    stored,
+                    strip_usage,
+                }))
+            }
+            body => body,
+        };
         Ok(Served {
             reply,
             routed: true,
@@ -763,27 +782,46 @@ struct Tee {
     inner: ChunkStream,
     assembler: Assembler,
     stored: Option<Box<dyn FnOnce(Answer) + Send>>,
+    /// The caller did not ask for usage: the usage the gateway asked for is assembled but
+    /// not passed on.
+    strip_usage: bool,
 }
 
 impl Stream for Tee {
     type Item = Result<ChatChunk, ProviderError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let item = self.inner.as_mut().poll_next(cx);
-        match &item {
-            Poll::Ready(Some(Ok(chunk))) => self.assembler.push(chunk),
-            Poll::Ready(Some(Err(_))) => self.stored = None,
-            Poll::Ready(None) => {
-                if let Some(stored) = self.stored.take() {
-                    let answer = std::mem::take(&mut self.assembler).finish();
-                    if let Some(answer) = answer.filter(Answer::is_complete) {
-                        stored(answer);
+        loop {
+            let item = self.inner.as_mut().poll_next(cx);
+            match item {
+                Poll::Ready(Some(Ok(mut chunk))) => {
+                    self.assembler.push(&chunk);
+                    if self.strip_usage && chunk.usage.is_some() {
+                        if chunk.choices.is_empty() {
+                            // The usage chunk alone: not the caller's.
+                            continue;
+                        }
+                        chunk.usage = None;
+                        chunk.usage_details.clear();
                     }
+                    return Poll::Ready(Some(Ok(chunk)));
                 }
+                Poll::Ready(Some(Err(e))) => {
+                    self.stored = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    if let Some(stored) = self.stored.take() {
+                        let answer = std::mem::take(&mut self.assembler).finish();
+                        if let Some(answer) = answer.filter(Answer::is_complete) {
+                            stored(answer);
+                        }
+                    }
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Pending => {}
         }
-        item
     }
 }
 
