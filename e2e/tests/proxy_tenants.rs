@@ -409,6 +409,24 @@ spec:
     );
 }
 
+/// Two in-process replicas sharing `redis`, serving the pool with `tenant` (a Tenant
+/// manifest), on a 30 s window: long enough that no request of a test leaves it.
+async fn two_replicas(
+    mock: &MockProviders,
+    redis: &RedisServer,
+    tenant: &str,
+) -> (Gateway, Gateway) {
+    let yaml = format!("{}---\n{}---\n{tenant}", pool(mock), clients(ACME_KEY));
+    let mut shared = SharedOptions::new(SecretString::new(redis.url()));
+    shared.timeout = Duration::from_secs(1);
+    let replica = || {
+        let opts = DispatcherOptions::new(Duration::from_secs(30), Duration::from_secs(5))
+            .with_redis(shared.clone());
+        Gateway::start_with(&yaml, Dispatcher::with_options(opts).unwrap())
+    };
+    (replica().await.unwrap(), replica().await.unwrap())
+}
+
 /// With `--redis` a tenant's rpm is shared by the replicas: two in-process gateways on one
 /// redis-server admit 3 of its requests in a window between them, not 3 each, and the
 /// window lives under the tenant's keys in Redis.
@@ -424,17 +442,7 @@ spec:
   keys: [{name: main, secretRef: {name: clients, key: acme}}]
   limits: {rpm: 3}
 "#;
-    let yaml = format!("{}---\n{}---\n{tenant}", pool(&mock), clients(ACME_KEY));
-    // A window long enough that none of the requests below leaves it.
-    let window = Duration::from_secs(30);
-    let mut shared = SharedOptions::new(SecretString::new(redis.url()));
-    shared.timeout = Duration::from_secs(1);
-    let replica = || {
-        let opts =
-            DispatcherOptions::new(window, Duration::from_secs(5)).with_redis(shared.clone());
-        Gateway::start_with(&yaml, Dispatcher::with_options(opts).unwrap())
-    };
-    let (a, b) = (replica().await.unwrap(), replica().await.unwrap());
+    let (a, b) = two_replicas(&mock, &redis, tenant).await;
     let key = [("x-api-key", ACME_KEY)];
     let mut statuses = Vec::new();
     for i in 0..6 {
@@ -515,16 +523,7 @@ spec:
   keys: [{name: main, secretRef: {name: clients, key: acme}}]
   limits: {rpm: 2, tpm: 1000}
 "#;
-    let yaml = format!("{}---\n{}---\n{tenant}", pool(&mock), clients(ACME_KEY));
-    let window = Duration::from_secs(30);
-    let mut shared = SharedOptions::new(SecretString::new(redis.url()));
-    shared.timeout = Duration::from_secs(1);
-    let replica = || {
-        let opts =
-            DispatcherOptions::new(window, Duration::from_secs(5)).with_redis(shared.clone());
-        Gateway::start_with(&yaml, Dispatcher::with_options(opts).unwrap())
-    };
-    let (a, b) = (replica().await.unwrap(), replica().await.unwrap());
+    let (a, b) = two_replicas(&mock, &redis, tenant).await;
     let key = [("x-api-key", ACME_KEY)];
     let url = |i: usize| {
         let gw = if i.is_multiple_of(2) { &a } else { &b };

@@ -47,15 +47,27 @@ fn asker(view: &View, tier: &str) -> Asker {
 
 /// Waits for a key for a request of `tier` until `deadline`; the lease is answered at once.
 async fn take(d: &Dispatcher, tier: &str, deadline: Instant) -> Result<u32, RouteError> {
+    take_as(d, tier, "t", deadline).await
+}
+
+/// [`take`] for a request of `tenant`: the looks it took.
+async fn take_as(
+    d: &Dispatcher,
+    tier: &str,
+    tenant: &str,
+    deadline: Instant,
+) -> Result<u32, RouteError> {
     let view = d.view();
     let route = &view.runtime.routes["m"];
+    let mut asker = asker(&view, tier);
+    asker.tenant = Arc::from(tenant);
     let mut attempts = Attempts::new(
         d,
         &view.runtime,
         route,
         Demand::chat(&request()),
         deadline,
-        asker(&view, tier),
+        asker,
     );
     let mut lease = attempts.next().await?;
     lease.permit.answered();
@@ -379,22 +391,7 @@ fn spawn_as(
 ) -> tokio::task::JoinHandle<(Instant, Result<(), RouteError>)> {
     let d = d.clone();
     tokio::spawn(async move {
-        let view = d.view();
-        let route = &view.runtime.routes["m"];
-        let mut asker = asker(&view, tier);
-        asker.tenant = Arc::from(tenant);
-        let mut attempts = Attempts::new(
-            &d,
-            &view.runtime,
-            route,
-            Demand::chat(&request()),
-            deadline,
-            asker,
-        );
-        let result = attempts
-            .next()
-            .await
-            .map(|mut lease| lease.permit.answered());
+        let result = take_as(&d, tier, tenant, deadline).await.map(drop);
         (Instant::now(), result)
     })
 }
