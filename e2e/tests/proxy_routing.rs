@@ -442,6 +442,37 @@ async fn a_spent_tenant_budget_is_refused_with_429_and_a_spent_pool_is_skipped()
     assert!(metrics.contains("floodgate_cost_budget_alert{scope=\"tenant\",name=\"acme\"} 1"));
 }
 
+#[tokio::test]
+async fn a_stream_without_usage_still_spends_the_tenants_budget() {
+    let (mock, gw) = start(&Setup {
+        budgets: "    tenants: [{name: acme, monthlyUSD: 0.000001}]\n",
+        ..Setup::default()
+    })
+    .await;
+    // Streamed, without `stream_options.include_usage`: the caller sees no usage, but the
+    // provider's count (asked for by the gateway) is what the request costs.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth("client-acme")
+        .json(&json!({"model": "smart", "stream": true,
+                      "messages": [{"role": "user", "content": LONG_PROSE}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert!(
+        !body.contains("\"usage\":{"),
+        "usage shown to a caller who did not ask: {body}"
+    );
+    let r = chat(&gw, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
+}
+
 async fn wait_for(
     gw: &Gateway,
     cond: impl Fn(&floodgate_proxy::routing::local::LocalDemand) -> bool,

@@ -37,7 +37,7 @@ use crate::providers::{
     estimate_prompt_tokens,
 };
 use crate::route::attempt::{ANONYMOUS, Asker};
-use crate::route::{ChunkStream, Dispatcher, Reply, ReplyBody, RouteError, View};
+use crate::route::{ChunkStream, Dispatcher, Reply, ReplyBody, RouteError, UsageReport, View};
 use futures::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -69,7 +69,11 @@ pub async fn chat(
     let output = req.max_completion_tokens.or(req.max_tokens).unwrap_or(0);
     let prompt = u64::from(estimate_prompt_tokens(req));
     let tokens = prompt + u64::from(output);
-    let asker = queue_place(view, ctx);
+    let mut asker = queue_place(view, ctx);
+    // A stream's usage as the provider counted it, for the stages that charge for it after
+    // the stream, whether or not the caller asked to see it.
+    let report = req.stream.then(UsageReport::default);
+    asker.report.clone_from(&report);
     // 3: the prompt's class.
     crate::routing::classify(view, ctx, req);
     let slot = tenant_slot(ctx, &req.model, tokens).await?;
@@ -111,10 +115,11 @@ pub async fn chat(
                 ReplyBody::Complete(answer)
             }
             ReplyBody::Stream(chunks) => ReplyBody::Stream(Box::pin(Held {
-                inner: chunks,
+                inner: Some(chunks),
                 slot,
                 prompt,
                 output: 0,
+                report,
             })),
         };
     }
@@ -171,30 +176,48 @@ async fn tenant_slot(ctx: &RequestCtx, model: &str, tokens: u64) -> Result<Optio
 }
 
 /// A stream that holds its tenant's [`Slot`] until it ends or is dropped, and settles the
-/// tenant's tokens: with the usage a chunk reports, or else (the caller did not ask for usage,
-/// or left early, or the stream broke) with the prompt's estimate plus the output streamed so
-/// far, estimated a token per four bytes, so that a stream without `max_tokens` is not
-/// charged its prompt alone.
+/// tenant's tokens: with the usage a chunk reports, else with the provider's count reported
+/// by the attempt ([`UsageReport`]: the caller did not ask for usage, or left early), else
+/// (the provider gave none, or the stream broke) with the prompt's estimate plus the output
+/// streamed so far, estimated a token per four bytes, so that a stream without `max_tokens`
+/// is not charged its prompt alone.
 struct Held {
-    inner: ChunkStream,
+    /// `None` once dropped, before settling (the attempt reports a stream it lost on drop).
+    inner: Option<ChunkStream>,
     slot: Slot,
     /// The prompt's estimated tokens.
     prompt: u64,
     /// The output's estimated tokens so far.
     output: u64,
+    report: Option<UsageReport>,
+}
+
+impl Held {
+    /// Settles at the reported usage, or the estimate (once: later calls are no-ops).
+    fn settle(&self) {
+        let reported = self.report.as_ref().and_then(UsageReport::get);
+        let tokens = match reported {
+            Some(usage) if usage.total_tokens > 0 => u64::from(usage.total_tokens),
+            _ => self.prompt + self.output,
+        };
+        self.slot.settle(tokens);
+    }
 }
 
 impl Stream for Held {
     type Item = Result<ChatChunk, ProviderError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let item = self.inner.as_mut().poll_next(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let item = inner.as_mut().poll_next(cx);
         match &item {
             Poll::Ready(Some(Ok(chunk))) => match &chunk.usage {
                 Some(usage) => self.slot.settle(u64::from(usage.total_tokens)),
                 None => self.output += estimate_output_tokens(chunk),
             },
-            Poll::Ready(None) => self.slot.settle(self.prompt + self.output),
+            Poll::Ready(None) => self.settle(),
             _ => {}
         }
         item
@@ -203,8 +226,10 @@ impl Stream for Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
+        // The stream first: an attempt the caller left reports what it settled as it drops.
+        drop(self.inner.take());
         // Settles once: a no-op if usage or the end settled it already.
-        self.slot.settle(self.prompt + self.output);
+        self.settle();
     }
 }
 
@@ -224,6 +249,7 @@ pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
         tenant: caller.map_or_else(|| Arc::from(ANONYMOUS), |c| c.name().clone()),
         progress: ctx.progress.clone(),
         affinity: None,
+        report: None,
     }
 }
 
@@ -252,6 +278,7 @@ mod tests {
     use crate::config::{ClientKeyConfig, Config, TenantConfig, TenantLimits};
     use crate::identity::Identity;
     use crate::providers::stream::ChunkBuilder;
+    use crate::providers::types::Usage;
     use crate::secret::KeyDigest;
     use axum::http::{HeaderMap, HeaderValue};
     use futures::StreamExt as _;
@@ -301,10 +328,11 @@ mod tests {
             Ok(chunks.text(&"x".repeat(2000))),
         ];
         let held = Held {
-            inner: Box::pin(futures::stream::iter(stream)),
+            inner: Some(Box::pin(futures::stream::iter(stream))),
             slot,
             prompt: 100,
             output: 0,
+            report: None,
         };
         assert_eq!(held.collect::<Vec<_>>().await.len(), 2);
         // Charged 100 + 500: 400 tokens are left in the window, not 900.
@@ -335,10 +363,11 @@ mod tests {
             Ok(chunks.text(&"x".repeat(400))),
         ];
         let mut held = Held {
-            inner: Box::pin(futures::stream::iter(stream)),
+            inner: Some(Box::pin(futures::stream::iter(stream))),
             slot,
             prompt: 100,
             output: 0,
+            report: None,
         };
         // The caller reads one chunk (100 tokens) and hangs up.
         assert!(held.next().await.is_some());
@@ -351,6 +380,107 @@ mod tests {
         );
         assert!(
             identity::limits::admit(&caller, "m", 800, far)
+                .await
+                .is_ok()
+        );
+    }
+
+    /// A stream that reports `usage` as the attempt does: when it ends, or when it is
+    /// dropped before its end.
+    struct Reporting {
+        inner: ChunkStream,
+        report: UsageReport,
+        usage: Usage,
+    }
+
+    impl Stream for Reporting {
+        type Item = Result<ChatChunk, ProviderError>;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            let item = self.inner.as_mut().poll_next(cx);
+            if let Poll::Ready(None) = item {
+                self.report.set(self.usage);
+            }
+            item
+        }
+    }
+
+    impl Drop for Reporting {
+        fn drop(&mut self) {
+            self.report.set(self.usage);
+        }
+    }
+
+    fn reporting(text: &str, usage: Usage) -> (ChunkStream, UsageReport) {
+        let mut chunks = ChunkBuilder::new("m", false);
+        let stream: Vec<Result<ChatChunk, ProviderError>> =
+            vec![Ok(chunks.text(text)), Ok(chunks.text(text))];
+        let report = UsageReport::default();
+        let inner = Reporting {
+            inner: Box::pin(futures::stream::iter(stream)),
+            report: report.clone(),
+            usage,
+        };
+        (Box::pin(inner), report)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_is_charged_the_providers_count_the_caller_did_not_ask_to_see() {
+        let budgets = Budgets::new(MINUTE, Arc::default());
+        let caller = caller(&budgets, 1000);
+        let far = Instant::now() + MINUTE;
+        let slot = identity::limits::admit(&caller, "m", 100, far)
+            .await
+            .unwrap();
+        // 2 x 1,000 bytes (an estimate of 100 + 500), but the provider counted 700.
+        let (inner, report) = reporting(&"x".repeat(1000), Usage::new(120, 580));
+        let held = Held {
+            inner: Some(inner),
+            slot,
+            prompt: 100,
+            output: 0,
+            report: Some(report),
+        };
+        assert_eq!(held.collect::<Vec<_>>().await.len(), 2);
+        assert!(
+            identity::limits::admit(&caller, "m", 301, far)
+                .await
+                .is_err()
+        );
+        assert!(
+            identity::limits::admit(&caller, "m", 300, far)
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_the_caller_leaves_is_charged_what_its_attempt_settled_on_drop() {
+        let budgets = Budgets::new(MINUTE, Arc::default());
+        let caller = caller(&budgets, 1000);
+        let far = Instant::now() + MINUTE;
+        let slot = identity::limits::admit(&caller, "m", 900, far)
+            .await
+            .unwrap();
+        // The attempt settles 50 + 30 when it is dropped (the provider's prompt count and
+        // the output it had sent); the gateway's own estimate would be 100 + 100.
+        let (inner, report) = reporting(&"x".repeat(400), Usage::new(50, 30));
+        let mut held = Held {
+            inner: Some(inner),
+            slot,
+            prompt: 100,
+            output: 0,
+            report: Some(report),
+        };
+        assert!(held.next().await.is_some());
+        drop(held);
+        assert!(
+            identity::limits::admit(&caller, "m", 921, far)
+                .await
+                .is_err()
+        );
+        assert!(
+            identity::limits::admit(&caller, "m", 920, far)
                 .await
                 .is_ok()
         );

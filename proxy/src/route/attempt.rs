@@ -86,6 +86,8 @@ pub struct Asker {
     /// The hash of its long shared prompt prefix, if it has one: the key that served the
     /// prefix last is preferred ([`crate::routing::affinity`]).
     pub affinity: Option<u64>,
+    /// Where a streamed answer's usage is reported when it ends ([`super::UsageReport`]).
+    pub report: Option<super::UsageReport>,
 }
 
 /// The tenant name of callers the gateway does not identify.

@@ -37,6 +37,26 @@ use std::time::Duration;
 use tiers::{TierPlan, TierStates};
 use tokio::time::Instant;
 
+/// The usage of one streamed answer as the gateway settled it with the key's budget: the
+/// provider's count when it gave one (whether or not the caller asked to see it), or, for a
+/// stream the caller left, the gateway's settlement. Written once by the attempt that
+/// answered; read after the stream by the stages that charge for it (a tenant's tokens, the
+/// cost ledger), which otherwise see usage only when the caller asked for it.
+#[derive(Debug, Clone, Default)]
+pub struct UsageReport(Arc<std::sync::OnceLock<crate::providers::types::Usage>>);
+
+impl UsageReport {
+    /// The usage, once the stream ended (or was left) and the provider's count was known.
+    pub fn get(&self) -> Option<crate::providers::types::Usage> {
+        self.0.get().copied()
+    }
+
+    /// Records `usage` (the first record stands).
+    pub(crate) fn set(&self, usage: crate::providers::types::Usage) {
+        let _ = self.0.set(usage);
+    }
+}
+
 /// A streamed answer: chunks in order, ending cleanly after the provider's terminal event,
 /// or with one `Err` when the upstream broke mid-stream (nothing follows it).
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, ProviderError>> + Send>>;
@@ -344,6 +364,7 @@ impl Dispatcher {
             .get(route)
             .ok_or_else(|| RouteError::UnknownModel(req.model.clone()))?;
         let demand = Demand::chat(req);
+        let report = asker.report.clone();
         let mut attempts = Attempts::new(self, &view.runtime, route, demand, deadline, asker);
         loop {
             let lease = attempts.next().await?;
@@ -367,6 +388,7 @@ impl Dispatcher {
                 req,
                 body,
                 lease.permit,
+                report.as_ref(),
             )
             .await;
             match result {

@@ -67,6 +67,7 @@ pub(super) fn anon(view: &View) -> Asker {
         tenant: Arc::from(ANONYMOUS),
         progress: None,
         affinity: None,
+        report: None,
     }
 }
 

@@ -42,6 +42,7 @@ fn asker(view: &View, tier: &str) -> Asker {
         tenant: Arc::from("t"),
         progress: None,
         affinity: None,
+        report: None,
     }
 }
 

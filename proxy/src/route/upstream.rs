@@ -71,6 +71,10 @@ pub(super) fn thread_client(connect_ms: u32) -> reqwest::Client {
 
 /// Calls `target` at `provider` with `key` for a chat and records the outcome on the key,
 /// the breaker and the target's metrics.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one attempt's inputs, from `Dispatcher::chat_on` alone"
+)]
 pub(super) async fn call(
     http: &reqwest::Client,
     provider: &ProviderRt,
@@ -79,9 +83,10 @@ pub(super) async fn call(
     req: &ChatRequest,
     body: Bytes,
     permit: Permit,
+    report: Option<&super::UsageReport>,
 ) -> Result<ReplyBody, ProviderError> {
     let started = Instant::now();
-    let send = send(http, provider, key, target, req, body, permit);
+    let send = send(http, provider, key, target, req, body, permit, report);
     let result = observed(provider, key, target, "chat", send).await;
     if req.stream && result.is_ok() {
         target.metrics.ttft.observe(started.elapsed().as_secs_f64());
@@ -202,6 +207,10 @@ fn record_error(span: &Span, error: &ProviderError) {
     span.record("otel.status_code", "ERROR");
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one attempt's inputs; `call` is the one caller"
+)]
 async fn send(
     http: &reqwest::Client,
     provider: &ProviderRt,
@@ -210,6 +219,7 @@ async fn send(
     req: &ChatRequest,
     body: Bytes,
     mut permit: Permit,
+    report: Option<&super::UsageReport>,
 ) -> Result<ReplyBody, ProviderError> {
     let adapter = provider.adapter;
     let url = target
@@ -248,6 +258,7 @@ async fn send(
         idle,
         state: PumpState::Streaming,
         usage: UsageRecord::new(target, started),
+        report: report.cloned(),
     };
     // Before anything reaches the caller, a failure is still an ordinary (retryable) error.
     if let Err(error) = pump.prime().await {
@@ -408,6 +419,8 @@ struct Pump {
     idle: Duration,
     state: PumpState,
     usage: UsageRecord,
+    /// Where the usage settled is reported for the stages after this one.
+    report: Option<super::UsageReport>,
 }
 
 impl Drop for Pump {
@@ -503,9 +516,13 @@ impl Pump {
 
     fn settle(&mut self) {
         if let Some(permit) = self.permit.take() {
-            let usage = self.decoder.usage().unwrap_or_default();
+            let reported = self.decoder.usage();
+            let usage = reported.unwrap_or_default();
             permit.settle(u64::from(usage.total_tokens));
             self.usage.record(usage);
+            if let (Some(report), Some(usage)) = (&self.report, reported) {
+                report.set(usage);
+            }
         }
     }
 
@@ -525,6 +542,13 @@ impl Pump {
         };
         let output = u64::from(reported.completion_tokens).max(self.output_estimate);
         permit.settle(prompt + output);
+        if let Some(report) = &self.report {
+            report.set(crate::providers::types::Usage {
+                prompt_tokens: u32::try_from(prompt).unwrap_or(u32::MAX),
+                completion_tokens: u32::try_from(output).unwrap_or(u32::MAX),
+                total_tokens: u32::try_from(prompt + output).unwrap_or(u32::MAX),
+            });
+        }
         self.usage.span.in_scope(|| {
             tracing::debug!(
                 tokens = prompt + output,

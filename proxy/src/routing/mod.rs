@@ -38,10 +38,10 @@ pub mod metrics;
 pub mod plan;
 
 use crate::pipeline::{self, RequestCtx};
-use crate::providers::types::ChatRequest;
+use crate::providers::types::{ChatRequest, Usage};
 use crate::providers::{ChatChunk, ProviderError};
 use crate::route::attempt::Asker;
-use crate::route::{ChunkStream, Dispatcher, Reply, ReplyBody, RouteError, View};
+use crate::route::{ChunkStream, Dispatcher, Reply, ReplyBody, RouteError, UsageReport, View};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use floodgate_crds::QueueClass;
 use floodgate_crds::local_model::PromptClass;
@@ -373,7 +373,9 @@ fn costed(
         }
         ReplyBody::Stream(inner) => {
             reply.body = ReplyBody::Stream(Box::pin(Costing {
-                inner,
+                inner: Some(inner),
+                report: asker.report.clone(),
+                recorded: false,
                 plan: plan.clone(),
                 ledger: state.ledger.clone(),
                 tenant,
@@ -408,9 +410,14 @@ impl Stream for Slotted {
     }
 }
 
-/// A stream that records its cost when a chunk reports usage.
+/// A stream that records its cost once: when a chunk reports usage, else when it ends or is
+/// dropped, at the usage its attempt reported ([`UsageReport`]: the caller did not ask to see
+/// it, or left), so that a stream without `include_usage` is not free.
 struct Costing {
-    inner: ChunkStream,
+    /// `None` once dropped, before recording (the attempt reports a stream it lost on drop).
+    inner: Option<ChunkStream>,
+    report: Option<UsageReport>,
+    recorded: bool,
     plan: Arc<Plan>,
     ledger: Arc<cost::Ledger>,
     tenant: Arc<str>,
@@ -420,27 +427,55 @@ struct Costing {
     requested: String,
 }
 
+impl Costing {
+    fn record(&mut self, usage: &Usage) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        cost::record(
+            &self.plan,
+            &self.ledger,
+            &self.tenant,
+            self.pool.as_deref(),
+            &self.provider,
+            &self.route,
+            &self.requested,
+            usage,
+        );
+    }
+
+    fn record_reported(&mut self) {
+        if let Some(usage) = self.report.as_ref().and_then(UsageReport::get) {
+            self.record(&usage);
+        }
+    }
+}
+
 impl Stream for Costing {
     type Item = Result<ChatChunk, ProviderError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let item = self.inner.as_mut().poll_next(cx);
-        if let Poll::Ready(Some(Ok(chunk))) = &item
-            && let Some(usage) = &chunk.usage
-        {
-            let this = &*self;
-            cost::record(
-                &this.plan,
-                &this.ledger,
-                &this.tenant,
-                this.pool.as_deref(),
-                &this.provider,
-                &this.route,
-                &this.requested,
-                usage,
-            );
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let item = inner.as_mut().poll_next(cx);
+        match &item {
+            Poll::Ready(Some(Ok(chunk))) => {
+                if let Some(usage) = &chunk.usage {
+                    self.record(usage);
+                }
+            }
+            Poll::Ready(None) => self.record_reported(),
+            _ => {}
         }
         item
+    }
+}
+
+impl Drop for Costing {
+    fn drop(&mut self) {
+        drop(self.inner.take());
+        self.record_reported();
     }
 }
 
