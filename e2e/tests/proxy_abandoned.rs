@@ -79,6 +79,27 @@ async fn a_stream_the_caller_hangs_up_on_settles_at_what_was_used() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// `floodgate_requests_total{outcome="client_closed"}` of requests that left before their
+/// model was known to the counter (`model="unknown"`): metrics are per process, and other
+/// tests here count streams the caller left, with their model.
+async fn client_closed(gw: &Gateway) -> u64 {
+    let metrics = client()
+        .get(format!("{}/metrics", gw.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("floodgate_requests_total"))
+        .filter(|l| l.contains("outcome=\"client_closed\""))
+        .filter(|l| l.contains("model=\"unknown\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 #[tokio::test]
 async fn a_caller_who_hangs_up_while_waiting_for_budget_takes_none() {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
@@ -103,6 +124,16 @@ async fn a_caller_who_hangs_up_while_waiting_for_budget_takes_none() {
     // Waits for the next window, and gives up before it comes.
     let gave_up = chat(Duration::from_millis(300)).await;
     assert!(gave_up.unwrap_err().is_timeout());
+    // Counted as a caller who left, not lost from the request counts.
+    let mut closed = 0;
+    for _ in 0..200 {
+        closed = client_closed(&gw).await;
+        if closed == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(closed, 1, "the caller who hung up while waiting is counted");
     // The next caller is first in line: served when the window frees (~2 s), not a window
     // later behind a request nobody waits for.
     let next = chat(Duration::from_secs(15)).await.unwrap();

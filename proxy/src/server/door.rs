@@ -108,7 +108,19 @@ where
                 Ok(caller) => {
                     ctx.caller = caller;
                     ctx.cache.cache = Some(state.cache.clone());
-                    handle(ctx, request_span).await
+                    // Dropped armed if the caller hangs up before its response is ready
+                    // (the server then drops this future): counted `client_closed`.
+                    let tier = ctx
+                        .caller
+                        .as_ref()
+                        .and_then(|c| c.tier().cloned())
+                        .unwrap_or_else(|| ctx.tier.clone());
+                    let hung_up = HangUp {
+                        armed: Some((request_span.clone(), tier)),
+                    };
+                    let done = handle(ctx, request_span).await;
+                    hung_up.disarm();
+                    done
                 }
                 Err(e) => {
                     let error = unauthenticated(e);
@@ -129,6 +141,36 @@ where
         })
         .instrument(span)
         .await
+}
+
+/// Records [`CLIENT_CLOSED`] for a request dropped before its response was ready, on its
+/// span and with its tier (the model is not known yet: `unknown`).
+struct HangUp {
+    armed: Option<(Span, std::sync::Arc<str>)>,
+}
+
+impl HangUp {
+    fn disarm(mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for HangUp {
+    fn drop(&mut self) {
+        if let Some((span, tier)) = self.armed.take() {
+            Outcome {
+                span,
+                tier,
+                model: None,
+                provider: None,
+                attempts: None,
+                ok: None,
+                // As nginx logs a client that closed the connection first.
+                status: StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            }
+            .record(CLIENT_CLOSED);
+        }
+    }
 }
 
 /// A caller that is not identified: 401 `invalid_api_key`, saying why without echoing what
