@@ -2,6 +2,8 @@
 //! settles the key's token reservation at what was used, so the key's budget is free again
 //! at once; a caller who hangs up while waiting for budget takes none.
 
+#![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
+
 use floodgate_e2e::gateway::Gateway;
 use floodgate_e2e::mock::{MockConfig, MockProviders};
 use serde_json::json;
