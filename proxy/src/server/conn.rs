@@ -30,7 +30,7 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -294,10 +294,16 @@ struct Activity {
     /// control frames (pings, window updates), not the start of a head, and only the idle
     /// timeout applies between streams.
     http2: AtomicBool,
-    /// Whether anything was read yet (the preface is looked for in the first read).
-    started: AtomicBool,
+    /// How much of the HTTP/2 preface's start (`PRI `) the first bytes matched, however the
+    /// reads split them; [`PREFACE_MISSED`] once a byte did not match.
+    preface: AtomicU8,
     changed: Notify,
 }
+
+/// The start of the HTTP/2 client preface (`PRI * HTTP/2.0`): no HTTP/1 method begins so.
+const PREFACE: &[u8] = b"PRI ";
+/// [`Activity::preface`] once the first bytes were not the preface.
+const PREFACE_MISSED: u8 = u8::MAX;
 
 /// Why a connection was closed (the `reason` label).
 const HEADER_TIMEOUT: &str = "header_timeout";
@@ -311,7 +317,7 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(1),
             http2: AtomicBool::new(false),
-            started: AtomicBool::new(false),
+            preface: AtomicU8::new(0),
             changed: Notify::new(),
         }
     }
@@ -326,9 +332,7 @@ impl Activity {
 
     /// `bytes` arrived.
     fn read(&self, bytes: &[u8]) {
-        if !self.started.swap(true, Ordering::AcqRel) && bytes.starts_with(b"PRI ") {
-            self.http2.store(true, Ordering::Release);
-        }
+        self.look_for_preface(bytes);
         if self.in_flight.load(Ordering::Acquire) == 0
             && self.head_since.load(Ordering::Acquire) == 0
             && !self.http2.load(Ordering::Acquire)
@@ -336,6 +340,27 @@ impl Activity {
             self.head_since.store(self.now() + 1, Ordering::Release);
             self.changed.notify_one();
         }
+    }
+
+    /// Matches the first bytes of the connection against the HTTP/2 preface's start, across
+    /// reads (a client may send it in pieces).
+    fn look_for_preface(&self, bytes: &[u8]) {
+        let mut matched = self.preface.load(Ordering::Acquire);
+        if usize::from(matched) >= PREFACE.len() {
+            return;
+        }
+        for &b in bytes {
+            if PREFACE.get(usize::from(matched)) != Some(&b) {
+                matched = PREFACE_MISSED;
+                break;
+            }
+            matched += 1;
+            if usize::from(matched) == PREFACE.len() {
+                self.http2.store(true, Ordering::Release);
+                break;
+            }
+        }
+        self.preface.store(matched, Ordering::Release);
     }
 
     /// A request's head was read: it is in flight until the guard is dropped.

@@ -4,6 +4,7 @@
 
 use super::*;
 use axum::routing::get;
+use std::future::Future;
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -214,5 +215,87 @@ async fn shutdown_closes_idle_connections_and_stops_accepting() {
     while TcpStream::connect(addr).await.is_ok() {
         assert!(Instant::now() < deadline, "still accepting");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `expired` of `activity` has not resolved yet.
+async fn pending(expired: &mut Pin<Box<impl Future<Output = &'static str>>>) -> bool {
+    futures::poll!(expired.as_mut()).is_pending()
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+#[tokio::test(start_paused = true)]
+async fn a_new_connections_head_is_bounded_from_its_accept_to_the_millisecond() {
+    let activity = Arc::new(Activity::new());
+    let mut expired = Box::pin(activity.expired(limits()));
+    assert!(pending(&mut expired).await);
+    tokio::time::advance(HEADER - MS).await;
+    assert!(pending(&mut expired).await);
+    tokio::time::advance(MS).await;
+    assert_eq!(expired.await, HEADER_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_in_flight_is_never_timed_out_and_idleness_counts_from_its_end() {
+    let activity = Arc::new(Activity::new());
+    let mut expired = Box::pin(activity.expired(limits()));
+    tokio::time::advance(HEADER / 2).await;
+    activity.read(b"GET / HTTP/1.1\r\n\r\n");
+    let guard = activity.begin();
+    // A slow answer: ten idle timeouts with the request in flight.
+    tokio::time::advance(IDLE * 10).await;
+    assert!(pending(&mut expired).await);
+    drop(guard);
+    tokio::time::advance(IDLE - MS).await;
+    assert!(pending(&mut expired).await);
+    tokio::time::advance(MS).await;
+    assert_eq!(expired.await, IDLE_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_head_begun_while_idle_is_bounded_from_its_first_byte() {
+    let activity = Arc::new(Activity::new());
+    let mut expired = Box::pin(activity.expired(limits()));
+    activity.read(b"GET / HTTP/1.1\r\n\r\n");
+    drop(activity.begin());
+    // Idle for a while, then the next head starts and stalls.
+    tokio::time::advance(IDLE - HEADER / 2).await;
+    activity.read(b"GET / HT");
+    assert!(pending(&mut expired).await);
+    // The idle bound (HEADER / 2 from here) no longer applies; the head's does.
+    tokio::time::advance(HEADER - MS).await;
+    assert!(pending(&mut expired).await);
+    tokio::time::advance(MS).await;
+    assert_eq!(expired.await, HEADER_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn http2_frames_between_streams_are_not_a_head_even_when_the_preface_came_in_pieces() {
+    let activity = Arc::new(Activity::new());
+    let mut expired = Box::pin(activity.expired(limits()));
+    // The preface in three reads.
+    activity.read(b"P");
+    activity.read(b"RI");
+    activity.read(b" * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    drop(activity.begin());
+    tokio::time::advance(IDLE / 2).await;
+    // A PING frame between streams: the idle bound still applies, not the header's.
+    activity.read(&[0, 0, 8, 6, 0, 0, 0, 0, 0]);
+    tokio::time::advance(HEADER).await;
+    assert!(pending(&mut expired).await);
+    tokio::time::advance(IDLE / 2 - HEADER - MS).await;
+    assert!(pending(&mut expired).await);
+    tokio::time::advance(MS).await;
+    assert_eq!(expired.await, IDLE_TIMEOUT);
+}
+
+#[test]
+fn http1_methods_are_not_taken_for_the_preface() {
+    for first in [&b"POST /v1"[..], b"PATCH", b"PUT "] {
+        let activity = Activity::new();
+        activity.read(first);
+        activity.read(b"RI * HTTP/2.0");
+        assert!(!activity.http2.load(Ordering::Acquire), "{first:?}");
     }
 }
