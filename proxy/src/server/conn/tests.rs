@@ -218,6 +218,19 @@ async fn shutdown_closes_idle_connections_and_stops_accepting() {
     }
 }
 
+#[tokio::test]
+async fn shutdown_gives_a_half_sent_head_its_header_bound_not_more() {
+    let (addr, stop) = server(limits(), 100).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    hello(&mut tcp).await;
+    tcp.write_all(b"GET /hello HTTP/1.1\r\n").await.unwrap();
+    let started = Instant::now();
+    stop.cancel();
+    until_closed(&mut tcp).await;
+    let took = started.elapsed();
+    assert!(took < HEADER * 2, "closed after {took:?}");
+}
+
 /// `expired` of `activity` has not resolved yet.
 async fn pending(expired: &mut Pin<Box<impl Future<Output = &'static str>>>) -> bool {
     futures::poll!(expired.as_mut()).is_pending()
