@@ -10,8 +10,10 @@
 //!   turning ready (a new Ollama replica pulls its model first: doubling again on the same
 //!   queue would overshoot);
 //! - *down x0.5* (rounded up, at least `minReplicas`) when the queue would still be at most
-//!   half of `T` per replica at the smaller size, and the latency (if bounded) is within its
-//!   bound, once `cooldownSeconds` have passed since the last change;
+//!   half of `T` per replica at the smaller size, the requests in flight fit the smaller
+//!   size's slots (`numParallel` per replica), and the latency (if bounded) is under half of
+//!   its bound (hysteresis: a latency just under the bound after a scale-up must not halve
+//!   the replicas back over it), once `cooldownSeconds` have passed since the last change;
 //! - back within `minReplicas..maxReplicas` at once if the bounds moved.
 //!
 //! The change is written through the scale subresource (`spec.replicas`), recorded in status
@@ -24,12 +26,65 @@ use crate::usage::UsageReader;
 use floodgate_crds::local_model::Autoscaling;
 use floodgate_crds::redis_keys::DemandKeys;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// How often a LocalModelDeployment with autoscaling reads its demand again.
 pub const DEMAND_REFRESH: Duration = Duration::from_secs(5);
+
+/// Requests one Ollama replica serves at once when `ollama.numParallel` is not set: the
+/// gateway's own default for its concurrency gate (`floodgate_proxy::routing::plan`).
+pub const DEFAULT_NUM_PARALLEL: u32 = 4;
+
+/// Where local models' demand is read.
+#[derive(Debug)]
+pub enum DemandSource {
+    /// No Redis configured (`--redis-url`): demand is not read and autoscaling does not act;
+    /// every LocalModelDeployment that asks for autoscaling says so in a condition.
+    Unconfigured,
+    /// The gateway's Redis, by the demand contract ([`UsageReader::demand`]).
+    Redis(Arc<UsageReader>),
+    /// Figures set in the process per `namespace/name`: demand without a gateway (the
+    /// reconciler tests). A model with no entry reads as no reporter.
+    Fixed(Mutex<HashMap<String, Demand>>),
+}
+
+impl DemandSource {
+    /// A [`DemandSource::Fixed`] with `figures` per `namespace/name`.
+    pub fn fixed(figures: impl IntoIterator<Item = (String, Demand)>) -> Self {
+        Self::Fixed(Mutex::new(figures.into_iter().collect()))
+    }
+
+    /// Sets the figures of `namespace/name` (a [`DemandSource::Fixed`] only).
+    pub fn set(&self, namespace: &str, name: &str, demand: Demand) {
+        if let Self::Fixed(figures) = self {
+            figures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(format!("{namespace}/{name}"), demand);
+        }
+    }
+
+    /// Whether demand is read at all.
+    pub fn is_configured(&self) -> bool {
+        !matches!(self, Self::Unconfigured)
+    }
+
+    /// The demand for LocalModelDeployment `namespace/name`; `None` when unconfigured.
+    pub async fn read(&self, namespace: &str, name: &str) -> Option<Result<Demand>> {
+        match self {
+            Self::Unconfigured => None,
+            Self::Redis(reader) => Some(reader.demand(namespace, name).await),
+            Self::Fixed(figures) => Some(Ok(figures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&format!("{namespace}/{name}"))
+                .copied()
+                .unwrap_or_default())),
+        }
+    }
+}
 
 /// A model's demand over every live gateway replica.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -98,11 +153,13 @@ impl UsageReader {
     }
 }
 
-/// The decision for a model running `current` replicas (of which `ready` are ready) under
-/// `policy`, given `demand` and the time since its last scale change (`None`: never).
+/// The decision for a model running `current` replicas (of which `ready` are ready, each
+/// serving `parallel` requests at once) under `policy`, given `demand` and the time since its
+/// last scale change (`None`: never).
 pub fn decide(
     current: i32,
     ready: i32,
+    parallel: u32,
     policy: &Autoscaling,
     demand: &Demand,
     since_change: Option<Duration>,
@@ -172,6 +229,26 @@ pub fn decide(
             demand.queued
         ));
     }
+    // The replicas left must hold the requests being answered now: removing a replica cuts
+    // the answers it is streaming, and the rest would queue behind the survivors.
+    let slots = u64::from(parallel).saturating_mul(u64::try_from(half).unwrap_or(0));
+    if demand.in_flight > slots {
+        return Decision::Hold(format!(
+            "{} requests in flight: more than {half} replicas x {parallel} parallel hold",
+            demand.in_flight
+        ));
+    }
+    // Hysteresis: up over the bound, down only under half of it, so that a latency just
+    // under the bound after a scale-up does not halve the replicas back into it.
+    if let Some(bound) = policy.latency_ms {
+        let calm = u64::from(bound) / 2;
+        if demand.latency_p95_ms > calm {
+            return Decision::Hold(format!(
+                "p95 latency {} ms is over half of latencyMs {bound}: not low enough to scale down",
+                demand.latency_p95_ms
+            ));
+        }
+    }
     let cooldown = Duration::from_secs(u64::from(policy.cooldown_seconds));
     if let Some(since) = since_change.filter(|since| *since < cooldown) {
         return Decision::Hold(format!(
@@ -180,14 +257,17 @@ pub fn decide(
         ));
     }
     let latency = match policy.latency_ms {
-        Some(bound) => format!(", p95 latency {} ms within {bound}", demand.latency_p95_ms),
+        Some(bound) => format!(
+            ", p95 latency {} ms within half of {bound}",
+            demand.latency_p95_ms
+        ),
         None => String::new(),
     };
     Decision::Scale {
         to: half,
         reason: format!(
-            "scaled down {current} -> {half}: {} requests waiting, at most half of {threshold} per replica{latency}, for {}s of cooldown",
-            demand.queued, policy.cooldown_seconds
+            "scaled down {current} -> {half}: {} requests waiting, at most half of {threshold} per replica, {} in flight{latency}, for {}s of cooldown",
+            demand.queued, demand.in_flight, policy.cooldown_seconds
         ),
     }
 }

@@ -18,6 +18,8 @@ pub mod cache_policy;
 pub mod conditions;
 pub mod context;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod local_model;
 pub mod metrics;
@@ -56,10 +58,11 @@ pub async fn run(
     let ctx = Context::new(client, config, metrics)?;
     tracing::info!(namespace = ?ctx.config.namespace, "floodgate-operator starting its controllers");
     ctx.metrics.set_leader(true);
-    if ctx.usage.is_none() {
-        tracing::info!(
+    if !ctx.demand.is_configured() {
+        tracing::warn!(
             "no Redis configured (--redis-url): pools' usedRpm, tenants' use and local models' demand are not read, \
-             so LocalModelDeployment autoscaling is not acted on (replicas follow spec.replicas, else minReplicas)"
+             so LocalModelDeployment autoscaling is not acted on (replicas follow spec.replicas, else minReplicas); \
+             each LocalModelDeployment with spec.autoscaling says so in its AutoscalingActive condition"
         );
     }
     tracing::info!(
