@@ -1,9 +1,15 @@
-//! The sidecar a pod annotated `floodgate.dev/inject: "true"` gets: a `floodgate-proxy`
-//! container listening on the pod's loopback, configured from a ConfigMap (the proxy's config
-//! file, as `--config` reads it), and every application container pointed at it through
-//! `FLOODGATE_URL`, `OPENAI_BASE_URL` and `ANTHROPIC_BASE_URL` (set only where the container
-//! does not set them itself). A pod that already has the sidecar is left as it is, so a
-//! re-invocation changes nothing.
+//! The sidecar a pod that asks for it gets (the annotation or the label
+//! `floodgate.dev/inject: "true"`; the label is what the webhook's opt-in objectSelector
+//! matches): a `floodgate-proxy` container listening on the pod's loopback, configured from a
+//! ConfigMap (the proxy's config file, as `--config` reads it), and every application
+//! container pointed at it through `FLOODGATE_URL`, `OPENAI_BASE_URL` and `ANTHROPIC_BASE_URL`
+//! (set only where the container does not set them itself). A pod that already has the
+//! sidecar is left as it is, so a re-invocation changes nothing.
+//!
+//! **Port.** The sidecar listens on `--sidecar-port` ([`DEFAULT_PORT`], an uncommon one), or
+//! on the pod's annotation `floodgate.dev/port`. A pod whose containers already declare that
+//! port is refused ([`Refusal`]), naming the container and the annotation to set: two
+//! listeners on one loopback port would leave the app or the sidecar failing to start.
 
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EnvVar, Pod, ResourceRequirements,
@@ -20,6 +26,33 @@ pub const CONFIG: &str = "floodgate.dev/config";
 pub const CONTAINER: &str = "floodgate-proxy";
 /// The config volume's name.
 pub const VOLUME: &str = "floodgate-config";
+/// The annotation choosing the sidecar's port for one pod.
+pub const PORT: &str = "floodgate.dev/port";
+/// The sidecar's port unless configured: not 8080 or another port applications commonly use.
+pub const DEFAULT_PORT: u16 = 14080;
+
+/// Why a pod that asks for the sidecar cannot have it (the review is denied with this text,
+/// which the pod's creator sees: `kubectl apply` prints it, a ReplicaSet records it in a
+/// `FailedCreate` Event).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A container already declares the sidecar's port.
+    #[error(
+        "floodgate sidecar not injected: container {container:?} already uses port {port}, the floodgate-proxy \
+         sidecar's; set the pod annotation {PORT} to a free port"
+    )]
+    PortTaken {
+        /// The container using it.
+        container: String,
+        /// The port.
+        port: u16,
+    },
+    /// The port annotation is not a port number.
+    #[error(
+        "floodgate sidecar not injected: annotation {PORT} is {0:?}, not a port number (1-65535)"
+    )]
+    BadPort(String),
+}
 
 /// How the sidecar is made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,20 +69,49 @@ impl Default for Sidecar {
     fn default() -> Self {
         Self {
             image: "ghcr.io/floodgate-dev/floodgate-proxy:0.1.0".into(),
-            port: 8080,
+            port: DEFAULT_PORT,
             default_config_map: "floodgate-sidecar".into(),
         }
     }
 }
 
-/// `pod` with the sidecar, or `None` when it asks for none or already has it.
-pub fn inject(pod: &Pod, sidecar: &Sidecar) -> Option<Pod> {
+/// `pod` with the sidecar, `Ok(None)` when it asks for none or already has it, or why it
+/// cannot have it.
+pub fn inject(pod: &Pod, sidecar: &Sidecar) -> Result<Option<Pod>, Refusal> {
     let annotations = pod.metadata.annotations.as_ref();
-    let asked = annotations.and_then(|a| a.get(INJECT)).map(String::as_str) == Some("true");
-    let spec = pod.spec.as_ref()?;
+    let labels = pod.metadata.labels.as_ref();
+    let asked = [annotations, labels]
+        .iter()
+        .any(|m| m.and_then(|m| m.get(INJECT)).map(String::as_str) == Some("true"));
+    let Some(spec) = pod.spec.as_ref() else {
+        return Ok(None);
+    };
     if !asked || spec.containers.iter().any(|c| c.name == CONTAINER) {
-        return None;
+        return Ok(None);
     }
+    let port = match annotations.and_then(|a| a.get(PORT)) {
+        Some(text) => match text.parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => return Err(Refusal::BadPort(text.clone())),
+        },
+        None => sidecar.port,
+    };
+    let declared = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.ports.iter().flatten().map(move |p| (c, p)))
+        .find(|(_, p)| p.container_port == i32::from(port));
+    if let Some((c, _)) = declared {
+        return Err(Refusal::PortTaken {
+            container: c.name.clone(),
+            port,
+        });
+    }
+    let sidecar = &Sidecar {
+        port,
+        ..sidecar.clone()
+    };
     let config_map = annotations
         .and_then(|a| a.get(CONFIG))
         .cloned()
@@ -82,7 +144,7 @@ pub fn inject(pod: &Pod, sidecar: &Sidecar) -> Option<Pod> {
         }),
         ..Volume::default()
     });
-    Some(pod)
+    Ok(Some(pod))
 }
 
 fn container(sidecar: &Sidecar) -> Container {
@@ -154,6 +216,7 @@ mod tests {
             &pod(serde_json::json!({INJECT: "true", CONFIG: "team-proxy"})),
             &Sidecar::default(),
         )
+        .unwrap()
         .unwrap();
         let spec = out.spec.unwrap();
         assert_eq!(spec.containers.len(), 3);
@@ -161,7 +224,7 @@ mod tests {
         assert_eq!(sidecar.name, CONTAINER);
         assert_eq!(
             sidecar.args.as_deref().unwrap()[2..],
-            ["--listen".to_owned(), "127.0.0.1:8080".to_owned()]
+            ["--listen".to_owned(), "127.0.0.1:14080".to_owned()]
         );
         let volume = &spec.volumes.unwrap()[0];
         assert_eq!(volume.config_map.as_ref().unwrap().name, "team-proxy");
@@ -172,11 +235,11 @@ mod tests {
         );
         assert_eq!(
             env(&spec.containers[0], "FLOODGATE_URL").unwrap(),
-            "http://127.0.0.1:8080"
+            "http://127.0.0.1:14080"
         );
         assert_eq!(
             env(&spec.containers[1], "OPENAI_BASE_URL").unwrap(),
-            "http://127.0.0.1:8080/v1"
+            "http://127.0.0.1:14080/v1"
         );
         assert_eq!(env(sidecar, "FLOODGATE_URL"), None);
     }
@@ -184,9 +247,14 @@ mod tests {
     #[test]
     fn other_pods_and_injected_pods_are_left_alone() {
         let sidecar = Sidecar::default();
-        assert!(inject(&pod(serde_json::json!({})), &sidecar).is_none());
-        assert!(inject(&pod(serde_json::json!({INJECT: "false"})), &sidecar).is_none());
-        let once = inject(&pod(serde_json::json!({INJECT: "true"})), &sidecar).unwrap();
+        assert_eq!(inject(&pod(serde_json::json!({})), &sidecar), Ok(None));
+        assert_eq!(
+            inject(&pod(serde_json::json!({INJECT: "false"})), &sidecar),
+            Ok(None)
+        );
+        let once = inject(&pod(serde_json::json!({INJECT: "true"})), &sidecar)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             once.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0]
                 .config_map
@@ -195,6 +263,73 @@ mod tests {
                 .name,
             "floodgate-sidecar"
         );
-        assert!(inject(&once, &sidecar).is_none());
+        assert_eq!(inject(&once, &sidecar), Ok(None));
+    }
+
+    fn sidecar_listen(pod: &Pod) -> String {
+        let spec = pod.spec.as_ref().unwrap();
+        let c = spec
+            .containers
+            .iter()
+            .find(|c| c.name == CONTAINER)
+            .unwrap();
+        c.args.as_ref().unwrap()[3].clone()
+    }
+
+    #[test]
+    fn the_default_port_is_not_8080_and_a_pod_using_the_sidecars_port_is_refused() {
+        let sidecar = Sidecar::default();
+        assert_ne!(sidecar.port, 8080);
+        let mut app = pod(serde_json::json!({INJECT: "true"}));
+        // An app on 8080 (common) is fine now.
+        app.spec.as_mut().unwrap().containers[0].ports = Some(vec![ContainerPort {
+            container_port: 8080,
+            ..ContainerPort::default()
+        }]);
+        let out = inject(&app, &sidecar).unwrap().unwrap();
+        assert_eq!(sidecar_listen(&out), format!("127.0.0.1:{DEFAULT_PORT}"));
+
+        // A worker on the sidecar's port: refused, naming it and the way out.
+        app.spec.as_mut().unwrap().containers[1].ports = Some(vec![ContainerPort {
+            container_port: i32::from(DEFAULT_PORT),
+            ..ContainerPort::default()
+        }]);
+        let refused = inject(&app, &sidecar).unwrap_err();
+        assert_eq!(
+            refused,
+            Refusal::PortTaken {
+                container: "worker".into(),
+                port: DEFAULT_PORT
+            }
+        );
+        assert!(refused.to_string().contains(PORT), "{refused}");
+
+        // The annotation moves the sidecar, and the apps' URLs with it.
+        app.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(PORT.into(), "15999".into());
+        let out = inject(&app, &sidecar).unwrap().unwrap();
+        assert_eq!(sidecar_listen(&out), "127.0.0.1:15999");
+        let first = &out.spec.as_ref().unwrap().containers[0];
+        assert_eq!(
+            env(first, "FLOODGATE_URL").unwrap(),
+            "http://127.0.0.1:15999"
+        );
+
+        for bad in ["0", "http", "70000"] {
+            app.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(PORT.into(), bad.into());
+            assert_eq!(inject(&app, &sidecar), Err(Refusal::BadPort(bad.into())));
+        }
+    }
+
+    #[test]
+    fn the_opt_in_label_asks_for_the_sidecar_like_the_annotation() {
+        let mut labelled = pod(serde_json::json!({}));
+        labelled.metadata.labels = Some([(INJECT.to_owned(), "true".to_owned())].into());
+        assert!(inject(&labelled, &Sidecar::default()).unwrap().is_some());
     }
 }

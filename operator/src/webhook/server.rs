@@ -17,8 +17,16 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// How long a client has to finish the TLS handshake: one that connects and says nothing
+/// must not hold a task (or shutdown) for ever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the reviews in flight once it has asked every connection to
+/// close (the API server keeps its connections open between reviews); then they are dropped.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The certificate the server presents; replaced on rotation.
 #[derive(Debug, Default)]
@@ -100,24 +108,50 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            let stream = match acceptor.accept(stream).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-                    return;
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let stream = tokio::select! {
+                () = shutdown.cancelled() => return,
+                done = handshake => match done {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "webhook TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = shutdown.cancelled() => {
+                    // Finish the review in flight, then close; an idle keep-alive closes now.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
                 }
             };
-            let served = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "webhook connection ended");
             }
         });
     }
+    drop(listener);
     tasks.close();
-    tasks.wait().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = tasks.len(),
+            "webhook connections still open after the shutdown grace; dropping them"
+        );
+    }
 }
 
 /// The answer to one review: the sidecar as a JSON patch, or allowed unchanged; a review that
@@ -137,8 +171,18 @@ pub fn review_pod(
     let Some(pod) = request.object.as_ref() else {
         return response.into_review();
     };
-    let Some(injected) = mutate::inject(pod, sidecar) else {
-        return response.into_review();
+    let injected = match mutate::inject(pod, sidecar) {
+        Ok(Some(injected)) => injected,
+        Ok(None) => return response.into_review(),
+        Err(refusal) => {
+            tracing::warn!(
+                namespace = request.namespace.as_deref().unwrap_or_default(),
+                pod = pod_name(pod),
+                %refusal,
+                "refusing a pod that asks for the sidecar"
+            );
+            return response.deny(refusal.to_string()).into_review();
+        }
     };
     let patch = match (serde_json::to_value(pod), serde_json::to_value(&injected)) {
         (Ok(before), Ok(after)) => json_patch::diff(&before, &after),
@@ -150,12 +194,7 @@ pub fn review_pod(
     };
     tracing::info!(
         namespace = request.namespace.as_deref().unwrap_or_default(),
-        pod = pod
-            .metadata
-            .name
-            .as_deref()
-            .or(pod.metadata.generate_name.as_deref())
-            .unwrap_or_default(),
+        pod = pod_name(pod),
         "injecting the floodgate-proxy sidecar"
     );
     match response.clone().with_patch(patch) {
@@ -166,7 +205,69 @@ pub fn review_pod(
     }
 }
 
+/// The pod's name, or its generated name's prefix (a ReplicaSet's pods have no name yet).
+fn pod_name(pod: &Pod) -> &str {
+    pod.metadata
+        .name
+        .as_deref()
+        .or(pod.metadata.generate_name.as_deref())
+        .unwrap_or_default()
+}
+
 /// Binds `addr` for the webhook.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_does_not_wait_for_a_client_that_never_finishes_its_handshake() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(CertSlot::default()),
+            Sidecar::default(),
+            shutdown.clone(),
+        ));
+        // Connects and says nothing, holding the connection open.
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Let the server accept it (the paused clock advances only once everything idles).
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let asked = tokio::time::Instant::now();
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), server)
+            .await
+            .expect("the server returns after shutdown")
+            .unwrap();
+        assert!(asked.elapsed() < HANDSHAKE_TIMEOUT, "{:?}", asked.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_dropped_at_the_handshake_timeout() {
+        use tokio::io::AsyncReadExt;
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let _stop = shutdown.clone().drop_guard();
+        tokio::spawn(serve(
+            listener,
+            Arc::new(CertSlot::default()),
+            Sidecar::default(),
+            shutdown,
+        ));
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let connected = tokio::time::Instant::now();
+        // The server closes it: the read ends (EOF or reset) at the timeout, not before.
+        let _ = silent.read(&mut [0u8; 16]).await;
+        let waited = connected.elapsed();
+        assert!(
+            waited >= HANDSHAKE_TIMEOUT && waited < HANDSHAKE_TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+    }
 }
