@@ -40,10 +40,10 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `floodgate:demand:{M}:replicas` | sorted set | the replicas publishing for this model: member = replica id, score = Unix ms (Redis `TIME`) of its last publication. An index only: members whose own hash expired are ignored by readers and removed by the next publication. |
-//! | `floodgate:demand:{M}:r:<replica>` | hash | that replica's figures now: `queued` (requests waiting for the model), `inFlight` (requests it is answering), `latencyP95Ms` (p95 of the model's answer times over the last 30 s on that replica, 0 with none), `at` (Unix ms, Redis `TIME`). Expires [`DEMAND_TTL_MS`] after its last publication, so a replica that stops publishing stops counting. |
+//! | `floodgate:demand:{M}:r:<replica>` | hash | that replica's figures now: `queued` (requests waiting for the model), `inFlight` (requests it is answering), `latencyP95Ms` (p95 of the model's answer times over the last 30 s on that replica, 0 with none), `spilled` (requests that spilled over to the next target instead of waiting for the model, over the last 30 s; absent from older proxies), `at` (Unix ms, Redis `TIME`). Expires [`DEMAND_TTL_MS`] after its last publication, so a replica that stops publishing stops counting. |
 //!
-//! A model's demand is the sum of `queued` and of `inFlight`, and the largest `latencyP95Ms`,
-//! over the hashes that exist.
+//! A model's demand is the sum of `queued`, of `inFlight` and of `spilled`, and the largest
+//! `latencyP95Ms`, over the hashes that exist.
 
 /// Prefix of every shared-budget key.
 pub const PREFIX: &str = "floodgate:budget:";

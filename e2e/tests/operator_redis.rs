@@ -137,6 +137,10 @@ async fn demand_is_summed_over_the_replicas_that_still_publish() {
     let cell_b = b.cell("models", "llama");
     let waiting_b: Vec<_> = (0..4).map(|_| cell_b.queued()).collect();
     cell_b.record_latency(Duration::from_millis(2500));
+    // Requests that spilled over to another target count, summed too.
+    cell_a.spilled();
+    cell_b.spilled();
+    cell_b.spilled();
     // Another model's demand is not this one's.
     let _elsewhere = b.cell("models", "qwen").queued();
 
@@ -154,9 +158,10 @@ async fn demand_is_summed_over_the_replicas_that_still_publish() {
             demand.queued,
             demand.in_flight,
             demand.latency_p95_ms,
+            demand.spilled,
             demand.reporters
         ),
-        (7, 1, 2500, 2)
+        (7, 1, 2500, 3, 2)
     );
     assert_eq!(reader.demand("models", "qwen").await.unwrap().queued, 1);
     assert_eq!(

@@ -5,12 +5,14 @@
 //! in [`floodgate_crds::redis_keys`]); [`UsageReader::demand`] sums the live replicas'.
 //!
 //! **Policy** ([`decide`]), with `spec.autoscaling` (`T` = `queueDepth`, per replica):
-//! - *up x2* (at most `maxReplicas`) when more than `T` requests per current replica wait, or
-//!   the p95 latency is over `latencyMs`; not while the last scale-up's replicas are still
+//! - *up x2* (at most `maxReplicas`) when more than `T` requests per current replica wait
+//!   (counting the requests that spilled over to another target in the last 30 s), or the
+//!   p95 latency is over `latencyMs`; not while the last scale-up's replicas are still
 //!   turning ready (a new Ollama replica pulls its model first: doubling again on the same
 //!   queue would overshoot);
 //! - *down x0.5* (rounded up, at least `minReplicas`) when the queue would still be at most
-//!   half of `T` per replica at the smaller size, the requests in flight fit the smaller
+//!   half of `T` per replica at the smaller size, nothing spilled over in the last 30 s, the
+//!   requests in flight fit the smaller
 //!   size's slots (`numParallel` per replica), and the latency (if bounded) is under half of
 //!   its bound (hysteresis: a latency just under the bound after a scale-up must not halve
 //!   the replicas back over it), once `cooldownSeconds` have passed since the last change;
@@ -95,6 +97,9 @@ pub struct Demand {
     pub in_flight: u64,
     /// The largest p95 answer time any replica reports (ms); 0 with none.
     pub latency_p95_ms: u64,
+    /// Requests that spilled over to another target over the last 30 s (the model was
+    /// saturated): demand it could not take.
+    pub spilled: u64,
     /// Gateway replicas whose figures count.
     pub reporters: u32,
 }
@@ -134,18 +139,22 @@ impl UsageReader {
                 .arg(keys.replica(r))
                 .arg("queued")
                 .arg("inFlight")
-                .arg("latencyP95Ms");
+                .arg("latencyP95Ms")
+                .arg("spilled");
         }
-        let figures: Vec<(Option<u64>, Option<u64>, Option<u64>)> =
-            pipe.query_async(&mut conn).await?;
+        // queued, inFlight, latencyP95Ms, spilled: nils where a hash expired (or a field is
+        // absent: older proxies publish no `spilled`).
+        type Row = (Option<u64>, Option<u64>, Option<u64>, Option<u64>);
+        let figures: Vec<Row> = pipe.query_async(&mut conn).await?;
         let mut demand = Demand::default();
         // An expired hash reads as nils: that replica stopped publishing.
-        for (queued, in_flight, latency) in figures {
+        for (queued, in_flight, latency, spilled) in figures {
             let (Some(queued), Some(in_flight)) = (queued, in_flight) else {
                 continue;
             };
             demand.queued += queued;
             demand.in_flight += in_flight;
+            demand.spilled += spilled.unwrap_or(0);
             demand.latency_p95_ms = demand.latency_p95_ms.max(latency.unwrap_or(0));
             demand.reporters += 1;
         }
@@ -190,11 +199,21 @@ pub fn decide(
     let slow = policy
         .latency_ms
         .filter(|bound| demand.latency_p95_ms > u64::from(*bound));
-    let why_up = if demand.queued > capacity {
-        Some(format!(
-            "{} requests waiting, over {threshold} per replica x {current}",
-            demand.queued
-        ))
+    // Requests that spilled over waited nowhere here, but wanted this model: they count as
+    // waiting, so that a model whose overflow goes to a premium pool still grows.
+    let wanting = demand.queued.saturating_add(demand.spilled);
+    let why_up = if wanting > capacity {
+        Some(if demand.spilled > 0 {
+            format!(
+                "{} requests waiting and {} spilled over in 30 s, over {threshold} per replica x {current}",
+                demand.queued, demand.spilled
+            )
+        } else {
+            format!(
+                "{} requests waiting, over {threshold} per replica x {current}",
+                demand.queued
+            )
+        })
     } else {
         slow.map(|bound| {
             format!(
@@ -221,6 +240,12 @@ pub fn decide(
     let half = ((current + 1) / 2).max(min);
     if half >= current {
         return Decision::Hold(format!("demand within bounds at minReplicas {min}"));
+    }
+    if demand.spilled > 0 {
+        return Decision::Hold(format!(
+            "{} requests spilled over in 30 s: the model is saturated at times",
+            demand.spilled
+        ));
     }
     let room = threshold.saturating_mul(u64::try_from(half).unwrap_or(0)) / 2;
     if demand.queued > room {

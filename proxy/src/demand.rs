@@ -1,6 +1,8 @@
 //! The demand for local models that this replica publishes for the operator's autoscaler:
-//! per LocalModelDeployment, requests waiting for it, requests being answered by it, and the
-//! p95 of its answer times over the last [`LATENCY_WINDOW`]. Written to Redis about every
+//! per LocalModelDeployment, requests waiting for it, requests being answered by it, the
+//! p95 of its answer times over the last [`LATENCY_WINDOW`], and the requests that spilled
+//! over to the next target because it was saturated, over the same window (demand it could
+//! not take: without them a model that spills looks idle to the autoscaler). Written to Redis about every
 //! second under a short TTL ([`floodgate_crds::redis_keys::DemandKeys`]), so that the operator
 //! sums the live replicas' figures and a replica that stops stops counting.
 //!
@@ -28,12 +30,13 @@ pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Writes one replica's figures of one model and refreshes the model's replica index, on
 /// Redis's clock. KEYS[1] the index, KEYS[2] the replica's hash (same hash tag); ARGV: TTL
-/// (ms), replica id, queued, in flight, p95 latency (ms).
+/// (ms), replica id, queued, in flight, p95 latency (ms), spilled.
 const PUBLISH: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-redis.call('HSET', KEYS[2], 'queued', ARGV[3], 'inFlight', ARGV[4], 'latencyP95Ms', ARGV[5], 'at', now)
+redis.call('HSET', KEYS[2], 'queued', ARGV[3], 'inFlight', ARGV[4], 'latencyP95Ms', ARGV[5],
+  'spilled', ARGV[6], 'at', now)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('ZADD', KEYS[1], now, ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
@@ -79,6 +82,7 @@ pub struct DemandCell {
     queued: AtomicU64,
     in_flight: AtomicU64,
     latencies: Mutex<VecDeque<(Instant, u64)>>,
+    spills: Mutex<VecDeque<Instant>>,
 }
 
 /// One model's figures on this replica at one instant.
@@ -90,6 +94,8 @@ pub struct Figures {
     pub in_flight: u64,
     /// p95 of the answer times of the last [`LATENCY_WINDOW`] (ms); 0 with none.
     pub latency_p95_ms: u64,
+    /// Requests that spilled over to another target in the last [`LATENCY_WINDOW`].
+    pub spilled: u64,
 }
 
 impl DemandCell {
@@ -109,9 +115,28 @@ impl DemandCell {
         samples.push_back((Instant::now(), ms));
     }
 
-    /// The figures now; forgets answer times older than [`LATENCY_WINDOW`].
+    /// A request spilled over to the next target instead of waiting for this model.
+    pub fn spilled(&self) {
+        let mut spills = self.spills.lock().unwrap_or_else(|p| p.into_inner());
+        if spills.len() == MAX_SAMPLES {
+            spills.pop_front();
+        }
+        spills.push_back(Instant::now());
+    }
+
+    /// The figures now; forgets answer times and spills older than [`LATENCY_WINDOW`].
     pub fn figures(&self) -> Figures {
         let now = Instant::now();
+        let spilled = {
+            let mut spills = self.spills.lock().unwrap_or_else(|p| p.into_inner());
+            while spills
+                .front()
+                .is_some_and(|at| now.duration_since(*at) > LATENCY_WINDOW)
+            {
+                spills.pop_front();
+            }
+            u64::try_from(spills.len()).unwrap_or(u64::MAX)
+        };
         let mut samples = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
         while samples
             .front()
@@ -131,6 +156,7 @@ impl DemandCell {
             queued: self.queued.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             latency_p95_ms,
+            spilled,
         }
     }
 }
@@ -231,6 +257,7 @@ impl Publisher {
                 .arg(f.queued)
                 .arg(f.in_flight)
                 .arg(f.latency_p95_ms)
+                .arg(f.spilled)
                 .invoke_async(conn)
                 .await?;
         }
@@ -296,6 +323,7 @@ mod tests {
         drop(c); // hung up while answered: out of the count, no answer time
         let f = cell.figures();
         assert_eq!((f.queued, f.in_flight, f.latency_p95_ms), (0, 0, 1500));
+        assert_eq!(f.spilled, 0);
         // The same cell for the same model.
         assert!(Arc::ptr_eq(&cell, &board.cell("models", "llama")));
         assert_eq!(board.snapshot().len(), 1);
@@ -317,5 +345,21 @@ mod tests {
         assert_eq!(cell.figures().latency_p95_ms, 7);
         tokio::time::advance(LATENCY_WINDOW).await;
         assert_eq!(cell.figures().latency_p95_ms, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spills_count_for_30_seconds_exactly() {
+        let cell = Arc::new(DemandCell::default());
+        cell.spilled();
+        cell.spilled();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        cell.spilled();
+        assert_eq!(cell.figures().spilled, 3);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(cell.figures().spilled, 3);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(cell.figures().spilled, 1);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(cell.figures().spilled, 0);
     }
 }

@@ -16,6 +16,7 @@ fn demand(queued: u64, latency_p95_ms: u64) -> Demand {
         queued,
         in_flight: 0,
         latency_p95_ms,
+        spilled: 0,
         reporters: 2,
     }
 }
@@ -250,6 +251,38 @@ fn latency_has_a_band_between_scaling_up_and_scaling_down() {
     }
     assert_eq!(
         scaled_to(&decide(4, 4, P, &p, &demand(0, 1000), None)),
+        Some(2)
+    );
+}
+
+#[test]
+fn spilled_requests_count_as_waiting_and_hold_the_replicas() {
+    let p = policy();
+    let spilling = |queued, spilled| Demand {
+        spilled,
+        ..demand(queued, 0)
+    };
+    // 2 x 10: 5 waiting and 16 spilled over are 21 wanting the model.
+    let up = decide(2, 2, P, &p, &spilling(5, 16), None);
+    assert_eq!(
+        up,
+        Decision::Scale {
+            to: 4,
+            reason: "scaled up 2 -> 4: 5 requests waiting and 16 spilled over in 30 s, over 10 per replica x 2".into()
+        }
+    );
+    assert_eq!(
+        scaled_to(&decide(2, 2, P, &p, &spilling(5, 15), None)),
+        None
+    );
+    // No queue, but a spill: not the time to halve.
+    let held = decide(4, 4, P, &p, &spilling(0, 1), None);
+    assert!(
+        matches!(&held, Decision::Hold(why) if why.contains("1 requests spilled over")),
+        "{held:?}"
+    );
+    assert_eq!(
+        scaled_to(&decide(4, 4, P, &p, &spilling(0, 0), None)),
         Some(2)
     );
 }

@@ -47,6 +47,7 @@ fn demand(queued: u64, in_flight: u64, reporters: u32) -> DemandSource {
             queued,
             in_flight,
             latency_p95_ms: 300,
+            spilled: 0,
             reporters,
         },
     )])
