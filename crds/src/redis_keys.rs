@@ -44,6 +44,27 @@
 //!
 //! A model's demand is the sum of `queued`, of `inFlight` and of `spilled`, and the largest
 //! `latencyP95Ms`, over the hashes that exist.
+//!
+//! **Queue figures of a TierQueue** (its status: requests waiting per tier, the oldest wait).
+//! Per TierQueue (`{Q}` = `{<namespace>/<name>}`), every proxy replica serving it publishes
+//! with its demand, under the same TTL:
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `floodgate:queue:{Q}:replicas` | sorted set | as for demand: the replicas publishing. |
+//! | `floodgate:queue:{Q}:r:<replica>` | hash | per tier `waiting:<tier>` (requests of the tier waiting on that replica) and `oldestWaitMs:<tier>` (how long its longest-waiting one has waited, 0 with none), and `at`. Replaced whole at each publication. |
+//!
+//! A tier's figures are the sum of `waiting` and the largest `oldestWaitMs` over the hashes
+//! that exist.
+
+/// Prefix of every queue-figures key.
+pub const QUEUE_PREFIX: &str = "floodgate:queue:";
+
+/// Prefix of a tier's waiting count in a replica's queue hash: `waiting:<tier>`.
+pub const QUEUE_WAITING: &str = "waiting:";
+
+/// Prefix of a tier's oldest wait (ms) in a replica's queue hash: `oldestWaitMs:<tier>`.
+pub const QUEUE_OLDEST: &str = "oldestWaitMs:";
 
 /// Prefix of every shared-budget key.
 pub const PREFIX: &str = "floodgate:budget:";
@@ -70,6 +91,31 @@ impl DemandKeys {
     /// The keys of LocalModelDeployment `namespace/name`.
     pub fn new(namespace: &str, name: &str) -> Self {
         let id = format!("{DEMAND_PREFIX}{{{namespace}/{name}}}");
+        Self {
+            replicas: format!("{id}:replicas"),
+            replica_prefix: format!("{id}:r:"),
+        }
+    }
+
+    /// The hash of replica `replica`.
+    pub fn replica(&self, replica: &str) -> String {
+        format!("{}{replica}", self.replica_prefix)
+    }
+}
+
+/// The Redis keys of one TierQueue's queue figures (same layout and TTL as [`DemandKeys`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueKeys {
+    /// Sorted set of the replicas publishing, scored by their last publication.
+    pub replicas: String,
+    /// Prefix of each replica's hash: `<this><replica id>`.
+    pub replica_prefix: String,
+}
+
+impl QueueKeys {
+    /// The keys of TierQueue `namespace/name`.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        let id = format!("{QUEUE_PREFIX}{{{namespace}/{name}}}");
         Self {
             replicas: format!("{id}:replicas"),
             replica_prefix: format!("{id}:r:"),
@@ -150,5 +196,8 @@ mod tests {
         let d = DemandKeys::new("models", "llama");
         assert_eq!(d.replicas, "floodgate:demand:{models/llama}:replicas");
         assert_eq!(d.replica("r1"), "floodgate:demand:{models/llama}:r:r1");
+        let q = QueueKeys::new("ai", "tiers");
+        assert_eq!(q.replicas, "floodgate:queue:{ai/tiers}:replicas");
+        assert_eq!(q.replica("r1"), "floodgate:queue:{ai/tiers}:r:r1");
     }
 }

@@ -3,7 +3,7 @@
 //! | resource | controller | watches | writes |
 //! |---|---|---|---|
 //! | AIProviderPool | [`pool`] | pools, Secrets | status: keys, capacity, SecretsFound/KeysReady/Degraded/Ready |
-//! | TierQueue | [`tier_queue`] | tier queues, Secrets | status: tier count, SecretsFound/Ready |
+//! | TierQueue | [`tier_queue`] | tier queues, Secrets | status: tier count, waiting per tier and class, oldest wait, SecretsFound/Ready |
 //! | CachePolicy | [`cache_policy`] | cache policies | status: Ready |
 //! | LocalModelDeployment | [`local_model`] | models, owned Deployments/Services/PVCs | Deployment, Service, PVC; replicas (autoscaling, by the scale subresource); status |
 //! | Tenant | [`tenant`] | tenants, Secrets | status: use of the window, last seen, SecretsFound/KeysReady/Degraded/UsageTracked/Ready |
@@ -66,7 +66,7 @@ pub async fn run(
         );
     }
     tracing::info!(
-        "not acted on yet: TierQueue queue figures, CachePolicy hit ratio, pool circuit states"
+        "not acted on yet: TierQueue dead letters and p95 waits, CachePolicy hit ratio, pool circuit states"
     );
     futures::join!(
         run_pools(ctx.clone(), shutdown.clone()),

@@ -12,7 +12,9 @@
 //! answer ends (dropping either guard just takes the request out of the count).
 
 use crate::secret::SecretString;
-use floodgate_crds::redis_keys::{DEMAND_TTL_MS, DemandKeys};
+use floodgate_crds::redis_keys::{
+    DEMAND_TTL_MS, DemandKeys, QUEUE_OLDEST, QUEUE_WAITING, QueueKeys,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +45,47 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
 redis.call('PEXPIRE', KEYS[1], ttl)
 return now
 ";
+
+/// Replaces one replica's queue figures of one TierQueue and refreshes its replica index, on
+/// Redis's clock. KEYS[1] the index, KEYS[2] the replica's hash (same hash tag); ARGV: TTL
+/// (ms), replica id, then field, value pairs.
+const PUBLISH_QUEUE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'at', now, unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[1], ttl)
+return now
+";
+
+/// One tier's queue on this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierFigures {
+    /// The tier's name.
+    pub name: String,
+    /// Its requests waiting.
+    pub waiting: u64,
+    /// How long its longest-waiting request has waited (ms); 0 with none.
+    pub oldest_wait_ms: u64,
+}
+
+/// The queue figures of the TierQueue `namespace/name` on this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueFigures {
+    /// The TierQueue's namespace.
+    pub namespace: String,
+    /// The TierQueue's name.
+    pub name: String,
+    /// Per tier.
+    pub tiers: Vec<TierFigures>,
+}
+
+/// Where the publisher reads the queue figures of the TierQueue served now.
+pub type QueueSource = Arc<dyn Fn() -> Option<QueueFigures> + Send + Sync>;
 
 /// Every local model this replica has reported demand for.
 #[derive(Debug, Default)]
@@ -214,9 +257,11 @@ impl Drop for InFlight {
 /// Publishes a board's figures to Redis.
 pub struct Publisher {
     board: Arc<DemandBoard>,
+    queues: Option<QueueSource>,
     client: redis::Client,
     replica: String,
     script: redis::Script,
+    queue_script: redis::Script,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -238,10 +283,18 @@ impl Publisher {
     ) -> Result<Self, redis::RedisError> {
         Ok(Self {
             board,
+            queues: None,
             client: redis::Client::open(url.expose())?,
             replica: replica.into(),
             script: redis::Script::new(PUBLISH),
+            queue_script: redis::Script::new(PUBLISH_QUEUE),
         })
+    }
+
+    /// Also publishes the queue figures `source` gives (the TierQueue served now).
+    pub fn with_queues(mut self, source: QueueSource) -> Self {
+        self.queues = Some(source);
+        self
     }
 
     /// Publishes every model's figures once.
@@ -260,6 +313,20 @@ impl Publisher {
                 .arg(f.spilled)
                 .invoke_async(conn)
                 .await?;
+        }
+        if let Some(q) = self.queues.as_ref().and_then(|source| source()) {
+            let keys = QueueKeys::new(&q.namespace, &q.name);
+            let mut call = self.queue_script.key(&keys.replicas);
+            call.key(keys.replica(&self.replica))
+                .arg(DEMAND_TTL_MS)
+                .arg(&self.replica);
+            for t in &q.tiers {
+                call.arg(format!("{QUEUE_WAITING}{}", t.name))
+                    .arg(t.waiting)
+                    .arg(format!("{QUEUE_OLDEST}{}", t.name))
+                    .arg(t.oldest_wait_ms);
+            }
+            let _: u64 = call.invoke_async(conn).await?;
         }
         Ok(())
     }
