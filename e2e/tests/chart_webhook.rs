@@ -41,12 +41,16 @@ fn rendered(sets: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-fn object_selector(docs: &[Value]) -> Value {
+fn webhooks(docs: &[Value]) -> Vec<Value> {
     let config = docs
         .iter()
         .find(|d| d["kind"] == "MutatingWebhookConfiguration")
         .unwrap();
-    config["webhooks"][0]["objectSelector"].clone()
+    config["webhooks"].as_array().unwrap().clone()
+}
+
+fn object_selector(docs: &[Value]) -> Value {
+    webhooks(docs)[0]["objectSelector"].clone()
 }
 
 #[test]
@@ -83,4 +87,37 @@ fn the_sidecar_port_is_not_8080_by_default() {
         .collect();
     let at = args.iter().position(|a| *a == "--sidecar-port").unwrap();
     assert_eq!(args[at + 1], "14080");
+}
+
+#[test]
+fn namespaces_opt_in_by_label_through_an_entry_of_their_own() {
+    let docs = rendered(&[]);
+    let entries = webhooks(&docs);
+    assert_eq!(entries.len(), 2);
+    let (pods, namespaces) = (&entries[0], &entries[1]);
+    // The per-pod entry leaves opted-in namespaces to the other: one call per pod.
+    let excluded =
+        json!({"key": "floodgate.dev/inject", "operator": "NotIn", "values": ["enabled"]});
+    assert!(
+        pods["namespaceSelector"]["matchExpressions"]
+            .as_array()
+            .unwrap()
+            .contains(&excluded),
+        "{pods}"
+    );
+    assert_eq!(
+        namespaces["clientConfig"]["service"]["path"],
+        "/mutate/namespace"
+    );
+    assert_eq!(
+        namespaces["namespaceSelector"],
+        json!({"matchLabels": {"floodgate.dev/inject": "enabled"}})
+    );
+    assert_eq!(
+        namespaces["objectSelector"]["matchExpressions"][0],
+        json!({"key": "floodgate.dev/inject", "operator": "NotIn", "values": ["false"]})
+    );
+
+    let off = rendered(&["webhook.namespaceOptIn=false"]);
+    assert_eq!(webhooks(&off).len(), 1);
 }

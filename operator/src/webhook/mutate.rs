@@ -1,6 +1,7 @@
 //! The sidecar a pod that asks for it gets (the annotation or the label
-//! `floodgate.dev/inject: "true"`; the label is what the webhook's opt-in objectSelector
-//! matches): a `floodgate-proxy` container listening on the pod's loopback, configured from a
+//! `floodgate.dev/inject: "true"`, the label being what the webhook's opt-in objectSelector
+//! matches; or, in a namespace labelled `floodgate.dev/inject: enabled`, every pod that does
+//! not say `"false"`, see [`Scope`]): a `floodgate-proxy` container listening on the pod's loopback, configured from a
 //! ConfigMap (the proxy's config file, as `--config` reads it), and every application
 //! container pointed at it through `FLOODGATE_URL`, `OPENAI_BASE_URL` and `ANTHROPIC_BASE_URL`
 //! (set only where the container does not set them itself). A pod that already has the
@@ -75,14 +76,30 @@ impl Default for Sidecar {
     }
 }
 
-/// `pod` with the sidecar, `Ok(None)` when it asks for none or already has it, or why it
-/// cannot have it.
-pub fn inject(pod: &Pod, sidecar: &Sidecar) -> Result<Option<Pod>, Refusal> {
+/// Who asked for the sidecar, as the webhook entry that called tells (its path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The pod itself must ask: label or annotation `floodgate.dev/inject: "true"`.
+    Pod,
+    /// The pod's namespace opted in (namespace label `floodgate.dev/inject: enabled`): every
+    /// pod gets the sidecar unless it says `floodgate.dev/inject: "false"`.
+    Namespace,
+}
+
+/// `pod` with the sidecar when it asks for it (see [`Scope`]), `Ok(None)` when it does not or
+/// already has it, or why it cannot have it.
+pub fn inject(pod: &Pod, sidecar: &Sidecar, scope: Scope) -> Result<Option<Pod>, Refusal> {
     let annotations = pod.metadata.annotations.as_ref();
     let labels = pod.metadata.labels.as_ref();
-    let asked = [annotations, labels]
-        .iter()
-        .any(|m| m.and_then(|m| m.get(INJECT)).map(String::as_str) == Some("true"));
+    let says = |value: &str| {
+        [annotations, labels]
+            .iter()
+            .any(|m| m.and_then(|m| m.get(INJECT)).map(String::as_str) == Some(value))
+    };
+    let asked = match scope {
+        Scope::Pod => says("true"),
+        Scope::Namespace => !says("false"),
+    };
     let Some(spec) = pod.spec.as_ref() else {
         return Ok(None);
     };
@@ -215,6 +232,7 @@ mod tests {
         let out = inject(
             &pod(serde_json::json!({INJECT: "true", CONFIG: "team-proxy"})),
             &Sidecar::default(),
+            Scope::Pod,
         )
         .unwrap()
         .unwrap();
@@ -247,14 +265,25 @@ mod tests {
     #[test]
     fn other_pods_and_injected_pods_are_left_alone() {
         let sidecar = Sidecar::default();
-        assert_eq!(inject(&pod(serde_json::json!({})), &sidecar), Ok(None));
         assert_eq!(
-            inject(&pod(serde_json::json!({INJECT: "false"})), &sidecar),
+            inject(&pod(serde_json::json!({})), &sidecar, Scope::Pod),
             Ok(None)
         );
-        let once = inject(&pod(serde_json::json!({INJECT: "true"})), &sidecar)
-            .unwrap()
-            .unwrap();
+        assert_eq!(
+            inject(
+                &pod(serde_json::json!({INJECT: "false"})),
+                &sidecar,
+                Scope::Pod
+            ),
+            Ok(None)
+        );
+        let once = inject(
+            &pod(serde_json::json!({INJECT: "true"})),
+            &sidecar,
+            Scope::Pod,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(
             once.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0]
                 .config_map
@@ -263,7 +292,7 @@ mod tests {
                 .name,
             "floodgate-sidecar"
         );
-        assert_eq!(inject(&once, &sidecar), Ok(None));
+        assert_eq!(inject(&once, &sidecar, Scope::Pod), Ok(None));
     }
 
     fn sidecar_listen(pod: &Pod) -> String {
@@ -286,7 +315,7 @@ mod tests {
             container_port: 8080,
             ..ContainerPort::default()
         }]);
-        let out = inject(&app, &sidecar).unwrap().unwrap();
+        let out = inject(&app, &sidecar, Scope::Pod).unwrap().unwrap();
         assert_eq!(sidecar_listen(&out), format!("127.0.0.1:{DEFAULT_PORT}"));
 
         // A worker on the sidecar's port: refused, naming it and the way out.
@@ -294,7 +323,7 @@ mod tests {
             container_port: i32::from(DEFAULT_PORT),
             ..ContainerPort::default()
         }]);
-        let refused = inject(&app, &sidecar).unwrap_err();
+        let refused = inject(&app, &sidecar, Scope::Pod).unwrap_err();
         assert_eq!(
             refused,
             Refusal::PortTaken {
@@ -309,7 +338,7 @@ mod tests {
             .annotations
             .get_or_insert_with(Default::default)
             .insert(PORT.into(), "15999".into());
-        let out = inject(&app, &sidecar).unwrap().unwrap();
+        let out = inject(&app, &sidecar, Scope::Pod).unwrap().unwrap();
         assert_eq!(sidecar_listen(&out), "127.0.0.1:15999");
         let first = &out.spec.as_ref().unwrap().containers[0];
         assert_eq!(
@@ -322,7 +351,10 @@ mod tests {
                 .annotations
                 .get_or_insert_with(Default::default)
                 .insert(PORT.into(), bad.into());
-            assert_eq!(inject(&app, &sidecar), Err(Refusal::BadPort(bad.into())));
+            assert_eq!(
+                inject(&app, &sidecar, Scope::Pod),
+                Err(Refusal::BadPort(bad.into()))
+            );
         }
     }
 
@@ -330,6 +362,24 @@ mod tests {
     fn the_opt_in_label_asks_for_the_sidecar_like_the_annotation() {
         let mut labelled = pod(serde_json::json!({}));
         labelled.metadata.labels = Some([(INJECT.to_owned(), "true".to_owned())].into());
-        assert!(inject(&labelled, &Sidecar::default()).unwrap().is_some());
+        assert!(
+            inject(&labelled, &Sidecar::default(), Scope::Pod)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn in_an_opted_in_namespace_every_pod_gets_it_unless_it_says_false() {
+        let sidecar = Sidecar::default();
+        let plain = pod(serde_json::json!({}));
+        assert_eq!(inject(&plain, &sidecar, Scope::Pod), Ok(None));
+        assert!(
+            inject(&plain, &sidecar, Scope::Namespace)
+                .unwrap()
+                .is_some()
+        );
+        let refusing = pod(serde_json::json!({INJECT: "false"}));
+        assert_eq!(inject(&refusing, &sidecar, Scope::Namespace), Ok(None));
     }
 }

@@ -1,7 +1,8 @@
-//! The webhook's HTTPS server: `POST /mutate` (an AdmissionReview of a Pod) and `GET
+//! The webhook's HTTPS server: `POST /mutate` (an AdmissionReview of a Pod that opts in
+//! itself), `POST /mutate/namespace` (of a pod in a namespace that opted in) and `GET
 //! /healthz`, with a certificate that can be swapped while serving ([`CertSlot`]).
 
-use super::mutate::{self, Sidecar};
+use super::mutate::{self, Scope, Sidecar};
 use axum::Json;
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -85,14 +86,18 @@ pub async fn serve(
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let sidecar = Arc::new(sidecar);
+    let route = |scope: Scope| {
+        let sidecar = sidecar.clone();
+        post(move |Json(review): Json<AdmissionReview<Pod>>| {
+            let sidecar = sidecar.clone();
+            async move { Json(review_pod(review, &sidecar, scope)) }
+        })
+    };
+    // One path per webhook entry of the configuration: pods that opt in themselves, and every
+    // pod of a namespace that opted in.
     let app = axum::Router::new()
-        .route(
-            "/mutate",
-            post(move |Json(review): Json<AdmissionReview<Pod>>| {
-                let sidecar = sidecar.clone();
-                async move { Json(review_pod(review, &sidecar)) }
-            }),
-        )
+        .route("/mutate", route(Scope::Pod))
+        .route("/mutate/namespace", route(Scope::Namespace))
         .route("/healthz", get(|| async { "ok" }));
     let tasks = TaskTracker::new();
     loop {
@@ -159,6 +164,7 @@ pub async fn serve(
 pub fn review_pod(
     review: AdmissionReview<Pod>,
     sidecar: &Sidecar,
+    scope: Scope,
 ) -> AdmissionReview<DynamicObject> {
     let request: AdmissionRequest<Pod> = match review.try_into() {
         Ok(request) => request,
@@ -171,7 +177,7 @@ pub fn review_pod(
     let Some(pod) = request.object.as_ref() else {
         return response.into_review();
     };
-    let injected = match mutate::inject(pod, sidecar) {
+    let injected = match mutate::inject(pod, sidecar, scope) {
         Ok(Some(injected)) => injected,
         Ok(None) => return response.into_review(),
         Err(refusal) => {
@@ -249,8 +255,12 @@ mod tests {
             "spec": {"containers": [{"name": "app", "image": "app:1",
                                      "ports": [{"containerPort": mutate::DEFAULT_PORT}]}]}
         });
-        let answer =
-            serde_json::to_value(review_pod(review(pod.clone()), &Sidecar::default())).unwrap();
+        let answer = serde_json::to_value(review_pod(
+            review(pod.clone()),
+            &Sidecar::default(),
+            Scope::Pod,
+        ))
+        .unwrap();
         let response = &answer["response"];
         assert_eq!(response["allowed"], false, "{answer}");
         assert_eq!(response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
@@ -265,7 +275,7 @@ mod tests {
             port: 15999,
             ..Sidecar::default()
         };
-        let answer = serde_json::to_value(review_pod(review(pod), &moved)).unwrap();
+        let answer = serde_json::to_value(review_pod(review(pod), &moved, Scope::Pod)).unwrap();
         assert_eq!(answer["response"]["allowed"], true);
         assert_eq!(answer["response"]["patchType"], "JSONPatch");
     }
