@@ -171,6 +171,8 @@ pub fn compute_status(
 }
 
 #[cfg(test)]
+mod api_tests;
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::conditions::is_true;
