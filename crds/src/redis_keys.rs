@@ -40,10 +40,31 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `floodgate:demand:{M}:replicas` | sorted set | the replicas publishing for this model: member = replica id, score = Unix ms (Redis `TIME`) of its last publication. An index only: members whose own hash expired are ignored by readers and removed by the next publication. |
-//! | `floodgate:demand:{M}:r:<replica>` | hash | that replica's figures now: `queued` (requests waiting for the model), `inFlight` (requests it is answering), `latencyP95Ms` (p95 of the model's answer times over the last 30 s on that replica, 0 with none), `at` (Unix ms, Redis `TIME`). Expires [`DEMAND_TTL_MS`] after its last publication, so a replica that stops publishing stops counting. |
+//! | `floodgate:demand:{M}:r:<replica>` | hash | that replica's figures now: `queued` (requests waiting for the model), `inFlight` (requests it is answering), `latencyP95Ms` (p95 of the model's answer times over the last 30 s on that replica, 0 with none), `spilled` (requests that spilled over to the next target instead of waiting for the model, over the last 30 s; absent from older proxies), `at` (Unix ms, Redis `TIME`). Expires [`DEMAND_TTL_MS`] after its last publication, so a replica that stops publishing stops counting. |
 //!
-//! A model's demand is the sum of `queued` and of `inFlight`, and the largest `latencyP95Ms`,
-//! over the hashes that exist.
+//! A model's demand is the sum of `queued`, of `inFlight` and of `spilled`, and the largest
+//! `latencyP95Ms`, over the hashes that exist.
+//!
+//! **Queue figures of a TierQueue** (its status: requests waiting per tier, the oldest wait).
+//! Per TierQueue (`{Q}` = `{<namespace>/<name>}`), every proxy replica serving it publishes
+//! with its demand, under the same TTL:
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `floodgate:queue:{Q}:replicas` | sorted set | as for demand: the replicas publishing. |
+//! | `floodgate:queue:{Q}:r:<replica>` | hash | per tier `waiting:<tier>` (requests of the tier waiting on that replica) and `oldestWaitMs:<tier>` (how long its longest-waiting one has waited, 0 with none), and `at`. Replaced whole at each publication. |
+//!
+//! A tier's figures are the sum of `waiting` and the largest `oldestWaitMs` over the hashes
+//! that exist.
+
+/// Prefix of every queue-figures key.
+pub const QUEUE_PREFIX: &str = "floodgate:queue:";
+
+/// Prefix of a tier's waiting count in a replica's queue hash: `waiting:<tier>`.
+pub const QUEUE_WAITING: &str = "waiting:";
+
+/// Prefix of a tier's oldest wait (ms) in a replica's queue hash: `oldestWaitMs:<tier>`.
+pub const QUEUE_OLDEST: &str = "oldestWaitMs:";
 
 /// Prefix of every shared-budget key.
 pub const PREFIX: &str = "floodgate:budget:";
@@ -70,6 +91,31 @@ impl DemandKeys {
     /// The keys of LocalModelDeployment `namespace/name`.
     pub fn new(namespace: &str, name: &str) -> Self {
         let id = format!("{DEMAND_PREFIX}{{{namespace}/{name}}}");
+        Self {
+            replicas: format!("{id}:replicas"),
+            replica_prefix: format!("{id}:r:"),
+        }
+    }
+
+    /// The hash of replica `replica`.
+    pub fn replica(&self, replica: &str) -> String {
+        format!("{}{replica}", self.replica_prefix)
+    }
+}
+
+/// The Redis keys of one TierQueue's queue figures (same layout and TTL as [`DemandKeys`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueKeys {
+    /// Sorted set of the replicas publishing, scored by their last publication.
+    pub replicas: String,
+    /// Prefix of each replica's hash: `<this><replica id>`.
+    pub replica_prefix: String,
+}
+
+impl QueueKeys {
+    /// The keys of TierQueue `namespace/name`.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        let id = format!("{QUEUE_PREFIX}{{{namespace}/{name}}}");
         Self {
             replicas: format!("{id}:replicas"),
             replica_prefix: format!("{id}:r:"),
@@ -150,5 +196,8 @@ mod tests {
         let d = DemandKeys::new("models", "llama");
         assert_eq!(d.replicas, "floodgate:demand:{models/llama}:replicas");
         assert_eq!(d.replica("r1"), "floodgate:demand:{models/llama}:r:r1");
+        let q = QueueKeys::new("ai", "tiers");
+        assert_eq!(q.replicas, "floodgate:queue:{ai/tiers}:replicas");
+        assert_eq!(q.replica("r1"), "floodgate:queue:{ai/tiers}:r:r1");
     }
 }

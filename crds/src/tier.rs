@@ -22,6 +22,11 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Tiers", type_ = "integer", json_path = ".status.tierCount"),
     printcolumn(name = "Queued", type_ = "integer", json_path = ".status.queued"),
     printcolumn(
+        name = "Oldest Wait Ms",
+        type_ = "integer",
+        json_path = ".status.oldestWaitMs"
+    ),
+    printcolumn(
         name = "Dead Letters",
         type_ = "integer",
         json_path = ".status.deadLetters"
@@ -358,9 +363,16 @@ pub struct TierQueueStatus {
     /// Number of tiers.
     #[serde(default)]
     pub tier_count: u32,
-    /// Requests waiting over all tiers.
+    /// Requests waiting over all tiers, over every gateway replica.
     #[serde(default)]
     pub queued: u64,
+    /// How long the request that has waited longest, of any tier, has waited (ms).
+    #[serde(default)]
+    pub oldest_wait_ms: u64,
+    /// Waiting per queue class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["class"]))]
+    pub classes: Vec<ClassStatus>,
     /// Jobs in the dead-letter queue.
     #[serde(default)]
     pub dead_letters: u64,
@@ -368,6 +380,19 @@ pub struct TierQueueStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub tiers: Vec<TierStatus>,
+}
+
+/// Requests waiting in one queue class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassStatus {
+    /// The class.
+    pub class: QueueClass,
+    /// Requests of its tiers waiting.
+    pub queued: u64,
+    /// How long the longest-waiting of them has waited (ms).
+    #[serde(default)]
+    pub oldest_wait_ms: u64,
 }
 
 /// Observed state of one tier.
@@ -378,6 +403,9 @@ pub struct TierStatus {
     pub name: String,
     /// Requests waiting.
     pub queued: u64,
+    /// How long its longest-waiting request has waited (ms).
+    #[serde(default)]
+    pub oldest_wait_ms: u64,
     /// p95 of queue wait over the last minutes, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p95_wait_ms: Option<u64>,

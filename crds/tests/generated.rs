@@ -74,7 +74,14 @@ fn printer_columns_and_cel_rules_are_in_the_yaml() {
         ),
         (
             Kind::TierQueue,
-            &["Tiers", "Queued", "Dead Letters", "Ready", "Age"],
+            &[
+                "Tiers",
+                "Queued",
+                "Oldest Wait Ms",
+                "Dead Letters",
+                "Ready",
+                "Age",
+            ],
             &["self.tiers.exists_one", "has(self.batch)"],
         ),
         (

@@ -122,10 +122,14 @@ fn metrics_of(expr: &str) -> Vec<String> {
 
 #[test]
 fn alerts_and_dashboard_query_metrics_the_gateway_exports() {
-    let exported = ["proxy/src/metrics.rs", "proxy/src/cache/metrics.rs"]
-        .iter()
-        .map(|f| std::fs::read_to_string(root().join(f)).unwrap())
-        .collect::<String>();
+    let exported = [
+        "proxy/src/metrics.rs",
+        "proxy/src/cache/metrics.rs",
+        "proxy/src/routing/metrics.rs",
+    ]
+    .iter()
+    .map(|f| std::fs::read_to_string(root().join(f)).unwrap())
+    .collect::<String>();
     let objects = rendered();
     let dashboard = objects
         .iter()
@@ -173,7 +177,7 @@ fn alerts_and_dashboard_query_metrics_the_gateway_exports() {
     for name in exprs.iter().flat_map(|e| metrics_of(e)) {
         assert!(
             exported.contains(&format!("\"{name}\"")),
-            "{name} is not a metric the gateway registers (proxy/src/metrics.rs, cache/metrics.rs)"
+            "{name} is not a metric the gateway registers (proxy/src/metrics.rs, cache/metrics.rs, routing/metrics.rs)"
         );
         checked += 1;
     }

@@ -301,8 +301,8 @@ async fn tier_queues_and_cache_policies_get_status() {
         .unwrap();
     let row = out.stdout.lines().find(|l| l.starts_with("tiers")).unwrap();
     let cells: Vec<&str> = row.split_whitespace().collect();
-    // NAME TIERS QUEUED DEAD-LETTERS READY AGE
-    assert_eq!((cells[1], cells[4]), ("2", "True"), "{}", out.stdout);
+    // NAME TIERS QUEUED OLDEST-WAIT-MS DEAD-LETTERS READY AGE
+    assert_eq!((cells[1], cells[5]), ("2", "True"), "{}", out.stdout);
 }
 
 /// A cluster-scoped PersistentVolume for one test, deleted when dropped (also on failure).

@@ -2,7 +2,8 @@
 //! proxy's own code writes: a Tenant's status and `kubectl get tenants` show the requests and
 //! tokens its limits counted; a LocalModelDeployment scales up when the demand the proxies
 //! publish for it rises over its threshold, says why in status and an Event, and scales back
-//! down after its cooldown when the demand is gone.
+//! down after its cooldown when the demand is gone; a TierQueue shows what waits on the
+//! proxies per tier and class.
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
@@ -254,4 +255,67 @@ async fn rising_demand_raises_a_local_models_replicas_and_says_why() {
         "{reason}"
     );
     event_notes(&client, ns.name(), "llama", "ScaledDown").await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_tier_queues_status_shows_what_waits_on_the_proxies() {
+    use floodgate_crds::TierQueue;
+    use floodgate_proxy::demand::{QueueFigures, TierFigures};
+    let redis = RedisServer::start().await.unwrap();
+    let (cluster, ns, client, _operator) = setup("operator-queues", &redis).await;
+    // A proxy replica's publisher, with 4 pro requests waiting, the oldest for 2.5 s.
+    let namespace = ns.name().to_owned();
+    let figures = move || {
+        Some(QueueFigures {
+            namespace: namespace.clone(),
+            name: "tiers".into(),
+            tiers: vec![TierFigures {
+                name: "pro".into(),
+                waiting: 4,
+                oldest_wait_ms: 2500,
+            }],
+        })
+    };
+    let publishing = CancellationToken::new();
+    let _stop_publishing = publishing.clone().drop_guard();
+    let publisher = Publisher::new(
+        Arc::new(DemandBoard::default()),
+        &SecretString::new(redis.url()),
+        "proxy-0",
+    )
+    .unwrap()
+    .with_queues(Arc::new(figures));
+    tokio::spawn(publisher.run(publishing));
+
+    let tqs: Api<TierQueue> = Api::namespaced(client.clone(), ns.name());
+    apply(&tqs, "tiers", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "TierQueue", "metadata": {"name": "tiers"},
+        "spec": {"tiers": [{"name": "pro", "class": "standard", "maxWaitMs": 30000},
+                           {"name": "free", "class": "batch", "maxWaitMs": 600000,
+                            "batch": {"size": 10, "intervalSeconds": 60}}]}
+    }))
+    .await;
+    let tq = wait_until(&tqs, "tiers", "queue figures in status", |t| {
+        t.status.as_ref().is_some_and(|s| s.queued == 4)
+    })
+    .await;
+    let status = tq.status.unwrap();
+    assert_eq!(status.oldest_wait_ms, 2500);
+    let classes: Vec<_> = status
+        .classes
+        .iter()
+        .map(|c| (c.class.as_str(), c.queued))
+        .collect();
+    assert_eq!(classes, [("standard", 4), ("batch", 0)]);
+    let out = cluster
+        .kubectl(["get", "tierqueues", "-n", ns.name()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let row = out.stdout.lines().find(|l| l.starts_with("tiers")).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // NAME TIERS QUEUED OLDEST-WAIT-MS DEAD-LETTERS READY AGE
+    assert_eq!(&cells[1..4], ["2", "4", "2500"], "{}", out.stdout);
 }

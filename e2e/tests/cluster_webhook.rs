@@ -1,7 +1,9 @@
 //! The sidecar injection webhook, served by the operator's code in-process over TLS with a
-//! certificate it made itself (replacing one due for rotation), called by the real
-//! kube-apiserver: the operator writes its CA (and the replaced one, for the overlap)
-//! into the MutatingWebhookConfiguration's caBundle, and a pod annotated
+//! certificate left by an earlier operator and due for rotation, called by the real
+//! kube-apiserver: the operator stages a replacement and publishes its CA beside the served
+//! one in the MutatingWebhookConfiguration's caBundle (it serves the new pair only once the
+//! configuration has carried that CA for a while: `webhook::rotation`'s unit tests), and a pod
+//! annotated
 //! `floodgate.dev/inject: "true"` is admitted with the proxy sidecar and its apps pointed at it,
 //! while a pod without the annotation is admitted unchanged.
 
@@ -173,20 +175,24 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
             .0,
     )
     .unwrap();
+    // The due certificate is staged, not served yet: its CA is published beside the served
+    // one first, and the old pair stays in use until the API server has the new CA.
     let secret = secrets.get("floodgate-webhook-tls").await.unwrap();
-    let new_ca = String::from_utf8(secret.data.as_ref().unwrap()["ca.crt"].0.clone()).unwrap();
-    assert_ne!(new_ca, old.ca_pem, "the due certificate was replaced");
+    let data = secret.data.as_ref().unwrap();
+    let new_ca = String::from_utf8(data["next-ca.crt"].0.clone()).unwrap();
+    assert_ne!(new_ca, old.ca_pem, "a replacement was made");
     assert_eq!(
-        secret.data.as_ref().unwrap()[webhook::PREVIOUS_CA].0,
+        data["ca.crt"].0,
         old.ca_pem.as_bytes(),
-        "the replaced CA is kept"
+        "the old pair is still the served one"
     );
     assert_eq!(
         ca,
-        format!("{new_ca}{}", old.ca_pem),
-        "the caBundle holds the new CA, then the old one"
+        format!("{}{new_ca}", old.ca_pem),
+        "the caBundle holds the served CA, then the staged one"
     );
-    let not_after: i64 = secret.metadata.annotations.as_ref().unwrap()[webhook::NOT_AFTER]
+    let not_after: i64 = secret.metadata.annotations.as_ref().unwrap()
+        [webhook::rotation::NEXT_NOT_AFTER]
         .parse()
         .unwrap();
     assert!(!webhook::certs::needs_rotation(not_after, now));
@@ -227,7 +233,7 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
     assert_eq!(names, ["app", "floodgate-proxy"]);
     assert_eq!(
         env(&injected, "app", "OPENAI_BASE_URL").as_deref(),
-        Some("http://127.0.0.1:8080/v1")
+        Some(format!("http://127.0.0.1:{}/v1", webhook::mutate::DEFAULT_PORT).as_str())
     );
     assert_eq!(
         injected

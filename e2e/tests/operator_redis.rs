@@ -137,6 +137,10 @@ async fn demand_is_summed_over_the_replicas_that_still_publish() {
     let cell_b = b.cell("models", "llama");
     let waiting_b: Vec<_> = (0..4).map(|_| cell_b.queued()).collect();
     cell_b.record_latency(Duration::from_millis(2500));
+    // Requests that spilled over to another target count, summed too.
+    cell_a.spilled();
+    cell_b.spilled();
+    cell_b.spilled();
     // Another model's demand is not this one's.
     let _elsewhere = b.cell("models", "qwen").queued();
 
@@ -154,9 +158,10 @@ async fn demand_is_summed_over_the_replicas_that_still_publish() {
             demand.queued,
             demand.in_flight,
             demand.latency_p95_ms,
+            demand.spilled,
             demand.reporters
         ),
-        (7, 1, 2500, 2)
+        (7, 1, 2500, 3, 2)
     );
     assert_eq!(reader.demand("models", "qwen").await.unwrap().queued, 1);
     assert_eq!(
@@ -201,4 +206,47 @@ async fn demand_is_summed_over_the_replicas_that_still_publish() {
         (expired.queued, expired.in_flight, expired.latency_p95_ms),
         (0, 0, 0)
     );
+}
+
+#[tokio::test]
+async fn queue_figures_are_summed_over_the_replicas_per_tier() {
+    use floodgate_proxy::demand::{DemandBoard, Publisher, QueueFigures, TierFigures};
+    let redis = RedisServer::start().await.unwrap();
+    let url = SecretString::new(redis.url());
+    let figures = |pro: (u64, u64), free: (u64, u64)| {
+        let tier = |name: &str, (waiting, oldest_wait_ms): (u64, u64)| TierFigures {
+            name: name.into(),
+            waiting,
+            oldest_wait_ms,
+        };
+        QueueFigures {
+            namespace: "ai".into(),
+            name: "tiers".into(),
+            tiers: vec![tier("pro", pro), tier("free", free)],
+        }
+    };
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let board = std::sync::Arc::new(DemandBoard::default());
+    let a = Publisher::new(board.clone(), &url, "proxy-a")
+        .unwrap()
+        .with_queues(std::sync::Arc::new(move || {
+            Some(figures((3, 1200), (0, 0)))
+        }));
+    let b = Publisher::new(board, &url, "proxy-b")
+        .unwrap()
+        .with_queues(std::sync::Arc::new(move || {
+            Some(figures((2, 4000), (7, 900)))
+        }));
+    a.publish_once(&mut conn).await.unwrap();
+    b.publish_once(&mut conn).await.unwrap();
+
+    let reader = UsageReader::new(&redis.url()).unwrap();
+    let usage = reader.queue_usage("ai", "tiers").await.unwrap();
+    let seen: Vec<_> = usage
+        .iter()
+        .map(|(tier, u)| (tier.as_str(), u.waiting, u.oldest_wait_ms))
+        .collect();
+    assert_eq!(seen, [("free", 7, 900), ("pro", 5, 4000)]);
+    assert!(reader.queue_usage("ai", "other").await.unwrap().is_empty());
 }

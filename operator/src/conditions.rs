@@ -14,6 +14,9 @@ pub const KEYS_READY: &str = "KeysReady";
 pub const PROGRESSING: &str = "Progressing";
 /// The resource works, but with less than it asked for.
 pub const DEGRADED: &str = "Degraded";
+/// The autoscaler can act on the resource: it reads the gateway's demand for it
+/// (LocalModelDeployment with `spec.autoscaling`).
+pub const AUTOSCALING_ACTIVE: &str = "AutoscalingActive";
 
 /// A condition as computed by a reconciler, before [`merge`] gives it its times.
 pub fn condition(type_: &str, status: bool, reason: &str, message: impl Into<String>) -> Condition {

@@ -2,6 +2,7 @@
 //! the failure counts behind the error policy's exponential backoff. Also the two writes every
 //! reconciler makes the same way: status by server-side apply, and Events on transitions.
 
+use crate::autoscale::DemandSource;
 use crate::conditions::{self, DEGRADED, PROGRESSING, READY};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -54,7 +55,9 @@ pub struct Context {
     /// The operator's settings.
     pub config: Config,
     /// Live usage from the gateway's Redis, when configured.
-    pub usage: Option<UsageReader>,
+    pub usage: Option<Arc<UsageReader>>,
+    /// Where local models' demand is read (the same Redis, when configured).
+    pub demand: DemandSource,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
     /// When each LocalModelDeployment last changed scale.
@@ -75,24 +78,51 @@ impl Debug for Context {
 impl Context {
     /// A context for `client` with `config`; fails on a Redis URL that does not parse.
     pub fn new(client: Client, config: Config, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.to_owned(),
-            instance: config.instance.clone(),
-        };
         let usage = config
             .redis_url
             .as_deref()
             .map(UsageReader::new)
-            .transpose()?;
-        Ok(Arc::new(Self {
+            .transpose()?
+            .map(Arc::new);
+        let demand = match &usage {
+            Some(reader) => DemandSource::Redis(reader.clone()),
+            None => DemandSource::Unconfigured,
+        };
+        Ok(Self::build(client, config, metrics, usage, demand))
+    }
+
+    /// A context that reads local models' demand from `demand` instead of Redis (and no
+    /// usage): the autoscaler driven without a gateway, as the reconciler tests do.
+    pub fn with_demand(
+        client: Client,
+        config: Config,
+        metrics: Arc<Metrics>,
+        demand: DemandSource,
+    ) -> Arc<Self> {
+        Self::build(client, config, metrics, None, demand)
+    }
+
+    fn build(
+        client: Client,
+        config: Config,
+        metrics: Arc<Metrics>,
+        usage: Option<Arc<UsageReader>>,
+        demand: DemandSource,
+    ) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: config.instance.clone(),
+        };
+        Arc::new(Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             config,
             usage,
+            demand,
             metrics,
             autoscaler: crate::autoscale::Autoscaler::default(),
             failures: Mutex::default(),
-        }))
+        })
     }
 
     /// An `Api` for `K` in the namespace the operator watches, or in all.
@@ -129,11 +159,25 @@ impl Context {
         reason: &str,
         note: String,
     ) {
+        self.publish(obj, type_, reason, "Reconcile", note).await;
+    }
+
+    /// Publishes an Event for `action`. The recorder folds Events of the same object, type,
+    /// reason and action into one series (keeping the first note), so the action tells apart
+    /// what would otherwise merge: a condition's transition carries the condition's type.
+    async fn publish<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let event = Event {
             type_,
             reason: reason.to_owned(),
             note: Some(truncate(note, 1000)),
-            action: "Reconcile".to_owned(),
+            action: action.to_owned(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
@@ -179,7 +223,7 @@ impl Context {
         for c in conditions::transitions(old_conditions, new_conditions) {
             if let Some(type_) = event_type(c) {
                 let note = format!("{} is {:?}: {}", c.type_, c.status, c.message);
-                self.event(obj, type_, &c.reason, note).await;
+                self.publish(obj, type_, &c.reason, &c.type_, note).await;
             }
         }
         Ok(())

@@ -3,7 +3,7 @@
 //! | resource | controller | watches | writes |
 //! |---|---|---|---|
 //! | AIProviderPool | [`pool`] | pools, Secrets | status: keys, capacity, SecretsFound/KeysReady/Degraded/Ready |
-//! | TierQueue | [`tier_queue`] | tier queues, Secrets | status: tier count, SecretsFound/Ready |
+//! | TierQueue | [`tier_queue`] | tier queues, Secrets | status: tier count, waiting per tier and class, oldest wait, SecretsFound/Ready |
 //! | CachePolicy | [`cache_policy`] | cache policies | status: Ready |
 //! | LocalModelDeployment | [`local_model`] | models, owned Deployments/Services/PVCs | Deployment, Service, PVC; replicas (autoscaling, by the scale subresource); status |
 //! | Tenant | [`tenant`] | tenants, Secrets | status: use of the window, last seen, SecretsFound/KeysReady/Degraded/UsageTracked/Ready |
@@ -18,6 +18,8 @@ pub mod cache_policy;
 pub mod conditions;
 pub mod context;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod local_model;
 pub mod metrics;
@@ -56,14 +58,15 @@ pub async fn run(
     let ctx = Context::new(client, config, metrics)?;
     tracing::info!(namespace = ?ctx.config.namespace, "floodgate-operator starting its controllers");
     ctx.metrics.set_leader(true);
-    if ctx.usage.is_none() {
-        tracing::info!(
+    if !ctx.demand.is_configured() {
+        tracing::warn!(
             "no Redis configured (--redis-url): pools' usedRpm, tenants' use and local models' demand are not read, \
-             so LocalModelDeployment autoscaling is not acted on (replicas follow spec.replicas, else minReplicas)"
+             so LocalModelDeployment autoscaling is not acted on (replicas follow spec.replicas, else minReplicas); \
+             each LocalModelDeployment with spec.autoscaling says so in its AutoscalingActive condition"
         );
     }
     tracing::info!(
-        "not acted on yet: TierQueue queue figures, CachePolicy hit ratio, pool circuit states"
+        "not acted on yet: TierQueue dead letters and p95 waits, CachePolicy hit ratio, pool circuit states"
     );
     futures::join!(
         run_pools(ctx.clone(), shutdown.clone()),

@@ -152,6 +152,7 @@ impl Metrics {
             ("queued", demand.queued),
             ("in_flight", demand.in_flight),
             ("latency_p95_ms", demand.latency_p95_ms),
+            ("spilled", demand.spilled),
         ] {
             self.demand
                 .get_or_create(&DemandLabels {
@@ -202,6 +203,7 @@ mod tests {
                 queued: 12,
                 in_flight: 3,
                 latency_p95_ms: 2500,
+                spilled: 4,
                 reporters: 2,
             },
         );
@@ -216,6 +218,7 @@ mod tests {
             "floodgate_operator_leader 1",
             r#"floodgate_operator_local_model_demand{namespace="models",name="llama",signal="queued"} 12"#,
             r#"floodgate_operator_local_model_demand{namespace="models",name="llama",signal="latency_p95_ms"} 2500"#,
+            r#"floodgate_operator_local_model_demand{namespace="models",name="llama",signal="spilled"} 4"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -204,4 +204,6 @@ pub fn compute_status(
 }
 
 #[cfg(test)]
+mod api_tests;
+#[cfg(test)]
 mod tests;

@@ -1,13 +1,15 @@
 //! TierQueue controller: checks the Secrets that async delivery names (webhook signing secret,
-//! SMTP credentials) and writes the tier count and conditions (`SecretsFound`, `Ready`).
-//! Live queue figures (`queued`, `deadLetters`, per-tier waits) are not read yet.
+//! SMTP credentials) and writes the tier count and conditions (`SecretsFound`, `Ready`), and,
+//! with Redis, the live queue figures the gateway's replicas share: requests waiting per tier
+//! and per class, and the oldest wait. Dead letters and p95 waits are not read yet.
 
 use crate::conditions::{self, READY, SECRETS_FOUND, condition};
 use crate::context::{Context, object_key};
 use crate::error::{Error, Result};
 use crate::secrets::{SecretIndex, describe_unresolved};
+use crate::usage::QueueUsage;
 use floodgate_crds::SecretKeyRef;
-use floodgate_crds::tier::{TierQueue, TierQueueSpec, TierQueueStatus};
+use floodgate_crds::tier::{ClassStatus, TierQueue, TierQueueSpec, TierQueueStatus, TierStatus};
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -24,14 +26,28 @@ pub async fn reconcile(tq: Arc<TierQueue>, ctx: Arc<Context>) -> Result<Action> 
         .ok_or_else(|| Error::NoNamespace(object_key(tq.as_ref())))?;
     let names = secret_refs(&tq.spec).map(|(_, r)| r.name.clone());
     let secrets = SecretIndex::load(&ctx.client, &ns, names).await?;
+    let queues = match &ctx.usage {
+        Some(reader) => match reader.queue_usage(&ns, &tq.name_any()).await {
+            Ok(queues) => Some(queues),
+            Err(e) => {
+                // Figures, not health: keep the last ones and say why in the log.
+                tracing::warn!(object = %object_key(tq.as_ref()), error = %e, "cannot read queue figures");
+                None
+            }
+        },
+        None => None,
+    };
     let old = tq.status.as_ref();
-    let status = compute_status(
+    let mut status = compute_status(
         &tq.spec,
         tq.metadata.generation,
         old,
         &secrets,
         &conditions::now(),
     );
+    if let Some(queues) = &queues {
+        with_queues(&mut status, &tq.spec, queues);
+    }
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     ctx.write_status(
         tq.as_ref(),
@@ -42,7 +58,52 @@ pub async fn reconcile(tq: Arc<TierQueue>, ctx: Arc<Context>) -> Result<Action> 
     )
     .await?;
     ctx.succeeded(tq.as_ref());
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(if ctx.usage.is_some() {
+        crate::pool::USAGE_REFRESH
+    } else {
+        RESYNC
+    }))
+}
+
+/// Fills `status` with the queue figures of `queues`: per tier of `spec` (a tier no replica
+/// reports waits for nothing), per class, and over all.
+pub fn with_queues(status: &mut TierQueueStatus, spec: &TierQueueSpec, queues: &QueueUsage) {
+    status.tiers = spec
+        .tiers
+        .iter()
+        .map(|t| {
+            let q = queues.get(&t.name).copied().unwrap_or_default();
+            let previous = status.tiers.iter().find(|s| s.name == t.name);
+            TierStatus {
+                name: t.name.clone(),
+                queued: q.waiting,
+                oldest_wait_ms: q.oldest_wait_ms,
+                p95_wait_ms: previous.and_then(|p| p.p95_wait_ms),
+            }
+        })
+        .collect();
+    let mut classes: Vec<ClassStatus> = Vec::new();
+    for (t, s) in spec.tiers.iter().zip(&status.tiers) {
+        match classes.iter_mut().find(|c| c.class == t.class) {
+            Some(c) => {
+                c.queued += s.queued;
+                c.oldest_wait_ms = c.oldest_wait_ms.max(s.oldest_wait_ms);
+            }
+            None => classes.push(ClassStatus {
+                class: t.class,
+                queued: s.queued,
+                oldest_wait_ms: s.oldest_wait_ms,
+            }),
+        }
+    }
+    status.queued = status.tiers.iter().map(|t| t.queued).sum();
+    status.oldest_wait_ms = status
+        .tiers
+        .iter()
+        .map(|t| t.oldest_wait_ms)
+        .max()
+        .unwrap_or(0);
+    status.classes = classes;
 }
 
 /// Every Secret reference of `spec`, with `tier/what` naming whose it is.
@@ -110,6 +171,8 @@ pub fn compute_status(
 }
 
 #[cfg(test)]
+mod api_tests;
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::conditions::is_true;
@@ -143,5 +206,64 @@ mod tests {
         let fixed = compute_status(&spec(), Some(2), Some(&s), &secrets, "t2");
         assert!(is_true(&fixed.conditions, READY) && is_true(&fixed.conditions, SECRETS_FOUND));
         assert_eq!(fixed.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn queue_figures_fill_tiers_classes_and_the_oldest_wait() {
+        use crate::usage::TierQueueUsage;
+        use floodgate_crds::QueueClass;
+        let mut spec = spec();
+        spec.tiers.push(
+            serde_json::from_value(serde_json::json!(
+                {"name": "team", "class": "standard", "maxWaitMs": 30000}
+            ))
+            .unwrap(),
+        );
+        let queues: QueueUsage = [
+            (
+                "pro".to_owned(),
+                TierQueueUsage {
+                    waiting: 3,
+                    oldest_wait_ms: 1200,
+                },
+            ),
+            (
+                "team".to_owned(),
+                TierQueueUsage {
+                    waiting: 2,
+                    oldest_wait_ms: 4000,
+                },
+            ),
+            // A tier the spec no longer lists is not shown.
+            (
+                "gone".to_owned(),
+                TierQueueUsage {
+                    waiting: 9,
+                    oldest_wait_ms: 9000,
+                },
+            ),
+        ]
+        .into();
+        let mut s = compute_status(&spec, Some(1), None, &SecretIndex::default(), "t1");
+        with_queues(&mut s, &spec, &queues);
+        assert_eq!((s.queued, s.oldest_wait_ms), (5, 4000));
+        let tiers: Vec<_> = s
+            .tiers
+            .iter()
+            .map(|t| (t.name.as_str(), t.queued, t.oldest_wait_ms))
+            .collect();
+        assert_eq!(tiers, [("pro", 3, 1200), ("free", 0, 0), ("team", 2, 4000)]);
+        let classes: Vec<_> = s
+            .classes
+            .iter()
+            .map(|c| (c.class, c.queued, c.oldest_wait_ms))
+            .collect();
+        assert_eq!(
+            classes,
+            [(QueueClass::Standard, 5, 4000), (QueueClass::Batch, 0, 0)]
+        );
+        // The figures stay when the next pass cannot read them (status is built from the old).
+        let again = compute_status(&spec, Some(1), Some(&s), &SecretIndex::default(), "t2");
+        assert_eq!((again.queued, again.tiers.len()), (5, 3));
     }
 }

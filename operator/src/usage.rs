@@ -177,3 +177,50 @@ pub fn budget_ids(provider: &Provider) -> Vec<String> {
             .collect()
     }
 }
+
+/// One tier's queue over every gateway replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierQueueUsage {
+    /// Requests waiting.
+    pub waiting: u64,
+    /// How long the longest-waiting has waited (ms).
+    pub oldest_wait_ms: u64,
+}
+
+/// A TierQueue's queues per tier name, over the replicas whose figures have not expired.
+pub type QueueUsage = BTreeMap<String, TierQueueUsage>;
+
+impl UsageReader {
+    /// The queue figures of TierQueue `namespace/name` (layout: [`floodgate_crds::redis_keys`]):
+    /// per tier, the sum of the replicas' waiting counts and the largest oldest wait.
+    pub async fn queue_usage(&self, namespace: &str, name: &str) -> Result<QueueUsage> {
+        use floodgate_crds::redis_keys::{QUEUE_OLDEST, QUEUE_WAITING, QueueKeys};
+        let mut conn = self.connection()?;
+        let keys = QueueKeys::new(namespace, name);
+        let replicas: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&keys.replicas)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        let mut usage = QueueUsage::new();
+        if replicas.is_empty() {
+            return Ok(usage);
+        }
+        let mut pipe = redis::pipe();
+        for r in &replicas {
+            pipe.cmd("HGETALL").arg(keys.replica(r));
+        }
+        // An expired hash reads as empty: that replica stopped publishing.
+        let hashes: Vec<BTreeMap<String, u64>> = pipe.query_async(&mut conn).await?;
+        for (field, value) in hashes.into_iter().flatten() {
+            if let Some(tier) = field.strip_prefix(QUEUE_WAITING) {
+                usage.entry(tier.to_owned()).or_default().waiting += value;
+            } else if let Some(tier) = field.strip_prefix(QUEUE_OLDEST) {
+                let t = usage.entry(tier.to_owned()).or_default();
+                t.oldest_wait_ms = t.oldest_wait_ms.max(value);
+            }
+        }
+        Ok(usage)
+    }
+}

@@ -1,6 +1,8 @@
 //! The demand for local models that this replica publishes for the operator's autoscaler:
-//! per LocalModelDeployment, requests waiting for it, requests being answered by it, and the
-//! p95 of its answer times over the last [`LATENCY_WINDOW`]. Written to Redis about every
+//! per LocalModelDeployment, requests waiting for it, requests being answered by it, the
+//! p95 of its answer times over the last [`LATENCY_WINDOW`], and the requests that spilled
+//! over to the next target because it was saturated, over the same window (demand it could
+//! not take: without them a model that spills looks idle to the autoscaler). Written to Redis about every
 //! second under a short TTL ([`floodgate_crds::redis_keys::DemandKeys`]), so that the operator
 //! sums the live replicas' figures and a replica that stops stops counting.
 //!
@@ -10,7 +12,9 @@
 //! answer ends (dropping either guard just takes the request out of the count).
 
 use crate::secret::SecretString;
-use floodgate_crds::redis_keys::{DEMAND_TTL_MS, DemandKeys};
+use floodgate_crds::redis_keys::{
+    DEMAND_TTL_MS, DemandKeys, QUEUE_OLDEST, QUEUE_WAITING, QueueKeys,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,18 +32,60 @@ pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Writes one replica's figures of one model and refreshes the model's replica index, on
 /// Redis's clock. KEYS[1] the index, KEYS[2] the replica's hash (same hash tag); ARGV: TTL
-/// (ms), replica id, queued, in flight, p95 latency (ms).
+/// (ms), replica id, queued, in flight, p95 latency (ms), spilled.
 const PUBLISH: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-redis.call('HSET', KEYS[2], 'queued', ARGV[3], 'inFlight', ARGV[4], 'latencyP95Ms', ARGV[5], 'at', now)
+redis.call('HSET', KEYS[2], 'queued', ARGV[3], 'inFlight', ARGV[4], 'latencyP95Ms', ARGV[5],
+  'spilled', ARGV[6], 'at', now)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('ZADD', KEYS[1], now, ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
 redis.call('PEXPIRE', KEYS[1], ttl)
 return now
 ";
+
+/// Replaces one replica's queue figures of one TierQueue and refreshes its replica index, on
+/// Redis's clock. KEYS[1] the index, KEYS[2] the replica's hash (same hash tag); ARGV: TTL
+/// (ms), replica id, then field, value pairs.
+const PUBLISH_QUEUE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'at', now, unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[1], ttl)
+return now
+";
+
+/// One tier's queue on this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierFigures {
+    /// The tier's name.
+    pub name: String,
+    /// Its requests waiting.
+    pub waiting: u64,
+    /// How long its longest-waiting request has waited (ms); 0 with none.
+    pub oldest_wait_ms: u64,
+}
+
+/// The queue figures of the TierQueue `namespace/name` on this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueFigures {
+    /// The TierQueue's namespace.
+    pub namespace: String,
+    /// The TierQueue's name.
+    pub name: String,
+    /// Per tier.
+    pub tiers: Vec<TierFigures>,
+}
+
+/// Where the publisher reads the queue figures of the TierQueue served now.
+pub type QueueSource = Arc<dyn Fn() -> Option<QueueFigures> + Send + Sync>;
 
 /// Every local model this replica has reported demand for.
 #[derive(Debug, Default)]
@@ -79,6 +125,7 @@ pub struct DemandCell {
     queued: AtomicU64,
     in_flight: AtomicU64,
     latencies: Mutex<VecDeque<(Instant, u64)>>,
+    spills: Mutex<VecDeque<Instant>>,
 }
 
 /// One model's figures on this replica at one instant.
@@ -90,6 +137,8 @@ pub struct Figures {
     pub in_flight: u64,
     /// p95 of the answer times of the last [`LATENCY_WINDOW`] (ms); 0 with none.
     pub latency_p95_ms: u64,
+    /// Requests that spilled over to another target in the last [`LATENCY_WINDOW`].
+    pub spilled: u64,
 }
 
 impl DemandCell {
@@ -109,9 +158,28 @@ impl DemandCell {
         samples.push_back((Instant::now(), ms));
     }
 
-    /// The figures now; forgets answer times older than [`LATENCY_WINDOW`].
+    /// A request spilled over to the next target instead of waiting for this model.
+    pub fn spilled(&self) {
+        let mut spills = self.spills.lock().unwrap_or_else(|p| p.into_inner());
+        if spills.len() == MAX_SAMPLES {
+            spills.pop_front();
+        }
+        spills.push_back(Instant::now());
+    }
+
+    /// The figures now; forgets answer times and spills older than [`LATENCY_WINDOW`].
     pub fn figures(&self) -> Figures {
         let now = Instant::now();
+        let spilled = {
+            let mut spills = self.spills.lock().unwrap_or_else(|p| p.into_inner());
+            while spills
+                .front()
+                .is_some_and(|at| now.duration_since(*at) > LATENCY_WINDOW)
+            {
+                spills.pop_front();
+            }
+            u64::try_from(spills.len()).unwrap_or(u64::MAX)
+        };
         let mut samples = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
         while samples
             .front()
@@ -131,6 +199,7 @@ impl DemandCell {
             queued: self.queued.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             latency_p95_ms,
+            spilled,
         }
     }
 }
@@ -188,9 +257,11 @@ impl Drop for InFlight {
 /// Publishes a board's figures to Redis.
 pub struct Publisher {
     board: Arc<DemandBoard>,
+    queues: Option<QueueSource>,
     client: redis::Client,
     replica: String,
     script: redis::Script,
+    queue_script: redis::Script,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -212,10 +283,18 @@ impl Publisher {
     ) -> Result<Self, redis::RedisError> {
         Ok(Self {
             board,
+            queues: None,
             client: redis::Client::open(url.expose())?,
             replica: replica.into(),
             script: redis::Script::new(PUBLISH),
+            queue_script: redis::Script::new(PUBLISH_QUEUE),
         })
+    }
+
+    /// Also publishes the queue figures `source` gives (the TierQueue served now).
+    pub fn with_queues(mut self, source: QueueSource) -> Self {
+        self.queues = Some(source);
+        self
     }
 
     /// Publishes every model's figures once.
@@ -231,8 +310,23 @@ impl Publisher {
                 .arg(f.queued)
                 .arg(f.in_flight)
                 .arg(f.latency_p95_ms)
+                .arg(f.spilled)
                 .invoke_async(conn)
                 .await?;
+        }
+        if let Some(q) = self.queues.as_ref().and_then(|source| source()) {
+            let keys = QueueKeys::new(&q.namespace, &q.name);
+            let mut call = self.queue_script.key(&keys.replicas);
+            call.key(keys.replica(&self.replica))
+                .arg(DEMAND_TTL_MS)
+                .arg(&self.replica);
+            for t in &q.tiers {
+                call.arg(format!("{QUEUE_WAITING}{}", t.name))
+                    .arg(t.waiting)
+                    .arg(format!("{QUEUE_OLDEST}{}", t.name))
+                    .arg(t.oldest_wait_ms);
+            }
+            let _: u64 = call.invoke_async(conn).await?;
         }
         Ok(())
     }
@@ -296,6 +390,7 @@ mod tests {
         drop(c); // hung up while answered: out of the count, no answer time
         let f = cell.figures();
         assert_eq!((f.queued, f.in_flight, f.latency_p95_ms), (0, 0, 1500));
+        assert_eq!(f.spilled, 0);
         // The same cell for the same model.
         assert!(Arc::ptr_eq(&cell, &board.cell("models", "llama")));
         assert_eq!(board.snapshot().len(), 1);
@@ -317,5 +412,21 @@ mod tests {
         assert_eq!(cell.figures().latency_p95_ms, 7);
         tokio::time::advance(LATENCY_WINDOW).await;
         assert_eq!(cell.figures().latency_p95_ms, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spills_count_for_30_seconds_exactly() {
+        let cell = Arc::new(DemandCell::default());
+        cell.spilled();
+        cell.spilled();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        cell.spilled();
+        assert_eq!(cell.figures().spilled, 3);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(cell.figures().spilled, 3);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(cell.figures().spilled, 1);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(cell.figures().spilled, 0);
     }
 }

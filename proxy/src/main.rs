@@ -280,13 +280,18 @@ async fn serve(
         dispatcher.clone(),
         cancel.clone(),
     ));
-    // Local models' demand, for the operator's autoscaler: published to the shared Redis.
+    // Local models' demand, for the operator's autoscaler, and the TierQueue's queue figures,
+    // for its status: published to the shared Redis.
     // Without --redis there is nowhere the operator could read it.
     if let Some(url) = &args.redis {
         let board = dispatcher.routing().gates.board();
         let replica = format!("{}-{}", hostname(), std::process::id());
+        let queues = dispatcher.clone();
         match floodgate_proxy::demand::Publisher::new(board, url, replica) {
-            Ok(publisher) => drop(tasks.spawn(publisher.run(cancel.clone()))),
+            Ok(publisher) => {
+                let publisher = publisher.with_queues(Arc::new(move || queues.queue_figures()));
+                drop(tasks.spawn(publisher.run(cancel.clone())));
+            }
             Err(e) => tracing::warn!(
                 error = %e,
                 "local-model demand cannot be published (autoscaling sees none from this replica)"

@@ -9,7 +9,7 @@
 pub mod build;
 
 use crate::autoscale::{self, Decision, Demand};
-use crate::conditions::{self, DEGRADED, PROGRESSING, READY, condition};
+use crate::conditions::{self, AUTOSCALING_ACTIVE, DEGRADED, PROGRESSING, READY, condition};
 use crate::context::{Context, FIELD_MANAGER, object_key};
 use crate::error::{Error, Result};
 use floodgate_crds::Condition;
@@ -49,7 +49,12 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
         // Names cannot change: nothing to retry until the resource is replaced.
         return Ok(Action::await_change());
     }
-    let demand = read_demand(&lmd, &ctx, &ns).await;
+    let read = read_demand(&lmd, &ctx, &ns).await;
+    let autoscaling = autoscaling_condition(&lmd, &read);
+    let demand = match read {
+        DemandRead::Read(demand) => Some(demand),
+        DemandRead::Unconfigured | DemandRead::Failed(_) => None,
+    };
     let scaled = match demand.as_ref() {
         Some(demand) => autoscale(&lmd, &ctx, &ns, demand).await?,
         None => None,
@@ -66,6 +71,7 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
     match apply_children(&lmd, &ctx, &ns).await {
         Ok((deployment, claim)) => {
             let mut status = compute_status(&lmd, old, &deployment, claim.as_ref(), &now);
+            add_condition(&mut status, old_conditions, autoscaling, &lmd, &now);
             if let Some(d) = demand {
                 status.queue_depth = d.queued;
                 status.in_flight = d.in_flight;
@@ -85,7 +91,7 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
             .await?;
             ctx.succeeded(lmd.as_ref());
             Ok(Action::requeue(
-                if ctx.usage.is_some() && lmd.spec.autoscaling.is_some() {
+                if ctx.demand.is_configured() && lmd.spec.autoscaling.is_some() {
                     autoscale::DEMAND_REFRESH
                 } else {
                     RESYNC
@@ -93,7 +99,8 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
             ))
         }
         Err(e) => {
-            let status = refused_status(&lmd, old, "ApplyFailed", e.to_string(), &now);
+            let mut status = refused_status(&lmd, old, "ApplyFailed", e.to_string(), &now);
+            add_condition(&mut status, old_conditions, autoscaling, &lmd, &now);
             if let Err(write) = ctx
                 .write_status(
                     lmd.as_ref(),
@@ -111,19 +118,82 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
     }
 }
 
-/// The gateway's demand for `lmd`, when Redis is configured and answers (a failure is logged:
-/// the replicas stay as they are).
-async fn read_demand(lmd: &LocalModelDeployment, ctx: &Context, ns: &str) -> Option<Demand> {
-    let reader = ctx.usage.as_ref()?;
-    match reader.demand(ns, &lmd.name_any()).await {
-        Ok(demand) => {
+/// What reading a model's demand gave.
+#[derive(Debug)]
+enum DemandRead {
+    /// No demand source (no `--redis-url`).
+    Unconfigured,
+    /// The source failed; why.
+    Failed(String),
+    /// The figures.
+    Read(Demand),
+}
+
+/// The gateway's demand for `lmd`, when a demand source is configured and answers (a failure
+/// is logged: the replicas stay as they are).
+async fn read_demand(lmd: &LocalModelDeployment, ctx: &Context, ns: &str) -> DemandRead {
+    match ctx.demand.read(ns, &lmd.name_any()).await {
+        None => DemandRead::Unconfigured,
+        Some(Ok(demand)) => {
             ctx.metrics.set_demand(ns, &lmd.name_any(), &demand);
-            Some(demand)
+            DemandRead::Read(demand)
         }
-        Err(e) => {
+        Some(Err(e)) => {
             tracing::warn!(object = %object_key(lmd), error = %e, "cannot read demand; replicas unchanged");
-            None
+            DemandRead::Failed(e.to_string())
         }
+    }
+}
+
+/// The `AutoscalingActive` condition of a model that asks for autoscaling: whether the
+/// operator can act on it, and if not why (no demand source, the source failing, no gateway
+/// publishing demand for it). `None` for a model without `spec.autoscaling`.
+fn autoscaling_condition(lmd: &LocalModelDeployment, read: &DemandRead) -> Option<Condition> {
+    lmd.spec.autoscaling.as_ref()?;
+    let replicas = build::desired_replicas(&lmd.spec);
+    Some(match read {
+        DemandRead::Unconfigured => condition(
+            AUTOSCALING_ACTIVE,
+            false,
+            "NoDemandSource",
+            format!(
+                "the operator has no --redis-url, so it cannot read the gateway's demand: replicas stay at {replicas}"
+            ),
+        ),
+        DemandRead::Failed(why) => condition(
+            AUTOSCALING_ACTIVE,
+            false,
+            "DemandUnreadable",
+            format!("cannot read the gateway's demand ({why}): replicas stay at {replicas}"),
+        ),
+        DemandRead::Read(d) if d.reporters == 0 => condition(
+            AUTOSCALING_ACTIVE,
+            false,
+            "NoDemandReported",
+            format!(
+                "no gateway replica publishes demand for this model (is it routed to, and do the proxies run with --redis?): replicas stay at {replicas}"
+            ),
+        ),
+        DemandRead::Read(d) => condition(
+            AUTOSCALING_ACTIVE,
+            true,
+            "DemandRead",
+            format!("{} gateway replicas publish demand", d.reporters),
+        ),
+    })
+}
+
+/// Adds `extra` (if any) to the conditions of `status`, merged with `old` like the others.
+fn add_condition(
+    status: &mut LocalModelDeploymentStatus,
+    old: &[Condition],
+    extra: Option<Condition>,
+    lmd: &LocalModelDeployment,
+    now: &str,
+) {
+    if let Some(c) = extra {
+        let merged = conditions::merge(old, vec![c], lmd.metadata.generation, now);
+        status.conditions.extend(merged);
     }
 }
 
@@ -146,7 +216,12 @@ async fn autoscale(
     let since = ctx
         .autoscaler
         .since_change(&key, old.and_then(|s| s.last_scale_time.as_deref()));
-    let (to, reason) = match autoscale::decide(current, ready, policy, demand, since) {
+    let parallel = lmd
+        .spec
+        .ollama
+        .num_parallel
+        .unwrap_or(autoscale::DEFAULT_NUM_PARALLEL);
+    let (to, reason) = match autoscale::decide(current, ready, parallel, policy, demand, since) {
         Decision::Hold(why) => {
             tracing::debug!(object = %key, replicas = current, why, "replicas held");
             return Ok(None);
@@ -367,5 +442,7 @@ fn status_with(
     }
 }
 
+#[cfg(test)]
+mod api_tests;
 #[cfg(test)]
 mod tests;

@@ -1,9 +1,16 @@
-//! The sidecar a pod annotated `floodgate.dev/inject: "true"` gets: a `floodgate-proxy`
-//! container listening on the pod's loopback, configured from a ConfigMap (the proxy's config
-//! file, as `--config` reads it), and every application container pointed at it through
-//! `FLOODGATE_URL`, `OPENAI_BASE_URL` and `ANTHROPIC_BASE_URL` (set only where the container
-//! does not set them itself). A pod that already has the sidecar is left as it is, so a
-//! re-invocation changes nothing.
+//! The sidecar a pod that asks for it gets (the annotation or the label
+//! `floodgate.dev/inject: "true"`, the label being what the webhook's opt-in objectSelector
+//! matches; or, in a namespace labelled `floodgate.dev/inject: enabled`, every pod that does
+//! not say `"false"`, see [`Scope`]): a `floodgate-proxy` container listening on the pod's loopback, configured from a
+//! ConfigMap (the proxy's config file, as `--config` reads it), and every application
+//! container pointed at it through `FLOODGATE_URL`, `OPENAI_BASE_URL` and `ANTHROPIC_BASE_URL`
+//! (set only where the container does not set them itself). A pod that already has the
+//! sidecar is left as it is, so a re-invocation changes nothing.
+//!
+//! **Port.** The sidecar listens on `--sidecar-port` ([`DEFAULT_PORT`], an uncommon one), or
+//! on the pod's annotation `floodgate.dev/port`. A pod whose containers already declare that
+//! port is refused ([`Refusal`]), naming the container and the annotation to set: two
+//! listeners on one loopback port would leave the app or the sidecar failing to start.
 
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EnvVar, Pod, ResourceRequirements,
@@ -20,6 +27,33 @@ pub const CONFIG: &str = "floodgate.dev/config";
 pub const CONTAINER: &str = "floodgate-proxy";
 /// The config volume's name.
 pub const VOLUME: &str = "floodgate-config";
+/// The annotation choosing the sidecar's port for one pod.
+pub const PORT: &str = "floodgate.dev/port";
+/// The sidecar's port unless configured: not 8080 or another port applications commonly use.
+pub const DEFAULT_PORT: u16 = 14080;
+
+/// Why a pod that asks for the sidecar cannot have it (the review is denied with this text,
+/// which the pod's creator sees: `kubectl apply` prints it, a ReplicaSet records it in a
+/// `FailedCreate` Event).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A container already declares the sidecar's port.
+    #[error(
+        "floodgate sidecar not injected: container {container:?} already uses port {port}, the floodgate-proxy \
+         sidecar's; set the pod annotation {PORT} to a free port"
+    )]
+    PortTaken {
+        /// The container using it.
+        container: String,
+        /// The port.
+        port: u16,
+    },
+    /// The port annotation is not a port number.
+    #[error(
+        "floodgate sidecar not injected: annotation {PORT} is {0:?}, not a port number (1-65535)"
+    )]
+    BadPort(String),
+}
 
 /// How the sidecar is made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,20 +70,65 @@ impl Default for Sidecar {
     fn default() -> Self {
         Self {
             image: "ghcr.io/floodgate-dev/floodgate-proxy:0.1.0".into(),
-            port: 8080,
+            port: DEFAULT_PORT,
             default_config_map: "floodgate-sidecar".into(),
         }
     }
 }
 
-/// `pod` with the sidecar, or `None` when it asks for none or already has it.
-pub fn inject(pod: &Pod, sidecar: &Sidecar) -> Option<Pod> {
+/// Who asked for the sidecar, as the webhook entry that called tells (its path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The pod itself must ask: label or annotation `floodgate.dev/inject: "true"`.
+    Pod,
+    /// The pod's namespace opted in (namespace label `floodgate.dev/inject: enabled`): every
+    /// pod gets the sidecar unless it says `floodgate.dev/inject: "false"`.
+    Namespace,
+}
+
+/// `pod` with the sidecar when it asks for it (see [`Scope`]), `Ok(None)` when it does not or
+/// already has it, or why it cannot have it.
+pub fn inject(pod: &Pod, sidecar: &Sidecar, scope: Scope) -> Result<Option<Pod>, Refusal> {
     let annotations = pod.metadata.annotations.as_ref();
-    let asked = annotations.and_then(|a| a.get(INJECT)).map(String::as_str) == Some("true");
-    let spec = pod.spec.as_ref()?;
+    let labels = pod.metadata.labels.as_ref();
+    let says = |value: &str| {
+        [annotations, labels]
+            .iter()
+            .any(|m| m.and_then(|m| m.get(INJECT)).map(String::as_str) == Some(value))
+    };
+    let asked = match scope {
+        Scope::Pod => says("true"),
+        Scope::Namespace => !says("false"),
+    };
+    let Some(spec) = pod.spec.as_ref() else {
+        return Ok(None);
+    };
     if !asked || spec.containers.iter().any(|c| c.name == CONTAINER) {
-        return None;
+        return Ok(None);
     }
+    let port = match annotations.and_then(|a| a.get(PORT)) {
+        Some(text) => match text.parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => return Err(Refusal::BadPort(text.clone())),
+        },
+        None => sidecar.port,
+    };
+    let declared = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.ports.iter().flatten().map(move |p| (c, p)))
+        .find(|(_, p)| p.container_port == i32::from(port));
+    if let Some((c, _)) = declared {
+        return Err(Refusal::PortTaken {
+            container: c.name.clone(),
+            port,
+        });
+    }
+    let sidecar = &Sidecar {
+        port,
+        ..sidecar.clone()
+    };
     let config_map = annotations
         .and_then(|a| a.get(CONFIG))
         .cloned()
@@ -82,7 +161,7 @@ pub fn inject(pod: &Pod, sidecar: &Sidecar) -> Option<Pod> {
         }),
         ..Volume::default()
     });
-    Some(pod)
+    Ok(Some(pod))
 }
 
 fn container(sidecar: &Sidecar) -> Container {
@@ -125,76 +204,4 @@ fn container(sidecar: &Sidecar) -> Container {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pod(annotations: serde_json::Value) -> Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "app", "annotations": annotations},
-            "spec": {"containers": [
-                {"name": "app", "image": "app:1", "env": [{"name": "OPENAI_BASE_URL", "value": "http://mine"}]},
-                {"name": "worker", "image": "app:1"}
-            ]}
-        }))
-        .unwrap()
-    }
-
-    fn env(c: &Container, name: &str) -> Option<String> {
-        c.env
-            .iter()
-            .flatten()
-            .find(|e| e.name == name)?
-            .value
-            .clone()
-    }
-
-    #[test]
-    fn an_annotated_pod_gets_the_sidecar_and_its_apps_point_at_it() {
-        let out = inject(
-            &pod(serde_json::json!({INJECT: "true", CONFIG: "team-proxy"})),
-            &Sidecar::default(),
-        )
-        .unwrap();
-        let spec = out.spec.unwrap();
-        assert_eq!(spec.containers.len(), 3);
-        let sidecar = &spec.containers[2];
-        assert_eq!(sidecar.name, CONTAINER);
-        assert_eq!(
-            sidecar.args.as_deref().unwrap()[2..],
-            ["--listen".to_owned(), "127.0.0.1:8080".to_owned()]
-        );
-        let volume = &spec.volumes.unwrap()[0];
-        assert_eq!(volume.config_map.as_ref().unwrap().name, "team-proxy");
-        // The app's own setting wins; what it lacks points at the sidecar.
-        assert_eq!(
-            env(&spec.containers[0], "OPENAI_BASE_URL").unwrap(),
-            "http://mine"
-        );
-        assert_eq!(
-            env(&spec.containers[0], "FLOODGATE_URL").unwrap(),
-            "http://127.0.0.1:8080"
-        );
-        assert_eq!(
-            env(&spec.containers[1], "OPENAI_BASE_URL").unwrap(),
-            "http://127.0.0.1:8080/v1"
-        );
-        assert_eq!(env(sidecar, "FLOODGATE_URL"), None);
-    }
-
-    #[test]
-    fn other_pods_and_injected_pods_are_left_alone() {
-        let sidecar = Sidecar::default();
-        assert!(inject(&pod(serde_json::json!({})), &sidecar).is_none());
-        assert!(inject(&pod(serde_json::json!({INJECT: "false"})), &sidecar).is_none());
-        let once = inject(&pod(serde_json::json!({INJECT: "true"})), &sidecar).unwrap();
-        assert_eq!(
-            once.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0]
-                .config_map
-                .as_ref()
-                .unwrap()
-                .name,
-            "floodgate-sidecar"
-        );
-        assert!(inject(&once, &sidecar).is_none());
-    }
-}
+mod tests;

@@ -1,7 +1,8 @@
-//! The webhook's HTTPS server: `POST /mutate` (an AdmissionReview of a Pod) and `GET
+//! The webhook's HTTPS server: `POST /mutate` (an AdmissionReview of a Pod that opts in
+//! itself), `POST /mutate/namespace` (of a pod in a namespace that opted in) and `GET
 //! /healthz`, with a certificate that can be swapped while serving ([`CertSlot`]).
 
-use super::mutate::{self, Sidecar};
+use super::mutate::{self, Scope, Sidecar};
 use axum::Json;
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -17,8 +18,16 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// How long a client has to finish the TLS handshake: one that connects and says nothing
+/// must not hold a task (or shutdown) for ever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the reviews in flight once it has asked every connection to
+/// close (the API server keeps its connections open between reviews); then they are dropped.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The certificate the server presents; replaced on rotation.
 #[derive(Debug, Default)]
@@ -77,14 +86,18 @@ pub async fn serve(
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let sidecar = Arc::new(sidecar);
+    let route = |scope: Scope| {
+        let sidecar = sidecar.clone();
+        post(move |Json(review): Json<AdmissionReview<Pod>>| {
+            let sidecar = sidecar.clone();
+            async move { Json(review_pod(review, &sidecar, scope)) }
+        })
+    };
+    // One path per webhook entry of the configuration: pods that opt in themselves, and every
+    // pod of a namespace that opted in.
     let app = axum::Router::new()
-        .route(
-            "/mutate",
-            post(move |Json(review): Json<AdmissionReview<Pod>>| {
-                let sidecar = sidecar.clone();
-                async move { Json(review_pod(review, &sidecar)) }
-            }),
-        )
+        .route("/mutate", route(Scope::Pod))
+        .route("/mutate/namespace", route(Scope::Namespace))
         .route("/healthz", get(|| async { "ok" }));
     let tasks = TaskTracker::new();
     loop {
@@ -100,24 +113,50 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            let stream = match acceptor.accept(stream).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-                    return;
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let stream = tokio::select! {
+                () = shutdown.cancelled() => return,
+                done = handshake => match done {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "webhook TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = shutdown.cancelled() => {
+                    // Finish the review in flight, then close; an idle keep-alive closes now.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
                 }
             };
-            let served = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "webhook connection ended");
             }
         });
     }
+    drop(listener);
     tasks.close();
-    tasks.wait().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = tasks.len(),
+            "webhook connections still open after the shutdown grace; dropping them"
+        );
+    }
 }
 
 /// The answer to one review: the sidecar as a JSON patch, or allowed unchanged; a review that
@@ -125,6 +164,7 @@ pub async fn serve(
 pub fn review_pod(
     review: AdmissionReview<Pod>,
     sidecar: &Sidecar,
+    scope: Scope,
 ) -> AdmissionReview<DynamicObject> {
     let request: AdmissionRequest<Pod> = match review.try_into() {
         Ok(request) => request,
@@ -137,8 +177,18 @@ pub fn review_pod(
     let Some(pod) = request.object.as_ref() else {
         return response.into_review();
     };
-    let Some(injected) = mutate::inject(pod, sidecar) else {
-        return response.into_review();
+    let injected = match mutate::inject(pod, sidecar, scope) {
+        Ok(Some(injected)) => injected,
+        Ok(None) => return response.into_review(),
+        Err(refusal) => {
+            tracing::warn!(
+                namespace = request.namespace.as_deref().unwrap_or_default(),
+                pod = pod_name(pod),
+                %refusal,
+                "refusing a pod that asks for the sidecar"
+            );
+            return response.deny(refusal.to_string()).into_review();
+        }
     };
     let patch = match (serde_json::to_value(pod), serde_json::to_value(&injected)) {
         (Ok(before), Ok(after)) => json_patch::diff(&before, &after),
@@ -150,12 +200,7 @@ pub fn review_pod(
     };
     tracing::info!(
         namespace = request.namespace.as_deref().unwrap_or_default(),
-        pod = pod
-            .metadata
-            .name
-            .as_deref()
-            .or(pod.metadata.generate_name.as_deref())
-            .unwrap_or_default(),
+        pod = pod_name(pod),
         "injecting the floodgate-proxy sidecar"
     );
     match response.clone().with_patch(patch) {
@@ -166,7 +211,19 @@ pub fn review_pod(
     }
 }
 
+/// The pod's name, or its generated name's prefix (a ReplicaSet's pods have no name yet).
+fn pod_name(pod: &Pod) -> &str {
+    pod.metadata
+        .name
+        .as_deref()
+        .or(pod.metadata.generate_name.as_deref())
+        .unwrap_or_default()
+}
+
 /// Binds `addr` for the webhook.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
 }
+
+#[cfg(test)]
+mod tests;

@@ -277,6 +277,15 @@ impl Dispatcher {
         })
     }
 
+    /// The queue figures of the TierQueue served now (see [`TierPlan::queue_figures`]).
+    pub fn queue_figures(&self) -> Option<crate::demand::QueueFigures> {
+        self.view
+            .load()
+            .runtime
+            .tiers
+            .queue_figures(tokio::time::Instant::now())
+    }
+
     /// Serves `config` from now on: builds its routing view (reusing the budgets and breakers
     /// of keys and providers it keeps) and swaps both in at once.
     pub fn apply(&self, config: Arc<Config>) {

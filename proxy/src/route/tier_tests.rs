@@ -486,3 +486,41 @@ async fn a_request_held_by_pacing_waits_for_its_pace_without_standing_back() {
     assert_eq!(at, MIN + Duration::from_secs(5));
     assert!(looks <= 3, "looked {looks} times");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_queue_figures_name_the_tier_queue_and_what_each_tier_has_waiting() {
+    let tiers = [
+        "{name: pro, class: priority, maxWaitMs: 120000}",
+        "{name: free, class: standard, maxWaitMs: 120000}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(1, &tiers, (0, 0, 0)),
+    );
+    let figures = |d: &Dispatcher| {
+        let q = d.queue_figures().unwrap();
+        let tiers: Vec<_> = q
+            .tiers
+            .iter()
+            .map(|t| (t.name.clone(), t.waiting, t.oldest_wait_ms))
+            .collect();
+        (q.name, tiers)
+    };
+    let t0 = Instant::now();
+    take(&d, "pro", t0 + Duration::from_secs(30)).await.unwrap();
+    // The key's one request a minute is spent: the next pro request waits (its deadline is
+    // past the minute, so it is not refused at once).
+    let waiting = spawn(&d, "pro", Instant::now() + Duration::from_secs(120));
+    until(|| d.queue_figures().unwrap().tiers[0].waiting == 1).await;
+    tokio::time::advance(Duration::from_millis(2500)).await;
+    assert_eq!(
+        figures(&d),
+        (
+            "tiers".to_owned(),
+            vec![("pro".to_owned(), 1, 2500), ("free".to_owned(), 0, 0)]
+        )
+    );
+    waiting.abort();
+    until(|| d.queue_figures().unwrap().tiers[0].waiting == 0).await;
+    assert_eq!(figures(&d).1[0], ("pro".to_owned(), 0, 0));
+}

@@ -13,10 +13,11 @@ use floodgate_crds::tier::ClassHeadroom;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// The tier of callers when no TierQueue is configured.
 pub const DEFAULT_TIER: &str = "default";
@@ -61,6 +62,9 @@ pub struct BatchRt {
 #[derive(Debug)]
 pub struct TierState {
     depth: AtomicUsize,
+    /// When each waiting request joined, by place: the oldest wait, for the TierQueue's status.
+    joined: Mutex<BTreeMap<u64, Instant>>,
+    next_place: AtomicU64,
     /// Metric handles of this tier.
     pub metrics: TierMetrics,
 }
@@ -70,8 +74,19 @@ impl TierState {
     pub fn new(name: &str, class: QueueClass) -> Self {
         Self {
             depth: AtomicUsize::new(0),
+            joined: Mutex::default(),
+            next_place: AtomicU64::new(0),
             metrics: TierMetrics::new(name, class),
         }
+    }
+
+    /// How long the request of this tier that has waited longest has waited at `now`.
+    pub fn oldest_wait(&self, now: Instant) -> Option<Duration> {
+        let joined = self.joined.lock().unwrap_or_else(|p| p.into_inner());
+        joined
+            .values()
+            .min()
+            .map(|at| now.saturating_duration_since(*at))
     }
 
     /// Requests of this tier waiting now, over every route.
@@ -79,22 +94,33 @@ impl TierState {
         self.depth.load(Ordering::Acquire)
     }
 
-    /// Takes a place for one more waiting request, unless `max` already wait.
-    pub(crate) fn enter(&self, max: usize) -> bool {
+    /// Takes a place for one more waiting request, joining at `now`, unless `max` already
+    /// wait; the place is given back with [`TierState::leave`].
+    pub(crate) fn enter(&self, max: usize, now: Instant) -> Option<u64> {
         let entered = self
             .depth
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
                 (d < max).then_some(d + 1)
             })
             .is_ok();
-        if entered {
-            self.metrics.waiting.inc();
+        if !entered {
+            return None;
         }
-        entered
+        self.metrics.waiting.inc();
+        let place = self.next_place.fetch_add(1, Ordering::Relaxed);
+        self.joined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(place, now);
+        Some(place)
     }
 
-    /// Gives a place back.
-    pub(crate) fn leave(&self) {
+    /// Gives `place` back.
+    pub(crate) fn leave(&self, place: u64) {
+        self.joined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&place);
         self.depth.fetch_sub(1, Ordering::AcqRel);
         self.metrics.waiting.dec();
     }
@@ -179,6 +205,8 @@ pub type TierStates = Mutex<HashMap<String, Arc<TierState>>>;
 pub struct TierPlan {
     tiers: Vec<Arc<TierRt>>,
     fallback: usize,
+    /// The TierQueue they come from (`namespace`, `name`); none for the `default` tier.
+    source: Option<(String, String)>,
 }
 
 impl TierPlan {
@@ -211,6 +239,7 @@ impl TierPlan {
             return Self {
                 tiers: vec![Arc::new(tier)],
                 fallback: 0,
+                source: None,
             };
         };
         let spec = &tq.spec;
@@ -250,7 +279,38 @@ impl TierPlan {
             .or(Some(DEFAULT_TIER))
             .and_then(|d| tiers.iter().position(|t| &*t.name == d))
             .unwrap_or(tiers.len().saturating_sub(1));
-        Self { tiers, fallback }
+        let source = Some((
+            tq.metadata.namespace.clone().unwrap_or_default(),
+            tq.metadata.name.clone().unwrap_or_default(),
+        ));
+        Self {
+            tiers,
+            fallback,
+            source,
+        }
+    }
+
+    /// Each tier's queue on this replica at `now`, for the TierQueue's status (published by
+    /// [`crate::demand::Publisher`]); `None` without a TierQueue.
+    pub fn queue_figures(&self, now: Instant) -> Option<crate::demand::QueueFigures> {
+        let (namespace, name) = self.source.clone()?;
+        let tiers = self
+            .tiers
+            .iter()
+            .map(|t| crate::demand::TierFigures {
+                name: t.name.to_string(),
+                waiting: u64::try_from(t.state.depth()).unwrap_or(u64::MAX),
+                oldest_wait_ms: t
+                    .state
+                    .oldest_wait(now)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            })
+            .collect();
+        Some(crate::demand::QueueFigures {
+            namespace,
+            name,
+            tiers,
+        })
     }
 
     /// The tier named `name`, or the tier of callers without one (also for a name the

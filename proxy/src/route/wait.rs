@@ -381,9 +381,9 @@ impl WaitQueue {
         if self.len() >= self.bound() {
             return Err(Full::Route);
         }
-        if !entry.tier.state.enter(entry.tier.max_depth) {
+        let Some(place) = entry.tier.state.enter(entry.tier.max_depth, now) else {
             return Err(Full::Tier);
-        }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let turn = Arc::new(Notify::new());
         let vtime = s.vtime;
@@ -448,6 +448,7 @@ impl WaitQueue {
         Ok(Ticket {
             queue: self,
             id,
+            place,
             tier: entry.tier.clone(),
             tenant: entry.tenant.clone(),
             tokens: entry.tokens,
@@ -462,6 +463,8 @@ impl WaitQueue {
 pub struct Ticket<'a> {
     queue: &'a WaitQueue,
     id: u64,
+    /// Its place in the tier's count ([`super::tiers::TierState::enter`]).
+    place: u64,
     tier: Arc<TierRt>,
     tenant: Arc<str>,
     tokens: u64,
@@ -589,7 +592,7 @@ impl Drop for Ticket<'_> {
             s.head = None;
         }
         self.queue.len.fetch_sub(1, Ordering::AcqRel);
-        self.tier.state.leave();
+        self.tier.state.leave(self.place);
         s.reassign(now);
         // A gated request that leaves may make its successor the oldest of the batch, whose
         // timer then counts: it learns so from a wake-up.

@@ -94,6 +94,11 @@ impl Gate {
         }
     }
 
+    /// A request spilled over past this model: demand it could not take, for the autoscaler.
+    pub fn spilled(&self) {
+        self.cell.spilled();
+    }
+
     /// Whether the model is past `spec`'s thresholds.
     pub fn pressure(&self, spec: &LocalSpec) -> Pressure {
         if self.waiting.load(Ordering::Relaxed) >= spec.queue_threshold.max(1) {

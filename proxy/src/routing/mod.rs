@@ -215,6 +215,7 @@ async fn route(
             let gate = state.gates.get(name, spec);
             let pressure = gate.pressure(spec);
             if pressure != local::Pressure::Normal && spills && more {
+                gate.spilled();
                 record_step(
                     ctx,
                     step,

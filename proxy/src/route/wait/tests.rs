@@ -376,3 +376,35 @@ async fn the_position_counts_its_tier_and_the_tiers_that_go_first() {
         }
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_knows_how_long_its_oldest_request_has_waited_over_every_route() {
+    let pro = tier("pro", QueueClass::Standard, 1);
+    let (a, b) = (WaitQueue::new(10), WaitQueue::new(10));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    assert_eq!(pro.state.oldest_wait(Instant::now()), None);
+    let first = a
+        .join(&entry(&pro, "acme", deadline, 1), Instant::now())
+        .unwrap();
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    let second = b
+        .join(&entry(&pro, "acme", deadline, 1), Instant::now())
+        .unwrap();
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert_eq!(pro.state.depth(), 2);
+    assert_eq!(
+        pro.state.oldest_wait(Instant::now()),
+        Some(Duration::from_millis(2000))
+    );
+    // The oldest leaves (admitted or given up alike): the next oldest counts.
+    drop(first);
+    assert_eq!(
+        pro.state.oldest_wait(Instant::now()),
+        Some(Duration::from_millis(500))
+    );
+    second.admitted();
+    assert_eq!(
+        (pro.state.depth(), pro.state.oldest_wait(Instant::now())),
+        (0, None)
+    );
+}

@@ -1,0 +1,177 @@
+use super::*;
+
+fn pod(annotations: serde_json::Value) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "app", "annotations": annotations},
+        "spec": {"containers": [
+            {"name": "app", "image": "app:1", "env": [{"name": "OPENAI_BASE_URL", "value": "http://mine"}]},
+            {"name": "worker", "image": "app:1"}
+        ]}
+    }))
+    .unwrap()
+}
+
+fn env(c: &Container, name: &str) -> Option<String> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)?
+        .value
+        .clone()
+}
+
+#[test]
+fn an_annotated_pod_gets_the_sidecar_and_its_apps_point_at_it() {
+    let out = inject(
+        &pod(serde_json::json!({INJECT: "true", CONFIG: "team-proxy"})),
+        &Sidecar::default(),
+        Scope::Pod,
+    )
+    .unwrap()
+    .unwrap();
+    let spec = out.spec.unwrap();
+    assert_eq!(spec.containers.len(), 3);
+    let sidecar = &spec.containers[2];
+    assert_eq!(sidecar.name, CONTAINER);
+    assert_eq!(
+        sidecar.args.as_deref().unwrap()[2..],
+        ["--listen".to_owned(), "127.0.0.1:14080".to_owned()]
+    );
+    let volume = &spec.volumes.unwrap()[0];
+    assert_eq!(volume.config_map.as_ref().unwrap().name, "team-proxy");
+    // The app's own setting wins; what it lacks points at the sidecar.
+    assert_eq!(
+        env(&spec.containers[0], "OPENAI_BASE_URL").unwrap(),
+        "http://mine"
+    );
+    assert_eq!(
+        env(&spec.containers[0], "FLOODGATE_URL").unwrap(),
+        "http://127.0.0.1:14080"
+    );
+    assert_eq!(
+        env(&spec.containers[1], "OPENAI_BASE_URL").unwrap(),
+        "http://127.0.0.1:14080/v1"
+    );
+    assert_eq!(env(sidecar, "FLOODGATE_URL"), None);
+}
+
+#[test]
+fn other_pods_and_injected_pods_are_left_alone() {
+    let sidecar = Sidecar::default();
+    assert_eq!(
+        inject(&pod(serde_json::json!({})), &sidecar, Scope::Pod),
+        Ok(None)
+    );
+    assert_eq!(
+        inject(
+            &pod(serde_json::json!({INJECT: "false"})),
+            &sidecar,
+            Scope::Pod
+        ),
+        Ok(None)
+    );
+    let once = inject(
+        &pod(serde_json::json!({INJECT: "true"})),
+        &sidecar,
+        Scope::Pod,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        once.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0]
+            .config_map
+            .as_ref()
+            .unwrap()
+            .name,
+        "floodgate-sidecar"
+    );
+    assert_eq!(inject(&once, &sidecar, Scope::Pod), Ok(None));
+}
+
+fn sidecar_listen(pod: &Pod) -> String {
+    let spec = pod.spec.as_ref().unwrap();
+    let c = spec
+        .containers
+        .iter()
+        .find(|c| c.name == CONTAINER)
+        .unwrap();
+    c.args.as_ref().unwrap()[3].clone()
+}
+
+#[test]
+fn the_default_port_is_not_8080_and_a_pod_using_the_sidecars_port_is_refused() {
+    let sidecar = Sidecar::default();
+    assert_ne!(sidecar.port, 8080);
+    let mut app = pod(serde_json::json!({INJECT: "true"}));
+    // An app on 8080 (common) is fine now.
+    app.spec.as_mut().unwrap().containers[0].ports = Some(vec![ContainerPort {
+        container_port: 8080,
+        ..ContainerPort::default()
+    }]);
+    let out = inject(&app, &sidecar, Scope::Pod).unwrap().unwrap();
+    assert_eq!(sidecar_listen(&out), format!("127.0.0.1:{DEFAULT_PORT}"));
+
+    // A worker on the sidecar's port: refused, naming it and the way out.
+    app.spec.as_mut().unwrap().containers[1].ports = Some(vec![ContainerPort {
+        container_port: i32::from(DEFAULT_PORT),
+        ..ContainerPort::default()
+    }]);
+    let refused = inject(&app, &sidecar, Scope::Pod).unwrap_err();
+    assert_eq!(
+        refused,
+        Refusal::PortTaken {
+            container: "worker".into(),
+            port: DEFAULT_PORT
+        }
+    );
+    assert!(refused.to_string().contains(PORT), "{refused}");
+
+    // The annotation moves the sidecar, and the apps' URLs with it.
+    app.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(PORT.into(), "15999".into());
+    let out = inject(&app, &sidecar, Scope::Pod).unwrap().unwrap();
+    assert_eq!(sidecar_listen(&out), "127.0.0.1:15999");
+    let first = &out.spec.as_ref().unwrap().containers[0];
+    assert_eq!(
+        env(first, "FLOODGATE_URL").unwrap(),
+        "http://127.0.0.1:15999"
+    );
+
+    for bad in ["0", "http", "70000"] {
+        app.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(PORT.into(), bad.into());
+        assert_eq!(
+            inject(&app, &sidecar, Scope::Pod),
+            Err(Refusal::BadPort(bad.into()))
+        );
+    }
+}
+
+#[test]
+fn the_opt_in_label_asks_for_the_sidecar_like_the_annotation() {
+    let mut labelled = pod(serde_json::json!({}));
+    labelled.metadata.labels = Some([(INJECT.to_owned(), "true".to_owned())].into());
+    assert!(
+        inject(&labelled, &Sidecar::default(), Scope::Pod)
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[test]
+fn in_an_opted_in_namespace_every_pod_gets_it_unless_it_says_false() {
+    let sidecar = Sidecar::default();
+    let plain = pod(serde_json::json!({}));
+    assert_eq!(inject(&plain, &sidecar, Scope::Pod), Ok(None));
+    assert!(
+        inject(&plain, &sidecar, Scope::Namespace)
+            .unwrap()
+            .is_some()
+    );
+    let refusing = pod(serde_json::json!({INJECT: "false"}));
+    assert_eq!(inject(&refusing, &sidecar, Scope::Namespace), Ok(None));
+}
