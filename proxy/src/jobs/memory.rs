@@ -68,8 +68,14 @@ impl Inner {
         }
     }
 
+    /// Forgets jobs past their TTL, and with them their dead letters and "reported" marks
+    /// (a mark whose lease still runs is kept).
     fn forget_expired(&mut self, now: Instant) {
         self.jobs.retain(|_, s| s.expires.is_none_or(|e| e > now));
+        let jobs = &self.jobs;
+        self.reported
+            .retain(|id, lease| jobs.contains_key(id) || lease.is_some_and(|until| until > now));
+        self.dead.retain(|(id, _)| jobs.contains_key(id));
     }
 }
 
@@ -77,6 +83,12 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many "reported" marks are kept (bounded by the jobs kept).
+    #[cfg(test)]
+    pub(crate) fn reported_marks(&self) -> usize {
+        self.lock().reported.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -129,8 +141,10 @@ impl JobStore for MemoryStore {
                     let Some(stored) = inner.jobs.get(&id) else {
                         continue;
                     };
-                    if stored.job.status.is_terminal() {
-                        continue; // cancelled while queued
+                    // Over already; but a job cancelled while queued is handed over once so
+                    // that its caller is told.
+                    if stored.job.status.is_terminal() && stored.job.status != Status::Cancelled {
+                        continue;
                     }
                     let job = stored.job.clone();
                     inner.claimed.insert(id.clone());
@@ -175,7 +189,13 @@ impl JobStore for MemoryStore {
                     inner.delayed.push((now + delay, job.id.clone()));
                 }
                 Step::Finish => {
-                    stored.expires = Some(now + policy.result_ttl);
+                    // A dead letter is kept for the dead letters' retention, when longer.
+                    let kept = if job.dead_letter {
+                        policy.result_ttl.max(policy.retention)
+                    } else {
+                        policy.result_ttl
+                    };
+                    stored.expires = Some(now + kept);
                     if job.dead_letter {
                         inner.dead.push((job.id.clone(), now));
                     }
@@ -205,7 +225,15 @@ impl JobStore for MemoryStore {
             stored.expires = Some(Instant::now() + super::CANCELLED_KEPT);
         }
         let job = stored.job.clone();
+        // A job waiting for its retry goes back to the queue, cancelled, for a worker to tell
+        // its caller.
+        let waiting = inner.delayed.len();
         inner.delayed.retain(|(_, d)| d != id);
+        if inner.delayed.len() < waiting {
+            inner.enqueue(id);
+            drop(inner);
+            self.ready.notify_one();
+        }
         Ok(Some(job))
     }
 

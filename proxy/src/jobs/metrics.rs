@@ -40,6 +40,8 @@ pub struct JobMetrics {
     pub run: Family<TierLabels, Histogram>,
     /// `floodgate_jobs_webhook_deliveries_total{outcome}`.
     pub webhooks: Family<OutcomeLabels, Counter>,
+    /// `floodgate_jobs_email_deliveries_total{outcome}`: `delivered`, `failed`.
+    pub emails: Family<OutcomeLabels, Counter>,
     /// `floodgate_jobs_dead_letters_total`: jobs sent to the dead letters.
     pub dead_letters: Counter,
 }
@@ -63,6 +65,11 @@ impl JobMetrics {
             .inc();
     }
 
+    /// Counts an email try.
+    pub fn email(&self, outcome: &'static str) {
+        self.emails.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
     /// Records an attempt of a `tier` job that waited `wait` and ran `run` seconds.
     pub fn attempt(&self, tier: &str, wait: f64, run: f64) {
         let labels = TierLabels {
@@ -81,6 +88,7 @@ pub fn get() -> &'static JobMetrics {
         wait: Family::new_with_constructor(seconds),
         run: Family::new_with_constructor(seconds),
         webhooks: Family::default(),
+        emails: Family::default(),
         dead_letters: Counter::default(),
     })
 }
@@ -107,6 +115,11 @@ pub fn register(registry: &mut Registry) {
         "floodgate_jobs_webhook_deliveries",
         "Webhook delivery tries by outcome",
         m.webhooks.clone(),
+    );
+    registry.register(
+        "floodgate_jobs_email_deliveries",
+        "Email delivery tries by outcome",
+        m.emails.clone(),
     );
     registry.register(
         "floodgate_jobs_dead_letters",

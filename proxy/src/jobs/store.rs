@@ -128,6 +128,10 @@ pub trait JobStore: Send + Sync {
 
 /// The configured backend.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one store per process, made once at start-up and never moved"
+)]
 pub enum Store {
     /// In this process (standalone).
     Memory(MemoryStore),
