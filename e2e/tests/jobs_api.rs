@@ -1268,3 +1268,88 @@ async fn a_slow_webhook_receiver_holds_no_worker() {
     assert_eq!(first["deliveries"], json!([]), "{first}");
     proxy.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn redis_dead_letters_outlive_the_result_ttl_and_a_redrive_never_drops_one_it_cannot_queue() {
+    use floodgate_proxy::jobs::{Job, JobStore as _, Policy, Status, Step, redis::RedisStore};
+    let redis = RedisServer::start().await.unwrap();
+    let url = floodgate_proxy::secret::SecretString::new(redis.url());
+    let store = RedisStore::new(&url, Duration::from_secs(30)).unwrap();
+    let policy = Policy {
+        retry: floodgate_proxy::jobs::retry::Backoff {
+            max_attempts: 3,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(2),
+        },
+        dead_letters: true,
+        retention: Duration::from_secs(7 * 86_400),
+        result_ttl: Duration::from_secs(60),
+    };
+    let request = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]});
+    let job = Job::new(Some("acme".to_owned()), "free".to_owned(), request, 3);
+    let job = store.submit(job).await.unwrap();
+    let claim = store.claim("w", WAIT).await.unwrap().unwrap();
+    let mut dead = claim.job.clone();
+    dead.status = Status::Failed;
+    dead.attempts = 3;
+    dead.dead_letter = true;
+    assert!(
+        store
+            .save(&claim, &dead, Step::Finish, &policy)
+            .await
+            .unwrap()
+    );
+    store.ack(&claim).await.unwrap();
+
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("floodgate:{{jobs}}:job:{}", job.id);
+    // Kept for the dead letters' retention, not the result TTL.
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 60 && ttl <= 7 * 86_400, "TTL {ttl}");
+
+    // A job that cannot be read is not re-driven, and stays a dead letter.
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("job")
+        .arg("{not json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(store.redrive(Some(&job.id)).await.is_err());
+    let dead_len = |mut conn: redis::aio::MultiplexedConnection| async move {
+        redis::cmd("XLEN")
+            .arg("floodgate:{jobs}:dead")
+            .query_async::<u64>(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(dead_len(conn.clone()).await, 1);
+    // Mended, it is re-driven once: a second re-drive finds nothing.
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("job")
+        .arg(serde_json::to_string(&dead).unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(store.redrive(Some(&job.id)).await.unwrap(), 1);
+    assert_eq!(store.redrive(Some(&job.id)).await.unwrap(), 0);
+    assert_eq!(dead_len(conn.clone()).await, 0);
+    let again = store.claim("w", WAIT).await.unwrap().unwrap();
+    assert_eq!(again.job.id, job.id);
+    assert_eq!((again.job.status, again.job.attempts), (Status::Queued, 0));
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ttl, -1, "a queued job does not expire");
+}

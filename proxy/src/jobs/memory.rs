@@ -250,6 +250,10 @@ impl JobStore for MemoryStore {
         }
     }
 
+    async fn reported(&self, id: &str) -> Result<bool> {
+        Ok(matches!(self.lock().reported.get(id), Some(None)))
+    }
+
     async fn end_report(&self, job: &Job, _policy: &Policy) -> Result<()> {
         let mut inner = self.lock();
         inner.reported.insert(job.id.clone(), None);

@@ -523,6 +523,15 @@ impl JobStore for RedisStore {
         Ok(set.is_some())
     }
 
+    async fn reported(&self, id: &str) -> Result<bool> {
+        let mut conn = self.conn().await?;
+        let mark: Option<String> = redis::cmd("GET")
+            .arg(format!("{REPORTED}{id}"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(mark.as_deref() == Some("done"))
+    }
+
     async fn end_report(&self, job: &Job, policy: &Policy) -> Result<()> {
         let mut conn = self.conn().await?;
         // Only the deliveries change: the status field stays as it is.

@@ -101,6 +101,10 @@ pub trait JobStore: Send + Sync {
     /// or already notified.
     fn begin_report(&self, id: &str, lease: Duration) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Whether the caller of job `id` was told for good ([`JobStore::end_report`]), as
+    /// opposed to someone holding the lease now.
+    fn reported(&self, id: &str) -> impl Future<Output = Result<bool>> + Send;
+
     /// Records the deliveries of `job` and marks it reported for good.
     fn end_report(&self, job: &Job, policy: &Policy) -> impl Future<Output = Result<()>> + Send;
 
@@ -175,6 +179,9 @@ impl JobStore for Store {
     }
     async fn begin_report(&self, id: &str, lease: Duration) -> Result<bool> {
         each!(self, s => s.begin_report(id, lease).await)
+    }
+    async fn reported(&self, id: &str) -> Result<bool> {
+        each!(self, s => s.reported(id).await)
     }
     async fn end_report(&self, job: &Job, policy: &Policy) -> Result<()> {
         each!(self, s => s.end_report(job, policy).await)

@@ -172,7 +172,12 @@ async fn only_one_reports_until_the_lease_ends_and_none_after_it_is_done() {
     tokio::time::advance(lease).await;
     // The first notifier died: the next one takes over.
     assert!(store.begin_report(&j.id, lease).await.unwrap());
+    assert!(
+        !store.reported(&j.id).await.unwrap(),
+        "a lease, not told yet"
+    );
     store.end_report(&j, &policy()).await.unwrap();
+    assert!(store.reported(&j.id).await.unwrap());
     tokio::time::advance(lease * 10).await;
     assert!(!store.begin_report(&j.id, lease).await.unwrap());
 }

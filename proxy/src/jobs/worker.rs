@@ -239,8 +239,10 @@ impl Workers {
         self.tasks.spawn(async move {
             let _slot = slot;
             let told = async {
-                w.report(&mut job, &config, &policy).await?;
-                w.jobs.store.ack(&claim).await
+                if w.report(&mut job, &config, &policy).await? {
+                    w.jobs.store.ack(&claim).await?;
+                }
+                Ok::<_, super::StoreError>(())
             };
             let told = w.keep_alive(&claim, &consumer, told);
             let result = tokio::select! {
@@ -372,22 +374,25 @@ impl Workers {
     }
 
     /// Tells the caller (webhook and/or email, both under one notification lease), if it
-    /// asked and nobody has yet.
+    /// asked and nobody has yet. Whether the notification is settled (told now or before;
+    /// the claim may be acknowledged): `false` while another holder's lease runs, which may
+    /// have died mid-delivery, so the claim is left to lapse and the job is looked at again
+    /// once the lease is over.
     async fn report(
         &self,
         job: &mut super::Job,
         config: &Config,
         policy: &Policy,
-    ) -> Result<(), super::StoreError> {
+    ) -> Result<bool, super::StoreError> {
         let hook = webhook_target(job, config);
         let mail = email_target(job, config);
         if hook.is_none() && mail.is_none() {
-            return Ok(());
+            return Ok(true);
         }
         let lease = policy.retry.initial * 64 + Duration::from_secs(60);
         if !self.jobs.store.begin_report(&job.id, lease).await? {
             tracing::info!(job = %job.id, "its caller was told, or is being told, by another holder: not told again");
-            return Ok(());
+            return self.jobs.store.reported(&job.id).await;
         }
         let sent: &super::Job = job;
         let allow = self.jobs.allow_internal_webhooks;
@@ -422,7 +427,8 @@ impl Workers {
         let (hooks, mails) = tokio::join!(by_hook, by_mail);
         job.deliveries.extend(hooks);
         job.deliveries.extend(mails);
-        self.jobs.store.end_report(job, policy).await
+        self.jobs.store.end_report(job, policy).await?;
+        Ok(true)
     }
 }
 
