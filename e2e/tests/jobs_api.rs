@@ -1353,3 +1353,71 @@ async fn redis_dead_letters_outlive_the_result_ttl_and_a_redrive_never_drops_one
         .unwrap();
     assert_eq!(ttl, -1, "a queued job does not expire");
 }
+
+#[tokio::test]
+async fn a_tenant_past_its_pending_jobs_bound_gets_429_and_the_backlog_is_a_gauge() {
+    pending_bound(&[]).await;
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_pending_jobs_bound_in_redis_gets_429_and_the_backlog_is_a_gauge() {
+    let redis = RedisServer::start().await.unwrap();
+    pending_bound(&["--redis", &redis.url()]).await;
+}
+
+async fn pending_bound(extra: &[&str]) {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config(&mock, &hook);
+    let mut args = extra.to_vec();
+    // No worker here: the jobs stay queued.
+    args.extend(["--job-workers", "0", "--job-max-pending-per-tenant", "2"]);
+    let proxy = start(&dir, &args).await;
+    let http = reqwest::Client::new();
+    let post = |key: &'static str| {
+        http.post(proxy.url("/v1/jobs"))
+            .bearer_auth(key)
+            .json(&job("gpt-4o", "queued"))
+            .send()
+    };
+    let first = post(ACME).await.unwrap().json::<Value>().await.unwrap();
+    assert_eq!(post(ACME).await.unwrap().status(), 202);
+    let refused = post(ACME).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_pending_jobs", "{body}");
+    // Another tenant has a bound of its own.
+    assert_eq!(post(GLOBEX).await.unwrap().status(), 202);
+    // The backlog by tier and tenant.
+    let gauge = |text: &str, tenant: &str| -> Option<u64> {
+        let line = format!("floodgate_jobs_pending{{tier=\"free\",tenant=\"{tenant}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    until("the pending gauges", || async {
+        let text = http
+            .get(proxy.admin_url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (gauge(&text, "acme") == Some(2) && gauge(&text, "globex") == Some(1)).then_some(())
+    })
+    .await;
+    // A cancelled job is over: room for one more.
+    let id = first["id"].as_str().unwrap();
+    let r = http
+        .delete(proxy.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(post(ACME).await.unwrap().status(), 202);
+    assert_eq!(post(ACME).await.unwrap().status(), 429);
+    proxy.stop().await.unwrap();
+}

@@ -136,6 +136,15 @@ struct Args {
     /// names, again when they resolve at delivery (no requests into the gateway's network).
     #[arg(long, env = "FLOODGATE_JOB_WEBHOOK_PRIVATE_ADDRESSES")]
     job_webhook_private_addresses: bool,
+    /// The most jobs one tenant may have pending (queued, running or waiting for a retry,
+    /// Batch API lines included) before `POST /v1/jobs` answers 429 with `retry-after`.
+    /// 0: no bound.
+    #[arg(
+        long,
+        env = "FLOODGATE_JOB_MAX_PENDING_PER_TENANT",
+        default_value_t = 10_000
+    )]
+    job_max_pending_per_tenant: u64,
     /// Threads serving requests, each with its own single-threaded runtime (default: the
     /// CPUs this process may use). Configuration watching runs on the main thread.
     #[arg(long, env = "FLOODGATE_WORKERS")]
@@ -420,7 +429,12 @@ async fn start_jobs(
             jobs::Store::Memory(jobs::memory::MemoryStore::new())
         }
     };
-    let jobs = jobs::Jobs::new(store, args.job_workers, args.job_webhook_private_addresses);
+    let jobs = jobs::Jobs::bounded(
+        store,
+        args.job_workers,
+        args.job_webhook_private_addresses,
+        args.job_max_pending_per_tenant,
+    );
     let webhook_client = || {
         reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))

@@ -31,6 +31,8 @@ struct Inner {
     reported: HashMap<String, Option<Instant>>,
     /// Jobs held by a worker.
     claimed: HashSet<String>,
+    /// Jobs not over yet per (tier, tenant).
+    pending: HashMap<(String, String), u64>,
     /// Batch API files and batches: value and when it is forgotten.
     kv: HashMap<String, (String, Instant)>,
     next_seq: u64,
@@ -64,6 +66,20 @@ impl Inner {
                 }
             } else {
                 i += 1;
+            }
+        }
+    }
+
+    fn pending_up(&mut self, job: &Job) {
+        *self.pending.entry(job.pending_key()).or_default() += 1;
+    }
+
+    fn pending_down(&mut self, job: &Job) {
+        let key = job.pending_key();
+        if let Some(n) = self.pending.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending.remove(&key);
             }
         }
     }
@@ -102,6 +118,7 @@ impl JobStore for MemoryStore {
             let mut inner = self.lock();
             inner.forget_expired(Instant::now());
             job.seq = inner.enqueue(&job.id);
+            inner.pending_up(&job);
             inner.jobs.insert(
                 job.id.clone(),
                 Stored {
@@ -199,6 +216,7 @@ impl JobStore for MemoryStore {
                     if job.dead_letter {
                         inner.dead.push((job.id.clone(), now));
                     }
+                    inner.pending_down(job);
                 }
             }
         }
@@ -218,13 +236,17 @@ impl JobStore for MemoryStore {
         let Some(stored) = inner.jobs.get_mut(id) else {
             return Ok(None);
         };
-        if !stored.job.status.is_terminal() {
+        let over = stored.job.status.is_terminal();
+        if !over {
             stored.job.status = Status::Cancelled;
             stored.job.finished_ms = Some(super::now_ms());
             stored.job.next_attempt_ms = None;
             stored.expires = Some(Instant::now() + super::CANCELLED_KEPT);
         }
         let job = stored.job.clone();
+        if !over {
+            inner.pending_down(&job);
+        }
         // A job waiting for its retry goes back to the queue, cancelled, for a worker to tell
         // its caller.
         let waiting = inner.delayed.len();
@@ -290,6 +312,8 @@ impl JobStore for MemoryStore {
                     stored.job.reset();
                     stored.job.seq = seq;
                     stored.expires = None;
+                    let job = stored.job.clone();
+                    inner.pending_up(&job);
                     n += 1;
                 }
             }
@@ -306,6 +330,20 @@ impl JobStore for MemoryStore {
         let n = inner.dead.len() as u64;
         inner.dead.clear();
         Ok(n)
+    }
+
+    async fn pending(&self) -> Result<Vec<((String, String), u64)>> {
+        Ok(self
+            .lock()
+            .pending
+            .iter()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect())
+    }
+
+    async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
+        let key = (tier.to_owned(), tenant.to_owned());
+        Ok(self.lock().pending.get(&key).copied().unwrap_or(0))
     }
 
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {

@@ -234,6 +234,12 @@ impl Job {
         }
     }
 
+    /// Its (tier, tenant) pair, as the pending counts key it (the tenant `""` when the
+    /// gateway is open).
+    pub fn pending_key(&self) -> (String, String) {
+        (self.tier.clone(), self.tenant.clone().unwrap_or_default())
+    }
+
     /// Whether `tenant` may see this job (the same tenant; any caller when the gateway is
     /// open and the job has none).
     pub fn visible_to(&self, tenant: Option<&str>) -> bool {
@@ -325,6 +331,9 @@ pub struct Jobs {
     /// Whether a job's own webhook may point at internal addresses ([`address`];
     /// `--job-webhook-private-addresses`).
     pub allow_internal_webhooks: bool,
+    /// The most jobs one tenant may have pending (not over) in its tier; 0: no bound
+    /// (`--job-max-pending-per-tenant`).
+    pub max_pending_per_tenant: u64,
     /// Mean run time of this replica's attempts, in milliseconds (for the estimated start).
     mean_run_ms: AtomicU64,
 }
@@ -333,10 +342,22 @@ impl Jobs {
     /// The subsystem over `store` with `workers` workers; jobs' webhooks may point at
     /// internal addresses when `allow_internal_webhooks`.
     pub fn new(store: Store, workers: usize, allow_internal_webhooks: bool) -> Arc<Self> {
+        Self::bounded(store, workers, allow_internal_webhooks, 0)
+    }
+
+    /// [`Jobs::new`], each tenant allowed at most `max_pending_per_tenant` pending jobs
+    /// (0: no bound).
+    pub fn bounded(
+        store: Store,
+        workers: usize,
+        allow_internal_webhooks: bool,
+        max_pending_per_tenant: u64,
+    ) -> Arc<Self> {
         Arc::new(Jobs {
             store,
             workers: workers.max(1),
             allow_internal_webhooks,
+            max_pending_per_tenant,
             mean_run_ms: AtomicU64::new(1000),
         })
     }

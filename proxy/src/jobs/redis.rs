@@ -9,6 +9,7 @@
 //! | `floodgate:{jobs}:job:<id>` | hash | `job` (JSON), `status`, `seq`, `cancelled` (Unix ms) |
 //! | `floodgate:{jobs}:reported:<id>` | string | who notifies (a lease), then `done` |
 //! | `floodgate:{jobs}:seq`, `:delivered` | counters | the queue's order, for positions |
+//! | `floodgate:{jobs}:pending` | hash | jobs not over yet per `<tier>\t<tenant>` (field `pending` of a job names its own) |
 //! | `floodgate:{jobs}:kv:<file or batch id>` | string | Batch API files and batches (JSON), with a TTL |
 //!
 //! A worker first takes an entry whose claim has been idle for the visibility timeout
@@ -39,11 +40,19 @@ const JOB: &str = "floodgate:{jobs}:job:";
 const REPORTED: &str = "floodgate:{jobs}:reported:";
 const GROUP: &str = "workers";
 const KV: &str = "floodgate:{jobs}:kv:";
+const PENDING: &str = "floodgate:{jobs}:pending";
+
+/// The field of [`PENDING`] that counts `job`.
+fn pending_field(job: &Job) -> String {
+    let (tier, tenant) = job.pending_key();
+    format!("{tier}\t{tenant}")
+}
 
 /// Queues a job: the next seq, the job's fields, a stream entry.
 const ENQUEUE: &str = r"
 local seq = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[3], 'job', ARGV[2], 'status', ARGV[3], 'seq', seq)
+redis.call('HSET', KEYS[3], 'job', ARGV[2], 'status', ARGV[3], 'seq', seq, 'pending', ARGV[4])
+redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
 redis.call('HDEL', KEYS[3], 'cancelled')
 redis.call('PERSIST', KEYS[3])
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'seq', seq)
@@ -75,6 +84,10 @@ if ARGV[3] == 'retry' then
   redis.call('XACK', KEYS[2], 'workers', ARGV[4])
   redis.call('XDEL', KEYS[2], ARGV[4])
 elseif ARGV[3] == 'finish' then
+  local field = redis.call('HGET', KEYS[1], 'pending')
+  if field and tonumber(redis.call('HGET', KEYS[5], field) or '0') > 0 then
+    redis.call('HINCRBY', KEYS[5], field, -1)
+  end
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   if ARGV[8] == '1' then redis.call('XADD', KEYS[4], '*', 'id', ARGV[6]) end
 end
@@ -89,6 +102,10 @@ local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 0 end
 if s == 'queued' or s == 'retrying' or s == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled', ARGV[2])
+  local field = redis.call('HGET', KEYS[1], 'pending')
+  if field and tonumber(redis.call('HGET', KEYS[4], field) or '0') > 0 then
+    redis.call('HINCRBY', KEYS[4], field, -1)
+  end
   if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
     redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'seq', redis.call('HGET', KEYS[1], 'seq') or 0)
   end
@@ -103,7 +120,8 @@ return 1
 const REDRIVE: &str = r"
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 local seq = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[4], 'job', ARGV[3], 'status', 'queued', 'seq', seq)
+redis.call('HSET', KEYS[4], 'job', ARGV[3], 'status', 'queued', 'seq', seq, 'pending', ARGV[4])
+redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
 redis.call('HDEL', KEYS[4], 'cancelled')
 redis.call('PERSIST', KEYS[4])
 redis.call('DEL', KEYS[5])
@@ -257,9 +275,11 @@ impl RedisStore {
             .key(QUEUE)
             .key(SEQ)
             .key(format!("{JOB}{}", job.id))
+            .key(PENDING)
             .arg(&job.id)
             .arg(json)
             .arg(job.status.as_str())
+            .arg(pending_field(job))
             .invoke_async(&mut conn)
             .await?;
         Ok(seq)
@@ -478,6 +498,7 @@ impl JobStore for RedisStore {
             .key(QUEUE)
             .key(DELAYED)
             .key(DEAD)
+            .key(PENDING)
             .arg(serde_json::to_string(job)?)
             .arg(job.status.as_str())
             .arg(name)
@@ -502,6 +523,7 @@ impl JobStore for RedisStore {
             .key(format!("{JOB}{id}"))
             .key(DELAYED)
             .key(QUEUE)
+            .key(PENDING)
             .arg(id)
             .arg(super::now_ms())
             .arg(super::CANCELLED_KEPT.as_secs())
@@ -588,9 +610,11 @@ impl JobStore for RedisStore {
                 .key(SEQ)
                 .key(format!("{JOB}{dead_id}"))
                 .key(format!("{REPORTED}{dead_id}"))
+                .key(PENDING)
                 .arg(&entry)
                 .arg(&dead_id)
                 .arg(serde_json::to_string(&job)?)
+                .arg(pending_field(&job))
                 .invoke_async(&mut conn)
                 .await?;
             n += queued; // 0: another admin re-drove it meanwhile
@@ -608,6 +632,32 @@ impl JobStore for RedisStore {
             .query_async(&mut conn)
             .await?;
         Ok(n)
+    }
+
+    async fn pending(&self) -> Result<Vec<((String, String), u64)>> {
+        let mut conn = self.conn().await?;
+        let all: Vec<(String, i64)> = redis::cmd("HGETALL")
+            .arg(PENDING)
+            .query_async(&mut conn)
+            .await?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(field, n)| {
+                let (tier, tenant) = field.split_once('\t').unwrap_or((field.as_str(), ""));
+                ((tier.to_owned(), tenant.to_owned()), n as u64)
+            })
+            .collect())
+    }
+
+    async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
+        let mut conn = self.conn().await?;
+        let n: Option<i64> = redis::cmd("HGET")
+            .arg(PENDING)
+            .arg(format!("{tier}\t{tenant}"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(n.unwrap_or(0).max(0) as u64)
     }
 
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {

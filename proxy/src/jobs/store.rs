@@ -118,6 +118,14 @@ pub trait JobStore: Send + Sync {
     /// Drops every dead letter (the jobs stay readable, failed, until their TTL); how many.
     fn purge(&self) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Jobs not over yet (queued, running, waiting for a retry) per (tier, tenant); the
+    /// tenant is `""` when the gateway is open. Counted as jobs are queued, re-driven,
+    /// finished and cancelled.
+    fn pending(&self) -> impl Future<Output = Result<Vec<((String, String), u64)>>> + Send;
+
+    /// The pending count of one (tier, tenant) pair.
+    fn pending_for(&self, tier: &str, tenant: &str) -> impl Future<Output = Result<u64>> + Send;
+
     /// Stores `value` under `key` for `ttl` (Batch API files and batches).
     fn put(
         &self,
@@ -132,10 +140,6 @@ pub trait JobStore: Send + Sync {
 
 /// The configured backend.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one store per process, made once at start-up and never moved"
-)]
 pub enum Store {
     /// In this process (standalone).
     Memory(MemoryStore),
@@ -194,6 +198,12 @@ impl JobStore for Store {
     }
     async fn purge(&self) -> Result<u64> {
         each!(self, s => s.purge().await)
+    }
+    async fn pending(&self) -> Result<Vec<((String, String), u64)>> {
+        each!(self, s => s.pending().await)
+    }
+    async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
+        each!(self, s => s.pending_for(tier, tenant).await)
     }
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
         each!(self, s => s.put(key, value, ttl).await)

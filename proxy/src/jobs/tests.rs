@@ -296,3 +296,34 @@ async fn a_dead_letter_outlives_the_result_ttl_for_its_retention() {
             .is_empty()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn pending_counts_follow_jobs_until_they_are_over() {
+    let store = MemoryStore::new();
+    let policy = policy();
+    let key = ("free".to_owned(), "acme".to_owned());
+    let a = store.submit(job()).await.unwrap();
+    store.submit(job()).await.unwrap();
+    assert_eq!(store.pending_for("free", "acme").await.unwrap(), 2);
+    // Running and retrying still count; finishing, dead-lettered, does not.
+    let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(claim.job.id, a.id);
+    let mut dead = claim.job.clone();
+    dead.status = Status::Failed;
+    dead.dead_letter = true;
+    assert!(
+        store
+            .save(&claim, &dead, Step::Finish, &policy)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.pending().await.unwrap(), vec![(key.clone(), 1)]);
+    // Re-driven, it counts again; cancelled, the other one stops counting.
+    assert_eq!(store.redrive(Some(&a.id)).await.unwrap(), 1);
+    assert_eq!(store.pending_for("free", "acme").await.unwrap(), 2);
+    let other = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    store.cancel(&other.job.id).await.unwrap();
+    store.cancel(&other.job.id).await.unwrap();
+    assert_eq!(store.pending_for("free", "acme").await.unwrap(), 1);
+    assert_eq!(store.pending_for("free", "globex").await.unwrap(), 0);
+}

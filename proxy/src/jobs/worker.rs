@@ -45,6 +45,9 @@ pub struct Workers {
     pub notifying: Arc<tokio::sync::Semaphore>,
 }
 
+/// How often the pending gauges are read from the store.
+pub const PENDING_EVERY: Duration = Duration::from_secs(2);
+
 /// Notifications (webhook and email, with their retries) in flight at most on one replica.
 pub const MAX_NOTIFYING: usize = 256;
 
@@ -61,6 +64,21 @@ impl Workers {
     /// Spawns `count` workers on its tasks, stopping when its `cancel` fires (a job being
     /// run is finished first).
     pub fn spawn(self, count: usize) {
+        let jobs = self.jobs.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            // The pending gauges, from the store's counts (shared ones with Redis).
+            let mut tick = tokio::time::interval(PENDING_EVERY);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Ok(counts) = jobs.store.pending().await {
+                    super::metrics::get().set_pending(&counts);
+                }
+            }
+        });
         for i in 0..count {
             let w = self.clone();
             let cancel = self.cancel.clone();

@@ -189,6 +189,30 @@ async fn accept(
             ));
         }
     }
+    if let Some(c) = caller
+        && jobs.max_pending_per_tenant > 0
+    {
+        let pending = jobs
+            .store
+            .pending_for(&tier, c.name())
+            .await
+            .map_err(store_error)?;
+        if pending >= jobs.max_pending_per_tenant {
+            // About when one of them ends, at this replica's pace.
+            let next = jobs
+                .estimated_start(1)
+                .saturating_sub(crate::jobs::now_ms());
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "too_many_pending_jobs",
+                format!(
+                    "{pending} jobs of yours are pending in tier {tier}, the most allowed (--job-max-pending-per-tenant): retry when some are over"
+                ),
+            )
+            .with_retry_after(Duration::from_millis(next.clamp(1000, 3_600_000))));
+        }
+    }
     let max_attempts = Policy::of(config, &tier).retry.max_attempts;
     if let Some(url) = &new.notify.webhook {
         crate::jobs::address::check(url, jobs.allow_internal_webhooks)
