@@ -268,12 +268,21 @@ pub struct Email {
     /// Sender address.
     #[schemars(length(min = 3, max = 254), regex(pattern = "^[^@\\s]+@[^@\\s]+$"))]
     pub from: String,
-    /// SMTP server `host:port`.
-    #[schemars(length(min = 1, max = 253))]
+    /// SMTP server `host:port` (587 for submission). The gateway always uses STARTTLS and
+    /// verifies the server's certificate for this host.
+    #[schemars(
+        length(min = 3, max = 260),
+        regex(pattern = "^(\\[[0-9A-Fa-f:.]+\\]|[^\\s:\\[\\]]+):[0-9]{1,5}$")
+    )]
     pub smtp_server: String,
-    /// SMTP credentials (`user:password`).
+    /// SMTP credentials: a Secret key whose value is `user:password` (split at the first
+    /// `:`). Sent only after STARTTLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretKeyRef>,
+    /// Extra CA certificates (PEM) trusted for the server's certificate, for a server with a
+    /// private CA; the system roots are trusted as well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
 }
 
 /// Retries of queued and async work.

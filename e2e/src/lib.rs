@@ -7,3 +7,4 @@ pub mod mock;
 pub mod proxy;
 pub mod python;
 pub mod redis;
+pub mod smtp;

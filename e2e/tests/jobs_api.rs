@@ -11,6 +11,7 @@ use bytes::Bytes;
 use floodgate_e2e::mock::{Fault, MockConfig, MockProviders, Provider};
 use floodgate_e2e::proxy::ProxyProcess;
 use floodgate_e2e::redis::RedisServer;
+use floodgate_e2e::smtp::{SinkOptions, SmtpSink};
 use floodgate_proxy::jobs::webhook;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
@@ -64,7 +65,43 @@ fn config(mock: &MockProviders, hook: &str) -> tempfile::TempDir {
 
 /// The config directory, the provider key allowing `rpm`.
 fn config_rpm(mock: &MockProviders, hook: &str, rpm: u32) -> tempfile::TempDir {
-    let yaml = format!(
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("all.yaml"), config_yaml(mock, hook, rpm)).unwrap();
+    dir
+}
+
+/// The config directory with the tier's email sent through `sink` (its CA trusted), logging
+/// in as `mailer` with `password`.
+fn config_email(
+    mock: &MockProviders,
+    hook: &str,
+    sink: &SmtpSink,
+    password: &str,
+) -> tempfile::TempDir {
+    let yaml = config_yaml(mock, hook, 1000).replacen(
+        "      webhook: {url:",
+        &format!(
+            "      email: {{from: \"floodgate@example.com\", smtpServer: \"{}\", credentialsSecretRef: {{name: smtp, key: login}}, caSecretRef: {{name: smtp, key: ca}}}}\n      webhook: {{url:",
+            sink.server()
+        ),
+        1,
+    );
+    let ca: String = sink
+        .ca_pem()
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect();
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: smtp}}\nstringData:\n  login: \"mailer:{password}\"\n  ca: |\n{ca}---\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("all.yaml"), format!("{secret}{yaml}")).unwrap();
+    dir
+}
+
+/// The gateway's resources: the provider key allowing `rpm`, the tier's webhook to `hook`.
+fn config_yaml(mock: &MockProviders, hook: &str, rpm: u32) -> String {
+    format!(
         r#"apiVersion: v1
 kind: Secret
 metadata: {{name: keys}}
@@ -103,17 +140,18 @@ metadata: {{name: globex}}
 spec: {{tier: free, keys: [{{name: main, secretRef: {{name: keys, key: globex}}}}]}}
 "#,
         base = mock.base_url()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("all.yaml"), yaml).unwrap();
-    dir
+    )
 }
 
 async fn start(dir: &tempfile::TempDir, extra: &[&str]) -> ProxyProcess {
+    start_logging(dir, extra, "info").await
+}
+
+async fn start_logging(dir: &tempfile::TempDir, extra: &[&str], log: &str) -> ProxyProcess {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut args = vec!["--config", dir.path().to_str().unwrap()];
     args.extend_from_slice(extra);
-    let env: [(&str, &OsStr); 1] = [("RUST_LOG", OsStr::new("info"))];
+    let env: [(&str, &OsStr); 1] = [("RUST_LOG", OsStr::new(log))];
     ProxyProcess::start(args, &env).await.unwrap()
 }
 
@@ -424,7 +462,8 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
 async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_once() {
     let redis = RedisServer::start().await.unwrap();
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, got) = receiver().await;
+    // The receiver sits 3 s on each delivery: A is killed while it notifies.
+    let (hook, got) = slow_receiver(Duration::from_secs(3)).await;
     let dir = config(&mock, &hook);
     let url = redis.url();
     let shared = ["--redis", url.as_str(), "--job-visibility-ms", "1000"];
@@ -433,21 +472,25 @@ async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_on
     let a = start(&dir, &args_a).await;
     let http = reqwest::Client::new();
 
-    // Eight slow jobs: A's four workers take four and hold them.
+    // Twelve slow jobs: A's four workers run four, notify of them (the receiver has the
+    // deliveries, unanswered) and run four more.
     let mut ids = Vec::new();
-    for i in 0..8 {
+    for i in 0..12 {
         let accepted = submit(&http, &a, ACME, &job("slow-2000", &format!("job {i}"))).await;
         ids.push(accepted["id"].as_str().unwrap().to_owned());
     }
-    until("A to hold four jobs", || async {
-        let mut running = 0;
-        for id in &ids {
-            if get(&http, &a, ACME, id).await.1["status"] == "running" {
-                running += 1;
+    until(
+        "A to hold four running jobs and four notifications",
+        || async {
+            let mut running = 0;
+            for id in &ids {
+                if get(&http, &a, ACME, id).await.1["status"] == "running" {
+                    running += 1;
+                }
             }
-        }
-        (running == 4).then_some(())
-    })
+            (running == 4 && got.lock().unwrap().len() == 4).then_some(())
+        },
+    )
     .await;
     a.stop().await.unwrap(); // SIGKILL
 
@@ -456,19 +499,26 @@ async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_on
         let done = finished(&http, &b, id).await;
         assert_eq!(done["status"], "completed", "{done}");
     }
-    // Every caller told exactly once.
-    let delivered = until("eight webhooks", || async {
+    // Every caller told exactly once: the four A was telling when it died are not told
+    // again by B, which reclaims their entries.
+    let delivered = until("twelve webhooks", || async {
         let d = verified_deliveries(&got);
-        (d.len() >= 8).then_some(d)
+        (d.len() >= 12).then_some(d)
     })
     .await;
     let mut per_job: HashMap<String, usize> = HashMap::new();
     for (id, _) in &delivered {
         *per_job.entry(id.clone()).or_default() += 1;
     }
-    assert_eq!(per_job.len(), 8);
+    assert_eq!(per_job.len(), 12);
     assert!(per_job.values().all(|n| *n == 1), "{per_job:?}");
-    assert!(b.log().iter().any(|l| l.contains("reclaimed a job")));
+    let log = b.log();
+    assert!(log.iter().any(|l| l.contains("reclaimed a job")));
+    let suppressed = log.iter().filter(|l| l.contains("not told again")).count();
+    assert!(
+        suppressed >= 4,
+        "B skipped A's four notifications: {suppressed}"
+    );
     b.stop().await.unwrap();
 }
 
@@ -814,5 +864,560 @@ async fn a_replica_starts_with_redis_unreachable_and_answers_jobs_503_meanwhile(
         .await
         .unwrap();
     assert_eq!(chat.status(), 200);
+    proxy.stop().await.unwrap();
+}
+
+const SMTP_PASSWORD: &str = "smtp-pw-e2e-7f3a";
+
+async fn sink(starttls: bool) -> SmtpSink {
+    SmtpSink::start(SinkOptions {
+        user: "mailer".to_owned(),
+        password: SMTP_PASSWORD.to_owned(),
+        starttls,
+    })
+    .await
+    .unwrap()
+}
+
+fn email_job(text: &str, to: &str) -> Value {
+    let mut body = job("gpt-4o", text);
+    body["notify"] = json!({"email": to});
+    body
+}
+
+/// The job's email tries: their outcomes, once `n` are recorded.
+async fn email_tries(
+    http: &reqwest::Client,
+    proxy: &ProxyProcess,
+    id: &str,
+    n: usize,
+) -> Vec<String> {
+    until(&format!("{n} email tries on {id}"), || async {
+        let (_, job) = get(http, proxy, ACME, id).await;
+        let tries: Vec<String> = job["deliveries"]
+            .as_array()?
+            .iter()
+            .filter(|d| d["channel"] == "email")
+            .map(|d| d["outcome"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        (tries.len() >= n).then_some(tries)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_job_asking_for_email_gets_one_over_starttls_naming_its_id_and_outcome() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let smtp = sink(true).await;
+    let dir = config_email(&mock, &hook, &smtp, SMTP_PASSWORD);
+    let proxy = start_logging(&dir, &[], "debug").await;
+    let http = reqwest::Client::new();
+
+    let id = submit(
+        &http,
+        &proxy,
+        ACME,
+        &email_job("mail me", "alice@example.com"),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(finished(&http, &proxy, &id).await["status"], "completed");
+    assert_eq!(email_tries(&http, &proxy, &id, 1).await, ["delivered"]);
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1);
+    let mail = &mails[0];
+    assert_eq!(mail.to, ["alice@example.com"]);
+    assert_eq!(mail.from, "floodgate@example.com");
+    assert_eq!(mail.user, "mailer");
+    assert!(mail.tls, "sent after STARTTLS");
+    assert!(
+        mail.data
+            .contains(&format!("Subject: [floodgate] job {id} completed")),
+        "{}",
+        mail.data
+    );
+    assert!(
+        mail.data
+            .contains(&format!("Job: {id}\r\nOutcome: completed")),
+        "{}",
+        mail.data
+    );
+    // Logged in once, over TLS, never in plain text.
+    assert_eq!(smtp.refused_plain(), 0);
+    let logins = smtp.logins();
+    assert!(
+        logins.len() == 1 && logins[0].accepted && logins[0].tls,
+        "{logins:?}"
+    );
+
+    // A failed job is told too, with its error.
+    mock.set_fault(Provider::OpenAi, Fault::Status(500));
+    let failed = submit(&http, &proxy, ACME, &email_job("doomed", "bob@example.com")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(finished(&http, &proxy, &failed).await["status"], "failed");
+    assert_eq!(email_tries(&http, &proxy, &failed, 1).await, ["delivered"]);
+    let mails = smtp.mails();
+    let told = mails.iter().find(|m| m.to == ["bob@example.com"]).unwrap();
+    assert!(
+        told.data
+            .contains(&format!("Subject: [floodgate] job {failed} failed"))
+    );
+    assert!(
+        told.data
+            .contains("Outcome: failed\r\nAttempts: 3\r\nError: "),
+        "{}",
+        told.data
+    );
+
+    // Bad addresses are a 400 naming the field.
+    let r = http
+        .post(proxy.url("/v1/jobs"))
+        .bearer_auth(ACME)
+        .json(&email_job("x", "not an address"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_email", "{body}");
+    assert!(!proxy.log().iter().any(|l| l.contains(SMTP_PASSWORD)));
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_smtp_credentials_are_recorded_as_failed_deliveries_retried_and_never_logged() {
+    const WRONG: &str = "wrong-pw-e2e-91c2";
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let smtp = sink(true).await;
+    let dir = config_email(&mock, &hook, &smtp, WRONG);
+    let proxy = start_logging(&dir, &[], "debug").await;
+    let http = reqwest::Client::new();
+    let id = submit(
+        &http,
+        &proxy,
+        ACME,
+        &email_job("mail me", "alice@example.com"),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(finished(&http, &proxy, &id).await["status"], "completed");
+    // Three tries (the TierQueue's maxAttempts), each refused by the server's 535.
+    let tries = email_tries(&http, &proxy, &id, 3).await;
+    assert_eq!(tries, ["smtp_535", "smtp_535", "smtp_535"]);
+    let (_, job) = get(&http, &proxy, ACME, &id).await;
+    let at = |i: usize| {
+        job["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["channel"] == "email")
+            .nth(i)
+            .unwrap()["at_ms"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(at(1) - at(0) >= 1000, "backoff between tries: {job}");
+    let logins = smtp.logins();
+    assert_eq!(logins.len(), 3, "{logins:?}");
+    assert!(
+        logins
+            .iter()
+            .all(|l| l.tls && !l.accepted && l.user == "mailer")
+    );
+    assert!(smtp.mails().is_empty());
+    let metrics = http
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("floodgate_jobs_email_deliveries_total{outcome=\"failed\"} 3"),
+        "{metrics}"
+    );
+    let log = proxy.log();
+    assert!(log.iter().any(|l| l.contains("email not delivered")));
+    assert!(
+        !log.iter()
+            .any(|l| l.contains(WRONG) || l.contains(SMTP_PASSWORD))
+    );
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_that_offers_no_starttls_gets_no_credentials_and_no_mail() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let smtp = sink(false).await;
+    let dir = config_email(&mock, &hook, &smtp, SMTP_PASSWORD);
+    let proxy = start(&dir, &[]).await;
+    let http = reqwest::Client::new();
+    let id = submit(
+        &http,
+        &proxy,
+        ACME,
+        &email_job("mail me", "alice@example.com"),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tries = email_tries(&http, &proxy, &id, 3).await;
+    assert_eq!(tries, ["error", "error", "error"]);
+    assert!(smtp.logins().is_empty(), "{:?}", smtp.logins());
+    assert_eq!(smtp.refused_plain(), 0);
+    assert!(smtp.mails().is_empty());
+    proxy.stop().await.unwrap();
+}
+
+/// A webhook receiver that records each POST when it arrives and answers it `delay` later.
+async fn slow_receiver(delay: Duration) -> (String, Received) {
+    let got: Received = Arc::default();
+    let store = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let store = store.clone();
+            async move {
+                store.lock().unwrap().push((headers, body));
+                tokio::time::sleep(delay).await;
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), got)
+}
+
+#[tokio::test]
+async fn a_jobs_own_webhook_into_the_gateways_network_is_refused_unless_allowed() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (tier_hook, _) = receiver().await;
+    let (own_hook, got) = receiver().await;
+    let dir = config(&mock, &tier_hook);
+    let http = reqwest::Client::new();
+    let with_hook = |url: &str| {
+        let mut body = job("gpt-4o", "own hook");
+        body["notify"] = json!({"webhook": url});
+        body
+    };
+    let proxy = start(&dir, &[]).await;
+    for url in [
+        own_hook.as_str(),
+        "http://localhost:9/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.0.0.1/hook",
+        "http://[::1]:9/hook",
+    ] {
+        let r = http
+            .post(proxy.url("/v1/jobs"))
+            .bearer_auth(ACME)
+            .json(&with_hook(url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{url}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_webhook", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("`notify.webhook`"),
+            "{body}"
+        );
+    }
+    proxy.stop().await.unwrap();
+    // With the opt-in, the loopback receiver is told.
+    let proxy = start(&dir, &["--job-webhook-private-addresses"]).await;
+    let id = submit(&http, &proxy, ACME, &with_hook(&own_hook)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let delivered = until("the job's own webhook", || async {
+        let d = verified_deliveries(&got);
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(delivered[0].0, id);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cancelled_job_is_told_by_webhook_and_event_stream() {
+    cancelled_job_is_told(&[]).await;
+}
+
+#[tokio::test]
+async fn a_cancelled_job_in_redis_is_told_by_webhook_and_event_stream() {
+    let redis = RedisServer::start().await.unwrap();
+    cancelled_job_is_told(&["--redis", &redis.url()]).await;
+}
+
+async fn cancelled_job_is_told(extra: &[&str]) {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, got) = receiver().await;
+    let dir = config(&mock, &hook);
+    let proxy = start(&dir, extra).await;
+    let http = reqwest::Client::new();
+    // One job cancelled while it runs, one while it waits for its retry.
+    let running = submit(&http, &proxy, ACME, &job("slow-2000", "cancel me")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let events = http
+        .get(proxy.url(&format!("/v1/jobs/{running}/events")))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap();
+    until("the job to run", || async {
+        (get(&http, &proxy, ACME, &running).await.1["status"] == "running").then_some(())
+    })
+    .await;
+    let cancel = |id: String| {
+        let http = http.clone();
+        let url = proxy.url(&format!("/v1/jobs/{id}"));
+        async move {
+            let r = http.delete(url).bearer_auth(ACME).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    cancel(running.clone()).await;
+    let mut body = String::new();
+    let mut stream = events.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+        body.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let names: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names.last(), Some(&"cancelled"), "{body}");
+
+    mock.set_fault(Provider::OpenAi, Fault::Status(500));
+    let retrying = submit(&http, &proxy, ACME, &job("gpt-4o", "retry then cancel")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    until("the job to wait for its retry", || async {
+        (get(&http, &proxy, ACME, &retrying).await.1["status"] == "retrying").then_some(())
+    })
+    .await;
+    cancel(retrying.clone()).await;
+
+    let told = until("two job.cancelled webhooks", || async {
+        let d = verified_deliveries(&got);
+        (d.len() >= 2).then_some(d)
+    })
+    .await;
+    let mut told: Vec<(String, Value)> = told
+        .into_iter()
+        .map(|(id, body)| (id, body["type"].clone()))
+        .collect();
+    told.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut want = vec![
+        (running, json!("job.cancelled")),
+        (retrying, json!("job.cancelled")),
+    ];
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(told, want);
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_webhook_receiver_holds_no_worker() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, got) = slow_receiver(Duration::from_secs(6)).await;
+    let dir = config(&mock, &hook);
+    let proxy = start(&dir, &["--job-workers", "1"]).await;
+    let http = reqwest::Client::new();
+    let first = submit(&http, &proxy, ACME, &job("gpt-4o", "first")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    until("the first webhook to arrive", || async {
+        (!got.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    // The only worker is free while the receiver sits on the first delivery.
+    let second = submit(&http, &proxy, ACME, &job("gpt-4o", "second")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let t = Instant::now();
+    assert_eq!(
+        finished(&http, &proxy, &second).await["status"],
+        "completed"
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    // The first delivery is still in flight (its tries are recorded when it ends).
+    let (_, first) = get(&http, &proxy, ACME, &first).await;
+    assert_eq!(first["deliveries"], json!([]), "{first}");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_dead_letters_outlive_the_result_ttl_and_a_redrive_never_drops_one_it_cannot_queue() {
+    use floodgate_proxy::jobs::{Job, JobStore as _, Policy, Status, Step, redis::RedisStore};
+    let redis = RedisServer::start().await.unwrap();
+    let url = floodgate_proxy::secret::SecretString::new(redis.url());
+    let store = RedisStore::new(&url, Duration::from_secs(30)).unwrap();
+    let policy = Policy {
+        retry: floodgate_proxy::jobs::retry::Backoff {
+            max_attempts: 3,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(2),
+        },
+        dead_letters: true,
+        retention: Duration::from_secs(7 * 86_400),
+        result_ttl: Duration::from_secs(60),
+    };
+    let request = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]});
+    let job = Job::new(Some("acme".to_owned()), "free".to_owned(), request, 3);
+    let job = store.submit(job).await.unwrap();
+    let claim = store.claim("w", WAIT).await.unwrap().unwrap();
+    let mut dead = claim.job.clone();
+    dead.status = Status::Failed;
+    dead.attempts = 3;
+    dead.dead_letter = true;
+    assert!(
+        store
+            .save(&claim, &dead, Step::Finish, &policy)
+            .await
+            .unwrap()
+    );
+    store.ack(&claim).await.unwrap();
+
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("floodgate:{{jobs}}:job:{}", job.id);
+    // Kept for the dead letters' retention, not the result TTL.
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 60 && ttl <= 7 * 86_400, "TTL {ttl}");
+
+    // A job that cannot be read is not re-driven, and stays a dead letter.
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("job")
+        .arg("{not json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(store.redrive(Some(&job.id)).await.is_err());
+    let dead_len = |mut conn: redis::aio::MultiplexedConnection| async move {
+        redis::cmd("XLEN")
+            .arg("floodgate:{jobs}:dead")
+            .query_async::<u64>(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(dead_len(conn.clone()).await, 1);
+    // Mended, it is re-driven once: a second re-drive finds nothing.
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("job")
+        .arg(serde_json::to_string(&dead).unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(store.redrive(Some(&job.id)).await.unwrap(), 1);
+    assert_eq!(store.redrive(Some(&job.id)).await.unwrap(), 0);
+    assert_eq!(dead_len(conn.clone()).await, 0);
+    let again = store.claim("w", WAIT).await.unwrap().unwrap();
+    assert_eq!(again.job.id, job.id);
+    assert_eq!((again.job.status, again.job.attempts), (Status::Queued, 0));
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ttl, -1, "a queued job does not expire");
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_pending_jobs_bound_gets_429_and_the_backlog_is_a_gauge() {
+    pending_bound(&[]).await;
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_pending_jobs_bound_in_redis_gets_429_and_the_backlog_is_a_gauge() {
+    let redis = RedisServer::start().await.unwrap();
+    pending_bound(&["--redis", &redis.url()]).await;
+}
+
+async fn pending_bound(extra: &[&str]) {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config(&mock, &hook);
+    let mut args = extra.to_vec();
+    // No worker here: the jobs stay queued.
+    args.extend(["--job-workers", "0", "--job-max-pending-per-tenant", "2"]);
+    let proxy = start(&dir, &args).await;
+    let http = reqwest::Client::new();
+    let post = |key: &'static str| {
+        http.post(proxy.url("/v1/jobs"))
+            .bearer_auth(key)
+            .json(&job("gpt-4o", "queued"))
+            .send()
+    };
+    let first = post(ACME).await.unwrap().json::<Value>().await.unwrap();
+    assert_eq!(post(ACME).await.unwrap().status(), 202);
+    let refused = post(ACME).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_pending_jobs", "{body}");
+    // Another tenant has a bound of its own.
+    assert_eq!(post(GLOBEX).await.unwrap().status(), 202);
+    // The backlog by tier and tenant.
+    let gauge = |text: &str, tenant: &str| -> Option<u64> {
+        let line = format!("floodgate_jobs_pending{{tier=\"free\",tenant=\"{tenant}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    until("the pending gauges", || async {
+        let text = http
+            .get(proxy.admin_url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (gauge(&text, "acme") == Some(2) && gauge(&text, "globex") == Some(1)).then_some(())
+    })
+    .await;
+    // A cancelled job is over: room for one more.
+    let id = first["id"].as_str().unwrap();
+    let r = http
+        .delete(proxy.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(post(ACME).await.unwrap().status(), 202);
+    assert_eq!(post(ACME).await.unwrap().status(), 429);
     proxy.stop().await.unwrap();
 }

@@ -131,6 +131,20 @@ struct Args {
     #[arg(long, env = "FLOODGATE_JOB_VISIBILITY_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(300..))]
     job_visibility_ms: u64,
+    /// Let a job's own webhook (`notify.webhook`, a tenant's input) point at private,
+    /// loopback and link-local addresses. Off, such URLs are refused with a 400 and, for host
+    /// names, again when they resolve at delivery (no requests into the gateway's network).
+    #[arg(long, env = "FLOODGATE_JOB_WEBHOOK_PRIVATE_ADDRESSES")]
+    job_webhook_private_addresses: bool,
+    /// The most jobs one tenant may have pending (queued, running or waiting for a retry,
+    /// Batch API lines included) before `POST /v1/jobs` answers 429 with `retry-after`.
+    /// 0: no bound.
+    #[arg(
+        long,
+        env = "FLOODGATE_JOB_MAX_PENDING_PER_TENANT",
+        default_value_t = 10_000
+    )]
+    job_max_pending_per_tenant: u64,
     /// Threads serving requests, each with its own single-threaded runtime (default: the
     /// CPUs this process may use). Configuration watching runs on the main thread.
     #[arg(long, env = "FLOODGATE_WORKERS")]
@@ -420,22 +434,38 @@ async fn start_jobs(
             jobs::Store::Memory(jobs::memory::MemoryStore::new())
         }
     };
-    let jobs = jobs::Jobs::new(store, args.job_workers);
+    let jobs = jobs::Jobs::bounded(
+        store,
+        args.job_workers,
+        args.job_webhook_private_addresses,
+        args.job_max_pending_per_tenant,
+    );
+    let webhook_client = || {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+    };
     let workers = jobs::worker::Workers {
         jobs: jobs.clone(),
         dispatcher: state.dispatcher.clone(),
         identity: state.identity.clone(),
         // Webhooks are not followed through redirects: a receiver cannot send the signed
         // delivery on to another host.
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .redirect(reqwest::redirect::Policy::none())
+        http: webhook_client()
+            .build()
+            .context("cannot build the webhook client")?,
+        // Tenants' own webhook URLs: names resolving inside are refused.
+        guarded_http: webhook_client()
+            .dns_resolver(Arc::new(jobs::address::PublicResolver))
             .build()
             .context("cannot build the webhook client")?,
         consumer: format!("{}-{}", hostname(), std::process::id()),
         keep_every: visibility / 3,
+        tasks: tasks.clone(),
+        cancel: cancel.clone(),
+        notifying: Arc::new(tokio::sync::Semaphore::new(jobs::worker::MAX_NOTIFYING)),
     };
-    workers.spawn(args.job_workers, tasks, cancel);
+    workers.spawn(args.job_workers);
     Ok(jobs)
 }
 

@@ -64,6 +64,7 @@ pub fn initial_config() -> Config {
         tenants: Vec::new(),
         routing: Default::default(),
         webhook_secrets: Default::default(),
+        email: Default::default(),
     }
 }
 

@@ -119,6 +119,9 @@ pub struct Config {
     /// Webhook signing secrets by tier name (the TierQueue's
     /// `tiers[].async.webhook.signingSecretRef`), for the jobs' notifications.
     pub webhook_secrets: std::collections::HashMap<String, SecretString>,
+    /// SMTP settings by tier name (the TierQueue's `tiers[].async.email`, its Secrets
+    /// resolved), for the jobs' email notifications.
+    pub email: std::collections::HashMap<String, crate::jobs::email::Smtp>,
 }
 
 /// One tenant, ready to identify callers.
@@ -265,12 +268,18 @@ impl Config {
             .first()
             .map(|tq| resolve_webhook_secrets(tq, secrets, &mut errors))
             .unwrap_or_default();
+        let email = resources
+            .tier_queues
+            .first()
+            .map(|tq| resolve_email(tq, secrets, &mut errors))
+            .unwrap_or_default();
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         Ok(Config {
             tenants,
             webhook_secrets,
+            email,
             pools,
             tier_queue: resources.tier_queues.into_iter().next().map(|s| s.resource),
             cache_policy: resources
@@ -295,9 +304,12 @@ impl Config {
         if let Some(tq) = &self.tier_queue {
             let name = kube::ResourceExt::name_any(tq);
             for (i, t) in tq.spec.tiers.iter().enumerate() {
-                if t.async_.as_ref().is_some_and(|a| a.email.is_some()) {
+                let Some(a) = t.async_.as_ref() else { continue };
+                if a.notify
+                    .contains(&floodgate_crds::tier::NotifyChannel::Email)
+                {
                     out.push(format!(
-                        "TierQueue/{name}: spec.tiers[{i}].async.email is accepted but not acted on yet (job email is not built)"
+                        "TierQueue/{name}: spec.tiers[{i}].async.notify lists email, but a tier has no address to write to: only jobs that give `notify.email` are emailed"
                     ));
                 }
             }
@@ -395,6 +407,104 @@ fn resolve_webhook_secrets(
                     secrets::env_var_name(&r.name, &r.key),
                 ),
             }),
+        }
+    }
+    out
+}
+
+/// The SMTP settings of each tier of `tq` that has `async.email`, with their Secrets.
+fn resolve_email(
+    tq: &Sourced<TierQueue>,
+    secrets: &dyn SecretLookup,
+    errors: &mut Vec<ConfigError>,
+) -> std::collections::HashMap<String, crate::jobs::email::Smtp> {
+    use crate::jobs::email;
+    let mut out = std::collections::HashMap::new();
+    let resource = Some(format!(
+        "TierQueue/{}",
+        kube::ResourceExt::name_any(&tq.resource)
+    ));
+    for (i, tier) in tq.resource.spec.tiers.iter().enumerate() {
+        let Some(e) = tier.async_.as_ref().and_then(|a| a.email.as_ref()) else {
+            continue;
+        };
+        let mut error = |field: &str, message: String| {
+            errors.push(ConfigError {
+                origin: tq.origin.clone(),
+                resource: resource.clone(),
+                field: format!("spec.tiers[{i}].async.email.{field}"),
+                message,
+            })
+        };
+        let missing = |r: &floodgate_crds::common::SecretKeyRef| {
+            format!(
+                "Secret {:?} has no key {:?} (looked in Secret manifests, {}, and the secrets directory)",
+                r.name,
+                r.key,
+                secrets::env_var_name(&r.name, &r.key),
+            )
+        };
+        let server = email::host_port(&e.smtp_server);
+        if server.is_none() {
+            error(
+                "smtpServer",
+                format!("{:?} is not host:port", e.smtp_server),
+            );
+        }
+        if !email::valid_address(&e.from) {
+            error("from", format!("{:?} is not an email address", e.from));
+        }
+        let credentials = match &e.credentials_secret_ref {
+            None => None,
+            Some(r) => match secrets.lookup(&r.name, &r.key) {
+                None => {
+                    error("credentialsSecretRef", missing(r));
+                    None
+                }
+                Some(value) => {
+                    let split = email::credentials(&value);
+                    if split.is_none() {
+                        // The value itself is never shown.
+                        error(
+                            "credentialsSecretRef",
+                            format!("Secret {:?} key {:?} is not `user:password`", r.name, r.key),
+                        );
+                    }
+                    split
+                }
+            },
+        };
+        let ca_pem = match &e.ca_secret_ref {
+            None => None,
+            Some(r) => match secrets.lookup(&r.name, &r.key) {
+                None => {
+                    error("caSecretRef", missing(r));
+                    None
+                }
+                Some(pem) if !pem.expose().contains("-----BEGIN CERTIFICATE-----") => {
+                    error(
+                        "caSecretRef",
+                        format!(
+                            "Secret {:?} key {:?} is not a PEM certificate",
+                            r.name, r.key
+                        ),
+                    );
+                    None
+                }
+                Some(pem) => Some(pem.expose().to_owned()),
+            },
+        };
+        if let Some((host, port)) = server {
+            out.insert(
+                tier.name.clone(),
+                email::Smtp {
+                    host,
+                    port,
+                    from: e.from.clone(),
+                    credentials,
+                    ca_pem,
+                },
+            );
         }
     }
     out

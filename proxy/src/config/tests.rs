@@ -362,3 +362,70 @@ fn tenants_in_cluster_mode_are_named_with_their_namespace() {
     let config = Config::resolve(resources, &secrets).unwrap();
     assert_eq!(&*config.tenants[0].name, "team-a/acme");
 }
+
+fn email_tier(email: &str) -> String {
+    format!(
+        "apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {{name: tiers}}\nspec:\n  tiers:\n  - name: free\n    class: batch\n    maxWaitMs: 1000\n    batch: {{size: 1, intervalSeconds: 1}}\n    async: {{email: {email}}}\n"
+    )
+}
+
+#[test]
+fn a_tiers_email_settings_resolve_with_their_secrets() {
+    let smtp = "apiVersion: v1\nkind: Secret\nmetadata: {name: smtp}\nstringData: {login: \"mailer:pa:ss-e2e\"}\n";
+    let tier = email_tier(
+        "{from: a@example.com, smtpServer: \"smtp.example.com:587\", credentialsSecretRef: {name: smtp, key: login}}",
+    );
+    let dir = dir_with(&[
+        ("pool.yaml", POOL),
+        ("s.yaml", SECRET),
+        ("smtp.yaml", smtp),
+        ("t.yaml", &tier),
+    ]);
+    let config = load(&dir).unwrap();
+    let e = &config.email["free"];
+    assert_eq!(
+        (e.host.as_str(), e.port, e.from.as_str()),
+        ("smtp.example.com", 587, "a@example.com")
+    );
+    let (user, password) = e.credentials.as_ref().unwrap();
+    assert_eq!((user.as_str(), password.expose()), ("mailer", "pa:ss-e2e"));
+    assert!(e.ca_pem.is_none());
+}
+
+#[test]
+fn bad_email_settings_name_their_field_and_never_the_credentials() {
+    let smtp = "apiVersion: v1\nkind: Secret\nmetadata: {name: smtp}\nstringData: {login: no-colon-secret-value, ca: not-a-pem}\n";
+    let tier = email_tier(
+        "{from: a@example.com, smtpServer: \"smtp.example.com:587\", credentialsSecretRef: {name: smtp, key: login}, caSecretRef: {name: smtp, key: ca}}",
+    );
+    let dir = dir_with(&[
+        ("pool.yaml", POOL),
+        ("s.yaml", SECRET),
+        ("smtp.yaml", smtp),
+        ("t.yaml", &tier),
+    ]);
+    let errors = load(&dir).unwrap_err().0;
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.tiers[0].async.email.credentialsSecretRef",
+            "spec.tiers[0].async.email.caSecretRef"
+        ]
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| !e.to_string().contains("no-colon-secret-value"))
+    );
+    // A missing Secret names the reference.
+    let dir = dir_with(&[("pool.yaml", POOL), ("s.yaml", SECRET), ("t.yaml", &tier)]);
+    let errors = load(&dir).unwrap_err().0;
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("FLOODGATE_SECRET_SMTP_LOGIN"),
+        "{}",
+        errors[0]
+    );
+}

@@ -31,6 +31,8 @@ struct Inner {
     reported: HashMap<String, Option<Instant>>,
     /// Jobs held by a worker.
     claimed: HashSet<String>,
+    /// Jobs not over yet per (tier, tenant).
+    pending: HashMap<(String, String), u64>,
     /// Batch API files and batches: value and when it is forgotten.
     kv: HashMap<String, (String, Instant)>,
     next_seq: u64,
@@ -68,8 +70,28 @@ impl Inner {
         }
     }
 
+    fn pending_up(&mut self, job: &Job) {
+        *self.pending.entry(job.pending_key()).or_default() += 1;
+    }
+
+    fn pending_down(&mut self, job: &Job) {
+        let key = job.pending_key();
+        if let Some(n) = self.pending.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending.remove(&key);
+            }
+        }
+    }
+
+    /// Forgets jobs past their TTL, and with them their dead letters and "reported" marks
+    /// (a mark whose lease still runs is kept).
     fn forget_expired(&mut self, now: Instant) {
         self.jobs.retain(|_, s| s.expires.is_none_or(|e| e > now));
+        let jobs = &self.jobs;
+        self.reported
+            .retain(|id, lease| jobs.contains_key(id) || lease.is_some_and(|until| until > now));
+        self.dead.retain(|(id, _)| jobs.contains_key(id));
     }
 }
 
@@ -77,6 +99,12 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many "reported" marks are kept (bounded by the jobs kept).
+    #[cfg(test)]
+    pub(crate) fn reported_marks(&self) -> usize {
+        self.lock().reported.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -90,6 +118,7 @@ impl JobStore for MemoryStore {
             let mut inner = self.lock();
             inner.forget_expired(Instant::now());
             job.seq = inner.enqueue(&job.id);
+            inner.pending_up(&job);
             inner.jobs.insert(
                 job.id.clone(),
                 Stored {
@@ -129,8 +158,10 @@ impl JobStore for MemoryStore {
                     let Some(stored) = inner.jobs.get(&id) else {
                         continue;
                     };
-                    if stored.job.status.is_terminal() {
-                        continue; // cancelled while queued
+                    // Over already; but a job cancelled while queued is handed over once so
+                    // that its caller is told.
+                    if stored.job.status.is_terminal() && stored.job.status != Status::Cancelled {
+                        continue;
                     }
                     let job = stored.job.clone();
                     inner.claimed.insert(id.clone());
@@ -175,10 +206,17 @@ impl JobStore for MemoryStore {
                     inner.delayed.push((now + delay, job.id.clone()));
                 }
                 Step::Finish => {
-                    stored.expires = Some(now + policy.result_ttl);
+                    // A dead letter is kept for the dead letters' retention, when longer.
+                    let kept = if job.dead_letter {
+                        policy.result_ttl.max(policy.retention)
+                    } else {
+                        policy.result_ttl
+                    };
+                    stored.expires = Some(now + kept);
                     if job.dead_letter {
                         inner.dead.push((job.id.clone(), now));
                     }
+                    inner.pending_down(job);
                 }
             }
         }
@@ -198,14 +236,26 @@ impl JobStore for MemoryStore {
         let Some(stored) = inner.jobs.get_mut(id) else {
             return Ok(None);
         };
-        if !stored.job.status.is_terminal() {
+        let over = stored.job.status.is_terminal();
+        if !over {
             stored.job.status = Status::Cancelled;
             stored.job.finished_ms = Some(super::now_ms());
             stored.job.next_attempt_ms = None;
             stored.expires = Some(Instant::now() + super::CANCELLED_KEPT);
         }
         let job = stored.job.clone();
+        if !over {
+            inner.pending_down(&job);
+        }
+        // A job waiting for its retry goes back to the queue, cancelled, for a worker to tell
+        // its caller.
+        let waiting = inner.delayed.len();
         inner.delayed.retain(|(_, d)| d != id);
+        if inner.delayed.len() < waiting {
+            inner.enqueue(id);
+            drop(inner);
+            self.ready.notify_one();
+        }
         Ok(Some(job))
     }
 
@@ -220,6 +270,10 @@ impl JobStore for MemoryStore {
                 Ok(true)
             }
         }
+    }
+
+    async fn reported(&self, id: &str) -> Result<bool> {
+        Ok(matches!(self.lock().reported.get(id), Some(None)))
     }
 
     async fn end_report(&self, job: &Job, _policy: &Policy) -> Result<()> {
@@ -258,6 +312,8 @@ impl JobStore for MemoryStore {
                     stored.job.reset();
                     stored.job.seq = seq;
                     stored.expires = None;
+                    let job = stored.job.clone();
+                    inner.pending_up(&job);
                     n += 1;
                 }
             }
@@ -274,6 +330,20 @@ impl JobStore for MemoryStore {
         let n = inner.dead.len() as u64;
         inner.dead.clear();
         Ok(n)
+    }
+
+    async fn pending(&self) -> Result<Vec<((String, String), u64)>> {
+        Ok(self
+            .lock()
+            .pending
+            .iter()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect())
+    }
+
+    async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
+        let key = (tier.to_owned(), tenant.to_owned());
+        Ok(self.lock().pending.get(&key).copied().unwrap_or(0))
     }
 
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {

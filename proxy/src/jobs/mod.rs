@@ -9,13 +9,16 @@
 //!   [`pipeline::chat`](crate::pipeline::chat) in the tenant's tier, retry failures with
 //!   exponential backoff ([`retry`], from the TierQueue's `retry`), and dead-letter a job
 //!   whose attempts are spent.
-//! - [`webhook`]: the signed notification sent when a job completes or finally fails.
+//! - [`webhook`]: the signed notification sent when a job completes or finally fails;
+//!   [`email`]: the same news by email (SMTP with STARTTLS).
 //!
 //! Work is done at least once and reported once: a job's outcome is written before its
 //! queue entry is acknowledged, and its notification is sent by whoever first takes the
 //! job's "reported" mark (`SET NX` in Redis), which is made permanent only after delivery.
 
+pub mod address;
 pub mod batch;
+pub mod email;
 pub mod memory;
 pub mod metrics;
 pub mod redis;
@@ -81,7 +84,8 @@ pub struct Notify {
     /// settings (their signing secret signs it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<String>,
-    /// Address told by email (accepted; email is not built yet).
+    /// Address told by email ([`email`]). Needs a tier with email settings (their SMTP
+    /// server sends it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
 }
@@ -112,12 +116,27 @@ pub struct AttemptRecord {
     pub provider: Option<String>,
 }
 
-/// One webhook delivery attempt.
+/// How a caller is notified.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    /// A signed POST ([`webhook`]).
+    #[default]
+    Webhook,
+    /// An email over SMTP ([`email`]).
+    Email,
+}
+
+/// One notification try (webhook or email).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delivery {
     /// Unix milliseconds it was sent.
     pub at_ms: u64,
-    /// `delivered`, `http_<status>`, or `error` (no answer).
+    /// Which channel (jobs stored before email existed have webhook deliveries only).
+    #[serde(default)]
+    pub channel: Channel,
+    /// `delivered`; a webhook's `http_<status>`, an email's `smtp_<code>`; or `error` (no
+    /// answer).
     pub outcome: String,
 }
 
@@ -171,7 +190,7 @@ pub struct Job {
     /// Unix milliseconds of its next attempt, while retrying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_ms: Option<u64>,
-    /// Webhook deliveries, oldest first.
+    /// Notification tries (webhook and email), oldest first.
     #[serde(default)]
     pub deliveries: Vec<Delivery>,
     /// Its place in the queue's order (set by the store when queued).
@@ -213,6 +232,12 @@ impl Job {
             deferrals: 0,
             seq: 0,
         }
+    }
+
+    /// Its (tier, tenant) pair, as the pending counts key it (the tenant `""` when the
+    /// gateway is open).
+    pub fn pending_key(&self) -> (String, String) {
+        (self.tier.clone(), self.tenant.clone().unwrap_or_default())
     }
 
     /// Whether `tenant` may see this job (the same tenant; any caller when the gateway is
@@ -303,16 +328,36 @@ pub struct Jobs {
     pub store: Store,
     /// Workers on this replica (for the estimated start).
     pub workers: usize,
+    /// Whether a job's own webhook may point at internal addresses ([`address`];
+    /// `--job-webhook-private-addresses`).
+    pub allow_internal_webhooks: bool,
+    /// The most jobs one tenant may have pending (not over) in its tier; 0: no bound
+    /// (`--job-max-pending-per-tenant`).
+    pub max_pending_per_tenant: u64,
     /// Mean run time of this replica's attempts, in milliseconds (for the estimated start).
     mean_run_ms: AtomicU64,
 }
 
 impl Jobs {
-    /// The subsystem over `store` with `workers` workers.
-    pub fn new(store: Store, workers: usize) -> Arc<Self> {
+    /// The subsystem over `store` with `workers` workers; jobs' webhooks may point at
+    /// internal addresses when `allow_internal_webhooks`.
+    pub fn new(store: Store, workers: usize, allow_internal_webhooks: bool) -> Arc<Self> {
+        Self::bounded(store, workers, allow_internal_webhooks, 0)
+    }
+
+    /// [`Jobs::new`], each tenant allowed at most `max_pending_per_tenant` pending jobs
+    /// (0: no bound).
+    pub fn bounded(
+        store: Store,
+        workers: usize,
+        allow_internal_webhooks: bool,
+        max_pending_per_tenant: u64,
+    ) -> Arc<Self> {
         Arc::new(Jobs {
             store,
             workers: workers.max(1),
+            allow_internal_webhooks,
+            max_pending_per_tenant,
             mean_run_ms: AtomicU64::new(1000),
         })
     }

@@ -9,6 +9,7 @@
 //! | `floodgate:{jobs}:job:<id>` | hash | `job` (JSON), `status`, `seq`, `cancelled` (Unix ms) |
 //! | `floodgate:{jobs}:reported:<id>` | string | who notifies (a lease), then `done` |
 //! | `floodgate:{jobs}:seq`, `:delivered` | counters | the queue's order, for positions |
+//! | `floodgate:{jobs}:pending` | hash | jobs not over yet per `<tier>\t<tenant>` (field `pending` of a job names its own) |
 //! | `floodgate:{jobs}:kv:<file or batch id>` | string | Batch API files and batches (JSON), with a TTL |
 //!
 //! A worker first takes an entry whose claim has been idle for the visibility timeout
@@ -39,30 +40,35 @@ const JOB: &str = "floodgate:{jobs}:job:";
 const REPORTED: &str = "floodgate:{jobs}:reported:";
 const GROUP: &str = "workers";
 const KV: &str = "floodgate:{jobs}:kv:";
+const PENDING: &str = "floodgate:{jobs}:pending";
+
+/// The field of [`PENDING`] that counts `job`.
+fn pending_field(job: &Job) -> String {
+    let (tier, tenant) = job.pending_key();
+    format!("{tier}\t{tenant}")
+}
 
 /// Queues a job: the next seq, the job's fields, a stream entry.
 const ENQUEUE: &str = r"
 local seq = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[3], 'job', ARGV[2], 'status', ARGV[3], 'seq', seq)
+redis.call('HSET', KEYS[3], 'job', ARGV[2], 'status', ARGV[3], 'seq', seq, 'pending', ARGV[4])
+redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
 redis.call('HDEL', KEYS[3], 'cancelled')
 redis.call('PERSIST', KEYS[3])
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'seq', seq)
 return seq
 ";
 
-/// Moves retries that are due (score <= ARGV[1]) to the stream.
+/// Moves one due retry to the stream: KEYS[4] is its job (ARGV[1] its id), read by the
+/// caller from the delayed set first, so that every key the script touches is declared.
+/// Removed from the set only if still there (another replica may have moved it).
 const PROMOTE: &str = r"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
-for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[1], id)
-  local key = ARGV[2] .. id
-  if redis.call('HGET', key, 'status') == 'retrying' then
-    local seq = redis.call('INCR', KEYS[3])
-    redis.call('HSET', key, 'seq', seq)
-    redis.call('XADD', KEYS[2], '*', 'id', id, 'seq', seq)
-  end
-end
-return #due
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[4], 'status') ~= 'retrying' then return 0 end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[4], 'seq', seq)
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'seq', seq)
+return 1
 ";
 
 /// Writes a claimed job unless it is over already (cancelled, or finished by another holder
@@ -78,21 +84,48 @@ if ARGV[3] == 'retry' then
   redis.call('XACK', KEYS[2], 'workers', ARGV[4])
   redis.call('XDEL', KEYS[2], ARGV[4])
 elseif ARGV[3] == 'finish' then
+  local field = redis.call('HGET', KEYS[1], 'pending')
+  if field and tonumber(redis.call('HGET', KEYS[5], field) or '0') > 0 then
+    redis.call('HINCRBY', KEYS[5], field, -1)
+  end
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   if ARGV[8] == '1' then redis.call('XADD', KEYS[4], '*', 'id', ARGV[6]) end
 end
 return 1
 ";
 
-/// Cancels a job that has not finished; it is kept for ARGV[3] seconds, like a result.
+/// Cancels a job that has not finished; it is kept for ARGV[3] seconds, like a result. A job
+/// waiting for its retry goes back to the queue (KEYS[3]), cancelled, for a worker to tell
+/// its caller; a queued or running one has its entry already.
 const CANCEL: &str = r"
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 0 end
 if s == 'queued' or s == 'retrying' or s == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled', ARGV[2])
-  redis.call('ZREM', KEYS[2], ARGV[1])
+  local field = redis.call('HGET', KEYS[1], 'pending')
+  if field and tonumber(redis.call('HGET', KEYS[4], field) or '0') > 0 then
+    redis.call('HINCRBY', KEYS[4], field, -1)
+  end
+  if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
+    redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'seq', redis.call('HGET', KEYS[1], 'seq') or 0)
+  end
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
+return 1
+";
+
+/// Re-drives a dead letter in one step: drops its dead entry (ARGV[1]) and, only if that
+/// entry was still there, writes the reset job, forgets who reported it, and queues it, so a
+/// replica that dies half-way cannot lose it and two admins cannot queue it twice.
+const REDRIVE: &str = r"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[4], 'job', ARGV[3], 'status', 'queued', 'seq', seq, 'pending', ARGV[4])
+redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
+redis.call('HDEL', KEYS[4], 'cancelled')
+redis.call('PERSIST', KEYS[4])
+redis.call('DEL', KEYS[5])
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'seq', seq)
 return 1
 ";
 
@@ -120,6 +153,7 @@ pub struct RedisStore {
     save: redis::Script,
     cancel: redis::Script,
     delivered: redis::Script,
+    redrive: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -144,6 +178,7 @@ impl RedisStore {
             save: redis::Script::new(SAVE),
             cancel: redis::Script::new(CANCEL),
             delivered: redis::Script::new(DELIVERED_UP_TO),
+            redrive: redis::Script::new(REDRIVE),
         })
     }
 
@@ -240,9 +275,11 @@ impl RedisStore {
             .key(QUEUE)
             .key(SEQ)
             .key(format!("{JOB}{}", job.id))
+            .key(PENDING)
             .arg(&job.id)
             .arg(json)
             .arg(job.status.as_str())
+            .arg(pending_field(job))
             .invoke_async(&mut conn)
             .await?;
         Ok(seq)
@@ -251,15 +288,26 @@ impl RedisStore {
     /// The entry `XAUTOCLAIM` or `XREADGROUP` handed over: (entry id, job id).
     async fn next_entry(&self, consumer: &str, wait: Duration) -> Result<Option<(String, String)>> {
         let mut conn = self.conn().await?;
-        let _: u64 = self
-            .promote
-            .key(DELAYED)
-            .key(QUEUE)
-            .key(SEQ)
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(DELAYED)
+            .arg("-inf")
             .arg(super::now_ms())
-            .arg(JOB)
-            .invoke_async(&mut conn)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(100)
+            .query_async(&mut conn)
             .await?;
+        for id in due {
+            let _: u64 = self
+                .promote
+                .key(DELAYED)
+                .key(QUEUE)
+                .key(SEQ)
+                .key(format!("{JOB}{id}"))
+                .arg(&id)
+                .invoke_async(&mut conn)
+                .await?;
+        }
         let reclaimed: Value = redis::cmd("XAUTOCLAIM")
             .arg(QUEUE)
             .arg(GROUP)
@@ -438,19 +486,26 @@ impl JobStore for RedisStore {
             Step::Retry { delay } => ("retry", super::now_ms() + delay.as_millis() as u64),
             Step::Finish => ("finish", 0),
         };
+        // A dead letter is kept for the dead letters' retention, when longer.
+        let kept = if job.dead_letter {
+            policy.result_ttl.max(policy.retention)
+        } else {
+            policy.result_ttl
+        };
         let written: u64 = self
             .save
             .key(format!("{JOB}{}", job.id))
             .key(QUEUE)
             .key(DELAYED)
             .key(DEAD)
+            .key(PENDING)
             .arg(serde_json::to_string(job)?)
             .arg(job.status.as_str())
             .arg(name)
             .arg(&claim.entry)
             .arg(due)
             .arg(&job.id)
-            .arg(policy.result_ttl.as_secs().max(1))
+            .arg(kept.as_secs().max(1))
             .arg(if job.dead_letter { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
@@ -467,6 +522,8 @@ impl JobStore for RedisStore {
             .cancel
             .key(format!("{JOB}{id}"))
             .key(DELAYED)
+            .key(QUEUE)
+            .key(PENDING)
             .arg(id)
             .arg(super::now_ms())
             .arg(super::CANCELLED_KEPT.as_secs())
@@ -486,6 +543,15 @@ impl JobStore for RedisStore {
             .query_async(&mut conn)
             .await?;
         Ok(set.is_some())
+    }
+
+    async fn reported(&self, id: &str) -> Result<bool> {
+        let mut conn = self.conn().await?;
+        let mark: Option<String> = redis::cmd("GET")
+            .arg(format!("{REPORTED}{id}"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(mark.as_deref() == Some("done"))
     }
 
     async fn end_report(&self, job: &Job, policy: &Policy) -> Result<()> {
@@ -530,25 +596,28 @@ impl JobStore for RedisStore {
             if id.is_some_and(|id| id != dead_id) {
                 continue;
             }
-            let mut conn = self.conn().await?;
-            let removed: u64 = redis::cmd("XDEL")
-                .arg(DEAD)
-                .arg(&entry)
-                .query_async(&mut conn)
-                .await?;
-            if removed == 0 {
-                continue; // another admin re-drove it meanwhile
-            }
+            // The job is read before its dead entry is touched: a job that cannot be read
+            // stays a dead letter.
             let Some(mut job) = self.load(&dead_id).await? else {
                 continue;
             };
             job.reset();
-            let _: Value = redis::cmd("DEL")
-                .arg(format!("{REPORTED}{dead_id}"))
-                .query_async(&mut conn)
+            let mut conn = self.conn().await?;
+            let queued: u64 = self
+                .redrive
+                .key(DEAD)
+                .key(QUEUE)
+                .key(SEQ)
+                .key(format!("{JOB}{dead_id}"))
+                .key(format!("{REPORTED}{dead_id}"))
+                .key(PENDING)
+                .arg(&entry)
+                .arg(&dead_id)
+                .arg(serde_json::to_string(&job)?)
+                .arg(pending_field(&job))
+                .invoke_async(&mut conn)
                 .await?;
-            self.enqueue(&job).await?;
-            n += 1;
+            n += queued; // 0: another admin re-drove it meanwhile
         }
         Ok(n)
     }
@@ -563,6 +632,32 @@ impl JobStore for RedisStore {
             .query_async(&mut conn)
             .await?;
         Ok(n)
+    }
+
+    async fn pending(&self) -> Result<Vec<((String, String), u64)>> {
+        let mut conn = self.conn().await?;
+        let all: Vec<(String, i64)> = redis::cmd("HGETALL")
+            .arg(PENDING)
+            .query_async(&mut conn)
+            .await?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(field, n)| {
+                let (tier, tenant) = field.split_once('\t').unwrap_or((field.as_str(), ""));
+                ((tier.to_owned(), tenant.to_owned()), n as u64)
+            })
+            .collect())
+    }
+
+    async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
+        let mut conn = self.conn().await?;
+        let n: Option<i64> = redis::cmd("HGET")
+            .arg(PENDING)
+            .arg(format!("{tier}\t{tenant}"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(n.unwrap_or(0).max(0) as u64)
     }
 
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {

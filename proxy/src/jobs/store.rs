@@ -101,6 +101,10 @@ pub trait JobStore: Send + Sync {
     /// or already notified.
     fn begin_report(&self, id: &str, lease: Duration) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Whether the caller of job `id` was told for good ([`JobStore::end_report`]), as
+    /// opposed to someone holding the lease now.
+    fn reported(&self, id: &str) -> impl Future<Output = Result<bool>> + Send;
+
     /// Records the deliveries of `job` and marks it reported for good.
     fn end_report(&self, job: &Job, policy: &Policy) -> impl Future<Output = Result<()>> + Send;
 
@@ -113,6 +117,14 @@ pub trait JobStore: Send + Sync {
 
     /// Drops every dead letter (the jobs stay readable, failed, until their TTL); how many.
     fn purge(&self) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Jobs not over yet (queued, running, waiting for a retry) per (tier, tenant); the
+    /// tenant is `""` when the gateway is open. Counted as jobs are queued, re-driven,
+    /// finished and cancelled.
+    fn pending(&self) -> impl Future<Output = Result<Vec<((String, String), u64)>>> + Send;
+
+    /// The pending count of one (tier, tenant) pair.
+    fn pending_for(&self, tier: &str, tenant: &str) -> impl Future<Output = Result<u64>> + Send;
 
     /// Stores `value` under `key` for `ttl` (Batch API files and batches).
     fn put(
@@ -172,6 +184,9 @@ impl JobStore for Store {
     async fn begin_report(&self, id: &str, lease: Duration) -> Result<bool> {
         each!(self, s => s.begin_report(id, lease).await)
     }
+    async fn reported(&self, id: &str) -> Result<bool> {
+        each!(self, s => s.reported(id).await)
+    }
     async fn end_report(&self, job: &Job, policy: &Policy) -> Result<()> {
         each!(self, s => s.end_report(job, policy).await)
     }
@@ -183,6 +198,12 @@ impl JobStore for Store {
     }
     async fn purge(&self) -> Result<u64> {
         each!(self, s => s.purge().await)
+    }
+    async fn pending(&self) -> Result<Vec<((String, String), u64)>> {
+        each!(self, s => s.pending().await)
+    }
+    async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
+        each!(self, s => s.pending_for(tier, tenant).await)
     }
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
         each!(self, s => s.put(key, value, ttl).await)

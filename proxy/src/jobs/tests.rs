@@ -82,12 +82,33 @@ async fn a_retry_is_claimable_exactly_when_its_delay_ends() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_cancelled_job_is_never_claimed_and_a_running_one_is_not_overwritten() {
+async fn a_cancelled_job_is_handed_over_once_to_be_told_and_a_running_one_is_not_overwritten() {
     let store = MemoryStore::new();
     let queued = store.submit(job()).await.unwrap();
     let cancelled = store.cancel(&queued.id).await.unwrap().unwrap();
     assert_eq!(cancelled.status, Status::Cancelled);
+    // Handed over cancelled (for its caller to be told), once; never to be run.
+    let told = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(told.job.status, Status::Cancelled);
+    store.ack(&told).await.unwrap();
     assert!(store.claim("w", Duration::ZERO).await.unwrap().is_none());
+
+    // Cancelled while waiting for its retry: back in the queue at once, cancelled.
+    let retried = store.submit(job()).await.unwrap();
+    let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    let mut j = claim.job.clone();
+    j.status = Status::Retrying;
+    let step = Step::Retry {
+        delay: Duration::from_secs(60),
+    };
+    assert!(store.save(&claim, &j, step, &policy()).await.unwrap());
+    store.cancel(&retried.id).await.unwrap();
+    let told = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(
+        (told.job.id.as_str(), told.job.status),
+        (retried.id.as_str(), Status::Cancelled)
+    );
+    store.ack(&told).await.unwrap();
 
     let running = store.submit(job()).await.unwrap();
     let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
@@ -151,7 +172,12 @@ async fn only_one_reports_until_the_lease_ends_and_none_after_it_is_done() {
     tokio::time::advance(lease).await;
     // The first notifier died: the next one takes over.
     assert!(store.begin_report(&j.id, lease).await.unwrap());
+    assert!(
+        !store.reported(&j.id).await.unwrap(),
+        "a lease, not told yet"
+    );
     store.end_report(&j, &policy()).await.unwrap();
+    assert!(store.reported(&j.id).await.unwrap());
     tokio::time::advance(lease * 10).await;
     assert!(!store.begin_report(&j.id, lease).await.unwrap());
 }
@@ -196,4 +222,108 @@ async fn a_cancelled_job_is_forgotten_after_it_was_kept_a_day() {
     assert!(store.get(&queued.id).await.unwrap().is_some(), "kept");
     tokio::time::advance(Duration::from_millis(1)).await;
     assert!(store.get(&queued.id).await.unwrap().is_none(), "forgotten");
+}
+
+/// Runs `job` to its end (failed and dead-lettered when `dead`) and reports it.
+async fn finish_and_report(store: &MemoryStore, policy: &Policy, dead: bool) -> Job {
+    let submitted = store.submit(job()).await.unwrap();
+    let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    let mut over = claim.job.clone();
+    over.status = if dead {
+        Status::Failed
+    } else {
+        Status::Completed
+    };
+    over.dead_letter = dead;
+    assert!(
+        store
+            .save(&claim, &over, Step::Finish, policy)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .begin_report(&submitted.id, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    store.end_report(&over, policy).await.unwrap();
+    store.ack(&claim).await.unwrap();
+    over
+}
+
+#[tokio::test(start_paused = true)]
+async fn reported_marks_are_forgotten_with_their_jobs() {
+    let store = MemoryStore::new();
+    let policy = policy();
+    for _ in 0..10 {
+        finish_and_report(&store, &policy, false).await;
+    }
+    assert_eq!(store.reported_marks(), 10);
+    // Past the result TTL the jobs are forgotten, and their marks with them: the marks are
+    // bounded by the jobs kept, not by every job ever reported.
+    tokio::time::advance(policy.result_ttl).await;
+    finish_and_report(&store, &policy, false).await;
+    assert_eq!(store.reported_marks(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_letter_outlives_the_result_ttl_for_its_retention() {
+    let store = MemoryStore::new();
+    let policy = Policy {
+        result_ttl: Duration::from_secs(60),
+        retention: Duration::from_secs(7 * 86_400),
+        ..policy()
+    };
+    let dead = finish_and_report(&store, &policy, true).await;
+    let done = finish_and_report(&store, &policy, false).await;
+    tokio::time::advance(policy.result_ttl).await;
+    // The completed job is gone after its TTL; the dead letter stays, readable.
+    assert!(store.get(&done.id).await.unwrap().is_none());
+    let letters = store.dead_letters(policy.retention).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id, dead.id);
+    assert!(store.get(&dead.id).await.unwrap().is_some());
+    // Until the end of its retention exactly.
+    tokio::time::advance(policy.retention - policy.result_ttl - Duration::from_millis(1)).await;
+    assert_eq!(store.dead_letters(policy.retention).await.unwrap().len(), 1);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(
+        store
+            .dead_letters(policy.retention)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn pending_counts_follow_jobs_until_they_are_over() {
+    let store = MemoryStore::new();
+    let policy = policy();
+    let key = ("free".to_owned(), "acme".to_owned());
+    let a = store.submit(job()).await.unwrap();
+    store.submit(job()).await.unwrap();
+    assert_eq!(store.pending_for("free", "acme").await.unwrap(), 2);
+    // Running and retrying still count; finishing, dead-lettered, does not.
+    let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(claim.job.id, a.id);
+    let mut dead = claim.job.clone();
+    dead.status = Status::Failed;
+    dead.dead_letter = true;
+    assert!(
+        store
+            .save(&claim, &dead, Step::Finish, &policy)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.pending().await.unwrap(), vec![(key.clone(), 1)]);
+    // Re-driven, it counts again; cancelled, the other one stops counting.
+    assert_eq!(store.redrive(Some(&a.id)).await.unwrap(), 1);
+    assert_eq!(store.pending_for("free", "acme").await.unwrap(), 2);
+    let other = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    store.cancel(&other.job.id).await.unwrap();
+    store.cancel(&other.job.id).await.unwrap();
+    assert_eq!(store.pending_for("free", "acme").await.unwrap(), 1);
+    assert_eq!(store.pending_for("free", "globex").await.unwrap(), 0);
 }

@@ -100,14 +100,15 @@ pub fn body(job: &Job) -> Vec<u8> {
 }
 
 /// Delivers `job`'s outcome to `url`, signed with `secret` (unsigned without one), retrying
-/// on `backoff`; records every try on `job`. Whether it was delivered.
+/// on `backoff`; every try, in order.
 pub async fn deliver(
     http: &reqwest::Client,
     url: &str,
     secret: Option<&SecretString>,
     backoff: Backoff,
-    job: &mut Job,
-) -> bool {
+    job: &Job,
+) -> Vec<Delivery> {
+    let mut tries = Vec::new();
     let payload = body(job);
     for attempt in 1..=backoff.max_attempts {
         let timestamp = now_ms() / 1000;
@@ -143,12 +144,13 @@ pub async fn deliver(
         } else {
             "refused"
         });
-        job.deliveries.push(Delivery {
+        tries.push(Delivery {
             at_ms: now_ms(),
+            channel: super::Channel::Webhook,
             outcome,
         });
         if delivered {
-            return true;
+            return tries;
         }
         match backoff.after(attempt) {
             Some(delay) if retry => tokio::time::sleep(delay).await,
@@ -156,7 +158,7 @@ pub async fn deliver(
         }
     }
     tracing::warn!(job = %job.id, "webhook not delivered");
-    false
+    tries
 }
 
 #[cfg(test)]

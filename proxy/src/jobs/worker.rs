@@ -25,13 +25,31 @@ pub struct Workers {
     pub dispatcher: Arc<Dispatcher>,
     /// Finds a job's tenant by name.
     pub identity: Arc<Identity>,
-    /// Sends webhooks.
+    /// Sends webhooks to the TierQueue's URLs (and to jobs' own URLs when internal addresses
+    /// are allowed).
     pub http: reqwest::Client,
+    /// Sends webhooks to jobs' own URLs: refuses names that resolve to internal addresses
+    /// ([`super::address::PublicResolver`]).
+    pub guarded_http: reqwest::Client,
     /// This replica's consumer name prefix (unique per process).
     pub consumer: String,
     /// How often a running job's claim is kept alive.
     pub keep_every: Duration,
+    /// Where notifications run (the process's tasks), so shutdown waits for them.
+    pub tasks: TaskTracker,
+    /// Stops the workers; a notification still retrying is given up, unacknowledged (its
+    /// job is reclaimed by another replica).
+    pub cancel: CancellationToken,
+    /// Bounds the notifications in flight on this replica ([`MAX_NOTIFYING`]): past it, a
+    /// worker waits for one to end before it takes the next job.
+    pub notifying: Arc<tokio::sync::Semaphore>,
 }
+
+/// How often the pending gauges are read from the store.
+pub const PENDING_EVERY: Duration = Duration::from_secs(2);
+
+/// Notifications (webhook and email, with their retries) in flight at most on one replica.
+pub const MAX_NOTIFYING: usize = 256;
 
 /// A failed attempt: what to record, and whether another attempt may mend it.
 struct Failure {
@@ -43,14 +61,30 @@ struct Failure {
 }
 
 impl Workers {
-    /// Spawns `count` workers on `tasks`, stopping when `cancel` fires (a job being run is
-    /// finished first).
-    pub fn spawn(self, count: usize, tasks: &TaskTracker, cancel: &CancellationToken) {
+    /// Spawns `count` workers on its tasks, stopping when its `cancel` fires (a job being
+    /// run is finished first).
+    pub fn spawn(self, count: usize) {
+        let jobs = self.jobs.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            // The pending gauges, from the store's counts (shared ones with Redis).
+            let mut tick = tokio::time::interval(PENDING_EVERY);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Ok(counts) = jobs.store.pending().await {
+                    super::metrics::get().set_pending(&counts);
+                }
+            }
+        });
         for i in 0..count {
             let w = self.clone();
-            let cancel = cancel.clone();
+            let cancel = self.cancel.clone();
             let consumer = format!("{}-{i}", self.consumer);
-            tasks.spawn(async move { w.run(consumer, cancel).await });
+            self.tasks
+                .spawn(async move { w.run(consumer, cancel).await });
         }
     }
 
@@ -87,13 +121,12 @@ impl Workers {
         let config = self.dispatcher.config();
         let policy = Policy::of(&config, &claim.job.tier);
         let mut job = claim.job.clone();
-        if job.status == Status::Cancelled {
-            return store.ack(claim).await;
-        }
         if job.status.is_terminal() {
-            // Its previous holder wrote the outcome and died before acknowledging.
-            self.report(&mut job, &config, &policy).await?;
-            return store.ack(claim).await;
+            // Cancelled while queued or waiting for a retry (its entry came back to be told),
+            // or its previous holder wrote the outcome and died before acknowledging.
+            return self
+                .notify_and_ack(claim, consumer, job, config, policy)
+                .await;
         }
         if job.attempts >= job.max_attempts {
             // Every attempt allowed was started by a replica that died during it: a job that
@@ -107,7 +140,7 @@ impl Workers {
             });
             job.status = Status::Failed;
             job.dead_letter = policy.dead_letters;
-            return self.finish(claim, job, &config, &policy).await;
+            return self.finish(claim, consumer, job, config, policy).await;
         }
         let queued_since = job.next_attempt_ms.unwrap_or(job.created_ms);
         job.status = Status::Running;
@@ -115,7 +148,7 @@ impl Workers {
         job.started_ms = Some(now_ms());
         job.next_attempt_ms = None;
         if !store.save(claim, &job, Step::Start, &policy).await? {
-            return store.ack(claim).await;
+            return self.refused(claim, consumer, config, policy).await;
         }
         let m = super::metrics::get();
         m.state("running");
@@ -164,7 +197,7 @@ impl Workers {
                     {
                         m.state("retrying");
                     } else {
-                        store.ack(claim).await?;
+                        self.refused(claim, consumer, config, policy).await?;
                     }
                     return Ok(());
                 }
@@ -172,30 +205,92 @@ impl Workers {
                 job.dead_letter = policy.dead_letters;
             }
         }
-        self.finish(claim, job, &config, &policy).await
+        self.finish(claim, consumer, job, config, policy).await
     }
 
-    /// Writes a job that is over, notifies its caller, and acknowledges its claim.
+    /// Writes a job that is over, then notifies its caller and acknowledges its claim.
     async fn finish(
         &self,
         claim: &Claim,
+        consumer: &str,
         mut job: super::Job,
-        config: &Config,
-        policy: &Policy,
+        config: Arc<Config>,
+        policy: Policy,
     ) -> Result<(), super::StoreError> {
         let store = &self.jobs.store;
         let m = super::metrics::get();
         job.finished_ms = Some(now_ms());
-        if !store.save(claim, &job, Step::Finish, policy).await? {
-            return store.ack(claim).await;
+        if !store.save(claim, &job, Step::Finish, &policy).await? {
+            return self.refused(claim, consumer, config, policy).await;
         }
         m.state(job.status.as_str());
         if job.dead_letter {
             m.dead_letters.inc();
             tracing::warn!(job = %job.id, tier = %job.tier, attempts = job.attempts, "job dead-lettered");
         }
-        self.report(&mut job, config, policy).await?;
-        store.ack(claim).await
+        self.notify_and_ack(claim, consumer, job, config, policy)
+            .await
+    }
+
+    /// Notifies the caller of `job` (over) and then acknowledges `claim`, in a task of its
+    /// own that keeps the claim alive: a slow or failing receiver, and the backoff between
+    /// its tries, hold neither a worker nor the claim's visibility timeout. The worker waits
+    /// only for a slot when [`MAX_NOTIFYING`] are in flight. A job asking for no
+    /// notification is acknowledged at once.
+    async fn notify_and_ack(
+        &self,
+        claim: &Claim,
+        consumer: &str,
+        mut job: super::Job,
+        config: Arc<Config>,
+        policy: Policy,
+    ) -> Result<(), super::StoreError> {
+        if webhook_target(&job, &config).is_none() && email_target(&job, &config).is_none() {
+            return self.jobs.store.ack(claim).await;
+        }
+        let Ok(slot) = self.notifying.clone().acquire_owned().await else {
+            return Ok(()); // closed: shutting down; the claim is reclaimed elsewhere
+        };
+        let w = self.clone();
+        let claim = claim.clone();
+        let consumer = consumer.to_owned();
+        self.tasks.spawn(async move {
+            let _slot = slot;
+            let told = async {
+                if w.report(&mut job, &config, &policy).await? {
+                    w.jobs.store.ack(&claim).await?;
+                }
+                Ok::<_, super::StoreError>(())
+            };
+            let told = w.keep_alive(&claim, &consumer, told);
+            let result = tokio::select! {
+                () = w.cancel.cancelled() => return,
+                r = told => r,
+            };
+            if let Err(e) = result {
+                tracing::warn!(job = %claim.job.id, error = %e, "job store failed while notifying; the job will be reclaimed");
+            }
+        });
+        Ok(())
+    }
+
+    /// A save refused: the job is over already (cancelled while it ran, or finished by a
+    /// holder whose claim this one outlived). A cancelled one's caller is told (once, as
+    /// ever); then the claim is released.
+    async fn refused(
+        &self,
+        claim: &Claim,
+        consumer: &str,
+        config: Arc<Config>,
+        policy: Policy,
+    ) -> Result<(), super::StoreError> {
+        match self.jobs.store.get(&claim.job.id).await? {
+            Some(job) if job.status == Status::Cancelled => {
+                self.notify_and_ack(claim, consumer, job, config, policy)
+                    .await
+            }
+            _ => self.jobs.store.ack(claim).await,
+        }
     }
 
     /// Runs `work` while keeping `claim` alive.
@@ -296,22 +391,62 @@ impl Workers {
         }
     }
 
-    /// Tells the caller, if it asked and nobody has yet.
+    /// Tells the caller (webhook and/or email, both under one notification lease), if it
+    /// asked and nobody has yet. Whether the notification is settled (told now or before;
+    /// the claim may be acknowledged): `false` while another holder's lease runs, which may
+    /// have died mid-delivery, so the claim is left to lapse and the job is looked at again
+    /// once the lease is over.
     async fn report(
         &self,
         job: &mut super::Job,
         config: &Config,
         policy: &Policy,
-    ) -> Result<(), super::StoreError> {
-        let Some((url, secret)) = webhook_target(job, config) else {
-            return Ok(());
-        };
+    ) -> Result<bool, super::StoreError> {
+        let hook = webhook_target(job, config);
+        let mail = email_target(job, config);
+        if hook.is_none() && mail.is_none() {
+            return Ok(true);
+        }
         let lease = policy.retry.initial * 64 + Duration::from_secs(60);
         if !self.jobs.store.begin_report(&job.id, lease).await? {
-            return Ok(());
+            tracing::info!(job = %job.id, "its caller was told, or is being told, by another holder: not told again");
+            return self.jobs.store.reported(&job.id).await;
         }
-        webhook::deliver(&self.http, &url, secret.as_ref(), policy.retry, job).await;
-        self.jobs.store.end_report(job, policy).await
+        let sent: &super::Job = job;
+        let allow = self.jobs.allow_internal_webhooks;
+        let tenants_url = sent.notify.webhook.is_some();
+        let by_hook = async {
+            match &hook {
+                Some((url, _)) if tenants_url && super::address::check(url, allow).is_err() => {
+                    tracing::warn!(job = %sent.id, "webhook not sent: its URL points at an internal address");
+                    vec![super::Delivery {
+                        at_ms: now_ms(),
+                        channel: super::Channel::Webhook,
+                        outcome: "refused_address".to_owned(),
+                    }]
+                }
+                Some((url, secret)) => {
+                    let http = if tenants_url && !allow {
+                        &self.guarded_http
+                    } else {
+                        &self.http
+                    };
+                    webhook::deliver(http, url, secret.as_ref(), policy.retry, sent).await
+                }
+                None => Vec::new(),
+            }
+        };
+        let by_mail = async {
+            match &mail {
+                Some((to, smtp)) => super::email::deliver(smtp, to, policy.retry, sent).await,
+                None => Vec::new(),
+            }
+        };
+        let (hooks, mails) = tokio::join!(by_hook, by_mail);
+        job.deliveries.extend(hooks);
+        job.deliveries.extend(mails);
+        self.jobs.store.end_report(job, policy).await?;
+        Ok(true)
     }
 }
 
@@ -359,6 +494,14 @@ pub fn webhook_target(
         .map(|w| w.url.clone());
     let url = job.notify.webhook.clone().or(tier_url)?;
     Some((url, config.webhook_secrets.get(&job.tier).cloned()))
+}
+
+/// Where `job`'s email goes and through which server: the job's own address, through its
+/// tier's SMTP settings.
+pub fn email_target(job: &super::Job, config: &Config) -> Option<(String, super::email::Smtp)> {
+    let to = job.notify.email.clone()?;
+    let smtp = config.email.get(&job.tier)?.clone();
+    Some((to, smtp))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //!
 //! | method | path | what |
 //! |--------|------|------|
-//! | POST | `/v1/jobs` | `{"request": <chat request>, "notify"?: {"webhook"?}, "metadata"?: {}}` -> 202 `{id, object, status, position, estimated_start}` and `Location` |
+//! | POST | `/v1/jobs` | `{"request": <chat request>, "notify"?: {"webhook"?, "email"?}, "metadata"?: {}}` -> 202 `{id, object, status, position, estimated_start}` and `Location` |
 //! | GET | `/v1/jobs/{id}` | the job: status, attempts, history, result or error |
 //! | GET | `/v1/jobs/{id}/events` | Server-Sent Events: `queued`, `position`, `started`, `retrying`, `completed`, `failed`, `cancelled` |
 //! | DELETE | `/v1/jobs/{id}` | cancels it |
@@ -173,15 +173,50 @@ async fn accept(
             req.model.clone(),
         )));
     }
-    if new.notify.email.is_some() {
-        return Err(bad_request(
-            "unsupported_notification",
-            "`notify.email` is not available yet: use `notify.webhook` or the job's event stream",
-        ));
+    if let Some(address) = &new.notify.email {
+        if !crate::jobs::email::valid_address(address) {
+            return Err(bad_request(
+                "invalid_email",
+                "`notify.email` must be one email address (user@domain)",
+            ));
+        }
+        if !config.email.contains_key(&tier) {
+            return Err(bad_request(
+                "email_not_configured",
+                format!(
+                    "tier {tier} has no email settings (TierQueue tiers[].async.email), whose SMTP server sends the notification"
+                ),
+            ));
+        }
+    }
+    if let Some(c) = caller
+        && jobs.max_pending_per_tenant > 0
+    {
+        let pending = jobs
+            .store
+            .pending_for(&tier, c.name())
+            .await
+            .map_err(store_error)?;
+        if pending >= jobs.max_pending_per_tenant {
+            // About when one of them ends, at this replica's pace.
+            let next = jobs
+                .estimated_start(1)
+                .saturating_sub(crate::jobs::now_ms());
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "too_many_pending_jobs",
+                format!(
+                    "{pending} jobs of yours are pending in tier {tier}, the most allowed (--job-max-pending-per-tenant): retry when some are over"
+                ),
+            )
+            .with_retry_after(Duration::from_millis(next.clamp(1000, 3_600_000))));
+        }
     }
     let max_attempts = Policy::of(config, &tier).retry.max_attempts;
     if let Some(url) = &new.notify.webhook {
-        check_webhook(url)?;
+        crate::jobs::address::check(url, jobs.allow_internal_webhooks)
+            .map_err(|why| bad_request("invalid_webhook", format!("`notify.webhook` {why}")))?;
         let tier_has_webhook = config
             .tier_queue
             .as_ref()
@@ -208,20 +243,6 @@ async fn accept(
     let job = jobs.store.submit(job).await.map_err(store_error)?;
     crate::jobs::metrics::get().state("queued");
     Ok(job)
-}
-
-fn check_webhook(url: &str) -> Result<(), ApiError> {
-    let ok = reqwest::Url::parse(url)
-        .ok()
-        .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-    if ok {
-        Ok(())
-    } else {
-        Err(bad_request(
-            "invalid_webhook",
-            "`notify.webhook` must be an http(s) URL",
-        ))
-    }
 }
 
 /// 202 with the job's place and `Location`.
