@@ -480,9 +480,11 @@ impl Cache {
                     let Some(redis) = self.shared_flights(policy, remote_tries) else {
                         break (leader, None);
                     };
-                    match redis.lease(&key, shared::LEASE).await {
+                    let token = redis::flight_token();
+                    match redis.lease(&key, &token, shared::LEASE).await {
                         Ok(true) => {
-                            let mirror = shared::Mirror::start(redis, key, window, &self.tasks);
+                            let mirror =
+                                shared::Mirror::start(redis, (key, token), window, &self.tasks);
                             break (leader, Some(mirror));
                         }
                         Ok(false) => {

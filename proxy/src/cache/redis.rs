@@ -121,77 +121,132 @@ impl RedisStore {
     }
 }
 
-/// Where a flight shared across replicas lives: its lease, its log of entries, and the
-/// channel that says the log grew. The key's hex is a hash tag (`{...}`), so a Redis Cluster
-/// keeps the lease and the log in one slot (they are written in one pipeline).
-pub fn flight_keys(key: &Key) -> (String, String, String) {
+/// Where a flight shared across replicas lives: the lease of its key (holding the token of
+/// the flight that leads now), and the flight's own log of entries and channel, named by its
+/// token, so a follower never reads one flight's start and another's end. The key's hex is
+/// a hash tag (`{...}`): in a Redis Cluster the lease and the logs share one slot (the
+/// publish script touches both).
+pub fn flight_keys(key: &Key, token: &str) -> (String, String, String) {
     let hex = key.hex();
     (
         format!("floodgate:cache:flight:{{{hex}}}:lease"),
-        format!("floodgate:cache:flight:{{{hex}}}:log"),
-        format!("floodgate:cache:flight:{{{hex}}}"),
+        format!("floodgate:cache:flight:{{{hex}}}:log:{token}"),
+        format!("floodgate:cache:flight:{{{hex}}}:{token}"),
     )
 }
 
+/// A new flight's token: 16 random hex digits.
+pub fn flight_token() -> String {
+    use std::fmt::Write as _;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        // No system randomness: the time and a counter still differ per flight.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes = (t ^ n.rotate_left(48)).to_le_bytes();
+    }
+    bytes.iter().fold(String::with_capacity(16), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Appends an entry to a flight's log, keeps the log, renews (or on the last entry
+/// releases) the lease only while it is still this flight's, and says so on the channel.
+/// KEYS: lease, log. ARGV: entry, keep ms, token, lease ms, last (1/0), channel.
+const PUBLISH: &str = r"
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[3] then
+  if ARGV[5] == '1' then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  end
+end
+redis.call('PUBLISH', ARGV[6], 1)
+return 1
+";
+
 impl RedisStore {
-    /// Takes the lease on the flight of `key` for `ttl` if nobody holds it, and clears the
-    /// log of an earlier flight. True: this replica leads.
-    pub async fn lease(&self, key: &Key, ttl: Duration) -> Result<bool, RedisError> {
+    /// Takes the lease on the flight of `key` for `ttl` with `token` if nobody holds it.
+    /// True: this replica leads.
+    pub async fn lease(&self, key: &Key, token: &str, ttl: Duration) -> Result<bool, RedisError> {
         let mut conn = self.conn()?;
-        let (lease, log, _) = flight_keys(key);
-        let ms = ttl.as_millis().max(1) as u64;
+        let (lease, _, _) = flight_keys(key, token);
+        let (token, ms) = (token.to_owned(), ttl.as_millis().max(1) as u64);
         self.run(async move {
             let taken: Option<String> = redis::cmd("SET")
                 .arg(&lease)
-                .arg(1)
+                .arg(token)
                 .arg("NX")
                 .arg("PX")
                 .arg(ms)
                 .query_async(&mut conn)
                 .await?;
-            if taken.is_some() {
-                redis::cmd("DEL")
-                    .arg(&log)
-                    .query_async::<()>(&mut conn)
-                    .await?;
-            }
             Ok(taken.is_some())
         })
         .await
     }
 
+    /// The token of the flight that holds the lease of `key`, if any.
+    pub async fn lease_holder(&self, key: &Key) -> Result<Option<String>, RedisError> {
+        let mut conn = self.conn()?;
+        let (lease, _, _) = flight_keys(key, "");
+        self.run(async move {
+            redis::cmd("GET")
+                .arg(&lease)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+        })
+        .await
+    }
+
     /// Appends `entry` to the flight's log (kept `keep` after its last entry), renews the
-    /// lease for `lease`, says so on the channel; `last` releases the lease.
+    /// lease for `lease` while the flight holds it, says so on the channel; `last`
+    /// releases the lease (only the flight's own).
     pub async fn publish(
         &self,
-        key: &Key,
+        (key, token): (&Key, &str),
         entry: Vec<u8>,
         keep: Duration,
         lease: Duration,
         last: bool,
     ) -> Result<(), RedisError> {
         let mut conn = self.conn()?;
-        let (lease_key, log, channel) = flight_keys(key);
-        let (keep, lease) = (keep.as_millis().max(1) as u64, lease.as_millis() as u64);
+        let (lease_key, log, channel) = flight_keys(key, token);
+        let (keep, lease) = (
+            keep.as_millis().max(1) as u64,
+            lease.as_millis().max(1) as u64,
+        );
+        let token = token.to_owned();
         self.run(async move {
-            let mut pipe = redis::pipe();
-            pipe.cmd("RPUSH").arg(&log).arg(entry).ignore();
-            pipe.cmd("PEXPIRE").arg(&log).arg(keep).ignore();
-            if last {
-                pipe.cmd("DEL").arg(&lease_key).ignore();
-            } else {
-                pipe.cmd("PEXPIRE").arg(&lease_key).arg(lease).ignore();
-            }
-            pipe.cmd("PUBLISH").arg(&channel).arg(1).ignore();
-            pipe.query_async::<()>(&mut conn).await
+            redis::Script::new(PUBLISH)
+                .key(lease_key)
+                .key(log)
+                .arg(entry)
+                .arg(keep)
+                .arg(token)
+                .arg(lease)
+                .arg(u8::from(last))
+                .arg(channel)
+                .invoke_async::<()>(&mut conn)
+                .await
         })
         .await
     }
 
     /// The flight's log from entry `from` on.
-    pub async fn log(&self, key: &Key, from: usize) -> Result<Vec<Vec<u8>>, RedisError> {
+    pub async fn log(
+        &self,
+        (key, token): (&Key, &str),
+        from: usize,
+    ) -> Result<Vec<Vec<u8>>, RedisError> {
         let mut conn = self.conn()?;
-        let (_, log, _) = flight_keys(key);
+        let (_, log, _) = flight_keys(key, token);
         self.run(async move {
             redis::cmd("LRANGE")
                 .arg(&log)
@@ -203,22 +258,17 @@ impl RedisStore {
         .await
     }
 
-    /// Whether someone holds the flight's lease.
-    pub async fn leased(&self, key: &Key) -> Result<bool, RedisError> {
-        let mut conn = self.conn()?;
-        let (lease, _, _) = flight_keys(key);
-        self.run(async move {
-            redis::cmd("EXISTS")
-                .arg(&lease)
-                .query_async::<bool>(&mut conn)
-                .await
-        })
-        .await
+    /// Whether the flight `token` still holds the lease of `key`.
+    pub async fn leased(&self, (key, token): (&Key, &str)) -> Result<bool, RedisError> {
+        Ok(self.lease_holder(key).await?.as_deref() == Some(token))
     }
 
     /// A subscription to the flight's channel (a message each time its log grows).
-    pub async fn subscribe(&self, key: &Key) -> Result<redis::aio::PubSubStream, RedisError> {
-        let (_, _, channel) = flight_keys(key);
+    pub async fn subscribe(
+        &self,
+        (key, token): (&Key, &str),
+    ) -> Result<redis::aio::PubSubStream, RedisError> {
+        let (_, _, channel) = flight_keys(key, token);
         let connect = async {
             let mut pubsub = self.client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;

@@ -346,3 +346,20 @@ fn a_template_answers_the_last_user_message() {
     let (_, text) = template::answer(&t, &req).unwrap();
     assert_eq!(text, "Hello Ada!");
 }
+
+/// A flight's lease and log share a Redis Cluster slot (the publish script touches both),
+/// and each flight has a log of its own.
+#[test]
+fn a_flights_keys_share_one_hash_tag_and_its_log_is_its_own() {
+    let key = Key([5; 32]);
+    let (lease, log, _) = super::redis::flight_keys(&key, "t1");
+    let tag = |k: &str| {
+        let (start, end) = (k.find('{').unwrap(), k.find('}').unwrap());
+        k[start..=end].to_owned()
+    };
+    assert_eq!(tag(&lease), tag(&log));
+    assert_eq!(tag(&lease), format!("{{{}}}", key.hex()));
+    let (_, other, _) = super::redis::flight_keys(&key, "t2");
+    assert_ne!(log, other);
+    assert_ne!(super::redis::flight_token(), super::redis::flight_token());
+}

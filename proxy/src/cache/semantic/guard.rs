@@ -3,7 +3,9 @@
 //! paraphrases (`enable X` / `disable X`, `from A to B` / `from B to A`, `top 5` / `top
 //! 50`, `Austria` / `Australia`), so a candidate above the threshold is served only when
 //! the words that carry meaning are the same, in the same order. What may differ:
-//! - function words and phrasing (`how do I`, `what's the way to`, `please`, `okay so`);
+//! - function words, phrasing and conversational filler (`how do I`, `what's the way to`,
+//!   `please`, `okay so`, `hi`, `sorry to bother you, but`, `um`);
+//! - a phrase moved to the front and set off by a comma (`In the app, how do I ...?`);
 //! - case, punctuation and contractions (`what's` = `what is`, `don't` = `do not`);
 //! - spelling slips and inflections of ordinary words (`colection`, `refunds`), never of
 //!   a number, never of a name (a capitalised word inside the sentence), never a negating
@@ -41,158 +43,28 @@ impl Refusal {
 }
 
 /// Words that phrase a question without changing what it asks.
+#[rustfmt::skip]
 const FUNCTION_WORDS: &[&str] = &[
-    "a",
-    "an",
-    "the",
-    "i",
-    "me",
-    "my",
-    "mine",
-    "myself",
-    "we",
-    "us",
-    "our",
-    "you",
-    "your",
-    "it",
-    "its",
-    "this",
-    "that",
-    "these",
-    "those",
-    "there",
-    "here",
-    "is",
-    "are",
-    "was",
-    "were",
-    "be",
-    "been",
-    "being",
-    "am",
-    "do",
-    "does",
-    "did",
-    "doing",
-    "done",
-    "can",
-    "could",
-    "would",
-    "will",
-    "shall",
-    "may",
-    "might",
-    "must",
-    "should",
-    "have",
-    "has",
-    "had",
-    "what",
-    "whats",
-    "how",
-    "hows",
-    "which",
-    "please",
-    "pls",
-    "kindly",
-    "okay",
-    "ok",
-    "so",
-    "well",
-    "just",
-    "hi",
-    "hello",
-    "hey",
-    "thanks",
-    "thank",
-    "um",
-    "uh",
-    "tell",
-    "know",
-    "want",
-    "wanted",
-    "need",
-    "like",
-    "wondering",
-    "wonder",
-    "let",
-    "explain",
-    "help",
-    "way",
-    "ways",
-    "method",
-    "steps",
-    "some",
-    "any",
-    "anyone",
-    "somebody",
-    "to",
-    "of",
-    "s",
-    "d",
-    "ll",
-    "ve",
-    "re",
-    "m",
-    "really",
-    "actually",
-    "exactly",
-    "question",
-    "about",
-    "go",
-    "going",
-    "able",
-    "possible",
-    "in",
-    "on",
-    "at",
-    "for",
-    "and",
-    "or",
-    "if",
-    "then",
-    "by",
+    "a", "an", "the", "i", "me", "my", "mine", "myself", "we", "us", "our", "you", "your", "it",
+    "its", "this", "that", "these", "those", "there", "here", "is", "are", "was", "were", "be",
+    "been", "being", "am", "do", "does", "did", "doing", "done", "can", "could", "would",
+    "will", "shall", "may", "might", "must", "should", "have", "has", "had", "what", "whats",
+    "how", "hows", "which", "please", "pls", "kindly", "okay", "ok", "so", "well", "just", "hi",
+    "hello", "hey", "thanks", "thank", "um", "uh", "tell", "know", "want", "wanted", "need",
+    "like", "wondering", "wonder", "let", "explain", "help", "way", "ways", "method", "steps",
+    "some", "any", "anyone", "somebody", "to", "of", "s", "d", "ll", "ve", "re", "m", "really",
+    "actually", "exactly", "question", "about", "go", "going", "able", "possible", "in", "on",
+    "at", "for", "and", "or", "if", "then", "by", "but", "hiya", "cheers", "sorry", "bother",
+    "silly", "er", "erm", "hmm", "yeah", "yes", "many", "advance", "excuse",
 ];
 
 /// Words that negate.
+#[rustfmt::skip]
 const NEGATIONS: &[&str] = &[
-    "not",
-    "no",
-    "never",
-    "none",
-    "nothing",
-    "nobody",
-    "nowhere",
-    "neither",
-    "nor",
-    "without",
-    "cannot",
-    "cant",
-    "dont",
-    "doesnt",
-    "didnt",
-    "isnt",
-    "arent",
-    "wasnt",
-    "werent",
-    "wont",
-    "wouldnt",
-    "shouldnt",
-    "couldnt",
-    "hasnt",
-    "havent",
-    "hadnt",
-    "mustnt",
-    "off",
-    "disable",
-    "disabled",
-    "stop",
-    "avoid",
-    "unable",
-    "non",
-    "except",
-    "excluding",
+    "not", "no", "never", "none", "nothing", "nobody", "nowhere", "neither", "nor", "without",
+    "cannot", "cant", "dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "wont",
+    "wouldnt", "shouldnt", "couldnt", "hasnt", "havent", "hadnt", "mustnt", "off", "disable",
+    "disabled", "stop", "avoid", "unable", "non", "except", "excluding",
 ];
 
 /// Prefixes that negate the word they begin.
@@ -206,6 +78,8 @@ pub const SYNONYMS: &[&[&str]] = &[
     &["quote", "quotation"],
     &["price", "cost"],
     &["fix", "repair"],
+    &["change", "switch", "alter"],
+    &["shop", "store"],
     &["start", "begin"],
     &["big", "large"],
     &["choose", "pick", "select"],
@@ -224,6 +98,8 @@ struct Word {
     number: bool,
     /// Capitalised inside the sentence (a name): compared exactly.
     name: bool,
+    /// Commas before it in its text.
+    clause: usize,
 }
 
 /// The meaning-carrying words of `text`, in order.
@@ -234,11 +110,14 @@ fn words(text: &str) -> Vec<Word> {
         .collect();
     let mut out = Vec::new();
     let mut sentence_start = true;
+    let mut clause = 0;
     for raw in split(text) {
         let ends_sentence = raw.ends_with(['.', '?', '!', ':', ';']);
         let starts_sentence = std::mem::replace(&mut sentence_start, ends_sentence);
+        let comma = raw.ends_with(',');
         let raw = raw.trim_matches(|c: char| !c.is_alphanumeric() && c != '\'' && c != '’');
         if raw.is_empty() {
+            clause += usize::from(comma);
             continue;
         }
         for part in expand(raw) {
@@ -253,8 +132,14 @@ fn words(text: &str) -> Vec<Word> {
             let text = synonyms
                 .get(lower.as_str())
                 .map_or(lower, |s| (*s).to_owned());
-            out.push(Word { text, number, name });
+            out.push(Word {
+                text,
+                number,
+                name,
+                clause,
+            });
         }
+        clause += usize::from(comma);
     }
     out
 }
@@ -334,12 +219,45 @@ pub fn check(cached: &str, new: &str) -> Result<(), Refusal> {
     if let Some(w) = left.first() {
         return Err(Refusal::Content(w.text.clone()));
     }
-    // Every word paired: in the same order?
+    // Every word paired: in the same order, or with one text's opening phrase (up to its
+    // first comma) moved to the end in the other?
     let order: Vec<usize> = pair.iter().flatten().copied().collect();
-    if order.windows(2).any(|w| w[0] > w[1]) {
-        return Err(Refusal::Order);
+    if ascending(&order) {
+        return Ok(());
     }
-    Ok(())
+    let mut back: Vec<(usize, usize)> = pair
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| j.map(|j| (j, i)))
+        .collect();
+    back.sort_unstable();
+    let order_back: Vec<usize> = back.into_iter().map(|(_, i)| i).collect();
+    if fronted(&order, &b) || fronted(&order_back, &a) {
+        return Ok(());
+    }
+    Err(Refusal::Order)
+}
+
+fn ascending(order: &[usize]) -> bool {
+    order.windows(2).all(|w| w[0] < w[1])
+}
+
+/// Whether `order` (positions in `words`, in the other text's order) reads `words` with its
+/// opening phrase (the words before its first comma) moved to the end: `In the app,
+/// how do I log out?` against `How do I log out in the app?`.
+fn fronted(order: &[usize], words: &[Word]) -> bool {
+    let Some(split) = words.iter().position(|w| w.clause > 0) else {
+        return false;
+    };
+    if split == 0 {
+        return false;
+    }
+    let k = order.iter().position(|&j| j < split).unwrap_or(order.len());
+    let (rest, opening) = order.split_at(k);
+    rest.iter().all(|&j| j >= split)
+        && opening.iter().all(|&j| j < split)
+        && ascending(rest)
+        && ascending(opening)
 }
 
 fn negating(word: &str) -> bool {
@@ -469,6 +387,34 @@ mod tests {
             ),
             Refusal::Order
         );
+        // A phrase moved to the front is not a swap; a swap across the comma still is.
+        let fronted = [
+            (
+                "How do I change the language in the app settings?",
+                "In the app settings, how do I change the language?",
+            ),
+            (
+                "On my phone, how do I set up voicemail?",
+                "How do I set up voicemail on my phone?",
+            ),
+        ];
+        for (a, b) in fronted {
+            assert_eq!(check(a, b), Ok(()), "{a:?} / {b:?}");
+        }
+        assert_eq!(
+            refused(
+                "From London, flights to Paris",
+                "Flights from Paris to London"
+            ),
+            Refusal::Order
+        );
+        assert_eq!(
+            refused(
+                "To a PDF, how do I convert a Word document?",
+                "How do I convert a PDF to a Word document?"
+            ),
+            Refusal::Order
+        );
         // Names are compared exactly: no spelling slack.
         assert!(matches!(
             refused(
@@ -542,6 +488,14 @@ mod tests {
             (
                 "What's the price of the Pro plan for 40,000 users?",
                 "what is the price of the Pro plan for 40000 users",
+            ),
+            (
+                "How do I bleed a radiator?",
+                "Sorry, silly question, but how do I bleed a radiator?",
+            ),
+            (
+                "Can I order food for collection?",
+                "yeah can i um order food for collection",
             ),
         ] {
             assert_eq!(check(a, b), Ok(()), "{a:?} / {b:?}");
