@@ -491,7 +491,11 @@ impl Cache {
                             remote_tries += 1;
                             // Another replica leads: this one follows it, and its own
                             // waiters follow this request.
-                            let Some((meta, upstream)) = shared::follow(redis, key).await else {
+                            let followed =
+                                tokio::time::timeout_at(ctx.deadline, shared::follow(redis, key));
+                            let Some((meta, upstream)) =
+                                followed.await.map_err(|_| waited_too_long())?
+                            else {
                                 continue;
                             };
                             self.count(ctx, Outcome::Dedup);
@@ -525,9 +529,11 @@ impl Cache {
                     }
                 }
                 Role::Follow(flight) => {
-                    // The leader got no answer: ask again (one of the waiters leads).
-                    let Some(meta) = flight.started().await else {
-                        continue;
+                    let meta = match flight.started_by(ctx.deadline).await {
+                        flight::Waited::Started(meta) => meta,
+                        // The leader got no answer: ask again (one of the waiters leads).
+                        flight::Waited::AskAgain => continue,
+                        flight::Waited::TimedOut => return Err(waited_too_long()),
                     };
                     self.count(ctx, Outcome::Dedup);
                     let body = if req.stream {
@@ -593,7 +599,12 @@ impl Cache {
                     self.store(policy, target, &answer);
                 }
                 if let Some(mirror) = &mirror {
-                    mirror.whole(&answer.chunks(&req.model, true));
+                    if answer.is_complete() {
+                        mirror.whole(&answer.chunks(&req.model, true));
+                    } else {
+                        // Cut short: followers elsewhere ask again, as here.
+                        mirror.none();
+                    }
                 }
                 leader.complete(meta, Arc::new(answer), window, &self.tasks);
                 ReplyBody::Complete(response)
@@ -957,6 +968,15 @@ fn saved(view: &View, model: &str, answer: &Answer) {
             / 1e6;
         m.saved_usd.inc_by(usd);
     }
+}
+
+/// A follower whose deadline passed before its leader's answer began: refused like a
+/// request that waited for budget that long (429), not left waiting without end.
+fn waited_too_long() -> pipeline::Error {
+    RouteError::Saturated {
+        retry_after: Duration::from_secs(1),
+    }
+    .into()
 }
 
 fn routed(reply: Result<Reply, pipeline::Error>) -> Result<Served, pipeline::Error> {

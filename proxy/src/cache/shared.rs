@@ -121,6 +121,7 @@ impl Mirror {
         Box::pin(Published {
             inner: upstream,
             mirror: Some(self),
+            finished: false,
         })
     }
 }
@@ -128,6 +129,8 @@ impl Mirror {
 struct Published {
     inner: ChunkStream,
     mirror: Option<Mirror>,
+    /// A chunk gave a finish reason: an end after it is a complete answer.
+    finished: bool,
 }
 
 impl Stream for Published {
@@ -137,9 +140,11 @@ impl Stream for Published {
         let item = self.inner.as_mut().poll_next(cx);
         match &item {
             Poll::Ready(Some(Ok(chunk))) => {
+                let finished = chunk.choices.iter().any(|c| c.finish_reason.is_some());
                 if let Some(m) = &self.mirror {
                     m.chunk(chunk);
                 }
+                self.finished |= finished;
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(m) = self.mirror.take() {
@@ -148,7 +153,13 @@ impl Stream for Published {
             }
             Poll::Ready(None) => {
                 if let Some(m) = self.mirror.take() {
-                    let _ = m.tx.send(Entry::Done);
+                    // Cut short (no finish reason): followers elsewhere get an error.
+                    let end = if self.finished {
+                        Entry::Done
+                    } else {
+                        Entry::Failed
+                    };
+                    let _ = m.tx.send(end);
                 }
             }
             Poll::Pending => {}
