@@ -341,7 +341,7 @@ impl Cache {
                 tracing::info!(
                     policy = %name,
                     dir = %dir.display(),
-                    threshold = sp.threshold,
+                    threshold = %format_args!("{:.3}", sp.threshold),
                     "semantic cache on: loading the embedding model"
                 );
                 self.semantic.ensure_model(dir);
