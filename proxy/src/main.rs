@@ -156,6 +156,11 @@ struct Args {
     /// `http://127.0.0.1:9090`) and exit.
     #[arg(long, value_name = "ADMIN_URL", conflicts_with_all = ["cluster", "check_config"])]
     capacity: Option<String>,
+    /// The semantic cache's embedding model (all-MiniLM-L6-v2: model.safetensors,
+    /// tokenizer.json, config.json), unless the CachePolicy names a `modelDir`. Default:
+    /// $HOME/.cache/floodgate/models/all-MiniLM-L6-v2, where `make model` installs it.
+    #[arg(long, env = "FLOODGATE_EMBEDDING_MODEL_DIR", value_name = "DIR")]
+    embedding_model_dir: Option<std::path::PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "FLOODGATE_LOG_JSON")]
     log_json: bool,
@@ -325,6 +330,13 @@ async fn serve(
     state.body_timeout = Duration::from_millis(args.body_read_timeout_ms);
     state.expose_key = args.expose_key_header;
     state.identity = Arc::new(Identity::new(args.trust_tenant_header));
+    if let Some(dir) = args.embedding_model_dir.clone() {
+        let redis = dispatcher.budgets().backend().map(|b| b.options().clone());
+        state.cache =
+            Arc::new(floodgate_proxy::cache::Cache::new(redis.as_ref()).with_model_dir(dir));
+    }
+    // The CachePolicy now: the embedding model loads (or says why not) before any request.
+    state.cache.prepare(&dispatcher.config());
     state.jobs = Some(start_jobs(&args, &state, &tasks, &cancel).await?);
     let app = router(state.clone());
     let listener = std::net::TcpListener::bind(args.listen)

@@ -13,6 +13,10 @@
 //!   A leader's refusal can be its own (its tenant's deadline, its tier), not theirs.
 //! - after its stream began: every subscriber gets the same error after the chunks it has
 //!   (what the leader's caller gets); nothing is stored.
+//! - with an answer cut short (no finish reason; a stream that ended without one, or a
+//!   whole answer without one): the leader's caller gets it as it came; followers of a
+//!   stream get an error after the chunks, followers of a whole answer ask again; nothing
+//!   is stored.
 //!
 //! A finished answer stays joinable for the policy's dedup window after it ended, then the
 //! flight is forgotten (the exact cache, when on, keeps the answer longer).
@@ -71,9 +75,23 @@ enum Body {
 #[derive(Debug, Clone)]
 enum End {
     Done,
+    /// The stream ended cleanly but without a finish reason: the leader's caller sees the
+    /// end as it came; followers get an error (an answer cut short is not passed on).
+    Incomplete,
     Failed(ProviderError),
     /// The leader got no answer: followers ask again.
     NotStarted,
+}
+
+/// What a follower's wait for its leader came to.
+#[derive(Debug)]
+pub enum Waited {
+    /// The answer began: who answers it.
+    Started(Meta),
+    /// The leader got no answer: ask again.
+    AskAgain,
+    /// The follower's deadline passed first.
+    TimedOut,
 }
 
 /// What a request is in its flight.
@@ -183,6 +201,16 @@ impl Flight {
         }
     }
 
+    /// Waits until the leader has an answer under way, at most until `deadline` (the
+    /// follower's own: how long its caller may wait for an answer to begin).
+    pub async fn started_by(&self, deadline: Instant) -> Waited {
+        match tokio::time::timeout_at(deadline, self.started()).await {
+            Ok(Some(meta)) => Waited::Started(meta),
+            Ok(None) => Waited::AskAgain,
+            Err(_) => Waited::TimedOut,
+        }
+    }
+
     /// Waits for the whole answer: assembled from the chunks when it streamed.
     pub async fn whole(&self) -> Result<Arc<Answer>, ProviderError> {
         let mut rx = self.tx.subscribe();
@@ -212,6 +240,10 @@ impl Flight {
     /// the live ones (a whole answer is replayed as chunks). Without `include_usage`, usage
     /// is left out.
     pub fn subscribe(self: &Arc<Self>, model: &str, include_usage: bool) -> ChunkStream {
+        self.subscribe_as(model, include_usage, false)
+    }
+
+    fn subscribe_as(self: &Arc<Self>, model: &str, include_usage: bool, own: bool) -> ChunkStream {
         let state = Reader {
             flight: self.clone(),
             rx: self.tx.subscribe(),
@@ -220,6 +252,7 @@ impl Flight {
             model: model.to_owned(),
             include_usage,
             over: false,
+            own,
         };
         Box::pin(futures::stream::unfold(state, Reader::next))
     }
@@ -233,6 +266,8 @@ struct Reader {
     model: String,
     include_usage: bool,
     over: bool,
+    /// The leader's own caller.
+    own: bool,
 }
 
 type Item = Result<ChatChunk, ProviderError>;
@@ -294,6 +329,8 @@ impl Reader {
         }
         match &data.end {
             Some(End::Done) => Step::End,
+            Some(End::Incomplete) if self.own => Step::End,
+            Some(End::Incomplete) => Step::Failed(ProviderError::Truncated),
             Some(End::Failed(e)) => Step::Failed(e.clone()),
             Some(End::NotStarted) => Step::Failed(ProviderError::Truncated),
             None => Step::Wait,
@@ -316,7 +353,12 @@ impl Leader {
     }
 
     /// The leader's whole answer: followers get it; the flight stays joinable for `window`.
+    /// An answer without a finish reason (cut short) is not passed on: followers ask again.
     pub fn complete(self, meta: Meta, answer: Arc<Answer>, window: Duration, tasks: &TaskTracker) {
+        if !answer.is_complete() {
+            // Dropped armed: the flight ends without an answer and is forgotten.
+            return;
+        }
         self.flight.update(|d| {
             d.meta = Some(meta);
             d.body = Body::Whole(answer);
@@ -342,7 +384,7 @@ impl Leader {
             d.body = Body::Chunks(Vec::new());
         });
         // Subscribed before the task starts, so that it never sees nobody listening.
-        let own = self.flight.subscribe(reader.0, reader.1);
+        let own = self.flight.subscribe_as(reader.0, reader.1, true);
         let tracker = tasks.clone();
         tasks.spawn(async move {
             if let Some(answer) = drive(&self.flight, upstream).await {
@@ -393,8 +435,9 @@ async fn drive(flight: &Flight, mut upstream: ChunkStream) -> Option<Answer> {
                     return None;
                 }
                 None => {
-                    flight.end(End::Done);
-                    return asm.finish().filter(Answer::is_complete);
+                    let answer = asm.finish().filter(Answer::is_complete);
+                    flight.end(if answer.is_some() { End::Done } else { End::Incomplete });
+                    return answer;
                 }
             },
             () = flight.tx.closed() => {

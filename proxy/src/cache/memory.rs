@@ -36,12 +36,14 @@ struct Slot {
 }
 
 /// What a store did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stored {
     /// Whether the answer was kept (not when larger than the whole budget).
     pub kept: bool,
     /// Entries evicted to make room.
     pub evicted: u64,
+    /// The keys that left (evicted, or replaced): their semantic index entries go too.
+    pub gone: Vec<Key>,
 }
 
 impl MemoryStore {
@@ -96,6 +98,7 @@ impl MemoryStore {
             lru.bytes -= old.bytes;
         }
         let mut evicted = 0;
+        let mut gone = Vec::new();
         while lru.bytes + bytes > lru.max_bytes || lru.map.len() >= lru.max_entries {
             let Some((_, oldest)) = lru.order.pop_first() else {
                 break;
@@ -103,6 +106,7 @@ impl MemoryStore {
             if let Some(old) = lru.map.remove(&oldest) {
                 lru.bytes -= old.bytes;
                 evicted += 1;
+                gone.push(oldest);
             }
         }
         lru.tick += 1;
@@ -121,6 +125,7 @@ impl MemoryStore {
         Stored {
             kept: true,
             evicted,
+            gone,
         }
     }
 

@@ -30,6 +30,13 @@ pub struct StoreLabels {
     pub result: &'static str,
 }
 
+/// Labels of a semantic candidate the guard refused.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `number`, `negation`, `order` or `content`.
+    pub reason: &'static str,
+}
+
 type FloatCounter = Counter<f64, AtomicU64>;
 
 /// Every cache metric.
@@ -55,6 +62,21 @@ pub struct CacheMetrics {
     pub saved_tokens: Counter,
     /// USD not spent, at the pool's prices for the model.
     pub saved_usd: FloatCounter,
+    /// Semantic candidates above the threshold that the guard refused, by reason.
+    pub guard_refusals: Family<ReasonLabels, Counter>,
+    /// Entries in the semantic index.
+    pub semantic_entries: Gauge,
+    /// Time to embed one batch of prompts.
+    pub embed_seconds: Histogram,
+    /// Prompts per embedded batch.
+    pub embed_batch: Histogram,
+}
+
+/// Records a batch of `n` prompts embedded in `took`.
+pub fn embedded(n: usize, took: std::time::Duration) {
+    let m = get();
+    m.embed_seconds.observe(took.as_secs_f64());
+    m.embed_batch.observe(n as f64);
 }
 
 fn lookup_histogram() -> Histogram {
@@ -79,6 +101,10 @@ pub fn get() -> &'static CacheMetrics {
         backend_errors: Family::default(),
         saved_tokens: Counter::default(),
         saved_usd: FloatCounter::default(),
+        guard_refusals: Family::default(),
+        semantic_entries: Gauge::default(),
+        embed_seconds: lookup_histogram(),
+        embed_batch: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0]),
     })
 }
 
@@ -87,7 +113,7 @@ pub fn register(registry: &mut Registry) {
     let m = get();
     registry.register(
         "floodgate_cache_requests",
-        "Chat requests by what the cache did: exact, template, dedup (hits), miss, bypass",
+        "Chat requests by what the cache did: exact, semantic, template, dedup (hits), miss, bypass",
         m.requests.clone(),
     );
     registry.register(
@@ -97,7 +123,7 @@ pub fn register(registry: &mut Registry) {
     );
     registry.register(
         "floodgate_cache_lookup_seconds",
-        "Exact-cache lookup time by backend",
+        "Cache lookup time: exact by backend (memory, redis); semantic (embedding, index, guard and answer)",
         m.lookup_seconds.clone(),
     );
     registry.register(
@@ -129,6 +155,26 @@ pub fn register(registry: &mut Registry) {
         "floodgate_cache_saved_tokens",
         "Provider tokens not spent thanks to cache and dedup hits",
         m.saved_tokens.clone(),
+    );
+    registry.register(
+        "floodgate_cache_semantic_refusals",
+        "Semantic candidates above the threshold refused by the guard, by reason",
+        m.guard_refusals.clone(),
+    );
+    registry.register(
+        "floodgate_cache_semantic_entries",
+        "Entries in the semantic index",
+        m.semantic_entries.clone(),
+    );
+    registry.register(
+        "floodgate_cache_embed_seconds",
+        "Time to embed one batch of prompts (CPU, in-process)",
+        m.embed_seconds.clone(),
+    );
+    registry.register(
+        "floodgate_cache_embed_batch_size",
+        "Prompts embedded together in one batch",
+        m.embed_batch.clone(),
     );
     registry.register(
         "floodgate_cache_saved_usd",

@@ -7,8 +7,10 @@
 //! 2. a request the policy does not cache (sampling with `sampled: bypass`, `n > 1`) or
 //!    that said `cache-control: no-cache` skips the lookup and dedup (`bypass`);
 //! 3. the exact key ([`key`]) finds a stored answer ([`memory`] or [`redis`] backend);
-//! 4. with dedup on, the request joins an identical one in flight or leads ([`flight`]);
-//! 5. the answer is stored when complete: a whole answer at once, a stream at its clean end
+//! 4. the semantic layer ([`semantic`]) finds the answer to a prompt that means the same
+//!    (embedding similarity at or above the threshold, then a lexical guard);
+//! 5. with dedup on, the request joins an identical one in flight or leads ([`flight`]);
+//! 6. the answer is stored when complete: a whole answer at once, a stream at its clean end
 //!    (a stream that broke, or that the caller left, is never stored); `cache-control:
 //!    no-store` skips this.
 //!
@@ -23,6 +25,7 @@ pub mod key;
 pub mod memory;
 pub mod metrics;
 pub mod redis;
+pub mod semantic;
 pub mod shared;
 pub mod template;
 
@@ -47,14 +50,20 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
-/// Response header: what the cache did (`exact`, `template`, `dedup`, `miss`, `bypass`).
+/// Response header: what the cache did (`exact`, `semantic`, `template`, `dedup`, `miss`,
+/// `bypass`).
 pub const CACHE_HEADER: &str = "x-floodgate-cache";
+
+/// Response header of a semantic hit: the cosine similarity of the prompts (`0.973`).
+pub const SIMILARITY_HEADER: &str = "x-floodgate-cache-similarity";
 
 /// What the cache did with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Answered from the exact cache.
     Exact,
+    /// Answered from the semantic cache (a prompt that means the same).
+    Semantic,
     /// Answered by a template.
     Template,
     /// Answered by joining an identical request in flight.
@@ -70,6 +79,7 @@ impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Exact => "exact",
+            Outcome::Semantic => "semantic",
             Outcome::Template => "template",
             Outcome::Dedup => "dedup",
             Outcome::Miss => "miss",
@@ -78,7 +88,10 @@ impl Outcome {
     }
 
     fn is_hit(self) -> bool {
-        matches!(self, Outcome::Exact | Outcome::Template | Outcome::Dedup)
+        matches!(
+            self,
+            Outcome::Exact | Outcome::Semantic | Outcome::Template | Outcome::Dedup
+        )
     }
 }
 
@@ -94,6 +107,8 @@ pub struct CacheCtx {
     pub no_store: bool,
     /// What the cache did, once it did.
     pub outcome: Option<Outcome>,
+    /// A semantic hit's similarity.
+    pub similarity: Option<f32>,
 }
 
 impl CacheCtx {
@@ -127,6 +142,16 @@ pub struct Policy {
     backend: CacheBackend,
     max_entry_bytes: usize,
     sampled: SampledRequests,
+    semantic: Option<SemanticPolicy>,
+}
+
+/// The semantic layer of a policy.
+#[derive(Debug, Clone)]
+struct SemanticPolicy {
+    ttl: Duration,
+    threshold: f32,
+    /// The model's directory: the policy's `modelDir`, else the gateway's.
+    model_dir: Option<std::path::PathBuf>,
 }
 
 impl Policy {
@@ -147,8 +172,14 @@ impl Policy {
                 },
             )
             .collect();
-        if spec.semantic.is_some() {
-            notes.push("spec.semantic is accepted but not acted on yet (no semantic cache)".into());
+        if let Some(s) = &spec.semantic
+            && s.embedding_model != "all-MiniLM-L6-v2"
+        {
+            notes.push(format!(
+                "spec.semantic.embeddingModel {:?} is not acted on: the gateway embeds with \
+                 all-MiniLM-L6-v2 (the files in modelDir)",
+                s.embedding_model
+            ));
         }
         if spec.templates.is_some() {
             notes.push(
@@ -171,6 +202,11 @@ impl Policy {
             backend: spec.backend,
             max_entry_bytes: spec.max_entry_bytes as usize,
             sampled: spec.sampled,
+            semantic: spec.semantic.as_ref().map(|s| SemanticPolicy {
+                ttl: Duration::from_secs(u64::from(s.ttl_seconds)),
+                threshold: s.threshold as f32,
+                model_dir: s.model_dir.as_ref().map(std::path::PathBuf::from),
+            }),
         };
         (policy, notes)
     }
@@ -209,6 +245,9 @@ pub struct Cache {
     flights: Arc<Flights>,
     tasks: TaskTracker,
     policy: Mutex<Option<PolicyOf>>,
+    semantic: Arc<semantic::Semantic>,
+    /// Where the embedding model is when the policy does not say (`--embedding-model-dir`).
+    model_dir: std::path::PathBuf,
 }
 
 /// The policy built for a configuration (held weakly: a reload frees the old one).
@@ -240,7 +279,26 @@ impl Cache {
             flights: Arc::default(),
             tasks: TaskTracker::new(),
             policy: Mutex::default(),
+            semantic: Arc::default(),
+            model_dir: semantic::embed::default_dir(),
         }
+    }
+
+    /// The same cache with the embedding model in `dir` unless a policy names another.
+    pub fn with_model_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.model_dir = dir;
+        self
+    }
+
+    /// Builds the policy of `config` now (at start-up and on reloads, so the embedding
+    /// model loads, or says why it cannot, before the first request).
+    pub fn prepare(&self, config: &Arc<Config>) {
+        let _ = self.policy(config);
+    }
+
+    /// The semantic layer (tests and benchmarks).
+    pub fn semantic(&self) -> &Arc<semantic::Semantic> {
+        &self.semantic
     }
 
     /// The flights held now (for tests and debugging).
@@ -273,10 +331,26 @@ impl Cache {
                     "CachePolicy/{name}: backend redis without --redis; answers stay in memory"
                 );
             }
-            self.memory.set_limits(
+            let limits = (
                 usize::try_from(cp.spec.max_bytes).unwrap_or(usize::MAX),
                 cp.spec.max_entries as usize,
             );
+            self.memory.set_limits(limits.0, limits.1);
+            if let Some(sp) = &policy.semantic {
+                let dir = sp.model_dir.as_deref().unwrap_or(&self.model_dir);
+                tracing::info!(
+                    policy = %name,
+                    dir = %dir.display(),
+                    threshold = %format_args!("{:.3}", sp.threshold),
+                    "semantic cache on: loading the embedding model"
+                );
+                self.semantic.ensure_model(dir);
+                if let (Some(redis), CacheBackend::Redis) = (&self.redis, policy.backend)
+                    && tokio::runtime::Handle::try_current().is_ok()
+                {
+                    self.semantic.follow(redis.clone(), limits);
+                }
+            }
             Arc::new(policy)
         });
         *held = Some((Arc::downgrade(config), policy.clone()));
@@ -304,11 +378,19 @@ impl Cache {
             self.count(ctx, Outcome::Bypass);
             return routed(crate::routing::chat(dispatcher, view, ctx, req, asker).await);
         }
-        let key = key::exact(
-            &policy.scope(ctx),
-            &answering(view, ctx, &asker.tenant, &req.model),
-            req,
+        let (scope, answering) = (
+            policy.scope(ctx),
+            answering(view, ctx, &asker.tenant, &req.model),
         );
+        let key = key::exact(&scope, &answering, req);
+        let mut target = Target {
+            exact: key,
+            semantic: policy
+                .semantic
+                .as_ref()
+                .and_then(|_| semantic::query(&scope, &answering, req))
+                .map(|q| (q, None)),
+        };
         if no_cache {
             self.count(ctx, Outcome::Bypass);
         } else {
@@ -319,9 +401,15 @@ impl Cache {
                 saved(view, &req.model, &answer);
                 return Ok(hit(whole_reply((*answer).clone(), req)));
             }
+            if let Some((answer, similarity)) = self.semantic_lookup(&policy, &mut target).await {
+                ctx.cache.similarity = Some(similarity);
+                self.count(ctx, Outcome::Semantic);
+                saved(view, &req.model, &answer);
+                return Ok(hit(whole_reply((*answer).clone(), req)));
+            }
             if let Some(window) = policy.dedup_window {
                 return self
-                    .flight(dispatcher, view, ctx, req, asker, (&policy, key, window))
+                    .flight(dispatcher, view, ctx, req, asker, (&policy, target, window))
                     .await;
             }
             self.count(ctx, Outcome::Miss);
@@ -329,7 +417,7 @@ impl Cache {
         // A streamed answer to be stored carries its usage (for the tenant's charge and the
         // tokens saved when it is served again); a caller who did not ask for it does not
         // see it.
-        let storing = !no_store && policy.exact_ttl.is_some();
+        let storing = !no_store && (policy.exact_ttl.is_some() || target.semantic.is_some());
         let strip_usage = storing && req.stream && !req.include_usage();
         let mut lead = std::borrow::Cow::Borrowed(req);
         if strip_usage {
@@ -345,7 +433,7 @@ impl Cache {
                 if store {
                     self.store(
                         &policy,
-                        key,
+                        target,
                         &Answer {
                             response: response.clone(),
                         },
@@ -357,7 +445,7 @@ impl Cache {
                 let (cache, policy) = (self.clone(), policy.clone());
                 let stored: Option<Box<dyn FnOnce(Answer) + Send>> =
                     store.then(|| -> Box<dyn FnOnce(Answer) + Send> {
-                        Box::new(move |a| cache.store(&policy, key, &a))
+                        Box::new(move |a| cache.store(&policy, target, &a))
                     });
                 ReplyBody::Stream(Box::pin(Tee {
                     inner: chunks,
@@ -382,8 +470,9 @@ impl Cache {
         ctx: &mut RequestCtx,
         req: &ChatRequest,
         asker: Asker,
-        (policy, key, window): (&Arc<Policy>, Key, Duration),
+        (policy, target, window): (&Arc<Policy>, Target, Duration),
     ) -> Result<Served, pipeline::Error> {
+        let key = target.exact;
         let mut remote_tries = 0;
         let (leader, mirror) = loop {
             match self.flights.join(key, window) {
@@ -391,16 +480,22 @@ impl Cache {
                     let Some(redis) = self.shared_flights(policy, remote_tries) else {
                         break (leader, None);
                     };
-                    match redis.lease(&key, shared::LEASE).await {
+                    let token = redis::flight_token();
+                    match redis.lease(&key, &token, shared::LEASE).await {
                         Ok(true) => {
-                            let mirror = shared::Mirror::start(redis, key, window, &self.tasks);
+                            let mirror =
+                                shared::Mirror::start(redis, (key, token), window, &self.tasks);
                             break (leader, Some(mirror));
                         }
                         Ok(false) => {
                             remote_tries += 1;
                             // Another replica leads: this one follows it, and its own
                             // waiters follow this request.
-                            let Some((meta, upstream)) = shared::follow(redis, key).await else {
+                            let followed =
+                                tokio::time::timeout_at(ctx.deadline, shared::follow(redis, key));
+                            let Some((meta, upstream)) =
+                                followed.await.map_err(|_| waited_too_long())?
+                            else {
                                 continue;
                             };
                             self.count(ctx, Outcome::Dedup);
@@ -434,9 +529,11 @@ impl Cache {
                     }
                 }
                 Role::Follow(flight) => {
-                    // The leader got no answer: ask again (one of the waiters leads).
-                    let Some(meta) = flight.started().await else {
-                        continue;
+                    let meta = match flight.started_by(ctx.deadline).await {
+                        flight::Waited::Started(meta) => meta,
+                        // The leader got no answer: ask again (one of the waiters leads).
+                        flight::Waited::AskAgain => continue,
+                        flight::Waited::TimedOut => return Err(waited_too_long()),
                     };
                     self.count(ctx, Outcome::Dedup);
                     let body = if req.stream {
@@ -483,7 +580,9 @@ impl Cache {
         if let Some(mirror) = &mirror {
             mirror.meta(&meta);
         }
-        let store = policy.exact_ttl.is_some() && !ctx.cache.no_store && first_choice(ctx);
+        let store = (policy.exact_ttl.is_some() || target.semantic.is_some())
+            && !ctx.cache.no_store
+            && first_choice(ctx);
         // A finished answer stays joinable for the window: a kind of storing, so not for
         // `no-store` (requests that join while it is in flight still share it).
         let window = if ctx.cache.no_store {
@@ -497,10 +596,15 @@ impl Cache {
                     response: response.clone(),
                 };
                 if store {
-                    self.store(policy, key, &answer);
+                    self.store(policy, target, &answer);
                 }
                 if let Some(mirror) = &mirror {
-                    mirror.whole(&answer.chunks(&req.model, true));
+                    if answer.is_complete() {
+                        mirror.whole(&answer.chunks(&req.model, true));
+                    } else {
+                        // Cut short: followers elsewhere ask again, as here.
+                        mirror.none();
+                    }
                 }
                 leader.complete(meta, Arc::new(answer), window, &self.tasks);
                 ReplyBody::Complete(response)
@@ -519,7 +623,7 @@ impl Cache {
                     &self.tasks,
                     move |answer| {
                         if store {
-                            cache.store(&policy, key, &answer);
+                            cache.store(&policy, target, &answer);
                         }
                     },
                 ))
@@ -552,14 +656,19 @@ impl Cache {
         if outcome == Outcome::Bypass {
             return;
         }
-        let hits: u64 = [Outcome::Exact, Outcome::Template, Outcome::Dedup]
-            .iter()
-            .map(|o| {
-                m.requests
-                    .get_or_create(&metrics::ResultLabels { result: o.as_str() })
-                    .get()
-            })
-            .sum();
+        let hits: u64 = [
+            Outcome::Exact,
+            Outcome::Semantic,
+            Outcome::Template,
+            Outcome::Dedup,
+        ]
+        .iter()
+        .map(|o| {
+            m.requests
+                .get_or_create(&metrics::ResultLabels { result: o.as_str() })
+                .get()
+        })
+        .sum();
         let misses = m
             .requests
             .get_or_create(&metrics::ResultLabels { result: "miss" })
@@ -595,15 +704,58 @@ impl Cache {
         answer
     }
 
-    /// Stage 8: stores a complete answer under `key` (Redis writes in the background).
-    fn store(self: &Arc<Self>, policy: &Policy, key: Key, answer: &Answer) {
+    /// Stage 3b: the semantic layer's answer for `target` (embedding the prompt, kept on
+    /// `target` for the store), with its similarity.
+    async fn semantic_lookup(
+        &self,
+        policy: &Policy,
+        target: &mut Target,
+    ) -> Option<(Arc<Answer>, f32)> {
+        let (sp, (query, vector)) = (policy.semantic.as_ref()?, target.semantic.as_mut()?);
+        let started = std::time::Instant::now();
+        let v = self.semantic.embed(&query.text).await?;
+        let found = self.semantic.find(query, &v, sp.threshold);
+        *vector = Some(v);
+        let found = found?;
+        let answer = match (&self.redis, policy.backend) {
+            (Some(redis), CacheBackend::Redis) => match redis.get_semantic(&found.key).await {
+                Ok(bytes) => bytes.and_then(|b| Answer::from_bytes(&b)).map(Arc::new),
+                Err(e) => {
+                    tracing::debug!(error = %e, "semantic lookup in Redis failed");
+                    metrics::get()
+                        .backend_errors
+                        .get_or_create(&metrics::BackendLabels { backend: "redis" })
+                        .inc();
+                    return None;
+                }
+            },
+            _ => self.memory.get(&found.key, tokio::time::Instant::now()),
+        };
+        metrics::get()
+            .lookup_seconds
+            .get_or_create(&metrics::BackendLabels {
+                backend: "semantic",
+            })
+            .observe(started.elapsed().as_secs_f64());
+        match answer {
+            Some(answer) => Some((answer, found.similarity)),
+            None => {
+                // Its answer expired or was evicted.
+                self.semantic.forget(&[found.key]);
+                None
+            }
+        }
+    }
+
+    /// Stage 8: stores a complete answer under the exact key and as a semantic entry
+    /// (Redis writes, and embeddings not made at lookup, in the background).
+    fn store(self: &Arc<Self>, policy: &Arc<Policy>, target: Target, answer: &Answer) {
         let m = metrics::get();
         let result = |r| {
             m.stores
                 .get_or_create(&metrics::StoreLabels { result: r })
                 .inc();
         };
-        let Some(ttl) = policy.exact_ttl else { return };
         if !answer.is_complete() {
             result("incomplete");
             return;
@@ -613,6 +765,11 @@ impl Cache {
             result("too_large");
             return;
         }
+        if let Some(semantic) = target.semantic {
+            self.store_semantic(policy, semantic, answer, &bytes);
+        }
+        let key = target.exact;
+        let Some(ttl) = policy.exact_ttl else { return };
         match (&self.redis, policy.backend) {
             (Some(_), CacheBackend::Redis) => {
                 let cache = self.clone();
@@ -634,12 +791,88 @@ impl Cache {
                     .put(key, Arc::new(answer.clone()), bytes.len(), expires);
                 result(if stored.kept { "stored" } else { "too_large" });
                 m.evictions.inc_by(stored.evicted);
+                self.semantic.forget(&stored.gone);
                 let (entries, bytes) = self.memory.usage();
                 m.entries.set(entries as i64);
                 m.bytes.set(bytes as i64);
             }
         }
     }
+
+    /// Stores `answer` (`bytes` serialised) as the semantic entry of `query`, embedding the
+    /// prompt first if the lookup did not (a task of its own: the model runs off the
+    /// request's path).
+    fn store_semantic(
+        self: &Arc<Self>,
+        policy: &Arc<Policy>,
+        (query, vector): (semantic::Query, Option<Vec<f32>>),
+        answer: &Answer,
+        bytes: &[u8],
+    ) {
+        let Some(ttl) = policy.semantic.as_ref().map(|s| s.ttl) else {
+            return;
+        };
+        let (cache, policy) = (self.clone(), policy.clone());
+        let (answer, bytes) = (Arc::new(answer.clone()), bytes.to_vec());
+        self.tasks.spawn(async move {
+            let vector = match vector {
+                Some(v) => v,
+                None => match cache.semantic.embed(&query.text).await {
+                    Some(v) => v,
+                    None => return,
+                },
+            };
+            let key = query.entry_key();
+            let m = metrics::get();
+            let result = |r| {
+                m.stores
+                    .get_or_create(&metrics::StoreLabels { result: r })
+                    .inc();
+            };
+            match (&cache.redis, policy.backend) {
+                (Some(redis), CacheBackend::Redis) => {
+                    let entry =
+                        redis::semantic_bytes(&query.partition, &query.text, &vector, &bytes);
+                    match redis.put_semantic(&key, entry, ttl).await {
+                        Ok(()) => {
+                            result("semantic_stored");
+                            let expires = tokio::time::Instant::now() + ttl;
+                            cache.semantic.insert(&query, key, &vector, expires);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "semantic store in Redis failed");
+                            result("error");
+                        }
+                    }
+                }
+                _ => {
+                    let expires = tokio::time::Instant::now() + ttl;
+                    // The index entry is charged with its answer: both leave together.
+                    let cost = bytes.len() + semantic::index::entry_bytes(&query.text);
+                    let stored = cache.memory.put(key, answer, cost, expires);
+                    m.evictions.inc_by(stored.evicted);
+                    cache.semantic.forget(&stored.gone);
+                    if stored.kept {
+                        result("semantic_stored");
+                        cache.semantic.insert(&query, key, &vector, expires);
+                    } else {
+                        result("too_large");
+                    }
+                    let (entries, bytes) = cache.memory.usage();
+                    m.entries.set(entries as i64);
+                    m.bytes.set(bytes as i64);
+                }
+            }
+        });
+    }
+}
+
+/// Where an answer is stored: its exact key, and its semantic entry (the query, and its
+/// embedding when the lookup made one) when the semantic layer is on for the request.
+#[derive(Debug, Clone)]
+struct Target {
+    exact: Key,
+    semantic: Option<(semantic::Query, Option<Vec<f32>>)>,
 }
 
 impl Answer {
@@ -735,6 +968,15 @@ fn saved(view: &View, model: &str, answer: &Answer) {
             / 1e6;
         m.saved_usd.inc_by(usd);
     }
+}
+
+/// A follower whose deadline passed before its leader's answer began: refused like a
+/// request that waited for budget that long (429), not left waiting without end.
+fn waited_too_long() -> pipeline::Error {
+    RouteError::Saturated {
+        retry_after: Duration::from_secs(1),
+    }
+    .into()
 }
 
 fn routed(reply: Result<Reply, pipeline::Error>) -> Result<Served, pipeline::Error> {

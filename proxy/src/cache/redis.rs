@@ -121,76 +121,132 @@ impl RedisStore {
     }
 }
 
-/// Where a flight shared across replicas lives: its lease, its log of entries, and the
-/// channel that says the log grew.
-fn flight_keys(key: &Key) -> (String, String, String) {
+/// Where a flight shared across replicas lives: the lease of its key (holding the token of
+/// the flight that leads now), and the flight's own log of entries and channel, named by its
+/// token, so a follower never reads one flight's start and another's end. The key's hex is
+/// a hash tag (`{...}`): in a Redis Cluster the lease and the logs share one slot (the
+/// publish script touches both).
+pub fn flight_keys(key: &Key, token: &str) -> (String, String, String) {
     let hex = key.hex();
     (
-        format!("floodgate:cache:flight:{hex}:lease"),
-        format!("floodgate:cache:flight:{hex}:log"),
-        format!("floodgate:cache:flight:{hex}"),
+        format!("floodgate:cache:flight:{{{hex}}}:lease"),
+        format!("floodgate:cache:flight:{{{hex}}}:log:{token}"),
+        format!("floodgate:cache:flight:{{{hex}}}:{token}"),
     )
 }
 
+/// A new flight's token: 16 random hex digits.
+pub fn flight_token() -> String {
+    use std::fmt::Write as _;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        // No system randomness: the time and a counter still differ per flight.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes = (t ^ n.rotate_left(48)).to_le_bytes();
+    }
+    bytes.iter().fold(String::with_capacity(16), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Appends an entry to a flight's log, keeps the log, renews (or on the last entry
+/// releases) the lease only while it is still this flight's, and says so on the channel.
+/// KEYS: lease, log. ARGV: entry, keep ms, token, lease ms, last (1/0), channel.
+const PUBLISH: &str = r"
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[3] then
+  if ARGV[5] == '1' then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  end
+end
+redis.call('PUBLISH', ARGV[6], 1)
+return 1
+";
+
 impl RedisStore {
-    /// Takes the lease on the flight of `key` for `ttl` if nobody holds it, and clears the
-    /// log of an earlier flight. True: this replica leads.
-    pub async fn lease(&self, key: &Key, ttl: Duration) -> Result<bool, RedisError> {
+    /// Takes the lease on the flight of `key` for `ttl` with `token` if nobody holds it.
+    /// True: this replica leads.
+    pub async fn lease(&self, key: &Key, token: &str, ttl: Duration) -> Result<bool, RedisError> {
         let mut conn = self.conn()?;
-        let (lease, log, _) = flight_keys(key);
-        let ms = ttl.as_millis().max(1) as u64;
+        let (lease, _, _) = flight_keys(key, token);
+        let (token, ms) = (token.to_owned(), ttl.as_millis().max(1) as u64);
         self.run(async move {
             let taken: Option<String> = redis::cmd("SET")
                 .arg(&lease)
-                .arg(1)
+                .arg(token)
                 .arg("NX")
                 .arg("PX")
                 .arg(ms)
                 .query_async(&mut conn)
                 .await?;
-            if taken.is_some() {
-                redis::cmd("DEL")
-                    .arg(&log)
-                    .query_async::<()>(&mut conn)
-                    .await?;
-            }
             Ok(taken.is_some())
         })
         .await
     }
 
+    /// The token of the flight that holds the lease of `key`, if any.
+    pub async fn lease_holder(&self, key: &Key) -> Result<Option<String>, RedisError> {
+        let mut conn = self.conn()?;
+        let (lease, _, _) = flight_keys(key, "");
+        self.run(async move {
+            redis::cmd("GET")
+                .arg(&lease)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+        })
+        .await
+    }
+
     /// Appends `entry` to the flight's log (kept `keep` after its last entry), renews the
-    /// lease for `lease`, says so on the channel; `last` releases the lease.
+    /// lease for `lease` while the flight holds it, says so on the channel; `last`
+    /// releases the lease (only the flight's own).
     pub async fn publish(
         &self,
-        key: &Key,
+        (key, token): (&Key, &str),
         entry: Vec<u8>,
         keep: Duration,
         lease: Duration,
         last: bool,
     ) -> Result<(), RedisError> {
         let mut conn = self.conn()?;
-        let (lease_key, log, channel) = flight_keys(key);
-        let (keep, lease) = (keep.as_millis().max(1) as u64, lease.as_millis() as u64);
+        let (lease_key, log, channel) = flight_keys(key, token);
+        let (keep, lease) = (
+            keep.as_millis().max(1) as u64,
+            lease.as_millis().max(1) as u64,
+        );
+        let token = token.to_owned();
         self.run(async move {
-            let mut pipe = redis::pipe();
-            pipe.cmd("RPUSH").arg(&log).arg(entry).ignore();
-            pipe.cmd("PEXPIRE").arg(&log).arg(keep).ignore();
-            if last {
-                pipe.cmd("DEL").arg(&lease_key).ignore();
-            } else {
-                pipe.cmd("PEXPIRE").arg(&lease_key).arg(lease).ignore();
-            }
-            pipe.cmd("PUBLISH").arg(&channel).arg(1).ignore();
-            pipe.query_async::<()>(&mut conn).await
+            redis::Script::new(PUBLISH)
+                .key(lease_key)
+                .key(log)
+                .arg(entry)
+                .arg(keep)
+                .arg(token)
+                .arg(lease)
+                .arg(u8::from(last))
+                .arg(channel)
+                .invoke_async::<()>(&mut conn)
+                .await
         })
         .await
     }
 
     /// The flight's log from entry `from` on.
-    pub async fn log(&self, key: &Key, from: usize) -> Result<Vec<Vec<u8>>, RedisError> {
+    pub async fn log(
+        &self,
+        (key, token): (&Key, &str),
+        from: usize,
+    ) -> Result<Vec<Vec<u8>>, RedisError> {
         let mut conn = self.conn()?;
-        let (_, log, _) = flight_keys(key);
+        let (_, log, _) = flight_keys(key, token);
         self.run(async move {
             redis::cmd("LRANGE")
                 .arg(&log)
@@ -202,22 +258,17 @@ impl RedisStore {
         .await
     }
 
-    /// Whether someone holds the flight's lease.
-    pub async fn leased(&self, key: &Key) -> Result<bool, RedisError> {
-        let mut conn = self.conn()?;
-        let (lease, _, _) = flight_keys(key);
-        self.run(async move {
-            redis::cmd("EXISTS")
-                .arg(&lease)
-                .query_async::<bool>(&mut conn)
-                .await
-        })
-        .await
+    /// Whether the flight `token` still holds the lease of `key`.
+    pub async fn leased(&self, (key, token): (&Key, &str)) -> Result<bool, RedisError> {
+        Ok(self.lease_holder(key).await?.as_deref() == Some(token))
     }
 
     /// A subscription to the flight's channel (a message each time its log grows).
-    pub async fn subscribe(&self, key: &Key) -> Result<redis::aio::PubSubStream, RedisError> {
-        let (_, _, channel) = flight_keys(key);
+    pub async fn subscribe(
+        &self,
+        (key, token): (&Key, &str),
+    ) -> Result<redis::aio::PubSubStream, RedisError> {
+        let (_, _, channel) = flight_keys(key, token);
         let connect = async {
             let mut pubsub = self.client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
@@ -228,4 +279,284 @@ impl RedisStore {
             Err(_) => Err(RedisError::Timeout),
         }
     }
+}
+
+/// Where a semantic entry lives: its partition, text, vector and answer.
+pub fn semantic_key(key: &Key) -> String {
+    format!("{SEMANTIC_PREFIX}{}", key.hex())
+}
+
+const SEMANTIC_PREFIX: &str = "floodgate:cache:semantic:e:";
+
+/// The stream of semantic entries added (field `k`: the entry's key in hex), which every
+/// replica follows.
+pub const SEMANTIC_ADDED: &str = "floodgate:cache:semantic:added";
+
+/// Additions kept in the stream (approximately): a replica that falls further behind
+/// catches up by its start-up scan only.
+const SEMANTIC_ADDED_LEN: u64 = 100_000;
+
+/// A semantic entry as stored in Redis.
+#[derive(Debug, Clone)]
+pub struct SemanticEntry {
+    /// Its key.
+    pub key: Key,
+    /// Its partition.
+    pub partition: Key,
+    /// The prompt's last user message.
+    pub text: String,
+    /// Its embedding.
+    pub vector: Vec<f32>,
+    /// Time left to live.
+    pub ttl: Duration,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSemantic {
+    p: String,
+    t: String,
+    v: String,
+    a: String,
+}
+
+fn key_of_hex(hex: &str) -> Option<Key> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(Key(key))
+}
+
+/// The bytes of a stored semantic entry.
+pub fn semantic_bytes(partition: &Key, text: &str, vector: &[f32], answer: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let floats: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+    serde_json::to_vec(&StoredSemantic {
+        p: partition.hex(),
+        t: text.to_owned(),
+        v: b64.encode(floats),
+        a: b64.encode(answer),
+    })
+    .unwrap_or_default()
+}
+
+/// A stored semantic entry read back: the entry (with `ttl`) and its answer's bytes.
+fn parse_semantic(key: Key, bytes: &[u8], ttl: Duration) -> Option<(SemanticEntry, Vec<u8>)> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let s: StoredSemantic = serde_json::from_slice(bytes).ok()?;
+    let floats = b64.decode(s.v).ok()?;
+    let vector = floats
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let entry = SemanticEntry {
+        key,
+        partition: key_of_hex(&s.p)?,
+        text: s.t,
+        vector,
+        ttl,
+    };
+    Some((entry, b64.decode(s.a).ok()?))
+}
+
+impl RedisStore {
+    /// Stores a semantic entry for `ttl` and announces it on [`SEMANTIC_ADDED`].
+    pub async fn put_semantic(
+        &self,
+        key: &Key,
+        bytes: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), RedisError> {
+        let mut conn = self.conn()?;
+        let (name, hex) = (semantic_key(key), key.hex());
+        let ms = ttl.as_millis().max(1) as u64;
+        self.run(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(&name)
+                .arg(bytes)
+                .arg("PX")
+                .arg(ms)
+                .ignore();
+            pipe.cmd("XADD")
+                .arg(SEMANTIC_ADDED)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(SEMANTIC_ADDED_LEN)
+                .arg("*")
+                .arg("k")
+                .arg(hex)
+                .ignore();
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
+
+    /// The answer bytes of the semantic entry `key`, if it is there.
+    pub async fn get_semantic(&self, key: &Key) -> Result<Option<Vec<u8>>, RedisError> {
+        let mut conn = self.conn()?;
+        let name = semantic_key(key);
+        let bytes = self
+            .run(async move {
+                redis::cmd("GET")
+                    .arg(name)
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(bytes.and_then(|b| parse_semantic(*key, &b, Duration::ZERO).map(|(_, a)| a)))
+    }
+
+    /// The entries `keys` with their time left (those gone are skipped).
+    async fn semantic_entries(&self, keys: Vec<Key>) -> Result<Vec<SemanticEntry>, RedisError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn()?;
+        let names: Vec<String> = keys.iter().map(semantic_key).collect();
+        let replies: Vec<(Option<Vec<u8>>, i64)> = self
+            .run(async move {
+                let mut pipe = redis::pipe();
+                for name in &names {
+                    pipe.cmd("GET").arg(name);
+                    pipe.cmd("PTTL").arg(name);
+                }
+                let flat: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+                let mut out = Vec::new();
+                let mut it = flat.into_iter();
+                while let (Some(v), Some(t)) = (it.next(), it.next()) {
+                    let bytes: Option<Vec<u8>> = redis::from_redis_value(v).ok().flatten();
+                    let ttl: i64 = redis::from_redis_value(t).unwrap_or(-2);
+                    out.push((bytes, ttl));
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(keys
+            .into_iter()
+            .zip(replies)
+            .filter_map(|(key, (bytes, ttl))| {
+                let ttl = Duration::from_millis(u64::try_from(ttl).ok().filter(|t| *t > 0)?);
+                parse_semantic(key, &bytes?, ttl).map(|(e, _)| e)
+            })
+            .collect())
+    }
+
+    /// Every semantic entry in Redis (SCAN), for a replica's start.
+    pub async fn semantic_scan(&self) -> Result<Vec<SemanticEntry>, RedisError> {
+        let mut out = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut conn = self.conn()?;
+            let pattern = format!("{SEMANTIC_PREFIX}*");
+            let (next, names): (u64, Vec<String>) = self
+                .run(async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            let keys = names
+                .iter()
+                .filter_map(|n| key_of_hex(n.strip_prefix(SEMANTIC_PREFIX)?))
+                .collect();
+            out.extend(self.semantic_entries(keys).await?);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The id of the last addition on [`SEMANTIC_ADDED`] (`0-0` when none).
+    pub async fn semantic_added_tail(&self) -> Result<String, RedisError> {
+        let mut conn = self.conn()?;
+        let reply: redis::Value = self
+            .run(async move {
+                redis::cmd("XREVRANGE")
+                    .arg(SEMANTIC_ADDED)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(stream_ids(&reply)
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+    }
+
+    /// The entries added after `last`: the new last id and the entries.
+    pub async fn semantic_added_since(
+        &self,
+        last: &str,
+    ) -> Result<(String, Vec<SemanticEntry>), RedisError> {
+        let mut conn = self.conn()?;
+        let from = last.to_owned();
+        let reply: redis::Value = self
+            .run(async move {
+                redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("STREAMS")
+                    .arg(SEMANTIC_ADDED)
+                    .arg(from)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        // [[stream, [[id, [k, hex]], ...]]] (or a map in RESP3), or nil.
+        let entries = match reply {
+            redis::Value::Array(streams) => streams
+                .into_iter()
+                .filter_map(|s| match s {
+                    redis::Value::Array(mut parts) if parts.len() == 2 => parts.pop(),
+                    _ => None,
+                })
+                .map(|e| stream_ids(&e))
+                .collect::<Vec<_>>()
+                .concat(),
+            _ => Vec::new(),
+        };
+        let next = entries
+            .last()
+            .map_or_else(|| last.to_owned(), |(id, _)| id.clone());
+        let keys = entries
+            .iter()
+            .filter_map(|(_, hex)| key_of_hex(hex))
+            .collect();
+        Ok((next, self.semantic_entries(keys).await?))
+    }
+}
+
+/// `[[id, [field, value, ...]], ...]` -> (id, value of `k`).
+fn stream_ids(v: &redis::Value) -> Vec<(String, String)> {
+    let redis::Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let redis::Value::Array(pair) = item else {
+                return None;
+            };
+            let id: String = redis::from_redis_value_ref(pair.first()?).ok()?;
+            let fields: Vec<String> = redis::from_redis_value_ref(pair.get(1)?).ok()?;
+            let k = fields.chunks_exact(2).find(|f| f[0] == "k")?[1].clone();
+            Some((id, k))
+        })
+        .collect()
 }

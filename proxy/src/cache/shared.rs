@@ -1,6 +1,6 @@
 //! In-flight deduplication across replicas, through Redis: the replica whose request
-//! takes a flight's lease (`SET NX PX`) leads it and appends every entry of its answer to
-//! the flight's log (who answers, each chunk, then how it ended), renewing the lease and
+//! takes a flight's lease (`SET NX PX`, the value a token of its own) leads it and appends
+//! every entry of its answer to the flight's log (named by the token) (who answers, each chunk, then how it ended), renewing the lease and
 //! saying so on the flight's channel. Another replica with the same request reads the log
 //! from its start (so it misses nothing) and then each time the channel speaks (or every
 //! 250 ms), and fans it out to its own waiters as a local flight.
@@ -53,15 +53,24 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    /// Starts publishing the flight of `key`, keeping its log for `keep` after the end.
-    pub fn start(store: Arc<RedisStore>, key: Key, keep: Duration, tasks: &TaskTracker) -> Self {
+    /// Starts publishing the flight `token` of `key`, keeping its log for `keep` after the
+    /// end.
+    pub fn start(
+        store: Arc<RedisStore>,
+        (key, token): (Key, String),
+        keep: Duration,
+        tasks: &TaskTracker,
+    ) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Entry>();
         tasks.spawn(async move {
             let mut ended = false;
             while let Some(entry) = rx.recv().await {
                 let last = matches!(entry, Entry::Done | Entry::Failed | Entry::None);
                 let bytes = serde_json::to_vec(&entry).unwrap_or_default();
-                if let Err(e) = store.publish(&key, bytes, keep, LEASE, last).await {
+                if let Err(e) = store
+                    .publish((&key, &token), bytes, keep, LEASE, last)
+                    .await
+                {
                     tracing::debug!(error = %e, "publishing a shared flight failed");
                 }
                 if last {
@@ -72,7 +81,9 @@ impl Mirror {
             if !ended {
                 // Dropped before its end (the leader went away).
                 let bytes = serde_json::to_vec(&Entry::Failed).unwrap_or_default();
-                let _ = store.publish(&key, bytes, keep, LEASE, true).await;
+                let _ = store
+                    .publish((&key, &token), bytes, keep, LEASE, true)
+                    .await;
             }
         });
         Mirror { tx }
@@ -110,6 +121,7 @@ impl Mirror {
         Box::pin(Published {
             inner: upstream,
             mirror: Some(self),
+            finished: false,
         })
     }
 }
@@ -117,6 +129,8 @@ impl Mirror {
 struct Published {
     inner: ChunkStream,
     mirror: Option<Mirror>,
+    /// A chunk gave a finish reason: an end after it is a complete answer.
+    finished: bool,
 }
 
 impl Stream for Published {
@@ -126,9 +140,11 @@ impl Stream for Published {
         let item = self.inner.as_mut().poll_next(cx);
         match &item {
             Poll::Ready(Some(Ok(chunk))) => {
+                let finished = chunk.choices.iter().any(|c| c.finish_reason.is_some());
                 if let Some(m) = &self.mirror {
                     m.chunk(chunk);
                 }
+                self.finished |= finished;
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(m) = self.mirror.take() {
@@ -137,7 +153,13 @@ impl Stream for Published {
             }
             Poll::Ready(None) => {
                 if let Some(m) = self.mirror.take() {
-                    let _ = m.tx.send(Entry::Done);
+                    // Cut short (no finish reason): followers elsewhere get an error.
+                    let end = if self.finished {
+                        Entry::Done
+                    } else {
+                        Entry::Failed
+                    };
+                    let _ = m.tx.send(end);
                 }
             }
             Poll::Pending => {}
@@ -149,10 +171,13 @@ impl Stream for Published {
 /// The follower's side: waits for the leader's answer to begin; `None` if it got none (or
 /// went away without one): ask again.
 pub async fn follow(store: Arc<RedisStore>, key: Key) -> Option<(Meta, ChunkStream)> {
+    // The flight leading now: its own log, never a later flight's.
+    let token = store.lease_holder(&key).await.ok()??;
     let mut reader = Reader {
-        sub: store.subscribe(&key).await.ok()?,
+        sub: store.subscribe((&key, &token)).await.ok()?,
         store,
         key,
+        token,
         next: 0,
         pending: VecDeque::new(),
     };
@@ -181,6 +206,7 @@ struct Reader {
     store: Arc<RedisStore>,
     sub: redis::aio::PubSubStream,
     key: Key,
+    token: String,
     next: usize,
     pending: VecDeque<Entry>,
 }
@@ -192,7 +218,8 @@ impl Reader {
             if let Some(entry) = self.pending.pop_front() {
                 return Some(entry);
             }
-            let entries = self.store.log(&self.key, self.next).await.ok()?;
+            let flight = (&self.key, self.token.as_str());
+            let entries = self.store.log(flight, self.next).await.ok()?;
             self.next += entries.len();
             self.pending.extend(
                 entries
@@ -202,9 +229,10 @@ impl Reader {
             if !self.pending.is_empty() {
                 continue;
             }
-            if !self.store.leased(&self.key).await.ok()? {
-                // Lapsed: one last look, in case the end landed in between.
-                let entries = self.store.log(&self.key, self.next).await.ok()?;
+            if !self.store.leased(flight).await.ok()? {
+                // Lapsed, or another flight leads now: one last look at this flight's log,
+                // in case its end landed in between.
+                let entries = self.store.log(flight, self.next).await.ok()?;
                 self.next += entries.len();
                 self.pending.extend(
                     entries

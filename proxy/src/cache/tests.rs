@@ -346,3 +346,102 @@ fn a_template_answers_the_last_user_message() {
     let (_, text) = template::answer(&t, &req).unwrap();
     assert_eq!(text, "Hello Ada!");
 }
+
+/// A flight's lease and log share a Redis Cluster slot (the publish script touches both),
+/// and each flight has a log of its own.
+#[test]
+fn a_flights_keys_share_one_hash_tag_and_its_log_is_its_own() {
+    let key = Key([5; 32]);
+    let (lease, log, _) = super::redis::flight_keys(&key, "t1");
+    let tag = |k: &str| {
+        let (start, end) = (k.find('{').unwrap(), k.find('}').unwrap());
+        k[start..=end].to_owned()
+    };
+    assert_eq!(tag(&lease), tag(&log));
+    assert_eq!(tag(&lease), format!("{{{}}}", key.hex()));
+    let (_, other, _) = super::redis::flight_keys(&key, "t2");
+    assert_ne!(log, other);
+    assert_ne!(super::redis::flight_token(), super::redis::flight_token());
+}
+
+/// A stream that ends cleanly without a finish reason: the leader's caller gets it as it
+/// came, a follower gets an error after the chunks, and nothing is stored.
+#[tokio::test]
+async fn followers_of_a_stream_cut_short_get_an_error() {
+    let flights = Arc::new(Flights::default());
+    let tasks = TaskTracker::new();
+    let k = Key([6; 32]);
+    let Role::Lead(leader) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("leads");
+    };
+    let all = chunks_of("one two");
+    // The opening and the text, no finish reason.
+    let upstream = futures::stream::iter(vec![Ok(all[0].clone()), Ok(all[1].clone())]);
+    let follower = match flights.join(k, Duration::from_secs(5)) {
+        Role::Follow(f) => f.subscribe("gpt-4o", true),
+        Role::Lead(_) => panic!("follows"),
+    };
+    let stored = Arc::new(Mutex::new(false));
+    let into = stored.clone();
+    let own = leader.stream(
+        meta(),
+        Box::pin(upstream),
+        ("gpt-4o", true),
+        Duration::from_secs(5),
+        &tasks,
+        move |_| *into.lock().unwrap() = true,
+    );
+    let own: Vec<_> = own.collect().await;
+    assert_eq!(own.len(), 2);
+    assert!(own.iter().all(Result::is_ok));
+    let followed: Vec<_> = follower.collect().await;
+    assert_eq!(followed.len(), 3);
+    assert!(matches!(followed[2], Err(ProviderError::Truncated)));
+    tasks.close();
+    tasks.wait().await;
+    assert!(!*stored.lock().unwrap());
+}
+
+/// A whole answer without a finish reason is not given to followers: they ask again.
+#[tokio::test]
+async fn followers_of_a_whole_answer_cut_short_ask_again() {
+    let flights = Arc::new(Flights::default());
+    let tasks = TaskTracker::new();
+    let k = Key([7; 32]);
+    let Role::Lead(leader) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("leads");
+    };
+    let Role::Follow(flight) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("follows");
+    };
+    let waiting = tokio::spawn(async move { flight.started().await.is_none() });
+    let mut cut = answer("half an answ");
+    cut.response.choices[0].finish_reason = None;
+    leader.complete(meta(), Arc::new(cut), Duration::from_secs(5), &tasks);
+    assert!(waiting.await.unwrap());
+    assert!(matches!(
+        flights.join(k, Duration::from_secs(5)),
+        Role::Lead(_)
+    ));
+}
+
+/// A follower waits for its leader's answer to begin until its own deadline, not longer.
+#[tokio::test(start_paused = true)]
+async fn a_follower_waits_for_its_leader_until_its_own_deadline() {
+    let flights = Arc::new(Flights::default());
+    let k = Key([8; 32]);
+    let Role::Lead(leader) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("leads");
+    };
+    let Role::Follow(flight) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("follows");
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let waiting = tokio::spawn(async move { flight.started_by(deadline).await });
+    tokio::time::advance(Duration::from_secs(10) - Duration::from_millis(1)).await;
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(matches!(waiting.await.unwrap(), flight::Waited::TimedOut));
+    drop(leader);
+}

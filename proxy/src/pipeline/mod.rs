@@ -7,7 +7,7 @@
 //! | 2 | parse            | the door: its wire format -> [`ChatRequest`] (or [`EmbeddingsRequest`]) | built |
 //! | 2b | tenant limits   | here: allowed models, the tenant's rpm / tpm / concurrency ([`identity::limits`]) | built |
 //! | 3 | classify         | here, prompt class: [`routing::classify`] | built          |
-//! | 4 | cache lookup     | [`cache`](crate::cache): templates, then exact answers | built        |
+//! | 4 | cache lookup     | [`cache`](crate::cache): templates, then exact answers, then semantic ones | built |
 //! | 5 | dedup            | [`cache::flight`](crate::cache::flight): join an identical request in flight, fanned out | built |
 //! | 6 | queue (admission)| [`route::attempt`] + [`route::wait`]: per route, by tier (weighted fair queueing), bounded | built |
 //! | 7 | route / attempt  | [`routing::chat`]: rule and chain of pools and local models; in each, [`route`]: key, provider, fallback | built |

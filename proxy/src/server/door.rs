@@ -231,6 +231,11 @@ pub fn decision_headers(headers: &mut HeaderMap, ctx: &RequestCtx, expose_key: b
             HeaderValue::from_static(outcome.as_str()),
         );
     }
+    if let Some(similarity) = ctx.cache.similarity
+        && let Ok(v) = HeaderValue::from_str(&format!("{similarity:.3}"))
+    {
+        headers.insert(HeaderName::from_static(crate::cache::SIMILARITY_HEADER), v);
+    }
     if let Some(queued) = ctx.queued {
         headers.insert(
             HeaderName::from_static(QUEUE_MS),

@@ -1,0 +1,351 @@
+//! `make bench-cache` (e2e/bench/cache.sh runs these, release build, one at a time):
+//! - `quality`: the semantic layer (the real model and the guard) over the fow-cache pairs
+//!   (600 question pairs, half of them traps, and 240 conversation pairs; CC BY 4.0), per
+//!   threshold: the share of hits that are wrong answers, and the hit rate on pairs that
+//!   share an answer; with the model alone for comparison.
+//! - `latency`: exact and semantic hits through the gateway (HTTP on loopback, the mock
+//!   provider behind it), the index's lookup at 100k entries, and memory per entry.
+//!
+//! Ignored in `make test`: they need the data set (FLOODGATE_FOW_DATA, fetched by the
+//! script) and a release build to mean anything.
+
+#![cfg(test)]
+
+use floodgate_e2e::gateway::Gateway;
+use floodgate_e2e::mock::{MockConfig, MockProviders};
+use floodgate_proxy::cache::key::Key;
+use floodgate_proxy::cache::semantic::embed::{DIM, Model, cosine, default_dir};
+use floodgate_proxy::cache::semantic::guard;
+use floodgate_proxy::cache::semantic::index::{Index, entry_bytes};
+use floodgate_proxy::route::Dispatcher;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn data_dir() -> PathBuf {
+    PathBuf::from(
+        std::env::var("FLOODGATE_FOW_DATA").expect(
+            "FLOODGATE_FOW_DATA: the fow_cache/data directory (e2e/bench/cache.sh fetches it)",
+        ),
+    )
+}
+
+fn jsonl(path: PathBuf) -> Vec<Value> {
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn load_avg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// One labelled pair: the cached text, the new text, whether earlier turns agree, whether
+/// one answer serves both, and its category.
+struct Pair {
+    a: String,
+    b: String,
+    history_same: bool,
+    same_answer: bool,
+    category: String,
+}
+
+fn last_user(messages: &Value) -> String {
+    messages.as_array().unwrap().last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn history(messages: &Value) -> Vec<Value> {
+    let all = messages.as_array().unwrap();
+    all[..all.len() - 1].to_vec()
+}
+
+#[test]
+#[ignore = "benchmark: make bench-cache"]
+fn quality() {
+    let dir = data_dir();
+    let mut pairs: Vec<Pair> = jsonl(dir.join("pairs.jsonl"))
+        .into_iter()
+        .map(|v| Pair {
+            a: v["a"].as_str().unwrap().to_owned(),
+            b: v["b"].as_str().unwrap().to_owned(),
+            history_same: true,
+            same_answer: v["same_answer"].as_bool().unwrap(),
+            category: v["category"].as_str().unwrap().to_owned(),
+        })
+        .collect();
+    let questions = pairs.len();
+    for sub in ["conv-parts", "conv-long"] {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files {
+            for v in jsonl(f) {
+                pairs.push(Pair {
+                    a: last_user(&v["a"]),
+                    b: last_user(&v["b"]),
+                    history_same: history(&v["a"]) == history(&v["b"]),
+                    same_answer: v["same_answer"].as_bool().unwrap(),
+                    category: format!("conv:{}", v["subtype"].as_str().unwrap()),
+                });
+            }
+        }
+    }
+    let model = Model::load(&default_dir()).expect("the embedding model (make model)");
+    let texts: Vec<&str> = pairs
+        .iter()
+        .flat_map(|p| [p.a.as_str(), p.b.as_str()])
+        .collect();
+    let started = Instant::now();
+    let mut vectors = Vec::new();
+    for batch in texts.chunks(32) {
+        vectors.extend(model.embed(batch).unwrap());
+    }
+    let took = started.elapsed();
+    let scored: Vec<(f32, bool)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                cosine(&vectors[2 * i], &vectors[2 * i + 1]),
+                guard::check(&p.a, &p.b).is_ok(),
+            )
+        })
+        .collect();
+    eprintln!(
+        "\nsemantic cache quality: fow-cache {} question pairs + {} conversation pairs (CC BY 4.0)",
+        questions,
+        pairs.len() - questions
+    );
+    eprintln!(
+        "embedded {} texts in {:.1} s ({:.1} ms each, batches of 32); load average {}",
+        texts.len(),
+        took.as_secs_f64(),
+        took.as_secs_f64() * 1e3 / texts.len() as f64,
+        load_avg()
+    );
+    let report = |title: &str, keep: &dyn Fn(&Pair) -> bool| {
+        eprintln!("\n{title}");
+        eprintln!(
+            "threshold | guard: hits  false  false/hits  paraphrase hit rate | model alone: hits  false  false/hits  paraphrase hit rate"
+        );
+        let should = pairs.iter().filter(|p| keep(p) && p.same_answer).count();
+        for t in [
+            0.80f32, 0.85, 0.88, 0.90, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98,
+        ] {
+            let mut row = String::new();
+            for guarded in [true, false] {
+                let (mut hits, mut wrong, mut right) = (0, 0, 0);
+                for (p, (s, ok)) in pairs.iter().zip(&scored) {
+                    if !keep(p) || !p.history_same || *s < t || (guarded && !ok) {
+                        continue;
+                    }
+                    hits += 1;
+                    if p.same_answer {
+                        right += 1
+                    } else {
+                        wrong += 1
+                    }
+                }
+                row.push_str(&format!(
+                    " | {hits:5} {wrong:6} {:9.1}% {:9.1}% ({right}/{should})",
+                    100.0 * wrong as f64 / hits.max(1) as f64,
+                    100.0 * right as f64 / should.max(1) as f64
+                ));
+            }
+            eprintln!("     {t:.2}{row}");
+        }
+    };
+    report("question pairs (pairs.jsonl):", &|p| {
+        !p.category.starts_with("conv:")
+    });
+    report(
+        "conversation pairs (earlier turns must match exactly, then the last message is compared):",
+        &|p| p.category.starts_with("conv:"),
+    );
+    // Per category at the default threshold.
+    eprintln!("\nat 0.95 by category: pairs, hits with the guard, hits by the model alone");
+    let mut cats: Vec<&str> = pairs.iter().map(|p| p.category.as_str()).collect();
+    cats.sort();
+    cats.dedup();
+    for c in cats {
+        let of: Vec<_> = pairs
+            .iter()
+            .zip(&scored)
+            .filter(|(p, _)| p.category == c)
+            .collect();
+        let guarded = of
+            .iter()
+            .filter(|(p, (s, ok))| p.history_same && *s >= 0.95 && *ok)
+            .count();
+        let alone = of
+            .iter()
+            .filter(|(p, (s, _))| p.history_same && *s >= 0.95)
+            .count();
+        eprintln!("  {c:32} {:4} {guarded:4} {alone:4}", of.len());
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+fn summary(name: &str, mut times: Vec<Duration>) {
+    times.sort();
+    eprintln!(
+        "{name:28} n={:5}  p50 {:7.2} ms  p90 {:7.2} ms  p99 {:7.2} ms  max {:7.2} ms",
+        times.len(),
+        percentile(&times, 0.5),
+        percentile(&times, 0.9),
+        percentile(&times, 0.99),
+        percentile(&times, 1.0)
+    );
+}
+
+fn unit(seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v: Vec<f32> = (0..DIM)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let n = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|a| *a /= n);
+    v
+}
+
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<usize>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: make bench-cache"]
+async fn latency() {
+    eprintln!(
+        "\ncache latency (release build; load average {} at start)",
+        load_avg()
+    );
+    // The index alone: 100k entries in one partition (the worst case: one tenant, one
+    // model, one system prompt).
+    let mut index = Index::default();
+    let partition = Key([7; 32]);
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let rss = rss_bytes();
+    let text = "How do I report a missed bin collection in my area?";
+    for i in 0..100_000u64 {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&i.to_le_bytes());
+        index.insert(partition, Key(k), text.to_owned(), &unit(i), far);
+    }
+    let grown = rss_bytes().saturating_sub(rss);
+    let mut times = Vec::new();
+    let now = tokio::time::Instant::now();
+    for i in 0..200u64 {
+        let q = unit(1_000_000 + i);
+        let started = Instant::now();
+        let found = index.search(&partition, &q, 0.95, now, 8);
+        times.push(started.elapsed());
+        assert!(found.len() <= 8);
+    }
+    summary("index search, 100k entries", times);
+    eprintln!(
+        "index memory: {} B per entry counted ({} B vector + text + {} B overhead); RSS grew {:.0} B per entry",
+        index.bytes() / index.len(),
+        DIM * 4,
+        entry_bytes("") - DIM * 4,
+        grown as f64 / 100_000.0
+    );
+    // Through the gateway: exact hits and semantic hits (a paraphrase, embedded each time).
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n\
+         \x20 providers:\n\
+         \x20 - {{name: up, type: openai, baseUrl: \"{}\", models: [{{name: gpt-4o}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 1000000}}]}}\n\
+         ---\napiVersion: floodgate.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: cache}}\nspec:\n\
+         \x20 exact: {{ttlSeconds: 3600}}\n\
+         \x20 semantic: {{ttlSeconds: 3600, threshold: 0.95}}\n",
+        mock.base_url()
+    );
+    let mut cache = None;
+    let gw = Gateway::start_configured(
+        &yaml,
+        Dispatcher::new(Duration::from_secs(60), Duration::from_secs(10)).unwrap(),
+        |s| cache = Some(s.cache.clone()),
+    )
+    .await
+    .unwrap();
+    let cache = cache.unwrap();
+    cache.prepare(&gw.dispatcher.config());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cache.semantic().ready() {
+        assert!(Instant::now() < deadline, "the model did not load");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let ask = |p: &str| json!({"model": "gpt-4o", "max_tokens": 50, "messages": [{"role": "user", "content": p}]});
+    let send = |body: Value| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let started = Instant::now();
+            let r = client.post(&url).json(&body).send().await.unwrap();
+            let cache = r
+                .headers()
+                .get("x-floodgate-cache")
+                .map(|v| v.to_str().unwrap().to_owned());
+            r.bytes().await.unwrap();
+            (started.elapsed(), cache.unwrap_or_default())
+        }
+    };
+    let original = "How do I report a missed bin collection?";
+    assert_eq!(send(ask(original)).await.1, "miss");
+    while cache.semantic().index().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for _ in 0..50 {
+        send(ask(original)).await;
+    }
+    let mut exact = Vec::new();
+    for _ in 0..2000 {
+        let (t, c) = send(ask(original)).await;
+        assert_eq!(c, "exact");
+        exact.push(t);
+    }
+    summary("exact hit through the proxy", exact);
+    let mut semantic = Vec::new();
+    for i in 0..300 {
+        // Each a different wording (the paraphrase is not stored, so it is embedded each
+        // time); every one a hit.
+        let p = if i % 2 == 0 {
+            "how do I report a missed bin collection please"
+        } else {
+            "How do I report a missed bin collection"
+        };
+        let (t, c) = send(ask(p)).await;
+        assert_eq!(c, "semantic", "{p}");
+        semantic.push(t);
+    }
+    summary("semantic hit through the proxy", semantic);
+    eprintln!("load average at the end: {}", load_avg());
+}

@@ -1,0 +1,365 @@
+//! The semantic cache through the gateway, against the mock providers (whose answer names
+//! the prompt it answers, so a hit is told from a fresh answer): a paraphrase served with
+//! its similarity, never across tenants or models, the guard's traps refused, the
+//! multi-turn rule, TTL expiry, and Redis shared by two replicas and read by a new one.
+//!
+//! The embedding model must be installed (`make model`; FLOODGATE_EMBEDDING_MODEL_DIR or
+//! ~/.cache/floodgate/models/all-MiniLM-L6-v2): without it these tests fail, saying so.
+
+// Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
+#![cfg(test)]
+
+use floodgate_e2e::gateway::Gateway;
+use floodgate_e2e::mock::{MockConfig, MockProviders, answer_for};
+use floodgate_e2e::redis::RedisServer;
+use floodgate_proxy::budget::SharedOptions;
+use floodgate_proxy::cache::Cache;
+use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
+use floodgate_proxy::secret::SecretString;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const WINDOW: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(10);
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+fn pool(mock: &MockProviders) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n\
+         \x20 providers:\n\
+         \x20 - {{name: up, type: openai, baseUrl: \"{}\", models: [{{name: gpt-4o}}, {{name: gpt-4o-mini}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 100000}}]}}\n",
+        mock.base_url()
+    )
+}
+
+/// A CachePolicy with the semantic layer only (no exact entries, no dedup), so every hit
+/// here is the semantic layer's.
+fn policy(backend: &str, threshold: f64, ttl: u32) -> String {
+    format!(
+        "---\napiVersion: floodgate.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: cache}}\nspec:\n\
+         \x20 backend: {backend}\n\
+         \x20 semantic: {{ttlSeconds: {ttl}, threshold: {threshold}}}\n"
+    )
+}
+
+const TENANTS: &str = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: clients}\nstringData: {acme: sk-acme, globex: sk-globex}\n\
+---\napiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: acme}\nspec:\n  keys: [{name: main, secretRef: {name: clients, key: acme}}]\n\
+---\napiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: globex}\nspec:\n  keys: [{name: main, secretRef: {name: clients, key: globex}}]\n";
+
+/// A gateway on `yaml` (with `dispatcher`) whose embedding model is loaded.
+async fn gateway(yaml: &str, dispatcher: Dispatcher) -> (Gateway, Arc<Cache>) {
+    let mut cache = None;
+    let gw = Gateway::start_configured(yaml, dispatcher, |state| {
+        cache = Some(state.cache.clone());
+    })
+    .await
+    .unwrap();
+    let cache = cache.unwrap();
+    cache.prepare(&gw.dispatcher.config());
+    wait_for("the embedding model to load (run `make model`)", || {
+        cache.semantic().ready()
+    })
+    .await;
+    (gw, cache)
+}
+
+fn dispatcher() -> Dispatcher {
+    Dispatcher::new(WINDOW, WAIT).unwrap()
+}
+
+async fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn chat(model: &str, messages: Value, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "max_tokens": 50, "messages": messages})
+}
+
+fn ask(prompt: &str) -> Value {
+    chat(
+        "gpt-4o",
+        json!([{"role": "user", "content": prompt}]),
+        false,
+    )
+}
+
+/// What a caller got: the cache header, the similarity header, the answer's text.
+#[derive(Debug)]
+struct Got {
+    cache: String,
+    similarity: Option<f32>,
+    text: String,
+}
+
+async fn post(url: &str, body: &Value, headers: &[(&str, &str)]) -> Got {
+    let mut request = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let cache = header("x-floodgate-cache").unwrap_or_default();
+    let similarity = header("x-floodgate-cache-similarity").map(|s| s.parse().unwrap());
+    let raw = response.text().await.unwrap();
+    assert!(status.is_success(), "{status}: {raw}");
+    let text = if body["stream"].as_bool().unwrap_or(false) {
+        assert!(raw.contains("data: [DONE]"), "{raw}");
+        raw.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| {
+                serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect()
+    } else {
+        let v: Value = serde_json::from_str(&raw).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    Got {
+        cache,
+        similarity,
+        text,
+    }
+}
+
+/// A miss, stored: waits until the store (in the background) is in the index.
+async fn store(url: &str, cache: &Cache, body: &Value, headers: &[(&str, &str)]) {
+    let before = cache.semantic().index().len();
+    assert_eq!(post(url, body, headers).await.cache, "miss");
+    wait_for("the semantic entry to be stored", || {
+        cache.semantic().index().len() > before
+    })
+    .await;
+}
+
+const ORIGINAL: &str = "How do I report a missed bin collection?";
+const PARAPHRASE: &str = "how do I report a missed bin collection please";
+
+#[tokio::test]
+async fn a_paraphrase_is_answered_from_the_semantic_cache() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (gw, cache) = gateway(&(pool(&mock) + &policy("memory", 0.95, 3600)), dispatcher()).await;
+    let url = gw.url();
+    store(&url, &cache, &ask(ORIGINAL), &[]).await;
+    let got = post(&url, &ask(PARAPHRASE), &[]).await;
+    assert_eq!(got.cache, "semantic", "{got:?}");
+    assert_eq!(got.text, answer_for(ORIGINAL));
+    let similarity = got.similarity.unwrap();
+    assert!((0.95..1.0).contains(&similarity), "{similarity}");
+    // Streamed too, replayed from the stored answer.
+    let mut streamed = ask(PARAPHRASE);
+    streamed["stream"] = json!(true);
+    let got = post(&url, &streamed, &[]).await;
+    assert_eq!(
+        (got.cache.as_str(), got.text),
+        ("semantic", answer_for(ORIGINAL))
+    );
+    assert_eq!(mock.counts().total(), 1);
+    // Something else altogether is a miss.
+    assert_eq!(
+        post(&url, &ask("What is the capital of France?"), &[])
+            .await
+            .cache,
+        "miss"
+    );
+    let metrics = client()
+        .get(format!("{}/metrics", gw.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("floodgate_cache_requests_total{result=\"semantic\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("floodgate_cache_lookup_seconds_count{backend=\"semantic\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn no_semantic_hit_across_tenants_or_models() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (gw, cache) = gateway(
+        &(pool(&mock) + &policy("memory", 0.95, 3600) + TENANTS),
+        dispatcher(),
+    )
+    .await;
+    let url = gw.url();
+    let acme = [("authorization", "Bearer sk-acme")];
+    let globex = [("authorization", "Bearer sk-globex")];
+    store(&url, &cache, &ask(ORIGINAL), &acme).await;
+    assert_eq!(post(&url, &ask(PARAPHRASE), &acme).await.cache, "semantic");
+    let got = post(&url, &ask(PARAPHRASE), &globex).await;
+    assert_eq!(
+        (got.cache.as_str(), got.text),
+        ("miss", answer_for(PARAPHRASE))
+    );
+    let mut mini = ask(PARAPHRASE);
+    mini["model"] = json!("gpt-4o-mini");
+    assert_eq!(post(&url, &mini, &acme).await.cache, "miss");
+    // Another system prompt is another partition too.
+    let system = chat(
+        "gpt-4o",
+        json!([{"role": "system", "content": "Answer in French."}, {"role": "user", "content": PARAPHRASE}]),
+        false,
+    );
+    assert_eq!(post(&url, &system, &acme).await.cache, "miss");
+    assert_eq!(mock.counts().total(), 4);
+}
+
+/// Traps score high with the model alone (the threshold here is low enough that each
+/// would be a hit without the guard); the guard refuses every one.
+#[tokio::test]
+async fn the_guard_refuses_negations_swaps_and_numbers() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (gw, cache) = gateway(&(pool(&mock) + &policy("memory", 0.8, 3600)), dispatcher()).await;
+    let url = gw.url();
+    let traps = [
+        (
+            "How do I enable two-factor authentication?",
+            "How do I disable two-factor authentication?",
+        ),
+        ("Cancel my subscription", "Don't cancel my subscription"),
+        (
+            "How do I convert a Word document to PDF?",
+            "How do I convert a PDF to a Word document?",
+        ),
+        (
+            "How much is the Pro plan for 5 users?",
+            "How much is the Pro plan for 50 users?",
+        ),
+    ];
+    for (cached, trap) in traps {
+        store(&url, &cache, &ask(cached), &[]).await;
+        let got = post(&url, &ask(trap), &[]).await;
+        assert_eq!(
+            (got.cache.as_str(), got.text),
+            ("miss", answer_for(trap)),
+            "{trap}"
+        );
+    }
+    let refusals = floodgate_proxy::cache::metrics::get()
+        .guard_refusals
+        .get_or_create(&floodgate_proxy::cache::metrics::ReasonLabels { reason: "order" })
+        .get();
+    assert!(refusals >= 1, "the swap was not refused by the guard");
+    assert_eq!(mock.counts().total(), 8);
+}
+
+/// Earlier turns must match exactly; then the last message may be a paraphrase.
+#[tokio::test]
+async fn multi_turn_hits_need_the_same_earlier_turns() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (gw, cache) = gateway(&(pool(&mock) + &policy("memory", 0.95, 3600)), dispatcher()).await;
+    let url = gw.url();
+    let turns = |first: &str, last: &str| {
+        chat(
+            "gpt-4o",
+            json!([
+                {"role": "user", "content": first},
+                {"role": "assistant", "content": "Sure, which council area?"},
+                {"role": "user", "content": last}
+            ]),
+            false,
+        )
+    };
+    store(&url, &cache, &turns("I live in Leeds.", ORIGINAL), &[]).await;
+    let got = post(&url, &turns("I live in Leeds.", PARAPHRASE), &[]).await;
+    assert_eq!(got.cache, "semantic");
+    let got = post(&url, &turns("I live in York.", PARAPHRASE), &[]).await;
+    assert_eq!(got.cache, "miss");
+    // The single-turn question is not the conversation's.
+    assert_eq!(post(&url, &ask(PARAPHRASE), &[]).await.cache, "miss");
+    assert_eq!(mock.counts().total(), 3);
+}
+
+#[tokio::test]
+async fn semantic_entries_expire_at_their_ttl() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (gw, cache) = gateway(&(pool(&mock) + &policy("memory", 0.95, 1)), dispatcher()).await;
+    let url = gw.url();
+    let asked = Instant::now();
+    store(&url, &cache, &ask(ORIGINAL), &[]).await;
+    // The entry's TTL started when it was stored: after `asked`, before now.
+    let stored = Instant::now();
+    let got = post(&url, &ask(PARAPHRASE), &[("cache-control", "no-store")]).await;
+    if asked.elapsed() < Duration::from_millis(900) {
+        assert_eq!(got.cache, "semantic");
+    }
+    // Past the TTL of 1 s.
+    tokio::time::sleep(
+        Duration::from_secs(1).saturating_sub(stored.elapsed()) + Duration::from_millis(20),
+    )
+    .await;
+    let got = post(&url, &ask(PARAPHRASE), &[]).await;
+    assert_eq!(
+        (got.cache.as_str(), got.text),
+        ("miss", answer_for(PARAPHRASE))
+    );
+}
+
+fn redis_dispatcher(redis: &RedisServer) -> Dispatcher {
+    let opts = DispatcherOptions::new(WINDOW, WAIT)
+        .with_redis(SharedOptions::new(SecretString::new(redis.url())));
+    Dispatcher::with_options(opts).unwrap()
+}
+
+/// Two replicas share semantic entries through Redis (the second follows the first's
+/// additions), and a replica started later builds its index from Redis.
+#[tokio::test]
+async fn replicas_share_semantic_entries_through_redis() {
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let yaml = pool(&mock) + &policy("redis", 0.95, 3600);
+    let (a, cache_a) = gateway(&yaml, redis_dispatcher(&redis)).await;
+    let (b, cache_b) = gateway(&yaml, redis_dispatcher(&redis)).await;
+    store(&a.url(), &cache_a, &ask(ORIGINAL), &[]).await;
+    wait_for("B to follow A's entry", || {
+        cache_b.semantic().index().len() == 1
+    })
+    .await;
+    let got = post(&b.url(), &ask(PARAPHRASE), &[]).await;
+    assert_eq!(
+        (got.cache.as_str(), got.text),
+        ("semantic", answer_for(ORIGINAL))
+    );
+    // A replica started now warms its index from Redis.
+    let (c, cache_c) = gateway(&yaml, redis_dispatcher(&redis)).await;
+    wait_for("C to read the entries in Redis", || {
+        cache_c.semantic().index().len() == 1
+    })
+    .await;
+    let got = post(&c.url(), &ask(PARAPHRASE), &[]).await;
+    assert_eq!(
+        (got.cache.as_str(), got.text),
+        ("semantic", answer_for(ORIGINAL))
+    );
+    assert_eq!(mock.counts().total(), 1);
+}

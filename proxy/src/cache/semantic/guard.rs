@@ -1,0 +1,511 @@
+//! The guard against wrong semantic hits: a lexical check of what differs between the
+//! cached prompt and the new one. Sentence embeddings score known traps close to
+//! paraphrases (`enable X` / `disable X`, `from A to B` / `from B to A`, `top 5` / `top
+//! 50`, `Austria` / `Australia`), so a candidate above the threshold is served only when
+//! the words that carry meaning are the same, in the same order. What may differ:
+//! - function words, phrasing and conversational filler (`how do I`, `what's the way to`,
+//!   `please`, `okay so`, `hi`, `sorry to bother you, but`, `um`);
+//! - a phrase moved to the front and set off by a comma (`In the app, how do I ...?`);
+//! - case, punctuation and contractions (`what's` = `what is`, `don't` = `do not`);
+//! - spelling slips and inflections of ordinary words (`colection`, `refunds`), never of
+//!   a number, never of a name (a capitalised word inside the sentence), never a negating
+//!   prefix (`safe` / `unsafe`);
+//! - a few general synonyms ([`SYNONYMS`]).
+//!
+//! Anything else refuses the hit: a number that differs, a negation word added or removed,
+//! a content word on one side only, the same words in another order.
+
+use std::collections::HashMap;
+
+/// Why a candidate was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A number differs (`top 5` / `top 50`, `2pm` / `2am`).
+    Number(String),
+    /// A negation is on one side only (`not`, `no`, `never`, `without`, `un-` ...).
+    Negation(String),
+    /// The same content words in another order (`from A to B` / `from B to A`).
+    Order,
+    /// A content word on one side only.
+    Content(String),
+}
+
+impl Refusal {
+    /// The metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Refusal::Number(_) => "number",
+            Refusal::Negation(_) => "negation",
+            Refusal::Order => "order",
+            Refusal::Content(_) => "content",
+        }
+    }
+}
+
+/// Words that phrase a question without changing what it asks.
+#[rustfmt::skip]
+const FUNCTION_WORDS: &[&str] = &[
+    "a", "an", "the", "i", "me", "my", "mine", "myself", "we", "us", "our", "you", "your", "it",
+    "its", "this", "that", "these", "those", "there", "here", "is", "are", "was", "were", "be",
+    "been", "being", "am", "do", "does", "did", "doing", "done", "can", "could", "would",
+    "will", "shall", "may", "might", "must", "should", "have", "has", "had", "what", "whats",
+    "how", "hows", "which", "please", "pls", "kindly", "okay", "ok", "so", "well", "just", "hi",
+    "hello", "hey", "thanks", "thank", "um", "uh", "tell", "know", "want", "wanted", "need",
+    "like", "wondering", "wonder", "let", "explain", "help", "way", "ways", "method", "steps",
+    "some", "any", "anyone", "somebody", "to", "of", "s", "d", "ll", "ve", "re", "m", "really",
+    "actually", "exactly", "question", "about", "go", "going", "able", "possible", "in", "on",
+    "at", "for", "and", "or", "if", "then", "by", "but", "hiya", "cheers", "sorry", "bother",
+    "silly", "er", "erm", "hmm", "yeah", "yes", "many", "advance", "excuse",
+];
+
+/// Words that negate.
+#[rustfmt::skip]
+const NEGATIONS: &[&str] = &[
+    "not", "no", "never", "none", "nothing", "nobody", "nowhere", "neither", "nor", "without",
+    "cannot", "cant", "dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "wont",
+    "wouldnt", "shouldnt", "couldnt", "hasnt", "havent", "hadnt", "mustnt", "off", "disable",
+    "disabled", "stop", "avoid", "unable", "non", "except", "excluding",
+];
+
+/// Prefixes that negate the word they begin.
+const NEGATING_PREFIXES: &[&str] = &["un", "in", "im", "il", "ir", "dis", "non", "de", "anti"];
+
+/// General synonyms: each group's words are read as its first.
+pub const SYNONYMS: &[&[&str]] = &[
+    &["fast", "quick", "rapid", "speedy"],
+    &["fastest", "quickest"],
+    &["buy", "purchase"],
+    &["quote", "quotation"],
+    &["price", "cost"],
+    &["fix", "repair"],
+    &["change", "switch", "alter"],
+    &["shop", "store"],
+    &["start", "begin"],
+    &["big", "large"],
+    &["choose", "pick", "select"],
+    &["use", "utilise", "utilize"],
+    &["receive", "get"],
+    &["correct", "right"],
+    &["error", "mistake"],
+];
+
+/// A word of a prompt.
+#[derive(Debug, Clone)]
+struct Word {
+    /// Lowercase, synonyms read as one.
+    text: String,
+    /// Has a digit: compared exactly.
+    number: bool,
+    /// Capitalised inside the sentence (a name): compared exactly.
+    name: bool,
+    /// Commas before it in its text.
+    clause: usize,
+}
+
+/// The meaning-carrying words of `text`, in order.
+fn words(text: &str) -> Vec<Word> {
+    let synonyms: HashMap<&str, &str> = SYNONYMS
+        .iter()
+        .flat_map(|g| g.iter().map(move |w| (*w, g[0])))
+        .collect();
+    let mut out = Vec::new();
+    let mut sentence_start = true;
+    let mut clause = 0;
+    for raw in split(text) {
+        let ends_sentence = raw.ends_with(['.', '?', '!', ':', ';']);
+        let starts_sentence = std::mem::replace(&mut sentence_start, ends_sentence);
+        let comma = raw.ends_with(',');
+        let raw = raw.trim_matches(|c: char| !c.is_alphanumeric() && c != '\'' && c != '’');
+        if raw.is_empty() {
+            clause += usize::from(comma);
+            continue;
+        }
+        for part in expand(raw) {
+            let lower = part.to_lowercase();
+            if lower.is_empty() || FUNCTION_WORDS.contains(&lower.as_str()) {
+                continue;
+            }
+            let number = lower.chars().any(|c| c.is_ascii_digit());
+            let name = !starts_sentence
+                && part.chars().next().is_some_and(char::is_uppercase)
+                && part != "I";
+            let text = synonyms
+                .get(lower.as_str())
+                .map_or(lower, |s| (*s).to_owned());
+            out.push(Word {
+                text,
+                number,
+                name,
+                clause,
+            });
+        }
+        clause += usize::from(comma);
+    }
+    out
+}
+
+/// Splits on whitespace, and on hyphens and slashes between letters (`check-in`).
+fn split(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| c.is_whitespace() || c == '-' || c == '/' || c == '–')
+        .filter(|s| !s.is_empty())
+}
+
+/// A word with its contraction undone (`don't` -> `do not`), and a number's thousands
+/// separators taken out (`40,000` -> `40000`).
+fn expand(raw: &str) -> Vec<String> {
+    let word = raw.replace('’', "'");
+    if word.chars().any(|c| c.is_ascii_digit()) {
+        let kept: String = word
+            .chars()
+            .filter(|c| c.is_alphanumeric() || *c == '.')
+            .collect();
+        return vec![kept];
+    }
+    let lower = word.to_lowercase();
+    let cut = |n: usize| word[..word.len() - n].to_owned();
+    let out = if lower == "can't" || lower == "cannot" {
+        vec!["can".to_owned(), "not".to_owned()]
+    } else if lower == "won't" {
+        vec!["will".to_owned(), "not".to_owned()]
+    } else if lower.ends_with("n't") {
+        vec![cut(3), "not".to_owned()]
+    } else if let Some(at) = word.find('\'') {
+        // what's, I'm, you're, I've, it'll, I'd, the customer's: the stem alone.
+        vec![word[..at].to_owned()]
+    } else {
+        vec![word]
+    };
+    out.into_iter()
+        .map(|w| w.chars().filter(|c| c.is_alphanumeric()).collect())
+        .collect()
+}
+
+/// Checks that `new` asks what `cached` asked: `Ok` when the difference is harmless.
+pub fn check(cached: &str, new: &str) -> Result<(), Refusal> {
+    let a = words(cached);
+    let b = words(new);
+    // Pair each word of `a` with the same word of `b`, then leftovers with a near form.
+    let mut b_used = vec![false; b.len()];
+    let mut pair: Vec<Option<usize>> = vec![None; a.len()];
+    for (i, w) in a.iter().enumerate() {
+        if let Some(j) = (0..b.len()).find(|&j| !b_used[j] && b[j].text == w.text) {
+            b_used[j] = true;
+            pair[i] = Some(j);
+        }
+    }
+    for (i, w) in a.iter().enumerate() {
+        if pair[i].is_some() {
+            continue;
+        }
+        let near = (0..b.len()).find(|&j| !b_used[j] && near_form(w, &b[j]));
+        if let Some(j) = near {
+            b_used[j] = true;
+            pair[i] = Some(j);
+        }
+    }
+    let left_a = a
+        .iter()
+        .zip(&pair)
+        .filter(|(_, p)| p.is_none())
+        .map(|(w, _)| w);
+    let left_b = b.iter().zip(&b_used).filter(|(_, u)| !**u).map(|(w, _)| w);
+    let left: Vec<&Word> = left_a.chain(left_b).collect();
+    if let Some(w) = left.iter().find(|w| w.number) {
+        return Err(Refusal::Number(w.text.clone()));
+    }
+    if let Some(w) = left.iter().find(|w| negating(&w.text)) {
+        return Err(Refusal::Negation(w.text.clone()));
+    }
+    if let Some(w) = left.first() {
+        return Err(Refusal::Content(w.text.clone()));
+    }
+    // Every word paired: in the same order, or with one text's opening phrase (up to its
+    // first comma) moved to the end in the other?
+    let order: Vec<usize> = pair.iter().flatten().copied().collect();
+    if ascending(&order) {
+        return Ok(());
+    }
+    let mut back: Vec<(usize, usize)> = pair
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| j.map(|j| (j, i)))
+        .collect();
+    back.sort_unstable();
+    let order_back: Vec<usize> = back.into_iter().map(|(_, i)| i).collect();
+    if fronted(&order, &b) || fronted(&order_back, &a) {
+        return Ok(());
+    }
+    Err(Refusal::Order)
+}
+
+fn ascending(order: &[usize]) -> bool {
+    order.windows(2).all(|w| w[0] < w[1])
+}
+
+/// Whether `order` (positions in `words`, in the other text's order) reads `words` with its
+/// opening phrase (the words before its first comma) moved to the end: `In the app,
+/// how do I log out?` against `How do I log out in the app?`.
+fn fronted(order: &[usize], words: &[Word]) -> bool {
+    let Some(split) = words.iter().position(|w| w.clause > 0) else {
+        return false;
+    };
+    if split == 0 {
+        return false;
+    }
+    let k = order.iter().position(|&j| j < split).unwrap_or(order.len());
+    let (rest, opening) = order.split_at(k);
+    rest.iter().all(|&j| j >= split)
+        && opening.iter().all(|&j| j < split)
+        && ascending(rest)
+        && ascending(opening)
+}
+
+fn negating(word: &str) -> bool {
+    NEGATIONS.contains(&word)
+}
+
+/// Whether two different words are one word misspelt or inflected: ordinary words only
+/// (no numbers, no names), not a negating prefix, and then the same stem or one edit apart
+/// (two for long words).
+fn near_form(a: &Word, b: &Word) -> bool {
+    if a.number || b.number || a.name || b.name {
+        return false;
+    }
+    let (a, b) = (a.text.as_str(), b.text.as_str());
+    if negated_form(a, b) || negated_form(b, a) || negating(a) || negating(b) {
+        return false;
+    }
+    if stem(a) == stem(b) && stem(a).len() >= 3 {
+        return true;
+    }
+    let shorter = a.len().min(b.len());
+    let allowed = match shorter {
+        0..=4 => 0,
+        5..=8 => 1,
+        _ => 2,
+    };
+    allowed > 0 && a.get(..1) == b.get(..1) && edits(a, b) <= allowed
+}
+
+/// Whether `a` is `b` with a negating prefix (`unsafe` / `safe`).
+fn negated_form(a: &str, b: &str) -> bool {
+    NEGATING_PREFIXES
+        .iter()
+        .any(|p| a.strip_prefix(p).is_some_and(|rest| rest == b))
+}
+
+/// A crude English stem: plural and verb endings off.
+fn stem(w: &str) -> &str {
+    for suffix in ["ies", "es", "s", "ing", "ed"] {
+        if let Some(s) = w.strip_suffix(suffix)
+            && s.len() >= 3
+        {
+            return s;
+        }
+    }
+    w
+}
+
+/// Optimal-string-alignment distance (insertions, deletions, substitutions,
+/// transpositions of neighbours).
+fn edits(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    if let Some(first) = d.first_mut() {
+        for (j, cell) in first.iter_mut().enumerate() {
+            *cell = j;
+        }
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(a: &str, b: &str) -> Refusal {
+        check(a, b).expect_err(&format!("{a:?} / {b:?} should be refused"))
+    }
+
+    #[test]
+    fn negation_is_refused() {
+        assert!(matches!(
+            refused(
+                "How do I enable two-factor authentication?",
+                "How do I disable two-factor authentication?"
+            ),
+            Refusal::Negation(_)
+        ));
+        assert!(
+            matches!(refused("Cancel my subscription", "Don't cancel my subscription"), Refusal::Negation(w) if w == "not")
+        );
+        assert!(matches!(
+            refused(
+                "Is ibuprofen safe with alcohol?",
+                "Is ibuprofen unsafe with alcohol?"
+            ),
+            Refusal::Content(_) | Refusal::Negation(_)
+        ));
+        assert!(
+            matches!(refused("How do I turn on dark mode?", "How do I turn off dark mode?"), Refusal::Negation(w) if w == "off")
+        );
+        assert!(matches!(
+            refused("Can I pay with a card?", "Can I pay without a card?"),
+            Refusal::Negation(_)
+        ));
+    }
+
+    #[test]
+    fn swapped_entities_and_order_are_refused() {
+        assert_eq!(
+            refused(
+                "How do I convert a Word document to PDF?",
+                "How do I convert a PDF to a Word document?"
+            ),
+            Refusal::Order
+        );
+        assert_eq!(
+            refused(
+                "Flights from London to Paris",
+                "Flights from Paris to London"
+            ),
+            Refusal::Order
+        );
+        // A phrase moved to the front is not a swap; a swap across the comma still is.
+        let fronted = [
+            (
+                "How do I change the language in the app settings?",
+                "In the app settings, how do I change the language?",
+            ),
+            (
+                "On my phone, how do I set up voicemail?",
+                "How do I set up voicemail on my phone?",
+            ),
+        ];
+        for (a, b) in fronted {
+            assert_eq!(check(a, b), Ok(()), "{a:?} / {b:?}");
+        }
+        assert_eq!(
+            refused(
+                "From London, flights to Paris",
+                "Flights from Paris to London"
+            ),
+            Refusal::Order
+        );
+        assert_eq!(
+            refused(
+                "To a PDF, how do I convert a Word document?",
+                "How do I convert a PDF to a Word document?"
+            ),
+            Refusal::Order
+        );
+        // Names are compared exactly: no spelling slack.
+        assert!(matches!(
+            refused(
+                "What's the capital of Australia?",
+                "What's the capital of Austria?"
+            ),
+            Refusal::Content(_)
+        ));
+        assert!(matches!(
+            refused("Do you deliver to Hackney?", "Do you deliver to Hounslow?"),
+            Refusal::Content(_)
+        ));
+        assert!(matches!(
+            refused("What's the check-in time?", "What's the check-out time?"),
+            Refusal::Content(_) | Refusal::Negation(_)
+        ));
+    }
+
+    #[test]
+    fn numbers_are_refused() {
+        assert!(matches!(
+            refused("Show the top 5 results", "Show the top 50 results"),
+            Refusal::Number(_)
+        ));
+        assert!(matches!(
+            refused(
+                "How much is a call-out at 2pm?",
+                "How much is a call-out at 2am?"
+            ),
+            Refusal::Number(_)
+        ));
+        assert!(matches!(
+            refused(
+                "Pension allowance if I earn £40,000",
+                "Pension allowance if I earn £300,000"
+            ),
+            Refusal::Number(_)
+        ));
+        // Nothing else differs but a number added.
+        assert!(matches!(
+            refused("Show the results", "Show the 5 results"),
+            Refusal::Number(_)
+        ));
+    }
+
+    #[test]
+    fn harmless_differences_pass() {
+        for (a, b) in [
+            ("How do I reset my password?", "how do i reset my password"),
+            (
+                "How do I report a missed bin collection?",
+                "How do I report a missed bin colection?",
+            ),
+            (
+                "What does the refund process involve?",
+                "What does the refunds process involve?",
+            ),
+            (
+                "How do I fix a dripping tap?",
+                "okay so how do i fix a dripping tap",
+            ),
+            (
+                "What is the fastest way to learn touch typing?",
+                "What's the quickest way to learn touch typing?",
+            ),
+            (
+                "How do I get a quote for a new kitchen?",
+                "How do I get a quotation for a new kitchen?",
+            ),
+            ("Show the top 5 results", "show the top 5 results please"),
+            (
+                "What's the price of the Pro plan for 40,000 users?",
+                "what is the price of the Pro plan for 40000 users",
+            ),
+            (
+                "How do I bleed a radiator?",
+                "Sorry, silly question, but how do I bleed a radiator?",
+            ),
+            (
+                "Can I order food for collection?",
+                "yeah can i um order food for collection",
+            ),
+        ] {
+            assert_eq!(check(a, b), Ok(()), "{a:?} / {b:?}");
+        }
+    }
+
+    #[test]
+    fn edit_distance_counts_transpositions_once() {
+        assert_eq!(edits("recieve", "receive"), 1);
+        assert_eq!(edits("colection", "collection"), 1);
+        assert_eq!(edits("austria", "australia"), 2);
+    }
+}
