@@ -109,12 +109,18 @@ bench: check-tools redis model
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/bench.sh
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/tiers.sh
 	$(MAKE) bench-cache
+	$(MAKE) bench-jobs
 
 # The semantic cache (e2e/bench/cache.sh): quality on the fow-cache pairs (pip download into
 # $(CACHE)/bench-data, CC BY 4.0, never committed) per threshold, then exact and semantic hit
 # latency through a release proxy, index lookup at 100k entries and memory per entry.
 bench-cache: check-tools model
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/cache.sh
+
+# The async jobs figures (e2e/bench/jobs.sh): POST /v1/jobs acceptance p50/p99 on both
+# stores and the jobs one replica drains per second, against a release proxy.
+bench-jobs: check-tools redis
+	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/jobs.sh
 
 # The tier scenario alone (BENCH_TIER_SECONDS=180, BENCH_TIER_RPM=150; see the script).
 bench-tiers: check-tools
