@@ -134,6 +134,12 @@ spec:
   - name: code-premium
     match: {{classes: [code], tiers: [pro]}}
     targets: [{{pool: premium}}]
+  - name: complex-local-only
+    match: {{classes: [complex], tiers: [free]}}
+    targets: [{{localModel: llama}}]
+  - name: medium-local
+    match: {{classes: [medium], tiers: [free]}}
+    targets: [{{localModel: llama}}, {{pool: premium, model: smart}}]
   budgets:
 {budgets}"#,
         parallel = s.parallel,
@@ -278,7 +284,9 @@ async fn classes_route_by_rule_to_the_local_model_and_premium() {
     assert_eq!(report["local_share"], 0.4);
     assert_eq!(report["raw_rpm"]["total"], 2000, "{report}");
     assert_eq!(report["raw_rpm"]["pools"]["premium"], 1000);
-    assert!(report["cache_share"].is_null());
+    // No cache in this configuration: nothing answered by it or by dedup.
+    assert_eq!(report["cache_share"], 0.0);
+    assert_eq!(report["dedup_share"], 0.0);
     let effective = report["effective_rpm"].as_f64().unwrap();
     assert!((effective - 2000.0 / 0.6).abs() < 1e-6, "{report}");
 }
@@ -321,7 +329,8 @@ async fn paid_tiers_spill_over_when_the_local_queue_is_full_and_batch_tiers_wait
     })
     .await;
     let gw = std::sync::Arc::new(gw);
-    // One call in flight, one waiting: the local queue is at its threshold.
+    // One call in flight, one waiting: the local queue is at its threshold, not past it
+    // (as the operator's scale-up reads it), and a paid request still queues.
     let first = tokio::spawn({
         let gw = gw.clone();
         async move { chat(&gw, "client-acme", "smart", "hi one").await }
@@ -332,6 +341,12 @@ async fn paid_tiers_spill_over_when_the_local_queue_is_full_and_batch_tiers_wait
         async move { chat(&gw, "client-acme", "smart", "hi two").await }
     });
     wait_for(&gw, |d| d.queue_depth == 1).await;
+    let third = tokio::spawn({
+        let gw = gw.clone();
+        async move { chat(&gw, "client-acme", "smart", "hi two and a half").await }
+    });
+    // Two waiting: past the threshold of one.
+    wait_for(&gw, |d| d.queue_depth == 2).await;
     // A paid tier spills over to premium at once.
     let r = chat(&gw, "client-acme", "smart", "hi three").await;
     assert_eq!(r.status(), 200);
@@ -344,11 +359,11 @@ async fn paid_tiers_spill_over_when_the_local_queue_is_full_and_batch_tiers_wait
     let r = chat(&gw, "client-free", "smart", "hi four").await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
-    for task in [first, second] {
+    for task in [first, second, third] {
         let r = task.await.unwrap();
         assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
     }
-    assert_eq!(mock.counts().provider_total(Provider::Ollama), 3);
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), 4);
     assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
 }
 
@@ -403,6 +418,80 @@ async fn paid_tiers_spill_over_when_local_latency_passes_the_threshold() {
         "local:llama=spill_latency,pool:premium=ok"
     );
     assert_eq!(mock.counts().provider_total(Provider::Ollama), 1);
+}
+
+#[tokio::test]
+async fn a_failing_local_call_counts_as_latency_for_spill_over() {
+    // The local model fails after 300 ms (a 503 from Ollama): the failure is observed as a
+    // 300 ms call, past the 200 ms threshold, so the next paid request spills at once.
+    let (mock, gw) = start(&Setup {
+        local_model: "slow-300-error-503",
+        latency_ms: 200,
+        ..Setup::default()
+    })
+    .await;
+    let r = chat(&gw, "client-acme", "smart", "hi").await;
+    assert_eq!(r.status(), 200);
+    let chain = header(&r, "x-floodgate-chain").to_owned();
+    assert!(
+        chain.starts_with("local:llama=") && chain.ends_with(",pool:premium=ok"),
+        "{chain}"
+    );
+    let ollama = mock.counts().provider_total(Provider::Ollama);
+    let r = chat(&gw, "client-acme", "smart", "hi again").await;
+    assert_eq!(
+        header(&r, "x-floodgate-chain"),
+        "local:llama=spill_latency,pool:premium=ok"
+    );
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), ollama);
+}
+
+#[tokio::test]
+async fn a_local_model_is_not_sent_classes_it_does_not_take() {
+    // llama takes `classes: [simple]`; the rule `medium-local` would send it medium prompts.
+    let (mock, gw) = start(&Setup::default()).await;
+    let r = chat(&gw, "client-free", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-class"), "medium");
+    assert_eq!(
+        header(&r, "x-floodgate-chain"),
+        "local:llama=class_not_served,pool:premium=ok"
+    );
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), 0);
+}
+
+#[tokio::test]
+async fn a_rule_without_a_usable_target_answers_503_with_retry_after() {
+    // The rule's only target is skipped (a class its local model does not take): nothing
+    // was tried, and the caller is told when to come back.
+    let (_mock, gw) = start(&Setup::default()).await;
+    let r = chat(&gw, "client-free", "smart", "First plan it, then build it.").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "x-floodgate-route"), "complex-local-only");
+    assert_eq!(
+        header(&r, "x-floodgate-chain"),
+        "local:llama=class_not_served"
+    );
+    assert_eq!(header(&r, "retry-after"), "10");
+}
+
+#[tokio::test]
+async fn requests_no_rule_matches_keep_the_pools_budgets() {
+    // A medium prompt of the pro tier matches no rule: routed by model to premium, whose
+    // budget its first answer spends.
+    let (mock, gw) = start(&Setup {
+        budgets: "    alertAt: 0.5\n    pools: [{name: premium, monthlyUSD: 0.000001}]\n",
+        ..Setup::default()
+    })
+    .await;
+    let r = chat(&gw, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-route"), "by-model");
+    let r = chat(&gw, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
 }
 
 #[tokio::test]

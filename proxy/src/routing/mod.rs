@@ -179,14 +179,27 @@ async fn route(
         .ledger
         .check("tenant", &asker.tenant, &plan.tenant_budgets)?;
     let Some(rule) = plan.rule(&ctx.tier, class, &req.model, &asker.tenant) else {
+        // By model: the pools that serve it keep their budgets too. Refused when every one
+        // of them is spent (one with budget left may still answer); the answer's cost is
+        // booked to the pool of the provider that gave it.
+        let pools = pools_serving(view, &req.model);
+        let mut spent: Vec<cost::OverBudget> = pools
+            .iter()
+            .filter_map(|p| state.ledger.check("pool", p, &plan.pool_budgets).err())
+            .collect();
+        if !pools.is_empty() && spent.len() == pools.len() {
+            count_route(BY_MODEL, None);
+            return Err(spent.swap_remove(0).into());
+        }
         let reply = dispatcher
             .chat(view, req, ctx.deadline, asker.clone())
             .await;
         count_route(BY_MODEL, reply.as_ref().ok().map(|r| &*r.provider));
         let reply = reply?;
         state.recent.record(capacity::Served::Premium);
+        let pool = pool_of(view, &req.model, &reply.provider);
         return Ok(costed(
-            ctx, plan, state, asker, None, &req.model, &req.model, reply,
+            ctx, plan, state, asker, pool, &req.model, &req.model, reply,
         ));
     };
     set_rule(ctx, &rule.name);
@@ -212,6 +225,11 @@ async fn route(
         if let Some(name) = &step.local
             && let Some(spec) = plan.locals.get(&**name)
         {
+            // The LocalModelDeployment's `classes`: the prompt classes it may take.
+            if !spec.takes(class) {
+                record_step(ctx, step, "class_not_served");
+                continue;
+            }
             let gate = state.gates.get(name, spec);
             let pressure = gate.pressure(spec);
             if pressure != local::Pressure::Normal && spills && more {
@@ -266,10 +284,16 @@ async fn route(
                 ));
             }
             Err(e) if more && falls_through(&e) => {
+                if let Some(slot) = &slot {
+                    slot.failed();
+                }
                 record_step(ctx, step, e.metric_label());
                 last = Some(e.into());
             }
             Err(e) => {
+                if let Some(slot) = &slot {
+                    slot.failed();
+                }
                 record_step(ctx, step, e.metric_label());
                 count_route(&rule.name, None);
                 return Err(e.into());
@@ -278,7 +302,43 @@ async fn route(
     }
     // extension point: stale cache, template answer, async job (see the module docs).
     count_route(&rule.name, None);
-    Err(last.unwrap_or_else(|| RouteError::Unavailable { retry_after: None }.into()))
+    // No step could even be tried (a local model without an endpoint yet, classes it does
+    // not take): unavailable for now, and the caller is told when to come back.
+    Err(last.unwrap_or_else(|| {
+        RouteError::Unavailable {
+            retry_after: Some(NO_TARGET_RETRY_AFTER),
+        }
+        .into()
+    }))
+}
+
+/// `retry-after` of a rule none of whose targets could be tried.
+pub const NO_TARGET_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// The pools whose providers serve `model` (its route's targets), each once.
+fn pools_serving(view: &View, model: &str) -> Vec<Arc<str>> {
+    let mut pools: Vec<Arc<str>> = Vec::new();
+    if let Some(route) = view.runtime.routes.get(model) {
+        for t in &route.targets {
+            if let Some(p) = view.runtime.providers.get(t.provider)
+                && !pools.iter().any(|q| **q == *p.pool)
+            {
+                pools.push(Arc::from(p.pool.as_str()));
+            }
+        }
+    }
+    pools
+}
+
+/// The pool of the provider named `provider` among `model`'s route's targets.
+fn pool_of(view: &View, model: &str, provider: &str) -> Option<Arc<str>> {
+    let route = view.runtime.routes.get(model)?;
+    route
+        .targets
+        .iter()
+        .filter_map(|t| view.runtime.providers.get(t.provider))
+        .find(|p| &*p.name == provider)
+        .map(|p| Arc::from(p.pool.as_str()))
 }
 
 /// The dispatcher route of `step` for a request of `model`.
