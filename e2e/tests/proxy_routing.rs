@@ -5,7 +5,7 @@
 #![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
 use floodgate_e2e::gateway::Gateway;
-use floodgate_e2e::mock::{MockConfig, MockProviders, Provider};
+use floodgate_e2e::mock::{Fault, MockConfig, MockProviders, Provider};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ struct Setup {
     budgets: &'static str,
     /// The batch tier `free`'s `maxWaitMs`.
     free_wait_ms: u32,
+    /// Manifests appended (e.g. a CachePolicy), each starting with `---`.
+    extra: &'static str,
 }
 
 impl Default for Setup {
@@ -39,6 +41,7 @@ impl Default for Setup {
             broken_model: "error-503",
             budgets: "",
             free_wait_ms: 20_000,
+            extra: "",
         }
     }
 }
@@ -141,7 +144,8 @@ spec:
     match: {{classes: [medium], tiers: [free]}}
     targets: [{{localModel: llama}}, {{pool: premium, model: smart}}]
   budgets:
-{budgets}"#,
+{budgets}{extra}"#,
+        extra = s.extra,
         parallel = s.parallel,
         queue_depth = s.queue_depth,
         latency_ms = s.latency_ms,
@@ -689,4 +693,102 @@ async fn a_busy_affine_key_gives_way_to_another() {
     assert_ne!(other, affine);
     let r = with_prefix(&gw, &prefix, "four").await;
     assert_eq!(header(&r, "x-floodgate-key"), other);
+}
+
+/// A cache whose entries expire after 1 s and are kept an hour for stale answers, and a
+/// template that answers questions about "status" only when everything else failed.
+const DEGRADED_CACHE: &str = r#"---
+apiVersion: floodgate.dev/v1alpha1
+kind: CachePolicy
+metadata: {name: cache}
+spec:
+  exact: {ttlSeconds: 1, staleSeconds: 3600}
+  templates:
+    ttlSeconds: 60
+    items:
+    - {name: busy, pattern: "(?is).*status.*", response: "We are very busy; see the status page.", when: degraded}
+"#;
+
+#[tokio::test]
+async fn each_step_of_the_degradation_chain_answers_when_the_steps_above_it_fail() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let setup = Setup {
+        broken_model: "claude-sonnet-4",
+        extra: DEGRADED_CACHE,
+        ..Setup::default()
+    };
+    let gw = Gateway::start_configured(
+        &manifests(&mock.base_url(), &setup),
+        floodgate_proxy::route::Dispatcher::new(MIN, Duration::from_secs(10)).unwrap(),
+        |state| {
+            state.jobs = Some(floodgate_proxy::jobs::Jobs::new(
+                floodgate_proxy::jobs::Store::Memory(
+                    floodgate_proxy::jobs::memory::MemoryStore::new(),
+                ),
+                1,
+            ));
+        },
+    )
+    .await
+    .unwrap();
+    let ask = |text: &'static str, prefer: bool| {
+        let mut r = client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .bearer_auth("client-acme")
+            .json(&json!({"model": "sturdy", "messages": [{"role": "user", "content": text}]}));
+        if prefer {
+            r = r.header("prefer", "respond-async");
+        }
+        r.send()
+    };
+    // Healthy: the first pool answers, and its answer is stored.
+    let r = ask("Where is my parcel?", false).await.unwrap();
+    assert_eq!(header(&r, "x-floodgate-chain"), "pool:broken=ok");
+    // The entry's 1 s TTL is on the gateway's real clock.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // 1. The first pool fails: the next pool answers.
+    mock.set_fault(Provider::Anthropic, Fault::Status(503));
+    let r = ask("And my invoice?", false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let chain = header(&r, "x-floodgate-chain").to_owned();
+    assert!(chain.ends_with(",pool:premium=ok"), "{chain}");
+
+    // 2. Every pool fails: the expired answer, marked stale.
+    mock.set_fault(Provider::OpenAi, Fault::Status(503));
+    let r = ask("Where is my parcel?", false).await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.headers());
+    assert_eq!(header(&r, "x-floodgate-cache"), "stale");
+    let chain = header(&r, "x-floodgate-chain").to_owned();
+    assert!(
+        chain.starts_with("pool:broken=") && chain.ends_with(",stale=ok"),
+        "{chain}"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert!(body["choices"][0]["message"]["content"].is_string());
+
+    // 3. No stale answer for this one: the degraded template.
+    let r = ask("What is the status of my refund?", false)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-cache"), "template");
+    assert!(header(&r, "x-floodgate-chain").ends_with(",template=ok"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "We are very busy; see the status page."
+    );
+
+    // 4. No template matches: a caller that prefers it gets a job.
+    let r = ask("Can I change my address?", true).await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(header(&r, "location").starts_with("/v1/jobs/job_"));
+    assert!(header(&r, "x-floodgate-chain").ends_with(",job=queued"));
+
+    // 5. Otherwise the last error, with the time to come back.
+    let r = ask("Can I change my address?", false).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    assert_eq!(header(&r, "x-floodgate-cache"), "miss");
 }
