@@ -122,10 +122,14 @@ fn metrics_of(expr: &str) -> Vec<String> {
 
 #[test]
 fn alerts_and_dashboard_query_metrics_the_gateway_exports() {
-    let exported = ["proxy/src/metrics.rs", "proxy/src/cache/metrics.rs"]
-        .iter()
-        .map(|f| std::fs::read_to_string(root().join(f)).unwrap())
-        .collect::<String>();
+    let exported = [
+        "proxy/src/metrics.rs",
+        "proxy/src/cache/metrics.rs",
+        "proxy/src/routing/metrics.rs",
+    ]
+    .iter()
+    .map(|f| std::fs::read_to_string(root().join(f)).unwrap())
+    .collect::<String>();
     let objects = rendered();
     let dashboard = objects
         .iter()
@@ -158,6 +162,22 @@ fn alerts_and_dashboard_query_metrics_the_gateway_exports() {
             "no {wanted} panel: {titles:?}"
         );
     }
+    // The cost panel shows cost per tenant (the routing stage's metric, which has the
+    // tenant), as the issue asks, not the per-model counter that has none.
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("by (tenant)") && e.contains("floodgate_request_cost_usd_total")),
+        "no cost-by-tenant query: {exprs:?}"
+    );
+    // The cost panel shows cost per tenant (the routing stage's metric, which has the
+    // tenant), as the issue asks, not the per-model counter that has none.
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("by (tenant)") && e.contains("floodgate_request_cost_usd_total")),
+        "no cost-by-tenant query: {exprs:?}"
+    );
     let rule = objects
         .iter()
         .find(|o| o["kind"] == "PrometheusRule")
