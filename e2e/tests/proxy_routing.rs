@@ -567,6 +567,7 @@ fn health_pool(base: &str) -> String {
 #[tokio::test]
 async fn a_health_probe_closes_an_open_circuit_and_restores_a_refused_key() {
     use floodgate_e2e::mock::Fault;
+    use floodgate_proxy::route::breaker::Circuit;
     use floodgate_proxy::routing::health;
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let gw = Gateway::start(&health_pool(&mock.base_url()), MIN, Duration::from_secs(2))
@@ -582,12 +583,21 @@ async fn a_health_probe_closes_an_open_circuit_and_restores_a_refused_key() {
     // While it is down the probe fails and the circuit stays open.
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
     let round = health::probe_once(&gw.dispatcher.view(), &http).await;
-    assert_eq!((round.probed, round.circuits_closed), (1, 0));
+    assert_eq!((round.probed, round.circuits_half_opened), (1, 0));
     assert_ne!(ask().await, 200);
     mock.clear_fault(Provider::OpenAi);
     let round = health::probe_once(&gw.dispatcher.view(), &http).await;
-    assert_eq!((round.probed, round.circuits_closed), (1, 1));
+    assert_eq!((round.probed, round.circuits_half_opened), (1, 1));
+    // A listing that answers does not prove chat calls: half-open, and the next live
+    // request, as its probe, closes it.
+    let circuit = || {
+        gw.dispatcher.view().runtime.providers[0]
+            .breaker
+            .circuit(tokio::time::Instant::now())
+    };
+    assert_eq!(circuit(), Circuit::HalfOpen);
     assert_eq!(ask().await, 200);
+    assert_eq!(circuit(), Circuit::Closed);
     // A 401 takes the key out; a probe that the provider answers puts it back.
     mock.set_fault(Provider::OpenAi, Fault::Status(401));
     assert_eq!(ask().await, 502);
@@ -603,6 +613,43 @@ async fn a_health_probe_closes_an_open_circuit_and_restores_a_refused_key() {
             .probed,
         0
     );
+    // A 403 (no access) takes the key out for good: a listing cannot prove it, so it is
+    // neither probed nor put back.
+    mock.set_fault(Provider::OpenAi, Fault::Status(403));
+    assert_ne!(ask().await, 200);
+    mock.clear_fault(Provider::OpenAi);
+    let round = health::probe_once(&gw.dispatcher.view(), &http).await;
+    assert_eq!((round.probed, round.keys_restored), (0, 0));
+    assert_ne!(ask().await, 200);
+}
+
+#[tokio::test]
+async fn an_open_circuit_is_probed_with_a_key_that_is_not_refused() {
+    use floodgate_proxy::routing::health;
+    // The mock accepts key-b only: key-a is refused.
+    let mock = MockProviders::start(MockConfig::default().with_valid_keys(["key-b"]))
+        .await
+        .unwrap();
+    let yaml = health_pool(&mock.base_url())
+        .replace("stringData: {a: key-a}", "stringData: {a: key-a, b: key-b}")
+        .replace(
+            "keys: [{name: a, secretRef: {name: keys, key: a}, rpm: 1000}]",
+            "keys: [{name: a, secretRef: {name: keys, key: a}, rpm: 1000}, {name: b, secretRef: {name: keys, key: b}, rpm: 1000}]",
+        );
+    let gw = Gateway::start(&yaml, MIN, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let view = gw.dispatcher.view();
+    let provider = &view.runtime.providers[0];
+    assert_eq!(provider.keys.len(), 2);
+    // Key a (the first) is out after a 401, and the circuit is open.
+    provider.keys[0].budget.fail_unauthenticated();
+    provider.breaker.failure(tokio::time::Instant::now());
+    let round = health::probe_once(&view, &client()).await;
+    // Key a's own probe fails; the circuit's goes with key b and answers.
+    assert_eq!(round.probed, 2);
+    assert_eq!((round.circuits_half_opened, round.keys_restored), (1, 0));
+    assert_eq!(chat(&gw, "", "gpt-4o", "hi").await.status(), 200);
 }
 
 fn three_keys(base: &str, rpm: u32) -> String {
