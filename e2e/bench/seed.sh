@@ -310,7 +310,11 @@ for k in keys:
         if k["max_in_window"] > k["limit"]:
             over.append(k["key"])
 lost = sum(t["lost"] for t in run["tiers"].values())
-problems = [f"{lost} request(s) lost"] if lost else []
+why = {}
+for t in run["tiers"].values():
+    for k, v in t.get("lost_by", {}).items():
+        why[k] = why.get(k, 0) + v
+problems = [f"{lost} request(s) lost (by why: {why})"] if lost else []
 problems += [f"{limited} upstream 429(s)"] if limited else []
 problems += [f"keys over their limit: {', '.join(over)}"] if over else []
 if problems:

@@ -86,7 +86,8 @@ enum End {
     },
     Refused,
     Status(u16),
-    Lost,
+    /// Why: `timeout`, `connect`, `body` (the answer broke off) or `request`.
+    Lost(&'static str),
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -98,6 +99,8 @@ struct TierSummary {
     /// The other statuses, by code.
     other_codes: BTreeMap<u16, u64>,
     lost: u64,
+    /// The lost requests by why.
+    lost_by: BTreeMap<&'static str, u64>,
     queue_ms_p50: Option<u64>,
     queue_ms_p99: Option<u64>,
     queue_ms_max: Option<u64>,
@@ -195,8 +198,11 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str) -> End 
         .body(body.to_owned())
         .send()
         .await;
-    let Ok(response) = sent else {
-        return End::Lost;
+    let response = match sent {
+        Ok(response) => response,
+        Err(e) if e.is_timeout() => return End::Lost("timeout"),
+        Err(e) if e.is_connect() => return End::Lost("connect"),
+        Err(_) => return End::Lost("request"),
     };
     let status = response.status().as_u16();
     let queue_ms = response
@@ -206,8 +212,8 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str) -> End 
         .and_then(|v| v.parse().ok());
     let by = served_by(response.headers(), status);
     // The whole body must arrive for the answer to count.
-    if response.bytes().await.is_err() {
-        return End::Lost;
+    if let Err(e) = response.bytes().await {
+        return End::Lost(if e.is_timeout() { "timeout" } else { "body" });
     }
     match status {
         200..=299 => End::Answered {
@@ -342,7 +348,10 @@ async fn main() -> Result<()> {
                     s.other_status += 1;
                     *s.other_codes.entry(code).or_default() += 1;
                 }
-                End::Lost => s.lost += 1,
+                End::Lost(why) => {
+                    s.lost += 1;
+                    *s.lost_by.entry(why).or_default() += 1;
+                }
             }
         }
         waits.sort_unstable();
