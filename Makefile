@@ -11,7 +11,7 @@ CARGO ?= cargo
 FLOODGATE_LISTEN ?= 127.0.0.1:8080
 export FLOODGATE_LISTEN
 
-.PHONY: help run build test unit lint fmt crds crds-check e2e tools cluster-up cluster-down bench bench-tiers bench-jobs bench-cache fuzz check-tools python-venv redis model
+.PHONY: help run build test unit lint fmt crds crds-check e2e tools cluster-up cluster-down bench bench-tiers bench-jobs bench-cache bench-seed fuzz check-tools python-venv redis model
 
 help:
 	@echo "make run     - the proxy, standalone, on examples/standalone ($(FLOODGATE_LISTEN))"
@@ -20,8 +20,10 @@ help:
 	@echo "make crds    - regenerate crds/manifests and charts/floodgate/crds from the types"
 	@echo "make e2e     - the end-to-end suite against a real kube-apiserver and etcd"
 	@echo "make bench   - added latency, throughput and CPU: direct, pass-through, 4-key pool, pool + Redis;"
-	@echo "               then the tier scenario (make bench-tiers, about 3 minutes) and the jobs figures"
+	@echo "               then the tier scenario (make bench-tiers, about 3 minutes), the seed's (make bench-seed),"
+	@echo "               the semantic cache (make bench-cache) and the jobs figures (make bench-jobs)"
 	@echo "make bench-tiers - mixed tiers at twice the pool's capacity, real 60 s windows: waits, refusals, losses"
+	@echo "make bench-seed  - the seed's 760 RPM pool, local models, cache and dedup under 2,100 RPM: effective RPM, shares"
 	@echo "make bench-jobs  - POST /v1/jobs acceptance p50/p99 (memory, Redis) and jobs drained per second by one replica"
 	@echo "make fuzz    - every fuzz target for FUZZ_SECONDS (60) each, cargo-fuzz on nightly; corpus in $(CACHE)/fuzz"
 	@echo "make python-venv - the OpenAI and Anthropic Python SDKs for e2e/tests/*_sdk.rs (unit does it)"
@@ -108,6 +110,7 @@ e2e: check-tools tools
 bench: check-tools redis model
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/bench.sh
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/tiers.sh
+	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/seed.sh
 	$(MAKE) bench-cache
 	$(MAKE) bench-jobs
 
@@ -121,6 +124,10 @@ bench-cache: check-tools model
 # stores and the jobs one replica drains per second, against a release proxy.
 bench-jobs: check-tools redis
 	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/jobs.sh
+
+# The seed's scenario alone (BENCH_SEED_SECONDS=180, BENCH_SEED_RPM=2100; see the script).
+bench-seed: check-tools
+	CACHE="$(CACHE)" CARGO="$(CARGO)" bash e2e/bench/seed.sh
 
 # The tier scenario alone (BENCH_TIER_SECONDS=180, BENCH_TIER_RPM=150; see the script).
 bench-tiers: check-tools

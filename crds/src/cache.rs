@@ -112,6 +112,12 @@ pub struct ExactCache {
     /// Seconds an entry lives.
     #[schemars(range(min = 1, max = 31536000))]
     pub ttl_seconds: u32,
+    /// Seconds past its TTL an entry is kept to answer when every target of the request's
+    /// route failed (a step of the degradation chain), marked `x-floodgate-cache: stale`;
+    /// 0 (default) keeps none. Memory backend only.
+    #[serde(default)]
+    #[schemars(range(max = 31536000))]
+    pub stale_seconds: u32,
 }
 
 /// Semantic cache.
@@ -176,6 +182,22 @@ pub struct Template {
     /// Answer returned; `{{name}}` is replaced by the capture `name`.
     #[schemars(length(min = 1, max = 65536))]
     pub response: String,
+    /// When it answers: `always` (default: before any provider is asked) or `degraded`
+    /// (only when every target of the request's route failed and no stale answer was kept:
+    /// a step of the degradation chain, e.g. a catch-all `(?s).*` "we are busy" answer).
+    #[serde(default)]
+    pub when: TemplateUse,
+}
+
+/// When a template answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateUse {
+    /// Before any provider is asked.
+    #[default]
+    Always,
+    /// Only when every target failed (the degradation chain).
+    Degraded,
 }
 
 /// In-flight deduplication.

@@ -5,7 +5,7 @@
 #![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
 use floodgate_e2e::gateway::Gateway;
-use floodgate_e2e::mock::{MockConfig, MockProviders, Provider};
+use floodgate_e2e::mock::{Fault, MockConfig, MockProviders, Provider};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ struct Setup {
     budgets: &'static str,
     /// The batch tier `free`'s `maxWaitMs`.
     free_wait_ms: u32,
+    /// Manifests appended (e.g. a CachePolicy), each starting with `---`.
+    extra: &'static str,
 }
 
 impl Default for Setup {
@@ -39,6 +41,7 @@ impl Default for Setup {
             broken_model: "error-503",
             budgets: "",
             free_wait_ms: 20_000,
+            extra: "",
         }
     }
 }
@@ -134,8 +137,15 @@ spec:
   - name: code-premium
     match: {{classes: [code], tiers: [pro]}}
     targets: [{{pool: premium}}]
+  - name: complex-local-only
+    match: {{classes: [complex], tiers: [free]}}
+    targets: [{{localModel: llama}}]
+  - name: medium-local
+    match: {{classes: [medium], tiers: [free]}}
+    targets: [{{localModel: llama}}, {{pool: premium, model: smart}}]
   budgets:
-{budgets}"#,
+{budgets}{extra}"#,
+        extra = s.extra,
         parallel = s.parallel,
         queue_depth = s.queue_depth,
         latency_ms = s.latency_ms,
@@ -278,7 +288,9 @@ async fn classes_route_by_rule_to_the_local_model_and_premium() {
     assert_eq!(report["local_share"], 0.4);
     assert_eq!(report["raw_rpm"]["total"], 2000, "{report}");
     assert_eq!(report["raw_rpm"]["pools"]["premium"], 1000);
-    assert!(report["cache_share"].is_null());
+    // No cache in this configuration: nothing answered by it or by dedup.
+    assert_eq!(report["cache_share"], 0.0);
+    assert_eq!(report["dedup_share"], 0.0);
     let effective = report["effective_rpm"].as_f64().unwrap();
     assert!((effective - 2000.0 / 0.6).abs() < 1e-6, "{report}");
 }
@@ -321,7 +333,8 @@ async fn paid_tiers_spill_over_when_the_local_queue_is_full_and_batch_tiers_wait
     })
     .await;
     let gw = std::sync::Arc::new(gw);
-    // One call in flight, one waiting: the local queue is at its threshold.
+    // One call in flight, one waiting: the local queue is at its threshold, not past it
+    // (as the operator's scale-up reads it), and a paid request still queues.
     let first = tokio::spawn({
         let gw = gw.clone();
         async move { chat(&gw, "client-acme", "smart", "hi one").await }
@@ -332,6 +345,12 @@ async fn paid_tiers_spill_over_when_the_local_queue_is_full_and_batch_tiers_wait
         async move { chat(&gw, "client-acme", "smart", "hi two").await }
     });
     wait_for(&gw, |d| d.queue_depth == 1).await;
+    let third = tokio::spawn({
+        let gw = gw.clone();
+        async move { chat(&gw, "client-acme", "smart", "hi two and a half").await }
+    });
+    // Two waiting: past the threshold of one.
+    wait_for(&gw, |d| d.queue_depth == 2).await;
     // A paid tier spills over to premium at once.
     let r = chat(&gw, "client-acme", "smart", "hi three").await;
     assert_eq!(r.status(), 200);
@@ -344,11 +363,11 @@ async fn paid_tiers_spill_over_when_the_local_queue_is_full_and_batch_tiers_wait
     let r = chat(&gw, "client-free", "smart", "hi four").await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
-    for task in [first, second] {
+    for task in [first, second, third] {
         let r = task.await.unwrap();
         assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
     }
-    assert_eq!(mock.counts().provider_total(Provider::Ollama), 3);
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), 4);
     assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
 }
 
@@ -403,6 +422,80 @@ async fn paid_tiers_spill_over_when_local_latency_passes_the_threshold() {
         "local:llama=spill_latency,pool:premium=ok"
     );
     assert_eq!(mock.counts().provider_total(Provider::Ollama), 1);
+}
+
+#[tokio::test]
+async fn a_failing_local_call_counts_as_latency_for_spill_over() {
+    // The local model fails after 300 ms (a 503 from Ollama): the failure is observed as a
+    // 300 ms call, past the 200 ms threshold, so the next paid request spills at once.
+    let (mock, gw) = start(&Setup {
+        local_model: "slow-300-error-503",
+        latency_ms: 200,
+        ..Setup::default()
+    })
+    .await;
+    let r = chat(&gw, "client-acme", "smart", "hi").await;
+    assert_eq!(r.status(), 200);
+    let chain = header(&r, "x-floodgate-chain").to_owned();
+    assert!(
+        chain.starts_with("local:llama=") && chain.ends_with(",pool:premium=ok"),
+        "{chain}"
+    );
+    let ollama = mock.counts().provider_total(Provider::Ollama);
+    let r = chat(&gw, "client-acme", "smart", "hi again").await;
+    assert_eq!(
+        header(&r, "x-floodgate-chain"),
+        "local:llama=spill_latency,pool:premium=ok"
+    );
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), ollama);
+}
+
+#[tokio::test]
+async fn a_local_model_is_not_sent_classes_it_does_not_take() {
+    // llama takes `classes: [simple]`; the rule `medium-local` would send it medium prompts.
+    let (mock, gw) = start(&Setup::default()).await;
+    let r = chat(&gw, "client-free", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-class"), "medium");
+    assert_eq!(
+        header(&r, "x-floodgate-chain"),
+        "local:llama=class_not_served,pool:premium=ok"
+    );
+    assert_eq!(mock.counts().provider_total(Provider::Ollama), 0);
+}
+
+#[tokio::test]
+async fn a_rule_without_a_usable_target_answers_503_with_retry_after() {
+    // The rule's only target is skipped (a class its local model does not take): nothing
+    // was tried, and the caller is told when to come back.
+    let (_mock, gw) = start(&Setup::default()).await;
+    let r = chat(&gw, "client-free", "smart", "First plan it, then build it.").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "x-floodgate-route"), "complex-local-only");
+    assert_eq!(
+        header(&r, "x-floodgate-chain"),
+        "local:llama=class_not_served"
+    );
+    assert_eq!(header(&r, "retry-after"), "10");
+}
+
+#[tokio::test]
+async fn requests_no_rule_matches_keep_the_pools_budgets() {
+    // A medium prompt of the pro tier matches no rule: routed by model to premium, whose
+    // budget its first answer spends.
+    let (mock, gw) = start(&Setup {
+        budgets: "    alertAt: 0.5\n    pools: [{name: premium, monthlyUSD: 0.000001}]\n",
+        ..Setup::default()
+    })
+    .await;
+    let r = chat(&gw, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-route"), "by-model");
+    let r = chat(&gw, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
 }
 
 #[tokio::test]
@@ -505,6 +598,7 @@ fn health_pool(base: &str) -> String {
 #[tokio::test]
 async fn a_health_probe_closes_an_open_circuit_and_restores_a_refused_key() {
     use floodgate_e2e::mock::Fault;
+    use floodgate_proxy::route::breaker::Circuit;
     use floodgate_proxy::routing::health;
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let gw = Gateway::start(&health_pool(&mock.base_url()), MIN, Duration::from_secs(2))
@@ -520,12 +614,21 @@ async fn a_health_probe_closes_an_open_circuit_and_restores_a_refused_key() {
     // While it is down the probe fails and the circuit stays open.
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
     let round = health::probe_once(&gw.dispatcher.view(), &http).await;
-    assert_eq!((round.probed, round.circuits_closed), (1, 0));
+    assert_eq!((round.probed, round.circuits_half_opened), (1, 0));
     assert_ne!(ask().await, 200);
     mock.clear_fault(Provider::OpenAi);
     let round = health::probe_once(&gw.dispatcher.view(), &http).await;
-    assert_eq!((round.probed, round.circuits_closed), (1, 1));
+    assert_eq!((round.probed, round.circuits_half_opened), (1, 1));
+    // A listing that answers does not prove chat calls: half-open, and the next live
+    // request, as its probe, closes it.
+    let circuit = || {
+        gw.dispatcher.view().runtime.providers[0]
+            .breaker
+            .circuit(tokio::time::Instant::now())
+    };
+    assert_eq!(circuit(), Circuit::HalfOpen);
     assert_eq!(ask().await, 200);
+    assert_eq!(circuit(), Circuit::Closed);
     // A 401 takes the key out; a probe that the provider answers puts it back.
     mock.set_fault(Provider::OpenAi, Fault::Status(401));
     assert_eq!(ask().await, 502);
@@ -541,6 +644,43 @@ async fn a_health_probe_closes_an_open_circuit_and_restores_a_refused_key() {
             .probed,
         0
     );
+    // A 403 (no access) takes the key out for good: a listing cannot prove it, so it is
+    // neither probed nor put back.
+    mock.set_fault(Provider::OpenAi, Fault::Status(403));
+    assert_ne!(ask().await, 200);
+    mock.clear_fault(Provider::OpenAi);
+    let round = health::probe_once(&gw.dispatcher.view(), &http).await;
+    assert_eq!((round.probed, round.keys_restored), (0, 0));
+    assert_ne!(ask().await, 200);
+}
+
+#[tokio::test]
+async fn an_open_circuit_is_probed_with_a_key_that_is_not_refused() {
+    use floodgate_proxy::routing::health;
+    // The mock accepts key-b only: key-a is refused.
+    let mock = MockProviders::start(MockConfig::default().with_valid_keys(["key-b"]))
+        .await
+        .unwrap();
+    let yaml = health_pool(&mock.base_url())
+        .replace("stringData: {a: key-a}", "stringData: {a: key-a, b: key-b}")
+        .replace(
+            "keys: [{name: a, secretRef: {name: keys, key: a}, rpm: 1000}]",
+            "keys: [{name: a, secretRef: {name: keys, key: a}, rpm: 1000}, {name: b, secretRef: {name: keys, key: b}, rpm: 1000}]",
+        );
+    let gw = Gateway::start(&yaml, MIN, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let view = gw.dispatcher.view();
+    let provider = &view.runtime.providers[0];
+    assert_eq!(provider.keys.len(), 2);
+    // Key a (the first) is out after a 401, and the circuit is open.
+    provider.keys[0].budget.fail_unauthenticated();
+    provider.breaker.failure(tokio::time::Instant::now());
+    let round = health::probe_once(&view, &client()).await;
+    // Key a's own probe fails; the circuit's goes with key b and answers.
+    assert_eq!(round.probed, 2);
+    assert_eq!((round.circuits_half_opened, round.keys_restored), (1, 0));
+    assert_eq!(chat(&gw, "", "gpt-4o", "hi").await.status(), 200);
 }
 
 fn three_keys(base: &str, rpm: u32) -> String {
@@ -631,4 +771,103 @@ async fn a_busy_affine_key_gives_way_to_another() {
     assert_ne!(other, affine);
     let r = with_prefix(&gw, &prefix, "four").await;
     assert_eq!(header(&r, "x-floodgate-key"), other);
+}
+
+/// A cache whose entries expire after 1 s and are kept an hour for stale answers, and a
+/// template that answers questions about "status" only when everything else failed.
+const DEGRADED_CACHE: &str = r#"---
+apiVersion: floodgate.dev/v1alpha1
+kind: CachePolicy
+metadata: {name: cache}
+spec:
+  exact: {ttlSeconds: 1, staleSeconds: 3600}
+  templates:
+    ttlSeconds: 60
+    items:
+    - {name: busy, pattern: "(?is).*status.*", response: "We are very busy; see the status page.", when: degraded}
+"#;
+
+#[tokio::test]
+async fn each_step_of_the_degradation_chain_answers_when_the_steps_above_it_fail() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let setup = Setup {
+        broken_model: "claude-sonnet-4",
+        extra: DEGRADED_CACHE,
+        ..Setup::default()
+    };
+    let gw = Gateway::start_configured(
+        &manifests(&mock.base_url(), &setup),
+        floodgate_proxy::route::Dispatcher::new(MIN, Duration::from_secs(10)).unwrap(),
+        |state| {
+            state.jobs = Some(floodgate_proxy::jobs::Jobs::new(
+                floodgate_proxy::jobs::Store::Memory(
+                    floodgate_proxy::jobs::memory::MemoryStore::new(),
+                ),
+                1,
+                false,
+            ));
+        },
+    )
+    .await
+    .unwrap();
+    let ask = |text: &'static str, prefer: bool| {
+        let mut r = client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .bearer_auth("client-acme")
+            .json(&json!({"model": "sturdy", "messages": [{"role": "user", "content": text}]}));
+        if prefer {
+            r = r.header("prefer", "respond-async");
+        }
+        r.send()
+    };
+    // Healthy: the first pool answers, and its answer is stored.
+    let r = ask("Where is my parcel?", false).await.unwrap();
+    assert_eq!(header(&r, "x-floodgate-chain"), "pool:broken=ok");
+    // The entry's 1 s TTL is on the gateway's real clock.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // 1. The first pool fails: the next pool answers.
+    mock.set_fault(Provider::Anthropic, Fault::Status(503));
+    let r = ask("And my invoice?", false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let chain = header(&r, "x-floodgate-chain").to_owned();
+    assert!(chain.ends_with(",pool:premium=ok"), "{chain}");
+
+    // 2. Every pool fails: the expired answer, marked stale.
+    mock.set_fault(Provider::OpenAi, Fault::Status(503));
+    let r = ask("Where is my parcel?", false).await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.headers());
+    assert_eq!(header(&r, "x-floodgate-cache"), "stale");
+    let chain = header(&r, "x-floodgate-chain").to_owned();
+    assert!(
+        chain.starts_with("pool:broken=") && chain.ends_with(",stale=ok"),
+        "{chain}"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert!(body["choices"][0]["message"]["content"].is_string());
+
+    // 3. No stale answer for this one: the degraded template.
+    let r = ask("What is the status of my refund?", false)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-cache"), "template");
+    assert!(header(&r, "x-floodgate-chain").ends_with(",template=ok"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "We are very busy; see the status page."
+    );
+
+    // 4. No template matches: a caller that prefers it gets a job.
+    let r = ask("Can I change my address?", true).await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(header(&r, "location").starts_with("/v1/jobs/job_"));
+    assert!(header(&r, "x-floodgate-chain").ends_with(",job=queued"));
+
+    // 5. Otherwise the last error, with the time to come back.
+    let r = ask("Can I change my address?", false).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    assert_eq!(header(&r, "x-floodgate-cache"), "miss");
 }

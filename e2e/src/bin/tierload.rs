@@ -13,6 +13,12 @@
 //! (no HTTP answer at all: a reset, a timeout). It prints, per tier, p50 and p99 of the queue
 //! wait the gateway reports (`x-floodgate-queue-ms`) over the answered requests, refusals and
 //! losses, as a table and as one JSON line (`--json`).
+//!
+//! With `--prompts FILE` (JSON lines `{"tier": NAME, "model": M, "messages": [...]}`) each
+//! tier sends its own lines in file order, wrapping around, instead of one fixed prompt; and
+//! it also counts who answered (the `x-floodgate-cache` outcome when the cache did, else
+//! `local` or `premium` from the last step of `x-floodgate-chain`), and, with
+//! `--target NAME=MS`, the answers whose whole response came within the tier's target.
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
@@ -47,6 +53,20 @@ struct Args {
     /// Also print the summary as one JSON line, prefixed with `JSON `.
     #[arg(long)]
     json: bool,
+    /// The requests to send: JSON lines `{"tier", "model", "messages"}` (see the docs above).
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<std::path::PathBuf>,
+    /// A tier's latency target, `NAME=MS` (repeatable): answers within it are counted.
+    #[arg(long = "target", value_name = "NAME=MS")]
+    targets: Vec<String>,
+}
+
+/// One line of `--prompts`.
+#[derive(Debug, serde::Deserialize)]
+struct PromptLine {
+    tier: String,
+    model: String,
+    messages: serde_json::Value,
 }
 
 #[derive(Debug, Clone)]
@@ -59,10 +79,15 @@ struct TierLoad {
 /// How one request ended.
 #[derive(Debug, Clone, Copy)]
 enum End {
-    Answered { queue_ms: u64 },
+    Answered {
+        queue_ms: u64,
+        total_ms: u64,
+        by: &'static str,
+    },
     Refused,
     Status(u16),
-    Lost,
+    /// Why: `timeout`, `connect`, `body` (the answer broke off) or `request`.
+    Lost(&'static str),
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -74,9 +99,51 @@ struct TierSummary {
     /// The other statuses, by code.
     other_codes: BTreeMap<u16, u64>,
     lost: u64,
+    /// The lost requests by why.
+    lost_by: BTreeMap<&'static str, u64>,
     queue_ms_p50: Option<u64>,
     queue_ms_p99: Option<u64>,
     queue_ms_max: Option<u64>,
+    /// Answers by who gave them: a cache outcome (`exact`, `dedup`, `template`, `stale`,
+    /// `semantic`, ...), `local`, `premium` or `job` (handed over, 202).
+    served_by: BTreeMap<&'static str, u64>,
+    /// Answers whose whole response came within the tier's `--target`.
+    within_target: u64,
+    /// Whole-response time of the answers, p50 and p99.
+    total_ms_p50: Option<u64>,
+    total_ms_p99: Option<u64>,
+}
+
+/// Who answered, from the response headers.
+fn served_by(headers: &reqwest::header::HeaderMap, status: u16) -> &'static str {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    if status == 202 {
+        return "job";
+    }
+    match get("x-floodgate-cache") {
+        "exact" => return "exact",
+        "dedup" => return "dedup",
+        "template" => return "template",
+        "stale" => return "stale",
+        // The semantic layer (being built): counted here once it answers.
+        "semantic" => return "semantic",
+        _ => {}
+    }
+    let last_ok = get("x-floodgate-chain")
+        .split(',')
+        .rev()
+        .find(|step| step.ends_with("=ok"))
+        .unwrap_or("");
+    if last_ok.starts_with("local:") {
+        "local"
+    } else {
+        "premium"
+    }
 }
 
 fn parse_tier(text: &str) -> Result<TierLoad> {
@@ -123,6 +190,7 @@ fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
 }
 
 async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str) -> End {
+    let started = Instant::now();
     let sent = client
         .post(url)
         .header("authorization", format!("Bearer {key}"))
@@ -130,8 +198,11 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str) -> End 
         .body(body.to_owned())
         .send()
         .await;
-    let Ok(response) = sent else {
-        return End::Lost;
+    let response = match sent {
+        Ok(response) => response,
+        Err(e) if e.is_timeout() => return End::Lost("timeout"),
+        Err(e) if e.is_connect() => return End::Lost("connect"),
+        Err(_) => return End::Lost("request"),
     };
     let status = response.status().as_u16();
     let queue_ms = response
@@ -139,13 +210,16 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str) -> End 
         .get("x-floodgate-queue-ms")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
+    let by = served_by(response.headers(), status);
     // The whole body must arrive for the answer to count.
-    if response.bytes().await.is_err() {
-        return End::Lost;
+    if let Err(e) = response.bytes().await {
+        return End::Lost(if e.is_timeout() { "timeout" } else { "body" });
     }
     match status {
         200..=299 => End::Answered {
             queue_ms: queue_ms.unwrap_or(0),
+            total_ms: started.elapsed().as_millis() as u64,
+            by,
         },
         429 => End::Refused,
         other => End::Status(other),
@@ -168,12 +242,41 @@ async fn main() -> Result<()> {
         .map(|t| parse_tier(t))
         .collect::<Result<_>>()?;
     let url = format!("{}/v1/chat/completions", args.url.trim_end_matches('/'));
-    let body = serde_json::json!({
+    let fixed = serde_json::json!({
         "model": args.model,
         "messages": [{"role": "user", "content": "Say hello."}],
         "max_tokens": 16,
     })
     .to_string();
+    // Each tier's bodies, sent in order and wrapping around.
+    let mut bodies: Vec<Vec<String>> = vec![Vec::new(); tiers.len()];
+    if let Some(path) = &args.prompts {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--prompts {}", path.display()))?;
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let p: PromptLine = serde_json::from_str(line)
+                .with_context(|| format!("--prompts {} line {}", path.display(), n + 1))?;
+            let Some(ti) = tiers.iter().position(|t| t.name == p.tier) else {
+                bail!("--prompts line {}: tier {:?} has no --tier", n + 1, p.tier);
+            };
+            bodies[ti].push(
+                serde_json::json!({"model": p.model, "messages": p.messages, "max_tokens": 16})
+                    .to_string(),
+            );
+        }
+    }
+    let mut targets: BTreeMap<String, u64> = BTreeMap::new();
+    for t in &args.targets {
+        let (name, ms) = t
+            .split_once('=')
+            .and_then(|(n, ms)| Some((n, ms.parse::<u64>().ok()?)))
+            .with_context(|| format!("--target {t:?}: expected NAME=MS"))?;
+        targets.insert(name.to_owned(), ms);
+    }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs_f64(args.timeout))
         .pool_idle_timeout(Duration::from_secs(5))
@@ -183,27 +286,26 @@ async fn main() -> Result<()> {
     let stop = start + Duration::from_secs_f64(args.duration);
     let mut pacers = Vec::new();
     for (ti, tier) in tiers.iter().enumerate() {
-        let (client, url, body, ends, key) = (
-            client.clone(),
-            url.clone(),
-            body.clone(),
-            ends.clone(),
-            tier.key.clone(),
-        );
+        let (client, url, ends, key) =
+            (client.clone(), url.clone(), ends.clone(), tier.key.clone());
+        let own = std::mem::take(&mut bodies[ti]);
+        let own: Arc<Vec<String>> = Arc::new(if own.is_empty() {
+            vec![fixed.clone()]
+        } else {
+            own
+        });
         let every = Duration::from_secs_f64(1.0 / tier.rate);
         pacers.push(tokio::spawn(async move {
             let mut requests = tokio::task::JoinSet::new();
             // Tiers start out of phase, so that their arrivals interleave.
             let mut next = tokio::time::Instant::from_std(start) + every.mul_f64(ti as f64 / 7.0);
+            let mut n = 0;
             while next.into_std() < stop {
                 tokio::time::sleep_until(next).await;
-                let (client, url, body, ends, key) = (
-                    client.clone(),
-                    url.clone(),
-                    body.clone(),
-                    ends.clone(),
-                    key.clone(),
-                );
+                let body = own[n % own.len()].clone();
+                n += 1;
+                let (client, url, ends, key) =
+                    (client.clone(), url.clone(), ends.clone(), key.clone());
                 requests.spawn(async move {
                     let end = one(&client, &url, &key, &body).await;
                     ends.lock()
@@ -222,26 +324,43 @@ async fn main() -> Result<()> {
     let mut summaries: BTreeMap<String, TierSummary> = BTreeMap::new();
     for (ti, tier) in tiers.iter().enumerate() {
         let mut waits: Vec<u64> = Vec::new();
+        let mut totals: Vec<u64> = Vec::new();
         let mut s = TierSummary::default();
+        let target = targets.get(&tier.name).copied();
         for (_, end) in ends.iter().filter(|(i, _)| *i == ti) {
             s.sent += 1;
             match *end {
-                End::Answered { queue_ms } => {
+                End::Answered {
+                    queue_ms,
+                    total_ms,
+                    by,
+                } => {
                     s.answered += 1;
                     waits.push(queue_ms);
+                    totals.push(total_ms);
+                    *s.served_by.entry(by).or_default() += 1;
+                    if target.is_some_and(|t| total_ms <= t) {
+                        s.within_target += 1;
+                    }
                 }
                 End::Refused => s.refused += 1,
                 End::Status(code) => {
                     s.other_status += 1;
                     *s.other_codes.entry(code).or_default() += 1;
                 }
-                End::Lost => s.lost += 1,
+                End::Lost(why) => {
+                    s.lost += 1;
+                    *s.lost_by.entry(why).or_default() += 1;
+                }
             }
         }
         waits.sort_unstable();
         s.queue_ms_p50 = percentile(&waits, 50.0);
         s.queue_ms_p99 = percentile(&waits, 99.0);
         s.queue_ms_max = waits.last().copied();
+        totals.sort_unstable();
+        s.total_ms_p50 = percentile(&totals, 50.0);
+        s.total_ms_p99 = percentile(&totals, 99.0);
         summaries.insert(tier.name.clone(), s);
     }
     let elapsed = start.elapsed().as_secs_f64();

@@ -45,6 +45,9 @@ struct KeyState {
     tokens: Option<TokenWindow>,
     cooled_until: Option<Instant>,
     failed: bool,
+    /// The key was refused as unauthenticated (401): a health probe that the provider
+    /// answers with it proves it again. A 403 or a spent quota is not proven by a listing.
+    restorable: bool,
     in_flight: u32,
     hint: Hint,
     /// A request was told "not now" since the last pulse: the next change that may make
@@ -283,6 +286,7 @@ impl KeyBudget {
                     .map(|tpm| TokenWindow::new(u64::from(tpm), window)),
                 cooled_until: None,
                 failed: false,
+                restorable: false,
                 in_flight: 0,
                 hint: Hint::default(),
                 blocked: false,
@@ -525,9 +529,25 @@ impl KeyBudget {
         s.cooled_until = Some(s.cooled_until.map_or(until, |c| c.max(until)));
     }
 
-    /// Takes the key out until the configuration changes (a 401/403).
+    /// Takes the key out until the configuration changes (a 403, a spent quota).
     pub fn fail(&self) {
-        self.lock().failed = true;
+        let mut s = self.lock();
+        s.failed = true;
+        s.restorable = false;
+    }
+
+    /// Takes the key out after a 401, until the configuration changes or a health probe
+    /// with it succeeds ([`KeyBudget::is_restorable`]).
+    pub fn fail_unauthenticated(&self) {
+        let mut s = self.lock();
+        s.failed = true;
+        s.restorable = true;
+    }
+
+    /// Whether the key is out after a 401, which a successful probe may undo.
+    pub fn is_restorable(&self) -> bool {
+        let s = self.lock();
+        s.failed && s.restorable
     }
 
     /// Puts a failed key back: a health probe with it succeeded.

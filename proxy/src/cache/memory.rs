@@ -25,6 +25,8 @@ struct Lru {
     bytes: usize,
     max_bytes: usize,
     max_entries: usize,
+    /// How long past its expiry an entry is kept for [`MemoryStore::get_stale`].
+    grace: std::time::Duration,
 }
 
 #[derive(Debug)]
@@ -61,6 +63,19 @@ impl MemoryStore {
         lru.max_entries = max_entries.max(1);
     }
 
+    /// Keeps expired entries `grace` longer, for [`MemoryStore::get_stale`] (a new policy).
+    pub fn set_grace(&self, grace: std::time::Duration) {
+        self.lock().grace = grace;
+    }
+
+    /// The answer under `key` if it has not expired at `now` or expired less than the grace
+    /// ago (a stale answer, for the degradation chain), without marking it used.
+    pub fn get_stale(&self, key: &Key, now: Instant) -> Option<Arc<Answer>> {
+        let lru = self.lock();
+        let slot = lru.map.get(key)?;
+        (now < slot.expires + lru.grace).then(|| slot.answer.clone())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -71,6 +86,10 @@ impl MemoryStore {
         let lru = &mut *lru;
         let slot = lru.map.get_mut(key)?;
         if slot.expires <= now {
+            // Kept within the grace for a stale answer; gone after it.
+            if now < slot.expires + lru.grace {
+                return None;
+            }
             let (tick, bytes) = (slot.tick, slot.bytes);
             lru.map.remove(key);
             lru.order.remove(&tick);

@@ -66,6 +66,9 @@ pub enum Outcome {
     Semantic,
     /// Answered by a template.
     Template,
+    /// Answered by an expired entry within its grace, every target having failed (the
+    /// degradation chain).
+    Stale,
     /// Answered by joining an identical request in flight.
     Dedup,
     /// Looked up, not found: the provider answered (and the answer may be stored).
@@ -81,6 +84,7 @@ impl Outcome {
             Outcome::Exact => "exact",
             Outcome::Semantic => "semantic",
             Outcome::Template => "template",
+            Outcome::Stale => "stale",
             Outcome::Dedup => "dedup",
             Outcome::Miss => "miss",
             Outcome::Bypass => "bypass",
@@ -109,6 +113,8 @@ pub struct CacheCtx {
     pub outcome: Option<Outcome>,
     /// A semantic hit's similarity.
     pub similarity: Option<f32>,
+    /// The exact key of the request, once looked up (for a stale answer, [`Cache::stale`]).
+    pub key: Option<Key>,
 }
 
 impl CacheCtx {
@@ -136,8 +142,12 @@ impl CacheCtx {
 #[derive(Debug)]
 pub struct Policy {
     exact_ttl: Option<Duration>,
+    /// How long past its TTL an entry may answer when every target failed.
+    stale: Duration,
     dedup_window: Option<Duration>,
     templates: Vec<template::Template>,
+    /// Templates that answer only when every target failed (`when: degraded`).
+    degraded: Vec<template::Template>,
     scope: CacheScope,
     backend: CacheBackend,
     max_entry_bytes: usize,
@@ -158,20 +168,22 @@ impl Policy {
     /// The policy of `spec`, with what it accepts and does not act on (each a sentence).
     pub fn new(spec: &CachePolicySpec) -> (Self, Vec<String>) {
         let mut notes = Vec::new();
-        let templates = spec
-            .templates
-            .iter()
-            .flat_map(|t| &t.items)
-            .filter_map(
-                |t| match template::Template::new(&t.name, &t.pattern, &t.response) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        notes.push(format!("{e}; the template is not used"));
-                        None
-                    }
-                },
-            )
-            .collect();
+        let (mut templates, mut degraded) = (Vec::new(), Vec::new());
+        for t in spec.templates.iter().flat_map(|t| &t.items) {
+            match template::Template::new(&t.name, &t.pattern, &t.response) {
+                Ok(c) if t.when == floodgate_crds::cache::TemplateUse::Degraded => degraded.push(c),
+                Ok(c) => templates.push(c),
+                Err(e) => notes.push(format!("{e}; the template is not used")),
+            }
+        }
+        let stale = spec.exact.as_ref().map_or(0, |e| e.stale_seconds);
+        if stale > 0 && spec.backend == CacheBackend::Redis {
+            notes.push(
+                "spec.exact.staleSeconds is not acted on with backend redis (stale answers \
+                 are kept by the memory backend only)"
+                    .into(),
+            );
+        }
         if let Some(s) = &spec.semantic
             && s.embedding_model != "all-MiniLM-L6-v2"
         {
@@ -193,11 +205,13 @@ impl Policy {
                 .exact
                 .as_ref()
                 .map(|e| Duration::from_secs(u64::from(e.ttl_seconds))),
+            stale: Duration::from_secs(u64::from(stale)),
             dedup_window: spec
                 .dedup
                 .as_ref()
                 .map(|d| Duration::from_secs(u64::from(d.window_seconds))),
             templates,
+            degraded,
             scope: spec.scope,
             backend: spec.backend,
             max_entry_bytes: spec.max_entry_bytes as usize,
@@ -351,6 +365,7 @@ impl Cache {
                     self.semantic.follow(redis.clone(), limits);
                 }
             }
+            self.memory.set_grace(policy.stale);
             Arc::new(policy)
         });
         *held = Some((Arc::downgrade(config), policy.clone()));
@@ -394,6 +409,7 @@ impl Cache {
         if no_cache {
             self.count(ctx, Outcome::Bypass);
         } else {
+            ctx.cache.key = Some(key);
             if policy.exact_ttl.is_some()
                 && let Some(answer) = self.lookup(&policy, &key).await
             {
@@ -875,6 +891,38 @@ struct Target {
     semantic: Option<(semantic::Query, Option<Vec<f32>>)>,
 }
 
+/// The degradation chain's cache steps (`routing::degrade`): answers given when every
+/// target of a request's route failed.
+impl Cache {
+    /// An expired answer to the request of `ctx` still within the policy's `staleSeconds`
+    /// (memory backend), as a reply in the caller's mode.
+    /// Counted and marked `stale` on `ctx`; never stored again.
+    pub fn stale(&self, view: &View, ctx: &mut RequestCtx, req: &ChatRequest) -> Option<Reply> {
+        let policy = self.policy(&view.config)?;
+        let key = ctx.cache.key.as_ref()?;
+        if policy.stale.is_zero() || ctx.cache.no_cache {
+            return None;
+        }
+        let answer = self.memory.get_stale(key, tokio::time::Instant::now())?;
+        self.count(ctx, Outcome::Stale);
+        Some(hit(whole_reply((*answer).clone(), req)).reply)
+    }
+
+    /// The answer of the first `when: degraded` template matching `req`, as a reply; counted
+    /// and marked `template` on `ctx`.
+    pub fn degraded_template(
+        &self,
+        view: &View,
+        ctx: &mut RequestCtx,
+        req: &ChatRequest,
+    ) -> Option<Reply> {
+        let policy = self.policy(&view.config)?;
+        let (_, text) = template::answer(&policy.degraded, req)?;
+        self.count(ctx, Outcome::Template);
+        Some(hit(whole_reply(Answer::text(&req.model, text), req)).reply)
+    }
+}
+
 impl Answer {
     /// A whole answer of `text` for `model` (a template's).
     pub fn text(model: &str, text: String) -> Self {
@@ -930,7 +978,9 @@ fn answering(view: &View, ctx: &RequestCtx, tenant: &str, model: &str) -> String
 /// target it spilled or fell over to (a local model under pressure, another pool) is not
 /// stored, so it is never served later to a request its first choice would answer.
 fn first_choice(ctx: &RequestCtx) -> bool {
-    ctx.routing.as_ref().is_none_or(|n| n.steps.len() <= 1)
+    // A stale or template answer of the degradation chain is not a provider's answer.
+    let degraded = matches!(ctx.cache.outcome, Some(Outcome::Stale | Outcome::Template));
+    !degraded && ctx.routing.as_ref().is_none_or(|n| n.steps.len() <= 1)
 }
 
 fn resolved_model(view: &View, model: &str) -> String {

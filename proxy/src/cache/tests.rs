@@ -445,3 +445,24 @@ async fn a_follower_waits_for_its_leader_until_its_own_deadline() {
     assert!(matches!(waiting.await.unwrap(), flight::Waited::TimedOut));
     drop(leader);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_entry_answers_as_stale_within_its_grace_only() {
+    let store = MemoryStore::new(1 << 20, 100);
+    store.set_grace(Duration::from_secs(30));
+    let k = key_of(base());
+    let ttl = Duration::from_secs(60);
+    let now = tokio::time::Instant::now();
+    store.put(k, Arc::new(answer("a")), 10, now + ttl);
+    tokio::time::advance(ttl).await;
+    // Expired: no fresh answer, but kept for a stale one.
+    assert!(store.get(&k, tokio::time::Instant::now()).is_none());
+    assert!(store.get_stale(&k, tokio::time::Instant::now()).is_some());
+    tokio::time::advance(Duration::from_secs(30) - Duration::from_millis(1)).await;
+    assert!(store.get_stale(&k, tokio::time::Instant::now()).is_some());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(store.get_stale(&k, tokio::time::Instant::now()).is_none());
+    // A lookup past the grace frees it.
+    assert!(store.get(&k, tokio::time::Instant::now()).is_none());
+    assert_eq!(store.usage(), (0, 0));
+}

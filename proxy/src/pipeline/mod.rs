@@ -105,6 +105,8 @@ pub async fn chat(
     // A hit, or a follower's answer, has no route decision of its own.
     if routed {
         record_decision(ctx, &reply);
+    } else {
+        crate::routing::capacity::record_unrouted(&dispatcher.routing().recent, ctx);
     }
     if let Some(slot) = slot {
         reply.body = match reply.body {

@@ -221,6 +221,20 @@ impl Breaker {
         opened
     }
 
+    /// An open circuit lets the next request through as its probe now, before its open
+    /// period ends (a health check found the provider answering): the probe's verdict, on
+    /// live traffic, closes or re-opens it. Returns whether it was open.
+    pub fn half_open(&self) -> bool {
+        let mut s = self.lock();
+        if !matches!(*s, State::Open { .. }) {
+            return false;
+        }
+        *s = State::HalfOpen { probe: None };
+        drop(s);
+        self.signal.pulse();
+        true
+    }
+
     /// A call ended in a way that says nothing about the provider's health (a 429, a bad
     /// key, the caller's fault): a half-open probe slot is given back.
     pub fn neutral(&self) {

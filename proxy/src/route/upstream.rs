@@ -156,7 +156,12 @@ fn outcome(provider: &ProviderRt, key: &KeyRt, result: Result<(), &ProviderError
             }
             if e.fails_key() {
                 tracing::error!(provider = %provider.name, key = %key.name, reason = %e, "the provider refused this key; it is out until the configuration changes");
-                key.budget.fail();
+                match e {
+                    ProviderError::Unauthorized { status: 401, .. } => {
+                        key.budget.fail_unauthenticated();
+                    }
+                    _ => key.budget.fail(),
+                }
             }
             if e.opens_circuit() {
                 if provider.breaker.failure(now) {

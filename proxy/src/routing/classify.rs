@@ -10,7 +10,11 @@
 //! 3. **simple**: shorter than `simpleMaxChars` (100 by default);
 //! 4. **medium**: everything else.
 //!
-//! The prompt is the last user message (what the caller asks now); earlier turns are context.
+//! The wording (code, multi-step, terms) is read from the last user message: what the caller
+//! asks now. The lengths (1-3) are those of the whole conversation, its user and assistant
+//! turns: a short follow-up ("and then?") to a long exchange asks a model to read all of it,
+//! and is not simple. A system prompt is not counted (it is the same for every request of an
+//! application, and says nothing of this question's difficulty).
 
 use crate::providers::types::{ChatRequest, Role};
 use floodgate_crds::local_model::PromptClass;
@@ -134,7 +138,8 @@ impl Classifier {
         }
     }
 
-    /// The class of `req`'s prompt (its last user message).
+    /// The class of `req`'s prompt: the wording of its last user message, the length of
+    /// its conversation.
     pub fn classify(&self, req: &ChatRequest) -> PromptClass {
         let prompt = req
             .messages
@@ -143,11 +148,22 @@ impl Classifier {
             .find(|m| m.role == Role::User)
             .map(|m| m.text())
             .unwrap_or_default();
-        self.classify_text(&prompt)
+        let conversation: usize = req
+            .messages
+            .iter()
+            .filter(|m| matches!(m.role, Role::User | Role::Assistant))
+            .map(|m| m.text().chars().count())
+            .sum();
+        self.classify_parts(&prompt, conversation)
     }
 
-    /// The class of a prompt's text.
+    /// The class of a prompt's text (a conversation of this one message).
     pub fn classify_text(&self, text: &str) -> PromptClass {
+        self.classify_parts(text, text.chars().count())
+    }
+
+    /// The class of a prompt worded `text` in a conversation of `chars` characters.
+    fn classify_parts(&self, text: &str, chars: usize) -> PromptClass {
         let lower = text.to_lowercase();
         let words: Vec<&str> = lower
             .split(|c: char| !(c.is_alphanumeric() || c == '+' || c == '-' || c == '#'))
@@ -162,7 +178,6 @@ impl Classifier {
         {
             return PromptClass::Code;
         }
-        let chars = text.chars().count();
         let multi_step =
             words.contains(&"first") && (words.contains(&"then") || words.contains(&"finally"));
         if multi_step
@@ -314,5 +329,33 @@ mod tests {
             ..req
         };
         assert_eq!(Classifier::default().classify(&req), PromptClass::Simple);
+    }
+
+    #[test]
+    fn a_short_follow_up_to_a_long_conversation_is_not_simple() {
+        use crate::providers::types::{ChatMessage, MessageContent};
+        let msg = |role, text: String| ChatMessage::new(role, Some(MessageContent::Text(text)));
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "messages": []
+        }))
+        .unwrap();
+        let long = "The river runs north past the old mill and the town. ".repeat(8);
+        let with = |history: String| ChatRequest {
+            messages: vec![
+                msg(Role::System, "You are helpful. ".repeat(20)),
+                msg(Role::User, history),
+                msg(Role::Assistant, "It does.".into()),
+                msg(Role::User, "and then?".into()),
+            ],
+            ..req.clone()
+        };
+        let c = Classifier::default();
+        // 432 + 8 + 9 characters of conversation: medium, though the question is short.
+        assert_eq!(c.classify(&with(long)), PromptClass::Medium);
+        // A short exchange stays simple, however long the system prompt.
+        assert_eq!(
+            c.classify(&with("Where is the mill?".into())),
+            PromptClass::Simple
+        );
     }
 }

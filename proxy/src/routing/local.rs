@@ -1,6 +1,15 @@
 //! Local models: a concurrency limit instead of an RPM (calls in flight at most
-//! `numParallel` per replica), the queue of requests waiting for a slot, the latency of the
-//! calls, and whether a paid tier should spill over to the next target instead of waiting.
+//! `numParallel` per replica), the queue of requests waiting for a slot (first come, first
+//! served), the latency of the calls (failed ones included), and whether a paid tier should
+//! spill over to the next target instead of waiting.
+//!
+//! Thresholds read as the operator's autoscaler reads them (`operator/src/autoscale.rs`): a
+//! model is under queue pressure when *more* requests wait than `queueDepth` x replicas, and
+//! under latency pressure when its latency is *past* `latencyMs`, so a gateway spills over
+//! exactly when the operator would scale up. The latency is an exponentially weighted mean of
+//! call durations that halves every [`LATENCY_HALF_LIFE`] without a new call: while paid
+//! tiers spill over, a model that got slow is not called, and its mean must come down for
+//! them to return.
 //!
 //! [`LocalDemand`] is what the operator's autoscaler reads: one struct per local model,
 //! snapshot by [`Gates::demand`], also exported as Prometheus gauges labelled
@@ -10,12 +19,15 @@ use super::metrics::{LocalLabels, routing_metrics};
 use super::plan::LocalSpec;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// Time without a call over which a model's latency mean halves.
+pub const LATENCY_HALF_LIFE: Duration = Duration::from_secs(10);
 
 /// The demand on one local model at one gateway replica, for autoscaling.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,13 +49,22 @@ pub struct Gate {
     limit: AtomicUsize,
     in_flight: AtomicUsize,
     waiting: AtomicUsize,
-    /// Mean latency in microseconds (EWMA, weight 1/8).
-    latency_us: AtomicU64,
+    /// The tickets of the requests waiting, first in line first: a freed slot goes to the
+    /// head, and a new arrival queues behind them rather than take it.
+    line: Mutex<Line>,
+    /// Mean latency in microseconds (EWMA, weight 1/8) and when it was last observed.
+    latency: Mutex<(u64, Option<Instant>)>,
     freed: Notify,
     gauges: (Gauge, Gauge, Gauge, Histogram),
     /// The same demand, for the operator's autoscaler (published to Redis by
     /// [`crate::demand::Publisher`] when budgets are shared).
     cell: Arc<crate::demand::DemandCell>,
+}
+
+#[derive(Debug, Default)]
+struct Line {
+    next: u64,
+    tickets: VecDeque<u64>,
 }
 
 /// What the gate says a request should do.
@@ -83,7 +104,8 @@ impl Gate {
             limit: AtomicUsize::new(spec.limit.max(1)),
             in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
-            latency_us: AtomicU64::new(0),
+            line: Mutex::default(),
+            latency: Mutex::new((0, None)),
             freed: Notify::new(),
             gauges: (depth, flight, latency, hist),
             cell: {
@@ -99,41 +121,77 @@ impl Gate {
         self.cell.spilled();
     }
 
-    /// Whether the model is past `spec`'s thresholds.
+    /// Whether the model is past `spec`'s thresholds: more waiting than the queue threshold,
+    /// or a latency past the bound (both as the operator's scale-up reads them).
     pub fn pressure(&self, spec: &LocalSpec) -> Pressure {
-        if self.waiting.load(Ordering::Relaxed) >= spec.queue_threshold.max(1) {
+        if self.waiting.load(Ordering::Relaxed) > spec.queue_threshold {
             return Pressure::Queue;
         }
         if let Some(ms) = spec.latency_ms
-            && self.latency_us.load(Ordering::Relaxed) > u64::from(ms) * 1000
+            && self.latency_us(Instant::now()) > u64::from(ms) * 1000
         {
             return Pressure::Latency;
         }
         Pressure::Normal
     }
 
-    /// A slot, waiting in line until `deadline` at the latest; `None` past it.
+    /// The latency mean at `now`, in microseconds: the last mean, halved for every
+    /// [`LATENCY_HALF_LIFE`] since it was observed.
+    fn latency_us(&self, now: Instant) -> u64 {
+        let (us, at) = *self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(at) = at else { return us };
+        let halves =
+            now.saturating_duration_since(at).as_secs_f64() / LATENCY_HALF_LIFE.as_secs_f64();
+        (us as f64 * 0.5f64.powf(halves)) as u64
+    }
+
+    /// A slot, waiting in line (first come, first served) until `deadline` at the latest;
+    /// `None` past it.
     pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Option<Slot> {
-        if let Some(slot) = self.try_acquire() {
-            return Some(slot);
-        }
+        let ticket = {
+            let mut line = self.line.lock().unwrap_or_else(|p| p.into_inner());
+            // Nobody in line: take a free slot at once.
+            if line.tickets.is_empty()
+                && let Some(slot) = self.try_acquire()
+            {
+                return Some(slot);
+            }
+            line.next += 1;
+            let ticket = line.next;
+            line.tickets.push_back(ticket);
+            ticket
+        };
         self.waiting.fetch_add(1, Ordering::Relaxed);
         self.publish();
-        let _waiting = Waiting(self);
+        let _waiting = Waiting(self, ticket);
         // Counted as waiting for the autoscaler until it gets a slot or gives up.
         let _queued = self.cell.queued();
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(slot) = self.try_acquire() {
+            if let Some(slot) = self.take_as_head(ticket) {
                 return Some(slot);
             }
             tokio::select! {
                 () = freed => {}
-                () = tokio::time::sleep_until(deadline) => return self.try_acquire(),
+                () = tokio::time::sleep_until(deadline) => return self.take_as_head(ticket),
             }
         }
+    }
+
+    /// A slot for `ticket` if it is first in line and a slot is free (it then leaves the line).
+    fn take_as_head(self: &Arc<Self>, ticket: u64) -> Option<Slot> {
+        let mut line = self.line.lock().unwrap_or_else(|p| p.into_inner());
+        if line.tickets.front() != Some(&ticket) {
+            return None;
+        }
+        let slot = self.try_acquire()?;
+        line.tickets.pop_front();
+        drop(line);
+        // The next in line may find a slot free too (a limit raised, several freed).
+        self.freed.notify_waiters();
+        Some(slot)
     }
 
     fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
@@ -163,10 +221,11 @@ impl Gate {
 
     /// Records a finished call's latency.
     fn observe(&self, d: Duration) {
+        let now = Instant::now();
         let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
-        let old = self.latency_us.load(Ordering::Relaxed);
+        let old = self.latency_us(now);
         let new = if old == 0 { us } else { old - old / 8 + us / 8 };
-        self.latency_us.store(new, Ordering::Relaxed);
+        *self.latency.lock().unwrap_or_else(|p| p.into_inner()) = (new, Some(now));
         self.gauges.3.observe(d.as_secs_f64());
     }
 
@@ -179,7 +238,7 @@ impl Gate {
             .set(self.in_flight.load(Ordering::Relaxed) as i64);
         self.gauges
             .2
-            .set((self.latency_us.load(Ordering::Relaxed) / 1000) as i64);
+            .set((self.latency_us(Instant::now()) / 1000) as i64);
     }
 
     /// The model's demand now.
@@ -188,15 +247,23 @@ impl Gate {
             local_model: self.key.clone(),
             queue_depth: self.waiting.load(Ordering::Relaxed) as u64,
             in_flight: self.in_flight.load(Ordering::Relaxed) as u64,
-            latency_ms: self.latency_us.load(Ordering::Relaxed) / 1000,
+            latency_ms: self.latency_us(Instant::now()) / 1000,
         }
     }
 }
 
-struct Waiting<'a>(&'a Gate);
+/// A request in line: leaves it (if still there) and the waiting count when dropped.
+struct Waiting<'a>(&'a Gate, u64);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        let mut line = self.0.line.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = line.tickets.iter().position(|t| *t == self.1) {
+            line.tickets.remove(i);
+            drop(line);
+            // It may have been the head: the next one looks again.
+            self.0.freed.notify_waiters();
+        }
         self.0.waiting.fetch_sub(1, Ordering::Relaxed);
         self.0.publish();
     }
@@ -220,13 +287,20 @@ impl Slot {
         self.gate.observe(elapsed);
         self.gate.cell.record_latency(elapsed);
     }
+
+    /// The call failed after its time so far: a model that times out or errors is counted
+    /// as slow as it was, so a failing model raises the latency that makes paid tiers spill.
+    pub fn failed(&self) {
+        self.answered();
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.gate.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.gate.publish();
-        self.gate.freed.notify_one();
+        // Every waiter looks; only the head of the line takes the slot.
+        self.gate.freed.notify_waiters();
     }
 }
 
@@ -288,6 +362,7 @@ mod tests {
             limit,
             queue_threshold: queue,
             latency_ms,
+            classes: 0,
         }
     }
 
@@ -359,33 +434,110 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pressure_at_the_queue_and_latency_thresholds() {
+        // Past the threshold, as the operator's scale-up reads it: more waiting than 2.
         let s = spec(1, 2, Some(1000));
         let gates = Gates::default();
         let gate = gates.get("b", &s);
         let far = Instant::now() + Duration::from_secs(60);
         let slot = gate.acquire(far).await.unwrap();
         assert_eq!(gate.pressure(&s), Pressure::Normal);
-        let w1 = tokio::spawn({
-            let g = gate.clone();
-            async move { g.acquire(far).await.is_some() }
-        });
-        tokio::task::yield_now().await;
-        // One waiting, threshold two: still normal; the second makes it a queue.
-        assert_eq!(gate.pressure(&s), Pressure::Normal);
-        let w2 = tokio::spawn({
-            let g = gate.clone();
-            async move { g.acquire(far).await.is_some() }
-        });
-        tokio::task::yield_now().await;
-        assert_eq!(gate.pressure(&s), Pressure::Queue);
+        let mut waiters = Vec::new();
+        for waiting in 1..=3 {
+            waiters.push(tokio::spawn({
+                let g = gate.clone();
+                async move { g.acquire(far).await.is_some() }
+            }));
+            tokio::task::yield_now().await;
+            assert_eq!(gates.demand()[0].queue_depth, waiting);
+            // One or two waiting, threshold two: normal; the third is past it.
+            let expected = if waiting > 2 {
+                Pressure::Queue
+            } else {
+                Pressure::Normal
+            };
+            assert_eq!(gate.pressure(&s), expected, "{waiting} waiting");
+        }
         // A call of exactly 1000 ms is at the threshold, not past it.
         tokio::time::advance(Duration::from_millis(1000)).await;
         slot.answered();
         drop(slot);
-        assert!(w1.await.unwrap());
+        assert!(waiters.remove(0).await.unwrap());
         assert_eq!(gate.pressure(&s), Pressure::Normal);
         let s2 = spec(1, 2, Some(999));
         assert_eq!(gate.pressure(&s2), Pressure::Latency);
-        drop(w2);
+        drop(waiters);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_slot_goes_to_the_first_in_line_not_to_a_new_arrival() {
+        let s = spec(1, 10, None);
+        let gates = Gates::default();
+        let gate = gates.get("fifo", &s);
+        let far = Instant::now() + Duration::from_secs(10);
+        let held = gate.acquire(far).await.unwrap();
+        let first = tokio::spawn({
+            let g = gate.clone();
+            async move { g.acquire(far).await.map(|slot| (Instant::now(), slot)) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(gates.demand()[0].queue_depth, 1);
+        // The slot is freed, and a new arrival asks before the waiter has run: it queues
+        // behind the waiter (and gives up at its own deadline), the waiter gets the slot.
+        drop(held);
+        let late = gate
+            .acquire(Instant::now() + Duration::from_millis(100))
+            .await;
+        assert!(late.is_none(), "a new arrival overtook the waiter");
+        assert!(first.await.unwrap().is_some());
+        assert_eq!(gates.demand()[0].queue_depth, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_lets_the_next_one_in() {
+        let s = spec(1, 10, None);
+        let gates = Gates::default();
+        let gate = gates.get("give-up", &s);
+        let far = Instant::now() + Duration::from_secs(10);
+        let held = gate.acquire(far).await.unwrap();
+        // The head of the line gives up at 1 s; the second stays.
+        let head = tokio::spawn({
+            let g = gate.clone();
+            async move {
+                g.acquire(Instant::now() + Duration::from_secs(1))
+                    .await
+                    .is_some()
+            }
+        });
+        tokio::task::yield_now().await;
+        let second = tokio::spawn({
+            let g = gate.clone();
+            async move { g.acquire(far).await.map(|_| Instant::now()) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!head.await.unwrap());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let freed = Instant::now();
+        drop(held);
+        assert_eq!(second.await.unwrap(), Some(freed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_models_latency_halves_every_half_life_without_calls() {
+        // 4 s observed against a 2 s bound: past it; at exactly one half-life it is 2 s, at
+        // the bound, and paid tiers come back.
+        let s = spec(1, 10, Some(2000));
+        let gates = Gates::default();
+        let gate = gates.get("decay", &s);
+        let far = Instant::now() + Duration::from_secs(60);
+        let slot = gate.acquire(far).await.unwrap();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        slot.answered();
+        drop(slot);
+        assert_eq!(gate.pressure(&s), Pressure::Latency);
+        tokio::time::advance(LATENCY_HALF_LIFE - Duration::from_millis(1)).await;
+        assert_eq!(gate.pressure(&s), Pressure::Latency);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(gate.pressure(&s), Pressure::Normal);
+        assert_eq!(gates.demand()[0].latency_ms, 2000);
     }
 }

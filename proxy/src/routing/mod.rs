@@ -19,12 +19,13 @@
 //! Every step has a deadline derived from the tier's wait limit: a step that is not the last
 //! gets an equal share of the time left, the last gets all of it, so the chain never hangs.
 //!
-//! The chain's later steps are extension points, not built here: **stale cache** (expired
-//! entries within a grace period, the cache issue), **template answer** (the cache issue's
-//! templates) and **async job** (the jobs issue, for tiers that allow it) come after the
-//! last target, before the final error; they are to be added in [`chat`] where the comment
-//! `extension point` stands. Until then the last target's error is the answer: 429 or 503
-//! with `retry-after`.
+//! Past the last target, when the targets failed for capacity or health ([`degrade`]): a
+//! **stale answer** (an exact-cache entry expired less than the CachePolicy's
+//! `exact.staleSeconds` ago, `x-floodgate-cache: stale`, chain step `stale=ok`), then a
+//! **template answer** (a CachePolicy template with `when: degraded`, step `template=ok`),
+//! then, in the door, a **job** for a caller that prefers one (`Prefer: respond-async`: 202
+//! and the job's `Location`, step `job=queued`); otherwise the last error is the answer: 429
+//! or 503 with `retry-after`.
 //!
 //! Requests no rule matches are routed by their model name over every pool, as before.
 
@@ -179,14 +180,30 @@ async fn route(
         .ledger
         .check("tenant", &asker.tenant, &plan.tenant_budgets)?;
     let Some(rule) = plan.rule(&ctx.tier, class, &req.model, &asker.tenant) else {
+        // By model: the pools that serve it keep their budgets too. Refused when every one
+        // of them is spent (one with budget left may still answer); the answer's cost is
+        // booked to the pool of the provider that gave it.
+        let pools = pools_serving(view, &req.model);
+        let mut spent: Vec<cost::OverBudget> = pools
+            .iter()
+            .filter_map(|p| state.ledger.check("pool", p, &plan.pool_budgets).err())
+            .collect();
+        if !pools.is_empty() && spent.len() == pools.len() {
+            count_route(BY_MODEL, None);
+            return Err(spent.swap_remove(0).into());
+        }
         let reply = dispatcher
             .chat(view, req, ctx.deadline, asker.clone())
             .await;
         count_route(BY_MODEL, reply.as_ref().ok().map(|r| &*r.provider));
-        let reply = reply?;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => return degrade(state, view, ctx, req, e.into()),
+        };
         state.recent.record(capacity::Served::Premium);
+        let pool = pool_of(view, &req.model, &reply.provider);
         return Ok(costed(
-            ctx, plan, state, asker, None, &req.model, &req.model, reply,
+            ctx, plan, state, asker, pool, &req.model, &req.model, reply,
         ));
     };
     set_rule(ctx, &rule.name);
@@ -212,6 +229,11 @@ async fn route(
         if let Some(name) = &step.local
             && let Some(spec) = plan.locals.get(&**name)
         {
+            // The LocalModelDeployment's `classes`: the prompt classes it may take.
+            if !spec.takes(class) {
+                record_step(ctx, step, "class_not_served");
+                continue;
+            }
             let gate = state.gates.get(name, spec);
             let pressure = gate.pressure(spec);
             if pressure != local::Pressure::Normal && spills && more {
@@ -266,20 +288,127 @@ async fn route(
                     ctx, plan, state, asker, pool, &route, &req.model, reply,
                 ));
             }
-            Err(e) if more && falls_through(&e) => {
+            // The next step, or past the last the degradation steps, may serve.
+            Err(e) if falls_through(&e) => {
+                if let Some(slot) = &slot {
+                    slot.failed();
+                }
                 record_step(ctx, step, e.metric_label());
                 last = Some(e.into());
             }
             Err(e) => {
+                if let Some(slot) = &slot {
+                    slot.failed();
+                }
                 record_step(ctx, step, e.metric_label());
                 count_route(&rule.name, None);
                 return Err(e.into());
             }
         }
     }
-    // extension point: stale cache, template answer, async job (see the module docs).
     count_route(&rule.name, None);
-    Err(last.unwrap_or_else(|| RouteError::Unavailable { retry_after: None }.into()))
+    // No step could even be tried (a local model without an endpoint yet, classes it does
+    // not take): unavailable for now, and the caller is told when to come back.
+    let error = last.unwrap_or_else(|| {
+        RouteError::Unavailable {
+            retry_after: Some(UNAVAILABLE_RETRY_AFTER),
+        }
+        .into()
+    });
+    degrade(state, view, ctx, req, error)
+}
+
+/// The degradation chain past the targets, when they failed for capacity or health (not for
+/// the request itself): an expired answer within the CachePolicy's `exact.staleSeconds`
+/// (`x-floodgate-cache: stale`), then a `when: degraded` template; otherwise `error`. The
+/// door then hands the request to a job when the caller prefers it (`server::jobs::defer`),
+/// and past that the error is the answer (429 or 503 with `retry-after`).
+fn degrade(
+    state: &State,
+    view: &View,
+    ctx: &mut RequestCtx,
+    req: &ChatRequest,
+    error: pipeline::Error,
+) -> Result<Reply, pipeline::Error> {
+    let Some(cache) = ctx.cache.cache.clone().filter(|_| degradable(&error)) else {
+        return Err(error);
+    };
+    if let Some(reply) = cache.stale(view, ctx, req) {
+        record_degraded(ctx, "stale");
+        state.recent.record(capacity::Served::Cache);
+        return Ok(reply);
+    }
+    if let Some(reply) = cache.degraded_template(view, ctx, req) {
+        record_degraded(ctx, "template");
+        state.recent.record(capacity::Served::Cache);
+        return Ok(reply);
+    }
+    Err(error)
+}
+
+/// Whether the chain failed for its targets' capacity or health (a step of the degradation
+/// chain may still answer), not for the request itself or its caller's limits.
+pub fn degradable(error: &pipeline::Error) -> bool {
+    match error {
+        pipeline::Error::Route(RouteError::UnknownModel(_)) => false,
+        pipeline::Error::Route(e) => falls_through(e),
+        // A pool's spent budget (a tenant's is refused before any step).
+        pipeline::Error::OverBudget(e) => e.scope == "pool",
+        pipeline::Error::Refused(_) => false,
+    }
+}
+
+/// Records the hand-over of a request to a job (the door's last step of the chain).
+pub fn handed_over(ctx: &mut RequestCtx) {
+    record_degraded_outcome(ctx, "job", "queued");
+}
+
+/// A degradation step that answered: in the chain header and the step metrics.
+fn record_degraded(ctx: &mut RequestCtx, target: &'static str) {
+    record_degraded_outcome(ctx, target, "ok");
+}
+
+fn record_degraded_outcome(ctx: &mut RequestCtx, target: &'static str, outcome: &'static str) {
+    routing_metrics()
+        .steps
+        .get_or_create(&StepLabels {
+            target: target.to_owned(),
+            outcome: outcome.to_owned(),
+        })
+        .inc();
+    if let Some(note) = &mut ctx.routing {
+        note.steps.push((Arc::from(target), outcome));
+    }
+}
+
+/// `retry-after` of a 503 when nothing says better: a rule none of whose targets could be
+/// tried, or a provider's 5xx without its own `retry-after` (the door, `upstream_error`).
+pub const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// The pools whose providers serve `model` (its route's targets), each once.
+fn pools_serving(view: &View, model: &str) -> Vec<Arc<str>> {
+    let mut pools: Vec<Arc<str>> = Vec::new();
+    if let Some(route) = view.runtime.routes.get(model) {
+        for t in &route.targets {
+            if let Some(p) = view.runtime.providers.get(t.provider)
+                && !pools.iter().any(|q| **q == *p.pool)
+            {
+                pools.push(Arc::from(p.pool.as_str()));
+            }
+        }
+    }
+    pools
+}
+
+/// The pool of the provider named `provider` among `model`'s route's targets.
+fn pool_of(view: &View, model: &str, provider: &str) -> Option<Arc<str>> {
+    let route = view.runtime.routes.get(model)?;
+    route
+        .targets
+        .iter()
+        .filter_map(|t| view.runtime.providers.get(t.provider))
+        .find(|p| &*p.name == provider)
+        .map(|p| Arc::from(p.pool.as_str()))
 }
 
 /// The dispatcher route of `step` for a request of `model`.

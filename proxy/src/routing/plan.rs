@@ -75,6 +75,15 @@ pub struct LocalSpec {
     pub queue_threshold: usize,
     /// Latency above which paid tiers spill over (`autoscaling.latencyMs`).
     pub latency_ms: Option<u32>,
+    /// The prompt classes it may take (`spec.classes`, a bit per class); 0 takes any.
+    pub classes: u8,
+}
+
+impl LocalSpec {
+    /// Whether the model may take a prompt of `class` (its `spec.classes`, any when empty).
+    pub fn takes(&self, class: PromptClass) -> bool {
+        self.classes == 0 || self.classes & bit(class) != 0
+    }
 }
 
 /// Prices of one (pool, provider, model) in USD per million input and output tokens.
@@ -383,6 +392,7 @@ fn locals(
                 limit: parallel * replicas,
                 queue_threshold: per_replica * replicas,
                 latency_ms: lm.spec.autoscaling.as_ref().and_then(|a| a.latency_ms),
+                classes: lm.spec.classes.iter().fold(0, |m, c| m | bit(*c)),
             };
             (name, spec)
         })

@@ -62,15 +62,16 @@ async fn handle(
     let view = state.dispatcher.view();
     if !req.stream {
         let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
-        // Past its wait limit, a caller that prefers it gets a job instead (server::jobs).
-        if matches!(
-            result,
-            Err(pipeline::Error::Route(
-                crate::route::RouteError::Saturated { .. }
-            ))
-        ) && super::jobs::prefers_async(headers)
-            && let Some(response) = super::jobs::defer(state, ctx, &req).await
+        // Past its wait limit, or when every target and degradation step failed, a caller
+        // that prefers it gets a job instead (server::jobs): the chain's last step.
+        if result.as_ref().is_err_and(crate::routing::degradable)
+            && super::jobs::prefers_async(headers)
+            && let Some(mut response) = super::jobs::defer(state, ctx, &req).await
         {
+            if response.status() == axum::http::StatusCode::ACCEPTED {
+                crate::routing::handed_over(ctx);
+                crate::routing::headers(response.headers_mut(), ctx);
+            }
             Outcome::new(span, ctx, Some(req.model))
                 .with_status(response.status())
                 .record("deferred");

@@ -351,6 +351,11 @@ fn upstream_error(error: &ProviderError, attempts: u32) -> ApiError {
     let e = ApiError::new(status, kind, error.metric_label(), message);
     match error.retry_after() {
         Some(d) => e.with_retry_after(d),
+        // A provider failing without saying when: the end of the degradation chain still
+        // tells the caller when to come back.
+        None if status.is_server_error() => {
+            e.with_retry_after(crate::routing::UNAVAILABLE_RETRY_AFTER)
+        }
         None => e,
     }
 }
