@@ -453,9 +453,12 @@ async fn start_jobs(
         args.job_max_pending_per_tenant,
     );
     let webhook_client = || {
+        // No proxy from the environment either: a proxy would resolve and reach the
+        // receiver itself, past the resolver that refuses internal addresses.
         reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
     };
     let workers = jobs::worker::Workers {
         jobs: jobs.clone(),

@@ -50,6 +50,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
+/// How long a semantic lookup waits for the prompt's embedding at most (a text takes ~5 ms
+/// in a batch, a full queue ~0.7 s of work on 2 cores): past it, the request goes on as a
+/// miss. A safety net: the queue's bound refuses a burst before this.
+const SEMANTIC_WAIT: Duration = Duration::from_secs(1);
+
 /// Response header: what the cache did (`exact`, `semantic`, `template`, `dedup`, `miss`,
 /// `bypass`).
 pub const CACHE_HEADER: &str = "x-floodgate-cache";
@@ -729,7 +734,10 @@ impl Cache {
     ) -> Option<(Arc<Answer>, f32)> {
         let (sp, (query, vector)) = (policy.semantic.as_ref()?, target.semantic.as_mut()?);
         let started = std::time::Instant::now();
-        let v = self.semantic.embed(&query.text).await?;
+        // A lookup waits for the model at most this long, then counts as a miss.
+        let v = tokio::time::timeout(SEMANTIC_WAIT, self.semantic.embed(&query.text))
+            .await
+            .ok()??;
         let found = self.semantic.find(query, &v, sp.threshold);
         *vector = Some(v);
         let found = found?;

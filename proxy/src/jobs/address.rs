@@ -17,8 +17,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_internal_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_internal_v4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped().or_else(|| embedded_v4(v6)) {
+            Some(v4) => is_internal_v4(v4) || is_internal_v6(v6),
             None => is_internal_v6(v6),
         },
     }
@@ -39,6 +39,19 @@ fn is_internal_v4(ip: Ipv4Addr) -> bool {
         || (a == 192 && b == 0 && ip.octets()[2] == 0)
         || (a == 198 && (18..20).contains(&b))
         || a >= 240
+}
+
+/// The IPv4 address inside a NAT64 address of the well-known prefix (`64:ff9b::/96`) or an
+/// IPv4-compatible one (`::a.b.c.d`): a NAT64 gateway or a dual stack reaches it.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let v4 = || {
+        let [.., a, b, c, d] = ip.octets();
+        Ipv4Addr::new(a, b, c, d)
+    };
+    let nat64 = s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0];
+    let compatible = s[..6] == [0, 0, 0, 0, 0, 0] && !ip.is_loopback() && !ip.is_unspecified();
+    (nat64 || compatible).then(v4)
 }
 
 fn is_internal_v6(ip: Ipv6Addr) -> bool {
@@ -118,6 +131,9 @@ mod tests {
             "http://[fd00::1]/",
             "http://[fe80::1]/",
             "http://[::ffff:127.0.0.1]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "http://[64:ff9b::a00:1]/",
+            "http://[::10.0.0.1]/",
             "http://localhost:9000/",
             "http://api.localhost/",
             "http://LOCALHOST./",
@@ -131,6 +147,7 @@ mod tests {
             "http://172.32.0.1/",
             "http://100.128.0.1/",
             "http://[2001:4860::8888]/",
+            "http://[64:ff9b::808:808]/",
         ] {
             assert_eq!(check(url, false), Ok(()), "{url}");
         }

@@ -145,9 +145,11 @@ pub fn intervals(view: &View) -> Vec<(String, Duration)> {
         .iter()
         .filter_map(|p| {
             let h = p.spec.health_check.as_ref()?;
+            // At least a second: a configuration file (not checked by the CRD's minimum)
+            // with 0 would make every round due at once and the loop spin.
             Some((
                 p.name.clone(),
-                Duration::from_secs(u64::from(h.interval_seconds)),
+                Duration::from_secs(u64::from(h.interval_seconds.max(1))),
             ))
         })
         .collect()

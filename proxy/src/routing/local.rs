@@ -20,7 +20,7 @@ use super::plan::LocalSpec;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -55,6 +55,9 @@ pub struct Gate {
     /// Mean latency in microseconds (EWMA, weight 1/8) and when it was last observed.
     latency: Mutex<(u64, Option<Instant>)>,
     freed: Notify,
+    /// Twice the latency bound of its spec, in milliseconds (0 without one): what a failed
+    /// call counts as at least.
+    failure_ms: AtomicU64,
     gauges: (Gauge, Gauge, Gauge, Histogram),
     /// The same demand, for the operator's autoscaler (published to Redis by
     /// [`crate::demand::Publisher`] when budgets are shared).
@@ -107,6 +110,7 @@ impl Gate {
             line: Mutex::default(),
             latency: Mutex::new((0, None)),
             freed: Notify::new(),
+            failure_ms: AtomicU64::new(failure_ms(spec)),
             gauges: (depth, flight, latency, hist),
             cell: {
                 // `<namespace>/<name>`; standalone, a name alone.
@@ -288,10 +292,14 @@ impl Slot {
         self.gate.cell.record_latency(elapsed);
     }
 
-    /// The call failed after its time so far: a model that times out or errors is counted
-    /// as slow as it was, so a failing model raises the latency that makes paid tiers spill.
+    /// The call failed: counted as slow as it was, and at least twice the latency bound,
+    /// so that a failing model raises the latency that makes paid tiers spill even when it
+    /// fails at once (a pod refusing connections answers in no time).
     pub fn failed(&self) {
-        self.answered();
+        let floor = Duration::from_millis(self.gate.failure_ms.load(Ordering::Relaxed));
+        let d = self.started.elapsed().max(floor);
+        self.gate.observe(d);
+        self.gate.cell.record_latency(d);
     }
 }
 
@@ -312,6 +320,11 @@ pub struct Gates {
     board: Arc<crate::demand::DemandBoard>,
 }
 
+/// What a failed call of a model under `spec` counts as at least: twice its latency bound.
+fn failure_ms(spec: &LocalSpec) -> u64 {
+    spec.latency_ms.map_or(0, |ms| u64::from(ms) * 2)
+}
+
 impl Gates {
     /// The gate of local model `name`, created or resized to `spec`.
     pub fn get(&self, name: &str, spec: &LocalSpec) -> Arc<Gate> {
@@ -320,6 +333,7 @@ impl Gates {
             .entry(name.to_owned())
             .or_insert_with(|| Arc::new(Gate::new(spec, &self.board)))
             .clone();
+        gate.failure_ms.store(failure_ms(spec), Ordering::Relaxed);
         if gate.limit.swap(spec.limit.max(1), Ordering::Relaxed) < spec.limit {
             gate.freed.notify_waiters();
         }
@@ -466,6 +480,18 @@ mod tests {
         let s2 = spec(1, 2, Some(999));
         assert_eq!(gate.pressure(&s2), Pressure::Latency);
         drop(waiters);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_fails_at_once_still_counts_as_slow() {
+        let s = spec(1, 2, Some(1000));
+        let gate = Gates::default().get("f", &s);
+        let far = Instant::now() + Duration::from_secs(60);
+        let slot = gate.acquire(far).await.unwrap();
+        // Refused at once: no time passes.
+        slot.failed();
+        drop(slot);
+        assert_eq!(gate.pressure(&s), Pressure::Latency);
     }
 
     #[tokio::test(start_paused = true)]

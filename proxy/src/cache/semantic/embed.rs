@@ -22,6 +22,10 @@ pub const DIM: usize = 384;
 
 /// Most texts embedded in one batch.
 const MAX_BATCH: usize = 32;
+/// Texts that may wait for the model (four batches, about 0.7 s of work on 2 cores): past
+/// it a lookup is skipped (a miss) rather than queued behind work it would wait too long
+/// for, and memory stays bounded under a burst.
+const MAX_QUEUE: usize = 4 * MAX_BATCH;
 
 /// Most tokens of a text (the model's `max_seq_length`); the rest is cut.
 const MAX_TOKENS: usize = 256;
@@ -49,6 +53,9 @@ pub enum EmbedError {
     /// The model's thread is gone.
     #[error("the embedding thread stopped")]
     Stopped,
+    /// Too many texts wait for the model already.
+    #[error("the embedding queue is full")]
+    Busy,
 }
 
 /// The model and its tokenizer, loaded.
@@ -176,7 +183,7 @@ struct Job {
 /// The model on a thread of its own, batching the texts that wait.
 #[derive(Debug, Clone)]
 pub struct Embedder {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::SyncSender<Job>,
     /// Batches run so far.
     batches: Arc<AtomicU64>,
 }
@@ -184,12 +191,20 @@ pub struct Embedder {
 impl Embedder {
     /// Starts the model's thread.
     pub fn start(model: Model) -> Result<Self, EmbedError> {
-        let (tx, rx) = mpsc::channel::<Job>();
+        Self::spawn(MAX_QUEUE, move |rx, counted| run(&model, &rx, &counted))
+    }
+
+    /// A thread running `work` over at most `capacity` waiting texts.
+    fn spawn(
+        capacity: usize,
+        work: impl FnOnce(mpsc::Receiver<Job>, Arc<AtomicU64>) + Send + 'static,
+    ) -> Result<Self, EmbedError> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(capacity);
         let batches = Arc::new(AtomicU64::new(0));
         let counted = batches.clone();
         std::thread::Builder::new()
             .name("floodgate-embed".into())
-            .spawn(move || run(&model, &rx, &counted))
+            .spawn(move || work(rx, counted))
             .map_err(|e| EmbedError::Run(e.to_string()))?;
         Ok(Self { tx, batches })
     }
@@ -203,9 +218,10 @@ impl Embedder {
     /// with it).
     pub async fn embed(&self, text: String) -> Result<Vec<f32>, EmbedError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Job { text, reply })
-            .map_err(|_| EmbedError::Stopped)?;
+        self.tx.try_send(Job { text, reply }).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => EmbedError::Busy,
+            mpsc::TrySendError::Disconnected(_) => EmbedError::Stopped,
+        })?;
         rx.await.map_err(|_| EmbedError::Stopped)?
     }
 }
@@ -275,6 +291,34 @@ pub fn default_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_text_past_the_queues_bound_is_refused_at_once() {
+        let (release, hold) = mpsc::channel::<()>();
+        // A model thread that takes nothing until released.
+        let embedder = Embedder::spawn(2, move |rx, _| {
+            let _ = hold.recv();
+            while let Ok(job) = rx.recv() {
+                let _ = job.reply.send(Ok(vec![1.0]));
+            }
+        })
+        .unwrap();
+        let waiting: Vec<_> = (0..2)
+            .map(|i| {
+                let e = embedder.clone();
+                tokio::spawn(async move { e.embed(format!("text {i}")).await })
+            })
+            .collect();
+        // One turn of this single-threaded runtime: both have sent and now wait, and the
+        // third finds the queue full (it is answered at once, not queued).
+        tokio::task::yield_now().await;
+        let third = embedder.embed("text 2".into()).await;
+        assert!(matches!(third, Err(EmbedError::Busy)), "{third:?}");
+        release.send(()).unwrap();
+        for w in waiting {
+            assert_eq!(w.await.unwrap().unwrap(), vec![1.0]);
+        }
+    }
 
     fn model() -> Model {
         let dir = default_dir();
