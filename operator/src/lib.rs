@@ -225,7 +225,12 @@ async fn drive<K, F, Fut>(
                     Ok((object, _)) => {
                         tracing::debug!(%kind, object = %object_name(&object), "reconciled")
                     }
-                    // Reconcile errors are logged by the error policy; these are watch errors.
+                    // A watch that fails (a missing CRD, a forbidden watch) leaves the
+                    // controller idle: said at warn. Reconcile errors are logged by the error
+                    // policy.
+                    Err(kube::runtime::controller::Error::QueueError(e)) => {
+                        tracing::warn!(%kind, error = %e, "watch failed; retrying")
+                    }
                     Err(e) => tracing::debug!(%kind, error = %e, "controller event"),
                 }
             }

@@ -90,13 +90,7 @@ pub async fn reconcile(lmd: Arc<LocalModelDeployment>, ctx: Arc<Context>) -> Res
             )
             .await?;
             ctx.succeeded(lmd.as_ref());
-            Ok(Action::requeue(
-                if ctx.demand.is_configured() && lmd.spec.autoscaling.is_some() {
-                    autoscale::DEMAND_REFRESH
-                } else {
-                    RESYNC
-                },
-            ))
+            Ok(Action::requeue(refresh_every(ctx.demand.is_configured())))
         }
         Err(e) => {
             let mut status = refused_status(&lmd, old, "ApplyFailed", e.to_string(), &now);
@@ -402,6 +396,17 @@ fn pending_claim(claim: Option<&PersistentVolumeClaim>) -> Option<String> {
     let claim = claim?;
     let phase = claim.status.as_ref().and_then(|s| s.phase.as_deref());
     (phase == Some("Pending")).then(|| claim.metadata.name.clone().unwrap_or_default())
+}
+
+/// When a LocalModelDeployment is reconciled again: with a demand source, every
+/// [`autoscale::DEMAND_REFRESH`] whether the operator scales it or an HPA does (the exported
+/// demand gauge is the HPA's signal, and must be as fresh); without one, at the resync.
+fn refresh_every(demand_configured: bool) -> std::time::Duration {
+    if demand_configured {
+        autoscale::DEMAND_REFRESH
+    } else {
+        RESYNC
+    }
 }
 
 /// The status when the owned objects could not be applied (`reason`, `message`): not ready,

@@ -168,3 +168,13 @@ fn a_pending_claim_is_named_as_the_reason_pods_are_not_ready() {
     let s = compute_status(&lmd(), None, &d, Some(&claim), "t1");
     assert_eq!(s.conditions[0].reason, "ReplicasNotReady");
 }
+
+/// An HPA's signal (the exported demand) is as fresh as the operator's own: with a demand
+/// source every model is looked at again every few seconds, with `spec.autoscaling` or
+/// without (HPA mode); without one, only at the resync.
+#[test]
+fn demand_is_refreshed_in_hpa_mode_too() {
+    assert_eq!(refresh_every(true), autoscale::DEMAND_REFRESH);
+    assert!(refresh_every(true) < RESYNC);
+    assert_eq!(refresh_every(false), RESYNC);
+}
