@@ -314,6 +314,20 @@ mod tests {
             .unwrap()
     }
 
+    /// Exactly `left` tokens fit in the tenant's window: `left + 1` is refused.
+    async fn assert_left(caller: &Arc<identity::Caller>, far: Instant, left: u64) {
+        assert!(
+            identity::limits::admit(caller, "m", left + 1, far)
+                .await
+                .is_err()
+        );
+        assert!(
+            identity::limits::admit(caller, "m", left, far)
+                .await
+                .is_ok()
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stream_without_usage_charges_the_tenant_its_output_too() {
         let budgets = Budgets::new(MINUTE, Arc::default());
@@ -338,16 +352,7 @@ mod tests {
         };
         assert_eq!(held.collect::<Vec<_>>().await.len(), 2);
         // Charged 100 + 500: 400 tokens are left in the window, not 900.
-        assert!(
-            identity::limits::admit(&caller, "m", 401, far)
-                .await
-                .is_err()
-        );
-        assert!(
-            identity::limits::admit(&caller, "m", 400, far)
-                .await
-                .is_ok()
-        );
+        assert_left(&caller, far, 400).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -375,16 +380,7 @@ mod tests {
         assert!(held.next().await.is_some());
         drop(held);
         // Charged 100 + 100: 800 left.
-        assert!(
-            identity::limits::admit(&caller, "m", 801, far)
-                .await
-                .is_err()
-        );
-        assert!(
-            identity::limits::admit(&caller, "m", 800, far)
-                .await
-                .is_ok()
-        );
+        assert_left(&caller, far, 800).await;
     }
 
     /// A stream that reports `usage` as the attempt does: when it ends, or when it is
@@ -444,16 +440,7 @@ mod tests {
             report: Some(report),
         };
         assert_eq!(held.collect::<Vec<_>>().await.len(), 2);
-        assert!(
-            identity::limits::admit(&caller, "m", 301, far)
-                .await
-                .is_err()
-        );
-        assert!(
-            identity::limits::admit(&caller, "m", 300, far)
-                .await
-                .is_ok()
-        );
+        assert_left(&caller, far, 300).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -476,15 +463,6 @@ mod tests {
         };
         assert!(held.next().await.is_some());
         drop(held);
-        assert!(
-            identity::limits::admit(&caller, "m", 921, far)
-                .await
-                .is_err()
-        );
-        assert!(
-            identity::limits::admit(&caller, "m", 920, far)
-                .await
-                .is_ok()
-        );
+        assert_left(&caller, far, 920).await;
     }
 }
