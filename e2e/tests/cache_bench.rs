@@ -4,7 +4,8 @@
 //!   threshold: the share of hits that are wrong answers, and the hit rate on pairs that
 //!   share an answer; with the model alone for comparison.
 //! - `latency`: exact and semantic hits through the gateway (HTTP on loopback, the mock
-//!   provider behind it), the index's lookup at 100k entries, and memory per entry.
+//!   provider behind it), the index's lookup at 2k, 10k and 100k entries (approximate and
+//!   exact, with recall), and memory per entry.
 //!
 //! Ignored in `make test`: they need the data set (FLOODGATE_FOW_DATA, fetched by the
 //! script) and a release build to mean anything.
@@ -16,7 +17,7 @@ use floodgate_e2e::mock::{MockConfig, MockProviders};
 use floodgate_proxy::cache::key::Key;
 use floodgate_proxy::cache::semantic::embed::{DIM, Model, cosine, default_dir};
 use floodgate_proxy::cache::semantic::guard;
-use floodgate_proxy::cache::semantic::index::{Index, entry_bytes};
+use floodgate_proxy::cache::semantic::index::{Index, Params, entry_bytes};
 use floodgate_proxy::route::Dispatcher;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -213,19 +214,111 @@ fn summary(name: &str, mut times: Vec<Duration>) {
     );
 }
 
-fn unit(seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v: Vec<f32> = (0..DIM)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
+/// A deterministic pseudo-random generator (xorshift) of unit vectors.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next() + 0.5) * n as f32) as usize % n
+    }
+
+    fn unit(&mut self) -> Vec<f32> {
+        normalised((0..DIM).map(|_| self.next()).collect())
+    }
+
+    /// A unit vector at cosine about `cos` to the unit vector `to`.
+    fn near(&mut self, to: &[f32], cos: f32) -> Vec<f32> {
+        let noise = self.unit();
+        let side = (1.0 - cos * cos).sqrt();
+        normalised(to.iter().zip(&noise).map(|(a, n)| a * cos + n * side).collect())
+    }
+}
+
+fn normalised(mut v: Vec<f32>) -> Vec<f32> {
     let n = v.iter().map(|a| a * a).sum::<f32>().sqrt();
     v.iter_mut().for_each(|a| *a /= n);
     v
+}
+
+/// `n` entries in one partition, one topic per 50 entries (each at cosine ~0.7 to its
+/// topic's centre, ~0.5 to the others of its topic, as one tenant's prompts embed): build
+/// time, lookup time approximate and exact, recall@1 of the approximate lookup against the
+/// exact one for 500 queries near a stored entry (cosine 0.90-0.99), and the share of the
+/// exact candidates at or above 0.95 it returns.
+fn index_at(n: usize) {
+    let mut rng = Rng(42);
+    // Approximate at every size (the default scans partitions of up to 8,192 entries whole).
+    let mut index = Index::with_params(Params {
+        exact_max: 0,
+        ..Params::default()
+    });
+    let partition = Key([7; 32]);
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let text = "How do I report a missed bin collection in my area?";
+    let topics = (n / 50).max(1);
+    let centres: Vec<Vec<f32>> = (0..topics).map(|_| rng.unit()).collect();
+    let mut vectors = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = &centres[rng.below(topics)];
+        vectors.push(rng.near(c, 0.7));
+    }
+    let rss = rss_bytes();
+    let started = Instant::now();
+    for (i, v) in vectors.iter().enumerate() {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        index.insert(partition, Key(k), text.to_owned(), v, far);
+    }
+    let built = started.elapsed();
+    let grown = rss_bytes().saturating_sub(rss);
+    let now = tokio::time::Instant::now();
+    let (mut approx, mut exact) = (Vec::new(), Vec::new());
+    let (mut same, mut asked, mut above, mut above_found) = (0, 0, 0, 0);
+    for _ in 0..500 {
+        let of = rng.below(n);
+        let cos = 0.90 + 0.09 * (rng.next() + 0.5);
+        let q = rng.near(&vectors[of], cos);
+        let t = Instant::now();
+        let a = index.search(&partition, &q, 0.8, now, 8);
+        approx.push(t.elapsed());
+        let t = Instant::now();
+        let e = index.search_exact(&partition, &q, 0.8, now, 8);
+        exact.push(t.elapsed());
+        if let Some(best) = e.first() {
+            asked += 1;
+            same += usize::from(a.first().map(|c| c.key) == Some(best.key));
+        }
+        for c in e.iter().filter(|c| c.similarity >= 0.95) {
+            above += 1;
+            above_found += usize::from(a.iter().any(|x| x.key == c.key));
+        }
+    }
+    eprintln!(
+        "index, {n} entries in one partition: built in {:.0} ms ({:.1} us an insert)",
+        built.as_secs_f64() * 1e3,
+        built.as_secs_f64() * 1e6 / n as f64
+    );
+    summary(&format!("  approximate lookup, {n}"), approx);
+    summary(&format!("  exact scan, {n}"), exact);
+    eprintln!(
+        "  recall@1 against the exact scan {:.4} ({same}/{asked}); candidates >= 0.95 found {:.4} ({above_found}/{above})",
+        same as f64 / asked.max(1) as f64,
+        above_found as f64 / above.max(1) as f64
+    );
+    eprintln!(
+        "  memory: {} B per entry counted ({} B vector + text + {} B overhead); RSS grew {:.0} B per entry",
+        index.bytes() / index.len(),
+        DIM * 4,
+        entry_bytes("") - DIM * 4,
+        grown as f64 / n as f64
+    );
 }
 
 fn rss_bytes() -> usize {
@@ -245,36 +338,13 @@ async fn latency() {
         "\ncache latency (release build; load average {} at start)",
         load_avg()
     );
-    // The index alone: 100k entries in one partition (the worst case: one tenant, one
-    // model, one system prompt).
-    let mut index = Index::default();
-    let partition = Key([7; 32]);
-    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-    let rss = rss_bytes();
-    let text = "How do I report a missed bin collection in my area?";
-    for i in 0..100_000u64 {
-        let mut k = [0u8; 32];
-        k[..8].copy_from_slice(&i.to_le_bytes());
-        index.insert(partition, Key(k), text.to_owned(), &unit(i), far);
+    // The index alone: one partition (the worst case: one tenant, one model, one system
+    // prompt) of 10k and 100k entries grouped by topic as real prompts are, searched
+    // approximately (nearest lists) and exactly (every entry), with the share of queries
+    // near a stored prompt whose best match the approximate lookup finds.
+    for n in [2_000usize, 10_000, 100_000] {
+        index_at(n);
     }
-    let grown = rss_bytes().saturating_sub(rss);
-    let mut times = Vec::new();
-    let now = tokio::time::Instant::now();
-    for i in 0..200u64 {
-        let q = unit(1_000_000 + i);
-        let started = Instant::now();
-        let found = index.search(&partition, &q, 0.95, now, 8);
-        times.push(started.elapsed());
-        assert!(found.len() <= 8);
-    }
-    summary("index search, 100k entries", times);
-    eprintln!(
-        "index memory: {} B per entry counted ({} B vector + text + {} B overhead); RSS grew {:.0} B per entry",
-        index.bytes() / index.len(),
-        DIM * 4,
-        entry_bytes("") - DIM * 4,
-        grown as f64 / 100_000.0
-    );
     // Through the gateway: exact hits and semantic hits (a paraphrase, embedded each time).
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let yaml = format!(
