@@ -20,6 +20,14 @@
 //!
 //! A finished answer stays joinable for the policy's dedup window after it ended, then the
 //! flight is forgotten (the exact cache, when on, keeps the answer longer).
+//!
+//! **Memory.** What a flight holds (its chunks so far, or its whole answer) is counted in
+//! [`Flights::bytes`] for as long as it is held (until the flight is forgotten and its last
+//! reader is gone). The cache charges it to the policy's `maxBytes` ([`super::memory`]
+//! evicts stored answers to make room for it), and a finished flight is kept for its window
+//! only while flights hold less than [`Flights::set_limit`]'s bound; past it, it is forgotten
+//! at once (later identical requests lead again or hit the exact cache). What is still in
+//! flight is not cut: it is bounded by the answers being streamed at once.
 
 use super::answer::{Answer, Assembler};
 use super::key::Key;
@@ -28,6 +36,7 @@ use crate::providers::types::ChatChunk;
 use crate::route::ChunkStream;
 use futures::StreamExt as _;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -35,9 +44,23 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 /// The flights of this replica, by exact key.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Flights {
     map: Mutex<HashMap<Key, Arc<Flight>>>,
+    /// Bytes the flights hold (chunks and whole answers), shared with the memory store.
+    bytes: Arc<AtomicUsize>,
+    /// Past this many bytes held, a finished flight is not kept for its window.
+    limit: AtomicUsize,
+}
+
+impl Default for Flights {
+    fn default() -> Self {
+        Self {
+            map: Mutex::default(),
+            bytes: Arc::default(),
+            limit: AtomicUsize::new(usize::MAX),
+        }
+    }
 }
 
 /// One answer in flight (or just finished).
@@ -45,6 +68,8 @@ pub struct Flights {
 pub struct Flight {
     data: Mutex<Data>,
     tx: watch::Sender<u64>,
+    /// The flights' count of bytes held, which this flight's `Data::bytes` are part of.
+    held: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +78,54 @@ struct Data {
     body: Body,
     end: Option<End>,
     ended_at: Option<Instant>,
+    /// Bytes of `body`, as counted in the flights' total.
+    bytes: usize,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let bytes = self.data.get_mut().map_or_else(|p| p.into_inner().bytes, |d| d.bytes);
+        let left = self.held.fetch_sub(bytes, Ordering::Relaxed) - bytes;
+        super::metrics::get().flight_bytes.set(left as i64);
+    }
+}
+
+/// About what a chunk holds in memory: its struct, its strings, its choices' text.
+pub fn chunk_bytes(chunk: &ChatChunk) -> usize {
+    let value = |m: &serde_json::Map<String, serde_json::Value>| {
+        if m.is_empty() {
+            0
+        } else {
+            serde_json::to_vec(m).map_or(0, |v| v.len())
+        }
+    };
+    let choices: usize = chunk
+        .choices
+        .iter()
+        .map(|c| {
+            let d = &c.delta;
+            std::mem::size_of_val(c)
+                + d.content.as_ref().map_or(0, String::len)
+                + d.refusal.as_ref().map_or(0, String::len)
+                + d.tool_calls
+                    .as_ref()
+                    .and_then(|t| serde_json::to_vec(t).ok())
+                    .map_or(0, |v| v.len())
+                + c.logprobs
+                    .as_ref()
+                    .and_then(|l| serde_json::to_vec(l).ok())
+                    .map_or(0, |v| v.len())
+                + value(&d.extra)
+                + value(&c.extra)
+        })
+        .sum();
+    std::mem::size_of::<ChatChunk>()
+        + chunk.id.len()
+        + chunk.object.len()
+        + chunk.model.len()
+        + choices
+        + value(&chunk.usage_details)
+        + value(&chunk.extra)
 }
 
 /// Who answered the leader.
@@ -126,6 +199,7 @@ impl Flights {
         let flight = Arc::new(Flight {
             data: Mutex::default(),
             tx: watch::Sender::new(0),
+            held: self.bytes.clone(),
         });
         map.insert(key, flight.clone());
         Role::Lead(Leader {
@@ -144,6 +218,27 @@ impl Flights {
     /// Whether no flight is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Bytes the flights hold now (chunks so far and whole answers, until forgotten and
+    /// unread).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The count behind [`Flights::bytes`], for the memory store to charge.
+    pub fn held(&self) -> Arc<AtomicUsize> {
+        self.bytes.clone()
+    }
+
+    /// Past `bytes` held, finished flights are forgotten at once instead of after their
+    /// window.
+    pub fn set_limit(&self, bytes: usize) {
+        self.limit.store(bytes, Ordering::Relaxed);
+    }
+
+    fn over_limit(&self) -> bool {
+        self.bytes() > self.limit.load(Ordering::Relaxed)
     }
 
     fn forget(&self, key: &Key, flight: &Arc<Flight>) {
@@ -171,6 +266,13 @@ impl Flight {
     fn update(&self, f: impl FnOnce(&mut Data)) {
         f(&mut self.lock());
         self.tx.send_modify(|v| *v += 1);
+    }
+
+    /// Counts `bytes` more held by this flight (under its lock, `data`).
+    fn charge(&self, data: &mut Data, bytes: usize) {
+        data.bytes += bytes;
+        let now = self.held.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        super::metrics::get().flight_bytes.set(now as i64);
     }
 
     fn end(&self, end: End) {
@@ -359,9 +461,12 @@ impl Leader {
             // Dropped armed: the flight ends without an answer and is forgotten.
             return;
         }
-        self.flight.update(|d| {
+        let bytes = std::mem::size_of::<Answer>() + answer.to_bytes().len();
+        let flight = &self.flight;
+        flight.update(|d| {
             d.meta = Some(meta);
             d.body = Body::Whole(answer);
+            flight.charge(d, bytes);
         });
         self.flight.end(End::Done);
         self.forget_after(window, tasks);
@@ -398,6 +503,11 @@ impl Leader {
     fn forget_after(mut self, window: Duration, tasks: &TaskTracker) {
         self.armed = false;
         let (flights, key, flight) = (self.flights.clone(), self.key, self.flight.clone());
+        if window.is_zero() || flights.over_limit() {
+            // Not kept: flights hold more than the cache may (or no window).
+            flights.forget(&key, &flight);
+            return;
+        }
         tasks.spawn(async move {
             tokio::time::sleep(window).await;
             flights.forget(&key, &flight);
@@ -424,9 +534,11 @@ async fn drive(flight: &Flight, mut upstream: ChunkStream) -> Option<Answer> {
             item = upstream.next() => match item {
                 Some(Ok(chunk)) => {
                     asm.push(&chunk);
+                    let bytes = chunk_bytes(&chunk);
                     flight.update(|d| {
                         if let Body::Chunks(chunks) = &mut d.body {
                             chunks.push(chunk);
+                            flight.charge(d, bytes);
                         }
                     });
                 }

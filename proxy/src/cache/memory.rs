@@ -1,9 +1,14 @@
 //! The memory backend: answers by exact key, each with its expiry, within a byte budget and
 //! an entry count, the least recently used evicted first.
+//!
+//! The byte budget also covers what in-flight deduplication holds ([`MemoryStore::charging`]:
+//! the flights' chunks and answers): a store evicts until its answer, the answers held and
+//! the flights' bytes fit, and is refused when the flights alone leave no room for it.
 
 use super::answer::Answer;
 use super::key::Key;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
@@ -27,6 +32,8 @@ struct Lru {
     max_entries: usize,
     /// How long past its expiry an entry is kept for [`MemoryStore::get_stale`].
     grace: std::time::Duration,
+    /// Bytes held outside the store and charged to its budget (the flights').
+    outside: Option<Arc<AtomicUsize>>,
 }
 
 #[derive(Debug)]
@@ -54,6 +61,12 @@ impl MemoryStore {
         let store = Self::default();
         store.set_limits(max_bytes, max_entries);
         store
+    }
+
+    /// Charges the bytes counted by `outside` (the flights') to this store's budget.
+    pub fn charging(self, outside: Arc<AtomicUsize>) -> Self {
+        self.lock().outside = Some(outside);
+        self
     }
 
     /// Changes the bounds (a new policy); evicts down to them at the next store.
@@ -109,7 +122,8 @@ impl MemoryStore {
         let mut lru = self.lock();
         let lru = &mut *lru;
         let bytes = bytes + ENTRY_OVERHEAD;
-        if bytes > lru.max_bytes {
+        let outside = lru.outside.as_ref().map_or(0, |o| o.load(Ordering::Relaxed));
+        if bytes.saturating_add(outside) > lru.max_bytes {
             return Stored::default();
         }
         if let Some(old) = lru.map.remove(&key) {
@@ -118,7 +132,7 @@ impl MemoryStore {
         }
         let mut evicted = 0;
         let mut gone = Vec::new();
-        while lru.bytes + bytes > lru.max_bytes || lru.map.len() >= lru.max_entries {
+        while lru.bytes + bytes + outside > lru.max_bytes || lru.map.len() >= lru.max_entries {
             let Some((_, oldest)) = lru.order.pop_first() else {
                 break;
             };

@@ -70,6 +70,9 @@ pub struct CacheMetrics {
     pub embed_seconds: Histogram,
     /// Prompts per embedded batch.
     pub embed_batch: Histogram,
+    /// Bytes held by in-flight deduplication (chunks so far, answers kept for the window),
+    /// charged to the memory backend's budget.
+    pub flight_bytes: Gauge,
 }
 
 /// Records a batch of `n` prompts embedded in `took`.
@@ -105,6 +108,7 @@ pub fn get() -> &'static CacheMetrics {
         semantic_entries: Gauge::default(),
         embed_seconds: lookup_histogram(),
         embed_batch: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0]),
+        flight_bytes: Gauge::default(),
     })
 }
 
@@ -135,6 +139,11 @@ pub fn register(registry: &mut Registry) {
         "floodgate_cache_bytes",
         "Bytes in the memory backend",
         m.bytes.clone(),
+    );
+    registry.register(
+        "floodgate_cache_flight_bytes",
+        "Bytes held by in-flight deduplication (charged to the memory budget)",
+        m.flight_bytes.clone(),
     );
     registry.register(
         "floodgate_cache_evictions",

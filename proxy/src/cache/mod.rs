@@ -292,10 +292,11 @@ impl Cache {
                 None
             }
         });
+        let flights = Arc::new(Flights::default());
         Self {
-            memory: MemoryStore::new(256 << 20, 100_000),
+            memory: MemoryStore::new(256 << 20, 100_000).charging(flights.held()),
             redis,
-            flights: Arc::default(),
+            flights,
             tasks: TaskTracker::new(),
             policy: Mutex::default(),
             semantic: Arc::default(),
@@ -355,6 +356,7 @@ impl Cache {
                 cp.spec.max_entries as usize,
             );
             self.memory.set_limits(limits.0, limits.1);
+            self.flights.set_limit(limits.0);
             if let Some(sp) = &policy.semantic {
                 let dir = sp.model_dir.as_deref().unwrap_or(&self.model_dir);
                 tracing::info!(

@@ -466,3 +466,83 @@ async fn an_expired_entry_answers_as_stale_within_its_grace_only() {
     assert!(store.get(&k, tokio::time::Instant::now()).is_none());
     assert_eq!(store.usage(), (0, 0));
 }
+
+/// What flights hold is charged to the memory budget: a store evicts answers to make room
+/// for it, and is refused when the flights alone leave none.
+#[test]
+fn the_flights_bytes_count_against_the_memory_budget() {
+    let flights = std::sync::atomic::AtomicUsize::new(0);
+    let held = Arc::new(flights);
+    let store = MemoryStore::new(2000, 100).charging(held.clone());
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let now = tokio::time::Instant::now();
+    // Two answers of 400 (+128 each) fit with nothing in flight.
+    store.put(Key([0; 32]), Arc::new(answer("0")), 400, far);
+    store.put(Key([1; 32]), Arc::new(answer("1")), 400, far);
+    assert_eq!(store.usage(), (2, 1056));
+    // Flights now hold 900: a third answer evicts the oldest to fit (1056 + 528 + 900 > 2000).
+    held.store(900, std::sync::atomic::Ordering::Relaxed);
+    let third = store.put(Key([2; 32]), Arc::new(answer("2")), 400, far);
+    assert!(third.kept);
+    assert_eq!(third.gone, vec![Key([0; 32])]);
+    assert!(store.get(&Key([0; 32]), now).is_none());
+    // Flights hold 1600: an answer of 528 cannot fit even alone, and nothing is evicted for it.
+    held.store(1600, std::sync::atomic::Ordering::Relaxed);
+    let refused = store.put(Key([3; 32]), Arc::new(answer("3")), 400, far);
+    assert!(!refused.kept && refused.gone.is_empty());
+    assert_eq!(store.usage().0, 2);
+}
+
+/// A flight's chunks and answer are counted while held, and no longer once it is forgotten
+/// and unread; past the bound a finished flight is not kept for its window.
+#[tokio::test(start_paused = true)]
+async fn flights_count_what_they_hold_until_forgotten_and_are_not_kept_past_their_bound() {
+    let flights = Arc::new(Flights::default());
+    let tasks = TaskTracker::new();
+    let window = Duration::from_secs(5);
+    let k = Key([3; 32]);
+    let Role::Lead(leader) = flights.join(k, window) else {
+        panic!("leads");
+    };
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<ChatChunk, ProviderError>>();
+    let own = leader.stream(meta(), Box::pin(rx), ("gpt-4o", true), window, &tasks, drop);
+    let all = chunks_of("one two three");
+    let expected: usize = all.iter().map(flight::chunk_bytes).sum();
+    for c in &all {
+        tx.unbounded_send(Ok(c.clone())).unwrap();
+    }
+    drop(tx);
+    let read: Vec<_> = own.collect().await;
+    assert_eq!(read.len(), all.len());
+    tokio::task::yield_now().await;
+    // Ended, kept for the window: still held and counted.
+    assert_eq!(flights.len(), 1);
+    assert_eq!(flights.bytes(), expected);
+    tokio::time::advance(window).await;
+    tokio::task::yield_now().await;
+    assert!(flights.is_empty());
+    assert_eq!(flights.bytes(), 0);
+
+    // With a bound below what one answer holds, a finished flight is forgotten at once.
+    let whole = answer("one two three");
+    let charge = std::mem::size_of::<Answer>() + whole.to_bytes().len();
+    flights.set_limit(charge - 1);
+    let Role::Lead(leader) = flights.join(k, window) else {
+        panic!("leads again");
+    };
+    leader.complete(meta(), Arc::new(whole.clone()), window, &tasks);
+    assert!(flights.is_empty(), "kept past its bound");
+    assert_eq!(flights.bytes(), 0);
+    // At the bound it is kept (and joinable) for the window.
+    flights.set_limit(charge);
+    let Role::Lead(leader) = flights.join(k, window) else {
+        panic!("leads again");
+    };
+    leader.complete(meta(), Arc::new(whole), window, &tasks);
+    assert_eq!(flights.bytes(), charge);
+    assert!(matches!(flights.join(k, window), Role::Follow(_)));
+    tasks.close();
+    tokio::time::advance(window).await;
+    tasks.wait().await;
+    assert_eq!(flights.bytes(), 0);
+}
