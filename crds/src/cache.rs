@@ -31,6 +31,18 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Backend", type_ = "string", json_path = ".spec.backend"),
     printcolumn(name = "Hit Ratio", type_ = "string", json_path = ".status.hitRatio"),
     printcolumn(
+        name = "Semantic Hits",
+        type_ = "string",
+        json_path = ".status.hitRatios.semantic"
+    ),
+    printcolumn(
+        name = "Dedup Hits",
+        type_ = "string",
+        json_path = ".status.hitRatios.dedup"
+    ),
+    printcolumn(name = "Entries", type_ = "integer", json_path = ".status.entries"),
+    printcolumn(name = "Bytes", type_ = "integer", json_path = ".status.bytes"),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
@@ -242,10 +254,40 @@ pub struct CachePolicyStatus {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// Entries stored.
+    /// Entries the gateway's replicas hold in memory: stored answers with the memory backend
+    /// (summed over replicas, each has its own), the semantic index with the Redis backend
+    /// (the largest replica's: each mirrors the same entries; answers kept in Redis itself
+    /// are not counted).
     #[serde(default)]
     pub entries: u64,
-    /// Hits / lookups over the last hour, e.g. `0.31`.
+    /// Bytes of those entries (counted as for `maxBytes`).
+    #[serde(default)]
+    pub bytes: u64,
+    /// Hits / lookups over the last hour, e.g. `0.31` (every layer; absent before the first
+    /// lookup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hit_ratio: Option<String>,
+    /// The hit ratio of each layer over the last hour: its hits / lookups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hit_ratios: Option<CacheHitRatios>,
+    /// Requests looked up over the last hour (hits and misses; bypasses not counted).
+    #[serde(default)]
+    pub lookups: u64,
+    /// Gateway replicas whose figures these are.
+    #[serde(default)]
+    pub replicas: u32,
+}
+
+/// The hit ratio of each cache layer, e.g. `0.12`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheHitRatios {
+    /// Answered from the exact cache.
+    pub exact: String,
+    /// Answered from the semantic cache.
+    pub semantic: String,
+    /// Answered by a template.
+    pub template: String,
+    /// Answered by joining an identical request in flight.
+    pub dedup: String,
 }

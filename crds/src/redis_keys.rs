@@ -56,6 +56,24 @@
 //!
 //! A tier's figures are the sum of `waiting` and the largest `oldestWaitMs` over the hashes
 //! that exist.
+//!
+//! **Cache figures of a CachePolicy** (its status: hit ratios, entries, bytes). Per
+//! CachePolicy (`{C}` = `{<namespace>/<name>}`), every proxy replica serving it publishes
+//! with its demand, under the same TTL:
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `floodgate:cachestats:{C}:replicas` | sorted set | as for demand: the replicas publishing. |
+//! | `floodgate:cachestats:{C}:r:<replica>` | hash | [`CACHE_FIELDS`]: `exact`, `semantic`, `template`, `dedup` (lookups each layer answered on that replica over the last hour), `miss` (lookups none answered), `entries` and `bytes` (what the replica holds in memory: answers with the memory backend, the semantic index with Redis), and `at`. Replaced whole at each publication. |
+
+/// Prefix of every cache-figures key.
+pub const CACHE_PREFIX: &str = "floodgate:cachestats:";
+
+/// Fields of a replica's cache-figures hash: lookups answered by each layer and missed over
+/// the last hour, then what it holds.
+pub const CACHE_FIELDS: [&str; 7] = [
+    "exact", "semantic", "template", "dedup", "miss", "entries", "bytes",
+];
 
 /// Prefix of every queue-figures key.
 pub const QUEUE_PREFIX: &str = "floodgate:queue:";
@@ -91,6 +109,31 @@ impl DemandKeys {
     /// The keys of LocalModelDeployment `namespace/name`.
     pub fn new(namespace: &str, name: &str) -> Self {
         let id = format!("{DEMAND_PREFIX}{{{namespace}/{name}}}");
+        Self {
+            replicas: format!("{id}:replicas"),
+            replica_prefix: format!("{id}:r:"),
+        }
+    }
+
+    /// The hash of replica `replica`.
+    pub fn replica(&self, replica: &str) -> String {
+        format!("{}{replica}", self.replica_prefix)
+    }
+}
+
+/// The Redis keys of one CachePolicy's cache figures (same layout and TTL as [`DemandKeys`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheKeys {
+    /// Sorted set of the replicas publishing, scored by their last publication.
+    pub replicas: String,
+    /// Prefix of each replica's hash: `<this><replica id>`.
+    pub replica_prefix: String,
+}
+
+impl CacheKeys {
+    /// The keys of CachePolicy `namespace/name`.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        let id = format!("{CACHE_PREFIX}{{{namespace}/{name}}}");
         Self {
             replicas: format!("{id}:replicas"),
             replica_prefix: format!("{id}:r:"),
@@ -198,6 +241,8 @@ mod tests {
         assert_eq!(d.replica("r1"), "floodgate:demand:{models/llama}:r:r1");
         let q = QueueKeys::new("ai", "tiers");
         assert_eq!(q.replicas, "floodgate:queue:{ai/tiers}:replicas");
+        let c = CacheKeys::new("ai", "cache");
+        assert_eq!(c.replica("r1"), "floodgate:cachestats:{ai/cache}:r:r1");
         assert_eq!(q.replica("r1"), "floodgate:queue:{ai/tiers}:r:r1");
     }
 }

@@ -3,7 +3,7 @@
 //! tokens its limits counted; a LocalModelDeployment scales up when the demand the proxies
 //! publish for it rises over its threshold, says why in status and an Event, and scales back
 //! down after its cooldown when the demand is gone; a TierQueue shows what waits on the
-//! proxies per tier and class.
+//! proxies per tier and class; a CachePolicy shows the hit ratios the proxies counted.
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
@@ -318,4 +318,75 @@ async fn a_tier_queues_status_shows_what_waits_on_the_proxies() {
     let cells: Vec<&str> = row.split_whitespace().collect();
     // NAME TIERS QUEUED OLDEST-WAIT-MS DEAD-LETTERS READY AGE
     assert_eq!(&cells[1..4], ["2", "4", "2500"], "{}", out.stdout);
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_cache_policys_status_shows_the_hit_ratios_the_proxies_publish() {
+    use floodgate_crds::CachePolicy;
+    use floodgate_proxy::demand::CacheFigures;
+    let redis = RedisServer::start().await.unwrap();
+    let (cluster, ns, client, _operator) = setup("operator-cache", &redis).await;
+    // Two proxy replicas' publishers: over the last hour, exact / semantic / template /
+    // dedup / miss lookups, and what each holds in memory.
+    let publishing = CancellationToken::new();
+    let _stop_publishing = publishing.clone().drop_guard();
+    for (replica, counts, entries) in [
+        ("proxy-0", [20, 5, 0, 10, 25], 300),
+        ("proxy-1", [10, 5, 5, 0, 20], 200),
+    ] {
+        let namespace = ns.name().to_owned();
+        let figures = move || {
+            Some(CacheFigures {
+                namespace: namespace.clone(),
+                name: "cache".into(),
+                counts,
+                entries,
+                bytes: entries * 1000,
+            })
+        };
+        let publisher = Publisher::new(
+            Arc::new(DemandBoard::default()),
+            &SecretString::new(redis.url()),
+            replica,
+        )
+        .unwrap()
+        .with_caches(Arc::new(figures));
+        tokio::spawn(publisher.run(publishing.clone()));
+    }
+    let cps: Api<CachePolicy> = Api::namespaced(client.clone(), ns.name());
+    apply(&cps, "cache", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "CachePolicy", "metadata": {"name": "cache"},
+        "spec": {"exact": {"ttlSeconds": 3600}, "semantic": {"ttlSeconds": 3600, "threshold": 0.95},
+                 "dedup": {"windowSeconds": 5}}
+    }))
+    .await;
+    let cp = wait_until(&cps, "cache", "cache figures in status", |c| {
+        c.status.as_ref().is_some_and(|s| s.lookups == 100)
+    })
+    .await;
+    let status = cp.status.unwrap();
+    assert_eq!(status.hit_ratio.as_deref(), Some("0.55"));
+    let r = status.hit_ratios.unwrap();
+    assert_eq!(
+        [r.exact, r.semantic, r.template, r.dedup],
+        ["0.30", "0.10", "0.05", "0.10"]
+    );
+    // Memory backend: each replica's own answers, summed.
+    assert_eq!((status.entries, status.bytes, status.replicas), (500, 500_000, 2));
+    let out = cluster
+        .kubectl(["get", "cachepolicies", "-n", ns.name()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let row = out.stdout.lines().find(|l| l.starts_with("cache")).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // NAME EXACT-TTL SEMANTIC BACKEND HIT-RATIO SEMANTIC-HITS DEDUP-HITS ENTRIES BYTES READY AGE
+    assert_eq!(
+        &cells[1..10],
+        ["3600", "0.95", "memory", "0.55", "0.10", "0.10", "500", "500000", "True"],
+        "{}",
+        out.stdout
+    );
 }

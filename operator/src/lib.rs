@@ -4,7 +4,7 @@
 //! |---|---|---|---|
 //! | AIProviderPool | [`pool`] | pools, Secrets | status: keys, capacity, SecretsFound/KeysReady/Degraded/Ready |
 //! | TierQueue | [`tier_queue`] | tier queues, Secrets | status: tier count, waiting per tier and class, oldest wait, SecretsFound/Ready |
-//! | CachePolicy | [`cache_policy`] | cache policies | status: Ready |
+//! | CachePolicy | [`cache_policy`] | cache policies | status: Ready; with Redis, hit ratios (overall and per layer), lookups, entries, bytes |
 //! | LocalModelDeployment | [`local_model`] | models, owned Deployments/Services/PVCs | Deployment, Service, PVC; replicas (autoscaling, by the scale subresource); status |
 //! | Tenant | [`tenant`] | tenants, Secrets | status: use of the window, last seen, SecretsFound/KeysReady/Degraded/UsageTracked/Ready |
 //!

@@ -224,3 +224,53 @@ impl UsageReader {
         Ok(usage)
     }
 }
+
+/// One CachePolicy's figures over every gateway replica (the last hour's lookups).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheUsage {
+    /// Lookups answered by the exact, semantic, template and dedup layers, and missed:
+    /// summed over replicas.
+    pub counts: [u64; 5],
+    /// Entries held in memory: summed over replicas, and the largest replica's.
+    pub entries: (u64, u64),
+    /// Their bytes: summed over replicas, and the largest replica's.
+    pub bytes: (u64, u64),
+    /// Replicas whose figures have not expired.
+    pub replicas: u32,
+}
+
+impl UsageReader {
+    /// The cache figures of CachePolicy `namespace/name` (layout:
+    /// [`floodgate_crds::redis_keys`]) over the replicas whose figures have not expired.
+    pub async fn cache_usage(&self, namespace: &str, name: &str) -> Result<CacheUsage> {
+        use floodgate_crds::redis_keys::{CACHE_FIELDS, CacheKeys};
+        let mut conn = self.connection()?;
+        let keys = CacheKeys::new(namespace, name);
+        let replicas: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&keys.replicas)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        let mut usage = CacheUsage::default();
+        if replicas.is_empty() {
+            return Ok(usage);
+        }
+        let mut pipe = redis::pipe();
+        for r in &replicas {
+            pipe.cmd("HGETALL").arg(keys.replica(r));
+        }
+        let hashes: Vec<BTreeMap<String, u64>> = pipe.query_async(&mut conn).await?;
+        for hash in hashes.iter().filter(|h| !h.is_empty()) {
+            usage.replicas += 1;
+            let field = |f: &str| hash.get(f).copied().unwrap_or(0);
+            for (count, f) in usage.counts.iter_mut().zip(CACHE_FIELDS) {
+                *count += field(f);
+            }
+            let (entries, bytes) = (field(CACHE_FIELDS[5]), field(CACHE_FIELDS[6]));
+            usage.entries = (usage.entries.0 + entries, usage.entries.1.max(entries));
+            usage.bytes = (usage.bytes.0 + bytes, usage.bytes.1.max(bytes));
+        }
+        Ok(usage)
+    }
+}

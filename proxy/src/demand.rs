@@ -13,7 +13,7 @@
 
 use crate::secret::SecretString;
 use floodgate_crds::redis_keys::{
-    DEMAND_TTL_MS, DemandKeys, QUEUE_OLDEST, QUEUE_WAITING, QueueKeys,
+    CACHE_FIELDS, CacheKeys, DEMAND_TTL_MS, DemandKeys, QUEUE_OLDEST, QUEUE_WAITING, QueueKeys,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::{BTreeMap, VecDeque};
@@ -46,8 +46,8 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return now
 ";
 
-/// Replaces one replica's queue figures of one TierQueue and refreshes its replica index, on
-/// Redis's clock. KEYS[1] the index, KEYS[2] the replica's hash (same hash tag); ARGV: TTL
+/// Replaces one replica's queue figures of one TierQueue (or cache figures of one
+/// CachePolicy) and refreshes its replica index, on Redis's clock. KEYS[1] the index, KEYS[2] the replica's hash (same hash tag); ARGV: TTL
 /// (ms), replica id, then field, value pairs.
 const PUBLISH_QUEUE: &str = r"
 local t = redis.call('TIME')
@@ -86,6 +86,25 @@ pub struct QueueFigures {
 
 /// Where the publisher reads the queue figures of the TierQueue served now.
 pub type QueueSource = Arc<dyn Fn() -> Option<QueueFigures> + Send + Sync>;
+
+/// The cache figures of the CachePolicy `namespace/name` on this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheFigures {
+    /// The CachePolicy's namespace.
+    pub namespace: String,
+    /// The CachePolicy's name.
+    pub name: String,
+    /// Lookups over the last hour answered by the exact, semantic, template and dedup
+    /// layers, and missed.
+    pub counts: [u64; 5],
+    /// Entries held in memory.
+    pub entries: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Where the publisher reads the cache figures of the CachePolicy served now.
+pub type CacheSource = Arc<dyn Fn() -> Option<CacheFigures> + Send + Sync>;
 
 /// Every local model this replica has reported demand for.
 #[derive(Debug, Default)]
@@ -258,6 +277,7 @@ impl Drop for InFlight {
 pub struct Publisher {
     board: Arc<DemandBoard>,
     queues: Option<QueueSource>,
+    caches: Option<CacheSource>,
     client: redis::Client,
     replica: String,
     script: redis::Script,
@@ -284,6 +304,7 @@ impl Publisher {
         Ok(Self {
             board,
             queues: None,
+            caches: None,
             client: redis::Client::open(url.expose())?,
             replica: replica.into(),
             script: redis::Script::new(PUBLISH),
@@ -294,6 +315,12 @@ impl Publisher {
     /// Also publishes the queue figures `source` gives (the TierQueue served now).
     pub fn with_queues(mut self, source: QueueSource) -> Self {
         self.queues = Some(source);
+        self
+    }
+
+    /// Also publishes the cache figures `source` gives (the CachePolicy served now).
+    pub fn with_caches(mut self, source: CacheSource) -> Self {
+        self.caches = Some(source);
         self
     }
 
@@ -325,6 +352,18 @@ impl Publisher {
                     .arg(t.waiting)
                     .arg(format!("{QUEUE_OLDEST}{}", t.name))
                     .arg(t.oldest_wait_ms);
+            }
+            let _: u64 = call.invoke_async(conn).await?;
+        }
+        if let Some(c) = self.caches.as_ref().and_then(|source| source()) {
+            let keys = CacheKeys::new(&c.namespace, &c.name);
+            let mut call = self.queue_script.key(&keys.replicas);
+            call.key(keys.replica(&self.replica))
+                .arg(DEMAND_TTL_MS)
+                .arg(&self.replica);
+            let values = c.counts.iter().chain([&c.entries, &c.bytes]);
+            for (field, value) in CACHE_FIELDS.iter().zip(values) {
+                call.arg(*field).arg(*value);
             }
             let _: u64 = call.invoke_async(conn).await?;
         }

@@ -299,24 +299,6 @@ async fn serve(
         dispatcher.clone(),
         cancel.clone(),
     ));
-    // Local models' demand, for the operator's autoscaler, and the TierQueue's queue figures,
-    // for its status: published to the shared Redis.
-    // Without --redis there is nowhere the operator could read it.
-    if let Some(url) = &args.redis {
-        let board = dispatcher.routing().gates.board();
-        let replica = format!("{}-{}", hostname(), std::process::id());
-        let queues = dispatcher.clone();
-        match floodgate_proxy::demand::Publisher::new(board, url, replica) {
-            Ok(publisher) => {
-                let publisher = publisher.with_queues(Arc::new(move || queues.queue_figures()));
-                drop(tasks.spawn(publisher.run(cancel.clone())));
-            }
-            Err(e) => tracing::warn!(
-                error = %e,
-                "local-model demand cannot be published (autoscaling sees none from this replica)"
-            ),
-        }
-    }
     if args.expose_key_header {
         tracing::warn!("answers name the provider key used (x-floodgate-key): for debugging only");
     }
@@ -337,6 +319,27 @@ async fn serve(
     }
     // The CachePolicy now: the embedding model loads (or says why not) before any request.
     state.cache.prepare(&dispatcher.config());
+    // Local models' demand, for the operator's autoscaler, and the TierQueue's queue figures
+    // and the CachePolicy's cache figures, for their status: published to the shared Redis.
+    // Without --redis there is nowhere the operator could read it.
+    if let Some(url) = &args.redis {
+        let board = dispatcher.routing().gates.board();
+        let replica = format!("{}-{}", hostname(), std::process::id());
+        let queues = dispatcher.clone();
+        let (cache, config) = (state.cache.clone(), dispatcher.clone());
+        match floodgate_proxy::demand::Publisher::new(board, url, replica) {
+            Ok(publisher) => {
+                let publisher = publisher
+                    .with_queues(Arc::new(move || queues.queue_figures()))
+                    .with_caches(Arc::new(move || cache.figures(&config.config())));
+                drop(tasks.spawn(publisher.run(cancel.clone())));
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "local-model demand cannot be published (autoscaling sees none from this replica)"
+            ),
+        }
+    }
     state.jobs = Some(start_jobs(&args, &state, &tasks, &cancel).await?);
     let app = router(state.clone());
     let listener = std::net::TcpListener::bind(args.listen)

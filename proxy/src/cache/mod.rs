@@ -20,6 +20,7 @@
 //! `x-floodgate-cache`.
 
 pub mod answer;
+pub mod figures;
 pub mod flight;
 pub mod key;
 pub mod memory;
@@ -267,6 +268,8 @@ pub struct Cache {
     semantic: Arc<semantic::Semantic>,
     /// Where the embedding model is when the policy does not say (`--embedding-model-dir`).
     model_dir: std::path::PathBuf,
+    /// Lookups over the last hour, for the CachePolicy's status.
+    window: figures::Window,
 }
 
 /// The policy built for a configuration (held weakly: a reload frees the old one).
@@ -301,6 +304,7 @@ impl Cache {
             policy: Mutex::default(),
             semantic: Arc::default(),
             model_dir: semantic::embed::default_dir(),
+            window: figures::Window::default(),
         }
     }
 
@@ -314,6 +318,28 @@ impl Cache {
     /// model loads, or says why it cannot, before the first request).
     pub fn prepare(&self, config: &Arc<Config>) {
         let _ = self.policy(config);
+    }
+
+    /// This replica's figures for the status of `config`'s CachePolicy (published to Redis
+    /// for the operator): lookups by layer over the last hour, and what it holds in memory
+    /// (answers with the memory backend, the semantic index with Redis). `None` without a
+    /// CachePolicy.
+    pub fn figures(&self, config: &Arc<Config>) -> Option<crate::demand::CacheFigures> {
+        let cp = config.cache_policy.as_ref()?;
+        let (entries, bytes) = match (&self.redis, cp.spec.backend) {
+            (Some(_), CacheBackend::Redis) => {
+                let index = self.semantic.index();
+                (index.len(), index.bytes())
+            }
+            _ => self.memory.usage(),
+        };
+        Some(crate::demand::CacheFigures {
+            namespace: kube::ResourceExt::namespace(cp).unwrap_or_default(),
+            name: kube::ResourceExt::name_any(cp),
+            counts: self.window.totals(tokio::time::Instant::now()),
+            entries: entries as u64,
+            bytes: bytes as u64,
+        })
     }
 
     /// The semantic layer (tests and benchmarks).
@@ -670,6 +696,7 @@ impl Cache {
 
     fn count(&self, ctx: &mut RequestCtx, outcome: Outcome) {
         ctx.cache.outcome = Some(outcome);
+        self.window.record(outcome, tokio::time::Instant::now());
         let m = metrics::get();
         m.requests
             .get_or_create(&metrics::ResultLabels {
