@@ -13,7 +13,8 @@
 //! - a few general synonyms ([`SYNONYMS`]).
 //!
 //! Anything else refuses the hit: a number that differs, a negation word added or removed,
-//! a content word on one side only, the same words in another order.
+//! a content word on one side only, the same words in another order, the same word after
+//! another preposition (`trains to Paris` / `trains in Paris`; [`RELATIONS`]).
 
 use std::collections::HashMap;
 
@@ -28,6 +29,8 @@ pub enum Refusal {
     Order,
     /// A content word on one side only.
     Content(String),
+    /// The same word after another preposition (`trains to Paris` / `trains in Paris`).
+    Relation(String),
 }
 
 impl Refusal {
@@ -38,6 +41,7 @@ impl Refusal {
             Refusal::Negation(_) => "negation",
             Refusal::Order => "order",
             Refusal::Content(_) => "content",
+            Refusal::Relation(_) => "relation",
         }
     }
 }
@@ -55,6 +59,15 @@ const FUNCTION_WORDS: &[&str] = &[
     "possible", "in", "on", "at", "for", "if", "then", "by", "but", "hiya", "cheers", "sorry",
     "bother", "silly", "er", "erm", "hmm", "yeah", "yes", "many", "advance", "excuse",
 ];
+
+/// Prepositions among the function words: dropped like them, but a content word keeps the
+/// one right before it (articles between skipped), and two paired words after different ones
+/// refuse the hit (`to Paris` / `in Paris`); one after none is free (`the way to reset` /
+/// `how do I reset`).
+const RELATIONS: &[&str] = &["to", "in", "on", "at", "for", "by"];
+
+/// Words that may stand between a preposition and its word (`to the station`).
+const ARTICLES: &[&str] = &["a", "an", "the", "this", "that", "these", "those", "some", "any"];
 
 /// Number words: compared exactly, like digits (`eight` is not a slip for `eighty`).
 #[rustfmt::skip]
@@ -126,6 +139,8 @@ struct Word {
     name: bool,
     /// Commas before it in its text.
     clause: usize,
+    /// The preposition right before it ([`RELATIONS`]), if any.
+    relation: Option<&'static str>,
 }
 
 /// The meaning-carrying words of `text`, in order.
@@ -137,11 +152,15 @@ fn words(text: &str) -> Vec<Word> {
     let mut out = Vec::new();
     let mut sentence_start = true;
     let mut clause = 0;
+    let mut relation: Option<&'static str> = None;
     for raw in split(text) {
         let ends_sentence = raw.ends_with(['.', '?', '!', ':', ';']);
         let starts_sentence = std::mem::replace(&mut sentence_start, ends_sentence);
         let comma = raw.ends_with(',');
         let raw = trim(raw);
+        if starts_sentence {
+            relation = None;
+        }
         if raw.is_empty() {
             clause += usize::from(comma);
             continue;
@@ -153,7 +172,15 @@ fn words(text: &str) -> Vec<Word> {
             let name = !starts_sentence
                 && part.chars().next().is_some_and(char::is_uppercase)
                 && part != "I";
+            if !name && let Some(r) = RELATIONS.iter().find(|r| **r == lower) {
+                relation = Some(r);
+                continue;
+            }
+            if !name && ARTICLES.contains(&lower.as_str()) {
+                continue;
+            }
             if lower.is_empty() || (!name && FUNCTION_WORDS.contains(&lower.as_str())) {
+                relation = None;
                 continue;
             }
             let number =
@@ -166,7 +193,11 @@ fn words(text: &str) -> Vec<Word> {
                 number,
                 name,
                 clause,
+                relation: relation.take(),
             });
+        }
+        if comma || ends_sentence {
+            relation = None;
         }
         clause += usize::from(comma);
     }
@@ -307,6 +338,13 @@ pub fn check(cached: &str, new: &str) -> Result<(), Refusal> {
     if let Some(w) = left.first() {
         return Err(Refusal::Content(w.text.clone()));
     }
+    for (i, j) in pair.iter().enumerate() {
+        if let (Some(r), Some(s)) = (a[i].relation, j.and_then(|j| b[j].relation))
+            && r != s
+        {
+            return Err(Refusal::Relation(format!("{r}/{s}")));
+        }
+    }
     // Every word paired: in the same order, or with one text's opening phrase (up to its
     // first comma) moved to the end in the other?
     let order: Vec<usize> = pair.iter().flatten().copied().collect();
@@ -429,6 +467,32 @@ mod tests {
 
     fn refused(a: &str, b: &str) -> Refusal {
         check(a, b).expect_err(&format!("{a:?} / {b:?} should be refused"))
+    }
+
+    #[test]
+    fn the_same_word_after_another_preposition_is_refused() {
+        for (a, b) in [
+            ("Cheap trains to Paris", "Cheap trains in Paris"),
+            ("Restaurants on the beach", "Restaurants by the beach"),
+            ("What is there to do at the station?", "What is there to do in the station?"),
+            ("Is this medicine for children?", "Is this medicine by children?"),
+            ("Trains to my office", "Trains in my office"),
+        ] {
+            assert!(
+                matches!(refused(a, b), Refusal::Relation(_)),
+                "{a:?} / {b:?}"
+            );
+            assert!(matches!(refused(b, a), Refusal::Relation(_)), "{b:?} / {a:?}");
+        }
+        // A preposition on one side only, or the same one, still passes.
+        for (a, b) in [
+            ("Steps to reset my password?", "reset my password please"),
+            ("Cheap trains to Paris", "cheap trains to paris please"),
+            ("Trains to the coast", "Trains to coast"),
+        ] {
+            assert_eq!(check(a, b), Ok(()), "{a:?} / {b:?}");
+            assert_eq!(check(b, a), Ok(()), "{b:?} / {a:?}");
+        }
     }
 
     #[test]
