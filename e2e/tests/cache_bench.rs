@@ -174,6 +174,28 @@ fn quality() {
         "conversation pairs (earlier turns must match exactly, then the last message is compared):",
         &|p| p.category.starts_with("conv:"),
     );
+    // What the guard refuses among the model's true hits at the default threshold: where the
+    // paraphrase hit rate is lost.
+    let mut reasons: std::collections::BTreeMap<String, Vec<(&str, &str)>> = Default::default();
+    for (p, (s, _)) in pairs.iter().zip(&scored) {
+        if p.history_same
+            && p.same_answer
+            && *s >= 0.95
+            && let Err(r) = guard::check(&p.a, &p.b)
+        {
+            reasons
+                .entry(r.as_str().to_owned())
+                .or_default()
+                .push((p.a.as_str(), p.b.as_str()));
+        }
+    }
+    eprintln!("\ntrue pairs at >= 0.95 the guard refuses, by reason (three examples each):");
+    for (reason, examples) in &reasons {
+        eprintln!("  {reason}: {}", examples.len());
+        for (a, b) in examples.iter().take(3) {
+            eprintln!("    {a:?} / {b:?}");
+        }
+    }
     // Per category at the default threshold.
     eprintln!("\nat 0.95 by category: pairs, hits with the guard, hits by the model alone");
     let mut cats: Vec<&str> = pairs.iter().map(|p| p.category.as_str()).collect();
@@ -237,7 +259,12 @@ impl Rng {
     fn near(&mut self, to: &[f32], cos: f32) -> Vec<f32> {
         let noise = self.unit();
         let side = (1.0 - cos * cos).sqrt();
-        normalised(to.iter().zip(&noise).map(|(a, n)| a * cos + n * side).collect())
+        normalised(
+            to.iter()
+                .zip(&noise)
+                .map(|(a, n)| a * cos + n * side)
+                .collect(),
+        )
     }
 }
 

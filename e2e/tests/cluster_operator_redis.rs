@@ -373,7 +373,10 @@ async fn a_cache_policys_status_shows_the_hit_ratios_the_proxies_publish() {
         ["0.30", "0.10", "0.05", "0.10"]
     );
     // Memory backend: each replica's own answers, summed.
-    assert_eq!((status.entries, status.bytes, status.replicas), (500, 500_000, 2));
+    assert_eq!(
+        (status.entries, status.bytes, status.replicas),
+        (500, 500_000, 2)
+    );
     let out = cluster
         .kubectl(["get", "cachepolicies", "-n", ns.name()])
         .await
@@ -385,7 +388,9 @@ async fn a_cache_policys_status_shows_the_hit_ratios_the_proxies_publish() {
     // NAME EXACT-TTL SEMANTIC BACKEND HIT-RATIO SEMANTIC-HITS DEDUP-HITS ENTRIES BYTES READY AGE
     assert_eq!(
         &cells[1..10],
-        ["3600", "0.95", "memory", "0.55", "0.10", "0.10", "500", "500000", "True"],
+        [
+            "3600", "0.95", "memory", "0.55", "0.10", "0.10", "500", "500000", "True"
+        ],
         "{}",
         out.stdout
     );

@@ -84,7 +84,10 @@ struct Data {
 
 impl Drop for Flight {
     fn drop(&mut self) {
-        let bytes = self.data.get_mut().map_or_else(|p| p.into_inner().bytes, |d| d.bytes);
+        let bytes = self
+            .data
+            .get_mut()
+            .map_or_else(|p| p.into_inner().bytes, |d| d.bytes);
         let left = self.held.fetch_sub(bytes, Ordering::Relaxed) - bytes;
         super::metrics::get().flight_bytes.set(left as i64);
     }

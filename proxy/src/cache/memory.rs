@@ -122,7 +122,10 @@ impl MemoryStore {
         let mut lru = self.lock();
         let lru = &mut *lru;
         let bytes = bytes + ENTRY_OVERHEAD;
-        let outside = lru.outside.as_ref().map_or(0, |o| o.load(Ordering::Relaxed));
+        let outside = lru
+            .outside
+            .as_ref()
+            .map_or(0, |o| o.load(Ordering::Relaxed));
         if bytes.saturating_add(outside) > lru.max_bytes {
             return Stored::default();
         }

@@ -67,7 +67,9 @@ const FUNCTION_WORDS: &[&str] = &[
 const RELATIONS: &[&str] = &["to", "in", "on", "at", "for", "by"];
 
 /// Words that may stand between a preposition and its word (`to the station`).
-const ARTICLES: &[&str] = &["a", "an", "the", "this", "that", "these", "those", "some", "any"];
+const ARTICLES: &[&str] = &[
+    "a", "an", "the", "this", "that", "these", "those", "some", "any",
+];
 
 /// Number words: compared exactly, like digits (`eight` is not a slip for `eighty`).
 #[rustfmt::skip]
@@ -474,15 +476,24 @@ mod tests {
         for (a, b) in [
             ("Cheap trains to Paris", "Cheap trains in Paris"),
             ("Restaurants on the beach", "Restaurants by the beach"),
-            ("What is there to do at the station?", "What is there to do in the station?"),
-            ("Is this medicine for children?", "Is this medicine by children?"),
+            (
+                "What is there to do at the station?",
+                "What is there to do in the station?",
+            ),
+            (
+                "Is this medicine for children?",
+                "Is this medicine by children?",
+            ),
             ("Trains to my office", "Trains in my office"),
         ] {
             assert!(
                 matches!(refused(a, b), Refusal::Relation(_)),
                 "{a:?} / {b:?}"
             );
-            assert!(matches!(refused(b, a), Refusal::Relation(_)), "{b:?} / {a:?}");
+            assert!(
+                matches!(refused(b, a), Refusal::Relation(_)),
+                "{b:?} / {a:?}"
+            );
         }
         // A preposition on one side only, or the same one, still passes.
         for (a, b) in [

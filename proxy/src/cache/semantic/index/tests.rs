@@ -25,7 +25,12 @@ impl Rng {
     fn near(&mut self, to: &[f32], cos: f32) -> Vec<f32> {
         let noise = self.unit();
         let side = (1.0 - cos * cos).sqrt();
-        normalised(to.iter().zip(&noise).map(|(a, n)| a * cos + n * side).collect())
+        normalised(
+            to.iter()
+                .zip(&noise)
+                .map(|(a, n)| a * cos + n * side)
+                .collect(),
+        )
     }
 }
 
