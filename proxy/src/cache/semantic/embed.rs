@@ -7,6 +7,12 @@
 //! lookup sends its text and awaits the vector. Texts that arrive while a batch is being
 //! embedded are embedded together in the next one (padded to the longest), so a burst of
 //! lookups costs about one batch rather than one run each.
+//!
+//! A small batch (up to [`ALONE_MAX`] texts) runs on the model's thread alone: candle splits
+//! each matrix product over every core (rayon), which for a sentence or two gains little and,
+//! on a machine whose other cores are busy (the request workers, other processes), makes the
+//! run wait for a helper thread that is not scheduled: the tail of a semantic lookup. Larger
+//! batches use every core.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -22,6 +28,8 @@ pub const DIM: usize = 384;
 
 /// Most texts embedded in one batch.
 const MAX_BATCH: usize = 32;
+/// Batches of at most this many texts run on the model's thread alone.
+pub const ALONE_MAX: usize = 4;
 /// Texts that may wait for the model (four batches, about 0.7 s of work on 2 cores): past
 /// it a lookup is skipped (a miss) rather than queued behind work it would wait too long
 /// for, and memory stays bounded under a burst.
@@ -229,6 +237,16 @@ impl Embedder {
 /// The model's thread: takes the first waiting text, then every other one waiting (up to
 /// [`MAX_BATCH`]), embeds them together, answers each; ends when every sender is gone.
 fn run(model: &Model, rx: &mpsc::Receiver<Job>, batches: &AtomicU64) {
+    // A pool of one thread: what runs in it does not fan out to other threads (one handoff
+    // per batch instead of one per matrix product).
+    let alone = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .thread_name(|_| "floodgate-embed-1".into())
+        .build()
+        .map_err(
+            |e| tracing::debug!(error = %e, "no single-thread pool; small batches use every core"),
+        )
+        .ok();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH
@@ -240,7 +258,10 @@ fn run(model: &Model, rx: &mpsc::Receiver<Job>, batches: &AtomicU64) {
         jobs.retain(|j| !j.reply.is_closed());
         let texts: Vec<&str> = jobs.iter().map(|j| j.text.as_str()).collect();
         let started = std::time::Instant::now();
-        let result = model.embed(&texts);
+        let result = match &alone {
+            Some(pool) if texts.len() <= ALONE_MAX => pool.install(|| model.embed(&texts)),
+            _ => model.embed(&texts),
+        };
         batches.fetch_add(1, Ordering::Relaxed);
         crate::cache::metrics::embedded(jobs.len(), started.elapsed());
         match result {
