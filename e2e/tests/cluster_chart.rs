@@ -561,17 +561,12 @@ async fn the_proxy_runs_as_the_charts_service_account_and_serves_the_namespace()
     )
     .await;
 
-    // The service account's token (TokenRequest), as the kubelet would mount it in the pod.
+    // The service account's token (TokenRequest), as the kubelet would mount it in the pod:
+    // valid for an hour as the kubelet's are (a 10-minute one expired once while the proxy
+    // was still being built on a loaded machine).
     let token = kubectl_ok(
         cluster,
-        &[
-            "create",
-            "token",
-            GATEWAY,
-            "-n",
-            ns.name(),
-            "--duration=10m",
-        ],
+        &["create", "token", GATEWAY, "-n", ns.name(), "--duration=1h"],
     )
     .await
     .stdout
