@@ -55,6 +55,18 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    run_fenced(client, config, metrics, shutdown, CancellationToken::new()).await
+}
+
+/// [`run`], whose reconciles are aborted at once when `lost` is cancelled (the Lease lost), so
+/// that none in flight makes a request after it.
+async fn run_fenced(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    lost: CancellationToken,
+) -> Result<()> {
     let ctx = Context::new(client, config, metrics)?;
     tracing::info!(namespace = ?ctx.config.namespace, "floodgate-operator starting its controllers");
     ctx.metrics.set_leader(true);
@@ -68,19 +80,22 @@ pub async fn run(
     tracing::info!(
         "not acted on yet: TierQueue dead letters and p95 waits, CachePolicy hit ratio, pool circuit states"
     );
+    let stop = Stop { shutdown, lost };
     futures::join!(
-        run_pools(ctx.clone(), shutdown.clone()),
-        run_tier_queues(ctx.clone(), shutdown.clone()),
-        run_cache_policies(ctx.clone(), shutdown.clone()),
-        run_local_models(ctx.clone(), shutdown.clone()),
-        run_tenants(ctx.clone(), shutdown.clone()),
+        run_pools(ctx.clone(), stop.clone()),
+        run_tier_queues(ctx.clone(), stop.clone()),
+        run_cache_policies(ctx.clone(), stop.clone()),
+        run_local_models(ctx.clone(), stop.clone()),
+        run_tenants(ctx.clone(), stop.clone()),
     );
     tracing::info!("floodgate-operator stopped");
     Ok(())
 }
 
 /// Runs the controllers only while this replica holds the Lease of `lock`: waits for it, runs
-/// until `shutdown` (then releases the Lease) or until the Lease is lost (then returns
+/// until `shutdown` (then lets the reconciles in flight finish and releases the Lease) or until
+/// the Lease is lost, taken by another replica or not renewed within
+/// [`leader::RENEW_DEADLINE`] (then aborts the reconciles in flight, returns
 /// [`Error::LeaseLost`], and the process should exit so that it restarts as a follower).
 pub async fn run_leader_elected(
     client: Client,
@@ -90,9 +105,9 @@ pub async fn run_leader_elected(
     shutdown: CancellationToken,
 ) -> Result<()> {
     metrics.set_leader(false);
-    if !lock.acquire(&shutdown).await {
+    let Some(since) = lock.acquire(&shutdown).await else {
         return Ok(());
-    }
+    };
     let lost = CancellationToken::new();
     let stop_renewing = CancellationToken::new();
     let stop_controllers = CancellationToken::new();
@@ -106,13 +121,24 @@ pub async fn run_leader_elected(
         stop_controllers.cancel();
     };
     let controllers = async {
-        let result = run(client, config, metrics.clone(), stop_controllers.clone()).await;
+        let result = run_fenced(
+            client,
+            config,
+            metrics.clone(),
+            stop_controllers.clone(),
+            lost.clone(),
+        )
+        .await;
         metrics.set_leader(false);
         stop_renewing.cancel();
         stop_controllers.cancel();
         result
     };
-    let (result, (), ()) = futures::join!(controllers, lock.hold(&stop_renewing, &lost), stopper);
+    let (result, (), ()) = futures::join!(
+        controllers,
+        lock.hold(since, &stop_renewing, &lost),
+        stopper
+    );
     result?;
     if lost.is_cancelled() {
         return Err(Error::LeaseLost);
@@ -123,7 +149,7 @@ pub async fn run_leader_elected(
     Ok(())
 }
 
-async fn run_pools(ctx: Arc<Context>, shutdown: CancellationToken) {
+async fn run_pools(ctx: Arc<Context>, stop: Stop) {
     let controller = Controller::new(
         ctx.watched_api::<AIProviderPool>(),
         watcher::Config::default(),
@@ -136,10 +162,10 @@ async fn run_pools(ctx: Arc<Context>, shutdown: CancellationToken) {
             pool::pools_using_secret(&store, secret.namespace().as_deref(), &secret.name_any())
         },
     );
-    drive(controller, pool::reconcile, ctx, shutdown).await;
+    drive(controller, pool::reconcile, ctx, stop).await;
 }
 
-async fn run_tier_queues(ctx: Arc<Context>, shutdown: CancellationToken) {
+async fn run_tier_queues(ctx: Arc<Context>, stop: Stop) {
     let controller = Controller::new(ctx.watched_api::<TierQueue>(), watcher::Config::default());
     let store = controller.store();
     let controller = controller.watches(
@@ -149,10 +175,10 @@ async fn run_tier_queues(ctx: Arc<Context>, shutdown: CancellationToken) {
             tier_queue::using_secret(&store, secret.namespace().as_deref(), &secret.name_any())
         },
     );
-    drive(controller, tier_queue::reconcile, ctx, shutdown).await;
+    drive(controller, tier_queue::reconcile, ctx, stop).await;
 }
 
-async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
+async fn run_tenants(ctx: Arc<Context>, stop: Stop) {
     let controller = Controller::new(ctx.watched_api::<Tenant>(), watcher::Config::default());
     let store = controller.store();
     let controller = controller.watches(
@@ -162,15 +188,15 @@ async fn run_tenants(ctx: Arc<Context>, shutdown: CancellationToken) {
             tenant::using_secret(&store, secret.namespace().as_deref(), &secret.name_any())
         },
     );
-    drive(controller, tenant::reconcile, ctx, shutdown).await;
+    drive(controller, tenant::reconcile, ctx, stop).await;
 }
 
-async fn run_cache_policies(ctx: Arc<Context>, shutdown: CancellationToken) {
+async fn run_cache_policies(ctx: Arc<Context>, stop: Stop) {
     let controller = Controller::new(ctx.watched_api::<CachePolicy>(), watcher::Config::default());
-    drive(controller, cache_policy::reconcile, ctx, shutdown).await;
+    drive(controller, cache_policy::reconcile, ctx, stop).await;
 }
 
-async fn run_local_models(ctx: Arc<Context>, shutdown: CancellationToken) {
+async fn run_local_models(ctx: Arc<Context>, stop: Stop) {
     // Only the objects this operator made: never a watch over every Deployment of the cluster.
     let owned = watcher::Config::default().labels(&format!(
         "app.kubernetes.io/managed-by={}",
@@ -183,16 +209,20 @@ async fn run_local_models(ctx: Arc<Context>, shutdown: CancellationToken) {
     .owns(ctx.watched_api::<Deployment>(), owned.clone())
     .owns(ctx.watched_api::<Service>(), owned.clone())
     .owns(ctx.watched_api::<PersistentVolumeClaim>(), owned);
-    drive(controller, local_model::reconcile, ctx, shutdown).await;
+    drive(controller, local_model::reconcile, ctx, stop).await;
 }
 
-/// Runs `controller` with `reconcile` and the shared error policy until `shutdown`.
-async fn drive<K, F, Fut>(
-    controller: Controller<K>,
-    reconcile: F,
-    ctx: Arc<Context>,
+/// When the controllers stop: `shutdown` lets the reconciles in flight finish; `lost` (the
+/// leader Lease lost) aborts them.
+#[derive(Debug, Clone)]
+struct Stop {
     shutdown: CancellationToken,
-) where
+    lost: CancellationToken,
+}
+
+/// Runs `controller` with `reconcile` and the shared error policy until `stop`.
+async fn drive<K, F, Fut>(controller: Controller<K>, reconcile: F, ctx: Arc<Context>, stop: Stop)
+where
     K: Resource<DynamicType = ()>
         + Clone
         + serde::de::DeserializeOwned
@@ -205,18 +235,20 @@ async fn drive<K, F, Fut>(
 {
     let kind = K::kind(&());
     let mut reconcile = reconcile;
+    let lost = stop.lost.clone();
     let measured = move |obj: Arc<K>, ctx: Arc<Context>| {
         let started = std::time::Instant::now();
         let pending = reconcile(obj, ctx.clone());
+        let lost = lost.clone();
         async move {
-            let result = pending.await;
+            let result = leader::fenced(&lost, pending).await;
             let error = result.as_ref().err().map(Error::metric_label);
             ctx.metrics.observe(&K::kind(&()), error, started.elapsed());
             result
         }
     };
     controller
-        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .graceful_shutdown_on(stop.shutdown.cancelled_owned())
         .run(measured, context::error_policy, ctx)
         .for_each(|result| {
             let kind = kind.clone();
