@@ -110,7 +110,7 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
         .await
         .unwrap();
 
-    let (addr, _task) = webhook::start(
+    let webhook::Started { addr, .. } = webhook::start(
         client.clone(),
         "127.0.0.1:0".parse().unwrap(),
         CertSource::Operator {

@@ -274,7 +274,7 @@ fn conflict_is_false<T>(result: Result<T>) -> Result<bool> {
 /// Runs `work` (a reconcile) unless leadership is `lost` first: at that moment `work` is
 /// dropped, so a reconcile in flight when the Lease is lost makes no request afterwards.
 pub async fn fenced<T>(
-    lost: &CancellationToken,
+    lost: CancellationToken,
     work: impl Future<Output = Result<T>>,
 ) -> Result<T> {
     tokio::select! {
@@ -572,7 +572,7 @@ mod tests {
                 Ok(())
             }
         };
-        let result = fenced(&lost, reconcile).await;
+        let result = fenced(lost, reconcile).await;
         assert!(matches!(result, Err(Error::LeaseLost)), "{result:?}");
         assert_eq!(start.elapsed(), Duration::from_secs(10));
         tokio::time::sleep(Duration::from_secs(60)).await;

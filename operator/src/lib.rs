@@ -6,6 +6,7 @@
 //! | TierQueue | [`tier_queue`] | tier queues, Secrets | status: tier count, waiting per tier and class, oldest wait, SecretsFound/Ready |
 //! | CachePolicy | [`cache_policy`] | cache policies | status: Ready |
 //! | LocalModelDeployment | [`local_model`] | models, owned Deployments/Services/PVCs | Deployment, Service, PVC; replicas (autoscaling, by the scale subresource); status |
+//! | RoutingPolicy | [`routing_policy`] | policies, pools, local models | status: rule count, TargetsFound/Ready |
 //! | Tenant | [`tenant`] | tenants, Secrets | status: use of the window, last seen, SecretsFound/KeysReady/Degraded/UsageTracked/Ready |
 //!
 //! Every reconciler has the same shape: `reconcile(obj, ctx) -> Result<Action>`, the shared
@@ -20,10 +21,12 @@ pub mod context;
 pub mod error;
 #[cfg(test)]
 mod fixtures;
+pub mod health;
 pub mod leader;
 pub mod local_model;
 pub mod metrics;
 pub mod pool;
+pub mod routing_policy;
 pub mod secrets;
 pub mod tenant;
 pub mod tier_queue;
@@ -34,17 +37,20 @@ pub use context::{Config, Context};
 pub use error::{Error, Result};
 pub use metrics::Metrics;
 
-use floodgate_crds::{AIProviderPool, CachePolicy, LocalModelDeployment, Tenant, TierQueue};
+use floodgate_crds::{
+    AIProviderPool, CachePolicy, LocalModelDeployment, RoutingPolicy, Tenant, TierQueue,
+};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Runs every controller until `shutdown` is cancelled, then lets the reconciles in flight
@@ -87,6 +93,7 @@ async fn run_fenced(
         run_cache_policies(ctx.clone(), stop.clone()),
         run_local_models(ctx.clone(), stop.clone()),
         run_tenants(ctx.clone(), stop.clone()),
+        run_routing_policies(ctx.clone(), stop.clone()),
     );
     tracing::info!("floodgate-operator stopped");
     Ok(())
@@ -191,6 +198,41 @@ async fn run_tenants(ctx: Arc<Context>, stop: Stop) {
     drive(controller, tenant::reconcile, ctx, stop).await;
 }
 
+async fn run_routing_policies(ctx: Arc<Context>, stop: Stop) {
+    use routing_policy::{TargetKind, naming};
+    let controller = Controller::new(
+        ctx.watched_api::<RoutingPolicy>(),
+        watcher::Config::default(),
+    );
+    let (pools, models) = (controller.store(), controller.store());
+    let controller = controller
+        .watches(
+            ctx.watched_api::<AIProviderPool>(),
+            watcher::Config::default(),
+            move |pool| {
+                naming(
+                    &pools,
+                    TargetKind::Pool,
+                    pool.namespace().as_deref(),
+                    &pool.name_any(),
+                )
+            },
+        )
+        .watches(
+            ctx.watched_api::<LocalModelDeployment>(),
+            watcher::Config::default(),
+            move |model| {
+                naming(
+                    &models,
+                    TargetKind::LocalModel,
+                    model.namespace().as_deref(),
+                    &model.name_any(),
+                )
+            },
+        );
+    drive(controller, routing_policy::reconcile, ctx, stop).await;
+}
+
 async fn run_cache_policies(ctx: Arc<Context>, stop: Stop) {
     let controller = Controller::new(ctx.watched_api::<CachePolicy>(), watcher::Config::default());
     drive(controller, cache_policy::reconcile, ctx, stop).await;
@@ -241,12 +283,14 @@ where
         let pending = reconcile(obj, ctx.clone());
         let lost = lost.clone();
         async move {
-            let result = leader::fenced(&lost, pending).await;
+            let result = leader::fenced(lost, pending).await;
             let error = result.as_ref().err().map(Error::metric_label);
             ctx.metrics.observe(&K::kind(&()), error, started.elapsed());
             result
         }
     };
+    let store = controller.store();
+    let sweeper = tokio::spawn(sweep_deleted(store, ctx.clone(), stop.clone()));
     controller
         .graceful_shutdown_on(stop.shutdown.cancelled_owned())
         .run(measured, context::error_policy, ctx)
@@ -268,6 +312,45 @@ where
             }
         })
         .await;
+    sweeper.abort();
+}
+
+/// How often what the process keeps per object is checked against the objects that exist.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Every [`SWEEP_EVERY`] once `store` has its first list, until `stop`: forgets what `ctx`
+/// keeps for objects of kind `K` that are gone from `store` (deleted), so that failure counts,
+/// scale times and demand series do not pile up over the operator's life.
+async fn sweep_deleted<K>(store: Store<K>, ctx: Arc<Context>, stop: Stop)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (shutdown, lost) = (stop.shutdown.cancelled_owned(), stop.lost.cancelled_owned());
+    let stopped = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = lost => {}
+        }
+    };
+    tokio::pin!(stopped);
+    tokio::select! {
+        () = &mut stopped => return,
+        ready = store.wait_until_ready() => if ready.is_err() { return },
+    }
+    loop {
+        tokio::select! {
+            () = &mut stopped => return,
+            () = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        let present: std::collections::HashSet<(String, String)> = store
+            .state()
+            .iter()
+            .map(|o| (o.namespace().unwrap_or_default(), o.name_any()))
+            .collect();
+        ctx.forget_deleted::<K>(|namespace, name| {
+            present.contains(&(namespace.to_owned(), name.to_owned()))
+        });
+    }
 }
 
 fn object_name<K: Resource<DynamicType = ()>>(object: &ObjectRef<K>) -> String {
@@ -276,4 +359,49 @@ fn object_name<K: Resource<DynamicType = ()>>(object: &ObjectRef<K>) -> String {
         object.namespace.as_deref().unwrap_or_default(),
         object.name
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+
+    fn model(name: &str) -> LocalModelDeployment {
+        let spec = serde_json::from_value(
+            serde_json::json!({"model": "llama3.1:8b", "classes": ["simple"]}),
+        )
+        .unwrap_or_else(|e| panic!("a model spec: {e}"));
+        let mut lmd = LocalModelDeployment::new(name, spec);
+        lmd.metadata.namespace = Some("ai".to_owned());
+        lmd
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deleted_objects_failures_are_forgotten_at_the_next_sweep() {
+        let (ctx, _api) = fixtures::context(autoscale::DemandSource::Unconfigured);
+        let mut writer = Writer::<LocalModelDeployment>::default();
+        let (kept, gone) = (model("kept"), model("gone"));
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(kept.clone()));
+        writer.apply_watcher_event(&watcher::Event::InitApply(gone.clone()));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let stop = Stop {
+            shutdown: CancellationToken::new(),
+            lost: CancellationToken::new(),
+        };
+        let sweeper = tokio::spawn(sweep_deleted(writer.as_reader(), ctx.clone(), stop.clone()));
+        for obj in [&kept, &gone] {
+            ctx.failed(obj);
+        }
+        writer.apply_watcher_event(&watcher::Event::Delete(gone.clone()));
+        // Not before the sweep...
+        tokio::time::sleep(SWEEP_EVERY - Duration::from_millis(1)).await;
+        assert_eq!(ctx.failed(&gone), Duration::from_secs(2));
+        // ...and at it.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(ctx.failed(&gone), Duration::from_secs(1));
+        assert_eq!(ctx.failed(&kept), Duration::from_secs(2));
+        stop.shutdown.cancel();
+        sweeper.await.unwrap_or_else(|e| panic!("the sweeper: {e}"));
+    }
 }
