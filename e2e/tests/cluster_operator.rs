@@ -963,3 +963,62 @@ async fn the_500rpm_example_applied_under_the_operator_gets_its_objects_and_stat
         assert_eq!(requested["storage"].0, "50Gi", "{name}");
     }
 }
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_leader_whose_lease_is_taken_stops_its_controllers_at_its_next_renewal() {
+    use floodgate_operator::leader::{CALL_TIMEOUT, LeaseLock, RETRY_EVERY};
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    let cluster = Cluster::get().await.unwrap();
+    cluster.install_crds().await.unwrap();
+    let ns = cluster.namespace("operator-lease-lost").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let stop = CancellationToken::new();
+    let _stop_on_drop = Operator {
+        shutdown: stop.clone(),
+        metrics: Arc::default(),
+    };
+    let config = floodgate_operator::Config {
+        namespace: Some(ns.name().to_owned()),
+        instance: Some("replica-a".to_owned()),
+        redis_url: None,
+    };
+    let lock = LeaseLock::new(client.clone(), ns.name(), "floodgate-operator", "replica-a");
+    let task = tokio::spawn(floodgate_operator::run_leader_elected(
+        client.clone(),
+        config,
+        lock,
+        Arc::new(floodgate_operator::Metrics::default()),
+        stop.clone(),
+    ));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns.name());
+    let mut lease = wait_until(&leases, "floodgate-operator", "replica-a to lead", |l| {
+        l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some("replica-a")
+    })
+    .await;
+    // Another replica takes the Lease (as after replica-a was cut off for a lease duration).
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    spec.holder_identity = Some("replica-z".to_owned());
+    spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
+    leases
+        .replace("floodgate-operator", &Default::default(), &lease)
+        .await
+        .unwrap();
+    // At its next renewal replica-a sees it, aborts its reconciles, stops its controllers and
+    // returns: it never writes the Lease back.
+    let ended = tokio::time::timeout(RETRY_EVERY + CALL_TIMEOUT * 2, task)
+        .await
+        .expect("replica-a kept leading after losing its Lease")
+        .unwrap();
+    assert!(
+        matches!(ended, Err(floodgate_operator::Error::LeaseLost)),
+        "{ended:?}"
+    );
+    let lease = leases.get("floodgate-operator").await.unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("replica-z")
+    );
+}
