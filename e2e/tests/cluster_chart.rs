@@ -274,6 +274,10 @@ async fn the_chart_lints_renders_its_values_and_the_api_server_accepts_it() {
         c["image"], "ghcr.io/floodgate-dev/floodgate-operator:0.1.0",
         "{c:#?}"
     );
+    // Ready (so in the webhook Service) only once it serves with its certificate loaded.
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{c:#?}");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "metrics", "{c:#?}");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{c:#?}");
     let args: Vec<&str> = c["args"]
         .as_array()
         .unwrap()
