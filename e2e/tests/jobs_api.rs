@@ -1287,7 +1287,7 @@ async fn redis_dead_letters_outlive_the_result_ttl_and_a_redrive_never_drops_one
     };
     let request = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]});
     let job = Job::new(Some("acme".to_owned()), "free".to_owned(), request, 3);
-    let job = store.submit(job).await.unwrap();
+    let job = store.submit(job, 0).await.unwrap().queued().unwrap();
     let claim = store.claim("w", WAIT).await.unwrap().unwrap();
     let mut dead = claim.job.clone();
     dead.status = Status::Failed;
@@ -1420,4 +1420,58 @@ async fn pending_bound(extra: &[&str]) {
     assert_eq!(post(ACME).await.unwrap().status(), 202);
     assert_eq!(post(ACME).await.unwrap().status(), 429);
     proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_submissions_of_one_tenant_never_pass_its_pending_bound() {
+    concurrent_bound(&[]).await;
+}
+
+#[tokio::test]
+async fn concurrent_submissions_in_redis_never_pass_the_pending_bound_across_replicas() {
+    let redis = RedisServer::start().await.unwrap();
+    concurrent_bound(&["--redis", &redis.url()]).await;
+}
+
+/// 64 submissions of one tenant at once, bound 5: exactly 5 accepted, however they
+/// interleave (with Redis, sent to two replicas sharing the store).
+async fn concurrent_bound(extra: &[&str]) {
+    const BOUND: usize = 5;
+    const SENT: usize = 64;
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config(&mock, &hook);
+    let mut args = extra.to_vec();
+    args.extend(["--job-workers", "0", "--job-max-pending-per-tenant", "5"]);
+    let a = start(&dir, &args).await;
+    // In memory each replica has its own store: one replica. With Redis: two.
+    let b = if extra.is_empty() {
+        None
+    } else {
+        Some(start(&dir, &args).await)
+    };
+    let http = reqwest::Client::new();
+    let body = job("gpt-4o", "at once");
+    let sends = (0..SENT).map(|i| {
+        let proxy = match &b {
+            Some(b) if i % 2 == 1 => b,
+            _ => &a,
+        };
+        http.post(proxy.url("/v1/jobs"))
+            .bearer_auth(ACME)
+            .json(&body)
+            .send()
+    });
+    let statuses: Vec<u16> = futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    let accepted = statuses.iter().filter(|s| **s == 202).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((accepted, refused), (BOUND, SENT - BOUND), "{statuses:?}");
+    a.stop().await.unwrap();
+    if let Some(b) = b {
+        b.stop().await.unwrap();
+    }
 }

@@ -2,7 +2,7 @@
 //! order, retries after their delay, dead letters with retention. A restart loses every
 //! job, pending or finished: run with `--redis` for work that must survive one.
 
-use super::store::{Claim, JobStore, Result, Step};
+use super::store::{Claim, JobStore, Result, Step, Submitted};
 use super::{Job, Policy, Status};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -113,11 +113,17 @@ impl MemoryStore {
 }
 
 impl JobStore for MemoryStore {
-    async fn submit(&self, mut job: Job) -> Result<Job> {
-        {
+    async fn submit(&self, mut job: Job, bound: u64) -> Result<Submitted> {
+        let ahead = {
             let mut inner = self.lock();
             inner.forget_expired(Instant::now());
+            // Counted and queued under one lock: concurrent submissions never pass the bound.
+            let pending = inner.pending.get(&job.pending_key()).copied().unwrap_or(0);
+            if bound > 0 && pending >= bound {
+                return Ok(Submitted::Full { pending });
+            }
             job.seq = inner.enqueue(&job.id);
+            let ahead = job.seq.saturating_sub(inner.delivered + 1);
             inner.pending_up(&job);
             inner.jobs.insert(
                 job.id.clone(),
@@ -126,9 +132,10 @@ impl JobStore for MemoryStore {
                     expires: None,
                 },
             );
-        }
+            ahead
+        };
         self.ready.notify_one();
-        Ok(job)
+        Ok(Submitted::Queued { job, ahead })
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>> {

@@ -23,7 +23,7 @@
 //! `status` is a field of its own so that a cancel (from any replica) changes it atomically
 //! and `SAVE` refuses to write over it.
 
-use super::store::{Claim, JobStore, Result, Step};
+use super::store::{Claim, JobStore, Result, Step, Submitted};
 use super::{Job, Policy, Status};
 use crate::secret::SecretString;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -48,15 +48,24 @@ fn pending_field(job: &Job) -> String {
     format!("{tier}\t{tenant}")
 }
 
-/// Queues a job: the next seq, the job's fields, a stream entry.
+/// Queues a job unless its (tier, tenant) pair has ARGV[5] (> 0) jobs pending already: the
+/// count and the queueing in one step, so concurrent submissions never pass the bound. Then
+/// the next seq, the job's fields, a stream entry. Returns `{seq, delivered}` (its place and
+/// the delivered mark, for its position), or `{0, pending}` when refused: one round trip
+/// per acceptance.
 const ENQUEUE: &str = r"
+local bound = tonumber(ARGV[5])
+if bound > 0 then
+  local pending = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
+  if pending >= bound then return {0, pending} end
+end
 local seq = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[3], 'job', ARGV[2], 'status', ARGV[3], 'seq', seq, 'pending', ARGV[4])
 redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
 redis.call('HDEL', KEYS[3], 'cancelled')
 redis.call('PERSIST', KEYS[3])
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'seq', seq)
-return seq
+return {seq, tonumber(redis.call('GET', KEYS[5]) or '0')}
 ";
 
 /// Moves one due retry to the stream: KEYS[4] is its job (ARGV[1] its id), read by the
@@ -267,22 +276,24 @@ impl RedisStore {
         Ok(Some(job))
     }
 
-    async fn enqueue(&self, job: &Job) -> Result<u64> {
+    /// Runs [`ENQUEUE`]: `(seq, delivered)`, or `(0, pending)` when refused.
+    async fn enqueue(&self, job: &Job, bound: u64) -> Result<(u64, u64)> {
         let mut conn = self.conn().await?;
         let json = serde_json::to_string(job)?;
-        let seq: u64 = self
+        Ok(self
             .enqueue
             .key(QUEUE)
             .key(SEQ)
             .key(format!("{JOB}{}", job.id))
             .key(PENDING)
+            .key(DELIVERED)
             .arg(&job.id)
             .arg(json)
             .arg(job.status.as_str())
             .arg(pending_field(job))
+            .arg(bound)
             .invoke_async(&mut conn)
-            .await?;
-        Ok(seq)
+            .await?)
     }
 
     /// The entry `XAUTOCLAIM` or `XREADGROUP` handed over: (entry id, job id).
@@ -421,9 +432,16 @@ fn parse_status(s: &str) -> Option<Status> {
 }
 
 impl JobStore for RedisStore {
-    async fn submit(&self, mut job: Job) -> Result<Job> {
-        job.seq = self.enqueue(&job).await?;
-        Ok(job)
+    async fn submit(&self, mut job: Job, bound: u64) -> Result<Submitted> {
+        let (seq, n) = self.enqueue(&job, bound).await?;
+        if seq == 0 {
+            return Ok(Submitted::Full { pending: n });
+        }
+        job.seq = seq;
+        Ok(Submitted::Queued {
+            job,
+            ahead: seq.saturating_sub(n + 1),
+        })
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>> {

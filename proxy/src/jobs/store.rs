@@ -2,7 +2,10 @@
 //! enum.
 //!
 //! The contract both keep:
-//! - [`JobStore::submit`] records a job and queues it; a queued job is claimed by exactly one
+//! - [`JobStore::submit`] records a job and queues it, unless its tenant already has its
+//!   bound of pending jobs in its tier: the count and the queueing are one atomic step (one
+//!   Lua script in Redis, one lock in memory), so concurrent submissions never pass the
+//!   bound. A queued job is claimed by exactly one
 //!   worker at a time ([`JobStore::claim`]), in the order queued, retries when their delay is
 //!   over.
 //! - A claim is held until acknowledged ([`JobStore::ack`]). In Redis a claim not kept alive
@@ -34,6 +37,33 @@ pub enum StoreError {
 /// A store result.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// What [`JobStore::submit`] did.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// Queued.
+    Queued {
+        /// The job, with its place in the order (`seq`).
+        job: Job,
+        /// How many queued jobs are before it.
+        ahead: u64,
+    },
+    /// Refused: its (tier, tenant) pair has `pending` jobs pending, at least the bound.
+    Full {
+        /// The pair's pending jobs.
+        pending: u64,
+    },
+}
+
+impl Submitted {
+    /// The job queued; `None` when refused.
+    pub fn queued(self) -> Option<Job> {
+        match self {
+            Submitted::Queued { job, .. } => Some(job),
+            Submitted::Full { .. } => None,
+        }
+    }
+}
+
 /// A job claimed by a worker.
 #[derive(Debug, Clone)]
 pub struct Claim {
@@ -61,8 +91,9 @@ pub enum Step {
 
 /// The operations of a job store.
 pub trait JobStore: Send + Sync {
-    /// Records `job` and queues it; returns it with its place in the order (`seq`).
-    fn submit(&self, job: Job) -> impl Future<Output = Result<Job>> + Send;
+    /// Records `job` and queues it, unless `bound` > 0 and its (tier, tenant) pair has
+    /// `bound` jobs pending already: the count and the queueing are one atomic step.
+    fn submit(&self, job: Job, bound: u64) -> impl Future<Output = Result<Submitted>> + Send;
 
     /// The job `id`, if known (finished jobs are kept for their result TTL).
     fn get(&self, id: &str) -> impl Future<Output = Result<Option<Job>>> + Send;
@@ -157,8 +188,8 @@ macro_rules! each {
 }
 
 impl JobStore for Store {
-    async fn submit(&self, job: Job) -> Result<Job> {
-        each!(self, s => s.submit(job).await)
+    async fn submit(&self, job: Job, bound: u64) -> Result<Submitted> {
+        each!(self, s => s.submit(job, bound).await)
     }
     async fn get(&self, id: &str) -> Result<Option<Job>> {
         each!(self, s => s.get(id).await)

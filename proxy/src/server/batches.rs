@@ -327,8 +327,11 @@ async fn create_batch(
             .insert("batch_id".to_owned(), id.clone().into());
         job.metadata
             .insert("custom_id".to_owned(), line.custom_id.clone().into());
-        let job = jobs.store.submit(job).await.map_err(unavailable)?;
-        lines.push((line.custom_id, job.id));
+        // Unbounded: a batch's lines are not the tenant's interactive backlog.
+        let submitted = jobs.store.submit(job, 0).await.map_err(unavailable)?;
+        if let Some(job) = submitted.queued() {
+            lines.push((line.custom_id, job.id));
+        }
     }
     crate::jobs::metrics::get()
         .states
