@@ -705,45 +705,9 @@ async fn a_batch_past_its_completion_window_expires_with_its_unfinished_lines_in
     let dir = config(&mock, &hook);
     let proxy = start(&dir, &[]).await;
     let http = reqwest::Client::new();
-    let lines: String = (0..2)
-        .map(|i| {
-            json!({"custom_id": format!("slow-{i}"), "method": "POST", "url": "/v1/chat/completions",
-                   "body": {"model": "slow-2000", "messages": [{"role": "user", "content": "wait"}]}})
-            .to_string()
-                + "\n"
-        })
-        .collect();
-    let boundary = "floodgate-e2e-boundary";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n{lines}\r\n--{boundary}--\r\n"
-    );
-    let file: Value = http
-        .post(proxy.url("/v1/files"))
-        .bearer_auth(ACME)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(file["purpose"], "batch", "{file}");
-    let batch: Value = http
-        .post(proxy.url("/v1/batches"))
-        .bearer_auth(ACME)
-        .json(&json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "1s"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let lines = batch_lines("slow-2000", &["slow-0", "slow-1"]);
+    let file = upload_batch_file(&http, &proxy, &lines).await;
+    let batch = create_batch(&http, &proxy, &file, "1s").await;
     let id = batch["id"].as_str().unwrap().to_owned();
     assert_eq!(batch["status"], "in_progress", "{batch}");
     let ended = until("the batch to expire", || async {
@@ -779,6 +743,160 @@ async fn a_batch_past_its_completion_window_expires_with_its_unfinished_lines_in
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["error"]["code"].clone())
         .collect();
     assert_eq!(codes, vec![json!("batch_expired"), json!("batch_expired")]);
+    proxy.stop().await.unwrap();
+}
+
+/// Uploads `lines` (JSONL) as ACME's batch input file, as the SDK does; the file's id.
+async fn upload_batch_file(http: &reqwest::Client, proxy: &ProxyProcess, lines: &str) -> String {
+    let boundary = "floodgate-e2e-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{lines}\r\n--{boundary}--\r\n"
+    );
+    let file: Value = http
+        .post(proxy.url("/v1/files"))
+        .bearer_auth(ACME)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(file["purpose"], "batch", "{file}");
+    file["id"].as_str().unwrap().to_owned()
+}
+
+/// Creates ACME's batch over input `file` with completion `window`; the batch.
+async fn create_batch(
+    http: &reqwest::Client,
+    proxy: &ProxyProcess,
+    file: &str,
+    window: &str,
+) -> Value {
+    http.post(proxy.url("/v1/batches"))
+        .bearer_auth(ACME)
+        .json(&json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": window}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// JSONL of one chat line per custom id, to `model`.
+fn batch_lines(model: &str, ids: &[&str]) -> String {
+    ids.iter()
+        .map(|id| {
+            json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": model, "messages": [{"role": "user", "content": id}]}})
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_in_redis_is_ended_by_its_last_line_and_its_output_outlives_the_lines() {
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, _got) = receiver().await;
+    let dir = config(&mock, &hook);
+    let proxy = start(&dir, &["--redis", &redis.url()]).await;
+    let http = reqwest::Client::new();
+    let file = upload_batch_file(&http, &proxy, &batch_lines("gpt-4o", &["one", "two"])).await;
+    let id = create_batch(&http, &proxy, &file, "24h").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Nobody reads the batch: the worker ending its last line stores it completed, with its
+    // output file.
+    let stored = until("the stored batch to complete", || {
+        let mut conn = conn.clone();
+        let id = id.clone();
+        async move {
+            let raw: Option<String> = redis::cmd("GET")
+                .arg(format!("floodgate:{{jobs}}:kv:batch:{id}"))
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            let stored: Value = serde_json::from_str(&raw?).ok()?;
+            (stored["batch"]["status"] == "completed").then_some(stored)
+        }
+    })
+    .await;
+    let output = stored["batch"]["output_file_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let counted: Option<i64> = redis::cmd("HGET")
+        .arg("floodgate:{jobs}:batches")
+        .arg(&id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counted, None, "the count of lines is dropped at 0");
+    // The lines' jobs expire (their result TTL), as if a day had passed: the output stays.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("floodgate:{jobs}:job:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 2);
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let batch: Value = http
+        .get(proxy.url(&format!("/v1/batches/{id}")))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(batch["request_counts"]["completed"], 2, "{batch}");
+    assert_eq!(batch["output_file_id"], output.as_str());
+    let content = http
+        .get(proxy.url(&format!("/v1/files/{output}/content")))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<Value> = content
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let answered: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["custom_id"].as_str().unwrap(),
+                l["response"]["body"]["object"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        answered,
+        vec![("one", "chat.completion"), ("two", "chat.completion")]
+    );
     proxy.stop().await.unwrap();
 }
 
@@ -986,6 +1104,88 @@ async fn a_job_asking_for_email_gets_one_over_starttls_naming_its_id_and_outcome
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_email", "{body}");
     assert!(!proxy.log().iter().any(|l| l.contains(SMTP_PASSWORD)));
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tier_notifying_by_email_writes_to_its_own_recipient_but_not_per_batch_line() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, got) = receiver().await;
+    let smtp = sink(true).await;
+    let dir = config_email(&mock, &hook, &smtp, SMTP_PASSWORD);
+    let path = dir.path().join("all.yaml");
+    let yaml = std::fs::read_to_string(&path)
+        .unwrap()
+        .replacen("notify: [webhook]", "notify: [webhook, email]", 1)
+        .replacen(
+            "email: {from: \"floodgate@example.com\",",
+            "email: {from: \"floodgate@example.com\", to: \"ops@example.com\",",
+            1,
+        );
+    std::fs::write(&path, yaml).unwrap();
+    let proxy = start(&dir, &[]).await;
+    let http = reqwest::Client::new();
+
+    // A job naming no address: the tier's recipient is told.
+    let plain = submit(&http, &proxy, ACME, &job("gpt-4o", "tier mail")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(email_tries(&http, &proxy, &plain, 1).await, ["delivered"]);
+    // A job naming its own: that one only.
+    let own = submit(
+        &http,
+        &proxy,
+        ACME,
+        &email_job("own mail", "bob@example.com"),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(email_tries(&http, &proxy, &own, 1).await, ["delivered"]);
+    let to: Vec<Vec<String>> = smtp.mails().iter().map(|m| m.to.clone()).collect();
+    assert_eq!(to, [["ops@example.com"], ["bob@example.com"]]);
+
+    // A batch's lines are told by the tier's webhook, not by one mail each.
+    let file = upload_batch_file(&http, &proxy, &batch_lines("gpt-4o", &["l1", "l2"])).await;
+    let id = create_batch(&http, &proxy, &file, "24h").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    until("the batch to complete", || async {
+        let b: Value = http
+            .get(proxy.url(&format!("/v1/batches/{id}")))
+            .bearer_auth(ACME)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (b["status"] == "completed").then_some(())
+    })
+    .await;
+    let lines: Vec<String> = until("a webhook for each line", || async {
+        let lines: Vec<String> = verified_deliveries(&got)
+            .into_iter()
+            .filter(|(_, body)| body["job"]["batch"] == id.as_str())
+            .map(|(job, _)| job)
+            .collect();
+        (lines.len() == 2).then_some(lines)
+    })
+    .await;
+    for line in &lines {
+        // Its notification is recorded once every channel is done with it.
+        let channels: Vec<Value> = until("the line's deliveries", || async {
+            let (_, job) = get(&http, &proxy, ACME, line).await;
+            let d = job["deliveries"].as_array()?.clone();
+            (!d.is_empty()).then(|| d.iter().map(|d| d["channel"].clone()).collect())
+        })
+        .await;
+        assert_eq!(channels, [json!("webhook")], "{line}");
+    }
+    assert_eq!(smtp.mails().len(), 2, "no mail for the batch's lines");
     proxy.stop().await.unwrap();
 }
 

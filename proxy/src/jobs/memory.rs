@@ -33,6 +33,8 @@ struct Inner {
     claimed: HashSet<String>,
     /// Jobs not over yet per (tier, tenant).
     pending: HashMap<(String, String), u64>,
+    /// Lines of each batch not over yet ([`JobStore::open_batch`]).
+    batches: HashMap<String, u64>,
     /// Batch API files and batches: value and when it is forgotten.
     kv: HashMap<String, (String, Instant)>,
     next_seq: u64,
@@ -80,6 +82,17 @@ impl Inner {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.pending.remove(&key);
+            }
+        }
+    }
+
+    /// Counts `job` down in its batch, if it is a line of one still counted.
+    fn line_over(&mut self, job: &Job) {
+        let Some(batch) = &job.batch else { return };
+        if let Some(n) = self.batches.get_mut(batch) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.batches.remove(batch);
             }
         }
     }
@@ -135,7 +148,10 @@ impl JobStore for MemoryStore {
             ahead
         };
         self.ready.notify_one();
-        Ok(Submitted::Queued { job, ahead })
+        Ok(Submitted::Queued {
+            job: Box::new(job),
+            ahead,
+        })
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>> {
@@ -224,6 +240,7 @@ impl JobStore for MemoryStore {
                         inner.dead.push((job.id.clone(), now));
                     }
                     inner.pending_down(job);
+                    inner.line_over(job);
                 }
             }
         }
@@ -253,6 +270,7 @@ impl JobStore for MemoryStore {
         let job = stored.job.clone();
         if !over {
             inner.pending_down(&job);
+            inner.line_over(&job);
         }
         // A job waiting for its retry goes back to the queue, cancelled, for a worker to tell
         // its caller.
@@ -321,6 +339,9 @@ impl JobStore for MemoryStore {
                     stored.expires = None;
                     let job = stored.job.clone();
                     inner.pending_up(&job);
+                    if let Some(left) = job.batch.as_ref().and_then(|b| inner.batches.get_mut(b)) {
+                        *left += 1;
+                    }
                     n += 1;
                 }
             }
@@ -351,6 +372,17 @@ impl JobStore for MemoryStore {
     async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
         let key = (tier.to_owned(), tenant.to_owned());
         Ok(self.lock().pending.get(&key).copied().unwrap_or(0))
+    }
+
+    async fn open_batch(&self, id: &str, lines: u64) -> Result<()> {
+        if lines > 0 {
+            self.lock().batches.insert(id.to_owned(), lines);
+        }
+        Ok(())
+    }
+
+    async fn batch_left(&self, id: &str) -> Result<u64> {
+        Ok(self.lock().batches.get(id).copied().unwrap_or(0))
     }
 
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {

@@ -43,7 +43,7 @@ pub enum Submitted {
     /// Queued.
     Queued {
         /// The job, with its place in the order (`seq`).
-        job: Job,
+        job: Box<Job>,
         /// How many queued jobs are before it.
         ahead: u64,
     },
@@ -58,7 +58,7 @@ impl Submitted {
     /// The job queued; `None` when refused.
     pub fn queued(self) -> Option<Job> {
         match self {
-            Submitted::Queued { job, .. } => Some(job),
+            Submitted::Queued { job, .. } => Some(*job),
             Submitted::Full { .. } => None,
         }
     }
@@ -157,6 +157,14 @@ pub trait JobStore: Send + Sync {
     /// The pending count of one (tier, tenant) pair.
     fn pending_for(&self, tier: &str, tenant: &str) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Starts counting the lines of batch `id` not over yet: `lines`, before any of them is
+    /// queued (jobs with `batch` = `id`). Each line's job counts down once when it is over
+    /// (finished or cancelled; a re-drive counts it up again); the count is dropped at 0.
+    fn open_batch(&self, id: &str, lines: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// How many lines of batch `id` are not over yet (0 once all are, or when not counted).
+    fn batch_left(&self, id: &str) -> impl Future<Output = Result<u64>> + Send;
+
     /// Stores `value` under `key` for `ttl` (Batch API files and batches).
     fn put(
         &self,
@@ -235,6 +243,12 @@ impl JobStore for Store {
     }
     async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
         each!(self, s => s.pending_for(tier, tenant).await)
+    }
+    async fn open_batch(&self, id: &str, lines: u64) -> Result<()> {
+        each!(self, s => s.open_batch(id, lines).await)
+    }
+    async fn batch_left(&self, id: &str) -> Result<u64> {
+        each!(self, s => s.batch_left(id).await)
     }
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
         each!(self, s => s.put(key, value, ttl).await)

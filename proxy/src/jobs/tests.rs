@@ -365,3 +365,142 @@ async fn concurrent_submissions_never_pass_the_bound_and_a_refusal_queues_nothin
     }
     assert_eq!(claimed, 7);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_ended_by_its_last_line_and_its_files_outlive_the_lines_results() {
+    use super::batch::{self, Batch, Counts, StoredBatch};
+    let store = MemoryStore::new();
+    let policy = policy();
+    let lines = ["a", "b", "c"];
+    let id = "batch_test";
+    let jobs: Vec<Job> = lines
+        .iter()
+        .map(|_| {
+            let mut j = job();
+            j.batch = Some(id.to_owned());
+            j
+        })
+        .collect();
+    let stored = StoredBatch {
+        tenant: Some("acme".to_owned()),
+        batch: Batch {
+            id: id.to_owned(),
+            object: "batch".to_owned(),
+            endpoint: "/v1/chat/completions".to_owned(),
+            errors: None,
+            input_file_id: "file-in".to_owned(),
+            completion_window: "24h".to_owned(),
+            status: "in_progress".to_owned(),
+            output_file_id: None,
+            error_file_id: None,
+            created_at: 0,
+            in_progress_at: Some(0),
+            expires_at: Some(now_ms() / 1000 + 86_400),
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: Counts::default(),
+            metadata: None,
+        },
+        lines: lines
+            .iter()
+            .zip(&jobs)
+            .map(|(c, j)| ((*c).to_owned(), j.id.clone()))
+            .collect(),
+        file_ids: Some(("file-out".to_owned(), "file-err".to_owned())),
+    };
+    store.open_batch(id, 3).await.unwrap();
+    batch::save_batch(&store, &stored).await.unwrap();
+    for j in jobs {
+        queue(&store, j).await;
+    }
+    // Line a completes, line b fails: the batch is not over.
+    for (n, outcome) in [Status::Completed, Status::Failed].into_iter().enumerate() {
+        let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+        let mut over = claim.job.clone();
+        over.status = outcome;
+        over.result = (outcome == Status::Completed).then(|| json!({"answer": n}));
+        over.error = (outcome == Status::Failed).then(|| JobError {
+            code: "upstream_server_error".to_owned(),
+            message: "503".to_owned(),
+        });
+        assert!(
+            store
+                .save(&claim, &over, Step::Finish, &policy)
+                .await
+                .unwrap()
+        );
+        assert!(!batch::settle(&store, id).await.unwrap());
+        assert_eq!(store.batch_left(id).await.unwrap(), 2 - n as u64);
+    }
+    assert_eq!(stored_batch(&store, id).await.status, "in_progress");
+    // Line c is cancelled by its caller: the last line over ends the batch, at once.
+    let last = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    store.cancel(&last.job.id).await.unwrap();
+    assert_eq!(store.batch_left(id).await.unwrap(), 0);
+    assert!(batch::settle(&store, id).await.unwrap());
+    assert!(!batch::settle(&store, id).await.unwrap(), "ended once");
+    let ended = stored_batch(&store, id).await;
+    assert_eq!(ended.status, "completed");
+    assert_eq!(
+        ended.request_counts,
+        Counts {
+            total: 3,
+            completed: 1,
+            failed: 2
+        }
+    );
+    assert_eq!(ended.output_file_id.as_deref(), Some("file-out"));
+    assert_eq!(ended.error_file_id.as_deref(), Some("file-err"));
+    // Past the lines' result TTL their jobs are gone; the files are not.
+    tokio::time::advance(CANCELLED_KEPT.max(policy.result_ttl)).await;
+    assert!(store.get(&last.job.id).await.unwrap().is_none());
+    let output = file_lines(&store, "file-out").await;
+    assert_eq!(output.len(), 1);
+    assert_eq!(output[0]["custom_id"], "a");
+    assert_eq!(output[0]["response"]["body"], json!({"answer": 0}));
+    let errors = file_lines(&store, "file-err").await;
+    let codes: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| {
+            (
+                e["custom_id"].as_str().unwrap(),
+                e["error"]["code"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![("b", "upstream_server_error"), ("c", "job_failed")]
+    );
+    assert_eq!(stored_batch(&store, id).await.status, "completed");
+}
+
+/// Batch `id` as stored.
+async fn stored_batch(store: &MemoryStore, id: &str) -> super::batch::Batch {
+    let raw = store
+        .fetch(&super::batch::batch_key(id))
+        .await
+        .unwrap()
+        .unwrap();
+    serde_json::from_str::<super::batch::StoredBatch>(&raw)
+        .unwrap()
+        .batch
+}
+
+/// The JSON lines of file `id` as stored.
+async fn file_lines(store: &MemoryStore, id: &str) -> Vec<serde_json::Value> {
+    let raw = store
+        .fetch(&super::batch::file_key(id))
+        .await
+        .unwrap()
+        .unwrap();
+    let file: super::batch::StoredFile = serde_json::from_str(&raw).unwrap();
+    file.content
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

@@ -227,7 +227,7 @@ async fn accept(
     match jobs.store.submit(job, bound).await.map_err(store_error)? {
         Submitted::Queued { job, ahead } => {
             crate::jobs::metrics::get().state("queued");
-            Ok((job, ahead))
+            Ok((*job, ahead))
         }
         Submitted::Full { pending } => {
             // About when one of them ends, at this replica's pace.
