@@ -155,6 +155,37 @@ async fn start_logging(dir: &tempfile::TempDir, extra: &[&str], log: &str) -> Pr
     ProxyProcess::start(args, &env).await.unwrap()
 }
 
+/// One test's gateway: the mock providers, the tier's webhook receiver (what it got), the
+/// configuration directory (`config`: the provider key at 1,000 RPM), the proxy started on
+/// it with `extra`, and a client.
+struct Gateway {
+    mock: MockProviders,
+    got: Received,
+    dir: tempfile::TempDir,
+    proxy: ProxyProcess,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    async fn start(extra: &[&str]) -> Gateway {
+        let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+        let (hook, got) = receiver().await;
+        let dir = config(&mock, &hook);
+        let proxy = start(&dir, extra).await;
+        Gateway {
+            mock,
+            got,
+            dir,
+            proxy,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn stop(self) {
+        self.proxy.stop().await.unwrap();
+    }
+}
+
 fn job(model: &str, text: &str) -> Value {
     json!({
         "request": {"model": model, "messages": [{"role": "user", "content": text}]},
@@ -249,13 +280,10 @@ async fn a_job_in_redis_runs_with_events_a_signed_webhook_and_is_its_tenants_alo
 }
 
 async fn lifecycle(extra: &[&str]) {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, got) = receiver().await;
-    let dir = config(&mock, &hook);
-    let proxy = start(&dir, extra).await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::start(extra).await;
+    let (proxy, http, got) = (&gw.proxy, &gw.http, &gw.got);
 
-    let accepted = submit(&http, &proxy, ACME, &job("slow-2000", "hello")).await;
+    let accepted = submit(http, proxy, ACME, &job("slow-2000", "hello")).await;
     let id = accepted["id"].as_str().unwrap().to_owned();
     assert_eq!(accepted["status"], "queued");
     assert!(accepted["position"].is_u64() && accepted["estimated_start"].is_u64());
@@ -281,7 +309,7 @@ async fn lifecycle(extra: &[&str]) {
     assert!(names.contains(&"started"), "{body}");
     assert_eq!(names.last(), Some(&"completed"), "{body}");
 
-    let (status, done) = get(&http, &proxy, ACME, &id).await;
+    let (status, done) = get(http, proxy, ACME, &id).await;
     assert_eq!(status, 200);
     assert_eq!(done["status"], "completed");
     assert_eq!(done["attempts"], 1);
@@ -290,7 +318,7 @@ async fn lifecycle(extra: &[&str]) {
 
     // One delivery, signed, of this job.
     let delivered = until("the webhook", || async {
-        let d = verified_deliveries(&got);
+        let d = verified_deliveries(got);
         (!d.is_empty()).then_some(d)
     })
     .await;
@@ -299,7 +327,7 @@ async fn lifecycle(extra: &[&str]) {
     assert_eq!(delivered[0].1["type"], "job.completed");
 
     // Another tenant cannot see, follow or cancel it; a stranger is not identified.
-    assert_eq!(get(&http, &proxy, GLOBEX, &id).await.0, 404);
+    assert_eq!(get(http, proxy, GLOBEX, &id).await.0, 404);
     let r = http
         .get(proxy.url(&format!("/v1/jobs/{id}/events")))
         .bearer_auth(GLOBEX)
@@ -314,8 +342,8 @@ async fn lifecycle(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(get(&http, &proxy, "sk-stranger", &id).await.0, 401);
-    assert_eq!(get(&http, &proxy, ACME, &id).await.1["status"], "completed");
+    assert_eq!(get(http, proxy, "sk-stranger", &id).await.0, 401);
+    assert_eq!(get(http, proxy, ACME, &id).await.1["status"], "completed");
 
     // Bad input is a 400 naming the problem.
     let r = http
@@ -326,7 +354,7 @@ async fn lifecycle(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -341,18 +369,15 @@ async fn a_job_in_redis_failing_three_times_is_dead_lettered_and_redriven_to_suc
 }
 
 async fn dead_letter_and_redrive(extra: &[&str]) {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, got) = receiver().await;
-    let dir = config(&mock, &hook);
-    let proxy = start(&dir, extra).await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::start(extra).await;
+    let (mock, proxy, http, got) = (&gw.mock, &gw.proxy, &gw.http, &gw.got);
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
 
-    let id = submit(&http, &proxy, ACME, &job("gpt-4o", "doomed")).await["id"]
+    let id = submit(http, proxy, ACME, &job("gpt-4o", "doomed")).await["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let failed = finished(&http, &proxy, &id).await;
+    let failed = finished(http, proxy, &id).await;
     assert_eq!(failed["status"], "failed");
     assert_eq!(failed["attempts"], 3);
     assert_eq!(failed["dead_letter"], true);
@@ -397,7 +422,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(redriven["redriven"], 1);
-    let done = finished(&http, &proxy, &id).await;
+    let done = finished(http, proxy, &id).await;
     assert_eq!(done["status"], "completed");
     assert_eq!(done["attempts"], 1);
     assert_eq!(done["dead_letter"], false);
@@ -412,7 +437,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     assert!(dead["data"].as_array().unwrap().is_empty());
     // Told twice: of the failure, then of the success after the re-drive.
     let kinds = until("both webhooks", || async {
-        let d = verified_deliveries(&got);
+        let d = verified_deliveries(got);
         (d.len() == 2).then(|| {
             d.into_iter()
                 .map(|(_, b)| b["type"].clone())
@@ -424,11 +449,11 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
 
     // Purged, the dead letters are gone; the job itself stays readable, failed.
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
-    let id = submit(&http, &proxy, ACME, &job("gpt-4o", "purged")).await["id"]
+    let id = submit(http, proxy, ACME, &job("gpt-4o", "purged")).await["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(finished(&http, &proxy, &id).await["status"], "failed");
+    assert_eq!(finished(http, proxy, &id).await["status"], "failed");
     let admin = |path: &str| proxy.admin_url(path);
     let purged: Value = http
         .delete(admin("/admin/jobs/dead-letters"))
@@ -454,8 +479,8 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(get(&http, &proxy, ACME, &id).await.1["status"], "failed");
-    proxy.stop().await.unwrap();
+    assert_eq!(get(http, proxy, ACME, &id).await.1["status"], "failed");
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -700,14 +725,11 @@ async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
 
 #[tokio::test]
 async fn a_batch_past_its_completion_window_expires_with_its_unfinished_lines_in_errors() {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, _got) = receiver().await;
-    let dir = config(&mock, &hook);
-    let proxy = start(&dir, &[]).await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::start(&[]).await;
+    let (proxy, http) = (&gw.proxy, &gw.http);
     let lines = batch_lines("slow-2000", &["slow-0", "slow-1"]);
-    let file = upload_batch_file(&http, &proxy, &lines).await;
-    let batch = create_batch(&http, &proxy, &file, "1s").await;
+    let file = upload_batch_file(http, proxy, &lines).await;
+    let batch = create_batch(http, proxy, &file, "1s").await;
     let id = batch["id"].as_str().unwrap().to_owned();
     assert_eq!(batch["status"], "in_progress", "{batch}");
     let ended = until("the batch to expire", || async {
@@ -743,7 +765,7 @@ async fn a_batch_past_its_completion_window_expires_with_its_unfinished_lines_in
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["error"]["code"].clone())
         .collect();
     assert_eq!(codes, vec![json!("batch_expired"), json!("batch_expired")]);
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 /// Uploads `lines` (JSONL) as ACME's batch input file, as the SDK does; the file's id.
@@ -805,13 +827,10 @@ fn batch_lines(model: &str, ids: &[&str]) -> String {
 #[tokio::test]
 async fn a_batch_in_redis_is_ended_by_its_last_line_and_its_output_outlives_the_lines() {
     let redis = RedisServer::start().await.unwrap();
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, _got) = receiver().await;
-    let dir = config(&mock, &hook);
-    let proxy = start(&dir, &["--redis", &redis.url()]).await;
-    let http = reqwest::Client::new();
-    let file = upload_batch_file(&http, &proxy, &batch_lines("gpt-4o", &["one", "two"])).await;
-    let id = create_batch(&http, &proxy, &file, "24h").await["id"]
+    let gw = Gateway::start(&["--redis", &redis.url()]).await;
+    let (proxy, http) = (&gw.proxy, &gw.http);
+    let file = upload_batch_file(http, proxy, &batch_lines("gpt-4o", &["one", "two"])).await;
+    let id = create_batch(http, proxy, &file, "24h").await["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -897,7 +916,7 @@ async fn a_batch_in_redis_is_ended_by_its_last_line_and_its_output_outlives_the_
         answered,
         vec![("one", "chat.completion"), ("two", "chat.completion")]
     );
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -1367,13 +1386,10 @@ async fn a_cancelled_job_in_redis_is_told_by_webhook_and_event_stream() {
 }
 
 async fn cancelled_job_is_told(extra: &[&str]) {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, got) = receiver().await;
-    let dir = config(&mock, &hook);
-    let proxy = start(&dir, extra).await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::start(extra).await;
+    let (mock, proxy, http, got) = (&gw.mock, &gw.proxy, &gw.http, &gw.got);
     // One job cancelled while it runs, one while it waits for its retry.
-    let running = submit(&http, &proxy, ACME, &job("slow-2000", "cancel me")).await["id"]
+    let running = submit(http, proxy, ACME, &job("slow-2000", "cancel me")).await["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -1384,7 +1400,7 @@ async fn cancelled_job_is_told(extra: &[&str]) {
         .await
         .unwrap();
     until("the job to run", || async {
-        (get(&http, &proxy, ACME, &running).await.1["status"] == "running").then_some(())
+        (get(http, proxy, ACME, &running).await.1["status"] == "running").then_some(())
     })
     .await;
     let cancel = |id: String| {
@@ -1408,18 +1424,18 @@ async fn cancelled_job_is_told(extra: &[&str]) {
     assert_eq!(names.last(), Some(&"cancelled"), "{body}");
 
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
-    let retrying = submit(&http, &proxy, ACME, &job("gpt-4o", "retry then cancel")).await["id"]
+    let retrying = submit(http, proxy, ACME, &job("gpt-4o", "retry then cancel")).await["id"]
         .as_str()
         .unwrap()
         .to_owned();
     until("the job to wait for its retry", || async {
-        (get(&http, &proxy, ACME, &retrying).await.1["status"] == "retrying").then_some(())
+        (get(http, proxy, ACME, &retrying).await.1["status"] == "retrying").then_some(())
     })
     .await;
     cancel(retrying.clone()).await;
 
     let told = until("two job.cancelled webhooks", || async {
-        let d = verified_deliveries(&got);
+        let d = verified_deliveries(got);
         (d.len() >= 2).then_some(d)
     })
     .await;
@@ -1434,7 +1450,7 @@ async fn cancelled_job_is_told(extra: &[&str]) {
     ];
     want.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(told, want);
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -1566,14 +1582,11 @@ async fn a_tenant_past_its_pending_jobs_bound_in_redis_gets_429_and_the_backlog_
 }
 
 async fn pending_bound(extra: &[&str]) {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, _got) = receiver().await;
-    let dir = config(&mock, &hook);
     let mut args = extra.to_vec();
     // No worker here: the jobs stay queued.
     args.extend(["--job-workers", "0", "--job-max-pending-per-tenant", "2"]);
-    let proxy = start(&dir, &args).await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::start(&args).await;
+    let (proxy, http) = (&gw.proxy, &gw.http);
     let post = |key: &'static str| {
         http.post(proxy.url("/v1/jobs"))
             .bearer_auth(key)
@@ -1619,7 +1632,7 @@ async fn pending_bound(extra: &[&str]) {
     assert_eq!(r.status(), 200);
     assert_eq!(post(ACME).await.unwrap().status(), 202);
     assert_eq!(post(ACME).await.unwrap().status(), 429);
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -1638,24 +1651,21 @@ async fn concurrent_submissions_in_redis_never_pass_the_pending_bound_across_rep
 async fn concurrent_bound(extra: &[&str]) {
     const BOUND: usize = 5;
     const SENT: usize = 64;
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, _got) = receiver().await;
-    let dir = config(&mock, &hook);
     let mut args = extra.to_vec();
     args.extend(["--job-workers", "0", "--job-max-pending-per-tenant", "5"]);
-    let a = start(&dir, &args).await;
+    let gw = Gateway::start(&args).await;
+    let (a, http) = (&gw.proxy, &gw.http);
     // In memory each replica has its own store: one replica. With Redis: two.
     let b = if extra.is_empty() {
         None
     } else {
-        Some(start(&dir, &args).await)
+        Some(start(&gw.dir, &args).await)
     };
-    let http = reqwest::Client::new();
     let body = job("gpt-4o", "at once");
     let sends = (0..SENT).map(|i| {
         let proxy = match &b {
             Some(b) if i % 2 == 1 => b,
-            _ => &a,
+            _ => a,
         };
         http.post(proxy.url("/v1/jobs"))
             .bearer_auth(ACME)
@@ -1670,7 +1680,7 @@ async fn concurrent_bound(extra: &[&str]) {
     let accepted = statuses.iter().filter(|s| **s == 202).count();
     let refused = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!((accepted, refused), (BOUND, SENT - BOUND), "{statuses:?}");
-    a.stop().await.unwrap();
+    gw.stop().await;
     if let Some(b) = b {
         b.stop().await.unwrap();
     }

@@ -124,7 +124,7 @@ impl Workers {
         if job.status.is_terminal() {
             // Cancelled while queued or waiting for a retry (its entry came back to be told),
             // or its previous holder wrote the outcome and died before acknowledging.
-            self.line_over(&job).await;
+            self.line_over(claim, consumer, &job).await;
             return self
                 .notify_and_ack(claim, consumer, job, config, policy)
                 .await;
@@ -225,7 +225,7 @@ impl Workers {
             return self.refused(claim, consumer, config, policy).await;
         }
         m.state(job.status.as_str());
-        self.line_over(&job).await;
+        self.line_over(claim, consumer, &job).await;
         if job.dead_letter {
             m.dead_letters.inc();
             tracing::warn!(job = %job.id, tier = %job.tier, attempts = job.attempts, "job dead-lettered");
@@ -288,7 +288,7 @@ impl Workers {
     ) -> Result<(), super::StoreError> {
         match self.jobs.store.get(&claim.job.id).await? {
             Some(job) if job.status == Status::Cancelled => {
-                self.line_over(&job).await;
+                self.line_over(claim, consumer, &job).await;
                 self.notify_and_ack(claim, consumer, job, config, policy)
                     .await
             }
@@ -296,12 +296,19 @@ impl Workers {
         }
     }
 
-    /// After `job` (over) if it is a batch's line: ends the batch if it was its last line
-    /// (its output and error files built and stored now, [`super::batch::settle`]). A
-    /// failure is logged; the batch is then ended by its next read.
-    async fn line_over(&self, job: &super::Job) {
+    /// After `job` (over, held as `claim`) if it is a batch's line: ends the batch if it was
+    /// its last line (its output and error files built and stored now,
+    /// [`super::batch::settle`]). A failure is logged; the batch is then ended by its next
+    /// read.
+    async fn line_over(&self, claim: &Claim, consumer: &str, job: &super::Job) {
         let Some(batch) = &job.batch else { return };
-        match super::batch::settle(&self.jobs.store, batch).await {
+        // Reading a large batch's lines takes a while: the claim is kept meanwhile.
+        let settled = self.keep_alive(
+            claim,
+            consumer,
+            super::batch::settle(&self.jobs.store, batch),
+        );
+        match settled.await {
             Ok(true) => tracing::info!(batch = %batch, "batch over: its files are stored"),
             Ok(false) => {}
             Err(e) => {
