@@ -268,6 +268,12 @@ pub struct Email {
     /// Sender address.
     #[schemars(length(min = 3, max = 254), regex(pattern = "^[^@\\s]+@[^@\\s]+$"))]
     pub from: String,
+    /// Recipient of the tier's own notifications when `notify` lists `email`: every job of the
+    /// tier that names no `notify.email` of its own is emailed here (Batch API lines
+    /// excepted: one mail per line is not what a person wants). A job's own address wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 254), regex(pattern = "^[^@\\s]+@[^@\\s]+$"))]
+    pub to: Option<String>,
     /// SMTP server `host:port` (587 for submission). The gateway always uses STARTTLS and
     /// verifies the server's certificate for this host.
     #[schemars(

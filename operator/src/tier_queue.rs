@@ -1,5 +1,5 @@
 //! TierQueue controller: checks the Secrets that async delivery names (webhook signing secret,
-//! SMTP credentials) and writes the tier count and conditions (`SecretsFound`, `Ready`), and,
+//! SMTP credentials and CA) and writes the tier count and conditions (`SecretsFound`, `Ready`), and,
 //! with Redis, the live queue figures the gateway's replicas share: requests waiting per tier
 //! and per class, the oldest wait, and per tier over the last five minutes its SLO attainment
 //! (the share of requests within the tier's wait target) and p95 wait. Dead letters are not
@@ -127,11 +127,14 @@ fn secret_refs(spec: &TierQueueSpec) -> impl Iterator<Item = (String, &SecretKey
             .and_then(|d| d.webhook.as_ref())
             .and_then(|w| w.signing_secret_ref.as_ref())
             .map(|r| (format!("{}/webhook signing secret", t.name), r));
-        let email = delivery
-            .and_then(|d| d.email.as_ref())
+        let email = delivery.and_then(|d| d.email.as_ref());
+        let credentials = email
             .and_then(|e| e.credentials_secret_ref.as_ref())
             .map(|r| (format!("{}/SMTP credentials", t.name), r));
-        webhook.into_iter().chain(email)
+        let ca = email
+            .and_then(|e| e.ca_secret_ref.as_ref())
+            .map(|r| (format!("{}/SMTP CA", t.name), r));
+        webhook.into_iter().chain(credentials).chain(ca)
     })
 }
 
