@@ -382,11 +382,43 @@ mod loss {
     /// no longer: a key with room admits again as soon as it ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn after_a_loss_admissions_resume_when_the_barrier_ends() {
-        let redis = RedisServer::start().await.unwrap();
+        admissions_resume_when_the_barrier_ends(async |redis: &mut RedisServer, _: &Budgets| {
+            flush(redis).await;
+        })
+        .await;
+    }
+
+    /// The same after a restart without data that the replica saw as an outage: one
+    /// barrier, not a second one when its next check finds the new `run_id` (the record was
+    /// re-written when Redis came back).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_restart_admissions_resume_when_the_one_barrier_ends() {
+        admissions_resume_when_the_barrier_ends(async |redis: &mut RedisServer, a: &Budgets| {
+            let mut watch = a.backend().unwrap().watch_degraded();
+            // A few checks first, so that the monitor knows the server's `run_id`.
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            redis.kill().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(2), watch.wait_for(|d| *d))
+                .await
+                .unwrap()
+                .unwrap();
+            redis.restart().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(2), watch.wait_for(|d| !*d))
+                .await
+                .unwrap()
+                .unwrap();
+        })
+        .await;
+    }
+
+    async fn admissions_resume_when_the_barrier_ends(
+        lose: impl AsyncFnOnce(&mut RedisServer, &Budgets),
+    ) {
+        let mut redis = RedisServer::start().await.unwrap();
         let a = shared(&redis);
         let ka = a.key(&id(), rpm(10));
         drop(take(&ka, 2).await);
-        flush(&redis).await;
+        lose(&mut redis, &a).await;
         let flushed = Instant::now();
         let refused = ka.acquire(Instant::now(), 1).await;
         let Err(Unavailable::Until(until)) = refused else {
@@ -404,6 +436,35 @@ mod loss {
         }
         assert!(admitted.is_some(), "not admitted once the barrier ended");
         assert_eq!(requests_in_redis(&redis).await, 3);
+        // Several checks later, the loss was counted (and its barrier raised) once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(a.backend().unwrap().losses(), 1);
+    }
+
+    /// Redis dies after replica B took 8 of a key's 10 and replica A only 1, and A's last
+    /// answer from Redis (1 used) predates B's requests. A must not take the rest of its
+    /// half (4 of 5) on the strength of that stale answer: in the outage's first window it
+    /// holds no more than it held when Redis was lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_never_trusts_a_stale_answer_about_the_other_replicas() {
+        let mut redis = RedisServer::start().await.unwrap();
+        let (a, b) = (shared(&redis), shared(&redis));
+        let (ka, kb) = (a.key(&id(), rpm(10)), b.key(&id(), rpm(10)));
+        let _a = take(&ka, 1).await;
+        let _b = take(&kb, 8).await;
+        redis.kill().await.unwrap();
+        let mut more = Vec::new();
+        for _ in 0..5 {
+            if let Ok(p) = ka.acquire(Instant::now(), 1).await {
+                more.push(p);
+            }
+        }
+        assert!(a.redis_degraded());
+        assert!(
+            1 + 8 + more.len() <= 10,
+            "A took {} more with 9 of 10 in the window",
+            more.len()
+        );
     }
 
     /// The monitor finds an outage and the return of Redis without any request asking.

@@ -38,7 +38,7 @@ use super::Limits;
 use crate::secret::SecretString;
 use floodgate_crds::redis_keys::KeyBudgetKeys;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -218,9 +218,14 @@ pub struct RedisBudgets {
     /// Milliseconds since `started` until which the local share applies (`u64::MAX` while
     /// degraded; one window past the recovery after it).
     local_until_ms: AtomicU64,
+    /// The outage in progress or the last one, for [`RedisBudgets::outage`].
+    outage: Mutex<Option<Outage>>,
+    /// Redis answered at least once since start-up: an outage then follows admissions made
+    /// through it, which the first window of the outage must account for.
+    reached: AtomicBool,
     replica: u64,
     seq: AtomicU64,
-    pending: Mutex<Vec<(Arc<KeyBudgetKeys>, String)>>,
+    pending: Mutex<VecDeque<(Arc<KeyBudgetKeys>, String)>>,
     /// Every shared key this replica uses (by its epoch key): the epoch it admits on, and its
     /// record of its own requests.
     registry: Mutex<HashMap<String, Registered>>,
@@ -241,6 +246,18 @@ pub struct RedisBudgets {
     signal: OnceLock<Arc<super::Signal>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+}
+
+/// An outage of Redis as this replica saw it: its number (a key snapshots its own use once
+/// per outage) and the end of its first phase, in which other replicas' requests admitted
+/// through Redis before it may still be in the provider's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outage {
+    /// Counts outages since start-up, from 1.
+    pub number: u64,
+    /// One window after the replica found Redis unreachable, plus [`SharedOptions::reseed_grace`]
+    /// for requests admitted just before it and still on their way to the provider.
+    pub first_window_ends: Instant,
 }
 
 /// A shared key as the backend knows it.
@@ -285,6 +302,8 @@ impl RedisBudgets {
             degraded: AtomicBool::new(false),
             changes: tokio::sync::watch::Sender::new(false),
             local_until_ms: AtomicU64::new(0),
+            outage: Mutex::default(),
+            reached: AtomicBool::new(false),
             replica: replica_id(),
             seq: AtomicU64::new(0),
             pending: Mutex::default(),
@@ -342,6 +361,14 @@ impl RedisBudgets {
             .then(|| (limit / u64::from(self.opts.replicas_hint.get())).max(1))
     }
 
+    /// The outage whose first window holds at `now`, if Redis had answered before it (a
+    /// replica that never reached Redis knows nothing of the others' use; see
+    /// [`KeyBudget`](super::KeyBudget)'s local share).
+    pub(crate) fn outage(&self, now: Instant) -> Option<Outage> {
+        let outage = *self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        outage.filter(|o| now < o.first_window_ends)
+    }
+
     fn millis_since_start(&self, now: Instant) -> u64 {
         u64::try_from(now.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
     }
@@ -379,7 +406,11 @@ impl RedisBudgets {
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, SharedError> {
         match tokio::time::timeout(self.opts.timeout, call).await {
-            Ok(result) => Ok(result?),
+            Ok(Ok(answer)) => {
+                self.reached.store(true, Ordering::Relaxed);
+                Ok(answer)
+            }
+            Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(SharedError::Timeout(self.opts.timeout)),
         }
     }
@@ -619,9 +650,9 @@ impl RedisBudgets {
     fn remember(&self, keys: Arc<KeyBudgetKeys>, member: String) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if pending.len() >= MAX_PENDING {
-            pending.remove(0);
+            pending.pop_front();
         }
-        pending.push((keys, member));
+        pending.push_back((keys, member));
     }
 
     /// A call failed: budgets turn local until the monitor finds Redis again.
@@ -629,6 +660,14 @@ impl RedisBudgets {
         self.local_until_ms.store(u64::MAX, Ordering::Release);
         if self.degraded.swap(true, Ordering::AcqRel) {
             return;
+        }
+        if self.reached.load(Ordering::Relaxed) {
+            let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+            let number = outage.map_or(1, |o| o.number + 1);
+            *outage = Some(Outage {
+                number,
+                first_window_ends: Instant::now() + self.window + self.opts.reseed_grace,
+            });
         }
         self.changes.send_replace(true);
         tracing::error!(

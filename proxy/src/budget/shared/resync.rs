@@ -275,14 +275,41 @@ impl RedisBudgets {
         Ok(())
     }
 
-    /// One probe while Redis is unreachable. When it answers: every key's record is
-    /// re-written (the requests admitted meanwhile on the local share included), budgets
-    /// that were lost get a new epoch, and the answers kept meanwhile are written.
-    async fn recover(&self) -> Result<(), SharedError> {
+    /// One probe while Redis is unreachable. When it answers: admissions go back to Redis
+    /// at once, then every key's record is re-written (the requests admitted meanwhile on
+    /// the local share included), budgets that were lost get a new epoch, and the answers
+    /// kept meanwhile are written.
+    ///
+    /// The order matters. A request admitted on the local share after its key's record was
+    /// re-written would be in no replica's count in Redis, so the replica stops admitting
+    /// locally before it re-writes: an admission from then on asks Redis, which for a lost
+    /// budget means re-writing the record first (`resync`, one at a time with this one). The
+    /// local share still applies meanwhile (the budgets may have survived without this
+    /// replica's outage in them), and for one window after if they did.
+    async fn recover(self: &Arc<Self>) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
         let _: String = self
             .bounded(redis::cmd("PING").query_async(&mut conn))
             .await?;
+        self.degraded.store(false, Ordering::Release);
+        // Whatever a restart during the outage lost is re-written now: the next check must not
+        // take the new `run_id` for another restart (a second barrier for nothing).
+        *self.run_id.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let result = self.rewrite_after_outage().await;
+        if let Err(e) = &result {
+            self.failed(e);
+            return result.map(|_| ());
+        }
+        self.changes.send_replace(false);
+        // Waiters slept until the local share's instant: Redis may have room sooner.
+        self.pulse();
+        tracing::info!("shared rate budgets: Redis is back");
+        Ok(())
+    }
+
+    /// [`RedisBudgets::recover`]'s writes, once admissions ask Redis again.
+    async fn rewrite_after_outage(self: &Arc<Self>) -> Result<(), SharedError> {
+        let mut conn = self.conn()?;
         let mut intact = false;
         for (k, known) in self.registered() {
             let Some(known) = known else { continue };
@@ -304,14 +331,17 @@ impl RedisBudgets {
                 self.resync(&k, Some(known), false).await?;
             }
         }
-        loop {
-            let next = {
-                let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                pending.pop()
-            };
-            let Some((keys, member)) = next else { break };
+        // The answers kept meanwhile, taken at once: answers made from now on are written as
+        // they come. One that fails is kept for the next recovery.
+        let pending =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut pending = pending.into_iter();
+        while let Some((keys, member)) = pending.next() {
             if let Err(e) = self.complete(&keys, &member).await {
                 self.remember(keys, member);
+                for (keys, member) in pending {
+                    self.remember(keys, member);
+                }
                 return Err(e);
             }
         }
@@ -324,11 +354,6 @@ impl RedisBudgets {
             0
         };
         self.local_until_ms.store(until, Ordering::Release);
-        self.degraded.store(false, Ordering::Release);
-        self.changes.send_replace(false);
-        // Waiters slept until the local share's instant: Redis may have room sooner.
-        self.pulse();
-        tracing::info!("shared rate budgets: Redis is back");
         Ok(())
     }
 
