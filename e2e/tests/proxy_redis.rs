@@ -467,6 +467,45 @@ mod loss {
         );
     }
 
+    /// As above, but the provider had told A that the key is spent (remaining 0) when Redis
+    /// died: that says nothing of how many of the window's requests were A's, so A still
+    /// holds no more than its own 1 once the provider's reset has passed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_does_not_take_the_providers_word_for_what_a_replica_held() {
+        let mut redis = RedisServer::start().await.unwrap();
+        let (a, b) = (shared(&redis), shared(&redis));
+        let (ka, kb) = (a.key(&id(), rpm(10)), b.key(&id(), rpm(10)));
+        let _b = take(&kb, 8).await;
+        let _a = take(&ka, 1).await;
+        let reset = Duration::from_millis(300);
+        let spent = floodgate_proxy::providers::RateLimitInfo {
+            requests_remaining: Some(0),
+            requests_reset: Some(reset),
+            ..Default::default()
+        };
+        let mut watch = a.backend().unwrap().watch_degraded();
+        ka.learn(&spent, Instant::now());
+        redis.kill().await.unwrap();
+        // The outage is found (by the monitor) while the provider's word still holds.
+        tokio::time::timeout(reset, watch.wait_for(|d| *d))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(ka.acquire(Instant::now(), 1).await.is_err());
+        tokio::time::sleep(reset).await;
+        let mut more = Vec::new();
+        for _ in 0..5 {
+            if let Ok(p) = ka.acquire(Instant::now(), 1).await {
+                more.push(p);
+            }
+        }
+        assert!(
+            9 + more.len() <= 10,
+            "A took {} more with 9 of 10 in the window",
+            more.len()
+        );
+    }
+
     /// The monitor finds an outage and the return of Redis without any request asking.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_outage_is_seen_without_requests() {

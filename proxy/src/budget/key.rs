@@ -663,7 +663,9 @@ impl KeyState {
                             let held = match self.held_at_outage {
                                 Some((number, held)) if number == outage.number => held,
                                 _ => {
-                                    let held = w.used(now);
+                                    // Its own count: the provider's word that the key is
+                                    // spent (`used`) says nothing of what this replica held.
+                                    let held = w.counted(now);
                                     self.held_at_outage = Some((outage.number, held));
                                     held
                                 }
