@@ -91,8 +91,9 @@ pub struct StageLabels {
 /// Labels of a client connection the gateway closed.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabels {
-    /// `header_timeout` (a request head did not arrive whole in time) or `idle_timeout`
-    /// (a keep-alive connection waited too long for its next request).
+    /// `header_timeout` (a request head did not arrive whole in time), `idle_timeout`
+    /// (a keep-alive connection waited too long for its next request) or `send_timeout`
+    /// (the client left a ready part of its response untaken too long).
     pub reason: &'static str,
 }
 
