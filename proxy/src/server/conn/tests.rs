@@ -351,7 +351,11 @@ async fn a_part_left_untaken_is_bounded_by_the_send_timeout_to_the_millisecond()
     tokio::time::advance(SEND - MS).await;
     assert!(pending(&mut expired).await);
     tokio::time::advance(MS).await;
-    assert_eq!(expired.await, SEND_TIMEOUT);
+    assert_eq!(
+        tokio::time::timeout(MS, expired).await,
+        Ok(SEND_TIMEOUT),
+        "not closed at the send timeout"
+    );
 }
 
 #[tokio::test(start_paused = true)]
