@@ -354,7 +354,8 @@ async fn serve(
                 .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?;
             let local = listener.local_addr()?;
             // A few scrapers and probes: a small cap of its own, never the public one's.
-            let connections = Arc::new(conn::Connections::new(conn::Limits::default(), 64));
+            let connections =
+                Arc::new(conn::Connections::new(conn::Limits::default(), 64).named("admin"));
             tasks.spawn(conn::serve(
                 listener,
                 admin_router(state),

@@ -104,20 +104,29 @@ fn open_files_limit() -> Option<usize> {
 pub struct Connections {
     limits: Limits,
     max: usize,
+    /// The `listener` label of its metrics.
+    listener: &'static str,
     slots: Arc<Semaphore>,
     last_warned: Mutex<Option<Instant>>,
 }
 
 impl Connections {
-    /// At most `max` connections at once (at least one), each bounded by `limits`.
+    /// At most `max` connections at once (at least one), each bounded by `limits`, counted
+    /// as the public listener's.
     pub fn new(limits: Limits, max: usize) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         Self {
             limits,
             max,
+            listener: PUBLIC,
             slots: Arc::new(Semaphore::new(max)),
             last_warned: Mutex::new(None),
         }
+    }
+
+    /// The same, counted in the metrics under `listener` (`admin` for `--admin-listen`).
+    pub fn named(self, listener: &'static str) -> Self {
+        Self { listener, ..self }
     }
 
     /// The cap.
@@ -125,18 +134,32 @@ impl Connections {
         self.max
     }
 
+    fn labels(&self) -> metrics::ListenerLabels {
+        metrics::ListenerLabels {
+            listener: self.listener,
+        }
+    }
+
     /// A slot for a new connection, or `None` at the cap (counted, and logged now and then).
     fn admit(&self) -> Option<Slot> {
+        let m = metrics::global();
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            metrics::global().server_connections.inc();
-            return Some(Slot { _permit: permit });
+            let open = m.server_connections.get_or_create(&self.labels()).clone();
+            open.inc();
+            return Some(Slot {
+                _permit: permit,
+                open,
+            });
         }
-        metrics::global().server_connections_refused.inc();
+        m.server_connections_refused
+            .get_or_create(&self.labels())
+            .inc();
         let now = Instant::now();
         let mut last = self.last_warned.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|at| now.duration_since(at) >= CAP_LOG_INTERVAL) {
             *last = Some(now);
             tracing::warn!(
+                listener = self.listener,
                 max_connections = self.max,
                 "connection limit reached: refusing new connections (see floodgate_server_connections_refused_total)"
             );
@@ -148,11 +171,13 @@ impl Connections {
 /// A connection's place under the cap, given back when it closes.
 struct Slot {
     _permit: OwnedSemaphorePermit,
+    /// Its listener's count of open connections.
+    open: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        metrics::global().server_connections.dec();
+        self.open.dec();
     }
 }
 
@@ -192,7 +217,7 @@ pub async fn serve(
             tcp,
             app.clone(),
             builder.clone(),
-            connections.limits,
+            (connections.limits, connections.listener),
             shutdown.clone(),
         );
         tasks.spawn(async move {
@@ -227,7 +252,7 @@ async fn connection(
     tcp: TcpStream,
     app: Router,
     builder: auto::Builder<TokioExecutor>,
-    limits: Limits,
+    (limits, listener): (Limits, &'static str),
     shutdown: CancellationToken,
 ) {
     let activity = Arc::new(Activity::new());
@@ -270,7 +295,7 @@ async fn connection(
             reason = &mut expired, if !closing => {
                 metrics::global()
                     .server_connections_closed
-                    .get_or_create(&metrics::CloseLabels { reason })
+                    .get_or_create(&metrics::CloseLabels { listener, reason })
                     .inc();
                 tracing::debug!(reason, "closing a client connection");
                 if reason == HEADER_TIMEOUT || reason == SEND_TIMEOUT {
@@ -322,6 +347,9 @@ struct Activity {
 const PREFACE: &[u8] = b"PRI ";
 /// [`Activity::preface`] once the first bytes were not the preface.
 const PREFACE_MISSED: u8 = u8::MAX;
+
+/// The `listener` label of the public listener's connections.
+const PUBLIC: &str = "public";
 
 /// Why a connection was closed (the `reason` label).
 const HEADER_TIMEOUT: &str = "header_timeout";

@@ -72,8 +72,51 @@ async fn hello(tcp: &mut TcpStream) {
 fn closed_total(reason: &'static str) -> u64 {
     metrics::global()
         .server_connections_closed
-        .get_or_create(&metrics::CloseLabels { reason })
+        .get_or_create(&metrics::CloseLabels {
+            listener: PUBLIC,
+            reason,
+        })
         .get()
+}
+
+fn refused_total(listener: &'static str) -> u64 {
+    metrics::global()
+        .server_connections_refused
+        .get_or_create(&metrics::ListenerLabels { listener })
+        .get()
+}
+
+fn open_now(listener: &'static str) -> i64 {
+    metrics::global()
+        .server_connections
+        .get_or_create(&metrics::ListenerLabels { listener })
+        .get()
+}
+
+/// The admin listener's connections are counted under its own label: a scraper refused at
+/// its small cap is not mistaken for the public listener's clients, nor the other way.
+#[tokio::test]
+async fn each_listener_counts_its_own_connections() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/hello", get(|| async { "hello" }));
+    let connections = Arc::new(Connections::new(limits(), 1).named("admin-test"));
+    tokio::spawn(serve(listener, app, connections, CancellationToken::new()));
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    hello(&mut first).await;
+    assert_eq!(open_now("admin-test"), 1);
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    // Refused at the cap of one: closed without an answer.
+    until_closed(&mut second).await;
+    assert_eq!(refused_total("admin-test"), 1);
+    drop(first);
+    tokio::time::timeout(PATIENCE, async {
+        while open_now("admin-test") != 0 {
+            tokio::time::sleep(MS).await;
+        }
+    })
+    .await
+    .expect("the closed connection is still counted open");
 }
 
 #[tokio::test]
@@ -222,7 +265,7 @@ async fn a_client_that_keeps_reading_is_never_cut_by_the_send_timeout() {
 #[tokio::test]
 async fn connections_beyond_the_cap_are_refused_and_counted() {
     let (addr, _stop) = server(Limits::default(), 2).await;
-    let refused = || metrics::global().server_connections_refused.get();
+    let refused = || refused_total(PUBLIC);
     let before = refused();
     let mut first = TcpStream::connect(addr).await.unwrap();
     let mut second = TcpStream::connect(addr).await.unwrap();
