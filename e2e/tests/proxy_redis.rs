@@ -506,6 +506,44 @@ mod loss {
         );
     }
 
+    /// A key idle for a day keeps its epoch while a replica still uses it: the monitor
+    /// renews it, so the next request is not taken for a lost budget (a barrier, a warning
+    /// and a loss for nothing).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_keys_epoch_is_renewed_while_a_replica_uses_it() {
+        let redis = RedisServer::start().await.unwrap();
+        let a = shared(&redis);
+        let ka = a.key(&id(), rpm(10));
+        drop(take(&ka, 1).await);
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let epoch = KeyBudgetKeys::new("pool", "openai", "k0").epoch;
+        // As a day without admissions leaves it: a second to live.
+        let _: i64 = redis::cmd("PEXPIRE")
+            .arg(&epoch)
+            .arg(1000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let left: i64 = redis::cmd("PTTL")
+                .arg(&epoch)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            if left > 3_600_000 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the epoch was not renewed: {left} ms left"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(a.backend().unwrap().losses(), 0);
+    }
+
     /// The monitor finds an outage and the return of Redis without any request asking.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_outage_is_seen_without_requests() {

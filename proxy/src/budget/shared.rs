@@ -64,8 +64,9 @@ const REFUND: &str = include_str!("shared/refund.lua");
 /// came back empty, and re-writes its record, before admissions resume.
 pub const PROBE_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(50), Duration::from_millis(250));
-/// How long a budget's epoch lives after its last admission: an idle key is not taken for a
-/// lost one (which would cost it a barrier) unless idle this long.
+/// How long a budget's epoch lives after its last admission, or after the monitor of a
+/// replica that uses the key last renewed it (when less than half of it was left): an idle
+/// key is not taken for a lost one while a replica uses it, and an abandoned one goes.
 const EPOCH_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Requests re-written per script call, so that no call holds Redis long.
 const SEEDS_PER_CALL: usize = 300;

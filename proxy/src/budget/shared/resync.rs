@@ -250,6 +250,10 @@ impl RedisBudgets {
             }
             restarted
         };
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, r| r.record.as_ref().is_none_or(|w| w.strong_count() > 0));
         let keys: Vec<_> = self
             .registered()
             .into_iter()
@@ -260,10 +264,32 @@ impl RedisBudgets {
         }
         let mut pipe = redis::pipe();
         for (k, _) in &keys {
-            pipe.hget(&k.epoch, "id");
+            pipe.hget(&k.epoch, "id").pttl(&k.epoch);
         }
-        let found: Vec<Option<String>> = self.bounded(pipe.query_async(&mut conn)).await?;
-        for ((k, known), found) in keys.into_iter().zip(found) {
+        let answers: Vec<redis::Value> = self.bounded(pipe.query_async(&mut conn)).await?;
+        let mut answers = answers.into_iter();
+        let ttl = millis(self.epoch_ttl());
+        let mut refresh = redis::pipe();
+        let mut lost = Vec::new();
+        for (k, known) in keys {
+            let (Some(found), Some(left)) = (answers.next(), answers.next()) else {
+                return Err(SharedError::Reply);
+            };
+            let found: Option<String> =
+                redis::from_redis_value(found).map_err(|_| SharedError::Reply)?;
+            let left: i64 = redis::from_redis_value(left).map_err(|_| SharedError::Reply)?;
+            // An epoch lives a day after the key's last admission: a key idle that long
+            // while this replica still uses it keeps its epoch, rather than being taken for
+            // a lost budget (a barrier, a warning and a loss for nothing).
+            if found.is_some() && found == known && left >= 0 && left.unsigned_abs() < ttl / 2 {
+                refresh.pexpire(&k.epoch, i64::try_from(ttl).unwrap_or(i64::MAX));
+            }
+            lost.push((k, known, found));
+        }
+        if !refresh.is_empty() {
+            let () = self.bounded(refresh.query_async(&mut conn)).await?;
+        }
+        for (k, known, found) in lost {
             if found != known {
                 self.resync(&k, known, false).await?;
             } else if restarted {
