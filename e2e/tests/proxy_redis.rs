@@ -544,6 +544,38 @@ mod loss {
         assert_eq!(a.backend().unwrap().losses(), 0);
     }
 
+    /// After a short pause of Redis that kept the budgets, the local share holds only as
+    /// long as the other replicas need to re-write theirs (the barrier's time), not a whole
+    /// window: a replica that used its share takes more from Redis soon after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_blip_does_not_cost_a_window_on_the_local_share() {
+        let redis = RedisServer::start().await.unwrap();
+        let a = shared(&redis);
+        let ka = a.key(&id(), rpm(10));
+        let _held = take(&ka, 5).await;
+        let mut watch = a.backend().unwrap().watch_degraded();
+        redis.pause().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(3), watch.wait_for(|d| *d))
+            .await
+            .unwrap()
+            .unwrap();
+        redis.resume().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(3), watch.wait_for(|d| !*d))
+            .await
+            .unwrap()
+            .unwrap();
+        let back = Instant::now();
+        let mut sixth = None;
+        while sixth.is_none() && back.elapsed() < WINDOW / 2 {
+            sixth = ka.acquire(Instant::now(), 1).await.ok();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            sixth.is_some(),
+            "held to the local share for half a window after Redis returned"
+        );
+    }
+
     /// The monitor finds an outage and the return of Redis without any request asking.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_outage_is_seen_without_requests() {

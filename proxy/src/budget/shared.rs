@@ -18,8 +18,10 @@
 //!   counting the requests it made itself before the failure. The monitor probes again, backing
 //!   off from 50 ms to 250 ms; when Redis answers, the replica re-writes its record into it
 //!   (requests admitted during the outage included) and shared budgets resume. If the budgets
-//!   survived, the local share still applies as well for one more window: other replicas may
-//!   not have re-written theirs yet.
+//!   survived, the local share still applies as well for [`SharedOptions::reseed_grace`]
+//!   (at most a window): other replicas may not have re-written theirs yet, and each does
+//!   within a probe of Redis's return. In the outage's first window a replica also holds no
+//!   more of a key than it held when the outage began (see `key.rs`).
 //! - **Redis lost the budgets** (a restart without persistence, a failover to a replica that
 //!   had not caught up, a flush): every key's budget carries an epoch (`epoch.lua`), and the
 //!   admission script admits only on the epoch the replica knows. A missing or different epoch
@@ -217,7 +219,7 @@ pub struct RedisBudgets {
     /// Every change of `degraded`, for whoever waits on one.
     changes: tokio::sync::watch::Sender<bool>,
     /// Milliseconds since `started` until which the local share applies (`u64::MAX` while
-    /// degraded; one window past the recovery after it).
+    /// degraded; `reseed_grace` past a recovery that found the budgets intact).
     local_until_ms: AtomicU64,
     /// The outage in progress or the last one, for [`RedisBudgets::outage`].
     outage: Mutex<Option<Outage>>,

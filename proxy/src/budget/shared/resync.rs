@@ -311,7 +311,7 @@ impl RedisBudgets {
     /// locally before it re-writes: an admission from then on asks Redis, which for a lost
     /// budget means re-writing the record first (`resync`, one at a time with this one). The
     /// local share still applies meanwhile (the budgets may have survived without this
-    /// replica's outage in them), and for one window after if they did.
+    /// replica's outage in them), and for `reseed_grace` after if they did.
     async fn recover(self: &Arc<Self>) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
         let _: String = self
@@ -371,11 +371,13 @@ impl RedisBudgets {
                 return Err(e);
             }
         }
-        // Budgets that survived lack the other replicas' outage until they re-write it: the
-        // local share applies for one more window. Budgets re-created behind a barrier do not.
+        // Budgets that survived lack the other replicas' outage until they re-write it, which
+        // each does within a probe of Redis's return: the local share applies for as long as
+        // a barrier would (not a whole window, which made a short blip cost one). Budgets
+        // re-created behind a barrier do not need it.
         let until = if intact {
             self.millis_since_start(Instant::now())
-                .saturating_add(millis(self.window))
+                .saturating_add(millis(self.opts.reseed_grace.min(self.window)))
         } else {
             0
         };
