@@ -263,7 +263,8 @@ async fn accepted(jobs: &Jobs, job: &Job) -> Response {
 }
 
 /// Queues `req` of the caller in `ctx` as a job: for a synchronous request sent with
-/// `Prefer: respond-async` that could not be answered within its wait limit.
+/// `Prefer: respond-async` that could not be answered within its wait limit, at either chat
+/// door (the job's result is a chat completion, `GET /v1/jobs/{id}`).
 pub(super) async fn defer(
     state: &AppState,
     ctx: &crate::pipeline::RequestCtx,
@@ -288,7 +289,8 @@ pub(super) async fn defer(
     .await
     {
         Ok(job) => Some(accepted(jobs, &job).await),
-        Err(e) => Some(e.into_response()),
+        // In the format of the door the request came in by.
+        Err(e) => Some(super::door::render(ctx.door, &e)),
     }
 }
 
