@@ -22,6 +22,9 @@
 #   BENCH_OUT           where results go (default $CACHE/bench): seed.txt
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+BENCH_NAME=bench-seed
+# shellcheck source=e2e/bench/lib.sh
+source e2e/bench/lib.sh
 
 CACHE=${CACHE:-$HOME/.cache/floodgate}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
@@ -41,35 +44,6 @@ echo "bench-seed: building release binaries"
 
 mkdir -p "$OUT"
 work=$(mktemp -d "$OUT/seed.XXXXXX")
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for _ in $(seq 50); do
-    local alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-address_from_log() {
-  local pid=$1 log=$2 pattern=$3 found
-  for _ in $(seq 100); do
-    found=$(grep -m1 -oE "$pattern" "$log" || true)
-    if [[ -n $found ]]; then echo "$found"; return; fi
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  cat "$log" >&2
-  echo "bench-seed: $log: the process did not report its address" >&2
-  exit 1
-}
 
 # The example pool's keys and limits (examples/scaling-500rpm/10-pools.yaml).
 keys=(claude-1=20 claude-2=20 claude-3=20 gemini-1=60 gemini-2=60 gemini-3=60 gemini-4=60
