@@ -19,7 +19,8 @@
 #   BENCH_SEED_SECONDS  seconds of load (default 180; at least 180 for the scenario)
 #   BENCH_SEED_RPM      offered load in requests per minute (default 2100)
 #   BENCH_PROXY_BIN     the proxy binary (default: the release build of this tree)
-#   BENCH_OUT           where results go (default $CACHE/bench): seed.txt
+#   BENCH_OUT           where results go (default $CACHE/bench): seed.txt, and the gateway's
+#                       log as seed-proxy.log
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BENCH_NAME=bench-seed
@@ -231,6 +232,8 @@ echo "bench-seed: raw capacity 760 RPM; load $LOAD_RPM RPM for $SECONDS_OF_LOAD 
   --tier "basic=sk-seed-basic:$(rate 0.3)" \
   --tier "free=sk-seed-free:$(rate 0.4)" 2>&1 | tee "$work/tierload.txt"
 
+# The gateway's log, for what it said about lost or late requests (tierload names them).
+cp "$work/proxy.log" "$OUT/seed-proxy.log"
 curl -sf --max-time 5 "$mock_url/_mock/counts" >"$work/counts.json"
 curl -sf --max-time 5 "$admin_url/admin/capacity" >"$work/capacity.json" || echo '{}' >"$work/capacity.json"
 python3 - "$work/counts.json" "$work/tierload.txt" "$work/capacity.json" "$SECONDS_OF_LOAD" \
