@@ -4,6 +4,8 @@ SHELL := bash
 .DEFAULT_GOAL := help
 
 CACHE ?= $(HOME)/.cache/floodgate
+# Every script and test finds the cache here (tools, cluster, Redis, promtool, lua, model).
+export FLOODGATE_CACHE := $(CACHE)
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export GOMODCACHE ?= $(CACHE)/go/mod
 export GOCACHE ?= $(CACHE)/go/build

@@ -28,27 +28,38 @@ pub enum ConditionStatus {
     Unknown,
 }
 
-/// A standard Kubernetes condition (the shape of `metav1.Condition`), read by kubectl,
-/// Argo CD and Flux to tell health.
+/// A standard Kubernetes condition, read by kubectl, Argo CD and Flux to tell health. Its
+/// schema is `metav1.Condition`'s, limits included (the upstream type's kubebuilder markers):
+/// k8s-openapi's own `Condition` schema leaves out the lengths, patterns and `date-time`
+/// format, so this type carries them, and keeps `status` typed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// Condition type in CamelCase, e.g. `Ready`.
+    /// Condition type in CamelCase or in foo.example.com/CamelCase, e.g. `Ready`.
     #[serde(rename = "type")]
+    #[schemars(length(max = 316), regex(pattern = CONDITION_TYPE))]
     pub type_: String,
     /// True, False or Unknown.
     pub status: ConditionStatus,
-    /// Machine-readable reason in CamelCase.
+    /// Machine-readable reason in CamelCase; never empty.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = CONDITION_REASON))]
     pub reason: String,
-    /// Human-readable details.
-    #[serde(default)]
+    /// Human-readable details; may be empty.
+    #[schemars(length(max = 32768))]
     pub message: String,
     /// When the status last changed (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
     pub last_transition_time: String,
     /// The `metadata.generation` this condition was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
 }
+
+/// Pattern of `metav1.Condition`'s `type`.
+pub const CONDITION_TYPE: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$";
+/// Pattern of `metav1.Condition`'s `reason`.
+pub const CONDITION_REASON: &str = "^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$";
 
 /// Pattern of a DNS-1123 label: lower-case alphanumerics and '-', starting and ending with an
 /// alphanumeric. Names that end up in metric labels, Service names and headers use it.

@@ -52,10 +52,12 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `floodgate:queue:{Q}:replicas` | sorted set | as for demand: the replicas publishing. |
-//! | `floodgate:queue:{Q}:r:<replica>` | hash | per tier `waiting:<tier>` (requests of the tier waiting on that replica) and `oldestWaitMs:<tier>` (how long its longest-waiting one has waited, 0 with none), and `at`. Replaced whole at each publication. |
+//! | `floodgate:queue:{Q}:r:<replica>` | hash | per tier `waiting:<tier>` (requests of the tier waiting on that replica) and `oldestWaitMs:<tier>` (how long its longest-waiting one has waited, 0 with none); over the replica's last [`SLO_WINDOW_SECONDS`] (in [`SLO_SLOT_SECONDS`] steps), `within:<tier>` (requests admitted within the tier's wait target), `missed:<tier>` (admitted later, or refused for time or room) and `waits:<tier>` (the admitted requests' waits as counts per [`WAIT_BUCKETS_MS`] bucket, comma-separated, one more count for longer waits); and `at`. Replaced whole at each publication. |
 //!
-//! A tier's figures are the sum of `waiting` and the largest `oldestWaitMs` over the hashes
-//! that exist.
+//! A tier's figures are the sum of `waiting`, `within`, `missed` and of each `waits` bucket,
+//! and the largest `oldestWaitMs`, over the hashes that exist. Its SLO attainment is
+//! `within / (within + missed)`; its p95 wait is the upper bound of the bucket holding the
+//! 95th percentile of the summed counts.
 
 /// Prefix of every queue-figures key.
 pub const QUEUE_PREFIX: &str = "floodgate:queue:";
@@ -65,6 +67,47 @@ pub const QUEUE_WAITING: &str = "waiting:";
 
 /// Prefix of a tier's oldest wait (ms) in a replica's queue hash: `oldestWaitMs:<tier>`.
 pub const QUEUE_OLDEST: &str = "oldestWaitMs:";
+
+/// Prefix of a tier's requests within its wait target: `within:<tier>`.
+pub const QUEUE_WITHIN: &str = "within:";
+
+/// Prefix of a tier's requests that missed its wait target: `missed:<tier>`.
+pub const QUEUE_MISSED: &str = "missed:";
+
+/// Prefix of a tier's wait histogram: `waits:<tier>`.
+pub const QUEUE_WAITS: &str = "waits:";
+
+/// How far back a replica's SLO counts and wait histogram look.
+pub const SLO_WINDOW_SECONDS: u64 = 300;
+
+/// The step in which that window moves.
+pub const SLO_SLOT_SECONDS: u64 = 30;
+
+/// Upper bounds (ms, inclusive) of the wait histogram's buckets; a last bucket holds longer
+/// waits.
+pub const WAIT_BUCKETS_MS: [u64; 13] = [
+    10, 50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000,
+];
+
+/// The wait (ms) under which `percentile` (0-100) of the requests counted in `buckets` (one
+/// count per [`WAIT_BUCKETS_MS`] bound, then the longer ones) waited: the upper bound of the
+/// bucket that holds it; `None` with no request counted, and for the last, unbounded bucket.
+pub fn wait_percentile_ms(buckets: &[u64], percentile: u64) -> Option<u64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    // The rank of the percentile's request, counted from 1.
+    let rank = (total * percentile).div_ceil(100).max(1);
+    let mut seen = 0;
+    for (i, count) in buckets.iter().enumerate() {
+        seen += count;
+        if seen >= rank {
+            return WAIT_BUCKETS_MS.get(i).copied();
+        }
+    }
+    None
+}
 
 /// Prefix of every shared-budget key.
 pub const PREFIX: &str = "floodgate:budget:";
@@ -197,7 +240,25 @@ mod tests {
         assert_eq!(d.replicas, "floodgate:demand:{models/llama}:replicas");
         assert_eq!(d.replica("r1"), "floodgate:demand:{models/llama}:r:r1");
         let q = QueueKeys::new("ai", "tiers");
+        assert_eq!(q.replica_prefix, "floodgate:queue:{ai/tiers}:r:");
         assert_eq!(q.replicas, "floodgate:queue:{ai/tiers}:replicas");
         assert_eq!(q.replica("r1"), "floodgate:queue:{ai/tiers}:r:r1");
+    }
+
+    #[test]
+    fn a_wait_percentile_is_the_bound_of_the_bucket_that_holds_it() {
+        let mut b = [0u64; WAIT_BUCKETS_MS.len() + 1];
+        assert_eq!(wait_percentile_ms(&b, 95), None);
+        // 95 requests within 10 ms, 5 within 1 s: the 95th is the last of the first bucket.
+        b[0] = 95;
+        b[5] = 5;
+        assert_eq!(wait_percentile_ms(&b, 95), Some(10));
+        // One more slow one moves the 95th request (rank 96 of 101) into the slow bucket.
+        b[5] = 6;
+        assert_eq!(wait_percentile_ms(&b, 95), Some(1_000));
+        // Past the last bound there is no bound to give.
+        let mut long = [0u64; WAIT_BUCKETS_MS.len() + 1];
+        long[WAIT_BUCKETS_MS.len()] = 1;
+        assert_eq!(wait_percentile_ms(&long, 95), None);
     }
 }

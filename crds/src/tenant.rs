@@ -55,6 +55,7 @@ pub struct TenantSpec {
     /// one; several allow a rotation without downtime. At most 16, for the API server's CEL
     /// cost budget of the uniqueness rules.
     #[schemars(length(min = 1, max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub keys: Vec<ClientKey>,
     /// Limits of this tenant over all its keys, enforced before its requests queue (429 with
     /// `retry-after` past them). Unset: none of its own.

@@ -268,6 +268,12 @@ pub struct Email {
     /// Sender address.
     #[schemars(length(min = 3, max = 254), regex(pattern = "^[^@\\s]+@[^@\\s]+$"))]
     pub from: String,
+    /// Recipient of the tier's own notifications when `notify` lists `email`: every job of the
+    /// tier that names no `notify.email` of its own is emailed here (Batch API lines
+    /// excepted: one mail per line is not what a person wants). A job's own address wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 254), regex(pattern = "^[^@\\s]+@[^@\\s]+$"))]
+    pub to: Option<String>,
     /// SMTP server `host:port` (587 for submission). The gateway always uses STARTTLS and
     /// verifies the server's certificate for this host.
     #[schemars(
@@ -415,7 +421,20 @@ pub struct TierStatus {
     /// How long its longest-waiting request has waited (ms).
     #[serde(default)]
     pub oldest_wait_ms: u64,
-    /// p95 of queue wait over the last minutes, milliseconds.
+    /// p95 of the queue wait of the requests admitted over the last five minutes, over every
+    /// gateway replica (ms): the upper bound of the wait histogram's bucket that holds it
+    /// (10, 50, 100, 250, 500 ms, 1, 2, 5, 10, 30, 60, 120, 300 s). Absent with no request
+    /// admitted, or when the 95th waited longer than 300 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p95_wait_ms: Option<u64>,
+    /// Requests of the tier admitted or refused for time or room over the last five minutes.
+    #[serde(default)]
+    pub recent_requests: u64,
+    /// Of those, the ones admitted within the tier's wait target.
+    #[serde(default)]
+    pub within_target: u64,
+    /// SLO attainment: the share of `recentRequests` within the wait target, in percent with
+    /// one decimal (`"99.5"`); absent with no request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo_attainment_percent: Option<String>,
 }

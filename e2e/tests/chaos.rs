@@ -6,7 +6,9 @@
 //! (`--rate-window-ms`), so "within limits" is exact, not approximate.
 //!
 //! Random points are drawn from a seed printed by each run; `FLOODGATE_CHAOS_SEED=N` replays
-//! one. The runs take a few seconds each and run one at a time.
+//! one, and `FLOODGATE_CHAOS_TRACE=1` prints each key's arrivals at the mock beside the run's
+//! events (a failed run names its busiest windows anyway). The runs take a few seconds each
+//! and run one at a time.
 #![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
 use floodgate_e2e::chaos::{Load, Report, Tally};
@@ -111,8 +113,59 @@ async fn replica(dir: &tempfile::TempDir, redis: Option<&RedisServer>) -> ProxyP
         .unwrap()
 }
 
+/// What a run did to its processes, on the mock's clock (ms since it started), for the
+/// message of a failed run: when a limit was exceeded, these tell which failure it followed.
+#[derive(Default)]
+struct Events(std::sync::Mutex<Vec<(u64, String)>>);
+
+impl Events {
+    fn note(&self, mock: &MockProviders, what: impl Into<String>) {
+        let at = mock.now_us() / 1000;
+        self.0.lock().unwrap().push((at, what.into()));
+    }
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.lock().unwrap().iter())
+            .finish()
+    }
+}
+
+/// For each key over its limit: the arrivals (ms on the mock's clock) of its first window that
+/// held more than the limit.
+fn busiest_windows(mock: &MockProviders) -> Vec<(String, Vec<f64>)> {
+    let counts = mock.counts();
+    let window_us = u64::try_from(WINDOW.as_micros()).unwrap();
+    let limit = usize::try_from(LIMIT).unwrap();
+    counts
+        .over_limit()
+        .filter_map(|k| {
+            let t = &k.timestamps_us;
+            (limit..t.len())
+                .find(|&i| t[i] < t[i - limit] + window_us)
+                .map(|i| {
+                    let arrivals = t[i - limit..=i].iter().map(|&us| us as f64 / 1000.0);
+                    (k.key.clone(), arrivals.collect())
+                })
+        })
+        .collect()
+}
+
 /// Every answer 200, no 429 upstream, no key over its limit in any window of the mock.
 fn assert_exact(test: &str, mock: &MockProviders, tally: &Tally, started: Instant) {
+    assert_exact_after(test, mock, tally, started, &Events::default());
+}
+
+/// [`assert_exact`], naming the run's `events` and the busiest windows when it fails.
+fn assert_exact_after(
+    test: &str,
+    mock: &MockProviders,
+    tally: &Tally,
+    started: Instant,
+    events: &Events,
+) {
     let report = Report::of(&mock.counts());
     eprintln!(
         "{test}: {report:?}; clients {:?}, slowest {:?}; run {:?}",
@@ -120,8 +173,20 @@ fn assert_exact(test: &str, mock: &MockProviders, tally: &Tally, started: Instan
         tally.slowest,
         started.elapsed()
     );
-    assert_eq!(report.upstream_429s, 0, "{report:?}");
-    assert!(report.over_limit().is_empty(), "{report:?}");
+    if std::env::var_os("FLOODGATE_CHAOS_TRACE").is_some() {
+        for k in mock.counts().keys {
+            let ms: Vec<u64> = k.timestamps_us.iter().map(|us| us / 1000).collect();
+            eprintln!("{test}: {} {ms:?}; events {events:?}", k.key);
+        }
+    }
+    let context = || {
+        format!(
+            "{report:?}; events {events:?}; over the limit: {:?}",
+            busiest_windows(mock)
+        )
+    };
+    assert_eq!(report.upstream_429s, 0, "{}", context());
+    assert!(report.over_limit().is_empty(), "{}", context());
     assert_eq!(tally.not_ok(), 0, "{:?}", tally.failures);
     assert!(tally.ok() > 0, "nothing served");
 }
@@ -173,19 +238,25 @@ async fn redis_killed_and_restarted_empty_at_random_points() {
     );
     let started = Instant::now();
     let load = Load::start(&[a.url(""), b.url("")], CLIENTS, &MODELS);
+    let events = Events::default();
     for round in 0..3 {
         sleep(rng.between(Duration::from_millis(300), Duration::from_millis(2500))).await;
         if round == 0 {
+            events.note(&mock, "flush");
             flush(&redis).await;
+            events.note(&mock, "flushed");
             continue;
         }
+        events.note(&mock, "kill");
         redis.kill().await.unwrap();
         sleep(rng.between(Duration::from_millis(50), Duration::from_millis(1000))).await;
+        events.note(&mock, "restart");
         redis.restart().await.unwrap();
+        events.note(&mock, "restarted");
     }
     sleep(WINDOW + Duration::from_secs(1)).await;
     let tally = load.stop().await;
-    assert_exact(test, &mock, &tally, started);
+    assert_exact_after(test, &mock, &tally, started, &events);
     for proxy in [&a, &b] {
         let losses = metric(proxy, "floodgate_budget_backend_losses_total").await;
         assert!(losses >= Some(1.0), "losses found: {losses:?}");
@@ -214,19 +285,24 @@ async fn redis_paused_longer_than_the_call_timeout() {
     );
     let started = Instant::now();
     let load = Load::start(&[a.url(""), b.url("")], CLIENTS, &MODELS);
+    let events = Events::default();
     sleep(rng.between(Duration::from_millis(500), Duration::from_millis(2000))).await;
+    events.note(&mock, "pause");
     redis.pause().await.unwrap();
     for proxy in [&a, &b] {
         wait_degraded(proxy, 1, Duration::from_secs(2)).await;
     }
+    events.note(&mock, "both degraded");
     sleep(Duration::from_millis(1500)).await;
+    events.note(&mock, "resume");
     redis.resume().await.unwrap();
     for proxy in [&a, &b] {
         wait_degraded(proxy, 0, Duration::from_secs(3)).await;
     }
+    events.note(&mock, "both recovered");
     sleep(WINDOW).await;
     let tally = load.stop().await;
-    assert_exact(test, &mock, &tally, started);
+    assert_exact_after(test, &mock, &tally, started, &events);
 }
 
 /// A provider that accepts connections and never answers: requests to it end at the

@@ -274,6 +274,10 @@ async fn the_chart_lints_renders_its_values_and_the_api_server_accepts_it() {
         c["image"], "ghcr.io/floodgate-dev/floodgate-operator:0.1.0",
         "{c:#?}"
     );
+    // Ready (so in the webhook Service) only once it serves with its certificate loaded.
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{c:#?}");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "metrics", "{c:#?}");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{c:#?}");
     let args: Vec<&str> = c["args"]
         .as_array()
         .unwrap()
@@ -561,17 +565,12 @@ async fn the_proxy_runs_as_the_charts_service_account_and_serves_the_namespace()
     )
     .await;
 
-    // The service account's token (TokenRequest), as the kubelet would mount it in the pod.
+    // The service account's token (TokenRequest), as the kubelet would mount it in the pod:
+    // valid for an hour as the kubelet's are (a 10-minute one expired once while the proxy
+    // was still being built on a loaded machine).
     let token = kubectl_ok(
         cluster,
-        &[
-            "create",
-            "token",
-            GATEWAY,
-            "-n",
-            ns.name(),
-            "--duration=10m",
-        ],
+        &["create", "token", GATEWAY, "-n", ns.name(), "--duration=1h"],
     )
     .await
     .stdout

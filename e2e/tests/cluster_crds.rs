@@ -462,3 +462,157 @@ fn difference(a: &Value, b: &Value, at: String) -> Option<String> {
 fn to_value(v: &impl Serialize) -> Value {
     serde_json::to_value(v).unwrap()
 }
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn status_conditions_are_held_to_the_metav1_condition_schema() {
+    let (cluster, ns) = setup("conditions").await;
+    let pools = cluster
+        .repo_root()
+        .join("examples/scaling-500rpm/10-pools.yaml");
+    cluster
+        .kubectl(["apply", "-n", ns.name(), "-f", pools.to_str().unwrap()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let api: Api<AIProviderPool> = Api::namespaced(cluster.client().await.unwrap(), ns.name());
+    let good = json!({
+        "type": "Ready", "status": "True", "reason": "AllKeysReady", "message": "",
+        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1
+    });
+    let with = |field: &str, value: Value| {
+        let mut c = good.clone();
+        match value {
+            Value::Null => c.as_object_mut().unwrap().remove(field),
+            v => c.as_object_mut().unwrap().insert(field.to_owned(), v),
+        };
+        c
+    };
+    let write = |condition: Value| {
+        let api = api.clone();
+        async move {
+            api.patch_status(
+                "premium",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"conditions": [condition]}})),
+            )
+            .await
+        }
+    };
+    write(good.clone()).await.unwrap();
+    let bad = [
+        ("reason", json!("keys ready"), "status.conditions[0].reason"),
+        ("reason", json!(""), "status.conditions[0].reason"),
+        (
+            "reason",
+            json!("R".repeat(1025)),
+            "status.conditions[0].reason",
+        ),
+        ("message", Value::Null, "status.conditions[0].message"),
+        (
+            "message",
+            json!("m".repeat(32769)),
+            "status.conditions[0].message",
+        ),
+        (
+            "lastTransitionTime",
+            json!("yesterday"),
+            "status.conditions[0].lastTransitionTime",
+        ),
+        ("type", json!("not a type!"), "status.conditions[0].type"),
+        ("type", json!("T".repeat(317)), "status.conditions[0].type"),
+        (
+            "observedGeneration",
+            json!(-1),
+            "status.conditions[0].observedGeneration",
+        ),
+    ];
+    for (field, value, path) in bad {
+        let shown = value.to_string().chars().take(40).collect::<String>();
+        match write(with(field, value)).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{field}={shown}: {status:?}");
+                assert!(
+                    status.message.contains(path),
+                    "{field}={shown}: the refusal does not name {path}: {}",
+                    status.message
+                );
+            }
+            other => panic!("{field}={shown} was not refused: {other:?}"),
+        }
+    }
+    // A domain-prefixed type is a valid one.
+    write(with("type", json!("floodgate.dev/KeysReady")))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn two_managers_applying_entries_of_one_keyed_list_both_keep_theirs() {
+    let (cluster, ns) = setup("maplists").await;
+    let client = cluster.client().await.unwrap();
+    let tenants: Api<Tenant> = Api::namespaced(client.clone(), ns.name());
+    let policies: Api<floodgate_crds::RoutingPolicy> = Api::namespaced(client, ns.name());
+    let key = |name: &str| json!({"name": name, "secretRef": {"name": "acme-keys", "key": name}});
+    let tenant = |name: &str| {
+        json!({"apiVersion": "floodgate.dev/v1alpha1", "kind": "Tenant",
+               "metadata": {"name": "acme"}, "spec": {"keys": [key(name)]}})
+    };
+    let budgets = |tenant: &str, pool: &str| {
+        json!({"apiVersion": "floodgate.dev/v1alpha1", "kind": "RoutingPolicy",
+               "metadata": {"name": "routing"}, "spec": {"budgets": {
+                   "tenants": [{"name": tenant, "monthlyUSD": 10.0}],
+                   "pools": [{"name": pool, "monthlyUSD": 100.0}]}}})
+    };
+    // Not forced: on an atomic list the second manager's apply is a conflict.
+    for (manager, entry) in [("team-a", "a"), ("team-b", "b")] {
+        tenants
+            .patch(
+                "acme",
+                &PatchParams::apply(manager),
+                &Patch::Apply(tenant(entry)),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{manager}'s key: {e}"));
+        policies
+            .patch(
+                "routing",
+                &PatchParams::apply(manager),
+                &Patch::Apply(budgets(
+                    &format!("tenant-{entry}"),
+                    &format!("pool-{entry}"),
+                )),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{manager}'s budgets: {e}"));
+    }
+    let names = |v: Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let keys = to_value(&tenants.get("acme").await.unwrap().spec.keys);
+    assert_eq!(names(keys), ["a", "b"]);
+    let policy = to_value(&policies.get("routing").await.unwrap().spec.budgets);
+    assert_eq!(names(policy["tenants"].clone()), ["tenant-a", "tenant-b"]);
+    assert_eq!(names(policy["pools"].clone()), ["pool-a", "pool-b"]);
+
+    // Each manager owns its own entry: team-a withdrawing its key leaves team-b's.
+    tenants
+        .patch(
+            "acme",
+            &PatchParams::apply("team-a"),
+            &Patch::Apply(
+                json!({"apiVersion": "floodgate.dev/v1alpha1", "kind": "Tenant",
+                                 "metadata": {"name": "acme"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let keys = to_value(&tenants.get("acme").await.unwrap().spec.keys);
+    assert_eq!(names(keys), ["b"]);
+}

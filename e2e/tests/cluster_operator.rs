@@ -434,6 +434,47 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
     let claim = claims.get("llama-models").await.unwrap();
     assert_eq!(claim.status.unwrap().phase.as_deref(), Some("Bound"));
 
+    // `kubectl get localmodeldeployments` prints the model and the status the operator wrote.
+    let out = cluster
+        .kubectl(["get", "localmodeldeployments", "-n", ns.name()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let mut lines = out.stdout.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap()
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "MODEL",
+            "REPLICAS",
+            "READY REPLICAS",
+            "QUEUE",
+            "READY",
+            "AGE"
+        ],
+        "{}",
+        out.stdout
+    );
+    let row: Vec<&str> = lines
+        .find(|l| l.starts_with("llama "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[..6],
+        ["llama", "llama3.1:8b", "1", "1", "0", "True"],
+        "{}",
+        out.stdout
+    );
+
     // A spec change rolls out: the pod template follows it.
     apply(&lmds, "llama", json!({
         "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
@@ -711,6 +752,51 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
         })
     })
     .await;
+    // A RoutingPolicy naming a pool that does not exist says so, and turns Ready once it does.
+    let policies: Api<floodgate_crds::RoutingPolicy> = Api::namespaced(admin.clone(), ns.name());
+    let policy = |pool: &str| {
+        json!({
+            "apiVersion": "floodgate.dev/v1alpha1", "kind": "RoutingPolicy",
+            "metadata": {"name": "routing"},
+            "spec": {"rules": [{"name": "local-first", "match": {"classes": ["simple"]},
+                                "targets": [{"localModel": "llama"}, {"pool": pool}]}]}
+        })
+    };
+    apply(&policies, "routing", policy("elsewhere")).await;
+    let missing = wait_until(
+        &policies,
+        "routing",
+        "policy naming its missing pool",
+        |p| {
+            p.status.as_ref().is_some_and(|s| {
+                condition(&s.conditions, "TargetsFound")
+                    .is_some_and(|c| c.status == ConditionStatus::False)
+            })
+        },
+    )
+    .await;
+    let found = condition(&missing.status.unwrap().conditions, "TargetsFound")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        found.message,
+        r#"AIProviderPool "elsewhere" not found (rule local-first)"#
+    );
+    let mut elsewhere = pool_manifest();
+    elsewhere["metadata"]["name"] = json!("elsewhere");
+    apply(&pools, "elsewhere", elsewhere).await;
+    let ready = wait_until(
+        &policies,
+        "routing",
+        "policy Ready once its pool exists",
+        |p| {
+            p.status.as_ref().is_some_and(|s| {
+                condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+            })
+        },
+    )
+    .await;
+    assert_eq!(ready.status.unwrap().rule_count, 1);
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), ns.name());
     assert!(deployments.get_opt("llama").await.unwrap().is_some());
     assert!(
@@ -769,4 +855,170 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
     assert_eq!(out.stdout.trim(), "yes", "{}", out.stderr);
     stop.cancel();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn the_500rpm_example_applied_under_the_operator_gets_its_objects_and_status() {
+    let (cluster, ns, client, _operator) = setup("operator-example").await;
+    let example = cluster.repo_root().join("examples/scaling-500rpm");
+    cluster
+        .kubectl(["apply", "-n", ns.name(), "-f", example.to_str().unwrap()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let ready = |conditions: &[floodgate_crds::Condition]| {
+        condition(conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+    };
+
+    // The pools: every key of the example's Secrets resolves; 3x20 + 5x60 + 2x200 RPM.
+    let pools: Api<AIProviderPool> = Api::namespaced(client.clone(), ns.name());
+    let premium = wait_until(&pools, "premium", "pool premium Ready", |p| {
+        p.status.as_ref().is_some_and(|s| ready(&s.conditions))
+    })
+    .await
+    .status
+    .unwrap();
+    assert_eq!(
+        (premium.ready_keys, premium.total_keys, premium.capacity_rpm),
+        (10, 10, 760)
+    );
+    wait_until(&pools, "local", "pool local with status", |p| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.observed_generation == p.metadata.generation)
+    })
+    .await;
+    let tiers: Api<TierQueue> = Api::namespaced(client.clone(), ns.name());
+    let tq = wait_until(&tiers, "tiers", "TierQueue Ready", |t| {
+        t.status.as_ref().is_some_and(|s| ready(&s.conditions))
+    })
+    .await;
+    assert_eq!(tq.status.unwrap().tier_count, 4);
+    let caches: Api<CachePolicy> = Api::namespaced(client.clone(), ns.name());
+    wait_until(&caches, "default", "CachePolicy Ready", |c| {
+        c.status.as_ref().is_some_and(|s| ready(&s.conditions))
+    })
+    .await;
+    // Every pool the routing rules name exists.
+    let policies: Api<floodgate_crds::RoutingPolicy> = Api::namespaced(client.clone(), ns.name());
+    let hybrid = wait_until(&policies, "hybrid", "RoutingPolicy Ready", |p| {
+        p.status.as_ref().is_some_and(|s| ready(&s.conditions))
+    })
+    .await
+    .status
+    .unwrap();
+    assert_eq!(hybrid.rule_count, 4);
+    assert_eq!(
+        condition(&hybrid.conditions, "TargetsFound").map(|c| c.status),
+        Some(ConditionStatus::True)
+    );
+
+    // Each local model: minReplicas GPU replicas, a Service, a claim for its weights; without
+    // a demand source the autoscaler says so rather than pretending to scale.
+    let lmds: Api<LocalModelDeployment> = Api::namespaced(client.clone(), ns.name());
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
+    let services: Api<Service> = Api::namespaced(client.clone(), ns.name());
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns.name());
+    for (name, model) in [
+        ("llama", "llama3.1:8b"),
+        ("mistral", "mistral:7b"),
+        ("codellama", "codellama:13b"),
+    ] {
+        let lmd = wait_until(&lmds, name, "model status with an endpoint", |l| {
+            l.status.as_ref().is_some_and(|s| {
+                s.endpoint.is_some() && s.observed_generation == l.metadata.generation
+            })
+        })
+        .await;
+        let status = lmd.status.unwrap();
+        assert_eq!(
+            status.endpoint,
+            Some(format!("http://{name}.{}.svc:11434", ns.name()))
+        );
+        let autoscaling = condition(&status.conditions, "AutoscalingActive").unwrap();
+        assert_eq!(
+            (autoscaling.status, autoscaling.reason.as_str()),
+            (ConditionStatus::False, "NoDemandSource"),
+            "{name}"
+        );
+        let deployment = deployments.get(name).await.unwrap();
+        let spec = deployment.spec.unwrap();
+        assert_eq!(spec.replicas, Some(2), "{name}: minReplicas");
+        let pod = spec.template.spec.unwrap();
+        let limits = pod.containers[0].resources.clone().unwrap().limits.unwrap();
+        assert_eq!(limits["nvidia.com/gpu"].0, "1", "{name}");
+        let pull = &pod.init_containers.unwrap()[0];
+        assert!(
+            pull.env
+                .iter()
+                .flatten()
+                .any(|e| e.name == "FLOODGATE_MODEL" && e.value.as_deref() == Some(model)),
+            "{name}: the init step pulls {model}"
+        );
+        assert!(services.get_opt(name).await.unwrap().is_some(), "{name}");
+        let claim = claims.get(&format!("{name}-models")).await.unwrap();
+        let requested = claim.spec.unwrap().resources.unwrap().requests.unwrap();
+        assert_eq!(requested["storage"].0, "50Gi", "{name}");
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_leader_whose_lease_is_taken_stops_its_controllers_at_its_next_renewal() {
+    use floodgate_operator::leader::{CALL_TIMEOUT, LeaseLock, RETRY_EVERY};
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    let cluster = Cluster::get().await.unwrap();
+    cluster.install_crds().await.unwrap();
+    let ns = cluster.namespace("operator-lease-lost").await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let stop = CancellationToken::new();
+    let _stop_on_drop = Operator {
+        shutdown: stop.clone(),
+        metrics: Arc::default(),
+    };
+    let config = floodgate_operator::Config {
+        namespace: Some(ns.name().to_owned()),
+        instance: Some("replica-a".to_owned()),
+        redis_url: None,
+    };
+    let lock = LeaseLock::new(client.clone(), ns.name(), "floodgate-operator", "replica-a");
+    let task = tokio::spawn(floodgate_operator::run_leader_elected(
+        client.clone(),
+        config,
+        lock,
+        Arc::new(floodgate_operator::Metrics::default()),
+        stop.clone(),
+    ));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns.name());
+    let mut lease = wait_until(&leases, "floodgate-operator", "replica-a to lead", |l| {
+        l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some("replica-a")
+    })
+    .await;
+    // Another replica takes the Lease (as after replica-a was cut off for a lease duration).
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    spec.holder_identity = Some("replica-z".to_owned());
+    spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
+    leases
+        .replace("floodgate-operator", &Default::default(), &lease)
+        .await
+        .unwrap();
+    // At its next renewal replica-a sees it, aborts its reconciles, stops its controllers and
+    // returns: it never writes the Lease back.
+    let ended = tokio::time::timeout(RETRY_EVERY + CALL_TIMEOUT * 2, task)
+        .await
+        .expect("replica-a kept leading after losing its Lease")
+        .unwrap();
+    assert!(
+        matches!(ended, Err(floodgate_operator::Error::LeaseLost)),
+        "{ended:?}"
+    );
+    let lease = leases.get("floodgate-operator").await.unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("replica-z")
+    );
 }

@@ -262,6 +262,7 @@ async fn rising_demand_raises_a_local_models_replicas_and_says_why() {
 async fn a_tier_queues_status_shows_what_waits_on_the_proxies() {
     use floodgate_crds::TierQueue;
     use floodgate_proxy::demand::{QueueFigures, TierFigures};
+    use floodgate_proxy::route::tiers::SloFigures;
     let redis = RedisServer::start().await.unwrap();
     let (cluster, ns, client, _operator) = setup("operator-queues", &redis).await;
     // A proxy replica's publisher, with 4 pro requests waiting, the oldest for 2.5 s.
@@ -274,6 +275,14 @@ async fn a_tier_queues_status_shows_what_waits_on_the_proxies() {
                 name: "pro".into(),
                 waiting: 4,
                 oldest_wait_ms: 2500,
+                // 199 of 200 within the target, the 95th percentile within 100 ms.
+                recent: SloFigures {
+                    within: 199,
+                    missed: 1,
+                    waits: std::array::from_fn(|i| {
+                        [150, 30, 15, 4, 0, 1].get(i).copied().unwrap_or(0)
+                    }),
+                },
             }],
         })
     };
@@ -302,6 +311,16 @@ async fn a_tier_queues_status_shows_what_waits_on_the_proxies() {
     .await;
     let status = tq.status.unwrap();
     assert_eq!(status.oldest_wait_ms, 2500);
+    let pro = &status.tiers[0];
+    assert_eq!(
+        (
+            pro.recent_requests,
+            pro.within_target,
+            pro.slo_attainment_percent.as_deref(),
+            pro.p95_wait_ms
+        ),
+        (200, 199, Some("99.5"), Some(100))
+    );
     let classes: Vec<_> = status
         .classes
         .iter()

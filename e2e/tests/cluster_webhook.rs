@@ -110,7 +110,7 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
         .await
         .unwrap();
 
-    let (addr, _task) = webhook::start(
+    let webhook::Started { addr, .. } = webhook::start(
         client.clone(),
         "127.0.0.1:0".parse().unwrap(),
         CertSource::Operator {
@@ -222,15 +222,15 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
         "annotated pod admitted with the sidecar {:?} after the webhook configuration was created",
         started.elapsed()
     );
-    let names: Vec<&str> = injected
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers
-        .iter()
-        .map(|c| c.name.as_str())
-        .collect();
-    assert_eq!(names, ["app", "floodgate-proxy"]);
+    let spec = injected.spec.as_ref().unwrap();
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["app"]);
+    // A native sidecar, which the API server accepted as such.
+    let inits = spec.init_containers.as_ref().unwrap();
+    assert_eq!(
+        (inits[0].name.as_str(), inits[0].restart_policy.as_deref()),
+        ("floodgate-proxy", Some("Always"))
+    );
     assert_eq!(
         env(&injected, "app", "OPENAI_BASE_URL").as_deref(),
         Some(format!("http://127.0.0.1:{}/v1", webhook::mutate::DEFAULT_PORT).as_str())

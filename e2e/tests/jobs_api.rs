@@ -155,6 +155,37 @@ async fn start_logging(dir: &tempfile::TempDir, extra: &[&str], log: &str) -> Pr
     ProxyProcess::start(args, &env).await.unwrap()
 }
 
+/// One test's gateway: the mock providers, the tier's webhook receiver (what it got), the
+/// configuration directory (`config`: the provider key at 1,000 RPM), the proxy started on
+/// it with `extra`, and a client.
+struct Gateway {
+    mock: MockProviders,
+    got: Received,
+    dir: tempfile::TempDir,
+    proxy: ProxyProcess,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    async fn start(extra: &[&str]) -> Gateway {
+        let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+        let (hook, got) = receiver().await;
+        let dir = config(&mock, &hook);
+        let proxy = start(&dir, extra).await;
+        Gateway {
+            mock,
+            got,
+            dir,
+            proxy,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn stop(self) {
+        self.proxy.stop().await.unwrap();
+    }
+}
+
 fn job(model: &str, text: &str) -> Value {
     json!({
         "request": {"model": model, "messages": [{"role": "user", "content": text}]},
@@ -249,13 +280,10 @@ async fn a_job_in_redis_runs_with_events_a_signed_webhook_and_is_its_tenants_alo
 }
 
 async fn lifecycle(extra: &[&str]) {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, got) = receiver().await;
-    let dir = config(&mock, &hook);
-    let proxy = start(&dir, extra).await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::start(extra).await;
+    let (proxy, http, got) = (&gw.proxy, &gw.http, &gw.got);
 
-    let accepted = submit(&http, &proxy, ACME, &job("slow-2000", "hello")).await;
+    let accepted = submit(http, proxy, ACME, &job("slow-2000", "hello")).await;
     let id = accepted["id"].as_str().unwrap().to_owned();
     assert_eq!(accepted["status"], "queued");
     assert!(accepted["position"].is_u64() && accepted["estimated_start"].is_u64());
@@ -281,7 +309,7 @@ async fn lifecycle(extra: &[&str]) {
     assert!(names.contains(&"started"), "{body}");
     assert_eq!(names.last(), Some(&"completed"), "{body}");
 
-    let (status, done) = get(&http, &proxy, ACME, &id).await;
+    let (status, done) = get(http, proxy, ACME, &id).await;
     assert_eq!(status, 200);
     assert_eq!(done["status"], "completed");
     assert_eq!(done["attempts"], 1);
@@ -290,7 +318,7 @@ async fn lifecycle(extra: &[&str]) {
 
     // One delivery, signed, of this job.
     let delivered = until("the webhook", || async {
-        let d = verified_deliveries(&got);
+        let d = verified_deliveries(got);
         (!d.is_empty()).then_some(d)
     })
     .await;
@@ -299,7 +327,7 @@ async fn lifecycle(extra: &[&str]) {
     assert_eq!(delivered[0].1["type"], "job.completed");
 
     // Another tenant cannot see, follow or cancel it; a stranger is not identified.
-    assert_eq!(get(&http, &proxy, GLOBEX, &id).await.0, 404);
+    assert_eq!(get(http, proxy, GLOBEX, &id).await.0, 404);
     let r = http
         .get(proxy.url(&format!("/v1/jobs/{id}/events")))
         .bearer_auth(GLOBEX)
@@ -314,8 +342,8 @@ async fn lifecycle(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(get(&http, &proxy, "sk-stranger", &id).await.0, 401);
-    assert_eq!(get(&http, &proxy, ACME, &id).await.1["status"], "completed");
+    assert_eq!(get(http, proxy, "sk-stranger", &id).await.0, 401);
+    assert_eq!(get(http, proxy, ACME, &id).await.1["status"], "completed");
 
     // Bad input is a 400 naming the problem.
     let r = http
@@ -326,7 +354,7 @@ async fn lifecycle(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -341,18 +369,15 @@ async fn a_job_in_redis_failing_three_times_is_dead_lettered_and_redriven_to_suc
 }
 
 async fn dead_letter_and_redrive(extra: &[&str]) {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, got) = receiver().await;
-    let dir = config(&mock, &hook);
-    let proxy = start(&dir, extra).await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::start(extra).await;
+    let (mock, proxy, http, got) = (&gw.mock, &gw.proxy, &gw.http, &gw.got);
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
 
-    let id = submit(&http, &proxy, ACME, &job("gpt-4o", "doomed")).await["id"]
+    let id = submit(http, proxy, ACME, &job("gpt-4o", "doomed")).await["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let failed = finished(&http, &proxy, &id).await;
+    let failed = finished(http, proxy, &id).await;
     assert_eq!(failed["status"], "failed");
     assert_eq!(failed["attempts"], 3);
     assert_eq!(failed["dead_letter"], true);
@@ -397,7 +422,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(redriven["redriven"], 1);
-    let done = finished(&http, &proxy, &id).await;
+    let done = finished(http, proxy, &id).await;
     assert_eq!(done["status"], "completed");
     assert_eq!(done["attempts"], 1);
     assert_eq!(done["dead_letter"], false);
@@ -412,7 +437,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     assert!(dead["data"].as_array().unwrap().is_empty());
     // Told twice: of the failure, then of the success after the re-drive.
     let kinds = until("both webhooks", || async {
-        let d = verified_deliveries(&got);
+        let d = verified_deliveries(got);
         (d.len() == 2).then(|| {
             d.into_iter()
                 .map(|(_, b)| b["type"].clone())
@@ -424,11 +449,11 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
 
     // Purged, the dead letters are gone; the job itself stays readable, failed.
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
-    let id = submit(&http, &proxy, ACME, &job("gpt-4o", "purged")).await["id"]
+    let id = submit(http, proxy, ACME, &job("gpt-4o", "purged")).await["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(finished(&http, &proxy, &id).await["status"], "failed");
+    assert_eq!(finished(http, proxy, &id).await["status"], "failed");
     let admin = |path: &str| proxy.admin_url(path);
     let purged: Value = http
         .delete(admin("/admin/jobs/dead-letters"))
@@ -454,8 +479,8 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(get(&http, &proxy, ACME, &id).await.1["status"], "failed");
-    proxy.stop().await.unwrap();
+    assert_eq!(get(http, proxy, ACME, &id).await.1["status"], "failed");
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -700,50 +725,11 @@ async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
 
 #[tokio::test]
 async fn a_batch_past_its_completion_window_expires_with_its_unfinished_lines_in_errors() {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, _got) = receiver().await;
-    let dir = config(&mock, &hook);
-    let proxy = start(&dir, &[]).await;
-    let http = reqwest::Client::new();
-    let lines: String = (0..2)
-        .map(|i| {
-            json!({"custom_id": format!("slow-{i}"), "method": "POST", "url": "/v1/chat/completions",
-                   "body": {"model": "slow-2000", "messages": [{"role": "user", "content": "wait"}]}})
-            .to_string()
-                + "\n"
-        })
-        .collect();
-    let boundary = "floodgate-e2e-boundary";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n{lines}\r\n--{boundary}--\r\n"
-    );
-    let file: Value = http
-        .post(proxy.url("/v1/files"))
-        .bearer_auth(ACME)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(file["purpose"], "batch", "{file}");
-    let batch: Value = http
-        .post(proxy.url("/v1/batches"))
-        .bearer_auth(ACME)
-        .json(&json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "1s"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let gw = Gateway::start(&[]).await;
+    let (proxy, http) = (&gw.proxy, &gw.http);
+    let lines = batch_lines("slow-2000", &["slow-0", "slow-1"]);
+    let file = upload_batch_file(http, proxy, &lines).await;
+    let batch = create_batch(http, proxy, &file, "1s").await;
     let id = batch["id"].as_str().unwrap().to_owned();
     assert_eq!(batch["status"], "in_progress", "{batch}");
     let ended = until("the batch to expire", || async {
@@ -779,7 +765,158 @@ async fn a_batch_past_its_completion_window_expires_with_its_unfinished_lines_in
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["error"]["code"].clone())
         .collect();
     assert_eq!(codes, vec![json!("batch_expired"), json!("batch_expired")]);
-    proxy.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Uploads `lines` (JSONL) as ACME's batch input file, as the SDK does; the file's id.
+async fn upload_batch_file(http: &reqwest::Client, proxy: &ProxyProcess, lines: &str) -> String {
+    let boundary = "floodgate-e2e-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{lines}\r\n--{boundary}--\r\n"
+    );
+    let file: Value = http
+        .post(proxy.url("/v1/files"))
+        .bearer_auth(ACME)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(file["purpose"], "batch", "{file}");
+    file["id"].as_str().unwrap().to_owned()
+}
+
+/// Creates ACME's batch over input `file` with completion `window`; the batch.
+async fn create_batch(
+    http: &reqwest::Client,
+    proxy: &ProxyProcess,
+    file: &str,
+    window: &str,
+) -> Value {
+    http.post(proxy.url("/v1/batches"))
+        .bearer_auth(ACME)
+        .json(&json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": window}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// JSONL of one chat line per custom id, to `model`.
+fn batch_lines(model: &str, ids: &[&str]) -> String {
+    ids.iter()
+        .map(|id| {
+            json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": model, "messages": [{"role": "user", "content": id}]}})
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_in_redis_is_ended_by_its_last_line_and_its_output_outlives_the_lines() {
+    let redis = RedisServer::start().await.unwrap();
+    let gw = Gateway::start(&["--redis", &redis.url()]).await;
+    let (proxy, http) = (&gw.proxy, &gw.http);
+    let file = upload_batch_file(http, proxy, &batch_lines("gpt-4o", &["one", "two"])).await;
+    let id = create_batch(http, proxy, &file, "24h").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Nobody reads the batch: the worker ending its last line stores it completed, with its
+    // output file.
+    let stored = until("the stored batch to complete", || {
+        let mut conn = conn.clone();
+        let id = id.clone();
+        async move {
+            let raw: Option<String> = redis::cmd("GET")
+                .arg(format!("floodgate:{{jobs}}:kv:batch:{id}"))
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            let stored: Value = serde_json::from_str(&raw?).ok()?;
+            (stored["batch"]["status"] == "completed").then_some(stored)
+        }
+    })
+    .await;
+    let output = stored["batch"]["output_file_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let counted: Option<i64> = redis::cmd("HGET")
+        .arg("floodgate:{jobs}:batches")
+        .arg(&id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counted, None, "the count of lines is dropped at 0");
+    // The lines' jobs expire (their result TTL), as if a day had passed: the output stays.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("floodgate:{jobs}:job:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 2);
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let batch: Value = http
+        .get(proxy.url(&format!("/v1/batches/{id}")))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(batch["request_counts"]["completed"], 2, "{batch}");
+    assert_eq!(batch["output_file_id"], output.as_str());
+    let content = http
+        .get(proxy.url(&format!("/v1/files/{output}/content")))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<Value> = content
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let answered: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["custom_id"].as_str().unwrap(),
+                l["response"]["body"]["object"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        answered,
+        vec![("one", "chat.completion"), ("two", "chat.completion")]
+    );
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -990,6 +1127,88 @@ async fn a_job_asking_for_email_gets_one_over_starttls_naming_its_id_and_outcome
 }
 
 #[tokio::test]
+async fn a_tier_notifying_by_email_writes_to_its_own_recipient_but_not_per_batch_line() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (hook, got) = receiver().await;
+    let smtp = sink(true).await;
+    let dir = config_email(&mock, &hook, &smtp, SMTP_PASSWORD);
+    let path = dir.path().join("all.yaml");
+    let yaml = std::fs::read_to_string(&path)
+        .unwrap()
+        .replacen("notify: [webhook]", "notify: [webhook, email]", 1)
+        .replacen(
+            "email: {from: \"floodgate@example.com\",",
+            "email: {from: \"floodgate@example.com\", to: \"ops@example.com\",",
+            1,
+        );
+    std::fs::write(&path, yaml).unwrap();
+    let proxy = start(&dir, &[]).await;
+    let http = reqwest::Client::new();
+
+    // A job naming no address: the tier's recipient is told.
+    let plain = submit(&http, &proxy, ACME, &job("gpt-4o", "tier mail")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(email_tries(&http, &proxy, &plain, 1).await, ["delivered"]);
+    // A job naming its own: that one only.
+    let own = submit(
+        &http,
+        &proxy,
+        ACME,
+        &email_job("own mail", "bob@example.com"),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(email_tries(&http, &proxy, &own, 1).await, ["delivered"]);
+    let to: Vec<Vec<String>> = smtp.mails().iter().map(|m| m.to.clone()).collect();
+    assert_eq!(to, [["ops@example.com"], ["bob@example.com"]]);
+
+    // A batch's lines are told by the tier's webhook, not by one mail each.
+    let file = upload_batch_file(&http, &proxy, &batch_lines("gpt-4o", &["l1", "l2"])).await;
+    let id = create_batch(&http, &proxy, &file, "24h").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    until("the batch to complete", || async {
+        let b: Value = http
+            .get(proxy.url(&format!("/v1/batches/{id}")))
+            .bearer_auth(ACME)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (b["status"] == "completed").then_some(())
+    })
+    .await;
+    let lines: Vec<String> = until("a webhook for each line", || async {
+        let lines: Vec<String> = verified_deliveries(&got)
+            .into_iter()
+            .filter(|(_, body)| body["job"]["batch"] == id.as_str())
+            .map(|(job, _)| job)
+            .collect();
+        (lines.len() == 2).then_some(lines)
+    })
+    .await;
+    for line in &lines {
+        // Its notification is recorded once every channel is done with it.
+        let channels: Vec<Value> = until("the line's deliveries", || async {
+            let (_, job) = get(&http, &proxy, ACME, line).await;
+            let d = job["deliveries"].as_array()?.clone();
+            (!d.is_empty()).then(|| d.iter().map(|d| d["channel"].clone()).collect())
+        })
+        .await;
+        assert_eq!(channels, [json!("webhook")], "{line}");
+    }
+    assert_eq!(smtp.mails().len(), 2, "no mail for the batch's lines");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn bad_smtp_credentials_are_recorded_as_failed_deliveries_retried_and_never_logged() {
     const WRONG: &str = "wrong-pw-e2e-91c2";
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
@@ -1167,13 +1386,10 @@ async fn a_cancelled_job_in_redis_is_told_by_webhook_and_event_stream() {
 }
 
 async fn cancelled_job_is_told(extra: &[&str]) {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, got) = receiver().await;
-    let dir = config(&mock, &hook);
-    let proxy = start(&dir, extra).await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::start(extra).await;
+    let (mock, proxy, http, got) = (&gw.mock, &gw.proxy, &gw.http, &gw.got);
     // One job cancelled while it runs, one while it waits for its retry.
-    let running = submit(&http, &proxy, ACME, &job("slow-2000", "cancel me")).await["id"]
+    let running = submit(http, proxy, ACME, &job("slow-2000", "cancel me")).await["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -1184,7 +1400,7 @@ async fn cancelled_job_is_told(extra: &[&str]) {
         .await
         .unwrap();
     until("the job to run", || async {
-        (get(&http, &proxy, ACME, &running).await.1["status"] == "running").then_some(())
+        (get(http, proxy, ACME, &running).await.1["status"] == "running").then_some(())
     })
     .await;
     let cancel = |id: String| {
@@ -1208,18 +1424,18 @@ async fn cancelled_job_is_told(extra: &[&str]) {
     assert_eq!(names.last(), Some(&"cancelled"), "{body}");
 
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
-    let retrying = submit(&http, &proxy, ACME, &job("gpt-4o", "retry then cancel")).await["id"]
+    let retrying = submit(http, proxy, ACME, &job("gpt-4o", "retry then cancel")).await["id"]
         .as_str()
         .unwrap()
         .to_owned();
     until("the job to wait for its retry", || async {
-        (get(&http, &proxy, ACME, &retrying).await.1["status"] == "retrying").then_some(())
+        (get(http, proxy, ACME, &retrying).await.1["status"] == "retrying").then_some(())
     })
     .await;
     cancel(retrying.clone()).await;
 
     let told = until("two job.cancelled webhooks", || async {
-        let d = verified_deliveries(&got);
+        let d = verified_deliveries(got);
         (d.len() >= 2).then_some(d)
     })
     .await;
@@ -1234,7 +1450,7 @@ async fn cancelled_job_is_told(extra: &[&str]) {
     ];
     want.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(told, want);
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -1287,7 +1503,7 @@ async fn redis_dead_letters_outlive_the_result_ttl_and_a_redrive_never_drops_one
     };
     let request = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]});
     let job = Job::new(Some("acme".to_owned()), "free".to_owned(), request, 3);
-    let job = store.submit(job).await.unwrap();
+    let job = store.submit(job, 0).await.unwrap().queued().unwrap();
     let claim = store.claim("w", WAIT).await.unwrap().unwrap();
     let mut dead = claim.job.clone();
     dead.status = Status::Failed;
@@ -1366,14 +1582,11 @@ async fn a_tenant_past_its_pending_jobs_bound_in_redis_gets_429_and_the_backlog_
 }
 
 async fn pending_bound(extra: &[&str]) {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, _got) = receiver().await;
-    let dir = config(&mock, &hook);
     let mut args = extra.to_vec();
     // No worker here: the jobs stay queued.
     args.extend(["--job-workers", "0", "--job-max-pending-per-tenant", "2"]);
-    let proxy = start(&dir, &args).await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::start(&args).await;
+    let (proxy, http) = (&gw.proxy, &gw.http);
     let post = |key: &'static str| {
         http.post(proxy.url("/v1/jobs"))
             .bearer_auth(key)
@@ -1419,5 +1632,56 @@ async fn pending_bound(extra: &[&str]) {
     assert_eq!(r.status(), 200);
     assert_eq!(post(ACME).await.unwrap().status(), 202);
     assert_eq!(post(ACME).await.unwrap().status(), 429);
-    proxy.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_submissions_of_one_tenant_never_pass_its_pending_bound() {
+    concurrent_bound(&[]).await;
+}
+
+#[tokio::test]
+async fn concurrent_submissions_in_redis_never_pass_the_pending_bound_across_replicas() {
+    let redis = RedisServer::start().await.unwrap();
+    concurrent_bound(&["--redis", &redis.url()]).await;
+}
+
+/// 64 submissions of one tenant at once, bound 5: exactly 5 accepted, however they
+/// interleave (with Redis, sent to two replicas sharing the store).
+async fn concurrent_bound(extra: &[&str]) {
+    const BOUND: usize = 5;
+    const SENT: usize = 64;
+    let mut args = extra.to_vec();
+    args.extend(["--job-workers", "0", "--job-max-pending-per-tenant", "5"]);
+    let gw = Gateway::start(&args).await;
+    let (a, http) = (&gw.proxy, &gw.http);
+    // In memory each replica has its own store: one replica. With Redis: two.
+    let b = if extra.is_empty() {
+        None
+    } else {
+        Some(start(&gw.dir, &args).await)
+    };
+    let body = job("gpt-4o", "at once");
+    let sends = (0..SENT).map(|i| {
+        let proxy = match &b {
+            Some(b) if i % 2 == 1 => b,
+            _ => a,
+        };
+        http.post(proxy.url("/v1/jobs"))
+            .bearer_auth(ACME)
+            .json(&body)
+            .send()
+    });
+    let statuses: Vec<u16> = futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    let accepted = statuses.iter().filter(|s| **s == 202).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((accepted, refused), (BOUND, SENT - BOUND), "{statuses:?}");
+    gw.stop().await;
+    if let Some(b) = b {
+        b.stop().await.unwrap();
+    }
 }

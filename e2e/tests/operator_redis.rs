@@ -211,6 +211,7 @@ async fn demand_is_summed_over_the_replicas_that_still_publish() {
 #[tokio::test]
 async fn queue_figures_are_summed_over_the_replicas_per_tier() {
     use floodgate_proxy::demand::{DemandBoard, Publisher, QueueFigures, TierFigures};
+    use floodgate_proxy::route::tiers::SloFigures;
     let redis = RedisServer::start().await.unwrap();
     let url = SecretString::new(redis.url());
     let figures = |pro: (u64, u64), free: (u64, u64)| {
@@ -218,6 +219,11 @@ async fn queue_figures_are_summed_over_the_replicas_per_tier() {
             name: name.into(),
             waiting,
             oldest_wait_ms,
+            recent: SloFigures {
+                within: waiting * 10,
+                missed: waiting,
+                waits: std::array::from_fn(|i| if i == 1 { waiting * 11 } else { 0 }),
+            },
         };
         QueueFigures {
             namespace: "ai".into(),
@@ -248,5 +254,11 @@ async fn queue_figures_are_summed_over_the_replicas_per_tier() {
         .map(|(tier, u)| (tier.as_str(), u.waiting, u.oldest_wait_ms))
         .collect();
     assert_eq!(seen, [("free", 7, 900), ("pro", 5, 4000)]);
+    // Outcomes and wait buckets are summed too.
+    let recent: Vec<_> = usage
+        .iter()
+        .map(|(tier, u)| (tier.as_str(), u.within, u.missed, u.waits[1]))
+        .collect();
+    assert_eq!(recent, [("free", 70, 7, 77), ("pro", 50, 5, 55)]);
     assert!(reader.queue_usage("ai", "other").await.unwrap().is_empty());
 }

@@ -119,7 +119,9 @@ async fn slow_heads_and_idle_connections_are_closed() {
         .await
         .unwrap();
     for reason in ["header_timeout", "idle_timeout"] {
-        let line = format!("floodgate_server_connections_closed_total{{reason=\"{reason}\"}} ");
+        let line = format!(
+            "floodgate_server_connections_closed_total{{listener=\"public\",reason=\"{reason}\"}} "
+        );
         assert!(metrics.contains(&line), "{reason}: {metrics}");
     }
 }
@@ -190,7 +192,9 @@ async fn connections_beyond_the_cap_are_refused_logged_and_counted() {
     };
     let refused = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("floodgate_server_connections_refused_total "))
+        .find_map(|l| {
+            l.strip_prefix("floodgate_server_connections_refused_total{listener=\"public\"} ")
+        })
         .unwrap();
     assert!(refused.parse::<u64>().unwrap() >= 1, "{metrics}");
 }

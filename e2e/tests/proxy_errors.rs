@@ -1,7 +1,8 @@
 //! Upstream failures are told apart: a port nobody listens on (`connect`), a server that does
 //! not speak TLS to an `https` URL (`tls`), a server that never answers (`timeout`), a stream
-//! that goes silent (`stalled`) and a connection closed in the middle of a response
-//! (`upstream_closed`) each get their own code and message, against real sockets.
+//! that goes silent (`stalled`), a connection closed in the middle of a response
+//! (`upstream_closed`) and a server that does not answer in HTTP (`malformed`) each get their
+//! own code and message, against real sockets.
 #![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
 use floodgate_e2e::gateway::Gateway;
@@ -191,4 +192,21 @@ async fn a_connection_closed_mid_response_says_so() {
     );
     let message = body["error"]["message"].as_str().unwrap();
     assert!(!message.contains("could not connect"), "{message}");
+}
+
+#[tokio::test]
+async fn a_server_that_does_not_answer_in_http_is_a_malformed_answer_not_a_closed_one() {
+    let addr = server(|mut socket| async move {
+        let _ = socket.write_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
+    })
+    .await;
+    let gw = gateway(&format!("http://{addr}")).await;
+    let (status, body) = ask(&gw, false).await;
+    assert_error(
+        status,
+        &body,
+        502,
+        "malformed",
+        "upstream response could not be parsed",
+    );
 }

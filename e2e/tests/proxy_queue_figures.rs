@@ -1,16 +1,18 @@
 //! What the real gateway shares in Redis for the operator's TierQueue status: the binary
 //! (`ProxyProcess`) with `--redis`, a pool whose one key allows 1 request a minute, and a
 //! TierQueue; a request that waits for the key is seen by the operator's reader as waiting
-//! in its tier, with its wait growing, until it leaves.
+//! in its tier, with its wait growing, until it leaves; the request admitted before it is
+//! counted within the tier's wait target.
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
 
+use floodgate_crds::redis_keys::WAIT_BUCKETS_MS;
 use floodgate_e2e::cluster::wait_for;
 use floodgate_e2e::mock::{MockConfig, MockProviders};
 use floodgate_e2e::proxy::ProxyProcess;
 use floodgate_e2e::redis::RedisServer;
-use floodgate_operator::usage::{TierQueueUsage, UsageReader};
+use floodgate_operator::usage::UsageReader;
 use serde_json::json;
 use std::time::Duration;
 
@@ -62,7 +64,7 @@ async fn a_request_waiting_in_the_gateway_is_seen_in_its_tier_by_the_operator() 
     let reader = UsageReader::new(&url).unwrap();
     let pro = || async {
         let usage = reader.queue_usage("", "tiers").await.unwrap();
-        usage.get("pro").copied().unwrap_or_default()
+        usage.get("pro").cloned().unwrap_or_default()
     };
     let seen = wait_for("the waiting request in Redis", WAIT, || async {
         let pro = pro().await;
@@ -72,12 +74,22 @@ async fn a_request_waiting_in_the_gateway_is_seen_in_its_tier_by_the_operator() 
     .unwrap();
     assert_eq!(seen.waiting, 1);
 
-    // The caller gives up: the tier is empty again.
+    // The caller gives up: the tier is empty again. What stays is the recent outcome: the
+    // first request, admitted at once, within the tier's target, in the first wait bucket
+    // (the one that left is neither admitted nor refused by the queue).
     waiting.abort();
-    wait_for("the tier empty again", WAIT, || async {
-        Ok((pro().await == TierQueueUsage::default()).then_some(()))
+    let after = wait_for("the tier empty again", WAIT, || async {
+        let pro = pro().await;
+        Ok((pro.waiting == 0 && pro.oldest_wait_ms == 0).then_some(pro))
     })
     .await
     .unwrap();
+    let mut first_bucket = vec![0; after.waits.len().max(1)];
+    first_bucket[0] = 1;
+    assert_eq!(
+        (after.within, after.missed, &after.waits),
+        (1, 0, &first_bucket)
+    );
+    assert_eq!(after.waits.len(), WAIT_BUCKETS_MS.len() + 1);
     proxy.stop().await.unwrap();
 }

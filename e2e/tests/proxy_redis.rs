@@ -382,11 +382,43 @@ mod loss {
     /// no longer: a key with room admits again as soon as it ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn after_a_loss_admissions_resume_when_the_barrier_ends() {
-        let redis = RedisServer::start().await.unwrap();
+        admissions_resume_when_the_barrier_ends(async |redis: &mut RedisServer, _: &Budgets| {
+            flush(redis).await;
+        })
+        .await;
+    }
+
+    /// The same after a restart without data that the replica saw as an outage: one
+    /// barrier, not a second one when its next check finds the new `run_id` (the record was
+    /// re-written when Redis came back).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_restart_admissions_resume_when_the_one_barrier_ends() {
+        admissions_resume_when_the_barrier_ends(async |redis: &mut RedisServer, a: &Budgets| {
+            let mut watch = a.backend().unwrap().watch_degraded();
+            // A few checks first, so that the monitor knows the server's `run_id`.
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            redis.kill().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(2), watch.wait_for(|d| *d))
+                .await
+                .unwrap()
+                .unwrap();
+            redis.restart().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(2), watch.wait_for(|d| !*d))
+                .await
+                .unwrap()
+                .unwrap();
+        })
+        .await;
+    }
+
+    async fn admissions_resume_when_the_barrier_ends(
+        lose: impl AsyncFnOnce(&mut RedisServer, &Budgets),
+    ) {
+        let mut redis = RedisServer::start().await.unwrap();
         let a = shared(&redis);
         let ka = a.key(&id(), rpm(10));
         drop(take(&ka, 2).await);
-        flush(&redis).await;
+        lose(&mut redis, &a).await;
         let flushed = Instant::now();
         let refused = ka.acquire(Instant::now(), 1).await;
         let Err(Unavailable::Until(until)) = refused else {
@@ -404,6 +436,144 @@ mod loss {
         }
         assert!(admitted.is_some(), "not admitted once the barrier ended");
         assert_eq!(requests_in_redis(&redis).await, 3);
+        // Several checks later, the loss was counted (and its barrier raised) once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(a.backend().unwrap().losses(), 1);
+    }
+
+    /// Redis dies after replica B took 8 of a key's 10 and replica A only 1, and A's last
+    /// answer from Redis (1 used) predates B's requests. A must not take the rest of its
+    /// half (4 of 5) on the strength of that stale answer: in the outage's first window it
+    /// holds no more than it held when Redis was lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_never_trusts_a_stale_answer_about_the_other_replicas() {
+        let mut redis = RedisServer::start().await.unwrap();
+        let (a, b) = (shared(&redis), shared(&redis));
+        let (ka, kb) = (a.key(&id(), rpm(10)), b.key(&id(), rpm(10)));
+        let _a = take(&ka, 1).await;
+        let _b = take(&kb, 8).await;
+        redis.kill().await.unwrap();
+        let mut more = Vec::new();
+        for _ in 0..5 {
+            if let Ok(p) = ka.acquire(Instant::now(), 1).await {
+                more.push(p);
+            }
+        }
+        assert!(a.redis_degraded());
+        assert!(
+            1 + 8 + more.len() <= 10,
+            "A took {} more with 9 of 10 in the window",
+            more.len()
+        );
+    }
+
+    /// As above, but the provider had told A that the key is spent (remaining 0) when Redis
+    /// died: that says nothing of how many of the window's requests were A's, so A still
+    /// holds no more than its own 1 once the provider's reset has passed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_does_not_take_the_providers_word_for_what_a_replica_held() {
+        let mut redis = RedisServer::start().await.unwrap();
+        let (a, b) = (shared(&redis), shared(&redis));
+        let (ka, kb) = (a.key(&id(), rpm(10)), b.key(&id(), rpm(10)));
+        let _b = take(&kb, 8).await;
+        let _a = take(&ka, 1).await;
+        let reset = Duration::from_millis(300);
+        let spent = floodgate_proxy::providers::RateLimitInfo {
+            requests_remaining: Some(0),
+            requests_reset: Some(reset),
+            ..Default::default()
+        };
+        let mut watch = a.backend().unwrap().watch_degraded();
+        ka.learn(&spent, Instant::now());
+        redis.kill().await.unwrap();
+        // The outage is found (by the monitor) while the provider's word still holds.
+        tokio::time::timeout(reset, watch.wait_for(|d| *d))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(ka.acquire(Instant::now(), 1).await.is_err());
+        tokio::time::sleep(reset).await;
+        let mut more = Vec::new();
+        for _ in 0..5 {
+            if let Ok(p) = ka.acquire(Instant::now(), 1).await {
+                more.push(p);
+            }
+        }
+        assert!(
+            9 + more.len() <= 10,
+            "A took {} more with 9 of 10 in the window",
+            more.len()
+        );
+    }
+
+    /// A key idle for a day keeps its epoch while a replica still uses it: the monitor
+    /// renews it, so the next request is not taken for a lost budget (a barrier, a warning
+    /// and a loss for nothing).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_keys_epoch_is_renewed_while_a_replica_uses_it() {
+        let redis = RedisServer::start().await.unwrap();
+        let a = shared(&redis);
+        let ka = a.key(&id(), rpm(10));
+        drop(take(&ka, 1).await);
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let epoch = KeyBudgetKeys::new("pool", "openai", "k0").epoch;
+        // As a day without admissions leaves it: a second to live.
+        let _: i64 = redis::cmd("PEXPIRE")
+            .arg(&epoch)
+            .arg(1000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let left: i64 = redis::cmd("PTTL")
+                .arg(&epoch)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            if left > 3_600_000 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the epoch was not renewed: {left} ms left"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(a.backend().unwrap().losses(), 0);
+    }
+
+    /// After a short pause of Redis that kept the budgets, the local share holds only as
+    /// long as the other replicas need to re-write theirs (the barrier's time), not a whole
+    /// window: a replica that used its share takes more from Redis soon after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_blip_does_not_cost_a_window_on_the_local_share() {
+        let redis = RedisServer::start().await.unwrap();
+        let a = shared(&redis);
+        let ka = a.key(&id(), rpm(10));
+        let _held = take(&ka, 5).await;
+        let mut watch = a.backend().unwrap().watch_degraded();
+        redis.pause().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(3), watch.wait_for(|d| *d))
+            .await
+            .unwrap()
+            .unwrap();
+        redis.resume().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(3), watch.wait_for(|d| !*d))
+            .await
+            .unwrap()
+            .unwrap();
+        let back = Instant::now();
+        let mut sixth = None;
+        while sixth.is_none() && back.elapsed() < WINDOW / 2 {
+            sixth = ka.acquire(Instant::now(), 1).await.ok();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            sixth.is_some(),
+            "held to the local share for half a window after Redis returned"
+        );
     }
 
     /// The monitor finds an outage and the return of Redis without any request asking.

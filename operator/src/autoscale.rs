@@ -329,12 +329,12 @@ impl Autoscaler {
             .insert(key.to_owned(), Instant::now());
     }
 
-    /// Forgets object `key` (deleted).
-    pub fn forget(&self, key: &str) {
+    /// Forgets every object whose key `keep` rejects (deleted).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.last_change
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+            .retain(|key, _| keep(key));
     }
 }
 

@@ -10,6 +10,8 @@ pub const READY: &str = "Ready";
 pub const SECRETS_FOUND: &str = "SecretsFound";
 /// Every API key of a pool resolves to a non-empty Secret value.
 pub const KEYS_READY: &str = "KeysReady";
+/// Every target a RoutingPolicy names (pools, LocalModelDeployments) exists.
+pub const TARGETS_FOUND: &str = "TargetsFound";
 /// A rollout is under way (LocalModelDeployment).
 pub const PROGRESSING: &str = "Progressing";
 /// The resource works, but with less than it asked for.

@@ -151,6 +151,29 @@ impl Context {
         failures.remove(&object_key(obj));
     }
 
+    /// Forgets what this process keeps per object of kind `K` (failure counts; for local
+    /// models, the last scale change and the demand series) for every object of that kind
+    /// that `exists` (given namespace and name) says is gone.
+    pub fn forget_deleted<K: Resource<DynamicType = ()>>(
+        &self,
+        exists: impl Fn(&str, &str) -> bool,
+    ) {
+        let prefix = format!("{}/", K::kind(&()));
+        let kept = |key: &str| {
+            key.strip_prefix(&prefix)
+                .and_then(|rest| rest.split_once('/'))
+                .is_none_or(|(namespace, name)| exists(namespace, name))
+        };
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key, _| kept(key));
+        if K::kind(&()) == "LocalModelDeployment" {
+            self.autoscaler.retain(kept);
+            self.metrics.retain_demand(&exists);
+        }
+    }
+
     /// Publishes an Event about `obj`; a failure to publish is logged, never fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
@@ -301,6 +324,55 @@ mod tests {
         assert_eq!(secs, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
         assert_eq!(backoff_delay(0), Duration::from_secs(1));
         assert_eq!(backoff_delay(u32::MAX), BACKOFF_MAX);
+    }
+
+    fn model(namespace: &str, name: &str) -> floodgate_crds::LocalModelDeployment {
+        let spec = serde_json::from_value(
+            serde_json::json!({"model": "llama3.1:8b", "classes": ["simple"]}),
+        )
+        .unwrap_or_else(|e| panic!("a model spec: {e}"));
+        let mut lmd = floodgate_crds::LocalModelDeployment::new(name, spec);
+        lmd.metadata.namespace = Some(namespace.to_owned());
+        lmd
+    }
+
+    #[tokio::test]
+    async fn what_is_kept_per_object_is_forgotten_when_the_object_is_deleted() {
+        let (ctx, _api) = crate::fixtures::context(crate::autoscale::DemandSource::Unconfigured);
+        let (gone, kept) = (model("ai", "gone"), model("ai", "kept"));
+        let mut pool = floodgate_crds::AIProviderPool::new(
+            "gone",
+            serde_json::from_value(serde_json::json!({"providers": []}))
+                .unwrap_or_else(|e| panic!("a pool spec: {e}")),
+        );
+        pool.metadata.namespace = Some("ai".into());
+        for obj in [&gone, &kept] {
+            ctx.failed(obj);
+            ctx.autoscaler.changed(&object_key(obj));
+            ctx.metrics
+                .set_demand("ai", &obj.name_any(), &crate::autoscale::Demand::default());
+        }
+        ctx.failed(&pool);
+        ctx.forget_deleted::<floodgate_crds::LocalModelDeployment>(|ns, name| {
+            ns == "ai" && name == "kept"
+        });
+        // The deleted model starts afresh; the kept one and the other kind's namesake do not.
+        assert_eq!(ctx.failed(&gone), Duration::from_secs(1));
+        assert_eq!(ctx.failed(&kept), Duration::from_secs(2));
+        assert_eq!(ctx.failed(&pool), Duration::from_secs(2));
+        assert!(
+            ctx.autoscaler
+                .since_change(&object_key(&gone), None)
+                .is_none()
+        );
+        assert!(
+            ctx.autoscaler
+                .since_change(&object_key(&kept), None)
+                .is_some()
+        );
+        let text = ctx.metrics.encode();
+        assert!(!text.contains(r#"name="gone""#), "{text}");
+        assert!(text.contains(r#"name="kept""#), "{text}");
     }
 
     #[test]

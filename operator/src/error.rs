@@ -15,6 +15,9 @@ pub enum Error {
     /// Another replica took the leader Lease, or it could not be renewed.
     #[error("lost the leader Lease")]
     LeaseLost,
+    /// A call about the leader Lease took longer than its own timeout.
+    #[error("a Lease API call took longer than {0:?}")]
+    LeaseCallTimeout(std::time::Duration),
     /// An object could not be turned into JSON for an apply patch.
     #[error("cannot encode an apply patch: {0}")]
     Encode(#[from] serde_json::Error),
@@ -29,6 +32,7 @@ impl Error {
             Error::Encode(_) => "encode",
             Error::Redis(_) => "redis",
             Error::LeaseLost => "lease_lost",
+            Error::LeaseCallTimeout(_) => "lease_timeout",
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
+use floodgate_operator::health::Readiness;
 use floodgate_operator::leader::LeaseLock;
 use floodgate_operator::{Config, Metrics};
 use std::sync::Arc;
@@ -32,7 +33,7 @@ struct Args {
     /// Name of the leader Lease.
     #[arg(long, default_value = "floodgate-operator")]
     lease_name: String,
-    /// Serve Prometheus metrics at `/metrics` (and `/healthz`) on this address, e.g.
+    /// Serve Prometheus metrics at `/metrics` (and `/healthz`, `/readyz`) on this address, e.g.
     /// `0.0.0.0:9090`; not served when unset.
     #[arg(long, env = "FLOODGATE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -114,10 +115,6 @@ async fn main() -> anyhow::Result<()> {
         redis_url: args.redis_url,
     };
     let metrics = Arc::new(Metrics::default());
-    let server = match args.metrics_listen {
-        Some(addr) => Some(serve_metrics(addr, metrics.clone(), shutdown.clone()).await?),
-        None => None,
-    };
     let webhook = match args.webhook_listen {
         Some(listen) => {
             let source = match &args.webhook_cert_dir {
@@ -141,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
                 port: args.sidecar_port,
                 default_config_map: args.sidecar_config_map.clone(),
             };
-            let (_, task) = floodgate_operator::webhook::start(
+            let started = floodgate_operator::webhook::start(
                 client.clone(),
                 listen,
                 source,
@@ -150,10 +147,21 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
             .with_context(|| format!("cannot listen on {listen} for the webhook"))?;
-            Some(task)
+            Some(started)
         }
         None => None,
     };
+    let readiness = Readiness::new(
+        webhook.as_ref().map(|w| w.certificate.clone()),
+        shutdown.clone(),
+    );
+    let server = match args.metrics_listen {
+        Some(addr) => {
+            Some(serve_metrics(addr, metrics.clone(), readiness, shutdown.clone()).await?)
+        }
+        None => None,
+    };
+    let webhook = webhook.map(|w| w.task);
     let result = if args.leader_elect {
         let lock = LeaseLock::new(
             client.clone(),
@@ -176,10 +184,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(result?)
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until `shutdown`.
+/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (it should get traffic:
+/// the webhook's certificate is loaded, and it is not stopping) on `addr` until `shutdown`.
 async fn serve_metrics(
     addr: std::net::SocketAddr,
     metrics: Arc<Metrics>,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use axum::routing::get;
@@ -202,7 +212,19 @@ async fn serve_metrics(
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let checked = readiness.check();
+                async move {
+                    match checked {
+                        Ok(()) => (axum::http::StatusCode::OK, "ok"),
+                        Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why),
+                    }
+                }
+            }),
+        );
     tracing::info!(%addr, "serving metrics");
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)

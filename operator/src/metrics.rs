@@ -47,6 +47,9 @@ pub struct DemandLabels {
     pub signal: &'static str,
 }
 
+/// The `signal` label values of the demand series, in [`Metrics::set_demand`]'s order.
+const DEMAND_SIGNALS: [&str; 4] = ["queued", "in_flight", "latency_p95_ms", "spilled"];
+
 /// Every metric of one operator process.
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +58,8 @@ pub struct Metrics {
     durations: Family<KindLabels, Histogram, fn() -> Histogram>,
     leader: Gauge,
     demand: Family<DemandLabels, Gauge>,
+    /// The `(namespace, name)` of every model with demand series, to remove them when it goes.
+    demand_models: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -112,6 +117,7 @@ impl Default for Metrics {
             durations,
             leader,
             demand,
+            demand_models: std::sync::Mutex::default(),
         }
     }
 }
@@ -148,12 +154,17 @@ impl Metrics {
 
     /// Records the demand read for local model `namespace/name`.
     pub fn set_demand(&self, namespace: &str, name: &str, demand: &crate::autoscale::Demand) {
-        for (signal, value) in [
-            ("queued", demand.queued),
-            ("in_flight", demand.in_flight),
-            ("latency_p95_ms", demand.latency_p95_ms),
-            ("spilled", demand.spilled),
-        ] {
+        self.demand_models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((namespace.to_owned(), name.to_owned()));
+        let values = [
+            demand.queued,
+            demand.in_flight,
+            demand.latency_p95_ms,
+            demand.spilled,
+        ];
+        for (signal, value) in DEMAND_SIGNALS.into_iter().zip(values) {
             self.demand
                 .get_or_create(&DemandLabels {
                     namespace: namespace.to_owned(),
@@ -162,6 +173,25 @@ impl Metrics {
                 })
                 .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Removes the demand series of every local model `keep` rejects (given namespace and name):
+    /// those deleted.
+    pub fn retain_demand(&self, keep: impl Fn(&str, &str) -> bool) {
+        let mut models = self.demand_models.lock().unwrap_or_else(|p| p.into_inner());
+        models.retain(|(namespace, name)| {
+            if keep(namespace, name) {
+                return true;
+            }
+            for signal in DEMAND_SIGNALS {
+                self.demand.remove(&DemandLabels {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    signal,
+                });
+            }
+            false
+        });
     }
 
     /// Reconciles of `kind` with `result` so far.

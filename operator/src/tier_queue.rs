@@ -1,7 +1,9 @@
 //! TierQueue controller: checks the Secrets that async delivery names (webhook signing secret,
-//! SMTP credentials) and writes the tier count and conditions (`SecretsFound`, `Ready`), and,
+//! SMTP credentials and CA) and writes the tier count and conditions (`SecretsFound`, `Ready`), and,
 //! with Redis, the live queue figures the gateway's replicas share: requests waiting per tier
-//! and per class, and the oldest wait. Dead letters and p95 waits are not read yet.
+//! and per class, the oldest wait, and per tier over the last five minutes its SLO attainment
+//! (the share of requests within the tier's wait target) and p95 wait. Dead letters are not
+//! read yet.
 
 use crate::conditions::{self, READY, SECRETS_FOUND, condition};
 use crate::context::{Context, object_key};
@@ -9,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::secrets::{SecretIndex, describe_unresolved};
 use crate::usage::QueueUsage;
 use floodgate_crds::SecretKeyRef;
+use floodgate_crds::redis_keys::wait_percentile_ms;
 use floodgate_crds::tier::{ClassStatus, TierQueue, TierQueueSpec, TierQueueStatus, TierStatus};
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -72,13 +75,16 @@ pub fn with_queues(status: &mut TierQueueStatus, spec: &TierQueueSpec, queues: &
         .tiers
         .iter()
         .map(|t| {
-            let q = queues.get(&t.name).copied().unwrap_or_default();
-            let previous = status.tiers.iter().find(|s| s.name == t.name);
+            let q = queues.get(&t.name).cloned().unwrap_or_default();
+            let recent = q.within + q.missed;
             TierStatus {
                 name: t.name.clone(),
                 queued: q.waiting,
                 oldest_wait_ms: q.oldest_wait_ms,
-                p95_wait_ms: previous.and_then(|p| p.p95_wait_ms),
+                p95_wait_ms: wait_percentile_ms(&q.waits, 95),
+                recent_requests: recent,
+                within_target: q.within,
+                slo_attainment_percent: (recent > 0).then(|| percent(q.within, recent)),
             }
         })
         .collect();
@@ -106,6 +112,13 @@ pub fn with_queues(status: &mut TierQueueStatus, spec: &TierQueueSpec, queues: &
     status.classes = classes;
 }
 
+/// `part` of `whole` (not 0) in percent with one decimal, rounded down so that a tier that
+/// missed even one request of many never reads `100.0`.
+fn percent(part: u64, whole: u64) -> String {
+    let tenths = u128::from(part) * 1000 / u128::from(whole);
+    format!("{}.{}", tenths / 10, tenths % 10)
+}
+
 /// Every Secret reference of `spec`, with `tier/what` naming whose it is.
 fn secret_refs(spec: &TierQueueSpec) -> impl Iterator<Item = (String, &SecretKeyRef)> {
     spec.tiers.iter().flat_map(|t| {
@@ -114,11 +127,14 @@ fn secret_refs(spec: &TierQueueSpec) -> impl Iterator<Item = (String, &SecretKey
             .and_then(|d| d.webhook.as_ref())
             .and_then(|w| w.signing_secret_ref.as_ref())
             .map(|r| (format!("{}/webhook signing secret", t.name), r));
-        let email = delivery
-            .and_then(|d| d.email.as_ref())
+        let email = delivery.and_then(|d| d.email.as_ref());
+        let credentials = email
             .and_then(|e| e.credentials_secret_ref.as_ref())
             .map(|r| (format!("{}/SMTP credentials", t.name), r));
-        webhook.into_iter().chain(email)
+        let ca = email
+            .and_then(|e| e.ca_secret_ref.as_ref())
+            .map(|r| (format!("{}/SMTP CA", t.name), r));
+        webhook.into_iter().chain(credentials).chain(ca)
     })
 }
 
@@ -209,6 +225,14 @@ mod tests {
     }
 
     #[test]
+    fn attainment_is_rounded_down_to_a_tenth_of_a_percent() {
+        assert_eq!(percent(1, 1), "100.0");
+        assert_eq!(percent(9_999, 10_000), "99.9");
+        assert_eq!(percent(0, 3), "0.0");
+        assert_eq!(percent(2, 3), "66.6");
+    }
+
+    #[test]
     fn queue_figures_fill_tiers_classes_and_the_oldest_wait() {
         use crate::usage::TierQueueUsage;
         use floodgate_crds::QueueClass;
@@ -225,6 +249,10 @@ mod tests {
                 TierQueueUsage {
                     waiting: 3,
                     oldest_wait_ms: 1200,
+                    // 199 of 200 within the target; the 190th fastest waited at most 100 ms.
+                    within: 199,
+                    missed: 1,
+                    waits: vec![150, 30, 15, 4, 0, 1],
                 },
             ),
             (
@@ -232,6 +260,7 @@ mod tests {
                 TierQueueUsage {
                     waiting: 2,
                     oldest_wait_ms: 4000,
+                    ..TierQueueUsage::default()
                 },
             ),
             // A tier the spec no longer lists is not shown.
@@ -240,6 +269,7 @@ mod tests {
                 TierQueueUsage {
                     waiting: 9,
                     oldest_wait_ms: 9000,
+                    ..TierQueueUsage::default()
                 },
             ),
         ]
@@ -253,6 +283,28 @@ mod tests {
             .map(|t| (t.name.as_str(), t.queued, t.oldest_wait_ms))
             .collect();
         assert_eq!(tiers, [("pro", 3, 1200), ("free", 0, 0), ("team", 2, 4000)]);
+        let slo: Vec<_> = s
+            .tiers
+            .iter()
+            .map(|t| {
+                let attainment = t.slo_attainment_percent.as_deref();
+                (
+                    t.recent_requests,
+                    t.within_target,
+                    attainment,
+                    t.p95_wait_ms,
+                )
+            })
+            .collect();
+        // 199/200 is 99.5%; a tier without requests has no attainment and no p95.
+        assert_eq!(
+            slo,
+            [
+                (200, 199, Some("99.5"), Some(100)),
+                (0, 0, None, None),
+                (0, 0, None, None)
+            ]
+        );
         let classes: Vec<_> = s
             .classes
             .iter()

@@ -179,12 +179,19 @@ pub fn budget_ids(provider: &Provider) -> Vec<String> {
 }
 
 /// One tier's queue over every gateway replica.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TierQueueUsage {
     /// Requests waiting.
     pub waiting: u64,
     /// How long the longest-waiting has waited (ms).
     pub oldest_wait_ms: u64,
+    /// Requests admitted within the tier's wait target over the replicas' recent window.
+    pub within: u64,
+    /// Requests admitted later or refused for time or room over that window.
+    pub missed: u64,
+    /// The admitted requests' waits per bucket of
+    /// [`floodgate_crds::redis_keys::WAIT_BUCKETS_MS`], then the longer ones.
+    pub waits: Vec<u64>,
 }
 
 /// A TierQueue's queues per tier name, over the replicas whose figures have not expired.
@@ -194,7 +201,9 @@ impl UsageReader {
     /// The queue figures of TierQueue `namespace/name` (layout: [`floodgate_crds::redis_keys`]):
     /// per tier, the sum of the replicas' waiting counts and the largest oldest wait.
     pub async fn queue_usage(&self, namespace: &str, name: &str) -> Result<QueueUsage> {
-        use floodgate_crds::redis_keys::{QUEUE_OLDEST, QUEUE_WAITING, QueueKeys};
+        use floodgate_crds::redis_keys::{
+            QUEUE_MISSED, QUEUE_OLDEST, QUEUE_WAITING, QUEUE_WAITS, QUEUE_WITHIN, QueueKeys,
+        };
         let mut conn = self.connection()?;
         let keys = QueueKeys::new(namespace, name);
         let replicas: Vec<String> = redis::cmd("ZRANGE")
@@ -212,13 +221,27 @@ impl UsageReader {
             pipe.cmd("HGETALL").arg(keys.replica(r));
         }
         // An expired hash reads as empty: that replica stopped publishing.
-        let hashes: Vec<BTreeMap<String, u64>> = pipe.query_async(&mut conn).await?;
+        let hashes: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await?;
+        // A field that does not parse (another version's) counts as nothing.
+        let number = |v: &str| v.parse::<u64>().unwrap_or(0);
         for (field, value) in hashes.into_iter().flatten() {
             if let Some(tier) = field.strip_prefix(QUEUE_WAITING) {
-                usage.entry(tier.to_owned()).or_default().waiting += value;
+                usage.entry(tier.to_owned()).or_default().waiting += number(&value);
             } else if let Some(tier) = field.strip_prefix(QUEUE_OLDEST) {
                 let t = usage.entry(tier.to_owned()).or_default();
-                t.oldest_wait_ms = t.oldest_wait_ms.max(value);
+                t.oldest_wait_ms = t.oldest_wait_ms.max(number(&value));
+            } else if let Some(tier) = field.strip_prefix(QUEUE_WITHIN) {
+                usage.entry(tier.to_owned()).or_default().within += number(&value);
+            } else if let Some(tier) = field.strip_prefix(QUEUE_MISSED) {
+                usage.entry(tier.to_owned()).or_default().missed += number(&value);
+            } else if let Some(tier) = field.strip_prefix(QUEUE_WAITS) {
+                let t = usage.entry(tier.to_owned()).or_default();
+                for (i, count) in value.split(',').enumerate() {
+                    if t.waits.len() <= i {
+                        t.waits.resize(i + 1, 0);
+                    }
+                    t.waits[i] += number(count);
+                }
             }
         }
         Ok(usage)

@@ -13,7 +13,8 @@
 
 use crate::secret::SecretString;
 use floodgate_crds::redis_keys::{
-    DEMAND_TTL_MS, DemandKeys, QUEUE_OLDEST, QUEUE_WAITING, QueueKeys,
+    DEMAND_TTL_MS, DemandKeys, QUEUE_MISSED, QUEUE_OLDEST, QUEUE_WAITING, QUEUE_WAITS,
+    QUEUE_WITHIN, QueueKeys,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::{BTreeMap, VecDeque};
@@ -71,6 +72,8 @@ pub struct TierFigures {
     pub waiting: u64,
     /// How long its longest-waiting request has waited (ms); 0 with none.
     pub oldest_wait_ms: u64,
+    /// Its outcomes over the last five minutes: wait target attainment and waits.
+    pub recent: crate::route::tiers::SloFigures,
 }
 
 /// The queue figures of the TierQueue `namespace/name` on this replica.
@@ -324,7 +327,20 @@ impl Publisher {
                 call.arg(format!("{QUEUE_WAITING}{}", t.name))
                     .arg(t.waiting)
                     .arg(format!("{QUEUE_OLDEST}{}", t.name))
-                    .arg(t.oldest_wait_ms);
+                    .arg(t.oldest_wait_ms)
+                    .arg(format!("{QUEUE_WITHIN}{}", t.name))
+                    .arg(t.recent.within)
+                    .arg(format!("{QUEUE_MISSED}{}", t.name))
+                    .arg(t.recent.missed)
+                    .arg(format!("{QUEUE_WAITS}{}", t.name))
+                    .arg(
+                        t.recent
+                            .waits
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    );
             }
             let _: u64 = call.invoke_async(conn).await?;
         }

@@ -89,6 +89,12 @@ struct Args {
     #[arg(long, env = "FLOODGATE_IDLE_TIMEOUT_MS", default_value_t = 75_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout_ms: u64,
+    /// Longest a client may leave a ready part of its response untaken (not reading it, or
+    /// an HTTP/2 window kept shut), in milliseconds; then the connection is closed and the
+    /// response dropped (its upstream call cancelled). Waiting for the upstream never counts.
+    #[arg(long, env = "FLOODGATE_SEND_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    send_timeout_ms: u64,
     /// Longest a door waits for a whole request body, in milliseconds; then it answers 408.
     #[arg(long, env = "FLOODGATE_BODY_READ_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -348,7 +354,8 @@ async fn serve(
                 .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?;
             let local = listener.local_addr()?;
             // A few scrapers and probes: a small cap of its own, never the public one's.
-            let connections = Arc::new(conn::Connections::new(conn::Limits::default(), 64));
+            let connections =
+                Arc::new(conn::Connections::new(conn::Limits::default(), 64).named("admin"));
             tasks.spawn(conn::serve(
                 listener,
                 admin_router(state),
@@ -364,6 +371,7 @@ async fn serve(
     let limits = conn::Limits {
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
         idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+        send_timeout: Duration::from_millis(args.send_timeout_ms),
     };
     let max_connections = args
         .max_connections
@@ -379,6 +387,7 @@ async fn serve(
         max_connections,
         header_read_timeout_ms = args.header_read_timeout_ms,
         idle_timeout_ms = args.idle_timeout_ms,
+        send_timeout_ms = args.send_timeout_ms,
         body_read_timeout_ms = args.body_read_timeout_ms,
         models = dispatcher.config().models().len(),
         tenants,

@@ -88,11 +88,21 @@ pub struct StageLabels {
     pub stage: &'static str,
 }
 
+/// Labels of a listener's connections.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `public` (`--listen`: the API) or `admin` (`--admin-listen`: metrics and probes).
+    pub listener: &'static str,
+}
+
 /// Labels of a client connection the gateway closed.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabels {
-    /// `header_timeout` (a request head did not arrive whole in time) or `idle_timeout`
-    /// (a keep-alive connection waited too long for its next request).
+    /// `public` or `admin`, as in [`ListenerLabels`].
+    pub listener: &'static str,
+    /// `header_timeout` (a request head did not arrive whole in time), `idle_timeout`
+    /// (a keep-alive connection waited too long for its next request) or `send_timeout`
+    /// (the client left a ready part of its response untaken too long).
     pub reason: &'static str,
 }
 
@@ -156,10 +166,11 @@ pub struct Metrics {
     pub circuit_state: Family<ProviderLabels, Gauge>,
     /// 1 while shared budgets in Redis are unreachable and local shares apply.
     pub budget_degraded: Gauge,
-    /// Client connections open now.
-    pub server_connections: Gauge,
-    /// Client connections closed at accept because the connection cap was reached.
-    pub server_connections_refused: Counter,
+    /// Client connections open now, by listener.
+    pub server_connections: Family<ListenerLabels, Gauge>,
+    /// Client connections closed at accept because the connection cap was reached, by
+    /// listener.
+    pub server_connections_refused: Family<ListenerLabels, Counter>,
     /// Client connections the gateway closed for a time bound, by reason.
     pub server_connections_closed: Family<CloseLabels, Counter>,
     /// Requests waiting for budget, by tier and class.
@@ -207,8 +218,8 @@ impl Metrics {
             key_failed: Family::default(),
             circuit_state: Family::default(),
             budget_degraded: Gauge::default(),
-            server_connections: Gauge::default(),
-            server_connections_refused: Counter::default(),
+            server_connections: Family::default(),
+            server_connections_refused: Family::default(),
             server_connections_closed: Family::default(),
             queue_depth: Family::default(),
             queue_wait: Family::new_with_constructor(latency_histogram),
@@ -295,12 +306,12 @@ impl Metrics {
         );
         registry.register(
             "floodgate_server_connections",
-            "Client connections open",
+            "Client connections open, by listener",
             m.server_connections.clone(),
         );
         registry.register(
             "floodgate_server_connections_refused",
-            "Client connections closed at accept because the connection cap was reached",
+            "Client connections closed at accept because the listener's connection cap was reached",
             m.server_connections_refused.clone(),
         );
         registry.register(

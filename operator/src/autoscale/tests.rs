@@ -163,7 +163,7 @@ async fn scales_down_exactly_when_the_cooldown_has_passed() {
     let since = scaler.since_change(key, None);
     assert_eq!(scaled_to(&decide(2, 2, P, &p, &low, since)), Some(1));
     // A forgotten object falls back on its status time, here none: no cooldown.
-    scaler.forget(key);
+    scaler.retain(|k| k != key);
     assert_eq!(scaler.since_change(key, None), None);
 }
 

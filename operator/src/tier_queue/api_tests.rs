@@ -78,3 +78,46 @@ async fn a_missing_signing_secret_is_named_in_status_and_a_warning_event_then_fi
     let action = fixtures::run(reconcile(Arc::new(broken), ctx), script).await;
     assert_eq!(action.unwrap(), Action::requeue(RESYNC));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_smtp_ca_key_is_named_in_status_though_the_credentials_exist() {
+    let (ctx, mut api) = fixtures::context(DemandSource::Unconfigured);
+    let spec = serde_json::from_value(json!({"tiers": [
+        {"name": "free", "class": "batch", "maxWaitMs": 600000,
+         "batch": {"size": 10, "intervalSeconds": 60},
+         "async": {"notify": ["email"], "email": {"from": "gw@example.com",
+            "smtpServer": "smtp.example.com:587",
+            "credentialsSecretRef": {"name": "smtp", "key": "login"},
+            "caSecretRef": {"name": "smtp", "key": "ca"}}}}
+    ]}))
+    .unwrap();
+    let mut tq = TierQueue::new("tiers", spec);
+    tq.metadata.namespace = Some("ai".into());
+    tq.metadata.generation = Some(1);
+    let script = {
+        let tq = tq.clone();
+        async move {
+            // The Secret has the login but not the CA the server's certificate needs.
+            api.expect_secret("ai", "smtp", Some(&["login"])).await;
+            let call = api.expect_apply(STATUS).await;
+            let patch = call.body.clone();
+            call.ok(&serde_json::to_value(&tq).unwrap());
+            for name in [READY, SECRETS_FOUND] {
+                let c = condition(&patch, name);
+                assert_eq!(c["status"], "False", "{c}");
+                assert_eq!(
+                    field(c, "message"),
+                    r#"Secret "smtp" has no key "ca" or it is empty (free/SMTP CA)"#
+                );
+            }
+            assert_eq!(
+                api.expect_events("ai", 1).await,
+                [("Warning".into(), "SecretNotFound".into())]
+            );
+            api
+        }
+    };
+    fixtures::run(reconcile(Arc::new(tq), ctx), script)
+        .await
+        .unwrap();
+}

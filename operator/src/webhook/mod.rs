@@ -112,15 +112,26 @@ async fn read_files(dir: &std::path::Path) -> Result<(String, String), String> {
     Ok((read("tls.crt").await?, read("tls.key").await?))
 }
 
+/// A started webhook.
+#[derive(Debug)]
+pub struct Started {
+    /// The bound address (port 0 picks one).
+    pub addr: std::net::SocketAddr,
+    /// The serving task; ends after `shutdown`.
+    pub task: tokio::task::JoinHandle<()>,
+    /// The certificate served; empty until the first one is loaded (readiness).
+    pub certificate: Arc<server::CertSlot>,
+}
+
 /// Runs the webhook: binds `listen`, keeps its certificate, serves until `shutdown`. Returns
-/// the bound address once listening (port 0 picks one) and the serving task.
+/// once listening.
 pub async fn start(
     client: Client,
     listen: std::net::SocketAddr,
     source: CertSource,
     sidecar: mutate::Sidecar,
     shutdown: CancellationToken,
-) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> std::io::Result<Started> {
     let listener = server::bind(listen).await?;
     let addr = listener.local_addr()?;
     let slot = Arc::new(server::CertSlot::default());
@@ -131,8 +142,9 @@ pub async fn start(
         shutdown.clone(),
     ));
     tracing::info!(%addr, "serving the sidecar webhook");
-    Ok((
+    Ok(Started {
         addr,
-        tokio::spawn(server::serve(listener, slot, sidecar, shutdown)),
-    ))
+        task: tokio::spawn(server::serve(listener, slot.clone(), sidecar, shutdown)),
+        certificate: slot,
+    })
 }

@@ -7,6 +7,15 @@
 //! (set only where the container does not set them itself). A pod that already has the
 //! sidecar is left as it is, so a re-invocation changes nothing.
 //!
+//! **Native sidecar.** The proxy is the first init container, with `restartPolicy: Always`
+//! (Kubernetes' native sidecars, on by default since 1.29): it starts before the pod's other
+//! init containers and its apps, is restarted if it exits, and is stopped after the apps
+//! end, so a Job's pod completes when its work does instead of running forever beside a
+//! gateway that never exits. It has no probes: it listens on the pod's loopback only, and the
+//! kubelet probes the pod's IP (a listener there, `--admin-listen`, would expose the admin
+//! API's dead-letter operations to the pod network; the distroless image has no command an
+//! `exec` probe could run).
+//!
 //! **Port.** The sidecar listens on `--sidecar-port` ([`DEFAULT_PORT`], an uncommon one), or
 //! on the pod's annotation `floodgate.dev/port`. A pod whose containers already declare that
 //! port is refused ([`Refusal`]), naming the container and the annotation to set: two
@@ -103,7 +112,12 @@ pub fn inject(pod: &Pod, sidecar: &Sidecar, scope: Scope) -> Result<Option<Pod>,
     let Some(spec) = pod.spec.as_ref() else {
         return Ok(None);
     };
-    if !asked || spec.containers.iter().any(|c| c.name == CONTAINER) {
+    let has_sidecar = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == CONTAINER);
+    if !asked || has_sidecar {
         return Ok(None);
     }
     let port = match annotations.and_then(|a| a.get(PORT)) {
@@ -152,7 +166,9 @@ pub fn inject(pod: &Pod, sidecar: &Sidecar, scope: Scope) -> Result<Option<Pod>,
             }
         }
     }
-    spec.containers.push(container(sidecar));
+    spec.init_containers
+        .get_or_insert_with(Vec::new)
+        .insert(0, container(sidecar));
     spec.volumes.get_or_insert_with(Vec::new).push(Volume {
         name: VOLUME.into(),
         config_map: Some(ConfigMapVolumeSource {
@@ -199,6 +215,8 @@ fn container(sidecar: &Sidecar) -> Container {
             read_only_root_filesystem: Some(true),
             ..SecurityContext::default()
         }),
+        // A native sidecar: runs beside the apps, and does not keep a Job's pod alive.
+        restart_policy: Some("Always".into()),
         ..Container::default()
     }
 }

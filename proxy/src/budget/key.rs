@@ -31,11 +31,8 @@ struct Hint {
     blocked_until: Option<Instant>,
     /// This replica's requests asking Redis now.
     asking: u32,
-    /// Of `used`, the other replicas' requests; should Redis fail, they count against this
-    /// replica's local share until `others_until` (one window after the answer), since they
-    /// may still be in the provider's window.
-    others: u32,
-    others_until: Option<Instant>,
+    /// `used` holds until then (one window after the answer).
+    heard_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -56,6 +53,9 @@ struct KeyState {
     blocked: bool,
     /// With shared budgets: this replica's own requests, for re-writing into Redis.
     record: Option<Record>,
+    /// The outage of Redis this key last saw (its number) and the requests this replica held
+    /// on the key when it began: its cap for the outage's first window.
+    held_at_outage: Option<(u64, u32)>,
 }
 
 /// The budget of one key.
@@ -291,6 +291,7 @@ impl KeyBudget {
                 hint: Hint::default(),
                 blocked: false,
                 record: shared.as_ref().map(|_| Record::new(window)),
+                held_at_outage: None,
             }),
             shared,
             signal,
@@ -609,21 +610,19 @@ impl KeyState {
     /// Records Redis's answer at `now`: `used` requests in the window, room again at
     /// `blocked_until` (`None`: now).
     fn heard(&mut self, now: Instant, used: u32, blocked_until: Option<Instant>) {
-        let own = self.requests.as_mut().map_or(0, |w| w.used(now));
         let window = self
             .requests
             .as_ref()
             .map_or(Duration::ZERO, |w| w.window());
         self.hint.used = used;
         self.hint.blocked_until = blocked_until;
-        self.hint.others = used.saturating_sub(own);
-        self.hint.others_until = Some(now + window);
+        self.hint.heard_until = Some(now + window);
     }
 
     /// Every replica's requests in the window as Redis last said, while that answer is less
     /// than a window old; this replica's own after that.
     fn shared_used(&mut self, now: Instant) -> u32 {
-        match self.hint.others_until {
+        match self.hint.heard_until {
             Some(until) if until > now => self.hint.used,
             _ => self.requests.as_mut().map_or(0, |w| w.used(now)),
         }
@@ -648,16 +647,36 @@ impl KeyState {
             match shared.and_then(|b| b.local_share(now, u64::from(limit))) {
                 None => free = free.max(w.next_free(now)),
                 Some(share) => {
-                    // Redis is (or was just) out: this replica's share, less what the other
-                    // replicas used as Redis last said, until those requests leave the window.
-                    let others = match self.hint.others_until {
-                        Some(until) if until > now => self.hint.others,
-                        _ => 0,
-                    };
+                    // Redis is (or was just) out: this replica's share of the key, and in the
+                    // outage's first window no more than it held when the outage began.
                     let share = u32::try_from(share).unwrap_or(limit);
-                    match share.checked_sub(others).filter(|&own| own > 0) {
-                        Some(own) => free = free.max(w.next_free_within(now, own)),
-                        None => free = free.max(self.hint.others_until.unwrap_or(now)),
+                    match shared.and_then(|b| b.outage(now)) {
+                        None => free = free.max(w.next_free_within(now, share)),
+                        Some(outage) => {
+                            // Every replica's requests still counted when Redis was lost were
+                            // admitted by Redis while the window held at most the limit, so
+                            // together they never exceed it; the other replicas' part of them
+                            // is not known here (Redis's last answer may be stale). Holding
+                            // at most what it held then keeps the sum within the limit
+                            // whoever held what. Once they have left the provider's window,
+                            // the shares alone add up to at most the limit.
+                            let held = match self.held_at_outage {
+                                Some((number, held)) if number == outage.number => held,
+                                _ => {
+                                    // Its own count: the provider's word that the key is
+                                    // spent (`used`) says nothing of what this replica held.
+                                    let held = w.counted(now);
+                                    self.held_at_outage = Some((outage.number, held));
+                                    held
+                                }
+                            };
+                            let cap = share.min(held);
+                            let at = match cap {
+                                0 => outage.first_window_ends,
+                                _ => w.next_free_within(now, cap).min(outage.first_window_ends),
+                            };
+                            free = free.max(at);
+                        }
                     }
                 }
             }

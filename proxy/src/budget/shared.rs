@@ -18,8 +18,10 @@
 //!   counting the requests it made itself before the failure. The monitor probes again, backing
 //!   off from 50 ms to 250 ms; when Redis answers, the replica re-writes its record into it
 //!   (requests admitted during the outage included) and shared budgets resume. If the budgets
-//!   survived, the local share still applies as well for one more window: other replicas may
-//!   not have re-written theirs yet.
+//!   survived, the local share still applies as well for [`SharedOptions::reseed_grace`]
+//!   (at most a window): other replicas may not have re-written theirs yet, and each does
+//!   within a probe of Redis's return. In the outage's first window a replica also holds no
+//!   more of a key than it held when the outage began (see `key.rs`).
 //! - **Redis lost the budgets** (a restart without persistence, a failover to a replica that
 //!   had not caught up, a flush): every key's budget carries an epoch (`epoch.lua`), and the
 //!   admission script admits only on the epoch the replica knows. A missing or different epoch
@@ -38,7 +40,7 @@ use super::Limits;
 use crate::secret::SecretString;
 use floodgate_crds::redis_keys::KeyBudgetKeys;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -64,8 +66,9 @@ const REFUND: &str = include_str!("shared/refund.lua");
 /// came back empty, and re-writes its record, before admissions resume.
 pub const PROBE_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(50), Duration::from_millis(250));
-/// How long a budget's epoch lives after its last admission: an idle key is not taken for a
-/// lost one (which would cost it a barrier) unless idle this long.
+/// How long a budget's epoch lives after its last admission, or after the monitor of a
+/// replica that uses the key last renewed it (when less than half of it was left): an idle
+/// key is not taken for a lost one while a replica uses it, and an abandoned one goes.
 const EPOCH_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Requests re-written per script call, so that no call holds Redis long.
 const SEEDS_PER_CALL: usize = 300;
@@ -216,11 +219,16 @@ pub struct RedisBudgets {
     /// Every change of `degraded`, for whoever waits on one.
     changes: tokio::sync::watch::Sender<bool>,
     /// Milliseconds since `started` until which the local share applies (`u64::MAX` while
-    /// degraded; one window past the recovery after it).
+    /// degraded; `reseed_grace` past a recovery that found the budgets intact).
     local_until_ms: AtomicU64,
+    /// The outage in progress or the last one, for [`RedisBudgets::outage`].
+    outage: Mutex<Option<Outage>>,
+    /// Redis answered at least once since start-up: an outage then follows admissions made
+    /// through it, which the first window of the outage must account for.
+    reached: AtomicBool,
     replica: u64,
     seq: AtomicU64,
-    pending: Mutex<Vec<(Arc<KeyBudgetKeys>, String)>>,
+    pending: Mutex<VecDeque<(Arc<KeyBudgetKeys>, String)>>,
     /// Every shared key this replica uses (by its epoch key): the epoch it admits on, and its
     /// record of its own requests.
     registry: Mutex<HashMap<String, Registered>>,
@@ -241,6 +249,18 @@ pub struct RedisBudgets {
     signal: OnceLock<Arc<super::Signal>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+}
+
+/// An outage of Redis as this replica saw it: its number (a key snapshots its own use once
+/// per outage) and the end of its first phase, in which other replicas' requests admitted
+/// through Redis before it may still be in the provider's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outage {
+    /// Counts outages since start-up, from 1.
+    pub number: u64,
+    /// One window after the replica found Redis unreachable, plus [`SharedOptions::reseed_grace`]
+    /// for requests admitted just before it and still on their way to the provider.
+    pub first_window_ends: Instant,
 }
 
 /// A shared key as the backend knows it.
@@ -285,6 +305,8 @@ impl RedisBudgets {
             degraded: AtomicBool::new(false),
             changes: tokio::sync::watch::Sender::new(false),
             local_until_ms: AtomicU64::new(0),
+            outage: Mutex::default(),
+            reached: AtomicBool::new(false),
             replica: replica_id(),
             seq: AtomicU64::new(0),
             pending: Mutex::default(),
@@ -342,6 +364,14 @@ impl RedisBudgets {
             .then(|| (limit / u64::from(self.opts.replicas_hint.get())).max(1))
     }
 
+    /// The outage whose first window holds at `now`, if Redis had answered before it (a
+    /// replica that never reached Redis knows nothing of the others' use; see
+    /// [`KeyBudget`](super::KeyBudget)'s local share).
+    pub(crate) fn outage(&self, now: Instant) -> Option<Outage> {
+        let outage = *self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        outage.filter(|o| now < o.first_window_ends)
+    }
+
     fn millis_since_start(&self, now: Instant) -> u64 {
         u64::try_from(now.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
     }
@@ -379,7 +409,11 @@ impl RedisBudgets {
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, SharedError> {
         match tokio::time::timeout(self.opts.timeout, call).await {
-            Ok(result) => Ok(result?),
+            Ok(Ok(answer)) => {
+                self.reached.store(true, Ordering::Relaxed);
+                Ok(answer)
+            }
+            Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(SharedError::Timeout(self.opts.timeout)),
         }
     }
@@ -619,9 +653,9 @@ impl RedisBudgets {
     fn remember(&self, keys: Arc<KeyBudgetKeys>, member: String) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if pending.len() >= MAX_PENDING {
-            pending.remove(0);
+            pending.pop_front();
         }
-        pending.push((keys, member));
+        pending.push_back((keys, member));
     }
 
     /// A call failed: budgets turn local until the monitor finds Redis again.
@@ -629,6 +663,14 @@ impl RedisBudgets {
         self.local_until_ms.store(u64::MAX, Ordering::Release);
         if self.degraded.swap(true, Ordering::AcqRel) {
             return;
+        }
+        if self.reached.load(Ordering::Relaxed) {
+            let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+            let number = outage.map_or(1, |o| o.number + 1);
+            *outage = Some(Outage {
+                number,
+                first_window_ends: Instant::now() + self.window + self.opts.reseed_grace,
+            });
         }
         self.changes.send_replace(true);
         tracing::error!(

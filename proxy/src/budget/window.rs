@@ -102,6 +102,13 @@ impl RequestWindow {
         }
     }
 
+    /// Requests in flight or answered within the window ending at `now`, as counted here
+    /// (the provider's word that the budget is spent left aside).
+    pub fn counted(&mut self, now: Instant) -> u32 {
+        self.evict(now);
+        self.logged.saturating_add(self.in_flight)
+    }
+
     /// When a request could next be admitted: `now` if there is room. When only answers to
     /// requests in flight can make room, one window from now: a request answered at `t`
     /// frees its slot at `t + window`, so no room comes earlier (and the exact instant is

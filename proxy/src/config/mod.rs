@@ -305,11 +305,18 @@ impl Config {
             let name = kube::ResourceExt::name_any(tq);
             for (i, t) in tq.spec.tiers.iter().enumerate() {
                 let Some(a) = t.async_.as_ref() else { continue };
-                if a.notify
-                    .contains(&floodgate_crds::tier::NotifyChannel::Email)
-                {
+                let emails = a
+                    .notify
+                    .contains(&floodgate_crds::tier::NotifyChannel::Email);
+                let to = a.email.as_ref().and_then(|e| e.to.as_ref());
+                if emails && to.is_none() {
                     out.push(format!(
-                        "TierQueue/{name}: spec.tiers[{i}].async.notify lists email, but a tier has no address to write to: only jobs that give `notify.email` are emailed"
+                        "TierQueue/{name}: spec.tiers[{i}].async.notify lists email, but async.email.to is not set: only jobs that give `notify.email` are emailed"
+                    ));
+                }
+                if !emails && to.is_some() {
+                    out.push(format!(
+                        "TierQueue/{name}: spec.tiers[{i}].async.email.to is set, but async.notify does not list email: nobody is emailed there"
                     ));
                 }
             }
@@ -453,6 +460,11 @@ fn resolve_email(
         }
         if !email::valid_address(&e.from) {
             error("from", format!("{:?} is not an email address", e.from));
+        }
+        if let Some(to) = &e.to
+            && !email::valid_address(to)
+        {
+            error("to", format!("{to:?} is not an email address"));
         }
         let credentials = match &e.credentials_secret_ref {
             None => None,

@@ -429,3 +429,40 @@ fn bad_email_settings_name_their_field_and_never_the_credentials() {
         errors[0]
     );
 }
+
+#[test]
+fn a_tiers_own_email_recipient_is_validated_and_its_use_is_said() {
+    let tier = |email: &str, notify: &str| {
+        email_tier(email).replace(
+            "async: {email:",
+            &format!("async: {{notify: [{notify}], email:"),
+        )
+    };
+    let smtp = "{from: a@example.com, smtpServer: \"smtp.example.com:587\"";
+    let load_tier = |yaml: &str| {
+        let dir = dir_with(&[("pool.yaml", POOL), ("s.yaml", SECRET), ("t.yaml", yaml)]);
+        load(&dir)
+    };
+    // A recipient, emailed for the tier: nothing to say.
+    let config = load_tier(&tier(&format!("{smtp}, to: ops@example.com}}"), "email")).unwrap();
+    assert!(
+        config.not_acted_on().is_empty(),
+        "{:?}",
+        config.not_acted_on()
+    );
+    // No recipient: only jobs naming one are emailed, and that is said.
+    let config = load_tier(&tier(&format!("{smtp}}}"), "email")).unwrap();
+    assert_eq!(config.not_acted_on().len(), 1);
+    assert!(config.not_acted_on()[0].contains("async.email.to is not set"));
+    // A recipient the tier never writes to is said too.
+    let config = load_tier(&tier(&format!("{smtp}, to: ops@example.com}}"), "")).unwrap();
+    assert!(config.not_acted_on()[0].contains("async.notify does not list email"));
+    // Not an address: refused, naming the field.
+    let errors = load_tier(&tier(&format!("{smtp}, to: \"ops at example\"}}"), "email"))
+        .unwrap_err()
+        .0;
+    assert!(
+        errors.iter().any(|e| e.field.ends_with("async.email.to")),
+        "{errors:?}"
+    );
+}

@@ -1,8 +1,10 @@
 //! The OpenAI Batch API on top of jobs: an uploaded JSONL file of chat requests becomes one
 //! job per line, run in a batch-class tier (the capacity the interactive tiers leave idle,
-//! any provider of the pool); the batch's state, counts and its output and error files are
-//! computed from its jobs when it is read. Files and batches are kept in the job store
-//! ([`JobStore::put`]) for [`KEEP`].
+//! any provider of the pool). The store counts the lines not over yet
+//! ([`JobStore::open_batch`]); the worker that ends the last one builds the output and error
+//! files and the batch's final state at once ([`settle`]), so they exist as soon as the batch
+//! is over and outlive the lines' results. While it runs, a read computes its counts from its
+//! jobs. Files and batches are kept in the job store ([`JobStore::put`]) for [`KEEP`].
 //!
 //! The completion window is honoured: a batch read after `expires_at` with lines still
 //! unfinished cancels them, and ends `expired` with the finished lines in its output file and
@@ -112,6 +114,10 @@ pub struct StoredBatch {
     pub batch: Batch,
     /// (custom_id, job id) per line, in file order.
     pub lines: Vec<(String, String)>,
+    /// The ids its output and error files get when it ends, chosen when it is created, so
+    /// that every replica finishing it writes the same files.
+    #[serde(default)]
+    pub file_ids: Option<(String, String)>,
 }
 
 /// The completion window `24h` (or `<n>h`, `<n>m`, `<n>s`) as a duration.
@@ -174,8 +180,29 @@ pub async fn save_batch(store: &impl JobStore, batch: &StoredBatch) -> Result<()
         .await
 }
 
+/// Builds batch `id`'s files and final state if its last line is over (called by the worker
+/// that ended a line): nothing while the store counts lines not over, else as [`refresh`].
+/// Whether it ended the batch now.
+pub async fn settle(store: &impl JobStore, id: &str) -> Result<bool> {
+    if store.batch_left(id).await? > 0 {
+        return Ok(false);
+    }
+    let Some(raw) = store.fetch(&batch_key(id)).await? else {
+        return Ok(false);
+    };
+    let mut stored: StoredBatch = serde_json::from_str(&raw)?;
+    if !refresh(store, &mut stored).await? {
+        return Ok(false);
+    }
+    save_batch(store, &stored).await?;
+    Ok(true)
+}
+
 /// Brings `stored` up to date with its jobs: counts, and once every line is over (or the
-/// window has passed), the output and error files and the final status. Whether it changed.
+/// window has passed), the output and error files and the final status. Whether it ended
+/// now (the counts alone are not worth storing: a read computes them again). Two replicas
+/// ending it at once write the same files (ids chosen at creation, content from the same
+/// finished jobs).
 pub async fn refresh(store: &impl JobStore, stored: &mut StoredBatch) -> Result<bool> {
     let b = &stored.batch;
     if !matches!(b.status.as_str(), "in_progress" | "cancelling") {
@@ -203,10 +230,9 @@ pub async fn refresh(store: &impl JobStore, stored: &mut StoredBatch) -> Result<
             .filter(|j| over(j) && !j.as_ref().is_some_and(|j| j.status == Status::Completed))
             .count() as u64,
     };
-    let changed = counts != stored.batch.request_counts;
     stored.batch.request_counts = counts;
     if !jobs.iter().all(over) {
-        return Ok(changed);
+        return Ok(false);
     }
     let reason = if expired {
         "batch_expired"
@@ -237,11 +263,15 @@ pub async fn refresh(store: &impl JobStore, stored: &mut StoredBatch) -> Result<
             }
         }
     }
+    let (output_id, error_id) = stored
+        .file_ids
+        .clone()
+        .unwrap_or_else(|| (new_id("file-"), new_id("file-")));
     let b = &mut stored.batch;
     b.finalizing_at = Some(now);
-    for (content, slot) in [
-        (output, &mut b.output_file_id),
-        (errors, &mut b.error_file_id),
+    for (content, id, slot) in [
+        (output, output_id, &mut b.output_file_id),
+        (errors, error_id, &mut b.error_file_id),
     ] {
         if content.is_empty() {
             continue;
@@ -249,7 +279,7 @@ pub async fn refresh(store: &impl JobStore, stored: &mut StoredBatch) -> Result<
         let file = StoredFile {
             tenant: stored.tenant.clone(),
             file: FileObject {
-                id: new_id("file-"),
+                id,
                 object: "file".to_owned(),
                 bytes: content.len() as u64,
                 created_at: now,

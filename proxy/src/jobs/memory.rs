@@ -2,7 +2,7 @@
 //! order, retries after their delay, dead letters with retention. A restart loses every
 //! job, pending or finished: run with `--redis` for work that must survive one.
 
-use super::store::{Claim, JobStore, Result, Step};
+use super::store::{Claim, JobStore, Result, Step, Submitted};
 use super::{Job, Policy, Status};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -33,6 +33,8 @@ struct Inner {
     claimed: HashSet<String>,
     /// Jobs not over yet per (tier, tenant).
     pending: HashMap<(String, String), u64>,
+    /// Lines of each batch not over yet ([`JobStore::open_batch`]).
+    batches: HashMap<String, u64>,
     /// Batch API files and batches: value and when it is forgotten.
     kv: HashMap<String, (String, Instant)>,
     next_seq: u64,
@@ -84,6 +86,17 @@ impl Inner {
         }
     }
 
+    /// Counts `job` down in its batch, if it is a line of one still counted.
+    fn line_over(&mut self, job: &Job) {
+        let Some(batch) = &job.batch else { return };
+        if let Some(n) = self.batches.get_mut(batch) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.batches.remove(batch);
+            }
+        }
+    }
+
     /// Forgets jobs past their TTL, and with them their dead letters and "reported" marks
     /// (a mark whose lease still runs is kept).
     fn forget_expired(&mut self, now: Instant) {
@@ -113,11 +126,17 @@ impl MemoryStore {
 }
 
 impl JobStore for MemoryStore {
-    async fn submit(&self, mut job: Job) -> Result<Job> {
-        {
+    async fn submit(&self, mut job: Job, bound: u64) -> Result<Submitted> {
+        let ahead = {
             let mut inner = self.lock();
             inner.forget_expired(Instant::now());
+            // Counted and queued under one lock: concurrent submissions never pass the bound.
+            let pending = inner.pending.get(&job.pending_key()).copied().unwrap_or(0);
+            if bound > 0 && pending >= bound {
+                return Ok(Submitted::Full { pending });
+            }
             job.seq = inner.enqueue(&job.id);
+            let ahead = job.seq.saturating_sub(inner.delivered + 1);
             inner.pending_up(&job);
             inner.jobs.insert(
                 job.id.clone(),
@@ -126,9 +145,13 @@ impl JobStore for MemoryStore {
                     expires: None,
                 },
             );
-        }
+            ahead
+        };
         self.ready.notify_one();
-        Ok(job)
+        Ok(Submitted::Queued {
+            job: Box::new(job),
+            ahead,
+        })
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>> {
@@ -217,6 +240,7 @@ impl JobStore for MemoryStore {
                         inner.dead.push((job.id.clone(), now));
                     }
                     inner.pending_down(job);
+                    inner.line_over(job);
                 }
             }
         }
@@ -246,6 +270,7 @@ impl JobStore for MemoryStore {
         let job = stored.job.clone();
         if !over {
             inner.pending_down(&job);
+            inner.line_over(&job);
         }
         // A job waiting for its retry goes back to the queue, cancelled, for a worker to tell
         // its caller.
@@ -314,6 +339,9 @@ impl JobStore for MemoryStore {
                     stored.expires = None;
                     let job = stored.job.clone();
                     inner.pending_up(&job);
+                    if let Some(left) = job.batch.as_ref().and_then(|b| inner.batches.get_mut(b)) {
+                        *left += 1;
+                    }
                     n += 1;
                 }
             }
@@ -344,6 +372,17 @@ impl JobStore for MemoryStore {
     async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
         let key = (tier.to_owned(), tenant.to_owned());
         Ok(self.lock().pending.get(&key).copied().unwrap_or(0))
+    }
+
+    async fn open_batch(&self, id: &str, lines: u64) -> Result<()> {
+        if lines > 0 {
+            self.lock().batches.insert(id.to_owned(), lines);
+        }
+        Ok(())
+    }
+
+    async fn batch_left(&self, id: &str) -> Result<u64> {
+        Ok(self.lock().batches.get(id).copied().unwrap_or(0))
     }
 
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {

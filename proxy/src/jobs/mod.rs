@@ -27,7 +27,7 @@ pub mod store;
 pub mod webhook;
 pub mod worker;
 
-pub use store::{Claim, JobStore, Step, Store, StoreError};
+pub use store::{Claim, JobStore, Step, Store, StoreError, Submitted};
 
 use crate::config::Config;
 use serde::{Deserialize, Serialize};
@@ -200,6 +200,10 @@ pub struct Job {
     /// without spending an attempt; at most [`MAX_DEFERRALS`].
     #[serde(default)]
     pub deferrals: u32,
+    /// The batch this job is a line of (Batch API), whose files are built when its last
+    /// line is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
 }
 
 /// The most times a job waits for capacity without spending an attempt: at most a minute
@@ -231,6 +235,7 @@ impl Job {
             deliveries: Vec::new(),
             deferrals: 0,
             seq: 0,
+            batch: None,
         }
     }
 

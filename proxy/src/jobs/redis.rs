@@ -10,6 +10,7 @@
 //! | `floodgate:{jobs}:reported:<id>` | string | who notifies (a lease), then `done` |
 //! | `floodgate:{jobs}:seq`, `:delivered` | counters | the queue's order, for positions |
 //! | `floodgate:{jobs}:pending` | hash | jobs not over yet per `<tier>\t<tenant>` (field `pending` of a job names its own) |
+//! | `floodgate:{jobs}:batches` | hash | lines not over yet per batch id (dropped at 0; field `batch` of a job names its batch) |
 //! | `floodgate:{jobs}:kv:<file or batch id>` | string | Batch API files and batches (JSON), with a TTL |
 //!
 //! A worker first takes an entry whose claim has been idle for the visibility timeout
@@ -23,7 +24,7 @@
 //! `status` is a field of its own so that a cancel (from any replica) changes it atomically
 //! and `SAVE` refuses to write over it.
 
-use super::store::{Claim, JobStore, Result, Step};
+use super::store::{Claim, JobStore, Result, Step, Submitted};
 use super::{Job, Policy, Status};
 use crate::secret::SecretString;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -41,6 +42,7 @@ const REPORTED: &str = "floodgate:{jobs}:reported:";
 const GROUP: &str = "workers";
 const KV: &str = "floodgate:{jobs}:kv:";
 const PENDING: &str = "floodgate:{jobs}:pending";
+const BATCHES: &str = "floodgate:{jobs}:batches";
 
 /// The field of [`PENDING`] that counts `job`.
 fn pending_field(job: &Job) -> String {
@@ -48,15 +50,25 @@ fn pending_field(job: &Job) -> String {
     format!("{tier}\t{tenant}")
 }
 
-/// Queues a job: the next seq, the job's fields, a stream entry.
+/// Queues a job unless its (tier, tenant) pair has ARGV[5] (> 0) jobs pending already: the
+/// count and the queueing in one step, so concurrent submissions never pass the bound. Then
+/// the next seq, the job's fields (its batch, ARGV[6], if any), a stream entry. Returns `{seq, delivered}` (its place and
+/// the delivered mark, for its position), or `{0, pending}` when refused: one round trip
+/// per acceptance.
 const ENQUEUE: &str = r"
+local bound = tonumber(ARGV[5])
+if bound > 0 then
+  local pending = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
+  if pending >= bound then return {0, pending} end
+end
 local seq = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[3], 'job', ARGV[2], 'status', ARGV[3], 'seq', seq, 'pending', ARGV[4])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'batch', ARGV[6]) end
 redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
 redis.call('HDEL', KEYS[3], 'cancelled')
 redis.call('PERSIST', KEYS[3])
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'seq', seq)
-return seq
+return {seq, tonumber(redis.call('GET', KEYS[5]) or '0')}
 ";
 
 /// Moves one due retry to the stream: KEYS[4] is its job (ARGV[1] its id), read by the
@@ -73,7 +85,8 @@ return 1
 
 /// Writes a claimed job unless it is over already (cancelled, or finished by another holder
 /// whose claim this one outlived), and does the step: `retry` schedules it and acknowledges
-/// its entry; `finish` sets its TTL and dead-letters it if asked. A finished job is never
+/// its entry; `finish` sets its TTL, dead-letters it if asked, and counts it down in its
+/// batch (KEYS[6]) if it is a line of one still counted. A finished job is never
 /// reopened.
 const SAVE: &str = r"
 local current = redis.call('HGET', KEYS[1], 'status')
@@ -90,11 +103,16 @@ elseif ARGV[3] == 'finish' then
   end
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   if ARGV[8] == '1' then redis.call('XADD', KEYS[4], '*', 'id', ARGV[6]) end
+  local batch = redis.call('HGET', KEYS[1], 'batch')
+  if batch and redis.call('HEXISTS', KEYS[6], batch) == 1 then
+    if redis.call('HINCRBY', KEYS[6], batch, -1) <= 0 then redis.call('HDEL', KEYS[6], batch) end
+  end
 end
 return 1
 ";
 
-/// Cancels a job that has not finished; it is kept for ARGV[3] seconds, like a result. A job
+/// Cancels a job that has not finished (counted down in its batch, KEYS[5], like a finished
+/// one); it is kept for ARGV[3] seconds, like a result. A job
 /// waiting for its retry goes back to the queue (KEYS[3]), cancelled, for a worker to tell
 /// its caller; a queued or running one has its entry already.
 const CANCEL: &str = r"
@@ -106,6 +124,10 @@ if s == 'queued' or s == 'retrying' or s == 'running' then
   if field and tonumber(redis.call('HGET', KEYS[4], field) or '0') > 0 then
     redis.call('HINCRBY', KEYS[4], field, -1)
   end
+  local batch = redis.call('HGET', KEYS[1], 'batch')
+  if batch and redis.call('HEXISTS', KEYS[5], batch) == 1 then
+    if redis.call('HINCRBY', KEYS[5], batch, -1) <= 0 then redis.call('HDEL', KEYS[5], batch) end
+  end
   if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
     redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'seq', redis.call('HGET', KEYS[1], 'seq') or 0)
   end
@@ -115,13 +137,16 @@ return 1
 ";
 
 /// Re-drives a dead letter in one step: drops its dead entry (ARGV[1]) and, only if that
-/// entry was still there, writes the reset job, forgets who reported it, and queues it, so a
+/// entry was still there, writes the reset job, forgets who reported it, counts it up again
+/// in its batch (KEYS[7]) if that is still counted, and queues it, so a
 /// replica that dies half-way cannot lose it and two admins cannot queue it twice.
 const REDRIVE: &str = r"
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 local seq = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[4], 'job', ARGV[3], 'status', 'queued', 'seq', seq, 'pending', ARGV[4])
 redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
+local batch = redis.call('HGET', KEYS[4], 'batch')
+if batch and redis.call('HEXISTS', KEYS[7], batch) == 1 then redis.call('HINCRBY', KEYS[7], batch, 1) end
 redis.call('HDEL', KEYS[4], 'cancelled')
 redis.call('PERSIST', KEYS[4])
 redis.call('DEL', KEYS[5])
@@ -267,22 +292,25 @@ impl RedisStore {
         Ok(Some(job))
     }
 
-    async fn enqueue(&self, job: &Job) -> Result<u64> {
+    /// Runs [`ENQUEUE`]: `(seq, delivered)`, or `(0, pending)` when refused.
+    async fn enqueue(&self, job: &Job, bound: u64) -> Result<(u64, u64)> {
         let mut conn = self.conn().await?;
         let json = serde_json::to_string(job)?;
-        let seq: u64 = self
+        Ok(self
             .enqueue
             .key(QUEUE)
             .key(SEQ)
             .key(format!("{JOB}{}", job.id))
             .key(PENDING)
+            .key(DELIVERED)
             .arg(&job.id)
             .arg(json)
             .arg(job.status.as_str())
             .arg(pending_field(job))
+            .arg(bound)
+            .arg(job.batch.as_deref().unwrap_or(""))
             .invoke_async(&mut conn)
-            .await?;
-        Ok(seq)
+            .await?)
     }
 
     /// The entry `XAUTOCLAIM` or `XREADGROUP` handed over: (entry id, job id).
@@ -421,9 +449,16 @@ fn parse_status(s: &str) -> Option<Status> {
 }
 
 impl JobStore for RedisStore {
-    async fn submit(&self, mut job: Job) -> Result<Job> {
-        job.seq = self.enqueue(&job).await?;
-        Ok(job)
+    async fn submit(&self, mut job: Job, bound: u64) -> Result<Submitted> {
+        let (seq, n) = self.enqueue(&job, bound).await?;
+        if seq == 0 {
+            return Ok(Submitted::Full { pending: n });
+        }
+        job.seq = seq;
+        Ok(Submitted::Queued {
+            job: Box::new(job),
+            ahead: seq.saturating_sub(n + 1),
+        })
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>> {
@@ -499,6 +534,7 @@ impl JobStore for RedisStore {
             .key(DELAYED)
             .key(DEAD)
             .key(PENDING)
+            .key(BATCHES)
             .arg(serde_json::to_string(job)?)
             .arg(job.status.as_str())
             .arg(name)
@@ -524,6 +560,7 @@ impl JobStore for RedisStore {
             .key(DELAYED)
             .key(QUEUE)
             .key(PENDING)
+            .key(BATCHES)
             .arg(id)
             .arg(super::now_ms())
             .arg(super::CANCELLED_KEPT.as_secs())
@@ -611,6 +648,7 @@ impl JobStore for RedisStore {
                 .key(format!("{JOB}{dead_id}"))
                 .key(format!("{REPORTED}{dead_id}"))
                 .key(PENDING)
+                .key(BATCHES)
                 .arg(&entry)
                 .arg(&dead_id)
                 .arg(serde_json::to_string(&job)?)
@@ -655,6 +693,30 @@ impl JobStore for RedisStore {
         let n: Option<i64> = redis::cmd("HGET")
             .arg(PENDING)
             .arg(format!("{tier}\t{tenant}"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn open_batch(&self, id: &str, lines: u64) -> Result<()> {
+        if lines == 0 {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let _: Value = redis::cmd("HSET")
+            .arg(BATCHES)
+            .arg(id)
+            .arg(lines)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn batch_left(&self, id: &str) -> Result<u64> {
+        let mut conn = self.conn().await?;
+        let n: Option<i64> = redis::cmd("HGET")
+            .arg(BATCHES)
+            .arg(id)
             .query_async(&mut conn)
             .await?;
         Ok(n.unwrap_or(0).max(0) as u64)

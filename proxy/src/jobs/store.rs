@@ -2,7 +2,10 @@
 //! enum.
 //!
 //! The contract both keep:
-//! - [`JobStore::submit`] records a job and queues it; a queued job is claimed by exactly one
+//! - [`JobStore::submit`] records a job and queues it, unless its tenant already has its
+//!   bound of pending jobs in its tier: the count and the queueing are one atomic step (one
+//!   Lua script in Redis, one lock in memory), so concurrent submissions never pass the
+//!   bound. A queued job is claimed by exactly one
 //!   worker at a time ([`JobStore::claim`]), in the order queued, retries when their delay is
 //!   over.
 //! - A claim is held until acknowledged ([`JobStore::ack`]). In Redis a claim not kept alive
@@ -34,6 +37,33 @@ pub enum StoreError {
 /// A store result.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// What [`JobStore::submit`] did.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// Queued.
+    Queued {
+        /// The job, with its place in the order (`seq`).
+        job: Box<Job>,
+        /// How many queued jobs are before it.
+        ahead: u64,
+    },
+    /// Refused: its (tier, tenant) pair has `pending` jobs pending, at least the bound.
+    Full {
+        /// The pair's pending jobs.
+        pending: u64,
+    },
+}
+
+impl Submitted {
+    /// The job queued; `None` when refused.
+    pub fn queued(self) -> Option<Job> {
+        match self {
+            Submitted::Queued { job, .. } => Some(*job),
+            Submitted::Full { .. } => None,
+        }
+    }
+}
+
 /// A job claimed by a worker.
 #[derive(Debug, Clone)]
 pub struct Claim {
@@ -61,8 +91,9 @@ pub enum Step {
 
 /// The operations of a job store.
 pub trait JobStore: Send + Sync {
-    /// Records `job` and queues it; returns it with its place in the order (`seq`).
-    fn submit(&self, job: Job) -> impl Future<Output = Result<Job>> + Send;
+    /// Records `job` and queues it, unless `bound` > 0 and its (tier, tenant) pair has
+    /// `bound` jobs pending already: the count and the queueing are one atomic step.
+    fn submit(&self, job: Job, bound: u64) -> impl Future<Output = Result<Submitted>> + Send;
 
     /// The job `id`, if known (finished jobs are kept for their result TTL).
     fn get(&self, id: &str) -> impl Future<Output = Result<Option<Job>>> + Send;
@@ -126,6 +157,14 @@ pub trait JobStore: Send + Sync {
     /// The pending count of one (tier, tenant) pair.
     fn pending_for(&self, tier: &str, tenant: &str) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Starts counting the lines of batch `id` not over yet: `lines`, before any of them is
+    /// queued (jobs with `batch` = `id`). Each line's job counts down once when it is over
+    /// (finished or cancelled; a re-drive counts it up again); the count is dropped at 0.
+    fn open_batch(&self, id: &str, lines: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// How many lines of batch `id` are not over yet (0 once all are, or when not counted).
+    fn batch_left(&self, id: &str) -> impl Future<Output = Result<u64>> + Send;
+
     /// Stores `value` under `key` for `ttl` (Batch API files and batches).
     fn put(
         &self,
@@ -157,8 +196,8 @@ macro_rules! each {
 }
 
 impl JobStore for Store {
-    async fn submit(&self, job: Job) -> Result<Job> {
-        each!(self, s => s.submit(job).await)
+    async fn submit(&self, job: Job, bound: u64) -> Result<Submitted> {
+        each!(self, s => s.submit(job, bound).await)
     }
     async fn get(&self, id: &str) -> Result<Option<Job>> {
         each!(self, s => s.get(id).await)
@@ -204,6 +243,12 @@ impl JobStore for Store {
     }
     async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
         each!(self, s => s.pending_for(tier, tenant).await)
+    }
+    async fn open_batch(&self, id: &str, lines: u64) -> Result<()> {
+        each!(self, s => s.open_batch(id, lines).await)
+    }
+    async fn batch_left(&self, id: &str) -> Result<u64> {
+        each!(self, s => s.batch_left(id).await)
     }
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
         each!(self, s => s.put(key, value, ttl).await)

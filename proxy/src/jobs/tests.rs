@@ -1,7 +1,7 @@
 //! The in-memory store's contract, on a paused clock.
 
 use super::memory::MemoryStore;
-use super::store::{JobStore, Step};
+use super::store::{JobStore, Step, Submitted};
 use super::*;
 use serde_json::json;
 
@@ -12,6 +12,11 @@ fn job() -> Job {
         json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
         3,
     )
+}
+
+/// Queues `job` with no bound.
+async fn queue(store: &MemoryStore, job: Job) -> Job {
+    store.submit(job, 0).await.unwrap().queued().unwrap()
 }
 
 fn policy() -> Policy {
@@ -30,8 +35,8 @@ fn policy() -> Policy {
 #[tokio::test(start_paused = true)]
 async fn jobs_are_claimed_in_order_with_positions() {
     let store = MemoryStore::new();
-    let a = store.submit(job()).await.unwrap();
-    let b = store.submit(job()).await.unwrap();
+    let a = queue(&store, job()).await;
+    let b = queue(&store, job()).await;
     assert_eq!(store.position(&a).await.unwrap(), 0);
     assert_eq!(store.position(&b).await.unwrap(), 1);
     let first = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
@@ -51,7 +56,7 @@ async fn jobs_are_claimed_in_order_with_positions() {
 #[tokio::test(start_paused = true)]
 async fn a_retry_is_claimable_exactly_when_its_delay_ends() {
     let store = MemoryStore::new();
-    let submitted = store.submit(job()).await.unwrap();
+    let submitted = queue(&store, job()).await;
     let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
     let mut j = claim.job.clone();
     j.status = Status::Retrying;
@@ -84,7 +89,7 @@ async fn a_retry_is_claimable_exactly_when_its_delay_ends() {
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_job_is_handed_over_once_to_be_told_and_a_running_one_is_not_overwritten() {
     let store = MemoryStore::new();
-    let queued = store.submit(job()).await.unwrap();
+    let queued = queue(&store, job()).await;
     let cancelled = store.cancel(&queued.id).await.unwrap().unwrap();
     assert_eq!(cancelled.status, Status::Cancelled);
     // Handed over cancelled (for its caller to be told), once; never to be run.
@@ -94,7 +99,7 @@ async fn a_cancelled_job_is_handed_over_once_to_be_told_and_a_running_one_is_not
     assert!(store.claim("w", Duration::ZERO).await.unwrap().is_none());
 
     // Cancelled while waiting for its retry: back in the queue at once, cancelled.
-    let retried = store.submit(job()).await.unwrap();
+    let retried = queue(&store, job()).await;
     let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
     let mut j = claim.job.clone();
     j.status = Status::Retrying;
@@ -110,7 +115,7 @@ async fn a_cancelled_job_is_handed_over_once_to_be_told_and_a_running_one_is_not
     );
     store.ack(&told).await.unwrap();
 
-    let running = store.submit(job()).await.unwrap();
+    let running = queue(&store, job()).await;
     let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
     store.cancel(&running.id).await.unwrap();
     let mut done = claim.job.clone();
@@ -128,7 +133,7 @@ async fn a_cancelled_job_is_handed_over_once_to_be_told_and_a_running_one_is_not
 #[tokio::test(start_paused = true)]
 async fn dead_letters_are_kept_for_their_retention_and_redriven_with_attempts_reset() {
     let store = MemoryStore::new();
-    let submitted = store.submit(job()).await.unwrap();
+    let submitted = queue(&store, job()).await;
     let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
     let mut dead = claim.job.clone();
     dead.status = Status::Failed;
@@ -165,7 +170,7 @@ async fn dead_letters_are_kept_for_their_retention_and_redriven_with_attempts_re
 #[tokio::test(start_paused = true)]
 async fn only_one_reports_until_the_lease_ends_and_none_after_it_is_done() {
     let store = MemoryStore::new();
-    let j = store.submit(job()).await.unwrap();
+    let j = queue(&store, job()).await;
     let lease = Duration::from_secs(30);
     assert!(store.begin_report(&j.id, lease).await.unwrap());
     assert!(!store.begin_report(&j.id, lease).await.unwrap());
@@ -185,7 +190,7 @@ async fn only_one_reports_until_the_lease_ends_and_none_after_it_is_done() {
 #[tokio::test(start_paused = true)]
 async fn a_finished_job_is_never_reopened_by_a_holder_whose_claim_lapsed() {
     let store = MemoryStore::new();
-    let submitted = store.submit(job()).await.unwrap();
+    let submitted = queue(&store, job()).await;
     let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
     // Another holder finished it while this one still ran.
     let mut done = claim.job.clone();
@@ -216,7 +221,7 @@ async fn a_finished_job_is_never_reopened_by_a_holder_whose_claim_lapsed() {
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_job_is_forgotten_after_it_was_kept_a_day() {
     let store = MemoryStore::new();
-    let queued = store.submit(job()).await.unwrap();
+    let queued = queue(&store, job()).await;
     store.cancel(&queued.id).await.unwrap();
     tokio::time::advance(CANCELLED_KEPT - Duration::from_millis(1)).await;
     assert!(store.get(&queued.id).await.unwrap().is_some(), "kept");
@@ -226,7 +231,7 @@ async fn a_cancelled_job_is_forgotten_after_it_was_kept_a_day() {
 
 /// Runs `job` to its end (failed and dead-lettered when `dead`) and reports it.
 async fn finish_and_report(store: &MemoryStore, policy: &Policy, dead: bool) -> Job {
-    let submitted = store.submit(job()).await.unwrap();
+    let submitted = queue(store, job()).await;
     let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
     let mut over = claim.job.clone();
     over.status = if dead {
@@ -302,8 +307,8 @@ async fn pending_counts_follow_jobs_until_they_are_over() {
     let store = MemoryStore::new();
     let policy = policy();
     let key = ("free".to_owned(), "acme".to_owned());
-    let a = store.submit(job()).await.unwrap();
-    store.submit(job()).await.unwrap();
+    let a = queue(&store, job()).await;
+    queue(&store, job()).await;
     assert_eq!(store.pending_for("free", "acme").await.unwrap(), 2);
     // Running and retrying still count; finishing, dead-lettered, does not.
     let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
@@ -326,4 +331,176 @@ async fn pending_counts_follow_jobs_until_they_are_over() {
     store.cancel(&other.job.id).await.unwrap();
     assert_eq!(store.pending_for("free", "acme").await.unwrap(), 1);
     assert_eq!(store.pending_for("free", "globex").await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submissions_never_pass_the_bound_and_a_refusal_queues_nothing() {
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.submit(job(), 5).await.unwrap() })
+        })
+        .collect();
+    let mut queued = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Submitted::Queued { job, ahead } => queued.push((job.seq, ahead)),
+            Submitted::Full { pending } => assert_eq!(pending, 5),
+        }
+    }
+    queued.sort_unstable();
+    // Five queued, each told how many were before it.
+    assert_eq!(queued, vec![(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)]);
+    assert_eq!(store.pending_for("free", "acme").await.unwrap(), 5);
+    // The bound is the pair's: another tenant, and no bound, still queue.
+    let mut other = job();
+    other.tenant = Some("globex".to_owned());
+    assert!(store.submit(other, 5).await.unwrap().queued().is_some());
+    assert!(store.submit(job(), 0).await.unwrap().queued().is_some());
+    // The refused were never queued: the queue holds the seven accepted only.
+    let mut claimed = 0;
+    while store.claim("w", Duration::ZERO).await.unwrap().is_some() {
+        claimed += 1;
+    }
+    assert_eq!(claimed, 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_ended_by_its_last_line_and_its_files_outlive_the_lines_results() {
+    use super::batch::{self, Batch, Counts, StoredBatch};
+    let store = MemoryStore::new();
+    let policy = policy();
+    let lines = ["a", "b", "c"];
+    let id = "batch_test";
+    let jobs: Vec<Job> = lines
+        .iter()
+        .map(|_| {
+            let mut j = job();
+            j.batch = Some(id.to_owned());
+            j
+        })
+        .collect();
+    let stored = StoredBatch {
+        tenant: Some("acme".to_owned()),
+        batch: Batch {
+            id: id.to_owned(),
+            object: "batch".to_owned(),
+            endpoint: "/v1/chat/completions".to_owned(),
+            errors: None,
+            input_file_id: "file-in".to_owned(),
+            completion_window: "24h".to_owned(),
+            status: "in_progress".to_owned(),
+            output_file_id: None,
+            error_file_id: None,
+            created_at: 0,
+            in_progress_at: Some(0),
+            expires_at: Some(now_ms() / 1000 + 86_400),
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: Counts::default(),
+            metadata: None,
+        },
+        lines: lines
+            .iter()
+            .zip(&jobs)
+            .map(|(c, j)| ((*c).to_owned(), j.id.clone()))
+            .collect(),
+        file_ids: Some(("file-out".to_owned(), "file-err".to_owned())),
+    };
+    store.open_batch(id, 3).await.unwrap();
+    batch::save_batch(&store, &stored).await.unwrap();
+    for j in jobs {
+        queue(&store, j).await;
+    }
+    // Line a completes, line b fails: the batch is not over.
+    for (n, outcome) in [Status::Completed, Status::Failed].into_iter().enumerate() {
+        let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+        let mut over = claim.job.clone();
+        over.status = outcome;
+        over.result = (outcome == Status::Completed).then(|| json!({"answer": n}));
+        over.error = (outcome == Status::Failed).then(|| JobError {
+            code: "upstream_server_error".to_owned(),
+            message: "503".to_owned(),
+        });
+        assert!(
+            store
+                .save(&claim, &over, Step::Finish, &policy)
+                .await
+                .unwrap()
+        );
+        assert!(!batch::settle(&store, id).await.unwrap());
+        assert_eq!(store.batch_left(id).await.unwrap(), 2 - n as u64);
+    }
+    assert_eq!(stored_batch(&store, id).await.status, "in_progress");
+    // Line c is cancelled by its caller: the last line over ends the batch, at once.
+    let last = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    store.cancel(&last.job.id).await.unwrap();
+    assert_eq!(store.batch_left(id).await.unwrap(), 0);
+    assert!(batch::settle(&store, id).await.unwrap());
+    assert!(!batch::settle(&store, id).await.unwrap(), "ended once");
+    let ended = stored_batch(&store, id).await;
+    assert_eq!(ended.status, "completed");
+    assert_eq!(
+        ended.request_counts,
+        Counts {
+            total: 3,
+            completed: 1,
+            failed: 2
+        }
+    );
+    assert_eq!(ended.output_file_id.as_deref(), Some("file-out"));
+    assert_eq!(ended.error_file_id.as_deref(), Some("file-err"));
+    // Past the lines' result TTL their jobs are gone; the files are not.
+    tokio::time::advance(CANCELLED_KEPT.max(policy.result_ttl)).await;
+    assert!(store.get(&last.job.id).await.unwrap().is_none());
+    let output = file_lines(&store, "file-out").await;
+    assert_eq!(output.len(), 1);
+    assert_eq!(output[0]["custom_id"], "a");
+    assert_eq!(output[0]["response"]["body"], json!({"answer": 0}));
+    let errors = file_lines(&store, "file-err").await;
+    let codes: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| {
+            (
+                e["custom_id"].as_str().unwrap(),
+                e["error"]["code"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![("b", "upstream_server_error"), ("c", "job_failed")]
+    );
+    assert_eq!(stored_batch(&store, id).await.status, "completed");
+}
+
+/// Batch `id` as stored.
+async fn stored_batch(store: &MemoryStore, id: &str) -> super::batch::Batch {
+    let raw = store
+        .fetch(&super::batch::batch_key(id))
+        .await
+        .unwrap()
+        .unwrap();
+    serde_json::from_str::<super::batch::StoredBatch>(&raw)
+        .unwrap()
+        .batch
+}
+
+/// The JSON lines of file `id` as stored.
+async fn file_lines(store: &MemoryStore, id: &str) -> Vec<serde_json::Value> {
+    let raw = store
+        .fetch(&super::batch::file_key(id))
+        .await
+        .unwrap()
+        .unwrap();
+    let file: super::batch::StoredFile = serde_json::from_str(&raw).unwrap();
+    file.content
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

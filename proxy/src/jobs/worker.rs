@@ -124,6 +124,7 @@ impl Workers {
         if job.status.is_terminal() {
             // Cancelled while queued or waiting for a retry (its entry came back to be told),
             // or its previous holder wrote the outcome and died before acknowledging.
+            self.line_over(claim, consumer, &job).await;
             return self
                 .notify_and_ack(claim, consumer, job, config, policy)
                 .await;
@@ -224,6 +225,7 @@ impl Workers {
             return self.refused(claim, consumer, config, policy).await;
         }
         m.state(job.status.as_str());
+        self.line_over(claim, consumer, &job).await;
         if job.dead_letter {
             m.dead_letters.inc();
             tracing::warn!(job = %job.id, tier = %job.tier, attempts = job.attempts, "job dead-lettered");
@@ -286,10 +288,32 @@ impl Workers {
     ) -> Result<(), super::StoreError> {
         match self.jobs.store.get(&claim.job.id).await? {
             Some(job) if job.status == Status::Cancelled => {
+                self.line_over(claim, consumer, &job).await;
                 self.notify_and_ack(claim, consumer, job, config, policy)
                     .await
             }
             _ => self.jobs.store.ack(claim).await,
+        }
+    }
+
+    /// After `job` (over, held as `claim`) if it is a batch's line: ends the batch if it was
+    /// its last line (its output and error files built and stored now,
+    /// [`super::batch::settle`]). A failure is logged; the batch is then ended by its next
+    /// read.
+    async fn line_over(&self, claim: &Claim, consumer: &str, job: &super::Job) {
+        let Some(batch) = &job.batch else { return };
+        // Reading a large batch's lines takes a while: the claim is kept meanwhile.
+        let settled = self.keep_alive(
+            claim,
+            consumer,
+            super::batch::settle(&self.jobs.store, batch),
+        );
+        match settled.await {
+            Ok(true) => tracing::info!(batch = %batch, "batch over: its files are stored"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(batch = %batch, error = %e, "cannot end a batch whose last line is over; its next read will");
+            }
         }
     }
 
@@ -496,10 +520,31 @@ pub fn webhook_target(
     Some((url, config.webhook_secrets.get(&job.tier).cloned()))
 }
 
-/// Where `job`'s email goes and through which server: the job's own address, through its
-/// tier's SMTP settings.
+/// Where `job`'s email goes and through which server: the job's own address, else its
+/// tier's `async.email.to` when the tier notifies by email (not for a Batch API line: one
+/// mail per line is not what a person wants), through its tier's SMTP settings.
 pub fn email_target(job: &super::Job, config: &Config) -> Option<(String, super::email::Smtp)> {
-    let to = job.notify.email.clone()?;
+    let tier_to = || {
+        config
+            .tier_queue
+            .as_ref()?
+            .spec
+            .tiers
+            .iter()
+            .find(|t| t.name == job.tier)?
+            .async_
+            .as_ref()
+            .filter(|a| {
+                a.notify
+                    .contains(&floodgate_crds::tier::NotifyChannel::Email)
+            })?
+            .email
+            .as_ref()?
+            .to
+            .clone()
+            .filter(|_| job.batch.is_none())
+    };
+    let to = job.notify.email.clone().or_else(tier_to)?;
     let smtp = config.email.get(&job.tier)?.clone();
     Some((to, smtp))
 }

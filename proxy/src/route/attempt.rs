@@ -267,10 +267,10 @@ impl<'a> Attempts<'a> {
                     self.asker.tier.admitted(self.waited);
                 }
                 Err(RouteError::Saturated { .. }) => {
-                    self.asker.tier.state.metrics.refused(self.refusal);
+                    self.asker.tier.state.refused(self.refusal);
                 }
                 Err(RouteError::Unavailable { .. }) => {
-                    self.asker.tier.state.metrics.refused("unavailable");
+                    self.asker.tier.state.refused("unavailable");
                 }
                 Err(_) => {}
             }

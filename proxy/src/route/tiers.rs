@@ -9,6 +9,7 @@
 
 use crate::config::Config;
 use floodgate_crds::QueueClass;
+use floodgate_crds::redis_keys::{SLO_SLOT_SECONDS, SLO_WINDOW_SECONDS, WAIT_BUCKETS_MS};
 use floodgate_crds::tier::ClassHeadroom;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -65,8 +66,111 @@ pub struct TierState {
     /// When each waiting request joined, by place: the oldest wait, for the TierQueue's status.
     joined: Mutex<BTreeMap<u64, Instant>>,
     next_place: AtomicU64,
+    /// Outcomes of the last [`SLO_WINDOW_SECONDS`], for the TierQueue's status.
+    recent: Mutex<SloWindow>,
     /// Metric handles of this tier.
     pub metrics: TierMetrics,
+}
+
+/// Number of slots of a [`SloWindow`].
+const SLO_SLOTS: usize = (SLO_WINDOW_SECONDS / SLO_SLOT_SECONDS) as usize;
+
+/// Number of buckets of the wait histogram: one per bound, then the longer waits.
+const WAIT_BUCKETS: usize = WAIT_BUCKETS_MS.len() + 1;
+
+/// A tier's outcomes over the last [`SLO_WINDOW_SECONDS`], in slots of [`SLO_SLOT_SECONDS`]
+/// (a slot is reused, emptied, when its time comes round again).
+#[derive(Debug)]
+struct SloWindow {
+    /// The instant slot numbers count from.
+    origin: Instant,
+    slots: [SloSlot; SLO_SLOTS],
+}
+
+/// One slot of a [`SloWindow`].
+#[derive(Debug, Clone, Copy, Default)]
+struct SloSlot {
+    /// The slot's number since `origin`; what it holds is of that slot only.
+    number: u64,
+    within: u64,
+    missed: u64,
+    waits: [u64; WAIT_BUCKETS],
+}
+
+/// A tier's outcomes over the last [`SLO_WINDOW_SECONDS`] on this replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SloFigures {
+    /// Requests admitted within the wait target.
+    pub within: u64,
+    /// Requests admitted later, or refused for time or room.
+    pub missed: u64,
+    /// Admitted requests' waits per bucket of [`WAIT_BUCKETS_MS`], then longer ones.
+    pub waits: [u64; WAIT_BUCKETS],
+}
+
+impl SloWindow {
+    fn new(origin: Instant) -> Self {
+        Self {
+            origin,
+            slots: [SloSlot::default(); SLO_SLOTS],
+        }
+    }
+
+    fn number(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_secs() / SLO_SLOT_SECONDS
+    }
+
+    /// The slot of `now`, emptied first if it still holds an older slot's counts.
+    fn slot(&mut self, now: Instant) -> &mut SloSlot {
+        let number = self.number(now);
+        let slot = &mut self.slots[(number % SLO_SLOTS as u64) as usize];
+        if slot.number != number {
+            *slot = SloSlot {
+                number,
+                ..SloSlot::default()
+            };
+        }
+        slot
+    }
+
+    /// Counts a request admitted after waiting `waited`, within the target or not.
+    fn admitted(&mut self, now: Instant, waited: Duration, within: bool) {
+        let ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        let bucket = WAIT_BUCKETS_MS
+            .iter()
+            .position(|bound| ms <= *bound)
+            .unwrap_or(WAIT_BUCKETS_MS.len());
+        let slot = self.slot(now);
+        if within {
+            slot.within += 1;
+        } else {
+            slot.missed += 1;
+        }
+        slot.waits[bucket] += 1;
+    }
+
+    /// Counts a request refused for time or room.
+    fn refused(&mut self, now: Instant) {
+        self.slot(now).missed += 1;
+    }
+
+    /// The sum of the slots of the window that ends at `now`.
+    fn figures(&self, now: Instant) -> SloFigures {
+        let current = self.number(now);
+        let mut figures = SloFigures::default();
+        for slot in &self.slots {
+            // A slot counts while it is one of the last `SLO_SLOTS` (the current included).
+            if slot.number + (SLO_SLOTS as u64) <= current || slot.number > current {
+                continue;
+            }
+            figures.within += slot.within;
+            figures.missed += slot.missed;
+            for (sum, n) in figures.waits.iter_mut().zip(slot.waits) {
+                *sum += n;
+            }
+        }
+        figures
+    }
 }
 
 impl TierState {
@@ -76,8 +180,30 @@ impl TierState {
             depth: AtomicUsize::new(0),
             joined: Mutex::default(),
             next_place: AtomicU64::new(0),
+            recent: Mutex::new(SloWindow::new(Instant::now())),
             metrics: TierMetrics::new(name, class),
         }
+    }
+
+    /// Counts a request refused for `reason` (`wait_limit`, `queue_full`, `unavailable`) in
+    /// the metrics and, unless the refusal is for want of a provider, against the tier's
+    /// wait target.
+    pub fn refused(&self, reason: &'static str) {
+        self.metrics.refused(reason);
+        if reason != "unavailable" {
+            self.recent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .refused(Instant::now());
+        }
+    }
+
+    /// This tier's outcomes over the window that ends at `now`.
+    pub fn recent(&self, now: Instant) -> SloFigures {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .figures(now)
     }
 
     /// How long the request of this tier that has waited longest has waited at `now`.
@@ -189,11 +315,17 @@ impl TierRt {
     pub fn admitted(&self, waited: Duration) {
         let m = &self.state.metrics;
         m.wait.observe(waited.as_secs_f64());
-        if waited <= self.target {
+        let within = waited <= self.target;
+        if within {
             m.within_target.inc();
         } else {
             m.missed_target.inc();
         }
+        self.state
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admitted(Instant::now(), waited, within);
     }
 }
 
@@ -298,6 +430,7 @@ impl TierPlan {
             .tiers
             .iter()
             .map(|t| crate::demand::TierFigures {
+                recent: t.state.recent(now),
                 name: t.name.to_string(),
                 waiting: u64::try_from(t.state.depth()).unwrap_or(u64::MAX),
                 oldest_wait_ms: t
@@ -342,5 +475,75 @@ impl TierPlan {
             .map(|t| t.max_wait)
             .max()
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SLOT: Duration = Duration::from_secs(SLO_SLOT_SECONDS);
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_counts_within_missed_and_waits_by_bucket() {
+        let state = TierState::new("pro", QueueClass::Priority);
+        let mut w = state.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        w.admitted(now, Duration::ZERO, true);
+        w.admitted(now, Duration::from_millis(10), true);
+        w.admitted(now, Duration::from_millis(11), true);
+        w.admitted(now, Duration::from_millis(2_500), false);
+        w.admitted(now, Duration::from_secs(400), false);
+        w.refused(now);
+        let f = w.figures(now);
+        assert_eq!((f.within, f.missed), (3, 3));
+        // 0 and 10 ms in the first bucket (bounds are inclusive), 11 ms in the second,
+        // 2.5 s in the 5 s bucket, 400 s past the last bound; a refusal has no wait.
+        let mut waits = [0; WAIT_BUCKETS];
+        waits[0] = 2;
+        waits[1] = 1;
+        waits[7] = 1;
+        waits[WAIT_BUCKETS - 1] = 1;
+        assert_eq!(f.waits, waits);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_leaves_the_window_exactly_when_the_window_has_moved_past_it() {
+        let state = TierState::new("pro", QueueClass::Priority);
+        let origin = Instant::now();
+        let mut w = state.recent.lock().unwrap_or_else(|p| p.into_inner());
+        // One request in the first slot, one at the last instant of the second.
+        w.admitted(origin, Duration::ZERO, true);
+        w.refused(origin + 2 * SLOT - Duration::from_millis(1));
+        let window = Duration::from_secs(SLO_WINDOW_SECONDS);
+        // The first slot counts until the window (ten slots) has passed its end.
+        let last = origin + window - Duration::from_millis(1);
+        assert_eq!((w.figures(last).within, w.figures(last).missed), (1, 1));
+        let f = w.figures(origin + window);
+        assert_eq!((f.within, f.missed), (0, 1));
+        let f = w.figures(origin + window + SLOT);
+        assert_eq!((f.within, f.missed), (0, 0));
+        // A slot reused ten slots later holds only its new counts.
+        w.admitted(origin + window, Duration::ZERO, false);
+        let f = w.figures(origin + window);
+        assert_eq!((f.within, f.missed), (0, 2));
+        assert_eq!(f.waits[0], 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admissions_and_refusals_reach_the_tiers_queue_figures() {
+        let config = Config::default();
+        let states = TierStates::default();
+        let plan = TierPlan::build(&config, Duration::from_secs(5), &states);
+        let tier = plan.get(None);
+        tier.admitted(Duration::from_secs(1));
+        tier.admitted(Duration::from_secs(6));
+        tier.state.refused("wait_limit");
+        tier.state.refused("unavailable");
+        let f = tier.state.recent(Instant::now());
+        // The target is the 5 s limit: one within, one late, one refused for time; a refusal
+        // for want of a provider is not the queue's.
+        assert_eq!((f.within, f.missed), (1, 2));
+        assert_eq!(f.waits.iter().sum::<u64>(), 2);
     }
 }

@@ -360,6 +360,26 @@ fn transport_error(e: &reqwest::Error, when: ClosedWhen) -> ProviderError {
     if e.is_timeout() {
         return ProviderError::Timeout;
     }
+    // Something that is not HTTP, or a body that does not decode, is the upstream's answer,
+    // not a closed connection. (reqwest calls a body cut short a decode error too: the
+    // source says which.)
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+                return ProviderError::Malformed(format!("not an HTTP response: {h}"));
+            }
+            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                return ProviderError::Closed(when);
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::InvalidData
+        {
+            return ProviderError::Malformed(format!("the body could not be decoded: {io}"));
+        }
+        source = err.source();
+    }
     ProviderError::Closed(when)
 }
 

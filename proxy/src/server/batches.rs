@@ -320,20 +320,25 @@ async fn create_batch(
     }
     let now = crate::jobs::now_ms() / 1000;
     let id = batch::new_id("batch_");
-    let mut lines = Vec::with_capacity(parsed.len());
-    for line in parsed {
-        let mut job = Job::new(owner.clone(), tier.clone(), line.body, max_attempts);
-        job.metadata
-            .insert("batch_id".to_owned(), id.clone().into());
-        job.metadata
-            .insert("custom_id".to_owned(), line.custom_id.clone().into());
-        let job = jobs.store.submit(job).await.map_err(unavailable)?;
-        lines.push((line.custom_id, job.id));
-    }
-    crate::jobs::metrics::get()
-        .states
-        .get_or_create(&crate::jobs::metrics::StateLabels { state: "queued" })
-        .inc_by(lines.len() as u64);
+    let queued: Vec<Job> = parsed
+        .into_iter()
+        .map(|line| {
+            let mut job = Job::new(owner.clone(), tier.clone(), line.body, max_attempts);
+            job.batch = Some(id.clone());
+            job.metadata
+                .insert("batch_id".to_owned(), id.clone().into());
+            job.metadata
+                .insert("custom_id".to_owned(), line.custom_id.into());
+            job
+        })
+        .collect();
+    let lines: Vec<(String, String)> = queued
+        .iter()
+        .map(|j| {
+            let custom = j.metadata.get("custom_id").and_then(|v| v.as_str());
+            (custom.unwrap_or_default().to_owned(), j.id.clone())
+        })
+        .collect();
     let stored = StoredBatch {
         tenant: owner,
         batch: Batch {
@@ -362,10 +367,26 @@ async fn create_batch(
             metadata: new.metadata,
         },
         lines,
+        file_ids: Some((batch::new_id("file-"), batch::new_id("file-"))),
     };
+    // The batch and its count of lines are stored before the first line is queued: the
+    // worker that ends the last line finds both and builds the files.
+    jobs.store
+        .open_batch(&stored.batch.id, queued.len() as u64)
+        .await
+        .map_err(unavailable)?;
     batch::save_batch(&jobs.store, &stored)
         .await
         .map_err(unavailable)?;
+    let n = queued.len() as u64;
+    for job in queued {
+        // Unbounded: a batch is queued whole; its lines count in the tenant's pending jobs.
+        jobs.store.submit(job, 0).await.map_err(unavailable)?;
+    }
+    crate::jobs::metrics::get()
+        .states
+        .get_or_create(&crate::jobs::metrics::StateLabels { state: "queued" })
+        .inc_by(n);
     Ok(Json(stored.batch).into_response())
 }
 
@@ -384,7 +405,8 @@ async fn own_batch(
         .ok_or_else(|| missing("batch", id))
 }
 
-/// The batch, brought up to date and saved if it changed.
+/// The batch with its counts as of now; ended and saved if its lines are over (or its window
+/// has passed) and the worker that ended the last one did not do it (it died first).
 async fn current(jobs: &Jobs, tenant: &Option<String>, id: &str) -> Result<StoredBatch, ApiError> {
     let mut stored = own_batch(jobs, tenant, id).await?;
     if batch::refresh(&jobs.store, &mut stored)
@@ -426,14 +448,16 @@ pub(super) async fn cancel(
             let owner = tenant(&caller);
             let mut stored = own_batch(&jobs, &owner, &id).await?;
             if stored.batch.status == "in_progress" {
-                for (_, job) in &stored.lines {
-                    jobs.store.cancel(job).await.map_err(unavailable)?;
-                }
+                // `cancelling` first: a worker ending the last line meanwhile ends the batch
+                // `cancelled`, as this does.
                 stored.batch.status = "cancelling".to_owned();
                 stored.batch.cancelling_at = Some(crate::jobs::now_ms() / 1000);
                 batch::save_batch(&jobs.store, &stored)
                     .await
                     .map_err(unavailable)?;
+                for (_, job) in &stored.lines {
+                    jobs.store.cancel(job).await.map_err(unavailable)?;
+                }
             }
             let stored = current(&jobs, &owner, &id).await?;
             Ok::<_, ApiError>(Json(stored.batch).into_response())

@@ -9,6 +9,11 @@
 //!   closed after it (keep-alive); for HTTP/2, the time between streams;
 //! - **body read timeout** ([`AppState::body_timeout`](super::AppState::body_timeout)): a door
 //!   reads the whole body within it, else answers 408 in its own format;
+//! - **send timeout**: a response whose next part is ready must be taken by the client within
+//!   it (the client reads, or opens its HTTP/2 flow-control window), else the connection is
+//!   closed and the response dropped, with whatever it holds (its upstream call, its key's
+//!   permit, the tenant's concurrency slot). Waiting for the upstream is not a stall: only
+//!   data the client does not take counts, so a long stream that a client reads is never cut;
 //! - **connection cap** ([`Connections`]), shared by every worker: beyond it a new connection
 //!   is closed at once (its client sees a reset and can try another replica), counted in
 //!   `floodgate_server_connections_refused_total` and logged (at most every 10 s).
@@ -46,6 +51,9 @@ use tower::ServiceExt as _;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a keep-alive connection may wait for its next request.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Default time a client may leave a ready part of its response untaken (nginx's
+/// `send_timeout`).
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default most connections open at once, before the file-descriptor bound
 /// ([`default_max_connections`]).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -60,6 +68,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Time a connection may wait, idle, for its next request.
     pub idle_timeout: Duration,
+    /// Time a client may leave a ready part of a response untaken.
+    pub send_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -67,6 +77,7 @@ impl Default for Limits {
         Self {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
         }
     }
 }
@@ -93,20 +104,29 @@ fn open_files_limit() -> Option<usize> {
 pub struct Connections {
     limits: Limits,
     max: usize,
+    /// The `listener` label of its metrics.
+    listener: &'static str,
     slots: Arc<Semaphore>,
     last_warned: Mutex<Option<Instant>>,
 }
 
 impl Connections {
-    /// At most `max` connections at once (at least one), each bounded by `limits`.
+    /// At most `max` connections at once (at least one), each bounded by `limits`, counted
+    /// as the public listener's.
     pub fn new(limits: Limits, max: usize) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         Self {
             limits,
             max,
+            listener: PUBLIC,
             slots: Arc::new(Semaphore::new(max)),
             last_warned: Mutex::new(None),
         }
+    }
+
+    /// The same, counted in the metrics under `listener` (`admin` for `--admin-listen`).
+    pub fn named(self, listener: &'static str) -> Self {
+        Self { listener, ..self }
     }
 
     /// The cap.
@@ -114,18 +134,32 @@ impl Connections {
         self.max
     }
 
+    fn labels(&self) -> metrics::ListenerLabels {
+        metrics::ListenerLabels {
+            listener: self.listener,
+        }
+    }
+
     /// A slot for a new connection, or `None` at the cap (counted, and logged now and then).
     fn admit(&self) -> Option<Slot> {
+        let m = metrics::global();
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            metrics::global().server_connections.inc();
-            return Some(Slot { _permit: permit });
+            let open = m.server_connections.get_or_create(&self.labels()).clone();
+            open.inc();
+            return Some(Slot {
+                _permit: permit,
+                open,
+            });
         }
-        metrics::global().server_connections_refused.inc();
+        m.server_connections_refused
+            .get_or_create(&self.labels())
+            .inc();
         let now = Instant::now();
         let mut last = self.last_warned.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|at| now.duration_since(at) >= CAP_LOG_INTERVAL) {
             *last = Some(now);
             tracing::warn!(
+                listener = self.listener,
                 max_connections = self.max,
                 "connection limit reached: refusing new connections (see floodgate_server_connections_refused_total)"
             );
@@ -137,11 +171,13 @@ impl Connections {
 /// A connection's place under the cap, given back when it closes.
 struct Slot {
     _permit: OwnedSemaphorePermit,
+    /// Its listener's count of open connections.
+    open: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        metrics::global().server_connections.dec();
+        self.open.dec();
     }
 }
 
@@ -181,7 +217,7 @@ pub async fn serve(
             tcp,
             app.clone(),
             builder.clone(),
-            connections.limits,
+            (connections.limits, connections.listener),
             shutdown.clone(),
         );
         tasks.spawn(async move {
@@ -216,7 +252,7 @@ async fn connection(
     tcp: TcpStream,
     app: Router,
     builder: auto::Builder<TokioExecutor>,
-    limits: Limits,
+    (limits, listener): (Limits, &'static str),
     shutdown: CancellationToken,
 ) {
     let activity = Arc::new(Activity::new());
@@ -259,12 +295,14 @@ async fn connection(
             reason = &mut expired, if !closing => {
                 metrics::global()
                     .server_connections_closed
-                    .get_or_create(&metrics::CloseLabels { reason })
+                    .get_or_create(&metrics::CloseLabels { listener, reason })
                     .inc();
                 tracing::debug!(reason, "closing a client connection");
-                if reason == HEADER_TIMEOUT {
+                if reason == HEADER_TIMEOUT || reason == SEND_TIMEOUT {
                     // A head in progress is not idle to hyper: a graceful shutdown would wait
-                    // for it. Nothing was asked yet, so nothing is lost by closing now.
+                    // for it. Nothing was asked yet, so nothing is lost by closing now. A
+                    // response the client does not take would hold a graceful shutdown as
+                    // long: dropping it ends its upstream call and frees what it holds.
                     return;
                 }
                 closing = true;
@@ -284,6 +322,11 @@ struct Activity {
     epoch: Instant,
     /// Requests whose response is not yet wholly sent.
     in_flight: AtomicUsize,
+    /// Responses whose last part is ready and not yet taken by the connection (it asks for
+    /// the next part once it has room for it: the client read, or widened its window).
+    waiting_to_send: AtomicUsize,
+    /// When a response last made progress while some wait to send.
+    send_since: AtomicU64,
     /// When the connection last became idle (no request in flight).
     idle_since: AtomicU64,
     /// One more than when the first byte of a request head arrived while idle; 0 if none
@@ -305,15 +348,21 @@ const PREFACE: &[u8] = b"PRI ";
 /// [`Activity::preface`] once the first bytes were not the preface.
 const PREFACE_MISSED: u8 = u8::MAX;
 
+/// The `listener` label of the public listener's connections.
+const PUBLIC: &str = "public";
+
 /// Why a connection was closed (the `reason` label).
 const HEADER_TIMEOUT: &str = "header_timeout";
 const IDLE_TIMEOUT: &str = "idle_timeout";
+const SEND_TIMEOUT: &str = "send_timeout";
 
 impl Activity {
     fn new() -> Self {
         Self {
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
+            waiting_to_send: AtomicUsize::new(0),
+            send_since: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(1),
             http2: AtomicBool::new(false),
@@ -370,12 +419,36 @@ impl Activity {
         Guard(self.clone())
     }
 
+    /// A response produced a part that is not its last: it waits for the connection to take
+    /// it and ask for the next.
+    fn part_ready(&self) {
+        if self.waiting_to_send.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.send_since.store(self.now(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The connection asked a waiting response for its next part (or dropped it, `taken`
+    /// false): progress.
+    fn part_taken(&self, taken: bool) {
+        self.waiting_to_send.fetch_sub(1, Ordering::AcqRel);
+        if taken {
+            self.send_since.store(self.now(), Ordering::Release);
+        }
+        self.changed.notify_one();
+    }
+
     /// Resolves with the reason once the bound that applies now has passed.
     async fn expired(&self, limits: Limits) -> &'static str {
         loop {
             let changed = self.changed.notified();
             let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
-                None
+                (self.waiting_to_send.load(Ordering::Acquire) > 0).then(|| {
+                    (
+                        self.at(self.send_since.load(Ordering::Acquire)) + limits.send_timeout,
+                        SEND_TIMEOUT,
+                    )
+                })
             } else {
                 match self.head_since.load(Ordering::Acquire) {
                     0 => Some((
@@ -419,10 +492,13 @@ impl Drop for Guard {
     }
 }
 
-/// A response body that keeps its request in flight until its last frame is sent.
+/// A response body that keeps its request in flight until its last frame is sent, and tells
+/// the connection's [`Activity`] when a frame it produced waits to be taken.
 struct InFlight {
     inner: Body,
     guard: Option<Guard>,
+    /// Its last frame was produced and the connection has not asked for the next yet.
+    waiting: bool,
 }
 
 impl InFlight {
@@ -430,7 +506,22 @@ impl InFlight {
         Self {
             inner,
             guard: Some(guard),
+            waiting: false,
         }
+    }
+
+    fn stop_waiting(&mut self, taken: bool) {
+        if std::mem::take(&mut self.waiting)
+            && let Some(guard) = &self.guard
+        {
+            guard.0.part_taken(taken);
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stop_waiting(false);
     }
 }
 
@@ -442,9 +533,13 @@ impl http_body::Body for InFlight {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        self.stop_waiting(true);
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.inner.is_end_stream() {
             self.guard = None;
+        } else if let (Poll::Ready(Some(Ok(_))), Some(guard)) = (&polled, &self.guard) {
+            guard.0.part_ready();
+            self.waiting = true;
         }
         polled
     }

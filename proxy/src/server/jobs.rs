@@ -22,7 +22,7 @@
 use super::AppState;
 use super::door;
 use super::error::ApiError;
-use crate::jobs::{Job, JobStore as _, Jobs, Notify, Policy, Status};
+use crate::jobs::{Job, JobStore as _, Jobs, Notify, Policy, Status, Submitted};
 use crate::providers::types::ChatRequest;
 use axum::Json;
 use axum::body::Body;
@@ -142,11 +142,12 @@ async fn create_job(
             .name
             .to_string()
     };
-    let job = accept(jobs, &config, caller.as_deref(), tier, req, new).await?;
-    Ok(accepted(jobs, &job).await)
+    let (job, ahead) = accept(jobs, &config, caller.as_deref(), tier, req, new).await?;
+    Ok(accepted(jobs, &job, ahead))
 }
 
-/// Validates and queues a job of `caller` in `tier`.
+/// Validates and queues a job of `caller` in `tier`: the job, and how many queued jobs are
+/// before it.
 async fn accept(
     jobs: &Jobs,
     config: &crate::config::Config,
@@ -154,7 +155,7 @@ async fn accept(
     tier: String,
     req: ChatRequest,
     new: NewJob,
-) -> Result<Job, ApiError> {
+) -> Result<(Job, u64), ApiError> {
     if req.messages.is_empty() {
         return Err(bad_request(
             "invalid_request",
@@ -189,30 +190,6 @@ async fn accept(
             ));
         }
     }
-    if let Some(c) = caller
-        && jobs.max_pending_per_tenant > 0
-    {
-        let pending = jobs
-            .store
-            .pending_for(&tier, c.name())
-            .await
-            .map_err(store_error)?;
-        if pending >= jobs.max_pending_per_tenant {
-            // About when one of them ends, at this replica's pace.
-            let next = jobs
-                .estimated_start(1)
-                .saturating_sub(crate::jobs::now_ms());
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "too_many_pending_jobs",
-                format!(
-                    "{pending} jobs of yours are pending in tier {tier}, the most allowed (--job-max-pending-per-tenant): retry when some are over"
-                ),
-            )
-            .with_retry_after(Duration::from_millis(next.clamp(1000, 3_600_000))));
-        }
-    }
     let max_attempts = Policy::of(config, &tier).retry.max_attempts;
     if let Some(url) = &new.notify.webhook {
         crate::jobs::address::check(url, jobs.allow_internal_webhooks)
@@ -234,20 +211,44 @@ async fn accept(
     }
     let mut job = Job::new(
         caller.map(|c| c.name().to_string()),
-        tier,
+        tier.clone(),
         new.request,
         max_attempts,
     );
     job.notify = new.notify;
     job.metadata = new.metadata;
-    let job = jobs.store.submit(job).await.map_err(store_error)?;
-    crate::jobs::metrics::get().state("queued");
-    Ok(job)
+    // A tenant's pending jobs are bounded in its tier; the store counts and queues in one
+    // step (one round trip to Redis, which also brings the job's position).
+    let bound = if caller.is_some() {
+        jobs.max_pending_per_tenant
+    } else {
+        0
+    };
+    match jobs.store.submit(job, bound).await.map_err(store_error)? {
+        Submitted::Queued { job, ahead } => {
+            crate::jobs::metrics::get().state("queued");
+            Ok((*job, ahead))
+        }
+        Submitted::Full { pending } => {
+            // About when one of them ends, at this replica's pace.
+            let next = jobs
+                .estimated_start(1)
+                .saturating_sub(crate::jobs::now_ms());
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "too_many_pending_jobs",
+                format!(
+                    "{pending} jobs of yours are pending in tier {tier}, the most allowed (--job-max-pending-per-tenant): retry when some are over"
+                ),
+            )
+            .with_retry_after(Duration::from_millis(next.clamp(1000, 3_600_000))))
+        }
+    }
 }
 
-/// 202 with the job's place and `Location`.
-async fn accepted(jobs: &Jobs, job: &Job) -> Response {
-    let position = jobs.store.position(job).await.unwrap_or(0);
+/// 202 with the job's place (`position`: queued jobs before it) and `Location`.
+fn accepted(jobs: &Jobs, job: &Job, position: u64) -> Response {
     let body = json!({
         "id": job.id,
         "object": "job",
@@ -288,7 +289,7 @@ pub(super) async fn defer(
     )
     .await
     {
-        Ok(job) => Some(accepted(jobs, &job).await),
+        Ok((job, ahead)) => Some(accepted(jobs, &job, ahead)),
         // In the format of the door the request came in by.
         Err(e) => Some(super::door::render(ctx.door, &e)),
     }

@@ -30,9 +30,14 @@ fn an_annotated_pod_gets_the_sidecar_and_its_apps_point_at_it() {
     .unwrap()
     .unwrap();
     let spec = out.spec.unwrap();
-    assert_eq!(spec.containers.len(), 3);
-    let sidecar = &spec.containers[2];
+    // A native sidecar: the first init container, restarted always; the apps are unchanged in
+    // number.
+    assert_eq!(spec.containers.len(), 2);
+    let inits = spec.init_containers.as_ref().unwrap();
+    assert_eq!(inits.len(), 1);
+    let sidecar = &inits[0];
     assert_eq!(sidecar.name, CONTAINER);
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
     assert_eq!(
         sidecar.args.as_deref().unwrap()[2..],
         ["--listen".to_owned(), "127.0.0.1:14080".to_owned()]
@@ -91,8 +96,9 @@ fn other_pods_and_injected_pods_are_left_alone() {
 fn sidecar_listen(pod: &Pod) -> String {
     let spec = pod.spec.as_ref().unwrap();
     let c = spec
-        .containers
+        .init_containers
         .iter()
+        .flatten()
         .find(|c| c.name == CONTAINER)
         .unwrap();
     c.args.as_ref().unwrap()[3].clone()
@@ -174,4 +180,26 @@ fn in_an_opted_in_namespace_every_pod_gets_it_unless_it_says_false() {
     );
     let refusing = pod(serde_json::json!({INJECT: "false"}));
     assert_eq!(inject(&refusing, &sidecar, Scope::Namespace), Ok(None));
+}
+
+#[test]
+fn the_sidecar_starts_before_the_pods_own_init_containers() {
+    let mut app = pod(serde_json::json!({INJECT: "true"}));
+    app.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+        name: "migrate".into(),
+        image: Some("app:1".into()),
+        ..Container::default()
+    }]);
+    let out = inject(&app, &Sidecar::default(), Scope::Pod)
+        .unwrap()
+        .unwrap();
+    let names: Vec<String> = out
+        .spec
+        .unwrap()
+        .init_containers
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, [CONTAINER, "migrate"]);
 }

@@ -250,6 +250,10 @@ impl RedisBudgets {
             }
             restarted
         };
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, r| r.record.as_ref().is_none_or(|w| w.strong_count() > 0));
         let keys: Vec<_> = self
             .registered()
             .into_iter()
@@ -260,10 +264,32 @@ impl RedisBudgets {
         }
         let mut pipe = redis::pipe();
         for (k, _) in &keys {
-            pipe.hget(&k.epoch, "id");
+            pipe.hget(&k.epoch, "id").pttl(&k.epoch);
         }
-        let found: Vec<Option<String>> = self.bounded(pipe.query_async(&mut conn)).await?;
-        for ((k, known), found) in keys.into_iter().zip(found) {
+        let answers: Vec<redis::Value> = self.bounded(pipe.query_async(&mut conn)).await?;
+        let mut answers = answers.into_iter();
+        let ttl = millis(self.epoch_ttl());
+        let mut refresh = redis::pipe();
+        let mut lost = Vec::new();
+        for (k, known) in keys {
+            let (Some(found), Some(left)) = (answers.next(), answers.next()) else {
+                return Err(SharedError::Reply);
+            };
+            let found: Option<String> =
+                redis::from_redis_value(found).map_err(|_| SharedError::Reply)?;
+            let left: i64 = redis::from_redis_value(left).map_err(|_| SharedError::Reply)?;
+            // An epoch lives a day after the key's last admission: a key idle that long
+            // while this replica still uses it keeps its epoch, rather than being taken for
+            // a lost budget (a barrier, a warning and a loss for nothing).
+            if found.is_some() && found == known && left >= 0 && left.unsigned_abs() < ttl / 2 {
+                refresh.pexpire(&k.epoch, i64::try_from(ttl).unwrap_or(i64::MAX));
+            }
+            lost.push((k, known, found));
+        }
+        if !refresh.is_empty() {
+            let () = self.bounded(refresh.query_async(&mut conn)).await?;
+        }
+        for (k, known, found) in lost {
             if found != known {
                 self.resync(&k, known, false).await?;
             } else if restarted {
@@ -275,14 +301,41 @@ impl RedisBudgets {
         Ok(())
     }
 
-    /// One probe while Redis is unreachable. When it answers: every key's record is
-    /// re-written (the requests admitted meanwhile on the local share included), budgets
-    /// that were lost get a new epoch, and the answers kept meanwhile are written.
-    async fn recover(&self) -> Result<(), SharedError> {
+    /// One probe while Redis is unreachable. When it answers: admissions go back to Redis
+    /// at once, then every key's record is re-written (the requests admitted meanwhile on
+    /// the local share included), budgets that were lost get a new epoch, and the answers
+    /// kept meanwhile are written.
+    ///
+    /// The order matters. A request admitted on the local share after its key's record was
+    /// re-written would be in no replica's count in Redis, so the replica stops admitting
+    /// locally before it re-writes: an admission from then on asks Redis, which for a lost
+    /// budget means re-writing the record first (`resync`, one at a time with this one). The
+    /// local share still applies meanwhile (the budgets may have survived without this
+    /// replica's outage in them), and for `reseed_grace` after if they did.
+    async fn recover(self: &Arc<Self>) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
         let _: String = self
             .bounded(redis::cmd("PING").query_async(&mut conn))
             .await?;
+        self.degraded.store(false, Ordering::Release);
+        // Whatever a restart during the outage lost is re-written now: the next check must not
+        // take the new `run_id` for another restart (a second barrier for nothing).
+        *self.run_id.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let result = self.rewrite_after_outage().await;
+        if let Err(e) = &result {
+            self.failed(e);
+            return result.map(|_| ());
+        }
+        self.changes.send_replace(false);
+        // Waiters slept until the local share's instant: Redis may have room sooner.
+        self.pulse();
+        tracing::info!("shared rate budgets: Redis is back");
+        Ok(())
+    }
+
+    /// [`RedisBudgets::recover`]'s writes, once admissions ask Redis again.
+    async fn rewrite_after_outage(self: &Arc<Self>) -> Result<(), SharedError> {
+        let mut conn = self.conn()?;
         let mut intact = false;
         for (k, known) in self.registered() {
             let Some(known) = known else { continue };
@@ -304,31 +357,31 @@ impl RedisBudgets {
                 self.resync(&k, Some(known), false).await?;
             }
         }
-        loop {
-            let next = {
-                let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                pending.pop()
-            };
-            let Some((keys, member)) = next else { break };
+        // The answers kept meanwhile, taken at once: answers made from now on are written as
+        // they come. One that fails is kept for the next recovery.
+        let pending =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut pending = pending.into_iter();
+        while let Some((keys, member)) = pending.next() {
             if let Err(e) = self.complete(&keys, &member).await {
                 self.remember(keys, member);
+                for (keys, member) in pending {
+                    self.remember(keys, member);
+                }
                 return Err(e);
             }
         }
-        // Budgets that survived lack the other replicas' outage until they re-write it: the
-        // local share applies for one more window. Budgets re-created behind a barrier do not.
+        // Budgets that survived lack the other replicas' outage until they re-write it, which
+        // each does within a probe of Redis's return: the local share applies for as long as
+        // a barrier would (not a whole window, which made a short blip cost one). Budgets
+        // re-created behind a barrier do not need it.
         let until = if intact {
             self.millis_since_start(Instant::now())
-                .saturating_add(millis(self.window))
+                .saturating_add(millis(self.opts.reseed_grace.min(self.window)))
         } else {
             0
         };
         self.local_until_ms.store(until, Ordering::Release);
-        self.degraded.store(false, Ordering::Release);
-        self.changes.send_replace(false);
-        // Waiters slept until the local share's instant: Redis may have room sooner.
-        self.pulse();
-        tracing::info!("shared rate budgets: Redis is back");
         Ok(())
     }
 

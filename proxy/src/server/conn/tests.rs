@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const HEADER: Duration = Duration::from_millis(300);
 const IDLE: Duration = Duration::from_millis(900);
+const SEND: Duration = Duration::from_millis(400);
 /// Longest any wait here may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -28,6 +29,7 @@ fn limits() -> Limits {
     Limits {
         header_read_timeout: HEADER,
         idle_timeout: IDLE,
+        send_timeout: SEND,
     }
 }
 
@@ -70,8 +72,51 @@ async fn hello(tcp: &mut TcpStream) {
 fn closed_total(reason: &'static str) -> u64 {
     metrics::global()
         .server_connections_closed
-        .get_or_create(&metrics::CloseLabels { reason })
+        .get_or_create(&metrics::CloseLabels {
+            listener: PUBLIC,
+            reason,
+        })
         .get()
+}
+
+fn refused_total(listener: &'static str) -> u64 {
+    metrics::global()
+        .server_connections_refused
+        .get_or_create(&metrics::ListenerLabels { listener })
+        .get()
+}
+
+fn open_now(listener: &'static str) -> i64 {
+    metrics::global()
+        .server_connections
+        .get_or_create(&metrics::ListenerLabels { listener })
+        .get()
+}
+
+/// The admin listener's connections are counted under its own label: a scraper refused at
+/// its small cap is not mistaken for the public listener's clients, nor the other way.
+#[tokio::test]
+async fn each_listener_counts_its_own_connections() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/hello", get(|| async { "hello" }));
+    let connections = Arc::new(Connections::new(limits(), 1).named("admin-test"));
+    tokio::spawn(serve(listener, app, connections, CancellationToken::new()));
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    hello(&mut first).await;
+    assert_eq!(open_now("admin-test"), 1);
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    // Refused at the cap of one: closed without an answer.
+    until_closed(&mut second).await;
+    assert_eq!(refused_total("admin-test"), 1);
+    drop(first);
+    tokio::time::timeout(PATIENCE, async {
+        while open_now("admin-test") != 0 {
+            tokio::time::sleep(MS).await;
+        }
+    })
+    .await
+    .expect("the closed connection is still counted open");
 }
 
 #[tokio::test]
@@ -152,10 +197,75 @@ async fn a_slow_response_is_not_cut_by_the_idle_timeout() {
     assert!(answer.ends_with("done"), "{answer}");
 }
 
+/// Serves `/endless`, a response that never ends (64 KiB parts, always ready); `dropped` is
+/// cancelled when the server drops it.
+async fn endless(dropped: CancellationToken) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route(
+        "/endless",
+        get(move || {
+            let guard = dropped.clone().drop_guard();
+            async move {
+                let part = Bytes::from(vec![b'x'; 64 * 1024]);
+                Body::from_stream(futures::stream::repeat_with(move || {
+                    let _held = &guard;
+                    Ok::<_, Infallible>(part.clone())
+                }))
+            }
+        }),
+    );
+    let connections = Arc::new(Connections::new(limits(), 100));
+    tokio::spawn(serve(listener, app, connections, CancellationToken::new()));
+    addr
+}
+
+#[tokio::test]
+async fn a_response_the_client_does_not_take_is_dropped_after_the_send_timeout() {
+    let dropped = CancellationToken::new();
+    let addr = endless(dropped.clone()).await;
+    let before = closed_total(SEND_TIMEOUT);
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /endless HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // The client reads nothing: the buffers fill, then the response waits to be taken.
+    tokio::time::timeout(PATIENCE, dropped.cancelled())
+        .await
+        .expect("the response was kept although the client took nothing");
+    let took = started.elapsed();
+    assert!(took >= SEND, "dropped after {took:?}");
+    assert!(closed_total(SEND_TIMEOUT) > before);
+    drop(tcp);
+}
+
+#[tokio::test]
+async fn a_client_that_keeps_reading_is_never_cut_by_the_send_timeout() {
+    let dropped = CancellationToken::new();
+    let addr = endless(dropped.clone()).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /endless HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let until = Instant::now() + SEND * 3;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut read = 0usize;
+    while Instant::now() < until {
+        let n = tokio::time::timeout(PATIENCE, tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed while the client was reading");
+        read += n;
+    }
+    assert!(!dropped.is_cancelled(), "dropped after {read} bytes read");
+}
+
 #[tokio::test]
 async fn connections_beyond_the_cap_are_refused_and_counted() {
     let (addr, _stop) = server(Limits::default(), 2).await;
-    let refused = || metrics::global().server_connections_refused.get();
+    let refused = || refused_total(PUBLIC);
     let before = refused();
     let mut first = TcpStream::connect(addr).await.unwrap();
     let mut second = TcpStream::connect(addr).await.unwrap();
@@ -264,6 +374,31 @@ async fn a_request_in_flight_is_never_timed_out_and_idleness_counts_from_its_end
     assert!(pending(&mut expired).await);
     tokio::time::advance(MS).await;
     assert_eq!(expired.await, IDLE_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_part_left_untaken_is_bounded_by_the_send_timeout_to_the_millisecond() {
+    let activity = Arc::new(Activity::new());
+    let mut expired = Box::pin(activity.expired(limits()));
+    activity.read(b"GET / HTTP/1.1\r\n\r\n");
+    let _guard = activity.begin();
+    // Waiting for the upstream (nothing produced) is never a stall.
+    tokio::time::advance(SEND * 10).await;
+    assert!(pending(&mut expired).await);
+    // A part is ready; the client takes it just in time, then leaves the next one.
+    activity.part_ready();
+    tokio::time::advance(SEND - MS).await;
+    assert!(pending(&mut expired).await);
+    activity.part_taken(true);
+    activity.part_ready();
+    tokio::time::advance(SEND - MS).await;
+    assert!(pending(&mut expired).await);
+    tokio::time::advance(MS).await;
+    assert_eq!(
+        tokio::time::timeout(MS, expired).await,
+        Ok(SEND_TIMEOUT),
+        "not closed at the send timeout"
+    );
 }
 
 #[tokio::test(start_paused = true)]
