@@ -126,7 +126,7 @@ pub struct ExactCache {
     pub ttl_seconds: u32,
     /// Seconds past its TTL an entry is kept to answer when every target of the request's
     /// route failed (a step of the degradation chain), marked `x-floodgate-cache: stale`;
-    /// 0 (default) keeps none. Memory backend only.
+    /// 0 (default) keeps none. Either backend (Redis keeps the entry that much longer).
     #[serde(default)]
     #[schemars(range(max = 31536000))]
     pub stale_seconds: u32,

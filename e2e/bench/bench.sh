@@ -31,6 +31,9 @@
 # loadgen lines in $CACHE/bench/latest.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+BENCH_NAME=bench
+# shellcheck source=e2e/bench/lib.sh
+source e2e/bench/lib.sh
 
 CACHE=${CACHE:-$HOME/.cache/floodgate}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
@@ -59,44 +62,6 @@ echo "bench: building release binaries"
 
 mkdir -p "$OUT"
 work=$(mktemp -d "$OUT/run.XXXXXX")
-pids=()
-cleanup() {
-  local pid alive _
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  # A process still there after 5 s gets SIGKILL.
-  for _ in $(seq 50); do
-    alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Waits for a process's start-up line in its log and prints the first match of a pattern.
-address_from_log() {
-  local pid=$1 log=$2 pattern=$3 found
-  for _ in $(seq 100); do
-    found=$(grep -m1 -oE "$pattern" "$log" || true)
-    if [[ -n $found ]]; then echo "$found"; return; fi
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  cat "$log" >&2
-  echo "bench: $log: the process did not report its address" >&2
-  exit 1
-}
-
-# A free port on 127.0.0.1, for redis-server, which cannot report a port it chose itself. The
-# port may be taken before redis binds it: start_redis tries a few.
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 # Sends one command to the redis-server and prints the reply's lines (bounded: QUIT makes the
 # server close the connection after answering, and `timeout` covers a server that does not).
 redis_command() {

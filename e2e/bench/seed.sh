@@ -19,9 +19,13 @@
 #   BENCH_SEED_SECONDS  seconds of load (default 180; at least 180 for the scenario)
 #   BENCH_SEED_RPM      offered load in requests per minute (default 2100)
 #   BENCH_PROXY_BIN     the proxy binary (default: the release build of this tree)
-#   BENCH_OUT           where results go (default $CACHE/bench): seed.txt
+#   BENCH_OUT           where results go (default $CACHE/bench): seed.txt, and the gateway's
+#                       log as seed-proxy.log
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+BENCH_NAME=bench-seed
+# shellcheck source=e2e/bench/lib.sh
+source e2e/bench/lib.sh
 
 CACHE=${CACHE:-$HOME/.cache/floodgate}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
@@ -41,35 +45,6 @@ echo "bench-seed: building release binaries"
 
 mkdir -p "$OUT"
 work=$(mktemp -d "$OUT/seed.XXXXXX")
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for _ in $(seq 50); do
-    local alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-address_from_log() {
-  local pid=$1 log=$2 pattern=$3 found
-  for _ in $(seq 100); do
-    found=$(grep -m1 -oE "$pattern" "$log" || true)
-    if [[ -n $found ]]; then echo "$found"; return; fi
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  cat "$log" >&2
-  echo "bench-seed: $log: the process did not report its address" >&2
-  exit 1
-}
 
 # The example pool's keys and limits (examples/scaling-500rpm/10-pools.yaml).
 keys=(claude-1=20 claude-2=20 claude-3=20 gemini-1=60 gemini-2=60 gemini-3=60 gemini-4=60
@@ -257,6 +232,8 @@ echo "bench-seed: raw capacity 760 RPM; load $LOAD_RPM RPM for $SECONDS_OF_LOAD 
   --tier "basic=sk-seed-basic:$(rate 0.3)" \
   --tier "free=sk-seed-free:$(rate 0.4)" 2>&1 | tee "$work/tierload.txt"
 
+# The gateway's log, for what it said about lost or late requests (tierload names them).
+cp "$work/proxy.log" "$OUT/seed-proxy.log"
 curl -sf --max-time 5 "$mock_url/_mock/counts" >"$work/counts.json"
 curl -sf --max-time 5 "$admin_url/admin/capacity" >"$work/capacity.json" || echo '{}' >"$work/capacity.json"
 python3 - "$work/counts.json" "$work/tierload.txt" "$work/capacity.json" "$SECONDS_OF_LOAD" \

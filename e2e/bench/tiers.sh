@@ -12,6 +12,9 @@
 #   BENCH_OUT           where results go (default $CACHE/bench): tiers.txt
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+BENCH_NAME=bench-tiers
+# shellcheck source=e2e/bench/lib.sh
+source e2e/bench/lib.sh
 
 CACHE=${CACHE:-$HOME/.cache/floodgate}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
@@ -28,36 +31,6 @@ echo "bench-tiers: building release binaries"
 
 mkdir -p "$OUT"
 work=$(mktemp -d "$OUT/tiers.XXXXXX")
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for _ in $(seq 50); do
-    local alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-address_from_log() {
-  local pid=$1 log=$2 pattern=$3 found
-  for _ in $(seq 100); do
-    found=$(grep -m1 -oE "$pattern" "$log" || true)
-    if [[ -n $found ]]; then echo "$found"; return; fi
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  cat "$log" >&2
-  echo "bench-tiers: $log: the process did not report its address" >&2
-  exit 1
-}
-
 # The mock enforces each key's limit over the same 60 s window the proxy keeps.
 rpm_args=()
 for i in 1 2 3 4; do rpm_args+=(--rpm "bench-key-$i=$KEY_RPM"); done

@@ -465,3 +465,53 @@ async fn a_streamed_miss_is_stored_with_its_usage_the_caller_did_not_ask_for() {
     );
     assert_eq!(mock.counts().total(), 1);
 }
+
+/// With the Redis backend an expired answer is kept `staleSeconds` past its TTL, for the
+/// degradation chain alone: a replica that never saw it serves it, marked stale, when every
+/// target fails, and no replica serves it as a fresh hit.
+#[tokio::test]
+async fn redis_keeps_an_expired_answer_for_stale_answers_only() {
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let policy = "---\napiVersion: floodgate.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: cache}\nspec:\n\
+                  \x20 backend: redis\n\
+                  \x20 exact: {ttlSeconds: 1, staleSeconds: 3600}\n";
+    let yaml = pool(&mock) + policy;
+    let replica = || async {
+        Gateway::start_with(&yaml, redis_dispatcher(&redis))
+            .await
+            .unwrap()
+    };
+    let (a, b, c) = (replica().await, replica().await, replica().await);
+    let (path, body) = (
+        "/v1/chat/completions",
+        chat("gpt-4o", "kept for bad days", false),
+    );
+    assert_eq!(post(&a.url(), path, &body, &[]).await.cache, "miss");
+    // The store is written in the background: the entry is in Redis once B hits it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while post(&b.url(), path, &body, &[("cache-control", "no-store")])
+        .await
+        .cache
+        != "exact"
+    {
+        assert!(std::time::Instant::now() < deadline, "never stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its 1 s TTL passes on Redis's clock.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Every target fails: B answers with the expired entry, marked stale.
+    mock.set_fault(
+        floodgate_e2e::mock::Provider::OpenAi,
+        floodgate_e2e::mock::Fault::Status(503),
+    );
+    let got = post(&b.url(), path, &body, &[]).await;
+    assert_eq!(got.cache, "stale");
+    assert_eq!(got.text, answer_for("kept for bad days"));
+    let calls = mock.counts().total();
+    // Healthy again: C (no flight of it, nothing in memory) does not take it for a hit.
+    mock.clear_faults();
+    let got = post(&c.url(), path, &body, &[]).await;
+    assert_eq!(got.cache, "miss");
+    assert_eq!(mock.counts().total(), calls + 1);
+}

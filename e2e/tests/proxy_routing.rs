@@ -499,6 +499,36 @@ async fn requests_no_rule_matches_keep_the_pools_budgets() {
 }
 
 #[tokio::test]
+async fn requests_no_rule_matches_are_answered_by_a_pool_with_budget_left() {
+    // gpt-4o is served by two pools (premium's OpenAI, broken's Claude), each with a budget
+    // its first answer spends; a medium prompt of the pro tier matches no rule.
+    let (mock, gw) = start(&Setup {
+        budgets: "    alertAt: 0.5\n    pools: [{name: premium, monthlyUSD: 0.000001}, {name: broken, monthlyUSD: 0.000001}]\n",
+        broken_model: "gpt-4o",
+        ..Setup::default()
+    })
+    .await;
+    let first = chat(&gw, "client-acme", "gpt-4o", LONG_PROSE).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-floodgate-route"), "by-model");
+    let first = header(&first, "x-floodgate-provider").to_owned();
+    // The pool that answered is spent: the other one answers, and is charged.
+    let second = chat(&gw, "client-acme", "gpt-4o", LONG_PROSE).await;
+    assert_eq!(second.status(), 200);
+    let second = header(&second, "x-floodgate-provider").to_owned();
+    assert_ne!(first, second, "a spent pool answered again");
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
+    assert_eq!(mock.counts().provider_total(Provider::Anthropic), 1);
+    // Both are spent now: refused without a call.
+    let r = chat(&gw, "client-acme", "gpt-4o", LONG_PROSE).await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
+    assert_eq!(mock.counts().provider_total(Provider::Anthropic), 1);
+}
+
+#[tokio::test]
 async fn a_spent_tenant_budget_is_refused_with_429_and_a_spent_pool_is_skipped() {
     let (mock, gw) = start(&Setup {
         budgets: "    alertAt: 0.5\n    tenants: [{name: acme, monthlyUSD: 0.000001}]\n    pools: [{name: broken, monthlyUSD: 0.000001}]\n",
@@ -870,4 +900,72 @@ async fn each_step_of_the_degradation_chain_answers_when_the_steps_above_it_fail
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
     assert_eq!(header(&r, "x-floodgate-cache"), "miss");
+}
+
+/// The Anthropic door hands a request to a job as the OpenAI door does: past every target
+/// and degradation step, for a caller sending `Prefer: respond-async`; without it, the
+/// last error in Anthropic's format.
+#[tokio::test]
+async fn the_anthropic_door_hands_a_failed_request_to_a_job_when_the_caller_prefers_one() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let setup = Setup {
+        broken_model: "claude-sonnet-4",
+        ..Setup::default()
+    };
+    let gw = Gateway::start_configured(
+        &manifests(&mock.base_url(), &setup),
+        floodgate_proxy::route::Dispatcher::new(MIN, Duration::from_secs(10)).unwrap(),
+        |state| {
+            state.jobs = Some(floodgate_proxy::jobs::Jobs::new(
+                floodgate_proxy::jobs::Store::Memory(
+                    floodgate_proxy::jobs::memory::MemoryStore::new(),
+                ),
+                1,
+                false,
+            ));
+        },
+    )
+    .await
+    .unwrap();
+    mock.set_fault(Provider::Anthropic, Fault::Status(503));
+    mock.set_fault(Provider::OpenAi, Fault::Status(503));
+    let ask = |prefer: bool| {
+        let mut r = client()
+            .post(format!("{}/v1/messages", gw.url()))
+            .header("x-api-key", "client-acme")
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({"model": "sturdy", "max_tokens": 64,
+                          "messages": [{"role": "user", "content": LONG_PROSE}]}));
+        if prefer {
+            r = r.header("prefer", "respond-async");
+        }
+        r.send()
+    };
+    let r = ask(true).await.unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.headers());
+    let location = header(&r, "location").to_owned();
+    assert!(location.starts_with("/v1/jobs/job_"), "{location}");
+    let chain = header(&r, "x-floodgate-chain").to_owned();
+    assert!(
+        chain.starts_with("pool:broken=") && chain.ends_with(",job=queued"),
+        "{chain}"
+    );
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(job["object"], "job");
+    // The job is the caller's, at the place the door gave.
+    let got = client()
+        .get(format!("{}{location}", gw.url()))
+        .header("x-api-key", "client-acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let got: Value = got.json().await.unwrap();
+    assert_eq!(got["id"], job["id"]);
+    // Without the preference: the last error, in Anthropic's shape.
+    let r = ask(false).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "error", "{body}");
 }

@@ -12,7 +12,8 @@
 //! as an answer (2xx), a refusal (429 with `retry-after`), another error status, or *lost*
 //! (no HTTP answer at all: a reset, a timeout). It prints, per tier, p50 and p99 of the queue
 //! wait the gateway reports (`x-floodgate-queue-ms`) over the answered requests, refusals and
-//! losses, as a table and as one JSON line (`--json`).
+//! losses, as a table and as one JSON line (`--json`). Each request carries `x-request-id:
+//! tierload-<tier>-<n>`; a lost one is named on stderr, so the gateway's logs can be searched.
 //!
 //! With `--prompts FILE` (JSON lines `{"tier": NAME, "model": M, "messages": [...]}`) each
 //! tier sends its own lines in file order, wrapping around, instead of one fixed prompt; and
@@ -189,11 +190,12 @@ fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str) -> End {
+async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str, id: &str) -> End {
     let started = Instant::now();
     let sent = client
         .post(url)
         .header("authorization", format!("Bearer {key}"))
+        .header("x-request-id", id)
         .header("content-type", "application/json")
         .body(body.to_owned())
         .send()
@@ -288,6 +290,7 @@ async fn main() -> Result<()> {
     for (ti, tier) in tiers.iter().enumerate() {
         let (client, url, ends, key) =
             (client.clone(), url.clone(), ends.clone(), tier.key.clone());
+        let name = tier.name.clone();
         let own = std::mem::take(&mut bodies[ti]);
         let own: Arc<Vec<String>> = Arc::new(if own.is_empty() {
             vec![fixed.clone()]
@@ -306,8 +309,18 @@ async fn main() -> Result<()> {
                 n += 1;
                 let (client, url, ends, key) =
                     (client.clone(), url.clone(), ends.clone(), key.clone());
+                let id = format!("tierload-{name}-{n}");
                 requests.spawn(async move {
-                    let end = one(&client, &url, &key, &body).await;
+                    let sent = start.elapsed();
+                    let end = one(&client, &url, &key, &body, &id).await;
+                    if let End::Lost(why) = end {
+                        // The id is the gateway's request id: its logs name it.
+                        eprintln!(
+                            "lost: {id} sent at {:.1} s, {why} after {:.1} s",
+                            sent.as_secs_f64(),
+                            start.elapsed().saturating_sub(sent).as_secs_f64()
+                        );
+                    }
                     ends.lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push((ti, end));

@@ -23,12 +23,27 @@ struct Stored {
     response: Value,
     #[serde(default)]
     stops: Vec<Option<String>>,
+    /// Milliseconds the backend keeps the entry past its TTL, for stale answers (Redis:
+    /// its expiry is the TTL plus this, so the entry is fresh while more than this is left).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    kept_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Answer {
     /// The answer as bytes for a backend.
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_bytes_kept(std::time::Duration::ZERO)
+    }
+
+    /// The answer as bytes for a backend that keeps it `kept` past its TTL (stale answers);
+    /// [`Answer::from_bytes_kept`] gives the grace back.
+    pub fn to_bytes_kept(&self, kept: std::time::Duration) -> Vec<u8> {
         let stored = Stored {
+            kept_ms: u64::try_from(kept.as_millis()).unwrap_or(u64::MAX),
             response: serde_json::to_value(&self.response).unwrap_or(Value::Null),
             stops: self
                 .response
@@ -42,12 +57,19 @@ impl Answer {
 
     /// An answer read back from a backend; `None` if the bytes are not one.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        Self::from_bytes_kept(bytes).map(|(answer, _)| answer)
+    }
+
+    /// The answer of `bytes`, and how long its backend keeps it past its TTL (zero for
+    /// bytes written without one).
+    pub fn from_bytes_kept(bytes: &[u8]) -> Option<(Self, std::time::Duration)> {
         let stored: Stored = serde_json::from_slice(bytes).ok()?;
         let mut response: ChatResponse = serde_json::from_value(stored.response).ok()?;
         for (choice, stop) in response.choices.iter_mut().zip(stored.stops) {
             choice.stop_sequence = stop;
         }
-        Some(Answer { response })
+        let kept = std::time::Duration::from_millis(stored.kept_ms);
+        Some((Answer { response }, kept))
     }
 
     /// Whether the answer is complete: every choice finished for a reason.

@@ -183,13 +183,6 @@ impl Policy {
             }
         }
         let stale = spec.exact.as_ref().map_or(0, |e| e.stale_seconds);
-        if stale > 0 && spec.backend == CacheBackend::Redis {
-            notes.push(
-                "spec.exact.staleSeconds is not acted on with backend redis (stale answers \
-                 are kept by the memory backend only)"
-                    .into(),
-            );
-        }
         if let Some(s) = &spec.semantic
             && s.embedding_model != "all-MiniLM-L6-v2"
         {
@@ -734,8 +727,14 @@ impl Cache {
         let m = metrics::get();
         let (backend, answer) = match (&self.redis, policy.backend) {
             (Some(redis), CacheBackend::Redis) => {
-                let answer = match redis.get(key).await {
-                    Ok(bytes) => bytes.and_then(|b| Answer::from_bytes(&b)).map(Arc::new),
+                let answer = match redis.get_with_ttl(key).await {
+                    // Kept past its TTL for stale answers: fresh while more than that is left.
+                    Ok(found) => found
+                        .and_then(|(b, left)| {
+                            let (answer, kept) = Answer::from_bytes_kept(&b)?;
+                            left.is_none_or(|left| left > kept).then_some(answer)
+                        })
+                        .map(Arc::new),
                     Err(e) => {
                         tracing::debug!(error = %e, "cache lookup in Redis failed");
                         m.backend_errors
@@ -825,7 +824,14 @@ impl Cache {
         let Some(ttl) = policy.exact_ttl else { return };
         match (&self.redis, policy.backend) {
             (Some(_), CacheBackend::Redis) => {
-                let cache = self.clone();
+                // Kept `staleSeconds` past its TTL for stale answers, the grace written with
+                // it: Redis's own clock then says whether it is fresh ([`Cache::lookup`]).
+                let bytes = if policy.stale.is_zero() {
+                    bytes
+                } else {
+                    answer.to_bytes_kept(policy.stale)
+                };
+                let (cache, ttl) = (self.clone(), ttl + policy.stale);
                 self.tasks.spawn(async move {
                     let Some(redis) = &cache.redis else { return };
                     match redis.put(&key, bytes, ttl).await {
@@ -932,15 +938,33 @@ struct Target {
 /// target of a request's route failed.
 impl Cache {
     /// An expired answer to the request of `ctx` still within the policy's `staleSeconds`
-    /// (memory backend), as a reply in the caller's mode.
-    /// Counted and marked `stale` on `ctx`; never stored again.
-    pub fn stale(&self, view: &View, ctx: &mut RequestCtx, req: &ChatRequest) -> Option<Reply> {
+    /// (kept that long past its TTL by the memory backend, or by Redis), as a reply in the
+    /// caller's mode. Counted and marked `stale` on `ctx`; never stored again.
+    pub async fn stale(
+        &self,
+        view: &View,
+        ctx: &mut RequestCtx,
+        req: &ChatRequest,
+    ) -> Option<Reply> {
         let policy = self.policy(&view.config)?;
-        let key = ctx.cache.key.as_ref()?;
+        let key = *ctx.cache.key.as_ref()?;
         if policy.stale.is_zero() || ctx.cache.no_cache {
             return None;
         }
-        let answer = self.memory.get_stale(key, tokio::time::Instant::now())?;
+        let answer = match (&self.redis, policy.backend) {
+            (Some(redis), CacheBackend::Redis) => {
+                let (bytes, left) = redis.get_with_ttl(&key).await.ok()??;
+                let (answer, kept) = Answer::from_bytes_kept(&bytes)?;
+                // Expired for `kept - left`: within the policy's grace now (it may have
+                // been written under a longer one).
+                let expired_for = left.map_or(Duration::ZERO, |left| kept.saturating_sub(left));
+                if expired_for >= policy.stale {
+                    return None;
+                }
+                Arc::new(answer)
+            }
+            _ => self.memory.get_stale(&key, tokio::time::Instant::now())?,
+        };
         self.count(ctx, Outcome::Stale);
         Some(hit(whole_reply((*answer).clone(), req)).reply)
     }

@@ -103,6 +103,33 @@ impl RedisStore {
         .await
     }
 
+    /// The bytes stored under `key`, if any, with the time Redis keeps them still (`None`
+    /// for an entry without an expiry): one round trip.
+    pub async fn get_with_ttl(
+        &self,
+        key: &Key,
+    ) -> Result<Option<(Vec<u8>, Option<Duration>)>, RedisError> {
+        let mut conn = self.conn()?;
+        let name = answer_key(key);
+        let (bytes, left): (Option<Vec<u8>>, i64) = self
+            .run(async move {
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(&name)
+                    .cmd("PTTL")
+                    .arg(&name)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        // PTTL: -1 without an expiry, -2 once gone (it expired between the two commands).
+        let left = match left {
+            -1 => None,
+            ms => Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+        };
+        Ok(bytes.map(|b| (b, left)))
+    }
+
     /// Stores `bytes` under `key` for `ttl`.
     pub async fn put(&self, key: &Key, bytes: Vec<u8>, ttl: Duration) -> Result<(), RedisError> {
         let mut conn = self.conn()?;

@@ -159,6 +159,21 @@ fn a_stored_answer_round_trips_and_replays_as_the_same_stream() {
 }
 
 #[test]
+fn a_stored_answer_carries_the_grace_its_backend_keeps_it() {
+    let a = answer("kept");
+    let grace = Duration::from_secs(3600);
+    let (back, kept) = Answer::from_bytes_kept(&a.to_bytes_kept(grace)).unwrap();
+    assert_eq!((back, kept), (a.clone(), grace));
+    // Bytes written without one (before stale answers in Redis) read as no grace, and
+    // bytes without a grace are the same as they always were.
+    assert_eq!(a.to_bytes_kept(Duration::ZERO), a.to_bytes());
+    assert_eq!(
+        Answer::from_bytes_kept(&a.to_bytes()).unwrap().1,
+        Duration::ZERO
+    );
+}
+
+#[test]
 fn cache_control_directives_are_read() {
     let mut headers = HeaderMap::new();
     headers.append("cache-control", "max-age=0, No-Cache".parse().unwrap());

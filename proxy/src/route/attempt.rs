@@ -280,9 +280,11 @@ impl<'a> Attempts<'a> {
 
     async fn next_inner(&mut self) -> Result<Lease<'a>, RouteError> {
         let m = metrics::stages();
-        // A retry after a failed attempt has waited its turn already. Batch work always
-        // queues: it is gathered into batches.
-        let batch = self.asker.tier.batch.is_some();
+        // A retry after a failed attempt has waited its turn already. Batch work queues to
+        // be gathered into batches, on routes with a request limit: a local model's has
+        // none, and a batch request there holds one of its concurrency slots
+        // (`routing::local`) while it would gather, idling it.
+        let batch = self.asker.tier.batch.is_some() && self.rate_limited();
         if self.admitted || (self.route.queue.is_empty() && !batch) {
             let now = Instant::now();
             let picked = self.pick(now).await;
@@ -583,6 +585,13 @@ impl<'a> Attempts<'a> {
             .unwrap_or(Duration::ZERO)
             .max(Duration::from_secs(1));
         RouteError::Saturated { retry_after }
+    }
+
+    /// Whether a key of the route's live targets has a request limit.
+    fn rate_limited(&self) -> bool {
+        self.live_targets()
+            .flat_map(|(_, t)| &self.runtime.providers[t.provider].keys)
+            .any(|k| k.budget.rpm().is_some())
     }
 
     fn route_rpm(&self) -> u64 {

@@ -367,6 +367,21 @@ impl Dispatcher {
         deadline: Instant,
         asker: Asker,
     ) -> Result<Reply, RouteError> {
+        self.chat_except(view, route, req, deadline, asker, &[])
+            .await
+    }
+
+    /// [`Dispatcher::chat_on`] without the targets of the pools named in `pools` (their cost
+    /// budgets are spent): no budget is spent on them and no wait counts on them.
+    pub async fn chat_except(
+        &self,
+        view: &View,
+        route: &str,
+        req: &ChatRequest,
+        deadline: Instant,
+        asker: Asker,
+        pools: &[Arc<str>],
+    ) -> Result<Reply, RouteError> {
         let route = view
             .runtime
             .routes
@@ -375,6 +390,12 @@ impl Dispatcher {
         let demand = Demand::chat(req);
         let report = asker.report.clone();
         let mut attempts = Attempts::new(self, &view.runtime, route, demand, deadline, asker);
+        for (i, target) in route.targets.iter().enumerate() {
+            let pool = &view.runtime.providers[target.provider].pool;
+            if pools.iter().any(|p| **p == **pool) {
+                attempts.skip(i);
+            }
+        }
         loop {
             let lease = attempts.next().await?;
             let adapter = lease.provider.adapter;

@@ -524,3 +524,42 @@ async fn the_queue_figures_name_the_tier_queue_and_what_each_tier_has_waiting() 
     until(|| d.queue_figures().unwrap().tiers[0].waiting == 0).await;
     assert_eq!(figures(&d).1[0], ("pro".to_owned(), 0, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn batch_work_on_a_route_without_a_request_limit_is_not_held_for_its_batch() {
+    // A local model (Ollama, no key, no RPM): its concurrency gate is the limit, and a batch
+    // request held for its batch would hold one of its slots idle.
+    let yaml = "apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {name: local}\nspec:\n\
+                \x20 providers:\n\
+                \x20 - {name: llama, type: ollama, baseUrl: \"http://127.0.0.1:9\", models: [{name: m}]}\n---\n\
+                apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {name: tiers}\nspec:\n\
+                \x20 tiers:\n\
+                \x20 - {name: free, class: batch, maxWaitMs: 60000, batch: {size: 10, intervalSeconds: 5}}\n";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.yaml"), yaml).unwrap();
+    let (local, _) = load_config(&[dir.path().to_owned()], SecretSources::default()).unwrap();
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        Arc::new(local),
+    );
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        take(&d, "free", t0 + MIN).await.unwrap();
+        assert_eq!(Instant::now(), t0, "held for its batch");
+    }
+    // On a route with a request limit, batch work is still gathered: held until its batch
+    // of 10 fills or its oldest waited 5 s.
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(
+            100,
+            &[
+                "{name: free, class: batch, maxWaitMs: 60000, batch: {size: 10, intervalSeconds: 5}}",
+            ],
+            (0, 0, 0),
+        ),
+    );
+    let t0 = Instant::now();
+    take(&d, "free", t0 + MIN).await.unwrap();
+    assert_eq!(Instant::now() - t0, Duration::from_secs(5));
+}

@@ -21,7 +21,8 @@
 //!
 //! Past the last target, when the targets failed for capacity or health ([`degrade`]): a
 //! **stale answer** (an exact-cache entry expired less than the CachePolicy's
-//! `exact.staleSeconds` ago, `x-floodgate-cache: stale`, chain step `stale=ok`), then a
+//! `exact.staleSeconds` ago, in memory or in Redis, `x-floodgate-cache: stale`, chain step
+//! `stale=ok`), then a
 //! **template answer** (a CachePolicy template with `when: degraded`, step `template=ok`),
 //! then, in the door, a **job** for a caller that prefers one (`Prefer: respond-async`: 202
 //! and the job's `Location`, step `job=queued`); otherwise the last error is the answer: 429
@@ -181,24 +182,29 @@ async fn route(
         .check("tenant", &asker.tenant, &plan.tenant_budgets)?;
     let Some(rule) = plan.rule(&ctx.tier, class, &req.model, &asker.tenant) else {
         // By model: the pools that serve it keep their budgets too. Refused when every one
-        // of them is spent (one with budget left may still answer); the answer's cost is
-        // booked to the pool of the provider that gave it.
+        // of them is spent; otherwise the spent ones' targets are left out and a pool with
+        // budget left answers. The answer's cost is booked to the pool of the provider that
+        // gave it.
         let pools = pools_serving(view, &req.model);
-        let mut spent: Vec<cost::OverBudget> = pools
+        let mut spent: Vec<(Arc<str>, cost::OverBudget)> = pools
             .iter()
-            .filter_map(|p| state.ledger.check("pool", p, &plan.pool_budgets).err())
+            .filter_map(|p| {
+                let over = state.ledger.check("pool", p, &plan.pool_budgets).err()?;
+                Some((p.clone(), over))
+            })
             .collect();
         if !pools.is_empty() && spent.len() == pools.len() {
             count_route(BY_MODEL, None);
-            return Err(spent.swap_remove(0).into());
+            return Err(spent.swap_remove(0).1.into());
         }
+        let spent: Vec<Arc<str>> = spent.into_iter().map(|(p, _)| p).collect();
         let reply = dispatcher
-            .chat(view, req, ctx.deadline, asker.clone())
+            .chat_except(view, &req.model, req, ctx.deadline, asker.clone(), &spent)
             .await;
         count_route(BY_MODEL, reply.as_ref().ok().map(|r| &*r.provider));
         let reply = match reply {
             Ok(reply) => reply,
-            Err(e) => return degrade(state, view, ctx, req, e.into()),
+            Err(e) => return degrade(state, view, ctx, req, e.into()).await,
         };
         state.recent.record(capacity::Served::Premium);
         let pool = pool_of(view, &req.model, &reply.provider);
@@ -315,7 +321,7 @@ async fn route(
         }
         .into()
     });
-    degrade(state, view, ctx, req, error)
+    degrade(state, view, ctx, req, error).await
 }
 
 /// The degradation chain past the targets, when they failed for capacity or health (not for
@@ -323,7 +329,7 @@ async fn route(
 /// (`x-floodgate-cache: stale`), then a `when: degraded` template; otherwise `error`. The
 /// door then hands the request to a job when the caller prefers it (`server::jobs::defer`),
 /// and past that the error is the answer (429 or 503 with `retry-after`).
-fn degrade(
+async fn degrade(
     state: &State,
     view: &View,
     ctx: &mut RequestCtx,
@@ -333,7 +339,7 @@ fn degrade(
     let Some(cache) = ctx.cache.cache.clone().filter(|_| degradable(&error)) else {
         return Err(error);
     };
-    if let Some(reply) = cache.stale(view, ctx, req) {
+    if let Some(reply) = cache.stale(view, ctx, req).await {
         record_degraded(ctx, "stale");
         state.recent.record(capacity::Served::Cache);
         return Ok(reply);

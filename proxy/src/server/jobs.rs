@@ -264,7 +264,8 @@ fn accepted(jobs: &Jobs, job: &Job, position: u64) -> Response {
 }
 
 /// Queues `req` of the caller in `ctx` as a job: for a synchronous request sent with
-/// `Prefer: respond-async` that could not be answered within its wait limit.
+/// `Prefer: respond-async` that could not be answered within its wait limit, at either chat
+/// door (the job's result is a chat completion, `GET /v1/jobs/{id}`).
 pub(super) async fn defer(
     state: &AppState,
     ctx: &crate::pipeline::RequestCtx,
@@ -289,7 +290,8 @@ pub(super) async fn defer(
     .await
     {
         Ok((job, ahead)) => Some(accepted(jobs, &job, ahead)),
-        Err(e) => Some(e.into_response()),
+        // In the format of the door the request came in by.
+        Err(e) => Some(super::door::render(ctx.door, &e)),
     }
 }
 

@@ -91,6 +91,21 @@ async fn handle(
     let view = state.dispatcher.view();
     if !req.stream {
         let result = pipeline::chat(&state.dispatcher, &view, ctx, &req).await;
+        // Past its wait limit, or when every target and degradation step failed, a caller
+        // that prefers it gets a job instead, as at the OpenAI door (server::jobs).
+        if result.as_ref().is_err_and(crate::routing::degradable)
+            && super::jobs::prefers_async(headers)
+            && let Some(mut response) = super::jobs::defer(state, ctx, &req).await
+        {
+            if response.status() == StatusCode::ACCEPTED {
+                crate::routing::handed_over(ctx);
+                crate::routing::headers(response.headers_mut(), ctx);
+            }
+            Outcome::new(span, ctx, Some(req.model))
+                .with_status(response.status())
+                .record("deferred");
+            return response;
+        }
         let outcome = Outcome::new(span, ctx, Some(req.model.clone()));
         return render(result, outcome, req.model, input_tokens);
     }
