@@ -30,10 +30,26 @@ pub fn condition(type_: &str, status: bool, reason: &str, message: impl Into<Str
             ConditionStatus::False
         },
         reason: reason.to_owned(),
-        message: message.into(),
+        message: bounded(message.into()),
         last_transition_time: String::new(),
         observed_generation: None,
     }
+}
+
+/// The longest condition message the API server accepts (metav1.Condition's limit, in
+/// characters).
+pub const MAX_MESSAGE: usize = 32_768;
+
+/// `message` cut to [`MAX_MESSAGE`] characters, ending in `...` when cut: a status naming a
+/// few hundred missing objects must still be written, or it would stay stale while every
+/// reconcile fails.
+fn bounded(message: String) -> String {
+    if message.chars().count() <= MAX_MESSAGE {
+        return message;
+    }
+    let mut cut: String = message.chars().take(MAX_MESSAGE - 3).collect();
+    cut.push_str("...");
+    cut
 }
 
 /// The current time as Kubernetes writes it (RFC 3339, seconds, UTC).
@@ -87,6 +103,17 @@ pub fn transitions<'a>(old: &[Condition], new: &'a [Condition]) -> Vec<&'a Condi
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_message_past_the_api_servers_limit_is_cut_to_it() {
+        let long = "é".repeat(super::MAX_MESSAGE + 1);
+        let c = super::condition("Ready", false, "Missing", long);
+        assert_eq!(c.message.chars().count(), super::MAX_MESSAGE);
+        assert!(c.message.ends_with("..."));
+        let fits = "é".repeat(super::MAX_MESSAGE);
+        let c = super::condition("Ready", false, "Missing", fits.clone());
+        assert_eq!(c.message, fits);
+    }
+
     use super::*;
 
     #[test]

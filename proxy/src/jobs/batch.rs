@@ -120,7 +120,7 @@ pub struct StoredBatch {
     pub file_ids: Option<(String, String)>,
 }
 
-/// The completion window `24h` (or `<n>h`, `<n>m`, `<n>s`) as a duration.
+/// The completion window `24h` (or `<n>h`, `<n>m`, `<n>s`, at most 30 days) as a duration.
 pub fn parse_window(w: &str) -> Option<Duration> {
     let unit = w.chars().last()?;
     let n: u64 = w[..w.len() - unit.len_utf8()].parse().ok()?;
@@ -130,7 +130,8 @@ pub fn parse_window(w: &str) -> Option<Duration> {
         's' => n,
         _ => return None,
     };
-    (secs > 0).then(|| Duration::from_secs(secs))
+    // Its lines are kept until the batch ends, for at most the files' retention.
+    (secs > 0 && secs <= KEEP.as_secs()).then(|| Duration::from_secs(secs))
 }
 
 /// One line of an input file.
@@ -320,6 +321,8 @@ mod tests {
         assert_eq!(parse_window("0h"), None);
         assert_eq!(parse_window("h"), None);
         assert_eq!(parse_window("24d"), None);
+        assert_eq!(parse_window("720h"), Some(KEEP));
+        assert_eq!(parse_window("721h"), None);
         assert_eq!(parse_window(""), None);
         // A multi-byte last character is a unit it does not know, not a panic.
         assert_eq!(parse_window("24é"), None);

@@ -229,12 +229,7 @@ impl JobStore for MemoryStore {
                     inner.delayed.push((now + delay, job.id.clone()));
                 }
                 Step::Finish => {
-                    // A dead letter is kept for the dead letters' retention, when longer.
-                    let kept = if job.dead_letter {
-                        policy.result_ttl.max(policy.retention)
-                    } else {
-                        policy.result_ttl
-                    };
+                    let kept = policy.kept(job);
                     stored.expires = Some(now + kept);
                     if job.dead_letter {
                         inner.dead.push((job.id.clone(), now));

@@ -308,6 +308,20 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// How long `job`, finished, is kept: its result TTL; a dead letter for the dead letters'
+    /// retention when longer; a batch line until its batch's files are built, which is at most
+    /// the batch's completion window (bounded by [`batch::KEEP`]) after it was queued.
+    pub fn kept(&self, job: &Job) -> Duration {
+        let mut kept = self.result_ttl;
+        if job.dead_letter {
+            kept = kept.max(self.retention);
+        }
+        if job.batch.is_some() {
+            kept = kept.max(batch::KEEP);
+        }
+        kept
+    }
+
     /// The policy of `tier` under `config` (defaults without a TierQueue).
     pub fn of(config: &Config, tier: &str) -> Policy {
         let tq = config.tier_queue.as_ref().map(|tq| &tq.spec);

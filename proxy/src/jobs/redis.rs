@@ -521,12 +521,7 @@ impl JobStore for RedisStore {
             Step::Retry { delay } => ("retry", super::now_ms() + delay.as_millis() as u64),
             Step::Finish => ("finish", 0),
         };
-        // A dead letter is kept for the dead letters' retention, when longer.
-        let kept = if job.dead_letter {
-            policy.result_ttl.max(policy.retention)
-        } else {
-            policy.result_ttl
-        };
+        let kept = policy.kept(job);
         let written: u64 = self
             .save
             .key(format!("{JOB}{}", job.id))

@@ -273,6 +273,33 @@ async fn reported_marks_are_forgotten_with_their_jobs() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_batch_line_outlives_the_result_ttl_until_its_batch_can_end() {
+    let store = MemoryStore::new();
+    let policy = Policy {
+        result_ttl: Duration::from_secs(60),
+        ..policy()
+    };
+    let mut line = job();
+    line.batch = Some("batch_1".to_owned());
+    let submitted = queue(&store, line).await;
+    let claim = store.claim("w", Duration::ZERO).await.unwrap().unwrap();
+    let mut over = claim.job.clone();
+    over.status = Status::Completed;
+    assert!(
+        store
+            .save(&claim, &over, Step::Finish, &policy)
+            .await
+            .unwrap()
+    );
+    // A batch that runs longer than the tier's result TTL still finds its early lines when
+    // it builds its files; they go with the files' retention.
+    tokio::time::advance(batch::KEEP - Duration::from_millis(1)).await;
+    assert!(store.get(&submitted.id).await.unwrap().is_some());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(store.get(&submitted.id).await.unwrap().is_none());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_dead_letter_outlives_the_result_ttl_for_its_retention() {
     let store = MemoryStore::new();
     let policy = Policy {

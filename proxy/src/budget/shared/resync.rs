@@ -326,6 +326,10 @@ impl RedisBudgets {
             self.failed(e);
             return result.map(|_| ());
         }
+        if self.degraded.load(Ordering::Acquire) {
+            // A new outage began during the re-write; the next probe ends it.
+            return Ok(());
+        }
         self.changes.send_replace(false);
         // Waiters slept until the local share's instant: Redis may have room sooner.
         self.pulse();
@@ -382,6 +386,12 @@ impl RedisBudgets {
             0
         };
         self.local_until_ms.store(until, Ordering::Release);
+        // A request's call that failed during the re-write began a new outage (admissions
+        // asked Redis again from the start of it): its local share stands until the monitor
+        // finds Redis again, whichever of the two stores came last.
+        if self.degraded.load(Ordering::Acquire) {
+            self.local_until_ms.store(u64::MAX, Ordering::Release);
+        }
         Ok(())
     }
 
