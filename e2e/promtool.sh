@@ -15,6 +15,15 @@ if [[ -x $BIN ]] && "$BIN" --version >/dev/null 2>&1; then
 	echo "$BIN"
 	exit 0
 fi
+# Tests run in parallel and may all ask at once on a cold cache: one unpacks, the others wait
+# for it and then find it ready.
+mkdir -p "$CACHE"
+exec 9>"$ROOT.lock"
+flock 9
+if [[ -x $BIN ]] && "$BIN" --version >/dev/null 2>&1; then
+	echo "$BIN"
+	exit 0
+fi
 T0=$(date +%s)
 mkdir -p "$DEBS" "$ROOT"
 (cd "$DEBS" && apt-get download prometheus >&2)
