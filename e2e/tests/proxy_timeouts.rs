@@ -43,11 +43,16 @@ fn black_hole() -> (
 }
 
 fn pool(dead: SocketAddr, base: &str, extra: &str) -> String {
+    pool_at(&format!("http://{dead}"), base, extra)
+}
+
+/// The pool of [`pool`] with the dead provider at `dead`, a URL.
+fn pool_at(dead: &str, base: &str, extra: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a, b: key-b}}\n---\n\
          apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n\
          \x20 fallback: [dead, alive]\n  timeouts: {{connectMs: 300, requestSeconds: 30}}\n  providers:\n\
-         \x20 - {{name: dead, type: openai, baseUrl: \"http://{dead}\", models: [{{name: gpt-4o}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n\
+         \x20 - {{name: dead, type: openai, baseUrl: \"{dead}\", models: [{{name: gpt-4o}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n\
          \x20 - {{name: alive, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o}}{extra}], keys: [{{secretRef: {{name: keys, key: b}}, rpm: 1000}}]}}\n"
     )
 }
@@ -77,6 +82,43 @@ async fn an_unreachable_provider_costs_the_connect_timeout_not_the_request_time(
     assert_eq!(response.headers()["x-floodgate-attempts"], "2");
     // The failed connect took connectMs (300 ms), not requestSeconds (30 s).
     assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+/// Opening a connection includes its TLS handshake: a server that accepts TCP and never
+/// answers the client hello costs `connectMs` too, not the request's time.
+#[tokio::test]
+async fn a_tls_handshake_that_never_completes_costs_the_connect_timeout() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    // Accepts and holds every connection, silent, until the test ends.
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let gw = Gateway::start(
+        &pool_at(&format!("https://{addr}"), &mock.base_url(), ""),
+        MIN,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let response = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .timeout(Duration::from_secs(25))
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("answered before the 30 s request time of the silent provider");
+    let took = started.elapsed();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-floodgate-provider"], "alive");
+    assert_eq!(response.headers()["x-floodgate-attempts"], "2");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    held.abort();
 }
 
 async fn requests_total(gw: &Gateway, model: &str, outcome: &str) -> u64 {

@@ -198,7 +198,7 @@ impl DispatcherOptions {
 pub enum BuildError {
     /// The upstream HTTP client.
     #[error("cannot build the upstream HTTP client")]
-    Http(#[from] reqwest::Error),
+    Http(#[from] rustls::Error),
     /// The shared budgets' settings.
     #[error("shared rate budgets")]
     Redis(#[from] SharedError),
@@ -409,7 +409,14 @@ impl Dispatcher {
                     continue;
                 }
             };
-            let http = upstream::thread_client(lease.provider.timeouts.connect_ms);
+            let http = match upstream::thread_client(lease.provider.timeouts.connect_ms) {
+                Ok(http) => http,
+                Err(error) => {
+                    lease.permit.cancel();
+                    attempts.failed(lease.target_index, error)?;
+                    continue;
+                }
+            };
             let result = upstream::call(
                 &http,
                 lease.provider,
@@ -478,7 +485,14 @@ impl Dispatcher {
         }
         loop {
             let lease = attempts.next().await?;
-            let http = upstream::thread_client(lease.provider.timeouts.connect_ms);
+            let http = match upstream::thread_client(lease.provider.timeouts.connect_ms) {
+                Ok(http) => http,
+                Err(error) => {
+                    lease.permit.cancel();
+                    attempts.failed(lease.target_index, error)?;
+                    continue;
+                }
+            };
             let call = upstream::embed(
                 &http,
                 lease.provider,

@@ -69,14 +69,14 @@ pub struct Target {
     pub price: f64,
     /// The chat endpoint, non-streamed and streamed; an error if the base URL and model do
     /// not make a valid URL.
-    pub urls: [Result<reqwest::Url, String>; 2],
+    pub urls: [Result<http::Uri, String>; 2],
     /// Metric handles of this provider and model.
     pub metrics: Arc<TargetMetrics>,
 }
 
 impl Target {
     /// The endpoint for a streamed or a whole answer.
-    pub fn url(&self, stream: bool) -> &Result<reqwest::Url, String> {
+    pub fn url(&self, stream: bool) -> &Result<http::Uri, String> {
         &self.urls[usize::from(stream)]
     }
 }
@@ -216,7 +216,15 @@ impl Runtime {
                 for model in &p.models {
                     let url = |stream| {
                         let text = adapter.url(&p.base_url, &model.name, stream);
-                        reqwest::Url::parse(&text).map_err(|e| format!("{e}"))
+                        // Parsed as a URL (checked, and normalised as a browser would),
+                        // then held as the `Uri` each request takes.
+                        reqwest::Url::parse(&text)
+                            .map_err(|e| format!("{e}"))
+                            .and_then(|url| {
+                                url.as_str()
+                                    .parse::<http::Uri>()
+                                    .map_err(|e| format!("{e}"))
+                            })
                     };
                     let target = Target {
                         provider: index,

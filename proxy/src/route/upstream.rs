@@ -20,6 +20,12 @@ use crate::providers::{
 use crate::telemetry;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use http_body_util::{BodyDataStream, BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -29,43 +35,107 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{Instrument as _, Span};
 
-type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, hyper::Error>> + Send>>;
 
-/// A client for provider calls: pooled keep-alive connections, Nagle off (a request is one
-/// write, and small SSE frames should not wait), and `connect` as the bound on opening a
-/// connection, so an unreachable provider fails over after `timeouts.connectMs`, not after
-/// the whole request's time. Redirects are not followed: a provider's key travels in
-/// headers (`x-api-key`, `x-goog-api-key`) that a redirect to another host would carry along;
-/// a 3xx is the provider's answer, classified like any other.
-pub(super) fn client(connect: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+/// The upstream client: hyper's pooled client over TCP or TLS.
+pub(super) type Http = Client<Timed<HttpsConnector<HttpConnector>>, Full<Bytes>>;
+
+/// A client for provider calls: pooled keep-alive connections (idle ones closed after 90 s),
+/// Nagle off (a request is one write, and small SSE frames should not wait), TLS by rustls
+/// with the platform's verifier (HTTP/2 where the provider offers it), and `connect` as the
+/// bound on opening a connection, TLS handshake included, so an unreachable provider fails
+/// over after `timeouts.connectMs`, not after the whole request's time. Redirects are not
+/// followed: a provider's key travels in headers (`x-api-key`, `x-goog-api-key`) that a
+/// redirect to another host would carry along; a 3xx is the provider's answer, classified
+/// like any other.
+pub(super) fn client(connect: Duration) -> Result<Http, rustls::Error> {
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.enforce_http(false);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())?;
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
-        .tcp_nodelay(true)
-        .connect_timeout(connect)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
+        .build(Timed {
+            inner: https,
+            limit: connect,
+        }))
+}
+
+/// A connector whose connections must be open (TCP and TLS) within `limit`; past it the
+/// attempt fails with an I/O error of kind `TimedOut`.
+#[derive(Clone, Debug)]
+pub(super) struct Timed<C> {
+    inner: C,
+    limit: Duration,
+}
+
+impl<C> tower::Service<http::Uri> for Timed<C>
+where
+    C: tower::Service<http::Uri> + Send,
+    C::Future: Send + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = C::Response;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let limit = self.limit;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no connection within the connect timeout",
+                )) as Self::Error),
+            }
+        })
+    }
 }
 
 /// The upstream client of the calling thread for a connect timeout of `connect_ms`.
 ///
 /// One per thread: a pooled connection is driven by a task on the runtime that opened it,
 /// so a client shared by the gateway's single-threaded workers would hand each request to
-/// another thread and back. One per distinct connect timeout (pools rarely differ), since
-/// reqwest sets it per client. Built on first use; a client that cannot be built (it was
-/// built the same way when the dispatcher started) falls back to reqwest's defaults.
-pub(super) fn thread_client(connect_ms: u32) -> reqwest::Client {
+/// another thread and back. One per distinct connect timeout (pools rarely differ). Built
+/// on first use; it cannot fail then, since it was built the same way when the dispatcher
+/// started (`Dispatcher::with_options`): if it did, the call fails as a connection error.
+pub(super) fn thread_client(connect_ms: u32) -> Result<Http, ProviderError> {
     thread_local! {
-        static CLIENTS: std::cell::RefCell<Vec<(u32, reqwest::Client)>> =
+        static CLIENTS: std::cell::RefCell<Vec<(u32, Http)>> =
             const { std::cell::RefCell::new(Vec::new()) };
     }
     CLIENTS.with(|clients| {
         let mut clients = clients.borrow_mut();
         if let Some((_, c)) = clients.iter().find(|(ms, _)| *ms == connect_ms) {
-            return c.clone();
+            return Ok(c.clone());
         }
-        let c = client(Duration::from_millis(u64::from(connect_ms))).unwrap_or_default();
+        let c = client(Duration::from_millis(u64::from(connect_ms)))
+            .map_err(|e| ProviderError::Tls(format!("the TLS client could not be built: {e}")))?;
         clients.push((connect_ms, c.clone()));
-        c
+        Ok(c)
     })
 }
 
@@ -76,7 +146,7 @@ pub(super) fn thread_client(connect_ms: u32) -> reqwest::Client {
     reason = "one attempt's inputs, from `Dispatcher::chat_on` alone"
 )]
 pub(super) async fn call(
-    http: &reqwest::Client,
+    http: &Http,
     provider: &ProviderRt,
     key: &KeyRt,
     target: &Target,
@@ -97,7 +167,7 @@ pub(super) async fn call(
 /// Calls `target` at `provider` with `key` for embeddings and records the outcome as for
 /// chat.
 pub(super) async fn embed(
-    http: &reqwest::Client,
+    http: &Http,
     provider: &ProviderRt,
     key: &KeyRt,
     target: &Target,
@@ -217,7 +287,7 @@ fn record_error(span: &Span, error: &ProviderError) {
     reason = "one attempt's inputs; `call` is the one caller"
 )]
 async fn send(
-    http: &reqwest::Client,
+    http: &Http,
     provider: &ProviderRt,
     key: &KeyRt,
     target: &Target,
@@ -238,12 +308,14 @@ async fn send(
     let deadline = started + Duration::from_secs(u64::from(provider.timeouts.request_seconds));
     let expired = tokio::time::sleep_until(deadline);
     tokio::pin!(expired);
-    let mut headers = headers.clone();
-    adapter.add_request_headers(req, &mut headers)?;
-    let request = http.post(url.clone()).headers(headers).body(body);
-    let response = exchange(provider, key, request, &mut permit, expired.as_mut()).await?;
+    let mut request = http::Request::new(Full::new(body));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = url.clone();
+    *request.headers_mut() = headers.clone();
+    adapter.add_request_headers(req, request.headers_mut())?;
+    let response = exchange(http, provider, key, request, &mut permit, expired.as_mut()).await?;
     if !req.stream {
-        let body = read_whole(response, expired.as_mut()).await?;
+        let body = read_whole(response.into_body(), expired.as_mut()).await?;
         let parsed = adapter.parse_response(&body, &req.model)?;
         let usage = parsed.usage.unwrap_or_default();
         permit.settle(u64::from(usage.total_tokens));
@@ -253,7 +325,7 @@ async fn send(
     let idle = Duration::from_secs(u64::from(provider.timeouts.stream_idle_seconds));
     let decoder = adapter.stream_decoder(&req.model, req.include_usage());
     let mut pump = Pump {
-        upstream: Box::pin(response.bytes_stream()),
+        upstream: Box::pin(BodyDataStream::new(response.into_body())),
         decoder,
         pending: VecDeque::new(),
         permit: Some(permit),
@@ -276,49 +348,55 @@ async fn send(
 }
 
 /// Sends `request` and waits for the response headers (until `expired`), marks the permit
-/// answered, learns the provider's budget headers, and classifies a non-2xx answer.
+/// answered, learns the provider's budget headers, and classifies a non-2xx answer (its
+/// body read until `expired` too).
 async fn exchange(
+    http: &Http,
     provider: &ProviderRt,
     key: &KeyRt,
-    request: reqwest::RequestBuilder,
+    request: http::Request<Full<Bytes>>,
     permit: &mut Permit,
-    expired: Pin<&mut tokio::time::Sleep>,
-) -> Result<reqwest::Response, ProviderError> {
+    mut expired: Pin<&mut tokio::time::Sleep>,
+) -> Result<http::Response<Incoming>, ProviderError> {
     let sent = tokio::select! {
-        sent = request.send() => sent,
-        () = expired => {
+        sent = http.request(request) => sent,
+        () = expired.as_mut() => {
             permit.answered();
             return Err(ProviderError::Timeout);
         }
     };
     permit.answered();
-    let response = sent.map_err(|e| transport_error(&e, ClosedWhen::BeforeResponse))?;
+    let response = sent.map_err(|e| send_error(&e))?;
     let status = response.status();
     let info = provider
         .adapter
         .rate_limit_info(response.headers(), SystemTime::now());
     key.budget.learn(&info, Instant::now());
     if !status.is_success() {
-        let headers = response.headers().clone();
-        let body = response.bytes().await.unwrap_or_default();
-        return Err(provider.adapter.classify(status.as_u16(), &headers, &body));
+        let (parts, body) = response.into_parts();
+        let body = read_whole(body, expired).await.unwrap_or_default();
+        return Err(provider
+            .adapter
+            .classify(status.as_u16(), &parts.headers, &body));
     }
     Ok(response)
 }
 
 /// A whole answer's body, read until `expired`.
 async fn read_whole(
-    response: reqwest::Response,
+    body: Incoming,
     expired: Pin<&mut tokio::time::Sleep>,
 ) -> Result<Bytes, ProviderError> {
     tokio::select! {
-        body = response.bytes() => body.map_err(|e| transport_error(&e, ClosedWhen::MidResponse)),
+        body = body.collect() => body
+            .map(http_body_util::Collected::to_bytes)
+            .map_err(|e| transport_error(&e, ClosedWhen::MidResponse)),
         () = expired => Err(ProviderError::Timeout),
     }
 }
 
 async fn send_embeddings(
-    http: &reqwest::Client,
+    http: &Http,
     provider: &ProviderRt,
     key: &KeyRt,
     target: &Target,
@@ -336,12 +414,16 @@ async fn send_embeddings(
     let deadline = started + Duration::from_secs(u64::from(provider.timeouts.request_seconds));
     let expired = tokio::time::sleep_until(deadline);
     tokio::pin!(expired);
-    let request = http
-        .request(up.method, &up.url)
-        .headers(up.headers)
-        .body(up.body);
-    let response = exchange(provider, key, request, &mut permit, expired.as_mut()).await?;
-    let body = read_whole(response, expired.as_mut()).await?;
+    let uri = reqwest::Url::parse(&up.url)
+        .ok()
+        .and_then(|url| url.as_str().parse::<http::Uri>().ok())
+        .ok_or_else(|| ProviderError::Connect("the provider's URL is not valid".to_owned()))?;
+    let mut request = http::Request::new(Full::new(up.body));
+    *request.method_mut() = up.method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = up.headers;
+    let response = exchange(http, provider, key, request, &mut permit, expired.as_mut()).await?;
+    let body = read_whole(response.into_body(), expired.as_mut()).await?;
     let parsed = provider
         .adapter
         .parse_embeddings_response(&body, &req.model, req)?;
@@ -351,18 +433,18 @@ async fn send_embeddings(
     Ok(parsed)
 }
 
-/// A transport failure of `reqwest`, classified by what failed: the TCP connection, the TLS
-/// handshake, a timer, or a connection the upstream closed `when`.
-fn transport_error(e: &reqwest::Error, when: ClosedWhen) -> ProviderError {
+/// A failure of the client to get a response: opening the connection (TCP, TLS), or the
+/// exchange on it.
+fn send_error(e: &hyper_util::client::legacy::Error) -> ProviderError {
     if e.is_connect() {
         return connect_error(e);
     }
-    if e.is_timeout() {
-        return ProviderError::Timeout;
-    }
-    // Something that is not HTTP, or a body that does not decode, is the upstream's answer,
-    // not a closed connection. (reqwest calls a body cut short a decode error too: the
-    // source says which.)
+    transport_error(e, ClosedWhen::BeforeResponse)
+}
+
+/// A transport failure, classified by what failed: something that is not HTTP, a body that
+/// does not decode, or a connection the upstream closed `when`.
+fn transport_error(e: &(dyn std::error::Error + 'static), when: ClosedWhen) -> ProviderError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
@@ -385,7 +467,7 @@ fn transport_error(e: &reqwest::Error, when: ClosedWhen) -> ProviderError {
 
 /// A failure to open a connection: the TLS handshake's (rustls named the problem, or the
 /// server closed the connection during the handshake) or the TCP connection's.
-fn connect_error(e: &reqwest::Error) -> ProviderError {
+fn connect_error(e: &(dyn std::error::Error + 'static)) -> ProviderError {
     // The innermost I/O error says what happened to the socket.
     let mut io_kind = None;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -413,9 +495,6 @@ fn connect_error(e: &reqwest::Error) -> ProviderError {
             ProviderError::Connect("connection refused".to_owned())
         }
         Some(std::io::ErrorKind::TimedOut) => {
-            ProviderError::Connect("no connection within the connect timeout".to_owned())
-        }
-        _ if e.is_timeout() => {
             ProviderError::Connect("no connection within the connect timeout".to_owned())
         }
         Some(kind) => ProviderError::Connect(kind.to_string()),

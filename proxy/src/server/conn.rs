@@ -282,6 +282,10 @@ async fn connection(
     tokio::pin!(hard_stop);
     loop {
         tokio::select! {
+            // The connection first: after a stall of the worker (an overloaded machine) a
+            // head that arrived in time is read before its timer is looked at, and so is
+            // not taken for a slow client's.
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::trace!("connection ended: {e}");
