@@ -27,7 +27,7 @@ pub mod store;
 pub mod webhook;
 pub mod worker;
 
-pub use store::{Claim, JobStore, Step, Store, StoreError, Submitted};
+pub use store::{BatchState, Claim, JobStore, Outcome, Phase, Step, Store, StoreError, Submitted};
 
 use crate::config::Config;
 use serde::{Deserialize, Serialize};
