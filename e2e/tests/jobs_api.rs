@@ -185,7 +185,7 @@ struct Gateway {
 
 impl Gateway {
     async fn start(extra: &[&str]) -> Gateway {
-        Self::configured(extra, "info", |mock, hook| config(mock, hook)).await
+        Self::configured(extra, "info", config).await
     }
 
     /// A gateway whose tier also emails through `smtp`, logging in as `mailer` with
@@ -732,7 +732,9 @@ async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
     let end_pool = start_pool + all[start_pool..].find("---").unwrap();
     let all = format!("{}{}{}", &all[..start_pool], pool, &all[end_pool..]);
     std::fs::write(dir.path().join("all.yaml"), all).unwrap();
-    let proxy = start(&dir, &[]).await;
+    // In Redis: the store a cluster runs with.
+    let redis = RedisServer::start().await.unwrap();
+    let proxy = start(&dir, &["--redis", &redis.url()]).await;
 
     let args = vec![
         "--base-url".to_owned(),

@@ -329,10 +329,16 @@ pub struct RedisStore {
     cancel: redis::Script,
     delivered: redis::Script,
     redrive: redis::Script,
-    create_batch: redis::Script,
-    cancel_batch: redis::Script,
-    end_batch: redis::Script,
-    close_batch: redis::Script,
+    /// Boxed: they would make the store (and so the [`super::Store`] enum) large.
+    batches: Box<BatchScripts>,
+}
+
+/// The Batch API's scripts.
+struct BatchScripts {
+    create: redis::Script,
+    cancel: redis::Script,
+    end: redis::Script,
+    close: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -358,10 +364,12 @@ impl RedisStore {
             cancel: redis::Script::new(&format!("{LINE_OVER}{CANCEL}")),
             delivered: redis::Script::new(DELIVERED_UP_TO),
             redrive: redis::Script::new(REDRIVE),
-            create_batch: redis::Script::new(CREATE_BATCH),
-            cancel_batch: redis::Script::new(&format!("{BATCH_STATE}{CANCEL_BATCH}")),
-            end_batch: redis::Script::new(&format!("{BATCH_STATE}{END_BATCH}")),
-            close_batch: redis::Script::new(CLOSE_BATCH),
+            batches: Box::new(BatchScripts {
+                create: redis::Script::new(CREATE_BATCH),
+                cancel: redis::Script::new(&format!("{BATCH_STATE}{CANCEL_BATCH}")),
+                end: redis::Script::new(&format!("{BATCH_STATE}{END_BATCH}")),
+                close: redis::Script::new(CLOSE_BATCH),
+            }),
         })
     }
 
@@ -903,7 +911,7 @@ impl JobStore for RedisStore {
         let expires = super::now_ms() + window.as_millis() as u64;
         // The record outlives the window, so the batch can still be ended at its end.
         let ttl = (window + KEEP).as_secs();
-        let mut call = self.create_batch.prepare_invoke();
+        let mut call = self.batches.create.prepare_invoke();
         call.key(QUEUE)
             .key(SEQ)
             .key(PENDING)
@@ -948,17 +956,18 @@ impl JobStore for RedisStore {
     }
 
     async fn cancel_batch(&self, id: &str, at: u64) -> Result<Option<BatchState>> {
-        self.batch_step(&self.cancel_batch, id, at).await
+        self.batch_step(&self.batches.cancel, id, at).await
     }
 
     async fn end_batch(&self, id: &str, at: u64) -> Result<Option<BatchState>> {
-        self.batch_step(&self.end_batch, id, at).await
+        self.batch_step(&self.batches.end, id, at).await
     }
 
     async fn close_batch(&self, id: &str, record: String) -> Result<bool> {
         let mut conn = self.conn().await?;
         let closed: u64 = self
-            .close_batch
+            .batches
+            .close
             .key(BATCHES)
             .key(BATCH_DUE)
             .key(format!("{KV}{}", batch_key(id)))
