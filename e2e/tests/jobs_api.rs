@@ -25,6 +25,8 @@ const WAIT: Duration = Duration::from_secs(30);
 const ACME: &str = "sk-e2e-jobs-acme";
 const GLOBEX: &str = "sk-e2e-jobs-globex";
 const SIGNING: &str = "whsec-e2e-jobs";
+/// The admin listener's token for the dead-letter endpoints.
+const ADMIN: &str = "admin-e2e-jobs-token";
 
 /// What the webhook receiver got: headers and body of each POST.
 type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
@@ -215,7 +217,9 @@ impl Gateway {
         let mock = MockProviders::start(MockConfig::default()).await.unwrap();
         let (hook, got) = receiver().await;
         let dir = configure(&mock, &hook);
-        let proxy = start_logging(&dir, extra, log).await;
+        let mut args = vec!["--admin-token", ADMIN];
+        args.extend_from_slice(extra);
+        let proxy = start_logging(&dir, &args, log).await;
         Gateway {
             mock,
             got,
@@ -454,6 +458,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     // The admin listener lists it with its reason; the public one has no such path.
     let dead: Value = http
         .get(proxy.admin_url("/admin/jobs/dead-letters"))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -476,11 +481,23 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(public.status(), 404);
+    // The admin listener wants the admin token: none, a tenant's key or another is 401.
+    for key in [None, Some(ACME), Some("not-the-admin-token")] {
+        let mut r = http.get(proxy.admin_url("/admin/jobs/dead-letters"));
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{key:?}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_admin_token", "{body}");
+    }
 
     // Re-driven with attempts reset, it succeeds once the provider is well again.
     mock.clear_fault(Provider::OpenAi);
     let redriven: Value = http
         .post(proxy.admin_url(&format!("/admin/jobs/dead-letters/{id}/redrive")))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -494,6 +511,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     assert_eq!(done["dead_letter"], false);
     let dead: Value = http
         .get(proxy.admin_url("/admin/jobs/dead-letters"))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -520,6 +538,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     let admin = |path: &str| proxy.admin_url(path);
     let purged: Value = http
         .delete(admin("/admin/jobs/dead-letters"))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -529,6 +548,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     assert_eq!(purged["purged"], 1);
     let dead: Value = http
         .get(admin("/admin/jobs/dead-letters"))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -538,6 +558,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     assert!(dead["data"].as_array().unwrap().is_empty());
     let r = http
         .post(admin(&format!("/admin/jobs/dead-letters/{id}/redrive")))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap();
