@@ -253,7 +253,10 @@ pub enum NotifyChannel {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Webhook {
-    /// URL the job result is POSTed to. A job may override it.
+    /// URL the job result is POSTed to. A job may override it. Each POST carries the whole
+    /// job, its request (the prompt) and its answer, for every tenant of the tier whose job
+    /// names no webhook of its own (Batch API lines included): point it only at a receiver
+    /// trusted with every tenant's prompts and answers.
     #[schemars(length(max = 2048), regex(pattern = "^https?://[^\\s]+$"))]
     pub url: String,
     /// HMAC-SHA256 signing secret, sent as a signature header.
@@ -271,6 +274,8 @@ pub struct Email {
     /// Recipient of the tier's own notifications when `notify` lists `email`: every job of the
     /// tier that names no `notify.email` of its own is emailed here (Batch API lines
     /// excepted: one mail per line is not what a person wants). A job's own address wins.
+    /// Each mail carries the whole job, its request (the prompt) and its answer, whichever
+    /// tenant it is of: name only a mailbox trusted with every tenant's prompts and answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 3, max = 254), regex(pattern = "^[^@\\s]+@[^@\\s]+$"))]
     pub to: Option<String>,

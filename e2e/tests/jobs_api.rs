@@ -25,6 +25,8 @@ const WAIT: Duration = Duration::from_secs(30);
 const ACME: &str = "sk-e2e-jobs-acme";
 const GLOBEX: &str = "sk-e2e-jobs-globex";
 const SIGNING: &str = "whsec-e2e-jobs";
+/// The admin listener's token for the dead-letter endpoints.
+const ADMIN: &str = "admin-e2e-jobs-token";
 
 /// What the webhook receiver got: headers and body of each POST.
 type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
@@ -112,7 +114,7 @@ kind: AIProviderPool
 metadata: {{name: pool}}
 spec:
   providers:
-  - {{name: openai, type: openai, baseUrl: "{base}", models: [{{name: gpt-4o}}, {{name: slow-2000}}], keys: [{{name: k, secretRef: {{name: keys, key: a}}, rpm: {rpm}}}]}}
+  - {{name: openai, type: openai, baseUrl: "{base}", models: [{{name: gpt-4o}}, {{name: slow-2000}}, {{name: slow-10000}}], keys: [{{name: k, secretRef: {{name: keys, key: a}}, rpm: {rpm}}}]}}
 ---
 apiVersion: floodgate.dev/v1alpha1
 kind: TierQueue
@@ -155,6 +157,23 @@ async fn start_logging(dir: &tempfile::TempDir, extra: &[&str], log: &str) -> Pr
     ProxyProcess::start(args, &env).await.unwrap()
 }
 
+/// Two tests of `$body` (`async fn(extra: &[&str])`, the proxy's extra arguments): with
+/// jobs in memory (`$memory`), and in Redis (`$redis`, on a redis-server of its own).
+macro_rules! in_memory_and_redis {
+    ($memory:ident, $redis:ident, $body:ident) => {
+        #[tokio::test]
+        async fn $memory() {
+            $body(&[]).await;
+        }
+
+        #[tokio::test]
+        async fn $redis() {
+            let redis = RedisServer::start().await.unwrap();
+            $body(&["--redis", &redis.url()]).await;
+        }
+    };
+}
+
 /// One test's gateway: the mock providers, the tier's webhook receiver (what it got), the
 /// configuration directory (`config`: the provider key at 1,000 RPM), the proxy started on
 /// it with `extra`, and a client.
@@ -168,10 +187,39 @@ struct Gateway {
 
 impl Gateway {
     async fn start(extra: &[&str]) -> Gateway {
+        Self::configured(extra, "info", config).await
+    }
+
+    /// A gateway whose tier also emails through `smtp`, logging in as `mailer` with
+    /// `password`; its configuration first passed through `edit`; logging at `log`.
+    async fn with_email(
+        smtp: &SmtpSink,
+        password: &str,
+        log: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Gateway {
+        Self::configured(&[], log, |mock, hook| {
+            let dir = config_email(mock, hook, smtp, password);
+            let path = dir.path().join("all.yaml");
+            std::fs::write(&path, edit(std::fs::read_to_string(&path).unwrap())).unwrap();
+            dir
+        })
+        .await
+    }
+
+    /// The mock providers and the receiver, the configuration `configure` writes for them,
+    /// and the proxy on it with `extra`, logging at `log`.
+    async fn configured(
+        extra: &[&str],
+        log: &str,
+        configure: impl FnOnce(&MockProviders, &str) -> tempfile::TempDir,
+    ) -> Gateway {
         let mock = MockProviders::start(MockConfig::default()).await.unwrap();
         let (hook, got) = receiver().await;
-        let dir = config(&mock, &hook);
-        let proxy = start(&dir, extra).await;
+        let dir = configure(&mock, &hook);
+        let mut args = vec!["--admin-token", ADMIN];
+        args.extend_from_slice(extra);
+        let proxy = start_logging(&dir, &args, log).await;
         Gateway {
             mock,
             got,
@@ -207,6 +255,19 @@ async fn submit(http: &reqwest::Client, proxy: &ProxyProcess, key: &str, body: &
     id
 }
 
+/// [`submit`], the job's id.
+async fn submit_id(
+    http: &reqwest::Client,
+    proxy: &ProxyProcess,
+    key: &str,
+    body: &Value,
+) -> String {
+    submit(http, proxy, key, body).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 async fn get(http: &reqwest::Client, proxy: &ProxyProcess, key: &str, id: &str) -> (u16, Value) {
     let r = http
         .get(proxy.url(&format!("/v1/jobs/{id}")))
@@ -216,6 +277,32 @@ async fn get(http: &reqwest::Client, proxy: &ProxyProcess, key: &str, id: &str) 
         .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The admin listener's metrics.
+async fn metrics(http: &reqwest::Client, proxy: &ProxyProcess) -> String {
+    http.get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// A job's event stream read to its end: the events' names, and the whole text.
+async fn event_names(events: reqwest::Response) -> (Vec<String>, String) {
+    let mut body = String::new();
+    let mut stream = events.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+        body.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let names = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .map(str::to_owned)
+        .collect();
+    (names, body)
 }
 
 /// Polls `check` until it gives a value (a condition, not a sleep).
@@ -268,16 +355,11 @@ fn verified_deliveries(got: &Received) -> Vec<(String, Value)> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_job_runs_with_events_a_signed_webhook_and_is_its_tenants_alone() {
-    lifecycle(&[]).await;
-}
-
-#[tokio::test]
-async fn a_job_in_redis_runs_with_events_a_signed_webhook_and_is_its_tenants_alone() {
-    let redis = RedisServer::start().await.unwrap();
-    lifecycle(&["--redis", &redis.url()]).await;
-}
+in_memory_and_redis!(
+    a_job_runs_with_events_a_signed_webhook_and_is_its_tenants_alone,
+    a_job_in_redis_runs_with_events_a_signed_webhook_and_is_its_tenants_alone,
+    lifecycle
+);
 
 async fn lifecycle(extra: &[&str]) {
     let gw = Gateway::start(extra).await;
@@ -296,18 +378,14 @@ async fn lifecycle(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(events.status(), 200);
-    let mut body = String::new();
-    let mut stream = events.bytes_stream();
-    while let Some(chunk) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
-        body.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-    }
-    let names: Vec<&str> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("event: "))
-        .collect();
-    assert_eq!(names.first(), Some(&"queued"), "{body}");
-    assert!(names.contains(&"started"), "{body}");
-    assert_eq!(names.last(), Some(&"completed"), "{body}");
+    let (names, body) = event_names(events).await;
+    assert_eq!(names.first().map(String::as_str), Some("queued"), "{body}");
+    assert!(names.iter().any(|n| n == "started"), "{body}");
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("completed"),
+        "{body}"
+    );
 
     let (status, done) = get(http, proxy, ACME, &id).await;
     assert_eq!(status, 200);
@@ -357,26 +435,18 @@ async fn lifecycle(extra: &[&str]) {
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn a_job_failing_three_times_is_dead_lettered_and_redriven_to_success() {
-    dead_letter_and_redrive(&[]).await;
-}
-
-#[tokio::test]
-async fn a_job_in_redis_failing_three_times_is_dead_lettered_and_redriven_to_success() {
-    let redis = RedisServer::start().await.unwrap();
-    dead_letter_and_redrive(&["--redis", &redis.url()]).await;
-}
+in_memory_and_redis!(
+    a_job_failing_three_times_is_dead_lettered_and_redriven_to_success,
+    a_job_in_redis_failing_three_times_is_dead_lettered_and_redriven_to_success,
+    dead_letter_and_redrive
+);
 
 async fn dead_letter_and_redrive(extra: &[&str]) {
     let gw = Gateway::start(extra).await;
     let (mock, proxy, http, got) = (&gw.mock, &gw.proxy, &gw.http, &gw.got);
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
 
-    let id = submit(http, proxy, ACME, &job("gpt-4o", "doomed")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(http, proxy, ACME, &job("gpt-4o", "doomed")).await;
     let failed = finished(http, proxy, &id).await;
     assert_eq!(failed["status"], "failed");
     assert_eq!(failed["attempts"], 3);
@@ -388,6 +458,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     // The admin listener lists it with its reason; the public one has no such path.
     let dead: Value = http
         .get(proxy.admin_url("/admin/jobs/dead-letters"))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -410,11 +481,23 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
         .await
         .unwrap();
     assert_eq!(public.status(), 404);
+    // The admin listener wants the admin token: none, a tenant's key or another is 401.
+    for key in [None, Some(ACME), Some("not-the-admin-token")] {
+        let mut r = http.get(proxy.admin_url("/admin/jobs/dead-letters"));
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{key:?}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_admin_token", "{body}");
+    }
 
     // Re-driven with attempts reset, it succeeds once the provider is well again.
     mock.clear_fault(Provider::OpenAi);
     let redriven: Value = http
         .post(proxy.admin_url(&format!("/admin/jobs/dead-letters/{id}/redrive")))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -428,6 +511,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     assert_eq!(done["dead_letter"], false);
     let dead: Value = http
         .get(proxy.admin_url("/admin/jobs/dead-letters"))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -449,14 +533,12 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
 
     // Purged, the dead letters are gone; the job itself stays readable, failed.
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
-    let id = submit(http, proxy, ACME, &job("gpt-4o", "purged")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(http, proxy, ACME, &job("gpt-4o", "purged")).await;
     assert_eq!(finished(http, proxy, &id).await["status"], "failed");
     let admin = |path: &str| proxy.admin_url(path);
     let purged: Value = http
         .delete(admin("/admin/jobs/dead-letters"))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -466,6 +548,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     assert_eq!(purged["purged"], 1);
     let dead: Value = http
         .get(admin("/admin/jobs/dead-letters"))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()
@@ -475,6 +558,7 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     assert!(dead["data"].as_array().unwrap().is_empty());
     let r = http
         .post(admin(&format!("/admin/jobs/dead-letters/{id}/redrive")))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap();
@@ -669,7 +753,9 @@ async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
     let end_pool = start_pool + all[start_pool..].find("---").unwrap();
     let all = format!("{}{}{}", &all[..start_pool], pool, &all[end_pool..]);
     std::fs::write(dir.path().join("all.yaml"), all).unwrap();
-    let proxy = start(&dir, &[]).await;
+    // In Redis: the store a cluster runs with.
+    let redis = RedisServer::start().await.unwrap();
+    let proxy = start(&dir, &["--redis", &redis.url()]).await;
 
     let args = vec![
         "--base-url".to_owned(),
@@ -724,48 +810,63 @@ async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
 }
 
 #[tokio::test]
-async fn a_batch_past_its_completion_window_expires_with_its_unfinished_lines_in_errors() {
-    let gw = Gateway::start(&[]).await;
+async fn a_batch_past_its_completion_window_expires_unread_with_its_unfinished_lines_in_errors() {
+    let redis = RedisServer::start().await.unwrap();
+    let gw = Gateway::start(&["--redis", &redis.url()]).await;
     let (proxy, http) = (&gw.proxy, &gw.http);
-    let lines = batch_lines("slow-2000", &["slow-0", "slow-1"]);
+    // Lines that take 10 s, in a window of 1 s.
+    let lines = batch_lines("slow-10000", &["slow-0", "slow-1"]);
     let file = upload_batch_file(http, proxy, &lines).await;
     let batch = create_batch(http, proxy, &file, "1s").await;
     let id = batch["id"].as_str().unwrap().to_owned();
     assert_eq!(batch["status"], "in_progress", "{batch}");
-    let ended = until("the batch to expire", || async {
-        let b: Value = http
-            .get(proxy.url(&format!("/v1/batches/{id}")))
-            .bearer_auth(ACME)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (b["status"] != "in_progress").then_some(b)
-    })
-    .await;
-    assert_eq!(ended["status"], "expired", "{ended}");
-    assert_eq!(ended["request_counts"]["failed"], 2);
+    // Nobody reads the batch: it expires by itself when its window ends.
+    let ended = stored_batch_until(&redis, &id, "expired").await;
+    assert_eq!(ended["request_counts"]["failed"], 2, "{ended}");
     assert!(ended["output_file_id"].is_null());
-    let errors = http
-        .get(proxy.url(&format!(
-            "/v1/files/{}/content",
-            ended["error_file_id"].as_str().unwrap()
-        )))
+    assert!(ended["expired_at"].as_u64().unwrap() >= ended["expires_at"].as_u64().unwrap());
+    let errors = file_content(http, proxy, ended["error_file_id"].as_str().unwrap()).await;
+    let codes: Vec<Value> = errors.iter().map(|l| l["error"]["code"].clone()).collect();
+    assert_eq!(codes, vec![json!("batch_expired"), json!("batch_expired")]);
+    gw.stop().await;
+}
+
+/// Polls Redis (not the gateway: nobody reads the batch) until batch `id`'s stored record
+/// has `status`; the record's batch.
+async fn stored_batch_until(redis: &RedisServer, id: &str, status: &str) -> Value {
+    let conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    until(&format!("the stored batch to be {status}"), || {
+        let mut conn = conn.clone();
+        async move {
+            let raw: Option<String> = redis::cmd("GET")
+                .arg(format!("floodgate:{{jobs}}:kv:batch:{id}"))
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            let stored: Value = serde_json::from_str(&raw?).ok()?;
+            (stored["batch"]["status"] == status).then(|| stored["batch"].clone())
+        }
+    })
+    .await
+}
+
+/// The JSON lines of ACME's file `id`.
+async fn file_content(http: &reqwest::Client, proxy: &ProxyProcess, id: &str) -> Vec<Value> {
+    http.get(proxy.url(&format!("/v1/files/{id}/content")))
         .bearer_auth(ACME)
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    let codes: Vec<Value> = errors
+        .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["error"]["code"].clone())
-        .collect();
-    assert_eq!(codes, vec![json!("batch_expired"), json!("batch_expired")]);
-    gw.stop().await;
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Uploads `lines` (JSONL) as ACME's batch input file, as the SDK does; the file's id.
@@ -834,38 +935,22 @@ async fn a_batch_in_redis_is_ended_by_its_last_line_and_its_output_outlives_the_
         .as_str()
         .unwrap()
         .to_owned();
+    // Nobody reads the batch: the worker ending its last line stores it completed, with its
+    // output file.
+    let stored = stored_batch_until(&redis, &id, "completed").await;
+    let output = stored["output_file_id"].as_str().unwrap().to_owned();
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    // Nobody reads the batch: the worker ending its last line stores it completed, with its
-    // output file.
-    let stored = until("the stored batch to complete", || {
-        let mut conn = conn.clone();
-        let id = id.clone();
-        async move {
-            let raw: Option<String> = redis::cmd("GET")
-                .arg(format!("floodgate:{{jobs}}:kv:batch:{id}"))
-                .query_async(&mut conn)
-                .await
-                .ok()?;
-            let stored: Value = serde_json::from_str(&raw?).ok()?;
-            (stored["batch"]["status"] == "completed").then_some(stored)
-        }
-    })
-    .await;
-    let output = stored["batch"]["output_file_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let counted: Option<i64> = redis::cmd("HGET")
         .arg("floodgate:{jobs}:batches")
         .arg(&id)
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(counted, None, "the count of lines is dropped at 0");
+    assert_eq!(counted, None, "the state is dropped when the batch ends");
     // The lines' jobs expire (their result TTL), as if a day had passed: the output stays.
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("floodgate:{jobs}:job:*")
@@ -878,44 +963,249 @@ async fn a_batch_in_redis_is_ended_by_its_last_line_and_its_output_outlives_the_
         .query_async(&mut conn)
         .await
         .unwrap();
-    let batch: Value = http
-        .get(proxy.url(&format!("/v1/batches/{id}")))
+    let batch = read_batch(http, proxy, &id).await;
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(batch["request_counts"]["completed"], 2, "{batch}");
+    assert_eq!(batch["output_file_id"], output.as_str());
+    let answered: Vec<(String, String)> = file_content(http, proxy, &output)
+        .await
+        .iter()
+        .map(|l| {
+            let text = |v: &Value| v.as_str().unwrap().to_owned();
+            (
+                text(&l["custom_id"]),
+                text(&l["response"]["body"]["object"]),
+            )
+        })
+        .collect();
+    let want = |id: &str| (id.to_owned(), "chat.completion".to_owned());
+    assert_eq!(answered, vec![want("one"), want("two")]);
+    // A batch that has ended cannot be cancelled: 409, as OpenAI answers, and it stays
+    // completed.
+    let r = http
+        .post(proxy.url(&format!("/v1/batches/{id}/cancel")))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "Cannot cancel a batch with status 'completed'."
+    );
+    assert_eq!(read_batch(http, proxy, &id).await["status"], "completed");
+    gw.stop().await;
+}
+
+/// ACME's batch `id` as `GET /v1/batches/{id}` answers it.
+async fn read_batch(http: &reqwest::Client, proxy: &ProxyProcess, id: &str) -> Value {
+    http.get(proxy.url(&format!("/v1/batches/{id}")))
         .bearer_auth(ACME)
         .send()
         .await
         .unwrap()
         .json()
         .await
+        .unwrap()
+}
+
+/// A batch of `lines` created by ACME on a gateway that runs no job itself, sharing `redis`:
+/// the gateway and the batch's id.
+async fn idle_batch(redis: &RedisServer, lines: &str, extra: &[&str]) -> (Gateway, String) {
+    let url = redis.url();
+    let mut args = vec!["--redis", url.as_str(), "--job-workers", "0"];
+    args.extend_from_slice(extra);
+    let gw = Gateway::start(&args).await;
+    let file = upload_batch_file(&gw.http, &gw.proxy, lines).await;
+    let id = create_batch(&gw.http, &gw.proxy, &file, "24h").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (gw, id)
+}
+
+#[tokio::test]
+async fn a_batch_whose_last_worker_stopped_before_ending_it_is_ended_unread_by_a_sweep() {
+    use floodgate_proxy::jobs::{JobStore as _, Status, Step, redis::RedisStore};
+    let redis = RedisServer::start().await.unwrap();
+    let lines = batch_lines("gpt-4o", &["one", "two"]);
+    let (gw, id) = idle_batch(&redis, &lines, &["--job-visibility-ms", "1000"]).await;
+    // The test is the only worker. It runs both lines and writes their outcomes; after the
+    // last one's SAVE it stops: the batch is not ended, the last entry not acknowledged
+    // (and no replica runs workers to reclaim it).
+    let url = floodgate_proxy::secret::SecretString::new(redis.url());
+    let store = RedisStore::new(&url, Duration::from_secs(1)).unwrap();
+    for n in 0..2 {
+        let claim = store.claim("stopping-worker", WAIT).await.unwrap().unwrap();
+        let mut over = claim.job.clone();
+        over.status = Status::Completed;
+        over.result = Some(json!({"object": "chat.completion", "line": n}));
+        let policy = floodgate_proxy::jobs::Policy::of(&Default::default(), "free");
+        assert!(
+            store
+                .save(&claim, &over, Step::Finish, &policy)
+                .await
+                .unwrap()
+        );
+        if n == 0 {
+            store.ack(&claim).await.unwrap();
+        }
+    }
+    // Nobody reads the batch: a replica's sweep ends it once the worker's lease is over.
+    let ended = stored_batch_until(&redis, &id, "completed").await;
+    assert_eq!(ended["request_counts"]["completed"], 2, "{ended}");
+    let output = file_content(
+        &gw.http,
+        &gw.proxy,
+        ended["output_file_id"].as_str().unwrap(),
+    )
+    .await;
+    let custom: Vec<&str> = output
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(custom, ["one", "two"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_running_batch_in_redis_is_read_in_a_few_store_calls_whatever_its_size() {
+    const LINES: usize = 50;
+    let redis = RedisServer::start().await.unwrap();
+    let ids: Vec<String> = (0..LINES).map(|n| format!("line-{n}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (gw, id) = idle_batch(&redis, &batch_lines("gpt-4o", &ids), &[]).await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
         .unwrap();
-    assert_eq!(batch["status"], "completed", "{batch}");
-    assert_eq!(batch["request_counts"]["completed"], 2, "{batch}");
-    assert_eq!(batch["output_file_id"], output.as_str());
-    let content = http
-        .get(proxy.url(&format!("/v1/files/{output}/content")))
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let batch = read_batch(&gw.http, &gw.proxy, &id).await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(batch["status"], "in_progress", "{batch}");
+    assert_eq!(batch["request_counts"]["total"], LINES, "{batch}");
+    // Every command since the reset but this test's own: the read, and at most a few of the
+    // replica's periodic ones (the batch sweep, the gauges) in the meantime.
+    let calls: Vec<(String, u64)> = stats
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .filter(|(name, _)| !["config", "info"].contains(&name.as_str()))
+        .collect();
+    let total: u64 = calls.iter().map(|(_, n)| n).sum();
+    assert!(total <= 10, "a read of {LINES} lines took {calls:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_in_redis_is_created_whole_or_not_at_all() {
+    const LINES: usize = 20;
+    let redis = RedisServer::start().await.unwrap();
+    let gw = Gateway::start(&["--redis", &redis.url(), "--job-workers", "0"]).await;
+    let (proxy, http) = (&gw.proxy, &gw.http);
+    // Twenty lines of 50 KB each.
+    let big = "x".repeat(50_000);
+    let ids: Vec<String> = (0..LINES).map(|n| format!("{n}-{big}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let file = upload_batch_file(http, proxy, &batch_lines("gpt-4o", &ids)).await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Redis refuses writes once it holds 200 KB more than now: a creation stored a line at a
+    // time fails part-way.
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used + 200_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = http
+        .post(proxy.url("/v1/batches"))
         .bearer_auth(ACME)
+        .json(&json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
         .send()
         .await
-        .unwrap()
-        .text()
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    let keys = |pattern: &str| {
+        let mut conn = conn.clone();
+        let pattern = pattern.to_owned();
+        async move {
+            redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let jobs = keys("floodgate:{jobs}:job:*").await;
+    let batches = keys("floodgate:{jobs}:kv:batch*").await;
+    let queued: u64 = redis::cmd("XLEN")
+        .arg("floodgate:{jobs}:queue")
+        .query_async(&mut conn)
         .await
         .unwrap();
-    let lines: Vec<Value> = content
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let answered: Vec<(&str, &str)> = lines
-        .iter()
-        .map(|l| {
-            (
-                l["custom_id"].as_str().unwrap(),
-                l["response"]["body"]["object"].as_str().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        answered,
-        vec![("one", "chat.completion"), ("two", "chat.completion")]
-    );
+    let state: Vec<String> = redis::cmd("HKEYS")
+        .arg("floodgate:{jobs}:batches")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match status {
+        // Whole: every line queued, the batch and its lines stored, its state counting all.
+        200 => {
+            assert_eq!((jobs.len(), queued as usize), (LINES, LINES), "{body}");
+            assert_eq!(batches.len(), 2, "{batches:?}");
+            let left: Option<u64> = redis::cmd("HGET")
+                .arg("floodgate:{jobs}:batches")
+                .arg(body["id"].as_str().unwrap())
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(left, Some(LINES as u64));
+        }
+        // Refused: nothing of it stored, no line queued.
+        503 => {
+            assert_eq!((jobs.len(), queued), (0, 0), "lines left behind: {body}");
+            assert!(
+                batches.is_empty() && state.is_empty(),
+                "{batches:?} {state:?}"
+            );
+        }
+        other => panic!("unexpected {other}: {body}"),
+    }
     gw.stop().await;
 }
 
@@ -926,10 +1216,7 @@ async fn a_webhook_refused_once_is_retried_with_backoff_and_every_try_is_recorde
     let dir = config(&mock, &hook);
     let proxy = start(&dir, &[]).await;
     let http = reqwest::Client::new();
-    let id = submit(&http, &proxy, ACME, &job("gpt-4o", "retry the hook")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&http, &proxy, ACME, &job("gpt-4o", "retry the hook")).await;
     let job = until("two delivery tries on the job", || async {
         let (_, job) = get(&http, &proxy, ACME, &id).await;
         (job["deliveries"].as_array().map(Vec::len) == Some(2)).then_some(job)
@@ -946,14 +1233,7 @@ async fn a_webhook_refused_once_is_retried_with_backoff_and_every_try_is_recorde
     let at = |i: usize| job["deliveries"][i]["at_ms"].as_u64().unwrap();
     assert!(at(1) - at(0) >= 1000, "{job}");
     assert_eq!(verified_deliveries(&got).len(), 1);
-    let metrics = http
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&http, &proxy).await;
     for line in [
         "floodgate_jobs_webhook_deliveries_total{outcome=\"retried\"} 1",
         "floodgate_jobs_webhook_deliveries_total{outcome=\"delivered\"} 1",
@@ -1044,25 +1324,19 @@ async fn email_tries(
 
 #[tokio::test]
 async fn a_job_asking_for_email_gets_one_over_starttls_naming_its_id_and_outcome() {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, _got) = receiver().await;
     let smtp = sink(true).await;
-    let dir = config_email(&mock, &hook, &smtp, SMTP_PASSWORD);
-    let proxy = start_logging(&dir, &[], "debug").await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::with_email(&smtp, SMTP_PASSWORD, "debug", |yaml| yaml).await;
+    let (mock, proxy, http) = (&gw.mock, &gw.proxy, &gw.http);
 
-    let id = submit(
-        &http,
-        &proxy,
+    let id = submit_id(
+        http,
+        proxy,
         ACME,
         &email_job("mail me", "alice@example.com"),
     )
-    .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(finished(&http, &proxy, &id).await["status"], "completed");
-    assert_eq!(email_tries(&http, &proxy, &id, 1).await, ["delivered"]);
+    .await;
+    assert_eq!(finished(http, proxy, &id).await["status"], "completed");
+    assert_eq!(email_tries(http, proxy, &id, 1).await, ["delivered"]);
     let mails = smtp.mails();
     assert_eq!(mails.len(), 1);
     let mail = &mails[0];
@@ -1092,12 +1366,9 @@ async fn a_job_asking_for_email_gets_one_over_starttls_naming_its_id_and_outcome
 
     // A failed job is told too, with its error.
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
-    let failed = submit(&http, &proxy, ACME, &email_job("doomed", "bob@example.com")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(finished(&http, &proxy, &failed).await["status"], "failed");
-    assert_eq!(email_tries(&http, &proxy, &failed, 1).await, ["delivered"]);
+    let failed = submit_id(http, proxy, ACME, &email_job("doomed", "bob@example.com")).await;
+    assert_eq!(finished(http, proxy, &failed).await["status"], "failed");
+    assert_eq!(email_tries(http, proxy, &failed, 1).await, ["delivered"]);
     let mails = smtp.mails();
     let told = mails.iter().find(|m| m.to == ["bob@example.com"]).unwrap();
     assert!(
@@ -1123,52 +1394,35 @@ async fn a_job_asking_for_email_gets_one_over_starttls_naming_its_id_and_outcome
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_email", "{body}");
     assert!(!proxy.log().iter().any(|l| l.contains(SMTP_PASSWORD)));
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test]
 async fn a_tier_notifying_by_email_writes_to_its_own_recipient_but_not_per_batch_line() {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, got) = receiver().await;
     let smtp = sink(true).await;
-    let dir = config_email(&mock, &hook, &smtp, SMTP_PASSWORD);
-    let path = dir.path().join("all.yaml");
-    let yaml = std::fs::read_to_string(&path)
-        .unwrap()
-        .replacen("notify: [webhook]", "notify: [webhook, email]", 1)
-        .replacen(
-            "email: {from: \"floodgate@example.com\",",
-            "email: {from: \"floodgate@example.com\", to: \"ops@example.com\",",
-            1,
-        );
-    std::fs::write(&path, yaml).unwrap();
-    let proxy = start(&dir, &[]).await;
-    let http = reqwest::Client::new();
+    let gw = Gateway::with_email(&smtp, SMTP_PASSWORD, "info", |yaml| {
+        yaml.replacen("notify: [webhook]", "notify: [webhook, email]", 1)
+            .replacen(
+                "email: {from: \"floodgate@example.com\",",
+                "email: {from: \"floodgate@example.com\", to: \"ops@example.com\",",
+                1,
+            )
+    })
+    .await;
+    let (proxy, http, got) = (&gw.proxy, &gw.http, &gw.got);
 
     // A job naming no address: the tier's recipient is told.
-    let plain = submit(&http, &proxy, ACME, &job("gpt-4o", "tier mail")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(email_tries(&http, &proxy, &plain, 1).await, ["delivered"]);
+    let plain = submit_id(http, proxy, ACME, &job("gpt-4o", "tier mail")).await;
+    assert_eq!(email_tries(http, proxy, &plain, 1).await, ["delivered"]);
     // A job naming its own: that one only.
-    let own = submit(
-        &http,
-        &proxy,
-        ACME,
-        &email_job("own mail", "bob@example.com"),
-    )
-    .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(email_tries(&http, &proxy, &own, 1).await, ["delivered"]);
+    let own = submit_id(http, proxy, ACME, &email_job("own mail", "bob@example.com")).await;
+    assert_eq!(email_tries(http, proxy, &own, 1).await, ["delivered"]);
     let to: Vec<Vec<String>> = smtp.mails().iter().map(|m| m.to.clone()).collect();
     assert_eq!(to, [["ops@example.com"], ["bob@example.com"]]);
 
     // A batch's lines are told by the tier's webhook, not by one mail each.
-    let file = upload_batch_file(&http, &proxy, &batch_lines("gpt-4o", &["l1", "l2"])).await;
-    let id = create_batch(&http, &proxy, &file, "24h").await["id"]
+    let file = upload_batch_file(http, proxy, &batch_lines("gpt-4o", &["l1", "l2"])).await;
+    let id = create_batch(http, proxy, &file, "24h").await["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -1186,7 +1440,7 @@ async fn a_tier_notifying_by_email_writes_to_its_own_recipient_but_not_per_batch
     })
     .await;
     let lines: Vec<String> = until("a webhook for each line", || async {
-        let lines: Vec<String> = verified_deliveries(&got)
+        let lines: Vec<String> = verified_deliveries(got)
             .into_iter()
             .filter(|(_, body)| body["job"]["batch"] == id.as_str())
             .map(|(job, _)| job)
@@ -1197,7 +1451,7 @@ async fn a_tier_notifying_by_email_writes_to_its_own_recipient_but_not_per_batch
     for line in &lines {
         // Its notification is recorded once every channel is done with it.
         let channels: Vec<Value> = until("the line's deliveries", || async {
-            let (_, job) = get(&http, &proxy, ACME, line).await;
+            let (_, job) = get(http, proxy, ACME, line).await;
             let d = job["deliveries"].as_array()?.clone();
             (!d.is_empty()).then(|| d.iter().map(|d| d["channel"].clone()).collect())
         })
@@ -1205,33 +1459,27 @@ async fn a_tier_notifying_by_email_writes_to_its_own_recipient_but_not_per_batch
         assert_eq!(channels, [json!("webhook")], "{line}");
     }
     assert_eq!(smtp.mails().len(), 2, "no mail for the batch's lines");
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test]
 async fn bad_smtp_credentials_are_recorded_as_failed_deliveries_retried_and_never_logged() {
     const WRONG: &str = "wrong-pw-e2e-91c2";
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, _got) = receiver().await;
     let smtp = sink(true).await;
-    let dir = config_email(&mock, &hook, &smtp, WRONG);
-    let proxy = start_logging(&dir, &[], "debug").await;
-    let http = reqwest::Client::new();
-    let id = submit(
-        &http,
-        &proxy,
+    let gw = Gateway::with_email(&smtp, WRONG, "debug", |yaml| yaml).await;
+    let (proxy, http) = (&gw.proxy, &gw.http);
+    let id = submit_id(
+        http,
+        proxy,
         ACME,
         &email_job("mail me", "alice@example.com"),
     )
-    .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(finished(&http, &proxy, &id).await["status"], "completed");
+    .await;
+    assert_eq!(finished(http, proxy, &id).await["status"], "completed");
     // Three tries (the TierQueue's maxAttempts), each refused by the server's 535.
-    let tries = email_tries(&http, &proxy, &id, 3).await;
+    let tries = email_tries(http, proxy, &id, 3).await;
     assert_eq!(tries, ["smtp_535", "smtp_535", "smtp_535"]);
-    let (_, job) = get(&http, &proxy, ACME, &id).await;
+    let (_, job) = get(http, proxy, ACME, &id).await;
     let at = |i: usize| {
         job["deliveries"]
             .as_array()
@@ -1252,14 +1500,7 @@ async fn bad_smtp_credentials_are_recorded_as_failed_deliveries_retried_and_neve
             .all(|l| l.tls && !l.accepted && l.user == "mailer")
     );
     assert!(smtp.mails().is_empty());
-    let metrics = http
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(http, proxy).await;
     assert!(
         metrics.contains("floodgate_jobs_email_deliveries_total{outcome=\"failed\"} 3"),
         "{metrics}"
@@ -1270,33 +1511,27 @@ async fn bad_smtp_credentials_are_recorded_as_failed_deliveries_retried_and_neve
         !log.iter()
             .any(|l| l.contains(WRONG) || l.contains(SMTP_PASSWORD))
     );
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 #[tokio::test]
 async fn a_server_that_offers_no_starttls_gets_no_credentials_and_no_mail() {
-    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (hook, _got) = receiver().await;
     let smtp = sink(false).await;
-    let dir = config_email(&mock, &hook, &smtp, SMTP_PASSWORD);
-    let proxy = start(&dir, &[]).await;
-    let http = reqwest::Client::new();
-    let id = submit(
-        &http,
-        &proxy,
+    let gw = Gateway::with_email(&smtp, SMTP_PASSWORD, "info", |yaml| yaml).await;
+    let (proxy, http) = (&gw.proxy, &gw.http);
+    let id = submit_id(
+        http,
+        proxy,
         ACME,
         &email_job("mail me", "alice@example.com"),
     )
-    .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let tries = email_tries(&http, &proxy, &id, 3).await;
+    .await;
+    let tries = email_tries(http, proxy, &id, 3).await;
     assert_eq!(tries, ["error", "error", "error"]);
     assert!(smtp.logins().is_empty(), "{:?}", smtp.logins());
     assert_eq!(smtp.refused_plain(), 0);
     assert!(smtp.mails().is_empty());
-    proxy.stop().await.unwrap();
+    gw.stop().await;
 }
 
 /// A webhook receiver that records each POST when it arrives and answers it `delay` later.
@@ -1361,10 +1596,7 @@ async fn a_jobs_own_webhook_into_the_gateways_network_is_refused_unless_allowed(
     proxy.stop().await.unwrap();
     // With the opt-in, the loopback receiver is told.
     let proxy = start(&dir, &["--job-webhook-private-addresses"]).await;
-    let id = submit(&http, &proxy, ACME, &with_hook(&own_hook)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_id(&http, &proxy, ACME, &with_hook(&own_hook)).await;
     let delivered = until("the job's own webhook", || async {
         let d = verified_deliveries(&got);
         (!d.is_empty()).then_some(d)
@@ -1374,25 +1606,17 @@ async fn a_jobs_own_webhook_into_the_gateways_network_is_refused_unless_allowed(
     proxy.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_cancelled_job_is_told_by_webhook_and_event_stream() {
-    cancelled_job_is_told(&[]).await;
-}
-
-#[tokio::test]
-async fn a_cancelled_job_in_redis_is_told_by_webhook_and_event_stream() {
-    let redis = RedisServer::start().await.unwrap();
-    cancelled_job_is_told(&["--redis", &redis.url()]).await;
-}
+in_memory_and_redis!(
+    a_cancelled_job_is_told_by_webhook_and_event_stream,
+    a_cancelled_job_in_redis_is_told_by_webhook_and_event_stream,
+    cancelled_job_is_told
+);
 
 async fn cancelled_job_is_told(extra: &[&str]) {
     let gw = Gateway::start(extra).await;
     let (mock, proxy, http, got) = (&gw.mock, &gw.proxy, &gw.http, &gw.got);
     // One job cancelled while it runs, one while it waits for its retry.
-    let running = submit(http, proxy, ACME, &job("slow-2000", "cancel me")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let running = submit_id(http, proxy, ACME, &job("slow-2000", "cancel me")).await;
     let events = http
         .get(proxy.url(&format!("/v1/jobs/{running}/events")))
         .bearer_auth(ACME)
@@ -1412,22 +1636,15 @@ async fn cancelled_job_is_told(extra: &[&str]) {
         }
     };
     cancel(running.clone()).await;
-    let mut body = String::new();
-    let mut stream = events.bytes_stream();
-    while let Some(chunk) = tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
-        body.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-    }
-    let names: Vec<&str> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("event: "))
-        .collect();
-    assert_eq!(names.last(), Some(&"cancelled"), "{body}");
+    let (names, body) = event_names(events).await;
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("cancelled"),
+        "{body}"
+    );
 
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
-    let retrying = submit(http, proxy, ACME, &job("gpt-4o", "retry then cancel")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let retrying = submit_id(http, proxy, ACME, &job("gpt-4o", "retry then cancel")).await;
     until("the job to wait for its retry", || async {
         (get(http, proxy, ACME, &retrying).await.1["status"] == "retrying").then_some(())
     })
@@ -1460,19 +1677,13 @@ async fn a_slow_webhook_receiver_holds_no_worker() {
     let dir = config(&mock, &hook);
     let proxy = start(&dir, &["--job-workers", "1"]).await;
     let http = reqwest::Client::new();
-    let first = submit(&http, &proxy, ACME, &job("gpt-4o", "first")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let first = submit_id(&http, &proxy, ACME, &job("gpt-4o", "first")).await;
     until("the first webhook to arrive", || async {
         (!got.lock().unwrap().is_empty()).then_some(())
     })
     .await;
     // The only worker is free while the receiver sits on the first delivery.
-    let second = submit(&http, &proxy, ACME, &job("gpt-4o", "second")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let second = submit_id(&http, &proxy, ACME, &job("gpt-4o", "second")).await;
     let t = Instant::now();
     assert_eq!(
         finished(&http, &proxy, &second).await["status"],
@@ -1570,16 +1781,11 @@ async fn redis_dead_letters_outlive_the_result_ttl_and_a_redrive_never_drops_one
     assert_eq!(ttl, -1, "a queued job does not expire");
 }
 
-#[tokio::test]
-async fn a_tenant_past_its_pending_jobs_bound_gets_429_and_the_backlog_is_a_gauge() {
-    pending_bound(&[]).await;
-}
-
-#[tokio::test]
-async fn a_tenant_past_its_pending_jobs_bound_in_redis_gets_429_and_the_backlog_is_a_gauge() {
-    let redis = RedisServer::start().await.unwrap();
-    pending_bound(&["--redis", &redis.url()]).await;
-}
+in_memory_and_redis!(
+    a_tenant_past_its_pending_jobs_bound_gets_429_and_the_backlog_is_a_gauge,
+    a_tenant_past_its_pending_jobs_bound_in_redis_gets_429_and_the_backlog_is_a_gauge,
+    pending_bound
+);
 
 async fn pending_bound(extra: &[&str]) {
     let mut args = extra.to_vec();
@@ -1635,16 +1841,11 @@ async fn pending_bound(extra: &[&str]) {
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn concurrent_submissions_of_one_tenant_never_pass_its_pending_bound() {
-    concurrent_bound(&[]).await;
-}
-
-#[tokio::test]
-async fn concurrent_submissions_in_redis_never_pass_the_pending_bound_across_replicas() {
-    let redis = RedisServer::start().await.unwrap();
-    concurrent_bound(&["--redis", &redis.url()]).await;
-}
+in_memory_and_redis!(
+    concurrent_submissions_of_one_tenant_never_pass_its_pending_bound,
+    concurrent_submissions_in_redis_never_pass_the_pending_bound_across_replicas,
+    concurrent_bound
+);
 
 /// 64 submissions of one tenant at once, bound 5: exactly 5 accepted, however they
 /// interleave (with Redis, sent to two replicas sharing the store).

@@ -112,6 +112,12 @@ struct Args {
     #[arg(long = "redis", env = "FLOODGATE_REDIS_URL", value_name = "URL", hide_env_values = true,
           value_parser = |s: &str| Ok::<_, std::convert::Infallible>(SecretString::new(s)))]
     redis: Option<SecretString>,
+    /// Bearer token the admin listener's dead-letter endpoints (`/admin/jobs/...`: list,
+    /// show, re-drive, purge) require (`Authorization: Bearer <token>`). Unset, they answer
+    /// 403 to everyone. Give it through the environment (a Secret), not the command line.
+    #[arg(long, env = "FLOODGATE_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true,
+          value_parser = |s: &str| Ok::<_, std::convert::Infallible>(SecretString::new(s)))]
+    admin_token: Option<SecretString>,
     /// With --redis: the most replicas that may share the keys. While Redis is unreachable each
     /// replica serves at most limit / N of every key (at least one request per window).
     #[arg(
@@ -463,7 +469,13 @@ async fn start_jobs(
         args.job_workers,
         args.job_webhook_private_addresses,
         args.job_max_pending_per_tenant,
+        args.admin_token.clone(),
     );
+    if args.admin_token.is_none() {
+        tracing::info!(
+            "no --admin-token: the dead-letter admin endpoints refuse every caller (403)"
+        );
+    }
     let webhook_client = || {
         // No proxy from the environment either: a proxy would resolve and reach the
         // receiver itself, past the resolver that refuses internal addresses.

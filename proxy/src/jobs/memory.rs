@@ -2,7 +2,8 @@
 //! order, retries after their delay, dead letters with retention. A restart loses every
 //! job, pending or finished: run with `--redis` for work that must survive one.
 
-use super::store::{Claim, JobStore, Result, Step, Submitted};
+use super::batch::{KEEP, batch_key, lines_key};
+use super::store::{BatchState, Claim, JobStore, Outcome, Phase, Result, Step, Submitted};
 use super::{Job, Policy, Status};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -33,13 +34,27 @@ struct Inner {
     claimed: HashSet<String>,
     /// Jobs not over yet per (tier, tenant).
     pending: HashMap<(String, String), u64>,
-    /// Lines of each batch not over yet ([`JobStore::open_batch`]).
-    batches: HashMap<String, u64>,
+    /// Batches running ([`JobStore::create_batch`]) until they are closed.
+    batches: HashMap<String, Run>,
     /// Batch API files and batches: value and when it is forgotten.
     kv: HashMap<String, (String, Instant)>,
     next_seq: u64,
     /// Seq of the last job handed to a worker.
     delivered: u64,
+}
+
+/// How long the holder of a batch (ending it, cancelling its lines) has before
+/// [`JobStore::due_batches`] lists the batch again for someone else.
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// A running batch.
+#[derive(Debug)]
+struct Run {
+    state: BatchState,
+    /// The end of its completion window.
+    deadline: Instant,
+    /// When [`JobStore::due_batches`] lists it.
+    due: Instant,
 }
 
 #[derive(Debug)]
@@ -86,14 +101,22 @@ impl Inner {
         }
     }
 
-    /// Counts `job` down in its batch, if it is a line of one still counted.
-    fn line_over(&mut self, job: &Job) {
-        let Some(batch) = &job.batch else { return };
-        if let Some(n) = self.batches.get_mut(batch) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.batches.remove(batch);
-            }
+    /// Counts `job`, over now, in its batch if that still runs: one line fewer left, one more
+    /// completed or failed; the last line over makes the batch due once the lease of the
+    /// worker that ends it has passed (it ends it at once unless it dies).
+    fn line_over(&mut self, job: &Job, now: Instant) {
+        let Some(run) = job.batch.as_ref().and_then(|b| self.batches.get_mut(b)) else {
+            return;
+        };
+        let s = &mut run.state;
+        s.left = s.left.saturating_sub(1);
+        if job.status == Status::Completed {
+            s.completed += 1;
+        } else {
+            s.failed += 1;
+        }
+        if s.left == 0 && matches!(s.phase, Phase::InProgress | Phase::Cancelling) {
+            run.due = now + LEASE;
         }
     }
 
@@ -235,7 +258,7 @@ impl JobStore for MemoryStore {
                         inner.dead.push((job.id.clone(), now));
                     }
                     inner.pending_down(job);
-                    inner.line_over(job);
+                    inner.line_over(job, now);
                 }
             }
         }
@@ -265,7 +288,7 @@ impl JobStore for MemoryStore {
         let job = stored.job.clone();
         if !over {
             inner.pending_down(&job);
-            inner.line_over(&job);
+            inner.line_over(&job, Instant::now());
         }
         // A job waiting for its retry goes back to the queue, cancelled, for a worker to tell
         // its caller.
@@ -334,8 +357,10 @@ impl JobStore for MemoryStore {
                     stored.expires = None;
                     let job = stored.job.clone();
                     inner.pending_up(&job);
-                    if let Some(left) = job.batch.as_ref().and_then(|b| inner.batches.get_mut(b)) {
-                        *left += 1;
+                    // A failed line of a running batch runs again.
+                    if let Some(run) = job.batch.as_ref().and_then(|b| inner.batches.get_mut(b)) {
+                        run.state.left += 1;
+                        run.state.failed = run.state.failed.saturating_sub(1);
                     }
                     n += 1;
                 }
@@ -369,15 +394,146 @@ impl JobStore for MemoryStore {
         Ok(self.lock().pending.get(&key).copied().unwrap_or(0))
     }
 
-    async fn open_batch(&self, id: &str, lines: u64) -> Result<()> {
-        if lines > 0 {
-            self.lock().batches.insert(id.to_owned(), lines);
-        }
-        Ok(())
+    async fn create_batch(
+        &self,
+        id: &str,
+        record: String,
+        lines: String,
+        jobs: Vec<Job>,
+        window: Duration,
+    ) -> Result<Vec<Job>> {
+        let now = Instant::now();
+        let queued = {
+            let mut inner = self.lock();
+            inner.forget_expired(now);
+            // The record outlives the window, so the batch can still be ended at its end.
+            let until = now + window + KEEP;
+            inner.kv.insert(batch_key(id), (record, until));
+            inner.kv.insert(lines_key(id), (lines, until));
+            let total = jobs.len() as u64;
+            let state = BatchState {
+                phase: Phase::InProgress,
+                total,
+                left: total,
+                completed: 0,
+                failed: 0,
+                cancelling_at: None,
+                finalizing_at: None,
+                owned: false,
+            };
+            let deadline = now + window;
+            inner.batches.insert(
+                id.to_owned(),
+                Run {
+                    state,
+                    deadline,
+                    due: deadline,
+                },
+            );
+            let queued: Vec<Job> = jobs
+                .into_iter()
+                .map(|mut job| {
+                    job.seq = inner.enqueue(&job.id);
+                    inner.pending_up(&job);
+                    let stored = Stored {
+                        job: job.clone(),
+                        expires: None,
+                    };
+                    inner.jobs.insert(job.id.clone(), stored);
+                    job
+                })
+                .collect();
+            queued
+        };
+        self.ready.notify_waiters();
+        self.ready.notify_one();
+        Ok(queued)
     }
 
-    async fn batch_left(&self, id: &str) -> Result<u64> {
-        Ok(self.lock().batches.get(id).copied().unwrap_or(0))
+    async fn batch(&self, id: &str) -> Result<Option<(String, Option<BatchState>)>> {
+        let now = Instant::now();
+        let inner = self.lock();
+        let Some((record, _)) = inner.kv.get(&batch_key(id)).filter(|(_, t)| *t > now) else {
+            return Ok(None);
+        };
+        Ok(Some((
+            record.clone(),
+            inner.batches.get(id).map(|r| r.state),
+        )))
+    }
+
+    async fn cancel_batch(&self, id: &str, at: u64) -> Result<Option<BatchState>> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(run) = inner.batches.get_mut(id) else {
+            return Ok(None);
+        };
+        if run.state.phase == Phase::InProgress {
+            run.state.phase = Phase::Cancelling;
+            run.state.cancelling_at = Some(at);
+            run.due = now + LEASE;
+        }
+        Ok(Some(run.state))
+    }
+
+    async fn end_batch(&self, id: &str, at: u64) -> Result<Option<BatchState>> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(run) = inner.batches.get_mut(id) else {
+            return Ok(None);
+        };
+        let outcome = match run.state.phase {
+            Phase::Finalizing(_) => None,
+            Phase::Cancelling if run.state.left > 0 => None,
+            Phase::Cancelling => Some(Outcome::Cancelled),
+            Phase::InProgress if run.state.left == 0 => Some(Outcome::Completed),
+            Phase::InProgress if now >= run.deadline => Some(Outcome::Expired),
+            Phase::InProgress => {
+                // Not due before its window ends (again, after a re-drive made it run).
+                run.due = run.deadline;
+                return Ok(Some(run.state));
+            }
+        };
+        let owned = match outcome {
+            Some(outcome) => {
+                run.state.phase = Phase::Finalizing(outcome);
+                run.state.finalizing_at = Some(at);
+                true
+            }
+            // Someone holds it until the lease is over.
+            None => run.due <= now,
+        };
+        if owned {
+            run.due = now + LEASE;
+        }
+        Ok(Some(BatchState { owned, ..run.state }))
+    }
+
+    async fn close_batch(&self, id: &str, record: String) -> Result<bool> {
+        let mut inner = self.lock();
+        let finalizing = inner
+            .batches
+            .get(id)
+            .is_some_and(|r| matches!(r.state.phase, Phase::Finalizing(_)));
+        if !finalizing {
+            return Ok(false);
+        }
+        inner.batches.remove(id);
+        inner
+            .kv
+            .insert(batch_key(id), (record, Instant::now() + KEEP));
+        Ok(true)
+    }
+
+    async fn due_batches(&self) -> Result<Vec<String>> {
+        let now = Instant::now();
+        Ok(self
+            .lock()
+            .batches
+            .iter()
+            .filter(|(_, r)| r.due <= now)
+            .map(|(id, _)| id.clone())
+            .collect())
     }
 
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {

@@ -27,7 +27,7 @@ pub mod store;
 pub mod webhook;
 pub mod worker;
 
-pub use store::{Claim, JobStore, Step, Store, StoreError, Submitted};
+pub use store::{BatchState, Claim, JobStore, Outcome, Phase, Step, Store, StoreError, Submitted};
 
 use crate::config::Config;
 use serde::{Deserialize, Serialize};
@@ -353,6 +353,9 @@ pub struct Jobs {
     /// The most jobs one tenant may have pending (not over) in its tier; 0: no bound
     /// (`--job-max-pending-per-tenant`).
     pub max_pending_per_tenant: u64,
+    /// The bearer token the admin listener's dead-letter endpoints require
+    /// (`--admin-token`); without one they refuse everyone.
+    pub admin_token: Option<crate::secret::SecretString>,
     /// Mean run time of this replica's attempts, in milliseconds (for the estimated start).
     mean_run_ms: AtomicU64,
 }
@@ -361,22 +364,24 @@ impl Jobs {
     /// The subsystem over `store` with `workers` workers; jobs' webhooks may point at
     /// internal addresses when `allow_internal_webhooks`.
     pub fn new(store: Store, workers: usize, allow_internal_webhooks: bool) -> Arc<Self> {
-        Self::bounded(store, workers, allow_internal_webhooks, 0)
+        Self::bounded(store, workers, allow_internal_webhooks, 0, None)
     }
 
     /// [`Jobs::new`], each tenant allowed at most `max_pending_per_tenant` pending jobs
-    /// (0: no bound).
+    /// (0: no bound), the dead letters administered with `admin_token`.
     pub fn bounded(
         store: Store,
         workers: usize,
         allow_internal_webhooks: bool,
         max_pending_per_tenant: u64,
+        admin_token: Option<crate::secret::SecretString>,
     ) -> Arc<Self> {
         Arc::new(Jobs {
             store,
             workers: workers.max(1),
             allow_internal_webhooks,
             max_pending_per_tenant,
+            admin_token,
             mean_run_ms: AtomicU64::new(1000),
         })
     }

@@ -10,8 +10,9 @@
 //! | `floodgate:{jobs}:reported:<id>` | string | who notifies (a lease), then `done` |
 //! | `floodgate:{jobs}:seq`, `:delivered` | counters | the queue's order, for positions |
 //! | `floodgate:{jobs}:pending` | hash | jobs not over yet per `<tier>\t<tenant>` (field `pending` of a job names its own) |
-//! | `floodgate:{jobs}:batches` | hash | lines not over yet per batch id (dropped at 0; field `batch` of a job names its batch) |
-//! | `floodgate:{jobs}:kv:<file or batch id>` | string | Batch API files and batches (JSON), with a TTL |
+//! | `floodgate:{jobs}:batches` | hash | each running batch's state: field `<id>` its lines not over yet, `<id>:status` (`in_progress`, `cancelling`, `finalizing`), `<id>:outcome`, `:total`, `:completed`, `:failed`, `:expires` (Unix ms), `:cancelling_at`, `:finalizing_at`; dropped when it is closed (field `batch` of a job names its batch) |
+//! | `floodgate:{jobs}:batch-due` | sorted set | running batches by when someone must look at them (Unix ms): the window's end, or a holder's lease |
+//! | `floodgate:{jobs}:kv:<file or batch id>` | string | Batch API files, batches (JSON) and their lines (`batch-lines:<id>`), with a TTL |
 //!
 //! A worker first takes an entry whose claim has been idle for the visibility timeout
 //! (`XAUTOCLAIM`: the job of a replica that died), else reads a new one (`XREADGROUP`).
@@ -24,7 +25,8 @@
 //! `status` is a field of its own so that a cancel (from any replica) changes it atomically
 //! and `SAVE` refuses to write over it.
 
-use super::store::{Claim, JobStore, Result, Step, Submitted};
+use super::batch::{KEEP, batch_key, lines_key};
+use super::store::{BatchState, Claim, JobStore, Phase, Result, Step, Submitted};
 use super::{Job, Policy, Status};
 use crate::secret::SecretString;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -43,6 +45,155 @@ const GROUP: &str = "workers";
 const KV: &str = "floodgate:{jobs}:kv:";
 const PENDING: &str = "floodgate:{jobs}:pending";
 const BATCHES: &str = "floodgate:{jobs}:batches";
+const BATCH_DUE: &str = "floodgate:{jobs}:batch-due";
+
+/// Counts a line over in its running batch (KEYS `batches`, `due`): one line fewer left, one
+/// more `outcome` (`completed` or `failed`); the last one makes the batch due at `due_at`
+/// (the ending worker's lease), should that worker die before it ends the batch. A line of
+/// no batch, or of one closed, counts nowhere.
+const LINE_OVER: &str = r"
+local function line_over(batches, due, id, outcome, due_at)
+  if not id or redis.call('HEXISTS', batches, id .. ':status') == 0 then return end
+  local left = redis.call('HINCRBY', batches, id, -1)
+  redis.call('HINCRBY', batches, id .. ':' .. outcome, 1)
+  if left <= 0 then
+    local status = redis.call('HGET', batches, id .. ':status')
+    if status == 'in_progress' or status == 'cancelling' then
+      redis.call('ZADD', due, due_at, id)
+    end
+  end
+end
+";
+
+/// A batch's state as the batch scripts return it: its fields (see [`BATCHES`]) and whether
+/// the caller holds its lease.
+const BATCH_STATE: &str = r"
+local function state(b, id, owned)
+  local s = redis.call('HMGET', b, id, id .. ':status', id .. ':outcome', id .. ':total',
+    id .. ':completed', id .. ':failed', id .. ':cancelling_at', id .. ':finalizing_at')
+  s[9] = owned
+  return s
+end
+";
+
+/// Creates a batch whole, in one step: its record and lines list (KEYS[6], KEYS[7], for
+/// ARGV[4] seconds), its state (every line left, due at its window's end ARGV[5]), and each
+/// line's job (KEYS[9..], ARGV[7..] in pairs of id and JSON) queued as `ENQUEUE` queues it,
+/// all counted in ARGV[6] of the pending counts. Returns `{first seq, delivered}`: the lines'
+/// seqs follow each other.
+const CREATE_BATCH: &str = r"
+local id, n = ARGV[1], #KEYS - 8
+redis.call('SET', KEYS[6], ARGV[2], 'EX', ARGV[4])
+redis.call('SET', KEYS[7], ARGV[3], 'EX', ARGV[4])
+redis.call('HSET', KEYS[4], id, n, id .. ':status', 'in_progress', id .. ':total', n,
+  id .. ':completed', 0, id .. ':failed', 0, id .. ':expires', ARGV[5])
+redis.call('ZADD', KEYS[5], ARGV[5], id)
+local first = 0
+for i = 1, n do
+  local seq = redis.call('INCR', KEYS[2])
+  if i == 1 then first = seq end
+  redis.call('HSET', KEYS[8 + i], 'job', ARGV[6 + 2 * i], 'status', 'queued', 'seq', seq,
+    'pending', ARGV[6], 'batch', id)
+  redis.call('XADD', KEYS[1], '*', 'id', ARGV[5 + 2 * i], 'seq', seq)
+end
+redis.call('HINCRBY', KEYS[3], ARGV[6], n)
+return {first, tonumber(redis.call('GET', KEYS[8]) or '0')}
+";
+
+/// Moves a batch from in progress to cancelling, and only then (ARGV as for `END_BATCH`): the
+/// canceller holds it for the lease. Returns its state; `{}` once closed.
+const CANCEL_BATCH: &str = r"
+local b, id = KEYS[1], ARGV[1]
+local status = redis.call('HGET', b, id .. ':status')
+if not status then return {} end
+if status == 'in_progress' then
+  redis.call('HSET', b, id .. ':status', 'cancelling', id .. ':cancelling_at', ARGV[3])
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[4]), id)
+end
+return state(b, id, '0')
+";
+
+/// Decides whether a batch ends now (ARGV[2], Unix ms; ARGV[3] the same in seconds): a
+/// cancelling batch with no line left ends `cancelled`; one in progress `completed` with no
+/// line left, else `expired` past its window; it then finalizes, held by the caller for
+/// ARGV[4] ms. A batch finalizing or cancelling already is held by whoever took it last,
+/// until that lease is over; then the caller takes it. Returns its state and whether the
+/// caller holds it; `{}` once closed.
+const END_BATCH: &str = r"
+local b, z, id = KEYS[1], KEYS[2], ARGV[1]
+local now, lease = tonumber(ARGV[2]), tonumber(ARGV[4])
+local status = redis.call('HGET', b, id .. ':status')
+if not status then return {} end
+local left = tonumber(redis.call('HGET', b, id) or '0')
+local outcome = false
+if status == 'cancelling' and left <= 0 then
+  outcome = 'cancelled'
+elseif status == 'in_progress' then
+  local expires = tonumber(redis.call('HGET', b, id .. ':expires'))
+  if left <= 0 then
+    outcome = 'completed'
+  elseif now >= expires then
+    outcome = 'expired'
+  else
+    redis.call('ZADD', z, expires, id)
+    return state(b, id, '0')
+  end
+end
+if outcome then
+  redis.call('HSET', b, id .. ':status', 'finalizing', id .. ':outcome', outcome,
+    id .. ':finalizing_at', ARGV[3])
+elseif tonumber(redis.call('ZSCORE', z, id) or '0') > now then
+  return state(b, id, '0')
+end
+redis.call('ZADD', z, now + lease, id)
+return state(b, id, '1')
+";
+
+/// Stores a batch's final record (KEYS[3], ARGV[2], for ARGV[3] s) and drops its state, if
+/// it is still finalizing: 1, else 0 (another holder closed it).
+const CLOSE_BATCH: &str = r"
+local id = ARGV[1]
+if redis.call('HGET', KEYS[1], id .. ':status') ~= 'finalizing' then return 0 end
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
+redis.call('HDEL', KEYS[1], id, id .. ':status', id .. ':outcome', id .. ':total',
+  id .. ':completed', id .. ':failed', id .. ':expires', id .. ':cancelling_at',
+  id .. ':finalizing_at')
+redis.call('ZREM', KEYS[2], id)
+return 1
+";
+
+/// The fields of a batch's state in [`BATCHES`], in the order [`parse_state`] reads them.
+fn state_fields(id: &str) -> [String; 8] {
+    [
+        id.to_owned(),
+        format!("{id}:status"),
+        format!("{id}:outcome"),
+        format!("{id}:total"),
+        format!("{id}:completed"),
+        format!("{id}:failed"),
+        format!("{id}:cancelling_at"),
+        format!("{id}:finalizing_at"),
+    ]
+}
+
+/// A batch's state from its fields ([`state_fields`], then the lease flag); `None` when it
+/// has none (closed).
+fn parse_state(v: &[Option<String>]) -> Option<BatchState> {
+    let text = |i: usize| v.get(i).and_then(|x| x.as_deref());
+    let num = |i: usize| text(i).and_then(|x| x.parse::<i64>().ok());
+    let count = |i: usize| num(i).unwrap_or(0).max(0) as u64;
+    let at = |i: usize| num(i).map(|n| n.max(0) as u64);
+    Some(BatchState {
+        phase: Phase::parse(text(1)?, text(2))?,
+        total: count(3),
+        left: count(0),
+        completed: count(4),
+        failed: count(5),
+        cancelling_at: at(6),
+        finalizing_at: at(7),
+        owned: text(8) == Some("1"),
+    })
+}
 
 /// The field of [`PENDING`] that counts `job`.
 fn pending_field(job: &Job) -> String {
@@ -85,9 +236,9 @@ return 1
 
 /// Writes a claimed job unless it is over already (cancelled, or finished by another holder
 /// whose claim this one outlived), and does the step: `retry` schedules it and acknowledges
-/// its entry; `finish` sets its TTL, dead-letters it if asked, and counts it down in its
-/// batch (KEYS[6]) if it is a line of one still counted. A finished job is never
-/// reopened.
+/// its entry; `finish` sets its TTL, dead-letters it if asked, and counts it over in its
+/// batch (KEYS[6], KEYS[7]; ARGV[9] the lease of the worker that ends the batch). A finished
+/// job is never reopened.
 const SAVE: &str = r"
 local current = redis.call('HGET', KEYS[1], 'status')
 if current == 'cancelled' or current == 'completed' or current == 'failed' then return 0 end
@@ -103,16 +254,15 @@ elseif ARGV[3] == 'finish' then
   end
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   if ARGV[8] == '1' then redis.call('XADD', KEYS[4], '*', 'id', ARGV[6]) end
-  local batch = redis.call('HGET', KEYS[1], 'batch')
-  if batch and redis.call('HEXISTS', KEYS[6], batch) == 1 then
-    if redis.call('HINCRBY', KEYS[6], batch, -1) <= 0 then redis.call('HDEL', KEYS[6], batch) end
-  end
+  local outcome = 'failed'
+  if ARGV[2] == 'completed' then outcome = 'completed' end
+  line_over(KEYS[6], KEYS[7], redis.call('HGET', KEYS[1], 'batch'), outcome, ARGV[9])
 end
 return 1
 ";
 
-/// Cancels a job that has not finished (counted down in its batch, KEYS[5], like a finished
-/// one); it is kept for ARGV[3] seconds, like a result. A job
+/// Cancels a job that has not finished (counted over in its batch, KEYS[5] and KEYS[6], like
+/// a failed one; ARGV[4] as in `SAVE`); it is kept for ARGV[3] seconds, like a result. A job
 /// waiting for its retry goes back to the queue (KEYS[3]), cancelled, for a worker to tell
 /// its caller; a queued or running one has its entry already.
 const CANCEL: &str = r"
@@ -124,10 +274,7 @@ if s == 'queued' or s == 'retrying' or s == 'running' then
   if field and tonumber(redis.call('HGET', KEYS[4], field) or '0') > 0 then
     redis.call('HINCRBY', KEYS[4], field, -1)
   end
-  local batch = redis.call('HGET', KEYS[1], 'batch')
-  if batch and redis.call('HEXISTS', KEYS[5], batch) == 1 then
-    if redis.call('HINCRBY', KEYS[5], batch, -1) <= 0 then redis.call('HDEL', KEYS[5], batch) end
-  end
+  line_over(KEYS[5], KEYS[6], redis.call('HGET', KEYS[1], 'batch'), 'failed', ARGV[4])
   if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
     redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'seq', redis.call('HGET', KEYS[1], 'seq') or 0)
   end
@@ -137,8 +284,8 @@ return 1
 ";
 
 /// Re-drives a dead letter in one step: drops its dead entry (ARGV[1]) and, only if that
-/// entry was still there, writes the reset job, forgets who reported it, counts it up again
-/// in its batch (KEYS[7]) if that is still counted, and queues it, so a
+/// entry was still there, writes the reset job, forgets who reported it, counts it again as
+/// left (not failed) in its batch (KEYS[7]) if that still runs, and queues it, so a
 /// replica that dies half-way cannot lose it and two admins cannot queue it twice.
 const REDRIVE: &str = r"
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -146,7 +293,10 @@ local seq = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[4], 'job', ARGV[3], 'status', 'queued', 'seq', seq, 'pending', ARGV[4])
 redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
 local batch = redis.call('HGET', KEYS[4], 'batch')
-if batch and redis.call('HEXISTS', KEYS[7], batch) == 1 then redis.call('HINCRBY', KEYS[7], batch, 1) end
+if batch and redis.call('HEXISTS', KEYS[7], batch .. ':status') == 1 then
+  redis.call('HINCRBY', KEYS[7], batch, 1)
+  redis.call('HINCRBY', KEYS[7], batch .. ':failed', -1)
+end
 redis.call('HDEL', KEYS[4], 'cancelled')
 redis.call('PERSIST', KEYS[4])
 redis.call('DEL', KEYS[5])
@@ -179,6 +329,16 @@ pub struct RedisStore {
     cancel: redis::Script,
     delivered: redis::Script,
     redrive: redis::Script,
+    /// Boxed: they would make the store (and so the [`super::Store`] enum) large.
+    batches: Box<BatchScripts>,
+}
+
+/// The Batch API's scripts.
+struct BatchScripts {
+    create: redis::Script,
+    cancel: redis::Script,
+    end: redis::Script,
+    close: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -200,11 +360,58 @@ impl RedisStore {
             visibility,
             enqueue: redis::Script::new(ENQUEUE),
             promote: redis::Script::new(PROMOTE),
-            save: redis::Script::new(SAVE),
-            cancel: redis::Script::new(CANCEL),
+            save: redis::Script::new(&format!("{LINE_OVER}{SAVE}")),
+            cancel: redis::Script::new(&format!("{LINE_OVER}{CANCEL}")),
             delivered: redis::Script::new(DELIVERED_UP_TO),
             redrive: redis::Script::new(REDRIVE),
+            batches: Box::new(BatchScripts {
+                create: redis::Script::new(CREATE_BATCH),
+                cancel: redis::Script::new(&format!("{BATCH_STATE}{CANCEL_BATCH}")),
+                end: redis::Script::new(&format!("{BATCH_STATE}{END_BATCH}")),
+                close: redis::Script::new(CLOSE_BATCH),
+            }),
         })
+    }
+
+    /// When a lease on a batch taken now ends (Unix ms): a holder silent for the visibility
+    /// timeout is presumed dead, as a claim is.
+    fn lease_end(&self) -> u64 {
+        super::now_ms() + self.visibility.as_millis() as u64
+    }
+
+    /// Runs `script` ([`CANCEL_BATCH`] or [`END_BATCH`]) on batch `id` at `at` (Unix s): the
+    /// batch's state after it.
+    async fn batch_step(
+        &self,
+        script: &redis::Script,
+        id: &str,
+        at: u64,
+    ) -> Result<Option<BatchState>> {
+        let mut conn = self.conn().await?;
+        let fields: Vec<Option<String>> = script
+            .key(BATCHES)
+            .key(BATCH_DUE)
+            .arg(id)
+            .arg(super::now_ms())
+            .arg(at)
+            .arg(self.visibility.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(parse_state(&fields))
+    }
+
+    /// Up to 100 members of the sorted set `key` due now (scored by Unix ms), soonest first.
+    async fn due(&self, key: &str) -> Result<Vec<String>> {
+        let mut conn = self.conn().await?;
+        Ok(redis::cmd("ZRANGEBYSCORE")
+            .arg(key)
+            .arg("-inf")
+            .arg(super::now_ms())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(100)
+            .query_async(&mut conn)
+            .await?)
     }
 
     /// The shared connection, made (with the consumer group) on first use.
@@ -316,15 +523,7 @@ impl RedisStore {
     /// The entry `XAUTOCLAIM` or `XREADGROUP` handed over: (entry id, job id).
     async fn next_entry(&self, consumer: &str, wait: Duration) -> Result<Option<(String, String)>> {
         let mut conn = self.conn().await?;
-        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(DELAYED)
-            .arg("-inf")
-            .arg(super::now_ms())
-            .arg("LIMIT")
-            .arg(0)
-            .arg(100)
-            .query_async(&mut conn)
-            .await?;
+        let due = self.due(DELAYED).await?;
         for id in due {
             let _: u64 = self
                 .promote
@@ -530,6 +729,7 @@ impl JobStore for RedisStore {
             .key(DEAD)
             .key(PENDING)
             .key(BATCHES)
+            .key(BATCH_DUE)
             .arg(serde_json::to_string(job)?)
             .arg(job.status.as_str())
             .arg(name)
@@ -538,6 +738,7 @@ impl JobStore for RedisStore {
             .arg(&job.id)
             .arg(kept.as_secs().max(1))
             .arg(if job.dead_letter { "1" } else { "0" })
+            .arg(self.lease_end())
             .invoke_async(&mut conn)
             .await?;
         Ok(written == 1)
@@ -556,9 +757,11 @@ impl JobStore for RedisStore {
             .key(QUEUE)
             .key(PENDING)
             .key(BATCHES)
+            .key(BATCH_DUE)
             .arg(id)
             .arg(super::now_ms())
             .arg(super::CANCELLED_KEPT.as_secs())
+            .arg(self.lease_end())
             .invoke_async(&mut conn)
             .await?;
         self.load(id).await
@@ -693,28 +896,91 @@ impl JobStore for RedisStore {
         Ok(n.unwrap_or(0).max(0) as u64)
     }
 
-    async fn open_batch(&self, id: &str, lines: u64) -> Result<()> {
-        if lines == 0 {
-            return Ok(());
-        }
+    async fn create_batch(
+        &self,
+        id: &str,
+        record: String,
+        lines: String,
+        jobs: Vec<Job>,
+        window: Duration,
+    ) -> Result<Vec<Job>> {
+        let Some(first) = jobs.first() else {
+            return Ok(jobs);
+        };
         let mut conn = self.conn().await?;
-        let _: Value = redis::cmd("HSET")
-            .arg(BATCHES)
+        let expires = super::now_ms() + window.as_millis() as u64;
+        // The record outlives the window, so the batch can still be ended at its end.
+        let ttl = (window + KEEP).as_secs();
+        let mut call = self.batches.create.prepare_invoke();
+        call.key(QUEUE)
+            .key(SEQ)
+            .key(PENDING)
+            .key(BATCHES)
+            .key(BATCH_DUE)
+            .key(format!("{KV}{}", batch_key(id)))
+            .key(format!("{KV}{}", lines_key(id)))
+            .key(DELIVERED)
             .arg(id)
+            .arg(record)
             .arg(lines)
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
+            .arg(ttl)
+            .arg(expires)
+            .arg(pending_field(first));
+        for job in &jobs {
+            call.key(format!("{JOB}{}", job.id))
+                .arg(&job.id)
+                .arg(serde_json::to_string(job)?);
+        }
+        let (seq, _delivered): (u64, u64) = call.invoke_async(&mut conn).await?;
+        Ok(jobs
+            .into_iter()
+            .zip(seq..)
+            .map(|(mut job, seq)| {
+                job.seq = seq;
+                job
+            })
+            .collect())
     }
 
-    async fn batch_left(&self, id: &str) -> Result<u64> {
+    async fn batch(&self, id: &str) -> Result<Option<(String, Option<BatchState>)>> {
         let mut conn = self.conn().await?;
-        let n: Option<i64> = redis::cmd("HGET")
+        let (record, fields): (Option<String>, Vec<Option<String>>) = redis::pipe()
+            .cmd("GET")
+            .arg(format!("{KV}{}", batch_key(id)))
+            .cmd("HMGET")
             .arg(BATCHES)
-            .arg(id)
+            .arg(&state_fields(id)[..])
             .query_async(&mut conn)
             .await?;
-        Ok(n.unwrap_or(0).max(0) as u64)
+        Ok(record.map(|r| (r, parse_state(&fields))))
+    }
+
+    async fn cancel_batch(&self, id: &str, at: u64) -> Result<Option<BatchState>> {
+        self.batch_step(&self.batches.cancel, id, at).await
+    }
+
+    async fn end_batch(&self, id: &str, at: u64) -> Result<Option<BatchState>> {
+        self.batch_step(&self.batches.end, id, at).await
+    }
+
+    async fn close_batch(&self, id: &str, record: String) -> Result<bool> {
+        let mut conn = self.conn().await?;
+        let closed: u64 = self
+            .batches
+            .close
+            .key(BATCHES)
+            .key(BATCH_DUE)
+            .key(format!("{KV}{}", batch_key(id)))
+            .arg(id)
+            .arg(record)
+            .arg(KEEP.as_secs())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(closed == 1)
+    }
+
+    async fn due_batches(&self) -> Result<Vec<String>> {
+        self.due(BATCH_DUE).await
     }
 
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {

@@ -16,6 +16,12 @@
 //! - The first caller of [`JobStore::begin_report`] for a job gets to notify; the mark is
 //!   a lease until [`JobStore::end_report`] makes it permanent, so a notifier that dies
 //!   mid-delivery is replaced after the lease, and no two notify at once.
+//! - A Batch API batch is created whole or not at all ([`JobStore::create_batch`]). Its
+//!   state (phase and counts) changes in the same atomic step as the line that ends, is
+//!   cancelled or re-driven; its phase moves only forward (in progress, cancelling,
+//!   finalizing, ended), each move a compare-and-set, so a cancel never lands on a batch
+//!   that has begun to end. A batch due for a look (window passed, lines over, work of a
+//!   holder presumed dead) is listed by [`JobStore::due_batches`] without anyone reading it.
 
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
@@ -89,6 +95,94 @@ pub enum Step {
     Finish,
 }
 
+/// Where a running batch stands ([`BatchState::phase`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Its lines run.
+    InProgress,
+    /// Cancelled by its caller; its lines are being cancelled.
+    Cancelling,
+    /// Over: its files are being built; it ends with this outcome.
+    Finalizing(Outcome),
+}
+
+/// How a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every line over (answered or failed).
+    Completed,
+    /// Its completion window passed first; the lines not over were cancelled.
+    Expired,
+    /// Cancelled by its caller.
+    Cancelled,
+}
+
+impl Phase {
+    /// The batch status shown for it (OpenAI's names).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::InProgress => "in_progress",
+            Phase::Cancelling => "cancelling",
+            Phase::Finalizing(_) => "finalizing",
+        }
+    }
+
+    /// The phase stored as `status` (and `outcome` when finalizing).
+    pub fn parse(status: &str, outcome: Option<&str>) -> Option<Phase> {
+        Some(match status {
+            "in_progress" => Phase::InProgress,
+            "cancelling" => Phase::Cancelling,
+            "finalizing" => Phase::Finalizing(Outcome::parse(outcome?)?),
+            _ => return None,
+        })
+    }
+}
+
+impl Outcome {
+    /// The final status (OpenAI's names).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Expired => "expired",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    /// The outcome named `s`.
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Some(match s {
+            "completed" => Outcome::Completed,
+            "expired" => Outcome::Expired,
+            "cancelled" => Outcome::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// A running batch's state, kept by the store beside its record and changed by the same
+/// atomic steps that change its lines: reads of a running batch come from it, whatever its
+/// size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchState {
+    /// Where it stands.
+    pub phase: Phase,
+    /// Lines in all.
+    pub total: u64,
+    /// Lines not over yet.
+    pub left: u64,
+    /// Lines answered.
+    pub completed: u64,
+    /// Lines failed or cancelled.
+    pub failed: u64,
+    /// Unix seconds it was cancelled.
+    pub cancelling_at: Option<u64>,
+    /// Unix seconds it began to end.
+    pub finalizing_at: Option<u64>,
+    /// Whether the caller of [`JobStore::end_batch`] holds the batch's lease (always `false`
+    /// from other calls).
+    pub owned: bool,
+}
+
 /// The operations of a job store.
 pub trait JobStore: Send + Sync {
     /// Records `job` and queues it, unless `bound` > 0 and its (tier, tenant) pair has
@@ -157,13 +251,57 @@ pub trait JobStore: Send + Sync {
     /// The pending count of one (tier, tenant) pair.
     fn pending_for(&self, tier: &str, tenant: &str) -> impl Future<Output = Result<u64>> + Send;
 
-    /// Starts counting the lines of batch `id` not over yet: `lines`, before any of them is
-    /// queued (jobs with `batch` = `id`). Each line's job counts down once when it is over
-    /// (finished or cancelled; a re-drive counts it up again); the count is dropped at 0.
-    fn open_batch(&self, id: &str, lines: u64) -> impl Future<Output = Result<()>> + Send;
+    /// Records batch `id` and queues its lines, all or nothing (one script in Redis, one lock
+    /// in memory): its description `record` and its lines' list `lines` (kept for
+    /// [`super::batch::KEEP`]), its state (every line left, in progress; due for
+    /// [`JobStore::due_batches`] when `window` has passed) and `jobs`, its lines, queued as
+    /// [`JobStore::submit`] queues them (no bound). The jobs as queued.
+    fn create_batch(
+        &self,
+        id: &str,
+        record: String,
+        lines: String,
+        jobs: Vec<Job>,
+        window: Duration,
+    ) -> impl Future<Output = Result<Vec<Job>>> + Send;
 
-    /// How many lines of batch `id` are not over yet (0 once all are, or when not counted).
-    fn batch_left(&self, id: &str) -> impl Future<Output = Result<u64>> + Send;
+    /// Batch `id`'s record and, while it runs, its state: one read whatever its size.
+    /// `None` when unknown; a state of `None` once it has ended (the record is final).
+    fn batch(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<(String, Option<BatchState>)>>> + Send;
+
+    /// Moves batch `id` from in progress to cancelling (at `at`, Unix seconds), atomically: a
+    /// batch that has begun to end (finalizing) or ended is left as it is. Its state after;
+    /// `None` once ended. The caller then cancels its lines ([`super::batch::cancel`]).
+    fn cancel_batch(
+        &self,
+        id: &str,
+        at: u64,
+    ) -> impl Future<Output = Result<Option<BatchState>>> + Send;
+
+    /// Decides, atomically, whether batch `id` ends now (at `at`, Unix seconds): every line
+    /// over (completed, or cancelled after a cancel) or its window passed with lines left
+    /// (expired) moves it to finalizing with that outcome. Its state after; `None` once ended.
+    /// `owned` in the state says the caller holds the batch's lease (the visibility timeout
+    /// in Redis) to finish the work the state asks for (build the files, or cancel the lines
+    /// of a cancelling batch); a caller that dies leaves it to [`JobStore::due_batches`] once
+    /// the lease is over.
+    fn end_batch(
+        &self,
+        id: &str,
+        at: u64,
+    ) -> impl Future<Output = Result<Option<BatchState>>> + Send;
+
+    /// Stores `record`, batch `id`'s final description, and forgets its state, if it is still
+    /// finalizing; whether it was (else someone else closed it).
+    fn close_batch(&self, id: &str, record: String) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Batches due for a look ([`JobStore::end_batch`]): past their window, with every line
+    /// over and nobody ending them, cancelling, or finalizing, each for longer than the
+    /// lease.
+    fn due_batches(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
 
     /// Stores `value` under `key` for `ttl` (Batch API files and batches).
     fn put(
@@ -244,11 +382,30 @@ impl JobStore for Store {
     async fn pending_for(&self, tier: &str, tenant: &str) -> Result<u64> {
         each!(self, s => s.pending_for(tier, tenant).await)
     }
-    async fn open_batch(&self, id: &str, lines: u64) -> Result<()> {
-        each!(self, s => s.open_batch(id, lines).await)
+    async fn create_batch(
+        &self,
+        id: &str,
+        record: String,
+        lines: String,
+        jobs: Vec<Job>,
+        window: Duration,
+    ) -> Result<Vec<Job>> {
+        each!(self, s => s.create_batch(id, record, lines, jobs, window).await)
     }
-    async fn batch_left(&self, id: &str) -> Result<u64> {
-        each!(self, s => s.batch_left(id).await)
+    async fn batch(&self, id: &str) -> Result<Option<(String, Option<BatchState>)>> {
+        each!(self, s => s.batch(id).await)
+    }
+    async fn cancel_batch(&self, id: &str, at: u64) -> Result<Option<BatchState>> {
+        each!(self, s => s.cancel_batch(id, at).await)
+    }
+    async fn end_batch(&self, id: &str, at: u64) -> Result<Option<BatchState>> {
+        each!(self, s => s.end_batch(id, at).await)
+    }
+    async fn close_batch(&self, id: &str, record: String) -> Result<bool> {
+        each!(self, s => s.close_batch(id, record).await)
+    }
+    async fn due_batches(&self) -> Result<Vec<String>> {
+        each!(self, s => s.due_batches().await)
     }
     async fn put(&self, key: &str, value: String, ttl: Duration) -> Result<()> {
         each!(self, s => s.put(key, value, ttl).await)

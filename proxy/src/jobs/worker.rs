@@ -62,8 +62,28 @@ struct Failure {
 
 impl Workers {
     /// Spawns `count` workers on its tasks, stopping when its `cancel` fires (a job being
-    /// run is finished first).
+    /// run is finished first), and the batch sweep ([`super::batch::sweep`], on every replica,
+    /// workers or not).
     pub fn spawn(self, count: usize) {
+        let jobs = self.jobs.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(super::batch::SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let swept = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    swept = super::batch::sweep(&jobs.store) => swept,
+                };
+                if let Err(e) = swept {
+                    tracing::warn!(error = %e, "job store unavailable; batches are swept again in 1 s");
+                }
+            }
+        });
         let jobs = self.jobs.clone();
         let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
@@ -298,21 +318,17 @@ impl Workers {
 
     /// After `job` (over, held as `claim`) if it is a batch's line: ends the batch if it was
     /// its last line (its output and error files built and stored now,
-    /// [`super::batch::settle`]). A failure is logged; the batch is then ended by its next
-    /// read.
+    /// [`super::batch::end`]). A failure is logged; the batch is then ended by a replica's
+    /// sweep once this worker's lease on it is over.
     async fn line_over(&self, claim: &Claim, consumer: &str, job: &super::Job) {
         let Some(batch) = &job.batch else { return };
         // Reading a large batch's lines takes a while: the claim is kept meanwhile.
-        let settled = self.keep_alive(
-            claim,
-            consumer,
-            super::batch::settle(&self.jobs.store, batch),
-        );
-        match settled.await {
+        let ended = self.keep_alive(claim, consumer, super::batch::end(&self.jobs.store, batch));
+        match ended.await {
             Ok(true) => tracing::info!(batch = %batch, "batch over: its files are stored"),
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(batch = %batch, error = %e, "cannot end a batch whose last line is over; its next read will");
+                tracing::warn!(batch = %batch, error = %e, "cannot end a batch whose last line is over; a sweep will");
             }
         }
     }

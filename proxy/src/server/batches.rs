@@ -7,9 +7,7 @@
 use super::AppState;
 use super::door;
 use super::error::ApiError;
-use crate::jobs::batch::{
-    self, Batch, Counts, FileObject, Line, StoredBatch, StoredFile, batch_key, file_key,
-};
+use crate::jobs::batch::{self, Batch, FileObject, Line, StoredBatch, StoredFile, file_key};
 use crate::jobs::{Job, JobStore as _, Jobs, Policy};
 use crate::providers::types::ChatRequest;
 use axum::Json;
@@ -256,7 +254,7 @@ async fn create_batch(
     let bytes = door::read_body(body, state.body_limit, state.body_timeout).await?;
     let new: NewBatch = serde_json::from_slice(&bytes)
         .map_err(|e| bad("invalid_json", format!("not a valid batch request: {e}")))?;
-    if new.endpoint != "/v1/chat/completions" {
+    if new.endpoint != batch::ENDPOINT {
         return Err(bad(
             "unsupported_endpoint",
             "only `/v1/chat/completions` batches are supported",
@@ -318,7 +316,6 @@ async fn create_batch(
     if parsed.is_empty() {
         return Err(bad("empty_batch", "the input file has no lines"));
     }
-    let now = crate::jobs::now_ms() / 1000;
     let id = batch::new_id("batch_");
     let queued: Vec<Job> = parsed
         .into_iter()
@@ -341,83 +338,41 @@ async fn create_batch(
         .collect();
     let stored = StoredBatch {
         tenant: owner,
-        batch: Batch {
+        batch: Batch::new(
             id,
-            object: "batch".to_owned(),
-            endpoint: new.endpoint,
-            errors: None,
-            input_file_id: new.input_file_id,
-            completion_window: new.completion_window,
-            status: "in_progress".to_owned(),
-            output_file_id: None,
-            error_file_id: None,
-            created_at: now,
-            in_progress_at: Some(now),
-            expires_at: Some(now + window.as_secs()),
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            request_counts: Counts {
-                total: lines.len() as u64,
-                ..Counts::default()
-            },
-            metadata: new.metadata,
-        },
+            new.input_file_id,
+            new.completion_window,
+            window,
+            lines.len() as u64,
+            new.metadata,
+        ),
         lines,
         file_ids: Some((batch::new_id("file-"), batch::new_id("file-"))),
     };
-    // The batch and its count of lines are stored before the first line is queued: the
-    // worker that ends the last line finds both and builds the files.
-    jobs.store
-        .open_batch(&stored.batch.id, queued.len() as u64)
-        .await
-        .map_err(unavailable)?;
-    batch::save_batch(&jobs.store, &stored)
-        .await
-        .map_err(unavailable)?;
+    // The batch, its state and its lines in one store step: a failure leaves nothing behind.
     let n = queued.len() as u64;
-    for job in queued {
-        // Unbounded: a batch is queued whole; its lines count in the tenant's pending jobs.
-        jobs.store.submit(job, 0).await.map_err(unavailable)?;
-    }
+    let created = stored.batch.clone();
+    batch::create(&jobs.store, stored, queued, window)
+        .await
+        .map_err(unavailable)?;
     crate::jobs::metrics::get()
         .states
         .get_or_create(&crate::jobs::metrics::StateLabels { state: "queued" })
         .inc_by(n);
-    Ok(Json(stored.batch).into_response())
+    Ok(Json(created).into_response())
 }
 
+/// Batch `id` as it stands ([`batch::view`]), if it is `tenant`'s.
 async fn own_batch(
     jobs: &Jobs,
     tenant: &Option<String>,
     id: &str,
 ) -> Result<StoredBatch, ApiError> {
-    let raw = jobs
-        .store
-        .fetch(&batch_key(id))
-        .await
-        .map_err(unavailable)?;
-    raw.and_then(|r| serde_json::from_str::<StoredBatch>(&r).ok())
-        .filter(|b| &b.tenant == tenant)
-        .ok_or_else(|| missing("batch", id))
-}
-
-/// The batch with its counts as of now; ended and saved if its lines are over (or its window
-/// has passed) and the worker that ended the last one did not do it (it died first).
-async fn current(jobs: &Jobs, tenant: &Option<String>, id: &str) -> Result<StoredBatch, ApiError> {
-    let mut stored = own_batch(jobs, tenant, id).await?;
-    if batch::refresh(&jobs.store, &mut stored)
+    batch::view(&jobs.store, id)
         .await
         .map_err(unavailable)?
-    {
-        batch::save_batch(&jobs.store, &stored)
-            .await
-            .map_err(unavailable)?;
-    }
-    Ok(stored)
+        .filter(|b| &b.tenant == tenant)
+        .ok_or_else(|| missing("batch", id))
 }
 
 /// `GET /v1/batches/{id}`.
@@ -429,14 +384,15 @@ pub(super) async fn get(
     answer(
         async {
             let (jobs, caller) = caller(&state, &headers)?;
-            let stored = current(&jobs, &tenant(&caller), &id).await?;
+            let stored = own_batch(&jobs, &tenant(&caller), &id).await?;
             Ok::<_, ApiError>(Json(stored.batch).into_response())
         }
         .await,
     )
 }
 
-/// `POST /v1/batches/{id}/cancel`.
+/// `POST /v1/batches/{id}/cancel`: the batch, cancelling (or cancelled once its lines are
+/// over); 409 as OpenAI answers for a batch that has begun to end or has ended.
 pub(super) async fn cancel(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -446,22 +402,25 @@ pub(super) async fn cancel(
         async {
             let (jobs, caller) = caller(&state, &headers)?;
             let owner = tenant(&caller);
-            let mut stored = own_batch(&jobs, &owner, &id).await?;
-            if stored.batch.status == "in_progress" {
-                // `cancelling` first: a worker ending the last line meanwhile ends the batch
-                // `cancelled`, as this does.
-                stored.batch.status = "cancelling".to_owned();
-                stored.batch.cancelling_at = Some(crate::jobs::now_ms() / 1000);
-                batch::save_batch(&jobs.store, &stored)
-                    .await
-                    .map_err(unavailable)?;
-                for (_, job) in &stored.lines {
-                    jobs.store.cancel(job).await.map_err(unavailable)?;
-                }
+            own_batch(&jobs, &owner, &id).await?;
+            if let Some(status) = batch::cancel(&jobs.store, &id).await.map_err(unavailable)? {
+                return Ok(not_cancellable(&status));
             }
-            let stored = current(&jobs, &owner, &id).await?;
+            let stored = own_batch(&jobs, &owner, &id).await?;
             Ok::<_, ApiError>(Json(stored.batch).into_response())
         }
         .await,
     )
+}
+
+/// OpenAI's answer to a cancel of a batch with `status` (ended or ending): 409, its error
+/// with no code.
+fn not_cancellable(status: &str) -> Response {
+    let body = serde_json::json!({"error": {
+        "message": format!("Cannot cancel a batch with status '{status}'."),
+        "type": "invalid_request_error",
+        "param": null,
+        "code": null,
+    }});
+    (StatusCode::CONFLICT, Json(body)).into_response()
 }

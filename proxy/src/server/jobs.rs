@@ -14,7 +14,10 @@
 //! | DELETE | `/admin/jobs/dead-letters` (admin) | purges them |
 //!
 //! A caller is identified as at every door (client key; 401 otherwise) and sees only its
-//! tenant's jobs: another tenant's id is answered 404, as an unknown one.
+//! tenant's jobs: another tenant's id is answered 404, as an unknown one. The admin
+//! endpoints are served on the admin listener only, and each needs
+//! `Authorization: Bearer <--admin-token>` (401 without it or with another; 403 to everyone
+//! when no token is set): a tenant's key reaches none of them.
 //!
 //! The event stream reads the job from the store every [`EVENTS_EVERY`], so it follows a
 //! job run by any replica; it ends after the job's last event.
@@ -474,10 +477,39 @@ fn sse(event: &str, data: &Value) -> Vec<u8> {
     format!("event: {event}\ndata: {data}\n\n").into_bytes()
 }
 
+/// The jobs subsystem for an admin caller: `Authorization: Bearer <--admin-token>`, compared
+/// by SHA-256 digest (the time taken says nothing of the token); 401 without it or with
+/// another, 403 when no token is set.
+fn admin<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Arc<Jobs>, ApiError> {
+    let jobs = jobs_of(state)?;
+    let Some(token) = &jobs.admin_token else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "admin_token_not_set",
+            "the dead-letter endpoints need an admin token (--admin-token, FLOODGATE_ADMIN_TOKEN); none is set",
+        ));
+    };
+    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if digest(g).as_ref() == digest(token.expose()).as_ref() => Ok(jobs),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_admin_token",
+            "the dead-letter endpoints need `Authorization: Bearer <admin token>`",
+        )),
+    }
+}
+
 /// `GET /admin/jobs/dead-letters`.
-pub(super) async fn dead_letters(State(state): State<AppState>) -> Response {
+pub(super) async fn dead_letters(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let result = async {
-        let jobs = jobs_of(&state)?;
+        let jobs = admin(&state, &headers)?;
         let retention = Policy::of(&state.dispatcher.config(), "").retention;
         let dead = jobs
             .store
@@ -490,9 +522,13 @@ pub(super) async fn dead_letters(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /admin/jobs/dead-letters/{id}`.
-pub(super) async fn dead_letter(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub(super) async fn dead_letter(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     let result = async {
-        let jobs = jobs_of(&state)?;
+        let jobs = admin(&state, &headers)?;
         let retention = Policy::of(&state.dispatcher.config(), "").retention;
         let dead = jobs
             .store
@@ -509,18 +545,22 @@ pub(super) async fn dead_letter(State(state): State<AppState>, Path(id): Path<St
 }
 
 /// `POST /admin/jobs/dead-letters/{id}/redrive`.
-pub(super) async fn redrive_one(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    redrive(&state, Some(&id)).await
+pub(super) async fn redrive_one(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    redrive(&state, &headers, Some(&id)).await
 }
 
 /// `POST /admin/jobs/dead-letters/redrive`.
-pub(super) async fn redrive_all(State(state): State<AppState>) -> Response {
-    redrive(&state, None).await
+pub(super) async fn redrive_all(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    redrive(&state, &headers, None).await
 }
 
-async fn redrive(state: &AppState, id: Option<&str>) -> Response {
+async fn redrive(state: &AppState, headers: &HeaderMap, id: Option<&str>) -> Response {
     let result = async {
-        let jobs = jobs_of(state)?;
+        let jobs = admin(state, headers)?;
         let n = jobs.store.redrive(id).await.map_err(store_error)?;
         if let Some(id) = id
             && n == 0
@@ -538,9 +578,9 @@ async fn redrive(state: &AppState, id: Option<&str>) -> Response {
 }
 
 /// `DELETE /admin/jobs/dead-letters`.
-pub(super) async fn purge(State(state): State<AppState>) -> Response {
+pub(super) async fn purge(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let result = async {
-        let jobs = jobs_of(&state)?;
+        let jobs = admin(&state, &headers)?;
         let n = jobs.store.purge().await.map_err(store_error)?;
         tracing::info!(purged = n, "dead letters purged");
         Ok::<_, ApiError>(Json(json!({"purged": n})).into_response())
