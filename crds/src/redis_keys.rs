@@ -18,6 +18,9 @@
 //! | `floodgate:budget:{ID}:tok:n` | hash | token amounts: member -> tokens (the estimate, then the real count once settled), and the field `sum` holding their total. |
 //! | `floodgate:budget:{ID}:epoch` | hash | the budget's epoch: `id`, a random id written by the first proxy to find the hash missing, and `ready`, Unix milliseconds of Redis `TIME` before which nothing is admitted (the proxies are re-writing what they admitted). A proxy admits only on the epoch it knows: a missing or different `id` means Redis lost the budget (a restart without persistence, a failover, a flush). |
 //!
+//! Shared by every key: `floodgate:budget:rewritten` ([`BUDGET_REWRITES`]), a hash of each
+//! replica's last re-write mark.
+//!
 //! Expiry: the request log lives `in-flight TTL + window` after its last admission and two
 //! windows after its last answer once nothing is in flight; the token keys two windows after
 //! the last reservation. Idle keys therefore disappear on their own. The epoch lives a day
@@ -129,6 +132,15 @@ pub fn wait_percentile_ms(buckets: &[u64], percentile: u64) -> Option<u64> {
 
 /// Prefix of every shared-budget key.
 pub const PREFIX: &str = "floodgate:budget:";
+
+/// Hash of every proxy replica's re-write mark: field = replica id (`<replica>` of the
+/// members, 16 hex digits), value = Unix ms (Redis `TIME`) at which the replica began its
+/// last check of the budgets that ended with nothing left to re-write. A mark at or after an
+/// instant says that whatever Redis had lost by then (a restart, a flush, an outage's
+/// admissions) that replica has re-written; the proxies end a lost budget's barrier, or the
+/// local share after an outage, once every replica seen shortly before has marked so.
+/// Lives a day after the last mark; a field older than an hour is removed by the next mark.
+pub const BUDGET_REWRITES: &str = "floodgate:budget:rewritten";
 
 /// Prefix of every tenant's shared-budget key.
 pub const TENANT_PREFIX: &str = "floodgate:tenant:";

@@ -20,6 +20,8 @@ pub struct ProxyProcess {
     addr: SocketAddr,
     admin: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
+    /// Reads the log until the process closes its stderr.
+    log_reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ProxyProcess {
@@ -56,9 +58,10 @@ impl ProxyProcess {
         })?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-        if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(collect_log(stderr, log.clone(), addr_tx));
-        }
+        let log_reader = child
+            .stderr
+            .take()
+            .map(|stderr| tokio::spawn(collect_log(stderr, log.clone(), addr_tx)));
         let (addr, admin) = match tokio::time::timeout(START_TIMEOUT, addr_rx).await {
             Ok(Ok(addrs)) => addrs,
             _ => {
@@ -74,6 +77,7 @@ impl ProxyProcess {
             addr,
             admin,
             log,
+            log_reader,
         })
     }
 
@@ -132,6 +136,28 @@ impl ProxyProcess {
             return Err(Error::Setup(format!("kill -TERM {pid} failed ({sent})")));
         }
         Ok(())
+    }
+
+    /// [`ProxyProcess::terminate`], then waits (up to `timeout` again) until its log has been
+    /// read to the end; returns the exit status and the whole log, the lines written while
+    /// shutting down included.
+    pub async fn terminate_with_log(
+        mut self,
+        timeout: Duration,
+    ) -> Result<(std::process::ExitStatus, Vec<String>)> {
+        let reader = self.log_reader.take();
+        let log = self.log.clone();
+        let status = self.terminate(timeout).await?;
+        if let Some(reader) = reader {
+            tokio::time::timeout(timeout, reader)
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: "the proxy's log to end after its exit".into(),
+                    timeout,
+                })?
+                .map_err(|e| Error::Setup(format!("the log reader failed: {e}")))?;
+        }
+        Ok((status, lines(&log)))
     }
 
     /// Waits up to `timeout` for the process to exit; returns its exit status.

@@ -22,7 +22,7 @@ async fn proxy(mock: &MockProviders, max_connections: usize) -> (ProxyProcess, t
     let manifests = format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData:\n  a: sk-conn-test\n\
          ---\napiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n  providers:\n\
-         \x20 - {{name: openai, type: openai, baseUrl: \"{}\", models: [{{name: gpt-4o}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n",
+         \x20 - {{name: openai, type: openai, baseUrl: \"{}\", models: [{{name: gpt-4o}}, {{name: gpt-4o-stall}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n",
         mock.base_url()
     );
     std::fs::write(dir.path().join("pool.yaml"), manifests).unwrap();
@@ -157,16 +157,55 @@ async fn a_body_sent_too_slowly_is_answered_408_in_the_doors_format() {
     assert_eq!(mock.counts().total(), 0);
 }
 
+/// At the cap, a new connection takes the slot of the connection idle longest; only when
+/// every connection has a request in flight (here, to a provider that never answers) is it
+/// refused, logged and counted.
 #[tokio::test]
 async fn connections_beyond_the_cap_are_refused_logged_and_counted() {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let (proxy, _dir) = proxy(&mock, 3).await;
+    let mut idle = TcpStream::connect(proxy.addr()).await.unwrap();
+    healthz(&mut idle).await;
     let mut held = Vec::new();
-    for _ in 0..3 {
+    let body = r#"{"model": "gpt-4o-stall", "messages": [{"role": "user", "content": "hi"}]}"#;
+    for _ in 0..2 {
         let mut tcp = TcpStream::connect(proxy.addr()).await.unwrap();
-        healthz(&mut tcp).await;
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
         held.push(tcp);
     }
+    // Both stalled requests reached the provider: in flight.
+    let deadline = Instant::now() + PATIENCE;
+    while mock.counts().total() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the requests never reached the mock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A new connection takes the idle one's slot.
+    let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
+    healthz(&mut fresh).await;
+    let sent = until_closed(&mut idle).await;
+    assert!(sent.is_empty(), "{sent}");
+    // `fresh` is idle now: the next one takes its slot in turn. With a request in flight on
+    // every connection, the one after is refused.
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    fresh.write_all(request.as_bytes()).await.unwrap();
+    while mock.counts().total() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the mock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    held.push(fresh);
     let mut over = TcpStream::connect(proxy.addr()).await.unwrap();
     let _ = over
         .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -177,10 +216,6 @@ async fn connections_beyond_the_cap_are_refused_logged_and_counted() {
         .wait_for_log("connection limit reached", PATIENCE)
         .await
         .unwrap();
-    // The held connections still work.
-    for tcp in &mut held {
-        healthz(tcp).await;
-    }
     drop(held.pop());
     let deadline = Instant::now() + PATIENCE;
     let metrics = loop {

@@ -281,6 +281,7 @@ mod loss {
         o.timeout = Duration::from_millis(500);
         o.check_interval = Duration::from_millis(100);
         o.reseed_grace = GRACE;
+        o.rewrite_bound = GRACE;
         Budgets::shared(WINDOW, o, Arc::default()).unwrap()
     }
 
@@ -573,6 +574,248 @@ mod loss {
         assert!(
             sixth.is_some(),
             "held to the local share for half a window after Redis returned"
+        );
+    }
+
+    /// Tokens follow the rule requests do in an outage's first window: Redis dies after
+    /// replica B reserved 800 of a key's 1,000 tokens and A 100. A's half would be 500, but
+    /// what B spent is not known to A: A holds at most its own 100 until the window ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_holds_a_replica_to_the_tokens_it_held() {
+        let mut redis = RedisServer::start().await.unwrap();
+        let (a, b) = (shared(&redis), shared(&redis));
+        let tpm = Limits {
+            rpm: None,
+            tpm: Some(1000),
+        };
+        let (ka, kb) = (a.key(&id(), tpm), b.key(&id(), tpm));
+        let _b = kb.acquire(Instant::now(), 800).await.unwrap();
+        let _a = ka.acquire(Instant::now(), 100).await.unwrap();
+        redis.kill().await.unwrap();
+        let more = ka.acquire(Instant::now(), 400).await;
+        assert!(a.redis_degraded());
+        let Err(Unavailable::Until(until)) = more else {
+            panic!("A took 400 more tokens with 900 of 1,000 in the window: {more:?}");
+        };
+        // Until the first window (one window and the grace) has passed.
+        assert!(until >= Instant::now() + WINDOW, "{until:?}");
+        assert!(
+            ka.acquire(Instant::now(), 1).await.is_err(),
+            "its 100 are held"
+        );
+    }
+
+    /// A TCP link from a replica to Redis that the test can cut: while cut it drops every
+    /// connection it carries and every new one. The replica behind it finds Redis (and
+    /// re-writes its record) only once the link is mended: a re-write as slow as wanted.
+    struct Link {
+        port: u16,
+        open: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl Link {
+        async fn to(redis: &RedisServer) -> Link {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (open, watch) = tokio::sync::watch::channel(true);
+            let target = redis.port();
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let mut watch = watch.clone();
+                    if !*watch.borrow() {
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let Ok(mut server) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                        else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = watch.wait_for(|open| !*open) => {}
+                        }
+                    });
+                }
+            });
+            Link { port, open }
+        }
+
+        fn cut(&self) {
+            self.open.send_replace(false);
+        }
+
+        fn mend(&self) {
+            self.open.send_replace(true);
+        }
+    }
+
+    const SHORT: Duration = Duration::from_secs(1);
+
+    /// Budgets of a 1 s window through `url`: a 200 ms grace for an outage's first window, a
+    /// bound of 5 s on the wait for the other replicas' re-writes.
+    fn short(url: String) -> Budgets {
+        let mut o = SharedOptions::new(SecretString::new(url));
+        o.poll = POLL;
+        o.timeout = Duration::from_millis(200);
+        o.check_interval = Duration::from_millis(100);
+        o.reseed_grace = Duration::from_millis(200);
+        o.rewrite_bound = Duration::from_secs(5);
+        Budgets::shared(SHORT, o, Arc::default()).unwrap()
+    }
+
+    async fn marks(redis: &RedisServer) -> std::collections::HashMap<String, u64> {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("HGETALL")
+            .arg(floodgate_crds::redis_keys::BUDGET_REWRITES)
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until each replica has read the other's mark (each marked again after both
+    /// marks were there).
+    async fn know_each_other(redis: &RedisServer, a: &Budgets, b: &Budgets) {
+        let names = [a, b].map(|r| r.backend().unwrap().replica_name());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut first: Option<Vec<u64>> = None;
+        loop {
+            let m = marks(redis).await;
+            let now: Option<Vec<u64>> = names.iter().map(|n| m.get(n).copied()).collect();
+            match (&first, now) {
+                (None, Some(now)) => first = Some(now),
+                (Some(then), Some(now)) if now.iter().zip(then).all(|(n, t)| n > t) => return,
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replicas never marked: {m:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Requests of the key in Redis's window now (in flight, or answered within it).
+    async fn live_in_redis(redis: &RedisServer) -> u64 {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+        let now = secs * 1000 + micros / 1000;
+        let key = KeyBudgetKeys::new("pool", "openai", "k0").requests;
+        redis::cmd("ZCOUNT")
+            .arg(key)
+            .arg(format!("({}", now - 1000))
+            .arg("+inf")
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+
+    /// Takes `n` requests of `key` as soon as they are admitted (within 5 s), keeping them
+    /// in flight.
+    async fn take_when_free(key: &Arc<KeyBudget>, n: usize, permits: &mut Vec<Permit>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while permits.len() < n {
+            match key.acquire(Instant::now(), 1).await {
+                Ok(p) => permits.push(p),
+                Err(_) => tokio::time::sleep(POLL).await,
+            }
+            assert!(Instant::now() < deadline, "only {} admitted", permits.len());
+        }
+    }
+
+    /// Tries to take a request of `key` every 20 ms until `until`; returns those admitted.
+    async fn keep_asking(key: &Arc<KeyBudget>, until: Instant, permits: &mut Vec<Permit>) {
+        while Instant::now() < until {
+            if let Ok(p) = key.acquire(Instant::now(), 1).await {
+                permits.push(p);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn degraded_is(budgets: &Budgets, degraded: bool) {
+        let mut watch = budgets.backend().unwrap().watch_degraded();
+        tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|d| *d == degraded))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Redis paused for both replicas: each serves its share (5 of 10) in flight. Redis
+    /// returns with its budgets, but replica B's re-write comes 1.5 s late (its link stays
+    /// cut): A must hold its local share until B's re-write is in, not for a fixed grace
+    /// (after which A took 5 more from a Redis that lacked B's 5: 15 on a 10 key).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_an_outage_a_replica_waits_for_a_slow_rewrite() {
+        let redis = RedisServer::start().await.unwrap();
+        let link = Link::to(&redis).await;
+        let a = short(redis.url());
+        let b = short(format!("redis://127.0.0.1:{}", link.port));
+        let (ka, kb) = (a.key(&id(), rpm(10)), b.key(&id(), rpm(10)));
+        // Each has admitted on the key (it knows the epoch), and knows the other.
+        drop(take(&ka, 1).await);
+        drop(take(&kb, 1).await);
+        know_each_other(&redis, &a, &b).await;
+        redis.pause().await.unwrap();
+        link.cut();
+        degraded_is(&a, true).await;
+        degraded_is(&b, true).await;
+        // Past the outage's first window, each serves its share.
+        let (mut pa, mut pb) = (Vec::new(), Vec::new());
+        take_when_free(&ka, 5, &mut pa).await;
+        take_when_free(&kb, 5, &mut pb).await;
+        redis.resume().await.unwrap();
+        degraded_is(&a, false).await;
+        keep_asking(&ka, Instant::now() + Duration::from_millis(1500), &mut pa).await;
+        link.mend();
+        degraded_is(&b, false).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while live_in_redis(&redis).await < 10 {
+            assert!(Instant::now() < deadline, "B's re-write never came");
+            tokio::time::sleep(POLL).await;
+        }
+        keep_asking(&ka, Instant::now() + Duration::from_millis(500), &mut pa).await;
+        assert_eq!(
+            pa.len(),
+            5,
+            "A took more while B's requests were not in Redis"
+        );
+        assert_eq!(live_in_redis(&redis).await, 10);
+    }
+
+    /// Redis restarts empty while replica B is cut off from it; B re-writes 1.5 s later. The
+    /// budget's barrier must last until B's re-write is in (then A takes the 2 left), not a
+    /// fixed time (after which A took 7 on top of B's unwritten 5).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_loss_the_barrier_waits_for_a_slow_rewrite() {
+        let mut redis = RedisServer::start().await.unwrap();
+        let link = Link::to(&redis).await;
+        let a = short(redis.url());
+        let b = short(format!("redis://127.0.0.1:{}", link.port));
+        let (ka, kb) = (a.key(&id(), rpm(10)), b.key(&id(), rpm(10)));
+        let mut pa = take(&ka, 3).await;
+        let _pb = take(&kb, 5).await;
+        know_each_other(&redis, &a, &b).await;
+        link.cut();
+        degraded_is(&b, true).await;
+        redis.restart().await.unwrap();
+        let cut_until = Instant::now() + Duration::from_millis(1500);
+        keep_asking(&ka, cut_until, &mut pa).await;
+        assert_eq!(
+            pa.len(),
+            3,
+            "A took more while B's requests were not in Redis"
+        );
+        link.mend();
+        degraded_is(&b, false).await;
+        keep_asking(&ka, Instant::now() + Duration::from_millis(1000), &mut pa).await;
+        assert_eq!(live_in_redis(&redis).await, 10);
+        assert_eq!(
+            pa.len(),
+            5,
+            "A takes the room left once B re-wrote, and no more"
         );
     }
 

@@ -160,8 +160,13 @@ async fn no_log_line_metric_or_span_holds_a_secret() {
     })
     .await
     .unwrap();
-    let log = proxy.log();
-    assert!(proxy.terminate(WAIT).await.unwrap().success());
+    // The whole log, to the last line written while shutting down.
+    let (status, log) = proxy.terminate_with_log(WAIT).await.unwrap();
+    assert!(status.success());
+    assert!(
+        log.iter().any(|l| l.contains("shutting down")),
+        "the log read ends before the shutdown"
+    );
     assert!(log.len() > 20, "a debug log: {} lines", log.len());
 
     let mut found = leaks("/metrics", metrics.as_bytes());

@@ -53,9 +53,20 @@ struct KeyState {
     blocked: bool,
     /// With shared budgets: this replica's own requests, for re-writing into Redis.
     record: Option<Record>,
-    /// The outage of Redis this key last saw (its number) and the requests this replica held
-    /// on the key when it began: its cap for the outage's first window.
-    held_at_outage: Option<(u64, u32)>,
+    /// The outage of Redis this key last saw (its number), and the requests and tokens this
+    /// replica held on the key when it began: its caps for the outage's first window.
+    held_at_outage: Option<Held>,
+}
+
+/// What a replica held on a key when an outage of Redis began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    /// The outage's number.
+    outage: u64,
+    /// Requests in its window (its own count).
+    requests: u32,
+    /// Tokens in its window.
+    tokens: u64,
 }
 
 /// The budget of one key.
@@ -585,6 +596,10 @@ impl Recorded for KeyBudget {
             .unwrap_or_default()
     }
 
+    fn forget_wait(&self) {
+        self.lock().hint.blocked_until = None;
+    }
+
     fn answered_among(&self, members: &[u64]) -> Vec<u64> {
         let s = self.lock();
         let Some(r) = s.record.as_ref() else {
@@ -642,6 +657,8 @@ impl KeyState {
         if let Some(c) = self.cooled_until {
             free = free.max(c);
         }
+        let outage = shared.and_then(|b| b.outage(now));
+        let held = outage.map(|o| self.held_at(o.number, now));
         if let Some(w) = self.requests.as_mut() {
             let limit = w.limit();
             match shared.and_then(|b| b.local_share(now, u64::from(limit))) {
@@ -650,9 +667,8 @@ impl KeyState {
                     // Redis is (or was just) out: this replica's share of the key, and in the
                     // outage's first window no more than it held when the outage began.
                     let share = u32::try_from(share).unwrap_or(limit);
-                    match shared.and_then(|b| b.outage(now)) {
-                        None => free = free.max(w.next_free_within(now, share)),
-                        Some(outage) => {
+                    match (outage, held) {
+                        (Some(outage), Some(held)) => {
                             // Every replica's requests still counted when Redis was lost were
                             // admitted by Redis while the window held at most the limit, so
                             // together they never exceed it; the other replicas' part of them
@@ -660,32 +676,41 @@ impl KeyState {
                             // at most what it held then keeps the sum within the limit
                             // whoever held what. Once they have left the provider's window,
                             // the shares alone add up to at most the limit.
-                            let held = match self.held_at_outage {
-                                Some((number, held)) if number == outage.number => held,
-                                _ => {
-                                    // Its own count: the provider's word that the key is
-                                    // spent (`used`) says nothing of what this replica held.
-                                    let held = w.counted(now);
-                                    self.held_at_outage = Some((outage.number, held));
-                                    held
-                                }
-                            };
-                            let cap = share.min(held);
+                            let cap = share.min(held.requests);
                             let at = match cap {
                                 0 => outage.first_window_ends,
                                 _ => w.next_free_within(now, cap).min(outage.first_window_ends),
                             };
                             free = free.max(at);
                         }
+                        _ => free = free.max(w.next_free_within(now, share)),
                     }
                 }
             }
         }
         if let (Some(w), Some(tpm)) = (self.tokens.as_mut(), self.limits.tpm) {
-            let limit = shared
-                .and_then(|b| b.local_share(now, u64::from(tpm)))
-                .unwrap_or(u64::from(tpm));
-            free = free.max(w.next_free_within(now, tokens, limit));
+            match shared.and_then(|b| b.local_share(now, u64::from(tpm))) {
+                None => free = free.max(w.next_free_within(now, tokens, u64::from(tpm))),
+                Some(share) => match (outage, held) {
+                    (Some(outage), Some(held)) => {
+                        // The same rule for tokens: the reservations counted when Redis was
+                        // lost were admitted by Redis within the limit, so a replica that
+                        // keeps at most the tokens it held then keeps the sum within it. A
+                        // request larger than that waits for the first window's end (the
+                        // rule that a request larger than the limit fits an empty window
+                        // would break the sum here).
+                        let cap = share.min(held.tokens);
+                        let at = if tokens > cap {
+                            outage.first_window_ends
+                        } else {
+                            w.next_free_within(now, tokens, cap)
+                                .min(outage.first_window_ends)
+                        };
+                        free = free.max(at);
+                    }
+                    _ => free = free.max(w.next_free_within(now, tokens, share)),
+                },
+            }
         }
         if free > now {
             self.blocked = true;
@@ -693,6 +718,23 @@ impl KeyState {
         } else {
             Ok(())
         }
+    }
+
+    /// What this replica held on the key when outage `outage` began: counted the first
+    /// time the outage is seen on this key (nothing was admitted on it since, or this would
+    /// have run), kept for the rest of it. Its own counts: the provider's word that the key
+    /// is spent says nothing of what this replica held.
+    fn held_at(&mut self, outage: u64, now: Instant) -> Held {
+        if let Some(held) = self.held_at_outage.filter(|h| h.outage == outage) {
+            return held;
+        }
+        let held = Held {
+            outage,
+            requests: self.requests.as_mut().map_or(0, |w| w.counted(now)),
+            tokens: self.tokens.as_mut().map_or(0, |w| w.used(now)),
+        };
+        self.held_at_outage = Some(held);
+        held
     }
 
     /// What Redis last said, and how many of this replica's requests are asking it now.

@@ -18,20 +18,27 @@
 //!   counting the requests it made itself before the failure. The monitor probes again, backing
 //!   off from 50 ms to 250 ms; when Redis answers, the replica re-writes its record into it
 //!   (requests admitted during the outage included) and shared budgets resume. If the budgets
-//!   survived, the local share still applies as well for [`SharedOptions::reseed_grace`]
-//!   (at most a window): other replicas may not have re-written theirs yet, and each does
-//!   within a probe of Redis's return. In the outage's first window a replica also holds no
-//!   more of a key than it held when the outage began (see `key.rs`).
+//!   survived, the local share still applies as well until every other replica has
+//!   re-written its own outage (the hold, below). In the outage's first window a replica also
+//!   holds no more of a key than it held when the outage began, requests and tokens alike
+//!   (see `key.rs`).
 //! - **Redis lost the budgets** (a restart without persistence, a failover to a replica that
 //!   had not caught up, a flush): every key's budget carries an epoch (`epoch.lua`), and the
 //!   admission script admits only on the epoch the replica knows. A missing or different epoch
 //!   is found atomically by the first admission that meets it, or by the monitor within one
 //!   check interval. The first replica to find it creates a new epoch whose admissions wait
-//!   [`SharedOptions::reseed_grace`] (the barrier); every replica re-writes its record into
-//!   the new epoch (`seed.lua`) when it finds the change, within the barrier, and from then on
-//!   Redis counts every live replica's requests of the window again. A change of the server's
-//!   `run_id` (a restart that restored an older snapshot, a failover) is treated the same way,
-//!   except that the epoch survived: the replicas extend its barrier and re-write their records.
+//!   behind a barrier; every replica re-writes its record into the new epoch (`seed.lua`) when
+//!   it finds the change, and once all have (the hold, below) the barrier is lifted
+//!   (`lift.lua`) and Redis counts every live replica's requests of the window again. A
+//!   change of the server's `run_id` (a restart that restored an older snapshot, a failover)
+//!   is treated the same way, except that the epoch survived: the replicas extend its barrier
+//!   and re-write their records.
+//! - **The hold**: each replica marks in Redis, after every check that succeeded whole, the
+//!   instant that check began ([`floodgate_crds::redis_keys::BUDGET_REWRITES`]); such a check
+//!   re-wrote whatever Redis had lost by then. After a loss or an outage, a replica waits
+//!   until every replica whose mark was recent before it has marked since (checking every
+//!   50 ms meanwhile), however long their re-writes take (many keys, a slow link), and at
+//!   most [`SharedOptions::rewrite_bound`] for a replica that never does (stopped, or cut off).
 //!
 //! Re-writing is idempotent (members keep the names they were admitted with), so a false
 //! alarm costs one barrier, never a double count.
@@ -60,6 +67,7 @@ const SETTLE: &str = include_str!("shared/settle.lua");
 const EPOCH: &str = include_str!("shared/epoch.lua");
 const SEED: &str = include_str!("shared/seed.lua");
 const REFUND: &str = include_str!("shared/refund.lua");
+const LIFT: &str = include_str!("shared/lift.lua");
 
 /// First and longest pause between two probes of an unreachable Redis. The longest is well
 /// under the default [`SharedOptions::reseed_grace`], so that every replica finds a Redis that
@@ -98,12 +106,17 @@ pub struct SharedOptions {
     /// [`RedisBudgets::degraded`] is true within this long of an outage, requests or not),
     /// and that it still holds the budgets (each key's epoch, and the server's `run_id`).
     pub check_interval: Duration,
-    /// How long a budget that Redis lost admits nothing after the first replica found it
-    /// lost: the time every other replica has to find the loss too (its monitor checks every
-    /// `check_interval`, or probes every 250 ms at most while Redis is unreachable) and
-    /// re-write its record. Longer than `check_interval + timeout`; a replica that misses it
-    /// (stopped, or cut off from Redis longer) is not counted until it re-writes.
+    /// How long after an outage began a request admitted through Redis before it may still
+    /// be on its way to the provider: the outage's first window is one window plus this
+    /// (see [`RedisBudgets::outage`]).
     pub reseed_grace: Duration,
+    /// The longest a replica waits for the others' re-writes after a loss or an outage (the
+    /// barrier of a lost budget, the local share after an outage that left the budgets
+    /// intact). The wait ends as soon as every replica seen shortly before has marked its
+    /// re-write done (see [`floodgate_crds::redis_keys::BUDGET_REWRITES`]); the bound only
+    /// applies to a replica that never does (stopped, or cut off from Redis longer), which
+    /// is then not counted until it re-writes.
+    pub rewrite_bound: Duration,
     /// The runtime that runs every Redis call and background write (and so holds the
     /// connection's tasks). It must outlive whatever serves requests: the binary passes a
     /// runtime on a thread of its own, so that a worker thread that stops first takes no
@@ -122,6 +135,7 @@ impl std::fmt::Debug for SharedOptions {
             .field("poll", &self.poll)
             .field("check_interval", &self.check_interval)
             .field("reseed_grace", &self.reseed_grace)
+            .field("rewrite_bound", &self.rewrite_bound)
             .field("runtime", &self.runtime.as_ref().map(|_| "dedicated"))
             .finish()
     }
@@ -129,7 +143,8 @@ impl std::fmt::Debug for SharedOptions {
 
 impl SharedOptions {
     /// Defaults for `url`: 2 replicas, 100 ms timeout, 10 min in-flight TTL, 20 ms poll,
-    /// a check every 250 ms, a barrier of 1 s after a loss.
+    /// a check every 250 ms, 1 s of grace for requests on their way when an outage begins,
+    /// and at most 5 s of waiting for the other replicas' re-writes.
     pub fn new(url: SecretString) -> Self {
         Self {
             url,
@@ -139,6 +154,7 @@ impl SharedOptions {
             poll: Duration::from_millis(20),
             check_interval: Duration::from_millis(250),
             reseed_grace: Duration::from_secs(1),
+            rewrite_bound: Duration::from_secs(5),
             runtime: None,
         }
     }
@@ -211,6 +227,7 @@ pub struct RedisBudgets {
     refund: redis::Script,
     epoch_script: redis::Script,
     seed: redis::Script,
+    lift: redis::Script,
     opts: SharedOptions,
     window: Duration,
     /// Origin of `local_until_ms`.
@@ -218,8 +235,9 @@ pub struct RedisBudgets {
     degraded: AtomicBool,
     /// Every change of `degraded`, for whoever waits on one.
     changes: tokio::sync::watch::Sender<bool>,
-    /// Milliseconds since `started` until which the local share applies (`u64::MAX` while
-    /// degraded; `reseed_grace` past a recovery that found the budgets intact).
+    /// Milliseconds since `started` until which the local share applies: `u64::MAX` while
+    /// degraded, and after a recovery that found the budgets intact until every replica
+    /// re-wrote its outage (the hold), else 0.
     local_until_ms: AtomicU64,
     /// The outage in progress or the last one, for [`RedisBudgets::outage`].
     outage: Mutex<Option<Outage>>,
@@ -241,6 +259,10 @@ pub struct RedisBudgets {
     info_refused: AtomicBool,
     /// Budgets found lost (epochs that vanished or changed, and `run_id` changes).
     losses: AtomicU64,
+    /// The replicas' re-write marks as this replica last read them.
+    peers: Mutex<resync::Peers>,
+    /// The wait for every replica's re-write after a loss or an outage, while it lasts.
+    hold: Mutex<Option<resync::Hold>>,
     monitoring: AtomicBool,
     /// Wakes the monitor at once (a call failed).
     wake: Arc<tokio::sync::Notify>,
@@ -300,6 +322,7 @@ impl RedisBudgets {
             refund: redis::Script::new(REFUND),
             epoch_script: redis::Script::new(EPOCH),
             seed: redis::Script::new(SEED),
+            lift: redis::Script::new(LIFT),
             window,
             started: Instant::now(),
             degraded: AtomicBool::new(false),
@@ -315,6 +338,8 @@ impl RedisBudgets {
             run_id: Mutex::default(),
             info_refused: AtomicBool::new(false),
             losses: AtomicU64::new(0),
+            peers: Mutex::default(),
+            hold: Mutex::default(),
             monitoring: AtomicBool::new(false),
             wake: Arc::default(),
             signal: OnceLock::new(),
@@ -333,6 +358,12 @@ impl RedisBudgets {
         if let Some(signal) = self.signal.get() {
             signal.pulse();
         }
+    }
+
+    /// This replica's id in Redis: the prefix of its request members, and its field in
+    /// [`floodgate_crds::redis_keys::BUDGET_REWRITES`].
+    pub fn replica_name(&self) -> String {
+        format!("{:016x}", self.replica)
     }
 
     /// The options it was built with.
@@ -356,8 +387,8 @@ impl RedisBudgets {
         self.losses.load(Ordering::Relaxed)
     }
 
-    /// The local share of `limit` when it applies at `now` (while degraded, and for one
-    /// window after Redis is back), else `None`.
+    /// The local share of `limit` when it applies at `now` (while degraded, and after an
+    /// outage until every replica re-wrote its own), else `None`.
     pub(crate) fn local_share(&self, now: Instant, limit: u64) -> Option<u64> {
         let until = self.local_until_ms.load(Ordering::Acquire);
         (self.millis_since_start(now) < until)
@@ -656,6 +687,16 @@ impl RedisBudgets {
             pending.pop_front();
         }
         pending.push_back((keys, member));
+    }
+
+    /// The local share stops applying (the re-writes after an outage are done). A call that
+    /// failed meanwhile began a new outage (it stored `u64::MAX`, then set `degraded`): its
+    /// local share stands until the monitor finds Redis again, whichever store came last.
+    pub(crate) fn end_local_share(&self) {
+        self.local_until_ms.store(0, Ordering::Release);
+        if self.degraded.load(Ordering::Acquire) {
+            self.local_until_ms.store(u64::MAX, Ordering::Release);
+        }
     }
 
     /// A call failed: budgets turn local until the monitor finds Redis again.

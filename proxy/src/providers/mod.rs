@@ -354,47 +354,75 @@ const TOKENS_PER_REPLY: u32 = 3;
 /// Rough cost of one image (OpenAI's low-detail price; high detail costs more).
 const TOKENS_PER_IMAGE: u32 = 85;
 
-/// Tokens of output a chunk carries, estimated as prompts are (a token per four bytes,
-/// at least one per chunk with text): for settling a stream whose usage is not known.
+/// Quarters of a token that `text` costs, by character class (a stand-in for the
+/// providers' tokenisers, which are not at hand): ASCII about four characters a token, the
+/// two-byte scripts (accented Latin, Greek, Cyrillic, Hebrew, Arabic) about two, the
+/// three-byte ones (Chinese, Japanese, Korean, Thai, Indic scripts) about one, and the rest
+/// (emoji, rare ideographs) about two tokens a character. Counted from each character's
+/// leading UTF-8 byte, so ASCII-only text costs exactly its length. A quarter-byte count of
+/// bytes (the earlier estimate) gave CJK text three quarters of a token a character: about
+/// a quarter too few.
+pub fn text_quarter_tokens(text: &str) -> u64 {
+    text.bytes()
+        .map(|b| match b {
+            0x00..=0x7f => 1,
+            // Continuation bytes: the leading byte counted the character.
+            0x80..=0xbf => 0,
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 4,
+            _ => 8,
+        })
+        .sum()
+}
+
+/// Whole tokens of `quarters` quarter tokens, rounded up.
+fn text_tokens(quarters: u64) -> u64 {
+    quarters.div_ceil(4)
+}
+
+/// Tokens of output a chunk carries, estimated as prompts are (by character class, at
+/// least one per chunk with text): for settling a stream whose usage is not known.
 pub fn estimate_output_tokens(chunk: &ChatChunk) -> u64 {
-    let bytes: usize = chunk
+    let quarters: u64 = chunk
         .choices
         .iter()
         .map(|c| {
             let d = &c.delta;
-            let text =
-                d.content.as_deref().map_or(0, str::len) + d.refusal.as_deref().map_or(0, str::len);
-            let tools: usize = d
+            let text = d.content.as_deref().map_or(0, text_quarter_tokens)
+                + d.refusal.as_deref().map_or(0, text_quarter_tokens);
+            let tools: u64 = d
                 .tool_calls
                 .iter()
                 .flatten()
                 .filter_map(|t| t.function.as_ref())
                 .map(|f| {
-                    f.name.as_deref().map_or(0, str::len)
-                        + f.arguments.as_deref().map_or(0, str::len)
+                    f.name.as_deref().map_or(0, text_quarter_tokens)
+                        + f.arguments.as_deref().map_or(0, text_quarter_tokens)
                 })
                 .sum();
             text + tools
         })
         .sum();
-    bytes.div_ceil(4) as u64
+    text_tokens(quarters)
 }
 
 /// A cheap estimate of the prompt's tokens, **for reserving budget only**: settle with the
-/// provider's reported [`Usage`]. About one token per four bytes of text (bytes rather than
-/// characters so that non-Latin scripts, which tokenise denser, are not underestimated),
-/// plus per-message overhead, tool definitions and a flat cost per image.
+/// provider's reported [`Usage`]. Text by character class ([`text_quarter_tokens`]: about
+/// four ASCII characters a token, one CJK character a token), plus per-message overhead,
+/// tool definitions and a flat cost per image.
 pub fn estimate_prompt_tokens(req: &ChatRequest) -> u32 {
-    let mut bytes: usize = 0;
+    let mut quarters: u64 = 0;
     let mut tokens = TOKENS_PER_REPLY;
     for message in &req.messages {
         tokens = tokens.saturating_add(TOKENS_PER_MESSAGE);
         match &message.content {
-            Some(types::MessageContent::Text(text)) => bytes += text.len(),
+            Some(types::MessageContent::Text(text)) => quarters += text_quarter_tokens(text),
             Some(types::MessageContent::Parts(parts)) => {
                 for part in parts {
                     match part {
-                        types::ContentPart::Text { text, .. } => bytes += text.len(),
+                        types::ContentPart::Text { text, .. } => {
+                            quarters += text_quarter_tokens(text);
+                        }
                         types::ContentPart::ImageUrl { .. } => {
                             tokens = tokens.saturating_add(TOKENS_PER_IMAGE);
                         }
@@ -404,16 +432,23 @@ pub fn estimate_prompt_tokens(req: &ChatRequest) -> u32 {
             None => {}
         }
         for call in message.tool_calls.iter().flatten() {
-            bytes += call.function.name.len() + call.function.arguments.len();
+            quarters += text_quarter_tokens(&call.function.name)
+                + text_quarter_tokens(&call.function.arguments);
         }
     }
     for tool in req.tools.iter().flatten() {
-        bytes += tool.function.name.len();
-        bytes += tool.function.description.as_ref().map_or(0, String::len);
-        bytes += tool.function.parameters.as_ref().map_or(0, json_len);
+        quarters += text_quarter_tokens(&tool.function.name);
+        quarters += tool
+            .function
+            .description
+            .as_deref()
+            .map_or(0, text_quarter_tokens);
+        // A JSON schema is mostly ASCII: its length.
+        let schema = tool.function.parameters.as_ref().map_or(0, json_len);
+        quarters += u64::try_from(schema).unwrap_or(u64::MAX);
     }
-    let text_tokens = u32::try_from(bytes.div_ceil(4)).unwrap_or(u32::MAX);
-    tokens.saturating_add(text_tokens)
+    let text = u32::try_from(text_tokens(quarters)).unwrap_or(u32::MAX);
+    tokens.saturating_add(text)
 }
 
 /// Approximate serialised length of a JSON value, without serialising it.

@@ -680,3 +680,45 @@ fn estimates_prompt_tokens() {
     let estimate = estimate_prompt_tokens(&long);
     assert!((1085..1110).contains(&estimate), "{estimate}");
 }
+
+fn chunk_of(text: &str) -> ChatChunk {
+    serde_json::from_value(json!({
+        "id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]
+    }))
+    .unwrap()
+}
+
+/// A stream the caller left without the provider's count is settled at the estimate of its
+/// output, by character class: Latin text about four characters a token (unchanged), CJK
+/// text one token a character. A token per four bytes gave CJK three quarters of a token a
+/// character, a quarter fewer than the providers count.
+#[test]
+fn output_is_estimated_by_character_class() {
+    let latin = "The quick brown fox jumps over the lazy dog. ".repeat(10);
+    assert_eq!(latin.len(), 450);
+    assert_eq!(estimate_output_tokens(&chunk_of(&latin)), 113);
+    for cjk in [
+        "今天天气很好，我们去公园散步吧。",
+        "東京は日本の首都です。",
+        "안녕하세요, 반갑습니다.",
+    ] {
+        let text = cjk.repeat(20);
+        let chars = text.chars().filter(|c| !c.is_ascii()).count() as u64;
+        let ascii = text.chars().filter(char::is_ascii).count() as u64;
+        let estimate = estimate_output_tokens(&chunk_of(&text));
+        assert_eq!(estimate, chars + ascii.div_ceil(4), "{cjk}");
+        assert!(
+            estimate > (text.len() as u64).div_ceil(4),
+            "{cjk}: no more than bytes/4"
+        );
+    }
+    // Two-byte scripts keep about two characters a token.
+    assert_eq!(estimate_output_tokens(&chunk_of("Привет")), 3);
+    // The prompt is estimated the same way.
+    let prompt = request(json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "你好世界".repeat(100)}]
+    }));
+    assert_eq!(estimate_prompt_tokens(&prompt), 4 + 3 + 400);
+}

@@ -14,9 +14,16 @@
 //!   closed and the response dropped, with whatever it holds (its upstream call, its key's
 //!   permit, the tenant's concurrency slot). Waiting for the upstream is not a stall: only
 //!   data the client does not take counts, so a long stream that a client reads is never cut;
-//! - **connection cap** ([`Connections`]), shared by every worker: beyond it a new connection
-//!   is closed at once (its client sees a reset and can try another replica), counted in
-//!   `floodgate_server_connections_refused_total` and logged (at most every 10 s).
+//! - **connection cap** ([`Connections`]), shared by every worker. At the cap a new connection
+//!   takes the slot of the connection idle longest (no request in flight: a keep-alive
+//!   connection between requests, or one whose head has not arrived), which is closed
+//!   (`reason="evicted"`); only when every connection has a request in flight is the new one
+//!   closed at once (its client sees a reset and can try another replica), counted in
+//!   `floodgate_server_connections_refused_total` and logged (at most every 10 s). So idle
+//!   and slow clients cannot keep new callers out: holding a slot takes a request in flight,
+//!   which the other bounds limit. Eviction rather than a cap per client address, because
+//!   behind a load balancer or a NAT every client shares one address: a per-address cap
+//!   would shut them all out together, while eviction costs an idle client a reconnection.
 //!
 //! hyper's own HTTP/1 header timer is not used: it also runs while a keep-alive connection
 //! waits for its next request, so it cannot tell a slow head from an idle connection. Instead
@@ -32,6 +39,7 @@ use http_body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
@@ -108,6 +116,19 @@ pub struct Connections {
     listener: &'static str,
     slots: Arc<Semaphore>,
     last_warned: Mutex<Option<Instant>>,
+    /// Every open connection's activity, by a number of its own: where eviction looks.
+    open: Mutex<HashMap<u64, Arc<Activity>>>,
+    next: AtomicU64,
+}
+
+/// Whether a new connection may be served.
+enum Admit {
+    /// Yes, in this slot.
+    Now(Slot),
+    /// At the cap, a connection idle longer was asked to close: its slot comes soon.
+    AfterEviction,
+    /// At the cap, with a request in flight on every connection.
+    Refused,
 }
 
 impl Connections {
@@ -121,6 +142,8 @@ impl Connections {
             listener: PUBLIC,
             slots: Arc::new(Semaphore::new(max)),
             last_warned: Mutex::new(None),
+            open: Mutex::default(),
+            next: AtomicU64::new(0),
         }
     }
 
@@ -140,18 +163,72 @@ impl Connections {
         }
     }
 
-    /// A slot for a new connection, or `None` at the cap (counted, and logged now and then).
-    fn admit(&self) -> Option<Slot> {
-        let m = metrics::global();
+    /// A slot for a new connection whose activity is `activity`: at once under the cap; at
+    /// the cap, once the connection idle longest has closed for it; else refused (counted,
+    /// and logged now and then).
+    fn admit(self: &Arc<Self>, activity: &Arc<Activity>) -> Admit {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            let open = m.server_connections.get_or_create(&self.labels()).clone();
-            open.inc();
-            return Some(Slot {
-                _permit: permit,
-                open,
-            });
+            return Admit::Now(self.slot(permit, activity));
         }
-        m.server_connections_refused
+        if self.evict_idlest() {
+            return Admit::AfterEviction;
+        }
+        self.refused();
+        Admit::Refused
+    }
+
+    /// Waits (at most the header timeout: the new client waits for its answer meanwhile) for
+    /// the slot an eviction frees.
+    async fn slot_after_eviction(self: &Arc<Self>, activity: &Arc<Activity>) -> Option<Slot> {
+        let wait = self.slots.clone().acquire_owned();
+        match tokio::time::timeout(self.limits.header_read_timeout, wait).await {
+            Ok(Ok(permit)) => Some(self.slot(permit, activity)),
+            _ => {
+                self.refused();
+                None
+            }
+        }
+    }
+
+    fn slot(self: &Arc<Self>, permit: OwnedSemaphorePermit, activity: &Arc<Activity>) -> Slot {
+        let open = metrics::global()
+            .server_connections
+            .get_or_create(&self.labels())
+            .clone();
+        open.inc();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, activity.clone());
+        Slot {
+            _permit: permit,
+            open,
+            id,
+            connections: self.clone(),
+        }
+    }
+
+    /// Asks the connection idle longest (nothing in flight, not already asked) to close;
+    /// `false` if there is none. A linear scan, at the cap only.
+    fn evict_idlest(&self) -> bool {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let idlest = open
+            .values()
+            .filter(|a| a.evictable())
+            .min_by_key(|a| a.quiet_since());
+        match idlest {
+            Some(activity) => {
+                activity.evict();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn refused(&self) {
+        metrics::global()
+            .server_connections_refused
             .get_or_create(&self.labels())
             .inc();
         let now = Instant::now();
@@ -161,10 +238,9 @@ impl Connections {
             tracing::warn!(
                 listener = self.listener,
                 max_connections = self.max,
-                "connection limit reached: refusing new connections (see floodgate_server_connections_refused_total)"
+                "connection limit reached with a request in flight on every connection: refusing new connections (see floodgate_server_connections_refused_total)"
             );
         }
-        None
     }
 }
 
@@ -173,10 +249,18 @@ struct Slot {
     _permit: OwnedSemaphorePermit,
     /// Its listener's count of open connections.
     open: prometheus_client::metrics::gauge::Gauge,
+    /// Its number in [`Connections::open`].
+    id: u64,
+    connections: Arc<Connections>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.connections
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
         self.open.dec();
     }
 }
@@ -207,20 +291,34 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(slot) = connections.admit() else {
-            drop(tcp);
-            continue;
+        let activity = Arc::new(Activity::new());
+        let admitted = match connections.admit(&activity) {
+            Admit::Now(slot) => Some(slot),
+            Admit::AfterEviction => None,
+            Admit::Refused => {
+                drop(tcp);
+                continue;
+            }
         };
         // Without TCP_NODELAY, streamed events (small writes) wait on the client's delayed ACK.
         let _ = tcp.set_nodelay(true);
         let conn = connection(
             tcp,
+            activity.clone(),
             app.clone(),
             builder.clone(),
             (connections.limits, connections.listener),
             shutdown.clone(),
         );
+        let connections = connections.clone();
         tasks.spawn(async move {
+            let slot = match admitted {
+                Some(slot) => slot,
+                None => match connections.slot_after_eviction(&activity).await {
+                    Some(slot) => slot,
+                    None => return,
+                },
+            };
             conn.await;
             drop(slot);
         });
@@ -250,12 +348,12 @@ async fn accept_error(e: io::Error) {
 /// Serves one connection until it closes, `shutdown` drains it, or a time bound closes it.
 async fn connection(
     tcp: TcpStream,
+    activity: Arc<Activity>,
     app: Router,
     builder: auto::Builder<TokioExecutor>,
     (limits, listener): (Limits, &'static str),
     shutdown: CancellationToken,
 ) {
-    let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
         inner: tcp,
         activity: activity.clone(),
@@ -302,11 +400,15 @@ async fn connection(
                     .get_or_create(&metrics::CloseLabels { listener, reason })
                     .inc();
                 tracing::debug!(reason, "closing a client connection");
-                if reason == HEADER_TIMEOUT || reason == SEND_TIMEOUT {
+                if reason == HEADER_TIMEOUT
+                    || reason == SEND_TIMEOUT
+                    || (reason == EVICTED && activity.head_begun())
+                {
                     // A head in progress is not idle to hyper: a graceful shutdown would wait
                     // for it. Nothing was asked yet, so nothing is lost by closing now. A
                     // response the client does not take would hold a graceful shutdown as
-                    // long: dropping it ends its upstream call and frees what it holds.
+                    // long: dropping it ends its upstream call and frees what it holds. An
+                    // evicted connection's head (or a new one's silence) is cut the same way.
                     return;
                 }
                 closing = true;
@@ -344,6 +446,8 @@ struct Activity {
     /// How much of the HTTP/2 preface's start (`PRI `) the first bytes matched, however the
     /// reads split them; [`PREFACE_MISSED`] once a byte did not match.
     preface: AtomicU8,
+    /// Asked to close for a new connection at the cap (once nothing is in flight).
+    evicted: AtomicBool,
     changed: Notify,
 }
 
@@ -359,6 +463,7 @@ const PUBLIC: &str = "public";
 const HEADER_TIMEOUT: &str = "header_timeout";
 const IDLE_TIMEOUT: &str = "idle_timeout";
 const SEND_TIMEOUT: &str = "send_timeout";
+const EVICTED: &str = "evicted";
 
 impl Activity {
     fn new() -> Self {
@@ -371,8 +476,32 @@ impl Activity {
             head_since: AtomicU64::new(1),
             http2: AtomicBool::new(false),
             preface: AtomicU8::new(0),
+            evicted: AtomicBool::new(false),
             changed: Notify::new(),
         }
+    }
+
+    /// Whether eviction may take this connection: nothing in flight, not asked already.
+    fn evictable(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0 && !self.evicted.load(Ordering::Acquire)
+    }
+
+    /// Since when nothing was in flight: the end of its last request, or its accept.
+    fn quiet_since(&self) -> Instant {
+        self.at(self.idle_since.load(Ordering::Acquire))
+    }
+
+    /// Whether a request head was begun and not finished (or, on a new connection, none
+    /// has arrived yet).
+    fn head_begun(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0 && self.head_since.load(Ordering::Acquire) != 0
+    }
+
+    /// Asks the connection to close for a new one: at once if nothing is in flight, else
+    /// when its requests end.
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::Release);
+        self.changed.notify_one();
     }
 
     fn now(&self) -> u64 {
@@ -446,6 +575,9 @@ impl Activity {
     async fn expired(&self, limits: Limits) -> &'static str {
         loop {
             let changed = self.changed.notified();
+            if self.evicted.load(Ordering::Acquire) && self.in_flight.load(Ordering::Acquire) == 0 {
+                return EVICTED;
+            }
             let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
                 (self.waiting_to_send.load(Ordering::Acquire) > 0).then(|| {
                     (

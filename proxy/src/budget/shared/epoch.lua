@@ -8,7 +8,7 @@
 -- ARGV[3] barrier (ms) to extend an existing epoch's with: 0 for none
 -- ARGV[4] how long the epoch lives after this call (ms)
 --
--- Returns {epoch id, ms until admissions resume (0: now)}.
+-- Returns {epoch id, ms until admissions resume (0: now), Redis's TIME in Unix ms}.
 if redis.replicate_commands then pcall(redis.replicate_commands) end -- Redis < 5
 
 local t = redis.call('TIME')
@@ -24,4 +24,4 @@ elseif tonumber(ARGV[3]) > 0 then
   redis.call('HSET', KEYS[1], 'ready', ready)
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
-return {id, math.max(0, ready - now)}
+return {id, math.max(0, ready - now), now}

@@ -28,6 +28,8 @@ pub(crate) trait Recorded: Send + Sync {
     fn seeds(&self, now: Instant) -> Seeds;
     /// Of `members` (in flight when seeded), those answered since.
     fn answered_among(&self, members: &[u64]) -> Vec<u64>;
+    /// A wait Redis named (a barrier's bound) may have ended early: ask Redis again.
+    fn forget_wait(&self);
 }
 
 /// This replica's requests on one shared key that a provider may still count.

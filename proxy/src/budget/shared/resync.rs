@@ -4,13 +4,55 @@
 
 use super::record::{Recorded, Seeds};
 use super::{PROBE_BACKOFF, RedisBudgets, Registered, SEEDS_PER_CALL, SharedError, millis};
-use floodgate_crds::redis_keys::KeyBudgetKeys;
+use floodgate_crds::redis_keys::{BUDGET_REWRITES, KeyBudgetKeys};
+use redis::aio::ConnectionManager;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// How often the monitor checks while a hold waits for the other replicas' marks (at most
+/// its check interval).
+const HOLD_POLL: Duration = Duration::from_millis(50);
+/// A replica's mark older than this is removed: the replica is long gone.
+const MARK_KEPT: Duration = Duration::from_secs(3600);
+/// How long the marks live after the last one.
+const MARKS_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The replicas' re-write marks ([`BUDGET_REWRITES`]) as this replica last read them.
+#[derive(Debug, Default)]
+pub(crate) struct Peers {
+    /// Replica id -> its mark (Unix ms of Redis `TIME`).
+    marks: HashMap<u64, u64>,
+    /// When they were read (the start of the check that read them, Redis `TIME`).
+    read_at: u64,
+}
+
+/// A wait for every replica's re-write, after this replica found a budget lost or Redis
+/// back from an outage.
+///
+/// A replica marks, at the end of each check that succeeded whole, the instant the check
+/// began. A check that began after a loss found it (each lost epoch, or the new `run_id`)
+/// and re-wrote its record, or had done so earlier; and a replica checks only when its own
+/// re-write after an outage is over (the monitor runs one at a time). So a mark at or after
+/// `since` says that replica has re-written whatever Redis lacked at `since`.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    /// Redis `TIME` (ms) of the latest loss or return of Redis this replica found.
+    since: u64,
+    /// The replicas that must mark (this one included): those whose mark was recent when
+    /// this replica last read them, before the loss or outage.
+    expected: Vec<u64>,
+    /// The bound ([`SharedOptions::rewrite_bound`](super::SharedOptions::rewrite_bound)).
+    until: Instant,
+    /// The local share applies until the hold ends (an outage that left budgets intact).
+    local: bool,
+    /// Barriers of lost budgets to lift when it ends: their keys and epoch id.
+    barriers: Vec<(Arc<KeyBudgetKeys>, String)>,
+}
 
 /// What the monitor does next, and after how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,12 +151,12 @@ impl RedisBudgets {
         // missing epoch is most likely the first user of a fresh Redis.
         let lost = known.is_some() || has_seeds;
         let barrier = if lost || extend {
-            self.opts.reseed_grace
+            self.opts.rewrite_bound
         } else {
             Duration::ZERO
         };
         let candidate = format!("{:016x}-{}", self.replica, self.next_seq());
-        let (epoch, wait) = self
+        let (epoch, wait, found_at) = self
             .join(
                 keys,
                 &candidate,
@@ -143,7 +185,11 @@ impl RedisBudgets {
                     epoch: None,
                     record: None,
                 });
-            entry.epoch = Some(epoch);
+            entry.epoch = Some(epoch.clone());
+        }
+        if lost || extend {
+            // The barrier ends once every replica re-wrote its record (or at its bound).
+            self.hold(found_at, Some((keys.clone(), epoch)), false);
         }
         // Waiters were told the barrier's end, or an instant from before the loss.
         self.pulse();
@@ -163,14 +209,15 @@ impl RedisBudgets {
     }
 
     /// Creates (with `barrier`) or joins the epoch of `keys`, extending an existing one's
-    /// barrier by `extend`; returns its id and the wait until admissions resume.
+    /// barrier by `extend`; returns its id, the wait until admissions resume and Redis's
+    /// time (Unix ms).
     async fn join(
         &self,
         keys: &KeyBudgetKeys,
         candidate: &str,
         barrier: Duration,
         extend: Duration,
-    ) -> Result<(String, Duration), SharedError> {
+    ) -> Result<(String, Duration, u64), SharedError> {
         let mut conn = self.conn()?;
         let mut call = self.epoch_script.prepare_invoke();
         call.key(&keys.epoch)
@@ -178,9 +225,10 @@ impl RedisBudgets {
             .arg(millis(barrier))
             .arg(millis(extend))
             .arg(millis(self.epoch_ttl()));
-        let (id, wait): (String, i64) = self.bounded(call.invoke_async(&mut conn)).await?;
+        let (id, wait, now): (String, i64, u64) =
+            self.bounded(call.invoke_async(&mut conn)).await?;
         let wait = Duration::from_millis(u64::try_from(wait).map_err(|_| SharedError::Reply)?);
-        Ok((id, wait))
+        Ok((id, wait, now))
     }
 
     /// Writes `seeds` into the budget of `keys`, a few hundred per call.
@@ -218,8 +266,26 @@ impl RedisBudgets {
     /// its record within the barrier.
     async fn check(&self) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
+        let started = self.redis_now(&mut conn).await?;
+        self.check_budgets(&mut conn).await?;
+        self.mark(&mut conn, started).await?;
+        let ended = self.hold_ended(Instant::now());
+        if let Some((hold, missing)) = ended {
+            self.end_hold(&mut conn, hold, missing).await?;
+        }
+        Ok(())
+    }
+
+    /// Redis's clock, Unix ms.
+    async fn redis_now(&self, conn: &mut ConnectionManager) -> Result<u64, SharedError> {
+        let (secs, micros): (u64, u64) = self.bounded(redis::cmd("TIME").query_async(conn)).await?;
+        Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
+    }
+
+    /// [`RedisBudgets::check`]'s look at the server and the epochs, re-writing what was lost.
+    async fn check_budgets(&self, conn: &mut ConnectionManager) -> Result<(), SharedError> {
         let info: Option<String> = match self
-            .bounded(redis::cmd("INFO").arg("server").query_async(&mut conn))
+            .bounded(redis::cmd("INFO").arg("server").query_async(conn))
             .await
         {
             Ok(info) => Some(info),
@@ -266,7 +332,7 @@ impl RedisBudgets {
         for (k, _) in &keys {
             pipe.hget(&k.epoch, "id").pttl(&k.epoch);
         }
-        let answers: Vec<redis::Value> = self.bounded(pipe.query_async(&mut conn)).await?;
+        let answers: Vec<redis::Value> = self.bounded(pipe.query_async(conn)).await?;
         let mut answers = answers.into_iter();
         let ttl = millis(self.epoch_ttl());
         let mut refresh = redis::pipe();
@@ -287,7 +353,7 @@ impl RedisBudgets {
             lost.push((k, known, found));
         }
         if !refresh.is_empty() {
-            let () = self.bounded(refresh.query_async(&mut conn)).await?;
+            let () = self.bounded(refresh.query_async(conn)).await?;
         }
         for (k, known, found) in lost {
             if found != known {
@@ -298,6 +364,158 @@ impl RedisBudgets {
                 self.resync(&k, known, true).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Marks this replica's checks done up to `started` (unless a call failed meanwhile: then
+    /// it may hold requests Redis lacks) and reads every replica's mark.
+    async fn mark(&self, conn: &mut ConnectionManager, started: u64) -> Result<(), SharedError> {
+        if self.degraded() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.hset(BUDGET_REWRITES, self.replica_name(), started)
+            .ignore()
+            .pexpire(
+                BUDGET_REWRITES,
+                i64::try_from(millis(MARKS_TTL)).unwrap_or(i64::MAX),
+            )
+            .ignore()
+            .hgetall(BUDGET_REWRITES);
+        let (marks,): (HashMap<String, u64>,) = self.bounded(pipe.query_async(conn)).await?;
+        let mut read = HashMap::with_capacity(marks.len());
+        let mut stale = Vec::new();
+        for (field, mark) in marks {
+            if mark.saturating_add(millis(MARK_KEPT)) < started {
+                stale.push(field);
+            } else if let Ok(id) = u64::from_str_radix(&field, 16) {
+                read.insert(id, mark);
+            }
+        }
+        *self.peers.lock().unwrap_or_else(PoisonError::into_inner) = Peers {
+            marks: read,
+            read_at: started,
+        };
+        if !stale.is_empty() {
+            let _: i64 = self
+                .bounded(
+                    redis::cmd("HDEL")
+                        .arg(BUDGET_REWRITES)
+                        .arg(&stale)
+                        .query_async(conn),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The replicas whose mark was recent at the last read (a few checks old at most), and
+    /// this one: those whose re-writes a hold waits for.
+    fn live_replicas(&self) -> Vec<u64> {
+        let recent = millis(4 * self.opts.check_interval + 2 * self.opts.timeout);
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut live: Vec<u64> = peers
+            .marks
+            .iter()
+            .filter(|&(_, &mark)| mark.saturating_add(recent) >= peers.read_at)
+            .map(|(&id, _)| id)
+            .collect();
+        if !live.contains(&self.replica) {
+            live.push(self.replica);
+        }
+        live
+    }
+
+    /// Begins, or extends, the wait for every live replica's re-write of what Redis lacked at
+    /// `since` (Redis time, ms): with the barrier of a lost budget's new epoch to lift at its
+    /// end, or (`local`) the local share to end then.
+    pub(super) fn hold(
+        &self,
+        since: u64,
+        barrier: Option<(Arc<KeyBudgetKeys>, String)>,
+        local: bool,
+    ) {
+        let expected = self.live_replicas();
+        let until = Instant::now() + self.opts.rewrite_bound;
+        let mut hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+        let h = hold.get_or_insert_with(|| Hold {
+            since,
+            expected: Vec::new(),
+            until,
+            local: false,
+            barriers: Vec::new(),
+        });
+        h.since = h.since.max(since);
+        h.until = h.until.max(until);
+        h.local |= local;
+        for id in expected {
+            if !h.expected.contains(&id) {
+                h.expected.push(id);
+            }
+        }
+        h.barriers.extend(barrier);
+    }
+
+    /// Whether a hold is waiting.
+    fn holding(&self) -> bool {
+        self.hold
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// The hold, taken once every replica it waits for has marked since it began or its
+    /// bound has passed at `now`, with how many replicas had not marked.
+    fn hold_ended(&self, now: Instant) -> Option<(Hold, usize)> {
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+        let h = hold.as_ref()?;
+        let missing = h
+            .expected
+            .iter()
+            .filter(|id| peers.marks.get(id).is_none_or(|&mark| mark < h.since))
+            .count();
+        if missing > 0 && now < h.until {
+            return None;
+        }
+        hold.take().map(|h| (h, missing))
+    }
+
+    /// Ends `hold`: the barriers it waited on are lifted, the local share ends if it held,
+    /// and whoever waits looks again.
+    async fn end_hold(
+        &self,
+        conn: &mut ConnectionManager,
+        hold: Hold,
+        missing: usize,
+    ) -> Result<(), SharedError> {
+        if missing > 0 {
+            tracing::warn!(
+                replicas = missing,
+                bound_ms = millis(self.opts.rewrite_bound),
+                "replicas did not mark their re-write of the shared rate budgets in time: admitting without them (their requests count again once they re-write)"
+            );
+        }
+        if hold.local {
+            self.end_local_share();
+        }
+        for (keys, epoch) in &hold.barriers {
+            let mut call = self.lift.prepare_invoke();
+            call.key(&keys.epoch).arg(epoch);
+            let _: i64 = self.bounded(call.invoke_async(conn)).await?;
+        }
+        // Requests told to wait for a barrier's bound, or for the local share, look again.
+        let records: Vec<Arc<dyn Recorded>> = self
+            .registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter_map(|r| r.record.as_ref().and_then(Weak::upgrade))
+            .collect();
+        for record in records {
+            record.forget_wait();
+        }
+        self.pulse();
         Ok(())
     }
 
@@ -314,14 +532,12 @@ impl RedisBudgets {
     /// replica's outage in them), and for `reseed_grace` after if they did.
     async fn recover(self: &Arc<Self>) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
-        let _: String = self
-            .bounded(redis::cmd("PING").query_async(&mut conn))
-            .await?;
+        let back = self.redis_now(&mut conn).await?;
         self.degraded.store(false, Ordering::Release);
         // Whatever a restart during the outage lost is re-written now: the next check must not
         // take the new `run_id` for another restart (a second barrier for nothing).
         *self.run_id.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        let result = self.rewrite_after_outage().await;
+        let result = self.rewrite_after_outage(back).await;
         if let Err(e) = &result {
             self.failed(e);
             return result.map(|_| ());
@@ -337,8 +553,9 @@ impl RedisBudgets {
         Ok(())
     }
 
-    /// [`RedisBudgets::recover`]'s writes, once admissions ask Redis again.
-    async fn rewrite_after_outage(self: &Arc<Self>) -> Result<(), SharedError> {
+    /// [`RedisBudgets::recover`]'s writes, once admissions ask Redis again (Redis answered
+    /// at `back`, its time in ms).
+    async fn rewrite_after_outage(self: &Arc<Self>, back: u64) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
         let mut intact = false;
         for (k, known) in self.registered() {
@@ -375,24 +592,23 @@ impl RedisBudgets {
                 return Err(e);
             }
         }
-        // Budgets that survived lack the other replicas' outage until they re-write it, which
-        // each does within a probe of Redis's return: the local share applies for as long as
-        // a barrier would (not a whole window, which made a short blip cost one). Budgets
-        // re-created behind a barrier do not need it.
-        let until = if intact {
-            self.millis_since_start(Instant::now())
-                .saturating_add(millis(self.opts.reseed_grace.min(self.window)))
-        } else {
-            0
-        };
-        self.local_until_ms.store(until, Ordering::Release);
-        // A request's call that failed during the re-write began a new outage (admissions
-        // asked Redis again from the start of it): its local share stands until the monitor
-        // finds Redis again, whichever of the two stores came last.
-        if self.degraded.load(Ordering::Acquire) {
-            self.local_until_ms.store(u64::MAX, Ordering::Release);
-        }
+        self.rewritten(intact, back);
         Ok(())
+    }
+
+    /// The end of the re-write after an outage, Redis back at `back` (ms). Budgets that
+    /// survived (`intact`) lack the other replicas' outage until they re-write it: the local
+    /// share keeps applying until every replica seen before has marked its re-write, or the
+    /// bound (not a whole window, which made a short blip cost one; not a fixed second,
+    /// which a slow re-write outlasts). Budgets re-created behind a barrier do not need it.
+    pub(crate) fn rewritten(&self, intact: bool, back: u64) {
+        if intact {
+            self.hold(back, None, true);
+        } else {
+            // A request's call that failed during the re-write began a new outage
+            // (admissions asked Redis again from the start of it): it keeps its local share.
+            self.end_local_share();
+        }
     }
 
     /// Starts the monitor once, if a runtime is at hand.
@@ -444,6 +660,10 @@ async fn monitor(this: Weak<RedisBudgets>, wake: Arc<Notify>, cancel: Cancellati
             }
         };
         next = next.after(ok, interval);
+        if matches!(next, Next::Check(_)) && this.holding() {
+            // The replicas' marks end the hold: look again soon.
+            next = Next::Check(interval.min(HOLD_POLL));
+        }
     }
 }
 
@@ -461,8 +681,116 @@ fn is_server_error(e: &redis::RedisError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::{Budgets, KeyId, Limits, SharedOptions};
+    use crate::secret::SecretString;
 
     const CHECK: Duration = Duration::from_millis(250);
+
+    /// Shared budgets on a port where nothing listens (every call fails at once), with one
+    /// key of 10 requests a minute shared by 2 replicas (a local share of 5).
+    fn unreachable() -> (Budgets, Arc<crate::budget::KeyBudget>) {
+        let opts = SharedOptions::new(SecretString::new("redis://127.0.0.1:1"));
+        let budgets = Budgets::shared(Duration::from_secs(60), opts, Arc::default()).unwrap();
+        let id = KeyId {
+            pool: "pool".into(),
+            provider: "openai".into(),
+            key: "k0".into(),
+        };
+        let key = budgets.key(
+            &id,
+            Limits {
+                rpm: Some(10),
+                tpm: None,
+            },
+        );
+        (budgets, key)
+    }
+
+    /// Recovery stops local admissions before it re-writes the records, so a request's call
+    /// that fails during the re-write begins a new outage (`u64::MAX`, degraded). The end of
+    /// the re-write used to store "no local share" over it: a degraded replica then admitted
+    /// a key's whole limit. The failure is injected where it happened, between the re-write's
+    /// start and its end.
+    #[tokio::test]
+    async fn a_call_that_fails_during_the_rewrite_keeps_its_local_share() {
+        let (budgets, key) = unreachable();
+        let backend = budgets.backend().unwrap().clone();
+        let timeout = SharedError::Timeout(backend.opts.timeout);
+        backend.failed(&timeout);
+        // Redis answered a probe: admissions ask it again while the records are re-written.
+        backend.degraded.store(false, Ordering::Release);
+        // A request's call fails meanwhile.
+        backend.failed(&timeout);
+        // The re-write ends; its budgets were all lost (re-created behind barriers).
+        backend.rewritten(false, 0);
+        assert!(backend.degraded());
+        let mut admitted = Vec::new();
+        for _ in 0..10 {
+            if let Ok(permit) = key.acquire(Instant::now(), 1).await {
+                admitted.push(permit);
+            }
+        }
+        assert_eq!(
+            admitted.len(),
+            5,
+            "degraded: this replica's share of 10, not all"
+        );
+    }
+
+    /// A hold ends when every replica it waits for has marked since it began, and at its
+    /// bound without them, not a millisecond before.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_ends_with_every_replicas_mark_or_at_its_bound() {
+        let (budgets, _key) = unreachable();
+        let backend = budgets.backend().unwrap().clone();
+        let (me, other) = (backend.replica, backend.replica ^ 1);
+        // Both replicas marked shortly before the outage.
+        *backend.peers.lock().unwrap() = Peers {
+            marks: HashMap::from([(me, 1_000), (other, 900)]),
+            read_at: 1_000,
+        };
+        let begun = Instant::now();
+        backend.hold(2_000, None, true);
+        let bound = backend.opts.rewrite_bound;
+        // This replica marked since; the other has not.
+        backend.peers.lock().unwrap().marks.insert(me, 2_000);
+        assert!(backend.hold_ended(begun).is_none());
+        let just_before = begun + bound - Duration::from_millis(1);
+        assert!(backend.hold_ended(just_before).is_none());
+        // The other marks, from a check begun before the hold: not enough.
+        backend.peers.lock().unwrap().marks.insert(other, 1_999);
+        assert!(backend.hold_ended(just_before).is_none());
+        backend.peers.lock().unwrap().marks.insert(other, 2_000);
+        let (hold, missing) = backend.hold_ended(just_before).unwrap();
+        assert_eq!(missing, 0);
+        assert!(hold.local);
+        assert!(backend.hold_ended(just_before).is_none(), "taken once");
+        // Without the other's mark, the bound ends it.
+        backend.hold(3_000, None, true);
+        let at = Instant::now() + bound;
+        assert!(backend.hold_ended(at - Duration::from_millis(1)).is_none());
+        let (_, missing) = backend.hold_ended(at).unwrap();
+        assert_eq!(missing, 2, "neither marked since 3000");
+    }
+
+    /// A replica whose last mark was older than a few checks when the marks were read (it
+    /// had stopped) is not waited for.
+    #[test]
+    fn a_hold_waits_only_for_replicas_seen_recently() {
+        let (budgets, _key) = unreachable();
+        let backend = budgets.backend().unwrap().clone();
+        let me = backend.replica;
+        let recent = millis(4 * backend.opts.check_interval + 2 * backend.opts.timeout);
+        *backend.peers.lock().unwrap() = Peers {
+            marks: HashMap::from([(1, 10_000 - recent), (2, 10_000 - recent - 1)]),
+            read_at: 10_000,
+        };
+        let mut live = backend.live_replicas();
+        live.sort_unstable();
+        let mut expected = vec![1, me];
+        expected.sort_unstable();
+        assert_eq!(live, expected);
+    }
 
     #[test]
     fn the_monitor_checks_at_the_interval_and_backs_off_to_250_ms_while_down() {

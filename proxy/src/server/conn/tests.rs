@@ -6,6 +6,7 @@ use super::*;
 use axum::routing::get;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const HEADER: Duration = Duration::from_millis(300);
@@ -97,18 +98,22 @@ fn open_now(listener: &'static str) -> i64 {
 /// its small cap is not mistaken for the public listener's clients, nor the other way.
 #[tokio::test]
 async fn each_listener_counts_its_own_connections() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = Router::new().route("/hello", get(|| async { "hello" }));
-    let connections = Arc::new(Connections::new(limits(), 1).named("admin-test"));
-    tokio::spawn(serve(listener, app, connections, CancellationToken::new()));
+    let release = CancellationToken::new();
+    let connections = Connections::new(limits(), 1).named("admin-test");
+    let (addr, entered) = holding_with(connections, release.clone()).await;
     let mut first = TcpStream::connect(addr).await.unwrap();
-    hello(&mut first).await;
+    first
+        .write_all(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    in_flight(&entered, 1).await;
     assert_eq!(open_now("admin-test"), 1);
     let mut second = TcpStream::connect(addr).await.unwrap();
-    // Refused at the cap of one: closed without an answer.
+    // Refused at the cap of one, the first busy: closed without an answer.
     until_closed(&mut second).await;
     assert_eq!(refused_total("admin-test"), 1);
+    release.cancel();
+    read_hello(&mut first).await;
     drop(first);
     tokio::time::timeout(PATIENCE, async {
         while open_now("admin-test") != 0 {
@@ -262,15 +267,86 @@ async fn a_client_that_keeps_reading_is_never_cut_by_the_send_timeout() {
     assert!(!dropped.is_cancelled(), "dropped after {read} bytes read");
 }
 
+/// Serves `/hello` and `/held`, whose answer waits until `release` is cancelled, with `max`
+/// connections; returns the address and the count of `/held` requests being answered.
+async fn holding(max: usize, release: CancellationToken) -> (SocketAddr, Arc<AtomicUsize>) {
+    holding_with(Connections::new(Limits::default(), max), release).await
+}
+
+/// [`holding`] under `connections`.
+async fn holding_with(
+    connections: Connections,
+    release: CancellationToken,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let entered = Arc::new(AtomicUsize::new(0));
+    let count = entered.clone();
+    let app = Router::new()
+        .route("/hello", get(|| async { "hello" }))
+        .route(
+            "/held",
+            get(move || {
+                let (count, release) = (count.clone(), release.clone());
+                async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    release.cancelled().await;
+                    "hello"
+                }
+            }),
+        );
+    tokio::spawn(serve(
+        listener,
+        app,
+        Arc::new(connections),
+        CancellationToken::new(),
+    ));
+    (addr, entered)
+}
+
+/// Waits until `n` requests are being answered.
+async fn in_flight(entered: &AtomicUsize, n: usize) {
+    tokio::time::timeout(PATIENCE, async {
+        while entered.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(MS).await;
+        }
+    })
+    .await
+    .expect("the requests never reached the handler");
+}
+
+/// Reads one whole `hello` answer.
+async fn read_hello(tcp: &mut TcpStream) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).ends_with("hello") {
+        let n = tokio::time::timeout(PATIENCE, tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// At the cap with a request in flight on every connection, a new connection is refused;
+/// once those requests are answered, their connections are idle and the next new one is
+/// served in the slot of one of them.
 #[tokio::test]
 async fn connections_beyond_the_cap_are_refused_and_counted() {
-    let (addr, _stop) = server(Limits::default(), 2).await;
+    let release = CancellationToken::new();
+    let (addr, entered) = holding(2, release.clone()).await;
     let refused = || refused_total(PUBLIC);
     let before = refused();
-    let mut first = TcpStream::connect(addr).await.unwrap();
-    let mut second = TcpStream::connect(addr).await.unwrap();
-    hello(&mut first).await;
-    hello(&mut second).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        held.push(tcp);
+    }
+    in_flight(&entered, 2).await;
     // The third is accepted by the kernel and closed by the gateway at once.
     let mut third = TcpStream::connect(addr).await.unwrap();
     let _ = third
@@ -279,22 +355,45 @@ async fn connections_beyond_the_cap_are_refused_and_counted() {
     let answer = until_closed(&mut third).await;
     assert!(answer.is_empty(), "{answer}");
     assert!(refused() > before);
-    // A slot frees when a connection closes.
-    drop(first);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let mut next = TcpStream::connect(addr).await.unwrap();
-        let _ = next
-            .write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await;
-        let mut buf = [0u8; 64];
-        if matches!(next.read(&mut buf).await, Ok(n) if n > 0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no slot freed up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Answered, the held connections are idle: a new one takes a slot.
+    release.cancel();
+    for tcp in &mut held {
+        read_hello(tcp).await;
     }
-    hello(&mut second).await;
+    let mut next = TcpStream::connect(addr).await.unwrap();
+    hello(&mut next).await;
+}
+
+/// At the cap a new connection takes the slot of the connection idle longest, which is
+/// closed; a connection with a request in flight keeps its slot, and so do the others.
+#[tokio::test]
+async fn at_the_cap_the_connection_idle_longest_makes_room_for_a_new_one() {
+    let release = CancellationToken::new();
+    let (addr, entered) = holding(3, release.clone()).await;
+    let before = closed_total(EVICTED);
+    let mut oldest = TcpStream::connect(addr).await.unwrap();
+    hello(&mut oldest).await;
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    busy.write_all(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    in_flight(&entered, 1).await;
+    let mut newer = TcpStream::connect(addr).await.unwrap();
+    hello(&mut newer).await;
+    // A fourth: served (the old behaviour closed it unanswered).
+    let mut fourth = TcpStream::connect(addr).await.unwrap();
+    hello(&mut fourth).await;
+    let sent = until_closed(&mut oldest).await;
+    assert!(sent.is_empty(), "{sent}");
+    assert!(closed_total(EVICTED) > before);
+    // A fifth: the idlest now is `newer` (its last answer is older than the fourth's), never
+    // `busy`, idle since before it but with its request in flight.
+    let mut fifth = TcpStream::connect(addr).await.unwrap();
+    hello(&mut fifth).await;
+    until_closed(&mut newer).await;
+    release.cancel();
+    read_hello(&mut busy).await;
+    hello(&mut fourth).await;
 }
 
 #[tokio::test]
