@@ -370,8 +370,15 @@ pub struct AIProviderPoolStatus {
 pub struct ProviderStatus {
     /// Provider name.
     pub name: String,
-    /// closed, open or half-open.
+    /// closed, half-open or open: the worst over the gateway replicas that report it;
+    /// `unknown` when none does (or the operator has no Redis to read them from).
     pub circuit: String,
+    /// Gateway replicas reporting this provider's circuit.
+    #[serde(default)]
+    pub circuit_replicas: u32,
+    /// Of those, the replicas on which it is open.
+    #[serde(default)]
+    pub circuit_open_replicas: u32,
     /// Keys usable now.
     pub ready_keys: u32,
     /// Keys configured.

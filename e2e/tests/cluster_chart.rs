@@ -668,3 +668,74 @@ async fn the_proxy_runs_as_the_charts_service_account_and_serves_the_namespace()
     );
     proxy.stop().await.unwrap();
 }
+
+/// HPA mode on the API server: the rendered HPA is accepted, and the controller manager's HPA
+/// controller finds its target, the gateway's Deployment, through its scale subresource
+/// (`AbleToScale`: `SucceededGetScale`); without a metrics server it then reports that it
+/// cannot read CPU, which is the cluster's part, not the chart's.
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn the_gateways_hpa_is_accepted_and_finds_the_gateway_deployment() {
+    let (cluster, ns) = setup("chart-hpa").await;
+    let home = tempfile::tempdir().unwrap();
+    let objects = template(
+        cluster,
+        home.path(),
+        ns.name(),
+        &[
+            OsStr::new("--set"),
+            OsStr::new("gateway.autoscaling.enabled=true"),
+            OsStr::new("--set"),
+            OsStr::new("gateway.redis.existingSecret=gateway-redis"),
+            OsStr::new("--set"),
+            OsStr::new("operator.enabled=false"),
+        ],
+    )
+    .await;
+    let hpa = object(&objects, "HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], GATEWAY);
+    let stream: String = objects
+        .iter()
+        .filter(|o| o["kind"] == "Deployment" || o["kind"] == "HorizontalPodAutoscaler")
+        .map(|o| format!("---\n{}\n", serde_json::to_string(o).unwrap()))
+        .collect();
+    cluster
+        .kubectl_stdin(["apply", "-n", ns.name(), "-f", "-"], &stream)
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let condition = |status: &Value, type_: &str| {
+        status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .cloned()
+    };
+    // The HPA controller syncs every 15 s.
+    let status = wait_for(
+        "the HPA controller to read its target",
+        SLOW * 2,
+        || async {
+            let out = kubectl_ok(
+                cluster,
+                &["get", "hpa", GATEWAY, "-n", ns.name(), "-o", "json"],
+            )
+            .await;
+            let hpa: Value = serde_json::from_str(&out.stdout).unwrap();
+            let status = hpa["status"].clone();
+            Ok(condition(&status, "AbleToScale")
+                .is_some()
+                .then_some(status))
+        },
+    )
+    .await
+    .unwrap();
+    let able = condition(&status, "AbleToScale").unwrap();
+    assert_eq!(
+        (&able["status"], &able["reason"]),
+        (&Value::from("True"), &Value::from("SucceededGetScale")),
+        "{status:#?}"
+    );
+}

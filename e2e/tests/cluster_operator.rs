@@ -1,9 +1,11 @@
 //! The operator in-process against a real kube-apiserver, kube-controller-manager (garbage
 //! collector, PV binder, ReplicaSets), kube-scheduler and kwok: a pool whose Secret lacks a key
 //! says which and is not Ready, then turns Ready when the Secret is fixed; a
-//! LocalModelDeployment gets a Deployment with its GPU request, a Service and a claim, its kwok
-//! pod turns Ready, a spec change rolls out, and deleting it deletes what it owns; TierQueue
-//! and CachePolicy get status. Each test runs its own operator, watching only its namespace.
+//! LocalModelDeployment gets a Deployment with its GPU request and a Service, its kwok pod
+//! turns Ready on the GPU pool with a claim of its own bound by the cluster's default class, a
+//! spec change rolls out, and deleting it deletes what it owns; the 500 RPM example's models
+//! all run Ready; TierQueue and CachePolicy get status. Each test runs its own operator,
+//! watching only its namespace.
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
@@ -13,7 +15,7 @@ use floodgate_crds::{
 };
 use floodgate_e2e::cluster::{Cluster, TestNamespace, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde::de::DeserializeOwned;
@@ -305,63 +307,17 @@ async fn tier_queues_and_cache_policies_get_status() {
     assert_eq!((cells[1], cells[5]), ("2", "True"), "{}", out.stdout);
 }
 
-/// A cluster-scoped PersistentVolume for one test, deleted when dropped (also on failure).
-struct TestVolume {
-    cluster: &'static Cluster,
-    name: String,
-}
-
-impl Drop for TestVolume {
-    fn drop(&mut self) {
-        // Synchronous, as TestNamespace's: Drop cannot await, and the test's client belongs to
-        // the runtime this drop blocks.
-        let _ = std::process::Command::new(self.cluster.bin_dir().join("kubectl"))
-            .arg("--kubeconfig")
-            .arg(self.cluster.kubeconfig())
-            .args([
-                "delete",
-                "persistentvolume",
-                &self.name,
-                "--wait=false",
-                "--ignore-not-found",
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
     let (cluster, ns, client, _operator) = setup("operator-lmd").await;
     let started = Instant::now();
-    // No provisioner runs here: a PersistentVolume of a class of this test's own, which the
-    // controller manager's binder binds to the claim.
-    let class = format!("{}-manual", ns.name());
-    let volumes: Api<PersistentVolume> = Api::all(client.clone());
-    let _volume = TestVolume {
-        cluster,
-        name: class.clone(),
-    };
-    apply(
-        &volumes,
-        &class,
-        json!({
-            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": class},
-            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                     "storageClassName": class, "hostPath": {"path": "/tmp/floodgate-e2e"}}
-        }),
-    )
-    .await;
-
     let lmds: Api<LocalModelDeployment> = Api::namespaced(client.clone(), ns.name());
     apply(&lmds, "llama", json!({
         "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
         "spec": {"model": "llama3.1:8b", "classes": ["simple"], "replicas": 1,
                  "resources": {"gpu": 1, "memory": "1Gi"},
-                 "storage": {"size": "1Gi", "storageClassName": class},
+                 "storage": {"size": "1Gi"},
                  "nodeSelector": {"nvidia.com/gpu.present": "true"},
                  "ollama": {"numParallel": 4}}
     }))
@@ -406,16 +362,19 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
         (owner.kind.as_str(), owner.uid.as_str()),
         ("LocalModelDeployment", lmd.metadata.uid.as_deref().unwrap())
     );
-    // The pod was scheduled onto the only node with GPUs.
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns.name());
+    // The pod was scheduled onto a node of the (tainted) GPU pool.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     let listed = pods
         .list(&ListParams::default().labels("floodgate.dev/local-model=llama"))
         .await
         .unwrap();
     assert_eq!(listed.items.len(), 1);
-    assert_eq!(
-        listed.items[0].spec.as_ref().unwrap().node_name.as_deref(),
-        Some("kwok-gpu-node-0")
+    let pod_name = listed.items[0].metadata.name.clone().unwrap();
+    let node = listed.items[0].spec.as_ref().unwrap().node_name.clone();
+    assert!(
+        node.as_deref()
+            .is_some_and(|n| n.starts_with("kwok-gpu-node-")),
+        "{node:?}"
     );
     let services: Api<Service> = Api::namespaced(client.clone(), ns.name());
     assert_eq!(
@@ -430,9 +389,15 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
             .port,
         11434
     );
+    // The pod's own weights claim, made by the controller manager, bound by the provisioner.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns.name());
-    let claim = claims.get("llama-models").await.unwrap();
+    let claim = claims.get(&format!("{pod_name}-models")).await.unwrap();
     assert_eq!(claim.status.unwrap().phase.as_deref(), Some("Bound"));
+    assert_eq!(
+        claim.metadata.owner_references.unwrap()[0].kind,
+        "Pod",
+        "the claim goes with its pod"
+    );
 
     // `kubectl get localmodeldeployments` prints the model and the status the operator wrote.
     let out = cluster
@@ -480,7 +445,7 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
         "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
         "spec": {"model": "llama3.1:8b", "classes": ["simple"], "replicas": 1,
                  "resources": {"gpu": 1, "memory": "1Gi"},
-                 "storage": {"size": "1Gi", "storageClassName": class},
+                 "storage": {"size": "1Gi"},
                  "nodeSelector": {"nvidia.com/gpu.present": "true"},
                  "ollama": {"numParallel": 8}}
     }))
@@ -510,22 +475,25 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
     })
     .await;
 
-    // Deleting the resource deletes what it owns (the controller manager's garbage collector).
-    // The claim may stay Terminating until its pod is gone (pvc-protection; kwok honours the
-    // pod's 30 s grace period): marked for deletion is enough here.
+    // Deleting the resource deletes what it owns (the controller manager's garbage collector),
+    // and the pods' claims with their pods. A claim may stay Terminating until its pod is gone
+    // (pvc-protection; kwok honours the pod's 30 s grace period): marked for deletion is
+    // enough here.
     let deleted_at = Instant::now();
     lmds.delete("llama", &DeleteParams::background())
         .await
         .unwrap();
     wait_for(
-        "the owned Deployment, Service and claim to go",
+        "the owned Deployment, Service and claims to go",
         GC_WAIT,
         || async {
-            let claim_going = claims
-                .get_opt("llama-models")
+            let claims_going = claims
+                .list(&ListParams::default().labels("floodgate.dev/local-model=llama"))
                 .await?
-                .is_none_or(|c| c.metadata.deletion_timestamp.is_some());
-            let gone = claim_going
+                .items
+                .iter()
+                .all(|c| c.metadata.deletion_timestamp.is_some());
+            let gone = claims_going
                 && deployments.get_opt("llama").await?.is_none()
                 && services.get_opt("llama").await?.is_none();
             Ok(gone.then_some(()))
@@ -915,8 +883,8 @@ async fn the_500rpm_example_applied_under_the_operator_gets_its_objects_and_stat
         Some(ConditionStatus::True)
     );
 
-    // Each local model: minReplicas GPU replicas, a Service, a claim for its weights; without
-    // a demand source the autoscaler says so rather than pretending to scale.
+    // Each local model: minReplicas GPU replicas, a Service; without a demand source the
+    // autoscaler says so rather than pretending to scale.
     let lmds: Api<LocalModelDeployment> = Api::namespaced(client.clone(), ns.name());
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
     let services: Api<Service> = Api::namespaced(client.clone(), ns.name());
@@ -958,9 +926,52 @@ async fn the_500rpm_example_applied_under_the_operator_gets_its_objects_and_stat
             "{name}: the init step pulls {model}"
         );
         assert!(services.get_opt(name).await.unwrap().is_some(), "{name}");
-        let claim = claims.get(&format!("{name}-models")).await.unwrap();
-        let requested = claim.spec.unwrap().resources.unwrap().requests.unwrap();
-        assert_eq!(requested["storage"].0, "50Gi", "{name}");
+    }
+
+    // And they run: every model's two kwok pods Ready on the GPU pool, each on a 50Gi claim of
+    // its own that the cluster's default class bound; the models' status says so.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    for name in ["llama", "mistral", "codellama"] {
+        let lmd = wait_until(&lmds, name, "model Ready with 2 ready replicas", |l| {
+            l.status
+                .as_ref()
+                .is_some_and(|s| s.ready_replicas == 2 && ready(&s.conditions))
+        })
+        .await;
+        assert_eq!(lmd.status.unwrap().replicas, 2, "{name}");
+        let selector = format!("floodgate.dev/local-model={name}");
+        let listed = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .unwrap()
+            .items;
+        let running: Vec<&Pod> = listed
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        assert_eq!(running.len(), 2, "{name}: {listed:#?}");
+        for pod in running {
+            let pod_name = pod.metadata.name.clone().unwrap();
+            let status = pod.status.clone().unwrap();
+            assert!(
+                status
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True"),
+                "{pod_name}: {status:#?}"
+            );
+            let node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
+            assert!(node.starts_with("kwok-gpu-node-"), "{pod_name} on {node}");
+            let claim = claims.get(&format!("{pod_name}-models")).await.unwrap();
+            assert_eq!(
+                claim.status.as_ref().unwrap().phase.as_deref(),
+                Some("Bound"),
+                "{pod_name}"
+            );
+            let requested = claim.spec.unwrap().resources.unwrap().requests.unwrap();
+            assert_eq!(requested["storage"].0, "50Gi", "{pod_name}");
+        }
     }
 }
 

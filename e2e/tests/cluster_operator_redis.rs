@@ -3,7 +3,8 @@
 //! tokens its limits counted; a LocalModelDeployment scales up when the demand the proxies
 //! publish for it rises over its threshold, says why in status and an Event, and scales back
 //! down after its cooldown when the demand is gone; a TierQueue shows what waits on the
-//! proxies per tier and class; a CachePolicy shows the hit ratios the proxies counted.
+//! proxies per tier and class; a CachePolicy shows the hit ratios the proxies counted; a pool
+//! shows each provider's circuit, the worst the proxies report, and on how many it is open.
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
@@ -413,4 +414,86 @@ async fn a_cache_policys_status_shows_the_hit_ratios_the_proxies_publish() {
         "{}",
         out.stdout
     );
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_pools_status_shows_each_providers_circuit_over_the_proxies() {
+    use floodgate_crds::AIProviderPool;
+    use floodgate_proxy::demand::PoolCircuits;
+    let redis = RedisServer::start().await.unwrap();
+    let (cluster, ns, client, _operator) = setup("operator-circuits", &redis).await;
+    // Two proxy replicas' publishers: gpt4's circuit open on one, claude's closed on both.
+    let publishing = CancellationToken::new();
+    let _stop_publishing = publishing.clone().drop_guard();
+    for (replica, gpt4) in [("proxy-0", "open"), ("proxy-1", "closed")] {
+        let circuits = move || {
+            vec![PoolCircuits {
+                pool: "premium".into(),
+                providers: vec![("claude".into(), "closed"), ("gpt4".into(), gpt4)],
+            }]
+        };
+        let publisher = Publisher::new(
+            Arc::new(DemandBoard::default()),
+            &SecretString::new(redis.url()),
+            replica,
+        )
+        .unwrap()
+        .with_circuits(Arc::new(circuits));
+        tokio::spawn(publisher.run(publishing.clone()));
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
+    apply(
+        &secrets,
+        "keys",
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "keys"}, "stringData": {"claude": "sk-a", "gpt4": "sk-b"}}),
+    )
+    .await;
+    let pools: Api<AIProviderPool> = Api::namespaced(client.clone(), ns.name());
+    apply(&pools, "premium", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "AIProviderPool", "metadata": {"name": "premium"},
+        "spec": {"providers": [
+            {"name": "claude", "type": "anthropic", "models": [{"name": "claude-sonnet-4"}],
+             "keys": [{"secretRef": {"name": "keys", "key": "claude"}, "rpm": 20}]},
+            {"name": "gpt4", "type": "openai", "models": [{"name": "gpt-4o"}],
+             "keys": [{"secretRef": {"name": "keys", "key": "gpt4"}, "rpm": 200}]}]}
+    }))
+    .await;
+    // The first pass may come before the first publication: the next one (15 s) reads it.
+    let pool = wait_until(&pools, "premium", "circuits in status", |p| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.providers.iter().all(|p| p.circuit_replicas == 2))
+    })
+    .await;
+    let providers: Vec<_> = pool
+        .status
+        .unwrap()
+        .providers
+        .into_iter()
+        .map(|p| (p.name, p.circuit, p.circuit_open_replicas))
+        .collect();
+    assert_eq!(
+        providers,
+        [
+            ("claude".to_owned(), "closed".to_owned(), 0),
+            ("gpt4".to_owned(), "open".to_owned(), 1)
+        ]
+    );
+    let out = cluster
+        .kubectl([
+            "get",
+            "aiproviderpools",
+            "premium",
+            "-n",
+            ns.name(),
+            "-o",
+            "jsonpath={.status.providers[?(@.name==\"gpt4\")].circuit}",
+        ])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(out.stdout, "open");
 }
