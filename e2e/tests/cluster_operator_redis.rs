@@ -119,6 +119,16 @@ async fn event_notes(client: &Client, ns: &str, name: &str, reason: &str) -> Vec
     .unwrap()
 }
 
+/// The publisher of proxy replica `replica` writing to `redis`, with no local-model demand.
+fn replica_publisher(redis: &RedisServer, replica: &str) -> Publisher {
+    Publisher::new(
+        Arc::new(DemandBoard::default()),
+        &SecretString::new(redis.url()),
+        replica,
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn a_tenants_status_and_columns_show_what_its_limits_counted() {
@@ -289,13 +299,7 @@ async fn a_tier_queues_status_shows_what_waits_on_the_proxies() {
     };
     let publishing = CancellationToken::new();
     let _stop_publishing = publishing.clone().drop_guard();
-    let publisher = Publisher::new(
-        Arc::new(DemandBoard::default()),
-        &SecretString::new(redis.url()),
-        "proxy-0",
-    )
-    .unwrap()
-    .with_queues(Arc::new(figures));
+    let publisher = replica_publisher(&redis, "proxy-0").with_queues(Arc::new(figures));
     tokio::spawn(publisher.run(publishing));
 
     let tqs: Api<TierQueue> = Api::namespaced(client.clone(), ns.name());
@@ -365,13 +369,7 @@ async fn a_cache_policys_status_shows_the_hit_ratios_the_proxies_publish() {
                 bytes: entries * 1000,
             })
         };
-        let publisher = Publisher::new(
-            Arc::new(DemandBoard::default()),
-            &SecretString::new(redis.url()),
-            replica,
-        )
-        .unwrap()
-        .with_caches(Arc::new(figures));
+        let publisher = replica_publisher(&redis, replica).with_caches(Arc::new(figures));
         tokio::spawn(publisher.run(publishing.clone()));
     }
     let cps: Api<CachePolicy> = Api::namespaced(client.clone(), ns.name());
@@ -433,13 +431,7 @@ async fn a_pools_status_shows_each_providers_circuit_over_the_proxies() {
                 providers: vec![("claude".into(), "closed"), ("gpt4".into(), gpt4)],
             }]
         };
-        let publisher = Publisher::new(
-            Arc::new(DemandBoard::default()),
-            &SecretString::new(redis.url()),
-            replica,
-        )
-        .unwrap()
-        .with_circuits(Arc::new(circuits));
+        let publisher = replica_publisher(&redis, replica).with_circuits(Arc::new(circuits));
         tokio::spawn(publisher.run(publishing.clone()));
     }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());

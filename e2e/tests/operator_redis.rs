@@ -118,6 +118,16 @@ async fn tenant_usage_is_what_its_own_limits_count() {
     assert_eq!(unseen, floodgate_operator::usage::TenantUsage::default());
 }
 
+/// Expires `key` at once, as if its replica had stopped publishing a TTL ago.
+async fn expire_now(conn: &mut redis::aio::ConnectionManager, key: String) {
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(key)
+        .arg(1)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -184,12 +194,11 @@ async fn demand_is_summed_over_the_replicas_that_still_publish() {
         ttl > 0 && ttl <= floodgate_crds::redis_keys::DEMAND_TTL_MS as i64,
         "{ttl}"
     );
-    let _: () = redis::cmd("PEXPIRE")
-        .arg(floodgate_crds::redis_keys::DemandKeys::new("models", "llama").replica("proxy-b"))
-        .arg(1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    expire_now(
+        &mut conn,
+        floodgate_crds::redis_keys::DemandKeys::new("models", "llama").replica("proxy-b"),
+    )
+    .await;
     let expired = floodgate_e2e::cluster::wait_for(
         "proxy-b's figures to expire",
         Duration::from_secs(5),
@@ -318,14 +327,11 @@ async fn circuits_are_the_worst_over_the_replicas_that_still_publish() {
     assert!(reader.pool_circuits("idle").await.unwrap().is_empty());
 
     // Replica b stops publishing: once its hash expires, only a and c count.
-    let _: () = redis::cmd("PEXPIRE")
-        .arg(floodgate_crds::redis_keys::circuit_replica_key(
-            "premium", "proxy-b",
-        ))
-        .arg(1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    expire_now(
+        &mut conn,
+        floodgate_crds::redis_keys::circuit_replica_key("premium", "proxy-b"),
+    )
+    .await;
     let circuits = floodgate_e2e::cluster::wait_for(
         "proxy-b's circuits to expire",
         Duration::from_secs(5),

@@ -134,23 +134,37 @@ impl UsageReader {
     /// The circuits of pool `pool`'s providers over the replicas whose figures have not
     /// expired (layout: [`floodgate_crds::redis_keys`]).
     pub async fn pool_circuits(&self, pool: &str) -> Result<PoolCircuits> {
+        let hashes = self
+            .replica_hashes(&circuit_replicas_key(pool), |r| {
+                circuit_replica_key(pool, r)
+            })
+            .await?;
+        Ok(sum_circuits(hashes))
+    }
+
+    /// The hashes of the replicas listed in the index `index` (a sorted set of replica ids),
+    /// each at `hash_of(replica)`. An expired hash reads as empty: that replica stopped
+    /// publishing.
+    async fn replica_hashes<V: redis::FromRedisValue>(
+        &self,
+        index: &str,
+        hash_of: impl Fn(&str) -> String,
+    ) -> Result<Vec<BTreeMap<String, V>>> {
         let mut conn = self.connection()?;
         let replicas: Vec<String> = redis::cmd("ZRANGE")
-            .arg(circuit_replicas_key(pool))
+            .arg(index)
             .arg(0)
             .arg(-1)
             .query_async(&mut conn)
             .await?;
         if replicas.is_empty() {
-            return Ok(PoolCircuits::new());
+            return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for r in &replicas {
-            pipe.cmd("HGETALL").arg(circuit_replica_key(pool, r));
+            pipe.cmd("HGETALL").arg(hash_of(r));
         }
-        // An expired hash reads as empty: that replica stopped publishing.
-        let hashes: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await?;
-        Ok(sum_circuits(hashes))
+        Ok(pipe.query_async(&mut conn).await?)
     }
 }
 
@@ -270,24 +284,11 @@ impl UsageReader {
         use floodgate_crds::redis_keys::{
             QUEUE_MISSED, QUEUE_OLDEST, QUEUE_WAITING, QUEUE_WAITS, QUEUE_WITHIN, QueueKeys,
         };
-        let mut conn = self.connection()?;
         let keys = QueueKeys::new(namespace, name);
-        let replicas: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&keys.replicas)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
+        let hashes: Vec<BTreeMap<String, String>> = self
+            .replica_hashes(&keys.replicas, |r| keys.replica(r))
             .await?;
         let mut usage = QueueUsage::new();
-        if replicas.is_empty() {
-            return Ok(usage);
-        }
-        let mut pipe = redis::pipe();
-        for r in &replicas {
-            pipe.cmd("HGETALL").arg(keys.replica(r));
-        }
-        // An expired hash reads as empty: that replica stopped publishing.
-        let hashes: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await?;
         // A field that does not parse (another version's) counts as nothing.
         let number = |v: &str| v.parse::<u64>().unwrap_or(0);
         for (field, value) in hashes.into_iter().flatten() {
@@ -333,23 +334,11 @@ impl UsageReader {
     /// [`floodgate_crds::redis_keys`]) over the replicas whose figures have not expired.
     pub async fn cache_usage(&self, namespace: &str, name: &str) -> Result<CacheUsage> {
         use floodgate_crds::redis_keys::{CACHE_FIELDS, CacheKeys};
-        let mut conn = self.connection()?;
         let keys = CacheKeys::new(namespace, name);
-        let replicas: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&keys.replicas)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
+        let hashes: Vec<BTreeMap<String, u64>> = self
+            .replica_hashes(&keys.replicas, |r| keys.replica(r))
             .await?;
         let mut usage = CacheUsage::default();
-        if replicas.is_empty() {
-            return Ok(usage);
-        }
-        let mut pipe = redis::pipe();
-        for r in &replicas {
-            pipe.cmd("HGETALL").arg(keys.replica(r));
-        }
-        let hashes: Vec<BTreeMap<String, u64>> = pipe.query_async(&mut conn).await?;
         for hash in hashes.iter().filter(|h| !h.is_empty()) {
             usage.replicas += 1;
             let field = |f: &str| hash.get(f).copied().unwrap_or(0);
