@@ -10,91 +10,27 @@
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
 
+#[path = "support/operator.rs"]
+mod operator;
+
 use floodgate_crds::{
     AIProviderPool, CachePolicy, ConditionStatus, LocalModelDeployment, TierQueue,
 };
-use floodgate_e2e::cluster::{Cluster, TestNamespace, wait_for};
+use floodgate_e2e::cluster::{Cluster, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Pod, Secret, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client};
-use serde::de::DeserializeOwned;
+use operator::{Operator, WAIT, apply, setup, wait_until};
 use serde_json::json;
-use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-const WAIT: Duration = Duration::from_secs(60);
 /// The garbage collector learns of a new custom resource kind on its 30 s discovery resync:
 /// on a cluster whose CRDs were just installed, owned objects go up to about 40 s after
 /// their owner (measured 40 s on a fresh cluster).
 const GC_WAIT: Duration = Duration::from_secs(120);
-
-/// The operator of one test; stopped when dropped.
-struct Operator {
-    shutdown: CancellationToken,
-    metrics: Arc<floodgate_operator::Metrics>,
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn setup(test: &str) -> (&'static Cluster, TestNamespace, Client, Operator) {
-    let cluster = Cluster::get().await.unwrap();
-    cluster.install_crds().await.unwrap();
-    let ns = cluster.namespace(test).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    let shutdown = CancellationToken::new();
-    let config = floodgate_operator::Config {
-        namespace: Some(ns.name().to_owned()),
-        instance: Some(format!("e2e-{test}")),
-        redis_url: None,
-    };
-    let metrics = Arc::new(floodgate_operator::Metrics::default());
-    tokio::spawn(floodgate_operator::run(
-        client.clone(),
-        config,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    (cluster, ns, client, Operator { shutdown, metrics })
-}
-
-async fn apply<K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug>(
-    api: &Api<K>,
-    name: &str,
-    manifest: serde_json::Value,
-) -> K {
-    api.patch(
-        name,
-        &PatchParams::apply("floodgate-e2e").force(),
-        &Patch::Apply(&manifest),
-    )
-    .await
-    .unwrap()
-}
-
-/// Waits until `check` holds for object `name`, returning it; on timeout fails showing the
-/// object as last seen.
-async fn wait_until<K, F>(api: &Api<K>, name: &str, what: &str, check: F) -> K
-where
-    K: kube::Resource + Clone + DeserializeOwned + Debug,
-    F: Fn(&K) -> bool,
-{
-    let last = std::sync::Mutex::new(None);
-    let found = wait_for(what, WAIT, || async {
-        let obj = api.get_opt(name).await?;
-        let done = obj.as_ref().is_some_and(&check);
-        *last.lock().unwrap() = obj.clone();
-        Ok(if done { obj } else { None })
-    })
-    .await;
-    found.unwrap_or_else(|e| panic!("{e}; last seen: {:#?}", last.lock().unwrap()))
-}
 
 fn condition<'a>(
     conditions: &'a [floodgate_crds::Condition],
@@ -126,7 +62,7 @@ fn secret_manifest(keys: &[&str]) -> serde_json::Value {
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn a_pool_names_its_missing_key_and_turns_ready_when_the_secret_is_fixed() {
-    let (cluster, ns, client, operator) = setup("operator-pool").await;
+    let (cluster, ns, client, operator) = setup("operator-pool", None).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     let pools: Api<AIProviderPool> = Api::namespaced(client.clone(), ns.name());
     apply(&secrets, "claude-keys", secret_manifest(&["key1"])).await;
@@ -236,7 +172,7 @@ async fn a_pool_names_its_missing_key_and_turns_ready_when_the_secret_is_fixed()
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn tier_queues_and_cache_policies_get_status() {
-    let (cluster, ns, client, _operator) = setup("operator-status").await;
+    let (cluster, ns, client, _operator) = setup("operator-status", None).await;
     let tiers: Api<TierQueue> = Api::namespaced(client.clone(), ns.name());
     let caches: Api<CachePolicy> = Api::namespaced(client.clone(), ns.name());
     apply(&tiers, "tiers", json!({
@@ -310,7 +246,7 @@ async fn tier_queues_and_cache_policies_get_status() {
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
-    let (cluster, ns, client, _operator) = setup("operator-lmd").await;
+    let (cluster, ns, client, _operator) = setup("operator-lmd", None).await;
     let started = Instant::now();
     let lmds: Api<LocalModelDeployment> = Api::namespaced(client.clone(), ns.name());
     apply(&lmds, "llama", json!({
@@ -662,10 +598,7 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
     let admin = cluster.client().await.unwrap();
     let operator = client_as(cluster, ns.name(), "fg-floodgate-operator").await;
     let stop = CancellationToken::new();
-    let _stop_on_drop = Operator {
-        shutdown: stop.clone(),
-        metrics: Arc::default(),
-    };
+    let _stop_on_drop = Operator::guard(stop.clone());
     let config = floodgate_operator::Config {
         namespace: Some(ns.name().to_owned()),
         instance: Some("rbac".to_owned()),
@@ -828,7 +761,7 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn the_500rpm_example_applied_under_the_operator_gets_its_objects_and_status() {
-    let (cluster, ns, client, _operator) = setup("operator-example").await;
+    let (cluster, ns, client, _operator) = setup("operator-example", None).await;
     let example = cluster.repo_root().join("examples/scaling-500rpm");
     cluster
         .kubectl(["apply", "-n", ns.name(), "-f", example.to_str().unwrap()])
@@ -987,10 +920,7 @@ async fn a_leader_whose_lease_is_taken_stops_its_controllers_at_its_next_renewal
     let ns = cluster.namespace("operator-lease-lost").await.unwrap();
     let client = cluster.client().await.unwrap();
     let stop = CancellationToken::new();
-    let _stop_on_drop = Operator {
-        shutdown: stop.clone(),
-        metrics: Arc::default(),
-    };
+    let _stop_on_drop = Operator::guard(stop.clone());
     let config = floodgate_operator::Config {
         namespace: Some(ns.name().to_owned()),
         instance: Some("replica-a".to_owned()),
