@@ -443,6 +443,50 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
     );
 }
 
+/// Fails at once, saying why, on a cluster without `gpus` GPUs or a default StorageClass
+/// (one started by an `e2e/cluster.sh` older than its GPU pool), where the pods would only
+/// stay Pending until a timeout.
+async fn assert_gpu_pool_and_storage(client: &Client, gpus: i64) {
+    use k8s_openapi::api::core::v1::Node;
+    use k8s_openapi::api::storage::v1::StorageClass;
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    let default_class = classes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .any(|c| {
+            c.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("storageclass.kubernetes.io/is-default-class"))
+                .is_some_and(|v| v == "true")
+        });
+    let nodes: Api<Node> = Api::all(client.clone());
+    let offered: i64 = nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter_map(|n| {
+            n.status
+                .as_ref()?
+                .allocatable
+                .as_ref()?
+                .get("nvidia.com/gpu")
+        })
+        .map(|q| q.0.parse::<i64>().unwrap_or(0))
+        .sum();
+    assert!(
+        default_class && offered >= gpus,
+        "the cluster offers {offered} GPUs (need {gpus}) and {} default StorageClass: it predates \
+         e2e/cluster.sh's GPU pool and storage class; restart it (`make cluster-down cluster-up`)",
+        if default_class { "a" } else { "no" }
+    );
+}
+
 /// The `reportingInstance` of the Events in `ns` about object `name`, once there is one.
 async fn event_reporters(client: &Client, ns: &str, name: &str) -> Vec<String> {
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
@@ -762,6 +806,7 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn the_500rpm_example_applied_under_the_operator_gets_its_objects_and_status() {
     let (cluster, ns, client, _operator) = setup("operator-example", None).await;
+    assert_gpu_pool_and_storage(&client, 6).await;
     let example = cluster.repo_root().join("examples/scaling-500rpm");
     cluster
         .kubectl(["apply", "-n", ns.name(), "-f", example.to_str().unwrap()])
