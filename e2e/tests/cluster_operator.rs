@@ -160,7 +160,7 @@ async fn a_pool_names_its_missing_key_and_turns_ready_when_the_secret_is_fixed()
         .find(|l| l.starts_with("premium"))
         .unwrap();
     let cells: Vec<&str> = row.split_whitespace().collect();
-    // NAME PROVIDERS KEYS CAPACITY-RPM USED-RPM READY AGE
+    // NAME PROVIDERS KEYS CAPACITY-RPM USED-RPM OPEN-CIRCUITS (blank: no Redis) READY AGE
     assert_eq!(
         &cells[1..6],
         ["1", "2/2", "50", "0", "True"],

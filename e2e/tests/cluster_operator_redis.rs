@@ -423,4 +423,23 @@ async fn a_pools_status_shows_each_providers_circuit_over_the_proxies() {
         .ok()
         .unwrap();
     assert_eq!(out.stdout, "open");
+    let out = cluster
+        .kubectl(["get", "aiproviderpools", "premium", "-n", ns.name()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("premium"))
+        .unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // NAME PROVIDERS KEYS CAPACITY-RPM USED-RPM OPEN-CIRCUITS READY AGE
+    assert_eq!(
+        &cells[1..7],
+        ["2", "2/2", "220", "0", "1", "True"],
+        "{}",
+        out.stdout
+    );
 }

@@ -83,14 +83,20 @@ async fn read_live(
 }
 
 /// Sets each provider's circuit from what the gateway's replicas report: the worst state and
-/// how many see it open; `unknown` for a provider no replica reports.
+/// how many see it open; `unknown` for a provider no replica reports. `openCircuits` counts
+/// the providers open somewhere, unset when no provider is reported.
 pub fn apply_circuits(status: &mut AIProviderPoolStatus, circuits: &PoolCircuits) {
+    let mut reported_any = false;
+    let mut open = 0;
     for p in &mut status.providers {
         let reported = circuits.get(&p.name);
+        reported_any |= reported.is_some();
         p.circuit = reported.map_or("unknown", |c| c.worst).to_owned();
         p.circuit_replicas = reported.map_or(0, |c| c.replicas);
         p.circuit_open_replicas = reported.map_or(0, |c| c.open);
+        open += u32::from(p.circuit == "open");
     }
+    status.open_circuits = reported_any.then_some(open);
 }
 
 /// The names of the Secrets `spec` references.
@@ -226,6 +232,7 @@ pub fn compute_status(
             Some(u) => u.values().sum(),
             None => old.map_or(0, |o| o.used_rpm),
         },
+        open_circuits: old.and_then(|o| o.open_circuits),
         providers,
     }
 }

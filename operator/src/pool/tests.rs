@@ -194,9 +194,11 @@ fn circuits_show_the_worst_state_and_the_open_replicas_and_unknown_when_unreport
         ),
         ("unknown", 0)
     );
+    assert_eq!(s.open_circuits, Some(1));
     // Without a fresh read the next pass keeps them.
     let again = compute_status(&spec(), Some(1), Some(&s), &secrets(&["key1"]), None, "t2");
     assert_eq!(again.providers, s.providers);
+    assert_eq!(again.open_circuits, Some(1));
     // A fresh read with no replica reporting: unknown again.
     let mut cleared = again.clone();
     apply_circuits(&mut cleared, &PoolCircuits::new());
@@ -207,4 +209,5 @@ fn circuits_show_the_worst_state_and_the_open_replicas_and_unknown_when_unreport
         ),
         ("unknown", 0)
     );
+    assert_eq!(cleared.open_circuits, None, "nothing reported: not 0 open");
 }
