@@ -21,7 +21,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client};
-use operator::{Operator, WAIT, apply, setup, wait_until};
+use operator::{Operator, WAIT, apply, setup, table_row, wait_until};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,25 +148,9 @@ async fn a_pool_names_its_missing_key_and_turns_ready_when_the_secret_is_fixed()
     .unwrap();
     assert_eq!(operator.metrics.reconciles("AIProviderPool", "error"), 0);
 
-    let out = cluster
-        .kubectl(["get", "aiproviderpools", "-n", ns.name()])
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    let row = out
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("premium"))
-        .unwrap();
-    let cells: Vec<&str> = row.split_whitespace().collect();
+    let (cells, table) = table_row(cluster, "aiproviderpools", ns.name(), "premium").await;
     // NAME PROVIDERS KEYS CAPACITY-RPM USED-RPM OPEN-CIRCUITS (blank: no Redis) READY AGE
-    assert_eq!(
-        &cells[1..6],
-        ["1", "2/2", "50", "0", "True"],
-        "{}",
-        out.stdout
-    );
+    assert_eq!(cells[1..6], ["1", "2/2", "50", "0", "True"], "{table}");
 }
 
 #[tokio::test]

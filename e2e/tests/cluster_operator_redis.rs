@@ -23,7 +23,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::ListParams;
 use kube::{Api, Client};
-use operator::{WAIT, apply, setup, wait_until};
+use operator::{WAIT, apply, setup, table_row, wait_until};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -423,23 +423,11 @@ async fn a_pools_status_shows_each_providers_circuit_over_the_proxies() {
         .ok()
         .unwrap();
     assert_eq!(out.stdout, "open");
-    let out = cluster
-        .kubectl(["get", "aiproviderpools", "premium", "-n", ns.name()])
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    let row = out
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("premium"))
-        .unwrap();
-    let cells: Vec<&str> = row.split_whitespace().collect();
+    let (cells, table) = table_row(cluster, "aiproviderpools", ns.name(), "premium").await;
     // NAME PROVIDERS KEYS CAPACITY-RPM USED-RPM OPEN-CIRCUITS READY AGE
     assert_eq!(
-        &cells[1..7],
+        cells[1..7],
         ["2", "2/2", "220", "0", "1", "True"],
-        "{}",
-        out.stdout
+        "{table}"
     );
 }

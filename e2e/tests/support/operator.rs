@@ -62,6 +62,29 @@ pub async fn setup(
     (cluster, ns, client, operator)
 }
 
+/// The cells of object `name`'s row in `kubectl get <resource> -n <ns>` (a blank cell is
+/// no cell), and the whole table for messages.
+pub async fn table_row(
+    cluster: &Cluster,
+    resource: &str,
+    ns: &str,
+    name: &str,
+) -> (Vec<String>, String) {
+    let out = cluster
+        .kubectl(["get", resource, "-n", ns])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no row {name}:\n{}", out.stdout));
+    let cells = row.split_whitespace().map(str::to_owned).collect();
+    (cells, out.stdout)
+}
+
 /// Applies `manifest` as object `name` (server-side, field manager `floodgate-e2e`).
 pub async fn apply<K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug>(
     api: &Api<K>,
