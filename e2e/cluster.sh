@@ -4,8 +4,13 @@
 # nodes and turns scheduled pods Running/Ready). Binaries come from e2e/tools.sh.
 #
 # Usage: e2e/cluster.sh up|down|status|env
-#   up      start everything on free 127.0.0.1 ports, create 3 fake nodes (one with
-#           nvidia.com/gpu: 2), wait until the cluster is usable; no-op if already up
+#   up      start everything on free 127.0.0.1 ports, create 4 fake nodes (two plain, and
+#           a GPU pool of two nodes with nvidia.com/gpu: 8 each, labelled
+#           nvidia.com/gpu.present=true and tainted nvidia.com/gpu=present:NoSchedule as GPU
+#           nodes usually are) and a default StorageClass `standard` whose claims the
+#           controller manager's hostPath provisioner binds (volumes under
+#           /tmp/hostpath_pv/, deleted with their claims), wait until the cluster is usable;
+#           no-op if already up
 #   down    stop every process of the cluster and remove its state (safe to repeat)
 #   status  show the processes and the cluster health; exit 1 when not healthy
 #   env     print `export KUBECONFIG=...; export PATH=...` for eval
@@ -164,11 +169,12 @@ healthy() {
 	readyz
 }
 
-fake_node() { # fake_node NAME [GPUS]
-	local gpu_label="" gpu_res=""
+fake_node() { # fake_node NAME [GPUS]: a GPU node is labelled and tainted as GPU pools are
+	local gpu_label="" gpu_res="" spec="{}"
 	if [[ -n ${2:-} ]]; then
 		gpu_label=$'\n'"    nvidia.com/gpu.present: \"true\""
 		gpu_res=$'\n'"    nvidia.com/gpu: \"$2\""
+		spec="{taints: [{key: nvidia.com/gpu, value: present, effect: NoSchedule}]}"
 	fi
 	cat <<-EOF
 		---
@@ -185,7 +191,7 @@ fake_node() { # fake_node NAME [GPUS]
 		    kubernetes.io/os: linux
 		    kubernetes.io/hostname: $1
 		    node-role.kubernetes.io/agent: ""$gpu_label
-		spec: {}
+		spec: $spec
 		status:
 		  capacity:
 		    cpu: "32"
@@ -201,10 +207,28 @@ fake_node() { # fake_node NAME [GPUS]
 	EOF
 }
 
+# The default StorageClass: kube-controller-manager's hostPath provisioner
+# (--enable-hostpath-provisioner) makes a volume for each claim at once and deletes it with
+# the claim, so claims bind without a CSI driver (kwok mounts nothing anyway).
+storage_class() {
+	cat <<-EOF
+		---
+		apiVersion: storage.k8s.io/v1
+		kind: StorageClass
+		metadata:
+		  name: standard
+		  annotations:
+		    storageclass.kubernetes.io/is-default-class: "true"
+		provisioner: kubernetes.io/host-path
+		reclaimPolicy: Delete
+		volumeBindingMode: Immediate
+	EOF
+}
+
 nodes_ready() {
 	local n
 	n=$(kc get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c '^True$')
-	((n >= 3))
+	((n >= 4))
 }
 
 cmd_up() {
@@ -290,7 +314,8 @@ cmd_up() {
 		--use-service-account-credentials=true \
 		--service-account-private-key-file="$c/sa.key" --root-ca-file="$c/ca.crt" \
 		--cluster-signing-cert-file="$c/ca.crt" --cluster-signing-key-file="$c/ca.key" \
-		--service-cluster-ip-range="$SERVICE_CIDR" --profiling=false
+		--service-cluster-ip-range="$SERVICE_CIDR" --profiling=false \
+		--enable-hostpath-provisioner
 	k=$DIR/kube-scheduler.kubeconfig
 	start kube-scheduler "$BIN/kube-scheduler" \
 		--kubeconfig="$k" --authentication-kubeconfig="$k" --authorization-kubeconfig="$k" \
@@ -301,11 +326,18 @@ cmd_up() {
 		--manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
 		--cidr="$POD_CIDR" --node-ip=127.0.0.1 --node-lease-duration-seconds=40
 
-	{ fake_node kwok-node-0; fake_node kwok-node-1; fake_node kwok-gpu-node-0 2; } >"$DIR/nodes.yaml"
+	# GPUs for the 500 RPM example (3 models x 2 replicas x 1 GPU) beside the other tests'.
+	{
+		fake_node kwok-node-0
+		fake_node kwok-node-1
+		fake_node kwok-gpu-node-0 8
+		fake_node kwok-gpu-node-1 8
+		storage_class
+	} >"$DIR/nodes.yaml"
 	kc apply -f "$DIR/nodes.yaml" >/dev/null
 	wait_for "namespace default" kc get namespace default
 	wait_for "serviceaccount default/default" kc get serviceaccount default -n default
-	wait_for "3 Ready fake nodes" nodes_ready
+	wait_for "4 Ready fake nodes" nodes_ready
 
 	log "up in $(($(now_ms) - T0))ms: export KUBECONFIG=$DIR/kubeconfig (apiserver https://127.0.0.1:$API_PORT)"
 }

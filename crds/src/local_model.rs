@@ -194,9 +194,11 @@ pub struct Storage {
     /// StorageClass; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
-    /// Access mode of the volume. All replicas share the one claim: more than one replica on
-    /// different nodes needs `ReadWriteMany`; with `ReadWriteOnce` the Deployment is rolled
-    /// out by `Recreate`, since a new pod could not mount the volume next to the old one.
+    /// Access mode of the volume. `ReadWriteOnce` (the default): each replica gets a claim
+    /// of its own, created with its pod and deleted with it (a generic ephemeral volume), so
+    /// replicas on different nodes never contend for one volume; each new pod pulls the
+    /// model. `ReadWriteMany` (a class such as NFS, CephFS or EFS): one claim shared by
+    /// every replica, kept while the resource lives.
     #[serde(default)]
     pub access_mode: AccessMode,
 }

@@ -38,6 +38,12 @@ use serde::{Deserialize, Serialize};
     ),
     printcolumn(name = "Used RPM", type_ = "integer", json_path = ".status.usedRpm"),
     printcolumn(
+        name = "Open Circuits",
+        type_ = "integer",
+        json_path = ".status.openCircuits",
+        description = "providers whose circuit is open on some gateway replica"
+    ),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
@@ -358,6 +364,10 @@ pub struct AIProviderPoolStatus {
     /// Requests sent in the last minute, over all gateway replicas.
     #[serde(default)]
     pub used_rpm: u64,
+    /// Providers whose circuit is open on some gateway replica; unset while no replica
+    /// reports its circuits (or the operator has no Redis to read them from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_circuits: Option<u32>,
     /// Per-provider state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
@@ -370,8 +380,15 @@ pub struct AIProviderPoolStatus {
 pub struct ProviderStatus {
     /// Provider name.
     pub name: String,
-    /// closed, open or half-open.
+    /// closed, half-open or open: the worst over the gateway replicas that report it;
+    /// `unknown` when none does (or the operator has no Redis to read them from).
     pub circuit: String,
+    /// Gateway replicas reporting this provider's circuit.
+    #[serde(default)]
+    pub circuit_replicas: u32,
+    /// Of those, the replicas on which it is open.
+    #[serde(default)]
+    pub circuit_open_replicas: u32,
     /// Keys usable now.
     pub ready_keys: u32,
     /// Keys configured.

@@ -70,6 +70,34 @@
 //! |---|---|---|
 //! | `floodgate:cachestats:{C}:replicas` | sorted set | as for demand: the replicas publishing. |
 //! | `floodgate:cachestats:{C}:r:<replica>` | hash | [`CACHE_FIELDS`]: `exact`, `semantic`, `template`, `dedup` (lookups each layer answered on that replica over the last hour), `miss` (lookups none answered), `entries` and `bytes` (what the replica holds in memory: answers with the memory backend, the semantic index with Redis), and `at`. Replaced whole at each publication. |
+//!
+//! **Circuit states of a pool** (its status: each provider's circuit). Per AIProviderPool
+//! (`{P}` = `{<pool>}`, by name as its budget keys are), every proxy replica serving it
+//! publishes with its demand, under the same TTL:
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `floodgate:circuit:{P}:replicas` | sorted set | as for demand: the replicas publishing. |
+//! | `floodgate:circuit:{P}:r:<replica>` | hash | one field per provider of the pool: its breaker's state on that replica, `closed`, `half-open` or `open` ([`CIRCUIT_STATES`]); and `at`. Replaced whole at each publication. |
+//!
+//! A provider's circuit is the worst state over the hashes that exist (`open` over
+//! `half-open` over `closed`), with the number of replicas that report it `open`.
+
+/// Prefix of every circuit-state key.
+pub const CIRCUIT_PREFIX: &str = "floodgate:circuit:";
+
+/// The states a replica publishes for a provider's breaker, best first.
+pub const CIRCUIT_STATES: [&str; 3] = ["closed", "half-open", "open"];
+
+/// The sorted set of the replicas publishing circuit states for pool `pool`.
+pub fn circuit_replicas_key(pool: &str) -> String {
+    format!("{CIRCUIT_PREFIX}{{{pool}}}:replicas")
+}
+
+/// The hash of replica `replica`'s circuit states for pool `pool`.
+pub fn circuit_replica_key(pool: &str, replica: &str) -> String {
+    format!("{CIRCUIT_PREFIX}{{{pool}}}:r:{replica}")
+}
 
 /// Prefix of every cache-figures key.
 pub const CACHE_PREFIX: &str = "floodgate:cachestats:";
@@ -300,6 +328,14 @@ mod tests {
         let c = CacheKeys::new("ai", "cache");
         assert_eq!(c.replica("r1"), "floodgate:cachestats:{ai/cache}:r:r1");
         assert_eq!(q.replica("r1"), "floodgate:queue:{ai/tiers}:r:r1");
+        assert_eq!(
+            circuit_replicas_key("premium"),
+            "floodgate:circuit:{premium}:replicas"
+        );
+        assert_eq!(
+            circuit_replica_key("premium", "r1"),
+            "floodgate:circuit:{premium}:r:r1"
+        );
     }
 
     #[test]

@@ -63,6 +63,7 @@ fn printer_columns_and_cel_rules_are_in_the_yaml() {
                 "Keys",
                 "Capacity RPM",
                 "Used RPM",
+                "Open Circuits",
                 "Ready",
                 "Age",
             ],

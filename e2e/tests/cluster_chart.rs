@@ -668,3 +668,77 @@ async fn the_proxy_runs_as_the_charts_service_account_and_serves_the_namespace()
     );
     proxy.stop().await.unwrap();
 }
+
+/// HPA mode on the API server: the rendered HPA is accepted, and the controller manager's HPA
+/// controller acts on its target, the gateway's Deployment, through its scale subresource:
+/// it raises it to `minReplicas` (`AbleToScale`). Without a metrics server it cannot read CPU
+/// beyond that, which is the cluster's part, not the chart's.
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn the_gateways_hpa_is_accepted_and_scales_the_gateway_deployment() {
+    let (cluster, ns) = setup("chart-hpa").await;
+    let home = tempfile::tempdir().unwrap();
+    let objects = template(
+        cluster,
+        home.path(),
+        ns.name(),
+        &[
+            OsStr::new("--set"),
+            OsStr::new("gateway.autoscaling.enabled=true"),
+            OsStr::new("--set"),
+            OsStr::new("gateway.redis.existingSecret=gateway-redis"),
+            OsStr::new("--set"),
+            OsStr::new("operator.enabled=false"),
+        ],
+    )
+    .await;
+    let hpa = object(&objects, "HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], GATEWAY);
+    let stream: String = objects
+        .iter()
+        .filter(|o| o["kind"] == "Deployment" || o["kind"] == "HorizontalPodAutoscaler")
+        .map(|o| format!("---\n{}\n", serde_json::to_string(o).unwrap()))
+        .collect();
+    cluster
+        .kubectl_stdin(["apply", "-n", ns.name(), "-f", "-"], &stream)
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    // The Deployment starts at one replica (no count of its own); the HPA controller (every
+    // 15 s) raises it to minReplicas through the scale subresource, without any metric.
+    let replicas = wait_for(
+        "the HPA to raise the gateway to minReplicas",
+        SLOW * 2,
+        || async {
+            let out = kubectl_ok(
+                cluster,
+                &["get", "deployment", GATEWAY, "-n", ns.name(), "-o", "json"],
+            )
+            .await;
+            let deployment: Value = serde_json::from_str(&out.stdout).unwrap();
+            let replicas = deployment["spec"]["replicas"].clone();
+            Ok((replicas == 2).then_some(replicas))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(replicas, hpa["spec"]["minReplicas"]);
+    let out = kubectl_ok(
+        cluster,
+        &["get", "hpa", GATEWAY, "-n", ns.name(), "-o", "json"],
+    )
+    .await;
+    let status = serde_json::from_str::<Value>(&out.stdout).unwrap()["status"].clone();
+    let able = status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "AbleToScale")
+        .cloned();
+    assert_eq!(
+        able.as_ref().map(|c| &c["status"]),
+        Some(&Value::from("True")),
+        "{status:#?}"
+    );
+}

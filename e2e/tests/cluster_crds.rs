@@ -286,6 +286,7 @@ async fn kubectl_get_shows_the_pool_printer_columns() {
         keys: Some("9/10".into()),
         capacity_rpm: 740,
         used_rpm: 123,
+        open_circuits: Some(2),
         providers: Vec::new(),
     };
     let written = api
@@ -322,6 +323,7 @@ async fn kubectl_get_shows_the_pool_printer_columns() {
             "KEYS",
             "CAPACITY RPM",
             "USED RPM",
+            "OPEN CIRCUITS",
             "READY",
             "AGE"
         ],
@@ -332,16 +334,16 @@ async fn kubectl_get_shows_the_pool_printer_columns() {
         .row("premium")
         .unwrap_or_else(|| panic!("no premium row:\n{}", out.stdout));
     assert_eq!(
-        premium[..6],
-        ["premium", "3", "9/10", "740", "123", "True"],
+        premium[..7],
+        ["premium", "3", "9/10", "740", "123", "2", "True"],
         "{}",
         out.stdout
     );
-    assert!(!premium[6].is_empty(), "AGE is empty:\n{}", out.stdout);
+    assert!(!premium[7].is_empty(), "AGE is empty:\n{}", out.stdout);
     let local = table.row("local").unwrap();
     assert_eq!(
-        local[1..6],
-        ["", "", "", "", ""],
+        local[1..7],
+        ["", "", "", "", "", ""],
         "a pool without status shows empty cells:\n{}",
         out.stdout
     );

@@ -1,98 +1,36 @@
 //! The operator in-process against a real kube-apiserver, kube-controller-manager (garbage
 //! collector, PV binder, ReplicaSets), kube-scheduler and kwok: a pool whose Secret lacks a key
 //! says which and is not Ready, then turns Ready when the Secret is fixed; a
-//! LocalModelDeployment gets a Deployment with its GPU request, a Service and a claim, its kwok
-//! pod turns Ready, a spec change rolls out, and deleting it deletes what it owns; TierQueue
-//! and CachePolicy get status. Each test runs its own operator, watching only its namespace.
+//! LocalModelDeployment gets a Deployment with its GPU request and a Service, its kwok pod
+//! turns Ready on the GPU pool with a claim of its own bound by the cluster's default class, a
+//! spec change rolls out, and deleting it deletes what it owns; the 500 RPM example's models
+//! all run Ready; TierQueue and CachePolicy get status. Each test runs its own operator,
+//! watching only its namespace.
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
 
+#[path = "support/operator.rs"]
+mod operator;
+
 use floodgate_crds::{
     AIProviderPool, CachePolicy, ConditionStatus, LocalModelDeployment, TierQueue,
 };
-use floodgate_e2e::cluster::{Cluster, TestNamespace, wait_for};
+use floodgate_e2e::cluster::{Cluster, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Secret, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Pod, Secret, Service};
+use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client};
-use serde::de::DeserializeOwned;
+use operator::{Operator, WAIT, apply, setup, table_row, wait_until};
 use serde_json::json;
-use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-const WAIT: Duration = Duration::from_secs(60);
 /// The garbage collector learns of a new custom resource kind on its 30 s discovery resync:
 /// on a cluster whose CRDs were just installed, owned objects go up to about 40 s after
 /// their owner (measured 40 s on a fresh cluster).
 const GC_WAIT: Duration = Duration::from_secs(120);
-
-/// The operator of one test; stopped when dropped.
-struct Operator {
-    shutdown: CancellationToken,
-    metrics: Arc<floodgate_operator::Metrics>,
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn setup(test: &str) -> (&'static Cluster, TestNamespace, Client, Operator) {
-    let cluster = Cluster::get().await.unwrap();
-    cluster.install_crds().await.unwrap();
-    let ns = cluster.namespace(test).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    let shutdown = CancellationToken::new();
-    let config = floodgate_operator::Config {
-        namespace: Some(ns.name().to_owned()),
-        instance: Some(format!("e2e-{test}")),
-        redis_url: None,
-    };
-    let metrics = Arc::new(floodgate_operator::Metrics::default());
-    tokio::spawn(floodgate_operator::run(
-        client.clone(),
-        config,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    (cluster, ns, client, Operator { shutdown, metrics })
-}
-
-async fn apply<K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug>(
-    api: &Api<K>,
-    name: &str,
-    manifest: serde_json::Value,
-) -> K {
-    api.patch(
-        name,
-        &PatchParams::apply("floodgate-e2e").force(),
-        &Patch::Apply(&manifest),
-    )
-    .await
-    .unwrap()
-}
-
-/// Waits until `check` holds for object `name`, returning it; on timeout fails showing the
-/// object as last seen.
-async fn wait_until<K, F>(api: &Api<K>, name: &str, what: &str, check: F) -> K
-where
-    K: kube::Resource + Clone + DeserializeOwned + Debug,
-    F: Fn(&K) -> bool,
-{
-    let last = std::sync::Mutex::new(None);
-    let found = wait_for(what, WAIT, || async {
-        let obj = api.get_opt(name).await?;
-        let done = obj.as_ref().is_some_and(&check);
-        *last.lock().unwrap() = obj.clone();
-        Ok(if done { obj } else { None })
-    })
-    .await;
-    found.unwrap_or_else(|e| panic!("{e}; last seen: {:#?}", last.lock().unwrap()))
-}
 
 fn condition<'a>(
     conditions: &'a [floodgate_crds::Condition],
@@ -124,7 +62,7 @@ fn secret_manifest(keys: &[&str]) -> serde_json::Value {
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn a_pool_names_its_missing_key_and_turns_ready_when_the_secret_is_fixed() {
-    let (cluster, ns, client, operator) = setup("operator-pool").await;
+    let (cluster, ns, client, operator) = setup("operator-pool", None).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     let pools: Api<AIProviderPool> = Api::namespaced(client.clone(), ns.name());
     apply(&secrets, "claude-keys", secret_manifest(&["key1"])).await;
@@ -210,31 +148,15 @@ async fn a_pool_names_its_missing_key_and_turns_ready_when_the_secret_is_fixed()
     .unwrap();
     assert_eq!(operator.metrics.reconciles("AIProviderPool", "error"), 0);
 
-    let out = cluster
-        .kubectl(["get", "aiproviderpools", "-n", ns.name()])
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    let row = out
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("premium"))
-        .unwrap();
-    let cells: Vec<&str> = row.split_whitespace().collect();
-    // NAME PROVIDERS KEYS CAPACITY-RPM USED-RPM READY AGE
-    assert_eq!(
-        &cells[1..6],
-        ["1", "2/2", "50", "0", "True"],
-        "{}",
-        out.stdout
-    );
+    let (cells, table) = table_row(cluster, "aiproviderpools", ns.name(), "premium").await;
+    // NAME PROVIDERS KEYS CAPACITY-RPM USED-RPM OPEN-CIRCUITS (blank: no Redis) READY AGE
+    assert_eq!(cells[1..6], ["1", "2/2", "50", "0", "True"], "{table}");
 }
 
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn tier_queues_and_cache_policies_get_status() {
-    let (cluster, ns, client, _operator) = setup("operator-status").await;
+    let (cluster, ns, client, _operator) = setup("operator-status", None).await;
     let tiers: Api<TierQueue> = Api::namespaced(client.clone(), ns.name());
     let caches: Api<CachePolicy> = Api::namespaced(client.clone(), ns.name());
     apply(&tiers, "tiers", json!({
@@ -305,63 +227,17 @@ async fn tier_queues_and_cache_policies_get_status() {
     assert_eq!((cells[1], cells[5]), ("2", "True"), "{}", out.stdout);
 }
 
-/// A cluster-scoped PersistentVolume for one test, deleted when dropped (also on failure).
-struct TestVolume {
-    cluster: &'static Cluster,
-    name: String,
-}
-
-impl Drop for TestVolume {
-    fn drop(&mut self) {
-        // Synchronous, as TestNamespace's: Drop cannot await, and the test's client belongs to
-        // the runtime this drop blocks.
-        let _ = std::process::Command::new(self.cluster.bin_dir().join("kubectl"))
-            .arg("--kubeconfig")
-            .arg(self.cluster.kubeconfig())
-            .args([
-                "delete",
-                "persistentvolume",
-                &self.name,
-                "--wait=false",
-                "--ignore-not-found",
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
-    let (cluster, ns, client, _operator) = setup("operator-lmd").await;
+    let (cluster, ns, client, _operator) = setup("operator-lmd", None).await;
     let started = Instant::now();
-    // No provisioner runs here: a PersistentVolume of a class of this test's own, which the
-    // controller manager's binder binds to the claim.
-    let class = format!("{}-manual", ns.name());
-    let volumes: Api<PersistentVolume> = Api::all(client.clone());
-    let _volume = TestVolume {
-        cluster,
-        name: class.clone(),
-    };
-    apply(
-        &volumes,
-        &class,
-        json!({
-            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": class},
-            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                     "storageClassName": class, "hostPath": {"path": "/tmp/floodgate-e2e"}}
-        }),
-    )
-    .await;
-
     let lmds: Api<LocalModelDeployment> = Api::namespaced(client.clone(), ns.name());
     apply(&lmds, "llama", json!({
         "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
         "spec": {"model": "llama3.1:8b", "classes": ["simple"], "replicas": 1,
                  "resources": {"gpu": 1, "memory": "1Gi"},
-                 "storage": {"size": "1Gi", "storageClassName": class},
+                 "storage": {"size": "1Gi"},
                  "nodeSelector": {"nvidia.com/gpu.present": "true"},
                  "ollama": {"numParallel": 4}}
     }))
@@ -406,16 +282,19 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
         (owner.kind.as_str(), owner.uid.as_str()),
         ("LocalModelDeployment", lmd.metadata.uid.as_deref().unwrap())
     );
-    // The pod was scheduled onto the only node with GPUs.
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns.name());
+    // The pod was scheduled onto a node of the (tainted) GPU pool.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     let listed = pods
         .list(&ListParams::default().labels("floodgate.dev/local-model=llama"))
         .await
         .unwrap();
     assert_eq!(listed.items.len(), 1);
-    assert_eq!(
-        listed.items[0].spec.as_ref().unwrap().node_name.as_deref(),
-        Some("kwok-gpu-node-0")
+    let pod_name = listed.items[0].metadata.name.clone().unwrap();
+    let node = listed.items[0].spec.as_ref().unwrap().node_name.clone();
+    assert!(
+        node.as_deref()
+            .is_some_and(|n| n.starts_with("kwok-gpu-node-")),
+        "{node:?}"
     );
     let services: Api<Service> = Api::namespaced(client.clone(), ns.name());
     assert_eq!(
@@ -430,9 +309,15 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
             .port,
         11434
     );
+    // The pod's own weights claim, made by the controller manager, bound by the provisioner.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns.name());
-    let claim = claims.get("llama-models").await.unwrap();
+    let claim = claims.get(&format!("{pod_name}-models")).await.unwrap();
     assert_eq!(claim.status.unwrap().phase.as_deref(), Some("Bound"));
+    assert_eq!(
+        claim.metadata.owner_references.unwrap()[0].kind,
+        "Pod",
+        "the claim goes with its pod"
+    );
 
     // `kubectl get localmodeldeployments` prints the model and the status the operator wrote.
     let out = cluster
@@ -480,7 +365,7 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
         "apiVersion": "floodgate.dev/v1alpha1", "kind": "LocalModelDeployment", "metadata": {"name": "llama"},
         "spec": {"model": "llama3.1:8b", "classes": ["simple"], "replicas": 1,
                  "resources": {"gpu": 1, "memory": "1Gi"},
-                 "storage": {"size": "1Gi", "storageClassName": class},
+                 "storage": {"size": "1Gi"},
                  "nodeSelector": {"nvidia.com/gpu.present": "true"},
                  "ollama": {"numParallel": 8}}
     }))
@@ -510,22 +395,25 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
     })
     .await;
 
-    // Deleting the resource deletes what it owns (the controller manager's garbage collector).
-    // The claim may stay Terminating until its pod is gone (pvc-protection; kwok honours the
-    // pod's 30 s grace period): marked for deletion is enough here.
+    // Deleting the resource deletes what it owns (the controller manager's garbage collector),
+    // and the pods' claims with their pods. A claim may stay Terminating until its pod is gone
+    // (pvc-protection; kwok honours the pod's 30 s grace period): marked for deletion is
+    // enough here.
     let deleted_at = Instant::now();
     lmds.delete("llama", &DeleteParams::background())
         .await
         .unwrap();
     wait_for(
-        "the owned Deployment, Service and claim to go",
+        "the owned Deployment, Service and claims to go",
         GC_WAIT,
         || async {
-            let claim_going = claims
-                .get_opt("llama-models")
+            let claims_going = claims
+                .list(&ListParams::default().labels("floodgate.dev/local-model=llama"))
                 .await?
-                .is_none_or(|c| c.metadata.deletion_timestamp.is_some());
-            let gone = claim_going
+                .items
+                .iter()
+                .all(|c| c.metadata.deletion_timestamp.is_some());
+            let gone = claims_going
                 && deployments.get_opt("llama").await?.is_none()
                 && services.get_opt("llama").await?.is_none();
             Ok(gone.then_some(()))
@@ -536,6 +424,50 @@ async fn a_local_model_runs_ollama_on_a_gpu_node_and_its_objects_go_with_it() {
     eprintln!(
         "owned objects gone {:?} after the delete",
         deleted_at.elapsed()
+    );
+}
+
+/// Fails at once, saying why, on a cluster without `gpus` GPUs or a default StorageClass
+/// (one started by an `e2e/cluster.sh` older than its GPU pool), where the pods would only
+/// stay Pending until a timeout.
+async fn assert_gpu_pool_and_storage(client: &Client, gpus: i64) {
+    use k8s_openapi::api::core::v1::Node;
+    use k8s_openapi::api::storage::v1::StorageClass;
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    let default_class = classes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .any(|c| {
+            c.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("storageclass.kubernetes.io/is-default-class"))
+                .is_some_and(|v| v == "true")
+        });
+    let nodes: Api<Node> = Api::all(client.clone());
+    let offered: i64 = nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter_map(|n| {
+            n.status
+                .as_ref()?
+                .allocatable
+                .as_ref()?
+                .get("nvidia.com/gpu")
+        })
+        .map(|q| q.0.parse::<i64>().unwrap_or(0))
+        .sum();
+    assert!(
+        default_class && offered >= gpus,
+        "the cluster offers {offered} GPUs (need {gpus}) and {} default StorageClass: it predates \
+         e2e/cluster.sh's GPU pool and storage class; restart it (`make cluster-down cluster-up`)",
+        if default_class { "a" } else { "no" }
     );
 }
 
@@ -694,10 +626,7 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
     let admin = cluster.client().await.unwrap();
     let operator = client_as(cluster, ns.name(), "fg-floodgate-operator").await;
     let stop = CancellationToken::new();
-    let _stop_on_drop = Operator {
-        shutdown: stop.clone(),
-        metrics: Arc::default(),
-    };
+    let _stop_on_drop = Operator::guard(stop.clone());
     let config = floodgate_operator::Config {
         namespace: Some(ns.name().to_owned()),
         instance: Some("rbac".to_owned()),
@@ -860,7 +789,8 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn the_500rpm_example_applied_under_the_operator_gets_its_objects_and_status() {
-    let (cluster, ns, client, _operator) = setup("operator-example").await;
+    let (cluster, ns, client, _operator) = setup("operator-example", None).await;
+    assert_gpu_pool_and_storage(&client, 6).await;
     let example = cluster.repo_root().join("examples/scaling-500rpm");
     cluster
         .kubectl(["apply", "-n", ns.name(), "-f", example.to_str().unwrap()])
@@ -915,8 +845,8 @@ async fn the_500rpm_example_applied_under_the_operator_gets_its_objects_and_stat
         Some(ConditionStatus::True)
     );
 
-    // Each local model: minReplicas GPU replicas, a Service, a claim for its weights; without
-    // a demand source the autoscaler says so rather than pretending to scale.
+    // Each local model: minReplicas GPU replicas, a Service; without a demand source the
+    // autoscaler says so rather than pretending to scale.
     let lmds: Api<LocalModelDeployment> = Api::namespaced(client.clone(), ns.name());
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
     let services: Api<Service> = Api::namespaced(client.clone(), ns.name());
@@ -958,9 +888,52 @@ async fn the_500rpm_example_applied_under_the_operator_gets_its_objects_and_stat
             "{name}: the init step pulls {model}"
         );
         assert!(services.get_opt(name).await.unwrap().is_some(), "{name}");
-        let claim = claims.get(&format!("{name}-models")).await.unwrap();
-        let requested = claim.spec.unwrap().resources.unwrap().requests.unwrap();
-        assert_eq!(requested["storage"].0, "50Gi", "{name}");
+    }
+
+    // And they run: every model's two kwok pods Ready on the GPU pool, each on a 50Gi claim of
+    // its own that the cluster's default class bound; the models' status says so.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    for name in ["llama", "mistral", "codellama"] {
+        let lmd = wait_until(&lmds, name, "model Ready with 2 ready replicas", |l| {
+            l.status
+                .as_ref()
+                .is_some_and(|s| s.ready_replicas == 2 && ready(&s.conditions))
+        })
+        .await;
+        assert_eq!(lmd.status.unwrap().replicas, 2, "{name}");
+        let selector = format!("floodgate.dev/local-model={name}");
+        let listed = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .unwrap()
+            .items;
+        let running: Vec<&Pod> = listed
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        assert_eq!(running.len(), 2, "{name}: {listed:#?}");
+        for pod in running {
+            let pod_name = pod.metadata.name.clone().unwrap();
+            let status = pod.status.clone().unwrap();
+            assert!(
+                status
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True"),
+                "{pod_name}: {status:#?}"
+            );
+            let node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
+            assert!(node.starts_with("kwok-gpu-node-"), "{pod_name} on {node}");
+            let claim = claims.get(&format!("{pod_name}-models")).await.unwrap();
+            assert_eq!(
+                claim.status.as_ref().unwrap().phase.as_deref(),
+                Some("Bound"),
+                "{pod_name}"
+            );
+            let requested = claim.spec.unwrap().resources.unwrap().requests.unwrap();
+            assert_eq!(requested["storage"].0, "50Gi", "{pod_name}");
+        }
     }
 }
 
@@ -976,10 +949,7 @@ async fn a_leader_whose_lease_is_taken_stops_its_controllers_at_its_next_renewal
     let ns = cluster.namespace("operator-lease-lost").await.unwrap();
     let client = cluster.client().await.unwrap();
     let stop = CancellationToken::new();
-    let _stop_on_drop = Operator {
-        shutdown: stop.clone(),
-        metrics: Arc::default(),
-    };
+    let _stop_on_drop = Operator::guard(stop.clone());
     let config = floodgate_operator::Config {
         namespace: Some(ns.name().to_owned()),
         instance: Some("replica-a".to_owned()),

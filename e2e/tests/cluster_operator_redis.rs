@@ -3,95 +3,31 @@
 //! tokens its limits counted; a LocalModelDeployment scales up when the demand the proxies
 //! publish for it rises over its threshold, says why in status and an Event, and scales back
 //! down after its cooldown when the demand is gone; a TierQueue shows what waits on the
-//! proxies per tier and class; a CachePolicy shows the hit ratios the proxies counted.
+//! proxies per tier and class; a CachePolicy shows the hit ratios the proxies counted; a pool
+//! shows each provider's circuit, the worst the proxies report, and on how many it is open.
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
 
+#[path = "support/operator.rs"]
+mod operator;
+
 use floodgate_crds::redis_keys::KeyBudgetKeys;
 use floodgate_crds::{ConditionStatus, LocalModelDeployment, Tenant};
-use floodgate_e2e::cluster::{Cluster, TestNamespace, wait_for};
+use floodgate_e2e::cluster::wait_for;
 use floodgate_e2e::redis::RedisServer;
 use floodgate_proxy::budget::{Limits, RedisBudgets, SharedOptions};
 use floodgate_proxy::demand::{DemandBoard, Publisher};
 use floodgate_proxy::secret::SecretString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Secret};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::{Api, Client};
-use serde::de::DeserializeOwned;
+use operator::{WAIT, apply, setup, table_row, wait_until};
 use serde_json::json;
-use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-/// The operator of one test, reading `redis`; stopped when dropped.
-struct Operator {
-    shutdown: CancellationToken,
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn setup(
-    test: &str,
-    redis: &RedisServer,
-) -> (&'static Cluster, TestNamespace, Client, Operator) {
-    let cluster = Cluster::get().await.unwrap();
-    cluster.install_crds().await.unwrap();
-    let ns = cluster.namespace(test).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    let shutdown = CancellationToken::new();
-    let config = floodgate_operator::Config {
-        namespace: Some(ns.name().to_owned()),
-        instance: Some(format!("e2e-{test}")),
-        redis_url: Some(redis.url()),
-    };
-    tokio::spawn(floodgate_operator::run(
-        client.clone(),
-        config,
-        Arc::new(floodgate_operator::Metrics::default()),
-        shutdown.clone(),
-    ));
-    (cluster, ns, client, Operator { shutdown })
-}
-
-async fn apply<K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug>(
-    api: &Api<K>,
-    name: &str,
-    manifest: serde_json::Value,
-) -> K {
-    api.patch(
-        name,
-        &PatchParams::apply("floodgate-e2e").force(),
-        &Patch::Apply(&manifest),
-    )
-    .await
-    .unwrap()
-}
-
-/// Waits until `check` holds for object `name`; on timeout fails showing it as last seen.
-async fn wait_until<K, F>(api: &Api<K>, name: &str, what: &str, check: F) -> K
-where
-    K: kube::Resource + Clone + DeserializeOwned + Debug,
-    F: Fn(&K) -> bool,
-{
-    let last = std::sync::Mutex::new(None);
-    let found = wait_for(what, WAIT, || async {
-        let obj = api.get_opt(name).await?;
-        let done = obj.as_ref().is_some_and(&check);
-        *last.lock().unwrap() = obj.clone();
-        Ok(if done { obj } else { None })
-    })
-    .await;
-    found.unwrap_or_else(|e| panic!("{e}; last seen: {:#?}", last.lock().unwrap()))
-}
 
 fn is_true(conditions: &[floodgate_crds::Condition], type_: &str) -> bool {
     conditions
@@ -118,11 +54,21 @@ async fn event_notes(client: &Client, ns: &str, name: &str, reason: &str) -> Vec
     .unwrap()
 }
 
+/// The publisher of proxy replica `replica` writing to `redis`, with no local-model demand.
+fn replica_publisher(redis: &RedisServer, replica: &str) -> Publisher {
+    Publisher::new(
+        Arc::new(DemandBoard::default()),
+        &SecretString::new(redis.url()),
+        replica,
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn a_tenants_status_and_columns_show_what_its_limits_counted() {
     let redis = RedisServer::start().await.unwrap();
-    let (cluster, ns, client, _operator) = setup("operator-tenant", &redis).await;
+    let (cluster, ns, client, _operator) = setup("operator-tenant", Some(redis.url())).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     apply(
         &secrets,
@@ -187,7 +133,7 @@ async fn a_tenants_status_and_columns_show_what_its_limits_counted() {
 #[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
 async fn rising_demand_raises_a_local_models_replicas_and_says_why() {
     let redis = RedisServer::start().await.unwrap();
-    let (_cluster, ns, client, _operator) = setup("operator-scale", &redis).await;
+    let (_cluster, ns, client, _operator) = setup("operator-scale", Some(redis.url())).await;
     // A proxy replica's demand publisher, as the gateway runs it.
     let board = Arc::new(DemandBoard::default());
     let cell = board.cell(ns.name(), "llama");
@@ -264,7 +210,7 @@ async fn a_tier_queues_status_shows_what_waits_on_the_proxies() {
     use floodgate_proxy::demand::{QueueFigures, TierFigures};
     use floodgate_proxy::route::tiers::SloFigures;
     let redis = RedisServer::start().await.unwrap();
-    let (cluster, ns, client, _operator) = setup("operator-queues", &redis).await;
+    let (cluster, ns, client, _operator) = setup("operator-queues", Some(redis.url())).await;
     // A proxy replica's publisher, with 4 pro requests waiting, the oldest for 2.5 s.
     let namespace = ns.name().to_owned();
     let figures = move || {
@@ -288,13 +234,7 @@ async fn a_tier_queues_status_shows_what_waits_on_the_proxies() {
     };
     let publishing = CancellationToken::new();
     let _stop_publishing = publishing.clone().drop_guard();
-    let publisher = Publisher::new(
-        Arc::new(DemandBoard::default()),
-        &SecretString::new(redis.url()),
-        "proxy-0",
-    )
-    .unwrap()
-    .with_queues(Arc::new(figures));
+    let publisher = replica_publisher(&redis, "proxy-0").with_queues(Arc::new(figures));
     tokio::spawn(publisher.run(publishing));
 
     let tqs: Api<TierQueue> = Api::namespaced(client.clone(), ns.name());
@@ -345,7 +285,7 @@ async fn a_cache_policys_status_shows_the_hit_ratios_the_proxies_publish() {
     use floodgate_crds::CachePolicy;
     use floodgate_proxy::demand::CacheFigures;
     let redis = RedisServer::start().await.unwrap();
-    let (cluster, ns, client, _operator) = setup("operator-cache", &redis).await;
+    let (cluster, ns, client, _operator) = setup("operator-cache", Some(redis.url())).await;
     // Two proxy replicas' publishers: over the last hour, exact / semantic / template /
     // dedup / miss lookups, and what each holds in memory.
     let publishing = CancellationToken::new();
@@ -364,13 +304,7 @@ async fn a_cache_policys_status_shows_the_hit_ratios_the_proxies_publish() {
                 bytes: entries * 1000,
             })
         };
-        let publisher = Publisher::new(
-            Arc::new(DemandBoard::default()),
-            &SecretString::new(redis.url()),
-            replica,
-        )
-        .unwrap()
-        .with_caches(Arc::new(figures));
+        let publisher = replica_publisher(&redis, replica).with_caches(Arc::new(figures));
         tokio::spawn(publisher.run(publishing.clone()));
     }
     let cps: Api<CachePolicy> = Api::namespaced(client.clone(), ns.name());
@@ -412,5 +346,88 @@ async fn a_cache_policys_status_shows_the_hit_ratios_the_proxies_publish() {
         ],
         "{}",
         out.stdout
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn a_pools_status_shows_each_providers_circuit_over_the_proxies() {
+    use floodgate_crds::AIProviderPool;
+    use floodgate_proxy::demand::PoolCircuits;
+    let redis = RedisServer::start().await.unwrap();
+    let (cluster, ns, client, _operator) = setup("operator-circuits", Some(redis.url())).await;
+    // Two proxy replicas' publishers: gpt4's circuit open on one, claude's closed on both.
+    let publishing = CancellationToken::new();
+    let _stop_publishing = publishing.clone().drop_guard();
+    for (replica, gpt4) in [("proxy-0", "open"), ("proxy-1", "closed")] {
+        let circuits = move || {
+            vec![PoolCircuits {
+                pool: "premium".into(),
+                providers: vec![("claude".into(), "closed"), ("gpt4".into(), gpt4)],
+            }]
+        };
+        let publisher = replica_publisher(&redis, replica).with_circuits(Arc::new(circuits));
+        tokio::spawn(publisher.run(publishing.clone()));
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
+    apply(
+        &secrets,
+        "keys",
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "keys"}, "stringData": {"claude": "sk-a", "gpt4": "sk-b"}}),
+    )
+    .await;
+    let pools: Api<AIProviderPool> = Api::namespaced(client.clone(), ns.name());
+    apply(&pools, "premium", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "AIProviderPool", "metadata": {"name": "premium"},
+        "spec": {"providers": [
+            {"name": "claude", "type": "anthropic", "models": [{"name": "claude-sonnet-4"}],
+             "keys": [{"secretRef": {"name": "keys", "key": "claude"}, "rpm": 20}]},
+            {"name": "gpt4", "type": "openai", "models": [{"name": "gpt-4o"}],
+             "keys": [{"secretRef": {"name": "keys", "key": "gpt4"}, "rpm": 200}]}]}
+    }))
+    .await;
+    // The first pass may come before the first publication: the next one (15 s) reads it.
+    let pool = wait_until(&pools, "premium", "circuits in status", |p| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.providers.iter().all(|p| p.circuit_replicas == 2))
+    })
+    .await;
+    let providers: Vec<_> = pool
+        .status
+        .unwrap()
+        .providers
+        .into_iter()
+        .map(|p| (p.name, p.circuit, p.circuit_open_replicas))
+        .collect();
+    assert_eq!(
+        providers,
+        [
+            ("claude".to_owned(), "closed".to_owned(), 0),
+            ("gpt4".to_owned(), "open".to_owned(), 1)
+        ]
+    );
+    let out = cluster
+        .kubectl([
+            "get",
+            "aiproviderpools",
+            "premium",
+            "-n",
+            ns.name(),
+            "-o",
+            "jsonpath={.status.providers[?(@.name==\"gpt4\")].circuit}",
+        ])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert_eq!(out.stdout, "open");
+    let (cells, table) = table_row(cluster, "aiproviderpools", ns.name(), "premium").await;
+    // NAME PROVIDERS KEYS CAPACITY-RPM USED-RPM OPEN-CIRCUITS READY AGE
+    assert_eq!(
+        cells[1..7],
+        ["2", "2/2", "220", "0", "1", "True"],
+        "{table}"
     );
 }

@@ -204,7 +204,10 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
         match pods
             .create(
                 &PostParams::default(),
-                &pod("app", json!({"floodgate.dev/inject": "true"})),
+                &pod(
+                    "app",
+                    json!({"floodgate.dev/inject": "true", "floodgate.dev/secrets": "claude-keys"}),
+                ),
             )
             .await
         {
@@ -231,6 +234,45 @@ async fn the_api_server_admits_an_annotated_pod_with_the_sidecar() {
         (inits[0].name.as_str(), inits[0].restart_policy.as_deref()),
         ("floodgate-proxy", Some("Always"))
     );
+    // Its probes, on the probe-only listener's named port, accepted and kept as sent.
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let get = p.as_ref().and_then(|p| p.http_get.as_ref()).unwrap();
+        (get.path.clone().unwrap(), get.port.clone())
+    };
+    let probe_port = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+        webhook::mutate::PROBE_PORT_NAME.into(),
+    );
+    assert_eq!(
+        probe_path(&inits[0].readiness_probe),
+        ("/readyz".to_owned(), probe_port.clone())
+    );
+    assert_eq!(
+        probe_path(&inits[0].liveness_probe),
+        ("/healthz".to_owned(), probe_port)
+    );
+    assert!(
+        inits[0].ports.iter().flatten().any(|p| {
+            p.name.as_deref() == Some(webhook::mutate::PROBE_PORT_NAME)
+                && p.container_port == i32::from(webhook::mutate::DEFAULT_PORT) + 1
+        }),
+        "{:?}",
+        inits[0].ports
+    );
+    // The keys' Secret, mounted into the sidecar for its --secrets-dir.
+    assert!(
+        inits[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == "/etc/floodgate/secrets/claude-keys"),
+        "{:?}",
+        inits[0].volume_mounts
+    );
+    assert!(spec.volumes.iter().flatten().any(|v| {
+        v.secret
+            .as_ref()
+            .is_some_and(|s| s.secret_name.as_deref() == Some("claude-keys"))
+    }));
     assert_eq!(
         env(&injected, "app", "OPENAI_BASE_URL").as_deref(),
         Some(format!("http://127.0.0.1:{}/v1", webhook::mutate::DEFAULT_PORT).as_str())

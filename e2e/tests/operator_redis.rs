@@ -1,6 +1,7 @@
 //! The operator's live usage reader against a real redis-server, written by the proxy's own
 //! shared budgets: what the proxies count against a key's limit is what a pool's `usedRpm`
-//! reports, per provider, keyless providers included, other pools excluded.
+//! reports, per provider, keyless providers included, other pools excluded; and the circuit
+//! states the proxies publish are summed per provider.
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
@@ -117,6 +118,16 @@ async fn tenant_usage_is_what_its_own_limits_count() {
     assert_eq!(unseen, floodgate_operator::usage::TenantUsage::default());
 }
 
+/// Expires `key` at once, as if its replica had stopped publishing a TTL ago.
+async fn expire_now(conn: &mut redis::aio::ConnectionManager, key: String) {
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(key)
+        .arg(1)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -183,12 +194,11 @@ async fn demand_is_summed_over_the_replicas_that_still_publish() {
         ttl > 0 && ttl <= floodgate_crds::redis_keys::DEMAND_TTL_MS as i64,
         "{ttl}"
     );
-    let _: () = redis::cmd("PEXPIRE")
-        .arg(floodgate_crds::redis_keys::DemandKeys::new("models", "llama").replica("proxy-b"))
-        .arg(1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    expire_now(
+        &mut conn,
+        floodgate_crds::redis_keys::DemandKeys::new("models", "llama").replica("proxy-b"),
+    )
+    .await;
     let expired = floodgate_e2e::cluster::wait_for(
         "proxy-b's figures to expire",
         Duration::from_secs(5),
@@ -261,4 +271,85 @@ async fn queue_figures_are_summed_over_the_replicas_per_tier() {
         .collect();
     assert_eq!(recent, [("free", 70, 7, 77), ("pro", 50, 5, 55)]);
     assert!(reader.queue_usage("ai", "other").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn circuits_are_the_worst_over_the_replicas_that_still_publish() {
+    use floodgate_proxy::demand::{DemandBoard, PoolCircuits, Publisher};
+    let redis = RedisServer::start().await.unwrap();
+    let url = SecretString::new(redis.url());
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let publisher = |replica: &str, claude: &'static str, gpt4: &'static str| {
+        Publisher::new(std::sync::Arc::new(DemandBoard::default()), &url, replica)
+            .unwrap()
+            .with_circuits(std::sync::Arc::new(move || {
+                vec![
+                    PoolCircuits {
+                        pool: "premium".into(),
+                        providers: vec![("claude".into(), claude), ("gpt4".into(), gpt4)],
+                    },
+                    // Another pool's circuits are not this pool's.
+                    PoolCircuits {
+                        pool: "other".into(),
+                        providers: vec![("claude".into(), "open")],
+                    },
+                ]
+            }))
+    };
+    publisher("proxy-a", "closed", "open")
+        .publish_once(&mut conn)
+        .await
+        .unwrap();
+    publisher("proxy-b", "half-open", "open")
+        .publish_once(&mut conn)
+        .await
+        .unwrap();
+    publisher("proxy-c", "closed", "closed")
+        .publish_once(&mut conn)
+        .await
+        .unwrap();
+
+    let reader = UsageReader::new(&redis.url()).unwrap();
+    let seen = |circuits: floodgate_operator::usage::PoolCircuits| -> Vec<_> {
+        circuits
+            .into_iter()
+            .map(|(p, c)| (p, c.worst, c.replicas, c.open))
+            .collect()
+    };
+    assert_eq!(
+        seen(reader.pool_circuits("premium").await.unwrap()),
+        [
+            ("claude".to_owned(), "half-open", 3, 0),
+            ("gpt4".to_owned(), "open", 3, 2)
+        ]
+    );
+    assert!(reader.pool_circuits("idle").await.unwrap().is_empty());
+
+    // Replica b stops publishing: once its hash expires, only a and c count.
+    expire_now(
+        &mut conn,
+        floodgate_crds::redis_keys::circuit_replica_key("premium", "proxy-b"),
+    )
+    .await;
+    let circuits = floodgate_e2e::cluster::wait_for(
+        "proxy-b's circuits to expire",
+        Duration::from_secs(5),
+        || {
+            let reader = &reader;
+            async move {
+                let c = reader.pool_circuits("premium").await.unwrap();
+                Ok((c.get("claude").is_some_and(|c| c.replicas == 2)).then_some(c))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        seen(circuits),
+        [
+            ("claude".to_owned(), "closed", 2, 0),
+            ("gpt4".to_owned(), "open", 2, 1)
+        ]
+    );
 }

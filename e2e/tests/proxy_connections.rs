@@ -2,7 +2,7 @@
 //! is closed after `--header-read-timeout-ms`, an idle keep-alive connection after
 //! `--idle-timeout-ms`, a body sent too slowly is answered 408 in the door's format after
 //! `--body-read-timeout-ms`, and connections beyond `--max-connections` are refused, logged
-//! and counted.
+//! and counted; `--probe-listen` serves the probes only.
 #![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
 use floodgate_e2e::mock::{MockConfig, MockProviders};
@@ -16,8 +16,8 @@ const IDLE_MS: u64 = 1500;
 const BODY_MS: u64 = 500;
 const PATIENCE: Duration = Duration::from_secs(15);
 
-async fn proxy(mock: &MockProviders, max_connections: usize) -> (ProxyProcess, tempfile::TempDir) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+/// A config directory with one pool of one key on `mock`.
+fn pool_dir(mock: &MockProviders) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let manifests = format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData:\n  a: sk-conn-test\n\
@@ -26,6 +26,12 @@ async fn proxy(mock: &MockProviders, max_connections: usize) -> (ProxyProcess, t
         mock.base_url()
     );
     std::fs::write(dir.path().join("pool.yaml"), manifests).unwrap();
+    dir
+}
+
+async fn proxy(mock: &MockProviders, max_connections: usize) -> (ProxyProcess, tempfile::TempDir) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = pool_dir(mock);
     let (header, idle, body, max) = (
         HEADER_MS.to_string(),
         IDLE_MS.to_string(),
@@ -232,4 +238,55 @@ async fn connections_beyond_the_cap_are_refused_logged_and_counted() {
         })
         .unwrap();
     assert!(refused.parse::<u64>().unwrap() >= 1, "{metrics}");
+}
+
+/// `--probe-listen`: the kubelet's listener (the sidecar's, on the pod's IP) answers the
+/// probes and nothing else: no door, no metrics, no admin API.
+#[tokio::test]
+async fn the_probe_listener_serves_only_the_probes() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let dir = pool_dir(&mock);
+    let args = [
+        "--config",
+        dir.path().to_str().unwrap(),
+        "--watch-interval-ms",
+        "0",
+        "--probe-listen",
+        "127.0.0.1:0",
+    ];
+    let proxy = ProxyProcess::start(args, &[]).await.unwrap();
+    let line = proxy
+        .wait_for_log("floodgate-proxy serving", PATIENCE)
+        .await
+        .unwrap();
+    let fields: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let probes = fields["fields"]["probe_listen"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(probes, proxy.addr().to_string());
+    let http = reqwest::Client::new();
+    let status = async |method: reqwest::Method, path: &str| {
+        http.request(method, format!("http://{probes}{path}"))
+            .header("authorization", "Bearer sk-anything")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status(reqwest::Method::GET, "/healthz").await, 200);
+    assert_eq!(status(reqwest::Method::GET, "/readyz").await, 200);
+    for path in ["/v1/models", "/metrics", "/admin/capacity"] {
+        assert_eq!(status(reqwest::Method::GET, path).await, 404, "{path}");
+    }
+    assert_eq!(
+        status(reqwest::Method::POST, "/v1/chat/completions").await,
+        404
+    );
+    // The public listener still serves the doors.
+    let models = http.get(proxy.url("/v1/models")).send().await.unwrap();
+    assert_ne!(models.status().as_u16(), 404);
+    // Nothing sent to the probe listener reached a provider.
+    assert!(mock.counts().keys.is_empty(), "{:?}", mock.counts());
 }

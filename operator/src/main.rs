@@ -67,8 +67,9 @@ struct Args {
         default_value = "ghcr.io/floodgate-dev/floodgate-proxy:0.1.0"
     )]
     sidecar_image: String,
-    /// The loopback port the sidecar listens on (a pod's annotation `floodgate.dev/port`
-    /// overrides it); a pod whose containers declare it is refused.
+    /// The loopback port the sidecar listens on, its probe listener taking the next one (a
+    /// pod's annotation `floodgate.dev/port` overrides it); a pod whose containers declare
+    /// either is refused.
     #[arg(long, default_value_t = floodgate_operator::webhook::mutate::DEFAULT_PORT)]
     sidecar_port: u16,
     /// The ConfigMap with the sidecar's `config.yaml` when a pod names none

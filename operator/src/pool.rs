@@ -10,7 +10,7 @@ use crate::conditions::{self, DEGRADED, KEYS_READY, READY, SECRETS_FOUND, condit
 use crate::context::{Context, object_key};
 use crate::error::{Error, Result};
 use crate::secrets::{Resolution, SecretIndex, describe_unresolved};
-use crate::usage::ProviderUsage;
+use crate::usage::{PoolCircuits, ProviderUsage};
 use floodgate_crds::SecretKeyRef;
 use floodgate_crds::pool::{
     AIProviderPool, AIProviderPoolSpec, AIProviderPoolStatus, ProviderStatus,
@@ -32,9 +32,9 @@ pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<A
         .namespace()
         .ok_or_else(|| Error::NoNamespace(object_key(pool.as_ref())))?;
     let secrets = SecretIndex::load(&ctx.client, &ns, secret_names(&pool.spec)).await?;
-    let usage = match &ctx.usage {
-        Some(reader) => match reader.pool_usage(&pool.name_any(), &pool.spec).await {
-            Ok(usage) => Some(usage),
+    let live = match &ctx.usage {
+        Some(reader) => match read_live(reader, &pool).await {
+            Ok(live) => Some(live),
             Err(e) => {
                 // Usage is a figure, not health: keep the last one and say why in the log.
                 tracing::warn!(object = %object_key(pool.as_ref()), error = %e, "cannot read live usage");
@@ -44,14 +44,17 @@ pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<A
         None => None,
     };
     let old = pool.status.as_ref();
-    let status = compute_status(
+    let mut status = compute_status(
         &pool.spec,
         pool.metadata.generation,
         old,
         &secrets,
-        usage.as_ref(),
+        live.as_ref().map(|(usage, _)| usage),
         &conditions::now(),
     );
+    if let Some((_, circuits)) = &live {
+        apply_circuits(&mut status, circuits);
+    }
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     ctx.write_status(
         pool.as_ref(),
@@ -67,6 +70,33 @@ pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<A
     } else {
         RESYNC
     }))
+}
+
+/// The live usage and circuits of `pool`, as the gateway's replicas share them in Redis.
+async fn read_live(
+    reader: &crate::usage::UsageReader,
+    pool: &AIProviderPool,
+) -> Result<(ProviderUsage, PoolCircuits)> {
+    let usage = reader.pool_usage(&pool.name_any(), &pool.spec).await?;
+    let circuits = reader.pool_circuits(&pool.name_any()).await?;
+    Ok((usage, circuits))
+}
+
+/// Sets each provider's circuit from what the gateway's replicas report: the worst state and
+/// how many see it open; `unknown` for a provider no replica reports. `openCircuits` counts
+/// the providers open somewhere, unset when no provider is reported.
+pub fn apply_circuits(status: &mut AIProviderPoolStatus, circuits: &PoolCircuits) {
+    let mut reported_any = false;
+    let mut open = 0;
+    for p in &mut status.providers {
+        let reported = circuits.get(&p.name);
+        reported_any |= reported.is_some();
+        p.circuit = reported.map_or("unknown", |c| c.worst).to_owned();
+        p.circuit_replicas = reported.map_or(0, |c| c.replicas);
+        p.circuit_open_replicas = reported.map_or(0, |c| c.open);
+        open += u32::from(p.circuit == "open");
+    }
+    status.open_circuits = reported_any.then_some(open);
 }
 
 /// The names of the Secrets `spec` references.
@@ -101,7 +131,8 @@ pub fn pools_using_secret(
 }
 
 /// The status of a pool of `spec` at `generation`, given the Secrets that exist and the live
-/// usage per provider; without usage (no Redis, or it failed) the figures of `old` stay.
+/// usage per provider; without usage (no Redis, or it failed) the figures of `old` stay, and
+/// so do the circuits ([`apply_circuits`] sets them from a fresh read).
 pub fn compute_status(
     spec: &AIProviderPoolSpec,
     generation: Option<i64>,
@@ -131,6 +162,8 @@ pub fn compute_status(
         providers.push(ProviderStatus {
             name: p.name.clone(),
             circuit: previous.map_or_else(|| "unknown".to_owned(), |s| s.circuit.clone()),
+            circuit_replicas: previous.map_or(0, |s| s.circuit_replicas),
+            circuit_open_replicas: previous.map_or(0, |s| s.circuit_open_replicas),
             ready_keys: provider_ready,
             total_keys: provider_total,
             used_rpm: match usage {
@@ -199,6 +232,7 @@ pub fn compute_status(
             Some(u) => u.values().sum(),
             None => old.map_or(0, |o| o.used_rpm),
         },
+        open_circuits: old.and_then(|o| o.open_circuits),
         providers,
     }
 }

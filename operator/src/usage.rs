@@ -3,11 +3,14 @@
 //! its request log scored within the last minute by Redis' own clock: in flight, or answered
 //! within the minute, over every replica, exactly as the proxies count against the limit.
 //!
-//! Circuit states are not shared in Redis, so the operator cannot report them yet.
+//! Each replica also publishes its breakers' states per pool; a provider's circuit is the
+//! worst over the replicas whose figures have not expired ([`sum_circuits`]).
 
 use crate::error::Result;
 use floodgate_crds::pool::{AIProviderPoolSpec, Provider};
-use floodgate_crds::redis_keys::KeyBudgetKeys;
+use floodgate_crds::redis_keys::{
+    CIRCUIT_STATES, KeyBudgetKeys, circuit_replica_key, circuit_replicas_key,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -85,6 +88,83 @@ impl UsageReader {
             *usage.entry(owner.to_owned()).or_default() += count;
         }
         Ok(usage)
+    }
+}
+
+/// One provider's circuit over the gateway replicas that report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitUsage {
+    /// The worst state reported (one of [`CIRCUIT_STATES`]).
+    pub worst: &'static str,
+    /// Replicas reporting it.
+    pub replicas: u32,
+    /// Replicas reporting it open.
+    pub open: u32,
+}
+
+/// Circuits of a pool per provider name.
+pub type PoolCircuits = BTreeMap<String, CircuitUsage>;
+
+/// Sums replicas' circuit hashes (provider -> state; `at` and states this version does not
+/// know are skipped): per provider, the worst state and how many replicas report it open.
+pub fn sum_circuits(hashes: impl IntoIterator<Item = BTreeMap<String, String>>) -> PoolCircuits {
+    let rank_of = |state: &str| CIRCUIT_STATES.iter().position(|s| *s == state);
+    let mut circuits = PoolCircuits::new();
+    for (provider, state) in hashes.into_iter().flatten() {
+        let Some(rank) = rank_of(&state) else {
+            continue;
+        };
+        let c = circuits.entry(provider).or_insert(CircuitUsage {
+            worst: CIRCUIT_STATES[0],
+            replicas: 0,
+            open: 0,
+        });
+        c.replicas += 1;
+        if rank == CIRCUIT_STATES.len() - 1 {
+            c.open += 1;
+        }
+        if rank_of(c.worst) < Some(rank) {
+            c.worst = CIRCUIT_STATES[rank];
+        }
+    }
+    circuits
+}
+
+impl UsageReader {
+    /// The circuits of pool `pool`'s providers over the replicas whose figures have not
+    /// expired (layout: [`floodgate_crds::redis_keys`]).
+    pub async fn pool_circuits(&self, pool: &str) -> Result<PoolCircuits> {
+        let hashes = self
+            .replica_hashes(&circuit_replicas_key(pool), |r| {
+                circuit_replica_key(pool, r)
+            })
+            .await?;
+        Ok(sum_circuits(hashes))
+    }
+
+    /// The hashes of the replicas listed in the index `index` (a sorted set of replica ids),
+    /// each at `hash_of(replica)`. An expired hash reads as empty: that replica stopped
+    /// publishing.
+    async fn replica_hashes<V: redis::FromRedisValue>(
+        &self,
+        index: &str,
+        hash_of: impl Fn(&str) -> String,
+    ) -> Result<Vec<BTreeMap<String, V>>> {
+        let mut conn = self.connection()?;
+        let replicas: Vec<String> = redis::cmd("ZRANGE")
+            .arg(index)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        if replicas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in &replicas {
+            pipe.cmd("HGETALL").arg(hash_of(r));
+        }
+        Ok(pipe.query_async(&mut conn).await?)
     }
 }
 
@@ -204,24 +284,11 @@ impl UsageReader {
         use floodgate_crds::redis_keys::{
             QUEUE_MISSED, QUEUE_OLDEST, QUEUE_WAITING, QUEUE_WAITS, QUEUE_WITHIN, QueueKeys,
         };
-        let mut conn = self.connection()?;
         let keys = QueueKeys::new(namespace, name);
-        let replicas: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&keys.replicas)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
+        let hashes: Vec<BTreeMap<String, String>> = self
+            .replica_hashes(&keys.replicas, |r| keys.replica(r))
             .await?;
         let mut usage = QueueUsage::new();
-        if replicas.is_empty() {
-            return Ok(usage);
-        }
-        let mut pipe = redis::pipe();
-        for r in &replicas {
-            pipe.cmd("HGETALL").arg(keys.replica(r));
-        }
-        // An expired hash reads as empty: that replica stopped publishing.
-        let hashes: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await?;
         // A field that does not parse (another version's) counts as nothing.
         let number = |v: &str| v.parse::<u64>().unwrap_or(0);
         for (field, value) in hashes.into_iter().flatten() {
@@ -267,23 +334,11 @@ impl UsageReader {
     /// [`floodgate_crds::redis_keys`]) over the replicas whose figures have not expired.
     pub async fn cache_usage(&self, namespace: &str, name: &str) -> Result<CacheUsage> {
         use floodgate_crds::redis_keys::{CACHE_FIELDS, CacheKeys};
-        let mut conn = self.connection()?;
         let keys = CacheKeys::new(namespace, name);
-        let replicas: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&keys.replicas)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
+        let hashes: Vec<BTreeMap<String, u64>> = self
+            .replica_hashes(&keys.replicas, |r| keys.replica(r))
             .await?;
         let mut usage = CacheUsage::default();
-        if replicas.is_empty() {
-            return Ok(usage);
-        }
-        let mut pipe = redis::pipe();
-        for r in &replicas {
-            pipe.cmd("HGETALL").arg(keys.replica(r));
-        }
-        let hashes: Vec<BTreeMap<String, u64>> = pipe.query_async(&mut conn).await?;
         for hash in hashes.iter().filter(|h| !h.is_empty()) {
             usage.replicas += 1;
             let field = |f: &str| hash.get(f).copied().unwrap_or(0);
@@ -295,5 +350,45 @@ impl UsageReader {
             usage.bytes = (usage.bytes.0 + bytes, usage.bytes.1.max(bytes));
         }
         Ok(usage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(fields: &[(&str, &str)]) -> BTreeMap<String, String> {
+        fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_circuit_is_the_worst_over_the_replicas_with_how_many_see_it_open() {
+        let circuits = sum_circuits([
+            hash(&[
+                ("claude", "closed"),
+                ("gpt4", "open"),
+                ("at", "1700000000000"),
+            ]),
+            hash(&[("claude", "half-open"), ("gpt4", "open")]),
+            hash(&[
+                ("claude", "closed"),
+                ("gpt4", "closed"),
+                ("gemini", "later-state"),
+            ]),
+            // An expired replica's hash reads as empty.
+            BTreeMap::new(),
+        ]);
+        let seen: Vec<_> = circuits
+            .iter()
+            .map(|(p, c)| (p.as_str(), c.worst, c.replicas, c.open))
+            .collect();
+        assert_eq!(
+            seen,
+            [("claude", "half-open", 3, 0), ("gpt4", "open", 3, 2)]
+        );
+        assert!(sum_circuits([]).is_empty());
     }
 }

@@ -14,7 +14,7 @@
 use crate::secret::SecretString;
 use floodgate_crds::redis_keys::{
     CACHE_FIELDS, CacheKeys, DEMAND_TTL_MS, DemandKeys, QUEUE_MISSED, QUEUE_OLDEST, QUEUE_WAITING,
-    QUEUE_WAITS, QUEUE_WITHIN, QueueKeys,
+    QUEUE_WAITS, QUEUE_WITHIN, QueueKeys, circuit_replica_key, circuit_replicas_key,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::{BTreeMap, VecDeque};
@@ -48,7 +48,7 @@ return now
 ";
 
 /// Replaces one replica's queue figures of one TierQueue (or cache figures of one
-/// CachePolicy) and refreshes its replica index, on Redis's clock. KEYS[1] the index, KEYS[2] the replica's hash (same hash tag); ARGV: TTL
+/// CachePolicy, or circuit states of one pool) and refreshes its replica index, on Redis's clock. KEYS[1] the index, KEYS[2] the replica's hash (same hash tag); ARGV: TTL
 /// (ms), replica id, then field, value pairs.
 const PUBLISH_QUEUE: &str = r"
 local t = redis.call('TIME')
@@ -108,6 +108,18 @@ pub struct CacheFigures {
 
 /// Where the publisher reads the cache figures of the CachePolicy served now.
 pub type CacheSource = Arc<dyn Fn() -> Option<CacheFigures> + Send + Sync>;
+
+/// One pool's circuit states on this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolCircuits {
+    /// The pool's name.
+    pub pool: String,
+    /// Per provider, its name and its breaker's state (`closed`, `half-open` or `open`).
+    pub providers: Vec<(String, &'static str)>,
+}
+
+/// Where the publisher reads the circuit states of the pools served now.
+pub type CircuitSource = Arc<dyn Fn() -> Vec<PoolCircuits> + Send + Sync>;
 
 /// Every local model this replica has reported demand for.
 #[derive(Debug, Default)]
@@ -281,6 +293,7 @@ pub struct Publisher {
     board: Arc<DemandBoard>,
     queues: Option<QueueSource>,
     caches: Option<CacheSource>,
+    circuits: Option<CircuitSource>,
     client: redis::Client,
     replica: String,
     script: redis::Script,
@@ -308,6 +321,7 @@ impl Publisher {
             board,
             queues: None,
             caches: None,
+            circuits: None,
             client: redis::Client::open(url.expose())?,
             replica: replica.into(),
             script: redis::Script::new(PUBLISH),
@@ -324,6 +338,12 @@ impl Publisher {
     /// Also publishes the cache figures `source` gives (the CachePolicy served now).
     pub fn with_caches(mut self, source: CacheSource) -> Self {
         self.caches = Some(source);
+        self
+    }
+
+    /// Also publishes the circuit states `source` gives (the pools served now).
+    pub fn with_circuits(mut self, source: CircuitSource) -> Self {
+        self.circuits = Some(source);
         self
     }
 
@@ -380,6 +400,21 @@ impl Publisher {
             let values = c.counts.iter().chain([&c.entries, &c.bytes]);
             for (field, value) in CACHE_FIELDS.iter().zip(values) {
                 call.arg(*field).arg(*value);
+            }
+            let _: u64 = call.invoke_async(conn).await?;
+        }
+        for pool in self
+            .circuits
+            .as_ref()
+            .map(|source| source())
+            .unwrap_or_default()
+        {
+            let mut call = self.queue_script.key(circuit_replicas_key(&pool.pool));
+            call.key(circuit_replica_key(&pool.pool, &self.replica))
+                .arg(DEMAND_TTL_MS)
+                .arg(&self.replica);
+            for (provider, state) in &pool.providers {
+                call.arg(provider).arg(*state);
             }
             let _: u64 = call.invoke_async(conn).await?;
         }

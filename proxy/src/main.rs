@@ -13,7 +13,7 @@ use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
 use floodgate_proxy::secret::SecretString;
 use floodgate_proxy::server::conn;
 use floodgate_proxy::server::workers::{self, Workers};
-use floodgate_proxy::server::{AppState, admin_router, router};
+use floodgate_proxy::server::{AppState, admin_router, probe_router, router};
 use floodgate_proxy::telemetry;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -56,6 +56,10 @@ struct Args {
     /// served on `--listen`; unset, there are none.
     #[arg(long, env = "FLOODGATE_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// Address of a listener serving only the probes, `/healthz` and `/readyz`: for the
+    /// kubelet, which probes the pod's IP, when `--listen` is on loopback (the sidecar).
+    #[arg(long, env = "FLOODGATE_PROBE_LISTEN")]
+    probe_listen: Option<SocketAddr>,
     /// Directory of `<secret>/<key>` files, as a mounted Secret volume.
     #[arg(long, env = "FLOODGATE_SECRETS_DIR")]
     secrets_dir: Option<PathBuf>,
@@ -331,19 +335,21 @@ async fn serve(
     }
     // The CachePolicy now: the embedding model loads (or says why not) before any request.
     state.cache.prepare(&dispatcher.config());
-    // Local models' demand, for the operator's autoscaler, and the TierQueue's queue figures
-    // and the CachePolicy's cache figures, for their status: published to the shared Redis.
+    // Local models' demand, for the operator's autoscaler, and the TierQueue's queue figures,
+    // the CachePolicy's cache figures and the pools' circuit states, for their status:
+    // published to the shared Redis.
     // Without --redis there is nowhere the operator could read it.
     if let Some(url) = &args.redis {
         let board = dispatcher.routing().gates.board();
         let replica = format!("{}-{}", hostname(), std::process::id());
-        let queues = dispatcher.clone();
+        let (queues, circuits) = (dispatcher.clone(), dispatcher.clone());
         let (cache, config) = (state.cache.clone(), dispatcher.clone());
         match floodgate_proxy::demand::Publisher::new(board, url, replica) {
             Ok(publisher) => {
                 let publisher = publisher
                     .with_queues(Arc::new(move || queues.queue_figures()))
-                    .with_caches(Arc::new(move || cache.figures(&config.config())));
+                    .with_caches(Arc::new(move || cache.figures(&config.config())))
+                    .with_circuits(Arc::new(move || circuits.circuit_figures()));
                 drop(tasks.spawn(publisher.run(cancel.clone())));
             }
             Err(e) => tracing::warn!(
@@ -353,25 +359,28 @@ async fn serve(
         }
     }
     state.jobs = Some(start_jobs(&args, &state, &tasks, &cancel).await?);
+    // The kubelet and little else: a small cap of its own.
+    let probes = match args.probe_listen {
+        Some(addr) => Some(
+            serve_side(
+                addr,
+                "probe",
+                16,
+                probe_router(state.clone()),
+                &tasks,
+                &cancel,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let app = router(state.clone());
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    // A few scrapers and probes: a small cap of its own, never the public one's.
     let admin = match args.admin_listen {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?;
-            let local = listener.local_addr()?;
-            // A few scrapers and probes: a small cap of its own, never the public one's.
-            let connections =
-                Arc::new(conn::Connections::new(conn::Limits::default(), 64).named("admin"));
-            tasks.spawn(conn::serve(
-                listener,
-                admin_router(state),
-                connections,
-                cancel.clone(),
-            ));
-            Some(local)
+            Some(serve_side(addr, "admin", 64, admin_router(state), &tasks, &cancel).await?)
         }
         None => None,
     };
@@ -392,6 +401,7 @@ async fn serve(
     tracing::info!(
         listen = %local,
         admin_listen = admin.map(|a| a.to_string()),
+        probe_listen = probes.map(|a| a.to_string()),
         workers = count.get(),
         max_connections,
         header_read_timeout_ms = args.header_read_timeout_ms,
@@ -441,6 +451,26 @@ async fn serve(
     }
     joined.context("a worker failed")?;
     Ok(())
+}
+
+/// Binds `addr` (the flag `--<name>-listen`) and serves `app` there until `cancel`, with a
+/// connection cap of its own (`max` connections, counted under `listener="<name>"`);
+/// returns the address bound.
+async fn serve_side(
+    addr: SocketAddr,
+    name: &'static str,
+    max: usize,
+    app: axum::Router,
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--{name}-listen)"))?;
+    let local = listener.local_addr()?;
+    let connections = Arc::new(conn::Connections::new(conn::Limits::default(), max).named(name));
+    tasks.spawn(conn::serve(listener, app, connections, cancel.clone()));
+    Ok(local)
 }
 
 /// The jobs subsystem: its store (Redis Streams with --redis, else in memory) and this

@@ -53,8 +53,9 @@ fn demand(queued: u64, in_flight: u64, reporters: u32) -> DemandSource {
     )])
 }
 
-/// Takes the Service and Deployment applies (and the claim's first when `claim`), answers the
-/// Deployment with `ready` of its replicas ready, and returns the Deployment applied.
+/// Takes the Service and Deployment applies (and the shared claim's first when `claim`),
+/// answers the Deployment with `ready` of its replicas ready, and returns the Deployment
+/// applied.
 async fn expect_children(api: &mut ApiServer, claim: bool, ready: i32) -> Value {
     if claim {
         let pvc = api
@@ -125,9 +126,17 @@ async fn a_model_gets_its_claim_service_and_gpu_deployment_then_a_ready_status()
     let script = {
         let model = model.clone();
         async move {
-            let d = expect_children(&mut api, true, 1).await;
+            // ReadWriteOnce: no shared claim, each pod gets its own from the template.
+            let d = expect_children(&mut api, false, 1).await;
             assert_eq!(d["spec"]["replicas"], 2);
             let pod = &d["spec"]["template"]["spec"];
+            let template = &pod["volumes"][0]["ephemeral"]["volumeClaimTemplate"];
+            assert_eq!(template["spec"]["resources"]["requests"]["storage"], "50Gi");
+            assert_eq!(template["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+            assert_eq!(
+                template["metadata"]["labels"]["floodgate.dev/local-model"],
+                "llama"
+            );
             let ollama = &pod["containers"][0];
             assert_eq!(ollama["resources"]["limits"]["nvidia.com/gpu"], "1");
             assert!(
@@ -171,6 +180,69 @@ async fn a_model_gets_its_claim_service_and_gpu_deployment_then_a_ready_status()
     };
     let action = fixtures::run(reconcile(Arc::new(model), ctx), script).await;
     assert_eq!(action.unwrap(), Action::requeue(RESYNC));
+}
+
+/// Reconciles `model` without a demand source while `script` plays the API server (it gets
+/// the server and the model, and hands the server back when done).
+async fn reconciled<F, Fut>(model: LocalModelDeployment, script: F) -> Result<Action>
+where
+    F: FnOnce(ApiServer, LocalModelDeployment) -> Fut,
+    Fut: std::future::Future<Output = ApiServer> + Send + 'static,
+{
+    let (ctx, api) = fixtures::context(DemandSource::Unconfigured);
+    let played = script(api, model.clone());
+    fixtures::run(reconcile(Arc::new(model), ctx), played).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_claim_is_applied_and_owned_with_read_write_many() {
+    let model = lmd(json!({"storage": {"size": "50Gi", "accessMode": "ReadWriteMany"}}));
+    reconciled(model, async |mut api, model| {
+        let d = expect_children(&mut api, true, 1).await;
+        let volume = &d["spec"]["template"]["spec"]["volumes"][0];
+        assert_eq!(volume["persistentVolumeClaim"]["claimName"], "llama-models");
+        expect_status(&mut api, &model).await;
+        api.expect_events("models", 1).await;
+        api
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replicas_pending_claim_is_named_while_none_is_ready() {
+    let model = lmd(json!({"replicas": 2, "storage": {"size": "50Gi"}}));
+    reconciled(model, async |mut api, model| {
+        expect_children(&mut api, false, 0).await;
+        let list = api
+            .expect(Method::GET, "/api/v1/namespaces/models/persistentvolumeclaims")
+            .await;
+        assert!(
+            list.query
+                .contains("labelSelector=floodgate.dev%2Flocal-model%3Dllama"),
+            "{}",
+            list.query
+        );
+        let claim = |name: &str, phase: &str| {
+            json!({"metadata": {"name": name, "namespace": "models"}, "status": {"phase": phase}})
+        };
+        list.ok(&json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaimList", "metadata": {},
+            "items": [claim("llama-6f7c-a-models", "Bound"),
+                      claim("llama-6f7c-b-models", "Pending")]
+        }));
+        let patch = expect_status(&mut api, &model).await;
+        let ready = condition(&patch, READY);
+        assert_eq!(ready["reason"], "ClaimPending");
+        assert!(
+            field(ready, "message").contains(r#""llama-6f7c-b-models" is Pending"#),
+            "{ready}"
+        );
+        api.expect_events("models", 2).await;
+        api
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,14 +1,27 @@
 //! The objects a LocalModelDeployment owns, built from its spec without I/O: a Deployment
 //! running Ollama (the model pulled by an init container before the server starts), a
-//! ClusterIP Service in front of it, and a PersistentVolumeClaim for the weights.
+//! ClusterIP Service in front of it, and the weights' storage.
+//!
+//! **Weights storage.** A volume mounted `ReadWriteOnce` can be attached to one node only,
+//! and 2-20 GPU replicas land on as many nodes: one claim shared by all of them would leave
+//! every replica but the first node's stuck in `ContainerCreating`. So with the default
+//! `ReadWriteOnce` each replica gets a claim of its own, as a generic ephemeral volume of the
+//! pod (the controller manager creates `<pod>-models` with the pod, owned by it, and deletes
+//! it with it): any storage class works, replicas roll and scale freely, and nothing piles up
+//! when the autoscaler scales down. The cost is a pull of the model by every new pod, as on
+//! a new node anyway. A StatefulSet's volumeClaimTemplates would keep each replica's weights
+//! across pod replacement, but would replace the Deployment (and the rollout conditions the
+//! status reads from it) and keep a claim for every replica ever scaled to. Only with
+//! `accessMode: ReadWriteMany` (NFS, CephFS, EFS, Filestore...) is there one claim,
+//! `<name>-models`, owned by the resource and shared by every replica.
 
 use floodgate_crds::local_model::{AccessMode, LocalModelDeployment, LocalModelDeploymentSpec};
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EphemeralVolumeSource, HTTPGetAction,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -67,9 +80,17 @@ pub fn selector_string(lmd: &LocalModelDeployment) -> String {
     format!("{MODEL_LABEL}={}", lmd.name_any())
 }
 
-/// Name of the weights claim.
+/// Name of the shared weights claim (`accessMode: ReadWriteMany`). A replica's own claim
+/// is named by the controller manager after its pod and the volume: `<pod>-models`.
 pub fn pvc_name(lmd: &LocalModelDeployment) -> String {
     format!("{}-models", lmd.name_any())
+}
+
+/// Whether every replica gets a weights claim of its own (storage asked, `ReadWriteOnce`).
+pub fn claim_per_replica(spec: &LocalModelDeploymentSpec) -> bool {
+    spec.storage
+        .as_ref()
+        .is_some_and(|s| s.access_mode == AccessMode::ReadWriteOnce)
 }
 
 /// The in-cluster URL of the Ollama API: the `baseUrl` for a pool's ollama provider.
@@ -113,24 +134,48 @@ fn meta(lmd: &LocalModelDeployment, name: String) -> ObjectMeta {
     }
 }
 
-/// The weights claim, when the spec asks for storage.
+/// The shared weights claim, when the spec asks for `ReadWriteMany` storage (with
+/// `ReadWriteOnce` each pod's claim comes from its [`claim_template`]).
 pub fn pvc(lmd: &LocalModelDeployment) -> Option<PersistentVolumeClaim> {
-    let storage = lmd.spec.storage.as_ref()?;
+    if claim_per_replica(&lmd.spec) {
+        return None;
+    }
     Some(PersistentVolumeClaim {
         metadata: meta(lmd, pvc_name(lmd)),
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec![storage.access_mode.as_str().to_owned()]),
-            storage_class_name: storage.storage_class_name.clone(),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".to_owned(),
-                    Quantity(storage.size.clone()),
-                )])),
-                ..VolumeResourceRequirements::default()
-            }),
-            ..PersistentVolumeClaimSpec::default()
-        }),
+        spec: Some(claim_spec(&lmd.spec)?),
         ..PersistentVolumeClaim::default()
+    })
+}
+
+/// What a weights claim asks for, when the spec asks for storage.
+fn claim_spec(spec: &LocalModelDeploymentSpec) -> Option<PersistentVolumeClaimSpec> {
+    let storage = spec.storage.as_ref()?;
+    Some(PersistentVolumeClaimSpec {
+        access_modes: Some(vec![storage.access_mode.as_str().to_owned()]),
+        storage_class_name: storage.storage_class_name.clone(),
+        resources: Some(VolumeResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "storage".to_owned(),
+                Quantity(storage.size.clone()),
+            )])),
+            ..VolumeResourceRequirements::default()
+        }),
+        ..PersistentVolumeClaimSpec::default()
+    })
+}
+
+/// The claim each pod gets (a generic ephemeral volume), labelled as every owned object so
+/// that the operator finds a replica's pending claim by the model's selector.
+pub fn claim_template(lmd: &LocalModelDeployment) -> Option<PersistentVolumeClaimTemplate> {
+    if !claim_per_replica(&lmd.spec) {
+        return None;
+    }
+    Some(PersistentVolumeClaimTemplate {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(lmd)),
+            ..ObjectMeta::default()
+        }),
+        spec: claim_spec(&lmd.spec)?,
     })
 }
 
@@ -157,11 +202,6 @@ pub fn service(lmd: &LocalModelDeployment) -> Service {
 /// The Deployment running Ollama.
 pub fn deployment(lmd: &LocalModelDeployment) -> Deployment {
     let spec = &lmd.spec;
-    // Two pods cannot share a ReadWriteOnce volume across nodes: replace, do not roll.
-    let recreate = spec
-        .storage
-        .as_ref()
-        .is_some_and(|s| s.access_mode == AccessMode::ReadWriteOnce);
     Deployment {
         metadata: meta(lmd, lmd.name_any()),
         spec: Some(DeploymentSpec {
@@ -171,10 +211,6 @@ pub fn deployment(lmd: &LocalModelDeployment) -> Deployment {
                 match_labels: Some(selector(lmd)),
                 ..LabelSelector::default()
             },
-            strategy: recreate.then(|| DeploymentStrategy {
-                type_: Some("Recreate".to_owned()),
-                ..DeploymentStrategy::default()
-            }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(lmd)),
@@ -190,8 +226,15 @@ pub fn deployment(lmd: &LocalModelDeployment) -> Deployment {
 
 fn pod_spec(lmd: &LocalModelDeployment) -> PodSpec {
     let spec = &lmd.spec;
-    let volume = match &spec.storage {
-        Some(_) => Volume {
+    let volume = match (&spec.storage, claim_template(lmd)) {
+        (_, Some(template)) => Volume {
+            name: "models".to_owned(),
+            ephemeral: Some(EphemeralVolumeSource {
+                volume_claim_template: Some(template),
+            }),
+            ..Volume::default()
+        },
+        (Some(_), None) => Volume {
             name: "models".to_owned(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                 claim_name: pvc_name(lmd),
@@ -199,7 +242,7 @@ fn pod_spec(lmd: &LocalModelDeployment) -> PodSpec {
             }),
             ..Volume::default()
         },
-        None => Volume {
+        (None, None) => Volume {
             name: "models".to_owned(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Volume::default()

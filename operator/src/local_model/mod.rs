@@ -1,5 +1,6 @@
-//! LocalModelDeployment controller: applies the Deployment, Service and weights claim that
-//! [`build`] makes from the spec (all owned by the resource, so that deleting it deletes them;
+//! LocalModelDeployment controller: applies the Deployment, Service and shared weights claim
+//! (or each replica's own, see [`build`]) that [`build`] makes from the spec (all owned by
+//! the resource, so that deleting it deletes them;
 //! spec changes change the pod template, which the Deployment rolls out) and writes status from
 //! the Deployment's: replicas, ready replicas, the pods' selector, the Service endpoint, and
 //! the conditions `Ready` (a replica serves), `Progressing` (a rollout or scale-up is under
@@ -16,7 +17,7 @@ use floodgate_crds::Condition;
 use floodgate_crds::local_model::{LocalModelDeployment, LocalModelDeploymentStatus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -245,22 +246,22 @@ async fn autoscale(
     Ok(Some((to, reason)))
 }
 
-/// Applies the claim (if any), the Service and the Deployment; returns the Deployment and the
-/// claim as the API server holds them after the apply.
+/// Applies the shared claim (if any), the Service and the Deployment; returns the Deployment
+/// as the API server holds it after the apply, and the claim that keeps pods waiting if no
+/// replica is ready: the shared claim, or a replica's own Pending one.
 async fn apply_children(
     lmd: &LocalModelDeployment,
     ctx: &Context,
     ns: &str,
 ) -> Result<(Deployment, Option<PersistentVolumeClaim>)> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let claim = match build::pvc(lmd) {
-        Some(pvc) => {
-            let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-            Some(
-                api.patch(&build::pvc_name(lmd), &params, &Patch::Apply(&pvc))
-                    .await?,
-            )
-        }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let mut claim = match build::pvc(lmd) {
+        Some(pvc) => Some(
+            claims
+                .patch(&build::pvc_name(lmd), &params, &Patch::Apply(&pvc))
+                .await?,
+        ),
         None => None,
     };
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
@@ -279,6 +280,22 @@ async fn apply_children(
             &Patch::Apply(&build::deployment(lmd)),
         )
         .await?;
+    let none_ready = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0)
+        == 0;
+    if build::claim_per_replica(&lmd.spec) && none_ready && build::desired_replicas(&lmd.spec) > 0 {
+        // Only then does a Pending claim explain anything: one list, of this model's claims.
+        let listed = claims
+            .list(&ListParams::default().labels(&build::selector_string(lmd)))
+            .await?;
+        claim = listed
+            .items
+            .into_iter()
+            .find(|c| pending_claim(Some(c)).is_some());
+    }
     Ok((deployment, claim))
 }
 

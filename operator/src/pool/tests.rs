@@ -164,3 +164,50 @@ fn live_usage_fills_providers_and_total_and_its_absence_keeps_the_last() {
     assert_eq!(again.used_rpm, 17);
     assert_eq!(again.providers[0].used_rpm, 12);
 }
+
+#[test]
+fn circuits_show_the_worst_state_and_the_open_replicas_and_unknown_when_unreported() {
+    use crate::usage::CircuitUsage;
+    let mut s = compute_status(&spec(), Some(1), None, &secrets(&["key1"]), None, "t1");
+    let circuits = PoolCircuits::from([(
+        "claude".to_owned(),
+        CircuitUsage {
+            worst: "open",
+            replicas: 3,
+            open: 2,
+        },
+    )]);
+    apply_circuits(&mut s, &circuits);
+    let claude = &s.providers[0];
+    assert_eq!(
+        (
+            claude.circuit.as_str(),
+            claude.circuit_replicas,
+            claude.circuit_open_replicas
+        ),
+        ("open", 3, 2)
+    );
+    assert_eq!(
+        (
+            s.providers[1].circuit.as_str(),
+            s.providers[1].circuit_replicas
+        ),
+        ("unknown", 0)
+    );
+    assert_eq!(s.open_circuits, Some(1));
+    // Without a fresh read the next pass keeps them.
+    let again = compute_status(&spec(), Some(1), Some(&s), &secrets(&["key1"]), None, "t2");
+    assert_eq!(again.providers, s.providers);
+    assert_eq!(again.open_circuits, Some(1));
+    // A fresh read with no replica reporting: unknown again.
+    let mut cleared = again.clone();
+    apply_circuits(&mut cleared, &PoolCircuits::new());
+    assert_eq!(
+        (
+            cleared.providers[0].circuit.as_str(),
+            cleared.providers[0].circuit_open_replicas
+        ),
+        ("unknown", 0)
+    );
+    assert_eq!(cleared.open_circuits, None, "nothing reported: not 0 open");
+}

@@ -1,5 +1,6 @@
 //! The dispatcher's live state for `/metrics`: each key's share of budget in use, keys the
-//! provider refused, and each provider's circuit.
+//! provider refused, and each provider's circuit; and the circuits for the operator's pool
+//! status (published to Redis by [`crate::demand::Publisher`]).
 
 use super::Dispatcher;
 use super::breaker::Circuit;
@@ -7,6 +8,24 @@ use crate::metrics::{self, KeyLabels, ProviderLabels};
 use tokio::time::Instant;
 
 impl Dispatcher {
+    /// Each pool's providers and their circuit states now, pools in configuration order.
+    pub fn circuit_figures(&self) -> Vec<crate::demand::PoolCircuits> {
+        let view = self.view();
+        let now = Instant::now();
+        let mut pools: Vec<crate::demand::PoolCircuits> = Vec::new();
+        for p in &view.runtime.providers {
+            let state = (p.name.to_string(), p.breaker.circuit(now).as_str());
+            match pools.iter_mut().find(|c| c.pool == p.pool) {
+                Some(pool) => pool.providers.push(state),
+                None => pools.push(crate::demand::PoolCircuits {
+                    pool: p.pool.clone(),
+                    providers: vec![state],
+                }),
+            }
+        }
+        pools
+    }
+
     /// Refreshes the scrape-time gauges from the current routing view; keys and providers that
     /// left the configuration disappear from them.
     pub fn refresh_metrics(&self) {

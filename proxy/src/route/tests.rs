@@ -549,3 +549,29 @@ fn a_refusal_is_the_gateways_when_no_attempt_reached_a_provider() {
         .is_gateway_refusal()
     );
 }
+
+/// What the publisher shares for the operator's pool status: each pool's providers with
+/// their breakers' states, exactly at the open period's end.
+#[tokio::test(start_paused = true)]
+async fn circuit_figures_give_each_providers_breaker_state() {
+    use crate::demand::PoolCircuits;
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(&[("a", 1000)]),
+    );
+    let figures = |state: &'static str| {
+        vec![PoolCircuits {
+            pool: "pool".into(),
+            providers: vec![("openai".into(), state)],
+        }]
+    };
+    assert_eq!(d.circuit_figures(), figures("closed"));
+    d.view().runtime.providers[0]
+        .breaker
+        .failure(Instant::now());
+    assert_eq!(d.circuit_figures(), figures("open"));
+    tokio::time::advance(Duration::from_millis(9_999)).await;
+    assert_eq!(d.circuit_figures(), figures("open"));
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(d.circuit_figures(), figures("half-open"));
+}

@@ -1,9 +1,10 @@
 //! The HTTP front doors (OpenAI-compatible API, Anthropic Messages API), health, readiness
 //! and metrics.
 //!
-//! Two routers: the public one ([`router`]: the doors, `/healthz` and `/readyz`) and the
+//! Three routers: the public one ([`router`]: the doors, `/healthz` and `/readyz`), the
 //! admin one ([`admin_router`]: `/metrics`, and the probes again), served on a listener of
-//! its own (`--admin-listen`) that is never the public one. Every admin or debug endpoint
+//! its own (`--admin-listen`) that is never the public one, and the probe one
+//! ([`probe_router`]: the probes only, `--probe-listen`). Every admin or debug endpoint
 //! belongs to the admin router: the public listener answers 404 for anything not an API path
 //! or a probe.
 //!
@@ -176,6 +177,18 @@ pub fn admin_router(state: AppState) -> Router {
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// The probe router: `/healthz` (liveness) and `/readyz` (readiness) and nothing else, for a
+/// listener the kubelet reaches on the pod's IP (`--probe-listen`) when the gateway itself
+/// listens on loopback only, as the injected sidecar does. Everything else is a bare 404: the
+/// doors, `/metrics` and the admin API are never served there.
+pub fn probe_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { StatusCode::NOT_FOUND })
         .with_state(state)
 }
 

@@ -184,6 +184,42 @@ async fn metrics_are_served_on_the_admin_router_only() {
 }
 
 #[tokio::test]
+async fn the_probe_router_serves_the_probes_and_nothing_else() {
+    let ask = async |state: AppState, path: &str| {
+        probe_router(state)
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(ask(state(), "/healthz").await, StatusCode::OK);
+    assert_eq!(ask(state(), "/readyz").await, StatusCode::OK);
+    let not_ready = state();
+    not_ready.ready.store(false, Ordering::Release);
+    assert_eq!(
+        ask(not_ready, "/readyz").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    for path in [
+        "/metrics",
+        "/v1/models",
+        "/admin/capacity",
+        "/admin/jobs/dead-letters",
+    ] {
+        assert_eq!(ask(state(), path).await, StatusCode::NOT_FOUND, "{path}");
+    }
+    let post = probe_router(state())
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .body(Body::from("{}"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(post.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn a_wait_limit_that_is_not_whole_milliseconds_is_refused_in_the_doors_format() {
     let body =
         r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;

@@ -166,30 +166,50 @@ fn the_model_is_pulled_by_an_init_container_and_readiness_asks_the_ollama_api() 
 }
 
 #[test]
-fn weights_live_on_the_claim_and_a_single_node_claim_means_recreate() {
+fn each_replica_gets_its_own_claim_unless_the_volume_is_read_write_many() {
+    // ReadWriteOnce (the default): no shared claim; each pod's own, from its template.
     let with_storage =
         lmd(serde_json::json!({"storage": {"size": "50Gi", "storageClassName": "fast"}}));
-    let claim = pvc(&with_storage).unwrap();
-    let spec = claim.spec.unwrap();
-    assert_eq!(claim.metadata.name.as_deref(), Some("llama-models"));
+    assert!(pvc(&with_storage).is_none());
+    let d = deployment(&with_storage);
+    let volume = &pod(&d).volumes.as_ref().unwrap()[0];
+    let template = volume
+        .ephemeral
+        .as_ref()
+        .unwrap()
+        .volume_claim_template
+        .clone()
+        .unwrap();
+    let spec = template.spec;
     assert_eq!(spec.access_modes, Some(vec!["ReadWriteOnce".to_owned()]));
     assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
     assert_eq!(
         spec.resources.unwrap().requests.unwrap().get("storage"),
         Some(&Quantity("50Gi".into()))
     );
-    let d = deployment(&with_storage);
+    assert_eq!(
+        template.metadata.unwrap().labels.unwrap().get(MODEL_LABEL),
+        Some(&"llama".to_owned())
+    );
+    // Pods do not share a volume: they roll like any Deployment's.
+    assert_eq!(d.spec.as_ref().unwrap().strategy, None);
+
+    // ReadWriteMany: one claim, owned by the resource, mounted by every replica.
+    let shared =
+        lmd(serde_json::json!({"storage": {"size": "50Gi", "accessMode": "ReadWriteMany"}}));
+    let claim = pvc(&shared).unwrap();
+    assert_eq!(claim.metadata.name.as_deref(), Some("llama-models"));
+    assert_eq!(
+        claim.spec.unwrap().access_modes,
+        Some(vec!["ReadWriteMany".to_owned()])
+    );
+    let d = deployment(&shared);
     let volume = &pod(&d).volumes.as_ref().unwrap()[0];
     assert_eq!(
         volume.persistent_volume_claim.as_ref().unwrap().claim_name,
         "llama-models"
     );
-    let strategy = d.spec.as_ref().unwrap().strategy.as_ref().unwrap();
-    assert_eq!(strategy.type_.as_deref(), Some("Recreate"));
-
-    let shared =
-        lmd(serde_json::json!({"storage": {"size": "50Gi", "accessMode": "ReadWriteMany"}}));
-    assert_eq!(deployment(&shared).spec.unwrap().strategy, None);
+    assert_eq!(volume.ephemeral, None);
 
     let none = lmd(serde_json::json!({}));
     assert!(pvc(&none).is_none());
@@ -202,7 +222,7 @@ fn weights_live_on_the_claim_and_a_single_node_claim_means_recreate() {
 
 #[test]
 fn every_object_is_owned_labelled_and_selected_by_the_model_label() {
-    let l = lmd(serde_json::json!({"storage": {"size": "1Gi"}}));
+    let l = lmd(serde_json::json!({"storage": {"size": "1Gi", "accessMode": "ReadWriteMany"}}));
     let d = deployment(&l);
     let s = service(&l);
     let c = pvc(&l).unwrap();
