@@ -292,7 +292,9 @@ impl State {
         let (_, _, slot) = best?;
         let class = self.tiers[slot].class;
         // Inside the slot's class, the choice due first; on a tie, the slot's own tier's.
-        let mut pick: Option<((Instant, bool, u64), usize, &Arc<str>)> = None;
+        // (due, not the slot's tier, id) orders them.
+        type Order = (Instant, bool, u64);
+        let mut pick: Option<(Order, usize, &Arc<str>)> = None;
         for (ti, t) in self.tiers.iter().enumerate() {
             if t.class != class || !t.eligible(now) {
                 continue;
