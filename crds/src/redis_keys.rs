@@ -179,72 +179,48 @@ pub const DEMAND_PREFIX: &str = "floodgate:demand:";
 /// How long a replica's demand figures count after its last publication (ms).
 pub const DEMAND_TTL_MS: u64 = 5_000;
 
-/// The Redis keys of one local model's demand.
+/// The Redis keys under which every gateway replica publishes its figures of one resource
+/// about every second: a local model's demand, a TierQueue's queue figures or a CachePolicy's
+/// cache figures (the layouts above). The same two keys for each, under [`DEMAND_TTL_MS`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DemandKeys {
+pub struct ReplicaKeys {
     /// Sorted set of the replicas publishing, scored by their last publication.
     pub replicas: String,
     /// Prefix of each replica's hash: `<this><replica id>`.
     pub replica_prefix: String,
 }
 
-impl DemandKeys {
-    /// The keys of LocalModelDeployment `namespace/name`.
-    pub fn new(namespace: &str, name: &str) -> Self {
-        let id = format!("{DEMAND_PREFIX}{{{namespace}/{name}}}");
+impl ReplicaKeys {
+    /// The keys of the resource `namespace/name` whose figures live under `prefix`.
+    fn new(prefix: &str, namespace: &str, name: &str) -> Self {
+        let id = format!("{prefix}{{{namespace}/{name}}}");
         Self {
             replicas: format!("{id}:replicas"),
             replica_prefix: format!("{id}:r:"),
         }
     }
 
-    /// The hash of replica `replica`.
-    pub fn replica(&self, replica: &str) -> String {
-        format!("{}{replica}", self.replica_prefix)
+    /// The demand keys of LocalModelDeployment `namespace/name`.
+    pub fn demand(namespace: &str, name: &str) -> Self {
+        Self::new(DEMAND_PREFIX, namespace, name)
     }
-}
 
-/// The Redis keys of one CachePolicy's cache figures (same layout and TTL as [`DemandKeys`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheKeys {
-    /// Sorted set of the replicas publishing, scored by their last publication.
-    pub replicas: String,
-    /// Prefix of each replica's hash: `<this><replica id>`.
-    pub replica_prefix: String,
-}
+    /// The queue-figures keys of TierQueue `namespace/name`.
+    pub fn queue(namespace: &str, name: &str) -> Self {
+        Self::new(QUEUE_PREFIX, namespace, name)
+    }
 
-impl CacheKeys {
-    /// The keys of CachePolicy `namespace/name`.
-    pub fn new(namespace: &str, name: &str) -> Self {
-        let id = format!("{CACHE_PREFIX}{{{namespace}/{name}}}");
+    /// The cache-figures keys of CachePolicy `namespace/name`.
+    pub fn cache(namespace: &str, name: &str) -> Self {
+        Self::new(CACHE_PREFIX, namespace, name)
+    }
+
+    /// The circuit-state keys of pool `pool` ([`circuit_replicas_key`],
+    /// [`circuit_replica_key`]).
+    pub fn circuit(pool: &str) -> Self {
         Self {
-            replicas: format!("{id}:replicas"),
-            replica_prefix: format!("{id}:r:"),
-        }
-    }
-
-    /// The hash of replica `replica`.
-    pub fn replica(&self, replica: &str) -> String {
-        format!("{}{replica}", self.replica_prefix)
-    }
-}
-
-/// The Redis keys of one TierQueue's queue figures (same layout and TTL as [`DemandKeys`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueKeys {
-    /// Sorted set of the replicas publishing, scored by their last publication.
-    pub replicas: String,
-    /// Prefix of each replica's hash: `<this><replica id>`.
-    pub replica_prefix: String,
-}
-
-impl QueueKeys {
-    /// The keys of TierQueue `namespace/name`.
-    pub fn new(namespace: &str, name: &str) -> Self {
-        let id = format!("{QUEUE_PREFIX}{{{namespace}/{name}}}");
-        Self {
-            replicas: format!("{id}:replicas"),
-            replica_prefix: format!("{id}:r:"),
+            replicas: circuit_replicas_key(pool),
+            replica_prefix: format!("{CIRCUIT_PREFIX}{{{pool}}}:r:"),
         }
     }
 
@@ -319,13 +295,13 @@ mod tests {
         assert_eq!(t.requests, "floodgate:tenant:{team-a/acme}:req");
         assert_eq!(t.token_amounts, "floodgate:tenant:{team-a/acme}:tok:n");
         assert_eq!(t.epoch, "floodgate:tenant:{team-a/acme}:epoch");
-        let d = DemandKeys::new("models", "llama");
+        let d = ReplicaKeys::demand("models", "llama");
         assert_eq!(d.replicas, "floodgate:demand:{models/llama}:replicas");
         assert_eq!(d.replica("r1"), "floodgate:demand:{models/llama}:r:r1");
-        let q = QueueKeys::new("ai", "tiers");
+        let q = ReplicaKeys::queue("ai", "tiers");
         assert_eq!(q.replica_prefix, "floodgate:queue:{ai/tiers}:r:");
         assert_eq!(q.replicas, "floodgate:queue:{ai/tiers}:replicas");
-        let c = CacheKeys::new("ai", "cache");
+        let c = ReplicaKeys::cache("ai", "cache");
         assert_eq!(c.replica("r1"), "floodgate:cachestats:{ai/cache}:r:r1");
         assert_eq!(q.replica("r1"), "floodgate:queue:{ai/tiers}:r:r1");
         assert_eq!(

@@ -9,7 +9,11 @@
 #   BENCH_TIER_SECONDS  seconds of load (default 180)
 #   BENCH_TIER_RPM      each of the pool's 4 keys' requests per minute (default 150: 600 RPM)
 #   BENCH_PROXY_BIN     the proxy binary (default: the release build of this tree)
-#   BENCH_OUT           where results go (default $CACHE/bench): tiers.txt
+#   BENCH_OUT           where results go (default $CACHE/bench): tiers.txt, and for looking
+#                       into a run the refused requests (tiers-refusals.txt: id, when sent, how
+#                       long the refusal took, retry-after), the gateway's queue metrics
+#                       (tiers-metrics.txt: refusals by tier and reason) and its log
+#                       (tiers-proxy.log)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BENCH_NAME=bench-tiers
@@ -73,12 +77,15 @@ YAML
   done
 } >"$work/config/gateway.yaml"
 
-env -u RUST_LOG "$PROXY_BIN" --config "$work/config" --listen 127.0.0.1:0 --watch-interval-ms 0 \
-  >"$work/proxy.log" 2>&1 &
+env -u RUST_LOG "$PROXY_BIN" --config "$work/config" --listen 127.0.0.1:0 \
+  --admin-listen 127.0.0.1:0 --watch-interval-ms 0 >"$work/proxy.log" 2>&1 &
 proxy_pid=$!
 pids+=("$proxy_pid")
 addr=$(address_from_log "$proxy_pid" "$work/proxy.log" 'listen=127\.0\.0\.1:[0-9]+')
 proxy_url=http://${addr#listen=}
+admin=$(address_from_log "$proxy_pid" "$work/proxy.log" 'admin_listen="?127\.0\.0\.1:[0-9]+')
+admin=${admin#admin_listen=}
+admin_url=http://${admin#\"}
 curl -sf --max-time 2 --retry 20 --retry-connrefused --retry-delay 0 "$proxy_url/readyz" >/dev/null
 
 # Twice the pool's capacity, in requests per second, split 10/20/30/40.
@@ -90,17 +97,30 @@ echo "bench-tiers: pool $((4 * KEY_RPM)) RPM; load $(rate 1) req/s for $SECONDS_
   --tier "enterprise=sk-bench-enterprise:$(rate 0.1)" \
   --tier "pro=sk-bench-pro:$(rate 0.2)" \
   --tier "basic=sk-bench-basic:$(rate 0.3)" \
-  --tier "free=sk-bench-free:$(rate 0.4)" 2>&1 | tee "$work/tierload.txt"
+  --tier "free=sk-bench-free:$(rate 0.4)" --refusals "$OUT/tiers-refusals.txt" 2>&1 |
+  tee "$work/tierload.txt"
+curl -sf --max-time 5 "$admin_url/metrics" | grep '^floodgate_queue_' >"$OUT/tiers-metrics.txt" || true
+cp "$work/proxy.log" "$OUT/tiers-proxy.log"
 
 # What the provider saw.
 curl -sf --max-time 5 "$mock_url/_mock/counts" >"$work/counts.json"
-python3 - "$work/counts.json" "$work/tierload.txt" <<'PY' | tee "$OUT/tiers.txt"
+python3 - "$work/counts.json" "$work/tierload.txt" "$OUT/tiers-metrics.txt" <<'PY' | tee "$OUT/tiers.txt"
 import json, sys
 counts = json.load(open(sys.argv[1]))
 keys = counts if isinstance(counts, list) else counts.get("keys", counts)
 print(open(sys.argv[2]).read().split("JSON ")[0].rstrip())
 limited = sum(k.get("rate_limited", 0) for k in keys)
 print(f"upstream: {sum(k.get('requests', 0) for k in keys)} requests, {limited} answered 429")
+# Why the gateway refused, per tier (`floodgate_queue_refusals_total{tier, class, reason}`).
+import re
+reasons = {}
+for line in open(sys.argv[3]):
+    m = re.match(r'floodgate_queue_refusals_total\{(.*)\} (\S+)', line)
+    if m:
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        reasons.setdefault(labels.get("tier", "?"), []).append(f"{labels.get('reason', '?')} {float(m.group(2)):.0f}")
+if reasons:
+    print("refused by reason: " + "; ".join(f"{t} {', '.join(r)}" for t, r in sorted(reasons.items())))
 over = []
 for k in keys:
     print(f"  key {k['key']}: busiest 60 s window {k['max_in_window']} of limit {k['limit']}")

@@ -186,7 +186,7 @@ async fn demand_is_summed_over_the_replicas_that_still_publish() {
     drop(waiting_b);
     pub_a.publish_once(&mut conn).await.unwrap();
     let ttl: i64 = redis::cmd("PTTL")
-        .arg(floodgate_crds::redis_keys::DemandKeys::new("models", "llama").replica("proxy-b"))
+        .arg(floodgate_crds::redis_keys::ReplicaKeys::demand("models", "llama").replica("proxy-b"))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -196,7 +196,7 @@ async fn demand_is_summed_over_the_replicas_that_still_publish() {
     );
     expire_now(
         &mut conn,
-        floodgate_crds::redis_keys::DemandKeys::new("models", "llama").replica("proxy-b"),
+        floodgate_crds::redis_keys::ReplicaKeys::demand("models", "llama").replica("proxy-b"),
     )
     .await;
     let expired = floodgate_e2e::cluster::wait_for(

@@ -26,7 +26,7 @@
 use crate::error::Result;
 use crate::usage::UsageReader;
 use floodgate_crds::local_model::Autoscaling;
-use floodgate_crds::redis_keys::DemandKeys;
+use floodgate_crds::redis_keys::ReplicaKeys;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -122,40 +122,23 @@ impl UsageReader {
     /// The demand for LocalModelDeployment `namespace/name`, summed over the replicas whose
     /// figures have not expired.
     pub async fn demand(&self, namespace: &str, name: &str) -> Result<Demand> {
-        let mut conn = self.connection()?;
-        let keys = DemandKeys::new(namespace, name);
-        let replicas: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&keys.replicas)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
+        let hashes = self
+            .replica_hashes(&ReplicaKeys::demand(namespace, name))
             .await?;
-        if replicas.is_empty() {
-            return Ok(Demand::default());
-        }
-        let mut pipe = redis::pipe();
-        for r in &replicas {
-            pipe.cmd("HMGET")
-                .arg(keys.replica(r))
-                .arg("queued")
-                .arg("inFlight")
-                .arg("latencyP95Ms")
-                .arg("spilled");
-        }
-        // queued, inFlight, latencyP95Ms, spilled: nils where a hash expired (or a field is
-        // absent: older proxies publish no `spilled`).
-        type Row = (Option<u64>, Option<u64>, Option<u64>, Option<u64>);
-        let figures: Vec<Row> = pipe.query_async(&mut conn).await?;
         let mut demand = Demand::default();
-        // An expired hash reads as nils: that replica stopped publishing.
-        for (queued, in_flight, latency, spilled) in figures {
-            let (Some(queued), Some(in_flight)) = (queued, in_flight) else {
+        for hash in hashes {
+            // A field absent (older proxies publish no `spilled`) or not a number is nothing;
+            // a replica without both counts is not a reporter.
+            let field = |f: &str| hash.get(f).and_then(|v| v.parse::<u64>().ok());
+            let (Some(queued), Some(in_flight)) = (field("queued"), field("inFlight")) else {
                 continue;
             };
             demand.queued += queued;
             demand.in_flight += in_flight;
-            demand.spilled += spilled.unwrap_or(0);
-            demand.latency_p95_ms = demand.latency_p95_ms.max(latency.unwrap_or(0));
+            demand.spilled += field("spilled").unwrap_or(0);
+            demand.latency_p95_ms = demand
+                .latency_p95_ms
+                .max(field("latencyP95Ms").unwrap_or(0));
             demand.reporters += 1;
         }
         Ok(demand)

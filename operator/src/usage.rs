@@ -8,9 +8,7 @@
 
 use crate::error::Result;
 use floodgate_crds::pool::{AIProviderPoolSpec, Provider};
-use floodgate_crds::redis_keys::{
-    CIRCUIT_STATES, KeyBudgetKeys, circuit_replica_key, circuit_replicas_key,
-};
+use floodgate_crds::redis_keys::{CIRCUIT_STATES, KeyBudgetKeys, ReplicaKeys};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -58,6 +56,31 @@ impl UsageReader {
             .set_number_of_retries(0);
         let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
         Ok(self.conn.get_or_init(|| conn).clone())
+    }
+
+    /// The hashes of the gateway replicas publishing under `keys` (a model's demand, a
+    /// TierQueue's or a CachePolicy's figures) whose figures have not expired: an expired
+    /// hash reads as empty, that replica stopped publishing.
+    pub(crate) async fn replica_hashes(
+        &self,
+        keys: &ReplicaKeys,
+    ) -> Result<Vec<BTreeMap<String, String>>> {
+        let mut conn = self.connection()?;
+        let replicas: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&keys.replicas)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        if replicas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in &replicas {
+            pipe.cmd("HGETALL").arg(keys.replica(r));
+        }
+        let hashes: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await?;
+        Ok(hashes.into_iter().filter(|h| !h.is_empty()).collect())
     }
 
     /// Requests of the last minute per provider of pool `pool`, over all its keys.
@@ -134,37 +157,8 @@ impl UsageReader {
     /// The circuits of pool `pool`'s providers over the replicas whose figures have not
     /// expired (layout: [`floodgate_crds::redis_keys`]).
     pub async fn pool_circuits(&self, pool: &str) -> Result<PoolCircuits> {
-        let hashes = self
-            .replica_hashes(&circuit_replicas_key(pool), |r| {
-                circuit_replica_key(pool, r)
-            })
-            .await?;
+        let hashes = self.replica_hashes(&ReplicaKeys::circuit(pool)).await?;
         Ok(sum_circuits(hashes))
-    }
-
-    /// The hashes of the replicas listed in the index `index` (a sorted set of replica ids),
-    /// each at `hash_of(replica)`. An expired hash reads as empty: that replica stopped
-    /// publishing.
-    async fn replica_hashes<V: redis::FromRedisValue>(
-        &self,
-        index: &str,
-        hash_of: impl Fn(&str) -> String,
-    ) -> Result<Vec<BTreeMap<String, V>>> {
-        let mut conn = self.connection()?;
-        let replicas: Vec<String> = redis::cmd("ZRANGE")
-            .arg(index)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
-            .await?;
-        if replicas.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for r in &replicas {
-            pipe.cmd("HGETALL").arg(hash_of(r));
-        }
-        Ok(pipe.query_async(&mut conn).await?)
     }
 }
 
@@ -282,11 +276,10 @@ impl UsageReader {
     /// per tier, the sum of the replicas' waiting counts and the largest oldest wait.
     pub async fn queue_usage(&self, namespace: &str, name: &str) -> Result<QueueUsage> {
         use floodgate_crds::redis_keys::{
-            QUEUE_MISSED, QUEUE_OLDEST, QUEUE_WAITING, QUEUE_WAITS, QUEUE_WITHIN, QueueKeys,
+            QUEUE_MISSED, QUEUE_OLDEST, QUEUE_WAITING, QUEUE_WAITS, QUEUE_WITHIN,
         };
-        let keys = QueueKeys::new(namespace, name);
-        let hashes: Vec<BTreeMap<String, String>> = self
-            .replica_hashes(&keys.replicas, |r| keys.replica(r))
+        let hashes = self
+            .replica_hashes(&ReplicaKeys::queue(namespace, name))
             .await?;
         let mut usage = QueueUsage::new();
         // A field that does not parse (another version's) counts as nothing.
@@ -333,15 +326,15 @@ impl UsageReader {
     /// The cache figures of CachePolicy `namespace/name` (layout:
     /// [`floodgate_crds::redis_keys`]) over the replicas whose figures have not expired.
     pub async fn cache_usage(&self, namespace: &str, name: &str) -> Result<CacheUsage> {
-        use floodgate_crds::redis_keys::{CACHE_FIELDS, CacheKeys};
-        let keys = CacheKeys::new(namespace, name);
-        let hashes: Vec<BTreeMap<String, u64>> = self
-            .replica_hashes(&keys.replicas, |r| keys.replica(r))
+        use floodgate_crds::redis_keys::CACHE_FIELDS;
+        let hashes = self
+            .replica_hashes(&ReplicaKeys::cache(namespace, name))
             .await?;
         let mut usage = CacheUsage::default();
-        for hash in hashes.iter().filter(|h| !h.is_empty()) {
+        for hash in &hashes {
             usage.replicas += 1;
-            let field = |f: &str| hash.get(f).copied().unwrap_or(0);
+            // A field absent or not a number (another version's) counts as nothing.
+            let field = |f: &str| hash.get(f).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             for (count, f) in usage.counts.iter_mut().zip(CACHE_FIELDS) {
                 *count += field(f);
             }

@@ -3,7 +3,7 @@
 //! p95 of its answer times over the last [`LATENCY_WINDOW`], and the requests that spilled
 //! over to the next target because it was saturated, over the same window (demand it could
 //! not take: without them a model that spills looks idle to the autoscaler). Written to Redis about every
-//! second under a short TTL ([`floodgate_crds::redis_keys::DemandKeys`]), so that the operator
+//! second under a short TTL ([`floodgate_crds::redis_keys::ReplicaKeys::demand`]), so that the operator
 //! sums the live replicas' figures and a replica that stops stops counting.
 //!
 //! The request path reports through guards, so that a cancelled request cannot leave a count
@@ -13,8 +13,8 @@
 
 use crate::secret::SecretString;
 use floodgate_crds::redis_keys::{
-    CACHE_FIELDS, CacheKeys, DEMAND_TTL_MS, DemandKeys, QUEUE_MISSED, QUEUE_OLDEST, QUEUE_WAITING,
-    QUEUE_WAITS, QUEUE_WITHIN, QueueKeys, circuit_replica_key, circuit_replicas_key,
+    CACHE_FIELDS, DEMAND_TTL_MS, QUEUE_MISSED, QUEUE_OLDEST, QUEUE_WAITING, QUEUE_WAITS,
+    QUEUE_WITHIN, ReplicaKeys,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::{BTreeMap, VecDeque};
@@ -31,26 +31,11 @@ pub const MAX_SAMPLES: usize = 2048;
 /// How often the figures are published.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Writes one replica's figures of one model and refreshes the model's replica index, on
+/// Replaces one replica's figures of one resource (a model's demand, a TierQueue's queue
+/// figures, a CachePolicy's cache figures) and refreshes the resource's replica index, on
 /// Redis's clock. KEYS[1] the index, KEYS[2] the replica's hash (same hash tag); ARGV: TTL
-/// (ms), replica id, queued, in flight, p95 latency (ms), spilled.
-const PUBLISH: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-redis.call('HSET', KEYS[2], 'queued', ARGV[3], 'inFlight', ARGV[4], 'latencyP95Ms', ARGV[5],
-  'spilled', ARGV[6], 'at', now)
-redis.call('PEXPIRE', KEYS[2], ttl)
-redis.call('ZADD', KEYS[1], now, ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
-redis.call('PEXPIRE', KEYS[1], ttl)
-return now
-";
-
-/// Replaces one replica's queue figures of one TierQueue (or cache figures of one
-/// CachePolicy, or circuit states of one pool) and refreshes its replica index, on Redis's clock. KEYS[1] the index, KEYS[2] the replica's hash (same hash tag); ARGV: TTL
 /// (ms), replica id, then field, value pairs.
-const PUBLISH_QUEUE: &str = r"
+const PUBLISH: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
@@ -297,7 +282,6 @@ pub struct Publisher {
     client: redis::Client,
     replica: String,
     script: redis::Script,
-    queue_script: redis::Script,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -325,7 +309,6 @@ impl Publisher {
             client: redis::Client::open(url.expose())?,
             replica: replica.into(),
             script: redis::Script::new(PUBLISH),
-            queue_script: redis::Script::new(PUBLISH_QUEUE),
         })
     }
 
@@ -350,58 +333,43 @@ impl Publisher {
     /// Publishes every model's figures once.
     pub async fn publish_once(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
         for (ns, name, f) in self.board.snapshot() {
-            let keys = DemandKeys::new(&ns, &name);
-            let _: u64 = self
-                .script
-                .key(&keys.replicas)
-                .key(keys.replica(&self.replica))
-                .arg(DEMAND_TTL_MS)
-                .arg(&self.replica)
-                .arg(f.queued)
-                .arg(f.in_flight)
-                .arg(f.latency_p95_ms)
-                .arg(f.spilled)
-                .invoke_async(conn)
+            let fields = [
+                ("queued", f.queued),
+                ("inFlight", f.in_flight),
+                ("latencyP95Ms", f.latency_p95_ms),
+                ("spilled", f.spilled),
+            ];
+            self.publish(conn, &ReplicaKeys::demand(&ns, &name), fields)
                 .await?;
         }
         if let Some(q) = self.queues.as_ref().and_then(|source| source()) {
-            let keys = QueueKeys::new(&q.namespace, &q.name);
-            let mut call = self.queue_script.key(&keys.replicas);
-            call.key(keys.replica(&self.replica))
-                .arg(DEMAND_TTL_MS)
-                .arg(&self.replica);
-            for t in &q.tiers {
-                call.arg(format!("{QUEUE_WAITING}{}", t.name))
-                    .arg(t.waiting)
-                    .arg(format!("{QUEUE_OLDEST}{}", t.name))
-                    .arg(t.oldest_wait_ms)
-                    .arg(format!("{QUEUE_WITHIN}{}", t.name))
-                    .arg(t.recent.within)
-                    .arg(format!("{QUEUE_MISSED}{}", t.name))
-                    .arg(t.recent.missed)
-                    .arg(format!("{QUEUE_WAITS}{}", t.name))
-                    .arg(
-                        t.recent
-                            .waits
-                            .iter()
-                            .map(u64::to_string)
-                            .collect::<Vec<_>>()
-                            .join(","),
-                    );
-            }
-            let _: u64 = call.invoke_async(conn).await?;
+            let fields = q.tiers.iter().flat_map(|t| {
+                let waits = t.recent.waits.map(|n| n.to_string()).join(",");
+                [
+                    (format!("{QUEUE_WAITING}{}", t.name), t.waiting.to_string()),
+                    (
+                        format!("{QUEUE_OLDEST}{}", t.name),
+                        t.oldest_wait_ms.to_string(),
+                    ),
+                    (
+                        format!("{QUEUE_WITHIN}{}", t.name),
+                        t.recent.within.to_string(),
+                    ),
+                    (
+                        format!("{QUEUE_MISSED}{}", t.name),
+                        t.recent.missed.to_string(),
+                    ),
+                    (format!("{QUEUE_WAITS}{}", t.name), waits),
+                ]
+            });
+            self.publish(conn, &ReplicaKeys::queue(&q.namespace, &q.name), fields)
+                .await?;
         }
         if let Some(c) = self.caches.as_ref().and_then(|source| source()) {
-            let keys = CacheKeys::new(&c.namespace, &c.name);
-            let mut call = self.queue_script.key(&keys.replicas);
-            call.key(keys.replica(&self.replica))
-                .arg(DEMAND_TTL_MS)
-                .arg(&self.replica);
             let values = c.counts.iter().chain([&c.entries, &c.bytes]);
-            for (field, value) in CACHE_FIELDS.iter().zip(values) {
-                call.arg(*field).arg(*value);
-            }
-            let _: u64 = call.invoke_async(conn).await?;
+            let fields = CACHE_FIELDS.into_iter().zip(values);
+            self.publish(conn, &ReplicaKeys::cache(&c.namespace, &c.name), fields)
+                .await?;
         }
         for pool in self
             .circuits
@@ -409,15 +377,36 @@ impl Publisher {
             .map(|source| source())
             .unwrap_or_default()
         {
-            let mut call = self.queue_script.key(circuit_replicas_key(&pool.pool));
-            call.key(circuit_replica_key(&pool.pool, &self.replica))
-                .arg(DEMAND_TTL_MS)
-                .arg(&self.replica);
-            for (provider, state) in &pool.providers {
-                call.arg(provider).arg(*state);
-            }
-            let _: u64 = call.invoke_async(conn).await?;
+            let fields = pool
+                .providers
+                .iter()
+                .map(|(provider, state)| (provider, *state));
+            self.publish(conn, &ReplicaKeys::circuit(&pool.pool), fields)
+                .await?;
         }
+        Ok(())
+    }
+
+    /// Replaces this replica's hash under `keys` with `fields` (and `at`), and refreshes the
+    /// index of replicas.
+    async fn publish<F, V>(
+        &self,
+        conn: &mut ConnectionManager,
+        keys: &ReplicaKeys,
+        fields: impl IntoIterator<Item = (F, V)>,
+    ) -> redis::RedisResult<()>
+    where
+        F: redis::ToRedisArgs,
+        V: redis::ToRedisArgs,
+    {
+        let mut call = self.script.key(&keys.replicas);
+        call.key(keys.replica(&self.replica))
+            .arg(DEMAND_TTL_MS)
+            .arg(&self.replica);
+        for (field, value) in fields {
+            call.arg(field).arg(value);
+        }
+        let _: u64 = call.invoke_async(conn).await?;
         Ok(())
     }
 

@@ -13,7 +13,10 @@
 //! (no HTTP answer at all: a reset, a timeout). It prints, per tier, p50 and p99 of the queue
 //! wait the gateway reports (`x-floodgate-queue-ms`) over the answered requests, refusals and
 //! losses, as a table and as one JSON line (`--json`). Each request carries `x-request-id:
-//! tierload-<tier>-<n>`; a lost one is named on stderr, so the gateway's logs can be searched.
+//! tierload-<tier>-<n>`; a lost one is named on stderr, so the gateway's logs can be searched,
+//! and with `--refusals FILE` every refused one is named in FILE, with when it was sent, how
+//! long the refusal took and the `retry-after` it carried (a refusal at once is a full queue
+//! or a turn that could not come in time; one after the tier's wait limit, its deadline).
 //!
 //! With `--prompts FILE` (JSON lines `{"tier": NAME, "model": M, "messages": [...]}`) each
 //! tier sends its own lines in file order, wrapping around, instead of one fixed prompt; and
@@ -60,6 +63,9 @@ struct Args {
     /// A tier's latency target, `NAME=MS` (repeatable): answers within it are counted.
     #[arg(long = "target", value_name = "NAME=MS")]
     targets: Vec<String>,
+    /// Names every refused request in this file, a line each.
+    #[arg(long, value_name = "FILE")]
+    refusals: Option<std::path::PathBuf>,
 }
 
 /// One line of `--prompts`.
@@ -85,7 +91,11 @@ enum End {
         total_ms: u64,
         by: &'static str,
     },
-    Refused,
+    /// A 429: after how long, and its `retry-after` (seconds) if it had one.
+    Refused {
+        after_ms: u64,
+        retry_after: Option<u64>,
+    },
     Status(u16),
     /// Why: `timeout`, `connect`, `body` (the answer broke off) or `request`.
     Lost(&'static str),
@@ -213,6 +223,11 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str, id: &st
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let by = served_by(response.headers(), status);
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     // The whole body must arrive for the answer to count.
     if let Err(e) = response.bytes().await {
         return End::Lost(if e.is_timeout() { "timeout" } else { "body" });
@@ -223,7 +238,10 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str, id: &st
             total_ms: started.elapsed().as_millis() as u64,
             by,
         },
-        429 => End::Refused,
+        429 => End::Refused {
+            after_ms: started.elapsed().as_millis() as u64,
+            retry_after,
+        },
         other => End::Status(other),
     }
 }
@@ -284,12 +302,14 @@ async fn main() -> Result<()> {
         .pool_idle_timeout(Duration::from_secs(5))
         .build()?;
     let ends: Arc<Mutex<Vec<(usize, End)>>> = Arc::default();
+    let refusals: Arc<Mutex<Vec<String>>> = Arc::default();
     let start = Instant::now();
     let stop = start + Duration::from_secs_f64(args.duration);
     let mut pacers = Vec::new();
     for (ti, tier) in tiers.iter().enumerate() {
         let (client, url, ends, key) =
             (client.clone(), url.clone(), ends.clone(), tier.key.clone());
+        let refusals = refusals.clone();
         let name = tier.name.clone();
         let own = std::mem::take(&mut bodies[ti]);
         let own: Arc<Vec<String>> = Arc::new(if own.is_empty() {
@@ -309,6 +329,7 @@ async fn main() -> Result<()> {
                 n += 1;
                 let (client, url, ends, key) =
                     (client.clone(), url.clone(), ends.clone(), key.clone());
+                let refusals = refusals.clone();
                 let id = format!("tierload-{name}-{n}");
                 requests.spawn(async move {
                     let sent = start.elapsed();
@@ -320,6 +341,17 @@ async fn main() -> Result<()> {
                             sent.as_secs_f64(),
                             start.elapsed().saturating_sub(sent).as_secs_f64()
                         );
+                    }
+                    if let End::Refused {
+                        after_ms,
+                        retry_after,
+                    } = end
+                    {
+                        let retry = retry_after.map_or_else(|| "-".to_owned(), |s| s.to_string());
+                        refusals.lock().unwrap_or_else(|p| p.into_inner()).push(format!(
+                            "{id} sent at {:.3} s, refused after {after_ms} ms, retry-after {retry} s",
+                            sent.as_secs_f64()
+                        ));
                     }
                     ends.lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -334,6 +366,12 @@ async fn main() -> Result<()> {
         pacer.await.context("a pacer panicked")?;
     }
     let ends = std::mem::take(&mut *ends.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some(path) = &args.refusals {
+        let mut lines = std::mem::take(&mut *refusals.lock().unwrap_or_else(|p| p.into_inner()));
+        lines.sort();
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(path, text).with_context(|| format!("--refusals {}", path.display()))?;
+    }
     let mut summaries: BTreeMap<String, TierSummary> = BTreeMap::new();
     for (ti, tier) in tiers.iter().enumerate() {
         let mut waits: Vec<u64> = Vec::new();
@@ -356,7 +394,7 @@ async fn main() -> Result<()> {
                         s.within_target += 1;
                     }
                 }
-                End::Refused => s.refused += 1,
+                End::Refused { .. } => s.refused += 1,
                 End::Status(code) => {
                     s.other_status += 1;
                     *s.other_codes.entry(code).or_default() += 1;

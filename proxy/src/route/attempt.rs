@@ -382,6 +382,7 @@ impl<'a> Attempts<'a> {
                     ticket.hold_tier(now, now + self.recheck());
                     break;
                 }
+                self.pace_stalled(now);
                 let wake = self.give_up_unless_worth_waiting(now)?;
                 let until = match wake {
                     Wake::At(at) => at.min(deadline),
@@ -439,18 +440,49 @@ impl<'a> Attempts<'a> {
         Some(self.dispatcher.budgets().window() / rpm.max(1))
     }
 
+    /// How far ahead of its pace a key admits paced requests: one slot of its rate, at most
+    /// a sixtieth of the window (1 s of a minute). The window pays a burst back one window
+    /// later as a stretch with nothing free ([`crate::budget::pace`]), so it is kept small.
+    fn pace_tolerance(&self, interval: Duration) -> Duration {
+        (self.dispatcher.budgets().window() / 60).min(interval)
+    }
+
     /// When a paced request may take from `key`: `Ok` now, or the instant. Requests that
-    /// did not wait are not paced, nor is the priority class; a burst of a sixtieth of the
-    /// window (1 s of a minute) of paced admissions may go at once.
+    /// did not wait are not paced, nor is the priority class; a burst of one slot of the
+    /// key's rate (at most a sixtieth of the window) of paced admissions may go at once.
     fn pace_ready(&self, key: &KeyRt, now: Instant) -> Result<(), Instant> {
         // The priority class is never held back by pacing (its admissions still count on
         // the pace, so the classes below get what is left of the sustainable rate).
         let priority = self.asker.tier.class == floodgate_crds::QueueClass::Priority;
-        if !self.paced || priority || self.pace_interval(key).is_none() {
+        let Some(interval) = self.pace_interval(key) else {
+            return Ok(());
+        };
+        if !self.paced || priority {
             return Ok(());
         }
-        let tolerance = self.dispatcher.budgets().window() / 60;
-        key.budget.pace.ready(now, tolerance)
+        key.budget.pace.ready(now, self.pace_tolerance(interval))
+    }
+
+    /// The head found no key it could take: the keys whose window is full (or cooling down)
+    /// save no pacing credit meanwhile ([`crate::budget::pace::Pacer::stalled`]).
+    fn pace_stalled(&self, now: Instant) {
+        if !self.paced {
+            return;
+        }
+        for (_, t) in self.live_targets() {
+            let p = &self.runtime.providers[t.provider];
+            let tokens = self.demand.tokens(p.adapter);
+            for k in &p.keys {
+                if let Some(interval) = self.pace_interval(k)
+                    && matches!(
+                        k.budget.availability(now, tokens),
+                        Err(Unavailable::Until(_))
+                    )
+                {
+                    k.budget.pace.stalled(now, self.pace_tolerance(interval));
+                }
+            }
+        }
     }
 
     /// Whether this request's class may take from `key` now: more than its headroom is

@@ -281,7 +281,9 @@ impl Runtime {
                     .collect();
                 let queue = queues
                     .entry(name.clone())
-                    .or_insert_with(|| Arc::new(WaitQueue::new(bound.of(rpm))))
+                    .or_insert_with(|| {
+                        Arc::new(WaitQueue::with_window(bound.of(rpm), budgets.window()))
+                    })
                     .clone();
                 queue.set_bound(bound.of(rpm));
                 let route = Route {

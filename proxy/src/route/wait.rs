@@ -6,18 +6,27 @@
 //! hangs up) it leaves and the next head is chosen; an arrival that should go first takes the
 //! head's place at once, and the old head stands back without taking budget.
 //!
-//! **Who goes next**, in three levels:
-//! 1. *Between tiers*: weighted fair queueing over requests. Each tier with a request waiting
-//!    has a virtual finish tag; the tier with the lowest tag goes next, and each request it
-//!    dispatches adds `1 / weight` to its tag. Under overload each waiting tier gets its weight
-//!    over the sum of the waiting tiers' weights of the dispatch slots, so a tier whose demand
-//!    fits its share waits only for the next slot, and no tier starves (batch work still gets
-//!    its weighted trickle). A tier that starts waiting again starts at the current virtual
-//!    time: it cannot spend a credit saved while idle.
-//! 2. *Inside a tier*: tenants share by tokens, the same way with equal weights and each
+//! **Who goes next**, in four levels:
+//! 1. *Between tiers*: weighted fair queueing over dispatch slots. Each tier with a request
+//!    waiting has a virtual finish tag; the tier with the lowest tag has the next slot, and
+//!    each slot it has adds `1 / weight` to its tag. Under overload each waiting tier gets its
+//!    weight over the sum of the waiting tiers' weights of the dispatch slots, so a tier whose
+//!    demand fits its share waits only for the next slot, and no tier starves (batch work still
+//!    gets its weighted trickle). A tier that starts waiting again starts at the current
+//!    virtual time: it cannot spend a credit saved while idle.
+//! 2. *Inside a class*: the slot goes to the request due first among the tiers of the slot's
+//!    class (each tier offering its own choice, below), due meaning when it joined plus its
+//!    tier's wait limit (not a shorter wait its caller asked for); on a tie, the slot's own
+//!    tier. So a class keeps the slots of its tiers' weights, and inside it a tier with a
+//!    shorter limit (enterprise, 1 s, beside pro, 2 s) goes before requests that can wait
+//!    longer; the slot is charged to the tier that had it.
+//! 3. *Inside a tier*: tenants share by tokens, the same way with equal weights and each
 //!    request's tokens as its cost, so one tenant sending large or many requests cannot starve
-//!    the others of its tier.
-//! 3. *Inside a tenant*: earliest deadline first (ties by arrival).
+//!    the others of its tier. A tenant whose queue empties keeps what it was charged for one
+//!    rate window (a request's tokens count against the keys for that long): coming back
+//!    within it, it starts from its charge; later, from the current virtual time like any
+//!    newcomer, so that neither an old charge nor the memory of every tenant ever seen lasts.
+//! 4. *Inside a tenant*: earliest deadline first (ties by arrival).
 //!
 //! A request can be *held* out of the choice: a batch-class request until its batch is
 //! released (the batch is full, or its oldest request waited the batch interval), and every
@@ -28,7 +37,8 @@
 //! at once with 429 and an honest `retry-after`.
 
 use super::tiers::TierRt;
-use std::collections::HashMap;
+use floodgate_crds::QueueClass;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
@@ -131,6 +141,8 @@ pub struct WaitQueue {
     next_id: AtomicU64,
     /// Most requests that may wait at once (updated when a configuration is applied).
     bound: AtomicUsize,
+    /// How long a tenant's charge is kept once its queue empties: the rate window.
+    memory: std::time::Duration,
 }
 
 #[derive(Debug, Default)]
@@ -139,11 +151,25 @@ struct State {
     /// The tag of the last tier dispatched: where a tier that starts waiting starts.
     vtime: f64,
     head: Option<u64>,
+    /// The tier whose dispatch slot the head takes (another tier of its class may have it).
+    head_slot: Option<usize>,
+}
+
+/// The request that should look for budget now ([`State::first`]).
+#[derive(Debug)]
+struct Pick {
+    /// The tier whose dispatch slot it takes.
+    slot: usize,
+    /// Its own tier.
+    tier: usize,
+    tenant: Arc<str>,
+    id: u64,
 }
 
 #[derive(Debug)]
 struct TierQ {
     name: Arc<str>,
+    class: QueueClass,
     weight: f64,
     tag: f64,
     /// Ineligible until then (its class could not take budget others could).
@@ -151,13 +177,24 @@ struct TierQ {
     tenants: HashMap<Arc<str>, TenantQ>,
     /// Tenants with nobody waiting whose tag is still ahead of `vtime`: what they were
     /// charged last, which a tenant that comes back starts from (sending one request at a
-    /// time must not wipe out what its large requests cost). Pruned when `vtime` passes it.
-    charged: HashMap<Arc<str>, f64>,
+    /// time must not wipe out what its large requests cost). Pruned when `vtime` passes it,
+    /// and forgotten when it lapses ([`Charge::until`]).
+    charged: HashMap<Arc<str>, Charge>,
+    /// When each charge lapses, in the order they were made (so in the order they lapse):
+    /// `(until, tenant)`; an entry whose charge was taken back or made again is skipped.
+    lapses: VecDeque<(Instant, Arc<str>)>,
     /// The tenant tag of the last dispatch in this tier.
     vtime: f64,
     waiting: usize,
     /// Batch requests not yet released, oldest first: (id, joined).
     gated: Vec<(u64, Instant)>,
+}
+
+/// What a tenant with nobody waiting was charged, and until when it counts.
+#[derive(Debug, Clone, Copy)]
+struct Charge {
+    tag: f64,
+    until: Instant,
 }
 
 #[derive(Debug)]
@@ -171,8 +208,64 @@ struct TenantQ {
 struct Waiter {
     id: u64,
     deadline: Instant,
+    /// When it joined plus its tier's wait limit: its order inside its class.
+    due: Instant,
     turn: Arc<Notify>,
     gated: bool,
+}
+
+impl TierQ {
+    /// Whether this tier may be chosen at `now`: it has a request waiting that is neither
+    /// gathered into a batch nor held back.
+    fn eligible(&self, now: Instant) -> bool {
+        self.waiting > self.gated.len() && self.held_until.is_none_or(|h| h <= now)
+    }
+
+    /// This tier's own choice: of the tenant with the lowest tag, its request with the
+    /// earliest deadline (ties by deadline, then arrival); gathered requests are left out.
+    fn choice(&self) -> Option<(&Arc<str>, &Waiter)> {
+        let mut pick: Option<(f64, &Waiter, &Arc<str>)> = None;
+        for (name, q) in &self.tenants {
+            let Some(w) = q.waiters.iter().find(|w| !w.gated) else {
+                continue;
+            };
+            let better = pick.is_none_or(|(tag, p, _)| {
+                q.tag
+                    .total_cmp(&tag)
+                    .then(w.deadline.cmp(&p.deadline))
+                    .then(w.id.cmp(&p.id))
+                    == std::cmp::Ordering::Less
+            });
+            if better {
+                pick = Some((q.tag, w, name));
+            }
+        }
+        pick.map(|(_, w, name)| (name, w))
+    }
+
+    /// Forgets the charges that lapsed by `now`: one rate window after the tenant's queue
+    /// emptied, its requests no longer count against any key.
+    fn forget_lapsed(&mut self, now: Instant) {
+        while let Some((until, _)) = self.lapses.front()
+            && *until <= now
+        {
+            let Some((until, tenant)) = self.lapses.pop_front() else {
+                break;
+            };
+            if self.charged.get(&tenant).is_some_and(|c| c.until == until) {
+                self.charged.remove(&tenant);
+            }
+        }
+    }
+
+    /// Keeps `tag` as `tenant`'s charge from `now`, for `memory`, if it is ahead of `vtime`.
+    fn charge(&mut self, tenant: &Arc<str>, tag: f64, now: Instant, memory: std::time::Duration) {
+        if tag > self.vtime {
+            let until = now + memory;
+            self.charged.insert(tenant.clone(), Charge { tag, until });
+            self.lapses.push_back((until, tenant.clone()));
+        }
+    }
 }
 
 impl State {
@@ -180,11 +273,12 @@ impl State {
         self.tiers.iter().position(|t| &*t.name == name)
     }
 
-    /// The request that should look for budget now: see the module's ordering.
-    fn first(&self, now: Instant) -> Option<(usize, Arc<str>, u64)> {
+    /// The request that should look for budget now, and the tier whose slot it takes: see
+    /// the module's ordering.
+    fn first(&self, now: Instant) -> Option<Pick> {
         let mut best: Option<(f64, f64, usize)> = None;
         for (ti, t) in self.tiers.iter().enumerate() {
-            if t.waiting == t.gated.len() || t.held_until.is_some_and(|h| h > now) {
+            if !t.eligible(now) {
                 continue;
             }
             // Lowest tag; on a tie, the heavier tier.
@@ -195,25 +289,30 @@ impl State {
                 best = Some((t.tag, t.weight, ti));
             }
         }
-        let (_, _, ti) = best?;
-        let tier = &self.tiers[ti];
-        let mut pick: Option<(f64, Instant, u64, &Arc<str>)> = None;
-        for (name, q) in &tier.tenants {
-            let Some(w) = q.waiters.iter().find(|w| !w.gated) else {
+        let (_, _, slot) = best?;
+        let class = self.tiers[slot].class;
+        // Inside the slot's class, the choice due first; on a tie, the slot's own tier's.
+        // (due, not the slot's tier, id) orders them.
+        type Order = (Instant, bool, u64);
+        let mut pick: Option<(Order, usize, &Arc<str>)> = None;
+        for (ti, t) in self.tiers.iter().enumerate() {
+            if t.class != class || !t.eligible(now) {
+                continue;
+            }
+            let Some((tenant, w)) = t.choice() else {
                 continue;
             };
-            let better = pick.is_none_or(|(tag, deadline, id, _)| {
-                q.tag
-                    .total_cmp(&tag)
-                    .then(w.deadline.cmp(&deadline))
-                    .then(w.id.cmp(&id))
-                    == std::cmp::Ordering::Less
-            });
-            if better {
-                pick = Some((q.tag, w.deadline, w.id, name));
+            let order = (w.due, ti != slot, w.id);
+            if pick.is_none_or(|(best, _, _)| order < best) {
+                pick = Some((order, ti, tenant));
             }
         }
-        pick.map(|(_, _, id, name)| (ti, name.clone(), id))
+        pick.map(|((_, _, id), tier, tenant)| Pick {
+            slot,
+            tier,
+            tenant: tenant.clone(),
+            id,
+        })
     }
 
     fn waiter(&self, ti: usize, tenant: &str, id: u64) -> Option<&Waiter> {
@@ -235,7 +334,8 @@ impl State {
     /// by itself; a stored wake-up would only make it look twice).
     fn reassign_but(&mut self, now: Instant, joining: Option<u64>) {
         let first = self.first(now);
-        let new = first.as_ref().map(|f| f.2);
+        self.head_slot = first.as_ref().map(|f| f.slot);
+        let new = first.as_ref().map(|f| f.id);
         if new == self.head {
             return;
         }
@@ -245,9 +345,9 @@ impl State {
             turn.notify_one();
         }
         self.head = new;
-        if let Some((ti, tenant, id)) = first
-            && Some(id) != joining
-            && let Some(w) = self.waiter(ti, &tenant, id)
+        if let Some(pick) = first
+            && Some(pick.id) != joining
+            && let Some(w) = self.waiter(pick.tier, &pick.tenant, pick.id)
         {
             w.turn.notify_one();
         }
@@ -296,13 +396,20 @@ impl State {
 }
 
 impl WaitQueue {
-    /// An empty queue of at most `bound` waiters.
+    /// An empty queue of at most `bound` waiters, for keys whose rate window is a minute.
     pub fn new(bound: usize) -> Self {
+        Self::with_window(bound, crate::budget::MINUTE)
+    }
+
+    /// An empty queue of at most `bound` waiters, for keys whose rate window is `window`:
+    /// how long a tenant's charge is kept once its queue empties.
+    pub fn with_window(bound: usize, window: std::time::Duration) -> Self {
         Self {
             state: Mutex::default(),
             len: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             bound: AtomicUsize::new(bound),
+            memory: window,
         }
     }
 
@@ -392,11 +499,13 @@ impl WaitQueue {
             None => {
                 s.tiers.push(TierQ {
                     name: entry.tier.name.clone(),
+                    class: entry.tier.class,
                     weight: f64::from(entry.tier.weight.max(1)),
                     tag: vtime,
                     held_until: None,
                     tenants: HashMap::new(),
                     charged: HashMap::new(),
+                    lapses: VecDeque::new(),
                     vtime: 0.0,
                     waiting: 0,
                     gated: Vec::new(),
@@ -405,22 +514,24 @@ impl WaitQueue {
             }
         };
         let tier = &mut s.tiers[ti];
-        // The weight may have changed with the configuration.
+        // The weight and class may have changed with the configuration.
         tier.weight = f64::from(entry.tier.weight.max(1));
+        tier.class = entry.tier.class;
         if tier.waiting == 0 {
             // Starts at the current virtual time: no credit saved while idle.
             tier.tag = tier.tag.max(vtime);
         }
+        tier.forget_lapsed(now);
         let tier_vtime = tier.vtime;
         let charged = &mut tier.charged;
         let tenant = tier
             .tenants
             .entry(entry.tenant.clone())
             .or_insert_with(|| TenantQ {
-                // No credit saved while idle, and no debt forgotten either.
+                // No credit saved while idle, and no debt forgotten within its window.
                 tag: charged
                     .remove(&entry.tenant)
-                    .map_or(tier_vtime, |tag| tag.max(tier_vtime)),
+                    .map_or(tier_vtime, |c| c.tag.max(tier_vtime)),
                 waiters: Vec::new(),
             });
         let gated = entry.tier.batch.is_some();
@@ -432,6 +543,7 @@ impl WaitQueue {
             Waiter {
                 id,
                 deadline: entry.deadline,
+                due: now + entry.tier.max_wait,
                 turn: turn.clone(),
                 gated,
             },
@@ -557,6 +669,11 @@ impl Drop for Ticket<'_> {
         let Some(ti) = s.tier(&self.tier.name) else {
             return;
         };
+        // The head takes the slot it was chosen for (maybe another tier's of its class).
+        let slot = match s.head_slot {
+            Some(slot) if s.head == Some(self.id) => slot,
+            _ => ti,
+        };
         let tier = &mut s.tiers[ti];
         let Some(q) = tier.tenants.get_mut(&self.tenant) else {
             return;
@@ -565,31 +682,32 @@ impl Drop for Ticket<'_> {
             return;
         };
         q.waiters.remove(at);
-        let mut dispatched = None;
         if self.admitted {
             tier.vtime = q.tag;
             q.tag += self.tokens.max(1) as f64;
-            dispatched = Some(tier.tag);
-            tier.tag += 1.0 / tier.weight;
         }
         if q.waiters.is_empty() {
             let tag = q.tag;
             tier.tenants.remove(&self.tenant);
-            if tag > tier.vtime {
-                tier.charged.insert(self.tenant.clone(), tag);
-            }
+            tier.charge(&self.tenant, tag, now, self.queue.memory);
         }
         if self.admitted && !tier.charged.is_empty() {
             let vtime = tier.vtime;
-            tier.charged.retain(|_, tag| *tag > vtime);
+            tier.charged.retain(|_, c| c.tag > vtime);
         }
+        tier.forget_lapsed(now);
         tier.waiting -= 1;
         tier.gated.retain(|g| g.0 != self.id);
-        if let Some(tag) = dispatched {
+        if self.admitted
+            && let Some(charged) = s.tiers.get_mut(slot)
+        {
+            let tag = charged.tag;
+            charged.tag += 1.0 / charged.weight;
             s.vtime = vtime.max(tag);
         }
         if s.head == Some(self.id) {
             s.head = None;
+            s.head_slot = None;
         }
         self.queue.len.fetch_sub(1, Ordering::AcqRel);
         self.tier.state.leave(self.place);

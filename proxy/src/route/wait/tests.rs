@@ -130,6 +130,40 @@ async fn inside_a_tenant_the_earliest_deadline_goes_first() {
     assert_eq!(ids, vec![1, 3, 2, 0]);
 }
 
+/// A tier of `class` and `weight` whose requests wait at most `max_wait`.
+fn tier_waiting(name: &str, class: QueueClass, weight: u32, max_wait: Duration) -> Arc<TierRt> {
+    let t = Arc::into_inner(tier(name, class, weight)).unwrap();
+    Arc::new(TierRt { max_wait, ..t })
+}
+
+#[tokio::test(start_paused = true)]
+async fn inside_a_class_the_request_due_first_goes_first_and_each_class_keeps_its_slots() {
+    let s = Duration::from_secs(1);
+    let (ent, pro, basic) = (
+        tier_waiting("enterprise", QueueClass::Priority, 10, s),
+        tier_waiting("pro", QueueClass::Priority, 10, 2 * s),
+        tier_waiting("basic", QueueClass::Standard, 5, 5 * s),
+    );
+    let q = WaitQueue::new(10_000);
+    // The callers' own deadlines are far: the order inside a class is by the tiers' limits.
+    let far = Instant::now() + Duration::from_secs(600);
+    let mut tickets = Vec::new();
+    for _ in 0..10 {
+        tickets.push(q.join(&entry(&pro, "x", far, 1), Instant::now()).unwrap());
+        tickets.push(q.join(&entry(&basic, "x", far, 1), Instant::now()).unwrap());
+    }
+    // Enterprise arrives half a second later: due at 1.5 s, before pro's (2 s).
+    tokio::time::advance(s / 2).await;
+    for _ in 0..20 {
+        tickets.push(q.join(&entry(&ent, "x", far, 1), Instant::now()).unwrap());
+    }
+    let order = dispatch(&mut tickets, 25);
+    // While both priority tiers wait, the class keeps their slots (10 + 10 to basic's 5),
+    // and enterprise, due first, takes every one of them.
+    assert_eq!(count(&order, "enterprise"), 20, "{order:?}");
+    assert_eq!(count(&order, "basic"), 5, "{order:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn tenants_of_a_tier_share_by_tokens() {
     let q = WaitQueue::new(10_000);
@@ -178,6 +212,75 @@ async fn a_tenant_that_sends_one_request_at_a_time_still_pays_for_its_tokens() {
     }
     // Equal tokens: 4 big (4,000 tokens) to 40 quiet (4,000 tokens), within one request.
     assert!(big.abs_diff(4) <= 1, "big was dispatched {big} times of 44");
+}
+
+/// The quiet requests dispatched before `big`'s second request, sent `after` its first one
+/// (1,000 tokens) was dispatched, while a quiet tenant keeps requests of 100 waiting, on a
+/// queue whose keys' window is a minute.
+async fn quiet_ahead_of_big_coming_back_after(after: Duration) -> usize {
+    let q = WaitQueue::with_window(10_000, Duration::from_secs(60));
+    let t = tier("basic", QueueClass::Standard, 5);
+    let far = Instant::now() + Duration::from_secs(3600);
+    let mut tickets = vec![
+        q.join(&entry(&t, "big", far, 1000), Instant::now())
+            .unwrap(),
+    ];
+    for _ in 0..50 {
+        tickets.push(
+            q.join(&entry(&t, "quiet", far, 100), Instant::now())
+                .unwrap(),
+        );
+    }
+    let first = dispatch(&mut tickets, 1);
+    assert_eq!(first[0].1, "big", "{first:?}");
+    tokio::time::advance(after).await;
+    tickets.push(
+        q.join(&entry(&t, "big", far, 1000), Instant::now())
+            .unwrap(),
+    );
+    let order = dispatch(&mut tickets, 20);
+    order
+        .iter()
+        .position(|(_, tenant)| tenant == "big")
+        .unwrap_or(order.len())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenants_charge_counts_for_exactly_one_window_after_its_queue_emptied() {
+    let window = Duration::from_secs(60);
+    // Within the window big pays for its 1,000 tokens: ten quiet requests of 100 (and the
+    // one whose tag ties with big's, which arrived first) go before it.
+    let within = quiet_ahead_of_big_coming_back_after(window - Duration::from_millis(1)).await;
+    assert_eq!(within, 11);
+    // From the window's end the charge is forgotten: big starts level with the others (one
+    // quiet request, tied and earlier, goes first).
+    let after = quiet_ahead_of_big_coming_back_after(window).await;
+    assert_eq!(after, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_charges_of_tenants_gone_for_a_window_are_forgotten() {
+    let q = WaitQueue::with_window(10_000, Duration::from_secs(60));
+    let t = tier("free", QueueClass::Standard, 1);
+    let far = Instant::now() + Duration::from_secs(3600);
+    let charged = |q: &WaitQueue| q.lock().tiers[0].charged.len();
+    // A thousand tenants send one request each: each is charged, and none is ever passed by
+    // the virtual time (each starts where the last one started).
+    for i in 0..1000 {
+        let ticket = q
+            .join(&entry(&t, &format!("t{i}"), far, 10), Instant::now())
+            .unwrap();
+        ticket.admitted();
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    assert_eq!(charged(&q), 1000);
+    // Exactly a window after the first was charged, the next arrival forgets it, and only it.
+    tokio::time::advance(Duration::from_secs(50)).await;
+    let next = q.join(&entry(&t, "new", far, 10), Instant::now()).unwrap();
+    assert_eq!(charged(&q), 999);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    drop(next);
+    assert_eq!(charged(&q), 0, "a window after the last, none is left");
 }
 
 #[tokio::test(start_paused = true)]
