@@ -120,7 +120,7 @@ impl Encoder {
         if c.hidden_act != HiddenAct::Gelu {
             candle_core::bail!("activation {:?} where gelu is expected", c.hidden_act);
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             candle_core::bail!(
                 "{} heads do not divide hidden size {}",
                 c.num_attention_heads,
@@ -306,7 +306,7 @@ fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let e = p * r * r + r + 1.0;
     f32::from_bits(((n as i32 + 127) as u32) << 23) * e
 }
