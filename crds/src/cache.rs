@@ -77,8 +77,9 @@ pub struct CachePolicySpec {
     #[serde(default = "default_max_entries")]
     #[schemars(range(min = 1, max = 100000000))]
     pub max_entries: u32,
-    /// Most bytes of answers kept in memory (memory backend); the least recently used go
-    /// first.
+    /// Most bytes of answers kept: by each replica in memory (memory backend), the least
+    /// recently used going first; by all replicas together in Redis (Redis backend), the
+    /// entries soonest to expire going first.
     #[serde(default = "default_max_bytes")]
     #[schemars(range(min = 1024, max = 68719476736_u64))]
     pub max_bytes: u64,

@@ -3,9 +3,11 @@
 //!   (600 question pairs, half of them traps, and 240 conversation pairs; CC BY 4.0), per
 //!   threshold: the share of hits that are wrong answers, and the hit rate on pairs that
 //!   share an answer; with the model alone for comparison.
+//! - `embedding`: the model alone embedding one text at a time (9 and 20 words).
+//! - `index`: the index's lookup at 2k, 10k and 100k entries (approximate and exact, with
+//!   recall), and memory per entry.
 //! - `latency`: exact and semantic hits through the gateway (HTTP on loopback, the mock
-//!   provider behind it), the index's lookup at 2k, 10k and 100k entries (approximate and
-//!   exact, with recall), and memory per entry.
+//!   provider behind it).
 //!
 //! Ignored in `make test`: they need the data set (FLOODGATE_FOW_DATA, fetched by the
 //! script) and a release build to mean anything.
@@ -15,7 +17,7 @@
 use floodgate_e2e::gateway::Gateway;
 use floodgate_e2e::mock::{MockConfig, MockProviders};
 use floodgate_proxy::cache::key::Key;
-use floodgate_proxy::cache::semantic::embed::{DIM, Model, cosine, default_dir};
+use floodgate_proxy::cache::semantic::embed::{DIM, Embedder, Model, cosine, default_dir};
 use floodgate_proxy::cache::semantic::guard;
 use floodgate_proxy::cache::semantic::index::{Index, Params, entry_bytes};
 use floodgate_proxy::route::Dispatcher;
@@ -358,6 +360,54 @@ fn rss_bytes() -> usize {
         * 4096
 }
 
+/// The index alone: one partition (the worst case: one tenant, one model, one system
+/// prompt) of 2k, 10k and 100k entries grouped by topic as real prompts are, searched
+/// approximately (nearest lists) and exactly (every entry), with the share of queries near
+/// a stored prompt whose best match the approximate lookup finds.
+#[test]
+#[ignore = "benchmark: make bench-cache"]
+fn index() {
+    eprintln!(
+        "\nsemantic index (release build; load average {} at start)",
+        load_avg()
+    );
+    for n in [2_000usize, 10_000, 100_000] {
+        index_at(n);
+    }
+}
+
+/// The model on its thread, one text at a time as a lone lookup sends it (the wait for the
+/// vector included): a sentence of 9 words (the latency test's paraphrase) and one of 20.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: make bench-cache"]
+async fn embedding() {
+    let model = Model::load(&default_dir()).expect("the embedding model (make model)");
+    let embedder = Embedder::start(model).unwrap();
+    eprintln!(
+        "\nembedding one text (release build; load average {} at start)",
+        load_avg()
+    );
+    for text in [SHORT, LONG] {
+        for _ in 0..20 {
+            embedder.embed(text.to_owned()).await.unwrap();
+        }
+        let mut times = Vec::new();
+        for _ in 0..300 {
+            let started = Instant::now();
+            embedder.embed(text.to_owned()).await.unwrap();
+            times.push(started.elapsed());
+        }
+        summary(&format!("{} words", text.split_whitespace().count()), times);
+    }
+    eprintln!("load average at the end: {}", load_avg());
+}
+
+/// The paraphrase of the latency test's stored prompt (9 words).
+const SHORT: &str = "how do I report a missed bin collection please";
+/// A sentence of 20 words.
+const LONG: &str = "Could you tell me how I should report a missed bin collection on my street \
+                    to the council this week?";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: make bench-cache"]
 async fn latency() {
@@ -365,13 +415,6 @@ async fn latency() {
         "\ncache latency (release build; load average {} at start)",
         load_avg()
     );
-    // The index alone: one partition (the worst case: one tenant, one model, one system
-    // prompt) of 10k and 100k entries grouped by topic as real prompts are, searched
-    // approximately (nearest lists) and exactly (every entry), with the share of queries
-    // near a stored prompt whose best match the approximate lookup finds.
-    for n in [2_000usize, 10_000, 100_000] {
-        index_at(n);
-    }
     // Through the gateway: exact hits and semantic hits (a paraphrase, embedded each time).
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let yaml = format!(
@@ -435,7 +478,7 @@ async fn latency() {
         // Each a different wording (the paraphrase is not stored, so it is embedded each
         // time); every one a hit.
         let p = if i % 2 == 0 {
-            "how do I report a missed bin collection please"
+            SHORT
         } else {
             "How do I report a missed bin collection"
         };

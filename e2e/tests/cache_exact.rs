@@ -5,30 +5,19 @@
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
 
+mod cache_support;
+
+use cache_support::{TENANTS, WAIT, WINDOW, client, events, post, redis_dispatcher};
 use floodgate_e2e::gateway::Gateway;
 use floodgate_e2e::mock::{MockConfig, MockProviders, answer_for};
 use floodgate_e2e::redis::RedisServer;
-use floodgate_proxy::budget::SharedOptions;
-use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
-use floodgate_proxy::secret::SecretString;
 use serde_json::{Value, json};
 use std::time::Duration;
 
-const WINDOW: Duration = Duration::from_secs(60);
-const WAIT: Duration = Duration::from_secs(10);
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
-}
-
 fn pool(mock: &MockProviders) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a}}\n---\n\
-         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n\
-         \x20 providers:\n\
-         \x20 - {{name: up, type: openai, baseUrl: \"{}\", models: [{{name: gpt-4o, alias: smart, inputPer1M: 2.5, outputPer1M: 10}}, {{name: gpt-truncate}}, {{name: gpt-slow-600}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 100000}}]}}\n",
-        mock.base_url()
+    cache_support::pool(
+        mock,
+        "{name: gpt-4o, alias: smart, inputPer1M: 2.5, outputPer1M: 10}, {name: gpt-truncate}, {name: gpt-slow-600}",
     )
 }
 
@@ -45,10 +34,6 @@ fn policy(backend: &str) -> String {
     )
 }
 
-const TENANTS: &str = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: clients}\nstringData: {acme: sk-acme, globex: sk-globex}\n\
----\napiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: acme}\nspec:\n  keys: [{name: main, secretRef: {name: clients, key: acme}}]\n\
----\napiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: globex}\nspec:\n  keys: [{name: main, secretRef: {name: clients, key: globex}}]\n";
-
 async fn gateway(yaml: &str) -> Gateway {
     Gateway::start(yaml, WINDOW, WAIT).await.unwrap()
 }
@@ -56,75 +41,6 @@ async fn gateway(yaml: &str) -> Gateway {
 fn chat(model: &str, prompt: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream, "max_tokens": 50,
            "messages": [{"role": "user", "content": prompt}]})
-}
-
-/// What a caller got: the cache header and the answer's text (from a whole answer, or the
-/// stream's deltas; a stream must end cleanly).
-#[derive(Debug)]
-struct Got {
-    cache: String,
-    text: String,
-}
-
-async fn post(url: &str, path: &str, body: &Value, headers: &[(&str, &str)]) -> Got {
-    let mut request = client().post(format!("{url}{path}")).json(body);
-    for (k, v) in headers {
-        request = request.header(*k, *v);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status();
-    let cache = response
-        .headers()
-        .get("x-floodgate-cache")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let raw = response.text().await.unwrap();
-    assert!(status.is_success(), "{status}: {raw}");
-    let stream = body["stream"].as_bool().unwrap_or(false);
-    let text = match (path, stream) {
-        (_, false) => {
-            let v: Value = serde_json::from_str(&raw).unwrap();
-            v["choices"][0]["message"]["content"]
-                .as_str()
-                .or_else(|| v["content"][0]["text"].as_str())
-                .unwrap()
-                .to_owned()
-        }
-        ("/v1/chat/completions", true) => openai_text(&raw),
-        (_, true) => anthropic_text(&raw),
-    };
-    Got { cache, text }
-}
-
-fn events(raw: &str) -> impl Iterator<Item = &str> {
-    raw.lines().filter_map(|l| l.strip_prefix("data: "))
-}
-
-fn openai_text(raw: &str) -> String {
-    assert!(
-        raw.contains("data: [DONE]"),
-        "the stream did not end cleanly: {raw}"
-    );
-    events(raw)
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect()
-}
-
-fn anthropic_text(raw: &str) -> String {
-    assert!(
-        raw.contains("message_stop"),
-        "the stream did not end cleanly: {raw}"
-    );
-    events(raw)
-        .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .filter_map(|v| v["delta"]["text"].as_str().map(str::to_owned))
-        .collect()
 }
 
 #[tokio::test]
@@ -156,6 +72,8 @@ async fn an_answer_is_served_again_in_any_door_and_mode() {
         (whole.cache.as_str(), whole.text.as_str()),
         ("exact", &*answer_for(prompt))
     );
+    // Only a semantic hit says how similar the prompts were.
+    assert_eq!(whole.similarity, None);
     // The alias routes to the same model: the same entry.
     let alias = post(
         &url,
@@ -347,12 +265,6 @@ async fn a_hundred_different_requests_each_get_their_own_answer() {
     assert_eq!(mock.counts().total(), 100);
 }
 
-fn redis_dispatcher(redis: &RedisServer) -> Dispatcher {
-    let opts = DispatcherOptions::new(WINDOW, WAIT)
-        .with_redis(SharedOptions::new(SecretString::new(redis.url())));
-    Dispatcher::with_options(opts).unwrap()
-}
-
 /// Two replicas share answers through Redis, and a replica started later finds them.
 #[tokio::test]
 async fn replicas_share_answers_through_redis() {
@@ -513,5 +425,98 @@ async fn redis_keeps_an_expired_answer_for_stale_answers_only() {
     mock.clear_faults();
     let got = post(&c.url(), path, &body, &[]).await;
     assert_eq!(got.cache, "miss");
+    assert_eq!(mock.counts().total(), calls + 1);
+}
+
+/// With the Redis backend `maxBytes` bounds what the policy holds in Redis, whatever the
+/// replicas that store: past it, a store evicts the entries soonest to expire (of one TTL,
+/// the oldest), and the ledger in Redis counts exactly what is there.
+#[tokio::test]
+async fn max_bytes_bounds_what_redis_holds() {
+    const MAX: usize = 2048;
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let bounded = policy("redis")
+        .replace("  dedup: {windowSeconds: 5}\n", "")
+        .replace(
+            "  backend: redis\n",
+            &format!("  backend: redis\n  maxBytes: {MAX}\n"),
+        );
+    let yaml = pool(&mock) + &bounded;
+    let replicas = [
+        Gateway::start_with(&yaml, redis_dispatcher(&redis))
+            .await
+            .unwrap(),
+        Gateway::start_with(&yaml, redis_dispatcher(&redis))
+            .await
+            .unwrap(),
+    ];
+    let path = "/v1/chat/completions";
+    let ask = |i: usize| chat("gpt-4o", &format!("question number {i}"), false);
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let [ledger, _, total] = floodgate_proxy::cache::redis::ledger_keys("/cache");
+    const ASKED: usize = 16;
+    let mut newest = String::new();
+    for i in 0..ASKED {
+        let url = replicas[i % 2].url();
+        assert_eq!(post(&url, path, &ask(i), &[]).await.cache, "miss");
+        // Stored in the background: there once the ledger's newest entry is another.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let last: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&ledger)
+                .arg(-1)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if let Some(name) = last.first()
+                && *name != newest
+            {
+                newest.clone_from(name);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{i} never stored");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg("floodgate:cache:exact:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut held = 0;
+    for name in &names {
+        let len: usize = redis::cmd("STRLEN")
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        held += len + name.len();
+    }
+    assert!(
+        held <= MAX && names.len() < ASKED,
+        "{} entries, {held} bytes",
+        names.len()
+    );
+    let counted: usize = redis::cmd("GET")
+        .arg(&total)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counted, held);
+    // The newest answer is there; the first was evicted.
+    let last = post(&replicas[0].url(), path, &ask(ASKED - 1), &[]).await;
+    assert_eq!(last.cache, "exact");
+    let calls = mock.counts().total();
+    let first = post(&replicas[1].url(), path, &ask(0), &[]).await;
+    assert_eq!(
+        (first.cache.as_str(), first.text),
+        ("miss", answer_for("question number 0"))
+    );
     assert_eq!(mock.counts().total(), calls + 1);
 }

@@ -9,33 +9,20 @@
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
 
+mod cache_support;
+
+use cache_support::{Got, TENANTS, WAIT, WINDOW, client, redis_dispatcher};
 use floodgate_e2e::gateway::Gateway;
 use floodgate_e2e::mock::{MockConfig, MockProviders, answer_for};
 use floodgate_e2e::redis::RedisServer;
-use floodgate_proxy::budget::SharedOptions;
 use floodgate_proxy::cache::Cache;
-use floodgate_proxy::route::{Dispatcher, DispatcherOptions};
-use floodgate_proxy::secret::SecretString;
+use floodgate_proxy::route::Dispatcher;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const WINDOW: Duration = Duration::from_secs(60);
-const WAIT: Duration = Duration::from_secs(10);
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
-}
-
 fn pool(mock: &MockProviders) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a}}\n---\n\
-         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n\
-         \x20 providers:\n\
-         \x20 - {{name: up, type: openai, baseUrl: \"{}\", models: [{{name: gpt-4o}}, {{name: gpt-4o-mini}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 100000}}]}}\n",
-        mock.base_url()
-    )
+    cache_support::pool(mock, "{name: gpt-4o}, {name: gpt-4o-mini}")
 }
 
 /// A CachePolicy with the semantic layer only (no exact entries, no dedup), so every hit
@@ -47,10 +34,6 @@ fn policy(backend: &str, threshold: f64, ttl: u32) -> String {
          \x20 semantic: {{ttlSeconds: {ttl}, threshold: {threshold}}}\n"
     )
 }
-
-const TENANTS: &str = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: clients}\nstringData: {acme: sk-acme, globex: sk-globex}\n\
----\napiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: acme}\nspec:\n  keys: [{name: main, secretRef: {name: clients, key: acme}}]\n\
----\napiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: globex}\nspec:\n  keys: [{name: main, secretRef: {name: clients, key: globex}}]\n";
 
 /// A gateway on `yaml` (with `dispatcher`) whose embedding model is loaded.
 async fn gateway(yaml: &str, dispatcher: Dispatcher) -> (Gateway, Arc<Cache>) {
@@ -93,56 +76,9 @@ fn ask(prompt: &str) -> Value {
     )
 }
 
-/// What a caller got: the cache header, the similarity header, the answer's text.
-#[derive(Debug)]
-struct Got {
-    cache: String,
-    similarity: Option<f32>,
-    text: String,
-}
-
+/// Posts a chat request to the OpenAI door.
 async fn post(url: &str, body: &Value, headers: &[(&str, &str)]) -> Got {
-    let mut request = client()
-        .post(format!("{url}/v1/chat/completions"))
-        .json(body);
-    for (k, v) in headers {
-        request = request.header(*k, *v);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status();
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_owned())
-    };
-    let cache = header("x-floodgate-cache").unwrap_or_default();
-    let similarity = header("x-floodgate-cache-similarity").map(|s| s.parse().unwrap());
-    let raw = response.text().await.unwrap();
-    assert!(status.is_success(), "{status}: {raw}");
-    let text = if body["stream"].as_bool().unwrap_or(false) {
-        assert!(raw.contains("data: [DONE]"), "{raw}");
-        raw.lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter(|d| *d != "[DONE]")
-            .filter_map(|d| {
-                serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect()
-    } else {
-        let v: Value = serde_json::from_str(&raw).unwrap();
-        v["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    Got {
-        cache,
-        similarity,
-        text,
-    }
+    cache_support::post(url, "/v1/chat/completions", body, headers).await
 }
 
 /// A miss, stored: waits until the store (in the background) is in the index.
@@ -323,12 +259,6 @@ async fn semantic_entries_expire_at_their_ttl() {
         (got.cache.as_str(), got.text),
         ("miss", answer_for(PARAPHRASE))
     );
-}
-
-fn redis_dispatcher(redis: &RedisServer) -> Dispatcher {
-    let opts = DispatcherOptions::new(WINDOW, WAIT)
-        .with_redis(SharedOptions::new(SecretString::new(redis.url())));
-    Dispatcher::with_options(opts).unwrap()
 }
 
 /// Two replicas share semantic entries through Redis (the second follows the first's

@@ -159,6 +159,8 @@ pub struct Policy {
     max_entry_bytes: usize,
     sampled: SampledRequests,
     semantic: Option<SemanticPolicy>,
+    /// `maxBytes` over what the policy holds in Redis (the Redis backend).
+    bound: redis::Bound,
 }
 
 /// The semantic layer of a policy.
@@ -220,6 +222,7 @@ impl Policy {
                 threshold: s.threshold as f32,
                 model_dir: s.model_dir.as_ref().map(std::path::PathBuf::from),
             }),
+            bound: redis::Bound::new("", spec.max_bytes),
         };
         (policy, notes)
     }
@@ -363,7 +366,10 @@ impl Cache {
             let name = kube::ResourceExt::name_any(cp);
             // Its notes (what it accepts and does not act on) are logged with the
             // configuration's.
-            let (policy, _) = Policy::new(&cp.spec);
+            let (mut policy, _) = Policy::new(&cp.spec);
+            // Its ledger in Redis is named by the policy.
+            let namespace = kube::ResourceExt::namespace(cp).unwrap_or_default();
+            policy.bound = redis::Bound::new(&format!("{namespace}/{name}"), cp.spec.max_bytes);
             if policy.backend == CacheBackend::Redis && self.redis.is_none() {
                 tracing::warn!(
                     policy = %name,
@@ -832,10 +838,14 @@ impl Cache {
                     answer.to_bytes_kept(policy.stale)
                 };
                 let (cache, ttl) = (self.clone(), ttl + policy.stale);
+                let policy = policy.clone();
                 self.tasks.spawn(async move {
                     let Some(redis) = &cache.redis else { return };
-                    match redis.put(&key, bytes, ttl).await {
-                        Ok(()) => result("stored"),
+                    match redis.put(&key, bytes, ttl, &policy.bound).await {
+                        Ok(stored) => {
+                            m.evictions.inc_by(stored.evicted);
+                            result(if stored.kept { "stored" } else { "too_large" });
+                        }
                         Err(e) => {
                             tracing::debug!(error = %e, "cache store in Redis failed");
                             result("error");
@@ -892,12 +902,14 @@ impl Cache {
                 (Some(redis), CacheBackend::Redis) => {
                     let entry =
                         redis::semantic_bytes(&query.partition, &query.text, &vector, &bytes);
-                    match redis.put_semantic(&key, entry, ttl).await {
-                        Ok(()) => {
+                    match redis.put_semantic(&key, entry, ttl, &policy.bound).await {
+                        Ok(stored) if stored.kept => {
+                            m.evictions.inc_by(stored.evicted);
                             result("semantic_stored");
                             let expires = tokio::time::Instant::now() + ttl;
                             cache.semantic.insert(&query, key, &vector, expires);
                         }
+                        Ok(_) => result("too_large"),
                         Err(e) => {
                             tracing::debug!(error = %e, "semantic store in Redis failed");
                             result("error");

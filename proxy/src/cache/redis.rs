@@ -1,4 +1,5 @@
-//! The Redis backend: answers by exact key with Redis's own TTL, shared by every replica.
+//! The Redis backend: answers by exact key with Redis's own TTL, shared by every replica,
+//! and bounded in bytes per CachePolicy by a ledger in Redis ([`Bound`], [`STORE`]).
 //! It uses the connection settings of the shared budgets (`--redis`, [`SharedOptions`]): the
 //! same URL, per-call timeout and runtime. Redis failing never fails a request: a lookup
 //! that fails is a miss, a store that fails is skipped, both counted.
@@ -130,23 +131,159 @@ impl RedisStore {
         Ok(bytes.map(|b| (b, left)))
     }
 
-    /// Stores `bytes` under `key` for `ttl`.
-    pub async fn put(&self, key: &Key, bytes: Vec<u8>, ttl: Duration) -> Result<(), RedisError> {
+    /// Stores `bytes` under `key` for `ttl`, within the policy's `bound`.
+    pub async fn put(
+        &self,
+        key: &Key,
+        bytes: Vec<u8>,
+        ttl: Duration,
+        bound: &Bound,
+    ) -> Result<Stored, RedisError> {
+        self.store(answer_key(key), bytes, ttl, bound, None).await
+    }
+
+    /// Runs [`STORE`]: `bytes` under `name` for `ttl`, charged to `bound`'s ledger (the
+    /// entries soonest to expire evicted until it fits), and `added` (a key's hex) appended
+    /// to [`SEMANTIC_ADDED`] when given.
+    async fn store(
+        &self,
+        name: String,
+        bytes: Vec<u8>,
+        ttl: Duration,
+        bound: &Bound,
+        added: Option<String>,
+    ) -> Result<Stored, RedisError> {
         let mut conn = self.conn()?;
-        let name = answer_key(key);
         let ms = ttl.as_millis().max(1) as u64;
-        self.run(async move {
-            redis::cmd("SET")
-                .arg(name)
-                .arg(bytes)
-                .arg("PX")
-                .arg(ms)
-                .query_async::<()>(&mut conn)
-                .await
+        let (keys, max) = (bound.keys.clone(), bound.max_bytes);
+        let (stream, hex) = match added {
+            Some(hex) => (SEMANTIC_ADDED, hex),
+            None => ("", String::new()),
+        };
+        let evicted: i64 = self
+            .run(async move {
+                let [ledger, sizes, total] = keys;
+                redis::Script::new(STORE)
+                    .key(name)
+                    .key(ledger)
+                    .key(sizes)
+                    .key(total)
+                    .arg(bytes)
+                    .arg(ms)
+                    .arg(max)
+                    .arg(stream)
+                    .arg(hex)
+                    .arg(SEMANTIC_ADDED_LEN)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(Stored {
+            kept: evicted >= 0,
+            evicted: u64::try_from(evicted).unwrap_or(0),
         })
-        .await
     }
 }
+
+/// What a CachePolicy holds in Redis is bounded by its `maxBytes`, whatever the replicas:
+/// every entry it stores (exact answers, semantic entries) is charged to the policy's
+/// ledger in Redis, and a store that would pass the bound first evicts the entries soonest
+/// to expire (for entries of one TTL, the oldest).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    /// The ledger's keys: [`ledger_keys`].
+    keys: [String; 3],
+    max_bytes: u64,
+}
+
+impl Bound {
+    /// The bound of the policy `policy` (`<namespace>/<name>`): `max_bytes` in all.
+    pub fn new(policy: &str, max_bytes: u64) -> Self {
+        Self {
+            keys: ledger_keys(policy),
+            max_bytes,
+        }
+    }
+}
+
+/// The ledger of what the CachePolicy `policy` holds in Redis: a sorted set of the entries'
+/// keys by expiry (ms, Redis's clock), a hash of the bytes charged for each, and their sum.
+/// The policy is a hash tag: the three share one Cluster slot.
+pub fn ledger_keys(policy: &str) -> [String; 3] {
+    let base = format!("floodgate:cache:ledger:{{{policy}}}");
+    [
+        base.clone(),
+        format!("{base}:sizes"),
+        format!("{base}:bytes"),
+    ]
+}
+
+/// What a store in Redis did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Whether the entry was stored (not when it alone is over the bound).
+    pub kept: bool,
+    /// Entries evicted to make room.
+    pub evicted: u64,
+}
+
+/// Stores an entry within its policy's bound, in one step. The entries whose expiry passed
+/// leave the ledger (Redis dropped them already; at most 256 a call), the entry's own
+/// earlier charge too (a store over it); an entry larger than the whole bound is not
+/// stored (-1); then the entries soonest to expire are deleted until the sum and the new
+/// charge (the value's and the key's bytes) fit, the entry is written with its TTL and
+/// charged, the ledger lives as long as its last entry, and a semantic entry is announced
+/// on its stream. Returns the entries evicted. The evicted entries and the stream are not
+/// among KEYS: the store runs on one Redis (its client is not a Cluster client).
+/// KEYS: entry, ledger, sizes, total. ARGV: value, ttl ms, max bytes, stream ('' for none),
+/// the stream's `k`, the stream's MAXLEN.
+const STORE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function forget(name)
+  local size = redis.call('HGET', KEYS[3], name)
+  redis.call('HDEL', KEYS[3], name)
+  redis.call('ZREM', KEYS[2], name)
+  if size then
+    redis.call('DECRBY', KEYS[4], size)
+    return tonumber(size)
+  end
+  return 0
+end
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 256)) do
+  forget(name)
+end
+forget(KEYS[1])
+local charge = string.len(ARGV[1]) + string.len(KEYS[1])
+local max = tonumber(ARGV[3])
+if charge > max then
+  redis.call('DEL', KEYS[1])
+  return -1
+end
+local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+local evicted = 0
+while total + charge > max do
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0)
+  if #first == 0 then
+    break
+  end
+  redis.call('DEL', first[1])
+  total = total - forget(first[1])
+  evicted = evicted + 1
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], string.format('%.0f', now + tonumber(ARGV[2])), KEYS[1])
+redis.call('HSET', KEYS[3], KEYS[1], charge)
+redis.call('INCRBY', KEYS[4], charge)
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+for i = 2, 4 do
+  redis.call('PEXPIREAT', KEYS[i], last[2])
+end
+if ARGV[4] ~= '' then
+  redis.call('XADD', ARGV[4], 'MAXLEN', '~', ARGV[6], '*', 'k', ARGV[5])
+end
+return evicted
+";
 
 /// Where a flight shared across replicas lives: the lease of its key (holding the token of
 /// the flight that leads now), and the flight's own log of entries and channel, named by its
@@ -392,36 +529,17 @@ fn parse_semantic(key: Key, bytes: &[u8], ttl: Duration) -> Option<(SemanticEntr
 }
 
 impl RedisStore {
-    /// Stores a semantic entry for `ttl` and announces it on [`SEMANTIC_ADDED`].
+    /// Stores a semantic entry for `ttl` within the policy's `bound` and announces it on
+    /// [`SEMANTIC_ADDED`].
     pub async fn put_semantic(
         &self,
         key: &Key,
         bytes: Vec<u8>,
         ttl: Duration,
-    ) -> Result<(), RedisError> {
-        let mut conn = self.conn()?;
-        let (name, hex) = (semantic_key(key), key.hex());
-        let ms = ttl.as_millis().max(1) as u64;
-        self.run(async move {
-            let mut pipe = redis::pipe();
-            pipe.cmd("SET")
-                .arg(&name)
-                .arg(bytes)
-                .arg("PX")
-                .arg(ms)
-                .ignore();
-            pipe.cmd("XADD")
-                .arg(SEMANTIC_ADDED)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(SEMANTIC_ADDED_LEN)
-                .arg("*")
-                .arg("k")
-                .arg(hex)
-                .ignore();
-            pipe.query_async::<()>(&mut conn).await
-        })
-        .await
+        bound: &Bound,
+    ) -> Result<Stored, RedisError> {
+        self.store(semantic_key(key), bytes, ttl, bound, Some(key.hex()))
+            .await
     }
 
     /// The answer bytes of the semantic entry `key`, if it is there.

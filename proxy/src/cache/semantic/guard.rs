@@ -99,6 +99,15 @@ const CONTRASTS: &[(&str, &str)] = &[
     ("super", "sub"),
 ];
 
+/// Question words after which a modal only frames the question: `how can I` asks what `how
+/// do I` asks (a method), `where can I find` what `where do I find` asks (a place), `who
+/// should I contact` what `who do I contact` asks (a person). Elsewhere a modal is a content
+/// word (`can I return it` / `must I return it`), and `must` never frames.
+const FRAMING: &[&str] = &["how", "where", "who"];
+
+/// Modals that may frame a question after one of [`FRAMING`].
+const FRAMING_MODALS: &[&str] = &["can", "could", "should", "would", "do", "does"];
+
 /// Words that negate.
 #[rustfmt::skip]
 const NEGATIONS: &[&str] = &[
@@ -147,6 +156,8 @@ struct Word {
 
 /// The meaning-carrying words of `text`, in order.
 fn words(text: &str) -> Vec<Word> {
+    // A text in capitals throughout tells no name from another word.
+    let shouted = !text.chars().any(char::is_lowercase);
     let synonyms: HashMap<&str, &str> = SYNONYMS
         .iter()
         .flat_map(|g| g.iter().map(move |w| (*w, g[0])))
@@ -155,6 +166,8 @@ fn words(text: &str) -> Vec<Word> {
     let mut sentence_start = true;
     let mut clause = 0;
     let mut relation: Option<&'static str> = None;
+    // The word before, lowercase (a question word makes the modal after it a frame).
+    let mut before = String::new();
     for raw in split(text) {
         let ends_sentence = raw.ends_with(['.', '?', '!', ':', ';']);
         let starts_sentence = std::mem::replace(&mut sentence_start, ends_sentence);
@@ -162,6 +175,7 @@ fn words(text: &str) -> Vec<Word> {
         let raw = trim(raw);
         if starts_sentence {
             relation = None;
+            before.clear();
         }
         if raw.is_empty() {
             clause += usize::from(comma);
@@ -169,9 +183,15 @@ fn words(text: &str) -> Vec<Word> {
         }
         for part in expand(raw) {
             let lower = part.to_lowercase();
+            let framing = FRAMING.contains(&before.as_str());
+            before.clone_from(&lower);
+            if framing && FRAMING_MODALS.contains(&lower.as_str()) {
+                continue;
+            }
             // Capitalised inside a sentence: a name, even one spelt like a function word
             // (vitamin `A`, the month `May`, the language `Go`).
             let name = !starts_sentence
+                && !shouted
                 && part.chars().next().is_some_and(char::is_uppercase)
                 && part != "I";
             if !name && let Some(r) = RELATIONS.iter().find(|r| **r == lower) {
@@ -423,7 +443,14 @@ fn contrasting(a: &str, b: &str) -> bool {
     })
 }
 
-/// One typing slip: two neighbouring letters swapped, or one letter of a double typed once.
+/// Shortest word in which a letter left out inside it is taken for a slip (`statment`,
+/// `electricty`): long words have few neighbours one letter shorter, short ones many
+/// (`debit` / `debt`, `form` / `from`).
+const DROPPED_LETTER_MIN: usize = 7;
+
+/// One typing slip: two neighbouring letters swapped, one letter of a double typed once,
+/// or, in a long word, one letter inside it left out (not its first or last: an ending is
+/// an inflection, judged by the stem).
 fn slip(a: &str, b: &str) -> bool {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     if a.len() == b.len() {
@@ -440,7 +467,8 @@ fn slip(a: &str, b: &str) -> bool {
     }
     (0..long.len()).any(|k| {
         let doubled = (k > 0 && long[k] == long[k - 1]) || long.get(k + 1) == Some(&long[k]);
-        doubled && long[..k] == short[..k] && long[k + 1..] == short[k..]
+        let inside = k > 0 && k + 1 < long.len() && short.len() >= DROPPED_LETTER_MIN;
+        (doubled || inside) && long[..k] == short[..k] && long[k + 1..] == short[k..]
     })
 }
 
@@ -503,6 +531,91 @@ mod tests {
         ] {
             assert_eq!(check(a, b), Ok(()), "{a:?} / {b:?}");
             assert_eq!(check(b, a), Ok(()), "{b:?} / {a:?}");
+        }
+    }
+
+    #[test]
+    fn a_letter_left_out_of_a_long_word_is_a_slip_and_capitals_throughout_name_nothing() {
+        for (a, b) in [
+            (
+                "Can I get a copy of my bank statement by post?",
+                "Can I get a copy of my bank statment by post?",
+            ),
+            (
+                "How do I read my electricity meter?",
+                "How do I read my electricty meter?",
+            ),
+            (
+                "What are your delivery options to Northern Ireland?",
+                "WHAT ARE YOUR DELIVERY OPTIONS TO NORTHERN IRELAND?",
+            ),
+        ] {
+            assert_eq!(check(a, b), Ok(()), "{a:?} / {b:?}");
+            assert_eq!(check(b, a), Ok(()), "{b:?} / {a:?}");
+        }
+        // A short word, a name, or a letter changed: another word.
+        for (a, b) in [
+            (
+                "How do I set up a direct debit?",
+                "How do I set up a direct debt?",
+            ),
+            ("Is the product stationary?", "Is the product stationery?"),
+            ("Send it to Christine", "Send it to Christie"),
+            (
+                "WHAT IS THE CAPITAL OF AUSTRIA?",
+                "What is the capital of Australia?",
+            ),
+        ] {
+            assert!(
+                matches!(refused(a, b), Refusal::Content(_)),
+                "{a:?} / {b:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_modal_after_how_where_or_who_only_frames_the_question() {
+        for (a, b) in [
+            (
+                "How do I report a missed bin collection?",
+                "How can I report a missed bin collection?",
+            ),
+            (
+                "Where can I find my invoices in the billing dashboard?",
+                "Where do I find my invoices in the billing dashboard?",
+            ),
+            (
+                "Who do I contact about a problem with my pay?",
+                "Who should I contact about a problem with my pay?",
+            ),
+            (
+                "How could we export the report?",
+                "How would we export the report?",
+            ),
+        ] {
+            assert_eq!(check(a, b), Ok(()), "{a:?} / {b:?}");
+            assert_eq!(check(b, a), Ok(()), "{b:?} / {a:?}");
+        }
+        // Elsewhere a modal carries meaning, and `must` never frames.
+        for (a, b) in [
+            (
+                "Can I return it after 14 days?",
+                "Must I return it after 14 days?",
+            ),
+            (
+                "When can I cancel my order?",
+                "When must I cancel my order?",
+            ),
+            (
+                "How do I apply for a permit?",
+                "How must I apply for a permit?",
+            ),
+            ("I can pay by card", "I should pay by card"),
+        ] {
+            assert!(
+                matches!(refused(a, b), Refusal::Content(_)),
+                "{a:?} / {b:?}"
+            );
         }
     }
 

@@ -22,6 +22,7 @@
 pub mod embed;
 pub mod guard;
 pub mod index;
+mod minilm;
 
 use super::key::{self, Key};
 use super::metrics;
