@@ -12,12 +12,13 @@
 //! | `chat_request` | an OpenAI `/v1/chat/completions` body, then every adapter's translation | the hand-written `Deserialize` (`types/de.rs`) agrees with a derived one; a request round-trips through JSON; every built body is JSON |
 //! | `messages_request` | an Anthropic `/v1/messages` body and its translation | the translated request round-trips; built bodies are JSON |
 //! | `embeddings_request` | an OpenAI `/v1/embeddings` body, validation and every adapter's translation | a request round-trips; built bodies are JSON |
-//! | `provider_response` | a 2xx chat or embeddings body, and an error body, in each provider's format | base64 and float vectors convert into each other exactly |
+//! | `provider_response` | a 2xx chat or embeddings body, and an error body, in each provider's format | the hand-written answer and chunk `Deserialize` (`types/answer_de.rs`) agree with derived ones; base64 and float vectors convert into each other exactly |
 //! | `provider_stream` | a streamed body (SSE, or NDJSON for Ollama) in each provider's format | the same chunks, usage and end whether fed whole, in pieces or byte by byte |
 //! | `stream_framing` | SSE events and NDJSON lines | the same events and lines at any split |
 //! | `ratelimit_headers` | `retry-after`, OpenAI's and Anthropic's rate-limit headers | an HTTP date and the same instant in RFC 3339 agree |
 //! | `config_load` | a manifest file (multi-document YAML), validation and resolution | no secret value appears in an error or warning |
 
+mod answers;
 mod config;
 mod requests;
 mod upstream;

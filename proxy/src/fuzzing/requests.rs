@@ -4,9 +4,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::answers::null_as_default;
 use crate::providers::types::{
     ChatMessage, ChatRequest, ContentPart, MessageContent, Role, Stop, StreamOptions, Tool,
-    ToolCall, ToolChoice, null_as_default,
+    ToolCall, ToolChoice,
 };
 use crate::providers::{Adapter, EmbeddingsRequest, estimate_prompt_tokens};
 use crate::server::messages::request::{MessagesRequest, Purpose};

@@ -468,6 +468,30 @@ fn json_len(value: &Value) -> usize {
 
 /// `{base}/{version}/{path}`; a base URL that already ends in `/{version}` (a common way to
 /// configure vLLM: `http://host:8000/v1`) is not given it twice.
+/// About the size of `req` written as JSON: the first capacity of the buffer an adapter
+/// encodes it into, so that a typical request is written without regrowing the buffer.
+pub(crate) fn encoded_size_hint(req: &ChatRequest) -> usize {
+    let text: usize = req
+        .messages
+        .iter()
+        .map(|message| {
+            let content = match &message.content {
+                Some(types::MessageContent::Text(text)) => text.len(),
+                Some(types::MessageContent::Parts(parts)) => parts
+                    .iter()
+                    .map(|part| match part {
+                        types::ContentPart::Text { text, .. } => text.len(),
+                        types::ContentPart::ImageUrl { image_url, .. } => image_url.url.len(),
+                    })
+                    .sum(),
+                None => 0,
+            };
+            content + 64
+        })
+        .sum();
+    256 + text + req.tools.as_ref().map_or(0, |tools| tools.len() * 256)
+}
+
 pub(crate) fn endpoint(base_url: &str, version: &str, path: &str) -> String {
     let base = base_url.trim_end_matches('/');
     let versioned = base

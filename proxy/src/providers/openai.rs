@@ -125,9 +125,10 @@ pub(crate) fn build_body(upstream_model: &str, req: &ChatRequest, stream: bool) 
         n: req.n,
         extra: &req.extra,
     };
-    let body = serde_json::to_vec(&body)
+    let mut out = Vec::with_capacity(super::encoded_size_hint(req));
+    serde_json::to_writer(&mut out, &body)
         .map_err(|e| ProviderError::unsupported(format!("request not serialisable: {e}")))?;
-    Ok(Bytes::from(body))
+    Ok(Bytes::from(out))
 }
 
 /// Parses a `chat.completion`, renaming the model to the one the caller asked for.

@@ -18,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+mod answer_de;
 mod de;
 mod wire;
 
@@ -52,11 +53,7 @@ pub struct ChatRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<ToolChoice>,
     /// Stream the answer as server-sent events (`null` reads as `false`).
-    #[serde(
-        default,
-        deserialize_with = "null_as_default",
-        skip_serializing_if = "is_false"
-    )]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub stream: bool,
     /// Streaming options (`include_usage`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -548,7 +545,7 @@ pub struct ChatResponse {
 }
 
 /// One choice of a complete answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Choice {
     /// Position among the choices.
     #[serde(default)]
@@ -571,7 +568,7 @@ pub struct Choice {
 }
 
 /// The assistant message of a complete answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ResponseMessage {
     /// Always `assistant`.
     pub role: Role,
@@ -615,7 +612,7 @@ pub struct ChatChunk {
 }
 
 /// One choice's delta within a chunk.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChunkChoice {
     /// Position among the choices.
     #[serde(default)]
@@ -639,7 +636,7 @@ pub struct ChunkChoice {
 }
 
 /// What a chunk adds to the message.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Delta {
     /// `assistant` on the first chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -719,14 +716,4 @@ pub(crate) fn completion_object() -> String {
 
 pub(crate) fn chunk_object() -> String {
     "chat.completion.chunk".to_owned()
-}
-
-/// Reads `null` as the type's default: some OpenAI-compatible servers send
-/// `"choices": null` on the final usage chunk.
-pub(crate) fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Default + Deserialize<'de>,
-{
-    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }

@@ -6,7 +6,7 @@ use super::error::ApiError;
 use super::waiting;
 use crate::metrics;
 use crate::pipeline::{self, Door, RequestCtx};
-use crate::providers::types::ChatRequest;
+use crate::providers::types::{ChatRequest, ChatResponse};
 use crate::providers::{ChatChunk, ProviderError};
 use crate::route::wait::Progress;
 use crate::route::{Reply, ReplyBody};
@@ -119,11 +119,35 @@ fn render(result: Result<Reply, pipeline::Error>, outcome: Outcome) -> Response 
         Ok(reply) => match reply.body {
             ReplyBody::Complete(answer) => {
                 outcome.record("ok");
-                axum::Json(answer).into_response()
+                answer_response(&answer)
             }
             ReplyBody::Stream(chunks) => sse(Tracked::new(chunks, outcome)),
         },
         Err(e) => failed(door::stage_error(e), outcome),
+    }
+}
+
+/// A whole answer as `application/json`, written into a buffer sized for it (axum's `Json`
+/// starts at 128 bytes and regrows twice for a typical answer).
+fn answer_response(answer: &ChatResponse) -> Response {
+    let text: usize = answer
+        .choices
+        .iter()
+        .map(|choice| choice.message.content.as_ref().map_or(0, String::len) + 128)
+        .sum();
+    let mut body = Vec::with_capacity(256 + text);
+    match serde_json::to_writer(&mut body, answer) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            ApiError::internal(format!("the answer could not be written: {e}")).into_response()
+        }
     }
 }
 

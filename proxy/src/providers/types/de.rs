@@ -94,7 +94,11 @@ impl<'de> Deserialize<'de> for Field {
 }
 
 /// Sets `slot` from the map's next value, refusing a field given twice.
-fn once<'de, A, T>(map: &mut A, slot: &mut Option<T>, name: &'static str) -> Result<(), A::Error>
+pub(super) fn once<'de, A, T>(
+    map: &mut A,
+    slot: &mut Option<T>,
+    name: &'static str,
+) -> Result<(), A::Error>
 where
     A: MapAccess<'de>,
     T: Deserialize<'de>,
@@ -107,7 +111,7 @@ where
 }
 
 /// Like [`once`] for an optional field: `null` reads as absent.
-fn once_opt<'de, A, T>(
+pub(super) fn once_opt<'de, A, T>(
     map: &mut A,
     slot: &mut Option<Option<T>>,
     name: &'static str,

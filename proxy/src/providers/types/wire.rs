@@ -3,29 +3,14 @@
 //! copy it on every request) while an upstream's `prompt_tokens_details` and the like reach
 //! the caller untouched.
 //!
-//! Deserialising goes through an owned mirror (`From`, a move per field); serialising
-//! through a borrowed one (no copies). Empty maps allocate nothing.
+//! Deserialising goes through an owned mirror read by hand (`answer_de`; `From`, a move per
+//! field); serialising through a borrowed one (no copies). Empty maps allocate nothing.
 
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use super::{
-    ChatChunk, ChatResponse, Choice, ChunkChoice, Usage, chunk_object, completion_object,
-    null_as_default,
-};
-
-/// `usage` as it is read: the counts, and every other key.
-#[derive(Debug, Deserialize)]
-struct UsageWire {
-    #[serde(default)]
-    prompt_tokens: u32,
-    #[serde(default)]
-    completion_tokens: u32,
-    #[serde(default)]
-    total_tokens: u32,
-    #[serde(flatten)]
-    details: Map<String, Value>,
-}
+use super::answer_de::{AnswerWire, UsageWire, answer};
+use super::{ChatChunk, ChatResponse, Choice, ChunkChoice, Usage, chunk_object, completion_object};
 
 /// `usage` as it is written.
 #[derive(Serialize)]
@@ -51,29 +36,17 @@ fn split_usage(usage: Option<UsageWire>) -> (Option<Usage>, Map<String, Value>) 
     }
 }
 
-/// A `chat.completion` as it is read.
-#[derive(Debug, Deserialize)]
-pub(super) struct ChatResponseWire {
-    #[serde(default)]
-    id: String,
-    #[serde(default = "completion_object")]
-    object: String,
-    #[serde(default)]
-    created: u64,
-    #[serde(default)]
-    model: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    choices: Vec<Choice>,
-    #[serde(default)]
-    usage: Option<UsageWire>,
-    #[serde(default)]
-    system_fingerprint: Option<String>,
-    #[serde(flatten)]
-    extra: Map<String, Value>,
+/// A `chat.completion` as it is read (by hand: `answer_de`).
+pub(super) struct ChatResponseWire(AnswerWire<Choice>);
+
+impl<'de> Deserialize<'de> for ChatResponseWire {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        answer(deserializer, completion_object).map(Self)
+    }
 }
 
 impl From<ChatResponseWire> for ChatResponse {
-    fn from(w: ChatResponseWire) -> Self {
+    fn from(ChatResponseWire(w): ChatResponseWire) -> Self {
         let (usage, usage_details) = split_usage(w.usage);
         ChatResponse {
             id: w.id,
@@ -124,29 +97,17 @@ impl Serialize for ChatResponse {
     }
 }
 
-/// A `chat.completion.chunk` as it is read.
-#[derive(Debug, Deserialize)]
-pub(super) struct ChatChunkWire {
-    #[serde(default)]
-    id: String,
-    #[serde(default = "chunk_object")]
-    object: String,
-    #[serde(default)]
-    created: u64,
-    #[serde(default)]
-    model: String,
-    #[serde(default, deserialize_with = "null_as_default")]
-    choices: Vec<ChunkChoice>,
-    #[serde(default)]
-    usage: Option<UsageWire>,
-    #[serde(default)]
-    system_fingerprint: Option<String>,
-    #[serde(flatten)]
-    extra: Map<String, Value>,
+/// A `chat.completion.chunk` as it is read (by hand: `answer_de`).
+pub(super) struct ChatChunkWire(AnswerWire<ChunkChoice>);
+
+impl<'de> Deserialize<'de> for ChatChunkWire {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        answer(deserializer, chunk_object).map(Self)
+    }
 }
 
 impl From<ChatChunkWire> for ChatChunk {
-    fn from(w: ChatChunkWire) -> Self {
+    fn from(ChatChunkWire(w): ChatChunkWire) -> Self {
         let (usage, usage_details) = split_usage(w.usage);
         ChatChunk {
             id: w.id,
