@@ -529,7 +529,7 @@ async fn start_jobs(
             .build()
             .context("cannot build the webhook client")?,
         consumer: format!("{}-{}", hostname(), std::process::id()),
-        keep_every: visibility / 3,
+        visibility,
         tasks: tasks.clone(),
         cancel: cancel.clone(),
         notifying: Arc::new(tokio::sync::Semaphore::new(jobs::worker::MAX_NOTIFYING)),
