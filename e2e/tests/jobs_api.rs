@@ -605,7 +605,9 @@ async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_on
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     // The receiver holds each delivery 3 s before its 200: A is killed while it notifies,
     // and what A sent then is abandoned (A never got the 200), not received.
-    let receiver = HoldingReceiver::start(Duration::from_secs(3)).await.unwrap();
+    let receiver = HoldingReceiver::start(Duration::from_secs(3))
+        .await
+        .unwrap();
     let dir = config(&mock, receiver.url());
     let url = redis.url();
     let shared = ["--redis", url.as_str(), "--job-visibility-ms", "1000"];
@@ -679,7 +681,10 @@ async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_on
     }
     assert_eq!(answered.len(), 12, "{per_job:?}");
     assert_eq!(per_job.len(), 12);
-    assert!(ids.iter().all(|id| per_job.get(id) == Some(&1)), "{per_job:?}");
+    assert!(
+        ids.iter().all(|id| per_job.get(id) == Some(&1)),
+        "{per_job:?}"
+    );
     assert_eq!(per_notice.len(), 12, "{per_notice:?}");
     // The four A was sending when it died: sent again by B, under the same ids.
     let abandoned = receiver.abandoned();
@@ -726,7 +731,11 @@ async fn a_queued_jobs_event_stream_tells_its_position_as_the_jobs_before_it_sta
     let last_position = names.iter().rposition(|n| n == "position").unwrap();
     let started = names.iter().position(|n| n == "started").unwrap();
     assert!(last_position < started, "{body}");
-    assert_eq!(names.last().map(String::as_str), Some("completed"), "{body}");
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("completed"),
+        "{body}"
+    );
     gw.stop().await;
 }
 
@@ -734,7 +743,9 @@ async fn a_queued_jobs_event_stream_tells_its_position_as_the_jobs_before_it_sta
 async fn a_stalled_replica_whose_job_another_finished_tells_the_caller_that_one_did_not() {
     let redis = RedisServer::start().await.unwrap();
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let receiver = HoldingReceiver::start(Duration::from_secs(3)).await.unwrap();
+    let receiver = HoldingReceiver::start(Duration::from_secs(3))
+        .await
+        .unwrap();
     let dir = config(&mock, receiver.url());
     let url = redis.url();
     let shared = [
@@ -770,7 +781,10 @@ async fn a_stalled_replica_whose_job_another_finished_tells_the_caller_that_one_
     .await;
     let told = verified(&told);
     assert_eq!(told.len(), 1);
-    assert_eq!((told[0].0.as_str(), &told[0].1["type"]), (id.as_str(), &json!("job.completed")));
+    assert_eq!(
+        (told[0].0.as_str(), &told[0].1["type"]),
+        (id.as_str(), &json!("job.completed"))
+    );
     let abandoned = receiver.abandoned();
     assert_eq!(abandoned.len(), 1);
     assert_eq!(
@@ -936,7 +950,11 @@ async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
         matches!(cancel["asked"].as_str(), Some("cancelling" | "cancelled")),
         "{stdout}"
     );
-    assert_eq!((&cancel["ended"], &cancel["total"]), (&json!("cancelled"), &json!(3)), "{stdout}");
+    assert_eq!(
+        (&cancel["ended"], &cancel["total"]),
+        (&json!("cancelled"), &json!(3)),
+        "{stdout}"
+    );
     // Each line was a job of its own, run in the batch tier, answered by both providers.
     let http = reqwest::Client::new();
     let mut providers = std::collections::BTreeSet::new();

@@ -129,10 +129,20 @@ async fn redrive_during_the_failure_notice(store: &Store) {
         let mut done = again.job.clone();
         done.status = Status::Running;
         done.attempts = 1;
-        assert!(store.save(&again, &done, Step::Start, &policy).await.unwrap());
+        assert!(
+            store
+                .save(&again, &done, Step::Start, &policy)
+                .await
+                .unwrap()
+        );
         done.status = Status::Completed;
         done.result = Some(json!({"object": "chat.completion", "answer": 42}));
-        assert!(store.save(&again, &done, Step::Finish, &policy).await.unwrap());
+        assert!(
+            store
+                .save(&again, &done, Step::Finish, &policy)
+                .await
+                .unwrap()
+        );
         assert_ne!(failed.notice_id(), done.notice_id());
         assert_eq!(done.notice_id(), format!("{}.1", submitted.id));
 
@@ -267,7 +277,14 @@ async fn batch_bound(store: &Store) {
     let window = Duration::from_secs(3600);
     let record = || "{}".to_owned();
     let made = store
-        .create_batch("batch_bound", record(), "[]".to_owned(), lines(3), window, 3)
+        .create_batch(
+            "batch_bound",
+            record(),
+            "[]".to_owned(),
+            lines(3),
+            window,
+            3,
+        )
         .await
         .unwrap();
     assert!(
@@ -277,7 +294,14 @@ async fn batch_bound(store: &Store) {
     assert_eq!(store.pending_for("free", "acme").await.unwrap(), 1);
     assert!(store.batch("batch_bound").await.unwrap().is_none());
     let made = store
-        .create_batch("batch_bound", record(), "[]".to_owned(), lines(2), window, 3)
+        .create_batch(
+            "batch_bound",
+            record(),
+            "[]".to_owned(),
+            lines(2),
+            window,
+            3,
+        )
         .await
         .unwrap();
     assert_eq!(made.queued().map(|q| q.len()), Some(2));
@@ -294,11 +318,22 @@ async fn a_holder_whose_claim_was_taken_over_can_neither_keep_save_nor_acknowled
     let mut running = a.job.clone();
     running.status = Status::Running;
     running.attempts = 1;
-    assert!(store.save(&a, &running, Step::Start, &policy).await.unwrap());
+    assert!(
+        store
+            .save(&a, &running, Step::Start, &policy)
+            .await
+            .unwrap()
+    );
     // A stalls: once its claim has been idle for the visibility timeout, B takes it over.
     let b = claimed(&store, "b").await;
-    assert_eq!((b.job.id.as_str(), b.entry.as_str()), (submitted.id.as_str(), a.entry.as_str()));
-    assert!(!store.keep(&a).await.unwrap(), "A keeps a claim B took over");
+    assert_eq!(
+        (b.job.id.as_str(), b.entry.as_str()),
+        (submitted.id.as_str(), a.entry.as_str())
+    );
+    assert!(
+        !store.keep(&a).await.unwrap(),
+        "A keeps a claim B took over"
+    );
     assert!(store.keep(&b).await.unwrap());
     // A's writes are refused while B holds the entry...
     let mut stale = running.clone();

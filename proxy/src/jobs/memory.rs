@@ -4,8 +4,7 @@
 
 use super::batch::{KEEP, batch_key, lines_key};
 use super::store::{
-    BatchState, Claim, Created, JobStore, Notice, Notifier, Outcome, Phase, Result, Step,
-    Submitted,
+    BatchState, Claim, Created, JobStore, Notice, Notifier, Outcome, Phase, Result, Step, Submitted,
 };
 use super::{Channel, Delivery, Job, Policy, Status};
 use std::collections::{HashMap, VecDeque};

@@ -603,13 +603,7 @@ impl RedisStore {
 
     async fn load(&self, id: &str) -> Result<Option<Job>> {
         let mut conn = self.conn().await?;
-        let (json, status, seq, cancelled, deliveries): (
-            Option<String>,
-            Option<String>,
-            Option<u64>,
-            Option<u64>,
-            Option<String>,
-        ) = redis::cmd("HMGET")
+        let (json, status, seq, cancelled, deliveries): StoredFields = redis::cmd("HMGET")
             .arg(format!("{JOB}{id}"))
             .arg("job")
             .arg("status")
@@ -823,6 +817,16 @@ fn parse_status(s: &str) -> Option<Status> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
 }
 
+/// A job hash's fields as [`RedisStore::load`] reads them: `job`, `status`, `seq`,
+/// `cancelled`, `deliveries`.
+type StoredFields = (
+    Option<String>,
+    Option<String>,
+    Option<u64>,
+    Option<u64>,
+    Option<String>,
+);
+
 /// `job` as its hash's `job` field holds it: without its deliveries, which the notifications
 /// record in a field of their own.
 fn stored_json(job: &Job) -> Result<String> {
@@ -864,7 +868,12 @@ impl JobStore for RedisStore {
         let until = tokio::time::Instant::now() + wait;
         loop {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
-            let Some(Entry { id: entry, job, seq }) = self.next_entry(consumer, left).await? else {
+            let Some(Entry {
+                id: entry,
+                job,
+                seq,
+            }) = self.next_entry(consumer, left).await?
+            else {
                 if left.is_zero() {
                     return Ok(None);
                 }
@@ -959,11 +968,7 @@ impl JobStore for RedisStore {
         self.load(id).await
     }
 
-    async fn begin_notice(
-        &self,
-        notifier: &Notifier,
-        lease: Duration,
-    ) -> Result<Notice> {
+    async fn begin_notice(&self, notifier: &Notifier, lease: Duration) -> Result<Notice> {
         let mut conn = self.conn().await?;
         let found: Vec<String> = self
             .holds
@@ -986,11 +991,7 @@ impl JobStore for RedisStore {
         })
     }
 
-    async fn renew_notice(
-        &self,
-        notifier: &Notifier,
-        lease: Duration,
-    ) -> Result<bool> {
+    async fn renew_notice(&self, notifier: &Notifier, lease: Duration) -> Result<bool> {
         let ms = lease.as_millis().max(1).to_string();
         self.notice_step(&self.holds.renew, notifier, &[ms]).await
     }

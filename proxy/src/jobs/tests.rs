@@ -475,13 +475,23 @@ async fn a_holder_whose_job_was_queued_again_can_neither_save_nor_acknowledge() 
     let mut dead = old.job.clone();
     dead.status = Status::Failed;
     dead.dead_letter = true;
-    assert!(store.save(&old, &dead, Step::Finish, &policy).await.unwrap());
+    assert!(
+        store
+            .save(&old, &dead, Step::Finish, &policy)
+            .await
+            .unwrap()
+    );
     // Re-driven while A still holds its claim (telling the failure); B runs it again.
     assert_eq!(store.redrive(Some(&submitted.id)).await.unwrap(), 1);
     let new = store.claim("b", Duration::ZERO).await.unwrap().unwrap();
     let mut running = new.job.clone();
     running.status = Status::Running;
-    assert!(store.save(&new, &running, Step::Start, &policy).await.unwrap());
+    assert!(
+        store
+            .save(&new, &running, Step::Start, &policy)
+            .await
+            .unwrap()
+    );
     // A's old claim writes nothing, and its acknowledgement leaves B's claim held.
     let mut stale = old.job.clone();
     stale.status = Status::Retrying;
@@ -494,7 +504,12 @@ async fn a_holder_whose_job_was_queued_again_can_neither_save_nor_acknowledge() 
     assert!(store.keep(&new).await.unwrap());
     let mut done = running.clone();
     done.status = Status::Completed;
-    assert!(store.save(&new, &done, Step::Finish, &policy).await.unwrap());
+    assert!(
+        store
+            .save(&new, &done, Step::Finish, &policy)
+            .await
+            .unwrap()
+    );
     let now = store.get(&submitted.id).await.unwrap().unwrap();
     assert_eq!((now.status, now.redrives), (Status::Completed, 1));
 }
