@@ -8,3 +8,4 @@ pub mod proxy;
 pub mod python;
 pub mod redis;
 pub mod smtp;
+pub mod webhook_sink;

@@ -120,20 +120,35 @@ impl ProxyProcess {
 
     /// Sends SIGTERM (again, if need be) without waiting.
     pub async fn send_sigterm(&self) -> Result<()> {
+        self.signal("-TERM").await
+    }
+
+    /// Stops the process with SIGSTOP, as when its machine stalls: its connections stay open
+    /// and it does nothing until [`ProxyProcess::resume`].
+    pub async fn pause(&self) -> Result<()> {
+        self.signal("-STOP").await
+    }
+
+    /// Continues a paused process (SIGCONT).
+    pub async fn resume(&self) -> Result<()> {
+        self.signal("-CONT").await
+    }
+
+    async fn signal(&self, signal: &str) -> Result<()> {
         let pid = self
             .child
             .id()
             .ok_or_else(|| Error::Setup("floodgate-proxy has already exited".into()))?;
         let sent = tokio::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([signal, &pid.to_string()])
             .status()
             .await
             .map_err(|source| Error::Spawn {
-                command: "kill -TERM floodgate-proxy".into(),
+                command: format!("kill {signal} floodgate-proxy"),
                 source,
             })?;
         if !sent.success() {
-            return Err(Error::Setup(format!("kill -TERM {pid} failed ({sent})")));
+            return Err(Error::Setup(format!("kill {signal} {pid} failed ({sent})")));
         }
         Ok(())
     }

@@ -2,8 +2,8 @@
 //! started here and, for durability, a real redis-server: a job's lifecycle with its event
 //! stream and a signed webhook the receiver verifies; tenant scoping; a job failing three
 //! times lands in the dead letters with its reason and is re-driven to success; a proxy
-//! SIGKILLed while holding jobs loses none (another process completes them, each caller
-//! notified once).
+//! SIGKILLed while holding jobs loses none (another process completes them, each caller's
+//! notification received once, by job and by notification id).
 #![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
 use axum::http::HeaderMap;
@@ -12,6 +12,7 @@ use floodgate_e2e::mock::{Fault, MockConfig, MockProviders, Provider};
 use floodgate_e2e::proxy::ProxyProcess;
 use floodgate_e2e::redis::RedisServer;
 use floodgate_e2e::smtp::{SinkOptions, SmtpSink};
+use floodgate_e2e::webhook_sink::HoldingReceiver;
 use floodgate_proxy::jobs::webhook;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
@@ -329,14 +330,19 @@ async fn finished(http: &reqwest::Client, proxy: &ProxyProcess, id: &str) -> Val
     .await
 }
 
-/// Checks every delivery's signature as a receiver must, and returns the job ids delivered.
+/// [`verified`] over what `got` received.
 fn verified_deliveries(got: &Received) -> Vec<(String, Value)> {
+    verified(&got.lock().unwrap())
+}
+
+/// Checks every delivery's signature as a receiver must, and that its id is its
+/// notification's (`<job id>.<re-drives>`); returns the job id and body of each.
+fn verified(deliveries: &[(HeaderMap, Bytes)]) -> Vec<(String, Value)> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    got.lock()
-        .unwrap()
+    deliveries
         .iter()
         .map(|(headers, body)| {
             let h = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_owned();
@@ -349,8 +355,10 @@ fn verified_deliveries(got: &Received) -> Vec<(String, Value)> {
             );
             assert_eq!(verified, Ok(()), "the webhook's signature verifies");
             let body: Value = serde_json::from_slice(body).unwrap();
-            assert_eq!(body["job"]["id"].as_str().unwrap(), h(webhook::ID_HEADER));
-            (h(webhook::ID_HEADER), body)
+            let job = body["job"]["id"].as_str().unwrap().to_owned();
+            let notice = format!("{job}.{}", body["job"]["redrives"]);
+            assert_eq!(h(webhook::ID_HEADER), notice);
+            (job, body)
         })
         .collect()
 }
@@ -530,6 +538,30 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     })
     .await;
     assert_eq!(kinds, vec![json!("job.failed"), json!("job.completed")]);
+    // Each under its own id: a receiver dropping ids it has seen keeps both.
+    let ids: Vec<String> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(h, _)| h[webhook::ID_HEADER].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, [format!("{id}.0"), format!("{id}.1")]);
+    // Metrics: four attempts waited and ran in tier free, one dead letter, two deliveries.
+    let expected = [
+        "floodgate_jobs_wait_seconds_count{tier=\"free\"} 4",
+        "floodgate_jobs_run_seconds_count{tier=\"free\"} 4",
+        "floodgate_jobs_dead_letters_total 1",
+        "floodgate_jobs_webhook_deliveries_total{outcome=\"delivered\"} 2",
+        "floodgate_jobs_total{state=\"redriven\"} 1",
+    ];
+    until("the job metrics", || async {
+        let text = metrics(http, proxy).await;
+        expected
+            .iter()
+            .all(|l| text.lines().any(|x| x == *l))
+            .then_some(())
+    })
+    .await;
 
     // Purged, the dead letters are gone; the job itself stays readable, failed.
     mock.set_fault(Provider::OpenAi, Fault::Status(500));
@@ -571,9 +603,12 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
 async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_once() {
     let redis = RedisServer::start().await.unwrap();
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    // The receiver sits 3 s on each delivery: A is killed while it notifies.
-    let (hook, got) = slow_receiver(Duration::from_secs(3)).await;
-    let dir = config(&mock, &hook);
+    // The receiver holds each delivery 3 s before its 200: A is killed while it notifies,
+    // and what A sent then is abandoned (A never got the 200), not received.
+    let receiver = HoldingReceiver::start(Duration::from_secs(3))
+        .await
+        .unwrap();
+    let dir = config(&mock, receiver.url());
     let url = redis.url();
     let shared = ["--redis", url.as_str(), "--job-visibility-ms", "1000"];
     let mut args_a = shared.to_vec();
@@ -581,7 +616,7 @@ async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_on
     let a = start(&dir, &args_a).await;
     let http = reqwest::Client::new();
 
-    // Twelve slow jobs: A's four workers run four, notify of them (the receiver has the
+    // Twelve slow jobs: A's four workers run four, notify of them (the receiver holds the
     // deliveries, unanswered) and run four more.
     let mut ids = Vec::new();
     for i in 0..12 {
@@ -597,7 +632,7 @@ async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_on
                     running += 1;
                 }
             }
-            (running == 4 && got.lock().unwrap().len() == 4).then_some(())
+            (running == 4 && receiver.holding() == 4).then_some(())
         },
     )
     .await;
@@ -608,27 +643,156 @@ async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_on
         let done = finished(&http, &b, id).await;
         assert_eq!(done["status"], "completed", "{done}");
     }
-    // Every caller told exactly once: the four A was telling when it died are not told
-    // again by B, which reclaims their entries.
-    let delivered = until("twelve webhooks", || async {
-        let d = verified_deliveries(&got);
-        (d.len() >= 12).then_some(d)
+    // Past every lease: nothing queued, held or waiting for a retry, so nothing is left that
+    // could send a notification again (only a claim's holder sends one).
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    until("every job told and every claim acknowledged", || {
+        let mut conn = conn.clone();
+        let answered = receiver.answered().len();
+        async move {
+            let (queued, held, delayed): (u64, Vec<redis::Value>, u64) = redis::pipe()
+                .cmd("XLEN")
+                .arg("floodgate:{jobs}:queue")
+                .cmd("XPENDING")
+                .arg("floodgate:{jobs}:queue")
+                .arg("workers")
+                .cmd("ZCARD")
+                .arg("floodgate:{jobs}:delayed")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let none_held = matches!(held.first(), Some(redis::Value::Int(0)));
+            (queued == 0 && none_held && delayed == 0 && answered >= 12).then_some(())
+        }
     })
     .await;
+
+    // Each job's notification received exactly once, by job and by notification id.
+    let answered = receiver.answered();
     let mut per_job: HashMap<String, usize> = HashMap::new();
-    for (id, _) in &delivered {
-        *per_job.entry(id.clone()).or_default() += 1;
+    for (job, _) in verified(&answered) {
+        *per_job.entry(job).or_default() += 1;
     }
+    let notice = |d: &(HeaderMap, Bytes)| d.0[webhook::ID_HEADER].to_str().unwrap().to_owned();
+    let mut per_notice: HashMap<String, usize> = HashMap::new();
+    for d in &answered {
+        *per_notice.entry(notice(d)).or_default() += 1;
+    }
+    assert_eq!(answered.len(), 12, "{per_job:?}");
     assert_eq!(per_job.len(), 12);
-    assert!(per_job.values().all(|n| *n == 1), "{per_job:?}");
-    let log = b.log();
-    assert!(log.iter().any(|l| l.contains("reclaimed a job")));
-    let suppressed = log.iter().filter(|l| l.contains("not told again")).count();
     assert!(
-        suppressed >= 4,
-        "B skipped A's four notifications: {suppressed}"
+        ids.iter().all(|id| per_job.get(id) == Some(&1)),
+        "{per_job:?}"
     );
+    assert_eq!(per_notice.len(), 12, "{per_notice:?}");
+    // The four A was sending when it died: sent again by B, under the same ids.
+    let abandoned = receiver.abandoned();
+    assert_eq!(abandoned.len(), 4);
+    for d in &abandoned {
+        assert_eq!(per_notice.get(&notice(d)), Some(&1), "{}", notice(d));
+    }
+    assert!(b.log().iter().any(|l| l.contains("reclaimed a job")));
     b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_queued_jobs_event_stream_tells_its_position_as_the_jobs_before_it_start() {
+    let gw = Gateway::start(&["--job-workers", "1"]).await;
+    let (proxy, http) = (&gw.proxy, &gw.http);
+    // One worker, three jobs of 2 s: the third waits behind the other two.
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(submit_id(http, proxy, ACME, &job("slow-2000", &format!("queued {i}"))).await);
+    }
+    let events = http
+        .get(proxy.url(&format!("/v1/jobs/{}/events", ids[2])))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .unwrap();
+    let (names, body) = event_names(events).await;
+    // Each event's data, in order.
+    let data: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let positions: Vec<u64> = names
+        .iter()
+        .zip(&data)
+        .filter(|(n, _)| *n == "position")
+        .map(|(_, d)| d["position"].as_u64().unwrap())
+        .collect();
+    // Behind two, then one (the first started when it was submitted, or just after).
+    assert_eq!(positions.last(), Some(&0), "{body}");
+    assert!(positions.windows(2).all(|w| w[0] > w[1]), "{body}");
+    assert!(positions.len() >= 2, "{body}");
+    let last_position = names.iter().rposition(|n| n == "position").unwrap();
+    let started = names.iter().position(|n| n == "started").unwrap();
+    assert!(last_position < started, "{body}");
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("completed"),
+        "{body}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_replica_whose_job_another_finished_tells_the_caller_that_one_did_not() {
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let receiver = HoldingReceiver::start(Duration::from_secs(3))
+        .await
+        .unwrap();
+    let dir = config(&mock, receiver.url());
+    let url = redis.url();
+    let shared = [
+        "--redis",
+        url.as_str(),
+        "--job-visibility-ms",
+        "1000",
+        "--job-workers",
+        "1",
+    ];
+    let a = start(&dir, &shared).await;
+    let http = reqwest::Client::new();
+    let id = submit_id(&http, &a, ACME, &job("slow-2000", "stalled")).await;
+    until("A to run the job", || async {
+        (get(&http, &a, ACME, &id).await.1["status"] == "running").then_some(())
+    })
+    .await;
+    // A stalls mid-attempt; B takes the job over, finishes it and begins to tell it: killed.
+    a.pause().await.unwrap();
+    let b = start(&dir, &shared).await;
+    until("B to tell the job", || async {
+        (receiver.holding() == 1).then_some(())
+    })
+    .await;
+    b.stop().await.unwrap(); // SIGKILL
+    a.resume().await.unwrap();
+    // A's attempt ends and its write is refused (B finished the job); B's notification was
+    // never answered, so A tells it, once B's lease has lapsed.
+    let told = until("the caller to be told", || async {
+        let answered = receiver.answered();
+        (!answered.is_empty()).then_some(answered)
+    })
+    .await;
+    let told = verified(&told);
+    assert_eq!(told.len(), 1);
+    assert_eq!(
+        (told[0].0.as_str(), &told[0].1["type"]),
+        (id.as_str(), &json!("job.completed"))
+    );
+    let abandoned = receiver.abandoned();
+    assert_eq!(abandoned.len(), 1);
+    assert_eq!(
+        abandoned[0].0[webhook::ID_HEADER],
+        format!("{id}.0").as_str(),
+        "B's abandoned delivery had the same id"
+    );
+    a.stop().await.unwrap();
 }
 
 /// The jobs bench (`cargo test -p floodgate-e2e --test jobs_api -- --ignored --nocapture`):
@@ -764,6 +928,8 @@ async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
         ACME.to_owned(),
         "--model".to_owned(),
         "smart".to_owned(),
+        "--cancel-model".to_owned(),
+        "slow-2000".to_owned(),
     ];
     let output =
         floodgate_e2e::python::run_script("openai_batch_check.py", &args, Duration::from_secs(120))
@@ -778,6 +944,17 @@ async fn the_openai_sdk_runs_a_batch_whose_lines_different_providers_answer() {
     let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["status"], "completed");
     assert_eq!(summary["completed"], 6);
+    // Cancelled through the SDK: its lines cancelled, it ends cancelled.
+    let cancel = &summary["cancel"];
+    assert!(
+        matches!(cancel["asked"].as_str(), Some("cancelling" | "cancelled")),
+        "{stdout}"
+    );
+    assert_eq!(
+        (&cancel["ended"], &cancel["total"]),
+        (&json!("cancelled"), &json!(3)),
+        "{stdout}"
+    );
     // Each line was a job of its own, run in the batch tier, answered by both providers.
     let http = reqwest::Client::new();
     let mut providers = std::collections::BTreeSet::new();
@@ -1353,6 +1530,13 @@ async fn a_job_asking_for_email_gets_one_over_starttls_naming_its_id_and_outcome
     assert!(
         mail.data
             .contains(&format!("Job: {id}\r\nOutcome: completed")),
+        "{}",
+        mail.data
+    );
+    // The notification's own Message-ID: the same on any re-send, so a duplicate can be dropped.
+    assert!(
+        mail.data
+            .contains(&format!("Message-ID: <{id}.0@example.com>\r\n")),
         "{}",
         mail.data
     );

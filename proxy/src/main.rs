@@ -142,8 +142,9 @@ struct Args {
     #[arg(long, env = "FLOODGATE_JOB_WORKERS", default_value_t = 4)]
     job_workers: usize,
     /// With --redis: how long a job's claim may go without being kept alive before another
-    /// replica takes the job over (its holder died), in milliseconds. A running job's claim is
-    /// kept alive every third of it.
+    /// replica takes the job over (its holder died), in milliseconds; also the lease on a
+    /// job's notification, after which another replica sends what was not recorded as
+    /// delivered. Both are kept alive every third of it.
     #[arg(long, env = "FLOODGATE_JOB_VISIBILITY_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(300..))]
     job_visibility_ms: u64,
@@ -529,7 +530,7 @@ async fn start_jobs(
             .build()
             .context("cannot build the webhook client")?,
         consumer: format!("{}-{}", hostname(), std::process::id()),
-        keep_every: visibility / 3,
+        visibility,
         tasks: tasks.clone(),
         cancel: cancel.clone(),
         notifying: Arc::new(tokio::sync::Semaphore::new(jobs::worker::MAX_NOTIFYING)),

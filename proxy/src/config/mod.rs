@@ -319,6 +319,14 @@ impl Config {
                         "TierQueue/{name}: spec.tiers[{i}].async.email.to is set, but async.notify does not list email: nobody is emailed there"
                     ));
                 }
+                if a.webhook
+                    .as_ref()
+                    .is_some_and(|w| w.signing_secret_ref.is_none())
+                {
+                    out.push(format!(
+                        "TierQueue/{name}: spec.tiers[{i}].async.webhook has no signingSecretRef: its webhooks go out unsigned (no floodgate-webhook-signature header), so a receiver cannot tell them from forged ones"
+                    ));
+                }
             }
         }
         if let Some(cp) = &self.cache_policy {

@@ -466,3 +466,34 @@ fn a_tiers_own_email_recipient_is_validated_and_its_use_is_said() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn a_tier_webhook_without_a_signing_secret_is_said_to_go_out_unsigned() {
+    let tier = |webhook: &str| {
+        format!(
+            "apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {{name: tiers}}\nspec:\n  tiers:\n  - name: free\n    class: batch\n    maxWaitMs: 1000\n    batch: {{size: 1, intervalSeconds: 1}}\n    async: {{notify: [webhook], webhook: {webhook}}}\n"
+        )
+    };
+    let load_tier = |yaml: &str| {
+        let dir = dir_with(&[("pool.yaml", POOL), ("s.yaml", SECRET), ("t.yaml", yaml)]);
+        load(&dir).unwrap()
+    };
+    // Signed: nothing to say.
+    let signed = load_tier(&tier(
+        "{url: \"https://hooks.example.com/x\", signingSecretRef: {name: keys, key: openai2}}",
+    ));
+    assert!(
+        signed.not_acted_on().is_empty(),
+        "{:?}",
+        signed.not_acted_on()
+    );
+    // Unsigned: said, naming the tier's field.
+    let unsigned = load_tier(&tier("{url: \"https://hooks.example.com/x\"}"));
+    let notes = unsigned.not_acted_on();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains("spec.tiers[0].async.webhook has no signingSecretRef")
+            && notes[0].contains("unsigned"),
+        "{notes:?}"
+    );
+}

@@ -231,18 +231,19 @@ pub async fn save_file(store: &impl JobStore, file: &StoredFile) -> Result<()> {
 }
 
 /// Stores batch `stored` (in progress, its `lines` given) and queues `jobs`, its lines, in
-/// one store step: all of it or, on a failure, none. Its window ends `window` from now. The
-/// jobs as queued.
+/// one store step: all of it or, on a failure or past `bound` (the tenant's pending jobs,
+/// its lines counted; 0: none), none. Its window ends `window` from now.
 pub async fn create(
     store: &impl JobStore,
     mut stored: StoredBatch,
     jobs: Vec<Job>,
     window: Duration,
-) -> Result<Vec<Job>> {
+    bound: u64,
+) -> Result<super::Created> {
     let lines = serde_json::to_string(&std::mem::take(&mut stored.lines))?;
     let record = serde_json::to_string(&stored)?;
     store
-        .create_batch(&stored.batch.id, record, lines, jobs, window)
+        .create_batch(&stored.batch.id, record, lines, jobs, window, bound)
         .await
 }
 

@@ -39,7 +39,11 @@ async fn created(store: &MemoryStore, custom_ids: &[&str], window: Duration) -> 
             .collect(),
         file_ids: Some(("file-out".to_owned(), "file-err".to_owned())),
     };
-    create(store, stored, jobs, window).await.unwrap()
+    create(store, stored, jobs, window, 0)
+        .await
+        .unwrap()
+        .queued()
+        .unwrap()
 }
 
 /// Claims the next line and writes it over as `status` (an answer, or an error); `false` if

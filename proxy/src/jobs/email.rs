@@ -8,7 +8,9 @@
 //!
 //! The message: subject `[floodgate] job <id> completed` (or `failed`, `cancelled`), a plain
 //! text body with the job's id, outcome, attempts, the error of a failed job, and the JSON of
-//! the job as `GET /v1/jobs/{id}` shows it.
+//! the job as `GET /v1/jobs/{id}` shows it. Its `Message-ID` is fixed by the notification
+//! ([`message_id`]): every try, and a re-send by the replica that took the job over, carry
+//! the same one, so a mail system or reader can drop the duplicate.
 //!
 //! Every try is recorded on the job (`deliveries`, channel `email`): `delivered`,
 //! `smtp_<code>` (the server refused, e.g. `smtp_535` for bad credentials), or `error` (no
@@ -124,6 +126,12 @@ pub fn message_text(job: &Job) -> (String, String) {
     (subject, text)
 }
 
+/// The `Message-ID` of `job`'s notification sent from `from`: `<` [`Job::notice_id`] `@`
+/// the sender's domain `>`.
+pub fn message_id(job: &Job, from: &Mailbox) -> String {
+    format!("<{}@{}>", job.notice_id(), from.email.domain())
+}
+
 /// Emails `job`'s outcome to `to` through `smtp`, retrying every failure on `backoff`; every
 /// try, in order.
 pub async fn deliver(smtp: &Smtp, to: &str, backoff: Backoff, job: &Job) -> Vec<Delivery> {
@@ -131,6 +139,7 @@ pub async fn deliver(smtp: &Smtp, to: &str, backoff: Backoff, job: &Job) -> Vec<
     let (subject, text) = message_text(job);
     let message = match (smtp.from.parse::<Mailbox>(), to.parse::<Mailbox>()) {
         (Ok(from), Ok(to)) => Message::builder()
+            .message_id(Some(message_id(job, &from)))
             .from(from)
             .to(to)
             .subject(subject)
@@ -231,6 +240,17 @@ mod tests {
         });
         let (subject, text) = message_text(&job);
         assert_eq!(subject, format!("[floodgate] job {} failed", job.id));
+        // One Message-ID per notification: a re-driven job's next outcome has another.
+        let from: Mailbox = "Floodgate <floodgate@example.com>".parse().unwrap();
+        assert_eq!(
+            message_id(&job, &from),
+            format!("<{}.0@example.com>", job.id)
+        );
+        job.reset();
+        assert_eq!(
+            message_id(&job, &from),
+            format!("<{}.1@example.com>", job.id)
+        );
         assert!(text.contains("Outcome: failed\nAttempts: 3\nError: boom (upstream_server_error)"));
     }
 }

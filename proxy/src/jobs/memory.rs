@@ -3,9 +3,11 @@
 //! job, pending or finished: run with `--redis` for work that must survive one.
 
 use super::batch::{KEEP, batch_key, lines_key};
-use super::store::{BatchState, Claim, JobStore, Outcome, Phase, Result, Step, Submitted};
-use super::{Job, Policy, Status};
-use std::collections::{HashMap, HashSet, VecDeque};
+use super::store::{
+    BatchState, Claim, Created, JobStore, Notice, Notifier, Outcome, Phase, Result, Step, Submitted,
+};
+use super::{Channel, Delivery, Job, Policy, Status};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -28,10 +30,11 @@ struct Inner {
     delayed: Vec<(Instant, String)>,
     /// Dead letters: id and when it died.
     dead: Vec<(String, Instant)>,
-    /// Jobs whose caller has been (or is being) notified: id -> lease end (`None`: for good).
-    reported: HashMap<String, Option<Instant>>,
-    /// Jobs held by a worker.
-    claimed: HashSet<String>,
+    /// Notifications of jobs' outcomes being told, or told: job id -> where it stands.
+    notices: HashMap<String, Told>,
+    /// Jobs held by a worker: id -> the seq of the entry held (a job queued again since has
+    /// a newer one, and the older claim is no longer its holder's).
+    claimed: HashMap<String, u64>,
     /// Jobs not over yet per (tier, tenant).
     pending: HashMap<(String, String), u64>,
     /// Batches running ([`JobStore::create_batch`]) until they are closed.
@@ -55,6 +58,33 @@ struct Run {
     deadline: Instant,
     /// When [`JobStore::due_batches`] lists it.
     due: Instant,
+}
+
+/// Where one job's notification stands (for its current round).
+#[derive(Debug, Default)]
+struct Told {
+    /// The round (the job's re-drives) it is about.
+    round: u32,
+    /// Who holds the lease (token) and until when.
+    holder: Option<(String, Instant)>,
+    /// The channels whose delivery is recorded.
+    webhook: bool,
+    email: bool,
+    /// Every channel wanted is recorded.
+    done: bool,
+}
+
+impl Told {
+    /// Whether `notifier` holds this lease (its round, its token; lapsed or not, as long as
+    /// nobody took it over).
+    fn held_by(&self, notifier: &Notifier) -> bool {
+        !self.done
+            && self.round == notifier.round
+            && self
+                .holder
+                .as_ref()
+                .is_some_and(|(token, _)| *token == notifier.token)
+    }
 }
 
 #[derive(Debug)]
@@ -120,14 +150,38 @@ impl Inner {
         }
     }
 
-    /// Forgets jobs past their TTL, and with them their dead letters and "reported" marks
-    /// (a mark whose lease still runs is kept).
+    /// Forgets jobs past their TTL, and with them their dead letters and notification
+    /// marks.
     fn forget_expired(&mut self, now: Instant) {
         self.jobs.retain(|_, s| s.expires.is_none_or(|e| e > now));
         let jobs = &self.jobs;
-        self.reported
-            .retain(|id, lease| jobs.contains_key(id) || lease.is_some_and(|until| until > now));
+        self.notices.retain(|id, _| jobs.contains_key(id));
         self.dead.retain(|(id, _)| jobs.contains_key(id));
+    }
+
+    /// The notification of `notifier`'s job in its round, if the job is kept and still in
+    /// that round.
+    fn notice(&mut self, notifier: &Notifier) -> std::result::Result<&mut Told, Notice> {
+        let job = self.jobs.get(&notifier.job).ok_or(Notice::Done)?;
+        if job.job.redrives != notifier.round {
+            return Err(Notice::Stale);
+        }
+        let told = self.notices.entry(notifier.job.clone()).or_default();
+        if told.round != notifier.round {
+            *told = Told {
+                round: notifier.round,
+                ..Told::default()
+            };
+        }
+        Ok(told)
+    }
+}
+
+impl Inner {
+    /// Whether `claim` is still its holder's: the job's latest entry, not acknowledged.
+    fn holds(&self, claim: &Claim) -> bool {
+        let seq = claim.entry.parse::<u64>().ok();
+        seq.is_some() && self.claimed.get(&claim.job.id).copied() == seq
     }
 }
 
@@ -137,10 +191,16 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// How many "reported" marks are kept (bounded by the jobs kept).
+    /// How many notification marks are kept (bounded by the jobs kept).
     #[cfg(test)]
     pub(crate) fn reported_marks(&self) -> usize {
-        self.lock().reported.len()
+        self.lock().notices.len()
+    }
+
+    /// How many dead letters are kept, unread.
+    #[cfg(test)]
+    pub(crate) fn dead_kept(&self) -> usize {
+        self.lock().dead.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -192,7 +252,7 @@ impl JobStore for MemoryStore {
         Ok(job.seq.saturating_sub(inner.delivered + 1))
     }
 
-    async fn claim(&self, _consumer: &str, wait: Duration) -> Result<Option<Claim>> {
+    async fn claim(&self, consumer: &str, wait: Duration) -> Result<Option<Claim>> {
         let until = Instant::now() + wait;
         loop {
             let notified = self.ready.notified();
@@ -210,8 +270,12 @@ impl JobStore for MemoryStore {
                         continue;
                     }
                     let job = stored.job.clone();
-                    inner.claimed.insert(id.clone());
-                    return Ok(Some(Claim { job, entry: id }));
+                    inner.claimed.insert(id, seq);
+                    return Ok(Some(Claim {
+                        job,
+                        entry: seq.to_string(),
+                        consumer: consumer.to_owned(),
+                    }));
                 }
                 inner.delayed.iter().map(|(at, _)| *at).min()
             };
@@ -227,24 +291,29 @@ impl JobStore for MemoryStore {
         }
     }
 
-    async fn keep(&self, _claim: &Claim, _consumer: &str) -> Result<()> {
-        Ok(())
+    async fn keep(&self, claim: &Claim) -> Result<bool> {
+        Ok(self.lock().holds(claim))
     }
 
-    async fn save(&self, _claim: &Claim, job: &Job, step: Step, policy: &Policy) -> Result<bool> {
+    async fn save(&self, claim: &Claim, job: &Job, step: Step, policy: &Policy) -> Result<bool> {
         let now = Instant::now();
         {
             let mut guard = self.lock();
             let inner = &mut *guard;
+            let owned = inner.holds(claim);
             let Some(stored) = inner.jobs.get_mut(&job.id) else {
                 return Ok(false);
             };
             // Over already (cancelled, or finished by a holder whose claim this one
-            // outlived): never reopened.
-            if stored.job.status.is_terminal() {
+            // outlived): never reopened. Nor written by a holder whose job was queued again
+            // (re-driven) since its claim.
+            if stored.job.status.is_terminal() || !owned {
                 return Ok(false);
             }
+            // The deliveries are the notifications' own (recorded by `record_notice`).
+            let deliveries = std::mem::take(&mut stored.job.deliveries);
             stored.job = job.clone();
+            stored.job.deliveries = deliveries;
             match step {
                 Step::Start => {}
                 Step::Retry { delay } => {
@@ -255,6 +324,8 @@ impl JobStore for MemoryStore {
                     let kept = policy.kept(job);
                     stored.expires = Some(now + kept);
                     if job.dead_letter {
+                        // Trimmed as it grows, not only when listed.
+                        inner.dead.retain(|(_, at)| *at + policy.retention > now);
                         inner.dead.push((job.id.clone(), now));
                     }
                     inner.pending_down(job);
@@ -269,7 +340,10 @@ impl JobStore for MemoryStore {
     }
 
     async fn ack(&self, claim: &Claim) -> Result<()> {
-        self.lock().claimed.remove(&claim.entry);
+        let mut inner = self.lock();
+        if inner.holds(claim) {
+            inner.claimed.remove(&claim.job.id);
+        }
         Ok(())
     }
 
@@ -295,37 +369,80 @@ impl JobStore for MemoryStore {
         let waiting = inner.delayed.len();
         inner.delayed.retain(|(_, d)| d != id);
         if inner.delayed.len() < waiting {
-            inner.enqueue(id);
+            let seq = inner.enqueue(id);
+            if let Some(stored) = inner.jobs.get_mut(id) {
+                stored.job.seq = seq;
+            }
             drop(inner);
             self.ready.notify_one();
         }
         Ok(Some(job))
     }
 
-    async fn begin_report(&self, id: &str, lease: Duration) -> Result<bool> {
+    async fn begin_notice(&self, notifier: &Notifier, lease: Duration) -> Result<Notice> {
         let now = Instant::now();
         let mut inner = self.lock();
-        match inner.reported.get(id) {
-            Some(None) => Ok(false),
-            Some(Some(until)) if *until > now => Ok(false),
-            _ => {
-                inner.reported.insert(id.to_owned(), Some(now + lease));
+        let told = match inner.notice(notifier) {
+            Ok(told) => told,
+            Err(found) => return Ok(found),
+        };
+        if told.done {
+            return Ok(Notice::Done);
+        }
+        if let Some((token, until)) = &told.holder
+            && *token != notifier.token
+            && *until > now
+        {
+            return Ok(Notice::Busy);
+        }
+        told.holder = Some((notifier.token.clone(), now + lease));
+        Ok(Notice::Granted {
+            webhook: told.webhook,
+            email: told.email,
+        })
+    }
+
+    async fn renew_notice(&self, notifier: &Notifier, lease: Duration) -> Result<bool> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        match inner.notice(notifier) {
+            Ok(told) if told.held_by(notifier) => {
+                told.holder = Some((notifier.token.clone(), now + lease));
                 Ok(true)
             }
+            _ => Ok(false),
         }
     }
 
-    async fn reported(&self, id: &str) -> Result<bool> {
-        Ok(matches!(self.lock().reported.get(id), Some(None)))
-    }
-
-    async fn end_report(&self, job: &Job, _policy: &Policy) -> Result<()> {
-        let mut inner = self.lock();
-        inner.reported.insert(job.id.clone(), None);
-        if let Some(stored) = inner.jobs.get_mut(&job.id) {
-            stored.job.deliveries = job.deliveries.clone();
+    async fn record_notice(
+        &self,
+        notifier: &Notifier,
+        channel: Channel,
+        tries: &[Delivery],
+        wanted: &[Channel],
+    ) -> Result<bool> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let told = match inner.notice(notifier) {
+            Ok(told) if told.held_by(notifier) => told,
+            _ => return Ok(false),
+        };
+        match channel {
+            Channel::Webhook => told.webhook = true,
+            Channel::Email => told.email = true,
         }
-        Ok(())
+        let (webhook, email) = (told.webhook, told.email);
+        if wanted.iter().all(|c| match c {
+            Channel::Webhook => webhook,
+            Channel::Email => email,
+        }) {
+            told.done = true;
+            told.holder = None;
+        }
+        if let Some(stored) = inner.jobs.get_mut(&notifier.job) {
+            stored.job.deliveries.extend_from_slice(tries);
+        }
+        Ok(true)
     }
 
     async fn dead_letters(&self, retention: Duration) -> Result<Vec<Job>> {
@@ -350,7 +467,7 @@ impl JobStore for MemoryStore {
                     continue;
                 }
                 let seq = inner.enqueue(&dead_id);
-                inner.reported.remove(&dead_id);
+                inner.notices.remove(&dead_id);
                 if let Some(stored) = inner.jobs.get_mut(&dead_id) {
                     stored.job.reset();
                     stored.job.seq = seq;
@@ -401,11 +518,19 @@ impl JobStore for MemoryStore {
         lines: String,
         jobs: Vec<Job>,
         window: Duration,
-    ) -> Result<Vec<Job>> {
+        bound: u64,
+    ) -> Result<Created> {
         let now = Instant::now();
         let queued = {
             let mut inner = self.lock();
             inner.forget_expired(now);
+            if let Some(first) = jobs.first() {
+                let pending = inner.pending.get(&first.pending_key()).copied();
+                let pending = pending.unwrap_or(0);
+                if bound > 0 && pending + jobs.len() as u64 > bound {
+                    return Ok(Created::Full { pending });
+                }
+            }
             // The record outlives the window, so the batch can still be ended at its end.
             let until = now + window + KEEP;
             inner.kv.insert(batch_key(id), (record, until));
@@ -447,7 +572,7 @@ impl JobStore for MemoryStore {
         };
         self.ready.notify_waiters();
         self.ready.notify_one();
-        Ok(queued)
+        Ok(Created::Queued(queued))
     }
 
     async fn batch(&self, id: &str) -> Result<Option<(String, Option<BatchState>)>> {

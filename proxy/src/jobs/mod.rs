@@ -12,9 +12,15 @@
 //! - [`webhook`]: the signed notification sent when a job completes or finally fails;
 //!   [`email`]: the same news by email (SMTP with STARTTLS).
 //!
-//! Work is done at least once and reported once: a job's outcome is written before its
-//! queue entry is acknowledged, and its notification is sent by whoever first takes the
-//! job's "reported" mark (`SET NX` in Redis), which is made permanent only after delivery.
+//! Work is done at least once; its outcome is written before its queue entry is
+//! acknowledged. Each outcome is one *notification* ([`Job::notice_id`]: the job id and its
+//! re-drive count), sent by whoever holds its lease ([`store::Notifier`], renewed while it
+//! sends; a holder presumed dead is replaced once the lease lapses). A channel whose delivery
+//! was recorded (a 2xx, a mail accepted, or its tries spent) is never sent again; the lease
+//! is fenced by its holder's token, so a stale holder can neither record nor send over the
+//! one that replaced it. The one duplicate left is a holder killed between the receiver's
+//! answer and the record: the next holder sends it again with the same id, by which the
+//! receiver drops it.
 
 pub mod address;
 pub mod batch;
@@ -27,7 +33,9 @@ pub mod store;
 pub mod webhook;
 pub mod worker;
 
-pub use store::{BatchState, Claim, JobStore, Outcome, Phase, Step, Store, StoreError, Submitted};
+pub use store::{
+    BatchState, Claim, Created, JobStore, Outcome, Phase, Step, Store, StoreError, Submitted,
+};
 
 use crate::config::Config;
 use serde::{Deserialize, Serialize};
@@ -127,6 +135,16 @@ pub enum Channel {
     Email,
 }
 
+impl Channel {
+    /// Its name (in delivery records and the store).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Webhook => "webhook",
+            Channel::Email => "email",
+        }
+    }
+}
+
 /// One notification try (webhook or email).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delivery {
@@ -204,6 +222,10 @@ pub struct Job {
     /// line is over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<String>,
+    /// Times it was re-driven from the dead letters: each run to an end is notified under
+    /// its own id ([`Job::notice_id`]).
+    #[serde(default)]
+    pub redrives: u32,
 }
 
 /// The most times a job waits for capacity without spending an attempt: at most a minute
@@ -236,7 +258,17 @@ impl Job {
             deferrals: 0,
             seq: 0,
             batch: None,
+            redrives: 0,
         }
+    }
+
+    /// The id of the notification of this job's current outcome: `<job id>.<re-drives>`
+    /// (`job_….0` for the first; a re-driven job's next outcome is `.1`, and so on). The
+    /// webhook sends it as `floodgate-webhook-id` and the email's `Message-ID` is made from
+    /// it, the same on every try and on a re-send by another replica: a receiver drops a
+    /// notification whose id it has seen.
+    pub fn notice_id(&self) -> String {
+        format!("{}.{}", self.id, self.redrives)
     }
 
     /// Its (tier, tenant) pair, as the pending counts key it (the tenant `""` when the
@@ -251,8 +283,10 @@ impl Job {
         self.tenant.as_deref() == tenant
     }
 
-    /// Back to the queue with its attempts reset (a re-drive from the dead letters).
+    /// Back to the queue with its attempts reset (a re-drive from the dead letters); its next
+    /// outcome is a new notification.
     pub fn reset(&mut self) {
+        self.redrives += 1;
         self.status = Status::Queued;
         self.attempts = 0;
         self.dead_letter = false;

@@ -6,8 +6,8 @@
 //! | `floodgate:{jobs}:queue` | stream, group `workers` | one entry per queued attempt: `id`, `seq` |
 //! | `floodgate:{jobs}:delayed` | sorted set | retries, scored by when they are due (Unix ms) |
 //! | `floodgate:{jobs}:dead` | stream | dead letters: `id`; trimmed by retention (`MINID`) |
-//! | `floodgate:{jobs}:job:<id>` | hash | `job` (JSON), `status`, `seq`, `cancelled` (Unix ms) |
-//! | `floodgate:{jobs}:reported:<id>` | string | who notifies (a lease), then `done` |
+//! | `floodgate:{jobs}:job:<id>` | hash | `job` (JSON, without its deliveries), `status`, `seq`, `cancelled` (Unix ms); its notification: `round` (re-drives), `notifier` (the lease holder's token), `notify_until` (Unix ms, Redis's clock), `told_webhook`, `told_email` (a channel's delivery recorded), `told` (every channel), `deliveries` (JSON array, every try recorded) |
+//! | `floodgate:{jobs}:reported:<id>` | string | written by earlier versions (`done`: told); still honoured |
 //! | `floodgate:{jobs}:seq`, `:delivered` | counters | the queue's order, for positions |
 //! | `floodgate:{jobs}:pending` | hash | jobs not over yet per `<tier>\t<tenant>` (field `pending` of a job names its own) |
 //! | `floodgate:{jobs}:batches` | hash | each running batch's state: field `<id>` its lines not over yet, `<id>:status` (`in_progress`, `cancelling`, `finalizing`), `<id>:outcome`, `:total`, `:completed`, `:failed`, `:expires` (Unix ms), `:cancelling_at`, `:finalizing_at`; dropped when it is closed (field `batch` of a job names its batch) |
@@ -20,14 +20,22 @@
 //! time resets the idle time). A job's outcome is written (script `SAVE`) before its entry is
 //! acknowledged (`XACK`, `XDEL`); a retry is written, scheduled and acknowledged in one
 //! script. A worker that claims an entry whose job is already over (its previous holder
-//! died after writing it) only notifies, if nobody has, and acknowledges.
+//! died after writing it) only notifies, if nobody has, and acknowledges. Keeping, saving and
+//! acknowledging check first (`XPENDING`) that the entry is still the caller's: a holder
+//! whose claim was taken over changes nothing.
+//!
+//! A notification's lease lives in the job's hash (`notifier`, `notify_until`), taken,
+//! renewed and recorded by scripts that check the holder's token and the job's `round`, with
+//! Redis's own clock (`TIME`), so replicas' clocks do not matter.
 //!
 //! `status` is a field of its own so that a cancel (from any replica) changes it atomically
 //! and `SAVE` refuses to write over it.
 
 use super::batch::{KEEP, batch_key, lines_key};
-use super::store::{BatchState, Claim, JobStore, Phase, Result, Step, Submitted};
-use super::{Job, Policy, Status};
+use super::store::{
+    BatchState, Claim, Created, JobStore, Notice, Notifier, Phase, Result, Step, Submitted,
+};
+use super::{Channel, Delivery, Job, Policy, Status};
 use crate::secret::SecretString;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Value};
@@ -79,10 +87,16 @@ end
 /// Creates a batch whole, in one step: its record and lines list (KEYS[6], KEYS[7], for
 /// ARGV[4] seconds), its state (every line left, due at its window's end ARGV[5]), and each
 /// line's job (KEYS[9..], ARGV[7..] in pairs of id and JSON) queued as `ENQUEUE` queues it,
-/// all counted in ARGV[6] of the pending counts. Returns `{first seq, delivered}`: the lines'
-/// seqs follow each other.
+/// all counted in ARGV[6] of the pending counts, unless the last ARGV, a bound (> 0), would
+/// be passed. Returns `{first seq, delivered}` (the lines' seqs follow each other), or
+/// `{0, pending}` when refused.
 const CREATE_BATCH: &str = r"
 local id, n = ARGV[1], #KEYS - 8
+local bound = tonumber(ARGV[#ARGV])
+if bound > 0 then
+  local pending = tonumber(redis.call('HGET', KEYS[3], ARGV[6]) or '0')
+  if pending + n > bound then return {0, pending} end
+end
 redis.call('SET', KEYS[6], ARGV[2], 'EX', ARGV[4])
 redis.call('SET', KEYS[7], ARGV[3], 'EX', ARGV[4])
 redis.call('HSET', KEYS[4], id, n, id .. ':status', 'in_progress', id .. ':total', n,
@@ -235,13 +249,15 @@ return 1
 ";
 
 /// Writes a claimed job unless it is over already (cancelled, or finished by another holder
-/// whose claim this one outlived), and does the step: `retry` schedules it and acknowledges
-/// its entry; `finish` sets its TTL, dead-letters it if asked, and counts it over in its
-/// batch (KEYS[6], KEYS[7]; ARGV[9] the lease of the worker that ends the batch). A finished
-/// job is never reopened.
+/// whose claim this one outlived) or its entry (ARGV[4]) is no longer the caller's (ARGV[10]:
+/// taken over), and does the step: `retry` schedules it and acknowledges its entry; `finish`
+/// sets its TTL, dead-letters it if asked (the dead letters trimmed to those younger than
+/// ARGV[11] ms, by Redis's clock, as entry ids are), and counts it over in its batch (KEYS[6], KEYS[7]; ARGV[9] the lease of the
+/// worker that ends the batch). A finished job is never reopened.
 const SAVE: &str = r"
 local current = redis.call('HGET', KEYS[1], 'status')
 if current == 'cancelled' or current == 'completed' or current == 'failed' then return 0 end
+if not owns(KEYS[2], ARGV[4], ARGV[10]) then return 0 end
 redis.call('HSET', KEYS[1], 'job', ARGV[1], 'status', ARGV[2])
 if ARGV[3] == 'retry' then
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
@@ -253,7 +269,11 @@ elseif ARGV[3] == 'finish' then
     redis.call('HINCRBY', KEYS[5], field, -1)
   end
   redis.call('EXPIRE', KEYS[1], ARGV[7])
-  if ARGV[8] == '1' then redis.call('XADD', KEYS[4], '*', 'id', ARGV[6]) end
+  if ARGV[8] == '1' then
+    local t = redis.call('TIME')
+    local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[11])
+    redis.call('XADD', KEYS[4], 'MINID', math.max(oldest, 0), '*', 'id', ARGV[6])
+  end
   local outcome = 'failed'
   if ARGV[2] == 'completed' then outcome = 'completed' end
   line_over(KEYS[6], KEYS[7], redis.call('HGET', KEYS[1], 'batch'), outcome, ARGV[9])
@@ -284,13 +304,17 @@ return 1
 ";
 
 /// Re-drives a dead letter in one step: drops its dead entry (ARGV[1]) and, only if that
-/// entry was still there, writes the reset job, forgets who reported it, counts it again as
-/// left (not failed) in its batch (KEYS[7]) if that still runs, and queues it, so a
-/// replica that dies half-way cannot lose it and two admins cannot queue it twice.
+/// entry was still there, writes the reset job, starts its next notification round (ARGV[5]:
+/// a holder of the last one can no longer record, and the next outcome is told afresh),
+/// counts it again as left (not failed) in its batch (KEYS[7]) if that still runs, and
+/// queues it, so a replica that dies half-way cannot lose it and two admins cannot queue it
+/// twice.
 const REDRIVE: &str = r"
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 local seq = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[4], 'job', ARGV[3], 'status', 'queued', 'seq', seq, 'pending', ARGV[4])
+redis.call('HSET', KEYS[4], 'job', ARGV[3], 'status', 'queued', 'seq', seq, 'pending', ARGV[4],
+  'round', ARGV[5])
+redis.call('HDEL', KEYS[4], 'told', 'told_webhook', 'told_email', 'notifier', 'notify_until')
 redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
 local batch = redis.call('HGET', KEYS[4], 'batch')
 if batch and redis.call('HEXISTS', KEYS[7], batch .. ':status') == 1 then
@@ -301,6 +325,95 @@ redis.call('HDEL', KEYS[4], 'cancelled')
 redis.call('PERSIST', KEYS[4])
 redis.call('DEL', KEYS[5])
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'seq', seq)
+return 1
+";
+
+/// Whether the stream entry `entry` of `queue` is pending for `consumer` (claimed by it, not
+/// acknowledged, not taken over).
+const OWNS: &str = r"
+local function owns(queue, entry, consumer)
+  local p = redis.call('XPENDING', queue, 'workers', entry, entry, 1)
+  return p[1] ~= nil and p[1][2] == consumer
+end
+";
+
+/// Keeps a claim alive (KEYS[1] the queue; ARGV entry, consumer) if it is still the caller's.
+const KEEP_CLAIM: &str = r"
+if not owns(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
+redis.call('XCLAIM', KEYS[1], 'workers', ARGV[2], 0, ARGV[1], 'JUSTID')
+return 1
+";
+
+/// Acknowledges a claim (KEYS[1] the queue; ARGV entry, consumer) if it is still the caller's.
+const ACK: &str = r"
+if not owns(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
+redis.call('XACK', KEYS[1], 'workers', ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+";
+
+/// Redis's clock in Unix ms, and whether the notification of job hash `k` in round `round`
+/// is held by `token` (its round, its token, not told yet).
+const NOTICE: &str = r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function in_round(k, round)
+  return tonumber(redis.call('HGET', k, 'round') or '0') == tonumber(round)
+end
+local function held(k, round, token)
+  return in_round(k, round) and redis.call('HGET', k, 'told') ~= '1'
+    and redis.call('HGET', k, 'notifier') == token
+end
+";
+
+/// Takes the lease on a job's notification (KEYS[1] its hash, KEYS[2] the mark of earlier
+/// versions; ARGV round, token, lease ms). Returns `{'granted', told_webhook, told_email}`,
+/// or `{'busy'}`, `{'done'}` (told, or the job is gone), `{'stale'}` (re-driven since).
+const BEGIN_NOTICE: &str = r"
+local k = KEYS[1]
+if redis.call('EXISTS', k) == 0 then return {'done'} end
+if not in_round(k, ARGV[1]) then return {'stale'} end
+if redis.call('HGET', k, 'told') == '1' or redis.call('GET', KEYS[2]) == 'done' then
+  return {'done'}
+end
+local now = now_ms()
+local holder = redis.call('HGET', k, 'notifier')
+if holder and holder ~= ARGV[2] and tonumber(redis.call('HGET', k, 'notify_until') or '0') > now then
+  return {'busy'}
+end
+redis.call('HSET', k, 'notifier', ARGV[2], 'notify_until', now + tonumber(ARGV[3]))
+return {'granted', redis.call('HGET', k, 'told_webhook') or '', redis.call('HGET', k, 'told_email') or ''}
+";
+
+/// Extends a notification's lease (ARGV as for `BEGIN_NOTICE`) if the caller still holds it.
+const RENEW_NOTICE: &str = r"
+local k = KEYS[1]
+if not held(k, ARGV[1], ARGV[2]) then return 0 end
+redis.call('HSET', k, 'notify_until', now_ms() + tonumber(ARGV[3]))
+return 1
+";
+
+/// Records a channel's delivery (ARGV round, token, channel, the tries as a JSON array, then
+/// the channels wanted) if the caller still holds the lease: the tries appended to
+/// `deliveries`, the channel marked; with every wanted channel marked, `told` and the lease
+/// released.
+const RECORD_NOTICE: &str = r"
+local k = KEYS[1]
+if not held(k, ARGV[1], ARGV[2]) then return 0 end
+local tries = ARGV[4]
+if tries ~= '[]' then
+  local old = redis.call('HGET', k, 'deliveries')
+  if old and old ~= '[]' then tries = string.sub(old, 1, -2) .. ',' .. string.sub(tries, 2) end
+  redis.call('HSET', k, 'deliveries', tries)
+end
+redis.call('HSET', k, 'told_' .. ARGV[3], '1')
+for i = 5, #ARGV do
+  if redis.call('HGET', k, 'told_' .. ARGV[i]) ~= '1' then return 1 end
+end
+redis.call('HSET', k, 'told', '1')
+redis.call('HDEL', k, 'notifier', 'notify_until')
 return 1
 ";
 
@@ -331,6 +444,17 @@ pub struct RedisStore {
     redrive: redis::Script,
     /// Boxed: they would make the store (and so the [`super::Store`] enum) large.
     batches: Box<BatchScripts>,
+    /// Claims and notifications.
+    holds: Box<HoldScripts>,
+}
+
+/// The scripts that keep and release claims and notification leases.
+struct HoldScripts {
+    keep: redis::Script,
+    ack: redis::Script,
+    begin: redis::Script,
+    renew: redis::Script,
+    record: redis::Script,
 }
 
 /// The Batch API's scripts.
@@ -360,7 +484,7 @@ impl RedisStore {
             visibility,
             enqueue: redis::Script::new(ENQUEUE),
             promote: redis::Script::new(PROMOTE),
-            save: redis::Script::new(&format!("{LINE_OVER}{SAVE}")),
+            save: redis::Script::new(&format!("{LINE_OVER}{OWNS}{SAVE}")),
             cancel: redis::Script::new(&format!("{LINE_OVER}{CANCEL}")),
             delivered: redis::Script::new(DELIVERED_UP_TO),
             redrive: redis::Script::new(REDRIVE),
@@ -369,6 +493,13 @@ impl RedisStore {
                 cancel: redis::Script::new(&format!("{BATCH_STATE}{CANCEL_BATCH}")),
                 end: redis::Script::new(&format!("{BATCH_STATE}{END_BATCH}")),
                 close: redis::Script::new(CLOSE_BATCH),
+            }),
+            holds: Box::new(HoldScripts {
+                keep: redis::Script::new(&format!("{OWNS}{KEEP_CLAIM}")),
+                ack: redis::Script::new(&format!("{OWNS}{ACK}")),
+                begin: redis::Script::new(&format!("{NOTICE}{BEGIN_NOTICE}")),
+                renew: redis::Script::new(&format!("{NOTICE}{RENEW_NOTICE}")),
+                record: redis::Script::new(&format!("{NOTICE}{RECORD_NOTICE}")),
             }),
         })
     }
@@ -472,21 +603,22 @@ impl RedisStore {
 
     async fn load(&self, id: &str) -> Result<Option<Job>> {
         let mut conn = self.conn().await?;
-        let (json, status, seq, cancelled): (
-            Option<String>,
-            Option<String>,
-            Option<u64>,
-            Option<u64>,
-        ) = redis::cmd("HMGET")
+        let (json, status, seq, cancelled, deliveries): StoredFields = redis::cmd("HMGET")
             .arg(format!("{JOB}{id}"))
             .arg("job")
             .arg("status")
             .arg("seq")
             .arg("cancelled")
+            .arg("deliveries")
             .query_async(&mut conn)
             .await?;
         let Some(json) = json else { return Ok(None) };
         let mut job: Job = serde_json::from_str(&json)?;
+        if let Some(d) = deliveries {
+            // Recorded by the notifications (`RECORD_NOTICE`), beside the JSON.
+            job.deliveries
+                .extend(serde_json::from_str::<Vec<Delivery>>(&d)?);
+        }
         if let Some(status) = status.and_then(|s| parse_status(&s)) {
             job.status = status;
         }
@@ -502,7 +634,7 @@ impl RedisStore {
     /// Runs [`ENQUEUE`]: `(seq, delivered)`, or `(0, pending)` when refused.
     async fn enqueue(&self, job: &Job, bound: u64) -> Result<(u64, u64)> {
         let mut conn = self.conn().await?;
-        let json = serde_json::to_string(job)?;
+        let json = stored_json(job)?;
         Ok(self
             .enqueue
             .key(QUEUE)
@@ -520,8 +652,8 @@ impl RedisStore {
             .await?)
     }
 
-    /// The entry `XAUTOCLAIM` or `XREADGROUP` handed over: (entry id, job id).
-    async fn next_entry(&self, consumer: &str, wait: Duration) -> Result<Option<(String, String)>> {
+    /// The entry `XAUTOCLAIM` or `XREADGROUP` handed over.
+    async fn next_entry(&self, consumer: &str, wait: Duration) -> Result<Option<Entry>> {
         let mut conn = self.conn().await?;
         let due = self.due(DELAYED).await?;
         for id in due {
@@ -548,7 +680,7 @@ impl RedisStore {
         if let Value::Array(parts) = &reclaimed
             && let Some(entry) = parts.get(1).and_then(first_entry)
         {
-            tracing::info!(job = %entry.1, "reclaimed a job whose claim expired");
+            tracing::info!(job = %entry.job, "reclaimed a job whose claim expired");
             return Ok(Some(entry));
         }
         let mut blocking = self.blocking_conn().await?;
@@ -578,19 +710,37 @@ impl RedisStore {
         Ok(entry)
     }
 
-    async fn ack_entry(&self, entry: &str) -> Result<()> {
+    /// Runs `script` ([`KEEP_CLAIM`] or [`ACK`]) on `entry` for `consumer`: whether it was the
+    /// consumer's.
+    async fn hold(&self, script: &redis::Script, entry: &str, consumer: &str) -> Result<bool> {
         let mut conn = self.conn().await?;
-        let _: Value = redis::pipe()
-            .cmd("XACK")
-            .arg(QUEUE)
-            .arg(GROUP)
+        let held: u64 = script
+            .key(QUEUE)
             .arg(entry)
-            .cmd("XDEL")
-            .arg(QUEUE)
-            .arg(entry)
-            .query_async(&mut conn)
+            .arg(consumer)
+            .invoke_async(&mut conn)
             .await?;
-        Ok(())
+        Ok(held == 1)
+    }
+
+    /// Runs `script` ([`RENEW_NOTICE`] or [`RECORD_NOTICE`]) for `notifier` with `args`
+    /// after its round and token: whether it still held the lease.
+    async fn notice_step(
+        &self,
+        script: &redis::Script,
+        notifier: &Notifier,
+        args: &[String],
+    ) -> Result<bool> {
+        let mut conn = self.conn().await?;
+        let mut call = script.prepare_invoke();
+        call.key(format!("{JOB}{}", notifier.job))
+            .arg(notifier.round)
+            .arg(&notifier.token);
+        for a in args {
+            call.arg(a);
+        }
+        let held: u64 = call.invoke_async(&mut conn).await?;
+        Ok(held == 1)
     }
 
     /// Every dead-letter entry: (entry id, job id), oldest first.
@@ -605,20 +755,34 @@ impl RedisStore {
         let Value::Array(entries) = all else {
             return Ok(Vec::new());
         };
-        Ok(entries.iter().filter_map(entry).collect())
+        Ok(entries
+            .iter()
+            .filter_map(entry)
+            .map(|e| (e.id, e.job))
+            .collect())
     }
 }
 
+/// A stream entry: a queue's (a job's attempt) or a dead letter.
+struct Entry {
+    /// The entry's id.
+    id: String,
+    /// Its job's id (field `id`).
+    job: String,
+    /// Its place in the queue's order (field `seq`; not in dead letters).
+    seq: Option<u64>,
+}
+
 /// The first entry of a list of entries.
-fn first_entry(entries: &Value) -> Option<(String, String)> {
+fn first_entry(entries: &Value) -> Option<Entry> {
     let Value::Array(entries) = entries else {
         return None;
     };
     entry(entries.first()?)
 }
 
-/// One `[id, [field, value, ...]]` entry: its id and its `id` field.
-fn entry(value: &Value) -> Option<(String, String)> {
+/// One `[id, [field, value, ...]]` entry.
+fn entry(value: &Value) -> Option<Entry> {
     let Value::Array(entry) = value else {
         return None;
     };
@@ -628,11 +792,17 @@ fn entry(value: &Value) -> Option<(String, String)> {
         Value::Map(m) => m.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect(),
         _ => return None,
     };
-    let job = fields.chunks(2).find_map(|pair| match pair {
-        [k, v] if text(k).as_deref() == Some("id") => text(v),
-        _ => None,
-    })?;
-    Some((id, job))
+    let field = |name: &str| {
+        fields.chunks(2).find_map(|pair| match pair {
+            [k, v] if text(k).as_deref() == Some(name) => text(v),
+            _ => None,
+        })
+    };
+    Some(Entry {
+        id,
+        job: field("id")?,
+        seq: field("seq").and_then(|s| s.parse().ok()),
+    })
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -645,6 +815,27 @@ fn text(v: &Value) -> Option<String> {
 
 fn parse_status(s: &str) -> Option<Status> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+}
+
+/// A job hash's fields as [`RedisStore::load`] reads them: `job`, `status`, `seq`,
+/// `cancelled`, `deliveries`.
+type StoredFields = (
+    Option<String>,
+    Option<String>,
+    Option<u64>,
+    Option<u64>,
+    Option<String>,
+);
+
+/// `job` as its hash's `job` field holds it: without its deliveries, which the notifications
+/// record in a field of their own.
+fn stored_json(job: &Job) -> Result<String> {
+    if job.deliveries.is_empty() {
+        return Ok(serde_json::to_string(job)?);
+    }
+    let mut bare = job.clone();
+    bare.deliveries.clear();
+    Ok(serde_json::to_string(&bare)?)
 }
 
 impl JobStore for RedisStore {
@@ -677,17 +868,28 @@ impl JobStore for RedisStore {
         let until = tokio::time::Instant::now() + wait;
         loop {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
-            let Some((entry, id)) = self.next_entry(consumer, left).await? else {
+            let Some(Entry {
+                id: entry,
+                job,
+                seq,
+            }) = self.next_entry(consumer, left).await?
+            else {
                 if left.is_zero() {
                     return Ok(None);
                 }
                 continue;
             };
-            let Some(job) = self.load(&id).await? else {
+            let Some(job) = self.load(&job).await? else {
                 // Expired or never written: nothing to run.
-                self.ack_entry(&entry).await?;
+                self.hold(&self.holds.ack, &entry, consumer).await?;
                 continue;
             };
+            if !job.status.is_terminal() && seq.is_some_and(|s| s != job.seq) {
+                // An older entry of a job queued again since (re-driven while the holder of
+                // this one, notifying its failure, died): the newer entry runs it.
+                self.hold(&self.holds.ack, &entry, consumer).await?;
+                continue;
+            }
             let mut conn = self.conn().await?;
             let _: u64 = self
                 .delivered
@@ -695,22 +897,17 @@ impl JobStore for RedisStore {
                 .arg(job.seq)
                 .invoke_async(&mut conn)
                 .await?;
-            return Ok(Some(Claim { job, entry }));
+            return Ok(Some(Claim {
+                job,
+                entry,
+                consumer: consumer.to_owned(),
+            }));
         }
     }
 
-    async fn keep(&self, claim: &Claim, consumer: &str) -> Result<()> {
-        let mut conn = self.conn().await?;
-        let _: Value = redis::cmd("XCLAIM")
-            .arg(QUEUE)
-            .arg(GROUP)
-            .arg(consumer)
-            .arg(0)
-            .arg(&claim.entry)
-            .arg("JUSTID")
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
+    async fn keep(&self, claim: &Claim) -> Result<bool> {
+        self.hold(&self.holds.keep, &claim.entry, &claim.consumer)
+            .await
     }
 
     async fn save(&self, claim: &Claim, job: &Job, step: Step, policy: &Policy) -> Result<bool> {
@@ -730,7 +927,7 @@ impl JobStore for RedisStore {
             .key(PENDING)
             .key(BATCHES)
             .key(BATCH_DUE)
-            .arg(serde_json::to_string(job)?)
+            .arg(stored_json(job)?)
             .arg(job.status.as_str())
             .arg(name)
             .arg(&claim.entry)
@@ -739,13 +936,17 @@ impl JobStore for RedisStore {
             .arg(kept.as_secs().max(1))
             .arg(if job.dead_letter { "1" } else { "0" })
             .arg(self.lease_end())
+            .arg(&claim.consumer)
+            .arg(policy.retention.as_millis() as u64)
             .invoke_async(&mut conn)
             .await?;
         Ok(written == 1)
     }
 
     async fn ack(&self, claim: &Claim) -> Result<()> {
-        self.ack_entry(&claim.entry).await
+        self.hold(&self.holds.ack, &claim.entry, &claim.consumer)
+            .await?;
+        Ok(())
     }
 
     async fn cancel(&self, id: &str) -> Result<Option<Job>> {
@@ -767,44 +968,44 @@ impl JobStore for RedisStore {
         self.load(id).await
     }
 
-    async fn begin_report(&self, id: &str, lease: Duration) -> Result<bool> {
+    async fn begin_notice(&self, notifier: &Notifier, lease: Duration) -> Result<Notice> {
         let mut conn = self.conn().await?;
-        let set: Option<String> = redis::cmd("SET")
-            .arg(format!("{REPORTED}{id}"))
-            .arg("notifying")
-            .arg("NX")
-            .arg("PX")
+        let found: Vec<String> = self
+            .holds
+            .begin
+            .key(format!("{JOB}{}", notifier.job))
+            .key(format!("{REPORTED}{}", notifier.job))
+            .arg(notifier.round)
+            .arg(&notifier.token)
             .arg(lease.as_millis().max(1) as u64)
-            .query_async(&mut conn)
+            .invoke_async(&mut conn)
             .await?;
-        Ok(set.is_some())
+        Ok(match found.first().map(String::as_str) {
+            Some("granted") => Notice::Granted {
+                webhook: found.get(1).is_some_and(|v| v == "1"),
+                email: found.get(2).is_some_and(|v| v == "1"),
+            },
+            Some("busy") => Notice::Busy,
+            Some("stale") => Notice::Stale,
+            _ => Notice::Done,
+        })
     }
 
-    async fn reported(&self, id: &str) -> Result<bool> {
-        let mut conn = self.conn().await?;
-        let mark: Option<String> = redis::cmd("GET")
-            .arg(format!("{REPORTED}{id}"))
-            .query_async(&mut conn)
-            .await?;
-        Ok(mark.as_deref() == Some("done"))
+    async fn renew_notice(&self, notifier: &Notifier, lease: Duration) -> Result<bool> {
+        let ms = lease.as_millis().max(1).to_string();
+        self.notice_step(&self.holds.renew, notifier, &[ms]).await
     }
 
-    async fn end_report(&self, job: &Job, policy: &Policy) -> Result<()> {
-        let mut conn = self.conn().await?;
-        // Only the deliveries change: the status field stays as it is.
-        let _: Value = redis::pipe()
-            .cmd("HSET")
-            .arg(format!("{JOB}{}", job.id))
-            .arg("job")
-            .arg(serde_json::to_string(job)?)
-            .cmd("SET")
-            .arg(format!("{REPORTED}{}", job.id))
-            .arg("done")
-            .arg("EX")
-            .arg(policy.result_ttl.as_secs().max(1))
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
+    async fn record_notice(
+        &self,
+        notifier: &Notifier,
+        channel: Channel,
+        tries: &[Delivery],
+        wanted: &[Channel],
+    ) -> Result<bool> {
+        let mut args = vec![channel.as_str().to_owned(), serde_json::to_string(tries)?];
+        args.extend(wanted.iter().map(|c| c.as_str().to_owned()));
+        self.notice_step(&self.holds.record, notifier, &args).await
     }
 
     async fn dead_letters(&self, retention: Duration) -> Result<Vec<Job>> {
@@ -849,8 +1050,9 @@ impl JobStore for RedisStore {
                 .key(BATCHES)
                 .arg(&entry)
                 .arg(&dead_id)
-                .arg(serde_json::to_string(&job)?)
+                .arg(stored_json(&job)?)
                 .arg(pending_field(&job))
+                .arg(job.redrives)
                 .invoke_async(&mut conn)
                 .await?;
             n += queued; // 0: another admin re-drove it meanwhile
@@ -903,9 +1105,10 @@ impl JobStore for RedisStore {
         lines: String,
         jobs: Vec<Job>,
         window: Duration,
-    ) -> Result<Vec<Job>> {
+        bound: u64,
+    ) -> Result<Created> {
         let Some(first) = jobs.first() else {
-            return Ok(jobs);
+            return Ok(Created::Queued(jobs));
         };
         let mut conn = self.conn().await?;
         let expires = super::now_ms() + window.as_millis() as u64;
@@ -929,17 +1132,22 @@ impl JobStore for RedisStore {
         for job in &jobs {
             call.key(format!("{JOB}{}", job.id))
                 .arg(&job.id)
-                .arg(serde_json::to_string(job)?);
+                .arg(stored_json(job)?);
         }
-        let (seq, _delivered): (u64, u64) = call.invoke_async(&mut conn).await?;
-        Ok(jobs
-            .into_iter()
-            .zip(seq..)
-            .map(|(mut job, seq)| {
-                job.seq = seq;
-                job
-            })
-            .collect())
+        call.arg(bound);
+        let (seq, n): (u64, u64) = call.invoke_async(&mut conn).await?;
+        if seq == 0 {
+            return Ok(Created::Full { pending: n });
+        }
+        Ok(Created::Queued(
+            jobs.into_iter()
+                .zip(seq..)
+                .map(|(mut job, seq)| {
+                    job.seq = seq;
+                    job
+                })
+                .collect(),
+        ))
     }
 
     async fn batch(&self, id: &str) -> Result<Option<(String, Option<BatchState>)>> {

@@ -10,12 +10,19 @@
 //!   over.
 //! - A claim is held until acknowledged ([`JobStore::ack`]). In Redis a claim not kept alive
 //!   ([`JobStore::keep`]) for the visibility timeout is taken by another replica, so a job
-//!   held by a replica that died is run again (at least once).
+//!   held by a replica that died is run again (at least once). `keep`, `save` and `ack`
+//!   act only for the claim's holder: one whose claim was taken over (or whose job was
+//!   queued again since) changes nothing.
 //! - Every change of a claimed job is written with [`JobStore::save`] before the claim is
-//!   acknowledged. `save` refuses (returns `false`) once the job was cancelled.
-//! - The first caller of [`JobStore::begin_report`] for a job gets to notify; the mark is
-//!   a lease until [`JobStore::end_report`] makes it permanent, so a notifier that dies
-//!   mid-delivery is replaced after the lease, and no two notify at once.
+//!   acknowledged. `save` refuses (returns `false`) once the job is over (cancelled, or
+//!   finished by another holder), or when the claim is no longer the caller's.
+//! - A job's outcome is told under a lease ([`JobStore::begin_notice`]), one per *round*
+//!   (the outcome since the job's last re-drive): one holder at a time, renewed while it
+//!   sends ([`JobStore::renew_notice`]); each channel's delivery is recorded as it ends
+//!   ([`JobStore::record_notice`]) and never sent again. The lease is fenced by its holder's
+//!   token and the round: a holder whose lease lapsed, or whose job was re-driven, can
+//!   neither renew nor record. A holder that dies mid-delivery is replaced once the lease
+//!   lapses, and the new holder sends only the channels not recorded.
 //! - A Batch API batch is created whole or not at all ([`JobStore::create_batch`]). Its
 //!   state (phase and counts) changes in the same atomic step as the line that ends, is
 //!   cancelled or re-driven; its phase moves only forward (in progress, cancelling,
@@ -70,13 +77,80 @@ impl Submitted {
     }
 }
 
+/// What [`JobStore::create_batch`] did.
+#[derive(Debug, Clone)]
+pub enum Created {
+    /// Recorded, its lines queued: the jobs as queued.
+    Queued(Vec<Job>),
+    /// Refused: its lines would take its (tier, tenant) pair past the bound, with `pending`
+    /// jobs pending already.
+    Full {
+        /// The pair's pending jobs.
+        pending: u64,
+    },
+}
+
+impl Created {
+    /// The lines queued; `None` when refused.
+    pub fn queued(self) -> Option<Vec<Job>> {
+        match self {
+            Created::Queued(jobs) => Some(jobs),
+            Created::Full { .. } => None,
+        }
+    }
+}
+
 /// A job claimed by a worker.
 #[derive(Debug, Clone)]
 pub struct Claim {
     /// The job as stored when claimed.
     pub job: Job,
-    /// The queue entry held (a stream entry id in Redis).
+    /// The queue entry held (a stream entry id in Redis; the entry's seq in memory).
     pub entry: String,
+    /// Who holds it (the worker's consumer name in Redis).
+    pub consumer: String,
+}
+
+/// A notifier's hold on one notification: a job's outcome in one round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notifier {
+    /// The job.
+    pub job: String,
+    /// The job's re-drives when its outcome was read ([`Job::redrives`]): a re-drive starts
+    /// a new round, and the holder of an older one can no longer record.
+    pub round: u32,
+    /// This holder's token (random): the lease is its holder's alone.
+    pub token: String,
+}
+
+impl Notifier {
+    /// A fresh holder for `job`'s current outcome.
+    pub fn new(job: &Job) -> Self {
+        Notifier {
+            job: job.id.clone(),
+            round: job.redrives,
+            token: super::new_id(),
+        }
+    }
+}
+
+/// What [`JobStore::begin_notice`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The lease is the caller's; the channels already recorded (by a holder that died
+    /// before it finished) are not sent again.
+    Granted {
+        /// The webhook's delivery is recorded.
+        webhook: bool,
+        /// The email's delivery is recorded.
+        email: bool,
+    },
+    /// Another holder's lease runs: it may be sending now.
+    Busy,
+    /// Told for good (every channel recorded), or the job is gone.
+    Done,
+    /// The job was re-driven since this outcome: its notification is not this one.
+    Stale,
 }
 
 /// What [`JobStore::save`] writes besides the job.
@@ -203,11 +277,13 @@ pub trait JobStore: Send + Sync {
         wait: Duration,
     ) -> impl Future<Output = Result<Option<Claim>>> + Send;
 
-    /// Keeps `claim` alive (resets its visibility timeout).
-    fn keep(&self, claim: &Claim, consumer: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Keeps `claim` alive (resets its visibility timeout); `false` when it is no longer the
+    /// caller's (taken over, or acknowledged).
+    fn keep(&self, claim: &Claim) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Writes `job` (claimed as `claim`) and does what `step` says; `false` if the job was
-    /// cancelled meanwhile (nothing written; the claim is the caller's to acknowledge).
+    /// Writes `job` (claimed as `claim`) and does what `step` says; `false` if the job is
+    /// over already (cancelled, or finished by another holder) or the claim is no longer
+    /// the caller's: nothing written.
     fn save(
         &self,
         claim: &Claim,
@@ -216,22 +292,40 @@ pub trait JobStore: Send + Sync {
         policy: &Policy,
     ) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Releases `claim` for good.
+    /// Releases `claim` for good, if it is still the caller's (a claim taken over is left to
+    /// its new holder).
     fn ack(&self, claim: &Claim) -> impl Future<Output = Result<()>> + Send;
 
     /// Cancels job `id` if it has not finished; the job as it is now.
     fn cancel(&self, id: &str) -> impl Future<Output = Result<Option<Job>>> + Send;
 
-    /// Takes the right to notify the caller of job `id` for `lease`; `false` if someone has it
-    /// or already notified.
-    fn begin_report(&self, id: &str, lease: Duration) -> impl Future<Output = Result<bool>> + Send;
+    /// Takes the lease on `notifier`'s notification for `lease`, unless another holder's
+    /// lease runs, it was told for good, or its round is over (the job re-driven since).
+    fn begin_notice(
+        &self,
+        notifier: &Notifier,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Notice>> + Send;
 
-    /// Whether the caller of job `id` was told for good ([`JobStore::end_report`]), as
-    /// opposed to someone holding the lease now.
-    fn reported(&self, id: &str) -> impl Future<Output = Result<bool>> + Send;
+    /// Extends `notifier`'s lease by `lease` from now; `false` when it is no longer its
+    /// holder's (taken over after it lapsed, or the job re-driven): the holder stops sending.
+    fn renew_notice(
+        &self,
+        notifier: &Notifier,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Records the deliveries of `job` and marks it reported for good.
-    fn end_report(&self, job: &Job, policy: &Policy) -> impl Future<Output = Result<()>> + Send;
+    /// Records `tries`, the delivery of `channel` (ended: delivered, or its tries spent), if
+    /// `notifier` still holds the lease; once every channel of `wanted` is recorded, the
+    /// notification is told for good and the lease released. `false` (nothing recorded)
+    /// when the lease is no longer the holder's.
+    fn record_notice(
+        &self,
+        notifier: &Notifier,
+        channel: super::Channel,
+        tries: &[super::Delivery],
+        wanted: &[super::Channel],
+    ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Dead letters kept less than `retention`, oldest first (older ones are dropped).
     fn dead_letters(&self, retention: Duration) -> impl Future<Output = Result<Vec<Job>>> + Send;
@@ -254,8 +348,10 @@ pub trait JobStore: Send + Sync {
     /// Records batch `id` and queues its lines, all or nothing (one script in Redis, one lock
     /// in memory): its description `record` and its lines' list `lines` (kept for
     /// [`super::batch::KEEP`]), its state (every line left, in progress; due for
-    /// [`JobStore::due_batches`] when `window` has passed) and `jobs`, its lines, queued as
-    /// [`JobStore::submit`] queues them (no bound). The jobs as queued.
+    /// [`JobStore::due_batches`] when `window` has passed) and `jobs`, its lines (of one tier
+    /// and tenant), queued as [`JobStore::submit`] queues them. Refused whole when `bound` >
+    /// 0 and the lines would take their (tier, tenant) pair's pending jobs past it (the count
+    /// and the queueing in the same atomic step).
     fn create_batch(
         &self,
         id: &str,
@@ -263,7 +359,8 @@ pub trait JobStore: Send + Sync {
         lines: String,
         jobs: Vec<Job>,
         window: Duration,
-    ) -> impl Future<Output = Result<Vec<Job>>> + Send;
+        bound: u64,
+    ) -> impl Future<Output = Result<Created>> + Send;
 
     /// Batch `id`'s record and, while it runs, its state: one read whatever its size.
     /// `None` when unknown; a state of `None` once it has ended (the record is final).
@@ -346,8 +443,8 @@ impl JobStore for Store {
     async fn claim(&self, consumer: &str, wait: Duration) -> Result<Option<Claim>> {
         each!(self, s => s.claim(consumer, wait).await)
     }
-    async fn keep(&self, claim: &Claim, consumer: &str) -> Result<()> {
-        each!(self, s => s.keep(claim, consumer).await)
+    async fn keep(&self, claim: &Claim) -> Result<bool> {
+        each!(self, s => s.keep(claim).await)
     }
     async fn save(&self, claim: &Claim, job: &Job, step: Step, policy: &Policy) -> Result<bool> {
         each!(self, s => s.save(claim, job, step, policy).await)
@@ -358,14 +455,20 @@ impl JobStore for Store {
     async fn cancel(&self, id: &str) -> Result<Option<Job>> {
         each!(self, s => s.cancel(id).await)
     }
-    async fn begin_report(&self, id: &str, lease: Duration) -> Result<bool> {
-        each!(self, s => s.begin_report(id, lease).await)
+    async fn begin_notice(&self, notifier: &Notifier, lease: Duration) -> Result<Notice> {
+        each!(self, s => s.begin_notice(notifier, lease).await)
     }
-    async fn reported(&self, id: &str) -> Result<bool> {
-        each!(self, s => s.reported(id).await)
+    async fn renew_notice(&self, notifier: &Notifier, lease: Duration) -> Result<bool> {
+        each!(self, s => s.renew_notice(notifier, lease).await)
     }
-    async fn end_report(&self, job: &Job, policy: &Policy) -> Result<()> {
-        each!(self, s => s.end_report(job, policy).await)
+    async fn record_notice(
+        &self,
+        notifier: &Notifier,
+        channel: super::Channel,
+        tries: &[super::Delivery],
+        wanted: &[super::Channel],
+    ) -> Result<bool> {
+        each!(self, s => s.record_notice(notifier, channel, tries, wanted).await)
     }
     async fn dead_letters(&self, retention: Duration) -> Result<Vec<Job>> {
         each!(self, s => s.dead_letters(retention).await)
@@ -389,8 +492,9 @@ impl JobStore for Store {
         lines: String,
         jobs: Vec<Job>,
         window: Duration,
-    ) -> Result<Vec<Job>> {
-        each!(self, s => s.create_batch(id, record, lines, jobs, window).await)
+        bound: u64,
+    ) -> Result<Created> {
+        each!(self, s => s.create_batch(id, record, lines, jobs, window, bound).await)
     }
     async fn batch(&self, id: &str) -> Result<Option<(String, Option<BatchState>)>> {
         each!(self, s => s.batch(id).await)

@@ -1,7 +1,7 @@
 //! The in-memory store's contract, on a paused clock.
 
 use super::memory::MemoryStore;
-use super::store::{JobStore, Step, Submitted};
+use super::store::{Created, JobStore, Notice, Notifier, Step, Submitted};
 use super::*;
 use serde_json::json;
 
@@ -168,24 +168,87 @@ async fn dead_letters_are_kept_for_their_retention_and_redriven_with_attempts_re
     assert!(store.dead_letters(retention).await.unwrap().is_empty());
 }
 
+/// A delivery record of `channel`: `delivered`, or refused.
+fn tried(channel: Channel, delivered: bool) -> Vec<Delivery> {
+    vec![Delivery {
+        at_ms: now_ms(),
+        channel,
+        outcome: if delivered { "delivered" } else { "http_500" }.to_owned(),
+    }]
+}
+
+const BOTH: [Channel; 2] = [Channel::Webhook, Channel::Email];
+
 #[tokio::test(start_paused = true)]
-async fn only_one_reports_until_the_lease_ends_and_none_after_it_is_done() {
+async fn one_holds_a_notice_until_its_lease_lapses_and_a_recorded_channel_is_not_sent_again() {
     let store = MemoryStore::new();
     let j = queue(&store, job()).await;
     let lease = Duration::from_secs(30);
-    assert!(store.begin_report(&j.id, lease).await.unwrap());
-    assert!(!store.begin_report(&j.id, lease).await.unwrap());
-    tokio::time::advance(lease).await;
-    // The first notifier died: the next one takes over.
-    assert!(store.begin_report(&j.id, lease).await.unwrap());
+    let (a, b) = (Notifier::new(&j), Notifier::new(&j));
+    let nothing_told = Notice::Granted {
+        webhook: false,
+        email: false,
+    };
+    assert_eq!(store.begin_notice(&a, lease).await.unwrap(), nothing_told);
+    assert_eq!(store.begin_notice(&b, lease).await.unwrap(), Notice::Busy);
+    // A's webhook is delivered and recorded; then A stops renewing (it died).
+    let webhook = tried(Channel::Webhook, true);
     assert!(
-        !store.reported(&j.id).await.unwrap(),
-        "a lease, not told yet"
+        store
+            .record_notice(&a, Channel::Webhook, &webhook, &BOTH)
+            .await
+            .unwrap()
     );
-    store.end_report(&j, &policy()).await.unwrap();
-    assert!(store.reported(&j.id).await.unwrap());
+    tokio::time::advance(lease - Duration::from_millis(1)).await;
+    assert_eq!(store.begin_notice(&b, lease).await.unwrap(), Notice::Busy);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    // Exactly at its end B takes over, and sends only the email: the webhook is recorded.
+    let only_email = Notice::Granted {
+        webhook: true,
+        email: false,
+    };
+    assert_eq!(store.begin_notice(&b, lease).await.unwrap(), only_email);
+    // A, back, can neither renew nor record over B (its email tries are not B's).
+    assert!(!store.renew_notice(&a, lease).await.unwrap());
+    let a_mail = tried(Channel::Email, false);
+    assert!(
+        !store
+            .record_notice(&a, Channel::Email, &a_mail, &BOTH)
+            .await
+            .unwrap()
+    );
+    assert!(store.renew_notice(&b, lease).await.unwrap());
+    let b_mail = tried(Channel::Email, true);
+    assert!(
+        store
+            .record_notice(&b, Channel::Email, &b_mail, &BOTH)
+            .await
+            .unwrap()
+    );
+    // Told for good: nobody holds it again, whenever.
     tokio::time::advance(lease * 10).await;
-    assert!(!store.begin_report(&j.id, lease).await.unwrap());
+    let c = Notifier::new(&j);
+    assert_eq!(store.begin_notice(&c, lease).await.unwrap(), Notice::Done);
+    assert_eq!(store.begin_notice(&b, lease).await.unwrap(), Notice::Done);
+    let deliveries = store.get(&j.id).await.unwrap().unwrap().deliveries;
+    assert_eq!(deliveries, [webhook, b_mail].concat());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewed_lease_is_not_taken_over() {
+    let store = MemoryStore::new();
+    let j = queue(&store, job()).await;
+    let lease = Duration::from_secs(30);
+    let (a, b) = (Notifier::new(&j), Notifier::new(&j));
+    assert!(matches!(
+        store.begin_notice(&a, lease).await.unwrap(),
+        Notice::Granted { .. }
+    ));
+    for _ in 0..5 {
+        tokio::time::advance(lease / 3).await;
+        assert!(store.renew_notice(&a, lease).await.unwrap());
+        assert_eq!(store.begin_notice(&b, lease).await.unwrap(), Notice::Busy);
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -247,13 +310,22 @@ async fn finish_and_report(store: &MemoryStore, policy: &Policy, dead: bool) -> 
             .await
             .unwrap()
     );
+    let notifier = Notifier::new(&submitted);
+    assert!(matches!(
+        store
+            .begin_notice(&notifier, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        Notice::Granted { .. }
+    ));
+    let tries = tried(Channel::Webhook, true);
+    let wanted = [Channel::Webhook];
     assert!(
         store
-            .begin_report(&submitted.id, Duration::from_secs(30))
+            .record_notice(&notifier, Channel::Webhook, &tries, &wanted)
             .await
             .unwrap()
     );
-    store.end_report(&over, policy).await.unwrap();
     store.ack(&claim).await.unwrap();
     over
 }
@@ -392,4 +464,101 @@ async fn concurrent_submissions_never_pass_the_bound_and_a_refusal_queues_nothin
         claimed += 1;
     }
     assert_eq!(claimed, 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_whose_job_was_queued_again_can_neither_save_nor_acknowledge() {
+    let store = MemoryStore::new();
+    let policy = policy();
+    let submitted = queue(&store, job()).await;
+    let old = store.claim("a", Duration::ZERO).await.unwrap().unwrap();
+    let mut dead = old.job.clone();
+    dead.status = Status::Failed;
+    dead.dead_letter = true;
+    assert!(
+        store
+            .save(&old, &dead, Step::Finish, &policy)
+            .await
+            .unwrap()
+    );
+    // Re-driven while A still holds its claim (telling the failure); B runs it again.
+    assert_eq!(store.redrive(Some(&submitted.id)).await.unwrap(), 1);
+    let new = store.claim("b", Duration::ZERO).await.unwrap().unwrap();
+    let mut running = new.job.clone();
+    running.status = Status::Running;
+    assert!(
+        store
+            .save(&new, &running, Step::Start, &policy)
+            .await
+            .unwrap()
+    );
+    // A's old claim writes nothing, and its acknowledgement leaves B's claim held.
+    let mut stale = old.job.clone();
+    stale.status = Status::Retrying;
+    let step = Step::Retry {
+        delay: Duration::from_secs(1),
+    };
+    assert!(!store.save(&old, &stale, step, &policy).await.unwrap());
+    assert!(!store.keep(&old).await.unwrap());
+    store.ack(&old).await.unwrap();
+    assert!(store.keep(&new).await.unwrap());
+    let mut done = running.clone();
+    done.status = Status::Completed;
+    assert!(
+        store
+            .save(&new, &done, Step::Finish, &policy)
+            .await
+            .unwrap()
+    );
+    let now = store.get(&submitted.id).await.unwrap().unwrap();
+    assert_eq!((now.status, now.redrives), (Status::Completed, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_letters_are_trimmed_by_their_retention_as_new_ones_come() {
+    let store = MemoryStore::new();
+    let policy = policy();
+    finish_and_report(&store, &policy, true).await;
+    tokio::time::advance(policy.retention - Duration::from_millis(1)).await;
+    finish_and_report(&store, &policy, true).await;
+    assert_eq!(store.dead_kept(), 2);
+    // Past the first one's retention, the next dead letter drops it, unlisted.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    finish_and_report(&store, &policy, true).await;
+    assert_eq!(store.dead_kept(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_refused_whole_when_its_lines_would_pass_the_tenants_bound() {
+    let store = MemoryStore::new();
+    queue(&store, job()).await;
+    let lines = |n: usize| -> Vec<Job> {
+        (0..n)
+            .map(|_| {
+                let mut j = job();
+                j.batch = Some("batch_b".to_owned());
+                j
+            })
+            .collect()
+    };
+    let create = |n: usize| {
+        store.create_batch(
+            "batch_b",
+            "{}".to_owned(),
+            "[]".to_owned(),
+            lines(n),
+            Duration::from_secs(3600),
+            3,
+        )
+    };
+    // One pending: three more lines pass a bound of 3; refused whole, nothing queued.
+    match create(3).await.unwrap() {
+        Created::Full { pending } => assert_eq!(pending, 1),
+        Created::Queued(_) => panic!("a batch past the bound was queued"),
+    }
+    assert_eq!(store.pending_for("free", "acme").await.unwrap(), 1);
+    assert!(store.batch("batch_b").await.unwrap().is_none());
+    // Two fit exactly.
+    assert_eq!(create(2).await.unwrap().queued().map(|q| q.len()), Some(2));
+    assert_eq!(store.pending_for("free", "acme").await.unwrap(), 3);
 }

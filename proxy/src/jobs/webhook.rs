@@ -5,7 +5,7 @@
 //!
 //! | header | value |
 //! |--------|-------|
-//! | `floodgate-webhook-id` | the job id: the same on every retry of the delivery, so a receiver can drop duplicates |
+//! | `floodgate-webhook-id` | the notification's id, `<job id>.<re-drives>` ([`Job::notice_id`]): the same on every try and on a re-send by another replica, so a receiver drops an id it has seen; a re-driven job's next outcome has the next id |
 //! | `floodgate-webhook-timestamp` | Unix seconds when this try was signed |
 //! | `floodgate-webhook-signature` | `v1=` + lower-case hex of HMAC-SHA256(secret, `<timestamp>.<body>`) |
 //!
@@ -16,6 +16,11 @@
 //!
 //! A try that gets no answer, a 429 or a 5xx is retried with the TierQueue's backoff; any
 //! other status ends the delivery. Every try is recorded on the job (`deliveries`).
+//!
+//! A delivery whose end was recorded (a 2xx, or its tries spent) is never sent again. One
+//! that was not (its sender died mid-delivery) is sent again by the replica that takes the
+//! job over, with the same id: a sender killed after the receiver's 2xx and before the
+//! record makes the one duplicate a receiver can see, and drops by the id.
 
 use super::retry::Backoff;
 use super::{Delivery, Job, now_ms};
@@ -23,7 +28,7 @@ use crate::secret::SecretString;
 use ring::hmac;
 use std::time::Duration;
 
-/// Header: the job id.
+/// Header: the notification's id ([`Job::notice_id`]).
 pub const ID_HEADER: &str = "floodgate-webhook-id";
 /// Header: Unix seconds of signing.
 pub const TIMESTAMP_HEADER: &str = "floodgate-webhook-timestamp";
@@ -110,12 +115,13 @@ pub async fn deliver(
 ) -> Vec<Delivery> {
     let mut tries = Vec::new();
     let payload = body(job);
+    let id = job.notice_id();
     for attempt in 1..=backoff.max_attempts {
         let timestamp = now_ms() / 1000;
         let mut request = http
             .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(ID_HEADER, &job.id)
+            .header(ID_HEADER, &id)
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .timeout(Duration::from_secs(10))
             .body(payload.clone());

@@ -1,10 +1,11 @@
 //! A replica's job workers: each claims a job, runs one attempt through the pipeline in the
 //! tenant's tier, and writes the outcome: completed, a retry after the TierQueue's backoff,
 //! or, its attempts spent (or a failure no retry can mend), failed and dead-lettered. The
-//! caller is then notified, once, and only then is the claim acknowledged.
+//! caller is then notified under the notification's lease ([`Notifier`]), and only then is
+//! the claim acknowledged.
 
-use super::store::{Claim, JobStore, Step};
-use super::{JobError, Jobs, Policy, Status, now_ms, webhook};
+use super::store::{Claim, JobStore, Notice, Notifier, Step};
+use super::{Channel, JobError, Jobs, Policy, Status, StoreError, now_ms, webhook};
 use crate::config::Config;
 use crate::identity::{Identity, Refusal};
 use crate::pipeline::{self, Door, RequestCtx};
@@ -33,8 +34,9 @@ pub struct Workers {
     pub guarded_http: reqwest::Client,
     /// This replica's consumer name prefix (unique per process).
     pub consumer: String,
-    /// How often a running job's claim is kept alive.
-    pub keep_every: Duration,
+    /// How long a claim, or a notification's lease, lasts unrenewed before another replica
+    /// takes it over (`--job-visibility-ms`); both are renewed every third of it.
+    pub visibility: Duration,
     /// Where notifications run (the process's tasks), so shutdown waits for them.
     pub tasks: TaskTracker,
     /// Stops the workers; a notification still retrying is given up, unacknowledged (its
@@ -115,7 +117,7 @@ impl Workers {
                 c = self.jobs.store.claim(&consumer, Duration::from_secs(1)) => c,
             };
             match claimed {
-                Ok(Some(claim)) => self.handle(claim, &consumer).await,
+                Ok(Some(claim)) => self.handle(claim).await,
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "job store unavailable; workers retry in 1 s");
@@ -130,13 +132,13 @@ impl Workers {
 
     /// One claimed job, to its acknowledgement. Store failures leave the claim unacknowledged:
     /// the job is reclaimed after the visibility timeout.
-    async fn handle(&self, claim: Claim, consumer: &str) {
-        if let Err(e) = self.attempt(&claim, consumer).await {
+    async fn handle(&self, claim: Claim) {
+        if let Err(e) = self.attempt(&claim).await {
             tracing::warn!(job = %claim.job.id, error = %e, "job store failed during a job; it will be reclaimed");
         }
     }
 
-    async fn attempt(&self, claim: &Claim, consumer: &str) -> Result<(), super::StoreError> {
+    async fn attempt(&self, claim: &Claim) -> Result<(), StoreError> {
         let store = &self.jobs.store;
         let config = self.dispatcher.config();
         let policy = Policy::of(&config, &claim.job.tier);
@@ -144,10 +146,8 @@ impl Workers {
         if job.status.is_terminal() {
             // Cancelled while queued or waiting for a retry (its entry came back to be told),
             // or its previous holder wrote the outcome and died before acknowledging.
-            self.line_over(claim, consumer, &job).await;
-            return self
-                .notify_and_ack(claim, consumer, job, config, policy)
-                .await;
+            self.line_over(claim, &job).await;
+            return self.notify_and_ack(claim, job, config, policy).await;
         }
         if job.attempts >= job.max_attempts {
             // Every attempt allowed was started by a replica that died during it: a job that
@@ -161,7 +161,7 @@ impl Workers {
             });
             job.status = Status::Failed;
             job.dead_letter = policy.dead_letters;
-            return self.finish(claim, consumer, job, config, policy).await;
+            return self.finish(claim, job, config, policy).await;
         }
         let queued_since = job.next_attempt_ms.unwrap_or(job.created_ms);
         job.status = Status::Running;
@@ -169,14 +169,12 @@ impl Workers {
         job.started_ms = Some(now_ms());
         job.next_attempt_ms = None;
         if !store.save(claim, &job, Step::Start, &policy).await? {
-            return self.refused(claim, consumer, config, policy).await;
+            return self.refused(claim, config, policy).await;
         }
         let m = super::metrics::get();
         m.state("running");
         let started = Instant::now();
-        let outcome = self
-            .keep_alive(claim, consumer, self.run_once(&job, &config))
-            .await;
+        let outcome = self.keep_alive(claim, self.run_once(&job, &config)).await;
         let took = started.elapsed();
         self.jobs.ran(took);
         let wait = now_ms().saturating_sub(queued_since) as f64 / 1000.0 - took.as_secs_f64();
@@ -218,7 +216,7 @@ impl Workers {
                     {
                         m.state("retrying");
                     } else {
-                        self.refused(claim, consumer, config, policy).await?;
+                        self.refused(claim, config, policy).await?;
                     }
                     return Ok(());
                 }
@@ -226,47 +224,45 @@ impl Workers {
                 job.dead_letter = policy.dead_letters;
             }
         }
-        self.finish(claim, consumer, job, config, policy).await
+        self.finish(claim, job, config, policy).await
     }
 
     /// Writes a job that is over, then notifies its caller and acknowledges its claim.
     async fn finish(
         &self,
         claim: &Claim,
-        consumer: &str,
         mut job: super::Job,
         config: Arc<Config>,
         policy: Policy,
-    ) -> Result<(), super::StoreError> {
+    ) -> Result<(), StoreError> {
         let store = &self.jobs.store;
         let m = super::metrics::get();
         job.finished_ms = Some(now_ms());
         if !store.save(claim, &job, Step::Finish, &policy).await? {
-            return self.refused(claim, consumer, config, policy).await;
+            return self.refused(claim, config, policy).await;
         }
         m.state(job.status.as_str());
-        self.line_over(claim, consumer, &job).await;
+        self.line_over(claim, &job).await;
         if job.dead_letter {
             m.dead_letters.inc();
             tracing::warn!(job = %job.id, tier = %job.tier, attempts = job.attempts, "job dead-lettered");
         }
-        self.notify_and_ack(claim, consumer, job, config, policy)
-            .await
+        self.notify_and_ack(claim, job, config, policy).await
     }
 
     /// Notifies the caller of `job` (over) and then acknowledges `claim`, in a task of its
     /// own that keeps the claim alive: a slow or failing receiver, and the backoff between
     /// its tries, hold neither a worker nor the claim's visibility timeout. The worker waits
     /// only for a slot when [`MAX_NOTIFYING`] are in flight. A job asking for no
-    /// notification is acknowledged at once.
+    /// notification is acknowledged at once. Every job over goes through here, whoever
+    /// finished it: the notification's lease says whether it still needs telling.
     async fn notify_and_ack(
         &self,
         claim: &Claim,
-        consumer: &str,
-        mut job: super::Job,
+        job: super::Job,
         config: Arc<Config>,
         policy: Policy,
-    ) -> Result<(), super::StoreError> {
+    ) -> Result<(), StoreError> {
         if webhook_target(&job, &config).is_none() && email_target(&job, &config).is_none() {
             return self.jobs.store.ack(claim).await;
         }
@@ -275,16 +271,15 @@ impl Workers {
         };
         let w = self.clone();
         let claim = claim.clone();
-        let consumer = consumer.to_owned();
         self.tasks.spawn(async move {
             let _slot = slot;
             let told = async {
-                if w.report(&mut job, &config, &policy).await? {
+                if w.report(&job, &config, &policy).await? {
                     w.jobs.store.ack(&claim).await?;
                 }
-                Ok::<_, super::StoreError>(())
+                Ok::<_, StoreError>(())
             };
-            let told = w.keep_alive(&claim, &consumer, told);
+            let told = w.keep_alive(&claim, told);
             let result = tokio::select! {
                 () = w.cancel.cancelled() => return,
                 r = told => r,
@@ -297,22 +292,26 @@ impl Workers {
     }
 
     /// A save refused: the job is over already (cancelled while it ran, or finished by a
-    /// holder whose claim this one outlived). A cancelled one's caller is told (once, as
-    /// ever); then the claim is released.
+    /// holder whose claim this one outlived), or the claim is no longer this worker's (taken
+    /// over while it stalled). A job over goes to [`Self::notify_and_ack`], whoever ended it:
+    /// its caller is told if nobody has been (a holder that wrote the outcome may have died
+    /// before telling). A job still running elsewhere is left to its holder.
     async fn refused(
         &self,
         claim: &Claim,
-        consumer: &str,
         config: Arc<Config>,
         policy: Policy,
-    ) -> Result<(), super::StoreError> {
+    ) -> Result<(), StoreError> {
         match self.jobs.store.get(&claim.job.id).await? {
-            Some(job) if job.status == Status::Cancelled => {
-                self.line_over(claim, consumer, &job).await;
-                self.notify_and_ack(claim, consumer, job, config, policy)
-                    .await
+            Some(job) if job.status.is_terminal() => {
+                self.line_over(claim, &job).await;
+                self.notify_and_ack(claim, job, config, policy).await
             }
-            _ => self.jobs.store.ack(claim).await,
+            Some(_) => {
+                tracing::info!(job = %claim.job.id, "its claim was taken over by another holder; left to it");
+                Ok(())
+            }
+            None => self.jobs.store.ack(claim).await,
         }
     }
 
@@ -320,10 +319,10 @@ impl Workers {
     /// its last line (its output and error files built and stored now,
     /// [`super::batch::end`]). A failure is logged; the batch is then ended by a replica's
     /// sweep once this worker's lease on it is over.
-    async fn line_over(&self, claim: &Claim, consumer: &str, job: &super::Job) {
+    async fn line_over(&self, claim: &Claim, job: &super::Job) {
         let Some(batch) = &job.batch else { return };
         // Reading a large batch's lines takes a while: the claim is kept meanwhile.
-        let ended = self.keep_alive(claim, consumer, super::batch::end(&self.jobs.store, batch));
+        let ended = self.keep_alive(claim, super::batch::end(&self.jobs.store, batch));
         match ended.await {
             Ok(true) => tracing::info!(batch = %batch, "batch over: its files are stored"),
             Ok(false) => {}
@@ -333,24 +332,51 @@ impl Workers {
         }
     }
 
-    /// Runs `work` while keeping `claim` alive.
-    async fn keep_alive<T>(
-        &self,
-        claim: &Claim,
-        consumer: &str,
-        work: impl std::future::Future<Output = T>,
-    ) -> T {
+    /// Runs `work` while keeping `claim` alive (until it is found taken over: the work's
+    /// writes are then refused).
+    async fn keep_alive<T>(&self, claim: &Claim, work: impl std::future::Future<Output = T>) -> T {
         let mut work = std::pin::pin!(work);
-        let mut tick = tokio::time::interval(self.keep_every);
+        let mut tick = tokio::time::interval(self.visibility / 3);
         tick.tick().await;
+        let mut held = true;
         loop {
             tokio::select! {
                 out = &mut work => return out,
-                _ = tick.tick() => {
-                    if let Err(e) = self.jobs.store.keep(claim, consumer).await {
+                _ = tick.tick(), if held => match self.jobs.store.keep(claim).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        held = false;
+                        tracing::info!(job = %claim.job.id, "its claim was taken over by another holder");
+                    }
+                    Err(e) => {
                         tracing::warn!(job = %claim.job.id, error = %e, "cannot keep a job's claim alive");
                     }
-                }
+                },
+            }
+        }
+    }
+
+    /// Runs `work` while renewing `notifier`'s lease every third of the visibility timeout;
+    /// `None` (the work dropped, whatever it was sending) as soon as the lease is found no
+    /// longer its holder's.
+    async fn holding<T>(
+        &self,
+        notifier: &Notifier,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let mut work = std::pin::pin!(work);
+        let mut tick = tokio::time::interval(self.visibility / 3);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                out = &mut work => return Some(out),
+                _ = tick.tick() => match self.jobs.store.renew_notice(notifier, self.visibility).await {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(e) => {
+                        tracing::warn!(job = %notifier.job, error = %e, "cannot renew a notification's lease; once it lapses another replica may send it again (same id)");
+                    }
+                },
             }
         }
     }
@@ -431,62 +457,108 @@ impl Workers {
         }
     }
 
-    /// Tells the caller (webhook and/or email, both under one notification lease), if it
-    /// asked and nobody has yet. Whether the notification is settled (told now or before;
-    /// the claim may be acknowledged): `false` while another holder's lease runs, which may
-    /// have died mid-delivery, so the claim is left to lapse and the job is looked at again
-    /// once the lease is over.
+    /// Tells the caller of `job` (over) by webhook and/or email, if it asked and nobody has:
+    /// under the notification's lease ([`Notifier`], renewed while it sends), each channel
+    /// recorded as it ends, and a channel recorded already (by a holder that died before it
+    /// finished) not sent again. Whether the claim may be acknowledged: `false` while another
+    /// holder's lease runs (it may have died mid-delivery: the claim is left to lapse and the
+    /// job looked at again once the lease has), or when this holder lost the lease while
+    /// sending (it lapsed and another holder took over).
     async fn report(
         &self,
-        job: &mut super::Job,
+        job: &super::Job,
         config: &Config,
         policy: &Policy,
-    ) -> Result<bool, super::StoreError> {
+    ) -> Result<bool, StoreError> {
         let hook = webhook_target(job, config);
         let mail = email_target(job, config);
-        if hook.is_none() && mail.is_none() {
+        let wanted: Vec<Channel> = [
+            hook.as_ref().map(|_| Channel::Webhook),
+            mail.as_ref().map(|_| Channel::Email),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if wanted.is_empty() {
             return Ok(true);
         }
-        let lease = policy.retry.initial * 64 + Duration::from_secs(60);
-        if !self.jobs.store.begin_report(&job.id, lease).await? {
-            tracing::info!(job = %job.id, "its caller was told, or is being told, by another holder: not told again");
-            return self.jobs.store.reported(&job.id).await;
-        }
-        let sent: &super::Job = job;
-        let allow = self.jobs.allow_internal_webhooks;
-        let tenants_url = sent.notify.webhook.is_some();
-        let by_hook = async {
-            match &hook {
-                Some((url, _)) if tenants_url && super::address::check(url, allow).is_err() => {
-                    tracing::warn!(job = %sent.id, "webhook not sent: its URL points at an internal address");
-                    vec![super::Delivery {
-                        at_ms: now_ms(),
-                        channel: super::Channel::Webhook,
-                        outcome: "refused_address".to_owned(),
-                    }]
-                }
-                Some((url, secret)) => {
-                    let http = if tenants_url && !allow {
-                        &self.guarded_http
-                    } else {
-                        &self.http
-                    };
-                    webhook::deliver(http, url, secret.as_ref(), policy.retry, sent).await
-                }
-                None => Vec::new(),
+        let store = &self.jobs.store;
+        let notifier = Notifier::new(job);
+        let (hook_told, mail_told) = match store.begin_notice(&notifier, self.visibility).await? {
+            Notice::Granted { webhook, email } => (webhook, email),
+            Notice::Busy => {
+                tracing::info!(job = %job.id, "its caller is being told by another holder: not told again while its lease runs");
+                return Ok(false);
             }
+            Notice::Done => {
+                tracing::info!(job = %job.id, "its caller was told already: not told again");
+                return Ok(true);
+            }
+            Notice::Stale => {
+                tracing::info!(job = %job.id, "re-driven since this outcome: its next outcome is told instead");
+                return Ok(true);
+            }
+        };
+        let by_hook = async {
+            let Some((url, secret)) = hook.filter(|_| !hook_told) else {
+                return Ok(true);
+            };
+            let tries = self.send_webhook(job, &url, secret.as_ref(), policy).await;
+            store
+                .record_notice(&notifier, Channel::Webhook, &tries, &wanted)
+                .await
         };
         let by_mail = async {
-            match &mail {
-                Some((to, smtp)) => super::email::deliver(smtp, to, policy.retry, sent).await,
-                None => Vec::new(),
-            }
+            let Some((to, smtp)) = mail.filter(|_| !mail_told) else {
+                return Ok(true);
+            };
+            let tries = super::email::deliver(&smtp, &to, policy.retry, job).await;
+            store
+                .record_notice(&notifier, Channel::Email, &tries, &wanted)
+                .await
         };
-        let (hooks, mails) = tokio::join!(by_hook, by_mail);
-        job.deliveries.extend(hooks);
-        job.deliveries.extend(mails);
-        self.jobs.store.end_report(job, policy).await?;
-        Ok(true)
+        let recorded = self
+            .holding(&notifier, async { tokio::join!(by_hook, by_mail) })
+            .await;
+        if let Some((hooked, mailed)) = recorded
+            && hooked?
+            && mailed?
+        {
+            return Ok(true);
+        }
+        // Lost while sending: another holder took over once the lease lapsed (this one
+        // stalled), or the job was re-driven. The claim is acknowledged only in the second
+        // case (its entry is over; the re-driven job has a new one).
+        tracing::warn!(job = %job.id, "its notification's lease was lost while sending; left to its new holder");
+        let now = store.get(&job.id).await?;
+        Ok(now.is_none_or(|j| j.redrives != notifier.round))
+    }
+
+    /// Sends `job`'s webhook to `url` (a job's own URL checked against internal addresses
+    /// unless they are allowed), signed with `secret`: every try.
+    async fn send_webhook(
+        &self,
+        job: &super::Job,
+        url: &str,
+        secret: Option<&crate::secret::SecretString>,
+        policy: &Policy,
+    ) -> Vec<super::Delivery> {
+        let allow = self.jobs.allow_internal_webhooks;
+        let tenants_url = job.notify.webhook.is_some();
+        if tenants_url && super::address::check(url, allow).is_err() {
+            tracing::warn!(job = %job.id, "webhook not sent: its URL points at an internal address");
+            return vec![super::Delivery {
+                at_ms: now_ms(),
+                channel: Channel::Webhook,
+                outcome: "refused_address".to_owned(),
+            }];
+        }
+        let http = if tenants_url && !allow {
+            &self.guarded_http
+        } else {
+            &self.http
+        };
+        webhook::deliver(http, url, secret, policy.retry, job).await
     }
 }
 

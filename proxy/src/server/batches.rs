@@ -350,11 +350,28 @@ async fn create_batch(
         file_ids: Some((batch::new_id("file-"), batch::new_id("file-"))),
     };
     // The batch, its state and its lines in one store step: a failure leaves nothing behind.
+    // Its lines count against the tenant's pending jobs like any job's.
     let n = queued.len() as u64;
     let created = stored.batch.clone();
-    batch::create(&jobs.store, stored, queued, window)
+    let bound = if caller.is_some() {
+        jobs.max_pending_per_tenant
+    } else {
+        0
+    };
+    let made = batch::create(&jobs.store, stored, queued, window, bound)
         .await
         .map_err(unavailable)?;
+    if let crate::jobs::Created::Full { pending } = made {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "too_many_pending_jobs",
+            format!(
+                "{pending} jobs of yours are pending in tier {tier}; this batch's {n} lines would pass the most allowed, {bound} (--job-max-pending-per-tenant): retry when some are over, or split the batch"
+            ),
+        )
+        .with_retry_after(std::time::Duration::from_secs(60)));
+    }
     crate::jobs::metrics::get()
         .states
         .get_or_create(&crate::jobs::metrics::StateLabels { state: "queued" })
