@@ -218,8 +218,11 @@ pub fn parse(text: &str) -> ReplicaFigures {
     figures
 }
 
-/// One sample line: `name{k="v",...} value [timestamp]`, labels unescaped.
-fn sample(line: &str) -> Option<(&str, Vec<(String, String)>, f64)> {
+/// A sample's labels, unescaped, in order.
+type Labels = Vec<(String, String)>;
+
+/// One sample line: `name{k="v",...} value [timestamp]`.
+fn sample(line: &str) -> Option<(&str, Labels, f64)> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;

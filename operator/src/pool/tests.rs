@@ -183,7 +183,7 @@ fn live_usage_fills_providers_and_total_and_a_failed_read_clears_them() {
     assert_eq!(again.open_circuits, None);
     let tracked = get(&again, USAGE_TRACKED);
     assert_eq!(
-        (tracked.status.clone(), tracked.reason.as_str()),
+        (tracked.status, tracked.reason.as_str()),
         (ConditionStatus::False, "UsageUnreadable")
     );
     assert!(
