@@ -1,8 +1,9 @@
 //! The Argo CD health check of the Floodgate resources (charts/floodgate/files/argocd-health.lua)
 //! run by a real Lua 5.4 (Debian's, unpacked into the cache by e2e/lua.sh) on the status the
 //! operator's own code computes: a pool missing a key is Degraded and says which, a complete
-//! one Healthy, a model rolling out Progressing, a resource the operator has not seen yet (or
-//! not at its generation) Progressing.
+//! one Healthy, a model rolling out Progressing, a routing policy naming a missing pool
+//! Degraded and Healthy once it exists, a resource the operator has not seen yet (or not at
+//! its generation) Progressing.
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
@@ -95,7 +96,7 @@ fn a_pool_missing_a_key_is_degraded_and_a_complete_one_healthy() {
         Some(2),
         None,
         &one_key,
-        None,
+        &floodgate_operator::pool::Live::Unconfigured,
         "2026-11-30T00:00:00Z",
     );
     let (verdict, message) = health(&object(2, &status));
@@ -112,7 +113,7 @@ fn a_pool_missing_a_key_is_degraded_and_a_complete_one_healthy() {
         Some(2),
         Some(&status),
         &both,
-        None,
+        &floodgate_operator::pool::Live::Unconfigured,
         "2026-11-30T00:01:00Z",
     );
     assert_eq!(health(&object(2, &status)).0, "Healthy");
@@ -171,4 +172,28 @@ fn a_model_rolling_out_is_progressing_and_one_without_its_claim_degraded() {
         health(&object(4, &refused)),
         ("Degraded".to_owned(), "Deployment refused".to_owned())
     );
+}
+
+#[test]
+fn a_routing_policy_naming_a_missing_pool_is_degraded_until_it_exists() {
+    use floodgate_operator::routing_policy::{TargetKind, compute_status};
+    let spec: floodgate_crds::RoutingPolicySpec = serde_json::from_value(json!({
+        "rules": [{"name": "local-first", "match": {"classes": ["simple"]},
+                   "targets": [{"pool": "premium"}]}]
+    }))
+    .unwrap();
+    let none = std::collections::BTreeSet::new();
+    let missing = compute_status(&spec, Some(1), None, &none, "2026-11-30T00:00:00Z");
+    let (verdict, message) = health(&object(1, &missing));
+    assert_eq!(verdict, "Degraded");
+    assert!(message.contains(r#""premium" not found"#), "{message}");
+    let found = std::collections::BTreeSet::from([(TargetKind::Pool, "premium".to_owned())]);
+    let ready = compute_status(
+        &spec,
+        Some(1),
+        Some(&missing),
+        &found,
+        "2026-11-30T00:01:00Z",
+    );
+    assert_eq!(health(&object(1, &ready)).0, "Healthy");
 }

@@ -292,7 +292,12 @@ async fn the_chart_lints_renders_its_values_and_the_api_server_accepts_it() {
             "--leader-elect",
             "--metrics-listen",
             "0.0.0.0:9090",
-            "--log-json"
+            "--log-json",
+            // No Redis by default: pools' usage is scraped from the gateway's pods.
+            "--gateway-metrics-selector",
+            "app.kubernetes.io/name=floodgate,app.kubernetes.io/instance=floodgate,app.kubernetes.io/component=gateway",
+            "--gateway-metrics-port",
+            "9090"
         ]
     );
     let deployment = object(&defaults, "Deployment");

@@ -505,6 +505,7 @@ async fn a_second_replica_waits_for_the_lease_and_takes_over_when_the_first_stop
             namespace: Some(ns.name().to_owned()),
             instance: Some(id.to_owned()),
             redis_url: None,
+            gateway_metrics: None,
         };
         let lock = LeaseLock::new(client.clone(), ns.name(), "floodgate-operator", id);
         let task = tokio::spawn(floodgate_operator::run_leader_elected(
@@ -631,6 +632,7 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
         namespace: Some(ns.name().to_owned()),
         instance: Some("rbac".to_owned()),
         redis_url: None,
+        gateway_metrics: None,
     };
     let lock = floodgate_operator::leader::LeaseLock::new(
         operator.clone(),
@@ -753,6 +755,9 @@ async fn the_charts_operator_role_is_enough_for_every_controller_and_no_more() {
         ("create", "secrets", ns.name(), false),
         ("delete", "deployments.apps", ns.name(), false),
         ("create", "pods", ns.name(), false),
+        // The gateway's pods, found to scrape their metrics without Redis.
+        ("list", "pods", ns.name(), true),
+        ("list", "pods", "default", false),
         ("patch", "aiproviderpools.floodgate.dev", ns.name(), false),
     ] {
         let out = cluster
@@ -954,6 +959,7 @@ async fn a_leader_whose_lease_is_taken_stops_its_controllers_at_its_next_renewal
         namespace: Some(ns.name().to_owned()),
         instance: Some("replica-a".to_owned()),
         redis_url: None,
+        gateway_metrics: None,
     };
     let lock = LeaseLock::new(client.clone(), ns.name(), "floodgate-operator", "replica-a");
     let task = tokio::spawn(floodgate_operator::run_leader_elected(
@@ -991,4 +997,74 @@ async fn a_leader_whose_lease_is_taken_stops_its_controllers_at_its_next_renewal
         lease.spec.unwrap().holder_identity.as_deref(),
         Some("replica-z")
     );
+}
+
+/// HPA mode: `examples/local-model-hpa/` (a LocalModelDeployment without `spec.autoscaling`
+/// and an autoscaling/v2 HPA targeting it) applied under the operator. The controller
+/// manager's HPA controller reads the model through its scale subresource (the CRD's
+/// `specReplicasPath` and `labelSelectorPath`) and raises it from 1 to `minReplicas` 2 by
+/// writing `/scale`; the operator then gives its Deployment 2 replicas. The External metric
+/// itself is not served here (no metrics adapter in the e2e cluster): the HPA says so in
+/// `ScalingActive`, and scaling on demand beyond `minReplicas` is untested.
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: `make e2e` (see e2e/src/cluster.rs)"]
+async fn an_hpa_raises_a_local_model_to_min_replicas_through_its_scale_subresource() {
+    let (cluster, ns, client, _operator) = setup("operator-hpa", None).await;
+    let example = cluster.repo_root().join("examples/local-model-hpa");
+    cluster
+        .kubectl(["apply", "-n", ns.name(), "-f", example.to_str().unwrap()])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let lmds: Api<LocalModelDeployment> = Api::namespaced(client.clone(), ns.name());
+    // The HPA controller syncs every 15 s.
+    let started = Instant::now();
+    let lmd = wait_until(&lmds, "llama", "the HPA to set 2 replicas", |l| {
+        l.spec.replicas == Some(2)
+    })
+    .await;
+    eprintln!(
+        "the HPA raised the model to 2 after {:?}",
+        started.elapsed()
+    );
+    // Through the scale subresource, by the controller manager.
+    let writers: Vec<(String, Option<String>)> = lmd
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|f| (f.manager.clone().unwrap_or_default(), f.subresource.clone()))
+        .collect();
+    assert!(
+        writers
+            .iter()
+            .any(|(m, sub)| m.starts_with("kube-controller-manager")
+                && sub.as_deref() == Some("scale")),
+        "{writers:?}"
+    );
+    // The operator follows: the Deployment wants 2.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns.name());
+    wait_until(&deployments, "llama", "the Deployment at 2 replicas", |d| {
+        d.spec.as_ref().and_then(|s| s.replicas) == Some(2)
+    })
+    .await;
+    // What the HPA says of the metric it could not read (shown, not asserted: a cluster with
+    // an adapter reads it).
+    let hpa = cluster
+        .kubectl([
+            "get",
+            "hpa",
+            "llama",
+            "-n",
+            ns.name(),
+            "-o",
+            "jsonpath={.status.conditions}",
+        ])
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    eprintln!("HPA conditions: {}", hpa.stdout);
+    assert!(hpa.stdout.contains("AbleToScale"), "{}", hpa.stdout);
 }

@@ -1,7 +1,8 @@
 //! The operator's live usage reader against a real redis-server, written by the proxy's own
 //! shared budgets: what the proxies count against a key's limit is what a pool's `usedRpm`
 //! reports, per provider, keyless providers included, other pools excluded; and the circuit
-//! states the proxies publish are summed per provider.
+//! states the proxies publish are summed per provider. Without Redis, the same figures
+//! scraped from a real proxy process's `/metrics` (`floodgate_operator::gateway`).
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
@@ -352,4 +353,76 @@ async fn circuits_are_the_worst_over_the_replicas_that_still_publish() {
             ("gpt4".to_owned(), "open", 2, 1)
         ]
     );
+}
+
+/// Without Redis: a real proxy answers 3 requests on a key of 60 RPM and fails one on a
+/// provider whose circuit opens at the first failure; its `/metrics`, scraped as the operator
+/// scrapes the gateway's pods, give 3 requests in the minute for `openai`, and `broken` open
+/// on the one replica.
+#[tokio::test]
+async fn without_redis_usage_and_circuits_are_scraped_from_the_gateways_metrics() {
+    use floodgate_e2e::mock::{MockConfig, MockProviders};
+    use floodgate_e2e::proxy::ProxyProcess;
+    use floodgate_operator::gateway::{Scraper, Targets};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let pool = serde_json::json!({
+        "circuitBreaker": {"failureThreshold": 1, "openSeconds": 600},
+        "providers": [
+            {"name": "openai", "type": "openai", "baseUrl": mock.base_url(),
+             "models": [{"name": "gpt-4o"}],
+             "keys": [{"name": "primary", "secretRef": {"name": "keys", "key": "a"}, "rpm": 60}]},
+            {"name": "broken", "type": "openai", "baseUrl": mock.base_url(),
+             "models": [{"name": "gpt-4o-error-500"}],
+             "keys": [{"secretRef": {"name": "keys", "key": "b"}, "rpm": 60}]}
+        ]
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: sk-a, b: sk-b}}\n\
+         ---\napiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: premium}}\nspec: {pool}\n"
+    );
+    std::fs::write(dir.path().join("pool.yaml"), manifests).unwrap();
+    let proxy = ProxyProcess::start(
+        [
+            "--config".to_owned(),
+            dir.path().display().to_string(),
+            "--watch-interval-ms".to_owned(),
+            "0".to_owned(),
+        ],
+        &[],
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let chat = async |model: &str| {
+        http.post(proxy.url("/v1/chat/completions"))
+            .json(&serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    for _ in 0..3 {
+        assert_eq!(chat("gpt-4o").await, 200);
+    }
+    assert!(chat("gpt-4o-error-500").await.is_server_error());
+
+    let spec: AIProviderPoolSpec = serde_json::from_value(pool).unwrap();
+    let client =
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
+    let scraper = Scraper::new(client, Targets::Urls(vec![proxy.admin_url("")]));
+    let (usage, circuits) = scraper.pool_live("premium", &spec).await.unwrap();
+    assert_eq!(usage.get("openai"), Some(&3), "{usage:?}");
+    assert_eq!(usage.get("broken"), Some(&1), "{usage:?}");
+    let (openai, broken) = (circuits["openai"], circuits["broken"]);
+    assert_eq!(
+        (openai.worst, openai.replicas, openai.open),
+        ("closed", 1, 0)
+    );
+    assert_eq!((broken.worst, broken.replicas, broken.open), ("open", 1, 1));
+    // Another pool's name reads nothing.
+    let (other, circuits) = scraper.pool_live("other", &spec).await.unwrap();
+    assert_eq!(other.values().sum::<u64>(), 0);
+    assert!(circuits.is_empty());
 }

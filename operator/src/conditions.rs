@@ -20,6 +20,10 @@ pub const DEGRADED: &str = "Degraded";
 /// (LocalModelDeployment with `spec.autoscaling`).
 pub const AUTOSCALING_ACTIVE: &str = "AutoscalingActive";
 
+/// The live figures the proxies share (a tenant's use, a pool's usage and circuits) are read:
+/// when not, the figures do not mean what they say.
+pub const USAGE_TRACKED: &str = "UsageTracked";
+
 /// A condition as computed by a reconciler, before [`merge`] gives it its times.
 pub fn condition(type_: &str, status: bool, reason: &str, message: impl Into<String>) -> Condition {
     Condition {

@@ -36,6 +36,9 @@ pub struct Config {
     /// The Redis the gateway shares budgets in, for pools' live usage; none: usage not read.
     /// May carry a password, so [`Debug`] does not print it.
     pub redis_url: Option<String>,
+    /// Without Redis, where the gateway's replicas serve `/metrics`: pools' usage and
+    /// circuits are scraped from there ([`crate::gateway`]). Unused with a Redis URL.
+    pub gateway_metrics: Option<crate::gateway::Targets>,
 }
 
 impl Debug for Config {
@@ -44,6 +47,7 @@ impl Debug for Config {
             .field("namespace", &self.namespace)
             .field("instance", &self.instance)
             .field("redis_url", &self.redis_url.as_ref().map(|_| "***"))
+            .field("gateway_metrics", &self.gateway_metrics)
             .finish()
     }
 }
@@ -56,6 +60,8 @@ pub struct Context {
     pub config: Config,
     /// Live usage from the gateway's Redis, when configured.
     pub usage: Option<Arc<UsageReader>>,
+    /// Without Redis, pools' live figures scraped from the gateway's replicas, when configured.
+    pub gateway: Option<Arc<crate::gateway::Scraper>>,
     /// Where local models' demand is read (the same Redis, when configured).
     pub demand: DemandSource,
     /// The operator's metrics.
@@ -88,7 +94,14 @@ impl Context {
             Some(reader) => DemandSource::Redis(reader.clone()),
             None => DemandSource::Unconfigured,
         };
-        Ok(Self::build(client, config, metrics, usage, demand))
+        let gateway = match (&usage, &config.gateway_metrics) {
+            (None, Some(targets)) => Some(Arc::new(crate::gateway::Scraper::new(
+                client.clone(),
+                targets.clone(),
+            ))),
+            _ => None,
+        };
+        Ok(Self::build(client, config, metrics, usage, gateway, demand))
     }
 
     /// A context that reads local models' demand from `demand` instead of Redis (and no
@@ -99,7 +112,7 @@ impl Context {
         metrics: Arc<Metrics>,
         demand: DemandSource,
     ) -> Arc<Self> {
-        Self::build(client, config, metrics, None, demand)
+        Self::build(client, config, metrics, None, None, demand)
     }
 
     fn build(
@@ -107,6 +120,7 @@ impl Context {
         config: Config,
         metrics: Arc<Metrics>,
         usage: Option<Arc<UsageReader>>,
+        gateway: Option<Arc<crate::gateway::Scraper>>,
         demand: DemandSource,
     ) -> Arc<Self> {
         let reporter = Reporter {
@@ -118,6 +132,7 @@ impl Context {
             client,
             config,
             usage,
+            gateway,
             demand,
             metrics,
             autoscaler: crate::autoscale::Autoscaler::default(),

@@ -12,6 +12,10 @@ pub enum Error {
     /// Redis (live usage) failed; never fatal to a reconcile.
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// A gateway replica's `/metrics` could not be scraped (live usage without Redis); never
+    /// fatal to a reconcile.
+    #[error("cannot scrape the gateway's metrics: {0}")]
+    Scrape(String),
     /// Another replica took the leader Lease, or it could not be renewed.
     #[error("lost the leader Lease")]
     LeaseLost,
@@ -31,6 +35,7 @@ impl Error {
             Error::NoNamespace(_) => "no_namespace",
             Error::Encode(_) => "encode",
             Error::Redis(_) => "redis",
+            Error::Scrape(_) => "scrape",
             Error::LeaseLost => "lease_lost",
             Error::LeaseCallTimeout(_) => "lease_timeout",
         }

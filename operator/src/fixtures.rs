@@ -40,6 +40,21 @@ pub fn context(demand: DemandSource) -> (Arc<Context>, ApiServer) {
     (ctx, ApiServer(handle))
 }
 
+/// A context whose client talks to the returned [`ApiServer`], reading live figures (usage,
+/// circuits, demand) from the Redis at `redis_url`.
+pub fn context_with_redis(redis_url: &str) -> (Arc<Context>, ApiServer) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let config = Config {
+        redis_url: Some(redis_url.to_owned()),
+        ..Config::default()
+    };
+    match Context::new(client, config, Arc::new(Metrics::default())) {
+        Ok(ctx) => (ctx, ApiServer(handle)),
+        Err(e) => panic!("a context reading {redis_url}: {e}"),
+    }
+}
+
 /// One request the reconcile made, as the API server received it.
 #[derive(Debug)]
 pub struct Call {

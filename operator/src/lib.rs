@@ -2,7 +2,7 @@
 //!
 //! | resource | controller | watches | writes |
 //! |---|---|---|---|
-//! | AIProviderPool | [`pool`] | pools, Secrets | status: keys, capacity, SecretsFound/KeysReady/Degraded/Ready |
+//! | AIProviderPool | [`pool`] | pools, Secrets | status: keys, capacity, usage and circuits (Redis, else [`gateway`] metrics), SecretsFound/KeysReady/Degraded/UsageTracked/Ready |
 //! | TierQueue | [`tier_queue`] | tier queues, Secrets | status: tier count, waiting per tier and class, oldest wait, SecretsFound/Ready |
 //! | CachePolicy | [`cache_policy`] | cache policies | status: Ready; with Redis, hit ratios (overall and per layer), lookups, entries, bytes |
 //! | LocalModelDeployment | [`local_model`] | models, owned Deployments/Services/PVCs | Deployment, Service, PVC; replicas (autoscaling, by the scale subresource); status |
@@ -12,7 +12,8 @@
 //! Every reconciler has the same shape: `reconcile(obj, ctx) -> Result<Action>`, the shared
 //! [`context::error_policy`] (exponential backoff per object), status by server-side apply with
 //! the field manager [`context::FIELD_MANAGER`] and only when it changed, and Events on
-//! transitions of Ready, Degraded and Progressing.
+//! transitions of Ready, Degraded and Progressing. Each reconcile runs in a span
+//! ([`telemetry`]), exported over OTLP with `--otlp-endpoint`.
 
 pub mod autoscale;
 pub mod cache_policy;
@@ -21,6 +22,7 @@ pub mod context;
 pub mod error;
 #[cfg(test)]
 mod fixtures;
+pub mod gateway;
 pub mod health;
 pub mod leader;
 pub mod local_model;
@@ -28,6 +30,7 @@ pub mod metrics;
 pub mod pool;
 pub mod routing_policy;
 pub mod secrets;
+pub mod telemetry;
 pub mod tenant;
 pub mod tier_queue;
 pub mod usage;
@@ -43,6 +46,7 @@ use floodgate_crds::{
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -77,15 +81,18 @@ async fn run_fenced(
     tracing::info!(namespace = ?ctx.config.namespace, "floodgate-operator starting its controllers");
     ctx.metrics.set_leader(true);
     if !ctx.demand.is_configured() {
+        let pools = if ctx.gateway.is_some() {
+            "pools' usedRpm and circuits are scraped from the gateway replicas' /metrics, but "
+        } else {
+            "pools' usedRpm and circuits, "
+        };
         tracing::warn!(
-            "no Redis configured (--redis-url): pools' usedRpm, tenants' use and local models' demand are not read, \
+            "no Redis configured (--redis-url): {pools}tenants' use, TierQueue and CachePolicy figures and local models' demand are not read, \
              so LocalModelDeployment autoscaling is not acted on (replicas follow spec.replicas, else minReplicas); \
              each LocalModelDeployment with spec.autoscaling says so in its AutoscalingActive condition"
         );
     }
-    tracing::info!(
-        "not acted on yet: TierQueue dead letters and p95 waits, CachePolicy hit ratio, pool circuit states"
-    );
+    tracing::info!("not acted on yet: TierQueue dead letters");
     let stop = Stop { shutdown, lost };
     futures::join!(
         run_pools(ctx.clone(), stop.clone()),
@@ -156,6 +163,10 @@ pub async fn run_leader_elected(
     Ok(())
 }
 
+// Secrets are watched as metadata only (`Api<PartialObjectMeta<Secret>>`): a controller maps a
+// Secret to the resources naming it by name, and reads the keys it needs when it reconciles;
+// a cache of whole Secrets would hold every value of the namespace, once per controller.
+
 async fn run_pools(ctx: Arc<Context>, stop: Stop) {
     let controller = Controller::new(
         ctx.watched_api::<AIProviderPool>(),
@@ -163,7 +174,7 @@ async fn run_pools(ctx: Arc<Context>, stop: Stop) {
     );
     let store = controller.store();
     let controller = controller.watches(
-        ctx.watched_api::<Secret>(),
+        ctx.watched_api::<PartialObjectMeta<Secret>>(),
         watcher::Config::default(),
         move |secret| {
             pool::pools_using_secret(&store, secret.namespace().as_deref(), &secret.name_any())
@@ -176,7 +187,7 @@ async fn run_tier_queues(ctx: Arc<Context>, stop: Stop) {
     let controller = Controller::new(ctx.watched_api::<TierQueue>(), watcher::Config::default());
     let store = controller.store();
     let controller = controller.watches(
-        ctx.watched_api::<Secret>(),
+        ctx.watched_api::<PartialObjectMeta<Secret>>(),
         watcher::Config::default(),
         move |secret| {
             tier_queue::using_secret(&store, secret.namespace().as_deref(), &secret.name_any())
@@ -189,7 +200,7 @@ async fn run_tenants(ctx: Arc<Context>, stop: Stop) {
     let controller = Controller::new(ctx.watched_api::<Tenant>(), watcher::Config::default());
     let store = controller.store();
     let controller = controller.watches(
-        ctx.watched_api::<Secret>(),
+        ctx.watched_api::<PartialObjectMeta<Secret>>(),
         watcher::Config::default(),
         move |secret| {
             tenant::using_secret(&store, secret.namespace().as_deref(), &secret.name_any())
@@ -279,15 +290,8 @@ where
     let mut reconcile = reconcile;
     let lost = stop.lost.clone();
     let measured = move |obj: Arc<K>, ctx: Arc<Context>| {
-        let started = std::time::Instant::now();
-        let pending = reconcile(obj, ctx.clone());
-        let lost = lost.clone();
-        async move {
-            let result = leader::fenced(lost, pending).await;
-            let error = result.as_ref().err().map(Error::metric_label);
-            ctx.metrics.observe(&K::kind(&()), error, started.elapsed());
-            result
-        }
+        let pending = reconcile(obj.clone(), ctx.clone());
+        telemetry::traced(obj.as_ref(), pending, ctx, lost.clone())
     };
     let store = controller.store();
     let sweeper = tokio::spawn(sweep_deleted(store, ctx.clone(), stop.clone()));

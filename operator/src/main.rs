@@ -23,6 +23,18 @@ struct Args {
     /// usage (`usedRpm`); without it usage is not read.
     #[arg(long, env = "FLOODGATE_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
+    /// Without `--redis-url`: scrape pools' usage and circuits from the `/metrics` of the
+    /// Ready gateway pods matching this label selector in `--lease-namespace` (the
+    /// operator's own), e.g. `app.kubernetes.io/component=gateway`.
+    #[arg(long, env = "FLOODGATE_GATEWAY_METRICS_SELECTOR")]
+    gateway_metrics_selector: Option<String>,
+    /// The gateway pods' `--admin-listen` port.
+    #[arg(long, default_value_t = 9090)]
+    gateway_metrics_port: u16,
+    /// Without `--redis-url`: scrape these gateway replicas (`http://host:port`, one per
+    /// replica) instead of finding pods.
+    #[arg(long = "gateway-metrics-url", value_delimiter = ',')]
+    gateway_metrics_urls: Vec<String>,
     /// Run the controllers only while holding the Lease `--lease-name` in `--lease-namespace`,
     /// so that several replicas are safe.
     #[arg(long, env = "FLOODGATE_LEADER_ELECT")]
@@ -79,21 +91,29 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "FLOODGATE_LOG_JSON")]
     log_json: bool,
+    /// Export a span per reconcile with OTLP over HTTP/protobuf to this collector
+    /// (`http://collector:4318`, or the full `.../v1/traces` URL), as the gateway does. The
+    /// service name comes from `OTEL_SERVICE_NAME` (default `floodgate-operator`).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    // Before the runtime, and dropped after it (flushing the last spans): the exporter's
+    // HTTP client blocks.
+    let _telemetry =
+        floodgate_operator::telemetry::init(args.log_json, args.otlp_endpoint.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let result = runtime.block_on(run(args));
+    drop(runtime);
+    result
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = kube::Client::try_default()
         .await
@@ -102,7 +122,9 @@ async fn main() -> anyhow::Result<()> {
     let signal = shutdown.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
-        tracing::info!("shutting down: finishing the reconciles in flight");
+        tracing::info!(
+            "shutting down: finishing the reconciles in flight; the webhook, if served, keeps answering for its drain"
+        );
         signal.cancel();
     });
     let identity = args
@@ -114,6 +136,19 @@ async fn main() -> anyhow::Result<()> {
         namespace: args.namespace,
         instance: args.instance,
         redis_url: args.redis_url,
+        gateway_metrics: if args.gateway_metrics_urls.is_empty() {
+            args.gateway_metrics_selector.map(|selector| {
+                floodgate_operator::gateway::Targets::Pods {
+                    namespace: args.lease_namespace.clone(),
+                    selector,
+                    port: args.gateway_metrics_port,
+                }
+            })
+        } else {
+            Some(floodgate_operator::gateway::Targets::Urls(
+                args.gateway_metrics_urls.clone(),
+            ))
+        },
     };
     let metrics = Arc::new(Metrics::default());
     let webhook = match args.webhook_listen {

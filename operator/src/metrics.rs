@@ -107,7 +107,7 @@ impl Default for Metrics {
         let demand = Family::<DemandLabels, Gauge>::default();
         registry.register(
             "floodgate_operator_local_model_demand",
-            "The gateway's demand for each local model, summed over its replicas (requests queued and in flight; the slowest replica's p95 answer time in ms), as read from Redis",
+            "The gateway's demand for each local model, summed over its replicas (requests queued and in flight; the slowest replica's p95 answer time in ms), as read from Redis; absent while no gateway replica reports the model or the read fails",
             demand.clone(),
         );
         Self {
@@ -183,15 +183,29 @@ impl Metrics {
             if keep(namespace, name) {
                 return true;
             }
-            for signal in DEMAND_SIGNALS {
-                self.demand.remove(&DemandLabels {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    signal,
-                });
-            }
+            self.remove_demand_series(namespace, name);
             false
         });
+    }
+
+    /// Removes the demand series of local model `namespace/name`: its demand is unknown (no
+    /// gateway replica reports it, or it could not be read). An HPA then finds no metric and
+    /// holds the replicas, where a stale or zero figure would scale a busy model down.
+    pub fn remove_demand(&self, namespace: &str, name: &str) {
+        let mut models = self.demand_models.lock().unwrap_or_else(|p| p.into_inner());
+        if models.remove(&(namespace.to_owned(), name.to_owned())) {
+            self.remove_demand_series(namespace, name);
+        }
+    }
+
+    fn remove_demand_series(&self, namespace: &str, name: &str) {
+        for signal in DEMAND_SIGNALS {
+            self.demand.remove(&DemandLabels {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                signal,
+            });
+        }
     }
 
     /// Reconciles of `kind` with `result` so far.

@@ -3,10 +3,15 @@
 //! was missing is created or fixed.
 //!
 //! Conditions: `SecretsFound` (every referenced Secret exists), `KeysReady` (every key resolves
-//! to a non-empty value), `Degraded` (some keys do not, but some capacity remains) and `Ready`
-//! (all keys resolve). Messages name the Secret and key at fault, never a value.
+//! to a non-empty value), `Degraded` (some keys do not, but some capacity remains), `Ready`
+//! (all keys resolve) and `UsageTracked` (the live figures, `usedRpm` and the circuits, were
+//! read on this pass; when not, they are cleared to 0 and `unknown` rather than left at what
+//! an earlier pass saw, and the condition names why). Messages name the Secret and key at
+//! fault, never a value.
 
-use crate::conditions::{self, DEGRADED, KEYS_READY, READY, SECRETS_FOUND, condition};
+use crate::conditions::{
+    self, DEGRADED, KEYS_READY, READY, SECRETS_FOUND, USAGE_TRACKED, condition,
+};
 use crate::context::{Context, object_key};
 use crate::error::{Error, Result};
 use crate::secrets::{Resolution, SecretIndex, describe_unresolved};
@@ -23,8 +28,20 @@ use std::time::Duration;
 
 /// How often a pool is looked at again when nothing it watches changes.
 pub const RESYNC: Duration = Duration::from_secs(300);
-/// How often a pool's live usage is refreshed when Redis is configured.
+/// How often a pool's live usage is refreshed when Redis or the gateway's metrics are
+/// configured.
 pub const USAGE_REFRESH: Duration = Duration::from_secs(15);
+
+/// What reading a pool's live figures gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Live {
+    /// No source to read them from (no `--redis-url`, no gateway metrics).
+    Unconfigured,
+    /// The source failed; why.
+    Failed(String),
+    /// Requests of the last minute and circuits, per provider.
+    Read(ProviderUsage, PoolCircuits),
+}
 
 /// Reconciles one pool: reads the Secrets it names and writes its status.
 pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<Action> {
@@ -32,29 +49,28 @@ pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<A
         .namespace()
         .ok_or_else(|| Error::NoNamespace(object_key(pool.as_ref())))?;
     let secrets = SecretIndex::load(&ctx.client, &ns, secret_names(&pool.spec)).await?;
-    let live = match &ctx.usage {
-        Some(reader) => match read_live(reader, &pool).await {
-            Ok(live) => Some(live),
-            Err(e) => {
-                // Usage is a figure, not health: keep the last one and say why in the log.
-                tracing::warn!(object = %object_key(pool.as_ref()), error = %e, "cannot read live usage");
-                None
-            }
-        },
-        None => None,
+    let read = match (&ctx.usage, &ctx.gateway) {
+        (Some(reader), _) => Some(read_live(reader, &pool).await),
+        (None, Some(scraper)) => Some(scraper.pool_live(&pool.name_any(), &pool.spec).await),
+        (None, None) => None,
+    };
+    let live = match read {
+        None => Live::Unconfigured,
+        Some(Ok((usage, circuits))) => Live::Read(usage, circuits),
+        Some(Err(e)) => {
+            tracing::warn!(object = %object_key(pool.as_ref()), error = %e, "cannot read live usage");
+            Live::Failed(e.to_string())
+        }
     };
     let old = pool.status.as_ref();
-    let mut status = compute_status(
+    let status = compute_status(
         &pool.spec,
         pool.metadata.generation,
         old,
         &secrets,
-        live.as_ref().map(|(usage, _)| usage),
+        &live,
         &conditions::now(),
     );
-    if let Some((_, circuits)) = &live {
-        apply_circuits(&mut status, circuits);
-    }
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     ctx.write_status(
         pool.as_ref(),
@@ -65,14 +81,17 @@ pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<A
     )
     .await?;
     ctx.succeeded(pool.as_ref());
-    Ok(Action::requeue(if ctx.usage.is_some() {
-        USAGE_REFRESH
-    } else {
-        RESYNC
-    }))
+    Ok(Action::requeue(
+        if ctx.usage.is_some() || ctx.gateway.is_some() {
+            USAGE_REFRESH
+        } else {
+            RESYNC
+        },
+    ))
 }
 
-/// The live usage and circuits of `pool`, as the gateway's replicas share them in Redis.
+/// The live usage and circuits of `pool`, as the gateway's replicas share them in Redis
+/// (without Redis: [`crate::gateway::Scraper::pool_live`]).
 async fn read_live(
     reader: &crate::usage::UsageReader,
     pool: &AIProviderPool,
@@ -131,16 +150,20 @@ pub fn pools_using_secret(
 }
 
 /// The status of a pool of `spec` at `generation`, given the Secrets that exist and the live
-/// usage per provider; without usage (no Redis, or it failed) the figures of `old` stay, and
-/// so do the circuits ([`apply_circuits`] sets them from a fresh read).
+/// figures; figures not read on this pass are 0 and circuits `unknown`, never an earlier
+/// pass's, with `UsageTracked` saying why.
 pub fn compute_status(
     spec: &AIProviderPoolSpec,
     generation: Option<i64>,
     old: Option<&AIProviderPoolStatus>,
     secrets: &SecretIndex,
-    usage: Option<&ProviderUsage>,
+    live: &Live,
     now: &str,
 ) -> AIProviderPoolStatus {
+    let usage = match live {
+        Live::Read(usage, _) => Some(usage),
+        Live::Unconfigured | Live::Failed(_) => None,
+    };
     let mut providers = Vec::new();
     let (mut ready_keys, mut total_keys, mut capacity_rpm) = (0u32, 0u32, 0u64);
     for p in &spec.providers {
@@ -158,18 +181,14 @@ pub fn compute_status(
         }
         ready_keys += provider_ready;
         total_keys += provider_total;
-        let previous = old.and_then(|o| o.providers.iter().find(|s| s.name == p.name));
         providers.push(ProviderStatus {
             name: p.name.clone(),
-            circuit: previous.map_or_else(|| "unknown".to_owned(), |s| s.circuit.clone()),
-            circuit_replicas: previous.map_or(0, |s| s.circuit_replicas),
-            circuit_open_replicas: previous.map_or(0, |s| s.circuit_open_replicas),
+            circuit: "unknown".to_owned(),
+            circuit_replicas: 0,
+            circuit_open_replicas: 0,
             ready_keys: provider_ready,
             total_keys: provider_total,
-            used_rpm: match usage {
-                Some(u) => u.get(&p.name).copied().unwrap_or(0),
-                None => previous.map_or(0, |s| s.used_rpm),
-            },
+            used_rpm: usage.and_then(|u| u.get(&p.name).copied()).unwrap_or(0),
         });
     }
 
@@ -215,11 +234,17 @@ pub fn compute_status(
         }
     };
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
-    AIProviderPoolStatus {
+    let mut status = AIProviderPoolStatus {
         observed_generation: generation,
         conditions: conditions::merge(
             old_conditions,
-            vec![ready, secrets_found, keys_ready, degraded],
+            vec![
+                ready,
+                secrets_found,
+                keys_ready,
+                degraded,
+                usage_tracked(live),
+            ],
             generation,
             now,
         ),
@@ -228,12 +253,39 @@ pub fn compute_status(
         total_keys,
         keys: Some(format!("{ready_keys}/{total_keys}")),
         capacity_rpm,
-        used_rpm: match usage {
-            Some(u) => u.values().sum(),
-            None => old.map_or(0, |o| o.used_rpm),
-        },
-        open_circuits: old.and_then(|o| o.open_circuits),
+        used_rpm: usage.map_or(0, |u| u.values().sum()),
+        open_circuits: None,
         providers,
+    };
+    if let Live::Read(_, circuits) = live {
+        apply_circuits(&mut status, circuits);
+    }
+    status
+}
+
+/// The `UsageTracked` condition after reading `live`.
+fn usage_tracked(live: &Live) -> floodgate_crds::Condition {
+    match live {
+        Live::Unconfigured => condition(
+            USAGE_TRACKED,
+            false,
+            "NoUsageSource",
+            "the operator has neither --redis-url nor --gateway-metrics-selector: usedRpm and the circuits are not read",
+        ),
+        Live::Failed(why) => condition(
+            USAGE_TRACKED,
+            false,
+            "UsageUnreadable",
+            format!(
+                "cannot read the gateway's figures ({why}): usedRpm shows 0 and circuits unknown until a read succeeds"
+            ),
+        ),
+        Live::Read(..) => condition(
+            USAGE_TRACKED,
+            true,
+            "UsageRead",
+            "requests of the last minute and circuits, over every gateway replica",
+        ),
     }
 }
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Whether the proxies share this tenant's use, so that `usedRpm`/`usedTpm` mean something.
-pub const USAGE_TRACKED: &str = "UsageTracked";
+pub use crate::conditions::USAGE_TRACKED;
 /// How often a tenant is looked at again when nothing it watches changes.
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// How often a tenant's use is refreshed when Redis is configured.

@@ -24,13 +24,7 @@
 //! them from its own thread. Most of that cost is building the spans in the layer, so
 //! sampling (`OTEL_TRACES_SAMPLER`) happens before the layer, in `RequestSampler`.
 
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::{Protocol, WithExportConfig as _};
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::Sampler;
-use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 use tracing::subscriber::Interest;
 use tracing::{Metadata, Subscriber};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
@@ -51,21 +45,12 @@ pub const DEFAULT_SERVICE_NAME: &str = "floodgate-proxy";
 /// The log filter used when `RUST_LOG` is unset or invalid.
 const DEFAULT_LOG_FILTER: &str = "info,tower_http=warn";
 
-/// The OTLP/HTTP path of traces, appended to the collector's base URL.
-const TRACES_PATH: &str = "/v1/traces";
-
-/// How long shutdown waits for the last spans to be exported.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Errors setting up logs and traces.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The OTLP endpoint is not an `http(s)://` URL.
-    #[error("--otlp-endpoint {0:?} is not an http:// or https:// URL")]
-    Endpoint(String),
-    /// The OTLP exporter could not be built.
-    #[error("cannot build the OTLP exporter: {0}")]
-    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// The OTLP endpoint is not an `http(s)://` URL, or the exporter could not be built.
+    #[error(transparent)]
+    Otlp(#[from] floodgate_telemetry::Error),
     /// A global subscriber was already installed.
     #[error("cannot install the tracing subscriber: {0}")]
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
@@ -84,33 +69,7 @@ pub struct Options {
 }
 
 /// Keeps the trace exporter; dropping it flushes the spans not yet exported.
-#[derive(Debug)]
-#[must_use = "dropping the guard shuts the trace exporter down"]
-pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
-}
-
-impl Telemetry {
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
-    /// Exports the spans still buffered and stops the exporter (also done on drop).
-    pub fn shutdown(&mut self) {
-        if let Some(provider) = self.provider.take()
-            && let Err(e) = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT)
-        {
-            tracing::warn!(error = %e, "the trace exporter did not shut down cleanly");
-        }
-    }
-}
-
-impl Drop for Telemetry {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
+pub type Telemetry = floodgate_telemetry::Exporter;
 
 /// Installs the global subscriber: the fmt layer on stderr (filtered by `RUST_LOG`), and,
 /// with an OTLP endpoint, the OpenTelemetry layer exporting the [`TARGET`] spans.
@@ -131,9 +90,12 @@ pub fn init(options: Options) -> Result<Telemetry, Error> {
         } else {
             builder.finish().try_init()?;
         }
-        return Ok(Telemetry { provider: None });
+        return Ok(Telemetry::new(None));
     };
-    let provider = tracer_provider(&traces_url(&endpoint)?, options.service_name)?;
+    let provider = floodgate_telemetry::tracer_provider(
+        &floodgate_telemetry::traces_url(&endpoint)?,
+        options.service_name,
+    )?;
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
@@ -142,19 +104,10 @@ pub fn init(options: Options) -> Result<Telemetry, Error> {
     } else {
         fmt.with_filter(filter).boxed()
     };
-    // Attributes beyond the span's own fields cost per span; none of them is needed here.
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("floodgate-proxy"))
-        .with_location(false)
-        .with_threads(false)
-        .with_target(false)
-        .with_tracked_inactivity(false)
-        .with_context_activation(false)
+    let otel = floodgate_telemetry::layer(&provider, "floodgate-proxy")
         .with_filter(RequestSampler::from_env());
     Registry::default().with(fmt).with(otel).try_init()?;
-    Ok(Telemetry {
-        provider: Some(provider),
-    })
+    Ok(Telemetry::new(Some(provider)))
 }
 
 /// `RUST_LOG` (else [`DEFAULT_LOG_FILTER`]), with the [`TARGET`] spans off unless it names
@@ -266,48 +219,6 @@ where
     }
 }
 
-/// The OTLP/HTTP traces URL for a collector's base URL (`OTEL_EXPORTER_OTLP_ENDPOINT`
-/// semantics: `/v1/traces` is appended unless the URL already names it).
-fn traces_url(endpoint: &str) -> Result<String, Error> {
-    let endpoint = endpoint.trim();
-    let uri: http::Uri = endpoint
-        .parse()
-        .map_err(|_| Error::Endpoint(endpoint.to_owned()))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-        return Err(Error::Endpoint(endpoint.to_owned()));
-    }
-    let base = endpoint.trim_end_matches('/');
-    Ok(if base.ends_with(TRACES_PATH) {
-        base.to_owned()
-    } else {
-        format!("{base}{TRACES_PATH}")
-    })
-}
-
-/// The SDK's batch span processor (its own export thread, so it does not depend on which
-/// runtime is current; `OTEL_BSP_*` tune it) over an OTLP HTTP/protobuf exporter.
-///
-/// The exporter's HTTP client is reqwest's blocking one: the stable batch processor calls the
-/// exporter from its thread, where an async client would find no tokio reactor; the processor
-/// that runs on a tokio runtime is still `experimental_*` in the SDK and must be built inside
-/// the runtime, which `main` starts only after the configuration is loaded.
-fn tracer_provider(url: &str, service_name: String) -> Result<SdkTracerProvider, Error> {
-    // reqwest is built with `rustls-no-provider`: an https collector needs ring installed, as
-    // for the upstream client.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(Protocol::HttpBinary)
-        .with_endpoint(url)
-        .build()?;
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        // `RequestSampler` has sampled already.
-        .with_sampler(Sampler::AlwaysOn)
-        .with_resource(Resource::builder().with_service_name(service_name).build())
-        .build())
-}
-
 /// The host of a URL (`server.address`): no scheme, credentials, port or path.
 pub fn host_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
@@ -397,27 +308,5 @@ mod tests {
         );
         assert_eq!(host_of("http://[::1]:11434/api"), "::1");
         assert_eq!(host_of("ollama:11434"), "ollama");
-    }
-
-    #[test]
-    fn the_traces_path_is_appended_to_a_base_url_once() {
-        let url = |e: &str| traces_url(e).ok();
-        assert_eq!(
-            url("http://collector:4318").as_deref(),
-            Some("http://collector:4318/v1/traces")
-        );
-        assert_eq!(
-            url("http://collector:4318/").as_deref(),
-            Some("http://collector:4318/v1/traces")
-        );
-        assert_eq!(
-            url("https://c.example/otlp/v1/traces").as_deref(),
-            Some("https://c.example/otlp/v1/traces")
-        );
-        assert!(matches!(
-            traces_url("collector:4318"),
-            Err(Error::Endpoint(_))
-        ));
-        assert!(matches!(traces_url("not a url"), Err(Error::Endpoint(_))));
     }
 }

@@ -1,5 +1,5 @@
 -- Argo CD health of every Floodgate resource (AIProviderPool, TierQueue, CachePolicy,
--- LocalModelDeployment, Tenant), from the conditions the operator writes:
+-- LocalModelDeployment, Tenant, RoutingPolicy), from the conditions the operator writes:
 --   no status yet, or status.observedGeneration behind metadata.generation -> Progressing;
 --   Degraded=True                            -> Degraded (some capacity or keys missing);
 --   Ready=True and Progressing=True          -> Progressing (a model rolling out or scaling);

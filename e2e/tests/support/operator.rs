@@ -52,6 +52,7 @@ pub async fn setup(
         namespace: Some(ns.name().to_owned()),
         instance: Some(format!("e2e-{test}")),
         redis_url,
+        gateway_metrics: None,
     };
     tokio::spawn(floodgate_operator::run(
         client.clone(),

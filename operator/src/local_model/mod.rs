@@ -125,19 +125,26 @@ enum DemandRead {
 }
 
 /// The gateway's demand for `lmd`, when a demand source is configured and answers (a failure
-/// is logged: the replicas stay as they are).
+/// is logged: the replicas stay as they are). The exported demand series (an HPA's signal)
+/// follow: set from a read that some gateway replica reports on, removed otherwise, so that
+/// an HPA never acts on a zero that means "nobody knows" or on a figure gone stale.
 async fn read_demand(lmd: &LocalModelDeployment, ctx: &Context, ns: &str) -> DemandRead {
-    match ctx.demand.read(ns, &lmd.name_any()).await {
+    let name = lmd.name_any();
+    let read = match ctx.demand.read(ns, &name).await {
         None => DemandRead::Unconfigured,
-        Some(Ok(demand)) => {
-            ctx.metrics.set_demand(ns, &lmd.name_any(), &demand);
-            DemandRead::Read(demand)
-        }
+        Some(Ok(demand)) => DemandRead::Read(demand),
         Some(Err(e)) => {
             tracing::warn!(object = %object_key(lmd), error = %e, "cannot read demand; replicas unchanged");
             DemandRead::Failed(e.to_string())
         }
+    };
+    match &read {
+        DemandRead::Read(demand) if demand.reporters > 0 => {
+            ctx.metrics.set_demand(ns, &name, demand);
+        }
+        _ => ctx.metrics.remove_demand(ns, &name),
     }
+    read
 }
 
 /// The `AutoscalingActive` condition of a model that asks for autoscaling: whether the

@@ -169,12 +169,60 @@ fn a_pending_claim_is_named_as_the_reason_pods_are_not_ready() {
     assert_eq!(s.conditions[0].reason, "ReplicasNotReady");
 }
 
-/// An HPA's signal (the exported demand) is as fresh as the operator's own: with a demand
-/// source every model is looked at again every few seconds, with `spec.autoscaling` or
-/// without (HPA mode); without one, only at the resync.
-#[test]
-fn demand_is_refreshed_in_hpa_mode_too() {
-    assert_eq!(refresh_every(true), autoscale::DEMAND_REFRESH);
-    assert!(refresh_every(true) < RESYNC);
+/// HPA mode's signal, the exported demand series: set from a read that gateway replicas
+/// report on, and gone (not 0, not the last figure) when none does or the read fails, so an
+/// HPA holds rather than scales a busy model down. Refreshed with a demand source every
+/// [`autoscale::DEMAND_REFRESH`], with `spec.autoscaling` or without.
+#[tokio::test(start_paused = true)]
+async fn the_exported_demand_is_dropped_when_no_gateway_reports_it_or_the_read_fails() {
+    use crate::autoscale::{Demand, DemandSource};
+    let series = |ctx: &Context| {
+        ctx.metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("floodgate_operator_local_model_demand{"))
+            .map(str::to_owned)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let busy = Demand {
+        queued: 40,
+        in_flight: 8,
+        latency_p95_ms: 900,
+        spilled: 0,
+        reporters: 2,
+    };
+    let (ctx, _api) =
+        crate::fixtures::context(DemandSource::fixed([("models/llama".to_owned(), busy)]));
+    let model = lmd();
+    read_demand(&model, &ctx, "models").await;
+    let set = series(&ctx);
+    assert!(
+        set.iter()
+            .any(|l| l.contains(r#"signal="queued""#) && l.ends_with(" 40")),
+        "{set:?}"
+    );
+    // The gateways stop reporting the model (they restarted, or stopped routing to it).
+    ctx.demand.set("models", "llama", Demand::default());
+    read_demand(&model, &ctx, "models").await;
+    assert!(series(&ctx).is_empty(), "{:?}", series(&ctx));
+    ctx.demand.set("models", "llama", busy);
+    read_demand(&model, &ctx, "models").await;
+    assert_eq!(series(&ctx), set);
+    assert_eq!(
+        refresh_every(ctx.demand.is_configured()),
+        autoscale::DEMAND_REFRESH
+    );
+
+    // Redis gone: the figures are unknown, not frozen at the last read.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("redis://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let (ctx, _api) = crate::fixtures::context_with_redis(&dead);
+    ctx.metrics.set_demand("models", "llama", &busy);
+    assert!(matches!(
+        read_demand(&model, &ctx, "models").await,
+        DemandRead::Failed(_)
+    ));
+    assert!(series(&ctx).is_empty(), "{:?}", series(&ctx));
     assert_eq!(refresh_every(false), RESYNC);
 }

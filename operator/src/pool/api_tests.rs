@@ -223,3 +223,60 @@ async fn status_follows_the_generation_and_the_secret_and_an_unchanged_pass_writ
     assert_eq!(condition(&fixed, READY)["status"], "True");
     assert_eq!(condition(&fixed, KEYS_READY)["status"], "True");
 }
+
+/// A Redis URL nothing listens on: every read fails (connection refused).
+async fn dead_redis() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    drop(listener);
+    url
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_usage_read_clears_the_figures_and_says_why_in_usage_tracked() {
+    let (ctx, mut api) = fixtures::context_with_redis(&dead_redis().await);
+    // What an earlier pass read: 17 requests, claude's circuit open on a replica.
+    let mut p = pool(1);
+    p.status = Some(serde_json::from_value(json!({
+        "observedGeneration": 1, "providerCount": 1, "readyKeys": 2, "totalKeys": 2,
+        "keys": "2/2", "capacityRpm": 40, "usedRpm": 17, "openCircuits": 1,
+        "providers": [{"name": "claude", "circuit": "open", "circuitReplicas": 1,
+                       "circuitOpenReplicas": 1, "readyKeys": 2, "totalKeys": 2, "usedRpm": 17}],
+        "conditions": [
+            {"type": "UsageTracked", "status": "True", "reason": "UsageRead", "message": "",
+             "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]
+    }))
+    .unwrap());
+    let script = {
+        let p = p.clone();
+        async move {
+            api.expect_secret("ai", "claude-keys", Some(&["key1", "key2"]))
+                .await;
+            let patch = expect_status(&mut api, &p).await;
+            let s = &patch["status"];
+            assert_eq!(s["usedRpm"], 0, "{s}");
+            assert_eq!(s["openCircuits"], Value::Null, "{s}");
+            let claude = &s["providers"][0];
+            assert_eq!(
+                (claude["usedRpm"].clone(), claude["circuit"].clone()),
+                (json!(0), json!("unknown")),
+                "{claude}"
+            );
+            let tracked = condition(&patch, USAGE_TRACKED);
+            assert_eq!(
+                (tracked["status"].clone(), tracked["reason"].clone()),
+                (json!("False"), json!("UsageUnreadable"))
+            );
+            assert!(
+                field(tracked, "message").contains("cannot read"),
+                "{tracked}"
+            );
+            // Still Ready: its keys work whatever Redis does.
+            assert_eq!(condition(&patch, READY)["status"], "True");
+            api.expect_events("ai", 1).await;
+            api
+        }
+    };
+    let action = fixtures::run(reconcile(Arc::new(p), ctx), script).await;
+    assert_eq!(action.unwrap(), Action::requeue(USAGE_REFRESH));
+}

@@ -35,7 +35,7 @@ fn all_keys_present_is_ready_with_full_capacity() {
         Some(4),
         None,
         &secrets(&["key1", "key2", "key3"]),
-        None,
+        &Live::Unconfigured,
         "t1",
     );
     assert_eq!((s.ready_keys, s.total_keys, s.capacity_rpm), (3, 3, 160));
@@ -60,7 +60,7 @@ fn a_missing_key_is_named_and_the_pool_is_degraded_not_ready() {
         Some(1),
         None,
         &secrets(&["key1", "key3"]),
-        None,
+        &Live::Unconfigured,
         "t1",
     );
     assert_eq!((s.ready_keys, s.total_keys, s.capacity_rpm), (2, 3, 140));
@@ -82,7 +82,14 @@ fn a_missing_key_is_named_and_the_pool_is_degraded_not_ready() {
 
 #[test]
 fn a_missing_secret_is_named_and_default_key_names_count_from_zero() {
-    let s = compute_status(&spec(), Some(1), None, &SecretIndex::default(), None, "t1");
+    let s = compute_status(
+        &spec(),
+        Some(1),
+        None,
+        &SecretIndex::default(),
+        &Live::Unconfigured,
+        "t1",
+    );
     let found = get(&s, SECRETS_FOUND);
     assert_eq!(found.status, ConditionStatus::False);
     assert!(
@@ -100,13 +107,20 @@ fn a_missing_secret_is_named_and_default_key_names_count_from_zero() {
 
 #[test]
 fn fixing_the_secret_turns_ready_and_a_rerun_changes_nothing() {
-    let broken = compute_status(&spec(), Some(1), None, &secrets(&["key1"]), None, "t1");
+    let broken = compute_status(
+        &spec(),
+        Some(1),
+        None,
+        &secrets(&["key1"]),
+        &Live::Unconfigured,
+        "t1",
+    );
     let fixed = compute_status(
         &spec(),
         Some(1),
         Some(&broken),
         &secrets(&["key1", "key2", "key3"]),
-        None,
+        &Live::Unconfigured,
         "t2",
     );
     assert!(is_true(&fixed.conditions, READY));
@@ -118,66 +132,73 @@ fn fixing_the_secret_turns_ready_and_a_rerun_changes_nothing() {
         Some(1),
         Some(&fixed),
         &secrets(&["key1", "key2", "key3"]),
-        None,
+        &Live::Unconfigured,
         "t3",
     );
     assert_eq!(again, fixed);
 }
 
-#[test]
-fn per_provider_counts_keep_live_usage_already_recorded() {
-    let mut old = compute_status(&spec(), Some(1), None, &secrets(&["key1"]), None, "t1");
-    old.providers[0].used_rpm = 17;
-    old.providers[0].circuit = "open".into();
-    let s = compute_status(
-        &spec(),
-        Some(1),
-        Some(&old),
-        &secrets(&["key1"]),
-        None,
-        "t2",
-    );
-    let claude = &s.providers[0];
-    assert_eq!(
-        (claude.ready_keys, claude.total_keys, claude.used_rpm),
-        (1, 3, 17)
-    );
-    assert_eq!(claude.circuit, "open");
-    assert_eq!(s.providers[1].circuit, "unknown");
+/// What a gateway replica with `claude` open reports, with 12 and 5 requests of the minute.
+fn read() -> Live {
+    use crate::usage::CircuitUsage;
+    Live::Read(
+        ProviderUsage::from([("claude".to_owned(), 12), ("local".to_owned(), 5)]),
+        PoolCircuits::from([(
+            "claude".to_owned(),
+            CircuitUsage {
+                worst: "open",
+                replicas: 3,
+                open: 2,
+            },
+        )]),
+    )
 }
 
 #[test]
-fn live_usage_fills_providers_and_total_and_its_absence_keeps_the_last() {
-    let usage = ProviderUsage::from([("claude".to_owned(), 12), ("local".to_owned(), 5)]);
-    let s = compute_status(
-        &spec(),
-        Some(1),
-        None,
-        &secrets(&["key1"]),
-        Some(&usage),
-        "t1",
-    );
+fn live_usage_fills_providers_and_total_and_a_failed_read_clears_them() {
+    let s = compute_status(&spec(), Some(1), None, &secrets(&["key1"]), &read(), "t1");
     assert_eq!(s.used_rpm, 17);
     assert_eq!((s.providers[0].used_rpm, s.providers[1].used_rpm), (12, 5));
-    // Redis unreachable on the next pass: the last figures stay rather than drop to zero.
-    let again = compute_status(&spec(), Some(1), Some(&s), &secrets(&["key1"]), None, "t2");
-    assert_eq!(again.used_rpm, 17);
-    assert_eq!(again.providers[0].used_rpm, 12);
+    assert_eq!(get(&s, USAGE_TRACKED).status, ConditionStatus::True);
+    // Redis unreachable on the next pass: not the last figures (a pool gone quiet, or its
+    // circuit closed again, would show them for ever), but 0, unknown, and why.
+    let failed = Live::Failed("Connection refused (os error 111)".into());
+    let again = compute_status(
+        &spec(),
+        Some(1),
+        Some(&s),
+        &secrets(&["key1"]),
+        &failed,
+        "t2",
+    );
+    assert_eq!(again.used_rpm, 0);
+    assert_eq!(again.providers[0].used_rpm, 0);
+    assert_eq!(
+        (
+            again.providers[0].circuit.as_str(),
+            again.providers[0].circuit_open_replicas
+        ),
+        ("unknown", 0)
+    );
+    assert_eq!(again.open_circuits, None);
+    let tracked = get(&again, USAGE_TRACKED);
+    assert_eq!(
+        (tracked.status, tracked.reason.as_str()),
+        (ConditionStatus::False, "UsageUnreadable")
+    );
+    assert!(
+        tracked.message.contains("Connection refused"),
+        "{}",
+        tracked.message
+    );
+    assert_eq!(tracked.last_transition_time, "t2");
+    // Health is not usage: Ready stays as it was.
+    assert_eq!(get(&again, READY).last_transition_time, "t1");
 }
 
 #[test]
 fn circuits_show_the_worst_state_and_the_open_replicas_and_unknown_when_unreported() {
-    use crate::usage::CircuitUsage;
-    let mut s = compute_status(&spec(), Some(1), None, &secrets(&["key1"]), None, "t1");
-    let circuits = PoolCircuits::from([(
-        "claude".to_owned(),
-        CircuitUsage {
-            worst: "open",
-            replicas: 3,
-            open: 2,
-        },
-    )]);
-    apply_circuits(&mut s, &circuits);
+    let s = compute_status(&spec(), Some(1), None, &secrets(&["key1"]), &read(), "t1");
     let claude = &s.providers[0];
     assert_eq!(
         (
@@ -195,13 +216,16 @@ fn circuits_show_the_worst_state_and_the_open_replicas_and_unknown_when_unreport
         ("unknown", 0)
     );
     assert_eq!(s.open_circuits, Some(1));
-    // Without a fresh read the next pass keeps them.
-    let again = compute_status(&spec(), Some(1), Some(&s), &secrets(&["key1"]), None, "t2");
-    assert_eq!(again.providers, s.providers);
-    assert_eq!(again.open_circuits, Some(1));
     // A fresh read with no replica reporting: unknown again.
-    let mut cleared = again.clone();
-    apply_circuits(&mut cleared, &PoolCircuits::new());
+    let quiet = Live::Read(ProviderUsage::new(), PoolCircuits::new());
+    let cleared = compute_status(
+        &spec(),
+        Some(1),
+        Some(&s),
+        &secrets(&["key1"]),
+        &quiet,
+        "t2",
+    );
     assert_eq!(
         (
             cleared.providers[0].circuit.as_str(),

@@ -117,14 +117,14 @@ async fn read_files(dir: &std::path::Path) -> Result<(String, String), String> {
 pub struct Started {
     /// The bound address (port 0 picks one).
     pub addr: std::net::SocketAddr,
-    /// The serving task; ends after `shutdown`.
+    /// The serving task; ends [`server::DRAIN`] after `shutdown`, and its connections' grace.
     pub task: tokio::task::JoinHandle<()>,
     /// The certificate served; empty until the first one is loaded (readiness).
     pub certificate: Arc<server::CertSlot>,
 }
 
-/// Runs the webhook: binds `listen`, keeps its certificate, serves until `shutdown`. Returns
-/// once listening.
+/// Runs the webhook: binds `listen`, keeps its certificate, serves until [`server::DRAIN`]
+/// after `shutdown`. Returns once listening.
 pub async fn start(
     client: Client,
     listen: std::net::SocketAddr,
@@ -144,7 +144,13 @@ pub async fn start(
     tracing::info!(%addr, "serving the sidecar webhook");
     Ok(Started {
         addr,
-        task: tokio::spawn(server::serve(listener, slot.clone(), sidecar, shutdown)),
+        task: tokio::spawn(server::serve(
+            listener,
+            slot.clone(),
+            sidecar,
+            shutdown,
+            server::DRAIN,
+        )),
         certificate: slot,
     })
 }

@@ -28,6 +28,13 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the reviews in flight once it has asked every connection to
 /// close (the API server keeps its connections open between reviews); then they are dropped.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long the webhook keeps answering after shutdown is asked for, new connections
+/// included. `/readyz` fails at once, but the pod leaves the webhook Service's endpoints only
+/// once the endpoint controller and the API server have seen that (or the pod's deletion):
+/// closing the listener before then gets reviews refused, and with `failurePolicy: Ignore`
+/// annotated pods admitted without their sidecar. The chart's `terminationGracePeriodSeconds`
+/// (30 s) covers this and [`SHUTDOWN_GRACE`].
+pub const DRAIN: Duration = Duration::from_secs(10);
 
 /// The certificate the server presents; replaced on rotation.
 #[derive(Debug, Default)]
@@ -62,12 +69,15 @@ pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<CertifiedKey, supe
     Ok(CertifiedKey::new(chain, signer))
 }
 
-/// Serves the webhook on `listener` with the certificate in `certs` until `shutdown`.
+/// Serves the webhook on `listener` with the certificate in `certs` until `drain` after
+/// `shutdown` (new connections included), then closes every connection once its review in
+/// flight is answered (waiting at most [`SHUTDOWN_GRACE`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     certs: Arc<CertSlot>,
     sidecar: Sidecar,
     shutdown: CancellationToken,
+    drain: Duration,
 ) {
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -100,9 +110,20 @@ pub async fn serve(
         .route("/mutate/namespace", route(Scope::Namespace))
         .route("/healthz", get(|| async { "ok" }));
     let tasks = TaskTracker::new();
+    // Cancelled at the end of the drain: connections close, handshakes in progress end.
+    let closing = CancellationToken::new();
+    let drained = async {
+        shutdown.cancelled().await;
+        tracing::info!(
+            drain = ?drain,
+            "webhook draining: answering until the API server stops sending reviews here"
+        );
+        tokio::time::sleep(drain).await;
+    };
+    tokio::pin!(drained);
     loop {
         let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = &mut drained => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -113,11 +134,11 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
-        let shutdown = shutdown.clone();
+        let closing = closing.clone();
         tasks.spawn(async move {
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
             let stream = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = closing.cancelled() => return,
                 done = handshake => match done {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
@@ -135,7 +156,7 @@ pub async fn serve(
             tokio::pin!(connection);
             let served = tokio::select! {
                 served = connection.as_mut() => served,
-                () = shutdown.cancelled() => {
+                () = closing.cancelled() => {
                     // Finish the review in flight, then close; an idle keep-alive closes now.
                     connection.as_mut().graceful_shutdown();
                     connection.await
@@ -147,6 +168,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    closing.cancel();
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
         .await
