@@ -133,7 +133,8 @@ mod script {
             Admission::Refused {
                 used: 2,
                 wait: POLL,
-                class_only: false
+                class_only: false,
+                paced: false
             }
         );
         // Answered now: its slot frees one window later, not before.
@@ -1362,12 +1363,9 @@ async fn two_replicas_pace_a_key_together() {
 async fn a_tenant_without_limits_is_counted_for_its_status() {
     let redis = RedisServer::start().await.unwrap();
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let g = replica(
-        &tier_manifests(&mock.base_url()),
-        Duration::from_secs(60),
-        options(&redis),
-    )
-    .await;
+    let mut o = options(&redis);
+    o.timeout = Duration::from_secs(1);
+    let g = replica(&tier_manifests(&mock.base_url()), Duration::from_secs(60), o).await;
     let sent = tier_burst(&g, "sk-pro", 3).await;
     assert!(sent.iter().all(|r| r.0 == 200), "{sent:?}");
     let client = redis::Client::open(redis.url()).unwrap();
