@@ -1287,6 +1287,7 @@ async fn the_priority_class_keeps_its_share_under_sustained_load_across_replicas
         }))
         .await
     });
+    eprintln!("priority (status, queue ms): {priority:?}");
     let late: Vec<_> = priority
         .iter()
         .filter(|&&(status, queued)| status != 200 || queued >= 1_000)
@@ -1349,6 +1350,11 @@ async fn two_replicas_pace_a_key_together() {
         .map(|w| w[1] - w[0])
         .max()
         .unwrap_or(u64::MAX);
+    eprintln!(
+        "longest stretch with nothing admitted: {:?} ({} admitted)",
+        Duration::from_micros(longest),
+        times.len()
+    );
     assert!(
         times.len() >= 15 && Duration::from_micros(longest) <= 2 * slot + slot / 2,
         "longest stretch with nothing admitted {:?} ({} admitted): {times:?}",
