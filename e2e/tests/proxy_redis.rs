@@ -1371,7 +1371,12 @@ async fn a_tenant_without_limits_is_counted_for_its_status() {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let mut o = options(&redis);
     o.timeout = Duration::from_secs(1);
-    let g = replica(&tier_manifests(&mock.base_url()), Duration::from_secs(60), o).await;
+    let g = replica(
+        &tier_manifests(&mock.base_url()),
+        Duration::from_secs(60),
+        o,
+    )
+    .await;
     let sent = tier_burst(&g, "sk-pro", 3).await;
     assert!(sent.iter().all(|r| r.0 == 200), "{sent:?}");
     let client = redis::Client::open(redis.url()).unwrap();
