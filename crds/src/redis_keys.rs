@@ -17,6 +17,7 @@
 //! | `floodgate:budget:{ID}:tok` | sorted set | token reservations: member as above, scored with the reservation time. |
 //! | `floodgate:budget:{ID}:tok:n` | hash | token amounts: member -> tokens (the estimate, then the real count once settled), and the field `sum` holding their total. |
 //! | `floodgate:budget:{ID}:epoch` | hash | the budget's epoch: `id`, a random id written by the first proxy to find the hash missing, and `ready`, Unix milliseconds of Redis `TIME` before which nothing is admitted (the proxies are re-writing what they admitted). A proxy admits only on the epoch it knows: a missing or different `id` means Redis lost the budget (a restart without persistence, a failover, a flush). |
+//! | `floodgate:budget:{ID}:pace` | string | the key's shared pace: Unix milliseconds (fractional) of Redis `TIME` at which its next paced admission (a request that waited for budget) is due; read and written only by admissions of such requests, and expiring a window after that time. |
 //!
 //! Shared by every key: `floodgate:budget:rewritten` ([`BUDGET_REWRITES`]), a hash of each
 //! replica's last re-write mark.
@@ -35,6 +36,12 @@
 //! standalone): `floodgate:tenant:{<tenant>}:req`, `:tok`, `:tok:n` and `:epoch`. A tenant's
 //! request counts from its admission (it is marked answered at once), so `ZCOUNT` of its `:req`
 //! is the requests it started in the current window.
+//!
+//! A tenant without an rpm limit has no request log; its requests are counted for its status
+//! instead in `floodgate:tenant:{<tenant>}:use` ([`tenant_use_key`]), a hash with one field per
+//! minute of Unix time (`<unix ms / 60000>`: the requests admitted in that minute, by Redis
+//! `TIME`; only the current and the previous minute are kept) and `last` ([`TENANT_USE_LAST`]:
+//! Unix milliseconds of its latest request). It expires a day after the last request.
 //!
 //! **Demand for local models** (the autoscaling signal; contract in `docs/architecture.md`).
 //! Per LocalModelDeployment (`{M}` = `{<namespace>/<name>}`, braces included), every proxy
@@ -241,6 +248,9 @@ pub struct KeyBudgetKeys {
     pub token_amounts: String,
     /// Hash of the budget's epoch (`id`, `ready`).
     pub epoch: String,
+    /// The key's shared pace: the theoretical arrival time of its next paced admission (ms
+    /// on Redis's clock), for requests that waited.
+    pub pace: String,
 }
 
 impl KeyBudgetKeys {
@@ -253,6 +263,7 @@ impl KeyBudgetKeys {
             tokens: format!("{id}:tok"),
             token_amounts: format!("{id}:tok:n"),
             epoch: format!("{id}:epoch"),
+            pace: format!("{id}:pace"),
         }
     }
 
@@ -264,6 +275,7 @@ impl KeyBudgetKeys {
             tokens: format!("{id}:tok"),
             token_amounts: format!("{id}:tok:n"),
             epoch: format!("{id}:epoch"),
+            pace: format!("{id}:pace"),
         }
     }
 
@@ -272,6 +284,18 @@ impl KeyBudgetKeys {
         format!("{PREFIX}{{{pool}:*}}:req")
     }
 }
+
+/// The hash counting the requests of tenant `tenant` (`<namespace>/<name>`, or `<name>`)
+/// per minute, for a tenant without an rpm limit (see the module's layout).
+pub fn tenant_use_key(tenant: &str) -> String {
+    format!("{TENANT_PREFIX}{{{tenant}}}:use")
+}
+
+/// The field of [`tenant_use_key`] holding the Unix milliseconds of the latest request.
+pub const TENANT_USE_LAST: &str = "last";
+
+/// The length of a minute field of [`tenant_use_key`], in milliseconds.
+pub const TENANT_USE_MINUTE_MS: u64 = 60_000;
 
 #[cfg(test)]
 mod tests {
@@ -287,6 +311,7 @@ mod tests {
             "floodgate:budget:{premium:claude:key1}:tok:n"
         );
         assert_eq!(k.epoch, "floodgate:budget:{premium:claude:key1}:epoch");
+        assert_eq!(k.pace, "floodgate:budget:{premium:claude:key1}:pace");
         assert_eq!(
             KeyBudgetKeys::requests_pattern("premium"),
             "floodgate:budget:{premium:*}:req"
@@ -295,6 +320,10 @@ mod tests {
         assert_eq!(t.requests, "floodgate:tenant:{team-a/acme}:req");
         assert_eq!(t.token_amounts, "floodgate:tenant:{team-a/acme}:tok:n");
         assert_eq!(t.epoch, "floodgate:tenant:{team-a/acme}:epoch");
+        assert_eq!(
+            tenant_use_key("team-a/acme"),
+            "floodgate:tenant:{team-a/acme}:use"
+        );
         let d = ReplicaKeys::demand("models", "llama");
         assert_eq!(d.replicas, "floodgate:demand:{models/llama}:replicas");
         assert_eq!(d.replica("r1"), "floodgate:demand:{models/llama}:r:r1");

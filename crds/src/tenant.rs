@@ -93,7 +93,9 @@ pub struct TenantLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub tpm: Option<u32>,
-    /// Requests answered at the same time (a stream counts until it ends).
+    /// Requests answered at the same time (a stream counts until it ends), on each gateway
+    /// replica: with N replicas a tenant may have up to N times this many (rpm and tpm are
+    /// shared through Redis; this count is not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub concurrent: Option<u32>,

@@ -62,7 +62,10 @@ pub struct TierQueueSpec {
     #[serde(default)]
     pub dead_letter: DeadLetter,
     /// The share of a key's rate window each queue class needs free to take from it, so that
-    /// lower classes leave room for higher ones, also across replicas sharing budgets.
+    /// lower classes leave room for higher ones, also across replicas sharing budgets. Once a
+    /// request has waited half its `maxWaitMs` its class needs half of its own headroom or
+    /// half of the smallest headroom set, whichever is less: the reserve shrinks but never
+    /// goes, and past half their waits the lower classes share what they may take by weight.
     #[serde(default)]
     pub class_headroom: ClassHeadroom,
 }

@@ -12,7 +12,7 @@
 #[path = "support/operator.rs"]
 mod operator;
 
-use floodgate_crds::redis_keys::KeyBudgetKeys;
+use floodgate_crds::redis_keys::{KeyBudgetKeys, tenant_use_key};
 use floodgate_crds::{ConditionStatus, LocalModelDeployment, Tenant};
 use floodgate_e2e::cluster::wait_for;
 use floodgate_e2e::redis::RedisServer;
@@ -127,6 +127,36 @@ async fn a_tenants_status_and_columns_show_what_its_limits_counted() {
         "{}",
         out.stdout
     );
+
+    // A tenant without limits: no window records its requests, so the proxies count them
+    // per minute for its status (what the identity stage does on each admission).
+    let use_key = tenant_use_key(&format!("{}/open", ns.name()));
+    for _ in 0..4 {
+        budgets.count_use(&use_key).await.unwrap();
+    }
+    apply(&tenants, "open", json!({
+        "apiVersion": "floodgate.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": "open"},
+        "spec": {"tier": "pro", "keys": [{"name": "main", "secretRef": {"name": "acme-keys", "key": "main"}}]}
+    }))
+    .await;
+    let open = wait_until(
+        &tenants,
+        "open",
+        "an unlimited tenant's use in status",
+        |t| {
+            t.status
+                .as_ref()
+                .is_some_and(|s| s.used_rpm == 4 && s.last_seen.is_some())
+        },
+    )
+    .await;
+    let status = open.status.unwrap();
+    assert!(
+        is_true(&status.conditions, "UsageTracked"),
+        "{:?}",
+        status.conditions
+    );
+    assert_eq!(status.used_tpm, 0);
 }
 
 #[tokio::test]

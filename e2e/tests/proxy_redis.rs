@@ -5,7 +5,7 @@
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
 
-use floodgate_crds::redis_keys::KeyBudgetKeys;
+use floodgate_crds::redis_keys::{KeyBudgetKeys, tenant_use_key};
 use floodgate_e2e::gateway::Gateway;
 use floodgate_e2e::mock::{MockConfig, MockProviders};
 use floodgate_e2e::redis::RedisServer;
@@ -133,7 +133,8 @@ mod script {
             Admission::Refused {
                 used: 2,
                 wait: POLL,
-                class_only: false
+                class_only: false,
+                paced: false
             }
         );
         // Answered now: its slot frees one window later, not before.
@@ -1123,6 +1124,11 @@ async fn redis_flushed_keeps_every_limit_and_recovers_capacity() {
 /// One key of 10 requests per 2 s shared by two replicas through Redis, a TierQueue where
 /// the standard class leaves half of every window to priority, and one tenant per tier.
 fn tier_manifests(base: &str) -> String {
+    tier_manifests_waiting(base, 10_000, 60_000)
+}
+
+/// [`tier_manifests`] with the pro and basic tiers' wait limits.
+fn tier_manifests_waiting(base: &str, pro_ms: u64, basic_ms: u64) -> String {
     format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{k0: key-0, pro: sk-pro, basic: sk-basic}}\n---\n\
          apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n  providers:\n\
@@ -1130,13 +1136,64 @@ fn tier_manifests(base: &str) -> String {
          keys: [{{name: k0, secretRef: {{name: keys, key: k0}}, rpm: 10}}]}}\n---\n\
          apiVersion: floodgate.dev/v1alpha1\nkind: TierQueue\nmetadata: {{name: tiers}}\nspec:\n\
          \x20 classHeadroom: {{priority: 0, standard: 50, batch: 50}}\n  tiers:\n\
-         \x20 - {{name: pro, class: priority, weight: 10, maxWaitMs: 10000}}\n\
-         \x20 - {{name: basic, class: standard, weight: 5, maxWaitMs: 60000}}\n---\n\
+         \x20 - {{name: pro, class: priority, weight: 10, maxWaitMs: {pro_ms}}}\n\
+         \x20 - {{name: basic, class: standard, weight: 5, maxWaitMs: {basic_ms}}}\n---\n\
          apiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: pro}}\nspec:\n\
          \x20 tier: pro\n  keys: [{{name: main, secretRef: {{name: keys, key: pro}}}}]\n---\n\
          apiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: basic}}\nspec:\n\
          \x20 tier: basic\n  keys: [{{name: main, secretRef: {{name: keys, key: basic}}}}]\n"
     )
+}
+
+/// One chat request to `url` with client key `key` (`None`: no key): its status and queue
+/// time in milliseconds.
+async fn tier_request(
+    client: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    i: usize,
+) -> (u16, u64) {
+    let body =
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": format!("q{i}")}]});
+    let mut request = client.post(url).json(&body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let r = request.send().await.unwrap();
+    let queued = r
+        .headers()
+        .get("x-floodgate-queue-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    (r.status().as_u16(), queued)
+}
+
+/// `clients` callers each sending one request after another to `gateway` until `until`;
+/// every status and queue time.
+async fn closed_loop(
+    gateway: &Gateway,
+    key: Option<&str>,
+    clients: usize,
+    until: tokio::time::Instant,
+) -> Vec<(u16, u64)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", gateway.url());
+    let loops = futures::future::join_all((0..clients).map(|c| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let mut results = Vec::new();
+            let mut i = 0;
+            while tokio::time::Instant::now() < until {
+                results.push(tier_request(&client, &url, key, c * 10_000 + i).await);
+                i += 1;
+            }
+            results
+        }
+    }))
+    .await;
+    loops.into_iter().flatten().collect()
 }
 
 /// Sends `n` requests at once to `gateway` with client key `key`; returns each status and
@@ -1145,21 +1202,8 @@ async fn tier_burst(gateway: &Gateway, key: &str, n: usize) -> Vec<(u16, u64)> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", gateway.url());
-    futures::future::join_all((0..n).map(|i| {
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": format!("q{i}")}]});
-            let r = client.post(&url).bearer_auth(key).json(&body).send().await.unwrap();
-            let queued = r
-                .headers()
-                .get("x-floodgate-queue-ms")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(u64::MAX);
-            (r.status().as_u16(), queued)
-        }
-    }))
-    .await
+    let (client, url) = (&client, &url);
+    futures::future::join_all((0..n).map(|i| tier_request(client, url, Some(key), i))).await
 }
 
 /// Two replicas under saturation: replica b serves the priority tier, replica a a burst of
@@ -1204,6 +1248,159 @@ async fn the_priority_class_keeps_its_share_across_replicas() {
         "standard work beyond the cap waited for the window: {standard:?}"
     );
     assert_within_limits_statuses(&mock);
+}
+
+/// Two replicas under sustained saturation: replica a keeps a key busy with standard work
+/// whose wait limit is 2 s for four windows, replica b sends a priority request every 300 ms
+/// (two thirds of the key's rate). Past half its wait the standard class keeps half its
+/// reserve (25% of the window: at most 8 of 10, counted in Redis over both replicas), so b's
+/// requests always find a slot within their 1 s limit. When the reserve switched itself off
+/// after half the wait, a's backlog took the slots as fast as they freed and the priority
+/// requests waited past their limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_priority_class_keeps_its_share_under_sustained_load_across_replicas() {
+    let window = Duration::from_secs(2);
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(
+        MockConfig::default()
+            .with_default_rpm(10)
+            .with_window(window),
+    )
+    .await
+    .unwrap();
+    let yaml = tier_manifests_waiting(&mock.base_url(), 1_000, 2_000);
+    let mut o = options(&redis);
+    o.timeout = Duration::from_secs(1);
+    let a = replica(&yaml, window, o.clone()).await;
+    let b = replica(&yaml, window, o).await;
+    let start = tokio::time::Instant::now();
+    let end = start + 5 * window;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", b.url());
+    let (standard, priority) = tokio::join!(closed_loop(&a, Some("sk-basic"), 8, end), async {
+        // From the second window on, once the standard backlog is there.
+        let (client, url) = (&client, &url);
+        futures::future::join_all((0..20).map(|i| async move {
+            tokio::time::sleep_until(start + window + Duration::from_millis(300) * i).await;
+            tier_request(client, url, Some("sk-pro"), i as usize).await
+        }))
+        .await
+    });
+    eprintln!("priority (status, queue ms): {priority:?}");
+    let late: Vec<_> = priority
+        .iter()
+        .filter(|&&(status, queued)| status != 200 || queued >= 1_000)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "priority requests over their 1 s: {late:?} of {priority:?}"
+    );
+    let served = standard.iter().filter(|r| r.0 == 200).count();
+    assert!(
+        served >= 5,
+        "the standard class still got slots: {standard:?}"
+    );
+    assert_within_limits_statuses(&mock);
+}
+
+/// Two replicas pace a key together: one key of 10 requests per 2 s (a slot every 200 ms),
+/// both replicas with a backlog of requests that waited. Paced through Redis, the two
+/// together admit one every 200 ms, so the window's slots come back as a steady supply and
+/// no stretch with nothing admitted lasts more than two slots. Paced per replica, each took
+/// the key's rate, the window filled in half of it and then nothing was admitted for about
+/// five slots, every window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_pace_a_key_together() {
+    let window = Duration::from_secs(2);
+    let slot = window / 10;
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(
+        MockConfig::default()
+            .with_default_rpm(10)
+            .with_window(window),
+    )
+    .await
+    .unwrap();
+    let yaml = manifests(1, 10, &mock.base_url());
+    let mut o = options(&redis);
+    o.timeout = Duration::from_secs(1);
+    let a = replica(&yaml, window, o.clone()).await;
+    let b = replica(&yaml, window, o).await;
+    let start_us = mock.now_us();
+    let end = tokio::time::Instant::now() + 5 * window;
+    let (on_a, on_b) = tokio::join!(closed_loop(&a, None, 6, end), closed_loop(&b, None, 6, end));
+    let failed: Vec<_> = on_a.iter().chain(&on_b).filter(|r| r.0 != 200).collect();
+    assert!(failed.is_empty(), "not 200: {failed:?}");
+    assert_within_limits_statuses(&mock);
+    // From a window and a half on (the first window went at once, unpaced, and its slots
+    // all came back at 2 s), until the load stopped.
+    let counts = mock.counts();
+    let from = start_us + (window + window / 2).as_micros() as u64;
+    let to = start_us + (5 * window - slot).as_micros() as u64;
+    let mut times: Vec<u64> = counts.keys[0]
+        .timestamps_us
+        .iter()
+        .copied()
+        .filter(|&t| t >= from && t <= to)
+        .collect();
+    times.sort_unstable();
+    let longest = times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(u64::MAX);
+    eprintln!(
+        "longest stretch with nothing admitted: {:?} ({} admitted)",
+        Duration::from_micros(longest),
+        times.len()
+    );
+    assert!(
+        times.len() >= 15 && Duration::from_micros(longest) <= 2 * slot + slot / 2,
+        "longest stretch with nothing admitted {:?} ({} admitted): {times:?}",
+        Duration::from_micros(longest),
+        times.len()
+    );
+}
+
+/// A tenant without an rpm limit has no window in Redis: each request it is admitted is
+/// counted per minute in its use hash instead, which the operator reads for its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_without_limits_is_counted_for_its_status() {
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let mut o = options(&redis);
+    o.timeout = Duration::from_secs(1);
+    let g = replica(
+        &tier_manifests(&mock.base_url()),
+        Duration::from_secs(60),
+        o,
+    )
+    .await;
+    let sent = tier_burst(&g, "sk-pro", 3).await;
+    assert!(sent.iter().all(|r| r.0 == 200), "{sent:?}");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Written in the background, off the requests' path.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let (counted, last) = loop {
+        let hash: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(tenant_use_key("pro"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let counted: u64 = hash
+            .iter()
+            .filter(|(k, _)| *k != "last")
+            .map(|(_, v)| v.parse::<u64>().unwrap())
+            .sum();
+        if counted >= 3 || tokio::time::Instant::now() > deadline {
+            break (counted, hash.get("last").cloned());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(counted, 3);
+    assert!(last.is_some_and(|ms| ms.parse::<u64>().is_ok()));
 }
 
 /// The mock saw no 429 and no key over its limit.

@@ -5,10 +5,11 @@
 //!
 //! Conditions: `SecretsFound`, `KeysReady` (every key resolves to a non-empty value),
 //! `Degraded` (some keys do not, but one still works), `Ready` (every key works), and
-//! `UsageTracked`: whether the proxies share this tenant's requests and tokens at all. They
-//! record a tenant in Redis only to enforce its own limits, so requests are counted only with
-//! `limits.rpm` and tokens only with `limits.tpm`; the condition says which figure is not
-//! tracked rather than let a zero pass for idleness.
+//! `UsageTracked`: whether the proxies share this tenant's requests and tokens at all. With
+//! `limits.rpm` its requests are its rpm window's (exact); without, the proxies count them per
+//! minute for this status and `usedRpm` is an estimate of the last 60 s. Tokens are recorded
+//! only to enforce `limits.tpm`; the condition says when `usedTpm` is not tracked rather than
+//! let a zero pass for idleness.
 
 use crate::conditions::{self, DEGRADED, KEYS_READY, READY, SECRETS_FOUND, condition};
 use crate::context::{Context, object_key};
@@ -168,7 +169,7 @@ pub fn compute_status(
         conditions: conditions::merge(old_conditions, fresh, generation, now),
         used_rpm: match usage {
             Some(u) if limits.rpm.is_some() => u.requests,
-            Some(_) => 0,
+            Some(u) => u.counted,
             None => old.map_or(0, |o| o.used_rpm),
         },
         used_tpm: match usage {
@@ -212,16 +213,17 @@ fn usage_tracked(spec: &TenantSpec, redis: bool) -> floodgate_crds::Condition {
         (true, false, true) => condition(
             USAGE_TRACKED,
             true,
-            "TokensOnly",
-            "tokens of the current minute over every gateway replica; usedRpm is not tracked \
-             (the gateway records a tenant's requests only when it has limits.rpm)",
+            "RequestsCounted",
+            "tokens of the current minute over every gateway replica; requests counted per \
+             minute over every replica (no limits.rpm: usedRpm estimates the last 60 s)",
         ),
         (true, false, false) => condition(
             USAGE_TRACKED,
-            false,
-            "NoLimits",
-            "the gateway records a tenant's use in Redis only to enforce limits.rpm or limits.tpm, \
-             which this tenant does not have: usedRpm and usedTpm stay 0",
+            true,
+            "RequestsCounted",
+            "requests counted per minute over every gateway replica (no limits.rpm: usedRpm \
+             estimates the last 60 s); usedTpm is not tracked (the gateway records a tenant's \
+             tokens only when it has limits.tpm)",
         ),
     }
 }
@@ -266,6 +268,7 @@ mod tests {
         let usage = TenantUsage {
             requests: 7,
             tokens: 1234,
+            counted: 0,
             last_seen_ms: Some(1_764_500_000_000),
         };
         let s = compute_status(
@@ -315,6 +318,7 @@ mod tests {
         let usage = TenantUsage {
             requests: 0,
             tokens: 50,
+            counted: 4,
             last_seen_ms: None,
         };
         let tokens_only = compute_status(
@@ -326,8 +330,8 @@ mod tests {
             true,
             "t1",
         );
-        assert_eq!(get(&tokens_only, USAGE_TRACKED).reason, "TokensOnly");
-        assert_eq!(tokens_only.used_tpm, 50);
+        assert_eq!(get(&tokens_only, USAGE_TRACKED).reason, "RequestsCounted");
+        assert_eq!((tokens_only.used_rpm, tokens_only.used_tpm), (4, 50));
         let none = compute_status(
             &spec(serde_json::Value::Null),
             None,
@@ -337,12 +341,13 @@ mod tests {
             true,
             "t1",
         );
+        // Without limits its requests are counted per minute; its tokens are not tracked.
         let tracked = get(&none, USAGE_TRACKED);
         assert_eq!(
             (tracked.status, tracked.reason.as_str()),
-            (ConditionStatus::False, "NoLimits")
+            (ConditionStatus::True, "RequestsCounted")
         );
-        assert_eq!((none.used_rpm, none.used_tpm), (0, 0));
+        assert_eq!((none.used_rpm, none.used_tpm), (4, 0));
         let no_redis = compute_status(
             &spec(serde_json::json!({"rpm": 5})),
             None,

@@ -8,7 +8,10 @@
 
 use crate::error::Result;
 use floodgate_crds::pool::{AIProviderPoolSpec, Provider};
-use floodgate_crds::redis_keys::{CIRCUIT_STATES, KeyBudgetKeys, ReplicaKeys};
+use floodgate_crds::redis_keys::{
+    CIRCUIT_STATES, KeyBudgetKeys, ReplicaKeys, TENANT_USE_LAST, TENANT_USE_MINUTE_MS,
+    tenant_use_key,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -174,25 +177,41 @@ pub struct TenantUsage {
     /// Tokens reserved in the window (settled to the real counts when answers report them):
     /// counted only for a tenant with a tpm limit.
     pub tokens: u64,
+    /// Requests of about the last minute from the per-minute count the proxies keep for a
+    /// tenant without an rpm limit: the current minute's, and the previous minute's in
+    /// proportion to the part of it the last 60 s still cover ([`sliding_count`]).
+    pub counted: u64,
     /// Unix milliseconds of its latest request or reservation still in Redis.
     pub last_seen_ms: Option<u64>,
 }
 
+/// Requests in the 60 s before `now_ms` estimated from per-minute counts: all of the current
+/// minute's (`current`), and of the previous minute's (`previous`) the share that falls
+/// within the last 60 s, as if spread evenly over it (rounded to the nearest).
+pub fn sliding_count(now_ms: u64, current: u64, previous: u64) -> u64 {
+    let into = now_ms % TENANT_USE_MINUTE_MS;
+    let left = TENANT_USE_MINUTE_MS - into;
+    current + (previous * left + TENANT_USE_MINUTE_MS / 2) / TENANT_USE_MINUTE_MS
+}
+
 impl UsageReader {
     /// The current window's use of tenant `tenant` (`<namespace>/<name>`). A tenant the
-    /// proxies have not seen within two windows (or one without limits, which they do not
-    /// record) reads as zero with no last-seen time.
+    /// proxies have not seen within two windows (a day, for one without an rpm limit) reads
+    /// as zero with no last-seen time.
     pub async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage> {
         let mut conn = self.connection()?;
         let keys = KeyBudgetKeys::tenant(tenant);
         let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
         let now_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
         let since = format!("({}", now_ms.saturating_sub(WINDOW_MS));
-        let (requests, newest_request, reservations, newest_reservation): (
+        let minute = now_ms / TENANT_USE_MINUTE_MS;
+        type Counted = (Option<u64>, Option<u64>, Option<u64>);
+        let (requests, newest_request, reservations, newest_reservation, counted): (
             u64,
             Scored,
             Vec<String>,
             Scored,
+            Counted,
         ) = redis::pipe()
             .cmd("ZCOUNT")
             .arg(&keys.requests)
@@ -212,8 +231,14 @@ impl UsageReader {
             .arg(-1)
             .arg(-1)
             .arg("WITHSCORES")
+            .cmd("HMGET")
+            .arg(tenant_use_key(tenant))
+            .arg(minute)
+            .arg(minute.saturating_sub(1))
+            .arg(TENANT_USE_LAST)
             .query_async(&mut conn)
             .await?;
+        let (current, previous, counted_last) = counted;
         let tokens = if reservations.is_empty() {
             0
         } else {
@@ -229,10 +254,12 @@ impl UsageReader {
             .iter()
             .chain(&newest_reservation)
             .map(|(_, score)| (*score as u64).min(now_ms))
+            .chain(counted_last)
             .max();
         Ok(TenantUsage {
             requests,
             tokens,
+            counted: sliding_count(now_ms, current.unwrap_or(0), previous.unwrap_or(0)),
             last_seen_ms,
         })
     }
@@ -355,6 +382,16 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn the_previous_minute_counts_for_the_part_the_last_60_s_still_cover() {
+        let minute = TENANT_USE_MINUTE_MS;
+        // At the start of a minute all of the previous one counts; at its end none.
+        assert_eq!(sliding_count(10 * minute, 3, 60), 63);
+        assert_eq!(sliding_count(10 * minute + minute / 4, 3, 60), 48);
+        assert_eq!(sliding_count(11 * minute - 1, 3, 60), 3);
+        assert_eq!(sliding_count(10 * minute + 1, 0, 0), 0);
     }
 
     #[test]

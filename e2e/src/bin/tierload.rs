@@ -18,6 +18,11 @@
 //! long the refusal took and the `retry-after` it carried (a refusal at once is a full queue
 //! or a turn that could not come in time; one after the tier's wait limit, its deadline).
 //!
+//! With `--respond-async NAME` that tier's requests carry `Prefer: respond-async` (RFC 7240):
+//! a gateway with async jobs hands a request it cannot answer within its wait limit over as a
+//! job (202 and a `Location`); such a request is counted *deferred*, with how long the hand-over
+//! took (`defer_ms_max`), not answered, and its queue wait is not in the percentiles.
+//!
 //! With `--prompts FILE` (JSON lines `{"tier": NAME, "model": M, "messages": [...]}`) each
 //! tier sends its own lines in file order, wrapping around, instead of one fixed prompt; and
 //! it also counts who answered (the `x-floodgate-cache` outcome when the cache did, else
@@ -66,6 +71,10 @@ struct Args {
     /// Names every refused request in this file, a line each.
     #[arg(long, value_name = "FILE")]
     refusals: Option<std::path::PathBuf>,
+    /// A tier whose requests carry `Prefer: respond-async` (repeatable): a 202 counts as
+    /// deferred.
+    #[arg(long = "respond-async", value_name = "NAME")]
+    respond_async: Vec<String>,
 }
 
 /// One line of `--prompts`.
@@ -91,6 +100,10 @@ enum End {
         total_ms: u64,
         by: &'static str,
     },
+    /// Handed over as a job (202), after how long.
+    Deferred {
+        after_ms: u64,
+    },
     /// A 429: after how long, and its `retry-after` (seconds) if it had one.
     Refused {
         after_ms: u64,
@@ -105,6 +118,10 @@ enum End {
 struct TierSummary {
     sent: u64,
     answered: u64,
+    /// Handed over as jobs (202, `--respond-async`).
+    deferred: u64,
+    /// The longest a hand-over took, in milliseconds.
+    defer_ms_max: Option<u64>,
     refused: u64,
     other_status: u64,
     /// The other statuses, by code.
@@ -200,16 +217,24 @@ fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str, id: &str) -> End {
+async fn one(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &str,
+    id: &str,
+    respond_async: bool,
+) -> End {
     let started = Instant::now();
-    let sent = client
+    let mut request = client
         .post(url)
         .header("authorization", format!("Bearer {key}"))
         .header("x-request-id", id)
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await;
+        .header("content-type", "application/json");
+    if respond_async {
+        request = request.header("prefer", "respond-async");
+    }
+    let sent = request.body(body.to_owned()).send().await;
     let response = match sent {
         Ok(response) => response,
         Err(e) if e.is_timeout() => return End::Lost("timeout"),
@@ -233,6 +258,9 @@ async fn one(client: &reqwest::Client, url: &str, key: &str, body: &str, id: &st
         return End::Lost(if e.is_timeout() { "timeout" } else { "body" });
     }
     match status {
+        202 if respond_async => End::Deferred {
+            after_ms: started.elapsed().as_millis() as u64,
+        },
         200..=299 => End::Answered {
             queue_ms: queue_ms.unwrap_or(0),
             total_ms: started.elapsed().as_millis() as u64,
@@ -318,6 +346,7 @@ async fn main() -> Result<()> {
             own
         });
         let every = Duration::from_secs_f64(1.0 / tier.rate);
+        let respond_async = args.respond_async.contains(&tier.name);
         pacers.push(tokio::spawn(async move {
             let mut requests = tokio::task::JoinSet::new();
             // Tiers start out of phase, so that their arrivals interleave.
@@ -333,7 +362,7 @@ async fn main() -> Result<()> {
                 let id = format!("tierload-{name}-{n}");
                 requests.spawn(async move {
                     let sent = start.elapsed();
-                    let end = one(&client, &url, &key, &body, &id).await;
+                    let end = one(&client, &url, &key, &body, &id, respond_async).await;
                     if let End::Lost(why) = end {
                         // The id is the gateway's request id: its logs name it.
                         eprintln!(
@@ -394,6 +423,10 @@ async fn main() -> Result<()> {
                         s.within_target += 1;
                     }
                 }
+                End::Deferred { after_ms } => {
+                    s.deferred += 1;
+                    s.defer_ms_max = Some(s.defer_ms_max.map_or(after_ms, |m| m.max(after_ms)));
+                }
                 End::Refused { .. } => s.refused += 1,
                 End::Status(code) => {
                     s.other_status += 1;
@@ -416,13 +449,14 @@ async fn main() -> Result<()> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let mut table = String::new();
-    table.push_str("tier          sent  answered  refused  other  lost  wait p50 ms  wait p99 ms  wait max ms\n");
+    table.push_str("tier          sent  answered  deferred  refused  other  lost  wait p50 ms  wait p99 ms  wait max ms\n");
     let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     for (name, s) in &summaries {
         table.push_str(&format!(
-            "{name:<12} {:>5} {:>9} {:>8} {:>6} {:>5} {:>12} {:>12} {:>12}\n",
+            "{name:<12} {:>5} {:>9} {:>9} {:>8} {:>6} {:>5} {:>12} {:>12} {:>12}\n",
             s.sent,
             s.answered,
+            s.deferred,
             s.refused,
             s.other_status,
             s.lost,

@@ -6,6 +6,7 @@
 //! (requests used, blocked until when, admissions being asked) keeps the replica from asking
 //! when the answer is known to be no, and from asking all at once when a slot frees up.
 
+use super::pace::Hold;
 use super::shared::record::{Record, Recorded, Seeds};
 use super::shared::{Admission, RedisBudgets};
 use super::window::{RequestWindow, TokenWindow};
@@ -389,25 +390,27 @@ impl KeyBudget {
         now: Instant,
         tokens: u64,
     ) -> Result<Permit, Unavailable> {
-        self.acquire_capped(now, tokens, None).await
+        self.acquire_held(now, tokens, Hold::default()).await
     }
 
-    /// [`KeyBudget::acquire`] for a queue class that may only take a request while fewer
-    /// than `cap` requests are in the window (`None`: up to the limit): from the local window,
-    /// or inside Redis's atomic admission with shared budgets. A refusal by the cap alone
-    /// does not mark the key full for the classes above. While Redis is unreachable the cap
-    /// is not applied (the local share already holds every class back).
-    pub async fn acquire_capped(
+    /// [`KeyBudget::acquire`] held back as `hold` says: a queue class that may only take a
+    /// request while fewer than `hold.cap` requests are in the window, and the key's pace for
+    /// a request that waited. From the local window and [`KeyBudget::pace`], or inside
+    /// Redis's atomic admission with shared budgets (the pace shared by every replica). A
+    /// refusal by the cap or the pace alone does not mark the key full for the others. While
+    /// Redis is unreachable the cap is not applied (the local share already holds every class
+    /// back) and the pace is this replica's.
+    pub async fn acquire_held(
         self: &Arc<Self>,
         now: Instant,
         tokens: u64,
-        cap: Option<u32>,
+        hold: Hold,
     ) -> Result<Permit, Unavailable> {
         let Some(shared) = &self.shared else {
             // The local path: one lock, no allocation.
             let mut s = self.lock();
             s.local_availability(now, tokens, None)?;
-            if let (Some(cap), Some(w)) = (cap, s.requests.as_mut())
+            if let (Some(cap), Some(w)) = (hold.cap, s.requests.as_mut())
                 && cap < w.limit()
             {
                 let free = w.next_free_within(now, cap);
@@ -415,7 +418,8 @@ impl KeyBudget {
                     return Err(Unavailable::Until(free));
                 }
             }
-            return Ok(self.admit(&mut s, now, tokens, None));
+            self.local_pace(now, hold)?;
+            return Ok(self.admit_paced(&mut s, now, tokens, None, hold));
         };
         let seq = shared.backend.next_seq();
         let limits = {
@@ -424,8 +428,9 @@ impl KeyBudget {
             if self.sharing(&s).is_none() {
                 // Redis is unreachable: the local share decides, and the record keeps the
                 // request for Redis's return. A key without limits has nothing to share.
+                self.local_pace(now, hold)?;
                 let limited = s.limits.rpm.is_some() || s.limits.tpm.is_some();
-                return Ok(self.admit(&mut s, now, tokens, limited.then_some(seq)));
+                return Ok(self.admit_paced(&mut s, now, tokens, limited.then_some(seq), hold));
             }
             s.hint_availability(now)?;
             s.hint.asking += 1;
@@ -439,14 +444,14 @@ impl KeyBudget {
         let member = shared.backend.member(seq);
         let answer = shared
             .backend
-            .acquire_on_runtime(&shared.keys, limits, tokens, &member, cap)
+            .acquire_on_runtime(&shared.keys, limits, tokens, &member, hold)
             .await;
         let member = asking.answered();
         let now = Instant::now();
         match answer {
             Ok(Admission::Admitted { used, next_free }) => {
                 let mut s = self.lock();
-                let permit = self.admit(&mut s, now, tokens, Some(member));
+                let permit = self.admit_paced(&mut s, now, tokens, Some(member), hold);
                 s.heard(now, used, (!next_free.is_zero()).then(|| now + next_free));
                 Ok(permit)
             }
@@ -454,12 +459,18 @@ impl KeyBudget {
                 used,
                 wait,
                 class_only,
+                paced,
             }) => {
                 let mut s = self.lock();
-                // Refused by the class cap alone: the classes above may still find room, so
-                // the key is not marked full for them.
-                let blocked = (!class_only).then_some(now + wait);
+                // Refused by the class cap or the pace alone: the classes above, and requests
+                // that are not paced, may still find room, so the key is not marked full.
+                let blocked = (!class_only && !paced).then_some(now + wait);
                 s.heard(now, used, blocked);
+                drop(s);
+                if let (true, Some(pace)) = (paced, hold.pace) {
+                    // Paced requests of this replica wait for that instant, asking nobody.
+                    self.pace.hold_until(now + wait, pace.tolerance);
+                }
                 Err(Unavailable::Until(now + wait))
             }
             Err(error) => {
@@ -470,9 +481,35 @@ impl KeyBudget {
                 let mut s = self.lock();
                 s.local_availability(now, tokens, Some(&shared.backend))?;
                 // Under the same member: if Redis did admit it, re-writing it counts it once.
-                Ok(self.admit(&mut s, now, tokens, Some(member)))
+                Ok(self.admit_paced(&mut s, now, tokens, Some(member), hold))
             }
         }
+    }
+
+    /// This replica's pace, for a paced request that the pace may hold back.
+    fn local_pace(&self, now: Instant, hold: Hold) -> Result<(), Unavailable> {
+        match hold.pace {
+            Some(pace) if pace.check => self
+                .pace
+                .ready(now, pace.tolerance)
+                .map_err(Unavailable::Until),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`KeyBudget::admit`], counting a paced request on this replica's pace.
+    fn admit_paced(
+        self: &Arc<Self>,
+        s: &mut KeyState,
+        now: Instant,
+        tokens: u64,
+        member: Option<u64>,
+        hold: Hold,
+    ) -> Permit {
+        if let Some(pace) = hold.pace {
+            self.pace.admitted(now, pace.interval);
+        }
+        self.admit(s, now, tokens, member)
     }
 
     /// Records an admitted request in the local windows.

@@ -63,6 +63,20 @@ pub enum Unavailable {
     Failed,
 }
 
+/// Counts a tenant's requests in Redis for its status ([`Budgets::tenant_use`]).
+#[derive(Debug, Clone)]
+pub struct UseCounter {
+    backend: Arc<RedisBudgets>,
+    key: Arc<str>,
+}
+
+impl UseCounter {
+    /// Counts one request, in the background.
+    pub fn count(&self) {
+        self.backend.count_use_later(&self.key);
+    }
+}
+
 /// Every key budget of this replica.
 #[derive(Debug)]
 pub struct Budgets {
@@ -163,6 +177,17 @@ impl Budgets {
             backend.register(&keys, Arc::downgrade(&record));
         }
         budget
+    }
+
+    /// Where the requests of tenant `tenant` (named as for [`Budgets::tenant`]) are counted
+    /// for its status when it has no rpm limit (no window records them): `None` without
+    /// shared budgets, whose Redis the operator reads.
+    pub fn tenant_use(&self, tenant: &str) -> Option<UseCounter> {
+        let backend = self.shared.as_ref()?.clone();
+        Some(UseCounter {
+            backend,
+            key: Arc::from(floodgate_crds::redis_keys::tenant_use_key(tenant)),
+        })
     }
 
     /// A new configuration: keys it no longer has are forgotten, and keys failed by the

@@ -16,9 +16,39 @@
 //! 119 s and 179 s). So the tolerance is kept to about one slot of the key's rate, and while
 //! the key's window is full no credit is saved ([`Pacer::stalled`]).
 
+//!
+//! With budgets shared through Redis the pace is shared too: its theoretical arrival time is
+//! kept per key in Redis and checked and advanced by the same admission script
+//! (`shared/acquire.lua`), so that N replicas together pace a key at its rate, not N times it.
+//! Each replica's [`Pacer`] then only remembers when Redis said the next paced admission may
+//! come (and paces alone while Redis is unreachable).
+
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// What holds a request back on a key beyond the key's limits, decided in the same
+/// admission as the limits (in Redis with shared budgets).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Hold {
+    /// Admit only while fewer than this many requests are in the key's window (a lower
+    /// queue class leaves the rest to the classes above); `None`: up to the limit.
+    pub cap: Option<u32>,
+    /// The key's pace, for a request that waited; `None`: not paced (nothing is read).
+    pub pace: Option<Pace>,
+}
+
+/// A paced admission's terms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    /// One paced admission per this interval (the key's window over its request limit).
+    pub interval: Duration,
+    /// How far ahead of its pace the key admits.
+    pub tolerance: Duration,
+    /// Whether the pace may refuse the request (the classes below priority); otherwise the
+    /// admission only counts on it.
+    pub check: bool,
+}
 
 /// A key's pacer: the theoretical arrival time of its next paced admission.
 #[derive(Debug, Default)]
@@ -43,6 +73,14 @@ impl Pacer {
         let mut tat = self.tat.lock().unwrap_or_else(|p| p.into_inner());
         let full = now + tolerance;
         *tat = Some(tat.map_or(full, |t| t.max(full)));
+    }
+
+    /// The shared pace said no paced admission before `at`: [`Pacer::ready`] with
+    /// `tolerance` answers `at` until then.
+    pub fn hold_until(&self, at: Instant, tolerance: Duration) {
+        let mut tat = self.tat.lock().unwrap_or_else(|p| p.into_inner());
+        let held = at + tolerance;
+        *tat = Some(tat.map_or(held, |t| t.max(held)));
     }
 
     /// Records a paced admission at `now`.

@@ -44,6 +44,7 @@
 //! alarm costs one barrier, never a double count.
 
 use super::Limits;
+use super::pace::Hold;
 use crate::secret::SecretString;
 use floodgate_crds::redis_keys::KeyBudgetKeys;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -62,6 +63,7 @@ mod resync;
 use record::Recorded;
 
 const ACQUIRE: &str = include_str!("shared/acquire.lua");
+const COUNT_USE: &str = include_str!("shared/count.lua");
 const COMPLETE: &str = include_str!("shared/complete.lua");
 const SETTLE: &str = include_str!("shared/settle.lua");
 const EPOCH: &str = include_str!("shared/epoch.lua");
@@ -211,8 +213,12 @@ pub enum Admission {
         used: u32,
         /// Until one could be admitted.
         wait: Duration,
-        /// Whether the class cap alone refused: the key has room for the classes above.
+        /// Whether the class cap refused and no limit did: the key has room for the classes
+        /// above.
         class_only: bool,
+        /// Whether the key's pace alone refused ([`super::pace`]): the key has room for
+        /// requests that are not paced, and the pace admits one in `wait`.
+        paced: bool,
     },
 }
 
@@ -222,6 +228,7 @@ pub struct RedisBudgets {
     client: redis::Client,
     conn: OnceLock<ConnectionManager>,
     acquire: redis::Script,
+    count_use: redis::Script,
     complete: redis::Script,
     settle: redis::Script,
     refund: redis::Script,
@@ -317,6 +324,7 @@ impl RedisBudgets {
             client,
             conn: OnceLock::new(),
             acquire: redis::Script::new(ACQUIRE),
+            count_use: redis::Script::new(COUNT_USE),
             complete: redis::Script::new(COMPLETE),
             settle: redis::Script::new(SETTLE),
             refund: redis::Script::new(REFUND),
@@ -460,7 +468,7 @@ impl RedisBudgets {
         tokens: u64,
         member: &str,
     ) -> Result<Admission, SharedError> {
-        self.acquire_capped(keys, limits, tokens, member, None)
+        self.acquire_held(keys, limits, tokens, member, Hold::default())
             .await
     }
 
@@ -475,6 +483,20 @@ impl RedisBudgets {
         member: &str,
         cap: Option<u32>,
     ) -> Result<Admission, SharedError> {
+        let hold = Hold { cap, pace: None };
+        self.acquire_held(keys, limits, tokens, member, hold).await
+    }
+
+    /// [`RedisBudgets::acquire`] held back by a queue class's cap and the key's shared pace
+    /// as `hold` says, decided in the same atomic admission.
+    pub async fn acquire_held(
+        self: &Arc<Self>,
+        keys: &Arc<KeyBudgetKeys>,
+        limits: Limits,
+        tokens: u64,
+        member: &str,
+        hold: Hold,
+    ) -> Result<Admission, SharedError> {
         self.start_monitor();
         for _ in 0..2 {
             let epoch = match self.known_epoch(keys) {
@@ -485,7 +507,7 @@ impl RedisBudgets {
                 }
             };
             match self
-                .admit(keys, limits, tokens, member, &epoch, cap)
+                .admit(keys, limits, tokens, member, &epoch, hold)
                 .await?
             {
                 Some(admission) => return Ok(admission),
@@ -497,6 +519,7 @@ impl RedisBudgets {
             used: 0,
             wait: self.opts.poll,
             class_only: false,
+            paced: false,
         })
     }
 
@@ -508,14 +531,23 @@ impl RedisBudgets {
         tokens: u64,
         member: &str,
         epoch: &str,
-        cap: Option<u32>,
+        hold: Hold,
     ) -> Result<Option<Admission>, SharedError> {
         let mut conn = self.conn()?;
         let mut call = self.acquire.prepare_invoke();
+        let (mode, interval, tolerance) = match hold.pace {
+            None => (0, 0.0, 0.0),
+            Some(p) => (
+                if p.check { 1 } else { 2 },
+                p.interval.as_secs_f64() * 1000.0,
+                p.tolerance.as_secs_f64() * 1000.0,
+            ),
+        };
         call.key(&keys.requests)
             .key(&keys.tokens)
             .key(&keys.token_amounts)
             .key(&keys.epoch)
+            .key(&keys.pace)
             .arg(limits.rpm.map_or(-1, i64::from))
             .arg(limits.tpm.map_or(-1, i64::from))
             .arg(millis(self.window))
@@ -525,8 +557,11 @@ impl RedisBudgets {
             .arg(millis(self.opts.poll))
             .arg(epoch)
             .arg(millis(self.epoch_ttl()))
-            .arg(cap.map_or(-1, i64::from));
-        let (admitted, used, wait, class_only): (i64, i64, i64, i64) =
+            .arg(hold.cap.map_or(-1, i64::from))
+            .arg(mode)
+            .arg(format!("{interval:.3}"))
+            .arg(format!("{tolerance:.3}"));
+        let (admitted, used, wait, held): (i64, i64, i64, i64) =
             self.bounded(call.invoke_async(&mut conn)).await?;
         let used = u32::try_from(used).map_err(|_| SharedError::Reply)?;
         let wait = Duration::from_millis(u64::try_from(wait).map_err(|_| SharedError::Reply)?);
@@ -538,7 +573,8 @@ impl RedisBudgets {
             0 => Ok(Some(Admission::Refused {
                 used,
                 wait,
-                class_only: class_only == 1,
+                class_only: held == 1,
+                paced: held == 2,
             })),
             -1 => Ok(None),
             _ => Err(SharedError::Reply),
@@ -558,15 +594,15 @@ impl RedisBudgets {
         limits: Limits,
         tokens: u64,
         member: &str,
-        cap: Option<u32>,
+        hold: Hold,
     ) -> Result<Admission, SharedError> {
         let Some(runtime) = &self.opts.runtime else {
-            return self.acquire_capped(keys, limits, tokens, member, cap).await;
+            return self.acquire_held(keys, limits, tokens, member, hold).await;
         };
         let (this, keys, member) = (self.clone(), keys.clone(), member.to_owned());
         runtime
             .spawn(async move {
-                this.acquire_capped(&keys, limits, tokens, &member, cap)
+                this.acquire_held(&keys, limits, tokens, &member, hold)
                     .await
             })
             .await
@@ -639,6 +675,32 @@ impl RedisBudgets {
                 this.failed(&e);
             }
         });
+    }
+
+    /// Counts a request of a tenant without an rpm limit under `key` (its use hash, see
+    /// [`floodgate_crds::redis_keys::tenant_use_key`]) in the background, for its status:
+    /// one script call, off the request's path; dropped while Redis is unreachable.
+    pub(crate) fn count_use_later(self: &Arc<Self>, key: &Arc<str>) {
+        if self.degraded() || !self.can_spawn() {
+            return;
+        }
+        let (this, key) = (self.clone(), key.clone());
+        self.spawn(async move {
+            if let Err(e) = this.count_use(&key).await {
+                this.failed(&e);
+            }
+        });
+    }
+
+    /// Counts one request of a tenant without an rpm limit under `key` (its use hash, see
+    /// [`floodgate_crds::redis_keys::tenant_use_key`]); the requests counted in the current
+    /// minute.
+    pub async fn count_use(&self, key: &str) -> Result<u64, SharedError> {
+        let mut conn = self.conn()?;
+        let mut call = self.count_use.prepare_invoke();
+        call.key(key);
+        let counted: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+        u64::try_from(counted).map_err(|_| SharedError::Reply)
     }
 
     /// Writes `member`'s answer in the background; kept for later if Redis is unreachable.

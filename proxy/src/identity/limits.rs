@@ -146,6 +146,10 @@ pub async fn admit(
         permit.answered();
         slot.permit = Mutex::new(Some(permit));
     }
+    if let Some(uses) = &state.uses {
+        // No rpm window records it: counted for the tenant's status instead.
+        uses.count();
+    }
     Ok(slot)
 }
 

@@ -15,7 +15,7 @@
 
 pub mod limits;
 
-use crate::budget::{Budgets, KeyBudget, Limits, Signal};
+use crate::budget::{Budgets, KeyBudget, Limits, Signal, UseCounter};
 use crate::config::{Config, TenantConfig};
 use crate::secret::KeyDigest;
 use arc_swap::ArcSwap;
@@ -67,6 +67,9 @@ impl Caller {
 pub struct TenantState {
     /// Requests and tokens per window, when it has an rpm or tpm limit.
     pub budget: Option<Arc<KeyBudget>>,
+    /// Where its requests are counted for its status when no rpm window records them (no
+    /// rpm limit) and budgets are shared through Redis.
+    pub uses: Option<UseCounter>,
     /// Requests of this tenant being answered now (on this replica).
     pub in_flight: AtomicU32,
     /// What its budget pulses when it may have room again.
@@ -307,7 +310,14 @@ impl Identity {
             tpm: tenant.limits.tpm.map(|n| n.get()),
         };
         let limited = limits.rpm.is_some() || limits.tpm.is_some();
-        if let Some(state) = states.get(&tenant.name) {
+        let uses = limits
+            .rpm
+            .is_none()
+            .then(|| budgets.tenant_use(&tenant.name))
+            .flatten();
+        if let Some(state) = states.get(&tenant.name)
+            && state.uses.is_some() == uses.is_some()
+        {
             match (&state.budget, limited) {
                 (Some(budget), true) => {
                     budget.update(limits, budgets.window());
@@ -319,6 +329,7 @@ impl Identity {
             }
         }
         let state = Arc::new(TenantState {
+            uses,
             budget: limited.then(|| budgets.tenant(&tenant.name, limits, self.signal.clone())),
             in_flight: AtomicU32::new(0),
             signal: self.signal.clone(),

@@ -19,6 +19,7 @@ use super::runtime::{KeyRt, ProviderRt, Route, Runtime, Target};
 use super::tiers::TierRt;
 use super::wait::{Entry, Ticket};
 use super::{Dispatcher, RouteError};
+use crate::budget::pace::{Hold, Pace};
 use crate::budget::{Permit, Unavailable};
 use crate::metrics;
 use crate::providers::types::ChatRequest;
@@ -363,7 +364,7 @@ impl<'a> Attempts<'a> {
                     () = tokio::time::sleep_until(wake) => {
                         let now = Instant::now();
                         if now >= deadline {
-                            return Err(self.saturated(now, ticket.position().total()));
+                            return Err(self.saturated_in_line(now));
                         }
                         ticket.tick(now);
                     }
@@ -406,11 +407,10 @@ impl<'a> Attempts<'a> {
     /// full, or that pacing holds back (which holds every paced class alike), does not count:
     /// standing back would only hand the turn to a tier that cannot take it either.
     fn class_blocked(&self, now: Instant) -> bool {
-        let tier = &self.asker.tier;
-        if (tier.headroom <= 0.0 && tier.batch.is_none()) || self.held_long_enough(now) {
+        let deferred = !self.off_peak(now);
+        if self.headroom(now) <= 0.0 && !deferred {
             return false;
         }
-        let deferred = !self.off_peak(now);
         self.live_targets().any(|(_, t)| {
             let p = &self.runtime.providers[t.provider];
             let tokens = self.demand.tokens(p.adapter);
@@ -447,20 +447,33 @@ impl<'a> Attempts<'a> {
         (self.dispatcher.budgets().window() / 60).min(interval)
     }
 
+    /// The pace of this request's admission on `key`: none for a request that did not wait
+    /// or a key without a request limit; checked for the classes below priority, only
+    /// counted for the priority class ([`Attempts::pace_ready`]).
+    fn pace(&self, key: &KeyRt) -> Option<Pace> {
+        if !self.paced {
+            return None;
+        }
+        let interval = self.pace_interval(key)?;
+        Some(Pace {
+            interval,
+            tolerance: self.pace_tolerance(interval),
+            check: self.asker.tier.class != floodgate_crds::QueueClass::Priority,
+        })
+    }
+
     /// When a paced request may take from `key`: `Ok` now, or the instant. Requests that
     /// did not wait are not paced, nor is the priority class; a burst of one slot of the
     /// key's rate (at most a sixtieth of the window) of paced admissions may go at once.
     fn pace_ready(&self, key: &KeyRt, now: Instant) -> Result<(), Instant> {
         // The priority class is never held back by pacing (its admissions still count on
-        // the pace, so the classes below get what is left of the sustainable rate).
-        let priority = self.asker.tier.class == floodgate_crds::QueueClass::Priority;
-        let Some(interval) = self.pace_interval(key) else {
-            return Ok(());
-        };
-        if !self.paced || priority {
-            return Ok(());
+        // the pace, so the classes below get what is left of the sustainable rate). With
+        // shared budgets the pace is Redis's; the replica's pacer holds when Redis said the
+        // next paced admission may come.
+        match self.pace(key) {
+            Some(pace) if pace.check => key.budget.pace.ready(now, pace.tolerance),
+            _ => Ok(()),
         }
-        key.budget.pace.ready(now, self.pace_tolerance(interval))
     }
 
     /// The head found no key it could take: the keys whose window is full (or cooling down)
@@ -489,10 +502,9 @@ impl<'a> Attempts<'a> {
     /// free (with 20%, the class stops while 80% of the window is used or more, and leaves
     /// the last 20% to the classes above it).
     fn class_allows(&self, key: &KeyRt, now: Instant) -> bool {
-        let headroom = self.asker.tier.headroom;
+        let headroom = self.headroom(now);
         headroom <= 0.0
             || key.budget.rpm().is_none()
-            || self.held_long_enough(now)
             || key.budget.remaining_fraction(now) > headroom + 1e-9
     }
 
@@ -501,8 +513,8 @@ impl<'a> Attempts<'a> {
     /// inside the key's admission (in Redis with shared budgets), so that it holds across
     /// replicas. The same rule as [`Attempts::class_allows`].
     fn class_cap(&self, key: &KeyRt, now: Instant) -> Option<u32> {
-        let headroom = self.asker.tier.headroom;
-        if headroom <= 0.0 || self.held_long_enough(now) {
+        let headroom = self.headroom(now);
+        if headroom <= 0.0 {
             return None;
         }
         let rpm = key.budget.rpm()?;
@@ -510,9 +522,23 @@ impl<'a> Attempts<'a> {
         Some(cap as u32)
     }
 
-    /// Whether the request has spent half its wait limit: from then on neither its class's
-    /// headroom nor off-peak deferral hold it back, and it takes its weighted share however
-    /// busy the keys are, so that no class starves and it is answered before its limit.
+    /// The share of a key's window this request's class leaves to the classes above: its
+    /// tier's headroom, relaxed once it has waited half its limit (never removed: under
+    /// sustained saturation most lower-class admissions come after half their wait, and the
+    /// reserve is for exactly that load). Relaxed, every lower class keeps the same reserve
+    /// (half the smallest headroom), so they share the rest by weight and none starves.
+    fn headroom(&self, now: Instant) -> f64 {
+        let tier = &self.asker.tier;
+        if self.held_long_enough(now) {
+            tier.relaxed_headroom
+        } else {
+            tier.headroom
+        }
+    }
+
+    /// Whether the request has spent half its wait limit: from then on off-peak deferral no
+    /// longer holds it back and its class's headroom is relaxed ([`Attempts::headroom`]), so
+    /// that no class starves and it can be answered before its limit.
     fn held_long_enough(&self, now: Instant) -> bool {
         // From when the request started waiting, by its tier's limit: a caller that asks
         // for a shorter wait (`x-floodgate-max-wait-ms`) does not skip its class's hold.
@@ -585,11 +611,27 @@ impl<'a> Attempts<'a> {
         RouteError::Saturated { retry_after }
     }
 
+    /// 429 at the deadline for a request still waiting in the queue: retry when a request
+    /// joining then would be served, that is when those that go before a newcomer of its
+    /// tier could be through ([`Attempts::turn`], this request not counted: it leaves). A
+    /// retry at that time is admitted if nothing that goes first arrives meanwhile.
+    fn saturated_in_line(&self, now: Instant) -> RouteError {
+        if self.last_error.is_some() {
+            return self.upstream_error();
+        }
+        let (ahead, share) = self.route.queue.outlook(&self.asker.tier, now);
+        let retry_after = self
+            .turn_after(now, ahead.saturating_sub(1), share)
+            .unwrap_or(Duration::from_secs(1));
+        RouteError::Saturated { retry_after }
+    }
+
     /// When a request joining the queue now could be served: the earliest slot, then one
-    /// slot per request of its tier ahead, at its tier's share of the route's rate (the
-    /// weighted fair share among the tiers waiting). `None` when no instant is known.
+    /// slot per request that goes before it in its class (its tier's, and the class's other
+    /// tiers' due before it), at its class's share of the route's rate (the weighted fair
+    /// share of the class's tiers among the tiers waiting). `None` when no instant is known.
     fn turn(&self, now: Instant) -> Option<Duration> {
-        let (ahead, share) = self.route.queue.outlook(&self.asker.tier);
+        let (ahead, share) = self.route.queue.outlook(&self.asker.tier, now);
         self.turn_after(now, ahead, share)
     }
 
@@ -601,7 +643,8 @@ impl<'a> Attempts<'a> {
         };
         let window = self.dispatcher.budgets().window();
         let rpm = self.route_rpm().max(1) as f64;
-        let slots = ahead as f64 / (rpm * share.max(1e-6));
+        // Whole slots: the class has its share of them, rounded to whole dispatches.
+        let slots = (ahead as f64 / share.max(1e-6) - 1e-9).ceil().max(0.0) / rpm;
         Some(at.saturating_duration_since(now) + window.mul_f64(slots))
     }
 
@@ -723,16 +766,12 @@ impl<'a> Attempts<'a> {
                 Admit::Probe(probe) => Some(probe),
             };
             // If the caller goes away while Redis answers, the probe guard gives it back.
-            let cap = self.class_cap(&keys[best], now);
-            match keys[best].budget.acquire_capped(now, tokens, cap).await {
-                Ok(permit) => {
-                    if self.paced
-                        && let Some(interval) = self.pace_interval(&keys[best])
-                    {
-                        keys[best].budget.pace.admitted(now, interval);
-                    }
-                    return Some((&keys[best], permit, probe));
-                }
+            let hold = Hold {
+                cap: self.class_cap(&keys[best], now),
+                pace: self.pace(&keys[best]),
+            };
+            match keys[best].budget.acquire_held(now, tokens, hold).await {
+                Ok(permit) => return Some((&keys[best], permit, probe)),
                 Err(_) => {
                     drop(probe);
                     if best >= 64 {

@@ -250,21 +250,23 @@ async fn past_its_wait_limit_a_request_is_refused_with_a_retry_after_that_holds(
 }
 
 #[tokio::test(start_paused = true)]
-async fn headroom_holds_a_request_back_for_at_most_half_its_wait() {
+async fn past_half_its_wait_a_class_keeps_half_its_reserve() {
     let tiers = [
         "{name: pro, class: priority, maxWaitMs: 1000}",
         "{name: basic, class: standard, maxWaitMs: 10000}",
     ];
+    // Standard keeps 20% for priority; past half its wait, half of that (the smallest
+    // headroom of any class is standard's own).
     let d = dispatcher(
         DispatcherOptions::new(MIN, Duration::from_secs(30)),
         config(10, &tiers, (0, 20, 50)),
     );
     let t0 = Instant::now();
-    for _ in 0..9 {
+    for _ in 0..8 {
         take(&d, "pro", t0 + MIN).await.unwrap();
     }
-    // 10% free is pro's headroom, but basic would otherwise wait out its limit: after 5 s
-    // it takes the slot (within one recheck, 6 s at 10 rpm).
+    // 20% free is basic's whole headroom: held; after 5 s it needs only 10% free and takes
+    // a slot (within one recheck, 6 s at 10 rpm).
     let at = spawn(&d, "basic", t0 + Duration::from_secs(10))
         .await
         .unwrap()
@@ -274,6 +276,130 @@ async fn headroom_holds_a_request_back_for_at_most_half_its_wait() {
         at >= Duration::from_secs(5) && at <= Duration::from_secs(6),
         "{at:?}"
     );
+    // 10% free is the relaxed reserve itself: basic is held for its whole wait and refused
+    // (it used to take it once half its wait was spent), and pro still finds it at once.
+    let t1 = Instant::now();
+    let basic = spawn(&d, "basic", t1 + Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        matches!(basic, Err(RouteError::Saturated { .. })),
+        "{basic:?}"
+    );
+    assert_eq!(Instant::now() - t1, Duration::from_secs(10));
+    let t2 = Instant::now();
+    take(&d, "pro", t2 + Duration::from_secs(1)).await.unwrap();
+    assert_eq!(Instant::now(), t2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_behind_its_class_is_told_its_turn_in_deadline_order() {
+    // Enterprise (1 s) and pro (2 s) share the priority class at equal weights; inside it
+    // the request due first goes first, so enterprise takes the class's slots before pro.
+    let tiers = [
+        "{name: enterprise, class: priority, weight: 10, maxWaitMs: 1000}",
+        "{name: pro, class: priority, weight: 10, maxWaitMs: 2000}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(600, &tiers, (0, 0, 0)),
+    );
+    // The key's 600 slots taken one per 100 ms: from 60 s on they free one per 100 ms.
+    let t0 = Instant::now();
+    for i in 0..600 {
+        if i > 0 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        take(&d, "pro", t0 + MIN).await.unwrap();
+    }
+    let view = d.view();
+    let queue = &view.runtime.routes["m"].queue;
+    let now = Instant::now();
+    let mut waiting = Vec::new();
+    for tier in ["pro"; 5].into_iter().chain(["enterprise"; 5]) {
+        let max_wait = view.runtime.tiers.get(Some(tier)).max_wait;
+        waiting.push(spawn(&d, tier, now + max_wait));
+        let joined = waiting.len();
+        until(|| queue.len() == joined).await;
+    }
+    // Five enterprise requests ahead, one slot each at the whole class's rate: its turn
+    // comes 0.6 s on (the first slot 0.1 s away). Counted at enterprise's half of the slots
+    // it was 1.1 s, past its 1 s limit, and it was refused at once.
+    let joined = Instant::now();
+    let at = spawn(&d, "enterprise", joined + Duration::from_secs(1))
+        .await
+        .unwrap()
+        .expect("admitted, not refused early");
+    assert!(at - joined <= Duration::from_secs(1), "{:?}", at - joined);
+    for w in waiting {
+        assert!(w.await.unwrap().is_ok());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_at_the_retry_after_of_a_refusal_in_line_is_admitted() {
+    // Priority tiers of unequal weights: enterprise's requests are due first (300 s), pro's
+    // later (900 s). One key of 2 rpm.
+    let tiers = [
+        "{name: enterprise, class: priority, weight: 1, maxWaitMs: 300000}",
+        "{name: pro, class: priority, weight: 10, maxWaitMs: 900000}",
+    ];
+    let d = dispatcher(
+        DispatcherOptions::new(MIN, Duration::from_secs(30)),
+        config(2, &tiers, (0, 0, 0)),
+    );
+    let t0 = Instant::now();
+    let s = Duration::from_secs(1);
+    // Its 2 slots taken at 0 s: they free at 60 s, then (taken again) at 120 s.
+    take(&d, "pro", t0 + MIN).await.unwrap();
+    take(&d, "pro", t0 + MIN).await.unwrap();
+    let view = d.view();
+    let queue = &view.runtime.routes["m"].queue;
+    // P (pro) waits until 95 s; then E1..E4 (enterprise), due before it.
+    let mut tasks = vec![spawn_as(&d, "pro", "p", t0 + s * 95)];
+    until(|| queue.len() == 1).await;
+    for _ in 0..4 {
+        tasks.push(spawn_as(&d, "enterprise", "e", t0 + s * 300));
+        let joined = tasks.len();
+        until(|| queue.len() == joined).await;
+    }
+    // E1 and E2 take the slots at 60 s; P is refused at 95 s. E3 and E4 go before any
+    // newcomer of pro: its retry comes when they are through (120 s) and one slot of 2 rpm
+    // each has passed, 180 s. (Counted from P's own place, with enterprise's tag past pro's,
+    // it was 120 s, when E3 and E4 take the slots, and the retry waited again.)
+    let (at, result) = tasks.remove(0).await.unwrap();
+    assert_eq!(at - t0, s * 95);
+    let Err(RouteError::Saturated { retry_after }) = result else {
+        panic!("expected 429 at the deadline, got {result:?}");
+    };
+    assert_eq!(retry_after, s * 85);
+    // (Sleeping, not advancing: the clock stops at 120 s for E3 and E4 on the way.)
+    tokio::time::sleep(retry_after - Duration::from_millis(1)).await;
+    assert!(
+        take_as(&d, "pro", "p", Instant::now()).await.is_err(),
+        "a moment earlier no slot is free"
+    );
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    take_as(&d, "pro", "p", Instant::now())
+        .await
+        .expect("a retry at retry-after is admitted at once");
+    for t in tasks {
+        assert!(t.await.unwrap().1.is_ok());
+    }
+}
+
+#[test]
+fn a_tier_that_changes_class_on_reload_gets_a_state_of_its_new_class() {
+    let states = super::tiers::TierStates::default();
+    let plan = |class: &str| {
+        let tier = format!("{{name: pro, class: {class}, maxWaitMs: 1000}}");
+        super::tiers::TierPlan::build(&config(1, &[tier.as_str()], (0, 0, 0)), MIN, &states)
+    };
+    let (priority, standard, again) = (plan("priority"), plan("standard"), plan("priority"));
+    let state = |p: &super::tiers::TierPlan| p.get(Some("pro")).state.clone();
+    // A new class is a new state (its metrics carry the class); the same class keeps its own.
+    assert!(!Arc::ptr_eq(&state(&priority), &state(&standard)));
+    assert!(Arc::ptr_eq(&state(&priority), &state(&again)));
 }
 
 /// The bench's tier scenario on a paused clock: 10% enterprise, 20% pro, 30% basic and 40%

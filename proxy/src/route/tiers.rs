@@ -4,8 +4,9 @@
 //! headroom, the `--max-wait` limit, as before tiers existed.
 //!
 //! A tier's running state (how many of its requests wait, its metric handles) lives in
-//! [`TierState`], kept across configuration swaps by tier name so that a reload neither
-//! forgets who waits nor resets the depth bound.
+//! [`TierState`], kept across configuration swaps by tier name and class so that a reload
+//! neither forgets who waits nor resets the depth bound (a tier moved to another class gets a
+//! fresh state, whose metrics carry its new class).
 
 use crate::config::Config;
 use floodgate_crds::QueueClass;
@@ -42,6 +43,11 @@ pub struct TierRt {
     pub max_depth: usize,
     /// Share of a key's request window that must be free for this tier to take from it.
     pub headroom: f64,
+    /// The headroom once a request has waited half its limit: half the smaller of its own
+    /// and the smallest headroom any class has, so that past half their waits the lower
+    /// classes share what they may take by weight (none starves) and still leave a reserve
+    /// to the classes above ([`TierPlan::build`]).
+    pub relaxed_headroom: f64,
     /// Batching, for a batch-class tier.
     pub batch: Option<BatchRt>,
     /// Running state, kept across configuration swaps.
@@ -329,8 +335,8 @@ impl TierRt {
     }
 }
 
-/// Tier states by name, kept across configuration swaps.
-pub type TierStates = Mutex<HashMap<String, Arc<TierState>>>;
+/// Tier states by name and class, kept across configuration swaps.
+pub type TierStates = Mutex<HashMap<(String, QueueClass), Arc<TierState>>>;
 
 /// The tiers of one configuration.
 #[derive(Debug)]
@@ -347,7 +353,7 @@ impl TierPlan {
         let mut states = states.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = |name: &str, class| {
             states
-                .entry(name.to_owned())
+                .entry((name.to_owned(), class))
                 .or_insert_with(|| Arc::new(TierState::new(name, class)))
                 .clone()
         };
@@ -365,6 +371,7 @@ impl TierPlan {
                 target: max_wait,
                 max_depth: usize::MAX,
                 headroom: 0.0,
+                relaxed_headroom: 0.0,
                 batch: None,
                 state: state(DEFAULT_TIER, QueueClass::Standard),
             };
@@ -376,6 +383,17 @@ impl TierPlan {
         };
         let spec = &tq.spec;
         let headroom = |c: QueueClass, h: &ClassHeadroom| f64::from(h.of(c).min(99)) / 100.0;
+        // The smallest reserve any class keeps: past half its wait a class keeps half of it
+        // (or half its own, if smaller).
+        let smallest = [
+            QueueClass::Priority,
+            QueueClass::Standard,
+            QueueClass::Batch,
+        ]
+        .into_iter()
+        .map(|c| headroom(c, &spec.class_headroom))
+        .filter(|h| *h > 0.0)
+        .fold(1.0, f64::min);
         let tiers: Vec<Arc<TierRt>> = spec
             .tiers
             .iter()
@@ -394,6 +412,7 @@ impl TierPlan {
                         .min(max_wait),
                     max_depth: t.max_queue_depth.max(1) as usize,
                     headroom: headroom(t.class, &spec.class_headroom),
+                    relaxed_headroom: headroom(t.class, &spec.class_headroom).min(smallest) / 2.0,
                     batch: t.batch.as_ref().map(|b| BatchRt {
                         size: b.size.max(1) as usize,
                         interval: Duration::from_secs(u64::from(b.interval_seconds.max(1))),

@@ -111,16 +111,17 @@ impl Progress {
 /// The requests that would be chosen before a waiting one if nothing else arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Ahead {
-    /// Of its own tier (its tenant's with earlier deadlines, and the other tenants').
-    pub in_tier: usize,
-    /// Of other tiers with a lower virtual tag.
-    pub other_tiers: usize,
+    /// Of its own class: of its tier (its tenant's with earlier deadlines, and the other
+    /// tenants'), and of the class's other tiers, due before it.
+    pub in_class: usize,
+    /// Of the other classes' tiers with a virtual tag no higher than its class's.
+    pub other_classes: usize,
 }
 
 impl Ahead {
     /// All of them.
     pub fn total(&self) -> usize {
-        self.in_tier + self.other_tiers
+        self.in_class + self.other_classes
     }
 }
 
@@ -241,6 +242,15 @@ impl TierQ {
             }
         }
         pick.map(|(_, w, name)| (name, w))
+    }
+
+    /// Its requests that go before one due at `due` (with id `id`) in their class's order.
+    fn due_before(&self, due: Instant, id: u64) -> usize {
+        self.tenants
+            .values()
+            .flat_map(|q| &q.waiters)
+            .filter(|w| (w.due, w.id) < (due, id))
+            .count()
     }
 
     /// Forgets the charges that lapsed by `now`: one rate window after the tenant's queue
@@ -437,46 +447,67 @@ impl WaitQueue {
         self.len() == 0
     }
 
-    /// What a request of `tier` joining now would find: the requests of its tier waiting,
-    /// and the tier's share of dispatch slots among the tiers waiting (1 when alone).
-    pub fn outlook(&self, tier: &TierRt) -> (usize, f64) {
+    /// What a request of `tier` joining at `now` would find: the requests that would be
+    /// chosen before it by the class's slots (all of its own tier's, and those of the other
+    /// tiers of its class due before it: the class's slots go to the request due first), and
+    /// its class's share of dispatch slots among the tiers waiting (1 when alone).
+    pub fn outlook(&self, tier: &TierRt, now: Instant) -> (usize, f64) {
         let s = self.lock();
+        let due = now + tier.max_wait;
         let mine = f64::from(tier.weight.max(1));
-        let mut ahead = 0;
-        let mut total = mine;
+        let (mut ahead, mut class, mut total) = (0, mine, mine);
         for t in &s.tiers {
             if t.waiting == 0 {
                 continue;
             }
             if *t.name == *tier.name {
-                ahead = t.waiting;
-            } else {
-                total += t.weight;
+                ahead += t.waiting;
+                continue;
+            }
+            total += t.weight;
+            if t.class == tier.class {
+                class += t.weight;
+                ahead += t.due_before(due, u64::MAX);
             }
         }
-        (ahead, mine / total)
+        (ahead, class / total)
     }
 
     /// Requests that would be chosen before request `id` of `tier` and `tenant` if nothing
-    /// else arrived: those of other tiers with a lower tag, those of other tenants of its
-    /// tier, and those ahead of it in its tenant. An estimate for progress reports, not a
-    /// promise; `None` if it does not wait here.
+    /// else arrived: of its class, those of other tenants of its tier and those ahead of it
+    /// in its tenant, and those of the class's other tiers due before it; of the other
+    /// classes, those of tiers with a tag no higher than its class's lowest. An estimate for
+    /// progress reports, not a promise; `None` if it does not wait here.
     pub fn position_of(&self, id: u64, tier: &TierRt, tenant: &str) -> Option<Ahead> {
         let s = self.lock();
         let ti = s.tier(&tier.name)?;
-        let mine = s.tiers[ti].tag;
+        let me = s.tiers[ti]
+            .tenants
+            .get(tenant)?
+            .waiters
+            .iter()
+            .find(|w| w.id == id)?;
+        let class = s.tiers[ti].class;
+        let class_tag = s
+            .tiers
+            .iter()
+            .filter(|t| t.class == class && t.waiting > 0)
+            .map(|t| t.tag)
+            .fold(s.tiers[ti].tag, f64::min);
         let mut ahead = Ahead::default();
         for (i, t) in s.tiers.iter().enumerate() {
             if i == ti {
                 for (name, q) in &t.tenants {
                     if **name == *tenant {
-                        ahead.in_tier += q.waiters.iter().take_while(|w| w.id != id).count();
+                        ahead.in_class += q.waiters.iter().take_while(|w| w.id != id).count();
                     } else {
-                        ahead.in_tier += q.waiters.len();
+                        ahead.in_class += q.waiters.len();
                     }
                 }
-            } else if t.tag <= mine {
-                ahead.other_tiers += t.waiting;
+            } else if t.class == class {
+                ahead.in_class += t.due_before(me.due, id);
+            } else if t.tag <= class_tag {
+                ahead.other_classes += t.waiting;
             }
         }
         Some(ahead)
@@ -661,26 +692,20 @@ impl Ticket<'_> {
     }
 }
 
-impl Drop for Ticket<'_> {
-    fn drop(&mut self) {
-        let now = Instant::now();
-        let mut s = self.queue.lock();
+impl Ticket<'_> {
+    /// Takes this request out of its tier's queue, charging its tenant and the slot's tier
+    /// if it was admitted; the index of its tier, or `None` if it was not found there.
+    fn remove(&self, s: &mut State, now: Instant) -> Option<usize> {
         let vtime = s.vtime;
-        let Some(ti) = s.tier(&self.tier.name) else {
-            return;
-        };
+        let ti = s.tier(&self.tier.name)?;
         // The head takes the slot it was chosen for (maybe another tier's of its class).
         let slot = match s.head_slot {
             Some(slot) if s.head == Some(self.id) => slot,
             _ => ti,
         };
         let tier = &mut s.tiers[ti];
-        let Some(q) = tier.tenants.get_mut(&self.tenant) else {
-            return;
-        };
-        let Some(at) = q.waiters.iter().position(|w| w.id == self.id) else {
-            return;
-        };
+        let q = tier.tenants.get_mut(&self.tenant)?;
+        let at = q.waiters.iter().position(|w| w.id == self.id)?;
         q.waiters.remove(at);
         if self.admitted {
             tier.vtime = q.tag;
@@ -696,7 +721,7 @@ impl Drop for Ticket<'_> {
             tier.charged.retain(|_, c| c.tag > vtime);
         }
         tier.forget_lapsed(now);
-        tier.waiting -= 1;
+        tier.waiting = tier.waiting.saturating_sub(1);
         tier.gated.retain(|g| g.0 != self.id);
         if self.admitted
             && let Some(charged) = s.tiers.get_mut(slot)
@@ -705,6 +730,17 @@ impl Drop for Ticket<'_> {
             charged.tag += 1.0 / charged.weight;
             s.vtime = vtime.max(tag);
         }
+        Some(ti)
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut s = self.queue.lock();
+        let ti = self.remove(&mut s, now);
+        // Whatever was found, the request no longer waits: the counts it took are given
+        // back, so that the bounds never fill with requests long gone.
         if s.head == Some(self.id) {
             s.head = None;
             s.head_slot = None;
@@ -712,6 +748,9 @@ impl Drop for Ticket<'_> {
         self.queue.len.fetch_sub(1, Ordering::AcqRel);
         self.tier.state.leave(self.place);
         s.reassign(now);
+        let Some(ti) = ti else {
+            return;
+        };
         // A gated request that leaves may make its successor the oldest of the batch, whose
         // timer then counts: it learns so from a wake-up.
         if let Some(&(next, _)) = s.tiers[ti].gated.first()

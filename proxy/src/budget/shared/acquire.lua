@@ -4,6 +4,7 @@
 --
 -- KEYS[1] request log (sorted set)      KEYS[2] token reservations (sorted set)
 -- KEYS[3] token amounts (hash, + `sum`) KEYS[4] epoch (hash: `id`, `ready`)
+-- KEYS[5] pace (string: the theoretical arrival time of the next paced admission, ms)
 --
 -- ARGV[1] requests per window, -1 for no limit     ARGV[2] tokens per window, -1 for no limit
 -- ARGV[3] window (ms)
@@ -16,17 +17,30 @@
 -- ARGV[10] the class cap: admit only while fewer than this many requests are in the window
 --          (a lower queue class leaves the rest of the key's window to the classes above
 --          it), -1 for none
+-- ARGV[11] the pace (budget::pace), for a request that waited: 0 not paced (nothing is read
+--          or written), 1 paced (refused while the key is ahead of its pace, and counted),
+--          2 counted only (the priority class: never held back, but the classes below get
+--          what is left of the key's sustainable rate)
+-- ARGV[12] pace interval (ms, may be fractional): one paced admission per interval
+-- ARGV[13] pace tolerance (ms, may be fractional): how far ahead of its pace the key admits
 --
 -- Returns {admitted, requests in the window (this one included if admitted),
---          ms until a further request could be admitted (0: now), class only (1 when the
---          class cap alone refused: the key has room for the classes above)}, where admitted is 1 (yes),
---          0 (no), or -1: the epoch is not the one the replica knows, so Redis lost this
---          budget; nothing was changed, and the replica re-writes its own requests
---          (epoch.lua, seed.lua) before asking again.
+--          ms until a further request could be admitted (0: now), held (when admitted is 0:
+--          0 refused by a limit, 1 by the class cap and no limit, 2 by the pace alone; with
+--          1 or 2 the key has room for the classes above, and for requests not paced)},
+--          where admitted is 1 (yes), 0 (no), or -1: the epoch is not the one the replica
+--          knows, so Redis lost this budget; nothing was changed, and the replica re-writes
+--          its own requests (epoch.lua, seed.lua) before asking again.
 --
 -- The script runs in three steps: (1) the epoch, (2) what each limit allows (each limit
--- computes its own wait; the request waits for the longest), (3) the record of an admitted
--- request. A further limit adds its check to step 2 and its record to step 3.
+-- computes its own wait; the request waits for the longest), then the class cap and the
+-- pace, (3) the record of an admitted request. A further limit adds its check to step 2 and
+-- its record to step 3.
+--
+-- The pace is shared so that N replicas together admit paced requests at the key's rate,
+-- not N times it (which fills the window early and then leaves a stretch with nothing
+-- free). While a limit refuses a paced request no credit is saved: the pace moves up to
+-- now + tolerance (Pacer::stalled on one replica).
 if redis.replicate_commands then pcall(redis.replicate_commands) end -- Redis < 5
 
 local t = redis.call('TIME')
@@ -41,7 +55,14 @@ local poll = tonumber(ARGV[7])
 local epoch = ARGV[8]
 local epoch_ttl = tonumber(ARGV[9])
 local cap = tonumber(ARGV[10] or '-1')
+local pace_mode = tonumber(ARGV[11] or '0')
+local pace_interval = tonumber(ARGV[12] or '0')
+local pace_tolerance = tonumber(ARGV[13] or '0')
 local horizon = now - window
+
+local function set_pace(tat)
+  redis.call('SET', KEYS[5], string.format('%.3f', tat), 'PX', math.ceil(tat - now + window))
+end
 
 -- (1) The epoch: the budget is the one this replica has been admitting on, and no replica
 -- is still re-writing its requests into it.
@@ -105,10 +126,27 @@ end
 local class_wait = 0
 if rpm >= 0 and cap >= 0 and cap < rpm and used >= cap then class_wait = request_wait(used, cap) end
 
-if wait > 0 or class_wait > 0 then
-  local class_only = 0
-  if wait == 0 then class_only = 1 end
-  return {0, used, math.max(wait, class_wait), class_only}
+-- The pace, for requests that waited: read only then (the fast path pays nothing for it).
+local tat = 0
+local pace_wait = 0
+if pace_mode > 0 then
+  tat = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
+  if pace_mode == 1 and tat > now + pace_tolerance then
+    pace_wait = math.ceil(tat - pace_tolerance - now)
+  end
+end
+
+if wait > 0 or class_wait > 0 or pace_wait > 0 then
+  local held = 0
+  if wait > 0 then
+    -- A limit refuses: no pacing credit is saved while the window is full.
+    if pace_mode > 0 and tat < now + pace_tolerance then set_pace(now + pace_tolerance) end
+  elseif class_wait > 0 then
+    held = 1
+  else
+    held = 2
+  end
+  return {0, used, math.max(wait, class_wait, pace_wait), held}
 end
 
 -- (3) The record of the admitted request.
@@ -125,6 +163,7 @@ if tpm >= 0 then
   redis.call('PEXPIRE', KEYS[3], 2 * window)
 end
 redis.call('PEXPIRE', KEYS[4], epoch_ttl)
+if pace_mode > 0 then set_pace(math.max(tat, now) + pace_interval) end
 
 local next_free = 0
 if rpm >= 0 and used >= rpm then next_free = request_wait(used, rpm) end

@@ -17,7 +17,17 @@ fn tier_with(
     max_depth: usize,
     batch: Option<BatchRt>,
 ) -> Arc<TierRt> {
-    Arc::new(TierRt {
+    Arc::new(tier_rt(name, class, weight, max_depth, batch))
+}
+
+fn tier_rt(
+    name: &str,
+    class: QueueClass,
+    weight: u32,
+    max_depth: usize,
+    batch: Option<BatchRt>,
+) -> TierRt {
+    TierRt {
         index: 0,
         name: Arc::from(name),
         class,
@@ -26,9 +36,10 @@ fn tier_with(
         target: Duration::from_secs(1),
         max_depth,
         headroom: 0.0,
+        relaxed_headroom: 0.0,
         batch,
         state: Arc::new(TierState::new(name, class)),
-    })
+    }
 }
 
 fn entry(tier: &Arc<TierRt>, tenant: &str, deadline: Instant, tokens: u64) -> Entry {
@@ -446,23 +457,23 @@ async fn the_position_counts_its_tier_and_the_tiers_that_go_first() {
     assert_eq!(
         ahead(0),
         Ahead {
-            in_tier: 2,
-            other_tiers: 2
+            in_class: 2,
+            other_classes: 2
         }
     );
     assert_eq!(
         ahead(1),
         Ahead {
-            in_tier: 1,
-            other_tiers: 2
+            in_class: 1,
+            other_classes: 2
         }
     );
     // The first enterprise request: nobody of its tier; basic's three (equal tag).
     assert_eq!(
         ahead(3),
         Ahead {
-            in_tier: 0,
-            other_tiers: 3
+            in_class: 0,
+            other_classes: 3
         }
     );
     assert_eq!(ahead(4).total(), 4);
@@ -474,8 +485,8 @@ async fn the_position_counts_its_tier_and_the_tiers_that_go_first() {
     assert_eq!(
         tickets[0].position(),
         Ahead {
-            in_tier: 2,
-            other_tiers: 0
+            in_class: 2,
+            other_classes: 0
         }
     );
 }
@@ -509,5 +520,63 @@ async fn a_tier_knows_how_long_its_oldest_request_has_waited_over_every_route() 
     assert_eq!(
         (pro.state.depth(), pro.state.oldest_wait(Instant::now())),
         (0, None)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ticket_whose_waiter_is_gone_still_gives_its_counts_back() {
+    let q = WaitQueue::new(2);
+    let now = Instant::now();
+    let far = now + Duration::from_secs(60);
+    let t = tier_with("pro", QueueClass::Priority, 1, 1, None);
+    let ticket = q.join(&entry(&t, "x", far, 1), now).unwrap();
+    // Its waiter is no longer in its tier's queue (state out of step): leaving must still
+    // give back the route's and the tier's counts, or both bounds fill up for good.
+    q.lock().tiers[0].tenants.clear();
+    drop(ticket);
+    assert_eq!((q.len(), t.state.depth()), (0, 0));
+    let again = q.join(&entry(&t, "x", far, 1), now);
+    assert!(again.is_ok(), "the tier's bound of 1 is free again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newcomer_counts_the_requests_of_its_class_due_before_it() {
+    let q = WaitQueue::new(100);
+    let now = Instant::now();
+    let far = now + Duration::from_secs(600);
+    // Enterprise (1 s limit) and pro (2 s), both priority; basic standard.
+    let limit = |name: &str, class, weight, ms| {
+        Arc::new(TierRt {
+            max_wait: Duration::from_millis(ms),
+            ..tier_rt(name, class, weight, usize::MAX, None)
+        })
+    };
+    let ent = limit("enterprise", QueueClass::Priority, 10, 1000);
+    let pro = limit("pro", QueueClass::Priority, 10, 2000);
+    let basic = limit("basic", QueueClass::Standard, 5, 5000);
+    let mut tickets = Vec::new();
+    for _ in 0..5 {
+        tickets.push(q.join(&entry(&ent, "e", far, 1), now).unwrap());
+    }
+    for _ in 0..3 {
+        tickets.push(q.join(&entry(&pro, "p", far, 1), now).unwrap());
+    }
+    tickets.push(q.join(&entry(&basic, "b", far, 1), now).unwrap());
+    // An enterprise newcomer: its 5, none of pro's (due a second later); its class has
+    // 20 of the 25 weights waiting.
+    assert_eq!(q.outlook(&ent, now), (5, 20.0 / 25.0));
+    // A pro newcomer: its 3 and enterprise's 5 (all due before it).
+    assert_eq!(q.outlook(&pro, now), (8, 20.0 / 25.0));
+    // 1.5 s later pro's three are due before an enterprise newcomer (2 s vs 2.5 s).
+    let later = now + Duration::from_millis(1500);
+    assert_eq!(q.outlook(&ent, later).0, 8);
+    // The last pro request's place: pro's two before it and enterprise's five.
+    let last_pro = &tickets[7];
+    assert_eq!(
+        last_pro.position(),
+        Ahead {
+            in_class: 7,
+            other_classes: 1
+        }
     );
 }
