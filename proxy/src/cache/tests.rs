@@ -490,6 +490,11 @@ async fn a_follower_waits_for_a_whole_answer_until_its_bound() {
     tokio::task::yield_now().await;
     assert!(!waiting.is_finished());
     tokio::time::advance(Duration::from_millis(1)).await;
+    // Ended at the bound itself: awaiting it must not move the (paused) clock on.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(waiting.is_finished(), "still waiting past its bound");
     assert!(matches!(
         waiting.await.unwrap(),
         Err(ProviderError::Timeout)
