@@ -92,7 +92,7 @@ async fn probe_pools(view: &View, http: &reqwest::Client, pools: &[&str]) -> Rou
             let restorable = key.budget.is_restorable();
             let for_circuit = circuit_key == Some(i);
             let headers = key.headers.as_ref().ok()?;
-            (restorable || for_circuit).then(|| async move {
+            (restorable || for_circuit).then_some(async move {
                 let ok = probe(http, url, headers, provider, &key.name).await;
                 (key, restorable, for_circuit, ok)
             })
