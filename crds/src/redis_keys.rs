@@ -89,6 +89,13 @@
 //!
 //! A provider's circuit is the worst state over the hashes that exist (`open` over
 //! `half-open` over `closed`), with the number of replicas that report it `open`.
+//!
+//! **Monthly spending** (RoutingPolicy `budgets`), per budgeted tenant or pool and calendar
+//! month (UTC), written by every proxy replica with `INCRBYFLOAT` as answers are costed:
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `floodgate:cost:{<scope>:<name>}:<yyyy>-<mm>` ([`cost_spend`]) | string | USD spent, a decimal. `scope` is `tenant` (`<namespace>/<name>` in a cluster) or `pool`. Expires about a month after the month it counts ends. |
 
 /// Prefix of every circuit-state key.
 pub const CIRCUIT_PREFIX: &str = "floodgate:circuit:";
@@ -104,6 +111,14 @@ pub fn circuit_replicas_key(pool: &str) -> String {
 /// The hash of replica `replica`'s circuit states for pool `pool`.
 pub fn circuit_replica_key(pool: &str, replica: &str) -> String {
     format!("{CIRCUIT_PREFIX}{{{pool}}}:r:{replica}")
+}
+
+/// Prefix of every monthly-spending key.
+pub const COST_PREFIX: &str = "floodgate:cost:";
+
+/// The USD spent by `name` (`scope` `tenant` or `pool`) in month `month` (1-12) of `year`.
+pub fn cost_spend(scope: &str, name: &str, year: u32, month: u32) -> String {
+    format!("{COST_PREFIX}{{{scope}:{name}}}:{year:04}-{month:02}")
 }
 
 /// Prefix of every cache-figures key.
@@ -340,6 +355,10 @@ mod tests {
         assert_eq!(
             circuit_replica_key("premium", "r1"),
             "floodgate:circuit:{premium}:r:r1"
+        );
+        assert_eq!(
+            cost_spend("tenant", "ai/acme", 2026, 3),
+            "floodgate:cost:{tenant:ai/acme}:2026-03"
         );
     }
 

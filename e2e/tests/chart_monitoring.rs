@@ -88,7 +88,8 @@ fn the_alerts_pass_promtool_and_the_chart_renders_them_unchanged() {
             "FloodgateQueueDepthHigh",
             "FloodgateKeyBudgetHigh",
             "FloodgateCacheHitRatioLow",
-            "FloodgateLocalModelSlow"
+            "FloodgateLocalModelSlow",
+            "FloodgateCostBudgetAlert"
         ]
     );
     let monitor = objects

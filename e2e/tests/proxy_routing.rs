@@ -105,7 +105,7 @@ metadata: {{name: tiers}}
 spec:
   defaultTier: pro
   tiers:
-  - {{name: pro, class: standard, maxWaitMs: 10000}}
+  - {{name: pro, class: standard, maxWaitMs: 10000, async: {{}}}}
   - {{name: free, class: batch, maxWaitMs: {free_wait_ms}, batch: {{size: 1, intervalSeconds: 1}}}}
 ---
 apiVersion: floodgate.dev/v1alpha1
@@ -181,16 +181,40 @@ fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
         .map_or("", |v| v.to_str().unwrap_or(""))
 }
 
+/// The admin token of the gateways of these tests (`--admin-token`).
+const ADMIN_TOKEN: &str = "admin-secret";
+
 async fn start(s: &Setup) -> (MockProviders, Gateway) {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let gw = Gateway::start(
+    let gw = Gateway::start_configured(
         &manifests(&mock.base_url(), s),
-        MIN,
-        Duration::from_secs(10),
+        floodgate_proxy::route::Dispatcher::new(MIN, Duration::from_secs(10)).unwrap(),
+        |state| {
+            state.admin_token = Some(floodgate_proxy::secret::SecretString::new(ADMIN_TOKEN));
+        },
     )
     .await
     .unwrap();
     (mock, gw)
+}
+
+/// A gateway on `setup` whose doors may hand requests to jobs (kept in memory).
+async fn with_jobs(mock: &MockProviders, setup: &Setup) -> Gateway {
+    Gateway::start_configured(
+        &manifests(&mock.base_url(), setup),
+        floodgate_proxy::route::Dispatcher::new(MIN, Duration::from_secs(10)).unwrap(),
+        |state| {
+            state.jobs = Some(floodgate_proxy::jobs::Jobs::new(
+                floodgate_proxy::jobs::Store::Memory(
+                    floodgate_proxy::jobs::memory::MemoryStore::new(),
+                ),
+                1,
+                false,
+            ));
+        },
+    )
+    .await
+    .unwrap()
 }
 
 const LONG_PROSE: &str = "Tell me about the history of the city of Lyon, its food, its rivers \
@@ -275,15 +299,26 @@ async fn classes_route_by_rule_to_the_local_model_and_premium() {
     assert!(metrics.contains("floodgate_cost_savings_usd_total{tenant=\"acme\"}"));
     assert!(metrics.contains("floodgate_local_model_in_flight{local_model=\"default/llama\"}"));
 
-    // The capacity report: 2 of 5 answers came from the local model.
-    let report: Value = client()
-        .get(format!("{}/admin/capacity", gw.admin_url()))
+    // The capacity report needs the admin token: none, or a tenant's key, is refused.
+    let capacity = format!("{}/admin/capacity", gw.admin_url());
+    let r = client().get(&capacity).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(&capacity)
+        .bearer_auth("client-acme")
         .send()
         .await
-        .unwrap()
-        .json()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // With it: 2 of 5 answers came from the local model.
+    let r = client()
+        .get(&capacity)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 200);
+    let report: Value = r.json().await.unwrap();
     assert_eq!(report["requests"], 5);
     assert_eq!(report["local_share"], 0.4);
     assert_eq!(report["raw_rpm"]["total"], 2000, "{report}");
@@ -306,6 +341,63 @@ async fn a_failing_pool_falls_over_to_the_next_pool_of_the_chain() {
     assert!(chain.ends_with(",pool:premium=ok"), "{chain}");
     assert_eq!(header(&r, "x-floodgate-provider"), "openai");
     assert!(mock.counts().provider_total(Provider::Anthropic) >= 1);
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
+}
+
+/// A step that is not the last must begin answering by its deadline: a first pool that
+/// hangs (answers after 5 s) costs the step's share of a 1 s wait, then the next pool
+/// answers; the request is not held for the pool's `requestSeconds`.
+/// A local model served over the OpenAI-compatible API (vLLM, or Ollama's `/v1`): the
+/// LocalModelDeployment's endpoint with the OpenAI wire format, no key.
+#[tokio::test]
+async fn a_local_model_answers_over_the_openai_compatible_api() {
+    let mock = MockProviders::start(MockConfig {
+        allow_missing_key: true,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let yaml = manifests(&mock.base_url(), &Setup::default()).replace(
+        "{name: llama, type: ollama, localModel: llama",
+        "{name: llama, type: openai-compatible, localModel: llama",
+    );
+    assert!(yaml.contains("type: openai-compatible"));
+    let gw = Gateway::start(&yaml, MIN, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let r = chat(&gw, "client-acme", "smart", "What is 2+2?").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
+    assert_eq!(header(&r, "x-floodgate-provider"), "llama");
+    let counts = mock.counts();
+    assert_eq!(counts.provider_total(Provider::Ollama), 0);
+    assert_eq!(counts.provider_total(Provider::OpenAi), 1);
+}
+
+#[tokio::test]
+async fn a_hung_pool_costs_only_its_steps_share_of_the_wait() {
+    let (mock, gw) = start(&Setup {
+        broken_model: "slow-5000",
+        ..Setup::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let r = client()
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth("client-acme")
+        .header("x-floodgate-max-wait-ms", "1000")
+        .json(&json!({"model": "sturdy", "messages": [{"role": "user", "content": LONG_PROSE}]}))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status(), 200, "{:?}", r.headers());
+    assert_eq!(
+        header(&r, "x-floodgate-chain"),
+        "pool:broken=step_deadline,pool:premium=ok"
+    );
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert!(took >= Duration::from_millis(500), "took {took:?}");
     assert_eq!(mock.counts().provider_total(Provider::OpenAi), 1);
 }
 
@@ -422,6 +514,23 @@ async fn paid_tiers_spill_over_when_local_latency_passes_the_threshold() {
         "local:llama=spill_latency,pool:premium=ok"
     );
     assert_eq!(mock.counts().provider_total(Provider::Ollama), 1);
+}
+
+/// A 400 from the local model is the request's fault: the model answered, and the next
+/// paid request is still sent to it (counted as a failure, it would pass the latency
+/// threshold and every paid tier would spill).
+#[tokio::test]
+async fn a_callers_bad_request_does_not_count_as_the_local_model_failing() {
+    let (mock, gw) = start(&Setup::default()).await;
+    mock.set_fault(Provider::Ollama, Fault::Status(400));
+    let r = chat(&gw, "client-acme", "smart", "What is 2+2?").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=bad_request");
+    mock.clear_fault(Provider::Ollama);
+    let r = chat(&gw, "client-acme", "smart", "What is 3+3?").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-chain"), "local:llama=ok");
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 0);
 }
 
 #[tokio::test]
@@ -563,6 +672,52 @@ async fn a_spent_tenant_budget_is_refused_with_429_and_a_spent_pool_is_skipped()
         .await
         .unwrap();
     assert!(metrics.contains("floodgate_cost_budget_alert{scope=\"tenant\",name=\"acme\"} 1"));
+}
+
+/// A replica of the gateway sharing budgets (and monthly spending) through `redis`.
+async fn shared_replica(yaml: &str, redis: &floodgate_e2e::redis::RedisServer) -> Gateway {
+    let shared = floodgate_proxy::budget::SharedOptions::new(
+        floodgate_proxy::secret::SecretString::new(redis.url()),
+    );
+    let opts = floodgate_proxy::route::DispatcherOptions::new(MIN, Duration::from_secs(10))
+        .with_redis(shared);
+    let dispatcher = floodgate_proxy::route::Dispatcher::with_options(opts).unwrap();
+    Gateway::start_with(yaml, dispatcher).await.unwrap()
+}
+
+/// With Redis the month's spending is one total for every replica: what one replica spent
+/// is refused by the others, and by a replica started later (a restart, a rollout).
+#[tokio::test]
+async fn replicas_on_one_redis_share_a_monthly_budget() {
+    let redis = floodgate_e2e::redis::RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let yaml = manifests(
+        &mock.base_url(),
+        &Setup {
+            budgets: "    tenants: [{name: acme, monthlyUSD: 0.000001}]\n",
+            ..Setup::default()
+        },
+    );
+    let a = shared_replica(&yaml, &redis).await;
+    let b = shared_replica(&yaml, &redis).await;
+    // A's answer spends more than acme's budget.
+    let r = chat(&a, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 200);
+    // B has served acme nothing: it refuses by the total A wrote.
+    let r = chat(&b, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    let r = chat(&a, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 429);
+    let c = shared_replica(&yaml, &redis).await;
+    let r = chat(&c, "client-acme", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 429);
+    // Other tenants are not held to acme's budget (freeco's prompt, which the local model
+    // does not take, goes to premium too).
+    let r = chat(&b, "client-free", "smart", LONG_PROSE).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.counts().provider_total(Provider::OpenAi), 2);
 }
 
 #[tokio::test]
@@ -778,6 +933,73 @@ async fn requests_sharing_a_long_prefix_land_on_the_key_that_served_it() {
     assert_eq!(affine, repeated, "every repeat landed on its prefix's key");
 }
 
+/// A pool of three providers, one key each, taking turns (`strategy: weighted`).
+fn three_providers(base: &str) -> String {
+    let provider = |name: &str| {
+        format!(
+            "\x20 - {{name: {name}, type: openai, baseUrl: \"{base}\", models: [{{name: gpt-4o}}], \
+             keys: [{{name: {name}-key, secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a}}\n---\n\
+         apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: p}}\nspec:\n\
+         \x20 strategy: weighted\n  providers:\n{}{}{}",
+        provider("one"),
+        provider("two"),
+        provider("three")
+    )
+}
+
+/// Affinity holds across a pool's providers: the provider that served a prefix is tried
+/// first for its repeats, although the pool's strategy takes the providers in turn.
+#[tokio::test]
+async fn a_prefix_stays_with_its_provider_in_a_pool_of_several() {
+    use floodgate_proxy::route::Dispatcher;
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = Gateway::start_naming_keys(
+        &three_providers(&mock.base_url()),
+        Dispatcher::new(MIN, Duration::from_secs(5)).unwrap(),
+    )
+    .await
+    .unwrap();
+    // Five prefixes, interleaved: turns alone would move each prefix (five is prime to
+    // three providers).
+    let prefixes: Vec<String> = (0..5)
+        .map(|i| format!("You are assistant {i}. {}", "Keep it short. ".repeat(300)))
+        .collect();
+    let mut first: Vec<Option<String>> = vec![None; prefixes.len()];
+    let (mut affine, mut repeated) = (0u32, 0u32);
+    for round in 0..6 {
+        for (i, prefix) in prefixes.iter().enumerate() {
+            let r = with_prefix(&gw, prefix, &format!("question {round}")).await;
+            assert_eq!(r.status(), 200);
+            let served = format!(
+                "{}/{}",
+                header(&r, "x-floodgate-provider"),
+                header(&r, "x-floodgate-key")
+            );
+            match &first[i] {
+                None => first[i] = Some(served),
+                Some(s) => {
+                    repeated += 1;
+                    affine += u32::from(*s == served);
+                }
+            }
+        }
+    }
+    println!("affine share across providers: {affine}/{repeated}");
+    assert_eq!(
+        affine, repeated,
+        "every repeat landed on its prefix's provider and key"
+    );
+    let providers: std::collections::BTreeSet<&String> = first.iter().flatten().collect();
+    assert!(
+        providers.len() > 1,
+        "the pool took the providers in turn: {providers:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_busy_affine_key_gives_way_to_another() {
     use floodgate_proxy::route::Dispatcher;
@@ -825,21 +1047,7 @@ async fn each_step_of_the_degradation_chain_answers_when_the_steps_above_it_fail
         extra: DEGRADED_CACHE,
         ..Setup::default()
     };
-    let gw = Gateway::start_configured(
-        &manifests(&mock.base_url(), &setup),
-        floodgate_proxy::route::Dispatcher::new(MIN, Duration::from_secs(10)).unwrap(),
-        |state| {
-            state.jobs = Some(floodgate_proxy::jobs::Jobs::new(
-                floodgate_proxy::jobs::Store::Memory(
-                    floodgate_proxy::jobs::memory::MemoryStore::new(),
-                ),
-                1,
-                false,
-            ));
-        },
-    )
-    .await
-    .unwrap();
+    let gw = with_jobs(&mock, &setup).await;
     let ask = |text: &'static str, prefer: bool| {
         let mut r = client()
             .post(format!("{}/v1/chat/completions", gw.url()))
@@ -853,8 +1061,25 @@ async fn each_step_of_the_degradation_chain_answers_when_the_steps_above_it_fail
     // Healthy: the first pool answers, and its answer is stored.
     let r = ask("Where is my parcel?", false).await.unwrap();
     assert_eq!(header(&r, "x-floodgate-chain"), "pool:broken=ok");
-    // The entry's 1 s TTL is on the gateway's real clock.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The entry's 1 s TTL is on the gateway's real clock: look it up (storing nothing, so
+    // the expired entry stays the one stale answer) until it is no longer a hit.
+    let mut expired = false;
+    for _ in 0..200 {
+        let r = client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .bearer_auth("client-acme")
+            .header("cache-control", "no-store")
+            .json(&json!({"model": "sturdy", "messages": [{"role": "user", "content": "Where is my parcel?"}]}))
+            .send()
+            .await
+            .unwrap();
+        if header(&r, "x-floodgate-cache") != "exact" {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(expired, "the entry never expired");
 
     // 1. The first pool fails: the next pool answers.
     mock.set_fault(Provider::Anthropic, Fault::Status(503));
@@ -902,6 +1127,125 @@ async fn each_step_of_the_degradation_chain_answers_when_the_steps_above_it_fail
     assert_eq!(header(&r, "x-floodgate-cache"), "miss");
 }
 
+/// A chain over every layer above the degradation steps: two keys and two providers in the
+/// first pool, a second pool, then a local model.
+fn layered(base: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: keys}}
+stringData: {{bad: key-invalid, good: key-good}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: clients}}
+stringData: {{acme: client-acme}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: LocalModelDeployment
+metadata:
+  name: llama
+  annotations: {{floodgate.dev/endpoint: "{base}"}}
+spec: {{model: "llama3.1:8b", classes: [simple], replicas: 1}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: AIProviderPool
+metadata: {{name: local}}
+spec:
+  providers:
+  - {{name: llama, type: ollama, localModel: llama, models: [{{name: "llama3.1:8b"}}]}}
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: AIProviderPool
+metadata: {{name: first}}
+spec:
+  providers:
+  - name: claude
+    type: anthropic
+    baseUrl: "{base}"
+    models: [{{name: claude-sonnet-4, alias: sturdy}}]
+    keys: [{{name: bad, secretRef: {{name: keys, key: bad}}, rpm: 1000}}, {{name: good, secretRef: {{name: keys, key: good}}, rpm: 1000}}]
+  - name: openai
+    type: openai
+    baseUrl: "{base}"
+    models: [{{name: gpt-4o, alias: sturdy}}]
+    keys: [{{secretRef: {{name: keys, key: good}}, rpm: 1000}}]
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: AIProviderPool
+metadata: {{name: second}}
+spec:
+  providers:
+  - name: gemini
+    type: gemini
+    baseUrl: "{base}"
+    models: [{{name: gemini-2.5-flash, alias: sturdy}}]
+    keys: [{{secretRef: {{name: keys, key: good}}, rpm: 1000}}]
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: Tenant
+metadata: {{name: acme}}
+spec:
+  keys: [{{name: main, secretRef: {{name: clients, key: acme}}}}]
+---
+apiVersion: floodgate.dev/v1alpha1
+kind: RoutingPolicy
+metadata: {{name: routes}}
+spec:
+  rules:
+  - name: layered
+    match: {{models: [sturdy]}}
+    targets: [{{pool: first}}, {{pool: second}}, {{localModel: llama}}]
+"#
+    )
+}
+
+/// The layers above the degradation steps, failed one by one: the next key (a refused key,
+/// then the good one: two attempts), the next provider of the pool, the next pool, then
+/// the local model.
+#[tokio::test]
+async fn the_chain_goes_from_key_to_provider_to_pool_to_the_local_model() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let gw = Gateway::start_naming_keys(
+        &layered(&mock.base_url()),
+        floodgate_proxy::route::Dispatcher::new(MIN, Duration::from_secs(10)).unwrap(),
+    )
+    .await
+    .unwrap();
+    let ask = |text: &'static str| chat(&gw, "client-acme", "sturdy", text);
+    // The first key is refused (401): the next key of the same provider answers.
+    let r = ask("Where is my parcel?").await;
+    assert_eq!(r.status(), 200, "{:?}", r.headers());
+    assert_eq!(header(&r, "x-floodgate-provider"), "claude");
+    assert_eq!(header(&r, "x-floodgate-key"), "good");
+    assert_eq!(header(&r, "x-floodgate-attempts"), "2");
+    assert_eq!(header(&r, "x-floodgate-chain"), "pool:first=ok");
+    // The provider fails: the next provider of the pool.
+    mock.set_fault(Provider::Anthropic, Fault::Status(503));
+    let r = ask("And my invoice?").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-provider"), "openai");
+    assert_eq!(header(&r, "x-floodgate-chain"), "pool:first=ok");
+    // The whole pool fails: the next pool.
+    mock.set_fault(Provider::OpenAi, Fault::Status(503));
+    let r = ask("Where is my refund?").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-provider"), "gemini");
+    let chain = header(&r, "x-floodgate-chain").to_owned();
+    assert!(
+        chain.starts_with("pool:first=") && chain.ends_with(",pool:second=ok"),
+        "{chain}"
+    );
+    // Every pool fails: the local model.
+    mock.set_fault(Provider::Gemini, Fault::Status(503));
+    let r = ask("Can I change my address?").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-floodgate-provider"), "llama");
+    let chain = header(&r, "x-floodgate-chain").to_owned();
+    assert!(chain.ends_with(",local:llama=ok"), "{chain}");
+    assert_eq!(chain.matches("pool:").count(), 2, "{chain}");
+}
+
 /// The Anthropic door hands a request to a job as the OpenAI door does: past every target
 /// and degradation step, for a caller sending `Prefer: respond-async`; without it, the
 /// last error in Anthropic's format.
@@ -912,21 +1256,7 @@ async fn the_anthropic_door_hands_a_failed_request_to_a_job_when_the_caller_pref
         broken_model: "claude-sonnet-4",
         ..Setup::default()
     };
-    let gw = Gateway::start_configured(
-        &manifests(&mock.base_url(), &setup),
-        floodgate_proxy::route::Dispatcher::new(MIN, Duration::from_secs(10)).unwrap(),
-        |state| {
-            state.jobs = Some(floodgate_proxy::jobs::Jobs::new(
-                floodgate_proxy::jobs::Store::Memory(
-                    floodgate_proxy::jobs::memory::MemoryStore::new(),
-                ),
-                1,
-                false,
-            ));
-        },
-    )
-    .await
-    .unwrap();
+    let gw = with_jobs(&mock, &setup).await;
     mock.set_fault(Provider::Anthropic, Fault::Status(503));
     mock.set_fault(Provider::OpenAi, Fault::Status(503));
     let ask = |prefer: bool| {
@@ -968,4 +1298,35 @@ async fn the_anthropic_door_hands_a_failed_request_to_a_job_when_the_caller_pref
     assert!(r.headers().contains_key("retry-after"));
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["type"], "error", "{body}");
+}
+
+/// Only a tier with asynchronous delivery (`tiers[].async`, here `pro`) may have a failed
+/// request handed to a job: `free` has none, and its caller gets the error.
+#[tokio::test]
+async fn a_tier_without_async_delivery_gets_the_error_not_a_job() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let setup = Setup {
+        broken_model: "claude-sonnet-4",
+        ..Setup::default()
+    };
+    let gw = with_jobs(&mock, &setup).await;
+    mock.set_fault(Provider::Anthropic, Fault::Status(503));
+    mock.set_fault(Provider::OpenAi, Fault::Status(503));
+    let ask = |key: &'static str| {
+        client()
+            .post(format!("{}/v1/chat/completions", gw.url()))
+            .bearer_auth(key)
+            .header("prefer", "respond-async")
+            .json(
+                &json!({"model": "sturdy", "messages": [{"role": "user", "content": LONG_PROSE}]}),
+            )
+            .send()
+    };
+    let r = ask("client-free").await.unwrap();
+    assert_eq!(r.status(), 503, "{:?}", r.headers());
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(!header(&r, "x-floodgate-chain").contains("job="));
+    // The same failure for a tier that allows jobs: handed over.
+    let r = ask("client-acme").await.unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.headers());
 }

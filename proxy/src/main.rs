@@ -117,8 +117,9 @@ struct Args {
           value_parser = |s: &str| Ok::<_, std::convert::Infallible>(SecretString::new(s)))]
     redis: Option<SecretString>,
     /// Bearer token the admin listener's dead-letter endpoints (`/admin/jobs/...`: list,
-    /// show, re-drive, purge) require (`Authorization: Bearer <token>`). Unset, they answer
-    /// 403 to everyone. Give it through the environment (a Secret), not the command line.
+    /// show, re-drive, purge) and capacity report (`/admin/capacity`) require
+    /// (`Authorization: Bearer <token>`); `--capacity` sends it. Unset, they answer 403 to
+    /// everyone. Give it through the environment (a Secret), not the command line.
     #[arg(long, env = "FLOODGATE_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true,
           value_parser = |s: &str| Ok::<_, std::convert::Infallible>(SecretString::new(s)))]
     admin_token: Option<SecretString>,
@@ -191,7 +192,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(url) = &args.capacity {
-        return capacity(url);
+        return capacity(url, args.admin_token.as_ref());
     }
     // Dropped when main returns, after serve(): flushes the spans not yet exported.
     let _telemetry = match init_tracing(&args) {
@@ -329,6 +330,7 @@ async fn serve(
     state.body_timeout = Duration::from_millis(args.body_read_timeout_ms);
     state.expose_key = args.expose_key_header;
     state.identity = Arc::new(Identity::new(args.trust_tenant_header));
+    state.admin_token = args.admin_token.clone();
     if let Some(dir) = args.embedding_model_dir.clone() {
         let redis = dispatcher.budgets().backend().map(|b| b.options().clone());
         state.cache =
@@ -504,7 +506,7 @@ async fn start_jobs(
     );
     if args.admin_token.is_none() {
         tracing::info!(
-            "no --admin-token: the dead-letter admin endpoints refuse every caller (403)"
+            "no --admin-token: the dead-letter and capacity admin endpoints refuse every caller (403)"
         );
     }
     let webhook_client = || {
@@ -623,8 +625,9 @@ fn init_tracing(args: &Args) -> Result<telemetry::Telemetry, telemetry::Error> {
     })
 }
 
-/// `--capacity URL`: fetches `GET /admin/capacity` and prints it as a table.
-fn capacity(admin_url: &str) -> std::process::ExitCode {
+/// `--capacity URL`: fetches `GET /admin/capacity` with the admin token
+/// (`FLOODGATE_ADMIN_TOKEN`, `--admin-token`) and prints it as a table.
+fn capacity(admin_url: &str, token: Option<&SecretString>) -> std::process::ExitCode {
     let url = format!("{}/admin/capacity", admin_url.trim_end_matches('/'));
     let fetched = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -633,8 +636,12 @@ fn capacity(admin_url: &str) -> std::process::ExitCode {
         .and_then(|rt| {
             rt.block_on(async {
                 let _ = rustls::crypto::ring::default_provider().install_default();
+                let mut request = reqwest::Client::new().get(&url);
+                if let Some(token) = token {
+                    request = request.bearer_auth(token.expose());
+                }
                 let report: floodgate_proxy::routing::capacity::Report =
-                    reqwest::get(&url).await?.error_for_status()?.json().await?;
+                    request.send().await?.error_for_status()?.json().await?;
                 Ok::<_, anyhow::Error>(report)
             })
         });

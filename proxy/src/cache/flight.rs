@@ -316,6 +316,13 @@ impl Flight {
         }
     }
 
+    /// [`Flight::whole`], at most until `deadline`: past it, [`ProviderError::Timeout`].
+    pub async fn whole_by(&self, deadline: Instant) -> Result<Arc<Answer>, ProviderError> {
+        tokio::time::timeout_at(deadline, self.whole())
+            .await
+            .unwrap_or(Err(ProviderError::Timeout))
+    }
+
     /// Waits for the whole answer: assembled from the chunks when it streamed.
     pub async fn whole(&self) -> Result<Arc<Answer>, ProviderError> {
         let mut rx = self.tx.subscribe();

@@ -560,8 +560,9 @@ impl Cache {
                             let body = if req.stream {
                                 ReplyBody::Stream(own)
                             } else {
+                                let by = whole_by(view, &meta.provider, ctx.deadline);
                                 let answer = flight
-                                    .whole()
+                                    .whole_by(by)
                                     .await
                                     .map_err(|error| RouteError::Upstream { error, attempts: 0 })?;
                                 drop(own);
@@ -587,8 +588,9 @@ impl Cache {
                     let body = if req.stream {
                         ReplyBody::Stream(flight.subscribe(&req.model, req.include_usage()))
                     } else {
+                        let by = whole_by(view, &meta.provider, ctx.deadline);
                         let answer = flight
-                            .whole()
+                            .whole_by(by)
                             .await
                             .map_err(|error| RouteError::Upstream { error, attempts: 0 })?;
                         saved(view, &req.model, &answer);
@@ -1091,6 +1093,22 @@ fn saved(view: &View, model: &str, answer: &Answer) {
             / 1e6;
         m.saved_usd.inc_by(usd);
     }
+}
+
+/// How long a follower waits for its leader's whole answer once it began: as long as a call
+/// of its own could have taken (its wait limit, then the answering provider's
+/// `requestSeconds`), never without end.
+fn whole_by(view: &View, provider: &str, deadline: tokio::time::Instant) -> tokio::time::Instant {
+    let request = view
+        .runtime
+        .providers
+        .iter()
+        .find(|p| *p.name == *provider)
+        .map_or_else(
+            || floodgate_crds::pool::Timeouts::default().request_seconds,
+            |p| p.timeouts.request_seconds,
+        );
+    deadline.max(tokio::time::Instant::now()) + Duration::from_secs(u64::from(request))
 }
 
 /// A follower whose deadline passed before its leader's answer began: refused like a

@@ -461,6 +461,47 @@ async fn a_follower_waits_for_its_leader_until_its_own_deadline() {
     drop(leader);
 }
 
+/// A follower that wants the whole answer of a stream that never ends waits until its
+/// bound, not longer (`whole_by`).
+#[tokio::test(start_paused = true)]
+async fn a_follower_waits_for_a_whole_answer_until_its_bound() {
+    let flights = Arc::new(Flights::default());
+    let tasks = TaskTracker::new();
+    let k = Key([12; 32]);
+    let Role::Lead(leader) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("leads");
+    };
+    let Role::Follow(flight) = flights.join(k, Duration::from_secs(5)) else {
+        panic!("follows");
+    };
+    let first = chunks_of("one two")[0].clone();
+    let upstream = futures::stream::iter(vec![Ok(first)]).chain(futures::stream::pending());
+    let own = leader.stream(
+        meta(),
+        Box::pin(upstream),
+        ("gpt-4o", true),
+        Duration::from_secs(5),
+        &tasks,
+        drop,
+    );
+    let bound = tokio::time::Instant::now() + Duration::from_secs(150);
+    let waiting = tokio::spawn(async move { flight.whole_by(bound).await });
+    tokio::time::advance(Duration::from_secs(150) - Duration::from_millis(1)).await;
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    // Ended at the bound itself: awaiting it must not move the (paused) clock on.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(waiting.is_finished(), "still waiting past its bound");
+    assert!(matches!(
+        waiting.await.unwrap(),
+        Err(ProviderError::Timeout)
+    ));
+    drop(own);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_expired_entry_answers_as_stale_within_its_grace_only() {
     let store = MemoryStore::new(1 << 20, 100);

@@ -571,7 +571,7 @@ fn resolve_pool(
             let found = local_models
                 .iter()
                 .find(|lm| kube::ResourceExt::name_any(&lm.resource) == *local);
-            match found.map(|lm| crate::routing::plan::endpoint(&lm.resource)) {
+            match found.map(|lm| crate::routing::plan::endpoint(&lm.resource, cluster)) {
                 Some(Some(endpoint)) => config.base_url = endpoint.trim_end_matches('/').to_owned(),
                 // In a cluster the model may be deleted after the pool that names it, or not
                 // be created yet: the provider is left out until it exists with an endpoint.

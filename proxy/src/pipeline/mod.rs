@@ -252,6 +252,7 @@ pub fn queue_place(view: &View, ctx: &mut RequestCtx) -> Asker {
         progress: ctx.progress.clone(),
         affinity: None,
         report: None,
+        answer_by: None,
     }
 }
 

@@ -98,6 +98,12 @@ pub enum ProviderError {
     /// answer's body not complete), or a 408/504 from upstream.
     #[error("upstream did not answer in time")]
     Timeout,
+    /// The routing chain's step ran out of time before the target began answering (response
+    /// headers, and a stream's first chunk): the chain moves on to its next step. Not held
+    /// against the provider's circuit: a late start may be a long answer, not a sick
+    /// provider (its own `requestSeconds` still bounds calls that are the chain's last step).
+    #[error("upstream did not begin answering within the routing step's deadline")]
+    StepDeadline,
     /// A stream that sent nothing for longer than the pool's `streamIdleSeconds`.
     #[error("upstream stream stalled: nothing received for {}s", .idle.as_secs())]
     Stalled {
@@ -144,7 +150,9 @@ impl ProviderError {
             ProviderError::BadRequest { status, .. } if (400..500).contains(status) => *status,
             ProviderError::BadRequest { .. } => 400,
             ProviderError::Overloaded { .. } | ProviderError::QuotaExhausted { .. } => 503,
-            ProviderError::Timeout | ProviderError::Stalled { .. } => 504,
+            ProviderError::Timeout
+            | ProviderError::StepDeadline
+            | ProviderError::Stalled { .. } => 504,
             ProviderError::Unauthorized { .. }
             | ProviderError::ServerError { .. }
             | ProviderError::Connect(_)
@@ -165,6 +173,7 @@ impl ProviderError {
             ProviderError::Overloaded { .. } => "overloaded",
             ProviderError::ServerError { .. } => "server_error",
             ProviderError::Timeout => "timeout",
+            ProviderError::StepDeadline => "step_deadline",
             ProviderError::Stalled { .. } => "stalled",
             ProviderError::Connect(_) => "connect",
             ProviderError::Tls(_) => "tls",

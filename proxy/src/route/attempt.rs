@@ -89,6 +89,11 @@ pub struct Asker {
     pub affinity: Option<u64>,
     /// Where a streamed answer's usage is reported when it ends ([`super::UsageReport`]).
     pub report: Option<super::UsageReport>,
+    /// When the request runs on a step of a routing chain that is not the last: the instant
+    /// by which the target must begin answering (response headers, and a stream's first
+    /// chunk), else the attempt ends with [`ProviderError::StepDeadline`] and the chain
+    /// moves on ([`crate::routing`]). `None`: the pool's `requestSeconds` alone bounds it.
+    pub answer_by: Option<Instant>,
 }
 
 /// The tenant name of callers the gateway does not identify.
@@ -695,7 +700,9 @@ impl<'a> Attempts<'a> {
         }
         let targets = &self.route.targets;
         let n = targets.len();
-        let start = self.start_offset();
+        let start = self
+            .affine_target(now)
+            .unwrap_or_else(|| self.start_offset());
         for step in 0..n {
             let ti = (start + step) % n;
             if ti < 64 && self.skipped & (1 << ti) != 0 {
@@ -799,6 +806,21 @@ impl<'a> Attempts<'a> {
             && self.class_allows(key, now)
             && self.pace_ready(key, now).is_ok())
         .then_some(i)
+    }
+
+    /// The target of the provider that served this prompt's prefix last, when its key could
+    /// take the request now: the attempt starts there, whatever the pool's order or weights.
+    fn affine_target(&self, now: Instant) -> Option<usize> {
+        let hash = self.asker.affinity?;
+        let name = self.dispatcher.routing().affinity.provider(hash)?;
+        (0..self.route.targets.len()).find(|&i| {
+            let provider = &self.runtime.providers[self.route.targets[i].provider];
+            (i >= 64 || self.skipped & (1 << i) == 0)
+                && provider.name == name
+                && self
+                    .affine_key(provider, now, self.demand.tokens(provider.adapter))
+                    .is_some()
+        })
     }
 
     /// Where to start in the route: the first target, except under the weighted strategy,

@@ -246,6 +246,18 @@ impl Dispatcher {
         // Fails here, at start-up, rather than on the first request.
         upstream::client(Duration::from_secs(10))?;
         let signal = Arc::new(Signal::default());
+        // Monthly cost budgets are shared through the same Redis.
+        let spend = opts
+            .redis
+            .as_ref()
+            .and_then(crate::routing::spend::SharedSpend::new);
+        let routing = crate::routing::State {
+            ledger: Arc::new(spend.map_or_else(
+                crate::routing::cost::Ledger::default,
+                crate::routing::cost::Ledger::shared,
+            )),
+            ..crate::routing::State::default()
+        };
         let budgets = match opts.redis {
             Some(redis) => Budgets::shared(opts.window, redis, signal.clone())?,
             None => Budgets::new(opts.window, signal.clone()),
@@ -273,7 +285,7 @@ impl Dispatcher {
             bound,
             view: ArcSwap::from_pointee(View { config, runtime }),
             rr: AtomicUsize::new(0),
-            routing: crate::routing::State::default(),
+            routing,
         })
     }
 
@@ -389,6 +401,7 @@ impl Dispatcher {
             .ok_or_else(|| RouteError::UnknownModel(req.model.clone()))?;
         let demand = Demand::chat(req);
         let report = asker.report.clone();
+        let answer_by = asker.answer_by;
         let mut attempts = Attempts::new(self, &view.runtime, route, demand, deadline, asker);
         for (i, target) in route.targets.iter().enumerate() {
             let pool = &view.runtime.providers[target.provider].pool;
@@ -426,6 +439,7 @@ impl Dispatcher {
                 body,
                 lease.permit,
                 report.as_ref(),
+                answer_by,
             )
             .await;
             match result {
@@ -440,6 +454,13 @@ impl Dispatcher {
                             .unwrap_or_default(),
                         waited: attempts.waited(),
                         body,
+                    });
+                }
+                // The chain's step is over: no other key of this pool is tried in its time.
+                Err(error @ ProviderError::StepDeadline) => {
+                    return Err(RouteError::Upstream {
+                        error,
+                        attempts: attempts.made(),
                     });
                 }
                 Err(error) => attempts.failed(lease.target_index, error)?,

@@ -68,6 +68,7 @@ pub(super) fn anon(view: &View) -> Asker {
         progress: None,
         affinity: None,
         report: None,
+        answer_by: None,
     }
 }
 

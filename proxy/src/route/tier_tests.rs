@@ -54,6 +54,7 @@ fn asker(view: &View, tier: &str) -> Asker {
         progress: None,
         affinity: None,
         report: None,
+        answer_by: None,
     }
 }
 

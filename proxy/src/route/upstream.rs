@@ -154,9 +154,12 @@ pub(super) async fn call(
     body: Bytes,
     permit: Permit,
     report: Option<&super::UsageReport>,
+    answer_by: Option<Instant>,
 ) -> Result<ReplyBody, ProviderError> {
     let started = Instant::now();
-    let send = send(http, provider, key, target, req, body, permit, report);
+    let send = send(
+        http, provider, key, target, req, body, permit, report, answer_by,
+    );
     let result = observed(provider, key, target, "chat", send).await;
     if req.stream && result.is_ok() {
         target.metrics.ttft.observe(started.elapsed().as_secs_f64());
@@ -295,6 +298,7 @@ async fn send(
     body: Bytes,
     mut permit: Permit,
     report: Option<&super::UsageReport>,
+    answer_by: Option<Instant>,
 ) -> Result<ReplyBody, ProviderError> {
     let adapter = provider.adapter;
     let url = target
@@ -313,7 +317,15 @@ async fn send(
     *request.uri_mut() = url.clone();
     *request.headers_mut() = headers.clone();
     adapter.add_request_headers(req, request.headers_mut())?;
-    let response = exchange(http, provider, key, request, &mut permit, expired.as_mut()).await?;
+    // A step of a routing chain that is not the last: the answer must begin by the step's
+    // deadline (the response headers here, a stream's first chunk below).
+    let cut = answer_by.filter(|at| *at < deadline);
+    let exchanged = exchange(http, provider, key, request, &mut permit, expired.as_mut());
+    let Some(response) = until_cut(cut, exchanged).await else {
+        permit.answered();
+        return Err(ProviderError::StepDeadline);
+    };
+    let response = response?;
     if !req.stream {
         let body = read_whole(response.into_body(), expired.as_mut()).await?;
         let parsed = adapter.parse_response(&body, &req.model)?;
@@ -338,13 +350,25 @@ async fn send(
         report: report.cloned(),
     };
     // Before anything reaches the caller, a failure is still an ordinary (retryable) error.
-    if let Err(error) = pump.prime().await {
+    let primed = until_cut(cut, pump.prime())
+        .await
+        .unwrap_or(Err(ProviderError::StepDeadline));
+    if let Err(error) = primed {
         // An upstream error, not a caller who left: the whole estimate stands (the permit's
         // own drop), as after an error later in the stream.
         pump.state = PumpState::Done;
         return Err(error);
     }
     Ok(ReplyBody::Stream(Box::pin(pump.into_chunks())))
+}
+
+/// Runs `work` until `cut`, if there is one: `None` when the cut came first. Work done at
+/// the very instant of the cut is kept.
+async fn until_cut<T>(cut: Option<Instant>, work: impl Future<Output = T>) -> Option<T> {
+    match cut {
+        Some(cut) => tokio::time::timeout_at(cut, work).await.ok(),
+        None => Some(work.await),
+    }
 }
 
 /// Sends `request` and waits for the response headers (until `expired`), marks the permit
@@ -689,5 +713,43 @@ impl Pump {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::until_cut;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// A chain step's cut: work still pending at the cut is given up at that very instant;
+    /// work done by it is kept; without a cut nothing is given up.
+    #[tokio::test(start_paused = true)]
+    async fn a_steps_cut_ends_the_wait_for_an_answer_exactly_at_its_deadline() {
+        let t0 = Instant::now();
+        let cut = t0 + Duration::from_millis(500);
+        let never = until_cut(Some(cut), std::future::pending::<()>()).await;
+        assert_eq!(never, None);
+        assert_eq!(t0.elapsed(), Duration::from_millis(500));
+
+        let t1 = Instant::now();
+        let cut = t1 + Duration::from_millis(500);
+        let on_time = until_cut(Some(cut), async {
+            tokio::time::sleep_until(cut).await;
+            7
+        });
+        assert_eq!(
+            on_time.await,
+            Some(7),
+            "an answer at the cut itself is kept"
+        );
+
+        let t2 = Instant::now();
+        let late = until_cut(None, async {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            8
+        });
+        assert_eq!(late.await, Some(8));
+        assert_eq!(t2.elapsed(), Duration::from_secs(120));
     }
 }

@@ -1,9 +1,10 @@
 //! Prompt-cache affinity: providers discount a repeated prompt prefix (Anthropic and OpenAI
 //! prompt caching) only when the same key serves it. A request whose shared prefix (system
 //! and developer messages, and tools) is long enough to be cached carries the prefix's hash
-//! ([`prefix_hash`]); the key choice (`route::attempt`) prefers the key that served that
-//! prefix last when it has budget and its class may take it, and falls back to the pool's
-//! strategy otherwise (busy, out of budget, refused).
+//! ([`prefix_hash`]); the attempt (`route::attempt`) starts with the provider that served
+//! that prefix last and prefers its key when that key has budget and its class may take it,
+//! and falls back to the pool's order and strategy otherwise (busy, out of budget, refused):
+//! in a pool of several providers a prefix stays with its provider, not only its key.
 
 use crate::providers::types::{ChatRequest, Role};
 use std::collections::HashMap;
@@ -41,13 +42,20 @@ pub fn prefix_hash(req: &ChatRequest) -> Option<u64> {
 /// Key names by (prefix hash, provider).
 type Last = HashMap<(u64, Arc<str>), Arc<str>>;
 
-/// The key that served each prefix last, by (prefix hash, provider).
+/// The key that served each prefix last, by (prefix hash, provider), and the provider.
 #[derive(Debug, Default)]
 pub struct Affinity {
     last: Mutex<Last>,
+    providers: Mutex<HashMap<u64, Arc<str>>>,
 }
 
 impl Affinity {
+    /// The provider that served prefix `hash` last.
+    pub fn provider(&self, hash: u64) -> Option<Arc<str>> {
+        let providers = self.providers.lock().unwrap_or_else(|p| p.into_inner());
+        providers.get(&hash).cloned()
+    }
+
     /// The key of `provider` that served prefix `hash` last.
     pub fn preferred(&self, hash: u64, provider: &Arc<str>) -> Option<Arc<str>> {
         let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
@@ -56,11 +64,18 @@ impl Affinity {
 
     /// Key `key` of `provider` served prefix `hash`.
     pub fn record(&self, hash: u64, provider: &Arc<str>, key: &Arc<str>) {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.len() >= CAPACITY {
-            last.clear();
+        {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if last.len() >= CAPACITY {
+                last.clear();
+            }
+            last.insert((hash, provider.clone()), key.clone());
         }
-        last.insert((hash, provider.clone()), key.clone());
+        let mut providers = self.providers.lock().unwrap_or_else(|p| p.into_inner());
+        if providers.len() >= CAPACITY {
+            providers.clear();
+        }
+        providers.insert(hash, provider.clone());
     }
 }
 

@@ -2,8 +2,8 @@
 //! once per configuration from the RoutingPolicy's `classifier`:
 //!
 //! 1. **code**: a code fence (```` ``` ````), a line that reads like code (`def f(`,
-//!    `fn main`, `#include`, a line ending in `;` or `{`, `=>`, ...), or a code term
-//!    (`python`, `function`, `regex`, `stack trace`, ...);
+//!    `fn main`, `#include`, a statement ending in `;`, a line ending in `{`, `=>`, ...), or
+//!    a code term (`python`, `function`, `regex`, `stack trace`, `my code`, ...);
 //! 2. **complex**: multi-step wording (`first ... then ...`, `finally`, `step by step`),
 //!    design vocabulary (`architecture`, `trade-off`, `design`, ...), or longer than
 //!    `complexMinChars`;
@@ -21,28 +21,42 @@ use floodgate_crds::local_model::PromptClass;
 use floodgate_crds::routing::Classifier as Settings;
 use std::collections::HashSet;
 
-/// Terms that mark code, before the resource's own.
+/// Terms that mark code, before the resource's own. Words that are as common in prose
+/// ("dress code", "rust on my bike", "a film script", "debug" of a car) are only counted in
+/// phrases that name code.
 const CODE_TERMS: &[&str] = &[
-    "code",
     "function",
     "python",
     "javascript",
     "typescript",
-    "rust",
     "golang",
-    "java",
     "c++",
     "sql",
     "regex",
     "bash",
-    "script",
     "compile",
     "compiler",
     "stack trace",
     "traceback",
     "refactor",
     "unit test",
-    "debug",
+    "my code",
+    "this code",
+    "the code below",
+    "code snippet",
+    "code review",
+    "source code",
+    "rust code",
+    "in rust",
+    "rust program",
+    "java code",
+    "in java",
+    "shell script",
+    "bash script",
+    "python script",
+    "debug this",
+    "debug my",
+    "debugging",
 ];
 
 /// Terms that mark a complex prompt, before the resource's own.
@@ -199,7 +213,9 @@ fn looks_like_code(text: &str) -> bool {
     text.lines().any(|line| {
         let t = line.trim();
         let lower = t.to_lowercase();
-        (t.len() > 1 && (t.ends_with(';') || t.ends_with('{') || t == "}"))
+        t == "}"
+            || (t.len() > 1 && t.ends_with('{'))
+            || statement(t)
             || t.contains("=>")
             || t.contains("()")
             || t.contains("!=")
@@ -208,6 +224,14 @@ fn looks_like_code(text: &str) -> bool {
                 .iter()
                 .any(|o| lower.strip_prefix(o).is_some_and(code_tail))
     })
+}
+
+/// Whether a line reads like a statement ending in `;`: with brackets or `=` (`x = f(y);`),
+/// or at most two words (`return x;`, `i++;`). A line of prose ending in `;` is not code.
+fn statement(t: &str) -> bool {
+    t.len() > 1
+        && t.ends_with(';')
+        && (t.contains(['(', '=', '[']) || t.split_whitespace().count() <= 2)
 }
 
 /// Whether what follows a code-like opening looks like an identifier and syntax, not prose:
@@ -254,6 +278,28 @@ mod tests {
         assert_eq!(class("what does the traceback mean"), PromptClass::Code);
         // Prose that only starts with a code-like word is not code.
         assert_eq!(class("Let me know how you are"), PromptClass::Simple);
+    }
+
+    #[test]
+    fn prose_with_words_code_also_uses_is_not_code() {
+        for prose in [
+            "What is the dress code?",
+            "How do I get rust off my bike?",
+            "Who wrote the script of Casablanca?",
+            "I went home; it was late;",
+            "Is the Java coffee good?",
+        ] {
+            assert_ne!(class(prose), PromptClass::Code, "{prose}");
+        }
+        for code in [
+            "Can you review my code?",
+            "Write it in rust",
+            "return x;",
+            "}",
+            "Help me with debugging",
+        ] {
+            assert_eq!(class(code), PromptClass::Code, "{code}");
+        }
     }
 
     #[test]

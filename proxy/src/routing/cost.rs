@@ -2,15 +2,20 @@
 //! would have cost in the premium pool (the savings of routing), and monthly budgets per
 //! tenant and per pool (calendar months, UTC).
 //!
-//! Budgets are kept per gateway replica (in memory): with several replicas each enforces its
-//! own count, so a budget shared by N replicas may be overspent by up to N-1 requests' worth
-//! per replica before each sees it. Sharing the spend through Redis is left for later.
+//! With `--redis` the spending is shared by every replica ([`super::spend`]): each budgeted
+//! request reads its tenant's (and step's pool's) total of the month, and each answer adds
+//! its cost, before a whole answer is returned (a stream adds it when it ends). Requests in
+//! flight at once on several replicas may each pass the check before the others' costs
+//! land: a budget is overspent by at most the cost of the requests in flight when it runs
+//! out. Without Redis each replica keeps its own figures in memory: N replicas may spend up
+//! to N budgets, and a restart starts the month afresh.
 
 use super::metrics::{BudgetLabels, CostLabels, TenantLabels, routing_metrics};
 use super::plan::{Plan, Price};
+use super::spend::{self, SharedSpend};
 use crate::providers::types::Usage;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// USD of `usage` at `price` (per million input and output tokens).
@@ -78,13 +83,45 @@ fn unix_now() -> u64 {
 /// Spending by (scope, name): the month it is for and the USD spent in it.
 type Spent = HashMap<(&'static str, String), (u32, f64)>;
 
-/// Spending this month per tenant and per pool.
+/// Spending this month per tenant and per pool: this replica's figures, and with Redis the
+/// totals every replica shares.
 #[derive(Debug, Default)]
 pub struct Ledger {
+    /// The best total known here: the last shared total read or written, plus what this
+    /// replica spent since; all of it without Redis.
     spent: Mutex<Spent>,
+    shared: Option<Arc<SharedSpend>>,
+}
+
+/// Costs still on their way to the shared totals: awaited before a whole answer is
+/// returned, so that the next request, on any replica, sees them.
+#[derive(Debug, Default)]
+#[must_use = "await it, or drop it to let the write finish on its own"]
+pub struct Writing(Option<tokio::task::JoinHandle<()>>);
+
+impl Writing {
+    /// Waits until the shared totals hold the costs (or the write failed).
+    pub async fn done(self) {
+        if let Some(task) = self.0 {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The Redis key of `name`'s spending (`scope` `tenant` or `pool`) in `month`.
+fn key(scope: &str, name: &str, month: u32) -> String {
+    floodgate_crds::redis_keys::cost_spend(scope, name, 1970 + month / 12, month % 12 + 1)
 }
 
 impl Ledger {
+    /// A ledger whose totals are shared through `shared`.
+    pub fn shared(shared: SharedSpend) -> Self {
+        Self {
+            spent: Mutex::default(),
+            shared: Some(Arc::new(shared)),
+        }
+    }
+
     fn spent(&self, scope: &'static str, name: &str, month: u32) -> f64 {
         let spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
         match spent.get(&(scope, name.to_owned())) {
@@ -93,48 +130,107 @@ impl Ledger {
         }
     }
 
-    /// Refuses when `name`'s budget in `budgets` is spent this month (at `unix` seconds).
+    /// Raises the figure of `name` in `month` to the shared `total` (totals only grow
+    /// within a month; an answer that lands late does not lower it).
+    fn saw(&self, scope: &'static str, name: &str, month: u32, total: f64) -> f64 {
+        let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = spent
+            .entry((scope, name.to_owned()))
+            .or_insert((month, 0.0));
+        if entry.0 != month {
+            *entry = (month, 0.0);
+        }
+        entry.1 = entry.1.max(total);
+        entry.1
+    }
+
+    /// Refuses when `name`'s budget in `budgets` is spent this month (at `unix` seconds), by
+    /// this replica's figures; sets its gauges to them (in a new month, back to 0).
     pub fn check_at(
         &self,
         scope: &'static str,
         name: &str,
         budgets: &HashMap<String, f64>,
+        alert_at: f64,
         unix: u64,
     ) -> Result<(), OverBudget> {
         let Some(&limit) = budgets.get(name) else {
             return Ok(());
         };
         let (month, left) = month_at(unix);
-        if self.spent(scope, name, month) < limit {
-            return Ok(());
-        }
-        routing_metrics()
-            .budget_refusals
-            .get_or_create(&BudgetLabels {
-                scope,
-                name: name.to_owned(),
-            })
-            .inc();
-        Err(OverBudget {
-            scope,
-            name: name.to_owned(),
-            limit,
-            retry_after: Duration::from_secs(left.max(1)),
-        })
+        let spent = self.spent(scope, name, month);
+        gauges(scope, name, spent, limit, alert_at);
+        verdict(scope, name, limit, spent, left)
     }
 
-    /// [`Ledger::check_at`] now.
-    pub fn check(
+    /// Refuses when `name`'s budget in `budgets` is spent this month: with Redis by the
+    /// total every replica spent (one read), else, or when Redis fails, by this replica's
+    /// figures.
+    pub async fn check(
         &self,
         scope: &'static str,
         name: &str,
         budgets: &HashMap<String, f64>,
+        alert_at: f64,
     ) -> Result<(), OverBudget> {
-        self.check_at(scope, name, budgets, unix_now())
+        let Some(&limit) = budgets.get(name) else {
+            return Ok(());
+        };
+        let (month, left) = month_at(unix_now());
+        let mut spent = self.spent(scope, name, month);
+        if let Some(shared) = &self.shared
+            && let Ok(totals) = shared.totals(vec![key(scope, name, month)]).await
+            && let Some(&total) = totals.first()
+        {
+            spent = self.saw(scope, name, month, total);
+        }
+        gauges(scope, name, spent, limit, alert_at);
+        verdict(scope, name, limit, spent, left)
     }
 
-    /// Adds `usd` to `name`'s spending this month (at `unix`), and sets its metrics when it
-    /// has a budget.
+    /// [`Ledger::add_at`] now, for each of `adds` (scope, name, its budgets) that has a
+    /// budget, and with Redis the write of the cost to the shared totals, under way.
+    pub fn add(
+        self: &Arc<Self>,
+        adds: &[(&'static str, &str, &HashMap<String, f64>)],
+        usd: f64,
+        alert_at: f64,
+    ) -> Writing {
+        let unix = unix_now();
+        let budgeted: Vec<(&'static str, String, f64)> = adds
+            .iter()
+            .filter_map(|&(scope, name, budgets)| {
+                let limit = *budgets.get(name)?;
+                self.add_at(scope, name, usd, budgets, alert_at, unix);
+                Some((scope, name.to_owned(), limit))
+            })
+            .collect();
+        let Some(shared) = self.shared.clone().filter(|_| !budgeted.is_empty()) else {
+            return Writing(None);
+        };
+        // Outside a runtime (a stream dropped at shutdown) the cost stays on this replica.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Writing(None);
+        };
+        let (month, left) = month_at(unix);
+        let writes = budgeted
+            .iter()
+            .map(|(scope, name, _)| (key(scope, name, month), usd))
+            .collect();
+        let ledger = self.clone();
+        Writing(Some(runtime.spawn(async move {
+            let Ok(totals) = shared.add(writes, spend::keep_for(left)).await else {
+                return;
+            };
+            for ((scope, name, limit), total) in budgeted.iter().zip(totals) {
+                let total = ledger.saw(scope, name, month, total);
+                gauges(scope, name, total, *limit, alert_at);
+            }
+        })))
+    }
+
+    /// Adds `usd` to `name`'s spending this month (at `unix`) on this replica, and sets its
+    /// metrics when it has a budget.
     pub fn add_at(
         &self,
         scope: &'static str,
@@ -159,15 +255,46 @@ impl Ledger {
             entry.1 += usd;
             entry.1
         };
-        let labels = BudgetLabels {
+        gauges(scope, name, total, limit, alert_at);
+    }
+}
+
+/// The spending and alert gauges of `name`'s budget at `total`.
+fn gauges(scope: &'static str, name: &str, total: f64, limit: f64, alert_at: f64) {
+    let labels = BudgetLabels {
+        scope,
+        name: name.to_owned(),
+    };
+    let m = routing_metrics();
+    m.budget_spent.get_or_create(&labels).set(total);
+    let alert = i64::from(total >= limit * alert_at);
+    m.budget_alert.get_or_create(&labels).set(alert);
+}
+
+/// Refuses `name` when `spent` reached its `limit`, `left` seconds before the month ends.
+fn verdict(
+    scope: &'static str,
+    name: &str,
+    limit: f64,
+    spent: f64,
+    left: u64,
+) -> Result<(), OverBudget> {
+    if spent < limit {
+        return Ok(());
+    }
+    routing_metrics()
+        .budget_refusals
+        .get_or_create(&BudgetLabels {
             scope,
             name: name.to_owned(),
-        };
-        let m = routing_metrics();
-        m.budget_spent.get_or_create(&labels).set(total);
-        let alert = i64::from(total >= limit * alert_at);
-        m.budget_alert.get_or_create(&labels).set(alert);
-    }
+        })
+        .inc();
+    Err(OverBudget {
+        scope,
+        name: name.to_owned(),
+        limit,
+        retry_after: Duration::from_secs(left.max(1)),
+    })
 }
 
 /// The cost of one answered request, recorded on the metrics and budgets.
@@ -180,23 +307,26 @@ pub struct Costed {
 }
 
 /// Records `usage` of a request of `tenant` for `model`, served by `provider` of `pool`:
-/// its cost, the premium equivalent, and the tenant's and pool's monthly spending. `None`
-/// when the model has no price in the configuration.
+/// its cost, the premium equivalent, and the tenant's and pool's monthly spending (with the
+/// write to Redis's shared totals under way, [`Writing`]). No cost when the model has no
+/// price in the configuration.
 #[expect(
     clippy::too_many_arguments,
     reason = "the labels of one request; called twice"
 )]
 pub fn record(
     plan: &Plan,
-    ledger: &Ledger,
+    ledger: &Arc<Ledger>,
     tenant: &str,
     pool: Option<&str>,
     provider: &str,
     model: &str,
     requested: &str,
     usage: &Usage,
-) -> Option<Costed> {
-    let price = plan.price(pool, provider, model)?;
+) -> (Option<Costed>, Writing) {
+    let Some(price) = plan.price(pool, provider, model) else {
+        return (None, Writing::default());
+    };
     let usd = cost_of(price, usage);
     let m = routing_metrics();
     m.cost
@@ -214,19 +344,12 @@ pub fn record(
         m.premium_equivalent.get_or_create(&t).inc_by(premium);
         m.savings.get_or_create(&t).inc_by((premium - usd).max(0.0));
     }
-    let now = unix_now();
-    ledger.add_at(
-        "tenant",
-        tenant,
-        usd,
-        &plan.tenant_budgets,
-        plan.alert_at,
-        now,
-    );
+    let mut adds = vec![("tenant", tenant, &plan.tenant_budgets)];
     if let Some(pool) = pool {
-        ledger.add_at("pool", pool, usd, &plan.pool_budgets, plan.alert_at, now);
+        adds.push(("pool", pool, &plan.pool_budgets));
     }
-    Some(Costed { usd, premium_usd })
+    let writing = ledger.add(&adds, usd, plan.alert_at);
+    (Some(Costed { usd, premium_usd }), writing)
 }
 
 #[cfg(test)]
@@ -263,29 +386,31 @@ mod tests {
     #[test]
     fn a_spent_budget_refuses_until_the_month_ends() {
         let ledger = Ledger::default();
-        let budgets: HashMap<String, f64> = [("acme".to_owned(), 1.0)].into();
+        let budgets: HashMap<String, f64> = [("ledger-co".to_owned(), 1.0)].into();
         let t = 1_796_050_800;
-        assert!(ledger.check_at("tenant", "acme", &budgets, t).is_ok());
-        ledger.add_at("tenant", "acme", 0.6, &budgets, 0.5, t);
-        assert!(ledger.check_at("tenant", "acme", &budgets, t).is_ok());
-        ledger.add_at("tenant", "acme", 0.4, &budgets, 0.5, t);
-        let refused = ledger.check_at("tenant", "acme", &budgets, t).unwrap_err();
+        let check = |at| ledger.check_at("tenant", "ledger-co", &budgets, 0.5, at);
+        assert!(check(t).is_ok());
+        ledger.add_at("tenant", "ledger-co", 0.6, &budgets, 0.5, t);
+        assert!(check(t).is_ok());
+        ledger.add_at("tenant", "ledger-co", 0.4, &budgets, 0.5, t);
+        let refused = check(t).unwrap_err();
         assert_eq!(refused.retry_after, Duration::from_secs(9 * 3600));
         assert_eq!(refused.scope, "tenant");
-        // A tenant without a budget is never refused; the next month starts afresh.
-        assert!(ledger.check_at("tenant", "other", &budgets, t).is_ok());
-        assert!(
-            ledger
-                .check_at("tenant", "acme", &budgets, t + 9 * 3600)
-                .is_ok()
-        );
+        // A tenant without a budget is never refused.
+        assert!(ledger.check_at("tenant", "other", &budgets, 0.5, t).is_ok());
         let labels = BudgetLabels {
             scope: "tenant",
-            name: "acme".into(),
+            name: "ledger-co".into(),
         };
-        assert_eq!(
-            routing_metrics().budget_alert.get_or_create(&labels).get(),
-            1
-        );
+        let m = routing_metrics();
+        assert_eq!(m.budget_alert.get_or_create(&labels).get(), 1);
+        // The last second of the month: still spent. The next month starts afresh, and so
+        // do the budget's gauges.
+        let december = t + 9 * 3600;
+        assert!(check(december - 1).is_err());
+        assert_eq!(m.budget_alert.get_or_create(&labels).get(), 1);
+        assert!(check(december).is_ok());
+        assert_eq!(m.budget_alert.get_or_create(&labels).get(), 0);
+        assert_eq!(m.budget_spent.get_or_create(&labels).get(), 0.0);
     }
 }

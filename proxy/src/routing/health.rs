@@ -77,23 +77,28 @@ async fn probe_pools(view: &View, http: &reqwest::Client, pools: &[&str]) -> Rou
             continue;
         }
         let url = probe_url(provider.adapter, &provider.base_url);
+        let url = url.as_str();
         // Refused keys: each with itself. An open circuit: with the first key that is not
         // refused (a refused key's answer says nothing of the provider's health).
-        let mut circuit_key = provider.breaker.open_until(Instant::now()).and_then(|_| {
+        let circuit_key = provider.breaker.open_until(Instant::now()).and_then(|_| {
             provider
                 .keys
                 .iter()
                 .position(|k| !k.budget.is_failed() && k.headers.is_ok())
         });
-        for (i, key) in provider.keys.iter().enumerate() {
+        // The provider's keys are probed at once: a provider with many refused keys costs
+        // one probe's time, not one per key.
+        let probes = provider.keys.iter().enumerate().filter_map(|(i, key)| {
             let restorable = key.budget.is_restorable();
             let for_circuit = circuit_key == Some(i);
-            if !(restorable || for_circuit) {
-                continue;
-            }
-            let Ok(headers) = &key.headers else { continue };
+            let headers = key.headers.as_ref().ok()?;
+            (restorable || for_circuit).then_some(async move {
+                let ok = probe(http, url, headers, provider, &key.name).await;
+                (key, restorable, for_circuit, ok)
+            })
+        });
+        for (key, restorable, for_circuit, ok) in futures::future::join_all(probes).await {
             round.probed += 1;
-            let ok = probe(http, &url, headers, provider, &key.name).await;
             if !ok {
                 continue;
             }
@@ -104,7 +109,6 @@ async fn probe_pools(view: &View, http: &reqwest::Client, pools: &[&str]) -> Rou
             // A restored key's answer speaks for the provider too.
             if (for_circuit || restorable) && provider.breaker.half_open() {
                 round.circuits_half_opened += 1;
-                circuit_key = None;
             }
         }
     }
@@ -194,8 +198,11 @@ impl Schedule {
 /// (looking again every 30 s while no pool has one).
 pub async fn run(dispatcher: Arc<Dispatcher>, cancel: CancellationToken) {
     // No redirects: a probe carries a provider key, which must not follow to another host.
+    // Nor a proxy from the environment: the chat calls take none, and the probe should
+    // reach the provider the way they do.
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
         .build()
         .unwrap_or_default();
     let mut schedule = Schedule::default();

@@ -17,7 +17,13 @@
 //! ```
 //!
 //! Every step has a deadline derived from the tier's wait limit: a step that is not the last
-//! gets an equal share of the time left, the last gets all of it, so the chain never hangs.
+//! gets an equal share of the time left, the last gets all of it. The deadline bounds the
+//! wait for budget and for a local model's slot and, on a step that is not the last, the
+//! wait for the target to begin answering (response headers, a stream's first chunk:
+//! [`ProviderError::StepDeadline`](crate::providers::ProviderError::StepDeadline), outcome
+//! `step_deadline`); the last step's call is bounded by the pool's `requestSeconds`. A batch
+//! tier's local step is the exception: it waits for the model up to its whole deadline and
+//! is not cut once the model answers (it would not be sent on to premium anyway).
 //!
 //! Past the last target, when the targets failed for capacity or health ([`degrade`]): a
 //! **stale answer** (an exact-cache entry expired less than the CachePolicy's
@@ -38,6 +44,7 @@ pub mod health;
 pub mod local;
 pub mod metrics;
 pub mod plan;
+pub mod spend;
 
 use crate::pipeline::{self, RequestCtx};
 use crate::providers::types::{ChatRequest, Usage};
@@ -179,20 +186,24 @@ async fn route(
         .map_or(PromptClass::Medium, |n| n.class);
     state
         .ledger
-        .check("tenant", &asker.tenant, &plan.tenant_budgets)?;
+        .check("tenant", &asker.tenant, &plan.tenant_budgets, plan.alert_at)
+        .await?;
     let Some(rule) = plan.rule(&ctx.tier, class, &req.model, &asker.tenant) else {
         // By model: the pools that serve it keep their budgets too. Refused when every one
         // of them is spent; otherwise the spent ones' targets are left out and a pool with
         // budget left answers. The answer's cost is booked to the pool of the provider that
         // gave it.
         let pools = pools_serving(view, &req.model);
-        let mut spent: Vec<(Arc<str>, cost::OverBudget)> = pools
-            .iter()
-            .filter_map(|p| {
-                let over = state.ledger.check("pool", p, &plan.pool_budgets).err()?;
-                Some((p.clone(), over))
-            })
-            .collect();
+        let mut spent: Vec<(Arc<str>, cost::OverBudget)> = Vec::new();
+        for p in &pools {
+            if let Err(over) = state
+                .ledger
+                .check("pool", p, &plan.pool_budgets, plan.alert_at)
+                .await
+            {
+                spent.push((p.clone(), over));
+            }
+        }
         if !pools.is_empty() && spent.len() == pools.len() {
             count_route(BY_MODEL, None);
             return Err(spent.swap_remove(0).1.into());
@@ -208,9 +219,7 @@ async fn route(
         };
         state.recent.record(capacity::Served::Premium);
         let pool = pool_of(view, &req.model, &reply.provider);
-        return Ok(costed(
-            ctx, plan, state, asker, pool, &req.model, &req.model, reply,
-        ));
+        return Ok(costed(ctx, plan, state, asker, pool, &req.model, &req.model, reply).await);
     };
     set_rule(ctx, &rule.name);
     let spills = asker.tier.class != QueueClass::Batch;
@@ -225,7 +234,11 @@ async fn route(
         } else {
             step_deadline(now, ctx.deadline, rule.steps.len() - i)
         };
-        if let Err(e) = state.ledger.check("pool", &step.pool, &plan.pool_budgets) {
+        if let Err(e) = state
+            .ledger
+            .check("pool", &step.pool, &plan.pool_budgets, plan.alert_at)
+            .await
+        {
             record_step(ctx, step, "over_budget");
             last = Some(e.into());
             continue;
@@ -273,8 +286,12 @@ async fn route(
             }
         }
         let route = route_of(step, &req.model);
+        // A step that is not the last must begin answering by its deadline, or the next
+        // step is tried; a batch tier's local step is where it waits, not a step it leaves.
+        let mut asking = asker.clone();
+        asking.answer_by = (more && (spills || step.local.is_none())).then_some(deadline);
         let reply = dispatcher
-            .chat_on(view, &route, req, deadline, asker.clone())
+            .chat_on(view, &route, req, deadline, asking)
             .await;
         match reply {
             Ok(mut reply) => {
@@ -290,9 +307,7 @@ async fn route(
                     reply.body = hold(reply.body, slot);
                 }
                 let pool = Some(step.pool.clone());
-                return Ok(costed(
-                    ctx, plan, state, asker, pool, &route, &req.model, reply,
-                ));
+                return Ok(costed(ctx, plan, state, asker, pool, &route, &req.model, reply).await);
             }
             // The next step, or past the last the degradation steps, may serve.
             Err(e) if falls_through(&e) => {
@@ -302,9 +317,11 @@ async fn route(
                 record_step(ctx, step, e.metric_label());
                 last = Some(e.into());
             }
+            // The request's own fault (a 400): the model answered, in the time it took,
+            // and is not held to have failed.
             Err(e) => {
                 if let Some(slot) = &slot {
-                    slot.failed();
+                    slot.answered();
                 }
                 record_step(ctx, step, e.metric_label());
                 count_route(&rule.name, None);
@@ -472,12 +489,13 @@ fn count_route(rule: &str, target: Option<&str>) {
         .inc();
 }
 
-/// Records the cost of `reply` (now for a whole answer, at its end for a stream).
+/// Records the cost of `reply`: now for a whole answer (returned once the shared spending
+/// holds it, so the next request on any replica sees it), at its end for a stream.
 #[expect(
     clippy::too_many_arguments,
     reason = "one call site; a struct would only rename them"
 )]
-fn costed(
+async fn costed(
     ctx: &mut RequestCtx,
     plan: &Arc<Plan>,
     state: &State,
@@ -491,7 +509,7 @@ fn costed(
     match reply.body {
         ReplyBody::Complete(answer) => {
             if let Some(usage) = &answer.usage {
-                let c = cost::record(
+                let (c, writing) = cost::record(
                     plan,
                     &state.ledger,
                     &tenant,
@@ -504,6 +522,7 @@ fn costed(
                 if let Some(note) = &mut ctx.routing {
                     note.cost = c;
                 }
+                writing.done().await;
             }
             reply.body = ReplyBody::Complete(answer);
         }
@@ -568,7 +587,8 @@ impl Costing {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
-        cost::record(
+        // The write to the shared spending finishes on its own.
+        let (_, writing) = cost::record(
             &self.plan,
             &self.ledger,
             &self.tenant,
@@ -578,6 +598,7 @@ impl Costing {
             &self.requested,
             usage,
         );
+        drop(writing);
     }
 
     fn record_reported(&mut self) {

@@ -175,6 +175,16 @@ impl Plan {
             message,
         };
         let mut errors = Vec::new();
+        // A prompt long enough to be complex must be too long to be simple.
+        if spec.classifier.complex_min_chars <= spec.classifier.simple_max_chars {
+            errors.push(error(
+                "spec.classifier.complexMinChars".to_owned(),
+                format!(
+                    "must be greater than simpleMaxChars ({} <= {})",
+                    spec.classifier.complex_min_chars, spec.classifier.simple_max_chars
+                ),
+            ));
+        }
         plan.classifier = Classifier::new(&spec.classifier);
         for (ri, rule) in spec.rules.iter().enumerate() {
             let mut steps = Vec::new();
@@ -433,13 +443,18 @@ fn premium_prices(pool: &PoolConfig) -> Option<(HashMap<String, Price>, Price)> 
     Some((by_name, (first.input_per_1m, first.output_per_1m)))
 }
 
-/// The endpoint of a local model: `status.endpoint` (written by the operator) or the
-/// `floodgate.dev/endpoint` annotation (standalone).
-pub fn endpoint(lm: &LocalModelDeployment) -> Option<String> {
+/// The endpoint of a local model: `status.endpoint` (written by the operator) or, standalone
+/// only, the `floodgate.dev/endpoint` annotation. In a cluster the annotation is not read:
+/// whoever may edit a LocalModelDeployment could otherwise send every tenant's prompts to
+/// any URL; the status is the operator's to write.
+pub fn endpoint(lm: &LocalModelDeployment, cluster: bool) -> Option<String> {
     lm.status
         .as_ref()
         .and_then(|s| s.endpoint.clone())
         .or_else(|| {
+            if cluster {
+                return None;
+            }
             lm.metadata
                 .annotations
                 .as_ref()?

@@ -143,6 +143,10 @@ fn bad_references_are_refused_naming_the_field() {
         ),
         ("  premiumPool: nope\n", "spec.premiumPool"),
         (
+            "  classifier: {simpleMaxChars: 500, complexMinChars: 400}\n",
+            "spec.classifier.complexMinChars",
+        ),
+        (
             "  budgets: {pools: [{name: nope, monthlyUSD: 1}]}\n",
             "spec.budgets.pools[0].name",
         ),
@@ -256,4 +260,49 @@ fn in_a_cluster_a_rule_names_tenants_of_its_namespace() {
     // Callers in a cluster are `<namespace>/<tenant>`.
     assert_eq!(rule("team-a/acme").as_deref(), Some("acme-local"));
     assert_eq!(rule("team-b/acme").as_deref(), Some("rest"));
+}
+
+/// The `floodgate.dev/endpoint` annotation gives a local model its URL standalone only: in
+/// a cluster only the operator's `status.endpoint` counts, and until it is written the
+/// provider is left out.
+#[test]
+fn in_a_cluster_the_endpoint_annotation_is_not_read() {
+    let with_status = POOLS.replace(
+        "ollama: {numParallel: 2}}\n",
+        "ollama: {numParallel: 2}}\nstatus: {endpoint: \"http://mistral.team-a.svc:11434\"}\n",
+    );
+    assert_ne!(with_status, POOLS);
+    let resolve = |yaml: &str, namespace: Option<&str>| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gateway.yaml"), yaml).unwrap();
+        let mut resources = crate::config::load::load_paths(&[dir.path().to_owned()])
+            .unwrap()
+            .resources;
+        resources.namespace = namespace.map(Into::into);
+        let mut secrets = SecretSources::default();
+        secrets.manifests.insert(
+            ("keys".into(), "a".into()),
+            crate::secret::SecretString::new("key-a"),
+        );
+        Config::resolve(resources, &secrets).unwrap()
+    };
+    let local = |config: &Config| -> Vec<String> {
+        config
+            .pools
+            .iter()
+            .filter(|p| p.name == "local")
+            .flat_map(|p| p.providers.iter().map(|p| p.base_url.clone()))
+            .collect()
+    };
+    assert_eq!(local(&resolve(POOLS, None)), ["http://127.0.0.1:11434"]);
+    assert!(local(&resolve(POOLS, Some("team-a"))).is_empty());
+    // The operator's status is read in a cluster (and wins standalone too).
+    assert_eq!(
+        local(&resolve(&with_status, Some("team-a"))),
+        ["http://mistral.team-a.svc:11434"]
+    );
+    assert_eq!(
+        local(&resolve(&with_status, None)),
+        ["http://mistral.team-a.svc:11434"]
+    );
 }

@@ -268,15 +268,24 @@ fn accepted(jobs: &Jobs, job: &Job, position: u64) -> Response {
 
 /// Queues `req` of the caller in `ctx` as a job: for a synchronous request sent with
 /// `Prefer: respond-async` that could not be answered within its wait limit, at either chat
-/// door (the job's result is a chat completion, `GET /v1/jobs/{id}`).
+/// door (the job's result is a chat completion, `GET /v1/jobs/{id}`). Only for a tier that
+/// allows it (TierQueue `tiers[].async`); `None` otherwise, and the door answers the error.
 pub(super) async fn defer(
     state: &AppState,
     ctx: &crate::pipeline::RequestCtx,
     req: &ChatRequest,
 ) -> Option<Response> {
     let jobs = state.jobs.as_ref()?;
-    let request = serde_json::to_value(req).ok()?;
     let config = state.dispatcher.config();
+    let tier_allows = config
+        .tier_queue
+        .as_ref()
+        .and_then(|tq| tq.spec.tiers.iter().find(|t| *t.name == *ctx.tier))
+        .is_some_and(|t| t.async_.is_some());
+    if !tier_allows {
+        return None;
+    }
+    let request = serde_json::to_value(req).ok()?;
     let new = NewJob {
         request,
         notify: Notify::default(),
@@ -477,33 +486,16 @@ fn sse(event: &str, data: &Value) -> Vec<u8> {
     format!("event: {event}\ndata: {data}\n\n").into_bytes()
 }
 
-/// The jobs subsystem for an admin caller: `Authorization: Bearer <--admin-token>`, compared
-/// by SHA-256 digest (the time taken says nothing of the token); 401 without it or with
-/// another, 403 when no token is set.
+/// The jobs subsystem for an admin caller: `Authorization: Bearer <--admin-token>`
+/// ([`super::admin::check`]).
 fn admin<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Arc<Jobs>, ApiError> {
     let jobs = jobs_of(state)?;
-    let Some(token) = &jobs.admin_token else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "admin_token_not_set",
-            "the dead-letter endpoints need an admin token (--admin-token, FLOODGATE_ADMIN_TOKEN); none is set",
-        ));
-    };
-    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if digest(g).as_ref() == digest(token.expose()).as_ref() => Ok(jobs),
-        _ => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "invalid_admin_token",
-            "the dead-letter endpoints need `Authorization: Bearer <admin token>`",
-        )),
-    }
+    super::admin::check(
+        jobs.admin_token.as_ref(),
+        headers,
+        "the dead-letter endpoints",
+    )?;
+    Ok(jobs)
 }
 
 /// `GET /admin/jobs/dead-letters`.

@@ -23,6 +23,7 @@
 //! answered in the door's error format, which a generic body-limit layer could not do), runs
 //! the [`pipeline`](crate::pipeline) and renders its typed answer.
 
+mod admin;
 mod batches;
 mod chat;
 pub mod conn;
@@ -72,6 +73,9 @@ pub struct AppState {
     pub jobs: Option<Arc<crate::jobs::Jobs>>,
     /// Stages 4, 5 and 8: cached answers and requests in flight.
     pub cache: Arc<crate::cache::Cache>,
+    /// What the admin endpoints beyond metrics and probes require (`--admin-token`): the
+    /// capacity report. `None`: they answer 403.
+    pub admin_token: Option<crate::secret::SecretString>,
 }
 
 /// Default largest request body: 4 MiB.
@@ -96,6 +100,7 @@ impl AppState {
             expose_key: false,
             identity: Arc::new(Identity::new(false)),
             jobs: None,
+            admin_token: None,
         }
     }
 }
@@ -158,13 +163,14 @@ pub fn router(state: AppState) -> Router {
         )
 }
 
-/// The admin router: `/metrics`, the jobs' dead letters (`/admin/jobs/dead-letters`) and
-/// the probes, for a listener that only the operator's
-/// network reaches (`--admin-listen`). Everything else is 404.
+/// The admin router: `/metrics`, the capacity report (`/admin/capacity`) and the jobs' dead
+/// letters (`/admin/jobs/dead-letters`), both behind the admin token ([`admin::check`]), and
+/// the probes, for a listener that only the operator's network reaches (`--admin-listen`).
+/// Everything else is 404.
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/admin/capacity", get(capacity))
+        .route("/admin/capacity", get(admin::capacity))
         .route(
             "/admin/jobs/dead-letters",
             get(jobs::dead_letters).delete(jobs::purge),
@@ -201,17 +207,6 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
         )],
         crate::metrics::global().encode(),
     )
-}
-
-/// `GET /admin/capacity`: raw provider RPM, recent offload shares, effective RPM.
-async fn capacity(
-    axum::extract::State(state): axum::extract::State<AppState>,
-) -> axum::Json<crate::routing::capacity::Report> {
-    let view = state.dispatcher.view();
-    axum::Json(crate::routing::capacity::report(
-        &view,
-        &state.dispatcher.routing().recent,
-    ))
 }
 
 async fn healthz() -> &'static str {
