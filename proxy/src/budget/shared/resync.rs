@@ -21,6 +21,8 @@ const HOLD_POLL: Duration = Duration::from_millis(50);
 const MARK_KEPT: Duration = Duration::from_secs(3600);
 /// How long the marks live after the last one.
 const MARKS_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Epochs read per round trip when Redis comes back.
+const EPOCHS_PER_CALL: usize = 1000;
 
 /// The replicas' re-write marks ([`BUDGET_REWRITES`]) as this replica last read them.
 #[derive(Debug, Default)]
@@ -46,6 +48,10 @@ pub(crate) struct Hold {
     /// The replicas that must mark (this one included): those whose mark was recent when
     /// this replica last read them, before the loss or outage.
     expected: Vec<u64>,
+    /// Their marks as this replica last read them when the hold began: a mark still equal
+    /// to it is no re-write since, whatever the clocks say (a failover to another Redis
+    /// host carries marks written by the old host's clock, which may be ahead of `since`).
+    baseline: HashMap<u64, u64>,
     /// The bound ([`SharedOptions::rewrite_bound`](super::SharedOptions::rewrite_bound)).
     until: Instant,
     /// The local share applies until the hold ends (an outage that left budgets intact).
@@ -436,11 +442,18 @@ impl RedisBudgets {
         local: bool,
     ) {
         let expected = self.live_replicas();
+        let marks = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .marks
+            .clone();
         let until = Instant::now() + self.opts.rewrite_bound;
         let mut hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
         let h = hold.get_or_insert_with(|| Hold {
             since,
             expected: Vec::new(),
+            baseline: HashMap::new(),
             until,
             local: false,
             barriers: Vec::new(),
@@ -451,6 +464,9 @@ impl RedisBudgets {
         for id in expected {
             if !h.expected.contains(&id) {
                 h.expected.push(id);
+                if let Some(&mark) = marks.get(&id) {
+                    h.baseline.insert(id, mark);
+                }
             }
         }
         h.barriers.extend(barrier);
@@ -473,7 +489,11 @@ impl RedisBudgets {
         let missing = h
             .expected
             .iter()
-            .filter(|id| peers.marks.get(id).is_none_or(|&mark| mark < h.since))
+            .filter(|id| {
+                peers.marks.get(id).is_none_or(|&mark| {
+                    mark < h.since || h.baseline.get(id).is_some_and(|&b| b == mark)
+                })
+            })
             .count();
         if missing > 0 && now < h.until {
             return None;
@@ -533,6 +553,9 @@ impl RedisBudgets {
     async fn recover(self: &Arc<Self>) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
         let back = self.redis_now(&mut conn).await?;
+        // The local share keeps applying through the re-write (and the hold after it), even
+        // if an `end_local_share` raced this outage's first failed call and reset it.
+        self.local_until_ms.store(u64::MAX, Ordering::Release);
         self.degraded.store(false, Ordering::Release);
         // Whatever a restart during the outage lost is re-written now: the next check must not
         // take the new `run_id` for another restart (a second barrier for nothing).
@@ -558,16 +581,26 @@ impl RedisBudgets {
     async fn rewrite_after_outage(self: &Arc<Self>, back: u64) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
         let mut intact = false;
-        for (k, known) in self.registered() {
-            let Some(known) = known else { continue };
-            let found: Option<String> = self
-                .bounded(
-                    redis::cmd("HGET")
-                        .arg(&k.epoch)
-                        .arg("id")
-                        .query_async(&mut conn),
-                )
-                .await?;
+        let keys: Vec<_> = self
+            .registered()
+            .into_iter()
+            .filter_map(|(k, known)| known.map(|known| (k, known)))
+            .collect();
+        // The keys' epochs a thousand per round trip, not one each; no call holds Redis (or
+        // outlasts the call timeout) long.
+        let mut found: Vec<Option<String>> = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(EPOCHS_PER_CALL) {
+            let mut pipe = redis::pipe();
+            for (k, _) in chunk {
+                pipe.hget(&k.epoch, "id");
+            }
+            let answers: Vec<Option<String>> = self.bounded(pipe.query_async(&mut conn)).await?;
+            found.extend(answers);
+        }
+        if found.len() != keys.len() {
+            return Err(SharedError::Reply);
+        }
+        for ((k, known), found) in keys.into_iter().zip(found) {
             if found.as_deref() == Some(known.as_str()) {
                 // The budget survived: add what was admitted during the outage.
                 intact = true;
@@ -737,6 +770,28 @@ mod tests {
         );
     }
 
+    /// `failed` (a request's task) stores `u64::MAX` and then sets `degraded`;
+    /// `end_local_share` (the monitor, at the end of a re-write or a hold) stores 0. When the
+    /// monitor's store lands between the two, the replica is degraded with no local-share
+    /// instant: it used to admit the key's whole limit for the rest of the outage (the
+    /// recovery that would reset it fails while Redis is down).
+    #[tokio::test]
+    async fn a_degraded_replica_serves_its_share_even_when_the_instant_was_reset() {
+        let (budgets, key) = unreachable();
+        let backend = budgets.backend().unwrap().clone();
+        backend.failed(&SharedError::Timeout(backend.opts.timeout));
+        backend.end_local_share();
+        assert!(backend.degraded());
+        assert_eq!(backend.local_until_ms.load(Ordering::Acquire), 0);
+        let mut admitted = Vec::new();
+        for _ in 0..10 {
+            if let Ok(permit) = key.acquire(Instant::now(), 1).await {
+                admitted.push(permit);
+            }
+        }
+        assert_eq!(admitted.len(), 5, "degraded: this replica's share of 10");
+    }
+
     /// A hold ends when every replica it waits for has marked since it began, and at its
     /// bound without them, not a millisecond before.
     #[tokio::test(start_paused = true)]
@@ -771,6 +826,33 @@ mod tests {
         assert!(backend.hold_ended(at - Duration::from_millis(1)).is_none());
         let (_, missing) = backend.hold_ended(at).unwrap();
         assert_eq!(missing, 2, "neither marked since 3000");
+    }
+
+    /// After a failover to a Redis host whose clock is behind the old one's, a replica's
+    /// last mark (written by the old host's clock, replicated) can be later than the hold's
+    /// start on the new host's clock without any re-write since: the hold must wait for a
+    /// mark written after it began, not end on the stale one.
+    #[tokio::test(start_paused = true)]
+    async fn a_mark_from_before_the_hold_ends_it_whatever_the_clocks_say() {
+        let (budgets, _key) = unreachable();
+        let backend = budgets.backend().unwrap().clone();
+        let (me, other) = (backend.replica, backend.replica ^ 1);
+        // The other's mark, by the old host's clock, is ahead of the new host's.
+        *backend.peers.lock().unwrap() = Peers {
+            marks: HashMap::from([(me, 1_000), (other, 9_000)]),
+            read_at: 1_000,
+        };
+        let begun = Instant::now();
+        backend.hold(2_000, None, true);
+        backend.peers.lock().unwrap().marks.insert(me, 2_000);
+        assert!(
+            backend.hold_ended(begun).is_none(),
+            "ended on a mark from before the hold"
+        );
+        // The other re-writes and marks by the new host's clock.
+        backend.peers.lock().unwrap().marks.insert(other, 2_050);
+        let (_, missing) = backend.hold_ended(begun).unwrap();
+        assert_eq!(missing, 0);
     }
 
     /// A replica whose last mark was older than a few checks when the marks were read (it
