@@ -48,10 +48,6 @@ pub(crate) struct Hold {
     /// The replicas that must mark (this one included): those whose mark was recent when
     /// this replica last read them, before the loss or outage.
     expected: Vec<u64>,
-    /// Their marks as this replica last read them when the hold began: a mark still equal
-    /// to it is no re-write since, whatever the clocks say (a failover to another Redis
-    /// host carries marks written by the old host's clock, which may be ahead of `since`).
-    baseline: HashMap<u64, u64>,
     /// The bound ([`SharedOptions::rewrite_bound`](super::SharedOptions::rewrite_bound)).
     until: Instant,
     /// The local share applies until the hold ends (an outage that left budgets intact).
@@ -442,18 +438,11 @@ impl RedisBudgets {
         local: bool,
     ) {
         let expected = self.live_replicas();
-        let marks = self
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .marks
-            .clone();
         let until = Instant::now() + self.opts.rewrite_bound;
         let mut hold = self.hold.lock().unwrap_or_else(PoisonError::into_inner);
         let h = hold.get_or_insert_with(|| Hold {
             since,
             expected: Vec::new(),
-            baseline: HashMap::new(),
             until,
             local: false,
             barriers: Vec::new(),
@@ -464,9 +453,6 @@ impl RedisBudgets {
         for id in expected {
             if !h.expected.contains(&id) {
                 h.expected.push(id);
-                if let Some(&mark) = marks.get(&id) {
-                    h.baseline.insert(id, mark);
-                }
             }
         }
         h.barriers.extend(barrier);
@@ -489,11 +475,7 @@ impl RedisBudgets {
         let missing = h
             .expected
             .iter()
-            .filter(|id| {
-                peers.marks.get(id).is_none_or(|&mark| {
-                    mark < h.since || h.baseline.get(id).is_some_and(|&b| b == mark)
-                })
-            })
+            .filter(|id| peers.marks.get(id).is_none_or(|&mark| mark < h.since))
             .count();
         if missing > 0 && now < h.until {
             return None;
@@ -826,33 +808,6 @@ mod tests {
         assert!(backend.hold_ended(at - Duration::from_millis(1)).is_none());
         let (_, missing) = backend.hold_ended(at).unwrap();
         assert_eq!(missing, 2, "neither marked since 3000");
-    }
-
-    /// After a failover to a Redis host whose clock is behind the old one's, a replica's
-    /// last mark (written by the old host's clock, replicated) can be later than the hold's
-    /// start on the new host's clock without any re-write since: the hold must wait for a
-    /// mark written after it began, not end on the stale one.
-    #[tokio::test(start_paused = true)]
-    async fn a_mark_from_before_the_hold_ends_it_whatever_the_clocks_say() {
-        let (budgets, _key) = unreachable();
-        let backend = budgets.backend().unwrap().clone();
-        let (me, other) = (backend.replica, backend.replica ^ 1);
-        // The other's mark, by the old host's clock, is ahead of the new host's.
-        *backend.peers.lock().unwrap() = Peers {
-            marks: HashMap::from([(me, 1_000), (other, 9_000)]),
-            read_at: 1_000,
-        };
-        let begun = Instant::now();
-        backend.hold(2_000, None, true);
-        backend.peers.lock().unwrap().marks.insert(me, 2_000);
-        assert!(
-            backend.hold_ended(begun).is_none(),
-            "ended on a mark from before the hold"
-        );
-        // The other re-writes and marks by the new host's clock.
-        backend.peers.lock().unwrap().marks.insert(other, 2_050);
-        let (_, missing) = backend.hold_ended(begun).unwrap();
-        assert_eq!(missing, 0);
     }
 
     /// A replica whose last mark was older than a few checks when the marks were read (it

@@ -221,7 +221,10 @@ mod tests {
     async fn connect(script: Script) -> (ProviderError, Duration) {
         let tcp = Tcp(tower::service_fn(move |_: http::Uri| async move {
             match script.tcp {
-                Ok(after) => Ok(tokio::time::sleep(after).await),
+                Ok(after) => {
+                    tokio::time::sleep(after).await;
+                    Ok(())
+                }
                 Err(kind) => Err(std::io::Error::from(kind)),
             }
         }));
