@@ -13,26 +13,66 @@ use tokio::process::{Child, Command};
 /// How long a redis-server may take to say it is ready.
 const READY_WITHIN: Duration = Duration::from_secs(10);
 
-/// A running redis-server, without persistence.
+/// A running redis-server, without persistence unless started with a data directory
+/// ([`RedisServer::start_in`]), open to anyone unless started with a password
+/// ([`RedisServer::start_with_password`]).
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
+    options: Options,
     child: Option<Child>,
+}
+
+/// How a [`RedisServer`] runs, kept for its restarts.
+#[derive(Debug, Clone, Default)]
+struct Options {
+    /// Where `dump.rdb` is loaded from and saved to.
+    dir: Option<PathBuf>,
+    /// What clients must `AUTH` with (`requirepass`).
+    password: Option<String>,
 }
 
 impl RedisServer {
     /// Starts a redis-server on a free port of 127.0.0.1.
     pub async fn start() -> anyhow::Result<RedisServer> {
+        Self::start_with(Options::default()).await
+    }
+
+    /// Starts a redis-server that loads `dir/dump.rdb` if there is one and writes it on
+    /// [`RedisServer::save`] only (no automatic snapshots, no append-only file): a restart
+    /// on the same directory, or a second server on it, comes back with the data of the
+    /// last save, as after a restart with persistence or a failover to a replica that had
+    /// not caught up.
+    pub async fn start_in(dir: &std::path::Path) -> anyhow::Result<RedisServer> {
+        Self::start_with(Options {
+            dir: Some(dir.to_path_buf()),
+            password: None,
+        })
+        .await
+    }
+
+    /// Starts a redis-server whose clients must log in with `password`; [`RedisServer::url`]
+    /// carries it.
+    pub async fn start_with_password(password: &str) -> anyhow::Result<RedisServer> {
+        Self::start_with(Options {
+            dir: None,
+            password: Some(password.to_owned()),
+        })
+        .await
+    }
+
+    async fn start_with(options: Options) -> anyhow::Result<RedisServer> {
         // The port may be taken between choosing and binding it: try a few.
         let mut last = None;
         for _ in 0..5 {
             let port = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?
                 .local_addr()?
                 .port();
-            match spawn(port).await {
+            match spawn(port, &options).await {
                 Ok(child) => {
                     return Ok(RedisServer {
                         port,
+                        options,
                         child: Some(child),
                     });
                 }
@@ -42,9 +82,13 @@ impl RedisServer {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("redis-server did not start")))
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, or `redis://:PASSWORD@127.0.0.1:PORT` for a server with a
+    /// password.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.options.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// The port it listens on (kept across [`RedisServer::restart`]).
@@ -85,10 +129,31 @@ impl RedisServer {
         Ok(())
     }
 
-    /// Starts a fresh (empty) server on the same port, killing the running one if any.
+    /// Starts the server again on the same port, killing the running one if any: empty,
+    /// or with the data of its directory's last save ([`RedisServer::start_in`]).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await?;
-        self.child = Some(spawn(self.port).await?);
+        self.child = Some(spawn(self.port, &self.options).await?);
+        Ok(())
+    }
+
+    /// Writes the data set to its directory (`SAVE`, in RESP on a connection of its own);
+    /// only for a server with one.
+    pub async fn save(&self) -> anyhow::Result<()> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        anyhow::ensure!(
+            self.options.dir.is_some() && self.options.password.is_none(),
+            "SAVE is for a redis-server with a data directory and no password"
+        );
+        let mut conn = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).await?;
+        conn.write_all(b"*1\r\n$4\r\nSAVE\r\n").await?;
+        let mut answer = [0u8; 5];
+        conn.read_exact(&mut answer).await?;
+        anyhow::ensure!(
+            &answer == b"+OK\r\n",
+            "SAVE failed: {}",
+            String::from_utf8_lossy(&answer)
+        );
         Ok(())
     }
 }
@@ -115,11 +180,22 @@ pub fn binary() -> PathBuf {
     PathBuf::from("redis-server")
 }
 
-async fn spawn(port: u16) -> anyhow::Result<Child> {
+async fn spawn(port: u16, options: &Options) -> anyhow::Result<Child> {
     let bin = binary();
-    let mut child = Command::new(&bin)
+    let mut command = Command::new(&bin);
+    command
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
+    if let Some(dir) = &options.dir {
+        command
+            .arg("--dir")
+            .arg(dir)
+            .args(["--dbfilename", "dump.rdb"]);
+    }
+    if let Some(password) = &options.password {
+        command.args(["--requirepass", password]);
+    }
+    let mut child = command
         .args(["--loglevel", "notice", "--logfile", ""])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -2,7 +2,7 @@
 //! providers, under a load that keeps every key saturated, while something fails: Redis is
 //! killed and restarted empty at random points, paused longer than the call timeout, a
 //! provider accepts connections and never answers, a replica is SIGKILLed, the configuration
-//! is reloaded over and over. The mock counts with a window equal to the proxies'
+//! is reloaded over and over (models, prices, a key's limit and a key's secret). The mock counts with a window equal to the proxies'
 //! (`--rate-window-ms`), so "within limits" is exact, not approximate.
 //!
 //! Random points are drawn from a seed printed by each run; `FLOODGATE_CHAOS_SEED=N` replays
@@ -386,9 +386,12 @@ async fn a_replica_killed_mid_run() {
     assert_exact(test, &mock, &tally, started);
 }
 
-/// The configuration is rewritten every 150 ms during a saturated run of two replicas (a
-/// model added and removed, prices changed): every reload applies, and no request fails
-/// or exceeds a limit because of one.
+/// The configuration is rewritten every 150 ms during a saturated run of two replicas: a
+/// model added and removed, prices changed, key k0's limit alternating between 10 and 8 (and
+/// held at 8 for the run's last 1.5 windows), key k2's secret rotated at every reload. Every
+/// reload applies, no request fails, no key exceeds its limit; k0 holds to 8 in every window
+/// once lowered for good; k2's budget follows it through the rotations (its two values
+/// together stay within 10 in every window).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_reloads_under_load() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -404,12 +407,34 @@ async fn config_reloads_under_load() {
     let started = Instant::now();
     let load = Load::start(&[a.url(""), b.url("")], CLIENTS, &MODELS);
     let end = started + 3 * WINDOW;
+    let steady = started + WINDOW * 3 / 2;
+    let mut lowered_us = None;
     let mut version = 0u32;
     while Instant::now() < end {
         version += 1;
+        let low = Instant::now() >= steady;
+        if low && lowered_us.is_none() {
+            lowered_us = Some(mock.now_us());
+        }
+        let rpm = if low || version.is_multiple_of(2) {
+            LOWERED
+        } else {
+            LIMIT
+        };
+        let secret = if version.is_multiple_of(2) {
+            "key-2"
+        } else {
+            "key-2b"
+        };
         let models =
             format!("{{name: gpt-4o, inputPer1M: {version}.0}}, {{name: gpt-4o-mini-v{version}}}");
-        let yaml = base.replace("{name: gpt-4o}", &models);
+        let yaml = base
+            .replace("{name: gpt-4o}", &models)
+            .replace(
+                &format!("{{name: k0, secretRef: {{name: keys, key: k0}}, rpm: {LIMIT}}}"),
+                &format!("{{name: k0, secretRef: {{name: keys, key: k0}}, rpm: {rpm}}}"),
+            )
+            .replace("  k2: key-2\n", &format!("  k2: {secret}\n"));
         // Replaced at once, as a mounted ConfigMap is (a symlink swap), never half-written.
         let next = dir.path().join("pool.yaml.next");
         std::fs::write(&next, yaml).unwrap();
@@ -427,4 +452,52 @@ async fn config_reloads_under_load() {
             .count();
         assert!(applied >= 5, "only {applied} reloads applied of {version}");
     }
+    // Once the lowered limit applied (a watch interval and a reload after it was written),
+    // no window of k0 holds more than it.
+    let k0 = arrivals(&mock, &["key-0"]);
+    let applied_us = lowered_us.unwrap() + 300_000;
+    let worst = worst_window_from(&k0, applied_us);
+    eprintln!("{test}: k0 at {LOWERED}: worst window {worst}");
+    assert!(worst <= LOWERED, "k0 took {worst} in a window at {LOWERED}");
+    let k2 = arrivals(&mock, &["key-2", "key-2b"]);
+    let worst = worst_window_from(&k2, 0);
+    assert!(
+        worst <= LIMIT,
+        "k2 took {worst} in a window over its two secrets"
+    );
+    for value in ["key-2", "key-2b"] {
+        assert!(
+            !arrivals(&mock, &[value]).is_empty(),
+            "the mock never saw k2's secret {value}"
+        );
+    }
+}
+
+/// k0's limit while lowered by a reload.
+const LOWERED: u32 = 8;
+
+/// Every arrival at the mock with one of the key `values`, in order (µs on its clock).
+fn arrivals(mock: &MockProviders, values: &[&str]) -> Vec<u64> {
+    let mut times: Vec<u64> = mock
+        .counts()
+        .keys
+        .iter()
+        .filter(|k| values.contains(&k.key.as_str()))
+        .flat_map(|k| k.timestamps_us.iter().copied())
+        .collect();
+    times.sort_unstable();
+    times
+}
+
+/// The most arrivals in one window among the windows that begin at an arrival at or after
+/// `from_us`.
+fn worst_window_from(times: &[u64], from_us: u64) -> u32 {
+    let window_us = u64::try_from(WINDOW.as_micros()).unwrap();
+    times
+        .iter()
+        .enumerate()
+        .filter(|&(_, &t)| t >= from_us)
+        .map(|(i, &t)| times[i..].partition_point(|&u| u < t + window_us))
+        .max()
+        .map_or(0, |n| u32::try_from(n).unwrap())
 }

@@ -61,8 +61,10 @@ async fn a_stream_the_caller_hangs_up_on_settles_at_what_was_used() {
     .await
     .unwrap();
     let chat = |model: &str, stream: bool, max_tokens: u32| ask(&gw, model, stream, max_tokens);
-    // Reserves ~1,000 tokens; the caller reads the first chunk and hangs up.
-    let mut stream = chat("gpt-stall", true, 1000).await.unwrap();
+    // Reserves ~2,000 tokens (with the ~4,000 below, about 1,000 over the key's 5,000: far
+    // from the few tokens of the prompts' estimates); the caller reads the first chunk and
+    // hangs up.
+    let mut stream = chat("gpt-stall", true, 2000).await.unwrap();
     assert_eq!(stream.status(), 200);
     assert!(stream.chunk().await.unwrap().is_some());
     drop(stream);

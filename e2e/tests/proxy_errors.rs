@@ -1,8 +1,8 @@
 //! Upstream failures are told apart: a port nobody listens on (`connect`), a server that does
-//! not speak TLS to an `https` URL (`tls`), a server that never answers (`timeout`), a stream
-//! that goes silent (`stalled`), a connection closed in the middle of a response
-//! (`upstream_closed`) and a server that does not answer in HTTP (`malformed`) each get their
-//! own code and message, against real sockets.
+//! not speak TLS to an `https` URL or resets or ignores the client hello (`tls`), a server
+//! that never answers (`timeout`), a stream that goes silent (`stalled`), a connection closed
+//! in the middle of a response (`upstream_closed`) and a server that does not answer in HTTP
+//! (`malformed`) each get their own code and message, against real sockets.
 #![expect(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
 
 use floodgate_e2e::gateway::Gateway;
@@ -135,6 +135,52 @@ async fn a_server_that_hangs_up_on_the_client_hello_is_a_tls_failure() {
         502,
         "tls",
         "TLS handshake with upstream failed",
+    );
+}
+
+/// A server that reads the first byte of the client hello and resets the connection
+/// (`SO_LINGER` 0): the reset reaches the gateway during its TLS handshake, once the TCP
+/// connection is open, and is the handshake's failure.
+#[tokio::test]
+async fn a_server_that_resets_the_client_hello_is_a_tls_failure() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut first = [0u8; 1];
+            let _ = socket.read_exact(&mut first).await;
+            let _ = socket.set_zero_linger();
+            drop(socket);
+        }
+    });
+    let gw = gateway(&format!("https://{addr}")).await;
+    let (status, body) = ask(&gw, false).await;
+    assert_error(
+        status,
+        &body,
+        502,
+        "tls",
+        "reset the connection during the handshake",
+    );
+}
+
+/// A server that takes the client hello and never answers: the connect timeout ran out in
+/// the TLS handshake, which the error says.
+#[tokio::test]
+async fn a_server_silent_after_the_client_hello_is_a_tls_failure() {
+    let addr = server(|socket| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(socket);
+    })
+    .await;
+    let gw = gateway(&format!("https://{addr}")).await;
+    let (status, body) = ask(&gw, false).await;
+    assert_error(
+        status,
+        &body,
+        502,
+        "tls",
+        "no TLS handshake within the connect timeout",
     );
 }
 

@@ -278,7 +278,13 @@ mod loss {
     const GRACE: Duration = Duration::from_millis(600);
 
     fn shared(redis: &RedisServer) -> Budgets {
-        let mut o = options(redis);
+        shared_at(redis.url())
+    }
+
+    /// [`shared`] through `url` (a relay in front of the server).
+    fn shared_at(url: String) -> Budgets {
+        let mut o = SharedOptions::new(SecretString::new(url));
+        o.poll = POLL;
         o.timeout = Duration::from_millis(500);
         o.check_interval = Duration::from_millis(100);
         o.reseed_grace = GRACE;
@@ -820,6 +826,156 @@ mod loss {
         );
     }
 
+    /// A TCP relay in front of Redis that a failover moves to another server, as a proxy
+    /// or a virtual address does: each connection it carries moves to the new server at a
+    /// quiet moment (nothing sent either way for 50 ms: no command in flight), so the
+    /// replica behind it sees no error, only a server with another `run_id` and the data it
+    /// has.
+    struct Failover {
+        port: u16,
+        target: tokio::sync::watch::Sender<u16>,
+    }
+
+    impl Failover {
+        async fn to(redis: &RedisServer) -> Failover {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (target, watch) = tokio::sync::watch::channel(redis.port());
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    tokio::spawn(relay(client, watch.clone()));
+                }
+            });
+            Failover { port, target }
+        }
+
+        fn move_to(&self, redis: &RedisServer) {
+            self.target.send_replace(redis.port());
+        }
+    }
+
+    async fn relay(
+        mut client: tokio::net::TcpStream,
+        mut target: tokio::sync::watch::Receiver<u16>,
+    ) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        const QUIET: Duration = Duration::from_millis(50);
+        let mut port = *target.borrow_and_update();
+        let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+            return;
+        };
+        let (mut up, mut down) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+        let mut last = Instant::now();
+        loop {
+            let moving = *target.borrow() != port;
+            tokio::select! {
+                n = client.read(&mut up) => {
+                    let Ok(n @ 1..) = n else { return };
+                    if server.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                    last = Instant::now();
+                }
+                n = server.read(&mut down) => {
+                    let Ok(n @ 1..) = n else { return };
+                    if client.write_all(&down[..n]).await.is_err() {
+                        return;
+                    }
+                    last = Instant::now();
+                }
+                Ok(()) = target.changed() => {}
+                () = tokio::time::sleep_until(last + QUIET), if moving => {
+                    port = *target.borrow_and_update();
+                    let Ok(moved) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                        return;
+                    };
+                    server = moved;
+                }
+            }
+        }
+    }
+
+    /// A failover to a server that restored an older snapshot (or a replica that had not
+    /// caught up) keeps the budgets' epochs but lacks the requests admitted since. No call
+    /// fails (the relay moves without an error): the replicas find the server's new `run_id`,
+    /// extend the epoch's barrier and re-write their records, and the key stays within its
+    /// limit (without it: 5 in Redis, and 5 more admitted on top of the 4 it lacked).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failover_to_an_older_snapshot_is_found_by_its_run_id_and_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = RedisServer::start_in(dir.path()).await.unwrap();
+        let link = Failover::to(&old).await;
+        let url = format!("redis://127.0.0.1:{}", link.port);
+        let (a, b) = (shared_at(url.clone()), shared_at(url));
+        let (ka, kb) = (a.key(&id(), rpm(10)), b.key(&id(), rpm(10)));
+        let mut held = take(&ka, 3).await;
+        held.extend(take(&kb, 2).await);
+        old.save().await.unwrap();
+        held.extend(take(&ka, 2).await);
+        held.extend(take(&kb, 2).await);
+        assert_eq!(requests_in_redis(&old).await, 9);
+        // Both have checked the server (they know its `run_id`) and each other.
+        know_each_other(&old, &a, &b).await;
+        let new = RedisServer::start_in(dir.path()).await.unwrap();
+        assert_eq!(requests_in_redis(&new).await, 5, "the snapshot's 5");
+        link.move_to(&new);
+        rewritten(&new, 9).await;
+        let (ra, rb) = (a.backend().unwrap(), b.backend().unwrap());
+        assert_eq!((ra.losses(), rb.losses()), (1, 1), "found by the run_id");
+        assert!(!a.redis_degraded() && !b.redis_degraded());
+        // 9 of 10 are held: one more at most, by either replica.
+        let mut more = Vec::new();
+        keep_asking(&ka, Instant::now() + Duration::from_millis(1500), &mut more).await;
+        keep_asking(&kb, Instant::now() + Duration::from_millis(300), &mut more).await;
+        assert_eq!(
+            more.len(),
+            1,
+            "the key took {} more with 9 of 10 held",
+            more.len()
+        );
+        assert_eq!(requests_in_redis(&new).await, 10);
+        drop(held);
+    }
+
+    /// How long a replica with 10,000 keys in use takes to re-write them when Redis comes
+    /// back from a pause that kept the budgets: from the resume until it leaves degraded
+    /// mode (every key's epoch read, every record re-written, the kept answers written). It
+    /// must be well within the bound the other replicas wait (5 s). A measurement:
+    /// `cargo test -p floodgate-e2e --test proxy_redis rewrite_of_ten_thousand -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement (10,000 keys), not part of make test"]
+    async fn rewrite_of_ten_thousand_keys_after_an_outage() {
+        const KEYS: usize = 10_000;
+        let redis = RedisServer::start().await.unwrap();
+        let a = shared(&redis);
+        let mut held = Vec::with_capacity(KEYS);
+        let mut budgets = Vec::with_capacity(KEYS);
+        for i in 0..KEYS {
+            let id = KeyId {
+                pool: "pool".into(),
+                provider: "openai".into(),
+                key: format!("k{i}"),
+            };
+            let key = a.key(&id, rpm(10));
+            held.push(key.acquire(Instant::now(), 1).await.unwrap());
+            budgets.push(key);
+        }
+        degraded_is(&a, false).await;
+        redis.pause().await.unwrap();
+        degraded_is(&a, true).await;
+        redis.resume().await.unwrap();
+        let resumed = Instant::now();
+        let mut watch = a.backend().unwrap().watch_degraded();
+        tokio::time::timeout(Duration::from_secs(30), watch.wait_for(|d| !*d))
+            .await
+            .unwrap()
+            .unwrap();
+        let took = resumed.elapsed();
+        eprintln!("{KEYS} keys re-written in {took:?} after Redis resumed");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        drop(held);
+    }
+
     /// The monitor finds an outage and the return of Redis without any request asking.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_outage_is_seen_without_requests() {
@@ -1104,10 +1260,7 @@ async fn redis_loses_its_data_mid_run(loss: Loss) {
     assert_eq!(tally.not_ok(), 0, "{:?}", tally.failures);
     for gap in lost {
         let gap = gap.expect("the key served again after Redis was back");
-        assert!(
-            gap < Duration::from_millis(1500),
-            "capacity unused for {gap:?}"
-        );
+        assert!(gap < Duration::from_secs(1), "capacity unused for {gap:?}");
     }
 }
 

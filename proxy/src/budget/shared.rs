@@ -397,10 +397,15 @@ impl RedisBudgets {
 
     /// The local share of `limit` when it applies at `now` (while degraded, and after an
     /// outage until every replica re-wrote its own), else `None`.
+    ///
+    /// Degraded alone decides first: `local_until_ms` is written by the monitor (the end of
+    /// a re-write or a hold) and by any request's failed call (a new outage) without a lock,
+    /// so a degraded replica with `local_until_ms` reset to 0 by a store that lost that race
+    /// must still serve on its share, never on the key's whole limit.
     pub(crate) fn local_share(&self, now: Instant, limit: u64) -> Option<u64> {
-        let until = self.local_until_ms.load(Ordering::Acquire);
-        (self.millis_since_start(now) < until)
-            .then(|| (limit / u64::from(self.opts.replicas_hint.get())).max(1))
+        let applies = self.degraded()
+            || self.millis_since_start(now) < self.local_until_ms.load(Ordering::Acquire);
+        applies.then(|| (limit / u64::from(self.opts.replicas_hint.get())).max(1))
     }
 
     /// The outage whose first window holds at `now`, if Redis had answered before it (a
@@ -752,13 +757,11 @@ impl RedisBudgets {
     }
 
     /// The local share stops applying (the re-writes after an outage are done). A call that
-    /// failed meanwhile began a new outage (it stored `u64::MAX`, then set `degraded`): its
-    /// local share stands until the monitor finds Redis again, whichever store came last.
+    /// failed meanwhile began a new outage: `degraded` keeps its local share whatever this
+    /// store overwrote (see [`RedisBudgets::local_share`]), and the recovery that ends that
+    /// outage sets `local_until_ms` again before it clears `degraded`.
     pub(crate) fn end_local_share(&self) {
         self.local_until_ms.store(0, Ordering::Release);
-        if self.degraded.load(Ordering::Acquire) {
-            self.local_until_ms.store(u64::MAX, Ordering::Release);
-        }
     }
 
     /// A call failed: budgets turn local until the monitor finds Redis again.

@@ -17,13 +17,20 @@
 //! | `stream_framing` | SSE events and NDJSON lines | the same events and lines at any split |
 //! | `ratelimit_headers` | `retry-after`, OpenAI's and Anthropic's rate-limit headers | an HTTP date and the same instant in RFC 3339 agree |
 //! | `config_load` | a manifest file (multi-document YAML), validation and resolution | no secret value appears in an error or warning |
+//! | `batch_upload` | a `/v1/files` multipart body and the JSONL lines of its file (`server::batches`) | every part lies inside the body; a body built around the input reads back as the parts sent; an accepted line's body reads back as the same request |
+//! | `job_request` | a `/v1/jobs` body, its notification addresses and the job as the store keeps it | a webhook URL is judged the same once normalised, and the strict check never accepts what the lenient one refuses; the stored job round-trips |
+//!
+//! `messages_request` covers `/v1/messages/count_tokens` too (the same body, read for that
+//! purpose, and the estimate the door answers with).
 
 mod answers;
 mod config;
+mod jobs;
 mod requests;
 mod upstream;
 
 pub use config::config_load;
+pub use jobs::{batch_upload, job_request};
 pub use requests::{chat_request, embeddings_request, messages_request};
 pub use upstream::{provider_response, provider_stream, ratelimit_headers, stream_framing};
 
@@ -39,7 +46,7 @@ pub struct Target {
 }
 
 /// Every target, in the order `make fuzz` runs them.
-pub const TARGETS: [Target; 8] = [
+pub const TARGETS: [Target; 10] = [
     Target {
         name: "chat_request",
         run: chat_request,
@@ -71,6 +78,14 @@ pub const TARGETS: [Target; 8] = [
     Target {
         name: "config_load",
         run: config_load,
+    },
+    Target {
+        name: "batch_upload",
+        run: batch_upload,
+    },
+    Target {
+        name: "job_request",
+        run: job_request,
     },
 ];
 

@@ -88,7 +88,7 @@ pub fn embeddings_request(data: &[u8]) {
 /// Serialising a parsed request and reading it back gives the same request. Numbers may
 /// move by a rounding step: serde_json's default float parsing (no `float_roundtrip`) is
 /// not always the closest, so a caller's 86-digit number can come back one step off.
-fn assert_round_trips<T: Serialize + DeserializeOwned>(value: &T, what: &str) {
+pub(super) fn assert_round_trips<T: Serialize + DeserializeOwned>(value: &T, what: &str) {
     let before = serde_json::to_value(value).ok();
     let json = serde_json::to_vec(value).unwrap_or_default();
     let after = serde_json::from_slice::<T>(&json)

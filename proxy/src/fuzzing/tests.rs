@@ -47,6 +47,11 @@ const DICTIONARY: &[&[u8]] = &[
     b"---\n",
     b"&a ",
     b"*a",
+    b"\r\n--",
+    b"Content-Disposition: form-data; name=\"file\"",
+    b"\"custom_id\"",
+    b"\"notify\"",
+    b"http://[::ffff:127.0.0.1]/",
 ];
 
 fn repo_root() -> PathBuf {
@@ -181,6 +186,8 @@ smoke_tests!(
     stream_framing,
     ratelimit_headers,
     config_load,
+    batch_upload,
+    job_request,
 );
 
 /// Every target is a cargo-fuzz target of `fuzz/` (so `make fuzz` runs it), and `fuzz/`

@@ -22,10 +22,6 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use http_body_util::{BodyDataStream, BodyExt as _, Full};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -35,85 +31,12 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{Instrument as _, Span};
 
+mod connect;
+
+use connect::connect_error;
+pub(super) use connect::{Http, client};
+
 type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, hyper::Error>> + Send>>;
-
-/// The upstream client: hyper's pooled client over TCP or TLS.
-pub(super) type Http = Client<Timed<HttpsConnector<HttpConnector>>, Full<Bytes>>;
-
-/// A client for provider calls: pooled keep-alive connections (idle ones closed after 90 s),
-/// Nagle off (a request is one write, and small SSE frames should not wait), TLS by rustls
-/// with the platform's verifier (HTTP/2 where the provider offers it), and `connect` as the
-/// bound on opening a connection, TLS handshake included, so an unreachable provider fails
-/// over after `timeouts.connectMs`, not after the whole request's time. Redirects are not
-/// followed: a provider's key travels in headers (`x-api-key`, `x-goog-api-key`) that a
-/// redirect to another host would carry along; a 3xx is the provider's answer, classified
-/// like any other.
-pub(super) fn client(connect: Duration) -> Result<Http, rustls::Error> {
-    let mut tcp = HttpConnector::new();
-    tcp.set_nodelay(true);
-    tcp.enforce_http(false);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())?;
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(tcp);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(Timed {
-            inner: https,
-            limit: connect,
-        }))
-}
-
-/// A connector whose connections must be open (TCP and TLS) within `limit`; past it the
-/// attempt fails with an I/O error of kind `TimedOut`.
-#[derive(Clone, Debug)]
-pub(super) struct Timed<C> {
-    inner: C,
-    limit: Duration,
-}
-
-impl<C> tower::Service<http::Uri> for Timed<C>
-where
-    C: tower::Service<http::Uri> + Send,
-    C::Future: Send + 'static,
-    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Response = C::Response;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = Pin<Box<dyn Future<Output = Result<C::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connecting = self.inner.call(uri);
-        let limit = self.limit;
-        Box::pin(async move {
-            match tokio::time::timeout(limit, connecting).await {
-                Ok(result) => result.map_err(Into::into),
-                Err(_) => Err(Box::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no connection within the connect timeout",
-                )) as Self::Error),
-            }
-        })
-    }
-}
 
 /// The upstream client of the calling thread for a connect timeout of `connect_ms`.
 ///
@@ -487,43 +410,6 @@ fn transport_error(e: &(dyn std::error::Error + 'static), when: ClosedWhen) -> P
         source = err.source();
     }
     ProviderError::Closed(when)
-}
-
-/// A failure to open a connection: the TLS handshake's (rustls named the problem, or the
-/// server closed the connection during the handshake) or the TCP connection's.
-fn connect_error(e: &(dyn std::error::Error + 'static)) -> ProviderError {
-    // The innermost I/O error says what happened to the socket.
-    let mut io_kind = None;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return ProviderError::Tls(tls.to_string());
-        }
-        source = match err.downcast_ref::<std::io::Error>() {
-            Some(io) => {
-                io_kind = Some(io.kind());
-                // `io::Error::source` skips the error it wraps: descend into that one.
-                io.get_ref()
-                    .map(|inner| inner as &(dyn std::error::Error + 'static))
-            }
-            None => err.source(),
-        };
-    }
-    match io_kind {
-        // Only a TLS handshake reads during connect: an end of stream there is the server
-        // hanging up on the client hello.
-        Some(std::io::ErrorKind::UnexpectedEof) => {
-            ProviderError::Tls("the server closed the connection during the handshake".to_owned())
-        }
-        Some(std::io::ErrorKind::ConnectionRefused) => {
-            ProviderError::Connect("connection refused".to_owned())
-        }
-        Some(std::io::ErrorKind::TimedOut) => {
-            ProviderError::Connect("no connection within the connect timeout".to_owned())
-        }
-        Some(kind) => ProviderError::Connect(kind.to_string()),
-        None => ProviderError::Connect("unreachable".to_owned()),
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

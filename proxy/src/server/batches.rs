@@ -143,14 +143,17 @@ async fn upload_file(
 }
 
 /// One part of a multipart body.
-struct Part<'a> {
-    name: String,
-    filename: Option<String>,
-    data: &'a [u8],
+pub(crate) struct Part<'a> {
+    /// Its `name` (`content-disposition`).
+    pub(crate) name: String,
+    /// Its `filename`, if given.
+    pub(crate) filename: Option<String>,
+    /// Its content.
+    pub(crate) data: &'a [u8],
 }
 
 /// The parts of a `multipart/form-data` body with `boundary` (RFC 7578).
-fn multipart<'a>(body: &'a [u8], boundary: &str) -> Option<Vec<Part<'a>>> {
+pub(crate) fn multipart<'a>(body: &'a [u8], boundary: &str) -> Option<Vec<Part<'a>>> {
     let delimiter = format!("--{boundary}");
     let finder = memchr::memmem::Finder::new(delimiter.as_bytes());
     let starts: Vec<usize> = finder.find_iter(body).collect();
@@ -183,6 +186,26 @@ fn multipart<'a>(body: &'a [u8], boundary: &str) -> Option<Vec<Part<'a>>> {
         });
     }
     Some(parts)
+}
+
+/// Line `n` (from 0) of a batch input file for `endpoint`: the line and its chat request, or
+/// the 400 naming the line. Whether its model is served is the caller's to check.
+pub(crate) fn parse_line(
+    n: usize,
+    text: &str,
+    endpoint: &str,
+) -> Result<(Line, ChatRequest), ApiError> {
+    let line: Line = serde_json::from_str(text)
+        .map_err(|e| bad("invalid_batch_line", format!("line {}: {e}", n + 1)))?;
+    let req: ChatRequest = serde_json::from_value(line.body.clone())
+        .map_err(|e| bad("invalid_batch_line", format!("line {}: body: {e}", n + 1)))?;
+    if line.method != "POST" || line.url != endpoint {
+        return Err(bad(
+            "invalid_batch_line",
+            format!("line {}: method and url must be POST {endpoint}", n + 1),
+        ));
+    }
+    Ok((line, req))
 }
 
 async fn own_file(jobs: &Jobs, tenant: &Option<String>, id: &str) -> Result<StoredFile, ApiError> {
@@ -289,20 +312,7 @@ async fn create_batch(
         if text.trim().is_empty() {
             continue;
         }
-        let line: Line = serde_json::from_str(text)
-            .map_err(|e| bad("invalid_batch_line", format!("line {}: {e}", n + 1)))?;
-        let req: ChatRequest = serde_json::from_value(line.body.clone())
-            .map_err(|e| bad("invalid_batch_line", format!("line {}: body: {e}", n + 1)))?;
-        if line.method != "POST" || line.url != new.endpoint {
-            return Err(bad(
-                "invalid_batch_line",
-                format!(
-                    "line {}: method and url must be POST {}",
-                    n + 1,
-                    new.endpoint
-                ),
-            ));
-        }
+        let (line, req) = parse_line(n, text, &new.endpoint)?;
         if !config.models().iter().any(|m| m.id == req.model)
             || caller.as_ref().is_some_and(|c| !c.may_use(&req.model))
         {

@@ -14,16 +14,27 @@
 //!   closed and the response dropped, with whatever it holds (its upstream call, its key's
 //!   permit, the tenant's concurrency slot). Waiting for the upstream is not a stall: only
 //!   data the client does not take counts, so a long stream that a client reads is never cut;
-//! - **connection cap** ([`Connections`]), shared by every worker. At the cap a new connection
-//!   takes the slot of the connection idle longest (no request in flight: a keep-alive
-//!   connection between requests, or one whose head has not arrived), which is closed
-//!   (`reason="evicted"`); only when every connection has a request in flight is the new one
+//! - **connection cap** ([`Connections`], in `cap.rs`), shared by every worker. At the cap a
+//!   new connection takes the slot of the connection idle longest (no request in flight: a
+//!   keep-alive connection between requests, or one whose head has not arrived), else of the
+//!   one whose request bodies arrive slowest (all its requests still receiving their body:
+//!   nothing of them has gone upstream), which is closed (`reason="evicted"`, logged at most
+//!   every 10 s); only when every connection has a request past its body is the new one
 //!   closed at once (its client sees a reset and can try another replica), counted in
 //!   `floodgate_server_connections_refused_total` and logged (at most every 10 s). So idle
-//!   and slow clients cannot keep new callers out: holding a slot takes a request in flight,
-//!   which the other bounds limit. Eviction rather than a cap per client address, because
-//!   behind a load balancer or a NAT every client shares one address: a per-address cap
-//!   would shut them all out together, while eviction costs an idle client a reconnection.
+//!   and slow clients cannot keep new callers out: holding a slot at the cap takes a request
+//!   whose body has arrived, which the other bounds limit. Eviction rather than a cap per
+//!   client address, because behind a load balancer or a NAT every client shares one
+//!   address: a per-address cap would shut them all out together, while eviction costs an
+//!   idle client a reconnection and a trickling upload its request.
+//!
+//! HTTP/2 has no header timeout per stream: hyper's server offers none, and h2 hands a
+//! stream to hyper only once its header block is whole, so no timer of ours sees it begin.
+//! What bounds a header block that never ends: h2's 16 KiB header-list limit (and its count
+//! of CONTINUATION frames), and the connection's own bounds, since a header block in progress
+//! stops every other frame of its connection (RFC 9113 6.10): its streams' bodies stall into
+//! their body timeout, and with nothing in flight the connection is idle (the idle timeout,
+//! and eviction at the cap).
 //!
 //! hyper's own HTTP/1 header timer is not used: it also runs while a keep-alive connection
 //! waits for its next request, so it cannot tell a slow head from an idle connection. Instead
@@ -39,21 +50,25 @@ use http_body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
+
+mod cap;
+
+use cap::Admit;
+pub use cap::Connections;
 
 /// Default time for a request's head to arrive whole.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,9 +80,6 @@ pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default most connections open at once, before the file-descriptor bound
 /// ([`default_max_connections`]).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-
-/// How often, at most, reaching the connection cap is logged.
-const CAP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Per-connection time bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,164 +119,6 @@ fn open_files_limit() -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// The connections of the whole process: the time bounds and the cap every worker shares.
-#[derive(Debug)]
-pub struct Connections {
-    limits: Limits,
-    max: usize,
-    /// The `listener` label of its metrics.
-    listener: &'static str,
-    slots: Arc<Semaphore>,
-    last_warned: Mutex<Option<Instant>>,
-    /// Every open connection's activity, by a number of its own: where eviction looks.
-    open: Mutex<HashMap<u64, Arc<Activity>>>,
-    next: AtomicU64,
-}
-
-/// Whether a new connection may be served.
-enum Admit {
-    /// Yes, in this slot.
-    Now(Slot),
-    /// At the cap, a connection idle longer was asked to close: its slot comes soon.
-    AfterEviction,
-    /// At the cap, with a request in flight on every connection.
-    Refused,
-}
-
-impl Connections {
-    /// At most `max` connections at once (at least one), each bounded by `limits`, counted
-    /// as the public listener's.
-    pub fn new(limits: Limits, max: usize) -> Self {
-        let max = max.clamp(1, Semaphore::MAX_PERMITS);
-        Self {
-            limits,
-            max,
-            listener: PUBLIC,
-            slots: Arc::new(Semaphore::new(max)),
-            last_warned: Mutex::new(None),
-            open: Mutex::default(),
-            next: AtomicU64::new(0),
-        }
-    }
-
-    /// The same, counted in the metrics under `listener` (`admin` for `--admin-listen`).
-    pub fn named(self, listener: &'static str) -> Self {
-        Self { listener, ..self }
-    }
-
-    /// The cap.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
-    fn labels(&self) -> metrics::ListenerLabels {
-        metrics::ListenerLabels {
-            listener: self.listener,
-        }
-    }
-
-    /// A slot for a new connection whose activity is `activity`: at once under the cap; at
-    /// the cap, once the connection idle longest has closed for it; else refused (counted,
-    /// and logged now and then).
-    fn admit(self: &Arc<Self>, activity: &Arc<Activity>) -> Admit {
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Admit::Now(self.slot(permit, activity));
-        }
-        if self.evict_idlest() {
-            return Admit::AfterEviction;
-        }
-        self.refused();
-        Admit::Refused
-    }
-
-    /// Waits (at most the header timeout: the new client waits for its answer meanwhile) for
-    /// the slot an eviction frees.
-    async fn slot_after_eviction(self: &Arc<Self>, activity: &Arc<Activity>) -> Option<Slot> {
-        let wait = self.slots.clone().acquire_owned();
-        match tokio::time::timeout(self.limits.header_read_timeout, wait).await {
-            Ok(Ok(permit)) => Some(self.slot(permit, activity)),
-            _ => {
-                self.refused();
-                None
-            }
-        }
-    }
-
-    fn slot(self: &Arc<Self>, permit: OwnedSemaphorePermit, activity: &Arc<Activity>) -> Slot {
-        let open = metrics::global()
-            .server_connections
-            .get_or_create(&self.labels())
-            .clone();
-        open.inc();
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, activity.clone());
-        Slot {
-            _permit: permit,
-            open,
-            id,
-            connections: self.clone(),
-        }
-    }
-
-    /// Asks the connection idle longest (nothing in flight, not already asked) to close;
-    /// `false` if there is none. A linear scan, at the cap only.
-    fn evict_idlest(&self) -> bool {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let idlest = open
-            .values()
-            .filter(|a| a.evictable())
-            .min_by_key(|a| a.quiet_since());
-        match idlest {
-            Some(activity) => {
-                activity.evict();
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn refused(&self) {
-        metrics::global()
-            .server_connections_refused
-            .get_or_create(&self.labels())
-            .inc();
-        let now = Instant::now();
-        let mut last = self.last_warned.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|at| now.duration_since(at) >= CAP_LOG_INTERVAL) {
-            *last = Some(now);
-            tracing::warn!(
-                listener = self.listener,
-                max_connections = self.max,
-                "connection limit reached with a request in flight on every connection: refusing new connections (see floodgate_server_connections_refused_total)"
-            );
-        }
-    }
-}
-
-/// A connection's place under the cap, given back when it closes.
-struct Slot {
-    _permit: OwnedSemaphorePermit,
-    /// Its listener's count of open connections.
-    open: prometheus_client::metrics::gauge::Gauge,
-    /// Its number in [`Connections::open`].
-    id: u64,
-    connections: Arc<Connections>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.connections
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
-        self.open.dec();
-    }
-}
-
 /// Serves `app` on `listener` until `shutdown` is cancelled; then stops accepting, lets each
 /// connection finish its requests in flight (idle ones close at once) and returns when all
 /// have closed.
@@ -293,8 +147,8 @@ pub async fn serve(
         };
         let activity = Arc::new(Activity::new());
         let admitted = match connections.admit(&activity) {
-            Admit::Now(slot) => Some(slot),
-            Admit::AfterEviction => None,
+            Admit::Now(slot) => Ok(slot),
+            Admit::AfterEviction(evicted) => Err(evicted),
             Admit::Refused => {
                 drop(tcp);
                 continue;
@@ -313,8 +167,8 @@ pub async fn serve(
         let connections = connections.clone();
         tasks.spawn(async move {
             let slot = match admitted {
-                Some(slot) => slot,
-                None => match connections.slot_after_eviction(&activity).await {
+                Ok(slot) => slot,
+                Err(evicted) => match connections.slot_after_eviction(&activity, evicted).await {
                     Some(slot) => slot,
                     None => return,
                 },
@@ -361,10 +215,12 @@ async fn connection(
     let service = {
         let activity = activity.clone();
         hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-            let guard = activity.begin();
+            let body_pending = !http_body::Body::is_end_stream(req.body());
+            let (guard, receipt) = activity.begin(body_pending);
+            let req = req.map(|body| Body::new(Arriving::new(body, receipt)));
             let app = app.clone();
             async move {
-                let response = app.oneshot(req.map(Body::new)).await?;
+                let response = app.oneshot(req).await?;
                 Ok::<_, Infallible>(response.map(|body| Body::new(InFlight::new(body, guard))))
             }
         })
@@ -402,13 +258,15 @@ async fn connection(
                 tracing::debug!(reason, "closing a client connection");
                 if reason == HEADER_TIMEOUT
                     || reason == SEND_TIMEOUT
-                    || (reason == EVICTED && activity.head_begun())
+                    || (reason == EVICTED && (activity.head_begun() || activity.receiving_only()))
                 {
                     // A head in progress is not idle to hyper: a graceful shutdown would wait
                     // for it. Nothing was asked yet, so nothing is lost by closing now. A
                     // response the client does not take would hold a graceful shutdown as
                     // long: dropping it ends its upstream call and frees what it holds. An
-                    // evicted connection's head (or a new one's silence) is cut the same way.
+                    // evicted connection's head (or a new one's silence), and its requests
+                    // still receiving their bodies (nothing of them went upstream), are cut
+                    // the same way.
                     return;
                 }
                 closing = true;
@@ -446,9 +304,18 @@ struct Activity {
     /// How much of the HTTP/2 preface's start (`PRI `) the first bytes matched, however the
     /// reads split them; [`PREFACE_MISSED`] once a byte did not match.
     preface: AtomicU8,
-    /// Asked to close for a new connection at the cap (once nothing is in flight).
+    /// Requests in flight whose body has not arrived whole.
+    receiving: AtomicUsize,
+    /// When `receiving` last rose from 0, and the bytes read since while it stayed above 0:
+    /// how fast the connection's bodies arrive.
+    receiving_since: AtomicU64,
+    body_bytes: AtomicU64,
+    /// Asked to close for a new connection at the cap (once nothing is in flight, or at once
+    /// while its requests only receive their bodies).
     evicted: AtomicBool,
     changed: Notify,
+    /// Pulsed when a connection asked to close takes a request past its body instead.
+    kept: Notify,
 }
 
 /// The start of the HTTP/2 client preface (`PRI * HTTP/2.0`): no HTTP/1 method begins so.
@@ -476,14 +343,57 @@ impl Activity {
             head_since: AtomicU64::new(1),
             http2: AtomicBool::new(false),
             preface: AtomicU8::new(0),
+            receiving: AtomicUsize::new(0),
+            receiving_since: AtomicU64::new(0),
+            body_bytes: AtomicU64::new(0),
             evicted: AtomicBool::new(false),
             changed: Notify::new(),
+            kept: Notify::new(),
         }
     }
 
-    /// Whether eviction may take this connection: nothing in flight, not asked already.
+    /// Whether nothing is in flight.
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Whether requests are in flight and every one is still receiving its body: nothing of
+    /// them has gone upstream.
+    fn receiving_only(&self) -> bool {
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        in_flight > 0 && self.receiving.load(Ordering::Acquire) >= in_flight
+    }
+
+    /// Whether closing the connection now loses nothing but what its client has not
+    /// finished sending: idle, or only receiving bodies.
+    fn closable(&self) -> bool {
+        self.idle() || self.receiving_only()
+    }
+
+    /// Whether eviction may take this connection: closable, not asked already.
     fn evictable(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) == 0 && !self.evicted.load(Ordering::Acquire)
+        self.closable() && !self.evicted.load(Ordering::Acquire)
+    }
+
+    /// Body bytes per second since its bodies began arriving.
+    fn body_rate(&self, now: Instant) -> f64 {
+        let since = self.at(self.receiving_since.load(Ordering::Acquire));
+        let secs = now.saturating_duration_since(since).as_secs_f64().max(1e-3);
+        self.body_bytes.load(Ordering::Acquire) as f64 / secs
+    }
+
+    /// Returns once this connection, asked to close, has taken a request past its body
+    /// instead (its client sent one just then): it will not close soon.
+    async fn kept_instead(&self) {
+        loop {
+            let kept = self.kept.notified();
+            tokio::pin!(kept);
+            kept.as_mut().enable();
+            if !self.closable() {
+                return;
+            }
+            kept.await;
+        }
     }
 
     /// Since when nothing was in flight: the end of its last request, or its accept.
@@ -497,8 +407,8 @@ impl Activity {
         self.in_flight.load(Ordering::Acquire) == 0 && self.head_since.load(Ordering::Acquire) != 0
     }
 
-    /// Asks the connection to close for a new one: at once if nothing is in flight, else
-    /// when its requests end.
+    /// Asks the connection to close for a new one: at once if nothing is in flight or its
+    /// requests only receive their bodies, else when its requests end.
     fn evict(&self) {
         self.evicted.store(true, Ordering::Release);
         self.changed.notify_one();
@@ -515,6 +425,10 @@ impl Activity {
     /// `bytes` arrived.
     fn read(&self, bytes: &[u8]) {
         self.look_for_preface(bytes);
+        if self.receiving.load(Ordering::Acquire) > 0 {
+            let n = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+            self.body_bytes.fetch_add(n, Ordering::AcqRel);
+        }
         if self.in_flight.load(Ordering::Acquire) == 0
             && self.head_since.load(Ordering::Acquire) == 0
             && !self.http2.load(Ordering::Acquire)
@@ -545,11 +459,28 @@ impl Activity {
         self.preface.store(matched, Ordering::Release);
     }
 
-    /// A request's head was read: it is in flight until the guard is dropped.
-    fn begin(self: &Arc<Self>) -> Guard {
+    /// A request's head was read: it is in flight until the guard is dropped, and (when
+    /// `body_pending`) receiving its body until the receipt is.
+    fn begin(self: &Arc<Self>, body_pending: bool) -> (Guard, Option<Receipt>) {
+        let receipt = body_pending.then(|| {
+            if self.receiving.fetch_add(1, Ordering::AcqRel) == 0 {
+                self.body_bytes.store(0, Ordering::Release);
+                self.receiving_since.store(self.now(), Ordering::Release);
+            }
+            Receipt(self.clone())
+        });
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(0, Ordering::Release);
-        Guard(self.clone())
+        self.became_busy();
+        (Guard(self.clone()), receipt)
+    }
+
+    /// If this connection was asked to close and now holds a request past its body, whoever
+    /// waits for its slot looks elsewhere.
+    fn became_busy(&self) {
+        if self.evicted.load(Ordering::Acquire) && !self.closable() {
+            self.kept.notify_waiters();
+        }
     }
 
     /// A response produced a part that is not its last: it waits for the connection to take
@@ -575,7 +506,7 @@ impl Activity {
     async fn expired(&self, limits: Limits) -> &'static str {
         loop {
             let changed = self.changed.notified();
-            if self.evicted.load(Ordering::Acquire) && self.in_flight.load(Ordering::Acquire) == 0 {
+            if self.evicted.load(Ordering::Acquire) && self.closable() {
                 return EVICTED;
             }
             let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
@@ -625,6 +556,54 @@ impl Drop for Guard {
             activity.head_since.store(0, Ordering::Release);
             activity.changed.notify_one();
         }
+    }
+}
+
+/// A request whose body is arriving on a connection, until it has arrived whole (or was
+/// dropped unread).
+#[derive(Debug)]
+struct Receipt(Arc<Activity>);
+
+impl Drop for Receipt {
+    fn drop(&mut self) {
+        self.0.receiving.fetch_sub(1, Ordering::AcqRel);
+        self.0.became_busy();
+    }
+}
+
+/// A request body that tells its connection's [`Activity`] once it has arrived whole.
+struct Arriving {
+    inner: Incoming,
+    receipt: Option<Receipt>,
+}
+
+impl Arriving {
+    fn new(inner: Incoming, receipt: Option<Receipt>) -> Self {
+        Self { inner, receipt }
+    }
+}
+
+impl http_body::Body for Arriving {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.inner.is_end_stream() {
+            self.receipt = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -43,12 +43,33 @@ pub const EVENTS_EVERY: Duration = Duration::from_millis(200);
 /// The body of `POST /v1/jobs`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NewJob {
-    request: Value,
+pub(crate) struct NewJob {
+    /// The chat request, as given.
+    pub(crate) request: Value,
+    /// Who to tell when it ends.
     #[serde(default)]
-    notify: Notify,
+    pub(crate) notify: Notify,
+    /// The caller's own fields, kept on the job.
     #[serde(default)]
-    metadata: serde_json::Map<String, Value>,
+    pub(crate) metadata: serde_json::Map<String, Value>,
+}
+
+/// The body of `POST /v1/jobs`: the job and its chat request, or the 400 saying what is
+/// wrong.
+pub(crate) fn parse_job(bytes: &[u8]) -> Result<(NewJob, ChatRequest), ApiError> {
+    let new: NewJob = serde_json::from_slice(bytes).map_err(|e| {
+        bad_request(
+            "invalid_json",
+            format!("the request body is not a valid job: {e}"),
+        )
+    })?;
+    let req: ChatRequest = serde_json::from_value(new.request.clone()).map_err(|e| {
+        bad_request(
+            "invalid_request",
+            format!("`request` is not a valid chat completion request: {e}"),
+        )
+    })?;
+    Ok((new, req))
 }
 
 fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -125,18 +146,7 @@ async fn create_job(
         .identify(&config, state.dispatcher.budgets(), headers)
         .map_err(door::unauthenticated)?;
     let bytes = door::read_body(body, state.body_limit, state.body_timeout).await?;
-    let new: NewJob = serde_json::from_slice(&bytes).map_err(|e| {
-        bad_request(
-            "invalid_json",
-            format!("the request body is not a valid job: {e}"),
-        )
-    })?;
-    let req: ChatRequest = serde_json::from_value(new.request.clone()).map_err(|e| {
-        bad_request(
-            "invalid_request",
-            format!("`request` is not a valid chat completion request: {e}"),
-        )
-    })?;
+    let (new, req) = parse_job(&bytes)?;
     let tier = {
         let view = state.dispatcher.view();
         view.runtime

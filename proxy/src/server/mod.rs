@@ -24,13 +24,13 @@
 //! the [`pipeline`](crate::pipeline) and renders its typed answer.
 
 mod admin;
-mod batches;
+pub(crate) mod batches;
 mod chat;
 pub mod conn;
 pub mod door;
 mod embeddings;
 pub mod error;
-mod jobs;
+pub(crate) mod jobs;
 pub mod messages;
 mod models;
 pub mod waiting;
@@ -168,22 +168,33 @@ pub fn router(state: AppState) -> Router {
 /// the probes, for a listener that only the operator's network reaches (`--admin-listen`).
 /// Everything else is 404.
 pub fn admin_router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/admin/capacity", get(admin::capacity))
-        .route(
-            "/admin/jobs/dead-letters",
-            get(jobs::dead_letters).delete(jobs::purge),
-        )
-        .route("/admin/jobs/dead-letters/redrive", post(jobs::redrive_all))
-        .route("/admin/jobs/dead-letters/{id}", get(jobs::dead_letter))
-        .route(
-            "/admin/jobs/dead-letters/{id}/redrive",
-            post(jobs::redrive_one),
-        )
+    admin_routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, route)| {
+            router.route(path, route)
+        })
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+/// The admin listener's own routes (the probes aside): one list, so that a test checks that
+/// the public router serves none of them, those added later included.
+fn admin_routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
+    vec![
+        ("/metrics", get(metrics)),
+        ("/admin/capacity", get(admin::capacity)),
+        (
+            "/admin/jobs/dead-letters",
+            get(jobs::dead_letters).delete(jobs::purge),
+        ),
+        ("/admin/jobs/dead-letters/redrive", post(jobs::redrive_all)),
+        ("/admin/jobs/dead-letters/{id}", get(jobs::dead_letter)),
+        (
+            "/admin/jobs/dead-letters/{id}/redrive",
+            post(jobs::redrive_one),
+        ),
+    ]
 }
 
 /// The probe router: `/healthz` (liveness) and `/readyz` (readiness) and nothing else, for a

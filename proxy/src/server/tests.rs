@@ -183,6 +183,50 @@ async fn metrics_are_served_on_the_admin_router_only() {
     assert!(String::from_utf8_lossy(&bytes).contains("# EOF"));
 }
 
+/// Every admin route (from the admin router's own list, so a route added there later is
+/// checked too), and anything under `/admin` or `/debug`, is 404 on the public router for
+/// every method, even with a bearer token; each admin route is served on the admin router.
+#[tokio::test]
+async fn the_public_router_serves_no_admin_or_debug_path() {
+    let ask = async |router: Router, method: &str, path: &str| {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, "Bearer admin-token")
+            .body(Body::empty())
+            .unwrap();
+        router.oneshot(request).await.unwrap().status()
+    };
+    let mut paths: Vec<String> = admin_routes()
+        .into_iter()
+        .map(|(path, _)| path.replace("{id}", "job_1"))
+        .collect();
+    assert!(paths.len() >= 6, "{paths:?}");
+    for path in &paths {
+        let mut served = false;
+        for method in ["GET", "POST", "DELETE"] {
+            served |= ask(admin_router(state()), method, path).await != StatusCode::NOT_FOUND;
+        }
+        assert!(served, "{path} is not served on the admin router");
+    }
+    paths.extend(
+        [
+            "/admin",
+            "/admin/",
+            "/admin/anything/else",
+            "/debug",
+            "/debug/pprof/profile",
+        ]
+        .map(str::to_owned),
+    );
+    for path in &paths {
+        for method in ["GET", "POST", "PUT", "DELETE"] {
+            let status = ask(router(state()), method, path).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_probe_router_serves_the_probes_and_nothing_else() {
     let ask = async |state: AppState, path: &str| {

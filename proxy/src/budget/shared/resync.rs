@@ -21,6 +21,8 @@ const HOLD_POLL: Duration = Duration::from_millis(50);
 const MARK_KEPT: Duration = Duration::from_secs(3600);
 /// How long the marks live after the last one.
 const MARKS_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Epochs read per round trip when Redis comes back.
+const EPOCHS_PER_CALL: usize = 1000;
 
 /// The replicas' re-write marks ([`BUDGET_REWRITES`]) as this replica last read them.
 #[derive(Debug, Default)]
@@ -533,6 +535,9 @@ impl RedisBudgets {
     async fn recover(self: &Arc<Self>) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
         let back = self.redis_now(&mut conn).await?;
+        // The local share keeps applying through the re-write (and the hold after it), even
+        // if an `end_local_share` raced this outage's first failed call and reset it.
+        self.local_until_ms.store(u64::MAX, Ordering::Release);
         self.degraded.store(false, Ordering::Release);
         // Whatever a restart during the outage lost is re-written now: the next check must not
         // take the new `run_id` for another restart (a second barrier for nothing).
@@ -558,16 +563,26 @@ impl RedisBudgets {
     async fn rewrite_after_outage(self: &Arc<Self>, back: u64) -> Result<(), SharedError> {
         let mut conn = self.conn()?;
         let mut intact = false;
-        for (k, known) in self.registered() {
-            let Some(known) = known else { continue };
-            let found: Option<String> = self
-                .bounded(
-                    redis::cmd("HGET")
-                        .arg(&k.epoch)
-                        .arg("id")
-                        .query_async(&mut conn),
-                )
-                .await?;
+        let keys: Vec<_> = self
+            .registered()
+            .into_iter()
+            .filter_map(|(k, known)| known.map(|known| (k, known)))
+            .collect();
+        // The keys' epochs a thousand per round trip, not one each; no call holds Redis (or
+        // outlasts the call timeout) long.
+        let mut found: Vec<Option<String>> = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(EPOCHS_PER_CALL) {
+            let mut pipe = redis::pipe();
+            for (k, _) in chunk {
+                pipe.hget(&k.epoch, "id");
+            }
+            let answers: Vec<Option<String>> = self.bounded(pipe.query_async(&mut conn)).await?;
+            found.extend(answers);
+        }
+        if found.len() != keys.len() {
+            return Err(SharedError::Reply);
+        }
+        for ((k, known), found) in keys.into_iter().zip(found) {
             if found.as_deref() == Some(known.as_str()) {
                 // The budget survived: add what was admitted during the outage.
                 intact = true;
@@ -735,6 +750,28 @@ mod tests {
             5,
             "degraded: this replica's share of 10, not all"
         );
+    }
+
+    /// `failed` (a request's task) stores `u64::MAX` and then sets `degraded`;
+    /// `end_local_share` (the monitor, at the end of a re-write or a hold) stores 0. When the
+    /// monitor's store lands between the two, the replica is degraded with no local-share
+    /// instant: it used to admit the key's whole limit for the rest of the outage (the
+    /// recovery that would reset it fails while Redis is down).
+    #[tokio::test]
+    async fn a_degraded_replica_serves_its_share_even_when_the_instant_was_reset() {
+        let (budgets, key) = unreachable();
+        let backend = budgets.backend().unwrap().clone();
+        backend.failed(&SharedError::Timeout(backend.opts.timeout));
+        backend.end_local_share();
+        assert!(backend.degraded());
+        assert_eq!(backend.local_until_ms.load(Ordering::Acquire), 0);
+        let mut admitted = Vec::new();
+        for _ in 0..10 {
+            if let Ok(permit) = key.acquire(Instant::now(), 1).await {
+                admitted.push(permit);
+            }
+        }
+        assert_eq!(admitted.len(), 5, "degraded: this replica's share of 10");
     }
 
     /// A hold ends when every replica it waits for has marked since it began, and at its

@@ -396,6 +396,163 @@ async fn at_the_cap_the_connection_idle_longest_makes_room_for_a_new_one() {
     hello(&mut fourth).await;
 }
 
+/// Serves `/upload`, which counts its request as entered and then reads the whole body,
+/// with `max` connections; returns the address and the count of uploads entered.
+async fn uploads(max: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let entered = Arc::new(AtomicUsize::new(0));
+    let count = entered.clone();
+    let app = Router::new()
+        .route("/hello", get(|| async { "hello" }))
+        .route(
+            "/upload",
+            axum::routing::post(move |body: Body| {
+                let count = count.clone();
+                async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = axum::body::to_bytes(body, usize::MAX).await;
+                    "hello"
+                }
+            }),
+        );
+    let connections = Arc::new(Connections::new(Limits::default(), max));
+    tokio::spawn(serve(listener, app, connections, CancellationToken::new()));
+    (addr, entered)
+}
+
+/// At the cap with every connection's request still receiving its body, a new connection
+/// takes the slot of the slowest upload (nothing of it went upstream), which is cut; the
+/// faster upload goes on and is answered. (Before: the new connection was refused while
+/// trickling bodies held every slot for up to the body timeout.)
+#[tokio::test]
+async fn at_the_cap_the_slowest_upload_makes_room_for_a_new_connection() {
+    let (addr, entered) = uploads(2).await;
+    let head =
+        |len: usize| format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n");
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(format!("{}ab", head(100_000)).as_bytes())
+        .await
+        .unwrap();
+    let mut faster = TcpStream::connect(addr).await.unwrap();
+    let half = vec![b'x'; 50_000];
+    faster.write_all(head(100_000).as_bytes()).await.unwrap();
+    faster.write_all(&half).await.unwrap();
+    in_flight(&entered, 2).await;
+    let before = closed_total(EVICTED);
+    let mut newcomer = TcpStream::connect(addr).await.unwrap();
+    hello(&mut newcomer).await;
+    let sent = until_closed(&mut slow).await;
+    assert!(sent.is_empty(), "{sent}");
+    assert!(closed_total(EVICTED) > before);
+    faster.write_all(&half).await.unwrap();
+    read_hello(&mut faster).await;
+}
+
+/// Which connection makes room at the cap: the one idle longest, then the one whose bodies
+/// arrive slowest, then the next slowest; never one with a request past its body.
+#[tokio::test(start_paused = true)]
+async fn eviction_takes_the_idle_then_the_slowest_upload_never_a_busy_connection() {
+    let connections = Arc::new(Connections::new(limits(), 4));
+    let mut slots = Vec::new();
+    let mut open = || {
+        let activity = Arc::new(Activity::new());
+        match connections.admit(&activity) {
+            Admit::Now(slot) => slots.push(slot),
+            _ => panic!("under the cap"),
+        }
+        activity
+    };
+    let (idle, busy, fast, slow) = (open(), open(), open(), open());
+    drop(idle.begin(false));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let _busy = busy.begin(false);
+    let _fast = fast.begin(true);
+    let _slow = slow.begin(true);
+    fast.read(&[0; 10_000]);
+    slow.read(&[0; 10]);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let chosen = |evicted: Option<Arc<Activity>>| {
+        let evicted = evicted.expect("one evicted");
+        [&idle, &busy, &fast, &slow]
+            .iter()
+            .position(|a| Arc::ptr_eq(a, &evicted))
+    };
+    assert_eq!(chosen(connections.evict()), Some(0), "the idle one first");
+    assert_eq!(
+        chosen(connections.evict()),
+        Some(3),
+        "then the slowest upload"
+    );
+    assert_eq!(chosen(connections.evict()), Some(2));
+    assert!(connections.evict().is_none(), "never the busy one");
+}
+
+/// A connection asked to close whose client sent a new request just then keeps its slot:
+/// the newcomer waiting for it asks the next idle connection at once, rather than waiting
+/// out the header timeout and being refused.
+#[tokio::test(start_paused = true)]
+async fn a_newcomer_whose_evicted_connection_took_a_request_evicts_another() {
+    let connections = Arc::new(Connections::new(limits(), 2));
+    let mut slots = Vec::new();
+    let mut open = || {
+        let activity = Arc::new(Activity::new());
+        match connections.admit(&activity) {
+            Admit::Now(slot) => slots.push(slot),
+            _ => panic!("under the cap"),
+        }
+        activity
+    };
+    let (older, newer) = (open(), open());
+    drop(older.begin(false));
+    tokio::time::advance(MS).await;
+    drop(newer.begin(false));
+    let newcomer = Arc::new(Activity::new());
+    let Admit::AfterEviction(evicted) = connections.admit(&newcomer) else {
+        panic!("at the cap with idle connections: an eviction");
+    };
+    assert!(Arc::ptr_eq(&evicted, &older));
+    let mut waiting = Box::pin(connections.slot_after_eviction(&newcomer, evicted));
+    assert!(futures::poll!(waiting.as_mut()).is_pending());
+    // The evicted connection's client sends a request before it closes.
+    let _request = older.begin(false);
+    assert!(futures::poll!(waiting.as_mut()).is_pending());
+    assert!(
+        newer.evicted.load(Ordering::Acquire),
+        "the other idle one is asked"
+    );
+    // It closes: its slot is the newcomer's, at once.
+    slots.remove(1);
+    let started = Instant::now();
+    let slot = tokio::time::timeout(MS, waiting).await;
+    assert!(matches!(slot, Ok(Some(_))), "no slot");
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+/// An evicted connection whose request still receives its body closes at once; one whose
+/// request is past its body closes only when the request ends.
+#[tokio::test(start_paused = true)]
+async fn an_evicted_connection_closes_at_once_only_while_its_bodies_arrive() {
+    let receiving = Arc::new(Activity::new());
+    let mut expired = Box::pin(receiving.expired(limits()));
+    receiving.read(b"POST / HTTP/1.1\r\ncontent-length: 100\r\n\r\n");
+    let _request = receiving.begin(true);
+    assert!(pending(&mut expired).await);
+    receiving.evict();
+    assert_eq!(tokio::time::timeout(MS, expired).await, Ok(EVICTED));
+
+    let past = Arc::new(Activity::new());
+    let mut expired = Box::pin(past.expired(limits()));
+    past.read(b"POST / HTTP/1.1\r\ncontent-length: 100\r\n\r\n");
+    let (guard, receipt) = past.begin(true);
+    drop(receipt);
+    past.evict();
+    tokio::time::advance(IDLE * 10).await;
+    assert!(pending(&mut expired).await);
+    drop(guard);
+    assert_eq!(tokio::time::timeout(MS, expired).await, Ok(EVICTED));
+}
+
 #[tokio::test]
 async fn http2_with_prior_knowledge_is_served() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -464,7 +621,7 @@ async fn a_request_in_flight_is_never_timed_out_and_idleness_counts_from_its_end
     let mut expired = Box::pin(activity.expired(limits()));
     tokio::time::advance(HEADER / 2).await;
     activity.read(b"GET / HTTP/1.1\r\n\r\n");
-    let guard = activity.begin();
+    let (guard, _) = activity.begin(false);
     // A slow answer: ten idle timeouts with the request in flight.
     tokio::time::advance(IDLE * 10).await;
     assert!(pending(&mut expired).await);
@@ -480,7 +637,7 @@ async fn a_part_left_untaken_is_bounded_by_the_send_timeout_to_the_millisecond()
     let activity = Arc::new(Activity::new());
     let mut expired = Box::pin(activity.expired(limits()));
     activity.read(b"GET / HTTP/1.1\r\n\r\n");
-    let _guard = activity.begin();
+    let _guard = activity.begin(false);
     // Waiting for the upstream (nothing produced) is never a stall.
     tokio::time::advance(SEND * 10).await;
     assert!(pending(&mut expired).await);
@@ -505,7 +662,7 @@ async fn a_head_begun_while_idle_is_bounded_from_its_first_byte() {
     let activity = Arc::new(Activity::new());
     let mut expired = Box::pin(activity.expired(limits()));
     activity.read(b"GET / HTTP/1.1\r\n\r\n");
-    drop(activity.begin());
+    drop(activity.begin(false));
     // Idle for a while, then the next head starts and stalls.
     tokio::time::advance(IDLE - HEADER / 2).await;
     activity.read(b"GET / HT");
@@ -525,7 +682,7 @@ async fn http2_frames_between_streams_are_not_a_head_even_when_the_preface_came_
     activity.read(b"P");
     activity.read(b"RI");
     activity.read(b" * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-    drop(activity.begin());
+    drop(activity.begin(false));
     tokio::time::advance(IDLE / 2).await;
     // A PING frame between streams: the idle bound still applies, not the header's.
     activity.read(&[0, 0, 8, 6, 0, 0, 0, 0, 0]);
