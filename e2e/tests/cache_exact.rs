@@ -353,7 +353,7 @@ async fn replicas_share_answers_through_redis() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "B never saw A's answer"
+            "B never saw A's answer: {got:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
