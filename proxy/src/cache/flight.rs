@@ -389,7 +389,7 @@ impl Flight {
         model: &str,
         include_usage: bool,
         own: bool,
-        counted: Option<Box<dyn FnOnce(&Usage) + Send>>,
+        counted: Option<Counted>,
     ) -> ChunkStream {
         let state = Reader {
             flight: self.clone(),
@@ -417,8 +417,11 @@ struct Reader {
     /// The leader's own caller.
     own: bool,
     /// Given the answer's usage when it comes.
-    counted: Option<Box<dyn FnOnce(&Usage) + Send>>,
+    counted: Option<Counted>,
 }
+
+/// What a reader gives the answer's usage to.
+type Counted = Box<dyn FnOnce(&Usage) + Send>;
 
 type Item = Result<ChatChunk, ProviderError>;
 

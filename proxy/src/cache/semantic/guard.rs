@@ -34,7 +34,11 @@ impl Vocab {
         Self(
             entries
                 .into_iter()
-                .filter(|w| !w.starts_with("##") && !(w.starts_with('[') && w.ends_with(']')))
+                .filter(|w| {
+                    let piece = w.starts_with("##");
+                    let special = w.starts_with('[') && w.ends_with(']');
+                    !piece && !special
+                })
                 .map(|w| w.to_lowercase())
                 .collect(),
         )
