@@ -70,10 +70,28 @@ pub struct CachePolicySpec {
     /// Who may share an entry.
     #[serde(default)]
     pub scope: CacheScope,
+    /// The scope of requests for some models (by the name or alias asked for), instead of
+    /// `scope`: e.g. `global` for a public FAQ model while every other model stays per
+    /// tenant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["model"]))]
+    pub model_scopes: Vec<ModelScope>,
+    /// Request parameters left out of the cache key (exact and semantic): requests that
+    /// differ only in them share an answer. Any top-level field but `model`, `messages`,
+    /// `n` and `stream` (those always count or never do): `temperature`, `top_p`,
+    /// `max_tokens` (either name), `stop`, `tools`, `tool_choice`, `seed`,
+    /// `response_format`, ... A name the gateway does not accept is logged as not acted on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub ignore_fields: Vec<String>,
     /// Where entries live.
     #[serde(default)]
     pub backend: CacheBackend,
-    /// Most entries kept; the least recently used go first.
+    /// Most entries kept by each replica, the least recently used going first: stored
+    /// answers (memory backend), or only the semantic index each replica mirrors (Redis
+    /// backend: the answers in Redis are bounded by `maxBytes` alone; a value other than the
+    /// default is logged at start-up as such).
     #[serde(default = "default_max_entries")]
     #[schemars(range(min = 1, max = 100000000))]
     pub max_entries: u32,
@@ -95,8 +113,11 @@ pub struct CachePolicySpec {
     pub sampled: SampledRequests,
 }
 
+/// `maxEntries` when not given.
+pub const DEFAULT_MAX_ENTRIES: u32 = 100_000;
+
 fn default_max_entries() -> u32 {
-    100_000
+    DEFAULT_MAX_ENTRIES
 }
 
 fn default_max_bytes() -> u64 {
@@ -155,6 +176,13 @@ pub struct SemanticCache {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub model_dir: Option<String>,
+    /// The revision of the model's files (e.g. the package version `0.1.0`, or a digest):
+    /// part of every semantic entry's partition, so prompts embedded by other files (an
+    /// earlier revision still in Redis, a replica not yet updated) are never compared with
+    /// these. Change it when the files change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub model_revision: Option<String>,
 }
 
 fn default_embedding_model() -> String {
@@ -217,9 +245,22 @@ pub enum TemplateUse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Dedup {
-    /// Seconds after an identical request started during which a new one joins it.
+    /// Seconds after an identical request's answer ended during which a new one still
+    /// joins it (is answered from it, on any replica with the Redis backend); while the
+    /// answer is in flight, identical requests always join it.
     #[schemars(range(min = 1, max = 300))]
     pub window_seconds: u32,
+}
+
+/// The scope of one model's entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelScope {
+    /// The model name or alias callers ask for.
+    #[schemars(length(min = 1, max = 256))]
+    pub model: String,
+    /// Who may share its entries.
+    pub scope: CacheScope,
 }
 
 /// Who may share a cache entry.

@@ -17,7 +17,7 @@ use std::time::Duration;
 fn pool(mock: &MockProviders) -> String {
     cache_support::pool(
         mock,
-        "{name: gpt-4o, alias: smart, inputPer1M: 2.5, outputPer1M: 10}, {name: gpt-truncate}, {name: gpt-slow-600}",
+        "{name: gpt-4o, alias: smart, inputPer1M: 2.5, outputPer1M: 10}, {name: gpt-truncate}, {name: gpt-abort}, {name: gpt-slow-600}",
     )
 }
 
@@ -172,6 +172,45 @@ async fn a_broken_stream_is_never_stored() {
     assert_eq!(mock.counts().total(), 2);
 }
 
+/// A stream whose connection breaks after its finish reason (the answer looks whole, but
+/// the stream never ended cleanly) is not stored either: with dedup on (the flight's
+/// driver sees the error) and off (the store's tee does); the next request is a miss.
+#[tokio::test]
+async fn a_stream_broken_after_its_finish_reason_is_never_stored() {
+    let exact_only = "---\napiVersion: floodgate.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: cache}\nspec:\n\
+                      \x20 exact: {ttlSeconds: 3600}\n";
+    for (dedup, policy) in [(true, policy("memory")), (false, exact_only.to_owned())] {
+        let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+        let gw = gateway(&(pool(&mock) + &policy)).await;
+        let body = chat("gpt-abort", "hello", true);
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let response = client()
+                .post(format!("{}/v1/chat/completions", gw.url()))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            seen.push(
+                response
+                    .headers()
+                    .get("x-floodgate-cache")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+            );
+            let raw = response.text().await.unwrap_or_default();
+            assert!(!raw.contains("[DONE]"), "dedup {dedup}: {raw}");
+            // The finish reason did reach the caller: only the end was lost.
+            assert!(
+                raw.contains("\"finish_reason\":\"stop\""),
+                "dedup {dedup}: {raw}"
+            );
+        }
+        let miss = Some("miss".to_owned());
+        assert_eq!(seen, [miss.clone(), miss], "dedup {dedup}");
+        assert_eq!(mock.counts().total(), 2, "dedup {dedup}");
+    }
+}
+
 #[tokio::test]
 async fn one_tenant_never_receives_anothers_answer() {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
@@ -185,6 +224,28 @@ async fn one_tenant_never_receives_anothers_answer() {
     assert_eq!(post(&url, path, &body, &acme).await.cache, "exact");
     assert_eq!(post(&url, path, &body, &globex).await.cache, "exact");
     assert_eq!(mock.counts().total(), 2);
+}
+
+/// `modelScopes`: a model (here the alias `smart`) whose entries every tenant shares,
+/// while the same model asked for by its own name stays per tenant.
+#[tokio::test]
+async fn a_model_scoped_global_is_shared_by_tenants_and_only_it() {
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let policy = policy("memory").replace(
+        "  backend: memory\n",
+        "  backend: memory\n  modelScopes: [{model: smart, scope: global}]\n",
+    );
+    let gw = gateway(&(pool(&mock) + &policy + TENANTS)).await;
+    let (url, path) = (gw.url(), "/v1/chat/completions");
+    let acme = [("authorization", "Bearer sk-acme")];
+    let globex = [("authorization", "Bearer sk-globex")];
+    let smart = chat("smart", "a public question", false);
+    assert_eq!(post(&url, path, &smart, &acme).await.cache, "miss");
+    assert_eq!(post(&url, path, &smart, &globex).await.cache, "exact");
+    let own = chat("gpt-4o", "a private question", false);
+    assert_eq!(post(&url, path, &own, &acme).await.cache, "miss");
+    assert_eq!(post(&url, path, &own, &globex).await.cache, "miss");
+    assert_eq!(mock.counts().total(), 3);
 }
 
 #[tokio::test]
@@ -292,7 +353,7 @@ async fn replicas_share_answers_through_redis() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "B never saw A's answer"
+            "B never saw A's answer: {got:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -400,18 +461,47 @@ async fn redis_keeps_an_expired_answer_for_stale_answers_only() {
         chat("gpt-4o", "kept for bad days", false),
     );
     assert_eq!(post(&a.url(), path, &body, &[]).await.cache, "miss");
-    // The store is written in the background: the entry is in Redis once B hits it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while post(&b.url(), path, &body, &[("cache-control", "no-store")])
-        .await
-        .cache
-        != "exact"
-    {
+    // The store is written in the background; then its 1 s TTL passes on Redis's clock:
+    // Redis keeps it 3,601 s, so it is expired once less than 3,600 s are left. Both waited
+    // for in Redis itself (a hit polled through B could miss a 1 s freshness on a busy
+    // machine).
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let name = loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("floodgate:cache:exact:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let Some(name) = keys.into_iter().next() {
+            break name;
+        }
         assert!(std::time::Instant::now() < deadline, "never stored");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    loop {
+        let left: i64 = redis::cmd("PTTL")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if left < 3_600_000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never expired: {left} ms left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Its 1 s TTL passes on Redis's clock.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Expired: B (nothing in memory) does not take it for a hit.
+    assert_eq!(
+        post(&b.url(), path, &body, &[("cache-control", "no-store")])
+            .await
+            .cache,
+        "miss"
+    );
     // Every target fails: B answers with the expired entry, marked stale.
     mock.set_fault(
         floodgate_e2e::mock::Provider::OpenAi,

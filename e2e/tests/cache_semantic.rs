@@ -170,8 +170,8 @@ async fn no_semantic_hit_across_tenants_or_models() {
     assert_eq!(mock.counts().total(), 4);
 }
 
-/// Traps score high with the model alone (the threshold here is low enough that each
-/// would be a hit without the guard); the guard refuses every one.
+/// Traps score high with the model alone (each at or above this test's threshold, 0.8, so
+/// each would be a hit without the guard); the guard refuses every one, for its reason.
 #[tokio::test]
 async fn the_guard_refuses_negations_swaps_and_numbers() {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
@@ -181,18 +181,58 @@ async fn the_guard_refuses_negations_swaps_and_numbers() {
         (
             "How do I enable two-factor authentication?",
             "How do I disable two-factor authentication?",
+            "negation",
         ),
-        ("Cancel my subscription", "Don't cancel my subscription"),
+        (
+            "Cancel my subscription",
+            "Don't cancel my subscription",
+            "negation",
+        ),
         (
             "How do I convert a Word document to PDF?",
             "How do I convert a PDF to a Word document?",
+            "order",
         ),
         (
             "How much is the Pro plan for 5 users?",
             "How much is the Pro plan for 50 users?",
+            "number",
         ),
     ];
-    for (cached, trap) in traps {
+    let vocab = cache.semantic().vocab().unwrap();
+    // Real words a slip apart (review finding): refused by the guard; how close the model
+    // puts them, for the record (far below the threshold, as it happens).
+    for (a, b) in [
+        (
+            "What is a casual relationship?",
+            "What is a causal relationship?",
+        ),
+        ("Easy desert recipes", "Easy dessert recipes"),
+        (
+            "When was marital law declared?",
+            "When was martial law declared?",
+        ),
+    ] {
+        let (x, y) = (
+            cache.semantic().embed(a).await.unwrap(),
+            cache.semantic().embed(b).await.unwrap(),
+        );
+        let similarity = floodgate_proxy::cache::semantic::embed::cosine(&x, &y);
+        eprintln!("{a:?} / {b:?}: cosine {similarity:.4}");
+        assert!(floodgate_proxy::cache::semantic::guard::check(a, b, &vocab).is_err());
+    }
+    for (cached, trap, reason) in traps {
+        // The model alone would serve it: similar enough.
+        let (a, b) = (
+            cache.semantic().embed(cached).await.unwrap(),
+            cache.semantic().embed(trap).await.unwrap(),
+        );
+        let similarity = floodgate_proxy::cache::semantic::embed::cosine(&a, &b);
+        eprintln!("{cached:?} / {trap:?}: cosine {similarity:.4}");
+        assert!(similarity >= 0.8, "{trap}: {similarity}");
+        // The guard refuses it, for this reason.
+        let refused = floodgate_proxy::cache::semantic::guard::check(cached, trap, &vocab);
+        assert_eq!(refused.map_err(|r| r.as_str()), Err(reason), "{trap}");
         store(&url, &cache, &ask(cached), &[]).await;
         let got = post(&url, &ask(trap), &[]).await;
         assert_eq!(
@@ -201,12 +241,7 @@ async fn the_guard_refuses_negations_swaps_and_numbers() {
             "{trap}"
         );
     }
-    let refusals = floodgate_proxy::cache::metrics::get()
-        .guard_refusals
-        .get_or_create(&floodgate_proxy::cache::metrics::ReasonLabels { reason: "order" })
-        .get();
-    assert!(refusals >= 1, "the swap was not refused by the guard");
-    assert_eq!(mock.counts().total(), 8);
+    assert_eq!(mock.counts().total(), 2 * traps.len() as u64);
 }
 
 /// Earlier turns must match exactly; then the last message may be a paraphrase.
@@ -236,29 +271,51 @@ async fn multi_turn_hits_need_the_same_earlier_turns() {
     assert_eq!(mock.counts().total(), 3);
 }
 
+/// A hit within the TTL (of 1 s), a miss past it. The hit is checked on an entry stored
+/// less than 900 ms before; on a machine so busy that the check came later, the test tries
+/// again in a fresh partition (another tenant or model), at most four times, and fails if
+/// no try was timely: it never passes without having seen the hit.
 #[tokio::test]
 async fn semantic_entries_expire_at_their_ttl() {
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
-    let (gw, cache) = gateway(&(pool(&mock) + &policy("memory", 0.95, 1)), dispatcher()).await;
-    let url = gw.url();
-    let asked = Instant::now();
-    store(&url, &cache, &ask(ORIGINAL), &[]).await;
-    // The entry's TTL started when it was stored: after `asked`, before now.
-    let stored = Instant::now();
-    let got = post(&url, &ask(PARAPHRASE), &[("cache-control", "no-store")]).await;
-    if asked.elapsed() < Duration::from_millis(900) {
-        assert_eq!(got.cache, "semantic");
-    }
-    // Past the TTL of 1 s.
-    tokio::time::sleep(
-        Duration::from_secs(1).saturating_sub(stored.elapsed()) + Duration::from_millis(20),
+    let (gw, cache) = gateway(
+        &(pool(&mock) + &policy("memory", 0.95, 1) + TENANTS),
+        dispatcher(),
     )
     .await;
-    let got = post(&url, &ask(PARAPHRASE), &[]).await;
-    assert_eq!(
-        (got.cache.as_str(), got.text),
-        ("miss", answer_for(PARAPHRASE))
-    );
+    let url = gw.url();
+    let mut timely = false;
+    'tries: for tenant in ["Bearer sk-acme", "Bearer sk-globex"] {
+        for model in ["gpt-4o", "gpt-4o-mini"] {
+            let auth = [("authorization", tenant)];
+            let ask =
+                |prompt: &str| chat(model, json!([{"role": "user", "content": prompt}]), false);
+            let asked = Instant::now();
+            store(&url, &cache, &ask(ORIGINAL), &auth).await;
+            // The entry's TTL started when it was stored: after `asked`, before now.
+            let stored = Instant::now();
+            let auth_no_store = [auth[0], ("cache-control", "no-store")];
+            let got = post(&url, &ask(PARAPHRASE), &auth_no_store).await;
+            if asked.elapsed() >= Duration::from_millis(900) {
+                eprintln!("{tenant} {model}: the hit was checked too late; trying again");
+                continue;
+            }
+            assert_eq!(got.cache, "semantic");
+            timely = true;
+            // Past the TTL of 1 s.
+            tokio::time::sleep(
+                Duration::from_secs(1).saturating_sub(stored.elapsed()) + Duration::from_millis(20),
+            )
+            .await;
+            let got = post(&url, &ask(PARAPHRASE), &auth).await;
+            assert_eq!(
+                (got.cache.as_str(), got.text),
+                ("miss", answer_for(PARAPHRASE))
+            );
+            break 'tries;
+        }
+    }
+    assert!(timely, "no try checked the hit within the TTL");
 }
 
 /// Two replicas share semantic entries through Redis (the second follows the first's

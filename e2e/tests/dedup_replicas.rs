@@ -1,6 +1,8 @@
 //! In-flight deduplication across two `floodgate-proxy` processes sharing a real
 //! redis-server: 100 identical requests at once, half streaming, half on each replica,
-//! make one provider call, and every caller receives the whole answer.
+//! make one provider call, and every caller receives the whole answer; an answer that just
+//! ended on one replica is followed, not asked for again, on the other; and the cache's
+//! entries gauge counts what Redis holds.
 
 // Helpers below unwrap freely: clippy allows that in `cfg(test)` code only.
 #![cfg(test)]
@@ -12,15 +14,20 @@ use serde_json::{Value, json};
 use std::ffi::OsStr;
 use std::time::Duration;
 
-fn config_dir(mock: &MockProviders) -> tempfile::TempDir {
+/// The CachePolicy of the 100-request test: exact answers and dedup, in Redis.
+const EXACT_AND_DEDUP: &str = "exact: {ttlSeconds: 3600}\n  dedup: {windowSeconds: 5}";
+
+/// A pool serving `gpt-slow-1500` and `gpt-4o` on the mock, and a CachePolicy with the
+/// Redis backend and `spec` (YAML lines under `spec:`, indented by two).
+fn config_dir(mock: &MockProviders, spec: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: keys}}\nstringData: {{a: key-a}}\n---\n\
          apiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: pool}}\nspec:\n\
          \x20 providers:\n\
-         \x20 - {{name: up, type: openai, baseUrl: \"{}\", models: [{{name: gpt-slow-1500}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 100000}}]}}\n\
+         \x20 - {{name: up, type: openai, baseUrl: \"{}\", models: [{{name: gpt-slow-1500}}, {{name: gpt-4o}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 100000}}]}}\n\
          ---\napiVersion: floodgate.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: cache}}\nspec:\n\
-         \x20 backend: redis\n  exact: {{ttlSeconds: 3600}}\n  dedup: {{windowSeconds: 5}}\n",
+         \x20 backend: redis\n  {spec}\n",
         mock.base_url()
     );
     std::fs::write(dir.path().join("gateway.yaml"), yaml).unwrap();
@@ -40,7 +47,12 @@ async fn replica(dir: &tempfile::TempDir, redis: &RedisServer) -> ProxyProcess {
 
 /// The answer's text: the whole answer's, or the stream's deltas (which must end cleanly).
 async fn ask(url: String, prompt: &str, stream: bool) -> String {
-    let body = json!({"model": "gpt-slow-1500", "stream": stream, "max_tokens": 50,
+    ask_model(url, "gpt-slow-1500", prompt, stream).await.1
+}
+
+/// What the cache did (`x-floodgate-cache`) and the answer's text, from `model`.
+async fn ask_model(url: String, model: &str, prompt: &str, stream: bool) -> (String, String) {
+    let body = json!({"model": model, "stream": stream, "max_tokens": 50,
                       "messages": [{"role": "user", "content": prompt}]});
     let response = reqwest::Client::new()
         .post(url)
@@ -50,16 +62,23 @@ async fn ask(url: String, prompt: &str, stream: bool) -> String {
         .await
         .unwrap();
     assert!(response.status().is_success());
+    let cache = response
+        .headers()
+        .get("x-floodgate-cache")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
     let raw = response.text().await.unwrap();
     if !stream {
         let v: Value = serde_json::from_str(&raw).unwrap();
-        return v["choices"][0]["message"]["content"]
+        let text = v["choices"][0]["message"]["content"]
             .as_str()
             .unwrap()
             .to_owned();
+        return (cache, text);
     }
     assert!(raw.contains("data: [DONE]"), "{raw}");
-    raw.lines()
+    let text = raw
+        .lines()
         .filter_map(|l| l.strip_prefix("data: "))
         .filter(|d| *d != "[DONE]")
         .map(|d| serde_json::from_str::<Value>(d).unwrap())
@@ -68,7 +87,22 @@ async fn ask(url: String, prompt: &str, stream: bool) -> String {
                 .as_str()
                 .map(str::to_owned)
         })
-        .collect()
+        .collect();
+    (cache, text)
+}
+
+/// The value of the metric `name` (a plain gauge or counter) on `replica`'s admin port; 0
+/// when it is not there yet.
+async fn metric(replica: &ProxyProcess, name: &str) -> u64 {
+    let text = reqwest::get(replica.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
 
 #[tokio::test]
@@ -79,7 +113,7 @@ async fn a_hundred_identical_requests_on_two_replicas_make_one_provider_call() {
         MockProviders::start(MockConfig::default().with_chunk_interval(Duration::from_millis(30)))
             .await
             .unwrap();
-    let dir = config_dir(&mock);
+    let dir = config_dir(&mock, EXACT_AND_DEDUP);
     let (a, b) = tokio::join!(replica(&dir, &redis), replica(&dir, &redis));
     let prompt = "explain how tides work";
     let urls = [a.url("/v1/chat/completions"), b.url("/v1/chat/completions")];
@@ -89,6 +123,90 @@ async fn a_hundred_identical_requests_on_two_replicas_make_one_provider_call() {
     for answer in answers {
         assert_eq!(answer, answer_for(prompt));
     }
+    // The 99 followers (whole or streamed, on either replica) each count what they saved:
+    // one answer's tokens each, as the exact hit below counts on A.
+    const SAVED: &str = "floodgate_cache_saved_tokens_total";
+    let followers = metric(&a, SAVED).await + metric(&b, SAVED).await;
+    let before = metric(&a, SAVED).await;
+    ask(urls[0].clone(), prompt, false).await;
+    let one = metric(&a, SAVED).await - before;
+    assert!(one > 0);
+    assert_eq!(followers, 99 * one);
+}
+
+/// A finished answer is kept for the dedup window on every replica: B asking 200 ms after
+/// A's answer ended (no exact cache to find it in) follows A's flight in Redis and is
+/// answered from its log; one provider call, whole and streamed.
+#[tokio::test]
+async fn an_answer_that_just_ended_on_one_replica_is_not_asked_for_again_on_another() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let dir = config_dir(&mock, "dedup: {windowSeconds: 5}");
+    let (a, b) = tokio::join!(replica(&dir, &redis), replica(&dir, &redis));
+    let mut saved_before = 0;
+    for (i, stream) in [false, true].into_iter().enumerate() {
+        let prompt = format!("explain how tides work, take {i}");
+        let (cache, text) =
+            ask_model(a.url("/v1/chat/completions"), "gpt-4o", &prompt, stream).await;
+        assert_eq!((cache.as_str(), &*text), ("miss", &*answer_for(&prompt)));
+        // A's answer has ended (its caller read it to the end).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (cache, text) =
+            ask_model(b.url("/v1/chat/completions"), "gpt-4o", &prompt, stream).await;
+        assert_eq!(
+            (cache.as_str(), &*text),
+            ("dedup", &*answer_for(&prompt)),
+            "stream {stream}"
+        );
+        assert_eq!(mock.counts().total(), i as u64 + 1, "stream {stream}");
+        // B counts what it saved, streamed too.
+        let saved = metric(&b, "floodgate_cache_saved_tokens_total").await;
+        assert!(saved > saved_before, "stream {stream}: {saved}");
+        saved_before = saved;
+    }
+}
+
+/// `floodgate_cache_entries` and `floodgate_cache_bytes` with the Redis backend: what the
+/// policy holds in Redis (every replica's entries), not 0.
+#[tokio::test]
+async fn with_redis_the_entries_gauge_counts_what_redis_holds() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let dir = config_dir(&mock, "exact: {ttlSeconds: 3600}");
+    let (a, b) = tokio::join!(replica(&dir, &redis), replica(&dir, &redis));
+    /// Waits until `replica`'s entries gauge reads `entries` (stores are written in the
+    /// background); then its bytes gauge.
+    async fn wait_for(replica: &ProxyProcess, entries: u64) -> u64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let held = metric(replica, "floodgate_cache_entries").await;
+            if held == entries {
+                return metric(replica, "floodgate_cache_bytes").await;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "entries {held}, not {entries}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for prompt in ["first question", "second question"] {
+        ask_model(a.url("/v1/chat/completions"), "gpt-4o", prompt, false).await;
+    }
+    let bytes_a = wait_for(&a, 2).await;
+    assert!(bytes_a > 0);
+    // B's store sees A's entries too.
+    ask_model(
+        b.url("/v1/chat/completions"),
+        "gpt-4o",
+        "third question",
+        false,
+    )
+    .await;
+    let bytes_b = wait_for(&b, 3).await;
+    assert!(bytes_b > bytes_a, "{bytes_b} after {bytes_a}");
 }
 
 /// A follower reads only its own flight: when the leader's lease lapses mid-answer (a

@@ -2,7 +2,6 @@
 //! helpers, response building, stream framing with faults, clocks and key fingerprints.
 
 use std::borrow::Cow;
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -528,6 +527,8 @@ pub(super) fn stream_response(
         Some(Fault::Stall) => (first_text + 1).min(total),
         // Half-way, which always leaves the terminal event out.
         Some(Fault::Truncate) => total / 2,
+        // All but the terminal event, then the connection is aborted.
+        Some(Fault::Abort) => total.saturating_sub(1),
         _ => total,
     };
     if call.behavior.fault == Some(Fault::Malformed)
@@ -543,7 +544,7 @@ pub(super) fn stream_response(
         .map(|(i, e)| framing.frame(i, i + 1 == total, e))
         .collect();
     let interval = call.shared.config.chunk_interval;
-    let mut body: BoxStream<'static, Result<Bytes, Infallible>> = if interval.is_zero() {
+    let mut body: BoxStream<'static, Result<Bytes, std::io::Error>> = if interval.is_zero() {
         // One write for the whole stream: a fast model, and half the cost of a frame per
         // event. Clients must split events themselves anyway, as on any real connection.
         let whole: Vec<u8> = chunks.concat();
@@ -556,6 +557,15 @@ pub(super) fn stream_response(
             })
             .boxed()
     };
+    if call.behavior.fault == Some(Fault::Abort) {
+        body = body
+            .chain(stream::once(async {
+                // Let hyper flush what was sent before the abort.
+                tokio::task::yield_now().await;
+                Err(std::io::Error::other("mock: connection aborted at the end"))
+            }))
+            .boxed();
+    }
     if call.behavior.fault == Some(Fault::Stall) {
         // Hold the connection open, silent, until the client leaves or the mock stops.
         let stop = call.shared.shutdown.clone().cancelled_owned();
@@ -600,7 +610,7 @@ pub(super) fn body_response(call: &Call<'_>, body: Vec<u8>) -> Response {
             body.truncate(body.len() / 2);
             bytes_response(StatusCode::OK, "application/json", body)
         }
-        Some(Fault::Truncate) => {
+        Some(Fault::Truncate | Fault::Abort) => {
             // Send half the body, then fail it: the connection is aborted mid-response.
             let body = Bytes::from(body);
             let cut = body.slice(..body.len() / 2);

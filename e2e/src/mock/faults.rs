@@ -28,6 +28,10 @@ pub enum Fault {
     Truncate,
     /// 200 with invalid JSON: a cut body, or one invalid event in a stream (`malformed`).
     Malformed,
+    /// Streams send every event but their terminal one (the finish reason included: the
+    /// answer is whole), then the connection is aborted, as a connection lost at the very
+    /// end; non-streaming bodies as with `truncate` (`abort`).
+    Abort,
 }
 
 impl fmt::Display for Fault {
@@ -40,6 +44,7 @@ impl fmt::Display for Fault {
             Self::Stall => f.write_str("stall"),
             Self::Truncate => f.write_str("truncate"),
             Self::Malformed => f.write_str("malformed"),
+            Self::Abort => f.write_str("abort"),
         }
     }
 }
@@ -55,6 +60,7 @@ impl FromStr for Fault {
             "stall" => Some(Self::Stall),
             "truncate" => Some(Self::Truncate),
             "malformed" => Some(Self::Malformed),
+            "abort" => Some(Self::Abort),
             _ => None,
         };
         if let Some(fault) = fault {
@@ -68,7 +74,7 @@ impl FromStr for Fault {
         }
         Err(ParseError::new(format!(
             "unknown fault `{s}` (expected error-<400..599>, overloaded-529, ratelimited, \
-             slow-<ms>, stall, truncate or malformed)"
+             slow-<ms>, stall, truncate, malformed or abort)"
         )))
     }
 }
@@ -102,7 +108,7 @@ pub struct Behavior {
 
 impl Behavior {
     /// Reads the behaviour from a model name: `slow-<ms>` anywhere adds a delay, and the first
-    /// of `stall`, `truncate`, `malformed`, `ratelimited`, `overloaded-529`, `error-<code>`
+    /// of `stall`, `truncate`, `malformed`, `abort`, `ratelimited`, `overloaded-529`, `error-<code>`
     /// found chooses the fault. `gpt-4o-slow-200-error-503` waits 200 ms, then answers 503.
     pub fn from_model(model: &str) -> Self {
         let delay = number_after(model, "slow-").map(Duration::from_millis);
@@ -112,6 +118,8 @@ impl Behavior {
             Some(Fault::Truncate)
         } else if model.contains("malformed") {
             Some(Fault::Malformed)
+        } else if model.contains("abort") {
+            Some(Fault::Abort)
         } else if model.contains("ratelimited") {
             Some(Fault::RateLimited)
         } else if model.contains("overloaded-529") {
@@ -206,6 +214,7 @@ mod tests {
             Fault::Stall,
             Fault::Truncate,
             Fault::Malformed,
+            Fault::Abort,
         ] {
             assert_eq!(fault.to_string().parse::<Fault>(), Ok(fault));
         }

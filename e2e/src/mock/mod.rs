@@ -20,7 +20,7 @@
 //!
 //! Behaviour is chosen by the model name, so tests need no extra configuration (see
 //! [`Behavior::from_model`]): `error-500`, `error-503`, `overloaded-529`, `ratelimited`,
-//! `slow-<ms>`, `stall`, `truncate`, `malformed`. The same faults can be forced for every call
+//! `slow-<ms>`, `stall`, `truncate`, `malformed`, `abort`. The same faults can be forced for every call
 //! to one provider with [`MockProviders::set_fault`] or `POST /_mock/faults`.
 //!
 //! ```no_run

@@ -32,7 +32,7 @@
 use super::answer::{Answer, Assembler};
 use super::key::Key;
 use crate::providers::ProviderError;
-use crate::providers::types::ChatChunk;
+use crate::providers::types::{ChatChunk, Usage};
 use crate::route::ChunkStream;
 use futures::StreamExt as _;
 use std::collections::{HashMap, VecDeque};
@@ -176,7 +176,25 @@ pub enum Role {
     /// It calls the provider; the others wait for it.
     Lead(Leader),
     /// It waits for the leader of this flight.
-    Follow(Arc<Flight>),
+    Follow(Follower),
+}
+
+/// A follower's flight, and its place among the flight's readers, taken when it joined
+/// (under the flights' lock): a stream's driver stops the upstream when nobody reads, and
+/// would otherwise find nobody between the join and the follower's own subscription (the
+/// leader's caller gone), failing the follower for nothing.
+#[derive(Debug)]
+pub struct Follower {
+    flight: Arc<Flight>,
+    _reading: watch::Receiver<u64>,
+}
+
+impl std::ops::Deref for Follower {
+    type Target = Arc<Flight>;
+
+    fn deref(&self) -> &Arc<Flight> {
+        &self.flight
+    }
 }
 
 /// The leader's handle. Dropped without an answer, it tells its followers to ask again.
@@ -197,7 +215,10 @@ impl Flights {
         if let Some(flight) = map.get(&key)
             && flight.joinable(window)
         {
-            return Role::Follow(flight.clone());
+            return Role::Follow(Follower {
+                flight: flight.clone(),
+                _reading: flight.tx.subscribe(),
+            });
         }
         let flight = Arc::new(Flight {
             data: Mutex::default(),
@@ -355,7 +376,28 @@ impl Flight {
         self.subscribe_as(model, include_usage, false)
     }
 
+    /// As [`Flight::subscribe`], and `counted` is given the answer's usage (whether or not
+    /// the caller sees it) once it comes: what a follower's answer would have cost.
+    pub fn subscribe_counted(
+        self: &Arc<Self>,
+        model: &str,
+        include_usage: bool,
+        counted: impl FnOnce(&Usage) + Send + 'static,
+    ) -> ChunkStream {
+        self.reader(model, include_usage, false, Some(Box::new(counted)))
+    }
+
     fn subscribe_as(self: &Arc<Self>, model: &str, include_usage: bool, own: bool) -> ChunkStream {
+        self.reader(model, include_usage, own, None)
+    }
+
+    fn reader(
+        self: &Arc<Self>,
+        model: &str,
+        include_usage: bool,
+        own: bool,
+        counted: Option<Counted>,
+    ) -> ChunkStream {
         let state = Reader {
             flight: self.clone(),
             rx: self.tx.subscribe(),
@@ -365,6 +407,7 @@ impl Flight {
             include_usage,
             over: false,
             own,
+            counted,
         };
         Box::pin(futures::stream::unfold(state, Reader::next))
     }
@@ -380,7 +423,12 @@ struct Reader {
     over: bool,
     /// The leader's own caller.
     own: bool,
+    /// Given the answer's usage when it comes.
+    counted: Option<Counted>,
 }
+
+/// What a reader gives the answer's usage to.
+type Counted = Box<dyn FnOnce(&Usage) + Send>;
 
 type Item = Result<ChatChunk, ProviderError>;
 
@@ -400,6 +448,9 @@ impl Reader {
             let step = self.step();
             match step {
                 Step::Chunk(mut chunk) => {
+                    if let Some(usage) = &chunk.usage {
+                        self.count(usage);
+                    }
                     chunk.model.clone_from(&self.model);
                     if !self.include_usage {
                         chunk.usage = None;
@@ -409,7 +460,12 @@ impl Reader {
                     }
                     return Some((Ok(chunk), self));
                 }
-                Step::Replay(chunks) => self.replay = Some(chunks.into()),
+                Step::Replay(chunks, usage) => {
+                    if let Some(usage) = &usage {
+                        self.count(usage);
+                    }
+                    self.replay = Some(chunks.into());
+                }
                 Step::End => return None,
                 Step::Failed(e) => {
                     self.over = true;
@@ -425,6 +481,12 @@ impl Reader {
         }
     }
 
+    fn count(&mut self, usage: &Usage) {
+        if let Some(counted) = self.counted.take() {
+            counted(usage);
+        }
+    }
+
     fn step(&mut self) -> Step {
         let data = self.flight.lock();
         match &data.body {
@@ -435,7 +497,10 @@ impl Reader {
                 }
             }
             Body::Whole(answer) => {
-                return Step::Replay(answer.chunks(&self.model, self.include_usage));
+                return Step::Replay(
+                    answer.chunks(&self.model, self.include_usage),
+                    answer.response.usage,
+                );
             }
             Body::Pending => {}
         }
@@ -452,7 +517,7 @@ impl Reader {
 
 enum Step {
     Chunk(ChatChunk),
-    Replay(Vec<ChatChunk>),
+    Replay(Vec<ChatChunk>, Option<Usage>),
     End,
     Failed(ProviderError),
     Wait,

@@ -1,5 +1,6 @@
 //! The memory backend: answers by exact key, each with its expiry, within a byte budget and
-//! an entry count, the least recently used evicted first.
+//! an entry count: to make room, expired entries go first (soonest expired first, those
+//! kept only for stale answers included), then the least recently used.
 //!
 //! The byte budget also covers what in-flight deduplication holds ([`MemoryStore::charging`]:
 //! the flights' chunks and answers): a store evicts until its answer, the answers held and
@@ -7,7 +8,7 @@
 
 use super::answer::Answer;
 use super::key::Key;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
@@ -26,6 +27,8 @@ struct Lru {
     map: HashMap<Key, Slot>,
     /// Use tick -> key, oldest first.
     order: BTreeMap<u64, Key>,
+    /// Entries by expiry, soonest first.
+    expiries: BTreeSet<(Instant, Key)>,
     tick: u64,
     bytes: usize,
     max_bytes: usize,
@@ -103,10 +106,7 @@ impl MemoryStore {
             if now < slot.expires + lru.grace {
                 return None;
             }
-            let (tick, bytes) = (slot.tick, slot.bytes);
-            lru.map.remove(key);
-            lru.order.remove(&tick);
-            lru.bytes -= bytes;
+            lru.remove(key);
             return None;
         }
         lru.tick += 1;
@@ -116,9 +116,15 @@ impl MemoryStore {
         Some(slot.answer.clone())
     }
 
-    /// Stores `answer` (of `bytes` serialised) under `key` until `expires`, evicting the
-    /// least recently used (expired ones first) to stay within the bounds.
-    pub fn put(&self, key: Key, answer: Arc<Answer>, bytes: usize, expires: Instant) -> Stored {
+    /// Stores `answer` (of `bytes` serialised) under `key` until `expires`, evicting to stay
+    /// within the bounds: entries expired at `now` first, then the least recently used.
+    pub fn put(
+        &self,
+        key: Key,
+        answer: Arc<Answer>,
+        bytes: usize,
+        (now, expires): (Instant, Instant),
+    ) -> Stored {
         let mut lru = self.lock();
         let lru = &mut *lru;
         let bytes = bytes + ENTRY_OVERHEAD;
@@ -129,25 +135,25 @@ impl MemoryStore {
         if bytes.saturating_add(outside) > lru.max_bytes {
             return Stored::default();
         }
-        if let Some(old) = lru.map.remove(&key) {
-            lru.order.remove(&old.tick);
-            lru.bytes -= old.bytes;
-        }
+        lru.remove(&key);
         let mut evicted = 0;
         let mut gone = Vec::new();
         while lru.bytes + bytes + outside > lru.max_bytes || lru.map.len() >= lru.max_entries {
-            let Some((_, oldest)) = lru.order.pop_first() else {
+            let expired = lru.expiries.first().filter(|(at, _)| *at <= now);
+            let Some(victim) = expired
+                .map(|(_, k)| *k)
+                .or_else(|| lru.order.first_key_value().map(|(_, k)| *k))
+            else {
                 break;
             };
-            if let Some(old) = lru.map.remove(&oldest) {
-                lru.bytes -= old.bytes;
-                evicted += 1;
-                gone.push(oldest);
-            }
+            lru.remove(&victim);
+            evicted += 1;
+            gone.push(victim);
         }
         lru.tick += 1;
         let tick = lru.tick;
         lru.order.insert(tick, key);
+        lru.expiries.insert((expires, key));
         lru.map.insert(
             key,
             Slot {
@@ -169,5 +175,16 @@ impl MemoryStore {
     pub fn usage(&self) -> (usize, usize) {
         let lru = self.lock();
         (lru.map.len(), lru.bytes)
+    }
+}
+
+impl Lru {
+    /// Takes `key`'s entry out of the map and both orders.
+    fn remove(&mut self, key: &Key) -> Option<Slot> {
+        let slot = self.map.remove(key)?;
+        self.order.remove(&slot.tick);
+        self.expiries.remove(&(slot.expires, *key));
+        self.bytes -= slot.bytes;
+        Some(slot)
     }
 }

@@ -48,9 +48,10 @@ pub struct CacheMetrics {
     pub hit_ratio: Gauge<f64, AtomicU64>,
     /// Lookup time by backend.
     pub lookup_seconds: Family<BackendLabels, Histogram>,
-    /// Entries in the memory backend.
+    /// Entries in the memory backend; with Redis, the policy's entries there (its ledger,
+    /// every replica's, as of this replica's last store).
     pub entries: Gauge,
-    /// Bytes in the memory backend.
+    /// Bytes of those entries.
     pub bytes: Gauge,
     /// Entries evicted from the memory backend to stay within its bounds.
     pub evictions: Counter,
@@ -132,12 +133,12 @@ pub fn register(registry: &mut Registry) {
     );
     registry.register(
         "floodgate_cache_entries",
-        "Entries in the memory backend",
+        "Entries held: in the memory backend; with Redis, the policy's entries there (all replicas', as of this replica's last store)",
         m.entries.clone(),
     );
     registry.register(
         "floodgate_cache_bytes",
-        "Bytes in the memory backend",
+        "Bytes of those entries (as charged to maxBytes)",
         m.bytes.clone(),
     );
     registry.register(

@@ -155,6 +155,10 @@ pub struct Policy {
     /// Templates that answer only when every target failed (`when: degraded`).
     degraded: Vec<template::Template>,
     scope: CacheScope,
+    /// `modelScopes`: the scope of some models (by the name asked for).
+    model_scopes: Vec<(String, CacheScope)>,
+    /// `ignoreFields`: request fields left out of the key.
+    ignore_fields: Vec<String>,
     backend: CacheBackend,
     max_entry_bytes: usize,
     sampled: SampledRequests,
@@ -170,7 +174,13 @@ struct SemanticPolicy {
     threshold: f32,
     /// The model's directory: the policy's `modelDir`, else the gateway's.
     model_dir: Option<std::path::PathBuf>,
+    /// `modelRevision`: part of every entry's partition.
+    revision: Option<String>,
 }
+
+/// Fields `ignoreFields` may not name: the prompt and the model always count, `n` decides
+/// whether a request is cached at all, `stream` never counts.
+const KEY_FIELDS_KEPT: &[&str] = &["model", "messages", "n", "stream"];
 
 impl Policy {
     /// The policy of `spec`, with what it accepts and does not act on (each a sentence).
@@ -194,12 +204,33 @@ impl Policy {
                 s.embedding_model
             ));
         }
+        if spec.backend == CacheBackend::Redis
+            && spec.max_entries != floodgate_crds::cache::DEFAULT_MAX_ENTRIES
+        {
+            notes.push(format!(
+                "spec.maxEntries ({}) bounds only each replica's semantic index with backend \
+                 redis: the answers in Redis are bounded by maxBytes alone",
+                spec.max_entries
+            ));
+        }
         if spec.templates.is_some() {
             notes.push(
                 "spec.templates.ttlSeconds is accepted but not acted on (a template's answer \
                  is computed for each request, never stored)"
                     .into(),
             );
+        }
+        let mut ignore_fields = Vec::new();
+        for field in &spec.ignore_fields {
+            if KEY_FIELDS_KEPT.contains(&field.as_str()) {
+                notes.push(format!(
+                    "spec.ignoreFields names {field:?}, which is not acted on: {} always \
+                     count in the key or never do",
+                    KEY_FIELDS_KEPT.join(", ")
+                ));
+            } else {
+                ignore_fields.push(field.clone());
+            }
         }
         let policy = Policy {
             exact_ttl: spec
@@ -214,6 +245,12 @@ impl Policy {
             templates,
             degraded,
             scope: spec.scope,
+            model_scopes: spec
+                .model_scopes
+                .iter()
+                .map(|m| (m.model.clone(), m.scope))
+                .collect(),
+            ignore_fields,
             backend: spec.backend,
             max_entry_bytes: spec.max_entry_bytes as usize,
             sampled: spec.sampled,
@@ -221,6 +258,7 @@ impl Policy {
                 ttl: Duration::from_secs(u64::from(s.ttl_seconds)),
                 threshold: s.threshold as f32,
                 model_dir: s.model_dir.as_ref().map(std::path::PathBuf::from),
+                revision: s.model_revision.clone(),
             }),
             bound: redis::Bound::new("", spec.max_bytes),
         };
@@ -233,12 +271,67 @@ impl Policy {
         req.n.unwrap_or(1) <= 1 && (self.sampled == SampledRequests::Cache || !sampled)
     }
 
-    /// The scope of a request of `ctx`: its tenant's name, or everyone's when the policy
-    /// shares (and when the gateway is open: there is one caller).
-    fn scope(&self, ctx: &RequestCtx) -> String {
-        match (self.scope, &ctx.caller) {
+    /// The scope of a request of `ctx` for `model` (the name asked for): its tenant's name,
+    /// or everyone's when the policy shares for that model (and when the gateway is open:
+    /// there is one caller).
+    fn scope(&self, ctx: &RequestCtx, model: &str) -> String {
+        match (self.scope_of(model), &ctx.caller) {
             (CacheScope::Tenant, Some(caller)) => format!("tenant:{}", caller.name()),
             _ => "global".to_owned(),
+        }
+    }
+
+    /// The policy's scope for `model`: its `modelScopes` entry, else `scope`.
+    fn scope_of(&self, model: &str) -> CacheScope {
+        self.model_scopes
+            .iter()
+            .find(|(m, _)| m == model)
+            .map_or(self.scope, |(_, s)| *s)
+    }
+
+    /// `req` as the key reads it: without the fields of `ignoreFields`.
+    fn keyed<'a>(&self, req: &'a ChatRequest) -> std::borrow::Cow<'a, ChatRequest> {
+        if self.ignore_fields.is_empty() {
+            return std::borrow::Cow::Borrowed(req);
+        }
+        let mut keyed = req.clone();
+        for field in &self.ignore_fields {
+            match field.as_str() {
+                "temperature" => keyed.temperature = None,
+                "top_p" => keyed.top_p = None,
+                "max_tokens" | "max_completion_tokens" => {
+                    keyed.max_tokens = None;
+                    keyed.max_completion_tokens = None;
+                }
+                "stop" => keyed.stop = None,
+                "tools" => keyed.tools = None,
+                "tool_choice" => keyed.tool_choice = None,
+                other => {
+                    keyed.extra.remove(other);
+                }
+            }
+        }
+        std::borrow::Cow::Owned(keyed)
+    }
+
+    /// The exact key of `req` in `scope` for the `answering` model.
+    fn key(&self, scope: &str, answering: &str, req: &ChatRequest) -> Key {
+        key::exact(scope, answering, &self.keyed(req))
+    }
+
+    /// The semantic query of `req` (when the layer is on): its partition also holds the
+    /// model files' revision, when the policy names one.
+    fn semantic_query(
+        &self,
+        scope: &str,
+        answering: &str,
+        req: &ChatRequest,
+    ) -> Option<semantic::Query> {
+        let sp = self.semantic.as_ref()?;
+        let keyed = self.keyed(req);
+        match &sp.revision {
+            Some(rev) => semantic::query(scope, &format!("{answering}|embedding={rev}"), &keyed),
+            None => semantic::query(scope, answering, &keyed),
         }
     }
 }
@@ -426,16 +519,14 @@ impl Cache {
             return routed(crate::routing::chat(dispatcher, view, ctx, req, asker).await);
         }
         let (scope, answering) = (
-            policy.scope(ctx),
+            policy.scope(ctx, &req.model),
             answering(view, ctx, &asker.tenant, &req.model),
         );
-        let key = key::exact(&scope, &answering, req);
+        let key = policy.key(&scope, &answering, req);
         let mut target = Target {
             exact: key,
             semantic: policy
-                .semantic
-                .as_ref()
-                .and_then(|_| semantic::query(&scope, &answering, req))
+                .semantic_query(&scope, &answering, req)
                 .map(|q| (q, None)),
         };
         if no_cache {
@@ -521,6 +612,14 @@ impl Cache {
         (policy, target, window): (&Arc<Policy>, Target, Duration),
     ) -> Result<Served, pipeline::Error> {
         let key = target.exact;
+        // A finished answer stays joinable for the window (here and, through Redis, on every
+        // replica): a kind of storing, so not for `no-store` (requests that join while it
+        // is in flight still share it).
+        let keep = if ctx.cache.no_store {
+            Duration::ZERO
+        } else {
+            window
+        };
         let mut remote_tries = 0;
         let (leader, mirror) = loop {
             match self.flights.join(key, window) {
@@ -532,7 +631,7 @@ impl Cache {
                     match redis.lease(&key, &token, shared::LEASE).await {
                         Ok(true) => {
                             let mirror =
-                                shared::Mirror::start(redis, (key, token), window, &self.tasks);
+                                shared::Mirror::start(redis, (key, token), keep, &self.tasks);
                             break (leader, Some(mirror));
                         }
                         Ok(false) => {
@@ -549,6 +648,12 @@ impl Cache {
                             self.count(ctx, Outcome::Dedup);
                             let flight = leader.flight().clone();
                             let reader = (req.model.as_str(), req.include_usage());
+                            // A streaming caller reads its own subscription, which counts
+                            // what the answer saved (subscribed before the flight starts,
+                            // so that it never runs with nobody listening).
+                            let counted = req.stream.then(|| {
+                                flight.subscribe_counted(reader.0, reader.1, saving(view, reader.0))
+                            });
                             let own = leader.stream(
                                 meta.clone(),
                                 upstream,
@@ -557,16 +662,20 @@ impl Cache {
                                 &self.tasks,
                                 drop,
                             );
-                            let body = if req.stream {
-                                ReplyBody::Stream(own)
-                            } else {
-                                let by = whole_by(view, &meta.provider, ctx.deadline);
-                                let answer = flight
-                                    .whole_by(by)
-                                    .await
-                                    .map_err(|error| RouteError::Upstream { error, attempts: 0 })?;
-                                drop(own);
-                                ReplyBody::Complete(answer.for_caller(&req.model))
+                            let body = match counted {
+                                Some(stream) => {
+                                    drop(own);
+                                    ReplyBody::Stream(stream)
+                                }
+                                None => {
+                                    let by = whole_by(view, &meta.provider, ctx.deadline);
+                                    let answer = flight.whole_by(by).await.map_err(|error| {
+                                        RouteError::Upstream { error, attempts: 0 }
+                                    })?;
+                                    drop(own);
+                                    saved(view, &req.model, &answer);
+                                    ReplyBody::Complete(answer.for_caller(&req.model))
+                                }
                             };
                             return Ok(Served {
                                 reply: reply_of(meta.provider, meta.key, body),
@@ -586,7 +695,11 @@ impl Cache {
                     };
                     self.count(ctx, Outcome::Dedup);
                     let body = if req.stream {
-                        ReplyBody::Stream(flight.subscribe(&req.model, req.include_usage()))
+                        ReplyBody::Stream(flight.subscribe_counted(
+                            &req.model,
+                            req.include_usage(),
+                            saving(view, &req.model),
+                        ))
                     } else {
                         let by = whole_by(view, &meta.provider, ctx.deadline);
                         let answer = flight
@@ -633,13 +746,7 @@ impl Cache {
         let store = (policy.exact_ttl.is_some() || target.semantic.is_some())
             && !ctx.cache.no_store
             && first_choice(ctx);
-        // A finished answer stays joinable for the window: a kind of storing, so not for
-        // `no-store` (requests that join while it is in flight still share it).
-        let window = if ctx.cache.no_store {
-            Duration::ZERO
-        } else {
-            window
-        };
+        let window = keep;
         reply.body = match reply.body {
             ReplyBody::Complete(response) => {
                 let answer = Answer {
@@ -846,6 +953,7 @@ impl Cache {
                     match redis.put(&key, bytes, ttl, &policy.bound).await {
                         Ok(stored) => {
                             m.evictions.inc_by(stored.evicted);
+                            redis_usage(&stored);
                             result(if stored.kept { "stored" } else { "too_large" });
                         }
                         Err(e) => {
@@ -856,10 +964,10 @@ impl Cache {
                 });
             }
             _ => {
-                let expires = tokio::time::Instant::now() + ttl;
-                let stored = self
-                    .memory
-                    .put(key, Arc::new(answer.clone()), bytes.len(), expires);
+                let now = tokio::time::Instant::now();
+                let stored =
+                    self.memory
+                        .put(key, Arc::new(answer.clone()), bytes.len(), (now, now + ttl));
                 result(if stored.kept { "stored" } else { "too_large" });
                 m.evictions.inc_by(stored.evicted);
                 self.semantic.forget(&stored.gone);
@@ -907,11 +1015,15 @@ impl Cache {
                     match redis.put_semantic(&key, entry, ttl, &policy.bound).await {
                         Ok(stored) if stored.kept => {
                             m.evictions.inc_by(stored.evicted);
+                            redis_usage(&stored);
                             result("semantic_stored");
                             let expires = tokio::time::Instant::now() + ttl;
                             cache.semantic.insert(&query, key, &vector, expires);
                         }
-                        Ok(_) => result("too_large"),
+                        Ok(stored) => {
+                            redis_usage(&stored);
+                            result("too_large");
+                        }
                         Err(e) => {
                             tracing::debug!(error = %e, "semantic store in Redis failed");
                             result("error");
@@ -919,10 +1031,11 @@ impl Cache {
                     }
                 }
                 _ => {
-                    let expires = tokio::time::Instant::now() + ttl;
+                    let now = tokio::time::Instant::now();
+                    let expires = now + ttl;
                     // The index entry is charged with its answer: both leave together.
                     let cost = bytes.len() + semantic::index::entry_bytes(&query.text);
-                    let stored = cache.memory.put(key, answer, cost, expires);
+                    let stored = cache.memory.put(key, answer, cost, (now, expires));
                     m.evictions.inc_by(stored.evicted);
                     cache.semantic.forget(&stored.gone);
                     if stored.kept {
@@ -1058,14 +1171,17 @@ fn first_choice(ctx: &RequestCtx) -> bool {
     !degraded && ctx.routing.as_ref().is_none_or(|n| n.steps.len() <= 1)
 }
 
+/// Each target as its pool, provider, endpoint and upstream model: a provider's name is
+/// unique only within its pool, so two pools' `up` serving `x` at different endpoints are
+/// two models.
 fn resolved_model(view: &View, model: &str) -> String {
     match view.runtime.routes.get(model) {
         Some(route) => route
             .targets
             .iter()
-            .map(|t| {
-                let provider = view.runtime.providers.get(t.provider).map(|p| &*p.name);
-                format!("{}/{}", provider.unwrap_or(""), t.upstream_model)
+            .map(|t| match view.runtime.providers.get(t.provider) {
+                Some(p) => format!("{}/{}@{}/{}", p.pool, p.name, p.base_url, t.upstream_model),
+                None => format!("/{}", t.upstream_model),
             })
             .collect::<Vec<_>>()
             .join(","),
@@ -1073,25 +1189,42 @@ fn resolved_model(view: &View, model: &str) -> String {
     }
 }
 
+/// The entries and bytes gauges with the Redis backend: what the policy's ledger holds in
+/// Redis (all replicas' entries), as of this replica's last store.
+fn redis_usage(stored: &redis::Stored) {
+    let m = metrics::get();
+    m.entries
+        .set(i64::try_from(stored.entries).unwrap_or(i64::MAX));
+    m.bytes.set(i64::try_from(stored.bytes).unwrap_or(i64::MAX));
+}
+
 /// Counts the tokens and dollars a hit saved, at the first price found for `model`.
 fn saved(view: &View, model: &str, answer: &Answer) {
-    let Some(usage) = answer.response.usage else {
-        return;
-    };
-    let m = metrics::get();
-    m.saved_tokens.inc_by(u64::from(usage.total_tokens));
+    if let Some(usage) = &answer.response.usage {
+        saving(view, model)(usage);
+    }
+}
+
+/// What counts the tokens and dollars an answer of `usage` saved, at the first price found
+/// for `model` (a streaming follower's, once its usage comes).
+fn saving(view: &View, model: &str) -> impl FnOnce(&crate::providers::types::Usage) + Send + use<> {
     let price = view
         .config
         .pools
         .iter()
         .flat_map(|p| &p.spec.providers)
         .flat_map(|p| &p.models)
-        .find(|m| m.name == model || m.alias.as_deref() == Some(model));
-    if let Some(price) = price {
-        let usd = (f64::from(usage.prompt_tokens) * price.input_per_1m
-            + f64::from(usage.completion_tokens) * price.output_per_1m)
-            / 1e6;
-        m.saved_usd.inc_by(usd);
+        .find(|m| m.name == model || m.alias.as_deref() == Some(model))
+        .map(|p| (p.input_per_1m, p.output_per_1m));
+    move |usage| {
+        let m = metrics::get();
+        m.saved_tokens.inc_by(u64::from(usage.total_tokens));
+        if let Some((input, output)) = price {
+            let usd = (f64::from(usage.prompt_tokens) * input
+                + f64::from(usage.completion_tokens) * output)
+                / 1e6;
+            m.saved_usd.inc_by(usd);
+        }
     }
 }
 

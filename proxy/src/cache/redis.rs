@@ -160,7 +160,7 @@ impl RedisStore {
             Some(hex) => (SEMANTIC_ADDED, hex),
             None => ("", String::new()),
         };
-        let evicted: i64 = self
+        let (evicted, entries, held): (i64, u64, i64) = self
             .run(async move {
                 let [ledger, sizes, total] = keys;
                 redis::Script::new(STORE)
@@ -181,6 +181,8 @@ impl RedisStore {
         Ok(Stored {
             kept: evicted >= 0,
             evicted: u64::try_from(evicted).unwrap_or(0),
+            entries,
+            bytes: u64::try_from(held).unwrap_or(0),
         })
     }
 }
@@ -225,6 +227,10 @@ pub struct Stored {
     pub kept: bool,
     /// Entries evicted to make room.
     pub evicted: u64,
+    /// Entries the policy holds in Redis after the store (its ledger's count).
+    pub entries: u64,
+    /// Bytes they are charged (the ledger's sum).
+    pub bytes: u64,
 }
 
 /// Stores an entry within its policy's bound, in one step. The entries whose expiry passed
@@ -233,7 +239,8 @@ pub struct Stored {
 /// stored (-1); then the entries soonest to expire are deleted until the sum and the new
 /// charge (the value's and the key's bytes) fit, the entry is written with its TTL and
 /// charged, the ledger lives as long as its last entry, and a semantic entry is announced
-/// on its stream. Returns the entries evicted. The evicted entries and the stream are not
+/// on its stream. Returns the entries evicted (-1: not stored), and the entries and bytes
+/// the ledger holds after. The evicted entries and the stream are not
 /// among KEYS: the store runs on one Redis (its client is not a Cluster client).
 /// KEYS: entry, ledger, sizes, total. ARGV: value, ttl ms, max bytes, stream ('' for none),
 /// the stream's `k`, the stream's MAXLEN.
@@ -258,7 +265,7 @@ local charge = string.len(ARGV[1]) + string.len(KEYS[1])
 local max = tonumber(ARGV[3])
 if charge > max then
   redis.call('DEL', KEYS[1])
-  return -1
+  return {-1, redis.call('HLEN', KEYS[3]), tonumber(redis.call('GET', KEYS[4]) or '0')}
 end
 local total = tonumber(redis.call('GET', KEYS[4]) or '0')
 local evicted = 0
@@ -282,7 +289,7 @@ end
 if ARGV[4] ~= '' then
   redis.call('XADD', ARGV[4], 'MAXLEN', '~', ARGV[6], '*', 'k', ARGV[5])
 end
-return evicted
+return {evicted, redis.call('HLEN', KEYS[3]), tonumber(redis.call('GET', KEYS[4]) or '0')}
 ";
 
 /// Where a flight shared across replicas lives: the lease of its key (holding the token of
@@ -318,15 +325,32 @@ pub fn flight_token() -> String {
     })
 }
 
-/// Appends an entry to a flight's log, keeps the log, renews (or on the last entry
-/// releases) the lease only while it is still this flight's, and says so on the channel.
-/// KEYS: lease, log. ARGV: entry, keep ms, token, lease ms, last (1/0), channel.
+/// What an entry of a flight's log does to the flight's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseAfter {
+    /// Renewed for the lease's length: more entries come.
+    Renew,
+    /// Released: the flight ended without an answer to share (the next request leads).
+    Release,
+    /// Kept as long as the log (the dedup window): the answer ended cleanly, and a request
+    /// on any replica within the window finds the lease taken and reads the answer from the
+    /// log instead of calling the provider again.
+    Keep,
+}
+
+/// Appends an entry to a flight's log, keeps the log, and, only while the lease is still
+/// this flight's, renews it, releases it, or keeps it as long as the log; says so on the
+/// channel.
+/// KEYS: lease, log. ARGV: entry, keep ms, token, lease ms, after (renew/release/keep),
+/// channel.
 const PUBLISH: &str = r"
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 if redis.call('GET', KEYS[1]) == ARGV[3] then
-  if ARGV[5] == '1' then
+  if ARGV[5] == 'release' then
     redis.call('DEL', KEYS[1])
+  elseif ARGV[5] == 'keep' then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
   else
     redis.call('PEXPIRE', KEYS[1], ARGV[4])
   end
@@ -369,16 +393,16 @@ impl RedisStore {
         .await
     }
 
-    /// Appends `entry` to the flight's log (kept `keep` after its last entry), renews the
-    /// lease for `lease` while the flight holds it, says so on the channel; `last`
-    /// releases the lease (only the flight's own).
+    /// Appends `entry` to the flight's log (kept `keep` after its last entry), and, while
+    /// the flight holds the lease, renews it for `lease`, releases it, or keeps it `keep`
+    /// (`after`); says so on the channel.
     pub async fn publish(
         &self,
         (key, token): (&Key, &str),
         entry: Vec<u8>,
         keep: Duration,
         lease: Duration,
-        last: bool,
+        after: LeaseAfter,
     ) -> Result<(), RedisError> {
         let mut conn = self.conn()?;
         let (lease_key, log, channel) = flight_keys(key, token);
@@ -395,7 +419,11 @@ impl RedisStore {
                 .arg(keep)
                 .arg(token)
                 .arg(lease)
-                .arg(u8::from(last))
+                .arg(match after {
+                    LeaseAfter::Renew => "renew",
+                    LeaseAfter::Release => "release",
+                    LeaseAfter::Keep => "keep",
+                })
                 .arg(channel)
                 .invoke_async::<()>(&mut conn)
                 .await

@@ -7,12 +7,15 @@
 //!
 //! If the leader gets no answer, its followers on every replica ask again. If it dies, its
 //! lease lapses ([`LEASE`] after its last entry) and followers still waiting for an answer
-//! ask again; those mid-stream get an error. The log is kept for the dedup window after its
-//! last entry, so a request arriving just after the end is still answered from it.
+//! ask again; those mid-stream get an error. After a clean end the lease and the log are
+//! kept for the dedup window (from the end), so a request on any replica arriving just after
+//! the end finds the lease taken and is answered from the log, with no second provider call
+//! (whether or not the exact cache is on, or its write has landed). After an answer that
+//! broke, or none, the lease is released at once: the next request leads.
 
 use super::flight::Meta;
 use super::key::Key;
-use super::redis::RedisStore;
+use super::redis::{LeaseAfter, RedisStore};
 use crate::providers::{ChatChunk, ProviderError};
 use crate::route::ChunkStream;
 use futures::{Stream, StreamExt as _};
@@ -54,7 +57,8 @@ pub struct Mirror {
 
 impl Mirror {
     /// Starts publishing the flight `token` of `key`, keeping its log for `keep` after the
-    /// end.
+    /// end, and after a clean end its lease too (so the answer is followed, not asked for
+    /// again, for that long; `keep` zero releases it at once).
     pub fn start(
         store: Arc<RedisStore>,
         (key, token): (Key, String),
@@ -65,10 +69,15 @@ impl Mirror {
         tasks.spawn(async move {
             let mut ended = false;
             while let Some(entry) = rx.recv().await {
-                let last = matches!(entry, Entry::Done | Entry::Failed | Entry::None);
+                let after = match entry {
+                    Entry::Done if !keep.is_zero() => LeaseAfter::Keep,
+                    Entry::Done | Entry::Failed | Entry::None => LeaseAfter::Release,
+                    Entry::Meta { .. } | Entry::Chunk(_) => LeaseAfter::Renew,
+                };
+                let last = after != LeaseAfter::Renew;
                 let bytes = serde_json::to_vec(&entry).unwrap_or_default();
                 if let Err(e) = store
-                    .publish((&key, &token), bytes, keep, LEASE, last)
+                    .publish((&key, &token), bytes, keep, LEASE, after)
                     .await
                 {
                     tracing::debug!(error = %e, "publishing a shared flight failed");
@@ -82,7 +91,7 @@ impl Mirror {
                 // Dropped before its end (the leader went away).
                 let bytes = serde_json::to_vec(&Entry::Failed).unwrap_or_default();
                 let _ = store
-                    .publish((&key, &token), bytes, keep, LEASE, true)
+                    .publish((&key, &token), bytes, keep, LEASE, LeaseAfter::Release)
                     .await;
             }
         });

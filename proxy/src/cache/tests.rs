@@ -97,7 +97,7 @@ async fn entries_expire_at_their_ttl() {
     let k = key_of(base());
     let ttl = Duration::from_secs(60);
     let now = tokio::time::Instant::now();
-    store.put(k, Arc::new(answer("a")), 10, now + ttl);
+    store.put(k, Arc::new(answer("a")), 10, (now, now + ttl));
     tokio::time::advance(ttl - Duration::from_millis(1)).await;
     assert!(store.get(&k, tokio::time::Instant::now()).is_some());
     tokio::time::advance(Duration::from_millis(1)).await;
@@ -113,24 +113,30 @@ fn the_least_recently_used_goes_first_within_the_byte_budget() {
     let keys: Vec<Key> = (0..3).map(|i| Key([i; 32])).collect();
     let now = tokio::time::Instant::now();
     assert_eq!(
-        store.put(keys[0], Arc::new(answer("0")), 400, far).evicted,
+        store
+            .put(keys[0], Arc::new(answer("0")), 400, (now, far))
+            .evicted,
         0
     );
     assert_eq!(
-        store.put(keys[1], Arc::new(answer("1")), 400, far).evicted,
+        store
+            .put(keys[1], Arc::new(answer("1")), 400, (now, far))
+            .evicted,
         0
     );
     // Using 0 makes 1 the least recently used.
     assert!(store.get(&keys[0], now).is_some());
     assert_eq!(
-        store.put(keys[2], Arc::new(answer("2")), 400, far).evicted,
+        store
+            .put(keys[2], Arc::new(answer("2")), 400, (now, far))
+            .evicted,
         1
     );
     assert!(store.get(&keys[1], now).is_none());
     assert!(store.get(&keys[0], now).is_some());
     assert!(store.get(&keys[2], now).is_some());
     // Larger than the whole budget: not kept, nothing evicted.
-    let big = store.put(Key([9; 32]), Arc::new(answer("9")), 2000, far);
+    let big = store.put(Key([9; 32]), Arc::new(answer("9")), 2000, (now, far));
     assert!(!big.kept);
     assert_eq!(store.usage().0, 2);
 }
@@ -203,6 +209,171 @@ fn sampling_is_cached_only_when_the_policy_says_so() {
     assert!(!policy.caches(&req));
 }
 
+#[test]
+fn max_entries_with_redis_is_noted_as_bounding_only_the_index() {
+    let notes = |spec: serde_json::Value| {
+        let spec: CachePolicySpec = serde_json::from_value(spec).unwrap();
+        Policy::new(&spec).1
+    };
+    let noted = notes(json!({"backend": "redis", "maxEntries": 50}));
+    assert!(
+        noted.iter().any(|n| n.contains("spec.maxEntries (50)")
+            && n.contains("semantic index")
+            && n.contains("maxBytes alone")),
+        "{noted:?}"
+    );
+    // Acted on in memory, and the default says nothing.
+    for spec in [
+        json!({"backend": "memory", "maxEntries": 50}),
+        json!({"backend": "redis"}),
+    ] {
+        let noted = notes(spec.clone());
+        assert!(
+            !noted.iter().any(|n| n.contains("maxEntries")),
+            "{spec}: {noted:?}"
+        );
+    }
+}
+
+/// Two pools may each have a provider `up` serving `x` (provider names are unique only
+/// within a pool): the aliases routed to them are answered by different endpoints, so they
+/// must not share exact or semantic entries.
+#[test]
+fn the_resolved_model_tells_pools_apart() {
+    let pool = |name: &str, port: u16, alias: &str| {
+        format!(
+            "---\napiVersion: floodgate.dev/v1alpha1\nkind: AIProviderPool\nmetadata: {{name: {name}}}\nspec:\n\
+             \x20 providers:\n\
+             \x20 - {{name: up, type: openai, baseUrl: \"http://127.0.0.1:{port}\", models: [{{name: x, alias: {alias}}}], keys: [{{secretRef: {{name: keys, key: a}}, rpm: 1000}}]}}\n"
+        )
+    };
+    let yaml = "apiVersion: v1\nkind: Secret\nmetadata: {name: keys}\nstringData: {a: sk-a}\n"
+        .to_owned()
+        + &pool("alpha", 9001, "fast")
+        + &pool("beta", 9002, "cheap");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.yaml"), yaml).unwrap();
+    let (config, _) = crate::config::load::load_config(
+        &[dir.path().to_owned()],
+        crate::config::secrets::SecretSources::default(),
+    )
+    .unwrap();
+    let dispatcher = Dispatcher::new(Duration::from_secs(60), Duration::from_secs(1)).unwrap();
+    dispatcher.apply(Arc::new(config));
+    let view = dispatcher.view();
+    let (fast, cheap) = (
+        resolved_model(&view, "fast"),
+        resolved_model(&view, "cheap"),
+    );
+    assert_ne!(fast, cheap);
+    let req = request(base());
+    assert_ne!(
+        key::exact("global", &fast, &req),
+        key::exact("global", &cheap, &req)
+    );
+    // Stable for the same target (replicas and reloads share entries).
+    assert_eq!(resolved_model(&dispatcher.view(), "fast"), fast);
+}
+
+/// A semantic lookup waits for the prompt's embedding `SEMANTIC_WAIT` at most (a model
+/// that never answers), then goes on as a miss: not a millisecond before.
+#[tokio::test(start_paused = true)]
+async fn a_semantic_lookup_gives_up_on_the_model_after_its_wait() {
+    let spec: CachePolicySpec =
+        serde_json::from_value(json!({"semantic": {"ttlSeconds": 60, "threshold": 0.95}})).unwrap();
+    let (policy, _) = Policy::new(&spec);
+    let cache = Arc::new(Cache::new(None));
+    cache
+        .semantic()
+        .ready_with(semantic::embed::Embedder::stalled());
+    let req = request(base());
+    let mut target = Target {
+        exact: key_of(base()),
+        semantic: Some((semantic::query("global", "m", &req).unwrap(), None)),
+    };
+    let looking = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.semantic_lookup(&policy, &mut target).await.is_none() }
+    });
+    tokio::time::advance(SEMANTIC_WAIT - Duration::from_millis(1)).await;
+    tokio::task::yield_now().await;
+    assert!(!looking.is_finished(), "gave up before its wait");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(looking.await.unwrap(), "a miss after the wait");
+}
+
+/// `ignoreFields`: requests that differ only in those fields share a key (exact and
+/// semantic); in any other field they still differ; `model`, `messages`, `n` and `stream`
+/// cannot be ignored (noted).
+#[test]
+fn ignored_fields_leave_the_key() {
+    let spec = |v| serde_json::from_value::<CachePolicySpec>(v).unwrap();
+    let (policy, notes) = Policy::new(&spec(json!({
+        "exact": {"ttlSeconds": 60},
+        "semantic": {"ttlSeconds": 60, "threshold": 0.95},
+        "ignoreFields": ["seed", "temperature", "max_tokens", "messages"]
+    })));
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("ignoreFields") && n.contains("\"messages\"")),
+        "{notes:?}"
+    );
+    let key = |body: serde_json::Value| policy.key("global", "p/m", &request(body));
+    let semantic = |body: serde_json::Value| {
+        policy
+            .semantic_query("global", "p/m", &request(body))
+            .unwrap()
+            .partition
+    };
+    let mut other = base();
+    other["seed"] = json!(8);
+    other["temperature"] = json!(0.7);
+    other["max_completion_tokens"] = json!(10);
+    other.as_object_mut().unwrap().remove("max_tokens");
+    assert_eq!(key(base()), key(other.clone()));
+    assert_eq!(semantic(base()), semantic(other));
+    let mut top_p = base();
+    top_p["top_p"] = json!(0.5);
+    assert_ne!(key(base()), key(top_p.clone()));
+    assert_ne!(semantic(base()), semantic(top_p));
+    // Without the field, the same policy keys them apart.
+    let (plain, _) = Policy::new(&spec(json!({"exact": {"ttlSeconds": 60}})));
+    let mut seed = base();
+    seed["seed"] = json!(8);
+    assert_ne!(
+        plain.key("global", "p/m", &request(base())),
+        plain.key("global", "p/m", &request(seed))
+    );
+}
+
+/// `modelScopes` overrides `scope` for the models it names; `modelRevision` puts the
+/// semantic entries of other model files in another partition.
+#[test]
+fn a_models_scope_and_the_model_revision_are_the_policys() {
+    let spec = |v| serde_json::from_value::<CachePolicySpec>(v).unwrap();
+    let (policy, _) = Policy::new(&spec(json!({
+        "exact": {"ttlSeconds": 60},
+        "modelScopes": [{"model": "faq", "scope": "global"}]
+    })));
+    assert_eq!(policy.scope_of("faq"), CacheScope::Global);
+    assert_eq!(policy.scope_of("gpt-4o"), CacheScope::Tenant);
+    let semantic = |revision: Option<&str>| {
+        let mut s = json!({"semantic": {"ttlSeconds": 60, "threshold": 0.95}});
+        if let Some(r) = revision {
+            s["semantic"]["modelRevision"] = json!(r);
+        }
+        let (policy, _) = Policy::new(&spec(s));
+        policy
+            .semantic_query("global", "p/m", &request(base()))
+            .unwrap()
+            .partition
+    };
+    assert_ne!(semantic(Some("0.1.0")), semantic(Some("0.2.0")));
+    assert_ne!(semantic(Some("0.1.0")), semantic(None));
+    assert_eq!(semantic(Some("0.1.0")), semantic(Some("0.1.0")));
+}
+
 fn meta() -> Meta {
     Meta {
         provider: Arc::from("p"),
@@ -212,6 +383,44 @@ fn meta() -> Meta {
 
 fn chunks_of(text: &str) -> Vec<ChatChunk> {
     answer(text).chunks("gpt-4o", true)
+}
+
+/// A follower counts as a reader from the moment it joins: the leader's caller leaving
+/// before the follower subscribes does not stop the upstream (the follower gets the whole
+/// answer, not an error).
+#[tokio::test]
+async fn a_follower_holds_its_flight_from_the_moment_it_joins() {
+    let flights = Arc::new(Flights::default());
+    let tasks = TaskTracker::new();
+    let (k, window) = (Key([6; 32]), Duration::from_secs(5));
+    let Role::Lead(leader) = flights.join(k, window) else {
+        panic!("the first request leads");
+    };
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<ChatChunk, ProviderError>>();
+    let own = leader.stream(meta(), Box::pin(rx), ("gpt-4o", true), window, &tasks, drop);
+    let Role::Follow(flight) = flights.join(k, window) else {
+        panic!("the second follows");
+    };
+    // The leader's caller leaves; the flight's driver runs before the follower subscribes.
+    drop(own);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let mut sub = flight.subscribe("gpt-4o", true);
+    drop(flight);
+    for c in chunks_of("hello world") {
+        tx.unbounded_send(Ok(c)).unwrap();
+    }
+    drop(tx);
+    let mut asm = Assembler::default();
+    while let Some(item) = sub.next().await {
+        asm.push(&item.expect("the follower gets the answer, not an error"));
+    }
+    let whole = asm.finish().unwrap();
+    assert_eq!(
+        whole.response.choices[0].message.content.as_deref(),
+        Some("hello world")
+    );
 }
 
 /// A follower that joins after some chunks gets those first, then the live ones, while
@@ -509,7 +718,7 @@ async fn an_expired_entry_answers_as_stale_within_its_grace_only() {
     let k = key_of(base());
     let ttl = Duration::from_secs(60);
     let now = tokio::time::Instant::now();
-    store.put(k, Arc::new(answer("a")), 10, now + ttl);
+    store.put(k, Arc::new(answer("a")), 10, (now, now + ttl));
     tokio::time::advance(ttl).await;
     // Expired: no fresh answer, but kept for a stale one.
     assert!(store.get(&k, tokio::time::Instant::now()).is_none());
@@ -523,6 +732,38 @@ async fn an_expired_entry_answers_as_stale_within_its_grace_only() {
     assert_eq!(store.usage(), (0, 0));
 }
 
+/// To make room, an expired entry goes before the least recently used one: from its expiry
+/// exactly (not a millisecond before), kept for stale answers or not.
+#[tokio::test(start_paused = true)]
+async fn expired_entries_are_evicted_before_the_least_recently_used() {
+    let start = tokio::time::Instant::now();
+    let (soon, far) = (
+        start + Duration::from_secs(10),
+        start + Duration::from_secs(3600),
+    );
+    let (old, expiring, new) = (Key([1; 32]), Key([2; 32]), Key([3; 32]));
+    // Room for two entries of 400 bytes (each costs 400 + 128): `old` used least recently,
+    // `expiring` (10 s left) used last.
+    let store = || {
+        let store = MemoryStore::new(1100, 100);
+        store.set_grace(Duration::from_secs(30));
+        store.put(old, Arc::new(answer("1")), 400, (start, far));
+        store.put(expiring, Arc::new(answer("2")), 400, (start, soon));
+        assert!(store.get(&expiring, start).is_some());
+        store
+    };
+    let (before, at) = (store(), store());
+    tokio::time::advance(Duration::from_secs(10) - Duration::from_millis(1)).await;
+    let now = tokio::time::Instant::now();
+    let stored = before.put(new, Arc::new(answer("3")), 400, (now, far));
+    assert_eq!(stored.gone, vec![old]);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let now = tokio::time::Instant::now();
+    let stored = at.put(new, Arc::new(answer("3")), 400, (now, far));
+    assert_eq!(stored.gone, vec![expiring]);
+    assert!(at.get(&old, now).is_some() && at.get(&new, now).is_some());
+}
+
 /// What flights hold is charged to the memory budget: a store evicts answers to make room
 /// for it, and is refused when the flights alone leave none.
 #[test]
@@ -533,18 +774,18 @@ fn the_flights_bytes_count_against_the_memory_budget() {
     let far = tokio::time::Instant::now() + Duration::from_secs(3600);
     let now = tokio::time::Instant::now();
     // Two answers of 400 (+128 each) fit with nothing in flight.
-    store.put(Key([0; 32]), Arc::new(answer("0")), 400, far);
-    store.put(Key([1; 32]), Arc::new(answer("1")), 400, far);
+    store.put(Key([0; 32]), Arc::new(answer("0")), 400, (now, far));
+    store.put(Key([1; 32]), Arc::new(answer("1")), 400, (now, far));
     assert_eq!(store.usage(), (2, 1056));
     // Flights now hold 900: a third answer evicts the oldest to fit (1056 + 528 + 900 > 2000).
     held.store(900, std::sync::atomic::Ordering::Relaxed);
-    let third = store.put(Key([2; 32]), Arc::new(answer("2")), 400, far);
+    let third = store.put(Key([2; 32]), Arc::new(answer("2")), 400, (now, far));
     assert!(third.kept);
     assert_eq!(third.gone, vec![Key([0; 32])]);
     assert!(store.get(&Key([0; 32]), now).is_none());
     // Flights hold 1600: an answer of 528 cannot fit even alone, and nothing is evicted for it.
     held.store(1600, std::sync::atomic::Ordering::Relaxed);
-    let refused = store.put(Key([3; 32]), Arc::new(answer("3")), 400, far);
+    let refused = store.put(Key([3; 32]), Arc::new(answer("3")), 400, (now, far));
     assert!(!refused.kept && refused.gone.is_empty());
     assert_eq!(store.usage().0, 2);
 }

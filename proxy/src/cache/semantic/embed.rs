@@ -15,6 +15,7 @@
 //! run wait for a helper thread that is not scheduled: the tail of a semantic lookup. Larger
 //! batches use every core.
 
+use super::guard::Vocab;
 use super::minilm::Encoder;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -68,9 +69,25 @@ pub enum EmbedError {
     Busy,
 }
 
+/// Which forward pass runs the model (the same arithmetic, to float precision).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Pass {
+    /// [`super::minilm`]'s, arranged for a sentence or a few (the default: it takes less
+    /// CPU a sentence, measured by `make bench-cache`'s `embedding_cpu`).
+    #[default]
+    Own,
+    /// candle-transformers' `BertModel`, as published (for comparison).
+    Candle,
+}
+
+enum Forward {
+    Own(Encoder),
+    Candle(candle_transformers::models::bert::BertModel),
+}
+
 /// The model and its tokenizer, loaded.
 pub struct Model {
-    encoder: Encoder,
+    forward: Forward,
     tokenizer: Tokenizer,
 }
 
@@ -83,6 +100,11 @@ impl std::fmt::Debug for Model {
 impl Model {
     /// Loads the model in `dir` (its files, [`FILES`]).
     pub fn load(dir: &Path) -> Result<Self, EmbedError> {
+        Self::load_with(dir, Pass::default())
+    }
+
+    /// Loads the model in `dir`, run by the forward pass `pass`.
+    pub fn load_with(dir: &Path, pass: Pass) -> Result<Self, EmbedError> {
         for file in FILES {
             let path = dir.join(file);
             if !path.is_file() {
@@ -121,8 +143,19 @@ impl Model {
                 config.hidden_size
             )));
         }
-        let encoder = Encoder::load(vb, &config).map_err(|e| load(format!("weights: {e}")))?;
-        Ok(Self { encoder, tokenizer })
+        let weights = |e: candle_core::Error| load(format!("weights: {e}"));
+        let forward = match pass {
+            Pass::Own => Forward::Own(Encoder::load(vb, &config).map_err(weights)?),
+            Pass::Candle => Forward::Candle(
+                candle_transformers::models::bert::BertModel::load(vb, &config).map_err(weights)?,
+            ),
+        };
+        Ok(Self { forward, tokenizer })
+    }
+
+    /// The whole words of the model's vocabulary, for the guard ([`Vocab`]).
+    pub fn vocab(&self) -> Vocab {
+        Vocab::new(self.tokenizer.get_vocab(false).into_keys())
     }
 
     /// The embeddings of `texts`: mean pooling over each text's tokens, then L2
@@ -133,10 +166,13 @@ impl Model {
         }
         let run = |e: candle_core::Error| EmbedError::Run(e.to_string());
         let (ids, mask, padded) = self.tokens(texts)?;
-        let out = self
-            .encoder
-            .forward(&ids, padded.then_some(&mask))
-            .map_err(run)?;
+        let out = match &self.forward {
+            Forward::Own(encoder) => encoder.forward(&ids, padded.then_some(&mask)),
+            Forward::Candle(bert) => ids
+                .zeros_like()
+                .and_then(|types| bert.forward(&ids, &types, Some(&mask))),
+        }
+        .map_err(run)?;
         pool(&out, &mask).map_err(run)
     }
 
@@ -188,12 +224,22 @@ pub struct Embedder {
     tx: mpsc::SyncSender<Job>,
     /// Batches run so far.
     batches: Arc<AtomicU64>,
+    /// The model's whole words, for the guard.
+    vocab: Arc<Vocab>,
 }
 
 impl Embedder {
     /// Starts the model's thread.
     pub fn start(model: Model) -> Result<Self, EmbedError> {
-        Self::spawn(MAX_QUEUE, move |rx, counted| run(&model, &rx, &counted))
+        let vocab = model.vocab();
+        let mut embedder = Self::spawn(MAX_QUEUE, move |rx, counted| run(&model, &rx, &counted))?;
+        embedder.vocab = Arc::new(vocab);
+        Ok(embedder)
+    }
+
+    /// The model's whole words ([`Vocab`]).
+    pub fn vocab(&self) -> &Arc<Vocab> {
+        &self.vocab
     }
 
     /// A thread running `work` over at most `capacity` waiting texts.
@@ -208,7 +254,21 @@ impl Embedder {
             .name("floodgate-embed".into())
             .spawn(move || work(rx, counted))
             .map_err(|e| EmbedError::Run(e.to_string()))?;
-        Ok(Self { tx, batches })
+        Ok(Self {
+            tx,
+            batches,
+            vocab: Arc::default(),
+        })
+    }
+
+    /// An embedder whose model never answers (it holds every text it is sent): for tests of
+    /// what waits for it.
+    #[cfg(test)]
+    pub(crate) fn stalled() -> Self {
+        Self::spawn(MAX_QUEUE, |rx, _| {
+            let _held: Vec<Job> = rx.iter().collect();
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Batches run so far.
@@ -231,16 +291,7 @@ impl Embedder {
 /// The model's thread: takes the first waiting text, then every other one waiting (up to
 /// [`MAX_BATCH`]), embeds them together, answers each; ends when every sender is gone.
 fn run(model: &Model, rx: &mpsc::Receiver<Job>, batches: &AtomicU64) {
-    // A pool of one thread: what runs in it does not fan out to other threads (one handoff
-    // per batch instead of one per matrix product).
-    let alone = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .thread_name(|_| "floodgate-embed-1".into())
-        .build()
-        .map_err(
-            |e| tracing::debug!(error = %e, "no single-thread pool; small batches use every core"),
-        )
-        .ok();
+    let alone = one_thread();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH
@@ -271,6 +322,19 @@ fn run(model: &Model, rx: &mpsc::Receiver<Job>, batches: &AtomicU64) {
             }
         }
     }
+}
+
+/// A pool of one thread: what runs in it (`install`) does not fan out to other threads (one
+/// handoff per batch instead of one per matrix product). `None` if it cannot be made.
+pub fn one_thread() -> Option<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .thread_name(|_| "floodgate-embed-1".into())
+        .build()
+        .map_err(
+            |e| tracing::debug!(error = %e, "no single-thread pool; small batches use every core"),
+        )
+        .ok()
 }
 
 /// The cosine of two unit vectors: their dot product, summed in 16 lanes so the compiler
@@ -407,12 +471,8 @@ mod tests {
     /// scores were checked against) to float precision: alone and in a padded batch.
     #[test]
     fn the_embeddings_are_those_of_candles_bert_model() {
-        let (dir, model) = (default_dir(), model());
-        let config: Config =
-            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-        let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
-        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu).unwrap();
-        let bert = candle_transformers::models::bert::BertModel::load(vb, &config).unwrap();
+        let model = model();
+        let bert = Model::load_with(&default_dir(), Pass::Candle).unwrap();
         let texts = [
             "hi",
             "How do I report a missed bin collection in my street this week?",
@@ -420,11 +480,7 @@ mod tests {
             "Is ibuprofen unsafe to take with alcohol?",
         ];
         for batch in [&texts[..], &texts[1..2], &texts[3..]] {
-            let (ids, mask, _) = model.tokens(batch).unwrap();
-            let reference = bert
-                .forward(&ids, &ids.zeros_like().unwrap(), Some(&mask))
-                .unwrap();
-            let expected = pool(&reference, &mask).unwrap();
+            let expected = bert.embed(batch).unwrap();
             let got = model.embed(batch).unwrap();
             for ((text, e), g) in batch.iter().zip(&expected).zip(&got) {
                 let diff = largest_difference(e, g);

@@ -190,6 +190,12 @@ impl Semantic {
         }
     }
 
+    /// The layer with `embedder` as its model, ready (tests).
+    #[cfg(test)]
+    pub(crate) fn ready_with(&self, embedder: Embedder) {
+        *self.lock_model() = ModelState::Ready(PathBuf::new(), embedder);
+    }
+
     fn lock_model(&self) -> std::sync::MutexGuard<'_, ModelState> {
         self.model.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -202,6 +208,14 @@ impl Semantic {
     /// Whether the model is loaded and the layer is working.
     pub fn ready(&self) -> bool {
         matches!(&*self.lock_model(), ModelState::Ready(..))
+    }
+
+    /// The model's whole words (the guard's [`guard::Vocab`]), once it is loaded.
+    pub fn vocab(&self) -> Option<Arc<guard::Vocab>> {
+        match &*self.lock_model() {
+            ModelState::Ready(_, e) => Some(e.vocab().clone()),
+            _ => None,
+        }
     }
 
     /// Whether the model could not be loaded (the layer is off).
@@ -225,8 +239,10 @@ impl Semantic {
     }
 
     /// The best candidate for `q` (embedded as `vector`) that the guard lets through, at or
-    /// above `threshold`.
+    /// above `threshold`; none while the model (whose vocabulary the guard reads) is not
+    /// loaded.
     pub fn find(&self, q: &Query, vector: &[f32], threshold: f32) -> Option<Found> {
+        let vocab = self.vocab()?;
         let now = Instant::now();
         let candidates = {
             let mut index = self.index();
@@ -235,7 +251,7 @@ impl Semantic {
         };
         let m = metrics::get();
         for c in candidates {
-            match guard::check(&c.text, &q.text) {
+            match guard::check(&c.text, &q.text, &vocab) {
                 Ok(()) => {
                     return Some(Found {
                         key: c.key,
