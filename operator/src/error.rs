@@ -16,6 +16,27 @@ pub enum Error {
     /// fatal to a reconcile.
     #[error("cannot scrape the gateway's metrics: {0}")]
     Scrape(String),
+    /// No pod matches the gateway's metrics selector: a wrong `--gateway-metrics-selector`,
+    /// or no gateway running there (not "no use").
+    #[error("no pod in namespace {namespace:?} matches the gateway selector {selector:?}")]
+    NoGatewayPods {
+        /// The namespace listed.
+        namespace: String,
+        /// The label selector that matched nothing.
+        selector: String,
+    },
+    /// Pods match the gateway's metrics selector but none is Ready (with an IP) to scrape.
+    #[error(
+        "{matched} pod(s) in namespace {namespace:?} match the gateway selector {selector:?} but none is Ready"
+    )]
+    NoReadyGatewayPods {
+        /// The namespace listed.
+        namespace: String,
+        /// The label selector.
+        selector: String,
+        /// How many pods it matched.
+        matched: usize,
+    },
     /// Another replica took the leader Lease, or it could not be renewed.
     #[error("lost the leader Lease")]
     LeaseLost,
@@ -36,6 +57,8 @@ impl Error {
             Error::Encode(_) => "encode",
             Error::Redis(_) => "redis",
             Error::Scrape(_) => "scrape",
+            Error::NoGatewayPods { .. } => "no_gateway_pods",
+            Error::NoReadyGatewayPods { .. } => "no_ready_gateway_pods",
             Error::LeaseLost => "lease_lost",
             Error::LeaseCallTimeout(_) => "lease_timeout",
         }

@@ -55,6 +55,21 @@ pub fn context_with_redis(redis_url: &str) -> (Arc<Context>, ApiServer) {
     }
 }
 
+/// A context whose client talks to the returned [`ApiServer`], reading pools' live figures
+/// from the gateway's `/metrics` at `targets` (no Redis).
+pub fn context_with_gateway(targets: crate::gateway::Targets) -> (Arc<Context>, ApiServer) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let config = Config {
+        gateway_metrics: Some(targets),
+        ..Config::default()
+    };
+    match Context::new(client, config, Arc::new(Metrics::default())) {
+        Ok(ctx) => (ctx, ApiServer(handle)),
+        Err(e) => panic!("a context scraping the gateway: {e}"),
+    }
+}
+
 /// One request the reconcile made, as the API server received it.
 #[derive(Debug)]
 pub struct Call {

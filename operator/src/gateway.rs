@@ -11,8 +11,10 @@
 //!   Redis figures are ([`crate::usage::sum_circuits`]): the worst, and the replicas open.
 //!
 //! The figures are per pool name: the gateway labels its series with the pool's name, not its
-//! namespace. A replica that cannot be scraped fails the read (partial sums would pass for
-//! low use); no Ready replica reads as no use and circuits unknown.
+//! namespace. A replica that cannot be scraped, or does not answer within [`SCRAPE_TIMEOUT`],
+//! fails the read (partial sums would pass for low use). So does a selector that matches no
+//! pod ([`Error::NoGatewayPods`]: a wrong `--gateway-metrics-selector`, or no gateway there)
+//! or matches no Ready one ([`Error::NoReadyGatewayPods`]): nothing to read is not "no use".
 
 use crate::error::{Error, Result};
 use crate::usage::{PoolCircuits, ProviderUsage, sum_circuits};
@@ -37,7 +39,7 @@ pub const CIRCUIT_STATE: &str = "floodgate_circuit_state";
 /// Where the gateway's replicas serve `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Targets {
-    /// The Ready pods matching `selector` in `namespace`, on `port`.
+    /// The Ready pods matching `selector` in `namespace`, on `port` (at least one must).
     Pods {
         /// The gateway's namespace.
         namespace: String,
@@ -91,7 +93,7 @@ impl Scraper {
             } => {
                 let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
                 let listed = pods.list(&ListParams::default().labels(selector)).await?;
-                listed
+                let urls: Vec<String> = listed
                     .items
                     .iter()
                     .filter(|p| is_ready(p))
@@ -100,7 +102,23 @@ impl Scraper {
                         Ok(std::net::IpAddr::V6(v6)) => format!("http://[{v6}]:{port}"),
                         _ => format!("http://{ip}:{port}"),
                     })
-                    .collect()
+                    .collect();
+                // Nothing to scrape is not "no use": a wrong selector, or a gateway down,
+                // would otherwise read as an idle pool.
+                if listed.items.is_empty() {
+                    return Err(Error::NoGatewayPods {
+                        namespace: namespace.clone(),
+                        selector: selector.clone(),
+                    });
+                }
+                if urls.is_empty() {
+                    return Err(Error::NoReadyGatewayPods {
+                        namespace: namespace.clone(),
+                        selector: selector.clone(),
+                        matched: listed.items.len(),
+                    });
+                }
+                urls
             }
         };
         let mut replicas = Vec::with_capacity(urls.len());

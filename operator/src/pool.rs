@@ -32,15 +32,41 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 /// configured.
 pub const USAGE_REFRESH: Duration = Duration::from_secs(15);
 
+/// `UsageTracked`'s reason when the gateway metrics selector matches no pod.
+pub const NO_GATEWAY_PODS: &str = "NoGatewayPods";
+/// `UsageTracked`'s reason when the selector's pods are none of them Ready.
+pub const NO_READY_GATEWAY_PODS: &str = "NoReadyGatewayPods";
+
 /// What reading a pool's live figures gave.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Live {
     /// No source to read them from (no `--redis-url`, no gateway metrics).
     Unconfigured,
-    /// The source failed; why.
-    Failed(String),
+    /// The source failed: the `UsageTracked` reason, and why.
+    Failed {
+        /// `UsageUnreadable`, or [`NO_GATEWAY_PODS`] / [`NO_READY_GATEWAY_PODS`] when there
+        /// was no gateway replica to scrape.
+        reason: &'static str,
+        /// The error, as it reads.
+        why: String,
+    },
     /// Requests of the last minute and circuits, per provider.
     Read(ProviderUsage, PoolCircuits),
+}
+
+impl Live {
+    /// A read that failed with `error`, with the `UsageTracked` reason it gives.
+    pub fn failed(error: &Error) -> Self {
+        let reason = match error {
+            Error::NoGatewayPods { .. } => NO_GATEWAY_PODS,
+            Error::NoReadyGatewayPods { .. } => NO_READY_GATEWAY_PODS,
+            _ => "UsageUnreadable",
+        };
+        Live::Failed {
+            reason,
+            why: error.to_string(),
+        }
+    }
 }
 
 /// Reconciles one pool: reads the Secrets it names and writes its status.
@@ -59,7 +85,7 @@ pub async fn reconcile(pool: Arc<AIProviderPool>, ctx: Arc<Context>) -> Result<A
         Some(Ok((usage, circuits))) => Live::Read(usage, circuits),
         Some(Err(e)) => {
             tracing::warn!(object = %object_key(pool.as_ref()), error = %e, "cannot read live usage");
-            Live::Failed(e.to_string())
+            Live::failed(&e)
         }
     };
     let old = pool.status.as_ref();
@@ -162,7 +188,7 @@ pub fn compute_status(
 ) -> AIProviderPoolStatus {
     let usage = match live {
         Live::Read(usage, _) => Some(usage),
-        Live::Unconfigured | Live::Failed(_) => None,
+        Live::Unconfigured | Live::Failed { .. } => None,
     };
     let mut providers = Vec::new();
     let (mut ready_keys, mut total_keys, mut capacity_rpm) = (0u32, 0u32, 0u64);
@@ -272,14 +298,23 @@ fn usage_tracked(live: &Live) -> floodgate_crds::Condition {
             "NoUsageSource",
             "the operator has neither --redis-url nor --gateway-metrics-selector: usedRpm and the circuits are not read",
         ),
-        Live::Failed(why) => condition(
-            USAGE_TRACKED,
-            false,
-            "UsageUnreadable",
-            format!(
-                "cannot read the gateway's figures ({why}): usedRpm shows 0 and circuits unknown until a read succeeds"
-            ),
-        ),
+        Live::Failed { reason, why } => {
+            let hint = match *reason {
+                NO_GATEWAY_PODS => {
+                    ": check --gateway-metrics-selector and that the gateway runs there"
+                }
+                NO_READY_GATEWAY_PODS => ": the gateway is not serving",
+                _ => "",
+            };
+            condition(
+                USAGE_TRACKED,
+                false,
+                reason,
+                format!(
+                    "cannot read the gateway's figures ({why}){hint}; usedRpm shows 0 and circuits unknown until a read succeeds"
+                ),
+            )
+        }
         Live::Read(..) => condition(
             USAGE_TRACKED,
             true,

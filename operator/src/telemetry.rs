@@ -16,6 +16,7 @@ use crate::context::Context;
 use crate::error::Result;
 use kube::Resource;
 use kube::runtime::controller::Action;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::future::Future;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -39,43 +40,42 @@ pub enum Error {
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
 }
 
-/// Installs the global subscriber: the fmt layer on stderr (filtered by `RUST_LOG`, default
-/// `info`; JSON lines with `json`), and with `otlp_endpoint` the export of the reconcile spans.
-/// Call it before starting a tokio runtime, and drop what it returns after the runtime.
+/// Installs the global subscriber ([`subscriber`]): the fmt layer on stderr (filtered by
+/// `RUST_LOG`, default `info`; JSON lines with `json`), and with `otlp_endpoint` the export of
+/// the reconcile spans. Call it before starting a tokio runtime, and drop what it returns
+/// after the runtime.
 pub fn init(
     json: bool,
     otlp_endpoint: Option<&str>,
 ) -> Result<floodgate_telemetry::Exporter, Error> {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let endpoint = otlp_endpoint.filter(|e| !e.trim().is_empty());
-    let Some(endpoint) = endpoint else {
-        if json {
-            tracing_subscriber::fmt()
-                .json()
-                .with_env_filter(filter())
-                .finish()
-                .try_init()?;
-        } else {
-            tracing_subscriber::fmt()
-                .with_env_filter(filter())
-                .finish()
-                .try_init()?;
-        }
-        return Ok(floodgate_telemetry::Exporter::new(None));
+    let provider = match otlp_endpoint.filter(|e| !e.trim().is_empty()) {
+        None => None,
+        Some(endpoint) => Some(floodgate_telemetry::tracer_provider(
+            &floodgate_telemetry::traces_url(endpoint)?,
+            floodgate_telemetry::service_name(DEFAULT_SERVICE_NAME),
+        )?),
     };
-    let provider = floodgate_telemetry::tracer_provider(
-        &floodgate_telemetry::traces_url(endpoint)?,
-        floodgate_telemetry::service_name(DEFAULT_SERVICE_NAME),
-    )?;
+    subscriber(json, provider.as_ref()).try_init()?;
+    Ok(floodgate_telemetry::Exporter::new(provider))
+}
+
+/// The operator's subscriber, as [`init`] installs it (and the OTLP test runs a reconcile in
+/// it): the fmt layer on stderr with `RUST_LOG`'s filter (its own: it does not limit the
+/// export), and with `provider` the export layer, seeing only [`exported`]'s spans.
+fn subscriber(
+    json: bool,
+    provider: Option<&SdkTracerProvider>,
+) -> impl tracing::Subscriber + Send + Sync + 'static {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = if json {
-        fmt.json().with_filter(filter()).boxed()
+        fmt.json().with_filter(filter).boxed()
     } else {
-        fmt.with_filter(filter()).boxed()
+        fmt.with_filter(filter).boxed()
     };
-    let otel = floodgate_telemetry::layer(&provider, DEFAULT_SERVICE_NAME).with_filter(exported());
-    Registry::default().with(fmt).with(otel).try_init()?;
-    Ok(floodgate_telemetry::Exporter::new(Some(provider)))
+    let otel = provider
+        .map(|p| floodgate_telemetry::layer(p, DEFAULT_SERVICE_NAME).with_filter(exported()));
+    Registry::default().with(fmt).with(otel)
 }
 
 /// What the export layer sees: the operator's spans and its warnings (as span events), and

@@ -144,7 +144,7 @@ async fn the_gateways_ready_pods_are_found_by_their_labels_and_scraped() {
 }
 
 #[tokio::test]
-async fn a_replica_that_does_not_answer_fails_the_read_naming_it() {
+async fn a_replica_that_refuses_the_connection_fails_the_read_naming_it() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
@@ -153,6 +153,86 @@ async fn a_replica_that_does_not_answer_fails_the_read_naming_it() {
     let scraper = Scraper::new(ctx.client.clone(), Targets::Urls(vec![live, dead.clone()]));
     match scraper.pool_live("premium", &spec()).await {
         Err(Error::Scrape(why)) => assert!(why.starts_with(&dead), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_accepts_and_never_answers_fails_the_read_at_the_scrape_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stuck = format!("http://{}", listener.local_addr().unwrap());
+    let (accepted, connected) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let _ = accepted.send(());
+        // Holds the connection open, reading nothing and answering nothing.
+        std::future::pending::<()>().await;
+        drop(socket);
+    });
+    let live = format!("http://127.0.0.1:{}", serve_metrics(EXPOSITION).await);
+    let (ctx, _api) = fixtures::context(DemandSource::Unconfigured);
+    let scraper = Scraper::new(ctx.client.clone(), Targets::Urls(vec![live, stuck.clone()]));
+    let start = tokio::time::Instant::now();
+    let read = tokio::spawn(async move { scraper.scrape().await });
+    connected.await.unwrap();
+    tokio::time::sleep_until(start + SCRAPE_TIMEOUT - Duration::from_millis(1)).await;
+    assert!(!read.is_finished(), "gave up before {SCRAPE_TIMEOUT:?}");
+    // Without a timeout the read would wait for ever (and the pool's reconcile with it).
+    let outcome = tokio::time::timeout(SCRAPE_TIMEOUT, read)
+        .await
+        .expect("the read still waits for the stuck replica")
+        .unwrap();
+    assert_eq!(start.elapsed(), SCRAPE_TIMEOUT);
+    match outcome {
+        Err(Error::Scrape(why)) => assert_eq!(why, format!("{stuck}: no answer within 2s")),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Scrapes the gateway's pods when the API server lists `pods` for its selector.
+async fn scrape_listing(pods: Vec<serde_json::Value>) -> Result<Vec<ReplicaFigures>> {
+    let (ctx, mut api) = fixtures::context(DemandSource::Unconfigured);
+    let scraper = Scraper::new(
+        ctx.client.clone(),
+        Targets::Pods {
+            namespace: "floodgate".into(),
+            selector: "app=gateway".into(),
+            port: 9090,
+        },
+    );
+    let script = async move {
+        api.expect(http::Method::GET, "/api/v1/namespaces/floodgate/pods")
+            .await
+            .ok(&serde_json::json!({
+                "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods
+            }));
+        api
+    };
+    fixtures::run(scraper.scrape(), script).await
+}
+
+#[tokio::test]
+async fn a_selector_matching_no_pod_fails_the_read_naming_it_and_its_namespace() {
+    match scrape_listing(vec![]).await {
+        Err(e @ Error::NoGatewayPods { .. }) => assert_eq!(
+            e.to_string(),
+            r#"no pod in namespace "floodgate" matches the gateway selector "app=gateway""#
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn pods_none_of_them_ready_fail_the_read_apart_from_no_pods() {
+    let pods = vec![
+        pod("gw-a", "127.0.0.1", false),
+        pod("gw-b", "127.0.0.2", false),
+    ];
+    match scrape_listing(pods).await {
+        Err(e @ Error::NoReadyGatewayPods { matched: 2, .. }) => assert_eq!(
+            e.to_string(),
+            r#"2 pod(s) in namespace "floodgate" match the gateway selector "app=gateway" but none is Ready"#
+        ),
         other => panic!("{other:?}"),
     }
 }

@@ -280,3 +280,40 @@ async fn a_failed_usage_read_clears_the_figures_and_says_why_in_usage_tracked() 
     let action = fixtures::run(reconcile(Arc::new(p), ctx), script).await;
     assert_eq!(action.unwrap(), Action::requeue(USAGE_REFRESH));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_gateway_selector_matching_no_pod_reads_as_untracked_naming_it_not_as_no_use() {
+    let (ctx, mut api) = fixtures::context_with_gateway(crate::gateway::Targets::Pods {
+        namespace: "floodgate".into(),
+        selector: "app=wrong".into(),
+        port: 9090,
+    });
+    let p = pool(1);
+    let script = {
+        let p = p.clone();
+        async move {
+            api.expect_secret("ai", "claude-keys", Some(&["key1", "key2"]))
+                .await;
+            api.expect(http::Method::GET, "/api/v1/namespaces/floodgate/pods")
+                .await
+                .ok(&json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}));
+            let patch = expect_status(&mut api, &p).await;
+            assert_eq!(patch["status"]["usedRpm"], 0);
+            let tracked = condition(&patch, USAGE_TRACKED);
+            assert_eq!(
+                (tracked["status"].clone(), tracked["reason"].clone()),
+                (json!("False"), json!("NoGatewayPods"))
+            );
+            let message = field(tracked, "message");
+            assert!(
+                message.contains(r#"namespace "floodgate""#) && message.contains(r#""app=wrong""#),
+                "{message}"
+            );
+            assert!(message.contains("--gateway-metrics-selector"), "{message}");
+            api.expect_events("ai", 1).await;
+            api
+        }
+    };
+    let action = fixtures::run(reconcile(Arc::new(p), ctx), script).await;
+    assert_eq!(action.unwrap(), Action::requeue(USAGE_REFRESH));
+}

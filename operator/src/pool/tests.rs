@@ -162,7 +162,10 @@ fn live_usage_fills_providers_and_total_and_a_failed_read_clears_them() {
     assert_eq!(get(&s, USAGE_TRACKED).status, ConditionStatus::True);
     // Redis unreachable on the next pass: not the last figures (a pool gone quiet, or its
     // circuit closed again, would show them for ever), but 0, unknown, and why.
-    let failed = Live::Failed("Connection refused (os error 111)".into());
+    let failed = Live::Failed {
+        reason: "UsageUnreadable",
+        why: "Connection refused (os error 111)".into(),
+    };
     let again = compute_status(
         &spec(),
         Some(1),

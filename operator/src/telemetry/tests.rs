@@ -68,8 +68,8 @@ fn a_reconcile_is_exported_as_a_span_naming_the_object_and_its_failure() {
         DEFAULT_SERVICE_NAME.to_owned(),
     )
     .unwrap();
-    let subscriber = Registry::default()
-        .with(floodgate_telemetry::layer(&provider, DEFAULT_SERVICE_NAME).with_filter(exported()));
+    // The stack `init` installs, with the provider it would build for `url`.
+    let subscriber = subscriber(false, Some(&provider));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
