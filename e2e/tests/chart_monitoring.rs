@@ -281,6 +281,10 @@ spec:
   - name: simple-local
     match: {{classes: [simple]}}
     targets: [{{localModel: llama}}, {{pool: premium, model: smart}}]
+  # A budget, so that the budget gauges the cost alert reads have series.
+  budgets:
+    alertAt: 0.8
+    tenants: [{{name: acme, monthlyUSD: 100}}]
 ---
 apiVersion: floodgate.dev/v1alpha1
 kind: CachePolicy
