@@ -1804,18 +1804,23 @@ async fn a_jobs_own_webhook_into_the_gateways_network_is_refused_unless_allowed(
     proxy.stop().await.unwrap();
 }
 
+/// The config directory's YAML without the tier's `async` settings (webhook, its secret).
+fn without_tier_webhook(yaml: &str, hook: &str) -> String {
+    let settings = format!(
+        "    async:\n      notify: [webhook]\n      webhook: {{url: \"{hook}\", signingSecretRef: {{name: keys, key: signing}}}}\n"
+    );
+    assert!(yaml.contains(&settings));
+    yaml.replace(&settings, "")
+}
+
 #[tokio::test]
 async fn a_jobs_own_webhook_in_a_tier_without_webhook_settings_is_refused() {
     // Such a tier has no signingSecretRef: the job's URL would be sent unsigned.
     let mock = MockProviders::start(MockConfig::default()).await.unwrap();
     let (own_hook, _) = receiver().await;
-    let yaml = config_yaml(&mock, &own_hook, 1000);
-    let settings = format!(
-        "    async:\n      notify: [webhook]\n      webhook: {{url: \"{own_hook}\", signingSecretRef: {{name: keys, key: signing}}}}\n"
-    );
-    assert!(yaml.contains(&settings));
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("all.yaml"), yaml.replace(&settings, "")).unwrap();
+    let yaml = without_tier_webhook(&config_yaml(&mock, &own_hook, 1000), &own_hook);
+    std::fs::write(dir.path().join("all.yaml"), yaml).unwrap();
     let proxy = start(&dir, &["--job-webhook-private-addresses"]).await;
     let http = reqwest::Client::new();
     let mut body = job("gpt-4o", "own hook");
@@ -1838,6 +1843,53 @@ async fn a_jobs_own_webhook_in_a_tier_without_webhook_settings_is_refused() {
     // Without `notify.webhook` the same tier takes jobs.
     submit_id(&http, &proxy, ACME, &job("gpt-4o", "no hook")).await;
     proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_jobs_own_webhook_sent_unsigned_after_its_tier_lost_its_settings_is_logged() {
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (own_hook, got) = receiver().await;
+    let yaml = config_yaml(&mock, &own_hook, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("all.yaml"), &yaml).unwrap();
+    let url = redis.url();
+    let allow = "--job-webhook-private-addresses";
+    // Queued while the tier signs its jobs' own URLs, by a replica that runs none.
+    let accept = start(
+        &dir,
+        &["--redis", url.as_str(), "--job-workers", "0", allow],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let mut body = job("gpt-4o", "own hook");
+    body["notify"] = json!({"webhook": own_hook});
+    let id = submit_id(&http, &accept, ACME, &body).await;
+    accept.stop().await.unwrap();
+    // The tier's webhook settings are removed; a replica with workers runs and tells it.
+    std::fs::write(
+        dir.path().join("all.yaml"),
+        without_tier_webhook(&yaml, &own_hook),
+    )
+    .unwrap();
+    let run = start(&dir, &["--redis", url.as_str(), allow]).await;
+    let sent = until("the job's own webhook", || async {
+        got.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert!(
+        sent.0.get(webhook::SIGNATURE_HEADER).is_none(),
+        "{:?}",
+        sent.0
+    );
+    let told: Value = serde_json::from_slice(&sent.1).unwrap();
+    assert_eq!(told["job"]["id"], id.as_str());
+    let warned = run
+        .wait_for_log("webhook sent unsigned", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(warned.contains(&id), "{warned}");
+    run.stop().await.unwrap();
 }
 
 in_memory_and_redis!(
