@@ -599,6 +599,24 @@ async fn dead_letter_and_redrive(extra: &[&str]) {
     gw.stop().await;
 }
 
+/// Whether nothing is queued, held (claimed, unacknowledged) or waiting for a retry in the
+/// Redis store: nothing is left that could send a notification (only a claim's holder does).
+async fn nothing_pending(mut conn: redis::aio::MultiplexedConnection) -> bool {
+    let (queued, held, delayed): (u64, Vec<redis::Value>, u64) = redis::pipe()
+        .cmd("XLEN")
+        .arg("floodgate:{jobs}:queue")
+        .cmd("XPENDING")
+        .arg("floodgate:{jobs}:queue")
+        .arg("workers")
+        .cmd("ZCARD")
+        .arg("floodgate:{jobs}:delayed")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let none_held = matches!(held.first(), Some(redis::Value::Int(0)));
+    queued == 0 && none_held && delayed == 0
+}
+
 #[tokio::test]
 async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_once() {
     let redis = RedisServer::start().await.unwrap();
@@ -610,7 +628,9 @@ async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_on
         .unwrap();
     let dir = config(&mock, receiver.url());
     let url = redis.url();
-    let shared = ["--redis", url.as_str(), "--job-visibility-ms", "1000"];
+    // Leases of 3 s, renewed each second: a second's stall of the loaded test machine does
+    // not let one of B's workers take over another's notification and send it again.
+    let shared = ["--redis", url.as_str(), "--job-visibility-ms", "3000"];
     let mut args_a = shared.to_vec();
     args_a.extend(["--job-workers", "4"]);
     let a = start(&dir, &args_a).await;
@@ -648,23 +668,9 @@ async fn a_proxy_killed_while_holding_jobs_loses_none_and_each_caller_is_told_on
     let client = redis::Client::open(url.as_str()).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
     until("every job told and every claim acknowledged", || {
-        let mut conn = conn.clone();
+        let conn = conn.clone();
         let answered = receiver.answered().len();
-        async move {
-            let (queued, held, delayed): (u64, Vec<redis::Value>, u64) = redis::pipe()
-                .cmd("XLEN")
-                .arg("floodgate:{jobs}:queue")
-                .cmd("XPENDING")
-                .arg("floodgate:{jobs}:queue")
-                .arg("workers")
-                .cmd("ZCARD")
-                .arg("floodgate:{jobs}:delayed")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let none_held = matches!(held.first(), Some(redis::Value::Int(0)));
-            (queued == 0 && none_held && delayed == 0 && answered >= 12).then_some(())
-        }
+        async move { (answered >= 12 && nothing_pending(conn).await).then_some(()) }
     })
     .await;
 
@@ -774,11 +780,19 @@ async fn a_stalled_replica_whose_job_another_finished_tells_the_caller_that_one_
     a.resume().await.unwrap();
     // A's attempt ends and its write is refused (B finished the job); B's notification was
     // never answered, so A tells it, once B's lease has lapsed.
-    let told = until("the caller to be told", || async {
-        let answered = receiver.answered();
-        (!answered.is_empty()).then_some(answered)
+    until("the caller to be told", || async {
+        (!receiver.answered().is_empty()).then_some(())
     })
     .await;
+    // Then until every claim is acknowledged: nothing is left that could tell it again.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    until("every claim acknowledged", || {
+        let conn = conn.clone();
+        async move { nothing_pending(conn).await.then_some(()) }
+    })
+    .await;
+    let told = receiver.answered();
     let told = verified(&told);
     assert_eq!(told.len(), 1);
     assert_eq!(
@@ -1788,6 +1802,94 @@ async fn a_jobs_own_webhook_into_the_gateways_network_is_refused_unless_allowed(
     .await;
     assert_eq!(delivered[0].0, id);
     proxy.stop().await.unwrap();
+}
+
+/// The config directory's YAML without the tier's `async` settings (webhook, its secret).
+fn without_tier_webhook(yaml: &str, hook: &str) -> String {
+    let settings = format!(
+        "    async:\n      notify: [webhook]\n      webhook: {{url: \"{hook}\", signingSecretRef: {{name: keys, key: signing}}}}\n"
+    );
+    assert!(yaml.contains(&settings));
+    yaml.replace(&settings, "")
+}
+
+#[tokio::test]
+async fn a_jobs_own_webhook_in_a_tier_without_webhook_settings_is_refused() {
+    // Such a tier has no signingSecretRef: the job's URL would be sent unsigned.
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (own_hook, _) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = without_tier_webhook(&config_yaml(&mock, &own_hook, 1000), &own_hook);
+    std::fs::write(dir.path().join("all.yaml"), yaml).unwrap();
+    let proxy = start(&dir, &["--job-webhook-private-addresses"]).await;
+    let http = reqwest::Client::new();
+    let mut body = job("gpt-4o", "own hook");
+    body["notify"] = json!({"webhook": own_hook});
+    let r = http
+        .post(proxy.url("/v1/jobs"))
+        .bearer_auth(ACME)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "webhook_not_configured", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("tier free has no webhook settings"),
+        "{body}"
+    );
+    // Without `notify.webhook` the same tier takes jobs.
+    submit_id(&http, &proxy, ACME, &job("gpt-4o", "no hook")).await;
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_jobs_own_webhook_sent_unsigned_after_its_tier_lost_its_settings_is_logged() {
+    let redis = RedisServer::start().await.unwrap();
+    let mock = MockProviders::start(MockConfig::default()).await.unwrap();
+    let (own_hook, got) = receiver().await;
+    let yaml = config_yaml(&mock, &own_hook, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("all.yaml"), &yaml).unwrap();
+    let url = redis.url();
+    let allow = "--job-webhook-private-addresses";
+    // Queued while the tier signs its jobs' own URLs, by a replica that runs none.
+    let accept = start(
+        &dir,
+        &["--redis", url.as_str(), "--job-workers", "0", allow],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let mut body = job("gpt-4o", "own hook");
+    body["notify"] = json!({"webhook": own_hook});
+    let id = submit_id(&http, &accept, ACME, &body).await;
+    accept.stop().await.unwrap();
+    // The tier's webhook settings are removed; a replica with workers runs and tells it.
+    std::fs::write(
+        dir.path().join("all.yaml"),
+        without_tier_webhook(&yaml, &own_hook),
+    )
+    .unwrap();
+    let run = start(&dir, &["--redis", url.as_str(), allow]).await;
+    let sent = until("the job's own webhook", || async {
+        got.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert!(
+        sent.0.get(webhook::SIGNATURE_HEADER).is_none(),
+        "{:?}",
+        sent.0
+    );
+    let told: Value = serde_json::from_slice(&sent.1).unwrap();
+    assert_eq!(told["job"]["id"], id.as_str());
+    let warned = run
+        .wait_for_log("webhook sent unsigned", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(warned.contains(&id), "{warned}");
+    run.stop().await.unwrap();
 }
 
 in_memory_and_redis!(

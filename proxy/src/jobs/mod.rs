@@ -17,10 +17,14 @@
 //! re-drive count), sent by whoever holds its lease ([`store::Notifier`], renewed while it
 //! sends; a holder presumed dead is replaced once the lease lapses). A channel whose delivery
 //! was recorded (a 2xx, a mail accepted, or its tries spent) is never sent again; the lease
-//! is fenced by its holder's token, so a stale holder can neither record nor send over the
-//! one that replaced it. The one duplicate left is a holder killed between the receiver's
-//! answer and the record: the next holder sends it again with the same id, by which the
-//! receiver drops it.
+//! is fenced by its holder's token, so a stale holder cannot renew or record over the one
+//! that replaced it, and stops sending at its next renewal. Delivery is *at least once* per
+//! notification: one that reached the receiver but whose end was not recorded is sent again
+//! with the same id (`floodgate-webhook-id`, `Message-ID`), by which receivers must drop it.
+//! That happens when its holder is killed with a try in flight, shuts down gracefully
+//! (SIGTERM gives up the notifications in flight unrecorded), stalls or loses Redis past the
+//! lease (it learns so only at its next renewal, and may send one more try meanwhile), or
+//! when a try times out (10 s) and is retried. `docs/architecture.md` (Async jobs) lists them.
 
 pub mod address;
 pub mod batch;

@@ -18,9 +18,12 @@
 //! other status ends the delivery. Every try is recorded on the job (`deliveries`).
 //!
 //! A delivery whose end was recorded (a 2xx, or its tries spent) is never sent again. One
-//! that was not (its sender died mid-delivery) is sent again by the replica that takes the
-//! job over, with the same id: a sender killed after the receiver's 2xx and before the
-//! record makes the one duplicate a receiver can see, and drops by the id.
+//! that was not is sent again by the replica that takes the job over, with the same id:
+//! delivery is at least once, and a receiver must drop an id it has seen. A duplicate comes
+//! whenever a try reached the receiver and its end was not recorded: its sender killed or
+//! shut down (SIGTERM) with the try in flight, its sender stalled or cut from Redis past its
+//! lease (replaced, it learns so only at its next renewal), or a try timed out (10 s) and
+//! was retried ([`super`] has the details).
 
 use super::retry::Backoff;
 use super::{Delivery, Job, now_ms};

@@ -358,27 +358,27 @@ impl Workers {
 
     /// Runs `work` while renewing `notifier`'s lease every third of the visibility timeout;
     /// `None` (the work dropped, whatever it was sending) as soon as the lease is found no
-    /// longer its holder's.
+    /// longer its holder's ([`renewing`]).
     async fn holding<T>(
         &self,
         notifier: &Notifier,
         work: impl std::future::Future<Output = T>,
     ) -> Option<T> {
-        let mut work = std::pin::pin!(work);
-        let mut tick = tokio::time::interval(self.visibility / 3);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                out = &mut work => return Some(out),
-                _ = tick.tick() => match self.jobs.store.renew_notice(notifier, self.visibility).await {
-                    Ok(true) => {}
-                    Ok(false) => return None,
-                    Err(e) => {
-                        tracing::warn!(job = %notifier.job, error = %e, "cannot renew a notification's lease; once it lapses another replica may send it again (same id)");
-                    }
-                },
+        let renew = || async {
+            match self
+                .jobs
+                .store
+                .renew_notice(notifier, self.visibility)
+                .await
+            {
+                Ok(held) => held,
+                Err(e) => {
+                    tracing::warn!(job = %notifier.job, error = %e, "cannot renew a notification's lease; once it lapses another replica may send it again (same id)");
+                    true
+                }
             }
-        }
+        };
+        renewing(self.visibility / 3, work, renew).await
     }
 
     /// One attempt: the job's request through the pipeline as its tenant, in its tier.
@@ -503,6 +503,11 @@ impl Workers {
             let Some((url, secret)) = hook.filter(|_| !hook_told) else {
                 return Ok(true);
             };
+            if secret.is_none() && !tier_has_webhook(config, &job.tier) {
+                // Refused at POST /v1/jobs, so the tier lost its webhook settings (and the
+                // secret that signed its jobs' own URLs) since this job was queued.
+                tracing::warn!(job = %job.id, tier = %job.tier, "webhook sent unsigned (no floodgate-webhook-signature): the job's tier has no async.webhook settings now, whose signingSecretRef would sign it");
+            }
             let tries = self.send_webhook(job, &url, secret.as_ref(), policy).await;
             store
                 .record_notice(&notifier, Channel::Webhook, &tries, &wanted)
@@ -562,6 +567,38 @@ impl Workers {
     }
 }
 
+/// Runs `work`, calling `renew` every `every` (the first after `every`): `Some` with its
+/// output, or `None` (the work dropped) once `renew` says the lease is no longer held. The
+/// work is looked at first, and once more after a renewal refused: recording the last
+/// channel ends the lease, so a renewal that went out just after that record is refused
+/// although nothing was lost (the record's reply, ahead of the renewal's on the connection,
+/// has completed the work by then).
+async fn renewing<T, R>(
+    every: Duration,
+    work: impl std::future::Future<Output = T>,
+    mut renew: impl FnMut() -> R,
+) -> Option<T>
+where
+    R: std::future::Future<Output = bool>,
+{
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return Some(out),
+            _ = tick.tick() => if !renew().await {
+                return tokio::select! {
+                    biased;
+                    out = &mut work => Some(out),
+                    () = std::future::ready(()) => None,
+                };
+            },
+        }
+    }
+}
+
 impl super::Job {
     /// The delay before this job's next attempt under `policy`, or `None` when its
     /// attempts (its own `max_attempts`, fixed when queued) are spent.
@@ -608,6 +645,17 @@ pub fn webhook_target(
     Some((url, config.webhook_secrets.get(&job.tier).cloned()))
 }
 
+/// Whether `tier` has webhook settings (`async.webhook`): a job of it may give its own URL,
+/// signed by their `signingSecretRef`.
+pub fn tier_has_webhook(config: &Config, tier: &str) -> bool {
+    config
+        .tier_queue
+        .as_ref()
+        .and_then(|tq| tq.spec.tiers.iter().find(|t| t.name == tier))
+        .and_then(|t| t.async_.as_ref())
+        .is_some_and(|a| a.webhook.is_some())
+}
+
 /// Where `job`'s email goes and through which server: the job's own address, else its
 /// tier's `async.email.to` when the tier notifies by email (not for a Batch API line: one
 /// mail per line is not what a person wants), through its tier's SMTP settings.
@@ -640,6 +688,40 @@ pub fn email_target(job: &super::Job, config: &Config) -> Option<(String, super:
 #[cfg(test)]
 mod deferral_tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn work_that_ends_during_a_refused_renewal_is_over_not_lost() {
+        // The last channel's record ends the lease: the renewal sent after it is refused,
+        // and by then the record has come back.
+        let (recorded, record) = tokio::sync::oneshot::channel::<()>();
+        let mut recorded = Some(recorded);
+        let renew = || {
+            if let Some(r) = recorded.take() {
+                let _ = r.send(());
+            }
+            async { false }
+        };
+        let work = async { record.await.is_ok() };
+        assert_eq!(
+            renewing(Duration::from_secs(1), work, renew).await,
+            Some(true)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_still_going_when_its_lease_is_lost_is_dropped_at_the_renewal() {
+        let started = tokio::time::Instant::now();
+        let renewals = std::cell::Cell::new(0);
+        let renew = || {
+            renewals.set(renewals.get() + 1);
+            let held = renewals.get() < 3;
+            async move { held }
+        };
+        let work = std::future::pending::<()>();
+        assert_eq!(renewing(Duration::from_secs(1), work, renew).await, None);
+        assert_eq!(renewals.get(), 3);
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
 
     #[test]
     fn a_refusal_for_capacity_gives_the_attempt_back_until_the_deferrals_run_out() {

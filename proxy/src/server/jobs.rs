@@ -207,13 +207,7 @@ async fn accept(
     if let Some(url) = &new.notify.webhook {
         crate::jobs::address::check(url, jobs.allow_internal_webhooks)
             .map_err(|why| bad_request("invalid_webhook", format!("`notify.webhook` {why}")))?;
-        let tier_has_webhook = config
-            .tier_queue
-            .as_ref()
-            .and_then(|tq| tq.spec.tiers.iter().find(|t| t.name == tier))
-            .and_then(|t| t.async_.as_ref())
-            .is_some_and(|a| a.webhook.is_some());
-        if !tier_has_webhook {
+        if !crate::jobs::worker::tier_has_webhook(config, &tier) {
             return Err(bad_request(
                 "webhook_not_configured",
                 format!(
