@@ -76,7 +76,7 @@ spec:
   - {name: enterprise, class: priority, weight: 10, maxWaitMs: 1000}
   - {name: pro, class: priority, weight: 10, maxWaitMs: 2000}
   - {name: basic, class: standard, weight: 5, maxWaitMs: 5000}
-  - {name: free, class: batch, weight: 1, maxWaitMs: 60000, batch: {size: 10, intervalSeconds: 5}}
+  - {name: free, class: batch, weight: 1, maxWaitMs: 60000, batch: {size: 10, intervalSeconds: 5}, async: {}}
 YAML
   for t in enterprise pro basic free; do
     printf -- '---\napiVersion: floodgate.dev/v1alpha1\nkind: Tenant\nmetadata: {name: bench-%s}\n' "$t"
